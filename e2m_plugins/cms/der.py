@@ -1,0 +1,250 @@
+"""A lean DER/BER reader and a DER writer for the CMS structures we handle.
+
+Why not asn1crypto on this path: a proxy opens one envelope per SIP message and
+asn1crypto spends 40-120 µs per parse, more than the key unwrap and AES that
+follow.  This reader walks the bytes once with memoryview slices and builds no
+objects beyond what the caller asks for.  It accepts the BER forms that real
+senders emit (indefinite lengths, constructed OCTET STRINGs) and rejects
+anything out of bounds with ``MalformedError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import MalformedError
+
+# Universal tags (class 0) as they appear in the identifier octet.
+BOOLEAN = 0x01
+INTEGER = 0x02
+BIT_STRING = 0x03
+OCTET_STRING = 0x04
+NULL = 0x05
+OID = 0x06
+UTF8_STRING = 0x0C
+SEQUENCE = 0x30
+SET = 0x31
+UTC_TIME = 0x17
+GENERALIZED_TIME = 0x18
+
+CONSTRUCTED = 0x20
+CONTEXT = 0x80
+
+_MAX_DEPTH = 64  # BER nesting guard for indefinite-length scanning
+
+
+def context(number: int, constructed: bool = True) -> int:
+    """Identifier octet of a context-specific tag [number] (low tag numbers only)."""
+    return CONTEXT | (CONSTRUCTED if constructed else 0) | number
+
+
+@dataclass(frozen=True, slots=True)
+class TLV:
+    """One element: its identifier octet and where its contents lie in ``buf``.
+
+    ``end`` is the end of the contents; ``next`` is where the following element
+    starts (they differ by two for indefinite-length elements).
+    """
+
+    buf: memoryview
+    tag: int
+    header_start: int
+    start: int
+    end: int
+    next: int
+    indefinite: bool = False
+
+    @property
+    def constructed(self) -> bool:
+        return bool(self.tag & CONSTRUCTED)
+
+    @property
+    def value(self) -> bytes:
+        return bytes(self.buf[self.start:self.end])
+
+    @property
+    def encoded(self) -> bytes:
+        """The whole element (header and contents) as bytes."""
+        return bytes(self.buf[self.header_start:self.next])
+
+    def children(self) -> Iterator["TLV"]:
+        if not self.constructed:
+            raise MalformedError("expected a constructed element")
+        pos = self.start
+        while pos < self.end:
+            child = read(self.buf, pos, self.end)
+            yield child
+            pos = child.next
+
+    def expect(self, tag: int, what: str) -> "TLV":
+        if self.tag != tag:
+            raise MalformedError(f"{what}: unexpected tag 0x{self.tag:02x}")
+        return self
+
+
+def read(buf: memoryview | bytes, pos: int = 0, limit: int | None = None, _depth: int = 0) -> TLV:
+    """Decode the element starting at ``pos`` without reading past ``limit``."""
+    if not isinstance(buf, memoryview):
+        buf = memoryview(buf)
+    if limit is None:
+        limit = len(buf)
+    if _depth > _MAX_DEPTH:
+        raise MalformedError("DER nested too deeply")
+    if pos + 2 > limit:
+        raise MalformedError("truncated DER element")
+    tag = buf[pos]
+    if tag & 0x1F == 0x1F:
+        raise MalformedError("high-numbered ASN.1 tags are not used in CMS")
+    first = buf[pos + 1]
+    pos_len = pos + 2
+    if first < 0x80:
+        length = first
+    elif first == 0x80:
+        if not tag & CONSTRUCTED:
+            raise MalformedError("indefinite length on a primitive element")
+        # Indefinite length: walk children until the end-of-contents octets.
+        cur = pos_len
+        while True:
+            if cur + 2 > limit:
+                raise MalformedError("unterminated indefinite-length element")
+            if buf[cur] == 0 and buf[cur + 1] == 0:
+                return TLV(buf, tag, pos, pos_len, cur, cur + 2, True)
+            cur = read(buf, cur, limit, _depth + 1).next
+    else:
+        count = first & 0x7F
+        if count > 4 or pos_len + count > limit:
+            raise MalformedError("bad DER length")
+        length = int.from_bytes(buf[pos_len:pos_len + count], "big")
+        pos_len += count
+    end = pos_len + length
+    if end > limit:
+        raise MalformedError("DER element runs past the end of its container")
+    return TLV(buf, tag, pos, pos_len, end, end, False)
+
+
+def read_all(data: bytes | memoryview) -> TLV:
+    """Decode one element that must span ``data`` exactly."""
+    view = memoryview(data)
+    tlv = read(view, 0, len(view))
+    if tlv.next != len(view):
+        raise MalformedError("trailing bytes after the DER element")
+    return tlv
+
+
+def items(tlv: TLV, minimum: int = 0, what: str = "structure") -> list[TLV]:
+    """The children of a constructed element, with a minimum count check."""
+    kids = list(tlv.children())
+    if len(kids) < minimum:
+        raise MalformedError(f"{what}: too few fields")
+    return kids
+
+
+def octets(tlv: TLV) -> bytes:
+    """Contents of an OCTET STRING, joining BER constructed segments."""
+    if not tlv.constructed:
+        return tlv.value
+    return b"".join(octets(child) for child in tlv.children())
+
+
+def integer(tlv: TLV) -> int:
+    tlv.expect(INTEGER, "INTEGER")
+    if tlv.end == tlv.start:
+        raise MalformedError("empty INTEGER")
+    return int.from_bytes(tlv.buf[tlv.start:tlv.end], "big", signed=True)
+
+
+def oid(tlv: TLV) -> str:
+    """Dotted form of an OBJECT IDENTIFIER."""
+    tlv.expect(OID, "OBJECT IDENTIFIER")
+    raw = tlv.buf[tlv.start:tlv.end]
+    if not raw or raw[-1] & 0x80:
+        raise MalformedError("bad OBJECT IDENTIFIER")
+    arcs: list[int] = []
+    value = 0
+    for byte in raw:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    first = arcs[0]
+    head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
+    return ".".join(str(a) for a in head + arcs[1:])
+
+
+def bit_string_bytes(tlv: TLV) -> bytes:
+    tlv.expect(BIT_STRING, "BIT STRING")
+    raw = tlv.value
+    if not raw or raw[0] != 0:
+        raise MalformedError("BIT STRING with unused bits")
+    return raw[1:]
+
+
+# --------------------------------------------------------------------------
+# Writer: plain functions returning DER bytes.
+
+
+def _length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def tlv(tag: int, contents: bytes) -> bytes:
+    return bytes([tag]) + _length(len(contents)) + contents
+
+
+def seq(*parts: bytes) -> bytes:
+    return tlv(SEQUENCE, b"".join(parts))
+
+
+def set_of(*parts: bytes) -> bytes:
+    """SET OF in DER order (elements sorted by their encodings)."""
+    return tlv(SET, b"".join(sorted(parts)))
+
+
+def octet_string(value: bytes) -> bytes:
+    return tlv(OCTET_STRING, value)
+
+
+def enc_integer(value: int) -> bytes:
+    length = max(1, (value.bit_length() + 8) // 8)
+    return tlv(INTEGER, value.to_bytes(length, "big", signed=True))
+
+
+def enc_oid(dotted: str) -> bytes:
+    arcs = [int(a) for a in dotted.split(".")]
+    if len(arcs) < 2:
+        raise ValueError("an OID needs two arcs")
+    out = bytearray()
+    for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out.extend(reversed(chunk))
+    return tlv(OID, bytes(out))
+
+
+def bit_string(value: bytes) -> bytes:
+    return tlv(BIT_STRING, b"\x00" + value)
+
+
+def explicit(number: int, inner: bytes) -> bytes:
+    return tlv(context(number, True), inner)
+
+
+def implicit(number: int, inner_der: bytes) -> bytes:
+    """Re-tag an encoded element as [number] IMPLICIT, keeping its form bit."""
+    constructed = bool(inner_der[0] & CONSTRUCTED)
+    return bytes([context(number, constructed)]) + inner_der[1:]
+
+
+def algorithm(dotted: str, params: bytes | None = None) -> bytes:
+    """AlgorithmIdentifier; ``params`` is already-encoded DER or None for absent."""
+    return seq(enc_oid(dotted), params or b"")
+
+
+NULL_DER = b"\x05\x00"

@@ -1,0 +1,86 @@
+"""Object identifiers used by the CMS layer, with short readable names."""
+
+from __future__ import annotations
+
+# Content types (RFC 5652, RFC 5083)
+DATA = "1.2.840.113549.1.7.1"
+SIGNED_DATA = "1.2.840.113549.1.7.2"
+ENVELOPED_DATA = "1.2.840.113549.1.7.3"
+AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
+
+# Attributes
+CONTENT_TYPE_ATTR = "1.2.840.113549.1.9.3"
+MESSAGE_DIGEST_ATTR = "1.2.840.113549.1.9.4"
+SIGNING_TIME_ATTR = "1.2.840.113549.1.9.5"
+CEK_REFERENCE = "1.2.840.113549.1.9.16.2.30"      # RFC 3185 id-aa-CEKReference
+CEK_MAX_DECRYPTS = "1.2.840.113549.1.9.16.2.31"   # RFC 3185 id-aa-CEKMaxDecrypts
+# Our own dialog binding attribute lives in docs/protocol.md; not defined here yet.
+
+# Content encryption
+AES128_CBC = "2.16.840.1.101.3.4.1.2"
+AES192_CBC = "2.16.840.1.101.3.4.1.22"
+AES256_CBC = "2.16.840.1.101.3.4.1.42"
+AES128_GCM = "2.16.840.1.101.3.4.1.6"
+AES192_GCM = "2.16.840.1.101.3.4.1.26"
+AES256_GCM = "2.16.840.1.101.3.4.1.46"
+DES_EDE3_CBC = "1.2.840.113549.3.7"
+RC2_CBC = "1.2.840.113549.3.2"
+CHACHA20_POLY1305 = "1.2.840.113549.1.9.16.3.18"
+
+# Key wrap
+AES128_WRAP = "2.16.840.1.101.3.4.1.5"
+AES192_WRAP = "2.16.840.1.101.3.4.1.25"
+AES256_WRAP = "2.16.840.1.101.3.4.1.45"
+CMS3DES_WRAP = "1.2.840.113549.1.9.16.3.6"
+CMSRC2_WRAP = "1.2.840.113549.1.9.16.3.7"
+
+# Key transport
+RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+RSAES_OAEP = "1.2.840.113549.1.1.7"
+MGF1 = "1.2.840.113549.1.1.8"
+P_SPECIFIED = "1.2.840.113549.1.1.9"
+
+# Key agreement (RFC 5753, RFC 8418)
+EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+SECP256R1 = "1.2.840.10045.3.1.7"
+X25519 = "1.3.101.110"
+STDDH_SHA1KDF = "1.3.133.16.840.63.0.2"
+STDDH_SHA224KDF = "1.3.132.1.11.0"
+STDDH_SHA256KDF = "1.3.132.1.11.1"
+STDDH_SHA384KDF = "1.3.132.1.11.2"
+STDDH_SHA512KDF = "1.3.132.1.11.3"
+STDDH_HKDF_SHA256 = "1.2.840.113549.1.9.16.3.19"
+STDDH_HKDF_SHA384 = "1.2.840.113549.1.9.16.3.20"
+STDDH_HKDF_SHA512 = "1.2.840.113549.1.9.16.3.21"
+
+# Digests
+SHA1 = "1.3.14.3.2.26"
+SHA224 = "2.16.840.1.101.3.4.2.4"
+SHA256 = "2.16.840.1.101.3.4.2.1"
+SHA384 = "2.16.840.1.101.3.4.2.2"
+SHA512 = "2.16.840.1.101.3.4.2.3"
+
+NAMES: dict[str, str] = {
+    DATA: "data", SIGNED_DATA: "signed-data", ENVELOPED_DATA: "enveloped-data",
+    AUTH_ENVELOPED_DATA: "auth-enveloped-data",
+    CONTENT_TYPE_ATTR: "content-type", MESSAGE_DIGEST_ATTR: "message-digest",
+    SIGNING_TIME_ATTR: "signing-time",
+    CEK_REFERENCE: "cek-reference", CEK_MAX_DECRYPTS: "cek-max-decrypts",
+    AES128_CBC: "aes-128-cbc", AES192_CBC: "aes-192-cbc", AES256_CBC: "aes-256-cbc",
+    AES128_GCM: "aes-128-gcm", AES192_GCM: "aes-192-gcm", AES256_GCM: "aes-256-gcm",
+    DES_EDE3_CBC: "des-ede3-cbc", RC2_CBC: "rc2-cbc", CHACHA20_POLY1305: "chacha20-poly1305",
+    AES128_WRAP: "aes128-wrap", AES192_WRAP: "aes192-wrap", AES256_WRAP: "aes256-wrap",
+    CMS3DES_WRAP: "cms3des-wrap", CMSRC2_WRAP: "cmsrc2-wrap",
+    RSA_ENCRYPTION: "rsa-pkcs1v15", RSAES_OAEP: "rsaes-oaep",
+    EC_PUBLIC_KEY: "ec-public-key", X25519: "x25519",
+    STDDH_SHA1KDF: "ecdh-x963kdf-sha1", STDDH_SHA224KDF: "ecdh-x963kdf-sha224",
+    STDDH_SHA256KDF: "ecdh-x963kdf-sha256", STDDH_SHA384KDF: "ecdh-x963kdf-sha384",
+    STDDH_SHA512KDF: "ecdh-x963kdf-sha512", STDDH_HKDF_SHA256: "ecdh-hkdf-sha256",
+    STDDH_HKDF_SHA384: "ecdh-hkdf-sha384", STDDH_HKDF_SHA512: "ecdh-hkdf-sha512",
+    SHA1: "sha1", SHA224: "sha224", SHA256: "sha256", SHA384: "sha384", SHA512: "sha512",
+}
+
+
+def name_of(dotted: str) -> str:
+    """Readable name for an OID, or the dotted form when we have none."""
+    return NAMES.get(dotted, dotted)

@@ -1,0 +1,468 @@
+"""RecipientInfo: who can open an envelope, how to build one, how to open ours.
+
+Three kinds (RFC 5652 §6.2):
+
+* ktri  - RSA key transport, PKCS#1 v1.5 or OAEP;
+* kari  - ephemeral-static ECDH on P-256 or X25519 (RFC 5753, RFC 8418);
+* kekri - a pre-shared key-encryption key, also how a reused CEK (RFC 3185)
+  is addressed.
+
+Building objects (``KeyTransRecipient``, ``KeyAgreeRecipient``, ``SharedKEK``)
+describe a recipient; opening objects (``CertificateKey``, ``SharedKEK``) hold
+our own private material.  Neither keeps any state between messages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
+from cryptography.hazmat.primitives.serialization import Encoding as _Encoding
+from cryptography.hazmat.primitives.serialization import PublicFormat as _PublicFormat
+
+from . import ciphers, der, kdf, oids
+from ..errors import DecryptionError, MalformedError, UnsupportedAlgorithmError
+
+_OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    oids.SHA1: hashes.SHA1, oids.SHA224: hashes.SHA224, oids.SHA256: hashes.SHA256,
+    oids.SHA384: hashes.SHA384, oids.SHA512: hashes.SHA512,
+}
+_HASH_OIDS = {"sha1": oids.SHA1, "sha256": oids.SHA256, "sha384": oids.SHA384, "sha512": oids.SHA512}
+
+
+# ----------------------------------------------------------------- identifiers
+
+def subject_key_identifier(cert: x509.Certificate) -> bytes:
+    """The certificate's SKI extension, or the RFC 5280 method-1 value."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+
+
+def issuer_and_serial(cert: x509.Certificate) -> bytes:
+    return der.seq(cert.issuer.public_bytes(), der.enc_integer(cert.serial_number))
+
+
+def _rid_for(cert: x509.Certificate, use_ski: bool) -> bytes:
+    """RecipientIdentifier: issuerAndSerialNumber or [0] subjectKeyIdentifier."""
+    if use_ski:
+        return der.tlv(der.context(0, False), subject_key_identifier(cert))
+    return issuer_and_serial(cert)
+
+
+@dataclass(frozen=True)
+class _RecipientId:
+    """A parsed rid in comparable form."""
+
+    issuer_der: bytes | None = None
+    serial: int | None = None
+    ski: bytes | None = None
+
+    def describe(self) -> str:
+        if self.ski is not None:
+            return f"ski={self.ski.hex()}"
+        return f"issuer-serial={self.serial:x}"
+
+
+def _parse_issuer_serial(tlv: der.TLV) -> _RecipientId:
+    fields = der.items(tlv, 2, "IssuerAndSerialNumber")
+    fields[0].expect(der.SEQUENCE, "issuer")
+    return _RecipientId(issuer_der=fields[0].encoded, serial=der.integer(fields[1]))
+
+
+# ------------------------------------------------------------ building side
+
+@dataclass(frozen=True)
+class KeyTransRecipient:
+    """An RSA recipient; OAEP uses SHA-256 with MGF1-SHA-256 unless told otherwise."""
+
+    certificate: x509.Certificate
+    oaep: bool = False
+    oaep_hash: str = "sha256"
+    use_ski: bool = False
+
+    def build(self, cek: bytes) -> bytes:
+        public = self.certificate.public_key()
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise UnsupportedAlgorithmError("key transport needs an RSA certificate")
+        if self.oaep:
+            hash_cls = _OAEP_HASHES[_HASH_OIDS[self.oaep_hash]]
+            hash_alg = der.algorithm(_HASH_OIDS[self.oaep_hash])
+            params = der.seq(der.explicit(0, hash_alg),
+                             der.explicit(1, der.algorithm(oids.MGF1, hash_alg)))
+            algorithm = der.algorithm(oids.RSAES_OAEP, params)
+            encrypted = public.encrypt(cek, padding.OAEP(padding.MGF1(hash_cls()), hash_cls(), None))
+        else:
+            algorithm = der.algorithm(oids.RSA_ENCRYPTION, der.NULL_DER)
+            encrypted = public.encrypt(cek, padding.PKCS1v15())
+        version = 2 if self.use_ski else 0
+        return der.seq(der.enc_integer(version), _rid_for(self.certificate, self.use_ski),
+                       algorithm, der.octet_string(encrypted))
+
+    @property
+    def version(self) -> int:
+        return 2 if self.use_ski else 0
+
+
+@dataclass(frozen=True)
+class KeyAgreeRecipient:
+    """An ECDH recipient (P-256 or X25519) with an ephemeral originator key.
+
+    ``kdf`` defaults to X9.63-KDF-SHA256 for P-256 (RFC 8591, what OpenSSL
+    opens) and HKDF-SHA256 for X25519 (RFC 8551 / RFC 8418).
+    """
+
+    certificate: x509.Certificate
+    kdf: str | None = None
+    wrap: str = "aes128-wrap"
+    ukm: bytes | None = None
+    use_ski: bool = False
+    version: int = field(default=3, init=False)
+
+    def build(self, cek: bytes) -> bytes:
+        public = self.certificate.public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            if not isinstance(public.curve, ec.SECP256R1):
+                raise UnsupportedAlgorithmError("only the P-256 curve is supported for ECDH")
+            ephemeral = ec.generate_private_key(ec.SECP256R1())
+            secret = ephemeral.exchange(ec.ECDH(), public)
+            point = ephemeral.public_key().public_bytes(
+                _Encoding.X962, _PublicFormat.UncompressedPoint)
+            originator = der.seq(der.algorithm(oids.EC_PUBLIC_KEY), der.bit_string(point))
+            scheme = kdf.scheme_by_name(self.kdf or "x963-sha256")
+        elif isinstance(public, x25519.X25519PublicKey):
+            ephemeral_x = x25519.X25519PrivateKey.generate()
+            secret = ephemeral_x.exchange(public)
+            raw = ephemeral_x.public_key().public_bytes(_Encoding.Raw, _PublicFormat.Raw)
+            originator = der.seq(der.algorithm(oids.X25519), der.bit_string(raw))
+            scheme = kdf.scheme_by_name(self.kdf or "hkdf-sha256")
+        else:
+            raise UnsupportedAlgorithmError("key agreement needs a P-256 or X25519 certificate")
+        wrap_oid = ciphers.WRAP_BY_NAME.get(self.wrap)
+        if wrap_oid is None:
+            raise UnsupportedAlgorithmError(f"unknown key wrap {self.wrap!r}")
+        kek_bytes = ciphers.kek_bytes_for_wrap(wrap_oid)
+        wrap_alg = der.algorithm(wrap_oid)
+        info = kdf.shared_info(wrap_alg, self.ukm, kek_bytes)
+        kek = kdf.derive_kek(scheme, secret, info, kek_bytes)
+        if self.use_ski:
+            rid = der.tlv(der.context(0, True), der.octet_string(subject_key_identifier(self.certificate)))
+        else:
+            rid = issuer_and_serial(self.certificate)
+        parts = [der.enc_integer(3), der.explicit(0, der.implicit(1, originator))]
+        if self.ukm is not None:
+            parts.append(der.explicit(1, der.octet_string(self.ukm)))
+        parts.append(der.algorithm(scheme.oid, wrap_alg))
+        parts.append(der.seq(der.seq(rid, der.octet_string(ciphers.wrap_key(kek, cek)))))
+        return der.tlv(der.context(1, True), b"".join(parts))
+
+
+@dataclass(frozen=True, repr=False)
+class SharedKEK:
+    """A pre-shared key-encryption key with its identifier (kekri).
+
+    Used both to build a kekri and, on the opening side, as our own key.
+    """
+
+    key_id: bytes
+    kek: bytes
+    version: int = field(default=4, init=False)
+
+    def __post_init__(self) -> None:
+        ciphers.wrap_oid_for_kek(self.kek)  # validates the length
+        if not self.key_id:
+            raise ValueError("a KEK needs a non-empty identifier")
+
+    def __repr__(self) -> str:  # never show the key itself
+        return f"SharedKEK(key_id={self.key_id.hex()})"
+
+    def build(self, cek: bytes) -> bytes:
+        wrapped = ciphers.wrap_key(self.kek, cek)
+        return der.tlv(der.context(2, True), b"".join([
+            der.enc_integer(4), der.seq(der.octet_string(self.key_id)),
+            der.algorithm(ciphers.wrap_oid_for_kek(self.kek)), der.octet_string(wrapped)]))
+
+
+def reuse_kek(previous_cek: bytes, reference: bytes) -> SharedKEK:
+    """The kekri recipient for a message sent under a reused CEK (RFC 3185).
+
+    The KEK is the earlier message's CEK with its bytes reversed, and its
+    identifier is the earlier message's CEKReference.
+    """
+    return SharedKEK(key_id=reference, kek=previous_cek[::-1])
+
+
+Recipient = KeyTransRecipient | KeyAgreeRecipient | SharedKEK
+
+
+def recipient_for_certificate(cert: x509.Certificate, *, oaep: bool = False, use_ski: bool = False,
+                              kdf_name: str | None = None, ukm: bytes | None = None) -> Recipient:
+    """Pick ktri for RSA and kari for P-256 / X25519 certificates."""
+    public = cert.public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        return KeyTransRecipient(cert, oaep=oaep, use_ski=use_ski)
+    if isinstance(public, (ec.EllipticCurvePublicKey, x25519.X25519PublicKey)):
+        return KeyAgreeRecipient(cert, kdf=kdf_name, ukm=ukm, use_ski=use_ski)
+    raise UnsupportedAlgorithmError("certificate key must be RSA, P-256 or X25519")
+
+
+# ------------------------------------------------------------- opening side
+
+@dataclass(frozen=True, repr=False)
+class CertificateKey:
+    """Our certificate and its private key (RSA, P-256 or X25519)."""
+
+    certificate: x509.Certificate
+    private_key: object
+    _issuer_der: bytes = field(init=False)
+    _ski: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_issuer_der", self.certificate.issuer.public_bytes())
+        object.__setattr__(self, "_ski", subject_key_identifier(self.certificate))
+
+    def __repr__(self) -> str:
+        return f"CertificateKey(subject={self.certificate.subject.rfc4514_string()!r})"
+
+    def matches(self, rid: _RecipientId) -> bool:
+        if rid.ski is not None:
+            return rid.ski == self._ski
+        return rid.serial == self.certificate.serial_number and rid.issuer_der == self._issuer_der
+
+
+OpeningKey = CertificateKey | SharedKEK
+
+
+@dataclass(frozen=True)
+class RecipientSummary:
+    """What a RecipientInfo says about itself (never key material)."""
+
+    kind: str                    # "ktri", "kari", "kekri", "pwri", "ori"
+    identifier: str              # "issuer-serial=..", "ski=..", "kekid=.."
+    key_algorithm: str           # readable algorithm name
+    wrap_algorithm: str | None = None
+
+
+@dataclass(frozen=True)
+class _KtriParsed:
+    rid: _RecipientId
+    algorithm: der.TLV
+    encrypted_key: bytes
+
+
+def _parse_ktri(tlv: der.TLV) -> _KtriParsed:
+    fields = der.items(tlv, 4, "KeyTransRecipientInfo")
+    rid_tlv = fields[1]
+    if rid_tlv.tag == der.context(0, False):
+        rid = _RecipientId(ski=rid_tlv.value)
+    else:
+        rid = _parse_issuer_serial(rid_tlv.expect(der.SEQUENCE, "rid"))
+    return _KtriParsed(rid, fields[2].expect(der.SEQUENCE, "keyEncryptionAlgorithm"),
+                       der.octets(fields[3].expect(der.OCTET_STRING, "encryptedKey")))
+
+
+@dataclass(frozen=True)
+class _KariParsed:
+    originator_alg: str
+    originator_key: bytes
+    ukm: bytes | None
+    scheme_oid: str
+    wrap_alg: der.TLV
+    keys: list[tuple[_RecipientId, bytes]]
+
+
+def _parse_kari(tlv: der.TLV) -> _KariParsed:
+    fields = der.items(tlv, 4, "KeyAgreeRecipientInfo")
+    originator = der.items(fields[1].expect(der.context(0), "originator"), 1, "originator")[0]
+    if originator.tag != der.context(1):
+        raise UnsupportedAlgorithmError("static-static key agreement (no originator key) is not supported")
+    okey = der.items(originator, 2, "OriginatorPublicKey")
+    orig_alg = der.oid(der.items(okey[0].expect(der.SEQUENCE, "algorithm"), 1)[0])
+    orig_key = der.bit_string_bytes(okey[1])
+    idx, ukm = 2, None
+    if fields[2].tag == der.context(1):
+        ukm = der.octets(der.items(fields[2], 1, "ukm")[0].expect(der.OCTET_STRING, "ukm"))
+        idx = 3
+    if len(fields) < idx + 2:
+        raise MalformedError("KeyAgreeRecipientInfo: too few fields")
+    alg = der.items(fields[idx].expect(der.SEQUENCE, "keyEncryptionAlgorithm"), 2, "key agreement algorithm")
+    keys = []
+    for rek in fields[idx + 1].expect(der.SEQUENCE, "recipientEncryptedKeys").children():
+        rid_tlv, enc = der.items(rek, 2, "RecipientEncryptedKey")[:2]
+        if rid_tlv.tag == der.context(0):
+            rid = _RecipientId(ski=der.octets(der.items(rid_tlv, 1, "rKeyId")[0].expect(der.OCTET_STRING, "ski")))
+        else:
+            rid = _parse_issuer_serial(rid_tlv.expect(der.SEQUENCE, "rid"))
+        keys.append((rid, der.octets(enc.expect(der.OCTET_STRING, "encryptedKey"))))
+    return _KariParsed(orig_alg, orig_key, ukm, der.oid(alg[0]), alg[1].expect(der.SEQUENCE, "wrap"), keys)
+
+
+@dataclass(frozen=True)
+class _KekriParsed:
+    key_id: bytes
+    wrap_oid: str
+    encrypted_key: bytes
+
+
+def _parse_kekri(tlv: der.TLV) -> _KekriParsed:
+    fields = der.items(tlv, 4, "KEKRecipientInfo")
+    kekid = der.items(fields[1].expect(der.SEQUENCE, "kekid"), 1, "KEKIdentifier")[0]
+    wrap = der.items(fields[2].expect(der.SEQUENCE, "keyEncryptionAlgorithm"), 1)[0]
+    return _KekriParsed(der.octets(kekid.expect(der.OCTET_STRING, "keyIdentifier")), der.oid(wrap),
+                        der.octets(fields[3].expect(der.OCTET_STRING, "encryptedKey")))
+
+
+KIND_BY_TAG = {der.SEQUENCE: "ktri", der.context(1): "kari", der.context(2): "kekri",
+               der.context(3): "pwri", der.context(4): "ori"}
+
+
+def summarize(tlv: der.TLV) -> list[RecipientSummary]:
+    """Describe a RecipientInfo (one entry per recipient key it carries)."""
+    kind = KIND_BY_TAG.get(tlv.tag)
+    if kind == "ktri":
+        p = _parse_ktri(tlv)
+        alg = der.oid(der.items(p.algorithm, 1)[0])
+        return [RecipientSummary("ktri", p.rid.describe(), oids.name_of(alg))]
+    if kind == "kari":
+        k = _parse_kari(tlv)
+        wrap = oids.name_of(der.oid(der.items(k.wrap_alg, 1)[0]))
+        scheme = oids.name_of(k.scheme_oid)
+        return [RecipientSummary("kari", rid.describe(), f"{oids.name_of(k.originator_alg)}/{scheme}", wrap)
+                for rid, _ in k.keys]
+    if kind == "kekri":
+        e = _parse_kekri(tlv)
+        return [RecipientSummary("kekri", f"kekid={e.key_id.hex()}", oids.name_of(e.wrap_oid),
+                                 oids.name_of(e.wrap_oid))]
+    if kind is None:
+        raise MalformedError("unknown RecipientInfo choice")
+    return [RecipientSummary(kind, "-", "unsupported")]
+
+
+@dataclass(frozen=True)
+class Unwrapped:
+    """The content key recovered for one of our keys, and how."""
+
+    cek: bytes = field(repr=False)
+    summary: RecipientSummary
+    key: OpeningKey
+
+
+def try_open(tlv: der.TLV, keys: list[OpeningKey], cek_bytes: int) -> Unwrapped | None:
+    """Recover the CEK from this RecipientInfo if it is addressed to one of ``keys``.
+
+    Returns None when it is addressed to someone else.  Raises
+    ``DecryptionError`` when it is ours but the key does not open it.
+    """
+    kind = KIND_BY_TAG.get(tlv.tag)
+    if kind == "ktri":
+        return _open_ktri(_parse_ktri(tlv), keys, cek_bytes)
+    if kind == "kari":
+        return _open_kari(_parse_kari(tlv), keys)
+    if kind == "kekri":
+        return _open_kekri(_parse_kekri(tlv), keys)
+    if kind is None:
+        raise MalformedError("unknown RecipientInfo choice")
+    return None  # pwri / ori: never ours
+
+
+def _open_ktri(p: _KtriParsed, keys: list[OpeningKey], cek_bytes: int) -> Unwrapped | None:
+    for key in keys:
+        if not isinstance(key, CertificateKey) or not key.matches(p.rid):
+            continue
+        private = key.private_key
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise UnsupportedAlgorithmError("key transport recipient needs an RSA private key")
+        alg_fields = der.items(p.algorithm, 1, "keyEncryptionAlgorithm")
+        alg_oid = der.oid(alg_fields[0])
+        if alg_oid == oids.RSA_ENCRYPTION:
+            pad: padding.AsymmetricPadding = padding.PKCS1v15()
+        elif alg_oid == oids.RSAES_OAEP:
+            pad = _oaep_padding(alg_fields[1] if len(alg_fields) > 1 else None)
+        else:
+            raise UnsupportedAlgorithmError(f"key transport {oids.name_of(alg_oid)} is not supported")
+        # Bleichenbacher / Manger defence (RFC 3218): a failed RSA decryption
+        # goes on with a random CEK, so it fails later exactly like a wrong key
+        # or a tampered ciphertext would, with the same error and similar time.
+        try:
+            cek = private.decrypt(p.encrypted_key, pad)
+        except ValueError:
+            cek = b""
+        if len(cek) != cek_bytes:
+            cek = os.urandom(cek_bytes)
+        return Unwrapped(cek, RecipientSummary("ktri", p.rid.describe(), oids.name_of(alg_oid)), key)
+    return None
+
+
+def _oaep_padding(params: der.TLV | None) -> padding.OAEP:
+    hash_oid, mgf_hash_oid = oids.SHA1, oids.SHA1
+    if params is not None and params.tag == der.SEQUENCE:
+        for item in params.children():
+            inner = der.items(item, 1, "RSAES-OAEP-params")[0]
+            if item.tag == der.context(0):
+                hash_oid = der.oid(der.items(inner, 1)[0])
+            elif item.tag == der.context(1):
+                mgf = der.items(inner, 2, "maskGenAlgorithm")
+                if der.oid(mgf[0]) != oids.MGF1:
+                    raise UnsupportedAlgorithmError("only MGF1 is supported for OAEP")
+                mgf_hash_oid = der.oid(der.items(mgf[1], 1)[0])
+            elif item.tag == der.context(2):
+                source = der.items(inner, 1, "pSourceAlgorithm")
+                label = der.octets(source[1]) if len(source) > 1 else b""
+                if der.oid(source[0]) != oids.P_SPECIFIED or label:
+                    raise UnsupportedAlgorithmError("OAEP labels are not supported")
+    if hash_oid not in _OAEP_HASHES or mgf_hash_oid not in _OAEP_HASHES:
+        raise UnsupportedAlgorithmError("unsupported OAEP hash")
+    return padding.OAEP(padding.MGF1(_OAEP_HASHES[mgf_hash_oid]()), _OAEP_HASHES[hash_oid](), None)
+
+
+def _open_kari(k: _KariParsed, keys: list[OpeningKey]) -> Unwrapped | None:
+    for rid, wrapped in k.keys:
+        for key in keys:
+            if not isinstance(key, CertificateKey) or not key.matches(rid):
+                continue
+            secret = _ecdh(key.private_key, k.originator_alg, k.originator_key)
+            scheme = kdf.scheme_by_oid(k.scheme_oid)
+            wrap_oid = der.oid(der.items(k.wrap_alg, 1)[0])
+            kek_bytes = ciphers.kek_bytes_for_wrap(wrap_oid)
+            # SharedInfo repeats the wrap AlgorithmIdentifier exactly as sent.
+            info = kdf.shared_info(k.wrap_alg.encoded, k.ukm, kek_bytes)
+            kek = kdf.derive_kek(scheme, secret, info, kek_bytes)
+            cek = ciphers.unwrap_key(kek, wrapped)
+            summary = RecipientSummary("kari", rid.describe(),
+                                       f"{oids.name_of(k.originator_alg)}/{oids.name_of(k.scheme_oid)}",
+                                       oids.name_of(wrap_oid))
+            return Unwrapped(cek, summary, key)
+    return None
+
+
+def _ecdh(private: object, originator_alg: str, originator_key: bytes) -> bytes:
+    try:
+        if isinstance(private, x25519.X25519PrivateKey):
+            if originator_alg != oids.X25519:
+                raise DecryptionError()
+            return private.exchange(x25519.X25519PublicKey.from_public_bytes(originator_key))
+        if isinstance(private, ec.EllipticCurvePrivateKey):
+            if originator_alg != oids.EC_PUBLIC_KEY:
+                raise DecryptionError()
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(private.curve, originator_key)
+            return private.exchange(ec.ECDH(), peer)
+    except ValueError:
+        # An invalid point or an all-zero X25519 result: treat like a wrong key.
+        raise DecryptionError() from None
+    raise UnsupportedAlgorithmError("key agreement recipient needs a P-256 or X25519 private key")
+
+
+def _open_kekri(e: _KekriParsed, keys: list[OpeningKey]) -> Unwrapped | None:
+    for key in keys:
+        if isinstance(key, SharedKEK) and key.key_id == e.key_id:
+            if ciphers.kek_bytes_for_wrap(e.wrap_oid) != len(key.kek):
+                raise DecryptionError()
+            cek = ciphers.unwrap_key(key.kek, e.encrypted_key)
+            return Unwrapped(cek, RecipientSummary("kekri", f"kekid={e.key_id.hex()}",
+                                                   oids.name_of(e.wrap_oid), oids.name_of(e.wrap_oid)), key)
+    return None
+
