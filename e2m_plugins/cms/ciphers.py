@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
     aes_key_unwrap,
@@ -46,6 +46,7 @@ _CIPHERS = [
     ContentCipher("aes-192-cbc", oids.AES192_CBC, 24, False, can_encrypt=False),
     ContentCipher("aes-192-gcm", oids.AES192_GCM, 24, True, can_encrypt=False),
     ContentCipher("des-ede3-cbc", oids.DES_EDE3_CBC, 24, False, "3des", can_encrypt=False),
+    ContentCipher("chacha20-poly1305", oids.CHACHA20_POLY1305, 32, True, "chacha", can_encrypt=False),
 ]
 CIPHERS_BY_NAME = {c.name: c for c in _CIPHERS}
 CIPHERS_BY_OID = {c.oid: c for c in _CIPHERS}
@@ -105,6 +106,8 @@ def decrypt_content(cipher: ContentCipher, params: der.TLV | None, cek: bytes, c
     """Decrypt content; any failure (key, padding, tag) is one ``DecryptionError``."""
     if len(cek) != cipher.key_bytes:
         raise DecryptionError()
+    if cipher.block == "chacha":
+        return _decrypt_chacha(params, cek, ciphertext, mac, aad)
     if cipher.aead:
         nonce, icv_len = _gcm_params(params)
         if mac is None or len(mac) != icv_len:
@@ -135,6 +138,19 @@ def decrypt_content(cipher: ContentCipher, params: der.TLV | None, cek: bytes, c
     try:
         return unpadder.update(padded) + unpadder.finalize()
     except ValueError:
+        raise DecryptionError() from None
+
+
+def _decrypt_chacha(params: der.TLV | None, cek: bytes, ciphertext: bytes, mac: bytes | None,
+                    aad: bytes | None) -> bytes:
+    # RFC 8103: the parameters are just the 12-byte nonce; the tag is 16 bytes.
+    if params is None or params.tag != der.OCTET_STRING or len(der.octets(params)) != 12:
+        raise MalformedError("ChaCha20-Poly1305 nonce missing")
+    if mac is None or len(mac) != 16:
+        raise DecryptionError()
+    try:
+        return ChaCha20Poly1305(cek).decrypt(der.octets(params), ciphertext + mac, aad)
+    except InvalidTag:
         raise DecryptionError() from None
 
 
