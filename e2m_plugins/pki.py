@@ -49,6 +49,7 @@ __all__ = [
     "certificate_identities",
     "verify_chain",
     "is_signed_by",
+    "readable_certificate",
     "MAX_PATH_LENGTH",
 ]
 
@@ -385,7 +386,7 @@ def load_certificate(data_or_path: PathOrData) -> x509.Certificate:
         if _looks_pem(data):
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, x509.InvalidVersion) as exc:
         raise MalformedError(f"not a readable X.509 certificate: {exc}") from None
 
 
@@ -396,7 +397,7 @@ def load_certificates(data_or_path: PathOrData) -> list[x509.Certificate]:
         return [load_certificate(data)]
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, x509.InvalidVersion) as exc:
         raise MalformedError(f"not a readable PEM certificate bundle: {exc}") from None
     if not certs:
         raise MalformedError("no certificate in PEM bundle")
@@ -426,6 +427,27 @@ def load_private_key(data_or_path: PathOrData) -> PrivateKeyTypes:
 
 # --------------------------------------------------------------------------
 # Identities and path validation
+
+
+def _fully_readable(cert: x509.Certificate) -> bool:
+    """cryptography parses some fields lazily; touch the ones we rely on."""
+    try:
+        cert.version, cert.subject, cert.issuer, cert.serial_number  # noqa: B018
+        cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
+        cert.extensions  # noqa: B018 - raises on duplicate or broken extensions
+        cert.tbs_certificate_bytes  # noqa: B018
+    except (ValueError, x509.InvalidVersion):
+        return False
+    return True
+
+
+def readable_certificate(der: bytes) -> x509.Certificate | None:
+    """The certificate if cryptography can read every field we use, else None."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion):
+        return None
+    return cert if _fully_readable(cert) else None
 
 
 def certificate_identities(cert: x509.Certificate) -> Identities:
@@ -529,6 +551,11 @@ def verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
     UTC) unless ``check_time`` is False.  Raises ``UntrustedSignerError``.
     """
     when = _as_utc(at) if at is not None else datetime.now(timezone.utc)
+    if not _fully_readable(cert):
+        raise MalformedError("certificate has unreadable fields")
+    # Skip unreadable candidates instead of failing: they may be irrelevant.
+    anchors = [a for a in anchors if _fully_readable(a)]
+    intermediates = [c for c in intermediates if _fully_readable(c)]
     anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
     # Anchors first so that a shorter path to a trusted certificate wins.
     candidates = list(anchors) + [c for c in intermediates

@@ -1,0 +1,604 @@
+"""CMS SignedData (RFC 5652 section 5): make and check signatures.
+
+asn1crypto carries the structure; every cryptographic step is done by
+``cryptography``.  Signers: RSA PKCS#1 v1.5, RSASSA-PSS, ECDSA and Ed25519
+(RFC 8419); DSA and SHA-1 are accepted when verifying, for old messages such
+as the RFC 4134 examples, but never produced.
+
+Untrusted input is parsed in one guarded step that turns every structural
+surprise into ``MalformedError``; the cryptographic checks then run on plain
+values, so a bad signature can never be mistaken for bad DER.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from ..errors import (
+    MalformedError,
+    SignatureInvalidError,
+    UnsupportedAlgorithmError,
+    UntrustedSignerError,
+)
+from ..pki import Identities, certificate_identities, readable_certificate, verify_chain
+from .limits import DEFAULT_LIMITS, Limits
+
+__all__ = [
+    "sign",
+    "verify",
+    "extract_certificates",
+    "VerifyResult",
+    "SignerInfoResult",
+]
+
+_SIGNED_DATA = "1.2.840.113549.1.7.2"
+_CONTENT_TYPE_ATTR = "1.2.840.113549.1.9.3"
+_MESSAGE_DIGEST_ATTR = "1.2.840.113549.1.9.4"
+_SIGNING_TIME_ATTR = "1.2.840.113549.1.9.5"
+
+# Content type names, for callers that prefer words to OIDs.
+_CONTENT_TYPES = {
+    "data": "1.2.840.113549.1.7.1",
+    "signed-data": _SIGNED_DATA,
+    "enveloped-data": "1.2.840.113549.1.7.3",
+    "digested-data": "1.2.840.113549.1.7.5",
+    "encrypted-data": "1.2.840.113549.1.7.6",
+    "authenticated-data": "1.2.840.113549.1.9.16.1.2",
+    "compressed-data": "1.2.840.113549.1.9.16.1.9",
+    "auth-enveloped-data": "1.2.840.113549.1.9.16.1.23",
+}
+_CONTENT_TYPE_NAMES = {oid: name for name, oid in _CONTENT_TYPES.items()}
+
+_DIGESTS: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
+    "1.3.14.3.2.26": ("sha1", hashes.SHA1),
+    "2.16.840.1.101.3.4.2.4": ("sha224", hashes.SHA224),
+    "2.16.840.1.101.3.4.2.1": ("sha256", hashes.SHA256),
+    "2.16.840.1.101.3.4.2.2": ("sha384", hashes.SHA384),
+    "2.16.840.1.101.3.4.2.3": ("sha512", hashes.SHA512),
+}
+_DIGEST_OIDS = {name: oid for oid, (name, _) in _DIGESTS.items()}
+# Digests we produce; SHA-1 and SHA-224 are only read.
+_SIGNING_DIGESTS = ("sha256", "sha384", "sha512")
+
+_RSA = "1.2.840.113549.1.1.1"
+_RSA_PSS = "1.2.840.113549.1.1.10"
+_MGF1 = "1.2.840.113549.1.1.8"
+_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+_ED25519 = "1.3.101.112"
+_ED448 = "1.3.101.113"
+_DSA = "1.2.840.10040.4.1"
+
+# signatureAlgorithm OID -> (kind, digest name bound to the OID or None, readable name).
+_SIGNATURES: dict[str, tuple[str, str | None, str]] = {
+    _RSA: ("rsa", None, "rsa"),
+    "1.2.840.113549.1.1.5": ("rsa", "sha1", "sha1-rsa"),
+    "1.2.840.113549.1.1.14": ("rsa", "sha224", "sha224-rsa"),
+    "1.2.840.113549.1.1.11": ("rsa", "sha256", "sha256-rsa"),
+    "1.2.840.113549.1.1.12": ("rsa", "sha384", "sha384-rsa"),
+    "1.2.840.113549.1.1.13": ("rsa", "sha512", "sha512-rsa"),
+    _RSA_PSS: ("rsa-pss", None, "rsassa-pss"),
+    _EC_PUBLIC_KEY: ("ecdsa", None, "ecdsa"),
+    "1.2.840.10045.4.1": ("ecdsa", "sha1", "sha1-ecdsa"),
+    "1.2.840.10045.4.3.1": ("ecdsa", "sha224", "sha224-ecdsa"),
+    "1.2.840.10045.4.3.2": ("ecdsa", "sha256", "sha256-ecdsa"),
+    "1.2.840.10045.4.3.3": ("ecdsa", "sha384", "sha384-ecdsa"),
+    "1.2.840.10045.4.3.4": ("ecdsa", "sha512", "sha512-ecdsa"),
+    _ED25519: ("ed25519", None, "ed25519"),
+    _ED448: ("ed448", None, "ed448"),
+    _DSA: ("dsa", None, "dsa"),
+    "1.2.840.10040.4.3": ("dsa", "sha1", "sha1-dsa"),
+    "1.3.14.3.2.27": ("dsa", "sha1", "sha1-dsa"),  # old OIW form
+    "2.16.840.1.101.3.4.3.1": ("dsa", "sha224", "sha224-dsa"),
+    "2.16.840.1.101.3.4.3.2": ("dsa", "sha256", "sha256-dsa"),
+}
+
+# Structural surprises asn1crypto reports while parsing lazily.
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+
+@dataclass(frozen=True)
+class SignerInfoResult:
+    """One verified signer."""
+
+    certificate: x509.Certificate
+    identities: Identities
+    digest_algorithm: str          # e.g. "sha256"
+    signature_algorithm: str       # e.g. "sha256-rsa", "rsassa-pss", "ed25519"
+    signing_time: datetime | None  # claimed by the signer, not proven
+    chain: tuple[x509.Certificate, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What a verified SignedData says; only returned when every signer checked out."""
+
+    content: bytes
+    content_type: str              # "data", "enveloped-data", ... or a dotted OID
+    signers: tuple[SignerInfoResult, ...]
+    certificates: tuple[x509.Certificate, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# Signing
+
+
+def _content_type_oid(content_type: str) -> str:
+    name = content_type.strip().lower().replace("_", "-")
+    if name in _CONTENT_TYPES:
+        return _CONTENT_TYPES[name]
+    if all(part.isdigit() for part in content_type.split(".")) and "." in content_type:
+        return content_type
+    raise ValueError(f"unknown content type {content_type!r}")
+
+
+def _signing_time_value(moment: datetime) -> cms.Time:
+    moment = moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(
+        tzinfo=timezone.utc)
+    moment = moment.replace(microsecond=0)
+    # RFC 5652 11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
+    if 1950 <= moment.year <= 2049:
+        return cms.Time({"utc_time": moment})
+    return cms.Time({"generalized_time": moment})
+
+
+def _alg_id(oid: str, params: core.Asn1Value | None = None) -> dict:
+    out: dict = {"algorithm": oid}
+    if params is not None:
+        out["parameters"] = params
+    return out
+
+
+def sign(content: bytes, signer_cert: x509.Certificate, signer_key: PrivateKeyTypes, *,
+         detached: bool = False, include_certificate: bool = True,
+         extra_certs: Sequence[x509.Certificate] = (), content_type: str = "data",
+         rsa_pss: bool = False, digest: str = "sha256",
+         signing_time: datetime | None = None) -> bytes:
+    """Sign ``content``; return DER ContentInfo(SignedData).
+
+    Always adds signed attributes (content-type, message-digest,
+    signing-time).  RSA keys sign with PKCS#1 v1.5 (sha*WithRSAEncryption) or,
+    with ``rsa_pss``, RSASSA-PSS (MGF1 with the same hash, salt = hash length);
+    EC keys with ECDSA; Ed25519 keys always use SHA-512 as digestAlgorithm as
+    RFC 8419 requires, whatever ``digest`` says.  The signer is identified by
+    issuer and serial number.  ``extra_certs`` (e.g. intermediates) are added
+    after the signer's certificate.
+    """
+    if not isinstance(content, (bytes, bytearray, memoryview)):
+        raise TypeError("content must be bytes")
+    content = bytes(content)
+    digest = digest.lower().replace("-", "")
+    if isinstance(signer_key, ed25519.Ed25519PrivateKey):
+        digest = "sha512"
+    if digest not in _SIGNING_DIGESTS:
+        raise ValueError(f"digest must be one of {_SIGNING_DIGESTS}")
+    if signer_cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            signer_key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise ValueError("the private key does not belong to the signer certificate")
+    hash_cls = next(cls for name, cls in _DIGESTS.values() if name == digest)
+    digest_oid = _DIGEST_OIDS[digest]
+    ct_oid = _content_type_oid(content_type)
+
+    hasher = hashes.Hash(hash_cls())
+    hasher.update(content)
+    attrs = cms.CMSAttributes([
+        cms.CMSAttribute({"type": "content_type", "values": [ct_oid]}),
+        cms.CMSAttribute({"type": "signing_time",
+                          "values": [_signing_time_value(
+                              signing_time or datetime.now(timezone.utc))]}),
+        cms.CMSAttribute({"type": "message_digest", "values": [hasher.finalize()]}),
+    ])
+    # The signature covers the DER SET OF (tag 0x31), not the [0] IMPLICIT form.
+    to_be_signed = attrs.dump()
+
+    if isinstance(signer_key, rsa.RSAPrivateKey):
+        if rsa_pss:
+            hash_id = algos.DigestAlgorithm(_alg_id(digest_oid, core.Null()))
+            pss_params = algos.RSASSAPSSParams({
+                "hash_algorithm": hash_id,
+                "mask_gen_algorithm": {"algorithm": _MGF1, "parameters": hash_id},
+                "salt_length": hash_cls.digest_size,
+            })
+            sig_alg = _alg_id(_RSA_PSS, pss_params)
+            signature = signer_key.sign(
+                to_be_signed,
+                padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls.digest_size),
+                hash_cls())
+        else:
+            oid = next(o for o, (kind, d, _) in _SIGNATURES.items()
+                       if kind == "rsa" and d == digest)
+            # RFC 4055: sha*WithRSAEncryption carries NULL parameters.
+            sig_alg = _alg_id(oid, core.Null())
+            signature = signer_key.sign(to_be_signed, padding.PKCS1v15(), hash_cls())
+    elif rsa_pss:
+        raise ValueError("rsa_pss needs an RSA key")
+    elif isinstance(signer_key, ec.EllipticCurvePrivateKey):
+        oid = next(o for o, (kind, d, _) in _SIGNATURES.items()
+                   if kind == "ecdsa" and d == digest)
+        sig_alg = _alg_id(oid)
+        signature = signer_key.sign(to_be_signed, ec.ECDSA(hash_cls()))
+    elif isinstance(signer_key, ed25519.Ed25519PrivateKey):
+        sig_alg = _alg_id(_ED25519)
+        signature = signer_key.sign(to_be_signed)
+    else:
+        raise ValueError("signer key must be RSA, EC or Ed25519")
+
+    cert_asn1 = asn1_x509.Certificate.load(signer_cert.public_bytes(serialization.Encoding.DER))
+    signer_info = cms.SignerInfo({
+        "version": "v1",
+        "sid": cms.SignerIdentifier({"issuer_and_serial_number": {
+            "issuer": cert_asn1["tbs_certificate"]["issuer"],
+            "serial_number": cert_asn1["tbs_certificate"]["serial_number"],
+        }}),
+        "digest_algorithm": _alg_id(digest_oid),
+        "signed_attrs": attrs,
+        "signature_algorithm": sig_alg,
+        "signature": signature,
+    })
+    certs = ([signer_cert] if include_certificate else []) + list(extra_certs)
+    is_data = ct_oid == _CONTENT_TYPES["data"]
+    # asn1crypto models a version 1 encapContentInfo with the PKCS#7 ContentInfo
+    # class; either way eContent is an OCTET STRING, and an explicit one keeps
+    # asn1crypto from treating e.g. enveloped-data octets as a structure.
+    encap: cms.ContentInfo | cms.EncapsulatedContentInfo
+    if is_data:
+        encap = cms.ContentInfo({"content_type": ct_oid})
+        if not detached:
+            encap["content"] = core.OctetString(content)
+    else:
+        encap = cms.EncapsulatedContentInfo({"content_type": ct_oid})
+        if not detached:
+            encap["content"] = core.ParsableOctetString(content)
+    signed_data = {
+        # RFC 5652 5.1: version 3 when the content is not id-data.
+        "version": "v1" if is_data else "v3",
+        "digest_algorithms": [_alg_id(digest_oid)],
+        "encap_content_info": encap,
+        "signer_infos": [signer_info],
+    }
+    if certs:
+        signed_data["certificates"] = [
+            cms.CertificateChoices({"certificate": asn1_x509.Certificate.load(
+                c.public_bytes(serialization.Encoding.DER))}) for c in certs]
+    return cms.ContentInfo({"content_type": "signed_data",
+                            "content": cms.SignedData(signed_data)}).dump()
+
+
+# --------------------------------------------------------------------------
+# Parsing untrusted input into plain values
+
+
+@dataclass(frozen=True)
+class _Cert:
+    der: bytes
+    asn1: asn1_x509.Certificate
+    cert: x509.Certificate | None  # None: cryptography cannot read it
+
+
+@dataclass(frozen=True)
+class _Signer:
+    sid_kind: str                       # "issuer_and_serial_number" | "subject_key_identifier"
+    issuer: asn1_x509.Name | None
+    serial: int | None
+    ski: bytes | None
+    digest_oid: str
+    sig_oid: str
+    sig_params: algos.RSASSAPSSParams | None
+    signature: bytes
+    signed_attrs_raw: bytes | None       # content octets of [0] signedAttrs as received
+    signed_attrs_sorted: bytes | None    # the same attributes in DER order
+    attrs: dict[str, list[core.Asn1Value]]
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    content: bytes | None
+    content_type_oid: str
+    certs: tuple[_Cert, ...]
+    signers: tuple[_Signer, ...]
+
+
+def _der_set(content: bytes) -> bytes:
+    """Wrap ``content`` as a DER SET (tag 0x31) with a definite length."""
+    n = len(content)
+    if n < 0x80:
+        return b"\x31" + bytes([n]) + content
+    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return b"\x31" + bytes([0x80 | len(length)]) + length + content
+
+
+def _parse(data: bytes, limits: Limits) -> _Parsed:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("CMS input must be bytes")
+    data = bytes(data)
+    limits.check_size(len(data))
+    try:
+        info = cms.ContentInfo.load(data, strict=True)
+        if info["content_type"].dotted != _SIGNED_DATA:
+            raise MalformedError(
+                f"ContentInfo holds {info['content_type'].dotted}, not SignedData")
+        sd = info["content"]
+        if not isinstance(sd, cms.SignedData):
+            raise MalformedError("ContentInfo content is not SignedData")
+
+        cert_set = sd["certificates"]
+        certs: list[_Cert] = []
+        if not isinstance(cert_set, core.Void):
+            limits.check_count("certificates", len(cert_set), limits.max_certificates)
+            for choice in cert_set:
+                if choice.name != "certificate":
+                    continue  # attribute and other certificates play no part here
+                der = choice.chosen.dump()
+                certs.append(_Cert(der=der, asn1=choice.chosen, cert=readable_certificate(der)))
+
+        signer_infos = sd["signer_infos"]
+        limits.check_count("signers", len(signer_infos), limits.max_signers)
+        signers = [_parse_signer(si, limits) for si in signer_infos]
+
+        # Re-read with the CMS class whatever the version, so eContent is
+        # always taken as the OCTET STRING it is and never parsed further.
+        encap = cms.EncapsulatedContentInfo.load(sd["encap_content_info"].dump())
+        ct_oid = encap["content_type"].dotted
+        econtent = encap["content"]
+        # bytes() also joins the chunks of a constructed (BER) OCTET STRING.
+        content = None if isinstance(econtent, core.Void) else bytes(econtent)
+        return _Parsed(content=content, content_type_oid=ct_oid, certs=tuple(certs),
+                       signers=tuple(signers))
+    except _PARSE_ERRORS as exc:
+        raise MalformedError(f"not a well-formed SignedData: {exc.__class__.__name__}") from None
+
+
+def _parse_signer(si: cms.SignerInfo, limits: Limits) -> _Signer:
+    sid = si["sid"]
+    issuer = serial = ski = None
+    if sid.name == "issuer_and_serial_number":
+        issuer = sid.chosen["issuer"]
+        serial = sid.chosen["serial_number"].native
+    elif sid.name == "subject_key_identifier":
+        ski = sid.chosen.native
+    else:
+        raise MalformedError("unknown SignerIdentifier")
+
+    sig_alg = si["signature_algorithm"]
+    sig_oid = sig_alg["algorithm"].dotted
+    sig_params = None
+    if sig_oid == _RSA_PSS:
+        params = sig_alg["parameters"]
+        if not isinstance(params, algos.RSASSAPSSParams):
+            raise MalformedError("RSASSA-PSS without parameters")
+        sig_params = params
+
+    raw = sorted_der = None
+    attrs: dict[str, list[core.Asn1Value]] = {}
+    signed_attrs = si["signed_attrs"]
+    if not isinstance(signed_attrs, core.Void):
+        limits.check_count("signed attributes", len(signed_attrs), limits.max_attributes)
+        raw = _der_set(signed_attrs.contents)
+        sorted_der = _der_set(b"".join(sorted(a.dump() for a in signed_attrs)))
+        for attr in signed_attrs:
+            oid = attr["type"].dotted
+            if oid in attrs:
+                # RFC 5652 5.3: each attribute type appears at most once.
+                raise MalformedError("a signed attribute type occurs twice")
+            if oid in (_CONTENT_TYPE_ATTR, _MESSAGE_DIGEST_ATTR, _SIGNING_TIME_ATTR):
+                attrs[oid] = list(attr["values"])
+            else:
+                attrs[oid] = []  # only its presence matters to us
+    return _Signer(
+        sid_kind=sid.name, issuer=issuer, serial=serial, ski=ski,
+        digest_oid=si["digest_algorithm"]["algorithm"].dotted,
+        sig_oid=sig_oid, sig_params=sig_params,
+        signature=si["signature"].native,
+        signed_attrs_raw=raw, signed_attrs_sorted=sorted_der, attrs=attrs)
+
+
+# --------------------------------------------------------------------------
+# Verification
+
+
+def _single(signer: _Signer, oid: str, what: str) -> core.Asn1Value:
+    values = signer.attrs.get(oid)
+    if values is None:
+        raise SignatureInvalidError(f"signed attributes lack {what}")
+    if len(values) != 1:
+        raise MalformedError(f"{what} attribute must have exactly one value")
+    return values[0]
+
+
+def _find_signer_cert(signer: _Signer, pool: Sequence[_Cert]) -> _Cert:
+    for candidate in pool:
+        try:
+            if signer.sid_kind == "issuer_and_serial_number":
+                if (candidate.asn1.serial_number == signer.serial
+                        and candidate.asn1.issuer == signer.issuer):
+                    return candidate
+            elif candidate.asn1.key_identifier == signer.ski:
+                return candidate
+        except _PARSE_ERRORS:
+            continue  # a broken certificate simply does not match
+    raise UntrustedSignerError("signer certificate not found in the message or extra_certs")
+
+
+def _pss_from_params(params: algos.RSASSAPSSParams) -> tuple[padding.PSS, hashes.HashAlgorithm]:
+    try:
+        hash_oid = params["hash_algorithm"]["algorithm"].dotted
+        mgf = params["mask_gen_algorithm"]
+        if mgf["algorithm"].dotted != _MGF1:
+            raise UnsupportedAlgorithmError("RSASSA-PSS with a mask generation other than MGF1")
+        mgf_hash_oid = mgf["parameters"]["algorithm"].dotted
+        salt = params["salt_length"].native
+        trailer = params["trailer_field"].native
+    except _PARSE_ERRORS:
+        raise MalformedError("unreadable RSASSA-PSS parameters") from None
+    if trailer not in ("trailer_field_bc", 1):
+        raise UnsupportedAlgorithmError("RSASSA-PSS trailer field other than 0xBC")
+    if hash_oid not in _DIGESTS or mgf_hash_oid not in _DIGESTS:
+        raise UnsupportedAlgorithmError("RSASSA-PSS with an unsupported hash")
+    return (padding.PSS(mgf=padding.MGF1(_DIGESTS[mgf_hash_oid][1]()), salt_length=salt),
+            _DIGESTS[hash_oid][1]())
+
+
+def _check_signature(signer: _Signer, public_key: object, message: bytes,
+                     digest_cls: type[hashes.HashAlgorithm]) -> None:
+    """Raise SignatureInvalidError unless ``signature`` is valid over ``message``."""
+    kind, bound_digest, _ = _SIGNATURES[signer.sig_oid]
+    hash_alg: hashes.HashAlgorithm = (
+        _DIGESTS[_DIGEST_OIDS[bound_digest]][1]() if bound_digest else digest_cls())
+    try:
+        if kind == "rsa" and isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signer.signature, message, padding.PKCS1v15(), hash_alg)
+        elif kind == "rsa-pss" and isinstance(public_key, rsa.RSAPublicKey):
+            assert signer.sig_params is not None
+            pss, pss_hash = _pss_from_params(signer.sig_params)
+            public_key.verify(signer.signature, message, pss, pss_hash)
+        elif kind == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signer.signature, message, ec.ECDSA(hash_alg))
+        elif kind == "ed25519" and isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signer.signature, message)
+        elif kind == "ed448" and isinstance(public_key, ed448.Ed448PublicKey):
+            public_key.verify(signer.signature, message)
+        elif kind == "dsa" and isinstance(public_key, dsa.DSAPublicKey):
+            public_key.verify(signer.signature, message, hash_alg)
+        else:
+            raise SignatureInvalidError(
+                "signature algorithm does not fit the signer certificate's key")
+    except InvalidSignature:
+        raise SignatureInvalidError("signature does not verify") from None
+    except UnsupportedAlgorithm:
+        raise UnsupportedAlgorithmError("signature algorithm not supported here") from None
+    except ValueError:
+        # e.g. a malformed DER ECDSA/DSA signature value
+        raise SignatureInvalidError("signature value is malformed") from None
+
+
+def _verify_signer(signer: _Signer, content: bytes, content_type_oid: str,
+                   pool: Sequence[_Cert], anchors: Sequence[x509.Certificate],
+                   at: datetime | None, check_time: bool) -> SignerInfoResult:
+    if signer.digest_oid not in _DIGESTS:
+        raise UnsupportedAlgorithmError(f"digest algorithm {signer.digest_oid} not supported")
+    if signer.sig_oid not in _SIGNATURES:
+        raise UnsupportedAlgorithmError(f"signature algorithm {signer.sig_oid} not supported")
+    digest_name, digest_cls = _DIGESTS[signer.digest_oid]
+
+    found = _find_signer_cert(signer, pool)
+    if found.cert is None:
+        try:
+            found.asn1.native  # noqa: B018 - a full parse tells broken from merely unusual
+        except _PARSE_ERRORS:
+            raise MalformedError("the signer certificate is not well-formed") from None
+        raise UnsupportedAlgorithmError(
+            "the signer certificate cannot be read (e.g. DSA parameters inherited from the CA)")
+    try:
+        public_key = found.cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise UnsupportedAlgorithmError("the signer's public key type is not supported") from None
+
+    signing_time: datetime | None = None
+    if signer.signed_attrs_raw is None:
+        _check_signature(signer, public_key, content, digest_cls)
+    else:
+        try:
+            claimed_type = _single(signer, _CONTENT_TYPE_ATTR, "content-type").dotted
+            claimed_digest = _single(signer, _MESSAGE_DIGEST_ATTR, "message-digest").native
+            if _SIGNING_TIME_ATTR in signer.attrs:
+                signing_time = _single(signer, _SIGNING_TIME_ATTR, "signing-time").native
+        except _PARSE_ERRORS:
+            raise MalformedError("unreadable signed attribute value") from None
+        if claimed_type != content_type_oid:
+            raise SignatureInvalidError("content-type attribute differs from eContentType")
+        hasher = hashes.Hash(digest_cls())
+        hasher.update(content)
+        if not isinstance(claimed_digest, bytes) or not _equal(hasher.finalize(), claimed_digest):
+            raise SignatureInvalidError("message digest does not match the content")
+        try:
+            _check_signature(signer, public_key, signer.signed_attrs_raw, digest_cls)
+        except SignatureInvalidError:
+            # Senders must use DER; a few sort the SET OF wrongly, and RFC 5652
+            # defines the signature over the DER form, so try that too.
+            if signer.signed_attrs_sorted == signer.signed_attrs_raw:
+                raise
+            _check_signature(signer, public_key, signer.signed_attrs_sorted or b"", digest_cls)
+
+    others = [c.cert for c in pool if c.cert is not None and c is not found]
+    chain = verify_chain(found.cert, anchors, others, at=at, check_time=check_time)
+    return SignerInfoResult(
+        certificate=found.cert,
+        identities=certificate_identities(found.cert),
+        digest_algorithm=digest_name,
+        signature_algorithm=_SIGNATURES[signer.sig_oid][2],
+        signing_time=signing_time,
+        chain=tuple(chain),
+    )
+
+
+def _equal(a: bytes, b: bytes) -> bool:
+    # Constant-time compare: cheap, and removes any timing question.
+    return hmac.compare_digest(a, b)
+
+
+def _pool(parsed: _Parsed, extra_certs: Sequence[x509.Certificate]) -> list[_Cert]:
+    pool = list(parsed.certs)
+    seen = {c.der for c in pool}
+    for cert in extra_certs:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if der not in seen:
+            seen.add(der)
+            pool.append(_Cert(der=der, asn1=asn1_x509.Certificate.load(der), cert=cert))
+    return pool
+
+
+def verify(data: bytes, *, trust_anchors: Sequence[x509.Certificate],
+           detached_content: bytes | None = None, at: datetime | None = None,
+           check_time: bool = True, extra_certs: Sequence[x509.Certificate] = (),
+           limits: Limits = DEFAULT_LIMITS) -> VerifyResult:
+    """Verify a DER ContentInfo(SignedData); every SignerInfo must check out.
+
+    The signer certificate is looked up (by issuer and serial number, or by
+    subject key identifier) among the message's certificates and
+    ``extra_certs``; it must chain to ``trust_anchors`` at ``at`` (default
+    now) unless ``check_time`` is False.  ``detached_content`` supplies the
+    content when the signature is detached.
+
+    Raises MalformedError, UnsupportedAlgorithmError, SignatureInvalidError,
+    UntrustedSignerError or LimitExceededError.
+    """
+    parsed = _parse(data, limits)
+    if not parsed.signers:
+        # A "certificates-only" SignedData proves nothing about any content.
+        raise SignatureInvalidError("SignedData carries no signature")
+    if parsed.content is None:
+        if detached_content is None:
+            raise MalformedError("the content is detached and none was supplied")
+        content = bytes(detached_content)
+    else:
+        content = parsed.content
+        if detached_content is not None and not _equal(bytes(detached_content), content):
+            raise SignatureInvalidError("supplied content differs from the embedded content")
+    pool = _pool(parsed, extra_certs)
+    signers = tuple(_verify_signer(s, content, parsed.content_type_oid, pool,
+                                   trust_anchors, at, check_time) for s in parsed.signers)
+    return VerifyResult(
+        content=content,
+        content_type=_CONTENT_TYPE_NAMES.get(parsed.content_type_oid, parsed.content_type_oid),
+        signers=signers,
+        certificates=tuple(c.cert for c in parsed.certs if c.cert is not None),
+    )
+
+
+def extract_certificates(data: bytes, *,
+                         limits: Limits = DEFAULT_LIMITS) -> list[x509.Certificate]:
+    """The certificates a SignedData carries (e.g. a certs-only message); not verified."""
+    parsed = _parse(data, limits)
+    return [c.cert for c in parsed.certs if c.cert is not None]
