@@ -17,6 +17,7 @@ from .envelope import (
     open_envelope,
     seal,
 )
+from .layers import OpenedMessage, open_message
 from .limits import DEFAULT_LIMITS, Limits
 from .recipients import (
     CertificateKey,
@@ -27,10 +28,12 @@ from .recipients import (
     recipient_for_certificate,
     reuse_kek,
 )
+from .signed import SignerInfoResult, VerifyResult, sign, verify
 
 __all__ = [
     "DEFAULT_CIPHER", "ENCRYPT_CIPHERS", "Attribute", "EnvelopeDescription", "OpenedEnvelope",
     "Sealed", "cek_reference_attributes", "content_info_type", "describe_envelope",
     "open_envelope", "seal", "DEFAULT_LIMITS", "Limits", "CertificateKey", "KeyAgreeRecipient",
     "KeyTransRecipient", "RecipientSummary", "SharedKEK", "recipient_for_certificate", "reuse_kek",
+    "OpenedMessage", "open_message", "SignerInfoResult", "VerifyResult", "sign", "verify",
 ]

@@ -213,7 +213,7 @@ class OpenedEnvelope:
     """The result of opening an envelope for one of our keys."""
 
     plaintext: bytes
-    content_type: str                    # dotted inner eContentType
+    content_type: str                    # inner eContentType: "data", "signed-data", ... or dotted
     envelope_type: str                   # "enveloped-data" or "auth-enveloped-data"
     content_algorithm: str               # e.g. "aes-128-gcm"
     recipient: RecipientSummary          # the RecipientInfo that matched
@@ -274,7 +274,7 @@ def open_envelope(data: bytes, keys: list[OpeningKey] | tuple[OpeningKey, ...], 
     if reference is not None and not reference:
         raise MalformedError("empty CEKReference")
     return OpenedEnvelope(
-        plaintext=plaintext, content_type=parsed.content_type,
+        plaintext=plaintext, content_type=oids.name_of(parsed.content_type),
         envelope_type=oids.name_of(parsed.envelope_type), content_algorithm=cipher.name,
         recipient=unwrapped.summary, matched_key=unwrapped.key,
         recipient_count=len(parsed.recipient_infos),
