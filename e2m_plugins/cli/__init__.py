@@ -1,0 +1,173 @@
+"""The ``e2m`` command: one parser, subcommand groups registered by name.
+
+Each group (``cms``, ``pki``; later ``sip``, ``archive``, ``demo``) lives in its
+own module and exposes ``GROUP``, a ``Group`` that adds its subcommands to the
+parser.  ``main`` builds the parser from the registry, runs the chosen handler
+and turns failures into exit codes:
+
+* 0 - success;
+* 1 - a cryptographic or input failure (any ``E2MError``, an unreadable file),
+  reported as ONE line ``e2m: error: <message>`` on stderr;
+* 2 - a usage error (argparse's own convention, also for our cross-option
+  checks such as ``--kek-id`` without ``--kek``).
+
+Handlers never print plaintext, content keys or private keys; only ``--out``
+receives decrypted or verified content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import E2MError
+
+__all__ = ["Group", "UsageError", "CliFailure", "register_group", "build_parser", "main",
+           "read_input", "write_output"]
+
+PROG = "e2m"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Options that parse but do not fit together; exits 2 with the usage line."""
+
+
+class CliFailure(Exception):
+    """A failure that is not an ``E2MError`` but is still the input's fault (exit 1)."""
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Group:
+    """A subcommand group: ``add_commands`` receives the group's own subparsers.
+
+    Each command parser must ``set_defaults(handler=...)``; the handler gets
+    the parsed namespace and returns an exit code.
+    """
+
+    name: str
+    help: str
+    add_commands: Callable[[argparse._SubParsersAction], None]
+
+
+# Modules that define the built-in groups, imported when the parser is built.
+# A group that is not written yet is simply added here later.
+_BUILTIN_MODULES = ("e2m_plugins.cli.cms_cmd", "e2m_plugins.cli.pki_cmd")
+_REGISTRY: dict[str, Group] = {}
+
+
+def register_group(group: Group) -> None:
+    """Add (or replace) a subcommand group, e.g. from a plugin or a test."""
+    _REGISTRY[group.name] = group
+
+
+def _load_builtin_groups() -> None:
+    for module_name in _BUILTIN_MODULES:
+        module = importlib.import_module(module_name)
+        group = getattr(module, "GROUP")
+        _REGISTRY.setdefault(group.name, group)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``e2m`` parser with every registered group."""
+    _load_builtin_groups()
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="End-to-middle S/MIME for SIP: CMS and test-PKI tools.")
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    for group in _REGISTRY.values():
+        sub = groups.add_parser(group.name, help=group.help, description=group.help)
+        commands = sub.add_subparsers(dest="command", metavar="COMMAND", required=True)
+        group.add_commands(commands)
+    return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the chosen subcommand, so usage errors show its own usage line."""
+    found = parser
+    for name in (args.group, args.command):
+        action = next((a for a in found._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None or name not in action.choices:
+            break
+        found = action.choices[name]
+    return found
+
+
+def _fail(message: str) -> int:
+    # One line, whatever the message holds: keeps scripts and logs readable.
+    text = " ".join(str(message).split()) or "failed"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``e2m`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UsageError as exc:
+        try:
+            _command_parser(parser, args).error(str(exc))
+        except SystemExit as stop:
+            return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+        return EXIT_USAGE  # pragma: no cover - error() always exits
+    except E2MError as exc:
+        return _fail(str(exc) or exc.__class__.__name__)
+    except CliFailure as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+    except ValueError as exc:
+        # The core raises ValueError for caller mistakes it can name (a key that
+        # does not fit its certificate, a bad KEK length); messages hold no secrets.
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+# ------------------------------------------------------------ shared file I/O
+
+def read_input(path: str, what: str = "input") -> bytes:
+    """Bytes of ``path`` (``-`` is stdin); an unreadable file is a ``CliFailure``."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliFailure(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def write_output(path: str, data: bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` (``-`` is stdout).
+
+    ``private`` creates the file 0600 from the start: decrypted content should
+    not become readable by others just because of a loose umask.
+    """
+    if path == "-":
+        out: BinaryIO = sys.stdout.buffer
+        out.write(data)
+        out.flush()
+        return
+    try:
+        if private:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        else:
+            Path(path).write_bytes(data)
+    except OSError as exc:
+        raise CliFailure(f"cannot write {path}: {exc.strerror or exc}") from None
