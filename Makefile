@@ -45,7 +45,7 @@ bench: setup
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-only -q
 
 demo: setup
-	$(PY) -m e2m_plugins.cli demo
+	$(PY) -m e2m_plugins.cli demo cms
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
