@@ -23,6 +23,7 @@ from ..cms import (
     Attribute,
     CertificateKey,
     SharedKEK,
+    content_info_type,
     describe_envelope,
     open_envelope,
     recipient_for_certificate,
@@ -360,7 +361,7 @@ def _describe_any(data: bytes, depth: int) -> dict[str, Any]:
     if depth > DEFAULT_LIMITS.max_nesting_depth:
         raise MalformedError("CMS layers nested too deeply")
     DEFAULT_LIMITS.check_size(len(data))
-    kind = oids.name_of(_outer_type(data))
+    kind = oids.name_of(content_info_type(data))
     out: dict[str, Any] = {"content_type": kind}
     if kind in ("enveloped-data", "auth-enveloped-data"):
         out["envelope"] = _describe_envelope(data)
@@ -369,14 +370,6 @@ def _describe_any(data: bytes, depth: int) -> dict[str, Any]:
     else:
         out["note"] = "no details for this content type"
     return out
-
-
-def _outer_type(data: bytes) -> str:
-    top = der.read_all(data).expect(der.SEQUENCE, "ContentInfo")
-    first = next(top.children(), None)
-    if first is None:
-        raise MalformedError("empty ContentInfo")
-    return der.oid(first)
 
 
 def describe_cms(raw: bytes) -> dict[str, Any]:

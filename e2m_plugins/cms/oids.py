@@ -7,6 +7,10 @@ DATA = "1.2.840.113549.1.7.1"
 SIGNED_DATA = "1.2.840.113549.1.7.2"
 ENVELOPED_DATA = "1.2.840.113549.1.7.3"
 AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
+DIGESTED_DATA = "1.2.840.113549.1.7.5"
+ENCRYPTED_DATA = "1.2.840.113549.1.7.6"
+AUTHENTICATED_DATA = "1.2.840.113549.1.9.16.1.2"
+COMPRESSED_DATA = "1.2.840.113549.1.9.16.1.9"
 
 # Attributes
 CONTENT_TYPE_ATTR = "1.2.840.113549.1.9.3"
@@ -62,7 +66,9 @@ SHA512 = "2.16.840.1.101.3.4.2.3"
 
 NAMES: dict[str, str] = {
     DATA: "data", SIGNED_DATA: "signed-data", ENVELOPED_DATA: "enveloped-data",
-    AUTH_ENVELOPED_DATA: "auth-enveloped-data",
+    AUTH_ENVELOPED_DATA: "auth-enveloped-data", DIGESTED_DATA: "digested-data",
+    ENCRYPTED_DATA: "encrypted-data", AUTHENTICATED_DATA: "authenticated-data",
+    COMPRESSED_DATA: "compressed-data",
     CONTENT_TYPE_ATTR: "content-type", MESSAGE_DIGEST_ATTR: "message-digest",
     SIGNING_TIME_ATTR: "signing-time",
     CEK_REFERENCE: "cek-reference", CEK_MAX_DECRYPTS: "cek-max-decrypts",
@@ -78,6 +84,13 @@ NAMES: dict[str, str] = {
     STDDH_SHA512KDF: "ecdh-x963kdf-sha512", STDDH_HKDF_SHA256: "ecdh-hkdf-sha256",
     STDDH_HKDF_SHA384: "ecdh-hkdf-sha384", STDDH_HKDF_SHA512: "ecdh-hkdf-sha512",
     SHA1: "sha1", SHA224: "sha224", SHA256: "sha256", SHA384: "sha384", SHA512: "sha512",
+}
+
+
+CONTENT_TYPES: dict[str, str] = {
+    name: oid for oid, name in NAMES.items()
+    if oid in (DATA, SIGNED_DATA, ENVELOPED_DATA, AUTH_ENVELOPED_DATA, DIGESTED_DATA,
+               ENCRYPTED_DATA, AUTHENTICATED_DATA, COMPRESSED_DATA)
 }
 
 

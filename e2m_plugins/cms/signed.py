@@ -32,6 +32,7 @@ from ..errors import (
     UntrustedSignerError,
 )
 from ..pki import Identities, certificate_identities, readable_certificate, verify_chain
+from . import oids
 from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -42,30 +43,21 @@ __all__ = [
     "SignerInfoResult",
 ]
 
-_SIGNED_DATA = "1.2.840.113549.1.7.2"
-_CONTENT_TYPE_ATTR = "1.2.840.113549.1.9.3"
-_MESSAGE_DIGEST_ATTR = "1.2.840.113549.1.9.4"
-_SIGNING_TIME_ATTR = "1.2.840.113549.1.9.5"
+_SIGNED_DATA = oids.SIGNED_DATA
+_CONTENT_TYPE_ATTR = oids.CONTENT_TYPE_ATTR
+_MESSAGE_DIGEST_ATTR = oids.MESSAGE_DIGEST_ATTR
+_SIGNING_TIME_ATTR = oids.SIGNING_TIME_ATTR
 
-# Content type names, for callers that prefer words to OIDs.
-_CONTENT_TYPES = {
-    "data": "1.2.840.113549.1.7.1",
-    "signed-data": _SIGNED_DATA,
-    "enveloped-data": "1.2.840.113549.1.7.3",
-    "digested-data": "1.2.840.113549.1.7.5",
-    "encrypted-data": "1.2.840.113549.1.7.6",
-    "authenticated-data": "1.2.840.113549.1.9.16.1.2",
-    "compressed-data": "1.2.840.113549.1.9.16.1.9",
-    "auth-enveloped-data": "1.2.840.113549.1.9.16.1.23",
-}
+# Content type names, for callers that prefer words to OIDs (one table: oids.py).
+_CONTENT_TYPES = oids.CONTENT_TYPES
 _CONTENT_TYPE_NAMES = {oid: name for name, oid in _CONTENT_TYPES.items()}
 
 _DIGESTS: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
-    "1.3.14.3.2.26": ("sha1", hashes.SHA1),
-    "2.16.840.1.101.3.4.2.4": ("sha224", hashes.SHA224),
-    "2.16.840.1.101.3.4.2.1": ("sha256", hashes.SHA256),
-    "2.16.840.1.101.3.4.2.2": ("sha384", hashes.SHA384),
-    "2.16.840.1.101.3.4.2.3": ("sha512", hashes.SHA512),
+    oids.SHA1: ("sha1", hashes.SHA1),
+    oids.SHA224: ("sha224", hashes.SHA224),
+    oids.SHA256: ("sha256", hashes.SHA256),
+    oids.SHA384: ("sha384", hashes.SHA384),
+    oids.SHA512: ("sha512", hashes.SHA512),
 }
 _DIGEST_OIDS = {name: oid for oid, (name, _) in _DIGESTS.items()}
 # Digests we produce; SHA-1 and SHA-224 are only read.
