@@ -1,0 +1,648 @@
+"""A small raw SIP message model: start line, ordered headers, body bytes.
+
+This is not a SIP stack.  It parses one message (RFC 3261 §7) into an
+immutable :class:`SipMessage`, lets callers read and change headers and the
+body through copy methods, and serialises it back with CRLF line ends and a
+Content-Length that always matches the body.
+
+Decisions (see also ``docs/policy-header.md``):
+
+- Header text is decoded as UTF-8 with ``surrogateescape`` so that any octets a
+  peer sent come back out byte-exact; only control characters are refused.
+- Folded header lines are unfolded on input (the fold becomes one SP).
+- CRLF and bare LF line ends are both accepted; CRLFs before the start line
+  (keep-alives, RFC 5626 §3.5.1) are skipped.
+- The body is taken by Content-Length when present; octets after it are
+  discarded, as RFC 3261 §18.3 says for datagrams.  A Content-Length larger
+  than the data is an error.  Without Content-Length the rest is the body.
+  :func:`frame_length` finds message boundaries on stream transports.
+- Several Content-Length headers with different values are refused
+  (request-smuggling style ambiguity).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple, Union
+
+from .errors import LimitExceededError, MalformedError
+
+__all__ = [
+    "COMPACT_FORMS", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_LINE", "DEFAULT_MAX_SIZE",
+    "Address", "DialogId", "RequestLine", "SipMessage", "StatusLine",
+    "canonical_name", "frame_length", "make_response", "parse", "parse_address",
+    "parse_param_list", "parse_params", "quote_string", "split_header_list",
+    "unquote_string",
+]
+
+DEFAULT_MAX_HEADERS = 256
+DEFAULT_MAX_LINE = 8 * 1024
+# Room for the CMS body limit (256 KiB) plus a generous header section.
+DEFAULT_MAX_SIZE = 320 * 1024
+
+# RFC 3261 §7.3.3 plus the extension compact forms registered since.
+COMPACT_FORMS: dict[str, str] = {
+    "i": "call-id", "f": "from", "t": "to", "v": "via", "c": "content-type",
+    "l": "content-length", "m": "contact", "e": "content-encoding",
+    "k": "supported", "s": "subject", "o": "event", "u": "allow-events",
+    "r": "refer-to", "b": "referred-by", "x": "session-expires", "y": "identity",
+}
+
+_TOKEN_CHARS = "-.!%*_+`'~"
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_VERSION = re.compile(r"SIP/[0-9]{1,3}\.[0-9]{1,3}", re.IGNORECASE)
+_BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
+
+
+@dataclass(frozen=True)
+class RequestLine:
+    method: str
+    request_uri: str
+    version: str = "SIP/2.0"
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.request_uri} {self.version}"
+
+
+@dataclass(frozen=True)
+class StatusLine:
+    status: int
+    reason: str
+    version: str = "SIP/2.0"
+
+    def __str__(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+
+StartLine = Union[RequestLine, StatusLine]
+
+
+class DialogId(NamedTuple):
+    call_id: str
+    local_tag: str | None
+    remote_tag: str | None
+
+
+class Address(NamedTuple):
+    """A From/To/Contact-style value: optional display name, URI, header params."""
+
+    display_name: str | None
+    uri: str
+    params: dict[str, str | None]
+
+
+def canonical_name(name: str) -> str:
+    """Lower-case long form of a header name, used for every lookup."""
+    low = name.strip().lower()
+    return COMPACT_FORMS.get(low, low)
+
+
+def _check_header(name: str, value: str) -> None:
+    # Refuse what would let a caller inject extra header lines.
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"bad header name {name!r}")
+    if _BAD_VALUE_CHARS.search(value):
+        raise ValueError(f"header {name} value contains CR, LF or NUL")
+
+
+@dataclass(frozen=True, repr=False)
+class SipMessage:
+    """One SIP request or response.  Immutable: changes return a new message."""
+
+    start_line: StartLine
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", tuple((n, v) for n, v in self.headers))
+        object.__setattr__(self, "body", bytes(self.body))
+        for name, value in self.headers:
+            _check_header(name, value)
+
+    def __repr__(self) -> str:
+        # Never show the body: it may be plaintext that must not reach logs.
+        return (f"SipMessage({str(self.start_line)!r}, {len(self.headers)} headers, "
+                f"{len(self.body)} body bytes)")
+
+    # -- start line -------------------------------------------------------
+    @property
+    def is_request(self) -> bool:
+        return isinstance(self.start_line, RequestLine)
+
+    @property
+    def method(self) -> str:
+        """The request method; for a response, the method in its CSeq."""
+        if isinstance(self.start_line, RequestLine):
+            return self.start_line.method
+        return self.cseq[1]
+
+    @property
+    def request_uri(self) -> str | None:
+        sl = self.start_line
+        return sl.request_uri if isinstance(sl, RequestLine) else None
+
+    @property
+    def status(self) -> int | None:
+        sl = self.start_line
+        return sl.status if isinstance(sl, StatusLine) else None
+
+    @property
+    def reason(self) -> str | None:
+        sl = self.start_line
+        return sl.reason if isinstance(sl, StatusLine) else None
+
+    # -- header access ----------------------------------------------------
+    def get(self, name: str) -> str | None:
+        """Value of the first instance of ``name`` (compact forms match)."""
+        key = canonical_name(name)
+        for n, v in self.headers:
+            if canonical_name(n) == key:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every instance of ``name`` in order; commas are NOT split here."""
+        key = canonical_name(name)
+        return [v for n, v in self.headers if canonical_name(n) == key]
+
+    def has(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def add(self, name: str, value: str) -> SipMessage:
+        """Append a header instance after all others."""
+        return self._with_headers(self.headers + ((name, value),))
+
+    def insert(self, name: str, value: str, index: int = 0) -> SipMessage:
+        """Insert a header instance at ``index`` (default: the very top, as for Via)."""
+        hs = list(self.headers)
+        hs.insert(index, (name, value))
+        return self._with_headers(tuple(hs))
+
+    def remove(self, name: str, where: Callable[[str], bool] | None = None) -> SipMessage:
+        """Drop every instance of ``name``, or only those whose value satisfies ``where``."""
+        key = canonical_name(name)
+        kept = tuple((n, v) for n, v in self.headers
+                     if canonical_name(n) != key or (where is not None and not where(v)))
+        return self._with_headers(kept)
+
+    def replace(self, name: str, value: str) -> SipMessage:
+        """Set ``name`` to one instance: the first keeps its place, the rest go."""
+        key = canonical_name(name)
+        out: list[tuple[str, str]] = []
+        done = False
+        for n, v in self.headers:
+            if canonical_name(n) != key:
+                out.append((n, v))
+            elif not done:
+                out.append((n, value))
+                done = True
+        if not done:
+            out.append((name, value))
+        return self._with_headers(tuple(out))
+
+    def with_body(self, body: bytes, content_type: str | None = None) -> SipMessage:
+        """A copy with a new body.
+
+        ``content_type`` replaces Content-Type when given; an empty body with no
+        type drops Content-Type.  Content-Length is set to match.  Other body
+        headers (Content-Disposition, Content-Encoding) are the caller's job.
+        """
+        msg = SipMessage(self.start_line, self.headers, bytes(body))
+        if content_type is not None:
+            msg = msg.replace("Content-Type", content_type)
+        elif not body:
+            msg = msg.remove("Content-Type")
+        return msg.replace("Content-Length", str(len(body)))
+
+    def with_start_line(self, start_line: StartLine) -> SipMessage:
+        return SipMessage(start_line, self.headers, self.body)
+
+    def _with_headers(self, headers: tuple[tuple[str, str], ...]) -> SipMessage:
+        return SipMessage(self.start_line, headers, self.body)
+
+    # -- dialog helpers ---------------------------------------------------
+    @property
+    def call_id(self) -> str:
+        value = self.get("Call-ID")
+        if not value:
+            raise MalformedError("no Call-ID header")
+        return value
+
+    @property
+    def from_tag(self) -> str | None:
+        return self._tag("From")
+
+    @property
+    def to_tag(self) -> str | None:
+        return self._tag("To")
+
+    def _tag(self, name: str) -> str | None:
+        value = self.get(name)
+        if value is None:
+            raise MalformedError(f"no {name} header")
+        return parse_address(value).params.get("tag")
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        value = self.get("CSeq")
+        if value is None:
+            raise MalformedError("no CSeq header")
+        parts = value.split()
+        if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
+            raise MalformedError("bad CSeq header")
+        if not _TOKEN.fullmatch(parts[1]):
+            raise MalformedError("bad CSeq method")
+        return int(parts[0]), parts[1]
+
+    def dialog_id(self, *, as_uas: bool = False) -> DialogId:
+        """(Call-ID, local tag, remote tag); the UAC's local tag is the From tag."""
+        ftag, ttag = self.from_tag, self.to_tag
+        if as_uas:
+            return DialogId(self.call_id, ttag, ftag)
+        return DialogId(self.call_id, ftag, ttag)
+
+    # -- output -----------------------------------------------------------
+    def serialize(self) -> bytes:
+        """Wire form with CRLF line ends and a Content-Length equal to len(body)."""
+        lines = [str(self.start_line)]
+        length_written = False
+        for name, value in self.headers:
+            if canonical_name(name) == "content-length":
+                if not length_written:
+                    lines.append(f"{name}: {len(self.body)}")
+                    length_written = True
+                continue
+            lines.append(f"{name}: {value}")
+        if not length_written:
+            lines.append(f"Content-Length: {len(self.body)}")
+        head = "\r\n".join(lines) + "\r\n\r\n"
+        return head.encode("utf-8", "surrogateescape") + self.body
+
+
+# -- parsing ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Head:
+    start_line: StartLine | None  # None only for an incomplete stream buffer
+    headers: tuple[tuple[str, str], ...]
+    body_start: int
+    complete: bool  # False when the data ended before the blank line
+
+
+def _decode(line: bytes) -> str:
+    return line.decode("utf-8", "surrogateescape")
+
+
+def _parse_start_line(line: str) -> StartLine:
+    if line[:4].upper() == "SIP/":
+        parts = line.split(" ", 2)
+        if len(parts) < 2 or not _VERSION.fullmatch(parts[0]):
+            raise MalformedError("bad status line")
+        code = parts[1]
+        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+            raise MalformedError("bad status code")
+        reason = parts[2] if len(parts) == 3 else ""
+        return StatusLine(int(code), reason, parts[0])
+    parts = line.split(" ")
+    if len(parts) != 3 or not all(parts):
+        raise MalformedError("bad request line")
+    method, uri, version = parts
+    if not _TOKEN.fullmatch(method) or not _VERSION.fullmatch(version):
+        raise MalformedError("bad request line")
+    return RequestLine(method, uri, version)
+
+
+def _parse_header_line(line: str) -> tuple[str, str]:
+    name, colon, value = line.partition(":")
+    name = name.rstrip(" \t")
+    if not colon or not _TOKEN.fullmatch(name):
+        raise MalformedError("bad header line")
+    return name, value.strip(" \t")
+
+
+def _skip_keepalives(data: bytes) -> int:
+    pos = 0
+    while data.startswith(b"\r\n", pos) or data.startswith(b"\n", pos):
+        pos += 2 if data[pos] == 0x0D else 1
+    return pos
+
+
+def _parse_head(data: bytes, max_headers: int, max_line: int,
+                stream: bool = False) -> _Head:
+    """Start line and headers.  ``stream``: an unterminated line means "wait"."""
+    pos = _skip_keepalives(data)
+    start: StartLine | None = None
+    headers: list[list[str]] = []
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0 and stream:
+            if len(data) - pos > max_line:
+                raise LimitExceededError(f"header line longer than {max_line} bytes")
+            break
+        end = len(data) if nl < 0 else nl
+        raw = data[pos:end]
+        pos = len(data) if nl < 0 else nl + 1
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if len(raw) > max_line:
+            raise LimitExceededError(f"header line longer than {max_line} bytes")
+        if not raw:
+            if start is None:
+                raise MalformedError("empty start line")
+            return _Head(start, _freeze(headers), pos, True)
+        start = _take_line(raw, start, headers, max_headers, max_line)
+    if start is None and not stream:
+        raise MalformedError("no start line")
+    return _Head(start, _freeze(headers), len(data), False)
+
+
+def _take_line(raw: bytes, start: StartLine | None, headers: list[list[str]],
+               max_headers: int, max_line: int) -> StartLine:
+    """Consume one non-empty head line; returns the (possibly new) start line."""
+    if _CTL.search(raw):
+        raise MalformedError("control character in header section")
+    line = _decode(raw)
+    if start is None:
+        return _parse_start_line(line)
+    if line[0] in " \t":
+        _unfold(headers, line, max_line)
+    elif len(headers) >= max_headers:
+        raise LimitExceededError(f"more than {max_headers} headers")
+    else:
+        headers.append(list(_parse_header_line(line)))
+    return start
+
+
+def _unfold(headers: list[list[str]], line: str, max_line: int) -> None:
+    if not headers:
+        raise MalformedError("continuation line without a header")
+    last = headers[-1]
+    piece = line.strip(" \t")
+    last[1] = f"{last[1]} {piece}" if last[1] and piece else last[1] + piece
+    if len(last[1]) > max_line:
+        raise LimitExceededError(f"folded header longer than {max_line} bytes")
+
+
+def _freeze(headers: list[list[str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((n, v) for n, v in headers)
+
+
+def _content_length(headers: Iterable[tuple[str, str]]) -> int | None:
+    values = {v.strip() for n, v in headers if canonical_name(n) == "content-length"}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise MalformedError("conflicting Content-Length headers")
+    value = values.pop()
+    if not value.isdigit() or not value.isascii() or len(value) > 10:
+        raise MalformedError("bad Content-Length")
+    return int(value)
+
+
+def _check_size(data: bytes, max_size: int) -> None:
+    if len(data) > max_size:
+        raise LimitExceededError(f"message of {len(data)} bytes exceeds {max_size}")
+
+
+def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
+          max_line: int = DEFAULT_MAX_LINE, max_size: int = DEFAULT_MAX_SIZE) -> SipMessage:
+    """Parse one complete SIP message (a datagram or an already framed message).
+
+    Raises MalformedError on bad syntax or a truncated body, LimitExceededError
+    when a limit is passed.  Octets after the Content-Length body are dropped.
+    """
+    data = bytes(data)
+    _check_size(data, max_size)
+    head = _parse_head(data, max_headers, max_line)
+    assert head.start_line is not None
+    rest = data[head.body_start:]
+    length = _content_length(head.headers)
+    if length is None:
+        body = rest
+    elif length > len(rest):
+        raise MalformedError("Content-Length exceeds the data")
+    else:
+        body = rest[:length]
+    return SipMessage(head.start_line, head.headers, body)
+
+
+def frame_length(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
+                 max_line: int = DEFAULT_MAX_LINE,
+                 max_size: int = DEFAULT_MAX_SIZE) -> int | None:
+    """Octets taken by the first message in a stream buffer, or None if incomplete.
+
+    On streams Content-Length is mandatory (RFC 3261 §18.3), so a complete head
+    without it is MalformedError.  Leading keep-alive CRLFs count as consumed.
+    """
+    data = bytes(data)
+    head = _parse_head(data[:max_size], max_headers, max_line, stream=True)
+    if not head.complete:
+        if len(data) >= max_size:
+            raise LimitExceededError(f"header section exceeds {max_size} bytes")
+        return None
+    length = _content_length(head.headers)
+    if length is None:
+        raise MalformedError("no Content-Length on a stream")
+    total = head.body_start + length
+    if total > max_size:
+        raise LimitExceededError(f"message of {total} bytes exceeds {max_size}")
+    return total if total <= len(data) else None
+
+
+# -- header value helpers --------------------------------------------------
+
+def split_header_list(value: str) -> list[str]:
+    """Split a header value on commas outside quoted strings and <...>.
+
+    Empty elements are dropped; an unterminated quote or bracket is an error.
+    """
+    items: list[str] = []
+    buf: list[str] = []
+    quoted = angle = escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif angle:
+            angle = ch != ">"
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle = True
+        elif ch == ",":
+            items.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    if quoted or angle or escaped:
+        raise MalformedError("unterminated quoted string or <...> in header value")
+    items.append("".join(buf))
+    return [item.strip(" \t") for item in items if item.strip(" \t")]
+
+
+def unquote_string(text: str) -> str:
+    """Content of one quoted-string (surrounding quotes included in ``text``)."""
+    text = text.strip(" \t")
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        raise MalformedError("not a quoted string")
+    out: list[str] = []
+    it = iter(text[1:-1])
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise MalformedError("dangling backslash in quoted string")
+            out.append(nxt)
+        elif ch == '"':
+            raise MalformedError("unescaped quote inside quoted string")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def quote_string(text: str) -> str:
+    """A quoted-string whose content is ``text`` (backslash and quote escaped)."""
+    if _BAD_VALUE_CHARS.search(text):
+        raise ValueError("CR, LF or NUL cannot be quoted")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    parts: list[str] = []
+    buf: list[str] = []
+    quoted = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = ch == "\\"
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == sep:
+            parts.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    if quoted or escaped:
+        raise MalformedError("unterminated quoted string")
+    parts.append("".join(buf))
+    return parts
+
+
+def _parse_one_param(segment: str) -> tuple[str, str | None]:
+    name, eq, raw = segment.partition("=")
+    name = name.strip(" \t")
+    if not _TOKEN.fullmatch(name):
+        raise MalformedError("bad parameter name")
+    if not eq:
+        return name.lower(), None
+    raw = raw.strip(" \t")
+    if raw.startswith('"'):
+        return name.lower(), unquote_string(raw)
+    if not raw or re.search(r'[\s"]', raw):
+        raise MalformedError(f"bad value for parameter {name}")
+    return name.lower(), raw
+
+
+def parse_param_list(text: str) -> list[tuple[str, str | None]]:
+    """``;a=b;c;d="x;y"`` -> [("a","b"), ("c",None), ("d","x;y")], in order.
+
+    Names are lower-cased (parameter names are case-insensitive); quoted values
+    are unescaped; unquoted values are kept verbatim (tokens, hosts, <ids>).
+    """
+    text = text.strip(" \t")
+    if text.startswith(";"):
+        text = text[1:]
+    segments = _split_outside_quotes(text, ";")
+    return [_parse_one_param(s) for s in segments if s.strip(" \t")]
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    """Like :func:`parse_param_list` as a dict; the first instance of a name wins."""
+    out: dict[str, str | None] = {}
+    for name, value in parse_param_list(text):
+        out.setdefault(name, value)
+    return out
+
+
+def _address_split(value: str) -> tuple[int, int]:
+    """(index of the ``<`` or -1, index just after the address part)."""
+    quoted = escaped = False
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = ch == "\\"
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            close = value.find(">", i)
+            if close < 0:
+                raise MalformedError("unterminated <...> in address")
+            return i, close + 1
+        elif ch == ";":
+            return -1, i  # addr-spec form: parameters after the URI are header params
+    if quoted:
+        raise MalformedError("unterminated quoted string in address")
+    return -1, len(value)
+
+
+def parse_address(value: str) -> Address:
+    """Split a From/To/Contact/Route value into display name, URI and params."""
+    lt, end = _address_split(value)
+    params = parse_params(value[end:])
+    if lt >= 0:
+        display = value[:lt].strip(" \t")
+        uri = value[lt + 1:end - 1].strip(" \t")
+        name = unquote_string(display) if display.startswith('"') else display or None
+        return Address(name, uri, params)
+    addr = value[:end].strip(" \t")
+    if not addr:
+        raise MalformedError("empty address")
+    return Address(None, addr, params)
+
+
+# -- building responses ----------------------------------------------------
+
+def _random_tag() -> str:
+    return secrets.token_hex(8)
+
+
+def make_response(request: SipMessage, code: int, reason: str,
+                  extra_headers: Iterable[tuple[str, str]] = (), body: bytes = b"",
+                  content_type: str | None = None) -> SipMessage:
+    """A response to ``request`` per RFC 3261 §8.2.6.2.
+
+    Copies every Via (in order), From, To, Call-ID and CSeq; adds a random To
+    tag when the request had none and ``code`` > 100.  Used for 496/495.
+    """
+    if not request.is_request:
+        raise ValueError("make_response needs a request")
+    if not 100 <= code <= 699:
+        raise ValueError("status code out of range")
+    if _BAD_VALUE_CHARS.search(reason):
+        raise ValueError("reason phrase contains CR, LF or NUL")
+    headers = [("Via", v) for v in request.get_all("Via")]
+    for name in ("From", "To", "Call-ID", "CSeq"):
+        value = request.get(name)
+        if value is None:
+            raise MalformedError(f"request has no {name} header")
+        if name == "To" and code > 100 and request.to_tag is None:
+            value = f"{value};tag={_random_tag()}"
+        headers.append((name, value))
+    headers.extend(extra_headers)
+    if body and content_type is None:
+        raise ValueError("a body needs a content type")
+    if content_type is not None:
+        headers.append(("Content-Type", content_type))
+    headers.append(("Content-Length", str(len(body))))
+    return SipMessage(StatusLine(code, reason), tuple(headers), bytes(body))
