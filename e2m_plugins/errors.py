@@ -45,3 +45,57 @@ class UntrustedSignerError(E2MError):
 
 class LimitExceededError(E2MError):
     """The input is larger or deeper than the configured limits allow."""
+
+
+# --------------------------------------------------------------------------
+# SIP-level refusals raised by the UA and proxy engines.  Each has a row in
+# e2m_plugins.sip_errors, which turns it into a SIP answer per role.
+
+
+class PolicyError(E2MError):
+    """The message is well-formed but local E2M policy refuses it."""
+
+
+class ProxyCannotDecryptError(E2MError):
+    """A proxy must view a body (or the part of type ``content_type``) it cannot read.
+
+    ``content_type`` None means the proxy needs the whole body, which the 496
+    answer signals by leaving out the Warning (e2m-sec-02; protocol digest §3.2).
+    """
+
+    def __init__(self, message: str = "proxy cannot view the body",
+                 content_type: str | None = None) -> None:
+        super().__init__(message)
+        self.content_type = content_type
+
+
+class SignatureRequiredError(PolicyError):
+    """Integrity is required here but the body carries no signature over it."""
+
+
+class UnsupportedMediaTypeError(E2MError):
+    """The body (or a part that matters) is of a media type we do not take.
+
+    ``accept`` overrides the Accept list of the 415 answer when given.
+    """
+
+    def __init__(self, message: str = "unsupported media type",
+                 content_type: str | None = None, accept: str | None = None) -> None:
+        super().__init__(message)
+        self.content_type = content_type
+        self.accept = accept
+
+
+class UndecipherableError(E2MError):
+    """An encrypted body addressed to us cannot be opened with our keys."""
+
+
+class DowngradeError(PolicyError):
+    """Plaintext, or a body stripped of protection, where E2M protection is required."""
+
+
+class CertificateRejectedError(UntrustedSignerError):
+    """A certificate we were asked to rely on failed the checks: chain, time,
+    name or key type.  Typically the certificate of a 496 or a policy header,
+    or a peer certificate before encrypting to it; at a UA it is a local
+    decision, never answered on the wire."""
