@@ -1,0 +1,423 @@
+"""The content-encryption-key cache behind RFC 3185 CEK reuse.
+
+After a UA or proxy opens an envelope that carries a CEKReference, it may keep
+(reference, CEK) and later open a ``KEKRecipientInfo`` that names the reference.
+This module holds those keys: scoped to one dialog or one transaction, bounded
+in number, age and uses, and never shown in a repr or log.
+
+Lifetime rules (draft-ietf-sip-e2m-key-reuse-01 and RFC 3185 §6):
+
+* ``DIALOG_TTL`` (12 h): a key kept for a dialog lives until BYE
+  (``drop_scope``) but never longer than this, so a dialog whose BYE is lost
+  cannot pin a key forever.
+* ``TRANSACTION_TTL`` (32 s = 64*T1): a key kept for a message outside any
+  dialog (MESSAGE) lives as long as the non-INVITE transaction can.
+* ``MAX_TTL`` (12 h): the cap on any TTL a caller asks for.
+* ``MAX_DECRYPTS_CAP`` (256): the most uses a key is kept for.  RFC 3185 says
+  recipients SHOULD drop keys with too large a CEKMaxDecrypts; a larger request
+  (or none at all) is clamped to the cap.
+
+``MemoryKeyCache`` is the in-process implementation (pjsua2, tests).  The
+Kamailio app supplies a shared-memory one with the same ``KeyCache`` interface
+and reuses ``cache_key``, ``scope_key``, ``encode_entry`` and ``decode_entry``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Union, runtime_checkable
+from urllib.parse import quote, unquote
+
+from .errors import LimitExceededError, MalformedError
+
+__all__ = [
+    "DialogScope",
+    "TransactionScope",
+    "Scope",
+    "CachedKey",
+    "KeyCache",
+    "MemoryKeyCache",
+    "cache_key",
+    "scope_key",
+    "encode_entry",
+    "decode_entry",
+    "DIALOG_TTL",
+    "TRANSACTION_TTL",
+    "MAX_TTL",
+    "MAX_DECRYPTS_CAP",
+    "MAX_REFERENCE_BYTES",
+    "MAX_CEK_BYTES",
+]
+
+T1 = 0.5                        # RFC 3261 default RTT estimate, seconds
+TRANSACTION_TTL = 64 * T1       # Timer F/B: the longest a transaction lives
+DIALOG_TTL = 12 * 3600.0        # a dialog key lives until BYE, at most this
+MAX_TTL = 12 * 3600.0           # no caller may ask for longer
+MAX_DECRYPTS_CAP = 256          # RFC 3185 §6: refuse to honour huge CEKMaxDecrypts
+MAX_REFERENCE_BYTES = 256       # a CEKReference is an identifier; bound what we key on
+MAX_CEK_BYTES = 64              # AES-256 / ChaCha20 keys are 32 bytes; leave room
+
+
+# --------------------------------------------------------------------------
+# Scopes
+
+
+@dataclass(frozen=True)
+class DialogScope:
+    """A dialog: Call-ID plus its tags, in an order that does not depend on direction.
+
+    The UAC sees (local=From tag, remote=To tag), the UAS the reverse; both
+    build the same scope.  Before the To tag exists (the INVITE itself) the
+    scope has one tag: that is the *early* scope of the dialog, which
+    ``MemoryKeyCache.drop_scope`` also clears when the confirmed dialog ends.
+
+    Call-IDs compare byte for byte (RFC 3261 §8.1.1.4); tags are tokens and so
+    compare case-insensitively (RFC 3261 §7.3.1), hence they are lower-cased.
+    """
+
+    call_id: str
+    tags: tuple[str, ...]
+
+    def __init__(self, call_id: str, tag: str, other_tag: str | None = None) -> None:
+        if not call_id:
+            raise ValueError("a dialog scope needs a Call-ID")
+        if not tag:
+            raise ValueError("a dialog scope needs at least one tag")
+        tags = [tag.lower()] + ([other_tag.lower()] if other_tag else [])
+        object.__setattr__(self, "call_id", call_id)
+        object.__setattr__(self, "tags", tuple(sorted(tags)))
+
+    @property
+    def early(self) -> bool:
+        """True while only one tag is known (the dialog-creating request)."""
+        return len(self.tags) == 1
+
+    def early_scopes(self) -> tuple[DialogScope, ...]:
+        """The one-tag scopes a confirmed dialog may have grown from."""
+        if self.early:
+            return ()
+        return tuple(DialogScope(self.call_id, t) for t in self.tags)
+
+    def parts(self) -> tuple[str, ...]:
+        return ("d", self.call_id, *self.tags)
+
+
+@dataclass(frozen=True)
+class TransactionScope:
+    """One transaction outside any dialog (e.g. MESSAGE): Call-ID, CSeq number, branch.
+
+    The branch is the top Via branch of the request as the keeper received
+    it, which the response carries back unchanged.
+    """
+
+    call_id: str
+    cseq: int
+    branch: str
+
+    def __post_init__(self) -> None:
+        if not self.call_id or not self.branch:
+            raise ValueError("a transaction scope needs a Call-ID and a branch")
+        if not 0 <= self.cseq < 2**31:  # RFC 3261 §8.1.1.5
+            raise ValueError("CSeq number out of range")
+        object.__setattr__(self, "branch", self.branch.lower())
+
+    def parts(self) -> tuple[str, ...]:
+        return ("t", self.call_id, str(self.cseq), self.branch)
+
+
+Scope = Union[DialogScope, TransactionScope]
+
+
+def default_ttl_for(scope: Scope) -> float:
+    """The lifetime a key gets when the caller names none."""
+    return TRANSACTION_TTL if isinstance(scope, TransactionScope) else DIALOG_TTL
+
+
+# --------------------------------------------------------------------------
+# Entries
+
+
+@dataclass(frozen=True)
+class CachedKey:
+    """A kept CEK.  ``created`` and ``expires`` are in the cache's clock.
+
+    ``max_decrypts`` is the number of uses left (None: limited by time only).
+    """
+
+    cek: bytes = field(repr=False)
+    reference: bytes
+    scope: Scope
+    created: float
+    expires: float
+    max_decrypts: int | None = None
+    cipher: str | None = None
+
+    def __repr__(self) -> str:  # the CEK never reaches a log
+        return (f"CachedKey(ref={self.reference.hex()[:16]}, scope={self.scope!r}, "
+                f"cek={len(self.cek)} bytes, expires={self.expires:.0f}, "
+                f"max_decrypts={self.max_decrypts}, cipher={self.cipher})")
+
+
+@runtime_checkable
+class KeyCache(Protocol):
+    """What a key cache offers; in-process and shared-memory caches both follow it."""
+
+    def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
+            max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
+        """Keep ``cek`` under ``reference`` within ``scope`` (replacing any earlier one)."""
+        ...
+
+    def get(self, scope: Scope, reference: bytes) -> CachedKey | None:
+        """The key, counting one use; None if absent, expired or used up."""
+        ...
+
+    def drop(self, scope: Scope, reference: bytes) -> None:
+        """Forget one key."""
+        ...
+
+    def drop_scope(self, scope: Scope) -> None:
+        """Forget every key of a scope (BYE ends the dialog)."""
+        ...
+
+    def __len__(self) -> int:
+        ...
+
+
+# --------------------------------------------------------------------------
+# In-memory implementation
+
+
+class MemoryKeyCache:
+    """A bounded, thread-safe, in-process ``KeyCache``.
+
+    Bounded by count (oldest entry evicted first, O(1) with an OrderedDict),
+    by time (per-entry TTL, capped at ``max_ttl``) and by uses (clamped to
+    ``max_decrypts_cap``).  ``clock`` returns seconds; it defaults to
+    ``time.monotonic`` so clock steps cannot extend or cut lifetimes.
+    """
+
+    def __init__(self, max_entries: int = 10_000, default_ttl: float = DIALOG_TTL,
+                 max_ttl: float = MAX_TTL, *, transaction_ttl: float = TRANSACTION_TTL,
+                 max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        if not 0 < default_ttl <= max_ttl or not 0 < transaction_ttl <= max_ttl:
+            raise ValueError("TTLs must be positive and at most max_ttl")
+        if max_decrypts_cap is not None and max_decrypts_cap < 1:
+            raise ValueError("max_decrypts_cap must be at least 1 (or None)")
+        self._max_entries = max_entries
+        self._default_ttl = default_ttl
+        self._transaction_ttl = transaction_ttl
+        self._max_ttl = max_ttl
+        self._cap = max_decrypts_cap
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[Scope, bytes], CachedKey] = OrderedDict()
+        self._by_scope: dict[Scope, set[bytes]] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryKeyCache({len(self)} of {self._max_entries} entries)"
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
+            max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
+        _check_material(reference, cek)
+        if ttl is None:
+            ttl = self._transaction_ttl if isinstance(scope, TransactionScope) else self._default_ttl
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        if max_decrypts is not None and max_decrypts < 1:
+            raise ValueError("max_decrypts must be at least 1")
+        uses = _clamp(max_decrypts, self._cap)
+        now = self._clock()
+        entry = CachedKey(cek=bytes(cek), reference=bytes(reference), scope=scope, created=now,
+                          expires=now + min(ttl, self._max_ttl), max_decrypts=uses,
+                          cipher=cipher)
+        key = (scope, entry.reference)
+        with self._lock:
+            self._remove(key)          # a replaced key starts again at the young end
+            self._entries[key] = entry
+            self._by_scope.setdefault(scope, set()).add(entry.reference)
+            self._trim(now)
+        return entry
+
+    def get(self, scope: Scope, reference: bytes) -> CachedKey | None:
+        key = (scope, bytes(reference))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if self._clock() >= entry.expires:
+                self._remove(key)
+                return None
+            if entry.max_decrypts is None:
+                return entry
+            left = entry.max_decrypts - 1
+            if left <= 0:
+                self._remove(key)      # this is the last permitted use
+            else:
+                self._entries[key] = replace(entry, max_decrypts=left)
+            return replace(entry, max_decrypts=left)
+
+    def drop(self, scope: Scope, reference: bytes) -> None:
+        with self._lock:
+            self._remove((scope, bytes(reference)))
+
+    def drop_scope(self, scope: Scope) -> None:
+        """Forget every key of ``scope``; for a confirmed dialog, also of its early scopes.
+
+        The INVITE's key is kept under the early (one-tag) scope because the
+        To tag does not exist yet; BYE must take it too.
+        """
+        scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
+        with self._lock:
+            for s in scopes:
+                for ref in list(self._by_scope.get(s, ())):
+                    self._remove((s, ref))
+
+    def purge_expired(self) -> int:
+        """Drop every expired entry (O(n)); returns how many went."""
+        with self._lock:
+            now = self._clock()
+            stale = [k for k, e in self._entries.items() if now >= e.expires]
+            for k in stale:
+                self._remove(k)
+            return len(stale)
+
+    # Both helpers run with the lock held.
+    def _remove(self, key: tuple[Scope, bytes]) -> None:
+        if self._entries.pop(key, None) is None:
+            return
+        refs = self._by_scope.get(key[0])
+        if refs is not None:
+            refs.discard(key[1])
+            if not refs:
+                del self._by_scope[key[0]]
+
+    def _trim(self, now: float) -> None:
+        # Expired entries at the old end go first (cheap, amortised O(1)),
+        # then the oldest live ones while the cache is over its bound.
+        while self._entries:
+            key, oldest = next(iter(self._entries.items()))
+            if now < oldest.expires and len(self._entries) <= self._max_entries:
+                break
+            self._remove(key)
+
+
+def _check_material(reference: bytes, cek: bytes) -> None:
+    # Both come from the wire (via an opened envelope): bound them.
+    if not reference:
+        raise MalformedError("empty CEKReference")
+    if len(reference) > MAX_REFERENCE_BYTES:
+        raise LimitExceededError(f"CEKReference longer than {MAX_REFERENCE_BYTES} bytes")
+    if not cek:
+        raise ValueError("empty CEK")
+    if len(cek) > MAX_CEK_BYTES:
+        raise LimitExceededError(f"CEK longer than {MAX_CEK_BYTES} bytes")
+
+
+def _clamp(max_decrypts: int | None, cap: int | None) -> int | None:
+    if cap is None:
+        return max_decrypts
+    return cap if max_decrypts is None else min(max_decrypts, cap)
+
+
+# --------------------------------------------------------------------------
+# Serialisation for shared-memory caches (Kamailio htable)
+
+_SAFE_PART = re.compile(r"[A-Za-z0-9._@~+-]{1,48}")
+_HASH_CHARS = 32  # 128 bits of SHA-256: collisions are out of reach
+
+
+def _key_part(text: str) -> str:
+    # Short, safe parts stay readable; anything else becomes "#<hash>".  '#'
+    # never occurs in a kept part, so the two forms cannot collide.
+    if _SAFE_PART.fullmatch(text):
+        return text
+    return "#" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+
+
+def scope_key(scope: Scope) -> str:
+    """The prefix every ``cache_key`` of ``scope`` starts with (ends with '/').
+
+    A shared-memory cache can drop a scope by removing keys with this prefix.
+    """
+    return ":".join(_key_part(p) for p in scope.parts()) + "/"
+
+
+def cache_key(scope: Scope, reference: bytes) -> str:
+    """A key string for (scope, reference): no spaces, at most about 220 characters."""
+    ref = reference.hex() if len(reference) <= 32 else "#" + hashlib.sha256(reference).hexdigest()[:_HASH_CHARS]
+    return scope_key(scope) + ref
+
+
+_FORMAT = "k1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _encode_scope(scope: Scope) -> str:
+    return ",".join(quote(p, safe="") for p in scope.parts())
+
+
+def _decode_scope(text: str) -> Scope:
+    parts = [unquote(p) for p in text.split(",")]
+    if parts[0] == "d" and len(parts) in (3, 4):
+        return DialogScope(parts[1], parts[2], parts[3] if len(parts) == 4 else None)
+    if parts[0] == "t" and len(parts) == 4:
+        return TransactionScope(parts[1], int(parts[2]), parts[3])
+    raise ValueError("unknown scope form")
+
+
+def encode_entry(entry: CachedKey) -> str:
+    """A one-line text form of ``entry`` for an htable string value.
+
+    Fields, '|'-separated: format tag, reference, scope, created, expires,
+    uses left ('-' for none), cipher ('-' for none), CEK.  Times are written
+    as they are in the entry: a cache that serialises entries must run on
+    wall-clock epoch seconds (``clock=time.time``) so every process agrees.
+    The result contains the CEK: store it only in process memory.
+    """
+    uses = "-" if entry.max_decrypts is None else str(entry.max_decrypts)
+    cipher = "-" if entry.cipher is None else quote(entry.cipher, safe="")
+    return "|".join((_FORMAT, _b64(entry.reference), _encode_scope(entry.scope),
+                     f"{entry.created:.3f}", f"{entry.expires:.3f}", uses, cipher,
+                     _b64(entry.cek)))
+
+
+def decode_entry(text: str) -> CachedKey:
+    """The inverse of ``encode_entry``; raises ``MalformedError`` on anything else."""
+    fields = text.split("|")
+    if len(fields) != 8 or fields[0] != _FORMAT:
+        raise MalformedError("not an encoded key-cache entry")
+    try:
+        reference = _unb64(fields[1])
+        scope = _decode_scope(fields[2])
+        created, expires = float(fields[3]), float(fields[4])
+        uses = None if fields[5] == "-" else int(fields[5])
+        cipher = None if fields[6] == "-" else unquote(fields[6])
+        cek = _unb64(fields[7])
+    except (ValueError, binascii.Error):
+        raise MalformedError("corrupt key-cache entry") from None
+    if not reference or not cek or (uses is not None and uses < 1):
+        raise MalformedError("corrupt key-cache entry")
+    return CachedKey(cek=cek, reference=reference, scope=scope, created=created,
+                     expires=expires, max_decrypts=uses, cipher=cipher)
