@@ -56,7 +56,7 @@ def validate_host(host: str) -> str:
     """
     host = host.strip(" \t")
     if host.startswith("["):
-        if not host.endswith("]"):
+        if not host.endswith("]") or "%" in host:  # no zone ids in SIP (RFC 5118)
             raise MalformedError("bad IPv6 reference")
         try:
             ipaddress.IPv6Address(host[1:-1])
@@ -364,7 +364,7 @@ def _check_url(url: str | None) -> str:
 
 
 def _parse_expires(value: str | None) -> int:
-    if value is None or not value.isdigit() or not value.isascii() or len(value) > 10:
+    if value is None or not re.fullmatch(r"[0-9]{1,10}", value):
         raise MalformedError("bad expires")
     seconds = int(value)
     if seconds > 2**32 - 1:

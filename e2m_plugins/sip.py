@@ -55,6 +55,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(r"SIP/[0-9]{1,3}\.[0-9]{1,3}", re.IGNORECASE)
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
+_DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() accepts "²"
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ class SipMessage:
         if value is None:
             raise MalformedError("no CSeq header")
         parts = value.split()
-        if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
+        if len(parts) != 2 or not _DIGITS.fullmatch(parts[0]):
             raise MalformedError("bad CSeq header")
         if not _TOKEN.fullmatch(parts[1]):
             raise MalformedError("bad CSeq method")
@@ -302,7 +303,7 @@ def _parse_start_line(line: str) -> StartLine:
         if len(parts) < 2 or not _VERSION.fullmatch(parts[0]):
             raise MalformedError("bad status line")
         code = parts[1]
-        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+        if not re.fullmatch(r"[1-6][0-9]{2}", code):
             raise MalformedError("bad status code")
         reason = parts[2] if len(parts) == 3 else ""
         return StatusLine(int(code), reason, parts[0])
@@ -397,7 +398,7 @@ def _content_length(headers: Iterable[tuple[str, str]]) -> int | None:
     if len(values) > 1:
         raise MalformedError("conflicting Content-Length headers")
     value = values.pop()
-    if not value.isdigit() or not value.isascii() or len(value) > 10:
+    if not _DIGITS.fullmatch(value):
         raise MalformedError("bad Content-Length")
     return int(value)
 

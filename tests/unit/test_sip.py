@@ -186,10 +186,21 @@ def test_content_length_beyond_data_is_malformed() -> None:
     b"INVITE sip:x SIP/2.0\r\nContent-Length: abc\r\n\r\n",
     b"INVITE sip:x SIP/2.0\r\nContent-Length: 1\r\nl: 2\r\n\r\nab",
     b"INVITE sip:x SIP/2.0\r\nContent-Length: 99999999999\r\n\r\n",
+    "SIP/2.0 \u00b2\u00b2\u00b2 OK\r\n\r\n".encode(),
+    "M sip:x SIP/2.0\r\nl: \u00b2\r\n\r\n".encode(),
 ])
 def test_malformed_messages(raw: bytes) -> None:
     with pytest.raises(MalformedError):
         sip.parse(raw)
+
+
+def test_bad_cseq_is_malformed() -> None:
+    for cseq in ("\u00b2 INVITE", "1", "x INVITE", "1 IN VITE", "12345678901 INVITE"):
+        msg = sip.parse(b"M sip:x SIP/2.0\r\nCSeq: " + cseq.encode() + b"\r\n\r\n")
+        with pytest.raises(MalformedError):
+            msg.cseq
+    with pytest.raises(MalformedError):
+        sip.parse(b"SIP/2.0 200 OK\r\n\r\n").method  # a response needs its CSeq
 
 
 def test_equal_duplicate_content_length_is_accepted() -> None:
@@ -361,3 +372,14 @@ def test_serialize_parse_round_trip(headers: list[tuple[str, str]], body: bytes)
     assert again.headers[:-1] == msg.headers
     assert again.headers[-1] == ("Content-Length", str(len(body)))
     assert again.body == body
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_value_helpers_raise_only_typed_errors(text: str) -> None:
+    for helper in (sip.split_header_list, sip.parse_params, sip.parse_address,
+                   sip.unquote_string):
+        try:
+            helper(text)
+        except E2MError:
+            pass
