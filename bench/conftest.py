@@ -133,8 +133,19 @@ class Collected:
 _COLLECTED = pytest.StashKey[Collected]()
 
 
+_LOAD_AT_START = pytest.StashKey[object]()
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - not on every platform
+        return None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_COLLECTED] = Collected()
+    config.stash[_LOAD_AT_START] = _loadavg()
 
 
 @pytest.fixture
@@ -215,6 +226,7 @@ def _machine() -> dict[str, object]:
         "cryptography": cryptography.__version__,
         "cpu_count": os.cpu_count(),
     }
+    info["loadavg_at_end"] = _loadavg()
     if hasattr(os, "sched_getaffinity"):
         info["cpus_usable"] = len(os.sched_getaffinity(0))
     try:
@@ -271,7 +283,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         "utc": stamp,
         "commit": _commit(),
         "body_bytes": BODY_BYTES,
-        "machine": _machine(),
+        "machine": {**_machine(), "loadavg_at_start": config.stash.get(_LOAD_AT_START, None)},
         "medians_us": {k: _us(v) for k, v in sorted(medians.items())},
         "rounds": dict(sorted(collected.rounds.items())),
         "iterations": dict(sorted(collected.iterations.items())),
@@ -281,4 +293,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"cms-open-{stamp}.json"
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    tr.write_line(f"  load average 1/5/15 min: start {report['machine']['loadavg_at_start']},"
+                  f" end {report['machine']['loadavg_at_end']}")
     tr.write_line(f"  written: {out}")
