@@ -344,7 +344,8 @@ def _parse_fingerprint(value: str | None) -> bytes:
     algo, colon, digits = text.partition(":")
     if not colon or algo.lower() != "sha256":
         raise MalformedError("cert-fp must be sha256:<hex>")
-    digits = digits.replace(":", "")
+    if re.fullmatch(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}", digits):
+        digits = digits.replace(":", "")  # the openssl -fingerprint form
     if not re.fullmatch(r"[0-9A-Fa-f]{64}", digits):
         raise MalformedError("cert-fp needs 64 hex digits")
     return bytes.fromhex(digits)

@@ -327,7 +327,7 @@ def test_quote_string_round_trip() -> None:
 
 # -- properties ------------------------------------------------------------
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=400))
 def test_parse_raises_only_typed_errors(data: bytes) -> None:
     try:
@@ -346,7 +346,7 @@ _prefixes = st.sampled_from([b"INVITE sip:a@b SIP/2.0\r\n", b"SIP/2.0 200 OK\r\n
                              b"M sip:x SIP/2.0\nl: 3\n"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(_prefixes, st.lists(_head_text, max_size=6), st.binary(max_size=40))
 def test_mutated_heads_raise_only_typed_errors(prefix: bytes, lines: list[str],
                                                body: bytes) -> None:
@@ -357,8 +357,7 @@ def test_mutated_heads_raise_only_typed_errors(prefix: bytes, lines: list[str],
         pass
 
 
-_names = st.from_regex(r"[A-Za-z][A-Za-z0-9\-]{0,15}", fullmatch=True).filter(
-    lambda n: sip.canonical_name(n) != "content-length")
+_names = st.text(alphabet="ABCXYZabcxyz-0", min_size=2, max_size=12).map(lambda n: "X" + n)
 _values = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E),
                   min_size=1, max_size=40)
 
