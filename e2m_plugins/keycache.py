@@ -359,7 +359,10 @@ def scope_key(scope: Scope) -> str:
 
 def cache_key(scope: Scope, reference: bytes) -> str:
     """A key string for (scope, reference): no spaces, at most about 220 characters."""
-    ref = reference.hex() if len(reference) <= 32 else "#" + hashlib.sha256(reference).hexdigest()[:_HASH_CHARS]
+    if len(reference) <= 32:
+        ref = reference.hex()
+    else:
+        ref = "#" + hashlib.sha256(reference).hexdigest()[:_HASH_CHARS]
     return scope_key(scope) + ref
 
 

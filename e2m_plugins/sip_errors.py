@@ -123,8 +123,9 @@ def _both(row: Row) -> dict[Role, Row]:
 
 _UA_493 = ("our certificate goes with it so the UAC rebuilds recipientInfos for our key "
            "(RFC 3261 §21.4.28); same answer for wrong key and bad padding, so no oracle")
-_PROXY_496 = ("e2m-sec-02 (digest §3.2): the proxy cannot view a body it must view; its certificate lets the UAC add it; "
-              "no Warning = the whole body; same answer for every decryption failure, so no oracle")
+_PROXY_496 = ("e2m-sec-02 (digest §3.2): the proxy cannot view a body it must view; "
+              "its certificate lets the UAC add it; no Warning = the whole body; "
+              "same answer for every decryption failure, so no oracle")
 
 _TABLE: dict[type[e.E2MError], dict[Role, Row]] = {
     e.E2MError: _both(Row(400, "Bad Request",
@@ -137,12 +138,14 @@ _TABLE: dict[type[e.E2MError], dict[Role, Row]] = {
         "493 would make the UAC retry with the same algorithm, 488 is about sessions",
         warning="Unsupported CMS algorithm", accept=True)),
     e.NoMatchingRecipientError: {
-        "ua": Row(493, "Undecipherable", "no RecipientInfo is for us: " + _UA_493, needs_certificate=True),
+        "ua": Row(493, "Undecipherable", "no RecipientInfo is for us: " + _UA_493,
+                  needs_certificate=True),
         "proxy": Row("proxy_indecipherable", "Proxy Indecipherable", _PROXY_496,
                      needs_certificate=True),
     },
     e.DecryptionError: {
-        "ua": Row(493, "Undecipherable", "our RecipientInfo did not open: " + _UA_493, needs_certificate=True),
+        "ua": Row(493, "Undecipherable", "our RecipientInfo did not open: " + _UA_493,
+                  needs_certificate=True),
         "proxy": Row("proxy_indecipherable", "Proxy Indecipherable", _PROXY_496,
                      needs_certificate=True),
     },
@@ -153,8 +156,8 @@ _TABLE: dict[type[e.E2MError], dict[Role, Row]] = {
     },
     e.SignatureInvalidError: _both(Row(
         403, "Forbidden",
-        "e2m-sec-02 proxy rules (digest §5): a proxy MAY answer 403 to a bad signature; a UA refuses for the same reason "
-        "(the body is not what was signed, so no retry will help)",
+        "e2m-sec-02 proxy rules (digest §5): a proxy MAY answer 403 to a bad signature; "
+        "a UA refuses for the same reason (the body is not what was signed, so no retry will help)",
         warning="Invalid signature")),
     e.UntrustedSignerError: _both(Row(
         403, "Forbidden",

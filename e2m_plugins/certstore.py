@@ -1,0 +1,366 @@
+"""Certificates we encrypt to: users by AoR, proxies by host, and the checks behind them.
+
+The checks build on ``pki.verify_chain`` (signatures, CA constraints, time)
+and ``pki.certificate_identities`` (names); this module adds the SIP name
+rules and the "can we encrypt to this key" rule, and reports every failure as
+``CertificateRejectedError`` with a reason a person can act on.
+
+Name rules (decided here; see the module constants and functions):
+
+* Users: the AoR must be one of the certificate's SAN URIs (RFC 8591, RFC
+  6216); the CN is never used.  SIP URIs compare with ``sip`` and ``sips``
+  alike (the scheme asks for TLS hops, it does not change who the user is),
+  the user part case-sensitively after percent-decoding, the host
+  case-insensitively without a trailing dot; port, URI parameters and
+  headers are ignored (an AoR names a user at a domain, not a contact).
+  A URI with a password is never a match.
+* Proxies: the host must equal a SAN dNSName or the host of a SAN ``sip:``
+  URI without a user part (RFC 5922 style); the CN counts only when the
+  certificate has neither.  Wildcard names never match: a 496 asks the UA to
+  disclose data to this key, so the proxy must be named exactly.
+* Keys: RSA of at least ``MIN_RSA_BITS`` (key transport), EC P-256 or X25519
+  (key agreement) - what ``cms`` can encrypt to.  A keyUsage extension, when
+  present, must allow keyEncipherment (RSA) or keyAgreement (EC, X25519); an
+  extendedKeyUsage, when present, must include emailProtection or
+  anyExtendedKeyUsage (RFC 8550 §4.4.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import unquote
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from .errors import CertificateRejectedError, E2MError, MalformedError
+from .pki import certificate_identities, verify_chain
+
+__all__ = [
+    "CertStore",
+    "SipIdentity",
+    "parse_sip_uri",
+    "normalise_host",
+    "certificate_matches_aor",
+    "certificate_matches_host",
+    "check_user_certificate",
+    "check_proxy_certificate",
+    "fingerprint_sha256",
+    "matches_fingerprint",
+    "MIN_RSA_BITS",
+]
+
+MIN_RSA_BITS = 2048  # below this RSA is no longer a safe key transport
+
+
+# --------------------------------------------------------------------------
+# Names
+
+
+@dataclass(frozen=True)
+class SipIdentity:
+    """The comparable part of a SIP or SIPS URI: user (or None) at host."""
+
+    user: str | None
+    host: str
+
+    def __str__(self) -> str:
+        return f"sip:{self.user}@{self.host}" if self.user is not None else f"sip:{self.host}"
+
+
+_URI = re.compile(r"^(?P<scheme>sips?):(?:(?P<user>[^@;?]*)@)?"
+                  r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:;?\[\]]+)(?::[0-9]{1,5})?(?:[;?].*)?$",
+                  re.IGNORECASE | re.DOTALL)
+
+
+def normalise_host(host: str) -> str:
+    """Lower case, no trailing dot: how hosts compare."""
+    return host.strip().lower().rstrip(".")
+
+
+def parse_sip_uri(uri: str) -> SipIdentity | None:
+    """The identity of a ``sip:``/``sips:`` URI (angle brackets allowed), or None."""
+    text = uri.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    match = _URI.match(text)
+    if not match:
+        return None
+    user = match.group("user")
+    if user is not None:
+        if not user or ":" in user:  # empty user, or user:password
+            return None
+        user = unquote(user)
+    host = normalise_host(match.group("host"))
+    if not host or any(ch.isspace() for ch in host):
+        return None
+    return SipIdentity(user, host)
+
+
+def _aor_identity(aor: str) -> SipIdentity:
+    identity = parse_sip_uri(aor)
+    if identity is None or identity.user is None:
+        raise MalformedError(f"not a SIP address of record: {aor!r}")
+    return identity
+
+
+def certificate_matches_aor(cert: x509.Certificate, aor: str) -> bool:
+    """True if one of the certificate's SAN URIs names ``aor`` (CN is not used)."""
+    wanted = _aor_identity(aor)
+    return any(parse_sip_uri(uri) == wanted for uri in certificate_identities(cert).uris)
+
+
+def _proxy_names(cert: x509.Certificate) -> tuple[list[str], str]:
+    """The names a proxy certificate vouches for, and where they came from."""
+    ids = certificate_identities(cert)
+    names = [normalise_host(d) for d in ids.dns_names]
+    for uri in ids.uris:
+        identity = parse_sip_uri(uri)
+        if identity is not None and identity.user is None:
+            names.append(identity.host)
+    if names or ids.dns_names or ids.uris:
+        return names, "subjectAltName"
+    # CN only when the certificate has no SAN URI or dNSName at all (RFC 5922 style).
+    return ([normalise_host(ids.common_name)] if ids.common_name else []), "common name"
+
+
+def certificate_matches_host(cert: x509.Certificate, host: str) -> bool:
+    """True if the certificate names ``host`` exactly; wildcards never match."""
+    wanted = normalise_host(host)
+    if not wanted or "*" in wanted:
+        return False
+    names, _ = _proxy_names(cert)
+    return any(name == wanted for name in names if "*" not in name)
+
+
+# --------------------------------------------------------------------------
+# Checks
+
+
+def _now(at: datetime | None) -> datetime:
+    if at is None:
+        return datetime.now(timezone.utc)
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:#x}"
+
+
+def _key_problem(cert: x509.Certificate) -> str | None:
+    """None if ``cms`` can encrypt to this certificate's key, else why not."""
+    public = cert.public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < MIN_RSA_BITS:
+            return f"RSA key of {public.key_size} bits (minimum {MIN_RSA_BITS})"
+        usage_needed = "key_encipherment"
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        if not isinstance(public.curve, ec.SECP256R1):
+            return f"EC curve {public.curve.name} (only P-256 is supported)"
+        usage_needed = "key_agreement"
+    elif isinstance(public, x25519.X25519PublicKey):
+        usage_needed = "key_agreement"
+    else:
+        return f"a {type(public).__name__.lstrip('_')} key cannot receive encrypted content"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not getattr(usage, usage_needed):
+            return f"keyUsage does not allow {usage_needed.replace('_', '')}"
+    except x509.ExtensionNotFound:
+        pass
+    return None
+
+
+def _eku_problem(cert: x509.Certificate) -> str | None:
+    try:
+        ekus = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if ExtendedKeyUsageOID.EMAIL_PROTECTION in ekus or \
+            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in ekus:
+        return None
+    return "extendedKeyUsage lacks emailProtection"
+
+
+def _check_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
+                 intermediates: Sequence[x509.Certificate], at: datetime | None,
+                 who: str) -> list[x509.Certificate]:
+    try:
+        return verify_chain(cert, anchors, intermediates, at=_now(at))
+    except E2MError as exc:  # untrusted, expired, not yet valid, unreadable
+        raise CertificateRejectedError(f"certificate of {who} rejected: {exc}") from None
+
+
+def _check_usage(cert: x509.Certificate, who: str, for_encryption: bool) -> None:
+    problem = _eku_problem(cert)
+    if problem is None and for_encryption:
+        problem = _key_problem(cert)
+    if problem:
+        raise CertificateRejectedError(f"certificate of {who} rejected: {problem}")
+
+
+def check_user_certificate(cert: x509.Certificate, aor: str,
+                           anchors: Sequence[x509.Certificate], at: datetime | None = None,
+                           intermediates: Sequence[x509.Certificate] = (), *,
+                           for_encryption: bool = True) -> list[x509.Certificate]:
+    """Check that ``cert`` is ``aor``'s, trusted, valid at ``at`` and (by default)
+    a key we can encrypt to.  Returns the path (leaf first, anchor last).
+
+    Raises ``CertificateRejectedError``; a malformed ``aor`` raises
+    ``MalformedError``.  Pass ``for_encryption=False`` for a signer's certificate.
+    """
+    identity = _aor_identity(aor)
+    try:
+        uris = certificate_identities(cert).uris
+    except E2MError as exc:
+        raise CertificateRejectedError(f"certificate of {identity} rejected: {exc}") from None
+    if not any(parse_sip_uri(uri) == identity for uri in uris):
+        names = ", ".join(uris) or "no SAN URI"
+        raise CertificateRejectedError(
+            f"certificate {_describe(cert)} is not for {identity} (it names {names})")
+    _check_usage(cert, str(identity), for_encryption)
+    return _check_chain(cert, anchors, intermediates, at, str(identity))
+
+
+def check_proxy_certificate(cert: x509.Certificate, host: str,
+                            anchors: Sequence[x509.Certificate], at: datetime | None = None,
+                            intermediates: Sequence[x509.Certificate] = (), *,
+                            for_encryption: bool = True) -> list[x509.Certificate]:
+    """Check that ``cert`` names proxy ``host`` exactly, is trusted, valid at ``at``
+    and (by default) a key we can encrypt to.  Returns the path.
+
+    This is the check a UA runs on the certificate of a 496 or of a policy
+    header before it discloses anything (protocol digest §7).
+    """
+    wanted = normalise_host(host)
+    if not wanted or "*" in wanted or any(ch.isspace() for ch in wanted):
+        raise MalformedError(f"not a proxy host name: {host!r}")
+    try:
+        names, source = _proxy_names(cert)
+    except E2MError as exc:
+        raise CertificateRejectedError(f"certificate of {wanted} rejected: {exc}") from None
+    if not certificate_matches_host(cert, wanted):
+        wild = any("*" in n for n in names)
+        raise CertificateRejectedError(
+            f"certificate {_describe(cert)} is not for {wanted} "
+            f"({source}: {', '.join(names) or 'none'}"
+            f"{'; wildcard names are not accepted' if wild else ''})")
+    _check_usage(cert, wanted, for_encryption)
+    return _check_chain(cert, anchors, intermediates, at, wanted)
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    """``sha256:`` + lowercase hex SHA-256 of the DER certificate (policy header form)."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def matches_fingerprint(cert: x509.Certificate, fingerprint: bytes | str) -> bool:
+    """True if ``fingerprint`` (raw 32-byte digest, as ``headers`` keeps it, or the
+    ``sha256:<hex>`` text, colons and case ignored) is this certificate's."""
+    if isinstance(fingerprint, str):
+        algo, _, digits = fingerprint.strip().partition(":")
+        digits = digits.replace(":", "")
+        if algo.lower() != "sha256" or not re.fullmatch(r"[0-9A-Fa-f]{64}", digits):
+            return False
+        fingerprint = bytes.fromhex(digits)
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+    return hmac.compare_digest(digest, bytes(fingerprint))
+
+
+# --------------------------------------------------------------------------
+# Store
+
+
+@dataclass(frozen=True)
+class _Stored:
+    cert: x509.Certificate
+    not_before: datetime   # latest notBefore along the path
+    not_after: datetime    # earliest notAfter along the path: the whole path must hold
+
+
+def _stored(path: list[x509.Certificate]) -> _Stored:
+    return _Stored(cert=path[0], not_before=max(c.not_valid_before_utc for c in path),
+                   not_after=min(c.not_valid_after_utc for c in path))
+
+
+class CertStore:
+    """Checked certificates to encrypt to: users by AoR, proxies by host.
+
+    Every certificate is checked when added (``check_user_certificate`` /
+    ``check_proxy_certificate`` against ``trust_anchors``) and is returned
+    only while it and its whole path are within their validity period.
+    One certificate per AoR or host; adding again replaces it.  ``clock``
+    returns an aware UTC datetime (default: now).
+    """
+
+    def __init__(self, trust_anchors: Sequence[x509.Certificate],
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self._anchors = tuple(trust_anchors)
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._lock = threading.Lock()
+        self._users: dict[SipIdentity, _Stored] = {}
+        self._proxies: dict[str, _Stored] = {}
+
+    def __repr__(self) -> str:
+        return f"CertStore({len(self._users)} users, {len(self._proxies)} proxies)"
+
+    @property
+    def trust_anchors(self) -> tuple[x509.Certificate, ...]:
+        return self._anchors
+
+    def add_user(self, aor: str, cert: x509.Certificate,
+                 intermediates: Sequence[x509.Certificate] = ()) -> None:
+        """Check and keep ``cert`` as the certificate to encrypt to for ``aor``."""
+        path = check_user_certificate(cert, aor, self._anchors, self._clock(), intermediates)
+        with self._lock:
+            self._users[_aor_identity(aor)] = _stored(path)
+
+    def add_proxy(self, host: str, cert: x509.Certificate,
+                  intermediates: Sequence[x509.Certificate] = ()) -> None:
+        """Check and keep ``cert`` as the certificate of proxy ``host``."""
+        path = check_proxy_certificate(cert, host, self._anchors, self._clock(), intermediates)
+        with self._lock:
+            self._proxies[normalise_host(host)] = _stored(path)
+
+    def user(self, aor: str) -> x509.Certificate | None:
+        """The certificate of ``aor`` if known and valid now."""
+        identity = parse_sip_uri(aor)
+        if identity is None:
+            return None
+        with self._lock:
+            return self._valid(self._users, identity)
+
+    def proxy(self, host: str) -> x509.Certificate | None:
+        """The certificate of proxy ``host`` if known and valid now."""
+        with self._lock:
+            return self._valid(self._proxies, normalise_host(host))
+
+    def remove_user(self, aor: str) -> bool:
+        identity = parse_sip_uri(aor)
+        with self._lock:
+            return identity is not None and self._users.pop(identity, None) is not None
+
+    def remove_proxy(self, host: str) -> bool:
+        with self._lock:
+            return self._proxies.pop(normalise_host(host), None) is not None
+
+    def _valid(self, table: dict, key: object) -> x509.Certificate | None:
+        entry = table.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now > entry.not_after:
+            del table[key]  # expired for good: forget it
+            return None
+        if now < entry.not_before:
+            return None     # clock went back; keep it for later
+        return entry.cert
