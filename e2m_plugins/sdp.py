@@ -111,7 +111,7 @@ def _text(raw: bytes) -> str:
 
 def _check_line(kind: str, value: str) -> None:
     if kind == "m":
-        match = _MEDIA.fullmatch(value)
+        match = _MEDIA.fullmatch(value.rstrip(" \t"))  # some stacks leave a trailing space
         if not match:
             raise MalformedError("malformed m= line")
         if int(match.group(2)) > 65535 or (match.group(3) and int(match.group(3)) == 0):
@@ -235,7 +235,7 @@ def _direction(attrs: list[str]) -> str | None:
 
 def _media_line(section: list[SdpLine], session_c: tuple[str, str] | None,
                 session_direction: str) -> MediaLine:
-    match = _MEDIA.fullmatch(section[0].value)
+    match = _MEDIA.fullmatch(section[0].value.rstrip(" \t"))
     assert match  # checked while parsing
     formats = tuple(match.group(5).split())
     attrs = [line.value for line in section if line.kind == "a"]
