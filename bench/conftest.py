@@ -44,6 +44,8 @@ BUDGET_SECONDS = float(os.environ.get("E2M_BENCH_SECONDS", "1.5"))
 # own cost stays far below the figures being subtracted from one another.
 MIN_ROUND_SECONDS = 25e-6
 MIN_ROUNDS, MAX_ROUNDS = 30, 20_000
+# Seconds for each paired (interleaved) cross-check, see ``paired`` below.
+PAIRED_SECONDS = float(os.environ.get("E2M_BENCH_PAIRED_SECONDS", "1.0"))
 
 
 # ------------------------------------------------------------------ fixtures
@@ -128,6 +130,7 @@ class Collected:
     medians: dict[str, float] = field(default_factory=dict)
     rounds: dict[str, int] = field(default_factory=dict)
     iterations: dict[str, int] = field(default_factory=dict)
+    paired: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 _COLLECTED = pytest.StashKey[Collected]()
@@ -167,6 +170,45 @@ def measure(request: pytest.FixtureRequest, benchmark) -> Callable[..., object]:
     return run
 
 
+@pytest.fixture
+def paired(request: pytest.FixtureRequest, benchmark) -> Callable[..., None]:
+    """``paired(name, path, baseline)``: time the two calls alternately, one by one.
+
+    Two benchmarks run one after the other see different machine load; here
+    every ``path`` call has a ``baseline`` call right next to it (order
+    alternating), and the medians of the per-pair ratio and difference come
+    out nearly unaffected by load that drifts over seconds.
+    """
+    collected = request.config.stash[_COLLECTED]
+
+    def run(name: str, path: Callable[[], object], baseline: Callable[[], object],
+            seconds: float = PAIRED_SECONDS) -> None:
+        if benchmark.disabled:
+            return
+        clock = time.perf_counter
+        for _ in range(5):
+            path(), baseline()
+        ratios, diffs = [], []
+        deadline = clock() + seconds
+        flip = False
+        while clock() < deadline or len(ratios) < 50:
+            if flip:
+                t0 = clock(); baseline(); t1 = clock(); path(); t2 = clock()
+                b, a = t1 - t0, t2 - t1
+            else:
+                t0 = clock(); path(); t1 = clock(); baseline(); t2 = clock()
+                a, b = t1 - t0, t2 - t1
+            flip = not flip
+            ratios.append(a / b)
+            diffs.append(a - b)
+        ratios.sort()
+        diffs.sort()
+        collected.paired[name] = {"ratio": ratios[len(ratios) // 2], "diff": diffs[len(diffs) // 2],
+                                  "pairs": len(ratios)}
+
+    return run
+
+
 # ------------------------------------------------------------ the report
 
 @dataclass(frozen=True)
@@ -177,6 +219,7 @@ class Figure:
     target: float | None    # upper bound, or None for information only
     compute: Callable[[dict[str, float]], float]
     needs: tuple[str, ...]
+    paired: tuple[str, str] | None = None   # (pair name, "ratio" or "diff")
 
 
 def _us(seconds: float) -> float:
@@ -185,34 +228,45 @@ def _us(seconds: float) -> float:
 
 FIGURES = (
     Figure("ktri_rsa_vs_pkcs7", "ktri RSA open_envelope / pkcs7_decrypt_der", "x", 1.15,
-           lambda m: m["ktri_rsa_open"] / m["ktri_rsa_pkcs7"], ("ktri_rsa_open", "ktri_rsa_pkcs7")),
+           lambda m: m["ktri_rsa_open"] / m["ktri_rsa_pkcs7"], ("ktri_rsa_open", "ktri_rsa_pkcs7"),
+           ("ktri_rsa_vs_pkcs7", "ratio")),
     Figure("kekri_abs_us", "kekri (CEK reuse) open_envelope", "us", 40.0,
            lambda m: _us(m["kekri_open"]), ("kekri_open",)),
     Figure("kari_x25519_overhead_us", "kari X25519 open - raw X25519 exchange", "us", 40.0,
            lambda m: _us(m["kari_x25519_open"] - m["raw_x25519_exchange"]),
-           ("kari_x25519_open", "raw_x25519_exchange")),
+           ("kari_x25519_open", "raw_x25519_exchange"), ("kari_x25519_vs_exchange", "diff")),
     Figure("kari_p256_overhead_us", "kari P-256 open - raw P-256 ECDH", "us", None,
            lambda m: _us(m["kari_p256_open"] - m["raw_p256_exchange"]),
-           ("kari_p256_open", "raw_p256_exchange")),
+           ("kari_p256_open", "raw_p256_exchange"), ("kari_p256_vs_exchange", "diff")),
     Figure("ktri_rsa_overhead_us", "ktri RSA open - raw RSA decrypt", "us", None,
-           lambda m: _us(m["ktri_rsa_open"] - m["raw_rsa_decrypt"]), ("ktri_rsa_open", "raw_rsa_decrypt")),
+           lambda m: _us(m["ktri_rsa_open"] - m["raw_rsa_decrypt"]), ("ktri_rsa_open", "raw_rsa_decrypt"),
+           ("ktri_rsa_vs_raw_decrypt", "diff")),
     Figure("kekri_overhead_us", "kekri open - raw unwrap+GCM", "us", None,
-           lambda m: _us(m["kekri_open"] - m["raw_unwrap_gcm"]), ("kekri_open", "raw_unwrap_gcm")),
+           lambda m: _us(m["kekri_open"] - m["raw_unwrap_gcm"]), ("kekri_open", "raw_unwrap_gcm"),
+           ("kekri_vs_unwrap_gcm", "diff")),
 )
 
 
-def _evaluate(medians: dict[str, float]) -> list[dict[str, object]]:
+def _status(value: float | None, target: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if target is None:
+        return "info"
+    return "met" if value <= target else "NOT met"
+
+
+def _evaluate(medians: dict[str, float], pairs: dict[str, dict[str, float]]) -> list[dict[str, object]]:
     rows = []
     for fig in FIGURES:
         value = fig.compute(medians) if all(n in medians for n in fig.needs) else None
-        if value is None:
-            status = "n/a"
-        elif fig.target is None:
-            status = "info"
-        else:
-            status = "met" if value <= fig.target else "NOT met"
+        paired_value = None
+        if fig.paired is not None and fig.paired[0] in pairs:
+            raw = pairs[fig.paired[0]][fig.paired[1]]
+            paired_value = raw if fig.unit == "x" else _us(raw)
         rows.append({"figure": fig.key, "label": fig.label, "unit": fig.unit,
-                     "value": value, "target_max": fig.target, "status": status})
+                     "value": value, "target_max": fig.target, "status": _status(value, fig.target),
+                     "paired_value": paired_value,
+                     "paired_status": _status(paired_value, fig.target) if fig.paired else None})
     return rows
 
 
@@ -263,7 +317,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if collected is None or not collected.medians:
         return
     medians = collected.medians
-    rows = _evaluate(medians)
+    rows = _evaluate(medians, collected.paired)
 
     tr = terminalreporter
     tr.write_sep("=", "CMS open: medians of this run")
@@ -272,10 +326,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
                       f"   ({collected.rounds[name]} rounds x {collected.iterations[name]})")
     tr.write_sep("-", "targets (judged on this run only)")
     width = max(len(r["label"]) for r in rows)
+    tr.write_line(f"  {'figure':<{width}}  {'medians':>10}  {'paired':>10}  {'target':>11}  status (medians / paired)")
     for r in rows:
         target = "-" if r["target_max"] is None else "≤ " + _format(r["target_max"], r["unit"])
+        status = r["status"] if r["paired_status"] is None else f"{r['status']} / {r['paired_status']}"
         tr.write_line(f"  {r['label']:<{width}}  {_format(r['value'], r['unit']):>10}"
-                      f"  {target:>11}  {r['status']}")
+                      f"  {_format(r['paired_value'], r['unit']):>10}  {target:>11}  {status}")
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     report = {
@@ -287,6 +343,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         "medians_us": {k: _us(v) for k, v in sorted(medians.items())},
         "rounds": dict(sorted(collected.rounds.items())),
         "iterations": dict(sorted(collected.iterations.items())),
+        "paired": {k: {"median_ratio": v["ratio"], "median_diff_us": _us(v["diff"]), "pairs": v["pairs"]}
+                   for k, v in sorted(collected.paired.items())},
         "figures": rows,
         "targets": {r["figure"]: r["target_max"] for r in rows if r["target_max"] is not None},
     }

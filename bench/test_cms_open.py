@@ -89,12 +89,14 @@ def test_ktri_rsa_open_envelope(measure, ktri_case, sdp_body):
     assert result.plaintext == sdp_body
 
 
-def test_ktri_rsa_pkcs7_decrypt_der(measure, ktri_case, sdp_body):
+def test_ktri_rsa_pkcs7_decrypt_der(measure, paired, ktri_case, sdp_body):
     data, bob, keys = ktri_case
     # Same bytes, same answer, before anything is timed.
     assert pkcs7.pkcs7_decrypt_der(data, bob.cert, bob.key, []) == open_envelope(data, keys).plaintext
     result = measure("ktri_rsa_pkcs7", lambda: pkcs7.pkcs7_decrypt_der(data, bob.cert, bob.key, []))
     assert result == sdp_body
+    paired("ktri_rsa_vs_pkcs7", lambda: open_envelope(data, keys),
+           lambda: pkcs7.pkcs7_decrypt_der(data, bob.cert, bob.key, []))
 
 
 def test_kari_x25519_open_envelope(measure, kari_x25519_case, sdp_body):
@@ -121,23 +123,28 @@ def test_kekri_open_envelope(measure, kekri_case, sdp_body):
 # ------------------------------------------------------- raw primitives
 
 
-def test_raw_rsa2048_decrypt_pkcs1v15(measure, bench_pki):
+def test_raw_rsa2048_decrypt_pkcs1v15(measure, paired, bench_pki, ktri_case):
     key = bench_pki.user("bob", "rsa").key
     cek = os.urandom(16)
     encrypted = key.public_key().encrypt(cek, padding.PKCS1v15())
     result = measure("raw_rsa_decrypt", lambda: key.decrypt(encrypted, padding.PKCS1v15()))
     assert result == cek
+    data, _, keys = ktri_case
+    paired("ktri_rsa_vs_raw_decrypt", lambda: open_envelope(data, keys),
+           lambda: key.decrypt(encrypted, padding.PKCS1v15()))
 
 
-def test_raw_x25519_exchange(measure, bench_pki):
+def test_raw_x25519_exchange(measure, paired, bench_pki, kari_x25519_case):
     key = bench_pki.user("bob", "x25519").key
     assert isinstance(key, x25519.X25519PrivateKey)
     peer = x25519.X25519PrivateKey.generate().public_key()
     result = measure("raw_x25519_exchange", lambda: key.exchange(peer))
     assert len(result) == 32
+    data, keys = kari_x25519_case
+    paired("kari_x25519_vs_exchange", lambda: open_envelope(data, keys), lambda: key.exchange(peer))
 
 
-def test_raw_p256_exchange(measure, bench_pki):
+def test_raw_p256_exchange(measure, paired, bench_pki, kari_p256_case):
     key = bench_pki.user("bob", "ec").key
     assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
     peer = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -147,9 +154,11 @@ def test_raw_p256_exchange(measure, bench_pki):
     # what a kari carries: the uncompressed point, to be loaded on every open
     assert len(peer.public_bytes(serialization.Encoding.X962,
                                  serialization.PublicFormat.UncompressedPoint)) == 65
+    data, keys = kari_p256_case
+    paired("kari_p256_vs_exchange", lambda: open_envelope(data, keys), lambda: key.exchange(algorithm, peer))
 
 
-def test_raw_aes_unwrap_and_gcm_1k(measure, sdp_body):
+def test_raw_aes_unwrap_and_gcm_1k(measure, paired, sdp_body, kekri_case):
     kek, cek, nonce = os.urandom(16), os.urandom(16), os.urandom(12)
     wrapped = aes_key_wrap(kek, cek)
     sealed = AESGCM(cek).encrypt(nonce, sdp_body, None)
@@ -158,3 +167,5 @@ def test_raw_aes_unwrap_and_gcm_1k(measure, sdp_body):
         return AESGCM(aes_key_unwrap(kek, wrapped)).decrypt(nonce, sealed, None)
 
     assert measure("raw_unwrap_gcm", unwrap_and_decrypt) == sdp_body
+    data, keys = kekri_case
+    paired("kekri_vs_unwrap_gcm", lambda: open_envelope(data, keys), unwrap_and_decrypt)
