@@ -672,8 +672,13 @@ def parse_signed(part: MimePart, limits: MimeLimits = DEFAULT_MIME_LIMITS) -> Si
     der = signature.decoded()
     if not der or der[0] != 0x30:
         raise MalformedError("signature part does not hold a DER ContentInfo")
-    return SignedParts(signed_bytes, _check_entity(_split_entity(signed_bytes, limits)),
-                       der, part.content_type.param("micalg"))
+    try:
+        signed_part = _check_entity(_split_entity(signed_bytes, limits))
+    except MalformedError:
+        # openssl signs bare text with no MIME headers at all: the signature
+        # covers the bytes, so a headerless part is still a valid signed part.
+        signed_part = MimePart((), signed_bytes)
+    return SignedParts(signed_bytes, signed_part, der, part.content_type.param("micalg"))
 
 
 def canonical_text(data: bytes) -> bytes:

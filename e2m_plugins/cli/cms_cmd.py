@@ -30,7 +30,7 @@ from ..cms import (
     seal,
 )
 from ..cms import der, oids
-from ..cms.inputs import load_cms_message
+from ..smime import load_cms_message, verify_input
 from ..cms.limits import DEFAULT_LIMITS
 from ..errors import E2MError, MalformedError
 from ..pki import certificate_identities, load_certificate, load_certificates, load_private_key
@@ -209,18 +209,16 @@ def _signer_lines(result: Any) -> list[str]:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ..cms.signed import verify
-
     anchors: list[x509.Certificate] = []
     for path in args.ca:
         anchors.extend(_load_cert_bundle(path, "CA certificate"))
     extra: list[x509.Certificate] = []
     for path in args.certfile or []:
         extra.extend(_load_cert_bundle(path, "certificate"))
-    signed, mime_detached, _ = _load_input(args.input)
-    detached = read_input(args.content, "content") if args.content else mime_detached
-    result = verify(signed, trust_anchors=anchors, detached_content=detached,
-                    check_time=not args.no_time_check, extra_certs=extra)
+    message = load_cms_message(read_input(args.input))
+    content = read_input(args.content, "content") if args.content else None
+    result = verify_input(message, trust_anchors=anchors, detached_content=content,
+                          check_time=not args.no_time_check, extra_certs=extra)
     write_output(args.out, result.content)
     stream = sys.stderr if args.out == "-" else sys.stdout
     for line in _signer_lines(result):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import Group
 from ..cms import CertificateKey, KeyAgreeRecipient, KeyTransRecipient, open_envelope, reuse_kek, seal
-from ..cms.layers import open_message
+from ..smime import open_message
 from ..cms.signed import sign
 from ..errors import E2MError
 from ..pki import init_test_pki

@@ -1,7 +1,7 @@
 """CMS for E2M: multi-recipient envelopes, CEK reuse, signatures.
 
-Build with ``seal`` and ``sign``; open with ``open_envelope``, ``verify`` or
-``open_message`` (which unwraps nested sign/encrypt layers).  All failures on
+Build with ``seal`` and ``sign``; open with ``open_envelope`` or ``verify``.
+``e2m_plugins.smime.open_message`` unwraps nested sign/encrypt layers.  All failures on
 untrusted input are ``e2m_plugins.errors.E2MError`` subclasses.
 """
 
@@ -17,7 +17,6 @@ from .envelope import (
     open_envelope,
     seal,
 )
-from .layers import OpenedMessage, open_message
 from .limits import DEFAULT_LIMITS, Limits
 from .recipients import (
     CertificateKey,
@@ -35,5 +34,5 @@ __all__ = [
     "Sealed", "cek_reference_attributes", "content_info_type", "describe_envelope",
     "open_envelope", "seal", "DEFAULT_LIMITS", "Limits", "CertificateKey", "KeyAgreeRecipient",
     "KeyTransRecipient", "RecipientSummary", "SharedKEK", "recipient_for_certificate", "reuse_kek",
-    "OpenedMessage", "open_message", "SignerInfoResult", "VerifyResult", "sign", "verify",
+    "SignerInfoResult", "VerifyResult", "sign", "verify",
 ]

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from e2m_plugins.cms import CertificateKey, KeyTransRecipient, Limits, SharedKEK, open_envelope, seal
-from e2m_plugins.cms.layers import open_message
+from e2m_plugins.smime import open_message
 from e2m_plugins.cms.signed import sign
 from e2m_plugins.errors import (
     LimitExceededError,
