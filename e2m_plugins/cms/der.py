@@ -2,7 +2,7 @@
 
 Why not asn1crypto on this path: a proxy opens one envelope per SIP message and
 asn1crypto spends 40-120 µs per parse, more than the key unwrap and AES that
-follow.  This reader walks the bytes once with memoryview slices and builds no
+follow.  This reader walks the bytes once with plain slices and builds no
 objects beyond what the caller asks for.  It accepts the BER forms that real
 senders emit (indefinite lengths, constructed OCTET STRINGs) and rejects
 anything out of bounds with ``MalformedError``.
@@ -10,7 +10,6 @@ anything out of bounds with ``MalformedError``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import MalformedError
@@ -39,21 +38,30 @@ def context(number: int, constructed: bool = True) -> int:
     return CONTEXT | (CONSTRUCTED if constructed else 0) | number
 
 
-@dataclass(frozen=True, slots=True)
 class TLV:
     """One element: its identifier octet and where its contents lie in ``buf``.
 
     ``end`` is the end of the contents; ``next`` is where the following element
-    starts (they differ by two for indefinite-length elements).
+    starts (they differ by two for indefinite-length elements).  A plain slotted
+    class rather than a frozen dataclass: a frozen dataclass's ``__init__``
+    costs several times more, and the opener makes some twenty of these per
+    message.  Treat instances as read-only.
     """
 
-    buf: memoryview
-    tag: int
-    header_start: int
-    start: int
-    end: int
-    next: int
-    indefinite: bool = False
+    __slots__ = ("buf", "tag", "header_start", "start", "end", "next", "indefinite")
+
+    def __init__(self, buf: bytes, tag: int, header_start: int, start: int, end: int,
+                 next: int, indefinite: bool = False) -> None:  # noqa: A002 - DER's word
+        self.buf = buf
+        self.tag = tag
+        self.header_start = header_start
+        self.start = start
+        self.end = end
+        self.next = next
+        self.indefinite = indefinite
+
+    def __repr__(self) -> str:
+        return f"TLV(tag=0x{self.tag:02x}, length={self.end - self.start})"
 
     @property
     def constructed(self) -> bool:
@@ -61,19 +69,19 @@ class TLV:
 
     @property
     def value(self) -> bytes:
-        return bytes(self.buf[self.start:self.end])
+        return self.buf[self.start:self.end]
 
     @property
     def encoded(self) -> bytes:
         """The whole element (header and contents) as bytes."""
-        return bytes(self.buf[self.header_start:self.next])
+        return self.buf[self.header_start:self.next]
 
     def children(self) -> Iterator["TLV"]:
         if not self.constructed:
             raise MalformedError("expected a constructed element")
         pos = self.start
         while pos < self.end:
-            child = read(self.buf, pos, self.end)
+            child = _read(self.buf, pos, self.end, 0)
             yield child
             pos = child.next
 
@@ -83,12 +91,15 @@ class TLV:
         return self
 
 
-def read(buf: memoryview | bytes, pos: int = 0, limit: int | None = None, _depth: int = 0) -> TLV:
+def read(buf: bytes, pos: int = 0, limit: int | None = None) -> TLV:
     """Decode the element starting at ``pos`` without reading past ``limit``."""
-    if not isinstance(buf, memoryview):
-        buf = memoryview(buf)
-    if limit is None:
-        limit = len(buf)
+    if not isinstance(buf, bytes):
+        buf = bytes(buf)
+    return _read(buf, pos, len(buf) if limit is None else limit, 0)
+
+
+def _read(buf: bytes, pos: int, limit: int, _depth: int) -> TLV:
+    # The hot path: ``buf`` is bytes (indexing bytes is cheaper than a memoryview).
     if _depth > _MAX_DEPTH:
         raise MalformedError("DER nested too deeply")
     if pos + 2 > limit:
@@ -110,7 +121,7 @@ def read(buf: memoryview | bytes, pos: int = 0, limit: int | None = None, _depth
                 raise MalformedError("unterminated indefinite-length element")
             if buf[cur] == 0 and buf[cur + 1] == 0:
                 return TLV(buf, tag, pos, pos_len, cur, cur + 2, True)
-            cur = read(buf, cur, limit, _depth + 1).next
+            cur = _read(buf, cur, limit, _depth + 1).next
     else:
         count = first & 0x7F
         if count > 4 or pos_len + count > limit:
@@ -125,16 +136,23 @@ def read(buf: memoryview | bytes, pos: int = 0, limit: int | None = None, _depth
 
 def read_all(data: bytes | memoryview) -> TLV:
     """Decode one element that must span ``data`` exactly."""
-    view = memoryview(data)
-    tlv = read(view, 0, len(view))
-    if tlv.next != len(view):
+    buf = data if isinstance(data, bytes) else bytes(data)
+    tlv = _read(buf, 0, len(buf), 0)
+    if tlv.next != len(buf):
         raise MalformedError("trailing bytes after the DER element")
     return tlv
 
 
 def items(tlv: TLV, minimum: int = 0, what: str = "structure") -> list[TLV]:
     """The children of a constructed element, with a minimum count check."""
-    kids = list(tlv.children())
+    if not tlv.tag & CONSTRUCTED:
+        raise MalformedError(f"{what}: expected a constructed element")
+    buf, pos, end = tlv.buf, tlv.start, tlv.end
+    kids = []
+    while pos < end:
+        child = _read(buf, pos, end, 0)
+        kids.append(child)
+        pos = child.next
     if len(kids) < minimum:
         raise MalformedError(f"{what}: too few fields")
     return kids
@@ -154,10 +172,17 @@ def integer(tlv: TLV) -> int:
     return int.from_bytes(tlv.buf[tlv.start:tlv.end], "big", signed=True)
 
 
+_OID_CACHE: dict[bytes, str] = {}
+_OID_CACHE_MAX = 512  # distinct OIDs seen in practice are a few dozen
+
+
 def oid(tlv: TLV) -> str:
-    """Dotted form of an OBJECT IDENTIFIER."""
+    """Dotted form of an OBJECT IDENTIFIER (decoded once per distinct value)."""
     tlv.expect(OID, "OBJECT IDENTIFIER")
     raw = tlv.buf[tlv.start:tlv.end]
+    cached = _OID_CACHE.get(raw)
+    if cached is not None:
+        return cached
     if not raw or raw[-1] & 0x80:
         raise MalformedError("bad OBJECT IDENTIFIER")
     arcs: list[int] = []
@@ -168,8 +193,11 @@ def oid(tlv: TLV) -> str:
             arcs.append(value)
             value = 0
     first = arcs[0]
-    head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
-    return ".".join(str(a) for a in head + arcs[1:])
+    top = min(first // 40, 2)
+    dotted = ".".join(str(a) for a in [top, first - 40 * top] + arcs[1:])
+    if len(_OID_CACHE) < _OID_CACHE_MAX:
+        _OID_CACHE[raw] = dotted
+    return dotted
 
 
 def bit_string_bytes(tlv: TLV) -> bytes:

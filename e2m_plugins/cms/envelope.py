@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import ciphers, der, oids
 from .limits import DEFAULT_LIMITS, Limits
@@ -120,8 +121,7 @@ def _encrypted_content_info(content_type: str, enc: ciphers.Encrypted) -> bytes:
 
 # ------------------------------------------------------------------ parsing
 
-@dataclass(frozen=True)
-class _Parsed:
+class _Parsed(NamedTuple):
     envelope_type: str               # oids.ENVELOPED_DATA or oids.AUTH_ENVELOPED_DATA
     recipient_infos: list[der.TLV]
     content_type: str

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 
 from . import der, oids
 from ..errors import UnsupportedAlgorithmError
@@ -20,6 +20,10 @@ class KdfScheme:
     name: str
     kind: str  # "x963" or "hkdf"
     hash: type[hashes.HashAlgorithm]
+
+    @property
+    def hashlib_name(self) -> str:
+        return self.hash.name
 
 
 _SCHEMES = [
@@ -50,21 +54,47 @@ def scheme_by_name(name: str) -> KdfScheme:
     return scheme
 
 
+_SHARED_INFO_CACHE: dict[tuple[bytes, int], bytes] = {}
+
+
 def shared_info(wrap_algorithm_der: bytes, ukm: bytes | None, kek_bytes: int) -> bytes:
     """ECC-CMS-SharedInfo (RFC 5753 §7.2): wrap algorithm, optional UKM, KEK size in bits."""
+    if ukm is None:  # the common case repeats: a handful of wrap algorithms
+        cached = _SHARED_INFO_CACHE.get((wrap_algorithm_der, kek_bytes))
+        if cached is not None:
+            return cached
     parts = [wrap_algorithm_der]
     if ukm is not None:
         parts.append(der.explicit(0, der.octet_string(ukm)))
     parts.append(der.explicit(2, der.octet_string((kek_bytes * 8).to_bytes(4, "big"))))
-    return der.seq(*parts)
+    encoded = der.seq(*parts)
+    if ukm is None and len(_SHARED_INFO_CACHE) < 64:
+        _SHARED_INFO_CACHE[(wrap_algorithm_der, kek_bytes)] = encoded
+    return encoded
 
 
 def derive_kek(scheme: KdfScheme, shared_secret: bytes, info: bytes, kek_bytes: int) -> bytes:
     """Derive the key-encryption key from the ECDH secret.
 
-    RFC 8418 puts the SharedInfo in HKDF's ``info`` and uses no salt (the UKM,
-    when present, is already inside the SharedInfo).
+    X9.63 (SEC 1 §3.6.1): Hash(Z || counter || SharedInfo) blocks.  HKDF
+    (RFC 5869): RFC 8418 puts the SharedInfo in ``info`` and uses no salt (the
+    UKM, when present, is already inside the SharedInfo).  Written on hashlib
+    and hmac directly because a KEK is at most two hash blocks and the
+    cryptography KDF objects cost more to build than the hashing itself.
     """
+    name = scheme.hashlib_name
     if scheme.kind == "x963":
-        return X963KDF(scheme.hash(), kek_bytes, info).derive(shared_secret)
-    return HKDF(scheme.hash(), kek_bytes, None, info).derive(shared_secret)
+        out = b""
+        counter = 1
+        while len(out) < kek_bytes:
+            out += hashlib.new(name, shared_secret + counter.to_bytes(4, "big") + info).digest()
+            counter += 1
+        return out[:kek_bytes]
+    digest_size = hashlib.new(name).digest_size
+    prk = hmac.digest(b"\x00" * digest_size, shared_secret, name)
+    out, block, counter = b"", b"", 1
+    while len(out) < kek_bytes:
+        block = hmac.digest(prk, block + info + bytes([counter]), name)
+        out += block
+        counter += 1
+    return out[:kek_bytes]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -54,13 +55,13 @@ def _rid_for(cert: x509.Certificate, use_ski: bool) -> bytes:
     return issuer_and_serial(cert)
 
 
-@dataclass(frozen=True)
-class _RecipientId:
+class _RecipientId(NamedTuple):
     """A parsed rid in comparable form."""
 
     issuer_der: bytes | None = None
     serial: int | None = None
     ski: bytes | None = None
+    encoded: bytes | None = None
 
     def describe(self) -> str:
         if self.ski is not None:
@@ -69,9 +70,10 @@ class _RecipientId:
 
 
 def _parse_issuer_serial(tlv: der.TLV) -> _RecipientId:
+    # Keep the encoding: CertificateKey compares it byte for byte first (cheap).
     fields = der.items(tlv, 2, "IssuerAndSerialNumber")
     fields[0].expect(der.SEQUENCE, "issuer")
-    return _RecipientId(issuer_der=fields[0].encoded, serial=der.integer(fields[1]))
+    return _RecipientId(issuer_der=fields[0].encoded, serial=der.integer(fields[1]), encoded=tlv.encoded)
 
 
 # ------------------------------------------------------------ building side
@@ -220,10 +222,12 @@ class CertificateKey:
     private_key: object
     _issuer_der: bytes = field(init=False)
     _ski: bytes = field(init=False)
+    _ias_der: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_issuer_der", self.certificate.issuer.public_bytes())
         object.__setattr__(self, "_ski", subject_key_identifier(self.certificate))
+        object.__setattr__(self, "_ias_der", issuer_and_serial(self.certificate))
 
     def __repr__(self) -> str:
         return f"CertificateKey(subject={self.certificate.subject.rfc4514_string()!r})"
@@ -231,6 +235,8 @@ class CertificateKey:
     def matches(self, rid: _RecipientId) -> bool:
         if rid.ski is not None:
             return rid.ski == self._ski
+        if rid.encoded == self._ias_der:
+            return True
         return rid.serial == self.certificate.serial_number and rid.issuer_der == self._issuer_der
 
 
@@ -247,8 +253,7 @@ class RecipientSummary:
     wrap_algorithm: str | None = None
 
 
-@dataclass(frozen=True)
-class _KtriParsed:
+class _KtriParsed(NamedTuple):
     rid: _RecipientId
     algorithm: der.TLV
     encrypted_key: bytes
@@ -265,8 +270,7 @@ def _parse_ktri(tlv: der.TLV) -> _KtriParsed:
                        der.octets(fields[3].expect(der.OCTET_STRING, "encryptedKey")))
 
 
-@dataclass(frozen=True)
-class _KariParsed:
+class _KariParsed(NamedTuple):
     originator_alg: str
     originator_key: bytes
     ukm: bytes | None
@@ -301,8 +305,7 @@ def _parse_kari(tlv: der.TLV) -> _KariParsed:
     return _KariParsed(orig_alg, orig_key, ukm, der.oid(alg[0]), alg[1].expect(der.SEQUENCE, "wrap"), keys)
 
 
-@dataclass(frozen=True)
-class _KekriParsed:
+class _KekriParsed(NamedTuple):
     key_id: bytes
     wrap_oid: str
     encrypted_key: bytes
@@ -342,13 +345,15 @@ def summarize(tlv: der.TLV) -> list[RecipientSummary]:
     return [RecipientSummary(kind, "-", "unsupported")]
 
 
-@dataclass(frozen=True)
-class Unwrapped:
-    """The content key recovered for one of our keys, and how."""
+class Unwrapped(NamedTuple):
+    """The content key recovered for one of our keys, and how (internal: never logged)."""
 
-    cek: bytes = field(repr=False)
+    cek: bytes
     summary: RecipientSummary
     key: OpeningKey
+
+    def __repr__(self) -> str:  # the CEK never reaches a log
+        return f"Unwrapped({self.summary.kind} {self.summary.identifier})"
 
 
 def try_open(tlv: der.TLV, keys: list[OpeningKey], cek_bytes: int) -> Unwrapped | None:
