@@ -15,7 +15,6 @@ from e2m_plugins.pki import (
     Credential,
     certificate_identities,
     init_test_pki,
-    issue_proxy,
     issue_user,
     load_ca,
     load_certificate,
