@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from typing import Any
 
-from asn1crypto import cms as asn1_cms
-from asn1crypto import core as asn1_core
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -30,6 +27,7 @@ from ..cms import (
     seal,
 )
 from ..cms import der, oids
+from ..cms.signed import describe_signed, sign
 from ..smime import load_cms_message, verify_input
 from ..cms.limits import DEFAULT_LIMITS
 from ..errors import E2MError, MalformedError
@@ -175,7 +173,6 @@ def _cmd_decrypt(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ sign
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    from ..cms.signed import sign  # imported late: asn1crypto is only needed here
 
     cert = _load_cert(args.signer, "signer certificate")
     key = _load_key(args.key, cert)
@@ -229,9 +226,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ inspect
 
-_NESTABLE = (oids.SIGNED_DATA, oids.ENVELOPED_DATA, oids.AUTH_ENVELOPED_DATA)
-
-
 def _attribute_entry(attr: Attribute) -> dict[str, Any]:
     values: list[Any] = []
     for value in attr.values:
@@ -266,39 +260,7 @@ def _describe_envelope(data: bytes) -> dict[str, Any]:
     }
 
 
-def _alg_name(value: Any) -> str:
-    name = value["algorithm"].native
-    return str(name).replace("_", "-")
-
-
-def _signed_attr_value(oid: str, value: asn1_core.Asn1Value) -> Any:
-    if oid == oids.CONTENT_TYPE_ATTR:
-        return oids.name_of(value.dotted)
-    if oid == oids.SIGNING_TIME_ATTR:
-        moment = value.native
-        return moment.isoformat() if isinstance(moment, datetime) else str(moment)
-    if oid == oids.MESSAGE_DIGEST_ATTR:
-        return bytes(value.native).hex()
-    return value.dump().hex()
-
-
-def _attr_list(attrs: Any) -> list[dict[str, Any]]:
-    if isinstance(attrs, asn1_core.Void):
-        return []
-    out = []
-    for attr in attrs:
-        oid = attr["type"].dotted
-        name = oids.NAMES.get(oid) or str(attr["type"].native).replace("_", "-")
-        out.append({"name": name, "oid": oid,
-                    "values": [_signed_attr_value(oid, v) for v in attr["values"]]})
-    return out
-
-
-def _certificate_entry(der_bytes: bytes) -> dict[str, Any]:
-    try:
-        cert = x509.load_der_x509_certificate(der_bytes)
-    except ValueError:
-        return {"subject": "(unreadable certificate)"}
+def _certificate_entry(cert: x509.Certificate) -> dict[str, Any]:
     ids = certificate_identities(cert)
     return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
             "serial": f"{cert.serial_number:x}",
@@ -306,52 +268,32 @@ def _certificate_entry(der_bytes: bytes) -> dict[str, Any]:
             "not_after": cert.not_valid_after_utc.isoformat()}
 
 
-def _signer_id(sid: Any) -> dict[str, str]:
-    if sid.name == "subject_key_identifier":
-        return {"signer_id": f"ski={bytes(sid.chosen.native).hex()}"}
-    return {"signer_id": f"issuer-serial={sid.chosen['serial_number'].native:x}",
-            "issuer": sid.chosen["issuer"].human_friendly}
-
-
 def _describe_signed(data: bytes, depth: int) -> dict[str, Any]:
-    try:
-        info = asn1_cms.ContentInfo.load(data, strict=True)
-        sd = info["content"]
-        encap = sd["encap_content_info"]
-        econtent = encap["content"]
-        content = None if isinstance(econtent, asn1_core.Void) else bytes(econtent)
-        ct_oid = encap["content_type"].dotted
-        certs = sd["certificates"]
-        cert_entries = [] if isinstance(certs, asn1_core.Void) else [
-            _certificate_entry(c.chosen.dump()) if c.name == "certificate" else {"subject": f"({c.name})"}
-            for c in certs]
-        crls = sd["crls"]
-        signers = []
-        for si in sd["signer_infos"]:
-            signers.append({
-                "version": si["version"].native,
-                **_signer_id(si["sid"]),
-                "digest_algorithm": _alg_name(si["digest_algorithm"]),
-                "signature_algorithm": _alg_name(si["signature_algorithm"]),
-                "signed_attributes": _attr_list(si["signed_attrs"]),
-                "unsigned_attributes": _attr_list(si["unsigned_attrs"]),
-            })
-        result: dict[str, Any] = {
-            "version": sd["version"].native,
-            "digest_algorithms": [_alg_name(a) for a in sd["digest_algorithms"]],
-            "encapsulated_content_type": oids.name_of(ct_oid),
-            "detached": content is None,
-        }
-        if content is not None:
-            result["content_bytes"] = len(content)  # the size only, never the content
-        result["certificates"] = cert_entries
-        result["crls"] = 0 if isinstance(crls, asn1_core.Void) else len(crls)
-        result["signers"] = signers
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as exc:
-        raise MalformedError(f"not a well-formed SignedData: {exc.__class__.__name__}") from None
-    if content is not None and ct_oid in _NESTABLE:
+    """The core's description of a SignedData, shaped for JSON and text output."""
+    described = describe_signed(data)
+    signers = []
+    for signer in described.signers:
+        entry: dict[str, Any] = {"signer_id": signer.identifier}
+        if signer.issuer:
+            entry["issuer"] = signer.issuer
+        entry["digest_algorithm"] = signer.digest_algorithm
+        entry["signature_algorithm"] = signer.signature_algorithm
+        entry["signed_attributes"] = [{"name": name, **({"value": value} if value is not None else {})}
+                                      for name, value in signer.signed_attributes]
+        signers.append(entry)
+    result: dict[str, Any] = {
+        "encapsulated_content_type": described.content_type,
+        "detached": described.detached,
+    }
+    if described.content_bytes is not None:
+        result["content_bytes"] = described.content_bytes  # the size only, never the content
+    result["certificates"] = [_certificate_entry(c) for c in described.certificates]
+    if described.unreadable_certificates:
+        result["unreadable_certificates"] = described.unreadable_certificates
+    result["signers"] = signers
+    if described.nested_cms is not None:
         # Only CMS layers are opened up; a data payload stays unread.
-        result["encapsulated"] = _describe_any(content, depth + 1)
+        result["encapsulated"] = _describe_any(described.nested_cms, depth + 1)
     return result
 
 

@@ -39,6 +39,9 @@ __all__ = [
     "sign",
     "verify",
     "extract_certificates",
+    "describe_signed",
+    "SignedDescription",
+    "SignerDescription",
     "VerifyResult",
     "SignerInfoResult",
 ]
@@ -586,6 +589,74 @@ def verify(data: bytes, *, trust_anchors: Sequence[x509.Certificate],
         content_type=_CONTENT_TYPE_NAMES.get(parsed.content_type_oid, parsed.content_type_oid),
         signers=signers,
         certificates=tuple(c.cert for c in parsed.certs if c.cert is not None),
+    )
+
+
+@dataclass(frozen=True)
+class SignerDescription:
+    """What a SignerInfo claims, unverified: for ``e2m cms inspect`` and logs."""
+
+    identifier: str                       # "issuer-serial=<hex>" or "ski=<hex>"
+    issuer: str | None                    # RFC 4514 issuer name for issuer-serial ids
+    digest_algorithm: str
+    signature_algorithm: str
+    signed_attributes: tuple[tuple[str, str | None], ...]  # (name, readable value or None)
+
+
+@dataclass(frozen=True)
+class SignedDescription:
+    """Structure of a SignedData without verifying it and without its content."""
+
+    content_type: str                     # the encapsulated content type, by name
+    detached: bool
+    content_bytes: int | None
+    certificates: tuple[x509.Certificate, ...]
+    unreadable_certificates: int
+    signers: tuple[SignerDescription, ...]
+    nested_cms: bytes | None              # the content when it is itself CMS, else None
+
+
+def _describe_attribute(oid: str, values: list[core.Asn1Value]) -> tuple[str, str | None]:
+    name = oids.name_of(oid)
+    if len(values) != 1:
+        return name, None
+    value = values[0]
+    if oid == _CONTENT_TYPE_ATTR:
+        return name, oids.name_of(value.dotted)
+    if oid == _SIGNING_TIME_ATTR:
+        moment = value.native
+        return name, moment.isoformat() if isinstance(moment, datetime) else str(moment)
+    if oid == _MESSAGE_DIGEST_ATTR:
+        return name, bytes(value.native).hex()
+    return name, None
+
+
+def _describe_signer(signer: _Signer) -> SignerDescription:
+    if signer.ski is not None:
+        identifier, issuer = f"ski={signer.ski.hex()}", None
+    else:
+        identifier = f"issuer-serial={signer.serial:x}"
+        issuer = signer.issuer.human_friendly if signer.issuer is not None else None
+    digest = _DIGESTS.get(signer.digest_oid, (signer.digest_oid, None))[0]
+    signature = _SIGNATURES.get(signer.sig_oid, ("", None, signer.sig_oid))[2]
+    attributes = tuple(_describe_attribute(oid, values) for oid, values in signer.attrs.items())
+    return SignerDescription(identifier, issuer, digest, signature, attributes)
+
+
+def describe_signed(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedDescription:
+    """Describe a SignedData's structure; nothing is verified, no content returned
+    except a nested CMS layer (so a caller can describe that too)."""
+    parsed = _parse(data, limits)
+    nested = parsed.content if parsed.content_type_oid in (
+        oids.SIGNED_DATA, oids.ENVELOPED_DATA, oids.AUTH_ENVELOPED_DATA) else None
+    return SignedDescription(
+        content_type=oids.name_of(parsed.content_type_oid),
+        detached=parsed.content is None,
+        content_bytes=None if parsed.content is None else len(parsed.content),
+        certificates=tuple(c.cert for c in parsed.certs if c.cert is not None),
+        unreadable_certificates=sum(1 for c in parsed.certs if c.cert is None),
+        signers=tuple(_describe_signer(s) for s in parsed.signers),
+        nested_cms=nested,
     )
 
 

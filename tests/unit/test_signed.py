@@ -427,3 +427,28 @@ def test_inputs_multipart_signed_binary_signature(pki) -> None:
               b"Content-Transfer-Encoding: binary\r\n\r\n" + der + b"\r\n--xyz--\r\n")
     message = load_cms_message(entity)
     assert message.der == der and message.detached_content == part
+
+
+# -- describe ----------------------------------------------------------------------------
+
+def test_describe_signed_reports_structure_not_content(pki) -> None:
+    from e2m_plugins.cms import KeyTransRecipient, seal
+    from e2m_plugins.cms.signed import describe_signed
+
+    cred = pki.user("alice", "ec")
+    described = describe_signed(sign(CONTENT, cred.cert, cred.key))
+    assert described.content_type == "data" and not described.detached
+    assert described.content_bytes == len(CONTENT) and described.nested_cms is None
+    assert described.certificates == (cred.cert,)
+    [signer] = described.signers
+    assert signer.digest_algorithm == "sha256" and signer.signature_algorithm == "sha256-ecdsa"
+    attributes = dict(signer.signed_attributes)
+    assert attributes["content-type"] == "data" and "signing-time" in attributes
+    assert CONTENT.hex() not in repr(described)
+    detached = describe_signed(sign(CONTENT, cred.cert, cred.key, detached=True, include_certificate=False))
+    assert detached.detached and detached.content_bytes is None and detached.certificates == ()
+    envelope = seal(CONTENT, [KeyTransRecipient(pki.user("bob").cert)]).der
+    outer = describe_signed(sign(envelope, cred.cert, cred.key, content_type="auth-enveloped-data"))
+    assert outer.content_type == "auth-enveloped-data" and outer.nested_cms == envelope
+    with pytest.raises(MalformedError):
+        describe_signed(envelope)
