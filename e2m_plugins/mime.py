@@ -41,7 +41,7 @@ import binascii
 import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from .cms import oids
@@ -281,7 +281,7 @@ class MimePart:
     """
 
     headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
+    body: bytes = field(default=b"", repr=False)  # may be a plaintext SDP or IM
 
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (case-insensitive), or None.

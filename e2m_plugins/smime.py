@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Sequence
 
@@ -57,7 +57,7 @@ class CmsInput:
     """
 
     der: bytes
-    detached_content: bytes | None = None
+    detached_content: bytes | None = field(default=None, repr=False)  # signed plaintext
     mime_type: str | None = None
     smime_type: str | None = None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from asn1crypto import algos, cms, core
@@ -118,7 +118,7 @@ class SignerInfoResult:
 class VerifyResult:
     """What a verified SignedData says; only returned when every signer checked out."""
 
-    content: bytes
+    content: bytes = field(repr=False)  # plaintext: never in a repr, so never in a log
     content_type: str              # "data", "enveloped-data", ... or a dotted OID
     signers: tuple[SignerInfoResult, ...]
     certificates: tuple[x509.Certificate, ...] = ()

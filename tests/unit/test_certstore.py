@@ -161,8 +161,10 @@ def test_key_usage_eku_curve_and_rsa_size(pki: TestPKI) -> None:
 
 def test_good_proxy_certificates_pass(pki: TestPKI) -> None:
     for kt in ("rsa", "ec", "x25519"):
-        check_proxy_certificate(pki.proxy(HOST, kt).cert, HOST, [pki.ca.cert])
-    check_proxy_certificate(pki.proxy(HOST, "x25519").cert, "PROXY.example.com.", [pki.ca.cert])
+        path = check_proxy_certificate(pki.proxy(HOST, kt).cert, HOST, [pki.ca.cert])
+        assert path[0] == pki.proxy(HOST, kt).cert and path[-1] == pki.ca.cert
+    path = check_proxy_certificate(pki.proxy(HOST, "x25519").cert, "PROXY.example.com.", [pki.ca.cert])
+    assert path[-1] == pki.ca.cert
 
 
 def test_proxy_wrong_host(pki: TestPKI) -> None:

@@ -107,3 +107,21 @@ def test_entity_claiming_cms_with_garbage_is_malformed():
     with pytest.raises(MalformedError):
         open_message(seal(inner, [KEK]).der, keys=[KEK])
     assert open_envelope(seal(inner, [KEK]).der, [KEK]).plaintext == inner
+
+
+def test_reprs_of_opened_things_never_show_plaintext(pki):
+    """Whatever a caller logs with %r, the plaintext stays out of it."""
+    from e2m_plugins import mime
+    from e2m_plugins.cms.signed import verify
+    from e2m_plugins.smime import load_cms_message
+
+    alice = pki.user("alice")
+    secret = b"Content-Type: text/plain\r\n\r\nthe vault code is 4711"
+    signed = sign(secret, alice.cert, alice.key)
+    detached = mime.encode_part(mime.multipart_signed(secret, sign(secret, alice.cert, alice.key, detached=True)))
+    opened = open_message(seal(signed, [KEK], content_type="1.2.840.113549.1.7.2").der,
+                          keys=[KEK], trust_anchors=[pki.ca.cert])
+    things = [opened, *opened.layers, verify(signed, trust_anchors=[pki.ca.cert]),
+              load_cms_message(detached), mime.parse_entity(secret)]
+    for thing in things:
+        assert "4711" not in repr(thing), type(thing).__name__
