@@ -32,7 +32,7 @@ from .errors import LimitExceededError, MalformedError
 __all__ = [
     "COMPACT_FORMS", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_LINE", "DEFAULT_MAX_SIZE",
     "Address", "DialogId", "RequestLine", "SipMessage", "StatusLine",
-    "canonical_name", "frame_length", "make_response", "parse", "parse_address",
+    "canonical_name", "frame_length", "make_request", "make_response", "parse", "parse_address",
     "parse_param_list", "parse_params", "quote_string", "split_header_list",
     "unquote_string",
 ]
@@ -647,3 +647,29 @@ def make_response(request: SipMessage, code: int, reason: str,
         headers.append(("Content-Type", content_type))
     headers.append(("Content-Length", str(len(body))))
     return SipMessage(StatusLine(code, reason), tuple(headers), bytes(body))
+
+
+def make_request(method: str, request_uri: str, *, from_uri: str, to_uri: str,
+                 call_id: str | None = None, cseq: int = 1, from_tag: str | None = None,
+                 to_tag: str | None = None, via_host: str = "127.0.0.1:5060",
+                 transport: str = "UDP", extra_headers: Iterable[tuple[str, str]] = (),
+                 body: bytes = b"", content_type: str | None = None) -> SipMessage:
+    """A minimal, well-formed request (RFC 3261 §8.1.1) for tools, demos and tests."""
+    if not _TOKEN.fullmatch(method):
+        raise ValueError("bad method")
+    if body and content_type is None:
+        raise ValueError("a body needs a content type")
+    to_value = f"<{to_uri}>" + (f";tag={to_tag}" if to_tag else "")
+    headers = [
+        ("Via", f"SIP/2.0/{transport} {via_host};branch=z9hG4bK{secrets.token_hex(8)}"),
+        ("Max-Forwards", "70"),
+        ("From", f"<{from_uri}>;tag={from_tag or _random_tag()}"),
+        ("To", to_value),
+        ("Call-ID", call_id or f"{secrets.token_hex(12)}@e2m"),
+        ("CSeq", f"{cseq} {method}"),
+        *extra_headers,
+    ]
+    if content_type is not None:
+        headers.append(("Content-Type", content_type))
+    headers.append(("Content-Length", str(len(body))))
+    return SipMessage(RequestLine(method, request_uri), tuple(headers), bytes(body))

@@ -46,3 +46,10 @@ def vectors_dir() -> Path:
     path = Path(__file__).resolve().parents[2] / "shared" / "vectors"
     assert path.is_dir(), f"test vectors missing: expected them at {path}"
     return path
+
+
+# Test helper modules (flowkit) live next to this file; make them importable
+# from every test directory.
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,0 +1,208 @@
+"""SIP bodies as E2M sees them: find the protected parts, open them, build them.
+
+Both engines use this module: the UA to open what it receives and to build
+what it sends, the proxy to open the parts it must view.  A SIP body is
+either one entity (``application/pkcs7-mime``, ``multipart/signed`` or plain)
+or a ``multipart/mixed`` of such entities (e2m-sec-02 §4.2, one part per
+audience).  Every opened part yields its inner MIME entity: the plaintext
+content type and content, plus each envelope and signature it came through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from typing import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from . import mime
+from .cms import oids
+from .cms.envelope import OpenedEnvelope, Sealed, content_info_type, describe_envelope, seal
+from .cms.limits import DEFAULT_LIMITS, Limits
+from .cms.recipients import OpeningKey, Recipient
+from .cms.signed import VerifyResult, sign
+from .errors import E2MError, LimitExceededError, MalformedError
+from .sip import SipMessage, canonical_name
+from .smime import load_cms_message, open_message
+
+__all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "kekri_references",
+           "open_part", "protect_content", "new_reference", "with_entity"]
+
+REFERENCE_BYTES = 16  # a CEKReference: random, so it names nothing about the dialog
+
+
+@dataclass(frozen=True, repr=False)
+class OpenedPart:
+    """One body part after every layer was opened; ``content`` is plaintext."""
+
+    cid: str | None
+    handling: str
+    content_type: str                 # inner media type, lower case, no parameters
+    content: bytes
+    entity: mime.MimePart             # the inner entity, with its own headers
+    envelopes: tuple[OpenedEnvelope, ...] = ()
+    signatures: tuple[VerifyResult, ...] = ()
+
+    def __repr__(self) -> str:  # plaintext never reaches a log
+        return (f"OpenedPart(cid={self.cid!r}, {self.content_type}, {len(self.content)} bytes, "
+                f"encrypted={self.encrypted}, signed={self.signed})")
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.envelopes)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signatures)
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
+
+    @property
+    def signers(self) -> tuple[str, ...]:
+        """Each signer as its first SAN URI, else dNSName, else common name."""
+        out = []
+        for result in self.signatures:
+            for signer in result.signers:
+                ids = signer.identities
+                out.append((ids.uris or ids.dns_names or (ids.common_name or "?",))[0])
+        return tuple(out)
+
+    @property
+    def signer_certificates(self) -> tuple[x509.Certificate, ...]:
+        return tuple(s.certificate for r in self.signatures for s in r.signers)
+
+    @property
+    def cek_references(self) -> tuple[tuple[bytes, bytes, int], ...]:
+        """(reference, CEK, recipient count) of each envelope that offered reuse."""
+        return tuple((env.cek_reference, env.cek, env.recipient_count) for env in self.envelopes
+                     if env.cek_reference is not None and env.cek is not None)
+
+
+def message_body(message: SipMessage, limits: Limits = DEFAULT_LIMITS) -> mime.MimePart | None:
+    """The body of ``message`` as a MIME part from its own Content-* headers; None if empty."""
+    if not message.body:
+        return None
+    if len(message.body) > limits.max_body_bytes:
+        raise LimitExceededError(f"body of {len(message.body)} bytes exceeds "
+                                 f"{limits.max_body_bytes}")
+    return mime.body_part(message.headers, message.body, mime.MimeLimits.from_limits(limits))
+
+
+def top_parts(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> list[mime.MimePart]:
+    """The audience parts: those of a ``multipart/mixed``, else the body itself."""
+    if part.content_type.mime_type == "multipart/mixed":
+        return mime.parse_multipart(part, mime.MimeLimits.from_limits(limits))
+    return [part]
+
+
+def is_protected(part: mime.MimePart) -> bool:
+    """True for S/MIME (``application/pkcs7-mime`` or ``multipart/signed``)."""
+    return mime.is_cms(part) or part.content_type.mime_type == "multipart/signed"
+
+
+def is_encrypted(part: mime.MimePart) -> bool:
+    return mime.smime_type_of(part) in ("enveloped-data", "authEnveloped-data")
+
+
+def kekri_references(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
+    """The KEK identifiers of the outermost envelope's kekri recipients.
+
+    A receiver looks these up among the CEKs it kept (RFC 3185) before opening.
+    Nothing is decrypted here; a part that is not an envelope has none.
+    """
+    if not is_encrypted(part):
+        return []
+    try:
+        der = load_cms_message(mime.encode_part(part), limits=limits).der
+        description = describe_envelope(der, limits)
+    except E2MError:
+        return []  # open_part will report the real problem
+    refs = []
+    for recipient in description.recipients:
+        if recipient.kind == "kekri" and recipient.identifier.startswith("kekid="):
+            refs.append(bytes.fromhex(recipient.identifier[len("kekid="):]))
+    return refs
+
+
+def _inner_entity(content: bytes, limits: Limits) -> mime.MimePart:
+    """The MIME entity inside the last layer (RFC 3261 §23: always an entity)."""
+    try:
+        return mime.parse_entity(content, mime.MimeLimits.from_limits(limits))
+    except E2MError as exc:
+        raise MalformedError(f"decrypted content is not a MIME entity: {exc}") from None
+
+
+def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
+              trust_anchors: Sequence[x509.Certificate], at: datetime | None = None,
+              limits: Limits = DEFAULT_LIMITS) -> OpenedPart:
+    """Open every layer of one body part; plain parts come back as they are.
+
+    Raises the typed error of the first layer that fails (no recipient for
+    us, bad key, bad signature, untrusted signer, malformed input).
+    """
+    if not is_protected(part):
+        return OpenedPart(part.content_id, part.handling, part.content_type.mime_type,
+                          part.decoded(), part)
+    opened = open_message(mime.encode_part(part), keys=keys, trust_anchors=trust_anchors,
+                          want_cek=True, at=at, limits=limits)
+    if opened.content_type != "data":
+        raise MalformedError(f"unexpected innermost CMS content type {opened.content_type}")
+    inner = _inner_entity(opened.content, limits)
+    if is_protected(inner):
+        raise MalformedError("nested S/MIME entity beyond what was opened")
+    return OpenedPart(part.content_id, part.handling, inner.content_type.mime_type,
+                      inner.decoded(), inner, opened.envelopes, opened.signatures)
+
+
+def new_reference() -> bytes:
+    return os.urandom(REFERENCE_BYTES)
+
+
+def protect_content(content_type: str, content: bytes, recipients: Sequence[Recipient], *,
+                    signer: tuple[x509.Certificate, PrivateKeyTypes] | None = None,
+                    cek_reference: bytes | None = None, content_id: str | None = None,
+                    handling: str = "required", cipher: str | None = None
+                    ) -> tuple[mime.MimePart, Sealed]:
+    """Encrypt one body for ``recipients``, signing it first when ``signer`` is given.
+
+    Sign-then-encrypt as e2m-sec-02 and RFC 8591 prefer: the SignedData is the
+    envelope's content (eContentType signed-data), so every recipient, proxy
+    included, can check that the content is the sender's.
+    """
+    inner = mime.inner_entity(content_type, content)
+    payload, payload_type = inner, oids.DATA
+    if signer is not None:
+        payload = sign(inner, signer[0], signer[1])
+        payload_type = oids.SIGNED_DATA
+    kwargs = {} if cipher is None else {"cipher": cipher}
+    sealed = seal(payload, list(recipients), content_type=payload_type,
+                  cek_reference=cek_reference, **kwargs)
+    auth = content_info_type(sealed.der) == oids.AUTH_ENVELOPED_DATA
+    smime_type = "authEnveloped-data" if auth else "enveloped-data"
+    entity = mime.smime_entity(sealed.der, smime_type, content_id=content_id, handling=handling)
+    return entity, sealed
+
+
+
+def with_entity(message: SipMessage, entity: mime.MimePart) -> SipMessage:
+    """``message`` carrying ``entity``: its Content-* headers become the message's.
+
+    The old Content-* headers go (Content-Length is rewritten by ``with_body``),
+    so no stale Content-Disposition or transfer encoding survives a change.
+    """
+    kept = tuple((n, v) for n, v in message.headers
+                 if not _is_content_header(n))
+    updated = SipMessage(message.start_line, kept + tuple(entity.headers), message.body)
+    return updated.with_body(entity.body)
+
+
+def _is_content_header(name: str) -> bool:
+    key = canonical_name(name)
+    return key.startswith("content-") and key != "content-length"

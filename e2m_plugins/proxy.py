@@ -1,0 +1,369 @@
+"""The proxy engine: inspect a request or response and say what to do with it.
+
+``ProxyEngine.inspect`` never changes a body.  It finds the parts this proxy
+must view (the ones ``Proxy-Required-Body`` labels for its host, or, under its
+own policy, every part), opens its own RecipientInfo or a kekri under a CEK it
+kept (RFC 3185), checks signatures where policy asks, and returns a
+``Verdict``: forward (with headers to add or remove) or reply (code, headers,
+body from the one error table), plus what it saw for the services and the
+CEKs it kept in the key cache.
+
+Order of checks, as e2m-sec-02 §5 asks: decrypt first (496 when it cannot),
+then look for a signature inside (495 when none), a bad signature is 403.
+Responses cannot be refused; a response the proxy cannot read is forwarded
+with the error recorded in the verdict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+from cryptography.hazmat.primitives import serialization
+
+from . import headers as hdr
+from . import mime
+from .body import OpenedPart, kekri_references, message_body, open_part, top_parts
+from .certstore import fingerprint_sha256
+from .cms.recipients import CertificateKey, OpeningKey, SharedKEK
+from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
+                     ProxyCannotDecryptError, SignatureRequiredError)
+from .keycache import DialogScope, KeyCache, Scope, TransactionScope
+from .policy import ProxyConfig
+from .sdp import MediaLine, media_summary
+from .sip import SipMessage, parse_params, split_header_list
+from .sip_errors import answer_for
+
+__all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope"]
+
+PKIX_CERT = "application/pkix-cert"
+# Requests that do not go on toward a UAS with a body worth announcing a policy to.
+_NO_POLICY_ANNOUNCE = frozenset({"ACK", "CANCEL", "BYE", "REGISTER", "PRACK"})
+# Methods whose CEKs live only for one transaction (key-reuse-01: outside a dialog).
+_TRANSACTION_METHODS = frozenset({"MESSAGE", "OPTIONS", "REGISTER", "PUBLISH"})
+_UNREADABLE = (NoMatchingRecipientError, DecryptionError)
+
+
+@dataclass(frozen=True, repr=False)
+class SeenBody:
+    """One body part the proxy viewed: for the archive, never for a log."""
+
+    cid: str | None
+    content_type: str
+    plaintext: bytes
+    encrypted: bool
+    signature: str                    # "valid" or "none" (an invalid one is refused earlier)
+    signer: str | None
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.plaintext).hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"SeenBody(cid={self.cid!r}, {self.content_type}, {len(self.plaintext)} bytes, "
+                f"encrypted={self.encrypted}, signature={self.signature})")
+
+    def summary(self) -> dict[str, Any]:
+        """What may be printed: type, length and digest, never the text."""
+        return {"cid": self.cid, "content_type": self.content_type, "length": len(self.plaintext),
+                "sha256": self.sha256, "encrypted": self.encrypted,
+                "signature": self.signature, "signer": self.signer}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the adapter must do with one message."""
+
+    action: str                                   # "forward" or "reply"
+    code: int | None = None
+    reason: str | None = None
+    add_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = field(default=b"", repr=False)
+    content_type: str | None = None
+    seen: tuple[SeenBody, ...] = ()
+    media: tuple[MediaLine, ...] = ()
+    error: str | None = None                      # the error class name: safe to log
+    detail: str | None = None                     # why, in words that hold no plaintext
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action, "code": self.code, "reason": self.reason,
+            "add_headers": [list(h) for h in self.add_headers],
+            "remove_headers": [list(h) for h in self.remove_headers],
+            "body_content_type": self.content_type, "body_length": len(self.body),
+            "viewed": [s.summary() for s in self.seen],
+            "media": [{"media": m.media, "address": m.address, "port": m.port,
+                       "proto": m.proto, "codecs": [c for _, c in m.codecs],
+                       "direction": m.direction} for m in self.media],
+            "error": self.error, "detail": self.detail,
+        }
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False)
+
+
+def _bottom_branch(message: SipMessage) -> str:
+    """The originating UAC's Via branch: the same in the request and its responses."""
+    vias = [v for value in message.get_all("Via") for v in split_header_list(value)]
+    if not vias:
+        raise MalformedError("message without Via")
+    branch = parse_params(vias[-1].partition(";")[2]).get("branch")
+    if not branch:
+        raise MalformedError("Via without a branch")
+    return branch
+
+
+def message_scope(message: SipMessage) -> Scope:
+    """Where a CEK seen in ``message`` may be reused: its dialog or its transaction."""
+    number, method = message.cseq
+    if method in _TRANSACTION_METHODS:
+        return TransactionScope(message.call_id, number, _bottom_branch(message))
+    from_tag = message.from_tag
+    if not from_tag:
+        raise MalformedError("From without a tag")
+    return DialogScope(message.call_id, from_tag, message.to_tag)
+
+
+def _early_scope(message: SipMessage) -> DialogScope:
+    return DialogScope(message.call_id, message.from_tag or "-")
+
+
+class ProxyEngine:
+    """One proxy's E2M decisions; thread-safe as long as the key cache is."""
+
+    def __init__(self, config: ProxyConfig, cache: KeyCache, *,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.config = config
+        self.cache = cache
+        self._clock = clock
+        self._own_key = CertificateKey(config.certificate, config.private_key)
+        self._cert_der = config.certificate.public_bytes(serialization.Encoding.DER)
+        self._policy_value = hdr.PolicyHeader(
+            config.host, view=config.view, verify=config.verify,
+            cert_fingerprint=hashlib.sha256(self._cert_der).digest(),
+            cert_url=config.cert_url, expires=config.policy_expires).format()
+
+    def __repr__(self) -> str:
+        return f"ProxyEngine({self.config.host}, cache={len(self.cache)} keys)"
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self.config.host
+
+    @property
+    def certificate_der(self) -> bytes:
+        return self._cert_der
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_sha256(self.config.certificate)
+
+    def policy_header(self) -> tuple[str, str]:
+        """This proxy's ``Proxy-Body-Policy`` header (name, value)."""
+        return hdr.PROXY_BODY_POLICY, self._policy_value
+
+    def inspect(self, message: SipMessage) -> Verdict:
+        """The verdict for one request or response (never raises ``E2MError``)."""
+        try:
+            if message.is_request:
+                return self._inspect_request(message)
+            return self._inspect_response(message)
+        except E2MError as exc:
+            if message.is_request:
+                return self.refuse(message, exc)
+            return Verdict("forward", error=type(exc).__name__, detail=str(exc))
+
+    def refuse(self, request: SipMessage, error: BaseException) -> Verdict:
+        """The reply the error table gives for ``error``, with our certificate and policy."""
+        answer = answer_for(error, "proxy", self.config.codes)
+        assert answer is not None  # every proxy row answers
+        add: list[tuple[str, str]] = []
+        warning = answer.warning_header(self.config.host)
+        if warning:
+            add.append(("Warning", warning))
+        if answer.accept:
+            add.append(("Accept", answer.accept))
+        if self.config.announce_policy:
+            add.append(self.policy_header())
+        body, ctype = (self._cert_der, PKIX_CERT) if answer.needs_certificate else (b"", None)
+        name = type(error).__name__ if isinstance(error, E2MError) else "InternalError"
+        return Verdict("reply", answer.code, answer.reason, tuple(add), body=body,
+                       content_type=ctype, error=name, detail=str(error))
+
+    # -- requests ----------------------------------------------------------
+
+    def _inspect_request(self, request: SipMessage) -> Verdict:
+        method = request.method
+        if method in ("BYE", "CANCEL"):
+            self._end(request, confirmed=method == "BYE")
+        seen, media = self._view(request, method, is_request=True)
+        return Verdict("forward", add_headers=self._announce(request),
+                       remove_headers=self._own_labels(request), seen=seen, media=media)
+
+    def _announce(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
+        if not self.config.announce_policy or request.method in _NO_POLICY_ANNOUNCE:
+            return ()
+        existing = request.get_all(hdr.PROXY_BODY_POLICY)
+        try:
+            if hdr.policy_for(hdr.parse_policy_headers(existing), self.config.host):
+                return ()  # a spiral: announced once is enough
+        except E2MError:
+            pass  # someone else's malformed policy is not ours to judge
+        return (self.policy_header(),)
+
+    def _own_labels(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
+        if not self.config.remove_own_label:
+            return ()
+        out = []
+        for value in request.get_all(hdr.PROXY_REQUIRED_BODY):
+            labels = hdr.parse_proxy_required_body(value)
+            if labels and all(label.is_for(self.config.host) for label in labels):
+                out.append((hdr.PROXY_REQUIRED_BODY, value))
+        return tuple(out)
+
+    # -- responses ---------------------------------------------------------
+
+    def _inspect_response(self, response: SipMessage) -> Verdict:
+        _, method = response.cseq
+        status = response.status or 0
+        if method == "INVITE" and status >= 300:
+            self._end(response, confirmed=False)
+        seen, media = self._view(response, method, is_request=False)
+        return Verdict("forward", seen=seen, media=media)
+
+    def _end(self, message: SipMessage, *, confirmed: bool) -> None:
+        """The dialog (or its attempt) is over: its kept CEKs go (key-reuse-01)."""
+        if not message.from_tag:
+            return
+        scope = DialogScope(message.call_id, message.from_tag,
+                            message.to_tag if confirmed else None)
+        self.cache.drop_scope(scope)
+        if confirmed:
+            self.cache.drop_scope(_early_scope(message))
+
+    # -- viewing -----------------------------------------------------------
+
+    def _labels(self, message: SipMessage) -> hdr.BodyLabel | None:
+        labels = hdr.parse_proxy_required_bodies(message.get_all(hdr.PROXY_REQUIRED_BODY))
+        cids = [cid for label in labels if label.is_for(self.config.host) for cid in label.cids]
+        if len(set(mime.normalize_cid(c) for c in cids)) != len(cids):
+            raise MalformedError("Proxy-Required-Body names the same part twice for this proxy")
+        return hdr.labels_for(labels, self.config.host)
+
+    def _rules_apply(self, method: str) -> bool:
+        return any(rule.method in ("*", method) for rule in (*self.config.view, *self.config.verify))
+
+    def _targets(self, parts: list[mime.MimePart], label: hdr.BodyLabel | None) -> list[mime.MimePart]:
+        ids = [p.content_id for p in parts if p.content_id]
+        if len(set(map(mime.normalize_cid, ids))) != len(ids):
+            raise MalformedError("two body parts share a Content-ID")
+        if label is None or label.whole_body:
+            return parts
+        targets = []
+        for cid in label.cids:
+            part = mime.find_by_cid(parts, cid)
+            if part is None:
+                raise MalformedError("Proxy-Required-Body names a part that is not in the body")
+            targets.append(part)
+        return targets
+
+    def _keys_for(self, part: mime.MimePart, message: SipMessage) -> list[OpeningKey]:
+        keys: list[OpeningKey] = [self._own_key]
+        references = kekri_references(part)
+        if not references:
+            return keys
+        scope = message_scope(message)
+        scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
+        for reference in references:
+            for candidate in scopes:
+                kept = self.cache.get(candidate, reference)
+                if kept is not None:
+                    keys.append(SharedKEK(reference, kept.cek[::-1]))  # RFC 3185 KEK
+                    break
+        return keys
+
+    def _view(self, message: SipMessage, method: str, *, is_request: bool
+              ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
+        label = self._labels(message)
+        body = message_body(message)
+        if body is None:
+            if label is not None and label.cids:
+                raise MalformedError("Proxy-Required-Body names a part but there is no body")
+            return (), ()
+        if label is None and not self._rules_apply(method):
+            return (), ()  # not for us: forward untouched, unread
+        parts = top_parts(body)
+        targets = self._targets(parts, label)
+        opened: list[OpenedPart] = []
+        unreadable: list[E2MError] = []
+        for part in targets:
+            try:
+                opened.append(open_part(part, self._keys_for(part, message),
+                                        trust_anchors=self.config.trust_anchors,
+                                        at=self._now()))
+            except _UNREADABLE as exc:
+                unreadable.append(exc)
+        self._check_policy(method, label, opened, unreadable)
+        self._keep_keys(message, opened)
+        seen = tuple(self._seen(p) for p in opened)
+        media = tuple(m for p in opened if p.content_type == "application/sdp"
+                      for m in media_summary(p.content))
+        return seen, media
+
+    def _check_policy(self, method: str, label: hdr.BodyLabel | None,
+                      opened: list[OpenedPart], unreadable: list[E2MError]) -> None:
+        """496 when a needed body stays closed, then 495 when a needed signature is missing."""
+        view_rules = [r for r in self.config.view if r.method in ("*", method)]
+        verify_rules = [r for r in self.config.verify if r.method in ("*", method)]
+        if unreadable and label is not None:
+            # Labelled for us: e2m-sec-02 §5 says we MUST be able to read it.
+            needed = self._needed_type(view_rules, label)
+            raise ProxyCannotDecryptError(f"cannot open a part labelled for us ({needed or 'whole body'})",
+                                          content_type=needed)
+        if unreadable and (view_rules or verify_rules):
+            satisfied = view_rules and all(
+                any(r.matches(method, p.content_type) for p in opened) for r in view_rules)
+            if not satisfied or verify_rules:
+                needed = self._needed_type(view_rules, label)
+                raise ProxyCannotDecryptError(f"cannot view the body ({needed or 'whole body'})",
+                                              content_type=needed)
+        for part in opened:
+            if any(r.matches(method, part.content_type) for r in verify_rules) and not part.signed:
+                raise SignatureRequiredError(f"{part.content_type} body is not signed")
+
+    @staticmethod
+    def _needed_type(view_rules: Sequence[hdr.Rule], label: hdr.BodyLabel | None) -> str | None:
+        """The one concrete type our view rules name, for Warning 380; None = whole body."""
+        types = {r.content_type for r in view_rules}
+        if len(types) == 1:
+            (only,) = types
+            if only != "*" and not only.endswith("/*"):
+                return only
+        return None
+
+    def _keep_keys(self, message: SipMessage, opened: list[OpenedPart]) -> None:
+        references = [ref for part in opened for ref in part.cek_references]
+        if not references:
+            return
+        scope = message_scope(message)
+        for reference, cek, _count in references:
+            max_decrypts = None
+            for env in (e for p in opened for e in p.envelopes):
+                if env.cek_reference == reference:
+                    max_decrypts = env.cek_max_decrypts
+            self.cache.put(scope, reference, cek, max_decrypts=max_decrypts)
+
+    @staticmethod
+    def _seen(part: OpenedPart) -> SeenBody:
+        signers = part.signers
+        return SeenBody(part.cid, part.content_type, part.content, part.encrypted,
+                        "valid" if part.signed else "none", signers[0] if signers else None)
+
+    def _now(self) -> datetime:
+        return self._clock() if self._clock else datetime.now(timezone.utc)
