@@ -30,7 +30,7 @@ from .errors import E2MError, LimitExceededError, MalformedError
 from .sip import SipMessage, canonical_name
 from .smime import load_cms_message, open_message
 
-__all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "kekri_references",
+__all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection", "kekri_references",
            "open_part", "protect_content", "new_reference", "with_entity"]
 
 REFERENCE_BYTES = 16  # a CEKReference: random, so it names nothing about the dialog
@@ -105,6 +105,15 @@ def top_parts(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> list[mime
 def is_protected(part: mime.MimePart) -> bool:
     """True for S/MIME (``application/pkcs7-mime`` or ``multipart/signed``)."""
     return mime.is_cms(part) or part.content_type.mime_type == "multipart/signed"
+
+
+def has_protection(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> bool:
+    """True for an S/MIME body, or a ``multipart/mixed`` with an S/MIME part in it."""
+    if is_protected(part):
+        return True
+    if part.content_type.mime_type != "multipart/mixed":
+        return False
+    return any(is_protected(p) for p in top_parts(part, limits))
 
 
 def is_encrypted(part: mime.MimePart) -> bool:

@@ -209,6 +209,8 @@ class ProxyEngine:
     def _announce(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
         if not self.config.announce_policy or request.method in _NO_POLICY_ANNOUNCE:
             return ()
+        if not self.config.view and not self.config.verify:
+            return ()  # nothing to ask of anyone
         existing = request.get_all(hdr.PROXY_BODY_POLICY)
         try:
             if hdr.policy_for(hdr.parse_policy_headers(existing), self.config.host):

@@ -30,7 +30,7 @@ from cryptography import x509
 
 from . import headers as hdr
 from . import mime
-from .body import (OpenedPart, is_protected, kekri_references, message_body, new_reference,
+from .body import (OpenedPart, has_protection, kekri_references, message_body, new_reference,
                    open_part, protect_content, top_parts, with_entity)
 from .certstore import (CertStore, check_proxy_certificate, check_user_certificate,
                         matches_fingerprint, parse_sip_uri)
@@ -146,6 +146,7 @@ class DialogKey:
     exclusive: bool                          # no one but the two UAs (and ``readers``)
     created: float
     uses: int = 0
+    confirmed: bool = True                   # False: ours, and the peer has not shown it has it
 
 
 def _aor(value: str | None) -> str | None:
@@ -287,7 +288,7 @@ class UAEngine:
         found: list[DialogKey] = []
         for slot in self._dialog_slots(message):
             for key in self._dialog_keys.get(slot, []):
-                if key not in found and now - key.created < self.config.cek_max_age \
+                if key not in found and key.confirmed and now - key.created < self.config.cek_max_age \
                         and key.uses < self.config.cek_max_uses:
                     found.append(key)
         return found
@@ -315,12 +316,12 @@ class UAEngine:
         all name, since they were chosen for this dialog's earlier bodies."""
         if not self.config.cek_reuse:
             return None
-        for key in reversed(self._keys(message)):
-            if exclusive and key.exclusive and not key.readers:
-                return key
-            if not exclusive and "?" not in key.readers:
-                return key
-        return None
+        keys = list(reversed(self._keys(message)))  # newest first
+        if exclusive:
+            return next((k for k in keys if k.exclusive and not k.readers), None)
+        # Prefer the key the most proxies hold: they read the offer, so they read the answer.
+        shared = [k for k in keys if "?" not in k.readers]
+        return max(shared, key=lambda k: len(k.readers), default=None)
 
     # ------------------------------------------------------------------
     # Protect
@@ -339,7 +340,7 @@ class UAEngine:
         if message.is_request and method == "BYE":
             self.end_dialog(message)
         part = message_body(message)
-        if part is None or is_protected(part) or not self._protectable(method, part):
+        if part is None or has_protection(part) or not self._protectable(method, part):
             return Protected(message, SecurityInfo(content_type=part.content_type.mime_type
                                                    if part else None))
         ctype = part.content_type.mime_type
@@ -420,8 +421,9 @@ class UAEngine:
                                          cek_reference=reference, content_id=cid,
                                          handling=handling)
         if reference is not None:
+            # Not reusable until the peer shows it holds it: the request may be refused.
             self._keep(message, DialogKey(reference, sealed.cek, readers, not readers,
-                                          self._clock()))
+                                          self._clock(), confirmed=False))
         return entity, key is not None
 
     def _local_host(self) -> str:
@@ -450,11 +452,12 @@ class UAEngine:
             self.end_dialog(message)
         if not message.is_request and method == "INVITE" and (message.status or 0) >= 300:
             self.end_dialog(message)
+        self._settle_own_keys(message)
         part = message_body(message)
         if part is None:
             return Opened(message, SecurityInfo())
         peer = _aor(message.get("From") if message.is_request else message.get("To"))
-        if not is_protected(part):
+        if not has_protection(part):
             if self.config.require_e2m and self._protectable(method, part) \
                     and not (method == "ACK" and not part.body):
                 raise DowngradeError(f"plaintext {part.content_type.mime_type} body where "
@@ -495,6 +498,20 @@ class UAEngine:
             consistent=agreed)
         plain = with_entity(message, mime.make_part(chosen.entity.content_type, chosen.content))
         return Opened(plain, info)
+
+    def _settle_own_keys(self, message: SipMessage) -> None:
+        """A 2xx, or a request inside the dialog, shows the peer got the keys we
+        offered; a failure response shows it did not, so they go."""
+        status = message.status or 0
+        if message.is_request and not message.to_tag:
+            return
+        for slot in self._dialog_slots(message):
+            bucket = self._dialog_keys.get(slot, [])
+            if not message.is_request and status >= 300:
+                bucket[:] = [k for k in bucket if k.confirmed]
+            elif message.is_request or 200 <= status < 300:
+                for key in bucket:
+                    key.confirmed = True
 
     def _opening_keys(self, message: SipMessage, part: mime.MimePart) -> list[OpeningKey]:
         keys: list[OpeningKey] = [self._own_key]
@@ -560,6 +577,7 @@ class UAEngine:
         codes = self.config.codes
         status = response.status or 0
         with self._lock:
+            self._settle_own_keys(response)
             count = self._retries.get(request.call_id, 0)
             if status not in (codes.proxy_indecipherable, codes.signature_required, 493):
                 return Reaction("none", f"{status} is not an E2M answer")

@@ -1,0 +1,340 @@
+"""Flows A-F of the protocol digest §6, in memory: alice's UA engine -> an
+untrusted proxy (no policy) -> the trusted proxy (with policy) -> bob's UA
+engine, and back.  Each test asserts who could read what at every hop."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from flowkit import (CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_ANSWER, SRTP_OFFER, TRUSTED,
+                     UNTRUSTED, SipPath, answer, invite, known_proxy, message, proxy_engine,
+                     ua_engine)
+
+from e2m_plugins import mime
+from e2m_plugins.body import message_body, open_part, top_parts
+from e2m_plugins.cms.recipients import CertificateKey
+from e2m_plugins.errors import DowngradeError, NoMatchingRecipientError, UntrustedSignerError
+from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY
+from e2m_plugins.pki import init_test_pki, issue_proxy, make_ca
+from e2m_plugins.sip import make_response
+from e2m_plugins.sip_errors import answer_for
+
+SDP_VIEW = ("INVITE:application/sdp",)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A PKI with alice, bob, carol and both proxies; RSA keys are slow, so one per module."""
+    return init_test_pki(None, proxy_hosts=(TRUSTED, UNTRUSTED), users=("alice", "bob", "carol"))
+
+
+def path_with(world, view=SDP_VIEW, verify=()):
+    untrusted = proxy_engine(world, UNTRUSTED)
+    trusted = proxy_engine(world, TRUSTED, view=view, verify=verify)
+    return SipPath([untrusted, trusted]), untrusted, trusted
+
+
+def assert_unreadable_by(world, host, msg):
+    """``host``'s own key opens no part of the body."""
+    key = CertificateKey(world.proxy(host).cert, world.proxy(host).key)
+    for part in top_parts(message_body(msg)):
+        with pytest.raises(NoMatchingRecipientError):
+            open_part(part, [key], trust_anchors=(world.ca.cert,))
+
+
+# -- Flow A -------------------------------------------------------------------
+
+def test_flow_a_shared_invite_read_by_trusted_proxy_and_bob_only(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    path, _, _ = path_with(world)
+
+    sent = alice.protect(invite(world))
+    assert sent.info.encrypted and sent.info.readable_by == (TRUSTED,)
+    assert SDP_OFFER not in sent.message.serialize()
+    labels = sent.message.get_all(PROXY_REQUIRED_BODY)
+    assert len(labels) == 1 and labels[0].startswith(TRUSTED + ";cid=")
+
+    trip = path.request(sent.message)
+    assert trip.seen_by(UNTRUSTED) == []
+    (seen,) = trip.seen_by(TRUSTED)
+    assert seen.plaintext == SDP_OFFER and seen.content_type == "application/sdp"
+    media = trip.hops[1].verdict.media
+    assert [(m.address, m.port) for m in media] == [("127.0.0.1", 49170)]
+    assert trip.delivered.body == sent.message.body      # no proxy altered the body
+    assert_unreadable_by(world, UNTRUSTED, trip.delivered)
+
+    opened = bob.open(trip.delivered)
+    assert opened.message.body == SDP_OFFER
+    assert opened.message.get("Content-Type") == "application/sdp"
+    assert opened.info.encrypted and TRUSTED in opened.info.readable_by
+
+
+def test_trusted_proxy_announces_its_policy_toward_the_uas(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    path, _, trusted = path_with(world)
+    trip = path.request(alice.protect(invite(world)).message)
+    policies = trip.delivered.get_all(PROXY_BODY_POLICY)
+    assert policies == [trusted.policy_header()[1]]
+
+
+# -- Flow B -------------------------------------------------------------------
+
+def test_flow_b_discovery_by_496_then_retry(world):
+    alice = ua_engine(world, "alice")
+    bob = ua_engine(world, "bob")
+    path, _, _ = path_with(world)
+    plain = invite(world)
+
+    first = alice.protect(plain)
+    assert first.info.readable_by == ()
+    trip = path.request(first.message)
+    refusal = trip.reply
+    assert refusal.status == 496
+    assert refusal.get("Content-Type") == "application/pkix-cert"
+    assert refusal.get("Warning") == f"380 {TRUSTED} \"Required to view 'application/sdp'\""
+    assert refusal.get(PROXY_BODY_POLICY)
+    assert trip.hops[0].verdict.action == "forward"     # the untrusted hop let it pass
+
+    reaction = alice.react(refusal, plain)
+    assert reaction.action == "retry" and reaction.learned == TRUSTED
+    assert reaction.request.cseq == (2, "INVITE")
+    assert reaction.request.get("Via") != plain.get("Via")     # a new transaction
+    trip = path.request(reaction.request)
+    assert trip.reply is None
+    assert [s.plaintext for s in trip.seen_by(TRUSTED)] == [SDP_OFFER]
+    assert bob.open(trip.delivered).message.body == SDP_OFFER
+
+
+def test_flow_b_message_logging_needs_whole_body_so_no_warning(world):
+    alice = ua_engine(world, "alice")
+    path, _, _ = path_with(world, view=("MESSAGE:*",))
+    plain = message(world)
+    trip = path.request(alice.protect(plain).message)
+    assert trip.reply.status == 496 and trip.reply.get("Warning") is None
+    retry = alice.react(trip.reply, plain)
+    trip = path.request(retry.request)
+    assert [s.plaintext for s in trip.seen_by(TRUSTED)] == [b"Hello. This is confidential."]
+
+
+def test_proactive_policy_from_register_200_needs_no_496(world):
+    """The policy header on REGISTER 200 plus the certificate from its URL: the
+    first INVITE is already readable by the proxy (no 496 round trip)."""
+    alice = ua_engine(world, "alice")
+    path, _, trusted = path_with(world)
+    register = make_response(invite(world, method="REGISTER"), 200, "OK",
+                             [trusted.policy_header()])
+    assert alice.learn(register) == [TRUSTED]
+    (wanted,) = alice.certificates_wanted()
+    assert wanted.host == TRUSTED and wanted.url and wanted.fingerprint
+    alice.add_proxy_certificate(TRUSTED, trusted.certificate_der)   # as fetched from the URL
+    assert alice.certificates_wanted() == []
+
+    trip = path.request(alice.protect(invite(world)).message)
+    assert trip.reply is None
+    assert [s.plaintext for s in trip.seen_by(TRUSTED)] == [SDP_OFFER]
+
+
+def test_policy_certificate_must_match_announced_fingerprint(world):
+    alice = ua_engine(world, "alice")
+    _, _, trusted = path_with(world)
+    alice.learn(make_response(message(world), 200, "OK", [trusted.policy_header()]))
+    other = issue_proxy(world.ca, TRUSTED)      # right name, right CA, another key
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from e2m_plugins.errors import CertificateRejectedError
+    with pytest.raises(CertificateRejectedError, match="fingerprint"):
+        alice.add_proxy_certificate(TRUSTED, other.cert.public_bytes(Encoding.DER))
+    assert alice.certificates_wanted()[0].host == TRUSTED
+
+
+@pytest.mark.parametrize("forgery", ["other-host", "untrusted-ca", "expired"])
+def test_forged_496_is_refused_and_nothing_is_sent(world, forgery):
+    alice = ua_engine(world, "alice")
+    plain = message(world)
+    if forgery == "other-host":
+        cred = world.proxy(UNTRUSTED)
+    elif forgery == "untrusted-ca":
+        cred = issue_proxy(make_ca("Evil CA"), TRUSTED)
+    else:
+        past = datetime.now(timezone.utc) - timedelta(days=30)
+        cred = issue_proxy(world.ca, TRUSTED, not_before=past - timedelta(days=1),
+                           not_after=past)
+    from cryptography.hazmat.primitives.serialization import Encoding
+    forged = make_response(plain, 496, "Proxy Indecipherable",
+                           [("Warning", f"380 {TRUSTED} \"Required to view 'text/plain'\"")],
+                           cred.cert.public_bytes(Encoding.DER), "application/pkix-cert")
+    reaction = alice.react(forged, plain)
+    assert reaction.action == "fail" and reaction.request is None
+    assert alice.certs.proxy(TRUSTED) is None
+    assert alice.protect(plain).info.readable_by == ()     # still for bob only
+
+
+# -- Flow C -------------------------------------------------------------------
+
+def test_flow_c_cek_reuse_lets_the_proxy_read_the_answer_and_reinvite(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    path, _, trusted = path_with(world)
+
+    trip = path.request(alice.protect(invite(world)).message)
+    assert len(trusted.cache) == 1                    # the INVITE's CEKReference kept
+    delivered = bob.open(trip.delivered).message
+
+    reply = bob.protect(answer(delivered))
+    assert reply.info.key_reuse                       # kekri, no certificate needed
+    back = path.response(reply.message)
+    assert [s.plaintext for s in back.seen_by(TRUSTED)] == [SDP_ANSWER]
+    assert back.seen_by(UNTRUSTED) == []
+    opened = alice.open(back.delivered)
+    assert opened.message.body == SDP_ANSWER and opened.info.key_reuse
+
+    # re-INVITE inside the dialog: still under the reused key, still readable by the proxy
+    reinvite = invite(world, call_id=delivered.call_id, cseq=2, to_tag="b1",
+                      sdp=SDP_OFFER.replace(b"a=rtpmap:8", b"a=sendonly\r\na=rtpmap:8"))
+    again = alice.protect(reinvite)
+    assert again.info.key_reuse
+    trip = path.request(again.message)
+    assert trip.seen_by(TRUSTED)[0].plaintext.count(b"a=sendonly") == 1
+    assert b"sendonly" in bob.open(trip.delivered).message.body
+
+    # BYE ends the dialog: every kept key goes, at the proxy and at both UAs
+    bye = invite(world, call_id=delivered.call_id, cseq=3, to_tag="b1", method="BYE", sdp=b"")
+    bye = bye.with_body(b"")
+    path.request(alice.protect(bye).message)
+    bob.open(bye)
+    assert len(trusted.cache) == 0
+    assert alice._dialog_keys == {} and bob._dialog_keys == {}
+
+
+def test_key_reuse_never_crosses_dialogs(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    path, _, trusted = path_with(world)
+    path.request(alice.protect(invite(world, call_id="one@x")).message)
+    second = alice.protect(invite(world, call_id="two@x"))
+    assert not second.info.key_reuse
+    trip = path.request(second.message)
+    assert trip.seen_by(TRUSTED)            # read through its own RecipientInfo
+
+
+# -- Flow D -------------------------------------------------------------------
+
+def test_flow_d_message_archiving_sign_then_encrypt(world):
+    alice = ua_engine(world, "alice",
+                      proxies=(known_proxy(world, TRUSTED, ("MESSAGE:*",), ("MESSAGE:*",)),))
+    bob = ua_engine(world, "bob")
+    path, _, _ = path_with(world, view=("MESSAGE:*",), verify=("MESSAGE:*",))
+    sent = alice.protect(message(world))
+    assert sent.info.signed and sent.info.encrypted
+    trip = path.request(sent.message)
+    (seen,) = trip.seen_by(TRUSTED)
+    assert seen.plaintext == b"Hello. This is confidential."
+    assert seen.signature == "valid" and seen.signer == world.aor("alice")
+    opened = bob.open(trip.delivered)
+    assert opened.message.body == b"Hello. This is confidential."
+    assert opened.info.signed and opened.info.signers == (world.aor("alice"),)
+
+
+# -- Flow E -------------------------------------------------------------------
+
+def test_flow_e_495_then_signed_retry(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, ("MESSAGE:*",)),))
+    path, _, _ = path_with(world, view=("MESSAGE:*",), verify=("MESSAGE:*",))
+    plain = message(world)
+    trip = path.request(alice.protect(plain).message)
+    assert trip.reply.status == 495 and trip.reply.body == b""
+    reaction = alice.react(trip.reply, plain)
+    assert reaction.action == "retry"
+    trip = path.request(reaction.request)
+    assert trip.reply is None and trip.seen_by(TRUSTED)[0].signature == "valid"
+
+
+def test_flow_e_signature_by_someone_else_is_refused_by_bob(world):
+    """carol signs, alice's name is on the From: a trusted stranger is still refused."""
+    carol = ua_engine(world, "carol", sign=True)
+    bob = ua_engine(world, "bob", peers=("alice", "carol"))
+    forged = carol.protect(message(world, sender="carol")).message
+    forged = forged.replace("From", f"<{world.aor('alice')}>;tag=x")
+    with pytest.raises(UntrustedSignerError):
+        bob.open(forged)
+
+
+def test_flow_e_tampered_signed_message_gets_403_at_the_proxy(world):
+    from e2m_plugins.cms.signed import sign
+    alice_cred = world.user("alice")
+    entity = mime.inner_entity("text/plain", b"pay 10")
+    signed = mime.multipart_signed(entity, sign(entity, alice_cred.cert, alice_cred.key,
+                                                detached=True))
+    tampered = mime.MimePart(signed.headers, signed.body.replace(b"pay 10", b"pay 99"))
+    msg = message(world).with_body(tampered.body, tampered.header("Content-Type"))
+    path, _, _ = path_with(world, view=("MESSAGE:*",), verify=("MESSAGE:*",))
+    trip = path.request(msg)
+    assert trip.reply.status == 403
+
+
+# -- Flow F -------------------------------------------------------------------
+
+def test_flow_f_split_sdp_keeps_srtp_keys_end_to_end(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    path, _, _ = path_with(world)
+
+    sent = alice.protect(invite(world, SRTP_OFFER))
+    assert sent.info.split
+    assert sent.message.get("Content-Type").startswith("multipart/mixed")
+    trip = path.request(sent.message)
+    (seen,) = trip.seen_by(TRUSTED)
+    assert b"a=crypto" not in seen.plaintext and b"m=audio 49170 RTP/SAVP" in seen.plaintext
+    opened = bob.open(trip.delivered)
+    assert opened.message.body == SRTP_OFFER and opened.info.split
+    assert opened.info.consistent is True
+
+    # the answer is split the same way: the view under the shared key, keys under bob-alice only
+    reply = bob.protect(answer(opened.message, SRTP_ANSWER))
+    assert reply.info.split and reply.info.key_reuse
+    back = path.response(reply.message)
+    (seen,) = back.seen_by(TRUSTED)
+    assert b"a=crypto" not in seen.plaintext
+    assert alice.open(back.delivered).message.body == SRTP_ANSWER
+    for hop in (*trip.hops, *back.hops):
+        for body in hop.verdict.seen:
+            assert CRYPTO.strip() not in body.plaintext
+
+
+def test_srtp_keys_never_go_to_a_proxy_even_without_split_config(world):
+    """With split off, an SDP with keys is not widened to proxies through reuse."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    sent = alice.protect(invite(world, SRTP_OFFER))
+    assert sent.info.split   # default: split on
+
+
+# -- Downgrade and plain ------------------------------------------------------
+
+def test_plaintext_where_e2m_is_required_is_a_downgrade_488(world):
+    bob = ua_engine(world, "bob")
+    with pytest.raises(DowngradeError) as caught:
+        bob.open(invite(world))
+    assert answer_for(caught.value, "ua").code == 488
+
+
+def test_plaintext_accepted_when_e2m_is_optional(world):
+    bob = ua_engine(world, "bob", require_e2m=False)
+    opened = bob.open(invite(world))
+    assert opened.message.body == SDP_OFFER and not opened.info.encrypted
+
+
+def test_missing_peer_certificate_fails_closed(world):
+    from e2m_plugins.ua import MissingPeerCertificateError
+    alice = ua_engine(world, "alice", peers=())
+    with pytest.raises(MissingPeerCertificateError):
+        alice.protect(message(world))
+
+
+def test_untrusted_proxy_engine_forwards_everything_untouched(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    untrusted = proxy_engine(world, UNTRUSTED)
+    sent = alice.protect(invite(world, SRTP_OFFER)).message
+    verdict = untrusted.inspect(sent)
+    assert verdict.action == "forward" and verdict.seen == () and verdict.media == ()
+    assert verdict.add_headers == ()     # no policy, nothing to announce
