@@ -1,0 +1,574 @@
+"""The one pjsua2 Endpoint of a process, with transports, accounts, messages and calls.
+
+Rules this class enforces, each learnt from a crash (``pjsua2-recipes.md`` §6):
+
+- one Endpoint per process at a time (a second ``pj.Endpoint()`` aborts);
+- ``threadCnt = 0`` and ``mainThreadOnly``: pjsip does nothing on its own
+  threads that reaches Python; every callback runs inside :meth:`pump` on the
+  thread that called :meth:`SipEndpoint.start`, and every public method must be
+  called from that same thread (others would trip a pjlib assertion);
+- shutdown in order: hang up and wait, wait for outstanding MESSAGE answers,
+  drop every Call and Buddy, shut the accounts down, unregister the hook, and
+  only then ``libDestroy``; a forgotten endpoint is closed at interpreter exit.
+- the null audio device (there is no sound hardware), media bound to the same
+  host as SIP so SDP ``c=`` lines name it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pjsua2 as pj
+
+from .events import Event, EventLog
+from .rawhook import HookError, RawSipHook
+
+if TYPE_CHECKING:
+    from .gate import GateResult
+
+__all__ = ["SipEndpoint", "PhoneAccount", "PhoneCall", "TransportInfo",
+           "SendError", "SendBlocked", "EndpointError"]
+
+log = logging.getLogger("pjsua_hooks")
+
+
+class EndpointError(RuntimeError):
+    """Misuse of the endpoint (wrong thread, second endpoint, not started)."""
+
+
+class SendError(RuntimeError):
+    """pjsua refused to send a request; ``status`` is the pj_status_t if known."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SendBlocked(SendError):
+    """The hook refused to let the message leave (fail closed); see ``hook_error``."""
+
+    def __init__(self, message: str, hook_error: HookError, status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.hook_error = hook_error
+
+
+@dataclass(frozen=True)
+class TransportInfo:
+    id: int
+    kind: str          # "udp" or "tcp"
+    host: str
+    port: int
+
+    def uri(self, user: str) -> str:
+        """A direct SIP URI for ``user`` on this transport."""
+        suffix = ";transport=tcp" if self.kind == "tcp" else ""
+        return f"sip:{user}@{self.host}:{self.port}{suffix}"
+
+
+def _bytes(text: str) -> bytes:
+    # SWIG hands C strings over as UTF-8 with surrogateescape: this gets the octets back.
+    return text.encode("utf-8", "surrogateescape")
+
+
+_ACTIVE: weakref.ref[SipEndpoint] | None = None
+
+
+def _close_at_exit() -> None:
+    ep = _ACTIVE() if _ACTIVE is not None else None
+    if ep is not None:
+        ep.close()
+
+
+atexit.register(_close_at_exit)
+
+
+class SipEndpoint:
+    """Owns the pjsua2 Endpoint, the raw hook, transports and accounts.
+
+    ``hook``: the :class:`RawSipHook` to install (None: a hook with no
+    callbacks, still gated and self-tested, so callbacks can be set later).
+    ``require_e2m``: if the gate (wheel version, platform, self-test) fails,
+    :meth:`start` raises :class:`pjsua_hooks.gate.GateError` instead of running
+    without the hook.  ``log_level`` goes to pjsua's console writer (0: quiet);
+    ``log_messages`` also logs whole SIP messages (the wire form; keep it off
+    where bodies could be plaintext).
+    """
+
+    def __init__(self, *, hook: RawSipHook | None = None, require_e2m: bool = False,
+                 host: str = "127.0.0.1", log_level: int = 0, log_messages: bool = False,
+                 user_agent: str = "e2m-sip pjsua2", self_test_timeout: float = 5.0) -> None:
+        self.hook = hook if hook is not None else RawSipHook()
+        self.require_e2m = require_e2m
+        self.host = host
+        self.log_level = log_level
+        self.log_messages = log_messages
+        self.user_agent = user_agent
+        self.self_test_timeout = self_test_timeout
+        self.events = EventLog(self.pump)
+        self.gate_result: GateResult | None = None
+        self.hook_active = False
+        self.transports: dict[int, TransportInfo] = {}
+        self.accounts: list[PhoneAccount] = []
+        self._wrappers: weakref.WeakSet[Any] = weakref.WeakSet()   # every pj object we made
+        self._ep: Any = None
+        self._writer: Any = None
+        self._owner: int | None = None
+        self._started = False
+
+    # -- life cycle -------------------------------------------------------------
+    def start(self) -> SipEndpoint:
+        """Create and start pjsua, gate and install the hook.  Returns self."""
+        global _ACTIVE
+        from . import gate as gate_mod
+
+        if self._started:
+            return self
+        if _ACTIVE is not None and _ACTIVE() is not None:
+            raise EndpointError("a SipEndpoint is already running in this process")
+        env = gate_mod.check_environment()
+        if not env.ok and self.require_e2m:
+            # Do not even touch pjsua: the offsets are for another build.
+            self.gate_result = env
+            raise gate_mod.GateError(env)
+        if env.ok:
+            from . import pjsip_abi
+
+            pjsip_abi.silence_pjlib_log()   # no banner from libCreate
+        self._owner = threading.get_ident()
+        _ACTIVE = weakref.ref(self)
+        ep = pj.Endpoint()
+        self._ep = ep
+        try:
+            ep.libCreate()
+            cfg = pj.EpConfig()
+            cfg.uaConfig.threadCnt = 0
+            cfg.uaConfig.mainThreadOnly = True
+            cfg.uaConfig.userAgent = self.user_agent
+            cfg.logConfig.level = self.log_level
+            cfg.logConfig.consoleLevel = self.log_level
+            # Always on: it registers mod-pjsua-log, the hook's neighbour; whether
+            # whole messages reach the log is decided by the writer below.
+            cfg.logConfig.msgLogging = 1
+            cfg.logConfig.decor = 0
+            self._writer = _LogWriter(self.log_messages)
+            cfg.logConfig.writer = self._writer
+            cfg.medConfig.threadCnt = 1
+            ep.libInit(cfg)
+            ep.audDevManager().setNullDev()
+            if env.ok:
+                self.hook.register()      # checks it sits right after pjsua's logger
+                self.hook_active = True
+            ep.libStart()
+            self._started = True
+            if env.ok:
+                st = gate_mod.self_test(self, timeout=self.self_test_timeout)
+                result = gate_mod._result(list(env.checks) + list(st.checks), st.counts)
+            else:
+                result = env
+            self.gate_result = result
+            if not result.ok:
+                if self.require_e2m:
+                    raise gate_mod.GateError(result)
+                log.warning("E2M hook disabled: %s", result.reason)
+                self.hook.unregister()
+                self.hook_active = False
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> SipEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def pj_endpoint(self) -> Any:
+        """The underlying ``pjsua2.Endpoint`` (owner thread only)."""
+        self._check()
+        return self._ep
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Shut everything down in the order pjsua needs.  Safe to call twice."""
+        global _ACTIVE
+        ep = self._ep
+        if ep is None:
+            return
+        if self._owner is not None and threading.get_ident() != self._owner:
+            raise EndpointError("close() must run on the thread that started the endpoint")
+        registered = any(a.registrar for a in self.accounts)
+        try:
+            if self._started:
+                try:
+                    ep.hangupAllCalls()
+                except Exception:
+                    pass
+                # Accounts and calls must not go while transactions still need them.
+                self.events.wait_until(lambda: all(not a.live_calls() for a in self.accounts),
+                                       timeout)
+                self.events.wait_until(lambda: all(a.pending_messages == 0 for a in self.accounts),
+                                       timeout)
+            for acc in self.accounts:
+                acc._release_calls_and_buddies()
+            gc.collect()   # wrappers nobody else holds go now, while pjsua can take it
+            for acc in self.accounts:
+                try:
+                    acc.shutdown()
+                except Exception:
+                    pass
+            self.accounts.clear()
+            gc.collect()
+            if self._started and registered:
+                self.run_for(0.3)   # let the un-REGISTERs leave and be answered
+            # Wrappers the application still holds would run their C++ destructors
+            # after libDestroy (~Call asserts and aborts): leave those to leak.
+            for obj in list(self._wrappers):
+                obj.thisown = False
+            if self.hook_active:
+                self.hook.unregister()
+                self.hook_active = False
+            # NO_RX_MSG: we waited for what matters above; skips pjsua's 1 s sleep.
+            ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
+        finally:
+            self._ep = None
+            self._started = False
+            del ep
+            gc.collect()
+            if _ACTIVE is not None and _ACTIVE() is self:
+                _ACTIVE = None
+
+    # -- event loop ---------------------------------------------------------------
+    def _check(self) -> None:
+        if self._ep is None:
+            raise EndpointError("the endpoint is not running")
+        if threading.get_ident() != self._owner:
+            raise EndpointError("pjsua2 calls must come from the thread that started the endpoint")
+
+    def pump(self, ms: int = 10) -> int:
+        """Run pjsip's event loop once for up to ``ms`` ms; callbacks run here."""
+        self._check()
+        return self._ep.libHandleEvents(ms)
+
+    def run_for(self, seconds: float) -> None:
+        """Pump for ``seconds`` (e.g. to let media flow)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.pump(10)
+
+    # -- transports -----------------------------------------------------------------
+    def add_transport(self, kind: str = "udp", port: int = 0) -> TransportInfo:
+        """A UDP or TCP listener on ``host``; port 0 picks a free one."""
+        self._check()
+        types = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP}
+        if kind not in types:
+            raise ValueError("kind must be 'udp' or 'tcp'")
+        tc = pj.TransportConfig()
+        tc.port = port
+        tc.boundAddress = self.host
+        tid = self._ep.transportCreate(types[kind], tc)
+        name = self._ep.transportGetInfo(tid).localName
+        host, _, port_text = name.rpartition(":")
+        info = TransportInfo(tid, kind, host.strip("[]"), int(port_text))
+        self.transports[tid] = info
+        return info
+
+    def close_transport(self, info: TransportInfo) -> None:
+        self._check()
+        self._ep.transportClose(info.id)
+        self.transports.pop(info.id, None)
+
+    # -- accounts --------------------------------------------------------------------
+    def add_account(self, user: str, transport: TransportInfo, *, domain: str | None = None,
+                    registrar: str | None = None, auth: tuple[str, str] | None = None,
+                    auto_answer: int | None = 200, srtp: bool = False,
+                    proxies: Sequence[str] = ()) -> PhoneAccount:
+        """An account bound to ``transport``.
+
+        ``domain`` defaults to the transport's host:port (a direct, registrar-less
+        identity).  ``registrar`` is a SIP URI to REGISTER to; ``auth`` a
+        (username, password) pair for digest challenges.  ``auto_answer`` is the
+        status to answer incoming calls with (None: leave them ringing).
+        """
+        self._check()
+        if domain is None:
+            domain = f"{transport.host}:{transport.port}"
+        ac = pj.AccountConfig()
+        ac.idUri = f"sip:{user}@{domain}"
+        ac.sipConfig.transportId = transport.id
+        for uri in proxies:
+            ac.sipConfig.proxies.append(uri)
+        if registrar:
+            ac.regConfig.registrarUri = registrar
+            ac.regConfig.registerOnAdd = True
+        else:
+            ac.regConfig.registerOnAdd = False
+        if auth:
+            ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", auth[0], 0, auth[1]))
+        ac.mediaConfig.transportConfig.port = 0
+        ac.mediaConfig.transportConfig.boundAddress = self.host
+        if srtp:
+            ac.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY
+            ac.mediaConfig.srtpSecureSignaling = 0
+        acc = PhoneAccount(self, ac.idUri, auto_answer)
+        acc.registrar = registrar
+        acc.create(ac)
+        self.accounts.append(acc)
+        return acc
+
+    # -- hook errors --------------------------------------------------------------------
+    def hook_errors(self, since: int = 0) -> list[HookError]:
+        """Errors the hook recorded (refused sends, dropped messages)."""
+        return list(self.hook.errors)[since:]
+
+
+class _LogWriter(pj.LogWriter):
+    """pjsua's console log goes to Python logging instead of stderr.
+
+    Whole SIP messages (the "TX/RX ... --end msg--" entries) are dropped unless
+    asked for: they are the wire form, which is plaintext wherever E2M is off.
+    """
+
+    def __init__(self, messages: bool) -> None:
+        super().__init__()
+        self.messages = messages
+
+    def write(self, entry: Any) -> None:
+        text = entry.msg.rstrip()
+        if not self.messages and text.endswith("--end msg--"):
+            return
+        log.debug("pjsua: %s", text)
+
+
+class _SendGuard:
+    """Turns a pj.Error from a send into SendBlocked when the hook refused it."""
+
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        self.hook = endpoint.hook
+        self.before = endpoint.hook.error_total
+
+    def fail(self, what: str, exc: Exception) -> SendError:
+        info = exc.info() if hasattr(exc, "info") else str(exc)
+        status = getattr(exc, "status", None)
+        new = self.hook.error_total - self.before
+        recent = list(self.hook.errors)[-new:] if new > 0 else []
+        blocked = [e for e in recent if e.direction == "tx" and e.blocked]
+        if blocked:
+            return SendBlocked(f"{what} not sent: the hook refused it ({blocked[-1].detail})",
+                               blocked[-1], status)
+        return SendError(f"{what} failed: {info}", status)
+
+
+class PhoneAccount(pj.Account):
+    """A pjsua2 Account that records its callbacks as events."""
+
+    def __init__(self, endpoint: SipEndpoint, uri: str, auto_answer: int | None) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+        self.uri = uri
+        self.auto_answer = auto_answer
+        self.calls: list[Any] = []
+        self.pending_messages = 0
+        self.registrar: str | None = None
+        self._buddies: dict[str, Any] = {}
+        endpoint._wrappers.add(self)
+
+    # pjsua2 callbacks (run inside pump)
+    def onRegState(self, prm: Any) -> None:
+        self.endpoint.events.add("reg", self.uri, code=prm.code, reason=prm.reason,
+                                 expiration=prm.expiration,
+                                 whole_msg=_bytes(prm.rdata.wholeMsg) if prm.rdata else b"")
+
+    def onInstantMessage(self, prm: Any) -> None:
+        whole = _bytes(prm.rdata.wholeMsg)
+        self.endpoint.events.add("message", self.uri, from_uri=prm.fromUri, to_uri=prm.toUri,
+                                 content_type=prm.contentType, body=_bytes(prm.msgBody),
+                                 whole_msg=whole)
+
+    def onInstantMessageStatus(self, prm: Any) -> None:
+        self.pending_messages = max(0, self.pending_messages - 1)
+        self.endpoint.events.add("message_status", self.uri, code=prm.code,
+                                 reason=prm.reason, to_uri=prm.toUri, body=_bytes(prm.msgBody),
+                                 whole_msg=_bytes(prm.rdata.wholeMsg))
+
+    def onSendRequest(self, prm: Any) -> None:
+        tsx = prm.e.body.tsxState
+        whole = b""
+        if tsx.type == pj.PJSIP_EVENT_RX_MSG:
+            whole = _bytes(tsx.src.rdata.wholeMsg)
+        self.endpoint.events.add("send_request", self.uri, code=tsx.tsx.statusCode,
+                                 reason=tsx.tsx.statusText, whole_msg=whole)
+
+    def onIncomingCall(self, prm: Any) -> None:
+        call = PhoneCall(self, prm.callId)
+        self.calls.append(call)
+        ci = call.getInfo()
+        call._note_info(ci)
+        self.endpoint.events.add("incoming_call", self.uri, call_id=ci.callIdString,
+                                 remote_uri=ci.remoteUri, whole_msg=_bytes(prm.rdata.wholeMsg))
+        if self.auto_answer is not None:
+            op = pj.CallOpParam()
+            op.statusCode = self.auto_answer
+            call.answer(op)
+
+    # application API
+    def send_message(self, to_uri: str, text: str, *, content_type: str = "text/plain",
+                     headers: Iterable[tuple[str, str]] = ()) -> int:
+        """Send a MESSAGE; returns an event mark to wait for its "message_status".
+
+        Raises SendBlocked if the hook refused it (nothing was sent), or
+        SendError if pjsua could not send it.
+        """
+        self.endpoint._check()
+        bud = self._buddies.get(to_uri)
+        if bud is None:
+            bc = pj.BuddyConfig()
+            bc.uri = to_uri
+            bc.subscribe = False
+            bud = pj.Buddy()
+            self.endpoint._wrappers.add(bud)
+            bud.create(self, bc)
+            self._buddies[to_uri] = bud
+        prm = pj.SendInstantMessageParam()
+        prm.contentType = content_type
+        prm.content = text
+        for name, value in headers:
+            h = pj.SipHeader()
+            h.hName, h.hValue = name, value
+            prm.txOption.headers.append(h)
+        mark = self.endpoint.events.mark()
+        guard = _SendGuard(self.endpoint)
+        self.pending_messages += 1
+        try:
+            bud.sendInstantMessage(prm)
+        except Exception as exc:  # pj.Error
+            raise guard.fail("MESSAGE", exc) from None
+        return mark
+
+    def make_call(self, to_uri: str, *, headers: Iterable[tuple[str, str]] = ()) -> Any:
+        """Start a call; returns the PhoneCall.  SendBlocked if the hook refused the INVITE."""
+        self.endpoint._check()
+        call = PhoneCall(self)
+        op = pj.CallOpParam(True)
+        for name, value in headers:
+            h = pj.SipHeader()
+            h.hName, h.hValue = name, value
+            op.txOption.headers.append(h)
+        guard = _SendGuard(self.endpoint)
+        self.calls.append(call)
+        try:
+            call.makeCall(to_uri, op)
+        except Exception as exc:
+            # pjsua already ended the call; the wrapper must still go before libDestroy.
+            self.calls.remove(call)
+            del call
+            raise guard.fail("INVITE", exc) from None
+        return call
+
+    def live_calls(self) -> list[Any]:
+        return [c for c in self.calls if not c.disconnected]
+
+    def _release_calls_and_buddies(self) -> None:
+        self.calls.clear()
+        self._buddies.clear()
+
+
+class PhoneCall(pj.Call):
+    """A pjsua2 Call whose state is copied out in the callbacks.
+
+    ``getInfo()`` raises after DISCONNECTED, so what a caller may need later
+    (state, status, media) lives on the object.
+    """
+
+    def __init__(self, account: Any, call_id: int | None = None) -> None:
+        if call_id is None:
+            super().__init__(account)
+        else:
+            super().__init__(account, call_id)
+        self.account = account
+        self.endpoint: SipEndpoint = account.endpoint
+        self.endpoint._wrappers.add(self)
+        self.state = pj.PJSIP_INV_STATE_NULL
+        self.state_text = "NULL"
+        self.last_status = 0
+        self.last_reason = ""
+        self.sip_call_id = ""
+        self.media: list[tuple[int, int]] = []   # (media type, status) per stream
+        self.disconnected = False
+
+    def _note_info(self, ci: Any) -> None:
+        self.state, self.state_text = ci.state, ci.stateText
+        self.last_status, self.last_reason = ci.lastStatusCode, ci.lastReason
+        self.sip_call_id = ci.callIdString
+
+    def onCallState(self, prm: Any) -> None:
+        ci = self.getInfo()
+        self._note_info(ci)
+        whole = b""
+        try:
+            if prm.e.type == pj.PJSIP_EVENT_TSX_STATE and \
+                    prm.e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG:
+                whole = _bytes(prm.e.body.tsxState.src.rdata.wholeMsg)
+        except Exception:
+            whole = b""
+        if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.disconnected = True
+        self.endpoint.events.add("call_state", self.account.uri, call_id=ci.callIdString, state=ci.state,
+                                 state_text=ci.stateText, code=ci.lastStatusCode,
+                                 reason=ci.lastReason, whole_msg=whole)
+
+    def onCallMediaState(self, prm: Any) -> None:
+        ci = self.getInfo()     # read into a variable: ci.media of a temporary is freed
+        self.media = [(m.type, m.status) for m in ci.media]
+        self.endpoint.events.add("media", self.account.uri, call_id=ci.callIdString, statuses=tuple(self.media))
+
+    # application API
+    @property
+    def media_active(self) -> bool:
+        return any(t == pj.PJMEDIA_TYPE_AUDIO and s == pj.PJSUA_CALL_MEDIA_ACTIVE
+                   for t, s in self.media)
+
+    @property
+    def confirmed(self) -> bool:
+        return self.state == pj.PJSIP_INV_STATE_CONFIRMED
+
+    def hold(self) -> None:
+        """Put the call on hold (a re-INVITE with a=sendonly)."""
+        self.endpoint._check()
+        guard = _SendGuard(self.endpoint)
+        try:
+            self.setHold(pj.CallOpParam(True))
+        except Exception as exc:
+            raise guard.fail("hold re-INVITE", exc) from None
+
+    def unhold(self) -> None:
+        """Take the call off hold (a re-INVITE with the UNHOLD flag)."""
+        self.endpoint._check()
+        op = pj.CallOpParam(True)
+        op.opt.flag |= pj.PJSUA_CALL_UNHOLD
+        guard = _SendGuard(self.endpoint)
+        try:
+            self.reinvite(op)
+        except Exception as exc:
+            raise guard.fail("unhold re-INVITE", exc) from None
+
+    def end(self, code: int = 0) -> None:
+        """Hang up (BYE, CANCEL or a final answer, as the state needs)."""
+        self.endpoint._check()
+        if self.disconnected:
+            return
+        op = pj.CallOpParam()
+        op.statusCode = code
+        self.hangup(op)
