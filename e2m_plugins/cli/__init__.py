@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import E2MError
+from ..policy import ConfigError
 
 __all__ = ["Group", "UsageError", "CliFailure", "register_group", "build_parser", "main",
            "read_input", "write_output"]
@@ -61,7 +62,8 @@ class Group:
 
 # Modules that define the built-in groups, imported when the parser is built.
 # A group that is not written yet is simply added here later.
-_BUILTIN_MODULES = ("e2m_plugins.cli.cms_cmd", "e2m_plugins.cli.pki_cmd", "e2m_plugins.cli.demo_cmd")
+_BUILTIN_MODULES = ("e2m_plugins.cli.cms_cmd", "e2m_plugins.cli.pki_cmd", "e2m_plugins.cli.demo_cmd",
+                    "e2m_plugins.cli.sip_cmd")
 _REGISTRY: dict[str, Group] = {}
 
 
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE  # pragma: no cover - error() always exits
     except E2MError as exc:
         return _fail(str(exc) or exc.__class__.__name__)
+    except ConfigError as exc:
+        # Several lines on purpose: one per mistake in the file.
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except CliFailure as exc:
         return _fail(str(exc))
     except OSError as exc:
