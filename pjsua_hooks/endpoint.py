@@ -73,6 +73,14 @@ class TransportInfo:
         return f"sip:{user}@{self.host}:{self.port}{suffix}"
 
 
+def _pj_endpoint_exists() -> bool:
+    try:
+        pj.Endpoint.instance()
+    except pj.Error:
+        return False
+    return True
+
+
 def _bytes(text: str) -> bytes:
     # SWIG hands C strings over as UTF-8 with surrogateescape: this gets the octets back.
     return text.encode("utf-8", "surrogateescape")
@@ -118,6 +126,7 @@ class SipEndpoint:
         self.transports: dict[int, TransportInfo] = {}
         self.accounts: list[PhoneAccount] = []
         self._wrappers: weakref.WeakSet[Any] = weakref.WeakSet()   # every pj object we made
+        self._keepalive: list[PhoneAccount] = []   # internal accounts with work in flight
         self._ep: Any = None
         self._writer: Any = None
         self._owner: int | None = None
@@ -142,12 +151,17 @@ class SipEndpoint:
             from . import pjsip_abi
 
             pjsip_abi.silence_pjlib_log()   # no banner from libCreate
+        if _pj_endpoint_exists():
+            # A second pj.Endpoint() aborts the process; refuse instead.
+            raise EndpointError("an earlier pjsua2 Endpoint object is still alive (held by a "
+                                "reference or a traceback); it must be gone before a new start")
         self._owner = threading.get_ident()
         _ACTIVE = weakref.ref(self)
-        ep = pj.Endpoint()
-        self._ep = ep
+        # No local name for the Endpoint: a traceback through this frame would
+        # keep it alive, and the next start would find it.
+        self._ep = pj.Endpoint()
         try:
-            ep.libCreate()
+            self._ep.libCreate()
             cfg = pj.EpConfig()
             cfg.uaConfig.threadCnt = 0
             cfg.uaConfig.mainThreadOnly = True
@@ -161,12 +175,12 @@ class SipEndpoint:
             self._writer = _LogWriter(self.log_messages)
             cfg.logConfig.writer = self._writer
             cfg.medConfig.threadCnt = 1
-            ep.libInit(cfg)
-            ep.audDevManager().setNullDev()
+            self._ep.libInit(cfg)
+            self._ep.audDevManager().setNullDev()
             if env.ok:
                 self.hook.register()      # checks it sits right after pjsua's logger
                 self.hook_active = True
-            ep.libStart()
+            self._ep.libStart()
             self._started = True
             if env.ok:
                 st = gate_mod.self_test(self, timeout=self.self_test_timeout)
@@ -201,51 +215,58 @@ class SipEndpoint:
         self._check()
         return self._ep
 
-    def close(self, timeout: float = 3.0) -> None:
-        """Shut everything down in the order pjsua needs.  Safe to call twice."""
+    def close(self, timeout: float = 2.0) -> None:
+        """Shut everything down in the order pjsua needs.  Safe to call twice.
+
+        Accounts stay alive (and are not shut down) until after ``libDestroy``:
+        pjsip terminates pending transactions while it is destroyed, and their
+        callbacks look the account up, which aborts if it was deleted.  The hook
+        stays registered too, so nothing leaves unprotected during the destroy.
+        """
         global _ACTIVE
         ep = self._ep
         if ep is None:
             return
         if self._owner is not None and threading.get_ident() != self._owner:
             raise EndpointError("close() must run on the thread that started the endpoint")
-        registered = any(a.registrar for a in self.accounts)
+        accounts = self.accounts + self._keepalive
         try:
             if self._started:
                 try:
                     ep.hangupAllCalls()
                 except Exception:
                     pass
-                # Accounts and calls must not go while transactions still need them.
-                self.events.wait_until(lambda: all(not a.live_calls() for a in self.accounts),
+                self.events.wait_until(lambda: all(not a.live_calls() for a in accounts), timeout)
+                self.events.wait_until(lambda: all(a.pending_messages == 0 for a in accounts),
                                        timeout)
-                self.events.wait_until(lambda: all(a.pending_messages == 0 for a in self.accounts),
-                                       timeout)
-            for acc in self.accounts:
+                mark = self.events.mark()
+                registered = [a for a in accounts if a.registrar and a.isValid()]
+                for acc in registered:
+                    try:
+                        acc.setRegistration(False)
+                    except Exception:
+                        pass
+                if registered:
+                    self.events.wait_until(lambda: len(self.events.find(
+                        "reg", since=mark, where=lambda e: e["expiration"] <= 0 or e["code"] >= 300))
+                        >= len(registered), timeout)
+            for acc in accounts:
                 acc._release_calls_and_buddies()
             gc.collect()   # wrappers nobody else holds go now, while pjsua can take it
-            for acc in self.accounts:
-                try:
-                    acc.shutdown()
-                except Exception:
-                    pass
-            self.accounts.clear()
-            gc.collect()
-            if self._started and registered:
-                self.run_for(0.3)   # let the un-REGISTERs leave and be answered
-            # Wrappers the application still holds would run their C++ destructors
-            # after libDestroy (~Call asserts and aborts): leave those to leak.
+            # Wrappers still held (ours: the accounts; the application's: calls it
+            # kept) would run C++ destructors after libDestroy, and ~Call asserts.
             for obj in list(self._wrappers):
                 obj.thisown = False
-            if self.hook_active:
-                self.hook.unregister()
-                self.hook_active = False
             # NO_RX_MSG: we waited for what matters above; skips pjsua's 1 s sleep.
             ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
+            self.hook.registered = False     # pjsip_endpt_destroy unregistered it
+            self.hook_active = False
         finally:
             self._ep = None
             self._started = False
-            del ep
+            self.accounts.clear()
+            self._keepalive.clear()
+            del ep, accounts
             gc.collect()
             if _ACTIVE is not None and _ACTIVE() is self:
                 _ACTIVE = None

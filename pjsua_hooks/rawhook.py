@@ -230,6 +230,11 @@ class RawSipHook:
 
     def _record(self, direction: str, kind: str, data: bytes, detail: str, blocked: bool,
                 exc: BaseException | None = None) -> None:
+        if exc is not None:
+            # A traceback would keep the frames of whoever made pjsip send (and
+            # their pjsua2 objects) alive: the next Endpoint could not start.
+            exc.__traceback__ = None
+            exc.__context__ = exc.__cause__ = None
         err = HookError(direction, kind, _start_line(data), detail[:300], blocked, exception=exc)
         self.errors.append(err)
         self.error_total += 1
