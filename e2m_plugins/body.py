@@ -21,18 +21,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import mime
+from .certstore import check_user_certificate
 from .cms import oids
 from .cms.envelope import OpenedEnvelope, Sealed, content_info_type, describe_envelope, seal
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign
-from .errors import E2MError, LimitExceededError, MalformedError
+from .errors import E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
 from .sip import SipMessage, canonical_name
 from .smime import load_cms_message, open_message
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection", "kekri_references",
-           "open_part", "protect_content", "new_reference", "with_entity"]
+           "open_part", "check_signed_by", "protect_content", "new_reference", "with_entity"]
 
+# What an E2M body may be; certs-only, compressed-data and bare signatures are not.
+_OPENABLE = frozenset({"enveloped-data", "authEnveloped-data", "signed-data"})
 REFERENCE_BYTES = 16  # a CEKReference: random, so it names nothing about the dialog
 
 
@@ -159,6 +162,10 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
     if not is_protected(part):
         return OpenedPart(part.content_id, part.handling, part.content_type.mime_type,
                           part.decoded(), part)
+    kind = mime.smime_type_of(part)
+    if mime.is_cms(part) and kind not in _OPENABLE:
+        raise UnsupportedMediaTypeError(f"S/MIME type {kind or part.content_type.mime_type} "
+                                        "is not one E2M uses", content_type=kind)
     opened = open_message(mime.encode_part(part), keys=keys, trust_anchors=trust_anchors,
                           want_cek=True, at=at, limits=limits)
     if opened.content_type != "data":
@@ -168,6 +175,23 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
         raise MalformedError("nested S/MIME entity beyond what was opened")
     return OpenedPart(part.content_id, part.handling, inner.content_type.mime_type,
                       inner.decoded(), inner, opened.envelopes, opened.signatures)
+
+
+def check_signed_by(opened: OpenedPart, aor: str, trust_anchors: Sequence[x509.Certificate],
+                    at: datetime | None = None) -> None:
+    """A signature must be ``aor``'s own: a trusted stranger's is refused too.
+
+    Raises ``CertificateRejectedError`` naming whom the certificate is for.
+    """
+    problem: E2MError | None = None
+    for cert in opened.signer_certificates:
+        try:
+            check_user_certificate(cert, aor, trust_anchors, at, for_encryption=False)
+            return
+        except E2MError as exc:
+            problem = exc
+    if problem is not None:
+        raise problem
 
 
 def new_reference() -> bytes:

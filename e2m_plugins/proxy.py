@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import OpenedPart, kekri_references, message_body, open_part, top_parts
+from .body import OpenedPart, check_signed_by, kekri_references, message_body, open_part, top_parts
 from .certstore import fingerprint_sha256
 from .cms.recipients import CertificateKey, OpeningKey, SharedKEK
 from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
@@ -34,7 +34,7 @@ from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipi
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope
 from .policy import ProxyConfig
 from .sdp import MediaLine, media_summary
-from .sip import SipMessage, parse_params, split_header_list
+from .sip import SipMessage, parse_address, parse_params, split_header_list
 from .sip_errors import answer_for
 
 __all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope"]
@@ -126,6 +126,13 @@ def message_scope(message: SipMessage) -> Scope:
     if not from_tag:
         raise MalformedError("From without a tag")
     return DialogScope(message.call_id, from_tag, message.to_tag)
+
+
+def _sender(request: SipMessage) -> str:
+    value = request.get("From")
+    if value is None:
+        raise MalformedError("request without From")
+    return parse_address(value).uri
 
 
 def _early_scope(message: SipMessage) -> DialogScope:
@@ -312,6 +319,11 @@ class ProxyEngine:
             except _UNREADABLE as exc:
                 unreadable.append(exc)
         self._check_policy(method, label, opened, unreadable)
+        if is_request:
+            sender = _sender(message)
+            for part in opened:
+                if part.signed:
+                    check_signed_by(part, sender, self.config.trust_anchors, self._now())
         self._keep_keys(message, opened)
         seen = tuple(self._seen(p) for p in opened)
         media = tuple(m for p in opened if p.content_type == "application/sdp"

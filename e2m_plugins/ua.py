@@ -30,14 +30,15 @@ from cryptography import x509
 
 from . import headers as hdr
 from . import mime
-from .body import (OpenedPart, has_protection, kekri_references, message_body, new_reference,
+from .body import (OpenedPart, check_signed_by, has_protection, kekri_references, message_body, new_reference,
                    open_part, protect_content, top_parts, with_entity)
-from .certstore import (CertStore, check_proxy_certificate, check_user_certificate,
+from .certstore import (CertStore, check_proxy_certificate,
                         matches_fingerprint, parse_sip_uri)
 from .cms.recipients import (CertificateKey, OpeningKey, Recipient, SharedKEK,
                              recipient_for_certificate, reuse_kek)
 from .errors import (CertificateRejectedError, DowngradeError, E2MError,
-                     NoMatchingRecipientError, DecryptionError, PolicyError, UntrustedSignerError)
+                     NoMatchingRecipientError, DecryptionError, PolicyError, UndecipherableError,
+                     UntrustedSignerError)
 from .pki import readable_certificate
 from .policy import DEFAULT_POLICY_EXPIRES, KnownProxy, UAConfig
 from .sdp import consistent, has_keys, split_for_proxy
@@ -474,7 +475,7 @@ class UAEngine:
                 if candidate.handling == "optional":
                     continue  # a part for a proxy, not for us (e2m-sec-02 §4.2)
                 raise
-            self._check_signer(opened, peer)
+            self._check_signer(message, opened, peer)
             self._keep_received(message, opened, labels)
             if candidate.handling == "optional":
                 view = view or opened
@@ -482,7 +483,7 @@ class UAEngine:
                 chosen = opened
         chosen = chosen or view
         if chosen is None:
-            raise NoMatchingRecipientError("no body part is for us")
+            raise UndecipherableError("no body part is for us")
         if self.config.require_e2m and not chosen.encrypted and self._protectable(
                 method, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
@@ -521,20 +522,23 @@ class UAEngine:
                 keys.append(SharedKEK(key.reference, key.cek[::-1]))
         return keys
 
-    def _check_signer(self, opened: OpenedPart, peer: str | None) -> None:
-        """A signature must be the sender's own: a trusted stranger is refused too."""
+    def _check_signer(self, message: SipMessage, opened: OpenedPart, peer: str | None) -> None:
+        """A request must be signed by its sender; a verified sender certificate
+        that we can encrypt to is kept, so we can answer without a 493 round trip."""
         if not opened.signed or peer is None:
             return
-        want = parse_sip_uri(peer)
-        for cert in opened.signer_certificates:
+        if message.is_request:
             try:
-                check_user_certificate(cert, peer, self.config.trust_anchors, self._now(),
-                                       for_encryption=False)
-                return
-            except E2MError:
-                continue
-        raise UntrustedSignerError(f"body signed by {', '.join(opened.signers) or '?'}, "
-                                   f"not by the sender {want or peer}")
+                check_signed_by(opened, peer, self.config.trust_anchors, self._now())
+            except E2MError as exc:
+                raise UntrustedSignerError(f"signature is not the sender's: {exc}") from None
+        if self.certs.user(peer) is None:
+            for cert in opened.signer_certificates:
+                try:
+                    self.certs.add_user(peer, cert)
+                    break
+                except E2MError:
+                    continue  # not encryptable or not the peer's: keep looking
 
     @staticmethod
     def _labels_by_cid(message: SipMessage) -> dict[str, set[str]]:
