@@ -1,0 +1,349 @@
+"""Kamailio KEMI routing script (app_python3, cfgengine "python") for e2m-proxy.
+
+A thin adapter: it reads the message byte-exact, asks the E2M engine for a verdict,
+applies it with KSR calls, and hands what was seen to the archive.  It never
+changes a body and never logs one.  Each route method has one job:
+
+  request:  sanity -> CANCEL | in-dialog | REGISTER | OPTIONS to us | target -> inspect -> relay
+  reply:    (tm onreply) inspect -> archive -> forward (or drop, if the engine refuses)
+  xhttp:    the proxy certificate at its cert-url path
+
+Loaded by the cfg that ``e2m-proxy`` renders; the defines there say where the
+project, the venv and PROXY.toml are (see kamailio_app/launcher.py).
+"""
+
+import base64
+import os
+import sys
+import traceback
+
+import KSR
+
+
+def _define(name):
+    value = KSR.kx.get_def(name)
+    return value.strip('"') if isinstance(value, str) else None
+
+
+def _bootstrap_path():
+    # The venv must come before Debian's dist-packages (newer cryptography), and the
+    # script's own folder must not shadow anything (app_python3 puts it first).
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    extra = (_define("E2M_PYTHONPATH") or "").split(os.pathsep)
+    for entry in reversed([e for e in extra if e]):
+        if entry in sys.path:
+            sys.path.remove(entry)
+        sys.path.insert(0, entry)
+
+
+_bootstrap_path()
+
+from e2m_plugins.errors import E2MError  # noqa: E402
+from e2m_plugins.sip import canonical_name, parse  # noqa: E402
+from kamailio_app.archive import ArchiveError  # noqa: E402
+from kamailio_app.services import ProxyApp  # noqa: E402
+
+APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
+_ITERATOR = "e2mhf"   # textopsx header iterator name
+
+
+def mod_init():
+    global APP
+    path = _define("E2M_CONFIG") or os.environ.get("E2M_PROXY_CONFIG")
+    if not path:
+        raise RuntimeError("E2M_CONFIG define (or E2M_PROXY_CONFIG) is not set")
+    APP = ProxyApp.load(path, KSR)
+    mode = "E2M proxy for %s" % APP.engine.host if APP.e2m else "plain routing proxy"
+    KSR.info("e2m: %s; python %s; config %s\n" % (mode, sys.version.split()[0], path))
+    return kamailio()
+
+
+# -- helpers -------------------------------------------------------------------
+
+def _where(exc):
+    # File, line and function only: an exception's message or locals may quote a body.
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    return " <- ".join("%s:%d %s" % (os.path.basename(f.filename), f.lineno, f.name)
+                       for f in reversed(frames))
+
+
+def _log_exception(where, exc):
+    detail = ": %s" % exc if isinstance(exc, (E2MError, ArchiveError)) else ""
+    KSR.err("e2m: %s failed: %s%s at %s\n" % (where, type(exc).__name__, detail, _where(exc)))
+
+
+def _read_message():
+    """The message as received, byte-exact ($mb through base64: bodies may be binary)."""
+    raw = base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
+    return parse(raw)
+
+
+def _header_line(name, value):
+    if any(ch in name + value for ch in "\r\n\x00"):
+        raise ValueError("header from the engine contains CR, LF or NUL")
+    return "%s: %s\r\n" % (name, value)
+
+
+def _normal(value):
+    return " ".join(value.split())
+
+
+def _remove_headers(pairs):
+    """Remove exactly the header instances named (name and value), keep the rest."""
+    if not pairs:
+        return
+    wanted = {(canonical_name(n), _normal(v)) for n, v in pairs}
+    tx = KSR.textopsx
+    tx.hf_iterator_start(_ITERATOR)
+    try:
+        while tx.hf_iterator_next(_ITERATOR) > 0:
+            name = tx.hf_iterator_hname(_ITERATOR) or ""
+            body = tx.hf_iterator_hbody(_ITERATOR) or ""
+            if (canonical_name(name), _normal(body)) in wanted:
+                tx.hf_iterator_rm(_ITERATOR)
+    finally:
+        tx.hf_iterator_end(_ITERATOR)
+
+
+def _summary(verdict):
+    seen = ",".join("%s/%dB/sig=%s" % (s.content_type, len(s.plaintext), s.signature)
+                    for s in verdict.seen) or "-"
+    text = "action=%s seen=%s media=%d" % (verdict.action, seen, len(verdict.media))
+    if verdict.action == "reply":
+        text += " code=%s" % verdict.code
+    if verdict.error:
+        text += " error=%s" % verdict.error
+    return text
+
+
+class kamailio:
+    def __init__(self):
+        self.app = APP
+
+    def child_init(self, rank):
+        return 0
+
+    # -- request route ---------------------------------------------------------
+    def ksr_request_route(self, msg):
+        try:
+            self.route_request()
+        except Exception as exc:  # noqa: BLE001 - any failure must get an answer
+            _log_exception("request route", exc)
+            KSR.sl.send_reply(500, "Server Internal Error")
+        return 1
+
+    def route_request(self):
+        if not self.route_sanity():
+            return
+        if KSR.is_CANCEL():
+            self.route_cancel()
+            return
+        if KSR.siputils.has_totag() > 0:
+            self.route_in_dialog()
+            return
+        if not self.route_new_transaction():
+            return
+        if KSR.is_REGISTER():
+            self.route_register()
+            return
+        if KSR.is_OPTIONS() and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
+            self.route_options_self()
+            return
+        if KSR.is_method_in("IS"):   # INVITE, SUBSCRIBE: stay on the path of the dialog
+            KSR.rr.record_route()
+        if not self.route_target():
+            return
+        self.relay(inspect=True)
+
+    def route_sanity(self):
+        """Max-Forwards and RFC 3261 sanity; answers the request itself when it fails."""
+        if KSR.maxfwd.process_maxfwd(10) < 0:
+            KSR.sl.sl_send_reply(483, "Too Many Hops")
+            return False
+        if KSR.sanity.sanity_check_defaults() < 0:
+            return False  # sanity has replied (400 and the like)
+        return True
+
+    def route_new_transaction(self):
+        """Absorb retransmissions (the answer to them comes from tm)."""
+        if KSR.is_ACK():
+            # ACK to a non-2xx answer of ours or of a downstream hop: tm matches it.
+            if KSR.tm.t_check_trans() > 0:
+                KSR.tm.t_relay()
+            return False
+        if KSR.tmx.t_precheck_trans() > 0:
+            KSR.tm.t_check_trans()
+            return False
+        if KSR.tm.t_check_trans() == 0:
+            return False
+        return True
+
+    def route_cancel(self):
+        if KSR.tm.t_check_trans() > 0:
+            self.inspect_only()        # lets the engine drop keys of the cancelled dialog
+            KSR.tm.t_relay()
+
+    def route_in_dialog(self):
+        if KSR.rr.loose_route() > 0:
+            if KSR.is_ACK():
+                self.inspect_only()
+                KSR.tm.t_relay()
+                return
+            if self.route_new_transaction():
+                self.relay(inspect=True)
+            return
+        if KSR.is_ACK():
+            if KSR.tm.t_check_trans() > 0:
+                KSR.tm.t_relay()
+            return
+        KSR.sl.sl_send_reply(404, "Not Here")
+
+    def route_register(self):
+        self.announce_policy_in_reply()
+        if KSR.registrar.save("location", 0) < 0:
+            KSR.sl.sl_reply_error()
+
+    def route_options_self(self):
+        self.announce_policy_in_reply()
+        KSR.siputils.options_reply()
+
+    def announce_policy_in_reply(self):
+        engine = self.app.engine
+        if engine is not None and getattr(engine.config, "announce_policy", True):
+            name, value = engine.policy_header()
+            KSR.hdr.append_to_reply(_header_line(name, value))
+
+    def route_target(self):
+        """Where the request goes: location, else next_hop, else by Request-URI."""
+        next_hop = self.app.config.kamailio.next_hop
+        if KSR.hdr.is_present("Route") > 0:
+            KSR.rr.loose_route()       # a pre-loaded route set past us is honoured
+            if KSR.isdsturiset():
+                return True
+        if KSR.is_myself_ruri():
+            rc = KSR.registrar.lookup("location")
+            if rc > 0:
+                return True
+            if next_hop:
+                KSR.setdsturi(next_hop)
+                return True
+            if rc == -2:
+                KSR.sl.sl_send_reply(405, "Method Not Allowed")
+            else:
+                KSR.sl.sl_send_reply(404, "Not Found")
+            return False
+        if next_hop:
+            KSR.setdsturi(next_hop)
+        return True
+
+    # -- E2M -------------------------------------------------------------------
+    def relay(self, inspect):
+        if inspect and self.app.engine is not None:
+            # A refusal is answered statefully, so retransmissions are not inspected again.
+            if KSR.tm.t_newtran() < 0:
+                raise RuntimeError("t_newtran failed")
+            if not self.inspect_request():
+                return
+        KSR.tm.t_on_reply("ksr_onreply_route")
+        if KSR.tm.t_relay() < 0:
+            KSR.sl.send_reply(500, "Cannot Relay")
+
+    def inspect_request(self):
+        """Ask the engine; apply its verdict.  False when the request was answered."""
+        message = _read_message()
+        verdict = self.app.engine.inspect(message)
+        KSR.info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
+        if not self.observe(message, verdict):
+            return False
+        if verdict.action == "reply":
+            self.reply_with(verdict)
+            return False
+        _remove_headers(verdict.remove_headers)
+        for name, value in verdict.add_headers:
+            KSR.hdr.append(_header_line(name, value))
+        return True
+
+    def inspect_only(self):
+        """For ACK and CANCEL: they cannot be refused, but what they carry is recorded."""
+        if self.app.engine is None:
+            return
+        try:
+            message = _read_message()
+            verdict = self.app.engine.inspect(message)
+            if verdict.seen or verdict.media:
+                self.observe(message, verdict)
+        except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL
+            _log_exception("inspect %s" % KSR.pv.get("$rm"), exc)
+
+    def observe(self, message, verdict):
+        """Archive and log what was seen.  False when the request was answered 500."""
+        try:
+            for line in self.app.observe(message, verdict):
+                KSR.info(line + "\n")
+        except ArchiveError as exc:
+            _log_exception("archive", exc)
+            if self.app.config.archive.fail_request_on_error and message.is_request:
+                KSR.sl.send_reply(500, "Archive Unavailable")
+                return False
+        return True
+
+    def reply_with(self, verdict):
+        for name, value in verdict.add_headers:
+            KSR.hdr.append_to_reply(_header_line(name, value))
+        if verdict.body:
+            # Byte-exact (the 496 body is DER): decoded by the native block in the cfg.
+            KSR.pv.sets("$var(e2m_body)", base64.b64encode(verdict.body).decode("ascii"))
+            KSR.pv.sets("$var(e2m_ctype)", verdict.content_type or "application/octet-stream")
+            KSR.route("E2M_REPLY_BODY")
+        KSR.sl.send_reply(int(verdict.code), verdict.reason or "Refused")
+
+    # -- tm onreply route --------------------------------------------------------
+    def ksr_onreply_route(self, msg):
+        try:
+            self.route_reply()
+        except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
+            _log_exception("reply route", exc)
+        return 1
+
+    def route_reply(self):
+        if self.app.engine is None or (KSR.pv.get("$rs") or 0) < 101:
+            return
+        message = _read_message()
+        verdict = self.app.engine.inspect(message)
+        KSR.info("e2m: %s response %s %s\n" % (message.method, message.status, _summary(verdict)))
+        self.observe(message, verdict)
+        if verdict.action == "reply":
+            # A response cannot be answered; one the engine refuses does not go on.
+            KSR.warn("e2m: dropping a %s response the engine refused (%s)\n"
+                     % (message.status, verdict.error or "no reason"))
+            KSR.set_drop()
+            return
+        _remove_headers(verdict.remove_headers)
+        for name, value in verdict.add_headers:
+            KSR.hdr.append(_header_line(name, value))
+
+    # -- xhttp: the certificate at its URL -------------------------------------------
+    def ksr_xhttp_event(self, msg, evname):
+        try:
+            self.route_http()
+        except Exception as exc:  # noqa: BLE001
+            _log_exception("http", exc)
+            KSR.xhttp.xhttp_reply(500, "Server Error", "text/plain", "error\n")
+        return 1
+
+    def route_http(self):
+        path = (KSR.pv.get("$hu") or "").split("?", 1)[0]
+        method = KSR.pv.get("$rm") or ""
+        if self.app.engine is None or path not in self.app.cert_paths():
+            KSR.xhttp.xhttp_reply(404, "Not Found", "text/plain", "not found\n")
+            return
+        if method not in ("GET", "HEAD"):
+            KSR.xhttp.xhttp_reply(405, "Method Not Allowed", "text/plain", "GET only\n")
+            return
+        KSR.pv.seti("$var(e2m_code)", 200)
+        KSR.pv.sets("$var(e2m_reason)", "OK")
+        KSR.pv.sets("$var(e2m_ctype)", "application/pkix-cert")
+        KSR.pv.sets("$var(e2m_body)",
+                    base64.b64encode(self.app.engine.certificate_der).decode("ascii"))
+        KSR.route("E2M_HTTP_BODY")

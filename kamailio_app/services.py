@@ -1,0 +1,136 @@
+"""What the KEMI script needs besides KSR: configuration, the engine, the services.
+
+Kept apart from ``kemi.py`` so it can be built and exercised outside Kamailio (the
+launcher validates with it, tests read what it wrote).  ``ProxyApp.load`` is run
+once in Kamailio's main process before the workers fork, so a broken config stops
+Kamailio at start instead of failing every request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from e2m_plugins.errors import E2MError
+from e2m_plugins.sip import SipMessage, parse_address
+
+from .archive import Archive, BodyRecord, MediaRecord
+from .config import AppConfig, load_app_config
+from .keycache_htable import HtableKeyCache, KsrHtable
+
+__all__ = ["ProxyApp", "KEYCACHE_TABLE", "body_records", "media_records", "media_log_lines"]
+
+KEYCACHE_TABLE = "e2mkeys"   # declared in the cfg template
+
+
+def _uri(message: SipMessage, name: str) -> str | None:
+    value = message.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_address(value).uri
+    except E2MError:
+        return None
+
+
+def _direction(message: SipMessage) -> str:
+    return "request" if message.is_request else "response"
+
+
+def body_records(message: SipMessage, seen: Any) -> list[BodyRecord]:
+    """Archive rows for the bodies ``verdict.seen`` reports for ``message``."""
+    return [BodyRecord(call_id=message.call_id, from_uri=_uri(message, "From"),
+                       to_uri=_uri(message, "To"), method=message.method,
+                       direction=_direction(message), status=message.status,
+                       content_type=item.content_type, plaintext=item.plaintext,
+                       sha256=item.sha256, signature=item.signature, signer=item.signer,
+                       cid=item.cid)
+            for item in seen]
+
+
+def _codecs(line: Any) -> str:
+    return ", ".join(f"{pt} {name}" for pt, name in line.codecs)
+
+
+def media_records(message: SipMessage, media: Any) -> list[MediaRecord]:
+    """Media rows for the ``MediaLine``s of the SDP seen in ``message``."""
+    return [MediaRecord(call_id=message.call_id, method=message.method,
+                        direction=_direction(message), media=line.media, address=line.address,
+                        port=line.port, port_count=line.port_count, proto=line.proto,
+                        codecs=_codecs(line), flow=line.direction, rtcp_port=line.rtcp_port)
+            for line in media]
+
+
+def media_log_lines(message: SipMessage, media: Any) -> list[str]:
+    """One info line per media stream: what a firewall would open, and no keys."""
+    where = f"{message.method} {_direction(message)}"
+    if not message.is_request:
+        where += f" {message.status}"
+    return [f"e2m media: {where} {line.media} {line.address or '-'}:{line.port}"
+            f"{'/' + str(line.port_count) if line.port_count > 1 else ''} {line.proto} "
+            f"{line.direction}" for line in media]
+
+
+@dataclass
+class ProxyApp:
+    """The loaded proxy: settings, the engine (None on a plain routing hop), the archive."""
+
+    config: AppConfig
+    engine: Any = None          # e2m_plugins.proxy.ProxyEngine
+    archive: Archive | None = None
+
+    @classmethod
+    def load(cls, config_path: str | Path, ksr: Any = None) -> ProxyApp:
+        """Read PROXY.toml and build what it asks for.
+
+        ``ksr`` is the KSR module inside Kamailio (for the shared key cache); outside
+        Kamailio the engine gets an in-process cache, which is only right for tools
+        that handle one message at a time.
+        """
+        config = load_app_config(config_path)
+        if not config.e2m.enabled:
+            return cls(config)
+        from e2m_plugins.policy import load_proxy_config
+        from e2m_plugins.proxy import ProxyEngine
+        proxy_config = load_proxy_config(config.path)
+        if ksr is not None:
+            cache: Any = HtableKeyCache(KsrHtable(ksr, KEYCACHE_TABLE),
+                                        default_ttl=float(config.kamailio.keycache_expire),
+                                        max_ttl=float(config.kamailio.keycache_expire))
+        else:
+            from e2m_plugins.keycache import MemoryKeyCache
+            cache = MemoryKeyCache()
+        archive = None
+        if config.archive.path is not None:
+            archive = Archive(config.archive.path, config.archive.busy_timeout_ms)
+            archive.ensure_schema()
+        return cls(config, ProxyEngine(proxy_config, cache), archive)
+
+    @property
+    def e2m(self) -> bool:
+        return self.engine is not None
+
+    def cert_paths(self) -> set[str]:
+        """URL paths at which the certificate is served: the configured one and the
+        path of the policy header's cert-url (they normally agree)."""
+        if self.engine is None:
+            return set()
+        paths = {self.config.kamailio.cert_path}
+        url = getattr(self.engine.config, "cert_url", None)
+        if url:
+            paths.add(urlsplit(url).path or "/")
+        return paths
+
+    def observe(self, message: SipMessage, verdict: Any) -> list[str]:
+        """Hand what the verdict saw to the archive; return the media lines to log.
+
+        Raises ``ArchiveError`` when the archive cannot be written; the caller
+        decides (``[archive] fail_request_on_error``) what that means.
+        """
+        seen = tuple(getattr(verdict, "seen", ()) or ())
+        media = tuple(getattr(verdict, "media", ()) or ())
+        if self.archive is not None and (seen or media):
+            self.archive.record(body_records(message, seen), media_records(message, media))
+        return media_log_lines(message, media)
