@@ -2,7 +2,7 @@
 
 Each function takes or returns the *raw value* of one header instance (the
 text after the colon); :mod:`e2m_plugins.sip` gives those values.  The
-grammar and the reasons behind each choice are in ``docs/policy-header.md``.
+grammar and the reasons behind each choice are in ``docs/protocol.md`` §5.
 
 Proxy-Required-Body (draft-ietf-sip-e2m-sec-02 §6) is parsed leniently
 because the draft's ABNF and its examples disagree: cid quoted or not, with

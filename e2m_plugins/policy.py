@@ -271,6 +271,7 @@ class UAConfig:
     cek_reuse: bool = True
     split_sdp: bool = True
     accept_policy_headers: bool = True
+    accept_proxies: tuple[str, ...] = ()     # empty: hosts in our domain or the peer's
     cek_max_age: float = DEFAULT_CEK_MAX_AGE
     cek_max_uses: int = DEFAULT_CEK_MAX_USES
     keying_attributes: tuple[str, ...] = KEYING_ATTRIBUTES
@@ -283,7 +284,7 @@ class UAConfig:
                 f"proxies={[p.host for p in self.proxies]})")
 
 
-_UA_E2M_KEYS = {"require", "sign", "cek_reuse", "split_sdp", "accept_policy_headers",
+_UA_E2M_KEYS = {"require", "sign", "cek_reuse", "split_sdp", "accept_policy_headers", "accept_proxies",
                 "cek_max_age", "cek_max_uses", "keying_attributes"}
 
 
@@ -373,6 +374,11 @@ def load_ua_config(path: str | Path) -> UAConfig:
                                      default=DEFAULT_CEK_MAX_AGE) or DEFAULT_CEK_MAX_AGE),
         cek_max_uses=reader.get(e2m, "[e2m]", "cek_max_uses", int, default=DEFAULT_CEK_MAX_USES),
     )
+    accept = reader.get(e2m, "[e2m]", "accept_proxies", list, default=[]) or []
+    if not all(isinstance(h, str) and h.strip() for h in accept):
+        problems.append("[e2m].accept_proxies must list host names or .domain suffixes")
+    else:
+        settings["accept_proxies"] = tuple(h.strip().lower() for h in accept)
     if settings["cek_max_age"] <= 0 or (settings["cek_max_uses"] or 0) < 1:
         problems.append("[e2m]: cek_max_age must be > 0 and cek_max_uses >= 1")
     keying = _keying(reader, e2m, "[e2m]")

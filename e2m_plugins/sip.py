@@ -5,7 +5,7 @@ immutable :class:`SipMessage`, lets callers read and change headers and the
 body through copy methods, and serialises it back with CRLF line ends and a
 Content-Length that always matches the body.
 
-Decisions (see also ``docs/policy-header.md``):
+Decisions (see also ``docs/protocol.md`` §5):
 
 - Header text is decoded as UTF-8 with ``surrogateescape`` so that any octets a
   peer sent come back out byte-exact; only control characters are refused.

@@ -4,7 +4,7 @@ Adapters catch ``E2MError``, call ``answer_for(error, role)`` and send what it
 says; ``None`` means the error is local (nothing goes on the wire).  The table
 is keyed by (error class, role); lookups follow the MRO, so a subclass without
 its own row answers like its parent.  ``error_table_markdown`` renders the
-table with the reason for every row (docs/error-table.md is its output).
+table with the reason for every row (docs/protocol.md §8 holds its output).
 
 495, 496 and warn-code 380 come from e2m-sec-02, were never registered, and
 380 now means "SIPS Not Allowed" (RFC 5630): they are settings (``E2MCodes``).

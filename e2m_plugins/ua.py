@@ -215,6 +215,8 @@ class UAEngine:
         learned = []
         with self._lock:
             for policy in announced:
+                if not self.accepts_proxy(policy.host, _aor(message.get("To"))):
+                    continue  # a stranger's policy: never widen who reads on its word
                 key = hdr.host_key(policy.host)
                 existing = self._policies.get(key)
                 if existing is not None and existing.expires_at is None:
@@ -235,6 +237,19 @@ class UAEngine:
                                                     policy.cert_url)
                 learned.append(policy.host)
         return learned
+
+    def accepts_proxy(self, host: str, peer: str | None = None) -> bool:
+        """Whether ``host`` may be asked to read our bodies at all (digest §7: the
+        proxy's name in our domain or the peer's).  ``[e2m] accept_proxies``
+        overrides: exact hosts, or ``.domain`` suffixes."""
+        name = hdr.host_key(host)
+        allowed = list(self.config.accept_proxies)
+        if not allowed:
+            for aor in (self.config.aor, peer):
+                identity = parse_sip_uri(aor) if aor else None
+                if identity is not None:
+                    allowed += [identity.host.lower(), "." + identity.host.lower()]
+        return any(name == a or (a.startswith(".") and name.endswith(a)) for a in allowed)
 
     def certificates_wanted(self) -> list[CertificateWanted]:
         """Learned policies whose proxy certificate we do not hold yet."""
@@ -617,6 +632,8 @@ class UAEngine:
         if not hosts:
             raise CertificateRejectedError("496 names no proxy (no Warning, no policy header)")
         host = hosts[0]
+        if not self.accepts_proxy(host, _aor(request.get("To"))):
+            raise CertificateRejectedError(f"496 from {host}, which is not a proxy we accept")
         policy = hdr.policy_for(policies, host)
         cert = _certificate_from(part.decoded())
         if policy is not None and policy.cert_fingerprint is not None \

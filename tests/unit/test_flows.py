@@ -338,3 +338,19 @@ def test_untrusted_proxy_engine_forwards_everything_untouched(world):
     verdict = untrusted.inspect(sent)
     assert verdict.action == "forward" and verdict.seen == () and verdict.media == ()
     assert verdict.add_headers == ()     # no policy, nothing to announce
+
+
+def test_policies_and_496s_from_foreign_domains_are_ignored(world):
+    """A hop may insert a policy header or forge a 496 for a host with a valid
+    certificate from our CA; outside our domain and the peer's, it is ignored."""
+    outsider = "proxy.elsewhere.test"
+    alice = ua_engine(world, "alice")
+    foreign = proxy_engine(world, outsider, view=("MESSAGE:*",))
+    plain = message(world)
+    assert alice.learn(make_response(plain, 200, "OK", [foreign.policy_header()])) == []
+    refusal = SipPath([foreign]).request(alice.protect(plain).message).reply
+    assert refusal.status == 496
+    reaction = alice.react(refusal, plain)
+    assert reaction.action == "fail" and "not a proxy we accept" in reaction.reason
+    listed = ua_engine(world, "alice", accept_proxies=(outsider,))
+    assert listed.react(refusal, plain).action == "retry"

@@ -185,7 +185,7 @@ def test_policy_parse_example() -> None:
 
 
 def test_policy_doc_examples_parse() -> None:
-    doc = (Path(__file__).parents[2] / "docs" / "policy-header.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
     lines = [ln.split(":", 1)[1].strip() for ln in doc.splitlines()
              if ln.startswith("Proxy-Body-Policy: ")]
     policies = h.parse_policy_headers(lines)

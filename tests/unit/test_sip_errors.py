@@ -129,5 +129,5 @@ def test_non_e2m_errors_are_500_and_roles_are_checked() -> None:
 
 
 def test_docs_table_is_the_generated_one() -> None:
-    doc = Path(__file__).resolve().parents[2] / "docs" / "error-table.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
     assert error_table_markdown() in doc.read_text(encoding="utf-8")
