@@ -185,6 +185,7 @@ class SipEndpoint:
             if env.ok:
                 st = gate_mod.self_test(self, timeout=self.self_test_timeout)
                 result = gate_mod._result(list(env.checks) + list(st.checks), st.counts)
+                self.hook.reset_counts()   # counts describe the application's traffic
             else:
                 result = env
             self.gate_result = result

@@ -224,6 +224,11 @@ class RawSipHook:
     def clear_errors(self) -> None:
         self.errors.clear()
 
+    def reset_counts(self) -> None:
+        """Zero the counters (the endpoint does this after its self-test)."""
+        for key in self.counts:
+            self.counts[key] = 0
+
     # -- bookkeeping ---------------------------------------------------------
     def _callbacks(self) -> tuple[TxCallback | None, RxCallback | None]:
         return self._override if self._override is not None else (self.on_tx, self.on_rx)
