@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
@@ -42,9 +43,10 @@ from .errors import (CertificateRejectedError, DowngradeError, E2MError,
 from .pki import readable_certificate
 from .policy import DEFAULT_POLICY_EXPIRES, KnownProxy, UAConfig
 from .sdp import consistent, has_keys, split_for_proxy
-from .sip import SipMessage, canonical_name, parse_address, split_header_list
+from .sip import SipMessage, canonical_name, make_response, parse_address, split_header_list
+from .sip_errors import answer_for
 
-__all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction",
+__all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_attempt",
            "CertificateWanted", "MissingPeerCertificateError", "LearnedPolicy"]
 
 # Methods whose body is a session description negotiated inside a dialog.
@@ -534,6 +536,7 @@ class UAEngine:
         wanted = set(kekri_references(part))
         for key in self._keys(message):
             if key.reference in wanted:
+                key.uses += 1  # the count covers both directions of the dialog
                 keys.append(SharedKEK(key.reference, key.cek[::-1]))
         return keys
 
@@ -581,6 +584,25 @@ class UAEngine:
                 exclusive = False  # holders we cannot name: only for what they already read
                 readers = readers | {"?"}
             self._keep(message, DialogKey(reference, cek, readers, exclusive, self._clock()))
+
+    def refusal(self, request: SipMessage, error: BaseException) -> SipMessage | None:
+        """The SIP answer to an incoming request that ``open`` refused (error table,
+        role "ua"); None when the error is answered by nobody (a local decision).
+        A 493 carries our certificate so the sender can encrypt to it."""
+        answer = answer_for(error, "ua", self.config.codes)
+        if answer is None or not request.is_request or request.method == "ACK":
+            return None
+        headers: list[tuple[str, str]] = []
+        warning = answer.warning_header(self._local_host())
+        if warning:
+            headers.append(("Warning", warning))
+        if answer.accept:
+            headers.append(("Accept", answer.accept))
+        body, ctype = (b"", None)
+        if answer.needs_certificate:
+            body = self.config.certificate.public_bytes(serialization.Encoding.DER)
+            ctype = "application/pkix-cert"
+        return make_response(request, answer.code, answer.reason, headers, body, ctype)
 
     # ------------------------------------------------------------------
     # React to error responses

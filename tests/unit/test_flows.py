@@ -354,3 +354,39 @@ def test_policies_and_496s_from_foreign_domains_are_ignored(world):
     assert reaction.action == "fail" and "not a proxy we accept" in reaction.reason
     listed = ua_engine(world, "alice", accept_proxies=(outsider,))
     assert listed.react(refusal, plain).action == "retry"
+
+
+def test_493_teaches_alice_bobs_new_certificate(world):
+    """alice holds an old certificate for bob; bob answers 493 with his own, alice
+    checks it (SAN URI = bob, our CA) and retries; bob can read the retry."""
+    from e2m_plugins.pki import issue_user
+    stale = issue_user(world.ca, world.aor("bob"))
+    alice = ua_engine(world, "alice", peers=())
+    alice.certs.add_user(world.aor("bob"), stale.cert)
+    bob = ua_engine(world, "bob")
+    plain = message(world)
+    sent = alice.protect(plain).message
+    with pytest.raises(NoMatchingRecipientError) as caught:
+        bob.open(sent)
+    refusal = bob.refusal(sent, caught.value)
+    assert refusal.status == 493 and refusal.get("Content-Type") == "application/pkix-cert"
+    reaction = alice.react(refusal, plain)
+    assert reaction.action == "retry" and reaction.learned == world.aor("bob")
+    assert bob.open(reaction.request).message.body == plain.body
+
+
+def test_dialog_key_rolls_after_its_maximum_use_count(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),),
+                      cek_max_uses=1)
+    bob = ua_engine(world, "bob")
+    path, _, trusted = path_with(world)
+    delivered = bob.open(path.request(alice.protect(invite(world)).message).delivered).message
+    first = bob.protect(answer(delivered))
+    assert first.info.key_reuse
+    alice.open(path.response(first.message).delivered)
+    # the key is used up: the next body goes under fresh RecipientInfos and a new reference
+    reinvite = invite(world, call_id=delivered.call_id, cseq=2, to_tag="b1")
+    again = alice.protect(reinvite)
+    assert not again.info.key_reuse
+    trip = path.request(again.message)
+    assert trip.seen_by(TRUSTED) and bob.open(trip.delivered).message.body == SDP_OFFER
