@@ -63,7 +63,7 @@ class Group:
 # Modules that define the built-in groups, imported when the parser is built.
 # A group that is not written yet is simply added here later.
 _BUILTIN_MODULES = ("e2m_plugins.cli.cms_cmd", "e2m_plugins.cli.pki_cmd", "e2m_plugins.cli.demo_cmd",
-                    "e2m_plugins.cli.sip_cmd")
+                    "e2m_plugins.cli.sip_cmd", "e2m_plugins.cli.archive_cmd")
 _REGISTRY: dict[str, Group] = {}
 
 

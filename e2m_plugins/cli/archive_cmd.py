@@ -1,0 +1,130 @@
+"""``e2m archive``: read the IM archive and media record an E2M proxy wrote.
+
+``list`` prints one line per archived body (never its text); ``show ID`` prints the
+record and the media streams of its call, and writes the plaintext only to
+``--out`` (``-`` for stdout), as every ``e2m`` command does with decrypted content.
+The archive is found with ``--db FILE`` or through ``--config PROXY.toml``
+(its ``[archive] path``).  ``kamailio_app`` is imported only when a command runs,
+so ``e2m`` works without the proxy's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import CliFailure, Group, UsageError, write_output
+
+__all__ = ["GROUP"]
+
+
+def _archive(args: argparse.Namespace) -> Any:
+    from kamailio_app.archive import Archive
+    from kamailio_app.config import load_app_config
+    if bool(args.db) == bool(args.config):
+        raise UsageError("give exactly one of --db FILE or --config PROXY.toml")
+    if args.db:
+        path = Path(args.db)
+    else:
+        settings = load_app_config(args.config)    # AppConfigError is a ValueError: exit 1
+        if settings.archive.path is None:
+            raise CliFailure(f"{args.config} has no [archive] path")
+        path = settings.archive.path
+    if not path.is_file():
+        raise CliFailure(f"no archive at {path}")
+    return Archive(path, busy_timeout_ms=2000)
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _read(call: Any) -> Any:
+    from kamailio_app.archive import ArchiveError
+    try:
+        return call()
+    except ArchiveError as exc:
+        raise CliFailure(str(exc)) from None
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    archive = _archive(args)
+    rows = _read(lambda: archive.bodies(limit=args.limit, call_id=args.call_id))
+    if args.json:
+        print(json.dumps([row.summary() for row in rows], indent=2))
+        return 0
+    if not rows:
+        print("(archive is empty)")
+        return 0
+    print(f"{'ID':>5}  {'TIME (UTC)':20}  {'METHOD':8} {'DIR':8} {'TYPE':24} {'BYTES':>6}  "
+          f"{'SIGNATURE':9}  FROM -> TO  CALL-ID")
+    for row in rows:
+        print(f"{row.id:>5}  {_when(row.time):20}  {row.method:8} {row.direction:8} "
+              f"{row.content_type[:24]:24} {len(row.plaintext):>6}  {row.signature:9}  "
+              f"{row.from_uri or '-'} -> {row.to_uri or '-'}  {row.call_id}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    archive = _archive(args)
+    row = _read(lambda: archive.body(args.id))
+    if row is None:
+        raise CliFailure(f"no archived body with id {args.id}")
+    media = _read(lambda: archive.media(call_id=row.call_id))
+    if args.out:
+        write_output(args.out, row.plaintext, private=True)
+        if args.out == "-":
+            return 0
+    info = row.summary()
+    if args.json:
+        print(json.dumps({**info, "media": media}, indent=2))
+        return 0
+    info["time"] = _when(row.time)
+    for key, value in info.items():
+        print(f"{key:13} {value if value is not None else '-'}")
+    for item in media:
+        print(f"media         {item['method']} {item['direction']} {item['media']} "
+              f"{item['address'] or '-'}:{item['port']} {item['proto']} {item['codecs']} "
+              f"{item['flow'] or ''}".rstrip())
+    if not args.out:
+        print("(plaintext not shown; use --out FILE or --out - to read it)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _where(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", metavar="FILE", help="the archive's SQLite file")
+    parser.add_argument("--config", metavar="PROXY.toml", help="find the archive in [archive] path")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("list", help="one line per archived body (no text)",
+                            description="List archived bodies, oldest first, without their text.")
+    _where(p)
+    p.add_argument("--limit", type=_positive, default=50, help="the newest N bodies (default 50)")
+    p.add_argument("--call-id", help="only bodies of this Call-ID")
+    p.set_defaults(handler=_cmd_list)
+
+    p = commands.add_parser("show", help="one archived body, its call's media; text with --out",
+                            description="Show one archived body and the media streams of its "
+                                        "call.  The plaintext goes only to --out.")
+    p.add_argument("id", type=_positive, metavar="ID")
+    _where(p)
+    p.add_argument("--out", metavar="FILE", help="write the plaintext here ('-' for stdout)")
+    p.set_defaults(handler=_cmd_show)
+
+
+GROUP = Group("archive", "read the IM archive and media record of an E2M proxy", _add_commands)
