@@ -1,0 +1,135 @@
+"""PROXY.toml validation, cfg rendering, and the archive with its ``e2m archive`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2m_plugins.cli import main as e2m_main
+from kamailio_app.archive import Archive, BodyRecord, MediaRecord
+from kamailio_app.config import AppConfigError, load_app_config
+from kamailio_app.launcher import render_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "PROXY.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_config_and_its_defaults(tmp_path):
+    path = _write(tmp_path, '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070"]\n'
+                            'next_hop = "sip:127.0.0.1:5080"\n[archive]\npath = "a.sqlite"\n')
+    config = load_app_config(path)
+    assert config.e2m.enabled is True
+    assert config.kamailio.workers == 4 and config.kamailio.shm_mb == 256
+    assert config.kamailio.pkg_mb == 16
+    assert str(config.kamailio.http_listener) == "tcp:127.0.0.1:5070"
+    assert config.archive.path == tmp_path / "a.sqlite"          # relative to the file
+    assert config.archive.fail_request_on_error is False
+
+
+def test_every_mistake_is_listed_at_once(tmp_path):
+    path = _write(tmp_path, '[kamailio]\nlisten = ["sctp:127.0.0.1:1", "udp:example.com:5070", '
+                            '"udp:127.0.0.1:99999"]\nworkers = 0\nwokers = 3\n'
+                            'next_hop = "http://x"\nlog_level = "loud"\n'
+                            '[archive]\npath = "no/such/dir/a.sqlite"\nfail_request_on_error = "yes"\n'
+                            '[e2m]\nenabled = 1\n')
+    with pytest.raises(AppConfigError) as caught:
+        load_app_config(path)
+    problems = caught.value.problems
+    assert len(problems) == 10, problems
+    text = str(caught.value)
+    for word in ("protocol", "IP address", "port out of range", "workers", "wokers",
+                 "next_hop", "log_level", "does not exist", "fail_request_on_error", "enabled"):
+        assert word in text
+
+
+def test_missing_section_and_bad_toml(tmp_path):
+    with pytest.raises(AppConfigError, match="section is missing"):
+        load_app_config(_write(tmp_path, "[e2m]\nenabled = false\n"))
+    with pytest.raises(AppConfigError, match="not valid TOML"):
+        load_app_config(_write(tmp_path, "[kamailio\n"))
+
+
+def test_rendered_cfg_is_complete_and_private_to_its_runtime_dir(tmp_path):
+    path = _write(tmp_path, '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070"]\n'
+                            'domains = ["example.com"]\n[e2m]\nenabled = false\n')
+    text = render_cfg(load_app_config(path), tmp_path / "run")
+    assert "@@" not in text
+    assert "listen=udp:127.0.0.1:5070\nlisten=tcp:127.0.0.1:5070" in text
+    assert "alias=example.com" in text
+    assert f'"unix:{tmp_path}/run/kamailio_ctl"' in text
+    assert "#!define WITH_HTTP" not in text          # a plain hop publishes no certificate
+    checked = subprocess.run(["/usr/sbin/kamailio", "-c", "-f", "/dev/stdin"], input=text.encode(),
+                             capture_output=True)
+    assert checked.returncode == 0, checked.stderr.decode()[-1500:]
+
+
+def test_launcher_refuses_a_bad_config_with_exit_2(tmp_path):
+    path = _write(tmp_path, '[kamailio]\nlisten = []\n[e2m]\nenabled = true\n')
+    done = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "--config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "listen" in done.stderr
+
+
+def test_launcher_lists_the_core_sections_mistakes_when_e2m_is_on(tmp_path):
+    path = _write(tmp_path, '[kamailio]\nlisten = ["udp:127.0.0.1:5070"]\n[identity]\nhost = "p"\n')
+    done = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "--config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "[identity]" in done.stderr and "[trust]" in done.stderr
+
+
+def _records() -> tuple[list[BodyRecord], list[MediaRecord]]:
+    body = BodyRecord(call_id="c1@x", from_uri="sip:alice@example.com", to_uri="sip:bob@example.com",
+                      method="MESSAGE", direction="request", content_type="text/plain",
+                      plaintext=b"secret words", sha256="00" * 32, signature="valid",
+                      signer="sip:alice@example.com", cid="1@x")
+    media = MediaRecord(call_id="c1@x", method="INVITE", direction="response", media="audio",
+                        address="127.0.0.1", port=4000, port_count=1, proto="RTP/AVP",
+                        codecs="0 PCMU/8000", flow="sendrecv")
+    return [body], [media]
+
+
+def test_archive_round_trip_and_wal(tmp_path):
+    archive = Archive(tmp_path / "a.sqlite")
+    bodies, media = _records()
+    archive.record(bodies, media)
+    archive.record(bodies)
+    (first, second) = archive.bodies()
+    assert first.plaintext == b"secret words" and second.id == first.id + 1
+    assert "secret" not in repr(first) and "secret" not in repr(bodies[0])
+    assert archive.media("c1@x")[0]["port"] == 4000
+    mode = archive._connect().execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    assert (tmp_path / "a.sqlite").stat().st_mode & 0o077 == 0      # it holds plaintext
+
+
+def test_archive_command_lists_without_text_and_shows_to_out(tmp_path, capsys):
+    db = tmp_path / "a.sqlite"
+    Archive(db).record(*_records())
+    assert e2m_main(["archive", "list", "--db", str(db)]) == 0
+    listed = capsys.readouterr().out
+    assert "MESSAGE" in listed and "secret" not in listed
+    assert e2m_main(["archive", "show", "1", "--db", str(db), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["signature"] == "valid" and shown["media"][0]["address"] == "127.0.0.1"
+    assert "plaintext" not in shown
+    out = tmp_path / "text"
+    assert e2m_main(["archive", "show", "1", "--db", str(db), "--out", str(out)]) == 0
+    assert out.read_bytes() == b"secret words"
+    assert e2m_main(["archive", "show", "9", "--db", str(db)]) == 1
+    assert e2m_main(["archive", "list"]) == 2
+    capsys.readouterr()
+    config = tmp_path / "PROXY.toml"
+    config.write_text('[kamailio]\nlisten = ["udp:127.0.0.1:5070"]\n[archive]\npath = "a.sqlite"\n')
+    assert e2m_main(["archive", "list", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["length"] == len(b"secret words")

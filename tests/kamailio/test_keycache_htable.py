@@ -1,0 +1,173 @@
+"""HtableKeyCache logic on an in-process stand-in for Kamailio's htable.
+
+The only fake in the Kamailio tests: ``DictHtable`` plays the htable (per-item
+expiry, prefix removal, iteration) so the cache's rules can be checked without a
+running Kamailio.  The real ``KsrHtable`` is exercised by the flow tests (CEK reuse
+across workers).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2m_plugins.errors import LimitExceededError
+from e2m_plugins.keycache import (MAX_DECRYPTS_CAP, DialogScope, KeyCache, TransactionScope,
+                                  cache_key)
+from kamailio_app.keycache_htable import HtableKeyCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class DictHtable:
+    """Stand-in for a Kamailio htable: values with their own expiry, in one dict."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.data: dict[str, tuple[str, float]] = {}
+        self.locked: list[str] = []
+
+    def _alive(self) -> None:
+        for key in [k for k, (_, until) in self.data.items() if self.clock() >= until]:
+            del self.data[key]
+
+    def set(self, key: str, value: str, ttl: int) -> None:
+        self.data[key] = (value, self.clock() + ttl)
+
+    def get(self, key: str) -> str | None:
+        self._alive()
+        item = self.data.get(key)
+        return item[0] if item else None
+
+    def remove(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    def remove_prefix(self, prefix: str) -> None:
+        for key in [k for k in self.data if k.startswith(prefix)]:
+            del self.data[key]
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(k, v) for k, (v, _) in self.data.items()]
+
+    def lock(self, key: str) -> None:
+        self.locked.append(key)
+
+    def unlock(self, key: str) -> None:
+        assert self.locked.pop() == key
+
+
+CEK = bytes(range(16))
+DIALOG = DialogScope("call-1@example.com", "AliceTag", "BobTag")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def table(clock: Clock) -> DictHtable:
+    return DictHtable(clock)
+
+
+@pytest.fixture
+def cache(table: DictHtable, clock: Clock) -> HtableKeyCache:
+    return HtableKeyCache(table, clock=clock, max_entries=4, sweep_every=2)
+
+
+def test_follows_the_core_protocol(cache):
+    assert isinstance(cache, KeyCache)
+
+
+def test_round_trip_through_the_text_form(cache, table):
+    kept = cache.put(DIALOG, b"ref-1", CEK, max_decrypts=3, cipher="aes-128-gcm")
+    assert set(table.data) == {cache_key(DIALOG, b"ref-1")}
+    (stored, _), = table.data.values()
+    assert CEK.hex() not in stored and "ref-1" not in stored   # encoded, not raw
+    got = cache.get(DIALOG, b"ref-1")
+    assert got.cek == CEK and got.cipher == "aes-128-gcm" and got.max_decrypts == 2
+    assert got.expires == kept.expires
+    assert not table.locked
+
+
+def test_uses_are_counted_and_the_last_use_removes_the_key(cache):
+    cache.put(DIALOG, b"r", CEK, max_decrypts=2)
+    assert cache.get(DIALOG, b"r").max_decrypts == 1
+    assert cache.get(DIALOG, b"r").max_decrypts == 0
+    assert cache.get(DIALOG, b"r") is None
+    assert len(cache) == 0
+
+
+def test_uses_are_capped(cache):
+    cache.put(DIALOG, b"r", CEK, max_decrypts=10**6)
+    assert cache.get(DIALOG, b"r").max_decrypts == MAX_DECRYPTS_CAP - 1
+
+
+def test_expiry_in_the_value_is_checked_even_if_the_table_still_has_it(cache, table, clock):
+    cache.put(TransactionScope("c@x", 1, "z9hG4bK-1"), b"r", CEK)      # 32 s
+    key = next(iter(table.data))
+    value, _ = table.data[key]
+    table.data[key] = (value, clock() + 10_000)                          # table would keep it
+    clock.now += 33
+    assert cache.get(TransactionScope("c@x", 1, "z9hg4bk-1"), b"r") is None
+    assert key not in table.data
+
+
+def test_a_wrong_scope_or_reference_finds_nothing(cache):
+    cache.put(DIALOG, b"r", CEK)
+    assert cache.get(DialogScope("call-1@example.com", "AliceTag", "Other"), b"r") is None
+    assert cache.get(DIALOG, b"other") is None
+    assert cache.get(DialogScope("call-1@example.com", "bobtag", "alicetag"), b"r") is not None
+
+
+def test_drop_scope_takes_the_early_scope_too(cache):
+    early = DialogScope(DIALOG.call_id, "AliceTag")
+    cache.put(early, b"offer", CEK)
+    cache.put(DIALOG, b"answer", CEK)
+    cache.put(DialogScope("call-2@example.com", "x", "y"), b"other", CEK)
+    cache.drop_scope(DIALOG)
+    assert cache.get(early, b"offer") is None and cache.get(DIALOG, b"answer") is None
+    assert len(cache) == 1
+
+
+def test_drop_one(cache):
+    cache.put(DIALOG, b"a", CEK)
+    cache.put(DIALOG, b"b", CEK)
+    cache.drop(DIALOG, b"a")
+    assert cache.get(DIALOG, b"a") is None and cache.get(DIALOG, b"b") is not None
+
+
+def test_corrupt_values_are_ignored_and_removed(cache, table):
+    key = cache_key(DIALOG, b"r")
+    table.set(key, "k1|garbage", 100)
+    assert cache.get(DIALOG, b"r") is None
+    assert key not in table.data
+
+
+def test_sweep_keeps_the_newest_within_the_bound(cache, clock):
+    for n in range(6):
+        clock.now += 1
+        cache.put(DialogScope(f"c{n}", "t"), b"r", CEK)
+    cache.sweep()
+    assert len(cache) == 4
+    assert cache.get(DialogScope("c0", "t"), b"r") is None
+    assert cache.get(DialogScope("c5", "t"), b"r") is not None
+
+
+def test_refuses_material_out_of_bounds(cache):
+    with pytest.raises(LimitExceededError):
+        cache.put(DIALOG, b"r", bytes(65))
+    with pytest.raises(LimitExceededError):
+        cache.put(DIALOG, bytes(257), CEK)
+    with pytest.raises(ValueError):
+        cache.put(DIALOG, b"r", CEK, ttl=0)
+
+
+def test_repr_holds_no_key(cache):
+    cache.put(DIALOG, b"r", CEK)
+    assert CEK.hex() not in repr(cache)
