@@ -241,7 +241,7 @@ class SipEndpoint:
                 self.events.wait_until(lambda: all(a.pending_messages == 0 for a in accounts),
                                        timeout)
                 mark = self.events.mark()
-                registered = [a for a in accounts if a.registrar and a.isValid()]
+                registered = [a for a in accounts if a.is_registered]
                 for acc in registered:
                     try:
                         acc.setRegistration(False)
@@ -404,11 +404,13 @@ class PhoneAccount(pj.Account):
         self.calls: list[Any] = []
         self.pending_messages = 0
         self.registrar: str | None = None
+        self.is_registered = False
         self._buddies: dict[str, Any] = {}
         endpoint._wrappers.add(self)
 
     # pjsua2 callbacks (run inside pump)
     def onRegState(self, prm: Any) -> None:
+        self.is_registered = prm.code // 100 == 2 and prm.expiration > 0
         self.endpoint.events.add("reg", self.uri, code=prm.code, reason=prm.reason,
                                  expiration=prm.expiration,
                                  whole_msg=_bytes(prm.rdata.wholeMsg) if prm.rdata else b"")
@@ -585,6 +587,15 @@ class PhoneCall(pj.Call):
             self.reinvite(op)
         except Exception as exc:
             raise guard.fail("unhold re-INVITE", exc) from None
+
+    def respond(self, code: int = 200, reason: str = "") -> None:
+        """Answer an incoming call (180, 200, or a 4xx-6xx to refuse it)."""
+        self.endpoint._check()
+        op = pj.CallOpParam()
+        op.statusCode = code
+        if reason:
+            op.reason = reason
+        self.answer(op)
 
     def end(self, code: int = 0) -> None:
         """Hang up (BYE, CANCEL or a final answer, as the state needs)."""

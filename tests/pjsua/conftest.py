@@ -64,8 +64,10 @@ def _run_child(config: pytest.Config, items: list[pytest.Item]) -> dict[str, lis
         results: dict[str, list[TestReport]] = {}
         if reports_path.exists():
             for line in reports_path.read_text().splitlines():
-                rep = config.hook.pytest_report_from_serializable(config=config,
-                                                                  data=json.loads(line))
+                data = json.loads(line)
+                if isinstance(data.get("longrepr"), list):
+                    data["longrepr"] = tuple(data["longrepr"])   # a skip's (path, line, why)
+                rep = config.hook.pytest_report_from_serializable(config=config, data=data)
                 results.setdefault(rep.nodeid, []).append(rep)
         tail = output_path.read_text(errors="replace").splitlines()[-60:]
     for item in items:
