@@ -22,17 +22,17 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import mime
 from .certstore import check_user_certificate
-from .cms import oids
-from .cms.envelope import OpenedEnvelope, Sealed, content_info_type, describe_envelope, seal
+from .cms import ciphers, der, oids
+from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, describe_envelope, seal
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign
-from .errors import E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
+from .errors import BindingMismatchError, E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
 from .sip import SipMessage, canonical_name
 from .smime import load_cms_message, open_message
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection", "kekri_references",
-           "open_part", "check_signed_by", "protect_content", "new_reference", "with_entity"]
+           "open_part", "check_signed_by", "check_binding", "sip_binding", "protect_content", "new_reference", "with_entity"]
 
 # What an E2M body may be; certs-only, compressed-data and bare signatures are not.
 _OPENABLE = frozenset({"enveloped-data", "authEnveloped-data", "signed-data"})
@@ -177,6 +177,42 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
                       inner.decoded(), inner, opened.envelopes, opened.signatures)
 
 
+def sip_binding(message: SipMessage) -> bytes:
+    """DER of the message an envelope belongs to: Call-ID, From tag, CSeq.
+
+    ``SipBinding ::= SEQUENCE { callId UTF8String, fromTag UTF8String,
+    cseq INTEGER, method UTF8String }``.  All four are end-to-end: proxies do
+    not change them, and a response repeats its request's.
+    """
+    number, method = message.cseq
+    return der.seq(der.tlv(0x0C, message.call_id.encode("utf-8", "surrogateescape")),
+                   der.tlv(0x0C, (message.from_tag or "").encode("utf-8", "surrogateescape")),
+                   der.enc_integer(number), der.tlv(0x0C, method.encode("ascii")))
+
+
+def binding_attribute(message: SipMessage) -> Attribute:
+    return Attribute(oids.SIP_BINDING, (sip_binding(message),))
+
+
+def check_binding(opened: OpenedPart, message: SipMessage) -> bool:
+    """Raise ``BindingMismatchError`` if an envelope was bound to another message.
+
+    Returns True when a binding was present and matched, False when none was
+    (CBC envelopes and other implementations carry none).
+    """
+    expected = None
+    found = False
+    for envelope in opened.envelopes:
+        for attribute in envelope.authenticated_attributes:
+            if attribute.oid != oids.SIP_BINDING:
+                continue
+            expected = expected or sip_binding(message)
+            if attribute.values != (expected,):
+                raise BindingMismatchError("the body was encrypted for another SIP message")
+            found = True
+    return found
+
+
 def check_signed_by(opened: OpenedPart, aor: str, trust_anchors: Sequence[x509.Certificate],
                     at: datetime | None = None) -> None:
     """A signature must be ``aor``'s own: a trusted stranger's is refused too.
@@ -201,8 +237,8 @@ def new_reference() -> bytes:
 def protect_content(content_type: str, content: bytes, recipients: Sequence[Recipient], *,
                     signer: tuple[x509.Certificate, PrivateKeyTypes] | None = None,
                     cek_reference: bytes | None = None, content_id: str | None = None,
-                    handling: str = "required", cipher: str | None = None
-                    ) -> tuple[mime.MimePart, Sealed]:
+                    handling: str = "required", cipher: str | None = None,
+                    bind_to: SipMessage | None = None) -> tuple[mime.MimePart, Sealed]:
     """Encrypt one body for ``recipients``, signing it first when ``signer`` is given.
 
     Sign-then-encrypt as e2m-sec-02 and RFC 8591 prefer: the SignedData is the
@@ -214,7 +250,10 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
     if signer is not None:
         payload = sign(inner, signer[0], signer[1])
         payload_type = oids.SIGNED_DATA
-    kwargs = {} if cipher is None else {"cipher": cipher}
+    kwargs: dict = {} if cipher is None else {"cipher": cipher}
+    if bind_to is not None and ciphers.cipher_by_name(cipher or ciphers.DEFAULT_CIPHER).aead:
+        # Only AuthEnvelopedData can authenticate an attribute (docs/protocol.md §2).
+        kwargs["authenticated_attributes"] = (binding_attribute(bind_to),)
     sealed = seal(payload, list(recipients), content_type=payload_type,
                   cek_reference=cek_reference, **kwargs)
     auth = content_info_type(sealed.der) == oids.AUTH_ENVELOPED_DATA

@@ -94,6 +94,11 @@ class DowngradeError(PolicyError):
     """Plaintext, or a body stripped of protection, where E2M protection is required."""
 
 
+class BindingMismatchError(PolicyError):
+    """The body was encrypted for another SIP message (other Call-ID, tag or CSeq):
+    copied from another dialog or replayed (docs/protocol.md §2, SIP binding)."""
+
+
 class CertificateRejectedError(UntrustedSignerError):
     """A certificate we were asked to rely on failed the checks: chain, time,
     name or key type.  Typically the certificate of a 496 or a policy header,

@@ -271,6 +271,7 @@ class UAConfig:
     cek_reuse: bool = True
     split_sdp: bool = True
     accept_policy_headers: bool = True
+    bind_to_message: bool = True              # SIP binding attribute in AuthEnvelopedData
     accept_proxies: tuple[str, ...] = ()     # empty: hosts in our domain or the peer's
     cek_max_age: float = DEFAULT_CEK_MAX_AGE
     cek_max_uses: int = DEFAULT_CEK_MAX_USES
@@ -285,6 +286,7 @@ class UAConfig:
 
 
 _UA_E2M_KEYS = {"require", "sign", "cek_reuse", "split_sdp", "accept_policy_headers", "accept_proxies",
+                "bind",
                 "cek_max_age", "cek_max_uses", "keying_attributes"}
 
 
@@ -370,6 +372,7 @@ def load_ua_config(path: str | Path) -> UAConfig:
         cek_reuse=reader.get(e2m, "[e2m]", "cek_reuse", bool, default=True),
         split_sdp=reader.get(e2m, "[e2m]", "split_sdp", bool, default=True),
         accept_policy_headers=reader.get(e2m, "[e2m]", "accept_policy_headers", bool, default=True),
+        bind_to_message=reader.get(e2m, "[e2m]", "bind", bool, default=True),
         cek_max_age=float(reader.get(e2m, "[e2m]", "cek_max_age", (int, float),
                                      default=DEFAULT_CEK_MAX_AGE) or DEFAULT_CEK_MAX_AGE),
         cek_max_uses=reader.get(e2m, "[e2m]", "cek_max_uses", int, default=DEFAULT_CEK_MAX_USES),

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import OpenedPart, check_signed_by, kekri_references, message_body, open_part, top_parts
+from .body import OpenedPart, check_binding, check_signed_by, kekri_references, message_body, open_part, top_parts
 from .certstore import fingerprint_sha256
 from .cms.recipients import CertificateKey, OpeningKey, SharedKEK
 from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
@@ -318,6 +318,8 @@ class ProxyEngine:
                                         at=self._now()))
             except _UNREADABLE as exc:
                 unreadable.append(exc)
+        for part in opened:
+            check_binding(part, message)
         self._check_policy(method, label, opened, unreadable)
         if is_request:
             sender = _sender(message)

@@ -197,6 +197,11 @@ _TABLE: dict[type[e.E2MError], dict[Role, Row]] = {
     e.UnsupportedMediaTypeError: _both(Row(
         415, "Unsupported Media Type",
         "RFC 3261 §21.4.13 with Accept; RFC 8591 requires it for MESSAGE", accept=True)),
+    e.BindingMismatchError: _both(Row(
+        403, "Forbidden",
+        "the envelope's authenticated SIP binding names another message: a body cut from "
+        "another dialog or replayed; refused like a bad signature, since retrying cannot help",
+        warning="Body bound to another message")),
     e.DowngradeError: {
         "ua": Row(488, "Not Acceptable Here",
                   "plaintext or stripped protection where E2M is required: the type itself is "

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import (OpenedPart, check_signed_by, has_protection, kekri_references, message_body, new_reference,
+from .body import (OpenedPart, check_binding, check_signed_by, has_protection, kekri_references, message_body, new_reference,
                    open_part, protect_content, top_parts, with_entity)
 from .certstore import (CertStore, check_proxy_certificate,
                         matches_fingerprint, parse_sip_uri)
@@ -437,7 +437,8 @@ class UAEngine:
         cid = mime.new_content_id(self._local_host())
         entity, sealed = protect_content(ctype, content, recipients, signer=signer,  # type: ignore[arg-type]
                                          cek_reference=reference, content_id=cid,
-                                         handling=handling)
+                                         handling=handling,
+                                         bind_to=message if self.config.bind_to_message else None)
         if reference is not None:
             # Not reusable until the peer shows it holds it: the request may be refused.
             self._keep(message, DialogKey(reference, sealed.cek, readers, not readers,
@@ -492,6 +493,7 @@ class UAEngine:
                 if candidate.handling == "optional":
                     continue  # a part for a proxy, not for us (e2m-sec-02 §4.2)
                 raise
+            check_binding(opened, message)
             self._check_signer(message, opened, peer)
             self._keep_received(message, opened, labels)
             if candidate.handling == "optional":

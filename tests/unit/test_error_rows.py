@@ -150,6 +150,19 @@ def only_optional_parts_for_others(world):
     return with_entity(message(world), mixed)
 
 
+def body_from_another_dialog(world):
+    """A valid protected body cut from one MESSAGE and pasted into another."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, ("MESSAGE:*",)),))
+    original = alice.protect(message(world)).message
+    from e2m_plugins.body import with_entity
+    from e2m_plugins.body import message_body
+    other = message(world)          # new Call-ID, new tags
+    pasted = with_entity(other, message_body(original))
+    for label in original.get_all("Proxy-Required-Body"):
+        pasted = pasted.add("Proxy-Required-Body", label)
+    return pasted
+
+
 def plaintext_sdp(world):
     return invite(world)
 
@@ -184,6 +197,7 @@ PROXY_CASES = [
     Case("label names a missing part", label_names_missing_part, e.MalformedError, 400),
     Case("duplicate labels", duplicate_labels, e.MalformedError, 400),
     Case("label without host", malformed_label, e.MalformedError, 400),
+    Case("body from another dialog", body_from_another_dialog, e.BindingMismatchError, 403),
 ]
 
 
@@ -217,6 +231,7 @@ UA_CASES = [
          e.UntrustedSignerError, 403, "ua"),
     Case("oversized body", oversized, e.LimitExceededError, 413, "ua"),
     Case("compressed-data", compressed_data, e.UnsupportedMediaTypeError, 415, "ua"),
+    Case("body from another dialog", body_from_another_dialog, e.BindingMismatchError, 403, "ua"),
 ]
 
 
