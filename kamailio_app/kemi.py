@@ -298,6 +298,12 @@ class kamailio:
             KSR.route("E2M_REPLY_BODY")
         KSR.sl.send_reply(int(verdict.code), verdict.reason or "Refused")
 
+    # -- core reply route: every reply, before tm.  Defined so Kamailio finds it: a
+    # missing callback method leaves an AttributeError pending in the interpreter, and
+    # the next KSR call of the tm onreply route then raises SystemError.
+    def ksr_reply_route(self, msg):
+        return 1
+
     # -- tm onreply route --------------------------------------------------------
     def ksr_onreply_route(self, msg):
         try:
