@@ -73,31 +73,37 @@ _RUNNING: list[ProxyHandle] = []
 
 @pytest.fixture(autouse=True)
 def _failure_report(request: pytest.FixtureRequest) -> Iterator[None]:
-    """On failure, print the Kamailio log lines written during the test."""
+    """On failure, print what the module-scoped proxies logged during the test."""
     marks = [(proxy, proxy.log_mark()) for proxy in list(_RUNNING)]
     yield
     if not _failed(request):
         return
-    for proxy, mark in marks + [(p, 0) for p in _RUNNING if p not in dict(marks)]:
-        text = proxy.log_since(mark)
-        print(f"\n===== Kamailio log of {proxy.name} (port {proxy.port}) during the test =====")
-        print("\n".join(text.splitlines()[-80:]))
+    for proxy, mark in marks:
+        _print_log(proxy, mark)
+
+
+def _print_log(proxy: ProxyHandle, mark: int = 0) -> None:
+    text = proxy.log_since(mark)
+    print(f"\n===== Kamailio log of {proxy.name} (port {proxy.port}) during the test =====")
+    print("\n".join(text.splitlines()[-80:]))
 
 
 @pytest.fixture
-def proxy_factory(pki: TestPKI, tmp_path: Path) -> Iterator[Callable[..., ProxyHandle]]:
+def proxy_factory(pki: TestPKI, tmp_path: Path,
+                  request: pytest.FixtureRequest) -> Iterator[Callable[..., ProxyHandle]]:
     started: list[ProxyHandle] = []
 
     def start(name: str, *, e2m: bool = True, **settings: Any) -> ProxyHandle:
         handle = start_proxy(tmp_path / name, pki=pki if e2m else None, e2m=e2m, **settings)
         started.append(handle)
-        _RUNNING.append(handle)
         return handle
 
     yield start
     for handle in started:
         handle.stop()
-        _RUNNING.remove(handle)
+    if _failed(request):   # these proxies are gone before _failure_report runs
+        for handle in started:
+            _print_log(handle)
 
 
 @pytest.fixture(scope="module")

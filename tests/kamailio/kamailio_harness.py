@@ -187,6 +187,32 @@ class ProxyHandle:
         return udp_transaction(self.port, build_request("OPTIONS", self.uri, to_user="probe"),
                                timeout=timeout)
 
+    def rpc(self, *command: str) -> str:
+        """A kamcmd command on this instance's own ctl socket."""
+        done = subprocess.run(["kamcmd", "-s", f"unix:{self.runtime_dir}/kamailio_ctl", *command],
+                              capture_output=True, text=True, timeout=10)
+        return done.stdout
+
+    def htable_items(self, table: str = "e2mkeys") -> int:
+        """How many entries the key cache holds (from htable.stats: counts, no values)."""
+        text = self.rpc("htable.stats")
+        match = re.search(rf"name:\s*{table}\s+slots:\s*\d+\s+all:\s*(\d+)", text)
+        if not match:
+            raise AssertionError(f"no stats for {table}: {text[:300]}")
+        return int(match.group(1))
+
+    def archive_rows(self) -> list[Any]:
+        from kamailio_app.archive import Archive
+        assert self.archive_path is not None, "this proxy keeps no archive"
+        if not self.archive_path.exists():
+            return []
+        return Archive(self.archive_path, busy_timeout_ms=2000).bodies(limit=1000)
+
+    def media_rows(self) -> list[dict[str, Any]]:
+        from kamailio_app.archive import Archive
+        assert self.archive_path is not None
+        return Archive(self.archive_path, busy_timeout_ms=2000).media(limit=1000)
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -208,14 +234,14 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
                        view: tuple[str, ...] = ("MESSAGE:text/plain", "INVITE:application/sdp"),
                        verify: tuple[str, ...] = (), archive: bool = True,
                        fail_request_on_error: bool = False, workers: int = 2,
-                       log_level: str = "info",
+                       log_level: str = "info", domains: tuple[str, ...] = ("example.com",),
                        extra: dict[str, dict[str, Any]] | None = None) -> Path:
     """PROXY.toml for one proxy; returns its path.  The archive (when on) is archive.sqlite."""
     directory.mkdir(parents=True, exist_ok=True)
     sections: dict[str, dict[str, Any]] = {
         "kamailio": {"listen": [f"udp:127.0.0.1:{port}", f"tcp:127.0.0.1:{port}"],
                      "workers": workers, "shm_mb": 64, "pkg_mb": 16, "next_hop": next_hop,
-                     "log_level": log_level},
+                     "log_level": log_level, "domains": list(domains)},
         "e2m": {"enabled": e2m},
     }
     if e2m:
@@ -286,15 +312,20 @@ class SippResult:
 
 
 def _render_scenario(scenario: str, workdir: Path, headers: list[tuple[str, str]] | None,
-                     expect: int | None) -> Path:
+                     fill: dict[str, str] | None = None) -> Path:
+    """tests/sipp/<scenario>; a ``*.tmpl.xml`` gets @@HEADERS@@ and the ``fill`` values."""
     source = SIPP_DIR / scenario
     if not scenario.endswith(".tmpl.xml"):
         return source
-    text = source.read_text()
-    lines = "".join(f"      {n}: {v}\n" for n, v in (headers or []))
-    if "]]>" in lines or any("\n" in v or "\r" in v for _, v in headers or []):
+    if any("]]>" in n + v or "\n" in v or "\r" in v for n, v in headers or []):
         raise ValueError("header values cannot hold CDATA terminators or line breaks")
-    text = text.replace("@@HEADERS@@\n", lines).replace("@@EXPECT@@", str(expect or 200))
+    text = source.read_text()
+    text = text.replace("@@HEADERS@@\n", "".join(f"      {n}: {v}\n" for n, v in headers or []))
+    for name, value in (fill or {}).items():
+        text = text.replace(f"@@{name}@@", value)
+    left = re.findall(r"@@[A-Z_]+@@", text)
+    if left:
+        raise ValueError(f"{scenario}: placeholders not filled: {left}")
     target = workdir / f"{source.name.replace('.tmpl.xml', '')}-{next(_counter)}.xml"
     target.write_text(text)
     return target
@@ -363,7 +394,7 @@ class SippRunner:
             timeout: float = 20.0) -> SippUas:
         port = port or free_port()
         files = self._files("uas")
-        path = _render_scenario(scenario, self.workdir, None, None)
+        path = _render_scenario(scenario, self.workdir, None)
         process = subprocess.Popen(self._args(path, port, files, keys, timeout), cwd=self.workdir,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         server = SippUas(process, port, files)
@@ -372,11 +403,11 @@ class SippRunner:
         return server
 
     def uac(self, scenario: str, target_port: int, keys: dict[str, Any] | None = None,
-            headers: list[tuple[str, str]] | None = None, expect: int | None = None,
-            timeout: float = 10.0) -> SippResult:
+            headers: list[tuple[str, str]] | None = None, fill: dict[str, str] | None = None,
+            extra_args: list[str] | None = None, timeout: float = 10.0) -> SippResult:
         files = self._files("uac")
-        path = _render_scenario(scenario, self.workdir, headers, expect)
-        args = self._args(path, free_port(), files, keys, timeout)
+        path = _render_scenario(scenario, self.workdir, headers, fill)
+        args = self._args(path, free_port(), files, keys, timeout) + (extra_args or [])
         args.insert(1, f"127.0.0.1:{target_port}")
         done = subprocess.run(args, cwd=self.workdir, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=timeout + 10)
@@ -475,6 +506,55 @@ class RawUas:
 
 def _ok(request: SipMessage) -> SipMessage:
     return make_response(request, 200, "OK")
+
+
+# Written by the scenario itself (Call-ID through -cid_str); everything else comes from
+# the message, including From (tag), To and CSeq, to which envelopes are bound.
+_SIPP_MADE = {"via", "call-id", "max-forwards", "content-length", "content-type", "contact"}
+
+
+def send_with_sipp(sipp: SippRunner, port: int, message: SipMessage, *, expect: int = 200,
+                   workdir: Path) -> SippResult:
+    """Send ``message`` (made by a UA engine) with SIPp: SIPp writes the transaction and
+    dialog headers, the message gives the rest (labels, policy, body) byte-exact."""
+    from e2m_plugins.sip import canonical_name, parse_address
+    scenario = {"MESSAGE": "uac_message.tmpl.xml", "INVITE": "uac_invite.tmpl.xml"}[message.method]
+    headers = [(n, v) for n, v in message.headers if canonical_name(n) not in _SIPP_MADE]
+    body_file = workdir / f"body-{next(_counter)}.bin"
+    body_file.write_bytes(message.body)
+    user = lambda name: parse_address(message.get(name) or "").uri.split(":", 1)[1].split("@")[0]
+    number = message.cseq[0]
+    if "%" in message.call_id:
+        raise ValueError("sipp -cid_str would expand % in the Call-ID")
+    return sipp.uac(scenario, port, headers=headers,
+                    fill={"EXPECT": str(expect), "CSEQ": str(number), "NEXT_CSEQ": str(number + 1)},
+                    extra_args=["-cid_str", message.call_id],
+                    keys={"from_user": user("From"), "to_user": user("To"),
+                          "ctype": message.get("Content-Type") or "text/plain",
+                          "bodyfile": body_file})
+
+
+def udp_send(port: int, message: SipMessage, timeout: float = 5.0) -> SipMessage | None:
+    """Send ``message`` from a fresh socket (its top Via points there, rport) and return
+    the final response, byte-exact (496 bodies are DER)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(timeout)
+    try:
+        via = f"SIP/2.0/UDP 127.0.0.1:{sock.getsockname()[1]};rport;branch=z9hG4bK-u{next(_counter)}x{os.getpid()}"
+        sock.sendto(message.replace("Via", via).serialize(), ("127.0.0.1", port))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                raw, _ = sock.recvfrom(65535)
+            except socket.timeout:
+                return None
+            response = parse(raw)
+            if (response.status or 0) >= 200:
+                return response
+        return None
+    finally:
+        sock.close()
 
 
 def register(proxy: ProxyHandle, user: str, contact_port: int, sipp: SippRunner) -> SippResult:

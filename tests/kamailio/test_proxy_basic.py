@@ -12,18 +12,17 @@ from pathlib import Path
 from cryptography import x509
 
 from e2m_plugins.headers import parse_policy_headers
-from kamailio_harness import PROXY_HOST, ProxyHandle, SippRunner, register
+from e2m_plugins.sip import make_request
+from kamailio_harness import PROXY_HOST, ProxyHandle, SippRunner, register, send_with_sipp
 
 TEXT = b"Hello, Bob. Routing proxies only route.\r\n"
 
 
 def _message(sipp: SippRunner, proxy: ProxyHandle, tmp_path: Path, to_user: str,
              body: bytes, expect: int, ctype: str = "text/plain"):
-    body_file = tmp_path / f"body-{to_user}-{expect}.bin"
-    body_file.write_bytes(body)
-    return sipp.uac("uac_message.tmpl.xml", proxy.port, expect=expect,
-                    keys={"from_user": "alice", "to_user": to_user, "bodyfile": body_file,
-                          "ctype": ctype})
+    request = make_request("MESSAGE", f"sip:{to_user}@example.com", from_uri="sip:alice@example.com",
+                           to_uri=f"sip:{to_user}@example.com", body=body, content_type=ctype)
+    return send_with_sipp(sipp, proxy.port, request, expect=expect, workdir=tmp_path)
 
 
 def _received_body(trace: str) -> bytes:
