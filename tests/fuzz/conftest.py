@@ -1,0 +1,59 @@
+"""Fixtures and the end-of-run figures for the hostile-input property tests.
+
+``E2M_FUZZ_EXAMPLES`` (default 100) is the number of hypothesis examples per
+target and strategy; CI keeps the default so the whole directory runs well
+under a minute, a longer local run raises it.  ``make fuzz`` (atheris, see
+``fuzz/run.py``) is the long, coverage-guided run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
+
+import fuzzkit  # noqa: E402
+
+EXAMPLES = int(os.environ.get("E2M_FUZZ_EXAMPLES", "100"))
+
+# name -> fuzzkit.Stats, filled by the tests, printed at the end.
+STATS: dict[str, fuzzkit.Stats] = {}
+# family -> [(size, seconds)], filled by test_growth.
+GROWTH: dict[str, list[tuple[int, float]]] = {}
+# target -> (bytes traced after warm-up, bytes after the repeated rounds)
+MEMORY: dict[str, tuple[int, int, int]] = {}
+
+
+@pytest.fixture(scope="session")
+def kit() -> fuzzkit.Kit:
+    return fuzzkit.kit()
+
+
+def stats_for(name: str) -> fuzzkit.Stats:
+    return STATS.setdefault(name, fuzzkit.Stats())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    tr = terminalreporter
+    if STATS:
+        tr.write_sep("-", "hostile input: inputs run per target (typed rejections), slowest input")
+        for name, s in sorted(STATS.items()):
+            tr.write_line(f"  {name:<22} {s.runs:>6} inputs  {s.rejected:>6} rejected"
+                          f"  max {s.max_seconds * 1e3:8.2f} ms ({s.max_size} bytes)"
+                          + (f"  known bugs hit: {s.known}" if s.known else ""))
+    if GROWTH:
+        tr.write_sep("-", "growth: seconds per input as the input grows (bound: 1 s under 64 KiB)")
+        for family, points in sorted(GROWTH.items()):
+            row = "  ".join(f"{size // 1024:>4}K {sec * 1e3:7.2f}ms" for size, sec in points)
+            first, last = points[0], points[-1]
+            ratio = (last[1] / first[1]) / (last[0] / first[0]) if first[1] > 0 else float("nan")
+            tr.write_line(f"  {family:<28} {row}   time/size growth {ratio:5.2f}x of linear")
+    if MEMORY:
+        tr.write_sep("-", "memory: traced bytes, repeated runs after warm-up")
+        for name, (rounds, before, after) in sorted(MEMORY.items()):
+            tr.write_line(f"  {name:<22} {rounds} rounds: {before:>9} -> {after:>9} bytes"
+                          f" ({after - before:+d})")
