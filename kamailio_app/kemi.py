@@ -251,7 +251,13 @@ class kamailio:
 
     def inspect_request(self):
         """Ask the engine; apply its verdict.  False when the request was answered."""
-        message = _read_message()
+        try:
+            message = _read_message()
+        except E2MError as exc:
+            # Kamailio's parser is more lenient than the core's: still a bad request.
+            _log_exception("parse", exc)
+            KSR.sl.send_reply(400, "Bad Request")
+            return False
         verdict = self.app.engine.inspect(message)
         KSR.info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
         if not self.observe(message, verdict):
