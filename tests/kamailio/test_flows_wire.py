@@ -8,16 +8,18 @@ home proxy archived, and that the untrusted hop saw and changed nothing.
 
 from __future__ import annotations
 
+import hashlib
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from flowkit import (CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_OFFER, TRUSTED, answer, invite,
                      known_proxy, message, ua_engine)
 from kamailio_harness import (ProxyHandle, RawUas, register, send_with_sipp, udp_send)
 
-from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY
+from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY, parse_policy_headers
 from e2m_plugins.sip import SipMessage, make_response
 
 TEXT = b"Hello. This is confidential."
@@ -96,7 +98,7 @@ def test_flow_b_496_with_certificate_and_warning_then_retry(proxy_factory, sipp,
     refusal = udp_send(world.visited.port, first.message)
     assert refusal is not None and refusal.status == 496
     assert refusal.get("Content-Type") == "application/pkix-cert"
-    assert refusal.body == pki.proxy(TRUSTED).cert.public_bytes(_DER)
+    assert refusal.body == pki.proxy(TRUSTED).cert.public_bytes(Encoding.DER)
     assert refusal.get("Warning") == f"380 {TRUSTED} \"Required to view 'application/sdp'\""
     assert refusal.get(PROXY_BODY_POLICY)
     assert raw_uas.wait_for(1, timeout=0.3, method="INVITE") == []   # it went no further
@@ -209,9 +211,6 @@ def test_flow_e_495_then_signed_retry(proxy_factory, sipp, raw_uas, pki, tmp_pat
 
 def test_policy_header_reaches_the_called_ua_and_the_cert_url_matches(
         proxy_factory, sipp, raw_uas, pki, tmp_path):
-    from e2m_plugins.headers import parse_policy_headers
-    import hashlib
-    import urllib.request
     world = _world(proxy_factory, sipp, raw_uas, view=("MESSAGE:*",))
     alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, ("MESSAGE:*",)),))
     result = send_with_sipp(sipp, world.visited.port, alice.protect(message(pki, TEXT)).message,
@@ -222,15 +221,3 @@ def test_policy_header_reaches_the_called_ua_and_the_cert_url_matches(
     assert policy.is_for(TRUSTED) and policy.cert_url == world.home.cert_url
     with urllib.request.urlopen(policy.cert_url, timeout=5) as fetched:
         assert hashlib.sha256(fetched.read()).digest() == policy.cert_fingerprint
-
-
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
-
-_DER = Encoding.DER
-
-
-@pytest.fixture(autouse=True)
-def _plaintext_never_logged():
-    """Nothing in this module may put a body's text in a Kamailio log (checked per test
-    where the text is known; this marks the rule for readers)."""
-    yield
