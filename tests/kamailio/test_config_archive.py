@@ -133,3 +133,16 @@ def test_archive_command_lists_without_text_and_shows_to_out(tmp_path, capsys):
     config.write_text('[kamailio]\nlisten = ["udp:127.0.0.1:5070"]\n[archive]\npath = "a.sqlite"\n')
     assert e2m_main(["archive", "list", "--config", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["length"] == len(b"secret words")
+
+
+@pytest.mark.parametrize("name", ["home-proxy.toml", "visited-proxy.toml"])
+def test_example_configs_are_valid(name, pki, tmp_path):
+    """The examples in kamailio_app/examples pass the launcher's checks and kamailio -c."""
+    examples = ROOT / "kamailio_app" / "examples"
+    for item in examples.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    (tmp_path / "pki").symlink_to(pki.directory)
+    done = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "--config",
+                           str(tmp_path / name), "--check"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-1500:]
