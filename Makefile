@@ -10,7 +10,7 @@ APT_PACKAGES := openssl kamailio kamailio-python3-modules kamailio-utils-modules
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup apt venv test test-unit bench demo clean
+.PHONY: setup apt venv test test-unit bench demo clean fuzz
 
 setup: apt venv
 
@@ -43,6 +43,12 @@ test-unit: venv
 
 bench: setup
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-only -q
+
+# Hostile input, the long run: every parser under atheris for FUZZ_SECONDS
+# (default 300) each; executions per target go to fuzz/results/fuzz-*.json.
+fuzz: venv
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PIP) install -q atheris
+	$(PY) fuzz/run.py --seconds $(or $(FUZZ_SECONDS),300)
 
 demo: setup
 	$(PY) -m e2m_plugins.cli demo cms
