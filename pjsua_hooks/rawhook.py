@@ -74,6 +74,22 @@ class RxReject(Exception):
         self.content_type = content_type
 
     @classmethod
+    def from_response(cls, response: object, *, detail: str = "") -> RxReject:
+        """From a complete response built above (``e2m_plugins.sip.SipMessage``,
+        e.g. ``UAEngine.refusal()``; None: drop without answer).  pjsip builds
+        Via, From, To, Call-ID and CSeq itself; the rest is carried over."""
+        if response is None:
+            return cls(None, detail=detail)
+        own = {"via", "v", "from", "f", "to", "t", "call-id", "i", "cseq",
+               "content-length", "l", "content-type", "c"}
+        headers = [(n, v) for n, v in response.headers  # type: ignore[attr-defined]
+                   if n.strip().lower() not in own]
+        body = response.body  # type: ignore[attr-defined]
+        ctype = response.get("Content-Type") if body else None  # type: ignore[attr-defined]
+        return cls(response.status, response.reason, headers=headers,  # type: ignore[attr-defined]
+                   body=body, content_type=ctype, detail=detail)
+
+    @classmethod
     def from_answer(cls, answer: object, *, agent: str = "localhost",
                     certificate_der: bytes | None = None, detail: str = "") -> RxReject:
         """From an ``e2m_plugins.sip_errors.SipAnswer`` (None: drop without answer)."""

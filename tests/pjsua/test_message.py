@@ -211,6 +211,25 @@ def test_rx_reject_answers_with_its_code_and_drops(make_endpoint, udp_peer) -> N
     assert (err.direction, err.kind, err.blocked) == ("rx", "reject", True)
 
 
+def test_rx_reject_from_a_response_built_above(make_endpoint, udp_peer) -> None:  # type: ignore[no-untyped-def]
+    # The UA engine builds whole responses (UAEngine.refusal); the hook sends
+    # pjsip's stateless answer with that response's code, headers and body.
+    def on_rx(data: bytes) -> bytes | None:
+        if is_message(data):
+            resp = sip.make_response(sip.parse(data), 493, "Undecipherable",
+                                     [("Warning", '399 bob "no key"')], b"DER", "application/pkix-cert")
+            raise RxReject.from_response(resp)
+        return None
+
+    ep, _alice, bob, _ = two_phones(make_endpoint, RawSipHook(on_rx=on_rx))
+    bob_port = int(bob.uri.rsplit(":", 1)[1])
+    udp_peer.send(raw_message(udp_peer, bob_port, b"sealed"), bob_port)
+    grams = udp_peer.collect(ep.pump, 2.0, until=bool)
+    resp = sip.parse(grams[0])
+    assert (resp.status, resp.get("Warning"), resp.body) == (493, '399 bob "no key"', b"DER")
+    assert len(resp.get_all("Via")) == 1 and len(resp.get_all("Content-Type")) == 1
+
+
 def test_rx_reject_with_warning_header(make_endpoint, udp_peer) -> None:  # type: ignore[no-untyped-def]
     def on_rx(data: bytes) -> bytes | None:
         if is_message(data):
