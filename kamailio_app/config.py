@@ -76,6 +76,9 @@ class KamailioSettings:
     # Key cache: 2**keycache_size htable buckets, entries expire after this many seconds.
     keycache_size: int = 10
     keycache_expire: int = 43200
+    # Largest SIP message accepted on TCP (Kamailio's tcp_rd_buf_size); the core
+    # parses messages up to 320 KiB (S/MIME bodies up to 256 KiB).
+    tcp_max_message_kb: int = 320
     binary: str = "/usr/sbin/kamailio"
     module_path: str = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
 
@@ -194,7 +197,7 @@ def _kamailio(table: Any, problems: list[str]) -> KamailioSettings | None:
         return None
     check.unknown(("listen", "workers", "shm_mb", "pkg_mb", "next_hop", "log_level",
                    "domains", "cert_path", "keycache_size", "keycache_expire", "binary",
-                   "module_path"))
+                   "module_path", "tcp_max_message_kb"))
     raw_listen = check.table.get("listen")
     listeners: list[Listener] = []
     if not isinstance(raw_listen, list) or not raw_listen:
@@ -220,6 +223,7 @@ def _kamailio(table: Any, problems: list[str]) -> KamailioSettings | None:
         check.bad("cert_path", f"{cert_path!r} must be an absolute URL path of safe characters")
     ks = check.integer("keycache_size", 10, 4, 20)
     ke = check.integer("keycache_expire", 43200, 10, 7 * 86400)
+    tcp_kb = check.integer("tcp_max_message_kb", 320, 16, 16 * 1024)
     binary = check.string("binary", "/usr/sbin/kamailio") or "/usr/sbin/kamailio"
     mpath = check.string("module_path", KamailioSettings.module_path) or KamailioSettings.module_path
     if not listeners:
@@ -227,6 +231,7 @@ def _kamailio(table: Any, problems: list[str]) -> KamailioSettings | None:
     return KamailioSettings(listen=tuple(listeners), workers=workers, shm_mb=shm, pkg_mb=pkg,
                             next_hop=next_hop, log_level=level, domains=domains,
                             cert_path=cert_path, keycache_size=ks, keycache_expire=ke,
+                            tcp_max_message_kb=tcp_kb,
                             binary=binary, module_path=mpath)
 
 

@@ -76,6 +76,7 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "ALIAS_LINES": "\n".join(f"alias={name}" for name in k.domains),
         "KEYCACHE_SIZE": str(k.keycache_size),
         "KEYCACHE_EXPIRE": str(k.keycache_expire),
+        "TCP_READ_BUFFER": str(k.tcp_max_message_kb * 1024),
     }
     text = template.read_text()
     for name, value in values.items():
