@@ -219,6 +219,8 @@ class ProxyHandle:
     def stop(self) -> None:
         if self.process is None:
             return
+        pid_file = self.runtime_dir / "kamailio.pid"
+        kamailio_pid = int(pid_file.read_text()) if pid_file.exists() else None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -226,6 +228,13 @@ class ProxyHandle:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if kamailio_pid is not None:
+            # Kamailio runs in its own session; if the launcher died before stopping it,
+            # its process group (main process and workers) must not outlive the test.
+            try:
+                os.killpg(kamailio_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.process = None
 
 
@@ -514,7 +523,7 @@ _SIPP_MADE = {"via", "call-id", "max-forwards", "content-length", "content-type"
 
 
 def send_with_sipp(sipp: SippRunner, port: int, message: SipMessage, *, expect: int = 200,
-                   workdir: Path) -> SippResult:
+                   workdir: Path, transport: str = "udp") -> SippResult:
     """Send ``message`` (made by a UA engine) with SIPp: SIPp writes the transaction and
     dialog headers, the message gives the rest (labels, policy, body) byte-exact."""
     from e2m_plugins.sip import canonical_name, parse_address
@@ -528,7 +537,8 @@ def send_with_sipp(sipp: SippRunner, port: int, message: SipMessage, *, expect: 
         raise ValueError("sipp -cid_str would expand % in the Call-ID")
     return sipp.uac(scenario, port, headers=headers,
                     fill={"EXPECT": str(expect), "CSEQ": str(number), "NEXT_CSEQ": str(number + 1)},
-                    extra_args=["-cid_str", message.call_id],
+                    extra_args=["-cid_str", message.call_id,
+                                *(["-t", "t1"] if transport == "tcp" else [])],
                     keys={"from_user": user("From"), "to_user": user("To"),
                           "ctype": message.get("Content-Type") or "text/plain",
                           "bodyfile": body_file})

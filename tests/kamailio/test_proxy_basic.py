@@ -96,3 +96,18 @@ def test_unknown_path_on_the_certificate_listener_is_404(home_proxy):
         assert exc.code == 404
     else:  # pragma: no cover - the assertion message is the point
         raise AssertionError("an unknown path was served")
+
+
+def test_message_over_tcp_with_a_large_binary_body(proxy_factory, sipp, raw_uas, tmp_path):
+    """SIP over the TCP listener (the one xhttp shares): a 30 KB body with every octet
+    value arrives byte-exact at a UDP contact."""
+    proxy = proxy_factory("tcp", e2m=True, view=("MESSAGE:text/plain",))
+    register(proxy, "bob", raw_uas.port, sipp)
+    body = bytes(range(256)) * 120
+    request = make_request("MESSAGE", "sip:bob@example.com", from_uri="sip:alice@example.com",
+                           to_uri="sip:bob@example.com", body=body,
+                           content_type="application/octet-stream")
+    sent = send_with_sipp(sipp, proxy.port, request, workdir=tmp_path, transport="tcp")
+    assert sent.rc == 0, sent.output[-800:]
+    (got,) = raw_uas.wait_for(1, method="MESSAGE")
+    assert got.body == body
