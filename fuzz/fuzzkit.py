@@ -27,6 +27,9 @@ for _p in (ROOT, ROOT / "tests"):  # e2m_plugins from a bare checkout; flowkit f
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from cryptography import x509  # noqa: E402
+from cryptography.exceptions import UnsupportedAlgorithm  # noqa: E402
+
 from e2m_plugins import headers as hdr  # noqa: E402
 from e2m_plugins import mime, sdp, sip  # noqa: E402
 from e2m_plugins.body import protect_content, with_entity  # noqa: E402
@@ -74,8 +77,9 @@ class Kit:
         self.reset_ua()
 
     def reset_ua(self) -> None:
-        """A fresh bob (the UA engine learns policies and keys from what it opens)."""
+        """A fresh bob and alice (UA engines learn policies, certificates and keys)."""
         self.bob = flowkit.ua_engine(self.pki, "bob")
+        self.alice = flowkit.ua_engine(self.pki, "alice")
 
     # -- credentials -------------------------------------------------------
 
@@ -210,6 +214,25 @@ class Kit:
             to_bob.append(flowkit.reply_from(first, verdict))
         return [m.serialize() for m in to_proxy], [m.serialize() for m in to_bob]
 
+    @cached_property
+    def refusals(self) -> list[bytes]:
+        """E2M answers a UAC reacts to: the proxy's 496s (MESSAGE and INVITE) and bob's 493."""
+        pki = self.pki
+        alice = flowkit.ua_engine(pki, "alice")
+        proxy = flowkit.proxy_engine(pki, TRUSTED, view=VIEW, verify=("MESSAGE:*",))
+        out = []
+        for plain in (flowkit.message(pki), flowkit.invite(pki)):
+            sent = alice.protect(plain).message
+            out.append(flowkit.reply_from(sent, proxy.inspect(sent)))
+        signed_less = flowkit.ua_engine(pki, "alice", proxies=(
+            flowkit.known_proxy(pki, TRUSTED, ("MESSAGE:*",)),)).protect(flowkit.message(pki)).message
+        out.append(flowkit.reply_from(signed_less, proxy.inspect(signed_less)))   # 495
+        from e2m_plugins.errors import NoMatchingRecipientError
+        refusal = self.bob.refusal(flowkit.message(pki), NoMatchingRecipientError("x"))
+        if refusal is not None:
+            out.append(refusal)
+        return [m.serialize() for m in out]
+
     @property
     def proxy_messages(self) -> list[bytes]:
         return self._flows[0]
@@ -336,6 +359,15 @@ def t_ua_open(k: Kit, data: bytes) -> None:
     k.bob.open(msg)
 
 
+def t_ua_react(k: Kit, data: bytes) -> None:
+    response = sip.parse(data)
+    method = response.cseq[1]
+    request = (flowkit.invite(k.pki) if method == "INVITE" else flowkit.message(k.pki))  # fresh Call-ID
+    reaction = k.alice.react(response, request)
+    if reaction.action not in ("none", "fail", "retry"):
+        raise PropertyViolation(f"react gave {reaction.action!r}")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -360,6 +392,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("proxy_inspect", t_proxy_inspect, lambda k: k.proxy_messages,
            "sip.parse then ProxyEngine.inspect (must never raise)"),
     Target("ua_open", t_ua_open, lambda k: k.ua_messages, "sip.parse then UAEngine.open"),
+    Target("ua_react", t_ua_react, lambda k: k.refusals,
+           "sip.parse then UAEngine.react to a 496/495/493 (certificate body, Warning, policy header)"),
 )}
 
 
@@ -370,11 +404,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 # on, so one known bug does not hide the next one.  When the lead fixes one,
 # its xfail test passes (strict: the run fails) and the entry goes from here.
 # name -> (exception type, function in e2m_plugins where it is raised)
-KNOWN_BUGS: dict[str, tuple[type[BaseException], str]] = {
+KNOWN_BUGS: dict[str, tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = {
     "surrogate-in-content-header": (UnicodeEncodeError, "encode_part"),
     "huge-oid-arc": (ValueError, "oid"),
     "nested-constructed-octet-string": (RecursionError, "octets"),
     "pss-salt-overflow": (OverflowError, "_check_signature"),
+    "duplicate-certificate-extension": (x509.DuplicateExtension, "_fully_readable"),
+    "unreadable-public-key-in-certstore": ((ValueError, UnsupportedAlgorithm), "_key_problem"),
 }
 
 

@@ -9,6 +9,8 @@ failure, and the fixer removes the xfail mark here and the matching entry of
 from __future__ import annotations
 
 import pytest
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 import flowkit
 from e2m_plugins import sip
 from e2m_plugins.cms import der, oids
@@ -137,3 +139,53 @@ def test_pss_reproducer_really_is_pss(kit):
     """Guard for the reproducer above: the seed it edits is RSASSA-PSS signed and verifies."""
     assert bytes.fromhex("06092a864886f70d01010a") in kit.signed[1]   # id-RSASSA-PSS
     assert verify(kit.signed[1], trust_anchors=kit.anchors).signers
+
+
+# -- 5. a certificate with a duplicated extension ------------------------------------
+
+DUP_EXT = "pki._fully_readable reads cert.extensions to catch duplicate extensions but only " \
+          "catches ValueError/InvalidVersion; cryptography raises x509.DuplicateExtension"
+
+AKI_OID, SKI_OID = bytes.fromhex("0603551d23"), bytes.fromhex("0603551d0e")
+
+
+def _der(cert) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return cert.public_bytes(Encoding.DER)
+
+
+@pytest.mark.xfail(strict=True, raises=x509.DuplicateExtension, reason=DUP_EXT)
+def test_signed_data_with_a_duplicate_extension_certificate_is_a_typed_error(kit):
+    data = kit.signed[0]
+    assert data.count(AKI_OID) == 1
+    with pytest.raises(E2MError):   # the AKI is renamed SKI: two SKI extensions
+        verify(data.replace(AKI_OID, SKI_OID, 1), trust_anchors=kit.anchors)
+
+
+@pytest.mark.xfail(strict=True, raises=x509.DuplicateExtension, reason=DUP_EXT)
+def test_forged_496_with_a_duplicate_extension_certificate_fails_cleanly(kit):
+    cert = _der(kit.pki.proxy(flowkit.TRUSTED).cert).replace(AKI_OID, SKI_OID, 1)
+    plain = flowkit.message(kit.pki)
+    warning = f"380 {flowkit.TRUSTED} \"Required to view 'text/plain'\""
+    forged = sip.make_response(plain, 496, "Proxy Indecipherable", [("Warning", warning)],
+                               cert, "application/pkix-cert")
+    alice = flowkit.ua_engine(kit.pki, "alice")
+    assert alice.react(forged, plain).action == "fail"
+
+
+# -- 6. a certificate whose public key cannot be loaded --------------------------------
+
+SPKI = "certstore._key_problem calls cert.public_key() unguarded: an unknown key algorithm " \
+       "(UnsupportedAlgorithm) or a broken SubjectPublicKeyInfo (ValueError) escapes UAEngine.react"
+
+
+@pytest.mark.xfail(strict=True, raises=(UnsupportedAlgorithm, ValueError), reason=SPKI)
+def test_493_with_an_unreadable_public_key_fails_cleanly(kit):
+    rsa_encryption = bytes.fromhex("06092a864886f70d010101")
+    cert = _der(kit.pki.user("bob").cert)
+    assert cert.count(rsa_encryption) == 1
+    cert = cert.replace(rsa_encryption, bytes.fromhex("06092a864886f70d010109"))   # 1.2.840.113549.1.1.9
+    plain = flowkit.message(kit.pki)
+    refusal = sip.make_response(plain, 493, "Undecipherable", [], cert, "application/pkix-cert")
+    alice = flowkit.ua_engine(kit.pki, "alice")
+    assert alice.react(refusal, plain).action == "fail"
