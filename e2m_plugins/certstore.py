@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from urllib.parse import unquote
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -157,7 +158,10 @@ def _describe(cert: x509.Certificate) -> str:
 
 def _key_problem(cert: x509.Certificate) -> str | None:
     """None if ``cms`` can encrypt to this certificate's key, else why not."""
-    public = cert.public_key()
+    try:
+        public = cert.public_key()
+    except (UnsupportedAlgorithm, ValueError):
+        return "public key that cannot be read"
     if isinstance(public, rsa.RSAPublicKey):
         if public.key_size < MIN_RSA_BITS:
             return f"RSA key of {public.key_size} bits (minimum {MIN_RSA_BITS})"

@@ -385,7 +385,8 @@ def encode_part(part: MimePart) -> bytes:
     out = bytearray()
     for name, value in part.headers:
         _check_header(name, value)
-        out += f"{name}: {value}".encode() + CRLF
+        # surrogateescape gives back the octets a header arrived with (sip.parse keeps them so)
+        out += f"{name}: {value}".encode("utf-8", "surrogateescape") + CRLF
     return bytes(out + CRLF + part.body)
 
 

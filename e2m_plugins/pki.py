@@ -436,7 +436,8 @@ def _fully_readable(cert: x509.Certificate) -> bool:
         cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
         cert.extensions  # noqa: B018 - raises on duplicate or broken extensions
         cert.tbs_certificate_bytes  # noqa: B018
-    except (ValueError, x509.InvalidVersion):
+    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType):
         return False
     return True
 

@@ -158,11 +158,16 @@ def items(tlv: TLV, minimum: int = 0, what: str = "structure") -> list[TLV]:
     return kids
 
 
-def octets(tlv: TLV) -> bytes:
+_MAX_SEGMENT_DEPTH = 8  # BER segments of segments: real encoders use one level
+
+
+def octets(tlv: TLV, _depth: int = 0) -> bytes:
     """Contents of an OCTET STRING, joining BER constructed segments."""
     if not tlv.constructed:
         return tlv.value
-    return b"".join(octets(child) for child in tlv.children())
+    if _depth >= _MAX_SEGMENT_DEPTH:
+        raise MalformedError("constructed OCTET STRING nested too deeply")
+    return b"".join(octets(child, _depth + 1) for child in tlv.children())
 
 
 def integer(tlv: TLV) -> int:
@@ -174,6 +179,8 @@ def integer(tlv: TLV) -> int:
 
 _OID_CACHE: dict[bytes, str] = {}
 _OID_CACHE_MAX = 512  # distinct OIDs seen in practice are a few dozen
+_MAX_ARC_BYTES = 20   # 140 bits: room for UUID arcs (2.25.<128 bits>), no more
+_MAX_OID_BYTES = 128
 
 
 def oid(tlv: TLV) -> str:
@@ -183,15 +190,20 @@ def oid(tlv: TLV) -> str:
     cached = _OID_CACHE.get(raw)
     if cached is not None:
         return cached
-    if not raw or raw[-1] & 0x80:
+    if not raw or raw[-1] & 0x80 or len(raw) > _MAX_OID_BYTES:
         raise MalformedError("bad OBJECT IDENTIFIER")
     arcs: list[int] = []
     value = 0
+    arc_bytes = 0
     for byte in raw:
         value = (value << 7) | (byte & 0x7F)
+        arc_bytes += 1
+        if arc_bytes > _MAX_ARC_BYTES:  # keeps the shifts linear and str() cheap
+            raise MalformedError("OBJECT IDENTIFIER arc too large")
         if not byte & 0x80:
             arcs.append(value)
             value = 0
+            arc_bytes = 0
     first = arcs[0]
     top = min(first // 40, 2)
     dotted = ".".join(str(a) for a in [top, first - 40 * top] + arcs[1:])

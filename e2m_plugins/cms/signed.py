@@ -473,9 +473,9 @@ def _check_signature(signer: _Signer, public_key: object, message: bytes,
         raise SignatureInvalidError("signature does not verify") from None
     except UnsupportedAlgorithm:
         raise UnsupportedAlgorithmError("signature algorithm not supported here") from None
-    except ValueError:
-        # e.g. a malformed DER ECDSA/DSA signature value
-        raise SignatureInvalidError("signature value is malformed") from None
+    except (ValueError, OverflowError):
+        # e.g. a malformed DER ECDSA/DSA signature value, a PSS salt length beyond a C long
+        raise SignatureInvalidError("signature value or parameters are malformed") from None
 
 
 def _verify_signer(signer: _Signer, content: bytes, content_type_oid: str,

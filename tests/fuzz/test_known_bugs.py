@@ -1,16 +1,14 @@
 """Bugs the fuzzing found in the core parsers, each with its minimal reproducer.
 
-Each test states the behaviour we want and is a strict xfail until the lead
-fixes the parser: when a fix lands the test passes, strict turns that into a
-failure, and the fixer removes the xfail mark here and the matching entry of
-``fuzzkit.KNOWN_BUGS`` (which lets the fuzzers step over a known bug).
+Each test states the behaviour we want.  A bug found and not yet fixed is a
+strict xfail here plus an entry of ``fuzzkit.KNOWN_BUGS`` (which lets the
+fuzzers step over it); when the fix lands both go and the test stays as a
+regression test.  The six below are fixed.
 """
 
 from __future__ import annotations
 
 import pytest
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 import flowkit
 from e2m_plugins import sip
 from e2m_plugins.cms import der, oids
@@ -35,14 +33,12 @@ SURROGATE = "sip.parse keeps header octets with surrogateescape; body.kekri_refe
             "the part with mime.encode_part, whose str.encode() raises UnicodeEncodeError"
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError, reason=SURROGATE)
 def test_proxy_inspect_survives_a_non_utf8_content_header(kit):
     msg = sip.parse(_message_with_disposition_octet(kit))
     verdict = kit.proxy.inspect(msg)   # must never raise
     assert isinstance(verdict, Verdict)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError, reason=SURROGATE)
 def test_ua_open_refuses_a_non_utf8_content_header_with_a_typed_error(kit):
     msg = sip.parse(_message_with_disposition_octet(kit))
     with pytest.raises(E2MError):
@@ -60,7 +56,6 @@ def _huge_oid_content_info() -> bytes:
     return der.seq(der.tlv(der.OID, arc), der.explicit(0, der.seq(b"")))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=HUGE_OID)
 @pytest.mark.parametrize("entry", ["content_info_type", "open_envelope", "open_message"])
 def test_huge_oid_arc_is_malformed(kit, entry):
     data = _huge_oid_content_info()
@@ -77,7 +72,6 @@ def test_signed_data_path_already_refuses_a_huge_oid_arc(kit):
         verify(_huge_oid_content_info(), trust_anchors=kit.anchors)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=HUGE_OID)
 def test_proxy_inspect_survives_a_huge_oid_arc(kit):
     from e2m_plugins import mime
     entity = mime.MimePart((("Content-Type", "application/pkcs7-mime"),), _huge_oid_content_info())
@@ -102,13 +96,11 @@ def _nested_octets_envelope(depth: int = 900) -> bytes:
     return der.seq(der.enc_oid(oids.ENVELOPED_DATA), der.explicit(0, body))   # 3.5 KB
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=NESTED)
 def test_deeply_nested_constructed_octet_string_is_malformed(kit):
     with pytest.raises(MalformedError):
         open_envelope(_nested_octets_envelope(), kit.keys)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=NESTED)
 def test_proxy_inspect_survives_nested_octet_strings(kit):
     msg = flowkit.message(kit.pki).with_body(_nested_octets_envelope(), "application/pkcs7-mime")
     assert isinstance(kit.proxy.inspect(msg), Verdict)
@@ -128,7 +120,6 @@ def _pss_signed_with_salt(kit, salt: int) -> bytes:
     return info.dump(force=True)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=PSS_SALT)
 @pytest.mark.parametrize("salt", [2**31, 2**80])
 def test_pss_salt_length_out_of_range_is_a_typed_error(kit, salt):
     with pytest.raises(E2MError):
@@ -154,7 +145,6 @@ def _der(cert) -> bytes:
     return cert.public_bytes(Encoding.DER)
 
 
-@pytest.mark.xfail(strict=True, raises=x509.DuplicateExtension, reason=DUP_EXT)
 def test_signed_data_with_a_duplicate_extension_certificate_is_a_typed_error(kit):
     data = kit.signed[0]
     assert data.count(AKI_OID) == 1
@@ -162,7 +152,6 @@ def test_signed_data_with_a_duplicate_extension_certificate_is_a_typed_error(kit
         verify(data.replace(AKI_OID, SKI_OID, 1), trust_anchors=kit.anchors)
 
 
-@pytest.mark.xfail(strict=True, raises=x509.DuplicateExtension, reason=DUP_EXT)
 def test_forged_496_with_a_duplicate_extension_certificate_fails_cleanly(kit):
     cert = _der(kit.pki.proxy(flowkit.TRUSTED).cert).replace(AKI_OID, SKI_OID, 1)
     plain = flowkit.message(kit.pki)
@@ -179,7 +168,6 @@ SPKI = "certstore._key_problem calls cert.public_key() unguarded: an unknown key
        "(UnsupportedAlgorithm) or a broken SubjectPublicKeyInfo (ValueError) escapes UAEngine.react"
 
 
-@pytest.mark.xfail(strict=True, raises=(UnsupportedAlgorithm, ValueError), reason=SPKI)
 def test_493_with_an_unreadable_public_key_fails_cleanly(kit):
     rsa_encryption = bytes.fromhex("06092a864886f70d010101")
     cert = _der(kit.pki.user("bob").cert)
