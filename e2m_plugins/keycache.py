@@ -49,6 +49,7 @@ __all__ = [
     "scope_key",
     "encode_entry",
     "decode_entry",
+    "check_material",
     "DIALOG_TTL",
     "TRANSACTION_TTL",
     "MAX_TTL",
@@ -233,7 +234,7 @@ class MemoryKeyCache:
 
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
             max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
-        _check_material(reference, cek)
+        check_material(reference, cek)
         if ttl is None:
             ttl = self._transaction_ttl if isinstance(scope, TransactionScope) else self._default_ttl
         if ttl <= 0:
@@ -316,7 +317,7 @@ class MemoryKeyCache:
             self._remove(key)
 
 
-def _check_material(reference: bytes, cek: bytes) -> None:
+def check_material(reference: bytes, cek: bytes) -> None:
     # Both come from the wire (via an opened envelope): bound them.
     if not reference:
         raise MalformedError("empty CEKReference")

@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from e2m_plugins.policy import ConfigError
 
 __all__ = [
     "AppConfig", "AppConfigError", "ArchiveSettings", "E2MSettings", "KamailioSettings",
@@ -35,14 +36,10 @@ _DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])
 _HTTP_PATH = re.compile(r"/[A-Za-z0-9._~/-]{0,200}")
 
 
-class AppConfigError(ValueError):
-    """PROXY.toml is unusable; ``problems`` holds one line per mistake."""
+class AppConfigError(ConfigError):
+    """PROXY.toml's Kamailio sections are unusable; ``problems`` holds one line per mistake.
 
-    def __init__(self, path: str | Path, problems: list[str]) -> None:
-        self.path = str(path)
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n{lines}")
+    The core's ``ConfigError`` with its own name, so callers can catch either."""
 
 
 @dataclass(frozen=True)

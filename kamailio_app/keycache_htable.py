@@ -27,10 +27,10 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from e2m_plugins.errors import LimitExceededError, MalformedError
-from e2m_plugins.keycache import (DIALOG_TTL, MAX_CEK_BYTES, MAX_DECRYPTS_CAP,
-                                  MAX_REFERENCE_BYTES, MAX_TTL, TRANSACTION_TTL, CachedKey,
+from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSACTION_TTL,
+                                  CachedKey,
                                   DialogScope, Scope, TransactionScope, cache_key, decode_entry,
-                                  encode_entry, scope_key)
+                                  check_material, encode_entry, scope_key)
 
 __all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache"]
 
@@ -95,18 +95,6 @@ class KsrHtable:
         self._ksr.htable.sht_unlock(self.table, key)
 
 
-def _check_material(reference: bytes, cek: bytes) -> None:
-    # The same bounds as the core's in-memory cache: both come from the wire.
-    if not reference:
-        raise MalformedError("empty CEKReference")
-    if len(reference) > MAX_REFERENCE_BYTES:
-        raise LimitExceededError(f"CEKReference longer than {MAX_REFERENCE_BYTES} bytes")
-    if not cek:
-        raise ValueError("empty CEK")
-    if len(cek) > MAX_CEK_BYTES:
-        raise LimitExceededError(f"CEK longer than {MAX_CEK_BYTES} bytes")
-
-
 class HtableKeyCache:
     """A ``KeyCache`` whose entries live in a shared htable.
 
@@ -138,7 +126,7 @@ class HtableKeyCache:
     # -- KeyCache ----------------------------------------------------------------
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
             max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
-        _check_material(reference, cek)
+        check_material(reference, cek)  # the same bounds as the in-memory cache
         if ttl is None:
             ttl = self._transaction_ttl if isinstance(scope, TransactionScope) else self._default_ttl
         if ttl <= 0:
