@@ -25,8 +25,8 @@ STATS: dict[str, fuzzkit.Stats] = {}
 # family -> [(size, seconds)], filled by test_growth.
 GROWTH: dict[str, list[tuple[int, float]]] = {}
 OUTCOME: dict[str, str] = {}   # family -> what the largest input got (accepted or the error)
-# target -> (bytes traced after warm-up, bytes after the repeated rounds)
-MEMORY: dict[str, tuple[int, int, int]] = {}
+# target -> (inputs run while traced, bytes still allocated at three points)
+MEMORY: dict[str, tuple[int, int, int, int]] = {}
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             tr.write_line(f"  {family:<28} {row}   growth {ratio:4.2f}x linear  "
                           f"[{OUTCOME.get(family, '?')}]")
     if MEMORY:
-        tr.write_sep("-", "memory: traced bytes, repeated runs after warm-up")
-        for name, (rounds, before, after) in sorted(MEMORY.items()):
-            tr.write_line(f"  {name:<22} {rounds} rounds: {before:>9} -> {after:>9} bytes"
-                          f" ({after - before:+d})")
+        tr.write_sep("-", "memory: bytes still allocated (tracemalloc) after 2, 6 and 10 traced rounds")
+        for name, (count, m1, m2, m3) in sorted(MEMORY.items()):
+            tr.write_line(f"  {name:<22} {count:>5} inputs traced: {m1:>7} -> {m2:>7} -> {m3:>7} bytes"
+                          f"   (last window {m3 - m2:+d})")
