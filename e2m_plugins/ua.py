@@ -322,6 +322,16 @@ class UAEngine:
         bucket = self._dialog_keys.setdefault(slots[0], [])
         bucket[:] = [k for k in bucket if k.reference != key.reference][-7:] + [key]
 
+    def _forget_keys_held_by(self, message: SipMessage, host: str) -> None:
+        """``host`` answered 496 inside a dialog: it lost the keys we thought it
+        held (say it restarted).  They go, so the retry is keyed afresh for the
+        peer and the proxy, with a new reference both can reuse."""
+        name = hdr.host_key(host)
+        for slot in self._dialog_slots(message):
+            bucket = self._dialog_keys.get(slot, [])
+            bucket[:] = [k for k in bucket if name not in {hdr.host_key(r) for r in k.readers
+                                                           if r != "?"}]
+
     def end_dialog(self, message: SipMessage) -> None:
         """BYE (sent or received), or a failed INVITE: the dialog's keys go."""
         with self._lock:
@@ -532,6 +542,8 @@ class UAEngine:
             elif message.is_request or 200 <= status < 300:
                 for key in bucket:
                     key.confirmed = True
+        if 200 <= status < 300:
+            self._retries.pop(message.call_id, None)  # the retries worked: start counting anew
 
     def _opening_keys(self, message: SipMessage, part: mime.MimePart) -> list[OpeningKey]:
         keys: list[OpeningKey] = [self._own_key]
@@ -665,6 +677,7 @@ class UAEngine:
             raise CertificateRejectedError("496 certificate does not match its policy fingerprint")
         check_proxy_certificate(cert, host, self.config.trust_anchors, self._now())
         self.certs.add_proxy(host, cert)
+        self._forget_keys_held_by(request, host)
         method = request.method
         needed = [w[1] for w in warnings if hdr.host_key(_agent_host(w[0])) == hdr.host_key(host)]
         view = tuple(hdr.Rule(method, t) for t in needed) or (hdr.Rule(method, "*"),)

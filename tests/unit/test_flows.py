@@ -390,3 +390,31 @@ def test_dialog_key_rolls_after_its_maximum_use_count(world):
     assert not again.info.key_reuse
     trip = path.request(again.message)
     assert trip.seen_by(TRUSTED) and bob.open(trip.delivered).message.body == SDP_OFFER
+
+
+def test_proxy_restart_mid_dialog_is_healed_by_496_and_rekeying(world):
+    """The trusted proxy loses its key cache (restart): the next body under the
+    reused key gets a 496, alice re-keys for bob and the proxy, and the dialog
+    goes on with the proxy reading both directions again; nothing in plaintext."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    path, untrusted, _ = path_with(world)
+    delivered = bob.open(path.request(alice.protect(invite(world)).message).delivered).message
+    alice.open(path.response(bob.protect(answer(delivered)).message).delivered)
+
+    restarted = proxy_engine(world, TRUSTED, view=SDP_VIEW)      # empty key cache
+    path = SipPath([untrusted, restarted])
+    reinvite = invite(world, call_id=delivered.call_id, cseq=2, to_tag="b1")
+    sent = alice.protect(reinvite)
+    assert sent.info.key_reuse
+    refusal = path.request(sent.message).reply
+    assert refusal.status == 496
+
+    reaction = alice.react(refusal, reinvite)
+    assert reaction.action == "retry"
+    trip = path.request(reaction.request)
+    assert trip.reply is None and trip.seen_by(TRUSTED)[0].plaintext == SDP_OFFER
+    received = bob.open(trip.delivered).message
+    back = path.response(bob.protect(answer(received)).message)
+    assert [s.plaintext for s in back.seen_by(TRUSTED)] == [SDP_ANSWER]
+    assert alice.open(back.delivered).message.body == SDP_ANSWER
