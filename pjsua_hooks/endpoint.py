@@ -316,13 +316,18 @@ class SipEndpoint:
     def add_account(self, user: str, transport: TransportInfo, *, domain: str | None = None,
                     registrar: str | None = None, auth: tuple[str, str] | None = None,
                     auto_answer: int | None = 200, srtp: bool = False,
-                    proxies: Sequence[str] = ()) -> PhoneAccount:
+                    proxies: Sequence[str] = (),
+                    register_via_proxies: bool = True,
+                    srtp_suites: Sequence[str] = ()) -> PhoneAccount:
         """An account bound to ``transport``.
 
         ``domain`` defaults to the transport's host:port (a direct, registrar-less
         identity).  ``registrar`` is a SIP URI to REGISTER to; ``auth`` a
         (username, password) pair for digest challenges.  ``auto_answer`` is the
         status to answer incoming calls with (None: leave them ringing).
+        ``register_via_proxies`` False sends REGISTER straight to the registrar
+        while other requests still take ``proxies``.  ``srtp_suites`` limits the
+        SRTP crypto suites offered (e.g. ``AES_CM_128_HMAC_SHA1_80``).
         """
         self._check()
         if domain is None:
@@ -335,6 +340,8 @@ class SipEndpoint:
         if registrar:
             ac.regConfig.registrarUri = registrar
             ac.regConfig.registerOnAdd = True
+            if not register_via_proxies:
+                ac.regConfig.proxyUse = 0   # neither outbound nor account proxy
         else:
             ac.regConfig.registerOnAdd = False
         if auth:
@@ -344,6 +351,10 @@ class SipEndpoint:
         if srtp:
             ac.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY
             ac.mediaConfig.srtpSecureSignaling = 0
+            for name in srtp_suites:
+                suite = pj.SrtpCrypto()
+                suite.name = name
+                ac.mediaConfig.srtpOpt.cryptos.append(suite)
         acc = PhoneAccount(self, ac.idUri, auto_answer)
         acc.registrar = registrar
         acc.create(ac)

@@ -1,0 +1,704 @@
+"""The E2M softphone: a :class:`SipEndpoint` whose raw hook runs the UA engine.
+
+pjsua keeps working on plaintext; :class:`E2MPhone` installs the hook so that
+
+- every outgoing message goes through ``UAEngine.protect`` (fail closed: if it
+  raises, the message is not sent and the application gets ``SendBlocked``);
+- every incoming message goes through ``UAEngine.open``; a refused request is
+  answered with the engine's own refusal (488 for plaintext where E2M is
+  required, 493 with our certificate, 403 ...), a refused response is dropped
+  and recorded;
+- policies announced in ``Proxy-Body-Policy`` (REGISTER 200, forwarded
+  requests, 496s) are learnt by the engine; the proxy certificates they point
+  at are fetched from the main loop (never inside a hook callback: pjsip holds
+  its locks there), with a short timeout and a size limit;
+- after a 496/495/493 the engine's ``react`` decides, outside the callback,
+  whether to retry: a MESSAGE is sent again, an INVITE becomes a new call.
+
+Each message and call carries its :class:`e2m_plugins.ua.SecurityInfo`
+(encrypted for whom, which proxies could read, signed by whom, key reuse,
+split SDP).  Nothing here logs a body, a CEK or a key.
+
+Configuration: the UA.toml of ``e2m_plugins.policy.load_ua_config`` plus a
+``[phone]`` section (see :class:`PhoneSettings`).
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from e2m_plugins import sip
+from e2m_plugins.certstore import parse_sip_uri
+from e2m_plugins.errors import E2MError
+from e2m_plugins.policy import ConfigError, UAConfig, load_ua_config
+from e2m_plugins.ua import SecurityInfo, UAEngine
+
+from .rawhook import RawSipHook, RxReject
+
+__all__ = ["PhoneSettings", "load_phone_config", "E2MPhone", "OutgoingMessage", "E2MCall",
+           "security_dict", "PhoneError"]
+
+_PJSIP_RX_LIMIT = 4000       # PJSIP_MAX_PKT_LEN of the pinned wheel
+_MEMO = 512                   # plaintext requests / security records kept per phone
+
+
+class PhoneError(RuntimeError):
+    """Something the phone could not do (start, register, fetch)."""
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class PhoneSettings:
+    """The ``[phone]`` section of UA.toml.
+
+    ``registrar``: SIP URI to REGISTER to (none: no registration).
+    ``proxy``: outbound proxy URI every request goes through (loose routing;
+    ``;lr`` is added).  ``register_via_proxy`` false sends REGISTER straight to
+    the registrar (a visited proxy that registers locally would otherwise keep
+    it).  ``transport`` udp|tcp, ``host``/``port`` the local listener (0: a
+    free port).  ``srtp``: offer and require SRTP (SDES).  ``auto_answer``:
+    answer incoming calls with 200.  ``fetch_certificates``: fetch proxy
+    certificates from a policy's cert-url (``fetch_timeout`` s,
+    ``fetch_max_bytes``, only from ``cert_url_hosts`` when that list is not
+    empty).  ``max_retries``: E2M retries per message or call.  ``codecs``
+    (empty: pjsua's whole list) and ``srtp_suites`` keep the SDP small: pjsip
+    reads at most 4000 bytes per incoming message (PJSIP_MAX_PKT_LEN), and a
+    split SDP with two envelopes plus the proxies' headers comes close to it.
+    """
+
+    registrar: str | None = None
+    proxy: str | None = None
+    register_via_proxy: bool = True
+    transport: str = "udp"
+    host: str = "127.0.0.1"
+    port: int = 0
+    srtp: bool = False
+    auto_answer: bool = True
+    fetch_certificates: bool = True
+    fetch_timeout: float = 2.0
+    fetch_max_bytes: int = 65536
+    cert_url_hosts: tuple[str, ...] = ()
+    max_retries: int = 2
+    log_level: int = 0
+    codecs: tuple[str, ...] = ("PCMU/8000", "PCMA/8000")
+    srtp_suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80",)
+
+
+_PHONE_KEYS = {f for f in PhoneSettings.__dataclass_fields__}
+
+
+def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
+    table = raw.get("phone", {})
+    problems: list[str] = []
+    if not isinstance(table, dict):
+        raise ConfigError(path, ["[phone] must be a table"])
+    values: dict[str, Any] = {}
+    types: dict[str, tuple[type, ...]] = {
+        "registrar": (str,), "proxy": (str,), "register_via_proxy": (bool,),
+        "transport": (str,), "host": (str,), "port": (int,), "srtp": (bool,),
+        "auto_answer": (bool,), "fetch_certificates": (bool,), "fetch_timeout": (int, float),
+        "fetch_max_bytes": (int,), "cert_url_hosts": (list,), "max_retries": (int,),
+        "log_level": (int,), "codecs": (list,), "srtp_suites": (list,)}
+    for key, value in table.items():
+        if key not in _PHONE_KEYS:
+            problems.append(f"[phone]: unknown key {key!r}")
+            continue
+        if not isinstance(value, types[key]) or (isinstance(value, bool) and bool not in types[key]):
+            problems.append(f"[phone].{key} has the wrong type")
+            continue
+        values[key] = value
+    for key in ("registrar", "proxy"):
+        uri = values.get(key)
+        if uri is not None and not uri.lower().startswith(("sip:", "sips:")):
+            problems.append(f"[phone].{key} must be a SIP URI, not {uri!r}")
+    if values.get("transport", "udp") not in ("udp", "tcp"):
+        problems.append("[phone].transport must be \"udp\" or \"tcp\"")
+    if not 0 <= values.get("port", 0) <= 65535 or values.get("port") == 5060:
+        problems.append("[phone].port must be 0 (a free port) or a port other than 5060")
+    if not 0 < values.get("fetch_timeout", 2.0) <= 30:
+        problems.append("[phone].fetch_timeout must be between 0 and 30 seconds")
+    if not 0 < values.get("fetch_max_bytes", 65536) <= 1 << 20:
+        problems.append("[phone].fetch_max_bytes must be between 1 and 1 MiB")
+    if not 0 <= values.get("max_retries", 2) <= 3:
+        problems.append("[phone].max_retries must be between 0 and 3")
+    for key in ("codecs", "srtp_suites"):
+        if key in values:
+            if not all(isinstance(v, str) and v for v in values[key]):
+                problems.append(f"[phone].{key} must list names")
+            else:
+                values[key] = tuple(values[key])
+    hosts = values.get("cert_url_hosts", [])
+    if not all(isinstance(h, str) and h for h in hosts):
+        problems.append("[phone].cert_url_hosts must list host names")
+    else:
+        values["cert_url_hosts"] = tuple(h.lower() for h in hosts)
+    if problems:
+        raise ConfigError(path, problems)
+    return PhoneSettings(**values)
+
+
+def load_phone_config(path: str | Path) -> tuple[UAConfig, PhoneSettings]:
+    """UA.toml (the engine's sections, checked by the core) and its ``[phone]`` section."""
+    config = load_ua_config(path)
+    return config, _phone_settings(dict(config.raw), Path(path))
+
+
+# --------------------------------------------------------------------------- records
+
+def security_dict(info: SecurityInfo | None, incoming: bool = False) -> dict[str, Any] | None:
+    """A SecurityInfo as plain data (for JSON), with its one-line description.
+
+    ``SecurityInfo.peer`` is the other UA: for a message we received it is the
+    sender, so the summary says "from" there instead of "for"."""
+    if info is None:
+        return None
+    out = asdict(info)
+    out["readable_by"] = list(info.readable_by)
+    out["signers"] = list(info.signers)
+    summary = info.describe()
+    if incoming and info.encrypted:
+        who = info.peer or "peer"
+        summary = summary.replace(f"encrypted for {who}", f"encrypted by {who} for us"
+                                  + (" and" if info.readable_by else ""), 1)
+    out["summary"] = summary
+    out["direction"] = "rx" if incoming else "tx"
+    return out
+
+
+@dataclass
+class OutgoingMessage:
+    """One MESSAGE the application asked to send, across its E2M retries."""
+
+    to: str
+    text: str = field(repr=False)
+    content_type: str = "text/plain"
+    attempts: int = 0
+    call_ids: list[str] = field(default_factory=list)
+    done: bool = False
+    ok: bool = False
+    status: int | None = None
+    reason: str = ""
+    security: SecurityInfo | None = None
+    retried_after: list[str] = field(default_factory=list)   # e.g. "496: learned proxy..."
+
+
+@dataclass
+class E2MCall:
+    """One call (outgoing across its retries, or incoming) and its security."""
+
+    remote: str
+    outgoing: bool
+    current: Any = None                      # the PhoneCall of the live attempt
+    attempts: int = 0
+    call_ids: list[str] = field(default_factory=list)
+    done: bool = False
+    failed: bool = False
+    reason: str = ""
+    status: int | None = None
+    retried_after: list[str] = field(default_factory=list)
+    security: list[dict[str, Any]] = field(default_factory=list)  # per SDP: dir, what, info
+    was_media_active: bool = False
+
+    @property
+    def sip_call_id(self) -> str | None:
+        return self.call_ids[-1] if self.call_ids else None
+
+    @property
+    def media_active(self) -> bool:
+        return bool(self.current is not None and self.current.media_active)
+
+    @property
+    def confirmed(self) -> bool:
+        return bool(self.current is not None and self.current.confirmed)
+
+
+def _key(msg: sip.SipMessage) -> tuple[str, int, str]:
+    number, method = msg.cseq
+    return (msg.call_id, number, method)
+
+
+def _bounded_put(store: OrderedDict, key: Any, value: Any) -> None:
+    store[key] = value
+    store.move_to_end(key)
+    while len(store) > _MEMO:
+        store.popitem(last=False)
+
+
+# --------------------------------------------------------------------------- the phone
+
+class E2MPhone:
+    """A softphone: one UA engine, one pjsua2 endpoint with the raw hook, one account.
+
+    Use from one thread: ``start()``, then ``poll()`` (or the waiting helpers)
+    in a loop; ``close()`` at the end.  ``on_event(dict)`` gets what happened
+    (``kind`` plus data; message text only in ``message_in``'s ``text``).
+    """
+
+    def __init__(self, config: UAConfig, settings: PhoneSettings | None = None, *,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config = config
+        self.settings = settings or PhoneSettings()
+        self.engine = UAEngine(config)
+        self.on_event = on_event
+        self.events: list[dict[str, Any]] = []
+        identity = parse_sip_uri(config.aor)
+        if identity is None or not identity.user:
+            raise PhoneError(f"{config.aor} is not a user SIP URI")
+        self.user, self.domain = identity.user, identity.host
+        self.hook = RawSipHook(on_tx=self._on_tx, on_rx=self._on_rx)
+        self.endpoint: Any = None
+        self.account: Any = None
+        self.transport: Any = None
+        self.messages: list[OutgoingMessage] = []
+        self.calls: list[E2MCall] = []
+        self.errors: list[dict[str, Any]] = []
+        # state shared between the hook callbacks and the main loop (same thread)
+        self._plain: OrderedDict[tuple[str, int, str], sip.SipMessage] = OrderedDict()
+        self._tx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
+        self._rx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
+        self._reactions: list[tuple[sip.SipMessage, sip.SipMessage | None]] = []
+        self._pending_errors: list[dict[str, Any]] = []
+        self._call_security: dict[str, list[dict[str, Any]]] = {}
+        self._by_call_id: dict[str, OutgoingMessage | E2MCall] = {}
+        self._sending: OutgoingMessage | E2MCall | None = None
+        self._mark = 0
+        self._fetch_tried: dict[str, float] = {}
+        self._last_fetch_check = 0.0
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> E2MPhone:
+        config, settings = load_phone_config(path)
+        return cls(config, settings, **kwargs)
+
+    # -- events ----------------------------------------------------------------------
+    def _emit(self, kind: str, **data: Any) -> dict[str, Any]:
+        event = {"kind": kind, "phone": self.config.aor, "time": round(time.time(), 3), **data}
+        self.events.append(event)
+        if kind == "error":
+            self.errors.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    # -- life cycle ----------------------------------------------------------------
+    def start(self) -> E2MPhone:
+        from .endpoint import SipEndpoint
+
+        s = self.settings
+        self.endpoint = SipEndpoint(hook=self.hook, require_e2m=self.config.require_e2m,
+                                    host=s.host, log_level=s.log_level,
+                                    user_agent="e2m-phone (pjsua2)")
+        self.endpoint.start()      # gate: wheel, platform, self-test; GateError if required
+        if s.codecs:
+            ep = self.endpoint.pj_endpoint
+            wanted = [c.lower() for c in s.codecs]
+            for codec in ep.codecEnum2():
+                name = codec.codecId.lower()
+                keep = any(name.startswith(w) for w in wanted)
+                ep.codecSetPriority(codec.codecId, 255 - wanted.index(next(
+                    w for w in wanted if name.startswith(w))) if keep else 0)
+        self.transport = self.endpoint.add_transport(s.transport, s.port)
+        proxies = []
+        if s.proxy:
+            proxies.append(s.proxy if ";lr" in s.proxy else s.proxy + ";lr")
+        registrar = s.registrar
+        self.account = self.endpoint.add_account(
+            self.user, self.transport, domain=self.domain, registrar=registrar,
+            auto_answer=200 if s.auto_answer else None, srtp=s.srtp, proxies=proxies,
+            register_via_proxies=s.register_via_proxy, srtp_suites=s.srtp_suites)
+        self._emit("started", local=f"{self.transport.host}:{self.transport.port}",
+                   transport=self.transport.kind, hook_active=self.endpoint.hook_active,
+                   gate=self.endpoint.gate_result.reason if self.endpoint.gate_result else None)
+        return self
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            try:
+                self.endpoint.close()
+            finally:
+                self.endpoint = None
+                self.account = None
+                for call in self.calls:
+                    call.current = None
+
+    def __enter__(self) -> E2MPhone:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the hook (runs inside pjsip; no pjsua2 calls, no I/O) -----------------------
+    def _on_tx(self, data: bytes) -> bytes | None:
+        msg = sip.parse(data)
+        if msg.is_request:
+            if msg.body:
+                _bounded_put(self._plain, _key(msg), msg)
+            if self._sending is not None and msg.method in ("MESSAGE", "INVITE") \
+                    and msg.call_id not in self._by_call_id:
+                self._by_call_id[msg.call_id] = self._sending
+                self._sending.call_ids.append(msg.call_id)
+        protected = self.engine.protect(msg)        # raises: not sent (fail closed)
+        if msg.body:
+            what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
+            _bounded_put(self._tx_info, (*_key(msg), what), protected.info)
+            self._note_call_security("tx", msg, what, protected.info)
+        if protected.message is msg:
+            return None
+        out = protected.message.serialize()
+        if len(out) > _PJSIP_RX_LIMIT - 500:   # proxies add Via, Record-Route, policy
+            self._pending_errors.append({
+                "kind": "warning", "direction": "tx", "message": msg.method if msg.is_request else
+                f"{msg.status} {msg.method}", "call_id": msg.call_id, "error": "SizeWarning",
+                "detail": f"protected message is {len(out)} bytes; a pjsip peer reads at most "
+                          f"{_PJSIP_RX_LIMIT}"})
+        return out
+
+    def _on_rx(self, data: bytes) -> bytes | None:
+        try:
+            msg = sip.parse(data)
+        except E2MError as exc:
+            raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
+        try:
+            opened = self.engine.open(msg)
+        except E2MError as err:
+            start = msg.method if msg.is_request else f"{msg.status} {msg.method}"
+            self._pending_errors.append({"direction": "rx", "message": start,
+                                         "call_id": msg.call_id, "error": type(err).__name__,
+                                         "detail": str(err)[:200]})
+            if msg.is_request:
+                raise RxReject.from_response(self.engine.refusal(msg, err),
+                                             detail=type(err).__name__) from None
+            raise RxReject(None, detail=type(err).__name__) from None
+        codes = self.config.codes
+        if not msg.is_request and msg.status in (codes.proxy_indecipherable,
+                                                 codes.signature_required, 493):
+            self._reactions.append((msg, self._plain.get(_key(msg))))
+        if msg.body:
+            what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
+            _bounded_put(self._rx_info, (*_key(msg), what), opened.info)
+            self._note_call_security("rx", msg, what, opened.info)
+        if opened.message is msg or opened.message.body == msg.body:
+            return None
+        return opened.message.serialize()
+
+    def _note_call_security(self, direction: str, msg: sip.SipMessage, what: str,
+                            info: SecurityInfo) -> None:
+        if info.content_type != "application/sdp":
+            return
+        self._call_security.setdefault(msg.call_id, []).append(
+            {"direction": direction, "what": what, "cseq": msg.cseq[0], "info": info})
+        while len(self._call_security) > _MEMO:
+            self._call_security.pop(next(iter(self._call_security)))
+
+    # -- main loop -----------------------------------------------------------------------
+    def poll(self, ms: int = 10) -> None:
+        """Run pjsip once, then the work the callbacks queued (fetches, retries, events)."""
+        self.endpoint.pump(ms)
+        self._after_pump()
+
+    def run_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.poll(10)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= end:
+                return False
+            self.poll(10)
+        return True
+
+    def _after_pump(self) -> None:
+        while self._pending_errors:
+            err = self._pending_errors.pop(0)
+            self._emit(err.pop("kind", "error"), **err)
+        for event in self.endpoint.events.find(since=self._mark):
+            self._mark = event.seq
+            handler = getattr(self, f"_ev_{event.kind}", None)
+            if handler is not None:
+                handler(event)
+        now = time.monotonic()
+        if now - self._last_fetch_check > 0.1:
+            self._last_fetch_check = now
+            self.fetch_certificates()
+
+    # pjsua events, copied into phone events
+    def _ev_reg(self, ev: Any) -> None:
+        ok = ev["code"] // 100 == 2
+        data: dict[str, Any] = {"code": ev["code"], "reason": ev["reason"],
+                                "expiration": ev["expiration"]}
+        if ok and ev["expiration"] > 0:
+            data["policies"] = [{"host": p.host, "view": [r.format() for r in p.view],
+                                 "verify": [r.format() for r in p.verify], "cert_url": p.url}
+                                for p in self.engine.policies()]
+            self.fetch_certificates(force=True)
+        self._emit("registered" if ok and ev["expiration"] > 0 else
+                   "unregistered" if ok else "register_failed", **data)
+
+    def _ev_message(self, ev: Any) -> None:
+        whole = ev["whole_msg"]
+        info = None
+        try:
+            msg = sip.parse(whole)
+            info = self._rx_info.get((*_key(msg), msg.method))
+            call_id = msg.call_id
+        except E2MError:
+            call_id = None
+        body = ev["body"]
+        self._emit("message_in", from_uri=ev["from_uri"], to_uri=ev["to_uri"], call_id=call_id,
+                   content_type=ev["content_type"],
+                   text=body.decode("utf-8", "replace"), security=security_dict(info, True))
+
+    def _ev_message_status(self, ev: Any) -> None:
+        handle: OutgoingMessage | None = None
+        response = None
+        try:
+            response = sip.parse(ev["whole_msg"]) if ev["whole_msg"] else None
+        except E2MError:
+            response = None
+        if response is not None:
+            found = self._by_call_id.get(response.call_id)
+            handle = found if isinstance(found, OutgoingMessage) else None
+        if handle is None:    # no response (timeout, blocked): the oldest pending one
+            handle = next((m for m in self.messages if not m.done and m.attempts and
+                           _same_uri(m.to, ev["to_uri"])), None)
+        if handle is None or handle.done:
+            return
+        code = ev["code"]
+        handle.status, handle.reason = code, ev["reason"]
+        if code // 100 == 2:
+            handle.done = handle.ok = True
+            self._emit("message_sent", to=handle.to, code=code, attempts=handle.attempts,
+                       call_id=handle.call_ids[-1] if handle.call_ids else None,
+                       retried_after=handle.retried_after, security=security_dict(handle.security))
+            return
+        if response is not None and self._react(handle, response):
+            return
+        if not handle.done:
+            handle.done = True
+            self._emit("message_failed", to=handle.to, code=code, reason=handle.reason,
+                       attempts=handle.attempts)
+
+    def _ev_incoming_call(self, ev: Any) -> None:
+        acc = self.account
+        phone_call = acc.calls[-1] if acc is not None and acc.calls else None
+        call = E2MCall(remote=ev["remote_uri"], outgoing=False, current=phone_call, attempts=1)
+        call.call_ids.append(ev["call_id"])
+        self.calls.append(call)
+        self._by_call_id[ev["call_id"]] = call
+        self._emit("call_incoming", remote=call.remote, call_id=ev["call_id"],
+                   security=self.call_security(call))
+
+    def _ev_call_state(self, ev: Any) -> None:
+        call = self._by_call_id.get(ev["call_id"])
+        if not isinstance(call, E2MCall):
+            return
+        import pjsua2 as pj
+
+        self._emit("call_state", call_id=ev["call_id"], state=ev["state_text"], code=ev["code"],
+                   reason=ev["reason"])
+        if ev["state"] == pj.PJSIP_INV_STATE_DISCONNECTED and ev["call_id"] == call.sip_call_id:
+            call.status = ev["code"]
+            response = None
+            if ev["whole_msg"]:
+                try:
+                    response = sip.parse(ev["whole_msg"])
+                except E2MError:
+                    response = None
+            if call.outgoing and response is not None and not response.is_request \
+                    and not call.confirmed and self._react(call, response):
+                return
+            call.done = True
+            if call.outgoing and not call.was_media_active:
+                call.failed = True
+                call.reason = call.reason or f"{ev['code']} {ev['reason']}"
+            self._emit("call_ended", call_id=ev["call_id"], code=ev["code"], reason=ev["reason"],
+                       attempts=call.attempts, media_was_active=call.was_media_active,
+                       security=self.call_security(call))
+
+    def _ev_media(self, ev: Any) -> None:
+        call = self._by_call_id.get(ev["call_id"])
+        if not isinstance(call, E2MCall):
+            return
+        import pjsua2 as pj
+
+        names = {pj.PJSUA_CALL_MEDIA_NONE: "none", pj.PJSUA_CALL_MEDIA_ACTIVE: "active",
+                 pj.PJSUA_CALL_MEDIA_LOCAL_HOLD: "local_hold",
+                 pj.PJSUA_CALL_MEDIA_REMOTE_HOLD: "remote_hold", pj.PJSUA_CALL_MEDIA_ERROR: "error"}
+        statuses = [names.get(s, str(s)) for t, s in ev["statuses"] if t == pj.PJMEDIA_TYPE_AUDIO]
+        if "active" in statuses:
+            call.was_media_active = True
+        self._emit("call_media", call_id=ev["call_id"], audio=statuses,
+                   security=self.call_security(call))
+
+    # -- 496 / 495 / 493 ------------------------------------------------------------------
+    def _react(self, handle: OutgoingMessage | E2MCall, response: sip.SipMessage) -> bool:
+        """Handle an E2M answer to ``handle``'s request; True when a retry went out."""
+        entry = next((r for r in self._reactions if r[0].call_id == response.call_id
+                      and r[0].cseq == response.cseq), None)
+        if entry is None:
+            return False
+        self._reactions.remove(entry)
+        answer, plain = entry
+        if plain is None:
+            self._fail(handle, answer.status, "no plaintext request kept for this answer")
+            return True
+        reaction = self.engine.react(answer, plain)
+        self._emit("e2m_answer", code=answer.status, call_id=answer.call_id,
+                   action=reaction.action, reason=reaction.reason, learned=reaction.learned)
+        if reaction.action != "retry":
+            self._fail(handle, answer.status, f"{answer.status} not followed: {reaction.reason}")
+            return True
+        if handle.attempts > self.settings.max_retries:
+            self._fail(handle, answer.status, f"gave up after {handle.attempts} attempts")
+            return True
+        handle.retried_after.append(reaction.reason)
+        self.fetch_certificates(force=True)
+        if isinstance(handle, OutgoingMessage):
+            self._attempt_message(handle)
+        else:
+            self._attempt_call(handle)
+        return True
+
+    def _fail(self, handle: OutgoingMessage | E2MCall, code: int | None, reason: str) -> None:
+        handle.done = True
+        handle.reason = reason
+        if isinstance(handle, OutgoingMessage):
+            handle.status = code
+            self._emit("message_failed", to=handle.to, code=code, reason=reason,
+                       attempts=handle.attempts)
+        else:
+            handle.failed = True
+            handle.status = code
+            self._emit("call_failed", remote=handle.remote, code=code, reason=reason,
+                       attempts=handle.attempts)
+
+    # -- certificates ------------------------------------------------------------------
+    def fetch_certificates(self, force: bool = False) -> list[str]:
+        """Fetch the certificates of learned policies we do not hold (main loop only)."""
+        if not self.settings.fetch_certificates:
+            return []
+        added = []
+        for wanted in self.engine.certificates_wanted():
+            now = time.monotonic()
+            last = self._fetch_tried.get(wanted.host)
+            if last is not None and now - last < (2.0 if force else 30.0):
+                continue
+            self._fetch_tried[wanted.host] = now
+            if not wanted.url:
+                continue
+            try:
+                der = self._download(wanted.url)
+                self.engine.add_proxy_certificate(wanted.host, der)
+            except (E2MError, OSError, ValueError, PhoneError) as exc:
+                self._emit("error", direction="fetch", message=wanted.host,
+                           error=type(exc).__name__, detail=str(exc)[:200])
+                continue
+            added.append(wanted.host)
+            self._emit("proxy_certificate", host=wanted.host, url=wanted.url)
+        return added
+
+    def _download(self, url: str) -> bytes:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PhoneError(f"certificate URL {url!r} is not http(s)")
+        allowed = self.settings.cert_url_hosts
+        if allowed and parts.hostname.lower() not in allowed:
+            raise PhoneError(f"certificate host {parts.hostname} is not in [phone].cert_url_hosts")
+        # No proxies from the environment: the URL is fetched as it is written.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        limit = self.settings.fetch_max_bytes
+        with opener.open(url, timeout=self.settings.fetch_timeout) as reply:
+            data = reply.read(limit + 1)
+        if len(data) > limit:
+            raise PhoneError(f"certificate at {url} is larger than {limit} bytes")
+        return data
+
+    # -- application API ---------------------------------------------------------------
+    def register(self, timeout: float = 5.0) -> bool:
+        """Wait for the REGISTER (sent at start when a registrar is set) to succeed."""
+        if not self.settings.registrar:
+            return True
+        ok = self.wait_until(lambda: bool(self.account.is_registered) or any(
+            e["kind"] == "register_failed" for e in self.events), timeout)
+        if ok and self.account.is_registered:
+            self.fetch_certificates(force=True)
+            return True
+        return False
+
+    def send_message(self, to: str, text: str, content_type: str = "text/plain") -> OutgoingMessage:
+        handle = OutgoingMessage(to, text, content_type)
+        self.messages.append(handle)
+        self._attempt_message(handle)
+        return handle
+
+    def _attempt_message(self, handle: OutgoingMessage) -> None:
+        from .endpoint import SendError
+
+        handle.attempts += 1
+        self._sending = handle
+        try:
+            self.account.send_message(handle.to, handle.text, content_type=handle.content_type)
+        except SendError as exc:
+            self._fail(handle, getattr(exc, "status", None), f"not sent: {exc}")
+            return
+        finally:
+            self._sending = None
+        if handle.call_ids:
+            handle.security = self._tx_info.get(
+                next((k for k in reversed(self._tx_info)
+                      if k[0] == handle.call_ids[-1] and k[2] == "MESSAGE"), ("", 0, "", "")))
+
+    def call(self, to: str) -> E2MCall:
+        call = E2MCall(remote=to, outgoing=True)
+        self.calls.append(call)
+        self._attempt_call(call)
+        return call
+
+    def _attempt_call(self, call: E2MCall) -> None:
+        from .endpoint import SendError
+
+        call.attempts += 1
+        self._sending = call
+        try:
+            call.current = self.account.make_call(call.remote)
+        except SendError as exc:
+            self._fail(call, getattr(exc, "status", None), f"INVITE not sent: {exc}")
+            return
+        finally:
+            self._sending = None
+        self._emit("call_started", remote=call.remote, call_id=call.sip_call_id,
+                   attempt=call.attempts)
+
+    def call_security(self, call: E2MCall) -> list[dict[str, Any]]:
+        """Per SDP of the call's live dialog: direction, message and its security."""
+        records = self._call_security.get(call.sip_call_id or "", [])
+        return [{"direction": r["direction"], "what": r["what"], "cseq": r["cseq"],
+                 "security": security_dict(r["info"], r["direction"] == "rx")} for r in records]
+
+    def message_security(self, handle: OutgoingMessage) -> SecurityInfo | None:
+        return handle.security
+
+    def hangup(self, call: E2MCall) -> None:
+        if call.current is not None and not call.current.disconnected:
+            call.current.end()
+
+    def done_messages(self) -> bool:
+        return all(m.done for m in self.messages)
+
+
+def _same_uri(a: str, b: str) -> bool:
+    def norm(u: str) -> str:
+        u = u.strip().strip("<>")
+        return u.split(";", 1)[0].lower()
+    return norm(a) == norm(b)
+
