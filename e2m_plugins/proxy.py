@@ -45,6 +45,10 @@ _NO_POLICY_ANNOUNCE = frozenset({"ACK", "CANCEL", "BYE", "REGISTER", "PRACK"})
 # Methods whose CEKs live only for one transaction (key-reuse-01: outside a dialog).
 _TRANSACTION_METHODS = frozenset({"MESSAGE", "OPTIONS", "REGISTER", "PUBLISH"})
 _UNREADABLE = (NoMatchingRecipientError, DecryptionError)
+# A key kept from a dialog-creating request lives only as long as that INVITE
+# transaction may (Timer C, 3 min, plus margin) unless a 2xx confirms the dialog:
+# a far end that never answers leaves no key behind for 12 hours.
+EARLY_DIALOG_TTL = 200.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -294,6 +298,10 @@ class ProxyEngine:
                 kept = self.cache.get(candidate, reference)
                 if kept is not None:
                     keys.append(SharedKEK(reference, kept.cek[::-1]))  # RFC 3185 KEK
+                    if candidate is not scope and self._confirms_dialog(message):
+                        # the dialog exists now: keep the key for its whole life
+                        self.cache.put(scope, reference, kept.cek,
+                                       max_decrypts=kept.max_decrypts)
                     break
         return keys
 
@@ -363,17 +371,23 @@ class ProxyEngine:
                 return only
         return None
 
+    @staticmethod
+    def _confirms_dialog(message: SipMessage) -> bool:
+        return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
+
     def _keep_keys(self, message: SipMessage, opened: list[OpenedPart]) -> None:
         references = [ref for part in opened for ref in part.cek_references]
         if not references:
             return
         scope = message_scope(message)
+        early = isinstance(scope, DialogScope) and scope.early
         for reference, cek, _count in references:
             max_decrypts = None
             for env in (e for p in opened for e in p.envelopes):
                 if env.cek_reference == reference:
                     max_decrypts = env.cek_max_decrypts
-            self.cache.put(scope, reference, cek, max_decrypts=max_decrypts)
+            self.cache.put(scope, reference, cek, max_decrypts=max_decrypts,
+                           ttl=EARLY_DIALOG_TTL if early else None)
 
     @staticmethod
     def _seen(part: OpenedPart) -> SeenBody:

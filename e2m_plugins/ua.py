@@ -319,6 +319,10 @@ class UAEngine:
             oldest = min(self._dialog_keys, key=lambda s: min(
                 (k.created for k in self._dialog_keys[s]), default=0.0))
             del self._dialog_keys[oldest]
+        now = self._clock()
+        for stale in [s for s, keys in self._dialog_keys.items()
+                      if all(now - k.created >= self.config.cek_max_age for k in keys)]:
+            del self._dialog_keys[stale]  # dialogs that ended without a BYE we saw
         bucket = self._dialog_keys.setdefault(slots[0], [])
         bucket[:] = [k for k in bucket if k.reference != key.reference][-7:] + [key]
 
@@ -331,6 +335,14 @@ class UAEngine:
             bucket = self._dialog_keys.get(slot, [])
             bucket[:] = [k for k in bucket if name not in {hdr.host_key(r) for r in k.readers
                                                            if r != "?"}]
+
+    def forget_call(self, call_id: str) -> None:
+        """The application saw the call end without a message we opened (a local
+        timeout, a transport error): every key of that Call-ID goes."""
+        with self._lock:
+            for slot in [s for s in self._dialog_keys if s[0] == call_id]:
+                del self._dialog_keys[slot]
+            self._retries.pop(call_id, None)
 
     def end_dialog(self, message: SipMessage) -> None:
         """BYE (sent or received), or a failed INVITE: the dialog's keys go."""

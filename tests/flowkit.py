@@ -43,7 +43,7 @@ def proxy_engine(pki: TestPKI, host: str, *, view: tuple[str, ...] = (),
     config = ProxyConfig(host=host, certificate=cred.cert, private_key=cred.key,
                          trust_anchors=(pki.ca.cert,), view=rules(*view), verify=rules(*verify),
                          cert_url=f"http://127.0.0.1:1/{host}.der", **settings)
-    return ProxyEngine(config, cache or MemoryKeyCache())
+    return ProxyEngine(config, cache if cache is not None else MemoryKeyCache())
 
 
 def ua_engine(pki: TestPKI, name: str, *, peers: tuple[str, ...] = ("alice", "bob"),

@@ -418,3 +418,37 @@ def test_proxy_restart_mid_dialog_is_healed_by_496_and_rekeying(world):
     back = path.response(bob.protect(answer(received)).message)
     assert [s.plaintext for s in back.seen_by(TRUSTED)] == [SDP_ANSWER]
     assert alice.open(back.delivered).message.body == SDP_ANSWER
+
+
+def test_no_answer_leaves_no_long_lived_key_at_the_proxy(world):
+    """An INVITE whose far end never answers: the proxy's key expires with the
+    transaction (200 s), not after the 12 h a dialog key may live; a 2xx turns
+    it into a dialog key."""
+    from e2m_plugins.keycache import MemoryKeyCache
+    from e2m_plugins.proxy import EARLY_DIALOG_TTL
+    clock = [1000.0]
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    trusted = proxy_engine(world, TRUSTED, view=SDP_VIEW,
+                           cache=MemoryKeyCache(clock=lambda: clock[0]))
+    sent = alice.protect(invite(world, call_id="lost@x")).message
+    trusted.inspect(sent)
+    assert len(trusted.cache) == 1
+    clock[0] += EARLY_DIALOG_TTL + 1
+    assert trusted.cache.purge_expired() == 1 and len(trusted.cache) == 0
+
+    bob = ua_engine(world, "bob")
+    sent = alice.protect(invite(world, call_id="kept@x")).message
+    trusted.inspect(sent)
+    reply = bob.protect(answer(bob.open(sent).message)).message
+    assert trusted.inspect(reply).seen
+    clock[0] += EARLY_DIALOG_TTL + 1
+    trusted.cache.purge_expired()
+    assert len(trusted.cache) == 1        # the confirmed dialog's key stays
+
+
+def test_forget_call_drops_every_key_of_the_call(world):
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    alice.protect(invite(world, call_id="gone@x"))
+    assert alice._dialog_keys
+    alice.forget_call("gone@x")
+    assert alice._dialog_keys == {}
