@@ -25,6 +25,11 @@ Configuration: the UA.toml of ``e2m_plugins.policy.load_ua_config`` plus a
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -36,15 +41,16 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.certstore import parse_sip_uri
-from e2m_plugins.errors import E2MError
+from e2m_plugins.errors import DowngradeError, E2MError
 from e2m_plugins.policy import ConfigError, UAConfig, load_ua_config
-from e2m_plugins.ua import SecurityInfo, UAEngine
+from e2m_plugins.ua import Opened, SecurityInfo, UAEngine
 
 from .rawhook import RawSipHook, RxReject
 
 __all__ = ["PhoneSettings", "load_phone_config", "E2MPhone", "OutgoingMessage", "E2MCall",
            "security_dict", "PhoneError"]
 
+KEY_WITNESS_ENV = "E2M_PHONE_KEY_WITNESS"
 _PJSIP_RX_LIMIT = 4000       # PJSIP_MAX_PKT_LEN of the pinned wheel
 _MEMO = 512                   # plaintext requests / security records kept per phone
 
@@ -272,6 +278,7 @@ class E2MPhone:
         self._mark = 0
         self._fetch_tried: dict[str, float] = {}
         self._last_fetch_check = 0.0
+        self._witness = os.environ.get(KEY_WITNESS_ENV) or None
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> E2MPhone:
@@ -345,6 +352,8 @@ class E2MPhone:
                     and msg.call_id not in self._by_call_id:
                 self._by_call_id[msg.call_id] = self._sending
                 self._sending.call_ids.append(msg.call_id)
+        if self._witness and msg.body:
+            _witness_keys(self._witness, msg.body)
         protected = self.engine.protect(msg)        # raises: not sent (fail closed)
         if msg.body:
             what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
@@ -368,15 +377,18 @@ class E2MPhone:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
         try:
             opened = self.engine.open(msg)
+        except DowngradeError as err:
+            if msg.is_request or (msg.status or 0) < 300:
+                return self._refuse(msg, err)
+            # Engine quirk (reported): every MESSAGE body counts as protectable, so
+            # the application/pkix-cert body of a 496/493 to a MESSAGE (or any error
+            # answer's body) raises DowngradeError.  An error answer's body is not
+            # content we protect: pass it on; open() already learnt its policy header
+            # and ended the dialog's keys before raising.
+            opened = Opened(msg, SecurityInfo(content_type=(msg.get("Content-Type") or "")
+                                              .split(";")[0].strip().lower() or None))
         except E2MError as err:
-            start = msg.method if msg.is_request else f"{msg.status} {msg.method}"
-            self._pending_errors.append({"direction": "rx", "message": start,
-                                         "call_id": msg.call_id, "error": type(err).__name__,
-                                         "detail": str(err)[:200]})
-            if msg.is_request:
-                raise RxReject.from_response(self.engine.refusal(msg, err),
-                                             detail=type(err).__name__) from None
-            raise RxReject(None, detail=type(err).__name__) from None
+            return self._refuse(msg, err)
         codes = self.config.codes
         if not msg.is_request and msg.status in (codes.proxy_indecipherable,
                                                  codes.signature_required, 493):
@@ -388,6 +400,17 @@ class E2MPhone:
         if opened.message is msg or opened.message.body == msg.body:
             return None
         return opened.message.serialize()
+
+    def _refuse(self, msg: sip.SipMessage, err: E2MError) -> bytes | None:
+        """A refused request gets the engine's answer; a refused response is dropped."""
+        start = msg.method if msg.is_request else f"{msg.status} {msg.method}"
+        self._pending_errors.append({"direction": "rx", "message": start,
+                                     "call_id": msg.call_id, "error": type(err).__name__,
+                                     "detail": str(err)[:200]})
+        if msg.is_request:
+            raise RxReject.from_response(self.engine.refusal(msg, err),
+                                         detail=type(err).__name__) from None
+        raise RxReject(None, detail=type(err).__name__) from None
 
     def _note_call_security(self, direction: str, msg: sip.SipMessage, what: str,
                             info: SecurityInfo) -> None:
@@ -535,9 +558,14 @@ class E2MPhone:
                  pj.PJSUA_CALL_MEDIA_LOCAL_HOLD: "local_hold",
                  pj.PJSUA_CALL_MEDIA_REMOTE_HOLD: "remote_hold", pj.PJSUA_CALL_MEDIA_ERROR: "error"}
         statuses = [names.get(s, str(s)) for t, s in ev["statuses"] if t == pj.PJMEDIA_TYPE_AUDIO]
+        remote = None
         if "active" in statuses:
             call.was_media_active = True
-        self._emit("call_media", call_id=ev["call_id"], audio=statuses,
+            try:   # main loop, not a hook callback: pjsua2 calls are fine here
+                remote = call.current.getStreamInfo(0).remoteRtpAddress
+            except Exception:  # noqa: BLE001 - the call may have ended meanwhile
+                remote = None
+        self._emit("call_media", call_id=ev["call_id"], audio=statuses, remote_rtp=remote,
                    security=self.call_security(call))
 
     # -- 496 / 495 / 493 ------------------------------------------------------------------
@@ -694,6 +722,22 @@ class E2MPhone:
 
     def done_messages(self) -> bool:
         return all(m.done for m in self.messages)
+
+
+def _witness_keys(path: str, body: bytes) -> None:
+    """Wire tests only (``E2M_PHONE_KEY_WITNESS``): the SHA-256 of each SRTP key we
+    offer, as base64 text and as raw bytes, so a capture can be searched for the key
+    without the key itself being written anywhere."""
+    for match in re.finditer(rb"a=crypto:\S+ \S+ inline:([A-Za-z0-9+/=]+)", body):
+        text = match.group(1)
+        try:
+            raw = base64.b64decode(text)
+        except ValueError:
+            raw = b""
+        record = {"b64_len": len(text), "b64_sha256": hashlib.sha256(text).hexdigest(),
+                  "raw_len": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest()}
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 def _same_uri(a: str, b: str) -> bool:

@@ -1,0 +1,153 @@
+"""Fixtures for the end-to-end tests: two real Kamailio proxies (started with
+``e2m-proxy`` through the Kamailio tests' harness), phones as ``e2m-phone`` child
+processes, a loopback capture.  Everything is stopped in teardown, also on failure;
+a failing test's report shows each phone's events (message text redacted, bodies
+never) and the tail of both Kamailio logs.
+
+``e2e_pki``: a test PKI with P-256 keys for alice, bob and proxy.example.com.  EC, not
+RSA: pjsip reads at most 4000 bytes per message, and a split SRTP INVITE with RSA-2048
+recipients plus the two proxies' headers is larger than that.
+``proxies``: (home, visited): home trusted (E2M, archive, views MESSAGE text and
+INVITE SDP), visited untrusted (``[e2m] enabled = false``, next hop home).
+``phones``: ``phones.start(name, config) -> PhoneProcess``; all stopped at teardown.
+``ua_config(name, peer=..., via_visited=..., e2m={...}, phone={...})``: a UA.toml.
+``capture``: ``capture.start(bpf) -> Capture`` (skips when tcpdump cannot capture).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "kamailio"))
+sys.path.insert(0, str(HERE))
+
+from kamailio_harness import ProxyHandle, start_proxy  # noqa: E402
+from phones import Capture, PhoneProcess, redact, tcpdump_command, write_ua  # noqa: E402
+
+from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(getattr(request.node, f"rep_{w}", None) is not None
+               and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+
+
+@pytest.fixture(scope="module")
+def e2e_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return init_test_pki(tmp_path_factory.mktemp("e2e-pki"), users=("alice", "bob"),
+                         key_type="ec")
+
+
+@pytest.fixture(scope="module")
+def proxies(e2e_pki: TestPKI,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyHandle, ProxyHandle]]:
+    home = start_proxy(tmp_path_factory.mktemp("home"), pki=e2e_pki, e2m=True)
+    try:
+        visited = start_proxy(tmp_path_factory.mktemp("visited"), pki=None, e2m=False,
+                              next_hop=home.uri)
+    except BaseException:
+        home.stop()
+        raise
+    try:
+        yield home, visited
+    finally:
+        visited.stop()
+        home.stop()
+
+
+class Phones:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.running: list[PhoneProcess] = []
+
+    def start(self, name: str, config: Path, env: dict[str, str] | None = None,
+              register: bool = True) -> PhoneProcess:
+        phone = PhoneProcess(config, name, env)
+        self.running.append(phone)
+        phone.wait("started", timeout=15)
+        if register:
+            phone.wait("registered", timeout=10)
+        return phone
+
+    def stop_all(self) -> None:
+        for phone in self.running:
+            phone.stop()
+
+
+@pytest.fixture
+def phones(tmp_path: Path, request: pytest.FixtureRequest,
+           proxies: tuple[ProxyHandle, ProxyHandle]) -> Iterator[Phones]:
+    marks = [(p, p.log_mark()) for p in proxies]
+    group = Phones(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+        if _failed(request):
+            for phone in group.running:
+                print(f"\n===== phone {phone.name} (rc={phone.process.returncode}) events =====")
+                for event in phone.events[-40:]:
+                    print(redact(event))
+                print(f"--- stderr ---\n{phone.stderr()[-2000:]}")
+            for proxy, mark in marks:
+                print(f"\n===== Kamailio log of {proxy.name} (port {proxy.port}) =====")
+                print("\n".join(proxy.log_since(mark).splitlines()[-60:]))
+
+
+@pytest.fixture
+def ua_config(tmp_path: Path, e2e_pki: TestPKI,
+              proxies: tuple[ProxyHandle, ProxyHandle]) -> Callable[..., Path]:
+    home, visited = proxies
+
+    def make(name: str, *, peer: str | None = None, via_visited: bool = False,
+             e2m: dict[str, Any] | None = None, phone: dict[str, Any] | None = None,
+             registrar: bool = True) -> Path:
+        settings: dict[str, Any] = {"proxy": visited.uri if via_visited else home.uri,
+                                    "register_via_proxy": False, "srtp": True,
+                                    "cert_url_hosts": ["127.0.0.1"]}
+        if registrar:
+            settings["registrar"] = home.uri
+        settings.update(phone or {})
+        assert e2e_pki.directory is not None
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        return write_ua(directory, name, e2e_pki.directory, peer=peer, phone=settings, e2m=e2m)
+
+    return make
+
+
+class Captures:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.running: list[Capture] = []
+
+    def start(self, bpf: str) -> Capture:
+        if tcpdump_command() is None:
+            pytest.skip("tcpdump is missing or cannot capture here (not root, no sudo -n, "
+                        "no cap_net_raw)")
+        cap = Capture(self.directory / f"capture-{len(self.running)}.pcap", bpf)
+        self.running.append(cap)
+        return cap
+
+
+@pytest.fixture
+def capture(tmp_path: Path) -> Iterator[Captures]:
+    group = Captures(tmp_path)
+    try:
+        yield group
+    finally:
+        for cap in group.running:
+            cap.stop()
