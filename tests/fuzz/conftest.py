@@ -8,7 +8,6 @@ under a minute, a longer local run raises it.  ``make fuzz`` (atheris, see
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,25 +16,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 
 import fuzzkit  # noqa: E402
-
-EXAMPLES = int(os.environ.get("E2M_FUZZ_EXAMPLES", "100"))
-
-# name -> fuzzkit.Stats, filled by the tests, printed at the end.
-STATS: dict[str, fuzzkit.Stats] = {}
-# family -> [(size, seconds)], filled by test_growth.
-GROWTH: dict[str, list[tuple[int, float]]] = {}
-OUTCOME: dict[str, str] = {}   # family -> what the largest input got (accepted or the error)
-# target -> (inputs run while traced, bytes still allocated at three points)
-MEMORY: dict[str, tuple[int, int, int, int]] = {}
+from fuzzreport import GROWTH, MEMORY, OUTCOME, STATS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def kit() -> fuzzkit.Kit:
     return fuzzkit.kit()
-
-
-def stats_for(name: str) -> fuzzkit.Stats:
-    return STATS.setdefault(name, fuzzkit.Stats())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
-from conftest import GROWTH, OUTCOME
+from fuzzreport import GROWTH, OUTCOME
 
 import flowkit
 import fuzzkit

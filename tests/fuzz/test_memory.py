@@ -19,7 +19,7 @@ import random
 import tracemalloc
 
 import pytest
-from conftest import MEMORY
+from fuzzreport import MEMORY
 
 import fuzzkit
 

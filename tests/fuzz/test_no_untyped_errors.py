@@ -10,7 +10,7 @@ duplicated, spliced or cut) and shrinks any failure to a small reproducer.
 from __future__ import annotations
 
 import pytest
-from conftest import EXAMPLES, stats_for
+from fuzzreport import EXAMPLES, stats_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -8,7 +8,7 @@ find message boundaries whatever follows and wait while a message is cut.
 from __future__ import annotations
 
 import pytest
-from conftest import EXAMPLES
+from fuzzreport import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
