@@ -51,7 +51,7 @@ fuzz: venv
 	$(PY) fuzz/run.py --seconds $(or $(FUZZ_SECONDS),300)
 
 demo: setup
-	$(PY) -m e2m_plugins.cli demo cms
+	$(PY) -m pjsua_hooks.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

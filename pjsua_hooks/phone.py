@@ -172,8 +172,10 @@ def security_dict(info: SecurityInfo | None, incoming: bool = False) -> dict[str
     summary = info.describe()
     if incoming and info.encrypted:
         who = info.peer or "peer"
-        summary = summary.replace(f"encrypted for {who}", f"encrypted by {who} for us"
-                                  + (" and" if info.readable_by else ""), 1)
+        if info.readable_by:
+            summary = summary.replace(f"encrypted for {who}, ", f"encrypted by {who} for us and ", 1)
+        else:
+            summary = summary.replace(f"encrypted for {who}", f"encrypted by {who} for us", 1)
     out["summary"] = summary
     out["direction"] = "rx" if incoming else "tx"
     return out
