@@ -9,6 +9,9 @@ Only ``e2m_plugins`` is instrumented for coverage.  The property is
 is counted and stepped over unless ``FUZZ_STRICT=1``; anything else, or an
 input under 64 KiB that takes a second or more, is a crash.
 
+``FUZZ_SLOWEST_FILE``: where to keep the slowest input, so the runner can
+time it again and tell a slow input from a busy machine.
+
 ``FUZZ_STATS_FILE``: where to keep a small JSON record (inputs run, typed
 rejections, known-bug hits, slowest input) — rewritten on every new slowest
 input and every 2,000 inputs, because libFuzzer ends the process without
@@ -28,6 +31,7 @@ with atheris.instrument_imports(include=["e2m_plugins"]):
 
 STRICT = os.environ.get("FUZZ_STRICT") == "1"
 STATS_FILE = os.environ.get("FUZZ_STATS_FILE")
+SLOWEST_FILE = os.environ.get("FUZZ_SLOWEST_FILE")  # the slowest input so far, to replay
 RESET_EVERY = 2000  # a fresh UA engine now and then: what bob learns must not pile up across a run
 
 
@@ -55,6 +59,9 @@ def main() -> None:
             save()
         elif stats.max_seconds > slowest:
             save()
+        if stats.max_seconds > slowest and SLOWEST_FILE:
+            with open(SLOWEST_FILE, "wb") as f:
+                f.write(data)
 
     atheris.Setup([sys.argv[0]] + sys.argv[2:], one_input)
     atheris.Fuzz()

@@ -27,10 +27,9 @@ for _p in (ROOT, ROOT / "tests"):  # e2m_plugins from a bare checkout; flowkit f
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-
 from e2m_plugins import headers as hdr  # noqa: E402
 from e2m_plugins import mime, sdp, sip  # noqa: E402
-from e2m_plugins.body import protect_content, with_entity  # noqa: E402
+from e2m_plugins.body import protect_content  # noqa: E402
 from e2m_plugins.cms.envelope import cek_reference_attributes, open_envelope, seal  # noqa: E402
 from e2m_plugins.cms.recipients import (CertificateKey, KeyTransRecipient, SharedKEK,  # noqa: E402
                                         recipient_for_certificate)
