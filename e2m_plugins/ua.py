@@ -74,12 +74,16 @@ class SecurityInfo:
     split: bool = False                      # separate proxy view and end-to-end copy
     content_type: str | None = None
     consistent: bool | None = None           # split SDP: proxy view matches the full copy
+    received: bool = False                   # True: ``peer`` sent it to us
 
     def describe(self) -> str:
         if not self.encrypted and not self.signed:
             return "plaintext"
         parts = []
-        if self.encrypted:
+        if self.encrypted and self.received:
+            parts.append(f"encrypted by {self.peer or 'the peer'} for us"
+                         + (f" and {', '.join(self.readable_by)}" if self.readable_by else ""))
+        elif self.encrypted:
             who = [self.peer or "peer", *self.readable_by]
             parts.append("encrypted for " + ", ".join(who))
         if self.split:
@@ -380,7 +384,7 @@ class UAEngine:
         if message.is_request and method == "BYE":
             self.end_dialog(message)
         part = message_body(message)
-        if part is None or has_protection(part) or not self._protectable(method, part):
+        if part is None or has_protection(part) or not self._protectable(message, part):
             return Protected(message, SecurityInfo(content_type=part.content_type.mime_type
                                                    if part else None))
         ctype = part.content_type.mime_type
@@ -424,9 +428,16 @@ class UAEngine:
         return Protected(out, info)
 
     @staticmethod
-    def _protectable(method: str, part: mime.MimePart) -> bool:
-        """SDP in any method, and every MESSAGE body; other bodies pass as they are."""
-        return part.content_type.mime_type == "application/sdp" or method == "MESSAGE"
+    def _protectable(message: SipMessage, part: mime.MimePart) -> bool:
+        """SDP in any request or success response, and the body of a MESSAGE request.
+
+        Error answers (a 493's certificate, a 415's text) and other bodies pass
+        as they are: they are not content the user asked to protect.
+        """
+        if not message.is_request and (message.status or 0) >= 300:
+            return False
+        ctype = part.content_type.mime_type
+        return ctype == "application/sdp" or (message.is_request and message.method == "MESSAGE")
 
     def _seal_for(self, *, message: SipMessage, peer: str | None, ctype: str, content: bytes,
                   readers: frozenset[str], exclusive: bool,
@@ -499,7 +510,7 @@ class UAEngine:
             return Opened(message, SecurityInfo())
         peer = _aor(message.get("From") if message.is_request else message.get("To"))
         if not has_protection(part):
-            if self.config.require_e2m and self._protectable(method, part) \
+            if self.config.require_e2m and self._protectable(message, part) \
                     and not (method == "ACK" and not part.body):
                 raise DowngradeError(f"plaintext {part.content_type.mime_type} body where "
                                      "E2M protection is required")
@@ -526,14 +537,17 @@ class UAEngine:
         if chosen is None:
             raise UndecipherableError("no body part is for us")
         if self.config.require_e2m and not chosen.encrypted and self._protectable(
-                method, chosen.entity):
+                message, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
         agreed = None
         if view is not None and view is not chosen and chosen.content_type == "application/sdp":
             agreed = consistent(view.content, chosen.content, self.config.keying_attributes)
+        readers = labels.get(chosen.cid or "", set()) | labels.get("*", set())
+        if view is not None:
+            readers |= labels.get(view.cid or "", set())   # the proxies read the split view
         info = SecurityInfo(
-            encrypted=chosen.encrypted, peer=peer,
-            readable_by=tuple(sorted(labels.get(chosen.cid or "", set()) | labels.get("*", set()))),
+            encrypted=chosen.encrypted, peer=peer, received=True,
+            readable_by=tuple(sorted(readers)),
             signed=chosen.signed, signers=chosen.signers, trusted=chosen.signed,
             key_reuse=any(e.recipient.kind == "kekri" for e in chosen.envelopes),
             split=view is not None and view is not chosen, content_type=chosen.content_type,

@@ -41,9 +41,9 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.certstore import parse_sip_uri
-from e2m_plugins.errors import DowngradeError, E2MError
+from e2m_plugins.errors import E2MError
 from e2m_plugins.policy import ConfigError, UAConfig, load_ua_config
-from e2m_plugins.ua import Opened, SecurityInfo, UAEngine
+from e2m_plugins.ua import SecurityInfo, UAEngine
 
 from .rawhook import RawSipHook, RxReject
 
@@ -160,23 +160,14 @@ def load_phone_config(path: str | Path) -> tuple[UAConfig, PhoneSettings]:
 # --------------------------------------------------------------------------- records
 
 def security_dict(info: SecurityInfo | None, incoming: bool = False) -> dict[str, Any] | None:
-    """A SecurityInfo as plain data (for JSON), with its one-line description.
-
-    ``SecurityInfo.peer`` is the other UA: for a message we received it is the
-    sender, so the summary says "from" there instead of "for"."""
+    """A SecurityInfo as plain data (for JSON), with its one-line description
+    (which says "encrypted by <sender> for us" for what we received)."""
     if info is None:
         return None
     out = asdict(info)
     out["readable_by"] = list(info.readable_by)
     out["signers"] = list(info.signers)
-    summary = info.describe()
-    if incoming and info.encrypted:
-        who = info.peer or "peer"
-        if info.readable_by:
-            summary = summary.replace(f"encrypted for {who}, ", f"encrypted by {who} for us and ", 1)
-        else:
-            summary = summary.replace(f"encrypted for {who}", f"encrypted by {who} for us", 1)
-    out["summary"] = summary
+    out["summary"] = info.describe()
     out["direction"] = "rx" if incoming else "tx"
     return out
 
@@ -379,16 +370,6 @@ class E2MPhone:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
         try:
             opened = self.engine.open(msg)
-        except DowngradeError as err:
-            if msg.is_request or (msg.status or 0) < 300:
-                return self._refuse(msg, err)
-            # Engine quirk (reported): every MESSAGE body counts as protectable, so
-            # the application/pkix-cert body of a 496/493 to a MESSAGE (or any error
-            # answer's body) raises DowngradeError.  An error answer's body is not
-            # content we protect: pass it on; open() already learnt its policy header
-            # and ended the dialog's keys before raising.
-            opened = Opened(msg, SecurityInfo(content_type=(msg.get("Content-Type") or "")
-                                              .split(";")[0].strip().lower() or None))
         except E2MError as err:
             return self._refuse(msg, err)
         codes = self.config.codes

@@ -452,3 +452,16 @@ def test_forget_call_drops_every_key_of_the_call(world):
     assert alice._dialog_keys
     alice.forget_call("gone@x")
     assert alice._dialog_keys == {}
+
+
+def test_error_answers_are_neither_protected_nor_a_downgrade(world):
+    """A 493's certificate or a 496 to a MESSAGE is not content the user protects:
+    a UA sends it as it is and takes it in as it is, even when E2M is required."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    bob = ua_engine(world, "bob")
+    plain = message(world)
+    cert = world.user("bob").cert.public_bytes(Encoding.DER)
+    refusal = make_response(plain, 493, "Undecipherable", [], cert, "application/pkix-cert")
+    assert bob.protect(refusal).message.body == cert
+    alice = ua_engine(world, "alice")
+    assert alice.open(refusal).message.body == cert
