@@ -144,9 +144,11 @@ class kamailio:
             return
         if not self.route_new_transaction():
             return
-        if KSR.is_REGISTER():
+        if KSR.is_REGISTER() and (KSR.is_myself_ruri() or not self.app.config.kamailio.next_hop):
             self.route_register()
             return
+        # A REGISTER for a domain that is not ours goes on to next_hop like any
+        # request: a visited proxy passes it to the home registrar.
         if KSR.is_OPTIONS() and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
             self.route_options_self()
             return

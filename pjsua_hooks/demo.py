@@ -323,7 +323,7 @@ def run(work: Path) -> int:
         visited = Proxy("visited", work / "visited", {
             "kamailio": {"listen": [f"udp:127.0.0.1:{visited_port}", f"tcp:127.0.0.1:{visited_port}"],
                          "workers": 2, "shm_mb": 64, "pkg_mb": 16, "log_level": "info",
-                         "domains": ["example.com"], "next_hop": home.uri},
+                         "next_hop": home.uri},   # no domain of its own: all goes home
             "e2m": {"enabled": False}}, visited_port)
         procs.append(visited)
         home.wait_ready()
@@ -342,7 +342,7 @@ def run(work: Path) -> int:
                              "key": str(pki_dir / f"{name}.key")},
                 "trust": {"ca": [str(pki_dir / "ca.crt")]},
                 "peers": {f"sip:{peer}@example.com": str(pki_dir / f"{peer}.crt")},
-                "phone": {"registrar": home.uri, "proxy": proxy, "register_via_proxy": False,
+                "phone": {"registrar": home.uri, "proxy": proxy, "register_via_proxy": name == "alice",
                           "srtp": True, "cert_url_hosts": ["127.0.0.1"]}})
         bob = Phone("bob", configs["bob"], env)
         procs.insert(0, bob)
