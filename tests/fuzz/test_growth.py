@@ -233,3 +233,35 @@ def test_time_grows_gently_with_input_size(kit, family):
         points.append((wire_size, best))
     GROWTH[family.name] = points
     OUTCOME[family.name] = outcome
+
+
+# -- the one super-linear path found ---------------------------------------------
+
+class _CountingTuple(tuple):
+    """A tuple that adds up the elements each ``in`` test may compare."""
+
+    work = 0
+
+    def __contains__(self, item) -> bool:
+        _CountingTuple.work += len(self)
+        return tuple.__contains__(self, item)
+
+
+SDP_CODECS = ("sdp._codecs tests every a=rtpmap payload type with `pt in formats` on the m= line's "
+              "tuple: formats x rtpmap lines comparisons, quadratic in the SDP size (about 0.5 s "
+              "for a 214 KB SDP, which the proxy's media_summary reads from any body it may view)")
+
+
+@pytest.mark.xfail(strict=True, reason=SDP_CODECS)
+def test_codec_mapping_work_is_linear_in_the_sdp(monkeypatch):
+    """Deterministic (no clock): the comparisons per SDP byte must not grow with the SDP."""
+    original = sdp._codecs
+    monkeypatch.setattr(sdp, "_codecs", lambda formats, proto, attrs:
+                        original(_CountingTuple(formats), proto, attrs))
+    per_byte = []
+    for size in (16 * 1024, 64 * 1024):
+        data = sdp_formats_x_rtpmap(size)
+        _CountingTuple.work = 0
+        sdp.media_summary(data)
+        per_byte.append(_CountingTuple.work / len(data))
+    assert per_byte[1] <= 2 * per_byte[0], f"comparisons per byte {per_byte[0]:.0f} -> {per_byte[1]:.0f}"
