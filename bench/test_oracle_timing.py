@@ -16,10 +16,12 @@ checks for identical answers):
 All kinds run interleaved, one call each per round in a fresh random order,
 so load that drifts over seconds hits them alike; each figure is the median
 of the per-round differences to "good" (µs).  "noise" is the same figure for
-"good (again)" and its spread: the median-notch half width 1.58·IQR/√n of the
-good-vs-good differences.  A failure is "within noise" when its difference
-is inside max(noise, notch) of zero... and the one that matters most for
-Bleichenbacher, bad padding vs wrong CEK (both failures), is printed too.
+"good (again)"; "notch" is the half width 1.58·IQR/√n of a median's
+uncertainty (the box-plot notch).  A failure is "within noise" when its
+difference is no larger than the larger of the noise, the good-vs-good notch
+and its own notch.  The figure that matters most to a Bleichenbacher
+attacker, bad padding minus wrong CEK (non-conforming vs conforming, both
+failures), is printed on its own line.
 
 Seconds per cipher: ``E2M_ORACLE_SECONDS`` (default 4).  The figures print
 at the end of the test and go to ``bench/results/oracle-<UTC stamp>.json``.
