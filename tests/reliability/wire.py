@@ -1,0 +1,271 @@
+"""Wire helpers for the reliability tests: raw bytes over UDP and TCP to a proxy,
+the expected answer computed in process by the core's proxy engine on the same
+bytes, restarting a proxy on its own port, Kamailio memory statistics, and a
+secret scanner for logs.
+
+Nothing here prints a body: reports show start lines, headers and body digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kamailio_harness import LAUNCHER, ROOT, START_TIMEOUT, ProxyHandle
+
+from e2m_plugins.errors import E2MError
+from e2m_plugins.sip import SipMessage, frame_length, parse
+
+_counter = iter(range(1, 1 << 30))
+
+
+# --------------------------------------------------------------------------- transports
+
+class Peer:
+    """One client socket (UDP, or a TCP connection) toward a proxy on 127.0.0.1.
+
+    ``via()`` is the Via a request sent from this socket must carry so the answer
+    comes back here; ``send(data)`` sends raw bytes; ``final(timeout)`` returns the
+    first final response (or None), provisional ones are skipped.
+    """
+
+    def __init__(self, transport: str, port: int) -> None:
+        self.transport = transport
+        self.port = port
+        self.buffer = b""
+        self.responses: list[SipMessage] = []
+        self.unparsed: list[bytes] = []
+        if transport == "udp":
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("127.0.0.1", 0))
+        elif transport == "tcp":
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        else:
+            raise ValueError(transport)
+        self.local_port = self.sock.getsockname()[1]
+
+    def via(self) -> str:
+        branch = f"z9hG4bK-rel{next(_counter)}x{os.getpid()}"
+        return f"SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.local_port};rport;branch={branch}"
+
+    def send(self, data: bytes) -> None:
+        if self.transport == "udp":
+            self.sock.sendto(data, ("127.0.0.1", self.port))
+        else:
+            self.sock.sendall(data)
+
+    def _read_some(self, deadline: float) -> bool:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        self.sock.settimeout(left)
+        try:
+            if self.transport == "udp":
+                data, _ = self.sock.recvfrom(65535)
+                self._keep(data)
+                return True
+            data = self.sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            return False
+        except OSError:
+            return False
+        if not data:
+            return False          # the proxy closed the connection
+        self.buffer += data
+        while True:
+            try:
+                size = frame_length(self.buffer)
+            except E2MError:
+                self.unparsed.append(self.buffer)
+                self.buffer = b""
+                break
+            if size is None:
+                break
+            self._keep(self.buffer[:size])
+            self.buffer = self.buffer[size:]
+        return True
+
+    def _keep(self, data: bytes) -> None:
+        try:
+            self.responses.append(parse(data))
+        except E2MError:
+            self.unparsed.append(data)
+
+    def final(self, timeout: float) -> SipMessage | None:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for response in self.responses[seen:]:
+                if (response.status or 0) >= 200:
+                    return response
+            seen = len(self.responses)
+            if not self._read_some(deadline):
+                return None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def with_via(message: SipMessage, peer: Peer) -> SipMessage:
+    return message.replace("Via", peer.via())
+
+
+def transact(port: int, message: SipMessage, transport: str = "udp",
+             timeout: float = 5.0) -> SipMessage | None:
+    """Send a message (its Via rewritten to point at our socket); the final answer."""
+    peer = Peer(transport, port)
+    try:
+        peer.send(with_via(message, peer).serialize())
+        return peer.final(timeout)
+    finally:
+        peer.close()
+
+
+# --------------------------------------------------------------------------- expectation
+
+@dataclass(frozen=True)
+class Expected:
+    """What the proxy must do with some bytes: answer ``code``, or forward them
+    (the far end answers 200), or drop them (``code`` None, ``forward`` False)."""
+
+    code: int | None
+    forward: bool = False
+    error: str | None = None          # the engine's error class, when it decided
+    certificate: bool = False         # the answer carries the proxy certificate (496)
+    why: str = ""
+
+    def describe(self) -> str:
+        what = "forward" if self.forward else "drop" if self.code is None else str(self.code)
+        return f"{what} ({self.error or self.why})"
+
+
+def engine_for(proxy: ProxyHandle):
+    """The core's proxy engine with the running proxy's own PROXY.toml (in process,
+    an in-memory key cache): the same decisions on the same bytes."""
+    from e2m_plugins.keycache import MemoryKeyCache
+    from e2m_plugins.policy import load_proxy_config
+    from e2m_plugins.proxy import ProxyEngine
+    return ProxyEngine(load_proxy_config(proxy.config_path), MemoryKeyCache())
+
+
+def engine_expectation(engine: Any, data: bytes) -> Expected:
+    """The answer the adapter gives for bytes Kamailio accepted as SIP: the core
+    parser's refusal is 400 (kemi.py), else the engine's verdict."""
+    try:
+        message = parse(data)
+    except E2MError as exc:
+        return Expected(400, error=type(exc).__name__, why="core parser refuses")
+    verdict = engine.inspect(message)
+    if verdict.action == "reply":
+        return Expected(verdict.code, error=verdict.error,
+                        certificate=verdict.content_type == "application/pkix-cert")
+    return Expected(None, forward=True, why="engine forwards")
+
+
+# --------------------------------------------------------------------------- restart
+
+def restart(proxy: ProxyHandle, *, down_seconds: float = 0.0) -> None:
+    """Stop the proxy and start it again with the same PROXY.toml on the same port
+    (its shared memory, so its key cache, is gone)."""
+    proxy.stop()
+    time.sleep(down_seconds)
+    log = open(proxy.log_path, "ab")
+    try:
+        proxy.process = subprocess.Popen(
+            [*LAUNCHER, "--config", str(proxy.config_path), "--runtime-dir", str(proxy.runtime_dir)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and proxy.alive():
+        answer = proxy.options(timeout=0.3)
+        if answer is not None and answer.status == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proxy.name} did not come back on {proxy.port}:\n"
+                       f"{proxy.log_since(0)[-2000:]}")
+
+
+# --------------------------------------------------------------------------- memory
+
+def _numbers(text: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"^\s*([a-z_]+):\s*(\d+)\s*$", text, re.MULTILINE)}
+
+
+def memory_sample(proxy: ProxyHandle) -> dict[str, Any]:
+    """Shared memory (core.shmmem) and private memory of every process (pkg.stats),
+    in bytes, from the instance's own ctl socket."""
+    shm = _numbers(proxy.rpc("core.shmmem"))
+    pkg_text = proxy.rpc("pkg.stats")
+    processes = []
+    for block in re.split(r"\n(?=\{)", pkg_text):
+        values = _numbers(block)
+        if "real_used" in values:
+            processes.append(values)
+    return {
+        "shm_used": shm.get("used"), "shm_real_used": shm.get("real_used"),
+        "shm_max_used": shm.get("max_used"), "shm_fragments": shm.get("fragments"),
+        "shm_total": shm.get("total"),
+        "pkg_real_used_sum": sum(p["real_used"] for p in processes) if processes else None,
+        "pkg_real_used_max": max(p["real_used"] for p in processes) if processes else None,
+        "pkg_used_sum": sum(p.get("used", 0) for p in processes) if processes else None,
+        "pkg_processes": len(processes),
+    }
+
+
+def htable_entries(proxy: ProxyHandle) -> list[tuple[str, str]]:
+    """(key, value) of every key-cache entry.  Values hold CEKs: never print them."""
+    text = proxy.rpc("htable.dump", "e2mkeys")
+    out = []
+    for name, value in re.findall(r"name:\s*(\S+)\s*\n\s*value:\s*(.+)", text):
+        out.append((name, value.strip()))
+    return out
+
+
+# --------------------------------------------------------------------------- secrets
+
+def secret_forms(secret: bytes, *, text: bool = False) -> dict[str, bytes]:
+    """The spellings under which a secret could show up in a log."""
+    import base64
+    forms = {"hex": secret.hex().encode(), "HEX": secret.hex().upper().encode(),
+             "base64": base64.b64encode(secret).rstrip(b"="),
+             "base64url": base64.urlsafe_b64encode(secret).rstrip(b"=")}
+    if text:
+        forms["raw"] = secret
+    if len(secret) >= 12:
+        forms["raw"] = secret
+    return forms
+
+
+def find_secrets(blob: bytes, secrets: dict[str, bytes]) -> list[str]:
+    """Names of the secrets found in ``blob`` (never the secret itself)."""
+    found = []
+    for name, needle in secrets.items():
+        if needle and needle in blob:
+            found.append(name)
+    return found
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_all(paths: Iterable[Path]) -> dict[str, bytes]:
+    out = {}
+    for path in paths:
+        try:
+            out[str(path)] = Path(path).read_bytes()
+        except OSError:
+            out[str(path)] = b""
+    return out
