@@ -1,0 +1,173 @@
+"""Where the E2M proxy's CPU goes: ``ProxyEngine.inspect`` in one process, under cProfile.
+
+The same bodies and the same PROXY.toml as the rate benchmark (``proxyrates.py``), and
+the same sequence of messages Kamailio hands the KEMI script per call: for ``message``
+the MESSAGE and its 200; for ``dialog`` INVITE, 200 (answer), ACK, BYE, 200.  Each
+message is serialized and parsed again (``kemi._read_message`` parses the bytes it
+reads from Kamailio), Call-ID, tags and branch fresh per call, one key cache for the
+run (``MemoryKeyCache``; in Kamailio it is the htable), so the kekri answer finds the
+offer's CEK and the BYE drops it.
+
+Prints, per configuration and workload, the µs per call without the profiler (median
+of batches) and the top functions by own time and by cumulative time.  Not part of
+``make bench``; run it as ``.venv/bin/python bench/profile_proxy.py [--calls N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import proxyrates as pr  # noqa: E402  (puts the repository, tests/ and tests/kamailio on the path)
+
+from e2m_plugins.keycache import MemoryKeyCache  # noqa: E402
+from e2m_plugins.policy import load_proxy_config  # noqa: E402
+from e2m_plugins.proxy import ProxyEngine  # noqa: E402
+from e2m_plugins.sip import SipMessage, make_request, parse  # noqa: E402
+from kamailio_harness import write_proxy_config  # noqa: E402
+
+
+def _engine(pki, cfg: pr.Config, workdir: Path) -> ProxyEngine:
+    extra = {}
+    if cfg.proxy_key_type != "rsa":
+        cred = pki.proxy(pr.TRUSTED, cfg.proxy_key_type)
+        extra["identity"] = {"cert": str(cred.cert_path), "key": str(cred.key_path)}
+    path = write_proxy_config(workdir / cfg.key, 5999, pki=pki, e2m=True, archive=False, extra=extra)
+    return ProxyEngine(load_proxy_config(path), MemoryKeyCache())
+
+
+def _retag(msg: SipMessage, call: int, *, to_tag: str | None = None) -> SipMessage:
+    """The engine-made message as a fresh call: new Call-ID, From tag and branch."""
+    out = msg.replace("Call-ID", f"{call}-profile@127.0.0.1")
+    out = out.replace("From", f"<sip:alice@example.com>;tag=a{call}")
+    out = out.replace("Via", f"SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-p{call}")
+    if to_tag is not None:
+        out = out.replace("To", f"<sip:bob@example.com>;tag={to_tag}")
+    return out
+
+
+def _wire(msg: SipMessage) -> bytes:
+    return msg.serialize()
+
+
+def call_maker(cfg: pr.Config, workload: str) -> Callable[[int], list[bytes]]:
+    t = cfg.traffic
+    if workload == "message":
+        def message_call(n: int) -> list[bytes]:
+            request = _retag(t.message, n)
+            from e2m_plugins.sip import make_response
+            return [_wire(request), _wire(make_response(request, 200, "OK"))]
+        return message_call
+
+    def dialog_call(n: int) -> list[bytes]:
+        from e2m_plugins.sip import make_response
+        offer = _retag(t.offer, n)
+        answer = _retag(t.answer, n, to_tag=f"b{n}")
+        common = dict(from_uri="sip:alice@example.com", to_uri="sip:bob@example.com",
+                      call_id=f"{n}-profile@127.0.0.1", from_tag=f"a{n}", to_tag=f"b{n}")
+        ack = make_request("ACK", "sip:bob@127.0.0.1:5062", cseq=1, **common)
+        bye = make_request("BYE", "sip:bob@127.0.0.1:5062", cseq=2, **common)
+        return [_wire(offer), _wire(answer), _wire(ack), _wire(bye), _wire(make_response(bye, 200, "OK"))]
+    return dialog_call
+
+
+def drive(engine: ProxyEngine, wires: list[list[bytes]], check: bool = False) -> None:
+    for call in wires:
+        for raw in call:
+            verdict = engine.inspect(parse(raw))
+            if check:
+                assert verdict.action == "forward" and verdict.error is None, verdict
+
+
+def profile(cfg: pr.Config, workload: str, engine: ProxyEngine, calls: int, top: int) -> dict:
+    make = call_maker(cfg, workload)
+    warm = [make(n) for n in range(50)]
+    drive(engine, warm, check=True)
+    batches = []
+    base = 1000
+    for _ in range(5):
+        wires = [make(base + n) for n in range(calls // 5)]
+        base += calls
+        start = time.perf_counter()
+        drive(engine, wires)
+        batches.append((time.perf_counter() - start) / len(wires) * 1e6)
+    wires = [make(base + n) for n in range(calls)]
+    prof = cProfile.Profile()
+    prof.enable()
+    drive(engine, wires)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    total = stats.total_tt
+
+    def rows(key: str) -> list[dict]:
+        out = []
+        entries = stats.stats  # type: ignore[attr-defined]
+        ranked = sorted(entries.items(), key=lambda kv: kv[1][2 if key == "tottime" else 3], reverse=True)
+        for (filename, line, name), (cc, nc, tt, ct, _callers) in ranked:
+            if key == "cumtime" and "e2m_plugins" not in filename:
+                continue  # the cumulative view: the project's own functions
+            short = filename.split("/work/main/")[-1] if "/work/main/" in filename else filename
+            out.append({"function": f"{short}:{line}({name})", "calls_per_call": nc / calls,
+                        "tottime_us_per_call": tt / calls * 1e6, "cumtime_us_per_call": ct / calls * 1e6,
+                        "share_of_profiled": (tt if key == "tottime" else ct) / total})
+            if len(out) >= top:
+                break
+        return out
+    return {"config": cfg.key, "workload": workload, "calls": calls,
+            "us_per_call_unprofiled": statistics.median(batches),
+            "profiled_total_us_per_call": total / calls * 1e6,
+            "top_tottime": rows("tottime"), "top_cumtime": rows("cumtime")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--top", type=int, default=10)
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="e2m-proxy-profile-"))
+    pki = pr.init_test_pki(workdir / "pki", proxy_hosts=(pr.TRUSTED,), users=("alice", "bob"))
+    configs = [c for c in pr.make_configs(pki, pr.Plan().text) if c.e2m]
+    results = []
+    for cfg in configs:
+        for workload in pr.WORKLOADS:
+            if workload == "message" and cfg.traffic.message is None:
+                continue
+            result = profile(cfg, workload, _engine(pki, cfg, workdir), args.calls, args.top)
+            results.append(result)
+            out = io.StringIO()
+            print(f"\n== {cfg.key} / {workload}: {result['us_per_call_unprofiled']:.0f} µs per call"
+                  f" in ProxyEngine.inspect (+ parse), unprofiled; opens {cfg.opens_per_call[workload]}",
+                  file=out)
+            print(f"   {'own µs/call':>11} {'cum µs/call':>11} {'share':>6}  function (by own time, profiled)",
+                  file=out)
+            for row in result["top_tottime"]:
+                print(f"   {row['tottime_us_per_call']:>11.1f} {row['cumtime_us_per_call']:>11.1f}"
+                      f" {row['share_of_profiled']:>6.1%}  {row['function']}", file=out)
+            print(f"   {'':>11} {'cum µs/call':>11} {'share':>6}  project functions by cumulative time",
+                  file=out)
+            for row in result["top_cumtime"]:
+                print(f"   {'':>11} {row['cumtime_us_per_call']:>11.1f} {row['share_of_profiled']:>6.1%}"
+                      f"  {row['function']}", file=out)
+            print(out.getvalue(), end="")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    pr.RESULTS_DIR.mkdir(exist_ok=True)
+    path = pr.RESULTS_DIR / f"proxy-profile-{stamp}.json"
+    path.write_text(json.dumps({"benchmark": "proxy-profile", "utc": stamp, "results": results}, indent=2) + "\n")
+    print(f"\nwritten: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

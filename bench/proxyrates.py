@@ -1,0 +1,829 @@
+"""SIPp through the E2M proxy on real Kamailio: CPU per call and the highest clean rate.
+
+Four configurations, each its own Kamailio instance started with ``e2m-proxy`` (the
+launcher the operators use), all running at once so that every measurement can be
+interleaved with the baseline's:
+
+=========  ==============================================================================
+``off``    ``[e2m] enabled = false``: the same KEMI Python script as a plain relay (baseline)
+``rsa``    E2M on, the proxy's certificate RSA-2048: every body it reads is opened by ktri
+``x25519`` E2M on, the proxy's certificate X25519: every body it reads is opened by kari
+``kekri``  E2M on (X25519 certificate), CEK reuse: the INVITE offer (kari, with a
+           CEKReference) leaves its CEK in the shared htable and the 200 OK answer is
+           opened under kekri with it (RFC 3185)
+=========  ==============================================================================
+
+Two workloads, driven by SIPp (UAC alice -> proxy -> SIPp UAS bob, the UAS being the
+proxy's ``next_hop``):
+
+``message``  one MESSAGE transaction per call (encrypted text for bob and the proxy; the
+             200 has no body).  Not run for ``kekri``: a MESSAGE's CEK lives for one
+             transaction (``keycache``: key-reuse-01 outside a dialog), so no MESSAGE can
+             be opened under kekri.
+``dialog``   one INVITE dialog per call: INVITE with the encrypted offer, 100, 200 with the
+             encrypted answer, ACK, BYE, 200.  ``rsa``/``x25519``: both bodies by public
+             key, no reuse (two RSA decryptions / X25519 exchanges per dialog);
+             ``kekri``: the offer by X25519, the answer under kekri; ``off`` relays the
+             ``kekri`` bodies unread.
+
+Bodies: made once, before the run, by the project's UA engines (``UAEngine.protect``,
+``bind_to_message = false``) so each is one envelope *without* the authenticated SIP
+binding attribute.  Unbound envelopes are accepted by design, so one body serves every
+call and SIPp can make its own Call-IDs and tags at any rate; the only thing the proxy
+skips compared to bound ones is comparing one attribute (``check_binding``).  CEK reuse
+still works per call: the proxy keeps the offer's CEK under that call's dialog
+(Call-ID, From tag), finds it again for that call's 200 and drops it on that call's BYE.
+
+What is measured (see bench/README.md, "Proxy rates"):
+
+* CPU per call: utime+stime (``/proc/<pid>/stat``) of every process of the instance's
+  Kamailio (its process group), before and after a fixed-rate run, divided by the calls
+  completed; ``/proc/<pid>/task/*/schedstat`` (ns) is recorded beside it.  Rounds are
+  interleaved (off, rsa, x25519, kekri, rotating the order each round) and each round's
+  ratio to ``off`` is taken; the figure is the median of those per-round ratios.
+* Highest rate with zero failed calls: SIPp at fixed rates on a ladder, a few seconds a
+  step, the configurations interleaved at each step, until a step has a failed call or
+  falls behind; the figure is the last clean rate, as a ratio to ``off``'s.
+
+Run by ``bench/test_proxy_rates.py`` (``make bench``) or directly:
+``python bench/proxyrates.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+SIPP_DIR = BENCH_DIR / "sipp"
+RESULTS_DIR = BENCH_DIR / "results"
+
+for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "kamailio"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
+from e2m_plugins.policy import KnownProxy  # noqa: E402
+from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
+
+from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
+from kamailio_harness import ProxyHandle, free_port, start_proxy  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# ------------------------------------------------------------------ the plan
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+@dataclass
+class Plan:
+    """How long and how hard; every knob has an E2M_BENCH_* environment variable."""
+
+    workers: int = 2                      # Kamailio UDP workers per instance
+    log_level: str = "info"               # the shipped default
+    archive: bool = False                 # the SQLite archive service (off: measure E2M)
+    shm_mb: int = 256                     # Kamailio shared memory per instance (tm at 1000s/s)
+    cpu_rounds: int = 3
+    cpu_seconds: float = 3.0
+    # The fixed rates of the CPU phase: well below what every configuration sustains.
+    cpu_rate: dict[str, float] = field(default_factory=lambda: {"message": 200.0, "dialog": 50.0})
+    step_seconds: float = 2.0
+    # Rungs above the CPU phase's rate (which counts as the first rung when every CPU run
+    # of a configuration was clean), about x1.45 apart.
+    ladder: dict[str, list[float]] = field(default_factory=lambda: {
+        "message": [300, 450, 650, 950, 1400, 2000, 2800],
+        "dialog": [75, 110, 160, 230, 330, 480, 700, 1000],
+    })
+    recv_timeout_ms: int = 2500
+    text: bytes = (b"Hello. This is confidential: the quarterly numbers are attached to the "
+                   b"ticket, please do not forward them outside the team before Friday.")
+
+    @classmethod
+    def from_env(cls, quick: bool = False) -> Plan:
+        plan = cls()
+        if quick:
+            plan.cpu_rounds, plan.cpu_seconds, plan.step_seconds = 1, 1.0, 1.0
+            plan.cpu_rate = {"message": 50.0, "dialog": 20.0}
+            plan.ladder = {"message": [100], "dialog": [40]}
+        plan.workers = _env_int("E2M_BENCH_WORKERS", plan.workers)
+        plan.log_level = os.environ.get("E2M_BENCH_LOG_LEVEL", plan.log_level)
+        plan.archive = os.environ.get("E2M_BENCH_ARCHIVE", "0") not in ("", "0", "no", "false")
+        plan.cpu_rounds = _env_int("E2M_BENCH_CPU_ROUNDS", plan.cpu_rounds)
+        plan.cpu_seconds = _env_float("E2M_BENCH_CPU_SECONDS", plan.cpu_seconds)
+        plan.step_seconds = _env_float("E2M_BENCH_STEP_SECONDS", plan.step_seconds)
+        for workload in ("message", "dialog"):
+            key = f"E2M_BENCH_CPU_RATE_{workload.upper()}"
+            if key in os.environ:
+                plan.cpu_rate[workload] = float(os.environ[key])
+        return plan
+
+
+# Kamailio handles per call: request + response (MESSAGE); INVITE, 200, ACK, BYE, 200
+# (dialog; the 100 is its own).  Only used to quote a per-SIP-message figure.
+SIP_MESSAGES_PER_CALL = {"message": 2, "dialog": 5}
+WORKLOADS = ("message", "dialog")
+TARGETS = {"rsa": 3.0, "x25519": 1.5, "kekri": 1.5}   # CPU per call, x the plain relay
+
+
+# ------------------------------------------------------------------ bodies
+
+
+@dataclass
+class Traffic:
+    """What SIPp sends for one configuration: headers and body bytes per workload."""
+
+    message: SipMessage | None      # the MESSAGE (None: workload not run)
+    offer: SipMessage               # the INVITE
+    answer: SipMessage              # bob's 200 OK to it
+
+
+@dataclass
+class Config:
+    key: str
+    label: str
+    e2m: bool
+    proxy_key_type: str | None
+    traffic: Traffic
+    opens_per_call: dict[str, str]  # what the proxy opens, for the report
+
+
+def _known_proxy(pki: TestPKI, key_type: str) -> KnownProxy:
+    return KnownProxy(TRUSTED, pki.proxy(TRUSTED, key_type).cert,
+                      rules("MESSAGE:text/plain", "INVITE:application/sdp"), rules())
+
+
+def _traffic(pki: TestPKI, key_type: str, *, reuse: bool, text: bytes) -> Traffic:
+    """Bodies made by alice's and bob's UA engines, unbound (one body for all calls)."""
+    proxy = _known_proxy(pki, key_type)
+    alice = ua_engine(pki, "alice", proxies=(proxy,), bind_to_message=False, cek_reuse=reuse)
+    bob = ua_engine(pki, "bob", proxies=(proxy,), bind_to_message=False, cek_reuse=reuse)
+    sent = alice.protect(message(pki, text))
+    offer = alice.protect(invite(pki, SDP_OFFER))
+    # bob opens the offer (so he holds its CEK when reuse is on) and answers
+    opened = bob.open(offer.message).message
+    reply = bob.protect(answer(opened, SDP_ANSWER))
+    assert sent.info.readable_by == (TRUSTED,) and offer.info.readable_by == (TRUSTED,)
+    assert reply.info.key_reuse is reuse, "the answer is under kekri exactly when reuse is on"
+    return Traffic(sent.message, offer.message, reply.message)
+
+
+def make_configs(pki: TestPKI, text: bytes) -> list[Config]:
+    rsa = _traffic(pki, "rsa", reuse=False, text=text)
+    x25519 = _traffic(pki, "x25519", reuse=False, text=text)
+    kekri = _traffic(pki, "x25519", reuse=True, text=text)
+    return [
+        Config("off", "E2M off (plain KEMI relay)", False, None,
+               Traffic(x25519.message, kekri.offer, kekri.answer),
+               {"message": "nothing", "dialog": "nothing"}),
+        Config("rsa", "E2M, RSA-2048 ktri", True, "rsa", rsa,
+               {"message": "1 ktri", "dialog": "2 ktri (offer, answer)"}),
+        Config("x25519", "E2M, X25519 kari", True, "x25519", x25519,
+               {"message": "1 kari", "dialog": "2 kari (offer, answer)"}),
+        Config("kekri", "E2M, CEK reuse (kekri answer)", True, "x25519",
+               Traffic(None, kekri.offer, kekri.answer),
+               {"dialog": "1 kari (offer) + 1 kekri (answer)"}),
+    ]
+
+
+def check_bodies(pki: TestPKI, configs: list[Config]) -> dict[str, Any]:
+    """Open every body once with a proxy engine (in process) as a sanity check, and
+    describe what each carries (recipient kinds), for the report."""
+    from e2m_plugins.body import message_body, top_parts
+    from e2m_plugins.cms import describe_envelope
+    from e2m_plugins.smime import load_cms_message
+    from e2m_plugins import mime
+
+    def kinds(msg: SipMessage) -> list[str]:
+        part = top_parts(message_body(msg))[0]
+        der = load_cms_message(mime.encode_part(part)).der
+        return [r.kind for r in describe_envelope(der).recipients]
+
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        t = cfg.traffic
+        out[cfg.key] = {
+            "message": None if t.message is None else {"bytes": len(t.message.body),
+                                                       "recipients": kinds(t.message)},
+            "offer": {"bytes": len(t.offer.body), "recipients": kinds(t.offer)},
+            "answer": {"bytes": len(t.answer.body), "recipients": kinds(t.answer)},
+        }
+    return out
+
+
+# ------------------------------------------------------------------ SIPp files
+
+# Written by the scenario itself; everything else of the engine's message is copied.
+_SCENARIO_MADE = {"via", "from", "to", "call-id", "cseq", "max-forwards", "contact",
+                  "content-length", "record-route"}
+
+
+def _headers_block(msg: SipMessage) -> str:
+    lines = []
+    for name, value in msg.headers:
+        if canonical_name(name) in _SCENARIO_MADE:
+            continue
+        if any(ch in value for ch in "\r\n") or "]]>" in name + value or "[" in value:
+            raise ValueError(f"header {name} cannot go into a SIPp scenario as is")
+        lines.append(f"      {name}: {value}\n")
+    return "".join(lines)
+
+
+def _render(template: str, msg: SipMessage, target: Path) -> Path:
+    text = (SIPP_DIR / template).read_text()
+    text = text.replace("@@HEADERS@@\n", _headers_block(msg))
+    if "@@" in text:
+        raise ValueError(f"{template}: a placeholder was left")
+    target.write_text(text)
+    return target
+
+
+# ------------------------------------------------------------------ CPU from /proc
+
+
+def kamailio_pids(main_pid: int) -> list[int]:
+    """Every process of one Kamailio instance: it runs in its own process group."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[2]) == main_pid:          # field 5 of stat: pgrp
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    ticks: int          # utime + stime, clock ticks, summed over the processes
+    ns: int             # on-CPU time from schedstat, summed over every task
+    processes: int
+
+
+def cpu_sample(pids: list[int]) -> CpuSample:
+    ticks = ns = alive = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                stat = handle.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            ticks += int(fields[11]) + int(fields[12])     # fields 14, 15: utime, stime
+            alive += 1
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as handle:
+                    ns += int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return CpuSample(ticks, ns, alive)
+
+
+# ------------------------------------------------------------------ instances
+
+
+@dataclass
+class Instance:
+    config: Config
+    proxy: ProxyHandle
+    uas: subprocess.Popen
+    uas_port: int
+    scenarios: dict[str, Path]
+    bodies: dict[str, Path]
+    kamailio_pid: int
+    pids: list[int]
+
+    def cpu(self) -> CpuSample:
+        return cpu_sample(self.pids)
+
+    def stop(self) -> None:
+        _stop_process(self.uas)
+        self.proxy.stop()
+
+
+def _stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return
+        finally:
+            probe.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"SIPp UAS did not bind {port} (rc={process.poll()})")
+
+
+def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Instance:
+    base = workdir / cfg.key
+    base.mkdir(parents=True, exist_ok=True)
+    t = cfg.traffic
+    bodies = {"offer": base / "offer.bin", "answer": base / "answer.bin"}
+    bodies["offer"].write_bytes(t.offer.body)
+    bodies["answer"].write_bytes(t.answer.body)
+    scenarios = {"dialog": _render("uac_dialog.tmpl.xml", t.offer, base / "uac_dialog.xml"),
+                 "uas": _render("uas.tmpl.xml", t.answer, base / "uas.xml")}
+    if t.message is not None:
+        bodies["message"] = base / "message.bin"
+        bodies["message"].write_bytes(t.message.body)
+        scenarios["message"] = _render("uac_message.tmpl.xml", t.message, base / "uac_message.xml")
+
+    uas_port = free_port()
+    uas_log = open(base / "uas.out", "wb")
+    uas = subprocess.Popen(
+        ["sipp", "-sf", str(scenarios["uas"]), "-i", "127.0.0.1", "-p", str(uas_port),
+         "-nostdin", "-key", "answerfile", str(bodies["answer"]),
+         "-trace_err", "-error_file", str(base / "uas-errors.log")],
+        cwd=base, stdout=uas_log, stderr=subprocess.STDOUT)
+    uas_log.close()
+    try:
+        _wait_udp_bound(uas_port, uas)
+        extra: dict[str, dict[str, Any]] = {}
+        if cfg.e2m and cfg.proxy_key_type != "rsa":
+            cred = pki.proxy(TRUSTED, cfg.proxy_key_type)
+            extra["identity"] = {"cert": str(cred.cert_path), "key": str(cred.key_path)}
+        extra["kamailio"] = {"shm_mb": plan.shm_mb}
+        settings: dict[str, Any] = dict(next_hop=f"sip:127.0.0.1:{uas_port}", workers=plan.workers,
+                                        log_level=plan.log_level, extra=extra)
+        if cfg.e2m:
+            settings["archive"] = plan.archive
+        proxy = start_proxy(base / "proxy", pki=pki if cfg.e2m else None, e2m=cfg.e2m, **settings)
+    except BaseException:
+        _stop_process(uas)
+        raise
+    pid_file = proxy.runtime_dir / "kamailio.pid"
+    deadline = time.monotonic() + 5
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    main_pid = int(pid_file.read_text())
+    return Instance(cfg, proxy, uas, uas_port, scenarios, bodies, main_pid, kamailio_pids(main_pid))
+
+
+# ------------------------------------------------------------------ one SIPp run
+
+
+@dataclass
+class Run:
+    config: str
+    workload: str
+    rate: float
+    calls: int
+    successful: int
+    failed: int
+    retransmissions: int
+    elapsed: float
+    rc: int | None
+    cpu_ticks: int
+    cpu_ns: int
+    timed_out: bool = False
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.successful / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def cpu_us_per_call(self) -> float | None:
+        return self.cpu_ticks / CLK_TCK * 1e6 / self.successful if self.successful else None
+
+    @property
+    def cpu_ns_us_per_call(self) -> float | None:
+        return self.cpu_ns / 1e3 / self.successful if self.successful else None
+
+    @property
+    def clean(self) -> bool:
+        """Every call completed, none failed, and the run took at most 10 % (+0.4 s for
+        starting SIPp and the last call) longer than the rate says: a proxy that falls
+        behind without losing calls is not keeping up either."""
+        return (not self.timed_out and self.failed == 0 and self.successful == self.calls
+                and self.elapsed <= self.calls / self.rate * 1.1 + 0.4)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "workload": self.workload, "rate": self.rate,
+                "calls": self.calls, "successful": self.successful, "failed": self.failed,
+                "retransmissions": self.retransmissions, "elapsed_s": round(self.elapsed, 3),
+                "achieved_rate": round(self.achieved_rate, 1), "rc": self.rc,
+                "timed_out": self.timed_out, "cpu_ticks": self.cpu_ticks, "cpu_ns": self.cpu_ns,
+                "cpu_us_per_call": self.cpu_us_per_call,
+                "cpu_schedstat_us_per_call": self.cpu_ns_us_per_call, "clean": self.clean}
+
+
+_STAT_COUNTERS = ("SuccessfulCall(C)", "FailedCall(C)", "Retransmissions(C)", "TotalCallCreated")
+
+
+def _last_stats(path: Path) -> dict[str, int]:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return {}
+    if len(lines) < 2:
+        return {}
+    head = lines[0].rstrip(";").split(";")
+    last = lines[-1].rstrip(";").split(";")
+    out = {}
+    for name in _STAT_COUNTERS:
+        if name in head:
+            try:
+                out[name] = int(last[head.index(name)])
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
+def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: Plan,
+             workdir: Path) -> Run:
+    """``rate`` calls/s for ``seconds``; Kamailio CPU sampled right before and after."""
+    calls = max(1, int(round(rate * seconds)))
+    stats = workdir / f"{inst.config.key}-{workload}-{int(rate)}-{time.monotonic_ns()}.csv"
+    key = "message" if workload == "message" else "offer"
+    args = ["sipp", f"127.0.0.1:{inst.proxy.port}", "-sf", str(inst.scenarios[workload]),
+            "-i", "127.0.0.1", "-p", str(free_port()), "-nostdin",
+            "-r", f"{rate:g}", "-rp", "1000", "-m", str(calls),
+            "-recv_timeout", str(plan.recv_timeout_ms),
+            "-key", "bodyfile", str(inst.bodies[key]),
+            "-trace_stat", "-stf", str(stats), "-fd", "3600"]
+    budget = seconds * 1.5 + plan.recv_timeout_ms / 1000 + 10
+    before = inst.cpu()
+    start = time.monotonic()
+    process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    timed_out = False
+    try:
+        rc = process.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _stop_process(process)
+        rc = process.returncode
+    elapsed = time.monotonic() - start
+    after = inst.cpu()
+    counters = _last_stats(stats)
+    return Run(inst.config.key, workload, rate, calls,
+               counters.get("SuccessfulCall(C)", 0), counters.get("FailedCall(C)", 0),
+               counters.get("Retransmissions(C)", 0), elapsed, rc,
+               after.ticks - before.ticks, after.ns - before.ns, timed_out)
+
+
+# ------------------------------------------------------------------ the phases
+
+
+def _rotated(items: list[Any], by: int) -> list[Any]:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def cpu_phase(instances: list[Instance], plan: Plan, workdir: Path,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """Fixed-rate runs, interleaved: each round runs every configuration once per workload."""
+    runs: list[Run] = []
+    for rnd in range(plan.cpu_rounds):
+        for workload in WORKLOADS:
+            for inst in _rotated(instances, rnd):
+                if workload not in inst.scenarios:
+                    continue
+                run = run_sipp(inst, workload, plan.cpu_rate[workload], plan.cpu_seconds, plan, workdir)
+                runs.append(run)
+                log(f"cpu round {rnd + 1}/{plan.cpu_rounds} {workload:<7} {inst.config.key:<7}"
+                    f" {run.successful}/{run.calls} calls, {run.failed} failed,"
+                    f" {_fmt(run.cpu_us_per_call, 0)} µs/call (schedstat {_fmt(run.cpu_ns_us_per_call, 0)})")
+                time.sleep(0.3)
+    return {"runs": runs}
+
+
+def rate_phase(instances: list[Instance], plan: Plan, workdir: Path, cpu_runs: list[Run],
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Step the rate up the ladder; at each rung every configuration still clean runs once
+    (order rotating).  A failed step is repeated once before it counts (a neighbour's
+    burst on a shared machine should not end the search).  The CPU phase's fixed rate is
+    the first rung: a configuration whose CPU runs were all clean starts above it, one
+    with an unclean CPU run is reported below it and not stepped."""
+    runs: list[Run] = []
+    best: dict[str, dict[str, float | None]] = {w: {} for w in WORKLOADS}
+    first_failure: dict[str, dict[str, float | None]] = {w: {} for w in WORKLOADS}
+    for workload in WORKLOADS:
+        alive = []
+        for inst in instances:
+            if workload not in inst.scenarios:
+                continue
+            mine = [r for r in cpu_runs if r.workload == workload and r.config == inst.config.key]
+            clean = bool(mine) and all(r.clean for r in mine)
+            best[workload][inst.config.key] = plan.cpu_rate[workload] if clean else None
+            first_failure[workload][inst.config.key] = None if clean else plan.cpu_rate[workload]
+            if clean:
+                alive.append(inst)
+        time.sleep(1.0)   # let the previous workload's transactions finish
+        for step, rate in enumerate(plan.ladder[workload]):
+            if not alive:
+                break
+            for inst in _rotated(list(alive), step):
+                for attempt in (1, 2):
+                    run = run_sipp(inst, workload, rate, plan.step_seconds, plan, workdir)
+                    runs.append(run)
+                    log(f"rate {workload:<7} {inst.config.key:<7} {rate:>6g}/s try {attempt}:"
+                        f" {run.successful}/{run.calls} ok, {run.failed} failed,"
+                        f" {run.retransmissions} retrans, {run.achieved_rate:.0f}/s achieved"
+                        f" -> {'clean' if run.clean else 'NOT clean'}")
+                    time.sleep(0.3 if run.clean else 1.5)
+                    if run.clean:
+                        break
+                if run.clean:
+                    best[workload][inst.config.key] = rate
+                else:
+                    first_failure[workload][inst.config.key] = rate
+                    alive.remove(inst)
+    return {"runs": runs, "best": best, "first_failure": first_failure}
+
+
+def summarize(cpu: dict[str, Any], rates: dict[str, Any], configs: list[Config]) -> list[dict[str, Any]]:
+    """One row per (workload, configuration): CPU per call and its ratio to ``off``, the
+    highest clean rate and its ratio to ``off``'s, the target and whether it is met."""
+    by: dict[tuple[str, str], list[Run]] = {}
+    rounds: dict[tuple[str, int], dict[str, Run]] = {}
+    counter: dict[tuple[str, str], int] = {}
+    for run in cpu["runs"]:
+        by.setdefault((run.workload, run.config), []).append(run)
+        n = counter.get((run.workload, run.config), 0)
+        counter[(run.workload, run.config)] = n + 1
+        rounds.setdefault((run.workload, n), {})[run.config] = run
+    rows = []
+    for workload in WORKLOADS:
+        for cfg in configs:
+            mine = by.get((workload, cfg.key))
+            if not mine:
+                continue
+            per_round, per_round_ns = [], []
+            for (w, _n), group in sorted(rounds.items()):
+                if w != workload or cfg.key not in group or "off" not in group:
+                    continue
+                a, b = group[cfg.key], group["off"]
+                if a.cpu_us_per_call and b.cpu_us_per_call:
+                    per_round.append(a.cpu_us_per_call / b.cpu_us_per_call)
+                if a.cpu_ns_us_per_call and b.cpu_ns_us_per_call:
+                    per_round_ns.append(a.cpu_ns_us_per_call / b.cpu_ns_us_per_call)
+            ticks = sum(r.cpu_ticks for r in mine)
+            calls = sum(r.successful for r in mine)
+            base = by.get((workload, "off"), [])
+            pooled = None
+            if calls and base and sum(r.successful for r in base) and sum(r.cpu_ticks for r in base):
+                pooled = (ticks / calls) / (sum(r.cpu_ticks for r in base) / sum(r.successful for r in base))
+            best = rates["best"][workload].get(cfg.key)
+            off_best = rates["best"][workload].get("off")
+            ratio = _median(per_round)
+            target = TARGETS.get(cfg.key)
+            rows.append({
+                "workload": workload, "config": cfg.key, "label": cfg.label,
+                "proxy_opens_per_call": cfg.opens_per_call.get(workload),
+                "cpu_us_per_call": _median([r.cpu_us_per_call for r in mine if r.cpu_us_per_call]),
+                "cpu_us_per_sip_message": (None if not calls else
+                                           ticks / CLK_TCK * 1e6 / calls / SIP_MESSAGES_PER_CALL[workload]),
+                "cpu_schedstat_us_per_call": _median([r.cpu_ns_us_per_call for r in mine
+                                                      if r.cpu_ns_us_per_call]),
+                "e2m_extra_us_per_opened_body": _extra_per_body(workload, cfg, mine, base),
+                "cpu_ratio": ratio, "cpu_ratio_per_round": per_round, "cpu_ratio_pooled": pooled,
+                "cpu_ratio_schedstat": _median(per_round_ns),
+                "failed_calls_in_cpu_runs": sum(r.failed for r in mine),
+                "max_clean_rate": best, "first_failing_rate": rates["first_failure"][workload].get(cfg.key),
+                "rate_ratio": (best / off_best) if best and off_best else None,
+                # off clean up to the ladder's top: its real ceiling is higher, the ratio lower
+                "rate_ratio_is_upper_bound": bool(cfg.key != "off" and best and off_best
+                                                  and rates["first_failure"][workload].get("off") is None),
+                "cpu_target_max": target,
+                "status": ("baseline" if cfg.key == "off" else
+                           "n/a" if ratio is None else "met" if ratio <= target else "NOT met"),
+            })
+    return rows
+
+
+BODIES_OPENED_PER_CALL = {"message": 1, "dialog": 2}
+
+
+def _extra_per_body(workload: str, cfg: Config, mine: list[Run], base: list[Run]) -> float | None:
+    """(µs/call of this configuration - µs/call of off) / bodies the proxy opens per call:
+    what E2M adds per body it reads, all of it (KEMI adapter, parsing, crypto, logging)."""
+    if not cfg.e2m:
+        return None
+    a = _median([r.cpu_us_per_call for r in mine if r.cpu_us_per_call])
+    b = _median([r.cpu_us_per_call for r in base if r.cpu_us_per_call])
+    return None if a is None or b is None else (a - b) / BODIES_OPENED_PER_CALL[workload]
+
+
+def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> list[str]:
+    head = (f"  {'workload':<8} {'config':<7} {'µs/call':>8} {'sched':>8} {'CPU ratio':>9}"
+            f" {'pooled':>7} {'target':>7}  {'status':<8} {'max rate':>9} {'rate ratio':>10}")
+    lines = [head]
+    for r in rows:
+        rate = "-" if r["max_clean_rate"] is None else f"{r['max_clean_rate']:g}/s"
+        if r["max_clean_rate"] is None and r["first_failing_rate"] is not None:
+            rate = f"<{r['first_failing_rate']:g}/s"
+        elif r["first_failing_rate"] is None and r["max_clean_rate"] is not None:
+            rate = f"≥{r['max_clean_rate']:g}/s"
+        target = "-" if r["cpu_target_max"] is None else f"≤ {r['cpu_target_max']:g}x"
+        lines.append(
+            f"  {r['workload']:<8} {r['config']:<7} {_fmt(r['cpu_us_per_call'], 0):>8}"
+            f" {_fmt(r['cpu_schedstat_us_per_call'], 0):>8} {_fmt(r['cpu_ratio'], 2, 'x'):>9}"
+            f" {_fmt(r['cpu_ratio_pooled'], 2, 'x'):>7} {target:>7}  {r['status']:<8} {rate:>9}"
+            f" {('≤' if r['rate_ratio_is_upper_bound'] else '') + _fmt(r['rate_ratio'], 2, 'x'):>10}")
+    return lines
+
+
+def _machine() -> dict[str, Any]:
+    def version(cmd: list[str]) -> str | None:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return text[0].strip() if text else None
+    import cryptography
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cryptography": cryptography.__version__, "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "kamailio": version(["/usr/sbin/kamailio", "-v"]), "sipp": version(["sipp", "-v"]),
+            "clk_tck": CLK_TCK}
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_benchmark(plan: Plan, log: Callable[[str], None] = print,
+                  workdir: Path | None = None) -> dict[str, Any]:
+    """Everything: PKI, bodies, four proxies and UASes, both phases; returns the report."""
+    started = time.monotonic()
+    load_start = _loadavg()
+    own_tmp = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="e2m-proxy-rates-")) if own_tmp else workdir
+    pki = init_test_pki(workdir / "pki", proxy_hosts=(TRUSTED,), users=("alice", "bob"))
+    configs = make_configs(pki, plan.text)
+    bodies = check_bodies(pki, configs)
+    instances: list[Instance] = []
+    try:
+        for cfg in configs:
+            instances.append(start_instance(cfg, pki, workdir, plan))
+        log("proxies up: " + ", ".join(f"{i.config.key} on {i.proxy.port} "
+                                        f"({len(i.pids)} Kamailio processes)" for i in instances))
+        time.sleep(1.0)
+        idle_before = [i.cpu() for i in instances]
+        time.sleep(1.0)
+        idle = {i.config.key: (i.cpu().ns - b.ns) / 1e3 for i, b in zip(instances, idle_before)}
+        runs_dir = workdir / "runs"
+        runs_dir.mkdir()
+        cpu = cpu_phase(instances, plan, runs_dir, log)
+        marks = {i.config.key: i.proxy.log_mark() for i in instances}
+        rates = rate_phase(instances, plan, runs_dir, cpu["runs"], log)
+        errors = {i.config.key: _error_lines(i.proxy) for i in instances}
+        verdicts = {i.config.key: verdict_counts(i.proxy, 0, marks[i.config.key])
+                    for i in instances if i.config.e2m}
+        verdicts_rate = {i.config.key: verdict_counts(i.proxy, marks[i.config.key])
+                         for i in instances if i.config.e2m}
+    finally:
+        for inst in instances:
+            inst.stop()
+    rows = summarize(cpu, rates, configs)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    report = {
+        "benchmark": "proxy-rates", "utc": stamp, "commit": _commit(),
+        "machine": {**_machine(), "loadavg_at_start": load_start, "loadavg_at_end": _loadavg()},
+        "plan": {"workers": plan.workers, "shm_mb": plan.shm_mb, "log_level": plan.log_level, "archive": plan.archive,
+                 "cpu_rounds": plan.cpu_rounds, "cpu_seconds": plan.cpu_seconds,
+                 "cpu_rate": plan.cpu_rate, "step_seconds": plan.step_seconds, "ladder": plan.ladder,
+                 "recv_timeout_ms": plan.recv_timeout_ms},
+        "bodies": bodies,
+        "idle_cpu_us_per_second": idle,
+        "sip_messages_per_call": SIP_MESSAGES_PER_CALL,
+        "figures": rows,
+        "targets": {k: v for k, v in TARGETS.items()},
+        "kamailio_errors": errors,
+        "verdicts": verdicts,
+        "verdicts_rate_phase": verdicts_rate,
+        "cpu_runs": [r.to_json() for r in cpu["runs"]],
+        "rate_runs": [r.to_json() for r in rates["runs"]],
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"proxy-rates-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    report["path"] = str(out)
+    if own_tmp:
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _error_lines(proxy: ProxyHandle, limit: int = 20) -> list[str]:
+    """Kamailio ERROR lines (counts matter: an exception in the E2M path shows here)."""
+    lines = [line for line in proxy.log_since(0).splitlines() if " ERROR: " in line]
+    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+_VERDICT = re.compile(r"e2m: (\w+) (request|response(?: \d+)?) action=(\w+) seen=(\S+)(.*)$")
+
+
+def verdict_counts(proxy: ProxyHandle, start: int = 0, end: int | None = None) -> dict[str, int]:
+    """What the engine said, counted from its info lines: proof that every body was
+    really opened (a response the proxy cannot open is forwarded all the same, only
+    with ``error=`` in the line, and would make the figures look too good)."""
+    counts: dict[str, int] = {}
+    text = proxy.log_since(start)
+    if end is not None:
+        text = text[:max(0, end - start)]   # offsets in bytes; the log is ASCII
+    for line in text.splitlines():
+        match = _VERDICT.search(line)
+        if not match:
+            continue
+        method, direction, action, seen, rest = match.groups()
+        opened = "opened" if seen != "-" else "nothing opened"
+        key = f"{method} {direction.split()[0]} {action} {opened}"
+        if "error=" in rest:
+            key += " error=" + rest.split("error=", 1)[1].split()[0]
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["Proxy rates: Kamailio CPU per call and highest clean rate, ratios to E2M off",
+             *format_table(report["figures"])]
+    lines.append("  µs/call: utime+stime of all Kamailio processes / calls (median of rounds);"
+                 " sched: the same from schedstat (ns)")
+    lines.append("  CPU ratio: median of per-round ratios to off (interleaved); pooled: ratio of"
+                 " totals over all rounds")
+    lines.append("  max rate: highest clean rung (≥: clean at the ladder's top; <: not clean at the"
+                 " CPU phase's rate); ≤ on a rate ratio: off was never pushed to failure")
+    idle = report["idle_cpu_us_per_second"]
+    lines.append("  idle Kamailio CPU (µs/s): " + ", ".join(f"{k} {v:.0f}" for k, v in idle.items()))
+    for key, counts in report["verdicts"].items():
+        lines.append(f"  {key} verdicts in the CPU phase: " + (", ".join(f"{k}: {v}" for k, v in counts.items())
+                                              or "none logged (log_level below info?)"))
+    errors = {k: len(v) for k, v in report["kamailio_errors"].items() if v}
+    if errors:
+        lines.append(f"  Kamailio ERROR lines: {errors} (see the JSON)")
+    m = report["machine"]
+    lines.append(f"  load average: start {m['loadavg_at_start']}, end {m['loadavg_at_end']};"
+                 f" wall {report['wall_seconds']} s")
+    lines.append(f"  written: {report['path']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds per phase: a smoke test")
+    args = parser.parse_args(argv)
+    report = run_benchmark(Plan.from_env(quick=args.quick), log=lambda s: print(s, flush=True))
+    print("\n".join(report_lines(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

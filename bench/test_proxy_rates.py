@@ -1,0 +1,57 @@
+"""SIPp MESSAGE transactions and INVITE dialogs through the E2M proxy on real Kamailio:
+CPU per call and the highest clean rate for E2M off / RSA-2048 ktri / X25519 kari /
+kekri, as ratios to the plain relay measured in the same run.  The work is in
+``proxyrates.py``; see bench/README.md ("Proxy rates") for how to read the figures.
+
+A report, not a test: the targets do not fail the run.  Under ``make bench``
+(``--benchmark-only``) it runs once, timed as a single pytest-benchmark round whose
+duration means nothing; the figures are the table printed at its end and the JSON in
+bench/results/.  ``--benchmark-disable`` runs a short smoke pass (a few calls per
+configuration).  ``E2M_BENCH_PROXY=0`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from proxyrates import Plan, report_lines, run_benchmark
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("E2M_BENCH_PROXY", "1") in ("0", "no", "false"),
+                       reason="E2M_BENCH_PROXY=0"),
+    pytest.mark.skipif(shutil.which("sipp") is None or not os.path.exists("/usr/sbin/kamailio"),
+                       reason="needs sipp and /usr/sbin/kamailio (make setup)"),
+]
+
+
+def test_proxy_rates(benchmark, capsys: pytest.CaptureFixture[str]) -> None:
+    def log(line: str) -> None:
+        with capsys.disabled():
+            print("  " + line, flush=True)
+
+    if benchmark.disabled:   # --benchmark-disable: does every configuration work at all?
+        report = benchmark(run_benchmark, Plan.from_env(quick=True), log=lambda line: None)
+    else:
+        with capsys.disabled():
+            print("\n  proxy rates: four Kamailio instances, SIPp, about 4 minutes", flush=True)
+        holder: dict[str, dict] = {}
+        benchmark.pedantic(lambda: holder.setdefault("report", run_benchmark(Plan.from_env(), log=log)),
+                           rounds=1, iterations=1, warmup_rounds=0)
+        report = holder["report"]
+        with capsys.disabled():
+            print("\n" + "\n".join(report_lines(report)), flush=True)
+
+    # Correctness of the measurement itself (not the targets): every configuration ran,
+    # and the E2M proxies really opened every body they were meant to (a response they
+    # cannot open is still forwarded and would look cheap).
+    rows = {(r["workload"], r["config"]) for r in report["figures"]}
+    assert rows == {(w, c) for w in ("message", "dialog") for c in ("off", "rsa", "x25519")} | {
+        ("dialog", "kekri")}
+    for key, counts in report["verdicts"].items():
+        if not counts:
+            continue  # log level below info: nothing to count
+        assert not any("error=" in k for k in counts), (key, counts)
+        assert counts.get("INVITE response forward opened", 0) > 0, (key, counts)
