@@ -215,12 +215,13 @@ def _rtcp(value: str) -> tuple[int, str | None]:
 
 def _codecs(formats: tuple[str, ...], proto: str, attrs: list[str]) -> tuple[tuple[str, str], ...]:
     mapped: dict[str, str] = {}
+    listed = set(formats)  # a set: an SDP with many formats and rtpmaps stays linear
     for value in attrs:
         name, _, rest = value.partition(":")
         if name.strip().lower() != "rtpmap":
             continue
         pt, _, encoding = rest.strip().partition(" ")
-        if pt in formats and encoding and pt not in mapped:
+        if pt in listed and encoding and pt not in mapped:
             mapped[pt] = encoding.strip()
     if "RTP/" in proto.upper():
         for pt in formats:

@@ -30,7 +30,8 @@ from .cms.envelope import OpenedEnvelope, content_info_type, open_envelope
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey
 from .cms.signed import VerifyResult, verify
-from .errors import LimitExceededError, MalformedError, SignatureInvalidError, UnsupportedAlgorithmError
+from .errors import (DecryptionError, E2MError, LimitExceededError, MalformedError, SignatureInvalidError,
+                     UnsupportedAlgorithmError)
 
 __all__ = ["CmsInput", "OpenedMessage", "load_cms_input", "load_cms_message", "open_message",
            "verify_input"]
@@ -204,6 +205,29 @@ def open_message(data: bytes, *, keys: Sequence[OpeningKey] = (),
     """
     current: CmsInput | None = load_cms_message(data, limits=limits)
     layers: list[OpenedEnvelope | VerifyResult] = []
+    try:
+        return _open_layers(current, layers, keys=keys, trust_anchors=trust_anchors,
+                            want_cek=want_cek, at=at, check_time=check_time,
+                            extra_certs=extra_certs, limits=limits)
+    except E2MError:
+        if not unauthenticated_plaintext(layers):
+            raise
+    # CBC has no integrity: whatever fails after a CBC layer decrypted (garbage that
+    # kept valid padding, a signature over tampered blocks) must get the same answer
+    # as bad padding, or the difference is a padding oracle (Vaudenay).
+    raise DecryptionError() from None
+
+
+def unauthenticated_plaintext(layers: Sequence[OpenedEnvelope | VerifyResult]) -> bool:
+    """True when some layer was decrypted without integrity (EnvelopedData: CBC)."""
+    return any(isinstance(layer, OpenedEnvelope) and layer.envelope_type == "enveloped-data"
+               for layer in layers)
+
+
+def _open_layers(current: CmsInput | None, layers: list[OpenedEnvelope | VerifyResult], *,
+                 keys: Sequence[OpeningKey], trust_anchors: Sequence[x509.Certificate],
+                 want_cek: bool, at: datetime | None, check_time: bool,
+                 extra_certs: Sequence[x509.Certificate], limits: Limits) -> OpenedMessage:
     content, content_type = b"", "data"
     while current is not None:
         if len(layers) >= limits.max_nesting_depth:

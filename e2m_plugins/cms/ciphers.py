@@ -138,7 +138,10 @@ def decrypt_content(cipher: ContentCipher, params: der.TLV | None, cek: bytes, c
     try:
         return unpadder.update(padded) + unpadder.finalize()
     except ValueError:
-        raise DecryptionError() from None
+        pass
+    # Raised outside the handler, so it carries no context that a caller (or a
+    # traceback in a log) could use to tell bad padding from any other failure.
+    raise DecryptionError() from None
 
 
 def _decrypt_chacha(params: der.TLV | None, cek: bytes, ciphertext: bytes, mac: bytes | None,

@@ -392,12 +392,13 @@ def _open_ktri(p: _KtriParsed, keys: list[OpeningKey], cek_bytes: int) -> Unwrap
         # Bleichenbacher / Manger defence (RFC 3218): a failed RSA decryption
         # goes on with a random CEK, so it fails later exactly like a wrong key
         # or a tampered ciphertext would, with the same error and similar time.
+        fallback = os.urandom(cek_bytes)  # drawn whatever happens: the same work either way
         try:
             cek = private.decrypt(p.encrypted_key, pad)
         except ValueError:
             cek = b""
         if len(cek) != cek_bytes:
-            cek = os.urandom(cek_bytes)
+            cek = fallback
         return Unwrapped(cek, RecipientSummary("ktri", p.rid.describe(), oids.name_of(alg_oid)), key)
     return None
 

@@ -252,7 +252,6 @@ SDP_CODECS = ("sdp._codecs tests every a=rtpmap payload type with `pt in formats
               "for a 214 KB SDP, which the proxy's media_summary reads from any body it may view)")
 
 
-@pytest.mark.xfail(strict=True, reason=SDP_CODECS)
 def test_codec_mapping_work_is_linear_in_the_sdp(monkeypatch):
     """Deterministic (no clock): the comparisons per SDP byte must not grow with the SDP."""
     original = sdp._codecs

@@ -167,7 +167,6 @@ def _cbc_pair(cert):
     return garbage, bad_pad
 
 
-@pytest.mark.xfail(strict=True, reason=CBC_ORACLE)
 def test_cbc_content_padding_is_not_visible_in_the_proxy_answer(kit, proxy_cred):
     proxy = flowkit.proxy_engine(kit.pki, flowkit.TRUSTED, view=("MESSAGE:*",))
     garbage, bad_pad = _cbc_pair(proxy_cred.cert)
@@ -175,7 +174,6 @@ def test_cbc_content_padding_is_not_visible_in_the_proxy_answer(kit, proxy_cred)
     assert (answers[0].action, answers[0].code) == (answers[1].action, answers[1].code)
 
 
-@pytest.mark.xfail(strict=True, reason=CBC_ORACLE)
 def test_cbc_content_padding_is_not_visible_in_the_ua_error(kit):
     bob = flowkit.ua_engine(kit.pki, "bob")
     garbage, bad_pad = _cbc_pair(kit.pki.user("bob").cert)
@@ -198,7 +196,6 @@ RANDOM_CEK = ("recipients._open_ktri draws the random CEK (os.urandom, ~1 µs) o
               "make the random CEK before decrypting and use it on failure, so both paths do the same.")
 
 
-@pytest.mark.xfail(strict=True, reason=RANDOM_CEK)
 def test_random_cek_is_drawn_whatever_the_padding(kit, proxy_cred, monkeypatch):
     import os
     cases = oracle_cases.cases(proxy_cred.cert, proxy_cred.key)
