@@ -23,15 +23,15 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from . import mime
 from .certstore import check_user_certificate
 from .cms import ciphers, der, oids
-from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, describe_envelope, seal
+from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, seal
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign
 from .errors import BindingMismatchError, DecryptionError, E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
 from .sip import SipMessage, canonical_name
-from .smime import load_cms_message, open_message, unauthenticated_plaintext
+from .smime import open_message, unauthenticated_plaintext
 
-__all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection", "kekri_references",
+__all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection",
            "open_part", "check_signed_by", "check_binding", "sip_binding", "protect_content", "new_reference", "with_entity"]
 
 # What an E2M body may be; certs-only, compressed-data and bare signatures are not.
@@ -123,26 +123,6 @@ def is_encrypted(part: mime.MimePart) -> bool:
     return mime.smime_type_of(part) in ("enveloped-data", "authEnveloped-data")
 
 
-def kekri_references(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
-    """The KEK identifiers of the outermost envelope's kekri recipients.
-
-    A receiver looks these up among the CEKs it kept (RFC 3185) before opening.
-    Nothing is decrypted here; a part that is not an envelope has none.
-    """
-    if not is_encrypted(part):
-        return []
-    try:
-        der = load_cms_message(mime.encode_part(part), limits=limits).der
-        description = describe_envelope(der, limits)
-    except E2MError:
-        return []  # open_part will report the real problem
-    refs = []
-    for recipient in description.recipients:
-        if recipient.kind == "kekri" and recipient.identifier.startswith("kekid="):
-            refs.append(bytes.fromhex(recipient.identifier[len("kekid="):]))
-    return refs
-
-
 def _inner_entity(content: bytes, limits: Limits) -> mime.MimePart:
     """The MIME entity inside the last layer (RFC 3261 §23: always an entity)."""
     try:
@@ -166,7 +146,9 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
     if mime.is_cms(part) and kind not in _OPENABLE:
         raise UnsupportedMediaTypeError(f"S/MIME type {kind or part.content_type.mime_type} "
                                         "is not one E2M uses", content_type=kind)
-    opened = open_message(mime.encode_part(part), keys=keys, trust_anchors=trust_anchors,
+    # A pkcs7-mime body is the CMS itself: no need to frame it again and re-parse it.
+    data = part.decoded() if mime.is_cms(part) else mime.encode_part(part)
+    opened = open_message(data, keys=keys, trust_anchors=trust_anchors,
                           want_cek=True, at=at, limits=limits)
     try:
         if opened.content_type != "data":

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import OpenedPart, check_binding, check_signed_by, kekri_references, message_body, open_part, top_parts
+from .body import OpenedPart, check_binding, check_signed_by, message_body, open_part, top_parts
 from .certstore import fingerprint_sha256
-from .cms.recipients import CertificateKey, OpeningKey, SharedKEK
+from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
                      ProxyCannotDecryptError, SignatureRequiredError)
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope
@@ -286,24 +286,24 @@ class ProxyEngine:
             targets.append(part)
         return targets
 
-    def _keys_for(self, part: mime.MimePart, message: SipMessage) -> list[OpeningKey]:
-        keys: list[OpeningKey] = [self._own_key]
-        references = kekri_references(part)
-        if not references:
-            return keys
+    def _keys_for(self, message: SipMessage) -> list[OpeningKey]:
+        """Our certificate key, and the CEKs we kept, found by kekri identifier
+        while the envelope is opened (no second pass over the CMS)."""
         scope = message_scope(message)
         scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
-        for reference in references:
+
+        def kept_kek(reference: bytes) -> bytes | None:
             for candidate in scopes:
                 kept = self.cache.get(candidate, reference)
-                if kept is not None:
-                    keys.append(SharedKEK(reference, kept.cek[::-1]))  # RFC 3185 KEK
-                    if candidate is not scope and self._confirms_dialog(message):
-                        # the dialog exists now: keep the key for its whole life
-                        self.cache.put(scope, reference, kept.cek,
-                                       max_decrypts=kept.max_decrypts)
-                    break
-        return keys
+                if kept is None:
+                    continue
+                if candidate is not scope and self._confirms_dialog(message):
+                    # the dialog exists now: keep the key for its whole life
+                    self.cache.put(scope, reference, kept.cek, max_decrypts=kept.max_decrypts)
+                return kept.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
+            return None
+
+        return [self._own_key, KekLookup(kept_kek)]
 
     def _view(self, message: SipMessage, method: str, *, is_request: bool
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
@@ -319,9 +319,10 @@ class ProxyEngine:
         targets = self._targets(parts, label)
         opened: list[OpenedPart] = []
         unreadable: list[E2MError] = []
+        keys = self._keys_for(message)
         for part in targets:
             try:
-                opened.append(open_part(part, self._keys_for(part, message),
+                opened.append(open_part(part, keys,
                                         trust_anchors=self.config.trust_anchors,
                                         at=self._now()))
             except _UNREADABLE as exc:

@@ -31,11 +31,11 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import (OpenedPart, check_binding, check_signed_by, has_protection, kekri_references, message_body, new_reference,
+from .body import (OpenedPart, check_binding, check_signed_by, has_protection, message_body, new_reference,
                    open_part, protect_content, top_parts, with_entity)
 from .certstore import (CertStore, check_proxy_certificate,
                         matches_fingerprint, parse_sip_uri)
-from .cms.recipients import (CertificateKey, OpeningKey, Recipient, SharedKEK,
+from .cms.recipients import (CertificateKey, KekLookup, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
 from .errors import (CertificateRejectedError, DowngradeError, E2MError,
                      NoMatchingRecipientError, DecryptionError, PolicyError, UndecipherableError,
@@ -520,7 +520,7 @@ class UAEngine:
         view: OpenedPart | None = None
         for candidate in top_parts(part):
             try:
-                opened = open_part(candidate, self._opening_keys(message, candidate),
+                opened = open_part(candidate, self._opening_keys(message),
                                    trust_anchors=self.config.trust_anchors, at=self._now())
             except (NoMatchingRecipientError, DecryptionError):
                 if candidate.handling == "optional":
@@ -571,14 +571,18 @@ class UAEngine:
         if 200 <= status < 300:
             self._retries.pop(message.call_id, None)  # the retries worked: start counting anew
 
-    def _opening_keys(self, message: SipMessage, part: mime.MimePart) -> list[OpeningKey]:
-        keys: list[OpeningKey] = [self._own_key]
-        wanted = set(kekri_references(part))
-        for key in self._keys(message):
-            if key.reference in wanted:
-                key.uses += 1  # the count covers both directions of the dialog
-                keys.append(SharedKEK(key.reference, key.cek[::-1]))
-        return keys
+    def _opening_keys(self, message: SipMessage) -> list[OpeningKey]:
+        """Our own key, and this dialog's kept CEKs found by kekri identifier."""
+        kept = {key.reference: key for key in self._keys(message)}
+
+        def kek_for(reference: bytes) -> bytes | None:
+            key = kept.get(reference)
+            if key is None:
+                return None
+            key.uses += 1  # the count covers both directions of the dialog
+            return key.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
+
+        return [self._own_key, KekLookup(kek_for)]
 
     def _check_signer(self, message: SipMessage, opened: OpenedPart, peer: str | None) -> None:
         """A request must be signed by its sender; a verified sender certificate

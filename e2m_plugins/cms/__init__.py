@@ -20,6 +20,7 @@ from .envelope import (
 from .limits import DEFAULT_LIMITS, Limits
 from .recipients import (
     CertificateKey,
+    KekLookup,
     KeyAgreeRecipient,
     KeyTransRecipient,
     RecipientSummary,
@@ -33,6 +34,6 @@ __all__ = [
     "DEFAULT_CIPHER", "ENCRYPT_CIPHERS", "Attribute", "EnvelopeDescription", "OpenedEnvelope",
     "Sealed", "cek_reference_attributes", "content_info_type", "describe_envelope",
     "open_envelope", "seal", "DEFAULT_LIMITS", "Limits", "CertificateKey", "KeyAgreeRecipient",
-    "KeyTransRecipient", "RecipientSummary", "SharedKEK", "recipient_for_certificate", "reuse_kek",
+    "KekLookup", "KeyTransRecipient", "RecipientSummary", "SharedKEK", "recipient_for_certificate", "reuse_kek",
     "SignerInfoResult", "VerifyResult", "sign", "verify",
 ]

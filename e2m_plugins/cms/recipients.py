@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -189,6 +189,21 @@ class SharedKEK:
             der.algorithm(ciphers.wrap_oid_for_kek(self.kek)), der.octet_string(wrapped)]))
 
 
+@dataclass(frozen=True, repr=False)
+class KekLookup:
+    """An opening key that finds KEKs while the envelope is opened.
+
+    ``lookup(key_id)`` returns the KEK for a kekri identifier, or None.  A
+    receiver with many kept keys (a proxy's CEK cache) passes one of these
+    instead of scanning the envelope for identifiers first.
+    """
+
+    lookup: Callable[[bytes], bytes | None]
+
+    def __repr__(self) -> str:
+        return "KekLookup()"
+
+
 def reuse_kek(previous_cek: bytes, reference: bytes) -> SharedKEK:
     """The kekri recipient for a message sent under a reused CEK (RFC 3185).
 
@@ -240,7 +255,7 @@ class CertificateKey:
         return rid.serial == self.certificate.serial_number and rid.issuer_der == self._issuer_der
 
 
-OpeningKey = CertificateKey | SharedKEK
+OpeningKey = CertificateKey | SharedKEK | KekLookup
 
 
 @dataclass(frozen=True)
@@ -464,10 +479,15 @@ def _ecdh(private: object, originator_alg: str, originator_key: bytes) -> bytes:
 
 def _open_kekri(e: _KekriParsed, keys: list[OpeningKey]) -> Unwrapped | None:
     for key in keys:
+        kek = None
         if isinstance(key, SharedKEK) and key.key_id == e.key_id:
-            if ciphers.kek_bytes_for_wrap(e.wrap_oid) != len(key.kek):
+            kek = key.kek
+        elif isinstance(key, KekLookup):
+            kek = key.lookup(e.key_id)
+        if kek is not None:
+            if ciphers.kek_bytes_for_wrap(e.wrap_oid) != len(kek):
                 raise DecryptionError()
-            cek = ciphers.unwrap_key(key.kek, e.encrypted_key)
+            cek = ciphers.unwrap_key(kek, e.encrypted_key)
             return Unwrapped(cek, RecipientSummary("kekri", f"kekid={e.key_id.hex()}",
                                                    oids.name_of(e.wrap_oid), oids.name_of(e.wrap_oid)), key)
     return None
