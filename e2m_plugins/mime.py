@@ -283,15 +283,25 @@ class MimePart:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = field(default=b"", repr=False)  # may be a plaintext SDP or IM
 
+    @cached_property
+    def _index(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = {}
+        for key, value in self.headers:
+            index.setdefault(key.lower(), []).append(value)
+        return index
+
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (case-insensitive), or None.
 
         The Content-* headers that describe the body must appear at most once.
         """
-        values = [value for key, value in self.headers if key.lower() == name.lower()]
-        if len(values) > 1 and name.lower() in _SINGLE:
+        lowered = name.lower()
+        values = self._index.get(lowered)
+        if not values:
+            return None
+        if len(values) > 1 and lowered in _SINGLE:
             raise MalformedError("a body part repeats a Content-* header")
-        return values[0] if values else None
+        return values[0]
 
     @cached_property
     def content_type(self) -> ContentType:

@@ -289,10 +289,10 @@ class ProxyEngine:
     def _keys_for(self, message: SipMessage) -> list[OpeningKey]:
         """Our certificate key, and the CEKs we kept, found by kekri identifier
         while the envelope is opened (no second pass over the CMS)."""
-        scope = message_scope(message)
-        scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
-
         def kept_kek(reference: bytes) -> bytes | None:
+            # Scopes are worked out only when the envelope has a kekri at all.
+            scope = message_scope(message)
+            scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
             for candidate in scopes:
                 kept = self.cache.get(candidate, reference)
                 if kept is None:

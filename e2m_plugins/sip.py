@@ -23,6 +23,7 @@ Decisions (see also ``docs/protocol.md`` §5):
 from __future__ import annotations
 
 import re
+from functools import cached_property, lru_cache
 import secrets
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Union
@@ -95,8 +96,10 @@ class Address(NamedTuple):
     params: dict[str, str | None]
 
 
+@lru_cache(maxsize=1024)
 def canonical_name(name: str) -> str:
-    """Lower-case long form of a header name, used for every lookup."""
+    """Lower-case long form of a header name, used for every lookup (cached: the
+    same few dozen names come back in every message)."""
     low = name.strip().lower()
     return COMPACT_FORMS.get(low, low)
 
@@ -156,18 +159,22 @@ class SipMessage:
         return sl.reason if isinstance(sl, StatusLine) else None
 
     # -- header access ----------------------------------------------------
+    @cached_property
+    def _index(self) -> dict[str, tuple[str, ...]]:
+        # Built on the first lookup; the message is immutable, so it never goes stale.
+        index: dict[str, list[str]] = {}
+        for n, v in self.headers:
+            index.setdefault(canonical_name(n), []).append(v)
+        return {k: tuple(v) for k, v in index.items()}
+
     def get(self, name: str) -> str | None:
         """Value of the first instance of ``name`` (compact forms match)."""
-        key = canonical_name(name)
-        for n, v in self.headers:
-            if canonical_name(n) == key:
-                return v
-        return None
+        values = self._index.get(canonical_name(name))
+        return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
         """Every instance of ``name`` in order; commas are NOT split here."""
-        key = canonical_name(name)
-        return [v for n, v in self.headers if canonical_name(n) == key]
+        return list(self._index.get(canonical_name(name), ()))
 
     def has(self, name: str) -> bool:
         return self.get(name) is not None
