@@ -10,7 +10,7 @@ APT_PACKAGES := openssl kamailio kamailio-python3-modules kamailio-utils-modules
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup apt venv test test-unit bench demo clean fuzz
+.PHONY: setup apt venv test test-unit bench demo clean fuzz soak
 
 setup: apt venv
 
@@ -49,6 +49,12 @@ bench: setup
 fuzz: venv
 	@$(PY) -c 'import atheris' 2>/dev/null || $(PIP) install -q atheris
 	$(PY) fuzz/run.py --seconds $(or $(FUZZ_SECONDS),300)
+
+# Soak: SIPp through the trusted proxy at half load (MESSAGE + INVITE dialogs with CEK
+# reuse) for SOAK_SECONDS (default 600), Kamailio memory sampled every 10 s;
+# JSON to bench/results/soak-*.json, exit 0 only with zero failed calls and flat memory.
+soak: setup
+	SOAK_SECONDS=$(or $(SOAK_SECONDS),600) $(PY) bench/soak.py
 
 demo: setup
 	$(PY) -m pjsua_hooks.demo
