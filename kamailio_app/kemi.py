@@ -39,7 +39,7 @@ def _bootstrap_path():
 
 _bootstrap_path()
 
-from e2m_plugins.errors import E2MError  # noqa: E402
+from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.sip import canonical_name, parse  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.services import ProxyApp  # noqa: E402
@@ -73,9 +73,28 @@ def _log_exception(where, exc):
     KSR.err("e2m: %s failed: %s%s at %s\n" % (where, type(exc).__name__, detail, _where(exc)))
 
 
+# Kamailio's transformations work in one 64 KiB buffer, so base64 of the whole
+# message fails past ~48 KiB.  Larger messages are read in slices whose base64
+# fits; offset and length are $var()s, so the PV spec string is always the same
+# (each distinct spec string would stay in Kamailio's PV cache for good).
+_SLICE = 32 * 1024
+_WHOLE = "$(mb{s.encode.base64})"
+_PIECE = "$(mb{s.substr,$var(e2m_off),$var(e2m_len)}{s.encode.base64})"
+
+
 def _read_message():
     """The message as received, byte-exact ($mb through base64: bodies may be binary)."""
-    raw = base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
+    total = int(KSR.pv.get("$ml") or 0)
+    if total <= _SLICE:
+        return parse(base64.b64decode(KSR.pv.get(_WHOLE) or ""))
+    pieces = []
+    for offset in range(0, total, _SLICE):
+        KSR.pv.seti("$var(e2m_off)", offset)
+        KSR.pv.seti("$var(e2m_len)", min(_SLICE, total - offset))
+        pieces.append(base64.b64decode(KSR.pv.get(_PIECE) or ""))
+    raw = b"".join(pieces)
+    if len(raw) != total:
+        raise MalformedError("message could not be read whole")
     return parse(raw)
 
 

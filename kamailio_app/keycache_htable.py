@@ -20,11 +20,17 @@ CEK: they are never logged, and the htable is never dumped by this code.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from e2m_plugins.errors import LimitExceededError, MalformedError
 from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSACTION_TTL,
@@ -119,6 +125,10 @@ class HtableKeyCache:
         self._sweep_every = max(1, sweep_every)
         self._clock = clock
         self._puts = 0
+        # Entries are sealed with a key made here, before Kamailio forks: every
+        # worker has it, and nothing outside this process tree does.  Kamailio
+        # logs KSR call arguments at debug level; a sealed entry shows no CEK.
+        self._seal_key = AESGCM(AESGCM.generate_key(bit_length=128))
 
     def __repr__(self) -> str:
         return f"HtableKeyCache(max_entries={self._max_entries})"
@@ -140,8 +150,8 @@ class HtableKeyCache:
         life = min(ttl, self._max_ttl)
         entry = CachedKey(cek=bytes(cek), reference=bytes(reference), scope=scope, created=now,
                           expires=now + life, max_decrypts=uses, cipher=cipher)
-        self._backend.set(cache_key(scope, entry.reference), encode_entry(entry),
-                          max(1, math.ceil(life)))
+        key = cache_key(scope, entry.reference)
+        self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
         self._puts += 1
         if self._puts % self._sweep_every == 0:
             self.sweep()
@@ -156,7 +166,7 @@ class HtableKeyCache:
             if raw is None:
                 return None
             try:
-                entry = decode_entry(raw)
+                entry = self._unseal(key, raw)
             except MalformedError:
                 self._backend.remove(key)
                 return None
@@ -171,7 +181,7 @@ class HtableKeyCache:
                 self._backend.remove(key)      # this is the last permitted use
             else:
                 kept = replace(entry, max_decrypts=left)
-                self._backend.set(key, encode_entry(kept), max(1, math.ceil(entry.expires - now)))
+                self._backend.set(key, self._seal(key, kept), max(1, math.ceil(entry.expires - now)))
             return replace(entry, max_decrypts=left)
         finally:
             self._backend.unlock(key)
@@ -189,11 +199,25 @@ class HtableKeyCache:
         now = self._clock()
         return sum(1 for _, entry in self._live(now))
 
+    # -- sealing -----------------------------------------------------------------
+    def _seal(self, key: str, entry: CachedKey) -> str:
+        nonce = os.urandom(12)
+        sealed = self._seal_key.encrypt(nonce, encode_entry(entry).encode(), key.encode())
+        return base64.b64encode(nonce + sealed).decode("ascii")
+
+    def _unseal(self, key: str, raw: str) -> CachedKey:
+        try:
+            data = base64.b64decode(raw, validate=True)
+            plain = self._seal_key.decrypt(data[:12], data[12:], key.encode())
+        except (ValueError, binascii.Error, InvalidTag, UnicodeDecodeError):
+            raise MalformedError("key cache entry does not open") from None
+        return decode_entry(plain.decode())
+
     # -- housekeeping ------------------------------------------------------------
     def _live(self, now: float) -> Iterator[tuple[str, CachedKey]]:
         for key, raw in self._backend.items():
             try:
-                entry = decode_entry(raw)
+                entry = self._unseal(key, raw)
             except MalformedError:
                 continue
             if now < entry.expires:
@@ -206,7 +230,7 @@ class HtableKeyCache:
         dead: list[str] = []
         for key, raw in self._backend.items():
             try:
-                entry = decode_entry(raw)
+                entry = self._unseal(key, raw)
             except MalformedError:
                 dead.append(key)
                 continue

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, parse_address
+from e2m_plugins.keycache import TRANSACTION_TTL
 
 from .archive import Archive, BodyRecord, MediaRecord
 from .config import AppConfig, load_app_config
@@ -96,9 +97,10 @@ class ProxyApp:
         from e2m_plugins.proxy import ProxyEngine
         proxy_config = load_proxy_config(config.path)
         if ksr is not None:
-            cache: Any = HtableKeyCache(KsrHtable(ksr, KEYCACHE_TABLE),
-                                        default_ttl=float(config.kamailio.keycache_expire),
-                                        max_ttl=float(config.kamailio.keycache_expire))
+            expire = float(config.kamailio.keycache_expire)
+            cache: Any = HtableKeyCache(KsrHtable(ksr, KEYCACHE_TABLE), default_ttl=expire,
+                                        max_ttl=expire,
+                                        transaction_ttl=min(TRANSACTION_TTL, expire))
         else:
             from e2m_plugins.keycache import MemoryKeyCache
             cache = MemoryKeyCache()

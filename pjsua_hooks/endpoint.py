@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import re
 import threading
 import time
 import weakref
@@ -382,7 +383,20 @@ class _LogWriter(pj.LogWriter):
         text = entry.msg.rstrip()
         if not self.messages and text.endswith("--end msg--"):
             return
-        log.debug("pjsua: %s", text)
+        log.debug("pjsua: %s", redact_pjsua_line(text))
+
+
+# pjsua quotes the IM text in its own lines ("Message '<text>' delivered
+# successfully", "Failed to deliver message '<text>': 496/...") and prints the
+# SRTP master key at level 5 ("TX: AES_CM_128_HMAC_SHA1_80 key=<key>").
+_IM_TEXT = re.compile(r"(message ')(.*)('(?: delivered|:))", re.IGNORECASE | re.DOTALL)
+_KEY_VALUE = re.compile(r"\b(key|salt)=\S+", re.IGNORECASE)
+
+
+def redact_pjsua_line(text: str) -> str:
+    """A pjsua log line without message text or key material."""
+    text = _IM_TEXT.sub(lambda m: f"{m.group(1)}<{len(m.group(2))} chars>{m.group(3)}", text)
+    return _KEY_VALUE.sub(lambda m: f"{m.group(1)}=<redacted>", text)
 
 
 class _SendGuard:

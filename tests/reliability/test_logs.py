@@ -330,11 +330,6 @@ def test_kamailio_debug_logs_hold_no_plaintext_sdp_srtp_key_or_private_key(run):
     assert not _leaks(run, "Kamailio", ("plaintext", "srtp key", "private key"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "at debug level app_python3 logs the parameters of every KSR call "
-    "('sr_apy_kemi_exec_func_ex(): params[4] for: sht_setxs are: [e2mkeys] [...] [k1|...]'), "
-    "so the key cache's htable values, which hold the CEK (keycache.encode_entry), reach the "
-    "Kamailio log; the htable module's own debug line prints the value too"))
 def test_kamailio_debug_logs_hold_no_cek(run):
     assert not _leaks(run, "Kamailio", ("cek",))
 
@@ -343,12 +338,6 @@ def test_phone_logs_hold_no_cek_or_private_key(run):
     assert not _leaks(run, "phone", ("cek", "private key"))
 
 
-@pytest.mark.xfail(PHONE_LOG_LEVEL >= 3, strict=True, reason=(
-    "pjsua's own log lines reach the phone's log with the IM text and the SRTP keys: "
-    "level 3 'Failed to deliver message '<text>': 496/Proxy Indecipherable' (a 496 "
-    "discovery), level 4 'Message '<text>' delivered successfully', level 5 "
-    "transport_srtp 'TX/RX: <suite> key=<SRTP master key>'; pjsua_hooks' log writer only "
-    "drops whole-message dumps (the shipped default log_level 0 is quiet)"))
 def test_phone_logs_hold_no_plaintext_or_srtp_key(run):
     assert not _leaks(run, "phone", ("plaintext", "srtp key"))
 
