@@ -182,6 +182,7 @@ class UAEngine:
         for proxy in config.proxies:
             self._add_known_proxy(proxy)
         self._dialog_keys: dict[tuple[str, str], list[DialogKey]] = {}
+        self._keeps = 0
         self._retries: dict[str, int] = {}
         self._sign_for: set[str] = set()      # "METHOD" that a 495 asked us to sign
 
@@ -319,14 +320,15 @@ class UAEngine:
         slots = self._dialog_slots(message)
         if not slots:
             return
+        self._keeps += 1
+        if self._keeps % 256 == 0:  # now and then, not on every message: O(dialogs)
+            now = self._clock()
+            for stale in [s for s, keys in self._dialog_keys.items()
+                          if all(now - k.created >= self.config.cek_max_age for k in keys)]:
+                del self._dialog_keys[stale]  # dialogs that ended without a BYE we saw
         if len(self._dialog_keys) >= MAX_DIALOGS and slots[0] not in self._dialog_keys:
-            oldest = min(self._dialog_keys, key=lambda s: min(
-                (k.created for k in self._dialog_keys[s]), default=0.0))
-            del self._dialog_keys[oldest]
-        now = self._clock()
-        for stale in [s for s, keys in self._dialog_keys.items()
-                      if all(now - k.created >= self.config.cek_max_age for k in keys)]:
-            del self._dialog_keys[stale]  # dialogs that ended without a BYE we saw
+            # dicts keep insertion order: the first slot is the oldest dialog
+            del self._dialog_keys[next(iter(self._dialog_keys))]
         bucket = self._dialog_keys.setdefault(slots[0], [])
         bucket[:] = [k for k in bucket if k.reference != key.reference][-7:] + [key]
 
