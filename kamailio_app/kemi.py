@@ -340,8 +340,11 @@ class kamailio:
         return 1
 
     def route_reply(self):
-        if self.app.engine is None or (KSR.pv.get("$rs") or 0) < 101:
+        status = KSR.pv.get("$rs") or 0
+        if self.app.engine is None or status < 101:
             return
+        if not (KSR.pv.get("$cl") or 0) and not (status >= 300 and KSR.pv.get("$rm") == "INVITE"):
+            return  # nothing to view, no dialog ending: not worth reading (a 200 to MESSAGE)
         message = _read_message()
         verdict = self.app.engine.inspect(message)
         KSR.info("e2m: %s response %s %s\n" % (message.method, message.status, _summary(verdict)))
