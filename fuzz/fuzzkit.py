@@ -399,12 +399,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 # ------------------------------------------------------------- the property
 
 # Bugs already reported (each has a strict xfail test with its minimal
-# reproducer in tests/fuzz/test_known_bugs.py).  The fuzzers count them and go
+# reproducer in tests/fuzz/test_fuzz_regressions.py).  The fuzzers count them and go
 # on, so one known bug does not hide the next one.  When the lead fixes one,
 # its xfail test passes (strict: the run fails) and the entry goes from here.
 # name -> (exception type, function in e2m_plugins where it is raised)
 KNOWN_BUGS: dict[str, tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = {
-    # all six found so far are fixed; tests/fuzz/test_known_bugs.py keeps their reproducers
+    # all six found so far are fixed; tests/fuzz/test_fuzz_regressions.py keeps their reproducers
 }
 
 

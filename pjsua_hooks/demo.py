@@ -20,7 +20,6 @@ also on failure or Ctrl-C.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -28,14 +27,14 @@ import shutil
 import signal
 import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .lab import Capture, PhoneProcess, contains_key, free_port, write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -47,45 +46,6 @@ class DemoFailure(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    for _ in range(100):
-        tcp, udp = socket.socket(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            if port != 5060:
-                udp.bind(("127.0.0.1", port))
-                return port
-        except OSError:
-            pass
-        finally:
-            tcp.close()
-            udp.close()
-    raise DemoFailure("no free port")
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def _write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, table in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in table.items() if v is not None]
-        if name == "peers":
-            lines[-len(table):] = [f"{json.dumps(k)} = {_toml(v)}" for k, v in table.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
 # --------------------------------------------------------------------------- processes
 
 class Proxy:
@@ -93,7 +53,7 @@ class Proxy:
                  port: int) -> None:
         self.name, self.directory, self.port = name, directory, port
         directory.mkdir(parents=True, exist_ok=True)
-        self.config = _write_toml(directory / "PROXY.toml", sections)
+        self.config = write_toml(directory / "PROXY.toml", sections)
         self.log_path = directory / "kamailio.log"
         self.runtime = directory / "run"
         with open(self.log_path, "wb") as log:
@@ -150,148 +110,6 @@ class Proxy:
             pass
 
 
-class Phone:
-    """``e2m-phone --json listen --commands`` as a child process."""
-
-    def __init__(self, name: str, config: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self.stderr = open(config.parent / f"{name}.stderr", "wb")
-        self.process = subprocess.Popen(
-            [PY, "-m", "pjsua_hooks.cli", "--config", str(config), "--json", "listen",
-             "--commands"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.stderr, env={**os.environ, **env}, start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(event)
-                self._cond.notify_all()
-
-    def wait(self, kind: str, where: Any = None, timeout: float = 15.0, since: int = 0) -> dict:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for event in self.events[since:]:
-                    if event["kind"] == kind and (where is None or where(event)):
-                        return event
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise DemoFailure(f"{self.name}: no {kind} event (last: "
-                                      f"{[e['kind'] for e in self.events[-6:]]})")
-                self._cond.wait(0.2)
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.events)
-
-    def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line.encode() + b"\n")
-        self.process.stdin.flush()
-
-    @property
-    def port(self) -> int:
-        return int(self.wait("started")["local"].rsplit(":", 1)[1])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                self.send("quit")
-                self.process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait()
-        self.stderr.close()
-
-
-class Capture:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.process: subprocess.Popen | None = None
-        self.why_not = ""
-        tcpdump = shutil.which("tcpdump") or ("/usr/sbin/tcpdump" if os.path.exists("/usr/sbin/tcpdump") else None)
-        if tcpdump is None:
-            self.why_not = "tcpdump is not installed"
-            return
-        command = [tcpdump]
-        if os.geteuid() != 0:
-            if shutil.which("sudo") and subprocess.run(["sudo", "-n", tcpdump, "--version"],
-                                                       capture_output=True).returncode == 0:
-                command = ["sudo", "-n", tcpdump]
-            else:
-                self.why_not = "tcpdump needs root (no password-less sudo)"
-                return
-        log = path.with_suffix(".log")
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen([*command, "-i", "lo", "--immediate-mode", "-U",
-                                             "-s", "0", "-w", str(path), "udp"], stdout=out,
-                                            stderr=out, start_new_session=True)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if b"listening on" in log.read_bytes():
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.why_not = "tcpdump could not capture: " + log.read_text(errors="replace").strip()[:200]
-        self.stop()
-        self.process = None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            time.sleep(0.3)
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def datagrams(self) -> list[tuple[int, int, bytes]]:
-        """(source port, destination port, UDP payload) of each captured IPv4 datagram."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        if len(data) < 24:
-            return []
-        order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-        link = struct.unpack(order + "I", data[20:24])[0]
-        skip = 14 if link == 1 else 16 if link == 113 else 4 if link == 0 else 0
-        out, off = [], 24
-        while off + 16 <= len(data):
-            incl = struct.unpack(order + "IIII", data[off:off + 16])[2]
-            frame = data[off + 16:off + 16 + incl]
-            off += 16 + incl
-            ip = frame[skip:]
-            if len(ip) < 28 or ip[0] >> 4 != 4 or ip[9] != 17:
-                continue
-            ihl = (ip[0] & 15) * 4
-            sport, dport = struct.unpack("!HH", ip[ihl:ihl + 4])
-            out.append((sport, dport, ip[ihl + 8:]))
-        return out
-
-
-def _contains_key(payload: bytes, witness: dict[str, Any]) -> bool:
-    for length, digest in ((witness["b64_len"], witness["b64_sha256"]),
-                           (witness["raw_len"], witness["raw_sha256"])):
-        for i in range(0, len(payload) - length + 1) if length else ():
-            if hashlib.sha256(payload[i:i + length]).hexdigest() == digest:
-                return True
-    return False
-
-
 # --------------------------------------------------------------------------- the run
 
 def run(work: Path) -> int:
@@ -337,17 +155,17 @@ def run(work: Path) -> int:
         env = {"E2M_PHONE_KEY_WITNESS": str(witness)}
         configs = {}
         for name, peer, proxy in (("alice", "bob", visited.uri), ("bob", "alice", home.uri)):
-            configs[name] = _write_toml(work / f"{name}.toml", {
+            configs[name] = write_toml(work / f"{name}.toml", {
                 "identity": {"aor": f"sip:{name}@example.com", "cert": str(pki_dir / f"{name}.crt"),
                              "key": str(pki_dir / f"{name}.key")},
                 "trust": {"ca": [str(pki_dir / "ca.crt")]},
                 "peers": {f"sip:{peer}@example.com": str(pki_dir / f"{peer}.crt")},
                 "phone": {"registrar": home.uri, "proxy": proxy, "register_via_proxy": name == "alice",
                           "srtp": True, "cert_url_hosts": ["127.0.0.1"]}})
-        bob = Phone("bob", configs["bob"], env)
+        bob = PhoneProcess(configs["bob"], "bob", env)
         procs.insert(0, bob)
         bob.wait("registered")
-        alice = Phone("alice", configs["alice"], env)
+        alice = PhoneProcess(configs["alice"], "alice", env)
         procs.insert(0, alice)
         reg = alice.wait("registered")
         pols = [p["host"] + " view " + ",".join(p["view"]) for p in reg["policies"]]
@@ -422,7 +240,7 @@ def run(work: Path) -> int:
             v, h = through(visited.port), through(home.port)
             visited_read = {"MESSAGE a->b": clear(v, text1.encode()), "MESSAGE b->a": clear(v, text2.encode()),
                             "SDP offer": clear(v, b"m=audio"), "SDP answer": clear(v, b"m=audio"),
-                            "SRTP keys": any(_contains_key(p, w) for _, _, p in grams for w in witnesses)}
+                            "SRTP keys": any(contains_key(p, w) for _, _, p in grams for w in witnesses)}
             leaked_home = clear(h, text1.encode()) or clear(h, text2.encode()) or clear(h, b"m=audio")
             expect("no text or SDP in the clear on the home proxy's legs", not leaked_home, "capture")
             expect("the SRTP keys appear in no packet at all (RTP included)",
@@ -502,7 +320,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="e2m-demo-"))
     try:
         return run(work)
-    except DemoFailure as exc:
+    except (DemoFailure, AssertionError, RuntimeError) as exc:
         print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

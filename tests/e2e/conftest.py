@@ -28,7 +28,8 @@ sys.path.insert(0, str(HERE.parent / "kamailio"))
 sys.path.insert(0, str(HERE))
 
 from kamailio_harness import ProxyHandle, start_proxy  # noqa: E402
-from phones import Capture, PhoneProcess, redact, tcpdump_command, write_ua  # noqa: E402
+from phones import redact, write_ua  # noqa: E402
+from pjsua_hooks.lab import Capture, PhoneProcess, tcpdump_command  # noqa: E402
 
 from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from phones import ForgingProxy, contains_key, key_witnesses, run_phone
+from phones import ForgingProxy, run_phone
+from pjsua_hooks.lab import contains_key, key_witnesses
 
 from e2m_plugins import sip
 from e2m_plugins.pki import issue_proxy, make_ca

@@ -253,9 +253,8 @@ def _header_cases() -> list[Case]:
         Case("signed by another user", signed_by_stranger),
         Case("300 MIME parts", many_parts),
         Case("multipart nested 12 deep", nested_multipart),
-        # A 270 KiB body should get the engine's 413: see test_known_bugs (every request
-        # over about 48 KiB is answered 400 before the engine runs).  Over the TCP cap
-        # (320 KiB) Kamailio drops the message itself: a SIP-level case below.
+        # A 270 KiB body gets the engine's 413: see test_wire_regressions.  Over the
+        # TCP cap (320 KiB) Kamailio drops the message itself: a SIP-level case below.
         Case("header line of 9 KiB", lambda m: m.message().add("Subject", "s" * 9000)),
         Case("300 headers", lambda m: _many_headers(m.message(), 300)),
         Case("control character in a header", lambda m: m.message().add("Subject", "a\x01b")),

@@ -40,7 +40,8 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from kamailio_harness import start_proxy
-from phones import Capture, PhoneProcess, key_witnesses, read_pcap, run_phone, tcpdump_command, write_ua
+from phones import run_phone, write_ua
+from pjsua_hooks.lab import Capture, PhoneProcess, key_witnesses, read_pcap, tcpdump_command
 from wire import find_secrets, secret_forms, transact
 
 from e2m_plugins import mime
