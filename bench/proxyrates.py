@@ -55,7 +55,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -80,7 +79,8 @@ from e2m_plugins.policy import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
 
 from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
-from kamailio_harness import ProxyHandle, free_port, start_proxy  # noqa: E402
+from kamailio_harness import (ProxyHandle, free_port, start_proxy, stop_process,  # noqa: E402
+                              wait_udp_bound)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -319,33 +319,11 @@ class Instance:
         return cpu_sample(self.pids)
 
     def stop(self) -> None:
-        _stop_process(self.uas)
+        stop_process(self.uas)
         self.proxy.stop()
 
 
-def _stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
-
-def _wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -> None:
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return
-        finally:
-            probe.close()
-        time.sleep(0.05)
-    raise RuntimeError(f"SIPp UAS did not bind {port} (rc={process.poll()})")
 
 
 def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Instance:
@@ -371,7 +349,7 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
         cwd=base, stdout=uas_log, stderr=subprocess.STDOUT)
     uas_log.close()
     try:
-        _wait_udp_bound(uas_port, uas)
+        wait_udp_bound(uas_port, uas)
         extra: dict[str, dict[str, Any]] = {}
         if cfg.e2m and cfg.proxy_key_type != "rsa":
             cred = pki.proxy(TRUSTED, cfg.proxy_key_type)
@@ -383,7 +361,7 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
             settings["archive"] = plan.archive
         proxy = start_proxy(base / "proxy", pki=pki if cfg.e2m else None, e2m=cfg.e2m, **settings)
     except BaseException:
-        _stop_process(uas)
+        stop_process(uas)
         raise
     pid_file = proxy.runtime_dir / "kamailio.pid"
     deadline = time.monotonic() + 5
@@ -484,7 +462,7 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
         rc = process.wait(timeout=budget)
     except subprocess.TimeoutExpired:
         timed_out = True
-        _stop_process(process)
+        stop_process(process)
         rc = process.returncode
     elapsed = time.monotonic() - start
     after = inst.cpu()

@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,8 @@ from e2m_plugins.policy import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
 
 from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
-from kamailio_harness import ProxyHandle, free_port, start_proxy  # noqa: E402
+from kamailio_harness import (ProxyHandle, free_port, start_proxy, stop_process,  # noqa: E402
+                              wait_udp_bound)
 from wire import memory_sample  # noqa: E402
 
 TEXT = (b"Soak test text: the figures for the quarter are in the ticket, please keep "
@@ -295,29 +295,7 @@ def last_stats(path: Path) -> dict[str, int]:
     return out
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
-
-def _wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -> None:
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return
-        finally:
-            probe.close()
-        time.sleep(0.05)
-    raise RuntimeError(f"SIPp UAS did not bind {port} (rc={process.poll()})")
 
 
 def uac(proxy: ProxyHandle, scenario: Path, body: Path, rate: float, calls: int,
@@ -345,7 +323,7 @@ class World:
     workdir: Path
 
     def stop(self) -> None:
-        _stop(self.uas)
+        stop_process(self.uas)
         self.proxy.stop()
 
 
@@ -371,14 +349,14 @@ def start_world(workdir: Path, *, archive: bool, workers: int, log_level: str) -
         cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
-        _wait_udp_bound(uas_port, uas_proc)
+        wait_udp_bound(uas_port, uas_proc)
         cred = pki.proxy(TRUSTED, "x25519")
         proxy = start_proxy(workdir / "proxy", pki=pki, e2m=True, next_hop=f"sip:127.0.0.1:{uas_port}",
                             workers=workers, log_level=log_level, archive=archive,
                             extra={"identity": {"cert": str(cred.cert_path), "key": str(cred.key_path)},
                                    "kamailio": {"shm_mb": 128}})
     except BaseException:
-        _stop(uas_proc)
+        stop_process(uas_proc)
         raise
     return World(proxy, uas_proc, scenarios, bodies, workdir)
 
@@ -395,7 +373,7 @@ def quick_ladder(world: World, log) -> dict[str, Any]:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                _stop(proc)
+                stop_process(proc)
             counts = last_stats(stats)
             clean = (proc.returncode == 0 and counts.get("FailedCall(C)", 1) == 0
                      and counts.get("SuccessfulCall(C)", 0) == int(rate * 3))
@@ -525,7 +503,7 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
                 proc.wait(timeout=max(1.0, budget - (time.monotonic() - t0)))
             except subprocess.TimeoutExpired:
                 timed_out.append(name)
-                _stop(proc)
+                stop_process(proc)
         elapsed = time.monotonic() - t0
         stop.set()
         thread.join(timeout=5)

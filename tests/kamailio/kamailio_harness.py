@@ -408,7 +408,7 @@ class SippRunner:
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         server = SippUas(process, port, files)
         self._servers.append(server)
-        _wait_bound(port, process)
+        wait_udp_bound(port, process)
         return server
 
     def uac(self, scenario: str, target_port: int, keys: dict[str, Any] | None = None,
@@ -431,7 +431,18 @@ class SippRunner:
                                                                  b"", server.files)))
 
 
-def _wait_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -> None:
+def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it does not go within ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -> None:
     """Until SIPp holds the UDP port (so nothing is sent before it listens)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
