@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import mime
 from .certstore import check_user_certificate
+from .headers import host_key
 from .cms import ciphers, der, oids
 from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, seal
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign
-from .errors import BindingMismatchError, DecryptionError, E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
+from .errors import BindingMismatchError, DecryptionError, DowngradeError, E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
 from .sip import SipMessage, canonical_name
 from .smime import open_message, unauthenticated_plaintext
 
@@ -166,26 +167,55 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
                       inner.decoded(), inner, opened.envelopes, opened.signatures)
 
 
-def sip_binding(message: SipMessage) -> bytes:
-    """DER of the message an envelope belongs to: Call-ID, From tag, CSeq.
+def _utf8(text: str) -> bytes:
+    return der.tlv(0x0C, text.encode("utf-8", "surrogateescape"))
+
+
+def sip_binding(message: SipMessage, labels: Sequence[str] = ()) -> bytes:
+    """DER of the message an envelope belongs to: Call-ID, From tag, CSeq, and the
+    proxies the sender labelled the body for.
 
     ``SipBinding ::= SEQUENCE { callId UTF8String, fromTag UTF8String,
-    cseq INTEGER, method UTF8String }``.  All four are end-to-end: proxies do
-    not change them, and a response repeats its request's.
+    cseq INTEGER, method UTF8String, labels SEQUENCE OF UTF8String OPTIONAL }``.
+    The first four are end-to-end (proxies do not change them, a response repeats
+    its request's); ``labels`` (host names, sorted) lets the receiver see a
+    ``Proxy-Required-Body`` that a hop stripped.
     """
     number, method = message.cseq
-    return der.seq(der.tlv(0x0C, message.call_id.encode("utf-8", "surrogateescape")),
-                   der.tlv(0x0C, (message.from_tag or "").encode("utf-8", "surrogateescape")),
-                   der.enc_integer(number), der.tlv(0x0C, method.encode("ascii")))
+    fields = [_utf8(message.call_id), _utf8(message.from_tag or ""), der.enc_integer(number),
+              der.tlv(0x0C, method.encode("ascii"))]
+    if labels:
+        fields.append(der.seq(*(_utf8(h) for h in sorted({host_key(x) for x in labels}))))
+    return der.seq(*fields)
 
 
-def binding_attribute(message: SipMessage) -> Attribute:
-    return Attribute(oids.SIP_BINDING, (sip_binding(message),))
+def binding_attribute(message: SipMessage, labels: Sequence[str] = ()) -> Attribute:
+    return Attribute(oids.SIP_BINDING, (sip_binding(message, labels),))
 
 
-def check_binding(opened: OpenedPart, message: SipMessage) -> bool:
+def _read_binding(value: bytes) -> tuple[bytes, set[str]]:
+    """(DER of the four message fields, bound label hosts) of a SipBinding value."""
+    try:
+        fields = der.items(der.read_all(value), 4, "SipBinding")
+        if len(fields) > 5:
+            raise MalformedError("SipBinding: too many fields")
+        head = der.seq(*(f.encoded for f in fields[:4]))
+        hosts = set()
+        if len(fields) == 5:
+            hosts = {bytes(h.value).decode("utf-8", "surrogateescape")
+                     for h in fields[4].expect(der.SEQUENCE, "labels").children()}
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedError("malformed SipBinding") from None
+    return head, hosts
+
+
+def check_binding(opened: OpenedPart, message: SipMessage, *,
+                  labels_present: set[str] | None = None) -> bool:
     """Raise ``BindingMismatchError`` if an envelope was bound to another message.
 
+    With ``labels_present`` (the hosts the message still names, in
+    ``Proxy-Required-Body`` or as a proxy that announced its policy on it), a
+    bound label that is gone raises ``DowngradeError``: a hop stripped it.
     Returns True when a binding was present and matched, False when none was
     (CBC envelopes and other implementations carry none).
     """
@@ -196,8 +226,16 @@ def check_binding(opened: OpenedPart, message: SipMessage) -> bool:
             if attribute.oid != oids.SIP_BINDING:
                 continue
             expected = expected or sip_binding(message)
-            if attribute.values != (expected,):
+            if len(attribute.values) != 1:
                 raise BindingMismatchError("the body was encrypted for another SIP message")
+            head, hosts = _read_binding(attribute.values[0])
+            if head != expected:
+                raise BindingMismatchError("the body was encrypted for another SIP message")
+            if labels_present is not None:
+                stripped = hosts - {host_key(h) for h in labels_present}
+                if stripped:
+                    raise DowngradeError("Proxy-Required-Body for " + ", ".join(sorted(stripped))
+                                         + " was removed on the way")
             found = True
     return found
 
@@ -227,7 +265,8 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
                     signer: tuple[x509.Certificate, PrivateKeyTypes] | None = None,
                     cek_reference: bytes | None = None, content_id: str | None = None,
                     handling: str = "required", cipher: str | None = None,
-                    bind_to: SipMessage | None = None) -> tuple[mime.MimePart, Sealed]:
+                    bind_to: SipMessage | None = None,
+                    bind_labels: Sequence[str] = ()) -> tuple[mime.MimePart, Sealed]:
     """Encrypt one body for ``recipients``, signing it first when ``signer`` is given.
 
     Sign-then-encrypt as e2m-sec-02 and RFC 8591 prefer: the SignedData is the
@@ -242,7 +281,7 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
     kwargs: dict = {} if cipher is None else {"cipher": cipher}
     if bind_to is not None and ciphers.cipher_by_name(cipher or ciphers.DEFAULT_CIPHER).aead:
         # Only AuthEnvelopedData can authenticate an attribute (docs/protocol.md §2).
-        kwargs["authenticated_attributes"] = (binding_attribute(bind_to),)
+        kwargs["authenticated_attributes"] = (binding_attribute(bind_to, bind_labels),)
     sealed = seal(payload, list(recipients), content_type=payload_type,
                   cek_reference=cek_reference, **kwargs)
     auth = content_info_type(sealed.der) == oids.AUTH_ENVELOPED_DATA

@@ -400,7 +400,8 @@ class UAEngine:
         audience = frozenset(p.host for p in proxies) | (shared.readers if shared else frozenset())
         keyed = ctype == "application/sdp" and has_keys(content, self.config.keying_attributes)
         split = self.config.split_sdp and keyed and bool(audience)
-        seal = dict(message=message, peer=peer, ctype=ctype, signer=signer, reuse_ok=reuse_ok)
+        seal = dict(message=message, peer=peer, ctype=ctype, signer=signer, reuse_ok=reuse_ok,
+                    labels=audience - {"?"})   # bound into each envelope: stripping shows
         try:
             if split:
                 view = split_for_proxy(content, self.config.keying_attributes).proxy_view
@@ -442,7 +443,7 @@ class UAEngine:
         return ctype == "application/sdp" or (message.is_request and message.method == "MESSAGE")
 
     def _seal_for(self, *, message: SipMessage, peer: str | None, ctype: str, content: bytes,
-                  readers: frozenset[str], exclusive: bool,
+                  readers: frozenset[str], exclusive: bool, labels: frozenset[str],
                   signer: tuple[x509.Certificate, object] | None, reuse_ok: bool,
                   handling: str) -> tuple[mime.MimePart, bool]:
         """One envelope for the peer plus ``readers``; returns (entity, reused a key).
@@ -473,7 +474,8 @@ class UAEngine:
         entity, sealed = protect_content(ctype, content, recipients, signer=signer,  # type: ignore[arg-type]
                                          cek_reference=reference, content_id=cid,
                                          handling=handling,
-                                         bind_to=message if self.config.bind_to_message else None)
+                                         bind_to=message if self.config.bind_to_message else None,
+                                         bind_labels=sorted(labels))
         if reference is not None:
             # Not reusable until the peer shows it holds it: the request may be refused.
             self._keep(message, DialogKey(reference, sealed.cek, readers, not readers,
@@ -528,7 +530,7 @@ class UAEngine:
                 if candidate.handling == "optional":
                     continue  # a part for a proxy, not for us (e2m-sec-02 §4.2)
                 raise
-            check_binding(opened, message)
+            check_binding(opened, message, labels_present=self._named_hosts(message))
             self._check_signer(message, opened, peer)
             self._keep_received(message, opened, labels)
             if candidate.handling == "optional":
@@ -603,6 +605,22 @@ class UAEngine:
                     break
                 except E2MError:
                     continue  # not encryptable or not the peer's: keep looking
+
+    @staticmethod
+    def _named_hosts(message: SipMessage) -> set[str]:
+        """Proxies the message still names: labels, and policies announced on it (a
+        proxy may remove its own label, and then announces itself toward the UAS)."""
+        hosts: set[str] = set()
+        try:
+            hosts |= {label.proxy_host for label in
+                      hdr.parse_proxy_required_bodies(message.get_all(hdr.PROXY_REQUIRED_BODY))}
+        except E2MError:
+            pass
+        try:
+            hosts |= {p.host for p in hdr.parse_policy_headers(message.get_all(hdr.PROXY_BODY_POLICY))}
+        except E2MError:
+            pass
+        return hosts
 
     @staticmethod
     def _labels_by_cid(message: SipMessage) -> dict[str, set[str]]:

@@ -465,3 +465,22 @@ def test_error_answers_are_neither_protected_nor_a_downgrade(world):
     assert bob.protect(refusal).message.body == cert
     alice = ua_engine(world, "alice")
     assert alice.open(refusal).message.body == cert
+
+
+def test_a_stripped_label_is_a_downgrade_but_a_proxy_removing_its_own_is_not(world):
+    """The labelled proxies are bound into the envelope (SipBinding): a hop that
+    strips Proxy-Required-Body is seen by bob (488); the trusted proxy removing its
+    own label, while announcing its policy toward bob, is not."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    sent = alice.protect(invite(world)).message
+    stripped = sent.remove(PROXY_REQUIRED_BODY)
+    with pytest.raises(DowngradeError, match="removed on the way") as caught:
+        bob.open(stripped)
+    assert answer_for(caught.value, "ua").code == 488
+
+    own = proxy_engine(world, TRUSTED, view=SDP_VIEW, remove_own_label=True)
+    trip = SipPath([own]).request(alice.protect(invite(world)).message)
+    assert not trip.delivered.get_all(PROXY_REQUIRED_BODY)
+    assert trip.delivered.get(PROXY_BODY_POLICY)
+    assert bob.open(trip.delivered).message.body == SDP_OFFER
