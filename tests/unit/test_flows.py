@@ -484,3 +484,37 @@ def test_a_stripped_label_is_a_downgrade_but_a_proxy_removing_its_own_is_not(wor
     assert not trip.delivered.get_all(PROXY_REQUIRED_BODY)
     assert trip.delivered.get(PROXY_BODY_POLICY)
     assert bob.open(trip.delivered).message.body == SDP_OFFER
+
+
+def test_late_offer_and_update_are_protected_for_the_proxy_too(world):
+    """INVITE without SDP, offer in the 200, answer in the ACK, then an UPDATE: every
+    SDP is encrypted, the trusted proxy reads each one, and the ACK and the UPDATE go
+    under the dialog's reused key."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob", proxies=(known_proxy(world, TRUSTED, ("INVITE:application/sdp",
+                                                                          "UPDATE:application/sdp",
+                                                                          "ACK:application/sdp")),))
+    path, _, trusted = path_with(world, view=("INVITE:application/sdp", "UPDATE:application/sdp",
+                                              "ACK:application/sdp"))
+    bare = invite(world, call_id="late@x").with_body(b"")
+    delivered = bob.open(path.request(alice.protect(bare).message).delivered).message
+
+    offer = bob.protect(answer(delivered, SDP_ANSWER))            # the offer rides the 200
+    back = path.response(offer.message)
+    assert [s.plaintext for s in back.seen_by(TRUSTED)] == [SDP_ANSWER]
+    assert alice.open(back.delivered).message.body == SDP_ANSWER
+
+    ack = invite(world, call_id="late@x", to_tag="b1", method="ACK")   # the answer rides the ACK
+    sent = alice.protect(ack)
+    assert sent.info.encrypted and sent.info.key_reuse
+    trip = path.request(sent.message)
+    assert [s.plaintext for s in trip.seen_by(TRUSTED)] == [SDP_OFFER]
+    assert bob.open(trip.delivered).message.body == SDP_OFFER
+
+    update = invite(world, call_id="late@x", cseq=2, to_tag="b1", method="UPDATE",
+                    sdp=SDP_OFFER.replace(b"49170", b"49172"))
+    sent = alice.protect(update)
+    assert sent.info.key_reuse
+    trip = path.request(sent.message)
+    assert b"49172" in trip.seen_by(TRUSTED)[0].plaintext
+    assert b"49172" in bob.open(trip.delivered).message.body
