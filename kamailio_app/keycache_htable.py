@@ -111,7 +111,7 @@ class HtableKeyCache:
     def __init__(self, backend: HtableBackend, *, max_entries: int = 10_000,
                  default_ttl: float = DIALOG_TTL, transaction_ttl: float = TRANSACTION_TTL,
                  max_ttl: float = MAX_TTL, max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
-                 sweep_every: int = 64, clock: Callable[[], float] = time.time) -> None:
+                 sweep_every: int | None = None, clock: Callable[[], float] = time.time) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         if not 0 < default_ttl <= max_ttl or not 0 < transaction_ttl <= max_ttl:
@@ -122,7 +122,11 @@ class HtableKeyCache:
         self._transaction_ttl = transaction_ttl
         self._max_ttl = max_ttl
         self._cap = max_decrypts_cap
-        self._sweep_every = max(1, sweep_every)
+        # A sweep reads every entry through KSR: run it every tenth of the bound
+        # (per worker), so its cost per put stays about ten reads however large the
+        # table is, and the bound is soft by at most that many entries per worker.
+        self._sweep_every = max(1, sweep_every if sweep_every is not None
+                                else max(64, max_entries // 10))
         self._clock = clock
         self._puts = 0
         # Entries are sealed with a key made here, before Kamailio forks: every
