@@ -79,8 +79,8 @@ from e2m_plugins.policy import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
 
 from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
-from kamailio_harness import (ProxyHandle, free_port, start_proxy, stop_process,  # noqa: E402
-                              wait_udp_bound)
+from kamailio_harness import (ProxyHandle, free_port, sipp_stats, start_proxy,  # noqa: E402
+                              stop_process, wait_udp_bound)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -422,25 +422,6 @@ class Run:
 _STAT_COUNTERS = ("SuccessfulCall(C)", "FailedCall(C)", "Retransmissions(C)", "TotalCallCreated")
 
 
-def _last_stats(path: Path) -> dict[str, int]:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return {}
-    if len(lines) < 2:
-        return {}
-    head = lines[0].rstrip(";").split(";")
-    last = lines[-1].rstrip(";").split(";")
-    out = {}
-    for name in _STAT_COUNTERS:
-        if name in head:
-            try:
-                out[name] = int(last[head.index(name)])
-            except (ValueError, IndexError):
-                pass
-    return out
-
-
 def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: Plan,
              workdir: Path) -> Run:
     """``rate`` calls/s for ``seconds``; Kamailio CPU sampled right before and after."""
@@ -466,7 +447,7 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
         rc = process.returncode
     elapsed = time.monotonic() - start
     after = inst.cpu()
-    counters = _last_stats(stats)
+    counters = sipp_stats(stats, _STAT_COUNTERS)
     return Run(inst.config.key, workload, rate, calls,
                counters.get("SuccessfulCall(C)", 0), counters.get("FailedCall(C)", 0),
                counters.get("Retransmissions(C)", 0), elapsed, rc,

@@ -65,8 +65,8 @@ from e2m_plugins.policy import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
 
 from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
-from kamailio_harness import (ProxyHandle, free_port, start_proxy, stop_process,  # noqa: E402
-                              wait_udp_bound)
+from kamailio_harness import (ProxyHandle, free_port, sipp_stats, start_proxy,  # noqa: E402
+                              stop_process, wait_udp_bound)
 from wire import memory_sample  # noqa: E402
 
 TEXT = (b"Soak test text: the figures for the quarter are in the ticket, please keep "
@@ -276,25 +276,6 @@ _COUNTERS = ("SuccessfulCall(C)", "FailedCall(C)", "Retransmissions(C)", "TotalC
              "FailedTimeoutOnRecv(C)", "FailedTimeoutOnSend(C)")
 
 
-def last_stats(path: Path) -> dict[str, int]:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return {}
-    if len(lines) < 2:
-        return {}
-    head = lines[0].rstrip(";").split(";")
-    last = lines[-1].rstrip(";").split(";")
-    out = {}
-    for name in _COUNTERS:
-        if name in head:
-            try:
-                out[name] = int(last[head.index(name)])
-            except (ValueError, IndexError):
-                pass
-    return out
-
-
 
 
 
@@ -374,7 +355,7 @@ def quick_ladder(world: World, log) -> dict[str, Any]:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 stop_process(proc)
-            counts = last_stats(stats)
+            counts = sipp_stats(stats, _COUNTERS)
             clean = (proc.returncode == 0 and counts.get("FailedCall(C)", 1) == 0
                      and counts.get("SuccessfulCall(C)", 0) == int(rate * 3))
             log(f"ladder {workload} {rate}/s: {counts.get('SuccessfulCall(C)')} ok, "
@@ -518,7 +499,7 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
         workloads = {}
         failed_total = 0
         for name, (proc, stats, errors) in procs.items():
-            counts = last_stats(stats)
+            counts = sipp_stats(stats, _COUNTERS)
             failed = counts.get("FailedCall(C)", 0)
             missing = calls[name] - counts.get("SuccessfulCall(C)", 0)
             failed_total += failed + max(0, missing)

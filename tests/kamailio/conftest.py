@@ -44,13 +44,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from e2m_plugins.pki import TestPKI
-from kamailio_harness import (ProxyHandle, RawUas, SippRunner, describe, redact_sip_text,
-                              start_proxy)
+from kamailio_harness import (ProxyHandle, ProxyStarter, RawUas, SippRunner, describe,
+                              redact_sip_text, start_proxy)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -91,18 +90,11 @@ def _print_log(proxy: ProxyHandle, mark: int = 0) -> None:
 @pytest.fixture
 def proxy_factory(pki: TestPKI, tmp_path: Path,
                   request: pytest.FixtureRequest) -> Iterator[Callable[..., ProxyHandle]]:
-    started: list[ProxyHandle] = []
-
-    def start(name: str, *, e2m: bool = True, **settings: Any) -> ProxyHandle:
-        handle = start_proxy(tmp_path / name, pki=pki if e2m else None, e2m=e2m, **settings)
-        started.append(handle)
-        return handle
-
-    yield start
-    for handle in started:
-        handle.stop()
+    starter = ProxyStarter(pki, tmp_path)
+    yield starter
+    stopped = starter.stop_all()
     if _failed(request):   # these proxies are gone before _failure_report runs
-        for handle in started:
+        for handle in stopped:
             _print_log(handle)
 
 

@@ -431,6 +431,46 @@ class SippRunner:
                                                                  b"", server.files)))
 
 
+class ProxyStarter:
+    """Starts proxies for one test under ``directory`` and stops them all at the end
+    (the body of the ``proxy_factory`` / ``rproxy`` fixtures)."""
+
+    def __init__(self, pki: Any, directory: Path) -> None:
+        self.pki, self.directory = pki, directory
+        self.started: list[ProxyHandle] = []
+
+    def __call__(self, name: str, *, e2m: bool = True, **settings: Any) -> ProxyHandle:
+        handle = start_proxy(self.directory / name, pki=self.pki if e2m else None, e2m=e2m,
+                             **settings)
+        self.started.append(handle)
+        return handle
+
+    def stop_all(self) -> list[ProxyHandle]:
+        for handle in self.started:
+            handle.stop()
+        return self.started
+
+
+def sipp_stats(path: Path, counters: tuple[str, ...]) -> dict[str, int]:
+    """The last row of a SIPp ``-trace_stat`` CSV (``;``-separated), for ``counters``."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return {}
+    if len(lines) < 2:
+        return {}
+    head = lines[0].rstrip(";").split(";")
+    last = lines[-1].rstrip(";").split(";")
+    out = {}
+    for name in counters:
+        if name in head:
+            try:
+                out[name] = int(last[head.index(name)])
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
     """SIGTERM, then SIGKILL if it does not go within ``timeout``."""
     if process.poll() is None:

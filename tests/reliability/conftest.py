@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,7 +25,7 @@ for _p in (HERE.parent / "kamailio", HERE.parent / "e2e", HERE):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from kamailio_harness import ProxyHandle, SippRunner, redact_sip_text, start_proxy  # noqa: E402
+from kamailio_harness import ProxyHandle, ProxyStarter, SippRunner, redact_sip_text  # noqa: E402
 
 from e2m_plugins.pki import TestPKI  # noqa: E402
 
@@ -60,18 +59,11 @@ def exchange(request: pytest.FixtureRequest) -> Iterator[list[str]]:
 @pytest.fixture
 def rproxy(pki: TestPKI, tmp_path: Path,
            request: pytest.FixtureRequest) -> Iterator[Callable[..., ProxyHandle]]:
-    started: list[ProxyHandle] = []
-
-    def start(name: str, *, e2m: bool = True, **settings: Any) -> ProxyHandle:
-        handle = start_proxy(tmp_path / name, pki=pki if e2m else None, e2m=e2m, **settings)
-        started.append(handle)
-        return handle
-
-    yield start
-    for handle in started:
-        handle.stop()
+    starter = ProxyStarter(pki, tmp_path)
+    yield starter
+    stopped = starter.stop_all()
     if failed(request):
-        for handle in started:
+        for handle in stopped:
             print_log(handle)
 
 
