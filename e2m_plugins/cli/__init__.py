@@ -30,7 +30,7 @@ from ..errors import E2MError
 from ..policy import ConfigError
 
 __all__ = ["Group", "UsageError", "CliFailure", "register_group", "build_parser", "main",
-           "read_input", "write_output"]
+           "read_input", "write_output", "positive_int"]
 
 PROG = "e2m"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -143,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for a count or an id: a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 # ------------------------------------------------------------ shared file I/O

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import CliFailure, Group, UsageError, write_output
+from . import CliFailure, Group, UsageError, positive_int, write_output
 
 __all__ = ["GROUP"]
 
@@ -94,16 +94,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _where(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", metavar="FILE", help="the archive's SQLite file")
     parser.add_argument("--config", metavar="PROXY.toml", help="find the archive in [archive] path")
@@ -114,14 +104,14 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("list", help="one line per archived body (no text)",
                             description="List archived bodies, oldest first, without their text.")
     _where(p)
-    p.add_argument("--limit", type=_positive, default=50, help="the newest N bodies (default 50)")
+    p.add_argument("--limit", type=positive_int, default=50, help="the newest N bodies (default 50)")
     p.add_argument("--call-id", help="only bodies of this Call-ID")
     p.set_defaults(handler=_cmd_list)
 
     p = commands.add_parser("show", help="one archived body, its call's media; text with --out",
                             description="Show one archived body and the media streams of its "
                                         "call.  The plaintext goes only to --out.")
-    p.add_argument("id", type=_positive, metavar="ID")
+    p.add_argument("id", type=positive_int, metavar="ID")
     _where(p)
     p.add_argument("--out", metavar="FILE", help="write the plaintext here ('-' for stdout)")
     p.set_defaults(handler=_cmd_show)

@@ -21,7 +21,7 @@ from ..pki import (
     load_ca,
     write_credential,
 )
-from . import CliFailure, Group, UsageError
+from . import CliFailure, Group, UsageError, positive_int
 
 __all__ = ["GROUP"]
 
@@ -29,16 +29,6 @@ LEAF_KEY_TYPES = ("rsa", "ec", "x25519", "ed25519")
 CA_KEY_TYPES = ("ec", "rsa", "ed25519")
 # init_test_pki names its CA "E2M Test CA (<domain>)"; issue reads the domain back.
 _CA_NAME = re.compile(r"^E2M Test CA \((?P<domain>[^()]+)\)$")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _files(cred: Credential) -> list[Path]:
@@ -138,7 +128,7 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     who.add_argument("--proxy", metavar="HOST", help="proxy host name")
     p.add_argument("--domain", help="SIP domain (default: read from the CA name)")
     p.add_argument("--key-type", choices=LEAF_KEY_TYPES, default="rsa", help="key type (default rsa)")
-    p.add_argument("--days", type=_positive_int, default=825, help="validity in days (default 825)")
+    p.add_argument("--days", type=positive_int, default=825, help="validity in days (default 825)")
     p.add_argument("--force", action="store_true", help="replace <name>-<keytype>.crt if it exists")
     p.set_defaults(handler=_cmd_issue)
 

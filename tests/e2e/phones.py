@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kamailio_harness import UdpResponder
 from pjsua_hooks.lab import PHONE, ROOT, toml_value
 
 
@@ -81,44 +79,7 @@ def run_phone(config: Path, *args: str, timeout: float = 30.0,
 
 # --------------------------------------------------------------------------- forging peer
 
-@dataclass
-class ForgingProxy:
-    """A bare UDP socket standing in as the phone's outbound proxy: answers every
-    request with ``answer(request_bytes) -> bytes | None`` and keeps what arrived."""
 
-    answer: Callable[[bytes], bytes | None]
-    received: list[bytes] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def uri(self) -> str:
-        return f"sip:127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.received.append(data)
-            if data.startswith(b"SIP/2.0") or data.startswith(b"ACK "):
-                continue
-            reply = self.answer(data)
-            if reply is not None:
-                self.sock.sendto(reply, peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
-
+# A bare UDP socket standing in as the phone's outbound proxy: answers every request
+# with ``answer(request_bytes) -> bytes | None`` and keeps what arrived.
+ForgingProxy = UdpResponder

@@ -503,6 +503,47 @@ def wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -
 Responder = Callable[[SipMessage], SipMessage | None]
 
 
+class UdpResponder:
+    """A bare UDP peer on 127.0.0.1: keeps every datagram as bytes and answers each
+    request with ``answer(request_bytes) -> bytes | None`` (responses and ACKs are
+    kept, never answered).  A far end that answers garbage, or a forging proxy."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self.answer = answer
+        self.received: list[bytes] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def uri(self) -> str:
+        return f"sip:127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.received.append(data)
+            if data.startswith((b"SIP/2.0", b"ACK ")):
+                continue
+            reply = self.answer(data)
+            if reply:
+                self.sock.sendto(reply, peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
 class RawUas:
     """A binary-safe UDP SIP peer: keeps every request byte-exact and answers it.
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
-from kamailio_harness import RawUas, describe, register
+from kamailio_harness import RawUas, UdpResponder, register
 from wire import Peer, htable_entries, restart, transact, with_via
 
 from e2m_plugins.keycache import DialogScope, scope_key
@@ -329,39 +327,6 @@ def test_archive_on_a_full_disk_configured_behaviour_and_recovery(
 
 # --------------------------------------------------------------------------- (c) far end
 
-class GarbageUas:
-    """A UDP peer answering every request with ``reply(request_bytes) -> bytes | None``."""
-
-    def __init__(self, reply) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.reply = reply
-        self.received: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.received.append(data)
-            out = self.reply(data)
-            if out:
-                self.sock.sendto(out, peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
-
-
 def _response_bytes(data: bytes, status: int, reason: str, *, body: bytes = b"",
                     ctype: str | None = None, drop: tuple[str, ...] = ()) -> bytes:
     try:
@@ -405,7 +370,7 @@ def _kept_calls(proxy, invites: list) -> set[str]:
 
 def test_far_end_silent_or_garbage_standard_codes_and_no_stale_keys(rproxy, sipp, pki, exchange):
     proxy = rproxy("trusted", view=MSG_VIEW)
-    ends = {name: GarbageUas(spec[0]) for name, spec in FAR_ENDS.items()}
+    ends = {name: UdpResponder(spec[0]) for name, spec in FAR_ENDS.items()}
     try:
         for name, end in ends.items():
             register(proxy, name, end.port, sipp)
