@@ -23,6 +23,7 @@ from typing import Any
 
 from e2m_plugins.pki import TestPKI
 from e2m_plugins.sip import SipMessage, make_response, parse
+from pjsua_hooks.lab import toml_value  # the one TOML writer (imports no pjsua2)
 
 ROOT = Path(__file__).resolve().parents[2]
 SIPP_DIR = ROOT / "tests" / "sipp"
@@ -129,22 +130,11 @@ def build_request(method: str, uri: str, *, from_user: str = "alice", to_user: s
 
 # --------------------------------------------------------------------------- proxies
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
 def toml_text(sections: dict[str, dict[str, Any]]) -> str:
     out = []
     for name, table in sections.items():
         out.append(f"[{name}]")
-        out += [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+        out += [f"{key} = {toml_value(value)}" for key, value in table.items() if value is not None]
         out.append("")
     return "\n".join(out)
 
