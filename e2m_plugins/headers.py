@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable
 from urllib.parse import urlsplit
 
@@ -68,6 +69,7 @@ def validate_host(host: str) -> str:
     return host
 
 
+@lru_cache(maxsize=256)
 def host_key(host: str) -> str:
     """Comparison key: case-insensitive, no trailing dot, canonical IPv6."""
     host = host.strip(" \t").lower().rstrip(".")
@@ -151,6 +153,14 @@ def parse_proxy_required_body(value: str) -> list[BodyLabel]:
     A comma item that starts with ``cid=`` continues the previous label (the
     draft's ``target-body`` list); any other item starts a new label.
     """
+    return list(_parse_label_value(value))
+
+
+# A whole-body label is the same string in every message through a proxy, so the
+# parse is kept (bounded; labels are immutable apart from ``params``, which no
+# caller changes: labels_for copies it).
+@lru_cache(maxsize=256)
+def _parse_label_value(value: str) -> tuple[BodyLabel, ...]:
     pending: list[tuple[str, list[str], dict[str, str | None]]] = []
     for item in split_header_list(value):
         if _CID_CONTINUATION.match(item):
@@ -163,7 +173,7 @@ def parse_proxy_required_body(value: str) -> list[BodyLabel]:
         _add_params(rest, pending[-1][1], pending[-1][2])
     if not pending:
         raise MalformedError("empty Proxy-Required-Body")
-    return [BodyLabel(h, tuple(c), p) for h, c, p in pending]
+    return tuple(BodyLabel(h, tuple(c), p) for h, c, p in pending)
 
 
 def parse_proxy_required_bodies(values: Iterable[str]) -> list[BodyLabel]:
@@ -177,6 +187,8 @@ def labels_for(labels: Iterable[BodyLabel], host: str) -> BodyLabel | None:
     mine = [label for label in labels if label.is_for(host)]
     if not mine:
         return None
+    if len(mine) == 1 and len(set(mine[0].cids)) == len(mine[0].cids):
+        return mine[0]          # the usual case: nothing to merge
     params: dict[str, str | None] = {}
     for label in mine:
         for k, v in label.params.items():

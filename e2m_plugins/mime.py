@@ -42,7 +42,7 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from .cms import oids
 from .cms.envelope import content_info_type
@@ -215,6 +215,9 @@ class Disposition:
         return format_params(self.disposition_type, self.params)
 
 
+# The same few Content-Type and Content-Disposition values come in every message;
+# the results are frozen, so a bounded cache of parses is safe to share.
+@lru_cache(maxsize=256)
 def parse_content_type(value: str) -> ContentType:
     """Parse a Content-Type value; names and the media type are lower-cased."""
     main, _, rest = value.partition(";")
@@ -224,6 +227,7 @@ def parse_content_type(value: str) -> ContentType:
     return ContentType(f"{match.group(1)}/{match.group(2)}".lower(), parse_params(rest))
 
 
+@lru_cache(maxsize=256)
 def parse_disposition(value: str) -> Disposition:
     """Parse a Content-Disposition value."""
     main, _, rest = value.partition(";")
@@ -529,10 +533,21 @@ def body_part(headers: Iterable[tuple[str, str]], body: bytes,
     limits.check_size(len(body))
     kept: list[tuple[str, str]] = []
     for name, value in headers:
-        name = _COMPACT.get(name.strip().lower(), name.strip())
-        if name.lower().startswith("content-") and name.lower() != "content-length":
-            kept.append((name, value.strip()))
+        wanted = _body_header_name(name)
+        if wanted is not None:
+            kept.append((wanted, value.strip()))
     return _check_entity(MimePart(tuple(kept), bytes(body)))
+
+
+@lru_cache(maxsize=512)
+def _body_header_name(name: str) -> str | None:
+    """The name a SIP header keeps on the body part, or None if it is not a body
+    header (cached: a message repeats the same few dozen names)."""
+    name = _COMPACT.get(name.strip().lower(), name.strip())
+    lowered = name.lower()
+    if lowered.startswith("content-") and lowered != "content-length":
+        return name
+    return None
 
 
 # -- multipart --------------------------------------------------------------------

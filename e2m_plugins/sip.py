@@ -104,6 +104,19 @@ def canonical_name(name: str) -> str:
     return COMPACT_FORMS.get(low, low)
 
 
+def _index_headers(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """Values by canonical header name, in message order."""
+    index: dict[str, list[str]] = {}
+    for name, value in headers:
+        key = canonical_name(name)
+        values = index.get(key)
+        if values is None:
+            index[key] = [value]
+        else:
+            values.append(value)
+    return index
+
+
 def _check_header(name: str, value: str) -> None:
     # Refuse what would let a caller inject extra header lines.
     if not _TOKEN.fullmatch(name):
@@ -159,13 +172,23 @@ class SipMessage:
         return sl.reason if isinstance(sl, StatusLine) else None
 
     # -- header access ----------------------------------------------------
+    @classmethod
+    def _from_parser(cls, start_line: StartLine, headers: tuple[tuple[str, str], ...],
+                     body: bytes, index: dict[str, list[str]]) -> SipMessage:
+        # The parser has already checked every name and value (tokens, no CR, LF
+        # or NUL), so the checks of __post_init__ would only repeat its work.
+        msg = object.__new__(cls)
+        object.__setattr__(msg, "start_line", start_line)
+        object.__setattr__(msg, "headers", headers)
+        object.__setattr__(msg, "body", body)
+        msg.__dict__["_index"] = index      # what the cached_property would build
+        return msg
+
     @cached_property
-    def _index(self) -> dict[str, tuple[str, ...]]:
-        # Built on the first lookup; the message is immutable, so it never goes stale.
-        index: dict[str, list[str]] = {}
-        for n, v in self.headers:
-            index.setdefault(canonical_name(n), []).append(v)
-        return {k: tuple(v) for k, v in index.items()}
+    def _index(self) -> dict[str, list[str]]:
+        # Built on the first lookup; the message is immutable, so it never goes
+        # stale.  Private: get() and get_all() never hand these lists out.
+        return _index_headers(self.headers)
 
     def get(self, name: str) -> str | None:
         """Value of the first instance of ``name`` (compact forms match)."""
@@ -331,6 +354,39 @@ def _parse_header_line(line: str) -> tuple[str, str]:
     return name, value.strip(" \t")
 
 
+# The common head: CRLF line ends, no folding, no control characters.  Anything
+# else (or any doubt) goes to the line-by-line parser, which gives the errors.
+_NOT_PLAIN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n|\n[ \t]")
+_HEADER_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:[ \t]*(.*?)[ \t]*")
+
+
+def _parse_plain_head(data: bytes, max_headers: int, max_line: int) -> _Head | None:
+    """The head of a plain message in a few C-level passes; None when the general
+    parser must look (then it accepts or refuses exactly as it always did)."""
+    pos = _skip_keepalives(data)
+    end = data.find(b"\r\n\r\n", pos)
+    if end <= pos or end - pos > max_line:      # no line can be longer than the head
+        return None
+    raw = data[pos:end]
+    if _NOT_PLAIN_HEAD.search(raw):
+        return None
+    lines = raw.decode("utf-8", "surrogateescape").split("\r\n")
+    if len(lines) - 1 > max_headers:
+        return None
+    try:
+        start = _parse_start_line(lines[0])
+    except MalformedError:
+        return None
+    headers = []
+    match = _HEADER_LINE.fullmatch
+    for line in lines[1:]:
+        found = match(line)
+        if found is None:
+            return None
+        headers.append((found[1], found[2]))
+    return _Head(start, tuple(headers), end + 4, True)
+
+
 def _skip_keepalives(data: bytes) -> int:
     pos = 0
     while data.startswith(b"\r\n", pos) or data.startswith(b"\n", pos):
@@ -398,8 +454,8 @@ def _freeze(headers: list[list[str]]) -> tuple[tuple[str, str], ...]:
     return tuple((n, v) for n, v in headers)
 
 
-def _content_length(headers: Iterable[tuple[str, str]]) -> int | None:
-    values = {v.strip() for n, v in headers if canonical_name(n) == "content-length"}
+def _content_length(index: dict[str, list[str]]) -> int | None:
+    values = {v.strip() for v in index.get("content-length", ())}
     if not values:
         return None
     if len(values) > 1:
@@ -424,17 +480,17 @@ def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
     """
     data = bytes(data)
     _check_size(data, max_size)
-    head = _parse_head(data, max_headers, max_line)
+    head = _parse_plain_head(data, max_headers, max_line) or _parse_head(data, max_headers, max_line)
     assert head.start_line is not None
-    rest = data[head.body_start:]
-    length = _content_length(head.headers)
+    index = _index_headers(head.headers)
+    length = _content_length(index)
     if length is None:
-        body = rest
-    elif length > len(rest):
+        body = data[head.body_start:]
+    elif head.body_start + length > len(data):
         raise MalformedError("Content-Length exceeds the data")
     else:
-        body = rest[:length]
-    return SipMessage(head.start_line, head.headers, body)
+        body = data[head.body_start:head.body_start + length]
+    return SipMessage._from_parser(head.start_line, head.headers, body, index)
 
 
 def frame_length(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
@@ -451,7 +507,7 @@ def frame_length(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
         if len(data) >= max_size:
             raise LimitExceededError(f"header section exceeds {max_size} bytes")
         return None
-    length = _content_length(head.headers)
+    length = _content_length(_index_headers(head.headers))
     if length is None:
         raise MalformedError("no Content-Length on a stream")
     total = head.body_start + length

@@ -382,3 +382,41 @@ def test_value_helpers_raise_only_typed_errors(text: str) -> None:
             helper(text)
         except E2MError:
             pass
+
+
+# -- the plain-head fast path agrees with the general parser ------------------
+
+def _general_head(data: bytes):
+    try:
+        return sip._parse_head(data, sip.DEFAULT_MAX_HEADERS, sip.DEFAULT_MAX_LINE)
+    except E2MError as exc:
+        return type(exc)
+
+
+_line_bits = st.sampled_from(["Via: SIP/2.0/UDP h;branch=z9hG4bK1", "X-A :  v ", "X-B:\tt\tab\t",
+                              " folded", "\tfolded", "bad line", "Bad Name: v", ":novalue",
+                              "X-C: caf\u00e9", "X-D: a\rb", "X-E: a\x00b", "X-F:", "",
+                              "Content-Length: 2", "l: 2"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(_prefixes, st.lists(_line_bits, max_size=8), st.sampled_from(["\r\n", "\n"]),
+       st.binary(max_size=8))
+def test_plain_head_fast_path_agrees_with_the_general_parser(prefix: bytes, lines: list[str],
+                                                             eol: str, tail: bytes) -> None:
+    data = prefix + eol.join(lines).encode() + b"\r\n\r\n" + tail
+    fast = sip._parse_plain_head(data, sip.DEFAULT_MAX_HEADERS, sip.DEFAULT_MAX_LINE)
+    if fast is not None:     # when it answers, it answers what the general parser says
+        assert fast == _general_head(data)
+
+
+def test_plain_head_fast_path_takes_the_common_message_and_leaves_the_rest() -> None:
+    fast = sip._parse_plain_head(MESSAGE, sip.DEFAULT_MAX_HEADERS, sip.DEFAULT_MAX_LINE)
+    assert fast is not None and fast == _general_head(MESSAGE)
+    folded = MESSAGE.replace(b"Max-Forwards: 70\r\n", b"Max-Forwards:\r\n 70\r\n")
+    bare_lf = MESSAGE.replace(b"CSeq: 1 MESSAGE\r\n", b"CSeq: 1 MESSAGE\n")
+    for other in (folded, bare_lf, b"\r\n" + MESSAGE.replace(b"To:", b"T o:")):
+        assert sip._parse_plain_head(other, sip.DEFAULT_MAX_HEADERS, sip.DEFAULT_MAX_LINE) is None
+    assert sip.parse(folded).get("Max-Forwards") == "70"
+    with pytest.raises(MalformedError):
+        sip.parse(MESSAGE.replace(b"To:", b"T o:"))
