@@ -324,13 +324,13 @@ class MimePart:
         """``required`` or ``optional`` (or an extension); missing means required."""
         return "required" if self.disposition is None else self.disposition.handling
 
-    @property
+    @cached_property
     def content_id(self) -> str | None:
         """The Content-ID without brackets, or None."""
         value = self.header("content-id")
         return None if value is None else normalize_cid(value) or None
 
-    @property
+    @cached_property
     def transfer_encoding(self) -> str:
         value = self.header("content-transfer-encoding")
         return (value or "7bit").strip().lower()

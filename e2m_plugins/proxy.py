@@ -34,7 +34,7 @@ from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipi
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope
 from .policy import ProxyConfig
 from .sdp import MediaLine, media_summary
-from .sip import SipMessage, parse_address, parse_params, split_header_list
+from .sip import SipMessage, parse_params, split_header_list
 from .sip_errors import answer_for
 
 __all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope"]
@@ -133,10 +133,7 @@ def message_scope(message: SipMessage) -> Scope:
 
 
 def _sender(request: SipMessage) -> str:
-    value = request.get("From")
-    if value is None:
-        raise MalformedError("request without From")
-    return parse_address(value).uri
+    return request.address("From").uri
 
 
 def _early_scope(message: SipMessage) -> DialogScope:

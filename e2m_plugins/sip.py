@@ -271,10 +271,25 @@ class SipMessage:
         return self._tag("To")
 
     def _tag(self, name: str) -> str | None:
-        value = self.get(name)
-        if value is None:
-            raise MalformedError(f"no {name} header")
-        return parse_address(value).params.get("tag")
+        return self.address(name).params.get("tag")
+
+    def address(self, name: str) -> Address:
+        """The first ``name`` header (From, To, ...) parsed; MalformedError if absent.
+
+        Parsed once per message: the result is shared, so do not modify its params.
+        """
+        key = canonical_name(name)
+        parsed = self._addresses.get(key)
+        if parsed is None:
+            value = self.get(key)
+            if value is None:
+                raise MalformedError(f"no {name} header")
+            parsed = self._addresses[key] = parse_address(value)
+        return parsed
+
+    @cached_property
+    def _addresses(self) -> dict[str, Address]:
+        return {}
 
     @property
     def cseq(self) -> tuple[int, str]:
