@@ -98,6 +98,12 @@ def _read_message():
     return parse(raw)
 
 
+def _has_body():
+    # $bs is the body as parsed, not the Content-Length header: over UDP a message
+    # may leave Content-Length out and still carry a body (RFC 3261 §20.14).
+    return int(KSR.pv.get("$bs") or 0) > 0
+
+
 def _header_line(name, value):
     if any(ch in name + value for ch in "\r\n\x00"):
         raise ValueError("header from the engine contains CR, LF or NUL")
@@ -208,7 +214,8 @@ class kamailio:
     def route_in_dialog(self):
         if KSR.rr.loose_route() > 0:
             if KSR.is_ACK():
-                self.inspect_only()
+                if _has_body():        # a late answer rides in the ACK; a bare ACK has nothing
+                    self.inspect_only()
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction():
@@ -343,7 +350,7 @@ class kamailio:
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or status < 101:
             return
-        if not (KSR.pv.get("$cl") or 0) and not (status >= 300 and KSR.pv.get("$rm") == "INVITE"):
+        if not _has_body() and not (status >= 300 and KSR.pv.get("$rm") == "INVITE"):
             return  # nothing to view, no dialog ending: not worth reading (a 200 to MESSAGE)
         message = _read_message()
         verdict = self.app.engine.inspect(message)

@@ -490,7 +490,7 @@ def wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -
 
 # --------------------------------------------------------------------------- raw UAS
 
-Responder = Callable[[SipMessage], SipMessage | None]
+Responder = Callable[[SipMessage], SipMessage | bytes | None]
 
 
 class UdpResponder:
@@ -538,8 +538,8 @@ class RawUas:
     """A binary-safe UDP SIP peer: keeps every request byte-exact and answers it.
 
     SIPp's message trace stops at the first NUL, so DER bodies are checked here.
-    ``responder(request)`` returns the response to send (default: 200 with no body);
-    None sends nothing.
+    ``responder(request)`` returns the response to send (default: 200 with no body),
+    as a message or as the exact bytes to send; None sends nothing.
     """
 
     def __init__(self, responder: Responder | None = None) -> None:
@@ -577,8 +577,8 @@ class RawUas:
             if message.method == "ACK":
                 continue
             response = (self.responder or _ok)(message)
-            if response is not None:
-                self.sock.sendto(response.serialize(), peer)
+            if response is not None:  # bytes: sent as they are (framing tests)
+                self.sock.sendto(response if isinstance(response, bytes) else response.serialize(), peer)
 
     def wait_for(self, count: int = 1, timeout: float = 5.0, method: str | None = None) -> list[SipMessage]:
         deadline = time.monotonic() + timeout

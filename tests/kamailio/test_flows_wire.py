@@ -20,7 +20,7 @@ from flowkit import (CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_OFFER, TRUSTED, answer,
 from kamailio_harness import (ProxyHandle, RawUas, register, send_with_sipp, udp_send)
 
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY, parse_policy_headers
-from e2m_plugins.sip import SipMessage, make_response
+from e2m_plugins.sip import RequestLine, SipMessage, make_response
 
 TEXT = b"Hello. This is confidential."
 SDP_VIEW = ("INVITE:application/sdp",)
@@ -145,6 +145,81 @@ def test_flows_a_and_c_offer_and_answer_read_by_home_media_recorded_keys_dropped
     assert "e2m media: INVITE response 200 audio 127.0.0.1:3456 RTP/AVP" in log
     # The BYE ended the dialog: the CEK kept from the INVITE is gone from shared memory.
     assert world.home.htable_items() == 0
+
+
+def _without_content_length(wire: bytes) -> bytes:
+    head, _, body = wire.partition(b"\r\n\r\n")
+    kept = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"content-length:")]
+    return b"\r\n".join(kept) + b"\r\n\r\n" + body
+
+
+def test_an_answer_without_content_length_over_udp_is_still_read(proxy_factory, sipp, raw_uas,
+                                                                  pki, tmp_path):
+    """Over UDP a response may leave out Content-Length (RFC 3261 §20.14): the body is
+    the rest of the datagram.  The home proxy must still read the SDP answer; a reply
+    route that trusted Content-Length to say "no body" would let it pass unread."""
+    world = _world(proxy_factory, sipp, raw_uas, view=SDP_VIEW)
+    alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    answers = bob_answers(ua_engine(pki, "bob"), raw_uas)
+
+    def respond(request: SipMessage) -> SipMessage | bytes:
+        reply = answers(request)
+        return _without_content_length(reply.serialize()) if request.method == "INVITE" else reply
+    raw_uas.responder = respond
+    result = send_with_sipp(sipp, world.visited.port, alice.protect(invite(pki)).message,
+                            workdir=tmp_path)
+    assert result.rc == 0, result.output[-800:]
+    rows = world.home.archive_rows()
+    assert [(r.direction, r.method, r.plaintext) for r in rows] == [
+        ("request", "INVITE", SDP_OFFER), ("response", "INVITE", SDP_ANSWER)]
+    assert [m["direction"] for m in world.home.media_rows()] == ["request", "response"]
+
+
+def test_a_late_answer_in_the_ack_is_read_and_a_bare_ack_passes(proxy_factory, sipp, raw_uas,
+                                                                   pki):
+    """Late offer: INVITE without SDP, the offer in the 200, the answer in the ACK.  The
+    home proxy reads both SDPs (the ACK because it has a body: a bare ACK is relayed
+    without being read), and bob gets both ACKs, the encrypted one byte-exact."""
+    view = ("INVITE:application/sdp", "ACK:application/sdp")
+    home = proxy_factory("home", e2m=True, view=view)
+    register(home, "bob", raw_uas.port, sipp)
+    alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, view),))
+    bob = ua_engine(pki, "bob", proxies=(known_proxy(pki, TRUSTED, view),))
+
+    def respond(request: SipMessage) -> SipMessage:
+        if request.method != "INVITE":
+            return make_response(request, 200, "OK")
+        offer = answer(bob.open(request).message, SDP_ANSWER)      # the offer rides the 200
+        offer = offer.replace("Contact", f"<sip:bob@127.0.0.1:{raw_uas.port}>")
+        for route in request.get_all("Record-Route"):
+            offer = offer.add("Record-Route", route)
+        return bob.protect(offer).message
+    raw_uas.responder = respond
+
+    call_id = "late-offer@127.0.0.1"
+    ok = udp_send(home.port, alice.protect(invite(pki, call_id=call_id).with_body(b"")).message)
+    assert ok is not None and ok.status == 200, ok and (ok.status, ok.reason)
+    assert alice.open(ok).message.body == SDP_ANSWER
+    routes = ok.get_all("Record-Route")
+    assert routes, "the home proxy stays on the dialog's path"
+
+    def ack(body: bytes) -> SipMessage:
+        bare = invite(pki, body, call_id=call_id, to_tag=ok.to_tag, method="ACK")
+        bare = bare.with_start_line(RequestLine("ACK", f"sip:bob@127.0.0.1:{raw_uas.port}"))
+        for route in routes:          # one proxy: the route set is its Record-Route
+            bare = bare.add("Route", route)
+        return bare if not body else alice.protect(bare).message
+    with_answer = ack(SDP_OFFER)
+    assert SDP_OFFER not in with_answer.body
+    udp_send(home.port, with_answer, timeout=0.3)        # ACK: nothing comes back
+    (got,) = raw_uas.wait_for(1, method="ACK")
+    assert got.body == with_answer.body
+    udp_send(home.port, ack(b""), timeout=0.3)
+    assert len(raw_uas.wait_for(2, method="ACK")) == 2
+
+    rows = home.archive_rows()
+    assert [(r.direction, r.method, r.plaintext) for r in rows] == [
+        ("response", "INVITE", SDP_ANSWER), ("request", "ACK", SDP_OFFER)]
 
 
 def test_key_kept_from_the_invite_is_shared_by_all_workers(proxy_factory, sipp, raw_uas, pki,
