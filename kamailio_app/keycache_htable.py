@@ -11,6 +11,15 @@ Two layers, so the logic can be tested without Kamailio:
 * ``HtableKeyCache``: the ``KeyCache`` protocol on any such backend, using the
   core's ``cache_key`` / ``scope_key`` / ``encode_entry`` / ``decode_entry``.
 
+Dropping a dialog: the htable can only remove names by prefix with a scan of every
+bucket (2**keycache_size of them, each locked in turn), which made a BYE cost
+milliseconds on a large table.  So each dialog scope has an index entry ("@" plus
+the scope's prefix) listing the references kept under it, and a BYE removes those
+names one by one.  An index that grows past ``INDEX_MAX_NAMES`` (or does not read)
+falls back to the prefix scan.  No lock is held across two names: the index is
+read-modified-written under its own slot lock only, which rules out two workers
+each holding one slot and waiting for the other's.
+
 Bounds: every entry has its own expiry (the htable drops it even if nobody asks),
 capped at ``max_ttl`` and by the table's ``autoexpire``; uses are clamped to
 ``MAX_DECRYPTS_CAP``; and a sweep every ``sweep_every`` puts removes expired and
@@ -38,7 +47,32 @@ from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSAC
                                   DialogScope, Scope, TransactionScope, cache_key, decode_entry,
                                   check_material, encode_entry, scope_key)
 
-__all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache"]
+__all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache", "INDEX_MAX_NAMES"]
+
+INDEX_MAX_NAMES = 32   # references listed per dialog; beyond, a BYE scans instead
+_INDEX = "@"           # index names; cache keys start with a scope letter, never "@"
+_SCAN = "*"            # an index that gave up listing: drop by prefix scan
+
+
+def _index_key(scope: Scope) -> str:
+    return _INDEX + scope_key(scope)
+
+
+def _read_index(raw: str | None) -> tuple[float, list[str] | None]:
+    """(expiry, listed names); names None when the index asks for a scan."""
+    if raw is None:
+        return 0.0, []
+    head, _, rest = raw.partition(" ")
+    try:
+        expires = float(head)
+    except ValueError:
+        return 0.0, None          # unreadable: scanning is always right
+    names = rest.split()
+    return expires, (None if _SCAN in names else names)
+
+
+def _write_index(expires: float, names: list[str] | None) -> str:
+    return f"{expires:.0f} " + (_SCAN if names is None else " ".join(names))
 
 
 class HtableBackend(Protocol):
@@ -156,6 +190,8 @@ class HtableKeyCache:
                           expires=now + life, max_decrypts=uses, cipher=cipher)
         key = cache_key(scope, entry.reference)
         self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
+        if isinstance(scope, DialogScope):       # only dialogs are dropped as a whole
+            self._list_in_index(scope, key[len(scope_key(scope)):], entry.expires, now)
         self._puts += 1
         if self._puts % self._sweep_every == 0:
             self.sweep()
@@ -195,9 +231,41 @@ class HtableKeyCache:
 
     def drop_scope(self, scope: Scope) -> None:
         """Every key of ``scope``; for a confirmed dialog also those of its early scopes."""
-        scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
-        for item in scopes:
-            self._backend.remove_prefix(scope_key(item))
+        if not isinstance(scope, DialogScope):
+            self._backend.remove_prefix(scope_key(scope))
+            return
+        for item in (scope, *scope.early_scopes()):
+            prefix = scope_key(item)
+            _, names = self._take_index(item)
+            if names is None:
+                self._backend.remove_prefix(prefix)
+            for name in names or ():
+                self._backend.remove(prefix + name)
+
+    # -- the per-dialog index ----------------------------------------------------------
+    def _list_in_index(self, scope: DialogScope, name: str, expires: float, now: float) -> None:
+        index = _index_key(scope)
+        self._backend.lock(index)
+        try:
+            until, names = _read_index(self._backend.get(index))
+            if names is not None and name not in names:
+                names = names + [name] if len(names) < INDEX_MAX_NAMES else None
+            until = max(until, expires)        # the index outlives every entry it lists
+            self._backend.set(index, _write_index(until, names), max(1, math.ceil(until - now)))
+        finally:
+            self._backend.unlock(index)
+
+    def _take_index(self, scope: DialogScope) -> tuple[float, list[str] | None]:
+        """Read and remove the index of ``scope`` (no index: nothing is kept there)."""
+        index = _index_key(scope)
+        self._backend.lock(index)
+        try:
+            raw = self._backend.get(index)
+            if raw is not None:
+                self._backend.remove(index)
+        finally:
+            self._backend.unlock(index)
+        return _read_index(raw)
 
     def __len__(self) -> int:
         now = self._clock()
@@ -220,6 +288,8 @@ class HtableKeyCache:
     # -- housekeeping ------------------------------------------------------------
     def _live(self, now: float) -> Iterator[tuple[str, CachedKey]]:
         for key, raw in self._backend.items():
+            if key.startswith(_INDEX):
+                continue
             try:
                 entry = self._unseal(key, raw)
             except MalformedError:
@@ -228,11 +298,16 @@ class HtableKeyCache:
                 yield key, entry
 
     def sweep(self) -> int:
-        """Drop expired, corrupt and (over ``max_entries``) oldest entries; returns how many."""
+        """Drop expired, corrupt and (over ``max_entries``) oldest entries, and the
+        indexes that list none of those left; returns how many names went."""
         now = self._clock()
         live: list[tuple[float, str]] = []
         dead: list[str] = []
+        indexes: list[tuple[str, str]] = []
         for key, raw in self._backend.items():
+            if key.startswith(_INDEX):
+                indexes.append((key, raw))
+                continue
             try:
                 entry = self._unseal(key, raw)
             except MalformedError:
@@ -245,6 +320,13 @@ class HtableKeyCache:
         if len(live) > self._max_entries:
             live.sort()
             dead.extend(key for _, key in live[:len(live) - self._max_entries])
+            live = live[len(live) - self._max_entries:]
+        # An index goes with the last entry it lists (so indexes stay within the bound
+        # too) or when it expires.  A put racing this sweep may lose its index: that
+        # dialog's keys then live until their own expiry instead of the BYE.
+        listed = {key[:key.rfind("/") + 1] for _, key in live}
+        dead.extend(key for key, raw in indexes
+                    if now >= _read_index(raw)[0] or key[len(_INDEX):] not in listed)
         for key in dead:
             self._backend.remove(key)
         return len(dead)

@@ -12,8 +12,8 @@ import pytest
 
 from e2m_plugins.errors import LimitExceededError
 from e2m_plugins.keycache import (MAX_DECRYPTS_CAP, DialogScope, KeyCache, TransactionScope,
-                                  cache_key)
-from kamailio_app.keycache_htable import HtableKeyCache
+                                  cache_key, scope_key)
+from kamailio_app.keycache_htable import INDEX_MAX_NAMES, HtableKeyCache
 
 
 class Clock:
@@ -31,6 +31,7 @@ class DictHtable:
         self.clock = clock
         self.data: dict[str, tuple[str, float]] = {}
         self.locked: list[str] = []
+        self.scans = 0
 
     def _alive(self) -> None:
         for key in [k for k, (_, until) in self.data.items() if self.clock() >= until]:
@@ -48,6 +49,7 @@ class DictHtable:
         self.data.pop(key, None)
 
     def remove_prefix(self, prefix: str) -> None:
+        self.scans += 1          # Kamailio visits every bucket for this
         for key in [k for k in self.data if k.startswith(prefix)]:
             del self.data[key]
 
@@ -86,8 +88,9 @@ def test_follows_the_core_protocol(cache):
 
 def test_round_trip_through_the_text_form(cache, table):
     kept = cache.put(DIALOG, b"ref-1", CEK, max_decrypts=3, cipher="aes-128-gcm")
-    assert set(table.data) == {cache_key(DIALOG, b"ref-1")}
-    (stored, _), = table.data.values()
+    key = cache_key(DIALOG, b"ref-1")
+    assert set(table.data) == {key, "@" + scope_key(DIALOG)}     # the entry and its index
+    stored, _ = table.data[key]
     assert CEK.hex() not in stored and "ref-1" not in stored   # encoded, not raw
     got = cache.get(DIALOG, b"ref-1")
     assert got.cek == CEK and got.cipher == "aes-128-gcm" and got.max_decrypts == 2
@@ -133,6 +136,44 @@ def test_drop_scope_takes_the_early_scope_too(cache):
     cache.drop_scope(DIALOG)
     assert cache.get(early, b"offer") is None and cache.get(DIALOG, b"answer") is None
     assert len(cache) == 1
+
+
+def test_a_bye_drops_the_dialog_by_its_index_without_scanning_the_table(cache, table):
+    early = DialogScope(DIALOG.call_id, "AliceTag")
+    cache.put(early, b"offer", CEK)
+    cache.put(DIALOG, b"answer", CEK)
+    cache.put(DIALOG, b"re-invite", CEK)
+    cache.put(DIALOG, b"answer", CEK)                  # listed once
+    other = DialogScope("call-2@example.com", "x", "y")
+    cache.put(other, b"kept", CEK)
+    cache.drop_scope(DIALOG)
+    assert table.scans == 0 and not table.locked
+    assert set(table.data) == {cache_key(other, b"kept"), "@" + scope_key(other)}
+    assert cache.get(other, b"kept") is not None
+
+
+def test_an_index_past_its_bound_or_unreadable_falls_back_to_the_scan(cache, table):
+    for n in range(INDEX_MAX_NAMES + 3):
+        cache.put(DIALOG, b"r%d" % n, CEK)
+    cache.drop_scope(DIALOG)
+    assert table.scans == 1 and len(cache) == 0
+    cache.put(DIALOG, b"r", CEK)
+    table.set("@" + scope_key(DIALOG), "not an index", 100)
+    cache.drop_scope(DIALOG)
+    assert table.scans == 2 and cache.get(DIALOG, b"r") is None
+
+
+def test_the_index_lives_as_long_as_its_longest_entry_and_the_sweep_keeps_it(cache, table, clock):
+    cache.put(DIALOG, b"long", CEK, ttl=300)
+    cache.put(DIALOG, b"short", CEK, ttl=10)
+    clock.now += 100
+    assert cache.sweep() == 1                     # the short entry, not the index
+    assert "@" + scope_key(DIALOG) in table.data
+    cache.drop_scope(DIALOG)
+    assert table.scans == 0 and cache.get(DIALOG, b"long") is None
+    clock.now += 1000
+    cache.put(TransactionScope("c", 1, "z9hG4bK1"), b"t", CEK)     # no index for these
+    assert not any(k.startswith("@") for k in table.data)
 
 
 def test_drop_one(cache):
