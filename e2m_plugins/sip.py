@@ -371,8 +371,9 @@ def _parse_header_line(line: str) -> tuple[str, str]:
 
 # The common head: CRLF line ends, no folding, no control characters.  Anything
 # else (or any doubt) goes to the line-by-line parser, which gives the errors.
-_NOT_PLAIN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n|\n[ \t]")
-_HEADER_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:[ \t]*(.*?)[ \t]*")
+_CTL_BUT_LINE_ENDS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Whole lines only (^ and \r$): a line that does not match is simply not counted.
+_HEADER_LINES = re.compile(r"^([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:[ \t]*(.*?)[ \t]*\r$", re.M)
 
 
 def _parse_plain_head(data: bytes, max_headers: int, max_line: int) -> _Head | None:
@@ -383,22 +384,23 @@ def _parse_plain_head(data: bytes, max_headers: int, max_line: int) -> _Head | N
     if end <= pos or end - pos > max_line:      # no line can be longer than the head
         return None
     raw = data[pos:end]
-    if _NOT_PLAIN_HEAD.search(raw):
+    crlf = raw.count(b"\r\n")
+    if (raw.count(b"\r") != crlf or raw.count(b"\n") != crlf      # a bare CR or LF
+            or b"\n " in raw or b"\n\t" in raw                      # folding
+            or _CTL_BUT_LINE_ENDS.search(raw)):
         return None
-    lines = raw.decode("utf-8", "surrogateescape").split("\r\n")
-    if len(lines) - 1 > max_headers:
+    text = raw.decode("utf-8", "surrogateescape") + "\r\n"
+    first = text.index("\r\n")
+    count = crlf                                    # header lines after the start line
+    if count > max_headers:
+        return None
+    headers = _HEADER_LINES.findall(text, first + 2)
+    if len(headers) != count:                       # some line is not name: value
         return None
     try:
-        start = _parse_start_line(lines[0])
+        start = _parse_start_line(text[:first])
     except MalformedError:
         return None
-    headers = []
-    match = _HEADER_LINE.fullmatch
-    for line in lines[1:]:
-        found = match(line)
-        if found is None:
-            return None
-        headers.append((found[1], found[2]))
     return _Head(start, tuple(headers), end + 4, True)
 
 

@@ -410,6 +410,19 @@ def test_plain_head_fast_path_agrees_with_the_general_parser(prefix: bytes, line
         assert fast == _general_head(data)
 
 
+_head_soup = st.lists(st.sampled_from([b"X", b"a", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x00",
+                                        b"\xc3\xa9", b"\xff", b";", b"-"]), max_size=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_prefixes, _head_soup)
+def test_plain_head_fast_path_agrees_on_arbitrary_head_bytes(prefix: bytes, soup: list[bytes]) -> None:
+    data = prefix + b"".join(soup) + b"\r\n\r\nbody"
+    fast = sip._parse_plain_head(data, sip.DEFAULT_MAX_HEADERS, sip.DEFAULT_MAX_LINE)
+    if fast is not None:
+        assert fast == _general_head(data)
+
+
 def test_plain_head_fast_path_takes_the_common_message_and_leaves_the_rest() -> None:
     fast = sip._parse_plain_head(MESSAGE, sip.DEFAULT_MAX_HEADERS, sip.DEFAULT_MAX_LINE)
     assert fast is not None and fast == _general_head(MESSAGE)
