@@ -103,6 +103,7 @@ class Plan:
     log_level: str = "info"               # the shipped default
     archive: bool = False                 # the SQLite archive service (off: measure E2M)
     shm_mb: int = 256                     # Kamailio shared memory per instance (tm at 1000s/s)
+    keycache_size: int | None = None      # 2**n htable buckets; None: the shipped default
     cpu_rounds: int = 3
     cpu_seconds: float = 3.0
     # The fixed rates of the CPU phase: well below what every configuration sustains.
@@ -126,6 +127,8 @@ class Plan:
             plan.cpu_rate = {"message": 50.0, "dialog": 20.0}
             plan.ladder = {"message": [100], "dialog": [40]}
         plan.workers = _env_int("E2M_BENCH_WORKERS", plan.workers)
+        if "E2M_BENCH_KEYCACHE_SIZE" in os.environ:
+            plan.keycache_size = _env_int("E2M_BENCH_KEYCACHE_SIZE", 10)
         plan.log_level = os.environ.get("E2M_BENCH_LOG_LEVEL", plan.log_level)
         plan.archive = os.environ.get("E2M_BENCH_ARCHIVE", "0") not in ("", "0", "no", "false")
         plan.cpu_rounds = _env_int("E2M_BENCH_CPU_ROUNDS", plan.cpu_rounds)
@@ -355,6 +358,8 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
             cred = pki.proxy(TRUSTED, cfg.proxy_key_type)
             extra["identity"] = {"cert": str(cred.cert_path), "key": str(cred.key_path)}
         extra["kamailio"] = {"shm_mb": plan.shm_mb}
+        if plan.keycache_size is not None:
+            extra["kamailio"]["keycache_size"] = plan.keycache_size
         settings: dict[str, Any] = dict(next_hop=f"sip:127.0.0.1:{uas_port}", workers=plan.workers,
                                         log_level=plan.log_level, extra=extra)
         if cfg.e2m:
@@ -694,7 +699,8 @@ def run_benchmark(plan: Plan, log: Callable[[str], None] = print,
     report = {
         "benchmark": "proxy-rates", "utc": stamp, "commit": _commit(),
         "machine": {**_machine(), "loadavg_at_start": load_start, "loadavg_at_end": _loadavg()},
-        "plan": {"workers": plan.workers, "shm_mb": plan.shm_mb, "log_level": plan.log_level, "archive": plan.archive,
+        "plan": {"workers": plan.workers, "shm_mb": plan.shm_mb, "keycache_size": plan.keycache_size,
+                 "log_level": plan.log_level, "archive": plan.archive,
                  "cpu_rounds": plan.cpu_rounds, "cpu_seconds": plan.cpu_seconds,
                  "cpu_rate": plan.cpu_rate, "step_seconds": plan.step_seconds, "ladder": plan.ladder,
                  "recv_timeout_ms": plan.recv_timeout_ms},
