@@ -21,22 +21,20 @@ also on failure or Ctrl-C.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from kamailio_app.instance import ProxyProcess
+
 from .lab import Capture, PhoneProcess, contains_key, free_port, write_toml
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PROXY_HOST = "proxy.example.com"
 ALICE, BOB = "sip:alice@example.com", "sip:bob@example.com"
@@ -49,45 +47,24 @@ class DemoFailure(RuntimeError):
 # --------------------------------------------------------------------------- processes
 
 class Proxy:
+    """One ``e2m-proxy`` of the demo: its PROXY.toml, its process and its log."""
+
     def __init__(self, name: str, directory: Path, sections: dict[str, dict[str, Any]],
                  port: int) -> None:
         self.name, self.directory, self.port = name, directory, port
         directory.mkdir(parents=True, exist_ok=True)
         self.config = write_toml(directory / "PROXY.toml", sections)
         self.log_path = directory / "kamailio.log"
-        self.runtime = directory / "run"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [PY, "-m", "kamailio_app.launcher", "--config", str(self.config),
-                 "--runtime-dir", str(self.runtime)], cwd=ROOT, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = ProxyProcess(self.config, directory / "run", self.log_path, python=PY)
+        self.process.start()
 
     @property
     def uri(self) -> str:
         return f"sip:127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        from e2m_plugins import sip
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("127.0.0.1", 0))
-            sock.settimeout(0.3)
-            try:
-                req = sip.make_request("OPTIONS", self.uri, from_uri="sip:demo@example.com",
-                                       to_uri="sip:probe@example.com")
-                via = f"SIP/2.0/UDP 127.0.0.1:{sock.getsockname()[1]};rport;branch=z9hG4bK{secrets.token_hex(6)}"
-                sock.sendto(req.replace("Via", via).serialize(), ("127.0.0.1", self.port))
-                if sock.recv(65535).startswith(b"SIP/2.0 200"):
-                    return
-            except OSError:
-                time.sleep(0.1)
-            finally:
-                sock.close()
-        raise DemoFailure(f"the {self.name} proxy did not start; log tail:\n{self.log_tail()}")
+        if not self.process.wait_ready(self.port, timeout):
+            raise DemoFailure(f"the {self.name} proxy did not start; log tail:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -96,18 +73,7 @@ class Proxy:
             return ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        try:   # the launcher died first? Kamailio's own group must not outlive the demo
-            pid = int((self.runtime / "kamailio.pid").read_text().strip())
-            os.killpg(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+        self.process.stop()
 
 
 # --------------------------------------------------------------------------- the run

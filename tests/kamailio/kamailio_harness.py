@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +22,11 @@ from typing import Any
 
 from e2m_plugins.pki import TestPKI
 from e2m_plugins.sip import SipMessage, make_response, parse
+from kamailio_app.instance import ProxyProcess
 from pjsua_hooks.lab import toml_value  # the one TOML writer (imports no pjsua2)
 
 ROOT = Path(__file__).resolve().parents[2]
 SIPP_DIR = ROOT / "tests" / "sipp"
-LAUNCHER = [sys.executable, "-m", "kamailio_app.launcher"]
 PROXY_HOST = "proxy.example.com"
 START_TIMEOUT = 15.0
 
@@ -146,7 +145,7 @@ class ProxyHandle:
     config_path: Path
     port: int
     e2m: bool
-    process: subprocess.Popen | None = None
+    launcher: ProxyProcess | None = None
     log_path: Path = field(default=Path("/dev/null"))
     archive_path: Path | None = None
     cert_url: str | None = None
@@ -203,29 +202,25 @@ class ProxyHandle:
         assert self.archive_path is not None
         return Archive(self.archive_path, busy_timeout_ms=2000).media(limit=1000)
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The launcher's process (tests signal it directly)."""
+        return self.launcher.popen if self.launcher is not None else None
+
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.launcher is not None and self.launcher.alive()
+
+    def start(self) -> bool:
+        """Start (or start again) with the same PROXY.toml on the same port; True once
+        it answers OPTIONS."""
+        if self.launcher is None:
+            self.launcher = ProxyProcess(self.config_path, self.runtime_dir, self.log_path)
+        self.launcher.start()
+        return self.launcher.wait_ready(self.port, START_TIMEOUT)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        pid_file = self.runtime_dir / "kamailio.pid"
-        kamailio_pid = int(pid_file.read_text()) if pid_file.exists() else None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if kamailio_pid is not None:
-            # Kamailio runs in its own session; if the launcher died before stopping it,
-            # its process group (main process and workers) must not outlive the test.
-            try:
-                os.killpg(kamailio_pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self.process = None
+        if self.launcher is not None:
+            self.launcher.stop()
 
 
 def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: bool,
@@ -272,22 +267,10 @@ def start_proxy(directory: Path, *, pki: TestPKI | None, e2m: bool, attempts: in
                              log_path=directory / "kamailio.log")
         if e2m and settings.get("archive", True):
             handle.archive_path = directory / "archive.sqlite"
+        if e2m:
             handle.cert_url = f"http://127.0.0.1:{port}/e2m/cert.der"
-        log = open(handle.log_path, "ab")
-        try:
-            handle.process = subprocess.Popen(
-                [*LAUNCHER, "--config", str(config), "--runtime-dir", str(handle.runtime_dir)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and handle.alive():
-            response = handle.options(timeout=0.3)
-            if response is not None and response.status == 200:
-                if e2m and handle.cert_url is None:
-                    handle.cert_url = f"http://127.0.0.1:{port}/e2m/cert.der"
-                return handle
-            time.sleep(0.1)
+        if handle.start():
+            return handle
         last_error = handle.log_since(0)[-3000:]
         handle.stop()
         if "bind" not in last_error.lower() and "address already in use" not in last_error.lower():

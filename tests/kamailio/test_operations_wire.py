@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from flowkit import message
 from kamailio_harness import ROOT, register, udp_send
@@ -76,3 +77,20 @@ def test_sigterm_stops_kamailio_and_cleans_the_runtime_dir(proxy_factory):
     assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
     assert proxy.options(timeout=0.5) is None
     shutil.rmtree(run, ignore_errors=True)
+
+
+def test_stop_ends_kamailio_even_when_the_launcher_died_first(proxy_factory):
+    """The launcher runs Kamailio in a session of its own: killed with SIGKILL it cannot
+    pass anything on, and Kamailio keeps serving.  ProxyProcess.stop must still end it."""
+    proxy = proxy_factory("orphaned", e2m=False)
+    pid = int((proxy.runtime_dir / "kamailio.pid").read_text())
+    proxy.process.kill()
+    proxy.process.wait(timeout=5)
+    assert proxy.options(timeout=1.0) is not None        # orphaned, still answering
+    proxy.stop()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and subprocess.run(["kill", "-0", str(pid)],
+                                                         capture_output=True).returncode == 0:
+        time.sleep(0.05)
+    assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+    assert proxy.options(timeout=0.5) is None

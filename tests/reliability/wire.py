@@ -12,14 +12,13 @@ import hashlib
 import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kamailio_harness import LAUNCHER, ROOT, START_TIMEOUT, ProxyHandle
+from kamailio_harness import ProxyHandle
 
 from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, frame_length, parse
@@ -180,21 +179,9 @@ def restart(proxy: ProxyHandle, *, down_seconds: float = 0.0) -> None:
     (its shared memory, so its key cache, is gone)."""
     proxy.stop()
     time.sleep(down_seconds)
-    log = open(proxy.log_path, "ab")
-    try:
-        proxy.process = subprocess.Popen(
-            [*LAUNCHER, "--config", str(proxy.config_path), "--runtime-dir", str(proxy.runtime_dir)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        log.close()
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline and proxy.alive():
-        answer = proxy.options(timeout=0.3)
-        if answer is not None and answer.status == 200:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{proxy.name} did not come back on {proxy.port}:\n"
-                       f"{proxy.log_since(0)[-2000:]}")
+    if not proxy.start():
+        raise RuntimeError(f"{proxy.name} did not come back on {proxy.port}:\n"
+                           f"{proxy.log_since(0)[-2000:]}")
 
 
 # --------------------------------------------------------------------------- memory
