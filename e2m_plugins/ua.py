@@ -154,6 +154,8 @@ class DialogKey:
     created: float
     uses: int = 0
     confirmed: bool = True                   # False: ours, and the peer has not shown it has it
+    retired: bool = False                    # a reader lost it (496): opens, never reused
+    offered_in: int | None = None            # CSeq of our request that carried it, if one did
 
 
 def _aor(value: str | None) -> str | None:
@@ -330,17 +332,24 @@ class UAEngine:
             # dicts keep insertion order: the first slot is the oldest dialog
             del self._dialog_keys[next(iter(self._dialog_keys))]
         bucket = self._dialog_keys.setdefault(slots[0], [])
+        if any(k.reference == key.reference and k.retired for k in self._all_keys(message)):
+            key.retired = True      # seen again (a retransmission): still not to be reused
         bucket[:] = [k for k in bucket if k.reference != key.reference][-7:] + [key]
+
+    def _all_keys(self, message: SipMessage) -> list[DialogKey]:
+        return [k for slot in self._dialog_slots(message) for k in self._dialog_keys.get(slot, [])]
 
     def _forget_keys_held_by(self, message: SipMessage, host: str) -> None:
         """``host`` answered 496 inside a dialog: it lost the keys we thought it
-        held (say it restarted).  They go, so the retry is keyed afresh for the
-        peer and the proxy, with a new reference both can reuse."""
+        held (say it restarted).  They are not reused again, so the retry is keyed
+        afresh for the peer and the proxy, with a new reference both can reuse.
+        They still open what was already sent under them (a 200 retransmitted
+        because its ACK was lost in the restart) until they age out."""
         name = hdr.host_key(host)
         for slot in self._dialog_slots(message):
-            bucket = self._dialog_keys.get(slot, [])
-            bucket[:] = [k for k in bucket if name not in {hdr.host_key(r) for r in k.readers
-                                                           if r != "?"}]
+            for key in self._dialog_keys.get(slot, []):
+                if name in {hdr.host_key(r) for r in key.readers if r != "?"}:
+                    key.retired = True
 
     def forget_call(self, call_id: str) -> None:
         """The application saw the call end without a message we opened (a local
@@ -362,7 +371,7 @@ class UAEngine:
         all name, since they were chosen for this dialog's earlier bodies."""
         if not self.config.cek_reuse:
             return None
-        keys = list(reversed(self._keys(message)))  # newest first
+        keys = [k for k in reversed(self._keys(message)) if not k.retired]  # newest first
         if exclusive:
             return next((k for k in keys if k.exclusive and not k.readers), None)
         # Prefer the key the most proxies hold: they read the offer, so they read the answer.
@@ -479,7 +488,8 @@ class UAEngine:
         if reference is not None:
             # Not reusable until the peer shows it holds it: the request may be refused.
             self._keep(message, DialogKey(reference, sealed.cek, readers, not readers,
-                                          self._clock(), confirmed=False))
+                                          self._clock(), confirmed=False,
+                                          offered_in=message.cseq[0] if message.is_request else None))
         return entity, key is not None
 
     def _local_host(self) -> str:
@@ -561,17 +571,24 @@ class UAEngine:
 
     def _settle_own_keys(self, message: SipMessage) -> None:
         """A 2xx, or a request inside the dialog, shows the peer got the keys we
-        offered; a failure response shows it did not, so they go."""
+        offered; a failure response shows it did not, so they go.  A 2xx speaks
+        only for the request it answers: a retransmitted 200 of an earlier
+        transaction must not vouch for a key offered since (say in a retry that
+        was never sent), nor a request of the peer for one of our requests'."""
         status = message.status or 0
         if message.is_request and not message.to_tag:
             return
+        # A request from the peer vouches for keys we offered in responses (its ACK
+        # follows our 200); a 2xx for the keys of the request it answers.
+        vouched_for = None if message.is_request else message.cseq[0]
         for slot in self._dialog_slots(message):
             bucket = self._dialog_keys.get(slot, [])
             if not message.is_request and status >= 300:
                 bucket[:] = [k for k in bucket if k.confirmed]
             elif message.is_request or 200 <= status < 300:
                 for key in bucket:
-                    key.confirmed = True
+                    if key.offered_in is None or key.offered_in == vouched_for:
+                        key.confirmed = True
         if 200 <= status < 300:
             self._retries.pop(message.call_id, None)  # the retries worked: start counting anew
 

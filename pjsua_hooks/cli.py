@@ -205,10 +205,10 @@ def _call(phone: Any, to: str, seconds: float, hold: bool, timeout: float, stop:
     if hold and not call.done:
         audio = pj.PJMEDIA_TYPE_AUDIO
         try:
-            call.current.hold()
+            phone.hold(call)
             held = phone.wait_until(lambda: (audio, pj.PJSUA_CALL_MEDIA_LOCAL_HOLD)
                                     in call.current.media, 5)
-            call.current.unhold()
+            phone.unhold(call)
             back = phone.wait_until(lambda: call.media_active, 5)
         except Exception as exc:  # SendBlocked from the hook
             print(f"e2m-phone: hold/unhold failed: {exc}", file=sys.stderr)
@@ -269,10 +269,7 @@ def _command(phone: Any, line: str, printer: Printer) -> str | None:
             if not live:
                 raise ValueError("no live call")
             call = live[-1]
-            if word == "hangup":
-                phone.hangup(call)
-            else:
-                getattr(call.current, word)()
+            getattr(phone, word)(call)      # phone.hold / unhold / hangup
         else:
             raise ValueError(f"unknown command {word!r}")
     except Exception as exc:  # noqa: BLE001 - report and keep listening

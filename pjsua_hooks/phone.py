@@ -205,6 +205,8 @@ class E2MCall:
     retried_after: list[str] = field(default_factory=list)
     security: list[dict[str, Any]] = field(default_factory=list)  # per SDP: dir, what, info
     was_media_active: bool = False
+    update: str | None = None                # the last re-INVITE asked for: "hold" or "unhold"
+    update_attempts: int = 0
 
     @property
     def sip_call_id(self) -> str | None:
@@ -264,6 +266,8 @@ class E2MPhone:
         self._tx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
         self._rx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
         self._reactions: list[tuple[sip.SipMessage, sip.SipMessage | None]] = []
+        # E2M answers to a re-INVITE of a confirmed call, handled after the pump
+        self._update_reactions: list[tuple[sip.SipMessage, sip.SipMessage | None]] = []
         self._pending_errors: list[dict[str, Any]] = []
         self._call_security: dict[str, list[dict[str, Any]]] = {}
         self._by_call_id: dict[str, OutgoingMessage | E2MCall] = {}
@@ -375,7 +379,10 @@ class E2MPhone:
         codes = self.config.codes
         if not msg.is_request and msg.status in (codes.proxy_indecipherable,
                                                  codes.signature_required, 493):
-            self._reactions.append((msg, self._plain.get(_key(msg))))
+            call = self._by_call_id.get(msg.call_id)
+            in_dialog = isinstance(call, E2MCall) and call.confirmed and msg.method == "INVITE"
+            (self._update_reactions if in_dialog else self._reactions).append(
+                (msg, self._plain.get(_key(msg))))
         if msg.body:
             what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
             _bounded_put(self._rx_info, (*_key(msg), what), opened.info)
@@ -427,6 +434,8 @@ class E2MPhone:
         while self._pending_errors:
             err = self._pending_errors.pop(0)
             self._emit(err.pop("kind", "error"), **err)
+        while self._update_reactions:
+            self._react_in_dialog(*self._update_reactions.pop(0))
         for event in self.endpoint.events.find(since=self._mark):
             self._mark = event.seq
             handler = getattr(self, f"_ev_{event.kind}", None)
@@ -580,6 +589,35 @@ class E2MPhone:
             self._attempt_call(handle)
         return True
 
+    def _react_in_dialog(self, answer: sip.SipMessage, plain: sip.SipMessage | None) -> None:
+        """A 496/495/493 to a re-INVITE: the call stays up (RFC 3261 §14.1), so the same
+        operation is asked again once the engine has learnt what the answer says (a
+        proxy that restarted and lost the reused key gets its own recipient now)."""
+        call = self._by_call_id.get(answer.call_id)
+        if not isinstance(call, E2MCall) or call.done or call.current is None:
+            return
+        reaction = self.engine.react(answer, plain) if plain is not None else None
+        self._emit("e2m_answer", code=answer.status, call_id=answer.call_id,
+                   action=reaction.action if reaction else "none",
+                   reason=reaction.reason if reaction else "no plaintext request kept",
+                   learned=reaction.learned if reaction else None)
+        if reaction is None or reaction.action != "retry" or call.update is None \
+                or call.update_attempts > self.settings.max_retries:
+            self._emit("call_update_failed", call_id=answer.call_id, code=answer.status,
+                       update=call.update, reason=reaction.reason if reaction else "")
+            return
+        call.retried_after.append(reaction.reason)
+        self.fetch_certificates(force=True)
+        call.update_attempts += 1
+        try:    # main loop, not a hook callback: pjsua2 calls are fine here
+            getattr(call.current, call.update)()
+        except Exception as exc:  # noqa: BLE001 - SendBlocked from the hook, pjsua busy
+            self._emit("call_update_failed", call_id=answer.call_id, code=answer.status,
+                       update=call.update, reason=f"{type(exc).__name__}: {exc}")
+            return
+        self._emit("call_update_retried", call_id=answer.call_id, update=call.update,
+                   attempt=call.update_attempts)
+
     def _fail(self, handle: OutgoingMessage | E2MCall, code: int | None, reason: str) -> None:
         handle.done = True
         handle.reason = reason
@@ -698,6 +736,20 @@ class E2MPhone:
 
     def message_security(self, handle: OutgoingMessage) -> SecurityInfo | None:
         return handle.security
+
+    def hold(self, call: E2MCall) -> None:
+        """Put ``call`` on hold (re-INVITE); asked again by itself after a 496/495/493."""
+        self._update(call, "hold")
+
+    def unhold(self, call: E2MCall) -> None:
+        """Take ``call`` off hold (re-INVITE); asked again by itself after a 496/495/493."""
+        self._update(call, "unhold")
+
+    def _update(self, call: E2MCall, operation: str) -> None:
+        if call.current is None or call.done:
+            raise PhoneError("the call is not up")
+        call.update, call.update_attempts = operation, 1
+        getattr(call.current, operation)()
 
     def hangup(self, call: E2MCall) -> None:
         if call.current is not None and not call.current.disconnected:

@@ -420,6 +420,28 @@ def test_proxy_restart_mid_dialog_is_healed_by_496_and_rekeying(world):
     assert alice.open(back.delivered).message.body == SDP_ANSWER
 
 
+def test_after_a_496_the_lost_key_still_opens_a_retransmission_but_is_not_reused(world):
+    """The restart may also eat the ACK: bob then retransmits his 200, still under the
+    key the proxy lost.  alice must open it (and ACK); she must not send under it."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    path, untrusted, _ = path_with(world)
+    delivered = bob.open(path.request(alice.protect(invite(world)).message).delivered).message
+    first_answer = path.response(bob.protect(answer(delivered)).message).delivered
+    assert alice.open(first_answer).info.key_reuse
+
+    path = SipPath([untrusted, proxy_engine(world, TRUSTED, view=SDP_VIEW)])  # restarted
+    reinvite = invite(world, call_id=delivered.call_id, cseq=2, to_tag="b1")
+    refusal = path.request(alice.protect(reinvite).message).reply
+    assert refusal.status == 496 and alice.react(refusal, reinvite).action == "retry"
+
+    assert alice.open(first_answer).message.body == SDP_ANSWER      # the retransmitted 200
+    again = alice.protect(invite(world, call_id=delivered.call_id, cseq=3, to_tag="b1"))
+    assert not again.info.key_reuse                                   # a fresh key, not the lost one
+    trip = path.request(again.message)
+    assert trip.reply is None and trip.seen_by(TRUSTED)[0].plaintext == SDP_OFFER
+
+
 def test_no_answer_leaves_no_long_lived_key_at_the_proxy(world):
     """An INVITE whose far end never answers: the proxy's key expires with the
     transaction (200 s), not after the 12 h a dialog key may live; a 2xx turns
