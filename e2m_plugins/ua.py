@@ -574,12 +574,11 @@ class UAEngine:
         offered; a failure response shows it did not, so they go.  A 2xx speaks
         only for the request it answers: a retransmitted 200 of an earlier
         transaction must not vouch for a key offered since (say in a retry that
-        was never sent), nor a request of the peer for one of our requests'."""
+        was never sent), and a request from the peer vouches only for keys we
+        offered in responses."""
         status = message.status or 0
         if message.is_request and not message.to_tag:
             return
-        # A request from the peer vouches for keys we offered in responses (its ACK
-        # follows our 200); a 2xx for the keys of the request it answers.
         vouched_for = None if message.is_request else message.cseq[0]
         for slot in self._dialog_slots(message):
             bucket = self._dialog_keys.get(slot, [])
