@@ -170,6 +170,22 @@ def test_call_with_srtp_split_sdp_cek_reuse_and_hold(ua_config, phones, proxies,
         assert not any(contains_key(p, w) for p in packets), "an SRTP key crossed the wire"
 
 
+def test_the_command_line_call_with_hold_holds_and_unholds(ua_config, phones, proxies):
+    """``e2m-phone call TO --hold``: both re-INVITEs go through, protected, and the home
+    proxy reads the sendonly and the sendrecv offers."""
+    home, _ = proxies
+    phones.start("bob", ua_config("bob", peer="alice"))
+    result = run_phone(ua_config("alice", peer="bob", via_visited=True),
+                       "call", BOB, "--seconds", "2", "--hold")
+    assert result.rc == 0, result.stderr
+    (info,) = [e for e in result.of("info") if "hold" in e]
+    assert info["hold"] and info["unhold"]
+    call_id = result.of("call_started")[-1]["call_id"]
+    flows = [r[0] for r in archive_rows(home, "SELECT flow FROM media WHERE call_id = ? AND "
+                                              "direction = 'request' ORDER BY id", call_id)]
+    assert flows[-2:] == ["sendonly", "sendrecv"], flows
+
+
 def test_496_discovery_when_the_policy_was_not_learnt(ua_config, phones, proxies):
     home, _ = proxies
     bob = phones.start("bob", ua_config("bob", peer="alice"))
