@@ -476,14 +476,12 @@ def wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -
 Responder = Callable[[SipMessage], SipMessage | bytes | None]
 
 
-class UdpResponder:
-    """A bare UDP peer on 127.0.0.1: keeps every datagram as bytes and answers each
-    request with ``answer(request_bytes) -> bytes | None`` (responses and ACKs are
-    kept, never answered).  A far end that answers garbage, or a forging proxy."""
+class _UdpPeer:
+    """A UDP socket on 127.0.0.1 served by a thread: ``_handle(datagram)`` returns the
+    bytes to send back (or None).  Subclasses set their own state before calling
+    ``super().__init__()``, which starts the thread."""
 
-    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
-        self.answer = answer
-        self.received: list[bytes] = []
+    def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -496,6 +494,9 @@ class UdpResponder:
     def uri(self) -> str:
         return f"sip:127.0.0.1:{self.port}"
 
+    def _handle(self, data: bytes) -> bytes | None:
+        raise NotImplementedError
+
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
@@ -504,10 +505,7 @@ class UdpResponder:
                 continue
             except OSError:
                 return
-            self.received.append(data)
-            if data.startswith((b"SIP/2.0", b"ACK ")):
-                continue
-            reply = self.answer(data)
+            reply = self._handle(data)
             if reply:
                 self.sock.sendto(reply, peer)
 
@@ -517,7 +515,24 @@ class UdpResponder:
         self.sock.close()
 
 
-class RawUas:
+class UdpResponder(_UdpPeer):
+    """A bare UDP peer: keeps every datagram as bytes and answers each request with
+    ``answer(request_bytes) -> bytes | None`` (responses and ACKs are kept, never
+    answered).  A far end that answers garbage, or a forging proxy."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self.answer = answer
+        self.received: list[bytes] = []
+        super().__init__()
+
+    def _handle(self, data: bytes) -> bytes | None:
+        self.received.append(data)
+        if data.startswith((b"SIP/2.0", b"ACK ")):
+            return None
+        return self.answer(data)
+
+
+class RawUas(_UdpPeer):
     """A binary-safe UDP SIP peer: keeps every request byte-exact and answers it.
 
     SIPp's message trace stops at the first NUL, so DER bodies are checked here.
@@ -526,42 +541,30 @@ class RawUas:
     """
 
     def __init__(self, responder: Responder | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.responder = responder
         self.received: list[SipMessage] = []
-        self.raw: list[bytes] = []
-        self._stop = threading.Event()
+        self.raw: list[bytes] = []          # requests as received, and what did not parse
         self._got = threading.Condition()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                message = parse(data)
-            except Exception:  # noqa: BLE001 - keep serving; the test sees .raw
-                self.raw.append(data)
-                continue
-            if not message.is_request:
-                continue
-            with self._got:
-                self.raw.append(data)
-                self.received.append(message)
-                self._got.notify_all()
-            if message.method == "ACK":
-                continue
-            response = (self.responder or _ok)(message)
-            if response is not None:  # bytes: sent as they are (framing tests)
-                self.sock.sendto(response if isinstance(response, bytes) else response.serialize(), peer)
+    def _handle(self, data: bytes) -> bytes | None:
+        try:
+            message = parse(data)
+        except Exception:  # noqa: BLE001 - keep serving; the test sees .raw
+            self.raw.append(data)
+            return None
+        if not message.is_request:
+            return None
+        with self._got:
+            self.raw.append(data)
+            self.received.append(message)
+            self._got.notify_all()
+        if message.method == "ACK":
+            return None
+        response = (self.responder or _ok)(message)
+        if response is None or isinstance(response, bytes):  # bytes: framing tests
+            return response
+        return response.serialize()
 
     def wait_for(self, count: int = 1, timeout: float = 5.0, method: str | None = None) -> list[SipMessage]:
         deadline = time.monotonic() + timeout
@@ -571,11 +574,6 @@ class RawUas:
                 if len(got) >= count or time.monotonic() >= deadline:
                     return got
                 self._got.wait(timeout=max(0.01, deadline - time.monotonic()))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
 
 
 def _ok(request: SipMessage) -> SipMessage:
