@@ -12,6 +12,15 @@ DOMAIN = "example.com"
 PROXY_HOST = "proxy.example.com"
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+    """Keep each phase's report on the item, so fixtures can print more on failure
+    (``wire_fixtures.failed``)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     """A CA (EC P-256) and credentials written under a session tmp dir.

@@ -28,22 +28,11 @@ sys.path.insert(0, str(HERE.parent / "kamailio"))
 sys.path.insert(0, str(HERE))
 
 from kamailio_harness import ProxyHandle, start_proxy  # noqa: E402
+from wire_fixtures import failed, print_proxy_log  # noqa: E402
 from phones import redact, write_ua  # noqa: E402
 from pjsua_hooks.lab import Capture, PhoneProcess, tcpdump_command  # noqa: E402
 
 from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
-
-
-def _failed(request: pytest.FixtureRequest) -> bool:
-    return any(getattr(request.node, f"rep_{w}", None) is not None
-               and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +86,14 @@ def phones(tmp_path: Path, request: pytest.FixtureRequest,
         yield group
     finally:
         group.stop_all()
-        if _failed(request):
+        if failed(request):
             for phone in group.running:
                 print(f"\n===== phone {phone.name} (rc={phone.process.returncode}) events =====")
                 for event in phone.events[-40:]:
                     print(redact(event))
                 print(f"--- stderr ---\n{phone.stderr()[-2000:]}")
             for proxy, mark in marks:
-                print(f"\n===== Kamailio log of {proxy.name} (port {proxy.port}) =====")
-                print("\n".join(proxy.log_since(mark).splitlines()[-60:]))
+                print_proxy_log(proxy, mark, lines=60)
 
 
 @pytest.fixture

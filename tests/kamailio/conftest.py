@@ -42,30 +42,13 @@ with ``from kamailio_harness import ...`` or use the fixtures):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from e2m_plugins.pki import TestPKI
-from kamailio_harness import (ProxyHandle, ProxyStarter, RawUas, SippRunner, describe,
-                              redact_sip_text, start_proxy)
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
-
-
-def _failed(request: pytest.FixtureRequest) -> bool:
-    for when in ("setup", "call"):
-        report = getattr(request.node, f"rep_{when}", None)
-        if report is not None and report.failed:
-            return True
-    return False
-
+from kamailio_harness import ProxyHandle, start_proxy
+from wire_fixtures import failed, print_proxy_log, proxy_factory, raw_uas, sipp  # noqa: F401
 
 _RUNNING: list[ProxyHandle] = []
 
@@ -75,27 +58,10 @@ def _failure_report(request: pytest.FixtureRequest) -> Iterator[None]:
     """On failure, print what the module-scoped proxies logged during the test."""
     marks = [(proxy, proxy.log_mark()) for proxy in list(_RUNNING)]
     yield
-    if not _failed(request):
+    if not failed(request):
         return
     for proxy, mark in marks:
-        _print_log(proxy, mark)
-
-
-def _print_log(proxy: ProxyHandle, mark: int = 0) -> None:
-    text = proxy.log_since(mark)
-    print(f"\n===== Kamailio log of {proxy.name} (port {proxy.port}) during the test =====")
-    print("\n".join(text.splitlines()[-80:]))
-
-
-@pytest.fixture
-def proxy_factory(pki: TestPKI, tmp_path: Path,
-                  request: pytest.FixtureRequest) -> Iterator[Callable[..., ProxyHandle]]:
-    starter = ProxyStarter(pki, tmp_path)
-    yield starter
-    stopped = starter.stop_all()
-    if _failed(request):   # these proxies are gone before _failure_report runs
-        for handle in stopped:
-            _print_log(handle)
+        print_proxy_log(proxy, mark)
 
 
 @pytest.fixture(scope="module")
@@ -118,31 +84,3 @@ def visited_proxy(home_proxy: ProxyHandle,
     yield handle
     handle.stop()
     _RUNNING.remove(handle)
-
-
-@pytest.fixture
-def sipp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SippRunner]:
-    runner = SippRunner(tmp_path)
-    yield runner
-    runner.close()
-    if _failed(request):
-        for name, result in runner.results:
-            print(f"\n===== SIPp {name}: rc={result.rc} =====")
-            print(redact_sip_text(result.messages)[-6000:])
-            if result.errors.strip():
-                print("--- errors ---\n" + result.errors[-2000:])
-            if result.log.strip():
-                print("--- scenario log ---\n" + result.log[-2000:])
-
-
-@pytest.fixture
-def raw_uas(request: pytest.FixtureRequest) -> Iterator[RawUas]:
-    uas = RawUas()
-    yield uas
-    uas.close()
-    if _failed(request):
-        print(f"\n===== raw UAS on {uas.port}: {len(uas.received)} requests =====")
-        for message in uas.received:
-            print(describe(message))
-
-

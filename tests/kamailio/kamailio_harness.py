@@ -406,7 +406,7 @@ class SippRunner:
 
 class ProxyStarter:
     """Starts proxies for one test under ``directory`` and stops them all at the end
-    (the body of the ``proxy_factory`` / ``rproxy`` fixtures)."""
+    (the body of the ``proxy_factory`` / ``proxy_factory`` fixtures)."""
 
     def __init__(self, pki: Any, directory: Path) -> None:
         self.pki, self.directory = pki, directory

@@ -88,8 +88,8 @@ def ack_for(request: SipMessage, ok: SipMessage) -> SipMessage:
 # --------------------------------------------------------------------------- (a) restart
 
 def test_proxy_restart_mid_dialog_gives_496_then_the_ua_rekeys_and_the_dialog_goes_on(
-        rproxy, sipp, pki, exchange):
-    proxy = rproxy("trusted", view=SDP_VIEW)
+        proxy_factory, sipp, pki, exchange):
+    proxy = proxy_factory("trusted", view=SDP_VIEW)
     uas = RawUas()
     try:
         uas.responder = bob_responder(pki, uas)
@@ -146,9 +146,9 @@ def test_proxy_restart_mid_dialog_gives_496_then_the_ua_rekeys_and_the_dialog_go
 
 # --------------------------------------------------------------------------- (b) archive
 
-def _archive_world(rproxy, sipp, *, fail: bool, archive_path: str | None = None):
+def _archive_world(proxy_factory, sipp, *, fail: bool, archive_path: str | None = None):
     extra = {"archive": {"path": archive_path}} if archive_path else None
-    proxy = rproxy("fail" if fail else "forward", view=MSG_VIEW, fail_request_on_error=fail,
+    proxy = proxy_factory("fail" if fail else "forward", view=MSG_VIEW, fail_request_on_error=fail,
                    extra=extra)
     if archive_path:
         proxy.archive_path = Path(archive_path)
@@ -189,8 +189,8 @@ def _calls(proxy, pki, alice, exchange, count: int, what: str) -> list[SipMessag
 
 @pytest.mark.parametrize("fail", [False, True], ids=["forward-and-count", "answer-500"])
 def test_archive_locked_configured_behaviour_nothing_half_written_and_recovery(
-        rproxy, sipp, pki, exchange, fail):
-    proxy, uas = _archive_world(rproxy, sipp, fail=fail)
+        proxy_factory, sipp, pki, exchange, fail):
+    proxy, uas = _archive_world(proxy_factory, sipp, fail=fail)
     try:
         uas.responder = bob_responder(pki, uas)
         alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, MSG_VIEW),))
@@ -280,9 +280,9 @@ def _fill(directory: Path) -> Path:
 
 @pytest.mark.parametrize("fail", [False, True], ids=["forward-and-count", "answer-500"])
 def test_archive_on_a_full_disk_configured_behaviour_and_recovery(
-        rproxy, sipp, pki, exchange, small_disk, fail):
+        proxy_factory, sipp, pki, exchange, small_disk, fail):
     path = small_disk / "archive.sqlite"
-    proxy, uas = _archive_world(rproxy, sipp, fail=fail, archive_path=str(path))
+    proxy, uas = _archive_world(proxy_factory, sipp, fail=fail, archive_path=str(path))
     filler = None
     try:
         alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, MSG_VIEW),))
@@ -368,8 +368,8 @@ def _kept_calls(proxy, invites: list) -> set[str]:
             if any(name.startswith(scope_key(DialogScope(m.call_id, m.from_tag))) for name in names)}
 
 
-def test_far_end_silent_or_garbage_standard_codes_and_no_stale_keys(rproxy, sipp, pki, exchange):
-    proxy = rproxy("trusted", view=MSG_VIEW)
+def test_far_end_silent_or_garbage_standard_codes_and_no_stale_keys(proxy_factory, sipp, pki, exchange):
+    proxy = proxy_factory("trusted", view=MSG_VIEW)
     ends = {name: UdpResponder(spec[0]) for name, spec in FAR_ENDS.items()}
     try:
         for name, end in ends.items():

@@ -377,8 +377,8 @@ def _line(sent: Sent) -> str:
 
 
 @pytest.fixture
-def corpus_world(rproxy, sipp):
-    proxy = rproxy("trusted", view=VIEW, verify=VERIFY)
+def corpus_world(proxy_factory, sipp):
+    proxy = proxy_factory("trusted", view=VIEW, verify=VERIFY)
     bob = RawUas()
     try:
         register(proxy, "bob", bob.port, sipp)

@@ -10,10 +10,10 @@ from kamailio_harness import RawUas, register
 from wire import transact
 
 
-def test_a_large_request_over_tcp_is_forwarded(rproxy, sipp, pki):
+def test_a_large_request_over_tcp_is_forwarded(proxy_factory, sipp, pki):
     """Reproducer: a MESSAGE with a 60 KiB body the proxy does not have to view, over
     TCP to a user registered over UDP: it must be read whole and forwarded (200)."""
-    proxy = rproxy("trusted", view=("INVITE:application/sdp",))
+    proxy = proxy_factory("trusted", view=("INVITE:application/sdp",))
     uas = RawUas()
     try:
         register(proxy, "bob", uas.port, sipp)
@@ -25,10 +25,10 @@ def test_a_large_request_over_tcp_is_forwarded(rproxy, sipp, pki):
 
 
 def test_a_request_too_big_for_the_next_hop_is_read_whole_then_refused_by_transport(
-        rproxy, sipp, pki):
+        proxy_factory, sipp, pki):
     """200 KiB is read whole (not the 400 of a truncated read) and inspected; UDP to
     the registered contact cannot carry it, so Kamailio answers 500 'Cannot Relay'."""
-    proxy = rproxy("trusted", view=("INVITE:application/sdp",))
+    proxy = proxy_factory("trusted", view=("INVITE:application/sdp",))
     uas = RawUas()
     try:
         register(proxy, "bob", uas.port, sipp)
@@ -39,8 +39,8 @@ def test_a_request_too_big_for_the_next_hop_is_read_whole_then_refused_by_transp
         uas.close()
 
 
-def test_an_oversize_e2m_body_gets_413(rproxy, sipp, pki):
-    proxy = rproxy("trusted", view=("MESSAGE:*",))
+def test_an_oversize_e2m_body_gets_413(proxy_factory, sipp, pki):
+    proxy = proxy_factory("trusted", view=("MESSAGE:*",))
     uas = RawUas()
     try:
         register(proxy, "bob", uas.port, sipp)
@@ -53,7 +53,7 @@ def test_an_oversize_e2m_body_gets_413(rproxy, sipp, pki):
         uas.close()
 
 
-def test_a_short_keycache_expiry_the_config_accepts_starts(rproxy):
-    proxy = rproxy("short", view=("INVITE:application/sdp",),
+def test_a_short_keycache_expiry_the_config_accepts_starts(proxy_factory):
+    proxy = proxy_factory("short", view=("INVITE:application/sdp",),
                    extra={"kamailio": {"keycache_expire": 20}})
     assert proxy.options().status == 200
