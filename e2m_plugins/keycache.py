@@ -43,6 +43,7 @@ __all__ = [
     "TransactionScope",
     "Scope",
     "CachedKey",
+    "CacheLimits",
     "KeyCache",
     "MemoryKeyCache",
     "cache_key",
@@ -192,6 +193,41 @@ class KeyCache(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CacheLimits:
+    """The bounds every ``KeyCache`` applies (in memory or in Kamailio's htable):
+    entry count, lifetimes and uses; ``new_entry`` applies them to one key."""
+
+    max_entries: int = 10_000
+    default_ttl: float = DIALOG_TTL
+    transaction_ttl: float = TRANSACTION_TTL
+    max_ttl: float = MAX_TTL
+    max_decrypts_cap: int | None = MAX_DECRYPTS_CAP
+
+    def __post_init__(self) -> None:
+        if self.max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        if not 0 < self.default_ttl <= self.max_ttl or not 0 < self.transaction_ttl <= self.max_ttl:
+            raise ValueError("TTLs must be positive and at most max_ttl")
+        if self.max_decrypts_cap is not None and self.max_decrypts_cap < 1:
+            raise ValueError("max_decrypts_cap must be at least 1 (or None)")
+
+    def new_entry(self, scope: Scope, reference: bytes, cek: bytes, now: float, *,
+                  ttl: float | None = None, max_decrypts: int | None = None,
+                  cipher: str | None = None) -> CachedKey:
+        """The entry to keep for ``put``: material checked, TTL and uses bounded."""
+        check_material(reference, cek)
+        if ttl is None:
+            ttl = self.transaction_ttl if isinstance(scope, TransactionScope) else self.default_ttl
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        if max_decrypts is not None and max_decrypts < 1:
+            raise ValueError("max_decrypts must be at least 1")
+        return CachedKey(cek=bytes(cek), reference=bytes(reference), scope=scope, created=now,
+                         expires=now + min(ttl, self.max_ttl),
+                         max_decrypts=_clamp(max_decrypts, self.max_decrypts_cap), cipher=cipher)
+
+
 # --------------------------------------------------------------------------
 # In-memory implementation
 
@@ -209,24 +245,15 @@ class MemoryKeyCache:
                  max_ttl: float = MAX_TTL, *, transaction_ttl: float = TRANSACTION_TTL,
                  max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        if not 0 < default_ttl <= max_ttl or not 0 < transaction_ttl <= max_ttl:
-            raise ValueError("TTLs must be positive and at most max_ttl")
-        if max_decrypts_cap is not None and max_decrypts_cap < 1:
-            raise ValueError("max_decrypts_cap must be at least 1 (or None)")
-        self._max_entries = max_entries
-        self._default_ttl = default_ttl
-        self._transaction_ttl = transaction_ttl
-        self._max_ttl = max_ttl
-        self._cap = max_decrypts_cap
+        self._limits = CacheLimits(max_entries, default_ttl, transaction_ttl, max_ttl,
+                                   max_decrypts_cap)
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[Scope, bytes], CachedKey] = OrderedDict()
         self._by_scope: dict[Scope, set[bytes]] = {}
 
     def __repr__(self) -> str:
-        return f"MemoryKeyCache({len(self)} of {self._max_entries} entries)"
+        return f"MemoryKeyCache({len(self)} of {self._limits.max_entries} entries)"
 
     def __len__(self) -> int:
         with self._lock:
@@ -234,18 +261,9 @@ class MemoryKeyCache:
 
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
             max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
-        check_material(reference, cek)
-        if ttl is None:
-            ttl = self._transaction_ttl if isinstance(scope, TransactionScope) else self._default_ttl
-        if ttl <= 0:
-            raise ValueError("ttl must be positive")
-        if max_decrypts is not None and max_decrypts < 1:
-            raise ValueError("max_decrypts must be at least 1")
-        uses = _clamp(max_decrypts, self._cap)
         now = self._clock()
-        entry = CachedKey(cek=bytes(cek), reference=bytes(reference), scope=scope, created=now,
-                          expires=now + min(ttl, self._max_ttl), max_decrypts=uses,
-                          cipher=cipher)
+        entry = self._limits.new_entry(scope, reference, cek, now, ttl=ttl,
+                                       max_decrypts=max_decrypts, cipher=cipher)
         key = (scope, entry.reference)
         with self._lock:
             self._remove(key)          # a replaced key starts again at the young end
@@ -312,7 +330,7 @@ class MemoryKeyCache:
         # then the oldest live ones while the cache is over its bound.
         while self._entries:
             key, oldest = next(iter(self._entries.items()))
-            if now < oldest.expires and len(self._entries) <= self._max_entries:
+            if now < oldest.expires and len(self._entries) <= self._limits.max_entries:
                 break
             self._remove(key)
 

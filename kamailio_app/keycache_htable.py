@@ -43,9 +43,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from e2m_plugins.errors import LimitExceededError, MalformedError
 from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSACTION_TTL,
-                                  CachedKey,
-                                  DialogScope, Scope, TransactionScope, cache_key, decode_entry,
-                                  check_material, encode_entry, scope_key)
+                                  CacheLimits, CachedKey, DialogScope, Scope, cache_key,
+                                  decode_entry, encode_entry, scope_key)
 
 __all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache", "INDEX_MAX_NAMES"]
 
@@ -146,16 +145,9 @@ class HtableKeyCache:
                  default_ttl: float = DIALOG_TTL, transaction_ttl: float = TRANSACTION_TTL,
                  max_ttl: float = MAX_TTL, max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
                  sweep_every: int | None = None, clock: Callable[[], float] = time.time) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        if not 0 < default_ttl <= max_ttl or not 0 < transaction_ttl <= max_ttl:
-            raise ValueError("TTLs must be positive and at most max_ttl")
+        self._limits = CacheLimits(max_entries, default_ttl, transaction_ttl, max_ttl,
+                                   max_decrypts_cap)
         self._backend = backend
-        self._max_entries = max_entries
-        self._default_ttl = default_ttl
-        self._transaction_ttl = transaction_ttl
-        self._max_ttl = max_ttl
-        self._cap = max_decrypts_cap
         # A sweep reads every entry through KSR: run it every tenth of the bound
         # (per worker), so its cost per put stays about ten reads however large the
         # table is, and the bound is soft by at most that many entries per worker.
@@ -169,25 +161,15 @@ class HtableKeyCache:
         self._seal_key = AESGCM(AESGCM.generate_key(bit_length=128))
 
     def __repr__(self) -> str:
-        return f"HtableKeyCache(max_entries={self._max_entries})"
+        return f"HtableKeyCache(max_entries={self._limits.max_entries})"
 
     # -- KeyCache ----------------------------------------------------------------
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
             max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
-        check_material(reference, cek)  # the same bounds as the in-memory cache
-        if ttl is None:
-            ttl = self._transaction_ttl if isinstance(scope, TransactionScope) else self._default_ttl
-        if ttl <= 0:
-            raise ValueError("ttl must be positive")
-        if max_decrypts is not None and max_decrypts < 1:
-            raise ValueError("max_decrypts must be at least 1")
-        uses = max_decrypts
-        if self._cap is not None:
-            uses = self._cap if max_decrypts is None else min(max_decrypts, self._cap)
         now = self._clock()
-        life = min(ttl, self._max_ttl)
-        entry = CachedKey(cek=bytes(cek), reference=bytes(reference), scope=scope, created=now,
-                          expires=now + life, max_decrypts=uses, cipher=cipher)
+        entry = self._limits.new_entry(scope, reference, cek, now, ttl=ttl,
+                                       max_decrypts=max_decrypts, cipher=cipher)
+        life = entry.expires - now
         key = cache_key(scope, entry.reference)
         self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
         if isinstance(scope, DialogScope):       # only dialogs are dropped as a whole
@@ -317,10 +299,10 @@ class HtableKeyCache:
                 dead.append(key)
             else:
                 live.append((entry.created, key))
-        if len(live) > self._max_entries:
+        if len(live) > self._limits.max_entries:
             live.sort()
-            dead.extend(key for _, key in live[:len(live) - self._max_entries])
-            live = live[len(live) - self._max_entries:]
+            dead.extend(key for _, key in live[:len(live) - self._limits.max_entries])
+            live = live[len(live) - self._limits.max_entries:]
         # An index goes with the last entry it lists (so indexes stay within the bound
         # too) or when it expires.  A put racing this sweep may lose its index: that
         # dialog's keys then live until their own expiry instead of the BYE.
