@@ -240,7 +240,9 @@ _SCENARIO_MADE = {"via", "from", "to", "call-id", "cseq", "max-forwards", "conta
                   "content-length", "record-route"}
 
 
-def _headers_block(msg: SipMessage) -> str:
+def scenario_headers(msg: SipMessage) -> str:
+    """The lines that replace @@HEADERS@@ in a SIPp scenario: the engine's message's
+    headers but those the scenario writes itself (shared with ``soak.py``)."""
     lines = []
     for name, value in msg.headers:
         if canonical_name(name) in _SCENARIO_MADE:
@@ -253,7 +255,7 @@ def _headers_block(msg: SipMessage) -> str:
 
 def _render(template: str, msg: SipMessage, target: Path) -> Path:
     text = (SIPP_DIR / template).read_text()
-    text = text.replace("@@HEADERS@@\n", _headers_block(msg))
+    text = text.replace("@@HEADERS@@\n", scenario_headers(msg))
     if "@@" in text:
         raise ValueError(f"{template}: a placeholder was left")
     target.write_text(text)

@@ -62,12 +62,15 @@ for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "kamailio", ROOT / "tests" / "
 
 from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
 from e2m_plugins.policy import KnownProxy  # noqa: E402
-from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
+from e2m_plugins.sip import SipMessage  # noqa: E402
 
 from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
 from kamailio_harness import (ProxyHandle, free_port, sipp_stats, start_proxy,  # noqa: E402
                               stop_process, wait_udp_bound)
 from wire import memory_sample  # noqa: E402
+
+sys.path.insert(0, str(BENCH_DIR))
+import proxyrates as pr  # noqa: E402  (the SIPp scenario header block)
 
 TEXT = (b"Soak test text: the figures for the quarter are in the ticket, please keep "
         b"them inside the team until Friday.")
@@ -207,19 +210,8 @@ UAS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 </scenario>
 """
 
-_SCENARIO_MADE = {"via", "from", "to", "call-id", "cseq", "max-forwards", "contact",
-                  "content-length", "record-route"}
-
-
 def _render(template: str, msg: SipMessage, path: Path) -> Path:
-    lines = []
-    for name, value in msg.headers:
-        if canonical_name(name) in _SCENARIO_MADE:
-            continue
-        if any(ch in value for ch in "\r\n") or "]]>" in name + value or "[" in value:
-            raise ValueError(f"header {name} cannot go into a SIPp scenario as is")
-        lines.append(f"      {name}: {value}\n")
-    path.write_text(template.replace("@@HEADERS@@\n", "".join(lines)))
+    path.write_text(template.replace("@@HEADERS@@\n", pr.scenario_headers(msg)))
     return path
 
 
