@@ -152,9 +152,12 @@ def _run(command: list[str], env: dict[str, str]) -> int:
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        # To the whole group, as systemd's default KillMode does for Kamailio: once we
+        # saw the TCP main process miss the main process's SIGTERM and keep the
+        # shutdown waiting until the SIGKILL below.
         try:
-            child.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
+            os.killpg(child.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
             pass
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
