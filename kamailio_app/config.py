@@ -78,6 +78,9 @@ class KamailioSettings:
     tcp_max_message_kb: int = 320
     binary: str = "/usr/sbin/kamailio"
     module_path: str = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
+    # Another KEMI script in place of kamailio_app/kemi.py (relative to the config
+    # file): a site's own routing built on ours, or the benchmark's floor script.
+    kemi_script: Path | None = None
 
     @property
     def http_listener(self) -> Listener | None:
@@ -187,14 +190,14 @@ def _listener(text: Any, index: int, check: _Checker) -> Listener | None:
     return Listener(proto.lower(), str(address), port)
 
 
-def _kamailio(table: Any, problems: list[str]) -> KamailioSettings | None:
+def _kamailio(table: Any, base: Path, problems: list[str]) -> KamailioSettings | None:
     check = _Checker("kamailio", table, problems)
     if table is None:
         problems.append("[kamailio] section is missing (it needs at least listen = [...])")
         return None
     check.unknown(("listen", "workers", "shm_mb", "pkg_mb", "next_hop", "log_level",
                    "domains", "cert_path", "keycache_size", "keycache_expire", "binary",
-                   "module_path", "tcp_max_message_kb"))
+                   "module_path", "tcp_max_message_kb", "kemi_script"))
     raw_listen = check.table.get("listen")
     listeners: list[Listener] = []
     if not isinstance(raw_listen, list) or not raw_listen:
@@ -223,13 +226,25 @@ def _kamailio(table: Any, problems: list[str]) -> KamailioSettings | None:
     tcp_kb = check.integer("tcp_max_message_kb", 320, 16, 16 * 1024)
     binary = check.string("binary", "/usr/sbin/kamailio") or "/usr/sbin/kamailio"
     mpath = check.string("module_path", KamailioSettings.module_path) or KamailioSettings.module_path
+    script = _kemi_script(check, base)
     if not listeners:
         return None
     return KamailioSettings(listen=tuple(listeners), workers=workers, shm_mb=shm, pkg_mb=pkg,
                             next_hop=next_hop, log_level=level, domains=domains,
                             cert_path=cert_path, keycache_size=ks, keycache_expire=ke,
                             tcp_max_message_kb=tcp_kb,
-                            binary=binary, module_path=mpath)
+                            binary=binary, module_path=mpath, kemi_script=script)
+
+
+def _kemi_script(check: _Checker, base: Path) -> Path | None:
+    raw = check.string("kemi_script", None)
+    if raw is None:
+        return None
+    path = (base / raw).resolve()
+    if path.suffix != ".py" or not path.is_file():
+        check.bad("kemi_script", f"{str(path)!r} is not an existing Python file (.py)")
+        return None
+    return path
 
 
 def _log_level(check: _Checker) -> int:
@@ -283,7 +298,7 @@ def parse_app_config(data: dict[str, Any], path: str | Path) -> AppConfig:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
     path = Path(path).resolve()
     problems: list[str] = []
-    kamailio = _kamailio(data.get("kamailio"), problems)
+    kamailio = _kamailio(data.get("kamailio"), path.parent, problems)
     archive = _archive(data.get("archive"), path.parent, problems)
     e2m = _e2m(data.get("e2m"), problems)
     if problems or kamailio is None:

@@ -68,7 +68,7 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "CONFIG_PATH": _cfg_string(str(config.path), "config path"),
         "PYTHONPATH": _cfg_string(os.pathsep.join(python_path()), "python path"),
         "RUNTIME_DIR": _cfg_string(str(runtime_dir), "runtime dir"),
-        "KEMI_SCRIPT": _cfg_string(str(KEMI_SCRIPT), "KEMI script"),
+        "KEMI_SCRIPT": _cfg_string(str(k.kemi_script or KEMI_SCRIPT), "KEMI script"),
         "MODULE_PATH": _cfg_string(k.module_path, "module path"),
         "FEATURE_DEFINES": "\n".join(defines),
         "LOG_LEVEL": str(k.log_level),

@@ -72,6 +72,20 @@ def test_rendered_cfg_is_complete_and_private_to_its_runtime_dir(tmp_path):
     assert checked.returncode == 0, checked.stderr.decode()[-1500:]
 
 
+def test_kemi_script_replaces_the_shipped_one_and_must_exist(tmp_path):
+    listen = '[kamailio]\nlisten = ["udp:127.0.0.1:5070"]\n'
+    default = render_cfg(load_app_config(_write(tmp_path, listen)), tmp_path / "run")
+    assert f'"{ROOT / "kamailio_app" / "kemi.py"}"' in default
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "routing.py").write_text("# a site's own script\n")
+    config = load_app_config(_write(tmp_path, listen + 'kemi_script = "site/routing.py"\n'))
+    assert config.kamailio.kemi_script == tmp_path / "site" / "routing.py"   # relative to the file
+    assert f'"{tmp_path / "site" / "routing.py"}"' in render_cfg(config, tmp_path / "run")
+    for bad in ("site/missing.py", "site"):
+        with pytest.raises(AppConfigError, match="kemi_script"):
+            load_app_config(_write(tmp_path, listen + f'kemi_script = "{bad}"\n'))
+
+
 def test_launcher_refuses_a_bad_config_with_exit_2(tmp_path):
     path = _write(tmp_path, '[kamailio]\nlisten = []\n[e2m]\nenabled = true\n')
     done = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "--config", str(path)],
