@@ -13,6 +13,13 @@ interleaved with the baseline's:
            opened under kekri with it (RFC 3185)
 =========  ==============================================================================
 
+and, for the CPU figure only, one *floor* per E2M configuration (``floor-x25519``,
+``floor-rsa``, ``floor-kekri``): the plain relay running ``bench/floor_kemi.py``, which
+for each body only reads the message and runs the bare cryptographic primitives
+opening it needs, with no parsing at all.  Its CPU above ``off`` is a lower bound for
+any E2M proxy in Kamailio's Python, so the report can say how much of a target's
+budget is left for everything else (``headroom_us_per_call``).
+
 Two workloads, driven by SIPp (UAC alice -> proxy -> SIPp UAS bob, the UAS being the
 proxy's ``next_hop``):
 
@@ -60,12 +67,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 BENCH_DIR = Path(__file__).resolve().parent
+FLOOR_SCRIPT = BENCH_DIR / "floor_kemi.py"
 ROOT = BENCH_DIR.parent
 SIPP_DIR = BENCH_DIR / "sipp"
 RESULTS_DIR = BENCH_DIR / "results"
@@ -168,6 +177,7 @@ class Config:
     proxy_key_type: str | None
     traffic: Traffic
     opens_per_call: dict[str, str]  # what the proxy opens, for the report
+    floor_of: str | None = None     # a floor: the E2M configuration whose primitives it runs
 
 
 def _known_proxy(pki: TestPKI, key_type: str) -> KnownProxy:
@@ -205,6 +215,10 @@ def make_configs(pki: TestPKI, text: bytes) -> list[Config]:
         Config("kekri", "E2M, CEK reuse (kekri answer)", True, "x25519",
                Traffic(None, kekri.offer, kekri.answer),
                {"dialog": "1 kari (offer) + 1 kekri (answer)"}),
+        *[Config(f"floor-{key}", f"floor of {key}: relay + bare primitives, no parsing", False,
+                 None, traffic, {w: "primitives only" for w in ("message", "dialog")}, floor_of=key)
+          for key, traffic in (("rsa", rsa), ("x25519", x25519),
+                               ("kekri", Traffic(None, kekri.offer, kekri.answer)))],
     ]
 
 
@@ -331,6 +345,18 @@ class Instance:
 
 
 
+@contextmanager
+def _floor_mode(mode: str | None) -> Iterator[None]:
+    if mode is None:
+        yield
+        return
+    os.environ["E2M_BENCH_FLOOR"] = mode
+    try:
+        yield
+    finally:
+        del os.environ["E2M_BENCH_FLOOR"]
+
+
 def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Instance:
     base = workdir / cfg.key
     base.mkdir(parents=True, exist_ok=True)
@@ -360,16 +386,23 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
             cred = pki.proxy(TRUSTED, cfg.proxy_key_type)
             extra["identity"] = {"cert": str(cred.cert_path), "key": str(cred.key_path)}
         extra["kamailio"] = {"shm_mb": plan.shm_mb}
+        if cfg.floor_of:
+            extra["kamailio"]["kemi_script"] = str(FLOOR_SCRIPT)
         if plan.keycache_size is not None:
             extra["kamailio"]["keycache_size"] = plan.keycache_size
         settings: dict[str, Any] = dict(next_hop=f"sip:127.0.0.1:{uas_port}", workers=plan.workers,
                                         log_level=plan.log_level, extra=extra)
         if cfg.e2m:
             settings["archive"] = plan.archive
-        proxy = start_proxy(base / "proxy", pki=pki if cfg.e2m else None, e2m=cfg.e2m, **settings)
+        with _floor_mode(cfg.floor_of):   # the launcher and Kamailio inherit it
+            proxy = start_proxy(base / "proxy", pki=pki if cfg.e2m else None, e2m=cfg.e2m, **settings)
     except BaseException:
         stop_process(uas)
         raise
+    if cfg.floor_of and f"benchmark floor script, mode {cfg.floor_of}" not in proxy.log_since(0):
+        proxy.stop()
+        stop_process(uas)
+        raise RuntimeError(f"{cfg.key}: Kamailio did not load {FLOOR_SCRIPT.name}")
     pid_file = proxy.runtime_dir / "kamailio.pid"
     deadline = time.monotonic() + 5
     while not pid_file.exists() and time.monotonic() < deadline:
@@ -504,8 +537,8 @@ def rate_phase(instances: list[Instance], plan: Plan, workdir: Path, cpu_runs: l
     for workload in WORKLOADS:
         alive = []
         for inst in instances:
-            if workload not in inst.scenarios:
-                continue
+            if workload not in inst.scenarios or inst.config.floor_of:
+                continue   # a floor has a CPU figure only
             mine = [r for r in cpu_runs if r.workload == workload and r.config == inst.config.key]
             clean = bool(mine) and all(r.clean for r in mine)
             best[workload][inst.config.key] = plan.cpu_rate[workload] if clean else None
@@ -589,10 +622,28 @@ def summarize(cpu: dict[str, Any], rates: dict[str, Any], configs: list[Config])
                 "rate_ratio_is_upper_bound": bool(cfg.key != "off" and best and off_best
                                                   and rates["first_failure"][workload].get("off") is None),
                 "cpu_target_max": target,
-                "status": ("baseline" if cfg.key == "off" else
+                "status": ("baseline" if cfg.key == "off" else "floor" if cfg.floor_of else
                            "n/a" if ratio is None else "met" if ratio <= target else "NOT met"),
             })
+    _add_floor_figures(rows)
     return rows
+
+
+def _add_floor_figures(rows: list[dict[str, Any]]) -> None:
+    """Beside each E2M row, its floor's: the floor's CPU ratio, what this configuration
+    spends above its floor (parsing, policy, key cache, logging), and the headroom the
+    target leaves above the floor (negative: the target is below the primitives' cost)."""
+    index = {(r["workload"], r["config"]): r for r in rows}
+    for row in rows:
+        floor = index.get((row["workload"], f"floor-{row['config']}"))
+        off = index.get((row["workload"], "off"))
+        if floor is None or off is None or row["cpu_target_max"] is None:
+            continue
+        mine, low, base = row["cpu_us_per_call"], floor["cpu_us_per_call"], off["cpu_us_per_call"]
+        row["floor_cpu_ratio"] = floor["cpu_ratio"]
+        row["above_floor_us_per_call"] = None if mine is None or low is None else mine - low
+        row["headroom_us_per_call"] = (None if low is None or base is None
+                                       else row["cpu_target_max"] * base - low)
 
 
 BODIES_OPENED_PER_CALL = {"message": 1, "dialog": 2}
@@ -613,8 +664,9 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> list[str]:
-    head = (f"  {'workload':<8} {'config':<7} {'µs/call':>8} {'sched':>8} {'CPU ratio':>9}"
-            f" {'pooled':>7} {'target':>7}  {'status':<8} {'max rate':>9} {'rate ratio':>10}")
+    head = (f"  {'workload':<8} {'config':<12} {'µs/call':>8} {'sched':>8} {'CPU ratio':>9}"
+            f" {'pooled':>7} {'target':>7}  {'status':<8} {'max rate':>9} {'rate ratio':>10}"
+            f" {'floor':>6} {'headroom':>9}")
     lines = [head]
     for r in rows:
         rate = "-" if r["max_clean_rate"] is None else f"{r['max_clean_rate']:g}/s"
@@ -624,10 +676,11 @@ def format_table(rows: list[dict[str, Any]]) -> list[str]:
             rate = f"≥{r['max_clean_rate']:g}/s"
         target = "-" if r["cpu_target_max"] is None else f"≤ {r['cpu_target_max']:g}x"
         lines.append(
-            f"  {r['workload']:<8} {r['config']:<7} {_fmt(r['cpu_us_per_call'], 0):>8}"
+            f"  {r['workload']:<8} {r['config']:<12} {_fmt(r['cpu_us_per_call'], 0):>8}"
             f" {_fmt(r['cpu_schedstat_us_per_call'], 0):>8} {_fmt(r['cpu_ratio'], 2, 'x'):>9}"
             f" {_fmt(r['cpu_ratio_pooled'], 2, 'x'):>7} {target:>7}  {r['status']:<8} {rate:>9}"
-            f" {('≤' if r['rate_ratio_is_upper_bound'] else '') + _fmt(r['rate_ratio'], 2, 'x'):>10}")
+            f" {('≤' if r['rate_ratio_is_upper_bound'] else '') + _fmt(r['rate_ratio'], 2, 'x'):>10}"
+            f" {_fmt(r.get('floor_cpu_ratio'), 2, 'x'):>6} {_fmt(r.get('headroom_us_per_call'), 0, ' µs'):>9}")
     return lines
 
 
@@ -765,6 +818,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
                  " sched: the same from schedstat (ns)")
     lines.append("  CPU ratio: median of per-round ratios to off (interleaved); pooled: ratio of"
                  " totals over all rounds")
+    lines.append("  floor: the CPU ratio of the same bodies' bare primitives (floor-* rows, no parsing);"
+                 " headroom: target x off - floor, the µs/call left for all the rest")
     lines.append("  max rate: highest clean rung (≥: clean at the ladder's top; <: not clean at the"
                  " CPU phase's rate); ≤ on a rate ratio: off was never pushed to failure")
     idle = report["idle_cpu_us_per_second"]

@@ -1,6 +1,7 @@
 """SIPp MESSAGE transactions and INVITE dialogs through the E2M proxy on real Kamailio:
 CPU per call and the highest clean rate for E2M off / RSA-2048 ktri / X25519 kari /
-kekri, as ratios to the plain relay measured in the same run.  The work is in
+kekri, as ratios to the plain relay measured in the same run, with each one's floor
+(the relay plus the bare primitives, ``floor_kemi.py``) for the CPU figure.  The work is in
 ``proxyrates.py``; see bench/README.md ("Proxy rates") for how to read the figures.
 
 A report, not a test: the targets do not fail the run.  Under ``make bench``
@@ -36,7 +37,7 @@ def test_proxy_rates(benchmark, capsys: pytest.CaptureFixture[str]) -> None:
         report = benchmark(run_benchmark, Plan.from_env(quick=True), log=lambda line: None)
     else:
         with capsys.disabled():
-            print("\n  proxy rates: four Kamailio instances, SIPp, about 4 minutes", flush=True)
+            print("\n  proxy rates: seven Kamailio instances, SIPp, about 5 minutes", flush=True)
         holder: dict[str, dict] = {}
         benchmark.pedantic(lambda: holder.setdefault("report", run_benchmark(Plan.from_env(), log=log)),
                            rounds=1, iterations=1, warmup_rounds=0)
@@ -48,8 +49,12 @@ def test_proxy_rates(benchmark, capsys: pytest.CaptureFixture[str]) -> None:
     # and the E2M proxies really opened every body they were meant to (a response they
     # cannot open is still forwarded and would look cheap).
     rows = {(r["workload"], r["config"]) for r in report["figures"]}
-    assert rows == {(w, c) for w in ("message", "dialog") for c in ("off", "rsa", "x25519")} | {
-        ("dialog", "kekri")}
+    assert rows == {(w, c) for w in ("message", "dialog")
+                    for c in ("off", "rsa", "x25519", "floor-rsa", "floor-x25519")} | {
+        ("dialog", "kekri"), ("dialog", "floor-kekri")}
+    # A floor whose primitives failed would answer 500: its calls would fail.
+    assert all(r["failed_calls_in_cpu_runs"] == 0 for r in report["figures"]
+               if r["status"] == "floor"), report["figures"]
     for key, counts in report["verdicts"].items():
         if not counts:
             continue  # log level below info: nothing to count
