@@ -2,7 +2,7 @@
 
 Four configurations, each its own Kamailio instance started with ``e2m-proxy`` (the
 launcher the operators use), all running at once so that every measurement can be
-interleaved with the baseline's:
+interleaved with the baseline's (seven instances with the floors below):
 
 =========  ==============================================================================
 ``off``    ``[e2m] enabled = false``: the same KEMI Python script as a plain relay (baseline)
@@ -718,7 +718,7 @@ def _loadavg() -> list[float] | None:
 
 def run_benchmark(plan: Plan, log: Callable[[str], None] = print,
                   workdir: Path | None = None) -> dict[str, Any]:
-    """Everything: PKI, bodies, four proxies and UASes, both phases; returns the report."""
+    """Everything: PKI, bodies, the proxies (floors too) and UASes, both phases; returns the report."""
     started = time.monotonic()
     load_start = _loadavg()
     own_tmp = workdir is None
