@@ -136,10 +136,6 @@ def _sender(request: SipMessage) -> str:
     return request.address("From").uri
 
 
-def _early_scope(message: SipMessage) -> DialogScope:
-    return DialogScope(message.call_id, message.from_tag or "-")
-
-
 class ProxyEngine:
     """One proxy's E2M decisions; thread-safe as long as the key cache is."""
 
@@ -248,14 +244,26 @@ class ProxyEngine:
         return Verdict("forward", seen=seen, media=media)
 
     def _end(self, message: SipMessage, *, confirmed: bool) -> None:
-        """The dialog (or its attempt) is over: its kept CEKs go (key-reuse-01)."""
-        if not message.from_tag:
+        self.end_dialog(message.call_id, message.from_tag, message.to_tag, confirmed=confirmed)
+
+    def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None, *,
+                   confirmed: bool) -> None:
+        """The dialog (BYE: ``confirmed``) or its attempt (CANCEL, a failed INVITE) is
+        over: its kept CEKs go (key-reuse-01)."""
+        if not call_id or not from_tag:
             return
-        scope = DialogScope(message.call_id, message.from_tag,
-                            message.to_tag if confirmed else None)
-        self.cache.drop_scope(scope)
+        self.cache.drop_scope(DialogScope(call_id, from_tag, to_tag if confirmed else None))
         if confirmed:
-            self.cache.drop_scope(_early_scope(message))
+            self.cache.drop_scope(DialogScope(call_id, from_tag))
+
+    @staticmethod
+    def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:
+        """True when ``inspect`` of this request would only call ``end_dialog``: a BYE or
+        CANCEL without a body or a Proxy-Required-Body header has nothing to view,
+        announce or remove, and its verdict is a plain forward.  A host that has already
+        parsed Call-ID and tags (Kamailio) may then call ``end_dialog`` and skip reading
+        the message."""
+        return method in ("BYE", "CANCEL") and not has_body and not has_label
 
     # -- viewing -----------------------------------------------------------
 

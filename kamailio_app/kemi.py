@@ -40,12 +40,15 @@ def _bootstrap_path():
 _bootstrap_path()
 
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
+from e2m_plugins.headers import PROXY_REQUIRED_BODY  # noqa: E402
+from e2m_plugins.proxy import Verdict  # noqa: E402
 from e2m_plugins.sip import canonical_name, parse  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.services import ProxyApp  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 _ITERATOR = "e2mhf"   # textopsx header iterator name
+_PLAIN_FORWARD = Verdict("forward")
 
 
 def mod_init():
@@ -208,7 +211,8 @@ class kamailio:
 
     def route_cancel(self):
         if KSR.tm.t_check_trans() > 0:
-            self.inspect_only()        # lets the engine drop keys of the cancelled dialog
+            if not self.end_dialog_unread():
+                self.inspect_only()    # lets the engine drop keys of the cancelled dialog
             KSR.tm.t_relay()
 
     def route_in_dialog(self):
@@ -219,7 +223,7 @@ class kamailio:
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction():
-                self.relay(inspect=True)
+                self.relay(inspect=not self.end_dialog_unread())
             return
         if KSR.is_ACK():
             if KSR.tm.t_check_trans() > 0:
@@ -276,6 +280,22 @@ class kamailio:
         KSR.tm.t_on_reply("ksr_onreply_route")
         if KSR.tm.t_relay() < 0:
             KSR.sl.send_reply(500, "Cannot Relay")
+
+    def end_dialog_unread(self):
+        """A bare BYE or CANCEL: drop its dialog's keys using Kamailio's own parse of
+        Call-ID and tags, without reading the message (the engine says when that is
+        all inspecting it would do).  False when the message must be read."""
+        engine = self.app.engine
+        if engine is None:
+            return False
+        method = KSR.pv.get("$rm") or ""
+        if not engine.only_ends_dialog(method, has_body=_has_body(),
+                                       has_label=KSR.hdr.is_present(PROXY_REQUIRED_BODY) > 0):
+            return False
+        engine.end_dialog(KSR.pv.get("$ci") or "", KSR.pv.get("$ft") or None,
+                          KSR.pv.get("$tt") or None, confirmed=method == "BYE")
+        KSR.info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
+        return True
 
     def inspect_request(self):
         """Ask the engine; apply its verdict.  False when the request was answered."""

@@ -144,6 +144,73 @@ def test_proxy_restart_mid_dialog_gives_496_then_the_ua_rekeys_and_the_dialog_go
         uas.close()
 
 
+def test_a_bare_bye_drops_the_keys_unread_and_a_labelled_one_is_still_read(
+        proxy_factory, sipp, pki, exchange):
+    """The KEMI script ends a dialog from Kamailio's own Call-ID and tags when the BYE
+    has no body and no Proxy-Required-Body; a label (any header-name case) makes the
+    engine read it, so a label naming a part of a missing body still gets its 400."""
+    proxy = proxy_factory("trusted", view=SDP_VIEW)
+    uas = RawUas()
+    try:
+        uas.responder = bob_responder(pki, uas)
+        register(proxy, "bob", uas.port, sipp)
+        alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+        offer = invite(pki, SDP_OFFER, call_id=f"bye-{secrets.token_hex(6)}@127.0.0.1",
+                       from_tag="a-bye")
+        first = alice.protect(offer).message
+        ok = send(proxy.port, first, exchange, "INVITE")
+        assert ok is not None and ok.status == 200
+        transact(proxy.port, ack_for(first, ok), timeout=0.3)
+        assert proxy.htable_items() >= 1          # the dialog's CEK
+
+        labelled = in_dialog(first, ok, "BYE", 2).add(
+            "proxy-required-body", f'{TRUSTED};cid="nothing@here"')
+        refused = send(proxy.port, labelled, exchange, "BYE labelled for a missing part")
+        assert refused is not None and refused.status == 400, "the labelled BYE must be read"
+        assert [r.method for r in uas.received].count("BYE") == 0
+
+        mark = proxy.log_mark()
+        done = send(proxy.port, in_dialog(first, ok, "BYE", 3), exchange, "bare BYE")
+        assert done is not None and done.status == 200
+        assert proxy.htable_items() == 0
+        assert "e2m: BYE request action=forward seen=- media=0 unread" in proxy.log_since(mark)
+    finally:
+        uas.close()
+
+
+def test_a_cancel_drops_the_offers_key_unread(proxy_factory, sipp, pki, exchange):
+    """An INVITE that is ringing keeps its CEK under the early dialog; the CANCEL
+    (bodiless, ended unread from Kamailio's Call-ID and From tag) drops it."""
+    proxy = proxy_factory("trusted", view=SDP_VIEW)
+    uas = RawUas(lambda request: make_response(request, 180 if request.method == "INVITE" else 200,
+                                               "Ringing" if request.method == "INVITE" else "OK"))
+    peer = Peer("udp", proxy.port)
+    try:
+        register(proxy, "bob", uas.port, sipp)
+        alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+        offer = invite(pki, SDP_OFFER, call_id=f"cancel-{secrets.token_hex(6)}@127.0.0.1",
+                       from_tag="a-cancel")
+        sent = alice.protect(offer).message.replace("Via", peer.via())
+        peer.send(sent.serialize())
+        exchange.append(f"--> INVITE {sent.call_id}")
+        assert uas.wait_for(1, method="INVITE"), "the INVITE did not reach bob"
+        assert proxy.htable_items() >= 1          # the offer's CEK, under the early dialog
+
+        mark = proxy.log_mark()
+        cancel = SipMessage(RequestLine("CANCEL", sent.start_line.request_uri), (
+            ("Via", sent.get("Via")), ("From", sent.get("From")), ("To", sent.get("To")),
+            ("Call-ID", sent.call_id), ("CSeq", f"{sent.cseq[0]} CANCEL"),
+            ("Max-Forwards", "70")), b"")
+        peer.send(cancel.serialize())
+        exchange.append("--> CANCEL")
+        assert uas.wait_for(1, method="CANCEL"), "the CANCEL did not reach bob"
+        assert proxy.htable_items() == 0
+        assert "e2m: CANCEL request action=forward seen=- media=0 unread" in proxy.log_since(mark)
+    finally:
+        peer.close()
+        uas.close()
+
+
 # --------------------------------------------------------------------------- (b) archive
 
 def _archive_world(proxy_factory, sipp, *, fail: bool, archive_path: str | None = None):

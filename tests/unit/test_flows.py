@@ -18,6 +18,7 @@ from e2m_plugins.cms.recipients import CertificateKey
 from e2m_plugins.errors import DowngradeError, NoMatchingRecipientError, UntrustedSignerError
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY
 from e2m_plugins.pki import init_test_pki, issue_proxy, make_ca
+from e2m_plugins.proxy import ProxyEngine
 from e2m_plugins.sip import make_response
 from e2m_plugins.sip_errors import answer_for
 
@@ -206,6 +207,50 @@ def test_flow_c_cek_reuse_lets_the_proxy_read_the_answer_and_reinvite(world):
     bob.open(bye)
     assert len(trusted.cache) == 0
     assert alice._dialog_keys == {} and bob._dialog_keys == {}
+
+
+def _kept_dialog(world, trusted, call_id):
+    """An INVITE with a CEKReference and its kekri answer through ``trusted``: one
+    confirmed dialog with a kept key.  Returns the INVITE as bob received it."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    sent = alice.protect(invite(world, call_id=call_id)).message
+    trusted.inspect(sent)
+    delivered = bob.open(sent).message
+    assert trusted.inspect(bob.protect(answer(delivered)).message).seen
+    return delivered
+
+
+@pytest.mark.parametrize("method", ["BYE", "CANCEL"])
+def test_ending_a_dialog_from_its_ids_equals_inspecting_the_request(world, method):
+    """Kamailio drops a bodiless BYE's or CANCEL's keys with end_dialog() from its own
+    parse of Call-ID and tags instead of reading the message: same keys dropped, and
+    inspect() would have said nothing more than forward."""
+    read, unread = (proxy_engine(world, TRUSTED, view=SDP_VIEW) for _ in range(2))
+    for engine in (read, unread):
+        _kept_dialog(world, engine, "end@x")
+        _kept_dialog(world, engine, "other@x")
+    to_tag = "b1" if method == "BYE" else None
+    ending = invite(world, call_id="end@x", cseq=2 if method == "BYE" else 1, to_tag=to_tag,
+                    method=method).with_body(b"")
+    assert ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False)
+    verdict = read.inspect(ending)
+    assert (verdict.action, verdict.add_headers, verdict.remove_headers, verdict.seen) == (
+        "forward", (), (), ())
+    unread.end_dialog(ending.call_id, ending.from_tag, ending.to_tag, confirmed=method == "BYE")
+    def scopes(engine):
+        return {scope for scope, _ in engine.cache._entries}
+    assert scopes(read) == scopes(unread)
+    left = {scope.call_id for scope in scopes(read)}
+    # a CANCEL cannot end a confirmed dialog; a BYE ends its own and no other
+    assert left == ({"other@x"} if method == "BYE" else {"end@x", "other@x"})
+
+
+def test_only_a_bare_bye_or_cancel_may_skip_the_read():
+    assert not ProxyEngine.only_ends_dialog("BYE", has_body=True, has_label=False)
+    assert not ProxyEngine.only_ends_dialog("BYE", has_body=False, has_label=True)
+    for method in ("INVITE", "ACK", "MESSAGE", "UPDATE", "INFO"):
+        assert not ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False)
 
 
 def test_key_reuse_never_crosses_dialogs(world):
