@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,16 +86,25 @@ def ack_for(request: SipMessage, ok: SipMessage) -> SipMessage:
     return in_dialog(request, ok, "ACK", request.cseq[0])
 
 
+@contextmanager
+def trusted_proxy_and_bob(proxy_factory, sipp, pki, responder=None):
+    """The trusted proxy (viewing SDP), bob registered behind it on a RawUas answering
+    with ``responder`` (default: bob's UA engine), and alice's engine knowing the proxy."""
+    proxy = proxy_factory("trusted", view=SDP_VIEW)
+    uas = RawUas()
+    try:
+        uas.responder = responder or bob_responder(pki, uas)
+        register(proxy, "bob", uas.port, sipp)
+        yield proxy, uas, ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    finally:
+        uas.close()
+
+
 # --------------------------------------------------------------------------- (a) restart
 
 def test_proxy_restart_mid_dialog_gives_496_then_the_ua_rekeys_and_the_dialog_goes_on(
         proxy_factory, sipp, pki, exchange):
-    proxy = proxy_factory("trusted", view=SDP_VIEW)
-    uas = RawUas()
-    try:
-        uas.responder = bob_responder(pki, uas)
-        register(proxy, "bob", uas.port, sipp)
-        alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    with trusted_proxy_and_bob(proxy_factory, sipp, pki) as (proxy, uas, alice):
         call = f"restart-{secrets.token_hex(6)}@127.0.0.1"
         offer = invite(pki, SDP_OFFER, call_id=call, from_tag="a-restart")
         first = alice.protect(offer).message
@@ -140,8 +150,6 @@ def test_proxy_restart_mid_dialog_gives_496_then_the_ua_rekeys_and_the_dialog_go
         assert proxy.htable_items() == 0
         log = proxy.log_since(0)
         assert "Traceback" not in log and "m=audio" not in log
-    finally:
-        uas.close()
 
 
 def test_a_bare_bye_drops_the_keys_unread_and_a_labelled_one_is_still_read(
@@ -149,12 +157,7 @@ def test_a_bare_bye_drops_the_keys_unread_and_a_labelled_one_is_still_read(
     """The KEMI script ends a dialog from Kamailio's own Call-ID and tags when the BYE
     has no body and no Proxy-Required-Body; a label (any header-name case) makes the
     engine read it, so a label naming a part of a missing body still gets its 400."""
-    proxy = proxy_factory("trusted", view=SDP_VIEW)
-    uas = RawUas()
-    try:
-        uas.responder = bob_responder(pki, uas)
-        register(proxy, "bob", uas.port, sipp)
-        alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    with trusted_proxy_and_bob(proxy_factory, sipp, pki) as (proxy, uas, alice):
         offer = invite(pki, SDP_OFFER, call_id=f"bye-{secrets.token_hex(6)}@127.0.0.1",
                        from_tag="a-bye")
         first = alice.protect(offer).message
@@ -174,20 +177,17 @@ def test_a_bare_bye_drops_the_keys_unread_and_a_labelled_one_is_still_read(
         assert done is not None and done.status == 200
         assert proxy.htable_items() == 0
         assert "e2m: BYE request action=forward seen=- media=0 unread" in proxy.log_since(mark)
-    finally:
-        uas.close()
 
 
 def test_a_cancel_drops_the_offers_key_unread(proxy_factory, sipp, pki, exchange):
     """An INVITE that is ringing keeps its CEK under the early dialog; the CANCEL
     (bodiless, ended unread from Kamailio's Call-ID and From tag) drops it."""
-    proxy = proxy_factory("trusted", view=SDP_VIEW)
-    uas = RawUas(lambda request: make_response(request, 180 if request.method == "INVITE" else 200,
-                                               "Ringing" if request.method == "INVITE" else "OK"))
-    peer = Peer("udp", proxy.port)
-    try:
-        register(proxy, "bob", uas.port, sipp)
-        alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    def ringing(request: SipMessage) -> SipMessage:
+        return (make_response(request, 180, "Ringing") if request.method == "INVITE"
+                else make_response(request, 200, "OK"))
+
+    with (trusted_proxy_and_bob(proxy_factory, sipp, pki, ringing) as (proxy, uas, alice),
+          closing(Peer("udp", proxy.port)) as peer):
         offer = invite(pki, SDP_OFFER, call_id=f"cancel-{secrets.token_hex(6)}@127.0.0.1",
                        from_tag="a-cancel")
         sent = alice.protect(offer).message.replace("Via", peer.via())
@@ -206,9 +206,6 @@ def test_a_cancel_drops_the_offers_key_unread(proxy_factory, sipp, pki, exchange
         assert uas.wait_for(1, method="CANCEL"), "the CANCEL did not reach bob"
         assert proxy.htable_items() == 0
         assert "e2m: CANCEL request action=forward seen=- media=0 unread" in proxy.log_since(mark)
-    finally:
-        peer.close()
-        uas.close()
 
 
 # --------------------------------------------------------------------------- (b) archive
