@@ -267,7 +267,9 @@ def scenario_headers(msg: SipMessage) -> str:
     return "".join(lines)
 
 
-def _render(template: str, msg: SipMessage, target: Path) -> Path:
+def render_scenario(template: str, msg: SipMessage, target: Path) -> Path:
+    """bench/sipp/``template`` with ``msg``'s headers in place of @@HEADERS@@, written to
+    ``target`` (also used by ``soak.py``)."""
     text = (SIPP_DIR / template).read_text()
     text = text.replace("@@HEADERS@@\n", scenario_headers(msg))
     if "@@" in text:
@@ -364,12 +366,12 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
     bodies = {"offer": base / "offer.bin", "answer": base / "answer.bin"}
     bodies["offer"].write_bytes(t.offer.body)
     bodies["answer"].write_bytes(t.answer.body)
-    scenarios = {"dialog": _render("uac_dialog.tmpl.xml", t.offer, base / "uac_dialog.xml"),
-                 "uas": _render("uas.tmpl.xml", t.answer, base / "uas.xml")}
+    scenarios = {"dialog": render_scenario("uac_dialog.tmpl.xml", t.offer, base / "uac_dialog.xml"),
+                 "uas": render_scenario("uas.tmpl.xml", t.answer, base / "uas.xml")}
     if t.message is not None:
         bodies["message"] = base / "message.bin"
         bodies["message"].write_bytes(t.message.body)
-        scenarios["message"] = _render("uac_message.tmpl.xml", t.message, base / "uac_message.xml")
+        scenarios["message"] = render_scenario("uac_message.tmpl.xml", t.message, base / "uac_message.xml")
 
     uas_port = free_port()
     uas_log = open(base / "uas.out", "wb")

@@ -77,144 +77,6 @@ TEXT = (b"Soak test text: the figures for the quarter are in the ticket, please 
 FALLBACK_LADDER = {"message": [50, 100, 200, 400, 800], "dialog": [15, 30, 60, 120, 240]}
 SOURCE_CONFIG = {"message": "x25519", "dialog": "kekri"}   # what this soak runs
 
-# --------------------------------------------------------------------------- scenarios
-
-UAC_MESSAGE = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="soak uac MESSAGE">
-  <send retrans="500">
-    <![CDATA[
-
-      MESSAGE sip:bob@example.com SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: <sip:alice@example.com>;tag=[pid]m[call_number]
-      To: <sip:bob@example.com>
-      Call-ID: [call_id]
-      CSeq: 1 MESSAGE
-      Max-Forwards: 70
-@@HEADERS@@
-      Content-Length: [len]
-
-      [file name="[bodyfile]"]]]>
-  </send>
-  <recv response="200"/>
-</scenario>
-"""
-
-UAC_DIALOG = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="soak uac INVITE dialog">
-  <send retrans="500">
-    <![CDATA[
-
-      INVITE sip:bob@example.com SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: <sip:alice@example.com>;tag=[pid]d[call_number]
-      To: <sip:bob@example.com>
-      Call-ID: [call_id]
-      CSeq: 1 INVITE
-      Contact: <sip:alice@[local_ip]:[local_port]>
-      Max-Forwards: 70
-@@HEADERS@@
-      Content-Length: [len]
-
-      [file name="[bodyfile]"]]]>
-  </send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="200" rrs="true"/>
-  <send>
-    <![CDATA[
-
-      ACK [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      [routes]
-      [last_From:]
-      [last_To:]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Contact: <sip:alice@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <send retrans="500">
-    <![CDATA[
-
-      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      [routes]
-      [last_From:]
-      [last_To:]
-      Call-ID: [call_id]
-      CSeq: 2 BYE
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <recv response="200"/>
-</scenario>
-"""
-
-UAS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="soak uas">
-  <recv request="MESSAGE" optional="true" next="message"/>
-  <recv request="INVITE"/>
-  <send retrans="500">
-    <![CDATA[
-
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]b[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      [last_Record-Route:]
-      Contact: <sip:bob@[local_ip]:[local_port]>
-@@HEADERS@@
-      Content-Length: [len]
-
-      [file name="[answerfile]"]]]>
-  </send>
-  <recv request="ACK"/>
-  <recv request="BYE"/>
-  <send next="end">
-    <![CDATA[
-
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <label id="message"/>
-  <send>
-    <![CDATA[
-
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]b[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <label id="end"/>
-  <nop/>
-</scenario>
-"""
-
-def _render(template: str, msg: SipMessage, path: Path) -> Path:
-    path.write_text(template.replace("@@HEADERS@@\n", pr.scenario_headers(msg)))
-    return path
-
-
 # --------------------------------------------------------------------------- bodies
 
 @dataclass
@@ -310,9 +172,12 @@ def start_world(workdir: Path, *, archive: bool, workers: int, log_level: str) -
     bodies["message"].write_bytes(made.message.body)
     bodies["offer"].write_bytes(made.offer.body)
     bodies["answer"].write_bytes(made.answer.body)
-    scenarios = {"message": _render(UAC_MESSAGE, made.message, workdir / "uac_message.xml"),
-                 "dialog": _render(UAC_DIALOG, made.offer, workdir / "uac_dialog.xml"),
-                 "uas": _render(UAS, made.answer, workdir / "uas.xml")}
+    # the rate benchmark's scenarios: two UACs at once are told apart by SIPp's [pid]
+    scenarios = {"message": pr.render_scenario("uac_message.tmpl.xml", made.message,
+                                               workdir / "uac_message.xml"),
+                 "dialog": pr.render_scenario("uac_dialog.tmpl.xml", made.offer,
+                                              workdir / "uac_dialog.xml"),
+                 "uas": pr.render_scenario("uas.tmpl.xml", made.answer, workdir / "uas.xml")}
     uas_port = free_port()
     log = open(workdir / "uas.out", "wb")
     uas_proc = subprocess.Popen(
