@@ -136,6 +136,10 @@ def _sender(request: SipMessage) -> str:
     return request.address("From").uri
 
 
+def _ends_attempt(method: str, status: int) -> bool:
+    return method == "INVITE" and status >= 300
+
+
 class ProxyEngine:
     """One proxy's E2M decisions; thread-safe as long as the key cache is."""
 
@@ -237,8 +241,7 @@ class ProxyEngine:
 
     def _inspect_response(self, response: SipMessage) -> Verdict:
         _, method = response.cseq
-        status = response.status or 0
-        if method == "INVITE" and status >= 300:
+        if _ends_attempt(method, response.status or 0):
             self._end(response, confirmed=False)
         seen, media = self._view(response, method, is_request=False)
         return Verdict("forward", seen=seen, media=media)
@@ -255,6 +258,13 @@ class ProxyEngine:
         self.cache.drop_scope(DialogScope(call_id, from_tag, to_tag if confirmed else None))
         if confirmed:
             self.cache.drop_scope(DialogScope(call_id, from_tag))
+
+    @staticmethod
+    def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
+        """False when ``inspect`` of this response would do nothing at all: no body to
+        view and not a failure that ends an INVITE's attempt (a 200 to MESSAGE, a 180
+        without SDP).  A host may then forward it unread."""
+        return has_body or _ends_attempt(method, status)
 
     @staticmethod
     def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:

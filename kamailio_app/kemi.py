@@ -370,8 +370,9 @@ class kamailio:
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or status < 101:
             return
-        if not _has_body() and not (status >= 300 and KSR.pv.get("$rm") == "INVITE"):
-            return  # nothing to view, no dialog ending: not worth reading (a 200 to MESSAGE)
+        if not self.app.engine.response_needs_reading(KSR.pv.get("$rm") or "", status,
+                                                      has_body=_has_body()):
+            return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
         verdict = self.app.engine.inspect(message)
         KSR.info("e2m: %s response %s %s\n" % (message.method, message.status, _summary(verdict)))

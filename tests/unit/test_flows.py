@@ -246,6 +246,24 @@ def test_ending_a_dialog_from_its_ids_equals_inspecting_the_request(world, metho
     assert left == ({"other@x"} if method == "BYE" else {"end@x", "other@x"})
 
 
+@pytest.mark.parametrize("method, status", [("MESSAGE", 200), ("INVITE", 180), ("INVITE", 200),
+                                            ("BYE", 200), ("INVITE", 486)])
+def test_a_response_is_skipped_unread_only_when_inspecting_it_would_do_nothing(world, method,
+                                                                              status):
+    trusted = proxy_engine(world, TRUSTED, view=SDP_VIEW)
+    sent = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),)).protect(
+        invite(world, call_id="skip@x")).message
+    trusted.inspect(sent)                       # the offer's key, under the early dialog
+    request = invite(world, call_id="skip@x", method=method)
+    response = make_response(request, status, "Whatever")
+    skip = not ProxyEngine.response_needs_reading(method, status, has_body=False)
+    assert skip == (status < 300 or method != "INVITE")
+    verdict = trusted.inspect(response)
+    assert (verdict.action, verdict.add_headers, verdict.seen) == ("forward", (), ())
+    assert len(trusted.cache) == (1 if skip else 0)   # only an INVITE failure drops keys
+    assert ProxyEngine.response_needs_reading(method, status, has_body=True)
+
+
 def test_only_a_bare_bye_or_cancel_may_skip_the_read():
     assert not ProxyEngine.only_ends_dialog("BYE", has_body=True, has_label=False)
     assert not ProxyEngine.only_ends_dialog("BYE", has_body=False, has_label=True)
