@@ -51,8 +51,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
-    """/work/shared/vectors, found as ../shared/vectors from the repository root."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+    """The foreign CMS vectors kept in the repository (``tests/vectors``, see its README)."""
+    path = Path(__file__).resolve().parent / "vectors"
     assert path.is_dir(), f"test vectors missing: expected them at {path}"
     return path
 
