@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,11 @@ from e2m_plugins.cms import (
     KeyAgreeRecipient,
     KeyTransRecipient,
     SharedKEK,
+    describe_envelope,
+    oids,
     open_envelope,
     seal,
+    sign,
 )
 
 pytestmark = [pytest.mark.openssl,
@@ -22,10 +27,15 @@ pytestmark = [pytest.mark.openssl,
 CONTENT = b"v=0\r\no=alice 2890844526 2890844526 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
 KEK = bytes.fromhex("000102030405060708090a0b0c0d0e0f")
 KEK_ID = bytes.fromhex("c0ffee01")
+PROBE_DATA = Path(__file__).resolve().parents[2] / ".ci" / "openssl-probe.d"
+
+
+def _openssl_run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["openssl", "cms", *args], input=stdin, capture_output=True, timeout=60)
 
 
 def _openssl(*args: str, stdin: bytes | None = None) -> bytes:
-    done = subprocess.run(["openssl", "cms", *args], input=stdin, capture_output=True, timeout=60)
+    done = _openssl_run(*args, stdin=stdin)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     return done.stdout
 
@@ -52,11 +62,54 @@ def test_ours_opened_by_openssl_each_recipient(pki, tmp_path, cipher):
     assert _openssl_decrypt(tmp_path, sealed.der, "-secretkey", KEK.hex(), "-secretkeyid", KEK_ID.hex()) == CONTENT
 
 
-def test_ours_with_cek_reference_opened_by_openssl(pki, tmp_path):
+def _decrypt_for(cred) -> Callable[[Path], subprocess.CompletedProcess[bytes]]:
+    """``openssl cms -decrypt`` of a DER file for ``cred``, pass or fail."""
+    return lambda path: _openssl_run("-decrypt", "-binary", "-inform", "DER", "-in", str(path), *_recip_args(cred))
+
+
+@pytest.mark.parametrize("cipher", ["aes-128-cbc", "aes-128-gcm", "aes-256-gcm"])
+def test_ours_with_cek_reference_opened_by_openssl(pki, tmp_path, openssl_attributes, cipher):
+    """CBC: the reference is in unprotectedAttrs, which every OpenSSL 3.0 reads.  GCM: in
+    unauthAttrs [2], which an OpenSSL with issue 26101 rejects (and only then)."""
     bob = pki.user("bob")
-    for cipher in ("aes-128-cbc", "aes-128-gcm"):
-        sealed = seal(CONTENT, [KeyTransRecipient(bob.cert)], cipher=cipher, cek_reference=b"dialog-1")
-        assert _openssl_decrypt(tmp_path, sealed.der, *_recip_args(bob)) == CONTENT
+    with_ref, without = tmp_path / "ref.der", tmp_path / "plain.der"
+    with_ref.write_bytes(seal(CONTENT, [KeyTransRecipient(bob.cert)], cipher=cipher, cek_reference=b"dialog-1").der)
+    without.write_bytes(seal(CONTENT, [KeyTransRecipient(bob.cert)], cipher=cipher).der)
+    decrypt = _decrypt_for(bob)
+    if cipher.endswith("-cbc"):
+        done = decrypt(with_ref)
+        assert (done.returncode, done.stdout) == (0, CONTENT), done.stderr.decode(errors="replace")
+    else:
+        openssl_attributes.assert_opens_or_known_limit(decrypt, with_ref, without, CONTENT)
+
+
+def test_ours_signed_then_sealed_with_gcm_opened_by_openssl(pki, tmp_path, openssl_attributes):
+    """Sign-then-encrypt under GCM, as a UA sends it: eContentType signed-data puts a
+    content-type attribute in authAttrs [1] (RFC 5083 §2.1), the other attribute
+    place issue 26101 gets wrong.  The control is the same SignedData sealed as data."""
+    alice, bob = pki.user("alice"), pki.user("bob")
+    signed = sign(CONTENT, alice.cert, alice.key)
+    with_auth, without = tmp_path / "auth.der", tmp_path / "plain.der"
+    with_auth.write_bytes(seal(signed, [KeyTransRecipient(bob.cert)], cipher="aes-128-gcm",
+                               content_type=oids.SIGNED_DATA).der)
+    without.write_bytes(seal(signed, [KeyTransRecipient(bob.cert)], cipher="aes-128-gcm").der)
+    assert [a.oid for a in describe_envelope(with_auth.read_bytes()).authenticated_attributes] == [
+        oids.CONTENT_TYPE_ATTR]
+    openssl_attributes.assert_opens_or_known_limit(_decrypt_for(bob), with_auth, without, signed)
+
+
+def test_openssl_probe_envelopes_are_ours():
+    """The probe `make setup` runs is what our code makes: AuthEnvelopedData for the
+    throwaway KEK, the CEKReference in unauthAttrs, and a control without attributes."""
+    kek = SharedKEK(bytes.fromhex((PROBE_DATA / "kek-id.hex").read_text().strip()),
+                    bytes.fromhex((PROBE_DATA / "kek.hex").read_text().strip()))
+    content = (PROBE_DATA / "content.txt").read_bytes()
+    with_attrs = open_envelope((PROBE_DATA / "with-unauthattrs.der").read_bytes(), [kek])
+    control = open_envelope((PROBE_DATA / "without-attrs.der").read_bytes(), [kek])
+    assert with_attrs.plaintext == control.plaintext == content
+    assert with_attrs.envelope_type == control.envelope_type == "auth-enveloped-data"
+    assert with_attrs.cek_reference == b"openssl-probe" and not with_attrs.authenticated_attributes
+    assert not control.unprotected_attributes and not control.authenticated_attributes
 
 
 def _openssl_encrypt(tmp_path, cipher: str, *recipient_args: str) -> bytes:
