@@ -80,7 +80,7 @@ soak: setup
 	SOAK_SECONDS=$(or $(SOAK_SECONDS),600) $(PY) bench/soak.py
 
 demo: setup
-	$(PY) -m pjsua_hooks.demo
+	$(PY) -m e2m_lab.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

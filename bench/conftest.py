@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,11 +26,6 @@ import pytest
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-
-try:  # `make bench` installs the project; a bare checkout needs the repo root on the path
-    import e2m_plugins  # noqa: F401
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    sys.path.insert(0, str(BENCH_DIR.parent))
 
 from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
 

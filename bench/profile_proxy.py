@@ -28,15 +28,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import proxyrates as pr  # noqa: E402  (puts the repository, tests/ and tests/kamailio on the path)
+# its neighbour: run as `python bench/profile_proxy.py`, bench/ is on the path
+import proxyrates as pr  # noqa: E402
 
 from e2m_plugins.keycache import MemoryKeyCache  # noqa: E402
 from e2m_plugins.policy import load_proxy_config  # noqa: E402
 from e2m_plugins.proxy import ProxyEngine  # noqa: E402
 from e2m_plugins.sip import SipMessage, make_request, parse  # noqa: E402
-from kamailio_harness import write_proxy_config  # noqa: E402
+from e2m_lab.kamailio_harness import write_proxy_config
 
 
 def _engine(pki, cfg: pr.Config, workdir: Path) -> ProxyEngine:

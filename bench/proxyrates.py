@@ -79,17 +79,14 @@ ROOT = BENCH_DIR.parent
 SIPP_DIR = BENCH_DIR / "sipp"
 RESULTS_DIR = BENCH_DIR / "results"
 
-for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "kamailio"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
 from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
 from e2m_plugins.policy import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
 
-from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
-from kamailio_harness import (ProxyHandle, free_port, sipp_stats, start_proxy,  # noqa: E402
-                              stop_process, wait_udp_bound)
+from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine
+from e2m_lab.kamailio_harness import ProxyHandle, start_proxy, stop_process
+from e2m_lab.ports import free_port
+from e2m_lab.sipp import sipp_stats, wait_udp_bound
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

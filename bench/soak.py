@@ -56,20 +56,18 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "kamailio", ROOT / "tests" / "reliability"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
 from e2m_plugins.policy import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage  # noqa: E402
 
-from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine  # noqa: E402
-from kamailio_harness import (ProxyHandle, free_port, sipp_stats, start_proxy,  # noqa: E402
-                              stop_process, wait_udp_bound)
-from wire import memory_sample  # noqa: E402
+from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine
+from e2m_lab.kamailio_harness import ProxyHandle, start_proxy, stop_process
+from e2m_lab.ports import free_port
+from e2m_lab.sipp import sipp_stats, wait_udp_bound
+from e2m_lab.wire import memory_sample
 
-sys.path.insert(0, str(BENCH_DIR))
+# proxyrates is this script's neighbour: run as `python bench/soak.py`, bench/ is on the path
 import proxyrates as pr  # noqa: E402  (the SIPp scenario header block)
 
 TEXT = (b"Soak test text: the figures for the quarter are in the ticket, please keep "

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,9 +41,8 @@ from pathlib import Path
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent / "fuzz"))
 
-import oracle_cases  # noqa: E402
+from e2m_lab import oracle_cases
 
 from e2m_plugins.cms.envelope import open_envelope  # noqa: E402
 from e2m_plugins.errors import DecryptionError  # noqa: E402

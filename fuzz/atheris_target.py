@@ -1,4 +1,4 @@
-"""libFuzzer (atheris) entry point for one fuzzkit target.
+"""libFuzzer (atheris) entry point for one ``e2m_lab.fuzzkit`` target.
 
     python fuzz/atheris_target.py <target> [libFuzzer flags] [corpus dir ...]
 
@@ -27,7 +27,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["e2m_plugins"]):
-    import fuzzkit
+    from e2m_lab import fuzzkit
 
 STRICT = os.environ.get("FUZZ_STRICT") == "1"
 STATS_FILE = os.environ.get("FUZZ_STATS_FILE")

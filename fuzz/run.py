@@ -32,7 +32,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
 
 
 def _stat(pattern: str, text: str, cast=int):
@@ -41,7 +40,7 @@ def _stat(pattern: str, text: str, cast=int):
 
 
 def write_seeds(name: str, corpus: Path) -> int:
-    import fuzzkit
+    from e2m_lab import fuzzkit
     corpus.mkdir(parents=True, exist_ok=True)
     seeds = fuzzkit.TARGETS[name].seeds(fuzzkit.kit())
     for i, seed in enumerate(seeds):
@@ -99,7 +98,7 @@ def replay(name: str, data: bytes, times: int = 5) -> float:
     The fuzzer's slowest input is often a scheduler hiccup on a shared
     machine; timing it again tells that from an input that is really slow.
     """
-    import fuzzkit
+    from e2m_lab import fuzzkit
     target, kit = fuzzkit.TARGETS[name], fuzzkit.kit()
     return round(min(fuzzkit.run_one(target, kit, data) for _ in range(times)) * 1e3, 2)
 
@@ -109,7 +108,7 @@ def run_mutation(name: str, seconds: int, strict: bool) -> dict:
     import random
     import traceback
 
-    import fuzzkit
+    from e2m_lab import fuzzkit
     kit = fuzzkit.kit()
     target = fuzzkit.TARGETS[name]
     seeds = target.seeds(kit)
@@ -137,7 +136,7 @@ def run_mutation(name: str, seconds: int, strict: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fuzzkit
+    from e2m_lab import fuzzkit
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=int(os.environ.get("FUZZ_SECONDS", "300")),
                         help="fuzzing time per target (default: $FUZZ_SECONDS or 300)")

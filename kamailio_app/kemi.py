@@ -44,7 +44,7 @@ from e2m_plugins.headers import PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.proxy import Verdict  # noqa: E402
 from e2m_plugins.sip import canonical_name, parse  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
-from kamailio_app.services import ProxyApp  # noqa: E402
+from kamailio_app.bootstrap import ProxyApp  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 _ITERATOR = "e2mhf"   # textopsx header iterator name

@@ -25,15 +25,16 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pjsua2 as pj
 
 from .events import Event, EventLog
-from .rawhook import HookError, RawSipHook
+from .gate import GateError, GateResult, check_environment, gate_result
+from .pjsip_abi import PINNED_PLATFORM, PINNED_WHEEL
+from .rawhook import HookFailure, RawSipHook
+from .selftest import self_test
 
-if TYPE_CHECKING:
-    from .gate import GateResult
 
 __all__ = ["SipEndpoint", "PhoneAccount", "PhoneCall", "TransportInfo",
            "SendError", "SendBlocked", "EndpointError"]
@@ -54,11 +55,11 @@ class SendError(RuntimeError):
 
 
 class SendBlocked(SendError):
-    """The hook refused to let the message leave (fail closed); see ``hook_error``."""
+    """The hook refused to let the message leave (fail closed); see ``hook_failure``."""
 
-    def __init__(self, message: str, hook_error: HookError, status: int | None = None) -> None:
+    def __init__(self, message: str, hook_failure: HookFailure, status: int | None = None) -> None:
         super().__init__(message, status)
-        self.hook_error = hook_error
+        self.hook_failure = hook_failure
 
 
 @dataclass(frozen=True)
@@ -137,17 +138,15 @@ class SipEndpoint:
     def start(self) -> SipEndpoint:
         """Create and start pjsua, gate and install the hook.  Returns self."""
         global _ACTIVE
-        from . import gate as gate_mod
-
         if self._started:
             return self
         if _ACTIVE is not None and _ACTIVE() is not None:
             raise EndpointError("a SipEndpoint is already running in this process")
-        env = gate_mod.check_environment()
+        env = check_environment()
         if not env.ok and self.require_e2m:
             # Do not even touch pjsua: the offsets are for another build.
             self.gate_result = env
-            raise gate_mod.GateError(env)
+            raise GateError(env)
         if env.ok:
             from . import pjsip_abi
 
@@ -184,15 +183,15 @@ class SipEndpoint:
             self._ep.libStart()
             self._started = True
             if env.ok:
-                st = gate_mod.self_test(self, timeout=self.self_test_timeout)
-                result = gate_mod._result(list(env.checks) + list(st.checks), st.counts)
+                st = self_test(self, timeout=self.self_test_timeout)
+                result = gate_result(list(env.checks) + list(st.checks), st.counts)
                 self.hook.reset_counts()   # counts describe the application's traffic
             else:
                 result = env
             self.gate_result = result
             if not result.ok:
                 if self.require_e2m:
-                    raise gate_mod.GateError(result)
+                    raise GateError(result)
                 log.warning("E2M hook disabled: %s", result.reason)
                 self.hook.unregister()
                 self.hook_active = False
@@ -314,6 +313,22 @@ class SipEndpoint:
         self.transports.pop(info.id, None)
 
     # -- accounts --------------------------------------------------------------------
+    def probe_account(self, uri: str, transport: TransportInfo) -> PhoneAccount:
+        """An unregistered account on ``transport`` for the self-test's OPTIONS."""
+        self._check()
+        acc = PhoneAccount(self, uri, None)
+        cfg = pj.AccountConfig()
+        cfg.idUri = uri
+        cfg.sipConfig.transportId = transport.id
+        cfg.regConfig.registerOnAdd = False
+        acc.create(cfg)
+        return acc
+
+    def retain_until_close(self, account: PhoneAccount) -> None:
+        """Keep ``account`` until ``close``: deleting it with a transaction still pending
+        would make pjsua's final callback abort the process."""
+        self._keepalive.append(account)
+
     def add_account(self, user: str, transport: TransportInfo, *, domain: str | None = None,
                     registrar: str | None = None, auth: tuple[str, str] | None = None,
                     auto_answer: int | None = 200, srtp: bool = False,
@@ -363,7 +378,7 @@ class SipEndpoint:
         return acc
 
     # -- hook errors --------------------------------------------------------------------
-    def hook_errors(self, since: int = 0) -> list[HookError]:
+    def hook_failures(self, since: int = 0) -> list[HookFailure]:
         """Errors the hook recorded (refused sends, dropped messages)."""
         return list(self.hook.errors)[since:]
 
@@ -630,3 +645,27 @@ class PhoneCall(pj.Call):
         op = pj.CallOpParam()
         op.statusCode = code
         self.hangup(op)
+
+
+def gate(endpoint: SipEndpoint | None = None, *, expected_version: str = PINNED_WHEEL,
+         expected_platform: tuple[str, str] = PINNED_PLATFORM,
+         timeout: float = 5.0) -> GateResult:
+    """Environment checks, then the self-test.
+
+    With ``endpoint`` (started, hook registered) the test runs on it; without,
+    a temporary endpoint is started and closed again (only possible while no
+    other endpoint runs in this process).
+    """
+    env = check_environment(expected_version=expected_version, expected_platform=expected_platform)
+    if not env.ok:
+        return env
+    if endpoint is not None:
+        result = self_test(endpoint, timeout=timeout)
+        return gate_result(list(env.checks) + list(result.checks), result.counts)
+    temp = SipEndpoint(self_test_timeout=timeout)
+    try:
+        temp.start()   # runs check_environment and self_test itself
+        assert temp.gate_result is not None
+        return temp.gate_result
+    finally:
+        temp.close()

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 from . import pjsip_abi as abi
 
-__all__ = ["HookError", "RawSipHook", "RxReject", "TxCallback", "RxCallback",
+__all__ = ["HookFailure", "RawSipHook", "RxReject", "TxCallback", "RxCallback",
            "HOOK_MODULE_NAME", "HOOK_PRIORITY", "LOGGER_MODULE_NAME"]
 
 TxCallback = Callable[[bytes], Optional[bytes]]
@@ -109,7 +109,7 @@ class RxReject(Exception):
 
 
 @dataclass(frozen=True)
-class HookError:
+class HookFailure:
     """One thing the hook refused or could not do.  Never holds message bodies."""
 
     direction: str            # "tx" or "rx"
@@ -167,12 +167,12 @@ class RawSipHook:
     """
 
     def __init__(self, on_tx: TxCallback | None = None, on_rx: RxCallback | None = None, *,
-                 on_error: Callable[[HookError], None] | None = None,
+                 on_error: Callable[[HookFailure], None] | None = None,
                  name: str = HOOK_MODULE_NAME, max_errors: int = 256) -> None:
         self.on_tx = on_tx
         self.on_rx = on_rx
         self.on_error = on_error
-        self.errors: deque[HookError] = deque(maxlen=max_errors)
+        self.errors: deque[HookFailure] = deque(maxlen=max_errors)
         self.error_total = 0      # errors ever recorded (the deque forgets old ones)
         self.counts = {"tx": 0, "rx": 0, "tx_rewritten": 0, "rx_rewritten": 0,
                        "tx_blocked": 0, "rx_dropped": 0, "tx_retransmitted": 0}
@@ -256,7 +256,7 @@ class RawSipHook:
             # their pjsua2 objects) alive: the next Endpoint could not start.
             exc.__traceback__ = None
             exc.__context__ = exc.__cause__ = None
-        err = HookError(direction, kind, _start_line(data), detail[:300], blocked, exception=exc)
+        err = HookFailure(direction, kind, _start_line(data), detail[:300], blocked, exception=exc)
         self.errors.append(err)
         self.error_total += 1
         if self.on_error is not None:

@@ -8,6 +8,9 @@ import pytest
 
 from e2m_plugins.pki import TestPKI, init_test_pki
 
+# proxy_factory, sipp and raw_uas: the fixtures of every directory that drives Kamailio
+pytest_plugins = ["e2m_lab.pytest_fixtures"]
+
 DOMAIN = "example.com"
 PROXY_HOST = "proxy.example.com"
 
@@ -15,7 +18,7 @@ PROXY_HOST = "proxy.example.com"
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
     """Keep each phase's report on the item, so fixtures can print more on failure
-    (``wire_fixtures.failed``)."""
+    (``e2m_lab.pytest_fixtures.failed``)."""
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
@@ -55,10 +58,3 @@ def vectors_dir() -> Path:
     path = Path(__file__).resolve().parent / "vectors"
     assert path.is_dir(), f"test vectors missing: expected them at {path}"
     return path
-
-
-# Test helper modules (flowkit) live next to this file; make them importable
-# from every test directory.
-import sys  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))

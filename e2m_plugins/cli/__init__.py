@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable
@@ -61,9 +62,11 @@ class Group:
 
 
 # Modules that define the built-in groups, imported when the parser is built.
-# A group that is not written yet is simply added here later.
 _BUILTIN_MODULES = ("e2m_plugins.cli.cms_cmd", "e2m_plugins.cli.pki_cmd", "e2m_plugins.cli.demo_cmd",
-                    "e2m_plugins.cli.sip_cmd", "e2m_plugins.cli.archive_cmd")
+                    "e2m_plugins.cli.sip_cmd")
+# Groups that live in an adapter (``e2m archive`` is the Kamailio app's) are entry points
+# of this group, so the core never imports an adapter.
+ENTRY_POINT_GROUP = "e2m.commands"
 _REGISTRY: dict[str, Group] = {}
 
 
@@ -77,6 +80,14 @@ def _load_builtin_groups() -> None:
         module = importlib.import_module(module_name)
         group = getattr(module, "GROUP")
         _REGISTRY.setdefault(group.name, group)
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            group = entry.load()
+        except ImportError as exc:   # an adapter that is not installed: its group is left out
+            print(f"{PROG}: warning: {entry.name} commands unavailable: {exc}", file=sys.stderr)
+            continue
+        if isinstance(group, Group):
+            _REGISTRY.setdefault(group.name, group)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ INVITE SDP), visited untrusted (``[e2m] enabled = false``, next hop home).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,12 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "kamailio"))
-sys.path.insert(0, str(HERE))
 
-from kamailio_harness import ProxyHandle, start_proxy  # noqa: E402
-from wire_fixtures import failed, print_proxy_log  # noqa: E402
-from phones import redact, write_ua  # noqa: E402
-from pjsua_hooks.lab import Capture, PhoneProcess, tcpdump_command  # noqa: E402
+from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
+from e2m_lab.pytest_fixtures import failed, print_proxy_log
+from e2m_lab.phones import redact, write_ua
+from e2m_lab.capture import Capture, tcpdump_command
+from e2m_lab.phones import PhoneProcess
 
 from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
 

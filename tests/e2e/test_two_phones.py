@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from phones import ForgingProxy, run_phone
-from pjsua_hooks.lab import contains_key, key_witnesses
+from e2m_lab.kamailio_harness import UdpResponder
+from e2m_lab.phones import run_phone
+from e2m_lab.capture import contains_key, key_witnesses
 
 from e2m_plugins import sip
 from e2m_plugins.pki import issue_proxy, make_ca
@@ -95,7 +96,7 @@ def test_plaintext_message_to_a_phone_requiring_e2m_is_refused_488(ua_config, ph
     host, port = bob.events[0]["local"].rsplit(":", 1)
     request = sip.make_request("MESSAGE", f"sip:bob@{host}:{port}", from_uri=ALICE, to_uri=BOB,
                                body=b"plain words", content_type="text/plain")
-    forger = ForgingProxy(lambda data: None)
+    forger = UdpResponder(lambda data: None)
     try:
         via = f"SIP/2.0/UDP 127.0.0.1:{forger.port};rport;branch=z9hG4bK{secrets.token_hex(6)}"
         forger.sock.sendto(request.replace("Via", via).serialize(), (host, int(port)))
@@ -230,7 +231,7 @@ def test_forged_496_is_refused_and_nothing_goes_out_in_plaintext(ua_config, e2e_
                                  [("Warning", f"380 {PROXY_HOST} \"Required to view 'text/plain'\"")],
                                  der, "application/pkix-cert").serialize()
 
-    forger = ForgingProxy(answer)
+    forger = UdpResponder(answer)
     try:
         config = ua_config("alice", peer="bob", registrar=False, phone={"proxy": forger.uri})
         text = "forged " + secrets.token_hex(8)

@@ -8,14 +8,10 @@ under a minute, a longer local run raises it.  ``make fuzz`` (atheris, see
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
-
-import fuzzkit  # noqa: E402
+from e2m_lab import fuzzkit
 from fuzzreport import GROWTH, MEMORY, OUTCOME, STATS  # noqa: E402
 
 

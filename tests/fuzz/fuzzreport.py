@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-import fuzzkit
+from e2m_lab import fuzzkit
 
 EXAMPLES = int(os.environ.get("E2M_FUZZ_EXAMPLES", "100"))
 

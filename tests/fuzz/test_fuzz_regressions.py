@@ -9,7 +9,7 @@ regression test.  The six below are fixed.
 from __future__ import annotations
 
 import pytest
-import flowkit
+from e2m_lab import flows
 from e2m_plugins import sip
 from e2m_plugins.cms import der, oids
 from e2m_plugins.cms.envelope import content_info_type, open_envelope
@@ -81,7 +81,7 @@ def test_signed_data_path_already_refuses_a_huge_oid_arc(kit):
 def test_proxy_inspect_survives_a_huge_oid_arc(kit):
     from e2m_plugins import mime
     entity = mime.MimePart((("Content-Type", "application/pkcs7-mime"),), _huge_oid_content_info())
-    msg = flowkit.message(kit.pki).with_body(entity.body, "application/pkcs7-mime")
+    msg = flows.message(kit.pki).with_body(entity.body, "application/pkcs7-mime")
     assert isinstance(kit.proxy.inspect(msg), Verdict)
 
 
@@ -108,7 +108,7 @@ def test_deeply_nested_constructed_octet_string_is_malformed(kit):
 
 
 def test_proxy_inspect_survives_nested_octet_strings(kit):
-    msg = flowkit.message(kit.pki).with_body(_nested_octets_envelope(), "application/pkcs7-mime")
+    msg = flows.message(kit.pki).with_body(_nested_octets_envelope(), "application/pkcs7-mime")
     assert isinstance(kit.proxy.inspect(msg), Verdict)
 
 
@@ -159,12 +159,12 @@ def test_signed_data_with_a_duplicate_extension_certificate_is_a_typed_error(kit
 
 
 def test_forged_496_with_a_duplicate_extension_certificate_fails_cleanly(kit):
-    cert = _der(kit.pki.proxy(flowkit.TRUSTED).cert).replace(AKI_OID, SKI_OID, 1)
-    plain = flowkit.message(kit.pki)
-    warning = f"380 {flowkit.TRUSTED} \"Required to view 'text/plain'\""
+    cert = _der(kit.pki.proxy(flows.TRUSTED).cert).replace(AKI_OID, SKI_OID, 1)
+    plain = flows.message(kit.pki)
+    warning = f"380 {flows.TRUSTED} \"Required to view 'text/plain'\""
     forged = sip.make_response(plain, 496, "Proxy Indecipherable", [("Warning", warning)],
                                cert, "application/pkix-cert")
-    alice = flowkit.ua_engine(kit.pki, "alice")
+    alice = flows.ua_engine(kit.pki, "alice")
     assert alice.react(forged, plain).action == "fail"
 
 
@@ -179,7 +179,7 @@ def test_493_with_an_unreadable_public_key_fails_cleanly(kit):
     cert = _der(kit.pki.user("bob").cert)
     assert cert.count(rsa_encryption) == 1
     cert = cert.replace(rsa_encryption, bytes.fromhex("06092a864886f70d010109"))   # 1.2.840.113549.1.1.9
-    plain = flowkit.message(kit.pki)
+    plain = flows.message(kit.pki)
     refusal = sip.make_response(plain, 493, "Undecipherable", [], cert, "application/pkix-cert")
-    alice = flowkit.ua_engine(kit.pki, "alice")
+    alice = flows.ua_engine(kit.pki, "alice")
     assert alice.react(refusal, plain).action == "fail"

@@ -18,8 +18,8 @@ from typing import Callable
 import pytest
 from fuzzreport import GROWTH, OUTCOME
 
-import flowkit
-import fuzzkit
+from e2m_lab import flows
+from e2m_lab import fuzzkit
 from e2m_plugins import headers as hdr
 from e2m_plugins import mime, sdp, sip
 from e2m_plugins.cms import der, oids
@@ -170,9 +170,9 @@ def _protected_message_with_sdp(kit, size_builder):
     """A MESSAGE carrying a real envelope for the proxy around the SDP: media_summary runs."""
     def build(size):
         body = size_builder(size)
-        alice = flowkit.ua_engine(kit.pki, "alice", proxies=(
-            flowkit.known_proxy(kit.pki, flowkit.TRUSTED, ("INVITE:application/sdp",)),))
-        return alice.protect(flowkit.invite(kit.pki, body)).message.serialize()
+        alice = flows.ua_engine(kit.pki, "alice", proxies=(
+            flows.known_proxy(kit.pki, flows.TRUSTED, ("INVITE:application/sdp",)),))
+        return alice.protect(flows.invite(kit.pki, body)).message.serialize()
     return build
 
 

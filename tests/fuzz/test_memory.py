@@ -21,7 +21,7 @@ import tracemalloc
 import pytest
 from fuzzreport import MEMORY
 
-import fuzzkit
+from e2m_lab import fuzzkit
 
 WARMUP, FIRST, WINDOW, MUTANTS = 3, 2, 4, 20
 # A leak grows every window by about the same amount; warm-up effects

@@ -14,7 +14,7 @@ from fuzzreport import EXAMPLES, stats_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzzkit
+from e2m_lab import fuzzkit
 
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

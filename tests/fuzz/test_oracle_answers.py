@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-import flowkit
-import oracle_cases
+from e2m_lab import flows
+from e2m_lab import oracle_cases
 from e2m_plugins import mime
 from e2m_plugins.body import with_entity
 from e2m_plugins.cms.envelope import open_envelope
@@ -53,7 +53,7 @@ def _answer(exc: BaseException) -> tuple:
 
 @pytest.fixture(scope="module")
 def proxy_cred(kit):
-    return kit.pki.proxy(flowkit.TRUSTED)
+    return kit.pki.proxy(flows.TRUSTED)
 
 
 @pytest.mark.parametrize("cipher", CIPHERS)
@@ -89,13 +89,13 @@ def test_oaep_failure_gives_the_same_answer_as_v15(kit, proxy_cred):
 def _message_for(kit, der: bytes, cipher: str):
     kind = "authEnveloped-data" if "gcm" in cipher else "enveloped-data"
     entity = mime.smime_entity(der, kind, content_id="oracle@example.com")
-    msg = with_entity(flowkit.message(kit.pki), entity)
-    return msg.add("Proxy-Required-Body", f'{flowkit.TRUSTED};cid="oracle@example.com"')
+    msg = with_entity(flows.message(kit.pki), entity)
+    return msg.add("Proxy-Required-Body", f'{flows.TRUSTED};cid="oracle@example.com"')
 
 
 @pytest.mark.parametrize("cipher", ["aes-128-gcm", "aes-128-cbc"])
 def test_the_proxy_gives_one_verdict_for_every_failure(kit, proxy_cred, cipher):
-    proxy = flowkit.proxy_engine(kit.pki, flowkit.TRUSTED, view=("MESSAGE:*",))
+    proxy = flows.proxy_engine(kit.pki, flows.TRUSTED, view=("MESSAGE:*",))
     cases = oracle_cases.cases(proxy_cred.cert, proxy_cred.key, cipher=cipher)
     good = proxy.inspect(_message_for(kit, cases["good"].der, cipher))
     assert good.action == "forward" and [s.plaintext for s in good.seen] == [oracle_cases.CONTENT.split(b"\r\n\r\n", 1)[1]]
@@ -120,7 +120,7 @@ def test_the_proxy_gives_one_verdict_for_every_failure(kit, proxy_cred, cipher):
 @pytest.mark.parametrize("cipher", ["aes-128-gcm", "aes-128-cbc"])
 def test_the_ua_gives_one_error_for_every_failure(kit, cipher):
     bob_cred = kit.pki.user("bob")
-    bob = flowkit.ua_engine(kit.pki, "bob")
+    bob = flows.ua_engine(kit.pki, "bob")
     cases = oracle_cases.cases(bob_cred.cert, bob_cred.key, cipher=cipher)
     assert bob.open(_message_for(kit, cases["good"].der, cipher)).message.body
     answers = {}
@@ -168,14 +168,14 @@ def _cbc_pair(cert):
 
 
 def test_cbc_content_padding_is_not_visible_in_the_proxy_answer(kit, proxy_cred):
-    proxy = flowkit.proxy_engine(kit.pki, flowkit.TRUSTED, view=("MESSAGE:*",))
+    proxy = flows.proxy_engine(kit.pki, flows.TRUSTED, view=("MESSAGE:*",))
     garbage, bad_pad = _cbc_pair(proxy_cred.cert)
     answers = [proxy.inspect(_message_for(kit, der, "aes-128-cbc")) for der in (garbage, bad_pad)]
     assert (answers[0].action, answers[0].code) == (answers[1].action, answers[1].code)
 
 
 def test_cbc_content_padding_is_not_visible_in_the_ua_error(kit):
-    bob = flowkit.ua_engine(kit.pki, "bob")
+    bob = flows.ua_engine(kit.pki, "bob")
     garbage, bad_pad = _cbc_pair(kit.pki.user("bob").cert)
     errors = []
     for der in (garbage, bad_pad):

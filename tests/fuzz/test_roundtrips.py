@@ -12,7 +12,7 @@ from fuzzreport import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzzkit
+from e2m_lab import fuzzkit
 from e2m_plugins import headers as hdr
 from e2m_plugins import mime, sdp, sip
 from e2m_plugins.cms import der

@@ -6,7 +6,7 @@ shows the SIP exchange (SIPp traces and the raw UAS's log, bodies replaced by th
 length and sha256) and the Kamailio log lines written during the test.
 
 Fixture API (for flow tests written elsewhere; import helpers from this module
-with ``from kamailio_harness import ...`` or use the fixtures):
+with ``from e2m_lab.kamailio_harness import ...`` or use the fixtures):
 
 ``proxy_factory(name, *, e2m=True, next_hop=None, view=..., verify=..., archive=True,
                 fail_request_on_error=False, workers=2, extra=None) -> ProxyHandle``
@@ -47,8 +47,8 @@ from collections.abc import Iterator
 import pytest
 
 from e2m_plugins.pki import TestPKI
-from kamailio_harness import ProxyHandle, start_proxy
-from wire_fixtures import failed, print_proxy_log, proxy_factory, raw_uas, sipp  # noqa: F401
+from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
+from e2m_lab.pytest_fixtures import failed, print_proxy_log
 
 _RUNNING: list[ProxyHandle] = []
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from flowkit import (CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_OFFER, TRUSTED, answer, invite,
-                     known_proxy, message, ua_engine)
-from kamailio_harness import (ProxyHandle, RawUas, register, send_with_sipp, udp_send)
+from e2m_lab.flows import CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
+from e2m_lab.kamailio_harness import ProxyHandle, RawUas, udp_send
+from e2m_lab.sipp import register, send_with_sipp
 
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY, parse_policy_headers
 from e2m_plugins.sip import RequestLine, SipMessage, make_response

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from flowkit import TRUSTED, message
-from kamailio_harness import ProxyHandle, RawUas, SippRunner, register, start_proxy, udp_send
+from e2m_lab.flows import TRUSTED, message
+from e2m_lab.kamailio_harness import ProxyHandle, RawUas, start_proxy, udp_send
+from e2m_lab.sipp import SippRunner, register
 
 from e2m_plugins import mime
 from e2m_plugins.body import protect_content, with_entity

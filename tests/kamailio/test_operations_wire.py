@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 
-from flowkit import message
-from kamailio_harness import ROOT, register, udp_send
+from e2m_lab.flows import message
+from e2m_lab.kamailio_harness import ROOT, udp_send
+from e2m_lab.sipp import register
 
 TEXT = b"archive me, or say why not"
 

@@ -13,7 +13,8 @@ from cryptography import x509
 
 from e2m_plugins.headers import parse_policy_headers
 from e2m_plugins.sip import make_request
-from kamailio_harness import PROXY_HOST, ProxyHandle, SippRunner, register, send_with_sipp
+from e2m_lab.kamailio_harness import PROXY_HOST, ProxyHandle
+from e2m_lab.sipp import SippRunner, register, send_with_sipp
 
 TEXT = b"Hello, Bob. Routing proxies only route.\r\n"
 

@@ -11,7 +11,8 @@ pytest.importorskip("pjsua2")
 from pjsua_hooks import gate as gate_mod  # noqa: E402
 from pjsua_hooks import pjsip_abi  # noqa: E402
 from pjsua_hooks.endpoint import SipEndpoint  # noqa: E402
-from pjsua_hooks.gate import GateError, check_environment, gate  # noqa: E402
+from pjsua_hooks.endpoint import gate  # noqa: E402
+from pjsua_hooks.gate import GateError, check_environment  # noqa: E402
 
 
 def test_gate_passes_on_this_machine() -> None:

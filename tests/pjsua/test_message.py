@@ -162,8 +162,8 @@ def test_tx_callback_that_raises_sends_nothing(make_endpoint, udp_peer) -> None:
     with pytest.raises(SendBlocked) as info:
         alice.send_message(udp_peer.uri("raw"), "must never leave " + PLAIN.decode())
     assert "UndecipherableError" in str(info.value)
-    assert info.value.hook_error.direction == "tx" and info.value.hook_error.blocked
-    assert isinstance(info.value.hook_error.exception, UndecipherableError)
+    assert info.value.hook_failure.direction == "tx" and info.value.hook_failure.blocked
+    assert isinstance(info.value.hook_failure.exception, UndecipherableError)
     assert udp_peer.collect(ep.pump, 1.0) == []          # nothing on the wire
     status = ep.events.wait("message_status", source=alice.uri, since=mark)
     assert status["code"] >= 500
@@ -183,7 +183,7 @@ def test_tx_callback_with_bad_framing_is_refused(make_endpoint, udp_peer) -> Non
     ep, alice, _bob, _ = two_phones(make_endpoint, hook)
     with pytest.raises(SendBlocked) as info:
         alice.send_message(udp_peer.uri("raw"), "x")
-    assert "Content-Length" in info.value.hook_error.detail
+    assert "Content-Length" in info.value.hook_failure.detail
     assert udp_peer.collect(ep.pump, 0.7) == []
 
 

@@ -6,25 +6,19 @@ test fails; a failing test's report shows the exchange (start lines, headers, bo
 length and digest, never a body) and the tail of each Kamailio log it started.
 
 ``proxy_factory(name, **settings) -> ProxyHandle`` and ``sipp``: the Kamailio tests'
-fixtures (``tests/kamailio/wire_fixtures.py``).
+fixtures (``e2m_lab/pytest_fixtures.py``).
 ``exchange``: a list the test appends lines to (what was sent and answered); printed
 on failure.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-for _p in (HERE.parent / "kamailio", HERE.parent / "e2e", HERE):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
-from wire_fixtures import failed, proxy_factory, sipp  # noqa: E402,F401
+from e2m_lab.pytest_fixtures import failed
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from flowkit import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
-from kamailio_harness import RawUas, UdpResponder, register
-from wire import Peer, htable_entries, restart, transact, with_via
+from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
+from e2m_lab.kamailio_harness import RawUas, UdpResponder
+from e2m_lab.sipp import register
+from e2m_lab.wire import Peer, htable_entries, restart, transact, with_via
 
 from e2m_plugins.keycache import DialogScope, scope_key
 from e2m_plugins.proxy import EARLY_DIALOG_TTL

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from flowkit import SDP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
-from kamailio_harness import RawUas, register
-from wire import Expected, Peer, digest, engine_expectation, engine_for, with_via
+from e2m_lab.flows import SDP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
+from e2m_lab.kamailio_harness import RawUas
+from e2m_lab.sipp import register
+from e2m_lab.wire import Expected, Peer, digest, engine_expectation, engine_for, with_via
 
 from e2m_plugins import mime
 from e2m_plugins.body import protect_content, with_entity

@@ -39,10 +39,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from kamailio_harness import start_proxy
-from phones import run_phone, write_ua
-from pjsua_hooks.lab import Capture, PhoneProcess, key_witnesses, read_pcap, tcpdump_command
-from wire import find_secrets, secret_forms, transact
+from e2m_lab.kamailio_harness import start_proxy
+from e2m_lab.phones import run_phone, write_ua
+from e2m_lab.capture import Capture, key_witnesses, read_pcap, tcpdump_command
+from e2m_lab.phones import PhoneProcess
+from e2m_lab.wire import find_secrets, secret_forms, transact
 
 from e2m_plugins import mime
 from e2m_plugins.body import message_body, top_parts

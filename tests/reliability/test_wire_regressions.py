@@ -8,9 +8,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from flowkit import TRUSTED, known_proxy, message, ua_engine
-from kamailio_harness import RawUas, register
-from wire import transact
+from e2m_lab.flows import TRUSTED, known_proxy, message, ua_engine
+from e2m_lab.kamailio_harness import RawUas
+from e2m_lab.sipp import register
+from e2m_lab.wire import transact
 
 
 @contextmanager

@@ -15,8 +15,7 @@ from typing import Callable
 
 import pytest
 
-from flowkit import (SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, message,
-                     proxy_engine, ua_engine)
+from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, message, proxy_engine, ua_engine
 
 from e2m_plugins import errors as e
 from e2m_plugins import mime

@@ -8,9 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from flowkit import (CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_ANSWER, SRTP_OFFER, TRUSTED,
-                     UNTRUSTED, SipPath, answer, invite, known_proxy, message, proxy_engine,
-                     ua_engine)
+from e2m_lab.flows import CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_ANSWER, SRTP_OFFER, TRUSTED, UNTRUSTED, SipPath, answer, invite, known_proxy, message, proxy_engine, ua_engine
 
 from e2m_plugins import mime
 from e2m_plugins.body import message_body, open_part, top_parts

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kamailio_harness import (ProxyHandle, ProxyStarter, RawUas, SippRunner, describe,
-                              redact_sip_text)
-
 from e2m_plugins.pki import TestPKI
+
+from .kamailio_harness import ProxyHandle, ProxyStarter, RawUas, describe
+from .sipp import SippRunner, redact_sip_text
 
 
 def failed(request: pytest.FixtureRequest) -> bool:

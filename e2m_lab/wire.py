@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kamailio_harness import ProxyHandle
+from .kamailio_harness import ProxyHandle
 
 from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, frame_length, parse

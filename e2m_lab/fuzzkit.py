@@ -15,33 +15,26 @@ Nothing here logs or prints plaintext or keys.
 from __future__ import annotations
 
 import base64
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "tests"):  # e2m_plugins from a bare checkout; flowkit from tests/
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from e2m_plugins import headers as hdr  # noqa: E402
-from e2m_plugins import mime, sdp, sip  # noqa: E402
-from e2m_plugins.body import protect_content  # noqa: E402
-from e2m_plugins.cms.envelope import cek_reference_attributes, open_envelope, seal  # noqa: E402
-from e2m_plugins.cms.recipients import (CertificateKey, KeyTransRecipient, SharedKEK,  # noqa: E402
+from e2m_plugins import headers as hdr
+from e2m_plugins import mime, sdp, sip
+from e2m_plugins.body import protect_content
+from e2m_plugins.cms.envelope import cek_reference_attributes, open_envelope, seal
+from e2m_plugins.cms.recipients import (CertificateKey, KeyTransRecipient, SharedKEK,
                                         recipient_for_certificate)
-from e2m_plugins.cms.signed import sign, verify  # noqa: E402
-from e2m_plugins.errors import E2MError  # noqa: E402
-from e2m_plugins.proxy import Verdict  # noqa: E402
-from e2m_plugins.smime import open_message  # noqa: E402
-from e2m_plugins.ua import UAEngine  # noqa: E402
+from e2m_plugins.cms.signed import sign, verify
+from e2m_plugins.errors import E2MError
+from e2m_plugins.proxy import Verdict
+from e2m_plugins.smime import open_message
+from e2m_plugins.ua import UAEngine
 
-import flowkit  # noqa: E402  (tests/flowkit.py: engines and valid messages)
+from . import flows
 
-TRUSTED = flowkit.TRUSTED
+TRUSTED = flows.TRUSTED
 VIEW = ("MESSAGE:*", "INVITE:application/sdp")
 
 # Inputs below this size must each take less than PER_INPUT_BOUND seconds.
@@ -71,13 +64,13 @@ class Kit:
         rsa, ec, x = (self.pki.proxy(TRUSTED, kt) for kt in ("rsa", "ec", "x25519"))
         self.kek = SharedKEK(key_id=b"fuzz-reference-0", kek=bytes(range(16)))
         self.keys = [CertificateKey(c.cert, c.key) for c in (rsa, ec, x)] + [self.kek]
-        self.proxy = flowkit.proxy_engine(self.pki, TRUSTED, view=VIEW)
+        self.proxy = flows.proxy_engine(self.pki, TRUSTED, view=VIEW)
         self.reset_ua()
 
     def reset_ua(self) -> None:
         """A fresh bob and alice (UA engines learn policies, certificates and keys)."""
-        self.bob = flowkit.ua_engine(self.pki, "bob")
-        self.alice = flowkit.ua_engine(self.pki, "alice")
+        self.bob = flows.ua_engine(self.pki, "bob")
+        self.alice = flows.ua_engine(self.pki, "alice")
 
     # -- credentials -------------------------------------------------------
 
@@ -139,16 +132,16 @@ class Kit:
         rsa = self.cred(TRUSTED).cert
         bob = self.cred("bob").cert
         alice = self.cred("alice")
-        view, _ = protect_content("application/sdp", flowkit.SDP_OFFER, [recipient_for_certificate(rsa)],
+        view, _ = protect_content("application/sdp", flows.SDP_OFFER, [recipient_for_certificate(rsa)],
                                   content_id="v@example.com", handling="optional")
-        full, _ = protect_content("application/sdp", flowkit.SRTP_OFFER, [recipient_for_certificate(bob)],
+        full, _ = protect_content("application/sdp", flows.SRTP_OFFER, [recipient_for_certificate(bob)],
                                   content_id="f@example.com")
         mixed = mime.multipart_mixed([view, full])
         nested = mime.multipart_mixed([mixed, mime.make_part("text/plain", b"x", content_id="t@x")])
         text = mime.inner_entity("text/plain", b"signed text")
         signed = mime.multipart_signed(text, sign(text, alice.cert, alice.key, detached=True))
         return [mime.encode_part(p) for p in (view, mixed, nested, signed)] + [
-            mime.inner_entity("application/sdp", flowkit.SDP_OFFER, content_length=True),
+            mime.inner_entity("application/sdp", flows.SDP_OFFER, content_length=True),
             mime.encode_part(mime.make_part("text/plain; charset=utf-8", b"hi there",
                                             transfer_encoding="base64", content_id="b@x")),
         ]
@@ -158,8 +151,8 @@ class Kit:
         video = (b"m=video 51372 RTP/SAVP 96 97\r\na=rtpmap:96 H264/90000\r\n"
                  b"a=rtcp:51373 IN IP4 198.51.100.7\r\na=key-mgmt:mikey AQAFgM0X\r\n"
                  b"a=sendonly\r\n")
-        return [flowkit.SDP_OFFER, flowkit.SDP_ANSWER, flowkit.SRTP_OFFER, flowkit.SRTP_ANSWER,
-                flowkit.SRTP_OFFER + video, flowkit.SDP_OFFER.replace(b"\r\n", b"\n") + b"k=clear:x\n"]
+        return [flows.SDP_OFFER, flows.SDP_ANSWER, flows.SRTP_OFFER, flows.SRTP_ANSWER,
+                flows.SRTP_OFFER + video, flows.SDP_OFFER.replace(b"\r\n", b"\n") + b"k=clear:x\n"]
 
     @cached_property
     def header_values(self) -> list[bytes]:
@@ -176,57 +169,57 @@ class Kit:
     def _flows(self) -> tuple[list[bytes], list[bytes]]:
         """(messages that reach the proxy, messages that reach bob), serialised."""
         pki = self.pki
-        kp = flowkit.known_proxy(pki, TRUSTED, VIEW)
-        alice = flowkit.ua_engine(pki, "alice", proxies=(kp,))
-        alice_signs = flowkit.ua_engine(pki, "alice", proxies=(kp,), sign=True)
-        bob = flowkit.ua_engine(pki, "bob", proxies=(kp,))
-        proxy = flowkit.proxy_engine(pki, TRUSTED, view=VIEW)
+        kp = flows.known_proxy(pki, TRUSTED, VIEW)
+        alice = flows.ua_engine(pki, "alice", proxies=(kp,))
+        alice_signs = flows.ua_engine(pki, "alice", proxies=(kp,), sign=True)
+        bob = flows.ua_engine(pki, "bob", proxies=(kp,))
+        proxy = flows.proxy_engine(pki, TRUSTED, view=VIEW)
         to_proxy: list[sip.SipMessage] = []
         to_bob: list[sip.SipMessage] = []
 
         def through(msg: sip.SipMessage) -> sip.SipMessage:
             to_proxy.append(msg)
             verdict = proxy.inspect(msg)
-            out = flowkit.apply_forward(msg, verdict) if verdict.action == "forward" else msg
+            out = flows.apply_forward(msg, verdict) if verdict.action == "forward" else msg
             to_bob.append(out)
             return out
 
-        through(alice.protect(flowkit.message(pki)).message)
-        through(alice_signs.protect(flowkit.message(pki, b"signed and sealed")).message)
-        offer = flowkit.invite(pki, flowkit.SRTP_OFFER, call_id="fuzz-call-1")
+        through(alice.protect(flows.message(pki)).message)
+        through(alice_signs.protect(flows.message(pki, b"signed and sealed")).message)
+        offer = flows.invite(pki, flows.SRTP_OFFER, call_id="fuzz-call-1")
         delivered = through(alice.protect(offer).message)
         received = bob.open(delivered).message
-        reply = bob.protect(flowkit.answer(received, flowkit.SRTP_ANSWER)).message
+        reply = bob.protect(flows.answer(received, flows.SRTP_ANSWER)).message
         through(reply)
         alice.open(reply)
         bye = sip.make_request("BYE", f"sip:bob@{pki.domain}", from_uri=pki.aor("alice"),
                                to_uri=pki.aor("bob"), call_id="fuzz-call-1", cseq=2, from_tag="a1",
                                to_tag="b1")
         to_proxy.append(bye)
-        plain = flowkit.message(pki)
+        plain = flows.message(pki)
         to_proxy.append(plain)  # a plaintext MESSAGE
         # a 496 from the proxy, for bob's react/open paths (alice's first try, no key for it)
-        first = flowkit.ua_engine(pki, "alice").protect(flowkit.message(pki)).message
+        first = flows.ua_engine(pki, "alice").protect(flows.message(pki)).message
         verdict = proxy.inspect(first)
         if verdict.action == "reply":
-            to_bob.append(flowkit.reply_from(first, verdict))
+            to_bob.append(flows.reply_from(first, verdict))
         return [m.serialize() for m in to_proxy], [m.serialize() for m in to_bob]
 
     @cached_property
     def refusals(self) -> list[bytes]:
         """E2M answers a UAC reacts to: the proxy's 496s (MESSAGE and INVITE) and bob's 493."""
         pki = self.pki
-        alice = flowkit.ua_engine(pki, "alice")
-        proxy = flowkit.proxy_engine(pki, TRUSTED, view=VIEW, verify=("MESSAGE:*",))
+        alice = flows.ua_engine(pki, "alice")
+        proxy = flows.proxy_engine(pki, TRUSTED, view=VIEW, verify=("MESSAGE:*",))
         out = []
-        for plain in (flowkit.message(pki), flowkit.invite(pki)):
+        for plain in (flows.message(pki), flows.invite(pki)):
             sent = alice.protect(plain).message
-            out.append(flowkit.reply_from(sent, proxy.inspect(sent)))
-        signed_less = flowkit.ua_engine(pki, "alice", proxies=(
-            flowkit.known_proxy(pki, TRUSTED, ("MESSAGE:*",)),)).protect(flowkit.message(pki)).message
-        out.append(flowkit.reply_from(signed_less, proxy.inspect(signed_less)))   # 495
+            out.append(flows.reply_from(sent, proxy.inspect(sent)))
+        signed_less = flows.ua_engine(pki, "alice", proxies=(
+            flows.known_proxy(pki, TRUSTED, ("MESSAGE:*",)),)).protect(flows.message(pki)).message
+        out.append(flows.reply_from(signed_less, proxy.inspect(signed_less)))   # 495
         from e2m_plugins.errors import NoMatchingRecipientError
-        refusal = self.bob.refusal(flowkit.message(pki), NoMatchingRecipientError("x"))
+        refusal = self.bob.refusal(flows.message(pki), NoMatchingRecipientError("x"))
         if refusal is not None:
             out.append(refusal)
         return [m.serialize() for m in out]
@@ -250,7 +243,7 @@ class Kit:
 
 
 def inner_sdp() -> bytes:
-    return mime.inner_entity("application/sdp", flowkit.SRTP_OFFER)
+    return mime.inner_entity("application/sdp", flows.SRTP_OFFER)
 
 
 _KIT: Kit | None = None
@@ -360,7 +353,7 @@ def t_ua_open(k: Kit, data: bytes) -> None:
 def t_ua_react(k: Kit, data: bytes) -> None:
     response = sip.parse(data)
     method = response.cseq[1]
-    request = (flowkit.invite(k.pki) if method == "INVITE" else flowkit.message(k.pki))  # fresh Call-ID
+    request = (flows.invite(k.pki) if method == "INVITE" else flows.message(k.pki))  # fresh Call-ID
     alice = UAEngine(k.alice.config)   # fresh: what one answer teaches must not leak into the next
     reaction = alice.react(response, request)
     if reaction.action not in ("none", "fail", "retry"):

@@ -31,9 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kamailio_app.instance import ProxyProcess
 
-from .lab import Capture, PhoneProcess, contains_key, free_port, write_toml
+from .capture import Capture, contains_key
+from .phones import PhoneProcess
+from .ports import free_port
+from .proxy_process import ProxyProcess
+from .tomlfile import write_toml
 
 PY = sys.executable
 PROXY_HOST = "proxy.example.com"

@@ -4,8 +4,8 @@
 record and the media streams of its call, and writes the plaintext only to
 ``--out`` (``-`` for stdout), as every ``e2m`` command does with decrypted content.
 The archive is found with ``--db FILE`` or through ``--config PROXY.toml``
-(its ``[archive] path``).  ``kamailio_app`` is imported only when a command runs,
-so ``e2m`` works without the proxy's dependencies.
+(its ``[archive] path``).  The group reaches ``e2m`` through the ``e2m.commands``
+entry point (pyproject.toml): the core's command line never imports the Kamailio app.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import CliFailure, Group, UsageError, positive_int, write_output
+from e2m_plugins.cli import CliFailure, Group, UsageError, positive_int, write_output
+
+from .archive import Archive, ArchiveError
+from .config import load_app_config
 
 __all__ = ["GROUP"]
 
 
 def _archive(args: argparse.Namespace) -> Any:
-    from kamailio_app.archive import Archive
-    from kamailio_app.config import load_app_config
     if bool(args.db) == bool(args.config):
         raise UsageError("give exactly one of --db FILE or --config PROXY.toml")
     if args.db:
@@ -43,7 +44,6 @@ def _when(seconds: float) -> str:
 
 
 def _read(call: Any) -> Any:
-    from kamailio_app.archive import ArchiveError
     try:
         return call()
     except ArchiveError as exc:
