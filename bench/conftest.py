@@ -27,7 +27,7 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
+from e2m_plugins.testpki import TestPKI, init_test_pki  # noqa: E402
 
 BODY_BYTES = 1024
 

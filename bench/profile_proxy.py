@@ -32,7 +32,7 @@ from typing import Callable
 import proxyrates as pr  # noqa: E402
 
 from e2m_plugins.keycache import MemoryKeyCache  # noqa: E402
-from e2m_plugins.policy import load_proxy_config  # noqa: E402
+from e2m_plugins.config import load_proxy_config  # noqa: E402
 from e2m_plugins.proxy import ProxyEngine  # noqa: E402
 from e2m_plugins.sip import SipMessage, make_request, parse  # noqa: E402
 from e2m_lab.kamailio_harness import write_proxy_config

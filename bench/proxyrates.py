@@ -79,8 +79,8 @@ ROOT = BENCH_DIR.parent
 SIPP_DIR = BENCH_DIR / "sipp"
 RESULTS_DIR = BENCH_DIR / "results"
 
-from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
-from e2m_plugins.policy import KnownProxy  # noqa: E402
+from e2m_plugins.testpki import TestPKI, init_test_pki  # noqa: E402
+from e2m_plugins.config import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
 
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine
@@ -224,7 +224,7 @@ def check_bodies(pki: TestPKI, configs: list[Config]) -> dict[str, Any]:
     describe what each carries (recipient kinds), for the report."""
     from e2m_plugins.body import message_body, top_parts
     from e2m_plugins.cms import describe_envelope
-    from e2m_plugins.smime import load_cms_message
+    from e2m_plugins.cmsinput import load_cms_message
     from e2m_plugins import mime
 
     def kinds(msg: SipMessage) -> list[str]:

@@ -57,8 +57,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
-from e2m_plugins.policy import KnownProxy  # noqa: E402
+from e2m_plugins.testpki import TestPKI, init_test_pki  # noqa: E402
+from e2m_plugins.config import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage  # noqa: E402
 
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine

@@ -82,7 +82,7 @@ class Proxy:
 # --------------------------------------------------------------------------- the run
 
 def run(work: Path) -> int:
-    from e2m_plugins.pki import init_test_pki
+    from e2m_plugins.testpki import init_test_pki
 
     checks: list[tuple[str, bool, str]] = []
 

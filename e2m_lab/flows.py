@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2m_plugins.keycache import MemoryKeyCache
-from e2m_plugins.pki import TestPKI
-from e2m_plugins.policy import KnownProxy, ProxyConfig, UAConfig
+from e2m_plugins.testpki import TestPKI
+from e2m_plugins.config import KnownProxy, ProxyConfig, UAConfig
 from e2m_plugins.proxy import ProxyEngine, Verdict
 from e2m_plugins.headers import Rule
 from e2m_plugins.sip import SipMessage, make_request, make_response

@@ -29,7 +29,7 @@ from e2m_plugins.cms.recipients import (CertificateKey, KeyTransRecipient, Share
 from e2m_plugins.cms.signed import sign, verify
 from e2m_plugins.errors import E2MError
 from e2m_plugins.proxy import Verdict
-from e2m_plugins.smime import open_message
+from e2m_plugins.layers import open_message
 from e2m_plugins.ua import UAEngine
 
 from . import flows
@@ -55,7 +55,7 @@ class Kit:
     """
 
     def __init__(self) -> None:
-        from e2m_plugins.pki import init_test_pki
+        from e2m_plugins.testpki import init_test_pki
         self.pki = init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob"))
         self.pki.proxy(TRUSTED, "ec")
         self.pki.proxy(TRUSTED, "x25519")
@@ -373,7 +373,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "cms.envelope.open_envelope (ktri v1.5/OAEP, kari P-256/X25519, kekri; CBC/GCM)"),
     Target("cms_signed", t_cms_signed, lambda k: k.signed, "cms.signed.verify"),
     Target("smime_open", t_smime_open, lambda k: k.smime,
-           "smime.open_message (DER, PEM, base64, S/MIME entities, nested layers)"),
+           "layers.open_message (DER, PEM, base64, S/MIME entities, nested layers)"),
     Target("mime", t_mime, lambda k: k.mime_entities,
            "mime.parse_entity, walk, parse_multipart, parse_signed, decoded, find_by_cid"),
     Target("sip", t_sip, lambda k: k.sip_messages,

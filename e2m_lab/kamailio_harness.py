@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 
-from e2m_plugins.pki import TestPKI
+from e2m_plugins.testpki import TestPKI
 from e2m_plugins.sip import SipMessage, make_response, parse
 from .ports import free_port
 from .proxy_process import ProxyProcess

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from e2m_plugins.pki import TestPKI
+from e2m_plugins.testpki import TestPKI
 
 from .kamailio_harness import ProxyHandle, ProxyStarter, RawUas, describe
 from .sipp import SippRunner, redact_sip_text

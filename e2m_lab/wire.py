@@ -153,7 +153,7 @@ def engine_for(proxy: ProxyHandle):
     """The core's proxy engine with the running proxy's own PROXY.toml (in process,
     an in-memory key cache): the same decisions on the same bytes."""
     from e2m_plugins.keycache import MemoryKeyCache
-    from e2m_plugins.policy import load_proxy_config
+    from e2m_plugins.config import load_proxy_config
     from e2m_plugins.proxy import ProxyEngine
     return ProxyEngine(load_proxy_config(proxy.config_path), MemoryKeyCache())
 

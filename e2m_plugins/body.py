@@ -30,7 +30,7 @@ from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign
 from .errors import BindingMismatchError, DecryptionError, DowngradeError, E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
 from .sip import SipMessage, canonical_name
-from .smime import open_message, unauthenticated_plaintext
+from .layers import open_message, unauthenticated_plaintext
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection",
            "open_part", "check_signed_by", "check_binding", "sip_binding", "protect_content", "new_reference", "with_entity"]
@@ -161,7 +161,7 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
         if not unauthenticated_plaintext(opened.layers):
             raise
         inner = None
-    if inner is None:  # see smime.open_message: no padding oracle through the answer
+    if inner is None:  # see layers.open_message: no padding oracle through the answer
         raise DecryptionError() from None
     return OpenedPart(part.content_id, part.handling, inner.content_type.mime_type,
                       inner.decoded(), inner, opened.envelopes, opened.signatures)

@@ -1,7 +1,7 @@
 """Certificates we encrypt to: users by AoR, proxies by host, and the checks behind them.
 
-The checks build on ``pki.verify_chain`` (signatures, CA constraints, time)
-and ``pki.certificate_identities`` (names); this module adds the SIP name
+The checks build on ``certpath.verify_chain`` (signatures, CA constraints, time)
+and ``certpath.certificate_identities`` (names); this module adds the SIP name
 rules and the "can we encrypt to this key" rule, and reports every failure as
 ``CertificateRejectedError`` with a reason a person can act on.
 
@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .errors import CertificateRejectedError, E2MError, MalformedError
-from .pki import certificate_identities, verify_chain
+from .certpath import certificate_identities, verify_chain
 
 __all__ = [
     "CertStore",

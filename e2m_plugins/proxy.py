@@ -32,7 +32,7 @@ from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
                      ProxyCannotDecryptError, SignatureRequiredError)
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope
-from .policy import ProxyConfig
+from .config import ProxyConfig
 from .sdp import MediaLine, media_summary
 from .sip import SipMessage, parse_params, split_header_list
 from .sip_errors import answer_for

@@ -40,8 +40,8 @@ from .cms.recipients import (CertificateKey, KekLookup, OpeningKey, Recipient,
 from .errors import (CertificateRejectedError, DowngradeError, E2MError,
                      NoMatchingRecipientError, DecryptionError, PolicyError, UndecipherableError,
                      UntrustedSignerError)
-from .pki import readable_certificate
-from .policy import DEFAULT_POLICY_EXPIRES, KnownProxy, UAConfig
+from .certfiles import readable_certificate
+from .config import DEFAULT_POLICY_EXPIRES, KnownProxy, UAConfig
 from .sdp import consistent, has_keys, split_for_proxy
 from .sip import SipMessage, canonical_name, make_response, parse_address, split_header_list
 from .sip_errors import answer_for

@@ -93,7 +93,7 @@ class ProxyApp:
         config = load_app_config(config_path)
         if not config.e2m.enabled:
             return cls(config)
-        from e2m_plugins.policy import load_proxy_config
+        from e2m_plugins.config import load_proxy_config
         from e2m_plugins.proxy import ProxyEngine
         proxy_config = load_proxy_config(config.path)
         if ksr is not None:

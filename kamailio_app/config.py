@@ -1,7 +1,7 @@
 """The Kamailio side of PROXY.toml: ``[kamailio]``, ``[archive]`` and ``[e2m]``.
 
 The file is shared with the core: ``[identity]``, ``[trust]`` and ``[policy]``
-belong to ``e2m_plugins.policy.load_proxy_config``, which is called only when
+belong to ``e2m_plugins.config.load_proxy_config``, which is called only when
 E2M is enabled (an untrusted routing hop has no identity).  Sections this
 module does not know are left alone so the two loaders can grow apart.
 
@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from e2m_plugins.policy import ConfigError
+from e2m_plugins.config import ConfigError
 
 __all__ = [
     "AppConfig", "AppConfigError", "ArchiveSettings", "E2MSettings", "KamailioSettings",

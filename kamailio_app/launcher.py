@@ -104,7 +104,7 @@ def check_config(path: str | Path) -> AppConfig:
     config = load_app_config(path)
     if config.e2m.enabled:
         try:
-            from e2m_plugins.policy import load_proxy_config
+            from e2m_plugins.config import load_proxy_config
         except ImportError as exc:
             raise AppConfigError(path, [f"[e2m] enabled = true but the E2M engine is not "
                                         f"available ({exc}); set enabled = false for a "

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from e2m_plugins.policy import ConfigError
+from e2m_plugins.config import ConfigError
 
 __all__ = ["main"]
 

@@ -19,7 +19,7 @@ Each message and call carries its :class:`e2m_plugins.ua.SecurityInfo`
 (encrypted for whom, which proxies could read, signed by whom, key reuse,
 split SDP).  Nothing here logs a body, a CEK or a key.
 
-Configuration: the UA.toml of ``e2m_plugins.policy.load_ua_config`` plus a
+Configuration: the UA.toml of ``e2m_plugins.config.load_ua_config`` plus a
 ``[phone]`` section (see :class:`PhoneSettings`).
 """
 
@@ -42,7 +42,7 @@ from typing import Any
 from e2m_plugins import sip
 from e2m_plugins.certstore import parse_sip_uri
 from e2m_plugins.errors import E2MError
-from e2m_plugins.policy import ConfigError, UAConfig, load_ua_config
+from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
 from e2m_plugins.ua import SecurityInfo, UAEngine
 
 from .rawhook import RawSipHook, RxReject

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from e2m_plugins.pki import TestPKI, init_test_pki
+from e2m_plugins.testpki import TestPKI, init_test_pki
 
 # proxy_factory, sipp and raw_uas: the fixtures of every directory that drives Kamailio
 pytest_plugins = ["e2m_lab.pytest_fixtures"]

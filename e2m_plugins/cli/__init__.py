@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import E2MError
-from ..policy import ConfigError
+from ..config import ConfigError
 
 __all__ = ["Group", "UsageError", "CliFailure", "register_group", "build_parser", "main",
            "read_input", "write_output", "positive_int"]

@@ -28,10 +28,11 @@ from ..cms import (
 )
 from ..cms import der, oids
 from ..cms.signed import describe_signed, sign
-from ..smime import load_cms_message, verify_input
+from ..cmsinput import load_cms_message, verify_input
 from ..cms.limits import DEFAULT_LIMITS
 from ..errors import E2MError, MalformedError
-from ..pki import certificate_identities, load_certificate, load_certificates, load_private_key
+from ..certpath import certificate_identities
+from ..certfiles import load_certificate, load_certificates, load_private_key
 from . import CliFailure, Group, UsageError, read_input, write_output
 
 __all__ = ["GROUP", "describe_cms", "render_text"]

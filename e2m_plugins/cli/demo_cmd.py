@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from . import Group
 from ..cms import CertificateKey, KeyAgreeRecipient, KeyTransRecipient, open_envelope, reuse_kek, seal
-from ..smime import open_message
+from ..layers import open_message
 from ..cms.signed import sign
 from ..errors import E2MError
-from ..pki import init_test_pki
+from ..testpki import init_test_pki
 
 HOME = "home.example.com"
 VISITED = "visited.example.net"

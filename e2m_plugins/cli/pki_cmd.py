@@ -12,15 +12,7 @@ from pathlib import Path
 from cryptography.x509.oid import NameOID
 
 from ..errors import E2MError
-from ..pki import (
-    Credential,
-    KeyType,
-    init_test_pki,
-    issue_proxy,
-    issue_user,
-    load_ca,
-    write_credential,
-)
+from ..testpki import (Credential, KeyType, init_test_pki, issue_proxy, issue_user, load_ca, write_credential)
 from . import CliFailure, Group, UsageError, positive_int
 
 __all__ = ["GROUP"]

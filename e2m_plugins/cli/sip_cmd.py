@@ -19,7 +19,7 @@ import sys
 
 from ..errors import E2MError
 from ..keycache import MemoryKeyCache
-from ..policy import load_proxy_config, load_ua_config
+from ..config import load_proxy_config, load_ua_config
 from ..proxy import ProxyEngine
 from ..sip import SipMessage, parse
 from ..sip_errors import answer_for

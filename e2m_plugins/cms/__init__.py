@@ -1,7 +1,7 @@
 """CMS for E2M: multi-recipient envelopes, CEK reuse, signatures.
 
 Build with ``seal`` and ``sign``; open with ``open_envelope`` or ``verify``.
-``e2m_plugins.smime.open_message`` unwraps nested sign/encrypt layers.  All failures on
+``e2m_plugins.layers.open_message`` unwraps nested sign/encrypt layers.  All failures on
 untrusted input are ``e2m_plugins.errors.E2MError`` subclasses.
 """
 

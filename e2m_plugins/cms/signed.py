@@ -31,7 +31,8 @@ from ..errors import (
     UnsupportedAlgorithmError,
     UntrustedSignerError,
 )
-from ..pki import Identities, certificate_identities, readable_certificate, verify_chain
+from ..certpath import Identities, certificate_identities, verify_chain
+from ..certfiles import readable_certificate
 from . import oids
 from .limits import DEFAULT_LIMITS, Limits
 

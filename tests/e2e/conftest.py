@@ -30,7 +30,7 @@ from e2m_lab.phones import redact, write_ua
 from e2m_lab.capture import Capture, tcpdump_command
 from e2m_lab.phones import PhoneProcess
 
-from e2m_plugins.pki import TestPKI, init_test_pki  # noqa: E402
+from e2m_plugins.testpki import TestPKI, init_test_pki  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from e2m_lab.phones import run_phone
 from e2m_lab.capture import contains_key, key_witnesses
 
 from e2m_plugins import sip
-from e2m_plugins.pki import issue_proxy, make_ca
+from e2m_plugins.testpki import issue_proxy, make_ca
 
 BOB = "sip:bob@example.com"
 ALICE = "sip:alice@example.com"

@@ -16,7 +16,7 @@ from e2m_plugins.cms.envelope import content_info_type, open_envelope
 from e2m_plugins.cms.signed import verify
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.proxy import Verdict
-from e2m_plugins.smime import open_message
+from e2m_plugins.layers import open_message
 
 
 def _message_with_disposition_octet(kit) -> bytes:
@@ -140,7 +140,7 @@ def test_pss_reproducer_really_is_pss(kit):
 
 # -- 5. a certificate with a duplicated extension ------------------------------------
 
-DUP_EXT = "pki._fully_readable reads cert.extensions to catch duplicate extensions but only " \
+DUP_EXT = "certfiles.fully_readable reads cert.extensions to catch duplicate extensions but only " \
           "catches ValueError/InvalidVersion; cryptography raises x509.DuplicateExtension"
 
 AKI_OID, SKI_OID = bytes.fromhex("0603551d23"), bytes.fromhex("0603551d0e")

@@ -25,7 +25,7 @@ from e2m_plugins import mime, sdp, sip
 from e2m_plugins.cms import der, oids
 from e2m_plugins.cms.envelope import open_envelope
 from e2m_plugins.errors import E2MError
-from e2m_plugins.smime import open_message
+from e2m_plugins.layers import open_message
 
 SIZES = (4 * 1024, 8 * 1024, 16 * 1024, 32 * 1024, 60 * 1024)
 REPEAT = 5

@@ -9,7 +9,7 @@ import pytest
 
 from e2m_plugins.cms import CertificateKey, SharedKEK, describe_envelope, open_envelope
 from e2m_plugins.errors import NoMatchingRecipientError, UnsupportedAlgorithmError, DecryptionError
-from e2m_plugins.pki import load_certificate, load_private_key
+from e2m_plugins.certfiles import load_certificate, load_private_key
 
 SAMPLE = b"This is some sample content."
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2m_plugins.smime import load_cms_input, load_cms_message
+from e2m_plugins.cmsinput import load_cms_input, load_cms_message
 from e2m_plugins.cms.signed import sign, verify
 
 pytestmark = [

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2m_plugins.smime import load_cms_message, verify_input
+from e2m_plugins.cmsinput import load_cms_message, verify_input
 from e2m_plugins.cms.signed import extract_certificates, verify
 from e2m_plugins.errors import (
     MalformedError,
@@ -25,7 +25,7 @@ from e2m_plugins.errors import (
     UnsupportedAlgorithmError,
     UntrustedSignerError,
 )
-from e2m_plugins.pki import load_certificate
+from e2m_plugins.certfiles import load_certificate
 
 EX_CONTENT = b"This is some sample content."
 

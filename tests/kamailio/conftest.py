@@ -46,7 +46,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2m_plugins.pki import TestPKI
+from e2m_plugins.testpki import TestPKI
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
 from e2m_lab.pytest_fixtures import failed, print_proxy_log
 

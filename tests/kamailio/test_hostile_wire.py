@@ -22,7 +22,7 @@ from e2m_plugins import mime
 from e2m_plugins.body import protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
 from e2m_plugins.cms.signed import sign
-from e2m_plugins.pki import TestPKI, issue_user, make_ca
+from e2m_plugins.testpki import TestPKI, issue_user, make_ca
 from e2m_plugins.sip import SipMessage
 
 SECRET = b"hostile-case secret text 7f3a"

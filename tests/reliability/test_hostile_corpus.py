@@ -33,7 +33,7 @@ from e2m_lab.wire import Expected, Peer, digest, engine_expectation, engine_for,
 from e2m_plugins import mime
 from e2m_plugins.body import protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
-from e2m_plugins.pki import TestPKI
+from e2m_plugins.testpki import TestPKI
 from e2m_plugins.sip import RequestLine, SipMessage, parse
 
 VIEW = ("MESSAGE:*", "INVITE:application/sdp")

@@ -50,9 +50,9 @@ from e2m_plugins.body import message_body, top_parts
 from e2m_plugins.cms.envelope import open_envelope
 from e2m_plugins.cms.recipients import CertificateKey, reuse_kek
 from e2m_plugins.errors import E2MError
-from e2m_plugins.pki import init_test_pki
+from e2m_plugins.testpki import init_test_pki
 from e2m_plugins.sip import make_request, parse
-from e2m_plugins.smime import load_cms_message
+from e2m_plugins.cmsinput import load_cms_message
 
 ROOT = Path(__file__).resolve().parents[2]
 BOB = "sip:bob@example.com"

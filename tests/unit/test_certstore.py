@@ -24,7 +24,7 @@ from e2m_plugins.certstore import (
     parse_sip_uri,
 )
 from e2m_plugins.errors import CertificateRejectedError, MalformedError, UntrustedSignerError
-from e2m_plugins.pki import Credential, TestPKI, issue_proxy, issue_user, make_ca
+from e2m_plugins.testpki import Credential, TestPKI, issue_proxy, issue_user, make_ca
 
 HOST = "proxy.example.com"
 ALICE = "sip:alice@example.com"

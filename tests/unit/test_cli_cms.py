@@ -11,7 +11,7 @@ import pytest
 
 from e2m_plugins.cli import Group, _REGISTRY, main, register_group
 from e2m_plugins.cms.signed import sign
-from e2m_plugins.pki import issue_user, write_credential
+from e2m_plugins.testpki import issue_user, write_credential
 
 # Distinctive so that any leak into inspect output or messages is easy to spot.
 SECRET = b"v=0\r\no=alice 42 42 IN IP4 192.0.2.7\r\ns=TOP-SECRET-SDP-9f3a\r\n"

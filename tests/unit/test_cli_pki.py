@@ -10,14 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 
 from e2m_plugins.cli import main
-from e2m_plugins.pki import (
-    certificate_identities,
-    load_certificate,
-    load_private_key,
-    make_ca,
-    verify_chain,
-    write_credential,
-)
+from e2m_plugins.certpath import certificate_identities, verify_chain
+from e2m_plugins.certfiles import load_certificate, load_private_key
+from e2m_plugins.testpki import make_ca, write_credential
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -22,7 +22,7 @@ from e2m_plugins import mime
 from e2m_plugins.body import protect_content
 from e2m_plugins.cms.recipients import recipient_for_certificate
 from e2m_plugins.cms.signed import sign
-from e2m_plugins.pki import init_test_pki, issue_user, make_ca
+from e2m_plugins.testpki import init_test_pki, issue_user, make_ca
 from e2m_plugins.sip import SipMessage, make_response
 from e2m_plugins.sip_errors import ERROR_TABLE, answer_for
 

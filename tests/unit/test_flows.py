@@ -15,7 +15,7 @@ from e2m_plugins.body import message_body, open_part, top_parts
 from e2m_plugins.cms.recipients import CertificateKey
 from e2m_plugins.errors import DowngradeError, NoMatchingRecipientError, UntrustedSignerError
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY
-from e2m_plugins.pki import init_test_pki, issue_proxy, make_ca
+from e2m_plugins.testpki import init_test_pki, issue_proxy, make_ca
 from e2m_plugins.proxy import ProxyEngine
 from e2m_plugins.sip import make_response
 from e2m_plugins.sip_errors import answer_for
@@ -420,7 +420,7 @@ def test_policies_and_496s_from_foreign_domains_are_ignored(world):
 def test_493_teaches_alice_bobs_new_certificate(world):
     """alice holds an old certificate for bob; bob answers 493 with his own, alice
     checks it (SAN URI = bob, our CA) and retries; bob can read the retry."""
-    from e2m_plugins.pki import issue_user
+    from e2m_plugins.testpki import issue_user
     stale = issue_user(world.ca, world.aor("bob"))
     alice = ua_engine(world, "alice", peers=())
     alice.certs.add_user(world.aor("bob"), stale.cert)

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from e2m_plugins.cms import CertificateKey, KeyTransRecipient, Limits, SharedKEK, open_envelope, seal
-from e2m_plugins.smime import open_message
+from e2m_plugins.layers import open_message
 from e2m_plugins.cms.signed import sign
 from e2m_plugins.errors import (
     LimitExceededError,
@@ -113,7 +113,7 @@ def test_reprs_of_opened_things_never_show_plaintext(pki):
     """Whatever a caller logs with %r, the plaintext stays out of it."""
     from e2m_plugins import mime
     from e2m_plugins.cms.signed import verify
-    from e2m_plugins.smime import load_cms_message
+    from e2m_plugins.cmsinput import load_cms_message
 
     alice = pki.user("alice")
     secret = b"Content-Type: text/plain\r\n\r\nthe vault code is 4711"

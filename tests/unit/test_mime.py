@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from e2m_plugins import mime
-from e2m_plugins.smime import load_cms_message
+from e2m_plugins.cmsinput import load_cms_message
 from e2m_plugins.cms.signed import sign, verify
 from e2m_plugins.errors import (
     E2MError,

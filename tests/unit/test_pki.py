@@ -11,19 +11,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 
 from e2m_plugins.errors import MalformedError, UntrustedSignerError
-from e2m_plugins.pki import (
-    Credential,
-    certificate_identities,
-    init_test_pki,
-    issue_user,
-    load_ca,
-    load_certificate,
-    load_certificates,
-    load_private_key,
-    make_ca,
-    verify_chain,
-    write_credential,
-)
+from e2m_plugins.testpki import (Credential, init_test_pki, issue_user, load_ca, make_ca, write_credential)
+from e2m_plugins.certpath import certificate_identities, verify_chain
+from e2m_plugins.certfiles import load_certificate, load_certificates, load_private_key
 
 NOW = datetime.now(timezone.utc)
 

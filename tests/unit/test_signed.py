@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from e2m_plugins.smime import load_cms_input, load_cms_message, verify_input
+from e2m_plugins.cmsinput import load_cms_input, load_cms_message, verify_input
 from e2m_plugins.cms.limits import Limits
 from e2m_plugins.cms.signed import extract_certificates, sign, verify
 from e2m_plugins.errors import (
@@ -24,7 +24,7 @@ from e2m_plugins.errors import (
     UnsupportedAlgorithmError,
     UntrustedSignerError,
 )
-from e2m_plugins.pki import Credential, issue_user, make_ca
+from e2m_plugins.testpki import Credential, issue_user, make_ca
 
 CONTENT = b"v=0\r\no=alice 1 1 IN IP4 192.0.2.1\r\ns=-\r\n"
 NOW = datetime.now(timezone.utc).replace(microsecond=0)

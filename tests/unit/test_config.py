@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from e2m_plugins.policy import ConfigError, load_proxy_config, load_ua_config
+from e2m_plugins.config import ConfigError, load_proxy_config, load_ua_config
 
 PROXY = "proxy.example.com"
 

@@ -1,16 +1,11 @@
-"""CMS as it reaches us, and every layer of it opened.
+"""CMS as it reaches us: find the DER inside whatever wraps it, and verify a signature.
 
 Input comes as raw DER (a SIP body with binary transfer encoding), PEM (from
 ``openssl cms -outform PEM``), bare base64, or an S/MIME entity
 (``application/pkcs7-mime`` with any transfer encoding, or ``multipart/signed``).
-MIME parsing itself lives in ``e2m_plugins.mime``; this module only finds the
-CMS inside and, with ``open_message``, follows every envelope and signature.
-
-RFC 8591 and e2m-sec-02 send SignedData inside the envelope (sign, then
-encrypt); RFC 3261 §23.2 sends the envelope inside SignedData.  Senders also
-nest at two levels: directly in CMS (eContentType ``signed-data``) or through
-a MIME entity inside the plaintext.  Both orders and both levels are opened,
-bounded by ``Limits.max_nesting_depth``.
+MIME parsing itself lives in ``e2m_plugins.mime``; this module only finds the CMS
+inside.  ``nested_cms`` says whether a layer's plaintext is itself CMS (how
+``layers.open_message`` follows nesting).
 """
 
 from __future__ import annotations
@@ -25,25 +20,33 @@ from typing import Sequence
 from cryptography import x509
 
 from . import mime
-from .cms import oids
-from .cms.envelope import OpenedEnvelope, content_info_type, open_envelope
 from .cms.limits import DEFAULT_LIMITS, Limits
-from .cms.recipients import OpeningKey
 from .cms.signed import VerifyResult, verify
-from .errors import (DecryptionError, E2MError, LimitExceededError, MalformedError, SignatureInvalidError,
-                     UnsupportedAlgorithmError)
+from .errors import MalformedError, SignatureInvalidError
 
-__all__ = ["CmsInput", "OpenedMessage", "load_cms_input", "load_cms_message", "open_message",
-           "verify_input"]
+__all__ = ["CmsInput", "load_cms_input", "load_cms_message", "nested_cms", "verify_input"]
+
 
 _PEM_LABELS = (b"PKCS7", b"CMS", b"PKCS #7 SIGNED DATA")
+
+
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 #]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+
+
 _B64_ONLY = re.compile(rb"^[A-Za-z0-9+/=\s]+$")
+
+
 _HEADER_START = re.compile(rb"^[A-Za-z0-9!#$%&'*+.^_`|~-]+:")
+
+
 _CMS_TYPES = {"signed-data", "enveloped-data", "auth-enveloped-data"}
+
+
 # A MIME header block whose Content-Type carries CMS, looked for in the first lines only.
 _CMS_ENTITY = re.compile(
     rb"(?im)^content-type:[ \t]*(application/(x-)?pkcs7-(mime|signature)|multipart/signed)\b")
+
+
 _HEAD_SCAN = 4096
 
 
@@ -143,43 +146,7 @@ def verify_input(message: CmsInput, *, trust_anchors: Sequence[x509.Certificate]
         return verify(message.der, detached_content=canonical, **kwargs)
 
 
-@dataclass(frozen=True, repr=False)
-class OpenedMessage:
-    """The innermost content and every layer it came through, outermost first."""
-
-    content: bytes
-    content_type: str
-    layers: tuple[OpenedEnvelope | VerifyResult, ...]
-
-    @property
-    def envelopes(self) -> tuple[OpenedEnvelope, ...]:
-        return tuple(layer for layer in self.layers if isinstance(layer, OpenedEnvelope))
-
-    @property
-    def signatures(self) -> tuple[VerifyResult, ...]:
-        return tuple(layer for layer in self.layers if isinstance(layer, VerifyResult))
-
-    @property
-    def encrypted(self) -> bool:
-        return bool(self.envelopes)
-
-    @property
-    def signed(self) -> bool:
-        return bool(self.signatures)
-
-    @property
-    def order(self) -> str:
-        """"sign-then-encrypt", "encrypt-then-sign", "encrypted", "signed" or "plain"."""
-        kinds = ["E" if isinstance(layer, OpenedEnvelope) else "S" for layer in self.layers]
-        if "E" in kinds and "S" in kinds:
-            return "sign-then-encrypt" if kinds.index("E") < kinds.index("S") else "encrypt-then-sign"
-        return "encrypted" if "E" in kinds else "signed" if "S" in kinds else "plain"
-
-    def __repr__(self) -> str:
-        return f"OpenedMessage({self.order}, {self.content_type}, {len(self.content)} bytes)"
-
-
-def _nested(content: bytes, content_type: str, limits: Limits) -> CmsInput | None:
+def nested_cms(content: bytes, content_type: str, limits: Limits) -> CmsInput | None:
     """The CMS inside a layer's content, or None when the content is final."""
     if content_type in _CMS_TYPES:
         return CmsInput(der=content)
@@ -190,61 +157,3 @@ def _nested(content: bytes, content_type: str, limits: Limits) -> CmsInput | Non
     if end is None or not _CMS_ENTITY.search(head[:end.start()]):
         return None
     return load_cms_message(content, limits=limits)
-
-
-def open_message(data: bytes, *, keys: Sequence[OpeningKey] = (),
-                 trust_anchors: Sequence[x509.Certificate] = (), want_cek: bool = False,
-                 at: datetime | None = None, check_time: bool = True,
-                 extra_certs: Sequence[x509.Certificate] = (),
-                 limits: Limits = DEFAULT_LIMITS) -> OpenedMessage:
-    """Decrypt and verify every layer of ``data`` (DER, PEM or an S/MIME entity).
-
-    Each signature must verify against ``trust_anchors``; each envelope must
-    be addressed to one of ``keys``.  Raises the typed errors of the layer
-    that failed.
-    """
-    current: CmsInput | None = load_cms_message(data, limits=limits)
-    layers: list[OpenedEnvelope | VerifyResult] = []
-    try:
-        return _open_layers(current, layers, keys=keys, trust_anchors=trust_anchors,
-                            want_cek=want_cek, at=at, check_time=check_time,
-                            extra_certs=extra_certs, limits=limits)
-    except E2MError:
-        if not unauthenticated_plaintext(layers):
-            raise
-    # CBC has no integrity: whatever fails after a CBC layer decrypted (garbage that
-    # kept valid padding, a signature over tampered blocks) must get the same answer
-    # as bad padding, or the difference is a padding oracle (Vaudenay).
-    raise DecryptionError() from None
-
-
-def unauthenticated_plaintext(layers: Sequence[OpenedEnvelope | VerifyResult]) -> bool:
-    """True when some layer was decrypted without integrity (EnvelopedData: CBC)."""
-    return any(isinstance(layer, OpenedEnvelope) and layer.envelope_type == "enveloped-data"
-               for layer in layers)
-
-
-def _open_layers(current: CmsInput | None, layers: list[OpenedEnvelope | VerifyResult], *,
-                 keys: Sequence[OpeningKey], trust_anchors: Sequence[x509.Certificate],
-                 want_cek: bool, at: datetime | None, check_time: bool,
-                 extra_certs: Sequence[x509.Certificate], limits: Limits) -> OpenedMessage:
-    content, content_type = b"", "data"
-    while current is not None:
-        if len(layers) >= limits.max_nesting_depth:
-            raise LimitExceededError(f"more than {limits.max_nesting_depth} nested CMS layers")
-        kind = oids.name_of(content_info_type(current.der))
-        if kind in ("enveloped-data", "auth-enveloped-data"):
-            if current.detached_content is not None:
-                raise MalformedError("an envelope cannot be a detached signature")
-            opened = open_envelope(current.der, list(keys), want_cek=want_cek, limits=limits)
-            layers.append(opened)
-            content, content_type = opened.plaintext, opened.content_type
-        elif kind == "signed-data":
-            result = verify_input(current, trust_anchors=trust_anchors, at=at, check_time=check_time,
-                                  extra_certs=extra_certs, limits=limits)
-            layers.append(result)
-            content, content_type = result.content, result.content_type
-        else:
-            raise UnsupportedAlgorithmError(f"CMS content type {kind} is not supported")
-        current = _nested(content, content_type, limits)
-    return OpenedMessage(content, content_type, tuple(layers))

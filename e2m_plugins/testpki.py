@@ -1,14 +1,10 @@
-"""A small test PKI and the certificate helpers the CMS core relies on.
+"""A small test PKI: a CA, SIP user and proxy certificates, written to a folder.
 
 The generator makes a CA, SIP user certificates (SAN URI = the AoR) and proxy
 certificates (SAN dNSName = host plus SAN URI ``sip:host``) with RSA-2048,
 EC P-256, X25519 (key agreement only) or Ed25519 keys.  It is meant for tests,
-demos and the ``e2m pki`` command, not for running a production CA.
-
-``verify_chain`` is a deliberately small path builder: it accepts the old and
-odd certificates found in RFC 4134 and the LAMPS examples (DSA, SHA-1,
-unknown extensions) that strict verifiers refuse, while still checking
-signatures, names, validity and CA constraints.
+demos and the ``e2m pki`` command, not for running a production CA; the checks
+a running UA or proxy makes are in ``certpath`` and ``certstore``.
 """
 
 from __future__ import annotations
@@ -22,20 +18,19 @@ from pathlib import Path
 from typing import Literal, Union
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import MalformedError, UnsupportedAlgorithmError, UntrustedSignerError
+from .certfiles import load_certificate, load_private_key
+from .certpath import as_utc
 
 __all__ = [
     "KeyType",
     "PrivateKey",
     "Credential",
     "TestPKI",
-    "Identities",
     "generate_key",
     "make_ca",
     "issue_user",
@@ -43,14 +38,6 @@ __all__ = [
     "write_credential",
     "init_test_pki",
     "load_ca",
-    "load_certificate",
-    "load_certificates",
-    "load_private_key",
-    "certificate_identities",
-    "verify_chain",
-    "is_signed_by",
-    "readable_certificate",
-    "MAX_PATH_LENGTH",
 ]
 
 KeyType = Literal["rsa", "ec", "x25519", "ed25519"]
@@ -64,13 +51,10 @@ PrivateKey = Union[
     ed25519.Ed25519PrivateKey,
 ]
 
-# Longest chain verify_chain will build (leaf + intermediates + anchor).
-MAX_PATH_LENGTH = 8
 
 # Some clock skew between hosts is normal; back-date new certificates a little.
 _BACKDATE = timedelta(minutes=5)
 
-PathOrData = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 
 @dataclass(frozen=True)
@@ -83,14 +67,6 @@ class Credential:
     key_path: Path | None = None
 
 
-@dataclass(frozen=True)
-class Identities:
-    """The names a certificate vouches for (SIP cares about SAN URIs first)."""
-
-    uris: tuple[str, ...]
-    dns_names: tuple[str, ...]
-    common_name: str | None
-    emails: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -122,18 +98,13 @@ def _signing_hash(ca_key: PrivateKeyTypes) -> hashes.HashAlgorithm | None:
 def _validity(not_before: datetime | None, not_after: datetime | None,
               days: int) -> tuple[datetime, datetime]:
     now = datetime.now(timezone.utc)
-    start = _as_utc(not_before) if not_before is not None else now - _BACKDATE
-    end = _as_utc(not_after) if not_after is not None else now + timedelta(days=days)
+    start = as_utc(not_before) if not_before is not None else now - _BACKDATE
+    end = as_utc(not_after) if not_after is not None else now + timedelta(days=days)
     if end <= start:
         raise ValueError("not_after must be later than not_before")
     return start, end
 
 
-def _as_utc(moment: datetime) -> datetime:
-    # Naive datetimes are taken as UTC, which is what certificates use.
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
 
 
 def _key_usage(key_type_of: PrivateKeyTypes) -> x509.KeyUsage:
@@ -361,250 +332,3 @@ def load_ca(directory: str | os.PathLike) -> Credential:
     cert_path, key_path = directory / "ca.crt", directory / "ca.key"
     return Credential(cert=load_certificate(cert_path), key=load_private_key(key_path),
                       cert_path=cert_path, key_path=key_path)
-
-
-# --------------------------------------------------------------------------
-# Loading
-
-
-def _read(data_or_path: PathOrData) -> bytes:
-    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
-        return bytes(data_or_path)
-    if isinstance(data_or_path, str) and data_or_path.lstrip().startswith("-----BEGIN"):
-        return data_or_path.encode("ascii", "replace")
-    return Path(data_or_path).read_bytes()
-
-
-def _looks_pem(data: bytes) -> bool:
-    return b"-----BEGIN" in data[:4096]
-
-
-def load_certificate(data_or_path: PathOrData) -> x509.Certificate:
-    """One certificate, PEM or DER, from bytes, PEM text or a file path."""
-    data = _read(data_or_path)
-    try:
-        if _looks_pem(data):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except (ValueError, TypeError, x509.InvalidVersion) as exc:
-        raise MalformedError(f"not a readable X.509 certificate: {exc}") from None
-
-
-def load_certificates(data_or_path: PathOrData) -> list[x509.Certificate]:
-    """All certificates of a PEM bundle (or the single one of a DER file)."""
-    data = _read(data_or_path)
-    if not _looks_pem(data):
-        return [load_certificate(data)]
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except (ValueError, TypeError, x509.InvalidVersion) as exc:
-        raise MalformedError(f"not a readable PEM certificate bundle: {exc}") from None
-    if not certs:
-        raise MalformedError("no certificate in PEM bundle")
-    return certs
-
-
-def load_private_key(data_or_path: PathOrData) -> PrivateKeyTypes:
-    """A private key: PEM (PKCS#8 or traditional) or DER (PKCS#8 or traditional).
-
-    Encrypted keys are refused: the test PKI writes them unencrypted and the
-    proxy reads them from a protected file.
-    """
-    data = _read(data_or_path)
-    try:
-        if _looks_pem(data):
-            return serialization.load_pem_private_key(data, password=None)
-        return serialization.load_der_private_key(data, password=None)
-    except UnsupportedAlgorithm:
-        raise UnsupportedAlgorithmError("private key of an unsupported type") from None
-    except TypeError:
-        # cryptography says "password was not given" for encrypted keys.
-        raise MalformedError("private key is encrypted or unreadable") from None
-    except ValueError:
-        # The message of cryptography never contains key material, but keep ours fixed.
-        raise MalformedError("not a readable private key") from None
-
-
-# --------------------------------------------------------------------------
-# Identities and path validation
-
-
-def _fully_readable(cert: x509.Certificate) -> bool:
-    """cryptography parses some fields lazily; touch the ones we rely on."""
-    try:
-        cert.version, cert.subject, cert.issuer, cert.serial_number  # noqa: B018
-        cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
-        cert.extensions  # noqa: B018 - raises on duplicate or broken extensions
-        cert.tbs_certificate_bytes  # noqa: B018
-    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension,
-            x509.UnsupportedGeneralNameType):
-        return False
-    return True
-
-
-def readable_certificate(der: bytes) -> x509.Certificate | None:
-    """The certificate if cryptography can read every field we use, else None."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except (ValueError, x509.InvalidVersion):
-        return None
-    return cert if _fully_readable(cert) else None
-
-
-def certificate_identities(cert: x509.Certificate) -> Identities:
-    """SAN URIs, SAN dNSNames, SAN rfc822Names and the first subject CN."""
-    uris: tuple[str, ...] = ()
-    dns: tuple[str, ...] = ()
-    emails: tuple[str, ...] = ()
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-        dns = tuple(san.get_values_for_type(x509.DNSName))
-        emails = tuple(san.get_values_for_type(x509.RFC822Name))
-    except x509.ExtensionNotFound:
-        pass
-    except ValueError as exc:  # duplicate or broken extensions
-        raise MalformedError(f"unreadable certificate extensions: {exc}") from None
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    cn = cns[0].value if cns else None
-    if isinstance(cn, bytes):
-        cn = cn.decode("utf-8", "replace")
-    return Identities(uris=uris, dns_names=dns, common_name=cn, emails=emails)
-
-
-def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:#x}"
-
-
-def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """True if ``issuer``'s key made the signature on ``cert`` (names not checked)."""
-    try:
-        public = issuer.public_key()
-        sig_hash = cert.signature_hash_algorithm
-        params = cert.signature_algorithm_parameters
-        tbs, sig = cert.tbs_certificate_bytes, cert.signature
-        if isinstance(public, rsa.RSAPublicKey):
-            if not isinstance(params, (padding.PKCS1v15, padding.PSS)) or sig_hash is None:
-                return False
-            public.verify(sig, tbs, params, sig_hash)
-        elif isinstance(public, ec.EllipticCurvePublicKey):
-            if not isinstance(params, ec.ECDSA):
-                return False
-            public.verify(sig, tbs, params)
-        elif isinstance(public, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-            if sig_hash is not None:
-                return False
-            public.verify(sig, tbs)
-        elif isinstance(public, dsa.DSAPublicKey):
-            if sig_hash is None:
-                return False
-            public.verify(sig, tbs, sig_hash)
-        else:
-            return False
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
-        return False
-    return True
-
-
-def _can_issue(issuer: x509.Certificate, is_anchor: bool) -> str | None:
-    """None if ``issuer`` may sign certificates, else the reason it may not."""
-    try:
-        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if not bc.ca:
-            return f"{_describe(issuer)} is not a CA"
-    except x509.ExtensionNotFound:
-        # Trust anchors are trusted by configuration (v1 roots have no
-        # extensions); intermediates must prove they are CAs.
-        if not is_anchor:
-            return f"{_describe(issuer)} has no CA basicConstraints"
-    except ValueError:
-        return f"{_describe(issuer)} has unreadable extensions"
-    try:
-        ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
-        if not ku.key_cert_sign:
-            return f"{_describe(issuer)} may not sign certificates (keyUsage)"
-    except x509.ExtensionNotFound:
-        pass
-    except ValueError:
-        return f"{_describe(issuer)} has unreadable extensions"
-    return None
-
-
-def _time_problem(cert: x509.Certificate, at: datetime) -> str | None:
-    if at < cert.not_valid_before_utc:
-        return (f"certificate {_describe(cert)} is not yet valid "
-                f"(valid from {cert.not_valid_before_utc.isoformat()})")
-    if at > cert.not_valid_after_utc:
-        return (f"certificate {_describe(cert)} has expired "
-                f"(valid until {cert.not_valid_after_utc.isoformat()})")
-    return None
-
-
-def verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
-                 intermediates: Sequence[x509.Certificate] = (), at: datetime | None = None,
-                 check_time: bool = True) -> list[x509.Certificate]:
-    """Build and check a path from ``cert`` to one of ``anchors``.
-
-    Returns the path, leaf first and anchor last (just ``[cert]`` if the
-    certificate is itself an anchor).  Checks each signature, issuer/subject
-    name chaining, CA basicConstraints and keyUsage of issuers, and the
-    validity period of every certificate on the path at ``at`` (default now,
-    UTC) unless ``check_time`` is False.  Raises ``UntrustedSignerError``.
-    """
-    when = _as_utc(at) if at is not None else datetime.now(timezone.utc)
-    if not _fully_readable(cert):
-        raise MalformedError("certificate has unreadable fields")
-    # Skip unreadable candidates instead of failing: they may be irrelevant.
-    anchors = [a for a in anchors if _fully_readable(a)]
-    intermediates = [c for c in intermediates if _fully_readable(c)]
-    anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
-    # Anchors first so that a shorter path to a trusted certificate wins.
-    candidates = list(anchors) + [c for c in intermediates
-                                  if c.public_bytes(serialization.Encoding.DER) not in anchor_der]
-    problems: list[str] = []
-
-    def time_ok(c: x509.Certificate) -> bool:
-        if not check_time:
-            return True
-        problem = _time_problem(c, when)
-        if problem:
-            problems.append(problem)
-            return False
-        return True
-
-    def extend(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
-        current = path[-1]
-        if current.public_bytes(serialization.Encoding.DER) in anchor_der:
-            return path
-        if len(path) >= MAX_PATH_LENGTH:
-            problems.append(f"path longer than {MAX_PATH_LENGTH} certificates")
-            return None
-        for issuer in candidates:
-            if issuer.subject != current.issuer or any(issuer == p for p in path):
-                continue
-            if not is_signed_by(current, issuer):
-                problems.append(f"bad signature on {_describe(current)} "
-                                f"for issuer {_describe(issuer)}")
-                continue
-            is_anchor = issuer.public_bytes(serialization.Encoding.DER) in anchor_der
-            reason = _can_issue(issuer, is_anchor)
-            if reason:
-                problems.append(reason)
-                continue
-            if not time_ok(issuer):
-                continue
-            found = extend(path + [issuer])
-            if found:
-                return found
-        return None
-
-    if time_ok(cert):
-        found = extend([cert])
-        if found:
-            return found
-    if problems:
-        # The first problem met is the one nearest the leaf: the most useful.
-        raise UntrustedSignerError(f"no trusted path for {_describe(cert)}: {problems[0]}")
-    raise UntrustedSignerError(
-        f"no trusted path for {_describe(cert)}: issuer {cert.issuer.rfc4514_string()} "
-        "is neither a trust anchor nor among the supplied certificates")

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from . import certstore
 from .errors import E2MError
 from .headers import Rule, validate_host
-from .pki import load_certificate, load_certificates, load_private_key
+from .certfiles import load_certificate, load_certificates, load_private_key
 from .sdp import KEYING_ATTRIBUTES
 from .sip_errors import DEFAULT_CODES, E2MCodes
 

@@ -1,0 +1,105 @@
+"""Certificates and private keys from files or bytes: PEM or DER, one or a bundle.
+
+Every failure on bad input is a typed ``E2MError`` whose message never quotes key
+material.  ``readable_certificate`` says whether ``cryptography`` can read every field
+the checks rely on (it parses some lazily).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from .errors import MalformedError, UnsupportedAlgorithmError
+
+__all__ = ["PathOrData", "load_certificate", "load_certificates", "load_private_key",
+           "readable_certificate", "fully_readable"]
+
+
+PathOrData = Union[bytes, bytearray, memoryview, str, os.PathLike]
+
+
+def _read(data_or_path: PathOrData) -> bytes:
+    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+        return bytes(data_or_path)
+    if isinstance(data_or_path, str) and data_or_path.lstrip().startswith("-----BEGIN"):
+        return data_or_path.encode("ascii", "replace")
+    return Path(data_or_path).read_bytes()
+
+
+def _looks_pem(data: bytes) -> bool:
+    return b"-----BEGIN" in data[:4096]
+
+
+def load_certificate(data_or_path: PathOrData) -> x509.Certificate:
+    """One certificate, PEM or DER, from bytes, PEM text or a file path."""
+    data = _read(data_or_path)
+    try:
+        if _looks_pem(data):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except (ValueError, TypeError, x509.InvalidVersion) as exc:
+        raise MalformedError(f"not a readable X.509 certificate: {exc}") from None
+
+
+def load_certificates(data_or_path: PathOrData) -> list[x509.Certificate]:
+    """All certificates of a PEM bundle (or the single one of a DER file)."""
+    data = _read(data_or_path)
+    if not _looks_pem(data):
+        return [load_certificate(data)]
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except (ValueError, TypeError, x509.InvalidVersion) as exc:
+        raise MalformedError(f"not a readable PEM certificate bundle: {exc}") from None
+    if not certs:
+        raise MalformedError("no certificate in PEM bundle")
+    return certs
+
+
+def load_private_key(data_or_path: PathOrData) -> PrivateKeyTypes:
+    """A private key: PEM (PKCS#8 or traditional) or DER (PKCS#8 or traditional).
+
+    Encrypted keys are refused: the test PKI writes them unencrypted and the
+    proxy reads them from a protected file.
+    """
+    data = _read(data_or_path)
+    try:
+        if _looks_pem(data):
+            return serialization.load_pem_private_key(data, password=None)
+        return serialization.load_der_private_key(data, password=None)
+    except UnsupportedAlgorithm:
+        raise UnsupportedAlgorithmError("private key of an unsupported type") from None
+    except TypeError:
+        # cryptography says "password was not given" for encrypted keys.
+        raise MalformedError("private key is encrypted or unreadable") from None
+    except ValueError:
+        # The message of cryptography never contains key material, but keep ours fixed.
+        raise MalformedError("not a readable private key") from None
+
+
+def fully_readable(cert: x509.Certificate) -> bool:
+    """cryptography parses some fields lazily; touch the ones we rely on."""
+    try:
+        cert.version, cert.subject, cert.issuer, cert.serial_number  # noqa: B018
+        cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
+        cert.extensions  # noqa: B018 - raises on duplicate or broken extensions
+        cert.tbs_certificate_bytes  # noqa: B018
+    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType):
+        return False
+    return True
+
+
+def readable_certificate(der: bytes) -> x509.Certificate | None:
+    """The certificate if cryptography can read every field we use, else None."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion):
+        return None
+    return cert if fully_readable(cert) else None
