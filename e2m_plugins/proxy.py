@@ -177,7 +177,10 @@ class ProxyEngine:
         return hdr.PROXY_BODY_POLICY, self._policy_value
 
     def inspect(self, message: SipMessage) -> Verdict:
-        """The verdict for one request or response (never raises ``E2MError``)."""
+        """The verdict for one request or response (never raises ``E2MError``).
+
+        A response is always forwarded: it cannot be answered, and dropping it would
+        only make the UAS retransmit.  What could not be read is in ``error``."""
         try:
             if message.is_request:
                 return self._inspect_request(message)

@@ -28,8 +28,8 @@ CREATE TABLE IF NOT EXISTS bodies (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     time          REAL    NOT NULL,
     call_id       TEXT    NOT NULL,
-    from_uri      TEXT,
-    to_uri        TEXT,
+    from_uri      TEXT,               -- who sent the body (a response: the responder)
+    to_uri        TEXT,               -- the other party
     method        TEXT    NOT NULL,
     direction     TEXT    NOT NULL CHECK (direction IN ('request', 'response')),
     status        INTEGER,

@@ -41,9 +41,13 @@ def _direction(message: SipMessage) -> str:
 
 
 def body_records(message: SipMessage, seen: Any) -> list[BodyRecord]:
-    """Archive rows for the bodies ``verdict.seen`` reports for ``message``."""
-    return [BodyRecord(call_id=message.call_id, from_uri=_uri(message, "From"),
-                       to_uri=_uri(message, "To"), method=message.method,
+    """Archive rows for the bodies ``verdict.seen`` reports for ``message``.
+
+    ``from_uri`` is who sent the body: the From of a request, the responder (the To)
+    of a response; ``to_uri`` is the other party."""
+    sender, receiver = ("From", "To") if message.is_request else ("To", "From")
+    return [BodyRecord(call_id=message.call_id, from_uri=_uri(message, sender),
+                       to_uri=_uri(message, receiver), method=message.method,
                        direction=_direction(message), status=message.status,
                        content_type=item.content_type, plaintext=item.plaintext,
                        sha256=item.sha256, signature=item.signature, signer=item.signer,

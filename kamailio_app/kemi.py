@@ -5,7 +5,7 @@ applies it with KSR calls, and hands what was seen to the archive.  It never
 changes a body and never logs one.  Each route method has one job:
 
   request:  sanity -> CANCEL | in-dialog | REGISTER | OPTIONS to us | target -> inspect -> relay
-  reply:    (tm onreply) inspect -> archive -> forward (or drop, if the engine refuses)
+  reply:    (tm onreply) inspect -> archive -> forward (a response is never refused)
   xhttp:    the proxy certificate at its cert-url path
 
 Loaded by the cfg that ``e2m-proxy`` renders; the defines there say where the
@@ -377,12 +377,6 @@ class kamailio:
         verdict = self.app.engine.inspect(message)
         KSR.info("e2m: %s response %s %s\n" % (message.method, message.status, _summary(verdict)))
         self.observe(message, verdict)
-        if verdict.action == "reply":
-            # A response cannot be answered; one the engine refuses does not go on.
-            KSR.warn("e2m: dropping a %s response the engine refused (%s)\n"
-                     % (message.status, verdict.error or "no reason"))
-            KSR.set_drop()
-            return
         _remove_headers(verdict.remove_headers)
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))

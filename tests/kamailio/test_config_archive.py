@@ -160,3 +160,21 @@ def test_example_configs_are_valid(name, pki, tmp_path):
                            str(tmp_path / name), "--check"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-1500:]
+
+
+def test_archive_row_names_the_sender_of_each_body():
+    """A request's body comes from its From; a response's from the responder (its To).
+    Naming alice as the sender of bob's SDP answer would put words in her mouth."""
+    from e2m_plugins.proxy import SeenBody
+    from e2m_plugins.sip import make_request, make_response
+    from kamailio_app.bootstrap import body_records
+
+    invite = make_request("INVITE", "sip:bob@example.com", from_uri="sip:alice@example.com",
+                          to_uri="sip:bob@example.com")
+    answer = make_response(invite, 200, "OK").replace("To", "<sip:bob@example.com>;tag=b1")
+    seen = (SeenBody(cid=None, content_type="application/sdp", plaintext=b"v=0\r\n",
+                     encrypted=True, signature="none", signer=None),)
+    (offer_row,) = body_records(invite, seen)
+    (answer_row,) = body_records(answer, seen)
+    assert (offer_row.from_uri, offer_row.to_uri) == ("sip:alice@example.com", "sip:bob@example.com")
+    assert (answer_row.from_uri, answer_row.to_uri) == ("sip:bob@example.com", "sip:alice@example.com")
