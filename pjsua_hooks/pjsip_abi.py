@@ -11,8 +11,8 @@ for the exact build they came from:
 
 The numbers below were derived from the pjproject 2.15.1 headers
 (``sip_transport.h``, ``sip_msg.h``, ``ioqueue.h``) by adding up field sizes with
-natural alignment, and they agree with the ``offsetof()`` table in
-``../shared/docs/pjsua2-recipes.md`` §4.2.  Nothing here is trusted blindly:
+natural alignment, and they agree with an ``offsetof()`` table computed against
+the same headers and configuration (``docs/platform-notes.md`` §2.2).  Nothing here is trusted blindly:
 every access goes through a check that would fail on a different layout
 (see :func:`check_tx` and :func:`check_rx`), and a failed check raises
 :class:`AbiError` so the hook fails closed instead of writing to the wrong place.
