@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Callable
 
 from e2m_plugins import headers as hdr
-from e2m_plugins import mime, sdp, sip
+from e2m_plugins import grammar, mime, sdp, sip
 from e2m_plugins.body import protect_content
 from e2m_plugins.cms.envelope import cek_reference_attributes, open_envelope, seal
 from e2m_plugins.cms.recipients import (CertificateKey, KeyTransRecipient, SharedKEK,
@@ -300,7 +300,7 @@ def t_sip(k: Kit, data: bytes) -> None:
                    lambda: msg.to_tag, lambda: msg.dialog_id(),
                    lambda: [sip.parse_address(v) for n in ("From", "To", "Contact")
                             for v in msg.get_all(n)],
-                   lambda: [sip.split_header_list(v) for v in msg.get_all("Via")]):
+                   lambda: [grammar.split_header_list(v) for v in msg.get_all("Via")]):
         try:
             getter()
         except E2MError:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import mime
 from .certstore import check_user_certificate
-from .headers import host_key
+from .uri import host_key
 from .cms import ciphers, der, oids
 from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, seal
 from .cms.limits import DEFAULT_LIMITS, Limits

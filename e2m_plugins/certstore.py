@@ -5,13 +5,13 @@ and ``certpath.certificate_identities`` (names); this module adds the SIP name
 rules and the "can we encrypt to this key" rule, and reports every failure as
 ``CertificateRejectedError`` with a reason a person can act on.
 
-Name rules (decided here; see the module constants and functions):
+Name rules (URIs and hosts are read by ``e2m_plugins.uri``, the one URI parser):
 
 * Users: the AoR must be one of the certificate's SAN URIs (RFC 8591, RFC
   6216); the CN is never used.  SIP URIs compare with ``sip`` and ``sips``
   alike (the scheme asks for TLS hops, it does not change who the user is),
   the user part case-sensitively after percent-decoding, the host
-  case-insensitively without a trailing dot; port, URI parameters and
+  case-insensitively without a trailing dot (IPv6 canonical); port, URI parameters and
   headers are ignored (an AoR names a user at a domain, not a contact).
   A URI with a password is never a match.
 * Proxies: the host must equal a SAN dNSName or the host of a SAN ``sip:``
@@ -34,7 +34,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -44,12 +43,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .errors import CertificateRejectedError, E2MError, MalformedError
 from .certpath import certificate_identities, verify_chain
+from .uri import SipIdentity, aor_of, host_key, identity_of
 
 __all__ = [
     "CertStore",
-    "SipIdentity",
-    "parse_sip_uri",
-    "normalise_host",
     "certificate_matches_aor",
     "certificate_matches_host",
     "check_user_certificate",
@@ -66,76 +63,31 @@ MIN_RSA_BITS = 2048  # below this RSA is no longer a safe key transport
 # Names
 
 
-@dataclass(frozen=True)
-class SipIdentity:
-    """The comparable part of a SIP or SIPS URI: user (or None) at host."""
-
-    user: str | None
-    host: str
-
-    def __str__(self) -> str:
-        return f"sip:{self.user}@{self.host}" if self.user is not None else f"sip:{self.host}"
-
-
-_URI = re.compile(r"^(?P<scheme>sips?):(?:(?P<user>[^@;?]*)@)?"
-                  r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:;?\[\]]+)(?::[0-9]{1,5})?(?:[;?].*)?$",
-                  re.IGNORECASE | re.DOTALL)
-
-
-def normalise_host(host: str) -> str:
-    """Lower case, no trailing dot: how hosts compare."""
-    return host.strip().lower().rstrip(".")
-
-
-def parse_sip_uri(uri: str) -> SipIdentity | None:
-    """The identity of a ``sip:``/``sips:`` URI (angle brackets allowed), or None."""
-    text = uri.strip()
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1].strip()
-    match = _URI.match(text)
-    if not match:
-        return None
-    user = match.group("user")
-    if user is not None:
-        if not user or ":" in user:  # empty user, or user:password
-            return None
-        user = unquote(user)
-    host = normalise_host(match.group("host"))
-    if not host or any(ch.isspace() for ch in host):
-        return None
-    return SipIdentity(user, host)
-
-
-def _aor_identity(aor: str) -> SipIdentity:
-    identity = parse_sip_uri(aor)
-    if identity is None or identity.user is None:
-        raise MalformedError(f"not a SIP address of record: {aor!r}")
-    return identity
 
 
 def certificate_matches_aor(cert: x509.Certificate, aor: str) -> bool:
     """True if one of the certificate's SAN URIs names ``aor`` (CN is not used)."""
-    wanted = _aor_identity(aor)
-    return any(parse_sip_uri(uri) == wanted for uri in certificate_identities(cert).uris)
+    wanted = aor_of(aor)
+    return any(identity_of(uri) == wanted for uri in certificate_identities(cert).uris)
 
 
 def _proxy_names(cert: x509.Certificate) -> tuple[list[str], str]:
     """The names a proxy certificate vouches for, and where they came from."""
     ids = certificate_identities(cert)
-    names = [normalise_host(d) for d in ids.dns_names]
+    names = [host_key(d) for d in ids.dns_names]
     for uri in ids.uris:
-        identity = parse_sip_uri(uri)
+        identity = identity_of(uri)
         if identity is not None and identity.user is None:
             names.append(identity.host)
     if names or ids.dns_names or ids.uris:
         return names, "subjectAltName"
     # CN only when the certificate has no SAN URI or dNSName at all (RFC 5922 style).
-    return ([normalise_host(ids.common_name)] if ids.common_name else []), "common name"
+    return ([host_key(ids.common_name)] if ids.common_name else []), "common name"
 
 
 def certificate_matches_host(cert: x509.Certificate, host: str) -> bool:
     """True if the certificate names ``host`` exactly; wildcards never match."""
-    wanted = normalise_host(host)
+    wanted = host_key(host)
     if not wanted or "*" in wanted:
         return False
     names, _ = _proxy_names(cert)
@@ -221,12 +173,12 @@ def check_user_certificate(cert: x509.Certificate, aor: str,
     Raises ``CertificateRejectedError``; a malformed ``aor`` raises
     ``MalformedError``.  Pass ``for_encryption=False`` for a signer's certificate.
     """
-    identity = _aor_identity(aor)
+    identity = aor_of(aor)
     try:
         uris = certificate_identities(cert).uris
     except E2MError as exc:
         raise CertificateRejectedError(f"certificate of {identity} rejected: {exc}") from None
-    if not any(parse_sip_uri(uri) == identity for uri in uris):
+    if not any(identity_of(uri) == identity for uri in uris):
         names = ", ".join(uris) or "no SAN URI"
         raise CertificateRejectedError(
             f"certificate {_describe(cert)} is not for {identity} (it names {names})")
@@ -244,7 +196,7 @@ def check_proxy_certificate(cert: x509.Certificate, host: str,
     This is the check a UA runs on the certificate of a 496 or of a policy
     header before it discloses anything (protocol digest §7).
     """
-    wanted = normalise_host(host)
+    wanted = host_key(host)
     if not wanted or "*" in wanted or any(ch.isspace() for ch in wanted):
         raise MalformedError(f"not a proxy host name: {host!r}")
     try:
@@ -326,18 +278,18 @@ class CertStore:
         """Check and keep ``cert`` as the certificate to encrypt to for ``aor``."""
         path = check_user_certificate(cert, aor, self._anchors, self._clock(), intermediates)
         with self._lock:
-            self._users[_aor_identity(aor)] = _stored(path)
+            self._users[aor_of(aor)] = _stored(path)
 
     def add_proxy(self, host: str, cert: x509.Certificate,
                   intermediates: Sequence[x509.Certificate] = ()) -> None:
         """Check and keep ``cert`` as the certificate of proxy ``host``."""
         path = check_proxy_certificate(cert, host, self._anchors, self._clock(), intermediates)
         with self._lock:
-            self._proxies[normalise_host(host)] = _stored(path)
+            self._proxies[host_key(host)] = _stored(path)
 
     def user(self, aor: str) -> x509.Certificate | None:
         """The certificate of ``aor`` if known and valid now."""
-        identity = parse_sip_uri(aor)
+        identity = identity_of(aor)
         if identity is None:
             return None
         with self._lock:
@@ -346,16 +298,16 @@ class CertStore:
     def proxy(self, host: str) -> x509.Certificate | None:
         """The certificate of proxy ``host`` if known and valid now."""
         with self._lock:
-            return self._valid(self._proxies, normalise_host(host))
+            return self._valid(self._proxies, host_key(host))
 
     def remove_user(self, aor: str) -> bool:
-        identity = parse_sip_uri(aor)
+        identity = identity_of(aor)
         with self._lock:
             return identity is not None and self._users.pop(identity, None) is not None
 
     def remove_proxy(self, host: str) -> bool:
         with self._lock:
-            return self._proxies.pop(normalise_host(host), None) is not None
+            return self._proxies.pop(host_key(host), None) is not None
 
     def _valid(self, table: dict, key: object) -> x509.Certificate | None:
         entry = table.get(key)

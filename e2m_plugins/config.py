@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import certstore
 from .errors import E2MError
-from .headers import Rule, validate_host
+from .headers import Rule
 from .certfiles import load_certificate, load_certificates, load_private_key
 from .sdp import KEYING_ATTRIBUTES
 from .sip_errors import DEFAULT_CODES, E2MCodes
+from .uri import identity_of, validate_host
 
 __all__ = ["ConfigError", "ProxyRule", "ProxyConfig", "UAConfig", "KnownProxy",
            "load_proxy_config", "load_ua_config", "parse_rules"]
@@ -356,7 +357,7 @@ def load_ua_config(path: str | Path) -> UAConfig:
     key = reader.load("[identity].key", reader.get(identity, "[identity]", "key", str,
                                                    required=True), load_private_key)
     anchors = _anchors(reader)
-    if aor is not None and certstore.parse_sip_uri(aor) is None:
+    if aor is not None and identity_of(aor) is None:
         problems.append(f"[identity].aor: not a SIP URI: {aor!r}")
     elif aor is not None and cert is not None and anchors:
         try:

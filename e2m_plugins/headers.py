@@ -13,22 +13,22 @@ cid per header instance: ``host;cid="id"``.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
-from urllib.parse import urlsplit
 
 from .errors import MalformedError
-from .sip import parse_param_list, quote_string, split_header_list, unquote_string
+from .grammar import (SIP, SIP_TOKEN, SIP_TOKEN_PATTERN, format_param, parse_param_list,
+                      parse_params, quote_string, split_header_list, unquote_string)
+from .uri import check_http_url, host_key, validate_host
 
 __all__ = [
     "DEFAULT_WARN_CODE", "BodyLabel", "PolicyHeader", "Rule", "WarningValue",
     "content_type_warning", "format_labels", "format_proxy_required_body",
-    "format_warning", "host_key", "labels_for", "parse_content_type_warnings",
+    "format_warning", "labels_for", "parse_content_type_warnings",
     "parse_policy_headers", "parse_proxy_required_bodies", "parse_proxy_required_body",
-    "parse_warnings", "policy_for", "validate_host",
+    "parse_warnings", "policy_for",
 ]
 
 PROXY_REQUIRED_BODY = "Proxy-Required-Body"
@@ -36,50 +36,15 @@ PROXY_BODY_POLICY = "Proxy-Body-Policy"
 DEFAULT_WARN_CODE = 380  # draft value; RFC 5630 took 380 for "SIPS Not Allowed"
 WARN_TEXT = "Required to view '{}'"
 
-_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-_HOSTNAME = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?")
+_TOKEN = SIP_TOKEN  # one grammar for tokens and parameters: e2m_plugins.grammar
 _CID = re.compile(r'[^\s<>"\\]+')
 _CID_CONTINUATION = re.compile(r"cid[ \t]*=", re.IGNORECASE)
 _WARNING = re.compile(r'([0-9]{3})[ \t]+([^\s"]+)[ \t]+(".*")', re.DOTALL)
 _WARN_TEXT = re.compile(r"\s*required\s+to\s+view\s+'?([^'\s]+?)'?\s*", re.IGNORECASE)
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+/[A-Za-z0-9\-.!%*_+`'~]+")
-_MAX_HOST = 255
+_MEDIA_TYPE = re.compile(rf"{SIP_TOKEN_PATTERN}/{SIP_TOKEN_PATTERN}")
 
 
 # -- hosts -----------------------------------------------------------------
-
-def validate_host(host: str) -> str:
-    """Return ``host`` stripped if it is an RFC 3261 ``host``, else MalformedError.
-
-    Hostnames, IPv4 addresses and bracketed IPv6 references; no port, no URI.
-    """
-    host = host.strip(" \t")
-    if host.startswith("["):
-        if not host.endswith("]") or "%" in host:  # no zone ids in SIP (RFC 5118)
-            raise MalformedError("bad IPv6 reference")
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise MalformedError("bad IPv6 reference") from None
-        return host
-    if len(host) > _MAX_HOST or not _HOSTNAME.fullmatch(host):
-        raise MalformedError("bad host")
-    return host
-
-
-@lru_cache(maxsize=256)
-def host_key(host: str) -> str:
-    """Comparison key: case-insensitive, no trailing dot, canonical IPv6."""
-    host = host.strip(" \t").lower().rstrip(".")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
-        except ValueError:
-            return host
-    return host
-
 
 def _split_host(item: str) -> tuple[str, str]:
     host, _, params = item.partition(";")
@@ -89,13 +54,9 @@ def _split_host(item: str) -> tuple[str, str]:
 
 
 def _format_param(name: str, value: str | None, force_quote: bool = False) -> str:
-    if not _TOKEN.fullmatch(name):
+    if not SIP.is_token(name):
         raise MalformedError(f"bad parameter name {name!r}")
-    if value is None:
-        return f";{name}"
-    if force_quote or not _TOKEN.fullmatch(value):
-        return f";{name}={quote_string(value)}"
-    return f";{name}={value}"
+    return ";" + format_param(name, value, SIP, force_quote)
 
 
 # -- Proxy-Required-Body ---------------------------------------------------
@@ -140,11 +101,15 @@ def _normalise_cid(raw: str | None) -> str:
 
 
 def _add_params(text: str, cids: list[str], params: dict[str, str | None]) -> None:
+    # cid is the one parameter a label may repeat (the draft's target-body list);
+    # any other given twice in one label is as ambiguous as anywhere else.
     for name, value in parse_param_list(text):
         if name == "cid":
             cids.append(_normalise_cid(value))
+        elif name in params:
+            raise MalformedError(f"header parameter {name} given twice")
         else:
-            params.setdefault(name, value)
+            params[name] = value
 
 
 def parse_proxy_required_body(value: str) -> list[BodyLabel]:
@@ -363,19 +328,6 @@ def _parse_fingerprint(value: str | None) -> bytes:
     return bytes.fromhex(digits)
 
 
-def _check_url(url: str | None) -> str:
-    if not url or len(url) > 2048 or re.search(r'[\s"\\<>\x00-\x1f\x7f]', url):
-        raise MalformedError("bad cert-url")
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises on a bad port
-    except ValueError:
-        raise MalformedError("bad cert-url") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise MalformedError("cert-url must be an http or https URL with a host")
-    return url
-
-
 def _parse_expires(value: str | None) -> int:
     if value is None or not re.fullmatch(r"[0-9]{1,10}", value):
         raise MalformedError("bad expires")
@@ -412,7 +364,7 @@ class PolicyHeader:
         if self.cert_fingerprint is not None and len(self.cert_fingerprint) != 32:
             raise MalformedError("cert fingerprint must be a SHA-256 digest")
         if self.cert_url is not None:
-            _check_url(self.cert_url)
+            check_http_url(self.cert_url)
         if self.expires is not None and not 0 <= self.expires <= 2**32 - 1:
             raise MalformedError("expires out of range")
         ext = {k.lower(): v for k, v in self.extensions.items()}
@@ -428,20 +380,15 @@ class PolicyHeader:
         host, rest = _split_host(value)
         known: dict[str, str | None] = {}
         extensions: dict[str, str | None] = {}
-        for name, pvalue in parse_param_list(rest):
-            if name in _KNOWN:
-                if name in known:
-                    raise MalformedError(f"duplicate {name} parameter")
-                known[name] = pvalue
-            else:
-                extensions.setdefault(name, pvalue)
+        for name, pvalue in parse_params(rest).items():  # a repeat is malformed
+            (known if name in _KNOWN else extensions)[name] = pvalue
         return cls(
             host,
             view=_parse_rules(known["view"]) if "view" in known else (),
             verify=_parse_rules(known["verify"]) if "verify" in known else (),
             cert_fingerprint=(_parse_fingerprint(known["cert-fp"])
                               if "cert-fp" in known else None),
-            cert_url=_check_url(known["cert-url"]) if "cert-url" in known else None,
+            cert_url=check_http_url(known["cert-url"]) if "cert-url" in known else None,
             expires=_parse_expires(known["expires"]) if "expires" in known else None,
             extensions=extensions,
         )

@@ -48,6 +48,8 @@ from .cms import oids
 from .cms.envelope import content_info_type
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .errors import LimitExceededError, MalformedError, UnsupportedAlgorithmError
+from .grammar import MIME, MIME_TOKEN, MIME_TOKEN_PATTERN, format_param
+from .grammar import parse_params as _parse_params
 
 __all__ = [
     "MimeLimits", "DEFAULT_MIME_LIMITS", "ContentType", "Disposition", "MimePart",
@@ -84,11 +86,10 @@ _SMIME_TYPE_BY_OID = {
     oids.COMPRESSED_DATA: "compressed-data",
 }
 
-# RFC 2045 token: printable ASCII except SPACE and tspecials.
-_TOKEN = r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+"
-_TOKEN_RE = re.compile(_TOKEN)
+# RFC 2045 token and parameters: e2m_plugins.grammar (the MIME dialect).
+_TOKEN = MIME_TOKEN_PATTERN
+_TOKEN_RE = MIME_TOKEN
 _MEDIA_TYPE = re.compile(rf"[ \t]*({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]*")
-_PARAM = re.compile(rf'[ \t]*({_TOKEN})[ \t]*(?:=[ \t]*("(?:[^"\\]|\\.)*"|[^;\s"]*))?[ \t]*')
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # RFC 2046 bchars; a boundary may not end in a space.
@@ -123,53 +124,27 @@ class MimeLimits:
 
 DEFAULT_MIME_LIMITS = MimeLimits()
 
-Params = tuple[tuple[str, str], ...]
+Params = tuple[tuple[str, str | None], ...]  # a bare parameter has the value None
 
 
 # -- parameters -------------------------------------------------------------------
 
-def _unquote(raw: str) -> str:
-    if raw.startswith('"'):
-        return re.sub(r"\\(.)", r"\1", raw[1:-1], flags=re.DOTALL)
-    return raw
-
-
 def parse_params(text: str) -> Params:
     """``;name=value`` pairs (RFC 2045 §5.1, RFC 3261 generic-param), names lower-cased.
 
-    Values may be tokens or quoted strings; a name without a value gets "".
-    A missing ``;`` between two parameters is forgiven (RFC 3261 §23.2's own
-    example writes ``filename=smime.p7m handling=required``).  A parameter
-    given twice is malformed.
+    The one grammar of :mod:`e2m_plugins.grammar`, MIME dialect: values may be
+    tokens or quoted strings; a name without a value (bare) gets None.  A
+    missing ``;`` between two parameters is forgiven when whitespace separates
+    them (RFC 3261 §23.2's own example writes ``filename=smime.p7m
+    handling=required``).  A parameter given twice, also as ``name`` next to
+    its RFC 2231 form ``name*``, is malformed.
     """
-    result: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    pos = 0
-    while pos < len(text):
-        if text[pos] in " \t;":
-            pos += 1
-            continue
-        match = _PARAM.match(text, pos)
-        if not match or match.end() == pos:
-            raise MalformedError("malformed header parameter")
-        name = match.group(1).lower()
-        if name in seen:
-            raise MalformedError("header parameter given twice")
-        seen.add(name)
-        result.append((name, _unquote(match.group(2) or "")))
-        pos = match.end()
-    return tuple(result)
+    return tuple(_parse_params(text, MIME).items())
 
 
-def _quote(value: str) -> str:
-    if _TOKEN_RE.fullmatch(value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def format_params(value: str, params: Iterable[tuple[str, str]]) -> str:
+def format_params(value: str, params: Iterable[tuple[str, str | None]]) -> str:
     """``value; name=token; name="quoted string"`` as RFC 3261 §23 writes it."""
-    items = [value] + [f"{name}={_quote(val)}" for name, val in params]
+    items = [value] + [format_param(name, val, MIME) for name, val in params]
     return "; ".join(items)
 
 

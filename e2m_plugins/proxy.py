@@ -34,7 +34,8 @@ from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipi
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope
 from .config import ProxyConfig
 from .sdp import MediaLine, media_summary
-from .sip import SipMessage, parse_params, split_header_list
+from .grammar import parse_params, split_header_list
+from .sip import SipMessage
 from .sip_errors import answer_for
 
 __all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .cms.limits import DEFAULT_LIMITS
 from .errors import LimitExceededError, MalformedError
+from .grammar import MIME_TOKEN_PATTERN
 
 __all__ = ["SdpLine", "SdpSplit", "MediaLine", "KEYING_ATTRIBUTES", "parse_lines",
            "split_for_proxy", "media_summary", "consistent", "has_keys"]
@@ -31,7 +32,7 @@ MAX_SDP_BYTES = DEFAULT_LIMITS.max_body_bytes
 MAX_MEDIA = 64
 
 _LINE = re.compile(r"([a-z])=(.*)")
-_TOKEN = r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+"
+_TOKEN = MIME_TOKEN_PATTERN  # RFC 8866 token-char is the RFC 2045 token set
 # m=<media> <port>[/<number of ports>] <proto> 1*(SP <fmt>)
 _MEDIA = re.compile(rf"({_TOKEN}) ([0-9]{{1,5}})(?:/([0-9]{{1,5}}))? ({_TOKEN}(?:/{_TOKEN})*)"
                     rf"((?: [^ ]+)+)")

@@ -18,6 +18,10 @@ Decisions (see also ``docs/protocol.md`` §5):
   :func:`frame_length` finds message boundaries on stream transports.
 - Several Content-Length headers with different values are refused
   (request-smuggling style ambiguity).
+- Header parameters, tokens, quoting and comma lists follow
+  :mod:`e2m_plugins.grammar` (shared with MIME): a parameter given twice in
+  one value is refused, a bare one (``;lr``) has the value None.  URIs are
+  taken apart by :mod:`e2m_plugins.uri`.
 """
 
 from __future__ import annotations
@@ -29,13 +33,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Union
 
 from .errors import LimitExceededError, MalformedError
+from .grammar import SIP_TOKEN, SIP_TOKEN_PATTERN, parse_params, unquote_string
 
 __all__ = [
     "COMPACT_FORMS", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_LINE", "DEFAULT_MAX_SIZE",
     "Address", "DialogId", "RequestLine", "SipMessage", "StatusLine",
     "canonical_name", "frame_length", "make_request", "make_response", "parse", "parse_address",
-    "parse_param_list", "parse_params", "quote_string", "split_header_list",
-    "unquote_string",
 ]
 
 DEFAULT_MAX_HEADERS = 256
@@ -51,8 +54,7 @@ COMPACT_FORMS: dict[str, str] = {
     "r": "refer-to", "b": "referred-by", "x": "session-expires", "y": "identity",
 }
 
-_TOKEN_CHARS = "-.!%*_+`'~"
-_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_TOKEN = SIP_TOKEN  # RFC 3261 token (methods, header names): e2m_plugins.grammar
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(r"SIP/[0-9]{1,3}\.[0-9]{1,3}", re.IGNORECASE)
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
@@ -373,7 +375,7 @@ def _parse_header_line(line: str) -> tuple[str, str]:
 # else (or any doubt) goes to the line-by-line parser, which gives the errors.
 _CTL_BUT_LINE_ENDS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Whole lines only (^ and \r$): a line that does not match is simply not counted.
-_HEADER_LINES = re.compile(r"^([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:[ \t]*(.*?)[ \t]*\r$", re.M)
+_HEADER_LINES = re.compile(rf"^({SIP_TOKEN_PATTERN})[ \t]*:[ \t]*(.*?)[ \t]*\r$", re.M)
 
 
 def _parse_plain_head(data: bytes, max_headers: int, max_line: int) -> _Head | None:
@@ -534,125 +536,6 @@ def frame_length(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
 
 
 # -- header value helpers --------------------------------------------------
-
-def split_header_list(value: str) -> list[str]:
-    """Split a header value on commas outside quoted strings and <...>.
-
-    Empty elements are dropped; an unterminated quote or bracket is an error.
-    """
-    items: list[str] = []
-    buf: list[str] = []
-    quoted = angle = escaped = False
-    for ch in value:
-        if escaped:
-            escaped = False
-        elif quoted:
-            if ch == "\\":
-                escaped = True
-            elif ch == '"':
-                quoted = False
-        elif angle:
-            angle = ch != ">"
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            angle = True
-        elif ch == ",":
-            items.append("".join(buf))
-            buf = []
-            continue
-        buf.append(ch)
-    if quoted or angle or escaped:
-        raise MalformedError("unterminated quoted string or <...> in header value")
-    items.append("".join(buf))
-    return [item.strip(" \t") for item in items if item.strip(" \t")]
-
-
-def unquote_string(text: str) -> str:
-    """Content of one quoted-string (surrounding quotes included in ``text``)."""
-    text = text.strip(" \t")
-    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
-        raise MalformedError("not a quoted string")
-    out: list[str] = []
-    it = iter(text[1:-1])
-    for ch in it:
-        if ch == "\\":
-            nxt = next(it, None)
-            if nxt is None:
-                raise MalformedError("dangling backslash in quoted string")
-            out.append(nxt)
-        elif ch == '"':
-            raise MalformedError("unescaped quote inside quoted string")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def quote_string(text: str) -> str:
-    """A quoted-string whose content is ``text`` (backslash and quote escaped)."""
-    if _BAD_VALUE_CHARS.search(text):
-        raise ValueError("CR, LF or NUL cannot be quoted")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _split_outside_quotes(text: str, sep: str) -> list[str]:
-    parts: list[str] = []
-    buf: list[str] = []
-    quoted = escaped = False
-    for ch in text:
-        if escaped:
-            escaped = False
-        elif quoted:
-            escaped = ch == "\\"
-            quoted = ch != '"'
-        elif ch == '"':
-            quoted = True
-        elif ch == sep:
-            parts.append("".join(buf))
-            buf = []
-            continue
-        buf.append(ch)
-    if quoted or escaped:
-        raise MalformedError("unterminated quoted string")
-    parts.append("".join(buf))
-    return parts
-
-
-def _parse_one_param(segment: str) -> tuple[str, str | None]:
-    name, eq, raw = segment.partition("=")
-    name = name.strip(" \t")
-    if not _TOKEN.fullmatch(name):
-        raise MalformedError("bad parameter name")
-    if not eq:
-        return name.lower(), None
-    raw = raw.strip(" \t")
-    if raw.startswith('"'):
-        return name.lower(), unquote_string(raw)
-    if not raw or re.search(r'[\s"]', raw):
-        raise MalformedError(f"bad value for parameter {name}")
-    return name.lower(), raw
-
-
-def parse_param_list(text: str) -> list[tuple[str, str | None]]:
-    """``;a=b;c;d="x;y"`` -> [("a","b"), ("c",None), ("d","x;y")], in order.
-
-    Names are lower-cased (parameter names are case-insensitive); quoted values
-    are unescaped; unquoted values are kept verbatim (tokens, hosts, <ids>).
-    """
-    text = text.strip(" \t")
-    if text.startswith(";"):
-        text = text[1:]
-    segments = _split_outside_quotes(text, ";")
-    return [_parse_one_param(s) for s in segments if s.strip(" \t")]
-
-
-def parse_params(text: str) -> dict[str, str | None]:
-    """Like :func:`parse_param_list` as a dict; the first instance of a name wins."""
-    out: dict[str, str | None] = {}
-    for name, value in parse_param_list(text):
-        out.setdefault(name, value)
-    return out
-
 
 def _address_split(value: str) -> tuple[int, int]:
     """(index of the ``<`` or -1, index just after the address part)."""

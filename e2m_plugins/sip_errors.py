@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Literal, Union
 
 from . import errors as e
+from .grammar import quote_string
 
 __all__ = [
     "Role",
@@ -232,9 +233,8 @@ def _code(ref: CodeRef, codes: E2MCodes) -> int | None:
 
 
 def _quoted_text(text: str) -> str:
-    # A warn-text is a quoted-string: no controls, '"' and '\\' escaped.
-    clean = "".join(ch for ch in text if ch >= " " and ch != "\x7f")
-    return clean.replace("\\", "\\\\").replace('"', '\\"')
+    # A warn-text is a quoted-string: controls dropped, '"' and '\\' escaped.
+    return quote_string("".join(ch for ch in text if ch >= " " and ch != "\x7f"))
 
 
 def _warning(row: Row, error: BaseException, codes: E2MCodes) -> str | None:
@@ -245,8 +245,8 @@ def _warning(row: Row, error: BaseException, codes: E2MCodes) -> str | None:
         if not content_type:
             return None  # no Warning: the proxy needs the whole body
         text = f"Required to view '{content_type}'"
-        return f'{codes.warn_code} {{agent}} "{_quoted_text(text)}"'
-    return f'{MISC_WARN_CODE} {{agent}} "{_quoted_text(row.warning)}"'
+        return f"{codes.warn_code} {{agent}} {_quoted_text(text)}"
+    return f"{MISC_WARN_CODE} {{agent}} {_quoted_text(row.warning)}"
 
 
 def answer_for(error: BaseException, role: Role,

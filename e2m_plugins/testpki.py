@@ -10,7 +10,6 @@ a running UA or proxy makes are in ``certpath`` and ``certstore``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -25,6 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .certfiles import load_certificate, load_private_key
 from .certpath import as_utc
+from .errors import MalformedError
+from .uri import parse_uri
 
 __all__ = [
     "KeyType",
@@ -187,14 +188,13 @@ def _issue(ca: Credential, subject_cn: str, san: list[x509.GeneralName],
     return Credential(cert=cert, key=key)
 
 
-_AOR = re.compile(r"^(sips?):(?:([^@;?]+)@)?([^;?>]+)", re.IGNORECASE)
-
-
 def _aor_parts(aor: str) -> tuple[str | None, str]:
-    match = _AOR.match(aor.strip())
-    if not match:
-        raise ValueError(f"not a SIP address of record: {aor!r}")
-    return match.group(2), match.group(3).lower()
+    """(user as written, lower-cased host) of a SIP URI; ValueError when it is none."""
+    try:
+        uri = parse_uri(aor)
+    except MalformedError:
+        raise ValueError(f"not a SIP address of record: {aor!r}") from None
+    return uri.user, uri.host.lower()
 
 
 def issue_user(ca: Credential, aor: str, key_type: KeyType = "rsa",

@@ -1,10 +1,11 @@
 """The UA engine: protect what a user agent sends, open what it receives.
 
 ``UAEngine`` holds the local identity, the checked certificates of peers and
-proxies, the proxy policies it has learned (configured, from policy headers,
-from 496/495 answers; each with an expiry) and, per dialog, the CEKs that may
-be reused (RFC 3185).  It does no I/O: SIP messages in, SIP messages and
-decisions out.
+proxies, the proxy policies it has learned (``learned_policies.LearnedPolicies``:
+configured, from policy headers, from 496/495 answers; each with an expiry) and,
+per dialog, the CEKs that may be reused (``dialog_keys.DialogKeys``, RFC 3185),
+and decides with them what to protect, how to open and how to react to errors.
+It does no I/O: SIP messages in, SIP messages and decisions out.
 
 Who may read what, the rule every method here follows:
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -33,27 +34,28 @@ from . import headers as hdr
 from . import mime
 from .body import (OpenedPart, check_binding, check_signed_by, has_protection, message_body, new_reference,
                    open_part, protect_content, top_parts, with_entity)
-from .certstore import (CertStore, check_proxy_certificate,
-                        matches_fingerprint, parse_sip_uri)
-from .cms.recipients import (CertificateKey, KekLookup, OpeningKey, Recipient,
+from .certstore import CertStore, check_proxy_certificate, matches_fingerprint
+from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
-from .errors import (CertificateRejectedError, DowngradeError, E2MError,
+from .errors import (CertificateRejectedError, DowngradeError, E2MError, MalformedError,
                      NoMatchingRecipientError, DecryptionError, PolicyError, UndecipherableError,
                      UntrustedSignerError)
 from .certfiles import readable_certificate
-from .config import DEFAULT_POLICY_EXPIRES, KnownProxy, UAConfig
+from .config import UAConfig
+from .dialog_keys import MAX_DIALOGS, DialogKeys
+from .learned_policies import LearnedPolicies, LearnedPolicy
 from .sdp import consistent, has_keys, split_for_proxy
-from .sip import SipMessage, canonical_name, make_response, parse_address, split_header_list
+from .grammar import split_header_list
+from .sip import SipMessage, canonical_name, make_response, parse_address
+from .uri import host_key, identity_of, split_hostport
 from .sip_errors import answer_for
 
 __all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_attempt",
-           "CertificateWanted", "MissingPeerCertificateError", "LearnedPolicy"]
+           "CertificateWanted", "MissingPeerCertificateError"]
 
 # Methods whose body is a session description negotiated inside a dialog.
 _SESSION_METHODS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 MAX_RETRIES_PER_CALL = 3         # 496/495/493 answers we follow for one Call-ID
-MAX_DIALOGS = 4096               # bound on dialogs with kept CEKs
-MAX_POLICIES = 256               # bound on learned proxy policies
 
 
 class MissingPeerCertificateError(PolicyError):
@@ -127,37 +129,6 @@ class CertificateWanted:
     fingerprint: bytes | None
 
 
-@dataclass
-class LearnedPolicy:
-    host: str
-    view: tuple[hdr.Rule, ...]
-    verify: tuple[hdr.Rule, ...]
-    expires_at: float | None                 # None: configured, never expires
-    fingerprint: bytes | None = None
-    url: str | None = None
-
-    def wants(self, method: str, content_type: str) -> bool:
-        return any(r.matches(method, content_type) for r in (*self.view, *self.verify))
-
-    def wants_signature(self, method: str, content_type: str) -> bool:
-        return any(r.matches(method, content_type) for r in self.verify)
-
-
-@dataclass
-class DialogKey:
-    """A CEK both ends of a dialog hold, and who else holds it."""
-
-    reference: bytes
-    cek: bytes = field(repr=False)
-    readers: frozenset[str]                  # proxy hosts that hold it too
-    exclusive: bool                          # no one but the two UAs (and ``readers``)
-    created: float
-    uses: int = 0
-    confirmed: bool = True                   # False: ours, and the peer has not shown it has it
-    retired: bool = False                    # a reader lost it (496): opens, never reused
-    offered_in: int | None = None            # CSeq of our request that carried it, if one did
-
-
 def _aor(value: str | None) -> str | None:
     if not value:
         return None
@@ -168,7 +139,13 @@ def _aor(value: str | None) -> str | None:
 
 
 class UAEngine:
-    """One user agent's E2M state and decisions.  Thread-safe (one lock)."""
+    """One user agent's E2M state and decisions.
+
+    ``policies`` (``LearnedPolicies``) and ``dialog_keys`` (``DialogKeys``) are
+    the proxy policies and the per-dialog CEKs the decisions use; adapters may
+    read them.  Thread-safe: one lock around each decision (the two tables
+    have their own locks, taken inside it).
+    """
 
     def __init__(self, config: UAConfig, *, clock: Callable[[], float] = time.time,
                  now: Callable[[], datetime] | None = None) -> None:
@@ -180,33 +157,20 @@ class UAEngine:
         self.certs = CertStore(config.trust_anchors, clock=self._now)
         for aor, cert in config.peers.items():
             self.certs.add_user(aor, cert)
-        self._policies: dict[str, LearnedPolicy] = {}
+        self.policies = LearnedPolicies(clock=self._clock)
         for proxy in config.proxies:
-            self._add_known_proxy(proxy)
-        self._dialog_keys: dict[tuple[str, str], list[DialogKey]] = {}
-        self._keeps = 0
+            self.certs.add_proxy(proxy.host, proxy.certificate)
+            self.policies.configure(proxy.host, proxy.view, proxy.verify)
+        self.dialog_keys = DialogKeys(max_age=config.cek_max_age, max_uses=config.cek_max_uses,
+                                      clock=self._clock)
         self._retries: dict[str, int] = {}
         self._sign_for: set[str] = set()      # "METHOD" that a 495 asked us to sign
 
     def __repr__(self) -> str:
-        return f"UAEngine({self.config.aor}, {len(self._policies)} proxy policies)"
+        return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
 
     # ------------------------------------------------------------------
     # Policies and certificates
-
-    def _add_known_proxy(self, proxy: KnownProxy) -> None:
-        self.certs.add_proxy(proxy.host, proxy.certificate)
-        self._policies[hdr.host_key(proxy.host)] = LearnedPolicy(proxy.host, proxy.view,
-                                                                 proxy.verify, None)
-
-    def policies(self) -> list[LearnedPolicy]:
-        """The proxy policies in force now (expired ones are forgotten)."""
-        with self._lock:
-            now = self._clock()
-            for key in [k for k, p in self._policies.items()
-                        if p.expires_at is not None and p.expires_at <= now]:
-                del self._policies[key]
-            return list(self._policies.values())
 
     def learn(self, message: SipMessage) -> list[str]:
         """Take the ``Proxy-Body-Policy`` headers of ``message``; returns the hosts learned.
@@ -226,24 +190,12 @@ class UAEngine:
             for policy in announced:
                 if not self.accepts_proxy(policy.host, _aor(message.get("To"))):
                     continue  # a stranger's policy: never widen who reads on its word
-                key = hdr.host_key(policy.host)
-                existing = self._policies.get(key)
-                if existing is not None and existing.expires_at is None:
-                    continue  # configured policy wins over what the wire says
-                if policy.expires == 0:
-                    self._policies.pop(key, None)
-                    continue
-                if len(self._policies) >= MAX_POLICIES and key not in self._policies:
-                    continue
-                expires = self._clock() + (policy.expires if policy.expires is not None
-                                           else DEFAULT_POLICY_EXPIRES)
+                if self.policies.learn_header(policy) is None:
+                    continue  # configured, withdrawn, or no room for a new host
                 cert = self.certs.proxy(policy.host)
                 if cert is not None and policy.cert_fingerprint is not None \
                         and not matches_fingerprint(cert, policy.cert_fingerprint):
                     self.certs.remove_proxy(policy.host)  # the proxy changed its key
-                self._policies[key] = LearnedPolicy(policy.host, policy.view, policy.verify,
-                                                    expires, policy.cert_fingerprint,
-                                                    policy.cert_url)
                 learned.append(policy.host)
         return learned
 
@@ -251,18 +203,18 @@ class UAEngine:
         """Whether ``host`` may be asked to read our bodies at all (digest §7: the
         proxy's name in our domain or the peer's).  ``[e2m] accept_proxies``
         overrides: exact hosts, or ``.domain`` suffixes."""
-        name = hdr.host_key(host)
+        name = host_key(host)
         allowed = list(self.config.accept_proxies)
         if not allowed:
             for aor in (self.config.aor, peer):
-                identity = parse_sip_uri(aor) if aor else None
+                identity = identity_of(aor) if aor else None
                 if identity is not None:
                     allowed += [identity.host.lower(), "." + identity.host.lower()]
         return any(name == a or (a.startswith(".") and name.endswith(a)) for a in allowed)
 
     def certificates_wanted(self) -> list[CertificateWanted]:
         """Learned policies whose proxy certificate we do not hold yet."""
-        return [CertificateWanted(p.host, p.url, p.fingerprint) for p in self.policies()
+        return [CertificateWanted(p.host, p.url, p.fingerprint) for p in self.policies.in_force()
                 if self.certs.proxy(p.host) is None]
 
     def add_proxy_certificate(self, host: str, der_or_pem: bytes) -> x509.Certificate:
@@ -273,9 +225,8 @@ class UAEngine:
         """
         cert = _certificate_from(der_or_pem)
         with self._lock:
-            policy = self._policies.get(hdr.host_key(host))
-            if policy is not None and policy.fingerprint is not None \
-                    and not matches_fingerprint(cert, policy.fingerprint):
+            fingerprint = self.policies.fingerprint(host)
+            if fingerprint is not None and not matches_fingerprint(cert, fingerprint):
                 raise CertificateRejectedError(
                     f"certificate for {host} does not match the fingerprint it announced")
             self.certs.add_proxy(host, cert)  # chain, name and time checks
@@ -289,94 +240,18 @@ class UAEngine:
     def _readers_for(self, method: str, content_type: str) -> tuple[list[LearnedPolicy], bool]:
         """Proxies that must read such a body (with a usable certificate), and
         whether any of them (or a 495 we got) wants it signed."""
-        wanted = [p for p in self.policies() if p.wants(method, content_type)
-                  and self.certs.proxy(p.host) is not None]
+        wanted = [p for p in self.policies.wanting(method, content_type)
+                  if self.certs.proxy(p.host) is not None]
         sign = (self.config.sign or method in self._sign_for
                 or any(p.wants_signature(method, content_type) for p in wanted))
         return wanted, sign
-
-    # ------------------------------------------------------------------
-    # Dialog keys (RFC 3185 reuse)
-
-    @staticmethod
-    def _dialog_slots(message: SipMessage) -> list[tuple[str, str]]:
-        """Where a dialog's keys live: Call-ID plus each tag of the dialog.
-
-        The dialog-creating request has only the UAC's tag; keys stored
-        under it are found again from either side once the To tag exists.
-        """
-        tags = [t for t in (message.from_tag, message.to_tag) if t]
-        return [(message.call_id, t.lower()) for t in tags]
-
-    def _keys(self, message: SipMessage) -> list[DialogKey]:
-        now = self._clock()
-        found: list[DialogKey] = []
-        for slot in self._dialog_slots(message):
-            for key in self._dialog_keys.get(slot, []):
-                if key not in found and key.confirmed and now - key.created < self.config.cek_max_age \
-                        and key.uses < self.config.cek_max_uses:
-                    found.append(key)
-        return found
-
-    def _keep(self, message: SipMessage, key: DialogKey) -> None:
-        slots = self._dialog_slots(message)
-        if not slots:
-            return
-        self._keeps += 1
-        if self._keeps % 256 == 0:  # now and then, not on every message: O(dialogs)
-            now = self._clock()
-            for stale in [s for s, keys in self._dialog_keys.items()
-                          if all(now - k.created >= self.config.cek_max_age for k in keys)]:
-                del self._dialog_keys[stale]  # dialogs that ended without a BYE we saw
-        if len(self._dialog_keys) >= MAX_DIALOGS and slots[0] not in self._dialog_keys:
-            # dicts keep insertion order: the first slot is the oldest dialog
-            del self._dialog_keys[next(iter(self._dialog_keys))]
-        bucket = self._dialog_keys.setdefault(slots[0], [])
-        if any(k.reference == key.reference and k.retired for k in self._all_keys(message)):
-            key.retired = True      # seen again (a retransmission): still not to be reused
-        bucket[:] = [k for k in bucket if k.reference != key.reference][-7:] + [key]
-
-    def _all_keys(self, message: SipMessage) -> list[DialogKey]:
-        return [k for slot in self._dialog_slots(message) for k in self._dialog_keys.get(slot, [])]
-
-    def _forget_keys_held_by(self, message: SipMessage, host: str) -> None:
-        """``host`` answered 496 inside a dialog: it lost the keys we thought it
-        held (say it restarted).  They are not reused again, so the retry is keyed
-        afresh for the peer and the proxy, with a new reference both can reuse.
-        They still open what was already sent under them (a 200 retransmitted
-        because its ACK was lost in the restart) until they age out."""
-        name = hdr.host_key(host)
-        for slot in self._dialog_slots(message):
-            for key in self._dialog_keys.get(slot, []):
-                if name in {hdr.host_key(r) for r in key.readers if r != "?"}:
-                    key.retired = True
 
     def forget_call(self, call_id: str) -> None:
         """The application saw the call end without a message we opened (a local
         timeout, a transport error): every key of that Call-ID goes."""
         with self._lock:
-            for slot in [s for s in self._dialog_keys if s[0] == call_id]:
-                del self._dialog_keys[slot]
+            self.dialog_keys.forget_call(call_id)
             self._retries.pop(call_id, None)
-
-    def end_dialog(self, message: SipMessage) -> None:
-        """BYE (sent or received), or a failed INVITE: the dialog's keys go."""
-        with self._lock:
-            for slot in self._dialog_slots(message):
-                self._dialog_keys.pop(slot, None)
-
-    def _reusable(self, message: SipMessage, *, exclusive: bool) -> DialogKey | None:
-        """The newest kept key fit for the content: for ``exclusive`` content (SRTP
-        keys) one only the two UAs hold; otherwise any key whose holders we can
-        all name, since they were chosen for this dialog's earlier bodies."""
-        if not self.config.cek_reuse:
-            return None
-        keys = [k for k in reversed(self._keys(message)) if not k.retired]  # newest first
-        if exclusive:
-            return next((k for k in keys if k.exclusive and not k.readers), None)
-        # Prefer the key the most proxies hold: they read the offer, so they read the answer.
-        shared = [k for k in keys if "?" not in k.readers]
-        return max(shared, key=lambda k: len(k.readers), default=None)
 
     # ------------------------------------------------------------------
     # Protect
@@ -393,7 +268,7 @@ class UAEngine:
     def _protect(self, message: SipMessage) -> Protected:
         method = message.method
         if message.is_request and method == "BYE":
-            self.end_dialog(message)
+            self.dialog_keys.end_dialog(message)
         part = message_body(message)
         if part is None or has_protection(part) or not self._protectable(message, part):
             return Protected(message, SecurityInfo(content_type=part.content_type.mime_type
@@ -404,7 +279,7 @@ class UAEngine:
         proxies, sign = self._readers_for(method, ctype)
         signer = (self.config.certificate, self.config.private_key) if sign else None
         reuse_ok = self.config.cek_reuse and method in _SESSION_METHODS
-        shared = self._reusable(message, exclusive=False) if reuse_ok else None
+        shared = self.dialog_keys.reusable(message, exclusive=False) if reuse_ok else None
         # Whoever must read it, plus whoever already holds the dialog key we reuse.
         audience = frozenset(p.host for p in proxies) | (shared.readers if shared else frozenset())
         keyed = ctype == "application/sdp" and has_keys(content, self.config.keying_attributes)
@@ -463,10 +338,9 @@ class UAEngine:
         offers the new key for reuse in this dialog.
         """
         recipients: list[Recipient] = []
-        key = self._reusable(message, exclusive=exclusive) if reuse_ok else None
+        key = self.dialog_keys.reuse(message, exclusive=exclusive) if reuse_ok else None
         holders: frozenset[str] = frozenset()
         if key is not None:
-            key.uses += 1
             recipients.append(reuse_kek(key.cek, key.reference))
             holders = key.readers
         else:
@@ -487,13 +361,11 @@ class UAEngine:
                                          bind_labels=sorted(labels))
         if reference is not None:
             # Not reusable until the peer shows it holds it: the request may be refused.
-            self._keep(message, DialogKey(reference, sealed.cek, readers, not readers,
-                                          self._clock(), confirmed=False,
-                                          offered_in=message.cseq[0] if message.is_request else None))
+            self.dialog_keys.offer(message, reference, sealed.cek, readers)
         return entity, key is not None
 
     def _local_host(self) -> str:
-        identity = parse_sip_uri(self.config.aor)
+        identity = identity_of(self.config.aor)
         return identity.host if identity else "localhost"
 
     # ------------------------------------------------------------------
@@ -515,10 +387,10 @@ class UAEngine:
     def _open(self, message: SipMessage) -> Opened:
         method = message.method
         if message.is_request and method == "BYE":
-            self.end_dialog(message)
+            self.dialog_keys.end_dialog(message)
         if not message.is_request and method == "INVITE" and (message.status or 0) >= 300:
-            self.end_dialog(message)
-        self._settle_own_keys(message)
+            self.dialog_keys.end_dialog(message)
+        self._settle(message)
         part = message_body(message)
         if part is None:
             return Opened(message, SecurityInfo())
@@ -569,40 +441,16 @@ class UAEngine:
         plain = with_entity(message, mime.make_part(chosen.entity.content_type, chosen.content))
         return Opened(plain, info)
 
-    def _settle_own_keys(self, message: SipMessage) -> None:
-        """A 2xx, or a request inside the dialog, shows the peer got the keys we
-        offered; a failure response shows it did not, so they go.  A 2xx speaks
-        only for the request it answers: a retransmitted 200 of an earlier
-        transaction must not vouch for a key offered since (say in a retry that
-        was never sent), and a request from the peer vouches only for keys we
-        offered in responses."""
-        status = message.status or 0
-        if message.is_request and not message.to_tag:
-            return
-        vouched_for = None if message.is_request else message.cseq[0]
-        for slot in self._dialog_slots(message):
-            bucket = self._dialog_keys.get(slot, [])
-            if not message.is_request and status >= 300:
-                bucket[:] = [k for k in bucket if k.confirmed]
-            elif message.is_request or 200 <= status < 300:
-                for key in bucket:
-                    if key.offered_in is None or key.offered_in == vouched_for:
-                        key.confirmed = True
-        if 200 <= status < 300:
-            self._retries.pop(message.call_id, None)  # the retries worked: start counting anew
+    def _settle(self, message: SipMessage) -> None:
+        """What ``message`` shows about the keys we offered (``DialogKeys.settle``);
+        a 2xx also shows the retries worked, so they are counted anew."""
+        self.dialog_keys.settle(message)
+        if 200 <= (message.status or 0) < 300:
+            self._retries.pop(message.call_id, None)
 
     def _opening_keys(self, message: SipMessage) -> list[OpeningKey]:
         """Our own key, and this dialog's kept CEKs found by kekri identifier."""
-        kept = {key.reference: key for key in self._keys(message)}
-
-        def kek_for(reference: bytes) -> bytes | None:
-            key = kept.get(reference)
-            if key is None:
-                return None
-            key.uses += 1  # the count covers both directions of the dialog
-            return key.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
-
-        return [self._own_key, KekLookup(kek_for)]
+        return [self._own_key, self.dialog_keys.opening_lookup(message)]
 
     def _check_signer(self, message: SipMessage, opened: OpenedPart, peer: str | None) -> None:
         """A request must be signed by its sender; a verified sender certificate
@@ -659,11 +507,8 @@ class UAEngine:
             return
         for reference, cek, count in opened.cek_references:
             readers = frozenset(labels.get(opened.cid or "", set()) | labels.get("*", set()))
-            exclusive = count == 1 and not readers
-            if count > 1 + len(readers):
-                exclusive = False  # holders we cannot name: only for what they already read
-                readers = readers | {"?"}
-            self._keep(message, DialogKey(reference, cek, readers, exclusive, self._clock()))
+            self.dialog_keys.keep_received(message, reference, cek, recipients=count,
+                                           readers=readers)
 
     def refusal(self, request: SipMessage, error: BaseException) -> SipMessage | None:
         """The SIP answer to an incoming request that ``open`` refused (error table,
@@ -698,7 +543,7 @@ class UAEngine:
         codes = self.config.codes
         status = response.status or 0
         with self._lock:
-            self._settle_own_keys(response)
+            self._settle(response)
             count = self._retries.get(request.call_id, 0)
             if status not in (codes.proxy_indecipherable, codes.signature_required, 493):
                 return Reaction("none", f"{status} is not an E2M answer")
@@ -743,22 +588,11 @@ class UAEngine:
             raise CertificateRejectedError("496 certificate does not match its policy fingerprint")
         check_proxy_certificate(cert, host, self.config.trust_anchors, self._now())
         self.certs.add_proxy(host, cert)
-        self._forget_keys_held_by(request, host)
+        self.dialog_keys.retire_held_by(request, host)
         method = request.method
-        needed = [w[1] for w in warnings if hdr.host_key(_agent_host(w[0])) == hdr.host_key(host)]
+        needed = [w[1] for w in warnings if host_key(_agent_host(w[0])) == host_key(host)]
         view = tuple(hdr.Rule(method, t) for t in needed) or (hdr.Rule(method, "*"),)
-        key = hdr.host_key(host)
-        old = self._policies.get(key)
-        expires = self._clock() + (policy.expires if policy and policy.expires else DEFAULT_POLICY_EXPIRES)
-        if policy is not None:
-            view = tuple(dict.fromkeys((*policy.view, *view)))
-        merged_view = tuple(dict.fromkeys((*(old.view if old else ()), *view)))
-        verify = tuple(dict.fromkeys((*(old.verify if old else ()),
-                                      *(policy.verify if policy else ()))))
-        self._policies[key] = LearnedPolicy(host, merged_view, verify,
-                                            None if old and old.expires_at is None else expires,
-                                            policy.cert_fingerprint if policy else None,
-                                            policy.cert_url if policy else None)
+        self.policies.learn_496(host, view, policy)
         return host
 
     def _learn_495(self, response: SipMessage, request: SipMessage) -> str:
@@ -805,7 +639,9 @@ def _certificate_from(data: bytes) -> x509.Certificate:
 
 
 def _agent_host(agent: str) -> str:
-    """The host of a warn-agent (``host`` or ``host:port``; IPv6 in brackets)."""
-    if agent.startswith("["):
-        return agent[1:agent.index("]")] if "]" in agent else agent
-    return agent.rsplit(":", 1)[0] if agent.count(":") == 1 else agent
+    """The host of a warn-agent (``host`` or ``host:port``; IPv6 in brackets); an
+    agent that is no host is returned as it is and matches no proxy."""
+    try:
+        return split_hostport(agent)[0]
+    except MalformedError:
+        return agent

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from e2m_plugins.config import ConfigError
+from e2m_plugins.errors import MalformedError
+from e2m_plugins.uri import parse_uri
 
 __all__ = [
     "AppConfig", "AppConfigError", "ArchiveSettings", "E2MSettings", "KamailioSettings",
@@ -34,6 +36,17 @@ _SIP_URI = re.compile(r"sips?:[^\s<>\"]+", re.IGNORECASE)
 _DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _HTTP_PATH = re.compile(r"/[A-Za-z0-9._~/-]{0,200}")
+
+
+def _is_sip_uri(text: str) -> bool:
+    # The regex also keeps '"', '<', '>' and white space out of the generated cfg.
+    if not _SIP_URI.fullmatch(text):
+        return False
+    try:
+        parse_uri(text)
+    except MalformedError:
+        return False
+    return True
 
 
 class AppConfigError(ConfigError):
@@ -213,7 +226,7 @@ def _kamailio(table: Any, base: Path, problems: list[str]) -> KamailioSettings |
     shm = check.integer("shm_mb", 256, 32, 65536)
     pkg = check.integer("pkg_mb", 16, 8, 1024)
     next_hop = check.string("next_hop", None)
-    if next_hop is not None and not _SIP_URI.fullmatch(next_hop):
+    if next_hop is not None and not _is_sip_uri(next_hop):
         check.bad("next_hop", f"{next_hop!r} is not a sip: or sips: URI")
         next_hop = None
     level = _log_level(check)

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import time
-import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from e2m_plugins import sip
-from e2m_plugins.certstore import parse_sip_uri
+from e2m_plugins.uri import http_url_host, identity_of
 from e2m_plugins.errors import E2MError
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
 from e2m_plugins.ua import SecurityInfo, UAEngine
@@ -250,7 +249,7 @@ class E2MPhone:
         self.engine = UAEngine(config)
         self.on_event = on_event
         self.events: list[dict[str, Any]] = []
-        identity = parse_sip_uri(config.aor)
+        identity = identity_of(config.aor)
         if identity is None or not identity.user:
             raise PhoneError(f"{config.aor} is not a user SIP URI")
         self.user, self.domain = identity.user, identity.host
@@ -454,7 +453,7 @@ class E2MPhone:
         if ok and ev["expiration"] > 0:
             data["policies"] = [{"host": p.host, "view": [r.format() for r in p.view],
                                  "verify": [r.format() for r in p.verify], "cert_url": p.url}
-                                for p in self.engine.policies()]
+                                for p in self.engine.policies.in_force()]
             self.fetch_certificates(force=True)
         self._emit("registered" if ok and ev["expiration"] > 0 else
                    "unregistered" if ok else "register_failed", **data)
@@ -657,12 +656,13 @@ class E2MPhone:
         return added
 
     def _download(self, url: str) -> bytes:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PhoneError(f"certificate URL {url!r} is not http(s)")
+        try:
+            host = http_url_host(url)  # the cert-url rules of the policy header
+        except E2MError:
+            raise PhoneError(f"certificate URL {url!r} is not http(s)") from None
         allowed = self.settings.cert_url_hosts
-        if allowed and parts.hostname.lower() not in allowed:
-            raise PhoneError(f"certificate host {parts.hostname} is not in [phone].cert_url_hosts")
+        if allowed and host not in allowed:
+            raise PhoneError(f"certificate host {host} is not in [phone].cert_url_hosts")
         # No proxies from the environment: the URL is fetched as it is written.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         limit = self.settings.fetch_max_bytes

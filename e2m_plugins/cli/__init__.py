@@ -1,8 +1,8 @@
 """The ``e2m`` command: one parser, subcommand groups registered by name.
 
-Each group (``cms``, ``pki``; later ``sip``, ``archive``, ``demo``) lives in its
-own module and exposes ``GROUP``, a ``Group`` that adds its subcommands to the
-parser.  ``main`` builds the parser from the registry, runs the chosen handler
+Each group (``cms``, ``pki``, ``sip``, ``demo``) lives in its own module and exposes
+``GROUP``, a ``Group`` that adds its subcommands to the parser; a group of an adapter
+(``archive``, from ``kamailio_app``) comes through the ``e2m.commands`` entry point.  ``main`` builds the parser from the registry, runs the chosen handler
 and turns failures into exit codes:
 
 * 0 - success;

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from . import Group
 from ..cms import CertificateKey, KeyAgreeRecipient, KeyTransRecipient, open_envelope, reuse_kek, seal
+from ..cms import oids
 from ..layers import open_message
 from ..cms.signed import sign
 from ..errors import E2MError
@@ -88,7 +89,7 @@ def run_demo() -> list[Check]:
 
         # A MESSAGE signed by alice, then encrypted for bob and the home proxy.
         im = seal(sign(IM, alice.cert, alice.key), [KeyTransRecipient(bob.cert), KeyAgreeRecipient(home.cert)],
-                  content_type="1.2.840.113549.1.7.2")
+                  content_type=oids.SIGNED_DATA)
         for party, party_keys in keys.items():
             try:
                 result = open_message(im.der, keys=party_keys, trust_anchors=[pki.ca.cert])

@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import E2MError
 from ..testpki import (Credential, KeyType, init_test_pki, issue_proxy, issue_user, load_ca, write_credential)
+from ..uri import parse_uri
 from . import CliFailure, Group, UsageError, positive_int
 
 __all__ = ["GROUP"]
@@ -82,8 +83,12 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         if args.user:
             name = args.user
             aor = name if ":" in name else f"sip:{name}@{_domain_of(ca, args.domain)}"
-            base = name.split(":", 1)[1].split("@", 1)[0] if ":" in name else name
-            cred = issue_user(ca, aor, key_type, days=args.days)
+            cred = issue_user(ca, aor, key_type, days=args.days)  # ValueError unless a SIP URI
+            if ":" in name:
+                uri = parse_uri(aor)
+                base = uri.user or uri.host
+            else:
+                base = name
         else:
             base = f"proxy-{args.proxy.strip().lower()}"
             cred = issue_proxy(ca, args.proxy, key_type, days=args.days)

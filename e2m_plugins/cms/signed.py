@@ -67,36 +67,36 @@ _DIGEST_OIDS = {name: oid for oid, (name, _) in _DIGESTS.items()}
 # Digests we produce; SHA-1 and SHA-224 are only read.
 _SIGNING_DIGESTS = ("sha256", "sha384", "sha512")
 
-_RSA = "1.2.840.113549.1.1.1"
-_RSA_PSS = "1.2.840.113549.1.1.10"
-_MGF1 = "1.2.840.113549.1.1.8"
-_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
-_ED25519 = "1.3.101.112"
-_ED448 = "1.3.101.113"
-_DSA = "1.2.840.10040.4.1"
+_RSA = oids.RSA_ENCRYPTION
+_RSA_PSS = oids.RSASSA_PSS
+_MGF1 = oids.MGF1
+_EC_PUBLIC_KEY = oids.EC_PUBLIC_KEY
+_ED25519 = oids.ED25519
+_ED448 = oids.ED448
+_DSA = oids.DSA
 
 # signatureAlgorithm OID -> (kind, digest name bound to the OID or None, readable name).
 _SIGNATURES: dict[str, tuple[str, str | None, str]] = {
     _RSA: ("rsa", None, "rsa"),
-    "1.2.840.113549.1.1.5": ("rsa", "sha1", "sha1-rsa"),
-    "1.2.840.113549.1.1.14": ("rsa", "sha224", "sha224-rsa"),
-    "1.2.840.113549.1.1.11": ("rsa", "sha256", "sha256-rsa"),
-    "1.2.840.113549.1.1.12": ("rsa", "sha384", "sha384-rsa"),
-    "1.2.840.113549.1.1.13": ("rsa", "sha512", "sha512-rsa"),
+    oids.SHA1_WITH_RSA: ("rsa", "sha1", "sha1-rsa"),
+    oids.SHA224_WITH_RSA: ("rsa", "sha224", "sha224-rsa"),
+    oids.SHA256_WITH_RSA: ("rsa", "sha256", "sha256-rsa"),
+    oids.SHA384_WITH_RSA: ("rsa", "sha384", "sha384-rsa"),
+    oids.SHA512_WITH_RSA: ("rsa", "sha512", "sha512-rsa"),
     _RSA_PSS: ("rsa-pss", None, "rsassa-pss"),
     _EC_PUBLIC_KEY: ("ecdsa", None, "ecdsa"),
-    "1.2.840.10045.4.1": ("ecdsa", "sha1", "sha1-ecdsa"),
-    "1.2.840.10045.4.3.1": ("ecdsa", "sha224", "sha224-ecdsa"),
-    "1.2.840.10045.4.3.2": ("ecdsa", "sha256", "sha256-ecdsa"),
-    "1.2.840.10045.4.3.3": ("ecdsa", "sha384", "sha384-ecdsa"),
-    "1.2.840.10045.4.3.4": ("ecdsa", "sha512", "sha512-ecdsa"),
+    oids.ECDSA_WITH_SHA1: ("ecdsa", "sha1", "sha1-ecdsa"),
+    oids.ECDSA_WITH_SHA224: ("ecdsa", "sha224", "sha224-ecdsa"),
+    oids.ECDSA_WITH_SHA256: ("ecdsa", "sha256", "sha256-ecdsa"),
+    oids.ECDSA_WITH_SHA384: ("ecdsa", "sha384", "sha384-ecdsa"),
+    oids.ECDSA_WITH_SHA512: ("ecdsa", "sha512", "sha512-ecdsa"),
     _ED25519: ("ed25519", None, "ed25519"),
     _ED448: ("ed448", None, "ed448"),
     _DSA: ("dsa", None, "dsa"),
-    "1.2.840.10040.4.3": ("dsa", "sha1", "sha1-dsa"),
-    "1.3.14.3.2.27": ("dsa", "sha1", "sha1-dsa"),  # old OIW form
-    "2.16.840.1.101.3.4.3.1": ("dsa", "sha224", "sha224-dsa"),
-    "2.16.840.1.101.3.4.3.2": ("dsa", "sha256", "sha256-dsa"),
+    oids.DSA_WITH_SHA1: ("dsa", "sha1", "sha1-dsa"),
+    oids.DSA_WITH_SHA1_OIW: ("dsa", "sha1", "sha1-dsa"),
+    oids.DSA_WITH_SHA224: ("dsa", "sha224", "sha224-dsa"),
+    oids.DSA_WITH_SHA256: ("dsa", "sha256", "sha256-dsa"),
 }
 
 # Structural surprises asn1crypto reports while parsing lazily.

@@ -21,7 +21,7 @@ from fuzzreport import GROWTH, OUTCOME
 from e2m_lab import flows
 from e2m_lab import fuzzkit
 from e2m_plugins import headers as hdr
-from e2m_plugins import mime, sdp, sip
+from e2m_plugins import grammar, mime, sdp, sip
 from e2m_plugins.cms import der, oids
 from e2m_plugins.cms.envelope import open_envelope
 from e2m_plugins.errors import E2MError
@@ -194,7 +194,7 @@ FAMILIES = [
     Family("PRB value", prb_value, lambda k, d: hdr.parse_proxy_required_body(d)),
     Family("policy rules", policy_rules, lambda k, d: hdr.PolicyHeader.parse(d)),
     Family("warning list", warning_list, lambda k, d: hdr.parse_content_type_warnings(d)),
-    Family("quoted escapes", quoted_escapes, lambda k, d: sip.split_header_list(d)),
+    Family("quoted escapes", quoted_escapes, lambda k, d: grammar.split_header_list(d)),
     Family("mime 16 parts", mime_parts, lambda k, d: list(mime.walk(mime.parse_entity(d)))),
     Family("mime boundary look-alikes", boundary_lookalikes,
            lambda k, d: mime.parse_multipart(mime.parse_entity(d))),

@@ -30,6 +30,8 @@ from e2m_plugins.keycache import DialogScope, scope_key
 from e2m_plugins.proxy import EARLY_DIALOG_TTL
 from e2m_plugins.sip import RequestLine, SipMessage, make_response, parse, parse_address
 
+pytestmark = [pytest.mark.kamailio, pytest.mark.sipp]
+
 SDP_VIEW = ("INVITE:application/sdp",)
 MSG_VIEW = ("MESSAGE:*", "INVITE:application/sdp")
 
@@ -465,7 +467,7 @@ def test_far_end_silent_or_garbage_standard_codes_and_no_stale_keys(proxy_factor
             if method == "INVITE" and got.status >= 300:
                 # The UA drops the key it offered when the INVITE fails.
                 alice.react(got, plain)
-                if [k for s, b in alice._dialog_keys.items() if s[0] == plain.call_id for k in b]:
+                if alice.dialog_keys.for_call(plain.call_id):
                     failures.append(f"{line}: alice kept keys of a failed INVITE")
         assert not failures, "\n".join(failures)
 

@@ -14,15 +14,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from e2m_plugins.certstore import (
     CertStore,
-    SipIdentity,
     certificate_matches_aor,
     certificate_matches_host,
     check_proxy_certificate,
     check_user_certificate,
     fingerprint_sha256,
     matches_fingerprint,
-    parse_sip_uri,
 )
+from e2m_plugins.uri import SipIdentity, identity_of as parse_sip_uri
 from e2m_plugins.errors import CertificateRejectedError, MalformedError, UntrustedSignerError
 from e2m_plugins.testpki import Credential, TestPKI, issue_proxy, issue_user, make_ca
 

@@ -204,7 +204,7 @@ def test_flow_c_cek_reuse_lets_the_proxy_read_the_answer_and_reinvite(world):
     path.request(alice.protect(bye).message)
     bob.open(bye)
     assert len(trusted.cache) == 0
-    assert alice._dialog_keys == {} and bob._dialog_keys == {}
+    assert len(alice.dialog_keys) == 0 and len(bob.dialog_keys) == 0
 
 
 def _kept_dialog(world, trusted, call_id):
@@ -532,9 +532,9 @@ def test_no_answer_leaves_no_long_lived_key_at_the_proxy(world):
 def test_forget_call_drops_every_key_of_the_call(world):
     alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
     alice.protect(invite(world, call_id="gone@x"))
-    assert alice._dialog_keys
+    assert alice.dialog_keys.for_call("gone@x")
     alice.forget_call("gone@x")
-    assert alice._dialog_keys == {}
+    assert len(alice.dialog_keys) == 0
 
 
 def test_error_answers_are_neither_protected_nor_a_downgrade(world):

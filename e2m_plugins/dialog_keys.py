@@ -1,0 +1,277 @@
+"""The CEKs a UA keeps per dialog for reuse (RFC 3185), and when it may use them.
+
+A key is kept when the UA offers it (a ``CEKReference`` in an envelope it
+sent, ``offer``) or receives one (``keep_received``); a later message of the
+same dialog may then be sent under it as a ``KEKRecipientInfo`` (KEK = the
+CEK reversed) and opened with it.  The rules (docs/protocol.md §2):
+
+* **Confirmation.**  A key the UA offered is not used until the peer has
+  shown it holds it: the 2xx to the request that carried it (a 2xx to
+  another CSeq does not count), or, for a key offered in a response, a
+  request inside the dialog.  A failure response drops the unconfirmed keys.
+  Keys received from the peer are usable at once (``settle``).
+* **Retirement.**  After a 496 inside the dialog the keys the refusing proxy
+  was thought to hold are retired: never used to send again, but still
+  opened until they age out (``retire_held_by``).
+* **Who may read.**  Each key records the proxies that hold it too
+  (``readers``; ``"?"`` when the envelope had holders we cannot name).  SRTP
+  keys go only under a key no proxy holds; other content under a key whose
+  holders are all named, preferring the one most proxies hold (``reusable``).
+* **Lifetime.**  A key is used (to send or to open) only while younger than
+  ``max_age`` seconds and used fewer than ``max_uses`` times; the dialog's
+  keys go at BYE or a failed INVITE (``end_dialog``), or when the
+  application gives the call up (``forget_call``).
+
+Keys live under (Call-ID, tag) slots: the dialog-creating request has only
+the UAC's tag, and keys stored under it are found again from either side
+once the To tag exists.  A key never leaves its dialog.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .cms.recipients import KekLookup
+from .sip import SipMessage
+from .uri import host_key
+
+__all__ = ["DialogKey", "DialogKeys", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG"]
+
+MAX_DIALOGS = 4096               # bound on (Call-ID, tag) slots with kept CEKs
+MAX_KEYS_PER_DIALOG = 8          # bound on keys kept in one slot (the newest stay)
+_SWEEP_EVERY = 256               # keeps between sweeps of aged-out slots
+
+Slot = tuple[str, str]           # (Call-ID, lower-cased tag)
+
+
+@dataclass
+class DialogKey:
+    """A CEK both ends of a dialog hold, and who else holds it."""
+
+    reference: bytes
+    cek: bytes = field(repr=False)
+    readers: frozenset[str]                  # proxy hosts that hold it too
+    exclusive: bool                          # no one but the two UAs (and ``readers``)
+    created: float
+    uses: int = 0
+    confirmed: bool = True                   # False: ours, and the peer has not shown it has it
+    retired: bool = False                    # a reader lost it (496): opens, never reused
+    offered_in: int | None = None            # CSeq of our request that carried it, if one did
+
+
+class DialogKeys:
+    """The CEKs one UA keeps per dialog for RFC 3185 reuse.
+
+    Bounds: at most ``max_dialogs`` (4096) slots, the oldest slot evicted
+    first; at most ``max_keys_per_dialog`` (8) keys per slot, the newest
+    kept; a key is used only while younger than ``max_age`` seconds and
+    used fewer than ``max_uses`` times, and every 256th key kept sweeps the
+    slots whose keys have all aged out (dialogs that ended without a BYE we
+    saw).  A dialog has at most two slots (one per tag).
+
+    The ``DialogKey`` objects returned are the kept ones: read them, do not
+    change them.  ``clock`` returns seconds (``time.time`` by default).
+    Thread-safe: one lock around every read and change.
+    """
+
+    def __init__(self, *, max_age: float, max_uses: int,
+                 clock: Callable[[], float] = time.time,
+                 max_dialogs: int = MAX_DIALOGS,
+                 max_keys_per_dialog: int = MAX_KEYS_PER_DIALOG) -> None:
+        self._max_age = max_age
+        self._max_uses = max_uses
+        self._clock = clock
+        self._max_dialogs = max_dialogs
+        self._max_keys = max_keys_per_dialog
+        self._lock = threading.Lock()
+        self._slots: dict[Slot, list[DialogKey]] = {}
+        self._keeps = 0
+
+    def __repr__(self) -> str:
+        return f"DialogKeys({len(self)} of {self._max_dialogs} slots)"
+
+    def __len__(self) -> int:
+        """How many (Call-ID, tag) slots are kept (a dialog has one or two)."""
+        with self._lock:
+            return len(self._slots)
+
+    # -- keeping keys ----------------------------------------------------------------
+
+    def offer(self, message: SipMessage, reference: bytes, cek: bytes,
+              readers: frozenset[str]) -> DialogKey | None:
+        """Keep a key we offered in ``message`` for the peer and ``readers``.
+
+        It is not usable until the peer shows it holds it (``settle``).
+        None when ``message`` has no tag to keep it under.
+        """
+        key = DialogKey(reference, cek, readers, not readers, self._clock(), confirmed=False,
+                        offered_in=message.cseq[0] if message.is_request else None)
+        with self._lock:
+            return self._keep(message, key)
+
+    def keep_received(self, message: SipMessage, reference: bytes, cek: bytes, *,
+                      recipients: int, readers: frozenset[str]) -> DialogKey | None:
+        """Keep a key the peer offered in ``message``, usable at once.
+
+        ``recipients`` is the number of RecipientInfos of its envelope and
+        ``readers`` the proxies its labels name; more recipients than the peer
+        and those proxies means holders we cannot name (``"?"``).  None when
+        ``message`` has no tag to keep it under.
+        """
+        exclusive = recipients == 1 and not readers
+        if recipients > 1 + len(readers):
+            exclusive = False  # holders we cannot name: only for what they already read
+            readers = readers | {"?"}
+        key = DialogKey(reference, cek, readers, exclusive, self._clock())
+        with self._lock:
+            return self._keep(message, key)
+
+    # -- confirmation, retirement and the end of a dialog ----------------------------
+
+    def settle(self, message: SipMessage) -> None:
+        """A 2xx, or a request inside the dialog, shows the peer got the keys we
+        offered; a failure response shows it did not, so they go.  A 2xx speaks
+        only for the request it answers: a retransmitted 200 of an earlier
+        transaction must not vouch for a key offered since (say in a retry that
+        was never sent), and a request from the peer vouches only for keys we
+        offered in responses."""
+        status = message.status or 0
+        if message.is_request and not message.to_tag:
+            return
+        vouched_for = None if message.is_request else message.cseq[0]
+        with self._lock:
+            for slot in self._slots_of(message):
+                bucket = self._slots.get(slot, [])
+                if not message.is_request and status >= 300:
+                    bucket[:] = [k for k in bucket if k.confirmed]
+                elif message.is_request or 200 <= status < 300:
+                    for key in bucket:
+                        if key.offered_in is None or key.offered_in == vouched_for:
+                            key.confirmed = True
+
+    def retire_held_by(self, message: SipMessage, host: str) -> None:
+        """``host`` answered 496 inside ``message``'s dialog: it lost the keys we
+        thought it held (say it restarted).  They are not reused again, so the
+        retry is keyed afresh for the peer and the proxy, with a new reference
+        both can reuse.  They still open what was already sent under them (a 200
+        retransmitted because its ACK was lost in the restart) until they age out."""
+        name = host_key(host)
+        with self._lock:
+            for slot in self._slots_of(message):
+                for key in self._slots.get(slot, []):
+                    if name in {host_key(r) for r in key.readers if r != "?"}:
+                        key.retired = True
+
+    def end_dialog(self, message: SipMessage) -> None:
+        """BYE (sent or received), or a failed INVITE: the dialog's keys go."""
+        with self._lock:
+            for slot in self._slots_of(message):
+                self._slots.pop(slot, None)
+
+    def forget_call(self, call_id: str) -> None:
+        """Every key of ``call_id`` goes (the call ended without a message we saw)."""
+        with self._lock:
+            for slot in [s for s in self._slots if s[0] == call_id]:
+                del self._slots[slot]
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def kept(self, message: SipMessage) -> list[DialogKey]:
+        """Every key kept for ``message``'s dialog, whatever its state."""
+        with self._lock:
+            return self._all(message)
+
+    def for_call(self, call_id: str) -> list[DialogKey]:
+        """Every key kept under ``call_id``, whatever its state."""
+        with self._lock:
+            return [k for s, bucket in self._slots.items() if s[0] == call_id for k in bucket]
+
+    def usable(self, message: SipMessage) -> list[DialogKey]:
+        """The dialog's keys that may open a message: confirmed, younger than
+        ``max_age`` and used fewer than ``max_uses`` times (retired ones
+        included), oldest first."""
+        with self._lock:
+            return self._usable(message)
+
+    def reusable(self, message: SipMessage, *, exclusive: bool) -> DialogKey | None:
+        """The newest usable, unretired key fit for the content: for ``exclusive``
+        content (SRTP keys) one only the two UAs hold; otherwise any key whose
+        holders we can all name, since they were chosen for this dialog's earlier
+        bodies, preferring the one the most proxies hold (they read the offer, so
+        they read the answer).  Does not count a use."""
+        with self._lock:
+            return self._reusable(message, exclusive)
+
+    def reuse(self, message: SipMessage, *, exclusive: bool) -> DialogKey | None:
+        """``reusable``, counting one use of the key it returns."""
+        with self._lock:
+            key = self._reusable(message, exclusive)
+            if key is not None:
+                key.uses += 1
+            return key
+
+    def opening_lookup(self, message: SipMessage) -> KekLookup:
+        """The KEKs of the dialog's usable keys, found by kekri identifier (the
+        CEKReference); each lookup that finds one counts a use (the count covers
+        both directions of the dialog)."""
+        with self._lock:
+            kept = {key.reference: key for key in self._usable(message)}
+
+        def kek_for(reference: bytes) -> bytes | None:
+            key = kept.get(reference)
+            if key is None:
+                return None
+            with self._lock:
+                key.uses += 1
+            return key.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
+
+        return KekLookup(kek_for)
+
+    # -- with the lock held ----------------------------------------------------------
+
+    @staticmethod
+    def _slots_of(message: SipMessage) -> list[Slot]:
+        """Where a dialog's keys live: Call-ID plus each tag of the dialog."""
+        tags = [t for t in (message.from_tag, message.to_tag) if t]
+        return [(message.call_id, t.lower()) for t in tags]
+
+    def _all(self, message: SipMessage) -> list[DialogKey]:
+        return [k for slot in self._slots_of(message) for k in self._slots.get(slot, [])]
+
+    def _usable(self, message: SipMessage) -> list[DialogKey]:
+        now = self._clock()
+        found: list[DialogKey] = []
+        for key in self._all(message):
+            if key not in found and key.confirmed and now - key.created < self._max_age \
+                    and key.uses < self._max_uses:
+                found.append(key)
+        return found
+
+    def _reusable(self, message: SipMessage, exclusive: bool) -> DialogKey | None:
+        keys = [k for k in reversed(self._usable(message)) if not k.retired]  # newest first
+        if exclusive:
+            return next((k for k in keys if k.exclusive and not k.readers), None)
+        shared = [k for k in keys if "?" not in k.readers]
+        return max(shared, key=lambda k: len(k.readers), default=None)
+
+    def _keep(self, message: SipMessage, key: DialogKey) -> DialogKey | None:
+        slots = self._slots_of(message)
+        if not slots:
+            return None
+        self._keeps += 1
+        if self._keeps % _SWEEP_EVERY == 0:  # now and then, not on every message: O(dialogs)
+            now = self._clock()
+            for stale in [s for s, keys in self._slots.items()
+                          if all(now - k.created >= self._max_age for k in keys)]:
+                del self._slots[stale]  # dialogs that ended without a BYE we saw
+        if len(self._slots) >= self._max_dialogs and slots[0] not in self._slots:
+            # dicts keep insertion order: the first slot is the oldest dialog
+            del self._slots[next(iter(self._slots))]
+        bucket = self._slots.setdefault(slots[0], [])
+        if any(k.reference == key.reference and k.retired for k in self._all(message)):
+            key.retired = True      # seen again (a retransmission): still not to be reused
+        bucket[:] = ([k for k in bucket if k.reference != key.reference] + [key])[-self._max_keys:]
+        return key
