@@ -29,6 +29,9 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 from e2m_plugins.testpki import TestPKI, init_test_pki  # noqa: E402
 
+# The markers kamailio, sipp, pjsua2, tcpdump, openssl: skipped where that is missing.
+pytest_plugins = ["e2m_lab.needs"]
+
 BODY_BYTES = 1024
 
 # Seconds of measuring per benchmark (calibration and warm-up come on top).

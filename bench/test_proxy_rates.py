@@ -14,7 +14,6 @@ configuration).  ``E2M_BENCH_PROXY=0`` leaves it out.
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
@@ -23,8 +22,8 @@ from proxyrates import Plan, report_lines, run_benchmark
 pytestmark = [
     pytest.mark.skipif(os.environ.get("E2M_BENCH_PROXY", "1") in ("0", "no", "false"),
                        reason="E2M_BENCH_PROXY=0"),
-    pytest.mark.skipif(shutil.which("sipp") is None or not os.path.exists("/usr/sbin/kamailio"),
-                       reason="needs sipp and /usr/sbin/kamailio (make setup)"),
+    pytest.mark.kamailio,
+    pytest.mark.sipp,
 ]
 
 

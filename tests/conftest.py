@@ -8,8 +8,9 @@ import pytest
 
 from e2m_plugins.testpki import TestPKI, init_test_pki
 
-# proxy_factory, sipp and raw_uas: the fixtures of every directory that drives Kamailio
-pytest_plugins = ["e2m_lab.pytest_fixtures"]
+# proxy_factory, sipp and raw_uas: the fixtures of every directory that drives Kamailio;
+# needs: the markers kamailio, sipp, pjsua2, tcpdump, openssl skip a test where that is missing
+pytest_plugins = ["e2m_lab.pytest_fixtures", "e2m_lab.needs"]
 
 DOMAIN = "example.com"
 PROXY_HOST = "proxy.example.com"

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
+pytestmark = [pytest.mark.kamailio, pytest.mark.pjsua2]
+
 BOB = "sip:bob@example.com"
 
 

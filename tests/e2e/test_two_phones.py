@@ -23,6 +23,8 @@ from e2m_lab.capture import contains_key, key_witnesses
 from e2m_plugins import sip
 from e2m_plugins.testpki import issue_proxy, make_ca
 
+pytestmark = [pytest.mark.kamailio, pytest.mark.pjsua2]   # tcpdump: the tests with a capture
+
 BOB = "sip:bob@example.com"
 ALICE = "sip:alice@example.com"
 PROXY_HOST = "proxy.example.com"
@@ -53,6 +55,7 @@ def test_register_learns_the_home_policy_and_fetches_its_certificate(ua_config, 
 
 # --------------------------------------------------------------------------- MESSAGE
 
+@pytest.mark.tcpdump
 def test_message_both_ways_is_archived_in_plaintext_at_home_only(ua_config, phones, proxies,
                                                                   capture):
     home, visited = proxies
@@ -114,6 +117,7 @@ def test_plaintext_message_to_a_phone_requiring_e2m_is_refused_488(ua_config, ph
 
 # --------------------------------------------------------------------------- calls
 
+@pytest.mark.tcpdump
 def test_call_with_srtp_split_sdp_cek_reuse_and_hold(ua_config, phones, proxies, capture,
                                                      tmp_path: Path):
     home, visited = proxies

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.openssl,
-              pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")]
+pytestmark = pytest.mark.openssl
 
 REPO = Path(__file__).resolve().parents[2]
 CONTENT = b"v=0\r\no=bob 2890844527 2890844527 IN IP4 198.51.100.4\r\ns=-\r\nc=IN IP4 198.51.100.4\r\n"

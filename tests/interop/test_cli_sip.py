@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,6 @@ PROXY = "proxy.example.com"
 SDP = (b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
        b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
 TEXT = b"meet me at noon"
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
 
 @pytest.fixture
@@ -167,7 +165,7 @@ def _sip_with_cms(der: bytes, smime_type: str = "enveloped-data", cid: str = "12
     return head.encode() + der
 
 
-@needs_openssl
+@pytest.mark.openssl
 def test_openssl_enveloped_message_is_viewed_by_the_proxy_and_opened_by_bob(pki, configs, capsys, tmp_path):
     d = pki.directory
     entity = b"Content-Type: text/plain\r\n\r\n" + TEXT
@@ -184,7 +182,7 @@ def test_openssl_enveloped_message_is_viewed_by_the_proxy_and_opened_by_bob(pki,
     assert parse(opened.read_bytes()).body == TEXT
 
 
-@needs_openssl
+@pytest.mark.openssl
 def test_openssl_envelope_for_bob_only_gets_496_without_warning(pki, configs, capsys, tmp_path):
     d = pki.directory
     der = _openssl("-encrypt", "-binary", "-outform", "DER", "-aes-256-cbc",
@@ -194,7 +192,7 @@ def test_openssl_envelope_for_bob_only_gets_496_without_warning(pki, configs, ca
     assert "Warning" not in dict(verdict["add_headers"])   # MESSAGE:* = the whole body
 
 
-@needs_openssl
+@pytest.mark.openssl
 def test_openssl_sign_then_encrypt_is_verified_by_a_verifying_proxy(pki, configs, capsys, tmp_path):
     d = pki.directory
     signed = _openssl("-sign", "-binary", "-nodetach", "-outform", "SMIME",
@@ -214,7 +212,7 @@ def test_openssl_sign_then_encrypt_is_verified_by_a_verifying_proxy(pki, configs
     assert "signed by sip:alice@example.com (trusted)" in capsys.readouterr().err
 
 
-@needs_openssl
+@pytest.mark.openssl
 def test_openssl_unsigned_envelope_gets_495_from_a_verifying_proxy(pki, configs, capsys, tmp_path):
     d = pki.directory
     der = _openssl("-encrypt", "-binary", "-outform", "DER", "-aes-128-cbc",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +20,7 @@ from e2m_plugins.cms import (
     sign,
 )
 
-pytestmark = [pytest.mark.openssl,
-              pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")]
+pytestmark = pytest.mark.openssl
 
 CONTENT = b"v=0\r\no=alice 2890844526 2890844526 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
 KEK = bytes.fromhex("000102030405060708090a0b0c0d0e0f")

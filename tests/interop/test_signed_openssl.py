@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,10 +10,7 @@ import pytest
 from e2m_plugins.cmsinput import load_cms_input, load_cms_message
 from e2m_plugins.cms.signed import sign, verify
 
-pytestmark = [
-    pytest.mark.openssl,
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed"),
-]
+pytestmark = pytest.mark.openssl
 
 CONTENT = b"INVITE sip:bob@example.com SIP/2.0\r\nbody with \x00 binary \xff octets\r\n"
 

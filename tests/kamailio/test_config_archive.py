@@ -58,6 +58,7 @@ def test_missing_section_and_bad_toml(tmp_path):
         load_app_config(_write(tmp_path, "[kamailio\n"))
 
 
+@pytest.mark.kamailio   # kamailio -c
 def test_rendered_cfg_is_complete_and_private_to_its_runtime_dir(tmp_path):
     path = _write(tmp_path, '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070"]\n'
                             'domains = ["example.com"]\n[e2m]\nenabled = false\n')
@@ -149,6 +150,7 @@ def test_archive_command_lists_without_text_and_shows_to_out(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0]["length"] == len(b"secret words")
 
 
+@pytest.mark.kamailio   # the launcher's --check runs kamailio -c
 @pytest.mark.parametrize("name", ["home-proxy.toml", "visited-proxy.toml"])
 def test_example_configs_are_valid(name, pki, tmp_path):
     """The examples in kamailio_app/examples pass the launcher's checks and kamailio -c."""

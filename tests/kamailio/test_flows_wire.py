@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.flows import CRYPTO, SDP_ANSWER, SDP_OFFER, SRTP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
@@ -21,6 +22,8 @@ from e2m_lab.sipp import register, send_with_sipp
 
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY, parse_policy_headers
 from e2m_plugins.sip import RequestLine, SipMessage, make_response
+
+pytestmark = [pytest.mark.kamailio, pytest.mark.sipp]
 
 TEXT = b"Hello. This is confidential."
 SDP_VIEW = ("INVITE:application/sdp",)

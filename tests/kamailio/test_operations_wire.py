@@ -9,9 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from e2m_lab.flows import message
 from e2m_lab.kamailio_harness import ROOT, udp_send
 from e2m_lab.sipp import register
+
+pytestmark = pytest.mark.kamailio   # and sipp where a test uses the fixture
 
 TEXT = b"archive me, or say why not"
 

@@ -9,12 +9,15 @@ import hashlib
 import urllib.request
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from e2m_plugins.headers import parse_policy_headers
 from e2m_plugins.sip import make_request
 from e2m_lab.kamailio_harness import PROXY_HOST, ProxyHandle
 from e2m_lab.sipp import SippRunner, register, send_with_sipp
+
+pytestmark = pytest.mark.kamailio   # and sipp where a test uses the fixture
 
 TEXT = b"Hello, Bob. Routing proxies only route.\r\n"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.pjsua2
 pj = pytest.importorskip("pjsua2")
 
 from e2m_plugins import sip  # noqa: E402

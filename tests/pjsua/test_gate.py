@@ -6,6 +6,7 @@ import importlib.metadata
 
 import pytest
 
+pytestmark = pytest.mark.pjsua2
 pytest.importorskip("pjsua2")
 
 from pjsua_hooks import gate as gate_mod  # noqa: E402

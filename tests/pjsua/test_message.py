@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.pjsua2
 pytest.importorskip("pjsua2")
 
 from e2m_plugins import sip  # noqa: E402

@@ -1,5 +1,6 @@
 """A corpus of malformed and hostile SIP requests, made here by mutating valid E2M
-messages built with the core, sent to a running trusted proxy over UDP and over TCP,
+messages built with the core (those the error-table tests send too come from
+``e2m_lab.hostile``), sent to a running trusted proxy over UDP and over TCP,
 interleaved with valid E2M MESSAGEs.
 
 The answer each hostile request must get is not written down by hand where the core
@@ -25,16 +26,17 @@ from dataclasses import dataclass, field
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from e2m_lab import hostile
 from e2m_lab.flows import SDP_OFFER, TRUSTED, answer, invite, known_proxy, message, ua_engine
 from e2m_lab.kamailio_harness import RawUas
 from e2m_lab.sipp import register
 from e2m_lab.wire import Expected, Peer, digest, engine_expectation, engine_for, with_via
 
 from e2m_plugins import mime
-from e2m_plugins.body import protect_content, with_entity
-from e2m_plugins.cms.recipients import recipient_for_certificate
 from e2m_plugins.testpki import TestPKI
 from e2m_plugins.sip import RequestLine, SipMessage, parse
+
+pytestmark = [pytest.mark.kamailio, pytest.mark.sipp]
 
 VIEW = ("MESSAGE:*", "INVITE:application/sdp")
 VERIFY = ("MESSAGE:*",)
@@ -68,15 +70,9 @@ class Maker:
         return self.alice.protect(invite(self.pki, SDP_OFFER, call_id=f"inv{time.monotonic_ns()}@x",
                                          from_tag=f"a{time.monotonic_ns()}")).message
 
-    def entity(self, msg: SipMessage, recipients: tuple[str, ...] = ("bob", TRUSTED), *,
-               signer: str | None = "alice", bind_to: SipMessage | None = None,
-               text: bytes = SECRET, content_id: str = "p1@example.com") -> mime.MimePart:
-        certs = [self.pki.proxy(r).cert if "." in r else self.pki.user(r).cert for r in recipients]
-        cred = self.pki.user(signer) if signer else None
-        entity, _ = protect_content("text/plain", text, [recipient_for_certificate(c) for c in certs],
-                                    signer=(cred.cert, cred.key) if cred else None,
-                                    content_id=content_id, bind_to=bind_to or msg)
-        return entity
+    def hostile(self, build: Callable[..., SipMessage]) -> SipMessage:
+        """One of ``e2m_lab.hostile``'s requests, carrying this corpus's secret text."""
+        return build(self.pki, text=self.text(build.__name__))
 
 
 def _label(msg: SipMessage, value: str) -> SipMessage:
@@ -173,33 +169,10 @@ def _header_cases() -> list[Case]:
     def ctype(value: str) -> Callable[[Maker], SipMessage]:
         return lambda m: m.message().replace("Content-Type", value)
 
-    def cut_from_other(m: Maker) -> SipMessage:
-        victim, other = m.message(), m.message()
-        return victim.with_body(other.body)
-
     def replay(m: Maker) -> SipMessage:
         first = m.message()
         later = m.message()
         return later.with_body(first.body)          # a new Call-ID, the old envelope
-
-    def unknown_recipient(m: Maker) -> SipMessage:
-        msg = message(m.pki, SECRET)
-        return with_entity(msg, m.entity(msg, ("carol",))).add(
-            "Proxy-Required-Body", f'{TRUSTED};cid="p1@example.com"')
-
-    def not_for_proxy(m: Maker) -> SipMessage:
-        msg = message(m.pki, SECRET)
-        return with_entity(msg, m.entity(msg, ("bob",)))
-
-    def unsigned(m: Maker) -> SipMessage:
-        msg = message(m.pki, SECRET)
-        return with_entity(msg, m.entity(msg, signer=None)).add(
-            "Proxy-Required-Body", f'{TRUSTED};cid="p1@example.com"')
-
-    def signed_by_stranger(m: Maker) -> SipMessage:
-        msg = message(m.pki, SECRET)
-        return with_entity(msg, m.entity(msg, signer="carol")).add(
-            "Proxy-Required-Body", f'{TRUSTED};cid="p1@example.com"')
 
     def invite_not_for_proxy(m: Maker) -> SipMessage:
         bare = ua_engine(m.pki, "alice")                 # knows no proxy: bob only
@@ -232,8 +205,8 @@ def _header_cases() -> list[Case]:
         return m.message().with_body(body, ctype_)
 
     return [
-        Case("label names a missing part", lambda m: _label(m.message(), f'{TRUSTED};cid="nothere@example.com"')),
-        Case("label without host", lambda m: _label(m.message(), ';cid="p1@example.com"')),
+        Case("label names a missing part", lambda m: m.hostile(hostile.label_names_missing_part)),
+        Case("label without host", lambda m: m.hostile(hostile.label_without_host)),
         Case("label with a port", lambda m: _label(m.message(), f"{TRUSTED}:5070")),
         Case("duplicate labels", lambda m: m.message().add("Proxy-Required-Body", f"{TRUSTED}")),
         Case("label for another host only", lambda m: _label(m.message(), "elsewhere.example.net")),
@@ -244,21 +217,21 @@ def _header_cases() -> list[Case]:
         Case("wrong type: unknown S/MIME type", ctype("application/pkcs7-mime; smime-type=certs-only")),
         Case("unknown transfer encoding", lambda m: m.message().add("Content-Transfer-Encoding", "x-uuencode")),
         Case("two Content-Type headers", lambda m: m.message().add("Content-Type", "text/plain")),
-        Case("unknown recipients only (carol)", unknown_recipient),
-        Case("proxy not a recipient, unlabelled", not_for_proxy),
+        Case("unknown recipients only (carol)", lambda m: m.hostile(hostile.for_someone_else)),
+        Case("proxy not a recipient, unlabelled", lambda m: m.hostile(hostile.not_a_recipient)),
         Case("INVITE SDP not for the proxy", invite_not_for_proxy),
         Case("re-INVITE under a CEK the proxy never saw", reinvite_unknown_key),
-        Case("body cut from another dialog", cut_from_other),
+        Case("body cut from another dialog", lambda m: m.hostile(hostile.body_from_another_dialog)),
         Case("envelope replayed in a new dialog", replay),
-        Case("unsigned where policy verifies", unsigned),
-        Case("signed by another user", signed_by_stranger),
+        Case("unsigned where policy verifies", lambda m: m.hostile(hostile.unsigned)),
+        Case("signed by another user", lambda m: m.hostile(hostile.stranger_signs_as_alice)),
         Case("300 MIME parts", many_parts),
         Case("multipart nested 12 deep", nested_multipart),
         # A 270 KiB body gets the engine's 413: see test_wire_regressions.  Over the
         # TCP cap (320 KiB) Kamailio drops the message itself: a SIP-level case below.
         Case("header line of 9 KiB", lambda m: m.message().add("Subject", "s" * 9000)),
         Case("300 headers", lambda m: _many_headers(m.message(), 300)),
-        Case("control character in a header", lambda m: m.message().add("Subject", "a\x01b")),
+        Case("control character in a header", lambda m: m.hostile(hostile.control_character_in_a_header)),
     ]
 
 
@@ -315,7 +288,7 @@ def _sip_cases() -> list[Case]:
              lambda b: _sub(rb"(Call-ID: [^\r]{3})", b"\\1\x00", b),
              sip=both(Expected(None, why="Kamailio discards a NUL in the header section"))),
         # Routing decisions, taken before the engine: RFC 3261 §16.3 step 3 and §16.5.
-        Case("Max-Forwards 0", lambda m: m.message().replace("Max-Forwards", "0"),
+        Case("Max-Forwards 0", lambda m: m.hostile(hostile.too_many_hops),
              sip=both(Expected(483, why="RFC 3261 §16.3: Max-Forwards 0"))),
         Case("Request-URI user not registered", lambda m: m.message().with_start_line(
             RequestLine("MESSAGE", "sip:nobody@example.com")),

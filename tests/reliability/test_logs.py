@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from e2m_lab.kamailio_harness import start_proxy
 from e2m_lab.phones import run_phone, write_ua
-from e2m_lab.capture import Capture, key_witnesses, read_pcap, tcpdump_command
+from e2m_lab.capture import Capture, key_witnesses, read_pcap
 from e2m_lab.phones import PhoneProcess
 from e2m_lab.wire import find_secrets, secret_forms, transact
 
@@ -53,6 +53,9 @@ from e2m_plugins.errors import E2MError
 from e2m_plugins.testpki import init_test_pki
 from e2m_plugins.sip import make_request, parse
 from e2m_plugins.cmsinput import load_cms_message
+
+# tcpdump: the CEKs on the wire are collected from a loopback capture
+pytestmark = [pytest.mark.kamailio, pytest.mark.pjsua2, pytest.mark.tcpdump]
 
 ROOT = Path(__file__).resolve().parents[2]
 BOB = "sip:bob@example.com"
@@ -67,8 +70,6 @@ PHONE_LOG_LEVEL = int(os.environ.get("E2M_LOG_TEST_PHONE_LEVEL", 6))
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     tmp_path = tmp_path_factory.mktemp("logs")
-    if tcpdump_command() is None:
-        pytest.skip("tcpdump cannot capture here: the CEKs on the wire cannot be collected")
     pki = init_test_pki(tmp_path / "pki", users=("alice", "bob"), key_type="ec")
     started = []
     try:

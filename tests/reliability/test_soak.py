@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.kamailio, pytest.mark.sipp]   # bench/soak.py runs both
+
 ROOT = Path(__file__).resolve().parents[2]
 SECONDS = int(os.environ.get("SOAK_CI_SECONDS", 60))
 # Generous: a minute holds the warm-up (tm's 5 s wait timers filling, the interpreters'

@@ -13,6 +13,8 @@ from e2m_lab.kamailio_harness import RawUas
 from e2m_lab.sipp import register
 from e2m_lab.wire import transact
 
+pytestmark = pytest.mark.kamailio   # and sipp where a test uses the fixture
+
 
 @contextmanager
 def bob_behind(proxy_factory, sipp, view: tuple[str, ...]) -> Iterator:
