@@ -84,9 +84,9 @@ from e2m_plugins.config import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage, canonical_name  # noqa: E402
 
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine
-from e2m_lab.kamailio_harness import ProxyHandle, start_proxy, stop_process
-from e2m_lab.ports import free_port
-from e2m_lab.sipp import sipp_stats, wait_udp_bound
+from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
+from e2m_lab.processes import stop_process
+from e2m_lab.sipp import sipp_stats, start_sipp
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -370,16 +370,14 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
         bodies["message"].write_bytes(t.message.body)
         scenarios["message"] = render_scenario("uac_message.tmpl.xml", t.message, base / "uac_message.xml")
 
-    uas_port = free_port()
-    uas_log = open(base / "uas.out", "wb")
-    uas = subprocess.Popen(
-        ["sipp", "-sf", str(scenarios["uas"]), "-i", "127.0.0.1", "-p", str(uas_port),
+    # every port SIPp binds is a fresh one; a start that loses a port is retried
+    uas, uas_ports = start_sipp(
+        ["sipp", "-sf", str(scenarios["uas"]), "-i", "127.0.0.1",
          "-nostdin", "-key", "answerfile", str(bodies["answer"]),
          "-trace_err", "-error_file", str(base / "uas-errors.log")],
-        cwd=base, stdout=uas_log, stderr=subprocess.STDOUT)
-    uas_log.close()
+        cwd=base, output=base / "uas.out")
+    uas_port = uas_ports.sip
     try:
-        wait_udp_bound(uas_port, uas)
         extra: dict[str, dict[str, Any]] = {}
         if cfg.e2m and cfg.proxy_key_type != "rsa":
             cred = pki.proxy(TRUSTED, cfg.proxy_key_type)
@@ -468,7 +466,7 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
     stats = workdir / f"{inst.config.key}-{workload}-{int(rate)}-{time.monotonic_ns()}.csv"
     key = "message" if workload == "message" else "offer"
     args = ["sipp", f"127.0.0.1:{inst.proxy.port}", "-sf", str(inst.scenarios[workload]),
-            "-i", "127.0.0.1", "-p", str(free_port()), "-nostdin",
+            "-i", "127.0.0.1", "-nostdin",
             "-r", f"{rate:g}", "-rp", "1000", "-m", str(calls),
             "-recv_timeout", str(plan.recv_timeout_ms),
             "-key", "bodyfile", str(inst.bodies[key]),
@@ -476,7 +474,9 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
     budget = seconds * 1.5 + plan.recv_timeout_ms / 1000 + 10
     before = inst.cpu()
     start = time.monotonic()
-    process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # ports from start_sipp (retried on fresh ones if SIPp cannot bind); stderr kept
+    process, _ = start_sipp(args, cwd=workdir, output=stats.with_suffix(".stderr"),
+                            screen=False, exit_ok=True)
     timed_out = False
     try:
         rc = process.wait(timeout=budget)

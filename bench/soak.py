@@ -62,9 +62,9 @@ from e2m_plugins.config import KnownProxy  # noqa: E402
 from e2m_plugins.sip import SipMessage  # noqa: E402
 
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, message, rules, ua_engine
-from e2m_lab.kamailio_harness import ProxyHandle, start_proxy, stop_process
-from e2m_lab.ports import free_port
-from e2m_lab.sipp import sipp_stats, wait_udp_bound
+from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
+from e2m_lab.processes import stop_process
+from e2m_lab.sipp import sipp_stats, start_sipp
 from e2m_lab.wire import memory_sample
 
 # proxyrates is this script's neighbour: run as `python bench/soak.py`, bench/ is on the path
@@ -136,12 +136,13 @@ def uac(proxy: ProxyHandle, scenario: Path, body: Path, rate: float, calls: int,
     stats = workdir / f"{tag}.csv"
     errors = workdir / f"{tag}-errors.log"
     args = ["sipp", f"127.0.0.1:{proxy.port}", "-sf", str(scenario), "-i", "127.0.0.1",
-            "-p", str(free_port()), "-nostdin", "-r", f"{rate:g}", "-rp", "1000",
+            "-nostdin", "-r", f"{rate:g}", "-rp", "1000",
             "-m", str(calls), "-recv_timeout", "8000", "-key", "bodyfile", str(body),
             "-trace_stat", "-stf", str(stats), "-fd", "5",
             "-trace_err", "-error_file", str(errors)]
-    process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    # ports from start_sipp (retried on fresh ones if SIPp cannot bind); stderr kept
+    process, _ = start_sipp(args, cwd=workdir, output=workdir / f"{tag}.stderr",
+                            screen=False, exit_ok=True)
     return process, stats, errors
 
 
@@ -176,16 +177,14 @@ def start_world(workdir: Path, *, archive: bool, workers: int, log_level: str) -
                  "dialog": pr.render_scenario("uac_dialog.tmpl.xml", made.offer,
                                               workdir / "uac_dialog.xml"),
                  "uas": pr.render_scenario("uas.tmpl.xml", made.answer, workdir / "uas.xml")}
-    uas_port = free_port()
-    log = open(workdir / "uas.out", "wb")
-    uas_proc = subprocess.Popen(
-        ["sipp", "-sf", str(scenarios["uas"]), "-i", "127.0.0.1", "-p", str(uas_port), "-nostdin",
+    # every port SIPp binds is a fresh one; a start that loses a port is retried
+    uas_proc, uas_ports = start_sipp(
+        ["sipp", "-sf", str(scenarios["uas"]), "-i", "127.0.0.1", "-nostdin",
          "-key", "answerfile", str(bodies["answer"]), "-trace_err",
          "-error_file", str(workdir / "uas-errors.log")],
-        cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+        cwd=workdir, output=workdir / "uas.out")
+    uas_port = uas_ports.sip
     try:
-        wait_udp_bound(uas_port, uas_proc)
         cred = pki.proxy(TRUSTED, "x25519")
         proxy = start_proxy(workdir / "proxy", pki=pki, e2m=True, next_hop=f"sip:127.0.0.1:{uas_port}",
                             workers=workers, log_level=log_level, archive=archive,

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import os
 import re
-import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from e2m_plugins.sip import SipMessage, canonical_name, parse_address
 
-from .ports import free_port
+from .processes import stop_process
+from .ports import HOST, free_port, free_port_block
 
 if TYPE_CHECKING:
     from .kamailio_harness import ProxyHandle
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIPP_DIR = ROOT / "tests" / "sipp"
 
 _counter = itertools.count(1)
+log = logging.getLogger(__name__)
 
 
 def redact_sip_text(text: str) -> str:
@@ -48,6 +52,199 @@ def redact_sip_text(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- SIPp
+
+BIND_ERROR = 254          # SIPp's EXIT_BIND_ERROR (-2): some bind() failed with EADDRINUSE
+START_ATTEMPTS = 3        # starts of one SIPp on fresh ports before its bind error is final
+READY_TIMEOUT = 5.0       # seconds for SIPp to bind all of its sockets
+
+
+@dataclass(frozen=True)
+class SippPorts:
+    """Every port SIPp 3.6 binds when it starts, each one given explicitly.
+
+    SIPp binds, in this order (src/sipp.cpp ``main``): the SIP socket (``-p``,
+    ``open_connections``); two RTP sockets, audio on ``-mp`` and video on ``-mp`` + 2,
+    bound "always ... to avoid ICMP errors", scenario with RTP or not
+    (``setup_media_sockets``); the remote-control socket (``-cp``, on 0.0.0.0 unless
+    ``-ci``; ``setup_ctrl_socket``).  Left to their defaults, the last two walk fixed
+    ranges that every SIPp on the machine shares (6000, 6002, ... 100 tries; 8888 ...
+    8947): a bind that fails there with EADDRINUSE on the last try ends SIPp with 254,
+    and so does any explicit port that is taken.  Here all of them are fresh free ports
+    on 127.0.0.1, so parallel SIPps never compete for a default, and a start that
+    still loses a port race is retried on new ones (``start_sipp``).
+    """
+
+    sip: int
+    media: int
+    control: int
+
+    @classmethod
+    def allocate(cls, sip: int | None = None) -> "SippPorts":
+        sip = sip or free_port()
+        media = free_port_block((0, 2), avoid={sip})
+        control = free_port(avoid={sip, media, media + 2})
+        return cls(sip, media, control)
+
+    def args(self) -> list[str]:
+        return ["-p", str(self.sip), "-mi", HOST, "-mp", str(self.media),
+                "-ci", HOST, "-cp", str(self.control)]
+
+    @property
+    def bound(self) -> tuple[int, ...]:
+        """The ports SIPp holds once it has started."""
+        return (self.sip, self.media, self.media + 2, self.control)
+
+
+class SippStartError(RuntimeError):
+    """SIPp exited (or never bound its sockets) while starting; ``output`` is what it said."""
+
+    def __init__(self, message: str, rc: int | None, output: str) -> None:
+        super().__init__(message)
+        self.rc, self.output = rc, output
+
+    @property
+    def bind_error(self) -> bool:
+        return self.rc == BIND_ERROR
+
+
+def _read_output(process: subprocess.Popen, output: Path | None) -> str:
+    if output is not None:
+        return _read(output)
+    stream = process.stdout or process.stderr
+    if stream is not None and process.poll() is not None:
+        try:
+            data = stream.read()
+        except (OSError, ValueError):
+            return ""
+        return data.decode("utf-8", "replace") if isinstance(data, bytes) else (data or "")
+    return ""
+
+
+_SIPP_ERROR = re.compile(r"^.*(?:Unable to|errno = |Address already in use|Error|ERROR).*$",
+                         re.MULTILINE)
+
+
+def sipp_error_lines(output: str) -> str:
+    """SIPp's own error lines from its output (stderr, maybe mixed with its screen)."""
+    lines = list(dict.fromkeys(m.group(0).strip() for m in _SIPP_ERROR.finditer(output)))
+    return "\n".join(lines[-5:])
+
+
+def bind_failure(rc: int | None, output: str) -> str | None:
+    """Why SIPp could not bind (its message), when ``rc`` is its bind error; else None."""
+    if rc != BIND_ERROR:
+        return None
+    return sipp_error_lines(output) or f"exit code {BIND_ERROR} (EXIT_BIND_ERROR, no message)"
+
+
+def _socket_ports(pid: int) -> set[int] | None:
+    """Local ports of the UDP and TCP sockets process ``pid`` holds, from /proc (None
+    where /proc cannot tell).  Reading /proc leaves the ports alone, unlike a probe that
+    binds them, which can take a port from SIPp in the instant SIPp binds it."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("udp", "udp6", "tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_sipp_ready(process: subprocess.Popen, ports: Iterable[int],
+                    timeout: float = READY_TIMEOUT, *, output: Path | None = None) -> None:
+    """Until SIPp holds every port of ``ports`` (so nothing is sent before it listens, and
+    a bind that fails shows here, not later as a lost message).
+
+    Raises ``SippStartError`` with SIPp's own error lines when it exits first (exit
+    code 254: a port was taken) or does not bind them within ``timeout``.  ``output`` is
+    the file SIPp's stderr goes to; without it, its stdout/stderr pipe is read.
+    """
+    ports = tuple(ports)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            text = _read_output(process, output)
+            reason = sipp_error_lines(text) or "(no error message)"
+            raise SippStartError(f"SIPp exited with {process.returncode} before listening on "
+                                 f"{ports[0]} (ports {', '.join(map(str, ports))}): {reason}",
+                                 process.returncode, text)
+        # Read from /proc, never by binding the port ourselves: a probe bind in the
+        # instant SIPp binds makes SIPp exit 254 (seen 5 times in 48,000 starts).
+        owned = _socket_ports(process.pid) or set()
+        if set(ports) <= owned:
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(set(ports) - owned)
+            raise SippStartError(f"SIPp (pid {process.pid}) did not bind {missing} within "
+                                 f"{timeout:g} s", None, _read_output(process, output))
+        time.sleep(0.01)
+
+
+def wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = READY_TIMEOUT,
+                   *, output: Path | None = None) -> None:
+    """Until SIPp holds the UDP ``port``; ``SippStartError`` (with SIPp's message) if it
+    exits first or has not bound it within ``timeout``."""
+    wait_sipp_ready(process, (port,), timeout, output=output)
+
+
+
+
+def _retrying(reason: str, attempt: int, attempts: int, what: str) -> None:
+    log.warning("SIPp %s could not bind (%s); starting it again on fresh ports "
+                "(attempt %d of %d)", what, reason.replace("\n", " | "), attempt + 1, attempts)
+
+
+def start_sipp(args: list[str], *, cwd: Path, output: Path, sip_port: int | None = None,
+               screen: bool = True, exit_ok: bool = False, attempts: int = START_ATTEMPTS,
+               timeout: float = READY_TIMEOUT) -> tuple[subprocess.Popen, SippPorts]:
+    """Start ``args`` (a ``sipp`` command line without ports) in the background on fresh
+    ``SippPorts``; returns once SIPp holds all of them.
+
+    SIPp's stderr (and its screen on stdout, unless ``screen`` is False) goes to
+    ``output``.  A start that ends with SIPp's bind error (254) is retried on new ports,
+    up to ``attempts`` starts, each logged with SIPp's message; any other failure, or
+    the last one, raises ``SippStartError``.  ``sip_port`` fixes the SIP port (then a
+    taken SIP port is final at once).  ``exit_ok``: a SIPp that has already finished
+    (any exit code but 254) counts as started, for clients that may be done quickly.
+    """
+    output.write_bytes(b"")
+    for attempt in range(1, attempts + 1):
+        ports = SippPorts.allocate(sip_port)
+        with open(output, "ab") as out:
+            process = subprocess.Popen([*args, *ports.args()], cwd=cwd,
+                                       stdout=out if screen else subprocess.DEVNULL, stderr=out)
+        try:
+            wait_sipp_ready(process, ports.bound, timeout, output=output)
+            return process, ports
+        except SippStartError as error:
+            stop_process(process)
+            if exit_ok and error.rc is not None and not error.bind_error:
+                return process, ports
+            reason = bind_failure(error.rc, error.output)
+            fixed = sip_port is not None and "main socket" in (reason or "")
+            if reason is None or fixed or attempt == attempts:
+                raise
+            _retrying(reason, attempt, attempts, f"on {ports.bound}")
+    raise AssertionError("unreachable")
+
 
 @dataclass
 class SippResult:
@@ -85,25 +282,20 @@ def render_scenario(scenario: str, workdir: Path, headers: list[tuple[str, str]]
 class SippUas:
     """A SIPp server scenario running in the background on ``port``."""
 
-    def __init__(self, process: subprocess.Popen, port: int, files: dict[str, Path]) -> None:
-        self.process, self.port, self.files = process, port, files
+    def __init__(self, process: subprocess.Popen, ports: SippPorts, files: dict[str, Path]) -> None:
+        self.process, self.ports, self.files = process, ports, files
+        self.port = ports.sip
 
     def wait(self, timeout: float = 10.0) -> SippResult:
         try:
-            out, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.terminate()
-            out, _ = self.process.communicate(timeout=5)
-        return _result(self.process.returncode, out, self.files)
+            self.process.wait(timeout=5)
+        return _result(self.process.returncode, _read(self.files["output"]), self.files)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def _read(path: Path) -> str:
@@ -128,11 +320,13 @@ class SippRunner:
 
     def _files(self, tag: str) -> dict[str, Path]:
         n = next(_counter)
-        return {kind: self.workdir / f"{tag}-{n}.{kind}" for kind in ("log", "messages", "errors")}
+        return {kind: self.workdir / f"{tag}-{n}.{kind}"
+                for kind in ("log", "messages", "errors", "output")}
 
-    def _args(self, scenario: Path, port: int, files: dict[str, Path],
-              keys: dict[str, Any] | None, timeout: float) -> list[str]:
-        args = ["sipp", "-sf", str(scenario), "-i", "127.0.0.1", "-p", str(port), "-m", "1",
+    def _args(self, scenario: Path, files: dict[str, Path], keys: dict[str, Any] | None,
+              timeout: float) -> list[str]:
+        """The command line without ports (``SippPorts.args`` adds them)."""
+        args = ["sipp", "-sf", str(scenario), "-i", HOST, "-m", "1",
                 "-nostdin", "-timeout", f"{int(timeout)}s", "-timeout_error",
                 "-trace_msg", "-message_file", str(files["messages"]),
                 "-trace_logs", "-log_file", str(files["log"]),
@@ -143,26 +337,34 @@ class SippRunner:
 
     def uas(self, scenario: str, keys: dict[str, Any] | None = None, port: int | None = None,
             timeout: float = 20.0) -> SippUas:
-        port = port or free_port()
         files = self._files("uas")
         path = render_scenario(scenario, self.workdir, None)
-        process = subprocess.Popen(self._args(path, port, files, keys, timeout), cwd=self.workdir,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        server = SippUas(process, port, files)
+        process, ports = start_sipp(self._args(path, files, keys, timeout), cwd=self.workdir,
+                                    output=files["output"], sip_port=port)
+        server = SippUas(process, ports, files)
         self._servers.append(server)
-        wait_udp_bound(port, process)
         return server
 
     def uac(self, scenario: str, target_port: int, keys: dict[str, Any] | None = None,
             headers: list[tuple[str, str]] | None = None, fill: dict[str, str] | None = None,
-            extra_args: list[str] | None = None, timeout: float = 10.0) -> SippResult:
-        files = self._files("uac")
+            extra_args: list[str] | None = None, timeout: float = 10.0,
+            attempts: int = START_ATTEMPTS) -> SippResult:
+        """Runs to completion.  A run that ended with SIPp's bind error before it sent
+        anything is run again on fresh ports (up to ``attempts`` runs, each logged)."""
         path = render_scenario(scenario, self.workdir, headers, fill)
-        args = self._args(path, free_port(), files, keys, timeout) + (extra_args or [])
-        args.insert(1, f"127.0.0.1:{target_port}")
-        done = subprocess.run(args, cwd=self.workdir, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=timeout + 10)
-        result = _result(done.returncode, done.stdout, files)
+        for attempt in range(1, attempts + 1):
+            files = self._files("uac")
+            ports = SippPorts.allocate()
+            args = [*self._args(path, files, keys, timeout), *ports.args(), *(extra_args or [])]
+            args.insert(1, f"127.0.0.1:{target_port}")
+            done = subprocess.run(args, cwd=self.workdir, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=timeout + 10)
+            result = _result(done.returncode, done.stdout, files)
+            reason = bind_failure(result.rc, result.output)
+            if reason is None or result.messages.strip() or attempt == attempts:
+                break
+            self.results.append((f"uac {scenario} (could not bind, run again)", result))
+            _retrying(reason, attempt, attempts, f"uac {scenario} on {ports.bound}")
         self.results.append((f"uac {scenario}", result))
         return result
 
@@ -170,7 +372,8 @@ class SippRunner:
         for server in self._servers:
             server.stop()
             self.results.append((f"uas on {server.port}", _result(server.process.returncode or 0,
-                                                                 b"", server.files)))
+                                                                 _read(server.files["output"]),
+                                                                 server.files)))
 
 
 def sipp_stats(path: Path, counters: tuple[str, ...]) -> dict[str, int]:
@@ -191,22 +394,6 @@ def sipp_stats(path: Path, counters: tuple[str, ...]) -> dict[str, int]:
             except (ValueError, IndexError):
                 pass
     return out
-
-
-def wait_udp_bound(port: int, process: subprocess.Popen, timeout: float = 5.0) -> None:
-    """Until SIPp holds the UDP port (so nothing is sent before it listens)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return
-        finally:
-            probe.close()
-        time.sleep(0.05)
-    if process.poll() is not None:
-        raise RuntimeError(f"SIPp exited with {process.returncode} before listening on {port}")
 
 
 # Written by the scenario itself (Call-ID through -cid_str); everything else comes from
