@@ -1,4 +1,4 @@
-"""Resource limits applied while opening untrusted CMS input."""
+"""What an opener of untrusted CMS input accepts: sizes, counts and algorithms."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ class Limits:
     max_certificates: int = 16
     max_signers: int = 8
     max_attributes: int = 32
+    # Public-key operations one message may cost (see cms/budget.py).
+    max_public_key_ops: int = 32
+    # Algorithms.  CBC has no integrity (a padding oracle at a proxy, tampering by
+    # anyone): refused unless a setting names who may send it.  3DES and SHA-1
+    # signatures are refused unless legacy algorithms are allowed.
+    accept_cbc: bool = False
+    accept_legacy_algorithms: bool = False
+    min_rsa_bits: int = 2048
 
     def check_size(self, length: int) -> None:
         if length > self.max_body_bytes:
