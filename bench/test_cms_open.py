@@ -19,6 +19,7 @@ from e2m_plugins.cms import (
     CertificateKey,
     KeyAgreeRecipient,
     KeyTransRecipient,
+    Limits,
     describe_envelope,
     open_envelope,
     reuse_kek,
@@ -38,6 +39,9 @@ def ktri_case(bench_pki, sdp_body):
     assert [r.kind for r in desc.recipients] == ["ktri"]
     assert desc.recipients[0].identifier.startswith("issuer-serial=")
     return sealed.der, bob, [CertificateKey(bob.cert, bob.key)]
+
+
+CBC = Limits(accept_cbc=True)   # CBC is refused by default; ktri_case is CBC (pkcs7_decrypt_der reads only CBC)
 
 
 def _kari_case(pki, body, key_type, scheme):
@@ -84,18 +88,18 @@ def kekri_case(bench_pki, sdp_body):
 
 def test_ktri_rsa_open_envelope(measure, ktri_case, sdp_body):
     data, _, keys = ktri_case
-    assert open_envelope(data, keys).plaintext == sdp_body
-    result = measure("ktri_rsa_open", lambda: open_envelope(data, keys))
+    assert open_envelope(data, keys, limits=CBC).plaintext == sdp_body
+    result = measure("ktri_rsa_open", lambda: open_envelope(data, keys, limits=CBC))
     assert result.plaintext == sdp_body
 
 
 def test_ktri_rsa_pkcs7_decrypt_der(measure, paired, ktri_case, sdp_body):
     data, bob, keys = ktri_case
     # Same bytes, same answer, before anything is timed.
-    assert pkcs7.pkcs7_decrypt_der(data, bob.cert, bob.key, []) == open_envelope(data, keys).plaintext
+    assert pkcs7.pkcs7_decrypt_der(data, bob.cert, bob.key, []) == open_envelope(data, keys, limits=CBC).plaintext
     result = measure("ktri_rsa_pkcs7", lambda: pkcs7.pkcs7_decrypt_der(data, bob.cert, bob.key, []))
     assert result == sdp_body
-    paired("ktri_rsa_vs_pkcs7", lambda: open_envelope(data, keys),
+    paired("ktri_rsa_vs_pkcs7", lambda: open_envelope(data, keys, limits=CBC),
            lambda: pkcs7.pkcs7_decrypt_der(data, bob.cert, bob.key, []))
 
 
@@ -130,7 +134,7 @@ def test_raw_rsa2048_decrypt_pkcs1v15(measure, paired, bench_pki, ktri_case):
     result = measure("raw_rsa_decrypt", lambda: key.decrypt(encrypted, padding.PKCS1v15()))
     assert result == cek
     data, _, keys = ktri_case
-    paired("ktri_rsa_vs_raw_decrypt", lambda: open_envelope(data, keys),
+    paired("ktri_rsa_vs_raw_decrypt", lambda: open_envelope(data, keys, limits=CBC),
            lambda: key.decrypt(encrypted, padding.PKCS1v15()))
 
 

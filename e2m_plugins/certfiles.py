@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .errors import MalformedError, UnsupportedAlgorithmError
 
-__all__ = ["PathOrData", "load_certificate", "load_certificates", "load_private_key",
-           "readable_certificate", "fully_readable"]
+__all__ = ["PathOrData", "load_certificate", "load_certificates", "load_crls",
+           "load_private_key", "readable_certificate", "fully_readable"]
 
 
 PathOrData = Union[bytes, bytearray, memoryview, str, os.PathLike]
@@ -60,6 +60,29 @@ def load_certificates(data_or_path: PathOrData) -> list[x509.Certificate]:
     if not certs:
         raise MalformedError("no certificate in PEM bundle")
     return certs
+
+
+def load_crls(data_or_path: PathOrData) -> list[x509.CertificateRevocationList]:
+    """The CRLs of a PEM file (one or more ``X509 CRL`` blocks) or the one of a DER file.
+
+    Nothing is checked here: ``certpath`` uses a CRL only once its signature verifies
+    with the issuer's key on a path, and only while it is current.
+    """
+    data = _read(data_or_path)
+    try:
+        if not _looks_pem(data):
+            return [x509.load_der_x509_crl(data)]
+        blocks = []
+        for block in data.split(b"-----BEGIN X509 CRL-----")[1:]:
+            end = block.find(b"-----END X509 CRL-----")
+            if end < 0:
+                raise ValueError("unterminated PEM block")
+            blocks.append(b"-----BEGIN X509 CRL-----" + block[:end] + b"-----END X509 CRL-----\n")
+        if not blocks:
+            raise ValueError("no X509 CRL block")
+        return [x509.load_pem_x509_crl(block) for block in blocks]
+    except (ValueError, TypeError) as exc:
+        raise MalformedError(f"not a readable CRL: {exc}") from None
 
 
 def load_private_key(data_or_path: PathOrData) -> PrivateKeyTypes:

@@ -1,32 +1,111 @@
 """Certification paths: who a certificate names, and whether it chains to a trust anchor.
 
-``verify_chain`` is a deliberately small path builder: it accepts the old and odd
-certificates found in RFC 4134 and the LAMPS examples (DSA, SHA-1, unknown extensions)
-that strict verifiers refuse, while still checking signatures, names, validity and CA
-constraints.  ``certificate_identities`` gives the names a certificate vouches for.
+``verify_chain`` builds a path from a certificate to one of the trust anchors and
+checks it (RFC 5280 §6, without certificate policies) for a bounded amount of work,
+since the intermediates usually come from the message being checked:
+
+* **Work.**  Candidates are deduplicated by DER and found by issuer name
+  (``cryptography``'s ``Name`` equality, never RFC 4518 preparation), issuers whose
+  subjectKeyIdentifier equals the authorityKeyIdentifier first, those whose SKI
+  differs last.  A path never holds one subject and key twice (look-alike CAs),
+  a certificate's signature is checked at most once per issuer key, and each check
+  is counted against the message's public-key budget (``cms.budget``) *before* it
+  runs.  Trying more than ``limits.max_path_checks`` candidate issuers, or a
+  certificate over ``limits.max_certificate_bytes``, is ``LimitExceededError``.
+* **Keys and algorithms, before use.**  ``check_public_key``: RSA and DSA moduli of
+  ``min_rsa_bits``..``max_rsa_bits``, RSA exponents odd in 3..2^32, EC on P-256,
+  P-384 or P-521, Ed25519/Ed448, DSA only with ``accept_legacy_algorithms``.
+  Certificate signatures use SHA-2 (or none, for EdDSA); SHA-1 only as legacy.
+* **RFC 5280 rules.**  Every issuer is a CA (basicConstraints cA; a trust anchor
+  without the extension, such as a v1 root, is trusted by configuration) whose
+  keyUsage, when present, allows keyCertSign; pathLenConstraint (the anchor's too);
+  nameConstraints for dNSName, URI (the host, e.g. of ``sip:`` URIs), rfc822Name,
+  directoryName and iPAddress, with a subject CN that looks like a host name standing
+  in for a dNSName when the leaf has no SAN dNSName or URI (``certstore`` reads it
+  then); constraints of any other type are refused, critical or not.  Unknown
+  critical extensions are refused on every certificate but the anchor.  Validity at
+  ``at`` for the whole path.
+* **CRLs** (``crls=``, or the ``crls`` of a :class:`TrustAnchors`, i.e. ``[trust]
+  crls``).  A CRL counts for an issuer only if it names the issuer, the issuer may
+  sign CRLs (keyUsage cRLSign when present), its signature verifies with the
+  issuer's key (counted like a certificate signature) and it is current (thisUpdate
+  <= at <= nextUpdate; no nextUpdate means no expiry; not checked when ``check_time``
+  is False, like the certificates).  An issuer that has CRLs of
+  which none counts (expired, future, forged) fails closed: its certificates are
+  refused until a current CRL is configured.  Issuers without any CRL are not checked.
+
+``certificate_identities`` gives the names a certificate vouches for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import (
+    dsa, ec, ed448, ed25519, padding, rsa, x448, x25519,
+)
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from .certfiles import fully_readable
-from .errors import MalformedError, UntrustedSignerError
+from .errors import (
+    E2MError,
+    LimitExceededError,
+    MalformedError,
+    UnsupportedAlgorithmError,
+    UntrustedSignerError,
+)
+from .uri import parse_uri
 
-__all__ = ["Identities", "certificate_identities", "verify_chain", "is_signed_by", "as_utc",
-           "MAX_PATH_LENGTH"]
+if TYPE_CHECKING:
+    from .cms.limits import Limits
+
+__all__ = ["Identities", "TrustAnchors", "certificate_identities", "verify_chain",
+           "is_signed_by", "as_utc", "check_public_key", "signer_usage_problem",
+           "check_certificate_size", "MAX_PATH_LENGTH"]
 
 
 # Longest chain verify_chain will build (leaf + intermediates + anchor).
 MAX_PATH_LENGTH = 8
+
+# Curves whose signatures we check; others are refused before use.
+_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_MAX_RSA_EXPONENT = 2**32
+# Hashes of certificate and CRL signatures; SHA-1 only as a legacy algorithm.
+_HASHES = ("sha224", "sha256", "sha384", "sha512")
+# Extensions whose meaning we apply, so that they may be critical.  Certificate
+# policies are not processed: with no policy required by us (RFC 5280 6.1 with
+# initial-policy-set anyPolicy and no explicit policy) they never change the outcome.
+# Policy constraints and mappings could, so they are refused when critical.
+_UNDERSTOOD = frozenset({
+    ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ExtensionOID.NAME_CONSTRAINTS,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.CERTIFICATE_POLICIES,
+})
+# Critical CRL extensions we may ignore: a partial or delta CRL still lists revocations.
+_CRL_UNDERSTOOD = frozenset({ExtensionOID.ISSUING_DISTRIBUTION_POINT,
+                             ExtensionOID.DELTA_CRL_INDICATOR})
+_NAME_TYPES = (x509.DNSName, x509.UniformResourceIdentifier, x509.RFC822Name,
+               x509.DirectoryName, x509.IPAddress)
+_HOSTLIKE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+                       r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
+
+
+def _limits(limits: Limits | None) -> Limits:
+    if limits is not None:
+        return limits
+    from .cms.limits import DEFAULT_LIMITS  # cms.signed imports this module
+    return DEFAULT_LIMITS
 
 
 @dataclass(frozen=True)
@@ -39,6 +118,25 @@ class Identities:
     emails: tuple[str, ...] = ()
 
 
+class TrustAnchors(tuple):
+    """Trust anchor certificates with the CRLs configured next to them (``[trust] crls``).
+
+    A tuple, so it goes wherever a sequence of anchors goes; ``verify_chain`` (and so
+    every check built on it) applies its ``crls`` unless given CRLs of its own.
+    """
+
+    crls: tuple[x509.CertificateRevocationList, ...]
+
+    def __new__(cls, certificates: Iterable[x509.Certificate] = (),
+                crls: Iterable[x509.CertificateRevocationList] = ()) -> TrustAnchors:
+        self = super().__new__(cls, tuple(certificates))
+        self.crls = tuple(crls)
+        return self
+
+    def __repr__(self) -> str:
+        return f"TrustAnchors({len(self)} certificates, {len(self.crls)} CRLs)"
+
+
 def as_utc(moment: datetime) -> datetime:
     # Naive datetimes are taken as UTC, which is what certificates use.
     if moment.tzinfo is None:
@@ -46,20 +144,48 @@ def as_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
-def certificate_identities(cert: x509.Certificate) -> Identities:
-    """SAN URIs, SAN dNSNames, SAN rfc822Names and the first subject CN."""
+def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:  # duplicate or broken extensions
+        raise MalformedError(f"unreadable certificate extensions: {exc}") from None
+
+
+def check_certificate_size(cert: x509.Certificate, limits: Limits | None = None,
+                           der: bytes | None = None) -> None:
+    """``LimitExceededError`` if the certificate's DER or its SAN is over the limits."""
+    limits = _limits(limits)
+    if der is None:
+        der = cert.public_bytes(serialization.Encoding.DER)
+    if len(der) > limits.max_certificate_bytes:
+        raise LimitExceededError(f"certificate of {len(der)} bytes exceeds the limit of "
+                                 f"{limits.max_certificate_bytes}")
+    san = _san(cert)
+    if san is not None and len(san) > limits.max_san_entries:
+        raise LimitExceededError(f"{len(san)} subjectAltName entries exceed the limit of "
+                                 f"{limits.max_san_entries}")
+
+
+def certificate_identities(cert: x509.Certificate,
+                           limits: Limits | None = None) -> Identities:
+    """SAN URIs, SAN dNSNames, SAN rfc822Names and the first subject CN.
+
+    More than ``limits.max_san_entries`` SAN entries is ``LimitExceededError``.
+    """
     uris: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    san = _san(cert)
+    if san is not None:
+        bound = _limits(limits).max_san_entries
+        if len(san) > bound:
+            raise LimitExceededError(
+                f"{len(san)} subjectAltName entries exceed the limit of {bound}")
         uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
         dns = tuple(san.get_values_for_type(x509.DNSName))
         emails = tuple(san.get_values_for_type(x509.RFC822Name))
-    except x509.ExtensionNotFound:
-        pass
-    except ValueError as exc:  # duplicate or broken extensions
-        raise MalformedError(f"unreadable certificate extensions: {exc}") from None
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = cns[0].value if cns else None
     if isinstance(cn, bytes):
@@ -68,21 +194,141 @@ def certificate_identities(cert: x509.Certificate) -> Identities:
 
 
 def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:#x}"
+    try:
+        text = cert.subject.rfc4514_string() or f"serial {cert.serial_number:#x}"
+    except ValueError:
+        text = f"serial {cert.serial_number:#x}"
+    # Names come from the attacker as often as not: keep log lines short.
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# --------------------------------------------------------------------------
+# Keys, algorithms, usages
+
+
+def check_public_key(public_key: object, limits: Limits | None = None, *,
+                     signing: bool = False) -> None:
+    """Refuse a key before any operation with it.
+
+    RSA: ``min_rsa_bits`` <= modulus <= ``max_rsa_bits``, exponent odd, 3 <= e < 2^32.
+    DSA: only with ``accept_legacy_algorithms``, modulus within the same bounds.  EC:
+    P-256, P-384, P-521.  Ed25519, Ed448; X25519 and X448 only when not ``signing``.
+    A size over a limit is ``LimitExceededError``; a weak key ``UntrustedSignerError``;
+    a key type or curve we do not use ``UnsupportedAlgorithmError``.
+    """
+    limits = _limits(limits)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        bits = public_key.key_size
+        if bits > limits.max_rsa_bits:
+            raise LimitExceededError(
+                f"RSA key of {bits} bits exceeds the limit of {limits.max_rsa_bits}")
+        if bits < limits.min_rsa_bits:
+            raise UntrustedSignerError(
+                f"RSA key of {bits} bits (minimum {limits.min_rsa_bits})")
+        e = public_key.public_numbers().e
+        if e >= _MAX_RSA_EXPONENT:
+            raise LimitExceededError(f"RSA public exponent of {e.bit_length()} bits "
+                                     "(the limit is 32 bits)")
+        if e < 3 or e % 2 == 0:
+            raise UntrustedSignerError("RSA public exponent must be odd and at least 3")
+    elif isinstance(public_key, dsa.DSAPublicKey):
+        if not limits.accept_legacy_algorithms:
+            raise UnsupportedAlgorithmError("DSA keys are legacy algorithms, not accepted")
+        bits = public_key.key_size
+        if bits > limits.max_rsa_bits:
+            raise LimitExceededError(
+                f"DSA key of {bits} bits exceeds the limit of {limits.max_rsa_bits}")
+        if bits < limits.min_rsa_bits:
+            raise UntrustedSignerError(f"DSA key of {bits} bits (minimum {limits.min_rsa_bits})")
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, _CURVES):
+            raise UnsupportedAlgorithmError(f"EC curve {public_key.curve.name} is not supported")
+    elif isinstance(public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        pass
+    elif isinstance(public_key, (x25519.X25519PublicKey, x448.X448PublicKey)):
+        if signing:
+            raise UntrustedSignerError("a key-agreement key cannot sign")
+    else:
+        raise UnsupportedAlgorithmError(
+            f"public key type {type(public_key).__name__.lstrip('_')} is not supported")
+
+
+def _key_problem(cert: x509.Certificate, limits: Limits, signing: bool) -> str | None:
+    try:
+        public = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return f"{_describe(cert)} has a public key that cannot be read"
+    try:
+        check_public_key(public, limits, signing=signing)
+    except E2MError as exc:
+        return f"{_describe(cert)}: {exc}"
+    return None
+
+
+def _hash_problem(algorithm_name: str | None, limits: Limits) -> str | None:
+    """None if a signature with this hash (None: EdDSA) is acceptable."""
+    if algorithm_name is None or algorithm_name in _HASHES:
+        return None
+    if algorithm_name == "sha1":
+        return None if limits.accept_legacy_algorithms else \
+            "SHA-1 (a legacy algorithm, not accepted)"
+    return f"{algorithm_name} (not accepted)"
+
+
+def _signature_problem(cert: x509.Certificate, limits: Limits) -> str | None:
+    """Why the signature *on* ``cert`` cannot be accepted, whoever the issuer."""
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return f"{_describe(cert)} is signed with an unsupported algorithm"
+    problem = _hash_problem(algorithm.name if algorithm is not None else None, limits)
+    return f"{_describe(cert)} is signed with {problem}" if problem else None
+
+
+def signer_usage_problem(cert: x509.Certificate) -> str | None:
+    """None if ``cert`` may make signatures: a keyUsage, when present, must allow
+    digitalSignature (nonRepudiation alone is not enough for a SIP signature)."""
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError:
+        return "unreadable keyUsage"
+    return None if usage.digital_signature else "keyUsage does not allow digitalSignature"
 
 
 def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True if ``issuer``'s key made the signature on ``cert`` (names not checked)."""
     try:
-        public = issuer.public_key()
-        sig_hash = cert.signature_hash_algorithm
-        params = cert.signature_algorithm_parameters
-        tbs, sig = cert.tbs_certificate_bytes, cert.signature
+        return _signature_verifies(issuer.public_key(), cert.tbs_certificate_bytes,
+                                   cert.signature, cert.signature_hash_algorithm,
+                                   cert.signature_algorithm_parameters,
+                                   cert.signature_algorithm_oid.dotted_string)
+    except (UnsupportedAlgorithm, ValueError, TypeError):
+        return False
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    # Not crl.is_signature_valid: it says False for DSA (the RFC 4134 CRLs).
+    try:
+        return _signature_verifies(issuer.public_key(), crl.tbs_certlist_bytes, crl.signature,
+                                   crl.signature_hash_algorithm,
+                                   crl.signature_algorithm_parameters,
+                                   crl.signature_algorithm_oid.dotted_string)
+    except (UnsupportedAlgorithm, ValueError, TypeError):
+        return False
+
+
+def _signature_verifies(public: object, tbs: bytes, sig: bytes, sig_hash: object,
+                        params: object, oid: str) -> bool:
+    try:
         if isinstance(public, rsa.RSAPublicKey):
             if not isinstance(params, (padding.PKCS1v15, padding.PSS)) or sig_hash is None:
                 return False
             public.verify(sig, tbs, params, sig_hash)
         elif isinstance(public, ec.EllipticCurvePublicKey):
+            if params is None and sig_hash is not None and oid.startswith("1.2.840.10045.4."):
+                params = ec.ECDSA(sig_hash)  # cryptography gives none for ecdsa-with-SHA1
             if not isinstance(params, ec.ECDSA):
                 return False
             public.verify(sig, tbs, params)
@@ -99,6 +345,13 @@ def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
         return False
     return True
+
+
+def _extension(cert: x509.Certificate, cls: type) -> object | None:
+    try:
+        return cert.extensions.get_extension_for_class(cls).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _can_issue(issuer: x509.Certificate, is_anchor: bool) -> str | None:
@@ -125,6 +378,13 @@ def _can_issue(issuer: x509.Certificate, is_anchor: bool) -> str | None:
     return None
 
 
+def _critical_problem(cert: x509.Certificate) -> str | None:
+    for ext in cert.extensions:
+        if ext.critical and ext.oid not in _UNDERSTOOD:
+            return f"{_describe(cert)} has an unknown critical extension {ext.oid.dotted_string}"
+    return None
+
+
 def _time_problem(cert: x509.Certificate, at: datetime) -> str | None:
     if at < cert.not_valid_before_utc:
         return (f"certificate {_describe(cert)} is not yet valid "
@@ -135,28 +395,261 @@ def _time_problem(cert: x509.Certificate, at: datetime) -> str | None:
     return None
 
 
+def _self_issued(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject
+
+
+# --------------------------------------------------------------------------
+# Name constraints (RFC 5280 4.2.1.10)
+
+
+def _dns_within(name: str, constraint: str) -> bool:
+    name, constraint = name.lower().rstrip("."), constraint.lower().rstrip(".")
+    if not constraint:
+        return True
+    if constraint.startswith("."):
+        return name.endswith(constraint)
+    return name == constraint or name.endswith("." + constraint)
+
+
+def _host_within(host: str, constraint: str) -> bool:
+    # URI and rfc822Name constraints: a host exactly, or ".domain" for any host below.
+    constraint = constraint.lower().rstrip(".")
+    if constraint.startswith("."):
+        return host.endswith(constraint)
+    return host == constraint
+
+
+def _email_within(address: str, constraint: str) -> bool:
+    local, at, host = address.rpartition("@")
+    if not at:
+        return False
+    if "@" in constraint:  # one mailbox: local part exact, host without case
+        c_local, _, c_host = constraint.rpartition("@")
+        return local == c_local and host.lower().rstrip(".") == c_host.lower().rstrip(".")
+    return _host_within(host.lower().rstrip("."), constraint)
+
+
+def _uri_host(uri: str) -> str | None:
+    scheme = uri.partition(":")[0].lower()
+    try:
+        if scheme in ("sip", "sips"):
+            host = parse_uri(uri).host
+        else:
+            host = urlsplit(uri).hostname or ""
+    except (E2MError, ValueError):
+        return None
+    host = host.lower().rstrip(".")
+    return host or None
+
+
+def _rdn_key(rdn: x509.RelativeDistinguishedName) -> frozenset:
+    # A rough caseIgnoreMatch (case and runs of spaces), linear in the name.
+    return frozenset((a.oid.dotted_string, " ".join(str(a.value).casefold().split()))
+                     for a in rdn)
+
+
+def _dn_within(name: x509.Name, base: x509.Name) -> bool:
+    rdns, base_rdns = name.rdns, base.rdns
+    if len(base_rdns) > len(rdns):
+        return False
+    return all(_rdn_key(a) == _rdn_key(b) for a, b in zip(rdns, base_rdns))
+
+
+def _ip_within(address: object, network: object) -> bool:
+    return (isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+            and isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+            and address.version == network.version and address in network)
+
+
+def _constrained_names(cert: x509.Certificate, is_leaf: bool) -> dict[type, list]:
+    """The names of ``cert`` that name constraints apply to, by GeneralName type.
+
+    URIs are given as their host (None when there is none)."""
+    names: dict[type, list] = {t: [] for t in _NAME_TYPES}
+    if cert.subject.rdns:
+        names[x509.DirectoryName].append(cert.subject)
+    for attribute in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
+        names[x509.RFC822Name].append(str(attribute.value))
+    san = _san(cert)
+    for general in san or ():
+        if isinstance(general, x509.UniformResourceIdentifier):
+            names[x509.UniformResourceIdentifier].append(_uri_host(general.value))
+        elif isinstance(general, _NAME_TYPES):
+            names[type(general)].append(general.value)
+    if is_leaf and not names[x509.DNSName] and not names[x509.UniformResourceIdentifier]:
+        # certstore names a proxy by its CN when there is no SAN name: constrain it too.
+        for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            value = str(attribute.value)
+            if _HOSTLIKE.fullmatch(value):
+                names[x509.DNSName].append(value)
+    return names
+
+
+_MATCHERS = {
+    x509.DNSName: _dns_within,
+    x509.UniformResourceIdentifier: _host_within,
+    x509.RFC822Name: _email_within,
+    x509.DirectoryName: _dn_within,
+    x509.IPAddress: _ip_within,
+}
+
+
+def _constraints_problem(ca: x509.Certificate, nc: x509.NameConstraints,
+                         cert: x509.Certificate, is_leaf: bool) -> str | None:
+    names = _constrained_names(cert, is_leaf)
+    for kind, values in names.items():
+        permitted = [s.value for s in nc.permitted_subtrees or () if isinstance(s, kind)]
+        excluded = [s.value for s in nc.excluded_subtrees or () if isinstance(s, kind)]
+        if not permitted and not excluded:
+            continue
+        within = _MATCHERS[kind]
+        for value in values:
+            if value is None:  # a URI without a host: nothing to compare, fail closed
+                return (f"name constraints of {_describe(ca)}: {_describe(cert)} has a "
+                        "URI without a host")
+            if permitted and not any(within(value, c) for c in permitted):
+                return (f"name constraints of {_describe(ca)} do not permit "
+                        f"{_short(value)} in {_describe(cert)}")
+            if any(within(value, c) for c in excluded):
+                return (f"name constraints of {_describe(ca)} exclude "
+                        f"{_short(value)} in {_describe(cert)}")
+    return None
+
+
+def _short(value: object) -> str:
+    text = value.rfc4514_string() if isinstance(value, x509.Name) else str(value)
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _constraints_static_problem(cert: x509.Certificate, limits: Limits) -> str | None:
+    nc = _extension(cert, x509.NameConstraints)
+    if nc is None:
+        return None
+    subtrees = list(nc.permitted_subtrees or ()) + list(nc.excluded_subtrees or ())
+    if len(subtrees) > limits.max_san_entries:
+        return (f"name constraints of {_describe(cert)}: {len(subtrees)} subtrees exceed the "
+                f"limit of {limits.max_san_entries}")
+    odd = sorted({type(s).__name__ for s in subtrees if not isinstance(s, _NAME_TYPES)})
+    if odd:
+        return (f"name constraints of {_describe(cert)} use {', '.join(odd)}, "
+                "which are not evaluated here")
+    return None
+
+
+# --------------------------------------------------------------------------
+# Path building
+
+
+class _Node:
+    """A candidate on a path; what it costs to read is read once, when first needed."""
+
+    def __init__(self, cert: x509.Certificate, der: bytes, anchor: bool) -> None:
+        self.cert, self.der, self.anchor = cert, der, anchor
+        self.issuer_problem: str | None = None   # computed once, when first needed
+        self.issuer_checked = False
+        self.memo: dict = {}
+
+    @cached_property
+    def spki(self) -> bytes:
+        try:
+            return self.cert.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        except (ValueError, UnsupportedAlgorithm):
+            return b"unreadable:" + self.der  # never verifies anything; unique to it
+
+    @cached_property
+    def loop_key(self) -> tuple[bytes, bytes]:
+        # A path holds one subject with one key at most (RFC 4158 loop detection).
+        return (self.cert.subject.public_bytes(), self.spki)
+
+    @cached_property
+    def ski(self) -> bytes | None:
+        value = _extension(self.cert, x509.SubjectKeyIdentifier)
+        return value.digest if value is not None else None
+
+    @cached_property
+    def aki(self) -> bytes | None:
+        value = _extension(self.cert, x509.AuthorityKeyIdentifier)
+        return value.key_identifier if value is not None else None
+
+
+def _crl_problem(crl: x509.CertificateRevocationList, limits: Limits, when: datetime,
+                 check_time: bool) -> str | None:
+    """Why ``crl`` cannot count, its signature aside."""
+    try:
+        algorithm = crl.signature_hash_algorithm
+        problem = _hash_problem(algorithm.name if algorithm is not None else None, limits)
+    except UnsupportedAlgorithm:
+        problem = "an unsupported algorithm"
+    if problem:
+        return f"the CRL is signed with {problem}"
+    for ext in crl.extensions:
+        if ext.critical and ext.oid not in _CRL_UNDERSTOOD:
+            return f"the CRL has an unknown critical extension {ext.oid.dotted_string}"
+    if check_time:
+        if when < crl.last_update_utc:
+            return f"the CRL is not yet valid (thisUpdate {crl.last_update_utc.isoformat()})"
+        if crl.next_update_utc is not None and when > crl.next_update_utc:
+            return f"the CRL has expired (nextUpdate {crl.next_update_utc.isoformat()})"
+    return None
+
+
+def _is_revoked(crl: x509.CertificateRevocationList, serial: int) -> bool:
+    entry = crl.get_revoked_certificate_by_serial_number(serial)
+    if entry is None:
+        return False
+    try:
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except (x509.ExtensionNotFound, ValueError):
+        return True
+    return reason != x509.ReasonFlags.remove_from_crl  # a delta CRL lifting a hold
+
+
 def verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
                  intermediates: Sequence[x509.Certificate] = (), at: datetime | None = None,
-                 check_time: bool = True) -> list[x509.Certificate]:
-    """Build and check a path from ``cert`` to one of ``anchors``.
+                 check_time: bool = True, *, limits: Limits | None = None,
+                 crls: Sequence[x509.CertificateRevocationList] | None = None
+                 ) -> list[x509.Certificate]:
+    """Build and check a path from ``cert`` to one of ``anchors`` (module docstring).
 
     Returns the path, leaf first and anchor last (just ``[cert]`` if the
-    certificate is itself an anchor).  Checks each signature, issuer/subject
-    name chaining, CA basicConstraints and keyUsage of issuers, and the
-    validity period of every certificate on the path at ``at`` (default now,
-    UTC) unless ``check_time`` is False.  Raises ``UntrustedSignerError``.
+    certificate is itself an anchor).  ``crls`` defaults to ``anchors.crls`` when
+    ``anchors`` is a :class:`TrustAnchors`.  Raises ``UntrustedSignerError`` when no
+    path holds, ``LimitExceededError`` when the work or a size is over ``limits``,
+    ``MalformedError`` for an unreadable leaf.  Runs inside the message's budget of
+    public-key operations, or a fresh one of ``limits.max_public_key_ops``.
     """
+    from .cms.budget import budget_scope
+
+    limits = _limits(limits)
+    if crls is None:
+        crls = getattr(anchors, "crls", ())
+    with budget_scope(limits.max_public_key_ops):
+        return _verify_chain(cert, anchors, intermediates, at, check_time, limits,
+                             tuple(crls))
+
+
+def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
+                  intermediates: Sequence[x509.Certificate], at: datetime | None,
+                  check_time: bool, limits: Limits,
+                  crls: tuple[x509.CertificateRevocationList, ...]) -> list[x509.Certificate]:
+    from .cms.budget import spend
+
     when = as_utc(at) if at is not None else datetime.now(timezone.utc)
     if not fully_readable(cert):
         raise MalformedError("certificate has unreadable fields")
-    # Skip unreadable candidates instead of failing: they may be irrelevant.
-    anchors = [a for a in anchors if fully_readable(a)]
-    intermediates = [c for c in intermediates if fully_readable(c)]
-    anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
-    # Anchors first so that a shorter path to a trusted certificate wins.
-    candidates = list(anchors) + [c for c in intermediates
-                                  if c.public_bytes(serialization.Encoding.DER) not in anchor_der]
+    leaf_der = cert.public_bytes(serialization.Encoding.DER)
+    check_certificate_size(cert, limits, leaf_der)
     problems: list[str] = []
+
+    def fail() -> UntrustedSignerError:
+        if problems:
+            # The first problem met is the one nearest the leaf: the most useful.
+            return UntrustedSignerError(f"no trusted path for {_describe(cert)}: {problems[0]}")
+        return UntrustedSignerError(
+            f"no trusted path for {_describe(cert)}: issuer {_describe_name(cert.issuer)} "
+            "is neither a trust anchor nor among the supplied certificates")
 
     def time_ok(c: x509.Certificate) -> bool:
         if not check_time:
@@ -167,39 +660,186 @@ def verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
             return False
         return True
 
-    def extend(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+    # Candidates: anchors first (a shorter path to a trusted certificate wins), then
+    # the intermediates; one node per DER, unreadable or oversized ones skipped.
+    nodes: list[_Node] = []
+    seen: set[bytes] = set()
+    for candidate, is_anchor in [(a, True) for a in anchors] + [(c, False) for c in intermediates]:
+        der = candidate.public_bytes(serialization.Encoding.DER)
+        if der in seen or not fully_readable(candidate):
+            continue
+        seen.add(der)
+        if not is_anchor:
+            try:
+                check_certificate_size(candidate, limits, der)
+            except E2MError as exc:
+                problems.append(f"{_describe(candidate)}: {exc}")
+                continue
+        nodes.append(_Node(candidate, der, is_anchor))
+    by_subject: dict[x509.Name, list[_Node]] = {}
+    for node in nodes:
+        by_subject.setdefault(node.cert.subject, []).append(node)
+
+    if not time_ok(cert):
+        raise fail()
+    if leaf_der in {n.der for n in nodes if n.anchor}:
+        return [cert]
+    leaf = _Node(cert, leaf_der, False)
+    for problem in (_critical_problem(cert), _key_problem(cert, limits, signing=False),
+                    _signature_problem(cert, limits)):
+        if problem:
+            problems.append(problem)
+            raise fail()
+
+    signatures: dict[tuple[bytes, bytes], bool] = {}
+    tried = 0
+
+    def issuer_problem(node: _Node) -> str | None:
+        if not node.issuer_checked:
+            node.issuer_checked = True
+            node.issuer_problem = (
+                _can_issue(node.cert, node.anchor)
+                or _key_problem(node.cert, limits, signing=True)
+                or (None if node.anchor else _critical_problem(node.cert))
+                or (None if node.anchor else _signature_problem(node.cert, limits))
+                or _constraints_static_problem(node.cert, limits)
+                or (None if node.anchor else _san_problem(node.cert, limits)))
+        return node.issuer_problem
+
+    def signed_by(child: _Node, issuer: _Node) -> bool:
+        key = (child.der, issuer.spki)
+        if key not in signatures:
+            spend("certificate signature")
+            signatures[key] = is_signed_by(child.cert, issuer.cert)
+        return signatures[key]
+
+    def candidates(child: _Node) -> list[_Node]:
+        found = by_subject.get(child.cert.issuer, [])
+        # Issuers whose SKI is the child's AKI first, then those that do not say, then
+        # those whose SKI differs (tried last, as a mismatched AKI proves nothing).
+        def rank(n: _Node) -> int:
+            if child.aki is None or n.ski is None:
+                return 1
+            return 0 if n.ski == child.aki else 2
+        return sorted(found, key=rank)
+
+    def extend(path: list[_Node], loop_keys: frozenset) -> list[_Node] | None:
+        nonlocal tried
         current = path[-1]
-        if current.public_bytes(serialization.Encoding.DER) in anchor_der:
+        if current.anchor:
+            problem = _path_problem(path, limits, crls, when, check_time, spend)
+            if problem:
+                problems.append(problem)
+                return None
             return path
         if len(path) >= MAX_PATH_LENGTH:
             problems.append(f"path longer than {MAX_PATH_LENGTH} certificates")
             return None
-        for issuer in candidates:
-            if issuer.subject != current.issuer or any(issuer == p for p in path):
+        for issuer in candidates(current):
+            if issuer is current or issuer.loop_key in loop_keys:
                 continue
-            if not is_signed_by(current, issuer):
-                problems.append(f"bad signature on {_describe(current)} "
-                                f"for issuer {_describe(issuer)}")
-                continue
-            is_anchor = issuer.public_bytes(serialization.Encoding.DER) in anchor_der
-            reason = _can_issue(issuer, is_anchor)
+            reason = issuer_problem(issuer)
             if reason:
                 problems.append(reason)
                 continue
-            if not time_ok(issuer):
+            if not time_ok(issuer.cert):
                 continue
-            found = extend(path + [issuer])
+            tried += 1
+            if tried > limits.max_path_checks:
+                raise LimitExceededError(f"more than {limits.max_path_checks} candidate "
+                                         f"issuers tried for {_describe(cert)}")
+            if not signed_by(current, issuer):
+                problems.append(f"bad signature on {_describe(current.cert)} "
+                                f"for issuer {_describe(issuer.cert)}")
+                continue
+            found = extend(path + [issuer], loop_keys | {issuer.loop_key})
             if found:
                 return found
         return None
 
-    if time_ok(cert):
-        found = extend([cert])
-        if found:
-            return found
-    if problems:
-        # The first problem met is the one nearest the leaf: the most useful.
-        raise UntrustedSignerError(f"no trusted path for {_describe(cert)}: {problems[0]}")
-    raise UntrustedSignerError(
-        f"no trusted path for {_describe(cert)}: issuer {cert.issuer.rfc4514_string()} "
-        "is neither a trust anchor nor among the supplied certificates")
+    found = extend([leaf], frozenset({leaf.loop_key}))
+    if found:
+        return [n.cert for n in found]
+    raise fail()
+
+
+def _describe_name(name: x509.Name) -> str:
+    try:
+        text = name.rfc4514_string()
+    except ValueError:
+        text = "(unreadable)"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _san_problem(cert: x509.Certificate, limits: Limits) -> str | None:
+    try:
+        check_certificate_size(cert, limits)
+    except E2MError as exc:
+        return f"{_describe(cert)}: {exc}"
+    return None
+
+
+def _path_problem(path: list[_Node], limits: Limits,
+                  crls: tuple[x509.CertificateRevocationList, ...], when: datetime,
+                  check_time: bool, spend) -> str | None:
+    """The rules that depend on the whole path (leaf first, anchor last): path length
+    constraints, name constraints, then revocation."""
+    certs = [n.cert for n in path]
+    for i in range(1, len(certs)):
+        ca = certs[i]
+        bc = _extension(ca, x509.BasicConstraints)
+        if bc is not None and bc.path_length is not None:
+            below = sum(1 for c in certs[1:i] if not _self_issued(c))
+            if below > bc.path_length:
+                return (f"pathLenConstraint {bc.path_length} of {_describe(ca)} allows "
+                        f"fewer CA certificates below it than the {below} on this path")
+        nc = _extension(ca, x509.NameConstraints)
+        if nc is not None:
+            for j in range(i):
+                if j > 0 and _self_issued(certs[j]):
+                    continue  # RFC 5280 6.1.3 (b): self-issued CA certificates are exempt
+                problem = _constraints_problem(ca, nc, certs[j], is_leaf=j == 0)
+                if problem:
+                    return problem
+    if crls:
+        for child, issuer in zip(path, path[1:]):
+            problem = _revocation_problem(child, issuer, limits, crls, when, check_time, spend)
+            if problem:
+                return problem
+    return None
+
+
+def _revocation_problem(child: _Node, issuer: _Node, limits: Limits,
+                        crls: tuple[x509.CertificateRevocationList, ...], when: datetime,
+                        check_time: bool, spend) -> str | None:
+    key = ("revocation", child.der)
+    if key in issuer.memo:
+        return issuer.memo[key]
+    relevant = [crl for crl in crls if crl.issuer == issuer.cert.subject]
+    result: str | None = None
+    if relevant:
+        usable, why = [], []
+        usage = _extension(issuer.cert, x509.KeyUsage)
+        for crl in relevant:
+            problem = _crl_problem(crl, limits, when, check_time)
+            if problem is None and usage is not None and not usage.crl_sign:
+                problem = "its issuer may not sign CRLs (keyUsage)"
+            if problem is None:
+                verified = issuer.memo.get(("crl", id(crl)))
+                if verified is None:
+                    spend("CRL signature")
+                    verified = _crl_signed_by(crl, issuer.cert)
+                    issuer.memo[("crl", id(crl))] = verified
+                if not verified:
+                    problem = "its signature does not verify with the issuer's key"
+            if problem:
+                why.append(problem)
+            else:
+                usable.append(crl)
+        if not usable:
+            result = (f"no usable CRL for {_describe(issuer.cert)} ({why[0]}); "
+                      "its certificates are refused until a current CRL is configured")
+        elif any(_is_revoked(crl, child.cert.serial_number) for crl in usable):
+            result = f"certificate {_describe(child.cert)} is revoked"
+    issuer.memo[key] = result
+    return result

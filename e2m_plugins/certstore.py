@@ -18,11 +18,16 @@ Name rules (URIs and hosts are read by ``e2m_plugins.uri``, the one URI parser):
   URI without a user part (RFC 5922 style); the CN counts only when the
   certificate has neither.  Wildcard names never match: a 496 asks the UA to
   disclose data to this key, so the proxy must be named exactly.
-* Keys: RSA of at least ``MIN_RSA_BITS`` (key transport), EC P-256 or X25519
-  (key agreement) - what ``cms`` can encrypt to.  A keyUsage extension, when
-  present, must allow keyEncipherment (RSA) or keyAgreement (EC, X25519); an
-  extendedKeyUsage, when present, must include emailProtection or
-  anyExtendedKeyUsage (RFC 8550 §4.4.4).
+* Keys: RSA within ``limits.min_rsa_bits``..``max_rsa_bits`` with an odd exponent
+  below 2^32 (key transport), EC P-256 or X25519 (key agreement) - what ``cms`` can
+  encrypt to.  A keyUsage extension, when present, must allow keyEncipherment (RSA)
+  or keyAgreement (EC, X25519); an extendedKeyUsage, when present, must include
+  emailProtection or anyExtendedKeyUsage (RFC 8550 §4.4.4).
+* Signers (``for_encryption=False``): a key that can sign and passes
+  ``certpath.check_public_key``, and a keyUsage, when present, with digitalSignature.
+
+CRLs configured with ``[trust] crls`` travel with the anchors (``certpath.TrustAnchors``)
+and are applied by ``verify_chain``; ``CertStore`` keeps them with its anchors.
 """
 
 from __future__ import annotations
@@ -42,7 +47,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .errors import CertificateRejectedError, E2MError, MalformedError
-from .certpath import certificate_identities, verify_chain
+from .certpath import (
+    TrustAnchors,
+    certificate_identities,
+    check_public_key,
+    signer_usage_problem,
+    verify_chain,
+)
+from .cms.limits import DEFAULT_LIMITS, Limits
 from .uri import SipIdentity, aor_of, host_key, identity_of
 
 __all__ = [
@@ -50,13 +62,14 @@ __all__ = [
     "certificate_matches_aor",
     "certificate_matches_host",
     "check_user_certificate",
+    "check_user_names",
     "check_proxy_certificate",
     "fingerprint_sha256",
     "matches_fingerprint",
     "MIN_RSA_BITS",
 ]
 
-MIN_RSA_BITS = 2048  # below this RSA is no longer a safe key transport
+MIN_RSA_BITS = DEFAULT_LIMITS.min_rsa_bits  # below this RSA is no longer a safe key transport
 
 
 # --------------------------------------------------------------------------
@@ -108,15 +121,17 @@ def _describe(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or f"serial {cert.serial_number:#x}"
 
 
-def _key_problem(cert: x509.Certificate) -> str | None:
+def _key_problem(cert: x509.Certificate, limits: Limits) -> str | None:
     """None if ``cms`` can encrypt to this certificate's key, else why not."""
     try:
         public = cert.public_key()
     except (UnsupportedAlgorithm, ValueError):
         return "public key that cannot be read"
     if isinstance(public, rsa.RSAPublicKey):
-        if public.key_size < MIN_RSA_BITS:
-            return f"RSA key of {public.key_size} bits (minimum {MIN_RSA_BITS})"
+        try:
+            check_public_key(public, limits)  # sizes and exponent
+        except E2MError as exc:
+            return str(exc)
         usage_needed = "key_encipherment"
     elif isinstance(public, ec.EllipticCurvePublicKey):
         if not isinstance(public.curve, ec.SECP256R1):
@@ -146,19 +161,32 @@ def _eku_problem(cert: x509.Certificate) -> str | None:
     return "extendedKeyUsage lacks emailProtection"
 
 
+def _signer_problem(cert: x509.Certificate, limits: Limits) -> str | None:
+    """None if this certificate's key may make the signatures we verify, else why not."""
+    try:
+        check_public_key(cert.public_key(), limits, signing=True)
+    except (UnsupportedAlgorithm, ValueError):
+        return "public key that cannot be read"
+    except E2MError as exc:
+        return str(exc)
+    return signer_usage_problem(cert)
+
+
 def _check_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
                  intermediates: Sequence[x509.Certificate], at: datetime | None,
-                 who: str) -> list[x509.Certificate]:
+                 who: str, limits: Limits | None) -> list[x509.Certificate]:
     try:
-        return verify_chain(cert, anchors, intermediates, at=_now(at))
-    except E2MError as exc:  # untrusted, expired, not yet valid, unreadable
+        return verify_chain(cert, anchors, intermediates, at=_now(at), limits=limits)
+    except E2MError as exc:  # untrusted, expired, not yet valid, revoked, unreadable
         raise CertificateRejectedError(f"certificate of {who} rejected: {exc}") from None
 
 
-def _check_usage(cert: x509.Certificate, who: str, for_encryption: bool) -> None:
+def _check_usage(cert: x509.Certificate, who: str, for_encryption: bool,
+                 limits: Limits | None) -> None:
+    limits = limits or DEFAULT_LIMITS
     problem = _eku_problem(cert)
-    if problem is None and for_encryption:
-        problem = _key_problem(cert)
+    if problem is None:
+        problem = _key_problem(cert, limits) if for_encryption else _signer_problem(cert, limits)
     if problem:
         raise CertificateRejectedError(f"certificate of {who} rejected: {problem}")
 
@@ -166,30 +194,42 @@ def _check_usage(cert: x509.Certificate, who: str, for_encryption: bool) -> None
 def check_user_certificate(cert: x509.Certificate, aor: str,
                            anchors: Sequence[x509.Certificate], at: datetime | None = None,
                            intermediates: Sequence[x509.Certificate] = (), *,
-                           for_encryption: bool = True) -> list[x509.Certificate]:
+                           for_encryption: bool = True,
+                           limits: Limits | None = None) -> list[x509.Certificate]:
     """Check that ``cert`` is ``aor``'s, trusted, valid at ``at`` and (by default)
     a key we can encrypt to.  Returns the path (leaf first, anchor last).
 
     Raises ``CertificateRejectedError``; a malformed ``aor`` raises
-    ``MalformedError``.  Pass ``for_encryption=False`` for a signer's certificate.
+    ``MalformedError``.  Pass ``for_encryption=False`` for a signer's certificate
+    (then the key must be able to sign and keyUsage allow digitalSignature).
     """
+    identity = check_user_names(cert, aor, for_encryption=for_encryption, limits=limits)
+    return _check_chain(cert, anchors, intermediates, at, str(identity), limits)
+
+
+def check_user_names(cert: x509.Certificate, aor: str, *, for_encryption: bool = True,
+                     limits: Limits | None = None) -> SipIdentity:
+    """The name and key-usage half of ``check_user_certificate``, for a certificate
+    whose path was already checked (a signer's, by the signature check): ``aor`` must
+    be one of its SAN URIs and its key fit for the use.  Returns the AoR's identity."""
     identity = aor_of(aor)
     try:
-        uris = certificate_identities(cert).uris
+        uris = certificate_identities(cert, limits).uris
     except E2MError as exc:
         raise CertificateRejectedError(f"certificate of {identity} rejected: {exc}") from None
     if not any(identity_of(uri) == identity for uri in uris):
         names = ", ".join(uris) or "no SAN URI"
         raise CertificateRejectedError(
             f"certificate {_describe(cert)} is not for {identity} (it names {names})")
-    _check_usage(cert, str(identity), for_encryption)
-    return _check_chain(cert, anchors, intermediates, at, str(identity))
+    _check_usage(cert, str(identity), for_encryption, limits)
+    return identity
 
 
 def check_proxy_certificate(cert: x509.Certificate, host: str,
                             anchors: Sequence[x509.Certificate], at: datetime | None = None,
                             intermediates: Sequence[x509.Certificate] = (), *,
-                            for_encryption: bool = True) -> list[x509.Certificate]:
+                            for_encryption: bool = True,
+                            limits: Limits | None = None) -> list[x509.Certificate]:
     """Check that ``cert`` names proxy ``host`` exactly, is trusted, valid at ``at``
     and (by default) a key we can encrypt to.  Returns the path.
 
@@ -209,8 +249,8 @@ def check_proxy_certificate(cert: x509.Certificate, host: str,
             f"certificate {_describe(cert)} is not for {wanted} "
             f"({source}: {', '.join(names) or 'none'}"
             f"{'; wildcard names are not accepted' if wild else ''})")
-    _check_usage(cert, wanted, for_encryption)
-    return _check_chain(cert, anchors, intermediates, at, wanted)
+    _check_usage(cert, wanted, for_encryption, limits)
+    return _check_chain(cert, anchors, intermediates, at, wanted, limits)
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
@@ -260,7 +300,9 @@ class CertStore:
 
     def __init__(self, trust_anchors: Sequence[x509.Certificate],
                  clock: Callable[[], datetime] | None = None) -> None:
-        self._anchors = tuple(trust_anchors)
+        # A TrustAnchors keeps its CRLs ([trust] crls); anything else becomes a tuple.
+        self._anchors = (trust_anchors if isinstance(trust_anchors, TrustAnchors)
+                         else tuple(trust_anchors))
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._lock = threading.Lock()
         self._users: dict[SipIdentity, _Stored] = {}

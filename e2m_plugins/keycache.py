@@ -17,6 +17,14 @@ Lifetime rules (draft-ietf-sip-e2m-key-reuse-01 and RFC 3185 §6):
   recipients SHOULD drop keys with too large a CEKMaxDecrypts; a larger request
   (or none at all) is clamped to the cap.
 
+A kept key is never replaced: ``put`` for a (scope, reference) that already
+holds a live key keeps that key, with its lifetime and uses, and returns it.
+Otherwise a later message naming the same reference (a hop replaying the offer
+with its own envelope, or an insider) would swap the CEK under the peers' feet,
+or give a key its uses back.  A retransmission carries the same CEK, so it loses
+nothing; a different CEK under a reference already kept is ignored rather than
+refused, so the message that carried it is still answered as any other.
+
 ``MemoryKeyCache`` is the in-process implementation (pjsua2, tests).  The
 Kamailio app supplies a shared-memory one with the same ``KeyCache`` interface
 and reuses ``cache_key``, ``scope_key``, ``encode_entry`` and ``decode_entry``.
@@ -174,7 +182,8 @@ class KeyCache(Protocol):
 
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
             max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
-        """Keep ``cek`` under ``reference`` within ``scope`` (replacing any earlier one)."""
+        """Keep ``cek`` under ``reference`` within ``scope``; a live key already kept
+        there stays as it is (CEK, lifetime, uses) and is what is returned."""
         ...
 
     def get(self, scope: Scope, reference: bytes) -> CachedKey | None:
@@ -266,7 +275,10 @@ class MemoryKeyCache:
                                        max_decrypts=max_decrypts, cipher=cipher)
         key = (scope, entry.reference)
         with self._lock:
-            self._remove(key)          # a replaced key starts again at the young end
+            kept = self._entries.get(key)
+            if kept is not None and now < kept.expires:
+                return kept            # never overwritten, never refreshed
+            self._remove(key)          # an expired one goes
             self._entries[key] = entry
             self._by_scope.setdefault(scope, set()).add(entry.reference)
             self._trim(now)

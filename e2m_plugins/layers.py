@@ -5,6 +5,11 @@ encrypt); RFC 3261 §23.2 sends the envelope inside SignedData.  Senders also
 nest at two levels: directly in CMS (eContentType ``signed-data``) or through
 a MIME entity inside the plaintext.  Both orders and both levels are opened,
 bounded by ``Limits.max_nesting_depth``.
+
+The public-key work of every layer (decryptions, signature checks, certificate
+paths) is counted against one budget, ``Limits.max_public_key_ops``; an engine
+that opens several parts of one SIP message wraps them all in one
+``budget.message_budget`` so the bound holds per message, not per part.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Sequence
 from cryptography import x509
 
 from .cms import oids
+from .cms.budget import budget_scope
 from .cms.envelope import OpenedEnvelope, content_info_type, open_envelope
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey
@@ -72,14 +78,16 @@ def open_message(data: bytes, *, keys: Sequence[OpeningKey] = (),
 
     Each signature must verify against ``trust_anchors``; each envelope must
     be addressed to one of ``keys``.  Raises the typed errors of the layer
-    that failed.
+    that failed.  CBC envelopes are opened only with ``limits.accept_cbc``
+    (``DecryptionError`` otherwise, as for a wrong key).
     """
     current: CmsInput | None = load_cms_message(data, limits=limits)
     layers: list[OpenedEnvelope | VerifyResult] = []
     try:
-        return _open_layers(current, layers, keys=keys, trust_anchors=trust_anchors,
-                            want_cek=want_cek, at=at, check_time=check_time,
-                            extra_certs=extra_certs, limits=limits)
+        with budget_scope(limits.max_public_key_ops):
+            return _open_layers(current, layers, keys=keys, trust_anchors=trust_anchors,
+                                want_cek=want_cek, at=at, check_time=check_time,
+                                extra_certs=extra_certs, limits=limits)
     except E2MError:
         if not unauthenticated_plaintext(layers):
             raise

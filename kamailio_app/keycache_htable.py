@@ -20,6 +20,9 @@ falls back to the prefix scan.  No lock is held across two names: the index is
 read-modified-written under its own slot lock only, which rules out two workers
 each holding one slot and waiting for the other's.
 
+A kept key is never replaced (the core's rule, see ``e2m_plugins.keycache``): ``put``
+reads the name under its slot lock and keeps a live entry that is there.
+
 Bounds: every entry has its own expiry (the htable drops it even if nobody asks),
 capped at ``max_ttl`` and by the table's ``autoexpire``; uses are clamped to
 ``MAX_DECRYPTS_CAP``; and a sweep every ``sweep_every`` puts removes expired and
@@ -171,12 +174,34 @@ class HtableKeyCache:
                                        max_decrypts=max_decrypts, cipher=cipher)
         life = entry.expires - now
         key = cache_key(scope, entry.reference)
-        self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
+        # Read-check-write under the slot lock: two workers keeping the same
+        # reference at once must not both write.
+        self._backend.lock(key)
+        try:
+            kept = self._kept(key, scope, entry.reference, now)
+            if kept is not None:
+                return kept              # never overwritten, never refreshed
+            self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
+        finally:
+            self._backend.unlock(key)
         if isinstance(scope, DialogScope):       # only dialogs are dropped as a whole
             self._list_in_index(scope, key[len(scope_key(scope)):], entry.expires, now)
         self._puts += 1
         if self._puts % self._sweep_every == 0:
             self.sweep()
+        return entry
+
+    def _kept(self, key: str, scope: Scope, reference: bytes, now: float) -> CachedKey | None:
+        """The live entry stored under ``key`` for (scope, reference), if any (lock held)."""
+        raw = self._backend.get(key)
+        if raw is None:
+            return None
+        try:
+            entry = self._unseal(key, raw)
+        except MalformedError:
+            return None
+        if now >= entry.expires or entry.scope != scope or entry.reference != reference:
+            return None
         return entry
 
     def get(self, scope: Scope, reference: bytes) -> CachedKey | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2m_plugins.cms import SharedKEK, seal
+from e2m_plugins.cms import SharedKEK, cek_reference_attributes, seal
 
 HERE = Path(__file__).resolve().parent
 
@@ -21,7 +21,10 @@ def main() -> None:
     kek = SharedKEK(bytes.fromhex((HERE / "kek-id.hex").read_text().strip()),
                     bytes.fromhex((HERE / "kek.hex").read_text().strip()))
     content = (HERE / "content.txt").read_bytes()
-    with_attrs = seal(content, [kek], cipher="aes-128-gcm", cek_reference=b"openssl-probe")
+    # ``seal(cek_reference=...)`` now puts the reference in authAttrs [1]; the probe keeps
+    # it in unauthAttrs [2], the field it was made to test, so it is passed explicitly.
+    with_attrs = seal(content, [kek], cipher="aes-128-gcm",
+                      extra_attributes=tuple(cek_reference_attributes(b"openssl-probe")))
     (HERE / "with-unauthattrs.der").write_bytes(with_attrs.der)
     (HERE / "without-attrs.der").write_bytes(seal(content, [kek], cipher="aes-128-gcm").der)
 

@@ -7,6 +7,7 @@ structure and algorithms only: never content, content keys or private keys.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import sys
 from typing import Any
@@ -161,7 +162,11 @@ def _cmd_decrypt(args: argparse.Namespace) -> int:
     if not keys:
         raise UsageError("give at least one --recip CERT --key KEY pair or --kek-id/--kek pair")
     envelope, _, _ = _load_input(args.input)
-    opened = open_envelope(envelope, keys)
+    # CBC (no integrity) and 3DES are refused unless asked for: this is an offline tool,
+    # so no oracle, but the default is what the engines accept.
+    limits = replace(DEFAULT_LIMITS, accept_cbc=args.accept_cbc,
+                     accept_legacy_algorithms=args.accept_legacy)
+    opened = open_envelope(envelope, keys, limits=limits)
     write_output(args.out, opened.plaintext, private=True)
     note = (f"opened {opened.envelope_type} ({opened.content_algorithm}) via "
             f"{opened.recipient.kind} {opened.recipient.identifier}")
@@ -394,6 +399,10 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                             description="Decrypt a CMS envelope (DER, PEM or S/MIME).")
     p.add_argument("--recip", action="append", metavar="CERT", help="our certificate; repeatable")
     p.add_argument("--key", action="append", metavar="KEY", help="private key for the --recip in the same position")
+    p.add_argument("--accept-cbc", action="store_true",
+                   help="open EnvelopedData (CBC, no integrity: anyone on the path could have changed it)")
+    p.add_argument("--accept-legacy", action="store_true",
+                   help="open 3DES content and accept SHA-1 signatures (old senders)")
     _kek_args(p)
     _io_args(p)
     p.set_defaults(handler=_cmd_decrypt)

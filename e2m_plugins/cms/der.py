@@ -6,13 +6,21 @@ follow.  This reader walks the bytes once with plain slices and builds no
 objects beyond what the caller asks for.  It accepts the BER forms that real
 senders emit (indefinite lengths, constructed OCTET STRINGs) and rejects
 anything out of bounds with ``MalformedError``.
+
+Each element is read once per parse.  An indefinite-length element can only be
+measured by reading its children, so those are kept on it; a definite-length
+element reads its children the first time they are asked for and keeps them too.
+So a deeply nested BER body costs what it holds, not what it holds times its
+depth.  ``read_all(data, max_elements=n)`` also bounds the elements one body may
+make us read (``LimitExceededError``), counted across every later ``items`` and
+``children`` call on that parse.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from ..errors import MalformedError
+from ..errors import LimitExceededError, MalformedError
 
 # Universal tags (class 0) as they appear in the identifier octet.
 BOOLEAN = 0x01
@@ -30,12 +38,23 @@ GENERALIZED_TIME = 0x18
 CONSTRUCTED = 0x20
 CONTEXT = 0x80
 
-_MAX_DEPTH = 64  # BER nesting guard for indefinite-length scanning
+_MAX_DEPTH = 64  # nesting guard, counted from the element a parse started at
+_NO_LIMIT = 1 << 62
 
 
 def context(number: int, constructed: bool = True) -> int:
     """Identifier octet of a context-specific tag [number] (low tag numbers only)."""
     return CONTEXT | (CONSTRUCTED if constructed else 0) | number
+
+
+class _Parse:
+    """One parse of one body: how many more elements it may read, and its bound."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = _NO_LIMIT if limit is None else limit
+        self.left = self.limit
 
 
 class TLV:
@@ -48,17 +67,20 @@ class TLV:
     message.  Treat instances as read-only.
     """
 
-    __slots__ = ("buf", "tag", "header_start", "start", "end", "next", "indefinite")
+    __slots__ = ("buf", "tag", "header_start", "start", "end", "next", "depth", "_parse", "_kids")
 
     def __init__(self, buf: bytes, tag: int, header_start: int, start: int, end: int,
-                 next: int, indefinite: bool = False) -> None:  # noqa: A002 - DER's word
+                 next: int, depth: int = 0, parse: _Parse | None = None,  # noqa: A002 - DER's word
+                 kids: list["TLV"] | None = None) -> None:
         self.buf = buf
         self.tag = tag
         self.header_start = header_start
         self.start = start
         self.end = end
         self.next = next
-        self.indefinite = indefinite
+        self.depth = depth
+        self._parse = parse
+        self._kids = kids
 
     def __repr__(self) -> str:
         return f"TLV(tag=0x{self.tag:02x}, length={self.end - self.start})"
@@ -66,6 +88,10 @@ class TLV:
     @property
     def constructed(self) -> bool:
         return bool(self.tag & CONSTRUCTED)
+
+    @property
+    def indefinite(self) -> bool:
+        return self.next != self.end
 
     @property
     def value(self) -> bytes:
@@ -76,14 +102,28 @@ class TLV:
         """The whole element (header and contents) as bytes."""
         return self.buf[self.header_start:self.next]
 
+    def _children(self) -> list["TLV"]:
+        """The children, read on first use and kept (never read twice)."""
+        kids = self._kids
+        if kids is None:
+            if not self.tag & CONSTRUCTED:
+                raise MalformedError("expected a constructed element")
+            parse = self._parse if self._parse is not None else _Parse(None)
+            buf, pos, end, depth = self.buf, self.start, self.end, self.depth + 1
+            if depth > _MAX_DEPTH and pos < end:
+                raise MalformedError("DER nested too deeply")
+            kids = []
+            while pos < end:
+                child = _read(buf, pos, end, depth, parse)
+                kids.append(child)
+                pos = child.next
+            self._kids = kids
+        return kids
+
     def children(self) -> Iterator["TLV"]:
         if not self.constructed:
             raise MalformedError("expected a constructed element")
-        pos = self.start
-        while pos < self.end:
-            child = _read(self.buf, pos, self.end, 0)
-            yield child
-            pos = child.next
+        return iter(self._children())
 
     def expect(self, tag: int, what: str) -> "TLV":
         if self.tag != tag:
@@ -91,17 +131,21 @@ class TLV:
         return self
 
 
-def read(buf: bytes, pos: int = 0, limit: int | None = None) -> TLV:
+def read(buf: bytes, pos: int = 0, limit: int | None = None, *, max_elements: int | None = None) -> TLV:
     """Decode the element starting at ``pos`` without reading past ``limit``."""
     if not isinstance(buf, bytes):
         buf = bytes(buf)
-    return _read(buf, pos, len(buf) if limit is None else limit, 0)
+    return _read(buf, pos, len(buf) if limit is None else limit, 0, _Parse(max_elements))
 
 
-def _read(buf: bytes, pos: int, limit: int, _depth: int) -> TLV:
+def _read(buf: bytes, pos: int, limit: int, depth: int, parse: _Parse) -> TLV:
     # The hot path: ``buf`` is bytes (indexing bytes is cheaper than a memoryview).
-    if _depth > _MAX_DEPTH:
-        raise MalformedError("DER nested too deeply")
+    # One call reads one element (an indefinite one also reads its children, each
+    # through this function once): ``parse.left`` counts them down.  ``depth`` is
+    # checked by whoever reads children (once per parent, not per element).
+    parse.left -= 1
+    if parse.left < 0:
+        raise LimitExceededError(f"more than {parse.limit} DER elements in one body")
     if pos + 2 > limit:
         raise MalformedError("truncated DER element")
     tag = buf[pos]
@@ -114,14 +158,20 @@ def _read(buf: bytes, pos: int, limit: int, _depth: int) -> TLV:
     elif first == 0x80:
         if not tag & CONSTRUCTED:
             raise MalformedError("indefinite length on a primitive element")
-        # Indefinite length: walk children until the end-of-contents octets.
+        # Indefinite length: its children must be read to find the end-of-contents
+        # octets, so they are kept on the element and never read again.
+        kids: list[TLV] = []
         cur = pos_len
         while True:
             if cur + 2 > limit:
                 raise MalformedError("unterminated indefinite-length element")
             if buf[cur] == 0 and buf[cur + 1] == 0:
-                return TLV(buf, tag, pos, pos_len, cur, cur + 2, True)
-            cur = _read(buf, cur, limit, _depth + 1).next
+                return TLV(buf, tag, pos, pos_len, cur, cur + 2, depth, parse, kids)
+            if depth >= _MAX_DEPTH:
+                raise MalformedError("DER nested too deeply")
+            child = _read(buf, cur, limit, depth + 1, parse)
+            kids.append(child)
+            cur = child.next
     else:
         count = first & 0x7F
         if count > 4 or pos_len + count > limit:
@@ -131,31 +181,71 @@ def _read(buf: bytes, pos: int, limit: int, _depth: int) -> TLV:
     end = pos_len + length
     if end > limit:
         raise MalformedError("DER element runs past the end of its container")
-    return TLV(buf, tag, pos, pos_len, end, end, False)
+    return TLV(buf, tag, pos, pos_len, end, end, depth, parse)
 
 
-def read_all(data: bytes | memoryview) -> TLV:
-    """Decode one element that must span ``data`` exactly."""
+def read_all(data: bytes | memoryview, *, max_elements: int | None = None) -> TLV:
+    """Decode one element that must span ``data`` exactly.
+
+    ``max_elements`` bounds the elements this parse may read, now and through
+    later ``items``/``children`` calls on what it returns.
+    """
     buf = data if isinstance(data, bytes) else bytes(data)
-    tlv = _read(buf, 0, len(buf), 0)
+    tlv = _read(buf, 0, len(buf), 0, _Parse(max_elements))
     if tlv.next != len(buf):
         raise MalformedError("trailing bytes after the DER element")
     return tlv
 
 
+def first_child(data: bytes | memoryview, *, whole: bool = False) -> TLV | None:
+    """The first element inside the constructed element that starts ``data``, reading
+    nothing else: not the rest of an indefinite-length outer element, not its end.
+    (A cheap look at a ContentInfo's contentType; ``read_all`` checks the whole.)
+    ``whole``: a definite-length outer element must span ``data`` exactly."""
+    buf = data if isinstance(data, bytes) else bytes(data)
+    if len(buf) < 2:
+        raise MalformedError("truncated DER element")
+    if not buf[0] & CONSTRUCTED or buf[0] & 0x1F == 0x1F:
+        raise MalformedError("expected a constructed element")
+    first = buf[1]
+    start, end = 2, len(buf)
+    if first < 0x80:
+        end = start + first
+    elif first != 0x80:
+        count = first & 0x7F
+        if count > 4 or start + count > len(buf):
+            raise MalformedError("bad DER length")
+        end = start + count + int.from_bytes(buf[start:start + count], "big")
+        start += count
+    if end > len(buf):
+        raise MalformedError("DER element runs past the end of its container")
+    if whole and first != 0x80 and end != len(buf):
+        raise MalformedError("trailing bytes after the DER element")
+    if start == end or (first == 0x80 and buf[start:start + 2] == b"\x00\x00"):
+        return None
+    return _read(buf, start, end, 1, _Parse(None))
+
+
 def items(tlv: TLV, minimum: int = 0, what: str = "structure") -> list[TLV]:
     """The children of a constructed element, with a minimum count check."""
-    if not tlv.tag & CONSTRUCTED:
-        raise MalformedError(f"{what}: expected a constructed element")
-    buf, pos, end = tlv.buf, tlv.start, tlv.end
-    kids = []
-    while pos < end:
-        child = _read(buf, pos, end, 0)
-        kids.append(child)
-        pos = child.next
+    kids = tlv._kids
+    if kids is None:
+        # TLV._children inlined: this is the opener's hot path.
+        if not tlv.tag & CONSTRUCTED:
+            raise MalformedError(f"{what}: expected a constructed element")
+        parse = tlv._parse if tlv._parse is not None else _Parse(None)
+        buf, pos, end, depth = tlv.buf, tlv.start, tlv.end, tlv.depth + 1
+        if depth > _MAX_DEPTH and pos < end:
+            raise MalformedError("DER nested too deeply")
+        kids = []
+        while pos < end:
+            child = _read(buf, pos, end, depth, parse)
+            kids.append(child)
+            pos = child.next
+        tlv._kids = kids
     if len(kids) < minimum:
         raise MalformedError(f"{what}: too few fields")
-    return kids
+    return kids[:]
 
 
 _MAX_SEGMENT_DEPTH = 8  # BER segments of segments: real encoders use one level

@@ -4,10 +4,17 @@ One envelope, any number of recipients: the peer UA and the proxies it chose
 each get a RecipientInfo over the same content-encryption key (CEK).
 
 CEK reuse (RFC 3185): ``seal(..., cek_reference=...)`` puts id-aa-CEKReference
-(and optionally id-aa-CEKMaxDecrypts) in unprotectedAttrs, or in unauthAttrs
-for AuthEnvelopedData.  ``open_envelope(..., want_cek=True)`` hands the CEK back
-so the caller can keep it; a later envelope is addressed to
-``recipients.reuse_kek(cek, reference)``.  Nothing is cached here.
+(and optionally id-aa-CEKMaxDecrypts) in unprotectedAttrs for EnvelopedData, and
+in the authenticated authAttrs for AuthEnvelopedData, where the GCM tag covers
+them.  ``open_envelope(..., want_cek=True)`` hands the CEK back so the caller can
+keep it; a later envelope is addressed to ``recipients.reuse_kek(cek, reference)``.
+Nothing is cached here.
+
+What is opened is set by ``Limits``: CBC (EnvelopedData) only with
+``accept_cbc``, 3DES only with ``accept_legacy_algorithms`` too.  Opening costs
+at most one key operation per envelope: the first RecipientInfo addressed to one
+of our keys decides, and that operation is counted against the message's budget
+(``budget.spend``) before it runs.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import ciphers, der, oids
+from .budget import budget_scope
 from .limits import DEFAULT_LIMITS, Limits
-from .recipients import OpeningKey, Recipient, RecipientSummary, summarize, try_open
+from .recipients import Match, OpeningKey, Recipient, RecipientSummary, match, summarize
 from ..errors import (
     DecryptionError,
-    E2MError,
     MalformedError,
     NoMatchingRecipientError,
     UnsupportedAlgorithmError,
@@ -74,10 +81,12 @@ def seal(content: bytes, recipients: list[Recipient] | tuple[Recipient, ...], *,
          authenticated_attributes: tuple[Attribute, ...] = ()) -> Sealed:
     """Encrypt ``content`` once for every recipient.
 
-    GCM ciphers give AuthEnvelopedData, CBC ciphers EnvelopedData.  CEKReference
-    and ``extra_attributes`` go unprotected (unauthAttrs for AuthEnvelopedData,
-    where RFC 3185 gives no place; see docs/protocol.md); ``authenticated_attributes``
-    are only possible with GCM and are covered by its tag.
+    GCM ciphers give AuthEnvelopedData, CBC ciphers EnvelopedData.  The
+    CEKReference (and CEKMaxDecrypts) go in authAttrs for AuthEnvelopedData, so
+    no hop can change them unseen, and in unprotectedAttrs for EnvelopedData
+    (RFC 3185; see docs/protocol.md §2).  ``extra_attributes`` always go
+    unprotected; ``authenticated_attributes`` are only possible with GCM and are
+    covered by its tag.
     """
     if not recipients:
         raise ValueError("an envelope needs at least one recipient")
@@ -85,10 +94,10 @@ def seal(content: bytes, recipients: list[Recipient] | tuple[Recipient, ...], *,
     cek = os.urandom(spec.key_bytes)
     infos = [r.build(cek) for r in recipients]
     unprotected = list(extra_attributes)
-    if cek_reference is not None:
-        unprotected = cek_reference_attributes(cek_reference, cek_max_decrypts) + unprotected
+    reference_attrs = ([] if cek_reference is None
+                       else cek_reference_attributes(cek_reference, cek_max_decrypts))
     if spec.aead:
-        auth = list(authenticated_attributes)
+        auth = reference_attrs + list(authenticated_attributes)
         if content_type != oids.DATA and not any(a.oid == oids.CONTENT_TYPE_ATTR for a in auth):
             # RFC 5083 §2.1: a non-data content type must be authenticated.
             auth.insert(0, Attribute(oids.CONTENT_TYPE_ATTR, (der.enc_oid(content_type),)))
@@ -104,6 +113,7 @@ def seal(content: bytes, recipients: list[Recipient] | tuple[Recipient, ...], *,
     else:
         if authenticated_attributes:
             raise ValueError("authenticated attributes need an AEAD cipher (GCM)")
+        unprotected = reference_attrs + unprotected
         enc = ciphers.encrypt_content(spec, cek, content)
         version = 2 if unprotected or any(r.version != 0 for r in recipients) else 0
         body = [der.enc_integer(version), der.set_of(*infos), _encrypted_content_info(content_type, enc)]
@@ -135,6 +145,8 @@ class _Parsed(NamedTuple):
 
 
 def _attributes(tlv: der.TLV, limits: Limits) -> tuple[Attribute, ...]:
+    # Values are kept as their encodings; the elements inside them were read
+    # (and counted) only if the SET was indefinite-length.
     attrs = []
     for item in tlv.children():
         fields = der.items(item.expect(der.SEQUENCE, "Attribute"), 2, "Attribute")
@@ -145,9 +157,11 @@ def _attributes(tlv: der.TLV, limits: Limits) -> tuple[Attribute, ...]:
 
 
 def content_info_type(data: bytes) -> str:
-    """The dotted contentType of a ContentInfo (cheap: reads two headers)."""
-    top = der.read_all(data).expect(der.SEQUENCE, "ContentInfo")
-    first = next(top.children(), None)
+    """The dotted contentType of a ContentInfo (cheap: reads two headers, never the
+    rest, so the layer's own parse is the only one that reads its elements)."""
+    if not data or data[0] != der.SEQUENCE:
+        raise MalformedError("ContentInfo: unexpected tag")
+    first = der.first_child(data, whole=True)
     if first is None:
         raise MalformedError("empty ContentInfo")
     return der.oid(first)
@@ -155,7 +169,7 @@ def content_info_type(data: bytes) -> str:
 
 def _parse(data: bytes, limits: Limits) -> _Parsed:
     limits.check_size(len(data))
-    top = der.read_all(data).expect(der.SEQUENCE, "ContentInfo")
+    top = der.read_all(data, max_elements=limits.max_der_elements).expect(der.SEQUENCE, "ContentInfo")
     ci = der.items(top, 2, "ContentInfo")
     kind = der.oid(ci[0])
     if kind not in (oids.ENVELOPED_DATA, oids.AUTH_ENVELOPED_DATA):
@@ -244,33 +258,52 @@ def open_envelope(data: bytes, keys: list[OpeningKey] | tuple[OpeningKey, ...], 
     """Decrypt ``data`` with whichever of ``keys`` it is addressed to.
 
     Raises ``NoMatchingRecipientError`` when none of ``keys`` is a recipient,
-    ``DecryptionError`` for any failure once a recipient matched.
+    ``DecryptionError`` for any failure once a recipient matched, and for a CBC
+    envelope (EnvelopedData) unless ``limits.accept_cbc``: CBC has no integrity,
+    so what follows its decryption is a padding oracle waiting for an answer
+    that differs.  ``UnsupportedAlgorithmError`` for 3DES unless
+    ``limits.accept_legacy_algorithms``.
+
+    The first RecipientInfo addressed to one of ``keys`` decides: if it does not
+    open, no other is tried, so an envelope costs at most one key operation
+    (counted in the message's budget, ``budget.spend``, before it runs).
     """
+    with budget_scope(limits.max_public_key_ops):
+        return _open(data, keys, want_cek, limits)
+
+
+def _open(data: bytes, keys: list[OpeningKey] | tuple[OpeningKey, ...], want_cek: bool,
+          limits: Limits) -> OpenedEnvelope:
     parsed = _parse(data, limits)
     cipher = ciphers.cipher_by_oid(parsed.cipher_oid)
-    if cipher.aead != (parsed.envelope_type == oids.AUTH_ENVELOPED_DATA):
+    if cipher.block == "3des" and not limits.accept_legacy_algorithms:
+        raise UnsupportedAlgorithmError("content encryption des-ede3-cbc is refused (legacy algorithm)")
+    authenticated = parsed.envelope_type == oids.AUTH_ENVELOPED_DATA
+    if cipher.aead != authenticated:
         raise MalformedError("content cipher does not fit the envelope type")
     key_list = list(keys)
-    unwrapped = None
-    failure: E2MError | None = None
+    found: Match | None = None
     for ri in parsed.recipient_infos:
-        try:
-            unwrapped = try_open(ri, key_list, cipher.key_bytes)
-        except DecryptionError as exc:
-            failure = exc  # ours, but did not open: another RI may still be ours
-            continue
-        if unwrapped is not None:
+        found = match(ri, key_list)
+        if found is not None:
             break
-    if unwrapped is None:
-        if failure is not None:
-            raise failure
+    if found is None:
         raise NoMatchingRecipientError("no RecipientInfo is addressed to the keys given")
+    if not authenticated and not limits.accept_cbc:
+        # Refused before any key work, with the answer of a wrong key.
+        raise DecryptionError()
+    unwrapped = found.unwrap(cipher.key_bytes)
     plaintext = ciphers.decrypt_content(cipher, parsed.cipher_params, unwrapped.cek, parsed.ciphertext,
                                         parsed.mac, parsed.auth_attrs_der)
-    ref_der = _single_value(parsed.unprotected + parsed.auth_attributes, oids.CEK_REFERENCE)
-    max_der = _single_value(parsed.unprotected + parsed.auth_attributes, oids.CEK_MAX_DECRYPTS)
-    reference = der.octets(der.read_all(ref_der).expect(der.OCTET_STRING, "CEKReference")) if ref_der else None
-    max_decrypts = der.integer(der.read_all(max_der)) if max_der else None
+    # RFC 3185 reads the reference from unprotectedAttrs.  AuthEnvelopedData can do
+    # better: only a reference under the GCM tag is used (one in unauthAttrs could
+    # have been put there, or changed, by any hop); it is still listed as an attribute.
+    reuse_attrs = parsed.auth_attributes if authenticated else parsed.unprotected
+    ref_der = _single_value(reuse_attrs, oids.CEK_REFERENCE)
+    max_der = _single_value(reuse_attrs, oids.CEK_MAX_DECRYPTS)
+    reference = der.octets(der.read_all(ref_der, max_elements=limits.max_der_elements)
+                           .expect(der.OCTET_STRING, "CEKReference")) if ref_der else None
+    max_decrypts = der.integer(der.read_all(max_der, max_elements=limits.max_der_elements)) if max_der else None
     if reference is not None and not reference:
         raise MalformedError("empty CEKReference")
     return OpenedEnvelope(

@@ -21,6 +21,9 @@ class Limits:
     max_certificates: int = 16
     max_signers: int = 8
     max_attributes: int = 32
+    # DER/BER elements one CMS body may make the reader read (each is read once,
+    # see cms/der.py).  An envelope for 16 recipients is a few hundred.
+    max_der_elements: int = 4096
     # Public-key operations one message may cost (see cms/budget.py).
     max_public_key_ops: int = 32
     # Algorithms.  CBC has no integrity (a padding oracle at a proxy, tampering by
@@ -29,6 +32,12 @@ class Limits:
     accept_cbc: bool = False
     accept_legacy_algorithms: bool = False
     min_rsa_bits: int = 2048
+    # Certificates (certpath, signed).  Keys are checked before any operation with them:
+    # RSA (and DSA) moduli of min_rsa_bits..max_rsa_bits, RSA exponents odd and < 2^32.
+    max_rsa_bits: int = 8192
+    max_certificate_bytes: int = 16 * 1024   # one DER certificate
+    max_san_entries: int = 100               # subjectAltName entries, nameConstraints subtrees
+    max_path_checks: int = 64                # candidate issuers tried while building one path
 
     def check_size(self, length: int) -> None:
         if length > self.max_body_bytes:

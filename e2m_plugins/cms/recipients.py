@@ -9,12 +9,19 @@ Three kinds (RFC 5652 §6.2):
 
 Building objects (``KeyTransRecipient``, ``KeyAgreeRecipient``, ``SharedKEK``)
 describe a recipient; opening objects (``CertificateKey``, ``SharedKEK``) hold
-our own private material.  Neither keeps any state between messages.
+our own private material.  Neither keeps any state between messages (a
+``CertificateKey`` keeps one secret derived from its RSA key, for implicit
+rejection).
+
+Opening is in two steps: ``match`` finds whether a RecipientInfo is ours with no
+key operation, and ``Match.unwrap`` does the one operation, counted first against
+the message's budget (``budget.spend``).  ``open_envelope`` unwraps only the first
+match, so an envelope costs at most one RSA decryption or ECDH exchange.
 """
 
 from __future__ import annotations
 
-import os
+import hmac
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -25,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding as _Encoding
 from cryptography.hazmat.primitives.serialization import PublicFormat as _PublicFormat
 
 from . import ciphers, der, kdf, oids
+from .budget import spend
 from ..errors import DecryptionError, MalformedError, UnsupportedAlgorithmError
 
 _OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
@@ -238,6 +246,8 @@ class CertificateKey:
     _issuer_der: bytes = field(init=False)
     _ski: bytes = field(init=False)
     _ias_der: bytes = field(init=False)
+    # ktri implicit rejection: derived from the RSA private key on first use.
+    _rejection_kdk: bytes | None = field(init=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_issuer_der", self.certificate.issuer.public_bytes())
@@ -371,25 +381,86 @@ class Unwrapped(NamedTuple):
         return f"Unwrapped({self.summary.kind} {self.summary.identifier})"
 
 
-def try_open(tlv: der.TLV, keys: list[OpeningKey], cek_bytes: int) -> Unwrapped | None:
-    """Recover the CEK from this RecipientInfo if it is addressed to one of ``keys``.
+class Match:
+    """A RecipientInfo addressed to one of our keys, found without any key operation.
 
-    Returns None when it is addressed to someone else.  Raises
-    ``DecryptionError`` when it is ours but the key does not open it.
+    ``unwrap(cek_bytes)`` does the work (an RSA decryption or an ECDH exchange is
+    counted against the message budget first, see ``budget.spend``) and raises
+    ``DecryptionError`` when it does not give a key.
+    """
+
+    __slots__ = ("_unwrap",)
+
+    def __init__(self, unwrap: Callable[[int], Unwrapped]) -> None:
+        self._unwrap = unwrap
+
+    def __repr__(self) -> str:
+        return "Match()"
+
+    def unwrap(self, cek_bytes: int) -> Unwrapped:
+        return self._unwrap(cek_bytes)
+
+
+def match(tlv: der.TLV, keys: list[OpeningKey]) -> Match | None:
+    """Whether this RecipientInfo is addressed to one of ``keys`` (None: to someone else).
+
+    Only parsing and identifier comparison (and, for a ``KekLookup``, the lookup):
+    no public-key work.  Algorithms we cannot use for a key of ours raise
+    ``UnsupportedAlgorithmError`` here, before anything is spent.
     """
     kind = KIND_BY_TAG.get(tlv.tag)
     if kind == "ktri":
-        return _open_ktri(_parse_ktri(tlv), keys, cek_bytes)
+        return _match_ktri(_parse_ktri(tlv), keys)
     if kind == "kari":
-        return _open_kari(_parse_kari(tlv), keys)
+        return _match_kari(_parse_kari(tlv), keys)
     if kind == "kekri":
-        return _open_kekri(_parse_kekri(tlv), keys)
+        return _match_kekri(_parse_kekri(tlv), keys)
     if kind is None:
         raise MalformedError("unknown RecipientInfo choice")
     return None  # pwri / ori: never ours
 
 
-def _open_ktri(p: _KtriParsed, keys: list[OpeningKey], cek_bytes: int) -> Unwrapped | None:
+def try_open(tlv: der.TLV, keys: list[OpeningKey], cek_bytes: int) -> Unwrapped | None:
+    """Recover the CEK from this RecipientInfo if it is addressed to one of ``keys``.
+
+    Returns None when it is addressed to someone else.  Raises
+    ``DecryptionError`` when it is ours but the key does not open it.  Must run
+    inside a ``budget_scope`` (``open_envelope`` opens one).
+    """
+    found = match(tlv, keys)
+    return None if found is None else found.unwrap(cek_bytes)
+
+
+# -- ktri: RSA key transport ---------------------------------------------------------
+
+_REJECTION_LABEL = b"e2m-plugins ktri implicit rejection v1"
+
+
+def _rejection_key(key: CertificateKey, private: rsa.RSAPrivateKey) -> bytes:
+    """A secret only the private key gives, kept on ``key`` after the first use."""
+    kdk = key._rejection_kdk
+    if kdk is None:
+        numbers = private.private_numbers()
+        size = (private.key_size + 7) // 8
+        kdk = hmac.digest(_REJECTION_LABEL, numbers.d.to_bytes(size, "big"), "sha256")
+        object.__setattr__(key, "_rejection_kdk", kdk)
+    return kdk
+
+
+def _implicit_rejection_cek(kdk: bytes, encrypted_key: bytes, cek_bytes: int) -> bytes:
+    """The CEK used when the RSA block is not a CEK: HMAC-SHA256 under a secret of the
+    private key, over the encryptedKey.  The same query always gives the same (wrong)
+    key, as RSA implicit rejection does (draft-irtf-cfrg-rsa-guidance), so asking
+    twice tells an attacker nothing, and nobody without the private key can predict it."""
+    out = b""
+    counter = 0
+    while len(out) < cek_bytes:
+        out += hmac.digest(kdk, bytes([counter, cek_bytes]) + encrypted_key, "sha256")
+        counter += 1
+    return out[:cek_bytes]
+
+
+def _match_ktri(p: _KtriParsed, keys: list[OpeningKey]) -> Match | None:
     for key in keys:
         if not isinstance(key, CertificateKey) or not key.matches(p.rid):
             continue
@@ -404,18 +475,31 @@ def _open_ktri(p: _KtriParsed, keys: list[OpeningKey], cek_bytes: int) -> Unwrap
             pad = _oaep_padding(alg_fields[1] if len(alg_fields) > 1 else None)
         else:
             raise UnsupportedAlgorithmError(f"key transport {oids.name_of(alg_oid)} is not supported")
-        # Bleichenbacher / Manger defence (RFC 3218): a failed RSA decryption
-        # goes on with a random CEK, so it fails later exactly like a wrong key
-        # or a tampered ciphertext would, with the same error and similar time.
-        fallback = os.urandom(cek_bytes)  # drawn whatever happens: the same work either way
-        try:
-            cek = private.decrypt(p.encrypted_key, pad)
-        except ValueError:
-            cek = b""
-        if len(cek) != cek_bytes:
-            cek = fallback
-        return Unwrapped(cek, RecipientSummary("ktri", p.rid.describe(), oids.name_of(alg_oid)), key)
+        summary = RecipientSummary("ktri", p.rid.describe(), oids.name_of(alg_oid))
+        return Match(lambda cek_bytes, key=key, private=private, pad=pad, summary=summary:
+                     _unwrap_ktri(p, key, private, pad, summary, cek_bytes))
     return None
+
+
+def _unwrap_ktri(p: _KtriParsed, key: CertificateKey, private: rsa.RSAPrivateKey,
+                 pad: padding.AsymmetricPadding, summary: RecipientSummary, cek_bytes: int) -> Unwrapped:
+    # Bleichenbacher / Manger defence (RFC 3218): a failed RSA decryption goes on
+    # with a CEK of the right length, so it fails later exactly like a wrong key
+    # or a tampered ciphertext would, with the same error and similar time.  That
+    # CEK is derived before decrypting, whatever happens (the same work either
+    # way), and is deterministic per (private key, encryptedKey).  OpenSSL 3.2+
+    # does its own implicit rejection for PKCS#1 v1.5 (a synthetic message, also
+    # deterministic); older ones raise.  Either way the answer to a query never
+    # varies.
+    spend("rsa-decrypt")
+    fallback = _implicit_rejection_cek(_rejection_key(key, private), p.encrypted_key, cek_bytes)
+    try:
+        cek = private.decrypt(p.encrypted_key, pad)
+    except ValueError:
+        cek = b""
+    if len(cek) != cek_bytes:
+        cek = fallback
+    return Unwrapped(cek, summary, key)
 
 
 def _oaep_padding(params: der.TLV | None) -> padding.OAEP:
@@ -440,24 +524,35 @@ def _oaep_padding(params: der.TLV | None) -> padding.OAEP:
     return padding.OAEP(padding.MGF1(_OAEP_HASHES[mgf_hash_oid]()), _OAEP_HASHES[hash_oid](), None)
 
 
-def _open_kari(k: _KariParsed, keys: list[OpeningKey]) -> Unwrapped | None:
+# -- kari: ECDH key agreement ----------------------------------------------------------
+
+def _match_kari(k: _KariParsed, keys: list[OpeningKey]) -> Match | None:
     for rid, wrapped in k.keys:
         for key in keys:
             if not isinstance(key, CertificateKey) or not key.matches(rid):
                 continue
-            secret = _ecdh(key.private_key, k.originator_alg, k.originator_key)
+            if not isinstance(key.private_key, (x25519.X25519PrivateKey, ec.EllipticCurvePrivateKey)):
+                raise UnsupportedAlgorithmError(
+                    "key agreement recipient needs a P-256 or X25519 private key")
             scheme = kdf.scheme_by_oid(k.scheme_oid)
             wrap_oid = der.oid(der.items(k.wrap_alg, 1)[0])
             kek_bytes = ciphers.kek_bytes_for_wrap(wrap_oid)
-            # SharedInfo repeats the wrap AlgorithmIdentifier exactly as sent.
-            info = kdf.shared_info(k.wrap_alg.encoded, k.ukm, kek_bytes)
-            kek = kdf.derive_kek(scheme, secret, info, kek_bytes)
-            cek = ciphers.unwrap_key(kek, wrapped)
             summary = RecipientSummary("kari", rid.describe(),
                                        f"{oids.name_of(k.originator_alg)}/{oids.name_of(k.scheme_oid)}",
                                        oids.name_of(wrap_oid))
-            return Unwrapped(cek, summary, key)
+            return Match(lambda cek_bytes, key=key, wrapped=wrapped, scheme=scheme, kek_bytes=kek_bytes,
+                         summary=summary: _unwrap_kari(k, key, wrapped, scheme, kek_bytes, summary))
     return None
+
+
+def _unwrap_kari(k: _KariParsed, key: CertificateKey, wrapped: bytes, scheme: kdf.KdfScheme,
+                 kek_bytes: int, summary: RecipientSummary) -> Unwrapped:
+    spend("ecdh")
+    secret = _ecdh(key.private_key, k.originator_alg, k.originator_key)
+    # SharedInfo repeats the wrap AlgorithmIdentifier exactly as sent.
+    info = kdf.shared_info(k.wrap_alg.encoded, k.ukm, kek_bytes)
+    kek = kdf.derive_kek(scheme, secret, info, kek_bytes)
+    return Unwrapped(ciphers.unwrap_key(kek, wrapped), summary, key)
 
 
 def _ecdh(private: object, originator_alg: str, originator_key: bytes) -> bytes:
@@ -477,7 +572,9 @@ def _ecdh(private: object, originator_alg: str, originator_key: bytes) -> bytes:
     raise UnsupportedAlgorithmError("key agreement recipient needs a P-256 or X25519 private key")
 
 
-def _open_kekri(e: _KekriParsed, keys: list[OpeningKey]) -> Unwrapped | None:
+# -- kekri: a shared (or kept) key-encryption key ---------------------------------------
+
+def _match_kekri(e: _KekriParsed, keys: list[OpeningKey]) -> Match | None:
     for key in keys:
         kek = None
         if isinstance(key, SharedKEK) and key.key_id == e.key_id:
@@ -485,10 +582,14 @@ def _open_kekri(e: _KekriParsed, keys: list[OpeningKey]) -> Unwrapped | None:
         elif isinstance(key, KekLookup):
             kek = key.lookup(e.key_id)
         if kek is not None:
-            if ciphers.kek_bytes_for_wrap(e.wrap_oid) != len(kek):
-                raise DecryptionError()
-            cek = ciphers.unwrap_key(kek, e.encrypted_key)
-            return Unwrapped(cek, RecipientSummary("kekri", f"kekid={e.key_id.hex()}",
-                                                   oids.name_of(e.wrap_oid), oids.name_of(e.wrap_oid)), key)
+            summary = RecipientSummary("kekri", f"kekid={e.key_id.hex()}",
+                                       oids.name_of(e.wrap_oid), oids.name_of(e.wrap_oid))
+            return Match(lambda cek_bytes, key=key, kek=kek, summary=summary:
+                         _unwrap_kekri(e, key, kek, summary))
     return None
 
+
+def _unwrap_kekri(e: _KekriParsed, key: OpeningKey, kek: bytes, summary: RecipientSummary) -> Unwrapped:
+    if ciphers.kek_bytes_for_wrap(e.wrap_oid) != len(kek):
+        raise DecryptionError()
+    return Unwrapped(ciphers.unwrap_key(kek, e.encrypted_key), summary, key)

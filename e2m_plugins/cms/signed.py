@@ -2,12 +2,22 @@
 
 asn1crypto carries the structure; every cryptographic step is done by
 ``cryptography``.  Signers: RSA PKCS#1 v1.5, RSASSA-PSS, ECDSA and Ed25519
-(RFC 8419); DSA and SHA-1 are accepted when verifying, for old messages such
-as the RFC 4134 examples, but never produced.
+(RFC 8419); DSA and SHA-1 are never produced, and accepted when verifying only
+with ``Limits(accept_legacy_algorithms=True)``, for old messages such as the
+RFC 4134 examples.
 
 Untrusted input is parsed in one guarded step that turns every structural
 surprise into ``MalformedError``; the cryptographic checks then run on plain
 values, so a bad signature can never be mistaken for bad DER.
+
+Work on hostile input is bounded before it is done: each certificate is at most
+``limits.max_certificate_bytes``; the signer certificate is found by serial number
+and the exact DER of the issuer name (or ``cryptography``'s ``Name`` equality), never
+by RFC 4518 preparation; its key is checked (``certpath.check_public_key``) and its
+keyUsage must allow digitalSignature before anything is verified; every signature
+check, here and on the certificate path, is counted against the message's budget
+of public-key operations (``cms.budget``).  SHA-1 and DSA are accepted only with
+``limits.accept_legacy_algorithms`` (the RFC 4134 examples need it).
 """
 
 from __future__ import annotations
@@ -26,14 +36,24 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from ..errors import (
+    E2MError,
+    LimitExceededError,
     MalformedError,
     SignatureInvalidError,
     UnsupportedAlgorithmError,
     UntrustedSignerError,
 )
-from ..certpath import Identities, certificate_identities, verify_chain
+from ..certpath import (
+    Identities,
+    certificate_identities,
+    check_certificate_size,
+    check_public_key,
+    signer_usage_problem,
+    verify_chain,
+)
 from ..certfiles import readable_certificate
 from . import oids
+from .budget import budget_scope, spend
 from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -113,6 +133,8 @@ class SignerInfoResult:
     signature_algorithm: str       # e.g. "sha256-rsa", "rsassa-pss", "ed25519"
     signing_time: datetime | None  # claimed by the signer, not proven
     chain: tuple[x509.Certificate, ...] = ()
+    # Other signed attributes, by OID: the DER of each value (covered by the signature).
+    attributes: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -159,11 +181,13 @@ def sign(content: bytes, signer_cert: x509.Certificate, signer_key: PrivateKeyTy
          detached: bool = False, include_certificate: bool = True,
          extra_certs: Sequence[x509.Certificate] = (), content_type: str = "data",
          rsa_pss: bool = False, digest: str = "sha256",
-         signing_time: datetime | None = None) -> bytes:
+         signing_time: datetime | None = None,
+         extra_attributes: Sequence[tuple[str, bytes]] = ()) -> bytes:
     """Sign ``content``; return DER ContentInfo(SignedData).
 
     Always adds signed attributes (content-type, message-digest,
-    signing-time).  RSA keys sign with PKCS#1 v1.5 (sha*WithRSAEncryption) or,
+    signing-time), and ``extra_attributes`` as (OID, DER of the one value) pairs,
+    so the signature covers them too.  RSA keys sign with PKCS#1 v1.5 (sha*WithRSAEncryption) or,
     with ``rsa_pss``, RSASSA-PSS (MGF1 with the same hash, salt = hash length);
     EC keys with ECDSA; Ed25519 keys always use SHA-512 as digestAlgorithm as
     RFC 8419 requires, whatever ``digest`` says.  The signer is identified by
@@ -195,6 +219,8 @@ def sign(content: bytes, signer_cert: x509.Certificate, signer_key: PrivateKeyTy
                           "values": [_signing_time_value(
                               signing_time or datetime.now(timezone.utc))]}),
         cms.CMSAttribute({"type": "message_digest", "values": [hasher.finalize()]}),
+        *(cms.CMSAttribute({"type": oid, "values": [core.Any.load(value)]})
+          for oid, value in extra_attributes),
     ])
     # The signature covers the DER SET OF (tag 0x31), not the [0] IMPLICIT form.
     to_be_signed = attrs.dump()
@@ -337,6 +363,10 @@ def _parse(data: bytes, limits: Limits) -> _Parsed:
                 if choice.name != "certificate":
                     continue  # attribute and other certificates play no part here
                 der = choice.chosen.dump()
+                if len(der) > limits.max_certificate_bytes:
+                    raise LimitExceededError(
+                        f"certificate of {len(der)} bytes exceeds the limit of "
+                        f"{limits.max_certificate_bytes}")
                 certs.append(_Cert(der=der, asn1=choice.chosen, cert=readable_certificate(der)))
 
         signer_infos = sd["signer_infos"]
@@ -388,10 +418,7 @@ def _parse_signer(si: cms.SignerInfo, limits: Limits) -> _Signer:
             if oid in attrs:
                 # RFC 5652 5.3: each attribute type appears at most once.
                 raise MalformedError("a signed attribute type occurs twice")
-            if oid in (_CONTENT_TYPE_ATTR, _MESSAGE_DIGEST_ATTR, _SIGNING_TIME_ATTR):
-                attrs[oid] = list(attr["values"])
-            else:
-                attrs[oid] = []  # only its presence matters to us
+            attrs[oid] = list(attr["values"])
     return _Signer(
         sid_kind=sid.name, issuer=issuer, serial=serial, ski=ski,
         digest_oid=si["digest_algorithm"]["algorithm"].dotted,
@@ -413,18 +440,96 @@ def _single(signer: _Signer, oid: str, what: str) -> core.Asn1Value:
     return values[0]
 
 
+def _cert_name_key(name: x509.Name) -> tuple:
+    return tuple(frozenset((a.oid.dotted_string, a.value) for a in rdn) for rdn in name.rdns)
+
+
+def _asn1_name_key(name: asn1_x509.Name) -> tuple | None:
+    """The same key as ``_cert_name_key`` for an asn1crypto name: attribute types and
+    decoded values, compared exactly (no RFC 4518 preparation); linear in the name."""
+    try:
+        rdns = []
+        for rdn in name.chosen:
+            attributes = set()
+            for ntv in rdn:
+                value = ntv["value"].native
+                attributes.add((ntv["type"].dotted,
+                                value if isinstance(value, str) else ntv["value"].dump()))
+            rdns.append(frozenset(attributes))
+        return tuple(rdns)
+    except _PARSE_ERRORS:
+        return None
+
+
 def _find_signer_cert(signer: _Signer, pool: Sequence[_Cert]) -> _Cert:
-    for candidate in pool:
-        try:
-            if signer.sid_kind == "issuer_and_serial_number":
-                if (candidate.asn1.serial_number == signer.serial
-                        and candidate.asn1.issuer == signer.issuer):
+    """The certificate a SignerInfo names: by serial number and the exact DER of the
+    issuer name, else the same serial and an equal ``cryptography`` ``Name``; or by
+    subjectKeyIdentifier.  Each comparison is linear in the names compared."""
+    if signer.sid_kind == "issuer_and_serial_number":
+        assert signer.issuer is not None
+        wanted_der = signer.issuer.dump()
+        wanted_key: list = []  # computed once, only if a serial matches but the DER differs
+        for candidate in pool:
+            try:
+                tbs = candidate.asn1["tbs_certificate"]
+                serial = (candidate.cert.serial_number if candidate.cert is not None
+                          else tbs["serial_number"].native)
+                if serial != signer.serial:
+                    continue
+                if tbs["issuer"].dump() == wanted_der:
                     return candidate
-            elif candidate.asn1.key_identifier == signer.ski:
+                if candidate.cert is None:
+                    continue
+                if not wanted_key:
+                    wanted_key.append(_asn1_name_key(signer.issuer))
+                if wanted_key[0] is not None and \
+                        _cert_name_key(candidate.cert.issuer) == wanted_key[0]:
+                    return candidate
+            except _PARSE_ERRORS:
+                continue  # a broken certificate simply does not match
+    else:
+        for candidate in pool:
+            if candidate.cert is None:
+                continue  # unreadable: it could not be used anyway
+            try:
+                ski = candidate.cert.extensions.get_extension_for_class(
+                    x509.SubjectKeyIdentifier).value.digest
+            except (x509.ExtensionNotFound, ValueError):
+                continue
+            if ski == signer.ski:
                 return candidate
-        except _PARSE_ERRORS:
-            continue  # a broken certificate simply does not match
     raise UntrustedSignerError("signer certificate not found in the message or extra_certs")
+
+
+def _unreadable_signer(found: _Cert) -> E2MError:
+    """Why ``cryptography`` cannot read the signer certificate, from a bounded look at
+    its key algorithm (never a full parse of what an attacker sent)."""
+    try:
+        algorithm = found.asn1["tbs_certificate"]["subject_public_key_info"]["algorithm"]
+        inherited = (algorithm["algorithm"].dotted == _DSA
+                     and isinstance(algorithm["parameters"], (core.Void, core.Null)))
+    except _PARSE_ERRORS:
+        return MalformedError("the signer certificate is not well-formed")
+    if inherited:
+        return UnsupportedAlgorithmError(
+            "the signer certificate cannot be read (DSA parameters inherited from the CA)")
+    return MalformedError("the signer certificate cannot be read")
+
+
+def _legacy_problem(signer: _Signer, limits: Limits) -> str | None:
+    """SHA-1 digests and DSA signatures: only as legacy algorithms."""
+    if limits.accept_legacy_algorithms:
+        return None
+    kind, bound_digest, name = _SIGNATURES[signer.sig_oid]
+    if kind == "dsa":
+        return "DSA signatures are a legacy algorithm, not accepted"
+    if signer.digest_oid == oids.SHA1 or bound_digest == "sha1":
+        return f"SHA-1 ({name}) is a legacy algorithm, not accepted"
+    if kind == "rsa-pss" and signer.sig_params is not None:
+        _, pss_hash = _pss_from_params(signer.sig_params)
+        if isinstance(pss_hash, hashes.SHA1):
+            return "RSASSA-PSS with SHA-1 is a legacy algorithm, not accepted"
+    return None
 
 
 def _pss_from_params(params: algos.RSASSAPSSParams) -> tuple[padding.PSS, hashes.HashAlgorithm]:
@@ -481,28 +586,34 @@ def _check_signature(signer: _Signer, public_key: object, message: bytes,
 
 def _verify_signer(signer: _Signer, content: bytes, content_type_oid: str,
                    pool: Sequence[_Cert], anchors: Sequence[x509.Certificate],
-                   at: datetime | None, check_time: bool) -> SignerInfoResult:
+                   at: datetime | None, check_time: bool,
+                   limits: Limits = DEFAULT_LIMITS) -> SignerInfoResult:
     if signer.digest_oid not in _DIGESTS:
         raise UnsupportedAlgorithmError(f"digest algorithm {signer.digest_oid} not supported")
     if signer.sig_oid not in _SIGNATURES:
         raise UnsupportedAlgorithmError(f"signature algorithm {signer.sig_oid} not supported")
     digest_name, digest_cls = _DIGESTS[signer.digest_oid]
+    legacy = _legacy_problem(signer, limits)
+    if legacy:
+        raise UnsupportedAlgorithmError(legacy)
 
     found = _find_signer_cert(signer, pool)
     if found.cert is None:
-        try:
-            found.asn1.native  # noqa: B018 - a full parse tells broken from merely unusual
-        except _PARSE_ERRORS:
-            raise MalformedError("the signer certificate is not well-formed") from None
-        raise UnsupportedAlgorithmError(
-            "the signer certificate cannot be read (e.g. DSA parameters inherited from the CA)")
+        raise _unreadable_signer(found)
+    # Everything about the signer's certificate and key is checked before its key is used.
+    check_certificate_size(found.cert, limits, found.der)
     try:
         public_key = found.cert.public_key()
     except (ValueError, UnsupportedAlgorithm):
         raise UnsupportedAlgorithmError("the signer's public key type is not supported") from None
+    check_public_key(public_key, limits, signing=True)
+    usage = signer_usage_problem(found.cert)
+    if usage:
+        raise UntrustedSignerError(f"the signer certificate's {usage}")
 
     signing_time: datetime | None = None
     if signer.signed_attrs_raw is None:
+        spend("signature")
         _check_signature(signer, public_key, content, digest_cls)
     else:
         try:
@@ -519,23 +630,28 @@ def _verify_signer(signer: _Signer, content: bytes, content_type_oid: str,
         if not isinstance(claimed_digest, bytes) or not _equal(hasher.finalize(), claimed_digest):
             raise SignatureInvalidError("message digest does not match the content")
         try:
+            spend("signature")
             _check_signature(signer, public_key, signer.signed_attrs_raw, digest_cls)
         except SignatureInvalidError:
             # Senders must use DER; a few sort the SET OF wrongly, and RFC 5652
             # defines the signature over the DER form, so try that too.
             if signer.signed_attrs_sorted == signer.signed_attrs_raw:
                 raise
+            spend("signature")
             _check_signature(signer, public_key, signer.signed_attrs_sorted or b"", digest_cls)
 
     others = [c.cert for c in pool if c.cert is not None and c is not found]
-    chain = verify_chain(found.cert, anchors, others, at=at, check_time=check_time)
+    chain = verify_chain(found.cert, anchors, others, at=at, check_time=check_time,
+                         limits=limits)
     return SignerInfoResult(
         certificate=found.cert,
-        identities=certificate_identities(found.cert),
+        identities=certificate_identities(found.cert, limits),
         digest_algorithm=digest_name,
         signature_algorithm=_SIGNATURES[signer.sig_oid][2],
         signing_time=signing_time,
         chain=tuple(chain),
+        attributes={oid: tuple(v.dump() for v in values) for oid, values in signer.attrs.items()
+                    if oid not in (_CONTENT_TYPE_ATTR, _MESSAGE_DIGEST_ATTR, _SIGNING_TIME_ATTR)},
     )
 
 
@@ -564,8 +680,11 @@ def verify(data: bytes, *, trust_anchors: Sequence[x509.Certificate],
     The signer certificate is looked up (by issuer and serial number, or by
     subject key identifier) among the message's certificates and
     ``extra_certs``; it must chain to ``trust_anchors`` at ``at`` (default
-    now) unless ``check_time`` is False.  ``detached_content`` supplies the
-    content when the signature is detached.
+    now) unless ``check_time`` is False, with the CRLs of ``trust_anchors`` when it
+    is a ``certpath.TrustAnchors``.  ``detached_content`` supplies the
+    content when the signature is detached.  The work is spent from the message's
+    budget of public-key operations (a fresh one of ``limits.max_public_key_ops``
+    outside an engine).
 
     Raises MalformedError, UnsupportedAlgorithmError, SignatureInvalidError,
     UntrustedSignerError or LimitExceededError.
@@ -583,8 +702,10 @@ def verify(data: bytes, *, trust_anchors: Sequence[x509.Certificate],
         if detached_content is not None and not _equal(bytes(detached_content), content):
             raise SignatureInvalidError("supplied content differs from the embedded content")
     pool = _pool(parsed, extra_certs)
-    signers = tuple(_verify_signer(s, content, parsed.content_type_oid, pool,
-                                   trust_anchors, at, check_time) for s in parsed.signers)
+    with budget_scope(limits.max_public_key_ops):
+        signers = tuple(_verify_signer(s, content, parsed.content_type_oid, pool,
+                                       trust_anchors, at, check_time, limits)
+                        for s in parsed.signers)
     return VerifyResult(
         content=content,
         content_type=_CONTENT_TYPE_NAMES.get(parsed.content_type_oid, parsed.content_type_oid),

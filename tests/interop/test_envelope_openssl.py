@@ -12,6 +12,7 @@ from e2m_plugins.cms import (
     CertificateKey,
     KeyAgreeRecipient,
     KeyTransRecipient,
+    Limits,
     SharedKEK,
     describe_envelope,
     oids,
@@ -68,7 +69,7 @@ def _decrypt_for(cred) -> Callable[[Path], subprocess.CompletedProcess[bytes]]:
 @pytest.mark.parametrize("cipher", ["aes-128-cbc", "aes-128-gcm", "aes-256-gcm"])
 def test_ours_with_cek_reference_opened_by_openssl(pki, tmp_path, openssl_attributes, cipher):
     """CBC: the reference is in unprotectedAttrs, which every OpenSSL 3.0 reads.  GCM: in
-    unauthAttrs [2], which an OpenSSL with issue 26101 rejects (and only then)."""
+    authAttrs [1], which an OpenSSL with issue 26101 rejects (and only then)."""
     bob = pki.user("bob")
     with_ref, without = tmp_path / "ref.der", tmp_path / "plain.der"
     with_ref.write_bytes(seal(CONTENT, [KeyTransRecipient(bob.cert)], cipher=cipher, cek_reference=b"dialog-1").der)
@@ -97,8 +98,11 @@ def test_ours_signed_then_sealed_with_gcm_opened_by_openssl(pki, tmp_path, opens
 
 
 def test_openssl_probe_envelopes_are_ours():
-    """The probe `make setup` runs is what our code makes: AuthEnvelopedData for the
-    throwaway KEK, the CEKReference in unauthAttrs, and a control without attributes."""
+    """The probe `make setup` runs: AuthEnvelopedData made by ``seal`` for the throwaway
+    KEK, a CEKReference in unauthAttrs (where ``seal`` put it before it moved to
+    authAttrs; the probe tests OpenSSL's decoding of [2], so it stays), and a control
+    without attributes.  We read that reference but do not use it for reuse: it is not
+    under the GCM tag."""
     kek = SharedKEK(bytes.fromhex((PROBE_DATA / "kek-id.hex").read_text().strip()),
                     bytes.fromhex((PROBE_DATA / "kek.hex").read_text().strip()))
     content = (PROBE_DATA / "content.txt").read_bytes()
@@ -106,7 +110,8 @@ def test_openssl_probe_envelopes_are_ours():
     control = open_envelope((PROBE_DATA / "without-attrs.der").read_bytes(), [kek])
     assert with_attrs.plaintext == control.plaintext == content
     assert with_attrs.envelope_type == control.envelope_type == "auth-enveloped-data"
-    assert with_attrs.cek_reference == b"openssl-probe" and not with_attrs.authenticated_attributes
+    assert [a.name for a in with_attrs.unprotected_attributes] == ["cek-reference"]
+    assert with_attrs.cek_reference is None and not with_attrs.authenticated_attributes
     assert not control.unprotected_attributes and not control.authenticated_attributes
 
 
@@ -127,10 +132,11 @@ def test_openssl_multi_recipient_opened_by_us(pki, tmp_path, cipher):
         "-keyopt", "rsa_oaep_md:sha256", "-keyopt", "rsa_mgf1_md:sha256",
         "-recip", str(proxy_ec.cert_path),
         "-secretkey", KEK.hex(), "-secretkeyid", KEK_ID.hex())
-    at_bob = open_envelope(der, [CertificateKey(bob.cert, bob.key)])
-    at_alice = open_envelope(der, [CertificateKey(alice.cert, alice.key)])
-    at_proxy = open_envelope(der, [CertificateKey(proxy_ec.cert, proxy_ec.key)])
-    at_kek = open_envelope(der, [SharedKEK(KEK_ID, KEK)])
+    cbc = Limits(accept_cbc=True)   # CBC only when accepted
+    at_bob = open_envelope(der, [CertificateKey(bob.cert, bob.key)], limits=cbc)
+    at_alice = open_envelope(der, [CertificateKey(alice.cert, alice.key)], limits=cbc)
+    at_proxy = open_envelope(der, [CertificateKey(proxy_ec.cert, proxy_ec.key)], limits=cbc)
+    at_kek = open_envelope(der, [SharedKEK(KEK_ID, KEK)], limits=cbc)
     assert at_bob.plaintext == at_alice.plaintext == at_proxy.plaintext == at_kek.plaintext == CONTENT
     assert at_bob.recipient.key_algorithm == "rsa-pkcs1v15"
     assert at_alice.recipient.key_algorithm == "rsaes-oaep"

@@ -1,8 +1,9 @@
 """Every SignedData among the foreign vectors, verified with exact content.
 
 RFC 4134 (section 4): Alice/Diane signed by Carl; RSA-1024 and DSA keys,
-SHA-1, certificates long expired -> check_time=False (only here; the
-defaults for real traffic are untouched).
+SHA-1, certificates long expired -> check_time=False and ``LEGACY`` limits
+(legacy algorithms, 1024-bit keys), passed explicitly here only; the defaults
+for real traffic refuse them (tests/unit/test_certpath_attacks.py).
 
 draft-ireland-examples-cms (LAMPS keys of RFC 9216): the issuing CAs
 ("Sample LAMPS RSA/Ed25519 Certification Authority") are not in the folder,
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from e2m_plugins.cmsinput import load_cms_message, verify_input
+from e2m_plugins.cms.limits import Limits
 from e2m_plugins.cms.signed import extract_certificates, verify
 from e2m_plugins.errors import (
     MalformedError,
@@ -28,6 +30,8 @@ from e2m_plugins.errors import (
 from e2m_plugins.certfiles import load_certificate
 
 EX_CONTENT = b"This is some sample content."
+# What the RFC 4134 examples need: SHA-1, DSA, RSA-1024.  Test-only.
+LEGACY = Limits(accept_legacy_algorithms=True, min_rsa_bits=1024)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,8 @@ RFC4134_ATTACHED = [
 
 @pytest.mark.parametrize("name,cn,digest,sig,when", RFC4134_ATTACHED)
 def test_rfc4134_attached(rfc, carl, name, cn, digest, sig, when) -> None:
-    result = verify((rfc / name).read_bytes(), trust_anchors=carl, check_time=False)
+    result = verify((rfc / name).read_bytes(), trust_anchors=carl, check_time=False,
+                    limits=LEGACY)
     assert result.content == EX_CONTENT
     assert result.content_type == "data"
     [signer] = result.signers
@@ -78,25 +83,29 @@ def test_rfc4134_attached(rfc, carl, name, cn, digest, sig, when) -> None:
 def test_rfc4134_times_are_checked_by_default(rfc, carl) -> None:
     # Valid 1999..2039, so "now" passes and a date before 1999 must fail.
     data = (rfc / "4.2.bin").read_bytes()
-    verify(data, trust_anchors=carl)
+    verify(data, trust_anchors=carl, limits=LEGACY)
     with pytest.raises(UntrustedSignerError, match="not yet valid"):
-        verify(data, trust_anchors=carl, at=datetime(1990, 1, 1, tzinfo=timezone.utc))
+        verify(data, trust_anchors=carl, at=datetime(1990, 1, 1, tzinfo=timezone.utc),
+               limits=LEGACY)
 
 
 def test_rfc4134_wrong_anchor(rfc, carl) -> None:
     # An RSA-signed message does not chain to Carl's DSA root alone.
     with pytest.raises(UntrustedSignerError):
-        verify((rfc / "4.2.bin").read_bytes(), trust_anchors=carl[1:], check_time=False)
+        verify((rfc / "4.2.bin").read_bytes(), trust_anchors=carl[1:], check_time=False,
+               limits=LEGACY)
 
 
 def test_rfc4134_detached_4_3(rfc, carl) -> None:
     data = (rfc / "4.3.bin").read_bytes()
-    result = verify(data, trust_anchors=carl, check_time=False, detached_content=EX_CONTENT)
+    result = verify(data, trust_anchors=carl, check_time=False, detached_content=EX_CONTENT,
+                    limits=LEGACY)
     assert result.content == EX_CONTENT
     with pytest.raises(MalformedError, match="detached"):
-        verify(data, trust_anchors=carl, check_time=False)
+        verify(data, trust_anchors=carl, check_time=False, limits=LEGACY)
     with pytest.raises(SignatureInvalidError):
-        verify(data, trust_anchors=carl, check_time=False, detached_content=EX_CONTENT + b"!")
+        verify(data, trust_anchors=carl, check_time=False, detached_content=EX_CONTENT + b"!",
+               limits=LEGACY)
 
 
 def test_rfc4134_multiple_signers_4_6(rfc, carl) -> None:
@@ -104,7 +113,7 @@ def test_rfc4134_multiple_signers_4_6(rfc, carl) -> None:
     # (DianeDSSSignByCarlInherit); cryptography cannot load such a key, so the
     # second signer cannot be checked and verify() must refuse the whole message.
     with pytest.raises(UnsupportedAlgorithmError, match="inherited"):
-        verify((rfc / "4.6.bin").read_bytes(), trust_anchors=carl, check_time=False)
+        verify((rfc / "4.6.bin").read_bytes(), trust_anchors=carl, check_time=False, limits=LEGACY)
 
 
 def test_rfc4134_multipart_signed_4_8(rfc, carl) -> None:
@@ -113,7 +122,7 @@ def test_rfc4134_multipart_signed_4_8(rfc, carl) -> None:
     # The signed first part has no headers: a blank line, then ExContent.  The file
     # has LF line ends; the signature covers the CRLF form, which verify_input tries.
     assert message.detached_content == b"\n" + EX_CONTENT
-    result = verify_input(message, trust_anchors=carl, check_time=False)
+    result = verify_input(message, trust_anchors=carl, check_time=False, limits=LEGACY)
     assert result.content == b"\r\n" + EX_CONTENT
     assert result.signers[0].identities.common_name == "AliceDSS"
 
@@ -122,7 +131,7 @@ def test_rfc4134_pkcs7_mime_4_9(rfc, carl) -> None:
     message = load_cms_message((rfc / "4.9.eml").read_bytes())
     assert message.mime_type == "application/pkcs7-mime"
     assert message.smime_type == "signed-data"
-    result = verify(message.der, trust_anchors=carl, check_time=False)
+    result = verify(message.der, trust_anchors=carl, check_time=False, limits=LEGACY)
     # The encapsulated content is a MIME entity with no headers.
     assert result.content == b"\r\n" + EX_CONTENT
 
@@ -130,7 +139,7 @@ def test_rfc4134_pkcs7_mime_4_9(rfc, carl) -> None:
 def test_rfc4134_certs_only_4_11(rfc, carl) -> None:
     data = (rfc / "4.11.bin").read_bytes()
     with pytest.raises(SignatureInvalidError, match="no signature"):
-        verify(data, trust_anchors=carl, check_time=False)
+        verify(data, trust_anchors=carl, check_time=False, limits=LEGACY)
     certs = extract_certificates(data)
     assert {c.subject.rfc4514_string() for c in certs} == {"CN=AliceDSS", "CN=CarlDSS"}  # the dump says DSS certs
 

@@ -27,6 +27,8 @@ from e2m_plugins.errors import (
 
 CONTENT = b"Content-Type: application/sdp\r\n\r\nv=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\n"
 CIPHERS = ["aes-128-cbc", "aes-256-cbc", "aes-128-gcm", "aes-256-gcm"]
+# CBC (EnvelopedData) is opened only when a setting accepts it (tests/unit/test_cms_attacks.py).
+CBC = Limits(accept_cbc=True)
 KEK16 = SharedKEK(b"kek-16", bytes(range(16)))
 KEK32 = SharedKEK(b"kek-32", bytes(range(32)))
 
@@ -60,7 +62,7 @@ KINDS = ["ktri-v15", "ktri-oaep-ski", "kari-p256", "kari-p256-ski-ukm", "kari-x2
 def test_single_recipient_round_trip(pki, cipher, kind):
     spec, key = _party(pki, kind)
     sealed = seal(CONTENT, [spec], cipher=cipher)
-    opened = open_envelope(sealed.der, [key], want_cek=True)
+    opened = open_envelope(sealed.der, [key], want_cek=True, limits=CBC)
     assert opened.plaintext == CONTENT
     assert opened.content_algorithm == cipher
     assert opened.recipient.kind == kind.split("-")[0]
@@ -84,7 +86,7 @@ def test_multi_recipient_each_opens_independently(pki, cipher, group):
     sealed = seal(CONTENT, [spec for spec, _ in parties], cipher=cipher)
     assert len(describe_envelope(sealed.der).recipients) == len(group)
     for kind, (_, key) in zip(group, parties):
-        opened = open_envelope(sealed.der, [key])
+        opened = open_envelope(sealed.der, [key], limits=CBC)
         assert opened.plaintext == CONTENT, kind
         assert opened.recipient_count == len(group)
 
@@ -98,7 +100,9 @@ def test_cek_reuse_rfc3185(pki):
     at_proxy = open_envelope(invite.der, [CertificateKey(proxy.cert, proxy.key)], want_cek=True)
     assert at_proxy.cek_reference == b"ref-1"
     assert at_proxy.cek_max_decrypts == 5
-    assert {a.name for a in at_proxy.unprotected_attributes} == {"cek-reference", "cek-max-decrypts"}
+    # AuthEnvelopedData: under the GCM tag (docs/protocol.md §2, placement)
+    assert {a.name for a in at_proxy.authenticated_attributes} == {"cek-reference", "cek-max-decrypts"}
+    assert not at_proxy.unprotected_attributes
     answer = seal(b"answer", [reuse_kek(at_proxy.cek, at_proxy.cek_reference)])
     # The proxy and the caller both hold the first CEK: both read the answer.
     for holder_cek in (at_proxy.cek, invite.cek):
@@ -118,10 +122,11 @@ def test_cek_reference_in_enveloped_data_sets_version_2(pki):
     assert parsed["content"]["unprotected_attrs"][0]["type"].dotted == "1.2.840.113549.1.9.16.2.30"
 
 
-def test_cek_reference_goes_to_unauth_attrs_for_gcm(pki):
+def test_cek_reference_goes_to_auth_attrs_for_gcm(pki):
     sealed = seal(CONTENT, [KEK16], cipher="aes-128-gcm", cek_reference=b"r")
     parsed = a1cms.ContentInfo.load(sealed.der)
-    assert parsed["content"]["unauth_attrs"][0]["type"].dotted == "1.2.840.113549.1.9.16.2.30"
+    assert parsed["content"]["auth_attrs"][0]["type"].dotted == "1.2.840.113549.1.9.16.2.30"
+    assert not parsed["content"]["unauth_attrs"]
 
 
 def test_no_matching_recipient(pki):
@@ -140,13 +145,15 @@ def test_wrong_private_key_for_matching_certificate(pki):
             with pytest.raises(DecryptionError):
                 open_envelope(sealed.der, [CertificateKey(bob.cert, alice.key)])
             continue
-        # CBC has no integrity: the random fallback CEK passes the PKCS#7 padding
-        # check about once in 256, and the envelope layer then returns garbage
+        # CBC has no integrity: the fallback CEK passes the PKCS#7 padding check
+        # about once in 256 envelopes, and the envelope layer then returns garbage
         # (body.open_part turns that into the same DecryptionError). What must
         # hold every time: no crash, and never the plaintext.
+        with pytest.raises(DecryptionError):  # refused by default
+            open_envelope(sealed.der, [CertificateKey(bob.cert, alice.key)])
         for _ in range(8):
             try:
-                opened = open_envelope(sealed.der, [CertificateKey(bob.cert, alice.key)])
+                opened = open_envelope(sealed.der, [CertificateKey(bob.cert, alice.key)], limits=CBC)
             except DecryptionError:
                 continue
             assert opened.plaintext != CONTENT
@@ -182,7 +189,7 @@ def test_tampered_ciphertext_is_a_decryption_error(cipher):
         # block itself would randomise it and pass the pad check 1 time in 256.
         offset, mask = len(sealed.der) - 17, 0x10
     with pytest.raises(DecryptionError):
-        open_envelope(_flip(sealed.der, offset, mask), [KEK16])
+        open_envelope(_flip(sealed.der, offset, mask), [KEK16], limits=CBC)
 
 
 def test_wrong_gcm_tag():

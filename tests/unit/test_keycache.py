@@ -149,11 +149,12 @@ def test_size_bound_evicts_oldest(clock: FakeClock) -> None:
     assert all(cache.get(DIALOG, bytes([i])) is not None for i in (1, 2, 3))
 
 
-def test_replacing_a_key_does_not_duplicate(cache: MemoryKeyCache) -> None:
+def test_a_kept_key_is_never_replaced(cache: MemoryKeyCache) -> None:
+    """A second put for the same reference keeps the first CEK (issue 12 item 9)."""
     cache.put(DIALOG, REF, CEK)
-    cache.put(DIALOG, REF, bytes(32))
+    assert cache.put(DIALOG, REF, bytes(32)).cek == CEK
     got = cache.get(DIALOG, REF)
-    assert len(cache) == 1 and got is not None and got.cek == bytes(32)
+    assert len(cache) == 1 and got is not None and got.cek == CEK
 
 
 def test_hundred_thousand_inserts_stay_bounded(clock: FakeClock) -> None:

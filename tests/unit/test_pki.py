@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from e2m_plugins.errors import MalformedError, UntrustedSignerError
 from e2m_plugins.testpki import (Credential, init_test_pki, issue_user, load_ca, make_ca, write_credential)
 from e2m_plugins.certpath import certificate_identities, verify_chain
+from e2m_plugins.cms.limits import Limits
 from e2m_plugins.certfiles import load_certificate, load_certificates, load_private_key
 
 NOW = datetime.now(timezone.utc)
@@ -275,16 +276,21 @@ def test_issuer_must_be_ca(pki) -> None:
 
 
 def test_rfc4134_rsa_and_dsa(vectors_dir) -> None:
+    # RSA-1024, DSA and SHA-1: refused by default, so these old vectors get legacy limits.
+    legacy = Limits(accept_legacy_algorithms=True, min_rsa_bits=1024)
     d = vectors_dir / "rfc4134"
     for leaf, root in [("AliceRSASignByCarl.cer", "CarlRSASelf.cer"),
                        ("AliceDSSSignByCarlNoInherit.cer", "CarlDSSSelf.cer")]:
         leaf_cert, root_cert = load_certificate(d / leaf), load_certificate(d / root)
-        assert verify_chain(leaf_cert, [root_cert], check_time=False) == [leaf_cert, root_cert]
+        assert verify_chain(leaf_cert, [root_cert], check_time=False,
+                            limits=legacy) == [leaf_cert, root_cert]
+        with pytest.raises(UntrustedSignerError):
+            verify_chain(leaf_cert, [root_cert], check_time=False)  # default limits
         with pytest.raises(UntrustedSignerError):
             # RSA leaf against DSA root and vice versa: names differ.
             verify_chain(leaf_cert, [load_certificate(d / ("CarlDSSSelf.cer" if "RSA" in leaf
                                                            else "CarlRSASelf.cer"))],
-                         check_time=False)
+                         check_time=False, limits=legacy)
 
 
 def test_rfc4134_dsa_inherited_params_is_typed(vectors_dir) -> None:
