@@ -42,18 +42,18 @@ def proxy_engine(pki: TestPKI, host: str, *, view: tuple[str, ...] = (),
     cred = pki.proxy(host)
     config = ProxyConfig(host=host, certificate=cred.cert, private_key=cred.key,
                          trust_anchors=(pki.ca.cert,), view=rules(*view), verify=rules(*verify),
-                         cert_url=f"http://127.0.0.1:1/{host}.der", **settings)
+                         cert_url=f"http://{host}/e2m/cert.der", **settings)
     return ProxyEngine(config, cache if cache is not None else MemoryKeyCache())
 
 
 def ua_engine(pki: TestPKI, name: str, *, peers: tuple[str, ...] = ("alice", "bob"),
-              proxies: tuple[KnownProxy, ...] = (), **settings) -> UAEngine:
+              proxies: tuple[KnownProxy, ...] = (), bind: bool = True, **settings) -> UAEngine:
     cred = pki.user(name)
     config = UAConfig(aor=pki.aor(name), certificate=cred.cert, private_key=cred.key,
                       trust_anchors=(pki.ca.cert,),
                       peers={pki.aor(p): pki.user(p).cert for p in peers if p != name},
                       proxies=proxies, **settings)
-    return UAEngine(config)
+    return UAEngine(config, bind=bind)
 
 
 def known_proxy(pki: TestPKI, host: str, view: tuple[str, ...] = (),

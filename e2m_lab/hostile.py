@@ -41,6 +41,8 @@ builder                            the request                                  
                                                                                           NoMatchingRecipientError (UA)
 ``only_optional_parts_for_others`` two optional parts, carol's and the proxy's            UndecipherableError           - / 493
 ``body_from_another_dialog``       an envelope bound to another MESSAGE (cut and pasted)  BindingMismatchError          403 / 403
+``stale``                          a body whose signed SIP context is an hour old         ReplayError                   403 / 403
+``split_views_differ``             a split SDP whose proxy view is of another session     InconsistentSplitError        - / 403
 ``plaintext_sdp``                  an INVITE with plaintext SDP (a downgrade)             DowngradeError                - / 488
 ``multipart_without_boundary``     multipart/mixed without its boundary parameter         MalformedError                400 / -
 ``unknown_transfer_encoding``      Content-Transfer-Encoding x-rot13                      UnsupportedAlgorithmError     415 / -
@@ -54,6 +56,7 @@ builder                            the request                                  
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 
 from e2m_plugins import mime
@@ -63,7 +66,7 @@ from e2m_plugins.cms.signed import sign
 from e2m_plugins.sip import SipMessage
 from e2m_plugins.testpki import TestPKI, issue_user, make_ca
 
-from .flows import SDP_OFFER, TRUSTED, invite, message
+from .flows import SDP_OFFER, SRTP_OFFER, TRUSTED, invite, message
 
 SECRET = b"hostile-case secret text 7f3a"
 CID = "p1@example.com"
@@ -76,7 +79,7 @@ AES128_CBC = bytes.fromhex("0609608648016503040102")   # OID 2.16.840.1.101.3.4.
 def envelope(pki: TestPKI, msg: SipMessage, recipients: tuple[str, ...] = ("bob", TRUSTED),
              text: bytes = SECRET, *, signer: object = "alice", cipher: str | None = None,
              bind: bool = True, handling: str = "required",
-             content_id: str = CID) -> mime.MimePart:
+             content_id: str = CID, at: float | None = None) -> mime.MimePart:
     """``text`` (text/plain) signed by ``signer`` (a user name, a credential with ``.cert``
     and ``.key``, or None), encrypted for ``recipients`` (user names; a name with a dot
     is a proxy host), bound to ``msg`` unless ``bind`` is false."""
@@ -85,7 +88,7 @@ def envelope(pki: TestPKI, msg: SipMessage, recipients: tuple[str, ...] = ("bob"
     entity, _ = protect_content("text/plain", text, [recipient_for_certificate(c) for c in certs],
                                 signer=(cred.cert, cred.key) if cred else None,
                                 content_id=content_id, handling=handling, cipher=cipher,
-                                bind_to=msg if bind else None)
+                                bind_to=msg if bind else None, at=at)
     return entity
 
 
@@ -173,6 +176,28 @@ def body_from_another_dialog(pki: TestPKI, *, text: bytes = SECRET) -> SipMessag
     """A valid protected body, bound to another MESSAGE (another Call-ID and tag)."""
     msg, other = message(pki, text), message(pki, text)
     return labelled(msg, envelope(pki, other, text=text))
+
+
+def stale(pki: TestPKI, *, text: bytes = SECRET) -> SipMessage:
+    """A valid body whose signed SIP context was made an hour ago (a captured message
+    sent again later, with everything else fresh)."""
+    return protected(pki, text, at=time.time() - 3600)
+
+
+def split_views_differ(pki: TestPKI) -> SipMessage:
+    """An INVITE whose split SDP shows the proxy a view of another session than the full
+    copy bob gets, both signed by alice and bound to the request."""
+    msg = invite(pki, SRTP_OFFER)
+    alice = pki.user("alice")
+    bob, proxy = pki.user("bob").cert, pki.proxy(TRUSTED).cert
+    view, _ = protect_content("application/sdp", SDP_OFFER.replace(b"49170", b"40000"),
+                              [recipient_for_certificate(bob), recipient_for_certificate(proxy)],
+                              signer=(alice.cert, alice.key), content_id="view@example.com",
+                              handling="optional", bind_to=msg, readers=[TRUSTED])
+    full, _ = protect_content("application/sdp", SRTP_OFFER, [recipient_for_certificate(bob)],
+                              signer=(alice.cert, alice.key), content_id="full@example.com",
+                              bind_to=msg)
+    return labelled(msg, mime.multipart_mixed([view, full]), f'{TRUSTED};cid="view@example.com"')
 
 
 def oversized(pki: TestPKI, *, text: bytes = SECRET) -> SipMessage:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time as _time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -21,19 +22,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import mime
-from .certstore import check_user_certificate
-from .uri import host_key
-from .cms import ciphers, der, oids
+from .certstore import check_user_names
+from .cms import ciphers, oids
 from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, seal
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign
-from .errors import BindingMismatchError, DecryptionError, DowngradeError, E2MError, LimitExceededError, MalformedError, UnsupportedMediaTypeError
+from .errors import (BindingMismatchError, DecryptionError, DowngradeError, E2MError, LimitExceededError,
+                     MalformedError, UnsupportedMediaTypeError)
 from .sip import SipMessage, canonical_name
+from .sipcontext import SipContext, context_for
+from .uri import host_key
 from .layers import open_message, unauthenticated_plaintext
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection",
-           "open_part", "check_signed_by", "check_binding", "sip_binding", "protect_content", "new_reference", "with_entity"]
+           "open_part", "check_signed_by", "check_context", "protect_content", "new_reference",
+           "with_entity", "plaintext_leaves"]
 
 # What an E2M body may be; certs-only, compressed-data and bare signatures are not.
 _OPENABLE = frozenset({"enveloped-data", "authEnveloped-data", "signed-data"})
@@ -51,6 +55,8 @@ class OpenedPart:
     entity: mime.MimePart             # the inner entity, with its own headers
     envelopes: tuple[OpenedEnvelope, ...] = ()
     signatures: tuple[VerifyResult, ...] = ()
+    context: SipContext | None = None          # what the sender said this part is for
+    context_signed: bool = False               # ... under its signature (else: GCM only)
 
     def __repr__(self) -> str:  # plaintext never reaches a log
         return (f"OpenedPart(cid={self.cid!r}, {self.content_type}, {len(self.content)} bytes, "
@@ -120,6 +126,32 @@ def has_protection(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> bool
     return any(is_protected(p) for p in top_parts(part, limits))
 
 
+def plaintext_leaves(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> list[mime.MimePart]:
+    """Every part of the body, at any depth, that carries content in the clear: not
+    S/MIME and not a multipart.  A ``multipart/signed`` counts as one protected unit
+    (its first part is the signed content, not a separate plaintext)."""
+    leaves: list[mime.MimePart] = []
+    mime_limits = mime.MimeLimits.from_limits(limits)
+    seen = [0]
+
+    def visit(node: mime.MimePart, depth: int) -> None:
+        seen[0] += 1
+        if seen[0] > mime_limits.max_total_parts:
+            raise LimitExceededError(f"more than {mime_limits.max_total_parts} body parts in all")
+        if is_protected(node):
+            return
+        if not node.content_type.is_multipart:
+            leaves.append(node)
+            return
+        if depth >= mime_limits.max_depth:
+            raise LimitExceededError("multiparts nested too deep")
+        for child in mime.parse_multipart(node, mime_limits):
+            visit(child, depth + 1)
+
+    visit(part, 0)
+    return leaves
+
+
 def is_encrypted(part: mime.MimePart) -> bool:
     return mime.smime_type_of(part) in ("enveloped-data", "authEnveloped-data")
 
@@ -163,93 +195,66 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
         inner = None
     if inner is None:  # see layers.open_message: no padding oracle through the answer
         raise DecryptionError() from None
+    context, signed = _context_of(opened.envelopes, opened.signatures)
     return OpenedPart(part.content_id, part.handling, inner.content_type.mime_type,
-                      inner.decoded(), inner, opened.envelopes, opened.signatures)
+                      inner.decoded(), inner, opened.envelopes, opened.signatures,
+                      context, signed)
 
 
-def _utf8(text: str) -> bytes:
-    return der.tlv(0x0C, text.encode("utf-8", "surrogateescape"))
+def _context_of(envelopes: Sequence[OpenedEnvelope], signatures: Sequence[VerifyResult]
+                ) -> tuple[SipContext | None, bool]:
+    """The part's SipContext: from its signatures when signed (the sender's word),
+    else from the envelopes' authenticated attributes; every copy must agree."""
+    signed = [v for result in signatures for signer in result.signers
+              for v in signer.attributes.get(oids.SIP_CONTEXT, ())]
+    sealed = [v for env in envelopes for attribute in env.authenticated_attributes
+              if attribute.oid == oids.SIP_CONTEXT for v in attribute.values]
+    found = [SipContext.decode(v) for v in (*signed, *sealed)]
+    if any(c != found[0] for c in found[1:]):
+        raise BindingMismatchError("the body's SIP contexts disagree")
+    if signatures and not signed and found:
+        # Signed, but the signature does not cover a context: only the envelope's does,
+        # which any holder of the CEK could have made.  Treat it as unsigned context.
+        return found[0], False
+    return (found[0] if found else None), bool(signed)
 
 
-def sip_binding(message: SipMessage, labels: Sequence[str] = ()) -> bytes:
-    """DER of the message an envelope belongs to: Call-ID, From tag, CSeq, and the
-    proxies the sender labelled the body for.
+def check_context(opened: OpenedPart, message: SipMessage, *,
+                  labels_present: set[str] | None = None) -> SipContext | None:
+    """The part's SipContext, checked against ``message`` and the part itself.
 
-    ``SipBinding ::= SEQUENCE { callId UTF8String, fromTag UTF8String,
-    cseq INTEGER, method UTF8String, labels SEQUENCE OF UTF8String OPTIONAL }``.
-    The first four are end-to-end (proxies do not change them, a response repeats
-    its request's); ``labels`` (host names, sorted) lets the receiver see a
-    ``Proxy-Required-Body`` that a hop stripped.
+    ``BindingMismatchError`` when the context names another message, or another
+    Content-ID or handling than the part has (parts swapped or relabelled).  With
+    ``labels_present`` (the hosts the message still names, in ``Proxy-Required-Body``
+    or as a proxy that announced its policy on it), a reader the sender named that is
+    gone raises ``DowngradeError``: a hop stripped its label.  None when the part
+    carries no context (CBC envelopes, unsigned bodies of other implementations).
     """
-    number, method = message.cseq
-    fields = [_utf8(message.call_id), _utf8(message.from_tag or ""), der.enc_integer(number),
-              der.tlv(0x0C, method.encode("ascii"))]
-    if labels:
-        fields.append(der.seq(*(_utf8(h) for h in sorted({host_key(x) for x in labels}))))
-    return der.seq(*fields)
+    context = opened.context
+    if context is None:
+        return None
+    context.check_message(message)
+    context.check_part(opened.cid, opened.handling)
+    if labels_present is not None:
+        stripped = set(context.readers) - {host_key(h) for h in labels_present}
+        if stripped:
+            raise DowngradeError("Proxy-Required-Body for " + ", ".join(sorted(stripped))
+                                 + " was removed on the way")
+    return context
 
 
-def binding_attribute(message: SipMessage, labels: Sequence[str] = ()) -> Attribute:
-    return Attribute(oids.SIP_BINDING, (sip_binding(message, labels),))
-
-
-def _read_binding(value: bytes) -> tuple[bytes, set[str]]:
-    """(DER of the four message fields, bound label hosts) of a SipBinding value."""
-    try:
-        fields = der.items(der.read_all(value), 4, "SipBinding")
-        if len(fields) > 5:
-            raise MalformedError("SipBinding: too many fields")
-        head = der.seq(*(f.encoded for f in fields[:4]))
-        hosts = set()
-        if len(fields) == 5:
-            hosts = {bytes(h.value).decode("utf-8", "surrogateescape")
-                     for h in fields[4].expect(der.SEQUENCE, "labels").children()}
-    except (UnicodeDecodeError, ValueError):
-        raise MalformedError("malformed SipBinding") from None
-    return head, hosts
-
-
-def check_binding(opened: OpenedPart, message: SipMessage, *,
-                  labels_present: set[str] | None = None) -> bool:
-    """Raise ``BindingMismatchError`` if an envelope was bound to another message.
-
-    With ``labels_present`` (the hosts the message still names, in
-    ``Proxy-Required-Body`` or as a proxy that announced its policy on it), a
-    bound label that is gone raises ``DowngradeError``: a hop stripped it.
-    Returns True when a binding was present and matched, False when none was
-    (CBC envelopes and other implementations carry none).
-    """
-    expected = None
-    found = False
-    for envelope in opened.envelopes:
-        for attribute in envelope.authenticated_attributes:
-            if attribute.oid != oids.SIP_BINDING:
-                continue
-            expected = expected or sip_binding(message)
-            if len(attribute.values) != 1:
-                raise BindingMismatchError("the body was encrypted for another SIP message")
-            head, hosts = _read_binding(attribute.values[0])
-            if head != expected:
-                raise BindingMismatchError("the body was encrypted for another SIP message")
-            if labels_present is not None:
-                stripped = hosts - {host_key(h) for h in labels_present}
-                if stripped:
-                    raise DowngradeError("Proxy-Required-Body for " + ", ".join(sorted(stripped))
-                                         + " was removed on the way")
-            found = True
-    return found
-
-
-def check_signed_by(opened: OpenedPart, aor: str, trust_anchors: Sequence[x509.Certificate],
-                    at: datetime | None = None) -> None:
+def check_signed_by(opened: OpenedPart, aor: str) -> None:
     """A signature must be ``aor``'s own: a trusted stranger's is refused too.
 
-    Raises ``CertificateRejectedError`` naming whom the certificate is for.
+    The signature check already built each signer's path to the trust anchors (with the
+    message's intermediates); what is left is the name: ``aor`` among the
+    signer certificate's SAN URIs, and a key fit for signing.  Raises
+    ``CertificateRejectedError`` naming whom the certificate is for.
     """
     problem: E2MError | None = None
     for cert in opened.signer_certificates:
         try:
-            check_user_certificate(cert, aor, trust_anchors, at, for_encryption=False)
+            check_user_names(cert, aor, for_encryption=False)
             return
         except E2MError as exc:
             problem = exc
@@ -265,23 +270,30 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
                     signer: tuple[x509.Certificate, PrivateKeyTypes] | None = None,
                     cek_reference: bytes | None = None, content_id: str | None = None,
                     handling: str = "required", cipher: str | None = None,
-                    bind_to: SipMessage | None = None,
-                    bind_labels: Sequence[str] = ()) -> tuple[mime.MimePart, Sealed]:
+                    bind_to: SipMessage | None = None, readers: Sequence[str] = (),
+                    at: float | None = None) -> tuple[mime.MimePart, Sealed]:
     """Encrypt one body for ``recipients``, signing it first when ``signer`` is given.
 
     Sign-then-encrypt as e2m-sec-02 and RFC 8591 prefer: the SignedData is the
     envelope's content (eContentType signed-data), so every recipient, proxy
-    included, can check that the content is the sender's.
+    included, can check that the content is the sender's.  With ``bind_to``, the
+    part's ``SipContext`` (that message, ``readers``: the proxies asked to read it,
+    the Content-ID, handling and CEK reference, made ``at``) goes into the signed
+    attributes and, for AuthEnvelopedData, the authenticated ones.
     """
     inner = mime.inner_entity(content_type, content)
+    context = None if bind_to is None else context_for(
+        bind_to, time=at if at is not None else _time.time(), readers=readers,
+        content_id=content_id, handling=handling, cek_reference=cek_reference)
     payload, payload_type = inner, oids.DATA
     if signer is not None:
-        payload = sign(inner, signer[0], signer[1])
+        extra = ((oids.SIP_CONTEXT, context.encode()),) if context is not None else ()
+        payload = sign(inner, signer[0], signer[1], extra_attributes=extra)
         payload_type = oids.SIGNED_DATA
     kwargs: dict = {} if cipher is None else {"cipher": cipher}
-    if bind_to is not None and ciphers.cipher_by_name(cipher or ciphers.DEFAULT_CIPHER).aead:
+    if context is not None and ciphers.cipher_by_name(cipher or ciphers.DEFAULT_CIPHER).aead:
         # Only AuthEnvelopedData can authenticate an attribute (docs/protocol.md §2).
-        kwargs["authenticated_attributes"] = (binding_attribute(bind_to, bind_labels),)
+        kwargs["authenticated_attributes"] = (Attribute(oids.SIP_CONTEXT, (context.encode(),)),)
     sealed = seal(payload, list(recipients), content_type=payload_type,
                   cek_reference=cek_reference, **kwargs)
     auth = content_info_type(sealed.der) == oids.AUTH_ENVELOPED_DATA

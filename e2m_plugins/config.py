@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from . import certstore
 from .errors import E2MError
 from .headers import Rule
-from .certfiles import load_certificate, load_certificates, load_private_key
+from .certfiles import load_certificate, load_certificates, load_crls, load_private_key
+from .certpath import TrustAnchors
 from .sdp import KEYING_ATTRIBUTES
 from .sip_errors import DEFAULT_CODES, E2MCodes
-from .uri import identity_of, validate_host
+from .uri import host_key, identity_of, validate_host
 
 __all__ = ["ConfigError", "ProxyRule", "ProxyConfig", "UAConfig", "KnownProxy",
            "load_proxy_config", "load_ua_config", "parse_rules"]
@@ -31,6 +32,8 @@ __all__ = ["ConfigError", "ProxyRule", "ProxyConfig", "UAConfig", "KnownProxy",
 T = TypeVar("T")
 
 DEFAULT_POLICY_EXPIRES = 3600        # seconds a UA may keep a learned policy
+DEFAULT_MAX_POLICY_EXPIRES = 86400   # ... and never longer, whatever a policy says
+DEFAULT_REPLAY_WINDOW = 300.0        # seconds a body's SIP context time may be off
 DEFAULT_CEK_MAX_AGE = 3600.0         # a reused CEK is rolled after this long ...
 DEFAULT_CEK_MAX_USES = 100           # ... or this many messages
 
@@ -139,9 +142,11 @@ def _codes(reader: _Reader) -> E2MCodes:
         return DEFAULT_CODES
 
 
-def _anchors(reader: _Reader) -> tuple[x509.Certificate, ...]:
+def _anchors(reader: _Reader) -> TrustAnchors:
+    """``[trust] ca`` (required) and ``crls`` (optional): the anchors, carrying the CRLs
+    that every chain check applies (``certpath.verify_chain``)."""
     trust = reader.table("trust")
-    reader.unknown_keys(trust, "[trust]", {"ca"})
+    reader.unknown_keys(trust, "[trust]", {"ca", "crls"})
     files = reader.get(trust, "[trust]", "ca", list, required=True) or []
     anchors: list[x509.Certificate] = []
     for item in files:
@@ -151,7 +156,13 @@ def _anchors(reader: _Reader) -> tuple[x509.Certificate, ...]:
         anchors.extend(reader.load("[trust].ca", item, load_certificates) or [])
     if files and not anchors and not reader.problems:
         reader.problems.append("[trust].ca holds no certificate")
-    return tuple(anchors)
+    crls = []
+    for item in reader.get(trust, "[trust]", "crls", list, default=[]) or []:
+        if not isinstance(item, str):
+            reader.problems.append("[trust].crls must list file names")
+            continue
+        crls.extend(reader.load("[trust].crls", item, load_crls) or [])
+    return TrustAnchors(anchors, crls=crls)
 
 
 def _keying(reader: _Reader, table: Mapping[str, Any], where: str) -> tuple[str, ...]:
@@ -182,8 +193,17 @@ class ProxyConfig:
     remove_own_label: bool = False
     announce_policy: bool = True
     keying_attributes: tuple[str, ...] = KEYING_ATTRIBUTES
+    replay_window: float = DEFAULT_REPLAY_WINDOW
+    # Senders (AoRs or domains) whose bodies may be CBC, unsigned or without a SIP
+    # context: RFC 3261 stacks that cannot do better.  Everyone else: none of these.
+    legacy_senders: tuple[str, ...] = ()
     path: Path | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def crls(self) -> tuple[x509.CertificateRevocationList, ...]:
+        """The ``[trust] crls`` (carried by ``trust_anchors``)."""
+        return getattr(self.trust_anchors, "crls", ())
 
     def __repr__(self) -> str:  # the key stays out of logs
         return (f"ProxyConfig(host={self.host!r}, view={[r.format() for r in self.view]}, "
@@ -191,7 +211,7 @@ class ProxyConfig:
 
 
 _PROXY_POLICY_KEYS = {"view", "verify", "cert_url", "expires", "remove_own_label",
-                      "announce", "keying_attributes"}
+                      "announce", "keying_attributes", "replay_window", "legacy_senders"}
 
 
 def load_proxy_config(path: str | Path) -> ProxyConfig:
@@ -226,6 +246,8 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     remove_label = reader.get(policy, "[policy]", "remove_own_label", bool, default=False)
     announce = reader.get(policy, "[policy]", "announce", bool, default=True)
     keying = _keying(reader, policy, "[policy]")
+    window = _replay_window(reader, policy, "[policy]")
+    legacy_senders = _peer_names(reader, policy, "[policy]", "legacy_senders")
     codes = _codes(reader)
 
     if cert is not None and host is not None and anchors:
@@ -239,12 +261,40 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     return ProxyConfig(host=host, certificate=cert, private_key=key, trust_anchors=anchors,
                        view=view, verify=verify, codes=codes, cert_url=cert_url,
                        policy_expires=int(expires or 0), remove_own_label=bool(remove_label),
-                       announce_policy=bool(announce), keying_attributes=keying, path=path,
-                       raw=data)
+                       announce_policy=bool(announce), keying_attributes=keying,
+                       replay_window=window, legacy_senders=legacy_senders, path=path, raw=data)
 
 
 # --------------------------------------------------------------------------
 # UA
+
+
+@dataclass(frozen=True)
+class LegacyPeer:
+    """A peer that cannot do what E2M requires by default (an RFC 3261 S/MIME stack
+    such as reSIProcate): we send it CBC EnvelopedData with RSA PKCS#1 v1.5 and
+    issuerAndSerialNumber, signed only if it verifies, and accept CBC (and, with
+    ``accept_unsigned``, unsigned bodies) from it alone."""
+
+    match: str                      # an AoR (sip:user@host) or a domain
+    sign: bool = True               # the peer verifies our signatures
+    accept_unsigned: bool = False
+
+    def matches(self, aor: str | None) -> bool:
+        return aor is not None and peer_matches(self.match, aor)
+
+
+def peer_matches(name: str, aor: str) -> bool:
+    """Whether ``aor`` is ``name`` (an AoR) or in the domain ``name``."""
+    identity = identity_of(aor)
+    if identity is None:
+        return False
+    if ":" in name and not name.startswith("["):   # an AoR, not a domain
+        return identity_of(name) == identity
+    try:
+        return identity.host == host_key(name)
+    except E2MError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -268,12 +318,16 @@ class UAConfig:
     peers: Mapping[str, x509.Certificate] = field(default_factory=dict)
     proxies: tuple[KnownProxy, ...] = ()
     require_e2m: bool = True
-    sign: bool = False
+    sign: bool = True
+    require_signature: bool = True           # a body must be signed by its sender
     cek_reuse: bool = True
     split_sdp: bool = True
     accept_policy_headers: bool = True
-    bind_to_message: bool = True              # SIP binding attribute in AuthEnvelopedData
     accept_proxies: tuple[str, ...] = ()     # empty: hosts in our domain or the peer's
+    cert_url_hosts: tuple[str, ...] = ()     # besides the policy's own host
+    max_policy_expires: int = DEFAULT_MAX_POLICY_EXPIRES
+    replay_window: float = DEFAULT_REPLAY_WINDOW
+    legacy: tuple[LegacyPeer, ...] = ()
     cek_max_age: float = DEFAULT_CEK_MAX_AGE
     cek_max_uses: int = DEFAULT_CEK_MAX_USES
     keying_attributes: tuple[str, ...] = KEYING_ATTRIBUTES
@@ -281,14 +335,19 @@ class UAConfig:
     path: Path | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def crls(self) -> tuple[x509.CertificateRevocationList, ...]:
+        """The ``[trust] crls`` (carried by ``trust_anchors``)."""
+        return getattr(self.trust_anchors, "crls", ())
+
     def __repr__(self) -> str:
         return (f"UAConfig(aor={self.aor!r}, peers={sorted(self.peers)}, "
                 f"proxies={[p.host for p in self.proxies]})")
 
 
-_UA_E2M_KEYS = {"require", "sign", "cek_reuse", "split_sdp", "accept_policy_headers", "accept_proxies",
-                "bind",
-                "cek_max_age", "cek_max_uses", "keying_attributes"}
+_UA_E2M_KEYS = {"require", "sign", "require_signature", "cek_reuse", "split_sdp",
+                "accept_policy_headers", "accept_proxies", "cert_url_hosts", "max_policy_expires",
+                "replay_window", "cek_max_age", "cek_max_uses", "keying_attributes"}
 
 
 def _ua_proxies(reader: _Reader, anchors: tuple[x509.Certificate, ...]) -> tuple[KnownProxy, ...]:
@@ -319,6 +378,56 @@ def _ua_proxies(reader: _Reader, anchors: tuple[x509.Certificate, ...]) -> tuple
             continue
         found.append(KnownProxy(host, cert, view, verify))
     return tuple(found)
+
+
+def _ua_legacy(reader: _Reader) -> tuple[LegacyPeer, ...]:
+    entries = reader.data.get("legacy", [])
+    if not isinstance(entries, list):
+        reader.problems.append("[[legacy]] must be an array of tables")
+        return ()
+    found = []
+    for index, entry in enumerate(entries):
+        where = f"[[legacy]] #{index + 1}"
+        if not isinstance(entry, dict):
+            reader.problems.append(f"{where} must be a table")
+            continue
+        reader.unknown_keys(entry, where, {"peer", "sign", "accept_unsigned"})
+        name = reader.get(entry, where, "peer", str, required=True)
+        if name is None:
+            continue
+        if not _is_peer_name(name):
+            reader.problems.append(f"{where}.peer: not an AoR or a domain: {name!r}")
+            continue
+        found.append(LegacyPeer(name.strip(), bool(reader.get(entry, where, "sign", bool, default=True)),
+                                bool(reader.get(entry, where, "accept_unsigned", bool, default=False))))
+    return tuple(found)
+
+
+def _is_peer_name(name: str) -> bool:
+    if ":" in name and not name.startswith("["):   # an AoR, not a domain
+        identity = identity_of(name)
+        return identity is not None and identity.user is not None
+    try:
+        validate_host(name)
+    except E2MError:
+        return False
+    return True
+
+
+def _peer_names(reader: _Reader, table: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
+    names = reader.get(table, where, key, list, default=[]) or []
+    if not all(isinstance(n, str) and _is_peer_name(n) for n in names):
+        reader.problems.append(f"{where}.{key} must list AoRs (sip:user@host) or domains")
+        return ()
+    return tuple(n.strip() for n in names)
+
+
+def _replay_window(reader: _Reader, table: Mapping[str, Any], where: str) -> float:
+    window = reader.get(table, where, "replay_window", (int, float), default=DEFAULT_REPLAY_WINDOW)
+    if window is None or isinstance(window, bool) or not 1 <= window <= 86400:
+        reader.problems.append(f"{where}.replay_window must be between 1 and 86400 seconds")
+        return DEFAULT_REPLAY_WINDOW
+    return float(window)
 
 
 def _ua_peers(reader: _Reader, anchors: tuple[x509.Certificate, ...]) -> dict[str, x509.Certificate]:
@@ -369,11 +478,14 @@ def load_ua_config(path: str | Path) -> UAConfig:
     reader.unknown_keys(e2m, "[e2m]", _UA_E2M_KEYS)
     settings = dict(
         require_e2m=reader.get(e2m, "[e2m]", "require", bool, default=True),
-        sign=reader.get(e2m, "[e2m]", "sign", bool, default=False),
+        sign=reader.get(e2m, "[e2m]", "sign", bool, default=True),
+        require_signature=reader.get(e2m, "[e2m]", "require_signature", bool, default=True),
+        max_policy_expires=reader.get(e2m, "[e2m]", "max_policy_expires", int,
+                                      default=DEFAULT_MAX_POLICY_EXPIRES),
+        replay_window=_replay_window(reader, e2m, "[e2m]"),
         cek_reuse=reader.get(e2m, "[e2m]", "cek_reuse", bool, default=True),
         split_sdp=reader.get(e2m, "[e2m]", "split_sdp", bool, default=True),
         accept_policy_headers=reader.get(e2m, "[e2m]", "accept_policy_headers", bool, default=True),
-        bind_to_message=reader.get(e2m, "[e2m]", "bind", bool, default=True),
         cek_max_age=float(reader.get(e2m, "[e2m]", "cek_max_age", (int, float),
                                      default=DEFAULT_CEK_MAX_AGE) or DEFAULT_CEK_MAX_AGE),
         cek_max_uses=reader.get(e2m, "[e2m]", "cek_max_uses", int, default=DEFAULT_CEK_MAX_USES),
@@ -383,11 +495,19 @@ def load_ua_config(path: str | Path) -> UAConfig:
         problems.append("[e2m].accept_proxies must list host names or .domain suffixes")
     else:
         settings["accept_proxies"] = tuple(h.strip().lower() for h in accept)
+    hosts = reader.get(e2m, "[e2m]", "cert_url_hosts", list, default=[]) or []
+    if not all(isinstance(h, str) and h.strip() for h in hosts):
+        problems.append("[e2m].cert_url_hosts must list host names")
+    else:
+        settings["cert_url_hosts"] = tuple(h.strip().lower() for h in hosts)
+    if not 0 <= (settings["max_policy_expires"] or 0) <= 2**31:
+        problems.append("[e2m].max_policy_expires must be between 0 and 2^31 seconds")
     if settings["cek_max_age"] <= 0 or (settings["cek_max_uses"] or 0) < 1:
         problems.append("[e2m]: cek_max_age must be > 0 and cek_max_uses >= 1")
     keying = _keying(reader, e2m, "[e2m]")
     peers = _ua_peers(reader, anchors)
     proxies = _ua_proxies(reader, anchors)
+    settings["legacy"] = _ua_legacy(reader)
     codes = _codes(reader)
     if problems:
         raise ConfigError(path, problems)

@@ -113,18 +113,19 @@ class DialogKeys:
             return self._keep(message, key)
 
     def keep_received(self, message: SipMessage, reference: bytes, cek: bytes, *,
-                      recipients: int, readers: frozenset[str]) -> DialogKey | None:
+                      readers: frozenset[str] | None) -> DialogKey | None:
         """Keep a key the peer offered in ``message``, usable at once.
 
-        ``recipients`` is the number of RecipientInfos of its envelope and
-        ``readers`` the proxies its labels name; more recipients than the peer
-        and those proxies means holders we cannot name (``"?"``).  None when
-        ``message`` has no tag to keep it under.
+        ``readers`` are the proxies the sender's signed SIP context says hold the key
+        besides us: the only account of who holds it that a hop or a co-recipient
+        cannot change.  None when nothing signed vouches for it (a legacy peer): the
+        holders are then unknown (``"?"``), so the key is never exclusive.  None is
+        returned when ``message`` has no tag to keep the key under.
         """
-        exclusive = recipients == 1 and not readers
-        if recipients > 1 + len(readers):
-            exclusive = False  # holders we cannot name: only for what they already read
-            readers = readers | {"?"}
+        if readers is None:
+            readers, exclusive = frozenset({"?"}), False
+        else:
+            exclusive = not readers
         key = DialogKey(reference, cek, readers, exclusive, self._clock())
         with self._lock:
             return self._keep(message, key)
@@ -270,8 +271,11 @@ class DialogKeys:
         if len(self._slots) >= self._max_dialogs and slots[0] not in self._slots:
             # dicts keep insertion order: the first slot is the oldest dialog
             del self._slots[next(iter(self._slots))]
+        kept = next((k for k in self._all(message) if k.reference == key.reference), None)
+        if kept is not None:
+            # Never replaced: a retransmission carries the same key, and anyone else who
+            # names the reference (a co-recipient holding another CEK) must not swap it.
+            return kept
         bucket = self._slots.setdefault(slots[0], [])
-        if any(k.reference == key.reference and k.retired for k in self._all(message)):
-            key.retired = True      # seen again (a retransmission): still not to be reused
-        bucket[:] = ([k for k in bucket if k.reference != key.reference] + [key])[-self._max_keys:]
+        bucket[:] = (bucket + [key])[-self._max_keys:]
         return key

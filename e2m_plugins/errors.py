@@ -99,6 +99,16 @@ class BindingMismatchError(PolicyError):
     copied from another dialog or replayed (docs/protocol.md §2, SIP binding)."""
 
 
+class ReplayError(PolicyError):
+    """The body was seen before (a copy of an earlier message), or was made outside
+    the accepted time window (docs/protocol.md §2, SIP context)."""
+
+
+class InconsistentSplitError(PolicyError):
+    """The proxy's view of a split SDP is not the full copy without its keys: the
+    sender showed the proxy one session and the peer another."""
+
+
 class CertificateRejectedError(UntrustedSignerError):
     """A certificate we were asked to rely on failed the checks: chain, time,
     name or key type.  Typically the certificate of a 496 or a policy header,

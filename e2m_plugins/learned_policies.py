@@ -7,21 +7,17 @@ sources (docs/protocol.md §6):
 
 * the UA's configuration (``[[proxies]]``): never expire, and win over
   anything the wire says about the same host;
-* ``Proxy-Body-Policy`` headers (``learn_header``): kept until their
-  ``expires`` (default ``DEFAULT_POLICY_EXPIRES``); ``expires=0`` withdraws;
-* 496 answers (``learn_496``): the content types the proxy could not read
-  become ``view`` rules, merged into what the host already had.
+* ``Proxy-Body-Policy`` headers (``learn_header``), and only those the engine
+  accepts: on an answer to one of our own requests (a REGISTER or OPTIONS 200;
+  the policy then applies to all we send), or on a message of a dialog we are in
+  (the policy then applies to that dialog only: ``scope`` is its Call-ID).  Kept
+  until their ``expires``, never longer than ``max_expires``; ``expires=0``
+  withdraws, but only an entry the same ``source`` set;
+* 496 answers to our requests (``learn_496``): the content types the proxy
+  could not read become ``view`` rules, merged into what the host already had.
 
 The table only keeps rules.  Whether a host is one we accept at all, and
 whether its certificate passed our checks, is the UA engine's decision.
-
-Where a source or scope per entry would go: every entry is made by one of
-the ``learn_*``/``configure`` methods and stored by ``_put`` under
-``_key(host)``, and every lookup goes through ``_current``.  Recording where
-an entry came from (say "answer to our own request") or what it is scoped
-to (a dialog) means a field on ``LearnedPolicy``, a keyword on those
-methods, a richer ``_key`` and a filter in ``_current`` -- callers of
-``in_force`` and ``wanting`` keep their shape.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ from dataclasses import dataclass
 
 from . import headers as hdr
 from .uri import host_key
-from .config import DEFAULT_POLICY_EXPIRES
+from .config import DEFAULT_MAX_POLICY_EXPIRES, DEFAULT_POLICY_EXPIRES
 
 __all__ = ["LearnedPolicy", "LearnedPolicies", "MAX_POLICIES"]
 
@@ -50,6 +46,8 @@ class LearnedPolicy:
     expires_at: float | None                 # None: configured, never expires
     fingerprint: bytes | None = None         # SHA-256 of the certificate it announced
     url: str | None = None                   # where to fetch that certificate
+    source: str = "config"                   # who set it: only it may withdraw it
+    scope: str | None = None                 # None: everything we send; else a dialog's Call-ID
 
     def wants(self, method: str, content_type: str) -> bool:
         return any(r.matches(method, content_type) for r in (*self.view, *self.verify))
@@ -64,16 +62,14 @@ def _merged(*rules: Iterable[hdr.Rule]) -> tuple[hdr.Rule, ...]:
 
 
 class LearnedPolicies:
-    """The proxy policies one UA holds: one ``LearnedPolicy`` per proxy host.
+    """The proxy policies one UA holds: one ``LearnedPolicy`` per proxy host and scope.
 
-    Bounds: one entry per host (``uri.host_key``).  Policy headers add a
-    new host only while fewer than ``max_entries`` (256) entries are kept
-    (configured ones count; an expired entry counts until it is swept);
-    learnt entries expire after their ``expires`` (at most 2**32-1 s, the
-    header's range; default ``default_expires``, 3600 s).  Expired entries
-    are swept whenever the policies in force are asked for (``in_force``,
-    ``wanting``).  Entries from a 496 (``learn_496``) are not held to
-    ``max_entries``: each needs a 496 whose certificate the engine checked.
+    Bounds: at most ``max_entries`` (256) entries in all, configured ones included:
+    a new learnt entry pushes out the learnt one that expires first (an expired entry
+    counts until it is swept).  Learnt entries live at most ``max_expires`` seconds
+    (default 86400, whatever ``expires`` says; ``default_expires``, 3600 s, when it
+    says nothing).  Expired entries are swept whenever the policies in force are
+    asked for; a dialog's entries go with it (``end_scope``).
 
     ``clock`` returns seconds (``time.time`` by default).  Thread-safe: one
     lock around every read and change.
@@ -81,15 +77,17 @@ class LearnedPolicies:
 
     def __init__(self, *, clock: Callable[[], float] = time.time,
                  max_entries: int = MAX_POLICIES,
-                 default_expires: float = DEFAULT_POLICY_EXPIRES) -> None:
+                 default_expires: float = DEFAULT_POLICY_EXPIRES,
+                 max_expires: float = DEFAULT_MAX_POLICY_EXPIRES) -> None:
         self._clock = clock
         self._max_entries = max_entries
         self._default_expires = default_expires
+        self._max_expires = max_expires
         self._lock = threading.Lock()
-        self._entries: dict[str, LearnedPolicy] = {}
+        self._entries: dict[tuple[str, str | None], LearnedPolicy] = {}
 
     def __repr__(self) -> str:
-        return f"LearnedPolicies({len(self)} of {self._max_entries} hosts)"
+        return f"LearnedPolicies({len(self)} of {self._max_entries} entries)"
 
     def __len__(self) -> int:
         """Entries kept, expired ones not yet swept included."""
@@ -104,93 +102,119 @@ class LearnedPolicies:
         with self._lock:
             return self._put(LearnedPolicy(host, view, verify, None))
 
-    def learn_header(self, announced: hdr.PolicyHeader) -> LearnedPolicy | None:
-        """One ``Proxy-Body-Policy`` value (from a host the engine accepts).
+    def is_configured(self, host: str) -> bool:
+        with self._lock:
+            entry = self._entries.get((host_key(host), None))
+            return entry is not None and entry.expires_at is None
 
-        Returns the entry now kept, or None when nothing was learnt: the host
-        is configured, the header withdrew its policy (``expires=0``), or the
-        table is full and the host is new.  A learnt entry is replaced as a
-        whole (rules, expiry, fingerprint, URL).
+    def learn_header(self, announced: hdr.PolicyHeader, *, source: str,
+                     scope: str | None = None) -> LearnedPolicy | None:
+        """One ``Proxy-Body-Policy`` value the engine accepted from ``source``.
+
+        Returns the entry now kept, or None when nothing was learnt: the host is
+        configured, or the header withdrew its policy (``expires=0``; it counts only
+        against an entry ``source`` set).  A learnt entry is replaced as a whole.
         """
         with self._lock:
-            existing = self._entries.get(self._key(announced.host))
-            if existing is not None and existing.expires_at is None:
+            if self._configured(announced.host):
                 return None  # configured policy wins over what the wire says
+            key = (host_key(announced.host), scope)
+            existing = self._entries.get(key)
             if announced.expires == 0:
-                self._withdraw(announced.host)
+                if existing is not None and existing.source == source:
+                    del self._entries[key]
                 return None
-            if len(self._entries) >= self._max_entries and existing is None:
-                return None
-            expires = self._clock() + (announced.expires if announced.expires is not None
-                                       else self._default_expires)
             return self._put(LearnedPolicy(announced.host, announced.view, announced.verify,
-                                           expires, announced.cert_fingerprint,
-                                           announced.cert_url))
+                                           self._expiry(announced.expires),
+                                           announced.cert_fingerprint, announced.cert_url,
+                                           source, scope))
 
     def learn_496(self, host: str, needed: tuple[hdr.Rule, ...],
                   announced: hdr.PolicyHeader | None) -> LearnedPolicy:
-        """A 496 from ``host`` (its certificate already checked by the engine).
-
-        ``needed`` are the view rules the 496 names (from its Warning), and
-        ``announced`` its own ``Proxy-Body-Policy`` if it carried one.  Both
-        are added to the rules ``host`` already had (an expired entry not
-        yet swept included); a configured entry stays configured.  The
-        expiry, fingerprint and URL become the 496's (expiry ``expires`` of
-        its policy, or ``default_expires`` when absent or 0).
-        """
+        """A 496 from ``host`` to our request (its certificate already checked by the
+        engine).  ``needed`` are the view rules the 496 names (from its Warning), and
+        ``announced`` its own ``Proxy-Body-Policy`` if it carried one.  Both are added
+        to the rules ``host`` already had; a configured entry stays configured."""
         with self._lock:
-            old = self._entries.get(self._key(host))
-            expires = self._clock() + (announced.expires if announced and announced.expires
-                                       else self._default_expires)
+            key = (host_key(host), None)
+            old = self._entries.get(key)
+            if old is not None and old.expires_at is not None and old.expires_at <= self._clock():
+                old = None   # an expired entry brings nothing back
+            configured = old is not None and old.expires_at is None
             return self._put(LearnedPolicy(
                 host,
                 _merged(old.view if old else (), announced.view if announced else (), needed),
                 _merged(old.verify if old else (), announced.verify if announced else ()),
-                None if old and old.expires_at is None else expires,
-                announced.cert_fingerprint if announced else None,
-                announced.cert_url if announced else None))
+                None if configured else self._expiry(announced.expires if announced else None),
+                old.fingerprint if configured else (announced.cert_fingerprint if announced else None),
+                old.url if configured else (announced.cert_url if announced else None),
+                "config" if configured else "496"))
 
     def withdraw(self, host: str) -> bool:
-        """Forget what was learnt about ``host``; a configured entry stays.
-        True when an entry went."""
+        """Forget everything learnt about ``host`` (every scope); a configured entry
+        stays.  True when an entry went."""
         with self._lock:
-            existing = self._entries.get(self._key(host))
-            if existing is None or existing.expires_at is None:
-                return False
-            return self._withdraw(host)
+            keys = [k for k, p in self._entries.items()
+                    if k[0] == host_key(host) and p.expires_at is not None]
+            for key in keys:
+                del self._entries[key]
+            return bool(keys)
+
+    def end_scope(self, scope: str) -> None:
+        """The dialog ``scope`` names is over: its policies go with it."""
+        with self._lock:
+            for key in [k for k in self._entries if k[1] == scope]:
+                del self._entries[key]
 
     # -- lookups ---------------------------------------------------------------------
 
-    def in_force(self) -> list[LearnedPolicy]:
-        """The policies in force now (expired ones are forgotten)."""
+    def in_force(self, scope: str | None = None) -> list[LearnedPolicy]:
+        """The policies in force now for what we send in ``scope`` (a dialog's Call-ID,
+        or None outside any): those for everything, and that dialog's."""
+        with self._lock:
+            return [p for p in self._current() if p.scope is None or p.scope == scope]
+
+    def everywhere(self) -> list[LearnedPolicy]:
+        """Every policy in force, whatever its scope (to fetch their certificates)."""
         with self._lock:
             return self._current()
 
-    def wanting(self, method: str, content_type: str) -> list[LearnedPolicy]:
-        """Policies in force that must read (view) or want signed (verify) a
-        ``method`` body of ``content_type``, in the order they were kept."""
+    def wanting(self, method: str, content_type: str,
+                scope: str | None = None) -> list[LearnedPolicy]:
+        """Policies in force in ``scope`` that must read (view) or want signed (verify)
+        a ``method`` body of ``content_type``, in the order they were kept."""
         with self._lock:
-            return [p for p in self._current() if p.wants(method, content_type)]
+            return [p for p in self._current() if (p.scope is None or p.scope == scope)
+                    and p.wants(method, content_type)]
 
     def fingerprint(self, host: str) -> bytes | None:
-        """The certificate fingerprint ``host`` announced, while its entry is kept
-        (an expired entry counts until it is swept)."""
+        """The certificate fingerprint ``host`` announced (any scope), while an entry is
+        in force."""
         with self._lock:
-            entry = self._entries.get(self._key(host))
-            return entry.fingerprint if entry is not None else None
+            for entry in self._current():
+                if host_key(entry.host) == host_key(host) and entry.fingerprint is not None:
+                    return entry.fingerprint
+            return None
 
     # -- with the lock held ----------------------------------------------------------
 
-    @staticmethod
-    def _key(host: str) -> str:
-        return host_key(host)
+    def _configured(self, host: str) -> bool:
+        entry = self._entries.get((host_key(host), None))
+        return entry is not None and entry.expires_at is None
+
+    def _expiry(self, expires: int | None) -> float:
+        wanted = expires if expires else self._default_expires
+        return self._clock() + min(float(wanted), self._max_expires)
 
     def _put(self, entry: LearnedPolicy) -> LearnedPolicy:
-        self._entries[self._key(entry.host)] = entry
+        key = (host_key(entry.host), entry.scope)
+        if key not in self._entries and len(self._entries) >= self._max_entries:
+            learnt = [k for k, p in self._entries.items() if p.expires_at is not None]
+            if not learnt:
+                return entry   # all configured: nothing learnt is kept (and it is not used)
+            del self._entries[min(learnt, key=lambda k: self._entries[k].expires_at or 0.0)]
+        self._entries[key] = entry
         return entry
-
-    def _withdraw(self, host: str) -> bool:
-        return self._entries.pop(self._key(host), None) is not None
 
     def _current(self) -> list[LearnedPolicy]:
         now = self._clock()

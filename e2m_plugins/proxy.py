@@ -26,15 +26,19 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import OpenedPart, check_binding, check_signed_by, message_body, open_part, top_parts
+from .body import OpenedPart, check_context, check_signed_by, message_body, open_part, top_parts
 from .certstore import fingerprint_sha256
 from .cms.recipients import CertificateKey, KekLookup, OpeningKey
-from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
-                     ProxyCannotDecryptError, SignatureRequiredError)
+from .cms.budget import message_budget
+from .cms.limits import DEFAULT_LIMITS, Limits
+from .config import peer_matches
+from .errors import (BindingMismatchError, DecryptionError, E2MError, MalformedError,
+                     NoMatchingRecipientError, ProxyCannotDecryptError, SignatureRequiredError)
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope
 from .config import ProxyConfig
+from .replay import MemoryReplayCache, ReplayCache
 from .sdp import MediaLine, media_summary
-from .grammar import parse_params, split_header_list
+from .sipcontext import SipContext
 from .sip import SipMessage
 from .sip_errors import answer_for
 
@@ -111,22 +115,11 @@ class Verdict:
         return json.dumps(self.to_json(), indent=2, sort_keys=False)
 
 
-def _bottom_branch(message: SipMessage) -> str:
-    """The originating UAC's Via branch: the same in the request and its responses."""
-    vias = [v for value in message.get_all("Via") for v in split_header_list(value)]
-    if not vias:
-        raise MalformedError("message without Via")
-    branch = parse_params(vias[-1].partition(";")[2]).get("branch")
-    if not branch:
-        raise MalformedError("Via without a branch")
-    return branch
-
-
 def message_scope(message: SipMessage) -> Scope:
     """Where a CEK seen in ``message`` may be reused: its dialog or its transaction."""
     number, method = message.cseq
     if method in _TRANSACTION_METHODS:
-        return TransactionScope(message.call_id, number, _bottom_branch(message))
+        return TransactionScope(message.call_id, number, message.via_branch(bottom=True))
     from_tag = message.from_tag
     if not from_tag:
         raise MalformedError("From without a tag")
@@ -145,10 +138,15 @@ class ProxyEngine:
     """One proxy's E2M decisions; thread-safe as long as the key cache is."""
 
     def __init__(self, config: ProxyConfig, cache: KeyCache, *,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 replay: ReplayCache | None = None) -> None:
         self.config = config
         self.cache = cache
         self._clock = clock
+        # Shared by every worker in Kamailio (an htable); one per engine elsewhere.
+        self.replay = replay if replay is not None else MemoryReplayCache(
+            window=config.replay_window, clock=lambda: self._now().timestamp())
+        self._legacy_limits = Limits(accept_cbc=True)
         self._own_key = CertificateKey(config.certificate, config.private_key)
         self._cert_der = config.certificate.public_bytes(serialization.Encoding.DER)
         self._policy_value = hdr.PolicyHeader(
@@ -183,9 +181,11 @@ class ProxyEngine:
         A response is always forwarded: it cannot be answered, and dropping it would
         only make the UAS retransmit.  What could not be read is in ``error``."""
         try:
-            if message.is_request:
-                return self._inspect_request(message)
-            return self._inspect_response(message)
+            # one budget of public-key operations for the whole message (cms/budget.py)
+            with message_budget(DEFAULT_LIMITS.max_public_key_ops):
+                if message.is_request:
+                    return self._inspect_request(message)
+                return self._inspect_response(message)
         except E2MError as exc:
             if message.is_request:
                 return self.refuse(message, exc)
@@ -216,20 +216,29 @@ class ProxyEngine:
             self._end(request, confirmed=method == "BYE")
         seen, media = self._view(request, method, is_request=True)
         return Verdict("forward", add_headers=self._announce(request),
-                       remove_headers=self._own_labels(request), seen=seen, media=media)
+                       remove_headers=self._own_labels(request) + self._policies_in_our_name(request),
+                       seen=seen, media=media)
 
     def _announce(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
         if not self.config.announce_policy or request.method in _NO_POLICY_ANNOUNCE:
             return ()
         if not self.config.view and not self.config.verify:
             return ()  # nothing to ask of anyone
-        existing = request.get_all(hdr.PROXY_BODY_POLICY)
-        try:
-            if hdr.policy_for(hdr.parse_policy_headers(existing), self.config.host):
-                return ()  # a spiral: announced once is enough
-        except E2MError:
-            pass  # someone else's malformed policy is not ours to judge
         return (self.policy_header(),)
+
+    def _policies_in_our_name(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
+        """Policy headers that name this proxy, put in by someone else (or by us on an
+        earlier pass of a spiral): they go, and ours is added, so the UAS learns our
+        policy from us alone."""
+        out = []
+        for value in request.get_all(hdr.PROXY_BODY_POLICY):
+            try:
+                named = hdr.policy_for(hdr.parse_policy_headers([value]), self.config.host)
+            except E2MError:
+                continue  # someone else's malformed policy is not ours to judge
+            if named is not None:
+                out.append((hdr.PROXY_BODY_POLICY, value))
+        return tuple(out)
 
     def _own_labels(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
         if not self.config.remove_own_label:
@@ -291,19 +300,28 @@ class ProxyEngine:
     def _rules_apply(self, method: str) -> bool:
         return any(rule.method in ("*", method) for rule in (*self.config.view, *self.config.verify))
 
-    def _targets(self, parts: list[mime.MimePart], label: hdr.BodyLabel | None) -> list[mime.MimePart]:
+    def _targets(self, parts: list[mime.MimePart], label: hdr.BodyLabel | None,
+                 method: str) -> list[mime.MimePart]:
+        """The parts to open: every part when our own policy covers the method (a label
+        that names only some parts must not hide the others from us), else the ones
+        our label names."""
         ids = [p.content_id for p in parts if p.content_id]
         if len(set(map(mime.normalize_cid, ids))) != len(ids):
             raise MalformedError("two body parts share a Content-ID")
-        if label is None or label.whole_body:
+        if label is not None:
+            for cid in label.cids:
+                if mime.find_by_cid(parts, cid) is None:
+                    raise MalformedError("Proxy-Required-Body names a part that is not in the body")
+        if label is None or label.whole_body or self._rules_apply(method):
             return parts
-        targets = []
-        for cid in label.cids:
-            part = mime.find_by_cid(parts, cid)
-            if part is None:
-                raise MalformedError("Proxy-Required-Body names a part that is not in the body")
-            targets.append(part)
-        return targets
+        return [part for cid in label.cids if (part := mime.find_by_cid(parts, cid)) is not None]
+
+    def _sender_of(self, message: SipMessage) -> str:
+        """Who made the body: the From of a request, the responder (To) of a response."""
+        return message.address("From" if message.is_request else "To").uri
+
+    def _is_legacy(self, sender: str) -> bool:
+        return any(peer_matches(name, sender) for name in self.config.legacy_senders)
 
     def _keys_for(self, message: SipMessage) -> list[OpeningKey]:
         """Our certificate key, and the CEKs we kept, found by kekri identifier
@@ -335,45 +353,67 @@ class ProxyEngine:
         if label is None and not self._rules_apply(method):
             return (), ()  # not for us: forward untouched, unread
         parts = top_parts(body)
-        targets = self._targets(parts, label)
+        targets = self._targets(parts, label, method)
+        sender = self._sender_of(message)
+        legacy = self._is_legacy(sender)
+        limits = self._legacy_limits if legacy else DEFAULT_LIMITS
         opened: list[OpenedPart] = []
-        unreadable: list[E2MError] = []
+        unreadable: list[mime.MimePart] = []
         keys = self._keys_for(message)
         for part in targets:
             try:
-                opened.append(open_part(part, keys,
-                                        trust_anchors=self.config.trust_anchors,
-                                        at=self._now()))
-            except _UNREADABLE as exc:
-                unreadable.append(exc)
-        for part in opened:
-            check_binding(part, message)
+                opened.append(open_part(part, keys, trust_anchors=self.config.trust_anchors,
+                                        at=self._now(), limits=limits))
+            except _UNREADABLE:
+                unreadable.append(part)
+        contexts = [self._context(part, message, legacy) for part in opened]
         self._check_policy(method, label, opened, unreadable)
-        if is_request:
-            sender = _sender(message)
-            for part in opened:
-                if part.signed:
-                    check_signed_by(part, sender, self.config.trust_anchors, self._now())
-        self._keep_keys(message, opened)
+        for part in opened:
+            if part.signed:   # a signature must be the sender's: From, or the responder (To)
+                check_signed_by(part, sender)
+        self._check_replay(message, [c for c in contexts if c is not None])
+        self._keep_keys(message, opened, contexts)
         seen = tuple(self._seen(p) for p in opened)
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
         return seen, media
 
+    def _context(self, part: OpenedPart, message: SipMessage, legacy: bool) -> SipContext | None:
+        """The part's SIP context, checked against the message; required of every
+        sender but those ``[policy] legacy_senders`` names."""
+        context = check_context(part, message)
+        protected = part.encrypted or part.signed   # plaintext has nothing to bind
+        if context is None and protected and not legacy:
+            raise BindingMismatchError("the body is not bound to this message (no SIP context); "
+                                       "only [policy] legacy_senders may send such bodies")
+        return context
+
+    def _check_replay(self, message: SipMessage, contexts: list[SipContext]) -> None:
+        """A request whose body was seen before is a replay (tm absorbed the real
+        retransmissions before we were asked); a response must at least be recent."""
+        if not contexts:
+            return
+        if message.is_request:
+            self.replay.check_and_record(contexts[0], None, retransmissions=False)
+        else:
+            contexts[0].check_time(self._now().timestamp(), self.config.replay_window)
+
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
-                      opened: list[OpenedPart], unreadable: list[E2MError]) -> None:
-        """496 when a needed body stays closed, then 495 when a needed signature is missing."""
+                      opened: list[OpenedPart], unreadable: list[mime.MimePart]) -> None:
+        """496 when a needed body stays closed, then 495 when a needed signature is missing.
+
+        Only an SDP is ever legitimately split: a part we cannot open is accepted only as
+        the full copy (``handling=required``) beside an SDP view we did open.  Any other
+        part closed to us, under our label or our policy, is 496: otherwise an insider
+        shows the archive a decoy and hides the real text in a part only its peer opens.
+        """
         view_rules = [r for r in self.config.view if r.method in ("*", method)]
         verify_rules = [r for r in self.config.verify if r.method in ("*", method)]
-        if unreadable and label is not None:
-            # Labelled for us: e2m-sec-02 §5 says we MUST be able to read it.
-            needed = self._needed_type(view_rules, label)
-            raise ProxyCannotDecryptError(f"cannot open a part labelled for us ({needed or 'whole body'})",
-                                          content_type=needed)
-        if unreadable and (view_rules or verify_rules):
-            satisfied = view_rules and all(
-                any(r.matches(method, p.content_type) for p in opened) for r in view_rules)
-            if not satisfied or verify_rules:
+        if unreadable and (label is not None or view_rules or verify_rules):
+            split_copy = (len(unreadable) == 1 and unreadable[0].handling == "required"
+                          and any(p.handling == "optional" and p.content_type == "application/sdp"
+                                  for p in opened))
+            if not split_copy or verify_rules:
                 needed = self._needed_type(view_rules, label)
                 raise ProxyCannotDecryptError(f"cannot view the body ({needed or 'whole body'})",
                                               content_type=needed)
@@ -395,8 +435,11 @@ class ProxyEngine:
     def _confirms_dialog(message: SipMessage) -> bool:
         return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
 
-    def _keep_keys(self, message: SipMessage, opened: list[OpenedPart]) -> None:
-        references = [ref for part in opened for ref in part.cek_references]
+    def _keep_keys(self, message: SipMessage, opened: list[OpenedPart],
+                   contexts: list[SipContext | None]) -> None:
+        # Only the reference the sender's context offers (a legacy body has none to say).
+        references = [ref for part, context in zip(opened, contexts) for ref in part.cek_references
+                      if context is None or context.cek_reference == ref[0]]
         if not references:
             return
         scope = message_scope(message)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Union
 
 from .errors import LimitExceededError, MalformedError
-from .grammar import SIP_TOKEN, SIP_TOKEN_PATTERN, parse_params, unquote_string
+from .grammar import SIP_TOKEN, SIP_TOKEN_PATTERN, parse_params, split_header_list, unquote_string
 
 __all__ = [
     "COMPACT_FORMS", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_LINE", "DEFAULT_MAX_SIZE",
@@ -304,6 +304,18 @@ class SipMessage:
         if not _TOKEN.fullmatch(parts[1]):
             raise MalformedError("bad CSeq method")
         return int(parts[0]), parts[1]
+
+    def via_branch(self, *, bottom: bool = False) -> str:
+        """The branch of the top Via (the last hop's transaction), or of the bottom one
+        (the originating UAC's: the same in a request and its responses, at every
+        hop).  ``MalformedError`` without a Via or a branch."""
+        vias = [v for value in self.get_all("Via") for v in split_header_list(value)]
+        if not vias:
+            raise MalformedError("message without Via")
+        branch = parse_params(vias[-1 if bottom else 0].partition(";")[2]).get("branch")
+        if not branch:
+            raise MalformedError("Via without a branch")
+        return branch
 
     def dialog_id(self, *, as_uas: bool = False) -> DialogId:
         """(Call-ID, local tag, remote tag); the UAC's local tag is the From tag."""

@@ -203,6 +203,17 @@ _TABLE: dict[type[e.E2MError], dict[Role, Row]] = {
         "the envelope's authenticated SIP binding names another message: a body cut from "
         "another dialog or replayed; refused like a bad signature, since retrying cannot help",
         warning="Body bound to another message")),
+    e.ReplayError: _both(Row(
+        403, "Forbidden",
+        "the body's signed SIP context was seen before or is outside the time window: a "
+        "captured message sent again; refused like a bad signature, since retrying the same "
+        "body cannot help (a real retry has a new CSeq and a fresh context)",
+        warning="Replayed or stale body")),
+    e.InconsistentSplitError: _both(Row(
+        403, "Forbidden",
+        "the proxy's view of a split SDP is not the full copy without its keys: the sender "
+        "showed the proxy one session and the peer another",
+        warning="Split SDP copies differ")),
     e.DowngradeError: {
         "ua": Row(488, "Not Acceptable Here",
                   "plaintext or stripped protection where E2M is required: the type itself is "

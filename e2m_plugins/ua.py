@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -32,22 +33,28 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import (OpenedPart, check_binding, check_signed_by, has_protection, message_body, new_reference,
-                   open_part, protect_content, top_parts, with_entity)
+from .body import (OpenedPart, check_context, check_signed_by, has_protection, message_body,
+                   new_reference, open_part, plaintext_leaves, protect_content, top_parts,
+                   with_entity)
 from .certstore import CertStore, check_proxy_certificate, matches_fingerprint
+from .cms.budget import message_budget
+from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
-from .errors import (CertificateRejectedError, DowngradeError, E2MError, MalformedError,
-                     NoMatchingRecipientError, DecryptionError, PolicyError, UndecipherableError,
+from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeError, E2MError,
+                     InconsistentSplitError, MalformedError, NoMatchingRecipientError,
+                     DecryptionError, PolicyError, SignatureRequiredError, UndecipherableError,
                      UntrustedSignerError)
 from .certfiles import readable_certificate
-from .config import UAConfig
+from .config import LegacyPeer, UAConfig
 from .dialog_keys import MAX_DIALOGS, DialogKeys
 from .learned_policies import LearnedPolicies, LearnedPolicy
+from .replay import MemoryReplayCache
 from .sdp import consistent, has_keys, split_for_proxy
+from .sipcontext import SipContext
 from .grammar import split_header_list
 from .sip import SipMessage, canonical_name, make_response, parse_address
-from .uri import host_key, identity_of, split_hostport
+from .uri import host_key, http_url_host, identity_of, split_hostport
 from .sip_errors import answer_for
 
 __all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_attempt",
@@ -56,6 +63,8 @@ __all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_
 # Methods whose body is a session description negotiated inside a dialog.
 _SESSION_METHODS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 MAX_RETRIES_PER_CALL = 3         # 496/495/493 answers we follow for one Call-ID
+_MAX_SENT = 1024                 # requests remembered to tell answers from strangers
+_SENT_LIFETIME = 64.0            # ... for a transaction's lifetime (64*T1 at most)
 
 
 class MissingPeerCertificateError(PolicyError):
@@ -71,7 +80,7 @@ class SecurityInfo:
     readable_by: tuple[str, ...] = ()        # proxy hosts that can read (some of) the body
     signed: bool = False
     signers: tuple[str, ...] = ()
-    trusted: bool = False                    # every signature chained to our anchors
+    trusted: bool = False                    # signed by the peer (From/To AoR), chained to our anchors
     key_reuse: bool = False                  # a kekri under a reused CEK was used
     split: bool = False                      # separate proxy view and end-to-end copy
     content_type: str | None = None
@@ -83,7 +92,9 @@ class SecurityInfo:
             return "plaintext"
         parts = []
         if self.encrypted and self.received:
-            parts.append(f"encrypted by {self.peer or 'the peer'} for us"
+            # "by <peer>" only when the peer's signature verified: anyone can encrypt to us
+            sender = self.peer if self.trusted and self.peer else "an unauthenticated sender"
+            parts.append(f"encrypted by {sender} for us"
                          + (f" and {', '.join(self.readable_by)}" if self.readable_by else ""))
         elif self.encrypted:
             who = [self.peer or "peer", *self.readable_by]
@@ -148,8 +159,12 @@ class UAEngine:
     """
 
     def __init__(self, config: UAConfig, *, clock: Callable[[], float] = time.time,
-                 now: Callable[[], datetime] | None = None) -> None:
+                 now: Callable[[], datetime] | None = None, bind: bool = True) -> None:
+        """``bind=False`` leaves the SIP context out of what we send: only for load
+        generators that send one body many times (the benchmarks), whose receivers
+        must then name this UA a legacy sender.  It is not a setting of UA.toml."""
         self.config = config
+        self._bind = bind
         self._clock = clock
         self._now = now or (lambda: datetime.fromtimestamp(self._clock(), timezone.utc))
         self._lock = threading.RLock()
@@ -157,7 +172,8 @@ class UAEngine:
         self.certs = CertStore(config.trust_anchors, clock=self._now)
         for aor, cert in config.peers.items():
             self.certs.add_user(aor, cert)
-        self.policies = LearnedPolicies(clock=self._clock)
+        self.policies = LearnedPolicies(clock=self._clock,
+                                        max_expires=config.max_policy_expires)
         for proxy in config.proxies:
             self.certs.add_proxy(proxy.host, proxy.certificate)
             self.policies.configure(proxy.host, proxy.view, proxy.verify)
@@ -165,6 +181,13 @@ class UAEngine:
                                       clock=self._clock)
         self._retries: dict[str, int] = {}
         self._sign_for: set[str] = set()      # "METHOD" that a 495 asked us to sign
+        self.replay = MemoryReplayCache(window=config.replay_window, clock=self._clock)
+        # Requests we sent, so an answer can be told from a stranger's message:
+        # (Call-ID, CSeq number, method, top Via branch) -> (Request-URI, when sent)
+        self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float]] = OrderedDict()
+        # CBC is opened only from the legacy peers the config names (no integrity:
+        # a padding oracle and tampering by anyone on the path otherwise)
+        self._legacy_limits = Limits(accept_cbc=True)
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -175,9 +198,14 @@ class UAEngine:
     def learn(self, message: SipMessage) -> list[str]:
         """Take the ``Proxy-Body-Policy`` headers of ``message``; returns the hosts learned.
 
-        A policy is only a request: nothing is sent to a proxy until its
-        certificate passed our checks (chain, SAN dNSName = host, time, and the
-        announced fingerprint).  Malformed policy headers are ignored.
+        Only from those we asked (docs/protocol.md §6): an answer to one of our own
+        requests (a REGISTER or OPTIONS 200; the policy then holds for all we send),
+        or a message of a dialog we are in (it then holds in that dialog only).  A
+        stranger's message teaches nothing, however it is addressed.  A policy is
+        only a request: nothing is sent to a proxy until its certificate passed our
+        checks (chain, SAN dNSName = host, time, and the announced fingerprint); its
+        ``cert-url`` is kept only on the policy's own host or a ``[e2m]
+        cert_url_hosts`` host.  Malformed policy headers are ignored.
         """
         if not self.config.accept_policy_headers:
             return []
@@ -185,19 +213,86 @@ class UAEngine:
             announced = hdr.parse_policy_headers(message.get_all(hdr.PROXY_BODY_POLICY))
         except E2MError:
             return []
-        learned = []
+        if not announced:
+            return []
         with self._lock:
+            origin = self._policy_origin(message)
+            if origin is None:
+                return []
+            source, scope, peer = origin
+            learned = []
             for policy in announced:
-                if not self.accepts_proxy(policy.host, _aor(message.get("To"))):
+                if not self.accepts_proxy(policy.host, peer):
                     continue  # a stranger's policy: never widen who reads on its word
-                if self.policies.learn_header(policy) is None:
-                    continue  # configured, withdrawn, or no room for a new host
+                policy = self._own_url_only(policy)
+                if self.policies.learn_header(policy, source=source, scope=scope) is None:
+                    continue  # configured, or withdrawn
                 cert = self.certs.proxy(policy.host)
                 if cert is not None and policy.cert_fingerprint is not None \
-                        and not matches_fingerprint(cert, policy.cert_fingerprint):
+                        and not matches_fingerprint(cert, policy.cert_fingerprint) \
+                        and not self.policies.is_configured(policy.host):
                     self.certs.remove_proxy(policy.host)  # the proxy changed its key
                 learned.append(policy.host)
         return learned
+
+    def _policy_origin(self, message: SipMessage) -> tuple[str, str | None, str | None] | None:
+        """(source, scope, peer) a policy on ``message`` may be learnt from, or None.
+
+        An answer to a REGISTER or OPTIONS we sent: source is the Request-URI we sent
+        it to, for everything (scope None).  Any other message of a dialog we are in
+        (an answer to our INVITE, a request of the peer's INVITE dialog): for that
+        dialog only.  Anything else is a stranger's word."""
+        if not message.is_request:
+            sent = self._sent.get(self._sent_key(message))
+            status = message.status or 0
+            if sent is None:
+                return None
+            peer = _aor(message.get("To"))
+            if status in (self.config.codes.proxy_indecipherable,
+                          self.config.codes.signature_required):
+                return f"{status}", None, peer      # a proxy refused our request
+            if not 200 <= status < 300:
+                return None
+            if message.method in ("REGISTER", "OPTIONS"):
+                return f"{message.method} {sent[0]}", None, peer
+            return f"dialog {message.call_id}", message.call_id, peer
+        if message.method == "INVITE" or message.to_tag:
+            return f"dialog {message.call_id}", message.call_id, _aor(message.get("From"))
+        return None
+
+    def _own_url_only(self, policy: hdr.PolicyHeader) -> hdr.PolicyHeader:
+        """The policy without a ``cert-url`` that points at another host than its own
+        (or one of ``[e2m] cert_url_hosts``): a stranger must not make us fetch from
+        anywhere it likes."""
+        if policy.cert_url is None:
+            return policy
+        try:
+            where = host_key(http_url_host(policy.cert_url))
+        except E2MError:
+            where = ""
+        if where in (host_key(policy.host), *self.config.cert_url_hosts):
+            return policy
+        return replace(policy, cert_url=None)
+
+    @staticmethod
+    def _sent_key(message: SipMessage) -> tuple[str, int, str, str]:
+        number, method = message.cseq
+        return message.call_id, number, method, message.via_branch()
+
+    def _record_sent(self, request: SipMessage) -> None:
+        """Remember a request we send for a transaction's lifetime (bounded)."""
+        if request.method in ("ACK", "CANCEL"):
+            return
+        try:
+            key = self._sent_key(request)
+        except E2MError:
+            return
+        now = self._clock()
+        self._sent[key] = (request.start_line.request_uri, now)
+        self._sent.move_to_end(key)
+        while self._sent and (len(self._sent) > _MAX_SENT
+                              or now - next(iter(self._sent.values()))[1] > _SENT_LIFETIME):
+            self._sent.popitem(last=False)
 
     def accepts_proxy(self, host: str, peer: str | None = None) -> bool:
         """Whether ``host`` may be asked to read our bodies at all (digest §7: the
@@ -214,7 +309,7 @@ class UAEngine:
 
     def certificates_wanted(self) -> list[CertificateWanted]:
         """Learned policies whose proxy certificate we do not hold yet."""
-        return [CertificateWanted(p.host, p.url, p.fingerprint) for p in self.policies.in_force()
+        return [CertificateWanted(p.host, p.url, p.fingerprint) for p in self.policies.everywhere()
                 if self.certs.proxy(p.host) is None]
 
     def add_proxy_certificate(self, host: str, der_or_pem: bytes) -> x509.Certificate:
@@ -225,6 +320,7 @@ class UAEngine:
         """
         cert = _certificate_from(der_or_pem)
         with self._lock:
+            self._check_not_pinned(host, cert)
             fingerprint = self.policies.fingerprint(host)
             if fingerprint is not None and not matches_fingerprint(cert, fingerprint):
                 raise CertificateRejectedError(
@@ -232,25 +328,42 @@ class UAEngine:
             self.certs.add_proxy(host, cert)  # chain, name and time checks
         return cert
 
+    def _check_not_pinned(self, host: str, cert: x509.Certificate) -> None:
+        """A configured proxy's certificate is pinned: nothing from the wire (a fetch, a
+        496) replaces it, even one the same CA issued for that name."""
+        if not self.policies.is_configured(host):
+            return
+        pinned = self.certs.proxy(host)
+        der = serialization.Encoding.DER
+        if pinned is None or pinned.public_bytes(der) != cert.public_bytes(der):
+            raise CertificateRejectedError(f"{host} is configured with another certificate, "
+                                           "which no answer replaces")
+
     def add_peer_certificate(self, aor: str, der_or_pem: bytes) -> x509.Certificate:
         cert = _certificate_from(der_or_pem)
         self.certs.add_user(aor, cert)
         return cert
 
-    def _readers_for(self, method: str, content_type: str) -> tuple[list[LearnedPolicy], bool]:
-        """Proxies that must read such a body (with a usable certificate), and
-        whether any of them (or a 495 we got) wants it signed."""
-        wanted = [p for p in self.policies.wanting(method, content_type)
+    def _readers_for(self, method: str, content_type: str,
+                     call_id: str) -> tuple[list[LearnedPolicy], bool]:
+        """Proxies that must read such a body in that call (with a usable certificate),
+        and whether any of them (or a 495 we got) wants it signed."""
+        wanted = [p for p in self.policies.wanting(method, content_type, scope=call_id)
                   if self.certs.proxy(p.host) is not None]
-        sign = (self.config.sign or method in self._sign_for
-                or any(p.wants_signature(method, content_type) for p in wanted))
-        return wanted, sign
+        asked = method in self._sign_for or any(p.wants_signature(method, content_type)
+                                                for p in wanted)
+        return wanted, asked
+
+    def legacy_peer(self, aor: str | None) -> LegacyPeer | None:
+        """The ``[[legacy]]`` entry for ``aor`` (an RFC 3261 stack), if any."""
+        return next((entry for entry in self.config.legacy if entry.matches(aor)), None)
 
     def forget_call(self, call_id: str) -> None:
         """The application saw the call end without a message we opened (a local
         timeout, a transport error): every key of that Call-ID goes."""
         with self._lock:
             self.dialog_keys.forget_call(call_id)
+            self.policies.end_scope(call_id)
             self._retries.pop(call_id, None)
 
     # ------------------------------------------------------------------
@@ -263,12 +376,14 @@ class UAEngine:
         E2M is required and the peer cannot be encrypted to.
         """
         with self._lock:
+            if message.is_request:
+                self._record_sent(message)
             return self._protect(message)
 
     def _protect(self, message: SipMessage) -> Protected:
         method = message.method
         if message.is_request and method == "BYE":
-            self.dialog_keys.end_dialog(message)
+            self._end_dialog(message)
         part = message_body(message)
         if part is None or has_protection(part) or not self._protectable(message, part):
             return Protected(message, SecurityInfo(content_type=part.content_type.mime_type
@@ -276,16 +391,24 @@ class UAEngine:
         ctype = part.content_type.mime_type
         content = part.decoded()
         peer = _aor(message.get("To") if message.is_request else message.get("From"))
-        proxies, sign = self._readers_for(method, ctype)
+        legacy = self.legacy_peer(peer)
+        proxies, asked = self._readers_for(method, ctype, message.call_id)
+        # Signed by default (encryption alone says nothing about who wrote it); a
+        # legacy peer that cannot verify gets it unsigned unless a proxy asks.
+        sign = asked or (self.config.sign and (legacy is None or legacy.sign))
         signer = (self.config.certificate, self.config.private_key) if sign else None
-        reuse_ok = self.config.cek_reuse and method in _SESSION_METHODS
+        reuse_ok = self.config.cek_reuse and method in _SESSION_METHODS and legacy is None
         shared = self.dialog_keys.reusable(message, exclusive=False) if reuse_ok else None
         # Whoever must read it, plus whoever already holds the dialog key we reuse.
         audience = frozenset(p.host for p in proxies) | (shared.readers if shared else frozenset())
         keyed = ctype == "application/sdp" and has_keys(content, self.config.keying_attributes)
-        split = self.config.split_sdp and keyed and bool(audience)
+        if keyed and audience and not self.config.split_sdp:
+            # SRTP keys never go under a key a proxy could hold: split, or do not send.
+            raise PolicyError("an SDP with SRTP keys would reach " + ", ".join(sorted(audience))
+                              + "; [e2m] split_sdp = false forbids the split that keeps them out")
+        split = keyed and bool(audience)
         seal = dict(message=message, peer=peer, ctype=ctype, signer=signer, reuse_ok=reuse_ok,
-                    labels=audience - {"?"})   # bound into each envelope: stripping shows
+                    cipher="aes-128-cbc" if legacy is not None else None)
         try:
             if split:
                 view = split_for_proxy(content, self.config.keying_attributes).proxy_view
@@ -309,7 +432,7 @@ class UAEngine:
         for host in sorted(audience - {"?"}):
             out = out.add(hdr.PROXY_REQUIRED_BODY, hdr.format_proxy_required_body(
                 hdr.BodyLabel(host, (label_cid,) if label_cid else ())))
-        info = SecurityInfo(encrypted=True, peer=peer, readable_by=tuple(sorted(audience)),
+        info = SecurityInfo(encrypted=True, peer=peer, readable_by=tuple(sorted(audience - {"?"})),
                             signed=sign, signers=(self.config.aor,) if sign else (),
                             trusted=sign, key_reuse=reused, split=split, content_type=ctype)
         return Protected(out, info)
@@ -327,15 +450,17 @@ class UAEngine:
         return ctype == "application/sdp" or (message.is_request and message.method == "MESSAGE")
 
     def _seal_for(self, *, message: SipMessage, peer: str | None, ctype: str, content: bytes,
-                  readers: frozenset[str], exclusive: bool, labels: frozenset[str],
+                  readers: frozenset[str], exclusive: bool,
                   signer: tuple[x509.Certificate, object] | None, reuse_ok: bool,
-                  handling: str) -> tuple[mime.MimePart, bool]:
+                  handling: str, cipher: str | None) -> tuple[mime.MimePart, bool]:
         """One envelope for the peer plus ``readers``; returns (entity, reused a key).
 
         A reusable dialog key becomes a kekri (RFC 3185: KEK = reversed CEK);
         readers that do not hold it get their own RecipientInfo.  Without one,
         the peer's checked certificate is needed, and a fresh CEKReference
-        offers the new key for reuse in this dialog.
+        offers the new key for reuse in this dialog.  The part's signed SIP context
+        says who may read it (``readers`` and whoever holds the reused key): what the
+        peer decides key exclusivity from.
         """
         recipients: list[Recipient] = []
         key = self.dialog_keys.reuse(message, exclusive=exclusive) if reuse_ok else None
@@ -356,9 +481,10 @@ class UAEngine:
         cid = mime.new_content_id(self._local_host())
         entity, sealed = protect_content(ctype, content, recipients, signer=signer,  # type: ignore[arg-type]
                                          cek_reference=reference, content_id=cid,
-                                         handling=handling,
-                                         bind_to=message if self.config.bind_to_message else None,
-                                         bind_labels=sorted(labels))
+                                         handling=handling, cipher=cipher,
+                                         bind_to=message if self._bind else None,
+                                         readers=sorted((readers | holders) - {"?"}),
+                                         at=self._clock())
         if reference is not None:
             # Not reusable until the peer shows it holds it: the request may be refused.
             self.dialog_keys.offer(message, reference, sealed.cek, readers)
@@ -381,40 +507,48 @@ class UAEngine:
         403-class for bad or foreign signatures.
         """
         self.learn(message)
-        with self._lock:
+        # every part, layer, signature and certificate path of this one message spends
+        # one budget of public-key operations (cms/budget.py)
+        with self._lock, message_budget(DEFAULT_LIMITS.max_public_key_ops):
             return self._open(message)
 
     def _open(self, message: SipMessage) -> Opened:
         method = message.method
         if message.is_request and method == "BYE":
-            self.dialog_keys.end_dialog(message)
+            self._end_dialog(message)
         if not message.is_request and method == "INVITE" and (message.status or 0) >= 300:
-            self.dialog_keys.end_dialog(message)
+            self._end_dialog(message)
         self._settle(message)
         part = message_body(message)
         if part is None:
             return Opened(message, SecurityInfo())
         peer = _aor(message.get("From") if message.is_request else message.get("To"))
+        legacy = self.legacy_peer(peer)
+        self._refuse_plaintext(message, part)
         if not has_protection(part):
-            if self.config.require_e2m and self._protectable(message, part) \
-                    and not (method == "ACK" and not part.body):
-                raise DowngradeError(f"plaintext {part.content_type.mime_type} body where "
-                                     "E2M protection is required")
             return Opened(message, SecurityInfo(content_type=part.content_type.mime_type))
-        labels = self._labels_by_cid(message)
+        named = self._named_hosts(message)
+        limits = self._legacy_limits if legacy is not None else DEFAULT_LIMITS
         chosen: OpenedPart | None = None
         view: OpenedPart | None = None
+        contexts: dict[int, SipContext | None] = {}
         for candidate in top_parts(part):
             try:
                 opened = open_part(candidate, self._opening_keys(message),
-                                   trust_anchors=self.config.trust_anchors, at=self._now())
+                                   trust_anchors=self.config.trust_anchors, at=self._now(),
+                                   limits=limits)
             except (NoMatchingRecipientError, DecryptionError):
                 if candidate.handling == "optional":
                     continue  # a part for a proxy, not for us (e2m-sec-02 §4.2)
                 raise
-            check_binding(opened, message, labels_present=self._named_hosts(message))
-            self._check_signer(message, opened, peer)
-            self._keep_received(message, opened, labels)
+            self._check_signer(message, opened, peer, legacy)
+            context = check_context(opened, message, labels_present=named)
+            if (context is None or not opened.context_signed) and self._strict(legacy):
+                raise BindingMismatchError(
+                    "the body is not bound to this message (no signed SIP context); only a "
+                    "[[legacy]] peer may send such bodies")
+            contexts[id(opened)] = context if opened.context_signed else None
+            self._keep_received(message, opened, contexts[id(opened)])
             if candidate.handling == "optional":
                 view = view or opened
             elif chosen is None:
@@ -428,18 +562,71 @@ class UAEngine:
         agreed = None
         if view is not None and view is not chosen and chosen.content_type == "application/sdp":
             agreed = consistent(view.content, chosen.content, self.config.keying_attributes)
-        readers = labels.get(chosen.cid or "", set()) | labels.get("*", set())
-        if view is not None:
-            readers |= labels.get(view.cid or "", set())   # the proxies read the split view
+            if not agreed:
+                raise InconsistentSplitError("the proxy's view of the SDP is not the full copy "
+                                             "without its keys")
+        self._check_replay(message, [c for c in contexts.values() if c is not None])
+        readers = self._readers_of(message, chosen, view, contexts)
+        signed_by_peer = chosen.signed and peer is not None
         info = SecurityInfo(
             encrypted=chosen.encrypted, peer=peer, received=True,
             readable_by=tuple(sorted(readers)),
-            signed=chosen.signed, signers=chosen.signers, trusted=chosen.signed,
+            signed=chosen.signed, signers=chosen.signers, trusted=signed_by_peer,
             key_reuse=any(e.recipient.kind == "kekri" for e in chosen.envelopes),
             split=view is not None and view is not chosen, content_type=chosen.content_type,
             consistent=agreed)
         plain = with_entity(message, mime.make_part(chosen.entity.content_type, chosen.content))
         return Opened(plain, info)
+
+    def _end_dialog(self, message: SipMessage) -> None:
+        """The dialog (or the INVITE attempt) is over: its keys and its policies go."""
+        self.dialog_keys.end_dialog(message)
+        self.policies.end_scope(message.call_id)
+
+    def _strict(self, legacy: LegacyPeer | None) -> bool:
+        """Whether a body must be signed and bound (everyone but a lenient legacy peer)."""
+        return self.config.require_signature and not (legacy is not None and legacy.accept_unsigned)
+
+    def _refuse_plaintext(self, message: SipMessage, part: mime.MimePart) -> None:
+        """``DowngradeError`` for content that must be protected found in the clear
+        anywhere in the body, however deeply nested: an SDP, or a MESSAGE's text."""
+        if not self.config.require_e2m or (not message.is_request and (message.status or 0) >= 300):
+            return
+        if message.method == "ACK" and not part.body:
+            return
+        for leaf in plaintext_leaves(part):
+            ctype = leaf.content_type.mime_type
+            if ctype == "application/sdp" or (message.is_request and message.method == "MESSAGE"):
+                raise DowngradeError(f"plaintext {ctype} body where E2M protection is required")
+
+    def _check_replay(self, message: SipMessage, contexts: list[SipContext]) -> None:
+        """A request's body seen before is a replay (a repeat with the same top Via
+        branch within a transaction's lifetime is a retransmission); a response's must
+        at least be recent (pjsip drops a response that matches none of our
+        transactions)."""
+        if not contexts:
+            return
+        if message.is_request:
+            self.replay.check_and_record(contexts[0], message.via_branch(), retransmissions=True)
+        else:
+            contexts[0].check_time(self._clock(), self.config.replay_window)
+
+    @staticmethod
+    def _readers_of(message: SipMessage, chosen: OpenedPart, view: OpenedPart | None,
+                    contexts: dict[int, SipContext | None]) -> set[str]:
+        """Who else may read what we got: the readers the sender signed for, or, for a
+        body with no signed context (a legacy peer), what its labels claim."""
+        out: set[str] = set()
+        for opened in (chosen, view):
+            if opened is None:
+                continue
+            context = contexts.get(id(opened))
+            if context is not None:
+                out |= set(context.readers)
+            else:
+                labels = UAEngine._labels_by_cid(message)
+                out |= labels.get(opened.cid or "", set()) | labels.get("*", set())
+        return out
 
     def _settle(self, message: SipMessage) -> None:
         """What ``message`` shows about the keys we offered (``DialogKeys.settle``);
@@ -452,16 +639,24 @@ class UAEngine:
         """Our own key, and this dialog's kept CEKs found by kekri identifier."""
         return [self._own_key, self.dialog_keys.opening_lookup(message)]
 
-    def _check_signer(self, message: SipMessage, opened: OpenedPart, peer: str | None) -> None:
-        """A request must be signed by its sender; a verified sender certificate
-        that we can encrypt to is kept, so we can answer without a 493 round trip."""
-        if not opened.signed or peer is None:
+    def _check_signer(self, message: SipMessage, opened: OpenedPart, peer: str | None,
+                      legacy: LegacyPeer | None) -> None:
+        """A body must be signed by its sender: the From of a request, the To of a
+        response (unless ``[e2m] require_signature`` is off or a ``[[legacy]]`` entry
+        accepts unsigned bodies from the peer).  A verified sender certificate that we
+        can encrypt to is kept, so we can answer without a 493 round trip."""
+        if not opened.signed:
+            if self._strict(legacy):
+                raise SignatureRequiredError(
+                    "unsigned body refused ([e2m] require_signature; a [[legacy]] peer may be "
+                    "allowed accept_unsigned)")
             return
-        if message.is_request:
-            try:
-                check_signed_by(opened, peer, self.config.trust_anchors, self._now())
-            except E2MError as exc:
-                raise UntrustedSignerError(f"signature is not the sender's: {exc}") from None
+        if peer is None:
+            raise UntrustedSignerError("the body is signed but the message names no sender")
+        try:
+            check_signed_by(opened, peer)
+        except E2MError as exc:
+            raise UntrustedSignerError(f"signature is not the sender's: {exc}") from None
         if self.certs.user(peer) is None:
             for cert in opened.signer_certificates:
                 try:
@@ -501,14 +696,28 @@ class UAEngine:
         return out
 
     def _keep_received(self, message: SipMessage, opened: OpenedPart,
-                       labels: dict[str, set[str]]) -> None:
-        """Keep the CEK the sender offered for reuse, with who else holds it."""
+                       context: SipContext | None) -> None:
+        """Keep the CEK the sender offered for reuse, with who else holds it: the readers
+        of its signed SIP context, and only the reference that context names (one a
+        co-recipient put in a re-made envelope is not the sender's offer).
+
+        Without a signed context (only where ``_strict`` allows it: a legacy peer, or
+        ``require_signature`` off) nothing vouches for the holders; the labels are the
+        best guess and any RecipientInfo beyond them an unknown holder, so such a key is
+        never taken for SRTP keys unless it had exactly one recipient, us."""
         if not self.config.cek_reuse or message.method not in _SESSION_METHODS:
             return
         for reference, cek, count in opened.cek_references:
-            readers = frozenset(labels.get(opened.cid or "", set()) | labels.get("*", set()))
-            self.dialog_keys.keep_received(message, reference, cek, recipients=count,
-                                           readers=readers)
+            readers: frozenset[str] | None
+            if context is not None:
+                if context.cek_reference != reference:
+                    continue
+                readers = frozenset(context.readers)
+            else:
+                labels = self._labels_by_cid(message)
+                named = frozenset(labels.get(opened.cid or "", set()) | labels.get("*", set()))
+                readers = named if count <= 1 + len(named) else None
+            self.dialog_keys.keep_received(message, reference, cek, readers=readers)
 
     def refusal(self, request: SipMessage, error: BaseException) -> SipMessage | None:
         """The SIP answer to an incoming request that ``open`` refused (error table,
@@ -587,6 +796,7 @@ class UAEngine:
                 and not matches_fingerprint(cert, policy.cert_fingerprint):
             raise CertificateRejectedError("496 certificate does not match its policy fingerprint")
         check_proxy_certificate(cert, host, self.config.trust_anchors, self._now())
+        self._check_not_pinned(host, cert)
         self.certs.add_proxy(host, cert)
         self.dialog_keys.retire_held_by(request, host)
         method = request.method

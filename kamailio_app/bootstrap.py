@@ -18,6 +18,7 @@ from e2m_plugins.sip import SipMessage, parse_address
 from e2m_plugins.keycache import TRANSACTION_TTL
 
 from .archive import Archive, BodyRecord, MediaRecord
+from .replay_htable import REPLAY_TABLE, HtableReplayCache
 from .config import AppConfig, load_app_config
 from .keycache_htable import HtableKeyCache, KsrHtable
 
@@ -100,11 +101,14 @@ class ProxyApp:
         from e2m_plugins.config import load_proxy_config
         from e2m_plugins.proxy import ProxyEngine
         proxy_config = load_proxy_config(config.path)
+        replay: Any = None     # outside Kamailio: the engine's own, in this process
         if ksr is not None:
             expire = float(config.kamailio.keycache_expire)
             cache: Any = HtableKeyCache(KsrHtable(ksr, KEYCACHE_TABLE), default_ttl=expire,
                                         max_ttl=expire,
                                         transaction_ttl=min(TRANSACTION_TTL, expire))
+            replay = HtableReplayCache(KsrHtable(ksr, REPLAY_TABLE),
+                                       window=proxy_config.replay_window)
         else:
             from e2m_plugins.keycache import MemoryKeyCache
             cache = MemoryKeyCache()
@@ -112,7 +116,7 @@ class ProxyApp:
         if config.archive.path is not None:
             archive = Archive(config.archive.path, config.archive.busy_timeout_ms)
             archive.ensure_schema()
-        return cls(config, ProxyEngine(proxy_config, cache), archive)
+        return cls(config, ProxyEngine(proxy_config, cache, replay=replay), archive)
 
     @property
     def e2m(self) -> bool:

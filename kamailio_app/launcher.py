@@ -32,6 +32,7 @@ PROJECT_ROOT = PACKAGE_DIR.parent
 TEMPLATE = PACKAGE_DIR / "templates" / "kamailio.cfg.tmpl"
 KEMI_SCRIPT = PACKAGE_DIR / "kemi.py"
 STOP_TIMEOUT = 10.0  # seconds Kamailio gets to stop before it is killed
+REPLAY_AUTOEXPIRE = 86400 + 33  # [policy] replay_window is at most 86400 s
 
 
 def python_path() -> list[str]:
@@ -76,6 +77,9 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "ALIAS_LINES": "\n".join(f"alias={name}" for name in k.domains),
         "KEYCACHE_SIZE": str(k.keycache_size),
         "KEYCACHE_EXPIRE": str(k.keycache_expire),
+        # the longest replay window PROXY.toml may set, plus a transaction's lifetime;
+        # each item carries its own, shorter expiry (kamailio_app/replay_htable.py)
+        "REPLAY_EXPIRE": str(REPLAY_AUTOEXPIRE),
         "TCP_READ_BUFFER": str(k.tcp_max_message_kb * 1024),
     }
     text = template.read_text()

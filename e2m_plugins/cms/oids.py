@@ -20,7 +20,7 @@ CEK_REFERENCE = "1.2.840.113549.1.9.16.2.30"      # RFC 3185 id-aa-CEKReference
 CEK_MAX_DECRYPTS = "1.2.840.113549.1.9.16.2.31"   # RFC 3185 id-aa-CEKMaxDecrypts
 # Our own attribute (docs/protocol.md §2): the SIP message an envelope belongs to.
 # A UUID-based OID (X.667, arc 2.25) needs no registration and cannot collide.
-SIP_BINDING = "2.25.20335883167462348567864574561832722083"
+SIP_CONTEXT = "2.25.332687052271650812903644570241587645908"
 # Our own dialog binding attribute lives in docs/protocol.md; not defined here yet.
 
 # Content encryption
@@ -96,7 +96,7 @@ NAMES: dict[str, str] = {
     CONTENT_TYPE_ATTR: "content-type", MESSAGE_DIGEST_ATTR: "message-digest",
     SIGNING_TIME_ATTR: "signing-time",
     CEK_REFERENCE: "cek-reference", CEK_MAX_DECRYPTS: "cek-max-decrypts",
-    SIP_BINDING: "e2m-sip-binding",
+    SIP_CONTEXT: "e2m-sip-context",
     AES128_CBC: "aes-128-cbc", AES192_CBC: "aes-192-cbc", AES256_CBC: "aes-256-cbc",
     AES128_GCM: "aes-128-gcm", AES192_GCM: "aes-192-gcm", AES256_GCM: "aes-256-gcm",
     DES_EDE3_CBC: "des-ede3-cbc", RC2_CBC: "rc2-cbc", CHACHA20_POLY1305: "chacha20-poly1305",

@@ -103,14 +103,15 @@ def ua_config(tmp_path: Path, e2e_pki: TestPKI,
              e2m: dict[str, Any] | None = None, phone: dict[str, Any] | None = None,
              registrar: bool = True) -> Path:
         settings: dict[str, Any] = {"proxy": visited.uri if via_visited else home.uri,
-                                    "register_via_proxy": False, "srtp": True,
-                                    "cert_url_hosts": ["127.0.0.1"]}
+                                    "register_via_proxy": False, "srtp": True}
         if registrar:
             settings["registrar"] = home.uri
         settings.update(phone or {})
         assert e2e_pki.directory is not None
         directory = tmp_path / name
         directory.mkdir(exist_ok=True)
+        # the proxies serve their certificates on loopback, not on their host names
+        e2m = {"cert_url_hosts": ["127.0.0.1"], **(e2m or {})}
         return write_ua(directory, name, e2e_pki.directory, peer=peer, phone=settings, e2m=e2m)
 
     return make

@@ -22,8 +22,8 @@ TEXT = b"meet me at noon"
 def configs(pki, tmp_path):
     """UA.toml for alice and bob, PROXY.toml for the trusted proxy, all pointing at the session PKI."""
     d = pki.directory
-    def ua(name, peer, extra=""):
-        path = tmp_path / f"{name}.toml"
+    def ua(name, peer, extra="", file=None):
+        path = tmp_path / f"{file or name}.toml"
         path.write_text(f"""
 [identity]
 aor = "sip:{name}@example.com"
@@ -60,8 +60,18 @@ verify = []
 """)
     verify_proxy = tmp_path / "verify-proxy.toml"
     verify_proxy.write_text(proxy.read_text().replace("verify = []", 'verify = ["MESSAGE:*"]'))
+    # openssl-made bodies are CBC, with no SIP context: taken only where a setting says so
+    legacy = 'legacy_senders = ["sip:alice@example.com"]\n'
+    legacy_proxy = tmp_path / "legacy-proxy.toml"
+    legacy_proxy.write_text(proxy.read_text() + legacy)
+    legacy_verify_proxy = tmp_path / "legacy-verify-proxy.toml"
+    legacy_verify_proxy.write_text(verify_proxy.read_text() + legacy)
+    legacy_bob = ua("bob", "alice", '\n[[legacy]]\npeer = "sip:alice@example.com"\n'
+                    'accept_unsigned = true\n', file="legacy-bob")
     return {"alice": ua("alice", "bob", proxy_block), "bob": ua("bob", "alice"),
-            "proxy": proxy, "verify_proxy": verify_proxy, "dir": tmp_path}
+            "proxy": proxy, "verify_proxy": verify_proxy, "legacy_proxy": legacy_proxy,
+            "legacy_verify_proxy": legacy_verify_proxy, "legacy_bob": legacy_bob,
+            "dir": tmp_path}
 
 
 def _write(path: Path, message) -> Path:
@@ -173,11 +183,16 @@ def test_openssl_enveloped_message_is_viewed_by_the_proxy_and_opened_by_bob(pki,
                    "-recip", str(d / "bob.crt"), "-recip", str(d / f"proxy-{PROXY}.crt"),
                    data=entity)
     msg = _write(tmp_path / "ossl.sip", _sip_with_cms(der))
-    verdict = _inspect(capsys, configs["proxy"], msg)
+    # by default refused: CBC and no SIP context, from a sender no setting names
+    refused = _inspect(capsys, configs["proxy"], msg)
+    assert refused["action"] == "reply" and not refused["viewed"]
+    assert main(["sip", "open", "--ua", str(configs["bob"]), "--in", str(msg),
+                 "--out", str(tmp_path / "no.sip")]) != 0
+    verdict = _inspect(capsys, configs["legacy_proxy"], msg)
     assert verdict["action"] == "forward"
     assert verdict["viewed"][0]["sha256"] == hashlib.sha256(TEXT).hexdigest()
     opened = tmp_path / "opened.sip"
-    assert main(["sip", "open", "--ua", str(configs["bob"]), "--in", str(msg),
+    assert main(["sip", "open", "--ua", str(configs["legacy_bob"]), "--in", str(msg),
                  "--out", str(opened)]) == 0
     assert parse(opened.read_bytes()).body == TEXT
 
@@ -202,12 +217,12 @@ def test_openssl_sign_then_encrypt_is_verified_by_a_verifying_proxy(pki, configs
                    "-recip", str(d / "bob.crt"), "-recip", str(d / f"proxy-{PROXY}.crt"),
                    data=signed)
     msg = _write(tmp_path / "st.sip", _sip_with_cms(der))
-    verdict = _inspect(capsys, configs["verify_proxy"], msg)
+    verdict = _inspect(capsys, configs["legacy_verify_proxy"], msg)
     assert verdict["action"] == "forward", verdict
     (viewed,) = verdict["viewed"]
     assert viewed["signature"] == "valid" and viewed["signer"] == "sip:alice@example.com"
     opened = tmp_path / "o.sip"
-    assert main(["sip", "open", "--ua", str(configs["bob"]), "--in", str(msg),
+    assert main(["sip", "open", "--ua", str(configs["legacy_bob"]), "--in", str(msg),
                  "--out", str(opened)]) == 0
     assert "signed by sip:alice@example.com (trusted)" in capsys.readouterr().err
 
@@ -218,5 +233,6 @@ def test_openssl_unsigned_envelope_gets_495_from_a_verifying_proxy(pki, configs,
     der = _openssl("-encrypt", "-binary", "-outform", "DER", "-aes-128-cbc",
                    "-recip", str(d / "bob.crt"), "-recip", str(d / f"proxy-{PROXY}.crt"),
                    data=b"Content-Type: text/plain\r\n\r\n" + TEXT)
-    verdict = _inspect(capsys, configs["verify_proxy"], _write(tmp_path / "u.sip", _sip_with_cms(der)))
+    verdict = _inspect(capsys, configs["legacy_verify_proxy"],
+                       _write(tmp_path / "u.sip", _sip_with_cms(der)))
     assert (verdict["code"], verdict["reason"]) == (495, "Signature Required")

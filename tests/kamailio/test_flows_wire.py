@@ -272,7 +272,9 @@ def test_flow_f_split_sdp_srtp_keys_stay_end_to_end(proxy_factory, sipp, raw_uas
 
 def test_flow_e_495_then_signed_retry(proxy_factory, sipp, raw_uas, pki, tmp_path):
     world = _world(proxy_factory, sipp, raw_uas, view=("MESSAGE:*",), verify=("MESSAGE:*",))
-    alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, ("MESSAGE:*",)),))
+    # a UA set not to sign (bodies are signed by default) learns from the 495
+    alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, ("MESSAGE:*",)),),
+                      sign=False)
     plain = message(pki, TEXT)
     unsigned = alice.protect(plain)
     assert not unsigned.info.signed

@@ -89,10 +89,9 @@ def _ua(tmp_path: Path, pki, name: str, home, visited, *, via_visited: bool,
     directory = tmp_path / f"ua-{name}-{secrets.token_hex(2)}"
     directory.mkdir()
     phone = {"proxy": visited.uri if via_visited else home.uri, "registrar": home.uri,
-             "register_via_proxy": False, "srtp": True, "cert_url_hosts": ["127.0.0.1"],
-             "log_level": PHONE_LOG_LEVEL}
+             "register_via_proxy": False, "srtp": True, "log_level": PHONE_LOG_LEVEL}
     return write_ua(directory, name, pki.directory, peer="bob" if name == "alice" else "alice",
-                    phone=phone, e2m=e2m)
+                    phone=phone, e2m={"cert_url_hosts": ["127.0.0.1"], **(e2m or {})})
 
 
 def _cms_parts(message) -> list[bytes]:

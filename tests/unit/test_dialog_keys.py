@@ -114,7 +114,7 @@ def test_a_failure_response_drops_unconfirmed_keys_only(keys):
 
 def test_received_keys_are_usable_at_once_and_found_from_either_side(keys):
     invite = request(cseq=1)                               # only the UAC's tag
-    key = keys.keep_received(invite, ref(1), cek(1), recipients=1, readers=frozenset())
+    key = keys.keep_received(invite, ref(1), cek(1), readers=frozenset())
     assert key.confirmed and key.exclusive and key.readers == frozenset()
     assert keys.usable(response(invite, 200)) == [key]     # both tags
     assert keys.usable(from_bob()) == [key]                # the tags the other way round
@@ -123,37 +123,34 @@ def test_received_keys_are_usable_at_once_and_found_from_either_side(keys):
 
 def test_who_holds_a_received_key(keys):
     invite = request()
-    labelled = keys.keep_received(invite, ref(1), cek(1), recipients=2,
-                                  readers=frozenset({PROXY}))
+    labelled = keys.keep_received(invite, ref(1), cek(1), readers=frozenset({PROXY}))
     assert labelled.readers == {PROXY} and not labelled.exclusive
-    unnamed = keys.keep_received(invite, ref(2), cek(2), recipients=3,
-                                 readers=frozenset({PROXY}))
-    assert unnamed.readers == {PROXY, "?"} and not unnamed.exclusive
+    unvouched = keys.keep_received(invite, ref(2), cek(2), readers=None)   # nothing signed
+    assert unvouched.readers == {"?"} and not unvouched.exclusive
 
 
 # -- which key a new message may reuse -------------------------------------------------
 
 def test_srtp_content_only_under_a_key_no_proxy_holds(keys):
     invite = request()
-    keys.keep_received(invite, ref(1), cek(1), recipients=2, readers=frozenset({PROXY}))
+    keys.keep_received(invite, ref(1), cek(1), readers=frozenset({PROXY}))
     assert keys.reusable(invite, exclusive=True) is None
-    alone = keys.keep_received(invite, ref(2), cek(2), recipients=1, readers=frozenset())
+    alone = keys.keep_received(invite, ref(2), cek(2), readers=frozenset())
     assert keys.reusable(invite, exclusive=True) is alone
 
 
 def test_shared_content_prefers_the_key_most_proxies_hold_never_unnamed_holders(keys):
     invite = request()
-    both = keys.keep_received(invite, ref(1), cek(1), recipients=3,
-                              readers=frozenset({PROXY, "p2.example.com"}))
-    keys.keep_received(invite, ref(2), cek(2), recipients=2, readers=frozenset({PROXY}))
-    keys.keep_received(invite, ref(3), cek(3), recipients=9, readers=frozenset())   # "?"
+    both = keys.keep_received(invite, ref(1), cek(1), readers=frozenset({PROXY, "p2.example.com"}))
+    keys.keep_received(invite, ref(2), cek(2), readers=frozenset({PROXY}))
+    keys.keep_received(invite, ref(3), cek(3), readers=None)   # "?"
     assert keys.reusable(invite, exclusive=False) is both
 
 
 def test_the_newest_key_wins_among_equals_and_reuse_counts_a_use(keys):
     invite = request()
-    keys.keep_received(invite, ref(1), cek(1), recipients=1, readers=frozenset())
-    newest = keys.keep_received(invite, ref(2), cek(2), recipients=1, readers=frozenset())
+    keys.keep_received(invite, ref(1), cek(1), readers=frozenset())
+    newest = keys.keep_received(invite, ref(2), cek(2), readers=frozenset())
     assert keys.reusable(invite, exclusive=True) is newest and newest.uses == 0
     assert keys.reuse(invite, exclusive=True) is newest and newest.uses == 1
 
@@ -162,15 +159,14 @@ def test_the_newest_key_wins_among_equals_and_reuse_counts_a_use(keys):
 
 def test_keys_the_refusing_proxy_held_are_retired_never_reused_still_opened(keys):
     invite = request()
-    held = keys.keep_received(invite, ref(1), cek(1), recipients=2,
-                              readers=frozenset({"Proxy.Example.com"}))
-    other = keys.keep_received(invite, ref(2), cek(2), recipients=1, readers=frozenset())
+    held = keys.keep_received(invite, ref(1), cek(1), readers=frozenset({"Proxy.Example.com"}))
+    other = keys.keep_received(invite, ref(2), cek(2), readers=frozenset())
     keys.retire_held_by(request(cseq=2, to_tag="b1"), PROXY)
     assert held.retired and not other.retired
     assert keys.reusable(invite, exclusive=False) is other
     assert keys.opening_lookup(invite).lookup(ref(1)) == cek(1)[::-1]   # still opens
     # the same reference seen again (a retransmission) stays retired
-    again = keys.keep_received(invite, ref(1), cek(1), recipients=2, readers=frozenset({PROXY}))
+    again = keys.keep_received(invite, ref(1), cek(1), readers=frozenset({PROXY}))
     assert again.retired and keys.reusable(invite, exclusive=False) is other
 
 
@@ -179,14 +175,14 @@ def test_keys_the_refusing_proxy_held_are_retired_never_reused_still_opened(keys
 def test_keys_are_used_only_while_young_and_under_their_use_count(clock):
     keys = DialogKeys(max_age=60, max_uses=2, clock=lambda: clock[0])
     invite = request()
-    key = keys.keep_received(invite, ref(1), cek(1), recipients=1, readers=frozenset())
+    key = keys.keep_received(invite, ref(1), cek(1), readers=frozenset())
     lookup = keys.opening_lookup(invite)
     assert lookup.lookup(ref(1)) == cek(1)[::-1] and key.uses == 1
     assert lookup.lookup(ref(9)) is None and key.uses == 1
     assert keys.reuse(invite, exclusive=True) is key and key.uses == 2
     assert keys.usable(invite) == [] and keys.opening_lookup(invite).lookup(ref(1)) is None
 
-    young = keys.keep_received(invite, ref(2), cek(2), recipients=1, readers=frozenset())
+    young = keys.keep_received(invite, ref(2), cek(2), readers=frozenset())
     clock[0] += 59
     assert keys.usable(invite) == [young]
     clock[0] += 1
@@ -198,10 +194,9 @@ def test_keys_are_used_only_while_young_and_under_their_use_count(clock):
 
 def test_end_dialog_and_forget_call(keys):
     invite = request()
-    keys.keep_received(invite, ref(1), cek(1), recipients=1, readers=frozenset())
-    keys.keep_received(from_bob(), ref(2), cek(2), recipients=1, readers=frozenset())
-    keys.keep_received(request(call_id="other@x"), ref(3), cek(3), recipients=1,
-                       readers=frozenset())
+    keys.keep_received(invite, ref(1), cek(1), readers=frozenset())
+    keys.keep_received(from_bob(), ref(2), cek(2), readers=frozenset())
+    keys.keep_received(request(call_id="other@x"), ref(3), cek(3), readers=frozenset())
     assert len(keys) == 3 and refs(keys.for_call("call@x")) == [ref(1), ref(2)]
     keys.end_dialog(request("BYE", cseq=2, to_tag="b1"))    # both slots of the dialog
     assert keys.for_call("call@x") == [] and len(keys) == 1
@@ -222,39 +217,37 @@ def test_a_message_without_tags_keeps_nothing(keys):
 def test_at_most_max_keys_per_dialog_the_newest_stay(keys):
     invite = request()
     for n in range(MAX_KEYS_PER_DIALOG + 3):
-        keys.keep_received(invite, ref(n), cek(n), recipients=1, readers=frozenset())
+        keys.keep_received(invite, ref(n), cek(n), readers=frozenset())
     assert refs(keys.kept(invite)) == [ref(n) for n in range(3, MAX_KEYS_PER_DIALOG + 3)]
-    # a key kept again replaces its older copy, at the young end
-    keys.keep_received(invite, ref(3), cek(3), recipients=1, readers=frozenset())
-    assert refs(keys.kept(invite))[-1] == ref(3) and len(keys.kept(invite)) == MAX_KEYS_PER_DIALOG
+    # a key offered again under a kept reference changes nothing: the first CEK stays
+    first = keys.kept(invite)[0]
+    assert keys.keep_received(invite, ref(3), cek(99), readers=frozenset()) is first
+    assert first.cek == cek(3) and refs(keys.kept(invite))[0] == ref(3)
+    assert len(keys.kept(invite)) == MAX_KEYS_PER_DIALOG
 
 
 def test_at_most_max_dialogs_the_oldest_goes(clock):
     keys = DialogKeys(max_age=3600, max_uses=100, clock=lambda: clock[0], max_dialogs=3,
                       max_keys_per_dialog=2)
     for n in range(5):
-        keys.keep_received(request(call_id=f"c{n}@x"), ref(n), cek(n), recipients=1,
-                           readers=frozenset())
+        keys.keep_received(request(call_id=f"c{n}@x"), ref(n), cek(n), readers=frozenset())
     assert len(keys) == 3
     assert [bool(keys.for_call(f"c{n}@x")) for n in range(5)] == [False, False, True, True, True]
 
 
 def test_dialogs_whose_keys_all_aged_out_are_swept_every_256_keeps(clock):
     keys = DialogKeys(max_age=60, max_uses=100, clock=lambda: clock[0])
-    keys.keep_received(request(call_id="old@x"), ref(0), cek(0), recipients=1,
-                       readers=frozenset())
+    keys.keep_received(request(call_id="old@x"), ref(0), cek(0), readers=frozenset())
     clock[0] += 61
     for n in range(1, 255):
-        keys.keep_received(request(call_id=f"c{n}@x"), ref(n), cek(n), recipients=1,
-                           readers=frozenset())
+        keys.keep_received(request(call_id=f"c{n}@x"), ref(n), cek(n), readers=frozenset())
     assert keys.for_call("old@x")                          # 255 keeps: not swept yet
-    keys.keep_received(request(call_id="c255@x"), ref(255), cek(255), recipients=1,
-                       readers=frozenset())
+    keys.keep_received(request(call_id="c255@x"), ref(255), cek(255), readers=frozenset())
     assert keys.for_call("old@x") == [] and len(keys) == 255
 
 
 def test_no_cek_in_reprs(keys):
-    key = keys.keep_received(request(), ref(1), cek(0xAB), recipients=1, readers=frozenset())
+    key = keys.keep_received(request(), ref(1), cek(0xAB), readers=frozenset())
     assert "abab" not in repr(key).lower() and "\\xab" not in repr(key).lower()
     assert isinstance(key, DialogKey) and "1 of 4096" in repr(keys)
 
@@ -265,7 +258,7 @@ def test_concurrent_use_keeps_the_bounds(clock):
     def work(n):
         for i in range(200):
             msg = request(call_id=f"c{n}-{i % 30}@x")
-            keys.keep_received(msg, ref(i), cek(i % 256), recipients=1, readers=frozenset())
+            keys.keep_received(msg, ref(i), cek(i % 256), readers=frozenset())
             keys.reuse(msg, exclusive=True)
             keys.opening_lookup(msg).lookup(ref(i))
 

@@ -59,6 +59,7 @@ PROXY_CASES = [
     Case("duplicate labels", h.duplicate_labels, e.MalformedError, 400),
     Case("label without host", h.label_without_host, e.MalformedError, 400),
     Case("body from another dialog", h.body_from_another_dialog, e.BindingMismatchError, 403),
+    Case("stale body", h.stale, e.ReplayError, 403),
 ]
 
 
@@ -92,6 +93,8 @@ UA_CASES = [
     Case("oversized body", h.oversized, e.LimitExceededError, 413, "ua"),
     Case("compressed-data", h.compressed_data, e.UnsupportedMediaTypeError, 415, "ua"),
     Case("body from another dialog", h.body_from_another_dialog, e.BindingMismatchError, 403, "ua"),
+    Case("stale body", h.stale, e.ReplayError, 403, "ua"),
+    Case("split SDP views differ", h.split_views_differ, e.InconsistentSplitError, 403, "ua"),
 ]
 
 
@@ -108,8 +111,9 @@ def test_ua_refuses_hostile_input_with_the_table_answer(world, case):
 def test_uas_that_cannot_encrypt_its_answer_refuses_by_policy(world):
     """No certificate for alice and no key to reuse: bob must not answer in
     plaintext; the PolicyError row (403) is his answer."""
-    alice = ua_engine(world, "alice", cek_reuse=False)
-    bob = ua_engine(world, "bob", peers=())
+    # alice does not sign (so bob cannot take her certificate from a signature)
+    alice = ua_engine(world, "alice", cek_reuse=False, sign=False)
+    bob = ua_engine(world, "bob", peers=(), require_signature=False)
     received = bob.open(alice.protect(invite(world)).message).message
     with pytest.raises(e.PolicyError) as caught:
         bob.protect(answer(received, SDP_ANSWER))

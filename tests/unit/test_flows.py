@@ -17,7 +17,7 @@ from e2m_plugins.errors import DowngradeError, NoMatchingRecipientError, Untrust
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY
 from e2m_plugins.testpki import init_test_pki, issue_proxy, make_ca
 from e2m_plugins.proxy import ProxyEngine
-from e2m_plugins.sip import make_response
+from e2m_plugins.sip import make_request, make_response
 from e2m_plugins.sip_errors import answer_for
 
 SDP_VIEW = ("INVITE:application/sdp",)
@@ -123,8 +123,11 @@ def test_proactive_policy_from_register_200_needs_no_496(world):
     first INVITE is already readable by the proxy (no 496 round trip)."""
     alice = ua_engine(world, "alice")
     path, _, trusted = path_with(world)
-    register = make_response(invite(world, method="REGISTER"), 200, "OK",
-                             [trusted.policy_header()])
+    sent = alice.protect(invite(world, method="REGISTER").with_body(b"")).message
+    register = make_response(sent, 200, "OK", [trusted.policy_header()])
+    # the same answer to a REGISTER alice never sent teaches nothing
+    assert alice.learn(make_response(invite(world, method="REGISTER"), 200, "OK",
+                                     [trusted.policy_header()])) == []
     assert alice.learn(register) == [TRUSTED]
     (wanted,) = alice.certificates_wanted()
     assert wanted.host == TRUSTED and wanted.url and wanted.fingerprint
@@ -139,7 +142,10 @@ def test_proactive_policy_from_register_200_needs_no_496(world):
 def test_policy_certificate_must_match_announced_fingerprint(world):
     alice = ua_engine(world, "alice")
     _, _, trusted = path_with(world)
-    alice.learn(make_response(message(world), 200, "OK", [trusted.policy_header()]))
+    options = make_request("OPTIONS", f"sip:{world.domain}", from_uri=world.aor("alice"),
+                           to_uri=world.aor("alice"))
+    sent = alice.protect(options).message
+    assert alice.learn(make_response(sent, 200, "OK", [trusted.policy_header()])) == [TRUSTED]
     other = issue_proxy(world.ca, TRUSTED)      # right name, right CA, another key
     from cryptography.hazmat.primitives.serialization import Encoding
     from e2m_plugins.errors import CertificateRejectedError
@@ -300,7 +306,9 @@ def test_flow_d_message_archiving_sign_then_encrypt(world):
 # -- Flow E -------------------------------------------------------------------
 
 def test_flow_e_495_then_signed_retry(world):
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, ("MESSAGE:*",)),))
+    # A UA set not to sign (bodies are signed by default) learns from the 495.
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, ("MESSAGE:*",)),),
+                      sign=False)
     path, _, _ = path_with(world, view=("MESSAGE:*",), verify=("MESSAGE:*",))
     plain = message(world)
     trip = path.request(alice.protect(plain).message)

@@ -1,0 +1,97 @@
+"""The replay cache: which messages' bodies were already seen, for how long.
+
+Every reader of a signed body (a UA, a proxy) checks its ``SipContext``: made within
+the time window, and not seen before.  A message is identified by the fields of its
+context (``SipContext.replay_key``), which are the same on every copy of it whatever
+path it took, and different for every new request and every retry (a new CSeq).
+
+What a repeat is depends on who reads:
+
+* a proxy never sees a retransmission (Kamailio's tm absorbs them before the script
+  runs), so any second sighting is a replay;
+* a UA sees them (its hook runs before pjsip's transaction layer), so a repeat that
+  carries the same top Via branch within a transaction's lifetime is a
+  retransmission and passes; pjsip then matches it to its transaction.
+
+Bounded in count and age.  An entry lives for the time window plus a transaction's
+lifetime; when the table is full the oldest entries go, and the *newest time* among
+them becomes a floor: a body made at or before it is refused as stale, so an
+attacker who floods the table only makes old messages fail, never replays pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from .errors import ReplayError
+from .sipcontext import SipContext
+
+__all__ = ["ReplayCache", "MemoryReplayCache", "TRANSACTION_LIFETIME", "DEFAULT_WINDOW"]
+
+TRANSACTION_LIFETIME = 32.0     # 64*T1: a retransmission comes no later than this
+DEFAULT_WINDOW = 300.0          # seconds a body's time may differ from ours
+
+
+@runtime_checkable
+class ReplayCache(Protocol):
+    """Where a reader records the messages it has seen (shared by all workers of a
+    proxy: Kamailio's htable in ``kamailio_app``)."""
+
+    def check_and_record(self, context: SipContext, branch: str | None, *,
+                         retransmissions: bool) -> None:
+        """Record ``context``; ``ReplayError`` if it was seen before (and, with
+        ``retransmissions``, the repeat is not one: another ``branch`` or too late)."""
+
+
+class MemoryReplayCache:
+    """A ``ReplayCache`` in this process (a UA, or one proxy worker in tests)."""
+
+    def __init__(self, *, window: float = DEFAULT_WINDOW, max_entries: int = 65536,
+                 clock: Callable[[], float] = time.time) -> None:
+        if max_entries < 1 or window <= 0:
+            raise ValueError("max_entries and window must be positive")
+        self.window = window
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        # key -> (first seen, branch, the context's own time)
+        self._seen: OrderedDict[str, tuple[float, str | None, int]] = OrderedDict()
+        self._floor = -1   # bodies made at or before this were pushed out: stale
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_record(self, context: SipContext, branch: str | None, *,
+                         retransmissions: bool) -> None:
+        now = self._clock()
+        context.check_time(now, self.window)
+        key = context.replay_key()
+        with self._lock:
+            self._expire(now)
+            if context.time <= self._floor:
+                raise ReplayError("the body is older than what the replay cache still holds")
+            seen = self._seen.get(key)
+            if seen is not None:
+                first, first_branch, _ = seen
+                if retransmissions and branch is not None and branch == first_branch \
+                        and now - first <= TRANSACTION_LIFETIME:
+                    return   # the same transaction again: the stack absorbs it
+                raise ReplayError("the body of this message was seen before")
+            # a time claimed in the future counts as now: a flood of such bodies must
+            # not push the floor past the messages honest senders are making
+            self._seen[key] = (now, branch, min(context.time, int(now)))
+            while len(self._seen) > self.max_entries:
+                _, (_, _, made) = self._seen.popitem(last=False)
+                self._floor = max(self._floor, made)
+
+    def _expire(self, now: float) -> None:
+        lifetime = self.window + TRANSACTION_LIFETIME
+        while self._seen:
+            key, (first, _, _) = next(iter(self._seen.items()))
+            if now - first <= lifetime:
+                break
+            del self._seen[key]

@@ -1,0 +1,65 @@
+"""The core's ``ReplayCache`` on a Kamailio ``htable``: one record for every worker.
+
+A replayed request may reach any worker, so the messages already seen must be in
+shared memory.  Each entry is one name, ``r`` plus the context's replay key, with its
+own expiry (the time window plus a transaction's lifetime): the htable drops it even
+if nobody asks again.  The check and the write happen under the name's slot lock,
+so two workers handed the same message at once cannot both let it through.
+
+A proxy never sees a retransmission here (tm absorbed it before the script ran), so
+any second sighting is a replay.  Bounds: the entries live at most the window plus
+32 s; their number is the request rate times that, in shared memory; when a write
+fails (shared memory full), the request is refused (``LimitExceededError``), never
+let through unrecorded.  Values hold no message content.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from e2m_plugins.errors import ReplayError
+from e2m_plugins.replay import TRANSACTION_LIFETIME
+from e2m_plugins.sipcontext import SipContext
+
+from .keycache_htable import HtableBackend
+
+__all__ = ["HtableReplayCache", "REPLAY_TABLE"]
+
+REPLAY_TABLE = "e2mseen"    # declared in the cfg template
+
+
+class HtableReplayCache:
+    """``ReplayCache`` over an htable backend (``KsrHtable`` inside Kamailio)."""
+
+    def __init__(self, backend: HtableBackend, *, window: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._backend = backend
+        self.window = window
+        self._clock = clock
+
+    def check_and_record(self, context: SipContext, branch: str | None, *,
+                         retransmissions: bool) -> None:
+        now = self._clock()
+        context.check_time(now, self.window)
+        name = "r" + context.replay_key()
+        self._backend.lock(name)
+        try:
+            seen = self._backend.get(name)
+            if seen is not None:
+                first, _, first_branch = seen.partition(" ")
+                if retransmissions and branch is not None and branch == first_branch \
+                        and now - _number(first) <= TRANSACTION_LIFETIME:
+                    return
+                raise ReplayError("the body of this message was seen before")
+            self._backend.set(name, f"{now:.0f} {branch or ''}",
+                              int(self.window + TRANSACTION_LIFETIME) + 1)
+        finally:
+            self._backend.unlock(name)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
