@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,30 @@ CREATE INDEX IF NOT EXISTS media_call_id ON media (call_id);
 
 class ArchiveError(Exception):
     """The archive could not be written or read (locked, full, unreadable)."""
+
+
+def _claim_private_file(path: Path) -> None:
+    """Create ``path`` for us alone (exclusively, never through a symlink), or check
+    that the file already there is a regular file of ours that no one else can read.
+    The archive holds plaintext: whoever may write to its folder must not be able to
+    make the proxy write it into a file of their choosing."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        _check_private_file(path)
+        return
+    os.close(fd)
+
+
+def _check_private_file(path: Path) -> None:
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ArchiveError(f"{path} is not a regular file (a symlink?): refused")
+    if info.st_uid != os.getuid():
+        raise ArchiveError(f"{path} belongs to another user: refused")
+    if info.st_mode & 0o077:
+        raise ArchiveError(f"{path} is readable or writable by others "
+                           f"(mode {stat.S_IMODE(info.st_mode):o}): refused; chmod 600 it")
 
 
 @dataclass(frozen=True)
@@ -158,10 +183,11 @@ class Archive:
             return self._conn
         self._conn = None
         try:
-            if not self.path.exists():
-                # Create it private before SQLite does with the umask's mode.
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
-                os.close(fd)
+            _claim_private_file(self.path)
+            for suffix in ("-wal", "-shm"):   # SQLite's own files, if they are there already
+                side = self.path.with_name(self.path.name + suffix)
+                if os.path.lexists(side):
+                    _check_private_file(side)
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
                                    isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")

@@ -180,3 +180,35 @@ def test_archive_row_names_the_sender_of_each_body():
     (answer_row,) = body_records(answer, seen)
     assert (offer_row.from_uri, offer_row.to_uri) == ("sip:alice@example.com", "sip:bob@example.com")
     assert (answer_row.from_uri, answer_row.to_uri) == ("sip:bob@example.com", "sip:alice@example.com")
+
+
+def test_the_archive_is_never_written_through_a_symlink_or_for_others_to_read(tmp_path):
+    """Whoever can write to the archive's folder must not be able to make the proxy
+    write plaintext into a file of their choosing or one others can read."""
+    import os
+    import stat
+
+    from kamailio_app.archive import ArchiveError
+    body = BodyRecord(call_id="c@x", from_uri="sip:alice@example.com", to_uri="sip:bob@example.com",
+                      method="MESSAGE", direction="request", content_type="text/plain",
+                      plaintext=b"secret", sha256="0" * 64, signature="valid")
+    # a symlink planted where the archive goes (dangling, and to an existing file)
+    planted = tmp_path / "elsewhere.sqlite"
+    for make_target in (False, True):
+        link = tmp_path / f"link-{make_target}.sqlite"
+        if make_target:
+            planted.write_bytes(b"")
+        link.symlink_to(planted)
+        with pytest.raises(ArchiveError):
+            Archive(link).record([body])
+        assert not planted.exists() or planted.read_bytes() == b""
+    # a file others can read is refused, not used
+    loose = tmp_path / "loose.sqlite"
+    loose.write_bytes(b"")
+    loose.chmod(0o644)
+    with pytest.raises(ArchiveError):
+        Archive(loose).record([body])
+    # a new archive is created for its owner only
+    fresh = tmp_path / "fresh.sqlite"
+    Archive(fresh).record([body])
+    assert stat.S_IMODE(os.lstat(fresh).st_mode) == 0o600
