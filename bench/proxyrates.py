@@ -36,7 +36,7 @@ proxy's ``next_hop``):
 Bodies: made once, before the run, by the project's UA engines (``UAEngine.protect``
 with ``bind=False``), signed as by default, so each is one envelope *without* the SIP
 context (docs/protocol.md §2).  The proxies name alice and bob as ``[policy]
-legacy_senders``, which is what lets a body without a context through, so one body
+legacy_peers``, which is what lets a body without a context through, so one body
 serves every call and SIPp can make its own Call-IDs and tags at any rate; what the
 proxy skips compared to bound bodies is reading the context and the replay check (an
 htable write).  CEK reuse
@@ -390,7 +390,7 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
         # proxy takes them only because alice and bob are named legacy senders (no
         # context, hence no replay check).  What this skips per body: the context and
         # replay checks (one DER read, one htable write).
-        extra["policy"] = {"legacy_senders": [pki.aor("alice"), pki.aor("bob")]}
+        extra["policy"] = {"legacy_peers": [pki.aor("alice"), pki.aor("bob")]}
         if cfg.floor_of:
             extra["kamailio"]["kemi_script"] = str(FLOOR_SCRIPT)
         if plan.keycache_size is not None:

@@ -12,7 +12,7 @@ Traffic, two SIPp UACs at once, alice -> proxy -> a SIPp UAS (bob, the proxy's n
 
 The bodies are made once by the core's UA engines with ``bind=False`` (envelopes
 without the SIP context, which the proxy takes only because alice and bob are named
-``[policy] legacy_senders``), so one envelope serves every call while SIPp makes fresh
+``[policy] legacy_peers``), so one envelope serves every call while SIPp makes fresh
 Call-IDs and tags.
 
 Rate: half load.  The highest zero-failure rates come from the benchmark's results
@@ -194,7 +194,7 @@ def start_world(workdir: Path, *, archive: bool, workers: int, log_level: str) -
                                    "kamailio": {"shm_mb": 128},
                                    # one body for every call: no SIP context, so alice
                                    # and bob must be legacy senders (see make_bodies)
-                                   "policy": {"legacy_senders": [pki.aor("alice"),
+                                   "policy": {"legacy_peers": [pki.aor("alice"),
                                                                  pki.aor("bob")]}})
     except BaseException:
         stop_process(uas_proc)

@@ -194,9 +194,11 @@ class ProxyConfig:
     announce_policy: bool = True
     keying_attributes: tuple[str, ...] = KEYING_ATTRIBUTES
     replay_window: float = DEFAULT_REPLAY_WINDOW
-    # Senders (AoRs or domains) whose bodies may be CBC, unsigned or without a SIP
-    # context: RFC 3261 stacks that cannot do better.  Everyone else: none of these.
-    legacy_senders: tuple[str, ...] = ()
+    # RFC 3261 S/MIME stacks (AoRs or domains): a body to or from them may be CBC
+    # (signed) or without a SIP context.  Everyone else: neither.
+    legacy_peers: tuple[str, ...] = ()
+    # ... and their CBC bodies even unsigned: a padding oracle for any on-path hop.
+    legacy_unsigned_cbc: bool = False
     path: Path | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -211,7 +213,8 @@ class ProxyConfig:
 
 
 _PROXY_POLICY_KEYS = {"view", "verify", "cert_url", "expires", "remove_own_label",
-                      "announce", "keying_attributes", "replay_window", "legacy_senders"}
+                      "announce", "keying_attributes", "replay_window", "legacy_peers",
+                      "legacy_unsigned_cbc"}
 
 
 def load_proxy_config(path: str | Path) -> ProxyConfig:
@@ -247,7 +250,8 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     announce = reader.get(policy, "[policy]", "announce", bool, default=True)
     keying = _keying(reader, policy, "[policy]")
     window = _replay_window(reader, policy, "[policy]")
-    legacy_senders = _peer_names(reader, policy, "[policy]", "legacy_senders")
+    legacy_peers = _peer_names(reader, policy, "[policy]", "legacy_peers")
+    legacy_unsigned_cbc = reader.get(policy, "[policy]", "legacy_unsigned_cbc", bool, default=False)
     codes = _codes(reader)
 
     if cert is not None and host is not None and anchors:
@@ -262,7 +266,8 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
                        view=view, verify=verify, codes=codes, cert_url=cert_url,
                        policy_expires=int(expires or 0), remove_own_label=bool(remove_label),
                        announce_policy=bool(announce), keying_attributes=keying,
-                       replay_window=window, legacy_senders=legacy_senders, path=path, raw=data)
+                       replay_window=window, legacy_peers=legacy_peers,
+                       legacy_unsigned_cbc=bool(legacy_unsigned_cbc), path=path, raw=data)
 
 
 # --------------------------------------------------------------------------
@@ -279,6 +284,9 @@ class LegacyPeer:
     match: str                      # an AoR (sip:user@host) or a domain
     sign: bool = True               # the peer verifies our signatures
     accept_unsigned: bool = False
+    # Unsigned CBC gives any on-path hop a padding oracle on the peer's bodies to us:
+    # only for a peer that cannot sign (reSIProcate), on a path one trusts.
+    accept_unsigned_cbc: bool = False
 
     def matches(self, aor: str | None) -> bool:
         return aor is not None and peer_matches(self.match, aor)
@@ -391,15 +399,17 @@ def _ua_legacy(reader: _Reader) -> tuple[LegacyPeer, ...]:
         if not isinstance(entry, dict):
             reader.problems.append(f"{where} must be a table")
             continue
-        reader.unknown_keys(entry, where, {"peer", "sign", "accept_unsigned"})
+        reader.unknown_keys(entry, where, {"peer", "sign", "accept_unsigned", "accept_unsigned_cbc"})
         name = reader.get(entry, where, "peer", str, required=True)
         if name is None:
             continue
         if not _is_peer_name(name):
             reader.problems.append(f"{where}.peer: not an AoR or a domain: {name!r}")
             continue
-        found.append(LegacyPeer(name.strip(), bool(reader.get(entry, where, "sign", bool, default=True)),
-                                bool(reader.get(entry, where, "accept_unsigned", bool, default=False))))
+        found.append(LegacyPeer(
+            name.strip(), bool(reader.get(entry, where, "sign", bool, default=True)),
+            bool(reader.get(entry, where, "accept_unsigned", bool, default=False)),
+            bool(reader.get(entry, where, "accept_unsigned_cbc", bool, default=False))))
     return tuple(found)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
 
-from .errors import MalformedError
+from .errors import LimitExceededError, MalformedError
 from .grammar import (SIP, SIP_TOKEN, SIP_TOKEN_PATTERN, format_param, parse_param_list,
                       parse_params, quote_string, split_header_list, unquote_string)
 from .uri import check_http_url, host_key, validate_host
@@ -421,10 +421,26 @@ class PolicyHeader:
         return host_key(self.host) == host_key(host)
 
 
+MAX_POLICIES_PER_MESSAGE = 16          # more than any path of proxies announces
+MAX_POLICY_BYTES_PER_MESSAGE = 16 * 1024
+
+
 def parse_policy_headers(values: str | Iterable[str]) -> list[PolicyHeader]:
-    """Policies from every Proxy-Body-Policy value (comma lists allowed)."""
-    return [PolicyHeader.parse(item)
-            for value in _as_values(values) for item in split_header_list(value)]
+    """Policies from every Proxy-Body-Policy value (comma lists allowed).
+
+    ``LimitExceededError`` past ``MAX_POLICIES_PER_MESSAGE`` policies or
+    ``MAX_POLICY_BYTES_PER_MESSAGE`` octets, checked before parsing each value: one
+    message must not cost hundreds of policies' parsing."""
+    values = _as_values(values)
+    if sum(len(v) for v in values) > MAX_POLICY_BYTES_PER_MESSAGE:
+        raise LimitExceededError("Proxy-Body-Policy headers too large")
+    out: list[PolicyHeader] = []
+    for value in values:
+        items = split_header_list(value)
+        if len(out) + len(items) > MAX_POLICIES_PER_MESSAGE:
+            raise LimitExceededError(f"more than {MAX_POLICIES_PER_MESSAGE} policies in one message")
+        out += [PolicyHeader.parse(item) for item in items]
+    return out
 
 
 def policy_for(policies: Iterable[PolicyHeader], host: str) -> PolicyHeader | None:

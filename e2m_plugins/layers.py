@@ -79,15 +79,21 @@ def open_message(data: bytes, *, keys: Sequence[OpeningKey] = (),
     Each signature must verify against ``trust_anchors``; each envelope must
     be addressed to one of ``keys``.  Raises the typed errors of the layer
     that failed.  CBC envelopes are opened only with ``limits.accept_cbc``
-    (``DecryptionError`` otherwise, as for a wrong key).
+    (``DecryptionError`` otherwise, as for a wrong key), and only when a signature
+    covers them (inside or outside), unless ``limits.accept_unsigned_cbc``.
     """
     current: CmsInput | None = load_cms_message(data, limits=limits)
     layers: list[OpenedEnvelope | VerifyResult] = []
     try:
         with budget_scope(limits.max_public_key_ops):
-            return _open_layers(current, layers, keys=keys, trust_anchors=trust_anchors,
-                                want_cek=want_cek, at=at, check_time=check_time,
-                                extra_certs=extra_certs, limits=limits)
+            opened = _open_layers(current, layers, keys=keys, trust_anchors=trust_anchors,
+                                  want_cek=want_cek, at=at, check_time=check_time,
+                                  extra_certs=extra_certs, limits=limits)
+        if opened.signatures or not unauthenticated_plaintext(layers) \
+                or limits.accept_unsigned_cbc:
+            return opened
+        # CBC that no signature covers: a tampered copy that kept its padding would open,
+        # one that did not would fail; that difference is the oracle.  Both fail here.
     except E2MError:
         if not unauthenticated_plaintext(layers):
             raise

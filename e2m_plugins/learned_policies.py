@@ -31,9 +31,11 @@ from . import headers as hdr
 from .uri import host_key
 from .config import DEFAULT_MAX_POLICY_EXPIRES, DEFAULT_POLICY_EXPIRES
 
-__all__ = ["LearnedPolicy", "LearnedPolicies", "MAX_POLICIES"]
+__all__ = ["LearnedPolicy", "LearnedPolicies", "MAX_POLICIES", "MAX_DIALOG_POLICIES",
+           "dialog_scope"]
 
-MAX_POLICIES = 256               # bound on hosts learnt from policy headers
+MAX_POLICIES = 256               # bound on entries for everything we send
+MAX_DIALOG_POLICIES = 256        # bound on entries scoped to one dialog (their own)
 
 
 @dataclass
@@ -56,6 +58,11 @@ class LearnedPolicy:
         return any(r.matches(method, content_type) for r in self.verify)
 
 
+def dialog_scope(call_id: str, peer: str | None) -> str:
+    """The scope of a policy learnt in a dialog: its Call-ID and the peer it is with."""
+    return f"{call_id} {peer or '-'}"
+
+
 def _merged(*rules: Iterable[hdr.Rule]) -> tuple[hdr.Rule, ...]:
     """The rules in order, each once."""
     return tuple(dict.fromkeys(r for group in rules for r in group))
@@ -64,9 +71,10 @@ def _merged(*rules: Iterable[hdr.Rule]) -> tuple[hdr.Rule, ...]:
 class LearnedPolicies:
     """The proxy policies one UA holds: one ``LearnedPolicy`` per proxy host and scope.
 
-    Bounds: at most ``max_entries`` (256) entries in all, configured ones included:
-    a new learnt entry pushes out the learnt one that expires first (an expired entry
-    counts until it is swept).  Learnt entries live at most ``max_expires`` seconds
+    Bounds: at most ``max_entries`` (256) entries for everything we send, configured
+    ones included, and ``max_dialog_entries`` (256) scoped to a dialog: a new learnt
+    entry pushes out the learnt one of its own kind that expires first (an expired
+    entry counts until it is swept).  Learnt entries live at most ``max_expires`` seconds
     (default 86400, whatever ``expires`` says; ``default_expires``, 3600 s, when it
     says nothing).  Expired entries are swept whenever the policies in force are
     asked for; a dialog's entries go with it (``end_scope``).
@@ -78,9 +86,11 @@ class LearnedPolicies:
     def __init__(self, *, clock: Callable[[], float] = time.time,
                  max_entries: int = MAX_POLICIES,
                  default_expires: float = DEFAULT_POLICY_EXPIRES,
-                 max_expires: float = DEFAULT_MAX_POLICY_EXPIRES) -> None:
+                 max_expires: float = DEFAULT_MAX_POLICY_EXPIRES,
+                 max_dialog_entries: int = MAX_DIALOG_POLICIES) -> None:
         self._clock = clock
         self._max_entries = max_entries
+        self._max_dialog_entries = max_dialog_entries
         self._default_expires = default_expires
         self._max_expires = max_expires
         self._lock = threading.Lock()
@@ -166,6 +176,13 @@ class LearnedPolicies:
             for key in [k for k in self._entries if k[1] == scope]:
                 del self._entries[key]
 
+    def end_call(self, call_id: str) -> None:
+        """Every dialog of ``call_id`` is over (a BYE, a failed INVITE): their policies go."""
+        prefix = call_id + " "
+        with self._lock:
+            for key in [k for k in self._entries if k[1] is not None and k[1].startswith(prefix)]:
+                del self._entries[key]
+
     # -- lookups ---------------------------------------------------------------------
 
     def in_force(self, scope: str | None = None) -> list[LearnedPolicy]:
@@ -207,12 +224,20 @@ class LearnedPolicies:
         return self._clock() + min(float(wanted), self._max_expires)
 
     def _put(self, entry: LearnedPolicy) -> LearnedPolicy:
+        """Keep ``entry``.  Dialog-scoped entries and the rest have bounds of their own
+        (``max_dialog_entries`` and ``max_entries``), and a new entry pushes out only one
+        of its own kind: a flood of strangers' dialogs never evicts what our registrar
+        told us."""
         key = (host_key(entry.host), entry.scope)
-        if key not in self._entries and len(self._entries) >= self._max_entries:
-            learnt = [k for k, p in self._entries.items() if p.expires_at is not None]
-            if not learnt:
-                return entry   # all configured: nothing learnt is kept (and it is not used)
-            del self._entries[min(learnt, key=lambda k: self._entries[k].expires_at or 0.0)]
+        if key not in self._entries:
+            scoped = entry.scope is not None
+            same = [k for k, p in self._entries.items() if (k[1] is not None) == scoped]
+            bound = self._max_dialog_entries if scoped else self._max_entries
+            if len(same) >= bound:
+                learnt = [k for k in same if self._entries[k].expires_at is not None]
+                if not learnt:
+                    return entry   # all configured: nothing learnt is kept (and it is not used)
+                del self._entries[min(learnt, key=lambda k: self._entries[k].expires_at or 0.0)]
         self._entries[key] = entry
         return entry
 

@@ -32,7 +32,7 @@ from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .cms.budget import message_budget
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
-from .errors import (BindingMismatchError, DecryptionError, E2MError, MalformedError,
+from .errors import (DecryptionError, E2MError, MalformedError,
                      NoMatchingRecipientError, ProxyCannotDecryptError, SignatureRequiredError)
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope
 from .config import ProxyConfig
@@ -146,7 +146,8 @@ class ProxyEngine:
         # Shared by every worker in Kamailio (an htable); one per engine elsewhere.
         self.replay = replay if replay is not None else MemoryReplayCache(
             window=config.replay_window, clock=lambda: self._now().timestamp())
-        self._legacy_limits = Limits(accept_cbc=True)
+        self._legacy_limits = Limits(accept_cbc=True,
+                                     accept_unsigned_cbc=config.legacy_unsigned_cbc)
         self._own_key = CertificateKey(config.certificate, config.private_key)
         self._cert_der = config.certificate.public_bytes(serialization.Encoding.DER)
         self._policy_value = hdr.PolicyHeader(
@@ -229,13 +230,18 @@ class ProxyEngine:
     def _policies_in_our_name(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
         """Policy headers that name this proxy, put in by someone else (or by us on an
         earlier pass of a spiral): they go, and ours is added, so the UAS learns our
-        policy from us alone."""
+        policy from us alone.  Only a value that mentions our host is parsed at all (a
+        plain substring test first), so a request stuffed with policies costs nothing; a
+        value that mentions us and does not parse goes too."""
+        ours = self.config.host.lower()
         out = []
         for value in request.get_all(hdr.PROXY_BODY_POLICY):
+            if ours not in value.lower():
+                continue
             try:
                 named = hdr.policy_for(hdr.parse_policy_headers([value]), self.config.host)
             except E2MError:
-                continue  # someone else's malformed policy is not ours to judge
+                named = True   # unreadable and in our name: it can only mislead
             if named is not None:
                 out.append((hdr.PROXY_BODY_POLICY, value))
         return tuple(out)
@@ -320,8 +326,14 @@ class ProxyEngine:
         """Who made the body: the From of a request, the responder (To) of a response."""
         return message.address("From" if message.is_request else "To").uri
 
-    def _is_legacy(self, sender: str) -> bool:
-        return any(peer_matches(name, sender) for name in self.config.legacy_senders)
+    def _is_legacy(self, message: SipMessage) -> bool:
+        """A body to or from a ``[policy] legacy_peers`` party (an RFC 3261 S/MIME stack)
+        may be CBC or lack a SIP context: its sender writes what the legacy side opens.
+        A CBC body must still be signed (``legacy_unsigned_cbc`` aside), and then the
+        signature is the sender's, so a hop that rewrites From gains nothing."""
+        parties = (message.address("From").uri, message.address("To").uri)
+        return any(peer_matches(name, aor) for name in self.config.legacy_peers
+                   for aor in parties)
 
     def _keys_for(self, message: SipMessage) -> list[OpeningKey]:
         """Our certificate key, and the CEKs we kept, found by kekri identifier
@@ -355,7 +367,7 @@ class ProxyEngine:
         parts = top_parts(body)
         targets = self._targets(parts, label, method)
         sender = self._sender_of(message)
-        legacy = self._is_legacy(sender)
+        legacy = self._is_legacy(message)
         limits = self._legacy_limits if legacy else DEFAULT_LIMITS
         opened: list[OpenedPart] = []
         unreadable: list[mime.MimePart] = []
@@ -379,13 +391,17 @@ class ProxyEngine:
         return seen, media
 
     def _context(self, part: OpenedPart, message: SipMessage, legacy: bool) -> SipContext | None:
-        """The part's SIP context, checked against the message; required of every
-        sender but those ``[policy] legacy_senders`` names."""
+        """The part's SIP context, checked against the message; a *signed* one is required
+        of every protected part but those to or from ``[policy] legacy_peers``.  A context
+        only the envelope's authAttrs carry proves nothing (anyone who can encrypt to us
+        writes one): such a body is answered 495, so a sender that meant it signs."""
         context = check_context(part, message)
         protected = part.encrypted or part.signed   # plaintext has nothing to bind
-        if context is None and protected and not legacy:
-            raise BindingMismatchError("the body is not bound to this message (no SIP context); "
-                                       "only [policy] legacy_senders may send such bodies")
+        if not protected or legacy:
+            return context if part.context_signed else None
+        if context is None or not part.context_signed:
+            raise SignatureRequiredError("the body carries no signed SIP context (only "
+                                         "[policy] legacy_peers may send such bodies)")
         return context
 
     def _check_replay(self, message: SipMessage, contexts: list[SipContext]) -> None:

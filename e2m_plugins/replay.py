@@ -13,14 +13,17 @@ What a repeat is depends on who reads:
   carries the same top Via branch within a transaction's lifetime is a
   retransmission and passes; pjsip then matches it to its transaction.
 
-Bounded in count and age.  An entry lives for the time window plus a transaction's
-lifetime; when the table is full the oldest entries go, and the *newest time* among
-them becomes a floor: a body made at or before it is refused as stale, so an
-attacker who floods the table only makes old messages fail, never replays pass.
+Bounded in count and age.  An entry lives while its body could still pass the time
+check (its own time, or when it was seen, plus the window and a transaction's
+lifetime); when the table is full the oldest entries go, and every entry that goes,
+by age or by count, raises a floor: a body made at or before it is refused as stale,
+so an attacker who floods the table, or steps a reader's clock forward and back,
+only makes old messages fail, never replays pass.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import OrderedDict
@@ -58,9 +61,10 @@ class MemoryReplayCache:
         self.max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> (first seen, branch, the context's own time)
-        self._seen: OrderedDict[str, tuple[float, str | None, int]] = OrderedDict()
-        self._floor = -1   # bodies made at or before this were pushed out: stale
+        # key -> (first seen, branch, the context's time as counted, kept until)
+        self._seen: OrderedDict[str, tuple[float, str | None, int, float]] = OrderedDict()
+        self._expiries: list[tuple[float, str]] = []   # a heap of (kept until, key)
+        self._floor = -1   # bodies made at or before this are no longer remembered: stale
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -76,22 +80,33 @@ class MemoryReplayCache:
                 raise ReplayError("the body is older than what the replay cache still holds")
             seen = self._seen.get(key)
             if seen is not None:
-                first, first_branch, _ = seen
+                first, first_branch, _, _ = seen
                 if retransmissions and branch is not None and branch == first_branch \
                         and now - first <= TRANSACTION_LIFETIME:
                     return   # the same transaction again: the stack absorbs it
                 raise ReplayError("the body of this message was seen before")
-            # a time claimed in the future counts as now: a flood of such bodies must
-            # not push the floor past the messages honest senders are making
-            self._seen[key] = (now, branch, min(context.time, int(now)))
+            # Kept while the body could still pass the time check, however far the
+            # sender's clock is ahead of ours: until its own time plus the window, never
+            # less than a window after we saw it.
+            until = max(now, float(context.time)) + self.window + TRANSACTION_LIFETIME
+            # For the floor, a time claimed in the future counts as now: a flood of such
+            # bodies must not push the floor past the messages honest senders are making.
+            self._seen[key] = (now, branch, min(context.time, int(now)), until)
+            heapq.heappush(self._expiries, (until, key))
             while len(self._seen) > self.max_entries:
-                _, (_, _, made) = self._seen.popitem(last=False)
+                _, (_, _, made, _) = self._seen.popitem(last=False)
                 self._floor = max(self._floor, made)
 
     def _expire(self, now: float) -> None:
-        lifetime = self.window + TRANSACTION_LIFETIME
-        while self._seen:
-            key, (first, _, _) = next(iter(self._seen.items()))
-            if now - first <= lifetime:
-                break
-            del self._seen[key]
+        """Forget what can no longer pass the time check; what is forgotten raises the
+        floor, so a clock stepped forward (a sweep) and back again lets nothing through."""
+        while self._expiries and self._expiries[0][0] < now:
+            until, key = heapq.heappop(self._expiries)
+            entry = self._seen.get(key)
+            if entry is not None and entry[3] == until:   # not already pushed out by count
+                del self._seen[key]
+                self._floor = max(self._floor, entry[2])
+        if len(self._expiries) > 2 * self.max_entries:     # drop heap items of evicted keys
+            self._expiries = [(u, k) for u, k in self._expiries
+                              if k in self._seen and self._seen[k][3] == u]
+            heapq.heapify(self._expiries)

@@ -141,9 +141,13 @@ class SipContext:
             raise ReplayError("the body was made outside the accepted time window")
 
     def replay_key(self) -> str:
-        """The same for every copy of one message's body, whatever path it took."""
-        text = "\x00".join(str(f) for f in self.message_fields())
-        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        """The same for every copy of one message's body, whatever path it took, and
+        different for any two messages: a digest of the DER of the message fields (no
+        separator a percent-decoded AoR could contain makes two of them collide)."""
+        fields = der.seq(_utf8(self.call_id), _utf8(self.from_tag), der.enc_integer(self.cseq),
+                         _utf8(self.method), _utf8(self.from_aor), _utf8(self.to_aor),
+                         der.enc_integer(self.status))
+        return hashlib.sha256(fields).hexdigest()[:32]
 
     def same_message(self, other: SipContext) -> bool:
         return self.message_fields() == other.message_fields()

@@ -48,7 +48,7 @@ from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeEr
 from .certfiles import readable_certificate
 from .config import LegacyPeer, UAConfig
 from .dialog_keys import MAX_DIALOGS, DialogKeys
-from .learned_policies import LearnedPolicies, LearnedPolicy
+from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
 from .replay import MemoryReplayCache
 from .sdp import consistent, has_keys, split_for_proxy
 from .sipcontext import SipContext
@@ -185,9 +185,6 @@ class UAEngine:
         # Requests we sent, so an answer can be told from a stranger's message:
         # (Call-ID, CSeq number, method, top Via branch) -> (Request-URI, when sent)
         self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float]] = OrderedDict()
-        # CBC is opened only from the legacy peers the config names (no integrity:
-        # a padding oracle and tampering by anyone on the path otherwise)
-        self._legacy_limits = Limits(accept_cbc=True)
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -209,15 +206,16 @@ class UAEngine:
         """
         if not self.config.accept_policy_headers:
             return []
-        try:
-            announced = hdr.parse_policy_headers(message.get_all(hdr.PROXY_BODY_POLICY))
-        except E2MError:
-            return []
-        if not announced:
+        values = message.get_all(hdr.PROXY_BODY_POLICY)
+        if not values:
             return []
         with self._lock:
-            origin = self._policy_origin(message)
+            origin = self._policy_origin(message)   # before any parsing: a stranger's costs nothing
             if origin is None:
+                return []
+            try:   # bounded: more than any path of proxies announces is not read at all
+                announced = hdr.parse_policy_headers(values)
+            except E2MError:
                 return []
             source, scope, peer = origin
             learned = []
@@ -255,9 +253,15 @@ class UAEngine:
                 return None
             if message.method in ("REGISTER", "OPTIONS"):
                 return f"{message.method} {sent[0]}", None, peer
-            return f"dialog {message.call_id}", message.call_id, peer
+            scope = dialog_scope(message.call_id, peer)
+            return f"dialog {scope}", scope, peer
         if message.method == "INVITE" or message.to_tag:
-            return f"dialog {message.call_id}", message.call_id, _aor(message.get("From"))
+            # accepted by open (signed by its From, when it had a body): its dialog, with
+            # that peer only, so a request of another sender in the same Call-ID plants
+            # nothing in this one
+            peer = _aor(message.get("From"))
+            scope = dialog_scope(message.call_id, peer)
+            return f"dialog {scope}", scope, peer
         return None
 
     def _own_url_only(self, policy: hdr.PolicyHeader) -> hdr.PolicyHeader:
@@ -344,12 +348,16 @@ class UAEngine:
         self.certs.add_user(aor, cert)
         return cert
 
-    def _readers_for(self, method: str, content_type: str,
-                     call_id: str) -> tuple[list[LearnedPolicy], bool]:
-        """Proxies that must read such a body in that call (with a usable certificate),
-        and whether any of them (or a 495 we got) wants it signed."""
-        wanted = [p for p in self.policies.wanting(method, content_type, scope=call_id)
-                  if self.certs.proxy(p.host) is not None]
+    def _readers_for(self, method: str, content_type: str, call_id: str,
+                     peer: str | None) -> tuple[list[LearnedPolicy], bool]:
+        """Proxies that must read such a body to ``peer`` in that call (with a usable
+        certificate), and whether any of them (or a 495 we got) wants it signed.  Each is
+        asked again whether it may read what goes to this peer: a proxy of the peer's
+        domain learnt for one peer reads nothing we send to others."""
+        wanted = [p for p in self.policies.wanting(method, content_type,
+                                                   scope=dialog_scope(call_id, peer))
+                  if self.certs.proxy(p.host) is not None
+                  and (self.policies.is_configured(p.host) or self.accepts_proxy(p.host, peer))]
         asked = method in self._sign_for or any(p.wants_signature(method, content_type)
                                                 for p in wanted)
         return wanted, asked
@@ -363,7 +371,7 @@ class UAEngine:
         timeout, a transport error): every key of that Call-ID goes."""
         with self._lock:
             self.dialog_keys.forget_call(call_id)
-            self.policies.end_scope(call_id)
+            self.policies.end_call(call_id)
             self._retries.pop(call_id, None)
 
     # ------------------------------------------------------------------
@@ -386,13 +394,15 @@ class UAEngine:
             self._end_dialog(message)
         part = message_body(message)
         if part is None or has_protection(part) or not self._protectable(message, part):
+            if part is not None:
+                self._refuse_to_send_plaintext(message, part)
             return Protected(message, SecurityInfo(content_type=part.content_type.mime_type
                                                    if part else None))
         ctype = part.content_type.mime_type
         content = part.decoded()
         peer = _aor(message.get("To") if message.is_request else message.get("From"))
         legacy = self.legacy_peer(peer)
-        proxies, asked = self._readers_for(method, ctype, message.call_id)
+        proxies, asked = self._readers_for(method, ctype, message.call_id, peer)
         # Signed by default (encryption alone says nothing about who wrote it); a
         # legacy peer that cannot verify gets it unsigned unless a proxy asks.
         sign = asked or (self.config.sign and (legacy is None or legacy.sign))
@@ -506,11 +516,13 @@ class UAEngine:
         where E2M is required, 493-class errors for bodies not for us,
         403-class for bad or foreign signatures.
         """
-        self.learn(message)
         # every part, layer, signature and certificate path of this one message spends
         # one budget of public-key operations (cms/budget.py)
         with self._lock, message_budget(DEFAULT_LIMITS.max_public_key_ops):
-            return self._open(message)
+            opened = self._open(message)
+        # only a message we accepted may teach us anything (a refused one is a stranger's)
+        self.learn(message)
+        return opened
 
     def _open(self, message: SipMessage) -> Opened:
         method = message.method
@@ -528,7 +540,8 @@ class UAEngine:
         if not has_protection(part):
             return Opened(message, SecurityInfo(content_type=part.content_type.mime_type))
         named = self._named_hosts(message)
-        limits = self._legacy_limits if legacy is not None else DEFAULT_LIMITS
+        limits = DEFAULT_LIMITS if legacy is None else Limits(
+            accept_cbc=True, accept_unsigned_cbc=legacy.accept_unsigned_cbc)
         chosen: OpenedPart | None = None
         view: OpenedPart | None = None
         contexts: dict[int, SipContext | None] = {}
@@ -553,14 +566,22 @@ class UAEngine:
                 view = view or opened
             elif chosen is None:
                 chosen = opened
-        chosen = chosen or view
         if chosen is None:
+            if view is not None:
+                # a split body whose end-to-end copy is gone: the view has no keys, so
+                # taking it would accept an offer the sender never made to us
+                raise DowngradeError("the end-to-end copy of a split body is missing")
             raise UndecipherableError("no body part is for us")
         if self.config.require_e2m and not chosen.encrypted and self._protectable(
                 message, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
         agreed = None
-        if view is not None and view is not chosen and chosen.content_type == "application/sdp":
+        if view is not None:
+            # Only an SDP is ever split, and the view must be the full copy without its
+            # keys: otherwise the proxy was shown one thing and we are given another.
+            if view.content_type != "application/sdp" or chosen.content_type != "application/sdp":
+                raise InconsistentSplitError("a split body holds something else than an SDP "
+                                             "and its view")
             agreed = consistent(view.content, chosen.content, self.config.keying_attributes)
             if not agreed:
                 raise InconsistentSplitError("the proxy's view of the SDP is not the full copy "
@@ -573,7 +594,7 @@ class UAEngine:
             readable_by=tuple(sorted(readers)),
             signed=chosen.signed, signers=chosen.signers, trusted=signed_by_peer,
             key_reuse=any(e.recipient.kind == "kekri" for e in chosen.envelopes),
-            split=view is not None and view is not chosen, content_type=chosen.content_type,
+            split=view is not None, content_type=chosen.content_type,
             consistent=agreed)
         plain = with_entity(message, mime.make_part(chosen.entity.content_type, chosen.content))
         return Opened(plain, info)
@@ -581,7 +602,7 @@ class UAEngine:
     def _end_dialog(self, message: SipMessage) -> None:
         """The dialog (or the INVITE attempt) is over: its keys and its policies go."""
         self.dialog_keys.end_dialog(message)
-        self.policies.end_scope(message.call_id)
+        self.policies.end_call(message.call_id)
 
     def _strict(self, legacy: LegacyPeer | None) -> bool:
         """Whether a body must be signed and bound (everyone but a lenient legacy peer)."""
@@ -598,6 +619,19 @@ class UAEngine:
             ctype = leaf.content_type.mime_type
             if ctype == "application/sdp" or (message.is_request and message.method == "MESSAGE"):
                 raise DowngradeError(f"plaintext {ctype} body where E2M protection is required")
+
+    def _refuse_to_send_plaintext(self, message: SipMessage, part: mime.MimePart) -> None:
+        """A body we would pass on as it is must hold no SDP or MESSAGE text in the clear
+        at any depth (a multipart of SDP and a location object, a multipart beside an
+        S/MIME part): we do not protect such bodies part by part, so with ``require`` on
+        they are not sent at all (``PolicyError``), rather than their keys going out."""
+        if not self.config.require_e2m or (not message.is_request and (message.status or 0) >= 300):
+            return
+        for leaf in plaintext_leaves(part):
+            ctype = leaf.content_type.mime_type
+            if ctype == "application/sdp" or (message.is_request and message.method == "MESSAGE"):
+                raise PolicyError(f"a {ctype} inside a {part.content_type.mime_type} body would go "
+                                  "out in the clear: send it as the whole body to have it protected")
 
     def _check_replay(self, message: SipMessage, contexts: list[SipContext]) -> None:
         """A request's body seen before is a replay (a repeat with the same top Via

@@ -7,8 +7,8 @@ if nobody asks again.  The check and the write happen under the name's slot lock
 so two workers handed the same message at once cannot both let it through.
 
 A proxy never sees a retransmission here (tm absorbed it before the script ran), so
-any second sighting is a replay.  Bounds: the entries live at most the window plus
-32 s; their number is the request rate times that, in shared memory; when a write
+any second sighting is a replay.  Bounds: an entry lives while its body could pass
+the time check (the later of now and the body's time, plus the window and 32 s); their number is the request rate times that, in shared memory; when a write
 fails (shared memory full), the request is refused (``LimitExceededError``), never
 let through unrecorded.  Values hold no message content.
 """
@@ -52,8 +52,11 @@ class HtableReplayCache:
                         and now - _number(first) <= TRANSACTION_LIFETIME:
                     return
                 raise ReplayError("the body of this message was seen before")
+            # kept while the body could pass the time check, however far the sender's
+            # clock runs ahead of ours
+            ahead = max(0.0, context.time - now)
             self._backend.set(name, f"{now:.0f} {branch or ''}",
-                              int(self.window + TRANSACTION_LIFETIME) + 1)
+                              int(ahead + self.window + TRANSACTION_LIFETIME) + 1)
         finally:
             self._backend.unlock(name)
 

@@ -30,6 +30,10 @@ class Limits:
     # anyone): refused unless a setting names who may send it.  3DES and SHA-1
     # signatures are refused unless legacy algorithms are allowed.
     accept_cbc: bool = False
+    # CBC with no signature over it (inside or outside) gives whoever can send us a
+    # tampered copy a padding oracle: its success and its failure are told apart.  Even
+    # where CBC is accepted it must be signed, unless this says otherwise.
+    accept_unsigned_cbc: bool = False
     accept_legacy_algorithms: bool = False
     min_rsa_bits: int = 2048
     # Certificates (certpath, signed).  Keys are checked before any operation with them:

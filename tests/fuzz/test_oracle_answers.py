@@ -101,10 +101,10 @@ def _message_for(kit, der: bytes, cipher: str):
 
 @pytest.mark.parametrize("cipher", ["aes-128-gcm", "aes-128-cbc"])
 def test_the_proxy_gives_one_verdict_for_every_failure(kit, proxy_cred, cipher):
-    # alice is a legacy sender here: her raw envelopes (CBC, no SIP context) are taken
-    # at all only from a named legacy sender, and then every failure must look the same
+    # alice is a legacy peer here whose unsigned CBC is taken (the most permissive
+    # setting): then at least every failure must look the same
     proxy = flows.proxy_engine(kit.pki, flows.TRUSTED, view=("MESSAGE:*",),
-                               legacy_senders=(kit.pki.aor("alice"),))
+                               legacy_peers=(kit.pki.aor("alice"),), legacy_unsigned_cbc=True)
     cases = oracle_cases.cases(proxy_cred.cert, proxy_cred.key, cipher=cipher)
     good = proxy.inspect(_message_for(kit, cases["good"].der, cipher))
     assert good.action == "forward" and [s.plaintext for s in good.seen] == [oracle_cases.CONTENT.split(b"\r\n\r\n", 1)[1]]
@@ -130,7 +130,8 @@ def test_the_proxy_gives_one_verdict_for_every_failure(kit, proxy_cred, cipher):
 def test_the_ua_gives_one_error_for_every_failure(kit, cipher):
     bob_cred = kit.pki.user("bob")
     bob = flows.ua_engine(kit.pki, "bob", legacy=(LegacyPeer(kit.pki.aor("alice"),
-                                                             accept_unsigned=True),))
+                                                             accept_unsigned=True,
+                                                             accept_unsigned_cbc=True),))
     cases = oracle_cases.cases(bob_cred.cert, bob_cred.key, cipher=cipher)
     assert bob.open(_message_for(kit, cases["good"].der, cipher)).message.body
     answers = {}

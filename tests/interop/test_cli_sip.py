@@ -61,13 +61,13 @@ verify = []
     verify_proxy = tmp_path / "verify-proxy.toml"
     verify_proxy.write_text(proxy.read_text().replace("verify = []", 'verify = ["MESSAGE:*"]'))
     # openssl-made bodies are CBC, with no SIP context: taken only where a setting says so
-    legacy = 'legacy_senders = ["sip:alice@example.com"]\n'
+    legacy = 'legacy_peers = ["sip:alice@example.com"]\nlegacy_unsigned_cbc = true\n'
     legacy_proxy = tmp_path / "legacy-proxy.toml"
     legacy_proxy.write_text(proxy.read_text() + legacy)
     legacy_verify_proxy = tmp_path / "legacy-verify-proxy.toml"
     legacy_verify_proxy.write_text(verify_proxy.read_text() + legacy)
     legacy_bob = ua("bob", "alice", '\n[[legacy]]\npeer = "sip:alice@example.com"\n'
-                    'accept_unsigned = true\n', file="legacy-bob")
+                    'accept_unsigned = true\naccept_unsigned_cbc = true\n', file="legacy-bob")
     return {"alice": ua("alice", "bob", proxy_block), "bob": ua("bob", "alice"),
             "proxy": proxy, "verify_proxy": verify_proxy, "legacy_proxy": legacy_proxy,
             "legacy_verify_proxy": legacy_verify_proxy, "legacy_bob": legacy_bob,

@@ -58,7 +58,7 @@ from e2m_plugins.layers import open_message
 
 TEXT = b"Content-Type: text/plain\r\n\r\nsee you at noon, the usual table by the window\r\n"
 KEK = SharedKEK(b"kek-1", bytes(range(16)))
-CBC_OK = Limits(accept_cbc=True)
+CBC_OK = Limits(accept_cbc=True, accept_unsigned_cbc=True)   # as permissive as it gets
 
 
 def _answer(exc: BaseException) -> tuple:
@@ -292,6 +292,11 @@ def test_a_accepted_cbc_every_failure_after_decryption_is_a_wrong_key(pki):
 
     reference = _answer(_failure(at_part(good, wrong_key)))
     assert reference[0] is DecryptionError and reference[2] == "decryption failed"
+    # CBC accepted but not unsigned CBC: the good body itself gets the same answer (no
+    # signature covers it, so success and failure must not be told apart)
+    signed_only = Limits(accept_cbc=True)
+    assert _answer(_failure(lambda: open_part(_cbc_entity(good), ours, trust_anchors=[pki.ca.cert],
+                                              limits=signed_only))) == reference
     for name, fn in {"garbage, valid padding": at_part(garbage), "bad padding": at_part(bad_pad),
                      "not MIME": at_part(not_mime), "bad inner signature": at_part(bad_signature)}.items():
         assert _answer(_failure(fn)) == reference, name

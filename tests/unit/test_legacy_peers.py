@@ -3,7 +3,7 @@
 reSIProcate, the one maintained SIP stack with S/MIME, sends EnvelopedData with
 AES-128-CBC, RSA PKCS#1 v1.5 and issuerAndSerialNumber, unsigned, and opens only that.
 A ``[[legacy]]`` entry in UA.toml (an AoR or a domain) lets a UA talk to such a peer;
-``[policy] legacy_senders`` lets the proxy take its bodies.  Everyone else keeps the
+``[policy] legacy_peers`` lets the proxy take its bodies.  Everyone else keeps the
 strict defaults, and a refusal names the setting.
 """
 
@@ -68,12 +68,16 @@ def test_cbc_and_unsigned_only_from_the_legacy_peer_named(world):
     strict = ua_engine(world, "bob")
     with pytest.raises(DecryptionError):            # CBC refused, same answer as any failure
         strict.open(from_alice)
-    signing_only = ua_engine(world, "bob", legacy=(LegacyPeer(world.aor("alice")),))
-    with pytest.raises(SignatureRequiredError) as caught:
-        signing_only.open(from_alice)
-    assert "require_signature" in str(caught.value)  # the refusal names the setting
+    # Unsigned CBC is a padding oracle for any hop that can tamper: "bad padding" and
+    # "good padding but unsigned" must not answer differently, so a peer named only for
+    # signing or only for unsigned bodies still gets the one decryption answer.
+    for partial in (LegacyPeer(world.aor("alice")),
+                    LegacyPeer(world.aor("alice"), accept_unsigned=True)):
+        with pytest.raises(DecryptionError):
+            ua_engine(world, "bob", legacy=(partial,)).open(from_alice)
     lenient = ua_engine(world, "bob", legacy=(LegacyPeer(world.aor("alice"),
-                                                         accept_unsigned=True),))
+                                                         accept_unsigned=True,
+                                                         accept_unsigned_cbc=True),))
     opened = lenient.open(from_alice)
     assert opened.message.body == b"hi from resip" and not opened.info.signed
     assert world.aor("alice") not in opened.info.describe()  # nobody vouched for the sender
@@ -82,7 +86,18 @@ def test_cbc_and_unsigned_only_from_the_legacy_peer_named(world):
         lenient.open(_resiprocate_body(world, "carol", "bob"))
 
 
-def test_the_proxy_takes_cbc_only_from_named_legacy_senders(world):
+def test_unsigned_gcm_from_a_signing_legacy_peer_names_the_setting(world):
+    """No oracle in authenticated encryption, so the refusal can say what to change."""
+    msg = message(world, b"unsigned gcm", sender="alice", recipient="bob")
+    entity, _ = protect_content("text/plain", b"unsigned gcm",
+                                [recipient_for_certificate(world.user("bob").cert)])
+    signing_only = ua_engine(world, "bob", legacy=(LegacyPeer(world.aor("alice")),))
+    with pytest.raises(SignatureRequiredError) as caught:
+        signing_only.open(with_entity(msg, entity))
+    assert "require_signature" in str(caught.value)  # the refusal names the setting
+
+
+def test_the_proxy_takes_cbc_only_from_named_legacy_peers(world):
     def labelled(msg):
         entity, _ = protect_content("text/plain", b"to the archive",
                                     [recipient_for_certificate(world.user("bob").cert),
@@ -95,8 +110,12 @@ def test_the_proxy_takes_cbc_only_from_named_legacy_senders(world):
     strict = proxy_engine(world, TRUSTED, view=("MESSAGE:*",))
     refused = strict.inspect(body)
     assert refused.action == "reply" and refused.code == 496 and not refused.seen
+    signed_only = proxy_engine(world, TRUSTED, view=("MESSAGE:*",),
+                               legacy_peers=(world.aor("alice"),))
+    refused = signed_only.inspect(labelled(message(world)))   # CBC must still be signed
+    assert refused.action == "reply" and refused.code == 496 and not refused.seen
     named = proxy_engine(world, TRUSTED, view=("MESSAGE:*",),
-                         legacy_senders=(world.aor("alice"),))
+                         legacy_peers=(world.aor("alice"),), legacy_unsigned_cbc=True)
     taken = named.inspect(labelled(message(world)))
     assert taken.action == "forward" and [s.plaintext for s in taken.seen] == [b"to the archive"]
     # a legacy sender's CBC body gets the one answer for every failure after decryption
