@@ -141,9 +141,22 @@ def _parse_label_value(value: str) -> tuple[BodyLabel, ...]:
     return tuple(BodyLabel(h, tuple(c), p) for h, c, p in pending)
 
 
+MAX_LABELS_PER_MESSAGE = 64            # 16 parts, each labelled for 4 proxies
+MAX_LABEL_BYTES_PER_MESSAGE = 16 * 1024
+
+
 def parse_proxy_required_bodies(values: Iterable[str]) -> list[BodyLabel]:
-    """Labels from every Proxy-Required-Body instance, in header order."""
-    return [label for value in values for label in parse_proxy_required_body(value)]
+    """Labels from every Proxy-Required-Body instance, in header order.
+
+    ``LimitExceededError`` past ``MAX_LABELS_PER_MESSAGE`` labels or
+    ``MAX_LABEL_BYTES_PER_MESSAGE`` octets, checked before the values are parsed."""
+    values = list(values)
+    if sum(len(v) for v in values) > MAX_LABEL_BYTES_PER_MESSAGE:
+        raise LimitExceededError("Proxy-Required-Body headers too large")
+    labels = [label for value in values for label in parse_proxy_required_body(value)]
+    if len(labels) > MAX_LABELS_PER_MESSAGE:
+        raise LimitExceededError(f"more than {MAX_LABELS_PER_MESSAGE} body labels in one message")
+    return labels
 
 
 def labels_for(labels: Iterable[BodyLabel], host: str) -> BodyLabel | None:

@@ -338,9 +338,14 @@ class ProxyEngine:
     def _keys_for(self, message: SipMessage) -> list[OpeningKey]:
         """Our certificate key, and the CEKs we kept, found by kekri identifier
         while the envelope is opened (no second pass over the CMS)."""
+        worked_out: list[Scope] = []
+
         def kept_kek(reference: bytes) -> bytes | None:
-            # Scopes are worked out only when the envelope has a kekri at all.
-            scope = message_scope(message)
+            # Scopes are worked out only when the envelope has a kekri at all, and once
+            # per message: a stranger's body may hold hundreds of kekri.
+            if not worked_out:
+                worked_out.append(message_scope(message))
+            scope = worked_out[0]
             scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
             for candidate in scopes:
                 kept = self.cache.get(candidate, reference)

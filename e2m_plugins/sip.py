@@ -309,7 +309,9 @@ class SipMessage:
         """The branch of the top Via (the last hop's transaction), or of the bottom one
         (the originating UAC's: the same in a request and its responses, at every
         hop).  ``MalformedError`` without a Via or a branch."""
-        vias = [v for value in self.get_all("Via") for v in split_header_list(value)]
+        # only the header line that holds the wanted Via is split, not every one
+        values = self.get_all("Via")
+        vias = split_header_list(values[-1 if bottom else 0]) if values else []
         if not vias:
             raise MalformedError("message without Via")
         branch = parse_params(vias[-1 if bottom else 0].partition(";")[2]).get("branch")

@@ -49,6 +49,7 @@ from .uri import aor_of, host_key
 __all__ = ["SipContext", "context_for", "message_aors"]
 
 _MAX_READERS = 16
+_MAX_ELEMENTS = 64
 _MAX_TEXT = 1024
 
 
@@ -91,7 +92,9 @@ class SipContext:
     def decode(cls, value: bytes) -> SipContext:
         """Read one value; ``MalformedError`` for anything that is not a SipContext."""
         try:
-            items = der.items(der.read_all(value), 11, "SipContext")
+            # 12 fields and up to 16 readers: anything needing more elements is refused
+            # before the rest of it is read
+            items = der.items(der.read_all(value, max_elements=_MAX_ELEMENTS), 11, "SipContext")
             if len(items) > 12:
                 raise MalformedError("SipContext: too many fields")
             texts = [_text(items[i]) for i in (0, 1, 3, 4, 5, 9, 10)]

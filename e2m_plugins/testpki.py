@@ -127,13 +127,14 @@ def _key_usage(key_type_of: PrivateKeyTypes) -> x509.KeyUsage:
 
 def make_ca(common_name: str, key_type: KeyType = "ec", days: int = 3650, *,
             not_before: datetime | None = None,
-            not_after: datetime | None = None) -> Credential:
-    """Make a self-signed CA (EC P-256 by default; RSA and Ed25519 also work)."""
+            not_after: datetime | None = None, subject: x509.Name | None = None) -> Credential:
+    """Make a self-signed CA (EC P-256 by default; RSA and Ed25519 also work), named
+    ``CN=common_name`` unless a whole ``subject`` is given."""
     if key_type == "x25519":
         raise ValueError("an X25519 key cannot sign, so it cannot be a CA")
     key = generate_key(key_type)
     start, end = _validity(not_before, not_after, days)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    name = subject or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()

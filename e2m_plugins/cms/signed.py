@@ -1,7 +1,8 @@
 """CMS SignedData (RFC 5652 section 5): make and check signatures.
 
-asn1crypto carries the structure; every cryptographic step is done by
-``cryptography``.  Signers: RSA PKCS#1 v1.5, RSASSA-PSS, ECDSA and Ed25519
+asn1crypto builds what we sign; what we verify is read with the lean reader
+(``cms.der``: each element once, a bounded number of them); every cryptographic step
+is done by ``cryptography``.  Signers: RSA PKCS#1 v1.5, RSASSA-PSS, ECDSA and Ed25519
 (RFC 8419); DSA and SHA-1 are never produced, and accepted when verifying only
 with ``Limits(accept_legacy_algorithms=True)``, for old messages such as the
 RFC 4134 examples.
@@ -52,7 +53,7 @@ from ..certpath import (
     verify_chain,
 )
 from ..certfiles import readable_certificate
-from . import oids
+from . import der, oids
 from .budget import budget_scope, spend
 from .limits import DEFAULT_LIMITS, Limits
 
@@ -305,23 +306,22 @@ def sign(content: bytes, signer_cert: x509.Certificate, signer_key: PrivateKeyTy
 @dataclass(frozen=True)
 class _Cert:
     der: bytes
-    asn1: asn1_x509.Certificate
     cert: x509.Certificate | None  # None: cryptography cannot read it
 
 
 @dataclass(frozen=True)
 class _Signer:
     sid_kind: str                       # "issuer_and_serial_number" | "subject_key_identifier"
-    issuer: asn1_x509.Name | None
+    issuer: bytes | None                # the issuer Name as received (its whole encoding)
     serial: int | None
     ski: bytes | None
     digest_oid: str
     sig_oid: str
-    sig_params: algos.RSASSAPSSParams | None
+    sig_params: bytes | None            # RSASSA-PSS parameters as received
     signature: bytes
     signed_attrs_raw: bytes | None       # content octets of [0] signedAttrs as received
     signed_attrs_sorted: bytes | None    # the same attributes in DER order
-    attrs: dict[str, list[core.Asn1Value]]
+    attrs: dict[str, list[der.TLV]]
 
 
 @dataclass(frozen=True)
@@ -341,89 +341,141 @@ def _der_set(content: bytes) -> bytes:
     return b"\x31" + bytes([0x80 | len(length)]) + length + content
 
 
+# Untrusted SignedData is read with the lean reader (cms.der): each element once, at most
+# limits.max_der_elements of them, and counts checked as soon as they are known.
+# asn1crypto re-scans BER indefinite lengths once per enclosing level and re-encodes
+# any element whose length octets end in 0x80 when asked for its bytes; both made one
+# stranger's message cost seconds.  It now sees only small, bounded pieces.
+_MAX_PSS_PARAMS_BYTES = 256
+_MAX_DESCRIBED_NAME_BYTES = 4096
+
+
 def _parse(data: bytes, limits: Limits) -> _Parsed:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError("CMS input must be bytes")
     data = bytes(data)
     limits.check_size(len(data))
-    try:
-        info = cms.ContentInfo.load(data, strict=True)
-        if info["content_type"].dotted != _SIGNED_DATA:
-            raise MalformedError(
-                f"ContentInfo holds {info['content_type'].dotted}, not SignedData")
-        sd = info["content"]
-        if not isinstance(sd, cms.SignedData):
-            raise MalformedError("ContentInfo content is not SignedData")
-
-        cert_set = sd["certificates"]
-        certs: list[_Cert] = []
-        if not isinstance(cert_set, core.Void):
-            limits.check_count("certificates", len(cert_set), limits.max_certificates)
-            for choice in cert_set:
-                if choice.name != "certificate":
-                    continue  # attribute and other certificates play no part here
-                der = choice.chosen.dump()
-                if len(der) > limits.max_certificate_bytes:
-                    raise LimitExceededError(
-                        f"certificate of {len(der)} bytes exceeds the limit of "
-                        f"{limits.max_certificate_bytes}")
-                certs.append(_Cert(der=der, asn1=choice.chosen, cert=readable_certificate(der)))
-
-        signer_infos = sd["signer_infos"]
-        limits.check_count("signers", len(signer_infos), limits.max_signers)
-        signers = [_parse_signer(si, limits) for si in signer_infos]
-
-        # Re-read with the CMS class whatever the version, so eContent is
-        # always taken as the OCTET STRING it is and never parsed further.
-        encap = cms.EncapsulatedContentInfo.load(sd["encap_content_info"].dump())
-        ct_oid = encap["content_type"].dotted
-        econtent = encap["content"]
-        # bytes() also joins the chunks of a constructed (BER) OCTET STRING.
-        content = None if isinstance(econtent, core.Void) else bytes(econtent)
-        return _Parsed(content=content, content_type_oid=ct_oid, certs=tuple(certs),
-                       signers=tuple(signers))
-    except _PARSE_ERRORS as exc:
-        raise MalformedError(f"not a well-formed SignedData: {exc.__class__.__name__}") from None
+    top = der.read_all(data, max_elements=limits.max_der_elements)
+    info = der.items(top.expect(der.SEQUENCE, "ContentInfo"), 2, "ContentInfo")
+    if der.oid(info[0]) != _SIGNED_DATA:
+        raise MalformedError(f"ContentInfo holds {der.oid(info[0])}, not SignedData")
+    wrapped = der.items(info[1].expect(der.context(0), "ContentInfo content"), 1, "content")
+    if len(info) != 2 or len(wrapped) != 1:
+        raise MalformedError("ContentInfo content is not one SignedData")
+    fields = der.items(wrapped[0].expect(der.SEQUENCE, "SignedData"), 4, "SignedData")
+    der.integer(fields[0])                               # version: any value is read
+    fields[1].expect(der.SET, "digestAlgorithms")        # not used: each signer names its own
+    content_type_oid, content = _encapsulated(fields[2])
+    rest = fields[3:]
+    certs: list[_Cert] = []
+    if rest and rest[0].tag == der.context(0):
+        certs = _certificates(rest.pop(0), limits)
+    if rest and rest[0].tag == der.context(1):
+        rest.pop(0)                                      # CRLs in the message play no part
+    if len(rest) != 1:
+        raise MalformedError("SignedData: unexpected fields")
+    signer_infos = der.items(rest[0].expect(der.SET, "signerInfos"))
+    limits.check_count("signers", len(signer_infos), limits.max_signers)
+    signers = [_parse_signer(si, limits) for si in signer_infos]
+    return _Parsed(content=content, content_type_oid=content_type_oid, certs=tuple(certs),
+                   signers=tuple(signers))
 
 
-def _parse_signer(si: cms.SignerInfo, limits: Limits) -> _Signer:
-    sid = si["sid"]
+def _encapsulated(tlv: der.TLV) -> tuple[str, bytes | None]:
+    """(eContentType, eContent or None when detached); eContent is always taken as the
+    OCTET STRING it is (BER segments joined), never parsed further."""
+    fields = der.items(tlv.expect(der.SEQUENCE, "encapContentInfo"), 1, "encapContentInfo")
+    content_type_oid = der.oid(fields[0])
+    if len(fields) == 1:
+        return content_type_oid, None
+    inner = der.items(fields[1].expect(der.context(0), "eContent"), 1, "eContent")
+    if len(fields) != 2 or len(inner) != 1:
+        raise MalformedError("encapContentInfo: unexpected fields")
+    return content_type_oid, _octet_string(inner[0], "eContent")
+
+
+def _octet_string(tlv: der.TLV, what: str) -> bytes:
+    if tlv.tag & ~der.CONSTRUCTED != der.OCTET_STRING:
+        raise MalformedError(f"{what}: not an OCTET STRING")
+    return der.octets(tlv)
+
+
+def _certificates(tlv: der.TLV, limits: Limits) -> list[_Cert]:
+    choices = der.items(tlv)
+    limits.check_count("certificates", len(choices), limits.max_certificates)
+    certs = []
+    for choice in choices:
+        if choice.tag != der.SEQUENCE:
+            continue  # attribute and other certificates play no part here
+        encoded = choice.encoded
+        if len(encoded) > limits.max_certificate_bytes:
+            raise LimitExceededError(
+                f"certificate of {len(encoded)} bytes exceeds the limit of "
+                f"{limits.max_certificate_bytes}")
+        certs.append(_Cert(der=encoded, cert=readable_certificate(encoded)))
+    return certs
+
+
+def _algorithm(tlv: der.TLV, what: str) -> tuple[str, der.TLV | None]:
+    fields = der.items(tlv.expect(der.SEQUENCE, what), 1, what)
+    if len(fields) > 2:
+        raise MalformedError(f"{what}: unexpected fields")
+    return der.oid(fields[0]), fields[1] if len(fields) == 2 else None
+
+
+def _parse_signer(tlv: der.TLV, limits: Limits) -> _Signer:
+    fields = der.items(tlv.expect(der.SEQUENCE, "SignerInfo"), 5, "SignerInfo")
+    der.integer(fields[0])
+    sid = fields[1]
     issuer = serial = ski = None
-    if sid.name == "issuer_and_serial_number":
-        issuer = sid.chosen["issuer"]
-        serial = sid.chosen["serial_number"].native
-    elif sid.name == "subject_key_identifier":
-        ski = sid.chosen.native
+    if sid.tag == der.SEQUENCE:
+        kind = "issuer_and_serial_number"
+        ias = der.items(sid, 2, "IssuerAndSerialNumber")
+        if len(ias) != 2:
+            raise MalformedError("IssuerAndSerialNumber: unexpected fields")
+        issuer = ias[0].expect(der.SEQUENCE, "issuer").encoded
+        serial = der.integer(ias[1])
+    elif sid.tag & ~der.CONSTRUCTED == der.context(0, constructed=False):
+        kind = "subject_key_identifier"
+        ski = der.octets(sid)
     else:
         raise MalformedError("unknown SignerIdentifier")
-
-    sig_alg = si["signature_algorithm"]
-    sig_oid = sig_alg["algorithm"].dotted
+    digest_oid, _ = _algorithm(fields[2], "digestAlgorithm")
+    rest = fields[3:]
+    signed_attrs = rest.pop(0) if rest[0].tag == der.context(0) else None
+    if len(rest) < 2 or len(rest) > 3 or (len(rest) == 3 and rest[2].tag != der.context(1)):
+        raise MalformedError("SignerInfo: unexpected fields")
+    sig_oid, params = _algorithm(rest[0], "signatureAlgorithm")
     sig_params = None
     if sig_oid == _RSA_PSS:
-        params = sig_alg["parameters"]
-        if not isinstance(params, algos.RSASSAPSSParams):
+        if params is None or params.tag != der.SEQUENCE:
             raise MalformedError("RSASSA-PSS without parameters")
-        sig_params = params
+        sig_params = params.encoded
+        if len(sig_params) > _MAX_PSS_PARAMS_BYTES:
+            raise MalformedError("RSASSA-PSS parameters too long")
+    signature = _octet_string(rest[1], "signature")
 
     raw = sorted_der = None
-    attrs: dict[str, list[core.Asn1Value]] = {}
-    signed_attrs = si["signed_attrs"]
-    if not isinstance(signed_attrs, core.Void):
-        limits.check_count("signed attributes", len(signed_attrs), limits.max_attributes)
-        raw = _der_set(signed_attrs.contents)
-        sorted_der = _der_set(b"".join(sorted(a.dump() for a in signed_attrs)))
-        for attr in signed_attrs:
-            oid = attr["type"].dotted
+    attrs: dict[str, list[der.TLV]] = {}
+    if signed_attrs is not None:
+        items = der.items(signed_attrs)
+        limits.check_count("signed attributes", len(items), limits.max_attributes)
+        raw = _der_set(signed_attrs.value)
+        sorted_der = _der_set(b"".join(sorted(item.encoded for item in items)))
+        for item in items:
+            pair = der.items(item.expect(der.SEQUENCE, "Attribute"), 2, "Attribute")
+            if len(pair) != 2:
+                raise MalformedError("Attribute: unexpected fields")
+            oid = der.oid(pair[0])
             if oid in attrs:
                 # RFC 5652 5.3: each attribute type appears at most once.
                 raise MalformedError("a signed attribute type occurs twice")
-            attrs[oid] = list(attr["values"])
+            values = der.items(pair[1].expect(der.SET, "attrValues"))
+            limits.check_count("attribute values", len(values), limits.max_attributes)
+            attrs[oid] = values
     return _Signer(
-        sid_kind=sid.name, issuer=issuer, serial=serial, ski=ski,
-        digest_oid=si["digest_algorithm"]["algorithm"].dotted,
-        sig_oid=sig_oid, sig_params=sig_params,
-        signature=si["signature"].native,
+        sid_kind=kind, issuer=issuer, serial=serial, ski=ski, digest_oid=digest_oid,
+        sig_oid=sig_oid, sig_params=sig_params, signature=signature,
         signed_attrs_raw=raw, signed_attrs_sorted=sorted_der, attrs=attrs)
 
 
@@ -431,7 +483,7 @@ def _parse_signer(si: cms.SignerInfo, limits: Limits) -> _Signer:
 # Verification
 
 
-def _single(signer: _Signer, oid: str, what: str) -> core.Asn1Value:
+def _single(signer: _Signer, oid: str, what: str) -> der.TLV:
     values = signer.attrs.get(oid)
     if values is None:
         raise SignatureInvalidError(f"signed attributes lack {what}")
@@ -440,25 +492,61 @@ def _single(signer: _Signer, oid: str, what: str) -> core.Asn1Value:
     return values[0]
 
 
+def _time(tlv: der.TLV) -> datetime:
+    """A signing-time value: UTCTime (years 1950-2049) or GeneralizedTime, in UTC."""
+    text = bytes(tlv.value).decode("ascii", "replace")
+    try:
+        if tlv.tag == der.UTC_TIME and len(text) == 13:
+            moment = datetime.strptime("20" + text, "%Y%m%d%H%M%SZ")
+            if moment.year >= 2050:
+                moment = moment.replace(year=moment.year - 100)
+        elif tlv.tag == der.GENERALIZED_TIME and len(text) == 15:
+            moment = datetime.strptime(text, "%Y%m%d%H%M%SZ")
+        else:
+            raise MalformedError("signing-time is not a UTC time")
+    except ValueError:
+        raise MalformedError("unreadable signing-time") from None
+    return moment.replace(tzinfo=timezone.utc)
+
+
 def _cert_name_key(name: x509.Name) -> tuple:
     return tuple(frozenset((a.oid.dotted_string, a.value) for a in rdn) for rdn in name.rdns)
 
 
-def _asn1_name_key(name: asn1_x509.Name) -> tuple | None:
-    """The same key as ``_cert_name_key`` for an asn1crypto name: attribute types and
+# How ``cryptography`` decodes the string types of a name, to compare names by value.
+_NAME_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x12: "ascii", 0x1A: "ascii",
+                 0x14: "latin-1", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+
+
+def _name_key(encoded: bytes) -> tuple | None:
+    """The same key as ``_cert_name_key`` for a Name as received: attribute types and
     decoded values, compared exactly (no RFC 4518 preparation); linear in the name."""
     try:
         rdns = []
-        for rdn in name.chosen:
+        for rdn in der.items(der.read_all(encoded, max_elements=1024)):
             attributes = set()
-            for ntv in rdn:
-                value = ntv["value"].native
-                attributes.add((ntv["type"].dotted,
-                                value if isinstance(value, str) else ntv["value"].dump()))
+            for atv in der.items(rdn.expect(der.SET, "RDN")):
+                pair = der.items(atv.expect(der.SEQUENCE, "AttributeTypeAndValue"), 2)
+                value = pair[1]
+                codec = _NAME_STRINGS.get(value.tag)
+                attributes.add((der.oid(pair[0]),
+                                bytes(value.value).decode(codec) if codec else value.encoded))
             rdns.append(frozenset(attributes))
         return tuple(rdns)
-    except _PARSE_ERRORS:
+    except (E2MError, UnicodeDecodeError):
         return None
+
+
+def _tbs_fields(cert_der: bytes) -> tuple[int, bytes, der.TLV]:
+    """(serial number, issuer Name as encoded, subjectPublicKeyInfo) of a certificate,
+    read without parsing the rest of it."""
+    cert = der.items(der.read_all(cert_der, max_elements=1024), 3, "Certificate")
+    tbs = der.items(cert[0].expect(der.SEQUENCE, "tbsCertificate"), 6, "tbsCertificate")
+    if tbs[0].tag == der.context(0):
+        tbs = tbs[1:]
+    if len(tbs) < 6:
+        raise MalformedError("tbsCertificate: too few fields")
+    return der.integer(tbs[0]), tbs[2].expect(der.SEQUENCE, "issuer").encoded, tbs[5]
 
 
 def _find_signer_cert(signer: _Signer, pool: Sequence[_Cert]) -> _Cert:
@@ -467,26 +555,27 @@ def _find_signer_cert(signer: _Signer, pool: Sequence[_Cert]) -> _Cert:
     subjectKeyIdentifier.  Each comparison is linear in the names compared."""
     if signer.sid_kind == "issuer_and_serial_number":
         assert signer.issuer is not None
-        wanted_der = signer.issuer.dump()
         wanted_key: list = []  # computed once, only if a serial matches but the DER differs
         for candidate in pool:
             try:
-                tbs = candidate.asn1["tbs_certificate"]
-                serial = (candidate.cert.serial_number if candidate.cert is not None
-                          else tbs["serial_number"].native)
-                if serial != signer.serial:
-                    continue
-                if tbs["issuer"].dump() == wanted_der:
-                    return candidate
-                if candidate.cert is None:
-                    continue
-                if not wanted_key:
-                    wanted_key.append(_asn1_name_key(signer.issuer))
-                if wanted_key[0] is not None and \
-                        _cert_name_key(candidate.cert.issuer) == wanted_key[0]:
-                    return candidate
-            except _PARSE_ERRORS:
+                serial, issuer, _ = _tbs_fields(candidate.der)
+            except E2MError:
                 continue  # a broken certificate simply does not match
+            if serial != signer.serial:
+                continue
+            if issuer == signer.issuer:
+                return candidate
+            if candidate.cert is None:
+                continue
+            if not wanted_key:
+                wanted_key.append(_name_key(signer.issuer))
+            try:
+                found = wanted_key[0] is not None and \
+                    _cert_name_key(candidate.cert.issuer) == wanted_key[0]
+            except ValueError:
+                found = False
+            if found:
+                return candidate
     else:
         for candidate in pool:
             if candidate.cert is None:
@@ -505,12 +594,12 @@ def _unreadable_signer(found: _Cert) -> E2MError:
     """Why ``cryptography`` cannot read the signer certificate, from a bounded look at
     its key algorithm (never a full parse of what an attacker sent)."""
     try:
-        algorithm = found.asn1["tbs_certificate"]["subject_public_key_info"]["algorithm"]
-        inherited = (algorithm["algorithm"].dotted == _DSA
-                     and isinstance(algorithm["parameters"], (core.Void, core.Null)))
-    except _PARSE_ERRORS:
+        _, _, spki = _tbs_fields(found.der)
+        algorithm, params = _algorithm(
+            der.items(spki.expect(der.SEQUENCE, "subjectPublicKeyInfo"), 2)[0], "algorithm")
+    except E2MError:
         return MalformedError("the signer certificate is not well-formed")
-    if inherited:
+    if algorithm == _DSA and (params is None or params.tag == der.NULL):
         return UnsupportedAlgorithmError(
             "the signer certificate cannot be read (DSA parameters inherited from the CA)")
     return MalformedError("the signer certificate cannot be read")
@@ -532,8 +621,9 @@ def _legacy_problem(signer: _Signer, limits: Limits) -> str | None:
     return None
 
 
-def _pss_from_params(params: algos.RSASSAPSSParams) -> tuple[padding.PSS, hashes.HashAlgorithm]:
+def _pss_from_params(encoded: bytes) -> tuple[padding.PSS, hashes.HashAlgorithm]:
     try:
+        params = algos.RSASSAPSSParams.load(encoded, strict=True)   # at most 256 bytes
         hash_oid = params["hash_algorithm"]["algorithm"].dotted
         mgf = params["mask_gen_algorithm"]
         if mgf["algorithm"].dotted != _MGF1:
@@ -617,12 +707,13 @@ def _verify_signer(signer: _Signer, content: bytes, content_type_oid: str,
         _check_signature(signer, public_key, content, digest_cls)
     else:
         try:
-            claimed_type = _single(signer, _CONTENT_TYPE_ATTR, "content-type").dotted
-            claimed_digest = _single(signer, _MESSAGE_DIGEST_ATTR, "message-digest").native
+            claimed_type = der.oid(_single(signer, _CONTENT_TYPE_ATTR, "content-type"))
+            claimed_digest = _octet_string(_single(signer, _MESSAGE_DIGEST_ATTR,
+                                                   "message-digest"), "message-digest")
             if _SIGNING_TIME_ATTR in signer.attrs:
-                signing_time = _single(signer, _SIGNING_TIME_ATTR, "signing-time").native
-        except _PARSE_ERRORS:
-            raise MalformedError("unreadable signed attribute value") from None
+                signing_time = _time(_single(signer, _SIGNING_TIME_ATTR, "signing-time"))
+        except MalformedError as exc:
+            raise MalformedError(f"unreadable signed attribute value: {exc}") from None
         if claimed_type != content_type_oid:
             raise SignatureInvalidError("content-type attribute differs from eContentType")
         hasher = hashes.Hash(digest_cls())
@@ -650,7 +741,7 @@ def _verify_signer(signer: _Signer, content: bytes, content_type_oid: str,
         signature_algorithm=_SIGNATURES[signer.sig_oid][2],
         signing_time=signing_time,
         chain=tuple(chain),
-        attributes={oid: tuple(v.dump() for v in values) for oid, values in signer.attrs.items()
+        attributes={oid: tuple(v.encoded for v in values) for oid, values in signer.attrs.items()
                     if oid not in (_CONTENT_TYPE_ATTR, _MESSAGE_DIGEST_ATTR, _SIGNING_TIME_ATTR)},
     )
 
@@ -664,10 +755,10 @@ def _pool(parsed: _Parsed, extra_certs: Sequence[x509.Certificate]) -> list[_Cer
     pool = list(parsed.certs)
     seen = {c.der for c in pool}
     for cert in extra_certs:
-        der = cert.public_bytes(serialization.Encoding.DER)
-        if der not in seen:
-            seen.add(der)
-            pool.append(_Cert(der=der, asn1=asn1_x509.Certificate.load(der), cert=cert))
+        encoded = cert.public_bytes(serialization.Encoding.DER)
+        if encoded not in seen:
+            seen.add(encoded)
+            pool.append(_Cert(der=encoded, cert=cert))
     return pool
 
 
@@ -738,19 +829,31 @@ class SignedDescription:
     nested_cms: bytes | None              # the content when it is itself CMS, else None
 
 
-def _describe_attribute(oid: str, values: list[core.Asn1Value]) -> tuple[str, str | None]:
+def _describe_attribute(oid: str, values: list[der.TLV]) -> tuple[str, str | None]:
     name = oids.name_of(oid)
     if len(values) != 1:
         return name, None
     value = values[0]
-    if oid == _CONTENT_TYPE_ATTR:
-        return name, oids.name_of(value.dotted)
-    if oid == _SIGNING_TIME_ATTR:
-        moment = value.native
-        return name, moment.isoformat() if isinstance(moment, datetime) else str(moment)
-    if oid == _MESSAGE_DIGEST_ATTR:
-        return name, bytes(value.native).hex()
+    try:
+        if oid == _CONTENT_TYPE_ATTR:
+            return name, oids.name_of(der.oid(value))
+        if oid == _SIGNING_TIME_ATTR:
+            return name, _time(value).isoformat()
+        if oid == _MESSAGE_DIGEST_ATTR:
+            return name, _octet_string(value, "message-digest").hex()
+    except MalformedError:
+        pass
     return name, None
+
+
+def _describe_name(encoded: bytes) -> str:
+    """An issuer name for people to read; a stranger's huge name is only measured."""
+    if len(encoded) > _MAX_DESCRIBED_NAME_BYTES:
+        return f"<a name of {len(encoded)} bytes>"
+    try:
+        return asn1_x509.Name.load(encoded, strict=True).human_friendly
+    except _PARSE_ERRORS:
+        return "<an unreadable name>"
 
 
 def _describe_signer(signer: _Signer) -> SignerDescription:
@@ -758,7 +861,7 @@ def _describe_signer(signer: _Signer) -> SignerDescription:
         identifier, issuer = f"ski={signer.ski.hex()}", None
     else:
         identifier = f"issuer-serial={signer.serial:x}"
-        issuer = signer.issuer.human_friendly if signer.issuer is not None else None
+        issuer = _describe_name(signer.issuer) if signer.issuer is not None else None
     digest = _DIGESTS.get(signer.digest_oid, (signer.digest_oid, None))[0]
     signature = _SIGNATURES.get(signer.sig_oid, ("", None, signer.sig_oid))[2]
     attributes = tuple(_describe_attribute(oid, values) for oid, values in signer.attrs.items())

@@ -6,7 +6,7 @@ import base64
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from asn1crypto import cms
+from asn1crypto import cms, core
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -452,3 +452,57 @@ def test_describe_signed_reports_structure_not_content(pki) -> None:
     assert outer.content_type == "auth-enveloped-data" and outer.nested_cms == envelope
     with pytest.raises(MalformedError):
         describe_signed(envelope)
+
+
+# -- work per message: counted before it is done ----------------------------------
+
+def _to_ber(encoded: bytes, keep_der: tuple[int, ...] = (0xA0,)) -> bytes:
+    """Re-encode every constructed element with indefinite lengths, as a streaming
+    encoder (openssl cms -stream) does; ``keep_der`` tags stay as they are (the signed
+    attributes, which the signature covers in DER)."""
+    from e2m_plugins.cms import der
+
+    def walk(tlv) -> bytes:
+        if not tlv.constructed or tlv.tag in keep_der or tlv.tag == 0x30 and tlv.depth > 3:
+            return tlv.encoded
+        return bytes([tlv.tag, 0x80]) + b"".join(walk(k) for k in der.items(tlv)) + b"\0\0"
+    return walk(der.read_all(encoded))
+
+
+def test_a_streamed_ber_signed_data_verifies(pki) -> None:
+    cred = pki.user("alice", "ec")
+    ber = _to_ber(sign(CONTENT, cred.cert, cred.key))
+    assert b"\x30\x80" in ber
+    assert verify(ber, trust_anchors=[pki.ca.cert]).content == CONTENT
+
+
+def test_an_issuer_name_whose_length_ends_in_0x80_is_matched_as_received(pki) -> None:
+    """asn1crypto re-encodes a structure whose length octets end in 0x80 whenever its
+    bytes are asked for; the issuer is now compared as received."""
+    from cryptography.x509.oid import NameOID
+    for pad in range(1, 64):
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "o" * 50),
+                             x509.NameAttribute(NameOID.COMMON_NAME, "c" * pad)])
+        if subject.public_bytes()[1:3] == b"\x81\x80":
+            break
+    else:
+        raise AssertionError("no name of 128 octets")
+    ca = make_ca("unused", subject=subject)
+    cred = issue_user(ca, "sip:alice@example.com", "ec")
+    result = verify(sign(CONTENT, cred.cert, cred.key), trust_anchors=[ca.cert])
+    assert result.signers[0].certificate == cred.cert
+
+
+def test_signed_attribute_values_are_counted_before_they_are_read(pki) -> None:
+    cred = pki.user("alice", "ec")
+
+    def many_values(sd) -> None:
+        attrs = sd["signer_infos"][0]["signed_attrs"]
+        attrs.append(cms.CMSAttribute({"type": "1.2.3.4",
+                                       "values": [core.Null() for _ in range(5000)]}))
+    with pytest.raises(LimitExceededError):
+        verify(_rebuild(sign(CONTENT, cred.cert, cred.key), many_values),
+               trust_anchors=[pki.ca.cert])
+    with pytest.raises(LimitExceededError):   # and every body's elements are counted
+        verify(sign(CONTENT, cred.cert, cred.key), trust_anchors=[pki.ca.cert],
+               limits=Limits(max_der_elements=10))
