@@ -54,7 +54,7 @@ from .sdp import consistent, has_keys, split_for_proxy
 from .sipcontext import SipContext
 from .grammar import split_header_list
 from .sip import SipMessage, canonical_name, make_response, parse_address
-from .uri import host_key, http_url_host, identity_of, split_hostport
+from .uri import aor_of, host_key, http_url_host, identity_of, split_hostport
 from .sip_errors import answer_for
 
 __all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_attempt",
@@ -65,6 +65,9 @@ _SESSION_METHODS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 MAX_RETRIES_PER_CALL = 3         # 496/495/493 answers we follow for one Call-ID
 _MAX_SENT = 1024                 # requests remembered to tell answers from strangers
 _SENT_LIFETIME = 64.0            # ... for a transaction's lifetime (64*T1 at most)
+MAX_SERVICE_PEERS = 256          # peer certificates kept from a certificate service
+MAX_PEERS_WANTED = 64            # peers we could not encrypt to, for the adapter to fetch
+_WANTED_LIFETIME = 300.0
 
 
 class MissingPeerCertificateError(PolicyError):
@@ -185,6 +188,11 @@ class UAEngine:
         # Requests we sent, so an answer can be told from a stranger's message:
         # (Call-ID, CSeq number, method, top Via branch) -> (Request-URI, when sent)
         self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float]] = OrderedDict()
+        # Peer certificates from a certificate service (RFC 6072): AoR -> when the
+        # subscription that gave it lapses.  [peers] entries are never in here.
+        self._service_peers: OrderedDict[str, float] = OrderedDict()
+        self._peers_wanted: OrderedDict[str, float] = OrderedDict()
+        self._configured_peers = {str(aor_of(aor)) for aor in config.peers}
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -343,9 +351,89 @@ class UAEngine:
             raise CertificateRejectedError(f"{host} is configured with another certificate, "
                                            "which no answer replaces")
 
-    def add_peer_certificate(self, aor: str, der_or_pem: bytes) -> x509.Certificate:
+    def add_peer_certificate(self, aor: str, der_or_pem: bytes, *,
+                             expires_in: float | None = None) -> x509.Certificate:
+        """Check and keep a peer's certificate exactly as a ``[peers]`` entry is checked
+        (chain to ``[trust] ca``, SAN URI equal to ``aor``, validity, key usage).
+
+        ``expires_in``: it came from a certificate service (RFC 6072) and is kept for
+        that long (at most ``MAX_SERVICE_PEERS`` of them, the oldest dropped).  A
+        configured ``[peers]`` entry wins: ``CertificateRejectedError`` for another
+        certificate of that AoR.  Raises ``CertificateRejectedError`` naming the AoR
+        and the failed check."""
         cert = _certificate_from(der_or_pem)
-        self.certs.add_user(aor, cert)
+        name = str(aor_of(aor))
+        with self._lock:
+            if name in self._configured_peers:
+                held = self.certs.user(name)
+                der = serialization.Encoding.DER
+                if held is None or held.public_bytes(der) != cert.public_bytes(der):
+                    raise CertificateRejectedError(
+                        f"{name} is configured in [peers] with another certificate")
+                return held
+            self.certs.add_user(name, cert)
+            self._peers_wanted.pop(name, None)
+            if expires_in is not None:
+                self._service_peers.pop(name, None)
+                self._service_peers[name] = self._clock() + max(0.0, expires_in)
+                while len(self._service_peers) > MAX_SERVICE_PEERS:
+                    oldest, _ = self._service_peers.popitem(last=False)
+                    self.certs.remove_user(oldest)
+        return cert
+
+    def drop_peer_certificate(self, aor: str) -> bool:
+        """Forget a peer certificate the service gave (an empty NOTIFY: it was removed);
+        a ``[peers]`` entry stays."""
+        name = str(aor_of(aor))
+        with self._lock:
+            if name in self._configured_peers:
+                return False
+            self._service_peers.pop(name, None)
+            return self.certs.remove_user(name)
+
+    def peer_certificates_wanted(self) -> list[str]:
+        """AoRs a protected message could not be encrypted to for want of their
+        certificate (the last five minutes, at most 64): for the adapter to fetch
+        from the peer's certificate service and then send again."""
+        with self._lock:
+            now = self._clock()
+            for aor in [a for a, since in self._peers_wanted.items()
+                        if now - since > _WANTED_LIFETIME]:
+                del self._peers_wanted[aor]
+            return list(self._peers_wanted)
+
+    def accept_certificate_notify(self, notify: SipMessage, subscribed_to: str,
+                                  expires_in: float) -> x509.Certificate | None:
+        """A NOTIFY of our ``certificate`` subscription to ``subscribed_to`` (the adapter
+        matched it to the subscription's dialog): its From must be that AoR
+        (RFC 6072 §6.1); a body is a new certificate, no body means it was removed.
+        Returns the certificate kept, or None when it was dropped."""
+        try:
+            sender = str(aor_of(parse_address(notify.get("From") or "").uri))
+        except E2MError:
+            sender = None
+        wanted = str(aor_of(subscribed_to))
+        if sender != wanted:
+            raise CertificateRejectedError(f"a NOTIFY for {wanted} came from {sender or 'nobody'}")
+        if not notify.body:
+            self.drop_peer_certificate(wanted)
+            return None
+        return self.add_peer_certificate(wanted, notify.body, expires_in=expires_in)
+
+    def _peer_certificate(self, aor: str) -> x509.Certificate | None:
+        """The certificate to encrypt to ``aor``: configured, learnt from a signature, or
+        from the service while its subscription lasts; None records it as wanted."""
+        name = str(identity_of(aor) or aor)
+        lapses = self._service_peers.get(name)
+        if lapses is not None and self._clock() > lapses:
+            del self._service_peers[name]
+            self.certs.remove_user(name)
+        cert = self.certs.user(aor)
+        if cert is None and name not in self._configured_peers:
+            self._peers_wanted.pop(name, None)
+            self._peers_wanted[name] = self._clock()
+            while len(self._peers_wanted) > MAX_PEERS_WANTED:
+                self._peers_wanted.popitem(last=False)
         return cert
 
     def _readers_for(self, method: str, content_type: str, call_id: str,
@@ -479,7 +567,7 @@ class UAEngine:
             recipients.append(reuse_kek(key.cek, key.reference))
             holders = key.readers
         else:
-            peer_cert = self.certs.user(peer) if peer else None
+            peer_cert = self._peer_certificate(peer) if peer else None
             if peer_cert is None:
                 raise MissingPeerCertificateError(f"no checked certificate for {peer or 'the peer'}")
             recipients.append(recipient_for_certificate(peer_cert))
