@@ -9,7 +9,9 @@ The markers (registered in ``pyproject.toml``) and what each one checks:
 - ``sipp``: ``sipp`` on PATH (``e2m_lab.sipp`` runs it by name);
 - ``pjsua2``: the ``pjsua2`` Python module (the phone, ``e2m-phone``);
 - ``tcpdump``: a tcpdump that may capture here (root, ``sudo -n`` or cap_net_raw);
-- ``openssl``: the ``openssl`` command line tool.
+- ``openssl``: the ``openssl`` command line tool;
+- ``postgres``: Debian's PostgreSQL server binaries (``e2m_lab.postgres`` runs a
+  private cluster of them).
 
 A test carries them as a module's ``pytestmark`` or its own decorator; a test that uses
 a fixture of ``e2m_lab.pytest_fixtures`` or ``tests/kamailio/conftest.py`` is marked
@@ -76,8 +78,16 @@ def _openssl() -> str | None:
     return None if shutil.which("openssl") else "openssl is not installed: no openssl on PATH"
 
 
+def _postgres() -> str | None:
+    from .postgres import server_binaries
+
+    return None if server_binaries() else \
+        "PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb (make setup installs it)"
+
+
 CHECKS: dict[str, Callable[[], str | None]] = {
     "kamailio": _kamailio, "sipp": _sipp, "pjsua2": _pjsua2, "tcpdump": _tcpdump,
+    "postgres": _postgres,
     "openssl": _openssl,
 }
 
