@@ -358,17 +358,25 @@ _UA_E2M_KEYS = {"require", "sign", "require_signature", "cek_reuse", "split_sdp"
                 "replay_window", "cek_max_age", "cek_max_uses", "keying_attributes"}
 
 
-def _ua_proxies(reader: _Reader, anchors: tuple[x509.Certificate, ...]) -> tuple[KnownProxy, ...]:
-    entries = reader.data.get("proxies", [])
+def _array_of_tables(reader: _Reader, name: str) -> list[tuple[str, dict]]:
+    """(where, table) for each ``[[name]]`` entry; what is not a table is a problem."""
+    entries = reader.data.get(name, [])
     if not isinstance(entries, list):
-        reader.problems.append("[[proxies]] must be an array of tables")
-        return ()
+        reader.problems.append(f"[[{name}]] must be an array of tables")
+        return []
     found = []
     for index, entry in enumerate(entries):
-        where = f"[[proxies]] #{index + 1}"
-        if not isinstance(entry, dict):
+        where = f"[[{name}]] #{index + 1}"
+        if isinstance(entry, dict):
+            found.append((where, entry))
+        else:
             reader.problems.append(f"{where} must be a table")
-            continue
+    return found
+
+
+def _ua_proxies(reader: _Reader, anchors: tuple[x509.Certificate, ...]) -> tuple[KnownProxy, ...]:
+    found = []
+    for where, entry in _array_of_tables(reader, "proxies"):
         reader.unknown_keys(entry, where, {"host", "cert", "view", "verify"})
         host = reader.get(entry, where, "host", str, required=True)
         cert = reader.load(f"{where}.cert", reader.get(entry, where, "cert", str, required=True),
@@ -389,16 +397,8 @@ def _ua_proxies(reader: _Reader, anchors: tuple[x509.Certificate, ...]) -> tuple
 
 
 def _ua_legacy(reader: _Reader) -> tuple[LegacyPeer, ...]:
-    entries = reader.data.get("legacy", [])
-    if not isinstance(entries, list):
-        reader.problems.append("[[legacy]] must be an array of tables")
-        return ()
     found = []
-    for index, entry in enumerate(entries):
-        where = f"[[legacy]] #{index + 1}"
-        if not isinstance(entry, dict):
-            reader.problems.append(f"{where} must be a table")
-            continue
+    for where, entry in _array_of_tables(reader, "legacy"):
         reader.unknown_keys(entry, where, {"peer", "sign", "accept_unsigned", "accept_unsigned_cbc"})
         name = reader.get(entry, where, "peer", str, required=True)
         if name is None:
