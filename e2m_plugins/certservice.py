@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -133,15 +133,18 @@ def _bad_event() -> Answer:
     return Answer(489, "Bad Event", (("Allow-Events", EVENT),), detail="Event is not certificate")
 
 
-def _expires(message: SipMessage, default: int) -> int | None:
-    """The Expires header (``default`` when absent); None when unreadable."""
-    value = message.get("Expires")
-    if value is None:
-        return default
-    value = value.strip()
+def _expires(message: SipMessage, default: int,
+             settings: ServiceSettings = ServiceSettings()) -> int | Answer:
+    """The Expires header (``default`` when absent), or the answer to a bad one:
+    400 when unreadable, 423 when shorter than ``min_expires`` but not 0."""
+    value = (message.get("Expires") or str(default)).strip()
     if not value.isdigit() or len(value) > 10:
-        return None
-    return int(value)
+        return Answer(400, "Bad Request", detail="unreadable Expires")
+    requested = int(value)
+    if 0 < requested < settings.min_expires:
+        return Answer(423, "Interval Too Brief", (("Min-Expires", str(settings.min_expires)),),
+                      detail=f"Expires {requested}")
+    return requested
 
 
 def _target(message: SipMessage) -> str | None:
@@ -201,12 +204,9 @@ def publish(message: SipMessage, *, authenticated: str | None, store: Publicatio
     if owner != aor:
         return Answer(403, "Forbidden", aor=aor,
                       detail=f"{authenticated} may not publish for {aor}")
-    requested = _expires(message, settings.default_publish_expires)
-    if requested is None:
-        return Answer(400, "Bad Request", aor=aor, detail="unreadable Expires")
-    if 0 < requested < settings.min_expires:
-        return Answer(423, "Interval Too Brief", (("Min-Expires", str(settings.min_expires)),),
-                      aor=aor, detail=f"Expires {requested}")
+    requested = _expires(message, settings.default_publish_expires, settings)
+    if isinstance(requested, Answer):
+        return replace(requested, aor=aor)
     body = message.body or b""
     match = message.get("SIP-If-Match")
     current = store.current(aor)
@@ -284,12 +284,9 @@ def subscribe(message: SipMessage, *, store: PublicationStore, now: float,
         return Answer(400, "Bad Request", detail="Request-URI is not an AoR")
     if not _accepts_pkix(message):
         return Answer(406, "Not Acceptable", aor=aor, detail="Accept excludes application/pkix-cert")
-    requested = _expires(message, settings.default_subscribe_expires)
-    if requested is None:
-        return Answer(400, "Bad Request", aor=aor, detail="unreadable Expires")
-    if 0 < requested < settings.min_expires:
-        return Answer(423, "Interval Too Brief", (("Min-Expires", str(settings.min_expires)),),
-                      aor=aor, detail=f"Expires {requested}")
+    requested = _expires(message, settings.default_subscribe_expires, settings)
+    if isinstance(requested, Answer):
+        return replace(requested, aor=aor)
     granted = min(requested, settings.max_subscribe_expires)
     current = store.current(aor)
     body = current.der if current is not None and current.expires > now else b""
