@@ -290,8 +290,10 @@ def _open(data: bytes, keys: list[OpeningKey] | tuple[OpeningKey, ...], want_cek
     if found is None:
         raise NoMatchingRecipientError("no RecipientInfo is addressed to the keys given")
     if not authenticated and not limits.accept_cbc:
-        # Refused before any key work, with the answer of a wrong key.
-        raise DecryptionError()
+        # Refused before any key work, with the answer of a wrong key.  The algorithm is
+        # in the clear, so naming the setting (for the log) tells a hop nothing new.
+        raise DecryptionError("decryption failed: CBC is opened only for a peer a setting "
+                              "names (UA.toml [[legacy]], PROXY.toml [policy] legacy_peers)")
     unwrapped = found.unwrap(cipher.key_bytes)
     plaintext = ciphers.decrypt_content(cipher, parsed.cipher_params, unwrapped.cek, parsed.ciphertext,
                                         parsed.mac, parsed.auth_attrs_der)

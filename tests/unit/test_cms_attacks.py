@@ -55,6 +55,7 @@ from e2m_plugins.errors import (
 )
 from e2m_plugins.keycache import DialogScope, MemoryKeyCache
 from e2m_plugins.layers import open_message
+from e2m_plugins.sip_errors import answer_for
 
 TEXT = b"Content-Type: text/plain\r\n\r\nsee you at noon, the usual table by the window\r\n"
 KEK = SharedKEK(b"kek-1", bytes(range(16)))
@@ -255,7 +256,12 @@ def test_a_cbc_is_refused_by_default_with_the_answer_of_a_wrong_key(pki):
     other = [CertificateKey(bob.cert, pki.user("alice").key)]
     refused = _failure(lambda: open_envelope(cbc, ours))
     assert isinstance(refused, DecryptionError), f"CBC opened by default: {refused!r}"
-    assert _answer(refused) == _answer(_failure(lambda: open_envelope(wrong_key, other)))
+    wrong = _failure(lambda: open_envelope(wrong_key, other))
+    # The same error and the same answer on the wire; the log line names the setting
+    # (the algorithm is in the clear, refused before any key work: nothing to learn).
+    assert type(refused) is type(wrong)
+    assert all(answer_for(refused, role) == answer_for(wrong, role) for role in ("ua", "proxy"))
+    assert "legacy_peers" in str(refused) and "[[legacy]]" in str(refused)
     assert counting.decrypts == 0, "a refused CBC envelope cost an RSA decryption"
     # also for a shared KEK, and through open_message
     assert _answer(_failure(lambda: open_envelope(seal(TEXT, [KEK], cipher="aes-256-cbc").der, [KEK]))) \
