@@ -6,11 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_PACKAGES := openssl kamailio kamailio-python3-modules kamailio-utils-modules \
-                kamailio-extra-modules sip-tester tcpdump python3-venv
+                kamailio-extra-modules kamailio-sqlite-modules kamailio-tls-modules \
+                sip-tester sipsak tcpdump python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup apt openssl-upgrade venv test test-unit bench demo clean fuzz soak
+.PHONY: setup apt openssl-upgrade venv test test-unit bench demo clean fuzz soak soak-phone
 
 setup: apt openssl-upgrade venv
 

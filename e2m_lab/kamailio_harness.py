@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 
 
 from e2m_plugins.testpki import TestPKI
-from e2m_plugins.sip import SipMessage, make_response, parse
+from e2m_plugins.sip import RequestLine, SipMessage, make_request, make_response, parse
 from .ports import free_port
 
 from .proxy_process import ProxyProcess
@@ -47,16 +48,17 @@ _counter = itertools.count(1)
 
 
 def udp_transaction(port: int, request: bytes | SipMessage, timeout: float = 3.0,
-                    final_only: bool = True) -> SipMessage | None:
-    """Send one request to 127.0.0.1:port from a fresh socket; the (final) response, or
+                    final_only: bool = True, source: str = "127.0.0.1") -> SipMessage | None:
+    """Send one request to 127.0.0.1:port from a fresh socket on ``source`` (any loopback
+    address: a stranger other than the proxy's own address); the (final) response, or
     None on timeout.  A ``SipMessage`` gets a top Via naming that socket (rport), so the
     answer comes back to it; bytes are sent as they are."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((source, 0))
     sock.settimeout(timeout)
     try:
         if isinstance(request, SipMessage):
-            via = (f"SIP/2.0/UDP 127.0.0.1:{sock.getsockname()[1]};rport;"
+            via = (f"SIP/2.0/UDP {source}:{sock.getsockname()[1]};rport;"
                    f"branch=z9hG4bK-u{next(_counter)}x{os.getpid()}")
             request = request.replace("Via", via).serialize()
         sock.sendto(request, ("127.0.0.1", port))
@@ -89,7 +91,6 @@ def build_request(method: str, uri: str, *, from_user: str = "alice", to_user: s
     hs += headers or []
     if content_type:
         hs.append(("Content-Type", content_type))
-    from e2m_plugins.sip import RequestLine
     return SipMessage(RequestLine(method, uri), tuple(hs), body).serialize()
 
 
@@ -106,10 +107,28 @@ class ProxyHandle:
     log_path: Path = field(default=Path("/dev/null"))
     archive_path: Path | None = None
     cert_url: str | None = None
+    tls_port: int | None = None        # the tls: listener, when started with tls=...
+    realm: str | None = None           # [auth] realm, when started with auth=...
 
     @property
     def uri(self) -> str:
         return f"sip:127.0.0.1:{self.port}"
+
+    @property
+    def tls_uri(self) -> str:
+        assert self.tls_port is not None, "this proxy has no TLS listener"
+        return f"sip:127.0.0.1:{self.tls_port};transport=tls"
+
+    def shm(self) -> dict[str, int]:
+        """Kamailio's shared memory figures (core.shmmem: total, free, used, real_used ...)."""
+        return {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", self.rpc("core.shmmem"))}
+
+    def add_user(self, name: str, password: str) -> None:
+        """Add an [auth] user with the operator's command (password on standard input)."""
+        done = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "users", "add",
+                               "--config", str(self.config_path), name], input=password + "\n",
+                              capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
 
     @property
     def runtime_dir(self) -> Path:
@@ -128,6 +147,16 @@ class ProxyHandle:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def wait_log(self, text: str, mark: int = 0, timeout: float = 3.0) -> bool:
+        """Whether ``text`` shows up in the log (after ``mark``) within ``timeout``: the
+        launcher passes Kamailio's log on a moment after Kamailio wrote it."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_since(mark):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def options(self, timeout: float = 1.0) -> SipMessage | None:
         return udp_transaction(self.port, build_request("OPTIONS", self.uri, to_user="probe"),
@@ -186,15 +215,41 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
                        verify: tuple[str, ...] = (), archive: bool = True,
                        fail_request_on_error: bool = False, workers: int = 2,
                        log_level: str = "info", domains: tuple[str, ...] = ("example.com",),
+                       auth: bool | dict[str, Any] = False,
+                       users: dict[str, str] | None = None,
+                       tls: bool | dict[str, Any] = False, tls_port: int | None = None,
+                       limits: dict[str, Any] | None = None,
                        extra: dict[str, dict[str, Any]] | None = None) -> Path:
-    """PROXY.toml for one proxy; returns its path.  The archive (when on) is archive.sqlite."""
+    """PROXY.toml for one proxy; returns its path.  The archive (when on) is archive.sqlite.
+
+    ``auth``: an ``[auth]`` section (True: the defaults, users.sqlite in ``directory``; a
+    dict: those keys), with ``users`` (name: password) added as the operator would.
+    Without it the registrar is open, as before issue 14.  ``tls``: a ``tls:`` listener
+    on ``tls_port`` with the TLS certificate of ``PROXY_HOST`` (or ``tls["host"]``) from
+    ``pki`` and its CA (a dict adds [tls] keys).  ``limits``: ``[limits]`` keys (the
+    defaults are the product's: every test client on 127.0.0.1 is the proxy's own
+    address, which pike never limits)."""
     directory.mkdir(parents=True, exist_ok=True)
+    listen = [f"udp:127.0.0.1:{port}", f"tcp:127.0.0.1:{port}"]
+    if tls:
+        assert tls_port is not None, "tls=... needs a tls_port"
+        listen.append(f"tls:127.0.0.1:{tls_port}")
     sections: dict[str, dict[str, Any]] = {
-        "kamailio": {"listen": [f"udp:127.0.0.1:{port}", f"tcp:127.0.0.1:{port}"],
+        "kamailio": {"listen": listen,
                      "workers": workers, "shm_mb": 64, "pkg_mb": 16, "next_hop": next_hop,
                      "log_level": log_level, "domains": list(domains)},
         "e2m": {"enabled": e2m},
     }
+    if tls:
+        assert pki is not None and pki.directory is not None, "tls=... needs the pki"
+        settings = dict(tls) if isinstance(tls, dict) else {}
+        server = pki.tls_server(settings.pop("host", PROXY_HOST))
+        sections["tls"] = {"cert": str(server.cert_path), "key": str(server.key_path),
+                           "ca": [str(pki.directory / "ca.crt")], **settings}
+    if auth:
+        sections["auth"] = {"users": "users.sqlite", **(auth if isinstance(auth, dict) else {})}
+    if limits:
+        sections["limits"] = dict(limits)
     if e2m:
         assert pki is not None and pki.directory is not None
         cred = pki.proxy(PROXY_HOST)
@@ -210,6 +265,13 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
         sections.setdefault(name, {}).update(table)
     path = directory / "PROXY.toml"
     path.write_text(toml_text(sections))
+    if users:
+        from kamailio_app.config import load_app_config
+        from kamailio_app.users import add_user
+        settings = load_app_config(path).auth
+        assert settings is not None and settings.users is not None, "users=... needs auth=..."
+        for name, password in users.items():
+            add_user(settings.users, settings.table, settings.realm, name, password)
     return path
 
 
@@ -219,9 +281,15 @@ def start_proxy(directory: Path, *, pki: TestPKI | None, e2m: bool, attempts: in
     last_error = ""
     for _ in range(attempts):   # a port can be taken between probing and binding
         port = free_port()
-        config = write_proxy_config(directory, port, pki=pki, e2m=e2m, **settings)
+        tls_port = free_port(avoid={port}) if settings.get("tls") else None
+        config = write_proxy_config(directory, port, pki=pki, e2m=e2m, tls_port=tls_port,
+                                    **settings)
         handle = ProxyHandle(directory.name, directory, config, port, e2m,
-                             log_path=directory / "kamailio.log")
+                             log_path=directory / "kamailio.log", tls_port=tls_port)
+        if settings.get("auth"):
+            auth = settings["auth"]
+            handle.realm = (auth.get("realm") if isinstance(auth, dict) else None) \
+                or (settings.get("domains") or ("example.com",))[0]
         if e2m and settings.get("archive", True):
             handle.archive_path = directory / "archive.sqlite"
         if e2m:
@@ -246,8 +314,9 @@ class ProxyStarter:
         self.started: list[ProxyHandle] = []
 
     def __call__(self, name: str, *, e2m: bool = True, **settings: Any) -> ProxyHandle:
-        handle = start_proxy(self.directory / name, pki=self.pki if e2m else None, e2m=e2m,
-                             **settings)
+        wants_pki = e2m or bool(settings.get("tls"))
+        handle = start_proxy(self.directory / name, pki=self.pki if wants_pki else None,
+                             e2m=e2m, **settings)
         self.started.append(handle)
         return handle
 
@@ -370,3 +439,270 @@ def udp_send(port: int, message: SipMessage, timeout: float = 5.0) -> SipMessage
     """Send ``message`` from a fresh socket (its top Via points there, rport) and return
     the final response, byte-exact (496 bodies are DER)."""
     return udp_transaction(port, message, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- a UA with digest
+
+_CHALLENGE_PARAM = re.compile(r'([A-Za-z-]+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+
+
+def parse_challenge(value: str) -> dict[str, str]:
+    """The parameters of a ``Digest`` challenge (WWW-/Proxy-Authenticate), lower-case keys."""
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() != "digest":
+        raise ValueError(f"not a Digest challenge: {value!r}")
+    return {k.lower(): quoted if quoted or unquoted == "" else unquoted
+            for k, quoted, unquoted in _CHALLENGE_PARAM.findall(rest)}
+
+
+def digest_credentials(challenge: dict[str, str], method: str, uri: str, user: str,
+                       password: str, nc: int = 1, cnonce: str | None = None) -> str:
+    """An ``Authorization``/``Proxy-Authorization`` value answering ``challenge``
+    (RFC 2617 MD5, with qop=auth when the challenge offers it), as any UA makes it."""
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+    realm, nonce = challenge["realm"], challenge["nonce"]
+    ha1, ha2 = md5(f"{user}:{realm}:{password}"), md5(f"{method}:{uri}")
+    fields = [f'username="{user}"', f'realm="{realm}"', f'nonce="{nonce}"', f'uri="{uri}"',
+              "algorithm=MD5"]
+    if "auth" in [q.strip() for q in challenge.get("qop", "").split(",")]:
+        cnonce = cnonce or os.urandom(8).hex()
+        count = f"{nc:08x}"
+        response = md5(f"{ha1}:{nonce}:{count}:{cnonce}:auth:{ha2}")
+        fields += ["qop=auth", f"nc={count}", f'cnonce="{cnonce}"']
+    else:
+        response = md5(f"{ha1}:{nonce}:{ha2}")
+    fields.append(f'response="{response}"')
+    return "Digest " + ", ".join(fields)
+
+
+class SipUa:
+    """A SIP UA for tests that talks to one proxy (127.0.0.1:``port``) over ``transport``
+    (udp, tcp or tls) from the loopback address ``source``, and answers 401/407 with
+    HTTP Digest when it has a ``password``, reusing the last challenge with a growing
+    nonce count as stock UAs do.  One transaction at a time.
+
+    TLS verifies the proxy's certificate against ``ca_file`` (its IP address SAN).
+    ``sent`` keeps every request as sent, ``received`` every message that came back."""
+
+    def __init__(self, port: int, *, transport: str = "udp", source: str = "127.0.0.1",
+                 user: str = "alice", password: str | None = None, domain: str = "example.com",
+                 ca_file: Path | None = None, timeout: float = 3.0) -> None:
+        self.port, self.transport, self.source = port, transport.lower(), source
+        self.user, self.password, self.domain = user, password, domain
+        self.timeout = timeout
+        self.challenge: tuple[str, dict[str, str]] | None = None   # (header name, params)
+        self.nc = 0
+        self.cseq = 0
+        self.sent: list[SipMessage] = []
+        self.received: list[SipMessage] = []
+        self._buffer = b""
+        if self.transport == "udp":
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind((source, 0))
+        else:
+            raw = socket.socket()
+            raw.bind((source, 0))
+            raw.settimeout(timeout)
+            raw.connect(("127.0.0.1", port))
+            if self.transport == "tls":
+                import ssl
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                raw = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            self.sock = raw
+        self.sock.settimeout(timeout)
+        self.local_port = self.sock.getsockname()[1]
+
+    @property
+    def aor(self) -> str:
+        return f"sip:{self.user}@{self.domain}"
+
+    @property
+    def contact(self) -> str:
+        suffix = "" if self.transport == "udp" else f";transport={self.transport}"
+        return f"<sip:{self.user}@{self.source}:{self.local_port}{suffix}>"
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- the wire --------------------------------------------------------------
+    def send(self, message: SipMessage | bytes) -> None:
+        data = message.serialize() if isinstance(message, SipMessage) else message
+        if isinstance(message, SipMessage):
+            self.sent.append(message)
+        if self.transport == "udp":
+            self.sock.sendto(data, ("127.0.0.1", self.port))
+        else:
+            self.sock.sendall(data)
+
+    def receive(self, timeout: float | None = None) -> SipMessage | None:
+        """The next message from the proxy, or None after ``timeout``."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            if self.transport != "udp":
+                message = self._frame()
+                if message is not None:
+                    self.received.append(message)
+                    return message
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65535)
+            except (socket.timeout, TimeoutError):
+                return None
+            except OSError:
+                return None
+            if self.transport == "udp":
+                message = parse(data)
+                self.received.append(message)
+                return message
+            if not data:
+                return None
+            self._buffer += data
+
+    def _frame(self) -> SipMessage | None:
+        head, sep, rest = self._buffer.partition(b"\r\n\r\n")
+        while not sep and self._buffer.startswith(b"\r\n"):     # keep-alive CRLFs
+            self._buffer = self._buffer[2:]
+            head, sep, rest = self._buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        match = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
+        length = int(match.group(1)) if match else 0
+        if len(rest) < length:
+            return None
+        self._buffer = rest[length:]
+        return parse(head + sep + rest[:length])
+
+    def via(self) -> str:
+        return (f"SIP/2.0/{self.transport.upper()} {self.source}:{self.local_port};rport;"
+                f"branch=z9hG4bK-ua{next(_counter)}x{os.getpid()}")
+
+    # -- transactions ------------------------------------------------------------
+    def transact(self, request: SipMessage, timeout: float | None = None) -> SipMessage | None:
+        """Send ``request`` (a fresh top Via) and return its final response (None: none);
+        a non-2xx final answer to an INVITE is acknowledged, as RFC 3261 17.1.1.3 says."""
+        request = request.replace("Via", self.via())
+        self.send(request)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            message = self.receive(deadline - time.monotonic())
+            if message is None:
+                return None
+            if message.is_request or message.get("Call-ID") != request.get("Call-ID") \
+                    or message.cseq != request.cseq:
+                continue
+            if (message.status or 0) < 200:
+                continue
+            if request.method == "INVITE" and (message.status or 0) >= 300:
+                self.send(self._ack_for(request, message))
+            return message
+        return None
+
+    @staticmethod
+    def _ack_for(invite: SipMessage, answer: SipMessage) -> SipMessage:
+        headers = [("Via", invite.get("Via") or ""), ("Max-Forwards", "70"),
+                   ("From", invite.get("From") or ""), ("To", answer.get("To") or ""),
+                   ("Call-ID", invite.get("Call-ID") or ""),
+                   ("CSeq", f"{invite.cseq[0]} ACK")]
+        headers += [("Route", r) for r in invite.get_all("Route")]
+        headers.append(("Content-Length", "0"))
+        return SipMessage(RequestLine("ACK", invite.request_uri or ""), tuple(headers), b"")
+
+    def credentials(self, method: str, uri: str) -> tuple[str, str] | None:
+        """(header name, value) answering the last challenge with the next nonce count."""
+        if self.challenge is None or self.password is None:
+            return None
+        name, params = self.challenge
+        self.nc += 1
+        header = "Authorization" if name.lower() == "www-authenticate" else "Proxy-Authorization"
+        return header, digest_credentials(params, method, uri, self.user, self.password, self.nc)
+
+    def build(self, method: str, uri: str, *, to: str | None = None,
+              call_id: str | None = None, from_tag: str | None = None,
+              to_tag: str | None = None, cseq: int | None = None,
+              headers: list[tuple[str, str]] | None = None, body: bytes = b"",
+              content_type: str | None = None, routes: list[str] | None = None) -> SipMessage:
+        if cseq is None:
+            self.cseq += 1
+            cseq = self.cseq
+        extra = [("Route", r) for r in routes or []]
+        if method in ("REGISTER", "INVITE"):
+            extra.append(("Contact", self.contact))
+        extra += headers or []
+        return make_request(method, uri, from_uri=self.aor, to_uri=to or self.aor,
+                            call_id=call_id or f"ua-{os.getpid()}-{next(_counter)}@{self.source}",
+                            cseq=cseq, from_tag=from_tag or f"t{next(_counter)}", to_tag=to_tag,
+                            extra_headers=extra, body=body, content_type=content_type)
+
+    def request(self, request: SipMessage, *, preemptive: bool = True,
+                timeout: float | None = None) -> SipMessage | None:
+        """Send ``request``; when challenged (401/407) and it has a password, once more
+        with credentials and the next CSeq.  ``preemptive``: send credentials from the
+        last challenge right away (nonce count + 1), as UAs that cache them do."""
+        method, uri = request.method, request.request_uri or ""
+        if preemptive:
+            creds = self.credentials(method, uri)
+            if creds is not None:
+                request = request.replace(*creds)
+        answer = self.transact(request, timeout)
+        if answer is None or answer.status not in (401, 407) or self.password is None:
+            return answer
+        name = "WWW-Authenticate" if answer.status == 401 else "Proxy-Authenticate"
+        value = answer.get(name)
+        if value is None:
+            return answer
+        self.challenge, self.nc = (name, parse_challenge(value)), 0
+        self.cseq = max(self.cseq, request.cseq[0]) + 1
+        retry = request.remove("Authorization").remove("Proxy-Authorization")
+        retry = retry.replace("CSeq", f"{self.cseq} {method}")
+        creds = self.credentials(method, uri)
+        assert creds is not None
+        return self.transact(retry.replace(*creds), timeout)
+
+    def register(self, expires: int = 600, **kwargs: Any) -> SipMessage | None:
+        return self.request(self.build("REGISTER", f"sip:{self.domain}",
+                                       headers=[("Expires", str(expires))]), **kwargs)
+
+    def message(self, to_user: str, text: bytes, **kwargs: Any) -> SipMessage | None:
+        return self.request(self.build("MESSAGE", f"sip:{to_user}@{self.domain}",
+                                       to=f"sip:{to_user}@{self.domain}", body=text,
+                                       content_type="text/plain"), **kwargs)
+
+    def call(self, to_user: str, sdp: bytes = b"", *, hold: float = 0.0) -> dict[str, Any]:
+        """INVITE (answering the challenge), ACK along the Record-Route set, BYE
+        (answering its challenge with the cached one); the finals of both."""
+        invite = self.build("INVITE", f"sip:{to_user}@{self.domain}",
+                            to=f"sip:{to_user}@{self.domain}", body=sdp,
+                            content_type="application/sdp" if sdp else None)
+        ok = self.request(invite, timeout=self.timeout + 5)
+        result: dict[str, Any] = {"invite": ok, "bye": None}
+        if ok is None or ok.status != 200:
+            return result
+        sent = self.sent[-1]
+        routes = list(reversed(ok.get_all("Record-Route")))
+        target = parse_address_uri(ok.get("Contact") or "")
+        ack = self.build("ACK", target, to=f"sip:{to_user}@{self.domain}",
+                         call_id=sent.get("Call-ID"), from_tag=sent.from_tag, cseq=sent.cseq[0],
+                         to_tag=ok.to_tag, routes=routes)
+        self.send(ack.replace("Via", self.via()))
+        time.sleep(hold)
+        bye = self.build("BYE", target, to=f"sip:{to_user}@{self.domain}",
+                         call_id=sent.get("Call-ID"), from_tag=sent.from_tag,
+                         to_tag=ok.to_tag, routes=routes)
+        result["bye"] = self.request(bye)
+        return result
+
+
+def parse_address_uri(value: str) -> str:
+    """The URI of a name-addr or addr-spec header value (Contact, Record-Route)."""
+    value = value.strip()
+    if "<" in value:
+        return value[value.index("<") + 1:value.index(">")]
+    return value.split(";", 1)[0]

@@ -1,14 +1,16 @@
 """A small test PKI: a CA, SIP user and proxy certificates, written to a folder.
 
-The generator makes a CA, SIP user certificates (SAN URI = the AoR) and proxy
+The generator makes a CA, SIP user certificates (SAN URI = the AoR), proxy
 certificates (SAN dNSName = host plus SAN URI ``sip:host``) with RSA-2048,
-EC P-256, X25519 (key agreement only) or Ed25519 keys.  It is meant for tests,
+EC P-256, X25519 (key agreement only) or Ed25519 keys, and TLS server certificates for
+a proxy host (SAN dNSName, optionally IP addresses; EC P-256 or RSA).  It is meant for tests,
 demos and the ``e2m pki`` command, not for running a production CA; the checks
 a running UA or proxy makes are in ``certpath`` and ``certstore``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -36,6 +38,8 @@ __all__ = [
     "make_ca",
     "issue_user",
     "issue_proxy",
+    "issue_tls_server",
+    "tls_stem",
     "write_credential",
     "init_test_pki",
     "load_ca",
@@ -224,6 +228,36 @@ def issue_proxy(ca: Credential, host: str, key_type: KeyType = "rsa",
                   not_before, not_after, days, key)
 
 
+TLS_KEY_TYPES: tuple[KeyType, ...] = ("ec", "rsa")
+
+
+def tls_stem(host: str) -> str:
+    """File stem of a proxy host's TLS server certificate: ``proxy-<host>-tls``."""
+    return f"proxy-{host.strip().lower()}-tls"
+
+
+def issue_tls_server(ca: Credential, host: str, key_type: KeyType = "ec",
+                     ips: Sequence[str] = (), not_before: datetime | None = None,
+                     not_after: datetime | None = None, *, days: int = 825,
+                     key: PrivateKeyTypes | None = None) -> Credential:
+    """A TLS certificate for a proxy host: SAN dNSName ``host`` (and an IP address SAN
+    for each of ``ips``, for peers that connect by address), serverAuth and clientAuth
+    (a proxy is the client when it connects to its next hop).  Separate from the
+    proxy's S/MIME certificate, whose key may be X25519 and cannot serve TLS."""
+    if key_type not in TLS_KEY_TYPES:
+        raise ValueError(f"a TLS server key must be one of {TLS_KEY_TYPES}, not {key_type!r}")
+    host = host.strip().lower()
+    san: list[x509.GeneralName] = [x509.DNSName(host)]
+    for text in ips:
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(text)))
+        except ValueError:
+            raise ValueError(f"not an IP address: {text!r}") from None
+    return _issue(ca, host, san, key_type,
+                  [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                  not_before, not_after, days, key)
+
+
 # --------------------------------------------------------------------------
 # Files
 
@@ -275,6 +309,7 @@ class TestPKI:
     directory: Path | None = None
     users: dict[tuple[str, KeyType], Credential] = field(default_factory=dict)
     proxies: dict[tuple[str, KeyType], Credential] = field(default_factory=dict)
+    tls_servers: dict[str, Credential] = field(default_factory=dict)
 
     def aor(self, name: str) -> str:
         return f"sip:{name}@{self.domain}"
@@ -303,17 +338,29 @@ class TestPKI:
             self.proxies[(host, kt)] = cred
         return cred
 
+    def tls_server(self, host: str, ips: Sequence[str] = ("127.0.0.1",)) -> Credential:
+        """The TLS server certificate of proxy ``host`` (EC P-256, SAN dNSName ``host``
+        and the IP addresses ``ips``), as ``proxy-<host>-tls.crt/.key``; issued if not
+        there yet."""
+        cred = self.tls_servers.get(host)
+        if cred is None:
+            cred = self._store(issue_tls_server(self.ca, host, "ec", ips), tls_stem(host))
+            self.tls_servers[host] = cred
+        return cred
+
 
 def init_test_pki(directory: str | os.PathLike | None, domain: str = "example.com",
                   proxy_hosts: Sequence[str] = ("proxy.example.com",),
                   users: Sequence[str] = ("alice", "bob"), key_type: KeyType = "rsa",
                   *, ca_key_type: KeyType = "ec",
-                  ca_name: str | None = None) -> TestPKI:
+                  ca_name: str | None = None, tls_ips: Sequence[str] | None = None) -> TestPKI:
     """Create a CA and credentials for ``users`` and ``proxy_hosts``.
 
     Files (see ``TestPKI`` for the naming): ``ca.crt/.key``,
-    ``<user>.crt/.key`` and ``proxy-<host>.crt/.key``.  With ``directory=None``
-    nothing is written and everything stays in memory.
+    ``<user>.crt/.key`` and ``proxy-<host>.crt/.key``; with ``tls_ips`` (a list, maybe
+    empty) also a TLS server certificate ``proxy-<host>-tls.crt/.key`` for every proxy
+    host, with those IP address SANs.  With ``directory=None`` nothing is written and
+    everything stays in memory.
     """
     ca = make_ca(ca_name or f"E2M Test CA ({domain})", ca_key_type)
     out = Path(directory) if directory is not None else None
@@ -324,6 +371,8 @@ def init_test_pki(directory: str | os.PathLike | None, domain: str = "example.co
         pki.user(name)
     for host in proxy_hosts:
         pki.proxy(host)
+        if tls_ips is not None:
+            pki.tls_server(host, tls_ips)
     return pki
 
 

@@ -1,9 +1,12 @@
-"""The Kamailio side of PROXY.toml: ``[kamailio]``, ``[archive]`` and ``[e2m]``.
+"""The Kamailio side of PROXY.toml: ``[kamailio]``, ``[archive]``, ``[e2m]``, ``[auth]``,
+``[tls]`` and ``[limits]``.
 
 The file is shared with the core: ``[identity]``, ``[trust]`` and ``[policy]``
 belong to ``e2m_plugins.config.load_proxy_config``, which is called only when
 E2M is enabled (an untrusted routing hop has no identity).  Sections this
-module does not know are left alone so the two loaders can grow apart.
+module does not know are left alone so the two loaders can grow apart; it only reads
+``[identity] host`` (the proxy answers for that name, like ``domains``) and, as the
+defaults of ``[tls]``, ``[identity] cert``/``key`` and ``[trust] ca``.
 
 Every mistake is collected and reported together in one ``AppConfigError``, one
 line per mistake, so an operator fixes the file in one go.  Paths are relative
@@ -23,15 +26,23 @@ from e2m_plugins.errors import MalformedError
 from e2m_plugins.uri import parse_uri
 
 __all__ = [
-    "AppConfig", "AppConfigError", "ArchiveSettings", "E2MSettings", "KamailioSettings",
-    "Listener", "load_app_config", "parse_app_config", "LOG_LEVELS",
+    "AppConfig", "AppConfigError", "ArchiveSettings", "AuthSettings", "E2MSettings",
+    "KamailioSettings", "LimitSettings", "Listener", "TlsSettings", "load_app_config",
+    "parse_app_config", "LOG_LEVELS", "DB_MODULES",
 ]
 
 # Kamailio's numeric debug levels, by the names operators use.
 LOG_LEVELS = {"alert": -5, "bug": -4, "crit": -3, "err": -1, "error": -1, "warn": 0,
               "warning": 0, "notice": 1, "info": 2, "debug": 3, "dbg": 3}
 
-_PROTOS = ("udp", "tcp")
+_PROTOS = ("udp", "tcp", "tls")
+# [auth] db_url schemes and the Kamailio module that speaks each.
+DB_MODULES = {"sqlite": "db_sqlite", "mysql": "db_mysql", "postgres": "db_postgres",
+              "text": "db_text"}
+_DB_URL = re.compile(r"(?P<scheme>[a-z]+)://[^\s\"\\]+")
+_DB_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# Only TLS 1.2 and later: Kamailio 5.6's tls module offers "TLSv1.2+" as its floor.
+TLS_MIN_VERSIONS = {"TLSv1.2": "TLSv1.2+"}
 _SIP_URI = re.compile(r"sips?:[^\s<>\"]+", re.IGNORECASE)
 _DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
@@ -105,6 +116,17 @@ class KamailioSettings:
         """The first UDP listener (or the first one): where tests send SIP."""
         return next((item for item in self.listen if item.proto == "udp"), self.listen[0])
 
+    @property
+    def tls_listener(self) -> Listener | None:
+        """The first TLS listener, if any."""
+        return next((item for item in self.listen if item.proto == "tls"), None)
+
+    @property
+    def next_hop_tls(self) -> bool:
+        """Whether next_hop is reached over TLS (a sips: URI or ;transport=tls)."""
+        hop = (self.next_hop or "").lower()
+        return hop.startswith("sips:") or ";transport=tls" in hop
+
 
 @dataclass(frozen=True)
 class ArchiveSettings:
@@ -119,11 +141,105 @@ class E2MSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """``[auth]``: digest authentication against Kamailio's ``subscriber`` table.
+
+    ``users`` is the embedded SQLite file (created with Kamailio's schema when missing);
+    ``db_url`` names an operator's own database instead (then ``users`` is None)."""
+
+    realm: str
+    db_url: str
+    users: Path | None = None
+    table: str = "subscriber"
+    nonce_expire: int = 300
+
+    @property
+    def db_module(self) -> str:
+        return DB_MODULES[self.db_url.split("://", 1)[0]]
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """``[tls]``: the certificate served on tls: listeners and the CAs that verify
+    clients (``verify_client``) and every next hop reached over TLS."""
+
+    cert: Path
+    key: Path
+    ca: tuple[Path, ...]
+    verify_client: bool = False
+    min_version: str = "TLSv1.2"
+
+    @property
+    def method(self) -> str:
+        """Kamailio's tls.cfg ``method`` for ``min_version``."""
+        return TLS_MIN_VERSIONS[self.min_version]
+
+
+# Each TCP or TLS connection holds its whole read buffer (tcp_max_message_kb) in
+# shared memory from the moment it is accepted (Kamailio 5.6 tcpconn_new), a TLS one
+# also OpenSSL's state; at most this share of shm may go to connections.
+CONNECTION_SHM_SHARE = 0.5
+TCP_CONNECTION_OVERHEAD_KB = 2
+TLS_CONNECTION_OVERHEAD_KB = 64
+
+
+def connection_cost_kb(kamailio: KamailioSettings) -> int:
+    """Shared memory one connection may hold: its read buffer, plus OpenSSL's state
+    when the proxy speaks TLS (counted for every connection, the worst case)."""
+    extra = TLS_CONNECTION_OVERHEAD_KB if kamailio.tls_listener is not None \
+        else TCP_CONNECTION_OVERHEAD_KB
+    return kamailio.tcp_max_message_kb + extra
+
+
+def default_max_connections(kamailio: KamailioSettings) -> int:
+    """As many connections as fit in ``CONNECTION_SHM_SHARE`` of shm (at least 16)."""
+    budget_kb = int(kamailio.shm_mb * 1024 * CONNECTION_SHM_SHARE)
+    return max(16, budget_kb // connection_cost_kb(kamailio))
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """``[limits]``: what one source (or one AoR) may take.  On by default.
+
+    ``pike_requests`` requests per ``pike_window`` seconds from one address (Kamailio's
+    ``pike``; 0 switches it off); over that, the address is banned for ``ban_time``
+    seconds (every request dropped, a TCP/TLS connection closed).  ``trusted``
+    addresses and networks, and the proxy's own addresses, are never limited.
+    ``max_contacts`` contacts per AoR (registrar); ``registrations_per_source`` AoRs one
+    address may register while the registrar is open (no ``[auth]``).  Connections:
+    ``tcp_max_connections`` TCP+TLS in all, ``tls_max_connections`` of them TLS (both
+    by default what fits in half of shm), closed after ``tcp_idle_timeout`` idle
+    seconds."""
+
+    pike_requests: int = 30
+    pike_window: int = 2
+    ban_time: int = 300
+    trusted: tuple[str, ...] = ()
+    max_contacts: int = 10
+    registrations_per_source: int = 50
+    tcp_max_connections: int = 0          # 0 before parse_app_config fills it in
+    tls_max_connections: int = 0
+    tcp_idle_timeout: int = 120
+
+
+@dataclass(frozen=True)
 class AppConfig:
     path: Path
     kamailio: KamailioSettings
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     e2m: E2MSettings = field(default_factory=E2MSettings)
+    auth: AuthSettings | None = None        # None: the registrar is open
+    tls: TlsSettings | None = None          # None: no TLS at all
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    identity_host: str | None = None        # [identity] host: answered as ourselves
+
+    @property
+    def local_names(self) -> tuple[str, ...]:
+        """Host names Kamailio treats as itself: the domains, then the identity host."""
+        names = list(self.kamailio.domains)
+        if self.identity_host and self.identity_host not in names:
+            names.append(self.identity_host)
+        return tuple(names)
 
 
 # --------------------------------------------------------------------------
@@ -173,6 +289,24 @@ class _Checker:
             self.bad(key, f"must be a string, got {type(value).__name__}")
             return default
         return value
+
+    def path(self, key: str, base: Path) -> Path | None:
+        raw = self.string(key, None)
+        if raw is None:
+            return None
+        if not raw.strip():
+            self.bad(key, "must not be empty")
+            return None
+        return Path(raw) if Path(raw).is_absolute() else (base / raw).resolve()
+
+    def paths(self, key: str, base: Path) -> tuple[Path, ...] | None:
+        value = self.table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            self.bad(key, "must be a list of file names")
+            return None
+        return tuple(Path(v) if Path(v).is_absolute() else (base / v).resolve() for v in value)
 
 
 def _listener(text: Any, index: int, check: _Checker) -> Listener | None:
@@ -307,6 +441,177 @@ def _e2m(table: Any, problems: list[str]) -> E2MSettings:
     return E2MSettings(enabled=check.boolean("enabled", True))
 
 
+def _cfg_safe(check: _Checker, key: str, value: str) -> bool:
+    # Rendered inside "..." in the cfg (and tls.cfg): no quote, backslash or line break.
+    if any(ch in value for ch in '"\\\n\r#'):
+        check.bad(key, f"{value!r} must not contain quotes, backslashes, '#' or line breaks")
+        return False
+    return True
+
+
+def _auth(data: dict[str, Any], kamailio: KamailioSettings | None, base: Path,
+          problems: list[str]) -> AuthSettings | None:
+    if "auth" not in data:
+        return None
+    check = _Checker("auth", data["auth"], problems)
+    check.unknown(("users", "realm", "db_url", "table", "nonce_expire"))
+    domains = kamailio.domains if kamailio is not None else ()
+    realm = check.string("realm", domains[0] if domains else None)
+    if realm is None:
+        check.bad("realm", "is needed when [kamailio] domains is empty")
+        realm = ""
+    elif not _DOMAIN.fullmatch(realm):
+        check.bad("realm", f"{realm!r} must be a host name like the SIP domain")
+    table = check.string("table", "subscriber") or "subscriber"
+    if not _DB_NAME.fullmatch(table):
+        check.bad("table", f"{table!r} is not a table name")
+    expire = check.integer("nonce_expire", 300, 1, 3600)
+    db_url = check.string("db_url", None)
+    users: Path | None = None
+    if db_url is not None:
+        if "users" in check.table:
+            check.bad("db_url", "give either users (an SQLite file) or db_url, not both")
+        match = _DB_URL.fullmatch(db_url)
+        if match is None or match.group("scheme") not in DB_MODULES:
+            check.bad("db_url", f"must be <scheme>://... with a scheme of "
+                                f"{', '.join(sorted(DB_MODULES))}")
+            db_url = None
+    else:
+        users = check.path("users", base) or (base / "users.sqlite").resolve()
+        if not users.parent.is_dir():
+            check.bad("users", f"directory {users.parent} does not exist")
+        elif _cfg_safe(check, "users", str(users)):
+            # db_sqlite reads sqlite://<host>/<file>: an absolute file needs a fourth slash
+            db_url = f"sqlite:///{users}"
+    if db_url is None:
+        return None
+    return AuthSettings(realm=realm, db_url=db_url, users=users, table=table,
+                        nonce_expire=expire)
+
+
+def _table_paths(data: dict[str, Any], section: str, key: str, base: Path) -> list[Path]:
+    """File names another section gives (as the core reads them), for [tls] defaults."""
+    table = data.get(section)
+    value = table.get(key) if isinstance(table, dict) else None
+    values = value if isinstance(value, list) else [value]
+    return [Path(v) if Path(v).is_absolute() else (base / v).resolve()
+            for v in values if isinstance(v, str) and v.strip()]
+
+
+def _tls_key_usable(check: _Checker, cert: Path) -> None:
+    """A key that cannot sign (X25519, the core's key-agreement certificates) cannot
+    serve TLS: say so instead of letting Kamailio fail at start."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import x448, x25519
+        loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        check.bad("cert", f"{cert} is not a PEM certificate ({exc})")
+        return
+    if isinstance(loaded.public_key(), (x25519.X25519PublicKey, x448.X448PublicKey)):
+        check.bad("cert", f"{cert} holds a key-agreement key (X25519/X448), which cannot "
+                          "serve TLS; issue a TLS certificate (e2m pki init --tls) and name it")
+
+
+def _tls(data: dict[str, Any], kamailio: KamailioSettings | None, base: Path,
+         problems: list[str]) -> TlsSettings | None:
+    used = kamailio is not None and (kamailio.tls_listener is not None or kamailio.next_hop_tls)
+    if "tls" not in data and not used:
+        return None
+    check = _Checker("tls", data.get("tls"), problems)
+    check.unknown(("cert", "key", "ca", "verify_client", "min_version"))
+    if kamailio is not None and kamailio.next_hop_tls and kamailio.tls_listener is None:
+        problems.append("[kamailio] next_hop is reached over TLS: listen needs a tls: socket "
+                        "(Kamailio sends TLS from one)")
+    elif kamailio is not None and kamailio.tls_listener is None:
+        problems.append("[tls] is set but [kamailio] listen has no tls: socket")
+    cert = check.path("cert", base)
+    key = check.path("key", base)
+    if cert is None and key is None:
+        identity = (_table_paths(data, "identity", "cert", base),
+                    _table_paths(data, "identity", "key", base))
+        if identity[0] and identity[1]:
+            cert, key = identity[0][0], identity[1][0]
+    if cert is None or key is None:
+        check.bad("cert", "cert and key are needed (default: [identity] cert and key)")
+    ca = check.paths("ca", base)
+    if ca is None:
+        ca = tuple(_table_paths(data, "trust", "ca", base)) or None
+    if not ca:
+        check.bad("ca", "needs the CA files that verify clients and next hops "
+                        "(default: [trust] ca)")
+    for what, file in (("cert", cert), ("key", key), *(("ca", c) for c in ca or ())):
+        if file is not None and not file.is_file():
+            check.bad(what, f"{file} does not exist")
+        elif file is not None:
+            _cfg_safe(check, what, str(file))
+    if cert is not None and cert.is_file():
+        _tls_key_usable(check, cert)
+    verify = check.boolean("verify_client", False)
+    version = check.string("min_version", "TLSv1.2") or "TLSv1.2"
+    if version not in TLS_MIN_VERSIONS:
+        check.bad("min_version", f"{version!r}: Kamailio 5.6 offers {', '.join(TLS_MIN_VERSIONS)} "
+                                 "(TLS 1.0 and 1.1 are never accepted)")
+        version = "TLSv1.2"
+    if cert is None or key is None or not ca:
+        return None
+    return TlsSettings(cert=cert, key=key, ca=tuple(ca), verify_client=verify,
+                       min_version=version)
+
+
+def _networks(check: _Checker) -> tuple[str, ...]:
+    value = check.table.get("trusted", [])
+    if not isinstance(value, list):
+        check.bad("trusted", "must be a list of addresses or networks like \"192.0.2.0/24\"")
+        return ()
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except (TypeError, ValueError):
+            check.bad("trusted", f"{item!r} is not an IP address or network")
+    return tuple(out)
+
+
+def _limits(table: Any, kamailio: KamailioSettings | None, problems: list[str]) -> LimitSettings:
+    check = _Checker("limits", table, problems)
+    check.unknown(("pike_requests", "pike_window", "ban_time", "trusted", "max_contacts",
+                   "registrations_per_source", "tcp_max_connections", "tls_max_connections",
+                   "tcp_idle_timeout"))
+    d = LimitSettings()
+    fits = default_max_connections(kamailio) if kamailio is not None else 16
+    tcp_max = check.integer("tcp_max_connections", fits, 1, 65535)
+    if kamailio is not None and "tcp_max_connections" in check.table:
+        ceiling = int(kamailio.shm_mb * 1024 * 0.9) // connection_cost_kb(kamailio)
+        if tcp_max > ceiling:
+            check.bad("tcp_max_connections",
+                      f"{tcp_max} connections of up to {connection_cost_kb(kamailio)} KiB each "
+                      f"(tcp_max_message_kb plus overhead) would take all of shm_mb = "
+                      f"{kamailio.shm_mb}; at most {ceiling} (or raise shm_mb, or lower "
+                      "tcp_max_message_kb)")
+            tcp_max = min(fits, ceiling)
+    tls_max = check.integer("tls_max_connections", tcp_max, 1, 65535)
+    return LimitSettings(
+        pike_requests=check.integer("pike_requests", d.pike_requests, 0, 1_000_000),
+        pike_window=check.integer("pike_window", d.pike_window, 1, 300),
+        ban_time=check.integer("ban_time", d.ban_time, 1, 7 * 86400),
+        trusted=_networks(check),
+        max_contacts=check.integer("max_contacts", d.max_contacts, 0, 10_000),
+        registrations_per_source=check.integer("registrations_per_source",
+                                               d.registrations_per_source, 0, 10_000_000),
+        tcp_max_connections=tcp_max, tls_max_connections=min(tls_max, tcp_max),
+        tcp_idle_timeout=check.integer("tcp_idle_timeout", d.tcp_idle_timeout, 5, 86400))
+
+
+def _identity_host(data: dict[str, Any]) -> str | None:
+    table = data.get("identity")
+    host = table.get("host") if isinstance(table, dict) else None
+    # The core checks [identity] host itself; here only a usable name is taken over.
+    if isinstance(host, str) and _DOMAIN.fullmatch(host.strip()):
+        return host.strip().lower()
+    return None
+
+
 def parse_app_config(data: dict[str, Any], path: str | Path) -> AppConfig:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
     path = Path(path).resolve()
@@ -314,9 +619,13 @@ def parse_app_config(data: dict[str, Any], path: str | Path) -> AppConfig:
     kamailio = _kamailio(data.get("kamailio"), path.parent, problems)
     archive = _archive(data.get("archive"), path.parent, problems)
     e2m = _e2m(data.get("e2m"), problems)
+    auth = _auth(data, kamailio, path.parent, problems)
+    tls = _tls(data, kamailio, path.parent, problems)
+    limits = _limits(data.get("limits"), kamailio, problems)
     if problems or kamailio is None:
         raise AppConfigError(path, problems or ["[kamailio] is unusable"])
-    return AppConfig(path=path, kamailio=kamailio, archive=archive, e2m=e2m)
+    return AppConfig(path=path, kamailio=kamailio, archive=archive, e2m=e2m, auth=auth,
+                     tls=tls, limits=limits, identity_host=_identity_host(data))
 
 
 def load_app_config(path: str | Path) -> AppConfig:

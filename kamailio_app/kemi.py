@@ -4,8 +4,11 @@ A thin adapter: it reads the message byte-exact, asks the E2M engine for a verdi
 applies it with KSR calls, and hands what was seen to the archive.  It never
 changes a body and never logs one.  Each route method has one job:
 
-  request:  sanity -> CANCEL | in-dialog | REGISTER | OPTIONS to us | target -> inspect -> relay
+  request:  flood limits -> sanity -> CANCEL | in-dialog | [auth] -> REGISTER |
+            OPTIONS to us | target -> inspect -> relay
   reply:    (tm onreply) inspect -> archive -> forward (a response is never refused)
+  failure:  (tm failure route: any negative end, tm's own 408 included) drop the keys
+            the attempt kept
   xhttp:    the proxy certificate at its cert-url path
 
 Loaded by the cfg that ``e2m-proxy`` renders; the defines there say where the
@@ -41,7 +44,8 @@ _bootstrap_path()
 
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.headers import PROXY_REQUIRED_BODY  # noqa: E402
-from e2m_plugins.proxy import Verdict  # noqa: E402
+from e2m_plugins.keycache import TransactionScope  # noqa: E402
+from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_name, parse  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp  # noqa: E402
@@ -49,6 +53,15 @@ from kamailio_app.bootstrap import ProxyApp  # noqa: E402
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 _ITERATOR = "e2mhf"   # textopsx header iterator name
 _PLAIN_FORWARD = Verdict("forward")
+_BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
+_REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
+# auth_db's auth_check: the credentials are good but belong to someone else
+_AUTH_USER_MISMATCH = -8
+_AUTH_STALE = (-4, -6)   # nonce expired, nonce (or its count) used before
+_AUTH_FAILURES = {-2: "wrong password", -3: "unknown user", -4: "stale nonce",
+                  -5: "no credentials of this kind", -6: "nonce used before",
+                  _AUTH_USER_MISMATCH: "credentials of another user"}
+_QOP_AUTH, _STALE = 1, 16  # auth_challenge flags
 
 
 def mod_init():
@@ -154,6 +167,7 @@ class kamailio:
 
     # -- request route ---------------------------------------------------------
     def ksr_request_route(self, msg):
+        self.transaction = False     # t_newtran done for this request
         try:
             self.route_request()
         except Exception as exc:  # noqa: BLE001 - any failure must get an answer
@@ -162,6 +176,8 @@ class kamailio:
         return 1
 
     def route_request(self):
+        if not self.route_limits():
+            return
         if not self.route_sanity():
             return
         if KSR.is_CANCEL():
@@ -172,7 +188,11 @@ class kamailio:
             return
         if not self.route_new_transaction():
             return
-        if KSR.is_REGISTER() and (KSR.is_myself_ruri() or not self.app.config.kamailio.next_hop):
+        local_register = KSR.is_REGISTER() and (KSR.is_myself_ruri()
+                                                 or not self.app.config.kamailio.next_hop)
+        if not self.route_auth(register=local_register):
+            return
+        if local_register:
             self.route_register()
             return
         # A REGISTER for a domain that is not ours goes on to next_hop like any
@@ -185,6 +205,81 @@ class kamailio:
         if not self.route_target():
             return
         self.relay(inspect=True)
+
+    # -- flood limits ([limits]) ----------------------------------------------------
+    def exempt_source(self):
+        """The proxy's own addresses (a spiral, a local tool) and [limits] trusted peers
+        are never limited (Kamailio's own convention for pike)."""
+        if KSR.is_myself_srcip():
+            return True
+        return bool(self.app.config.limits.trusted) and \
+            KSR.permissions.allow_source_address(1) > 0
+
+    def route_limits(self):
+        """A banned source, or one over pike's rate, is dropped (no answer: an answer
+        would only feed the flood) and its TCP/TLS connection closed."""
+        limits = self.app.config.limits
+        if self.exempt_source():
+            return True
+        source = KSR.pv.get("$si") or ""
+        if KSR.htable.sht_get(_BANS, source) is not None:
+            self.close_connection()
+            return False
+        if limits.pike_requests > 0 and KSR.pike.pike_check_req() < 0:
+            KSR.htable.sht_seti(_BANS, source, 1)     # gone after ban_time (autoexpire)
+            KSR.warn("e2m: %s banned for %d s: more than %d requests in %d s\n"
+                     % (source, limits.ban_time, limits.pike_requests, limits.pike_window))
+            self.close_connection()
+            return False
+        return True
+
+    def close_connection(self):
+        if (KSR.pv.get("$proto") or "") in ("tcp", "tls"):
+            KSR.tcpops.tcp_close_connection()
+
+    # -- digest authentication ([auth]) ----------------------------------------------
+    def new_transaction(self):
+        if not self.transaction:
+            if KSR.tm.t_newtran() < 0:
+                raise RuntimeError("t_newtran failed")
+            self.transaction = True
+        return True
+
+    def route_auth(self, register, in_dialog=False):
+        """REGISTER to us needs www credentials of the AoR's own user; any other request
+        from our domains proxy credentials of its From user; requests from elsewhere
+        pass only toward our domains (or inside a dialog).  ACK and CANCEL are never
+        challenged (RFC 3261 22.1).  False when the request was answered."""
+        auth = self.app.config.auth
+        if auth is None or KSR.is_ACK() or KSR.is_CANCEL():
+            return True
+        if not register and KSR.is_REGISTER():
+            # for another registrar: nobody's to relay (a proxy cannot challenge it)
+            KSR.sl.sl_send_reply(403, "Relaying Denied")
+            return False
+        if not register and not KSR.is_myself_furi():
+            if in_dialog or KSR.is_myself_ruri():
+                return True
+            KSR.sl.sl_send_reply(403, "Relaying Denied")
+            return False
+        if KSR.auth.has_credentials(auth.realm) < 0:
+            # The first try: challenged without a transaction, so a stranger's requests
+            # take no shared memory (a retransmission just gets a new challenge).
+            KSR.auth.auth_challenge(auth.realm, _QOP_AUTH)
+            return False
+        self.new_transaction()   # nonce counting must see each request once (tm)
+        rc = KSR.auth_db.auth_check(auth.realm, auth.table, 1)
+        if rc > 0:
+            if not register:
+                KSR.auth.consume_credentials()   # not for the next hop to see
+            return True
+        KSR.info("e2m: %s from %s refused: %s\n" % (
+            KSR.pv.get("$rm"), KSR.pv.get("$si"), _AUTH_FAILURES.get(rc, "invalid credentials")))
+        if rc == _AUTH_USER_MISMATCH:
+            KSR.sl.send_reply(403, "Forbidden")
+            return False
+        KSR.auth.auth_challenge(auth.realm, _QOP_AUTH | (_STALE if rc in _AUTH_STALE else 0))
+        return False
 
     def route_sanity(self):
         """Max-Forwards and RFC 3261 sanity; answers the request itself when it fails."""
@@ -222,7 +317,7 @@ class kamailio:
                     self.inspect_only()
                 KSR.tm.t_relay()
                 return
-            if self.route_new_transaction():
+            if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
                 self.relay(inspect=not self.end_dialog_unread())
             return
         if KSR.is_ACK():
@@ -232,9 +327,23 @@ class kamailio:
         KSR.sl.sl_send_reply(404, "Not Here")
 
     def route_register(self):
+        """Save the contact (registrar: at most max_contacts per AoR).  While the
+        registrar is open, one source may register at most registrations_per_source
+        AoRs (counted in e2mregs for the contacts' lifetime)."""
+        limit = self.app.config.limits.registrations_per_source
+        counted = None
+        if self.app.config.auth is None and limit > 0 and not self.exempt_source() \
+                and KSR.registrar.registered_uri("location", KSR.pv.get("$tu") or "") < 0:
+            # Counted before saving (sht_inc is atomic): the 200 goes out inside save(),
+            # and the source's next REGISTER may reach another worker at once.
+            counted = KSR.pv.get("$si") or ""
+            if KSR.htable.sht_inc(_REGS, counted) > limit:
+                KSR.htable.sht_dec(_REGS, counted)
+                KSR.sl.send_reply(403, "Too Many Registrations From This Address")
+                return
         self.announce_policy_in_reply()
-        if KSR.registrar.save("location", 0) < 0:
-            KSR.sl.sl_reply_error()
+        if KSR.registrar.save("location", 0) < 0 and counted is not None:
+            KSR.htable.sht_dec(_REGS, counted)   # registrar answered (503, 400 ...)
 
     def route_options_self(self):
         self.announce_policy_in_reply()
@@ -273,12 +382,14 @@ class kamailio:
     def relay(self, inspect):
         if inspect and self.app.engine is not None:
             # A refusal is answered statefully, so retransmissions are not inspected again.
-            if KSR.tm.t_newtran() < 0:
-                raise RuntimeError("t_newtran failed")
+            self.new_transaction()
             if not self.inspect_request():
                 return
         KSR.tm.t_on_reply("ksr_onreply_route")
+        if self.app.engine is not None:
+            KSR.tm.t_on_failure("ksr_failure_route")
         if KSR.tm.t_relay() < 0:
+            self.drop_attempt_keys()
             KSR.sl.send_reply(500, "Cannot Relay")
 
     def end_dialog_unread(self):
@@ -380,6 +491,30 @@ class kamailio:
         _remove_headers(verdict.remove_headers)
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))
+
+    # -- tm failure route: the request's transaction ended without success -----------
+    def ksr_failure_route(self, msg):
+        try:
+            self.drop_attempt_keys()
+        except Exception as exc:  # noqa: BLE001 - tm sends the failure on regardless
+            _log_exception("failure route", exc)
+        return 1
+
+    def drop_attempt_keys(self):
+        """Keys kept for a transaction that ended without success (a failure answer,
+        tm's own 408, a CANCEL's 487, a relay that failed) go now, not at their expiry:
+        an INVITE's early dialog scope; a transaction's own scope (a request that had a
+        body, the only kind that keeps keys there)."""
+        engine = self.app.engine
+        if engine is None or KSR.pv.get("$tt"):
+            return       # a request inside a dialog: the dialog lives on
+        if KSR.is_INVITE():
+            engine.end_dialog(KSR.pv.get("$ci") or "", KSR.pv.get("$ft") or None, None,
+                              confirmed=False)
+        elif _has_body():
+            scope = message_scope(_read_message())
+            if isinstance(scope, TransactionScope):
+                engine.cache.drop_scope(scope)
 
     # -- xhttp: the certificate at its URL -------------------------------------------
     def ksr_xhttp_event(self, msg, evname):

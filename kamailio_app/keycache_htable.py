@@ -13,8 +13,9 @@ Two layers, so the logic can be tested without Kamailio:
 
 Dropping a dialog: the htable can only remove names by prefix with a scan of every
 bucket (2**keycache_size of them, each locked in turn), which made a BYE cost
-milliseconds on a large table.  So each dialog scope has an index entry ("@" plus
-the scope's prefix) listing the references kept under it, and a BYE removes those
+milliseconds on a large table.  So each scope with a kept key (a dialog, or a
+transaction whose keys the failure route drops) has an index entry ("@" plus the
+scope's prefix) listing the references kept under it, and a BYE removes those
 names one by one.  An index that grows past ``INDEX_MAX_NAMES`` (or does not read)
 falls back to the prefix scan.  No lock is held across two names: the index is
 read-modified-written under its own slot lock only, which rules out two workers
@@ -184,8 +185,8 @@ class HtableKeyCache:
             self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
         finally:
             self._backend.unlock(key)
-        if isinstance(scope, DialogScope):       # only dialogs are dropped as a whole
-            self._list_in_index(scope, key[len(scope_key(scope)):], entry.expires, now)
+        # indexed, so that ending the scope removes its names without a scan
+        self._list_in_index(scope, key[len(scope_key(scope)):], entry.expires, now)
         self._puts += 1
         if self._puts % self._sweep_every == 0:
             self.sweep()
@@ -238,10 +239,8 @@ class HtableKeyCache:
 
     def drop_scope(self, scope: Scope) -> None:
         """Every key of ``scope``; for a confirmed dialog also those of its early scopes."""
-        if not isinstance(scope, DialogScope):
-            self._backend.remove_prefix(scope_key(scope))
-            return
-        for item in (scope, *scope.early_scopes()):
+        early = scope.early_scopes() if isinstance(scope, DialogScope) else ()
+        for item in (scope, *early):
             prefix = scope_key(item)
             _, names = self._take_index(item)
             if names is None:
@@ -249,8 +248,8 @@ class HtableKeyCache:
             for name in names or ():
                 self._backend.remove(prefix + name)
 
-    # -- the per-dialog index ----------------------------------------------------------
-    def _list_in_index(self, scope: DialogScope, name: str, expires: float, now: float) -> None:
+    # -- the per-scope index ----------------------------------------------------------
+    def _list_in_index(self, scope: Scope, name: str, expires: float, now: float) -> None:
         index = _index_key(scope)
         self._backend.lock(index)
         try:
@@ -262,7 +261,7 @@ class HtableKeyCache:
         finally:
             self._backend.unlock(index)
 
-    def _take_index(self, scope: DialogScope) -> tuple[float, list[str] | None]:
+    def _take_index(self, scope: Scope) -> tuple[float, list[str] | None]:
         """Read and remove the index of ``scope`` (no index: nothing is kept there)."""
         index = _index_key(scope)
         self._backend.lock(index)

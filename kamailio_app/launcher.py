@@ -12,7 +12,10 @@ Exit status: Kamailio's own, 2 for an unusable configuration.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
+import threading
 import shutil
 import signal
 import subprocess
@@ -22,10 +25,12 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from .config import AppConfig, AppConfigError, load_app_config
+from .config import AppConfig, AppConfigError, TlsSettings, load_app_config
+from .users import UsersError, ensure_users_db
 
-__all__ = ["render_cfg", "python_path", "kamailio_command", "check_config", "main",
-           "TEMPLATE", "KEMI_SCRIPT"]
+__all__ = ["render_cfg", "write_runtime_files", "tls_cfg_text", "trusted_list_text",
+           "python_path", "kamailio_command", "check_config", "main", "LogCutter",
+           "TEMPLATE", "KEMI_SCRIPT", "OPEN_REGISTRAR_WARNING"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -33,6 +38,7 @@ TEMPLATE = PACKAGE_DIR / "templates" / "kamailio.cfg.tmpl"
 KEMI_SCRIPT = PACKAGE_DIR / "kemi.py"
 STOP_TIMEOUT = 10.0  # seconds Kamailio gets to stop before it is killed
 REPLAY_AUTOEXPIRE = 86400 + 33  # [policy] replay_window is at most 86400 s
+MAX_EXPIRES = 3600              # registrar: the longest a contact is kept
 
 
 def python_path() -> list[str]:
@@ -58,13 +64,22 @@ def _cfg_string(value: str, what: str) -> str:
 
 
 def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) -> str:
-    """The Kamailio cfg text for ``config`` with its runtime files under ``runtime_dir``."""
-    k = config.kamailio
+    """The Kamailio cfg text for ``config`` with its runtime files under ``runtime_dir``
+    (``write_runtime_files`` writes the ones besides the cfg)."""
+    k, limits, auth = config.kamailio, config.limits, config.auth
     defines = []
     if k.http_listener is not None and config.e2m.enabled:
         defines.append("#!define WITH_HTTP")
     if config.e2m.enabled:
         defines.append("#!define WITH_E2M")
+    if config.tls is not None:
+        defines.append("#!define WITH_TLS")
+    if auth is not None:
+        defines.append("#!define WITH_AUTH")
+    if limits.pike_requests > 0:
+        defines.append("#!define WITH_PIKE")
+    if limits.trusted:
+        defines.append("#!define WITH_TRUSTED")
     values = {
         "CONFIG_PATH": _cfg_string(str(config.path), "config path"),
         "PYTHONPATH": _cfg_string(os.pathsep.join(python_path()), "python path"),
@@ -74,13 +89,29 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "FEATURE_DEFINES": "\n".join(defines),
         "LOG_LEVEL": str(k.log_level),
         "LISTEN_LINES": "\n".join(f"listen={item.kamailio()}" for item in k.listen),
-        "ALIAS_LINES": "\n".join(f"alias={name}" for name in k.domains),
+        # the domains and the [identity] host: a request for either is for us
+        "ALIAS_LINES": "\n".join(f"alias={name}" for name in config.local_names),
         "KEYCACHE_SIZE": str(k.keycache_size),
         "KEYCACHE_EXPIRE": str(k.keycache_expire),
         # the longest replay window PROXY.toml may set, plus a transaction's lifetime;
         # each item carries its own, shorter expiry (kamailio_app/replay_htable.py)
         "REPLAY_EXPIRE": str(REPLAY_AUTOEXPIRE),
         "TCP_READ_BUFFER": str(k.tcp_max_message_kb * 1024),
+        "TCP_MAX_CONNECTIONS": str(limits.tcp_max_connections),
+        "TLS_MAX_CONNECTIONS": str(limits.tls_max_connections),
+        "TCP_IDLE_TIMEOUT": str(limits.tcp_idle_timeout),
+        # queued TCP writes in all (slow or stalled readers): Kamailio's 10 MiB, less
+        # on a small shm
+        "TCP_WQ_MAX": str(min(10 * 1024 * 1024, k.shm_mb * 1024 * 1024 // 16)),
+        "MAX_EXPIRES": str(MAX_EXPIRES),
+        "MAX_CONTACTS": str(limits.max_contacts),
+        "PIKE_WINDOW": str(limits.pike_window),
+        "PIKE_REQUESTS": str(limits.pike_requests),
+        "PIKE_REMOVE_LATENCY": str(2 * limits.pike_window),
+        "BAN_TIME": str(limits.ban_time),
+        "AUTH_DB_MODULE": auth.db_module if auth is not None else "db_sqlite",
+        "AUTH_DB_URL": _cfg_string(auth.db_url, "[auth] db_url") if auth is not None else "",
+        "NONCE_EXPIRE": str(auth.nonce_expire if auth is not None else 300),
     }
     text = template.read_text()
     for name, value in values.items():
@@ -89,6 +120,44 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         left = text[text.index("@@"):].split("\n", 1)[0]
         raise RuntimeError(f"template placeholder not filled: {left}")
     return text
+
+
+def _tls_profile(tls: TlsSettings, role: str, ca_file: Path) -> str:
+    # A client (we connect: next hops, Record-Route over TLS) always verifies the peer;
+    # a server asks for client certificates only when verify_client is set.
+    verify = "yes" if role == "client" or tls.verify_client else "no"
+    return (f"[{role}:default]\nmethod = {tls.method}\nverify_certificate = {verify}\n"
+            f"require_certificate = {verify}\nprivate_key = {tls.key}\n"
+            f"certificate = {tls.cert}\nca_list = {ca_file}\n")
+
+
+def tls_cfg_text(tls: TlsSettings, ca_file: Path) -> str:
+    """The tls.cfg Kamailio's tls module reads: one server and one client profile."""
+    return ("# written by e2m-proxy from PROXY.toml [tls]; edit that, not this copy\n"
+            + _tls_profile(tls, "server", ca_file) + "\n" + _tls_profile(tls, "client", ca_file))
+
+
+def trusted_list_text(networks: tuple[str, ...]) -> str:
+    """permissions' address file: group 1, address, prefix length, one line each."""
+    lines = ["# written by e2m-proxy from PROXY.toml [limits] trusted"]
+    for text in networks:
+        network = ipaddress.ip_network(text)
+        lines.append(f"1 {network.network_address} {network.prefixlen}")
+    return "\n".join(lines) + "\n"
+
+
+def write_runtime_files(config: AppConfig, runtime_dir: Path) -> None:
+    """The files the cfg names besides itself: tls.cfg with its CA bundle, the trusted
+    address list, and (for [auth] users) the SQLite subscriber database if missing."""
+    if config.tls is not None:
+        bundle = runtime_dir / "tls-ca.pem"
+        bundle.write_bytes(b"".join(path.read_bytes().rstrip(b"\n") + b"\n"
+                                    for path in config.tls.ca))
+        (runtime_dir / "tls.cfg").write_text(tls_cfg_text(config.tls, bundle))
+    if config.limits.trusted:
+        (runtime_dir / "trusted.list").write_text(trusted_list_text(config.limits.trusted))
+    if config.auth is not None and config.auth.users is not None:
+        ensure_users_db(config.auth.users)
 
 
 def kamailio_command(config: AppConfig, cfg_path: Path, runtime_dir: Path) -> list[str]:
@@ -119,7 +188,8 @@ def check_config(path: str | Path) -> AppConfig:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="e2m-proxy", description="Run Kamailio as an E2M proxy (or a plain routing hop).")
+        prog="e2m-proxy", description="Run Kamailio as an E2M proxy (or a plain routing hop). "
+        "'e2m-proxy users add|remove|list --config PROXY.toml' manages the [auth] users.")
     parser.add_argument("--config", required=True, help="PROXY.toml")
     parser.add_argument("--runtime-dir", help="private dir for the cfg, ctl socket, FIFO and "
                         "pid file (default: a new temporary dir, removed on exit)")
@@ -141,16 +211,92 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         return
-    for name in ("kamailio_ctl", "kamailio_rpc.fifo", "kamailio.pid"):
+    for name in ("kamailio_ctl", "kamailio_rpc.fifo", "kamailio.pid", "tls.cfg", "tls-ca.pem",
+                 "trusted.list"):
         try:
             (runtime_dir / name).unlink()
         except OSError:
             pass
 
 
+# A Kamailio log record starts " N(pid) LEVEL: "; anything else continues the last one.
+_RECORD = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: ")
+# Records that quote a received message: the core's parser (parse_via quotes the rest
+# of the message, body included, at ERROR and whatever sip_parser_log says), the TCP
+# reader (a framing error, e.g. a bad Content-Length or a message over tcp_rd_buf_size,
+# is logged at ERROR with the whole buffer on the lines that follow) and the UDP
+# receiver (at DEBUG, the first 100 octets of every datagram).
+_QUOTING = (b"[core/parser/", b"message=<", b"[core/tcp_read.c", b"[core/udp_server.c")
+_CUT = b"... [cut by e2m-proxy: the rest may quote a message body]"
+
+
+class LogCutter:
+    """Passes Kamailio's stderr on, line by line, with every record of the core's parser
+    and readers (which may quote a message) cut at its first "<" or "[", and its
+    continuation lines dropped.
+
+    Kamailio 5.6 has no setting that keeps parse_via's error out of the log: it quotes
+    from the broken Via to the end of the message at ERROR.  ``sip_parser_log_oneline``
+    (set in the cfg) keeps such a record on one line, and this cuts it there.  Lines
+    longer than ``LIMIT`` arrive in pieces: the pieces of a cut line go too."""
+
+    LIMIT = 65536
+
+    def __init__(self) -> None:
+        self._in_cut_record = False   # continuation lines of a cut record are dropped
+        self._rest_of_line = None     # None: at a line start; else keep (True) or drop
+
+    def process(self, chunk: bytes) -> bytes:
+        """What to write for ``chunk`` (a line, or a piece of one, as readline gives)."""
+        ends = chunk.endswith(b"\n")
+        if self._rest_of_line is not None:             # the tail of a long line
+            keep = self._rest_of_line
+            self._rest_of_line = None if ends else keep
+            return chunk if keep else b""
+        if _RECORD.match(chunk):
+            self._in_cut_record = any(mark in chunk for mark in _QUOTING)
+            out = self._cut(chunk) if self._in_cut_record else chunk
+            keep = not self._in_cut_record
+            if self._in_cut_record and not ends:     # cut before its end: the end goes
+                out = out if out.endswith(b"\n") else out + b"\n"
+        else:
+            keep = not self._in_cut_record
+            out = chunk if keep else b""
+        self._rest_of_line = None if ends else keep
+        return out
+
+    @staticmethod
+    def _cut(line: bytes) -> bytes:
+        start = line.find(b"(): ")
+        start = start + 4 if start >= 0 else 0
+        quoted = [i for i in (line.find(b"<", start), line.find(b"[", start)) if i >= 0]
+        text = line.rstrip(b"\n")
+        end = min(quoted) + 1 if quoted else min(len(text), start + 200)
+        return text + b"\n" if end >= len(text) else line[:end] + _CUT + b"\n"
+
+
+def _pump_log(stream, out) -> None:
+    cutter = LogCutter()
+    try:
+        while True:
+            chunk = stream.readline(LogCutter.LIMIT)
+            if not chunk:
+                return
+            data = cutter.process(chunk)
+            if data:
+                out.write(data)
+                out.flush()
+    except (OSError, ValueError):
+        return
+
+
 def _run(command: list[str], env: dict[str, str]) -> int:
     # Own session: a terminal's Ctrl-C reaches only us, and we stop Kamailio in order.
-    child = subprocess.Popen(command, env=env, start_new_session=True)
+    # Kamailio's log (stderr) goes through LogCutter on its way to ours.
+    child = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    pump = threading.Thread(target=_pump_log, args=(child.stderr, sys.stderr.buffer),
+                            daemon=True)
+    pump.start()
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -186,17 +332,29 @@ def _run(command: list[str], env: dict[str, str]) -> int:
             os.killpg(child.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        pump.join(timeout=2)     # the last lines (Kamailio's shutdown) reach the log
     # Kamailio exits non-zero after a SIGTERM it asked for; report a clean stop as 0.
     return 0 if stopping and code in (0, -signal.SIGTERM, 255, 1) else code
 
 
+OPEN_REGISTRAR_WARNING = ("e2m-proxy: warning: PROXY.toml has no [auth] section: the "
+                          "registrar is open, anyone may register any user and receive "
+                          "their calls and messages")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["users"]:
+        from .users import main as users_main
+        return users_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = check_config(args.config)
     except ValueError as exc:  # AppConfigError and the core's ConfigError
         print(f"e2m-proxy: {exc}", file=sys.stderr)
         return 2
+    if config.auth is None and not args.print_cfg:
+        print(OPEN_REGISTRAR_WARNING, file=sys.stderr)
     if sys.version_info[:2] != (3, 11):
         print("e2m-proxy: warning: Kamailio embeds Python 3.11; this interpreter is "
               f"{sys.version.split()[0]}, so compiled packages may not load", file=sys.stderr)
@@ -205,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path = runtime_dir / "kamailio.cfg"
         try:
             cfg_path.write_text(render_cfg(config, runtime_dir))
-        except AppConfigError as exc:
+            if not args.print_cfg:
+                write_runtime_files(config, runtime_dir)
+        except (AppConfigError, UsersError) as exc:
             print(f"e2m-proxy: {exc}", file=sys.stderr)
             return 2
         if args.print_cfg:

@@ -12,7 +12,8 @@ from pathlib import Path
 from cryptography.x509.oid import NameOID
 
 from ..errors import E2MError
-from ..testpki import (Credential, KeyType, init_test_pki, issue_proxy, issue_user, load_ca, write_credential)
+from ..testpki import (Credential, KeyType, init_test_pki, issue_proxy, issue_tls_server,
+                       issue_user, load_ca, tls_stem, write_credential)
 from ..uri import parse_uri
 from . import CliFailure, Group, UsageError, positive_int
 
@@ -36,13 +37,16 @@ def _cmd_init(args: argparse.Namespace) -> int:
                              "(certificates it issued will no longer verify)")
     proxies = args.proxy if args.proxy else [f"proxy.{args.domain}"]
     users = args.user if args.user else ["alice", "bob"]
+    tls_ips = (args.tls_ip or []) if args.tls or args.tls_ip else None
     try:
         pki = init_test_pki(directory, domain=args.domain, proxy_hosts=proxies, users=users,
-                            key_type=args.key_type, ca_key_type=args.ca_key_type)
+                            key_type=args.key_type, ca_key_type=args.ca_key_type,
+                            tls_ips=tls_ips)
     except ValueError as exc:  # e.g. a user name that makes no SIP AoR
         raise CliFailure(str(exc)) from None
     made = _files(pki.ca)
-    for cred in list(pki.users.values()) + list(pki.proxies.values()):
+    for cred in (list(pki.users.values()) + list(pki.proxies.values())
+                 + list(pki.tls_servers.values())):
         made.extend(_files(cred))
     for path in made:
         print(path)
@@ -78,7 +82,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         ca = load_ca(directory)
     except E2MError as exc:
         raise CliFailure(f"CA in {directory}: {exc}") from None
-    key_type: KeyType = args.key_type
+    key_type: KeyType = args.key_type or "rsa"
+    if args.ip and not args.tls:
+        raise UsageError("--ip goes with --tls")
     try:
         if args.user:
             name = args.user
@@ -89,6 +95,10 @@ def _cmd_issue(args: argparse.Namespace) -> int:
                 base = uri.user or uri.host
             else:
                 base = name
+        elif args.tls:
+            key_type = args.key_type or "ec"
+            base = tls_stem(args.tls)
+            cred = issue_tls_server(ca, args.tls, key_type, args.ip or (), days=args.days)
         else:
             base = f"proxy-{args.proxy.strip().lower()}"
             cred = issue_proxy(ca, args.proxy, key_type, days=args.days)
@@ -115,6 +125,12 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--key-type", choices=LEAF_KEY_TYPES, default="rsa", help="leaf key type (default rsa)")
     p.add_argument("--ca-key-type", choices=CA_KEY_TYPES, default="ec", help="CA key type (default ec)")
     p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.add_argument("--tls", action="store_true",
+                   help="also a TLS server certificate for each proxy host "
+                        "(proxy-<host>-tls.crt/.key: EC P-256, SAN dNSName)")
+    p.add_argument("--tls-ip", action="append", metavar="IP",
+                   help="an IP address SAN in those TLS certificates (implies --tls); "
+                        "repeatable")
     p.set_defaults(handler=_cmd_init)
 
     p = commands.add_parser("issue", help="issue one more certificate from DIR's CA",
@@ -123,8 +139,13 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", metavar="NAME", help="user name (sip:<name>@<domain>) or a full sip: AoR")
     who.add_argument("--proxy", metavar="HOST", help="proxy host name")
+    who.add_argument("--tls", metavar="HOST",
+                     help="a TLS server certificate for proxy HOST (SAN dNSName)")
+    p.add_argument("--ip", action="append", metavar="IP",
+                   help="with --tls: an IP address SAN; repeatable")
     p.add_argument("--domain", help="SIP domain (default: read from the CA name)")
-    p.add_argument("--key-type", choices=LEAF_KEY_TYPES, default="rsa", help="key type (default rsa)")
+    p.add_argument("--key-type", choices=LEAF_KEY_TYPES, default=None,
+                   help="key type (default rsa; ec for --tls, which takes ec or rsa)")
     p.add_argument("--days", type=positive_int, default=825, help="validity in days (default 825)")
     p.add_argument("--force", action="store_true", help="replace <name>-<keytype>.crt if it exists")
     p.set_defaults(handler=_cmd_issue)

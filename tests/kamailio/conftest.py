@@ -14,7 +14,11 @@ with ``from e2m_lab.kamailio_harness import ...`` or use the fixtures):
     TCP share the number); returns once the proxy answers OPTIONS.  Stopped at teardown.
     ``e2m=True`` needs the session ``pki`` fixture's proxy credential for
     ``proxy.example.com`` (RSA).  ``extra`` is a dict of TOML sections merged in, e.g.
-    ``{"policy": {"verify": ["MESSAGE:*"]}}``.
+    ``{"policy": {"verify": ["MESSAGE:*"]}}``.  Issue 14: ``auth=True`` (or a dict of
+    ``[auth]`` keys) with ``users={name: password}``; ``tls=True`` (a ``tls:`` listener on
+    ``.tls_port``, the session PKI's TLS certificate; a dict adds ``[tls]`` keys);
+    ``limits={...}`` (``[limits]`` keys).  Without ``auth`` the registrar is open; the
+    flood limits are on but never apply to 127.0.0.1, the proxy's own address.
 
 ``home_proxy`` / ``visited_proxy`` (module scope)
     The trusted E2M proxy (view MESSAGE:text/plain and INVITE:application/sdp, SQLite
@@ -22,7 +26,12 @@ with ``from e2m_lab.kamailio_harness import ...`` or use the fixtures):
 
 ``ProxyHandle``: ``.port``, ``.uri`` (sip:127.0.0.1:port), ``.cert_url``,
     ``.archive_path``, ``.log_path``, ``.log_since(mark)``, ``.log_mark()``,
-    ``.options()`` (raw OPTIONS, returns the response), ``.stop()``.
+    ``.wait_log(text)``, ``.options()`` (raw OPTIONS, returns the response), ``.shm()``,
+    ``.add_user(name, password)``, ``.tls_port``, ``.stop()``.
+
+``SipUa(port, transport=, source=, user=, password=)``: a UA over UDP, TCP or TLS from
+    any loopback address that answers 401/407 with digest (``register``, ``message``,
+    ``call``, ``request``, ``transact``).
 
 ``sipp`` (function scope): ``SippRunner``
     ``.uac(scenario, target_port, keys={...}, headers=[(n, v)], expect=200) -> SippResult``

@@ -157,6 +157,8 @@ def test_example_configs_are_valid(name, pki, tmp_path):
     examples = ROOT / "kamailio_app" / "examples"
     for item in examples.iterdir():
         (tmp_path / item.name).write_bytes(item.read_bytes())
+    for host in ("proxy.example.com", "visited.example.com"):   # the examples' TLS certificates
+        pki.tls_server(host)
     (tmp_path / "pki").symlink_to(pki.directory)
     done = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "--config",
                            str(tmp_path / name), "--check"],

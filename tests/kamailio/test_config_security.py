@@ -1,0 +1,154 @@
+"""PROXY.toml's [auth], [tls] and [limits] (issue 14): defaults, mistakes, what is rendered."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from e2m_plugins.testpki import TestPKI
+from kamailio_app import users
+from kamailio_app.config import AppConfigError, load_app_config
+from kamailio_app.launcher import render_cfg, tls_cfg_text, trusted_list_text, write_runtime_files
+
+LISTEN = '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070"]\n'
+
+
+def _load(tmp_path: Path, text: str):
+    path = tmp_path / "PROXY.toml"
+    path.write_text(text)
+    return load_app_config(path)
+
+
+def _problems(tmp_path: Path, text: str) -> str:
+    with pytest.raises(AppConfigError) as caught:
+        _load(tmp_path, text)
+    return str(caught.value)
+
+
+def test_defaults_limits_on_auth_and_tls_off(tmp_path):
+    config = _load(tmp_path, LISTEN)
+    assert config.auth is None and config.tls is None
+    limits = config.limits
+    assert (limits.pike_requests, limits.pike_window, limits.ban_time) == (30, 2, 300)
+    assert (limits.max_contacts, limits.registrations_per_source) == (10, 50)
+    assert limits.tcp_idle_timeout == 120 and limits.trusted == ()
+    # 256 MB shm, 320 KiB buffer + 2 KiB per connection: half of shm holds 407 of them
+    assert limits.tcp_max_connections == 407 == limits.tls_max_connections
+    text = render_cfg(config, tmp_path / "run")
+    for line in ("server_signature=no", "sip_parser_log=4", "sip_parser_log_oneline=1",
+                 "tcp_max_connections=407", "tcp_connection_lifetime=120",
+                 'modparam("registrar", "max_contacts", 10)',
+                 'modparam("pike", "reqs_density_per_unit", 30)', "#!define WITH_PIKE"):
+        assert line in text
+    assert "#!define WITH_AUTH" not in text and "#!define WITH_TLS" not in text
+
+
+def test_auth_defaults_and_mistakes(tmp_path):
+    config = _load(tmp_path, LISTEN + 'domains = ["example.com", "example.org"]\n[auth]\n')
+    assert config.auth.realm == "example.com" and config.auth.table == "subscriber"
+    assert config.auth.users == tmp_path / "users.sqlite"
+    assert config.auth.db_url == f"sqlite:///{tmp_path}/users.sqlite"
+    assert config.auth.db_module == "db_sqlite" and config.auth.nonce_expire == 300
+    own = _load(tmp_path, LISTEN + '[auth]\nrealm = "example.net"\n'
+                                   'db_url = "postgres://kamailio:pw@db.example.net/kamailio"\n')
+    assert own.auth.users is None and own.auth.db_module == "db_postgres"
+    text = _problems(tmp_path, LISTEN + '[auth]\nusers = "u.sqlite"\ndb_url = "mysql://x/y"\n'
+                                        'nonce_expire = 0\ntable = "sub scriber"\nrelm = "x"\n')
+    for word in ("realm", "not both", "nonce_expire", "table name", "relm"):
+        assert word in text
+    assert "scheme" in _problems(tmp_path, LISTEN + 'domains = ["example.com"]\n'
+                                                    '[auth]\ndb_url = "oracle://x/y"\n')
+
+
+def test_tls_defaults_from_the_identity_and_mistakes(tmp_path, pki: TestPKI):
+    identity = pki.proxy("proxy.example.com", "ec")
+    base = ('[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tls:127.0.0.1:5071"]\n'
+            f'[identity]\nhost = "proxy.example.com"\ncert = "{identity.cert_path}"\n'
+            f'key = "{identity.key_path}"\n[trust]\nca = ["{pki.directory}/ca.crt"]\n')
+    config = _load(tmp_path, base)
+    assert config.tls.cert == identity.cert_path and config.tls.key == identity.key_path
+    assert config.tls.ca == (pki.directory / "ca.crt",) and config.tls.method == "TLSv1.2+"
+    assert config.local_names == ("proxy.example.com",)
+    text = tls_cfg_text(config.tls, tmp_path / "ca.pem")
+    server, client = text.split("[client:default]")
+    assert "method = TLSv1.2+" in server and "verify_certificate = no" in server
+    assert "verify_certificate = yes" in client and "require_certificate = yes" in client
+    assert f"ca_list = {tmp_path / 'ca.pem'}" in client
+    # a key-agreement (X25519) identity cannot serve TLS; TLS 1.1 is never accepted
+    x = pki.proxy("proxy.example.com", "x25519")
+    text = _problems(tmp_path, base.replace(str(identity.cert_path), str(x.cert_path))
+                     .replace(str(identity.key_path), str(x.key_path)))
+    assert "X25519" in text
+    assert "TLS 1.0 and 1.1" in _problems(tmp_path, base + '[tls]\nmin_version = "TLSv1.1"\n')
+    plain = _problems(tmp_path, '[kamailio]\nlisten = ["udp:127.0.0.1:5070", '
+                                '"tls:127.0.0.1:5071"]\n[e2m]\nenabled = false\n')
+    assert "cert and key are needed" in plain and "ca" in plain
+    hop = _problems(tmp_path, LISTEN + 'next_hop = "sip:192.0.2.1:5061;transport=tls"\n'
+                                       '[e2m]\nenabled = false\n')
+    assert "tls: socket" in hop
+
+
+def test_limits_mistakes_and_a_connection_cap_that_would_take_all_shm(tmp_path):
+    text = _problems(tmp_path, LISTEN + 'shm_mb = 64\n[limits]\ntrusted = ["not-an-ip"]\n'
+                                        'tcp_max_connections = 5000\npike = 3\n')
+    assert "not-an-ip" in text and "tcp_max_connections" in text and "pike" in text
+    config = _load(tmp_path, LISTEN + 'shm_mb = 64\ntcp_max_message_kb = 32\n[limits]\n'
+                                      'trusted = ["192.0.2.7", "10.0.0.0/8"]\n'
+                                      'pike_requests = 0\ntcp_max_connections = 900\n')
+    assert config.limits.tcp_max_connections == 900
+    assert trusted_list_text(config.limits.trusted).splitlines()[1:] == [
+        "1 192.0.2.7 32", "1 10.0.0.0 8"]
+    text = render_cfg(config, tmp_path / "run")
+    assert "#!define WITH_PIKE" not in text and "#!define WITH_TRUSTED" in text
+
+
+@pytest.mark.kamailio    # kamailio -c
+def test_a_cfg_with_auth_tls_and_trusted_peers_passes_kamailio_check(tmp_path, pki: TestPKI):
+    tls = pki.tls_server("proxy.example.com")
+    config = _load(tmp_path, '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070", '
+                             '"tls:127.0.0.1:5071"]\ndomains = ["example.com"]\n'
+                             '[e2m]\nenabled = false\n[auth]\n'
+                             f'[tls]\ncert = "{tls.cert_path}"\nkey = "{tls.key_path}"\n'
+                             f'ca = ["{pki.directory}/ca.crt"]\nverify_client = true\n'
+                             '[limits]\ntrusted = ["192.0.2.0/24"]\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "kamailio.cfg").write_text(render_cfg(config, run))
+    write_runtime_files(config, run)
+    assert (tmp_path / "users.sqlite").exists()           # created with the schema
+    assert "verify_certificate = yes" in (run / "tls.cfg").read_text().split("[client")[0]
+    checked = subprocess.run(["/usr/sbin/kamailio", "-c", "-f", str(run / "kamailio.cfg")],
+                             capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr.decode()[-1500:]
+
+
+def test_the_password_is_asked_twice_on_a_terminal(monkeypatch):
+    answers = iter(["first", "second"])
+    monkeypatch.setattr(users.getpass, "getpass", lambda prompt: next(answers))
+    with pytest.raises(users.UsersError, match="differ"):
+        users.read_password(io.StringIO(), ask=True)
+    answers = iter(["same", "same"])
+    assert users.read_password(io.StringIO(), ask=True) == "same"
+    assert users.read_password(io.StringIO("from a pipe\n"), ask=False) == "from a pipe"
+
+
+def test_pki_init_and_issue_make_tls_server_certificates(tmp_path):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from e2m_plugins.cli import main as e2m_main
+    assert e2m_main(["pki", "init", str(tmp_path / "pki"), "--proxy", "proxy.example.com",
+                     "--tls-ip", "127.0.0.1"]) == 0
+    assert e2m_main(["pki", "issue", str(tmp_path / "pki"), "--tls", "visited.example.com"]) == 0
+    for host, ips in (("proxy.example.com", ["127.0.0.1"]), ("visited.example.com", [])):
+        cert = x509.load_pem_x509_certificate(
+            (tmp_path / "pki" / f"proxy-{host}-tls.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [host]
+        assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ips
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+        assert (tmp_path / "pki" / f"proxy-{host}-tls.key").stat().st_mode & 0o077 == 0
