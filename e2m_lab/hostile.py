@@ -42,7 +42,8 @@ builder                            the request                                  
 ``only_optional_parts_for_others`` two optional parts, carol's and the proxy's            UndecipherableError           - / 493
 ``body_from_another_dialog``       an envelope bound to another MESSAGE (cut and pasted)  BindingMismatchError          403 / 403
 ``stale``                          a body whose signed SIP context is an hour old         ReplayError                   403 / 403
-``split_views_differ``             a split SDP whose proxy view is of another session     InconsistentSplitError        - / 403
+``split_views_differ``             sealed SDP keys that give bob another session than      InconsistentSplitError        - / 403
+                                   the proxy reads (a c= line among the keys)
 ``plaintext_sdp``                  an INVITE with plaintext SDP (a downgrade)             DowngradeError                - / 488
 ``multipart_without_boundary``     multipart/mixed without its boundary parameter         MalformedError                400 / -
 ``unknown_transfer_encoding``      Content-Transfer-Encoding x-rot13                      UnsupportedAlgorithmError     415 / -
@@ -60,9 +61,10 @@ import time
 from collections.abc import Callable
 
 from e2m_plugins import mime
-from e2m_plugins.body import protect_content, with_entity
+from e2m_plugins.body import protect_content, seal_keys, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
 from e2m_plugins.cms.signed import sign
+from e2m_plugins.sdp import SdpKeys, separate_keys
 from e2m_plugins.sip import SipMessage
 from e2m_plugins.testpki import TestPKI, issue_user, make_ca
 
@@ -185,19 +187,19 @@ def stale(pki: TestPKI, *, text: bytes = SECRET) -> SipMessage:
 
 
 def split_views_differ(pki: TestPKI) -> SipMessage:
-    """An INVITE whose split SDP shows the proxy a view of another session than the full
-    copy bob gets, both signed by alice and bound to the request."""
+    """An INVITE whose sealed SDP keys would show bob another session than the SDP the
+    proxy reads (a ``c=`` line among the keying lines), signed by alice and bound."""
     msg = invite(pki, SRTP_OFFER)
     alice = pki.user("alice")
     bob, proxy = pki.user("bob").cert, pki.proxy(TRUSTED).cert
-    view, _ = protect_content("application/sdp", SDP_OFFER.replace(b"49170", b"40000"),
-                              [recipient_for_certificate(bob), recipient_for_certificate(proxy)],
-                              signer=(alice.cert, alice.key), content_id="view@example.com",
-                              handling="optional", bind_to=msg, readers=[TRUSTED])
-    full, _ = protect_content("application/sdp", SRTP_OFFER, [recipient_for_certificate(bob)],
-                              signer=(alice.cert, alice.key), content_id="full@example.com",
-                              bind_to=msg)
-    return labelled(msg, mime.multipart_mixed([view, full]), f'{TRUSTED};cid="view@example.com"')
+    view, keys = separate_keys(SRTP_OFFER)
+    lying = SdpKeys(((0, "c=IN IP4 203.0.113.66"), *keys.lines))
+    sealed = seal_keys(lying, recipient_for_certificate(bob)).der
+    entity, _ = protect_content("application/sdp", view,
+                                [recipient_for_certificate(bob), recipient_for_certificate(proxy)],
+                                signer=(alice.cert, alice.key), content_id="view@example.com",
+                                bind_to=msg, readers=[TRUSTED], sealed_keys=sealed)
+    return labelled(msg, entity, f'{TRUSTED};cid="view@example.com"')
 
 
 def oversized(pki: TestPKI, *, text: bytes = SECRET) -> SipMessage:

@@ -24,12 +24,13 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from . import mime
 from .certstore import check_user_names
 from .cms import ciphers, oids
-from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, seal
+from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, open_envelope, seal
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign
 from .errors import (BindingMismatchError, DecryptionError, DowngradeError, E2MError, LimitExceededError,
-                     MalformedError, UnsupportedMediaTypeError)
+                     InconsistentSplitError, MalformedError, UnsupportedMediaTypeError)
+from .sdp import SdpKeys
 from .sip import SipMessage, canonical_name
 from .sipcontext import SipContext, context_for
 from .uri import host_key
@@ -271,7 +272,8 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
                     cek_reference: bytes | None = None, content_id: str | None = None,
                     handling: str = "required", cipher: str | None = None,
                     bind_to: SipMessage | None = None, readers: Sequence[str] = (),
-                    at: float | None = None) -> tuple[mime.MimePart, Sealed]:
+                    at: float | None = None,
+                    sealed_keys: bytes | None = None) -> tuple[mime.MimePart, Sealed]:
     """Encrypt one body for ``recipients``, signing it first when ``signer`` is given.
 
     Sign-then-encrypt as e2m-sec-02 and RFC 8591 prefer: the SignedData is the
@@ -279,8 +281,12 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
     included, can check that the content is the sender's.  With ``bind_to``, the
     part's ``SipContext`` (that message, ``readers``: the proxies asked to read it,
     the Content-ID, handling and CEK reference, made ``at``) goes into the signed
-    attributes and, for AuthEnvelopedData, the authenticated ones.
+    attributes, or, unsigned, into AuthEnvelopedData's authenticated ones.
+    ``sealed_keys`` (``seal_keys``: an SDP's keying lines for the peer alone) is
+    a signed attribute too: only a signed body carries keys past a proxy.
     """
+    if sealed_keys is not None and signer is None:
+        raise ValueError("sealed SDP keys travel only under the sender's signature")
     inner = mime.inner_entity(content_type, content)
     context = None if bind_to is None else context_for(
         bind_to, time=at if at is not None else _time.time(), readers=readers,
@@ -288,11 +294,15 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
     payload, payload_type = inner, oids.DATA
     if signer is not None:
         extra = ((oids.SIP_CONTEXT, context.encode()),) if context is not None else ()
+        if sealed_keys is not None:
+            extra += ((oids.SDP_KEYS, sealed_keys),)
         payload = sign(inner, signer[0], signer[1], extra_attributes=extra)
         payload_type = oids.SIGNED_DATA
     kwargs: dict = {} if cipher is None else {"cipher": cipher}
-    if context is not None and ciphers.cipher_by_name(cipher or ciphers.DEFAULT_CIPHER).aead:
-        # Only AuthEnvelopedData can authenticate an attribute (docs/protocol.md §2).
+    if context is not None and signer is None \
+            and ciphers.cipher_by_name(cipher or ciphers.DEFAULT_CIPHER).aead:
+        # Unsigned, only AuthEnvelopedData can authenticate an attribute (docs/protocol.md
+        # §2); signed, the signature covers it and a second copy would only add bytes.
         kwargs["authenticated_attributes"] = (Attribute(oids.SIP_CONTEXT, (context.encode(),)),)
     sealed = seal(payload, list(recipients), content_type=payload_type,
                   cek_reference=cek_reference, **kwargs)
@@ -301,6 +311,32 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
     entity = mime.smime_entity(sealed.der, smime_type, content_id=content_id, handling=handling)
     return entity, sealed
 
+
+
+def seal_keys(keys: SdpKeys, recipient: Recipient, *,
+              cek_reference: bytes | None = None) -> Sealed:
+    """An SDP's keying lines sealed for the peer alone (one RecipientInfo), to travel
+    as the ``e2m-sdp-keys`` signed attribute of the part the proxies read."""
+    return seal(keys.encode(), [recipient], cek_reference=cek_reference)
+
+
+def open_sealed_keys(opened: OpenedPart, keys: Sequence[OpeningKey], *,
+                     limits: Limits = DEFAULT_LIMITS) -> tuple[SdpKeys, OpenedEnvelope] | None:
+    """The keying lines a signed SDP part carries for us (``seal_keys``), or None.
+
+    Refused (``InconsistentSplitError``) when the part is not a signed SDP, more than one
+    signature carries keys, or they were sealed for anyone but one recipient: a key
+    others hold is no place for SRTP keys, ours in the answer included."""
+    found = [(result, values) for result in opened.signatures for signer in result.signers
+             for values in (signer.attributes.get(oids.SDP_KEYS),) if values]
+    if not found:
+        return None
+    if len(found) != 1 or len(found[0][1]) != 1 or opened.content_type != "application/sdp":
+        raise InconsistentSplitError("sealed SDP keys must come once, signed, with an SDP")
+    envelope = open_envelope(found[0][1][0], list(keys), want_cek=True, limits=limits)
+    if envelope.recipient_count != 1 or envelope.content_type != "data":
+        raise InconsistentSplitError("the SDP keys were sealed for more than the peer")
+    return SdpKeys.decode(envelope.plaintext), envelope
 
 
 def with_entity(message: SipMessage, entity: mime.MimePart) -> SipMessage:

@@ -423,21 +423,17 @@ class ProxyEngine:
                       opened: list[OpenedPart], unreadable: list[mime.MimePart]) -> None:
         """496 when a needed body stays closed, then 495 when a needed signature is missing.
 
-        Only an SDP is ever legitimately split: a part we cannot open is accepted only as
-        the full copy (``handling=required``) beside an SDP view we did open.  Any other
-        part closed to us, under our label or our policy, is 496: otherwise an insider
-        shows the archive a decoy and hides the real text in a part only its peer opens.
+        Every part under our label or our policy must open: an SDP's keys travel inside
+        the part we read, sealed for the peer (docs/protocol.md §6.1), so nothing is
+        legitimately closed to us; a closed part is where an insider would hide the real
+        text behind a decoy for the archive.
         """
         view_rules = [r for r in self.config.view if r.method in ("*", method)]
         verify_rules = [r for r in self.config.verify if r.method in ("*", method)]
         if unreadable and (label is not None or view_rules or verify_rules):
-            split_copy = (len(unreadable) == 1 and unreadable[0].handling == "required"
-                          and any(p.handling == "optional" and p.content_type == "application/sdp"
-                                  for p in opened))
-            if not split_copy or verify_rules:
-                needed = self._needed_type(view_rules, label)
-                raise ProxyCannotDecryptError(f"cannot view the body ({needed or 'whole body'})",
-                                              content_type=needed)
+            needed = self._needed_type(view_rules, label)
+            raise ProxyCannotDecryptError(f"cannot view the body ({needed or 'whole body'})",
+                                          content_type=needed)
         for part in opened:
             if any(r.matches(method, part.content_type) for r in verify_rules) and not part.signed:
                 raise SignatureRequiredError(f"{part.content_type} body is not signed")

@@ -1,12 +1,13 @@
-"""Split an SDP (RFC 8866) into the proxy's view and the end-to-end copy.
+"""Separate an SDP (RFC 8866) into what a proxy may read and the keys it may not.
 
 e2m-sec-02 §4.2 (flow F): when the SDP carries SRTP keys (SDES ``a=crypto``,
-MIKEY ``a=key-mgmt``, or the old ``k=``), the UA sends the whole SDP to the
-peer and a copy without the keying lines to the proxy, which only needs
-addresses, ports and codecs for pinholes or admission control.
-
-The proxy cannot check that its copy agrees with the peer's (§13 item 8);
-``consistent`` lets a UA that sees both do so.
+MIKEY ``a=key-mgmt``, or the old ``k=``), a proxy that must read the SDP gets it
+without the keying lines; it only needs addresses, ports and codecs for pinholes
+or admission control.  The draft sends the peer a second, full copy; we send the
+peer only the keying lines (``SdpKeys``, sealed for the peer alone and carried
+under the sender's signature, docs/protocol.md §6.1), which it puts back into the
+very SDP the proxy read (``merge_keys``).  So the two can never disagree (§13
+item 8), and the message is half the size.
 
 Only the line model is parsed: ``<type>=<value>`` lines ended by CRLF or LF,
 the first one ``v=0``, with ``m=`` lines starting media sections.  Lines that
@@ -18,14 +19,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .cms.limits import DEFAULT_LIMITS
-from .errors import LimitExceededError, MalformedError
+from .errors import InconsistentSplitError, LimitExceededError, MalformedError
 from .grammar import MIME_TOKEN_PATTERN
 
-__all__ = ["SdpLine", "SdpSplit", "MediaLine", "KEYING_ATTRIBUTES", "parse_lines",
-           "split_for_proxy", "media_summary", "consistent", "has_keys"]
+__all__ = ["SdpLine", "SdpKeys", "MediaLine", "KEYING_ATTRIBUTES", "parse_lines",
+           "separate_keys", "merge_keys", "media_summary", "has_keys"]
 
 KEYING_ATTRIBUTES: tuple[str, ...] = ("crypto", "key-mgmt")
 MAX_SDP_BYTES = DEFAULT_LIMITS.max_body_bytes
@@ -63,12 +64,57 @@ class SdpLine:
         return self.value.partition(":")[0].strip().lower()
 
 
-@dataclass(frozen=True)
-class SdpSplit:
-    """``proxy_view``: the SDP without keying lines; ``end_to_end``: the SDP as given."""
+SESSION = -1            # SdpKeys: lines of the session section
+_MAX_KEY_LINES = 64     # keying lines in one SDP (SDES offers a handful per medium)
+_MAX_KEY_LINE_BYTES = 1024
 
-    proxy_view: bytes
-    end_to_end: bytes
+
+@dataclass(frozen=True)
+class SdpKeys:
+    """The keying lines of an SDP and where each stood: ``(section, raw line)`` with
+    ``section`` -1 for the session and the 0-based index of its ``m=`` otherwise.
+
+    On the wire (inside the sealed-keys envelope)::
+
+        SdpKeys ::= SEQUENCE SIZE (1..64) OF SEQUENCE {
+            section  INTEGER (-1..63),
+            line     UTF8String (SIZE (3..1024)) }   -- "a=crypto:..." without line end
+    """
+
+    lines: tuple[tuple[int, str], ...] = field(repr=False)   # SRTP keys: never in a log
+
+    def __repr__(self) -> str:
+        return f"SdpKeys({len(self.lines)} lines)"
+
+    def encode(self) -> bytes:
+        from .cms import der
+        return der.seq(*(der.seq(der.enc_integer(section), der.tlv(der.UTF8_STRING,
+                                                                     line.encode("utf-8")))
+                         for section, line in self.lines))
+
+    @classmethod
+    def decode(cls, data: bytes) -> "SdpKeys":
+        """``MalformedError`` for anything but a well-formed, bounded ``SdpKeys``."""
+        from .cms import der
+        top = der.read_all(data, max_elements=1 + 3 * _MAX_KEY_LINES)
+        items = der.items(top.expect(der.SEQUENCE, "SdpKeys"), 1, "SdpKeys")
+        if len(items) > _MAX_KEY_LINES:
+            raise MalformedError("SdpKeys: too many lines")
+        lines = []
+        for item in items:
+            pair = der.items(item.expect(der.SEQUENCE, "SdpKeys line"), 2, "SdpKeys line")
+            if len(pair) != 2:
+                raise MalformedError("SdpKeys line: unexpected fields")
+            section = der.integer(pair[0])
+            raw = pair[1].expect(der.UTF8_STRING, "SdpKeys line").value
+            if not SESSION <= section < MAX_MEDIA or not 3 <= len(raw) <= _MAX_KEY_LINE_BYTES:
+                raise MalformedError("SdpKeys line out of range")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MalformedError("SdpKeys line is not UTF-8") from None
+            lines.append((section, text))
+        return cls(tuple(lines))
 
 
 @dataclass(frozen=True)
@@ -165,37 +211,68 @@ def _keying_set(keying_attributes: Iterable[str]) -> frozenset[str]:
     return frozenset(name.strip().lower() for name in keying_attributes)
 
 
-def split_for_proxy(sdp: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES, *,
-                    max_bytes: int = MAX_SDP_BYTES) -> SdpSplit:
-    """The proxy's copy (keying lines removed, session and media level) and the full copy."""
+def separate_keys(sdp: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES, *,
+                  max_bytes: int = MAX_SDP_BYTES) -> tuple[bytes, SdpKeys]:
+    """The SDP without its keying lines (byte for byte otherwise), and those lines."""
     keying = _keying_set(keying_attributes)
-    lines = parse_lines(sdp, max_bytes=max_bytes)
-    view = b"".join(line.raw for line in lines if not _is_keying(line, keying))
-    return SdpSplit(proxy_view=view, end_to_end=bytes(sdp))
+    view: list[bytes] = []
+    keys: list[tuple[int, str]] = []
+    for line in parse_lines(sdp, max_bytes=max_bytes):
+        if _is_keying(line, keying):
+            keys.append((SESSION if line.media_index is None else line.media_index,
+                         f"{line.kind}={line.value}"))
+        else:
+            view.append(line.raw)
+    if len(keys) > _MAX_KEY_LINES or any(len(t.encode()) > _MAX_KEY_LINE_BYTES for _, t in keys):
+        raise LimitExceededError("more keying lines than one SDP carries")
+    return b"".join(view), SdpKeys(tuple(keys))
+
+
+def merge_keys(view: bytes, keys: SdpKeys, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES,
+               *, max_bytes: int = MAX_SDP_BYTES) -> bytes:
+    """``view`` with ``keys`` put back: each line at the end of its section (``k=``
+    before the section's first ``a=``).  ``InconsistentSplitError`` when ``view``
+    already holds keying lines, a key line is not a keying line (it would show the
+    peer another session than the proxy saw), or names a section ``view`` lacks."""
+    keying = _keying_set(keying_attributes)
+    lines = parse_lines(view, max_bytes=max_bytes)
+    if any(_is_keying(line, keying) for line in lines):
+        raise InconsistentSplitError("the SDP the proxy read holds keys as well")
+    sections = 1 + max((line.media_index for line in lines if line.media_index is not None),
+                       default=-1)
+    eol = b"\r\n" if not lines or lines[0].raw.endswith(b"\r\n") else b"\n"
+    adds: dict[int, list[SdpLine]] = {}
+    for section, text in keys.lines:
+        match = _LINE.fullmatch(text)
+        key = None if match is None else SdpLine(match.group(1), match.group(2),
+                                                 text.encode() + eol, section)
+        if key is None or not _is_keying(key, keying):
+            raise InconsistentSplitError("the sealed keys hold a line that is not a keying line")
+        if section >= sections:
+            raise InconsistentSplitError("the sealed keys name a media section the SDP lacks")
+        adds.setdefault(section, []).append(key)
+    # where each section ends: its last line that is not blank
+    last = {SESSION if line.media_index is None else line.media_index: index
+            for index, line in enumerate(lines) if line.kind}
+    out: list[bytes] = []
+    for index, line in enumerate(lines):
+        here = SESSION if line.media_index is None else line.media_index
+        if line.kind == "a" and any(k.kind == "k" for k in adds.get(here, ())):
+            out += [k.raw for k in adds[here] if k.kind == "k"]
+            adds[here] = [k for k in adds[here] if k.kind != "k"]
+        out.append(line.raw)
+        if last.get(here) == index and adds.get(here):
+            if not line.raw.endswith(b"\n"):      # a last line without its line end
+                out.append(eol)
+            out += [k.raw for k in adds.pop(here)]
+    return b"".join(out)
 
 
 def has_keys(sdp: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES, *,
              max_bytes: int = MAX_SDP_BYTES) -> bool:
-    """Whether the SDP holds any keying line (so the proxy must get a split copy)."""
+    """Whether the SDP holds any keying line (so a proxy must not get it whole)."""
     keying = _keying_set(keying_attributes)
     return any(_is_keying(line, keying) for line in parse_lines(sdp, max_bytes=max_bytes))
-
-
-def consistent(proxy_view: bytes, full_sdp: bytes,
-               keying_attributes: Iterable[str] = KEYING_ATTRIBUTES, *,
-               max_bytes: int = MAX_SDP_BYTES) -> bool:
-    """Whether the proxy's copy equals the full SDP once keying lines are set aside.
-
-    Line ends and blank lines do not count; every other byte of every other
-    line does, in order.
-    """
-    keying = _keying_set(keying_attributes)
-
-    def essence(data: bytes) -> list[tuple[str, str]]:
-        return [(line.kind, line.value) for line in parse_lines(data, max_bytes=max_bytes)
-                if line.kind and not _is_keying(line, keying)]
-
-    return essence(proxy_view) == essence(full_sdp)
 
 
 # -- media summary ----------------------------------------------------------------

@@ -211,9 +211,10 @@ _TABLE: dict[type[e.E2MError], dict[Role, Row]] = {
         warning="Replayed or stale body")),
     e.InconsistentSplitError: _both(Row(
         403, "Forbidden",
-        "the proxy's view of a split SDP is not the full copy without its keys: the sender "
-        "showed the proxy one session and the peer another",
-        warning="Split SDP copies differ")),
+        "the SDP keys sealed for the peer do not fit the SDP the proxy read (a line that is "
+        "not a keying line, keys in the proxy's copy too, or keys sealed for others as well): "
+        "the sender would show the proxy one session and the peer another",
+        warning="SDP keys do not fit the SDP")),
     e.DowngradeError: {
         "ua": Row(488, "Not Acceptable Here",
                   "plaintext or stripped protection where E2M is required: the type itself is "

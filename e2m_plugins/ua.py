@@ -13,7 +13,8 @@ Who may read what, the rule every method here follows:
 * a proxy reads a body only if its policy (view or verify) names that method
   and content type, and only with a certificate that passed our checks;
 * SRTP keys (``a=crypto``, ``a=key-mgmt``) never reach a proxy: an SDP with
-  keys that a proxy must view is split into a proxy view and a full copy;
+  keys that a proxy must view goes without them, and the keys are sealed for the
+  peer alone inside its signature (``e2m-sdp-keys``, docs/protocol.md §6.1);
 * a reused CEK is only used for content that every holder of that CEK may
   read, and never outside the dialog it came from.
 """
@@ -34,23 +35,23 @@ from cryptography.hazmat.primitives import serialization
 from . import headers as hdr
 from . import mime
 from .body import (OpenedPart, check_context, check_signed_by, has_protection, message_body,
-                   new_reference, open_part, plaintext_leaves, protect_content, top_parts,
-                   with_entity)
+                   new_reference, open_part, open_sealed_keys, plaintext_leaves, protect_content,
+                   seal_keys, top_parts, with_entity)
 from .certstore import CertStore, check_proxy_certificate, matches_fingerprint
 from .cms.budget import message_budget
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
 from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeError, E2MError,
-                     InconsistentSplitError, MalformedError, NoMatchingRecipientError,
+                     MalformedError, NoMatchingRecipientError,
                      DecryptionError, PolicyError, SignatureRequiredError, UndecipherableError,
                      UntrustedSignerError)
 from .certfiles import readable_certificate
 from .config import LegacyPeer, UAConfig
-from .dialog_keys import MAX_DIALOGS, DialogKeys
+from .dialog_keys import MAX_DIALOGS, DialogKey, DialogKeys
 from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
 from .replay import MemoryReplayCache
-from .sdp import consistent, has_keys, split_for_proxy
+from .sdp import SdpKeys, has_keys, merge_keys, separate_keys
 from .sipcontext import SipContext
 from .grammar import split_header_list
 from .sip import SipMessage, canonical_name, make_response, parse_address
@@ -85,9 +86,8 @@ class SecurityInfo:
     signers: tuple[str, ...] = ()
     trusted: bool = False                    # signed by the peer (From/To AoR), chained to our anchors
     key_reuse: bool = False                  # a kekri under a reused CEK was used
-    split: bool = False                      # separate proxy view and end-to-end copy
+    split: bool = False                      # SDP keys sealed for the peer alone
     content_type: str | None = None
-    consistent: bool | None = None           # split SDP: proxy view matches the full copy
     received: bool = False                   # True: ``peer`` sent it to us
 
     def describe(self) -> str:
@@ -182,7 +182,7 @@ class UAEngine:
             self.policies.configure(proxy.host, proxy.view, proxy.verify)
         self.dialog_keys = DialogKeys(max_age=config.cek_max_age, max_uses=config.cek_max_uses,
                                       clock=self._clock)
-        self._retries: dict[str, int] = {}
+        self._retries: OrderedDict[str, int] = OrderedDict()
         self._sign_for: set[str] = set()      # "METHOD" that a 495 asked us to sign
         self.replay = MemoryReplayCache(window=config.replay_window, clock=self._clock)
         # Requests we sent, so an answer can be told from a stranger's message:
@@ -505,23 +505,24 @@ class UAEngine:
             raise PolicyError("an SDP with SRTP keys would reach " + ", ".join(sorted(audience))
                               + "; [e2m] split_sdp = false forbids the split that keeps them out")
         split = keyed and bool(audience)
+        if split and (signer is None or legacy is not None):
+            # Sealed keys are trusted for their signature: unsigned, whoever holds the
+            # shared key (the proxy) could put its own keys in their place.
+            raise PolicyError("an SDP with SRTP keys can pass a proxy only signed, and not "
+                              "to a [[legacy]] peer (which cannot read sealed keys)")
         seal = dict(message=message, peer=peer, ctype=ctype, signer=signer, reuse_ok=reuse_ok,
                     cipher="aes-128-cbc" if legacy is not None else None)
         try:
+            sealed_keys, keys_reused = None, False
             if split:
-                view = split_for_proxy(content, self.config.keying_attributes).proxy_view
-                view_entity, view_reused = self._seal_for(
-                    content=view, readers=audience, exclusive=False, handling="optional", **seal)
-                full_entity, full_reused = self._seal_for(
-                    content=content, readers=frozenset(), exclusive=True, handling="required",
-                    **seal)
-                entity = mime.multipart_mixed([view_entity, full_entity])
-                label_cid, reused = view_entity.content_id, view_reused or full_reused
-            else:
-                entity, reused = self._seal_for(content=content, readers=audience,
-                                                exclusive=not audience, handling="required",
-                                                **seal)
-                label_cid = entity.content_id
+                # The proxy reads the SDP without its keys; the keys go to the peer alone,
+                # under our signature, and the peer puts them back (docs/protocol.md §6.1).
+                content, keys = separate_keys(content, self.config.keying_attributes)
+                sealed_keys, keys_reused = self._seal_keys(message, peer, keys, reuse_ok)
+            entity, reused = self._seal_for(content=content, readers=audience,
+                                            exclusive=not audience, handling="required",
+                                            sealed_keys=sealed_keys, **seal)
+            label_cid, reused = entity.content_id, reused or keys_reused
         except MissingPeerCertificateError:
             if self.config.require_e2m:
                 raise
@@ -550,43 +551,53 @@ class UAEngine:
     def _seal_for(self, *, message: SipMessage, peer: str | None, ctype: str, content: bytes,
                   readers: frozenset[str], exclusive: bool,
                   signer: tuple[x509.Certificate, object] | None, reuse_ok: bool,
-                  handling: str, cipher: str | None) -> tuple[mime.MimePart, bool]:
+                  handling: str, cipher: str | None,
+                  sealed_keys: bytes | None = None) -> tuple[mime.MimePart, bool]:
         """One envelope for the peer plus ``readers``; returns (entity, reused a key).
 
-        A reusable dialog key becomes a kekri (RFC 3185: KEK = reversed CEK);
-        readers that do not hold it get their own RecipientInfo.  Without one,
-        the peer's checked certificate is needed, and a fresh CEKReference
-        offers the new key for reuse in this dialog.  The part's signed SIP context
-        says who may read it (``readers`` and whoever holds the reused key): what the
-        peer decides key exclusivity from.
+        The part's signed SIP context says who may read it (``readers`` and whoever
+        holds the reused key): what the peer decides key exclusivity from.
         """
-        recipients: list[Recipient] = []
-        key = self.dialog_keys.reuse(message, exclusive=exclusive) if reuse_ok else None
-        holders: frozenset[str] = frozenset()
-        if key is not None:
-            recipients.append(reuse_kek(key.cek, key.reference))
-            holders = key.readers
-        else:
-            peer_cert = self._peer_certificate(peer) if peer else None
-            if peer_cert is None:
-                raise MissingPeerCertificateError(f"no checked certificate for {peer or 'the peer'}")
-            recipients.append(recipient_for_certificate(peer_cert))
+        recipients, key, reference = self._peer_recipient(message, peer, exclusive, reuse_ok)
+        holders = key.readers if key is not None else frozenset()
         for host in sorted(readers - holders - {"?"}):
             cert = self.certs.proxy(host)
             if cert is not None:
                 recipients.append(recipient_for_certificate(cert))
-        reference = new_reference() if reuse_ok and key is None else None
         cid = mime.new_content_id(self._local_host())
         entity, sealed = protect_content(ctype, content, recipients, signer=signer,  # type: ignore[arg-type]
                                          cek_reference=reference, content_id=cid,
                                          handling=handling, cipher=cipher,
                                          bind_to=message if self._bind else None,
                                          readers=sorted((readers | holders) - {"?"}),
-                                         at=self._clock())
+                                         at=self._clock(), sealed_keys=sealed_keys)
         if reference is not None:
             # Not reusable until the peer shows it holds it: the request may be refused.
             self.dialog_keys.offer(message, reference, sealed.cek, readers)
         return entity, key is not None
+
+    def _seal_keys(self, message: SipMessage, peer: str | None, keys: SdpKeys,
+                   reuse_ok: bool) -> tuple[bytes, bool]:
+        """An SDP's keying lines for the peer alone: under the dialog key only the two
+        of us hold, else its certificate (the new key then offered as exclusive)."""
+        recipients, key, reference = self._peer_recipient(message, peer, True, reuse_ok)
+        sealed = seal_keys(keys, recipients[0], cek_reference=reference)
+        if reference is not None:
+            self.dialog_keys.offer(message, reference, sealed.cek, frozenset())
+        return sealed.der, key is not None
+
+    def _peer_recipient(self, message: SipMessage, peer: str | None, exclusive: bool,
+                        reuse_ok: bool) -> tuple[list[Recipient], DialogKey | None, bytes | None]:
+        """The peer's RecipientInfo, the dialog key it reuses (or None) and the fresh
+        CEKReference to offer (or None).  A reusable dialog key becomes a kekri (RFC 3185:
+        KEK = reversed CEK); without one, the peer's checked certificate is needed."""
+        key = self.dialog_keys.reuse(message, exclusive=exclusive) if reuse_ok else None
+        if key is not None:
+            return [reuse_kek(key.cek, key.reference)], key, None
+        peer_cert = self._peer_certificate(peer) if peer else None
+        if peer_cert is None:
+            raise MissingPeerCertificateError(f"no checked certificate for {peer or 'the peer'}")
+        return [recipient_for_certificate(peer_cert)], None, new_reference() if reuse_ok else None
 
     def _local_host(self) -> str:
         identity = identity_of(self.config.aor)
@@ -631,7 +642,6 @@ class UAEngine:
         limits = DEFAULT_LIMITS if legacy is None else Limits(
             accept_cbc=True, accept_unsigned_cbc=legacy.accept_unsigned_cbc)
         chosen: OpenedPart | None = None
-        view: OpenedPart | None = None
         contexts: dict[int, SipContext | None] = {}
         for candidate in top_parts(part):
             try:
@@ -650,42 +660,44 @@ class UAEngine:
                     "[[legacy]] peer may send such bodies")
             contexts[id(opened)] = context if opened.context_signed else None
             self._keep_received(message, opened, contexts[id(opened)])
-            if candidate.handling == "optional":
-                view = view or opened
-            elif chosen is None:
+            if chosen is None and candidate.handling != "optional":
                 chosen = opened
         if chosen is None:
-            if view is not None:
-                # a split body whose end-to-end copy is gone: the view has no keys, so
-                # taking it would accept an offer the sender never made to us
-                raise DowngradeError("the end-to-end copy of a split body is missing")
             raise UndecipherableError("no body part is for us")
         if self.config.require_e2m and not chosen.encrypted and self._protectable(
                 message, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
-        agreed = None
-        if view is not None:
-            # Only an SDP is ever split, and the view must be the full copy without its
-            # keys: otherwise the proxy was shown one thing and we are given another.
-            if view.content_type != "application/sdp" or chosen.content_type != "application/sdp":
-                raise InconsistentSplitError("a split body holds something else than an SDP "
-                                             "and its view")
-            agreed = consistent(view.content, chosen.content, self.config.keying_attributes)
-            if not agreed:
-                raise InconsistentSplitError("the proxy's view of the SDP is not the full copy "
-                                             "without its keys")
+        content, split = self._with_sealed_keys(message, chosen, limits)
         self._check_replay(message, [c for c in contexts.values() if c is not None])
-        readers = self._readers_of(message, chosen, view, contexts)
+        readers = self._readers_of(message, chosen, contexts)
         signed_by_peer = chosen.signed and peer is not None
         info = SecurityInfo(
             encrypted=chosen.encrypted, peer=peer, received=True,
             readable_by=tuple(sorted(readers)),
             signed=chosen.signed, signers=chosen.signers, trusted=signed_by_peer,
             key_reuse=any(e.recipient.kind == "kekri" for e in chosen.envelopes),
-            split=view is not None, content_type=chosen.content_type,
-            consistent=agreed)
-        plain = with_entity(message, mime.make_part(chosen.entity.content_type, chosen.content))
+            split=split, content_type=chosen.content_type)
+        plain = with_entity(message, mime.make_part(chosen.entity.content_type, content))
         return Opened(plain, info)
+
+    def _with_sealed_keys(self, message: SipMessage, chosen: OpenedPart,
+                          limits: Limits) -> tuple[bytes, bool]:
+        """The content with the SDP keys sealed for us put back (docs/protocol.md §6.1),
+        and whether there were any.  The keys' CEK, sealed for us alone, may carry our
+        own keys back (kept as a key no proxy holds)."""
+        found = open_sealed_keys(chosen, self._opening_keys(message), limits=limits)
+        if found is None:
+            return chosen.content, False
+        keys, envelope = found
+        merged = merge_keys(chosen.content, keys, self.config.keying_attributes)
+        # Kept only when sealed to our certificate: a kekri under a dialog key says
+        # nothing new, and under a key a proxy holds it must not become "ours alone".
+        if self.config.cek_reuse and message.method in _SESSION_METHODS \
+                and envelope.recipient.kind != "kekri" \
+                and envelope.cek_reference is not None and envelope.cek is not None:
+            self.dialog_keys.keep_received(message, envelope.cek_reference, envelope.cek,
+                                           readers=frozenset())
+        return merged, True
 
     def _end_dialog(self, message: SipMessage) -> None:
         """The dialog (or the INVITE attempt) is over: its keys and its policies go."""
@@ -734,21 +746,15 @@ class UAEngine:
             contexts[0].check_time(self._clock(), self.config.replay_window)
 
     @staticmethod
-    def _readers_of(message: SipMessage, chosen: OpenedPart, view: OpenedPart | None,
+    def _readers_of(message: SipMessage, chosen: OpenedPart,
                     contexts: dict[int, SipContext | None]) -> set[str]:
         """Who else may read what we got: the readers the sender signed for, or, for a
         body with no signed context (a legacy peer), what its labels claim."""
-        out: set[str] = set()
-        for opened in (chosen, view):
-            if opened is None:
-                continue
-            context = contexts.get(id(opened))
-            if context is not None:
-                out |= set(context.readers)
-            else:
-                labels = UAEngine._labels_by_cid(message)
-                out |= labels.get(opened.cid or "", set()) | labels.get("*", set())
-        return out
+        context = contexts.get(id(chosen))
+        if context is not None:
+            return set(context.readers)
+        labels = UAEngine._labels_by_cid(message)
+        return labels.get(chosen.cid or "", set()) | labels.get("*", set())
 
     def _settle(self, message: SipMessage) -> None:
         """What ``message`` shows about the keys we offered (``DialogKeys.settle``);
@@ -889,9 +895,10 @@ class UAEngine:
                     learned = self._learn_493(response, request)
             except E2MError as exc:
                 return Reaction("fail", str(exc))
-            if len(self._retries) > MAX_DIALOGS:
-                self._retries.clear()
+            self._retries.pop(request.call_id, None)
             self._retries[request.call_id] = count + 1
+            while len(self._retries) > MAX_DIALOGS:    # the oldest call's count goes first
+                self._retries.popitem(last=False)
         retry = self.protect(next_attempt(request)).message
         return Reaction("retry", f"{status}: learned {learned}", retry, learned)
 

@@ -21,7 +21,9 @@ CEK_MAX_DECRYPTS = "1.2.840.113549.1.9.16.2.31"   # RFC 3185 id-aa-CEKMaxDecrypt
 # Our own attribute (docs/protocol.md §2): the SIP message an envelope belongs to.
 # A UUID-based OID (X.667, arc 2.25) needs no registration and cannot collide.
 SIP_CONTEXT = "2.25.332687052271650812903644570241587645908"
-# Our own dialog binding attribute lives in docs/protocol.md; not defined here yet.
+# Our own signed attribute (docs/protocol.md §6.1): an SDP's keying lines, sealed for the
+# peer alone (an AuthEnvelopedData whose content is SdpKeys).
+SDP_KEYS = "2.25.295584270981942484695982166604888077255"
 
 # Content encryption
 AES128_CBC = "2.16.840.1.101.3.4.1.2"
@@ -96,7 +98,7 @@ NAMES: dict[str, str] = {
     CONTENT_TYPE_ATTR: "content-type", MESSAGE_DIGEST_ATTR: "message-digest",
     SIGNING_TIME_ATTR: "signing-time",
     CEK_REFERENCE: "cek-reference", CEK_MAX_DECRYPTS: "cek-max-decrypts",
-    SIP_CONTEXT: "e2m-sip-context",
+    SIP_CONTEXT: "e2m-sip-context", SDP_KEYS: "e2m-sdp-keys",
     AES128_CBC: "aes-128-cbc", AES192_CBC: "aes-192-cbc", AES256_CBC: "aes-256-cbc",
     AES128_GCM: "aes-128-gcm", AES192_GCM: "aes-192-gcm", AES256_GCM: "aes-256-gcm",
     DES_EDE3_CBC: "des-ede3-cbc", RC2_CBC: "rc2-cbc", CHACHA20_POLY1305: "chacha20-poly1305",

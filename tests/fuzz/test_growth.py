@@ -205,7 +205,7 @@ FAMILIES = [
     Family("smime base64 entity", base64_entity,
            lambda k, d: open_message(d, keys=k.keys, trust_anchors=k.anchors)),
     Family("sdp formats x rtpmap", sdp_formats_x_rtpmap, lambda k, d: sdp.media_summary(d)),
-    Family("sdp many lines", sdp_many_lines, lambda k, d: sdp.split_for_proxy(d)),
+    Family("sdp many lines", sdp_many_lines, lambda k, d: sdp.separate_keys(d)),
     Family("proxy sdp formats x rtpmap", sdp_formats_x_rtpmap, _proxy, needs_kit_build=True),
 ]
 

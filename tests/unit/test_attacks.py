@@ -16,11 +16,14 @@ from e2m_lab.flows import (CRYPTO, SRTP_ANSWER, SRTP_OFFER, TRUSTED, UNTRUSTED, 
                            apply_forward, invite, known_proxy, message, proxy_engine, ua_engine)
 from e2m_plugins import headers as hdr
 from e2m_plugins import mime
-from e2m_plugins.body import message_body, protect_content, top_parts, with_entity
+from e2m_lab import hostile
+from e2m_plugins.body import message_body, protect_content, seal_keys, top_parts, with_entity
 from e2m_plugins.cms import oids
 from e2m_plugins.cms.envelope import open_envelope, seal
 from e2m_plugins.cms.recipients import CertificateKey, recipient_for_certificate, reuse_kek
-from e2m_plugins.errors import E2MError
+from e2m_plugins.cms.signed import verify
+from e2m_plugins.errors import E2MError, InconsistentSplitError
+from e2m_plugins.sdp import separate_keys
 from e2m_plugins.sip import SipMessage, make_request, make_response
 from e2m_plugins.sip_errors import answer_for
 from e2m_plugins.testpki import init_test_pki
@@ -174,36 +177,37 @@ def test_a_policy_header_for_the_proxy_put_in_by_an_earlier_hop_is_replaced(worl
 # == chosen proxy turned curious ================================================
 
 def test_chosen_proxy_cannot_make_bob_think_the_view_key_is_his_alone(world):
-    """The proxy re-seals the SDP view for bob alone under a key it knows (its own
-    RecipientInfo gone) and swaps the two parts' Content-IDs, keeping its label: the
-    label now names alice's full copy, and the view looks like bob's alone.  Bob must
-    not then send his full answer, a=crypto included, under the view's key."""
+    """The proxy re-seals the body for bob alone under a key it knows (its own
+    RecipientInfo gone), keeping its label: the key now looks like bob's alone.  Bob
+    must not then send his keying lines under that key, or under the proxy's."""
     alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
     bob = ua_engine(world, "bob")
     sent = alice.protect(invite(world, SRTP_OFFER)).message
-    view_part, full_part = top_parts(message_body(sent))
-    view = open_envelope(view_part.decoded(), [_proxy_key(world, TRUSTED)], want_cek=True)
+    (part,) = top_parts(message_body(sent))
+    view = open_envelope(part.decoded(), [_proxy_key(world, TRUSTED)], want_cek=True)
     inner_type = oids.SIGNED_DATA if view.content_type == "signed-data" else oids.DATA
     resealed = seal(view.plaintext, [recipient_for_certificate(world.user("bob").cert)],
                     content_type=inner_type, cek_reference=view.cek_reference)
-    fake_view = mime.smime_entity(resealed.der, "authEnveloped-data",
-                                  content_id=full_part.content_id, handling="optional")
-    moved_full = mime.smime_entity(full_part.decoded(), "authEnveloped-data",
-                                   content_id=view_part.content_id, handling="required")
-    tampered = with_entity(sent, mime.multipart_mixed([fake_view, moved_full]))
+    fake = mime.smime_entity(resealed.der, "authEnveloped-data",
+                             content_id=part.content_id, handling=part.handling)
+    tampered = with_entity(sent, fake)
     try:
         opened = bob.open(tampered)
     except E2MError:
         return                                          # refused outright: attack failed
     reply = bob.protect(answer(opened.message, SRTP_ANSWER)).message
-    # the proxy holds the re-sealed key: it must read no keying line of bob's answer
-    stolen = reuse_kek(resealed.cek, view.cek_reference)
-    for part in top_parts(message_body(reply)):
+    # the proxy holds the re-sealed key and its own: no keying line of bob's answer opens
+    stolen = [reuse_kek(resealed.cek, view.cek_reference), _proxy_key(world, TRUSTED)]
+    for reply_part in top_parts(message_body(reply)):
         try:
-            plain = open_envelope(part.decoded(), [stolen, _proxy_key(world, TRUSTED)]).plaintext
+            plain = open_envelope(reply_part.decoded(), stolen).plaintext
         except E2MError:
             continue
         assert b"inline:" not in plain and CRYPTO.split(b" ", 1)[0] not in plain
+        sealed = verify(plain, trust_anchors=[world.ca.cert]).signers[0].attributes
+        for keys in sealed.get(oids.SDP_KEYS, ()):
+            with pytest.raises(E2MError):
+                open_envelope(keys, stolen)
 
 
 def test_srtp_keys_are_never_sealed_for_a_proxy_even_with_split_off(world):
@@ -293,22 +297,40 @@ def test_insider_cannot_hide_text_from_the_archive_behind_a_decoy(world):
     assert verdict.action == "reply" and verdict.code == 496
 
 
-def test_a_split_sdp_whose_copies_disagree_is_refused(world):
-    """The insider gives the proxy a view that is not the SDP the peer gets."""
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+def test_sealed_keys_cannot_show_bob_another_session_than_the_proxy_saw(world):
+    """The insider gives the proxy one session and, among the keys sealed for bob, a
+    c= line that moves the media elsewhere: bob gets the SDP the proxy read, plus
+    keying lines only, or nothing."""
     bob = ua_engine(world, "bob")
-    # a view made for another SDP than the full copy, both signed and bound correctly
-    bad = alice.protect(invite(world, SRTP_OFFER, call_id="x3")).message
-    view, full = top_parts(message_body(bad))
-    other_view, _ = protect_content(
-        "application/sdp", EVIL_SDP,
+    assert isinstance(_refused(bob, hostile.split_views_differ(world)), InconsistentSplitError)
+    # and an SDP the proxy read that holds keys as well: refused, not merged
+    msg = invite(world, SRTP_OFFER, call_id="x4")
+    view, keys = separate_keys(SRTP_OFFER)
+    entity, _ = protect_content(
+        "application/sdp", SRTP_OFFER,
         [recipient_for_certificate(world.user("bob").cert),
          recipient_for_certificate(world.proxy(TRUSTED).cert)],
-        signer=(world.user("alice").cert, world.user("alice").key),
-        content_id=view.content_id, handling="optional", bind_to=bad,
-        readers=[TRUSTED])
-    lying = with_entity(bad, mime.multipart_mixed([other_view, full]))
-    _refused(bob, lying)
+        signer=(world.user("alice").cert, world.user("alice").key), bind_to=msg,
+        readers=[TRUSTED],
+        sealed_keys=seal_keys(keys, recipient_for_certificate(world.user("bob").cert)).der)
+    assert isinstance(_refused(bob, with_entity(msg, entity).add(hdr.PROXY_REQUIRED_BODY, TRUSTED)),
+                      InconsistentSplitError)
+
+
+def test_sealed_keys_open_for_the_peer_alone(world):
+    """Keys sealed for bob and the proxy (an insider's, or a buggy sender's) are refused:
+    a key the proxy holds is no place for bob's keys in the answer either."""
+    bob = ua_engine(world, "bob")
+    msg = invite(world, SRTP_OFFER, call_id="x5")
+    view, keys = separate_keys(SRTP_OFFER)
+    both = [recipient_for_certificate(world.user("bob").cert),
+            recipient_for_certificate(world.proxy(TRUSTED).cert)]
+    entity, _ = protect_content(
+        "application/sdp", view, both,
+        signer=(world.user("alice").cert, world.user("alice").key), bind_to=msg,
+        readers=[TRUSTED], sealed_keys=seal(keys.encode(), both).der)
+    assert isinstance(_refused(bob, with_entity(msg, entity).add(hdr.PROXY_REQUIRED_BODY, TRUSTED)),
+                      InconsistentSplitError)
 
 
 def test_nested_plaintext_sdp_is_a_downgrade(world):

@@ -31,7 +31,8 @@ from e2m_lab.flows import (CRYPTO, SDP_OFFER, SRTP_OFFER, TRUSTED, UNTRUSTED, an
 from e2m_plugins import headers as hdr
 from e2m_plugins import mime
 from e2m_plugins.body import message_body, protect_content, top_parts, with_entity
-from e2m_plugins.cms.envelope import open_envelope
+from e2m_plugins.cms import oids
+from e2m_plugins.cms.envelope import open_envelope, seal
 from e2m_plugins.cms.limits import Limits
 from e2m_plugins.cms.recipients import CertificateKey, recipient_for_certificate
 from e2m_plugins.config import LegacyPeer, peer_matches
@@ -122,35 +123,36 @@ def test_hole_hop_drops_the_end_to_end_copy_and_bob_takes_the_view_as_the_offer(
     """HOLE (untrusted on-path hop): changes what bob reads - alice's SRTP offer arrives
     without its keying lines, as alice's signed, trusted offer.
 
-    Alice's offer with ``a=crypto`` is split: a proxy view (``handling=optional``, no
-    keys) and the full copy (``handling=required``).  The hop deletes the full copy from
-    the multipart.  ``UAEngine._open`` keeps ``chosen = chosen or view``: with no required
-    part left, the optional view becomes the offer.  Nothing in the view's signed context
-    says it has a sibling, so bob accepts an SDP alice never offered to him (``RTP/SAVP``
-    without a key: the call fails; for a UA offering best-effort SRTP as ``RTP/AVP`` plus
-    ``a=crypto`` it is plain RTP on the wire, readable by the hop).  The same works on
-    bob's split answer toward alice.
-
-    Fix: never take an optional part as the body a UA acts on (refuse when no required
-    part opened), or sign the list of the message's Content-IDs into each part's context.
+    Seen with the old split (a proxy view part and a full copy part): the hop deleted
+    the full copy and bob took the view as the offer.  Now there is one part: the SDP
+    without keys, and the keys sealed for bob inside alice's signature.  The strongest
+    form of the attack left: the proxy (it holds the part's CEK) takes the keys out of
+    the signed attributes and re-seals the part; the signature no longer verifies.
     """
     alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
     bob = ua_engine(world, "bob")
-    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW)
     sent = alice.protect(invite(world, SRTP_OFFER)).message
-    verdict = proxy.inspect(sent)
-    assert verdict.action == "forward"
-    forwarded = apply_forward(sent, verdict)
-    view, _full = top_parts(message_body(forwarded))
-    assert view.handling == "optional"
-    only_view = with_entity(forwarded, mime.multipart_mixed([view]))
+    (part,) = top_parts(message_body(sent))
+    proxy_key = CertificateKey(world.proxy(TRUSTED).cert, world.proxy(TRUSTED).key)
+    opened = open_envelope(part.decoded(), [proxy_key], want_cek=True)
+    info = asn1_cms.ContentInfo.load(opened.plaintext)
+    attrs = info["content"]["signer_infos"][0]["signed_attrs"]
+    kept = [a for a in attrs if a["type"].dotted != oids.SDP_KEYS]
+    assert len(kept) == len(attrs) - 1
+    info["content"]["signer_infos"][0]["signed_attrs"] = asn1_cms.CMSAttributes(kept)
+    resealed = seal(info.dump(force=True),
+                    [recipient_for_certificate(world.user("bob").cert),
+                     recipient_for_certificate(world.proxy(TRUSTED).cert)],
+                    content_type=oids.SIGNED_DATA, cek_reference=opened.cek_reference)
+    stripped = with_entity(sent, mime.smime_entity(resealed.der, "authEnveloped-data",
+                                                   content_id=part.content_id))
     try:
-        opened = bob.open(only_view)
+        got = bob.open(stripped)
     except E2MError:
         return                                            # refused: the attack failed
-    assert b"a=crypto" in opened.message.body, (
-        "bob accepted alice's SRTP offer with its keys stripped by a hop, as a trusted "
-        f"offer from alice: {opened.info.describe()}")
+    assert b"a=crypto" in got.message.body, (
+        "bob accepted alice's SRTP offer with its keys stripped, as a trusted offer from "
+        f"alice: {got.info.describe()}")
 
 
 def test_hole_insider_hides_message_text_behind_an_sdp_view(world):

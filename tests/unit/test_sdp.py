@@ -1,4 +1,5 @@
-"""SDP split for the proxy (flow F), media summary, consistency, robustness."""
+"""SDP keys separated for the proxy (flow F) and put back by the peer, media summary,
+robustness."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e2m_plugins.errors import E2MError, LimitExceededError, MalformedError
+from e2m_plugins.errors import E2MError, InconsistentSplitError, LimitExceededError, MalformedError
 from e2m_plugins.sdp import (
-    consistent,
+    SdpKeys,
     has_keys,
     media_summary,
+    merge_keys,
     parse_lines,
-    split_for_proxy,
+    separate_keys,
 )
 
 KEY1 = "inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz|2^20|1:32"
@@ -49,45 +51,81 @@ def _text_lines(data: bytes) -> list[str]:
     return data.decode().splitlines()
 
 
-def test_split_removes_all_key_material() -> None:
-    split = split_for_proxy(SRTP_SDP)
-    assert split.end_to_end == SRTP_SDP
+def _sections(data: bytes) -> list[tuple[int | None, list[str]]]:
+    """Each section's lines, sorted: the order of attributes in a section is free."""
+    out: dict[int | None, list[str]] = {}
+    for line in parse_lines(data):
+        if line.kind:
+            out.setdefault(line.media_index, []).append(f"{line.kind}={line.value}")
+    return [(k, sorted(v)) for k, v in out.items()]
+
+
+def test_separate_removes_all_key_material() -> None:
+    view, keys = separate_keys(SRTP_SDP)
     for secret in SECRETS:
-        assert secret not in split.proxy_view
-    assert b"a=crypto" not in split.proxy_view and b"a=key-mgmt" not in split.proxy_view
+        assert secret not in view
+    assert b"a=crypto" not in view and b"a=key-mgmt" not in view
     # Everything else is kept, byte for byte and in order.
     kept = [line for line in _text_lines(SRTP_SDP)
             if not line.startswith(("a=crypto", "a=key-mgmt"))]
-    assert _text_lines(split.proxy_view) == kept
-    assert split.proxy_view.endswith(b"a=recvonly\r\n")
+    assert _text_lines(view) == kept
+    assert [section for section, _ in keys.lines] == [-1, 0, 0, 1]
+    assert "inline" not in repr(keys) and "mikey" not in repr(keys)   # never in a log
 
 
-def test_proxy_view_keeps_ports_and_codecs() -> None:
-    split = split_for_proxy(SRTP_SDP)
-    assert media_summary(split.proxy_view) == media_summary(SRTP_SDP)
-    assert consistent(split.proxy_view, split.end_to_end)
-    assert not has_keys(split.proxy_view) and has_keys(SRTP_SDP)
+def test_merge_puts_the_keys_back_into_the_sdp_the_proxy_read() -> None:
+    view, keys = separate_keys(SRTP_SDP)
+    merged = merge_keys(view, SdpKeys.decode(keys.encode()))
+    assert _sections(merged) == _sections(SRTP_SDP)
+    assert media_summary(merged) == media_summary(view) == media_summary(SRTP_SDP)
+    assert not has_keys(view) and has_keys(merged)
+    assert separate_keys(merged)[0] == view
 
 
 def test_k_lines_and_configured_attributes() -> None:
     sdp = (b"v=0\no=- 1 1 IN IP4 192.0.2.1\ns=-\nk=clear:secret-session\nt=0 0\n"
            b"m=audio 4000 RTP/AVP 0\nk=base64:c2VjcmV0\na=ice-pwd:asd88fgpdd777uzjYhagZg\n"
            b"a=ice-ufrag:8hhY\n")
-    split = split_for_proxy(sdp, keying_attributes=("crypto", "key-mgmt", "ICE-PWD"))
-    assert split.proxy_view == (b"v=0\no=- 1 1 IN IP4 192.0.2.1\ns=-\nt=0 0\n"
-                                b"m=audio 4000 RTP/AVP 0\na=ice-ufrag:8hhY\n")
-    assert b"ice-pwd" in split_for_proxy(sdp).proxy_view  # not keying by default
-    assert consistent(split.proxy_view, sdp, keying_attributes=("ice-pwd",))
+    keying = ("crypto", "key-mgmt", "ICE-PWD")
+    view, keys = separate_keys(sdp, keying_attributes=keying)
+    assert view == (b"v=0\no=- 1 1 IN IP4 192.0.2.1\ns=-\nt=0 0\n"
+                    b"m=audio 4000 RTP/AVP 0\na=ice-ufrag:8hhY\n")
+    assert b"ice-pwd" in separate_keys(sdp)[0]  # not keying by default
+    merged = merge_keys(view, keys, keying_attributes=keying)
+    assert _sections(merged) == _sections(sdp)
+    # k= goes before the section's first a= line, as RFC 4566 orders them
+    assert merged.index(b"k=base64") < merged.index(b"a=ice-ufrag")
 
 
-def test_consistent_detects_differences() -> None:
-    view = split_for_proxy(SRTP_SDP).proxy_view
-    assert not consistent(view.replace(b"49170", b"49180", 1), SRTP_SDP)
-    assert not consistent(view.replace(b" 0 96", b" 96", 1), SRTP_SDP)
-    assert not consistent(view.replace(b"a=recvonly\r\n", b""), SRTP_SDP)
-    # Line ends do not matter; a proxy view that still holds keys is a leak, not a mismatch.
-    assert consistent(view.replace(b"\r\n", b"\n"), SRTP_SDP)
-    assert consistent(SRTP_SDP, SRTP_SDP)
+@pytest.mark.parametrize("section,line", [
+    (0, "c=IN IP4 203.0.113.66"),            # another address for the peer than the proxy saw
+    (0, "a=sendonly"),                       # another direction
+    (0, "m=audio 5000 RTP/SAVP 0"),          # another stream
+    (5, "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:KEY"),   # a section the SDP lacks
+    (0, "not a line"),
+])
+def test_sealed_keys_cannot_change_the_session(section: int, line: str) -> None:
+    """The peer gets exactly the SDP the proxy read, plus keying lines: a sender who
+    shows the proxy one session cannot give the peer another (issue 12, item 7)."""
+    view, _ = separate_keys(SRTP_SDP)
+    with pytest.raises(InconsistentSplitError):
+        merge_keys(view, SdpKeys(((section, line),)))
+
+
+def test_a_view_that_holds_keys_is_refused() -> None:
+    _, keys = separate_keys(SRTP_SDP)
+    with pytest.raises(InconsistentSplitError):
+        merge_keys(SRTP_SDP, keys)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x30\x00", b"\x30\x03\x02\x01\x00",
+    b"\x30\x08\x30\x06\x02\x01\x40\x0c\x01x",                 # section 64
+    b"\x30\x07\x30\x05\x02\x01\x00\x0c\x00",                   # empty line
+])
+def test_sdp_keys_decode_refuses_what_is_not_one(data: bytes) -> None:
+    with pytest.raises(MalformedError):
+        SdpKeys.decode(data)
 
 
 def test_media_summary_two_streams() -> None:
@@ -136,7 +174,7 @@ def test_media_summary_details() -> None:
 ])
 def test_malformed(sdp: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
-        split_for_proxy(sdp, max_bytes=200)
+        separate_keys(sdp, max_bytes=200)
 
 
 def test_bad_rtcp_and_media_count() -> None:
@@ -145,13 +183,13 @@ def test_bad_rtcp_and_media_count() -> None:
     with pytest.raises(LimitExceededError):
         parse_lines(b"v=0\r\n" + b"m=audio 4000 RTP/AVP 0\r\n" * 65)
     with pytest.raises(TypeError):
-        split_for_proxy(SRTP_SDP, keying_attributes="crypto")
+        separate_keys(SRTP_SDP, keying_attributes="crypto")
 
 
 def test_lf_only_and_missing_final_newline() -> None:
     sdp = b"v=0\no=- 1 1 IN IP4 192.0.2.1\ns=-\nt=0 0\nm=audio 4000 RTP/AVP 0\na=crypto:1 x"
-    split = split_for_proxy(sdp)
-    assert split.proxy_view == sdp[:sdp.index(b"a=crypto")]
+    view, _ = separate_keys(sdp)
+    assert view == sdp[:sdp.index(b"a=crypto")]
     assert [line.media_index for line in parse_lines(sdp)] == [None] * 4 + [0, 0]
 
 
@@ -171,13 +209,14 @@ _sdp_lines = st.lists(st.sampled_from([
                  _sdp_lines.map(lambda lines: "\r\n".join(["v=0", *lines]).encode())))
 def test_parsers_raise_only_typed_errors(data: bytes) -> None:
     try:
-        split = split_for_proxy(data)
+        view, keys = separate_keys(data)
     except E2MError:
         return
-    # Whatever parses splits cleanly: no keys left, consistent, same media.
-    assert b"KEY" not in split.proxy_view
-    assert consistent(split.proxy_view, split.end_to_end)
+    # Whatever parses separates cleanly: no keys left, and they go back where they were.
+    assert b"KEY" not in view
+    merged = merge_keys(view, SdpKeys.decode(keys.encode()) if keys.lines else keys)
+    assert _sections(merged) == _sections(data)
     try:
-        assert media_summary(split.proxy_view) == media_summary(data)
+        assert media_summary(view) == media_summary(data)
     except MalformedError:  # e.g. a bad a=rtcp line, found by the summary only
         pass
