@@ -82,6 +82,12 @@ fuzz: venv
 soak: setup
 	SOAK_SECONDS=$(or $(SOAK_SECONDS),600) $(PY) bench/soak.py
 
+# Phone soak: an e2m-phone under mixed hostile and valid traffic for SOAK_SECONDS (default
+# 600); JSON to bench/results/phone-soak-*.json, exit 0 only with every valid MESSAGE
+# answered and flat memory (the 40 s form runs in `make test`: tests/reliability).
+soak-phone: venv
+	$(PY) bench/phone_soak.py --seconds $(or $(SOAK_SECONDS),600)
+
 demo: setup
 	$(PY) -m e2m_lab.demo
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,21 +29,34 @@ from .tomlfile import toml_value
 
 ROOT = Path(__file__).resolve().parents[1]
 PHONE = [sys.executable, "-m", "pjsua_hooks.cli"]
+_TEXT_STARTED = re.compile(rb"listening on \S+ (\S+:[0-9]+)")
 
 __all__ = ["PhoneProcess", "CliResult", "run_phone", "write_ua", "redact", "PHONE", "ROOT"]
 
 
 class PhoneProcess:
-    """``e2m-phone --json listen --commands`` in a child process."""
+    """``e2m-phone --json listen --commands`` in a child process.
 
-    def __init__(self, config: Path, name: str, env: Mapping[str, str] | None = None) -> None:
+    ``as_json=False`` runs it in text mode (``e2m-phone listen --commands``): each
+    stdout line becomes an event ``{"kind": "text", "line": <bytes>}`` (its
+    ``started`` line is still recognised, so ``port`` works).  ``keep_kinds``: keep
+    only events of these kinds (a long run under a flood would otherwise hold every
+    event here); ``counts`` has every kind's number either way.
+    """
+
+    def __init__(self, config: Path, name: str, env: Mapping[str, str] | None = None, *,
+                 as_json: bool = True, keep_kinds: set[str] | None = None) -> None:
         self.name = name
+        self.as_json = as_json
+        self.keep_kinds = keep_kinds
+        self.counts: dict[str, int] = {}
         self.events: list[dict[str, Any]] = []
         self._new = threading.Condition()
         self.stderr_path = config.parent / f"{name}.stderr"
         self._stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(
-            [*PHONE, "--config", str(config), "--json", "listen", "--commands"],
+            [*PHONE, "--config", str(config), *(["--json"] if as_json else []),
+             "listen", "--commands"],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             env={**os.environ, **(env or {})}, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -51,13 +65,41 @@ class PhoneProcess:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
+            if self.as_json:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+            else:
+                event = {"kind": "text", "line": line.rstrip(b"\n")}
+                match = _TEXT_STARTED.search(line)
+                if match:
+                    event = {"kind": "started", "local": match.group(1).decode(), "line": line}
             with self._new:
-                self.events.append(event)
+                kind = event.get("kind", "?")
+                self.counts[kind] = self.counts.get(kind, 0) + 1
+                if self.keep_kinds is None or kind in self.keep_kinds:
+                    self.events.append(event)
                 self._new.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def of(self, kind: str, since: int = 0) -> list[dict[str, Any]]:
+        """Events of ``kind`` seen so far (after index ``since``)."""
+        with self._new:
+            return [e for e in self.events[since:] if e["kind"] == kind]
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The phone's own counts (the ``status`` command): what it keeps, bounded."""
+        mark = self.mark()
+        self.send("status")
+        return self.wait("status", since=mark, timeout=timeout)
 
     def wait(self, kind: str, where: Callable[[dict[str, Any]], bool] | None = None,
              timeout: float = 15.0, since: int = 0) -> dict[str, Any]:
@@ -132,9 +174,12 @@ def write_ua(directory: Path, name: str, pki_dir: Path, *, peer: str | None,
 
 def redact(event: dict[str, Any]) -> dict[str, Any]:
     """An event fit for a failure report: message text replaced by its length."""
-    out = dict(event)
+    out = {k: (f"{v[:60]}...[{len(v)} chars]" if isinstance(v, str) and len(v) > 200 else v)
+           for k, v in event.items()}
     if "text" in out:
-        out["text"] = f"[{len(out['text'])} chars]"
+        out["text"] = f"[{len(event['text'])} chars]"
+    if isinstance(out.get("line"), bytes):    # a text-mode line may quote a message
+        out["line"] = f"[{len(out['line'])} bytes]"
     sec = out.get("security")
     if isinstance(sec, dict):
         out["security"] = sec.get("summary")

@@ -12,7 +12,11 @@ Each received message and call is printed with its security attributes
 split SDP).  A received message's text is printed too: showing it is the
 application's job.  ``--json`` prints one JSON object per event line instead.
 ``listen --commands`` also reads commands from stdin, one per line:
-``message TO TEXT``, ``call TO``, ``hold``, ``unhold``, ``hangup``, ``quit``.
+``message TO TEXT``, ``call TO``, ``hold``, ``unhold``, ``hangup``, ``status``
+(what the phone keeps, in numbers), ``quit``.
+
+Text output escapes whatever a header or message held that a terminal would not
+show as itself (bytes that are not UTF-8, control characters, escape sequences).
 
 Exit status: 0 success, 1 failure (not registered, message or call failed, a
 forged 496 refused, the hook gate failed), 2 usage or configuration error.
@@ -37,21 +41,73 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 class Printer:
-    """Events to stdout, as text lines or JSON lines."""
+    """Events to stdout, as text lines or JSON lines.
+
+    Never raises: whatever a header held is printed escaped (text: see
+    ``printable``; JSON: ``json.dumps`` escapes everything outside ASCII), and a
+    write that fails (a closed or full pipe) is counted in ``failures``.
+    """
 
     def __init__(self, as_json: bool, out: TextIO = sys.stdout) -> None:
         self.as_json = as_json
         self.out = out
+        self.failures = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if self.as_json:
-            self.out.write(json.dumps(event, default=str) + "\n")
-        else:
-            line = _text(event)
-            if line is None:
-                return
+        try:
+            if self.as_json:
+                line = json.dumps(event, default=str)
+            else:
+                try:
+                    text = _text(event)
+                except Exception:  # noqa: BLE001 - an event without the usual fields
+                    text = f"{event.get('kind', '?')}: (event not shown)"
+                if text is None:
+                    return
+                line = _encodable(printable(text), getattr(self.out, "encoding", None))
             self.out.write(line + "\n")
-        self.out.flush()
+            self.out.flush()
+        except Exception:  # noqa: BLE001 - output must never stop the phone
+            self.failures += 1
+
+
+_CONTINUATION = "\n  "     # our own multi-line events indent their second line
+
+
+def printable(text: str) -> str:
+    """``text`` with everything a terminal would not show as itself escaped: bytes
+    that were not UTF-8 (surrogate escapes) as ``\\xNN``, control and format
+    characters (escape sequences, bidi overrides) as ``\\xNN``/``\\uNNNN``; our
+    own line breaks (a newline and two spaces) are kept."""
+    out = []
+    for index, ch in enumerate(text):
+        code = ord(ch)
+        if ch == "\n" and text.startswith(_CONTINUATION, index):
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _encodable(line: str, encoding: str | None) -> str:
+    """``line`` if the stream's encoding takes it, else with backslash escapes."""
+    encoding = encoding or "utf-8"
+    try:
+        line.encode(encoding)
+        return line
+    except (UnicodeError, LookupError):
+        try:
+            return line.encode(encoding, "backslashreplace").decode(encoding)
+        except (UnicodeError, LookupError):
+            return line.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _sec(info: dict[str, Any] | None) -> str:
@@ -97,11 +153,14 @@ def _text(e: dict[str, Any]) -> str | None:
         return f"call ended ({e['code']} {e['reason']}); media was active: {e['media_was_active']}"
     if kind == "call_failed":
         return f"call to {e['remote']} FAILED: {e['code']} {e['reason']}"
+    if kind == "call_refused":
+        who = f" from {e['remote']}" if e.get("remote") else ""
+        return f"call{who} refused with {e['code']}: {e['reason']}"
     if kind == "warning":
         return f"warning ({e['direction']} {e['message']}): {e['detail']}"
     if kind == "error":
         return f"error ({e['direction']} {e['message']}): {e['error']}: {e['detail']}"
-    if kind in ("result", "command_error", "info"):
+    if kind in ("result", "command_error", "info", "status"):
         return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in e.items()
                                       if k not in ("kind", "phone", "time"))
     return None
@@ -226,8 +285,16 @@ def _listen(phone: Any, seconds: float, commands: bool, stop: _Stop, printer: Pr
     buffer = b""
     stdin_open = commands
     fd = sys.stdin.fileno() if commands else -1
+    failures = 0
     while not stop.requested and (end is None or time.monotonic() < end):
-        phone.poll(10)
+        try:
+            phone.poll(10)
+            failures = 0
+        except Exception as exc:  # noqa: BLE001 - pjsua's own loop failed: say so, go on
+            failures += 1
+            print(f"e2m-phone: event loop: {type(exc).__name__}", file=sys.stderr)
+            if failures >= 100:
+                return EXIT_FAIL
         if not stdin_open:
             continue
         ready, _, _ = select.select([fd], [], [], 0)
@@ -256,6 +323,10 @@ def _command(phone: Any, line: str, printer: Printer) -> str | None:
     try:
         if word == "quit":
             return "quit"
+        if word == "status":
+            printer({"kind": "status", "phone": phone.config.aor,
+                     "time": round(time.time(), 3), **phone.stats()})
+            return None
         if word == "message":
             to, _, text = rest.partition(" ")
             if not to or not text:

@@ -29,11 +29,12 @@ from typing import Any
 
 import pjsua2 as pj
 
-from .events import Event, EventLog
+from .events import EventLog
 from .gate import GateError, GateResult, check_environment, gate_result
 from .pjsip_abi import PINNED_PLATFORM, PINNED_WHEEL
 from .rawhook import HookFailure, RawSipHook
 from .selftest import self_test
+from .tcpguard import TcpGuard, find_listener
 
 
 __all__ = ["SipEndpoint", "PhoneAccount", "PhoneCall", "TransportInfo",
@@ -114,7 +115,8 @@ class SipEndpoint:
 
     def __init__(self, *, hook: RawSipHook | None = None, require_e2m: bool = False,
                  host: str = "127.0.0.1", log_level: int = 0, log_messages: bool = False,
-                 user_agent: str = "e2m-sip pjsua2", self_test_timeout: float = 5.0) -> None:
+                 user_agent: str = "e2m-sip pjsua2", self_test_timeout: float = 5.0,
+                 tcp: dict[str, Any] | None = None, event_limit: int = 10000) -> None:
         self.hook = hook if hook is not None else RawSipHook()
         self.require_e2m = require_e2m
         self.host = host
@@ -122,7 +124,9 @@ class SipEndpoint:
         self.log_messages = log_messages
         self.user_agent = user_agent
         self.self_test_timeout = self_test_timeout
-        self.events = EventLog(self.pump)
+        self.tcp_settings = dict(tcp or {})      # TcpGuard keywords for a TCP transport
+        self.tcp_guard: TcpGuard | None = None
+        self.events = EventLog(self.pump, limit=event_limit)
         self.gate_result: GateResult | None = None
         self.hook_active = False
         self.transports: dict[int, TransportInfo] = {}
@@ -159,7 +163,7 @@ class SipEndpoint:
         _ACTIVE = weakref.ref(self)
         # No local name for the Endpoint: a traceback through this frame would
         # keep it alive, and the next start would find it.
-        self._ep = pj.Endpoint()
+        self._ep = _Endpoint(self)
         try:
             self._ep.libCreate()
             cfg = pj.EpConfig()
@@ -258,16 +262,22 @@ class SipEndpoint:
             # kept) would run C++ destructors after libDestroy, and ~Call asserts.
             for obj in list(self._wrappers):
                 obj.thisown = False
+            if self.tcp_guard is not None:
+                self.tcp_guard.close()      # our copy of the listening socket goes first
             # NO_RX_MSG: we waited for what matters above; skips pjsua's 1 s sleep.
             ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
             self.hook.registered = False     # pjsip_endpt_destroy unregistered it
             self.hook_active = False
         finally:
+            if self.tcp_guard is not None:
+                self.tcp_guard.close()
+                self.tcp_guard = None
+            self.hook.on_rx_transport = None
             self._ep = None
             self._started = False
             self.accounts.clear()
             self._keepalive.clear()
-            del ep, accounts
+            ep = accounts = None   # the last references go before the collection
             gc.collect()
             if _ACTIVE is not None and _ACTIVE() is self:
                 _ACTIVE = None
@@ -282,7 +292,23 @@ class SipEndpoint:
     def pump(self, ms: int = 10) -> int:
         """Run pjsip's event loop once for up to ``ms`` ms; callbacks run here."""
         self._check()
-        return self._ep.libHandleEvents(ms)
+        handled = self._ep.libHandleEvents(ms)
+        if self.tcp_guard is not None:
+            for handle in self.tcp_guard.due():
+                try:
+                    self._ep.transportShutdown(handle)
+                except Exception:  # noqa: BLE001 - pj.Error: already going
+                    pass
+        return handled
+
+    def _on_transport_state(self, prm: Any) -> None:
+        """pjsua's transport state callback (inside the pump; pjsip calls it right
+        after accepting a connection, and lets it shut that connection down)."""
+        guard = self.tcp_guard
+        if guard is None or str(prm.type).upper() != "TCP":
+            return
+        if guard.on_state(prm.hnd, prm.state):
+            self._ep.transportShutdown(prm.hnd)
 
     def run_for(self, seconds: float) -> None:
         """Pump for ``seconds`` (e.g. to let media flow)."""
@@ -305,10 +331,31 @@ class SipEndpoint:
         host, _, port_text = name.rpartition(":")
         info = TransportInfo(tid, kind, host.strip("[]"), int(port_text))
         self.transports[tid] = info
+        if kind == "tcp" and self.tcp_guard is None:
+            self._guard_tcp(info)
         return info
+
+    def _guard_tcp(self, info: TransportInfo) -> None:
+        """Bound the TCP connections (``tcpguard.TcpGuard``); without the hook there is
+        no per-message activity to see, so only the count limits apply then."""
+        from . import pjsip_abi
+
+        settings = dict(self.tcp_settings)
+        if not self.hook_active:
+            settings["idle_timeout"] = settings["first_message_timeout"] = float("inf")
+        guard = TcpGuard(pjsip_abi.tcp_direction, **settings)
+        guard.attach_listener(find_listener(info.host, info.port))
+        if guard.accept and not guard.stats()["listener_found"]:
+            log.warning("TCP listener socket not found: connection limits without the gate")
+        self.tcp_guard = guard
+        self.hook.on_rx_transport = guard.on_message
 
     def close_transport(self, info: TransportInfo) -> None:
         self._check()
+        if info.kind == "tcp" and self.tcp_guard is not None:
+            self.tcp_guard.close()
+            self.tcp_guard = None
+            self.hook.on_rx_transport = None
         self._ep.transportClose(info.id)
         self.transports.pop(info.id, None)
 
@@ -381,6 +428,23 @@ class SipEndpoint:
     def hook_failures(self, since: int = 0) -> list[HookFailure]:
         """Errors the hook recorded (refused sends, dropped messages)."""
         return list(self.hook.errors)[since:]
+
+
+class _Endpoint(pj.Endpoint):
+    """pj.Endpoint with the transport state callback handed to the SipEndpoint."""
+
+    def __init__(self, owner: SipEndpoint) -> None:
+        super().__init__()
+        self._owner = weakref.ref(owner)
+
+    def onTransportState(self, prm: Any) -> None:
+        owner = self._owner()
+        if owner is None:
+            return
+        try:
+            owner._on_transport_state(prm)
+        except Exception:  # noqa: BLE001 - nothing may escape into pjsip
+            log.exception("transport state callback failed")
 
 
 class _LogWriter(pj.LogWriter):
@@ -483,9 +547,67 @@ class PhoneAccount(pj.Account):
         self.endpoint.events.add("incoming_call", self.uri, call_id=ci.callIdString,
                                  remote_uri=ci.remoteUri, whole_msg=_bytes(prm.rdata.wholeMsg))
         if self.auto_answer is not None:
+            guard = _SendGuard(self.endpoint)
             op = pj.CallOpParam()
             op.statusCode = self.auto_answer
+            try:
+                call.answer(op)
+            except Exception as exc:  # noqa: BLE001 - pj.Error; nothing may escape into pjsip
+                self._refuse_unanswered(call, ci.callIdString, guard.fail("answer", exc))
+
+    def _refuse_unanswered(self, call: PhoneCall, call_id: str, failure: SendError) -> None:
+        """The automatic answer could not be sent (the hook refused it, e.g. it could
+        not be protected): answer with ``answer_failure``'s final error instead, so the
+        caller knows at once and the call slot is freed."""
+        blocked = getattr(failure, "hook_failure", None)
+        code, reason = self.answer_failure(blocked.exception if blocked else None)
+        self.endpoint.events.add("answer_failed", self.uri, call_id=call_id, code=code,
+                                 reason=reason, error=str(failure)[:200])
+        op = pj.CallOpParam()
+        op.statusCode = code
+        op.reason = reason
+        try:
             call.answer(op)
+        except Exception:  # noqa: BLE001 - then hang up as pjsua sees fit
+            try:
+                call.hangup(pj.CallOpParam())
+            except Exception:  # noqa: BLE001
+                pass
+
+    @staticmethod
+    def answer_failure(exc: BaseException | None) -> tuple[int, str]:
+        """The final answer for an incoming call whose automatic answer was refused
+        (``exc`` is what the hook's callback raised); the phone sets its own."""
+        code = getattr(exc, "code", None)
+        if isinstance(code, int) and 400 <= code <= 699:
+            return code, "Not Acceptable Here" if code == 488 else "Refused"
+        return 500, "Server Internal Error"
+
+    def release_ended(self, keep: int = 8) -> list[Any]:
+        """Let go of disconnected calls beyond the newest ``keep``; returns them.
+
+        pjsua2's ``~Call`` clears the user data of its call *slot* and hangs up what
+        runs in it, and slots are reused: a wrapper is only dropped while no other
+        live call holds its slot and pjsua reports the slot idle.  The caller must
+        drop its own references too (the wrapper goes when the last one does).
+        """
+        ended = [c for c in self.calls if c.disconnected]
+        if len(ended) <= keep:
+            return []
+        busy = {c.getId() for c in self.calls if not c.disconnected}
+        released = []
+        for call in ended[:len(ended) - keep]:
+            try:
+                slot = call.getId()
+                if slot in busy or call.isActive():
+                    continue
+            except Exception:  # noqa: BLE001 - cannot tell: keep it
+                continue
+            released.append(call)
+        if released:
+            gone = {id(c) for c in released}
+            self.calls = [c for c in self.calls if id(c) not in gone]
+        return released
 
     # application API
     def send_message(self, to_uri: str, text: str, *, content_type: str = "text/plain",
@@ -537,7 +659,7 @@ class PhoneAccount(pj.Account):
         except Exception as exc:
             # pjsua already ended the call; the wrapper must still go before libDestroy.
             self.calls.remove(call)
-            del call
+            call = None
             raise guard.fail("INVITE", exc) from None
         return call
 

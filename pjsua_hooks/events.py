@@ -41,7 +41,8 @@ Predicate = Callable[[Event], bool]
 
 
 class EventLog:
-    """An append-only list of events with waiting helpers.
+    """An append-only list of events with waiting helpers; the oldest go beyond
+    ``limit`` (a quarter more is kept before they are trimmed).
 
     ``pump(ms)`` runs the event loop for up to ``ms`` milliseconds; it is
     given by the endpoint that owns the log.
@@ -57,7 +58,7 @@ class EventLog:
         self._seq += 1
         ev = Event(kind, source, data, self._seq)
         self._events.append(ev)
-        if len(self._events) > self._limit:
+        if len(self._events) > self._limit + self._limit // 4:   # trimmed in batches
             del self._events[: len(self._events) - self._limit]
         return ev
 
@@ -67,7 +68,9 @@ class EventLog:
 
     def find(self, kind: str | None = None, *, source: str | None = None,
              where: Predicate | None = None, since: int = 0) -> list[Event]:
-        return [e for e in self._events
+        # Sequence numbers are consecutive: the events after ``since`` are a tail.
+        start = max(0, since - self._events[0].seq + 1) if self._events else 0
+        return [e for e in self._events[start:]
                 if e.seq > since and (kind is None or e.kind == kind)
                 and (source is None or e.source == source) and (where is None or where(e))]
 

@@ -10,10 +10,22 @@ pjsua keeps working on plaintext; :class:`E2MPhone` installs the hook so that
   and recorded;
 - policies announced in ``Proxy-Body-Policy`` (REGISTER 200, forwarded
   requests, 496s) are learnt by the engine; the proxy certificates they point
-  at are fetched from the main loop (never inside a hook callback: pjsip holds
-  its locks there), with a short timeout and a size limit;
-- after a 496/495/493 the engine's ``react`` decides, outside the callback,
-  whether to retry: a MESSAGE is sent again, an INVITE becomes a new call.
+  at are fetched on worker threads (``fetcher.CertificateFetcher``: a total
+  deadline, a size limit, URL checks, a few at once, one per host), never on
+  the SIP loop, and handed to the engine on the loop;
+- after a 496/495/493 to a request we sent the engine's ``react`` decides,
+  outside the callback, whether to retry: a MESSAGE is sent again, an INVITE
+  becomes a new call (once the certificates it needs are fetched); such an
+  answer to nothing we sent is dropped;
+- an initial INVITE whose answer could not be protected (E2M required, no
+  certificate of the caller, no key to reuse) is refused at once with the
+  error table's answer and a ``call_refused`` event, before pjsua gives it a
+  call slot.
+
+Nothing a stranger sends ends the loop: every handler runs behind a boundary
+that turns an exception into an ``error`` event (class name, no body), and
+everything kept per message, event, peer or call is bounded in count and age
+(``stats()`` shows the counts; ``docs/threat-model.md``).
 
 Each message and call carries its :class:`e2m_plugins.ua.SecurityInfo`
 (encrypted for whom, which proxies could read, signed by whom, key reuse,
@@ -31,19 +43,20 @@ import json
 import os
 import re
 import time
-import urllib.request
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from e2m_plugins import sip
-from e2m_plugins.uri import http_url_host, identity_of
+from e2m_plugins.uri import identity_of
 from e2m_plugins.errors import E2MError
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
-from e2m_plugins.ua import SecurityInfo, UAEngine
+from e2m_plugins.sip_errors import answer_for
+from e2m_plugins.ua import MissingPeerCertificateError, SecurityInfo, UAEngine
 
+from .fetcher import CertificateFetcher
 from .rawhook import RawSipHook, RxReject
 
 __all__ = ["PhoneSettings", "load_phone_config", "E2MPhone", "OutgoingMessage", "E2MCall",
@@ -52,6 +65,19 @@ __all__ = ["PhoneSettings", "load_phone_config", "E2MPhone", "OutgoingMessage", 
 KEY_WITNESS_ENV = "E2M_PHONE_KEY_WITNESS"
 _PJSIP_RX_LIMIT = 4000       # PJSIP_MAX_PKT_LEN of the pinned wheel
 _MEMO = 512                   # plaintext requests / security records kept per phone
+# Bounds on what the phone keeps (count; age where it matters).  Sized so a flood
+# of 3 KB messages stays within a few MB (docs/threat-model.md).
+MAX_EVENTS = 1000             # phone.events, the last ones
+MAX_ERRORS = 256              # phone.errors, the last ones
+EVENT_MAX_AGE = 600.0         # seconds an event stays in phone.events
+MAX_REACTIONS = 64            # 496/495/493 answers waiting for their message or call
+REACTION_MAX_AGE = 64.0       # seconds (Timer B): an answer nobody claimed goes
+MAX_DONE = 256                # finished messages and calls kept for the application
+_EVENT_LIMIT = 256            # the endpoint's callback log (whole messages in it): read
+                              # after every pump, so it needs no history; one pump makes
+                              # a few dozen callbacks at most (missed ones are counted)
+_FETCH_PARALLEL = 4           # certificate fetches at once (one per host)
+_FETCH_COOL_DOWN = 30.0       # seconds before a host that failed is fetched again
 
 
 class PhoneError(RuntimeError):
@@ -71,12 +97,21 @@ class PhoneSettings:
     it).  ``transport`` udp|tcp, ``host``/``port`` the local listener (0: a
     free port).  ``srtp``: offer and require SRTP (SDES).  ``auto_answer``:
     answer incoming calls with 200.  ``fetch_certificates``: fetch proxy
-    certificates from a policy's cert-url (``fetch_timeout`` s,
-    ``fetch_max_bytes``, only from ``cert_url_hosts`` when that list is not
-    empty).  ``max_retries``: E2M retries per message or call.  ``codecs``
+    certificates from a policy's cert-url (``fetch_timeout`` s in all,
+    ``fetch_max_bytes``; only from the policy's own host or one of
+    ``cert_url_hosts``; see ``fetcher.check_url``).  ``max_retries``: E2M
+    retries per message or call.  ``codecs``
     (empty: pjsua's whole list) and ``srtp_suites`` keep the SDP small: pjsip
     reads at most 4000 bytes per incoming message (PJSIP_MAX_PKT_LEN), and a
     split SDP with two envelopes plus the proxies' headers comes close to it.
+
+    TCP (``transport = "tcp"``): ``tcp_accept`` whether strangers may connect to
+    the listener at all (default: only when no ``registrar`` is set; a registered
+    phone gets its requests over the connection it opened itself);
+    ``tcp_max_connections`` accepted connections kept at once (1-40, default 32;
+    pjlib's ioqueue of the pinned wheel has 64 slots, see pjsua_hooks/README.md,
+    "TCP"); ``tcp_idle_timeout`` seconds an accepted connection may stay silent
+    (one that never sent a whole message: at most 10 s).
     """
 
     registrar: str | None = None
@@ -95,6 +130,14 @@ class PhoneSettings:
     log_level: int = 0
     codecs: tuple[str, ...] = ("PCMU/8000", "PCMA/8000")
     srtp_suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80",)
+    tcp_accept: bool | None = None
+    tcp_max_connections: int = 32
+    tcp_idle_timeout: float = 120.0
+
+    @property
+    def accepts_tcp(self) -> bool:
+        """Whether a TCP listener takes connections from anyone (see the class doc)."""
+        return self.tcp_accept if self.tcp_accept is not None else self.registrar is None
 
 
 _PHONE_KEYS = {f for f in PhoneSettings.__dataclass_fields__}
@@ -111,7 +154,8 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         "transport": (str,), "host": (str,), "port": (int,), "srtp": (bool,),
         "auto_answer": (bool,), "fetch_certificates": (bool,), "fetch_timeout": (int, float),
         "fetch_max_bytes": (int,), "cert_url_hosts": (list,), "max_retries": (int,),
-        "log_level": (int,), "codecs": (list,), "srtp_suites": (list,)}
+        "log_level": (int,), "codecs": (list,), "srtp_suites": (list,),
+        "tcp_accept": (bool,), "tcp_max_connections": (int,), "tcp_idle_timeout": (int, float)}
     for key, value in table.items():
         if key not in _PHONE_KEYS:
             problems.append(f"[phone]: unknown key {key!r}")
@@ -134,6 +178,10 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         problems.append("[phone].fetch_max_bytes must be between 1 and 1 MiB")
     if not 0 <= values.get("max_retries", 2) <= 3:
         problems.append("[phone].max_retries must be between 0 and 3")
+    if not 1 <= values.get("tcp_max_connections", 32) <= 40:
+        problems.append("[phone].tcp_max_connections must be between 1 and 40")
+    if not 0 < values.get("tcp_idle_timeout", 120.0) <= 3600:
+        problems.append("[phone].tcp_idle_timeout must be between 0 and 3600 seconds")
     for key in ("codecs", "srtp_suites"):
         if key in values:
             if not all(isinstance(v, str) and v for v in values[key]):
@@ -248,7 +296,7 @@ class E2MPhone:
         self.settings = settings or PhoneSettings()
         self.engine = UAEngine(config)
         self.on_event = on_event
-        self.events: list[dict[str, Any]] = []
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         identity = identity_of(config.aor)
         if identity is None or not identity.user:
             raise PhoneError(f"{config.aor} is not a user SIP URI")
@@ -259,21 +307,36 @@ class E2MPhone:
         self.transport: Any = None
         self.messages: list[OutgoingMessage] = []
         self.calls: list[E2MCall] = []
-        self.errors: list[dict[str, Any]] = []
+        self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
+        self.counts = {"events": 0, "errors": 0, "stray_e2m_answers": 0, "calls_refused": 0,
+                       "handler_failures": 0, "output_failures": 0, "fetches": 0,
+                       "endpoint_events_missed": 0}
         # state shared between the hook callbacks and the main loop (same thread)
         self._plain: OrderedDict[tuple[str, int, str], sip.SipMessage] = OrderedDict()
         self._tx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
         self._rx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
-        self._reactions: list[tuple[sip.SipMessage, sip.SipMessage | None]] = []
+        # E2M answers to our requests: (Call-ID, CSeq) -> (answer, plaintext, when)
+        self._reactions: OrderedDict[tuple[str, tuple[int, str]],
+                                     tuple[sip.SipMessage, sip.SipMessage | None, float]] = \
+            OrderedDict()
         # E2M answers to a re-INVITE of a confirmed call, handled after the pump
-        self._update_reactions: list[tuple[sip.SipMessage, sip.SipMessage | None]] = []
-        self._pending_errors: list[dict[str, Any]] = []
+        self._update_reactions: deque[tuple[sip.SipMessage, sip.SipMessage | None]] = \
+            deque(maxlen=16)
+        self._pending_errors: deque[dict[str, Any]] = deque(maxlen=256)
         self._call_security: dict[str, list[dict[str, Any]]] = {}
         self._by_call_id: dict[str, OutgoingMessage | E2MCall] = {}
         self._sending: OutgoingMessage | E2MCall | None = None
         self._mark = 0
-        self._fetch_tried: dict[str, float] = {}
         self._last_fetch_check = 0.0
+        self._last_sweep = 0.0
+        # retries waiting for certificate fetches: (handle or call, what, deadline)
+        self._deferred: list[tuple[OutgoingMessage | E2MCall, str, float]] = []
+        s = self.settings
+        self.fetcher = CertificateFetcher(
+            timeout=s.fetch_timeout, max_bytes=s.fetch_max_bytes, max_parallel=_FETCH_PARALLEL,
+            cool_down=_FETCH_COOL_DOWN,
+            allowed_hosts=(*s.cert_url_hosts, *getattr(config, "cert_url_hosts", ())),
+            own_ports=self._own_ports)
         self._witness = os.environ.get(KEY_WITNESS_ENV) or None
 
     @classmethod
@@ -285,10 +348,15 @@ class E2MPhone:
     def _emit(self, kind: str, **data: Any) -> dict[str, Any]:
         event = {"kind": kind, "phone": self.config.aor, "time": round(time.time(), 3), **data}
         self.events.append(event)
+        self.counts["events"] += 1
         if kind == "error":
             self.errors.append(event)
+            self.counts["errors"] += 1
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - the application's output must not stop SIP
+                self.counts["output_failures"] += 1
         return event
 
     # -- life cycle ----------------------------------------------------------------
@@ -298,7 +366,11 @@ class E2MPhone:
         s = self.settings
         self.endpoint = SipEndpoint(hook=self.hook, require_e2m=self.config.require_e2m,
                                     host=s.host, log_level=s.log_level,
-                                    user_agent="e2m-phone (pjsua2)")
+                                    user_agent="e2m-phone (pjsua2)", event_limit=_EVENT_LIMIT,
+                                    tcp={"accept": s.accepts_tcp,
+                                         "limit": s.tcp_max_connections,
+                                         "idle_timeout": s.tcp_idle_timeout,
+                                         "first_message_timeout": min(10.0, s.tcp_idle_timeout)})
         self.endpoint.start()      # gate: wheel, platform, self-test; GateError if required
         if s.codecs:
             ep = self.endpoint.pj_endpoint
@@ -317,12 +389,14 @@ class E2MPhone:
             self.user, self.transport, domain=self.domain, registrar=registrar,
             auto_answer=200 if s.auto_answer else None, srtp=s.srtp, proxies=proxies,
             register_via_proxies=s.register_via_proxy, srtp_suites=s.srtp_suites)
+        self.account.answer_failure = self._answer_failure
         self._emit("started", local=f"{self.transport.host}:{self.transport.port}",
                    transport=self.transport.kind, hook_active=self.endpoint.hook_active,
                    gate=self.endpoint.gate_result.reason if self.endpoint.gate_result else None)
         return self
 
     def close(self) -> None:
+        self.fetcher.close()
         if self.endpoint is not None:
             try:
                 self.endpoint.close()
@@ -331,6 +405,28 @@ class E2MPhone:
                 self.account = None
                 for call in self.calls:
                     call.current = None
+
+    def _own_ports(self) -> set[int]:
+        """The SIP ports this phone listens on (a cert-url must not point at them)."""
+        return {t.port for t in (self.endpoint.transports.values() if self.endpoint else ())}
+
+    def stats(self) -> dict[str, Any]:
+        """What the phone keeps, in numbers, and the bounds (the CLI's ``status``)."""
+        guard = self.endpoint.tcp_guard if self.endpoint is not None else None
+        account = self.account
+        return {
+            "events": len(self.events), "errors": len(self.errors),
+            "reactions": len(self._reactions), "update_reactions": len(self._update_reactions),
+            "messages": len(self.messages), "calls": len(self.calls),
+            "call_ids": len(self._by_call_id), "call_security": len(self._call_security),
+            "plain": len(self._plain), "pjsua_calls": len(account.calls) if account else 0,
+            "endpoint_events": len(self.endpoint.events) if self.endpoint else 0,
+            "hook_errors": len(self.hook.errors), "fetches_in_flight": self.fetcher.in_flight(),
+            "policies": len(self.engine.policies), "deferred_retries": len(self._deferred),
+            "tcp": guard.stats() if guard is not None else None,
+            "counts": dict(self.counts),
+            "limits": {"events": MAX_EVENTS, "errors": MAX_ERRORS, "reactions": MAX_REACTIONS,
+                       "done": MAX_DONE, "memo": _MEMO, "endpoint_events": _EVENT_LIMIT}}
 
     def __enter__(self) -> E2MPhone:
         return self.start()
@@ -378,10 +474,9 @@ class E2MPhone:
         codes = self.config.codes
         if not msg.is_request and msg.status in (codes.proxy_indecipherable,
                                                  codes.signature_required, 493):
-            call = self._by_call_id.get(msg.call_id)
-            in_dialog = isinstance(call, E2MCall) and call.confirmed and msg.method == "INVITE"
-            (self._update_reactions if in_dialog else self._reactions).append(
-                (msg, self._plain.get(_key(msg))))
+            self._keep_reaction(msg)
+        if msg.is_request and msg.method == "INVITE" and not _to_tag(msg):
+            self._refuse_unanswerable(msg, opened.info)
         if msg.body:
             what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
             _bounded_put(self._rx_info, (*_key(msg), what), opened.info)
@@ -389,6 +484,66 @@ class E2MPhone:
         if opened.message is msg or opened.message.body == msg.body:
             return None
         return opened.message.serialize()
+
+    def _keep_reaction(self, msg: sip.SipMessage) -> None:
+        """A 496/495/493: kept for the main loop only if it answers a request of ours
+        (a stranger's stray answers would otherwise pile up); bounded, oldest out."""
+        plain = self._plain.get(_key(msg))
+        call = self._by_call_id.get(msg.call_id)
+        if plain is None and call is None:
+            self.counts["stray_e2m_answers"] += 1
+            return
+        if isinstance(call, E2MCall) and call.confirmed and msg.method == "INVITE":
+            self._update_reactions.append((msg, plain))
+            return
+        key = (msg.call_id, msg.cseq)
+        self._reactions[key] = (msg, plain, time.monotonic())
+        self._reactions.move_to_end(key)
+        while len(self._reactions) > MAX_REACTIONS:
+            self._reactions.popitem(last=False)
+
+    def _refuse_unanswerable(self, msg: sip.SipMessage, info: SecurityInfo) -> None:
+        """An initial INVITE whose answer we could not protect: E2M required, no
+        checked certificate of the caller (a signed offer would have given us one),
+        and no key of the caller's that the answer may reuse.  pjsua would give it a
+        call slot and answer 200, which the hook cannot let out; pjsip retransmits it
+        into the hook until the caller gives up, and the slot stays taken.  It gets
+        the error table's answer now instead."""
+        if not self.config.require_e2m:
+            return
+        try:
+            peer = sip.parse_address(msg.get("From") or "").uri
+        except E2MError:
+            peer = None
+        if peer is not None and self.engine.certs.user(peer) is not None:
+            return
+        if self._answer_can_reuse_a_key(msg):
+            return
+        err = MissingPeerCertificateError(
+            "no checked certificate of the caller to protect the answer to")
+        response = self.engine.refusal(msg, err)
+        answer = answer_for(err, "ua", self.config.codes)
+        self._pending_errors.append({
+            "kind": "call_refused", "call_id": msg.call_id, "remote": msg.get("From") or "",
+            "code": answer.code if answer else None, "error": type(err).__name__,
+            "reason": "the answer cannot be protected: no checked certificate of the caller "
+                      "and no key of theirs to reuse"})
+        self.counts["calls_refused"] += 1
+        raise RxReject.from_response(response, detail=type(err).__name__)
+
+    def _answer_can_reuse_a_key(self, invite: sip.SipMessage) -> bool:
+        """Whether the caller offered a key (RFC 3185) our answer may go under: one
+        only the two of us hold when the answer carries SRTP keys, any named one
+        otherwise (``DialogKeys.reusable``, which counts no use)."""
+        keys = getattr(self.engine, "dialog_keys", None)
+        if keys is None or not self.config.cek_reuse:
+            return False
+        try:
+            if keys.reusable(invite, exclusive=True) is not None:
+                return True
+            return not self.settings.srtp and keys.reusable(invite, exclusive=False) is not None
+        except Exception:  # noqa: BLE001 - cannot tell: let pjsua try
+            return True
 
     def _refuse(self, msg: sip.SipMessage, err: E2MError) -> bytes | None:
         """A refused request gets the engine's answer; a refused response is dropped."""
@@ -430,20 +585,65 @@ class E2MPhone:
         return True
 
     def _after_pump(self) -> None:
+        """The work the callbacks queued.  Each piece runs behind its own boundary: an
+        exception (a bug, or input nobody foresaw) becomes an ``error`` event with its
+        class name and the loop goes on."""
         while self._pending_errors:
-            err = self._pending_errors.pop(0)
-            self._emit(err.pop("kind", "error"), **err)
+            err = self._pending_errors.popleft()
+            self._guarded("event", self._emit, err.pop("kind", "error"), **err)
         while self._update_reactions:
-            self._react_in_dialog(*self._update_reactions.pop(0))
-        for event in self.endpoint.events.find(since=self._mark):
+            self._guarded("reaction", self._react_in_dialog, *self._update_reactions.popleft())
+        found = self.endpoint.events.find(since=self._mark)
+        if found and self._mark and found[0].seq > self._mark + 1:
+            self.counts["endpoint_events_missed"] += found[0].seq - self._mark - 1
+        for event in found:
             self._mark = event.seq
             handler = getattr(self, f"_ev_{event.kind}", None)
             if handler is not None:
-                handler(event)
+                self._guarded(event.kind, handler, event)
+        for result in self.fetcher.results():
+            self._guarded("fetch", self._fetched, result)
         now = time.monotonic()
+        if self._deferred:
+            self._guarded("retry", self._run_deferred, now)
         if now - self._last_fetch_check > 0.1:
             self._last_fetch_check = now
-            self.fetch_certificates()
+            self._guarded("fetch", self.fetch_certificates)
+        if now - self._last_sweep > 1.0:
+            self._last_sweep = now
+            self._guarded("sweep", self._sweep, now)
+
+    def _guarded(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the loop's boundary
+            self.counts["handler_failures"] += 1
+            try:
+                self._emit("error", direction="loop", message=what, error=type(exc).__name__,
+                           detail="an exception in the phone's loop (class name only)")
+            except Exception:  # noqa: BLE001
+                pass
+            return None
+
+    def _sweep(self, now: float) -> None:
+        """Age and count bounds: events, E2M answers nobody claimed, finished messages
+        and calls, and pjsua's ended call objects."""
+        horizon = time.time() - EVENT_MAX_AGE
+        while self.events and self.events[0].get("time", 0) < horizon:
+            self.events.popleft()
+        while self.errors and self.errors[0].get("time", 0) < horizon:
+            self.errors.popleft()
+        for key in [k for k, (_, _, t) in self._reactions.items() if now - t > REACTION_MAX_AGE]:
+            del self._reactions[key]
+        self.messages = _keep_done(self.messages, self._by_call_id)
+        self.calls = _keep_done(self.calls, self._by_call_id)
+        if self.account is not None:
+            released = self.account.release_ended(keep=8)
+            if released:
+                live = {id(c) for c in released}
+                for call in self.calls:
+                    if id(call.current) in live:
+                        call.current = None
 
     # pjsua events, copied into phone events
     def _ev_reg(self, ev: Any) -> None:
@@ -504,13 +704,27 @@ class E2MPhone:
 
     def _ev_incoming_call(self, ev: Any) -> None:
         acc = self.account
-        phone_call = acc.calls[-1] if acc is not None and acc.calls else None
+        phone_call = next((c for c in reversed(acc.calls) if c.sip_call_id == ev["call_id"]),
+                          None) if acc is not None else None
         call = E2MCall(remote=ev["remote_uri"], outgoing=False, current=phone_call, attempts=1)
         call.call_ids.append(ev["call_id"])
         self.calls.append(call)
         self._by_call_id[ev["call_id"]] = call
         self._emit("call_incoming", remote=call.remote, call_id=ev["call_id"],
                    security=self.call_security(call))
+
+    def _answer_failure(self, exc: BaseException | None) -> tuple[int, str]:
+        """The final answer to an incoming call whose 200 the hook refused: the error
+        table's (``MissingPeerCertificateError``: 403), 500 for anything else."""
+        answer = answer_for(exc, "ua", self.config.codes) if isinstance(exc, E2MError) else None
+        if answer is None:
+            return 500, "Server Internal Error"
+        return answer.code, answer.reason
+
+    def _ev_answer_failed(self, ev: Any) -> None:
+        self.counts["calls_refused"] += 1
+        self._emit("call_refused", call_id=ev["call_id"], code=ev["code"],
+                   error="AnswerBlocked", reason=f"the answer could not be sent: {ev['error']}")
 
     def _ev_call_state(self, ev: Any) -> None:
         call = self._by_call_id.get(ev["call_id"])
@@ -562,12 +776,10 @@ class E2MPhone:
     # -- 496 / 495 / 493 ------------------------------------------------------------------
     def _react(self, handle: OutgoingMessage | E2MCall, response: sip.SipMessage) -> bool:
         """Handle an E2M answer to ``handle``'s request; True when a retry went out."""
-        entry = next((r for r in self._reactions if r[0].call_id == response.call_id
-                      and r[0].cseq == response.cseq), None)
+        entry = self._reactions.pop((response.call_id, response.cseq), None)
         if entry is None:
             return False
-        self._reactions.remove(entry)
-        answer, plain = entry
+        answer, plain, _ = entry
         if plain is None:
             self._fail(handle, answer.status, "no plaintext request kept for this answer")
             return True
@@ -581,12 +793,34 @@ class E2MPhone:
             self._fail(handle, answer.status, f"gave up after {handle.attempts} attempts")
             return True
         handle.retried_after.append(reaction.reason)
-        self.fetch_certificates(force=True)
-        if isinstance(handle, OutgoingMessage):
-            self._attempt_message(handle)
-        else:
-            self._attempt_call(handle)
+        self._retry_after_fetches(handle, "message" if isinstance(handle, OutgoingMessage)
+                                  else "call")
         return True
+
+    def _retry_after_fetches(self, handle: OutgoingMessage | E2MCall, what: str) -> None:
+        """Send again once the certificates the answer taught us about are fetched
+        (off the loop; at most ``fetch_timeout`` + 0.5 s later), or at once."""
+        self.fetch_certificates(force=True)
+        if self.fetcher.busy():
+            self._deferred.append((handle, what, time.monotonic() + self.settings.fetch_timeout
+                                   + 0.5))
+        else:
+            self._retry_now(handle, what)
+
+    def _retry_now(self, handle: OutgoingMessage | E2MCall, what: str) -> None:
+        if what == "message":
+            self._attempt_message(handle)  # type: ignore[arg-type]
+        elif what == "call":
+            self._attempt_call(handle)  # type: ignore[arg-type]
+        else:
+            self._update_again(handle)  # type: ignore[arg-type]
+
+    def _run_deferred(self, now: float) -> None:
+        if self.fetcher.busy() and all(now < deadline for _, _, deadline in self._deferred):
+            return
+        ready, self._deferred = self._deferred, []
+        for handle, what, _ in ready:
+            self._guarded("retry", self._retry_now, handle, what)
 
     def _react_in_dialog(self, answer: sip.SipMessage, plain: sip.SipMessage | None) -> None:
         """A 496/495/493 to a re-INVITE: the call stays up (RFC 3261 §14.1), so the same
@@ -606,15 +840,20 @@ class E2MPhone:
                        update=call.update, reason=reaction.reason if reaction else "")
             return
         call.retried_after.append(reaction.reason)
-        self.fetch_certificates(force=True)
         call.update_attempts += 1
+        self._retry_after_fetches(call, "update")
+
+    def _update_again(self, call: E2MCall) -> None:
+        if call.done or call.current is None or call.update is None:
+            return
+        call_id = call.sip_call_id
         try:    # main loop, not a hook callback: pjsua2 calls are fine here
             getattr(call.current, call.update)()
         except Exception as exc:  # noqa: BLE001 - SendBlocked from the hook, pjsua busy
-            self._emit("call_update_failed", call_id=answer.call_id, code=answer.status,
+            self._emit("call_update_failed", call_id=call_id, code=None,
                        update=call.update, reason=f"{type(exc).__name__}: {exc}")
             return
-        self._emit("call_update_retried", call_id=answer.call_id, update=call.update,
+        self._emit("call_update_retried", call_id=call_id, update=call.update,
                    attempt=call.update_attempts)
 
     def _fail(self, handle: OutgoingMessage | E2MCall, code: int | None, reason: str) -> None:
@@ -632,45 +871,43 @@ class E2MPhone:
 
     # -- certificates ------------------------------------------------------------------
     def fetch_certificates(self, force: bool = False) -> list[str]:
-        """Fetch the certificates of learned policies we do not hold (main loop only)."""
+        """Start fetching the certificates of learned policies we do not hold (off the
+        loop); returns the hosts queued now.  Results arrive in ``_fetched``."""
         if not self.settings.fetch_certificates:
             return []
-        added = []
+        queued = []
         for wanted in self.engine.certificates_wanted():
-            now = time.monotonic()
-            last = self._fetch_tried.get(wanted.host)
-            if last is not None and now - last < (2.0 if force else 30.0):
-                continue
-            self._fetch_tried[wanted.host] = now
             if not wanted.url:
                 continue
-            try:
-                der = self._download(wanted.url)
-                self.engine.add_proxy_certificate(wanted.host, der)
-            except (E2MError, OSError, ValueError, PhoneError) as exc:
+            busy = self.fetcher.in_flight()
+            refused = self.fetcher.submit(wanted.host, wanted.url, force=force)
+            if refused:
                 self._emit("error", direction="fetch", message=wanted.host,
-                           error=type(exc).__name__, detail=str(exc)[:200])
-                continue
-            added.append(wanted.host)
-            self._emit("proxy_certificate", host=wanted.host, url=wanted.url)
-        return added
+                           error="FetchRefused", detail=refused)
+            elif self.fetcher.in_flight() > busy:
+                queued.append(wanted.host)
+                self.counts["fetches"] += 1
+        return queued
 
-    def _download(self, url: str) -> bytes:
+    def _fetched(self, result: Any) -> None:
+        """A fetch ended (on the loop thread): check and keep the certificate."""
+        if result.data is None:
+            self._emit("error", direction="fetch", message=result.host, error=result.error,
+                       detail=result.detail)
+            return
         try:
-            host = http_url_host(url)  # the cert-url rules of the policy header
-        except E2MError:
-            raise PhoneError(f"certificate URL {url!r} is not http(s)") from None
-        allowed = self.settings.cert_url_hosts
-        if allowed and host not in allowed:
-            raise PhoneError(f"certificate host {host} is not in [phone].cert_url_hosts")
-        # No proxies from the environment: the URL is fetched as it is written.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        limit = self.settings.fetch_max_bytes
-        with opener.open(url, timeout=self.settings.fetch_timeout) as reply:
-            data = reply.read(limit + 1)
-        if len(data) > limit:
-            raise PhoneError(f"certificate at {url} is larger than {limit} bytes")
-        return data
+            self.engine.add_proxy_certificate(result.host, result.data)
+        except (E2MError, ValueError) as exc:
+            self._emit("error", direction="fetch", message=result.host,
+                       error=type(exc).__name__, detail=str(exc)[:200])
+            return
+        self._emit("proxy_certificate", host=result.host, url=result.url)
+
+    def wait_for_fetches(self, timeout: float | None = None) -> bool:
+        """Pump until no certificate fetch is running (or ``timeout``, default the
+        fetch deadline and a little more)."""
+        limit = self.settings.fetch_timeout + 0.5 if timeout is None else timeout
+        return self.wait_until(lambda: not self.fetcher.busy(), limit)
 
     # -- application API ---------------------------------------------------------------
     def register(self, timeout: float = 5.0) -> bool:
@@ -681,6 +918,8 @@ class E2MPhone:
             e["kind"] == "register_failed" for e in self.events), timeout)
         if ok and self.account.is_registered:
             self.fetch_certificates(force=True)
+            self.wait_for_fetches()
+            self.poll(0)      # hand the results to the engine
             return True
         return False
 
@@ -773,6 +1012,27 @@ def _witness_keys(path: str, body: bytes) -> None:
                   "raw_len": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest()}
         with open(path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _keep_done(items: list[Any], by_call_id: dict[str, Any]) -> list[Any]:
+    """``items`` with at most MAX_DONE finished ones (the newest); the Call-IDs of
+    those dropped leave ``by_call_id`` too."""
+    done = [i for i in items if i.done]
+    if len(done) <= MAX_DONE:
+        return items
+    drop = {id(i) for i in done[:len(done) - MAX_DONE]}
+    for item in items:
+        if id(item) in drop:
+            for call_id in item.call_ids:
+                if by_call_id.get(call_id) is item:
+                    del by_call_id[call_id]
+    return [i for i in items if id(i) not in drop]
+
+
+def _to_tag(msg: sip.SipMessage) -> bool:
+    """Whether the To header carries a tag (the request is inside a dialog)."""
+    to = msg.get("To") or ""
+    return bool(re.search(r";\s*tag\s*=", to.split(">", 1)[-1], re.IGNORECASE))
 
 
 def _same_uri(a: str, b: str) -> bool:

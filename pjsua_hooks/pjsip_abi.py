@@ -57,6 +57,7 @@ TX_BUF_START, TX_BUF_CUR, TX_BUF_END = 408, 416, 424
 # src_name[46], src_port}, msg_info{msg_buf, len, msg, info, 12 header
 # shortcuts, parse_err list head}.
 RX_POOL = 0
+RX_TRANSPORT = 8              # tp_info.transport: the pjsip_transport it came in on
 RX_PACKET = 320
 RX_PKT_LEN = 4328
 RX_SRC_ADDR = 4336
@@ -70,6 +71,10 @@ RX_INFO = 4448
 RX_VIA = 4480                 # msg_info.via: cid, from, to, *via*, ...
 RX_SHORTCUTS = tuple(range(4456, 4552, 8))   # cid .. supported: stale after a re-parse
 RX_PARSE_ERR = 4552           # list head {prev, next}; empty when both point at itself
+
+# pjsip_transport starts with char obj_name[PJ_MAX_OBJ_NAME]; sip_transport_tcp.c names
+# an accepted connection "tcps%p" and one it opened "tcpc%p" (tcp_create()).
+TP_OBJ_NAME = 0
 
 # pjsip_msg starts with pjsip_msg_type_e type.
 MSG_REQUEST, MSG_RESPONSE = 0, 1
@@ -242,6 +247,7 @@ class RxView:
     is_request: bool
     recvd: bytes          # what the transport stamped as Via received= (requests)
     rport: int            # Via rport as stamped (-1: the request had no rport)
+    transport: int = 0    # the pjsip_transport* it arrived on (an identity, never read)
 
 
 def _list_empty(head: int) -> bool:
@@ -291,7 +297,7 @@ def rx_view(rdata: int) -> RxView:
     if is_request and recvd != src_name.encode():
         # the transport manager always stamps received= on requests
         raise AbiError("rx: Via received= was not stamped with the source address")
-    return RxView(data, src_name, src_port, is_request, recvd, rport)
+    return RxView(data, src_name, src_port, is_request, recvd, rport, _ptr(rdata + RX_TRANSPORT))
 
 
 def rx_replace(rdata: int, view: RxView, data: bytes) -> None:
@@ -347,6 +353,19 @@ def respond_stateless(rdata: int, code: int, reason: bytes | None) -> int:
     return handle.pjsip_endpt_respond_stateless(
         handle.pjsua_get_pjsip_endpt(), rdata, code,
         C.byref(text) if text is not None else None, None, None)
+
+
+def tcp_direction(transport: int) -> str | None:
+    """"in" for a TCP connection pjsip accepted, "out" for one it opened, None for
+    anything else (UDP, a NULL or unknown handle), from the transport's obj_name."""
+    if not transport:
+        return None
+    name = C.string_at(transport + TP_OBJ_NAME, 6)
+    if name.startswith(b"tcps0x"):
+        return "in"
+    if name.startswith(b"tcpc0x"):
+        return "out"
+    return None
 
 
 def silence_pjlib_log() -> None:

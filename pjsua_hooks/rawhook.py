@@ -177,6 +177,9 @@ class RawSipHook:
         self.counts = {"tx": 0, "rx": 0, "tx_rewritten": 0, "rx_rewritten": 0,
                        "tx_blocked": 0, "rx_dropped": 0, "tx_retransmitted": 0}
         self.rx_source: tuple[str, int] | None = None
+        # Told the pjsip_transport* of every message that arrives whole (before
+        # on_rx; the endpoint's TCP guard counts activity per connection).
+        self.on_rx_transport: Callable[[int], None] | None = None
         self.neighbours: tuple[str, str] = ("", "")
         self._override: tuple[TxCallback | None, RxCallback | None] | None = None
         self._answer: _PendingAnswer | None = None
@@ -331,6 +334,11 @@ class RawSipHook:
             self.counts["rx_dropped"] += 1
             self._record("rx", "abi", b"", f"{type(exc).__name__}: {exc}", True, exc)
             return abi.PJ_TRUE
+        if self.on_rx_transport is not None:
+            try:
+                self.on_rx_transport(view.transport)
+            except Exception:  # an observer must not break message handling
+                pass
         try:
             self.counts["rx"] += 1
             return self._rx(rdata, view)
