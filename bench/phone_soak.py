@@ -53,11 +53,9 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-sys.path.insert(0, str(ROOT))
 
-from e2m_lab.phones import PhoneProcess, redact, write_ua  # noqa: E402
+from e2m_lab.phones import PhoneProcess, redact, write_ua  # noqa: E402 (the venv has the project)
 from e2m_lab.stranger import (CertServer, UdpStranger, rss_kib, sip_request,  # noqa: E402
                               sip_response)
 from e2m_plugins.testpki import init_test_pki  # noqa: E402
