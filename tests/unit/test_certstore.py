@@ -237,8 +237,10 @@ def test_fingerprint_format(pki: TestPKI) -> None:
 
 
 class Clock:
+    # Starts at the wall clock, not at NOW: a slow suite reaches these tests minutes after
+    # the module was imported, and certificates issued since then are not valid at NOW.
     def __init__(self) -> None:
-        self.now = NOW
+        self.now = datetime.now(timezone.utc)
 
     def __call__(self) -> datetime:
         return self.now
