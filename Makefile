@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_PACKAGES := openssl kamailio kamailio-python3-modules kamailio-utils-modules \
                 kamailio-extra-modules kamailio-sqlite-modules kamailio-tls-modules \
+                kamailio-postgres-modules postgresql \
                 sip-tester sipsak tcpdump python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed

@@ -109,6 +109,7 @@ class ProxyHandle:
     cert_url: str | None = None
     tls_port: int | None = None        # the tls: listener, when started with tls=...
     realm: str | None = None           # [auth] realm, when started with auth=...
+    db_url: str | None = None          # [cluster] db_url, when started with db_url=...
 
     @property
     def uri(self) -> str:
@@ -176,17 +177,38 @@ class ProxyHandle:
             raise AssertionError(f"no stats for {table}: {text[:300]}")
         return int(match.group(1))
 
-    def archive_rows(self) -> list[Any]:
+    def archive(self) -> Any:
+        """The archive this proxy writes (its SQLite file, or the shared PostgreSQL)."""
         from kamailio_app.archive import Archive
+        if self.db_url is not None:
+            from kamailio_app.archive_store import open_shared
+            from kamailio_app.config import load_app_config
+            return open_shared(load_app_config(self.config_path))
         assert self.archive_path is not None, "this proxy keeps no archive"
-        if not self.archive_path.exists():
+        return Archive(self.archive_path, busy_timeout_ms=2000)
+
+    def archive_rows(self) -> list[Any]:
+        if self.db_url is None and (self.archive_path is None or not self.archive_path.exists()):
+            assert self.archive_path is not None, "this proxy keeps no archive"
             return []
-        return Archive(self.archive_path, busy_timeout_ms=2000).bodies(limit=1000)
+        store = self.archive()
+        try:
+            return store.bodies(limit=100000)
+        finally:
+            store.close()
 
     def media_rows(self) -> list[dict[str, Any]]:
-        from kamailio_app.archive import Archive
-        assert self.archive_path is not None
-        return Archive(self.archive_path, busy_timeout_ms=2000).media(limit=1000)
+        store = self.archive()
+        try:
+            return store.media(limit=100000)
+        finally:
+            store.close()
+
+    def db(self, *command: str) -> subprocess.CompletedProcess:
+        """``e2m-proxy db COMMAND --config`` this proxy's PROXY.toml, as the operator runs it."""
+        return subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "db", *command,
+                               "--config", str(self.config_path)],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
 
     @property
     def process(self) -> subprocess.Popen | None:
@@ -219,8 +241,12 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
                        users: dict[str, str] | None = None,
                        tls: bool | dict[str, Any] = False, tls_port: int | None = None,
                        limits: dict[str, Any] | None = None,
+                       db_url: str | None = None,
                        extra: dict[str, dict[str, Any]] | None = None) -> Path:
     """PROXY.toml for one proxy; returns its path.  The archive (when on) is archive.sqlite.
+
+    ``db_url``: a ``[cluster]`` on that PostgreSQL: the archive there (with this proxy's
+    spool, archive-spool.sqlite) and, with ``auth``, its users there too.
 
     ``auth``: an ``[auth]`` section (True: the defaults, users.sqlite in ``directory``; a
     dict: those keys), with ``users`` (name: password) added as the operator would.
@@ -246,8 +272,11 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
         server = pki.tls_server(settings.pop("host", PROXY_HOST))
         sections["tls"] = {"cert": str(server.cert_path), "key": str(server.key_path),
                            "ca": [str(pki.directory / "ca.crt")], **settings}
+    if db_url:
+        sections["cluster"] = {"db_url": db_url}
     if auth:
-        sections["auth"] = {"users": "users.sqlite", **(auth if isinstance(auth, dict) else {})}
+        own = {} if db_url else {"users": "users.sqlite"}
+        sections["auth"] = {**own, **(auth if isinstance(auth, dict) else {})}
     if limits:
         sections["limits"] = dict(limits)
     if e2m:
@@ -259,8 +288,9 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
         sections["policy"] = {"view": list(view), "verify": list(verify),
                               "cert_url": f"http://127.0.0.1:{port}/e2m/cert.der"}
         if archive:
-            sections["archive"] = {"path": "archive.sqlite",
-                                   "fail_request_on_error": fail_request_on_error}
+            sections["archive"] = {"fail_request_on_error": fail_request_on_error}
+            if not db_url:
+                sections["archive"]["path"] = "archive.sqlite"
     for name, table in (extra or {}).items():
         sections.setdefault(name, {}).update(table)
     path = directory / "PROXY.toml"
@@ -269,10 +299,21 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
         from kamailio_app.config import load_app_config
         from kamailio_app.users import add_user
         settings = load_app_config(path).auth
-        assert settings is not None and settings.users is not None, "users=... needs auth=..."
+        assert settings is not None, "users=... needs auth=..."
+        where = settings.users or settings.pg
+        assert where is not None
+        if db_url:
+            _db_init(path)       # the subscriber table, made as the operator makes it
         for name, password in users.items():
-            add_user(settings.users, settings.table, settings.realm, name, password)
+            add_user(where, settings.table, settings.realm, name, password)
     return path
+
+
+def _db_init(config: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "db", "init",
+                           "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def start_proxy(directory: Path, *, pki: TestPKI | None, e2m: bool, attempts: int = 3,
@@ -290,7 +331,10 @@ def start_proxy(directory: Path, *, pki: TestPKI | None, e2m: bool, attempts: in
             auth = settings["auth"]
             handle.realm = (auth.get("realm") if isinstance(auth, dict) else None) \
                 or (settings.get("domains") or ("example.com",))[0]
-        if e2m and settings.get("archive", True):
+        if settings.get("db_url"):
+            handle.db_url = settings["db_url"]
+            _db_init(config)
+        elif e2m and settings.get("archive", True):
             handle.archive_path = directory / "archive.sqlite"
         if e2m:
             handle.cert_url = f"http://127.0.0.1:{port}/e2m/cert.der"

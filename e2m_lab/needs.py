@@ -39,6 +39,10 @@ FIXTURE_NEEDS: dict[str, tuple[str, ...]] = {
     "home_proxy": ("kamailio",),
     "visited_proxy": ("kamailio",),
     "sipp": ("sipp",),
+    # tests/cluster: a private PostgreSQL
+    "postgres": ("postgres",),
+    "pg_url": ("postgres",),
+    "own_postgres": ("postgres",),
 }
 
 

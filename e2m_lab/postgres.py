@@ -20,12 +20,14 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from .ports import HOST, free_port
+from .processes import PARENT, processes_with
 
 __all__ = ["PostgresServer", "PostgresUnavailable", "server_binaries"]
 
@@ -76,6 +78,16 @@ class PostgresServer:
     def url(self) -> str:
         """What Kamailio's db_postgres and libpq both read."""
         return f"postgres://{self.user}:{self.password}@{HOST}:{self.port}/{self.database}"
+
+    def url_for(self, database: str) -> str:
+        return f"postgres://{self.user}:{self.password}@{HOST}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database in this cluster (one per test); its URL."""
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"database name {name!r}: letters, digits and _ only")
+        self.psql(f'CREATE DATABASE "{name}"', database="postgres")
+        return self.url_for(name)
 
     @property
     def conninfo(self) -> str:
@@ -166,18 +178,43 @@ class PostgresServer:
             raise RuntimeError(f"psql failed: {done.stderr.strip()}")
         return done.stdout
 
+    def _pids(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer...).  Each child
+        calls setsid(), so signalling the postmaster's process group reaches it alone."""
+        if self._process is None or self._process.poll() is not None:
+            return []
+        return [self._process.pid, *processes_with(PARENT, self._process.pid)]
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self._pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
     def kill(self) -> None:
-        """SIGKILL the server (a test of the database going away); ``start()`` again
-        brings the same cluster back."""
+        """SIGKILL the server, every process of it at once (a crash of the database
+        host); ``start()`` again brings the same cluster back."""
         if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, 9)    # the postmaster and every backend
+            self._signal_all(signal.SIGKILL)
             self._process.wait(timeout=10)
             time.sleep(0.2)
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the server: it keeps its connections and answers
+        nothing (a frozen host or a stalled disk); ``resume()`` lets it go on."""
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
 
     def stop(self, *, keep: bool = False) -> None:
         """Stop the server; a folder we made is removed unless ``keep`` (a restart)."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
+            self._process = process
+            self._signal_all(signal.SIGCONT)          # a paused server could not stop
+            self._process = None
             process.send_signal(2)           # SIGINT: fast shutdown, clients cut off
             try:
                 process.wait(timeout=15)

@@ -267,7 +267,9 @@ def render_scenario(scenario: str, workdir: Path, headers: list[tuple[str, str]]
         return source
     if any("]]>" in n + v or "\n" in v or "\r" in v for n, v in headers or []):
         raise ValueError("header values cannot hold CDATA terminators or line breaks")
-    text = source.read_text()
+    # The scenarios say ISO-8859-1: one character per octet, so a filled-in regexp may
+    # name any octet of a binary body (tests/sipp/uac_subscribe_cert.tmpl.xml).
+    text = source.read_text(encoding="latin-1")
     text = text.replace("@@HEADERS@@\n", "".join(f"      {n}: {v}\n" for n, v in headers or []))
     for name, value in (fill or {}).items():
         text = text.replace(f"@@{name}@@", value)
@@ -275,7 +277,7 @@ def render_scenario(scenario: str, workdir: Path, headers: list[tuple[str, str]]
     if left:
         raise ValueError(f"{scenario}: placeholders not filled: {left}")
     target = workdir / f"{source.name.replace('.tmpl.xml', '')}-{next(_counter)}.xml"
-    target.write_text(text)
+    target.write_text(text, encoding="latin-1")
     return target
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .kamailio_harness import ProxyHandle
+from .processes import GROUP, processes_with
 
 from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, frame_length, parse
@@ -218,17 +219,7 @@ def kamailio_pids(proxy: ProxyHandle) -> list[int]:
         main = int((proxy.runtime_dir / "kamailio.pid").read_text())
     except (OSError, ValueError):
         return []
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(b")") + 2:].split()[2]) == main:
-            pids.append(int(entry))
-    return sorted(pids)
+    return processes_with(GROUP, main)
 
 
 def process_memory(proxy: ProxyHandle) -> dict[str, Any]:

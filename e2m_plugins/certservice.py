@@ -46,6 +46,7 @@ __all__ = [
     "subscribe",
     "check_published_certificate",
     "notify_headers",
+    "event_id",
 ]
 
 EVENT = "certificate"
@@ -210,6 +211,8 @@ def publish(message: SipMessage, *, authenticated: str | None, store: Publicatio
     body = message.body or b""
     match = message.get("SIP-If-Match")
     current = store.current(aor)
+    if current is not None and current.expires <= now:
+        current = None               # lapsed: its entity-tag is no longer valid (412)
     if match is not None and (current is None or match.strip() != current.etag):
         return Answer(412, "Conditional Request Failed", aor=aor, detail="unknown entity-tag")
 
@@ -274,12 +277,14 @@ def _accepts_pkix(message: SipMessage) -> bool:
 
 
 def subscribe(message: SipMessage, *, store: PublicationStore, now: float,
-              settings: ServiceSettings = ServiceSettings()) -> Answer:
+              settings: ServiceSettings = ServiceSettings(), aor: str | None = None) -> Answer:
     """Decide a SUBSCRIBE of ``Event: certificate`` (no authentication, RFC 6072
-    §6.6): 200 with the granted Expires, and the first NOTIFY's body."""
+    §6.6): 200 with the granted Expires, and the first NOTIFY's body.  ``aor``: the
+    resource of the subscription a SUBSCRIBE refreshes inside its dialog (its
+    Request-URI is then the notifier's Contact, not the AoR)."""
     if not _event_ok(message):
         return _bad_event()
-    aor = _target(message)
+    aor = aor or _target(message)
     if aor is None:
         return Answer(400, "Bad Request", detail="Request-URI is not an AoR")
     if not _accepts_pkix(message):
@@ -293,11 +298,14 @@ def subscribe(message: SipMessage, *, store: PublicationStore, now: float,
     return Answer(200, "OK", (("Expires", str(granted)),), aor=aor, body=body, expires=granted)
 
 
-def notify_headers(expires_left: int, has_body: bool) -> list[tuple[str, str]]:
-    """Headers of a certificate NOTIFY besides the dialog's own (RFC 6665 §4.1.3)."""
+def notify_headers(expires_left: int, has_body: bool,
+                   event_id: str | None = None) -> list[tuple[str, str]]:
+    """Headers of a certificate NOTIFY besides the dialog's own (RFC 6665 §4.1.3); the
+    Event repeats the SUBSCRIBE's ``id`` parameter (§8.2.1)."""
     state = (f"active;expires={expires_left}" if expires_left > 0
              else "terminated;reason=timeout")
-    headers = [("Event", EVENT), ("Subscription-State", state)]
+    event = f"{EVENT};id={event_id}" if event_id else EVENT
+    headers = [("Event", event), ("Subscription-State", state)]
     if has_body:
         headers.append(("Content-Type", CONTENT_TYPE))
     return headers

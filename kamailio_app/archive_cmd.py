@@ -4,7 +4,7 @@
 record and the media streams of its call, and writes the plaintext only to
 ``--out`` (``-`` for stdout), as every ``e2m`` command does with decrypted content.
 The archive is found with ``--db FILE`` or through ``--config PROXY.toml``
-(its ``[archive] path``).  The group reaches ``e2m`` through the ``e2m.commands``
+(its ``[archive] path``, or with ``[cluster] db_url`` the shared PostgreSQL one).  The group reaches ``e2m`` through the ``e2m.commands``
 entry point (pyproject.toml): the core's command line never imports the Kamailio app.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 from e2m_plugins.cli import CliFailure, Group, UsageError, positive_int, write_output
 
 from .archive import Archive, ArchiveError
+from .archive_store import open_shared
 from .config import load_app_config
 
 __all__ = ["GROUP"]
@@ -31,6 +32,8 @@ def _archive(args: argparse.Namespace) -> Any:
         path = Path(args.db)
     else:
         settings = load_app_config(args.config)    # AppConfigError is a ValueError: exit 1
+        if settings.archive.shared:
+            return open_shared(settings)          # [cluster] db_url: PostgreSQL
         if settings.archive.path is None:
             raise CliFailure(f"{args.config} has no [archive] path")
         path = settings.archive.path
@@ -96,7 +99,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _where(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", metavar="FILE", help="the archive's SQLite file")
-    parser.add_argument("--config", metavar="PROXY.toml", help="find the archive in [archive] path")
+    parser.add_argument("--config", metavar="PROXY.toml",
+                        help="find the archive in [archive] path or [cluster] db_url")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 

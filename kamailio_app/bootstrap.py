@@ -17,12 +17,15 @@ from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, parse_address
 from e2m_plugins.keycache import TRANSACTION_TTL
 
-from .archive import Archive, BodyRecord, MediaRecord
+from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord
+from .archive_spool import ArchiveEvents
+from .archive_store import open_archive
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
 from .config import AppConfig, load_app_config
 from .keycache_htable import HtableKeyCache, KsrHtable
 
-__all__ = ["ProxyApp", "KEYCACHE_TABLE", "body_records", "media_records", "media_log_lines"]
+__all__ = ["ProxyApp", "KEYCACHE_TABLE", "body_records", "media_records", "media_log_lines",
+           "ksr_events"]
 
 KEYCACHE_TABLE = "e2mkeys"   # declared in the cfg template
 
@@ -79,13 +82,29 @@ def media_log_lines(message: SipMessage, media: Any) -> list[str]:
             f"{line.direction}" for line in media]
 
 
+def ksr_events(ksr: Any) -> ArchiveEvents:
+    """The archive's reports inside Kamailio: its log, and the statistics module's
+    counters (declared in the cfg) that ``kamcmd stats.get_statistics`` reads."""
+    levels = {"error": ksr.err, "warn": ksr.warn, "info": ksr.info}
+
+    def log(level: str, line: str) -> None:
+        levels.get(level, ksr.info)(line + "\n")
+
+    def counter(name: str, n: int) -> None:
+        ksr.statistics.update_stat(name, n)
+
+    return ArchiveEvents(log=log, counter=counter)
+
+
 @dataclass
 class ProxyApp:
     """The loaded proxy: settings, the engine (None on a plain routing hop), the archive."""
 
     config: AppConfig
     engine: Any = None          # e2m_plugins.proxy.ProxyEngine
-    archive: Archive | None = None
+    archive: ArchiveStore | None = None
+    events: ArchiveEvents | None = None
+    certs: Any = None           # cert_route.CertService: the [certs] service, or None
 
     @classmethod
     def load(cls, config_path: str | Path, ksr: Any = None) -> ProxyApp:
@@ -112,11 +131,18 @@ class ProxyApp:
         else:
             from e2m_plugins.keycache import MemoryKeyCache
             cache = MemoryKeyCache()
-        archive = None
-        if config.archive.path is not None:
-            archive = Archive(config.archive.path, config.archive.busy_timeout_ms)
+        events = ksr_events(ksr) if ksr is not None else ArchiveEvents()
+        archive = open_archive(config, events)
+        if archive is not None:
             archive.ensure_schema()
-        return cls(config, ProxyEngine(proxy_config, cache, replay=replay), archive)
+        certs = None
+        if config.certs is not None:
+            from .cert_route import CertService
+            certs = CertService(config.certs, proxy_config.trust_anchors, ksr)
+            certs.db.ensure_schema()     # an unusable file stops the start, not a request
+            certs.db.close()             # each process connects on its own after the fork
+        return cls(config, ProxyEngine(proxy_config, cache, replay=replay), archive, events,
+                   certs)
 
     @property
     def e2m(self) -> bool:
@@ -137,10 +163,25 @@ class ProxyApp:
         """Hand what the verdict saw to the archive; return the media lines to log.
 
         Raises ``ArchiveError`` when the archive cannot be written; the caller
-        decides (``[archive] fail_request_on_error``) what that means.
+        decides (``[archive] fail_request_on_error``) what that means.  A shared
+        archive may spool what its database cannot take now, except a request that
+        must not go on unarchived (``fail_request_on_error``).
         """
         seen = tuple(getattr(verdict, "seen", ()) or ())
         media = tuple(getattr(verdict, "media", ()) or ())
         if self.archive is not None and (seen or media):
-            self.archive.record(body_records(message, seen), media_records(message, media))
+            strict = self.config.archive.fail_request_on_error and message.is_request
+            try:
+                self.archive.record(body_records(message, seen), media_records(message, media),
+                                    may_spool=not strict)
+            except ArchiveError:
+                if self.events is not None:
+                    self.events.count("e2m_archive_failed")
+                raise
         return media_log_lines(message, media)
+
+    def replay_archive(self) -> int:
+        """Move what the spool holds into the shared archive (the cfg's rtimer calls
+        this every second in a process of its own); how many messages moved."""
+        replay = getattr(self.archive, "replay", None)
+        return replay() if replay is not None else 0

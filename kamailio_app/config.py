@@ -1,5 +1,5 @@
 """The Kamailio side of PROXY.toml: ``[kamailio]``, ``[archive]``, ``[e2m]``, ``[auth]``,
-``[tls]`` and ``[limits]``.
+``[tls]``, ``[limits]``, ``[cluster]`` and ``[certs]``.
 
 The file is shared with the core: ``[identity]``, ``[trust]`` and ``[policy]``
 belong to ``e2m_plugins.config.load_proxy_config``, which is called only when
@@ -25,8 +25,11 @@ from e2m_plugins.config import ConfigError
 from e2m_plugins.errors import MalformedError
 from e2m_plugins.uri import parse_uri
 
+from .pgconn import PgUrl, PgUrlError
+
 __all__ = [
-    "AppConfig", "AppConfigError", "ArchiveSettings", "AuthSettings", "E2MSettings",
+    "AppConfig", "AppConfigError", "ArchiveSettings", "AuthSettings", "CertSettings",
+    "ClusterSettings", "E2MSettings",
     "KamailioSettings", "LimitSettings", "Listener", "TlsSettings", "load_app_config",
     "parse_app_config", "LOG_LEVELS", "DB_MODULES",
 ]
@@ -129,10 +132,28 @@ class KamailioSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: what the nodes of one domain share.  ``db``: the PostgreSQL of
+    the archive and the users (``db_url``), with the bounds on every wait for it."""
+
+    db: PgUrl
+    connect_timeout: int = 2
+    statement_timeout_ms: int = 2000
+
+
+@dataclass(frozen=True)
 class ArchiveSettings:
-    path: Path | None = None              # None: no archive
+    path: Path | None = None              # the SQLite archive (None: none, or shared)
     fail_request_on_error: bool = False
     busy_timeout_ms: int = 200
+    shared: bool = False                  # in [cluster] db_url (PostgreSQL)
+    spool: Path | None = None             # shared: this node's file for what PG missed
+    spool_max: int = 10000                # messages in the spool; 0: no spool
+    spool_max_mb: int = 256
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None or self.shared
 
 
 @dataclass(frozen=True)
@@ -148,10 +169,11 @@ class AuthSettings:
     ``db_url`` names an operator's own database instead (then ``users`` is None)."""
 
     realm: str
-    db_url: str
+    db_url: str                  # what Kamailio reads (a PostgreSQL one without password)
     users: Path | None = None
     table: str = "subscriber"
     nonce_expire: int = 300
+    pg: PgUrl | None = None      # a PostgreSQL subscriber table ([cluster] or [auth] db_url)
 
     @property
     def db_module(self) -> str:
@@ -223,6 +245,26 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class CertSettings:
+    """``[certs]``: the RFC 6072 certificate service of our domains (docs/protocol.md
+    §11).  Publications and subscriptions are kept in the SQLite file ``path``; the
+    expiry bounds are seconds; a subscription gets at most one NOTIFY about changes
+    per ``notify_interval``; subscriptions are bounded per AoR, per source address
+    and in all."""
+
+    path: Path
+    min_expires: int = 60
+    default_publish_expires: int = 3600
+    max_publish_expires: int = 7 * 86400
+    default_subscribe_expires: int = 86400
+    max_subscribe_expires: int = 86400
+    notify_interval: int = 60
+    max_subscriptions_per_aor: int = 100
+    max_subscriptions_per_source: int = 20
+    max_subscriptions: int = 10000
+
+
+@dataclass(frozen=True)
 class AppConfig:
     path: Path
     kamailio: KamailioSettings
@@ -232,6 +274,8 @@ class AppConfig:
     tls: TlsSettings | None = None          # None: no TLS at all
     limits: LimitSettings = field(default_factory=LimitSettings)
     identity_host: str | None = None        # [identity] host: answered as ourselves
+    cluster: ClusterSettings | None = None  # None: one node, SQLite (the default)
+    certs: CertSettings | None = None       # None: no certificate service
 
     @property
     def local_names(self) -> tuple[str, ...]:
@@ -418,10 +462,47 @@ def _domains(check: _Checker) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _archive(table: Any, base: Path, problems: list[str]) -> ArchiveSettings:
+def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
+    if table is None:
+        return None
+    check = _Checker("cluster", table, problems)
+    check.unknown(("db_url", "db_connect_timeout", "db_statement_timeout_ms"))
+    connect_timeout = check.integer("db_connect_timeout", 2, 2, 30)
+    statement_ms = check.integer("db_statement_timeout_ms", 2000, 100, 60000)
+    raw = check.string("db_url", None)
+    if raw is None:
+        check.bad("db_url", "is needed: postgres://user:password@host:port/database")
+        return None
+    try:
+        url = PgUrl.parse(raw)
+    except PgUrlError as exc:
+        check.bad("db_url", str(exc))
+        return None
+    return ClusterSettings(db=url, connect_timeout=connect_timeout,
+                           statement_timeout_ms=statement_ms)
+
+
+def _archive(table: Any, base: Path, problems: list[str],
+             cluster: ClusterSettings | None = None) -> ArchiveSettings:
     check = _Checker("archive", table, problems)
-    check.unknown(("path", "fail_request_on_error", "busy_timeout_ms"))
-    raw = check.string("path", None)
+    check.unknown(("path", "fail_request_on_error", "busy_timeout_ms", "spool", "spool_max",
+                   "spool_max_mb"))
+    shared = cluster is not None and table is not None
+    spool, spool_max, spool_mb = None, 10000, 256
+    if shared:
+        if "path" in check.table:
+            check.bad("path", "with [cluster] db_url the archive is in PostgreSQL; leave path "
+                              "out (spool names this node's file for what it could not take)")
+        spool = check.path("spool", base) or (base / "archive-spool.sqlite").resolve()
+        if not spool.parent.is_dir():
+            check.bad("spool", f"directory {spool.parent} does not exist")
+        spool_max = check.integer("spool_max", 10000, 0, 10_000_000)
+        spool_mb = check.integer("spool_max_mb", 256, 1, 1024 * 1024)
+    else:
+        for key in ("spool", "spool_max", "spool_max_mb"):
+            if key in check.table:
+                check.bad(key, "is used only with [cluster] db_url (the shared archive)")
+    raw = check.string("path", None) if not shared else None
     path = None
     if raw is not None:
         if not raw.strip():
@@ -432,7 +513,9 @@ def _archive(table: Any, base: Path, problems: list[str]) -> ArchiveSettings:
                 check.bad("path", f"directory {path.parent} does not exist")
     fail = check.boolean("fail_request_on_error", False)
     busy = check.integer("busy_timeout_ms", 200, 0, 5000)
-    return ArchiveSettings(path=path, fail_request_on_error=fail, busy_timeout_ms=busy)
+    return ArchiveSettings(path=path, fail_request_on_error=fail, busy_timeout_ms=busy,
+                           shared=shared, spool=spool, spool_max=spool_max,
+                           spool_max_mb=spool_mb)
 
 
 def _e2m(table: Any, problems: list[str]) -> E2MSettings:
@@ -450,7 +533,7 @@ def _cfg_safe(check: _Checker, key: str, value: str) -> bool:
 
 
 def _auth(data: dict[str, Any], kamailio: KamailioSettings | None, base: Path,
-          problems: list[str]) -> AuthSettings | None:
+          problems: list[str], cluster: ClusterSettings | None = None) -> AuthSettings | None:
     if "auth" not in data:
         return None
     check = _Checker("auth", data["auth"], problems)
@@ -468,7 +551,13 @@ def _auth(data: dict[str, Any], kamailio: KamailioSettings | None, base: Path,
     expire = check.integer("nonce_expire", 300, 1, 3600)
     db_url = check.string("db_url", None)
     users: Path | None = None
-    if db_url is not None:
+    pg: PgUrl | None = None
+    if db_url is None and cluster is not None:
+        if "users" in check.table:
+            check.bad("users", "with [cluster] db_url the users are in PostgreSQL (the "
+                               "subscriber table there); leave users out")
+        pg, db_url = cluster.db, cluster.db.kamailio_url()
+    elif db_url is not None:
         if "users" in check.table:
             check.bad("db_url", "give either users (an SQLite file) or db_url, not both")
         match = _DB_URL.fullmatch(db_url)
@@ -476,6 +565,14 @@ def _auth(data: dict[str, Any], kamailio: KamailioSettings | None, base: Path,
             check.bad("db_url", f"must be <scheme>://... with a scheme of "
                                 f"{', '.join(sorted(DB_MODULES))}")
             db_url = None
+        elif match.group("scheme") == "postgres":
+            # the password goes to a passfile, never into the rendered cfg
+            try:
+                pg = PgUrl.parse(db_url)
+                db_url = pg.kamailio_url()
+            except PgUrlError as exc:
+                check.bad("db_url", str(exc))
+                db_url = None
     else:
         users = check.path("users", base) or (base / "users.sqlite").resolve()
         if not users.parent.is_dir():
@@ -486,7 +583,7 @@ def _auth(data: dict[str, Any], kamailio: KamailioSettings | None, base: Path,
     if db_url is None:
         return None
     return AuthSettings(realm=realm, db_url=db_url, users=users, table=table,
-                        nonce_expire=expire)
+                        nonce_expire=expire, pg=pg)
 
 
 def _table_paths(data: dict[str, Any], section: str, key: str, base: Path) -> list[Path]:
@@ -603,6 +700,50 @@ def _limits(table: Any, kamailio: KamailioSettings | None, problems: list[str]) 
         tcp_idle_timeout=check.integer("tcp_idle_timeout", d.tcp_idle_timeout, 5, 86400))
 
 
+_CERT_KEYS = ("enabled", "path", "min_expires", "default_publish_expires",
+              "max_publish_expires", "default_subscribe_expires", "max_subscribe_expires",
+              "notify_interval", "max_subscriptions_per_aor", "max_subscriptions_per_source",
+              "max_subscriptions")
+
+
+def _certs(table: Any, e2m: E2MSettings, base: Path, problems: list[str]) -> CertSettings | None:
+    """On by default where E2M is (the checks on a published certificate need the
+    core's [trust] ca); off on a plain routing hop."""
+    check = _Checker("certs", table, problems)
+    check.unknown(_CERT_KEYS)
+    if not check.boolean("enabled", e2m.enabled):
+        return None
+    if not e2m.enabled:
+        check.bad("enabled", "the certificate service needs [e2m] enabled (its [trust] ca "
+                             "checks what is published)")
+        return None
+    path = check.path("path", base) or (base / "certs.sqlite").resolve()
+    if not path.parent.is_dir():
+        check.bad("path", f"directory {path.parent} does not exist")
+    d = CertSettings(path=path)
+    minimum = check.integer("min_expires", d.min_expires, 1, 3600)
+    max_publish = check.integer("max_publish_expires", d.max_publish_expires, minimum,
+                                366 * 86400)
+    max_subscribe = check.integer("max_subscribe_expires", d.max_subscribe_expires, minimum,
+                                  30 * 86400)
+    return CertSettings(
+        path=path, min_expires=minimum, max_publish_expires=max_publish,
+        default_publish_expires=check.integer(
+            "default_publish_expires", min(d.default_publish_expires, max_publish), minimum,
+            max_publish),
+        max_subscribe_expires=max_subscribe,
+        default_subscribe_expires=check.integer(
+            "default_subscribe_expires", min(d.default_subscribe_expires, max_subscribe),
+            minimum, max_subscribe),
+        notify_interval=check.integer("notify_interval", d.notify_interval, 1, 3600),
+        max_subscriptions_per_aor=check.integer("max_subscriptions_per_aor",
+                                                d.max_subscriptions_per_aor, 1, 100_000),
+        max_subscriptions_per_source=check.integer("max_subscriptions_per_source",
+                                                   d.max_subscriptions_per_source, 1, 100_000),
+        max_subscriptions=check.integer("max_subscriptions", d.max_subscriptions, 1,
+                                        10_000_000))
+
+
 def _identity_host(data: dict[str, Any]) -> str | None:
     table = data.get("identity")
     host = table.get("host") if isinstance(table, dict) else None
@@ -617,15 +758,18 @@ def parse_app_config(data: dict[str, Any], path: str | Path) -> AppConfig:
     path = Path(path).resolve()
     problems: list[str] = []
     kamailio = _kamailio(data.get("kamailio"), path.parent, problems)
-    archive = _archive(data.get("archive"), path.parent, problems)
+    cluster = _cluster(data.get("cluster"), problems)
+    archive = _archive(data.get("archive"), path.parent, problems, cluster)
     e2m = _e2m(data.get("e2m"), problems)
-    auth = _auth(data, kamailio, path.parent, problems)
+    auth = _auth(data, kamailio, path.parent, problems, cluster)
     tls = _tls(data, kamailio, path.parent, problems)
     limits = _limits(data.get("limits"), kamailio, problems)
+    certs = _certs(data.get("certs"), e2m, path.parent, problems)
     if problems or kamailio is None:
         raise AppConfigError(path, problems or ["[kamailio] is unusable"])
     return AppConfig(path=path, kamailio=kamailio, archive=archive, e2m=e2m, auth=auth,
-                     tls=tls, limits=limits, identity_host=_identity_host(data))
+                     tls=tls, limits=limits, identity_host=_identity_host(data),
+                     cluster=cluster, certs=certs)
 
 
 def load_app_config(path: str | Path) -> AppConfig:

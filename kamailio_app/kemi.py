@@ -4,12 +4,14 @@ A thin adapter: it reads the message byte-exact, asks the E2M engine for a verdi
 applies it with KSR calls, and hands what was seen to the archive.  It never
 changes a body and never logs one.  Each route method has one job:
 
-  request:  flood limits -> sanity -> CANCEL | in-dialog | [auth] -> REGISTER |
-            OPTIONS to us | target -> inspect -> relay
+  request:  flood limits -> sanity -> CANCEL | in-dialog (a certificate refresh of
+            ours) | certificate SUBSCRIBE | [auth] -> certificate PUBLISH | REGISTER |
+            OPTIONS to us | target -> inspect -> relay  (certificates: cert_route.py)
   reply:    (tm onreply) inspect -> archive -> forward (a response is never refused)
   failure:  (tm failure route: any negative end, tm's own 408 included) drop the keys
             the attempt kept
   xhttp:    the proxy certificate at its cert-url path
+  rtimer:   the certificate service's NOTIFYs and sweeps (ksr_cert_timer)
 
 Loaded by the cfg that ``e2m-proxy`` renders; the defines there say where the
 project, the venv and PROXY.toml are (see kamailio_app/launcher.py).
@@ -57,6 +59,9 @@ _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
 # auth_db's auth_check: the credentials are good but belong to someone else
 _AUTH_USER_MISMATCH = -8
+# auth_check failed for itself (a database error, or credentials it already answered 400)
+_AUTH_ERROR = -1
+_AUTH_RETRY_AFTER = 5      # seconds a UA waits before trying again after that 500
 _AUTH_STALE = (-4, -6)   # nonce expired, nonce (or its count) used before
 _AUTH_FAILURES = {-2: "wrong password", -3: "unknown user", -4: "stale nonce",
                   -5: "no credentials of this kind", -6: "nonce used before",
@@ -168,6 +173,7 @@ class kamailio:
     # -- request route ---------------------------------------------------------
     def ksr_request_route(self, msg):
         self.transaction = False     # t_newtran done for this request
+        self.authenticated = None    # the user digest authentication proved for it
         try:
             self.route_request()
         except Exception as exc:  # noqa: BLE001 - any failure must get an answer
@@ -188,9 +194,17 @@ class kamailio:
             return
         if not self.route_new_transaction():
             return
+        certs = self.app.certs is not None and self.app.certs.takes()
+        if certs and KSR.is_SUBSCRIBE():   # a certificate is public: no credentials (RFC 6072)
+            self.route_certs(self.app.certs.route_subscribe)
+            return
         local_register = KSR.is_REGISTER() and (KSR.is_myself_ruri()
                                                  or not self.app.config.kamailio.next_hop)
         if not self.route_auth(register=local_register):
+            return
+        if certs:                          # PUBLISH: as the authenticated owner only
+            self.route_certs(lambda message: self.app.certs.route_publish(
+                message, self.authenticated, self.app.config.auth is not None))
             return
         if local_register:
             self.route_register()
@@ -270,6 +284,7 @@ class kamailio:
         self.new_transaction()   # nonce counting must see each request once (tm)
         rc = KSR.auth_db.auth_check(auth.realm, auth.table, 1)
         if rc > 0:
+            self.authenticated = KSR.pv.get("$au")
             if not register:
                 KSR.auth.consume_credentials()   # not for the next hop to see
             return True
@@ -277,6 +292,13 @@ class kamailio:
             KSR.pv.get("$rm"), KSR.pv.get("$si"), _AUTH_FAILURES.get(rc, "invalid credentials")))
         if rc == _AUTH_USER_MISMATCH:
             KSR.sl.send_reply(403, "Forbidden")
+            return False
+        if rc == _AUTH_ERROR and KSR.tm.t_get_status_code() < 200:
+            # Not a bad password: auth_db could not read the users (its database is away;
+            # it logged why).  A new challenge would make the UA ask its user for
+            # another password; a 500 with Retry-After makes it try again later.
+            KSR.hdr.append_to_reply("Retry-After: %d\r\n" % _AUTH_RETRY_AFTER)
+            KSR.sl.send_reply(500, "Server Internal Error")
             return False
         KSR.auth.auth_challenge(auth.realm, _QOP_AUTH | (_STALE if rc in _AUTH_STALE else 0))
         return False
@@ -311,6 +333,10 @@ class kamailio:
             KSR.tm.t_relay()
 
     def route_in_dialog(self):
+        if self.app.certs is not None and self.app.certs.takes_in_dialog():
+            if self.route_new_transaction():
+                self.route_certs(self.app.certs.route_resubscribe)
+            return
         if KSR.rr.loose_route() > 0:
             if KSR.is_ACK():
                 if _has_body():        # a late answer rides in the ACK; a bare ACK has nothing
@@ -344,6 +370,18 @@ class kamailio:
         self.announce_policy_in_reply()
         if KSR.registrar.save("location", 0) < 0 and counted is not None:
             KSR.htable.sht_dec(_REGS, counted)   # registrar answered (503, 400 ...)
+
+    def route_certs(self, handle):
+        """The certificate service ([certs]) answers this request: ``handle(message)``
+        with the message as received (a statefully answered one)."""
+        self.new_transaction()
+        try:
+            message = _read_message()
+        except E2MError as exc:
+            _log_exception("parse", exc)
+            KSR.sl.send_reply(400, "Bad Request")
+            return
+        handle(message)
 
     def route_options_self(self):
         self.announce_policy_in_reply()
@@ -467,6 +505,11 @@ class kamailio:
     # missing callback method leaves an AttributeError pending in the interpreter, and
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
+        if self.app.certs is not None:
+            try:
+                self.app.certs.on_reply()      # a 481 to one of our NOTIFYs
+            except Exception as exc:  # noqa: BLE001 - the reply goes on regardless
+                _log_exception("certificate reply", exc)
         return 1
 
     # -- tm onreply route --------------------------------------------------------
@@ -498,6 +541,22 @@ class kamailio:
             self.drop_attempt_keys()
         except Exception as exc:  # noqa: BLE001 - tm sends the failure on regardless
             _log_exception("failure route", exc)
+        return 1
+
+    # -- rtimer (a process of its own, every second): the certificate service's NOTIFYs
+    def ksr_cert_timer(self, msg, evname):
+        try:
+            self.app.certs.on_timer()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            _log_exception("certificate timer", exc)
+        return 1
+
+    # -- rtimer (a process of its own, every second): the shared archive's spool -------
+    def ksr_archive_replay(self, msg, evname):
+        try:
+            self.app.replay_archive()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            _log_exception("archive replay", exc)
         return 1
 
     def drop_attempt_keys(self):

@@ -26,11 +26,12 @@ from pathlib import Path
 from types import FrameType
 
 from .config import AppConfig, AppConfigError, TlsSettings, load_app_config
+from .pgconn import passfile_text
 from .users import UsersError, ensure_users_db
 
 __all__ = ["render_cfg", "write_runtime_files", "tls_cfg_text", "trusted_list_text",
            "python_path", "kamailio_command", "check_config", "main", "LogCutter",
-           "TEMPLATE", "KEMI_SCRIPT", "OPEN_REGISTRAR_WARNING"]
+           "TEMPLATE", "KEMI_SCRIPT", "OPEN_REGISTRAR_WARNING", "mask_passwords"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -80,6 +81,12 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         defines.append("#!define WITH_PIKE")
     if limits.trusted:
         defines.append("#!define WITH_TRUSTED")
+    if auth is not None and auth.pg is not None:
+        defines.append("#!define WITH_POSTGRES")
+    if config.e2m.enabled and config.archive.shared:
+        defines.append("#!define WITH_SHARED_ARCHIVE")
+    if config.certs is not None:
+        defines.append("#!define WITH_CERTS")
     values = {
         "CONFIG_PATH": _cfg_string(str(config.path), "config path"),
         "PYTHONPATH": _cfg_string(os.pathsep.join(python_path()), "python path"),
@@ -112,6 +119,9 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "AUTH_DB_MODULE": auth.db_module if auth is not None else "db_sqlite",
         "AUTH_DB_URL": _cfg_string(auth.db_url, "[auth] db_url") if auth is not None else "",
         "NONCE_EXPIRE": str(auth.nonce_expire if auth is not None else 300),
+        "DB_CONNECT_TIMEOUT": str(config.cluster.connect_timeout if config.cluster else 2),
+        # db_postgres counts whole seconds
+        "DB_TIMEOUT": str(-(-config.cluster.statement_timeout_ms // 1000) if config.cluster else 2),
     }
     text = template.read_text()
     for name, value in values.items():
@@ -158,6 +168,13 @@ def write_runtime_files(config: AppConfig, runtime_dir: Path) -> None:
         (runtime_dir / "trusted.list").write_text(trusted_list_text(config.limits.trusted))
     if config.auth is not None and config.auth.users is not None:
         ensure_users_db(config.auth.users)
+    if config.auth is not None and config.auth.pg is not None:
+        # libpq's password file for db_postgres: the password stays out of the cfg
+        passfile = runtime_dir / "pgpass"
+        passfile.unlink(missing_ok=True)
+        fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(passfile_text(config.auth.pg))
 
 
 def kamailio_command(config: AppConfig, cfg_path: Path, runtime_dir: Path) -> list[str]:
@@ -189,7 +206,10 @@ def check_config(path: str | Path) -> AppConfig:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e2m-proxy", description="Run Kamailio as an E2M proxy (or a plain routing hop). "
-        "'e2m-proxy users add|remove|list --config PROXY.toml' manages the [auth] users.")
+        "'e2m-proxy users add|remove|list --config PROXY.toml' manages the [auth] users; "
+        "'e2m-proxy certs list|show|remove --config PROXY.toml [AOR]' the published "
+        "certificates; 'e2m-proxy db init|upgrade|status|replay --config PROXY.toml' the "
+        "databases.")
     parser.add_argument("--config", required=True, help="PROXY.toml")
     parser.add_argument("--runtime-dir", help="private dir for the cfg, ctl socket, FIFO and "
                         "pid file (default: a new temporary dir, removed on exit)")
@@ -212,7 +232,7 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         return
     for name in ("kamailio_ctl", "kamailio_rpc.fifo", "kamailio.pid", "tls.cfg", "tls-ca.pem",
-                 "trusted.list"):
+                 "trusted.list", "pgpass"):
         try:
             (runtime_dir / name).unlink()
         except OSError:
@@ -337,6 +357,14 @@ def _run(command: list[str], env: dict[str, str]) -> int:
     return 0 if stopping and code in (0, -signal.SIGTERM, 255, 1) else code
 
 
+_URL_PASSWORD = re.compile(r"(\b[a-z]+://[^:@/\s\"]+:)[^@\s\"]+@")
+
+
+def mask_passwords(text: str) -> str:
+    """``scheme://user:password@`` as ``scheme://user:***@``: what --print-cfg shows."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
 OPEN_REGISTRAR_WARNING = ("e2m-proxy: warning: PROXY.toml has no [auth] section: the "
                           "registrar is open, anyone may register any user and receive "
                           "their calls and messages")
@@ -347,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["users"]:
         from .users import main as users_main
         return users_main(argv[1:])
+    if argv[:1] == ["db"]:
+        from .db_cmd import main as db_main
+        return db_main(argv[1:])
+    if argv[:1] == ["certs"]:
+        from .certs_cmd import main as certs_main
+        return certs_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = check_config(args.config)
@@ -355,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config.auth is None and not args.print_cfg:
         print(OPEN_REGISTRAR_WARNING, file=sys.stderr)
+    if not args.print_cfg:
+        from .db_cmd import preflight
+        problem = preflight(config)
+        if problem is not None:
+            print(f"e2m-proxy: {problem}", file=sys.stderr)
+            return 2
     if sys.version_info[:2] != (3, 11):
         print("e2m-proxy: warning: Kamailio embeds Python 3.11; this interpreter is "
               f"{sys.version.split()[0]}, so compiled packages may not load", file=sys.stderr)
@@ -369,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"e2m-proxy: {exc}", file=sys.stderr)
             return 2
         if args.print_cfg:
-            sys.stdout.write(cfg_path.read_text())
+            sys.stdout.write(mask_passwords(cfg_path.read_text()))
             return 0
         env = dict(os.environ)
         extra = os.pathsep.join(python_path())

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from e2m_lab.flows import message, ua_engine
 from e2m_plugins import certservice as cs
 from e2m_plugins.errors import CertificateRejectedError
-from e2m_plugins.sip import make_request
+from e2m_plugins.sip import RequestLine, make_request
 from e2m_plugins.testpki import init_test_pki, issue_user
 from e2m_plugins.ua import MAX_SERVICE_PEERS, MissingPeerCertificateError, UAEngine
 
@@ -205,3 +205,34 @@ def test_service_certificates_are_bounded(world):
         alice.add_peer_certificate(f"sip:u{index}@example.com", _der(cred), expires_in=3600)
     assert alice.certs.user(world.aor("bob")) is None           # the oldest went
     assert len(alice._service_peers) == MAX_SERVICE_PEERS
+
+
+def test_a_lapsed_publication_has_no_entity_tag_left(world):
+    """RFC 3903 §4.4: once a publication expired its entity-tag is unknown (412), even
+    before the proxy's sweep removed the row; a fresh PUBLISH starts over."""
+    store = cs.MemoryPublicationStore()
+    now = time.time()
+    first = _run(world, store, _publish(world, _der(world.user("bob")), expires=60), now=now)
+    etag = dict(first.headers)["SIP-ETag"]
+    later = now + 61
+    assert _run(world, store, _publish(world, None, etag=etag), now=later).code == 412
+    again = _run(world, store, _publish(world, _der(world.user("bob"))), now=later)
+    assert (again.code, again.changed) == (200, "published")
+
+
+def test_a_refresh_inside_the_dialog_names_its_resource(world):
+    """A refreshing SUBSCRIBE goes to the notifier's Contact; the adapter passes the
+    subscription's AoR."""
+    store = cs.MemoryPublicationStore()
+    _run(world, store, _publish(world, _der(world.user("bob"))))
+    refresh = _subscribe(world, expires=600).with_start_line(
+        RequestLine("SUBSCRIBE", "sip:198.51.100.1:5070"))
+    assert cs.subscribe(refresh, store=store, now=time.time()).code == 400
+    answer = cs.subscribe(refresh, store=store, now=time.time(), aor=world.aor("bob"))
+    assert (answer.code, answer.expires, answer.body) == (200, 600, _der(world.user("bob")))
+
+
+def test_notify_headers_repeat_the_event_id():
+    assert cs.notify_headers(30, True, "7") == [
+        ("Event", "certificate;id=7"), ("Subscription-State", "active;expires=30"),
+        ("Content-Type", "application/pkix-cert")]

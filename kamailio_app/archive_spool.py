@@ -1,0 +1,230 @@
+"""The shared archive while its database is away: a bounded local spool, replayed.
+
+What happens to a message's rows when PostgreSQL cannot take them:
+
+- a request with ``[archive] fail_request_on_error = true`` is never spooled: its
+  write fails (``ArchiveUnavailable``), the proxy answers 500 and nothing of it is
+  stored anywhere, exactly as with the embedded archive;
+- anything else (a request the operator lets through, every response, which cannot
+  be refused) goes to the spool: an SQLite archive of this node (same schema, 0600),
+  in one transaction, under the message's id;
+- the replay (Kamailio's ``rtimer`` process, every second; ``e2m-proxy db replay``
+  by hand) moves spooled messages, oldest first, one transaction each, into
+  PostgreSQL and then out of the spool.  The rows keep their id, and the database
+  ignores a message it already has, so a replay cut off between the two steps stores
+  nothing twice;
+- a message that fits nowhere (spool full: ``spool_max`` messages or ``spool_max_mb``;
+  no spool; the spool itself failing; rows the database refuses for good) is lost, and
+  said so: one error line with its id, method, direction and Call-ID (never a body)
+  and the counter ``e2m_archive_lost``.
+
+While the spool holds messages, new ones join it (order is kept, and the workers do
+not each wait on a dead database); a worker that saw the database fail does not try
+it again for ``retry_after`` seconds.  Only the replay probes a database that is away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .archive import (ArchiveError, ArchiveUnavailable, ArchivedBody, BodyRecord,
+                      MediaRecord, SqliteArchive, new_message_uid)
+from .archive_pg import PostgresArchive
+
+__all__ = ["SpooledArchive", "ArchiveEvents", "COUNTERS"]
+
+# statistics module variables (declared in the cfg template); names say what counted
+COUNTERS = ("e2m_archive_spooled", "e2m_archive_replayed", "e2m_archive_lost",
+            "e2m_archive_failed")
+_BATCH = 100
+
+_log = logging.getLogger("kamailio_app.archive")
+
+
+def _log_line(level: str, line: str) -> None:
+    _log.log(logging.ERROR if level == "error" else logging.WARNING if level == "warn"
+             else logging.INFO, line)
+
+
+@dataclass
+class ArchiveEvents:
+    """Where the archive reports: ``log(level, line)`` (info, warn, error) and
+    ``count(name, n)``.  Inside Kamailio: its log and the statistics module; else
+    Python's logging and a dict."""
+
+    log: Callable[[str, str], None] = _log_line
+    counts: dict[str, int] = field(default_factory=dict)
+    counter: Callable[[str, int], None] | None = None
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+        if self.counter is not None:
+            self.counter(name, n)
+
+
+def _describe(uid: str, bodies: Sequence[BodyRecord], media: Sequence[MediaRecord]) -> str:
+    first: Any = (bodies or media)[0]
+    return (f"message {uid} ({first.method} {first.direction}, Call-ID {first.call_id}, "
+            f"{len(bodies)} bodies, {len(media)} media rows)")
+
+
+class SpooledArchive:
+    """PostgreSQL first, the node's spool when it is away; one ``record`` for both."""
+
+    def __init__(self, shared: PostgresArchive, spool: SqliteArchive | None, *,
+                 max_messages: int = 10000, max_bytes: int = 256 * 1024 * 1024,
+                 retry_after: float = 1.0, events: ArchiveEvents | None = None) -> None:
+        self.shared = shared
+        self.spool = spool if max_messages > 0 else None
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.retry_after = retry_after
+        self.events = events or ArchiveEvents()
+        self._rest_until = 0.0
+        self._why = ""
+        self._replay_blocked: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SpooledArchive({self.shared!r}, spool={self.spool!r})"
+
+    # -- writing -------------------------------------------------------------
+    def record(self, bodies: Sequence[BodyRecord], media: Sequence[MediaRecord] = (), *,
+               uid: str | None = None, may_spool: bool = True) -> str:
+        uid = uid or new_message_uid()
+        if not bodies and not media:
+            return uid
+        if may_spool and self._spooling():
+            why = "earlier messages are waiting in the spool"
+        elif time.monotonic() < self._rest_until:
+            why = self._why
+        else:
+            try:
+                return self.shared.record(bodies, media, uid=uid)
+            except ArchiveUnavailable as exc:
+                self._rest_until, self._why = time.monotonic() + self.retry_after, str(exc)
+                why = str(exc)
+            except ArchiveError as exc:      # the rows themselves: no retry will help
+                if not may_spool:
+                    raise
+                self._lost(uid, bodies, media, str(exc))
+                return uid
+        if not may_spool:
+            raise ArchiveUnavailable(why)
+        self._to_spool(uid, bodies, media, why)
+        return uid
+
+    def _spooling(self) -> bool:
+        if self.spool is None:
+            return False
+        try:
+            return self.spool.pending() > 0
+        except ArchiveError:
+            return False
+
+    def _to_spool(self, uid: str, bodies: Sequence[BodyRecord],
+                  media: Sequence[MediaRecord], why: str) -> None:
+        if self.spool is None:
+            self._lost(uid, bodies, media, f"{why}; no spool ([archive] spool_max = 0)")
+            return
+        try:
+            held = self.spool.pending()
+            if held >= self.max_messages or self.spool.size_bytes() >= self.max_bytes:
+                self._lost(uid, bodies, media, f"{why}; the spool is full ({held} messages)")
+                return
+            self.spool.record(bodies, media, uid=uid)
+        except ArchiveError as exc:
+            self._lost(uid, bodies, media, f"{why}; spool: {exc}")
+            return
+        self.events.count("e2m_archive_spooled")
+        self.events.log("info", f"e2m: archive {_describe(uid, bodies, media)} spooled: {why}")
+
+    def _lost(self, uid: str, bodies: Sequence[BodyRecord], media: Sequence[MediaRecord],
+              why: str) -> None:
+        self.events.count("e2m_archive_lost")
+        self.events.log("error", f"e2m: archive lost {_describe(uid, bodies, media)}: "
+                                 f"not stored: {why}")
+
+    # -- catching up ---------------------------------------------------------
+    def replay(self, budget_s: float = 0.8) -> int:
+        """Move spooled messages into the database, oldest first, until the spool is
+        empty, the database fails or ``budget_s`` is spent; how many moved."""
+        if self.spool is None:
+            return 0
+        deadline = time.monotonic() + budget_s
+        moved = 0
+        try:
+            while time.monotonic() < deadline:
+                uids = self.spool.oldest_messages(_BATCH)
+                if not uids:
+                    break
+                for uid in uids:
+                    if not self._replay_one(uid):
+                        return moved
+                    moved += 1
+                    if time.monotonic() >= deadline:
+                        break
+        except ArchiveError as exc:          # the spool itself: try again next time
+            self._blocked(f"spool: {exc}")
+            return moved
+        finally:
+            if moved:
+                self.events.count("e2m_archive_replayed", moved)
+                self.events.log("info", f"e2m: archive replayed {moved} spooled messages "
+                                        f"into the shared archive; {self.pending()} wait")
+        return moved
+
+    def _replay_one(self, uid: str) -> bool:
+        bodies, media = self.spool.message(uid)   # type: ignore[union-attr]
+        try:
+            self.shared.record(bodies, media, uid=uid)
+        except ArchiveUnavailable as exc:
+            self._blocked(str(exc))
+            return False
+        except ArchiveError as exc:              # rows it refuses for good: said, dropped
+            if bodies or media:
+                self._lost(uid, bodies, media, str(exc))
+        else:
+            if self._replay_blocked is not None:
+                self._replay_blocked = None
+                self.events.log("info", "e2m: shared archive reachable again")
+        self.spool.forget(uid)                    # type: ignore[union-attr]
+        return True
+
+    def _blocked(self, why: str) -> None:
+        if self._replay_blocked is None:       # one line when it starts, not every second
+            self.events.log("warn", f"e2m: shared archive unavailable, {self.pending()} "
+                                    f"messages spooled: {why}")
+        self._replay_blocked = why
+
+    def pending(self) -> int:
+        """Messages in the spool (-1: the spool cannot be read)."""
+        if self.spool is None:
+            return 0
+        try:
+            return self.spool.pending()
+        except ArchiveError:
+            return -1
+
+    # -- the rest of the interface -----------------------------------------------
+    def ensure_schema(self) -> None:
+        self.shared.ensure_schema()
+        if self.spool is not None:
+            self.spool.ensure_schema()
+
+    def bodies(self, limit: int = 50, call_id: str | None = None) -> list[ArchivedBody]:
+        return self.shared.bodies(limit, call_id)
+
+    def body(self, body_id: int) -> ArchivedBody | None:
+        return self.shared.body(body_id)
+
+    def media(self, call_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        return self.shared.media(call_id, limit)
+
+    def close(self) -> None:
+        self.shared.close()
+        if self.spool is not None:
+            self.spool.close()

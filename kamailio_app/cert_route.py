@@ -1,0 +1,279 @@
+"""The certificate service inside Kamailio: PUBLISH and SUBSCRIBE of ``Event:
+certificate`` to our domains' AoRs answered here, NOTIFYs sent from here.
+
+The decisions are the core's (``e2m_plugins.certservice`` for what a request gets,
+``e2m_plugins.notifier`` for the dialog); the state is in ``cert_table``.  This module
+reads what Kamailio knows about the request (source, socket, the To tag tm gives our
+answer, who digest authentication proved), answers through tm, and sends each NOTIFY
+with ``t_uac_send`` in the cfg's native route ``E2M_SEND_REQUEST``: the body travels
+base64 in ``$var(e2m_body)`` and is decoded there, since a Python str cannot carry DER
+into Kamailio.
+
+Who sends what: a SIP worker answers a SUBSCRIBE and sends its first NOTIFY at once
+(RFC 6665 §4.2.2); a PUBLISH, a sweep or ``e2m-proxy certs remove`` only marks the
+followers of an AoR (``pending``); the timer process (rtimer, every second, ``on_timer``)
+sends what is due, at most one NOTIFY per subscription per ``notify_interval``, with
+the certificate as it is then (replacements in between are coalesced).  Work per
+timer tick is bounded (``BATCH``).  No log line carries a body.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from e2m_plugins import certservice, notifier
+from e2m_plugins.certservice import Answer, ServiceSettings
+from e2m_plugins.errors import E2MError, MalformedError
+from e2m_plugins.sip import SipMessage
+
+from .cert_table import (CertDatabase, CertTableError, PublicationTable, SubscriptionLimits,
+                         SubscriptionRefused, SubscriptionTable)
+from .config import CertSettings
+
+__all__ = ["CertService", "BATCH", "SEND_ROUTE"]
+
+BATCH = 100                      # NOTIFYs (and sweeps) per timer tick at most
+SEND_ROUTE = "E2M_SEND_REQUEST"  # native route in the cfg template
+_CHANGES = ("published", "replaced", "removed")
+
+
+def _header_text(headers: Iterable[tuple[str, str]]) -> str:
+    lines = [f"{name}: {value}\r\n" for name, value in headers]
+    if any(ch in line[:-2] for line in lines for ch in "\r\n\x00"):
+        raise ValueError("a NOTIFY header contains CR, LF or NUL")
+    return "".join(lines)
+
+
+class CertService:
+    """The service for one proxy; ``ksr`` is Kamailio's KSR module."""
+
+    def __init__(self, settings: CertSettings, anchors: Any, ksr: Any,
+                 db: CertDatabase | None = None) -> None:
+        self.settings = settings
+        self.anchors = anchors
+        self.ksr = ksr
+        self.db = db if db is not None else CertDatabase(settings.path)
+        self.publications = PublicationTable(self.db)
+        self.subscriptions = SubscriptionTable(self.db)
+        self.rules = ServiceSettings(
+            min_expires=settings.min_expires,
+            default_publish_expires=settings.default_publish_expires,
+            max_publish_expires=settings.max_publish_expires,
+            default_subscribe_expires=settings.default_subscribe_expires,
+            max_subscribe_expires=settings.max_subscribe_expires)
+        self.limits = SubscriptionLimits(per_aor=settings.max_subscriptions_per_aor,
+                                         per_source=settings.max_subscriptions_per_source,
+                                         total=settings.max_subscriptions)
+
+    # -- which requests are ours ---------------------------------------------------------
+    def takes(self) -> bool:
+        """A PUBLISH or SUBSCRIBE outside a dialog to a user of our domains, whose Event
+        is ``certificate``, or absent (489), or a PUBLISH of a certificate under another
+        event (489).  Any other event goes where it went before."""
+        ksr = self.ksr
+        method = ksr.pv.get("$rm") or ""
+        if method not in ("PUBLISH", "SUBSCRIBE") or not ksr.is_myself_ruri() \
+                or not ksr.pv.get("$rU"):
+            return False
+        event = (ksr.pv.get("$hdr(Event)") or "").partition(";")[0].strip().lower()
+        if event in ("", certservice.EVENT):
+            return True
+        ctype = (ksr.pv.get("$cT") or "").partition(";")[0].strip().lower()
+        return method == "PUBLISH" and ctype == certservice.CONTENT_TYPE
+
+    def takes_in_dialog(self) -> bool:
+        """A SUBSCRIBE inside a dialog sent to our own Contact: a refresh or an
+        unsubscribe of one of ours (481 when it is none)."""
+        ksr = self.ksr
+        return ksr.pv.get("$rm") == "SUBSCRIBE" and bool(ksr.is_myself_ruri()) \
+            and not ksr.pv.get("$rU")
+
+    # -- what Kamailio knows about the request ---------------------------------------
+    def _peer(self) -> notifier.Peer:
+        ksr = self.ksr
+        return notifier.Peer(ksr.pv.get("$si") or "", int(ksr.pv.get("$sp") or 0),
+                             (ksr.pv.get("$pr") or "udp").lower())
+
+    def _contact(self) -> str:
+        """Our Contact: the socket the request came in on."""
+        ksr = self.ksr
+        ip, port, proto = ksr.pv.get("$Ri") or "", ksr.pv.get("$Rp"), (ksr.pv.get("$pr") or "")
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"sip:{host}:{port}" + ("" if proto.lower() == "udp" else f";transport={proto}")
+
+    def _reply(self, code: int, reason: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        for name, value in headers:
+            self.ksr.hdr.append_to_reply(_header_text([(name, value)]))
+        self.ksr.sl.send_reply(code, reason)
+
+    def _log(self, method: str, aor: str | None, outcome: str) -> None:
+        self.ksr.info("e2m certs: %s %s from %s: %s\n"
+                      % (method, aor or "-", self.ksr.pv.get("$si") or "-", outcome))
+
+    def _answer(self, method: str, answer: Answer) -> None:
+        self._reply(answer.code, answer.reason, answer.headers)
+        self._log(method, answer.aor or self.ksr.pv.get("$ru"),
+                  f"refused {answer.code}: {answer.detail}")
+
+    # -- PUBLISH -------------------------------------------------------------------------
+    def route_publish(self, message: SipMessage, authenticated_user: str | None,
+                      auth_configured: bool) -> None:
+        """``authenticated_user``: the user digest authentication proved for this
+        request (None: none), owner of that user's AoRs in our domains."""
+        owner = None
+        if authenticated_user:
+            owner = f"sip:{authenticated_user}@{self.ksr.pv.get('$rd')}"
+        now = time.time()
+        try:
+            with self.publications.locked():
+                answer = certservice.publish(message, authenticated=owner,
+                                             store=self.publications, anchors=self.anchors,
+                                             now=now, settings=self.rules)
+                followers = self.subscriptions.changed(answer.aor) \
+                    if answer.changed in _CHANGES and answer.aor else 0
+        except CertTableError as exc:
+            self.ksr.err("e2m certs: PUBLISH: %s\n" % exc)
+            self._reply(500, "Server Internal Error", [("Retry-After", "5")])
+            return
+        if answer.code != 200:
+            if answer.code == 403 and owner is None:
+                answer = Answer(403, "Forbidden", aor=answer.aor, detail=(
+                    "not authenticated: From is not one of our users" if auth_configured else
+                    "publishing needs digest authentication of the AoR's owner, and "
+                    "PROXY.toml has no [auth]"))
+            self._answer("PUBLISH", answer)
+            return
+        self._reply(200, "OK", answer.headers)
+        current = self.publications.current(answer.aor or "")
+        what = f"{answer.changed} {current.fingerprint[:23]}" if current else answer.changed
+        self._log("PUBLISH", answer.aor, f"200 {what} by {owner}, expires {answer.expires}, "
+                                         f"{followers} follower(s) to tell")
+
+    # -- SUBSCRIBE -----------------------------------------------------------------------
+    def route_subscribe(self, message: SipMessage) -> None:
+        """An initial SUBSCRIBE: a fetch (Expires: 0) or a new subscription."""
+        now = time.time()
+        try:
+            answer = certservice.subscribe(message, store=self.publications, now=now,
+                                           settings=self.rules)
+            if answer.code != 200:
+                self._answer("SUBSCRIBE", answer)
+                return
+            sub = notifier.open_dialog(message, local_tag=self.ksr.pv.get("$ltt(t)") or "",
+                                       peer=self._peer(), contact=self._contact(),
+                                       event_id=certservice.event_id(message),
+                                       expires=now + answer.expires)
+            cseq = self.subscriptions.add(sub, self.limits, now) if answer.expires else 1
+        except SubscriptionRefused as exc:
+            self._reply(403, "Too Many Subscriptions")
+            self._log("SUBSCRIBE", message.request_uri, f"refused 403: {exc}")
+            return
+        except E2MError as exc:
+            code = 400 if isinstance(exc, MalformedError) else 403
+            self._reply(code, "Bad Request" if code == 400 else "Forbidden")
+            self._log("SUBSCRIBE", message.request_uri, f"refused {code}: {exc}")
+            return
+        except CertTableError as exc:
+            self.ksr.err("e2m certs: SUBSCRIBE: %s\n" % exc)
+            self._reply(500, "Server Internal Error", [("Retry-After", "5")])
+            return
+        self._reply(200, "OK", [*answer.headers, ("Contact", f"<{sub.contact}>")])
+        self._notify(sub, cseq, answer.expires, answer.body or b"")
+        self._log("SUBSCRIBE", sub.aor, f"200 {'follow ' if answer.expires else 'fetch'}"
+                                        f"{answer.expires or ''}, NOTIFY with "
+                                        f"{len(answer.body or b'')} bytes")
+
+    def route_resubscribe(self, message: SipMessage) -> None:
+        """A SUBSCRIBE inside one of our dialogs: a refresh, or an unsubscribe
+        (Expires: 0); 481 for a dialog we do not have."""
+        now = time.time()
+        try:
+            sub = self.subscriptions.get(message.call_id, message.to_tag or "",
+                                         message.from_tag or "",
+                                         certservice.event_id(message) or "")
+            if sub is None:
+                self._reply(481, "Subscription Does Not Exist")
+                self._log("SUBSCRIBE", None, "refused 481: no such subscription")
+                return
+            answer = certservice.subscribe(message, store=self.publications, now=now,
+                                           settings=self.rules, aor=sub.aor)
+            if answer.code != 200:
+                self._answer("SUBSCRIBE", answer)
+                return
+            if answer.expires:
+                sub = notifier.refresh_dialog(sub, message, now + answer.expires)
+                cseq = self.subscriptions.refreshed(sub, now)
+            else:
+                cseq = self.subscriptions.remove(sub)
+        except E2MError as exc:
+            self._reply(400, "Bad Request")
+            self._log("SUBSCRIBE", None, f"refused 400: {exc}")
+            return
+        except CertTableError as exc:
+            self.ksr.err("e2m certs: SUBSCRIBE: %s\n" % exc)
+            self._reply(500, "Server Internal Error", [("Retry-After", "5")])
+            return
+        if cseq is None:                     # gone meanwhile (the timer, a 481)
+            self._reply(481, "Subscription Does Not Exist")
+            return
+        self._reply(200, "OK", [*answer.headers, ("Contact", f"<{sub.contact}>")])
+        self._notify(sub, cseq, answer.expires, answer.body or b"")
+        self._log("SUBSCRIBE", sub.aor, f"200 {'refresh' if answer.expires else 'unsubscribe'}"
+                                        f" {answer.expires}")
+
+    # -- NOTIFY --------------------------------------------------------------------------
+    def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
+                body: bytes) -> None:
+        request = notifier.notify_request(sub, cseq)
+        headers = [*request.headers,
+                   *certservice.notify_headers(expires_left, bool(body), sub.event_id or None)]
+        ksr = self.ksr
+        ksr.pv.sets("$var(e2m_method)", "NOTIFY")
+        ksr.pv.sets("$var(e2m_ruri)", request.request_uri)
+        ksr.pv.sets("$var(e2m_nexthop)", request.next_hop)
+        ksr.pv.sets("$var(e2m_hdrs)", _header_text(headers))
+        ksr.pv.sets("$var(e2m_body)", base64.b64encode(body).decode("ascii"))
+        ksr.route(SEND_ROUTE)
+
+    def _body(self, aor: str, now: float, cache: dict[str, bytes]) -> bytes:
+        if aor not in cache:
+            current = self.publications.current(aor)
+            cache[aor] = current.der if current is not None and current.expires > now else b""
+        return cache[aor]
+
+    def on_timer(self) -> int:
+        """One tick of the timer process: lapsed publications are removed (their
+        followers owed a NOTIFY), lapsed subscriptions get their final NOTIFY, due
+        ones theirs.  How many NOTIFYs it sent."""
+        now = time.time()
+        for aor in self.publications.lapsed(now, BATCH):
+            with self.db.write():
+                if self.publications.remove_lapsed(aor, now):
+                    told = self.subscriptions.changed(aor)
+                    self.ksr.info("e2m certs: the publication of %s lapsed; %d follower(s) "
+                                  "to tell\n" % (aor, told))
+        bodies: dict[str, bytes] = {}
+        sent = 0
+        for sub, cseq in self.subscriptions.claim_lapsed(now, BATCH):
+            self._notify(sub, cseq, 0, self._body(sub.aor, now, bodies))
+            sent += 1
+        for sub, cseq in self.subscriptions.claim_due(now, self.settings.notify_interval,
+                                                      BATCH):
+            self._notify(sub, cseq, max(1, int(sub.expires - now)),
+                         self._body(sub.aor, now, bodies))
+            sent += 1
+        return sent
+
+    def on_reply(self) -> None:
+        """A reply seen by the core reply route: a 481 to one of our NOTIFYs ends that
+        subscription (RFC 6665 §4.2.2); anything else is not ours to look at."""
+        ksr = self.ksr
+        if ksr.pv.get("$rs") != 481 or ksr.pv.get("$rm") != "NOTIFY":
+            return
+        gone = self.subscriptions.forget_dialog(ksr.pv.get("$ci") or "", ksr.pv.get("$ft") or "",
+                                                ksr.pv.get("$tt") or "")
+        if gone:
+            ksr.info("e2m certs: a subscriber answered 481: its subscription is gone\n")

@@ -1,0 +1,413 @@
+"""The certificate service's state in SQL: one publication per AoR, and the
+subscriptions that follow them.
+
+Both tables live in one database that every Kamailio worker, the timer process and
+``e2m-proxy certs`` open on their own: an SQLite file by default (``[certs] path``,
+created 0600 beside PROXY.toml, WAL, a short busy timeout), so the state outlives a
+worker and a restart and is the same for all of them.  The SQL is what SQLite and
+PostgreSQL both accept (``?`` placeholders become ``%s``; the DER column is ``BLOB``
+or ``BYTEA``; ``ON CONFLICT``, ``RETURNING``); a PostgreSQL back end only has to supply
+a connection and ``_write`` (a transaction holding a lock on the service's rows).
+
+Subscriptions are rows rather than an htable because the service asks questions of
+them that an htable cannot answer without a scan: all followers of an AoR, how many
+one source holds, which are due for a NOTIFY or lapsed.  Writes are rare (one per
+SUBSCRIBE or PUBLISH); the timer only reads unless something is due.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e2m_plugins.certservice import Publication
+from e2m_plugins.notifier import Subscription
+
+__all__ = ["CertDatabase", "CertTableError", "PublicationTable", "SubscriptionTable",
+           "SubscriptionLimits", "SubscriptionRefused", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+_COMPONENT = "certs"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cert_publications (
+    aor           TEXT PRIMARY KEY,
+    der           {blob} NOT NULL,
+    fingerprint   TEXT NOT NULL,              -- sha256:<hex> of der
+    not_before    DOUBLE PRECISION NOT NULL,  -- epoch seconds
+    not_after     DOUBLE PRECISION NOT NULL,
+    etag          TEXT NOT NULL,
+    expires       DOUBLE PRECISION NOT NULL,  -- when the publication lapses
+    published_by  TEXT NOT NULL,              -- the authenticated AoR
+    published_at  DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cert_publications_expires ON cert_publications (expires);
+CREATE TABLE IF NOT EXISTS cert_subscriptions (
+    call_id       TEXT NOT NULL,
+    local_tag     TEXT NOT NULL,
+    remote_tag    TEXT NOT NULL,
+    event_id      TEXT NOT NULL,
+    aor           TEXT NOT NULL,
+    local_uri     TEXT NOT NULL,
+    remote_uri    TEXT NOT NULL,
+    remote_target TEXT NOT NULL,
+    route_set     TEXT NOT NULL,              -- JSON list of URIs, top first
+    next_hop      TEXT NOT NULL,
+    source        TEXT NOT NULL,              -- the subscriber's address
+    contact       TEXT NOT NULL,
+    expires       DOUBLE PRECISION NOT NULL,
+    cseq          INTEGER NOT NULL,           -- of the last NOTIFY sent
+    last_notify   DOUBLE PRECISION NOT NULL,
+    pending       INTEGER NOT NULL,           -- 1: changed since the last NOTIFY
+    PRIMARY KEY (call_id, local_tag, remote_tag, event_id)
+);
+CREATE INDEX IF NOT EXISTS cert_subscriptions_aor ON cert_subscriptions (aor);
+CREATE INDEX IF NOT EXISTS cert_subscriptions_source ON cert_subscriptions (source);
+CREATE INDEX IF NOT EXISTS cert_subscriptions_expires ON cert_subscriptions (expires);
+CREATE INDEX IF NOT EXISTS cert_subscriptions_pending ON cert_subscriptions (pending);
+CREATE TABLE IF NOT EXISTS schema_version (
+    component     TEXT PRIMARY KEY,
+    version       INTEGER NOT NULL,
+    updated       DOUBLE PRECISION NOT NULL
+);
+"""
+
+_PUBLICATION_COLUMNS = ("aor", "der", "fingerprint", "not_before", "not_after", "etag",
+                        "expires", "published_by", "published_at")
+_SUBSCRIPTION_COLUMNS = ("call_id", "local_tag", "remote_tag", "event_id", "aor",
+                         "local_uri", "remote_uri", "remote_target", "route_set", "next_hop",
+                         "source", "contact", "expires")
+_KEY = "call_id = ? AND local_tag = ? AND remote_tag = ? AND event_id = ?"
+
+
+class CertTableError(Exception):
+    """The certificate database could not be opened, read or written."""
+
+
+class SubscriptionRefused(Exception):
+    """A new subscription would pass one of the bounds (the message says which)."""
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` 0600 (never through a symlink), or check that the file there is
+    a regular file of ours closed to others: it lists who follows whom."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        return
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise CertTableError(f"{path} must be a regular file of this user with mode 600")
+
+
+class CertDatabase:
+    """The service's SQLite file.  Each process connects on first use (a connection
+    inherited across Kamailio's fork is never used); ``read()`` and ``write()`` give a
+    cursor, ``write()`` inside one transaction that holds the write lock (nested calls
+    join the outer one)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | os.PathLike[str], busy_timeout_ms: int = 500) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._pid: int | None = None
+        self._depth = 0
+
+    def __repr__(self) -> str:
+        return f"CertDatabase({str(self.path)!r})"
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s") if self.dialect == "postgres" else text
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        try:
+            _private_file(self.path)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn, self._pid, self._depth = conn, os.getpid(), 0
+            self.ensure_schema()
+        except (OSError, sqlite3.Error) as exc:
+            self._conn = None
+            raise CertTableError(f"cannot open {self.path}: {exc}") from None
+        return conn
+
+    def ensure_schema(self) -> None:
+        with self.write() as cursor:
+            for statement in _SCHEMA.format(blob="BLOB").split(";"):
+                if statement.strip():
+                    cursor.execute(statement)
+            cursor.execute(self.sql("INSERT INTO schema_version (component, version, updated) "
+                                    "VALUES (?, ?, ?) ON CONFLICT (component) DO NOTHING"),
+                           (_COMPONENT, SCHEMA_VERSION, time.time()))
+
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        try:
+            yield self._connect().cursor()
+        except sqlite3.Error as exc:
+            raise CertTableError(f"{self.path}: read failed: {exc}") from None
+
+    @contextmanager
+    def write(self) -> Iterator[Any]:
+        conn = self._connect()
+        if self._depth:                          # inside write(): one transaction
+            self._depth += 1
+            try:
+                yield conn.cursor()
+            finally:
+                self._depth -= 1
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise CertTableError(f"{self.path}: busy: {exc}") from None
+        self._depth = 1
+        try:
+            yield conn.cursor()
+        except BaseException as exc:
+            self._depth = 0
+            conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise CertTableError(f"{self.path}: write failed: {exc}") from None
+            raise
+        self._depth = 0
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CertTableError(f"{self.path}: write failed: {exc}") from None
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+
+class PublicationTable:
+    """``e2m_plugins.certservice.PublicationStore`` on ``cert_publications``.
+    ``locked()`` runs a whole decision (read, check the entity-tag, save) as one
+    transaction, so two workers cannot both take the same SIP-If-Match."""
+
+    def __init__(self, db: CertDatabase) -> None:
+        self.db = db
+
+    def locked(self) -> Any:
+        return self.db.write()
+
+    def current(self, aor: str) -> Publication | None:
+        with self.db.read() as cursor:
+            row = cursor.execute(self.db.sql(
+                f"SELECT {', '.join(_PUBLICATION_COLUMNS)} FROM cert_publications "
+                "WHERE aor = ?"), (aor,)).fetchone()
+        return _publication(row) if row is not None else None
+
+    def save(self, publication: Publication) -> None:
+        p = publication
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _PUBLICATION_COLUMNS[1:])
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql(
+                f"INSERT INTO cert_publications ({', '.join(_PUBLICATION_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_PUBLICATION_COLUMNS))}) "
+                f"ON CONFLICT (aor) DO UPDATE SET {updates}"),
+                (p.aor, p.der, p.fingerprint, p.not_before, p.not_after, p.etag, p.expires,
+                 p.published_by, p.published_at))
+
+    def remove(self, aor: str) -> bool:
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql("DELETE FROM cert_publications WHERE aor = ?"), (aor,))
+            return cursor.rowcount > 0
+
+    def all(self) -> list[Publication]:
+        with self.db.read() as cursor:
+            rows = cursor.execute(f"SELECT {', '.join(_PUBLICATION_COLUMNS)} FROM "
+                                  "cert_publications ORDER BY aor").fetchall()
+        return [_publication(row) for row in rows]
+
+    def lapsed(self, now: float, limit: int) -> list[str]:
+        """The AoRs of at most ``limit`` publications whose time is up."""
+        with self.db.read() as cursor:
+            rows = cursor.execute(self.db.sql("SELECT aor FROM cert_publications WHERE "
+                                              "expires <= ? ORDER BY expires LIMIT ?"),
+                                  (now, int(limit))).fetchall()
+        return [row[0] for row in rows]
+
+    def remove_lapsed(self, aor: str, now: float) -> bool:
+        """Remove ``aor``'s publication if it is still the lapsed one (a new PUBLISH
+        may have come in meanwhile)."""
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql("DELETE FROM cert_publications WHERE aor = ? AND "
+                                       "expires <= ?"), (aor, now))
+            return cursor.rowcount > 0
+
+
+def _publication(row: Any) -> Publication:
+    values = dict(zip(_PUBLICATION_COLUMNS, row))
+    values["der"] = bytes(values["der"])
+    return Publication(**values)
+
+
+@dataclass(frozen=True)
+class SubscriptionLimits:
+    """How many subscriptions there may be: per AoR, per source address, in all."""
+
+    per_aor: int = 100
+    per_source: int = 20
+    total: int = 10000
+
+
+class SubscriptionTable:
+    """The accepted subscriptions.  A row's ``pending`` says its AoR's certificate
+    changed since its last NOTIFY; the timer claims due rows (``claim_due``) by
+    clearing it, so two claimers never send the same NOTIFY."""
+
+    def __init__(self, db: CertDatabase) -> None:
+        self.db = db
+
+    @staticmethod
+    def _values(sub: Subscription) -> tuple[Any, ...]:
+        return (sub.call_id, sub.local_tag, sub.remote_tag, sub.event_id, sub.aor,
+                sub.local_uri, sub.remote_uri, sub.remote_target, json.dumps(sub.route_set),
+                sub.next_hop, sub.source, sub.contact, sub.expires)
+
+    def add(self, sub: Subscription, limits: SubscriptionLimits, now: float) -> int:
+        """Keep ``sub``; the CSeq of the NOTIFY it gets now (its first one counts as
+        sent now).  A SUBSCRIBE outside a dialog that names a subscription we have
+        (the same Call-ID and tags) renews it and goes on with its CSeqs.
+        ``SubscriptionRefused`` when it would pass a bound, and then nothing is kept."""
+        columns = (*_SUBSCRIPTION_COLUMNS, "cseq", "last_notify", "pending")
+        renew = ", ".join(f"{c} = excluded.{c}" for c in _SUBSCRIPTION_COLUMNS[4:])
+        with self.db.write() as cursor:
+            known = cursor.execute(self.db.sql(
+                f"SELECT 1 FROM cert_subscriptions WHERE {_KEY}"), _key(sub)).fetchone()
+            if known is None:
+                self._check_bounds(cursor, sub, limits)
+            row = cursor.execute(self.db.sql(
+                f"INSERT INTO cert_subscriptions ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))}) "
+                "ON CONFLICT (call_id, local_tag, remote_tag, event_id) DO UPDATE SET "
+                f"{renew}, cseq = cert_subscriptions.cseq + 1, last_notify = excluded.last_notify, "
+                "pending = 0 RETURNING cseq"),
+                (*self._values(sub), 1, now, 0)).fetchone()
+        return int(row[0])
+
+    def _check_bounds(self, cursor: Any, sub: Subscription, limits: SubscriptionLimits) -> None:
+        for name, where, args, bound in (
+                ("source address", "WHERE source = ?", (sub.source,), limits.per_source),
+                ("AoR", "WHERE aor = ?", (sub.aor,), limits.per_aor),
+                ("proxy", "", (), limits.total)):
+            found = cursor.execute(self.db.sql(
+                f"SELECT count(*) FROM cert_subscriptions {where}"), args).fetchone()
+            if found[0] >= bound:
+                raise SubscriptionRefused(f"{bound} subscriptions per {name} at most")
+
+    def get(self, call_id: str, local_tag: str, remote_tag: str,
+            event_id: str) -> Subscription | None:
+        with self.db.read() as cursor:
+            row = cursor.execute(self.db.sql(
+                f"SELECT {', '.join(_SUBSCRIPTION_COLUMNS)} FROM cert_subscriptions "
+                f"WHERE {_KEY}"), (call_id, local_tag, remote_tag, event_id)).fetchone()
+        return _subscription(row) if row is not None else None
+
+    def refreshed(self, sub: Subscription, now: float) -> int | None:
+        """Store ``sub``'s new expiry and target, and claim its next NOTIFY (sent now:
+        RFC 6665 wants one after every accepted SUBSCRIBE); its CSeq, or None when the
+        subscription is gone."""
+        with self.db.write() as cursor:
+            row = cursor.execute(self.db.sql(
+                "UPDATE cert_subscriptions SET expires = ?, remote_target = ?, "
+                f"cseq = cseq + 1, last_notify = ?, pending = 0 WHERE {_KEY} RETURNING cseq"),
+                (sub.expires, sub.remote_target, now, *_key(sub))).fetchone()
+        return int(row[0]) if row is not None else None
+
+    def remove(self, sub: Subscription) -> int | None:
+        """Forget ``sub``; the CSeq for its last NOTIFY, or None when it was gone."""
+        with self.db.write() as cursor:
+            row = cursor.execute(self.db.sql(
+                f"DELETE FROM cert_subscriptions WHERE {_KEY} RETURNING cseq"),
+                _key(sub)).fetchone()
+        return int(row[0]) + 1 if row is not None else None
+
+    def forget_dialog(self, call_id: str, local_tag: str, remote_tag: str) -> int:
+        """Drop the subscriptions of one dialog (its subscriber answered 481)."""
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql("DELETE FROM cert_subscriptions WHERE call_id = ? AND "
+                                       "local_tag = ? AND remote_tag = ?"),
+                           (call_id, local_tag, remote_tag))
+            return cursor.rowcount
+
+    def changed(self, aor: str) -> int:
+        """``aor``'s certificate changed: every follower is owed a NOTIFY."""
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql("UPDATE cert_subscriptions SET pending = 1 "
+                                       "WHERE aor = ?"), (aor,))
+            return cursor.rowcount
+
+    def claim_due(self, now: float, interval: float,
+                  limit: int) -> list[tuple[Subscription, int]]:
+        """Up to ``limit`` subscriptions owed a NOTIFY whose last one is at least
+        ``interval`` old, each with the CSeq of the NOTIFY it gets now."""
+        with self.db.read() as cursor:
+            keys = cursor.execute(self.db.sql(
+                "SELECT call_id, local_tag, remote_tag, event_id FROM cert_subscriptions "
+                "WHERE pending = 1 AND last_notify <= ? AND expires > ? LIMIT ?"),
+                (now - interval, now, int(limit))).fetchall()
+        claimed = []
+        for key in keys:
+            with self.db.write() as cursor:
+                row = cursor.execute(self.db.sql(
+                    "UPDATE cert_subscriptions SET pending = 0, last_notify = ?, "
+                    f"cseq = cseq + 1 WHERE {_KEY} AND pending = 1 "
+                    f"RETURNING cseq, {', '.join(_SUBSCRIPTION_COLUMNS)}"),
+                    (now, *key)).fetchone()
+            if row is not None:
+                claimed.append((_subscription(row[1:]), int(row[0])))
+        return claimed
+
+    def claim_lapsed(self, now: float, limit: int) -> list[tuple[Subscription, int]]:
+        """Remove up to ``limit`` subscriptions whose time is up; each with the CSeq of
+        its final NOTIFY."""
+        with self.db.read() as cursor:
+            keys = cursor.execute(self.db.sql(
+                "SELECT call_id, local_tag, remote_tag, event_id FROM cert_subscriptions "
+                "WHERE expires <= ? LIMIT ?"), (now, int(limit))).fetchall()
+        claimed = []
+        for key in keys:
+            with self.db.write() as cursor:
+                row = cursor.execute(self.db.sql(
+                    f"DELETE FROM cert_subscriptions WHERE {_KEY} AND expires <= ? "
+                    f"RETURNING cseq, {', '.join(_SUBSCRIPTION_COLUMNS)}"),
+                    (*key, now)).fetchone()
+            if row is not None:
+                claimed.append((_subscription(row[1:]), int(row[0]) + 1))
+        return claimed
+
+    def count(self, aor: str | None = None) -> int:
+        where, args = ("WHERE aor = ?", (aor,)) if aor else ("", ())
+        with self.db.read() as cursor:
+            return int(cursor.execute(self.db.sql(
+                f"SELECT count(*) FROM cert_subscriptions {where}"), args).fetchone()[0])
+
+
+def _key(sub: Subscription) -> tuple[str, str, str, str]:
+    return (sub.call_id, sub.local_tag, sub.remote_tag, sub.event_id)
+
+
+def _subscription(row: Any) -> Subscription:
+    values = dict(zip(_SUBSCRIPTION_COLUMNS, row))
+    values["route_set"] = tuple(json.loads(values["route_set"]))
+    return Subscription(**values)

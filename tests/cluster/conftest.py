@@ -1,0 +1,49 @@
+"""Fixtures for the shared-store tests: a private PostgreSQL (``e2m_lab.postgres``) and
+proxies on it.
+
+``postgres`` (module scope): one server for a test module; ``pg_url`` gives each test
+a database of its own in it.  ``own_postgres``: a server for one test, for tests that
+kill it (SIGKILL) and start it again.  Everything listens on 127.0.0.1 on free ports
+and is stopped at teardown; on failure the server's log tail is printed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from e2m_lab.postgres import PostgresServer
+from e2m_lab.pytest_fixtures import failed
+
+_names = itertools.count(1)
+
+
+def _print_tail(server: PostgresServer) -> None:
+    print(f"\n===== PostgreSQL log (port {server.port}), last lines =====\n{server.tail(30)}")
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of a new, empty database for this test."""
+    url = postgres.create_database(f"t{next(_names)}")
+    yield url
+    if failed(request):
+        _print_tail(postgres)
+
+
+@pytest.fixture
+def own_postgres(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    if failed(request):
+        _print_tail(server)
+    server.stop()

@@ -1,0 +1,115 @@
+"""The notifier's side of an RFC 6665 dialog (e2m_plugins.notifier): what is kept from a
+SUBSCRIBE, where its NOTIFYs go, and the refusals (a route set that leads elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+
+from e2m_plugins.errors import MalformedError, PolicyError
+from e2m_plugins.notifier import Peer, notify_request, open_dialog, refresh_dialog
+from e2m_plugins.sip import make_request
+
+PEER = Peer("192.0.2.7", 40123, "udp")
+CONTACT = "sip:198.51.100.1:5070"
+
+
+def _subscribe(*, contact="<sip:alice@192.0.2.7:40123>", routes=(), from_tag="al1",
+               uri="sip:bob@example.com"):
+    headers = [("Event", "certificate;id=7")]
+    if contact:
+        headers.append(("Contact", contact))
+    headers += [("Record-Route", r) for r in routes]
+    return make_request("SUBSCRIBE", uri, from_uri="sip:alice@example.com",
+                        to_uri="sip:bob@example.com", from_tag=from_tag, call_id="c1@x",
+                        extra_headers=headers)
+
+
+def test_the_dialog_of_a_direct_subscriber():
+    sub = open_dialog(_subscribe(), local_tag="ours", peer=PEER, contact=CONTACT,
+                      event_id="7", expires=100.0)
+    assert (sub.call_id, sub.local_tag, sub.remote_tag, sub.event_id) == ("c1@x", "ours", "al1", "7")
+    assert (sub.aor, sub.local_uri, sub.remote_uri) == (
+        "sip:bob@example.com", "sip:bob@example.com", "sip:alice@example.com")
+    assert sub.remote_target == "sip:alice@192.0.2.7:40123"
+    assert sub.next_hop == "sip:192.0.2.7:40123"          # where it came from, not the Contact
+    assert sub.source == "192.0.2.7" and sub.route_set == ()
+    notify = notify_request(sub, 3)
+    headers = dict(notify.headers)
+    assert notify.request_uri == "sip:alice@192.0.2.7:40123"
+    assert headers["From"] == "<sip:bob@example.com>;tag=ours"
+    assert headers["To"] == "<sip:alice@example.com>;tag=al1"
+    assert headers["CSeq"] == "3 NOTIFY" and headers["Contact"] == f"<{CONTACT}>"
+    assert "Route" not in headers
+
+
+def test_a_tcp_subscriber_is_answered_on_its_transport():
+    sub = open_dialog(_subscribe(), local_tag="t", peer=Peer("2001:db8::5", 51000, "tcp"),
+                      contact=CONTACT, event_id=None, expires=1.0)
+    assert sub.next_hop == "sip:[2001:db8::5]:51000;transport=tcp" and sub.event_id == ""
+
+
+def test_the_route_set_is_the_record_route_set_in_order():
+    routes = ["<sip:192.0.2.7:5070;lr>", "<sip:203.0.113.9;lr>, <sip:203.0.113.10;lr>"]
+    sub = open_dialog(_subscribe(routes=routes), local_tag="t", peer=PEER, contact=CONTACT,
+                      event_id=None, expires=1.0)
+    assert sub.route_set == ("sip:192.0.2.7:5070;lr", "sip:203.0.113.9;lr",
+                             "sip:203.0.113.10;lr")
+    assert sub.next_hop == "sip:192.0.2.7:5070;lr"
+    notify = notify_request(sub, 1)
+    assert notify.request_uri == sub.remote_target                     # loose routing
+    assert [v for n, v in notify.headers if n == "Route"] == [f"<{r}>" for r in sub.route_set]
+
+
+def test_a_strict_router_gets_the_request_uri():
+    sub = open_dialog(_subscribe(routes=["<sip:192.0.2.7:5070>"]), local_tag="t", peer=PEER,
+                      contact=CONTACT, event_id=None, expires=1.0)
+    notify = notify_request(sub, 1)
+    assert notify.request_uri == "sip:192.0.2.7:5070"
+    assert [v for n, v in notify.headers if n == "Route"] == [f"<{sub.remote_target}>"]
+
+
+@pytest.mark.parametrize("route", ["<sip:203.0.113.66;lr>", "<sip:victim.example.net;lr>"])
+def test_a_route_set_that_leads_elsewhere_is_refused(route):
+    """A forged Record-Route would aim our NOTIFYs (and their retransmissions) at a
+    third party: only the address the SUBSCRIBE came from may be the first hop."""
+    with pytest.raises(PolicyError):
+        open_dialog(_subscribe(routes=[route]), local_tag="t", peer=PEER, contact=CONTACT,
+                    event_id=None, expires=1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"contact": None}, {"contact": "<sip:a@h>, <sip:b@h>"},
+                                    {"contact": "<mailto:a@h>"}, {"from_tag": ""},
+                                    {"routes": ["<sip:192.0.2.7;lr>"] * 17},
+                                    {"uri": "sip:example.com"}])
+def test_what_a_dialog_cannot_be_made_of(kwargs):
+    message = _subscribe(**kwargs)
+    if kwargs.get("from_tag") == "":
+        message = message.replace("From", "<sip:alice@example.com>")
+    with pytest.raises(MalformedError):
+        open_dialog(message, local_tag="t", peer=PEER, contact=CONTACT, event_id=None,
+                    expires=1.0)
+
+
+def test_a_refresh_moves_the_target_and_the_expiry():
+    sub = open_dialog(_subscribe(), local_tag="t", peer=PEER, contact=CONTACT,
+                      event_id=None, expires=1.0)
+    moved = refresh_dialog(sub, _subscribe(contact="<sip:alice@192.0.2.7:40999>"), 50.0)
+    assert (moved.remote_target, moved.expires) == ("sip:alice@192.0.2.7:40999", 50.0)
+    kept = refresh_dialog(sub, _subscribe(contact=None), 60.0)
+    assert kept.remote_target == sub.remote_target and kept.next_hop == sub.next_hop
+
+
+def test_what_a_subscription_may_make_us_keep_is_bounded():
+    """Each kept subscription is a row: its dialog state is capped (a SUBSCRIBE is
+    otherwise up to 320 KiB), and the Event id must be a token (it is sent back)."""
+    long_contact = f"<sip:{'a' * 5000}@192.0.2.7:40123>"
+    with pytest.raises(MalformedError, match="characters"):
+        open_dialog(_subscribe(contact=long_contact), local_tag="t", peer=PEER,
+                    contact=CONTACT, event_id=None, expires=1.0)
+    sub = open_dialog(_subscribe(), local_tag="t", peer=PEER, contact=CONTACT,
+                      event_id=None, expires=1.0)
+    with pytest.raises(MalformedError):
+        refresh_dialog(sub, _subscribe(contact=long_contact), 2.0)
+    with pytest.raises(MalformedError, match="token"):
+        open_dialog(_subscribe(), local_tag="t", peer=PEER, contact=CONTACT,
+                    event_id="a b", expires=1.0)
