@@ -18,6 +18,11 @@ application's job.  ``--json`` prints one JSON object per event line instead.
 Text output escapes whatever a header or message held that a terminal would not
 show as itself (bytes that are not UTF-8, control characters, escape sequences).
 
+Digest: the password comes from ``[phone] password_file`` (mode 0600) or the
+environment variable ``E2M_PHONE_PASSWORD``, never from the command line or UA.toml;
+nothing printed quotes it.  A refused registration (wrong password: 401, another
+user's AoR: 403, a TLS proxy that fails verification: 503) exits 1.
+
 Exit status: 0 success, 1 failure (not registered, message or call failed, a
 forged 496 refused, the hook gate failed), 2 usage or configuration error.
 """
@@ -156,6 +161,8 @@ def _text(e: dict[str, Any]) -> str | None:
     if kind == "call_refused":
         who = f" from {e['remote']}" if e.get("remote") else ""
         return f"call{who} refused with {e['code']}: {e['reason']}"
+    if kind == "duplicate_refused":
+        return f"a second copy of a {e['method']} refused with {e['code']} (already delivered)"
     if kind == "warning":
         return f"warning ({e['direction']} {e['message']}): {e['detail']}"
     if kind == "error":

@@ -66,13 +66,13 @@ class SendBlocked(SendError):
 @dataclass(frozen=True)
 class TransportInfo:
     id: int
-    kind: str          # "udp" or "tcp"
+    kind: str          # "udp", "tcp" or "tls"
     host: str
     port: int
 
     def uri(self, user: str) -> str:
         """A direct SIP URI for ``user`` on this transport."""
-        suffix = ";transport=tcp" if self.kind == "tcp" else ""
+        suffix = f";transport={self.kind}" if self.kind in ("tcp", "tls") else ""
         return f"sip:{user}@{self.host}:{self.port}{suffix}"
 
 
@@ -126,6 +126,7 @@ class SipEndpoint:
         self.self_test_timeout = self_test_timeout
         self.tcp_settings = dict(tcp or {})      # TcpGuard keywords for a TCP transport
         self.tcp_guard: TcpGuard | None = None
+        self.tls_gate: TcpGuard | None = None     # the TLS listener, closed for good
         self.events = EventLog(self.pump, limit=event_limit)
         self.gate_result: GateResult | None = None
         self.hook_active = False
@@ -264,6 +265,8 @@ class SipEndpoint:
                 obj.thisown = False
             if self.tcp_guard is not None:
                 self.tcp_guard.close()      # our copy of the listening socket goes first
+            if self.tls_gate is not None:
+                self.tls_gate.close()
             # NO_RX_MSG: we waited for what matters above; skips pjsua's 1 s sleep.
             ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
             self.hook.registered = False     # pjsip_endpt_destroy unregistered it
@@ -272,6 +275,9 @@ class SipEndpoint:
             if self.tcp_guard is not None:
                 self.tcp_guard.close()
                 self.tcp_guard = None
+            if self.tls_gate is not None:
+                self.tls_gate.close()
+                self.tls_gate = None
             self.hook.on_rx_transport = None
             self._ep = None
             self._started = False
@@ -317,15 +323,24 @@ class SipEndpoint:
             self.pump(10)
 
     # -- transports -----------------------------------------------------------------
-    def add_transport(self, kind: str = "udp", port: int = 0) -> TransportInfo:
-        """A UDP or TCP listener on ``host``; port 0 picks a free one."""
+    def add_transport(self, kind: str = "udp", port: int = 0, *,
+                      tls_ca: Sequence[Any] | None = None) -> TransportInfo:
+        """A UDP, TCP or TLS listener on ``host``; port 0 picks a free one.
+
+        TLS needs ``tls_ca`` (the ``cryptography`` certificates to trust): the
+        servers we connect to must present a chain to one of them and name the host
+        we dial (DNS or IP SAN); TLS 1.2 only (the pinned wheel has nothing newer).
+        """
         self._check()
-        types = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP}
+        types = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP,
+                 "tls": pj.PJSIP_TRANSPORT_TLS}
         if kind not in types:
-            raise ValueError("kind must be 'udp' or 'tcp'")
+            raise ValueError("kind must be 'udp', 'tcp' or 'tls'")
         tc = pj.TransportConfig()
         tc.port = port
         tc.boundAddress = self.host
+        if kind == "tls":
+            _verifying_tls(tc.tlsConfig, tls_ca)
         tid = self._ep.transportCreate(types[kind], tc)
         name = self._ep.transportGetInfo(tid).localName
         host, _, port_text = name.rpartition(":")
@@ -333,6 +348,14 @@ class SipEndpoint:
         self.transports[tid] = info
         if kind == "tcp" and self.tcp_guard is None:
             self._guard_tcp(info)
+        if kind == "tls" and self.tls_gate is None:
+            # pjsip's TLS listener has no certificate, so nobody completes a handshake
+            # with it, yet each connection takes one of pjlib's 64 ioqueue slots (see
+            # tcpguard.py): the kernel completes none; the proxy reaches us on the
+            # connection we opened.
+            self.tls_gate = TcpGuard(lambda handle: None, accept=False)
+            if not self.tls_gate.attach_listener(find_listener(info.host, info.port)):
+                log.warning("TLS listener socket not found: strangers may connect to it")
         return info
 
     def _guard_tcp(self, info: TransportInfo) -> None:
@@ -356,6 +379,9 @@ class SipEndpoint:
             self.tcp_guard.close()
             self.tcp_guard = None
             self.hook.on_rx_transport = None
+        if info.kind == "tls" and self.tls_gate is not None:
+            self.tls_gate.close()
+            self.tls_gate = None
         self._ep.transportClose(info.id)
         self.transports.pop(info.id, None)
 
@@ -381,7 +407,8 @@ class SipEndpoint:
                     auto_answer: int | None = 200, srtp: bool = False,
                     proxies: Sequence[str] = (),
                     register_via_proxies: bool = True,
-                    srtp_suites: Sequence[str] = ()) -> PhoneAccount:
+                    srtp_suites: Sequence[str] = (),
+                    publish: bool = False) -> PhoneAccount:
         """An account bound to ``transport``.
 
         ``domain`` defaults to the transport's host:port (a direct, registrar-less
@@ -407,6 +434,9 @@ class SipEndpoint:
                 ac.regConfig.proxyUse = 0   # neither outbound nor account proxy
         else:
             ac.regConfig.registerOnAdd = False
+        # pjsip's publication client (RFC 3903: auth, SIP-ETag, refresh); the phone's
+        # hook turns its presence PUBLISH into a certificate one (certservice_client.py)
+        ac.presConfig.publishEnabled = publish
         if auth:
             ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", auth[0], 0, auth[1]))
         ac.mediaConfig.transportConfig.port = 0
@@ -428,6 +458,23 @@ class SipEndpoint:
     def hook_failures(self, since: int = 0) -> list[HookFailure]:
         """Errors the hook recorded (refused sends, dropped messages)."""
         return list(self.hook.errors)[since:]
+
+
+def _verifying_tls(tls: Any, anchors: Sequence[Any] | None) -> None:
+    """Set a pjsua ``TlsConfig`` to verify servers against ``anchors``, TLS 1.2 only.
+
+    ``proto`` must be set as well as ``method``: its default (TLS 1.0-1.2) wins over
+    ``method``, and pjsua would then agree to TLS 1.1 (pjsua2-recipes, "TLS").
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    if not anchors:
+        raise ValueError("a TLS transport needs the CA certificates to verify the proxy")
+    tls.CaBuf = "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in anchors)
+    tls.verifyServer = True
+    tls.verifyClient = False
+    tls.method = pj.PJSIP_TLSV1_2_METHOD
+    tls.proto = pj.PJ_SSL_SOCK_PROTO_TLS1_2
 
 
 class _Endpoint(pj.Endpoint):

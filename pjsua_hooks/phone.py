@@ -50,13 +50,17 @@ from pathlib import Path
 from typing import Any
 
 from e2m_plugins import sip
-from e2m_plugins.uri import identity_of
+from e2m_plugins.uri import aor_of, identity_of, parse_uri
 from e2m_plugins.errors import E2MError
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
 from e2m_plugins.sip_errors import answer_for
 from e2m_plugins.ua import MissingPeerCertificateError, SecurityInfo, UAEngine
 
+from .credentials import PASSWORD_ENV, PasswordError, check_credentials, check_tls_uris, \
+    read_password
+from .certservice_client import CertServiceClient
 from .fetcher import CertificateFetcher
+from .firstcopy import Duplicate, FirstCopy
 from .rawhook import RawSipHook, RxReject
 
 __all__ = ["PhoneSettings", "load_phone_config", "E2MPhone", "OutgoingMessage", "E2MCall",
@@ -112,6 +116,17 @@ class PhoneSettings:
     pjlib's ioqueue of the pinned wheel has 64 slots, see pjsua_hooks/README.md,
     "TCP"); ``tcp_idle_timeout`` seconds an accepted connection may stay silent
     (one that never sent a whole message: at most 10 s).
+
+    ``certificate_service``: publish our certificate at the home proxy's RFC 6072
+    certificate service once registered (with digest credentials) and fetch a peer's
+    there before the first protected message to it (``certservice_client.py``);
+    ``cert_publish_expires`` / ``cert_subscribe_expires`` the seconds asked for.
+
+    Digest (``credentials.py``): ``password_file`` (relative to UA.toml, mode 0600;
+    never ``password`` itself) or the environment variable ``E2M_PHONE_PASSWORD``;
+    ``auth_user`` the digest user (default: the AoR's user).  ``transport = "tls"``
+    verifies the proxy's certificate against ``[trust] ca`` (TLS 1.2); the registrar
+    and proxy URIs must then be ``sips:`` or carry ``;transport=tls``.
     """
 
     registrar: str | None = None
@@ -133,6 +148,11 @@ class PhoneSettings:
     tcp_accept: bool | None = None
     tcp_max_connections: int = 32
     tcp_idle_timeout: float = 120.0
+    password_file: str | None = None     # resolved against the UA.toml's directory
+    auth_user: str | None = None         # digest user name (default: the AoR's user)
+    certificate_service: bool = True     # RFC 6072: publish ours, fetch peers' (issue 15)
+    cert_publish_expires: int = 3600     # seconds asked for our publication
+    cert_subscribe_expires: int = 3600   # seconds asked for a peer's subscription
 
     @property
     def accepts_tcp(self) -> bool:
@@ -155,8 +175,16 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         "auto_answer": (bool,), "fetch_certificates": (bool,), "fetch_timeout": (int, float),
         "fetch_max_bytes": (int,), "cert_url_hosts": (list,), "max_retries": (int,),
         "log_level": (int,), "codecs": (list,), "srtp_suites": (list,),
-        "tcp_accept": (bool,), "tcp_max_connections": (int,), "tcp_idle_timeout": (int, float)}
+        "tcp_accept": (bool,), "tcp_max_connections": (int,), "tcp_idle_timeout": (int, float),
+        "password_file": (str,), "auth_user": (str,), "certificate_service": (bool,),
+        "cert_publish_expires": (int,), "cert_subscribe_expires": (int,)}
     for key, value in table.items():
+        if key == "password":
+            # a UA.toml gets shared and copied; the secret lives elsewhere (see credentials.py)
+            problems.append("[phone].password is not allowed: put the digest password in a "
+                            "file named by [phone].password_file (mode 0600) or in the "
+                            f"environment variable {PASSWORD_ENV}")
+            continue
         if key not in _PHONE_KEYS:
             problems.append(f"[phone]: unknown key {key!r}")
             continue
@@ -168,8 +196,9 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         uri = values.get(key)
         if uri is not None and not uri.lower().startswith(("sip:", "sips:")):
             problems.append(f"[phone].{key} must be a SIP URI, not {uri!r}")
-    if values.get("transport", "udp") not in ("udp", "tcp"):
-        problems.append("[phone].transport must be \"udp\" or \"tcp\"")
+    if values.get("transport", "udp") not in ("udp", "tcp", "tls"):
+        problems.append("[phone].transport must be \"udp\", \"tcp\" or \"tls\"")
+    problems += check_credentials(values, path) + check_tls_uris(values)
     if not 0 <= values.get("port", 0) <= 65535 or values.get("port") == 5060:
         problems.append("[phone].port must be 0 (a free port) or a port other than 5060")
     if not 0 < values.get("fetch_timeout", 2.0) <= 30:
@@ -182,6 +211,9 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         problems.append("[phone].tcp_max_connections must be between 1 and 40")
     if not 0 < values.get("tcp_idle_timeout", 120.0) <= 3600:
         problems.append("[phone].tcp_idle_timeout must be between 0 and 3600 seconds")
+    for key in ("cert_publish_expires", "cert_subscribe_expires"):
+        if not 10 <= values.get(key, 3600) <= 86400:
+            problems.append(f"[phone].{key} must be between 10 and 86400 seconds")
     for key in ("codecs", "srtp_suites"):
         if key in values:
             if not all(isinstance(v, str) and v for v in values[key]):
@@ -331,6 +363,13 @@ class E2MPhone:
         self._last_sweep = 0.0
         # retries waiting for certificate fetches: (handle or call, what, deadline)
         self._deferred: list[tuple[OutgoingMessage | E2MCall, str, float]] = []
+        # sends waiting for a peer's certificate from its service: (handle, what, AoR, until)
+        self._cert_waits: deque[tuple[OutgoingMessage | E2MCall, str, str, float]] = \
+            deque(maxlen=64)
+        self.certservice: CertServiceClient | None = None
+        self._cert_tick = 0.0
+        self._blocked_statuses: OrderedDict[int, int] = OrderedDict()   # id(handle) -> n
+        self._cert_published = False
         s = self.settings
         self.fetcher = CertificateFetcher(
             timeout=s.fetch_timeout, max_bytes=s.fetch_max_bytes, max_parallel=_FETCH_PARALLEL,
@@ -338,6 +377,8 @@ class E2MPhone:
             allowed_hosts=(*s.cert_url_hosts, *getattr(config, "cert_url_hosts", ())),
             own_ports=self._own_ports)
         self._witness = os.environ.get(KEY_WITNESS_ENV) or None
+        # new MESSAGEs / initial INVITEs taken, for the replay window and T1*64
+        self.first_copies = FirstCopy(max_age=config.replay_window + 32.0)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> E2MPhone:
@@ -364,6 +405,7 @@ class E2MPhone:
         from .endpoint import SipEndpoint
 
         s = self.settings
+        auth = self._credentials()     # before pjsua starts: a bad password file stops here
         self.endpoint = SipEndpoint(hook=self.hook, require_e2m=self.config.require_e2m,
                                     host=s.host, log_level=s.log_level,
                                     user_agent="e2m-phone (pjsua2)", event_limit=_EVENT_LIMIT,
@@ -380,7 +422,8 @@ class E2MPhone:
                 keep = any(name.startswith(w) for w in wanted)
                 ep.codecSetPriority(codec.codecId, 255 - wanted.index(next(
                     w for w in wanted if name.startswith(w))) if keep else 0)
-        self.transport = self.endpoint.add_transport(s.transport, s.port)
+        tls_ca = self.config.trust_anchors if s.transport == "tls" else None
+        self.transport = self.endpoint.add_transport(s.transport, s.port, tls_ca=tls_ca)
         proxies = []
         if s.proxy:
             proxies.append(s.proxy if ";lr" in s.proxy else s.proxy + ";lr")
@@ -388,12 +431,27 @@ class E2MPhone:
         self.account = self.endpoint.add_account(
             self.user, self.transport, domain=self.domain, registrar=registrar,
             auto_answer=200 if s.auto_answer else None, srtp=s.srtp, proxies=proxies,
-            register_via_proxies=s.register_via_proxy, srtp_suites=s.srtp_suites)
+            register_via_proxies=s.register_via_proxy, srtp_suites=s.srtp_suites,
+            auth=auth, publish=bool(s.certificate_service and registrar and auth and proxies))
         self.account.answer_failure = self._answer_failure
+        if s.certificate_service and proxies:
+            # the service is our home proxy's: without one, a SUBSCRIBE to a peer's
+            # domain would need a name lookup on the loop
+            self.certservice = self._certificate_service(proxies)
         self._emit("started", local=f"{self.transport.host}:{self.transport.port}",
                    transport=self.transport.kind, hook_active=self.endpoint.hook_active,
                    gate=self.endpoint.gate_result.reason if self.endpoint.gate_result else None)
         return self
+
+    def _credentials(self) -> tuple[str, str] | None:
+        """(user, password) for digest challenges, read now and kept only by pjsua."""
+        try:
+            password = read_password(self.settings.password_file)
+        except PasswordError as exc:
+            raise PhoneError(f"no digest password: {exc}") from None
+        if password is None:
+            return None
+        return (self.settings.auth_user or self.user, password)
 
     def close(self) -> None:
         self.fetcher.close()
@@ -423,7 +481,10 @@ class E2MPhone:
             "endpoint_events": len(self.endpoint.events) if self.endpoint else 0,
             "hook_errors": len(self.hook.errors), "fetches_in_flight": self.fetcher.in_flight(),
             "policies": len(self.engine.policies), "deferred_retries": len(self._deferred),
+            "first_copies": len(self.first_copies),
             "tcp": guard.stats() if guard is not None else None,
+            "certservice": self.certservice.stats() if self.certservice else None,
+            "cert_waits": len(self._cert_waits),
             "counts": dict(self.counts),
             "limits": {"events": MAX_EVENTS, "errors": MAX_ERRORS, "reactions": MAX_REACTIONS,
                        "done": MAX_DONE, "memo": _MEMO, "endpoint_events": _EVENT_LIMIT}}
@@ -437,6 +498,10 @@ class E2MPhone:
     # -- the hook (runs inside pjsip; no pjsua2 calls, no I/O) -----------------------
     def _on_tx(self, data: bytes) -> bytes | None:
         msg = sip.parse(data)
+        if self.certservice is not None:
+            ours = self.certservice.on_tx(msg)     # our PUBLISH / SUBSCRIBE: no E2M body
+            if ours is not None:
+                return ours
         if msg.is_request:
             if msg.body:
                 _bounded_put(self._plain, _key(msg), msg)
@@ -467,6 +532,8 @@ class E2MPhone:
             msg = sip.parse(data)
         except E2MError as exc:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
+        if self.certservice is not None and self.certservice.on_rx(msg, self.hook.rx_source):
+            return None      # an answer to our PUBLISH / SUBSCRIBE (a NOTIFY raises)
         try:
             opened = self.engine.open(msg)
         except E2MError as err:
@@ -477,6 +544,8 @@ class E2MPhone:
             self._keep_reaction(msg)
         if msg.is_request and msg.method == "INVITE" and not _to_tag(msg):
             self._refuse_unanswerable(msg, opened.info)
+        if msg.is_request:
+            self._only_once(msg, opened)
         if msg.body:
             what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
             _bounded_put(self._rx_info, (*_key(msg), what), opened.info)
@@ -484,6 +553,18 @@ class E2MPhone:
         if opened.message is msg or opened.message.body == msg.body:
             return None
         return opened.message.serialize()
+
+    def _only_once(self, msg: sip.SipMessage, opened: Any) -> None:
+        """A copy of a new MESSAGE or initial INVITE already taken (a digest-challenged
+        first attempt sent to us straight): answered, not delivered (``firstcopy.py``)."""
+        info = opened.info
+        try:
+            self.first_copies.check(msg, opened.message, info.encrypted or info.signed)
+        except Duplicate as dup:
+            self._pending_errors.append({
+                "kind": "duplicate_refused", "call_id": msg.call_id, "method": dup.method,
+                "code": dup.code, "reason": "a copy of a request already delivered"})
+            raise RxReject(dup.code, dup.reason, detail="Duplicate") from None
 
     def _keep_reaction(self, msg: sip.SipMessage) -> None:
         """A 496/495/493: kept for the main loop only if it answers a request of ours
@@ -606,6 +687,8 @@ class E2MPhone:
         now = time.monotonic()
         if self._deferred:
             self._guarded("retry", self._run_deferred, now)
+        if self.certservice is not None:
+            self._guarded("certservice", self._certservice_work, now)
         if now - self._last_fetch_check > 0.1:
             self._last_fetch_check = now
             self._guarded("fetch", self.fetch_certificates)
@@ -655,6 +738,7 @@ class E2MPhone:
                                  "verify": [r.format() for r in p.verify], "cert_url": p.url}
                                 for p in self.engine.policies.in_force()]
             self.fetch_certificates(force=True)
+            self._publish_certificate()
         self._emit("registered" if ok and ev["expiration"] > 0 else
                    "unregistered" if ok else "register_failed", **data)
 
@@ -686,6 +770,11 @@ class E2MPhone:
             handle = next((m for m in self.messages if not m.done and m.attempts and
                            _same_uri(m.to, ev["to_uri"])), None)
         if handle is None or handle.done:
+            return
+        if response is None and self._blocked_statuses.get(id(handle)):
+            # pjsua's status of an attempt the hook blocked while the peer's
+            # certificate is fetched: the retry's own status decides
+            self._blocked_statuses[id(handle)] -= 1
             return
         code = ev["code"]
         handle.status, handle.reason = code, ev["reason"]
@@ -909,6 +998,95 @@ class E2MPhone:
         limit = self.settings.fetch_timeout + 0.5 if timeout is None else timeout
         return self.wait_until(lambda: not self.fetcher.busy(), limit)
 
+    # -- the certificate service (RFC 6072; certservice_client.py) ----------------------
+    def _certificate_service(self, proxies: list[str]) -> CertServiceClient:
+        """The client, told where NOTIFYs must come from: our outbound proxy."""
+        proxy_address = None
+        if proxies:
+            try:
+                uri = parse_uri(proxies[0])
+                default = 5061 if uri.scheme == "sips" or self.transport.kind == "tls" \
+                    else 5060
+                proxy_address = (uri.host.strip("[]"), uri.port or default)
+            except E2MError:
+                proxy_address = None
+        s = self.settings
+        return CertServiceClient(
+            self.engine, self.config.certificate, send_subscribe=self._send_subscribe,
+            contact=lambda: self.transport.uri(self.user), proxy_address=proxy_address,
+            udp=self.transport.kind == "udp",
+            publish_expires=s.cert_publish_expires, subscribe_expires=s.cert_subscribe_expires)
+
+    def _send_subscribe(self, aor: str, headers: list[tuple[str, str]]) -> None:
+        """An out-of-dialog SUBSCRIBE through the account (its proxies, its From);
+        the hook completes it (``CertServiceClient.on_tx``).  Main loop only."""
+        import pjsua2 as pj
+
+        prm = pj.SendRequestParam()
+        prm.method = "SUBSCRIBE"
+        prm.txOption.targetUri = aor
+        for name, value in headers:
+            h = pj.SipHeader()
+            h.hName, h.hValue = name, value
+            prm.txOption.headers.append(h)
+        self.account.sendRequest(prm)
+
+    def _publish_certificate(self) -> None:
+        """Start (or redo) the publication of our certificate: pjsip's publication
+        client sends it, the hook makes it a certificate PUBLISH."""
+        if self.certservice is None or not self.account or not self.settings.registrar \
+                or self._cert_published:
+            return      # pjsip refreshes it from now on
+        self._cert_published = True
+        import pjsua2 as pj
+
+        status = pj.PresenceStatus()
+        status.status = pj.PJSUA_BUDDY_STATUS_ONLINE
+        status.note = "certificate"
+        self.account.setOnlineStatus(status)
+
+    def _await_peer_certificate(self, handle: OutgoingMessage | E2MCall, to: str,
+                                exc: BaseException, what: str) -> bool:
+        """A send the hook blocked for want of the peer's certificate: fetch it from
+        the peer's certificate service and send again once (True), or fail with why
+        the service could not give one (True); False when this is not such a case."""
+        failure = getattr(exc, "hook_failure", None)
+        if self.certservice is None or not isinstance(getattr(failure, "exception", None),
+                                                      MissingPeerCertificateError):
+            return False
+        aor = _aor_text(to)
+        tried = any(r.startswith("certificate service:") for r in handle.retried_after)
+        full = len(self._cert_waits) >= (self._cert_waits.maxlen or 0)
+        if not tried and not full and self.certservice.want(aor):
+            handle.retried_after.append(f"certificate service: fetched {aor}")
+            if what == "message":
+                self._blocked_statuses[id(handle)] = 1
+                while len(self._blocked_statuses) > 64:
+                    self._blocked_statuses.popitem(last=False)
+            self._cert_waits.append((handle, what, aor, time.monotonic() + 6.0))
+            return True
+        why = self.certservice.failure(aor) or ("too many sends wait for certificates"
+                                                if full else "no checked certificate of it is held")
+        name = "INVITE not sent" if what == "call" else "not sent"
+        self._fail(handle, None, f"{name}: no usable certificate for {aor}: {why}")
+        return True
+
+    def _certservice_work(self, now: float) -> None:
+        service = self.certservice
+        assert service is not None
+        if now - self._cert_tick > 0.1:
+            self._cert_tick = now
+            service.tick()
+        while service.events:
+            event = service.events.popleft()
+            self._emit(event.pop("kind"), **event)
+        for _ in range(len(self._cert_waits)):
+            handle, what, aor, until = self._cert_waits.popleft()
+            if service.pending(aor) and now < until:
+                self._cert_waits.append((handle, what, aor, until))
+            else:
+                self._guarded("retry", self._retry_now, handle, what)
+
     # -- application API ---------------------------------------------------------------
     def register(self, timeout: float = 5.0) -> bool:
         """Wait for the REGISTER (sent at start when a registrar is set) to succeed."""
@@ -926,6 +1104,8 @@ class E2MPhone:
     def send_message(self, to: str, text: str, content_type: str = "text/plain") -> OutgoingMessage:
         handle = OutgoingMessage(to, text, content_type)
         self.messages.append(handle)
+        if self.certservice is not None:
+            self.certservice.touch(_aor_text(to))     # keep following its certificate
         self._attempt_message(handle)
         return handle
 
@@ -937,7 +1117,8 @@ class E2MPhone:
         try:
             self.account.send_message(handle.to, handle.text, content_type=handle.content_type)
         except SendError as exc:
-            self._fail(handle, getattr(exc, "status", None), f"not sent: {exc}")
+            if not self._await_peer_certificate(handle, handle.to, exc, "message"):
+                self._fail(handle, getattr(exc, "status", None), f"not sent: {exc}")
             return
         finally:
             self._sending = None
@@ -949,6 +1130,8 @@ class E2MPhone:
     def call(self, to: str) -> E2MCall:
         call = E2MCall(remote=to, outgoing=True)
         self.calls.append(call)
+        if self.certservice is not None:
+            self.certservice.touch(_aor_text(to))
         self._attempt_call(call)
         return call
 
@@ -960,7 +1143,8 @@ class E2MPhone:
         try:
             call.current = self.account.make_call(call.remote)
         except SendError as exc:
-            self._fail(call, getattr(exc, "status", None), f"INVITE not sent: {exc}")
+            if not self._await_peer_certificate(call, call.remote, exc, "call"):
+                self._fail(call, getattr(exc, "status", None), f"INVITE not sent: {exc}")
             return
         finally:
             self._sending = None
@@ -1041,3 +1225,11 @@ def _same_uri(a: str, b: str) -> bool:
         return u.split(";", 1)[0].lower()
     return norm(a) == norm(b)
 
+
+
+def _aor_text(uri: str) -> str:
+    """The AoR of a target URI (scheme, user, host), or the text itself."""
+    try:
+        return str(aor_of(uri.strip().strip("<>")))
+    except E2MError:
+        return uri

@@ -1,0 +1,472 @@
+"""The phone's side of the RFC 6072 certificate service (issue 15 §2).
+
+The home proxy keeps each AoR's certificate (docs/protocol.md §11).  This module does
+the SIP of it for the phone; the decisions stay in the core:
+
+- **Publishing our own certificate.**  pjsua2 has no PUBLISH for an arbitrary event, but
+  its presence publication (``pjsip_publishc``) already does everything RFC 3903 asks of
+  a publisher: digest challenges answered with the account's credentials, the entity-tag
+  kept from each 200 and sent back as ``SIP-If-Match``, a refresh before the granted
+  time ends, a new initial PUBLISH after a 412, a removal (``Expires: 0``) when the
+  account goes.  The phone turns it on; :meth:`CertServiceClient.on_tx` rewrites each of
+  its PUBLISHes on the way out: ``Event: certificate``, the DER of our certificate as an
+  ``application/pkix-cert`` body with ``Content-Disposition: signal`` in place of the
+  PIDF (a binary body cannot go through pjsua2's string API; the raw hook puts the bytes
+  on the wire), and an ``Expires`` no later than the certificate's notAfter.
+- **Fetching and following a peer's.**  The engine says which peers it wants
+  (``UAEngine.peer_certificates_wanted``: a protected message could not be sealed for
+  want of their certificate).  :meth:`tick` sends a ``SUBSCRIBE`` (``Event:
+  certificate``) for each through ``send_subscribe`` (the phone uses
+  ``Account.sendRequest``; the hook adds our Contact and a strict Accept); a NOTIFY in a
+  dialog we opened goes to ``UAEngine.accept_certificate_notify``, which checks the
+  certificate as a ``[peers]`` entry (chain, SAN URI equal to the AoR, validity, key
+  usage) and keeps it for the subscription's time, or drops it when the body is empty.
+  The subscription is renewed (a new one, the old one lapses) while we keep talking to
+  that peer.
+- **What nobody asked for.**  A certificate NOTIFY in no dialog of ours, or from another
+  address than the proxy we subscribed through, is answered 481 and never looked at; a
+  NOTIFY whose From or certificate names another AoR is answered 200 (the dialog is
+  fine) and its certificate is never used (the engine refuses it).
+
+Bounded: at most ``MAX_FOLLOWED`` subscriptions (pending or active), ``MAX_PENDING``
+fetches waiting for their first NOTIFY (each at most ``FETCH_TIMEOUT`` s), the last
+``MAX_OUTCOMES`` failures (``OUTCOME_MAX_AGE`` s), ``MAX_EVENTS`` events not yet taken.
+
+Hook callbacks (``on_tx``, ``on_rx``) run inside pjsip: they parse, decide and return,
+and never call pjsua2; :meth:`tick` runs on the phone's loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from e2m_plugins import sip
+from e2m_plugins.errors import E2MError
+from e2m_plugins.uri import aor_of, identity_of
+
+from .rawhook import RxReject
+
+__all__ = ["CertServiceClient", "Subscription", "NotifyAnswer", "MARKER", "CONTENT_TYPE",
+           "MAX_FOLLOWED", "MAX_PENDING", "FETCH_TIMEOUT"]
+
+CONTENT_TYPE = "application/pkix-cert"
+MARKER = "X-E2M-Cert-Subscription"   # on our SUBSCRIBEs between pjsua and the hook only
+MAX_FOLLOWED = 64            # subscriptions kept (pending or active)
+MAX_PENDING = 16             # of them waiting for their first NOTIFY
+FETCH_TIMEOUT = 5.0          # seconds a fetch may wait for its NOTIFY
+MAX_OUTCOMES = 128           # failures remembered per AoR, for the send error
+OUTCOME_MAX_AGE = 300.0      # seconds such a failure is remembered
+MAX_EVENTS = 256             # events the phone has not taken yet
+TERMINATED_CACHE = 60.0      # seconds a certificate from an ended subscription is kept
+_RENEW_FRACTION = 0.8        # renew a subscription after this share of its time
+
+
+class NotifyAnswer(RxReject):
+    """A stateless answer to a NOTIFY from inside the hook, 200 included (a NOTIFY
+    of ours is answered at once; pjsua has no subscription to answer it with)."""
+
+    def __init__(self, code: int, reason: str, detail: str = "") -> None:
+        Exception.__init__(self, detail or f"NOTIFY answered {code}")
+        self.code = code
+        self.reason = reason
+        self.headers = ()
+        self.body = b""
+        self.content_type = None
+
+
+@dataclass
+class Subscription:
+    """One certificate subscription as the subscriber sees it."""
+
+    aor: str
+    token: str
+    started: float                     # monotonic
+    requested: int                     # Expires asked for
+    call_id: str | None = None         # known once the SUBSCRIBE went out
+    from_tag: str | None = None
+    to_tag: str | None = None          # the notifier's tag (first NOTIFY or the 200)
+    expires_at: float | None = None    # monotonic; from the 200 or Subscription-State
+    notified: bool = False             # a NOTIFY arrived
+    state: str = "pending"             # pending | active | ended
+    fingerprint: str | None = None     # of the certificate it gave (None: none)
+
+
+def _fingerprint(der: bytes) -> str:
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _sub_state(notify: sip.SipMessage) -> tuple[str, int | None]:
+    """The Subscription-State's value and its expires parameter."""
+    value = (notify.get("Subscription-State") or "").strip()
+    state, _, params = value.partition(";")
+    expires = None
+    for param in params.split(";"):
+        name, _, number = param.partition("=")
+        if name.strip().lower() == "expires" and number.strip().isdigit():
+            expires = int(number.strip())
+    return state.strip().lower(), expires
+
+
+def _event(message: sip.SipMessage) -> str:
+    return (message.get("Event") or "").split(";", 1)[0].strip().lower()
+
+
+class CertServiceClient:
+    """The certificate-service client of one phone.
+
+    ``engine``: the phone's ``UAEngine``.  ``own_certificate``: our certificate (the one
+    UA.toml names).  ``send_subscribe(aor, headers)``: send an out-of-dialog SUBSCRIBE to
+    ``aor`` with these extra headers (on the loop).  ``contact()``: our Contact URI.
+    ``proxy_address``: (host, port) NOTIFYs must come from (our outbound proxy; the
+    port only over UDP, ``udp``), or None.  ``publish_expires`` /
+    ``subscribe_expires``: what we ask for.
+    """
+
+    def __init__(self, engine: Any, own_certificate: x509.Certificate, *,
+                 send_subscribe: Callable[[str, list[tuple[str, str]]], None],
+                 contact: Callable[[], str], proxy_address: tuple[str, int] | None = None,
+                 udp: bool = True,
+                 publish_expires: int = 3600, subscribe_expires: int = 3600,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.aor = str(aor_of(engine.config.aor))
+        self.own_der = own_certificate.public_bytes(Encoding.DER)
+        self.own_not_after = own_certificate.not_valid_after_utc.timestamp()
+        self.send_subscribe = send_subscribe
+        self.contact = contact
+        self.proxy_address = proxy_address
+        self.udp = udp
+        self.publish_expires = publish_expires
+        self.subscribe_expires = subscribe_expires
+        self._clock = clock
+        self._wall = wall
+        self._subs: OrderedDict[str, Subscription] = OrderedDict()     # token -> sub
+        self._current: dict[str, str] = {}                              # aor -> token
+        self._failures: OrderedDict[str, tuple[str, float]] = OrderedDict()  # aor -> why
+        self._used: OrderedDict[str, float] = OrderedDict()             # aor -> last use
+        self._publish_calls: OrderedDict[str, str] = OrderedDict()      # Call-ID -> action
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.counts = {"published": 0, "publish_failed": 0, "subscribed": 0, "notifies": 0,
+                       "notifies_refused": 0, "certificates_kept": 0, "certificates_refused": 0,
+                       "certificates_dropped": 0, "fetches_timed_out": 0, "events_dropped": 0}
+
+    # -- state for the phone -------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {"subscriptions": len(self._subs), "pending": self._pending_count(),
+                "failures": len(self._failures), "counts": dict(self.counts),
+                "limits": {"followed": MAX_FOLLOWED, "pending": MAX_PENDING,
+                           "failures": MAX_OUTCOMES}}
+
+    def _pending_count(self) -> int:
+        return sum(1 for s in self._subs.values() if not s.notified and s.state != "ended")
+
+    def pending(self, aor: str) -> bool:
+        """Whether a fetch for ``aor`` is waiting for its first NOTIFY."""
+        sub = self._sub_of(aor)
+        return sub is not None and not sub.notified and sub.state != "ended"
+
+    def failure(self, aor: str) -> str | None:
+        """Why ``aor``'s certificate could not be had from its service (recent), or None."""
+        found = self._failures.get(self._name(aor))
+        if found is None or self._clock() - found[1] > OUTCOME_MAX_AGE:
+            return None
+        return found[0]
+
+    def touch(self, aor: str) -> None:
+        """We are talking to ``aor``: keep following its certificate."""
+        name = self._name(aor)
+        self._used[name] = self._clock()
+        self._used.move_to_end(name)
+        while len(self._used) > MAX_FOLLOWED * 2:
+            self._used.popitem(last=False)
+
+    def want(self, aor: str) -> bool:
+        """Fetch ``aor``'s certificate now unless a fetch or a live subscription already
+        answers for it; True when one is (now) pending."""
+        name = self._name(aor)
+        self.touch(name)
+        sub = self._sub_of(name)
+        if sub is not None and sub.state != "ended":
+            return not sub.notified
+        return self._subscribe(name)
+
+    # -- the loop -----------------------------------------------------------------------
+    def tick(self) -> None:
+        """Start the fetches the engine asks for, end fetches nobody answered, renew
+        the subscriptions of peers still in use, forget what lapsed."""
+        now = self._clock()
+        for token, sub in list(self._subs.items()):
+            if sub.state == "ended" or (sub.expires_at is not None and now > sub.expires_at):
+                self._forget(token)
+            elif not sub.notified and now - sub.started > FETCH_TIMEOUT:
+                self.counts["fetches_timed_out"] += 1
+                if self._current.get(sub.aor) == token:     # not a renewal: it failed
+                    self._fail(sub.aor, "the certificate service did not answer within "
+                               f"{FETCH_TIMEOUT:.0f} s")
+                self._forget(token)
+        for name in [a for a, (_, t) in self._failures.items() if now - t > OUTCOME_MAX_AGE]:
+            del self._failures[name]
+        for aor in self.engine.peer_certificates_wanted():
+            sub = self._sub_of(aor)
+            if sub is None and self.failure(aor) is None:
+                self._subscribe(self._name(aor))
+        for aor, token in list(self._current.items()):
+            sub = self._subs.get(token)
+            if sub is None or sub.expires_at is None or not sub.notified:
+                continue
+            granted = max(1.0, sub.expires_at - sub.started)
+            used = self._used.get(aor)
+            renewing = any(o.aor == aor and not o.notified for o in self._subs.values())
+            if not renewing and now - sub.started > granted * _RENEW_FRACTION \
+                    and used is not None and now - used < max(granted, 60.0):
+                self._subscribe(aor, renew=True)
+
+    def _subscribe(self, aor: str, renew: bool = False) -> bool:
+        if self._pending_count() >= MAX_PENDING:
+            self._fail(aor, f"too many certificate fetches at once ({MAX_PENDING})")
+            return False
+        while len(self._subs) >= MAX_FOLLOWED:
+            self._forget(next(iter(self._subs)))
+        token = secrets.token_hex(8)
+        sub = Subscription(aor=aor, token=token, started=self._clock(),
+                           requested=self.subscribe_expires)
+        self._subs[token] = sub
+        if not renew:
+            self._current[aor] = token
+        self._failures.pop(aor, None)
+        self.counts["subscribed"] += 1
+        try:
+            self.send_subscribe(aor, [("Event", "certificate"), ("Expires",
+                                                                   str(sub.requested)),
+                                      (MARKER, token)])
+        except Exception as exc:  # noqa: BLE001 - pjsua refused: the fetch failed
+            self._forget(token)
+            self._fail(aor, f"the SUBSCRIBE could not be sent ({type(exc).__name__})")
+            return False
+        self._emit("cert_subscribe", aor=aor, renew=renew)
+        return True
+
+    def _forget(self, token: str) -> None:
+        sub = self._subs.pop(token, None)
+        if sub is not None and self._current.get(sub.aor) == token:
+            del self._current[sub.aor]
+
+    def _sub_of(self, aor: str) -> Subscription | None:
+        token = self._current.get(self._name(aor))
+        return self._subs.get(token) if token else None
+
+    def _fail(self, aor: str, why: str) -> None:
+        self._failures[aor] = (why, self._clock())
+        self._failures.move_to_end(aor)
+        while len(self._failures) > MAX_OUTCOMES:
+            self._failures.popitem(last=False)
+        self._emit("peer_certificate_failed", aor=aor, reason=why)
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.counts["events_dropped"] += 1
+        self.events.append({"kind": kind, **data})
+
+    @staticmethod
+    def _name(aor: str) -> str:
+        try:
+            return str(aor_of(aor))
+        except E2MError:
+            return aor
+
+    # -- the hook, outgoing (inside pjsip: no pjsua2 calls) --------------------------------
+    def on_tx(self, msg: sip.SipMessage) -> bytes | None:
+        """Our PUBLISH or SUBSCRIBE, rewritten for the wire; None for anything else."""
+        if not msg.is_request:
+            return None
+        if msg.method == "PUBLISH" and _event(msg) in ("presence", "certificate"):
+            return self._publish_tx(msg)
+        if msg.method == "SUBSCRIBE" and msg.has(MARKER):
+            return self._subscribe_tx(msg)
+        return None
+
+    def _publish_tx(self, msg: sip.SipMessage) -> bytes | None:
+        try:
+            target = str(aor_of(parse_uri_of(msg.get("To"))))
+        except E2MError:
+            return None
+        if target != self.aor:
+            return None
+        out = msg.replace("Event", "certificate").remove("Accept")
+        expires = (msg.get("Expires") or "").strip()
+        if expires != "0":
+            # no later than the certificate's notAfter (the proxy checks it too)
+            left = int(self.own_not_after - self._wall())
+            out = out.replace("Expires", str(max(0, min(self.publish_expires, left))))
+        if msg.body:
+            out = out.remove("Content-Disposition").with_body(self.own_der, CONTENT_TYPE) \
+                .add("Content-Disposition", "signal")
+            action = "modify" if msg.has("SIP-If-Match") else "initial"
+        elif expires == "0":
+            action = "remove"
+        else:
+            action = "refresh"
+        self._publish_calls[msg.call_id] = action
+        self._publish_calls.move_to_end(msg.call_id)
+        while len(self._publish_calls) > 8:
+            self._publish_calls.popitem(last=False)
+        return out.serialize()
+
+    def _subscribe_tx(self, msg: sip.SipMessage) -> bytes:
+        token = (msg.get(MARKER) or "").strip()
+        out = msg.remove(MARKER).remove("Accept").remove("Contact") \
+            .add("Accept", CONTENT_TYPE).add("Contact", f"<{self.contact()}>")
+        sub = self._subs.get(token)
+        if sub is not None and sub.call_id is None:
+            sub.call_id, sub.from_tag = msg.call_id, msg.from_tag
+        return out.serialize()
+
+    # -- the hook, incoming -------------------------------------------------------------
+    def on_rx(self, msg: sip.SipMessage, source: tuple[str, int] | None) -> bool:
+        """True when ``msg`` is ours and was taken in (a response to our SUBSCRIBE or
+        PUBLISH: pjsua still needs it); raises ``NotifyAnswer`` for a certificate
+        NOTIFY (ours or not); False for anything else."""
+        if msg.is_request:
+            if msg.method == "NOTIFY" and _event(msg) == "certificate":
+                raise self._notify(msg, source)
+            return False
+        method = msg.cseq[1]
+        if method == "PUBLISH" and msg.call_id in self._publish_calls:
+            self._publish_answer(msg)
+            return True
+        if method == "SUBSCRIBE":
+            sub = self._by_dialog(msg.call_id, msg.from_tag)
+            if sub is not None:
+                self._subscribe_answer(sub, msg)
+                return True
+        return False
+
+    def _publish_answer(self, msg: sip.SipMessage) -> None:
+        status = msg.status or 0
+        if status < 200 or status in (401, 407):
+            return
+        action = self._publish_calls.get(msg.call_id, "?")
+        if status < 300:
+            self.counts["published"] += 1
+            self._emit("certificate_published", action=action, code=status,
+                       expires=msg.get("Expires"), fingerprint=_fingerprint(self.own_der))
+        else:
+            self.counts["publish_failed"] += 1
+            self._emit("certificate_publish_failed", action=action, code=status,
+                       reason=msg.reason, warning=(msg.get("Warning") or "")[:200])
+
+    def _subscribe_answer(self, sub: Subscription, msg: sip.SipMessage) -> None:
+        status = msg.status or 0
+        if status < 200:
+            return
+        if status >= 300:
+            sub.state = "ended"
+            self._fail(sub.aor, f"the certificate service answered {status} "
+                                f"{(msg.reason or '')[:60]}")
+            return
+        granted = (msg.get("Expires") or "").strip()
+        seconds = int(granted) if granted.isdigit() else sub.requested
+        sub.expires_at = sub.started + min(seconds, sub.requested)
+        if sub.to_tag is None:
+            sub.to_tag = msg.to_tag
+
+    def _by_dialog(self, call_id: str, our_tag: str | None) -> Subscription | None:
+        if not our_tag:
+            return None
+        for sub in self._subs.values():
+            if sub.call_id == call_id and sub.from_tag == our_tag:
+                return sub
+        return None
+
+    def _notify(self, notify: sip.SipMessage, source: tuple[str, int] | None) -> NotifyAnswer:
+        self.counts["notifies"] += 1
+        sub = self._by_dialog(notify.call_id, notify.to_tag)
+        if sub is None or sub.state == "ended" or (sub.to_tag is not None and notify.from_tag
+                                                   and notify.from_tag != sub.to_tag):
+            return self._refuse_notify(481, "Subscription Does Not Exist",
+                                       "a certificate NOTIFY in no subscription of ours")
+        if self.proxy_address is not None and source is not None \
+                and not self._from_proxy(source):
+            return self._refuse_notify(481, "Subscription Does Not Exist",
+                                       f"a certificate NOTIFY from {source[0]}:{source[1]}, "
+                                       "not from the proxy we subscribed through")
+        if sub.to_tag is None:
+            sub.to_tag = notify.from_tag
+        state, left = _sub_state(notify)
+        now = self._clock()
+        if state == "active":
+            if left is not None:
+                sub.expires_at = now + min(left, sub.requested)
+            keep = (sub.expires_at or now + sub.requested) - now
+        else:
+            keep = TERMINATED_CACHE
+        first = not sub.notified
+        sub.notified = True
+        try:
+            cert = self.engine.accept_certificate_notify(notify, sub.aor, max(1.0, keep))
+        except E2MError as exc:
+            # the dialog is ours and fine; what it carries is not used
+            self.counts["certificates_refused"] += 1
+            sub.fingerprint = None
+            self._fail(sub.aor, f"the certificate from its service was refused: {exc}")
+            self._emit("peer_certificate_refused", aor=sub.aor, reason=str(exc)[:200])
+        else:
+            if cert is None:
+                sub.fingerprint = None
+                self.counts["certificates_dropped"] += 1
+                self._fail(sub.aor, "its certificate service has no certificate for it"
+                           if first else "its certificate was removed from its service")
+                self._emit("peer_certificate_removed", aor=sub.aor, first=first)
+            else:
+                fp = _fingerprint(cert.public_bytes(Encoding.DER))
+                changed = fp != sub.fingerprint
+                sub.fingerprint = fp
+                self.counts["certificates_kept"] += 1
+                self._failures.pop(sub.aor, None)
+                if changed:
+                    identity = identity_of(sub.aor)
+                    self._emit("peer_certificate", aor=sub.aor, fingerprint=fp,
+                               source="certificate service of "
+                                      f"{identity.host if identity else '?'}",
+                               expires_in=int(keep))
+        if state == "terminated":
+            sub.state = "ended"
+        else:
+            sub.state = "active"
+            self._retire_others(sub)
+        return NotifyAnswer(200, "OK")
+
+    def _from_proxy(self, source: tuple[str, int]) -> bool:
+        """Whether ``source`` is our proxy: its address, and over UDP its port (over
+        TCP/TLS a connection the proxy opened comes from a port of its choosing)."""
+        assert self.proxy_address is not None
+        host, port = self.proxy_address
+        return source[0] == host and (not self.udp or source[1] == port)
+
+    def _retire_others(self, sub: Subscription) -> None:
+        """A renewed subscription took over: the older ones for that AoR go (their
+        next NOTIFY gets 481, which ends them at the notifier)."""
+        self._current[sub.aor] = sub.token
+        for token, other in list(self._subs.items()):
+            if other.aor == sub.aor and token != sub.token and other.notified:
+                self._subs.pop(token, None)
+
+    def _refuse_notify(self, code: int, reason: str, why: str) -> NotifyAnswer:
+        self.counts["notifies_refused"] += 1
+        self._emit("cert_notify_refused", code=code, reason=why)
+        return NotifyAnswer(code, reason, why)
+
+
+def parse_uri_of(value: str | None) -> str:
+    """The URI of a From/To header value."""
+    return sip.parse_address(value or "").uri

@@ -1,0 +1,100 @@
+"""One delivery per request the sender meant once, across its digest retries.
+
+A proxy that asks for digest refuses the first attempt of a MESSAGE or INVITE
+with 401/407, and the phone sends it again with a new CSeq, protected again for
+that CSeq (the signed context binds it).  The refused attempt is then a valid
+body that never reached its recipient: whoever saw it on the way (a visited
+network without TLS) can send it straight to the recipient, whose replay check
+has never seen that CSeq, and the message would be shown twice, or a second
+call would ring.
+
+A request without a To tag (a new MESSAGE or an initial INVITE) is the sender's
+*one* attempt at that Call-ID and From tag: pjsua makes a new Call-ID for every
+MESSAGE and every call, and a retry (digest, 422, a 496/495/493 handled with the
+same Call-ID) exists only because the earlier attempt never reached us.  So a
+second one within the replay window is a copy, unless it is a retransmission of
+the first (the same CSeq and top Via branch, which pjsip absorbs itself):
+
+- MESSAGE: a second copy with the *same content* (other content under the same
+  Call-ID is another message: some UAs reuse a Call-ID for a conversation);
+- INVITE: any second initial INVITE.
+
+Either is answered 482 (RFC 3261 §8.2.2.2, a merged request) and not delivered.
+Only requests whose body was protected are remembered.
+
+Bounded: ``limit`` entries (the oldest go first) of at most ``max_age`` seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from e2m_plugins import sip
+
+__all__ = ["FirstCopy", "Duplicate"]
+
+
+class Duplicate(Exception):
+    """A copy of a request already delivered: ``code``/``reason`` to answer with."""
+
+    def __init__(self, code: int, reason: str, method: str) -> None:
+        super().__init__(f"a second copy of a {method} already delivered")
+        self.code, self.reason, self.method = code, reason, method
+
+
+def _to_tagged(msg: sip.SipMessage) -> bool:
+    to = msg.get("To") or ""
+    return bool(re.search(r";\s*tag\s*=", to.split(">", 1)[-1], re.IGNORECASE))
+
+
+class FirstCopy:
+    """Remembers the first copy of each new MESSAGE and initial INVITE taken."""
+
+    def __init__(self, max_age: float, limit: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age, self.limit, self.clock = max_age, limit, clock
+        # (method, Call-ID, From tag[, content digest]) -> (when, CSeq, top Via branch)
+        self._seen: OrderedDict[tuple[str, ...], tuple[float, int, str]] = OrderedDict()
+        self.absorbed = 0
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, request: sip.SipMessage, plain: sip.SipMessage, protected: bool) -> None:
+        """Raise Duplicate if ``request`` (as received; ``plain`` as opened) copies a
+        request already taken; otherwise remember it when its body was ``protected``
+        (encrypted or signed: only such a body is worth copying, and a stranger's
+        plaintext requests must not push the real entries out)."""
+        method = request.method
+        if method not in ("MESSAGE", "INVITE") or _to_tagged(request):
+            return
+        key: tuple[str, ...] = (method, request.call_id, request.from_tag or "")
+        if method == "MESSAGE":
+            digest = hashlib.sha256((plain.get("Content-Type") or "").encode() + b"\0"
+                                    + plain.body).hexdigest()
+            key += (digest,)
+        now = self.clock()
+        self._expire(now)
+        cseq, branch = request.cseq[0], request.via_branch()
+        first = self._seen.get(key)
+        if first is not None:
+            if (first[1], first[2]) == (cseq, branch):
+                return               # a retransmission: pjsip's transaction has it
+            self.absorbed += 1
+            raise Duplicate(482, "Loop Detected", method)
+        if not protected:
+            return
+        self._seen[key] = (now, cseq, branch)
+        while len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            key, (when, _, _) = next(iter(self._seen.items()))
+            if now - when <= self.max_age:
+                break
+            del self._seen[key]
