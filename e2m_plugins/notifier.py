@@ -12,6 +12,8 @@ NAT is reached, and nobody can make the notifier send to a third party); with on
 the top Record-Route must name that address, or the SUBSCRIBE is refused
 (``PolicyError``): otherwise a forged Record-Route aims NOTIFYs at a victim (seen: one
 SUBSCRIBE of 369 octets made 4 NOTIFYs, 3,900 octets, with tm's UDP retransmissions).
+From a UDP source, it must not ask for TCP or TLS either: that source may be forged,
+and a connect to it that is never answered holds one of the proxy's connections.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from .sip import SipMessage, parse_address
 from .uri import aor_of, parse_uri
 
 __all__ = ["Peer", "Subscription", "NotifyRequest", "open_dialog", "refresh_dialog",
-           "notify_request"]
+           "notify_request", "next_hop_for_size", "UDP_LIMIT"]
 
 _TRANSPORTS = ("udp", "tcp", "tls")
 _MAX_ROUTES = 16            # Record-Route entries kept per dialog; more is refused
 _MAX_DIALOG_CHARS = 4096    # what one subscription may make the notifier keep
+UDP_LIMIT = 1300            # RFC 3261 §18.1.1: a larger request needs congestion control
+_SENDER_ADDS = 160          # what the sender (tm) adds: Via with branch, Max-Forwards, length
 
 
 @dataclass(frozen=True)
@@ -101,12 +105,23 @@ def _same_address(host: str, ip: str) -> bool:
         return False      # a name: the proxy resolves none (dns=no), and it may be anyone's
 
 
+def _transport(uri: str) -> str:
+    parsed = parse_uri(uri)
+    default = "tls" if parsed.scheme == "sips" else "udp"
+    return (parsed.params.get("transport") or default).lower()
+
+
 def _next_hop(route_set: Sequence[str], peer: Peer) -> str:
     if not route_set:
         return peer.uri()
     if not _same_address(parse_uri(route_set[0]).host, peer.ip):
         raise PolicyError("the Record-Route set does not start at the address the "
                           "SUBSCRIBE came from")
+    if peer.transport == "udp" and _transport(route_set[0]) != "udp":
+        # a UDP source may be forged: a connect to it that is never answered holds
+        # one of the proxy's TCP connections for the whole connect timeout
+        raise PolicyError("a SUBSCRIBE over UDP whose Record-Route asks for "
+                          f"{_transport(route_set[0])}")
     return route_set[0]
 
 
@@ -178,3 +193,17 @@ def notify_request(subscription: Subscription, cseq: int) -> NotifyRequest:
                ("Contact", f"<{sub.contact}>")]
     headers += [("Route", f"<{route}>") for route in routes]
     return NotifyRequest(request_uri, sub.next_hop, tuple(headers))
+
+
+def next_hop_for_size(next_hop: str, size: int) -> str:
+    """The next hop for a NOTIFY whose request line, headers and body are ``size``
+    octets.  Over UDP a request above 1300 octets goes over a congestion-controlled
+    transport (RFC 3261 §18.1.1): the same address and port over TCP.  It also keeps
+    a forged source from being sent a large certificate: TCP needs its handshake."""
+    uri = parse_uri(next_hop)
+    transport = (uri.params.get("transport") or "udp").lower()
+    if uri.scheme == "sips" or transport != "udp" or size + _SENDER_ADDS <= UDP_LIMIT:
+        return next_hop
+    base, _, params = next_hop.partition(";")
+    kept = [p for p in params.split(";") if p and p.split("=", 1)[0].lower() != "transport"]
+    return ";".join([base, *kept, "transport=tcp"])

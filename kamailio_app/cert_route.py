@@ -15,6 +15,16 @@ followers of an AoR (``pending``); the timer process (rtimer, every second, ``on
 sends what is due, at most one NOTIFY per subscription per ``notify_interval``, with
 the certificate as it is then (replacements in between are coalesced).  Work per
 timer tick is bounded (``BATCH``).  No log line carries a body.
+
+A SUBSCRIBE over UDP may carry a forged source address: a subscription is on
+probation until one of its NOTIFYs is answered 2xx (``on_reply``, only for a reply tm
+matched to our NOTIFY), and the timer drops it ``UNANSWERED`` seconds after its first
+NOTIFY otherwise.  A NOTIFY too large for UDP goes over TCP (RFC 3261 §18.1.1,
+``notifier.next_hop_for_size``), but never to an address that has not answered yet:
+a TCP connect to a forged address that never answers holds one of the proxy's TCP
+connections for the whole connect timeout.  Until then its NOTIFY goes over UDP with
+``Subscription-State: pending`` and no body (the certificate "held"); the 2xx to it
+releases the certificate, sent by the timer (a fetch: in its final NOTIFY).
 """
 
 from __future__ import annotations
@@ -29,13 +39,19 @@ from e2m_plugins.certservice import Answer, ServiceSettings
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.sip import SipMessage
 
-from .cert_table import (CertDatabase, CertTableError, PublicationTable, SubscriptionLimits,
-                         SubscriptionRefused, SubscriptionTable)
+from .cert_table import (FETCH, HELD, UNCONFIRMED, CertDatabase, CertTableError,
+                         PublicationTable, SubscriptionLimits, SubscriptionRefused,
+                         SubscriptionTable, SubscriptionTaken)
 from .config import CertSettings
 
 __all__ = ["CertService", "BATCH", "SEND_ROUTE"]
 
 BATCH = 100                      # NOTIFYs (and sweeps) per timer tick at most
+# A NOTIFY's transaction is over after 2.5 s (the cfg's event_route[tm:local-request]);
+# a subscription none of whose NOTIFYs was answered 2xx by then is dropped.
+UNANSWERED = 4.0
+# A fetch whose certificate is held back (below) is kept this long for its answer.
+HOLD = 32
 SEND_ROUTE = "E2M_SEND_REQUEST"  # native route in the cfg template
 _CHANGES = ("published", "replaced", "removed")
 
@@ -165,8 +181,16 @@ class CertService:
             sub = notifier.open_dialog(message, local_tag=self.ksr.pv.get("$ltt(t)") or "",
                                        peer=self._peer(), contact=self._contact(),
                                        event_id=certservice.event_id(message),
-                                       expires=now + answer.expires)
-            cseq = self.subscriptions.add(sub, self.limits, now) if answer.expires else 1
+                                       expires=now + (answer.expires or HOLD))
+            body = answer.body or b""
+            held = self._plan(sub, 1, answer.expires or HOLD, body, confirmed=False)[4]
+            flags = (HELD | (0 if answer.expires else FETCH)) if held else 0
+            cseq = self.subscriptions.add(sub, self.limits, now, flags) \
+                if answer.expires or held else 1
+        except SubscriptionTaken as exc:
+            self._reply(403, "Forbidden")
+            self._log("SUBSCRIBE", message.request_uri, f"refused 403: {exc}")
+            return
         except SubscriptionRefused as exc:
             self._reply(403, "Too Many Subscriptions")
             self._log("SUBSCRIBE", message.request_uri, f"refused 403: {exc}")
@@ -181,10 +205,11 @@ class CertService:
             self._reply(500, "Server Internal Error", [("Retry-After", "5")])
             return
         self._reply(200, "OK", [*answer.headers, ("Contact", f"<{sub.contact}>")])
-        self._notify(sub, cseq, answer.expires, answer.body or b"")
+        self._notify(sub, cseq, answer.expires or (HOLD if held else 0), body, confirmed=False)
         self._log("SUBSCRIBE", sub.aor, f"200 {'follow ' if answer.expires else 'fetch'}"
                                         f"{answer.expires or ''}, NOTIFY with "
-                                        f"{len(answer.body or b'')} bytes")
+                                        + ("the certificate held until the subscriber "
+                                           "answers" if held else f"{len(body)} bytes"))
 
     def route_resubscribe(self, message: SipMessage) -> None:
         """A SUBSCRIBE inside one of our dialogs: a refresh, or an unsubscribe
@@ -198,11 +223,19 @@ class CertService:
                 self._reply(481, "Subscription Does Not Exist")
                 self._log("SUBSCRIBE", None, "refused 481: no such subscription")
                 return
+            if self._peer().ip != sub.source:
+                # its NOTIFYs go to sub.source only: a refresh or an unsubscribe from
+                # elsewhere is someone who saw the dialog's identifiers
+                self._reply(403, "Forbidden")
+                self._log("SUBSCRIBE", sub.aor, "refused 403: not from the subscription's "
+                                                "source address")
+                return
             answer = certservice.subscribe(message, store=self.publications, now=now,
                                            settings=self.rules, aor=sub.aor)
             if answer.code != 200:
                 self._answer("SUBSCRIBE", answer)
                 return
+            flags = self.subscriptions.flags(sub) or 0
             if answer.expires:
                 sub = notifier.refresh_dialog(sub, message, now + answer.expires)
                 cseq = self.subscriptions.refreshed(sub, now)
@@ -220,23 +253,46 @@ class CertService:
             self._reply(481, "Subscription Does Not Exist")
             return
         self._reply(200, "OK", [*answer.headers, ("Contact", f"<{sub.contact}>")])
-        self._notify(sub, cseq, answer.expires, answer.body or b"")
+        confirmed = not flags & UNCONFIRMED
+        if self._notify(sub, cseq, answer.expires, answer.body or b"", confirmed) \
+                and answer.expires:
+            self.subscriptions.hold(sub)
         self._log("SUBSCRIBE", sub.aor, f"200 {'refresh' if answer.expires else 'unsubscribe'}"
                                         f" {answer.expires}")
 
     # -- NOTIFY --------------------------------------------------------------------------
-    def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
-                body: bytes) -> None:
+    @staticmethod
+    def _plan(sub: notifier.Subscription, cseq: int, expires_left: int, body: bytes,
+              confirmed: bool) -> tuple[str, str, str, bytes, bool]:
+        """The NOTIFY to send: Request-URI, next hop, header text, body, and whether
+        the certificate is held back (too large for UDP, and the subscriber has not
+        answered at its address yet: no TCP connect to what may be a forged one)."""
         request = notifier.notify_request(sub, cseq)
-        headers = [*request.headers,
-                   *certservice.notify_headers(expires_left, bool(body), sub.event_id or None)]
+        event_id = sub.event_id or None
+        state = certservice.notify_headers(expires_left, bool(body), event_id)
+        headers = _header_text([*request.headers, *state])
+        size = len(f"NOTIFY {request.request_uri} SIP/2.0\r\n") + len(headers) + 2 + len(body)
+        hop = notifier.next_hop_for_size(request.next_hop, size)
+        if confirmed or hop == request.next_hop:
+            return request.request_uri, hop, headers, body, False
+        state = [(name, f"pending;expires={expires_left}"
+                  if name == "Subscription-State" and expires_left > 0 else value)
+                 for name, value in certservice.notify_headers(expires_left, False, event_id)]
+        return (request.request_uri, request.next_hop,
+                _header_text([*request.headers, *state]), b"", True)
+
+    def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
+                body: bytes, confirmed: bool = True) -> bool:
+        """Send one NOTIFY; whether its certificate was held back."""
+        ruri, hop, headers, body, held = self._plan(sub, cseq, expires_left, body, confirmed)
         ksr = self.ksr
         ksr.pv.sets("$var(e2m_method)", "NOTIFY")
-        ksr.pv.sets("$var(e2m_ruri)", request.request_uri)
-        ksr.pv.sets("$var(e2m_nexthop)", request.next_hop)
-        ksr.pv.sets("$var(e2m_hdrs)", _header_text(headers))
+        ksr.pv.sets("$var(e2m_ruri)", ruri)
+        ksr.pv.sets("$var(e2m_nexthop)", hop)
+        ksr.pv.sets("$var(e2m_hdrs)", headers)
         ksr.pv.sets("$var(e2m_body)", base64.b64encode(body).decode("ascii"))
         ksr.route(SEND_ROUTE)
+        return held
 
     def _body(self, aor: str, now: float, cache: dict[str, bytes]) -> bytes:
         if aor not in cache:
@@ -249,6 +305,10 @@ class CertService:
         followers owed a NOTIFY), lapsed subscriptions get their final NOTIFY, due
         ones theirs.  How many NOTIFYs it sent."""
         now = time.time()
+        dropped = self.subscriptions.drop_unanswered(now - UNANSWERED, BATCH)
+        if dropped:
+            self.ksr.info("e2m certs: %d subscription(s) dropped: their NOTIFY was never "
+                          "answered\n" % dropped)
         for aor in self.publications.lapsed(now, BATCH):
             with self.db.write():
                 if self.publications.remove_lapsed(aor, now):
@@ -257,23 +317,32 @@ class CertService:
                                   "to tell\n" % (aor, told))
         bodies: dict[str, bytes] = {}
         sent = 0
-        for sub, cseq in self.subscriptions.claim_lapsed(now, BATCH):
-            self._notify(sub, cseq, 0, self._body(sub.aor, now, bodies))
+        for claim in self.subscriptions.claim_lapsed(now, BATCH):
+            sub, cseq = claim
+            self._notify(sub, cseq, 0, self._body(sub.aor, now, bodies), claim.confirmed)
             sent += 1
-        for sub, cseq in self.subscriptions.claim_due(now, self.settings.notify_interval,
-                                                      BATCH):
-            self._notify(sub, cseq, max(1, int(sub.expires - now)),
-                         self._body(sub.aor, now, bodies))
+        for claim in self.subscriptions.claim_due(now, self.settings.notify_interval, BATCH):
+            sub, cseq = claim
+            if self._notify(sub, cseq, max(1, int(sub.expires - now)),
+                            self._body(sub.aor, now, bodies), claim.confirmed):
+                self.subscriptions.hold(sub)
             sent += 1
         return sent
 
     def on_reply(self) -> None:
-        """A reply seen by the core reply route: a 481 to one of our NOTIFYs ends that
-        subscription (RFC 6665 §4.2.2); anything else is not ours to look at."""
+        """A reply seen by the core reply route, for every reply that arrives: only one
+        tm matched to a NOTIFY transaction of ours counts (a reply is anyone's
+        datagram: its Call-ID and tags are no proof).  A 481 ends that subscription
+        (RFC 6665 §4.2.2); a 2xx confirms that its subscriber is where it said."""
         ksr = self.ksr
-        if ksr.pv.get("$rs") != 481 or ksr.pv.get("$rm") != "NOTIFY":
+        status = ksr.pv.get("$rs") or 0
+        if ksr.pv.get("$rm") != "NOTIFY" or not (status == 481 or 200 <= status < 300):
             return
-        gone = self.subscriptions.forget_dialog(ksr.pv.get("$ci") or "", ksr.pv.get("$ft") or "",
-                                                ksr.pv.get("$tt") or "")
-        if gone:
+        if ksr.tm.t_check_trans() <= 0:
+            return
+        dialog = (ksr.pv.get("$ci") or "", ksr.pv.get("$ft") or "", ksr.pv.get("$tt") or "")
+        if status != 481:
+            self.subscriptions.confirm(*dialog, now=time.time())
+            return
+        if self.subscriptions.forget_dialog(*dialog):
             ksr.info("e2m certs: a subscriber answered 481: its subscription is gone\n")

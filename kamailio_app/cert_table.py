@@ -32,7 +32,8 @@ from e2m_plugins.certservice import Publication
 from e2m_plugins.notifier import Subscription
 
 __all__ = ["CertDatabase", "CertTableError", "PublicationTable", "SubscriptionTable",
-           "SubscriptionLimits", "SubscriptionRefused", "SCHEMA_VERSION"]
+           "SubscriptionLimits", "SubscriptionRefused", "SubscriptionTaken", "Claim",
+           "CHANGED", "UNCONFIRMED", "HELD", "FETCH", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _COMPONENT = "certs"
@@ -65,8 +66,11 @@ CREATE TABLE IF NOT EXISTS cert_subscriptions (
     contact       TEXT NOT NULL,
     expires       DOUBLE PRECISION NOT NULL,
     cseq          INTEGER NOT NULL,           -- of the last NOTIFY sent
-    last_notify   DOUBLE PRECISION NOT NULL,
-    pending       INTEGER NOT NULL,           -- 1: changed since the last NOTIFY
+    last_notify   DOUBLE PRECISION NOT NULL,  -- on probation (pending bit 2): the first
+    pending       INTEGER NOT NULL,           -- bits: 1 changed since the last NOTIFY,
+                                              -- 2 no NOTIFY of it answered 2xx yet,
+                                              -- 4 its certificate held back until then,
+                                              -- 8 a fetch kept only to deliver it
     PRIMARY KEY (call_id, local_tag, remote_tag, event_id)
 );
 CREATE INDEX IF NOT EXISTS cert_subscriptions_aor ON cert_subscriptions (aor);
@@ -94,6 +98,15 @@ class CertTableError(Exception):
 
 class SubscriptionRefused(Exception):
     """A new subscription would pass one of the bounds (the message says which)."""
+
+
+class SubscriptionTaken(SubscriptionRefused):
+    """A SUBSCRIBE names a subscription (Call-ID and tags) that another source made."""
+
+
+CHANGED, UNCONFIRMED, HELD, FETCH = 1, 2, 4, 8    # the bits of a subscription's ``pending``
+_KEPT = UNCONFIRMED | HELD | FETCH                # all but CHANGED: what a NOTIFY sent keeps
+EVICTABLE_AFTER = 1.0             # s: an unanswered NOTIFY this old frees its place
 
 
 def _private_file(path: Path) -> None:
@@ -270,10 +283,30 @@ class SubscriptionLimits:
     total: int = 10000
 
 
+class Claim(tuple):
+    """``(subscription, cseq)`` of a claimed NOTIFY, and whether a NOTIFY of that
+    subscription was ever answered 2xx (``confirmed``)."""
+
+    confirmed: bool
+
+    def __new__(cls, sub: Subscription, cseq: int, pending: int) -> "Claim":
+        claim = super().__new__(cls, (sub, cseq))
+        claim.confirmed = not pending & UNCONFIRMED
+        return claim
+
+
 class SubscriptionTable:
-    """The accepted subscriptions.  A row's ``pending`` says its AoR's certificate
-    changed since its last NOTIFY; the timer claims due rows (``claim_due``) by
-    clearing it, so two claimers never send the same NOTIFY."""
+    """The accepted subscriptions.  A row's ``pending`` has these bits: CHANGED, its
+    AoR's certificate changed since its last NOTIFY (the timer claims due rows,
+    ``claim_due``, by clearing it, so two claimers never send the same NOTIFY); and
+    UNCONFIRMED, none of its NOTIFYs was answered 2xx yet.  A subscription made over
+    UDP may come from a forged address: until its subscriber answers, it is on
+    probation and dropped once its NOTIFY went unanswered (``drop_unanswered``), so
+    forged SUBSCRIBEs cannot hold a source's places under the bounds; HELD, its
+    certificate went unsent (too large for UDP) until the subscriber answers, and
+    FETCH, a fetch kept only for that (``confirm`` releases both).  On probation,
+    ``last_notify`` stays the time of the first NOTIFY: a forger's refreshes (it can
+    work out tm's To tag) do not prolong it."""
 
     def __init__(self, db: CertDatabase) -> None:
         self.db = db
@@ -284,35 +317,60 @@ class SubscriptionTable:
                 sub.local_uri, sub.remote_uri, sub.remote_target, json.dumps(sub.route_set),
                 sub.next_hop, sub.source, sub.contact, sub.expires)
 
-    def add(self, sub: Subscription, limits: SubscriptionLimits, now: float) -> int:
+    def add(self, sub: Subscription, limits: SubscriptionLimits, now: float,
+            flags: int = 0) -> int:
         """Keep ``sub``; the CSeq of the NOTIFY it gets now (its first one counts as
         sent now).  A SUBSCRIBE outside a dialog that names a subscription we have
-        (the same Call-ID and tags) renews it and goes on with its CSeqs.
-        ``SubscriptionRefused`` when it would pass a bound, and then nothing is kept."""
+        (the same Call-ID and tags) from the same source address renews it and goes
+        on with its CSeqs; from another source it is ``SubscriptionTaken`` (tm's To
+        tag is a function of the Via: a SUBSCRIBE replayed from elsewhere names the
+        same dialog, and would move its NOTIFYs to the replayer).
+        ``SubscriptionRefused`` when it would pass a bound, and then nothing is kept.
+        ``flags``: HELD (its first NOTIFY goes without the certificate), FETCH."""
         columns = (*_SUBSCRIPTION_COLUMNS, "cseq", "last_notify", "pending")
         renew = ", ".join(f"{c} = excluded.{c}" for c in _SUBSCRIPTION_COLUMNS[4:])
         with self.db.write() as cursor:
             known = cursor.execute(self.db.sql(
-                f"SELECT 1 FROM cert_subscriptions WHERE {_KEY}"), _key(sub)).fetchone()
+                f"SELECT source FROM cert_subscriptions WHERE {_KEY}"), _key(sub)).fetchone()
             if known is None:
-                self._check_bounds(cursor, sub, limits)
+                self._check_bounds(cursor, sub, limits, now)
+            elif known[0] != sub.source:
+                raise SubscriptionTaken("that dialog's subscription was made from another "
+                                        "address")
             row = cursor.execute(self.db.sql(
                 f"INSERT INTO cert_subscriptions ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))}) "
                 "ON CONFLICT (call_id, local_tag, remote_tag, event_id) DO UPDATE SET "
-                f"{renew}, cseq = cert_subscriptions.cseq + 1, last_notify = excluded.last_notify, "
-                "pending = 0 RETURNING cseq"),
-                (*self._values(sub), 1, now, 0)).fetchone()
+                f"{renew}, cseq = cert_subscriptions.cseq + 1, last_notify = CASE WHEN "
+                f"(cert_subscriptions.pending & {UNCONFIRMED}) = {UNCONFIRMED} THEN "
+                "cert_subscriptions.last_notify ELSE excluded.last_notify END, "
+                f"pending = (cert_subscriptions.pending & {_KEPT}) | {int(flags)} "
+                "RETURNING cseq"),
+                (*self._values(sub), 1, now, UNCONFIRMED | flags)).fetchone()
         return int(row[0])
 
-    def _check_bounds(self, cursor: Any, sub: Subscription, limits: SubscriptionLimits) -> None:
-        for name, where, args, bound in (
-                ("source address", "WHERE source = ?", (sub.source,), limits.per_source),
-                ("AoR", "WHERE aor = ?", (sub.aor,), limits.per_aor),
-                ("proxy", "", (), limits.total)):
+    def _check_bounds(self, cursor: Any, sub: Subscription, limits: SubscriptionLimits,
+                      now: float) -> None:
+        """At a full bound, the oldest subscription in its scope whose NOTIFY has gone
+        unanswered for EVICTABLE_AFTER makes room (forged ones would otherwise hold
+        the place until the timer drops them); else ``SubscriptionRefused``."""
+        for name, column, value, bound in (
+                ("source address", "source", sub.source, limits.per_source),
+                ("AoR", "aor", sub.aor, limits.per_aor),
+                ("proxy", None, None, limits.total)):
+            where, args = (f"WHERE {column} = ?", (value,)) if column else ("", ())
             found = cursor.execute(self.db.sql(
                 f"SELECT count(*) FROM cert_subscriptions {where}"), args).fetchone()
-            if found[0] >= bound:
+            if found[0] < bound:
+                continue
+            scope = f"{column} = ? AND " if column else ""
+            cursor.execute(self.db.sql(
+                "DELETE FROM cert_subscriptions WHERE (call_id, local_tag, remote_tag, "
+                "event_id) IN (SELECT call_id, local_tag, remote_tag, event_id FROM "
+                f"cert_subscriptions WHERE {scope}(pending & {UNCONFIRMED}) = {UNCONFIRMED} AND "
+                "last_notify < ? ORDER BY last_notify LIMIT 1)"),
+                (*args, now - EVICTABLE_AFTER))
+            if cursor.rowcount < 1 or found[0] > bound:
                 raise SubscriptionRefused(f"{bound} subscriptions per {name} at most")
 
     def get(self, call_id: str, local_tag: str, remote_tag: str,
@@ -326,11 +384,14 @@ class SubscriptionTable:
     def refreshed(self, sub: Subscription, now: float) -> int | None:
         """Store ``sub``'s new expiry and target, and claim its next NOTIFY (sent now:
         RFC 6665 wants one after every accepted SUBSCRIBE); its CSeq, or None when the
-        subscription is gone."""
+        subscription is gone.  A refresh confirms nothing: only an answered NOTIFY does
+        (whoever forged the SUBSCRIBE can forge its refresh)."""
         with self.db.write() as cursor:
             row = cursor.execute(self.db.sql(
                 "UPDATE cert_subscriptions SET expires = ?, remote_target = ?, "
-                f"cseq = cseq + 1, last_notify = ?, pending = 0 WHERE {_KEY} RETURNING cseq"),
+                f"cseq = cseq + 1, last_notify = CASE WHEN (pending & {UNCONFIRMED}) = "
+                f"{UNCONFIRMED} THEN last_notify ELSE ? END, pending = pending & {_KEPT} "
+                f"WHERE {_KEY} RETURNING cseq"),
                 (sub.expires, sub.remote_target, now, *_key(sub))).fetchone()
         return int(row[0]) if row is not None else None
 
@@ -341,6 +402,62 @@ class SubscriptionTable:
                 f"DELETE FROM cert_subscriptions WHERE {_KEY} RETURNING cseq"),
                 _key(sub)).fetchone()
         return int(row[0]) + 1 if row is not None else None
+
+    def confirm(self, call_id: str, local_tag: str, remote_tag: str, now: float = 0.0) -> int:
+        """A NOTIFY of this dialog was answered 2xx: its subscriber is where the
+        SUBSCRIBE said (read first: most answers find nothing to change).  A held
+        certificate is now owed: a subscription's at once (CHANGED, no interval), a
+        fetch's in its final NOTIFY (it lapses ``now``)."""
+        where = "call_id = ? AND local_tag = ? AND remote_tag = ?"
+        args = (call_id, local_tag, remote_tag)
+        with self.db.read() as cursor:
+            found = cursor.execute(self.db.sql(
+                f"SELECT 1 FROM cert_subscriptions WHERE {where} AND (pending & "
+                f"{UNCONFIRMED + HELD}) != 0"), args).fetchone()
+        if found is None:
+            return 0
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql(
+                "UPDATE cert_subscriptions SET "
+                f"pending = (pending & {CHANGED}) | CASE WHEN (pending & {HELD + FETCH}) = "
+                f"{HELD} THEN {CHANGED} ELSE 0 END, "
+                f"last_notify = CASE WHEN (pending & {HELD}) = {HELD} THEN 0 ELSE last_notify "
+                f"END, expires = CASE WHEN (pending & {FETCH}) = {FETCH} THEN ? ELSE expires END "
+                f"WHERE {where} AND (pending & {UNCONFIRMED + HELD}) != 0"), (now, *args))
+            return cursor.rowcount
+
+    def hold(self, sub: Subscription) -> None:
+        """``sub``'s last NOTIFY went without its certificate (too large for UDP before
+        the subscriber answered): send it when the subscriber answers."""
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql(f"UPDATE cert_subscriptions SET pending = pending | "
+                                       f"{HELD} WHERE {_KEY}"), _key(sub))
+
+    def flags(self, sub: Subscription) -> int | None:
+        """``sub``'s pending bits (None: gone)."""
+        with self.db.read() as cursor:
+            row = cursor.execute(self.db.sql(
+                f"SELECT pending FROM cert_subscriptions WHERE {_KEY}"), _key(sub)).fetchone()
+        return int(row[0]) if row is not None else None
+
+    def drop_unanswered(self, before: float, limit: int) -> int:
+        """Drop up to ``limit`` subscriptions none of whose NOTIFYs was answered 2xx,
+        the first one sent before ``before`` (its transaction is over: RFC 6665 §4.2.2,
+        a NOTIFY that times out ends the subscription).  No NOTIFY: nobody answered."""
+        with self.db.read() as cursor:       # every second: take the write lock only if needed
+            if cursor.execute(self.db.sql(
+                    "SELECT 1 FROM cert_subscriptions WHERE (pending & "
+                    f"{UNCONFIRMED}) = {UNCONFIRMED} AND last_notify < ? LIMIT 1"),
+                    (before,)).fetchone() is None:
+                return 0
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql(
+                "DELETE FROM cert_subscriptions WHERE (call_id, local_tag, remote_tag, "
+                "event_id) IN (SELECT call_id, local_tag, remote_tag, event_id FROM "
+                f"cert_subscriptions WHERE (pending & {UNCONFIRMED}) = {UNCONFIRMED} AND "
+                "last_notify < ? "
+                "ORDER BY last_notify LIMIT ?)"), (before, int(limit)))
+            return cursor.rowcount
 
     def forget_dialog(self, call_id: str, local_tag: str, remote_tag: str) -> int:
         """Drop the subscriptions of one dialog (its subscriber answered 481)."""
@@ -353,8 +470,8 @@ class SubscriptionTable:
     def changed(self, aor: str) -> int:
         """``aor``'s certificate changed: every follower is owed a NOTIFY."""
         with self.db.write() as cursor:
-            cursor.execute(self.db.sql("UPDATE cert_subscriptions SET pending = 1 "
-                                       "WHERE aor = ?"), (aor,))
+            cursor.execute(self.db.sql(f"UPDATE cert_subscriptions SET pending = pending | "
+                                       f"{CHANGED} WHERE aor = ?"), (aor,))
             return cursor.rowcount
 
     def claim_due(self, now: float, interval: float,
@@ -364,18 +481,22 @@ class SubscriptionTable:
         with self.db.read() as cursor:
             keys = cursor.execute(self.db.sql(
                 "SELECT call_id, local_tag, remote_tag, event_id FROM cert_subscriptions "
-                "WHERE pending = 1 AND last_notify <= ? AND expires > ? LIMIT ?"),
+                f"WHERE (pending & {CHANGED}) = {CHANGED} AND last_notify <= ? AND expires > ? "
+                "ORDER BY last_notify LIMIT ?"),     # the longest waiting first: fair under a flood
                 (now - interval, now, int(limit))).fetchall()
         claimed = []
         for key in keys:
             with self.db.write() as cursor:
                 row = cursor.execute(self.db.sql(
-                    "UPDATE cert_subscriptions SET pending = 0, last_notify = ?, "
-                    f"cseq = cseq + 1 WHERE {_KEY} AND pending = 1 "
-                    f"RETURNING cseq, {', '.join(_SUBSCRIPTION_COLUMNS)}"),
+                    f"UPDATE cert_subscriptions SET pending = pending & {_KEPT}, "
+                    f"last_notify = CASE WHEN (pending & {UNCONFIRMED}) = {UNCONFIRMED} "
+                    "THEN last_notify "
+                    f"ELSE ? END, cseq = cseq + 1 WHERE {_KEY} AND "
+                    f"(pending & {CHANGED}) = {CHANGED} "
+                    f"RETURNING cseq, pending, {', '.join(_SUBSCRIPTION_COLUMNS)}"),
                     (now, *key)).fetchone()
             if row is not None:
-                claimed.append((_subscription(row[1:]), int(row[0])))
+                claimed.append(Claim(_subscription(row[2:]), int(row[0]), int(row[1])))
         return claimed
 
     def claim_lapsed(self, now: float, limit: int) -> list[tuple[Subscription, int]]:
@@ -384,16 +505,16 @@ class SubscriptionTable:
         with self.db.read() as cursor:
             keys = cursor.execute(self.db.sql(
                 "SELECT call_id, local_tag, remote_tag, event_id FROM cert_subscriptions "
-                "WHERE expires <= ? LIMIT ?"), (now, int(limit))).fetchall()
+                "WHERE expires <= ? ORDER BY expires LIMIT ?"), (now, int(limit))).fetchall()
         claimed = []
         for key in keys:
             with self.db.write() as cursor:
                 row = cursor.execute(self.db.sql(
                     f"DELETE FROM cert_subscriptions WHERE {_KEY} AND expires <= ? "
-                    f"RETURNING cseq, {', '.join(_SUBSCRIPTION_COLUMNS)}"),
+                    f"RETURNING cseq, pending, {', '.join(_SUBSCRIPTION_COLUMNS)}"),
                     (*key, now)).fetchone()
             if row is not None:
-                claimed.append((_subscription(row[1:]), int(row[0]) + 1))
+                claimed.append(Claim(_subscription(row[2:]), int(row[0]) + 1, int(row[1])))
         return claimed
 
     def count(self, aor: str | None = None) -> int:
