@@ -9,7 +9,7 @@ alice registers (learns the home proxy's policy); both phones publish their
 certificates at the home proxy's certificate service (RFC 6072; there is no
 ``[peers]``); alice and bob send each other a MESSAGE at once, each fetching the
 other's certificate from the service first (the demo prints where each came from);
-bob calls alice with SRTP, they "talk" for a few seconds, bob hangs up.  It then
+alice calls bob with SRTP, they "talk" for a few seconds, alice hangs up.  It then
 prints what the home proxy did with each message (its log) and, per hop, what that
 hop could read, computed from evidence:
 
@@ -121,7 +121,11 @@ def run(work: Path) -> int:
                      "key": str(pki_dir / f"proxy-{PROXY_HOST}.key")},
         "trust": {"ca": [str(pki_dir / "ca.crt")]},
         "policy": {"view": ["MESSAGE:text/plain", "INVITE:application/sdp"],
-                   "cert_url": f"http://127.0.0.1:{home_port}/e2m/cert.der"},
+                   "cert_url": f"http://127.0.0.1:{home_port}/e2m/cert.der",
+                   # bob reads who may read the offer from its signed SIP context; the
+                   # label naming home is 83 octets of an INVITE that must stay under
+                   # the 4000 a pjsip phone reads (docs/protocol.md §6.2)
+                   "remove_own_label": True},
         "archive": {"path": "archive.sqlite"},
         # digest for its users (added below with e2m-proxy users add), TLS 1.2 on tls:
         "auth": {"users": "users.sqlite"},
@@ -209,10 +213,10 @@ def run(work: Path) -> int:
                "alice's peer_certificate event; its fingerprint is that of bob.crt")
 
         mark_a, mark_b = alice.mark(), bob.mark()
-        # bob calls alice: the other way, through the visited proxy, the INVITE (two
-        # envelopes, both proxies' Via, Record-Route and policy) is over the 4000 bytes
-        # a pjsip phone reads (4117 measured with TLS between the proxies)
-        bob.send(f"call {ALICE}")
+        # alice (roaming) calls bob through the visited proxy: the INVITE reaches bob
+        # with both proxies' Via and Record-Route (two at visited: UDP -> TLS) and
+        # home's policy; it must stay under the 4000 bytes pjsip reads (§6.2)
+        alice.send(f"call {BOB}")
         media_a = alice.wait("call_media", lambda e: "active" in e["audio"], since=mark_a)
         media_b = bob.wait("call_media", lambda e: "active" in e["audio"], since=mark_b)
         call_id = media_a["call_id"]
@@ -221,10 +225,17 @@ def run(work: Path) -> int:
         for rec in media_a["security"]:
             print(f"  alice {'sent' if rec['direction'] == 'tx' else 'received'} {rec['what']}: "
                   f"{rec['security']['summary']}")
+        at_bob = [r.get("bytes") for r in media_b["security"]
+                  if r["direction"] == "rx" and r["what"] == "INVITE"]
+        print(f"  the INVITE reached bob at {at_bob[0] if at_bob else '?'} bytes "
+              f"(pjsip reads at most 4000)")
+        expect("alice's INVITE reached bob under pjsip's 4000 bytes",
+               bool(at_bob) and at_bob[0] is not None and at_bob[0] < 4000,
+               f"bob's call_media record of the INVITE: {at_bob[0] if at_bob else '?'} bytes")
         time.sleep(3)
-        bob.send("hangup")
-        bob.wait("call_ended", since=mark_b)
+        alice.send("hangup")
         alice.wait("call_ended", since=mark_a)
+        bob.wait("call_ended", since=mark_b)
         expect("call media active at both ends",
                "active" in media_a["audio"] and "active" in media_b["audio"],
                "both phones' call_media events")
@@ -245,8 +256,9 @@ def run(work: Path) -> int:
         home_read = {
             "MESSAGE a->b": text1.encode() in texts,
             "MESSAGE b->a": text2.encode() in texts,
-            "SDP offer": any(m[1] == "request" and m[2] == bob_rtp for m in media),
-            "SDP answer": any(m[1] == "response" and m[2] == alice_rtp for m in media),
+            # alice offers (her RTP port in the INVITE), bob answers (his in the 200)
+            "SDP offer": any(m[1] == "request" and m[2] == alice_rtp for m in media),
+            "SDP answer": any(m[1] == "response" and m[2] == bob_rtp for m in media),
             "SRTP keys": any(b"a=crypto" in s or b"inline:" in s for _, s in sdps),
         }
         witnesses = [json.loads(x) for x in witness.read_text().splitlines()] if witness.exists() else []

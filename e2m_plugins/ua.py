@@ -560,10 +560,11 @@ class UAEngine:
         """
         recipients, key, reference = self._peer_recipient(message, peer, exclusive, reuse_ok)
         holders = key.readers if key is not None else frozenset()
+        legacy = self.legacy_peer(peer) is not None
         for host in sorted(readers - holders - {"?"}):
             cert = self.certs.proxy(host)
             if cert is not None:
-                recipients.append(recipient_for_certificate(cert))
+                recipients.append(_recipient(cert, legacy))
         cid = mime.new_content_id(self._local_host())
         entity, sealed = protect_content(ctype, content, recipients, signer=signer,  # type: ignore[arg-type]
                                          cek_reference=reference, content_id=cid,
@@ -597,7 +598,8 @@ class UAEngine:
         peer_cert = self._peer_certificate(peer) if peer else None
         if peer_cert is None:
             raise MissingPeerCertificateError(f"no checked certificate for {peer or 'the peer'}")
-        return [recipient_for_certificate(peer_cert)], None, new_reference() if reuse_ok else None
+        return ([_recipient(peer_cert, self.legacy_peer(peer) is not None)], None,
+                new_reference() if reuse_ok else None)
 
     def _local_host(self) -> str:
         identity = identity_of(self.config.aor)
@@ -948,6 +950,19 @@ class UAEngine:
             raise CertificateRejectedError("493 body is not application/pkix-cert")
         self.add_peer_certificate(peer, part.decoded())
         return peer
+
+
+def _recipient(cert: x509.Certificate, legacy: bool) -> Recipient:
+    """The RecipientInfo for ``cert``: named by its subjectKeyIdentifier when it carries
+    one (24 octets in a kari, not the 62 of issuer and serial number: an INVITE must fit
+    pjsip's 4000 bytes, docs/protocol.md §6.2), by issuerAndSerialNumber in a
+    ``[[legacy]]`` peer's envelope (RFC 3261 stacks look for that form) and for a
+    certificate without the extension (no one has to compute RFC 5280's method 1)."""
+    try:
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return recipient_for_certificate(cert)
+    return recipient_for_certificate(cert, use_ski=not legacy)
 
 
 def next_attempt(request: SipMessage) -> SipMessage:

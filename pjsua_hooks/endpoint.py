@@ -171,6 +171,9 @@ class SipEndpoint:
             cfg.uaConfig.threadCnt = 0
             cfg.uaConfig.mainThreadOnly = True
             cfg.uaConfig.userAgent = self.user_agent
+            # no a=X-nat line: it tells the peer nothing it uses, and every SDP octet
+            # counts toward pjsip's 4000-byte receive limit (docs/protocol.md §6.2)
+            cfg.uaConfig.natTypeInSdp = 0
             cfg.logConfig.level = self.log_level
             cfg.logConfig.consoleLevel = self.log_level
             # Always on: it registers mod-pjsua-log, the hook's neighbour; whether
@@ -439,6 +442,11 @@ class SipEndpoint:
         ac.presConfig.publishEnabled = publish
         if auth:
             ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", auth[0], 0, auth[1]))
+        # No RFC 4028 session timers: Session-Expires, Min-SE and "timer" cost 42
+        # octets of every INVITE toward the 4000-byte limit (docs/protocol.md §6.2),
+        # and the proxies keep no dialog state a refresh would keep alive.  The price:
+        # a call whose peer vanished without a BYE is not ended by a failed refresh.
+        ac.callConfig.timerUse = pj.PJSUA_SIP_TIMER_INACTIVE
         ac.mediaConfig.transportConfig.port = 0
         ac.mediaConfig.transportConfig.boundAddress = self.host
         if srtp:

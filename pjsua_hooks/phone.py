@@ -143,7 +143,9 @@ class PhoneSettings:
     cert_url_hosts: tuple[str, ...] = ()
     max_retries: int = 2
     log_level: int = 0
-    codecs: tuple[str, ...] = ("PCMU/8000", "PCMA/8000")
+    # one codec by default: each more is an m= format and an a=rtpmap line in an
+    # INVITE that must stay under pjsip's 4000 bytes (docs/protocol.md §6.2)
+    codecs: tuple[str, ...] = ("PCMU/8000",)
     srtp_suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80",)
     tcp_accept: bool | None = None
     tcp_max_connections: int = 32
@@ -408,7 +410,10 @@ class E2MPhone:
         auth = self._credentials()     # before pjsua starts: a bad password file stops here
         self.endpoint = SipEndpoint(hook=self.hook, require_e2m=self.config.require_e2m,
                                     host=s.host, log_level=s.log_level,
-                                    user_agent="e2m-phone (pjsua2)", event_limit=_EVENT_LIMIT,
+                                    # no User-Agent (pjsua sends none when empty): it
+                                    # names our software to every hop (RFC 3261
+                                    # §20.41) and costs 32 octets of each INVITE (§6.2)
+                                    user_agent="", event_limit=_EVENT_LIMIT,
                                     tcp={"accept": s.accepts_tcp,
                                          "limit": s.tcp_max_connections,
                                          "idle_timeout": s.tcp_idle_timeout,
@@ -512,13 +517,14 @@ class E2MPhone:
         if self._witness and msg.body:
             _witness_keys(self._witness, msg.body)
         protected = self.engine.protect(msg)        # raises: not sent (fail closed)
+        out = None if protected.message is msg else protected.message.serialize()
         if msg.body:
             what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
             _bounded_put(self._tx_info, (*_key(msg), what), protected.info)
-            self._note_call_security("tx", msg, what, protected.info)
-        if protected.message is msg:
+            self._note_call_security("tx", msg, what, protected.info,
+                                     size=len(out) if out is not None else None)
+        if out is None:
             return None
-        out = protected.message.serialize()
         if len(out) > _PJSIP_RX_LIMIT - 500:   # proxies add Via, Record-Route, policy
             self._pending_errors.append({
                 "kind": "warning", "direction": "tx", "message": msg.method if msg.is_request else
@@ -549,7 +555,7 @@ class E2MPhone:
         if msg.body:
             what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
             _bounded_put(self._rx_info, (*_key(msg), what), opened.info)
-            self._note_call_security("rx", msg, what, opened.info)
+            self._note_call_security("rx", msg, what, opened.info, size=len(data))
         if opened.message is msg or opened.message.body == msg.body:
             return None
         return opened.message.serialize()
@@ -638,11 +644,14 @@ class E2MPhone:
         raise RxReject(None, detail=type(err).__name__) from None
 
     def _note_call_security(self, direction: str, msg: sip.SipMessage, what: str,
-                            info: SecurityInfo) -> None:
+                            info: SecurityInfo, size: int | None = None) -> None:
         if info.content_type != "application/sdp":
             return
+        # size: the message's octets as pjsip received or will send it, so a caller
+        # can see how close an INVITE came to PJSIP_MAX_PKT_LEN (docs/protocol.md §6.2)
         self._call_security.setdefault(msg.call_id, []).append(
-            {"direction": direction, "what": what, "cseq": msg.cseq[0], "info": info})
+            {"direction": direction, "what": what, "cseq": msg.cseq[0], "info": info,
+             "bytes": size})
         while len(self._call_security) > _MEMO:
             self._call_security.pop(next(iter(self._call_security)))
 
@@ -1155,6 +1164,7 @@ class E2MPhone:
         """Per SDP of the call's live dialog: direction, message and its security."""
         records = self._call_security.get(call.sip_call_id or "", [])
         return [{"direction": r["direction"], "what": r["what"], "cseq": r["cseq"],
+                 "bytes": r["bytes"],
                  "security": security_dict(r["info"], r["direction"] == "rx")} for r in records]
 
     def message_security(self, handle: OutgoingMessage) -> SecurityInfo | None:
