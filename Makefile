@@ -12,7 +12,7 @@ APT_PACKAGES := openssl kamailio kamailio-python3-modules kamailio-utils-modules
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup apt openssl-upgrade venv test test-unit bench demo clean fuzz soak soak-phone
+.PHONY: setup apt openssl-upgrade venv test test-unit bench demo demo-cluster clean fuzz soak soak-phone
 
 setup: apt openssl-upgrade venv
 
@@ -91,6 +91,12 @@ soak-phone: venv
 
 demo: setup
 	$(PY) -m e2m_lab.demo
+
+# Two home nodes (Kamailio DMQ) and a private PostgreSQL on loopback; one node is
+# SIGKILLed mid-call.  DEMO PASSED and exit 0 only if the call, the registrations and
+# the archive survived (e2m_lab/demo_cluster.py).
+demo-cluster: setup
+	$(PY) -m e2m_lab.demo_cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -230,6 +230,26 @@ class ProxyHandle:
         if self.launcher is not None:
             self.launcher.stop()
 
+    def kill(self) -> None:
+        """SIGKILL every Kamailio process of this proxy and its launcher, as a crash
+        or a power cut would: nothing is shut down in order.  ``start()`` brings it back."""
+        import signal
+        if self.launcher is None:
+            return
+        pid = self.launcher._kamailio_pid()
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.launcher.popen is not None:
+            self.launcher.popen.kill()
+            self.launcher.popen.wait()
+        self.launcher.popen = None
+        # Its pid may live on as a zombie nobody reaps (a container's init): the file
+        # would make the next start refuse, as a reboot's would not.
+        (self.runtime_dir / "kamailio.pid").unlink(missing_ok=True)
+
 
 def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: bool,
                        next_hop: str | None = None,

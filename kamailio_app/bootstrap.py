@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, parse_address
 from e2m_plugins.keycache import TRANSACTION_TTL
@@ -25,7 +28,7 @@ from .config import AppConfig, load_app_config
 from .keycache_htable import HtableKeyCache, KsrHtable
 
 __all__ = ["ProxyApp", "KEYCACHE_TABLE", "body_records", "media_records", "media_log_lines",
-           "ksr_events"]
+           "ksr_events", "cluster_seal_key", "dmq_peer_sources"]
 
 KEYCACHE_TABLE = "e2mkeys"   # declared in the cfg template
 
@@ -82,6 +85,20 @@ def media_log_lines(message: SipMessage, media: Any) -> list[str]:
             f"{line.direction}" for line in media]
 
 
+def cluster_seal_key(proxy_config: Any) -> bytes:
+    """The key that seals key-cache entries on every node of a cluster.
+
+    Derived from the proxy's private key, which every node holds (a UA encrypts for
+    the proxy's certificate, and any node may have to open it) and a rogue DMQ peer
+    does not: an entry it forges does not open.  HKDF with a label of its own, so the
+    seal key says nothing about the private key."""
+    der = proxy_config.private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"e2m key cache seal v1 " + proxy_config.host.encode()).derive(der)
+
+
 def ksr_events(ksr: Any) -> ArchiveEvents:
     """The archive's reports inside Kamailio: its log, and the statistics module's
     counters (declared in the cfg) that ``kamcmd stats.get_statistics`` reads."""
@@ -96,6 +113,23 @@ def ksr_events(ksr: Any) -> ArchiveEvents:
     return ArchiveEvents(log=log, counter=counter)
 
 
+def dmq_peer_sources(cluster: Any) -> frozenset[tuple[str, int]]:
+    """Every (address, port) of the [cluster] peers; a DNS name is resolved here, once,
+    to all its addresses (with this node's DMQ port, as multi_notify does)."""
+    import socket
+    names = [(peer.host, peer.port) for peer in cluster.peers]
+    if cluster.peers_dns is not None:
+        names.append((cluster.peers_dns, cluster.dmq_address.port))
+    out = set()
+    for host, port in names:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError:
+            continue          # unknown now: such a peer is not let in
+        out.update((info[4][0], port) for info in infos)
+    return frozenset(out)
+
+
 @dataclass
 class ProxyApp:
     """The loaded proxy: settings, the engine (None on a plain routing hop), the archive."""
@@ -105,6 +139,7 @@ class ProxyApp:
     archive: ArchiveStore | None = None
     events: ArchiveEvents | None = None
     certs: Any = None           # cert_route.CertService: the [certs] service, or None
+    _dmq_sources: frozenset[tuple[str, int]] | None = None
 
     @classmethod
     def load(cls, config_path: str | Path, ksr: Any = None) -> ProxyApp:
@@ -123,9 +158,15 @@ class ProxyApp:
         replay: Any = None     # outside Kamailio: the engine's own, in this process
         if ksr is not None:
             expire = float(config.kamailio.keycache_expire)
-            cache: Any = HtableKeyCache(KsrHtable(ksr, KEYCACHE_TABLE), default_ttl=expire,
-                                        max_ttl=expire,
-                                        transaction_ttl=min(TRANSACTION_TTL, expire))
+            cluster = config.cluster if config.cluster and config.cluster.replicates else None
+            cache: Any = HtableKeyCache(
+                KsrHtable(ksr, KEYCACHE_TABLE), default_ttl=expire, max_ttl=expire,
+                transaction_ttl=min(TRANSACTION_TTL, expire),
+                seal_key=cluster_seal_key(proxy_config) if cluster else None,
+                origin=str(cluster.dmq_address) if cluster else "",
+                count=ksr.statistics.update_stat,
+                refused=lambda key: ksr.warn(f"e2m: key cache entry {key[:80]} does not "
+                                             "open (forged, or sealed elsewhere): refused\n"))
             replay = HtableReplayCache(KsrHtable(ksr, REPLAY_TABLE),
                                        window=proxy_config.replay_window)
         else:
@@ -179,6 +220,21 @@ class ProxyApp:
                     self.events.count("e2m_archive_failed")
                 raise
         return media_log_lines(message, media)
+
+    @property
+    def replicates(self) -> bool:
+        """[cluster] dmq_address: this node shares its state with peers over DMQ."""
+        return self.config.cluster is not None and self.config.cluster.replicates
+
+    def dmq_sources(self) -> frozenset[tuple[str, int]]:
+        """(address, port) a KDMQ request may come from: the [cluster] peers (resolved
+        once, at start: a DNS name may stand for several)."""
+        cluster = self.config.cluster
+        if cluster is None or not cluster.replicates:
+            return frozenset()
+        if self._dmq_sources is None:
+            self._dmq_sources = dmq_peer_sources(cluster)
+        return self._dmq_sources
 
     def replay_archive(self) -> int:
         """Move what the spool holds into the shared archive (the cfg's rtimer calls

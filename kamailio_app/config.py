@@ -29,7 +29,7 @@ from .pgconn import PgUrl, PgUrlError
 
 __all__ = [
     "AppConfig", "AppConfigError", "ArchiveSettings", "AuthSettings", "CertSettings",
-    "ClusterSettings", "E2MSettings",
+    "ClusterSettings", "DispatcherSettings", "DmqUri", "E2MSettings", "parse_dmq_uri",
     "KamailioSettings", "LimitSettings", "Listener", "TlsSettings", "load_app_config",
     "parse_app_config", "LOG_LEVELS", "DB_MODULES",
 ]
@@ -139,6 +139,58 @@ class ClusterSettings:
     db: PgUrl
     connect_timeout: int = 2
     statement_timeout_ms: int = 2000
+    # DMQ between the nodes (Kamailio's dmq, dmq_usrloc, htable dmqreplicate); None:
+    # this node replicates nothing.  ``peers``: the other nodes' DMQ URIs, or one DNS
+    # name (``peers_dns``) whose addresses are all the nodes (dmq multi_notify).
+    dmq_address: DmqUri | None = None
+    peers: tuple[DmqUri, ...] = ()
+    peers_dns: str | None = None
+    # The domain's SIP address every node puts in Via and Record-Route and takes as
+    # its own: an in-dialog request or a response reaches any node (a front, DNS or a
+    # floating address decides which), not only the one that was on the path.
+    advertise: str | None = None
+
+    @property
+    def replicates(self) -> bool:
+        return self.dmq_address is not None
+
+
+@dataclass(frozen=True)
+class DispatcherSettings:
+    """``[dispatcher]``: this proxy is a front for the nodes of a cluster (Kamailio's
+    dispatcher module): every request goes to a node it picks, failing over to the
+    next when one does not answer, nodes probed with OPTIONS."""
+
+    destinations: tuple[DmqUri, ...]
+    algorithm: int = 0              # dispatcher's: 0 hash over Call-ID, 4 round-robin
+    probe_interval: int = 10        # seconds between OPTIONS to each node
+
+
+DISPATCH_ALGORITHMS = {"hash-callid": 0, "round-robin": 4}
+
+
+@dataclass(frozen=True)
+class DmqUri:
+    """A DMQ node address, ``sip:HOST:PORT`` (UDP)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"sip:{host}:{self.port}"
+
+
+_DMQ_URI = re.compile(r"sip:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+_ADVERTISE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?")
+
+
+def parse_dmq_uri(text: str) -> DmqUri | None:
+    """``sip:HOST:PORT`` as a ``DmqUri``; None when it is not one."""
+    match = _DMQ_URI.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not match or not 0 < int(match.group(2)) < 65536:
+        return None
+    return DmqUri(match.group(1).strip("[]").lower(), int(match.group(2)))
 
 
 @dataclass(frozen=True)
@@ -276,6 +328,7 @@ class AppConfig:
     identity_host: str | None = None        # [identity] host: answered as ourselves
     cluster: ClusterSettings | None = None  # None: one node, SQLite (the default)
     certs: CertSettings | None = None       # None: no certificate service
+    dispatcher: DispatcherSettings | None = None   # None: not a front for a cluster
 
     @property
     def local_names(self) -> tuple[str, ...]:
@@ -466,9 +519,11 @@ def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
     if table is None:
         return None
     check = _Checker("cluster", table, problems)
-    check.unknown(("db_url", "db_connect_timeout", "db_statement_timeout_ms"))
+    check.unknown(("db_url", "db_connect_timeout", "db_statement_timeout_ms", "dmq_address",
+                   "peers", "advertise"))
     connect_timeout = check.integer("db_connect_timeout", 2, 2, 30)
     statement_ms = check.integer("db_statement_timeout_ms", 2000, 100, 60000)
+    dmq = _cluster_dmq(check)
     raw = check.string("db_url", None)
     if raw is None:
         check.bad("db_url", "is needed: postgres://user:password@host:port/database")
@@ -479,7 +534,49 @@ def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
         check.bad("db_url", str(exc))
         return None
     return ClusterSettings(db=url, connect_timeout=connect_timeout,
-                           statement_timeout_ms=statement_ms)
+                           statement_timeout_ms=statement_ms, **dmq)
+
+
+def _cluster_dmq(check: _Checker) -> dict[str, Any]:
+    """``dmq_address``, ``peers`` and ``advertise`` of ``[cluster]`` (all optional, but
+    peers and advertise only with a dmq_address)."""
+    out: dict[str, Any] = {}
+    raw = check.string("dmq_address", None)
+    if raw is not None:
+        address = parse_dmq_uri(raw)
+        if address is None:
+            check.bad("dmq_address", f"{raw!r} is not sip:HOST:PORT (this node's DMQ socket)")
+        else:
+            out["dmq_address"] = address
+    peers = check.table.get("peers")
+    if isinstance(peers, str):
+        if _DOMAIN.fullmatch(peers.strip()):
+            out["peers_dns"] = peers.strip().lower()
+        else:
+            check.bad("peers", f"{peers!r} is not a DNS name (or give a list of sip:HOST:PORT)")
+    elif isinstance(peers, list):
+        parsed = [parse_dmq_uri(item) if isinstance(item, str) else None for item in peers]
+        if not peers or None in parsed:
+            check.bad("peers", "must be a non-empty list of sip:HOST:PORT (the other nodes' "
+                               "dmq_address)")
+        elif out.get("dmq_address") in parsed:
+            check.bad("peers", "lists this node's own dmq_address")
+        else:
+            out["peers"] = tuple(dict.fromkeys(parsed))
+    elif peers is not None:
+        check.bad("peers", "must be a list of sip:HOST:PORT or a DNS name")
+    advertise = check.string("advertise", None)
+    if advertise is not None:
+        match = _ADVERTISE.fullmatch(advertise.strip())
+        if not match or (match.group(2) and not 0 < int(match.group(2)) < 65536):
+            check.bad("advertise", f"{advertise!r} is not HOST[:PORT]")
+        else:
+            out["advertise"] = advertise.strip().lower()
+    if "dmq_address" in out and not (out.get("peers") or out.get("peers_dns")):
+        check.bad("peers", "is needed with dmq_address: the other nodes (a list or a DNS name)")
+    if "dmq_address" not in out and raw is None and (peers is not None or advertise):
+        check.bad("dmq_address", "is needed with peers and advertise (this node's DMQ socket)")
+    return out
 
 
 def _archive(table: Any, base: Path, problems: list[str],
@@ -765,11 +862,35 @@ def parse_app_config(data: dict[str, Any], path: str | Path) -> AppConfig:
     tls = _tls(data, kamailio, path.parent, problems)
     limits = _limits(data.get("limits"), kamailio, problems)
     certs = _certs(data.get("certs"), e2m, path.parent, problems)
+    dispatcher = _dispatcher(data.get("dispatcher"), problems)
+    if dispatcher is not None and (e2m.enabled or (kamailio and kamailio.next_hop)):
+        problems.append("[dispatcher]: a front routes only ([e2m] enabled = false, no "
+                        "[kamailio] next_hop): the nodes behind it read the bodies")
     if problems or kamailio is None:
         raise AppConfigError(path, problems or ["[kamailio] is unusable"])
     return AppConfig(path=path, kamailio=kamailio, archive=archive, e2m=e2m, auth=auth,
                      tls=tls, limits=limits, identity_host=_identity_host(data),
-                     cluster=cluster, certs=certs)
+                     cluster=cluster, certs=certs, dispatcher=dispatcher)
+
+
+def _dispatcher(table: Any, problems: list[str]) -> DispatcherSettings | None:
+    if table is None:
+        return None
+    check = _Checker("dispatcher", table, problems)
+    check.unknown(("destinations", "algorithm", "probe_interval"))
+    raw = check.table.get("destinations")
+    parsed = [parse_dmq_uri(item) if isinstance(item, str) else None
+              for item in (raw if isinstance(raw, list) else [])]
+    if not parsed or None in parsed:
+        check.bad("destinations", "must be a non-empty list of sip:HOST:PORT (the nodes)")
+        return None
+    name = check.string("algorithm", "hash-callid")
+    if name not in DISPATCH_ALGORITHMS:
+        check.bad("algorithm", f"must be one of {', '.join(DISPATCH_ALGORITHMS)}, got {name!r}")
+        name = "hash-callid"
+    return DispatcherSettings(destinations=tuple(dict.fromkeys(parsed)),
+                              algorithm=DISPATCH_ALGORITHMS[name],
+                              probe_interval=check.integer("probe_interval", 10, 1, 3600))
 
 
 def load_app_config(path: str | Path) -> AppConfig:

@@ -18,6 +18,7 @@ project, the venv and PROXY.toml are (see kamailio_app/launcher.py).
 """
 
 import base64
+import json
 import os
 import sys
 import traceback
@@ -67,6 +68,7 @@ _AUTH_FAILURES = {-2: "wrong password", -3: "unknown user", -4: "stale nonce",
                   -5: "no credentials of this kind", -6: "nonce used before",
                   _AUTH_USER_MISMATCH: "credentials of another user"}
 _QOP_AUTH, _STALE = 1, 16  # auth_challenge flags
+_COUNTED_REFUSALS = (400, 403, 495, 496)   # statistics: e2m_refused_<code>
 
 
 def mod_init():
@@ -75,6 +77,7 @@ def mod_init():
     if not path:
         raise RuntimeError("E2M_CONFIG define (or E2M_PROXY_CONFIG) is not set")
     APP = ProxyApp.load(path, KSR)
+    APP.dmq_sources()     # [cluster] peers resolved once, before the workers fork
     mode = "E2M proxy for %s" % APP.engine.host if APP.e2m else "plain routing proxy"
     KSR.info("e2m: %s; python %s; config %s\n" % (mode, sys.version.split()[0], path))
     return kamailio()
@@ -175,11 +178,24 @@ class kamailio:
         self.transaction = False     # t_newtran done for this request
         self.authenticated = None    # the user digest authentication proved for it
         try:
+            if self.app.replicates and KSR.pv.get("$rm") == "KDMQ":
+                self.route_dmq()
+                return 1
             self.route_request()
         except Exception as exc:  # noqa: BLE001 - any failure must get an answer
             _log_exception("request route", exc)
             KSR.sl.send_reply(500, "Server Internal Error")
         return 1
+
+    def route_dmq(self):
+        """[cluster] replication (KDMQ), before anything else: from a configured peer's
+        DMQ socket to DMQ; from anyone else refused, and never let into a table."""
+        source = (KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0))
+        if source in self.app.dmq_sources():
+            KSR.dmq.handle_message()
+            return
+        KSR.warn("e2m: KDMQ from %s:%d, not a [cluster] peer: refused\n" % source)
+        KSR.sl.sl_send_reply(403, "Forbidden")
 
     def route_request(self):
         if not self.route_limits():
@@ -198,8 +214,8 @@ class kamailio:
         if certs and KSR.is_SUBSCRIBE():   # a certificate is public: no credentials (RFC 6072)
             self.route_certs(self.app.certs.route_subscribe)
             return
-        local_register = KSR.is_REGISTER() and (KSR.is_myself_ruri()
-                                                 or not self.app.config.kamailio.next_hop)
+        local_register = KSR.is_REGISTER() and self.app.config.dispatcher is None and (
+            KSR.is_myself_ruri() or not self.app.config.kamailio.next_hop)
         if not self.route_auth(register=local_register):
             return
         if certs:                          # PUBLISH: as the authenticated owner only
@@ -338,6 +354,8 @@ class kamailio:
                 self.route_certs(self.app.certs.route_resubscribe)
             return
         if KSR.rr.loose_route() > 0:
+            if self.app.config.dispatcher is not None and not self.route_dispatch():
+                return                 # a front: the dialog goes on at a live node
             if KSR.is_ACK():
                 if _has_body():        # a late answer rides in the ACK; a bare ACK has nothing
                     self.inspect_only()
@@ -393,8 +411,20 @@ class kamailio:
             name, value = engine.policy_header()
             KSR.hdr.append_to_reply(_header_line(name, value))
 
+    def route_dispatch(self):
+        """[dispatcher] front: a live node of the cluster (dispatcher set 1; the others
+        kept for failover).  False when none is up (answered 503)."""
+        if KSR.dispatcher.ds_select_dst(1, self.app.config.dispatcher.algorithm) > 0:
+            return True
+        if not KSR.is_ACK():
+            KSR.hdr.append_to_reply("Retry-After: %d\r\n" % _AUTH_RETRY_AFTER)
+            KSR.sl.sl_send_reply(503, "No Node Available")
+        return False
+
     def route_target(self):
         """Where the request goes: location, else next_hop, else by Request-URI."""
+        if self.app.config.dispatcher is not None:
+            return self.route_dispatch()
         next_hop = self.app.config.kamailio.next_hop
         if KSR.hdr.is_present("Route") > 0:
             KSR.rr.loose_route()       # a pre-loaded route set past us is honoured
@@ -424,7 +454,7 @@ class kamailio:
             if not self.inspect_request():
                 return
         KSR.tm.t_on_reply("ksr_onreply_route")
-        if self.app.engine is not None:
+        if self.app.engine is not None or self.app.config.dispatcher is not None:
             KSR.tm.t_on_failure("ksr_failure_route")
         if KSR.tm.t_relay() < 0:
             self.drop_attempt_keys()
@@ -453,6 +483,7 @@ class kamailio:
         except E2MError as exc:
             # Kamailio's parser is more lenient than the core's: still a bad request.
             _log_exception("parse", exc)
+            KSR.statistics.update_stat("e2m_refused_400", 1)
             KSR.sl.send_reply(400, "Bad Request")
             return False
         verdict = self.app.engine.inspect(message)
@@ -481,6 +512,8 @@ class kamailio:
 
     def observe(self, message, verdict):
         """Archive and log what was seen.  False when the request was answered 500."""
+        if verdict.seen:
+            KSR.statistics.update_stat("e2m_bodies_opened", len(verdict.seen))
         try:
             for line in self.app.observe(message, verdict):
                 KSR.info(line + "\n")
@@ -499,6 +532,8 @@ class kamailio:
             KSR.pv.sets("$var(e2m_body)", base64.b64encode(verdict.body).decode("ascii"))
             KSR.pv.sets("$var(e2m_ctype)", verdict.content_type or "application/octet-stream")
             KSR.route("E2M_REPLY_BODY")
+        if int(verdict.code) in _COUNTED_REFUSALS:
+            KSR.statistics.update_stat("e2m_refused_%d" % int(verdict.code), 1)
         KSR.sl.send_reply(int(verdict.code), verdict.reason or "Refused")
 
     # -- core reply route: every reply, before tm.  Defined so Kamailio finds it: a
@@ -510,6 +545,42 @@ class kamailio:
                 self.app.certs.on_reply()      # a 481 to one of our NOTIFYs
             except Exception as exc:  # noqa: BLE001 - the reply goes on regardless
                 _log_exception("certificate reply", exc)
+        if self.app.engine is not None and self.app.replicates:
+            try:
+                self.route_stray_reply()
+            except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
+                _log_exception("stray reply", exc)
+        return 1
+
+    def route_stray_reply(self):
+        """[cluster]: a response to a request another node sent (its Via is the
+        cluster's advertised address; a front or a floating address brought it here)
+        matches no transaction of ours and is forwarded statelessly by the core; it is
+        read here, with the keys that node kept (replicated), as tm's route would."""
+        if KSR.tm.t_check_trans() > 0:
+            return            # ours: ksr_onreply_route reads it
+        self.route_reply()
+
+    # -- htable events ([cluster]): an expired key cache entry counts
+    def ksr_htable_event(self, *args):
+        evname = args[-1] if args else ""
+        if evname == "htable:expired:e2mkeys" and \
+                not (KSR.pv.get("$shtrecord(key)") or "").startswith("@"):
+            KSR.statistics.update_stat("e2m_ceks_expired", 1)
+        return 1
+
+    # -- rtimer ([cluster], every 5 s): DMQ peers up into e2m_dmq_peers_up
+    def ksr_cluster_timer(self, msg, evname):
+        try:
+            KSR.jsonrpcs.execx('{"jsonrpc": "2.0", "method": "dmq.list_nodes", "id": 1}')
+            nodes = json.loads(KSR.pv.get("$jsonrpl(body)") or "{}").get("result") or []
+            up = sum(1 for node in nodes if isinstance(node, dict)
+                     and node.get("status") == "active" and not node.get("local"))
+            KSR.statistics.reset_stat("e2m_dmq_peers_up")
+            if up:
+                KSR.statistics.update_stat("e2m_dmq_peers_up", up)
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            _log_exception("cluster timer", exc)
         return 1
 
     # -- tm onreply route --------------------------------------------------------
@@ -538,10 +609,26 @@ class kamailio:
     # -- tm failure route: the request's transaction ended without success -----------
     def ksr_failure_route(self, msg):
         try:
+            if self.app.config.dispatcher is not None and self.failover():
+                return 1
             self.drop_attempt_keys()
         except Exception as exc:  # noqa: BLE001 - tm sends the failure on regardless
             _log_exception("failure route", exc)
         return 1
+
+    def failover(self):
+        """[dispatcher] front: the node did not answer (or answered 503): it is taken
+        out until a probe answers, and the request goes to the next node.  True when
+        it went."""
+        if KSR.tm.t_is_canceled() > 0:
+            return False
+        if KSR.tm.t_branch_timeout() < 0 and KSR.tm.t_check_status("503") < 0:
+            return False
+        KSR.dispatcher.ds_mark_dst()
+        if KSR.dispatcher.ds_next_dst() < 0:
+            return False
+        KSR.tm.t_on_failure("ksr_failure_route")
+        return KSR.tm.t_relay() > 0
 
     # -- rtimer (a process of its own, every second): the certificate service's NOTIFYs
     def ksr_cert_timer(self, msg, evname):

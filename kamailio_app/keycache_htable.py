@@ -148,7 +148,10 @@ class HtableKeyCache:
     def __init__(self, backend: HtableBackend, *, max_entries: int = 10_000,
                  default_ttl: float = DIALOG_TTL, transaction_ttl: float = TRANSACTION_TTL,
                  max_ttl: float = MAX_TTL, max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
-                 sweep_every: int | None = None, clock: Callable[[], float] = time.time) -> None:
+                 sweep_every: int | None = None, clock: Callable[[], float] = time.time,
+                 seal_key: bytes | None = None, origin: str = "",
+                 count: Callable[[str, int], None] | None = None,
+                 refused: Callable[[str], None] | None = None) -> None:
         self._limits = CacheLimits(max_entries, default_ttl, transaction_ttl, max_ttl,
                                    max_decrypts_cap)
         self._backend = backend
@@ -162,7 +165,14 @@ class HtableKeyCache:
         # Entries are sealed with a key made here, before Kamailio forks: every
         # worker has it, and nothing outside this process tree does.  Kamailio
         # logs KSR call arguments at debug level; a sealed entry shows no CEK.
-        self._seal_key = AESGCM(AESGCM.generate_key(bit_length=128))
+        # A cluster passes ``seal_key``, the same on every node (entries replicated
+        # by DMQ open on each of them, and on nothing else); ``origin`` names this
+        # node inside the seal, so a key kept by another one is counted as such.
+        self._seal_key = AESGCM(seal_key if seal_key is not None
+                                else AESGCM.generate_key(bit_length=128))
+        self._origin = origin
+        self._count = count or (lambda _name, _n: None)
+        self._refused = refused or (lambda _key: None)
 
     def __repr__(self) -> str:
         return f"HtableKeyCache(max_entries={self._limits.max_entries})"
@@ -185,6 +195,7 @@ class HtableKeyCache:
             self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
         finally:
             self._backend.unlock(key)
+        self._count("e2m_ceks_kept", 1)
         # indexed, so that ending the scope removes its names without a scan
         self._list_in_index(scope, key[len(scope_key(scope)):], entry.expires, now)
         self._puts += 1
@@ -214,22 +225,30 @@ class HtableKeyCache:
             if raw is None:
                 return None
             try:
-                entry = self._unseal(key, raw)
+                entry, origin = self._unseal_from(key, raw)
             except MalformedError:
+                # forged, corrupt, or sealed by someone without our key (a rogue DMQ
+                # peer): never used, and gone
+                self._refused(key)
                 self._backend.remove(key)
                 return None
             now = self._clock()
             if now >= entry.expires or entry.scope != scope or entry.reference != reference:
+                if now >= entry.expires:
+                    self._count("e2m_ceks_expired", 1)
                 self._backend.remove(key)
                 return None
+            if origin != self._origin:
+                self._count("e2m_ceks_replicated", 1)
             if entry.max_decrypts is None:
                 return entry
             left = entry.max_decrypts - 1
             if left <= 0:
                 self._backend.remove(key)      # this is the last permitted use
             else:
-                kept = replace(entry, max_decrypts=left)
-                self._backend.set(key, self._seal(key, kept), max(1, math.ceil(entry.expires - now)))
+                kept = replace(entry, max_decrypts=left)     # still the keeper's entry
+                self._backend.set(key, self._seal(key, kept, origin),
+                                  max(1, math.ceil(entry.expires - now)))
             return replace(entry, max_decrypts=left)
         finally:
             self._backend.unlock(key)
@@ -278,18 +297,28 @@ class HtableKeyCache:
         return sum(1 for _, entry in self._live(now))
 
     # -- sealing -----------------------------------------------------------------
-    def _seal(self, key: str, entry: CachedKey) -> str:
+    def _seal(self, key: str, entry: CachedKey, origin: str | None = None) -> str:
         nonce = os.urandom(12)
-        sealed = self._seal_key.encrypt(nonce, encode_entry(entry).encode(), key.encode())
+        origin = self._origin if origin is None else origin
+        plain = f"{origin}\n{encode_entry(entry)}".encode()
+        sealed = self._seal_key.encrypt(nonce, plain, key.encode())
         return base64.b64encode(nonce + sealed).decode("ascii")
 
     def _unseal(self, key: str, raw: str) -> CachedKey:
+        return self._unseal_from(key, raw)[0]
+
+    def _unseal_from(self, key: str, raw: str) -> tuple[CachedKey, str]:
+        """The entry sealed under ``key`` (the name is bound in: an entry copied to
+        another name does not open) and the node that sealed it."""
         try:
             data = base64.b64decode(raw, validate=True)
-            plain = self._seal_key.decrypt(data[:12], data[12:], key.encode())
+            plain = self._seal_key.decrypt(data[:12], data[12:], key.encode()).decode()
         except (ValueError, binascii.Error, InvalidTag, UnicodeDecodeError):
             raise MalformedError("key cache entry does not open") from None
-        return decode_entry(plain.decode())
+        origin, sep, text = plain.partition("\n")
+        if not sep:
+            raise MalformedError("key cache entry does not open")
+        return decode_entry(text), origin
 
     # -- housekeeping ------------------------------------------------------------
     def _live(self, now: float) -> Iterator[tuple[str, CachedKey]]:
@@ -321,6 +350,7 @@ class HtableKeyCache:
                 continue
             if now >= entry.expires:
                 dead.append(key)
+                self._count("e2m_ceks_expired", 1)
             else:
                 live.append((entry.created, key))
         if len(live) > self._limits.max_entries:

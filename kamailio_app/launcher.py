@@ -25,13 +25,14 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from .config import AppConfig, AppConfigError, TlsSettings, load_app_config
+from .config import (AppConfig, AppConfigError, ClusterSettings, DispatcherSettings,
+                     TlsSettings, load_app_config)
 from .pgconn import passfile_text
 from .users import UsersError, ensure_users_db
 
 __all__ = ["render_cfg", "write_runtime_files", "tls_cfg_text", "trusted_list_text",
            "python_path", "kamailio_command", "check_config", "main", "LogCutter",
-           "TEMPLATE", "KEMI_SCRIPT", "OPEN_REGISTRAR_WARNING", "mask_passwords"]
+           "TEMPLATE", "KEMI_SCRIPT", "OPEN_REGISTRAR_WARNING", "mask_passwords", "ds_list_text"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -87,6 +88,12 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         defines.append("#!define WITH_SHARED_ARCHIVE")
     if config.certs is not None:
         defines.append("#!define WITH_CERTS")
+    cluster = config.cluster if config.cluster is not None and config.cluster.replicates \
+        else None
+    if cluster is not None:
+        defines.append("#!define WITH_DMQ")
+    if config.dispatcher is not None:
+        defines.append("#!define WITH_DISPATCHER")
     values = {
         "CONFIG_PATH": _cfg_string(str(config.path), "config path"),
         "PYTHONPATH": _cfg_string(os.pathsep.join(python_path()), "python path"),
@@ -95,9 +102,12 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "MODULE_PATH": _cfg_string(k.module_path, "module path"),
         "FEATURE_DEFINES": "\n".join(defines),
         "LOG_LEVEL": str(k.log_level),
-        "LISTEN_LINES": "\n".join(f"listen={item.kamailio()}" for item in k.listen),
-        # the domains and the [identity] host: a request for either is for us
-        "ALIAS_LINES": "\n".join(f"alias={name}" for name in config.local_names),
+        "LISTEN_LINES": "\n".join(_listen_lines(config)),
+        # the domains and the [identity] host: a request for either is for us; in a
+        # cluster the domain's advertised address too (any node takes it)
+        "ALIAS_LINES": "\n".join(f"alias={name}" for name in config.local_names
+                                 + ((cluster.advertise,) if cluster and cluster.advertise
+                                    else ())),
         "KEYCACHE_SIZE": str(k.keycache_size),
         "KEYCACHE_EXPIRE": str(k.keycache_expire),
         # the longest replay window PROXY.toml may set, plus a transaction's lifetime;
@@ -122,6 +132,9 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "DB_CONNECT_TIMEOUT": str(config.cluster.connect_timeout if config.cluster else 2),
         # db_postgres counts whole seconds
         "DB_TIMEOUT": str(-(-config.cluster.statement_timeout_ms // 1000) if config.cluster else 2),
+        **_dmq_values(cluster),
+        "DS_PROBE_INTERVAL": str(config.dispatcher.probe_interval if config.dispatcher else 10),
+        "DS_PING_FROM": _bracket(k.listen[0].host) if k.listen else "localhost",
     }
     text = template.read_text()
     for name, value in values.items():
@@ -130,6 +143,50 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         left = text[text.index("@@"):].split("\n", 1)[0]
         raise RuntimeError(f"template placeholder not filled: {left}")
     return text
+
+
+def _listen_lines(config: AppConfig) -> list[str]:
+    """``listen=`` lines: [kamailio] listen (advertising the cluster's address, when
+    set), and the DMQ socket when no listener is already on it."""
+    cluster = config.cluster if config.cluster is not None and config.cluster.replicates \
+        else None
+    advertise = f" advertise {cluster.advertise}" if cluster and cluster.advertise else ""
+    dmq = cluster.dmq_address if cluster else None
+    lines = []
+    for item in config.kamailio.listen:
+        is_dmq = dmq is not None and item.proto == "udp" and item.host == dmq.host \
+            and item.port == dmq.port
+        # KDMQ names the node by its own address: never the advertised one
+        lines.append(f"listen={item.kamailio()}" + ("" if is_dmq else advertise))
+    if dmq is not None and not any(line.startswith(f"listen=udp:{_bracket(dmq.host)}:{dmq.port}")
+                                   for line in lines):
+        lines.append(f"listen=udp:{_bracket(dmq.host)}:{dmq.port}")
+    return lines
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _dmq_values(cluster: ClusterSettings | None) -> dict[str, str]:
+    """The DMQ placeholders ([cluster] dmq_address, peers); empty without DMQ."""
+    if cluster is None:
+        return {"DMQ_ADDRESS": "", "DMQ_NOTIFY_LINES": "", "DMQ_MULTI_NOTIFY": "0",
+                "DMQ_REPLICATE": ""}
+    if cluster.peers_dns is not None:
+        port = cluster.dmq_address.port
+        notify = [f"sip:{cluster.peers_dns}:{port}"]
+    else:
+        notify = [str(peer) for peer in cluster.peers]
+    return {
+        "DMQ_ADDRESS": _cfg_string(str(cluster.dmq_address), "[cluster] dmq_address"),
+        "DMQ_NOTIFY_LINES": "\n".join(
+            f'modparam("dmq", "notification_address", "{_cfg_string(uri, "[cluster] peers")}")'
+            for uri in notify),
+        # one DNS name: every address it resolves to is a node
+        "DMQ_MULTI_NOTIFY": "1" if cluster.peers_dns is not None else "0",
+        "DMQ_REPLICATE": "dmqreplicate=1;",
+    }
 
 
 def _tls_profile(tls: TlsSettings, role: str, ca_file: Path) -> str:
@@ -145,6 +202,13 @@ def tls_cfg_text(tls: TlsSettings, ca_file: Path) -> str:
     """The tls.cfg Kamailio's tls module reads: one server and one client profile."""
     return ("# written by e2m-proxy from PROXY.toml [tls]; edit that, not this copy\n"
             + _tls_profile(tls, "server", ca_file) + "\n" + _tls_profile(tls, "client", ca_file))
+
+
+def ds_list_text(dispatcher: DispatcherSettings) -> str:
+    """dispatcher's list file: set 1, one node a line, probed (flag 8: always)."""
+    lines = ["# written by e2m-proxy from PROXY.toml [dispatcher]; edit that, not this copy"]
+    lines += [f"1 {node} 8" for node in dispatcher.destinations]
+    return "\n".join(lines) + "\n"
 
 
 def trusted_list_text(networks: tuple[str, ...]) -> str:
@@ -166,6 +230,8 @@ def write_runtime_files(config: AppConfig, runtime_dir: Path) -> None:
         (runtime_dir / "tls.cfg").write_text(tls_cfg_text(config.tls, bundle))
     if config.limits.trusted:
         (runtime_dir / "trusted.list").write_text(trusted_list_text(config.limits.trusted))
+    if config.dispatcher is not None:
+        (runtime_dir / "ds.list").write_text(ds_list_text(config.dispatcher))
     if config.auth is not None and config.auth.users is not None:
         ensure_users_db(config.auth.users)
     if config.auth is not None and config.auth.pg is not None:
@@ -232,7 +298,7 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         return
     for name in ("kamailio_ctl", "kamailio_rpc.fifo", "kamailio.pid", "tls.cfg", "tls-ca.pem",
-                 "trusted.list", "pgpass"):
+                 "trusted.list", "pgpass", "ds.list"):
         try:
             (runtime_dir / name).unlink()
         except OSError:
@@ -387,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # AppConfigError and the core's ConfigError
         print(f"e2m-proxy: {exc}", file=sys.stderr)
         return 2
-    if config.auth is None and not args.print_cfg:
+    if config.auth is None and config.dispatcher is None and not args.print_cfg:
         print(OPEN_REGISTRAR_WARNING, file=sys.stderr)
     if not args.print_cfg:
         from .db_cmd import preflight

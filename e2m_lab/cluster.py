@@ -1,0 +1,258 @@
+"""Two home nodes of one domain on Kamailio DMQ and one PostgreSQL, and phones for
+them, for the cluster tests (tests/cluster/test_dmq_cluster.py) and ``make
+demo-cluster`` (e2m_lab/demo_cluster.py).
+
+Nodes A and B share [identity] (a UA encrypts for the domain's proxy certificate),
+the PostgreSQL archive and users, and replicate registrations (dmq_usrloc) and the
+key cache, dialog key index and replay record (htable dmqreplicate).  Both advertise
+the domain's floating address (``ADVERTISE``, where nothing listens here) in Via and
+Record-Route, so a response or in-dialog request reaching either one is theirs.
+
+The phones are the core's UA engines on plain UDP sockets (not pjsua2): ``Alice``
+sends each request to the node (or front) a caller names, ``Bob`` is a UDP peer whose
+answers his engine protects, reusing the offer's CEK, so a node reads an answer only
+with the key kept from the offer.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from e2m_plugins.sip import SipMessage, make_request, make_response, parse
+
+from .flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, ua_engine
+from .kamailio_harness import ProxyHandle, RawUas, SipUa, parse_address_uri
+from .ports import free_port
+
+__all__ = ["VIEW", "ADVERTISE", "REPLICATION", "Cluster", "start_cluster", "wait_until",
+           "stat", "counters", "dmq_port", "contacts", "htable_dump", "Bob", "register_bob",
+           "Alice", "answers"]
+
+VIEW = ("INVITE:application/sdp",)
+ADVERTISE = "127.0.0.66:5066"     # the domain's (floating) address: nothing listens there
+REPLICATION = 3.0          # seconds a change may take to reach the other node
+
+
+# --------------------------------------------------------------------------- the cluster
+
+@dataclass
+class Cluster:
+    a: ProxyHandle
+    b: ProxyHandle
+
+    @property
+    def nodes(self) -> tuple[ProxyHandle, ProxyHandle]:
+        return self.a, self.b
+
+
+def _node_settings(db_url: str, own_dmq: int, peer_dmq: int) -> dict:
+    return {"db_url": db_url, "view": VIEW,
+            "extra": {"cluster": {"dmq_address": f"sip:127.0.0.1:{own_dmq}",
+                                  "peers": [f"sip:127.0.0.1:{peer_dmq}"],
+                                  "advertise": ADVERTISE}}}
+
+
+def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
+                  kamailio: dict | None = None) -> Cluster:
+    """Nodes A and B on ``db_url``, started one after the other; ``kamailio``: extra
+    [kamailio] keys for both."""
+    dmq_a = free_port()
+    dmq_b = free_port(avoid={dmq_a})
+    settings = [_node_settings(db_url, dmq_a, dmq_b), _node_settings(db_url, dmq_b, dmq_a)]
+    for one in settings:
+        if kamailio:
+            one["extra"]["kamailio"] = dict(kamailio)
+    a = proxy_factory("node-a", **settings[0])
+    b = proxy_factory("node-b", **settings[1])
+    cluster = Cluster(a, b)
+    wait_until(lambda: all(stat(n, "e2m_dmq_peers_up") >= 1 for n in cluster.nodes), 15,
+               "DMQ peers up on both nodes")
+    return cluster
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def stat(node: ProxyHandle, name: str) -> int:
+    text = node.rpc("stats.get_statistics", name)
+    match = re.search(rf"{name} = (-?\d+)", text)
+    assert match, text
+    return int(match.group(1))
+
+
+def dmq_port(node: ProxyHandle) -> int:
+    from kamailio_app.config import load_app_config
+    return load_app_config(node.config_path).cluster.dmq_address.port
+
+
+def contacts(node: ProxyHandle, aor: str) -> list[str]:
+    """The contacts usrloc holds for ``aor`` on ``node`` (ul.lookup)."""
+    text = node.rpc("ul.lookup", "location", aor)
+    return re.findall(r"Address:\s*(\S+)", text)
+
+
+# --------------------------------------------------------------------------- bob
+
+class Bob(RawUas):
+    """bob's phone: answers an INVITE with a 200 carrying his SDP answer, protected
+    by his engine, to the node that sent it.  ``answer_to``: the 200 to a new dialog
+    goes to that node's port instead (the domain's floating address moved there) and
+    the sender gets a 180 (its tm then waits instead of retransmitting).
+    ``before_answer``: called once, before the next 200 to an INVITE goes out.  200 to
+    anything else."""
+
+    def __init__(self, pki: Any) -> None:
+        self.engine = ua_engine(pki, "bob")
+        self.answer_to: int | None = None
+        self.before_answer: Callable[[], None] | None = None
+        super().__init__(self._respond)
+
+    def _respond(self, request: SipMessage) -> SipMessage | None:
+        if request.method != "INVITE":
+            return make_response(request, 200, "OK")
+        opened = self.engine.open(request).message
+        reply = answer(opened, SDP_ANSWER).replace("Contact", f"<sip:bob@127.0.0.1:{self.port}>")
+        for route in request.get_all("Record-Route"):
+            reply = reply.add("Record-Route", route)
+        protected = self.engine.protect(reply).message
+        if self.before_answer is not None:
+            hook, self.before_answer = self.before_answer, None
+            hook()
+        if self.answer_to is None or request.to_tag is not None:
+            return protected
+        ringing = make_response(request, 180, "Ringing")
+        if request.to_tag is None:
+            ringing = ringing.replace("To", protected.get("To") or "")
+        target, self.answer_to = self.answer_to, None
+        self.sock.sendto(protected.serialize(), ("127.0.0.1", target))
+        return ringing
+
+
+def register_bob(node: ProxyHandle, bob: Bob) -> None:
+    ua = SipUa(node.port, user="bob")
+    try:
+        request = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
+        reply = ua.request(request.replace("Contact", f"<sip:bob@127.0.0.1:{bob.port}>"))
+        assert reply is not None and reply.status == 200
+    finally:
+        ua.close()
+
+
+# --------------------------------------------------------------------------- alice
+
+class Alice:
+    """alice's phone: her UA engine on one UDP socket, sending each request to the
+    node a test names (the response may come back from any node)."""
+
+    def __init__(self, pki: Any) -> None:
+        self.pki = pki
+        self.engine = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, VIEW),))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.call_id = f"cl-{secrets.token_hex(6)}@127.0.0.1"
+        self.from_tag = secrets.token_hex(4)
+        self.cseq = 0
+        self.to_tag: str | None = None
+        self.routes: list[str] = []
+        self.target = ""
+        self.sent_bodies: list[bytes] = []
+        self.last_invite: SipMessage | None = None     # the protected INVITE, as sent
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _via(self) -> str:
+        return (f"SIP/2.0/UDP 127.0.0.1:{self.port};rport;"
+                f"branch=z9hG4bK-{secrets.token_hex(6)}")
+
+    def transact(self, node: ProxyHandle, request: SipMessage,
+                 timeout: float = 8.0) -> SipMessage | None:
+        request = request.replace("Via", self._via())
+        self.sock.sendto(request.serialize(), ("127.0.0.1", node.port))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65535)
+            except (socket.timeout, TimeoutError):
+                return None
+            reply = parse(data)
+            if reply.is_request or reply.cseq != request.cseq \
+                    or reply.get("Call-ID") != request.get("Call-ID"):
+                continue
+            if (reply.status or 0) >= 200:
+                return reply
+        return None
+
+    def _in_dialog(self, method: str, body: bytes = b"", cseq: int | None = None) -> SipMessage:
+        if cseq is None:
+            self.cseq += 1
+            cseq = self.cseq
+        headers = [("Route", r) for r in self.routes]
+        headers.append(("Contact", f"<sip:alice@127.0.0.1:{self.port}>"))
+        return make_request(method, self.target, from_uri=self.pki.aor("alice"),
+                            to_uri=self.pki.aor("bob"), call_id=self.call_id, cseq=cseq,
+                            from_tag=self.from_tag, to_tag=self.to_tag, extra_headers=headers,
+                            body=body, content_type="application/sdp" if body else None)
+
+    def call(self, node: ProxyHandle) -> SipMessage | None:
+        """INVITE with an encrypted offer (readable by the domain's proxy) to ``node``."""
+        self.cseq += 1
+        request = invite(self.pki, call_id=self.call_id, from_tag=self.from_tag,
+                         cseq=self.cseq).replace("Contact", f"<sip:alice@127.0.0.1:{self.port}>")
+        protected = self.engine.protect(request).message
+        assert SDP_OFFER not in protected.body
+        self.sent_bodies.append(protected.body)
+        self.last_invite = protected
+        reply = self.transact(node, protected)
+        if reply is not None and reply.status == 200:
+            self.to_tag = reply.to_tag
+            self.routes = list(reversed(reply.get_all("Record-Route")))
+            self.target = parse_address_uri(reply.get("Contact") or "")
+        return reply
+
+    def ack(self, node: ProxyHandle) -> None:
+        ack = self._in_dialog("ACK", cseq=self.cseq).replace("Via", self._via())
+        self.sock.sendto(ack.serialize(), ("127.0.0.1", node.port))
+
+    def reinvite(self, node: ProxyHandle) -> SipMessage | None:
+        request = self._in_dialog("INVITE", SDP_OFFER.replace(b"49170", b"49180"))
+        protected = self.engine.protect(request).message
+        assert b"49180" not in protected.body
+        reply = self.transact(node, protected)
+        if reply is not None and reply.status == 200:
+            self.ack(node)
+        return reply
+
+    def bye(self, node: ProxyHandle) -> SipMessage | None:
+        return self.transact(node, self._in_dialog("BYE"))
+
+    def open(self, reply: SipMessage) -> bytes:
+        return self.engine.open(reply).message.body
+
+
+def htable_dump(node: ProxyHandle, table: str = "e2mkeys") -> dict[str, str]:
+    """Name -> value of every item (key-cache values are sealed: no CEK is shown)."""
+    text = node.rpc("htable.dump", table)
+    return dict(re.findall(r"name:\s*(\S+)\s+value:\s*(\S+)", text))
+
+
+def answers(node: ProxyHandle, call_id: str) -> list:
+    return [r for r in node.archive_rows() if r.call_id == call_id and r.direction == "response"]
+
+
+def counters(node: ProxyHandle) -> dict[str, int]:
+    text = node.rpc("stats.get_statistics", "script:")
+    return {name: int(value) for name, value in re.findall(r"(e2m_\w+) = (-?\d+)", text)}
