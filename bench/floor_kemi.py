@@ -13,6 +13,12 @@ primitives opening one envelope needs, on key material made at start:
   kekri   requests as x25519; responses AES key unwrap + AES-128-GCM only (the
           answer under the offer's reused CEK)
 
+and, in every mode, what checking the sender's signature needs (the bench's bodies
+are signed, as UAs sign by default): the signer's certificate loaded from DER, its
+RSA-2048 PKCS#1 v1.5 SHA-256 signature over 200 bytes of signed attributes, the
+SHA-256 of the content, and the CA's ECDSA P-256 signature on the certificate (the
+bench's test PKI: RSA-2048 users, a P-256 CA).
+
 No SIP, MIME or CMS parsing, no policy, no key cache, no log line: what it costs
 above the relay is a lower bound for any E2M proxy in Kamailio's Python.  The
 mode comes from the environment variable E2M_BENCH_FLOOR.  Never for production.
@@ -35,8 +41,13 @@ def _add_project_path():
 _add_project_path()
 
 import KSR  # noqa: E402
+import datetime  # noqa: E402
+
+from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: E402
     X25519PrivateKey, X25519PublicKey)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
@@ -62,6 +73,29 @@ class FloorMaterial:
         self.peer = X25519PrivateKey.generate().public_key().public_bytes_raw()
         self.rsa = rsa.generate_private_key(65537, 2048)
         self.rsa_wrapped = self.rsa.public_key().encrypt(cek, padding.PKCS1v15())
+        self._make_signature()
+
+    def _make_signature(self):
+        ca = ec.generate_private_key(ec.SECP256R1())
+        signer = rsa.generate_private_key(65537, 2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "floor")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(signer.public_key()).serial_number(1)
+                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                .sign(ca, hashes.SHA256()))
+        self.ca_public = ca.public_key()
+        self.cert_der = cert.public_bytes(Encoding.DER)
+        self.attrs = os.urandom(200)
+        self.signature = signer.sign(self.attrs, padding.PKCS1v15(), hashes.SHA256())
+
+    def verify(self, content):
+        cert = x509.load_der_x509_certificate(self.cert_der)
+        digest = hashes.Hash(hashes.SHA256())
+        digest.update(content)
+        digest.finalize()
+        cert.public_key().verify(self.signature, self.attrs, padding.PKCS1v15(), hashes.SHA256())
+        self.ca_public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
 
     def open(self, kind):
         if kind == "rsa":
@@ -71,7 +105,9 @@ class FloorMaterial:
                 shared = self.x25519.exchange(X25519PublicKey.from_public_bytes(self.peer))
                 HKDF(hashes.SHA256(), 16, None, b"e2m floor").derive(shared)
             cek = aes_key_unwrap(self.kek, self.wrapped)
-        return AESGCM(cek).decrypt(self.nonce, self.content, None)
+        content = AESGCM(cek).decrypt(self.nonce, self.content, None)
+        self.verify(content)
+        return content
 
 
 def _read_raw():

@@ -11,6 +11,12 @@ offer's CEK and the BYE drops it.
 Prints, per configuration and workload, the µs per call without the profiler (median
 of batches) and the top functions by own time and by cumulative time.  Not part of
 ``make bench``; run it as ``.venv/bin/python bench/profile_proxy.py [--calls N]``.
+
+``--live CONFIG [--workload message|dialog] [--rate R] [--seconds S] [--py-spy PATH]``
+profiles a real Kamailio instead: one instance of CONFIG started as the rate benchmark
+starts it (pinned to one core, SIPp on the other), SIPp at R calls/s, and py-spy
+(``pip install py-spy`` in any venv) sampling every process of the instance for S
+seconds; prints the functions by own and by inclusive share of the samples.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ def _engine(pki, cfg: pr.Config, workdir: Path) -> ProxyEngine:
     if cfg.proxy_key_type != "rsa":
         cred = pki.proxy(pr.TRUSTED, cfg.proxy_key_type)
         extra["identity"] = {"cert": str(cred.cert_path), "key": str(cred.key_path)}
+    # as in the rate benchmark: one unbound body for every call (proxyrates.BODIES_SENT)
+    extra["policy"] = {"legacy_peers": [pki.aor("alice"), pki.aor("bob")]}
     path = write_proxy_config(workdir / cfg.key, 5999, pki=pki, e2m=True, archive=False, extra=extra)
     return ProxyEngine(load_proxy_config(path), MemoryKeyCache())
 
@@ -130,11 +138,115 @@ def profile(cfg: pr.Config, workload: str, engine: ProxyEngine, calls: int, top:
             "top_tottime": rows("tottime"), "top_cumtime": rows("cumtime")}
 
 
+# -- inside a running worker (py-spy) -------------------------------------------------
+
+def _frame_name(frame: str) -> str:
+    """py-spy's "func (path:line)" shortened to "func (file:line)"."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")")
+    short = path.split("/work/main/")[-1] if "/work/main/" in path else path.rsplit("/", 1)[-1]
+    return f"{name} ({short})"
+
+
+def summarize_raw(paths: list[Path], top: int) -> dict:
+    """Own and inclusive sample shares per function over py-spy ``--format raw`` files."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            frames = [_frame_name(f) for f in stack.split(";") if f and not f.startswith("process ")
+                      and not f.startswith("thread ")]
+            if not frames:
+                continue
+            total += n
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for frame in set(frames):
+                inclusive[frame] = inclusive.get(frame, 0) + n
+
+    def ranked(table: dict[str, int]) -> list[dict]:
+        return [{"function": k, "samples": v, "share": v / total if total else 0.0}
+                for k, v in sorted(table.items(), key=lambda kv: kv[1], reverse=True)[:top]]
+    return {"samples": total, "own": ranked(own), "inclusive": ranked(inclusive)}
+
+
+def live(config_key: str, workload: str, rate: float, seconds: float, top: int,
+         py_spy: str) -> dict:
+    """One instance of ``config_key`` (as the rate benchmark starts it, pinned when it
+    can be), SIPp at ``rate`` for ``seconds`` + 2, and py-spy sampling every Kamailio
+    process of the instance for ``seconds`` in the middle of it."""
+    import os
+    import subprocess
+    workdir = Path(tempfile.mkdtemp(prefix="e2m-proxy-live-"))
+    pki = pr.init_test_pki(workdir / "pki", proxy_hosts=(pr.TRUSTED,), users=("alice", "bob"))
+    cfg = next(c for c in pr.make_configs(pki, pr.Plan().text) if c.key == config_key)
+    plan = pr.Plan()
+    pinning = pr.choose_pinning(plan)
+    own = os.sched_getaffinity(0)
+    if pinning:
+        os.sched_setaffinity(0, {pinning.sipp_core})
+    inst = pr.start_instance(cfg, pki, workdir, plan)
+    try:
+        inst.pids = pr.kamailio_pids(inst.kamailio_pid)
+        if pinning:
+            pr.pin_pids(inst.pids, pinning.kamailio_core)
+        import threading
+        holder: dict = {}
+        runner = threading.Thread(target=lambda: holder.setdefault("run", pr.run_sipp(
+            inst, workload, rate, seconds + 2, plan, workdir)))
+        runner.start()
+        time.sleep(1.0)
+        outs = [workdir / f"spy-{pid}.txt" for pid in inst.pids]
+        spies = [subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                                   "--rate", "200", "--format", "raw", "--nonblocking",
+                                   "--output", str(out)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for pid, out in zip(inst.pids, outs)]
+        for spy in spies:
+            spy.wait()
+        runner.join()
+        run = holder["run"]
+        result = summarize_raw(outs, top)
+    finally:
+        inst.stop()
+        os.sched_setaffinity(0, own)
+    return {"config": config_key, "workload": workload, "rate": rate, "seconds": seconds,
+            "pinned": pinning is not None, "run": run.to_json(), **result}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--live", metavar="CONFIG",
+                        help="profile a running Kamailio of this configuration with py-spy instead")
+    parser.add_argument("--workload", default="message", choices=pr.WORKLOADS)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--py-spy", default="py-spy", help="the py-spy binary (any venv)")
     args = parser.parse_args(argv)
+    if args.live:
+        result = live(args.live, args.workload, args.rate, args.seconds, args.top, args.py_spy)
+        run = result["run"]
+        print(f"== {args.live} / {args.workload} at {args.rate:g}/s ({'pinned' if result['pinned'] else 'not pinned'}):"
+              f" {run['successful']}/{run['calls']} calls ok, {run['cpu_us_per_call']} µs CPU/call;"
+              f" {result['samples']} py-spy samples in Kamailio's Python")
+        for view in ("own", "inclusive"):
+            print(f"   by {view} samples:")
+            for row in result[view]:
+                print(f"   {row['share']:>6.1%}  {row['function']}")
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        pr.RESULTS_DIR.mkdir(exist_ok=True)
+        path = pr.RESULTS_DIR / f"proxy-profile-live-{stamp}.json"
+        path.write_text(json.dumps({"benchmark": "proxy-profile-live", "utc": stamp, **result}, indent=2) + "\n")
+        print(f"written: {path}")
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="e2m-proxy-profile-"))
     pki = pr.init_test_pki(workdir / "pki", proxy_hosts=(pr.TRUSTED,), users=("alice", "bob"))
     configs = [c for c in pr.make_configs(pki, pr.Plan().text) if c.e2m]

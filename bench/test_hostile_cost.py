@@ -51,7 +51,7 @@ from conftest import RESULTS_DIR, _commit, _loadavg, _machine
 from e2m_lab import costly
 from e2m_lab.flows import TRUSTED, invite, known_proxy, message, proxy_engine, ua_engine
 from e2m_plugins import headers as hdr
-from e2m_plugins import mime, sip, uri
+from e2m_plugins import certfiles, certpath, mime, sip, uri
 from e2m_plugins.errors import E2MError
 from e2m_plugins.keycache import MemoryKeyCache
 from e2m_plugins.proxy import ProxyEngine, Verdict
@@ -91,7 +91,7 @@ class _FirstSighting:
 
 _VALUE_CACHES = tuple(getattr(module, name, None) for module, name in (
     (hdr, "_parse_label_value"), (mime, "parse_content_type"), (mime, "parse_disposition"),
-    (mime, "_body_header_name"), (uri, "host_key")))
+    (mime, "_body_header_name"), (uri, "host_key"), (uri, "identity_of")))
 
 
 def _cold() -> None:
@@ -99,6 +99,9 @@ def _cold() -> None:
         clear = getattr(cache, "cache_clear", None)
         if clear is not None:
             clear()
+    # what a process remembers of certificates (issue 17): a stranger's are all new
+    certfiles._READ_MEMO.clear()
+    certpath._SIGNATURE_MEMO.clear()
 
 
 @dataclass

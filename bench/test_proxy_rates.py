@@ -57,6 +57,13 @@ def test_proxy_rates(benchmark, capsys: pytest.CaptureFixture[str]) -> None:
                if r["status"] == "floor"), report["figures"]
     assert not any(lines for key, lines in report["kamailio_errors"].items()
                    if key.startswith("floor-")), report["kamailio_errors"]
+    # Capacity figures on every row (issue 17), floors included; pinned when it can be.
+    for row in report["figures"]:
+        assert {"capacity", "capacity_vs_relay", "capacity_vs_floor", "capacity_targets"} <= row.keys()
+        assert row["capacity"] is not None, row   # every configuration clean at its first rate
+    if len(os.sched_getaffinity(0)) >= 2 and report["plan"]["pin"]:
+        pin = report["pinning"]
+        assert pin and all(cores == [pin["kamailio_core"]] for cores in pin["kamailio_cores_seen"].values())
     for key, counts in report["verdicts"].items():
         if not counts:
             continue  # log level below info: nothing to count

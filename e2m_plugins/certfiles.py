@@ -119,10 +119,29 @@ def fully_readable(cert: x509.Certificate) -> bool:
     return True
 
 
+# Certificates read from messages, by their DER: a sender puts the same certificate in
+# every message, and a certificate object keeps what it has parsed (extensions), so the
+# checks after reading are cheaper too.  x509.Certificate is immutable.  Bounded (256
+# certificates, each at most limits.max_certificate_bytes when read from a message);
+# emptied when full.
+_READ_MEMO: dict[bytes, x509.Certificate | None] = {}
+_READ_MEMO_MAX = 256
+_UNREAD = object()
+
+
 def readable_certificate(der: bytes) -> x509.Certificate | None:
     """The certificate if cryptography can read every field we use, else None."""
+    der = bytes(der)
+    known = _READ_MEMO.get(der, _UNREAD)
+    if known is not _UNREAD:
+        return known   # type: ignore[return-value]
     try:
-        cert = x509.load_der_x509_certificate(der)
+        cert: x509.Certificate | None = x509.load_der_x509_certificate(der)
     except (ValueError, x509.InvalidVersion):
-        return None
-    return cert if fully_readable(cert) else None
+        cert = None
+    if cert is not None and not fully_readable(cert):
+        cert = None
+    if len(_READ_MEMO) >= _READ_MEMO_MAX:
+        _READ_MEMO.clear()
+    _READ_MEMO[der] = cert
+    return cert

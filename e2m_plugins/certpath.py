@@ -308,6 +308,27 @@ def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
 
 
+# Whether a certificate's signature verifies under an issuer key depends on nothing but
+# the certificate's DER and the key, so the answer is kept per process: every message of
+# a sender carries the same certificate, and a proxy otherwise repeats one ECDSA or RSA
+# verification per message.  Bounded (256 entries of at most a 16 KiB certificate and a
+# key each); emptied when full (a flood of new certificates costs what it did before).
+_SIGNATURE_MEMO: dict[tuple[bytes, bytes], bool] = {}
+_SIGNATURE_MEMO_MAX = 256
+
+
+def _remembered_signature(key: tuple[bytes, bytes], cert: x509.Certificate,
+                          issuer: x509.Certificate) -> bool:
+    """``is_signed_by(cert, issuer)``; ``key`` is (cert's DER, issuer's SPKI DER)."""
+    known = _SIGNATURE_MEMO.get(key)
+    if known is None:
+        known = is_signed_by(cert, issuer)
+        if len(_SIGNATURE_MEMO) >= _SIGNATURE_MEMO_MAX:
+            _SIGNATURE_MEMO.clear()
+        _SIGNATURE_MEMO[key] = known
+    return known
+
+
 def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
     # Not crl.is_signature_valid: it says False for DSA (the RFC 4134 CRLs).
     try:
@@ -709,8 +730,8 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
     def signed_by(child: _Node, issuer: _Node) -> bool:
         key = (child.der, issuer.spki)
         if key not in signatures:
-            spend("certificate signature")
-            signatures[key] = is_signed_by(child.cert, issuer.cert)
+            spend("certificate signature")   # the budget counts it, remembered or not
+            signatures[key] = _remembered_signature(key, child.cert, issuer.cert)
         return signatures[key]
 
     def candidates(child: _Node) -> list[_Node]:

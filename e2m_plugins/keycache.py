@@ -41,6 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Protocol, Union, runtime_checkable
 from urllib.parse import quote, unquote
 
@@ -380,6 +381,9 @@ def _key_part(text: str) -> str:
     return "#" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
 
 
+# A pure function of an immutable scope, asked for several times per message (entry,
+# index, early scopes): remembered, bounded.
+@lru_cache(maxsize=1024)
 def scope_key(scope: Scope) -> str:
     """The prefix every ``cache_key`` of ``scope`` starts with (ends with '/').
 
@@ -408,6 +412,7 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+@lru_cache(maxsize=1024)   # pure, immutable scope: as scope_key
 def _encode_scope(scope: Scope) -> str:
     return ",".join(quote(p, safe="") for p in scope.parts())
 

@@ -192,6 +192,7 @@ def parse_uri(text: str) -> SipUri:
                   headers, password)
 
 
+@lru_cache(maxsize=1024)   # a pure function of the text; SipIdentity is immutable
 def identity_of(uri: str) -> SipIdentity | None:
     """The identity (AoR, or bare host) a SIP or SIPS URI names, or None."""
     try:

@@ -46,7 +46,7 @@ def _bootstrap_path():
 _bootstrap_path()
 
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
-from e2m_plugins.headers import PROXY_REQUIRED_BODY  # noqa: E402
+from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import TransactionScope  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_name, parse  # noqa: E402
@@ -138,11 +138,47 @@ def _normal(value):
     return " ".join(value.split())
 
 
+# The headers the engine removes (its own label, policies in its name), read by name
+# when every instance goes: a fixed set of PV spec strings (each stays in Kamailio's
+# PV cache), instances beyond _BY_NAME_MAX are left to the iterator.
+_BY_NAME_MAX = 4
+_BY_NAME = {canonical_name(n): (n, "$hdrc(%s)" % n, ["$(hdr(%s)[%d])" % (n, i)
+                                                     for i in range(_BY_NAME_MAX)])
+            for n in (PROXY_REQUIRED_BODY, PROXY_BODY_POLICY)}
+
+
+def _remove_by_name(wanted):
+    """The usual case (a label naming only us): every instance of each named header is
+    one to remove.  Then remove by name, reading only those instances, instead of
+    iterating over every header of the message with three KSR calls each.  Exactly
+    what the iterator would remove; False (nothing done) when that is not certain."""
+    names = {name for name, _ in wanted}
+    plan = []
+    for key in names:
+        known = _BY_NAME.get(key)
+        if known is None:
+            return False
+        name, count_spec, value_specs = known
+        count = KSR.pv.get(count_spec)
+        if not isinstance(count, int) or not 0 < count <= _BY_NAME_MAX:
+            return False
+        for spec in value_specs[:count]:
+            value = KSR.pv.get(spec)
+            if not isinstance(value, str) or (key, _normal(value)) not in wanted:
+                return False
+        plan.append(name)
+    for name in plan:
+        KSR.hdr.remove(name)
+    return True
+
+
 def _remove_headers(pairs):
     """Remove exactly the header instances named (name and value), keep the rest."""
     if not pairs:
         return
     wanted = {(canonical_name(n), _normal(v)) for n, v in pairs}
+    if _remove_by_name(wanted):
+        return
     tx = KSR.textopsx
     tx.hf_iterator_start(_ITERATOR)
     try:

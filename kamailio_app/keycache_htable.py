@@ -218,6 +218,8 @@ class HtableKeyCache:
 
     def get(self, scope: Scope, reference: bytes) -> CachedKey | None:
         key = cache_key(scope, bytes(reference))
+        if self._backend.get(key) is None:
+            return None   # nothing kept: a miss needs no lock (the kekri answer tries two scopes)
         # Counting a use is read-modify-write: another worker may be doing the same.
         self._backend.lock(key)
         try:
@@ -283,6 +285,8 @@ class HtableKeyCache:
     def _take_index(self, scope: Scope) -> tuple[float, list[str] | None]:
         """Read and remove the index of ``scope`` (no index: nothing is kept there)."""
         index = _index_key(scope)
+        if self._backend.get(index) is None:
+            return _read_index(None)   # no index (every BYE asks for four): no lock
         self._backend.lock(index)
         try:
             raw = self._backend.get(index)
