@@ -222,11 +222,29 @@ def test_users_in_postgres_register_with_digest_and_are_managed_with_e2m_proxy_u
     assert "carol-pw" not in proxy.log_since(0) and password not in proxy.log_since(0)
 
 
+def _wait_children_connected(pg, timeout: float = 15.0) -> None:
+    """Every Kamailio process connects auth_db in its own start-up, after the proxy
+    already answers; a database killed before the last one did makes Kamailio exit
+    (a node does not start without its users: seen in CI).  Wait until the number of
+    client connections has not changed for a second."""
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        count = pg.psql(sql).strip()
+        if count != last:
+            last, since = count, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"Kamailio's database connections never settled (last {last})")
+
+
 def test_users_database_away_answers_500_with_retry_after_then_200(proxy_factory, pki,
                                                                    own_postgres):
     proxy, uas = _home(proxy_factory, own_postgres.url, auth=True, users={"bob": "bob-pw"})
     bob = SipUa(proxy.port, user="bob", password="bob-pw")
     assert bob.register().status == 200
+    _wait_children_connected(own_postgres)
     own_postgres.kill()
     away = SipUa(proxy.port, user="bob", password="bob-pw")
     started = time.monotonic()

@@ -513,7 +513,12 @@ def _sipp_regexp(octets: bytes) -> str:
     attribute, as any control character."""
     def one(octet: int) -> str:
         char = chr(octet)
-        if char in ".[]()*+?{}|^$\\":
+        if char == "\\":
+            # SIPp's XML reader makes two backslashes one before the ERE sees them;
+            # inside a bracket a backslash is literal either way (seen failing when
+            # the random serial number held 0x5c)
+            return "[\\\\]"
+        if char in ".[]()*+?{}|^$":
             return "\\" + char
         if char == "\r":
             return "[[:cntrl:]]"
@@ -540,6 +545,22 @@ def test_sipp_fetches_the_published_certificate(home, clients, pki, sipp):
     flipped = bytearray(body)
     flipped[body.index(0) - 3] ^= 1
     assert _sipp_fetch(sipp, home, bytes(flipped)).rc != 0
+
+
+@pytest.mark.sipp
+def test_sipp_fetch_of_a_certificate_with_a_backslash_before_its_first_nul(home, clients,
+                                                                            pki, sipp):
+    """A certificate whose octets before the first NUL hold a backslash (0x5c; about one
+    random serial number in ten): the CI failure this regexp once had."""
+    for _ in range(200):
+        cred = issue_user(pki.ca, BOB, "ec")
+        body = der(cred)
+        if b"\\" in body[:body.index(0)]:
+            break
+    else:
+        pytest.fail("no certificate with a backslash before its first NUL in 200 tries")
+    _publish_ok(clients("bob"), body)
+    assert _sipp_fetch(sipp, home, body).rc == 0
 
 
 @pytest.mark.sipp
