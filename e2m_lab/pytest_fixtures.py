@@ -8,7 +8,8 @@ each test item.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from e2m_plugins.testpki import TestPKI
 
 from .kamailio_harness import ProxyHandle, ProxyStarter, RawUas, describe
+from .phones import PhoneProcess, redact
 from .sipp import SippRunner, redact_sip_text
 
 
@@ -28,6 +30,49 @@ def failed(request: pytest.FixtureRequest) -> bool:
 def print_proxy_log(proxy: ProxyHandle, mark: int = 0, lines: int = 80) -> None:
     print(f"\n===== Kamailio log of {proxy.name} (port {proxy.port}), last {lines} lines =====")
     print("\n".join(proxy.log_since(mark).splitlines()[-lines:]))
+
+
+class PhoneGroup:
+    """The ``e2m-phone`` processes one test starts; ``env``: extra environment per phone
+    name (e.g. its ``E2M_PHONE_PASSWORD``)."""
+
+    def __init__(self, env: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        self.env = dict(env or {})
+        self.running: list[PhoneProcess] = []
+
+    def start(self, name: str, config: Path, env: Mapping[str, str] | None = None,
+              register: bool = True) -> PhoneProcess:
+        """Start a phone and wait until it started (and registered, unless told not to)."""
+        chosen = env if env is not None else self.env.get(name)
+        phone = PhoneProcess(config, name, dict(chosen) if chosen is not None else None)
+        self.running.append(phone)
+        phone.wait("started", timeout=15)
+        if register:
+            phone.wait("registered", timeout=15)
+        return phone
+
+
+@contextmanager
+def phone_group(request: pytest.FixtureRequest, proxies: Sequence[ProxyHandle],
+                env: Mapping[str, Mapping[str, str]] | None = None) -> Iterator[PhoneGroup]:
+    """A ``PhoneGroup`` whose phones are all stopped at the end; when the test failed,
+    each phone's last events (texts redacted) and stderr, and each proxy's log since
+    the start, are printed."""
+    marks = [(proxy, proxy.log_mark()) for proxy in proxies]
+    group = PhoneGroup(env)
+    try:
+        yield group
+    finally:
+        for phone in group.running:
+            phone.stop()
+        if failed(request):
+            for phone in group.running:
+                print(f"\n===== phone {phone.name} (rc={phone.process.returncode}) events =====")
+                for event in phone.events[-40:]:
+                    print(redact(event))
+                print(f"--- stderr ---\n{phone.stderr()[-2000:]}")
+            for proxy, mark in marks:
+                print_proxy_log(proxy, mark, lines=60)
 
 
 @pytest.fixture

@@ -25,10 +25,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
-from e2m_lab.pytest_fixtures import failed, print_proxy_log
-from e2m_lab.phones import redact, write_ua
+from e2m_lab.pytest_fixtures import PhoneGroup, phone_group
+from e2m_lab.phones import write_ua
 from e2m_lab.capture import Capture, tcpdump_command
-from e2m_lab.phones import PhoneProcess
 
 from e2m_plugins.testpki import TestPKI, init_test_pki  # noqa: E402
 
@@ -56,42 +55,11 @@ def proxies(e2e_pki: TestPKI,
         home.stop()
 
 
-class Phones:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.running: list[PhoneProcess] = []
-
-    def start(self, name: str, config: Path, env: dict[str, str] | None = None,
-              register: bool = True) -> PhoneProcess:
-        phone = PhoneProcess(config, name, env)
-        self.running.append(phone)
-        phone.wait("started", timeout=15)
-        if register:
-            phone.wait("registered", timeout=10)
-        return phone
-
-    def stop_all(self) -> None:
-        for phone in self.running:
-            phone.stop()
-
-
 @pytest.fixture
-def phones(tmp_path: Path, request: pytest.FixtureRequest,
-           proxies: tuple[ProxyHandle, ProxyHandle]) -> Iterator[Phones]:
-    marks = [(p, p.log_mark()) for p in proxies]
-    group = Phones(tmp_path)
-    try:
+def phones(request: pytest.FixtureRequest,
+           proxies: tuple[ProxyHandle, ProxyHandle]) -> Iterator[PhoneGroup]:
+    with phone_group(request, proxies) as group:
         yield group
-    finally:
-        group.stop_all()
-        if failed(request):
-            for phone in group.running:
-                print(f"\n===== phone {phone.name} (rc={phone.process.returncode}) events =====")
-                for event in phone.events[-40:]:
-                    print(redact(event))
-                print(f"--- stderr ---\n{phone.stderr()[-2000:]}")
-            for proxy, mark in marks:
-                print_proxy_log(proxy, mark, lines=60)
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
-from e2m_lab.phones import PhoneProcess, redact, write_ua
-from e2m_lab.pytest_fixtures import failed, print_proxy_log
+from e2m_lab.phones import PhoneProcess, write_ua
+from e2m_lab.pytest_fixtures import PhoneGroup, phone_group
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki, issue_user, write_credential
 
@@ -65,35 +65,11 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
     proxy.stop()
 
 
-class Group:
-    def __init__(self) -> None:
-        self.running: list[PhoneProcess] = []
-
-    def start(self, name: str, config: Path, *, register: bool = True) -> PhoneProcess:
-        phone = PhoneProcess(config, name, {"E2M_PHONE_PASSWORD": USERS[name]})
-        self.running.append(phone)
-        phone.wait("started", timeout=15)
-        if register:
-            phone.wait("registered", timeout=10)
-        return phone
-
-
 @pytest.fixture
-def group(request: pytest.FixtureRequest, home: ProxyHandle) -> Iterator[Group]:
-    mark = home.log_mark()
-    made = Group()
-    try:
+def group(request: pytest.FixtureRequest, home: ProxyHandle) -> Iterator[PhoneGroup]:
+    env = {name: {"E2M_PHONE_PASSWORD": password} for name, password in USERS.items()}
+    with phone_group(request, [home], env) as made:
         yield made
-    finally:
-        for phone in made.running:
-            phone.stop()
-        if failed(request):
-            for phone in made.running:
-                print(f"\n===== phone {phone.name} events =====")
-                for event in phone.events[-40:]:
-                    print(redact(event))
-                print(f"--- stderr ---\n{phone.stderr()[-2000:]}")
-            print_proxy_log(home, mark, lines=80)
 
 
 def ua(tmp_path: Path, name: str, pki_dir: Path, home: ProxyHandle, **phone: Any) -> Path:
@@ -127,7 +103,7 @@ def send(phone: PhoneProcess, to: str, text: str) -> dict[str, Any]:
 
 
 def test_discover_replace_remove(tmp_path: Path, pki: TestPKI, home: ProxyHandle,
-                                 group: Group) -> None:
+                                 group: PhoneGroup) -> None:
     assert pki.directory is not None
     bob = group.start("bob", ua(tmp_path, "bob", pki.directory, home))
     published = bob.wait("certificate_published", timeout=10)
@@ -193,7 +169,7 @@ def test_discover_replace_remove(tmp_path: Path, pki: TestPKI, home: ProxyHandle
 
 
 def test_stranger_notify_is_ignored(tmp_path: Path, pki: TestPKI, home: ProxyHandle,
-                                    group: Group) -> None:
+                                    group: PhoneGroup) -> None:
     """A NOTIFY with carol's (valid) certificate, in no subscription of alice's, from a
     socket that is not her proxy: answered 481 and never looked at.  carol never
     published, so alice's send to carol must still fail for want of a certificate."""
@@ -221,7 +197,7 @@ def test_stranger_notify_is_ignored(tmp_path: Path, pki: TestPKI, home: ProxyHan
 
 
 def test_call_first_fetches_then_calls(tmp_path: Path, pki: TestPKI, home: ProxyHandle,
-                                       group: Group) -> None:
+                                       group: PhoneGroup) -> None:
     """The first protected message to bob is an INVITE: blocked in the hook, bob's
     certificate fetched, the call made again, up with SRTP and its offer sealed for bob."""
     assert pki.directory is not None
@@ -286,7 +262,7 @@ class FakeNotifier:
 
 @pytest.mark.parametrize("lie", ["another AoR's certificate", "from another AoR"])
 def test_lying_notifier_is_never_used(tmp_path: Path, pki: TestPKI, home: ProxyHandle,
-                                      group: Group, lie: str) -> None:
+                                      group: PhoneGroup, lie: str) -> None:
     """alice subscribes to bob; the notifier sends carol's (valid, CA-signed)
     certificate, From bob or From carol.  Neither is used: the send to bob fails,
     naming bob and the failed check, and nothing is sealed for carol's key either."""
@@ -319,7 +295,7 @@ def test_lying_notifier_is_never_used(tmp_path: Path, pki: TestPKI, home: ProxyH
         fake.close()
 
 
-def test_over_tcp(tmp_path: Path, pki: TestPKI, home: ProxyHandle, group: Group) -> None:
+def test_over_tcp(tmp_path: Path, pki: TestPKI, home: ProxyHandle, group: PhoneGroup) -> None:
     """The same discovery with both phones on TCP: the NOTIFY comes back over the
     connection alice opened (its source port is not the proxy's listening port)."""
     assert pki.directory is not None
@@ -336,7 +312,7 @@ def test_over_tcp(tmp_path: Path, pki: TestPKI, home: ProxyHandle, group: Group)
 
 
 def test_publication_refreshed_with_its_entity_tag(tmp_path: Path, pki: TestPKI,
-                                                  home: ProxyHandle, group: Group) -> None:
+                                                  home: ProxyHandle, group: PhoneGroup) -> None:
     """pjsip's publication client refreshes before the granted time ends: no body,
     SIP-If-Match with the entity-tag of the 200 (the proxy would answer 412 to any
     other), and the certificate stays published."""

@@ -19,8 +19,8 @@ import pytest
 
 from e2m_lab.capture import Capture, tcpdump_command
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
-from e2m_lab.phones import PhoneProcess, redact, run_phone, write_ua
-from e2m_lab.pytest_fixtures import failed, print_proxy_log
+from e2m_lab.phones import PhoneProcess, run_phone, write_ua
+from e2m_lab.pytest_fixtures import PhoneGroup, phone_group
 
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki
@@ -50,36 +50,10 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
         handle.stop()
 
 
-class Phones:
-    def __init__(self) -> None:
-        self.running: list[PhoneProcess] = []
-
-    def start(self, name: str, config: Path, env: dict[str, str] | None = None,
-              register: bool = True) -> PhoneProcess:
-        phone = PhoneProcess(config, name, env)
-        self.running.append(phone)
-        phone.wait("started", timeout=15)
-        if register:
-            phone.wait("registered", timeout=10)
-        return phone
-
-
 @pytest.fixture
-def phones(request: pytest.FixtureRequest, home: ProxyHandle) -> Iterator[Phones]:
-    mark = home.log_mark()
-    group = Phones()
-    try:
+def phones(request: pytest.FixtureRequest, home: ProxyHandle) -> Iterator[PhoneGroup]:
+    with phone_group(request, [home]) as group:
         yield group
-    finally:
-        for phone in group.running:
-            phone.stop()
-        if failed(request):
-            for phone in group.running:
-                print(f"\n===== phone {phone.name} (rc={phone.process.returncode}) =====")
-                for event in phone.events[-30:]:
-                    print(redact(event))
-                print(f"--- stderr ---\n{phone.stderr()[-1500:]}")
-            print_proxy_log(home, mark, lines=60)
 
 
 def ua(directory: Path, pki: TestPKI, name: str, home: ProxyHandle, *, tls: bool = False,

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
-from e2m_lab.phones import PhoneProcess, redact, write_ua
-from e2m_lab.pytest_fixtures import failed, print_proxy_log
+from e2m_lab.phones import write_ua
+from e2m_lab.pytest_fixtures import PhoneGroup, phone_group
 
 from e2m_plugins.testpki import TestPKI, init_test_pki
 
@@ -66,22 +66,10 @@ def proxies(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def phones(request: pytest.FixtureRequest,
-           proxies: tuple[ProxyHandle, ProxyHandle]) -> Iterator[list[PhoneProcess]]:
-    marks = [(p, p.log_mark()) for p in proxies]
-    running: list[PhoneProcess] = []
-    try:
-        yield running
-    finally:
-        for phone in running:
-            phone.stop()
-        if failed(request):
-            for phone in running:
-                print(f"\n===== phone {phone.name} (rc={phone.process.returncode}) =====")
-                for event in phone.events[-30:]:
-                    print(redact(event))
-                print(f"--- stderr ---\n{phone.stderr()[-1500:]}")
-            for proxy, mark in marks:
-                print_proxy_log(proxy, mark, lines=60)
+           proxies: tuple[ProxyHandle, ProxyHandle]) -> Iterator[PhoneGroup]:
+    with phone_group(request, proxies) as group:
+        yield group
+
 
 
 def _ua(directory: Path, pki: TestPKI, name: str, peer: str, phone: dict[str, Any]) -> Path:
@@ -97,23 +85,15 @@ def _ua(directory: Path, pki: TestPKI, name: str, peer: str, phone: dict[str, An
                     e2m={"cert_url_hosts": ["127.0.0.1"]})
 
 
-def _start(running: list[PhoneProcess], config: Path, name: str) -> PhoneProcess:
-    phone = PhoneProcess(config, name)
-    running.append(phone)
-    phone.wait("started", timeout=15)
-    phone.wait("registered", timeout=15)
-    return phone
-
-
 def test_roaming_call_through_visited_and_home_reaches_bob_and_is_answered(
         tmp_path, pki, proxies, phones):
     home, visited = proxies
-    bob = _start(phones, _ua(tmp_path, pki, "bob", "alice", {
+    bob = phones.start("bob", _ua(tmp_path, pki, "bob", "alice", {
         "registrar": home.tls_uri, "proxy": home.tls_uri, "transport": "tls",
-        "register_via_proxy": False}), "bob")
+        "register_via_proxy": False}))
     # alice roams: UDP to the visited proxy, which registers her at home as well
-    alice = _start(phones, _ua(tmp_path, pki, "alice", "bob", {
-        "registrar": home.uri, "proxy": visited.uri, "register_via_proxy": True}), "alice")
+    alice = phones.start("alice", _ua(tmp_path, pki, "alice", "bob", {
+        "registrar": home.uri, "proxy": visited.uri, "register_via_proxy": True}))
 
     mark_a, mark_b = alice.mark(), bob.mark()
     alice.send(f"call {BOB}")
