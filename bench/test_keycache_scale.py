@@ -15,6 +15,7 @@ import tracemalloc
 from datetime import datetime, timezone
 
 from e2m_plugins.keycache import DialogScope, MemoryKeyCache
+from e2m_lab.memory_htable import MemoryHtable
 from kamailio_app.keycache_htable import HtableKeyCache
 
 from conftest import RESULTS_DIR
@@ -47,40 +48,9 @@ def _drive(max_entries: int, dialogs: int) -> dict:
             "us_per_dialog": elapsed / dialogs * 1e6}
 
 
-class _DictHtable:
-    """An in-process stand-in for Kamailio's htable (values with their own expiry)."""
-
-    def __init__(self, clock: list[float]) -> None:
-        self.clock, self.data, self.reads = clock, {}, 0
-
-    def set(self, key: str, value: str, ttl: int) -> None:
-        self.data[key] = (value, self.clock[0] + ttl)
-
-    def get(self, key: str) -> str | None:
-        item = self.data.get(key)
-        return item[0] if item and item[1] > self.clock[0] else None
-
-    def remove(self, key: str) -> None:
-        self.data.pop(key, None)
-
-    def remove_prefix(self, prefix: str) -> None:
-        for key in [k for k in self.data if k.startswith(prefix)]:
-            del self.data[key]
-
-    def items(self) -> list[tuple[str, str]]:
-        self.reads += len(self.data)
-        return [(k, v) for k, (v, until) in self.data.items() if until > self.clock[0]]
-
-    def lock(self, key: str) -> None:
-        pass
-
-    def unlock(self, key: str) -> None:
-        pass
-
-
 def _drive_htable(dialogs: int) -> dict:
     clock = [1_000_000.0]
-    table = _DictHtable(clock)
+    table = MemoryHtable(lambda: clock[0])
     cache = HtableKeyCache(table, max_entries=BOUND, clock=lambda: clock[0])
     start = time.perf_counter()
     peak = peak_indexes = 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from e2m_plugins.keycache import DialogScope, cache_key
+from e2m_lab.memory_htable import MemoryHtable
 from kamailio_app.config import AppConfigError, DmqUri, parse_app_config
 from kamailio_app.keycache_htable import HtableKeyCache
 from kamailio_app.launcher import ds_list_text, render_cfg
@@ -93,35 +94,6 @@ def test_dispatcher_front(tmp_path):
 
 # --------------------------------------------------------------------------- the seal
 
-class Table:
-    """The replicated htable as both nodes see it: one dict (what DMQ converges to)."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    def set(self, key, value, ttl):
-        self.data[key] = value
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def remove(self, key):
-        self.data.pop(key, None)
-
-    def remove_prefix(self, prefix):
-        for key in [k for k in self.data if k.startswith(prefix)]:
-            del self.data[key]
-
-    def items(self):
-        return list(self.data.items())
-
-    def lock(self, key):
-        pass
-
-    def unlock(self, key):
-        pass
-
-
 SCOPE = DialogScope("call-1@example.com", "a", "b")
 
 
@@ -132,7 +104,7 @@ def _node(table, seal, origin, counted, refused):
 
 
 def test_an_entry_kept_by_one_node_opens_on_the_other_and_counts_as_replicated():
-    table, counted, refused = Table(), [], []
+    table, counted, refused = MemoryHtable(), [], []
     seal = bytes(range(32))
     a = _node(table, seal, "sip:a:5090", counted, refused)
     b = _node(table, seal, "sip:b:5090", counted, refused)
@@ -148,16 +120,16 @@ def test_an_entry_kept_by_one_node_opens_on_the_other_and_counts_as_replicated()
 def test_an_entry_sealed_by_anyone_else_is_refused_and_removed():
     """A rogue peer's entry (its own seal key), an entry moved to another name, and
     noise: none is used; each is reported and removed."""
-    table, counted, refused = Table(), [], []
+    table, counted, refused = MemoryHtable(), [], []
     rogue = _node(table, bytes(32), "sip:rogue:5090", counted, refused)
     b = _node(table, bytes(range(32)), "sip:b:5090", counted, refused)
     rogue.put(SCOPE, b"ref", b"\x01" * 16)
     assert b.get(SCOPE, b"ref") is None
     assert refused == [cache_key(SCOPE, b"ref")] and cache_key(SCOPE, b"ref") not in table.data
     b.put(SCOPE, b"one", b"\x02" * 16)                    # genuine, then moved
-    table.data[cache_key(SCOPE, b"two")] = table.data[cache_key(SCOPE, b"one")]
+    table.set(cache_key(SCOPE, b"two"), table.get(cache_key(SCOPE, b"one")), 600)
     assert b.get(SCOPE, b"two") is None
-    table.data[cache_key(SCOPE, b"three")] = "bm9pc2U="
+    table.set(cache_key(SCOPE, b"three"), "bm9pc2U=", 600)
     assert b.get(SCOPE, b"three") is None
     assert len(refused) == 3 and b.get(SCOPE, b"one").cek == b"\x02" * 16
 

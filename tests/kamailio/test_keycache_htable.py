@@ -1,6 +1,6 @@
 """HtableKeyCache logic on an in-process stand-in for Kamailio's htable.
 
-The only fake in the Kamailio tests: ``DictHtable`` plays the htable (per-item
+The only fake in the Kamailio tests: ``MemoryHtable`` plays the htable (per-item
 expiry, prefix removal, iteration) so the cache's rules can be checked without a
 running Kamailio.  The real ``KsrHtable`` is exercised by the flow tests (CEK reuse
 across workers).
@@ -13,6 +13,7 @@ import pytest
 from e2m_plugins.errors import LimitExceededError
 from e2m_plugins.keycache import (MAX_DECRYPTS_CAP, DialogScope, KeyCache, TransactionScope,
                                   cache_key, scope_key)
+from e2m_lab.memory_htable import MemoryHtable
 from kamailio_app.keycache_htable import INDEX_MAX_NAMES, HtableKeyCache
 
 
@@ -22,45 +23,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class DictHtable:
-    """Stand-in for a Kamailio htable: values with their own expiry, in one dict."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.data: dict[str, tuple[str, float]] = {}
-        self.locked: list[str] = []
-        self.scans = 0
-
-    def _alive(self) -> None:
-        for key in [k for k, (_, until) in self.data.items() if self.clock() >= until]:
-            del self.data[key]
-
-    def set(self, key: str, value: str, ttl: int) -> None:
-        self.data[key] = (value, self.clock() + ttl)
-
-    def get(self, key: str) -> str | None:
-        self._alive()
-        item = self.data.get(key)
-        return item[0] if item else None
-
-    def remove(self, key: str) -> None:
-        self.data.pop(key, None)
-
-    def remove_prefix(self, prefix: str) -> None:
-        self.scans += 1          # Kamailio visits every bucket for this
-        for key in [k for k in self.data if k.startswith(prefix)]:
-            del self.data[key]
-
-    def items(self) -> list[tuple[str, str]]:
-        return [(k, v) for k, (v, _) in self.data.items()]
-
-    def lock(self, key: str) -> None:
-        self.locked.append(key)
-
-    def unlock(self, key: str) -> None:
-        assert self.locked.pop() == key
 
 
 CEK = bytes(range(16))
@@ -73,12 +35,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def table(clock: Clock) -> DictHtable:
-    return DictHtable(clock)
+def table(clock: Clock) -> MemoryHtable:
+    return MemoryHtable(clock)
 
 
 @pytest.fixture
-def cache(table: DictHtable, clock: Clock) -> HtableKeyCache:
+def cache(table: MemoryHtable, clock: Clock) -> HtableKeyCache:
     return HtableKeyCache(table, clock=clock, max_entries=4, sweep_every=2)
 
 

@@ -26,6 +26,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from e2m_lab.memory_htable import MemoryHtable
 from e2m_lab.oracle_cases import BLOCKS, _ChosenBlock
 from e2m_plugins import mime
 from e2m_plugins.body import open_part
@@ -556,36 +557,9 @@ def test_g_a_kept_cek_is_not_overwritten_in_memory():
     assert short.put(scope, b"ref", b"2" * 16).cek == b"2" * 16
 
 
-class _DictHtable:
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    def set(self, key, value, ttl):
-        self.data[key] = value
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def remove(self, key):
-        self.data.pop(key, None)
-
-    def remove_prefix(self, prefix):
-        for key in [k for k in self.data if k.startswith(prefix)]:
-            del self.data[key]
-
-    def items(self):
-        return list(self.data.items())
-
-    def lock(self, key):
-        pass
-
-    def unlock(self, key):
-        pass
-
-
 def test_g_a_kept_cek_is_not_overwritten_in_the_htable():
     from kamailio_app.keycache_htable import HtableKeyCache
-    cache = HtableKeyCache(_DictHtable())
+    cache = HtableKeyCache(MemoryHtable())
     scope = DialogScope("call-1@example.com", "a", "b")
     cache.put(scope, b"ref", b"1" * 16)
     assert cache.put(scope, b"ref", b"2" * 16).cek == b"1" * 16

@@ -1,0 +1,50 @@
+"""An in-process stand-in for a Kamailio htable, for tests and benchmarks of
+``kamailio_app.keycache_htable.HtableKeyCache`` without Kamailio: one dict of values
+with their own expiry, the locks checked for balance, and counters of what would cost
+in Kamailio (``scans``: prefix removals, which visit every bucket; ``reads``: entries
+``items()`` walked)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class MemoryHtable:
+    """``clock``: seconds now (a test's fake clock); entries expire ``ttl`` after set."""
+
+    def __init__(self, clock: Callable[[], float] = lambda: 0.0) -> None:
+        self.clock = clock
+        self.data: dict[str, tuple[str, float]] = {}
+        self.locked: list[str] = []
+        self.scans = 0
+        self.reads = 0
+
+    def set(self, key: str, value: str, ttl: int) -> None:
+        self.data[key] = (value, self.clock() + ttl)
+
+    def get(self, key: str) -> str | None:
+        item = self.data.get(key)
+        if item is not None and self.clock() >= item[1]:
+            del self.data[key]     # Kamailio's autoexpire: gone once its time is up
+            return None
+        return item[0] if item else None
+
+    def remove(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    def remove_prefix(self, prefix: str) -> None:
+        self.scans += 1
+        for key in [k for k in self.data if k.startswith(prefix)]:
+            del self.data[key]
+
+    def items(self) -> list[tuple[str, str]]:
+        # expired entries too: Kamailio's htable timer removes them only now and then,
+        # and a sweep must cope with finding them
+        self.reads += len(self.data)
+        return [(k, v) for k, (v, _) in self.data.items()]
+
+    def lock(self, key: str) -> None:
+        self.locked.append(key)
+
+    def unlock(self, key: str) -> None:
+        assert self.locked.pop() == key, "htable locks released out of order"
