@@ -2,7 +2,7 @@
 
 Four configurations, each its own Kamailio instance started with ``e2m-proxy`` (the
 launcher the operators use), all running at once so that every measurement can be
-interleaved with the baseline's (seven instances with the floors below):
+interleaved with the baseline's (ten instances with the floors and digest ones below):
 
 =========  ==============================================================================
 ``off``    ``[e2m] enabled = false``: the same KEMI Python script as a plain relay (baseline)
@@ -19,6 +19,18 @@ for each body only reads the message and runs the bare cryptographic primitives
 opening it needs, with no parsing at all.  Its CPU above ``off`` is a lower bound for
 any E2M proxy in Kamailio's Python, so the report can say how much of a target's
 budget is left for everything else (``headroom_us_per_call``).
+
+With *digest on* (issue 14 §5): ``off-auth`` and ``x25519-auth``, the ``off`` and
+``x25519`` proxies with ``[auth]`` (alice a user; her From is in the proxy's domain, so
+her MESSAGE, INVITE and BYE each get a 407 and are sent again with credentials by
+SIPp's ``[authentication]``).  Each digest row also gets its ratio to the same
+configuration without digest (``cpu_ratio_vs_no_digest``, ``digest_extra_us_per_call``,
+``capacity_vs_no_digest``): what authentication costs per MESSAGE and per dialog.
+Alice's bodies go base64 there (SIPp garbles a binary body when it fills in the
+credentials), so ``x25519-auth``'s counterpart is ``x25519-b64``: ``x25519`` on those
+same base64 bodies.
+``--configs`` / ``E2M_BENCH_CONFIGS`` runs a subset (``off`` and a digest
+configuration's counterpart are always added).
 
 Two workloads, driven by SIPp (UAC alice -> proxy -> SIPp UAS bob, the UAS being the
 proxy's ``next_hop``):
@@ -60,10 +72,12 @@ Run by ``bench/test_proxy_rates.py`` (``make bench``) or directly:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
 import re
+import secrets
 import statistics
 import subprocess
 import sys
@@ -91,6 +105,7 @@ from e2m_lab.processes import stop_process
 from e2m_lab.sipp import sipp_stats, start_sipp
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+DIGEST_USER = "alice"   # the UAC's From user, who answers the 407s of the digest configurations
 
 # ------------------------------------------------------------------ the plan
 
@@ -134,6 +149,9 @@ class Plan:
     # Kamailio on one core and SIPp (and this process) on another, when there are two.
     pin: bool = True
     recv_timeout_ms: int = 2500
+    # Comma-separated configuration keys to run (None: all); E2M_BENCH_CONFIGS or
+    # --configs.  ``off`` and a digest configuration's counterpart are always added.
+    configs: str | None = None
     text: bytes = (b"Hello. This is confidential: the quarterly numbers are attached to the "
                    b"ticket, please do not forward them outside the team before Friday.")
 
@@ -154,6 +172,7 @@ class Plan:
             plan.keycache_size = _env_int("E2M_BENCH_KEYCACHE_SIZE", 10)
         plan.log_level = os.environ.get("E2M_BENCH_LOG_LEVEL", plan.log_level)
         plan.archive = os.environ.get("E2M_BENCH_ARCHIVE", "0") not in ("", "0", "no", "false")
+        plan.configs = os.environ.get("E2M_BENCH_CONFIGS") or None
         plan.cpu_rounds = _env_int("E2M_BENCH_CPU_ROUNDS", plan.cpu_rounds)
         plan.cpu_seconds = _env_float("E2M_BENCH_CPU_SECONDS", plan.cpu_seconds)
         plan.step_seconds = _env_float("E2M_BENCH_STEP_SECONDS", plan.step_seconds)
@@ -198,6 +217,10 @@ class Config:
     traffic: Traffic
     opens_per_call: dict[str, str]  # what the proxy opens, for the report
     floor_of: str | None = None     # a floor: the E2M configuration whose primitives it runs
+    # Digest on (issue 14 §5): the configuration this one is, but without [auth]; alice
+    # answers the proxy's 407s with these credentials (made for the run, never logged).
+    digest_of: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 def _known_proxy(pki: TestPKI, key_type: str) -> KnownProxy:
@@ -221,11 +244,26 @@ def _traffic(pki: TestPKI, key_type: str, *, reuse: bool, text: bytes) -> Traffi
     return Traffic(sent.message, offer.message, reply.message)
 
 
+def _base64_transfer(msg: SipMessage | None) -> SipMessage | None:
+    """``msg`` with its body sent base64 (Content-Transfer-Encoding), the same envelope.
+    For the digest configurations: SIPp fills in ``[authentication]`` by moving the rest
+    of the message with strlen, so a binary DER body is garbled after its first NUL
+    octet.  The outer transfer encoding is not under any signature."""
+    if msg is None:
+        return None
+    text = base64.b64encode(msg.body)
+    body = b"\r\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    return msg.replace("Content-Transfer-Encoding", "base64").with_body(body)
+
+
 def make_configs(pki: TestPKI, text: bytes) -> list[Config]:
     rsa = _traffic(pki, "rsa", reuse=False, text=text)
     x25519 = _traffic(pki, "x25519", reuse=False, text=text)
     kekri = _traffic(pki, "x25519", reuse=True, text=text)
-    return [
+    x25519_b64 = Traffic(_base64_transfer(x25519.message), _base64_transfer(x25519.offer),
+                         x25519.answer)
+    kekri_b64 = Traffic(None, _base64_transfer(kekri.offer), kekri.answer)
+    configs = [
         Config("off", "E2M off (plain KEMI relay)", False, None,
                Traffic(x25519.message, kekri.offer, kekri.answer),
                {"message": "nothing", "dialog": "nothing"}),
@@ -240,7 +278,42 @@ def make_configs(pki: TestPKI, text: bytes) -> list[Config]:
                  None, traffic, {w: "primitives only" for w in ("message", "dialog")}, floor_of=key)
           for key, traffic in (("rsa", rsa), ("x25519", x25519),
                                ("kekri", Traffic(None, kekri.offer, kekri.answer)))],
+        # Digest on: the same proxies with [auth]; every request alice sends but ACK is
+        # challenged (407) and sent again with credentials.  Alice's bodies go base64
+        # (see _base64_transfer), so x25519-auth is compared with x25519-b64, the
+        # x25519 proxy on those same base64 bodies without digest.
+        Config("x25519-b64", "E2M, X25519 kari, alice's bodies base64", True, "x25519", x25519_b64,
+               {"message": "1 kari", "dialog": "2 kari (offer, answer)"}),
+        Config("off-auth", "E2M off, digest on", False, None,
+               Traffic(x25519_b64.message, kekri_b64.offer, kekri.answer),
+               {"message": "nothing", "dialog": "nothing"},
+               digest_of="off", password=secrets.token_urlsafe(18)),
+        Config("x25519-auth", "E2M, X25519 kari, digest on", True, "x25519", x25519_b64,
+               {"message": "1 kari", "dialog": "2 kari (offer, answer)"},
+               digest_of="x25519-b64", password=secrets.token_urlsafe(18)),
     ]
+    # each digest configuration right after its counterpart: the CPU rounds run the
+    # instances in this order (rotated), so the two are measured next to each other
+    ordered = [c for c in configs if not c.digest_of]
+    for cfg in (c for c in configs if c.digest_of):
+        ordered.insert(next(i for i, c in enumerate(ordered) if c.key == cfg.digest_of) + 1, cfg)
+    return ordered
+
+
+def select_configs(configs: list[Config], wanted: str | None) -> list[Config]:
+    """The configurations named in ``wanted`` (comma-separated; None or empty: all), with
+    what their figures are ratios to: ``off`` always, a digest configuration's
+    counterpart without digest.  Unknown names are an error."""
+    if not wanted:
+        return configs
+    by_key = {cfg.key: cfg for cfg in configs}
+    names = {name.strip() for name in wanted.split(",") if name.strip()}
+    unknown = sorted(names - by_key.keys())
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; known: {sorted(by_key)}")
+    names.add("off")
+    names |= {by_key[n].digest_of for n in list(names) if by_key[n].digest_of}
+    return [cfg for cfg in configs if cfg.key in names]
 
 
 def check_bodies(pki: TestPKI, configs: list[Config]) -> dict[str, Any]:
@@ -448,12 +521,14 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
     bodies = {"offer": base / "offer.bin", "answer": base / "answer.bin"}
     bodies["offer"].write_bytes(t.offer.body)
     bodies["answer"].write_bytes(t.answer.body)
-    scenarios = {"dialog": render_scenario("uac_dialog.tmpl.xml", t.offer, base / "uac_dialog.xml"),
+    uac = "_auth" if cfg.digest_of else ""   # digest on: the UAC answers 407s
+    scenarios = {"dialog": render_scenario(f"uac_dialog{uac}.tmpl.xml", t.offer, base / "uac_dialog.xml"),
                  "uas": render_scenario("uas.tmpl.xml", t.answer, base / "uas.xml")}
     if t.message is not None:
         bodies["message"] = base / "message.bin"
         bodies["message"].write_bytes(t.message.body)
-        scenarios["message"] = render_scenario("uac_message.tmpl.xml", t.message, base / "uac_message.xml")
+        scenarios["message"] = render_scenario(f"uac_message{uac}.tmpl.xml", t.message,
+                                               base / "uac_message.xml")
 
     # every port SIPp binds is a fresh one; a start that loses a port is retried
     uas, uas_ports = start_sipp(
@@ -481,6 +556,10 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
                                         log_level=plan.log_level, extra=extra)
         if cfg.e2m:
             settings["archive"] = plan.archive
+        if cfg.digest_of:
+            # [auth] with its defaults (users.sqlite, realm example.com: alice's From is
+            # ours, so the proxy challenges her); alice added as the operator adds users
+            settings.update(auth=True, users={DIGEST_USER: cfg.password})
         with _floor_mode(cfg.floor_of):   # the launcher and Kamailio inherit it
             proxy = start_proxy(base / "proxy", pki=pki if cfg.e2m else None, e2m=cfg.e2m, **settings)
     except BaseException:
@@ -561,6 +640,10 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
             "-recv_timeout", str(plan.recv_timeout_ms),
             "-key", "bodyfile", str(inst.bodies[key]),
             "-trace_stat", "-stf", str(stats), "-fd", "3600"]
+    if inst.config.digest_of:
+        # a password made for this run, for a throwaway users.sqlite: on the command
+        # line because that is how SIPp takes it
+        args += ["-au", DIGEST_USER, "-ap", str(inst.config.password)]
     budget = seconds * 1.5 + plan.recv_timeout_ms / 1000 + 10
     before = inst.cpu()
     start = time.monotonic()
@@ -734,11 +817,60 @@ def summarize(cpu: dict[str, Any], rates: dict[str, Any], configs: list[Config])
                                                   and rates["first_failure"][workload].get("off") is None),
                 "cpu_target_max": target,
                 "status": ("baseline" if cfg.key == "off" else "floor" if cfg.floor_of else
-                           "n/a" if ratio is None else "met" if ratio <= target else "NOT met"),
+                           "digest" if cfg.digest_of else
+                           "n/a" if ratio is None or target is None else
+                           "met" if ratio <= target else "NOT met"),
             })
     _add_floor_figures(rows)
     _add_capacity_figures(rows, rates)
+    _add_digest_figures(rows, rounds, by, configs)
     return rows
+
+
+# Requests per call the proxy challenges with digest on (the UAC answers each 407 once):
+# the MESSAGE; the INVITE and the BYE (ACKs never are).
+CHALLENGED_PER_CALL = {"message": 1, "dialog": 2}
+
+
+def _add_digest_figures(rows: list[dict[str, Any]], rounds: dict[tuple[str, int], dict[str, Run]],
+                        by: dict[tuple[str, str], list[Run]], configs: list[Config]) -> None:
+    """On each digest row, what authentication costs: the CPU ratio to the same
+    configuration without digest (median of the per-round ratios, and pooled), the CPU
+    per call it adds, that per challenged request, and the capacity ratio."""
+    index = {(r["workload"], r["config"]): r for r in rows}
+    for cfg in configs:
+        if not cfg.digest_of:
+            continue
+        for workload in WORKLOADS:
+            row, base = index.get((workload, cfg.key)), index.get((workload, cfg.digest_of))
+            if row is None or base is None:
+                continue
+            per_round = []
+            for (w, _n), group in sorted(rounds.items()):
+                if w == workload and cfg.key in group and cfg.digest_of in group:
+                    a, b = group[cfg.key].cpu_us_per_call, group[cfg.digest_of].cpu_us_per_call
+                    if a and b:
+                        per_round.append(a / b)
+            mine, theirs = by.get((workload, cfg.key), []), by.get((workload, cfg.digest_of), [])
+            pooled = None
+            if sum(r.successful for r in mine) and sum(r.successful for r in theirs):
+                a = sum(r.cpu_ticks for r in mine) / sum(r.successful for r in mine)
+                b = sum(r.cpu_ticks for r in theirs) / sum(r.successful for r in theirs)
+                pooled = a / b if b else None
+            extra = (None if row["cpu_us_per_call"] is None or base["cpu_us_per_call"] is None
+                     else row["cpu_us_per_call"] - base["cpu_us_per_call"])
+            row.update({
+                "digest_of": cfg.digest_of,
+                "digest_challenged_requests_per_call": CHALLENGED_PER_CALL[workload],
+                "cpu_ratio_vs_no_digest": _median(per_round),
+                "cpu_ratio_vs_no_digest_per_round": per_round,
+                "cpu_ratio_vs_no_digest_pooled": pooled,
+                "digest_extra_us_per_call": extra,
+                "digest_extra_us_per_challenged_request": (
+                    None if extra is None else extra / CHALLENGED_PER_CALL[workload]),
+                "capacity_vs_no_digest": _ratio(row["capacity"], base["capacity"]),
+                "capacity_vs_no_digest_is_upper_bound": bool(base["capacity_is_lower_bound"]),
+            })
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -859,6 +991,31 @@ def format_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def format_digest_table(rows: list[dict[str, Any]]) -> list[str]:
+    """What digest authentication costs: each digest row against its counterpart."""
+    digest = [r for r in rows if r.get("digest_of")]
+    if not digest:
+        return []
+    index = {(r["workload"], r["config"]): r for r in rows}
+    lines = ["Digest on: CPU per call against the same configuration without digest (same run)",
+             f"  {'workload':<8} {'config':<12} {'µs/call':>8} {'without':>8} {'ratio':>6}"
+             f" {'pooled':>6} {'+µs/call':>9} {'+µs/407':>8}  {'capacity':>9} {'without':>9} {'ratio':>6}"]
+    for r in digest:
+        base = index[(r["workload"], r["digest_of"])]
+        lines.append(
+            f"  {r['workload']:<8} {r['config']:<12} {_fmt(r['cpu_us_per_call'], 0):>8}"
+            f" {_fmt(base['cpu_us_per_call'], 0):>8} {_fmt(r['cpu_ratio_vs_no_digest'], 2, 'x'):>6}"
+            f" {_fmt(r['cpu_ratio_vs_no_digest_pooled'], 2, 'x'):>6}"
+            f" {_fmt(r['digest_extra_us_per_call'], 0):>9}"
+            f" {_fmt(r['digest_extra_us_per_challenged_request'], 0):>8}"
+            f"  {_capacity_text(r['capacity'], r['capacity_is_lower_bound']):>9}"
+            f" {_capacity_text(base['capacity'], base['capacity_is_lower_bound']):>9}"
+            f" {_ratio_text(r['capacity_vs_no_digest'], r['capacity_vs_no_digest_is_upper_bound']):>6}")
+    lines.append("  +µs/407: the CPU digest adds per challenged request (MESSAGE; INVITE and BYE),"
+                 " each a 407 and the request again with credentials")
+    return lines
+
+
 def _machine() -> dict[str, Any]:
     def version(cmd: list[str]) -> str | None:
         try:
@@ -899,7 +1056,7 @@ def run_benchmark(plan: Plan, log: Callable[[str], None] = print,
     own_tmp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="e2m-proxy-rates-")) if own_tmp else workdir
     pki = init_test_pki(workdir / "pki", proxy_hosts=(TRUSTED,), users=("alice", "bob"))
-    configs = make_configs(pki, plan.text)
+    configs = select_configs(make_configs(pki, plan.text), plan.configs)
     bodies = check_bodies(pki, configs)
     instances: list[Instance] = []
     pinning = choose_pinning(plan)
@@ -952,7 +1109,7 @@ def run_benchmark(plan: Plan, log: Callable[[str], None] = print,
                  "cpu_rate": plan.cpu_rate, "step_seconds": plan.step_seconds, "ladder": plan.ladder,
                  "ladder_ceiling": {w: max(r) for w, r in plan.ladder.items()},
                  "refine_steps": plan.refine_steps, "pin": plan.pin,
-                 "recv_timeout_ms": plan.recv_timeout_ms},
+                 "recv_timeout_ms": plan.recv_timeout_ms, "configs": plan.configs},
         "pinning": None if pinning is None else {**pinning.to_json(), "kamailio_cores_seen": pinned},
         "bodies_sent": BODIES_SENT,
         "bodies": bodies,
@@ -1022,6 +1179,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     lines.append("  capacity: highest clean rate (≥: clean at the ladder's top); first fail: lowest"
                  " failing rate; vs relay / vs floor: capacity over off's / the floor's (≤: the other"
                  " was clean at the top); floor cap: the floor's capacity")
+    lines.extend(format_digest_table(report["figures"]))
     idle = report["idle_cpu_us_per_second"]
     lines.append("  idle Kamailio CPU (µs/s): " + ", ".join(f"{k} {v:.0f}" for k, v in idle.items()))
     for key, counts in report["verdicts"].items():
@@ -1041,8 +1199,15 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds per phase: a smoke test")
+    parser.add_argument("--configs", metavar="KEY,...",
+                        help="run only these configurations (off, rsa, x25519, kekri, floor-rsa,"
+                             " floor-x25519, floor-kekri, off-auth, x25519-auth); off and a digest"
+                             " configuration's counterpart are added (default: E2M_BENCH_CONFIGS, else all)")
     args = parser.parse_args(argv)
-    report = run_benchmark(Plan.from_env(quick=args.quick), log=lambda s: print(s, flush=True))
+    plan = Plan.from_env(quick=args.quick)
+    if args.configs:
+        plan.configs = args.configs
+    report = run_benchmark(plan, log=lambda s: print(s, flush=True))
     print("\n".join(report_lines(report)))
     return 0
 

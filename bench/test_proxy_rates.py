@@ -1,7 +1,8 @@
 """SIPp MESSAGE transactions and INVITE dialogs through the E2M proxy on real Kamailio:
 CPU per call and the highest clean rate for E2M off / RSA-2048 ktri / X25519 kari /
 kekri, as ratios to the plain relay measured in the same run, with each one's floor
-(the relay plus the bare primitives, ``floor_kemi.py``) for the CPU figure.  The work is in
+(the relay plus the bare primitives, ``floor_kemi.py``) for the CPU figure, and with
+digest on (``off-auth``, ``x25519-auth``) against the same configuration without it.  The work is in
 ``proxyrates.py``; see bench/README.md ("Proxy rates") for how to read the figures.
 
 A report, not a test: the targets do not fail the run.  Under ``make bench``
@@ -36,7 +37,7 @@ def test_proxy_rates(benchmark, capsys: pytest.CaptureFixture[str]) -> None:
         report = benchmark(run_benchmark, Plan.from_env(quick=True), log=lambda line: None)
     else:
         with capsys.disabled():
-            print("\n  proxy rates: seven Kamailio instances, SIPp, about 5 minutes", flush=True)
+            print("\n  proxy rates: ten Kamailio instances, SIPp, about 15 minutes", flush=True)
         holder: dict[str, dict] = {}
         benchmark.pedantic(lambda: holder.setdefault("report", run_benchmark(Plan.from_env(), log=log)),
                            rounds=1, iterations=1, warmup_rounds=0)
@@ -48,9 +49,21 @@ def test_proxy_rates(benchmark, capsys: pytest.CaptureFixture[str]) -> None:
     # and the E2M proxies really opened every body they were meant to (a response they
     # cannot open is still forwarded and would look cheap).
     rows = {(r["workload"], r["config"]) for r in report["figures"]}
-    assert rows == {(w, c) for w in ("message", "dialog")
-                    for c in ("off", "rsa", "x25519", "floor-rsa", "floor-x25519")} | {
+    everything = {(w, c) for w in ("message", "dialog")
+                  for c in ("off", "rsa", "x25519", "floor-rsa", "floor-x25519",
+                            "off-auth", "x25519-b64", "x25519-auth")} | {
         ("dialog", "kekri"), ("dialog", "floor-kekri")}
+    if report["plan"]["configs"]:   # E2M_BENCH_CONFIGS: a subset, off always in it
+        assert ("message", "off") in rows and rows <= everything, rows
+    else:
+        assert rows == everything
+    # Digest on (issue 14 §5): every call answered its 407s (the scenarios require them)
+    # and completed, and each row has its ratio to the same configuration without digest.
+    for row in report["figures"]:
+        if row["status"] == "digest":
+            assert row["failed_calls_in_cpu_runs"] == 0, row
+            assert row["cpu_ratio_vs_no_digest"] is not None, row
+            assert (row["workload"], row["digest_of"]) in rows, row
     # A floor whose primitives failed would answer a request 500 (its calls fail) and
     # log an ERROR for a response (forwarded all the same).
     assert all(r["failed_calls_in_cpu_runs"] == 0 for r in report["figures"]
