@@ -187,7 +187,9 @@ class UAEngine:
         self.replay = MemoryReplayCache(window=config.replay_window, clock=self._clock)
         # Requests we sent, so an answer can be told from a stranger's message:
         # (Call-ID, CSeq number, method, top Via branch) -> (Request-URI, when sent)
-        self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float]] = OrderedDict()
+        # (Request-URI, when, sent inside a dialog) of each request we sent
+        self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float, bool]] = \
+            OrderedDict()
         # Peer certificates from a certificate service (RFC 6072): AoR -> when the
         # subscription that gave it lapses.  [peers] entries are never in here.
         self._service_peers: OrderedDict[str, float] = OrderedDict()
@@ -300,7 +302,7 @@ class UAEngine:
         except E2MError:
             return
         now = self._clock()
-        self._sent[key] = (request.start_line.request_uri, now)
+        self._sent[key] = (request.start_line.request_uri, now, bool(request.to_tag))
         self._sent.move_to_end(key)
         while self._sent and (len(self._sent) > _MAX_SENT
                               or now - next(iter(self._sent.values()))[1] > _SENT_LIFETIME):
@@ -629,7 +631,7 @@ class UAEngine:
         method = message.method
         if message.is_request and method == "BYE":
             self._end_dialog(message)
-        if not message.is_request and method == "INVITE" and (message.status or 0) >= 300:
+        if not message.is_request and method == "INVITE" and self._ends_dialog(message):
             self._end_dialog(message)
         self._settle(message)
         part = message_body(message)
@@ -700,6 +702,25 @@ class UAEngine:
             self.dialog_keys.keep_received(message, envelope.cek_reference, envelope.cek,
                                            readers=frozenset())
         return merged, True
+
+    def _ends_dialog(self, response: SipMessage) -> bool:
+        """A failure answer to an INVITE of ours ends its keys' dialog when the INVITE
+        made the dialog, or says the dialog is gone (481, 408: RFC 3261 §12.2.1.2).  A
+        re-INVITE's failure (a proxy's 407, a 491) leaves the dialog as it was: only the
+        keys offered in that request go (``DialogKeys.settle``), else the peer would
+        go on answering under keys we had dropped.  An answer to nothing we sent
+        (a stranger's) ends nothing."""
+        status = response.status or 0
+        if status < 300:
+            return False
+        try:
+            sent = self._sent.get(self._sent_key(response))
+        except E2MError:
+            return False
+        if sent is None:
+            return False
+        in_dialog = sent[2]
+        return not in_dialog or status in (408, 481)
 
     def _end_dialog(self, message: SipMessage) -> None:
         """The dialog (or the INVITE attempt) is over: its keys and its policies go."""

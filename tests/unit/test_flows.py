@@ -631,3 +631,69 @@ def test_late_offer_and_update_are_protected_for_the_proxy_too(world):
     trip = path.request(sent.message)
     assert b"49172" in trip.seen_by(TRUSTED)[0].plaintext
     assert b"49172" in bob.open(trip.delivered).message.body
+
+
+def _reinvite(world, sender, receiver, call_id, cseq, from_tag, to_tag, port=b"49190"):
+    return make_request("INVITE", f"sip:{receiver}@127.0.0.1:5061", from_uri=world.aor(sender),
+                        to_uri=world.aor(receiver), call_id=call_id, cseq=cseq,
+                        from_tag=from_tag, to_tag=to_tag,
+                        body=SDP_OFFER.replace(b"49170", port), content_type="application/sdp",
+                        extra_headers=[("Contact", f"<sip:{sender}@127.0.0.1:5062>")])
+
+
+def _ok(request, engine):
+    return engine.protect(make_response(request, 200, "OK", [("Contact", "<sip:x@127.0.0.1>")],
+                                        SDP_ANSWER, "application/sdp")).message
+
+
+@pytest.mark.parametrize("failure", [407, 491])
+def test_a_challenged_reinvite_keeps_the_dialog_keys_so_the_answer_opens(world, failure):
+    """The callee holds the call (bob's re-INVITE) and the home proxy challenges it
+    (407; or alice answers 491): a failure answer to a RE-INVITE leaves the dialog as
+    it was.  Before: bob's engine dropped every key of the dialog at the 407, his retry
+    offered a fresh key, alice answered under a key they had shared before, and bob
+    could not open the 200 (NoMatchingRecipientError: the call stuck on hold).  Only
+    the keys offered in the failed request go; 481 or 408 still end the dialog."""
+    proxy = known_proxy(world, TRUSTED, SDP_VIEW)
+    alice = ua_engine(world, "alice", proxies=(proxy,))
+    bob = ua_engine(world, "bob", proxies=(proxy,))
+    trusted = proxy_engine(world, TRUSTED, view=SDP_VIEW)
+    call_id = f"held-{failure}@x"
+
+    def through(message):                                 # every message via the proxy
+        assert trusted.inspect(message).action == "forward"
+        return message
+
+    sent = through(alice.protect(invite(world, call_id=call_id)).message)
+    got = bob.open(sent).message
+    assert alice.open(through(bob.protect(answer(got)).message)).message.body == SDP_ANSWER
+    for cseq in (2, 3):                                  # alice holds and takes it back
+        mine = through(alice.protect(invite(world, call_id=call_id, cseq=cseq,
+                                            to_tag="b1")).message)
+        assert alice.open(through(_ok(bob.open(mine).message, bob))).message.body == SDP_ANSWER
+    first = bob.protect(_reinvite(world, "bob", "alice", call_id, 7000, "b1", "a1")).message
+    refused = make_response(first, failure, "Proxy Authentication Required")
+    bob.open(refused)
+    assert bob.dialog_keys.kept(first)                    # the dialog's keys stayed
+    retry = through(bob.protect(_reinvite(world, "bob", "alice", call_id, 7001, "b1",
+                                          "a1")).message)
+    reply = _ok(alice.open(retry).message, alice)
+    assert trusted.inspect(reply).seen
+    assert bob.open(reply).message.body == SDP_ANSWER
+
+    gone = bob.protect(_reinvite(world, "bob", "alice", call_id, 7002, "b1", "a1")).message
+    bob.open(make_response(gone, 481, "Call/Transaction Does Not Exist"))
+    assert bob.dialog_keys.kept(gone) == []
+
+
+def test_a_failure_answer_to_nothing_we_sent_drops_no_key(world):
+    """An off-path sender's forged 4xx to an INVITE of a live dialog (matching no
+    request we sent) would have dropped the dialog's keys."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    sent = alice.protect(invite(world, call_id="forged-4xx@x")).message
+    alice.open(bob.protect(answer(bob.open(sent).message)).message)
+    forged = make_response(invite(world, call_id="forged-4xx@x", cseq=9, to_tag="b1"),
+                           486, "Busy Here")
+    alice.open(forged)
+    assert alice.dialog_keys.kept(sent)
