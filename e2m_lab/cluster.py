@@ -51,24 +51,31 @@ class Cluster:
         return self.a, self.b
 
 
-def _node_settings(db_url: str, own_dmq: int, peer_dmq: int) -> dict:
+def _node_settings(db_url: str, own_dmq: int, peer_dmq: int, front: int | None) -> dict:
+    carrier = {"front": f"127.0.0.1:{front}"} if front else {"advertise": ADVERTISE}
     return {"db_url": db_url, "view": VIEW,
             "extra": {"cluster": {"dmq_address": f"sip:127.0.0.1:{own_dmq}",
-                                  "peers": [f"sip:127.0.0.1:{peer_dmq}"],
-                                  "advertise": ADVERTISE}}}
+                                  "peers": [f"sip:127.0.0.1:{peer_dmq}"], **carrier}}}
 
 
 def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
-                  kamailio: dict | None = None) -> Cluster:
+                  kamailio: dict | None = None, front: int | None = None,
+                  **settings_a: Any) -> Cluster:
     """Nodes A and B on ``db_url``, started one after the other; ``kamailio``: extra
-    [kamailio] keys for both."""
+    [kamailio] keys for both.  ``front``: the port of the dispatcher front (on
+    127.0.0.1) both nodes sit behind ([cluster] front), else both advertise the
+    floating ``ADVERTISE``.  ``settings_a``: more proxy settings for node A (``auth``
+    and ``users``: the users go into the shared database once), ``auth`` for B too."""
     dmq_a = free_port()
     dmq_b = free_port(avoid={dmq_a})
-    settings = [_node_settings(db_url, dmq_a, dmq_b), _node_settings(db_url, dmq_b, dmq_a)]
+    settings = [_node_settings(db_url, dmq_a, dmq_b, front),
+                _node_settings(db_url, dmq_b, dmq_a, front)]
     for one in settings:
         if kamailio:
             one["extra"]["kamailio"] = dict(kamailio)
-    a = proxy_factory("node-a", **settings[0])
+        if settings_a.get("auth"):
+            one["auth"] = settings_a["auth"]
+    a = proxy_factory("node-a", **{**settings_a, **settings[0]})
     b = proxy_factory("node-b", **settings[1])
     cluster = Cluster(a, b)
     wait_until(lambda: all(stat(n, "e2m_dmq_peers_up") >= 1 for n in cluster.nodes), 15,

@@ -1,20 +1,26 @@
-"""``make demo-cluster``: a home domain on two Kamailio nodes, one killed mid-call.
+"""``make demo-cluster``: a home domain on two Kamailio nodes behind a front, two
+pjsua2 phones, one node killed mid-call.
 
-Two home nodes (``e2m-proxy`` with ``[cluster]``: DMQ between them, the archive and
-users in one PostgreSQL) and a private PostgreSQL (``e2m_lab.postgres``), all on
-loopback.  The phones are the core's UA engines on UDP sockets (``e2m_lab.cluster``:
-alice calls, bob answers, each body protected end to end and readable by the domain's
-proxy), not pjsua2 softphones.  The demo:
+Two home nodes (``e2m-proxy`` with ``[cluster]``: DMQ between them; archive and users
+in one PostgreSQL; ``front`` names the front), a front (``e2m-proxy`` with
+``[dispatcher]``: Kamailio's dispatcher, OPTIONS probes every second), a private
+PostgreSQL (``e2m_lab.postgres``) and two ``e2m-phone`` processes (pjsua2, digest
+passwords, SRTP), all on 127.0.0.1.  The phones know only the front.  The demo:
 
-1. bob registers at node A; node B serves the registration too (dmq_usrloc);
-2. alice calls bob through node A with an encrypted SDP offer; bob's answer comes
-   back through node B (the domain's floating address moved), which opens it with the
-   key A kept (htable replication, the entry sealed for the domain's nodes only);
-3. node A is killed with SIGKILL in the middle of the call;
-4. alice's re-INVITE and a MESSAGE to bob go through node B, then her BYE: the call
-   survived, the keys are gone;
-5. node A is started again and catches up from B (DMQ sync) at once;
-6. the shared archive holds every body either node read: nothing A archived is lost.
+1. alice and bob register through the front; both nodes serve both registrations
+   (dmq_usrloc), whichever node took them;
+2. alice calls bob with an encrypted SDP offer the domain's proxy may read; the front
+   hands the call to one node (by Call-ID), which reads the offer and the answer;
+3. that node is killed with SIGKILL in the middle of the call; the front's probe
+   takes it out;
+4. alice puts the call on hold and back, then bob does (each a re-INVITE, through the
+   front to the other node: the Route names the front, which both nodes take as
+   theirs), alice sends bob a MESSAGE, and alice hangs up: the call survived, the
+   other node read every new body, and the call's keys are gone;
+5. the killed node starts again and catches up from the other (DMQ sync) before the
+   front gives it anything;
+6. the shared archive holds every body either node read: nothing is lost, and no
+   SRTP key is in it.
 
 It prints what each node saw (its log lines about bodies, and its counters) and ends
 with ``DEMO PASSED`` (exit 0) only if every expectation held, else ``DEMO FAILED``
@@ -23,20 +29,23 @@ with ``DEMO PASSED`` (exit 0) only if every expectation held, else ``DEMO FAILED
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any, Callable
 
-from .cluster import (REPLICATION, Alice, Bob, Cluster, answers, contacts, counters,
-                      register_bob, start_cluster, wait_until)
-from .flows import SDP_ANSWER, SDP_OFFER
-from .kamailio_harness import ProxyHandle, ProxyStarter, SipUa
+from .cluster import REPLICATION, Cluster, contacts, counters, start_cluster, wait_until
+from .kamailio_harness import ProxyHandle, ProxyStarter
+from .phones import PhoneProcess
+from .ports import free_port
+from .tomlfile import write_toml
 
-MOVED_OFFER = SDP_OFFER.replace(b"49170", b"49180")    # what alice's re-INVITE offers
+ALICE, BOB = "sip:alice@example.com", "sip:bob@example.com"
 _SEEN = re.compile(r"e2m: (\S+ (?:request|response)(?: \d+)? action=\S+ seen=\S+)")
 
 
@@ -47,109 +56,161 @@ class Demo:
         self.work = work
         self.results: list[tuple[str, bool]] = []
 
-    def expect(self, what: str, held: bool) -> bool:
+    def expect(self, what: str, held: Any) -> bool:
         self.results.append((what, bool(held)))
         print(f"  [{'ok' if held else 'FAILED'}] {what}", flush=True)
         return bool(held)
 
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(held for _, held in self.results)
+
     def run(self) -> bool:
         from e2m_plugins.testpki import init_test_pki
         from .postgres import PostgresServer
-        print("e2m demo-cluster: two home nodes, one PostgreSQL, two phones (on loopback; "
-              "the phones are the core's UA engines on UDP sockets, not pjsua2)")
+        print("e2m demo-cluster: a front, two home nodes, one PostgreSQL and two pjsua2 "
+              "phones, on 127.0.0.1")
         pki = init_test_pki(self.work / "pki", domain="example.com",
                             proxy_hosts=("proxy.example.com",), users=("alice", "bob"),
-                            key_type="rsa")
+                            key_type="ec")      # RSA: the INVITE would pass pjsip's 4000 bytes
+        passwords = {name: secrets.token_urlsafe(16) for name in ("alice", "bob")}
         pg = PostgresServer()
         starter = ProxyStarter(pki, self.work)
-        alice, bob = Alice(pki), Bob(pki)
+        phones: list[PhoneProcess] = []
         cluster = None
         try:
             pg.start()
-            print(f"PostgreSQL on 127.0.0.1:{pg.port}; starting node A and node B ...")
-            cluster = start_cluster(starter, pg.create_database("demo"))
-            print(f"node A on {cluster.a.uri}, node B on {cluster.b.uri}; DMQ peers up")
-            self.call(cluster, alice, bob)
+            front_port = free_port()
+            print(f"PostgreSQL on 127.0.0.1:{pg.port}; starting node A, node B and the front")
+            cluster = start_cluster(starter, pg.create_database("demo"), front=front_port,
+                                    auth=True, users=passwords)
+            a, b = cluster.nodes
+            front = starter("front", e2m=False, archive=False, port=front_port,
+                            extra={"dispatcher": {"destinations": [a.uri, b.uri],
+                                                  "probe_interval": 1}})
+            print(f"node A {a.uri}, node B {b.uri}, front {front.uri}; DMQ peers up")
+            alice, bob = (self.phone(pki, name, front, passwords[name], phones)
+                          for name in ("alice", "bob"))
+            self.call(cluster, front, alice, bob)
         finally:
             if cluster is not None:
                 self.report(cluster)
-            alice.close()
-            bob.close()
+            for phone in phones:
+                phone.stop()
             starter.stop_all()
             pg.stop()
-        return bool(self.results) and all(held for _, held in self.results)
+        return self.passed
 
-    def call(self, cluster: Cluster, alice: Alice, bob: Bob) -> None:
+    def phone(self, pki: Any, name: str, front: ProxyHandle, password: str,
+              started: list[PhoneProcess]) -> PhoneProcess:
+        """``e2m-phone`` for ``name``: the front is its registrar and outbound proxy;
+        the peer's certificate is a [peers] entry (the certificate service answers a
+        fetch with a NOTIFY to where the SUBSCRIBE came from: behind a front, the
+        front)."""
+        secret = self.work / f"{name}.password"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(password + "\n")
+        peer = "bob" if name == "alice" else "alice"
+        files = self.work / "pki"
+        config = write_toml(self.work / f"{name}.toml", {
+            "identity": {"aor": pki.aor(name), "cert": str(files / f"{name}.crt"),
+                         "key": str(files / f"{name}.key")},
+            "trust": {"ca": [str(files / "ca.crt")]},
+            "peers": {pki.aor(peer): str(files / f"{peer}.crt")},
+            "e2m": {"cert_url_hosts": ["127.0.0.1"]},
+            "phone": {"registrar": front.uri, "proxy": front.uri, "srtp": True,
+                      "password_file": str(secret), "certificate_service": False}})
+        phone = PhoneProcess(config, name)
+        started.append(phone)
+        return phone
+
+    def call(self, cluster: Cluster, front: ProxyHandle, alice: PhoneProcess,
+             bob: PhoneProcess) -> None:
         a, b = cluster.nodes
-        print("\n1. bob registers at node A")
-        register_bob(a, bob)
-        self.expect("node B serves bob's registration made at A (dmq_usrloc)",
-                    _within(lambda: contacts(b, "bob"), REPLICATION))
+        print("\n1. alice and bob register through the front")
+        reg = alice.wait("registered")
+        bob.wait("registered")
+        self.expect("alice learnt the domain's policy at REGISTER (through the front)",
+                    any(p["host"] == "proxy.example.com" for p in reg["policies"]))
+        self.expect("both nodes serve both registrations (dmq_usrloc)",
+                    _within(lambda: all(contacts(n, u) for n in (a, b) for u in ("alice", "bob")),
+                            REPLICATION))
 
-        print("2. alice calls bob through node A; his answer comes back through node B")
-        bob.answer_to = b.port
-        reply = alice.call(a)
-        ok = reply is not None and reply.status == 200
-        self.expect("the call is answered (200)", ok)
-        if not ok:
+        print("2. alice calls bob; the front hands the call to one node")
+        mark_a, mark_b = alice.mark(), bob.mark()
+        alice.send(f"call {BOB}")
+        media_a = _event(alice, "call_media", mark_a, lambda e: "active" in e["audio"])
+        media_b = _event(bob, "call_media", mark_b, lambda e: "active" in e["audio"])
+        if not self.expect("the call is up, media active at both ends",
+                           media_a is not None and media_b is not None):
             return
-        self.expect("alice opens bob's answer", alice.open(reply) == SDP_ANSWER)
-        self.expect("node B opened the answer with the key node A kept",
-                    [r.plaintext for r in answers(b, alice.call_id)] == [SDP_ANSWER])
-        alice.ack(b)
-        self.expect("node B holds the call's keys (replicated)",
-                    _within(lambda: b.htable_items() > 0, REPLICATION))
+        call_id = media_a["call_id"]
+        carrier, other = (a, b) if call_id in a.log_since(0) else (b, a)
+        names = {id(a): "node A", id(b): "node B"}
+        print(f"   the call ({call_id}) went through {names[id(carrier)]}")
+        self.expect(f"{names[id(carrier)]} read the offer and the answer",
+                    _rows(carrier, call_id) >= {("request", "INVITE"), ("response", "INVITE")})
+        self.expect(f"{names[id(other)]} holds the call's keys (replicated)",
+                    _within(lambda: other.htable_items() > 0, REPLICATION))
 
-        print("3. node A is killed (SIGKILL) in the middle of the call")
-        print(f"   node A's counters before: {_nonzero(counters(a))}")
-        a.kill()
-        self.expect("node A is gone", not a.alive() and a.options(timeout=0.3) is None)
+        print(f"3. {names[id(carrier)]} is killed (SIGKILL) in the middle of the call")
+        print(f"   its counters before: {_nonzero(counters(carrier))}")
+        carrier.kill()
+        took = _took(lambda: re.search(rf"URI: {re.escape(carrier.uri)}\s+FLAGS: I",
+                                       front.rpc("dispatcher.list")), 15)
+        self.expect(f"the front's probe took {names[id(carrier)]} out"
+                    + (f" ({took:.1f} s)" if took is not None else ""), took is not None)
 
-        print("4. alice's re-INVITE, a MESSAGE to bob and the BYE go through node B")
-        again = alice.reinvite(b)
-        self.expect("the re-INVITE through B is answered and its answer opens",
-                    again is not None and again.status == 200
-                    and alice.open(again) == SDP_ANSWER)
-        carol = SipUa(b.port, user="carol")
-        try:
-            sent = carol.message("bob", b"are you still there?")
-        finally:
-            carol.close()
-        self.expect("bob (registered at A) gets a MESSAGE through B",
-                    sent is not None and sent.status == 200)
-        ended = alice.bye(b)
-        self.expect("the BYE through B ends the call (200)",
-                    ended is not None and ended.status == 200)
-        self.expect("the call's keys are gone from node B",
-                    _within(lambda: b.htable_items() == 0, REPLICATION))
+        print(f"4. hold and unhold from both ends, a MESSAGE, the BYE: through the front "
+              f"to {names[id(other)]}")
+        for phone, who in ((alice, "alice"), (bob, "bob")):
+            for update, state in (("hold", "local_hold"), ("unhold", "active")):
+                mark = phone.mark()
+                phone.send(update)
+                done = _event(phone, "call_media", mark, lambda e, s=state: s in e["audio"])
+                self.expect(f"{who}'s {update} (a re-INVITE) is answered", done is not None)
+        reads = _rows(other, call_id)
+        self.expect(f"{names[id(other)]} read the re-INVITEs' offers and answers",
+                    reads >= {("request", "INVITE"), ("response", "INVITE")})
+        mark = bob.mark()
+        text = f"still there? ({secrets.token_hex(3)})"
+        alice.send(f"message {BOB} {text}")
+        got = _event(bob, "message_in", mark)
+        self.expect("alice's MESSAGE reaches bob through the other node",
+                    got is not None and got.get("text") == text)
+        mark_a, mark_b = alice.mark(), bob.mark()
+        alice.send("hangup")
+        ended = _event(alice, "call_ended", mark_a) and _event(bob, "call_ended", mark_b)
+        self.expect("alice's BYE ends the call at both ends", ended)
+        self.expect(f"the call's keys are gone from {names[id(other)]}",
+                    _within(lambda: other.htable_items() == 0, REPLICATION))
 
-        print("5. node A starts again")
-        second = Alice(alice.pki)
-        try:
-            up = second.call(b)                  # a call set up on B while A is down
-            if up is not None and up.status == 200:
-                second.ack(b)
-            started = a.start()
-            self.expect("node A is back", started)
-            if started:
-                synced = time.monotonic()
-                caught = _within(lambda: contacts(a, "bob")
-                                 and a.htable_items() == b.htable_items() > 0, 5)
-                print(f"   caught up {time.monotonic() - synced:.2f} s after it answered")
-                self.expect("node A caught up from B: bob's registration and the keys of "
-                            "the call B carries (DMQ sync)", caught)
-                bye = second.bye(a)
-                self.expect("that call ends through node A", bye is not None and bye.status == 200)
-        finally:
-            second.close()
+        print(f"5. {names[id(carrier)]} starts again")
+        started = carrier.start()
+        self.expect(f"{names[id(carrier)]} is back", started)
+        if started:
+            self.expect(f"{names[id(carrier)]} caught up: both registrations (DMQ sync)",
+                        _within(lambda: contacts(carrier, "alice") and contacts(carrier, "bob"),
+                                5))
+            back = _took(lambda: re.search(rf"URI: {re.escape(carrier.uri)}\s+FLAGS: A",
+                                           front.rpc("dispatcher.list")), 15)
+            self.expect("the front takes it back", back is not None)
 
         print("6. the shared archive")
-        rows = [(r.direction, r.plaintext) for r in b.archive_rows()
-                if r.call_id == alice.call_id]
-        self.expect("every body of the call is archived once: A's offer and B's answer, "
-                    "B's re-INVITE and its answer",
-                    rows == [("request", SDP_OFFER), ("response", SDP_ANSWER),
-                             ("request", MOVED_OFFER), ("response", SDP_ANSWER)])
+        rows = [r for r in other.archive_rows() if r.call_id == call_id]
+        # a 200 retransmitted before its ACK is read, and archived, once per copy
+        bodies = {(r.direction, r.sha256) for r in rows if r.method == "INVITE"}
+        offers = sum(1 for direction, _ in bodies if direction == "request")
+        answers = len(bodies) - offers
+        print(f"   {len(rows)} archived bodies of the call: {offers} distinct offers, "
+              f"{answers} distinct answers")
+        # the first offer and answer (the dead node's) and two re-INVITEs from each end
+        self.expect("every body of the call is archived: 5 offers and 5 answers, the "
+                    "dead node's first two included", offers == 5 and answers == 5)
+        self.expect("no SRTP key in the archive",
+                    not any(b"a=crypto" in r.plaintext or b"inline:" in r.plaintext
+                            for r in rows))
 
     def report(self, cluster: Cluster) -> None:
         print("\nwhat each node saw:")
@@ -161,6 +222,26 @@ class Demo:
                 print(f"    counters now (since its last start): {_nonzero(counters(node))}")
 
 
+def _rows(node: ProxyHandle, call_id: str) -> set[tuple[str, str]]:
+    """(direction, method) of the bodies ``node`` logged reading for ``call_id``."""
+    seen = set()
+    for line in node.log_since(0).splitlines():
+        match = _SEEN.search(line)
+        if match and call_id in line and " seen=-" not in line:
+            words = match.group(1).split()
+            seen.add((words[1], words[0]))
+    return seen
+
+
+def _event(phone: PhoneProcess, kind: str, since: int,
+           where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+    """The phone's first ``kind`` event after ``since`` (None: not within 20 s)."""
+    try:
+        return phone.wait(kind, where, since=since, timeout=20)
+    except AssertionError:
+        return None
+
+
 def _nonzero(values: dict[str, int]) -> dict[str, int]:
     return {name: value for name, value in values.items() if value}
 
@@ -170,12 +251,15 @@ def _seen_lines(node: ProxyHandle) -> list[str]:
     return [match.group(1) for match in _SEEN.finditer(node.log_since(0))]
 
 
-def _within(check, timeout: float) -> bool:
+def _took(check: Callable[[], Any], timeout: float) -> float | None:
     try:
-        wait_until(check, timeout, "")
-        return True
+        return wait_until(check, timeout, "")
     except AssertionError:
-        return False
+        return None
+
+
+def _within(check: Callable[[], Any], timeout: float) -> bool:
+    return _took(check, timeout) is not None
 
 
 def main() -> int:

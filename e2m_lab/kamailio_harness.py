@@ -337,11 +337,14 @@ def _db_init(config: Path) -> None:
 
 
 def start_proxy(directory: Path, *, pki: TestPKI | None, e2m: bool, attempts: int = 3,
-                **settings: Any) -> ProxyHandle:
-    """Write the config, start ``e2m-proxy`` and wait until it answers OPTIONS."""
+                port: int | None = None, **settings: Any) -> ProxyHandle:
+    """Write the config, start ``e2m-proxy`` and wait until it answers OPTIONS.
+    ``port``: its SIP port, chosen by the caller (who had to name it to others first);
+    else a free one, and another one if it was taken before Kamailio bound it."""
     last_error = ""
-    for _ in range(attempts):   # a port can be taken between probing and binding
-        port = free_port()
+    chosen = port
+    for _ in range(1 if chosen else attempts):
+        port = chosen or free_port()
         tls_port = free_port(avoid={port}) if settings.get("tls") else None
         config = write_proxy_config(directory, port, pki=pki, e2m=e2m, tls_port=tls_port,
                                     **settings)

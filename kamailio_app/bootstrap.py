@@ -226,6 +226,12 @@ class ProxyApp:
         """[cluster] dmq_address: this node shares its state with peers over DMQ."""
         return self.config.cluster is not None and self.config.cluster.replicates
 
+    @property
+    def front(self) -> str | None:
+        """[cluster] front: the dispatcher front this node record-routes (HOST:PORT)."""
+        cluster = self.config.cluster
+        return cluster.front if cluster is not None else None
+
     def dmq_sources(self) -> frozenset[tuple[str, int]]:
         """(address, port) a KDMQ request may come from: the [cluster] peers (resolved
         once, at start: a DNS name may stand for several)."""

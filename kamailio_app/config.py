@@ -149,6 +149,12 @@ class ClusterSettings:
     # its own: an in-dialog request or a response reaches any node (a front, DNS or a
     # floating address decides which), not only the one that was on the path.
     advertise: str | None = None
+    # The dispatcher front (``HOST:PORT``) this node sits behind, instead of a floating
+    # address: the node puts it in Record-Route and takes it as its own, so every
+    # in-dialog request of a dialog goes back through the front, which hands it to a
+    # live node; Via stays the node's own, so responses come back to the node that
+    # forwarded the request.
+    front: str | None = None
 
     @property
     def replicates(self) -> bool:
@@ -520,7 +526,7 @@ def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
         return None
     check = _Checker("cluster", table, problems)
     check.unknown(("db_url", "db_connect_timeout", "db_statement_timeout_ms", "dmq_address",
-                   "peers", "advertise"))
+                   "peers", "advertise", "front"))
     connect_timeout = check.integer("db_connect_timeout", 2, 2, 30)
     statement_ms = check.integer("db_statement_timeout_ms", 2000, 100, 60000)
     dmq = _cluster_dmq(check)
@@ -538,8 +544,8 @@ def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
 
 
 def _cluster_dmq(check: _Checker) -> dict[str, Any]:
-    """``dmq_address``, ``peers`` and ``advertise`` of ``[cluster]`` (all optional, but
-    peers and advertise only with a dmq_address)."""
+    """``dmq_address``, ``peers``, ``advertise`` and ``front`` of ``[cluster]`` (all
+    optional, but the others only with a dmq_address; advertise or front, not both)."""
     out: dict[str, Any] = {}
     raw = check.string("dmq_address", None)
     if raw is not None:
@@ -572,10 +578,21 @@ def _cluster_dmq(check: _Checker) -> dict[str, Any]:
             check.bad("advertise", f"{advertise!r} is not HOST[:PORT]")
         else:
             out["advertise"] = advertise.strip().lower()
+    front = check.string("front", None)
+    if front is not None:
+        match = _ADVERTISE.fullmatch(front.strip())
+        if not match or not match.group(2) or not 0 < int(match.group(2)) < 65536:
+            check.bad("front", f"{front!r} is not HOST:PORT (the dispatcher front's SIP address)")
+        elif advertise is not None:
+            check.bad("front", "and advertise exclude each other: a floating address or a "
+                               "front carries the dialogs, not both")
+        else:
+            out["front"] = front.strip().lower()
     if "dmq_address" in out and not (out.get("peers") or out.get("peers_dns")):
         check.bad("peers", "is needed with dmq_address: the other nodes (a list or a DNS name)")
-    if "dmq_address" not in out and raw is None and (peers is not None or advertise):
-        check.bad("dmq_address", "is needed with peers and advertise (this node's DMQ socket)")
+    if "dmq_address" not in out and raw is None and (peers is not None or advertise or front):
+        check.bad("dmq_address", "is needed with peers, advertise and front (this node's DMQ "
+                                 "socket)")
     return out
 
 

@@ -250,6 +250,12 @@ class kamailio:
         if certs and KSR.is_SUBSCRIBE():   # a certificate is public: no credentials (RFC 6072)
             self.route_certs(self.app.certs.route_subscribe)
             return
+        if KSR.is_OPTIONS() and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
+            # A keepalive to the proxy itself (a front's probe, a monitor) names no
+            # user: never challenged, or a front probing from one of our domains
+            # would take every node out.
+            self.route_options_self()
+            return
         local_register = KSR.is_REGISTER() and self.app.config.dispatcher is None and (
             KSR.is_myself_ruri() or not self.app.config.kamailio.next_hop)
         if not self.route_auth(register=local_register):
@@ -263,14 +269,20 @@ class kamailio:
             return
         # A REGISTER for a domain that is not ours goes on to next_hop like any
         # request: a visited proxy passes it to the home registrar.
-        if KSR.is_OPTIONS() and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
-            self.route_options_self()
-            return
         if KSR.is_method_in("IS"):   # INVITE, SUBSCRIBE: stay on the path of the dialog
-            KSR.rr.record_route()
+            self.record_route()
         if not self.route_target():
             return
         self.relay(inspect=True)
+
+    def record_route(self):
+        """A cluster node behind a front ([cluster] front) names the front, so the
+        dialog's next requests go back through it to whichever node is alive."""
+        front = self.app.front
+        if front:
+            KSR.rr.record_route_advertised_address(front)
+        else:
+            KSR.rr.record_route()
 
     # -- flood limits ([limits]) ----------------------------------------------------
     def exempt_source(self):

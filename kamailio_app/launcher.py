@@ -104,10 +104,10 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "LOG_LEVEL": str(k.log_level),
         "LISTEN_LINES": "\n".join(_listen_lines(config)),
         # the domains and the [identity] host: a request for either is for us; in a
-        # cluster the domain's advertised address too (any node takes it)
+        # cluster the domain's advertised address or its front too (in Route, any
+        # node takes it as its own)
         "ALIAS_LINES": "\n".join(f"alias={name}" for name in config.local_names
-                                 + ((cluster.advertise,) if cluster and cluster.advertise
-                                    else ())),
+                                 + _cluster_aliases(cluster)),
         "KEYCACHE_SIZE": str(k.keycache_size),
         "KEYCACHE_EXPIRE": str(k.keycache_expire),
         # the longest replay window PROXY.toml may set, plus a transaction's lifetime;
@@ -143,6 +143,12 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         left = text[text.index("@@"):].split("\n", 1)[0]
         raise RuntimeError(f"template placeholder not filled: {left}")
     return text
+
+
+def _cluster_aliases(cluster: ClusterSettings | None) -> tuple[str, ...]:
+    if cluster is None:
+        return ()
+    return tuple(name for name in (cluster.advertise, cluster.front) if name)
 
 
 def _listen_lines(config: AppConfig) -> list[str]:

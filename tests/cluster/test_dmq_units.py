@@ -47,6 +47,11 @@ def test_dmq_settings_are_read(tmp_path):
     ({"peers": ["sip:10.0.0.2:5090"]}, "dmq_address: is needed"),
     ({"dmq_address": "sip:10.0.0.1:5090", "peers": ["sip:10.0.0.2:5090"],
       "advertise": 'x"; loadmodule "evil'}, "advertise"),
+    ({"dmq_address": "sip:10.0.0.1:5090", "peers": ["sip:10.0.0.2:5090"],
+      "front": "10.0.0.10"}, "front"),                       # a front needs its port
+    ({"dmq_address": "sip:10.0.0.1:5090", "peers": ["sip:10.0.0.2:5090"],
+      "front": "10.0.0.10:5060", "advertise": "10.0.0.20:5060"}, "exclude each other"),
+    ({"front": "10.0.0.10:5060"}, "dmq_address: is needed"),
 ])
 def test_dmq_mistakes_are_refused(tmp_path, bad, says):
     with pytest.raises(AppConfigError) as caught:
@@ -73,6 +78,17 @@ def test_the_cfg_replicates_only_with_dmq(tmp_path):
                                                 "peers": "nodes.example.com"}), tmp_path)
     assert 'modparam("dmq", "notification_address", "sip:nodes.example.com:5090")' in dns
     assert 'modparam("dmq", "multi_notify", 1)' in dns
+
+
+def test_a_node_behind_a_front_takes_the_front_as_its_own_and_keeps_its_via(tmp_path):
+    """[cluster] front: the front's address is an alias (its Route is ours), the
+    listeners advertise nothing (Via stays the node's: responses come back to it)."""
+    dmq = {k: v for k, v in DMQ.items() if k != "advertise"}
+    config = _config(tmp_path, cluster={"db_url": DB, **dmq, "front": "10.0.0.10:5060"})
+    assert config.cluster.front == "10.0.0.10:5060" and config.cluster.advertise is None
+    text = render_cfg(config, tmp_path)
+    assert "alias=10.0.0.10:5060" in text
+    assert "listen=udp:127.0.0.1:5060\n" in text and " advertise " not in text
 
 
 def test_dispatcher_front(tmp_path):

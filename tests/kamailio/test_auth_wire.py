@@ -371,6 +371,23 @@ def test_register_to_the_identity_host_is_answered_here_not_at_next_hop(proxy_fa
         ua.close()
 
 
+def test_a_keepalive_from_our_own_domain_is_answered_not_challenged(proxy_factory):
+    """A dispatcher front probes its nodes with OPTIONS from an address of theirs
+    (``sip:dispatcher@<its address>``, which the nodes count as their own).  Before:
+    407, so the front took every node with [auth] out (503 No Node Available).  The
+    OPTIONS names no user; a request to a user still needs credentials."""
+    proxy = proxy_factory("keepalive", e2m=False, auth=True, users=USERS)
+    ua = SipUa(proxy.port, user="alice", source="127.0.0.40")
+    try:
+        probe = ua.transact(ua.build("OPTIONS", "sip:127.0.0.1", to="sip:127.0.0.1").replace(
+            "From", "<sip:dispatcher@127.0.0.1>;tag=ds1"))
+        assert probe is not None and probe.status == 200
+        to_user = ua.transact(ua.build("OPTIONS", "sip:bob@example.com"))
+        assert to_user is not None and to_user.status == 407
+    finally:
+        ua.close()
+
+
 def test_no_answer_names_the_software_or_its_version(home):
     """Before: ``Server: kamailio (5.6.3 (x86_64/linux))`` on every answer."""
     import urllib.request
