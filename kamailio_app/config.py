@@ -155,10 +155,23 @@ class ClusterSettings:
     # live node; Via stays the node's own, so responses come back to the node that
     # forwarded the request.
     front: str | None = None
+    # The sync gate (kamailio_app/sync_gate.py): after a start the node answers 503
+    # until it has caught up with its peers (DMQ sync) or takes them as unreachable
+    # (not active after ``sync_unreachable_after`` s), and serves anyway after
+    # ``sync_wait`` s; 0: no gate.  ``sync_quiet_ms``: no dump message from a peer
+    # for this long ends its sync.
+    sync_wait: int = 30
+    sync_unreachable_after: int = 6
+    sync_quiet_ms: int = 1000
 
     @property
     def replicates(self) -> bool:
         return self.dmq_address is not None
+
+    @property
+    def gated(self) -> bool:
+        """A node with DMQ peers waits for their state before it serves."""
+        return self.replicates and self.sync_wait > 0
 
 
 @dataclass(frozen=True)
@@ -526,10 +539,12 @@ def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
         return None
     check = _Checker("cluster", table, problems)
     check.unknown(("db_url", "db_connect_timeout", "db_statement_timeout_ms", "dmq_address",
-                   "peers", "advertise", "front"))
+                   "peers", "advertise", "front", "sync_wait", "sync_unreachable_after",
+                   "sync_quiet_ms"))
     connect_timeout = check.integer("db_connect_timeout", 2, 2, 30)
     statement_ms = check.integer("db_statement_timeout_ms", 2000, 100, 60000)
     dmq = _cluster_dmq(check)
+    dmq.update(_cluster_sync(check))
     raw = check.string("db_url", None)
     if raw is None:
         check.bad("db_url", "is needed: postgres://user:password@host:port/database")
@@ -541,6 +556,18 @@ def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
         return None
     return ClusterSettings(db=url, connect_timeout=connect_timeout,
                            statement_timeout_ms=statement_ms, **dmq)
+
+
+def _cluster_sync(check: _Checker) -> dict[str, Any]:
+    """The sync gate's bounds: ``sync_wait`` 0 (no gate) or at least
+    ``sync_unreachable_after`` (DMQ's notification of a peer times out after 5 s)."""
+    wait = check.integer("sync_wait", 30, 0, 600)
+    unreachable = check.integer("sync_unreachable_after", 6, 1, 600)
+    quiet = check.integer("sync_quiet_ms", 1000, 100, 10000)
+    if wait and unreachable > wait:
+        check.bad("sync_unreachable_after", f"({unreachable} s) is more than sync_wait "
+                                            f"({wait} s): the wait would end first")
+    return {"sync_wait": wait, "sync_unreachable_after": unreachable, "sync_quiet_ms": quiet}
 
 
 def _cluster_dmq(check: _Checker) -> dict[str, Any]:

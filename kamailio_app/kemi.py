@@ -52,8 +52,10 @@ from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_name, parse  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp  # noqa: E402
+from kamailio_app.sync_gate import for_cluster  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
+SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in mod_init
 _ITERATOR = "e2mhf"   # textopsx header iterator name
 _PLAIN_FORWARD = Verdict("forward")
 _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
@@ -72,12 +74,13 @@ _COUNTED_REFUSALS = (400, 403, 495, 496)   # statistics: e2m_refused_<code>
 
 
 def mod_init():
-    global APP
+    global APP, SYNC_GATE
     path = _define("E2M_CONFIG") or os.environ.get("E2M_PROXY_CONFIG")
     if not path:
         raise RuntimeError("E2M_CONFIG define (or E2M_PROXY_CONFIG) is not set")
     APP = ProxyApp.load(path, KSR)
     APP.dmq_sources()     # [cluster] peers resolved once, before the workers fork
+    SYNC_GATE = for_cluster(KSR, APP.config.cluster, APP.dmq_sources())
     mode = "E2M proxy for %s" % APP.engine.host if APP.e2m else "plain routing proxy"
     KSR.info("e2m: %s; python %s; config %s\n" % (mode, sys.version.split()[0], path))
     return kamailio()
@@ -217,6 +220,8 @@ class kamailio:
             if self.app.replicates and KSR.pv.get("$rm") == "KDMQ":
                 self.route_dmq()
                 return 1
+            if SYNC_GATE is not None and SYNC_GATE.refuses():
+                return 1      # 503: still catching up with the peers (DMQ sync)
             self.route_request()
         except Exception as exc:  # noqa: BLE001 - any failure must get an answer
             _log_exception("request route", exc)
@@ -228,6 +233,8 @@ class kamailio:
         DMQ socket to DMQ; from anyone else refused, and never let into a table."""
         source = (KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0))
         if source in self.app.dmq_sources():
+            if SYNC_GATE is not None:
+                SYNC_GATE.observe("%s:%d" % source)
             KSR.dmq.handle_message()
             return
         KSR.warn("e2m: KDMQ from %s:%d, not a [cluster] peer: refused\n" % source)
@@ -629,6 +636,14 @@ class kamailio:
                 KSR.statistics.update_stat("e2m_dmq_peers_up", up)
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
             _log_exception("cluster timer", exc)
+        return 1
+
+    # -- rtimer ([cluster] sync gate, every 200 ms): ready once caught up with the peers
+    def ksr_sync_timer(self, msg, evname):
+        try:
+            SYNC_GATE.tick()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            _log_exception("sync gate timer", exc)
         return 1
 
     # -- tm onreply route --------------------------------------------------------

@@ -22,6 +22,8 @@ from e2m_plugins.sip import parse
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
 
+_KDMQ_GIVE_UP = 5.5     # tm's fr_timer (5 s, the cfg template) and a margin
+
 
 @pytest.fixture
 def cluster(proxy_factory, pg_url) -> Cluster:
@@ -228,6 +230,11 @@ def test_node_killed_mid_call_b_carries_the_call_registrations_and_archive_then_
     ended = alice.bye(b)
     assert ended is not None and ended.status == 200
     wait_until(lambda: b.htable_items() == 0, REPLICATION, "the keys gone from B")
+    # B's KDMQ to the dead A (the first call's keys set, then dropped) is retransmitted
+    # by tm until its fr_timer (5 s) ends: a copy of a set that reaches A after its
+    # sync and after the last copy of the drop leaves A a stale key of an ended call
+    # (known limit, kamailio_app/README.md).  A comes back once those have ended.
+    changes_end = time.monotonic() + _KDMQ_GIVE_UP
     rows = [(r.direction, r.plaintext) for r in b.archive_rows() if r.call_id == alice.call_id]
     moved = SDP_OFFER.replace(b"49170", b"49180")
     assert rows == before + [("request", moved), ("response", SDP_ANSWER)]   # nothing lost
@@ -237,6 +244,7 @@ def test_node_killed_mid_call_b_carries_the_call_registrations_and_archive_then_
     try:
         assert second.call(b).status == 200
         second.ack(b)
+        time.sleep(max(0.0, changes_end - time.monotonic()))
         assert a.start(), a.log_since(0)[-2000:]
         caught_up = wait_until(lambda: contacts(a, "bob") and contacts(a, "carol")
                                and a.htable_items() == b.htable_items() > 0, 5,
