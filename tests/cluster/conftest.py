@@ -1,6 +1,9 @@
 """Fixtures for the shared-store tests: a private PostgreSQL (``e2m_lab.postgres``) and
 proxies on it.
 
+``cluster``: nodes A and B on ``pg_url`` (e2m_lab/cluster.py), ``alice`` and ``bob``
+its phones (the core's UA engines on UDP sockets).
+
 ``postgres`` (module scope): one server for a test module; ``pg_url`` gives each test
 a database of its own in it.  ``own_postgres``: a server for one test, for tests that
 kill it (SIGKILL) and start it again.  Everything listens on 127.0.0.1 on free ports
@@ -14,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from e2m_lab.cluster import Alice, Bob, Cluster, start_cluster
 from e2m_lab.postgres import PostgresServer
 from e2m_lab.pytest_fixtures import failed
 
@@ -47,3 +51,22 @@ def own_postgres(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
     if failed(request):
         _print_tail(server)
     server.stop()
+
+
+@pytest.fixture
+def cluster(proxy_factory, pg_url) -> Cluster:
+    return start_cluster(proxy_factory, pg_url)
+
+
+@pytest.fixture
+def alice(pki) -> Iterator[Alice]:
+    phone = Alice(pki)
+    yield phone
+    phone.close()
+
+
+@pytest.fixture
+def bob(pki) -> Iterator[Bob]:
+    phone = Bob(pki)
+    yield phone
+    phone.close()

@@ -13,9 +13,8 @@ import time
 
 import pytest
 
-from e2m_lab.cluster import (REPLICATION, Alice, Bob, Cluster, answers, contacts, counters,
-                             dmq_port, htable_dump, register_bob, start_cluster, stat,
-                             wait_until)
+from e2m_lab.cluster import (REPLICATION, Alice, answers, contacts, counters, dmq_port,
+                             htable_dump, register_bob, start_cluster, stat, wait_until)
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, invite, ua_engine
 from e2m_lab.kamailio_harness import SipUa
 from e2m_plugins.sip import parse
@@ -23,25 +22,6 @@ from e2m_plugins.sip import parse
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
 
 _KDMQ_GIVE_UP = 5.5     # tm's fr_timer (5 s, the cfg template) and a margin
-
-
-@pytest.fixture
-def cluster(proxy_factory, pg_url) -> Cluster:
-    return start_cluster(proxy_factory, pg_url)
-
-
-@pytest.fixture
-def alice(pki):
-    phone = Alice(pki)
-    yield phone
-    phone.close()
-
-
-@pytest.fixture
-def bob(pki):
-    phone = Bob(pki)
-    yield phone
-    phone.close()
 
 
 # --------------------------------------------------------------------------- tests

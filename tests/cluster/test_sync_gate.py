@@ -19,32 +19,13 @@ from collections.abc import Callable
 
 import pytest
 
-from e2m_lab.cluster import (REPLICATION, Alice, Bob, Cluster, contacts, counters, htable_dump,
-                             register_bob, start_cluster, wait_until)
+from e2m_lab.cluster import (REPLICATION, contacts, counters, htable_dump, register_bob,
+                             wait_until)
 from e2m_plugins.sip import SipMessage, make_request, parse
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
 
 FILLER = 300            # replay records B holds besides bob's registration
-
-
-@pytest.fixture
-def cluster(proxy_factory, pg_url) -> Cluster:
-    return start_cluster(proxy_factory, pg_url)
-
-
-@pytest.fixture
-def alice(pki):
-    phone = Alice(pki)
-    yield phone
-    phone.close()
-
-
-@pytest.fixture
-def bob(pki):
-    phone = Bob(pki)
-    yield phone
-    phone.close()
 
 
 def _message(sock: socket.socket) -> SipMessage:
