@@ -123,18 +123,65 @@ class TrustAnchors(tuple):
 
     A tuple, so it goes wherever a sequence of anchors goes; ``verify_chain`` (and so
     every check built on it) applies its ``crls`` unless given CRLs of its own.
+    ``paths``: the paths found to these anchors (``KnownPaths``), when there are no CRLs.
     """
 
     crls: tuple[x509.CertificateRevocationList, ...]
+    paths: KnownPaths
 
     def __new__(cls, certificates: Iterable[x509.Certificate] = (),
                 crls: Iterable[x509.CertificateRevocationList] = ()) -> TrustAnchors:
         self = super().__new__(cls, tuple(certificates))
         self.crls = tuple(crls)
+        self.paths = KnownPaths()
         return self
 
     def __repr__(self) -> str:
         return f"TrustAnchors({len(self)} certificates, {len(self.crls)} CRLs)"
+
+
+@dataclass(frozen=True)
+class _KnownPath:
+    """A path ``verify_chain`` found, the public-key operations it took, and the time
+    every certificate on it is valid in."""
+
+    path: tuple[x509.Certificate, ...]
+    spent: int
+    valid_from: datetime
+    valid_until: datetime
+
+    def holds_at(self, when: datetime) -> bool:
+        return self.valid_from <= when <= self.valid_until
+
+
+class KnownPaths:
+    """The paths found to one set of anchors, by the leaf's and the offered
+    intermediates' DER (with the limits and whether time was checked).
+
+    Without CRLs, whether a path holds depends on nothing else but the time, and
+    each path keeps the window in which all its certificates are valid: every
+    message of a sender carries the same certificate, and a proxy otherwise
+    rebuilds and rechecks the same path per message (about a fifth of opening one).
+    Only paths that held are kept, so a refusal is always worked out again; a hit
+    spends the same budget the path took.  Bounded: ``MAX`` paths, emptied when
+    full (a flood of new certificates costs what it did before).
+    """
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._paths: dict[tuple, _KnownPath] = {}
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def get(self, key: tuple) -> _KnownPath | None:
+        return self._paths.get(key)
+
+    def keep(self, key: tuple, known: _KnownPath) -> None:
+        if len(self._paths) >= self.MAX:
+            self._paths.clear()
+        self._paths[key] = known
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -168,18 +215,36 @@ def check_certificate_size(cert: x509.Certificate, limits: Limits | None = None,
                                  f"{limits.max_san_entries}")
 
 
+# certificate_identities by (certificate, limits): a proxy asks it twice per body of
+# the same sender (the signature check, then the From check).  A certificate hashes
+# and compares by its DER.  Bounded like the signature memo above.
+_IDENTITIES: dict[tuple[x509.Certificate, Limits], Identities] = {}
+_IDENTITIES_MAX = 256
+
+
 def certificate_identities(cert: x509.Certificate,
                            limits: Limits | None = None) -> Identities:
     """SAN URIs, SAN dNSNames, SAN rfc822Names and the first subject CN.
 
     More than ``limits.max_san_entries`` SAN entries is ``LimitExceededError``.
     """
+    key = (cert, _limits(limits))
+    known = _IDENTITIES.get(key)
+    if known is None:
+        known = _read_identities(cert, key[1])
+        if len(_IDENTITIES) >= _IDENTITIES_MAX:
+            _IDENTITIES.clear()
+        _IDENTITIES[key] = known
+    return known
+
+
+def _read_identities(cert: x509.Certificate, limits: Limits) -> Identities:
     uris: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
     san = _san(cert)
     if san is not None:
-        bound = _limits(limits).max_san_entries
+        bound = limits.max_san_entries
         if len(san) > bound:
             raise LimitExceededError(
                 f"{len(san)} subjectAltName entries exceed the limit of {bound}")
@@ -646,9 +711,26 @@ def verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
     limits = _limits(limits)
     if crls is None:
         crls = getattr(anchors, "crls", ())
-    with budget_scope(limits.max_public_key_ops):
-        return _verify_chain(cert, anchors, intermediates, at, check_time, limits,
-                             tuple(crls))
+    with budget_scope(limits.max_public_key_ops) as budget:
+        memo = anchors.paths if isinstance(anchors, TrustAnchors) and not crls else None
+        if memo is None:
+            return _verify_chain(cert, anchors, intermediates, at, check_time, limits,
+                                 tuple(crls))
+        when = as_utc(at) if at is not None else datetime.now(timezone.utc)
+        key = (cert.public_bytes(serialization.Encoding.DER),
+               tuple(c.public_bytes(serialization.Encoding.DER) for c in intermediates),
+               check_time, limits)
+        known = memo.get(key)
+        if known is not None and (not check_time or known.holds_at(when)):
+            if known.spent:
+                budget.spend("certificate signature (path known)", known.spent)
+            return list(known.path)
+        before = budget.spent
+        path = _verify_chain(cert, anchors, intermediates, when, check_time, limits, ())
+        memo.keep(key, _KnownPath(tuple(path), budget.spent - before,
+                                  max(c.not_valid_before_utc for c in path),
+                                  min(c.not_valid_after_utc for c in path)))
+        return path
 
 
 def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],

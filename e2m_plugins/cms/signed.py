@@ -23,6 +23,7 @@ of public-key operations (``cms.budget``).  SHA-1 and DSA are accepted only with
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -492,9 +493,32 @@ def _single(signer: _Signer, oid: str, what: str) -> der.TLV:
     return values[0]
 
 
+def _quick_time(tag: int, text: str) -> datetime | None:
+    """The usual signing-time (all digits, then Z) read without strptime, which costs
+    more than the rest of the attribute checks; None for anything else, which the
+    general reading below then decides."""
+    if not (text.endswith("Z") and text[:-1].isdigit() and text.isascii()):
+        return None
+    if tag == der.UTC_TIME and len(text) == 13:
+        year, rest = int(text[:2]), text[2:]
+        year += 2000 if year < 50 else 1900
+    elif tag == der.GENERALIZED_TIME and len(text) == 15:
+        year, rest = int(text[:4]), text[4:]
+    else:
+        return None
+    try:
+        return datetime(year, int(rest[0:2]), int(rest[2:4]), int(rest[4:6]), int(rest[6:8]),
+                        int(rest[8:10]), tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
 def _time(tlv: der.TLV) -> datetime:
     """A signing-time value: UTCTime (years 1950-2049) or GeneralizedTime, in UTC."""
     text = bytes(tlv.value).decode("ascii", "replace")
+    quick = _quick_time(tlv.tag, text)
+    if quick is not None:
+        return quick
     try:
         if tlv.tag == der.UTC_TIME and len(text) == 13:
             moment = datetime.strptime("20" + text, "%Y%m%d%H%M%SZ")
@@ -540,6 +564,13 @@ def _name_key(encoded: bytes) -> tuple | None:
 def _tbs_fields(cert_der: bytes) -> tuple[int, bytes, der.TLV]:
     """(serial number, issuer Name as encoded, subjectPublicKeyInfo) of a certificate,
     read without parsing the rest of it."""
+    return _remembered_tbs_fields(bytes(cert_der))
+
+
+# Every message of a sender carries the same certificate: its fields are read once
+# per process (by its DER; bounded, least recently used out; a failure is not kept).
+@functools.lru_cache(maxsize=256)
+def _remembered_tbs_fields(cert_der: bytes) -> tuple[int, bytes, der.TLV]:
     cert = der.items(der.read_all(cert_der, max_elements=1024), 3, "Certificate")
     tbs = der.items(cert[0].expect(der.SEQUENCE, "tbsCertificate"), 6, "tbsCertificate")
     if tbs[0].tag == der.context(0):

@@ -130,3 +130,114 @@ def test_an_unreadable_certificate_stays_unreadable() -> None:
     garbage = b"\x30\x03\x02\x01\x00"
     assert certfiles.readable_certificate(garbage) is None
     assert certfiles.readable_certificate(garbage) is None
+
+
+# --------------------------------------------------------------------------- known paths
+
+def test_a_known_path_is_not_used_once_a_certificate_on_it_has_expired(pki) -> None:
+    """The memo of whole paths (TrustAnchors.paths) keeps the window in which every
+    certificate on the path is valid: a path found while the leaf was valid does not
+    vouch for it after its notAfter, nor before its notBefore."""
+    root, _, leaf, _ = pki
+    anchors = certpath.TrustAnchors([root])
+    assert verify_chain(leaf, anchors)[-1] == root and len(anchors.paths) == 1
+    for moment in (leaf.not_valid_after_utc + timedelta(seconds=1),
+                   leaf.not_valid_before_utc - timedelta(seconds=1)):
+        with pytest.raises(UntrustedSignerError):
+            verify_chain(leaf, anchors, at=moment)
+    assert verify_chain(leaf, anchors)[-1] == root
+
+
+def test_a_known_path_serves_only_its_own_anchors_and_leaf(pki) -> None:
+    root, _, leaf, _ = pki
+    anchors = certpath.TrustAnchors([root])
+    verify_chain(leaf, anchors)
+    impostor_key = ec.generate_private_key(ec.SECP256R1())
+    impostor = _cert("Memo Root", impostor_key.public_key(), "Memo Root", impostor_key, ca=True)
+    with pytest.raises(UntrustedSignerError):                # other anchors: own memo
+        verify_chain(leaf, certpath.TrustAnchors([impostor]))
+    with pytest.raises(UntrustedSignerError):                # a twin of the leaf
+        verify_chain(_with_other_signature(leaf), anchors)
+    assert len(anchors.paths) == 1                           # refusals are never kept
+
+
+def test_a_known_path_spends_the_budget_the_path_took(pki) -> None:
+    root, _, leaf, _ = pki
+    anchors = certpath.TrustAnchors([root])
+    with message_budget(8) as first:
+        verify_chain(leaf, anchors)
+    with message_budget(8) as again:
+        verify_chain(leaf, anchors)
+    assert again.spent == first.spent == 1
+    with message_budget(0), pytest.raises(LimitExceededError):
+        verify_chain(leaf, anchors)
+
+
+def test_known_paths_are_bounded_and_not_kept_with_crls(pki, monkeypatch) -> None:
+    root, root_key, _, _ = pki
+    monkeypatch.setattr(certpath.KnownPaths, "MAX", 4)
+    anchors = certpath.TrustAnchors([root])
+    for n in range(10):
+        key = ec.generate_private_key(ec.SECP256R1())
+        verify_chain(_cert(f"user {n}", key.public_key(), "Memo Root", root_key, ca=False),
+                     anchors)
+        assert len(anchors.paths) <= 4
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(root.subject)
+           .last_update(NOW - timedelta(hours=1)).next_update(NOW + timedelta(days=1))
+           .sign(root_key, hashes.SHA256()))
+    with_crl = certpath.TrustAnchors([root], crls=[crl])
+    key = ec.generate_private_key(ec.SECP256R1())
+    verify_chain(_cert("user x", key.public_key(), "Memo Root", root_key, ca=False), with_crl)
+    assert len(with_crl.paths) == 0          # a CRL can change: worked out every time
+
+
+# --------------------------------------------------------------------------- signing-time
+
+@pytest.mark.parametrize("tag, text", [
+    (0x17, "491231235959Z"), (0x17, "500101000000Z"), (0x17, "261203150000Z"),
+    (0x18, "20261203150000Z"), (0x18, "19991231235959Z"),
+    (0x17, "261303150000Z"), (0x17, "261203156000Z"), (0x17, "26120315000Z0"),
+    (0x18, "2026120315000Z"), (0x17, "２61203150000Z"), (0x17, "26120315000+Z"),
+])
+def test_the_quick_signing_time_reads_what_strptime_reads(tag, text) -> None:
+    """The signing-time is read without strptime when it is plain digits; whatever
+    else (a month 13, a leap second, a wrong length, a non-ASCII digit) goes the
+    general way, so the answer (a time or MalformedError) is the same as before."""
+    from e2m_plugins.cms import der, signed
+    from e2m_plugins.errors import MalformedError
+
+    def general(tlv):
+        try:
+            value = bytes(tlv.value).decode("ascii", "replace")
+            fmt_text = ("20" + value) if tlv.tag == der.UTC_TIME else value
+            moment = datetime.strptime(fmt_text, "%Y%m%d%H%M%SZ")
+            if tlv.tag == der.UTC_TIME and moment.year >= 2050:
+                moment = moment.replace(year=moment.year - 100)
+            return moment.replace(tzinfo=timezone.utc)
+        except ValueError:
+            return MalformedError
+
+    encoded = text.encode("utf-8")
+    tlv = der.read_all(bytes([tag, len(encoded)]) + encoded)
+    try:
+        got = signed._time(tlv)
+    except MalformedError:
+        got = MalformedError
+    want = general(tlv) if len(text) == (13 if tag == 0x17 else 15) else MalformedError
+    assert got == want
+
+
+def test_remembered_identities_belong_to_their_own_certificate_and_stay_bounded(
+        pki, monkeypatch) -> None:
+    root, root_key, leaf, _ = pki
+    assert certpath.certificate_identities(leaf).common_name == "alice"
+    twin_key = ec.generate_private_key(ec.SECP256R1())
+    other = _cert("mallory", twin_key.public_key(), "Memo Root", root_key, ca=False)
+    assert certpath.certificate_identities(other).common_name == "mallory"
+    assert certpath.certificate_identities(leaf).common_name == "alice"
+    monkeypatch.setattr(certpath, "_IDENTITIES_MAX", 3)
+    for n in range(8):
+        key = ec.generate_private_key(ec.SECP256R1())
+        certpath.certificate_identities(_cert(f"u{n}", key.public_key(), "Memo Root",
+                                              root_key, ca=False))
+        assert len(certpath._IDENTITIES) <= 3
