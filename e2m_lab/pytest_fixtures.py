@@ -32,6 +32,26 @@ def print_proxy_log(proxy: ProxyHandle, mark: int = 0, lines: int = 80) -> None:
     print("\n".join(proxy.log_since(mark).splitlines()[-lines:]))
 
 
+@contextmanager
+def home_and_visited(start_home: Callable[[], ProxyHandle],
+                     start_visited: Callable[[ProxyHandle], ProxyHandle]
+                     ) -> Iterator[tuple[ProxyHandle, ProxyHandle]]:
+    """(home, visited) for a module of phone tests: home first, the visited proxy (which
+    needs home's address) after it; both stopped at the end, home also when the
+    visited proxy does not start."""
+    home = start_home()
+    try:
+        visited = start_visited(home)
+    except BaseException:
+        home.stop()
+        raise
+    try:
+        yield home, visited
+    finally:
+        visited.stop()
+        home.stop()
+
+
 class PhoneGroup:
     """The ``e2m-phone`` processes one test starts; ``env``: extra environment per phone
     name (e.g. its ``E2M_PHONE_PASSWORD``)."""

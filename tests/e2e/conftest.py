@@ -25,7 +25,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
-from e2m_lab.pytest_fixtures import PhoneGroup, phone_group
+from e2m_lab.pytest_fixtures import PhoneGroup, home_and_visited, phone_group
 from e2m_lab.phones import write_ua
 from e2m_lab.capture import Capture, tcpdump_command
 
@@ -41,18 +41,11 @@ def e2e_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 @pytest.fixture(scope="module")
 def proxies(e2e_pki: TestPKI,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyHandle, ProxyHandle]]:
-    home = start_proxy(tmp_path_factory.mktemp("home"), pki=e2e_pki, e2m=True)
-    try:
-        visited = start_proxy(tmp_path_factory.mktemp("visited"), pki=None, e2m=False,
-                              next_hop=home.uri)
-    except BaseException:
-        home.stop()
-        raise
-    try:
-        yield home, visited
-    finally:
-        visited.stop()
-        home.stop()
+    with home_and_visited(
+            lambda: start_proxy(tmp_path_factory.mktemp("home"), pki=e2e_pki, e2m=True),
+            lambda home: start_proxy(tmp_path_factory.mktemp("visited"), pki=None, e2m=False,
+                                     next_hop=home.uri)) as both:
+        yield both
 
 
 @pytest.fixture

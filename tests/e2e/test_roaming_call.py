@@ -24,7 +24,7 @@ import pytest
 
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
 from e2m_lab.phones import write_ua
-from e2m_lab.pytest_fixtures import PhoneGroup, phone_group
+from e2m_lab.pytest_fixtures import PhoneGroup, home_and_visited, phone_group
 
 from e2m_plugins.testpki import TestPKI, init_test_pki
 
@@ -48,20 +48,15 @@ def proxies(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[ProxyHandle, ProxyHandle]]:
     """(home, visited) as in ``make demo``, with the product's defaults otherwise
     (home keeps its label toward bob: the larger INVITE)."""
-    home = start_proxy(tmp_path_factory.mktemp("home"), pki=pki, e2m=True, auth=True,
-                       users=dict(PASSWORDS), tls=True)
-    try:
-        # no domain of its own: everything goes home, over TLS (home's name verified)
-        visited = start_proxy(tmp_path_factory.mktemp("visited"), pki=pki, e2m=False,
-                              tls={"host": VISITED_HOST}, next_hop=home.tls_uri, domains=())
-    except BaseException:
-        home.stop()
-        raise
-    try:
-        yield home, visited
-    finally:
-        visited.stop()
-        home.stop()
+    # visited has no domain of its own: everything goes home, over TLS (home's name
+    # verified)
+    with home_and_visited(
+            lambda: start_proxy(tmp_path_factory.mktemp("home"), pki=pki, e2m=True,
+                                auth=True, users=dict(PASSWORDS), tls=True),
+            lambda home: start_proxy(tmp_path_factory.mktemp("visited"), pki=pki, e2m=False,
+                                     tls={"host": VISITED_HOST}, next_hop=home.tls_uri,
+                                     domains=())) as both:
+        yield both
 
 
 @pytest.fixture
