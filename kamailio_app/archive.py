@@ -19,6 +19,8 @@ fork, reopened if the process changes).  Nothing here logs a body.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import sqlite3
@@ -34,7 +36,7 @@ from .archive_schema import ARCHIVE_VERSION, SchemaError, migrate, read_version
 
 __all__ = ["Archive", "ArchiveStore", "ArchiveError", "ArchiveUnavailable", "SqlArchive",
            "SqliteArchive", "BodyRecord", "MediaRecord", "ArchivedBody", "new_message_uid",
-           "MEDIA_COLUMNS"]
+           "content_uid", "MEDIA_COLUMNS"]
 
 
 class ArchiveError(Exception):
@@ -74,6 +76,26 @@ def _check_private_file(path: Path) -> None:
     if info.st_mode & 0o077:
         raise ArchiveError(f"{path} is readable or writable by others "
                            f"(mode {stat.S_IMODE(info.st_mode):o}): refused; chmod 600 it")
+
+
+def content_uid(identity: Sequence[str | int | None], bodies: Sequence["BodyRecord"],
+                media: Sequence["MediaRecord"] = ()) -> str:
+    """The ``message_uid`` of a message as the archive would record it: the same for
+    every copy of one message, so a retransmitted 2xx (or one an insider sends again
+    and again to fill the archive) is stored once, by any worker or node (the
+    ``(message_uid, part)`` pair is unique).  ``identity`` names the message within its
+    dialog (Call-ID, tags, CSeq, status); every recorded field but the time goes in, so
+    two messages that differ in anything the archive shows (another CSeq, a signature
+    that no longer checks, another signer) never share a uid."""
+    digest = hashlib.sha256()
+    fields = [list(identity)]
+    fields += [[b.call_id, b.from_uri, b.to_uri, b.method, b.direction, b.status,
+                b.content_type, b.sha256, b.signature, b.signer, b.cid] for b in bodies]
+    fields.append("media")
+    fields += [[m.call_id, m.method, m.direction, m.media, m.address, m.port, m.port_count,
+                m.proto, m.codecs, m.flow, m.rtcp_port] for m in media]
+    digest.update(json.dumps(fields, separators=(",", ":")).encode("utf-8"))
+    return "c" + digest.hexdigest()[:40]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, parse_address
 from e2m_plugins.keycache import TRANSACTION_TTL
 
-from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord
+from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord, content_uid
 from .archive_spool import ArchiveEvents
 from .archive_store import open_archive
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
@@ -45,6 +45,12 @@ def _uri(message: SipMessage, name: str) -> str | None:
 
 def _direction(message: SipMessage) -> str:
     return "request" if message.is_request else "response"
+
+
+def _identity(message: SipMessage) -> tuple[str | int | None, ...]:
+    """What tells one message of a dialog from another (not its copies apart)."""
+    number, method = message.cseq
+    return (message.call_id, message.from_tag, message.to_tag, number, method, message.status)
 
 
 def body_records(message: SipMessage, seen: Any) -> list[BodyRecord]:
@@ -212,8 +218,9 @@ class ProxyApp:
         media = tuple(getattr(verdict, "media", ()) or ())
         if self.archive is not None and (seen or media):
             strict = self.config.archive.fail_request_on_error and message.is_request
+            bodies, lines = body_records(message, seen), media_records(message, media)
             try:
-                self.archive.record(body_records(message, seen), media_records(message, media),
+                self.archive.record(bodies, lines, uid=content_uid(_identity(message), bodies, lines),
                                     may_spool=not strict)
             except ArchiveError:
                 if self.events is not None:

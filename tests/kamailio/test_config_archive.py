@@ -128,6 +128,36 @@ def test_archive_round_trip_and_wal(tmp_path):
     assert (tmp_path / "a.sqlite").stat().st_mode & 0o077 == 0      # it holds plaintext
 
 
+def test_copies_of_one_message_share_a_uid_and_are_stored_once(tmp_path):
+    """content_uid: the same identity and records (the time aside) give the same uid,
+    and the archive keeps that message once; anything the archive shows that differs
+    gives another uid."""
+    from dataclasses import replace
+    from kamailio_app.archive import content_uid
+    bodies, media = _records()
+    identity = ("c1@x", "a1", "b1", 2, "INVITE", 200)
+    uid = content_uid(identity, bodies, media)
+    later = [replace(bodies[0], time=12345.0)]
+    assert content_uid(identity, later, media) == uid
+    others = [
+        content_uid(("c1@x", "a1", "b1", 3, "INVITE", 200), bodies, media),    # another CSeq
+        content_uid(("c1@x", "a1", "b2", 2, "INVITE", 200), bodies, media),    # another fork
+        content_uid(identity, [replace(bodies[0], signature="none")], media),
+        content_uid(identity, [replace(bodies[0], signer="sip:carol@example.com")], media),
+        content_uid(identity, [replace(bodies[0], sha256="11" * 32)], media),
+        content_uid(identity, bodies, []),
+        content_uid(identity, bodies + bodies, media),
+        content_uid(identity, bodies, [replace(media[0], port=4002)]),
+    ]
+    assert uid not in others and len(set(others)) == len(others)
+    archive = Archive(tmp_path / "a.sqlite")
+    for copy in (bodies, later, bodies):
+        assert archive.record(copy, media, uid=content_uid(identity, copy, media)) == uid
+    assert len(archive.bodies()) == 1 and len(archive.media()) == 1
+    archive.record(bodies, media, uid=others[0])
+    assert len(archive.bodies()) == 2
+
+
 def test_archive_command_lists_without_text_and_shows_to_out(tmp_path, capsys):
     db = tmp_path / "a.sqlite"
     Archive(db).record(*_records())
