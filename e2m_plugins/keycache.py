@@ -60,6 +60,7 @@ __all__ = [
     "encode_entry",
     "decode_entry",
     "check_material",
+    "short_lived",
     "DIALOG_TTL",
     "TRANSACTION_TTL",
     "MAX_TTL",
@@ -147,6 +148,13 @@ class TransactionScope:
 Scope = Union[DialogScope, TransactionScope]
 
 
+def short_lived(scope: Scope) -> bool:
+    """A transaction's or an early dialog's key: it lives seconds to minutes by nature.
+    When a cache is full these go before a confirmed dialog's keys, so that one user's
+    new requests (each keeping a key) cannot push out the keys of calls under way."""
+    return isinstance(scope, TransactionScope) or scope.early
+
+
 def default_ttl_for(scope: Scope) -> float:
     """The lifetime a key gets when the caller names none."""
     return TRANSACTION_TTL if isinstance(scope, TransactionScope) else DIALOG_TTL
@@ -187,8 +195,10 @@ class KeyCache(Protocol):
         there stays as it is (CEK, lifetime, uses) and is what is returned."""
         ...
 
-    def get(self, scope: Scope, reference: bytes) -> CachedKey | None:
-        """The key, counting one use; None if absent, expired or used up."""
+    def get(self, scope: Scope, reference: bytes, *, count: bool = True) -> CachedKey | None:
+        """The key, counting one use (``count``); None if absent, expired or used up.
+        ``count=False`` only looks: a proxy counts the use once the message that
+        needed the key passed its checks, so replayed copies spend nothing."""
         ...
 
     def drop(self, scope: Scope, reference: bytes) -> None:
@@ -245,7 +255,8 @@ class CacheLimits:
 class MemoryKeyCache:
     """A bounded, thread-safe, in-process ``KeyCache``.
 
-    Bounded by count (oldest entry evicted first, O(1) with an OrderedDict),
+    Bounded by count (oldest entry evicted first, O(1) with an OrderedDict; the
+    oldest ``short_lived`` one while there is any, see there),
     by time (per-entry TTL, capped at ``max_ttl``) and by uses (clamped to
     ``max_decrypts_cap``).  ``clock`` returns seconds; it defaults to
     ``time.monotonic`` so clock steps cannot extend or cut lifetimes.
@@ -260,6 +271,7 @@ class MemoryKeyCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[Scope, bytes], CachedKey] = OrderedDict()
+        self._short: OrderedDict[tuple[Scope, bytes], None] = OrderedDict()  # evicted first
         self._by_scope: dict[Scope, set[bytes]] = {}
 
     def __repr__(self) -> str:
@@ -281,11 +293,13 @@ class MemoryKeyCache:
                 return kept            # never overwritten, never refreshed
             self._remove(key)          # an expired one goes
             self._entries[key] = entry
+            if short_lived(scope):
+                self._short[key] = None
             self._by_scope.setdefault(scope, set()).add(entry.reference)
             self._trim(now)
         return entry
 
-    def get(self, scope: Scope, reference: bytes) -> CachedKey | None:
+    def get(self, scope: Scope, reference: bytes, *, count: bool = True) -> CachedKey | None:
         key = (scope, bytes(reference))
         with self._lock:
             entry = self._entries.get(key)
@@ -294,7 +308,7 @@ class MemoryKeyCache:
             if self._clock() >= entry.expires:
                 self._remove(key)
                 return None
-            if entry.max_decrypts is None:
+            if entry.max_decrypts is None or not count:
                 return entry
             left = entry.max_decrypts - 1
             if left <= 0:
@@ -332,6 +346,7 @@ class MemoryKeyCache:
     def _remove(self, key: tuple[Scope, bytes]) -> None:
         if self._entries.pop(key, None) is None:
             return
+        self._short.pop(key, None)
         refs = self._by_scope.get(key[0])
         if refs is not None:
             refs.discard(key[1])
@@ -339,13 +354,16 @@ class MemoryKeyCache:
                 del self._by_scope[key[0]]
 
     def _trim(self, now: float) -> None:
-        # Expired entries at the old end go first (cheap, amortised O(1)),
-        # then the oldest live ones while the cache is over its bound.
+        # Expired entries at the old end go first (cheap, amortised O(1)), then,
+        # while the cache is over its bound, the oldest short-lived one (else the
+        # oldest of all).
         while self._entries:
             key, oldest = next(iter(self._entries.items()))
-            if now < oldest.expires and len(self._entries) <= self._limits.max_entries:
+            if now < oldest.expires:
                 break
             self._remove(key)
+        while len(self._entries) > self._limits.max_entries:
+            self._remove(next(iter(self._short)) if self._short else next(iter(self._entries)))
 
 
 def check_material(reference: bytes, cek: bytes) -> None:

@@ -38,11 +38,11 @@ from .keycache import DialogScope, KeyCache, Scope, TransactionScope
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
 from .replay import MemoryReplayCache, ReplayCache
 from .sdp import MediaLine, media_summary
-from .sipcontext import SipContext
+from .sipcontext import SipContext, message_aors
 from .sip import SipMessage
 from .sip_errors import answer_for
 
-__all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope"]
+__all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope", "kept_name", "kept_namer"]
 
 PKIX_CERT = "application/pkix-cert"
 # Requests that do not go on toward a UAS with a body worth announcing a policy to.
@@ -124,6 +124,35 @@ def message_scope(message: SipMessage) -> Scope:
     if not from_tag:
         raise MalformedError("From without a tag")
     return DialogScope(message.call_id, from_tag, message.to_tag)
+
+
+def kept_name(message: SipMessage, reference: bytes) -> bytes:
+    """The name a CEK offered under ``reference`` is kept by in ``message``'s scope.
+
+    Call-ID and tags say nothing about who the dialog is between, and a kept key is
+    never replaced: a user who saw another's INVITE could first offer a CEK of her own
+    under its Call-ID, From tag and reference (signed as herself), and the victim's key
+    would be ignored.  So the name binds the dialog's two AoRs, in either order (both
+    directions find it); the keeping message's AoRs are bound by its signed context."""
+    return kept_namer(message)(reference)
+
+
+def kept_namer(message: SipMessage) -> Callable[[bytes], bytes]:
+    """``kept_name`` for many references of one message: the AoRs are read once (a
+    stranger's body may hold hundreds of kekri)."""
+    try:
+        parties = message_aors(message)
+    except MalformedError:   # no user part (a legacy peer's odd From): the URIs as written
+        parties = (message.address("From").uri, message.address("To").uri)
+    first, second = sorted(parties)
+    prefix = hashlib.sha256(b"e2m kept cek\x00" + first.encode("utf-8", "surrogateescape")
+                            + b"\x00" + second.encode("utf-8", "surrogateescape") + b"\x00")
+
+    def name(reference: bytes) -> bytes:
+        digest = prefix.copy()
+        digest.update(reference)
+        return digest.digest()
+    return name
 
 
 def _sender(request: SipMessage) -> str:
@@ -338,29 +367,48 @@ class ProxyEngine:
         return any(peer_matches(name, aor) for name in self.config.legacy_peers
                    for aor in parties)
 
-    def _keys_for(self, message: SipMessage) -> list[OpeningKey]:
+    def _keys_for(self, message: SipMessage,
+                  looked_up: list[tuple[Scope, bytes, bytes]]) -> list[OpeningKey]:
         """Our certificate key, and the CEKs we kept, found by kekri identifier
-        while the envelope is opened (no second pass over the CMS)."""
-        worked_out: list[Scope] = []
+        while the envelope is opened (no second pass over the CMS).  A lookup spends
+        no use of the key: each kept key found is noted in ``looked_up`` (scope, name,
+        reference) and ``_spend`` counts it once the message passed every check, so
+        replayed or refused copies cannot use a dialog key up."""
+        worked_out: list[tuple[Scope, Callable[[bytes], bytes]]] = []
 
         def kept_kek(reference: bytes) -> bytes | None:
             # Scopes are worked out only when the envelope has a kekri at all, and once
             # per message: a stranger's body may hold hundreds of kekri.
             if not worked_out:
-                worked_out.append(message_scope(message))
-            scope = worked_out[0]
+                worked_out.append((message_scope(message), kept_namer(message)))
+            scope, namer = worked_out[0]
+            name = namer(bytes(reference))
             scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
             for candidate in scopes:
-                kept = self.cache.get(candidate, reference)
+                kept = self.cache.get(candidate, name, count=False)
                 if kept is None:
                     continue
-                if candidate is not scope and self._confirms_dialog(message):
-                    # the dialog exists now: keep the key for its whole life
-                    self.cache.put(scope, reference, kept.cek, max_decrypts=kept.max_decrypts)
+                looked_up.append((candidate, name, bytes(reference)))
                 return kept.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
             return None
 
         return [self._own_key, KekLookup(kept_kek)]
+
+    def _spend(self, message: SipMessage, opened: list[OpenedPart],
+               looked_up: list[tuple[Scope, bytes, bytes]]) -> None:
+        """One use of each kept key that opened a part of this (accepted) message; a key
+        found under the dialog's early scope by a message that confirms the dialog is
+        kept for the dialog's whole life."""
+        used = {e.recipient.identifier for p in opened for e in p.envelopes
+                if e.recipient.kind == "kekri"}
+        scope = message_scope(message) if looked_up else None
+        for candidate, name, reference in looked_up:
+            if f"kekid={reference.hex()}" not in used:
+                continue               # found, but not what opened the part
+            kept = self.cache.get(candidate, name)
+            if kept is not None and candidate != scope and self._confirms_dialog(message):
+                assert scope is not None
+                self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts)
 
     def _view(self, message: SipMessage, method: str, *, is_request: bool
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
@@ -379,7 +427,8 @@ class ProxyEngine:
         limits = self._legacy_limits if legacy else DEFAULT_LIMITS
         opened: list[OpenedPart] = []
         unreadable: list[mime.MimePart] = []
-        keys = self._keys_for(message)
+        looked_up: list[tuple[Scope, bytes, bytes]] = []
+        keys = self._keys_for(message, looked_up)
         for part in targets:
             try:
                 opened.append(open_part(part, keys, trust_anchors=self.config.trust_anchors,
@@ -392,6 +441,7 @@ class ProxyEngine:
             if part.signed:   # a signature must be the sender's: From, or the responder (To)
                 check_signed_by(part, sender)
         self._check_replay(message, [c for c in contexts if c is not None])
+        self._spend(message, opened, looked_up)
         self._keep_keys(message, opened, contexts)
         seen = tuple(self._seen(p) for p in opened)
         media = tuple(m for p in opened if p.content_type == "application/sdp"
@@ -464,12 +514,13 @@ class ProxyEngine:
             return
         scope = message_scope(message)
         early = isinstance(scope, DialogScope) and scope.early
+        namer = kept_namer(message)
         for reference, cek, _count in references:
             max_decrypts = None
             for env in (e for p in opened for e in p.envelopes):
                 if env.cek_reference == reference:
                     max_decrypts = env.cek_max_decrypts
-            self.cache.put(scope, reference, cek, max_decrypts=max_decrypts,
+            self.cache.put(scope, namer(reference), cek, max_decrypts=max_decrypts,
                            ttl=EARLY_DIALOG_TTL if early else None)
 
     @staticmethod

@@ -8,6 +8,8 @@ Kamailio at start instead of failing every request.
 
 from __future__ import annotations
 
+import ipaddress
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from .config import AppConfig, load_app_config
 from .keycache_htable import HtableKeyCache, KsrHtable
 
 __all__ = ["ProxyApp", "KEYCACHE_TABLE", "body_records", "media_records", "media_log_lines",
-           "ksr_events", "cluster_seal_key", "dmq_peer_sources"]
+           "ksr_events", "cluster_seal_key", "dmq_peer_sources", "public_dmq_warning"]
 
 KEYCACHE_TABLE = "e2mkeys"   # declared in the cfg template
 
@@ -117,6 +119,27 @@ def ksr_events(ksr: Any) -> ArchiveEvents:
         ksr.statistics.update_stat(name, n)
 
     return ArchiveEvents(log=log, counter=counter)
+
+
+def public_dmq_warning(cluster: Any) -> str | None:
+    """A line for the log when this node's DMQ socket is on a globally routable address.
+
+    KDMQ is taken from a configured peer's address and port alone, and DMQ is UDP: an
+    off-path sender that reaches the socket can forge a peer's source and write into
+    the replicated tables (docs/threat-model.md, "a rogue DMQ peer").  A host name is
+    not judged (Kamailio resolves it)."""
+    address = getattr(cluster, "dmq_address", None) if cluster is not None else None
+    if address is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(str(address.host).strip("[]"))
+    except ValueError:
+        return None
+    if not ip.is_global:
+        return None
+    return ("e2m: [cluster] dmq_address %s is a public address: anyone who reaches it can "
+            "forge KDMQ from a peer's address over UDP; keep DMQ on the nodes' own network "
+            "(a private VLAN, or IPsec between them)" % address)
 
 
 def dmq_peer_sources(cluster: Any) -> frozenset[tuple[str, int]]:

@@ -50,8 +50,9 @@ from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: 
 from e2m_plugins.keycache import TransactionScope  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_name, parse  # noqa: E402
+from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
-from kamailio_app.bootstrap import ProxyApp  # noqa: E402
+from kamailio_app.bootstrap import ProxyApp, public_dmq_warning  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
@@ -81,6 +82,9 @@ def mod_init():
     APP = ProxyApp.load(path, KSR)
     APP.dmq_sources()     # [cluster] peers resolved once, before the workers fork
     SYNC_GATE = for_cluster(KSR, APP.config.cluster, APP.dmq_sources())
+    exposed = public_dmq_warning(APP.config.cluster)
+    if exposed:
+        KSR.warn(exposed + "\n")
     mode = "E2M proxy for %s" % APP.engine.host if APP.e2m else "plain routing proxy"
     KSR.info("e2m: %s; python %s; config %s\n" % (mode, sys.version.split()[0], path))
     return kamailio()
@@ -208,6 +212,7 @@ def _summary(verdict):
 class kamailio:
     def __init__(self):
         self.app = APP
+        self._local_hosts = None     # [kamailio] domains and identity host (from_ours)
 
     def child_init(self, rank):
         return 0
@@ -230,12 +235,16 @@ class kamailio:
 
     def route_dmq(self):
         """[cluster] replication (KDMQ), before anything else: from a configured peer's
-        DMQ socket to DMQ; from anyone else refused, and never let into a table."""
+        DMQ socket to DMQ; from anyone else refused, and never let into a table.  A
+        stranger's KDMQ passes the flood limits first (a ban, then silence), else each
+        one would cost an answer and a log line at any rate."""
         source = (KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0))
         if source in self.app.dmq_sources():
             if SYNC_GATE is not None:
                 SYNC_GATE.observe("%s:%d" % source)
             KSR.dmq.handle_message()
+            return
+        if not self.route_limits():
             return
         KSR.warn("e2m: KDMQ from %s:%d, not a [cluster] peer: refused\n" % source)
         KSR.sl.sl_send_reply(403, "Forbidden")
@@ -342,7 +351,7 @@ class kamailio:
             # for another registrar: nobody's to relay (a proxy cannot challenge it)
             KSR.sl.sl_send_reply(403, "Relaying Denied")
             return False
-        if not register and not KSR.is_myself_furi():
+        if not register and not self.from_ours():
             if in_dialog or KSR.is_myself_ruri():
                 return True
             KSR.sl.sl_send_reply(403, "Relaying Denied")
@@ -373,6 +382,21 @@ class kamailio:
             return False
         KSR.auth.auth_challenge(auth.realm, _QOP_AUTH | (_STALE if rc in _AUTH_STALE else 0))
         return False
+
+    def from_ours(self):
+        """The From names one of our users: Kamailio's myself check, or the core's AoR
+        of it in one of our domains.  Kamailio's check wants the host as written (a
+        trailing dot makes it a stranger's), while the engine, every UA's signer check
+        and the archive read ``sip:carol@example.com.`` as carol: such a request must
+        carry carol's credentials like any other of hers."""
+        if KSR.is_myself_furi():
+            return True
+        identity = identity_of(KSR.pv.get("$fu") or "")
+        if identity is None:
+            return False
+        if self._local_hosts is None:
+            self._local_hosts = frozenset(host_key(n) for n in self.app.config.local_names)
+        return host_key(identity.host) in self._local_hosts
 
     def route_sanity(self):
         """Max-Forwards and RFC 3261 sanity; answers the request itself when it fails."""

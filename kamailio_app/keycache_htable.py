@@ -27,7 +27,8 @@ reads the name under its slot lock and keeps a live entry that is there.
 Bounds: every entry has its own expiry (the htable drops it even if nobody asks),
 capped at ``max_ttl`` and by the table's ``autoexpire``; uses are clamped to
 ``MAX_DECRYPTS_CAP``; and a sweep every ``sweep_every`` puts removes expired and
-corrupt entries and, over ``max_entries``, the oldest ones.  Values contain the
+corrupt entries and, over ``max_entries``, the oldest ones (short-lived ones first:
+``keycache.short_lived``).  Values contain the
 CEK: they are never logged, and the htable is never dumped by this code.
 """
 
@@ -48,7 +49,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from e2m_plugins.errors import LimitExceededError, MalformedError
 from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSACTION_TTL,
                                   CacheLimits, CachedKey, DialogScope, Scope, cache_key,
-                                  decode_entry, encode_entry, scope_key)
+                                  decode_entry, encode_entry, scope_key, short_lived)
 
 __all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache", "INDEX_MAX_NAMES"]
 
@@ -216,10 +217,20 @@ class HtableKeyCache:
             return None
         return entry
 
-    def get(self, scope: Scope, reference: bytes) -> CachedKey | None:
+    def get(self, scope: Scope, reference: bytes, *, count: bool = True) -> CachedKey | None:
         key = cache_key(scope, bytes(reference))
-        if self._backend.get(key) is None:
+        raw = self._backend.get(key)
+        if raw is None:
             return None   # nothing kept: a miss needs no lock (the kekri answer tries two scopes)
+        if not count:
+            # Only a look (the proxy spends the use once the message passed its checks):
+            # one read, no lock, nothing written.  An entry that does not open or has
+            # run out is left to the counted path and the sweep, which hold the lock.
+            try:
+                entry, _ = self._unseal_from(key, raw)
+            except MalformedError:
+                return None
+            return entry if self._fits(entry, scope, reference, self._clock()) else None
         # Counting a use is read-modify-write: another worker may be doing the same.
         self._backend.lock(key)
         try:
@@ -235,7 +246,7 @@ class HtableKeyCache:
                 self._backend.remove(key)
                 return None
             now = self._clock()
-            if now >= entry.expires or entry.scope != scope or entry.reference != reference:
+            if not self._fits(entry, scope, reference, now):
                 if now >= entry.expires:
                     self._count("e2m_ceks_expired", 1)
                 self._backend.remove(key)
@@ -254,6 +265,11 @@ class HtableKeyCache:
             return replace(entry, max_decrypts=left)
         finally:
             self._backend.unlock(key)
+
+    @staticmethod
+    def _fits(entry: CachedKey, scope: Scope, reference: bytes, now: float) -> bool:
+        """Live, and the entry its name says (the name is bound into the seal as well)."""
+        return now < entry.expires and entry.scope == scope and entry.reference == reference
 
     def drop(self, scope: Scope, reference: bytes) -> None:
         self._backend.remove(cache_key(scope, bytes(reference)))
@@ -340,7 +356,7 @@ class HtableKeyCache:
         """Drop expired, corrupt and (over ``max_entries``) oldest entries, and the
         indexes that list none of those left; returns how many names went."""
         now = self._clock()
-        live: list[tuple[float, str]] = []
+        live: list[tuple[bool, float, str]] = []   # (kept long, created, name)
         dead: list[str] = []
         indexes: list[tuple[str, str]] = []
         for key, raw in self._backend.items():
@@ -356,15 +372,17 @@ class HtableKeyCache:
                 dead.append(key)
                 self._count("e2m_ceks_expired", 1)
             else:
-                live.append((entry.created, key))
+                live.append((not short_lived(entry.scope), entry.created, key))
         if len(live) > self._limits.max_entries:
+            # short-lived keys (transactions, early dialogs) go first, then the oldest:
+            # one user's new requests cannot push out the keys of calls under way
             live.sort()
-            dead.extend(key for _, key in live[:len(live) - self._limits.max_entries])
+            dead.extend(key for _, _, key in live[:len(live) - self._limits.max_entries])
             live = live[len(live) - self._limits.max_entries:]
         # An index goes with the last entry it lists (so indexes stay within the bound
         # too) or when it expires.  A put racing this sweep may lose its index: that
         # dialog's keys then live until their own expiry instead of the BYE.
-        listed = {key[:key.rfind("/") + 1] for _, key in live}
+        listed = {key[:key.rfind("/") + 1] for _, _, key in live}
         dead.extend(key for key, raw in indexes
                     if now >= _read_index(raw)[0] or key[len(_INDEX):] not in listed)
         for key in dead:

@@ -1,0 +1,217 @@
+"""A second attacker's review of the proxy, on the wire (real Kamailio on loopback).
+
+Only what lives in the KEMI/cfg layer is tried here; the engine's holes are in
+``tests/unit/test_review2_proxy.py``.  ``test_hole_*`` succeeded when the review found
+it (seen failing) and is closed now; ``test_held_*`` the code already refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, start_proxy
+from e2m_plugins.testpki import TestPKI
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "carol": "carol-Secret-3"}
+
+
+@pytest.fixture(scope="module")
+def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
+    proxy = start_proxy(tmp_path_factory.mktemp("review2-home"), pki=pki, e2m=True, auth=True,
+                        users=USERS)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def bob(home: ProxyHandle) -> Iterator[RawUas]:
+    """bob's phone, registered with his password; answers 200 to everything."""
+    from e2m_plugins.sip import make_response
+    uas = RawUas()
+    uas.responder = lambda request: make_response(request, 200, "OK")
+    ua = SipUa(home.port, user="bob", password=USERS["bob"], source="127.0.0.20")
+    try:
+        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
+        answer = ua.request(reg.replace("Contact", f"<sip:bob@127.0.0.1:{uas.port}>"))
+        assert answer is not None and answer.status == 200, answer
+        yield uas
+    finally:
+        ua.close()
+        uas.close()
+
+
+def _delivered(uas: RawUas, text: bytes, timeout: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m.body == text for m in uas.received):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# Spellings of carol's AoR that the core (and so every UA's signer check and the
+# archive) reads as sip:carol@example.com.
+CAROL_SPELLINGS = [
+    "<sip:carol@example.com:5999>",          # a port: Kamailio's myself check wants ours
+    "<sip:carol@example.com.>",              # a trailing dot
+    "<sips:carol@example.com>",
+    "<sip:carol@EXAMPLE.COM>",
+    "<sip:carol@example.com;transport=tcp>",
+    "<sip:%63arol@example.com>",             # an escaped user
+    "<sip:carol@Example.Com.:5060>",         # case, trailing dot and a port at once
+]
+
+
+@pytest.mark.parametrize("spelling", CAROL_SPELLINGS)
+def test_hole_a_stranger_sends_as_a_local_user_without_digest(home, bob, spelling):
+    """HOLE (off-path sender, or an insider posing as another): "with [auth], digest for
+    requests whose From is one of our users" was decided by Kamailio's
+    ``is_myself_furi``, which takes the host as written.  ``From:
+    <sip:carol@example.com.>`` (a trailing dot) is not "myself", so the request was
+    taken as a stranger's toward our domain: no challenge, answered 200 and delivered
+    to bob (seen; the other spellings here were challenged already).  Every other part
+    of the project (the engine's signer check, the UA, the archive) reads that From as
+    carol's AoR.
+
+    Fix (kemi.py): a From is ours when Kamailio says so *or* the core's AoR of it names
+    one of our domains; such a request needs carol's credentials.
+    """
+    ua = SipUa(home.port, user="mallory", domain="other.example.net", source="127.0.0.41")
+    text = ("posing as carol: %s" % spelling).encode()
+    try:
+        forged = ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                          body=text, content_type="text/plain")
+        forged = forged.replace("From", f"{spelling};tag=forged{abs(hash(spelling)) % 10**6}")
+        answer = ua.transact(forged)
+        assert answer is not None and answer.status in (401, 407, 403), answer
+        assert not _delivered(bob, text, timeout=0.5)
+    finally:
+        ua.close()
+
+
+def test_held_a_stranger_from_another_domain_still_reaches_our_user(home, bob):
+    ua = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.42")
+    try:
+        to_bob = ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                          body=b"review2: from outside", content_type="text/plain")
+        answer = ua.transact(to_bob)
+        assert answer is not None and answer.status == 200
+        assert _delivered(bob, b"review2: from outside")
+    finally:
+        ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="in-dialog requests are relayed on loose_route alone; "
+                   "the fix (a Record-Route parameter the proxy can check) spans the cfg, "
+                   "the cluster front and the nodes (see the docstring)")
+def test_hole_a_forged_in_dialog_request_is_relayed_anywhere(home):
+    """HOLE (off-path sender): a request with a To tag and a Route naming the proxy is
+    taken as "inside a dialog" (``loose_route``) and relayed to its Request-URI, with no
+    check that the proxy ever record-routed such a dialog; ``route_auth`` lets a
+    stranger's in-dialog request through (only a From of ours is challenged).  So
+    anyone can relay MESSAGEs, INVITEs (and ACKs, never challenged) through the home
+    proxy to any address: here a UAS that is none of our users', answer 200.  The
+    E2M engine inspects such a request like any other, so it gains no E2M effect, but
+    "requests from elsewhere pass only toward our domains" does not hold, and the
+    relayed request carries the home proxy's Via (and its Proxy-Body-Policy).
+
+    Fix: when record-routing, add a Record-Route parameter (``rr.add_rr_param``) that
+    is an HMAC of the Call-ID and the From tag under a key derived from the proxy's
+    private key (every node of a cluster holds it, as for the key-cache seal); in
+    ``route_in_dialog`` relay only when ``rr.check_route_param`` finds the HMAC for
+    the Call-ID and either tag (the callee's requests carry the caller's tag in To).
+    A front that record-routes for its nodes needs the same key, or must pass the
+    check to the node it dispatches to.
+    """
+    elsewhere = RawUas()
+    from e2m_plugins.sip import make_response
+    elsewhere.responder = lambda request: make_response(request, 200, "OK")
+    ua = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.43")
+    try:
+        forged = ua.build("MESSAGE", f"sip:erin@127.0.0.1:{elsewhere.port}",
+                          to="sip:erin@elsewhere.example.org", to_tag="made-up",
+                          routes=[f"<sip:127.0.0.1:{home.port};lr>"],
+                          body=b"review2: relayed", content_type="text/plain")
+        answer = ua.transact(forged)
+        relayed = _delivered(elsewhere, b"review2: relayed", timeout=0.5)
+        assert not relayed, f"relayed to a stranger's address (answer {answer.status if answer else None})"
+    finally:
+        ua.close()
+        elsewhere.close()
+
+
+# -- cluster: KDMQ from strangers ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lone_node(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
+    """A [cluster] node (its own private PostgreSQL) whose one peer never answers."""
+    from e2m_lab.ports import free_port
+    from e2m_lab.postgres import PostgresServer
+    server = PostgresServer().start()
+    try:
+        own = free_port()
+        peer = free_port(avoid={own})
+        node = start_proxy(tmp_path_factory.mktemp("review2-node"), pki=pki, e2m=True,
+                           db_url=server.create_database("review2"),
+                           extra={"cluster": {"dmq_address": f"sip:127.0.0.1:{own}",
+                                              "peers": [f"sip:127.0.0.1:{peer}"],
+                                              "sync_wait": 1, "sync_unreachable_after": 1}})
+        try:
+            node.dmq_port = own
+            yield node
+        finally:
+            node.stop()
+    finally:
+        server.stop()
+
+
+BURST = 150
+
+
+@pytest.mark.postgres
+def test_hole_kdmq_from_a_stranger_is_answered_and_logged_past_the_flood_limits(lone_node):
+    """HOLE (off-path sender): KDMQ is handled before the flood limits, so a stranger's
+    KDMQ got a 403 and a warning line each, at any rate: pike never counted them (a
+    burst of 60: 60 answers, 60 log lines; a log filled at line rate, a reflector of
+    403s).  Now a burst of 150 gets about 38, then a ban.
+
+    Fix (kemi.py ``route_dmq``): a KDMQ that is not a peer's goes through the flood
+    limits before it is answered: past pike's rate the source is banned (one line) and
+    dropped.
+    """
+    import socket
+    node = lone_node
+    mark = node.log_mark()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.47", 0))
+    sock.settimeout(0.3)
+    port = sock.getsockname()[1]
+    answers = 0
+    try:
+        for n in range(BURST):
+            sock.sendto((f"KDMQ sip:htable@127.0.0.1:{node.dmq_port} SIP/2.0\r\n"
+                         f"Via: SIP/2.0/UDP 127.0.0.47:{port};rport;branch=z9hG4bK-k{n}\r\n"
+                         f"From: <sip:127.0.0.47:{port}>;tag=s{n}\r\n"
+                         f"To: <sip:htable@127.0.0.1:{node.dmq_port}>\r\n"
+                         f"Call-ID: review2-kdmq-{n}\r\nCSeq: 1 KDMQ\r\nMax-Forwards: 1\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+                         '{"cells":[]').encode() + b"}", ("127.0.0.1", node.dmq_port))
+        while True:
+            try:
+                sock.recv(65535)
+                answers += 1
+            except socket.timeout:
+                break
+    finally:
+        sock.close()
+    time.sleep(0.3)
+    log = node.log_since(mark)
+    logged = log.count("not a [cluster] peer: refused")
+    # pike counts per window of 2 s (30 requests): a burst may straddle two windows
+    assert answers <= 60 and logged <= 60, f"{answers} answers and {logged} log lines for {BURST}"
+    assert "127.0.0.47 banned" in log
