@@ -24,7 +24,11 @@ CEK reversed) and opened with it.  The rules (docs/protocol.md §2):
 
 Keys live under (Call-ID, tag) slots: the dialog-creating request has only
 the UAC's tag, and keys stored under it are found again from either side
-once the To tag exists.  A key never leaves its dialog.
+once the To tag exists.  A key never leaves its dialog, and a dialog is its
+Call-ID and tags *and its two parties* (the From and To AoRs): anyone who has
+read the ids off the wire can put them on a message of its own, signed as
+itself, so a key is found, kept, confirmed or dropped only by a message
+between the same two AoRs, and a slot belongs to the parties of its first key.
 """
 
 from __future__ import annotations
@@ -35,16 +39,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cms.recipients import KekLookup
-from .sip import SipMessage
+from .errors import E2MError
+from .sip import SipMessage, parse_address
+from .sipcontext import message_aors
 from .uri import host_key
 
-__all__ = ["DialogKey", "DialogKeys", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG"]
+__all__ = ["DialogKey", "DialogKeys", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG", "dialog_parties"]
 
 MAX_DIALOGS = 4096               # bound on (Call-ID, tag) slots with kept CEKs
 MAX_KEYS_PER_DIALOG = 8          # bound on keys kept in one slot (the newest stay)
 _SWEEP_EVERY = 256               # keeps between sweeps of aged-out slots
 
 Slot = tuple[str, str]           # (Call-ID, lower-cased tag)
+
+
+def dialog_parties(message: SipMessage) -> frozenset[str]:
+    """The two parties of ``message``'s dialog, whichever way it goes: its From and To
+    AoRs as the signed SIP context names them (their URIs as written when they are no
+    AoR; empty when there is none).  The same for every message of one dialog."""
+    try:
+        return frozenset(message_aors(message))
+    except E2MError:
+        pass
+    try:
+        return frozenset(parse_address(message.get(name) or "").uri for name in ("From", "To"))
+    except E2MError:
+        return frozenset()
 
 
 @dataclass
@@ -60,6 +80,7 @@ class DialogKey:
     confirmed: bool = True                   # False: ours, and the peer has not shown it has it
     retired: bool = False                    # a reader lost it (496): opens, never reused
     offered_in: int | None = None            # CSeq of our request that carried it, if one did
+    parties: frozenset[str] = frozenset()    # the dialog's From and To AoRs (dialog_parties)
 
 
 class DialogKeys:
@@ -108,7 +129,8 @@ class DialogKeys:
         None when ``message`` has no tag to keep it under.
         """
         key = DialogKey(reference, cek, readers, not readers, self._clock(), confirmed=False,
-                        offered_in=message.cseq[0] if message.is_request else None)
+                        offered_in=message.cseq[0] if message.is_request else None,
+                        parties=dialog_parties(message))
         with self._lock:
             return self._keep(message, key)
 
@@ -126,7 +148,8 @@ class DialogKeys:
             readers, exclusive = frozenset({"?"}), False
         else:
             exclusive = not readers
-        key = DialogKey(reference, cek, readers, exclusive, self._clock())
+        key = DialogKey(reference, cek, readers, exclusive, self._clock(),
+                        parties=dialog_parties(message))
         with self._lock:
             return self._keep(message, key)
 
@@ -143,14 +166,16 @@ class DialogKeys:
         if message.is_request and not message.to_tag:
             return
         vouched_for = None if message.is_request else message.cseq[0]
+        parties = dialog_parties(message)
         with self._lock:
             for slot in self._slots_of(message):
                 bucket = self._slots.get(slot, [])
                 if not message.is_request and status >= 300:
-                    bucket[:] = [k for k in bucket if k.confirmed]
+                    bucket[:] = [k for k in bucket if k.confirmed or k.parties != parties]
                 elif message.is_request or 200 <= status < 300:
                     for key in bucket:
-                        if key.offered_in is None or key.offered_in == vouched_for:
+                        if key.parties == parties and (key.offered_in is None
+                                                       or key.offered_in == vouched_for):
                             key.confirmed = True
 
     def retire_held_by(self, message: SipMessage, host: str) -> None:
@@ -161,16 +186,21 @@ class DialogKeys:
         retransmitted because its ACK was lost in the restart) until they age out."""
         name = host_key(host)
         with self._lock:
-            for slot in self._slots_of(message):
-                for key in self._slots.get(slot, []):
-                    if name in {host_key(r) for r in key.readers if r != "?"}:
-                        key.retired = True
+            for key in self._all(message):
+                if name in {host_key(r) for r in key.readers if r != "?"}:
+                    key.retired = True
 
     def end_dialog(self, message: SipMessage) -> None:
-        """BYE (sent or received), or a failed INVITE: the dialog's keys go."""
+        """BYE (sent or received), or a failed INVITE: the dialog's keys go (the keys of
+        its two parties: a third who names the dialog's ids ends nothing)."""
+        parties = dialog_parties(message)
         with self._lock:
             for slot in self._slots_of(message):
-                self._slots.pop(slot, None)
+                bucket = self._slots.get(slot)
+                if bucket is not None:
+                    bucket[:] = [k for k in bucket if k.parties != parties]
+                    if not bucket:
+                        del self._slots[slot]
 
     def forget_call(self, call_id: str) -> None:
         """Every key of ``call_id`` goes (the call ended without a message we saw)."""
@@ -240,7 +270,10 @@ class DialogKeys:
         return [(message.call_id, t.lower()) for t in tags]
 
     def _all(self, message: SipMessage) -> list[DialogKey]:
-        return [k for slot in self._slots_of(message) for k in self._slots.get(slot, [])]
+        """The keys of ``message``'s dialog: its slots, and the same two parties."""
+        parties = dialog_parties(message)
+        return [k for slot in self._slots_of(message) for k in self._slots.get(slot, [])
+                if k.parties == parties]
 
     def _usable(self, message: SipMessage) -> list[DialogKey]:
         now = self._clock()
@@ -260,7 +293,12 @@ class DialogKeys:
 
     def _keep(self, message: SipMessage, key: DialogKey) -> DialogKey | None:
         slots = self._slots_of(message)
-        if not slots:
+        # A slot belongs to the parties of its keys: a third party who read the dialog's
+        # ids must not push the pair's keys out (8 a slot) nor sit beside them.  Keys go
+        # in the first slot that is free or the pair's (a squatted one is passed over).
+        slot = next((s for s in slots if not self._slots.get(s)
+                     or self._slots[s][0].parties == key.parties), None)
+        if slot is None:
             return None
         self._keeps += 1
         if self._keeps % _SWEEP_EVERY == 0:  # now and then, not on every message: O(dialogs)
@@ -268,7 +306,7 @@ class DialogKeys:
             for stale in [s for s, keys in self._slots.items()
                           if all(now - k.created >= self._max_age for k in keys)]:
                 del self._slots[stale]  # dialogs that ended without a BYE we saw
-        if len(self._slots) >= self._max_dialogs and slots[0] not in self._slots:
+        if len(self._slots) >= self._max_dialogs and slot not in self._slots:
             # dicts keep insertion order: the first slot is the oldest dialog
             del self._slots[next(iter(self._slots))]
         kept = next((k for k in self._all(message) if k.reference == key.reference), None)
@@ -276,6 +314,6 @@ class DialogKeys:
             # Never replaced: a retransmission carries the same key, and anyone else who
             # names the reference (a co-recipient holding another CEK) must not swap it.
             return kept
-        bucket = self._slots.setdefault(slots[0], [])
+        bucket = self._slots.setdefault(slot, [])
         bucket[:] = (bucket + [key])[-self._max_keys:]
         return key

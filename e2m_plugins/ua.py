@@ -39,6 +39,7 @@ from .body import (OpenedPart, check_context, check_signed_by, has_protection, m
                    seal_keys, top_parts, with_entity)
 from .certstore import CertStore, check_proxy_certificate, matches_fingerprint
 from .cms.budget import message_budget
+from .cms.envelope import OpenedEnvelope
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
@@ -48,7 +49,7 @@ from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeEr
                      UntrustedSignerError)
 from .certfiles import readable_certificate
 from .config import LegacyPeer, UAConfig
-from .dialog_keys import MAX_DIALOGS, DialogKey, DialogKeys
+from .dialog_keys import MAX_DIALOGS, DialogKey, DialogKeys, dialog_parties
 from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
 from .replay import MemoryReplayCache
 from .sdp import SdpKeys, has_keys, merge_keys, separate_keys
@@ -65,7 +66,7 @@ __all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_
 _SESSION_METHODS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 MAX_RETRIES_PER_CALL = 3         # 496/495/493 answers we follow for one Call-ID
 _MAX_SENT = 1024                 # requests remembered to tell answers from strangers
-_SENT_LIFETIME = 64.0            # ... for a transaction's lifetime (64*T1 at most)
+_SENT_LIFETIME = 64.0            # ... a transaction's lifetime (64*T1; INVITE: since its last 1xx)
 MAX_SERVICE_PEERS = 256          # peer certificates kept from a certificate service
 MAX_PEERS_WANTED = 64            # peers we could not encrypt to, for the adapter to fetch
 _WANTED_LIFETIME = 300.0
@@ -186,15 +187,19 @@ class UAEngine:
         self._sign_for: set[str] = set()      # "METHOD" that a 495 asked us to sign
         self.replay = MemoryReplayCache(window=config.replay_window, clock=self._clock)
         # Requests we sent, so an answer can be told from a stranger's message:
-        # (Call-ID, CSeq number, method, top Via branch) -> (Request-URI, when sent)
-        # (Request-URI, when, sent inside a dialog) of each request we sent
-        self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float, bool]] = \
+        # (Call-ID, CSeq number, method, top Via branch) ->
+        # (Request-URI, when sent, sent inside a dialog, its first final status or 0)
+        self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float, bool, int]] = \
             OrderedDict()
         # Peer certificates from a certificate service (RFC 6072): AoR -> when the
         # subscription that gave it lapses.  [peers] entries are never in here.
         self._service_peers: OrderedDict[str, float] = OrderedDict()
         self._peers_wanted: OrderedDict[str, float] = OrderedDict()
         self._configured_peers = {str(aor_of(aor)) for aor in config.peers}
+        # Our tag in each INVITE dialog we are in -> (Call-ID, its two parties' AoRs),
+        # from what we send: a message naming our dialog with other parties is a third
+        # who read the ids off the wire (``_check_parties``).  Bounded, LRU.
+        self._parties: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -251,7 +256,7 @@ class UAEngine:
         (an answer to our INVITE, a request of the peer's INVITE dialog): for that
         dialog only.  Anything else is a stranger's word."""
         if not message.is_request:
-            sent = self._sent.get(self._sent_key(message))
+            sent = self._sent_for(message)
             status = message.status or 0
             if sent is None:
                 return None
@@ -293,6 +298,17 @@ class UAEngine:
         number, method = message.cseq
         return message.call_id, number, method, message.via_branch()
 
+    def _sent_for(self, response: SipMessage) -> tuple[str, float, bool, int] | None:
+        """The request of ours ``response`` answers, while its transaction may still be
+        answered (``_SENT_LIFETIME`` since it was sent or last answered 1xx), else None."""
+        try:
+            sent = self._sent.get(self._sent_key(response))
+        except E2MError:
+            return None
+        if sent is None or self._clock() - sent[1] > _SENT_LIFETIME:
+            return None
+        return sent
+
     def _record_sent(self, request: SipMessage) -> None:
         """Remember a request we send for a transaction's lifetime (bounded)."""
         if request.method in ("ACK", "CANCEL"):
@@ -302,11 +318,55 @@ class UAEngine:
         except E2MError:
             return
         now = self._clock()
-        self._sent[key] = (request.start_line.request_uri, now, bool(request.to_tag))
+        self._sent[key] = (request.start_line.request_uri, now, bool(request.to_tag), 0)
         self._sent.move_to_end(key)
         while self._sent and (len(self._sent) > _MAX_SENT
                               or now - next(iter(self._sent.values()))[1] > _SENT_LIFETIME):
             self._sent.popitem(last=False)
+
+    @staticmethod
+    def _local_tag(message: SipMessage, *, sent: bool) -> str | None:
+        """Our own tag on ``message``: From of a request we send or a response we get,
+        To of a response we send or a request we get."""
+        ours_in_from = message.is_request == sent
+        tag = message.from_tag if ours_in_from else message.to_tag
+        return tag.lower() if tag else None
+
+    def _record_parties(self, message: SipMessage) -> None:
+        """Remember who an INVITE dialog of ours is between (our tag -> Call-ID and the
+        two AoRs), from what we send in it: our INVITEs and requests inside a dialog,
+        our answers to an INVITE that make one.  Not other answers (pjsua's to a
+        stranger's OPTIONS must not push our dialogs out), nor requests outside a
+        dialog (a REGISTER's tag may come back under another Call-ID).  The first
+        record stays; the least recently used goes first."""
+        if message.is_request:
+            if message.method != "INVITE" and not message.to_tag:
+                return
+        elif message.method != "INVITE" or (message.status or 0) >= 300:
+            return
+        tag = self._local_tag(message, sent=True)
+        parties = dialog_parties(message)
+        if not tag or not parties:
+            return
+        self._parties.setdefault(tag, (message.call_id, parties))
+        self._parties.move_to_end(tag)
+        while len(self._parties) > MAX_DIALOGS:
+            self._parties.popitem(last=False)
+
+    def _check_parties(self, message: SipMessage) -> None:
+        """``BindingMismatchError`` for a message that names one of our INVITE dialogs
+        (our tag: To of a request, From of a response) with another Call-ID or other
+        parties than the dialog's.  pjsip finds the dialog of a request by the tags
+        alone (not even the Call-ID), so carol, signing as herself, could otherwise
+        re-INVITE, answer or end alice's call with bob (moving its media to her)."""
+        tag = self._local_tag(message, sent=False)
+        known = self._parties.get(tag) if tag else None
+        if known is None:
+            return
+        self._parties.move_to_end(tag)
+        if known != (message.call_id, dialog_parties(message)):
+            raise BindingMismatchError("the message names a dialog of ours with another "
+                                       "Call-ID or other parties")
 
     def accepts_proxy(self, host: str, peer: str | None = None) -> bool:
         """Whether ``host`` may be asked to read our bodies at all (digest §7: the
@@ -476,6 +536,7 @@ class UAEngine:
         with self._lock:
             if message.is_request:
                 self._record_sent(message)
+            self._record_parties(message)
             return self._protect(message)
 
     def _protect(self, message: SipMessage) -> Protected:
@@ -629,6 +690,7 @@ class UAEngine:
 
     def _open(self, message: SipMessage) -> Opened:
         method = message.method
+        self._check_parties(message)
         if message.is_request and method == "BYE":
             self._end_dialog(message)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
@@ -647,6 +709,7 @@ class UAEngine:
             accept_cbc=True, accept_unsigned_cbc=legacy.accept_unsigned_cbc)
         chosen: OpenedPart | None = None
         contexts: dict[int, SipContext | None] = {}
+        offered: list[OpenedPart] = []       # their CEKs are kept once every check passed
         for candidate in top_parts(part):
             try:
                 opened = open_part(candidate, self._opening_keys(message),
@@ -663,7 +726,7 @@ class UAEngine:
                     "the body is not bound to this message (no signed SIP context); only a "
                     "[[legacy]] peer may send such bodies")
             contexts[id(opened)] = context if opened.context_signed else None
-            self._keep_received(message, opened, contexts[id(opened)])
+            offered.append(opened)
             if chosen is None and candidate.handling != "optional":
                 chosen = opened
         if chosen is None:
@@ -671,8 +734,14 @@ class UAEngine:
         if self.config.require_e2m and not chosen.encrypted and self._protectable(
                 message, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
-        content, split = self._with_sealed_keys(message, chosen, limits)
+        content, sealed = self._with_sealed_keys(message, chosen, limits)
         self._check_replay(message, [c for c in contexts.values() if c is not None])
+        # only now, the message accepted: a refused one (a replay, a downgrade) keeps nothing
+        for opened in offered:
+            self._keep_received(message, opened, contexts[id(opened)])
+        if sealed is not None:
+            self._keep_sealed(message, sealed)
+        split = sealed is not None
         readers = self._readers_of(message, chosen, contexts)
         signed_by_peer = chosen.signed and peer is not None
         info = SecurityInfo(
@@ -685,23 +754,25 @@ class UAEngine:
         return Opened(plain, info)
 
     def _with_sealed_keys(self, message: SipMessage, chosen: OpenedPart,
-                          limits: Limits) -> tuple[bytes, bool]:
+                          limits: Limits) -> tuple[bytes, OpenedEnvelope | None]:
         """The content with the SDP keys sealed for us put back (docs/protocol.md §6.1),
-        and whether there were any.  The keys' CEK, sealed for us alone, may carry our
-        own keys back (kept as a key no proxy holds)."""
+        and the envelope they came in (None: there were none)."""
         found = open_sealed_keys(chosen, self._opening_keys(message), limits=limits)
         if found is None:
-            return chosen.content, False
+            return chosen.content, None
         keys, envelope = found
-        merged = merge_keys(chosen.content, keys, self.config.keying_attributes)
-        # Kept only when sealed to our certificate: a kekri under a dialog key says
-        # nothing new, and under a key a proxy holds it must not become "ours alone".
+        return merge_keys(chosen.content, keys, self.config.keying_attributes), envelope
+
+    def _keep_sealed(self, message: SipMessage, envelope: OpenedEnvelope) -> None:
+        """The sealed keys' CEK, sealed for us alone, may carry our own keys back: kept as
+        a key no proxy holds, only when sealed to our certificate (a kekri under a
+        dialog key says nothing new, and under a key a proxy holds it must not become
+        "ours alone")."""
         if self.config.cek_reuse and message.method in _SESSION_METHODS \
                 and envelope.recipient.kind != "kekri" \
                 and envelope.cek_reference is not None and envelope.cek is not None:
             self.dialog_keys.keep_received(message, envelope.cek_reference, envelope.cek,
                                            readers=frozenset())
-        return merged, True
 
     def _ends_dialog(self, response: SipMessage) -> bool:
         """A failure answer to an INVITE of ours ends its keys' dialog when the INVITE
@@ -709,15 +780,23 @@ class UAEngine:
         re-INVITE's failure (a proxy's 407, a 491) leaves the dialog as it was: only the
         keys offered in that request go (``DialogKeys.settle``), else the peer would
         go on answering under keys we had dropped.  An answer to nothing we sent
-        (a stranger's) ends nothing."""
+        (a stranger's) ends nothing, and neither does a failure to an INVITE already
+        answered 2xx (its transaction is over: pjsip drops it; only a hop that saw the
+        INVITE sends it).  The first final status of each request is noted here."""
         status = response.status or 0
-        if status < 300:
-            return False
-        try:
-            sent = self._sent.get(self._sent_key(response))
-        except E2MError:
-            return False
+        sent = self._sent_for(response)
         if sent is None:
+            return False
+        key = self._sent_key(response)
+        if status < 200:
+            # an INVITE waits as long as the callee rings: each 1xx keeps it another 64 s
+            self._sent[key] = (sent[0], self._clock(), *sent[2:])
+            self._sent.move_to_end(key)
+            return False
+        first = sent[3]
+        if not first:
+            self._sent[key] = (*sent[:3], status)
+        if status < 300 or 200 <= first < 300:
             return False
         in_dialog = sent[2]
         return not in_dialog or status in (408, 481)

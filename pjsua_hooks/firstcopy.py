@@ -22,7 +22,17 @@ the first (the same CSeq and top Via branch, which pjsip absorbs itself):
 Either is answered 482 (RFC 3261 §8.2.2.2, a merged request) and not delivered.
 Only requests whose body was protected are remembered.
 
-Bounded: ``limit`` entries (the oldest go first) of at most ``max_age`` seconds.
+A repeat with the same CSeq and branch is a retransmission only while pjsip still has
+the INVITE's transaction to absorb it: the ACK ends it (pjsip terminates the server
+transaction on the ACK of a 2xx, and soon after the ACK of a failure), so the same
+bytes after the ACK are someone's copy that pjsua would take as a new call: 482.
+Over a reliable transport (a TCP or TLS phone: its one listener) nothing is ever
+retransmitted, and pjsip ends a MESSAGE's transaction the moment it answers (Timer J
+is 0): any repeat of a MESSAGE is a copy there.
+
+Bounded: ``limit`` entries (the oldest go first) of at most ``max_age`` seconds, and
+at most ``per_sender`` (``limit`` / 8) for one From URI, whose own oldest go first: one
+user's flood of signed requests does not push out the entries of everyone else.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from e2m_plugins import sip
+from e2m_plugins.errors import E2MError
 
 __all__ = ["FirstCopy", "Duplicate"]
 
@@ -51,14 +62,29 @@ def _to_tagged(msg: sip.SipMessage) -> bool:
     return bool(re.search(r";\s*tag\s*=", to.split(">", 1)[-1], re.IGNORECASE))
 
 
+def _sender(msg: sip.SipMessage) -> str:
+    """The From URI (the signer, when the body was signed), or "" when unreadable."""
+    try:
+        return sip.parse_address(msg.get("From") or "").uri.lower()
+    except E2MError:
+        return ""
+
+
 class FirstCopy:
     """Remembers the first copy of each new MESSAGE and initial INVITE taken."""
 
     def __init__(self, max_age: float, limit: int = 1024,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, reliable: bool = False,
+                 per_sender: int | None = None) -> None:
+        """``reliable``: every request reaches us over TCP or TLS."""
         self.max_age, self.limit, self.clock = max_age, limit, clock
-        # (method, Call-ID, From tag[, content digest]) -> (when, CSeq, top Via branch)
-        self._seen: OrderedDict[tuple[str, ...], tuple[float, int, str]] = OrderedDict()
+        self.reliable = reliable
+        self.per_sender = per_sender or (limit // 8 if limit >= 64 else limit)
+        self._senders: dict[str, int] = {}           # From AoR -> entries kept
+        # (method, Call-ID, From tag[, content digest]) -> (when, CSeq, top Via branch,
+        # whether the INVITE was ACKed, From AoR)
+        self._seen: OrderedDict[tuple[str, ...], tuple[float, int, str, bool, str]] = \
+            OrderedDict()
         self.absorbed = 0
 
     def __len__(self) -> int:
@@ -70,6 +96,9 @@ class FirstCopy:
         (encrypted or signed: only such a body is worth copying, and a stranger's
         plaintext requests must not push the real entries out)."""
         method = request.method
+        if method == "ACK":
+            self._acked(request)
+            return
         if method not in ("MESSAGE", "INVITE") or _to_tagged(request):
             return
         key: tuple[str, ...] = (method, request.call_id, request.from_tag or "")
@@ -82,19 +111,42 @@ class FirstCopy:
         cseq, branch = request.cseq[0], request.via_branch()
         first = self._seen.get(key)
         if first is not None:
-            if (first[1], first[2]) == (cseq, branch):
+            if (first[1], first[2]) == (cseq, branch) and not first[3] \
+                    and not (self.reliable and method == "MESSAGE"):
                 return               # a retransmission: pjsip's transaction has it
             self.absorbed += 1
             raise Duplicate(482, "Loop Detected", method)
         if not protected:
             return
-        self._seen[key] = (now, cseq, branch)
+        sender = _sender(request)
+        if self._senders.get(sender, 0) >= self.per_sender:
+            self._drop(next(k for k, v in self._seen.items() if v[4] == sender))
+        self._seen[key] = (now, cseq, branch, False, sender)
+        self._senders[sender] = self._senders.get(sender, 0) + 1
         while len(self._seen) > self.limit:
-            self._seen.popitem(last=False)
+            self._drop(next(iter(self._seen)))
+
+    def _drop(self, key: tuple[str, ...]) -> None:
+        sender = self._seen.pop(key)[4]
+        left = self._senders.get(sender, 1) - 1
+        if left > 0:
+            self._senders[sender] = left
+        else:
+            self._senders.pop(sender, None)
+
+    def _acked(self, ack: sip.SipMessage) -> None:
+        """The ACK of an initial INVITE taken (its CSeq): its transaction is over."""
+        try:
+            key, cseq = ("INVITE", ack.call_id, ack.from_tag or ""), ack.cseq[0]
+        except E2MError:
+            return
+        first = self._seen.get(key)
+        if first is not None and first[1] == cseq:
+            self._seen[key] = (*first[:3], True, first[4])
 
     def _expire(self, now: float) -> None:
         while self._seen:
-            key, (when, _, _) = next(iter(self._seen.items()))
+            key, (when, *_) = next(iter(self._seen.items()))
             if now - when <= self.max_age:
                 break
-            del self._seen[key]
+            self._drop(key)

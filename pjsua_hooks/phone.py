@@ -380,7 +380,8 @@ class E2MPhone:
             own_ports=self._own_ports)
         self._witness = os.environ.get(KEY_WITNESS_ENV) or None
         # new MESSAGEs / initial INVITEs taken, for the replay window and T1*64
-        self.first_copies = FirstCopy(max_age=config.replay_window + 32.0)
+        self.first_copies = FirstCopy(max_age=config.replay_window + 32.0,
+                                      reliable=s.transport != "udp")
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> E2MPhone:
