@@ -86,7 +86,8 @@ def content_uid(identity: Sequence[str | int | None], bodies: Sequence["BodyReco
     ``(message_uid, part)`` pair is unique).  ``identity`` names the message within its
     dialog (Call-ID, tags, CSeq, status); every recorded field but the time goes in, so
     two messages that differ in anything the archive shows (another CSeq, a signature
-    that no longer checks, another signer) never share a uid."""
+    that no longer checks, another signer) never share a uid.  160 bits: a sender who
+    could make two of its own messages collide would archive only the first."""
     digest = hashlib.sha256()
     fields = [list(identity)]
     fields += [[b.call_id, b.from_uri, b.to_uri, b.method, b.direction, b.status,

@@ -361,7 +361,7 @@ def test_started_while_the_database_is_down_spool_full_says_what_was_lost(
     assert [alice.message(t) for t in texts] == [200] * 6
     time.sleep(0.3)
     log = proxy.log_since(0)
-    lost = re.findall(r"archive lost message ([0-9a-f]{24}) \(MESSAGE request, Call-ID "
+    lost = re.findall(r"archive lost message (c[0-9a-f]{40}) \(MESSAGE request, Call-ID "
                       r"\S+, 1 bodies, 0 media rows\): not stored: .*spool is full", log)
     assert len(lost) == 3 and _stat(proxy, "e2m_archive_lost") == 3
     assert _spool(proxy).pending() == 3
