@@ -129,7 +129,10 @@ class Bob(RawUas):
         if request.method != "INVITE":
             return make_response(request, 200, "OK")
         opened = self.engine.open(request).message
-        reply = answer(opened, SDP_ANSWER).replace("Contact", f"<sip:bob@127.0.0.1:{self.port}>")
+        # a fresh tag per dialog, as a real phone makes (RFC 3261 §19.3): the engine
+        # tells bob's dialogs apart by it
+        reply = answer(opened, SDP_ANSWER, to_tag=secrets.token_hex(4)).replace(
+            "Contact", f"<sip:bob@127.0.0.1:{self.port}>")
         for route in request.get_all("Record-Route"):
             reply = reply.add("Record-Route", route)
         protected = self.engine.protect(reply).message

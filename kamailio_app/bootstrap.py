@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,10 +27,11 @@ from .archive_spool import ArchiveEvents
 from .archive_store import open_archive
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
 from .config import AppConfig, load_app_config
+from .dialog_route import RouteTokens
 from .keycache_htable import HtableKeyCache, KsrHtable
 
 __all__ = ["ProxyApp", "KEYCACHE_TABLE", "body_records", "media_records", "media_log_lines",
-           "ksr_events", "cluster_seal_key", "dmq_peer_sources", "public_dmq_warning"]
+           "ksr_events", "cluster_seal_key", "identity_key", "route_tokens", "dmq_peer_sources", "public_dmq_warning"]
 
 KEYCACHE_TABLE = "e2mkeys"   # declared in the cfg template
 
@@ -93,18 +94,32 @@ def media_log_lines(message: SipMessage, media: Any) -> list[str]:
             f"{line.direction}" for line in media]
 
 
-def cluster_seal_key(proxy_config: Any) -> bytes:
-    """The key that seals key-cache entries on every node of a cluster.
-
-    Derived from the proxy's private key, which every node holds (a UA encrypts for
-    the proxy's certificate, and any node may have to open it) and a rogue DMQ peer
-    does not: an entry it forges does not open.  HKDF with a label of its own, so the
-    seal key says nothing about the private key."""
+def identity_key(proxy_config: Any, label: bytes) -> bytes:
+    """A 32-byte key every node holding the proxy's private key derives alike, and
+    nobody else: HKDF over the key with a label of its own per use, so a derived key
+    says nothing about the private key or about the other derived keys."""
     der = proxy_config.private_key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"e2m key cache seal v1 " + proxy_config.host.encode()).derive(der)
+                info=label + proxy_config.host.encode()).derive(der)
+
+
+def cluster_seal_key(proxy_config: Any) -> bytes:
+    """The key that seals key-cache entries on every node of a cluster.
+
+    From the proxy's private key, which every node holds (a UA encrypts for the
+    proxy's certificate, and any node may have to open it) and a rogue DMQ peer does
+    not: an entry it forges does not open."""
+    return identity_key(proxy_config, b"e2m key cache seal v1 ")
+
+
+def route_tokens(proxy_config: Any | None) -> RouteTokens:
+    """The Record-Route tokens (``dialog_route``): alike on every node of a cluster and
+    across restarts when the proxy has an identity; made at start when it has none."""
+    if proxy_config is None:
+        return RouteTokens.random()
+    return RouteTokens(identity_key(proxy_config, b"e2m record-route v1 "))
 
 
 def ksr_events(ksr: Any) -> ArchiveEvents:
@@ -168,6 +183,7 @@ class ProxyApp:
     archive: ArchiveStore | None = None
     events: ArchiveEvents | None = None
     certs: Any = None           # cert_route.CertService: the [certs] service, or None
+    routes: RouteTokens = field(default_factory=RouteTokens.random)  # in-dialog routing
     _dmq_sources: frozenset[tuple[str, int]] | None = None
 
     @classmethod
@@ -212,7 +228,7 @@ class ProxyApp:
             certs.db.ensure_schema()     # an unusable file stops the start, not a request
             certs.db.close()             # each process connects on its own after the fork
         return cls(config, ProxyEngine(proxy_config, cache, replay=replay), archive, events,
-                   certs)
+                   certs, route_tokens(proxy_config))
 
     @property
     def e2m(self) -> bool:

@@ -53,6 +53,7 @@ from e2m_plugins.sip import canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp, public_dmq_warning  # noqa: E402
+from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
@@ -148,6 +149,9 @@ def _normal(value):
 # The headers the engine removes (its own label, policies in its name), read by name
 # when every instance goes: a fixed set of PV spec strings (each stays in Kamailio's
 # PV cache), instances beyond _BY_NAME_MAX are left to the iterator.
+# Route header values read by index: a fixed set of PV spec strings (Kamailio keeps
+# each distinct one for good); a real route set has one or two headers.
+_ROUTE_SPECS = ["$(hdr(Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
 _BY_NAME_MAX = 4
 _BY_NAME = {canonical_name(n): (n, "$hdrc(%s)" % n, ["$(hdr(%s)[%d])" % (n, i)
                                                      for i in range(_BY_NAME_MAX)])
@@ -285,15 +289,20 @@ class kamailio:
             return
         # A REGISTER for a domain that is not ours goes on to next_hop like any
         # request: a visited proxy passes it to the home registrar.
-        if KSR.is_method_in("IS"):   # INVITE, SUBSCRIBE: stay on the path of the dialog
-            self.record_route()
+        if KSR.is_method_in("IS") and self.app.config.dispatcher is None:
+            self.record_route()      # INVITE, SUBSCRIBE: stay on the path of the dialog
+            # (a front stays off it: its nodes record-route the front's address)
         if not self.route_target():
             return
         self.relay(inspect=True)
 
     def record_route(self):
-        """A cluster node behind a front ([cluster] front) names the front, so the
-        dialog's next requests go back through it to whichever node is alive."""
+        """With the dialog's token (``dialog_route``): only requests that carry it back
+        are routed inside the dialog.  A cluster node behind a front ([cluster] front)
+        names the front, so the dialog's next requests go back through it to whichever
+        node is alive."""
+        KSR.rr.add_rr_param(self.app.routes.param(KSR.pv.get("$ci") or "",
+                                                  KSR.pv.get("$ft") or ""))
         front = self.app.front
         if front:
             KSR.rr.record_route_advertised_address(front)
@@ -432,9 +441,29 @@ class kamailio:
             if self.route_new_transaction():
                 self.route_certs(self.app.certs.route_resubscribe)
             return
+        if self.app.config.dispatcher is not None:
+            # A front: the dialog goes on at a live node, its route set untouched (the
+            # node takes its own Route entry and checks the token in it).
+            if not self.route_dispatch():
+                return
+            if KSR.is_ACK():
+                KSR.tm.t_relay()
+            elif self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
+                self.relay(inspect=False)
+            return
         if KSR.rr.loose_route() > 0:
-            if self.app.config.dispatcher is not None and not self.route_dispatch():
-                return                 # a front: the dialog goes on at a live node
+            if not self.dialog_routed_here():
+                # A Route naming us, but no token of a dialog we record-routed: a
+                # stranger's "in-dialog" request to relay anywhere.  A non-2xx ACK
+                # (it repeats the INVITE's preloaded Route) is tm's to match.
+                if KSR.is_ACK():
+                    if KSR.tm.t_check_trans() > 0:
+                        KSR.tm.t_relay()
+                    return
+                KSR.info("e2m: %s from %s with no route token of ours: refused\n" % (
+                    KSR.pv.get("$rm"), KSR.pv.get("$si")))
+                KSR.sl.sl_send_reply(403, "Not Routed Here")
+                return
             if KSR.is_ACK():
                 if _has_body():        # a late answer rides in the ACK; a bare ACK has nothing
                     self.inspect_only()
@@ -448,6 +477,14 @@ class kamailio:
                 KSR.tm.t_relay()
             return
         KSR.sl.sl_send_reply(404, "Not Here")
+
+    def dialog_routed_here(self):
+        """One of the request's Route entries carries our token for its Call-ID and one
+        of its tags (``dialog_route``)."""
+        count = min(int(KSR.pv.get("$hdrc(Route)") or 0), len(_ROUTE_SPECS))
+        routes = [KSR.pv.get(_ROUTE_SPECS[i]) or "" for i in range(count)]
+        return self.app.routes.admits(KSR.pv.get("$ci") or "",
+                                      (KSR.pv.get("$ft"), KSR.pv.get("$tt")), routes)
 
     def route_register(self):
         """Save the contact (registrar: at most max_contacts per AoR).  While the

@@ -224,11 +224,11 @@ class HtableKeyCache:
             return None   # nothing kept: a miss needs no lock (the kekri answer tries two scopes)
         if not count:
             # Only a look (the proxy spends the use once the message passed its checks):
-            # one read, no lock, nothing written.  An entry that does not open or has
-            # run out is left to the counted path and the sweep, which hold the lock.
+            # one read and no lock while the entry is good, nothing written.
             try:
                 entry, _ = self._unseal_from(key, raw)
             except MalformedError:
+                self._refuse_if_unchanged(key, raw)
                 return None
             return entry if self._fits(entry, scope, reference, self._clock()) else None
         # Counting a use is read-modify-write: another worker may be doing the same.
@@ -240,9 +240,7 @@ class HtableKeyCache:
             try:
                 entry, origin = self._unseal_from(key, raw)
             except MalformedError:
-                # forged, corrupt, or sealed by someone without our key (a rogue DMQ
-                # peer): never used, and gone
-                self._refused(key)
+                self._refused(key)         # never used, and gone (_refuse_if_unchanged)
                 self._backend.remove(key)
                 return None
             now = self._clock()
@@ -263,6 +261,18 @@ class HtableKeyCache:
                 self._backend.set(key, self._seal(key, kept, origin),
                                   max(1, math.ceil(entry.expires - now)))
             return replace(entry, max_decrypts=left)
+        finally:
+            self._backend.unlock(key)
+
+    def _refuse_if_unchanged(self, key: str, raw: str) -> None:
+        """An entry that does not open (forged, corrupt, or sealed by someone without
+        our key, such as a rogue DMQ peer) is never used, and goes: under the lock, and
+        only if it is still the one read (a put may have just written a good one)."""
+        self._backend.lock(key)
+        try:
+            if self._backend.get(key) == raw:
+                self._refused(key)
+                self._backend.remove(key)
         finally:
             self._backend.unlock(key)
 

@@ -106,27 +106,16 @@ def test_held_a_stranger_from_another_domain_still_reaches_our_user(home, bob):
         ua.close()
 
 
-@pytest.mark.xfail(strict=True, reason="in-dialog requests are relayed on loose_route alone; "
-                   "the fix (a Record-Route parameter the proxy can check) spans the cfg, "
-                   "the cluster front and the nodes (see the docstring)")
 def test_hole_a_forged_in_dialog_request_is_relayed_anywhere(home):
-    """HOLE (off-path sender): a request with a To tag and a Route naming the proxy is
-    taken as "inside a dialog" (``loose_route``) and relayed to its Request-URI, with no
-    check that the proxy ever record-routed such a dialog; ``route_auth`` lets a
-    stranger's in-dialog request through (only a From of ours is challenged).  So
-    anyone can relay MESSAGEs, INVITEs (and ACKs, never challenged) through the home
-    proxy to any address: here a UAS that is none of our users', answer 200.  The
-    E2M engine inspects such a request like any other, so it gains no E2M effect, but
-    "requests from elsewhere pass only toward our domains" does not hold, and the
-    relayed request carries the home proxy's Via (and its Proxy-Body-Policy).
+    """HOLE (off-path sender), fixed: a request with a To tag and a Route naming the
+    proxy was taken as "inside a dialog" (``loose_route``) and relayed to its
+    Request-URI, with no check that the proxy ever record-routed such a dialog, and
+    ``route_auth`` let a stranger's in-dialog request through.  So anyone could relay
+    MESSAGEs, INVITEs (and ACKs, never challenged) through the home proxy to any
+    address: here a UAS that is none of our users', which answered 200.
 
-    Fix: when record-routing, add a Record-Route parameter (``rr.add_rr_param``) that
-    is an HMAC of the Call-ID and the From tag under a key derived from the proxy's
-    private key (every node of a cluster holds it, as for the key-cache seal); in
-    ``route_in_dialog`` relay only when ``rr.check_route_param`` finds the HMAC for
-    the Call-ID and either tag (the callee's requests carry the caller's tag in To).
-    A front that record-routes for its nodes needs the same key, or must pass the
-    check to the node it dispatches to.
+    Now the proxy's Record-Route carries a token (an HMAC of Call-ID and tag,
+    ``kamailio_app/dialog_route.py``) and an in-dialog request without it is 403.
     """
     elsewhere = RawUas()
     from e2m_plugins.sip import make_response

@@ -1,0 +1,79 @@
+"""Which in-dialog requests the proxy routes: a token in its own Record-Route.
+
+A request with a To tag and a Route naming the proxy looks like a request inside a
+dialog the proxy record-routed, and Kamailio's ``loose_route`` relays it to its
+Request-URI.  Nothing in it says the proxy ever saw that dialog, so without a check
+anyone could relay any request (ACKs and BYEs included, which are never challenged)
+through the proxy to any address.  So the proxy puts a parameter in the Record-Route
+it adds to a dialog-creating request: an HMAC of the dialog's Call-ID and the
+caller's tag under a key of its own.  An in-dialog request is routed only when one of
+its Route entries carries the token for its Call-ID and one of its tags (the callee's
+requests carry the caller's tag in To).
+
+The key: every node of a cluster derives the same one from the proxy's private key
+(as for the key-cache seal, with its own label), so a dialog outlives its node and
+the proxy's restart.  A plain routing proxy (no ``[identity]``) makes one at start:
+its dialogs do not outlive a restart of it.
+
+What it does not bound: the parties of a dialog (who hold its token) may still put
+any Request-URI in their own in-dialog requests; the proxy keeps no dialog state to
+compare it with (docs/threat-model.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Iterable
+
+__all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES"]
+
+PARAM = "e2m-rr"             # the Record-Route URI parameter
+MAX_ROUTE_ENTRIES = 16       # Route entries read per request (a real route set has a few)
+_MAX_ROUTE_TEXT = 4096       # characters of Route header read per request
+_TOKEN_BYTES = 16            # 128 bits of HMAC-SHA256, 32 hex digits on the wire
+_ENTRY = re.compile(r"<([^<>]*)>")
+_TOKEN = re.compile(r";\s*" + re.escape(PARAM) + r"\s*=\s*([0-9a-fA-F]{32})(?=[;>\s]|$)",
+                    re.IGNORECASE)
+
+
+class RouteTokens:
+    """Makes and checks the Record-Route token of a dialog."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("a route key needs at least 128 bits")
+        self._key = key
+
+    @classmethod
+    def random(cls) -> RouteTokens:
+        """For a proxy without an identity: a key of its own, made at start."""
+        return cls(os.urandom(32))
+
+    def token(self, call_id: str, tag: str) -> str:
+        """The token of the dialog ``call_id`` opened by the UA whose tag is ``tag``."""
+        data = b"\x00".join((call_id.encode("utf-8", "surrogateescape"),
+                             tag.encode("utf-8", "surrogateescape")))
+        return hmac.new(self._key, data, hashlib.sha256).digest()[:_TOKEN_BYTES].hex()
+
+    def param(self, call_id: str, tag: str) -> str:
+        """The parameter to add to the Record-Route (``rr.add_rr_param``)."""
+        return f";{PARAM}={self.token(call_id, tag)}"
+
+    def admits(self, call_id: str, tags: Iterable[str | None], routes: Iterable[str]) -> bool:
+        """Whether one of the Route header values ``routes`` carries the token of
+        ``call_id`` with one of ``tags``.  Reads at most ``MAX_ROUTE_ENTRIES`` entries
+        and ``_MAX_ROUTE_TEXT`` characters: a stranger's long Route costs no more."""
+        wanted = {self.token(call_id, tag) for tag in tags if tag}
+        if not call_id or not wanted:
+            return False
+        text = ",".join(routes)[:_MAX_ROUTE_TEXT]
+        for count, entry in enumerate(_ENTRY.finditer(text)):
+            if count >= MAX_ROUTE_ENTRIES:
+                break
+            found = _TOKEN.search(entry.group(1))
+            if found and any(hmac.compare_digest(found.group(1).lower(), t) for t in wanted):
+                return True
+        return False
