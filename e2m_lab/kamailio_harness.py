@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -496,6 +497,34 @@ class RawUas(_UdpPeer):
                 if len(got) >= count or time.monotonic() >= deadline:
                     return got
                 self._got.wait(timeout=max(0.01, deadline - time.monotonic()))
+
+
+def wait_delivered(uas: RawUas, body: bytes, timeout: float = 2.0) -> bool:
+    """Whether a request with exactly ``body`` reached ``uas`` within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m.body == body for m in uas.received):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@contextmanager
+def registered_uas(proxy: "ProxyHandle", user: str, password: str, source: str,
+                   responder: Responder | None = None) -> Iterator[RawUas]:
+    """A ``RawUas`` registered at ``proxy`` as ``user`` (digest with ``password``, the
+    REGISTER sent from ``source``), closed afterwards; ``responder`` as for RawUas."""
+    uas = RawUas()
+    uas.responder = responder
+    ua = SipUa(proxy.port, user=user, password=password, source=source)
+    try:
+        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
+        answer = ua.request(reg.replace("Contact", f"<sip:{user}@127.0.0.1:{uas.port}>"))
+        assert answer is not None and answer.status == 200, answer
+        yield uas
+    finally:
+        ua.close()
+        uas.close()
 
 
 def _ok(request: SipMessage) -> SipMessage:

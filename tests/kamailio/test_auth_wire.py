@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from e2m_lab.kamailio_harness import (ProxyHandle, RawUas, SipUa, parse_address_uri,
+                                      registered_uas, wait_delivered,
                                       parse_challenge, start_proxy)
 from e2m_plugins.sip import RequestLine, SipMessage, make_response
 from e2m_plugins.testpki import TestPKI
@@ -58,26 +59,13 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
 @pytest.fixture
 def bob(home: ProxyHandle) -> Iterator[RawUas]:
     """bob's phone, registered (with his password) at a fresh contact."""
-    uas = RawUas()
-    uas.responder = answering(uas)
-    ua = SipUa(home.port, user="bob", password=USERS["bob"], source="127.0.0.20")
-    try:
-        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
-        answer = ua.request(reg.replace("Contact", f"<sip:bob@127.0.0.1:{uas.port}>"))
-        assert answer is not None and answer.status == 200, answer
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.20") as uas:
+        uas.responder = answering(uas)
         yield uas
-    finally:
-        ua.close()
-        uas.close()
 
 
 def _delivered(uas: RawUas, text: bytes, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(m.body == text for m in uas.received):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_delivered(uas, text, timeout)
 
 
 # -- attack: taking over bob's registration -------------------------------------------

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, start_proxy
+from e2m_lab.kamailio_harness import (ProxyHandle, RawUas, SipUa, registered_uas, start_proxy,
+                                      wait_delivered)
 from e2m_plugins.testpki import TestPKI
 
 pytestmark = pytest.mark.kamailio
@@ -32,26 +33,13 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
 def bob(home: ProxyHandle) -> Iterator[RawUas]:
     """bob's phone, registered with his password; answers 200 to everything."""
     from e2m_plugins.sip import make_response
-    uas = RawUas()
-    uas.responder = lambda request: make_response(request, 200, "OK")
-    ua = SipUa(home.port, user="bob", password=USERS["bob"], source="127.0.0.20")
-    try:
-        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
-        answer = ua.request(reg.replace("Contact", f"<sip:bob@127.0.0.1:{uas.port}>"))
-        assert answer is not None and answer.status == 200, answer
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.20",
+                        lambda request: make_response(request, 200, "OK")) as uas:
         yield uas
-    finally:
-        ua.close()
-        uas.close()
 
 
 def _delivered(uas: RawUas, text: bytes, timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(m.body == text for m in uas.received):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_delivered(uas, text, timeout)
 
 
 # Spellings of carol's AoR that the core (and so every UA's signer check and the
