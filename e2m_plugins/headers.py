@@ -24,7 +24,7 @@ from .grammar import (SIP, SIP_TOKEN, SIP_TOKEN_PATTERN, format_param, parse_par
 from .uri import check_http_url, host_key, validate_host
 
 __all__ = [
-    "DEFAULT_WARN_CODE", "BodyLabel", "PolicyHeader", "Rule", "WarningValue",
+    "DEFAULT_WARN_CODE", "SESSION_METHODS", "BodyLabel", "PolicyHeader", "Rule", "WarningValue",
     "content_type_warning", "format_labels", "format_proxy_required_body",
     "format_warning", "labels_for", "parse_content_type_warnings",
     "parse_policy_headers", "parse_proxy_required_bodies", "parse_proxy_required_body",
@@ -286,6 +286,10 @@ def _check_media_range(ctype: str) -> str:
     return ctype
 
 
+# The methods that carry an INVITE session's offers and answers.
+SESSION_METHODS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
+
+
 @dataclass(frozen=True)
 class Rule:
     """``METHOD:type/subtype``; ``*`` for any method, ``*`` or ``type/*`` for types."""
@@ -308,10 +312,18 @@ class Rule:
     def format(self) -> str:
         return f"{self.method}:{self.content_type}"
 
+    def covers(self, method: str) -> bool:
+        """Whether the rule is about ``method`` (case-sensitive, RFC 3261 §7.1).  A rule
+        for INVITE is about the session it sets up: its offers and answers also ride
+        UPDATE (RFC 3311), PRACK (RFC 3262) and ACK (RFC 3261 §13.2.1), and a rule
+        that let those pass unread would let a UA move the media past the proxy."""
+        return self.method in ("*", method) or (
+            self.method == "INVITE" and method in SESSION_METHODS)
+
     def matches(self, method: str, content_type: str | None) -> bool:
-        """Methods are case-sensitive (RFC 3261 §7.1), media types are not.
+        """``covers`` the method; media types are not case-sensitive.
         A message without a body (``content_type`` None) matches nothing."""
-        if self.method != "*" and self.method != method:
+        if not self.covers(method):
             return False
         if content_type is None:
             return False

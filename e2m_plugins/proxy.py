@@ -336,7 +336,7 @@ class ProxyEngine:
         return hdr.labels_for(labels, self.config.host)
 
     def _rules_apply(self, method: str) -> bool:
-        return any(rule.method in ("*", method) for rule in (*self.config.view, *self.config.verify))
+        return any(rule.covers(method) for rule in (*self.config.view, *self.config.verify))
 
     def _targets(self, parts: list[mime.MimePart], label: hdr.BodyLabel | None,
                  method: str) -> list[mime.MimePart]:
@@ -481,8 +481,8 @@ class ProxyEngine:
         legitimately closed to us; a closed part is where an insider would hide the real
         text behind a decoy for the archive.
         """
-        view_rules = [r for r in self.config.view if r.method in ("*", method)]
-        verify_rules = [r for r in self.config.verify if r.method in ("*", method)]
+        view_rules = [r for r in self.config.view if r.covers(method)]
+        verify_rules = [r for r in self.config.verify if r.covers(method)]
         if unreadable and (label is not None or view_rules or verify_rules):
             needed = self._needed_type(view_rules, label)
             raise ProxyCannotDecryptError(f"cannot view the body ({needed or 'whole body'})",

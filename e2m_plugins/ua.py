@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
+from .headers import SESSION_METHODS
 from .body import (OpenedPart, check_context, check_signed_by, has_protection, message_body,
                    new_reference, open_part, open_sealed_keys, plaintext_leaves, protect_content,
                    seal_keys, top_parts, with_entity)
@@ -63,7 +64,6 @@ __all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_
            "CertificateWanted", "MissingPeerCertificateError"]
 
 # Methods whose body is a session description negotiated inside a dialog.
-_SESSION_METHODS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 MAX_RETRIES_PER_CALL = 3         # 496/495/493 answers we follow for one Call-ID
 _MAX_SENT = 1024                 # requests remembered to tell answers from strangers
 _SENT_LIFETIME = 64.0            # ... a transaction's lifetime (64*T1; INVITE: since its last 1xx)
@@ -558,7 +558,7 @@ class UAEngine:
         # legacy peer that cannot verify gets it unsigned unless a proxy asks.
         sign = asked or (self.config.sign and (legacy is None or legacy.sign))
         signer = (self.config.certificate, self.config.private_key) if sign else None
-        reuse_ok = self.config.cek_reuse and method in _SESSION_METHODS and legacy is None
+        reuse_ok = self.config.cek_reuse and method in SESSION_METHODS and legacy is None
         shared = self.dialog_keys.reusable(message, exclusive=False) if reuse_ok else None
         # Whoever must read it, plus whoever already holds the dialog key we reuse.
         audience = frozenset(p.host for p in proxies) | (shared.readers if shared else frozenset())
@@ -768,7 +768,7 @@ class UAEngine:
         a key no proxy holds, only when sealed to our certificate (a kekri under a
         dialog key says nothing new, and under a key a proxy holds it must not become
         "ours alone")."""
-        if self.config.cek_reuse and message.method in _SESSION_METHODS \
+        if self.config.cek_reuse and message.method in SESSION_METHODS \
                 and envelope.recipient.kind != "kekri" \
                 and envelope.cek_reference is not None and envelope.cek is not None:
             self.dialog_keys.keep_received(message, envelope.cek_reference, envelope.cek,
@@ -935,7 +935,7 @@ class UAEngine:
         ``require_signature`` off) nothing vouches for the holders; the labels are the
         best guess and any RecipientInfo beyond them an unknown holder, so such a key is
         never taken for SRTP keys unless it had exactly one recipient, us."""
-        if not self.config.cek_reuse or message.method not in _SESSION_METHODS:
+        if not self.config.cek_reuse or message.method not in SESSION_METHODS:
             return
         for reference, cek, count in opened.cek_references:
             readers: frozenset[str] | None

@@ -199,7 +199,12 @@ def test_policy_matching() -> None:
                        view=(h.Rule("INVITE", "application/sdp"), h.Rule("*", "text/*")),
                        verify=(h.Rule("MESSAGE", "*"),))
     assert p.view_matches("INVITE", "Application/SDP; charset=x")
-    assert not p.view_matches("UPDATE", "application/sdp")
+    # a rule for INVITE is about its session: the offers and answers of UPDATE, PRACK
+    # and ACK too (else a UA moves the media past the proxy), nothing else
+    for method in ("UPDATE", "PRACK", "ACK"):
+        assert p.view_matches(method, "application/sdp")
+    for method in ("BYE", "OPTIONS", "MESSAGE", "INFO", "update"):
+        assert not p.view_matches(method, "application/sdp")
     assert p.view_matches("UPDATE", "text/html")
     assert not p.view_matches("invite", "image/png")
     assert p.verify_matches("MESSAGE", "message/cpim")

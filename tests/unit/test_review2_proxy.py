@@ -118,10 +118,8 @@ def test_held_the_dialog_keys_still_work_both_ways_and_end_with_bye(world):
 
 # -- session changes outside INVITE --------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a view rule for INVITE's SDP does not cover the "
-                   "dialog's other offer/answer methods (UPDATE, PRACK, ACK); fix spans the "
-                   "UA's policy matching and the proxy's (see the docstring)")
-def test_hole_insider_moves_the_media_with_an_update_the_firewall_never_reads(world):
+@pytest.mark.parametrize("method", ["UPDATE", "PRACK"])
+def test_hole_insider_moves_the_media_with_an_update_the_firewall_never_reads(world, method):
     """HOLE (insider UA): the home proxy's policy ``INVITE:application/sdp`` is its media
     inspection (the example config says so), but an offer can also ride an UPDATE
     (RFC 3311), a PRACK or an ACK.  ``_rules_apply`` matches the method literally: alice
@@ -130,17 +128,15 @@ def test_hole_insider_moves_the_media_with_an_update_the_firewall_never_reads(wo
     takes it.  (An honest UA's UPDATE goes under the dialog key the proxy holds, yet
     the proxy does not open that either.)
 
-    Fix: a rule for INVITE's SDP covers every offer/answer of that dialog: the proxy
-    views UPDATE, PRACK and ACK bodies (and their answers) under an INVITE rule, and the
-    UA's ``policies.wanting`` does the same; an ACK cannot be answered, so the adapter
-    drops an ACK whose body the proxy could not open (the UAS then ends the call).
-    Until then: list ``UPDATE:application/sdp`` and ``PRACK:application/sdp`` in
-    ``[policy] view`` (ACK as well, knowing that it cannot be refused).
+    Fixed: a rule for INVITE covers the session's offers and answers in UPDATE, PRACK
+    and ACK as well (``Rule.covers``, for the proxy and the UA alike): the proxy answers
+    496 to a body it cannot open.  (An ACK cannot be refused: what the proxy could not
+    open is recorded and forwarded.)
     """
     proxy = proxy_engine(world, TRUSTED, view=MSG_VIEW)
     bob = ua_engine(world, "bob")
     moved = SDP_OFFER.replace(b"127.0.0.1", b"203.0.113.66")
-    update = invite(world, call_id="update@x", cseq=2, to_tag="b1", method="UPDATE", sdp=b"")
+    update = invite(world, call_id="update@x", cseq=2, to_tag="b1", method=method, sdp=b"")
     part, _ = protect_content("application/sdp", moved,
                               [recipient_for_certificate(world.user("bob").cert)],
                               signer=signer_of(world, "alice"), bind_to=update)
