@@ -410,6 +410,7 @@ class _UdpPeer:
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
+        self.errors: list[Exception] = []      # what the handler raised (it keeps serving)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -428,7 +429,11 @@ class _UdpPeer:
                 continue
             except OSError:
                 return
-            reply = self._handle(data)
+            try:
+                reply = self._handle(data)
+            except Exception as exc:  # noqa: BLE001 - a responder's bug must not end the peer
+                self.errors.append(exc)  # (the test sees it here; nothing is answered)
+                continue
             if reply:
                 self.sock.sendto(reply, peer)
 

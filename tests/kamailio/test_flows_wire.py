@@ -9,6 +9,7 @@ home proxy archived, and that the untrusted hop saw and changed nothing.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ def bob_answers(bob, uas: RawUas, sdp: bytes = SDP_ANSWER) -> Callable[[SipMessa
         if request.method != "INVITE":
             return make_response(request, 200, "OK")
         opened = bob.open(request).message
-        reply = answer(opened, sdp)
+        reply = answer(opened, sdp, to_tag=secrets.token_hex(4))   # one per dialog, as phones do
         reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
         for route in request.get_all("Record-Route"):
             reply = reply.add("Record-Route", route)

@@ -51,7 +51,7 @@ def bob_responder(pki, uas: RawUas):
             return make_response(request, 200, "OK")
         opened = bob.open(request).message
         opened_offers.append(opened.body)
-        reply = answer(opened, SDP_ANSWER)
+        reply = answer(opened, SDP_ANSWER, to_tag=secrets.token_hex(4))   # one per dialog
         reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
         for route in request.get_all("Record-Route"):
             reply = reply.add("Record-Route", route)

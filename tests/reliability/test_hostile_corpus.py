@@ -35,6 +35,9 @@ from e2m_lab.wire import Expected, Peer, digest, engine_expectation, engine_for,
 from e2m_plugins import mime
 from e2m_plugins.testpki import TestPKI
 from e2m_plugins.sip import RequestLine, SipMessage, parse
+from e2m_plugins.config import load_proxy_config
+from kamailio_app.bootstrap import route_tokens
+from kamailio_app.dialog_route import RouteTokens
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.sipp]
 
@@ -51,10 +54,12 @@ class Maker:
     """Valid E2M requests from alice's UA engine (signed, encrypted for bob and the
     proxy, labelled), fresh Call-ID each time; and the proxy's routing details."""
 
-    def __init__(self, pki: TestPKI, proxy_port: int, bob_port: int) -> None:
+    def __init__(self, pki: TestPKI, proxy_port: int, bob_port: int,
+                 routes: RouteTokens | None = None) -> None:
         self.pki = pki
         self.proxy_port = proxy_port
         self.bob_port = bob_port
+        self.routes = routes or RouteTokens.random()   # the proxy's Record-Route tokens
         known = known_proxy(pki, TRUSTED, VIEW, VERIFY)
         self.alice = ua_engine(pki, "alice", proxies=(known,), sign=True)
         self.n = 0
@@ -179,7 +184,9 @@ def _header_cases() -> list[Case]:
         return bare.protect(invite(m.pki, SDP_OFFER, call_id=f"np{time.monotonic_ns()}@x")).message
 
     def reinvite_unknown_key(m: Maker) -> SipMessage:
-        """In-dialog re-INVITE under a CEK the proxy never saw (Route to the proxy)."""
+        """In-dialog re-INVITE under a CEK the proxy never saw (Route to the proxy, with
+        the token its Record-Route would have carried: the engine, not the routing
+        check, is what this case is about)."""
         alice = ua_engine(m.pki, "alice", proxies=(known_proxy(m.pki, TRUSTED, VIEW),))
         bob = ua_engine(m.pki, "bob")
         call = f"rk{time.monotonic_ns()}@x"
@@ -189,7 +196,8 @@ def _header_cases() -> list[Case]:
         again = invite(m.pki, call_id=call, cseq=2, to_tag="b1")
         sent = alice.protect(again).message
         return (sent.with_start_line(RequestLine("INVITE", f"sip:bob@127.0.0.1:{m.bob_port}"))
-                .insert("Route", f"<sip:127.0.0.1:{m.proxy_port};lr>", 1))
+                .insert("Route", f"<sip:127.0.0.1:{m.proxy_port};lr"
+                                 f"{m.routes.param(call, first.from_tag or '')}>", 1))
 
     def many_parts(m: Maker) -> SipMessage:
         mixed = mime.multipart_mixed([mime.MimePart((("Content-Type", "text/plain"),), b"x")] * 300)
@@ -363,7 +371,8 @@ def corpus_world(proxy_factory, sipp):
 
 def test_hostile_corpus_over_udp_and_tcp_interleaved_with_valid_traffic(corpus_world, pki, exchange):
     proxy, bob = corpus_world
-    maker = Maker(pki, proxy.port, bob.port)
+    maker = Maker(pki, proxy.port, bob.port,
+                  route_tokens(load_proxy_config(proxy.config_path)))
     engine = engine_for(proxy)
     assert len(CASES) + len(_datagrams()) >= 50
     sent_all: list[Sent] = []
