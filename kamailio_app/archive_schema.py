@@ -114,13 +114,21 @@ def _has_table(conn: Any, dialect: str, name: str) -> bool:
 
 
 def read_version(conn: Any, dialect: str, component: str = COMPONENT) -> int:
-    """0: no archive here; 1: the tables from before versioning; else the stored one."""
+    """0: no archive here; 1: the tables from before versioning; else the stored one.
+
+    The tables are looked for before the version: a migration creates both in one
+    transaction and each statement sees at least what the one before it saw, so another
+    node's migration committing between the two reads gives 0 (whose migration then
+    finds the work done, under the lock) and never 1, which made a concurrent
+    ``db init`` stop with "run e2m-proxy db upgrade"."""
+    if not _has_table(conn, dialect, "bodies"):
+        return 0
     if _has_table(conn, dialect, "schema_version"):
         row = conn.execute(f"SELECT version FROM schema_version WHERE component = "
                            f"{_param(dialect)}", (component,)).fetchone()
         if row is not None:
             return int(row[0])
-    return 1 if _has_table(conn, dialect, "bodies") else 0
+    return 1
 
 
 def _in_transaction(conn: Any, dialect: str, work: Callable[[], Any]) -> Any:

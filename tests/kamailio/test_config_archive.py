@@ -11,6 +11,7 @@ import pytest
 
 from e2m_plugins.cli import main as e2m_main
 from kamailio_app.archive import Archive, BodyRecord, MediaRecord
+from kamailio_app.archive_schema import ARCHIVE_VERSION
 from kamailio_app.config import AppConfigError, load_app_config
 from kamailio_app.launcher import render_cfg
 
@@ -156,6 +157,41 @@ def test_copies_of_one_message_share_a_uid_and_are_stored_once(tmp_path):
     assert len(archive.bodies()) == 1 and len(archive.media()) == 1
     archive.record(bodies, media, uid=others[0])
     assert len(archive.bodies()) == 2
+
+
+def test_a_migration_committed_between_two_reads_is_never_taken_for_version_1(tmp_path):
+    """Three nodes ran ``db init`` at once: one read "no schema_version table", another
+    node's migration committed, then it read "bodies is there", i.e. version 1, and
+    stopped with "run db upgrade" (seen twice in the PostgreSQL test).  Here the other
+    node's commit lands right after the first statement."""
+    import sqlite3
+    from kamailio_app.archive_schema import migrate, read_version
+    path = tmp_path / "race.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+
+    class CommitAfterFirstRead:
+        def __init__(self) -> None:
+            self.conn = sqlite3.connect(path, isolation_level=None)
+            self.reads = 0
+
+        def execute(self, sql: str, args: tuple = ()):
+            result = self.conn.execute(sql, args)
+            rows = result.fetchall()
+            self.reads += 1
+            if self.reads == 1:
+                migrate(other, "sqlite")          # another node, in between
+            return _Rows(rows)
+
+    class _Rows:
+        def __init__(self, rows: list) -> None:
+            self.rows = rows
+
+        def fetchone(self):
+            return self.rows[0] if self.rows else None
+
+    found = read_version(CommitAfterFirstRead(), "sqlite")
+    assert found in (0, ARCHIVE_VERSION)
+    assert read_version(other, "sqlite") == ARCHIVE_VERSION
 
 
 def test_archive_command_lists_without_text_and_shows_to_out(tmp_path, capsys):
