@@ -21,6 +21,7 @@ from typing import Iterable
 from .errors import LimitExceededError, MalformedError
 from .grammar import (SIP, SIP_TOKEN, SIP_TOKEN_PATTERN, format_param, parse_param_list,
                       parse_params, quote_string, split_header_list, unquote_string)
+from .sip import canonical_method
 from .uri import check_http_url, host_key, validate_host
 
 __all__ = [
@@ -317,6 +318,7 @@ class Rule:
         for INVITE is about the session it sets up: its offers and answers also ride
         UPDATE (RFC 3311), PRACK (RFC 3262) and ACK (RFC 3261 §13.2.1), and a rule
         that let those pass unread would let a UA move the media past the proxy."""
+        method = canonical_method(method)   # "invite" is an INVITE to every stack after us
         return self.method in ("*", method) or (
             self.method == "INVITE" and method in SESSION_METHODS)
 

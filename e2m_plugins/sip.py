@@ -36,6 +36,7 @@ from .errors import LimitExceededError, MalformedError
 from .grammar import SIP_TOKEN, SIP_TOKEN_PATTERN, parse_params, split_header_list, unquote_string
 
 __all__ = [
+    "STANDARD_METHODS", "canonical_method",
     "COMPACT_FORMS", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_LINE", "DEFAULT_MAX_SIZE",
     "Address", "DialogId", "RequestLine", "SipMessage", "StatusLine",
     "canonical_name", "frame_length", "make_request", "make_response", "parse", "parse_address",
@@ -96,6 +97,21 @@ class Address(NamedTuple):
     display_name: str | None
     uri: str
     params: dict[str, str | None]
+
+
+# Methods of RFC 3261 and its extensions that stacks read in any case: Kamailio parses
+# every method name case-insensitively and pjsip INVITE, ACK, BYE, CANCEL, OPTIONS and
+# REGISTER (older pjsip more), though RFC 3261 §7.1 makes methods case-sensitive.
+STANDARD_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER",
+                              "PRACK", "UPDATE", "SUBSCRIBE", "NOTIFY", "PUBLISH", "INFO",
+                              "REFER", "MESSAGE"})
+
+
+def canonical_method(method: str) -> str:
+    """``method`` as the stacks downstream will take it: a standard method in any case
+    is that method (``invite`` reaches pjsua as an INVITE); any other stays as written."""
+    upper = method.upper()
+    return upper if upper in STANDARD_METHODS else method
 
 
 @lru_cache(maxsize=1024)

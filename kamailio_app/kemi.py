@@ -49,7 +49,7 @@ from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import TransactionScope  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
-from e2m_plugins.sip import canonical_name, parse  # noqa: E402
+from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp, public_dmq_warning  # noqa: E402
@@ -414,6 +414,14 @@ class kamailio:
             return False
         if KSR.sanity.sanity_check_defaults() < 0:
             return False  # sanity has replied (400 and the like)
+        method = KSR.pv.get("$rm") or ""
+        if canonical_method(method) != method:
+            # "invite": Kamailio and the phones take it as INVITE, while a policy rule or
+            # a check written for INVITE could read it as another method.  Refused at the
+            # door (an ACK cannot be answered: dropped).
+            if not KSR.is_ACK():
+                KSR.sl.sl_send_reply(400, "Method Not In Capitals")
+            return False
         return True
 
     def route_new_transaction(self):
@@ -477,6 +485,13 @@ class kamailio:
                 KSR.tm.t_relay()
             return
         KSR.sl.sl_send_reply(404, "Not Here")
+
+    def may_route_onward(self):
+        """Whether this request may follow a Route set past us: with [auth], only for one
+        of our users (digest proved) or a trusted or local source; without it, the
+        proxy relays for anyone (it warned so at start)."""
+        return (self.app.config.auth is None or self.authenticated is not None
+                or self.exempt_source())
 
     def dialog_routed_here(self):
         """One of the request's Route entries carries our token for its Call-ID and one
@@ -543,8 +558,14 @@ class kamailio:
             return self.route_dispatch()
         next_hop = self.app.config.kamailio.next_hop
         if KSR.hdr.is_present("Route") > 0:
-            KSR.rr.loose_route()       # a pre-loaded route set past us is honoured
+            KSR.rr.loose_route()       # a pre-loaded route set past us is honoured...
             if KSR.isdsturiset():
+                if not self.may_route_onward():
+                    # ...but not for a stranger: a request to our domain (never challenged)
+                    # with a Route past us would go anywhere, and one record-routed there
+                    # would hand him a route token for requests anywhere.
+                    KSR.sl.sl_send_reply(403, "Route Not Allowed")
+                    return False
                 return True
         if KSR.is_myself_ruri():
             rc = KSR.registrar.lookup("location")

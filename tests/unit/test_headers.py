@@ -203,13 +203,17 @@ def test_policy_matching() -> None:
     # and ACK too (else a UA moves the media past the proxy), nothing else
     for method in ("UPDATE", "PRACK", "ACK"):
         assert p.view_matches(method, "application/sdp")
-    for method in ("BYE", "OPTIONS", "MESSAGE", "INFO", "update"):
+    for method in ("BYE", "OPTIONS", "MESSAGE", "INFO"):
         assert not p.view_matches(method, "application/sdp")
+    # a standard method in any case is that method (Kamailio and pjsip read it so)
+    assert p.view_matches("update", "application/sdp") and p.view_matches("Invite", "application/sdp")
     assert p.view_matches("UPDATE", "text/html")
     assert not p.view_matches("invite", "image/png")
     assert p.verify_matches("MESSAGE", "message/cpim")
     assert not p.verify_matches("MESSAGE", None)  # no body, nothing to verify
-    assert not p.verify_matches("message", "text/plain")  # methods are case-sensitive
+    assert p.verify_matches("message", "text/plain")      # read as MESSAGE downstream
+    x = h.PolicyHeader("fw.example.net", view=(h.Rule("FOO", "*"),))
+    assert x.view_matches("FOO", "text/plain") and not x.view_matches("foo", "text/plain")
 
 
 def test_policy_lenient_forms() -> None:
