@@ -33,19 +33,22 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
     proxy.stop()
 
 
-@pytest.fixture
-def elsewhere() -> Iterator[RawUas]:
-    """A UAS of none of our users (the stranger's own, or a victim): answers 200."""
+def _answering_uas() -> Iterator[RawUas]:
     uas = RawUas(lambda request: make_response(request, 200, "OK"))
     yield uas
     uas.close()
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[RawUas]:
+    """A UAS of none of our users (the stranger's own): answers 200."""
+    yield from _answering_uas()
 
 
 @pytest.fixture
 def victim() -> Iterator[RawUas]:
-    uas = RawUas(lambda request: make_response(request, 200, "OK"))
-    yield uas
-    uas.close()
+    """A third party's UAS, none of our users either: answers 200."""
+    yield from _answering_uas()
 
 
 def test_hole_a_preloaded_route_relays_a_strangers_request_anywhere(home, elsewhere):
