@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from asn1crypto import algos, cms, core
+from asn1crypto import algos
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -162,21 +162,29 @@ def _content_type_oid(content_type: str) -> str:
     raise ValueError(f"unknown content type {content_type!r}")
 
 
-def _signing_time_value(moment: datetime) -> cms.Time:
+def _signing_time_der(moment: datetime) -> bytes:
     moment = moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(
         tzinfo=timezone.utc)
-    moment = moment.replace(microsecond=0)
-    # RFC 5652 11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
+    # RFC 5652 11.3: UTCTime for 1950..2049, GeneralizedTime otherwise (seconds, Z).
     if 1950 <= moment.year <= 2049:
-        return cms.Time({"utc_time": moment})
-    return cms.Time({"generalized_time": moment})
+        return der.tlv(der.UTC_TIME, moment.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return der.tlv(der.GENERALIZED_TIME, f"{moment.year:04d}{moment:%m%d%H%M%S}Z".encode("ascii"))
 
 
-def _alg_id(oid: str, params: core.Asn1Value | None = None) -> dict:
-    out: dict = {"algorithm": oid}
-    if params is not None:
-        out["parameters"] = params
-    return out
+def _attribute(oid: str, value_der: bytes) -> bytes:
+    return der.seq(der.enc_oid(oid), der.set_of(value_der))
+
+
+def _certificate_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _issuer_and_serial(cert_der: bytes) -> bytes:
+    """IssuerAndSerialNumber from the certificate's own encodings, byte for byte."""
+    tbs = der.items(der.items(der.read_all(cert_der), 3, "certificate")[0], 6, "tbsCertificate")
+    at = 1 if tbs[0].tag == der.context(0) else 0          # [0] version is optional
+    return der.seq(tbs[at + 2].expect(der.SEQUENCE, "issuer").encoded,
+                   tbs[at].expect(der.INTEGER, "serialNumber").encoded)
 
 
 def sign(content: bytes, signer_cert: x509.Certificate, signer_key: PrivateKeyTypes, *,
@@ -215,27 +223,26 @@ def sign(content: bytes, signer_cert: x509.Certificate, signer_key: PrivateKeyTy
 
     hasher = hashes.Hash(hash_cls())
     hasher.update(content)
-    attrs = cms.CMSAttributes([
-        cms.CMSAttribute({"type": "content_type", "values": [ct_oid]}),
-        cms.CMSAttribute({"type": "signing_time",
-                          "values": [_signing_time_value(
-                              signing_time or datetime.now(timezone.utc))]}),
-        cms.CMSAttribute({"type": "message_digest", "values": [hasher.finalize()]}),
-        *(cms.CMSAttribute({"type": oid, "values": [core.Any.load(value)]})
-          for oid, value in extra_attributes),
-    ])
+    # Written with our own DER writer, not asn1crypto: asn1crypto takes any header
+    # whose last octet is 0x80 (a length of 0x280, say) for an indefinite length and
+    # re-encodes the whole tree, parsing eContent by its type on the way, which
+    # failed on opaque content and could change bytes a signature covers.
+    attrs = der.set_of(
+        _attribute(oids.CONTENT_TYPE_ATTR, der.enc_oid(ct_oid)),
+        _attribute(oids.SIGNING_TIME_ATTR,
+                   _signing_time_der(signing_time or datetime.now(timezone.utc))),
+        _attribute(oids.MESSAGE_DIGEST_ATTR, der.octet_string(hasher.finalize())),
+        *(_attribute(oid, value) for oid, value in extra_attributes))
     # The signature covers the DER SET OF (tag 0x31), not the [0] IMPLICIT form.
-    to_be_signed = attrs.dump()
+    to_be_signed = attrs
 
     if isinstance(signer_key, rsa.RSAPrivateKey):
         if rsa_pss:
-            hash_id = algos.DigestAlgorithm(_alg_id(digest_oid, core.Null()))
-            pss_params = algos.RSASSAPSSParams({
-                "hash_algorithm": hash_id,
-                "mask_gen_algorithm": {"algorithm": _MGF1, "parameters": hash_id},
-                "salt_length": hash_cls.digest_size,
-            })
-            sig_alg = _alg_id(_RSA_PSS, pss_params)
+            hash_id = der.algorithm(digest_oid, der.NULL_DER)
+            sig_alg = der.algorithm(_RSA_PSS, der.seq(
+                der.explicit(0, hash_id),
+                der.explicit(1, der.algorithm(_MGF1, hash_id)),
+                der.explicit(2, der.enc_integer(hash_cls.digest_size))))
             signature = signer_key.sign(
                 to_be_signed,
                 padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls.digest_size),
@@ -244,60 +251,46 @@ def sign(content: bytes, signer_cert: x509.Certificate, signer_key: PrivateKeyTy
             oid = next(o for o, (kind, d, _) in _SIGNATURES.items()
                        if kind == "rsa" and d == digest)
             # RFC 4055: sha*WithRSAEncryption carries NULL parameters.
-            sig_alg = _alg_id(oid, core.Null())
+            sig_alg = der.algorithm(oid, der.NULL_DER)
             signature = signer_key.sign(to_be_signed, padding.PKCS1v15(), hash_cls())
     elif rsa_pss:
         raise ValueError("rsa_pss needs an RSA key")
     elif isinstance(signer_key, ec.EllipticCurvePrivateKey):
         oid = next(o for o, (kind, d, _) in _SIGNATURES.items()
                    if kind == "ecdsa" and d == digest)
-        sig_alg = _alg_id(oid)
+        sig_alg = der.algorithm(oid)
         signature = signer_key.sign(to_be_signed, ec.ECDSA(hash_cls()))
     elif isinstance(signer_key, ed25519.Ed25519PrivateKey):
-        sig_alg = _alg_id(_ED25519)
+        sig_alg = der.algorithm(_ED25519)
         signature = signer_key.sign(to_be_signed)
     else:
         raise ValueError("signer key must be RSA, EC or Ed25519")
 
-    cert_asn1 = asn1_x509.Certificate.load(signer_cert.public_bytes(serialization.Encoding.DER))
-    signer_info = cms.SignerInfo({
-        "version": "v1",
-        "sid": cms.SignerIdentifier({"issuer_and_serial_number": {
-            "issuer": cert_asn1["tbs_certificate"]["issuer"],
-            "serial_number": cert_asn1["tbs_certificate"]["serial_number"],
-        }}),
-        "digest_algorithm": _alg_id(digest_oid),
-        "signed_attrs": attrs,
-        "signature_algorithm": sig_alg,
-        "signature": signature,
-    })
-    certs = ([signer_cert] if include_certificate else []) + list(extra_certs)
+    digest_alg = der.algorithm(digest_oid, der.NULL_DER)
+    signer_cert_der = _certificate_der(signer_cert)
+    signer_info = der.seq(
+        der.enc_integer(1),                                  # v1: issuer and serial
+        _issuer_and_serial(signer_cert_der),
+        digest_alg,
+        der.implicit(0, attrs),
+        sig_alg,
+        der.octet_string(signature))
+    certs = ([signer_cert_der] if include_certificate else []) + [
+        _certificate_der(c) for c in extra_certs]
     is_data = ct_oid == _CONTENT_TYPES["data"]
-    # asn1crypto models a version 1 encapContentInfo with the PKCS#7 ContentInfo
-    # class; either way eContent is an OCTET STRING, and an explicit one keeps
-    # asn1crypto from treating e.g. enveloped-data octets as a structure.
-    encap: cms.ContentInfo | cms.EncapsulatedContentInfo
-    if is_data:
-        encap = cms.ContentInfo({"content_type": ct_oid})
-        if not detached:
-            encap["content"] = core.OctetString(content)
-    else:
-        encap = cms.EncapsulatedContentInfo({"content_type": ct_oid})
-        if not detached:
-            encap["content"] = core.ParsableOctetString(content)
-    signed_data = {
+    encap = [der.enc_oid(ct_oid)]
+    if not detached:
+        encap.append(der.explicit(0, der.octet_string(content)))
+    signed_data = [
         # RFC 5652 5.1: version 3 when the content is not id-data.
-        "version": "v1" if is_data else "v3",
-        "digest_algorithms": [_alg_id(digest_oid)],
-        "encap_content_info": encap,
-        "signer_infos": [signer_info],
-    }
+        der.enc_integer(1 if is_data else 3),
+        der.set_of(digest_alg),
+        der.seq(*encap),
+    ]
     if certs:
-        signed_data["certificates"] = [
-            cms.CertificateChoices({"certificate": asn1_x509.Certificate.load(
-                c.public_bytes(serialization.Encoding.DER))}) for c in certs]
-    return cms.ContentInfo({"content_type": "signed_data",
-                            "content": cms.SignedData(signed_data)}).dump()
+        signed_data.append(der.implicit(0, der.set_of(*certs)))
+    signed_data.append(der.set_of(signer_info))
+    return der.seq(der.enc_oid(oids.SIGNED_DATA), der.explicit(0, der.seq(*signed_data)))
 
 
 # --------------------------------------------------------------------------

@@ -506,3 +506,17 @@ def test_signed_attribute_values_are_counted_before_they_are_read(pki) -> None:
     with pytest.raises(LimitExceededError):   # and every body's elements are counted
         verify(sign(CONTENT, cred.cert, cred.key), trust_anchors=[pki.ca.cert],
                limits=Limits(max_der_elements=10))
+
+
+@pytest.mark.parametrize("content_type", ["enveloped-data", "auth-enveloped-data", "1.2.3.4"])
+def test_non_data_content_is_signed_as_opaque_bytes_at_every_length(pki, content_type) -> None:
+    """asn1crypto takes any DER header ending in 0x80 (e.g. a length of 0x280) for
+    an indefinite length and re-encodes the whole tree, eContent included: it then
+    parsed the eContent by its content type and failed or changed the signed bytes.
+    Lengths sweep past two such boundaries, with content that is not DER."""
+    cred = pki.user("alice", "ec")
+    for size in range(300, 620):
+        content = bytes([0x30, 0x82]) + bytes(size)        # claims a SEQUENCE, is not one
+        der = sign(content, cred.cert, cred.key, content_type=content_type)
+        got = verify(der, trust_anchors=[pki.ca.cert])
+        assert (got.content, got.content_type) == (content, content_type)
