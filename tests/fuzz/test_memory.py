@@ -30,10 +30,11 @@ WARMUP, FIRST, WINDOW, MUTANTS = 3, 2, 4, 20
 # the next.  So the last window must add at most SLACK bytes, or clearly less
 # than the window before it.
 SLACK = 8 * 1024
-# ua_react (a fresh UAEngine per input, each protecting a retry) keeps 6.5-7.2 KB per
-# window at b62b6dd and 8.1-9.3 KB now (measured 2026-12-03), with no container of ours
-# growing (a gc census over 192 inputs: +14 weakrefs, +7 sets); not yet explained, so it
-# gets its own allowance rather than failing one run in two, and stays in the report.
+# ua_react (a fresh UAEngine per input, each protecting a retry) keeps 8.1-9.3 KB in this
+# test's last window (6.5-7.2 KB at b62b6dd), and it is not a leak: run on, it levels
+# off (73.6, 77.3, 77.9 KB still allocated after 200, 400, 800 rounds; 2026-12-03), with
+# no dict, list, set or lru_cache of ours growing. The last window here is still on the
+# way up to that plateau, so this target gets a larger allowance.
 SLACK_FOR = {"ua_react": 12 * 1024}
 
 
