@@ -200,6 +200,9 @@ class UAEngine:
         # from what we send: a message naming our dialog with other parties is a third
         # who read the ids off the wire (``_check_parties``).  Bounded, LRU.
         self._parties: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
+        # Tags in _parties whose dialog a 2xx confirmed: a failure we send to a re-INVITE
+        # there (491, 488) leaves the dialog; one to the first INVITE ends it.
+        self._confirmed: set[str] = set()
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -351,7 +354,34 @@ class UAEngine:
         self._parties.setdefault(tag, (message.call_id, parties))
         self._parties.move_to_end(tag)
         while len(self._parties) > MAX_DIALOGS:
-            self._parties.popitem(last=False)
+            self._confirmed.discard(self._parties.popitem(last=False)[0])
+
+    def _note_confirmed(self, message: SipMessage, *, sent: bool) -> None:
+        """A 2xx to an INVITE confirms the dialog of our tag in it."""
+        if message.is_request or message.method != "INVITE" or not 200 <= (message.status or 0) < 300:
+            return
+        tag = self._local_tag(message, sent=sent)
+        if tag in self._parties:
+            self._confirmed.add(tag)
+
+    def _forget_parties(self, message: SipMessage) -> None:
+        """The dialog ``message`` ends: its entry goes, so the table holds dialogs still
+        under way and no flood of ended ones (a stranger's INVITE and CANCEL, again and
+        again) pushes a live call out of it (which would let carol in, fail open)."""
+        for tag in (message.from_tag, message.to_tag):
+            key = tag.lower() if tag else ""
+            known = self._parties.get(key)
+            if known is not None and known[0] == message.call_id:
+                del self._parties[key]
+                self._confirmed.discard(key)
+
+    def _ends_our_answered_attempt(self, response: SipMessage) -> bool:
+        """A failure we send to an INVITE whose dialog no 2xx confirmed (a 487 after a
+        CANCEL, a 486, a 603) ends what our 18x began."""
+        tag = self._local_tag(response, sent=True)
+        return (not response.is_request and response.method == "INVITE"
+                and (response.status or 0) >= 300 and tag is not None
+                and tag not in self._confirmed)
 
     def _check_parties(self, message: SipMessage) -> None:
         """``BindingMismatchError`` for a message that names one of our INVITE dialogs
@@ -523,6 +553,9 @@ class UAEngine:
             self.dialog_keys.forget_call(call_id)
             self.policies.end_call(call_id)
             self._retries.pop(call_id, None)
+            for tag in [t for t, (c, _) in self._parties.items() if c == call_id]:
+                del self._parties[tag]
+                self._confirmed.discard(tag)
 
     # ------------------------------------------------------------------
     # Protect
@@ -537,6 +570,9 @@ class UAEngine:
             if message.is_request:
                 self._record_sent(message)
             self._record_parties(message)
+            self._note_confirmed(message, sent=True)
+            if self._ends_our_answered_attempt(message):
+                self._forget_parties(message)
             return self._protect(message)
 
     def _protect(self, message: SipMessage) -> Protected:
@@ -691,6 +727,7 @@ class UAEngine:
     def _open(self, message: SipMessage) -> Opened:
         method = message.method
         self._check_parties(message)
+        self._note_confirmed(message, sent=False)
         if message.is_request and method == "BYE":
             self._end_dialog(message)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
@@ -802,9 +839,11 @@ class UAEngine:
         return not in_dialog or status in (408, 481)
 
     def _end_dialog(self, message: SipMessage) -> None:
-        """The dialog (or the INVITE attempt) is over: its keys and its policies go."""
+        """The dialog (or the INVITE attempt) is over: its keys, its policies and its
+        parties go."""
         self.dialog_keys.end_dialog(message)
         self.policies.end_call(message.call_id)
+        self._forget_parties(message)
 
     def _strict(self, legacy: LegacyPeer | None) -> bool:
         """Whether a body must be signed and bound (everyone but a lenient legacy peer)."""

@@ -307,3 +307,49 @@ def test_held_the_table_of_dialog_parties_is_bounded_and_fed_only_by_what_we_sen
     alice.open(stranger)
     assert "s@x" not in {c for c, _ in alice._parties.values()}
     assert "s2@x" not in {c for c, _ in alice._parties.values()}
+
+
+def _rung_and_cancelled(world, alice, n):
+    """A stranger's INVITE to alice: her phone rings (180, our tag), then the stranger
+    CANCELs and the phone answers the INVITE 487."""
+    call = make_request("INVITE", world.aor("alice"), from_uri="sip:flood@example.net",
+                        to_uri=world.aor("alice"), call_id=f"ring-{n}@x", from_tag=f"f{n}")
+    ringing = make_response(call, 180, "Ringing")
+    alice.protect(ringing)
+    alice.protect(make_response(call, 487, "Request Terminated").replace("To", ringing.get("To")))
+
+
+def test_hole_a_flood_of_rung_calls_pushed_a_live_call_out_of_the_parties_table(world):
+    """Off-path sender + insider UA. The parties table kept every INVITE dialog we ever
+    rang or answered until MAX_DIALOGS newer ones pushed it out: a stranger's INVITE
+    and CANCEL, repeated, left one entry each. Once alice's call with bob was gone from
+    it, carol's re-INVITE naming that call (signed as herself) was taken (fail open).
+    Now an entry goes when its dialog ends (BYE, a failure that ends the attempt, the
+    application's ``forget_call``), so the table holds only dialogs still under way."""
+    from e2m_plugins.dialog_keys import MAX_DIALOGS
+    alice, bob, carol = _engines(world)
+    _call(world, alice, bob, "long@x")
+    for n in range(MAX_DIALOGS + 10):
+        _rung_and_cancelled(world, alice, n)
+    hijack = carol.protect(_reinvite(world, "carol", "alice", "long@x", 77, "b1", "a1",
+                                     SDP_ANSWER.replace(b"49172", b"40000"))).message
+    with pytest.raises(BindingMismatchError):
+        alice.open(hijack)
+
+
+def test_held_a_failed_reinvite_keeps_the_dialogs_parties_and_a_bye_drops_them(world):
+    """Only the end of a dialog drops its entry: alice answering a re-INVITE of her
+    confirmed call 491 keeps it (carol still refused); the BYE ends it."""
+    alice, bob, carol = _engines(world)
+    _call(world, alice, bob, "kept@x")
+    reinvite = _reinvite(world, "bob", "alice", "kept@x", 5, "b1", "a1")
+    alice.protect(make_response(reinvite, 491, "Request Pending"))
+    hijack = carol.protect(_reinvite(world, "carol", "alice", "kept@x", 78, "b1", "a1")).message
+    with pytest.raises(BindingMismatchError):
+        alice.open(hijack)
+    before = len(alice._parties)
+    alice.protect(make_request("BYE", "sip:bob@127.0.0.1:5062", from_uri=world.aor("alice"),
+                               to_uri=world.aor("bob"), call_id="kept@x", cseq=2,
+                               from_tag="a1", to_tag="b1"))
+    assert len(alice._parties) == before - 1
+    assert "kept@x" not in {c for c, _ in alice._parties.values()}
