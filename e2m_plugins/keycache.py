@@ -61,12 +61,14 @@ __all__ = [
     "decode_entry",
     "check_material",
     "short_lived",
+    "over_quota",
     "DIALOG_TTL",
     "TRANSACTION_TTL",
     "MAX_TTL",
     "MAX_DECRYPTS_CAP",
     "MAX_REFERENCE_BYTES",
     "MAX_CEK_BYTES",
+    "KEEPER_SHARE",
 ]
 
 T1 = 0.5                        # RFC 3261 default RTT estimate, seconds
@@ -76,6 +78,8 @@ MAX_TTL = 12 * 3600.0           # no caller may ask for longer
 MAX_DECRYPTS_CAP = 256          # RFC 3185 §6: refuse to honour huge CEKMaxDecrypts
 MAX_REFERENCE_BYTES = 256       # a CEKReference is an identifier; bound what we key on
 MAX_CEK_BYTES = 64              # AES-256 / ChaCha20 keys are 32 bytes; leave room
+KEEPER_SHARE = 8                # one keeper (the AoR whose message offered the key)
+                                # holds at most 1/8 of a cache unless told otherwise
 
 
 # --------------------------------------------------------------------------
@@ -169,6 +173,7 @@ class CachedKey:
     """A kept CEK.  ``created`` and ``expires`` are in the cache's clock.
 
     ``max_decrypts`` is the number of uses left (None: limited by time only).
+    ``keeper`` is the AoR whose message offered the key (None: nobody's quota).
     """
 
     cek: bytes = field(repr=False)
@@ -178,11 +183,12 @@ class CachedKey:
     expires: float
     max_decrypts: int | None = None
     cipher: str | None = None
+    keeper: str | None = None
 
     def __repr__(self) -> str:  # the CEK never reaches a log
         return (f"CachedKey(ref={self.reference.hex()[:16]}, scope={self.scope!r}, "
                 f"cek={len(self.cek)} bytes, expires={self.expires:.0f}, "
-                f"max_decrypts={self.max_decrypts}, cipher={self.cipher})")
+                f"max_decrypts={self.max_decrypts}, cipher={self.cipher}, keeper={self.keeper})")
 
 
 @runtime_checkable
@@ -190,9 +196,12 @@ class KeyCache(Protocol):
     """What a key cache offers; in-process and shared-memory caches both follow it."""
 
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
-            max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
+            max_decrypts: int | None = None, cipher: str | None = None,
+            keeper: str | None = None) -> CachedKey:
         """Keep ``cek`` under ``reference`` within ``scope``; a live key already kept
-        there stays as it is (CEK, lifetime, uses) and is what is returned."""
+        there stays as it is (CEK, lifetime, uses) and is what is returned.  Past its
+        ``keeper``'s quota, that keeper's own key goes (short-lived first, then the
+        oldest), never anyone else's."""
         ...
 
     def get(self, scope: Scope, reference: bytes, *, count: bool = True) -> CachedKey | None:
@@ -216,17 +225,21 @@ class KeyCache(Protocol):
 @dataclass(frozen=True)
 class CacheLimits:
     """The bounds every ``KeyCache`` applies (in memory or in Kamailio's htable):
-    entry count, lifetimes and uses; ``new_entry`` applies them to one key."""
+    entry count, entries per keeper, lifetimes and uses; ``new_entry`` applies them
+    to one key."""
 
     max_entries: int = 10_000
     default_ttl: float = DIALOG_TTL
     transaction_ttl: float = TRANSACTION_TTL
     max_ttl: float = MAX_TTL
     max_decrypts_cap: int | None = MAX_DECRYPTS_CAP
+    max_per_keeper: int | None = None      # None: max_entries // KEEPER_SHARE
 
     def __post_init__(self) -> None:
         if self.max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if self.max_per_keeper is not None and self.max_per_keeper < 1:
+            raise ValueError("max_per_keeper must be at least 1 (or None)")
         if not 0 < self.default_ttl <= self.max_ttl or not 0 < self.transaction_ttl <= self.max_ttl:
             raise ValueError("TTLs must be positive and at most max_ttl")
         if self.max_decrypts_cap is not None and self.max_decrypts_cap < 1:
@@ -234,7 +247,7 @@ class CacheLimits:
 
     def new_entry(self, scope: Scope, reference: bytes, cek: bytes, now: float, *,
                   ttl: float | None = None, max_decrypts: int | None = None,
-                  cipher: str | None = None) -> CachedKey:
+                  cipher: str | None = None, keeper: str | None = None) -> CachedKey:
         """The entry to keep for ``put``: material checked, TTL and uses bounded."""
         check_material(reference, cek)
         if ttl is None:
@@ -245,7 +258,30 @@ class CacheLimits:
             raise ValueError("max_decrypts must be at least 1")
         return CachedKey(cek=bytes(cek), reference=bytes(reference), scope=scope, created=now,
                          expires=now + min(ttl, self.max_ttl),
-                         max_decrypts=_clamp(max_decrypts, self.max_decrypts_cap), cipher=cipher)
+                         max_decrypts=_clamp(max_decrypts, self.max_decrypts_cap), cipher=cipher,
+                         keeper=keeper)
+
+    @property
+    def keeper_quota(self) -> int:
+        """The most keys one keeper may hold."""
+        if self.max_per_keeper is not None:
+            return self.max_per_keeper
+        return max(1, self.max_entries // KEEPER_SHARE)
+
+
+def over_quota(entries: list[tuple[str | None, bool, float, str]], quota: int) -> list[str]:
+    """Of (keeper, kept long, created, name) rows, the names past each keeper's quota:
+    its short-lived keys first, then its oldest.  Keys with no keeper are nobody's."""
+    by_keeper: dict[str, list[tuple[bool, float, str]]] = {}
+    for keeper, long_lived, created, name in entries:
+        if keeper is not None:
+            by_keeper.setdefault(keeper, []).append((long_lived, created, name))
+    out: list[str] = []
+    for rows in by_keeper.values():
+        if len(rows) > quota:
+            rows.sort()
+            out.extend(name for _, _, name in rows[:len(rows) - quota])
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -265,14 +301,16 @@ class MemoryKeyCache:
     def __init__(self, max_entries: int = 10_000, default_ttl: float = DIALOG_TTL,
                  max_ttl: float = MAX_TTL, *, transaction_ttl: float = TRANSACTION_TTL,
                  max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
+                 max_per_keeper: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._limits = CacheLimits(max_entries, default_ttl, transaction_ttl, max_ttl,
-                                   max_decrypts_cap)
+                                   max_decrypts_cap, max_per_keeper)
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[Scope, bytes], CachedKey] = OrderedDict()
         self._short: OrderedDict[tuple[Scope, bytes], None] = OrderedDict()  # evicted first
         self._by_scope: dict[Scope, set[bytes]] = {}
+        self._by_keeper: dict[str, OrderedDict[tuple[Scope, bytes], None]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryKeyCache({len(self)} of {self._limits.max_entries} entries)"
@@ -282,10 +320,11 @@ class MemoryKeyCache:
             return len(self._entries)
 
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
-            max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
+            max_decrypts: int | None = None, cipher: str | None = None,
+            keeper: str | None = None) -> CachedKey:
         now = self._clock()
         entry = self._limits.new_entry(scope, reference, cek, now, ttl=ttl,
-                                       max_decrypts=max_decrypts, cipher=cipher)
+                                       max_decrypts=max_decrypts, cipher=cipher, keeper=keeper)
         key = (scope, entry.reference)
         with self._lock:
             kept = self._entries.get(key)
@@ -296,6 +335,9 @@ class MemoryKeyCache:
             if short_lived(scope):
                 self._short[key] = None
             self._by_scope.setdefault(scope, set()).add(entry.reference)
+            if keeper is not None:
+                self._by_keeper.setdefault(keeper, OrderedDict())[key] = None
+                self._trim_keeper(keeper, key)
             self._trim(now)
         return entry
 
@@ -344,14 +386,28 @@ class MemoryKeyCache:
 
     # Both helpers run with the lock held.
     def _remove(self, key: tuple[Scope, bytes]) -> None:
-        if self._entries.pop(key, None) is None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
             return
         self._short.pop(key, None)
+        kept = self._by_keeper.get(entry.keeper) if entry.keeper is not None else None
+        if kept is not None:
+            kept.pop(key, None)
+            if not kept:
+                del self._by_keeper[entry.keeper]
         refs = self._by_scope.get(key[0])
         if refs is not None:
             refs.discard(key[1])
             if not refs:
                 del self._by_scope[key[0]]
+
+    def _trim_keeper(self, keeper: str, newest: tuple[Scope, bytes]) -> None:
+        # One keeper past its quota loses its own key, not anyone else's: a short-lived
+        # one if it has any, else its oldest (never the one just kept).
+        kept = self._by_keeper[keeper]
+        while len(kept) > self._limits.keeper_quota:
+            older = [k for k in kept if k != newest]
+            self._remove(next((k for k in older if k in self._short), older[0]))
 
     def _trim(self, now: float) -> None:
         # Expired entries at the old end go first (cheap, amortised O(1)), then,
@@ -419,7 +475,8 @@ def cache_key(scope: Scope, reference: bytes) -> str:
     return scope_key(scope) + ref
 
 
-_FORMAT = "k1"
+_FORMAT = "k1"            # eight fields
+_FORMAT_KEEPER = "k2"     # and a ninth, the keeper
 
 
 def _b64(data: bytes) -> str:
@@ -448,22 +505,26 @@ def encode_entry(entry: CachedKey) -> str:
     """A one-line text form of ``entry`` for an htable string value.
 
     Fields, '|'-separated: format tag, reference, scope, created, expires,
-    uses left ('-' for none), cipher ('-' for none), CEK.  Times are written
+    uses left ('-' for none), cipher ('-' for none), CEK, and (format "k2") the
+    keeper, %-quoted; an entry with no keeper is written "k1", as before.  Times are written
     as they are in the entry: a cache that serialises entries must run on
     wall-clock epoch seconds (``clock=time.time``) so every process agrees.
     The result contains the CEK: store it only in process memory.
     """
     uses = "-" if entry.max_decrypts is None else str(entry.max_decrypts)
     cipher = "-" if entry.cipher is None else quote(entry.cipher, safe="")
-    return "|".join((_FORMAT, _b64(entry.reference), _encode_scope(entry.scope),
-                     f"{entry.created:.3f}", f"{entry.expires:.3f}", uses, cipher,
-                     _b64(entry.cek)))
+    fields = [_FORMAT, _b64(entry.reference), _encode_scope(entry.scope),
+              f"{entry.created:.3f}", f"{entry.expires:.3f}", uses, cipher, _b64(entry.cek)]
+    if entry.keeper is not None:
+        fields[0] = _FORMAT_KEEPER
+        fields.append(quote(entry.keeper, safe=""))
+    return "|".join(fields)
 
 
 def decode_entry(text: str) -> CachedKey:
     """The inverse of ``encode_entry``; raises ``MalformedError`` on anything else."""
     fields = text.split("|")
-    if len(fields) != 8 or fields[0] != _FORMAT:
+    if (len(fields), fields[0]) not in ((8, _FORMAT), (9, _FORMAT_KEEPER)):
         raise MalformedError("not an encoded key-cache entry")
     try:
         reference = _unb64(fields[1])
@@ -472,9 +533,10 @@ def decode_entry(text: str) -> CachedKey:
         uses = None if fields[5] == "-" else int(fields[5])
         cipher = None if fields[6] == "-" else unquote(fields[6])
         cek = _unb64(fields[7])
+        keeper = unquote(fields[8]) if len(fields) == 9 else None
     except (ValueError, binascii.Error):
         raise MalformedError("corrupt key-cache entry") from None
     if not reference or not cek or (uses is not None and uses < 1):
         raise MalformedError("corrupt key-cache entry")
     return CachedKey(cek=cek, reference=reference, scope=scope, created=created,
-                     expires=expires, max_decrypts=uses, cipher=cipher)
+                     expires=expires, max_decrypts=uses, cipher=cipher, keeper=keeper or None)

@@ -41,6 +41,7 @@ from .sdp import MediaLine, media_summary
 from .sipcontext import SipContext, message_aors
 from .sip import SipMessage
 from .sip_errors import answer_for
+from .uri import identity_of
 
 __all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope", "kept_name", "kept_namer"]
 
@@ -153,6 +154,14 @@ def kept_namer(message: SipMessage) -> Callable[[bytes], bytes]:
         digest.update(reference)
         return digest.digest()
     return name
+
+
+def _keeper(sender: str) -> str:
+    """Whose quota a kept key counts against: the AoR of whoever offered it (for a
+    protected body, the signer's), one spelling per AoR (case, parameters, escapes)
+    so that one user cannot count as many."""
+    identity = identity_of(sender)
+    return (str(identity) if identity is not None else sender).lower()
 
 
 def _sender(request: SipMessage) -> str:
@@ -408,7 +417,8 @@ class ProxyEngine:
             kept = self.cache.get(candidate, name)
             if kept is not None and candidate != scope and self._confirms_dialog(message):
                 assert scope is not None
-                self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts)
+                self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
+                               keeper=kept.keeper)
 
     def _view(self, message: SipMessage, method: str, *, is_request: bool
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
@@ -515,13 +525,14 @@ class ProxyEngine:
         scope = message_scope(message)
         early = isinstance(scope, DialogScope) and scope.early
         namer = kept_namer(message)
+        keeper = _keeper(self._sender_of(message))
         for reference, cek, _count in references:
             max_decrypts = None
             for env in (e for p in opened for e in p.envelopes):
                 if env.cek_reference == reference:
                     max_decrypts = env.cek_max_decrypts
             self.cache.put(scope, namer(reference), cek, max_decrypts=max_decrypts,
-                           ttl=EARLY_DIALOG_TTL if early else None)
+                           ttl=EARLY_DIALOG_TTL if early else None, keeper=keeper)
 
     @staticmethod
     def _seen(part: OpenedPart) -> SeenBody:

@@ -49,7 +49,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from e2m_plugins.errors import LimitExceededError, MalformedError
 from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSACTION_TTL,
                                   CacheLimits, CachedKey, DialogScope, Scope, cache_key,
-                                  decode_entry, encode_entry, scope_key, short_lived)
+                                  decode_entry, encode_entry, over_quota, scope_key,
+                                  short_lived)
 
 __all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache", "INDEX_MAX_NAMES"]
 
@@ -149,12 +150,12 @@ class HtableKeyCache:
     def __init__(self, backend: HtableBackend, *, max_entries: int = 10_000,
                  default_ttl: float = DIALOG_TTL, transaction_ttl: float = TRANSACTION_TTL,
                  max_ttl: float = MAX_TTL, max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
-                 sweep_every: int | None = None, clock: Callable[[], float] = time.time,
+                 max_per_keeper: int | None = None, sweep_every: int | None = None, clock: Callable[[], float] = time.time,
                  seal_key: bytes | None = None, origin: str = "",
                  count: Callable[[str, int], None] | None = None,
                  refused: Callable[[str], None] | None = None) -> None:
         self._limits = CacheLimits(max_entries, default_ttl, transaction_ttl, max_ttl,
-                                   max_decrypts_cap)
+                                   max_decrypts_cap, max_per_keeper)
         self._backend = backend
         # A sweep reads every entry through KSR: run it every tenth of the bound
         # (per worker), so its cost per put stays about ten reads however large the
@@ -180,10 +181,11 @@ class HtableKeyCache:
 
     # -- KeyCache ----------------------------------------------------------------
     def put(self, scope: Scope, reference: bytes, cek: bytes, *, ttl: float | None = None,
-            max_decrypts: int | None = None, cipher: str | None = None) -> CachedKey:
+            max_decrypts: int | None = None, cipher: str | None = None,
+            keeper: str | None = None) -> CachedKey:
         now = self._clock()
         entry = self._limits.new_entry(scope, reference, cek, now, ttl=ttl,
-                                       max_decrypts=max_decrypts, cipher=cipher)
+                                       max_decrypts=max_decrypts, cipher=cipher, keeper=keeper)
         life = entry.expires - now
         key = cache_key(scope, entry.reference)
         # Read-check-write under the slot lock: two workers keeping the same
@@ -363,10 +365,12 @@ class HtableKeyCache:
                 yield key, entry
 
     def sweep(self) -> int:
-        """Drop expired, corrupt and (over ``max_entries``) oldest entries, and the
-        indexes that list none of those left; returns how many names went."""
+        """Drop expired and corrupt entries, each keeper's past its quota, (over
+        ``max_entries``) the oldest, and the indexes that list none of those left;
+        returns how many names went."""
         now = self._clock()
         live: list[tuple[bool, float, str]] = []   # (kept long, created, name)
+        keepers: list[tuple[str | None, bool, float, str]] = []
         dead: list[str] = []
         indexes: list[tuple[str, str]] = []
         for key, raw in self._backend.items():
@@ -383,6 +387,12 @@ class HtableKeyCache:
                 self._count("e2m_ceks_expired", 1)
             else:
                 live.append((not short_lived(entry.scope), entry.created, key))
+                keepers.append((entry.keeper, *live[-1]))
+        # One keeper's keys past its quota go first: its own, not anyone else's.
+        excess = set(over_quota(keepers, self._limits.keeper_quota))
+        if excess:
+            dead.extend(excess)
+            live = [row for row in live if row[2] not in excess]
         if len(live) > self._limits.max_entries:
             # short-lived keys (transactions, early dialogs) go first, then the oldest:
             # one user's new requests cannot push out the keys of calls under way

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -207,6 +208,29 @@ def test_encode_decode_round_trip(clock: FakeClock) -> None:
         assert decode_entry(text) == entry
     bare = CachedKey(cek=CEK, reference=REF, scope=DIALOG, created=1.0, expires=2.0)
     assert decode_entry(encode_entry(bare)) == bare
+    assert encode_entry(bare).startswith("k1|")          # no keeper: the format before
+    kept = replace(bare, keeper="sip:odd|user,%x@example.com")
+    assert encode_entry(kept).startswith("k2|")
+    assert decode_entry(encode_entry(kept)) == kept
+
+
+def test_one_keeper_past_its_quota_loses_its_own_keys(clock: FakeClock) -> None:
+    """1/8 of the cache each: mallory's fourth key pushes out her own oldest (her
+    short-lived ones first), never alice's; keys with no keeper count for nobody."""
+    cache = MemoryKeyCache(max_entries=24, clock=clock)
+    cache.put(DIALOG, REF, CEK, keeper="sip:alice@example.com")
+    early = DialogScope("e@x", "m0")
+    cache.put(early, b"early", CEK, keeper="sip:mallory@example.com")
+    for n in range(4):
+        clock.now += 1
+        cache.put(DialogScope(f"m{n}@x", "m1", "b1"), b"call", CEK, keeper="sip:mallory@example.com")
+    assert cache.get(DIALOG, REF) is not None
+    assert cache.get(early, b"early") is None                 # her short-lived one went first
+    held = [n for n in range(4) if cache.get(DialogScope(f"m{n}@x", "m1", "b1"), b"call")]
+    assert held == [1, 2, 3]
+    for n in range(10):
+        cache.put(DialogScope(f"n{n}@x", "t"), b"free", CEK)
+    assert len(cache) == 1 + 3 + 10
 
 
 @pytest.mark.parametrize("text", ["", "k1|", "x1|a|d,c,t|1|2|-|-|AA", "k1|AQ|q,c|1|2|-|-|AA",

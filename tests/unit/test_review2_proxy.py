@@ -235,22 +235,19 @@ def test_hole_one_users_invites_push_everyones_dialog_keys_out(world):
         f"alice's re-INVITE refused {verdict.code}: her dialog key was pushed out"
 
 
-@pytest.mark.xfail(strict=True, reason="the key cache's bound is shared by every user: one "
-                   "user's answered calls fill it and new calls keep no key; a per-AoR quota "
-                   "needs the keeper in every entry (see the docstring)")
 def test_hole_one_users_answered_calls_fill_the_key_cache(world):
     """HOLE (insider UA calling anything that answers: a second device, a voicemail):
     calls that are answered keep confirmed dialog keys (12 h unless a BYE comes).
     With the fix above they no longer push out older calls' keys (alice's re-INVITE
-    still opens), but once the table holds nothing else, each new call's own early key
-    is the one to go: the answers of every new call are forwarded unread (the archive
-    misses them) until mallory's calls end.  Shown with a bound of 16: mallory places
+    still opens), but once the table held nothing else, each new call's own early key
+    was the one to go: the answers of every new call were forwarded unread (the archive
+    missed them) until mallory's calls ended.  Shown with a bound of 16: mallory places
     an unanswered INVITE before each answered one, so that the bound takes the former.
 
-    Fix: a quota per keeping AoR (the signer of the body that offered the key): the
-    entry records it, ``put`` counts per AoR (an htable counter in Kamailio, counted
-    down from the ``htable:expired`` event route and at BYE) and, over the quota, drops
-    that AoR's own oldest key instead of anyone else's.
+    Fixed: each kept key records its keeper (the AoR whose message offered it, one
+    spelling per AoR) and one keeper holds at most 1/8 of the cache (``KEEPER_SHARE``):
+    past that, its own keys go (short-lived first, then its oldest), never anyone
+    else's.  Was a strict xfail until then (the new call's answer went unread).
     """
     from e2m_plugins.keycache import MemoryKeyCache
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(max_entries=16))
@@ -265,7 +262,31 @@ def test_hole_one_users_answered_calls_fill_the_key_cache(world):
                                                to_tag=f"m{n}")).message)
     reinvite = alice.protect(invite(world, call_id="long-call-2@x", cseq=2, to_tag="b1"))
     assert proxy.inspect(reinvite.message).seen          # the call under way: held
-    _alices_call(world, proxy, "new-call@x")             # a new call: its answer unread
+    _alices_call(world, proxy, "new-call@x")             # a new call: its answer read
+
+
+def test_the_htable_sweep_holds_each_keeper_to_its_quota():
+    """The same quota in Kamailio's shared cache: the sweep drops a keeper's keys past
+    its share (its short-lived ones first, then its oldest) and nobody else's."""
+    from e2m_lab.memory_htable import MemoryHtable
+    from e2m_plugins.keycache import DialogScope
+    from kamailio_app.keycache_htable import HtableKeyCache
+    now = [1_800_000_000.0]
+    clock = lambda: now[0]                                    # noqa: E731
+    cache = HtableKeyCache(MemoryHtable(clock), clock=clock, max_entries=16, sweep_every=1)
+    call = DialogScope("call@x", "a1", "b1")
+    cache.put(call, b"call", bytes(16), keeper="sip:alice@example.com")
+    for n in range(10):
+        now[0] += 1
+        cache.put(DialogScope(f"m-{n}@x", "m1", "b1"), b"answered", bytes(16),
+                  keeper="sip:mallory@example.com")
+    assert cache.get(call, b"call") is not None
+    held = [n for n in range(10)
+            if cache.get(DialogScope(f"m-{n}@x", "m1", "b1"), b"answered") is not None]
+    assert held == [8, 9]                                     # 16 // 8: her newest two
+    new = DialogScope("new@x", "a2")
+    cache.put(new, b"early", bytes(16), keeper="sip:alice@example.com")
+    assert cache.get(new, b"early") is not None
 
 
 def test_the_htable_sweep_drops_short_lived_keys_before_a_calls_key():
