@@ -116,6 +116,7 @@ class Identities:
     dns_names: tuple[str, ...]
     common_name: str | None
     emails: tuple[str, ...] = ()
+    is_ca: bool = False                 # basicConstraints cA: a CA, never a user
 
 
 class TrustAnchors(tuple):
@@ -191,6 +192,15 @@ def as_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+    except ValueError as exc:  # duplicate or broken extensions
+        raise MalformedError(f"unreadable certificate extensions: {exc}") from None
+
+
 def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -255,7 +265,8 @@ def _read_identities(cert: x509.Certificate, limits: Limits) -> Identities:
     cn = cns[0].value if cns else None
     if isinstance(cn, bytes):
         cn = cn.decode("utf-8", "replace")
-    return Identities(uris=uris, dns_names=dns, common_name=cn, emails=emails)
+    return Identities(uris=uris, dns_names=dns, common_name=cn, emails=emails,
+                      is_ca=_is_ca(cert))
 
 
 def _describe(cert: x509.Certificate) -> str:

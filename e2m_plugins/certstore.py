@@ -214,9 +214,12 @@ def check_user_names(cert: x509.Certificate, aor: str, *, for_encryption: bool =
     be one of its SAN URIs and its key fit for the use.  Returns the AoR's identity."""
     identity = aor_of(aor)
     try:
-        uris = certificate_identities(cert, limits).uris
+        names = certificate_identities(cert, limits)
     except E2MError as exc:
         raise CertificateRejectedError(f"certificate of {identity} rejected: {exc}") from None
+    if names.is_ca:       # the proxy's PUBLISH, [peers], NOTIFYs and signers alike
+        raise CertificateRejectedError("a CA certificate is not a user's")
+    uris = names.uris
     if not any(identity_of(uri) == identity for uri in uris):
         names = ", ".join(uris) or "no SAN URI"
         raise CertificateRejectedError(

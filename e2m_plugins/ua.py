@@ -463,6 +463,8 @@ class UAEngine:
                     raise CertificateRejectedError(
                         f"{name} is configured in [peers] with another certificate")
                 return held
+            if expires_in is not None and name in self._service_peers:
+                self._refuse_older(name, cert)
             self.certs.add_user(name, cert)
             self._peers_wanted.pop(name, None)
             if expires_in is not None:
@@ -472,6 +474,16 @@ class UAEngine:
                     oldest, _ = self._service_peers.popitem(last=False)
                     self.certs.remove_user(oldest)
         return cert
+
+    def _refuse_older(self, name: str, cert: x509.Certificate) -> None:
+        """A service certificate issued before the one held for ``name`` is refused: a
+        hop that kept bob's replaced certificate (its NOTIFY rewritten, CSeq and all)
+        would otherwise bring it back.  Bob going back to an older one takes a NOTIFY
+        without a body first (removed), or the subscription's end."""
+        held = self.certs.user(name)
+        if held is not None and cert.not_valid_before_utc < held.not_valid_before_utc:
+            raise CertificateRejectedError(
+                f"{name}: the service gave a certificate issued before the one held")
 
     def drop_peer_certificate(self, aor: str) -> bool:
         """Forget a peer certificate the service gave (an empty NOTIFY: it was removed);

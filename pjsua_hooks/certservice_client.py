@@ -98,6 +98,7 @@ class Subscription:
     notified: bool = False             # a NOTIFY arrived
     state: str = "pending"             # pending | active | ended
     fingerprint: str | None = None     # of the certificate it gave (None: none)
+    notify_cseq: int | None = None     # the highest NOTIFY CSeq taken in its dialog
 
 
 def _fingerprint(der: bytes) -> str:
@@ -400,6 +401,14 @@ class CertServiceClient:
             return self._refuse_notify(481, "Subscription Does Not Exist",
                                        f"a certificate NOTIFY from {source[0]}:{source[1]}, "
                                        "not from the proxy we subscribed through")
+        cseq = notify.cseq[0]
+        if sub.notify_cseq is not None and cseq < sub.notify_cseq:
+            # RFC 3261 §12.2.2: out of order; a hop's kept copy of an older NOTIFY
+            return self._refuse_notify(500, "Server Internal Error",
+                                       f"a certificate NOTIFY with CSeq {cseq} after "
+                                       f"{sub.notify_cseq}")
+        sub.notify_cseq = cseq    # an equal one is read again: a retransmission says
+                                  # the same, and older content is refused below (ua.py)
         if sub.to_tag is None:
             sub.to_tag = notify.from_tag
         state, left = _sub_state(notify)
