@@ -153,6 +153,13 @@ def _aor(value: str | None) -> str | None:
         return None
 
 
+def _top_branch(message: SipMessage) -> str | None:
+    try:
+        return message.via_branch()
+    except MalformedError:
+        return None
+
+
 class UAEngine:
     """One user agent's E2M state and decisions.
 
@@ -203,6 +210,9 @@ class UAEngine:
         # Tags in _parties whose dialog a 2xx confirmed: a failure we send to a re-INVITE
         # there (491, 488) leaves the dialog; one to the first INVITE ends it.
         self._confirmed: set[str] = set()
+        # Tags in _parties that our own 1xx/2xx began -> that INVITE's top Via branch:
+        # only a failure in that same transaction (the 487 after a CANCEL) ends it.
+        self._answered: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -351,10 +361,18 @@ class UAEngine:
         parties = dialog_parties(message)
         if not tag or not parties:
             return
+        branch = None if message.is_request else _top_branch(message)
+        if tag not in self._parties and branch is not None:
+            self._answered[tag] = branch
         self._parties.setdefault(tag, (message.call_id, parties))
         self._parties.move_to_end(tag)
         while len(self._parties) > MAX_DIALOGS:
-            self._confirmed.discard(self._parties.popitem(last=False)[0])
+            self._drop_party(self._parties.popitem(last=False)[0])
+
+    def _drop_party(self, tag: str) -> None:
+        self._parties.pop(tag, None)
+        self._confirmed.discard(tag)
+        self._answered.pop(tag, None)
 
     def _note_confirmed(self, message: SipMessage, *, sent: bool) -> None:
         """A 2xx to an INVITE confirms the dialog of our tag in it."""
@@ -372,16 +390,17 @@ class UAEngine:
             key = tag.lower() if tag else ""
             known = self._parties.get(key)
             if known is not None and known[0] == message.call_id:
-                del self._parties[key]
-                self._confirmed.discard(key)
+                self._drop_party(key)
 
     def _ends_our_answered_attempt(self, response: SipMessage) -> bool:
-        """A failure we send to an INVITE whose dialog no 2xx confirmed (a 487 after a
-        CANCEL, a 486, a 603) ends what our 18x began."""
+        """A failure we send to the INVITE whose 18x began the entry, before any 2xx
+        confirmed it (a 487 after a CANCEL, a 486, a 603), ends it.  A failure to
+        another INVITE naming our tag (a hop's, answered 481 or 491) ends nothing."""
+        if response.is_request or response.method != "INVITE" or (response.status or 0) < 300:
+            return False
         tag = self._local_tag(response, sent=True)
-        return (not response.is_request and response.method == "INVITE"
-                and (response.status or 0) >= 300 and tag is not None
-                and tag not in self._confirmed)
+        began = self._answered.get(tag) if tag is not None else None
+        return began is not None and tag not in self._confirmed and began == _top_branch(response)
 
     def _check_parties(self, message: SipMessage) -> None:
         """``BindingMismatchError`` for a message that names one of our INVITE dialogs
@@ -566,8 +585,7 @@ class UAEngine:
             self.policies.end_call(call_id)
             self._retries.pop(call_id, None)
             for tag in [t for t, (c, _) in self._parties.items() if c == call_id]:
-                del self._parties[tag]
-                self._confirmed.discard(tag)
+                self._drop_party(tag)
 
     # ------------------------------------------------------------------
     # Protect

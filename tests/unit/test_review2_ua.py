@@ -353,3 +353,26 @@ def test_held_a_failed_reinvite_keeps_the_dialogs_parties_and_a_bye_drops_them(w
                                from_tag="a1", to_tag="b1"))
     assert len(alice._parties) == before - 1
     assert "kept@x" not in {c for c, _ in alice._parties.values()}
+
+
+def test_held_a_failure_to_another_invite_naming_a_ringing_call_drops_nothing(world):
+    """While alice's phone rings (its 180 began the entry), a hop sends another INVITE
+    with the same Call-ID and alice's tag; pjsip answers it with a failure. Only a
+    failure in the INVITE's own transaction (its top Via branch) ends the entry, so
+    carol still cannot step into the ringing call."""
+    alice, bob, carol = _engines(world)
+    offer = bob.protect(make_request(
+        "INVITE", world.aor("alice"), from_uri=world.aor("bob"), to_uri=world.aor("alice"),
+        call_id="ring@x", from_tag="b9", body=SDP_ANSWER, content_type="application/sdp",
+        extra_headers=[("Contact", "<sip:bob@127.0.0.1:5062>")])).message
+    ringing = make_response(offer, 180, "Ringing")
+    alice.protect(ringing)
+    forged = offer.replace("To", ringing.get("To")).replace(
+        "Via", "SIP/2.0/UDP 192.0.2.66:5060;branch=z9hG4bK-forged")
+    alice.protect(make_response(forged, 491, "Request Pending"))
+    alias = ringing.to_tag
+    hijack = carol.protect(_reinvite(world, "carol", "alice", "ring@x", 9, "b9", alias)).message
+    with pytest.raises(BindingMismatchError):
+        alice.open(hijack)
+    alice.protect(make_response(offer, 487, "Request Terminated").replace("To", ringing.get("To")))
+    assert "ring@x" not in {c for c, _ in alice._parties.values()}
