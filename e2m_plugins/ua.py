@@ -375,22 +375,34 @@ class UAEngine:
         self._answered.pop(tag, None)
 
     def _note_confirmed(self, message: SipMessage, *, sent: bool) -> None:
-        """A 2xx to an INVITE confirms the dialog of our tag in it."""
+        """A 2xx to an INVITE confirms the dialog of our tag in it: one we send, or one
+        we get to an INVITE we sent (a stranger's forged 200 to his own call confirms
+        nothing, else its 487 would no longer end it)."""
         if message.is_request or message.method != "INVITE" or not 200 <= (message.status or 0) < 300:
+            return
+        if not sent and self._sent_for(message) is None:
             return
         tag = self._local_tag(message, sent=sent)
         if tag in self._parties:
             self._confirmed.add(tag)
 
-    def _forget_parties(self, message: SipMessage) -> None:
-        """The dialog ``message`` ends: its entry goes, so the table holds dialogs still
-        under way and no flood of ended ones (a stranger's INVITE and CANCEL, again and
-        again) pushes a live call out of it (which would let carol in, fail open)."""
-        for tag in (message.from_tag, message.to_tag):
-            key = tag.lower() if tag else ""
-            known = self._parties.get(key)
-            if known is not None and known[0] == message.call_id:
-                self._drop_party(key)
+    def _forget_parties(self, message: SipMessage, *, sent: bool) -> None:
+        """The dialog ``message`` ends: the entry of our tag in it goes, so the table
+        holds dialogs still under way and no flood of ended ones (a stranger's INVITE and
+        CANCEL, again and again) pushes a live call out of it (which would let carol in,
+        fail open).  Only on what shows the end for sure: our BYE, our 2xx to a BYE, a
+        failure ending our INVITE, our failure to the INVITE we rang for; never a BYE
+        we get (pjsip may refuse it, 481 or 500, and the call goes on)."""
+        tag = self._local_tag(message, sent=sent)
+        known = self._parties.get(tag) if tag else None
+        if known is not None and known[0] == message.call_id:
+            self._drop_party(tag)
+
+    def _ends_by_our_word(self, message: SipMessage) -> bool:
+        """Our BYE, or our 2xx to a BYE."""
+        if message.method != "BYE":
+            return False
+        return message.is_request or 200 <= (message.status or 0) < 300
 
     def _ends_our_answered_attempt(self, response: SipMessage) -> bool:
         """A failure we send to the INVITE whose 18x began the entry, before any 2xx
@@ -601,8 +613,8 @@ class UAEngine:
                 self._record_sent(message)
             self._record_parties(message)
             self._note_confirmed(message, sent=True)
-            if self._ends_our_answered_attempt(message):
-                self._forget_parties(message)
+            if self._ends_our_answered_attempt(message) or self._ends_by_our_word(message):
+                self._forget_parties(message, sent=True)
             return self._protect(message)
 
     def _protect(self, message: SipMessage) -> Protected:
@@ -762,6 +774,7 @@ class UAEngine:
             self._end_dialog(message)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
             self._end_dialog(message)
+            self._forget_parties(message, sent=False)
         self._settle(message)
         part = message_body(message)
         if part is None:
@@ -869,11 +882,9 @@ class UAEngine:
         return not in_dialog or status in (408, 481)
 
     def _end_dialog(self, message: SipMessage) -> None:
-        """The dialog (or the INVITE attempt) is over: its keys, its policies and its
-        parties go."""
+        """The dialog (or the INVITE attempt) is over: its keys and its policies go."""
         self.dialog_keys.end_dialog(message)
         self.policies.end_call(message.call_id)
-        self._forget_parties(message)
 
     def _strict(self, legacy: LegacyPeer | None) -> bool:
         """Whether a body must be signed and bound (everyone but a lenient legacy peer)."""
