@@ -156,10 +156,13 @@ def kept_namer(message: SipMessage) -> Callable[[bytes], bytes]:
     return name
 
 
+UNSIGNED_KEEPER = "unsigned:"   # every key an unsigned body offers, one quota for all
+
+
 def _keeper(sender: str) -> str:
-    """Whose quota a kept key counts against: the AoR of whoever offered it (for a
-    protected body, the signer's), one spelling per AoR (case, parameters, escapes)
-    so that one user cannot count as many."""
+    """The keeper a signed key is charged to: the AoR of the request's sender (its
+    signer) or of a response's caller, one spelling per AoR (case, parameters,
+    escapes) so that one user cannot count as many."""
     identity = identity_of(sender)
     return (str(identity) if identity is not None else sender).lower()
 
@@ -217,17 +220,20 @@ class ProxyEngine:
         """This proxy's ``Proxy-Body-Policy`` header (name, value)."""
         return hdr.PROXY_BODY_POLICY, self._policy_value
 
-    def inspect(self, message: SipMessage) -> Verdict:
+    def inspect(self, message: SipMessage, *, caller: str | None = None) -> Verdict:
         """The verdict for one request or response (never raises ``E2MError``).
 
         A response is always forwarded: it cannot be answered, and dropping it would
-        only make the UAS retransmit.  What could not be read is in ``error``."""
+        only make the UAS retransmit.  What could not be read is in ``error``.
+        ``caller``: for a response, the From of the request it answers as the proxy
+        sent it (Kamailio's ``$T_req($fu)``); a key the answer offers is charged to
+        that caller (the response's own From is the callee's to write)."""
         try:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
                 if message.is_request:
                     return self._inspect_request(message)
-                return self._inspect_response(message)
+                return self._inspect_response(message, caller)
         except E2MError as exc:
             if message.is_request:
                 return self.refuse(message, exc)
@@ -256,7 +262,7 @@ class ProxyEngine:
         method = request.method
         if method in ("BYE", "CANCEL"):
             self._end(request, confirmed=method == "BYE")
-        seen, media = self._view(request, method, is_request=True)
+        seen, media = self._view(request, method, payer=self._sender_of(request))
         return Verdict("forward", add_headers=self._announce(request),
                        remove_headers=self._own_labels(request) + self._policies_in_our_name(request),
                        seen=seen, media=media)
@@ -299,11 +305,12 @@ class ProxyEngine:
 
     # -- responses ---------------------------------------------------------
 
-    def _inspect_response(self, response: SipMessage) -> Verdict:
+    def _inspect_response(self, response: SipMessage, caller: str | None = None) -> Verdict:
         _, method = response.cseq
         if _ends_attempt(method, response.status or 0):
             self._end(response, confirmed=False)
-        seen, media = self._view(response, method, is_request=False)
+        seen, media = self._view(response, method,
+                                 payer=caller or response.address("From").uri)
         return Verdict("forward", seen=seen, media=media)
 
     def _end(self, message: SipMessage, *, confirmed: bool) -> None:
@@ -420,8 +427,10 @@ class ProxyEngine:
                 self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
                                keeper=kept.keeper)
 
-    def _view(self, message: SipMessage, method: str, *, is_request: bool
+    def _view(self, message: SipMessage, method: str, *, payer: str
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
+        """What the message shows us; ``payer`` is whose quota a key it offers counts
+        against (the request's From, a response's caller)."""
         label = self._labels(message)
         body = message_body(message)
         if body is None:
@@ -452,7 +461,7 @@ class ProxyEngine:
                 check_signed_by(part, sender)
         self._check_replay(message, [c for c in contexts if c is not None])
         self._spend(message, opened, looked_up)
-        self._keep_keys(message, opened, contexts)
+        self._keep_keys(message, opened, contexts, payer)
         seen = tuple(self._seen(p) for p in opened)
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
@@ -516,17 +525,19 @@ class ProxyEngine:
         return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
 
     def _keep_keys(self, message: SipMessage, opened: list[OpenedPart],
-                   contexts: list[SipContext | None]) -> None:
+                   contexts: list[SipContext | None], payer: str) -> None:
         # Only the reference the sender's context offers (a legacy body has none to say).
-        references = [ref for part, context in zip(opened, contexts) for ref in part.cek_references
+        # Whose quota it counts against: the payer's for a signed part; one shared
+        # keeper for unsigned ones (a legacy peer's), whose From proves nothing.
+        references = [(ref, _keeper(payer) if part.signed else UNSIGNED_KEEPER)
+                      for part, context in zip(opened, contexts) for ref in part.cek_references
                       if context is None or context.cek_reference == ref[0]]
         if not references:
             return
         scope = message_scope(message)
         early = isinstance(scope, DialogScope) and scope.early
         namer = kept_namer(message)
-        keeper = _keeper(self._sender_of(message))
-        for reference, cek, _count in references:
+        for (reference, cek, _count), keeper in references:
             max_decrypts = None
             for env in (e for p in opened for e in p.envelopes):
                 if env.cek_reference == reference:

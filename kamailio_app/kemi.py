@@ -744,7 +744,9 @@ class kamailio:
                                                       has_body=_has_body()):
             return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
-        verdict = self.app.engine.inspect(message)
+        # the From of the request as we relayed it: who pays for a key the answer offers
+        caller = KSR.pv.get("$T_req($fu)")
+        verdict = self.app.engine.inspect(message, caller=caller if isinstance(caller, str) else None)
         KSR.info("e2m: %s response %s %s\n" % (message.method, message.status, _summary(verdict)))
         self.observe(message, verdict)
         _remove_headers(verdict.remove_headers)
