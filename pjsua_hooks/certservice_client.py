@@ -99,6 +99,7 @@ class Subscription:
     state: str = "pending"             # pending | active | ended
     fingerprint: str | None = None     # of the certificate it gave (None: none)
     notify_cseq: int | None = None     # the highest NOTIFY CSeq taken in its dialog
+    restart: bool = False              # an out-of-order NOTIFY came: start a fresh one
 
 
 def _fingerprint(der: bytes) -> str:
@@ -228,8 +229,10 @@ class CertServiceClient:
             granted = max(1.0, sub.expires_at - sub.started)
             used = self._used.get(aor)
             renewing = any(o.aor == aor and not o.notified for o in self._subs.values())
-            if not renewing and now - sub.started > granted * _RENEW_FRACTION \
-                    and used is not None and now - used < max(granted, 60.0):
+            due = now - sub.started > granted * _RENEW_FRACTION \
+                and used is not None and now - used < max(granted, 60.0)
+            if not renewing and (due or sub.restart):
+                sub.restart = False
                 self._subscribe(aor, renew=True)
 
     def _subscribe(self, aor: str, renew: bool = False) -> bool:
@@ -391,8 +394,10 @@ class CertServiceClient:
 
     def _notify(self, notify: sip.SipMessage, source: tuple[str, int] | None) -> NotifyAnswer:
         self.counts["notifies"] += 1
+        if not notify.from_tag:    # RFC 3261 §8.1.1.3; the notifier's tag is how we match it
+            return self._refuse_notify(400, "Bad Request", "a certificate NOTIFY without a From tag")
         sub = self._by_dialog(notify.call_id, notify.to_tag)
-        if sub is None or sub.state == "ended" or (sub.to_tag is not None and notify.from_tag
+        if sub is None or sub.state == "ended" or (sub.to_tag is not None
                                                    and notify.from_tag != sub.to_tag):
             return self._refuse_notify(481, "Subscription Does Not Exist",
                                        "a certificate NOTIFY in no subscription of ours")
@@ -403,7 +408,10 @@ class CertServiceClient:
                                        "not from the proxy we subscribed through")
         cseq = notify.cseq[0]
         if sub.notify_cseq is not None and cseq < sub.notify_cseq:
-            # RFC 3261 §12.2.2: out of order; a hop's kept copy of an older NOTIFY
+            # RFC 3261 §12.2.2: out of order; a hop's kept copy of an older NOTIFY. And
+            # if a hop pushed the CSeq up, the real ones now land here: a fresh
+            # subscription (a new dialog) on the next tick gets past that.
+            sub.restart = True
             return self._refuse_notify(500, "Server Internal Error",
                                        f"a certificate NOTIFY with CSeq {cseq} after "
                                        f"{sub.notify_cseq}")
