@@ -28,7 +28,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .certstore import check_user_certificate
+from .certstore import check_not_a_ca, check_user_certificate
 from .errors import CertificateRejectedError, E2MError
 from .grammar import parse_params
 from .sip import SipMessage
@@ -167,7 +167,8 @@ def check_published_certificate(der: bytes, aor: str, anchors: Sequence[x509.Cer
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
         raise CertificateRejectedError("not a DER certificate") from None
-    check_user_certificate(cert, aor, anchors, at)     # a CA's is refused there
+    check_not_a_ca(cert)
+    check_user_certificate(cert, aor, anchors, at)
     return cert
 
 

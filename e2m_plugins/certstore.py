@@ -214,18 +214,27 @@ def check_user_names(cert: x509.Certificate, aor: str, *, for_encryption: bool =
     be one of its SAN URIs and its key fit for the use.  Returns the AoR's identity."""
     identity = aor_of(aor)
     try:
-        names = certificate_identities(cert, limits)
+        uris = certificate_identities(cert, limits).uris
     except E2MError as exc:
         raise CertificateRejectedError(f"certificate of {identity} rejected: {exc}") from None
-    if names.is_ca:       # the proxy's PUBLISH, [peers], NOTIFYs and signers alike
-        raise CertificateRejectedError("a CA certificate is not a user's")
-    uris = names.uris
     if not any(identity_of(uri) == identity for uri in uris):
         names = ", ".join(uris) or "no SAN URI"
         raise CertificateRejectedError(
             f"certificate {_describe(cert)} is not for {identity} (it names {names})")
     _check_usage(cert, str(identity), for_encryption, limits)
     return identity
+
+
+def check_not_a_ca(cert: x509.Certificate) -> None:
+    """A certificate service hands out users' certificates, and a CA's is none: refused
+    at PUBLISH and in a NOTIFY alike.  (A legacy peer's self-signed certificate, put in
+    ``[peers]`` and ``[trust]`` by hand, is taken there: it never comes from a service.)"""
+    try:
+        is_ca = certificate_identities(cert).is_ca
+    except E2MError as exc:
+        raise CertificateRejectedError(f"certificate rejected: {exc}") from None
+    if is_ca:
+        raise CertificateRejectedError("a CA certificate is not a user's")
 
 
 def check_proxy_certificate(cert: x509.Certificate, host: str,

@@ -38,7 +38,7 @@ from .headers import SESSION_METHODS
 from .body import (OpenedPart, check_context, check_signed_by, has_protection, message_body,
                    new_reference, open_part, open_sealed_keys, plaintext_leaves, protect_content,
                    seal_keys, top_parts, with_entity)
-from .certstore import CertStore, check_proxy_certificate, matches_fingerprint
+from .certstore import CertStore, check_not_a_ca, check_proxy_certificate, matches_fingerprint
 from .cms.budget import message_budget
 from .cms.envelope import OpenedEnvelope
 from .cms.limits import DEFAULT_LIMITS, Limits
@@ -494,6 +494,8 @@ class UAEngine:
                     raise CertificateRejectedError(
                         f"{name} is configured in [peers] with another certificate")
                 return held
+            if expires_in is not None:
+                check_not_a_ca(cert)
             if expires_in is not None and name in self._service_peers:
                 self._refuse_older(name, cert)
             self.certs.add_user(name, cert)
