@@ -42,6 +42,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from itertools import islice
 from typing import Protocol, Union, runtime_checkable
 from urllib.parse import quote, unquote
 
@@ -310,7 +311,10 @@ class MemoryKeyCache:
         self._entries: OrderedDict[tuple[Scope, bytes], CachedKey] = OrderedDict()
         self._short: OrderedDict[tuple[Scope, bytes], None] = OrderedDict()  # evicted first
         self._by_scope: dict[Scope, set[bytes]] = {}
-        self._by_keeper: dict[str, OrderedDict[tuple[Scope, bytes], None]] = {}
+        # keeper -> (its short-lived keys, its others), oldest first: trimming a keeper
+        # at its quota is O(1), whatever the quota
+        self._by_keeper: dict[str, tuple[OrderedDict[tuple[Scope, bytes], None],
+                                         OrderedDict[tuple[Scope, bytes], None]]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryKeyCache({len(self)} of {self._limits.max_entries} entries)"
@@ -336,7 +340,8 @@ class MemoryKeyCache:
                 self._short[key] = None
             self._by_scope.setdefault(scope, set()).add(entry.reference)
             if keeper is not None:
-                self._by_keeper.setdefault(keeper, OrderedDict())[key] = None
+                short, long = self._by_keeper.setdefault(keeper, (OrderedDict(), OrderedDict()))
+                (short if short_lived(scope) else long)[key] = None
                 self._trim_keeper(keeper, key)
             self._trim(now)
         return entry
@@ -392,8 +397,9 @@ class MemoryKeyCache:
         self._short.pop(key, None)
         kept = self._by_keeper.get(entry.keeper) if entry.keeper is not None else None
         if kept is not None:
-            kept.pop(key, None)
-            if not kept:
+            kept[0].pop(key, None)
+            kept[1].pop(key, None)
+            if not kept[0] and not kept[1]:
                 del self._by_keeper[entry.keeper]
         refs = self._by_scope.get(key[0])
         if refs is not None:
@@ -404,10 +410,12 @@ class MemoryKeyCache:
     def _trim_keeper(self, keeper: str, newest: tuple[Scope, bytes]) -> None:
         # One keeper past its quota loses its own key, not anyone else's: a short-lived
         # one if it has any, else its oldest (never the one just kept).
-        kept = self._by_keeper[keeper]
-        while len(kept) > self._limits.keeper_quota:
-            older = [k for k in kept if k != newest]
-            self._remove(next((k for k in older if k in self._short), older[0]))
+        short, long = self._by_keeper[keeper]
+        while len(short) + len(long) > self._limits.keeper_quota:
+            victim = next((k for k in islice(short, 2) if k != newest), None)
+            if victim is None:
+                victim = next(k for k in islice(long, 2) if k != newest)
+            self._remove(victim)
 
     def _trim(self, now: float) -> None:
         # Expired entries at the old end go first (cheap, amortised O(1)), then,
