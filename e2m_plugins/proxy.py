@@ -160,9 +160,8 @@ UNSIGNED_KEEPER = "unsigned:"   # every key an unsigned body offers, one quota f
 
 
 def _keeper(sender: str) -> str:
-    """The keeper a signed key is charged to: the AoR of the request's sender (its
-    signer) or of a response's caller, one spelling per AoR (case, parameters,
-    escapes) so that one user cannot count as many."""
+    """An AoR as a keeper (whose quota a signed key counts against), one spelling per
+    AoR (case, parameters, escapes) so that one user cannot count as many."""
     identity = identity_of(sender)
     return (str(identity) if identity is not None else sender).lower()
 
@@ -226,8 +225,10 @@ class ProxyEngine:
         A response is always forwarded: it cannot be answered, and dropping it would
         only make the UAS retransmit.  What could not be read is in ``error``.
         ``caller``: for a response, the From of the request it answers as the proxy
-        sent it (Kamailio's ``$T_req($fu)``); a key the answer offers is charged to
-        that caller (the response's own From is the callee's to write)."""
+        relayed it (Kamailio's ``$T_req($fu)``; the response's own From is the
+        callee's to write).  A key an answer offers counts against the quota of the
+        pair (caller, responder): neither can spend a third party's share with it.
+        Without ``caller`` it counts against the responder (its signer) alone."""
         try:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
@@ -262,7 +263,7 @@ class ProxyEngine:
         method = request.method
         if method in ("BYE", "CANCEL"):
             self._end(request, confirmed=method == "BYE")
-        seen, media = self._view(request, method, payer=self._sender_of(request))
+        seen, media = self._view(request, method, keeper=_keeper(self._sender_of(request)))
         return Verdict("forward", add_headers=self._announce(request),
                        remove_headers=self._own_labels(request) + self._policies_in_our_name(request),
                        seen=seen, media=media)
@@ -309,8 +310,11 @@ class ProxyEngine:
         _, method = response.cseq
         if _ends_attempt(method, response.status or 0):
             self._end(response, confirmed=False)
-        seen, media = self._view(response, method,
-                                 payer=caller or response.address("From").uri)
+        # an answer to a request we relayed: the pair's quota; an answer to nothing we
+        # relayed (a cluster's stray reply): the signer's own, never the From it wrote
+        responder = _keeper(self._sender_of(response))
+        keeper = "pair:" + " ".join(sorted((_keeper(caller), responder))) if caller else responder
+        seen, media = self._view(response, method, keeper=keeper)
         return Verdict("forward", seen=seen, media=media)
 
     def _end(self, message: SipMessage, *, confirmed: bool) -> None:
@@ -427,10 +431,10 @@ class ProxyEngine:
                 self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
                                keeper=kept.keeper)
 
-    def _view(self, message: SipMessage, method: str, *, payer: str
+    def _view(self, message: SipMessage, method: str, *, keeper: str
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
-        """What the message shows us; ``payer`` is whose quota a key it offers counts
-        against (the request's From, a response's caller)."""
+        """What the message shows us; ``keeper`` is whose quota a key it offers counts
+        against (a request's sender; a response's caller and responder together)."""
         label = self._labels(message)
         body = message_body(message)
         if body is None:
@@ -461,7 +465,7 @@ class ProxyEngine:
                 check_signed_by(part, sender)
         self._check_replay(message, [c for c in contexts if c is not None])
         self._spend(message, opened, looked_up)
-        self._keep_keys(message, opened, contexts, payer)
+        self._keep_keys(message, opened, contexts, keeper)
         seen = tuple(self._seen(p) for p in opened)
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
@@ -525,11 +529,11 @@ class ProxyEngine:
         return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
 
     def _keep_keys(self, message: SipMessage, opened: list[OpenedPart],
-                   contexts: list[SipContext | None], payer: str) -> None:
+                   contexts: list[SipContext | None], keeper: str) -> None:
         # Only the reference the sender's context offers (a legacy body has none to say).
-        # Whose quota it counts against: the payer's for a signed part; one shared
+        # Whose quota it counts against: ``keeper`` for a signed part; one shared
         # keeper for unsigned ones (a legacy peer's), whose From proves nothing.
-        references = [(ref, _keeper(payer) if part.signed else UNSIGNED_KEEPER)
+        references = [(ref, keeper if part.signed else UNSIGNED_KEEPER)
                       for part, context in zip(opened, contexts) for ref in part.cek_references
                       if context is None or context.cek_reference == ref[0]]
         if not references:

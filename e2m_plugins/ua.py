@@ -347,15 +347,19 @@ class UAEngine:
 
     def _record_parties(self, message: SipMessage) -> None:
         """Remember who an INVITE dialog of ours is between (our tag -> Call-ID and the
-        two AoRs), from what we send in it: our INVITEs and requests inside a dialog,
-        our answers to an INVITE that make one.  Not other answers (pjsua's to a
-        stranger's OPTIONS must not push our dialogs out), nor requests outside a
-        dialog (a REGISTER's tag may come back under another Call-ID).  The first
-        record stays; the least recently used goes first."""
-        if message.is_request:
-            if message.method != "INVITE" and not message.to_tag:
-                return
-        elif message.method != "INVITE" or (message.status or 0) >= 300:
+        two AoRs), from what we send in it: our INVITEs (re-INVITEs too), our answers to
+        an INVITE that make one.  Not other answers (pjsua's to a stranger's OPTIONS
+        must not push our dialogs out), nor other requests (our NOTIFYs in a stranger's
+        subscription; a REGISTER's tag may come back under another Call-ID): those only
+        keep an entry of that dialog fresh.  The first record stays; the least recently
+        used goes first."""
+        if message.method != "INVITE" or (not message.is_request and (message.status or 0) >= 300):
+            # a request of ours inside an INVITE dialog keeps its entry fresh; any other
+            # dialog we send in (our NOTIFYs in a stranger's subscription) adds none
+            if message.is_request and message.to_tag:
+                known = self._local_tag(message, sent=True)
+                if known in self._parties and self._parties[known][0] == message.call_id:
+                    self._parties.move_to_end(known)
             return
         tag = self._local_tag(message, sent=True)
         parties = dialog_parties(message)
@@ -598,8 +602,8 @@ class UAEngine:
             self.dialog_keys.forget_call(call_id)
             self.policies.end_call(call_id)
             self._retries.pop(call_id, None)
-            for tag in [t for t, (c, _) in self._parties.items() if c == call_id]:
-                self._drop_party(tag)
+            # The parties entries stay: another dialog of ours may share the Call-ID (a
+            # stranger's second call reusing it), and an entry left behind only refuses.
 
     # ------------------------------------------------------------------
     # Protect
@@ -1130,7 +1134,9 @@ class UAEngine:
             raise CertificateRejectedError("493 without a certificate to encrypt to")
         if part.content_type.mime_type not in ("application/pkix-cert",):
             raise CertificateRejectedError("493 body is not application/pkix-cert")
-        self.add_peer_certificate(peer, part.decoded())
+        cert = _certificate_from(part.decoded())
+        check_not_a_ca(cert)            # from the wire, as a service's would be
+        self.add_peer_certificate(peer, cert.public_bytes(serialization.Encoding.DER))
         return peer
 
 

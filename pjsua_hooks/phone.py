@@ -845,9 +845,9 @@ class E2MPhone:
                     and not call.confirmed and self._react(call, response):
                 return
             call.done = True
-            # however it ended (a local timeout, a transport error, a BYE the engine
-            # saw or not), its keys, policies and parties entry go now
-            self.engine.forget_call(ev["call_id"])
+            # No engine.forget_call here: a Call-ID is not a dialog (a stranger may reuse
+            # a live call's Call-ID for a call of his own, and its end would take the
+            # live call's keys); the engine ends dialogs by the messages it sees.
             if call.outgoing and not call.was_media_active:
                 call.failed = True
                 call.reason = call.reason or f"{ev['code']} {ev['reason']}"
