@@ -134,6 +134,28 @@ def invite(pki: TestPKI, sdp: bytes = SDP_OFFER, *, call_id: str | None = None,
                         extra_headers=[("Contact", "<sip:alice@127.0.0.1:5061>")])
 
 
+def reinvite(pki: TestPKI, sender: str, receiver: str, call_id: str, cseq: int,
+             from_tag: str, to_tag: str, sdp: bytes = SDP_ANSWER) -> SipMessage:
+    """``sender``'s re-INVITE (plaintext) naming the dialog of those ids."""
+    return make_request("INVITE", f"sip:{receiver}@127.0.0.1:5061", from_uri=pki.aor(sender),
+                        to_uri=pki.aor(receiver), call_id=call_id, cseq=cseq,
+                        from_tag=from_tag, to_tag=to_tag, body=sdp,
+                        content_type="application/sdp",
+                        extra_headers=[("Contact", f"<sip:{sender}@127.0.0.1:5062>")])
+
+
+SDP_VIEW = ("INVITE:application/sdp",)
+
+
+def three_phones(pki: TestPKI) -> tuple[UAEngine, UAEngine, UAEngine]:
+    """alice, bob and carol, all knowing the home proxy that views SDP; alice knows both
+    others, bob and carol know alice (the insider reviews' cast)."""
+    proxy = known_proxy(pki, TRUSTED, SDP_VIEW)
+    return (ua_engine(pki, "alice", peers=("bob", "carol"), proxies=(proxy,)),
+            ua_engine(pki, "bob", peers=("alice",), proxies=(proxy,)),
+            ua_engine(pki, "carol", peers=("alice",), proxies=(proxy,)))
+
+
 def message(pki: TestPKI, text: bytes = b"Hello. This is confidential.", *,
             sender: str = "alice", recipient: str = "bob",
             content_type: str = "text/plain") -> SipMessage:

@@ -17,7 +17,7 @@ import pytest
 from e2m_plugins.testpki import TestPKI
 
 from .kamailio_harness import ProxyHandle, ProxyStarter, RawUas, describe
-from .phones import PhoneProcess, redact
+from .phones import PhoneProcess, redact, write_ua
 from .sipp import SippRunner, redact_sip_text
 
 
@@ -134,3 +134,22 @@ def raw_uas(request: pytest.FixtureRequest) -> Iterator[RawUas]:
         print(f"\n===== raw UAS on {uas.port}: {len(uas.received)} requests =====")
         for message in uas.received:
             print(describe(message))
+
+
+def answering_phone(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest,
+                    **phone: object) -> Iterator[PhoneProcess]:
+    """bob's e2m-phone with SRTP and ``phone`` settings (it answers calls itself), for
+    a fixture to ``yield from``; its last events and stderr printed when the test
+    failed."""
+    assert pki.directory is not None
+    config = write_ua(tmp_path, "bob", pki.directory, peer="alice", phone={"srtp": True, **phone})
+    process = PhoneProcess(config, "bob")
+    try:
+        process.wait("started", timeout=15)
+        yield process
+    finally:
+        process.stop()
+        if failed(request):
+            for event in process.events[-40:]:
+                print(redact(event))
+            print(process.stderr()[-3000:])

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from e2m_lab.flows import SRTP_OFFER, ua_engine
-from e2m_lab.phones import PhoneProcess, redact, write_ua
-from e2m_lab.pytest_fixtures import failed
+from e2m_lab.phones import PhoneProcess
+from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import HOST, UdpStranger
 from e2m_plugins import sip
 from e2m_plugins.ua import next_attempt
@@ -33,27 +33,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
                          key_type="ec")
 
 
-def _bob_phone(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest,
-               **phone: object) -> Iterator[PhoneProcess]:
-    """bob's e2m-phone with SRTP and ``phone`` settings; its last events and stderr
-    printed when the test failed."""
-    assert pki.directory is not None
-    config = write_ua(tmp_path, "bob", pki.directory, peer="alice", phone={"srtp": True, **phone})
-    process = PhoneProcess(config, "bob")
-    try:
-        process.wait("started", timeout=15)
-        yield process
-    finally:
-        process.stop()
-        if failed(request):
-            for event in process.events[-40:]:
-                print(redact(event))
-            print(process.stderr()[-3000:])
 
 
 @pytest.fixture
 def bob(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest) -> Iterator[PhoneProcess]:
-    yield from _bob_phone(tmp_path, pki, request)
+    yield from answering_phone(tmp_path, pki, request)
 
 
 def _header(data: bytes, name: str) -> str:
@@ -124,7 +108,7 @@ def _tcp_exchange(sock: socket.socket, data: bytes, timeout: float = 5.0) -> byt
 @pytest.fixture
 def tcp_bob(tmp_path: Path, pki: TestPKI,
             request: pytest.FixtureRequest) -> Iterator[PhoneProcess]:
-    yield from _bob_phone(tmp_path, pki, request, transport="tcp", tcp_accept=True)
+    yield from answering_phone(tmp_path, pki, request, transport="tcp", tcp_accept=True)
 
 
 def test_hole_a_message_over_tcp_sent_again_with_its_branch_is_shown_twice(pki, tcp_bob):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from e2m_lab.flows import SRTP_OFFER
-from e2m_lab.phones import PhoneProcess, redact, write_ua
-from e2m_lab.pytest_fixtures import failed
+from e2m_lab.phones import PhoneProcess
+from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import HOST
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki
@@ -34,18 +34,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 @pytest.fixture
 def bob(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest) -> Iterator[PhoneProcess]:
     """bob's e2m-phone with SRTP (it answers calls itself)."""
-    assert pki.directory is not None
-    config = write_ua(tmp_path, "bob", pki.directory, peer="alice", phone={"srtp": True})
-    process = PhoneProcess(config, "bob")
-    try:
-        process.wait("started", timeout=15)
-        yield process
-    finally:
-        process.stop()
-        if failed(request):
-            for event in process.events[-40:]:
-                print(redact(event))
-            print(process.stderr()[-3000:])
+    yield from answering_phone(tmp_path, pki, request)
 
 
 def _carols_own_call_with_the_same_call_id(call: _Call, bob: PhoneProcess) -> None:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from e2m_lab.flows import (CRYPTO, SDP_ANSWER, SRTP_ANSWER, SRTP_OFFER, TRUSTED, answer,
-                           invite, known_proxy, ua_engine)
+                           invite, reinvite, three_phones, ua_engine)
 from e2m_plugins.body import message_body, open_part, open_sealed_keys, top_parts
 from e2m_plugins.cms.recipients import CertificateKey, KekLookup
 from e2m_plugins.errors import BindingMismatchError, E2MError
@@ -23,7 +23,6 @@ from e2m_plugins.sip_errors import answer_for
 from e2m_plugins.testpki import init_test_pki
 from e2m_plugins.ua import UAEngine, next_attempt
 
-SDP_VIEW = ("INVITE:application/sdp",)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,6 @@ def world():
                          key_type="ec")
 
 
-def _engines(world):
-    proxy = known_proxy(world, TRUSTED, SDP_VIEW)
-    alice = ua_engine(world, "alice", peers=("bob", "carol"), proxies=(proxy,))
-    bob = ua_engine(world, "bob", peers=("alice",), proxies=(proxy,))
-    carol = ua_engine(world, "carol", peers=("alice",), proxies=(proxy,))
-    return alice, bob, carol
 
 
 def _call(world, alice, bob, call_id):
@@ -88,7 +81,7 @@ def test_hole_an_insider_plants_an_exclusive_key_in_another_users_dialog(world):
     (it names alice's dialog with bob, ``_check_parties``), and were that record gone
     (its table is bounded) the keys still belong to the dialog's two parties: a message
     whose From/To AoRs are not the dialog's neither adds to nor reads its keys."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     sent, _ = _call(world, alice, bob, "plant@x")
     # carol's forged answer: alice's INVITE (same branch, CSeq, tags), To carol
     forged = carol.protect(answer(_as_carol(sent, world), SRTP_ANSWER, to_tag="c1")).message
@@ -103,12 +96,6 @@ def test_hole_an_insider_plants_an_exclusive_key_in_another_users_dialog(world):
     assert CRYPTO.strip() in bob.open(reinvite).message.body       # bob still reads it
 
 
-def _reinvite(world, sender, receiver, call_id, cseq, from_tag, to_tag, sdp=SDP_ANSWER):
-    return make_request("INVITE", f"sip:{receiver}@127.0.0.1:5061", from_uri=world.aor(sender),
-                        to_uri=world.aor(receiver), call_id=call_id, cseq=cseq,
-                        from_tag=from_tag, to_tag=to_tag, body=sdp,
-                        content_type="application/sdp",
-                        extra_headers=[("Contact", f"<sip:{sender}@127.0.0.1:5062>")])
 
 
 def test_hole_an_insider_reinvites_into_another_users_dialog(world):
@@ -121,9 +108,9 @@ def test_hole_an_insider_reinvites_into_another_users_dialog(world):
     trusted").  A BYE from carol with the same ids ended the dialog's keys.  Now a
     message that names a dialog of ours with other parties than the dialog's is
     refused (403 "Body bound to another message") before anything else is done."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     sent, _ = _call(world, alice, bob, "hijack@x")
-    hijack = carol.protect(_reinvite(world, "carol", "alice", "hijack@x", 77, "b1", "a1",
+    hijack = carol.protect(reinvite(world, "carol", "alice", "hijack@x", 77, "b1", "a1",
                                      SDP_ANSWER.replace(b"49172", b"40000"))).message
     with pytest.raises(BindingMismatchError) as caught:
         alice.open(hijack)
@@ -135,7 +122,7 @@ def test_hole_an_insider_reinvites_into_another_users_dialog(world):
         alice.open(bye)
     assert alice.dialog_keys.kept(sent)
     # bob's own re-INVITE in the same dialog still opens
-    mine = bob.protect(_reinvite(world, "bob", "alice", "hijack@x", 79, "b1", "a1")).message
+    mine = bob.protect(reinvite(world, "bob", "alice", "hijack@x", 79, "b1", "a1")).message
     assert alice.open(mine).message.body == SDP_ANSWER
 
 
@@ -144,7 +131,7 @@ def test_hole_a_third_partys_answer_to_our_invite_is_taken(world):
     signed 200, To carol, was opened as the answer to alice's call (signer = To), so
     pjsip would have connected alice's call to bob with carol's media.  Now refused: the
     INVITE went to bob, its answers come from bob."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     sent = alice.protect(invite(world, SRTP_OFFER, call_id="answer@x")).message
     forged = carol.protect(answer(_as_carol(sent, world), SRTP_ANSWER, to_tag="c1")).message
     with pytest.raises(BindingMismatchError):
@@ -160,17 +147,17 @@ def test_hole_a_late_failure_to_an_answered_invite_drops_the_live_dialogs_keys(w
     the dialog failed" and dropped the live call's keys and policies: bob's next
     re-INVITE under the dialog key could not be opened (493, the call stuck).  Now a
     failure to an INVITE already answered 2xx ends nothing."""
-    alice, bob, _ = _engines(world)
+    alice, bob, _ = three_phones(world)
     sent, _ = _call(world, alice, bob, "late@x")
     alice.open(make_response(sent, 486, "Busy Here"))
     assert alice.dialog_keys.kept(sent)
-    mine = bob.protect(_reinvite(world, "bob", "alice", "late@x", 9, "b1", "a1")).message
+    mine = bob.protect(reinvite(world, "bob", "alice", "late@x", 9, "b1", "a1")).message
     assert alice.open(mine).message.body == SDP_ANSWER
 
 
 def test_held_a_408_or_481_to_an_answered_reinvite_still_ends_the_dialog(world):
     """The late-answer rule above must not keep a dialog the peer says is gone."""
-    alice, bob, _ = _engines(world)
+    alice, bob, _ = three_phones(world)
     sent, _ = _call(world, alice, bob, "gone@x")
     again = alice.protect(invite(world, SRTP_OFFER, call_id="gone@x", cseq=2,
                                  to_tag="b1")).message
@@ -220,13 +207,13 @@ def test_hole_an_insider_reinvites_with_the_tags_alone(world):
     """The same re-INVITE under a Call-ID of carol's own: pjsip finds the dialog of a
     request by its To tag (the dialog set) and From tag alone, never the Call-ID
     (``sip_ua_layer.c``, ``mod_ua_on_rx_request``).  Refused too."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     _call(world, alice, bob, "tags@x")
-    hijack = carol.protect(_reinvite(world, "carol", "alice", "carols-own@x", 5, "b1", "a1",
+    hijack = carol.protect(reinvite(world, "carol", "alice", "carols-own@x", 5, "b1", "a1",
                                      SDP_ANSWER.replace(b"49172", b"40000"))).message
     with pytest.raises(BindingMismatchError):
         alice.open(hijack)
-    spoof = bob.protect(_reinvite(world, "bob", "alice", "carols-own@x", 6, "b1", "a1")).message
+    spoof = bob.protect(reinvite(world, "bob", "alice", "carols-own@x", 6, "b1", "a1")).message
     with pytest.raises(BindingMismatchError):                  # bob's ids, another Call-ID
         alice.open(spoof)
 
@@ -278,7 +265,7 @@ def test_hole_a_refused_replay_still_leaves_its_keys_behind(world):
     usable again under its ids, and a refused message that taught the engine something
     ("only a message we accepted may teach us anything").  Now keys are kept only
     once the message passed every check."""
-    alice, bob, _ = _engines(world)
+    alice, bob, _ = three_phones(world)
     sent, _ = _call(world, alice, bob, "dead@x")
     bye = make_request("BYE", "sip:bob@127.0.0.1:5062", from_uri=world.aor("alice"),
                        to_uri=world.aor("bob"), call_id="dead@x", cseq=2, from_tag="a1",
@@ -327,11 +314,11 @@ def test_hole_a_flood_of_rung_calls_pushed_a_live_call_out_of_the_parties_table(
     Now an entry goes when its dialog ends (BYE, a failure that ends the attempt, the
     application's ``forget_call``), so the table holds only dialogs still under way."""
     from e2m_plugins.dialog_keys import MAX_DIALOGS
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     _call(world, alice, bob, "long@x")
     for n in range(MAX_DIALOGS + 10):
         _rung_and_cancelled(world, alice, n)
-    hijack = carol.protect(_reinvite(world, "carol", "alice", "long@x", 77, "b1", "a1",
+    hijack = carol.protect(reinvite(world, "carol", "alice", "long@x", 77, "b1", "a1",
                                      SDP_ANSWER.replace(b"49172", b"40000"))).message
     with pytest.raises(BindingMismatchError):
         alice.open(hijack)
@@ -340,11 +327,11 @@ def test_hole_a_flood_of_rung_calls_pushed_a_live_call_out_of_the_parties_table(
 def test_held_a_failed_reinvite_keeps_the_dialogs_parties_and_a_bye_drops_them(world):
     """Only the end of a dialog drops its entry: alice answering a re-INVITE of her
     confirmed call 491 keeps it (carol still refused); the BYE ends it."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     _call(world, alice, bob, "kept@x")
-    reinvite = _reinvite(world, "bob", "alice", "kept@x", 5, "b1", "a1")
-    alice.protect(make_response(reinvite, 491, "Request Pending"))
-    hijack = carol.protect(_reinvite(world, "carol", "alice", "kept@x", 78, "b1", "a1")).message
+    bobs = reinvite(world, "bob", "alice", "kept@x", 5, "b1", "a1")
+    alice.protect(make_response(bobs, 491, "Request Pending"))
+    hijack = carol.protect(reinvite(world, "carol", "alice", "kept@x", 78, "b1", "a1")).message
     with pytest.raises(BindingMismatchError):
         alice.open(hijack)
     before = len(alice._parties)
@@ -360,7 +347,7 @@ def test_held_a_failure_to_another_invite_naming_a_ringing_call_drops_nothing(wo
     with the same Call-ID and alice's tag; pjsip answers it with a failure. Only a
     failure in the INVITE's own transaction (its top Via branch) ends the entry, so
     carol still cannot step into the ringing call."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     offer = bob.protect(make_request(
         "INVITE", world.aor("alice"), from_uri=world.aor("bob"), to_uri=world.aor("alice"),
         call_id="ring@x", from_tag="b9", body=SDP_ANSWER, content_type="application/sdp",
@@ -371,7 +358,7 @@ def test_held_a_failure_to_another_invite_naming_a_ringing_call_drops_nothing(wo
         "Via", "SIP/2.0/UDP 192.0.2.66:5060;branch=z9hG4bK-forged")
     alice.protect(make_response(forged, 491, "Request Pending"))
     alias = ringing.to_tag
-    hijack = carol.protect(_reinvite(world, "carol", "alice", "ring@x", 9, "b9", alias)).message
+    hijack = carol.protect(reinvite(world, "carol", "alice", "ring@x", 9, "b9", alias)).message
     with pytest.raises(BindingMismatchError):
         alice.open(hijack)
     alice.protect(make_response(offer, 487, "Request Terminated").replace("To", ringing.get("To")))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.flows import (SDP_ANSWER, SDP_OFFER, TRUSTED, answer, apply_forward, invite,
-                           known_proxy, proxy_engine, ua_engine)
+from e2m_lab.flows import (SDP_ANSWER, SDP_OFFER, SDP_VIEW, TRUSTED, answer, apply_forward,
+                           invite, known_proxy, proxy_engine, reinvite, three_phones,
+                           ua_engine)
 from e2m_plugins import headers as hdr
 from e2m_plugins.body import new_reference, protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
@@ -20,7 +21,6 @@ from e2m_plugins.errors import BindingMismatchError
 from e2m_plugins.sip import make_request, make_response
 from e2m_plugins.testpki import init_test_pki
 
-SDP_VIEW = ("INVITE:application/sdp",)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,6 @@ def world():
                          key_type="ec")
 
 
-def _engines(world):
-    proxy = known_proxy(world, TRUSTED, SDP_VIEW)
-    alice = ua_engine(world, "alice", peers=("bob", "carol"), proxies=(proxy,))
-    bob = ua_engine(world, "bob", peers=("alice",), proxies=(proxy,))
-    carol = ua_engine(world, "carol", peers=("alice",), proxies=(proxy,))
-    return alice, bob, carol
 
 
 def _call(world, alice, bob, call_id):
@@ -45,18 +39,12 @@ def _call(world, alice, bob, call_id):
     return sent
 
 
-def _reinvite(world, sender, receiver, call_id, cseq, from_tag, to_tag, sdp=SDP_ANSWER):
-    return make_request("INVITE", f"sip:{receiver}@127.0.0.1:5061", from_uri=world.aor(sender),
-                        to_uri=world.aor(receiver), call_id=call_id, cseq=cseq,
-                        from_tag=from_tag, to_tag=to_tag, body=sdp,
-                        content_type="application/sdp",
-                        extra_headers=[("Contact", f"<sip:{sender}@127.0.0.1:5062>")])
 
 
 def _carols_hijack(world, carol, call_id):
     """Carol's re-INVITE into alice's call with bob (bob's tags, From carol, signed by
     carol, media to her own port): test_review2_ua's hijack."""
-    return carol.protect(_reinvite(world, "carol", "alice", call_id, 77, "b1", "a1",
+    return carol.protect(reinvite(world, "carol", "alice", call_id, 77, "b1", "a1",
                                    SDP_ANSWER.replace(b"49172", b"40000"))).message
 
 
@@ -87,7 +75,7 @@ def test_hole_a_bye_with_our_tag_in_from_makes_alice_forget_her_call(world):
     phone test with the right ids and a stale CSeq (pjsip: 500) must not count
     either.  The same holds for ``dialog_keys.end_dialog`` on a received BYE (today a
     refused BYE ends the call's keys: a 496 round trip, no leak)."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     _call(world, alice, bob, "bye-from@x")
     bye = make_request("BYE", "sip:alice@127.0.0.1:5061", from_uri=world.aor("carol"),
                        to_uri=world.aor("alice"), call_id="bye-from@x", cseq=9,
@@ -128,7 +116,7 @@ def test_hole_a_forged_2xx_keeps_rung_calls_in_the_parties_table(world):
     Fix (e2m_plugins/ua.py ``_note_confirmed``): a received 2xx confirms our tag only
     when it answers an INVITE we sent (``_sent_for(message)`` is not None, and the tag
     is the From tag of that INVITE); a 2xx we send confirms the To tag."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     _call(world, alice, bob, "long5@x")
     for n in range(MAX_DIALOGS + 10):
         _rung_confirmed_and_cancelled(world, alice, n)
@@ -146,7 +134,7 @@ def test_held_spoofed_in_dialog_invites_leave_a_ringing_callers_entry(world):
     it again unconfirmed, the next failure dropped it) and carol's re-INVITE was taken.
     Now only a failure in the transaction our own 18x answered ends an entry; a UAC's
     entry ends by what it receives (``_ends_dialog``) or a BYE."""
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     sent = alice.protect(invite(world, call_id="early@x")).message
     got = bob.open(sent).message
     alice.open(make_response(got, 180, "Ringing").replace("To", f"{sent.get('To')};tag=b1"))
