@@ -63,6 +63,8 @@ __all__ = [
     "check_material",
     "short_lived",
     "over_quota",
+    "answer_keeper",
+    "keeper_groups",
     "DIALOG_TTL",
     "TRANSACTION_TTL",
     "MAX_TTL",
@@ -270,19 +272,39 @@ class CacheLimits:
         return max(1, self.max_entries // KEEPER_SHARE)
 
 
+def answer_keeper(caller: str, responder: str) -> str:
+    """The keeper of a key an answer offers: the pair, the caller named first.  Each
+    part is %-quoted, so the space between them cannot occur inside one."""
+    return f"answer:{quote(caller, safe='')} {quote(responder, safe='')}"
+
+
+def keeper_groups(keeper: str, quota: int) -> list[tuple[str, int]]:
+    """The quotas a key of ``keeper`` counts against.  An answer's key counts against
+    its pair (a small share: a callee's many answers to one call stay within it) and
+    against its caller's own quota (calling many parties who answer stays within that)."""
+    if keeper.startswith("answer:"):
+        caller, _, _ = keeper[len("answer:"):].partition(" ")
+        return [(keeper, max(1, quota // KEEPER_SHARE)), (unquote(caller), quota)]
+    return [(keeper, quota)]
+
+
 def over_quota(entries: list[tuple[str | None, bool, float, str]], quota: int) -> list[str]:
-    """Of (keeper, kept long, created, name) rows, the names past each keeper's quota:
-    its short-lived keys first, then its oldest.  Keys with no keeper are nobody's."""
-    by_keeper: dict[str, list[tuple[bool, float, str]]] = {}
+    """Of (keeper, kept long, created, name) rows, the names past a quota they count
+    against (``keeper_groups``): each group's short-lived keys first, then its oldest.
+    Keys with no keeper are nobody's."""
+    groups: dict[str, tuple[int, list[tuple[bool, float, str]]]] = {}
     for keeper, long_lived, created, name in entries:
-        if keeper is not None:
-            by_keeper.setdefault(keeper, []).append((long_lived, created, name))
-    out: list[str] = []
-    for rows in by_keeper.values():
-        if len(rows) > quota:
+        if keeper is None:
+            continue
+        for group, limit in keeper_groups(keeper, quota):
+            groups.setdefault(group, (limit, []))[1].append((long_lived, created, name))
+    out: set[str] = set()
+    for limit, rows in groups.values():
+        rows = [row for row in rows if row[2] not in out]
+        if len(rows) > limit:
             rows.sort()
-            out.extend(name for _, _, name in rows[:len(rows) - quota])
-    return out
+            out.update(name for _, _, name in rows[:len(rows) - limit])
+    return sorted(out)
 
 
 # --------------------------------------------------------------------------
@@ -311,8 +333,8 @@ class MemoryKeyCache:
         self._entries: OrderedDict[tuple[Scope, bytes], CachedKey] = OrderedDict()
         self._short: OrderedDict[tuple[Scope, bytes], None] = OrderedDict()  # evicted first
         self._by_scope: dict[Scope, set[bytes]] = {}
-        # keeper -> (its short-lived keys, its others), oldest first: trimming a keeper
-        # at its quota is O(1), whatever the quota
+        # quota group (keeper_groups) -> (its short-lived keys, its others), oldest
+        # first: trimming a group at its quota is O(1), whatever the quota
         self._by_keeper: dict[str, tuple[OrderedDict[tuple[Scope, bytes], None],
                                          OrderedDict[tuple[Scope, bytes], None]]] = {}
 
@@ -340,9 +362,12 @@ class MemoryKeyCache:
                 self._short[key] = None
             self._by_scope.setdefault(scope, set()).add(entry.reference)
             if keeper is not None:
-                short, long = self._by_keeper.setdefault(keeper, (OrderedDict(), OrderedDict()))
-                (short if short_lived(scope) else long)[key] = None
-                self._trim_keeper(keeper, key)
+                groups = keeper_groups(keeper, self._limits.keeper_quota)
+                for group, _ in groups:
+                    short, long = self._by_keeper.setdefault(group, (OrderedDict(), OrderedDict()))
+                    (short if short_lived(scope) else long)[key] = None
+                for group, limit in groups:
+                    self._trim_keeper(group, limit, key)
             self._trim(now)
         return entry
 
@@ -395,23 +420,29 @@ class MemoryKeyCache:
         if entry is None:
             return
         self._short.pop(key, None)
-        kept = self._by_keeper.get(entry.keeper) if entry.keeper is not None else None
-        if kept is not None:
-            kept[0].pop(key, None)
-            kept[1].pop(key, None)
-            if not kept[0] and not kept[1]:
-                del self._by_keeper[entry.keeper]
+        if entry.keeper is not None:
+            for group, _ in keeper_groups(entry.keeper, self._limits.keeper_quota):
+                kept = self._by_keeper.get(group)
+                if kept is None:
+                    continue
+                kept[0].pop(key, None)
+                kept[1].pop(key, None)
+                if not kept[0] and not kept[1]:
+                    del self._by_keeper[group]
         refs = self._by_scope.get(key[0])
         if refs is not None:
             refs.discard(key[1])
             if not refs:
                 del self._by_scope[key[0]]
 
-    def _trim_keeper(self, keeper: str, newest: tuple[Scope, bytes]) -> None:
-        # One keeper past its quota loses its own key, not anyone else's: a short-lived
-        # one if it has any, else its oldest (never the one just kept).
-        short, long = self._by_keeper[keeper]
-        while len(short) + len(long) > self._limits.keeper_quota:
+    def _trim_keeper(self, group: str, limit: int, newest: tuple[Scope, bytes]) -> None:
+        # A quota group past its limit loses one of its own keys, not anyone else's: a
+        # short-lived one if it has any, else its oldest (never the one just kept).
+        kept = self._by_keeper.get(group)
+        if kept is None:
+            return
+        short, long = kept
+        while len(short) + len(long) > limit:
             victim = next((k for k in islice(short, 2) if k != newest), None)
             if victim is None:
                 victim = next(k for k in islice(long, 2) if k != newest)

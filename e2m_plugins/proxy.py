@@ -34,7 +34,7 @@ from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
 from .errors import (DecryptionError, E2MError, MalformedError,
                      NoMatchingRecipientError, ProxyCannotDecryptError, SignatureRequiredError)
-from .keycache import DialogScope, KeyCache, Scope, TransactionScope
+from .keycache import DialogScope, KeyCache, Scope, TransactionScope, answer_keeper
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
 from .replay import MemoryReplayCache, ReplayCache
 from .sdp import MediaLine, media_summary
@@ -226,9 +226,10 @@ class ProxyEngine:
         only make the UAS retransmit.  What could not be read is in ``error``.
         ``caller``: for a response, the From of the request it answers as the proxy
         relayed it (Kamailio's ``$T_req($fu)``; the response's own From is the
-        callee's to write).  A key an answer offers counts against the quota of the
-        pair (caller, responder): neither can spend a third party's share with it.
-        Without ``caller`` it counts against the responder (its signer) alone."""
+        callee's to write).  A key an answer offers counts against the pair's small
+        share and the caller's own quota (``keycache.keeper_groups``): neither party
+        can spend a third party's.  Without ``caller`` it counts against the
+        responder (its signer) alone."""
         try:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
@@ -313,7 +314,7 @@ class ProxyEngine:
         # an answer to a request we relayed: the pair's quota; an answer to nothing we
         # relayed (a cluster's stray reply): the signer's own, never the From it wrote
         responder = _keeper(self._sender_of(response))
-        keeper = "pair:" + " ".join(sorted((_keeper(caller), responder))) if caller else responder
+        keeper = answer_keeper(_keeper(caller), responder) if caller else responder
         seen, media = self._view(response, method, keeper=keeper)
         return Verdict("forward", seen=seen, media=media)
 

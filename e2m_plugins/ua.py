@@ -207,9 +207,10 @@ class UAEngine:
         # from what we send: a message naming our dialog with other parties is a third
         # who read the ids off the wire (``_check_parties``).  Bounded, LRU.
         self._parties: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
-        # Tags in _parties whose dialog a 2xx confirmed: a failure we send to a re-INVITE
-        # there (491, 488) leaves the dialog; one to the first INVITE ends it.
-        self._confirmed: set[str] = set()
+        # Tags in _parties whose dialog a 2xx confirmed -> the remote tag it confirmed:
+        # a failure we send to a re-INVITE there (491, 488) leaves the dialog, and only
+        # a BYE with that remote tag ends it (not ours to a second fork of the INVITE).
+        self._confirmed: dict[str, str] = {}
         # Tags in _parties that our own 1xx/2xx began -> that INVITE's top Via branch:
         # only a failure in that same transaction (the 487 after a CANCEL) ends it.
         self._answered: dict[str, str] = {}
@@ -375,7 +376,7 @@ class UAEngine:
 
     def _drop_party(self, tag: str) -> None:
         self._parties.pop(tag, None)
-        self._confirmed.discard(tag)
+        self._confirmed.pop(tag, None)
         self._answered.pop(tag, None)
 
     def _note_confirmed(self, message: SipMessage, *, sent: bool) -> None:
@@ -387,8 +388,9 @@ class UAEngine:
         if not sent and self._sent_for(message) is None:
             return
         tag = self._local_tag(message, sent=sent)
-        if tag in self._parties:
-            self._confirmed.add(tag)
+        remote = message.from_tag if sent else message.to_tag
+        if tag in self._parties and remote:
+            self._confirmed.setdefault(tag, remote.lower())     # the first 2xx's, not a fork's
 
     def _forget_parties(self, message: SipMessage, *, sent: bool) -> None:
         """The dialog ``message`` ends: the entry of our tag in it goes, so the table
@@ -399,8 +401,13 @@ class UAEngine:
         we get (pjsip may refuse it, 481 or 500, and the call goes on)."""
         tag = self._local_tag(message, sent=sent)
         known = self._parties.get(tag) if tag else None
-        if known is not None and known[0] == message.call_id:
-            self._drop_party(tag)
+        if known is None or known[0] != message.call_id:
+            return
+        remote = message.to_tag if message.is_request == sent else message.from_tag
+        confirmed = self._confirmed.get(tag)
+        if confirmed is not None and (remote or "").lower() != confirmed:
+            return        # another dialog of the same INVITE (a fork we end), not this one
+        self._drop_party(tag)
 
     def _ends_by_our_word(self, message: SipMessage) -> bool:
         """Our BYE, or our 2xx to a BYE."""
@@ -1136,6 +1143,7 @@ class UAEngine:
             raise CertificateRejectedError("493 body is not application/pkix-cert")
         cert = _certificate_from(part.decoded())
         check_not_a_ca(cert)            # from the wire, as a service's would be
+        self._refuse_older(str(aor_of(peer)), cert)    # a hop's copy of a replaced one
         self.add_peer_certificate(peer, cert.public_bytes(serialization.Encoding.DER))
         return peer
 

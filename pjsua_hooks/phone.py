@@ -69,6 +69,7 @@ __all__ = ["PhoneSettings", "load_phone_config", "E2MPhone", "OutgoingMessage", 
 KEY_WITNESS_ENV = "E2M_PHONE_KEY_WITNESS"
 _PJSIP_RX_LIMIT = 4000       # PJSIP_MAX_PKT_LEN of the pinned wheel
 _MEMO = 512                   # plaintext requests / security records kept per phone
+_RECORDS_PER_CALL = 32        # security records kept per Call-ID
 # Bounds on what the phone keeps (count; age where it matters).  Sized so a flood
 # of 3 KB messages stays within a few MB (docs/threat-model.md).
 MAX_EVENTS = 1000             # phone.events, the last ones
@@ -650,9 +651,13 @@ class E2MPhone:
             return
         # size: the message's octets as pjsip received or will send it, so a caller
         # can see how close an INVITE came to PJSIP_MAX_PKT_LEN (docs/protocol.md §6.2)
-        self._call_security.setdefault(msg.call_id, []).append(
-            {"direction": direction, "what": what, "cseq": msg.cseq[0], "info": info,
-             "bytes": size})
+        records = self._call_security.setdefault(msg.call_id, [])
+        records.append({"direction": direction, "what": what, "cseq": msg.cseq[0],
+                        "info": info, "bytes": size})
+        if len(records) > _RECORDS_PER_CALL:
+            # the call's first offer and answer stay, then the latest: a peer's endless
+            # re-INVITEs in one call no longer grow the phone's memory
+            del records[2]
         while len(self._call_security) > _MEMO:
             self._call_security.pop(next(iter(self._call_security)))
 

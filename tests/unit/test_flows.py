@@ -450,8 +450,12 @@ def test_policies_and_496s_from_foreign_domains_are_ignored(world):
 def test_493_teaches_alice_bobs_new_certificate(world):
     """alice holds an old certificate for bob; bob answers 493 with his own, alice
     checks it (SAN URI = bob, our CA) and retries; bob can read the retry."""
+    from datetime import datetime, timedelta, timezone
+
     from e2m_plugins.testpki import issue_user
-    stale = issue_user(world.ca, world.aor("bob"))
+    # older than bob's current one (a 493 never brings back an older certificate)
+    stale = issue_user(world.ca, world.aor("bob"),
+                       not_before=datetime.now(timezone.utc) - timedelta(days=30))
     alice = ua_engine(world, "alice", peers=())
     alice.certs.add_user(world.aor("bob"), stale.cert)
     bob = ua_engine(world, "bob")

@@ -413,4 +413,4 @@ def test_a_callee_writing_another_from_in_its_answer_charges_the_caller_still(wo
     verdict = proxy.inspect(bob.protect(reply).message, caller=world.aor("carol"))
     assert verdict.seen
     keepers = {entry.keeper for entry in proxy.cache._entries.values()}
-    assert keepers == {"pair:sip:bob@example.com sip:carol@example.com"}    # not alice
+    assert keepers == {"answer:sip%3Acarol%40example.com sip%3Abob%40example.com"}  # not alice

@@ -215,9 +215,10 @@ def test_hole_our_notifies_in_strangers_subscriptions_push_a_live_call_out(world
     and our 1xx/2xx to one (as now), and an in-dialog request only when its tag is
     ALREADY in the table (refresh it, never add); a NOTIFY / SUBSCRIBE / REFER dialog
     has no parties entry to protect."""
-    from test_review5 import _call, _carols_hijack, _engines
+    from test_review5 import _call, _carols_hijack
+    from e2m_lab.flows import three_phones
     from e2m_plugins.errors import BindingMismatchError, E2MError
-    alice, bob, carol = _engines(world)
+    alice, bob, carol = three_phones(world)
     _call(world, alice, bob, "live6@x")
     for n in range(MAX_DIALOGS + 10):
         notify = make_request("NOTIFY", f"sip:flood{n}@192.0.2.7", from_uri=world.aor("alice"),
