@@ -520,10 +520,10 @@ class UAEngine:
         return cert
 
     def _refuse_older(self, name: str, cert: x509.Certificate) -> None:
-        """A service certificate issued before the one held for ``name`` is refused: a
-        hop that kept bob's replaced certificate (its NOTIFY rewritten, CSeq and all)
-        would otherwise bring it back.  Bob going back to an older one takes a NOTIFY
-        without a body first (removed), or the subscription's end."""
+        """A certificate from the wire (a service's NOTIFY, a 493) issued before the one
+        held for ``name`` is refused: a hop that kept bob's replaced certificate would
+        otherwise bring it back.  Bob going back to an older one takes a NOTIFY without
+        a body first (removed), or the subscription's end."""
         held = self.certs.user(name)
         if held is not None and cert.not_valid_before_utc < held.not_valid_before_utc:
             raise CertificateRejectedError(
