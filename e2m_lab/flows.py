@@ -147,6 +147,19 @@ def reinvite(pki: TestPKI, sender: str, receiver: str, call_id: str, cseq: int,
 SDP_VIEW = ("INVITE:application/sdp",)
 
 
+def answered_call(pki: TestPKI, proxy: ProxyEngine, call_id: str) -> UAEngine:
+    """alice calls bob through ``proxy`` (a home proxy that views SDP), bob answers and
+    the proxy reads the answer: the call's key is kept there.  Returns alice."""
+    alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(pki, "bob")
+    sent = alice.protect(invite(pki, call_id=call_id)).message
+    delivered = bob.open(apply_forward(sent, proxy.inspect(sent))).message
+    ok = bob.protect(answer(delivered)).message
+    assert proxy.inspect(ok).seen
+    alice.open(ok)
+    return alice
+
+
 def three_phones(pki: TestPKI) -> tuple[UAEngine, UAEngine, UAEngine]:
     """alice, bob and carol, all knowing the home proxy that views SDP; alice knows both
     others, bob and carol know alice (the insider reviews' cast)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from e2m_lab.certservice_subscriber import PROXY, subscriber
 from e2m_lab.flows import ua_engine
 from e2m_plugins import sip
 from e2m_plugins.testpki import init_test_pki
@@ -18,7 +19,6 @@ from e2m_plugins.ua import MissingPeerCertificateError
 from pjsua_hooks import certservice_client as csc
 from pjsua_hooks.certservice_client import CertServiceClient, NotifyAnswer
 
-PROXY = ("127.0.0.1", 5999)
 ALICE, BOB, CAROL = "sip:alice@example.com", "sip:bob@example.com", "sip:carol@example.com"
 
 
@@ -27,24 +27,10 @@ def pki():
     return init_test_pki(None, users=("alice", "bob", "carol"), key_type="ec")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def setup(pki):
-    engine = ua_engine(pki, "alice", peers=())
-    clock = Clock()
-    sent: list[tuple[str, list[tuple[str, str]]]] = []
-    client = CertServiceClient(engine, pki.user("alice").cert,
-                               send_subscribe=lambda aor, headers: sent.append((aor, headers)),
-                               contact=lambda: "sip:alice@127.0.0.1:5070",
-                               proxy_address=PROXY, clock=clock)
-    return engine, client, clock, sent
+    made = subscriber(pki)
+    return made.engine, made.client, made.clock, made.sent
 
 
 def der(pki, name: str) -> bytes:

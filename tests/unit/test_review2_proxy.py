@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.flows import (SDP_ANSWER, SDP_OFFER, TRUSTED, answer, apply_forward, invite,
+from e2m_lab.flows import (SDP_ANSWER, answered_call, SDP_OFFER, TRUSTED, answer, apply_forward, invite,
                            known_proxy, proxy_engine, ua_engine)
 from e2m_plugins.body import message_body, protect_content, top_parts, with_entity
 from e2m_plugins.cms.envelope import describe_envelope
@@ -188,17 +188,6 @@ def test_hole_one_users_replays_use_up_a_dialog_key(world):
     assert back.error is None, f"bob's answer forwarded unread after replays: {back.error}"
 
 
-def _alices_call(world, proxy, call_id):
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
-    bob = ua_engine(world, "bob")
-    sent = alice.protect(invite(world, call_id=call_id)).message
-    delivered = bob.open(apply_forward(sent, proxy.inspect(sent))).message
-    ok = bob.protect(answer(delivered)).message
-    assert proxy.inspect(ok).seen
-    alice.open(ok)
-    return alice
-
-
 def _flood_invite(world, mallory, n, to="bob"):
     flood = make_request("INVITE", f"sip:{to}@example.com", from_uri=world.aor("mallory"),
                          to_uri=world.aor(to), call_id=f"flood-{n}@x",
@@ -223,7 +212,7 @@ def test_hole_one_users_invites_push_everyones_dialog_keys_out(world):
     """
     from e2m_plugins.keycache import MemoryKeyCache
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(max_entries=16))
-    alice = _alices_call(world, proxy, "long-call@x")
+    alice = answered_call(world, proxy, "long-call@x")
     mallory = ua_engine(world, "mallory", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
     for n in range(40):
         assert proxy.inspect(_flood_invite(world, mallory, n)).action == "forward"
@@ -251,7 +240,7 @@ def test_hole_one_users_answered_calls_fill_the_key_cache(world):
     """
     from e2m_plugins.keycache import MemoryKeyCache
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(max_entries=16))
-    alice = _alices_call(world, proxy, "long-call-2@x")
+    alice = answered_call(world, proxy, "long-call-2@x")
     mallory = ua_engine(world, "mallory", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
     answering = ua_engine(world, "bob", peers=("mallory",))
     for n in range(20):
@@ -262,7 +251,7 @@ def test_hole_one_users_answered_calls_fill_the_key_cache(world):
                                                to_tag=f"m{n}")).message)
     reinvite = alice.protect(invite(world, call_id="long-call-2@x", cseq=2, to_tag="b1"))
     assert proxy.inspect(reinvite.message).seen          # the call under way: held
-    _alices_call(world, proxy, "new-call@x")             # a new call: its answer read
+    answered_call(world, proxy, "new-call@x")             # a new call: its answer read
 
 
 def test_the_htable_sweep_holds_each_keeper_to_its_quota():

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from e2m_lab.certservice_subscriber import PROXY, subscriber
 from e2m_lab.flows import ua_engine
 from e2m_plugins import certservice as cs
 from e2m_plugins import sip
@@ -29,9 +30,8 @@ from e2m_plugins.cms.signed import sign, verify
 from e2m_plugins.errors import CertificateRejectedError, MalformedError
 from e2m_plugins.testpki import init_test_pki, issue_user, make_ca
 from e2m_plugins.ua import MissingPeerCertificateError
-from pjsua_hooks.certservice_client import CertServiceClient, NotifyAnswer
+from pjsua_hooks.certservice_client import NotifyAnswer
 
-PROXY = ("127.0.0.1", 5999)
 ALICE, BOB = "sip:alice@example.com", "sip:bob@example.com"
 
 
@@ -44,23 +44,10 @@ def pki():
 # The phone's certificate-service client: stale NOTIFYs
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def phone(pki):
-    engine = ua_engine(pki, "alice", peers=())
-    sent: list[tuple[str, list[tuple[str, str]]]] = []
-    client = CertServiceClient(engine, pki.user("alice").cert,
-                               send_subscribe=lambda aor, headers: sent.append((aor, headers)),
-                               contact=lambda: "sip:alice@127.0.0.1:5070",
-                               proxy_address=PROXY, clock=_Clock())
-    return engine, client, sent
+    made = subscriber(pki)
+    return made.engine, made.client, made.sent
 
 
 def _subscribe_to_bob(engine, client, sent) -> sip.SipMessage:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.flows import (SDP_ANSWER, SDP_OFFER, SDP_VIEW, TRUSTED, answer, apply_forward,
+from e2m_lab.certservice_subscriber import PROXY, subscriber
+from e2m_lab.flows import (SDP_ANSWER, answered_call, SDP_OFFER, SDP_VIEW, TRUSTED, answer, apply_forward,
                            invite, known_proxy, proxy_engine, reinvite, three_phones,
                            ua_engine)
 from e2m_plugins import headers as hdr
@@ -163,19 +164,6 @@ def test_held_spoofed_in_dialog_invites_leave_a_ringing_callers_entry(world):
 LEGACY = "sip:old@legacy.example"
 
 
-def _alices_call(world, proxy, call_id):
-    """alice calls bob through ``proxy`` (it views SDP); the call's key is kept there,
-    charged to alice."""
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
-    bob = ua_engine(world, "bob")
-    sent = alice.protect(invite(world, call_id=call_id)).message
-    delivered = bob.open(apply_forward(sent, proxy.inspect(sent))).message
-    ok = bob.protect(answer(delivered)).message
-    assert proxy.inspect(ok).seen
-    alice.open(ok)
-    return alice
-
-
 def _legacy_answer_charged_to(world, victim, n):
     """A 200 'from' the legacy peer, To ``victim``, to an INVITE the attacker sent
     through the proxy (tm matches a response by its Via branch alone, never by From or
@@ -216,7 +204,7 @@ def test_hole_unsigned_legacy_keys_are_charged_to_the_victims_quota(world):
     from e2m_plugins.keycache import MemoryKeyCache
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, legacy_peers=(LEGACY,),
                          cache=MemoryKeyCache(max_entries=16))          # quota: 2 keys
-    alice = _alices_call(world, proxy, "victim-call@x")
+    alice = answered_call(world, proxy, "victim-call@x")
     for n in range(4):
         assert proxy.inspect(_legacy_answer_charged_to(world, "alice", n)).action == "forward"
     reinvite = alice.protect(invite(world, call_id="victim-call@x", cseq=2, to_tag="b1"))
@@ -225,27 +213,12 @@ def test_hole_unsigned_legacy_keys_are_charged_to_the_victims_quota(world):
 
 # -- 3 and 4. the phone's certificate service client (45e879d) ---------------------------
 
-PROXY = ("127.0.0.1", 5999)
 ALICE, BOB = "sip:alice@example.com", "sip:bob@example.com"
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _phone(world):
-    from pjsua_hooks.certservice_client import CertServiceClient
-    engine = ua_engine(world, "alice", peers=())
-    sent: list[tuple[str, list[tuple[str, str]]]] = []
-    client = CertServiceClient(engine, world.user("alice").cert,
-                               send_subscribe=lambda aor, headers: sent.append((aor, headers)),
-                               contact=lambda: "sip:alice@127.0.0.1:5070",
-                               proxy_address=PROXY, clock=_Clock())
-    return engine, client, sent
+    made = subscriber(world)
+    return made.engine, made.client, made.sent
 
 
 def _subscribe(client, sent):
