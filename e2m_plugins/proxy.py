@@ -327,9 +327,8 @@ class ProxyEngine:
         over: its kept CEKs go (key-reuse-01)."""
         if not call_id or not from_tag:
             return
+        # a confirmed dialog's scope takes its early scopes with it (KeyCache.drop_scope)
         self.cache.drop_scope(DialogScope(call_id, from_tag, to_tag if confirmed else None))
-        if confirmed:
-            self.cache.drop_scope(DialogScope(call_id, from_tag))
 
     @staticmethod
     def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
@@ -389,12 +388,13 @@ class ProxyEngine:
                    for aor in parties)
 
     def _keys_for(self, message: SipMessage,
-                  looked_up: list[tuple[Scope, bytes, bytes]]) -> list[OpeningKey]:
+                  looked_up: list[tuple[Scope, bytes, bytes, Scope]]) -> list[OpeningKey]:
         """Our certificate key, and the CEKs we kept, found by kekri identifier
         while the envelope is opened (no second pass over the CMS).  A lookup spends
         no use of the key: each kept key found is noted in ``looked_up`` (scope, name,
         reference) and ``_spend`` counts it once the message passed every check, so
-        replayed or refused copies cannot use a dialog key up."""
+        replayed or refused copies cannot use a dialog key up; the message's own scope
+        rides along (worked out once)."""
         worked_out: list[tuple[Scope, Callable[[bytes], bytes]]] = []
 
         def kept_kek(reference: bytes) -> bytes | None:
@@ -409,26 +409,24 @@ class ProxyEngine:
                 kept = self.cache.get(candidate, name, count=False)
                 if kept is None:
                     continue
-                looked_up.append((candidate, name, bytes(reference)))
+                looked_up.append((candidate, name, bytes(reference), scope))
                 return kept.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
             return None
 
         return [self._own_key, KekLookup(kept_kek)]
 
     def _spend(self, message: SipMessage, opened: list[OpenedPart],
-               looked_up: list[tuple[Scope, bytes, bytes]]) -> None:
+               looked_up: list[tuple[Scope, bytes, bytes, Scope]]) -> None:
         """One use of each kept key that opened a part of this (accepted) message; a key
         found under the dialog's early scope by a message that confirms the dialog is
         kept for the dialog's whole life."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
-        scope = message_scope(message) if looked_up else None
-        for candidate, name, reference in looked_up:
+        for candidate, name, reference, scope in looked_up:
             if f"kekid={reference.hex()}" not in used:
                 continue               # found, but not what opened the part
             kept = self.cache.get(candidate, name)
             if kept is not None and candidate != scope and self._confirms_dialog(message):
-                assert scope is not None
                 self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
                                keeper=kept.keeper)
 
@@ -451,7 +449,7 @@ class ProxyEngine:
         limits = self._legacy_limits if legacy else DEFAULT_LIMITS
         opened: list[OpenedPart] = []
         unreadable: list[mime.MimePart] = []
-        looked_up: list[tuple[Scope, bytes, bytes]] = []
+        looked_up: list[tuple[Scope, bytes, bytes, Scope]] = []
         keys = self._keys_for(message, looked_up)
         for part in targets:
             try:
