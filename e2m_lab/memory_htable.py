@@ -1,8 +1,7 @@
 """An in-process stand-in for a Kamailio htable, for tests and benchmarks of
 ``kamailio_app.keycache_htable.HtableKeyCache`` without Kamailio: one dict of values
 with their own expiry, the locks checked for balance, and counters of what would cost
-in Kamailio (``scans``: prefix removals, which visit every bucket; ``reads``: entries
-``items()`` walked)."""
+in Kamailio (``gets`` and ``sets``: KSR calls; ``reads``: entries ``items()`` walked)."""
 
 from __future__ import annotations
 
@@ -16,13 +15,16 @@ class MemoryHtable:
         self.clock = clock
         self.data: dict[str, tuple[str, float]] = {}
         self.locked: list[str] = []
-        self.scans = 0
+        self.gets = 0
+        self.sets = 0
         self.reads = 0
 
     def set(self, key: str, value: str, ttl: int) -> None:
+        self.sets += 1
         self.data[key] = (value, self.clock() + ttl)
 
     def get(self, key: str) -> str | None:
+        self.gets += 1
         item = self.data.get(key)
         if item is not None and self.clock() >= item[1]:
             del self.data[key]     # Kamailio's autoexpire: gone once its time is up
@@ -31,11 +33,6 @@ class MemoryHtable:
 
     def remove(self, key: str) -> None:
         self.data.pop(key, None)
-
-    def remove_prefix(self, prefix: str) -> None:
-        self.scans += 1
-        for key in [k for k in self.data if k.startswith(prefix)]:
-            del self.data[key]
 
     def items(self) -> list[tuple[str, str]]:
         # expired entries too: Kamailio's htable timer removes them only now and then,

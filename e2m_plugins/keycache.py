@@ -27,7 +27,7 @@ refused, so the message that carried it is still answered as any other.
 
 ``MemoryKeyCache`` is the in-process implementation (pjsua2, tests).  The
 Kamailio app supplies a shared-memory one with the same ``KeyCache`` interface
-and reuses ``cache_key``, ``scope_key``, ``encode_entry`` and ``decode_entry``.
+and reuses ``scope_key``, ``encode_scope_keys`` and ``decode_scope_keys``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 import threading
 import time
@@ -56,10 +57,10 @@ __all__ = [
     "CacheLimits",
     "KeyCache",
     "MemoryKeyCache",
-    "cache_key",
     "scope_key",
-    "encode_entry",
-    "decode_entry",
+    "short_lived_key",
+    "encode_scope_keys",
+    "decode_scope_keys",
     "check_material",
     "short_lived",
     "over_quota",
@@ -72,6 +73,8 @@ __all__ = [
     "MAX_REFERENCE_BYTES",
     "MAX_CEK_BYTES",
     "KEEPER_SHARE",
+    "MAX_KEYS_PER_SCOPE",
+    "scope_victim",
 ]
 
 T1 = 0.5                        # RFC 3261 default RTT estimate, seconds
@@ -83,6 +86,8 @@ MAX_REFERENCE_BYTES = 256       # a CEKReference is an identifier; bound what we
 MAX_CEK_BYTES = 64              # AES-256 / ChaCha20 keys are 32 bytes; leave room
 KEEPER_SHARE = 8                # one keeper (the AoR whose message offered the key)
                                 # holds at most 1/8 of a cache unless told otherwise
+MAX_KEYS_PER_SCOPE = 32         # keys one dialog or transaction holds at once (a shared
+                                # cache keeps a scope's keys in one record)
 
 
 # --------------------------------------------------------------------------
@@ -237,10 +242,11 @@ class CacheLimits:
     max_ttl: float = MAX_TTL
     max_decrypts_cap: int | None = MAX_DECRYPTS_CAP
     max_per_keeper: int | None = None      # None: max_entries // KEEPER_SHARE
+    max_per_scope: int = MAX_KEYS_PER_SCOPE
 
     def __post_init__(self) -> None:
-        if self.max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
+        if self.max_entries < 1 or self.max_per_scope < 1:
+            raise ValueError("max_entries and max_per_scope must be at least 1")
         if self.max_per_keeper is not None and self.max_per_keeper < 1:
             raise ValueError("max_per_keeper must be at least 1 (or None)")
         if not 0 < self.default_ttl <= self.max_ttl or not 0 < self.transaction_ttl <= self.max_ttl:
@@ -276,6 +282,21 @@ def answer_keeper(caller: str, responder: str) -> str:
     """The keeper of a key an answer offers: the pair, the caller named first.  Each
     part is %-quoted, so the space between them cannot occur inside one."""
     return f"answer:{quote(caller, safe='')} {quote(responder, safe='')}"
+
+
+def scope_victim(kept: list[CachedKey], keeper: str | None) -> CachedKey:
+    """Which key a scope full of keys (``CacheLimits.max_per_scope``) lets go for a new
+    key of ``keeper``: the oldest of whichever keeper holds the most there, the new key
+    counted for its own (so on a tie its keeper's own oldest goes).  Anyone who can
+    get a message with a dialog's Call-ID and tags read can add keys to that scope;
+    this way a party's keys go only while it holds more than anyone else there (a long
+    call's session refreshes, each offering a key): another's flood takes a party's
+    keys only down to as many as the flooder holds, and its newest stay."""
+    counts: dict[str | None, int] = {}
+    for entry in kept:
+        counts[entry.keeper] = counts.get(entry.keeper, 0) + 1
+    holder = max(counts, key=lambda h: (counts[h] + (h == keeper), h == keeper))
+    return min((entry for entry in kept if entry.keeper == holder), key=lambda e: e.created)
 
 
 def keeper_groups(keeper: str, quota: int) -> list[tuple[str, int]]:
@@ -357,6 +378,10 @@ class MemoryKeyCache:
             if kept is not None and now < kept.expires:
                 return kept            # never overwritten, never refreshed
             self._remove(key)          # an expired one goes
+            refs = self._by_scope.get(scope, ())
+            if len(refs) >= self._limits.max_per_scope:
+                victim = scope_victim([self._entries[(scope, r)] for r in refs], keeper)
+                self._remove((scope, victim.reference))
             self._entries[key] = entry
             if short_lived(scope):
                 self._short[key] = None
@@ -494,28 +519,22 @@ def _key_part(text: str) -> str:
     return "#" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
 
 
-# A pure function of an immutable scope, asked for several times per message (entry,
-# index, early scopes): remembered, bounded.
+# A pure function of an immutable scope, asked for several times per message (record,
+# early scopes): remembered, bounded.
 @lru_cache(maxsize=1024)
 def scope_key(scope: Scope) -> str:
-    """The prefix every ``cache_key`` of ``scope`` starts with (ends with '/').
-
-    A shared-memory cache can drop a scope by removing keys with this prefix.
-    """
+    """The name a shared-memory cache keeps ``scope``'s keys under (ends with '/'): no
+    spaces, at most about 160 characters, one per scope (tags in either order)."""
     return ":".join(_key_part(p) for p in scope.parts()) + "/"
 
 
-def cache_key(scope: Scope, reference: bytes) -> str:
-    """A key string for (scope, reference): no spaces, at most about 220 characters."""
-    if len(reference) <= 32:
-        ref = reference.hex()
-    else:
-        ref = "#" + hashlib.sha256(reference).hexdigest()[:_HASH_CHARS]
-    return scope_key(scope) + ref
+def short_lived_key(name: str) -> bool:
+    """``short_lived`` for the scope a ``scope_key`` names: a transaction (``t:``) or a
+    dialog with one tag (parts never hold ':', so three parts are an early dialog)."""
+    return name.startswith("t:") or name.count(":") == 2
 
 
-_FORMAT = "k1"            # eight fields
-_FORMAT_KEEPER = "k2"     # and a ninth, the keeper
+_RECORD = "r1"    # the format of a scope's keys in a shared-memory cache (below)
 
 
 def _b64(data: bytes) -> str:
@@ -528,54 +547,66 @@ def _unb64(text: str) -> bytes:
 
 @lru_cache(maxsize=1024)   # pure, immutable scope: as scope_key
 def _encode_scope(scope: Scope) -> str:
-    return ",".join(quote(p, safe="") for p in scope.parts())
+    # JSON: any Call-ID or tag round-trips (lone surrogates too), on one line
+    return json.dumps(scope.parts())
 
 
 def _decode_scope(text: str) -> Scope:
-    parts = [unquote(p) for p in text.split(",")]
-    if parts[0] == "d" and len(parts) in (3, 4):
+    parts = json.loads(text)
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise ValueError("unknown scope form")
+    if parts[:1] == ["d"] and len(parts) in (3, 4):
         return DialogScope(parts[1], parts[2], parts[3] if len(parts) == 4 else None)
-    if parts[0] == "t" and len(parts) == 4:
+    if parts[:1] == ["t"] and len(parts) == 4 and parts[2].isdigit():
         return TransactionScope(parts[1], int(parts[2]), parts[3])
     raise ValueError("unknown scope form")
 
 
-def encode_entry(entry: CachedKey) -> str:
-    """A one-line text form of ``entry`` for an htable string value.
-
-    Fields, '|'-separated: format tag, reference, scope, created, expires,
-    uses left ('-' for none), cipher ('-' for none), CEK, and (format "k2") the
-    keeper, %-quoted; an entry with no keeper is written "k1", as before.  Times are written
-    as they are in the entry: a cache that serialises entries must run on
-    wall-clock epoch seconds (``clock=time.time``) so every process agrees.
-    The result contains the CEK: store it only in process memory.
-    """
-    uses = "-" if entry.max_decrypts is None else str(entry.max_decrypts)
-    cipher = "-" if entry.cipher is None else quote(entry.cipher, safe="")
-    fields = [_FORMAT, _b64(entry.reference), _encode_scope(entry.scope),
-              f"{entry.created:.3f}", f"{entry.expires:.3f}", uses, cipher, _b64(entry.cek)]
-    if entry.keeper is not None:
-        fields[0] = _FORMAT_KEEPER
-        fields.append(quote(entry.keeper, safe=""))
-    return "|".join(fields)
+def encode_scope_keys(scope: Scope, kept: list[tuple[CachedKey, str]]) -> str:
+    """The text form of ``scope``'s kept keys, each with the name of the node that kept
+    it (``origin``), for one htable value.  A first line ``r1|<scope>`` (its parts
+    as a JSON array of strings), then one line per key, '|'-separated: reference,
+    created, expires, uses left ('-' for none), cipher ('-'), CEK, origin, keeper ('-');
+    bytes and free text base64url without padding, times in the cache's clock with
+    three decimals.  The result contains CEKs: keep it sealed."""
+    lines = [f"{_RECORD}|{_encode_scope(scope)}"]
+    for entry, origin in kept:
+        uses = "-" if entry.max_decrypts is None else str(entry.max_decrypts)
+        cipher = "-" if entry.cipher is None else _b64(entry.cipher.encode())
+        keeper = "-" if entry.keeper is None else _b64(entry.keeper.encode())
+        lines.append(f"{_b64(entry.reference)}|{entry.created:.3f}|{entry.expires:.3f}|{uses}|"
+                     f"{cipher}|{_b64(entry.cek)}|{_b64(origin.encode())}|{keeper}")
+    return "\n".join(lines)
 
 
-def decode_entry(text: str) -> CachedKey:
-    """The inverse of ``encode_entry``; raises ``MalformedError`` on anything else."""
-    fields = text.split("|")
-    if (len(fields), fields[0]) not in ((8, _FORMAT), (9, _FORMAT_KEEPER)):
-        raise MalformedError("not an encoded key-cache entry")
+def decode_scope_keys(text: str) -> tuple[Scope, list[tuple[CachedKey, str]]]:
+    """The inverse of ``encode_scope_keys``; raises ``MalformedError`` on anything else
+    (a record that does not read is never used)."""
+    lines = text.split("\n")
+    tag, _, scope_text = lines[0].partition("|")
+    if tag != _RECORD:
+        raise MalformedError("not a key-cache record")
     try:
-        reference = _unb64(fields[1])
-        scope = _decode_scope(fields[2])
-        created, expires = float(fields[3]), float(fields[4])
-        uses = None if fields[5] == "-" else int(fields[5])
-        cipher = None if fields[6] == "-" else unquote(fields[6])
-        cek = _unb64(fields[7])
-        keeper = unquote(fields[8]) if len(fields) == 9 else None
-    except (ValueError, binascii.Error):
-        raise MalformedError("corrupt key-cache entry") from None
-    if not reference or not cek or (uses is not None and uses < 1):
-        raise MalformedError("corrupt key-cache entry")
-    return CachedKey(cek=cek, reference=reference, scope=scope, created=created,
-                     expires=expires, max_decrypts=uses, cipher=cipher, keeper=keeper or None)
+        scope = _decode_scope(scope_text)
+    except ValueError:
+        raise MalformedError("corrupt key-cache record") from None
+    out = []
+    for line in lines[1:]:
+        fields = line.split("|")
+        if len(fields) != 8:
+            raise MalformedError("corrupt key-cache record")
+        ref, created, expires, uses, cipher, cek, origin, keeper = fields
+        try:
+            entry = CachedKey(cek=_unb64(cek), reference=_unb64(ref), scope=scope,
+                              created=float(created), expires=float(expires),
+                              max_decrypts=None if uses == "-" else int(uses),
+                              cipher=None if cipher == "-" else _unb64(cipher).decode(),
+                              keeper=None if keeper == "-" else _unb64(keeper).decode())
+            node = _unb64(origin).decode()
+        except (ValueError, binascii.Error):     # UnicodeDecodeError is a ValueError
+            raise MalformedError("corrupt key-cache record") from None
+        if not entry.reference or not entry.cek or (entry.max_decrypts is not None
+                                                    and entry.max_decrypts < 1):
+            raise MalformedError("corrupt key-cache record")
+        out.append((entry, node))
+    return scope, out

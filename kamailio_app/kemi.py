@@ -698,11 +698,10 @@ class kamailio:
             return            # ours: ksr_onreply_route reads it
         self.route_reply()
 
-    # -- htable events ([cluster]): an expired key cache entry counts
+    # -- htable events ([cluster]): an expired key cache record (a scope's keys) counts
     def ksr_htable_event(self, *args):
         evname = args[-1] if args else ""
-        if evname == "htable:expired:e2mkeys" and \
-                not (KSR.pv.get("$shtrecord(key)") or "").startswith("@"):
+        if evname == "htable:expired:e2mkeys":
             KSR.statistics.update_stat("e2m_ceks_expired", 1)
         return 1
 

@@ -7,29 +7,27 @@ the re-INVITE.  The htable lives in shared memory and is visible to all of them.
 Two layers, so the logic can be tested without Kamailio:
 
 * ``KsrHtable``: the few KSR calls (set with a per-item expiry, get, remove,
-  remove by name prefix, iterate, slot lock).  Nothing else touches KSR.
+  iterate, slot lock).  Nothing else touches KSR.
 * ``HtableKeyCache``: the ``KeyCache`` protocol on any such backend, using the
-  core's ``cache_key`` / ``scope_key`` / ``encode_entry`` / ``decode_entry``.
+  core's ``scope_key`` / ``encode_scope_keys`` / ``decode_scope_keys``.
 
-Dropping a dialog: the htable can only remove names by prefix with a scan of every
-bucket (2**keycache_size of them, each locked in turn), which made a BYE cost
-milliseconds on a large table.  So each scope with a kept key (a dialog, or a
-transaction whose keys the failure route drops) has an index entry ("@" plus the
-scope's prefix) listing the references kept under it, and a BYE removes those
-names one by one.  An index that grows past ``INDEX_MAX_NAMES`` (or does not read)
-falls back to the prefix scan.  No lock is held across two names: the index is
-read-modified-written under its own slot lock only, which rules out two workers
-each holding one slot and waiting for the other's.
+One record per scope: every key kept for a dialog (or a transaction) lives in one
+htable item named ``scope_key(scope)``, sealed as a whole.  A BYE removes its
+dialog's records by name (no index to read, no scan of the table), a put is one
+read and one write under the record's slot lock, and a lookup one read.  A record
+holds at most ``max_per_scope`` keys (``keycache.scope_victim`` says which goes).
+No lock is ever held across two names, which rules out two workers each holding
+one slot and waiting for the other's.
 
 A kept key is never replaced (the core's rule, see ``e2m_plugins.keycache``): ``put``
-reads the name under its slot lock and keeps a live entry that is there.
+reads the record under its slot lock and keeps a live key that is there.
 
-Bounds: every entry has its own expiry (the htable drops it even if nobody asks),
-capped at ``max_ttl`` and by the table's ``autoexpire``; uses are clamped to
-``MAX_DECRYPTS_CAP``; and a sweep every ``sweep_every`` puts removes expired and
-corrupt entries and, over ``max_entries``, the oldest ones (short-lived ones first:
-``keycache.short_lived``).  Values contain the
-CEK: they are never logged, and the htable is never dumped by this code.
+Bounds: every record has its own expiry (its latest key's: the htable drops it even if
+nobody asks), capped at ``max_ttl`` and by the table's ``autoexpire``; uses are clamped
+to ``MAX_DECRYPTS_CAP``; and a sweep every ``sweep_every`` puts removes expired and
+corrupt keys and records and, over ``max_entries`` keys, the oldest ones (short-lived
+ones first: ``keycache.short_lived``).  Values contain CEKs: they are never logged,
+and the htable is never dumped by this code.
 """
 
 from __future__ import annotations
@@ -48,36 +46,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from e2m_plugins.errors import LimitExceededError, MalformedError
 from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSACTION_TTL,
-                                  CacheLimits, CachedKey, DialogScope, Scope, cache_key,
-                                  decode_entry, encode_entry, over_quota, scope_key,
-                                  short_lived)
+                                  CacheLimits, CachedKey, DialogScope, Scope,
+                                  decode_scope_keys, encode_scope_keys, over_quota, scope_key,
+                                  scope_victim, short_lived_key)
 
-__all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache", "INDEX_MAX_NAMES"]
+__all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache"]
 
-INDEX_MAX_NAMES = 32   # references listed per dialog; beyond, a BYE scans instead
-_INDEX = "@"           # index names; cache keys start with a scope letter, never "@"
-_SCAN = "*"            # an index that gave up listing: drop by prefix scan
-
-
-def _index_key(scope: Scope) -> str:
-    return _INDEX + scope_key(scope)
-
-
-def _read_index(raw: str | None) -> tuple[float, list[str] | None]:
-    """(expiry, listed names); names None when the index asks for a scan."""
-    if raw is None:
-        return 0.0, []
-    head, _, rest = raw.partition(" ")
-    try:
-        expires = float(head)
-    except ValueError:
-        return 0.0, None          # unreadable: scanning is always right
-    names = rest.split()
-    return expires, (None if _SCAN in names else names)
-
-
-def _write_index(expires: float, names: list[str] | None) -> str:
-    return f"{expires:.0f} " + (_SCAN if names is None else " ".join(names))
+Kept = list[tuple[CachedKey, str]]    # one record's keys, each with the node that kept it
 
 
 class HtableBackend(Protocol):
@@ -86,7 +61,6 @@ class HtableBackend(Protocol):
     def set(self, key: str, value: str, ttl: int) -> None: ...
     def get(self, key: str) -> str | None: ...
     def remove(self, key: str) -> None: ...
-    def remove_prefix(self, prefix: str) -> None: ...
     def items(self) -> list[tuple[str, str]]: ...
     def lock(self, key: str) -> None: ...
     def unlock(self, key: str) -> None: ...
@@ -113,10 +87,6 @@ class KsrHtable:
     def remove(self, key: str) -> None:
         self._ksr.htable.sht_rm(self.table, key)
 
-    def remove_prefix(self, prefix: str) -> None:
-        # "sw": names that start with prefix; no regexp, so no escaping to get wrong.
-        self._ksr.htable.sht_rm_name(self.table, "sw", prefix)
-
     def items(self) -> list[tuple[str, str]]:
         # The iterator holds a slot lock: collect first, act after it ends.
         out: list[tuple[str, str]] = []
@@ -141,40 +111,45 @@ class KsrHtable:
 
 
 class HtableKeyCache:
-    """A ``KeyCache`` whose entries live in a shared htable.
+    """A ``KeyCache`` whose keys live in a shared htable, one sealed record per scope.
 
-    ``clock`` must be wall-clock epoch seconds (the default): entries are read by
+    ``clock`` must be wall-clock epoch seconds (the default): records are read by
     other processes, which have no common monotonic clock.
     """
 
     def __init__(self, backend: HtableBackend, *, max_entries: int = 10_000,
                  default_ttl: float = DIALOG_TTL, transaction_ttl: float = TRANSACTION_TTL,
                  max_ttl: float = MAX_TTL, max_decrypts_cap: int | None = MAX_DECRYPTS_CAP,
-                 max_per_keeper: int | None = None, sweep_every: int | None = None, clock: Callable[[], float] = time.time,
+                 max_per_keeper: int | None = None, sweep_every: int | None = None,
+                 clock: Callable[[], float] = time.time,
                  seal_key: bytes | None = None, origin: str = "",
                  count: Callable[[str, int], None] | None = None,
                  refused: Callable[[str], None] | None = None) -> None:
         self._limits = CacheLimits(max_entries, default_ttl, transaction_ttl, max_ttl,
                                    max_decrypts_cap, max_per_keeper)
         self._backend = backend
-        # A sweep reads every entry through KSR: run it every tenth of the bound
+        # A sweep reads every record through KSR: run it every tenth of the bound
         # (per worker), so its cost per put stays about ten reads however large the
-        # table is, and the bound is soft by at most that many entries per worker.
+        # table is, and the bound is soft by at most that many keys per worker.
         self._sweep_every = max(1, sweep_every if sweep_every is not None
                                 else max(64, max_entries // 10))
         self._clock = clock
         self._puts = 0
-        # Entries are sealed with a key made here, before Kamailio forks: every
+        # Records are sealed with a key made here, before Kamailio forks: every
         # worker has it, and nothing outside this process tree does.  Kamailio
-        # logs KSR call arguments at debug level; a sealed entry shows no CEK.
-        # A cluster passes ``seal_key``, the same on every node (entries replicated
+        # logs KSR call arguments at debug level; a sealed record shows no CEK.
+        # A cluster passes ``seal_key``, the same on every node (records replicated
         # by DMQ open on each of them, and on nothing else); ``origin`` names this
-        # node inside the seal, so a key kept by another one is counted as such.
+        # node beside each key it keeps, so a key kept by another one counts as such.
         self._seal_key = AESGCM(seal_key if seal_key is not None
                                 else AESGCM.generate_key(bit_length=128))
         self._origin = origin
         self._count = count or (lambda _name, _n: None)
         self._refused = refused or (lambda _key: None)
+        # The last record opened (name, value, keys): a lookup and the use counted
+        # after it read the same value, which then opens once.  The value is the
+        # whole sealed text, so an equal one opens to the same keys.
+        self._opened: tuple[str, str, Kept] | None = None
 
     def __repr__(self) -> str:
         return f"HtableKeyCache(max_entries={self._limits.max_entries})"
@@ -186,225 +161,242 @@ class HtableKeyCache:
         now = self._clock()
         entry = self._limits.new_entry(scope, reference, cek, now, ttl=ttl,
                                        max_decrypts=max_decrypts, cipher=cipher, keeper=keeper)
-        life = entry.expires - now
-        key = cache_key(scope, entry.reference)
-        # Read-check-write under the slot lock: two workers keeping the same
-        # reference at once must not both write.
-        self._backend.lock(key)
+        name = scope_key(scope)
+        # Read-check-write under the slot lock: two workers keeping keys of one scope
+        # at once must not both write.
+        self._backend.lock(name)
         try:
-            kept = self._kept(key, scope, entry.reference, now)
-            if kept is not None:
-                return kept              # never overwritten, never refreshed
-            self._backend.set(key, self._seal(key, entry), max(1, math.ceil(life)))
+            kept = self._live_keys(name, scope, now)
+            for held, _ in kept:
+                if held.reference == entry.reference:
+                    return held              # never overwritten, never refreshed
+            if len(kept) >= self._limits.max_per_scope:
+                victim = scope_victim([held for held, _ in kept], keeper)
+                kept = [row for row in kept if row[0] is not victim]
+            self._write(name, kept + [(entry, self._origin)], now)
         finally:
-            self._backend.unlock(key)
+            self._backend.unlock(name)
         self._count("e2m_ceks_kept", 1)
-        # indexed, so that ending the scope removes its names without a scan
-        self._list_in_index(scope, key[len(scope_key(scope)):], entry.expires, now)
         self._puts += 1
         if self._puts % self._sweep_every == 0:
             self.sweep()
         return entry
 
-    def _kept(self, key: str, scope: Scope, reference: bytes, now: float) -> CachedKey | None:
-        """The live entry stored under ``key`` for (scope, reference), if any (lock held)."""
-        raw = self._backend.get(key)
+    def _live_keys(self, name: str, scope: Scope, now: float) -> Kept:
+        """The live keys of the record ``name`` (lock held); none if it does not open
+        (a put then writes over it: what was there could not be used anyway)."""
+        raw = self._backend.get(name)
         if raw is None:
-            return None
+            return []
         try:
-            entry = self._unseal(key, raw)
+            kept = self._unseal(name, raw, scope)
         except MalformedError:
-            return None
-        if now >= entry.expires or entry.scope != scope or entry.reference != reference:
-            return None
-        return entry
+            return []
+        live = [row for row in kept if now < row[0].expires]
+        if len(live) != len(kept):
+            self._count("e2m_ceks_expired", len(kept) - len(live))
+        return live
+
+    def _write(self, name: str, kept: Kept, now: float) -> None:
+        """Store ``kept`` as the record ``name`` (lock held), living as long as its
+        latest key; no key left: the record goes."""
+        if not kept:
+            self._backend.remove(name)
+            return
+        life = max(entry.expires for entry, _ in kept) - now
+        self._backend.set(name, self._seal(name, kept), max(1, math.ceil(life)))
 
     def get(self, scope: Scope, reference: bytes, *, count: bool = True) -> CachedKey | None:
-        key = cache_key(scope, bytes(reference))
-        raw = self._backend.get(key)
+        name = scope_key(scope)
+        reference = bytes(reference)
+        raw = self._backend.get(name)
         if raw is None:
             return None   # nothing kept: a miss needs no lock (the kekri answer tries two scopes)
         if not count:
             # Only a look (the proxy spends the use once the message passed its checks):
-            # one read and no lock while the entry is good, nothing written.
+            # one read and no lock, nothing written.
             try:
-                entry, _ = self._unseal_from(key, raw)
+                kept = self._unseal(name, raw, scope)
             except MalformedError:
-                self._refuse_if_unchanged(key, raw)
+                self._refuse_if_unchanged(name, raw)
                 return None
-            return entry if self._fits(entry, scope, reference, self._clock()) else None
+            now = self._clock()
+            return next((entry for entry, _ in kept
+                         if entry.reference == reference and now < entry.expires), None)
         # Counting a use is read-modify-write: another worker may be doing the same.
-        self._backend.lock(key)
+        self._backend.lock(name)
         try:
-            raw = self._backend.get(key)
+            raw = self._backend.get(name)
             if raw is None:
                 return None
             try:
-                entry, origin = self._unseal_from(key, raw)
+                kept = self._unseal(name, raw, scope)
             except MalformedError:
-                self._refused(key)         # never used, and gone (_refuse_if_unchanged)
-                self._backend.remove(key)
+                self._refused(name)        # never used, and gone (_refuse_if_unchanged)
+                self._backend.remove(name)
                 return None
             now = self._clock()
-            if not self._fits(entry, scope, reference, now):
-                if now >= entry.expires:
-                    self._count("e2m_ceks_expired", 1)
-                self._backend.remove(key)
+            live = [row for row in kept if now < row[0].expires]
+            expired = len(kept) - len(live)
+            if expired:
+                self._count("e2m_ceks_expired", expired)
+            found = next((row for row in live if row[0].reference == reference), None)
+            if found is None:
+                if expired:
+                    self._write(name, live, now)
                 return None
+            entry, origin = found
             if origin != self._origin:
                 self._count("e2m_ceks_replicated", 1)
             if entry.max_decrypts is None:
+                if expired:
+                    self._write(name, live, now)
                 return entry
             left = entry.max_decrypts - 1
-            if left <= 0:
-                self._backend.remove(key)      # this is the last permitted use
-            else:
-                kept = replace(entry, max_decrypts=left)     # still the keeper's entry
-                self._backend.set(key, self._seal(key, kept, origin),
-                                  max(1, math.ceil(entry.expires - now)))
+            rest = [row for row in live if row is not found]
+            if left > 0:                    # else this is the last permitted use
+                rest.append((replace(entry, max_decrypts=left), origin))  # still the keeper's
+            self._write(name, rest, now)
             return replace(entry, max_decrypts=left)
         finally:
-            self._backend.unlock(key)
+            self._backend.unlock(name)
 
-    def _refuse_if_unchanged(self, key: str, raw: str) -> None:
-        """An entry that does not open (forged, corrupt, or sealed by someone without
+    def _refuse_if_unchanged(self, name: str, raw: str) -> None:
+        """A record that does not open (forged, corrupt, or sealed by someone without
         our key, such as a rogue DMQ peer) is never used, and goes: under the lock, and
         only if it is still the one read (a put may have just written a good one)."""
-        self._backend.lock(key)
+        self._backend.lock(name)
         try:
-            if self._backend.get(key) == raw:
-                self._refused(key)
-                self._backend.remove(key)
+            if self._backend.get(name) == raw:
+                self._refused(name)
+                self._backend.remove(name)
         finally:
-            self._backend.unlock(key)
-
-    @staticmethod
-    def _fits(entry: CachedKey, scope: Scope, reference: bytes, now: float) -> bool:
-        """Live, and the entry its name says (the name is bound into the seal as well)."""
-        return now < entry.expires and entry.scope == scope and entry.reference == reference
+            self._backend.unlock(name)
 
     def drop(self, scope: Scope, reference: bytes) -> None:
-        self._backend.remove(cache_key(scope, bytes(reference)))
+        name = scope_key(scope)
+        reference = bytes(reference)
+        self._backend.lock(name)
+        try:
+            now = self._clock()
+            kept = self._live_keys(name, scope, now)
+            rest = [row for row in kept if row[0].reference != reference]
+            if len(rest) != len(kept) or not kept:
+                self._write(name, rest, now)
+        finally:
+            self._backend.unlock(name)
 
     def drop_scope(self, scope: Scope) -> None:
-        """Every key of ``scope``; for a confirmed dialog also those of its early scopes."""
+        """Every key of ``scope``; for a confirmed dialog also those of its early scopes:
+        one removal by name each, nothing read."""
         early = scope.early_scopes() if isinstance(scope, DialogScope) else ()
         for item in (scope, *early):
-            prefix = scope_key(item)
-            _, names = self._take_index(item)
-            if names is None:
-                self._backend.remove_prefix(prefix)
-            for name in names or ():
-                self._backend.remove(prefix + name)
-
-    # -- the per-scope index ----------------------------------------------------------
-    def _list_in_index(self, scope: Scope, name: str, expires: float, now: float) -> None:
-        index = _index_key(scope)
-        self._backend.lock(index)
-        try:
-            until, names = _read_index(self._backend.get(index))
-            if names is not None and name not in names:
-                names = names + [name] if len(names) < INDEX_MAX_NAMES else None
-            until = max(until, expires)        # the index outlives every entry it lists
-            self._backend.set(index, _write_index(until, names), max(1, math.ceil(until - now)))
-        finally:
-            self._backend.unlock(index)
-
-    def _take_index(self, scope: Scope) -> tuple[float, list[str] | None]:
-        """Read and remove the index of ``scope`` (no index: nothing is kept there)."""
-        index = _index_key(scope)
-        if self._backend.get(index) is None:
-            return _read_index(None)   # no index (every BYE asks for four): no lock
-        self._backend.lock(index)
-        try:
-            raw = self._backend.get(index)
-            if raw is not None:
-                self._backend.remove(index)
-        finally:
-            self._backend.unlock(index)
-        return _read_index(raw)
+            self._backend.remove(scope_key(item))
 
     def __len__(self) -> int:
         now = self._clock()
-        return sum(1 for _, entry in self._live(now))
+        return sum(1 for _ in self._live(now))
 
     # -- sealing -----------------------------------------------------------------
-    def _seal(self, key: str, entry: CachedKey, origin: str | None = None) -> str:
+    def _seal(self, name: str, kept: Kept) -> str:
         nonce = os.urandom(12)
-        origin = self._origin if origin is None else origin
-        plain = f"{origin}\n{encode_entry(entry)}".encode()
-        sealed = self._seal_key.encrypt(nonce, plain, key.encode())
-        return base64.b64encode(nonce + sealed).decode("ascii")
+        plain = encode_scope_keys(kept[0][0].scope, kept).encode()
+        sealed = self._seal_key.encrypt(nonce, plain, name.encode())
+        value = base64.b64encode(nonce + sealed).decode("ascii")
+        self._opened = (name, value, kept)
+        return value
 
-    def _unseal(self, key: str, raw: str) -> CachedKey:
-        return self._unseal_from(key, raw)[0]
-
-    def _unseal_from(self, key: str, raw: str) -> tuple[CachedKey, str]:
-        """The entry sealed under ``key`` (the name is bound in: an entry copied to
-        another name does not open) and the node that sealed it."""
-        try:
-            data = base64.b64decode(raw, validate=True)
-            plain = self._seal_key.decrypt(data[:12], data[12:], key.encode()).decode()
-        except (ValueError, binascii.Error, InvalidTag, UnicodeDecodeError):
-            raise MalformedError("key cache entry does not open") from None
-        origin, sep, text = plain.partition("\n")
-        if not sep:
-            raise MalformedError("key cache entry does not open")
-        return decode_entry(text), origin
+    def _unseal(self, name: str, raw: str, scope: Scope | None = None) -> Kept:
+        """The keys sealed under ``name`` (the name is bound in: a record copied to
+        another name does not open), each with the node that kept it; ``scope``, when
+        given, must be the one the record says."""
+        opened = self._opened
+        if opened is not None and opened[0] == name and opened[1] == raw:
+            kept = opened[2]
+        else:
+            try:
+                data = base64.b64decode(raw, validate=True)
+                plain = self._seal_key.decrypt(data[:12], data[12:], name.encode()).decode()
+            except (ValueError, binascii.Error, InvalidTag):     # UnicodeDecodeError: ValueError
+                raise MalformedError("key cache record does not open") from None
+            own, kept = decode_scope_keys(plain)
+            if scope_key(own) != name:
+                raise MalformedError("key cache record names another scope")
+            self._opened = (name, raw, kept)
+        if scope is not None and kept and kept[0][0].scope != scope:
+            raise MalformedError("key cache record names another scope")
+        return kept
 
     # -- housekeeping ------------------------------------------------------------
-    def _live(self, now: float) -> Iterator[tuple[str, CachedKey]]:
-        for key, raw in self._backend.items():
-            if key.startswith(_INDEX):
-                continue
+    def _records(self, now: float) -> Iterator[tuple[str, str, Kept | None]]:
+        """Every item of the table: (name, value, its keys), keys None for an item that
+        is not one of our records or does not open."""
+        for name, raw in self._backend.items():
             try:
-                entry = self._unseal(key, raw)
+                yield name, raw, self._unseal(name, raw)
             except MalformedError:
-                continue
-            if now < entry.expires:
-                yield key, entry
+                yield name, raw, None
+
+    def _live(self, now: float) -> Iterator[tuple[str, CachedKey]]:
+        for name, _, kept in self._records(now):
+            for entry, _ in kept or ():
+                if now < entry.expires:
+                    yield name, entry
 
     def sweep(self) -> int:
-        """Drop expired and corrupt entries, each keeper's past its quota, (over
-        ``max_entries``) the oldest, and the indexes that list none of those left;
-        returns how many names went."""
+        """Drop expired keys, records that do not open, each keeper's keys past its
+        quota and (over ``max_entries``) the oldest; returns how many keys and
+        unreadable items went."""
         now = self._clock()
-        live: list[tuple[bool, float, str]] = []   # (kept long, created, name)
+        live: list[tuple[bool, float, str]] = []   # (kept long, created, record + key)
         keepers: list[tuple[str | None, bool, float, str]] = []
-        dead: list[str] = []
-        indexes: list[tuple[str, str]] = []
-        for key, raw in self._backend.items():
-            if key.startswith(_INDEX):
-                indexes.append((key, raw))
+        gone: dict[str, set[str]] = {}          # record -> its keys to drop (b64 refs)
+        dead = 0
+        for name, raw, kept in self._records(now):
+            if kept is None:
+                self._backend.remove(name)   # not ours, an old format, or forged
+                dead += 1
                 continue
-            try:
-                entry = self._unseal(key, raw)
-            except MalformedError:
-                dead.append(key)
-                continue
-            if now >= entry.expires:
-                dead.append(key)
-                self._count("e2m_ceks_expired", 1)
-            else:
-                live.append((not short_lived(entry.scope), entry.created, key))
-                keepers.append((entry.keeper, *live[-1]))
+            long_lived = not short_lived_key(name)
+            for entry, _ in kept:
+                label = name + entry.reference.hex()
+                if now >= entry.expires:
+                    gone.setdefault(name, set()).add(label)
+                    self._count("e2m_ceks_expired", 1)
+                else:
+                    live.append((long_lived, entry.created, label))
+                    keepers.append((entry.keeper, *live[-1]))
         # One keeper's keys past its quota go first: its own, not anyone else's.
         excess = set(over_quota(keepers, self._limits.keeper_quota))
         if excess:
-            dead.extend(excess)
             live = [row for row in live if row[2] not in excess]
         if len(live) > self._limits.max_entries:
             # short-lived keys (transactions, early dialogs) go first, then the oldest:
             # one user's new requests cannot push out the keys of calls under way
             live.sort()
-            dead.extend(key for _, _, key in live[:len(live) - self._limits.max_entries])
-            live = live[len(live) - self._limits.max_entries:]
-        # An index goes with the last entry it lists (so indexes stay within the bound
-        # too) or when it expires.  A put racing this sweep may lose its index: that
-        # dialog's keys then live until their own expiry instead of the BYE.
-        listed = {key[:key.rfind("/") + 1] for _, _, key in live}
-        dead.extend(key for key, raw in indexes
-                    if now >= _read_index(raw)[0] or key[len(_INDEX):] not in listed)
-        for key in dead:
-            self._backend.remove(key)
-        return len(dead)
+            excess.update(label for _, _, label in live[:len(live) - self._limits.max_entries])
+        for label in excess:
+            gone.setdefault(label[:label.rindex("/") + 1], set()).add(label)
+        for name, labels in gone.items():
+            dead += self._drop_labels(name, labels, now)
+        return dead
+
+    def _drop_labels(self, name: str, labels: set[str], now: float) -> int:
+        """Remove the keys ``labels`` names from record ``name``, re-read under its lock
+        (a worker may have changed it since the sweep read it)."""
+        self._backend.lock(name)
+        try:
+            raw = self._backend.get(name)
+            if raw is None:
+                return 0
+            try:
+                kept = self._unseal(name, raw)
+            except MalformedError:
+                return 0
+            rest = [row for row in kept if name + row[0].reference.hex() not in labels
+                    and now < row[0].expires]
+            self._write(name, rest, now)
+            return len(kept) - len(rest)
+        finally:
+            self._backend.unlock(name)
+

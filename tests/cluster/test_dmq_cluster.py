@@ -77,23 +77,22 @@ def test_a_request_seen_by_a_is_a_replay_at_b(cluster, alice, bob):
 # --------------------------------------------------------------------------- split brain
 
 def forged_entry(name: str, genuine: str, cluster_key: bytes) -> tuple[str, bytes]:
-    """What a rogue DMQ peer would write under ``name``: the same scope and reference
-    as the genuine entry, a CEK of its own choosing, sealed under its own key (it
-    does not hold the domain's private key).  Returns the value and its CEK."""
+    """What a rogue DMQ peer would write under ``name``: the same scope and references
+    as the genuine record, CEKs of its own choosing, sealed under its own key (it does
+    not hold the domain's private key).  Returns the value and its first CEK."""
     import base64
     import os
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from dataclasses import replace
-    from e2m_plugins.keycache import decode_entry, encode_entry
+    from e2m_plugins.keycache import decode_scope_keys, encode_scope_keys
     data = base64.b64decode(genuine)
     plain = AESGCM(cluster_key).decrypt(data[:12], data[12:], name.encode()).decode()
-    origin, _, text = plain.partition("\n")
-    rogue_cek = os.urandom(len(decode_entry(text).cek))
-    entry = replace(decode_entry(text), cek=rogue_cek)
+    scope, kept = decode_scope_keys(plain)
+    rogue = [(replace(entry, cek=os.urandom(len(entry.cek))), origin) for entry, origin in kept]
     nonce = os.urandom(12)
     sealed = AESGCM(AESGCM.generate_key(bit_length=256)).encrypt(
-        nonce, f"{origin}\n{encode_entry(entry)}".encode(), name.encode())
-    return base64.b64encode(nonce + sealed).decode(), rogue_cek
+        nonce, encode_scope_keys(scope, rogue).encode(), name.encode())
+    return base64.b64encode(nonce + sealed).decode(), rogue[0][0].cek
 
 
 def test_split_brain_a_forged_replicated_key_entry_is_refused_not_used(cluster, alice, bob):
@@ -112,7 +111,7 @@ def test_split_brain_a_forged_replicated_key_entry_is_refused_not_used(cluster, 
 
     def rogue_write() -> None:
         # called by bob's phone between the INVITE and its 200
-        kept = {n: v for n, v in htable_dump(a).items() if not n.startswith("@")}
+        kept = htable_dump(a)          # one record per scope: the INVITE's early dialog
         assert kept, "A kept no key for the offer"
         for name, value in kept.items():
             forged[name], _ = forged_entry(name, value, key)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from e2m_plugins.keycache import DialogScope, cache_key
+from e2m_plugins.keycache import DialogScope, scope_key
 from e2m_lab.memory_htable import MemoryHtable
 from kamailio_app.config import AppConfigError, DmqUri, parse_app_config
 from kamailio_app.keycache_htable import HtableKeyCache
@@ -134,19 +134,21 @@ def test_an_entry_kept_by_one_node_opens_on_the_other_and_counts_as_replicated()
 
 
 def test_an_entry_sealed_by_anyone_else_is_refused_and_removed():
-    """A rogue peer's entry (its own seal key), an entry moved to another name, and
-    noise: none is used; each is reported and removed."""
+    """A rogue peer's record (its own seal key), a record moved to another scope's
+    name, and noise: none is used; each is reported and removed."""
     table, counted, refused = MemoryHtable(), [], []
     rogue = _node(table, bytes(32), "sip:rogue:5090", counted, refused)
     b = _node(table, bytes(range(32)), "sip:b:5090", counted, refused)
     rogue.put(SCOPE, b"ref", b"\x01" * 16)
     assert b.get(SCOPE, b"ref") is None
-    assert refused == [cache_key(SCOPE, b"ref")] and cache_key(SCOPE, b"ref") not in table.data
+    assert refused == [scope_key(SCOPE)] and scope_key(SCOPE) not in table.data
     b.put(SCOPE, b"one", b"\x02" * 16)                    # genuine, then moved
-    table.set(cache_key(SCOPE, b"two"), table.get(cache_key(SCOPE, b"one")), 600)
-    assert b.get(SCOPE, b"two") is None
-    table.set(cache_key(SCOPE, b"three"), "bm9pc2U=", 600)
-    assert b.get(SCOPE, b"three") is None
+    moved = DialogScope("call-2@example.com", "a", "b")
+    table.set(scope_key(moved), table.get(scope_key(SCOPE)), 600)
+    assert b.get(moved, b"one") is None
+    noise = DialogScope("call-3@example.com", "a", "b")
+    table.set(scope_key(noise), "bm9pc2U=", 600)
+    assert b.get(noise, b"three") is None
     assert len(refused) == 3 and b.get(SCOPE, b"one").cek == b"\x02" * 16
 
 

@@ -1,7 +1,7 @@
 """HtableKeyCache logic on an in-process stand-in for Kamailio's htable.
 
 The only fake in the Kamailio tests: ``MemoryHtable`` plays the htable (per-item
-expiry, prefix removal, iteration) so the cache's rules can be checked without a
+expiry, iteration, slot locks) so the cache's rules can be checked without a
 running Kamailio.  The real ``KsrHtable`` is exercised by the flow tests (CEK reuse
 across workers).
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from e2m_plugins.errors import LimitExceededError
-from e2m_plugins.keycache import (MAX_DECRYPTS_CAP, DialogScope, KeyCache, TransactionScope,
-                                  cache_key, scope_key)
+from e2m_plugins.keycache import (MAX_DECRYPTS_CAP, MAX_KEYS_PER_SCOPE, DialogScope, KeyCache,
+                                  TransactionScope, scope_key)
 from e2m_lab.memory_htable import MemoryHtable
-from kamailio_app.keycache_htable import INDEX_MAX_NAMES, HtableKeyCache
+from kamailio_app.keycache_htable import HtableKeyCache
 
 
 class Clock:
@@ -50,8 +50,8 @@ def test_follows_the_core_protocol(cache):
 
 def test_round_trip_through_the_text_form(cache, table):
     kept = cache.put(DIALOG, b"ref-1", CEK, max_decrypts=3, cipher="aes-128-gcm")
-    key = cache_key(DIALOG, b"ref-1")
-    assert set(table.data) == {key, "@" + scope_key(DIALOG)}     # the entry and its index
+    key = scope_key(DIALOG)
+    assert set(table.data) == {key}                  # one record for the scope, nothing else
     stored, _ = table.data[key]
     assert CEK.hex() not in stored and "ref-1" not in stored   # encoded, not raw
     got = cache.get(DIALOG, b"ref-1")
@@ -100,46 +100,78 @@ def test_drop_scope_takes_the_early_scope_too(cache):
     assert len(cache) == 1
 
 
-def test_a_bye_drops_the_dialog_by_its_index_without_scanning_the_table(cache, table):
+def test_a_scope_is_one_record_and_a_bye_removes_it_by_name_reading_nothing(cache, table):
     early = DialogScope(DIALOG.call_id, "AliceTag")
     cache.put(early, b"offer", CEK)
     cache.put(DIALOG, b"answer", CEK)
     cache.put(DIALOG, b"re-invite", CEK)
-    cache.put(DIALOG, b"answer", CEK)                  # listed once
+    cache.put(DIALOG, b"answer", b"\x09" * 16)        # kept once, the first CEK stays
     other = DialogScope("call-2@example.com", "x", "y")
     cache.put(other, b"kept", CEK)
+    assert set(table.data) == {scope_key(early), scope_key(DIALOG), scope_key(other)}
+    assert len(cache) == 4 and cache.get(DIALOG, b"answer", count=False).cek == CEK
+    table.reads = table.gets = 0
     cache.drop_scope(DIALOG)
-    assert table.scans == 0 and not table.locked
-    assert set(table.data) == {cache_key(other, b"kept"), "@" + scope_key(other)}
+    assert table.reads == 0 and table.gets == 0 and not table.locked
+    assert set(table.data) == {scope_key(other)}
     assert cache.get(other, b"kept") is not None
 
 
-def test_an_index_past_its_bound_or_unreadable_falls_back_to_the_scan(cache, table):
-    for n in range(INDEX_MAX_NAMES + 3):
-        cache.put(DIALOG, b"r%d" % n, CEK)
-    cache.drop_scope(DIALOG)
-    assert table.scans == 1 and len(cache) == 0
+def test_a_put_is_one_read_and_one_write_and_a_look_one_read(cache, table):
+    table.gets = table.sets = 0
     cache.put(DIALOG, b"r", CEK)
-    table.set("@" + scope_key(DIALOG), "not an index", 100)
-    cache.drop_scope(DIALOG)
-    assert table.scans == 2 and cache.get(DIALOG, b"r") is None
+    assert (table.gets, table.sets) == (1, 1)
+    table.gets = table.sets = 0
+    assert cache.get(DIALOG, b"r", count=False) is not None
+    assert (table.gets, table.sets) == (1, 0)
 
 
-def test_the_index_lives_as_long_as_its_longest_entry_and_the_sweep_keeps_it(cache, table, clock):
+def test_a_scope_holds_its_bound_and_a_flood_pushes_out_only_its_own(table, clock):
+    """Anyone whose message with a dialog's Call-ID and tags is read can add keys to
+    its record: past ``MAX_KEYS_PER_SCOPE`` the biggest holder's oldest goes, so a
+    flood turns over its own keys, never the party's (``keycache.scope_victim``)."""
+    cache = HtableKeyCache(table, clock=clock, max_entries=1000)
+    cache.put(DIALOG, b"alice", CEK, keeper="sip:alice@example.com")
+    for n in range(MAX_KEYS_PER_SCOPE + 8):
+        clock.now += 1
+        cache.put(DIALOG, b"carol%d" % n, CEK, keeper="sip:carol@example.com")
+    assert len(cache) == MAX_KEYS_PER_SCOPE and set(table.data) == {scope_key(DIALOG)}
+    assert cache.get(DIALOG, b"alice") is not None
+    assert cache.get(DIALOG, b"carol0") is None
+    assert cache.get(DIALOG, b"carol%d" % (MAX_KEYS_PER_SCOPE + 7)) is not None
+
+
+def test_a_record_lives_as_long_as_its_longest_key_and_the_sweep_keeps_the_rest(
+        cache, table, clock):
     cache.put(DIALOG, b"long", CEK, ttl=300)
     cache.put(DIALOG, b"short", CEK, ttl=10)
+    assert table.data[scope_key(DIALOG)][1] == clock.now + 300
     clock.now += 100
-    assert cache.sweep() == 1                     # the short entry, not the index
-    assert "@" + scope_key(DIALOG) in table.data
+    assert cache.sweep() == 1                     # the short key, not the record
+    assert cache.get(DIALOG, b"long", count=False) is not None
+    assert cache.get(DIALOG, b"short", count=False) is None
     cache.drop_scope(DIALOG)
-    assert table.scans == 0 and cache.get(DIALOG, b"long") is None
-    clock.now += 1000
-    # a transaction's keys are indexed too: the failure route drops them without a scan
+    assert cache.get(DIALOG, b"long") is None and not table.data
+    # a transaction's keys are one record too: the failure route drops it by name
     transaction = TransactionScope("c", 1, "z9hG4bK1")
     cache.put(transaction, b"t", CEK)
-    assert "@" + scope_key(transaction) in table.data
+    assert set(table.data) == {scope_key(transaction)}
     cache.drop_scope(transaction)
-    assert table.scans == 0 and not table.data
+    assert not table.data
+
+
+def test_a_record_moved_to_another_scope_or_from_before_does_not_open(cache, table):
+    """The record's name is sealed in: a copy under another scope's name (or an item
+    of the old one-name-per-key format, or an old index) is never used, and a
+    sweep removes what does not open."""
+    other = DialogScope("call-2@example.com", "x", "y")
+    cache.put(DIALOG, b"r", CEK)
+    table.set(scope_key(other), table.get(scope_key(DIALOG)), 600)
+    assert cache.get(other, b"r") is None and scope_key(other) not in table.data
+    table.set(scope_key(DIALOG) + "0102", "k1|AQ|d,c,t|1|2|-|-|AA", 600)
+    table.set("@" + scope_key(DIALOG), "1800000600 0102", 600)
+    assert cache.sweep() == 2 and set(table.data) == {scope_key(DIALOG)}
+    assert cache.get(DIALOG, b"r").cek == CEK
 
 
 def test_drop_one(cache):
@@ -150,7 +182,7 @@ def test_drop_one(cache):
 
 
 def test_corrupt_values_are_ignored_and_removed(cache, table):
-    key = cache_key(DIALOG, b"r")
+    key = scope_key(DIALOG)
     table.set(key, "k1|garbage", 100)
     assert cache.get(DIALOG, b"r") is None
     assert key not in table.data

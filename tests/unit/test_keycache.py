@@ -18,10 +18,11 @@ from e2m_plugins.keycache import (
     KeyCache,
     MemoryKeyCache,
     TransactionScope,
-    cache_key,
-    decode_entry,
-    encode_entry,
+    decode_scope_keys,
+    encode_scope_keys,
     scope_key,
+    scope_victim,
+    short_lived_key,
 )
 
 CEK = bytes(range(16))
@@ -197,21 +198,56 @@ def test_repr_hides_the_cek(cache: MemoryKeyCache) -> None:
 
 
 def test_encode_decode_round_trip(clock: FakeClock) -> None:
-    scopes = [DIALOG, DialogScope("odd|call,id %x@[::1]", "t|1"),
+    scopes = [DIALOG, DialogScope("odd|call,id %x@[::1]\n", "t|1"),
               TransactionScope("m@h", 7, "z9hG4bK-a|b")]
     for scope in scopes:
         entry = CachedKey(cek=os.urandom(32), reference=os.urandom(20), scope=scope,
                           created=1_700_000_000.25, expires=1_700_043_200.5, max_decrypts=9,
                           cipher="aes-256-gcm")
-        text = encode_entry(entry)
-        assert " " not in text and "\n" not in text
-        assert decode_entry(text) == entry
-    bare = CachedKey(cek=CEK, reference=REF, scope=DIALOG, created=1.0, expires=2.0)
-    assert decode_entry(encode_entry(bare)) == bare
-    assert encode_entry(bare).startswith("k1|")          # no keeper: the format before
-    kept = replace(bare, keeper="sip:odd|user,%x@example.com")
-    assert encode_entry(kept).startswith("k2|")
-    assert decode_entry(encode_entry(kept)) == kept
+        bare = CachedKey(cek=CEK, reference=REF, scope=scope, created=1.0, expires=2.0)
+        odd = replace(bare, reference=b"other", keeper="answer:sip%3Aodd|user sip:x\n|y")
+        kept = [(entry, "sip:node-a:5090"), (bare, ""), (odd, "node|b\nc")]
+        text = encode_scope_keys(scope, kept)
+        assert text.startswith("r1|") and text.count("\n") == 3     # one line per key
+        assert decode_scope_keys(text) == (scope, kept)
+
+
+def test_a_scope_key_names_its_scope_and_says_whether_it_is_short_lived() -> None:
+    long_scope = DialogScope("x" * 5000 + " with spaces", "t" * 300, "u")
+    name = scope_key(long_scope)
+    assert " " not in name and len(name) <= 160 and name.endswith("/")
+    assert scope_key(DIALOG) == f"d:{DIALOG.call_id}:1928301774:a6c85cf/"
+    assert scope_key(DialogScope(DIALOG.call_id, "A6C85CF", "1928301774")) == scope_key(DIALOG)
+    assert not short_lived_key(name) and not short_lived_key(scope_key(DIALOG))
+    assert short_lived_key(scope_key(DialogScope("a:b:c@x", "t:1")))        # parts hashed
+    assert short_lived_key(scope_key(TransactionScope("c@x", 1, "z9hG4bK-1")))
+
+
+def test_a_full_scope_lets_go_of_the_biggest_holders_oldest_key() -> None:
+    def key(n: int, keeper: str | None) -> CachedKey:
+        return CachedKey(cek=CEK, reference=b"r%d" % n, scope=DIALOG, created=float(n),
+                         expires=1e9, keeper=keeper)
+    alice = [key(n, "alice") for n in range(3)]
+    carol = [key(n, "carol") for n in range(3, 8)]
+    assert scope_victim(alice + carol, "alice") is carol[0]   # carol holds the most
+    assert scope_victim(alice + carol, "carol") is carol[0]
+    even = alice + carol[:2]
+    assert scope_victim(even, "alice") is alice[0]            # a tie: the newcomer's own
+    assert scope_victim(even, "carol") is carol[0]
+    assert scope_victim(even, "bob") is alice[0]              # a tie for a third: the first
+    assert scope_victim(alice, None) is alice[0]
+
+
+def test_memory_cache_holds_a_scope_to_its_bound(clock: FakeClock) -> None:
+    from e2m_plugins.keycache import MAX_KEYS_PER_SCOPE
+    cache = MemoryKeyCache(clock=clock)
+    cache.put(DIALOG, b"alice", CEK, keeper="alice")
+    for n in range(MAX_KEYS_PER_SCOPE + 5):
+        clock.now += 1
+        cache.put(DIALOG, b"carol%d" % n, CEK, keeper="carol")
+    assert len(cache) == MAX_KEYS_PER_SCOPE
+    assert cache.get(DIALOG, b"alice") is not None             # the flood's own went
+    assert cache.get(DIALOG, b"carol0") is None and cache.get(DIALOG, b"carol36") is not None
 
 
 def test_one_keeper_past_its_quota_loses_its_own_keys(clock: FakeClock) -> None:
@@ -233,26 +269,16 @@ def test_one_keeper_past_its_quota_loses_its_own_keys(clock: FakeClock) -> None:
     assert len(cache) == 1 + 3 + 10
 
 
-@pytest.mark.parametrize("text", ["", "k1|", "x1|a|d,c,t|1|2|-|-|AA", "k1|AQ|q,c|1|2|-|-|AA",
-                                  "k1|AQ|d,c,t|one|2|-|-|AA", "k1|AQ|d,c,t|1|2|0|-|AA",
-                                  "k1||d,c,t|1|2|-|-|AA", "k1|AQ|t,c,-1,b|1|2|-|-|AA",
-                                  "k1|AQ|d,c,t|1|2|-|-|A"])
+@pytest.mark.parametrize("text", ["", "k1|", "r2|[\"d\",\"c\",\"t\"]", "r1|d,c,t", "r1|[\"q\",\"c\"]",
+                                  "r1|[\"d\",\"c\"]", "r1|[\"t\",\"c\",\"x\",\"b\"]", "r1|{}",
+                                  "r1|[\"d\",\"c\",1]", "r1|[\"d\",\"c\",\"\"]",
+                                  "r1|[\"d\",\"c\",\"t\"]\nAQ|1|2|-|-|AA|-", "r1|[\"d\",\"c\",\"t\"]\nAQ|one|2|-|-|AA|-|-",
+                                  "r1|[\"d\",\"c\",\"t\"]\nAQ|1|2|0|-|AA|-|-", "r1|[\"d\",\"c\",\"t\"]\n|1|2|-|-|AA|-|-",
+                                  "r1|[\"d\",\"c\",\"t\"]\nAQ|1|2|-|-||-|-", "r1|[\"d\",\"c\",\"t\"]\nAQ|1|2|-|-|A|-|-",
+                                  "r1|[\"d\",\"c\",\"t\"]\nAQ|1|2|-|-|AA|_w|-", "r1|[\"t\",\"c\",\"-1\",\"b\"]"])
 def test_decode_rejects_garbage(text: str) -> None:
     with pytest.raises(MalformedError):
-        decode_entry(text)
-
-
-def test_cache_key_is_safe_bounded_and_prefixed() -> None:
-    long_scope = DialogScope("x" * 5000 + " with spaces", "t" * 300, "u")
-    key = cache_key(long_scope, os.urandom(200))
-    assert " " not in key and len(key) <= 220 and key.startswith(scope_key(long_scope))
-    short = cache_key(DIALOG, REF)
-    assert short == f"d:{DIALOG.call_id}:1928301774:a6c85cf/{REF.hex()}"
-    # Distinct scopes and references give distinct keys.
-    keys = {cache_key(DialogScope("c", "a", "b"), REF), cache_key(DialogScope("c", "a"), REF),
-            cache_key(TransactionScope("c", 1, "a"), REF), cache_key(DIALOG, b"\x01")}
-    assert len(keys) == 4
-    assert not cache_key(DialogScope("c", "ab"), REF).startswith(scope_key(DialogScope("c", "a")))
+        decode_scope_keys(text)
 
 
 def test_thread_safety_smoke(clock: FakeClock) -> None:
