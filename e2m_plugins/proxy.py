@@ -219,7 +219,8 @@ class ProxyEngine:
         """This proxy's ``Proxy-Body-Policy`` header (name, value)."""
         return hdr.PROXY_BODY_POLICY, self._policy_value
 
-    def inspect(self, message: SipMessage, *, caller: str | None = None) -> Verdict:
+    def inspect(self, message: SipMessage, *,
+                caller: str | Callable[[], str | None] | None = None) -> Verdict:
         """The verdict for one request or response (never raises ``E2MError``).
 
         A response is always forwarded: it cannot be answered, and dropping it would
@@ -229,7 +230,9 @@ class ProxyEngine:
         callee's to write).  A key an answer offers counts against the pair's small
         share and the caller's own quota (``keycache.keeper_groups``): neither party
         can spend a third party's.  Without ``caller`` it counts against the
-        responder (its signer) alone."""
+        responder (its signer) alone.  ``caller`` may be a function giving it, asked
+        only when the answer offers a key (Kamailio builds ``$T_req`` by parsing the
+        request again)."""
         try:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
@@ -264,7 +267,8 @@ class ProxyEngine:
         method = request.method
         if method in ("BYE", "CANCEL"):
             self._end(request, confirmed=method == "BYE")
-        seen, media = self._view(request, method, keeper=_keeper(self._sender_of(request)))
+        seen, media = self._view(request, method,
+                                 keeper=lambda: _keeper(self._sender_of(request)))
         return Verdict("forward", add_headers=self._announce(request),
                        remove_headers=self._own_labels(request) + self._policies_in_our_name(request),
                        seen=seen, media=media)
@@ -307,14 +311,18 @@ class ProxyEngine:
 
     # -- responses ---------------------------------------------------------
 
-    def _inspect_response(self, response: SipMessage, caller: str | None = None) -> Verdict:
+    def _inspect_response(self, response: SipMessage,
+                          caller: str | Callable[[], str | None] | None = None) -> Verdict:
         _, method = response.cseq
         if _ends_attempt(method, response.status or 0):
             self._end(response, confirmed=False)
-        # an answer to a request we relayed: the pair's quota; an answer to nothing we
-        # relayed (a cluster's stray reply): the signer's own, never the From it wrote
-        responder = _keeper(self._sender_of(response))
-        keeper = answer_keeper(_keeper(caller), responder) if caller else responder
+
+        def keeper() -> str:
+            # an answer to a request we relayed: the pair's quota; an answer to nothing
+            # we relayed (a cluster's stray reply): the signer's own, never the From it wrote
+            responder = _keeper(self._sender_of(response))
+            who = caller() if callable(caller) else caller
+            return answer_keeper(_keeper(who), responder) if who else responder
         seen, media = self._view(response, method, keeper=keeper)
         return Verdict("forward", seen=seen, media=media)
 
@@ -430,10 +438,11 @@ class ProxyEngine:
                 self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
                                keeper=kept.keeper)
 
-    def _view(self, message: SipMessage, method: str, *, keeper: str
+    def _view(self, message: SipMessage, method: str, *, keeper: Callable[[], str]
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
-        """What the message shows us; ``keeper`` is whose quota a key it offers counts
-        against (a request's sender; a response's caller and responder together)."""
+        """What the message shows us; ``keeper()`` says whose quota a key it offers
+        counts against (a request's sender; a response's caller and responder together),
+        asked only when it offers one."""
         label = self._labels(message)
         body = message_body(message)
         if body is None:
@@ -528,15 +537,17 @@ class ProxyEngine:
         return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
 
     def _keep_keys(self, message: SipMessage, opened: list[OpenedPart],
-                   contexts: list[SipContext | None], keeper: str) -> None:
+                   contexts: list[SipContext | None], keeper: Callable[[], str]) -> None:
         # Only the reference the sender's context offers (a legacy body has none to say).
-        # Whose quota it counts against: ``keeper`` for a signed part; one shared
+        # Whose quota it counts against: ``keeper()`` for a signed part; one shared
         # keeper for unsigned ones (a legacy peer's), whose From proves nothing.
-        references = [(ref, keeper if part.signed else UNSIGNED_KEEPER)
-                      for part, context in zip(opened, contexts) for ref in part.cek_references
-                      if context is None or context.cek_reference == ref[0]]
-        if not references:
+        offered = [(ref, part.signed) for part, context in zip(opened, contexts)
+                   for ref in part.cek_references
+                   if context is None or context.cek_reference == ref[0]]
+        if not offered:
             return
+        signer = keeper() if any(signed for _, signed in offered) else UNSIGNED_KEEPER
+        references = [(ref, signer if signed else UNSIGNED_KEEPER) for ref, signed in offered]
         scope = message_scope(message)
         early = isinstance(scope, DialogScope) and scope.early
         namer = kept_namer(message)

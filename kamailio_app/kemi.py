@@ -202,6 +202,13 @@ def _remove_headers(pairs):
         tx.hf_iterator_end(_ITERATOR)
 
 
+def _caller():
+    """The From of the request a response answers, as we relayed it: who pays for a key
+    the answer offers (asked only then: tm builds $T_req by parsing the request again)."""
+    caller = KSR.pv.get("$T_req($fu)")
+    return caller if isinstance(caller, str) else None
+
+
 def _summary(verdict):
     seen = ",".join("%s/%dB/sig=%s" % (s.content_type, len(s.plaintext), s.signature)
                     for s in verdict.seen) or "-"
@@ -743,9 +750,7 @@ class kamailio:
                                                       has_body=_has_body()):
             return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
-        # the From of the request as we relayed it: who pays for a key the answer offers
-        caller = KSR.pv.get("$T_req($fu)")
-        verdict = self.app.engine.inspect(message, caller=caller if isinstance(caller, str) else None)
+        verdict = self.app.engine.inspect(message, caller=_caller)
         KSR.info("e2m: %s response %s %s\n" % (message.method, message.status, _summary(verdict)))
         self.observe(message, verdict)
         _remove_headers(verdict.remove_headers)

@@ -387,3 +387,30 @@ def test_a_callee_writing_another_from_in_its_answer_charges_the_caller_still(wo
     assert verdict.seen
     keepers = {entry.keeper for entry in proxy.cache._entries.values()}
     assert keepers == {"answer:sip%3Acarol%40example.com sip%3Abob%40example.com"}  # not alice
+
+
+def test_the_caller_may_be_asked_only_when_an_answer_offers_a_key(world):
+    """Kamailio builds ``$T_req`` by parsing the request again, so the reply route passes
+    a function: it is asked once for an answer that offers a key (and the key is the
+    pair's, as with a plain string), never for one that offers none."""
+    from e2m_plugins.keycache import MemoryKeyCache
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(max_entries=16))
+    via = (known_proxy(world, TRUSTED, SDP_VIEW),)
+    asked: list[str] = []
+
+    def caller() -> str:
+        asked.append("asked")
+        return world.aor("carol")
+    for reuse, call_id in ((True, "offers@x"), (False, "offers-none@x")):
+        bob = ua_engine(world, "bob", peers=("carol",), proxies=via, cek_reuse=reuse)
+        carol = ua_engine(world, "carol", peers=("bob",), proxies=via, cek_reuse=False)
+        call = make_request("INVITE", world.aor("bob"), from_uri=world.aor("carol"),
+                            to_uri=world.aor("bob"), call_id=call_id, body=SDP_OFFER,
+                            content_type="application/sdp",
+                            extra_headers=[("Contact", "<sip:carol@127.0.0.1:5063>")])
+        offer = carol.protect(call).message
+        rung = bob.open(apply_forward(offer, proxy.inspect(offer))).message
+        assert proxy.inspect(bob.protect(answer(rung, to_tag="bb1")).message, caller=caller).seen
+        assert len(asked) == 1                       # the first answer only
+    keepers = {entry.keeper for entry in proxy.cache._entries.values()}
+    assert keepers == {"answer:sip%3Acarol%40example.com sip%3Abob%40example.com"}
