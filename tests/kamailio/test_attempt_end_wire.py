@@ -71,7 +71,7 @@ def test_the_offers_keys_go_when_the_invite_ends(proxy_factory, pki, ending):
             sent = offer.message.replace("Via", ua.via())
             ua.send(sent)
             callee.wait_for(1, method="INVITE")
-            assert proxy.htable_items() == 2               # the CEK and its index
+            assert proxy.htable_items() == 1               # the offer's record (its early dialog)
             cancel = SipMessage(RequestLine("CANCEL", sent.request_uri or ""),
                                 tuple((n, f"{sent.cseq[0]} CANCEL" if n == "CSeq" else v)
                                       for n, v in sent.headers
