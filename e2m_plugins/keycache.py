@@ -74,7 +74,10 @@ __all__ = [
     "MAX_CEK_BYTES",
     "KEEPER_SHARE",
     "MAX_KEYS_PER_SCOPE",
+    "MAX_KEEPER_OCTETS",
     "scope_victim",
+    "key_signer",
+    "bounded_keeper",
 ]
 
 T1 = 0.5                        # RFC 3261 default RTT estimate, seconds
@@ -88,6 +91,7 @@ KEEPER_SHARE = 8                # one keeper (the AoR whose message offered the 
                                 # holds at most 1/8 of a cache unless told otherwise
 MAX_KEYS_PER_SCOPE = 32         # keys one dialog or transaction holds at once (a shared
                                 # cache keeps a scope's keys in one record)
+MAX_KEEPER_OCTETS = 64          # longer keeper names are kept hashed (bounded_keeper)
 
 
 # --------------------------------------------------------------------------
@@ -222,8 +226,9 @@ class KeyCache(Protocol):
         """Forget one key."""
         ...
 
-    def drop_scope(self, scope: Scope) -> None:
-        """Forget every key of a scope (BYE ends the dialog)."""
+    def drop_scope(self, scope: Scope, *, early: bool = True) -> None:
+        """Forget every key of a scope (BYE ends the dialog); of a confirmed dialog's
+        early scopes too unless ``early`` is False (one branch of an INVITE failed)."""
         ...
 
     def __len__(self) -> int:
@@ -265,6 +270,8 @@ class CacheLimits:
             raise ValueError("ttl must be positive")
         if max_decrypts is not None and max_decrypts < 1:
             raise ValueError("max_decrypts must be at least 1")
+        if keeper is not None and not keeper.startswith("answer:"):
+            keeper = bounded_keeper(keeper)     # an answer's parts are bounded already
         return CachedKey(cek=bytes(cek), reference=bytes(reference), scope=scope, created=now,
                          expires=now + min(ttl, self.max_ttl),
                          max_decrypts=_clamp(max_decrypts, self.max_decrypts_cap), cipher=cipher,
@@ -278,25 +285,59 @@ class CacheLimits:
         return max(1, self.max_entries // KEEPER_SHARE)
 
 
+def bounded_keeper(name: str) -> str:
+    """A keeper name of at most 64 octets: a longer one (an AoR a sender wrote) is kept
+    as ``#`` + 32 hex of its SHA-256, so one key's line in a shared record stays small
+    whatever From a request carried; quotas only compare names.  ('#' is never in an
+    AoR as written by ``uri.identity_of``, and ``quote`` escapes it.)"""
+    raw = name.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_KEEPER_OCTETS:
+        return name
+    return "#" + hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]
+
+
 def answer_keeper(caller: str, responder: str) -> str:
     """The keeper of a key an answer offers: the pair, the caller named first.  Each
-    part is %-quoted, so the space between them cannot occur inside one."""
-    return f"answer:{quote(caller, safe='')} {quote(responder, safe='')}"
+    part is bounded (``bounded_keeper``) and %-quoted, so the space between them
+    cannot occur inside one."""
+    return (f"answer:{quote(bounded_keeper(caller), safe='')} "
+            f"{quote(bounded_keeper(responder), safe='')}")
 
 
-def scope_victim(kept: list[CachedKey], keeper: str | None) -> CachedKey:
+def key_signer(keeper: str | None) -> str | None:
+    """The one identity the proxy authenticated for a kept key: an answer's responder
+    (``answer:<caller> <responder>``: the caller part is the request's From, which
+    nobody signed toward us), else the keeper itself (``unsigned:`` is one group)."""
+    if keeper is not None and keeper.startswith("answer:"):
+        _, _, responder = keeper[len("answer:"):].partition(" ")
+        return unquote(responder)
+    return keeper
+
+
+def scope_victim(kept: list[CachedKey], keeper: str | None) -> CachedKey | None:
     """Which key a scope full of keys (``CacheLimits.max_per_scope``) lets go for a new
-    key of ``keeper``: the oldest of whichever keeper holds the most there, the new key
-    counted for its own (so on a tie its keeper's own oldest goes).  Anyone who can
-    get a message with a dialog's Call-ID and tags read can add keys to that scope;
-    this way a party's keys go only while it holds more than anyone else there (a long
-    call's session refreshes, each offering a key): another's flood takes a party's
-    keys only down to as many as the flooder holds, and its newest stay."""
+    key of ``keeper``, keys counted by their signer (``key_signer``: one insider is one
+    holder whatever From her calls wrote).  The newcomer's own oldest when its signer
+    would then hold as many as anyone; else the oldest of whoever holds the most;
+    None (the new key is not kept) when every holder has one and the newcomer none.
+    Anyone whose message under a dialog's Call-ID and tags is read can add keys to
+    that scope: a flood turns over its own keys, and takes a party's only down to
+    as many as the flooder holds (a long call's session refreshes turn over the
+    party's own)."""
     counts: dict[str | None, int] = {}
     for entry in kept:
-        counts[entry.keeper] = counts.get(entry.keeper, 0) + 1
-    holder = max(counts, key=lambda h: (counts[h] + (h == keeper), h == keeper))
-    return min((entry for entry in kept if entry.keeper == holder), key=lambda e: e.created)
+        signer = key_signer(entry.keeper)
+        counts[signer] = counts.get(signer, 0) + 1
+    mine = key_signer(keeper)
+    top = max(counts.values())
+    if counts.get(mine, 0) and counts[mine] + 1 >= top:
+        holder = mine
+    elif top == 1:
+        return None
+    else:
+        holder = next(signer for signer, count in counts.items() if count == top)
+    return min((entry for entry in kept if key_signer(entry.keeper) == holder),
+               key=lambda entry: entry.created)
 
 
 def keeper_groups(keeper: str, quota: int) -> list[tuple[str, int]]:
@@ -380,14 +421,16 @@ class MemoryKeyCache:
             self._remove(key)          # an expired one goes
             refs = self._by_scope.get(scope, ())
             if len(refs) >= self._limits.max_per_scope:
-                victim = scope_victim([self._entries[(scope, r)] for r in refs], keeper)
+                victim = scope_victim([self._entries[(scope, r)] for r in refs], entry.keeper)
+                if victim is None:
+                    return entry       # every holder has one key: the newcomer's is not kept
                 self._remove((scope, victim.reference))
             self._entries[key] = entry
             if short_lived(scope):
                 self._short[key] = None
             self._by_scope.setdefault(scope, set()).add(entry.reference)
-            if keeper is not None:
-                groups = keeper_groups(keeper, self._limits.keeper_quota)
+            if entry.keeper is not None:
+                groups = keeper_groups(entry.keeper, self._limits.keeper_quota)
                 for group, _ in groups:
                     short, long = self._by_keeper.setdefault(group, (OrderedDict(), OrderedDict()))
                     (short if short_lived(scope) else long)[key] = None
@@ -418,13 +461,15 @@ class MemoryKeyCache:
         with self._lock:
             self._remove((scope, bytes(reference)))
 
-    def drop_scope(self, scope: Scope) -> None:
-        """Forget every key of ``scope``; for a confirmed dialog, also of its early scopes.
+    def drop_scope(self, scope: Scope, *, early: bool = True) -> None:
+        """Forget every key of ``scope``; for a confirmed dialog, also of its early scopes
+        (unless ``early`` is False).
 
         The INVITE's key is kept under the early (one-tag) scope because the
         To tag does not exist yet; BYE must take it too.
         """
-        scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
+        scopes = [scope, *(scope.early_scopes() if early and isinstance(scope, DialogScope)
+                           else ())]
         with self._lock:
             for s in scopes:
                 for ref in list(self._by_scope.get(s, ())):

@@ -314,8 +314,13 @@ class ProxyEngine:
     def _inspect_response(self, response: SipMessage,
                           caller: str | Callable[[], str | None] | None = None) -> Verdict:
         _, method = response.cseq
-        if _ends_attempt(method, response.status or 0):
-            self._end(response, confirmed=False)
+        if _ends_attempt(method, response.status or 0) and response.from_tag and response.to_tag:
+            # One branch's failure (bob's other device, or a hop's forgery) ends that
+            # branch only: the offer's key (the early scope) stays for the branches
+            # still ringing, until the whole attempt failed (Kamailio's failure route:
+            # ``end_dialog(..., confirmed=False)``) or its early expiry.
+            self.cache.drop_scope(DialogScope(response.call_id, response.from_tag,
+                                              response.to_tag), early=False)
 
         def keeper() -> str:
             # an answer to a request we relayed: the pair's quota; an answer to nothing
@@ -434,7 +439,9 @@ class ProxyEngine:
             if f"kekid={reference.hex()}" not in used:
                 continue               # found, but not what opened the part
             kept = self.cache.get(candidate, name)
-            if kept is not None and candidate != scope and self._confirms_dialog(message):
+            # (a key whose last use this was is gone: nothing to keep for the dialog)
+            if kept is not None and kept.max_decrypts != 0 and candidate != scope \
+                    and self._confirms_dialog(message):
                 self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
                                keeper=kept.keeper)
 

@@ -37,6 +37,7 @@ import binascii
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSAC
 __all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache"]
 
 Kept = list[tuple[CachedKey, str]]    # one record's keys, each with the node that kept it
+_OPENED_RECORDS = 4    # a dialog's scope and its early ones, and one more
 
 
 class HtableBackend(Protocol):
@@ -146,10 +148,11 @@ class HtableKeyCache:
         self._origin = origin
         self._count = count or (lambda _name, _n: None)
         self._refused = refused or (lambda _key: None)
-        # The last record opened (name, value, keys): a lookup and the use counted
-        # after it read the same value, which then opens once.  The value is the
-        # whole sealed text, so an equal one opens to the same keys.
-        self._opened: tuple[str, str, Kept] | None = None
+        # The records opened last (name -> value, keys): a lookup and the use counted
+        # after it read the same value, which then opens once, and a message's many
+        # kekri looked up in its scope and the early ones open each record once.  The
+        # value is the whole sealed text, so an equal one opens to the same keys.
+        self._opened: OrderedDict[str, tuple[str, Kept]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"HtableKeyCache(max_entries={self._limits.max_entries})"
@@ -171,7 +174,9 @@ class HtableKeyCache:
                 if held.reference == entry.reference:
                     return held              # never overwritten, never refreshed
             if len(kept) >= self._limits.max_per_scope:
-                victim = scope_victim([held for held, _ in kept], keeper)
+                victim = scope_victim([held for held, _ in kept], entry.keeper)
+                if victim is None:
+                    return entry    # every holder has one key: the newcomer's is not kept
                 kept = [row for row in kept if row[0] is not victim]
             self._write(name, kept + [(entry, self._origin)], now)
         finally:
@@ -286,12 +291,19 @@ class HtableKeyCache:
         finally:
             self._backend.unlock(name)
 
-    def drop_scope(self, scope: Scope) -> None:
-        """Every key of ``scope``; for a confirmed dialog also those of its early scopes:
-        one removal by name each, nothing read."""
-        early = scope.early_scopes() if isinstance(scope, DialogScope) else ()
-        for item in (scope, *early):
-            self._backend.remove(scope_key(item))
+    def drop_scope(self, scope: Scope, *, early: bool = True) -> None:
+        """Every key of ``scope``; for a confirmed dialog also those of its early scopes
+        (unless ``early`` is False): one removal by name each, nothing read, under the
+        record's slot lock (a put in another worker that read the record first would
+        otherwise write it all back)."""
+        earlier = scope.early_scopes() if early and isinstance(scope, DialogScope) else ()
+        for item in (scope, *earlier):
+            name = scope_key(item)
+            self._backend.lock(name)
+            try:
+                self._backend.remove(name)
+            finally:
+                self._backend.unlock(name)
 
     def __len__(self) -> int:
         now = self._clock()
@@ -303,16 +315,22 @@ class HtableKeyCache:
         plain = encode_scope_keys(kept[0][0].scope, kept).encode()
         sealed = self._seal_key.encrypt(nonce, plain, name.encode())
         value = base64.b64encode(nonce + sealed).decode("ascii")
-        self._opened = (name, value, kept)
+        self._remember(name, value, kept)
         return value
+
+    def _remember(self, name: str, raw: str, kept: Kept) -> None:
+        self._opened[name] = (raw, kept)
+        self._opened.move_to_end(name)
+        while len(self._opened) > _OPENED_RECORDS:
+            self._opened.popitem(last=False)
 
     def _unseal(self, name: str, raw: str, scope: Scope | None = None) -> Kept:
         """The keys sealed under ``name`` (the name is bound in: a record copied to
         another name does not open), each with the node that kept it; ``scope``, when
         given, must be the one the record says."""
-        opened = self._opened
-        if opened is not None and opened[0] == name and opened[1] == raw:
-            kept = opened[2]
+        opened = self._opened.get(name)
+        if opened is not None and opened[0] == raw:
+            kept = opened[1]
         else:
             try:
                 data = base64.b64decode(raw, validate=True)
@@ -322,7 +340,7 @@ class HtableKeyCache:
             own, kept = decode_scope_keys(plain)
             if scope_key(own) != name:
                 raise MalformedError("key cache record names another scope")
-            self._opened = (name, raw, kept)
+            self._remember(name, raw, kept)
         if scope is not None and kept and kept[0][0].scope != scope:
             raise MalformedError("key cache record names another scope")
         return kept

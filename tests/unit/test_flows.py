@@ -15,6 +15,7 @@ from e2m_plugins.body import message_body, open_part, top_parts
 from e2m_plugins.cms.recipients import CertificateKey
 from e2m_plugins.errors import DowngradeError, NoMatchingRecipientError, UntrustedSignerError
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY
+from e2m_plugins.keycache import DialogScope
 from e2m_plugins.testpki import init_test_pki, issue_proxy, make_ca
 from e2m_plugins.proxy import ProxyEngine
 from e2m_plugins.sip import make_request, make_response
@@ -262,9 +263,15 @@ def test_a_response_is_skipped_unread_only_when_inspecting_it_would_do_nothing(w
     response = make_response(request, status, "Whatever")
     skip = not ProxyEngine.response_needs_reading(method, status, has_body=False)
     assert skip == (status < 300 or method != "INVITE")
+    # what this branch's 18x could have kept (under the branch's own dialog scope)
+    branch = DialogScope("skip@x", response.from_tag, response.to_tag)
+    trusted.cache.put(branch, b"branch", bytes(16))
     verdict = trusted.inspect(response)
     assert (verdict.action, verdict.add_headers, verdict.seen) == ("forward", (), ())
-    assert len(trusted.cache) == (1 if skip else 0)   # only an INVITE failure drops keys
+    # only an INVITE failure drops keys: its own branch's; the offer's key (the early
+    # scope) stays for the other branches until the whole attempt failed
+    assert len(trusted.cache) == (2 if skip else 1)
+    assert (trusted.cache.get(branch, b"branch", count=False) is None) == (not skip)
     assert ProxyEngine.response_needs_reading(method, status, has_body=True)
 
 
