@@ -189,13 +189,14 @@ class HtableKeyCache:
 
     def _live_keys(self, name: str, scope: Scope, now: float) -> Kept:
         """The live keys of the record ``name`` (lock held); none if it does not open
-        (a put then writes over it: what was there could not be used anyway)."""
+        (refused: a put then writes over it, what was there could not be used anyway)."""
         raw = self._backend.get(name)
         if raw is None:
             return []
         try:
             kept = self._unseal(name, raw, scope)
         except MalformedError:
+            self._refused(name)
             return []
         live = [row for row in kept if now < row[0].expires]
         if len(live) != len(kept):
@@ -293,12 +294,16 @@ class HtableKeyCache:
 
     def drop_scope(self, scope: Scope, *, early: bool = True) -> None:
         """Every key of ``scope``; for a confirmed dialog also those of its early scopes
-        (unless ``early`` is False): one removal by name each, nothing read, under the
+        (unless ``early`` is False): one removal by name each, nothing opened, under the
         record's slot lock (a put in another worker that read the record first would
-        otherwise write it all back)."""
+        otherwise write it all back).  A record that is not there needs no lock (every
+        BYE asks for three): a put racing that keeps only its own key, as it would
+        have a moment later."""
         earlier = scope.early_scopes() if early and isinstance(scope, DialogScope) else ()
         for item in (scope, *earlier):
             name = scope_key(item)
+            if self._backend.get(name) is None:
+                continue
             self._backend.lock(name)
             try:
                 self._backend.remove(name)
@@ -372,7 +377,8 @@ class HtableKeyCache:
         dead = 0
         for name, raw, kept in self._records(now):
             if kept is None:
-                self._backend.remove(name)   # not ours, an old format, or forged
+                self._refused(name)          # not ours, an old format, or forged
+                self._backend.remove(name)
                 dead += 1
                 continue
             long_lived = not short_lived_key(name)

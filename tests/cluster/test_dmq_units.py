@@ -152,6 +152,21 @@ def test_an_entry_sealed_by_anyone_else_is_refused_and_removed():
     assert len(refused) == 3 and b.get(SCOPE, b"one").cek == b"\x02" * 16
 
 
+def test_a_sweep_or_a_put_that_meets_a_forged_record_reports_it_too():
+    """The node logs every record it refuses (name only), whichever path meets it: a
+    put writing over it, or the sweep removing it."""
+    table, counted, refused = MemoryHtable(), [], []
+    rogue = _node(table, bytes(32), "sip:rogue:5090", counted, refused)
+    b = _node(table, bytes(range(32)), "sip:b:5090", counted, refused)
+    rogue.put(SCOPE, b"ref", b"\x01" * 16)
+    b.put(SCOPE, b"mine", b"\x02" * 16)                     # writes over the forged one
+    assert refused == [scope_key(SCOPE)] and b.get(SCOPE, b"ref") is None
+    other = DialogScope("call-9@example.com", "a", "b")
+    rogue.put(other, b"ref", b"\x01" * 16)
+    assert b.sweep() == 1 and refused == [scope_key(SCOPE), scope_key(other)]
+    assert b.get(SCOPE, b"mine").cek == b"\x02" * 16
+
+
 @pytest.mark.kamailio     # kamailio -c on what the launcher renders
 @pytest.mark.parametrize("name", ["cluster-node-a.toml", "cluster-node-b.toml",
                                   "cluster-front.toml"])
