@@ -267,15 +267,17 @@ class HtableKeyCache:
         finally:
             self._backend.unlock(name)
 
-    def _refuse_if_unchanged(self, name: str, raw: str) -> None:
+    def _refuse_if_unchanged(self, name: str, raw: str) -> bool:
         """A record that does not open (forged, corrupt, or sealed by someone without
         our key, such as a rogue DMQ peer) is never used, and goes: under the lock, and
         only if it is still the one read (a put may have just written a good one)."""
         self._backend.lock(name)
         try:
-            if self._backend.get(name) == raw:
-                self._refused(name)
-                self._backend.remove(name)
+            if self._backend.get(name) != raw:
+                return False
+            self._refused(name)
+            self._backend.remove(name)
+            return True
         finally:
             self._backend.unlock(name)
 
@@ -376,10 +378,8 @@ class HtableKeyCache:
         gone: dict[str, set[str]] = {}          # record -> its keys to drop (b64 refs)
         dead = 0
         for name, raw, kept in self._records(now):
-            if kept is None:
-                self._refused(name)          # not ours, an old format, or forged
-                self._backend.remove(name)
-                dead += 1
+            if kept is None:                 # not ours, an old format, or forged
+                dead += self._refuse_if_unchanged(name, raw)
                 continue
             long_lived = not short_lived_key(name)
             for entry, _ in kept:

@@ -167,6 +167,20 @@ def test_a_sweep_or_a_put_that_meets_a_forged_record_reports_it_too():
     assert b.get(SCOPE, b"mine").cek == b"\x02" * 16
 
 
+def test_a_sweep_that_read_a_forged_record_keeps_the_good_one_written_since():
+    """The sweep reads the whole table first and acts after: a record that did not
+    open then, and that a put has since written over with a good one, stays."""
+    table, counted, refused = MemoryHtable(), [], []
+    rogue = _node(table, bytes(32), "sip:rogue:5090", counted, refused)
+    b = _node(table, bytes(range(32)), "sip:b:5090", counted, refused)
+    rogue.put(SCOPE, b"ref", b"\x01" * 16)
+    read_before = table.items()
+    b.put(SCOPE, b"mine", b"\x02" * 16)                     # over the forged record
+    table.items = lambda: read_before                      # the sweep's earlier read
+    b.sweep()
+    assert b.get(SCOPE, b"mine").cek == b"\x02" * 16
+
+
 @pytest.mark.kamailio     # kamailio -c on what the launcher renders
 @pytest.mark.parametrize("name", ["cluster-node-a.toml", "cluster-node-b.toml",
                                   "cluster-front.toml"])
