@@ -113,8 +113,10 @@ def fully_readable(cert: x509.Certificate) -> bool:
         cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
         cert.extensions  # noqa: B018 - raises on duplicate or broken extensions
         cert.tbs_certificate_bytes  # noqa: B018
-    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension,
+    except (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension,
             x509.UnsupportedGeneralNameType):
+        # TypeError: a name attribute whose value is a BIT STRING under another type
+        # (cryptography allows it only for x500UniqueIdentifier)
         return False
     return True
 

@@ -348,6 +348,19 @@ def test_mutations_only_raise_typed_errors(pki, position, value, cut) -> None:
     assert result.signers[0].certificate == cred.cert
 
 
+def test_a_name_attribute_turned_into_a_bit_string_is_a_typed_error(pki) -> None:
+    """Any byte of a signed body set to 0x03 (the BIT STRING tag): a certificate name
+    attribute whose value becomes a BIT STRING made cryptography raise TypeError while
+    reading the subject, out of ``verify`` (hypothesis found it in the test above)."""
+    der = _mutation_base(pki)
+    for position in range(len(der)):
+        mutated = der[:position] + b"\x03" + der[position + 1:]
+        try:
+            verify(mutated, trust_anchors=[pki.ca.cert])
+        except E2MError:
+            pass
+
+
 _BASE: dict[str, bytes] = {}
 
 
