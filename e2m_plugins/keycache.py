@@ -226,9 +226,9 @@ class KeyCache(Protocol):
         """Forget one key."""
         ...
 
-    def drop_scope(self, scope: Scope, *, early: bool = True) -> None:
-        """Forget every key of a scope (BYE ends the dialog); of a confirmed dialog's
-        early scopes too unless ``early`` is False (one branch of an INVITE failed)."""
+    def drop_scope(self, scope: Scope) -> None:
+        """Forget every key of a scope (BYE ends the dialog), and of a confirmed dialog's
+        early scopes."""
         ...
 
     def __len__(self) -> int:
@@ -461,15 +461,13 @@ class MemoryKeyCache:
         with self._lock:
             self._remove((scope, bytes(reference)))
 
-    def drop_scope(self, scope: Scope, *, early: bool = True) -> None:
-        """Forget every key of ``scope``; for a confirmed dialog, also of its early scopes
-        (unless ``early`` is False).
+    def drop_scope(self, scope: Scope) -> None:
+        """Forget every key of ``scope``; for a confirmed dialog, also of its early scopes.
 
         The INVITE's key is kept under the early (one-tag) scope because the
         To tag does not exist yet; BYE must take it too.
         """
-        scopes = [scope, *(scope.early_scopes() if early and isinstance(scope, DialogScope)
-                           else ())]
+        scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
         with self._lock:
             for s in scopes:
                 for ref in list(self._by_scope.get(s, ())):

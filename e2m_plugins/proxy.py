@@ -170,10 +170,6 @@ def _sender(request: SipMessage) -> str:
     return request.address("From").uri
 
 
-def _ends_attempt(method: str, status: int) -> bool:
-    return method == "INVITE" and status >= 300
-
-
 class ProxyEngine:
     """One proxy's E2M decisions; thread-safe as long as the key cache is."""
 
@@ -265,8 +261,8 @@ class ProxyEngine:
 
     def _inspect_request(self, request: SipMessage) -> Verdict:
         method = request.method
-        if method in ("BYE", "CANCEL"):
-            self._end(request, confirmed=method == "BYE")
+        if method == "BYE":           # (a CANCEL ends nothing: end_unread says why)
+            self._end(request, confirmed=True)
         seen, media = self._view(request, method,
                                  keeper=lambda: _keeper(self._sender_of(request)))
         return Verdict("forward", add_headers=self._announce(request),
@@ -313,14 +309,12 @@ class ProxyEngine:
 
     def _inspect_response(self, response: SipMessage,
                           caller: str | Callable[[], str | None] | None = None) -> Verdict:
+        # A failure answer drops no key: one branch's 486 (bob's other device, or a
+        # hop's forgery) leaves the offer's key to the branches still ringing, a 491 to
+        # a re-INVITE or a late 487 of the answered branch leaves the dialog's keys.
+        # The attempt's keys go when the whole INVITE failed (the host's failure route:
+        # ``end_dialog(..., confirmed=False)``) or at their early expiry.
         _, method = response.cseq
-        if _ends_attempt(method, response.status or 0) and response.from_tag and response.to_tag:
-            # One branch's failure (bob's other device, or a hop's forgery) ends that
-            # branch only: the offer's key (the early scope) stays for the branches
-            # still ringing, until the whole attempt failed (Kamailio's failure route:
-            # ``end_dialog(..., confirmed=False)``) or its early expiry.
-            self.cache.drop_scope(DialogScope(response.call_id, response.from_tag,
-                                              response.to_tag), early=False)
 
         def keeper() -> str:
             # an answer to a request we relayed: the pair's quota; an answer to nothing
@@ -345,19 +339,28 @@ class ProxyEngine:
 
     @staticmethod
     def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
-        """False when ``inspect`` of this response would do nothing at all: no body to
-        view and not a failure that ends an INVITE's attempt (a 200 to MESSAGE, a 180
-        without SDP).  A host may then forward it unread."""
-        return has_body or _ends_attempt(method, status)
+        """False when ``inspect`` of this response would do nothing at all: nothing to
+        view (a 200 to MESSAGE, a 180 without SDP, a failure: it drops no key).  A host
+        may then forward it unread."""
+        return has_body
 
     @staticmethod
     def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:
-        """True when ``inspect`` of this request would only call ``end_dialog``: a BYE or
-        CANCEL without a body or a Proxy-Required-Body header has nothing to view,
-        announce or remove, and its verdict is a plain forward.  A host that has already
-        parsed Call-ID and tags (Kamailio) may then call ``end_dialog`` and skip reading
-        the message."""
+        """True when ``inspect`` of this request would do no more than ``end_unread``: a
+        BYE or CANCEL without a body or a Proxy-Required-Body header has nothing to
+        view, announce or remove, and its verdict is a plain forward.  A host that has
+        already parsed Call-ID and tags (Kamailio) may then call ``end_unread`` and skip
+        reading the message."""
         return method in ("BYE", "CANCEL") and not has_body and not has_label
+
+    def end_unread(self, method: str, call_id: str, from_tag: str | None,
+                   to_tag: str | None) -> None:
+        """What ``inspect`` does to the keys for a bare BYE or CANCEL (``only_ends_dialog``)
+        from ids the host parsed: a BYE ends its dialog.  A CANCEL ends nothing: a 200
+        that crossed it still needs the offer's key, and when the INVITE does fail (its
+        487) the host's failure route ends the attempt."""
+        if method == "BYE":
+            self.end_dialog(call_id, from_tag, to_tag, confirmed=True)
 
     # -- viewing -----------------------------------------------------------
 

@@ -605,9 +605,10 @@ class kamailio:
             KSR.sl.send_reply(500, "Cannot Relay")
 
     def end_dialog_unread(self):
-        """A bare BYE or CANCEL: drop its dialog's keys using Kamailio's own parse of
-        Call-ID and tags, without reading the message (the engine says when that is
-        all inspecting it would do).  False when the message must be read."""
+        """A bare BYE (its dialog's keys go) or CANCEL (none go: ``end_unread``), using
+        Kamailio's own parse of Call-ID and tags, without reading the message (the
+        engine says when that is all inspecting it would do).  False when the message
+        must be read."""
         engine = self.app.engine
         if engine is None:
             return False
@@ -615,8 +616,8 @@ class kamailio:
         if not engine.only_ends_dialog(method, has_body=_has_body(),
                                        has_label=KSR.hdr.is_present(PROXY_REQUIRED_BODY) > 0):
             return False
-        engine.end_dialog(KSR.pv.get("$ci") or "", KSR.pv.get("$ft") or None,
-                          KSR.pv.get("$tt") or None, confirmed=method == "BYE")
+        engine.end_unread(method, KSR.pv.get("$ci") or "", KSR.pv.get("$ft") or None,
+                          KSR.pv.get("$tt") or None)
         KSR.info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
         return True
 

@@ -294,14 +294,14 @@ class HtableKeyCache:
         finally:
             self._backend.unlock(name)
 
-    def drop_scope(self, scope: Scope, *, early: bool = True) -> None:
-        """Every key of ``scope``; for a confirmed dialog also those of its early scopes
-        (unless ``early`` is False): one removal by name each, nothing opened, under the
+    def drop_scope(self, scope: Scope) -> None:
+        """Every key of ``scope``; for a confirmed dialog also those of its early scopes:
+        one removal by name each, nothing opened, under the
         record's slot lock (a put in another worker that read the record first would
         otherwise write it all back).  A record that is not there needs no lock (every
         BYE asks for three): a put racing that keeps only its own key, as it would
         have a moment later."""
-        earlier = scope.early_scopes() if early and isinstance(scope, DialogScope) else ()
+        earlier = scope.early_scopes() if isinstance(scope, DialogScope) else ()
         for item in (scope, *earlier):
             name = scope_key(item)
             if self._backend.get(name) is None:

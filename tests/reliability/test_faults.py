@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -183,14 +184,24 @@ def test_a_bare_bye_drops_the_keys_unread_and_a_labelled_one_is_still_read(
 
 
 def test_a_cancel_drops_the_offers_key_unread(proxy_factory, sipp, pki, exchange):
-    """An INVITE that is ringing keeps its CEK under the early dialog; the CANCEL
-    (bodiless, ended unread from Kamailio's Call-ID and From tag) drops it."""
+    """An INVITE that is ringing keeps its CEK under the early dialog.  The CANCEL
+    (bodiless, read by nobody: Kamailio's Call-ID and tags are enough) drops nothing by
+    itself, since a 200 may cross it; bob's 487 to the INVITE ends the attempt, and tm's
+    failure route drops the offer's key."""
+    seen: dict[str, SipMessage] = {}
+
     def ringing(request: SipMessage) -> SipMessage:
-        return (make_response(request, 180, "Ringing") if request.method == "INVITE"
-                else make_response(request, 200, "OK"))
+        if request.method == "INVITE":
+            seen["invite"] = request
+            return make_response(request, 180, "Ringing")
+        if request.method == "CANCEL":        # RFC 3261 §9.2: 200 to it, 487 to the INVITE
+            final = make_response(seen["invite"], 487, "Request Terminated")
+            seen["uas"].sock.sendto(final.serialize(), ("127.0.0.1", seen["port"]))
+        return make_response(request, 200, "OK")
 
     with (trusted_proxy_and_bob(proxy_factory, sipp, pki, ringing) as (proxy, uas, alice),
           closing(Peer("udp", proxy.port)) as peer):
+        seen.update(uas=uas, port=proxy.port)
         offer = invite(pki, SDP_OFFER, call_id=f"cancel-{secrets.token_hex(6)}@127.0.0.1",
                        from_tag="a-cancel")
         sent = alice.protect(offer).message.replace("Via", peer.via())
@@ -207,7 +218,11 @@ def test_a_cancel_drops_the_offers_key_unread(proxy_factory, sipp, pki, exchange
         peer.send(cancel.serialize())
         exchange.append("--> CANCEL")
         assert uas.wait_for(1, method="CANCEL"), "the CANCEL did not reach bob"
+        deadline = time.monotonic() + 5         # bob's 487 reaches tm's failure route
+        while proxy.htable_items() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert proxy.htable_items() == 0
+        assert "e2m: INVITE response 487" not in proxy.log_since(mark)   # bodiless: unread
         assert "e2m: CANCEL request action=forward seen=- media=0 unread" in proxy.log_since(mark)
 
 
