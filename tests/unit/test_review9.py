@@ -53,6 +53,18 @@ def _answered(world, call_id: str, clock: Clock):
     return alice, bob, proxy
 
 
+def _proxy_reads_a_reinvite_under_the_calls_key(world, alice, proxy, call_id: str,
+                                                  cseq: int, after: str) -> None:
+    """alice's next re-INVITE of the call, sealed for the proxy under the call's key:
+    the proxy must still read it (``after`` names what came before, for the message)."""
+    again = alice.protect(invite(world, call_id=call_id, cseq=cseq, to_tag="b1",
+                                 sdp=SDP_OFFER.replace(b"49170", b"49174")))
+    assert again.info.key_reuse
+    verdict = proxy.inspect(again.message)
+    assert verdict.action == "forward" and verdict.seen, \
+        f"the call's key went with {after}: {verdict.code} {verdict.error}"
+
+
 # -- 1. a failure to a re-INVITE is no failure of a branch --------------------------------
 
 def test_hole_a_491_to_a_reinvite_drops_every_key_of_the_confirmed_dialog(world):
@@ -95,12 +107,7 @@ def test_hole_a_491_to_a_reinvite_drops_every_key_of_the_confirmed_dialog(world)
     assert proxy.inspect(pending, caller=world.aor("alice")).action == "forward"
 
     # the call goes on: alice tries again, still under the call's key
-    again = alice.protect(invite(world, call_id="glare@x", cseq=3, to_tag="b1",
-                                 sdp=SDP_OFFER.replace(b"49170", b"49174")))
-    assert again.info.key_reuse
-    verdict = proxy.inspect(again.message)
-    assert verdict.action == "forward" and verdict.seen, \
-        f"the call's key went with the 491: {verdict.code} {verdict.error}"
+    _proxy_reads_a_reinvite_under_the_calls_key(world, alice, proxy, "glare@x", 3, "the 491")
 
 
 def test_hole_a_late_487_with_the_answered_tag_drops_the_confirmed_dialog(world):
@@ -133,12 +140,7 @@ def test_hole_a_late_487_with_the_answered_tag_drops_the_confirmed_dialog(world)
     assert late.to_tag == "b1" and late.cseq == (1, "INVITE")
     assert proxy.inspect(late, caller=world.aor("alice")).action == "forward"
 
-    again = alice.protect(invite(world, call_id="late@x", cseq=2, to_tag="b1",
-                                 sdp=SDP_OFFER.replace(b"49170", b"49174")))
-    assert again.info.key_reuse
-    verdict = proxy.inspect(again.message)
-    assert verdict.action == "forward" and verdict.seen, \
-        f"the call's key went with a late 487: {verdict.code} {verdict.error}"
+    _proxy_reads_a_reinvite_under_the_calls_key(world, alice, proxy, "late@x", 2, "a late 487")
 
 
 # -- 2. a CANCEL that loses the race to a 200 ------------------------------------------------
