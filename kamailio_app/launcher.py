@@ -254,7 +254,8 @@ def write_runtime_files(config: AppConfig, runtime_dir: Path) -> None:
 def kamailio_command(config: AppConfig, cfg_path: Path, runtime_dir: Path) -> list[str]:
     k = config.kamailio
     return [k.binary, "-DD", "-E", "-f", str(cfg_path),
-            "-m", str(k.shm_mb), "-M", str(k.pkg_mb), "-n", str(k.workers),
+            "-m", str(k.shm_mb), "-M", str(k.pkg_mb), "-x", k.shm_allocator,
+            "-n", str(k.workers),
             "-Y", str(runtime_dir), "-w", str(runtime_dir),
             "-P", str(runtime_dir / "kamailio.pid")]
 

@@ -11,7 +11,8 @@ import pytest
 from e2m_plugins.testpki import TestPKI
 from kamailio_app import users
 from kamailio_app.config import AppConfigError, load_app_config
-from kamailio_app.launcher import render_cfg, tls_cfg_text, trusted_list_text, write_runtime_files
+from kamailio_app.launcher import (kamailio_command, render_cfg, tls_cfg_text, trusted_list_text,
+                                   write_runtime_files)
 
 LISTEN = '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070"]\n'
 
@@ -106,6 +107,17 @@ def test_limits_mistakes_and_a_connection_cap_that_would_take_all_shm(tmp_path):
 
 
 @pytest.mark.kamailio    # kamailio -c
+def test_shared_memory_uses_tlsf_unless_told_otherwise(tmp_path):
+    """Debian's qm keeps debugging records on every fragment (bench/README.md: tlsf
+    took a third off a relayed call's CPU); qm stays available for hunting a leak."""
+    def allocator(text: str) -> str:
+        command = kamailio_command(_load(tmp_path, text), tmp_path / "k.cfg", tmp_path)
+        return command[command.index("-x") + 1]
+    assert allocator(LISTEN) == "tlsf"
+    assert allocator(LISTEN + 'shm_allocator = "qm"\n') == "qm"
+    assert "shm_allocator" in _problems(tmp_path, LISTEN + 'shm_allocator = "malloc"\n')
+
+
 def test_a_cfg_with_auth_tls_and_trusted_peers_passes_kamailio_check(tmp_path, pki: TestPKI):
     tls = pki.tls_server("proxy.example.com")
     config = _load(tmp_path, '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070", '
