@@ -213,7 +213,9 @@ class KeyCache(Protocol):
         """Keep ``cek`` under ``reference`` within ``scope``; a live key already kept
         there stays as it is (CEK, lifetime, uses) and is what is returned.  Past its
         ``keeper``'s quota, that keeper's own key goes (short-lived first, then the
-        oldest), never anyone else's."""
+        oldest), never anyone else's.  A scope already holding ``max_per_scope`` keys
+        lets one go by ``scope_victim``; when that names none (every holder has one),
+        the new key is not kept, and the entry returned is not in the cache."""
         ...
 
     def get(self, scope: Scope, reference: bytes, *, count: bool = True) -> CachedKey | None:
