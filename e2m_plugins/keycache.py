@@ -299,17 +299,19 @@ def bounded_keeper(name: str) -> str:
 
 
 def answer_keeper(caller: str, responder: str) -> str:
-    """The keeper of a key an answer offers: the pair, the caller named first.  Each
-    part is bounded (``bounded_keeper``) and %-quoted, so the space between them
-    cannot occur inside one."""
+    """The keeper of a key an answer offers: the pair, the caller named first (a caller
+    the proxy authenticated for the request, or its one shared unauthenticated group:
+    ``ProxyEngine.answer_caller``).  Each part is bounded (``bounded_keeper``) and
+    %-quoted, so the space between them cannot occur inside one."""
     return (f"answer:{quote(bounded_keeper(caller), safe='')} "
             f"{quote(bounded_keeper(responder), safe='')}")
 
 
 def key_signer(keeper: str | None) -> str | None:
-    """The one identity the proxy authenticated for a kept key: an answer's responder
-    (``answer:<caller> <responder>``: the caller part is the request's From, which
-    nobody signed toward us), else the keeper itself (``unsigned:`` is one group)."""
+    """The identity that signed a kept key's message: an answer's responder
+    (``answer:<caller> <responder>``: the caller may be a group, or authenticated by
+    digest alone, and never signed the answer), else the keeper itself (``unsigned:``
+    is one group)."""
     if keeper is not None and keeper.startswith("answer:"):
         _, _, responder = keeper[len("answer:"):].partition(" ")
         return unquote(responder)
@@ -345,7 +347,8 @@ def scope_victim(kept: list[CachedKey], keeper: str | None) -> CachedKey | None:
 def keeper_groups(keeper: str, quota: int) -> list[tuple[str, int]]:
     """The quotas a key of ``keeper`` counts against.  An answer's key counts against
     its pair (a small share: a callee's many answers to one call stay within it) and
-    against its caller's own quota (calling many parties who answer stays within that)."""
+    against its caller's own quota (calling many parties who answer stays within that;
+    every unauthenticated caller is one such group, so made-up Froms are no new quota)."""
     if keeper.startswith("answer:"):
         caller, _, _ = keeper[len("answer:"):].partition(" ")
         return [(keeper, max(1, quota // KEEPER_SHARE)), (unquote(caller), quota)]

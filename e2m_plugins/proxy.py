@@ -43,7 +43,8 @@ from .sip import SipMessage
 from .sip_errors import answer_for
 from .uri import identity_of
 
-__all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope", "kept_name", "kept_namer"]
+__all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope", "kept_name", "kept_namer",
+           "UNSIGNED_KEEPER", "UNAUTHENTICATED_CALLER"]
 
 PKIX_CERT = "application/pkix-cert"
 # Requests that do not go on toward a UAS with a body worth announcing a policy to.
@@ -157,6 +158,9 @@ def kept_namer(message: SipMessage) -> Callable[[bytes], bytes]:
 
 
 UNSIGNED_KEEPER = "unsigned:"   # every key an unsigned body offers, one quota for all
+# The caller of every answer to a request whose From nobody authenticated: one quota for all
+# (``ProxyEngine.answer_caller``).  Never an AoR as ``_keeper`` spells one.
+UNAUTHENTICATED_CALLER = "unauthenticated:"
 
 
 def _keeper(sender: str) -> str:
@@ -221,14 +225,14 @@ class ProxyEngine:
 
         A response is always forwarded: it cannot be answered, and dropping it would
         only make the UAS retransmit.  What could not be read is in ``error``.
-        ``caller``: for a response, the From of the request it answers as the proxy
-        relayed it (Kamailio's ``$T_req($fu)``; the response's own From is the
-        callee's to write).  A key an answer offers counts against the pair's small
-        share and the caller's own quota (``keycache.keeper_groups``): neither party
-        can spend a third party's.  Without ``caller`` it counts against the
+        ``caller``: for a response, what ``answer_caller`` said for the request it
+        answers (the host keeps it with the transaction: Kamailio in a transaction
+        AVP; the response's own From is the callee's to write).  A key an answer
+        offers counts against the pair's small share and the caller's own quota
+        (``keycache.keeper_groups``): neither party can spend a third party's.
+        Without ``caller`` (an answer to nothing we relayed) it counts against the
         responder (its signer) alone.  ``caller`` may be a function giving it, asked
-        only when the answer offers a key (Kamailio builds ``$T_req`` by parsing the
-        request again)."""
+        only when the answer offers a key."""
         try:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
@@ -239,6 +243,29 @@ class ProxyEngine:
             if message.is_request:
                 return self.refuse(message, exc)
             return Verdict("forward", error=type(exc).__name__, detail=str(exc))
+
+    def answer_caller(self, request: SipMessage | str, verdict: Verdict | None, *,
+                      digest_authenticated: bool) -> str:
+        """Who pays for a key an answer to ``request`` offers: the host keeps it with the
+        transaction and passes it to ``inspect(response, caller=...)``.
+
+        Only an identity this proxy authenticated for the request names a caller: its
+        From when the host's digest authentication proved it (``digest_authenticated``:
+        the credentials are the From user's and the From is in our domains), or when
+        ``verdict`` (this engine's, for this request) viewed a part signed by it
+        (``check_signed_by`` holds every signature to the From).  Any other From (a
+        stranger's, which reaches our users unchallenged, or anyone's where [auth] is
+        off) is whatever its sender wrote: all such callers are one group,
+        ``UNAUTHENTICATED_CALLER``, so answers to calls from made-up Froms turn over
+        only each other's keys.  ``request`` may be the From URI as the host parsed it,
+        for a request it relayed unread (``verdict`` None)."""
+        signed = verdict is not None and any(s.signature == "valid" for s in verdict.seen)
+        if not (digest_authenticated or signed):
+            return UNAUTHENTICATED_CALLER
+        try:
+            return _keeper(request if isinstance(request, str) else _sender(request))
+        except E2MError:      # no From to name: the host relays it anyway
+            return UNAUTHENTICATED_CALLER
 
     def refuse(self, request: SipMessage, error: BaseException) -> Verdict:
         """The reply the error table gives for ``error``, with our certificate and policy."""
@@ -321,7 +348,10 @@ class ProxyEngine:
             # we relayed (a cluster's stray reply): the signer's own, never the From it wrote
             responder = _keeper(self._sender_of(response))
             who = caller() if callable(caller) else caller
-            return answer_keeper(_keeper(who), responder) if who else responder
+            if not who:
+                return responder
+            return answer_keeper(who if who == UNAUTHENTICATED_CALLER else _keeper(who),
+                                 responder)
         seen, media = self._view(response, method, keeper=keeper)
         return Verdict("forward", seen=seen, media=media)
 

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import traceback
+from urllib.parse import quote
 
 import KSR
 
@@ -47,7 +48,7 @@ _bootstrap_path()
 
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
-from e2m_plugins.keycache import TransactionScope  # noqa: E402
+from e2m_plugins.keycache import TransactionScope, bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
@@ -73,6 +74,10 @@ _AUTH_FAILURES = {-2: "wrong password", -3: "unknown user", -4: "stale nonce",
                   _AUTH_USER_MISMATCH: "credentials of another user"}
 _QOP_AUTH, _STALE = 1, 16  # auth_challenge flags
 _COUNTED_REFUSALS = (400, 403, 495, 496)   # statistics: e2m_refused_<code>
+# Who pays for a key an answer offers (ProxyEngine.answer_caller): set in the request
+# route before t_relay (set after t_newtran it goes into the transaction's own list;
+# set before, t_newtran takes it along), so tm brings it to the reply route.
+_CALLER_AVP = "$avp(e2m_caller)"
 
 
 def mod_init():
@@ -203,10 +208,17 @@ def _remove_headers(pairs):
 
 
 def _caller():
-    """The From of the request a response answers, as we relayed it: who pays for a key
-    the answer offers (asked only then: tm builds $T_req by parsing the request again)."""
-    caller = KSR.pv.get("$T_req($fu)")
-    return caller if isinstance(caller, str) else None
+    """Who pays for a key the answer offers: the caller ``note_caller`` kept with the
+    request's transaction (an identity the proxy authenticated, or the one shared
+    unauthenticated group).  None for a reply to nothing we relayed (a cluster's stray
+    reply): then the responder pays."""
+    caller = KSR.pv.get(_CALLER_AVP)
+    return caller if isinstance(caller, str) and caller else None
+
+
+def _loggable(caller):
+    # an authenticated AoR or the shared group; bounded and quoted all the same
+    return quote(bounded_keeper(caller), safe=":@") if caller else "-"
 
 
 def _summary(verdict):
@@ -597,6 +609,9 @@ class kamailio:
             self.new_transaction()
             if not self.inspect_request():
                 return
+        elif self.app.engine is not None:
+            # relayed unread (a bare BYE, a front's in-dialog request): no body vouched
+            self.note_caller(KSR.pv.get("$fu") or "", None)
         KSR.tm.t_on_reply("ksr_onreply_route")
         if self.app.engine is not None or self.app.config.dispatcher is not None:
             KSR.tm.t_on_failure("ksr_failure_route")
@@ -641,7 +656,17 @@ class kamailio:
         _remove_headers(verdict.remove_headers)
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))
+        self.note_caller(message, verdict)
         return True
+
+    def note_caller(self, request, verdict):
+        """Keep with the transaction who pays for a key an answer to this request offers
+        (``ProxyEngine.answer_caller``: the From only when digest or the body's signature
+        proved it).  An AVP set in the request route follows the transaction into tm's
+        reply route, which reads it instead of parsing the request again ($T_req)."""
+        caller = self.app.engine.answer_caller(
+            request, verdict, digest_authenticated=self.authenticated is not None)
+        KSR.pv.sets(_CALLER_AVP, caller)
 
     def inspect_only(self):
         """For ACK and CANCEL: they cannot be refused, but what they carry is recorded."""
@@ -751,8 +776,16 @@ class kamailio:
                                                       has_body=_has_body()):
             return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
-        verdict = self.app.engine.inspect(message, caller=_caller)
-        KSR.info("e2m: %s response %s %s\n" % (message.method, message.status, _summary(verdict)))
+        asked = []
+
+        def caller():
+            asked.append(_caller())
+            return asked[-1]
+        verdict = self.app.engine.inspect(message, caller=caller)
+        # who paid for a key the answer offered (asked only then)
+        charged = " caller=%s" % _loggable(asked[0]) if asked else ""
+        KSR.info("e2m: %s response %s %s%s\n" % (message.method, message.status,
+                                                 _summary(verdict), charged))
         self.observe(message, verdict)
         _remove_headers(verdict.remove_headers)
         for name, value in verdict.add_headers:

@@ -346,10 +346,13 @@ def test_hole_calls_to_an_answering_victim_spend_its_quota(world):
     bob = ua_engine(world, "bob", peers=("alice", "carol"), proxies=via)
     carol = ua_engine(world, "carol", peers=("bob",), proxies=via, cek_reuse=False)
     sent = alice.protect(invite(world, call_id="bobs-call@x")).message
-    got = bob.open(apply_forward(sent, proxy.inspect(sent))).message
+    verdict = proxy.inspect(sent)
+    got = bob.open(apply_forward(sent, verdict)).message
     ok = bob.protect(answer(got)).message
-    # Kamailio passes each answer's caller from its transaction ($T_req($fu))
-    assert proxy.inspect(ok, caller=world.aor("alice")).seen   # offers the call's key
+    # the host keeps answer_caller with the transaction (Kamailio: $avp(e2m_caller));
+    # alice is one of ours, digest-authenticated
+    caller = proxy.answer_caller(sent, verdict, digest_authenticated=True)
+    assert proxy.inspect(ok, caller=caller).seen   # offers the call's key
     kept = [scope for scope, _ in proxy.cache._entries]
     assert [s.call_id for s in kept] == ["bobs-call@x"]
     for n in range(4):
@@ -358,9 +361,11 @@ def test_hole_calls_to_an_answering_victim_spend_its_quota(world):
                             content_type="application/sdp",
                             extra_headers=[("Contact", "<sip:carol@127.0.0.1:5063>")])
         offer = carol.protect(call).message
-        rung = bob.open(apply_forward(offer, proxy.inspect(offer))).message
+        verdict = proxy.inspect(offer)
+        rung = bob.open(apply_forward(offer, verdict)).message
         assert proxy.inspect(bob.protect(answer(rung, to_tag=f"bb{n}")).message,
-                             caller=world.aor("carol")).seen
+                             caller=proxy.answer_caller(offer, verdict,
+                                                        digest_authenticated=True)).seen
     assert "bobs-call@x" in {scope.call_id for scope, _ in proxy.cache._entries}, \
         "carol's calls to bob pushed the key of bob's call with alice out"
 
@@ -368,8 +373,8 @@ def test_hole_calls_to_an_answering_victim_spend_its_quota(world):
 def test_a_callee_writing_another_from_in_its_answer_charges_the_caller_still(world):
     """The callee writes its response's From (tm never compares it with the request's)
     and signs a context to match: charged by that From, bob's answers to carol's calls
-    would spend alice's quota.  Kamailio passes the request's From from the transaction
-    (``$T_req($fu)``) as ``caller``, and the key is carol's."""
+    would spend alice's quota.  The host passes the caller it kept with the transaction
+    (``answer_caller`` of the request: carol, who signed it), and the key is carol's."""
     from e2m_plugins.keycache import MemoryKeyCache
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(max_entries=16))
     via = (known_proxy(world, TRUSTED, SDP_VIEW),)
@@ -380,19 +385,21 @@ def test_a_callee_writing_another_from_in_its_answer_charges_the_caller_still(wo
                         content_type="application/sdp",
                         extra_headers=[("Contact", "<sip:carol@127.0.0.1:5063>")])
     offer = carol.protect(call).message
-    rung = bob.open(apply_forward(offer, proxy.inspect(offer))).message
+    seen = proxy.inspect(offer)
+    rung = bob.open(apply_forward(offer, seen)).message
     reply = answer(rung, to_tag="bb1")
     reply = reply.replace("From", f"<{world.aor('alice')}>;tag={rung.from_tag}")
-    verdict = proxy.inspect(bob.protect(reply).message, caller=world.aor("carol"))
+    caller = proxy.answer_caller(offer, seen, digest_authenticated=False)
+    verdict = proxy.inspect(bob.protect(reply).message, caller=caller)
     assert verdict.seen
     keepers = {entry.keeper for entry in proxy.cache._entries.values()}
     assert keepers == {"answer:sip%3Acarol%40example.com sip%3Abob%40example.com"}  # not alice
 
 
 def test_the_caller_may_be_asked_only_when_an_answer_offers_a_key(world):
-    """Kamailio builds ``$T_req`` by parsing the request again, so the reply route passes
-    a function: it is asked once for an answer that offers a key (and the key is the
-    pair's, as with a plain string), never for one that offers none."""
+    """The reply route passes a function (Kamailio reads the transaction's AVP only
+    then): it is asked once for an answer that offers a key (and the key is the pair's,
+    as with a plain string), never for one that offers none."""
     from e2m_plugins.keycache import MemoryKeyCache
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(max_entries=16))
     via = (known_proxy(world, TRUSTED, SDP_VIEW),)

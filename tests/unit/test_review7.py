@@ -41,9 +41,13 @@ def _carol_calls(world, proxy, carol, callee: str, call_id: str) -> None:
                         extra_headers=[("Contact", "<sip:carol@127.0.0.1:5063>")])
     offer = carol.protect(call).message
     answering = ua_engine(world, callee, peers=("carol",), proxies=via)
-    rung = answering.open(apply_forward(offer, proxy.inspect(offer))).message
+    verdict = proxy.inspect(offer)
+    # carol's offer is signed by her: her own caller group (digest not needed)
+    caller = proxy.answer_caller(offer, verdict, digest_authenticated=False)
+    assert caller == world.aor("carol")
+    rung = answering.open(apply_forward(offer, verdict)).message
     assert proxy.inspect(answering.protect(answer(rung, to_tag="i1")).message,
-                         caller=world.aor("carol")).seen
+                         caller=caller).seen
 
 
 # -- 1. the pair quota (281be99): one user, many pairs ---------------------------------

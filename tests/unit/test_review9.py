@@ -2,10 +2,10 @@
 73c8564): signer-counted scopes, hashed keepers, the four-record memo, the locked
 ``drop_scope`` and the branch-only drop on an INVITE's failure response.
 
-Each ``test_hole_*`` is an attack that succeeded on 73c8564.  Three are fixed (no
-response and no CANCEL drops a key now; the host's failure route ends a failed
-attempt) and pass; the fourth is still a strict xfail (the assertion is what a fix
-must make true), described in docs/threat-model.md.  Each ``test_held_*`` is an
+Each ``test_hole_*`` is an attack that succeeded on 73c8564.  All four are fixed and
+pass: no response and no CANCEL drops a key now (the host's failure route ends a
+failed attempt), and an answer's key is charged to a caller the proxy authenticated
+(``ProxyEngine.answer_caller``).  Each ``test_held_*`` is an
 attack the code refused, kept where nothing else covers it.  The docstring names the attacker
 (docs/threat-model.md), what it gets and the fix.
 """
@@ -26,7 +26,8 @@ SDP_VIEW = ("INVITE:application/sdp",)
 
 @pytest.fixture(scope="module")
 def world():
-    return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob"), key_type="ec")
+    return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob", "mallory"),
+                         key_type="ec")
 
 
 class Clock:
@@ -180,45 +181,137 @@ def test_hole_a_cancel_crossing_bobs_200_leaves_the_answer_and_the_call_unread(w
 
 # -- 3. the quota groups of an answer's key (keeper_groups) --------------------------------
 
-@pytest.mark.xfail(strict=True, reason="an answer's key counts against its pair and its "
-                   "caller, both named by the request's From; the one signer is in neither")
-def test_hole_one_insider_answering_calls_from_made_up_froms_fills_the_cache():
+def _call_through(proxy, request, *, digest_authenticated: bool) -> str:
+    """The request through the proxy, and the caller the host keeps with its transaction
+    for the answers (Kamailio: ``$avp(e2m_caller)``, read back in the reply route)."""
+    verdict = proxy.inspect(request)
+    assert verdict.action == "forward", f"{verdict.code} {verdict.error}"
+    return proxy.answer_caller(request, verdict, digest_authenticated=digest_authenticated)
+
+
+def _signed_answer(world, request, responder: str, to_tag: str):
+    """``responder``'s 200 to ``request``: its SDP signed by the responder (context bound
+    to the response) and sealed for the proxy with a fresh CEKReference, which the proxy
+    keeps.  What an answering party sends to a caller it has no certificate for."""
+    from e2m_plugins.body import new_reference, protect_content, with_entity
+    from e2m_plugins.cms.recipients import recipient_for_certificate
+    from e2m_lab.flows import SDP_ANSWER
+    response = answer(request, to_tag=to_tag)
+    cred = world.user(responder)
+    entity, _ = protect_content("application/sdp", SDP_ANSWER,
+                                [recipient_for_certificate(world.proxy(TRUSTED).cert)],
+                                signer=(cred.cert, cred.key), cek_reference=new_reference(),
+                                bind_to=response, readers=(TRUSTED,))
+    return with_entity(response, entity)
+
+
+def _plain_call(world, caller: str, callee: str, call_id: str, from_tag: str):
+    """An INVITE with a plaintext SDP offer (no signature: a ``view`` rule asks none)."""
+    from e2m_plugins.sip import make_request
+    return make_request("INVITE", world.aor(callee), from_uri=caller, to_uri=world.aor(callee),
+                        call_id=call_id, from_tag=from_tag, body=SDP_OFFER,
+                        content_type="application/sdp",
+                        extra_headers=[("Contact", "<sip:caller@192.0.2.7>")])
+
+
+def _small_cache(kind: str, clock: Clock):
+    """A key cache of 16 (a keeper's quota: 2): the engine's own, or Kamailio's (its
+    records in a stand-in htable, swept after every put so the bound holds at once)."""
+    if kind == "memory":
+        return MemoryKeyCache(max_entries=16, clock=clock)
+    from e2m_lab.memory_htable import MemoryHtable
+    from kamailio_app.keycache_htable import HtableKeyCache
+    return HtableKeyCache(MemoryHtable(clock), clock=clock, max_entries=16, sweep_every=1)
+
+
+@pytest.mark.parametrize("kind", ["memory", "htable"])
+def test_hole_one_insider_answering_calls_from_made_up_froms_fills_the_cache(world, kind):
     """Insider UA (mallory), the premise of test_review8's first hole: she calls herself
     from made-up Froms (``sip:xN@evil.test``: no digest is asked of a From that is not
     one of our users, and a plaintext SDP offer needs no signature under a ``view``
     rule) and answers each call signed as herself, offering a key (12 h: a confirmed
-    dialog).  ``keeper_groups(answer:<xN> mallory)`` is the pair (1/64) and the
+    dialog).  ``keeper_groups(answer:<xN> mallory)`` was the pair (1/64) and the
     caller ``xN`` (1/8): both new for every call, and mallory, the one identity the
-    proxy authenticated, counts in no group at all.  ``scope_victim`` now counts by
-    signer inside one scope, but across scopes nothing does: her calls fill the cache,
-    and the global bound evicts the oldest long-lived key of anyone: alice's call with
+    proxy authenticated, counted in no group at all.  ``scope_victim`` counts by
+    signer inside one scope, but across scopes nothing did: her calls filled the cache,
+    and the global bound evicted the oldest long-lived key of anyone: alice's call with
     bob (its later bodies 496 or forwarded unread, the archive misses them).  Here a
     cache of 16 (quota 2): 16 such calls.  In a 10,000-key cache: 10,000 calls of
     hers, each a plain INVITE and a 200.  With no insider at all: an off-path sender
     calling an auto-answering party of ours (voicemail, IVR: test_review7's answerers,
-    each 200 with a fresh key) from made-up Froms gets the same, as kemi.py's
+    each 200 with a fresh key) from made-up Froms got the same, as kemi.py's
     ``route_auth`` lets a foreign From reach a local Request-URI unauthenticated.
+    Shown through the engine as a host drives it: each request's inspection, the caller
+    ``answer_caller`` names for it (Kamailio keeps it in a transaction AVP), and that
+    caller passed with the answer.  On 73c8564 the host passed the request's From
+    (``$T_req($fu)``), and alice's key went.
 
-    Fix (e2m_plugins/proxy.py ``_inspect_response`` ``keeper()``, kamailio_app/kemi.py
-    ``_caller``): name an answer's caller only by an identity the proxy authenticated
-    for the request: its digest user (Kamailio: an AVP set in the request route once
-    ``auth`` passed, which the transaction carries into the reply route) or the AoR
-    that signed its body; for a caller with neither (a foreign, unauthenticated
-    From), use one shared caller group (``"unauthenticated:"``, as ``UNSIGNED_KEEPER``
-    is for unsigned bodies), so that all answers to unauthenticated calls share one
-    1/8 quota and turn over only each other's keys, never a local user's."""
-    from e2m_plugins.keycache import answer_keeper
+    Fix (e2m_plugins/proxy.py ``ProxyEngine.answer_caller``, kamailio_app/kemi.py
+    ``note_caller`` and ``_caller``): an answer's caller is named only by an identity
+    the proxy authenticated for the request: its digest user (Kamailio: the request
+    route passes whether ``auth`` passed, and the transaction carries the answer into
+    the reply route in ``$avp(e2m_caller)``) or the AoR that signed its body; a caller
+    with neither (a foreign, unauthenticated From) is one shared caller group
+    (``UNAUTHENTICATED_CALLER``, as ``UNSIGNED_KEEPER`` is for unsigned bodies), so
+    all answers to unauthenticated calls share one 1/8 quota and turn over only each
+    other's keys, never a local user's."""
     clock = Clock()
-    cache = MemoryKeyCache(max_entries=16, clock=clock)
-    alices_call = DialogScope("alice-bob@x", "a1", "b1")
-    cache.put(alices_call, b"bob-answer", bytes(16),
-              keeper=answer_keeper("sip:alice@example.com", "sip:bob@example.com"))
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=_small_cache(kind, clock))
+    via = (known_proxy(world, TRUSTED, SDP_VIEW),)
+    alice = ua_engine(world, "alice", proxies=via)
+    bob = ua_engine(world, "bob")
+    offer = alice.protect(invite(world, call_id="alices-call@x")).message
+    verdict = proxy.inspect(offer)
+    caller = proxy.answer_caller(offer, verdict, digest_authenticated=True)
+    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message))
+    assert ok.info.key_reuse      # under alice's offer key, which the 200 keeps for the call
+    assert proxy.inspect(ok.message, caller=caller).seen
+    alice.open(ok.message)
+
     for n in range(16):
         clock.now += 1
-        cache.put(DialogScope(f"mallory-{n}@x", f"x{n}", "m"), b"m%d" % n, bytes(16),
-                  keeper=answer_keeper(f"sip:x{n}@evil.test", "sip:mallory@example.com"))
-    assert cache.get(alices_call, b"bob-answer", count=False) is not None, \
+        call = _plain_call(world, f"sip:x{n}@evil.test", "mallory", f"mallory-{n}@x", f"x{n}")
+        caller = _call_through(proxy, call, digest_authenticated=False)
+        assert proxy.inspect(_signed_answer(world, call, "mallory", "m"), caller=caller).seen
+
+    clock.now += 1
+    again = alice.protect(invite(world, call_id="alices-call@x", cseq=2, to_tag="b1"))
+    assert again.info.key_reuse
+    assert proxy.inspect(again.message).seen, \
         "one insider's answers to calls from made-up Froms evicted alice's call key"
+
+
+def test_an_answers_caller_is_one_the_proxy_authenticated(world):
+    """The caller groups ``answer_caller`` gives: a digest-authenticated caller (even with
+    a plaintext body) and a caller whose body's signature the proxy checked keep a
+    group of their own (test_review7's caller quota holds per caller); the same From
+    with neither (where [auth] is off anyone may write it), and a stranger's, are the
+    one unauthenticated group; a request relayed unread is named by digest alone."""
+    from e2m_plugins.keycache import answer_keeper
+    from e2m_plugins.proxy import UNAUTHENTICATED_CALLER
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache())
+    alice_aor = world.aor("alice")
+    plain = _plain_call(world, alice_aor.upper().replace("SIP:", "sip:"), "bob", "plain@x", "p1")
+    assert _call_through(proxy, plain, digest_authenticated=True) == alice_aor
+    assert _call_through(proxy, plain, digest_authenticated=False) == UNAUTHENTICATED_CALLER
+    stranger = _plain_call(world, "sip:x1@evil.test", "bob", "stranger@x", "s1")
+    assert _call_through(proxy, stranger, digest_authenticated=False) == UNAUTHENTICATED_CALLER
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    signed = alice.protect(invite(world, call_id="signed@x")).message
+    assert _call_through(proxy, signed, digest_authenticated=False) == alice_aor
+    assert proxy.answer_caller("sip:Alice@EXAMPLE.com;transport=udp", None,   # a $fu
+                               digest_authenticated=True) == alice_aor
+    assert proxy.answer_caller(alice_aor, None,
+                               digest_authenticated=False) == UNAUTHENTICATED_CALLER
+
+    # the keys the answers offer: the pair with the authenticated caller, or the shared group
+    bob_aor = world.aor("bob")
+    for call, caller, tag in ((plain, alice_aor, "b1"),
+                              (stranger, UNAUTHENTICATED_CALLER, "b2")):
+        assert proxy.inspect(_signed_answer(world, call, "bob", tag), caller=caller).seen
+    keepers = {entry.keeper for entry in proxy.cache._entries.values()}
+    assert answer_keeper(alice_aor, bob_aor) in keepers
+    assert answer_keeper(UNAUTHENTICATED_CALLER, bob_aor) in keepers
 
 
 # -- 4. what held ------------------------------------------------------------------------------
