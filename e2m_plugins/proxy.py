@@ -32,8 +32,8 @@ from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .cms.budget import message_budget
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
-from .errors import (DecryptionError, E2MError, MalformedError,
-                     NoMatchingRecipientError, ProxyCannotDecryptError, SignatureRequiredError)
+from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
+                     ProxyCannotDecryptError, ReplayError, SignatureRequiredError)
 from .keycache import DialogScope, KeyCache, Scope, TransactionScope, answer_keeper
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
 from .replay import MemoryReplayCache, ReplayCache
@@ -511,8 +511,9 @@ class ProxyEngine:
         for part in opened:
             if part.signed:   # a signature must be the sender's: From, or the responder (To)
                 check_signed_by(part, sender)
-        self._check_replay(message, [c for c in contexts if c is not None])
-        self._spend(message, opened, looked_up)
+        if self._first_sighting(message, [c for c in contexts if c is not None],
+                                spends=bool(looked_up)):
+            self._spend(message, opened, looked_up)
         self._keep_keys(message, opened, contexts, keeper)
         seen = tuple(self._seen(p) for p in opened)
         media = tuple(m for p in opened if p.content_type == "application/sdp"
@@ -533,15 +534,26 @@ class ProxyEngine:
                                          "[policy] legacy_peers may send such bodies)")
         return context
 
-    def _check_replay(self, message: SipMessage, contexts: list[SipContext]) -> None:
+    def _first_sighting(self, message: SipMessage, contexts: list[SipContext], *,
+                        spends: bool) -> bool:
         """A request whose body was seen before is a replay (tm absorbed the real
-        retransmissions before we were asked); a response must at least be recent."""
+        retransmissions before we were asked): refused.  A response must at least be
+        recent; one that ``spends`` a kept key is recorded too, and a copy of it (a 2xx
+        retransmission, or a hop replaying it) is still read and forwarded but is not
+        its first sighting: it spends no use of the key."""
         if not contexts:
-            return
+            return True
         if message.is_request:
             self.replay.check_and_record(contexts[0], None, retransmissions=False)
-        else:
-            contexts[0].check_time(self._now().timestamp(), self.config.replay_window)
+            return True
+        contexts[0].check_time(self._now().timestamp(), self.config.replay_window)
+        if not spends:
+            return True
+        try:
+            self.replay.check_and_record(contexts[0], None, retransmissions=False)
+        except ReplayError:
+            return False
+        return True
 
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
                       opened: list[OpenedPart], unreadable: list[mime.MimePart]) -> None:

@@ -6,8 +6,9 @@ own expiry (the time window plus a transaction's lifetime): the htable drops it 
 if nobody asks again.  The check and the write happen under the name's slot lock,
 so two workers handed the same message at once cannot both let it through.
 
-A proxy never sees a retransmission here (tm absorbed it before the script ran), so
-any second sighting is a replay.  Bounds: an entry lives while its body could pass
+A proxy never sees a request's retransmission here (tm absorbed it before the script
+ran), so any second sighting is a replay.  A response is recorded only when it opened
+with a kept CEK: a copy of it (tm relays every 2xx) is still read, but spends no use.  Bounds: an entry lives while its body could pass
 the time check (the later of now and the body's time, plus the window and 32 s); their number is the request rate times that, in shared memory; when a write
 fails (shared memory full), the request is refused (``LimitExceededError``), never
 let through unrecorded.  Values hold no message content.

@@ -2,8 +2,9 @@
 (2c19c5d) and the proxy's single drop and scope reuse (20d6b42).
 
 Each ``test_hole_*`` is an attack that succeeded on the code of 2c19c5d (or before it).
-Six are fixed and pass; the two still open are strict xfails (the assertion is what
-a fix must make true), described in docs/threat-model.md.  ``test_held_*`` attacks the code refused, kept where nothing else covered them.
+Seven are fixed and pass; the one still open is a strict xfail (the assertion is what a
+fix must make true), described in docs/threat-model.md.  ``test_held_*``: attacks the
+code refused, kept where nothing else covered them.
 The docstring names the attacker (docs/threat-model.md), what it gets and the fix.
 ``MemoryHtable`` plays Kamailio's htable, as in tests/kamailio/test_keycache_htable.py.
 """
@@ -329,8 +330,6 @@ def test_hole_one_forks_486_makes_the_proxy_drop_the_offer_the_other_fork_answer
     assert seen.error is None and seen.seen, "the answer on the other fork went unread"
 
 
-@pytest.mark.xfail(strict=True, reason="a response has no replay record: every copy of one "
-                   "200 spends a use of the key it was sealed under")
 def test_hole_copies_of_one_200_use_up_the_key_it_was_sealed_under(world):
     """Untrusted on-path hop between bob and the proxy (or plain 2xx retransmission:
     Kamailio forwards every copy of a 200, and the reply route reads each).  bob's 200
@@ -343,10 +342,10 @@ def test_hole_copies_of_one_200_use_up_the_key_it_was_sealed_under(world):
     unread (the archive misses them), while the call goes on.  A cache capped at 4
     uses keeps the test short; the 256 cap takes 256 copies.
 
-    Fix (e2m_plugins/proxy.py ``_view``/``_check_replay``): for a response, record its
-    context's replay key (the same on every copy; the shared ``e2mseen`` table) with
-    retransmissions allowed, and call ``_spend`` only for the first copy: a copy is
-    still read and forwarded, and spends nothing."""
+    Fixed (e2m_plugins/proxy.py ``_first_sighting``): a response that found a kept key
+    records its context's replay key (the same on every copy; Kamailio's shared
+    ``e2mseen`` table), and only its first sighting spends: a copy is still read and
+    forwarded, and spends nothing."""
     alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
     bob = ua_engine(world, "bob")
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(max_decrypts_cap=4))
@@ -361,6 +360,30 @@ def test_hole_copies_of_one_200_use_up_the_key_it_was_sealed_under(world):
         return [entry.max_decrypts for (scope, _), entry in proxy.cache._entries.items()
                 if not scope.early and entry.keeper == world.aor("alice").lower()]
     assert confirmed_uses() == [3], f"one answer spent {4 - (confirmed_uses() or [0])[0]} uses"
+
+
+def test_copies_of_one_200_spend_one_use_in_kamailios_shared_tables_across_two_workers(world):
+    """The same copies through Kamailio's tables (``HtableKeyCache`` and
+    ``HtableReplayCache`` over one stand-in htable), each copy handled by the other of
+    two workers (engines sharing the tables, as Kamailio's workers share shm): the
+    first spends one use, the copies none, and every copy is still read."""
+    from kamailio_app.replay_htable import HtableReplayCache
+    table = MemoryHtable()
+    cache = HtableKeyCache(table, seal_key=SEAL, max_decrypts_cap=4)
+    replay = HtableReplayCache(table, window=300)
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    workers = [proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=cache) for _ in range(2)]
+    for worker in workers:
+        worker.replay = replay
+    offer = alice.protect(invite(world, call_id="copies-kamailio@x")).message
+    delivered = bob.open(apply_forward(offer, workers[0].inspect(offer))).message
+    ok = bob.protect(answer(delivered))
+    for n in range(6):
+        assert workers[n % 2].inspect(ok.message, caller=world.aor("alice")).seen
+    dialog = DialogScope("copies-kamailio@x", ok.message.from_tag, ok.message.to_tag)
+    kept = cache._live_keys(scope_key(dialog), dialog, table.clock())
+    assert [entry.max_decrypts for entry, _ in kept] == [3]
 
 
 class _CountingSeal:
