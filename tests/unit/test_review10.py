@@ -4,9 +4,15 @@ is charged to a caller the proxy authenticated for the request
 one shared group ``unauthenticated:``.
 
 Each ``test_hole_*`` is an attack that succeeded on 1256985 and is left as a strict
-xfail with the fix in its docstring.  The docstring names the attacker
-(docs/threat-model.md), what it gets and the fix.  The real-Kamailio half (which
-From spellings digest lets through as whom) is tests/kamailio/test_review10_wire.py.
+xfail; its docstring names the attacker (docs/threat-model.md), what it gets and the
+fix.  Four holes: digest proves a user name, while the caller is the From with any of
+our host names (a quota group per name; its real-Kamailio half, which spellings pass
+digest as whom, is tests/kamailio/test_review10_wire.py); a legacy peer's signature
+binds no request, so a captured body names him the caller of any new call, and keeps
+its key offer again under his quota; and an answer's key counts against no quota of
+its responder, so an insider called by 64 users holds the whole cache.  What the
+review tried and the code held is in the review's report, not here: existing tests
+cover it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import pytest
 from e2m_lab.flows import SDP_OFFER, TRUSTED, proxy_engine
 from e2m_plugins.body import protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
-from e2m_plugins.keycache import MemoryKeyCache, keeper_groups
+from e2m_plugins.keycache import MemoryKeyCache
 from e2m_plugins.proxy import UNAUTHENTICATED_CALLER
 from e2m_plugins.sip import make_request
 from e2m_plugins.testpki import init_test_pki, issue_user
@@ -35,13 +41,21 @@ def world():
 
 
 def _answer_callers(cache: MemoryKeyCache) -> list[str]:
-    """The caller group of every answer's key the cache holds (``keeper_groups``)."""
-    callers = []
-    for entry in cache._entries.values():
-        if entry.keeper and entry.keeper.startswith("answer:"):
-            (_pair, _), (caller, _) = keeper_groups(entry.keeper, 8)
-            callers.append(unquote(caller))
-    return callers
+    """The caller of every answer's key the cache holds (``answer:<caller> <responder>``,
+    %-quoted: the caller group ``keeper_groups`` charges)."""
+    return [unquote(entry.keeper[len("answer:"):].partition(" ")[0])
+            for entry in cache._entries.values()
+            if entry.keeper and entry.keeper.startswith("answer:")]
+
+
+def _cache(kind: str, size: int, clock: Clock):
+    """The engine's own key cache, or Kamailio's (its records in a stand-in htable,
+    swept after every put so the bounds hold at once)."""
+    if kind == "memory":
+        return MemoryKeyCache(max_entries=size, clock=clock)
+    from e2m_lab.memory_htable import MemoryHtable
+    from kamailio_app.keycache_htable import HtableKeyCache
+    return HtableKeyCache(MemoryHtable(clock), clock=clock, max_entries=size, sweep_every=1)
 
 
 # -- 1. digest proves a user name, not which of our host names the From writes --------------
@@ -196,3 +210,60 @@ def test_hole_a_legacy_peers_replayed_key_offer_spends_his_own_quota(world):
     charged = [scope.call_id for (scope, _), entry in proxy.cache._entries.items()
                if entry.keeper == DAVE and scope.call_id.startswith("replay-")]
     assert charged == [], f"dave's replayed key offer was kept again, as his: {charged}"
+
+
+# -- 3. a responder's answers count against no quota of her own -----------------------------
+
+@pytest.mark.xfail(strict=True, reason="an answer's key counts against its pair and caller, "
+                   "never its responder: 64 callers give one responder the whole cache")
+@pytest.mark.parametrize("kind", ["memory", "htable"])
+def test_hole_a_much_called_insider_fills_the_cache_with_her_answers(world, kind):
+    """Insider UA (mallory) whom many of our users call (a help desk, a shared line):
+    ``keeper_groups`` charges an answer's key to the pair (1/64) and to the caller
+    (1/8), never to the responder, so she may hold 1/64 of the cache per distinct
+    authenticated caller: 64 callers who each call her once in a key's lifetime (12 h)
+    let her fill all of it (each call answered by 2xx on many To tags, or a 2xx whose
+    body has many signed parts, each offering a fresh key), and the global bound then
+    evicts the oldest long-lived key of anyone: alice's call with bob (a 496 round
+    trip for her next request under it, or a body forwarded unread and missing from
+    the archive).  1256985 took the made-up callers away; real ones still do it.
+    Here a cache of 128 (quota 16, a pair 2): 64 users call mallory once each and
+    she answers each call on two To tags; alice's re-INVITE under her call's key is
+    then answered 496.
+
+    Fix (e2m_plugins/keycache.py ``keeper_groups``): an answer's key also counts
+    against a group of its responder's answers, ``answered:<responder>`` (1/8, apart
+    from her own requests' keeper so answering never spends what she sends).  Review
+    7 kept the responder out because a flood of calls to an auto-answering party
+    would turn over its answers to real calls; since 1256985 every unauthenticated
+    caller is one group whose pair with a responder holds 1/64, so strangers can fill
+    at most 1/64 of her 1/8, and only authenticated callers (eight of them at 1/64
+    each) reach it."""
+    from e2m_lab.flows import answer, apply_forward, invite, known_proxy, ua_engine
+    clock = Clock()
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=_cache(kind, 128, clock))
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    offer = alice.protect(invite(world, call_id="alices-call@x")).message
+    verdict = proxy.inspect(offer)
+    caller = proxy.answer_caller(offer, verdict, digest_authenticated=True)
+    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message))
+    assert ok.info.key_reuse      # under alice's offer key, which the 200 keeps for the call
+    assert proxy.inspect(ok.message, caller=caller).seen
+    alice.open(ok.message)
+
+    for n in range(64):
+        clock.now += 1
+        call = _plain_call(world, f"sip:user{n}@example.com", "mallory", f"u{n}@x", f"u{n}")
+        verdict = proxy.inspect(call)
+        who = proxy.answer_caller(call, verdict, digest_authenticated=True)
+        assert who == f"sip:user{n}@example.com"
+        for tag in ("m1", "m2"):
+            assert proxy.inspect(_signed_answer(world, call, "mallory", tag), caller=who).seen
+
+    clock.now += 1
+    again = alice.protect(invite(world, call_id="alices-call@x", cseq=2, to_tag="b1"))
+    assert again.info.key_reuse
+    verdict = proxy.inspect(again.message)
+    assert verdict.action == "forward" and verdict.seen, \
+        f"mallory's answers to 64 callers evicted alice's call key: {verdict.code}"
