@@ -72,9 +72,10 @@ def test_hole_one_digest_user_is_a_caller_group_for_every_name_of_ours(world):
     mallory (tests/kamailio/test_review10_wire.py shows it on a real Kamailio), and
     ``answer_caller`` names each From as written (``_keeper`` folds case, ports, a
     trailing dot, but not the host): three caller groups, each with its own 1/8
-    quota.  One authenticated user holds k/8 of the cache for k names of ours; with
-    the shared ``unauthenticated:`` and ``unsigned:`` groups she can fill as well, five
-    names of ours (two domains, the identity host, an IPv4 and an IPv6 listener) are
+    quota.  One authenticated user holds k/8 of the cache for k names of ours (a
+    cluster node adds its front and its aliases); with the shared
+    ``unauthenticated:`` group she fills as a stranger (and ``unsigned:`` where
+    ``legacy_unsigned_cbc`` is on), seven names, or fewer with one accomplice, are
     8/8: the global bound then evicts the oldest key of anyone (alice's live call key:
     a 496 round trip, or her later bodies forwarded unread and missing from the
     archive), which 1256985 says a flood of answers never reaches.  Here a cache of 16
@@ -142,7 +143,7 @@ def test_hole_a_legacy_peers_replayed_signature_names_him_the_caller(world):
     unread; the archive misses them).  Before 1256985 any From did this; after it, a
     legacy peer's captured body still does, at no cost.  In a cache of 16 (quota 2)
     dave's real call to alice and two replays answered by carol and mallory took his
-    live call's answer key (measured on 1256985; the test asserts the caller named).
+    live call's answer key (measured in this review; the test asserts the caller named).
 
     Fix (e2m_plugins/proxy.py ``answer_caller``): a body that already signed another
     request proves nothing of this one's From.  Either record a digest of each legacy
@@ -185,7 +186,7 @@ def test_hole_a_legacy_peers_replayed_key_offer_spends_his_own_quota(world):
     new Call-IDs.  ``_keep_keys`` keeps the reference again under each new dialog,
     charged to the signer dave (``keeper()`` for a signed part), so his quota fills
     with copies and the sweep drops his oldest: the live call's key.  In a cache of
-    16 (quota 2) two replays took it (measured on 1256985).
+    16 (quota 2) two replays took it (measured in this review).
 
     Fix (e2m_plugins/proxy.py ``_keep_keys``): keep a key only from a part whose
     signed SIP context was checked against this request (a legacy part has none to
