@@ -344,14 +344,23 @@ def scope_victim(kept: list[CachedKey], keeper: str | None) -> CachedKey | None:
                key=lambda entry: entry.created)
 
 
+# The group of the keys a responder's answers offer (``keeper_groups``); no AoR, hashed
+# name or other keeper starts so.
+ANSWERED = "answered:"
+
+
 def keeper_groups(keeper: str, quota: int) -> list[tuple[str, int]]:
     """The quotas a key of ``keeper`` counts against.  An answer's key counts against
-    its pair (a small share: a callee's many answers to one call stay within it) and
+    its pair (a small share: a callee's many answers to one call stay within it),
     against its caller's own quota (calling many parties who answer stays within that;
-    every unauthenticated caller is one such group, so made-up Froms are no new quota)."""
+    every unauthenticated caller is one such group, so made-up Froms are no new quota)
+    and against its responder's answers, ``answered:<responder>`` (being called by
+    many stays within that; apart from the keys her own requests offer, so answering
+    never spends what she sends; strangers' calls, one pair, fill 1/64 of it)."""
     if keeper.startswith("answer:"):
-        caller, _, _ = keeper[len("answer:"):].partition(" ")
-        return [(keeper, max(1, quota // KEEPER_SHARE)), (unquote(caller), quota)]
+        caller, _, responder = keeper[len("answer:"):].partition(" ")
+        return [(keeper, max(1, quota // KEEPER_SHARE)), (unquote(caller), quota),
+                (ANSWERED + unquote(responder), quota)]
     return [(keeper, quota)]
 
 

@@ -68,6 +68,9 @@ class SeenBody:
     encrypted: bool
     signature: str                    # "valid" or "none" (an invalid one is refused earlier)
     signer: str | None
+    # signed, with a signed SIP context checked against this message (and recorded
+    # against replay): it proves the sender of this message, not only of some message
+    bound: bool = False
 
     @property
     def sha256(self) -> str:
@@ -245,26 +248,29 @@ class ProxyEngine:
             return Verdict("forward", error=type(exc).__name__, detail=str(exc))
 
     def answer_caller(self, request: SipMessage | str, verdict: Verdict | None, *,
-                      digest_authenticated: bool) -> str:
+                      digest_user: str | None = None) -> str:
         """Who pays for a key an answer to ``request`` offers: the host keeps it with the
         transaction and passes it to ``inspect(response, caller=...)``.
 
-        Only an identity this proxy authenticated for the request names a caller: its
-        From when the host's digest authentication proved it (``digest_authenticated``:
-        the credentials are the From user's and the From is in our domains), or when
-        ``verdict`` (this engine's, for this request) viewed a part signed by it
-        (``check_signed_by`` holds every signature to the From).  Any other From (a
+        Only an identity this proxy authenticated for the request names a caller:
+        ``digest_user``, the AoR the host's digest authentication proved (Kamailio: the
+        credentials' user in our domain; digest proves a user name, so every host name
+        of ours a From may write is this one AoR); else the From when ``verdict`` (this
+        engine's, for this request) viewed a part signed by it with a signed SIP context
+        checked against this request (``SeenBody.bound``: a legacy peer's body binds no
+        request, and a captured one could be put in any).  Any other From (a
         stranger's, which reaches our users unchallenged, or anyone's where [auth] is
         off) is whatever its sender wrote: all such callers are one group,
         ``UNAUTHENTICATED_CALLER``, so answers to calls from made-up Froms turn over
         only each other's keys.  ``request`` may be the From URI as the host parsed it,
         for a request it relayed unread (``verdict`` None)."""
-        signed = verdict is not None and any(s.signature == "valid" for s in verdict.seen)
-        if not (digest_authenticated or signed):
-            return UNAUTHENTICATED_CALLER
         try:
+            if digest_user:
+                return _keeper(digest_user)
+            if verdict is None or not any(s.bound for s in verdict.seen):
+                return UNAUTHENTICATED_CALLER
             return _keeper(request if isinstance(request, str) else _sender(request))
-        except E2MError:      # no From to name: the host relays it anyway
+        except E2MError:      # nothing to name: the host relays it anyway
             return UNAUTHENTICATED_CALLER
 
     def refuse(self, request: SipMessage, error: BaseException) -> Verdict:
@@ -515,7 +521,7 @@ class ProxyEngine:
                                 spends=bool(looked_up)):
             self._spend(message, opened, looked_up)
         self._keep_keys(message, opened, contexts, keeper)
-        seen = tuple(self._seen(p) for p in opened)
+        seen = tuple(self._seen(p, c) for p, c in zip(opened, contexts))
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
         return seen, media
@@ -593,7 +599,10 @@ class ProxyEngine:
         # Only the reference the sender's context offers (a legacy body has none to say).
         # Whose quota it counts against: ``keeper()`` for a signed part; one shared
         # keeper for unsigned ones (a legacy peer's), whose From proves nothing.
-        offered = [(ref, part.signed) for part, context in zip(opened, contexts)
+        # A signature with no signed context (a legacy peer's) binds no request: a
+        # captured body put in new requests must not spend its signer's quota.
+        offered = [(ref, part.signed and context is not None)
+                   for part, context in zip(opened, contexts)
                    for ref in part.cek_references
                    if context is None or context.cek_reference == ref[0]]
         if not offered:
@@ -612,10 +621,11 @@ class ProxyEngine:
                            ttl=EARLY_DIALOG_TTL if early else None, keeper=keeper)
 
     @staticmethod
-    def _seen(part: OpenedPart) -> SeenBody:
+    def _seen(part: OpenedPart, context: SipContext | None) -> SeenBody:
         signers = part.signers
         return SeenBody(part.cid, part.content_type, part.content, part.encrypted,
-                        "valid" if part.signed else "none", signers[0] if signers else None)
+                        "valid" if part.signed else "none", signers[0] if signers else None,
+                        bound=part.signed and context is not None)
 
     def _now(self) -> datetime:
         return self._clock() if self._clock else datetime.now(timezone.utc)

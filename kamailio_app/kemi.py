@@ -661,12 +661,23 @@ class kamailio:
 
     def note_caller(self, request, verdict):
         """Keep with the transaction who pays for a key an answer to this request offers
-        (``ProxyEngine.answer_caller``: the From only when digest or the body's signature
-        proved it).  An AVP set in the request route follows the transaction into tm's
-        reply route, which reads it instead of parsing the request again ($T_req)."""
-        caller = self.app.engine.answer_caller(
-            request, verdict, digest_authenticated=self.authenticated is not None)
+        (``ProxyEngine.answer_caller``: the user digest proved, else the From when the
+        body's signature and signed context proved it).  An AVP set in the request route
+        follows the transaction into tm's reply route, which reads it instead of parsing
+        the request again ($T_req)."""
+        caller = self.app.engine.answer_caller(request, verdict, digest_user=self.digest_aor())
         KSR.pv.sets(_CALLER_AVP, caller)
+
+    def digest_aor(self):
+        """The AoR digest authentication proved for this request, or None.  auth_db
+        checks user names only (use_domain 0) and the From may write any host name of
+        ours: the user is named in our first domain (or the realm), one AoR however the
+        From was spelled."""
+        if self.authenticated is None:
+            return None
+        config = self.app.config
+        domain = config.kamailio.domains[0] if config.kamailio.domains else config.auth.realm
+        return "sip:%s@%s" % (self.authenticated, domain)
 
     def inspect_only(self):
         """For ACK and CANCEL: they cannot be refused, but what they carry is recorded."""

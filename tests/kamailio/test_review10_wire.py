@@ -4,9 +4,10 @@ as one user, and whom the reply route then charges for the answer's key.
 ``route_auth`` asks credentials of every From ``from_ours`` takes as local (each
 ``[kamailio] domains`` entry, the identity host, every address Kamailio takes as itself)
 and ``auth_check`` holds only the From's user part to the credentials' user name; the
-reply route charges the From as written (``$avp(e2m_caller)``, from
-``ProxyEngine.answer_caller``).  tests/unit/test_review10.py shows what the extra caller
-groups let an insider do, and the fix.
+reply route charged the From as written (``$avp(e2m_caller)``, from
+``ProxyEngine.answer_caller``), and now charges the user digest proved, in our first
+domain.  tests/unit/test_review10.py shows what the extra caller groups let an
+insider do.
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ def _invite(caller: str, tag: str) -> SipMessage:
                         extra_headers=[("Contact", "<sip:caller@127.0.0.1:9>")])
 
 
-@pytest.mark.xfail(strict=True, reason="digest proves the user name only; the From's host "
-                   "(any name of ours) makes a caller group of its own")
 def test_hole_one_password_is_a_caller_group_for_every_name_of_ours(proxy_factory, pki):
     """Insider UA (alice, a user of ours with a password): her From written with the
     identity host or the proxy's listen address instead of her domain passes digest as
     alice (Kamailio 5.6 auth_check, flag 1) and reaches bob's auto-answering phone; each
     answer's key is charged to that spelling, a caller group (1/8 of the cache) of its
-    own.  Fix: charge the identity digest proved (``$au`` and our first domain), not the
-    From (tests/unit/test_review10.py, first test)."""
+    own.  Fixed: the reply route charges the identity digest proved (``$au`` in our
+    first domain: kemi.py ``digest_aor``), not the From (tests/unit/test_review10.py,
+    first test); this failed before."""
     proxy = proxy_factory("review10", e2m=True, view=SDP_VIEW, auth=True, users=USERS)
     spellings = ("sip:alice@example.com", "sip:alice@proxy.example.com",
                  f"sip:alice@127.0.0.1:{proxy.port}")

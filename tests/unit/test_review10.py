@@ -3,10 +3,10 @@ is charged to a caller the proxy authenticated for the request
 (``ProxyEngine.answer_caller``: digest, or the request body's signature), else to the
 one shared group ``unauthenticated:``.
 
-Each ``test_hole_*`` is an attack that succeeded on 1256985 and is left as a strict
-xfail; its docstring names the attacker (docs/threat-model.md), what it gets and the
-fix.  Four holes: digest proves a user name, while the caller is the From with any of
-our host names (a quota group per name; its real-Kamailio half, which spellings pass
+Each ``test_hole_*`` is an attack that succeeded on 1256985; all are fixed and pass
+(each failed on the code before its fix); its docstring names the attacker
+(docs/threat-model.md), what it got and the fix.  Four holes: digest proves a user
+name, while the caller was the From with any of our host names (a quota group per name; its real-Kamailio half, which spellings pass
 digest as whom, is tests/kamailio/test_review10_wire.py); a legacy peer's signature
 binds no request, so a captured body names him the caller of any new call, and keeps
 its key offer again under his quota; and an answer's key counts against no quota of
@@ -60,8 +60,6 @@ def _cache(kind: str, size: int, clock: Clock):
 
 # -- 1. digest proves a user name, not which of our host names the From writes --------------
 
-@pytest.mark.xfail(strict=True, reason="answer_caller names the From as written: one digest "
-                   "user is a caller group per host name of ours")
 def test_hole_one_digest_user_is_a_caller_group_for_every_name_of_ours(world):
     """Insider UA (mallory, a user of ours with a password).  Kamailio's ``auth_check``
     (flag 1) holds the credentials' user name to the From's user part only, and
@@ -82,14 +80,13 @@ def test_hole_one_digest_user_is_a_caller_group_for_every_name_of_ours(world):
     (quota 2, a pair 1): mallory calls as three spellings of herself, carol's
     voicemail and bob's phone answer each call with a key: six keys charged to her.
 
-    Fix (kamailio_app/kemi.py ``note_caller``, e2m_plugins/proxy.py
-    ``answer_caller``): name the identity digest proved, not the From: pass
-    ``self.authenticated`` (``$au``) and have the engine build one AoR from it and the
-    realm's domain (``sip:<au>@<first [kamailio] domain>``, ``_keeper`` as usual), or
-    give the engine ``config.local_names`` so a From whose host is one of them is
-    keyed under the first domain.  Either way every spelling of one user is one
-    caller group, as her signed requests already are (their signer must match one
-    certificate SAN)."""
+    Fixed (kamailio_app/kemi.py ``note_caller``, e2m_plugins/proxy.py
+    ``answer_caller(..., digest_user=)``): the identity digest proved names the
+    caller, not the From: Kamailio passes ``sip:<$au>@<first [kamailio] domain, else
+    the realm>``, so every spelling of one user is one caller group, as her signed
+    requests already are (their signer must match one certificate SAN).  Here the
+    test passes what kemi.py builds; tests/kamailio/test_review10_wire.py shows the
+    spellings on a real Kamailio."""
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW,
                          cache=MemoryKeyCache(max_entries=16, clock=Clock()))
     spellings = ("sip:mallory@example.com", "sip:mallory@proxy.example.com",
@@ -100,7 +97,7 @@ def test_hole_one_digest_user_is_a_caller_group_for_every_name_of_ours(world):
             verdict = proxy.inspect(call)
             assert verdict.action == "forward", f"{verdict.code} {verdict.error}"
             # what kemi.py's note_caller passes when route_auth's auth_check passed
-            who = proxy.answer_caller(call, verdict, digest_authenticated=True)
+            who = proxy.answer_caller(call, verdict, digest_user=world.aor("mallory"))
             assert proxy.inspect(_signed_answer(world, call, callee, "v"), caller=who).seen
 
     callers = _answer_callers(proxy.cache)
@@ -126,8 +123,6 @@ def _legacy_call(world, dave, call_id: str, from_tag: str, callee: str, body=Non
     return with_entity(request, body), body
 
 
-@pytest.mark.xfail(strict=True, reason="a legacy body's signature binds no request: a "
-                   "replayed one names its signer as the caller")
 def test_hole_a_legacy_peers_replayed_signature_names_him_the_caller(world):
     """Insider UA who once took a call from dave, a legacy peer of ours (an RFC 3261
     S/MIME stack: ``[policy] legacy_peers``): here alice, or an untrusted hop on that
@@ -145,15 +140,12 @@ def test_hole_a_legacy_peers_replayed_signature_names_him_the_caller(world):
     dave's real call to alice and two replays answered by carol and mallory took his
     live call's answer key (measured in this review; the test asserts the caller named).
 
-    Fix (e2m_plugins/proxy.py ``answer_caller``): a body that already signed another
-    request proves nothing of this one's From.  Either record a digest of each legacy
-    part's signature (with the request's Call-ID) in the replay cache for a key's
-    lifetime and name ``UNAUTHENTICATED_CALLER`` for a body seen with another
-    Call-ID; or name a signer only for a part whose signed SIP context was checked
-    against this request (``check_context``, recorded by ``_check_replay``): a flag
-    on ``SeenBody``, never set under the legacy exemption.  The second is simpler
-    but puts every legacy call's answer in the shared group, where a flood of
-    strangers' calls turns it over; the first keeps dave's quota his own."""
+    Fixed (e2m_plugins/proxy.py ``answer_caller``): a body that already signed another
+    request proves nothing of this one's From: a signer names the caller only for a
+    part whose signed SIP context was checked against this request and recorded
+    against replay (``SeenBody.bound``, never set under the legacy exemption).  The
+    price: a legacy peer's calls are in the shared group, where a flood of strangers'
+    calls turns their answers' keys over (a 496 round trip or an answer unread)."""
     dave = issue_user(world.ca, DAVE, "ec")
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, legacy_peers=(DAVE,),
                          cache=MemoryKeyCache(max_entries=16, clock=Clock()))
@@ -161,7 +153,7 @@ def test_hole_a_legacy_peers_replayed_signature_names_him_the_caller(world):
     real, captured = _legacy_call(world, dave, "daves-call@x", "d1", "alice")
     verdict = proxy.inspect(real)
     assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
-    who = proxy.answer_caller(real, verdict, digest_authenticated=False)
+    who = proxy.answer_caller(real, verdict)
     assert proxy.inspect(_signed_answer(world, real, "alice", "a1"), caller=who).seen
 
     named = []
@@ -169,7 +161,7 @@ def test_hole_a_legacy_peers_replayed_signature_names_him_the_caller(world):
         replay, _ = _legacy_call(world, dave, f"replay-{n}@x", f"r{n}", callee, body=captured)
         verdict = proxy.inspect(replay)
         assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
-        who = proxy.answer_caller(replay, verdict, digest_authenticated=False)
+        who = proxy.answer_caller(replay, verdict)
         named.append(who)
         assert proxy.inspect(_signed_answer(world, replay, callee, "v"), caller=who).seen
     # a body that signed another request is no proof of this one's From
@@ -177,8 +169,6 @@ def test_hole_a_legacy_peers_replayed_signature_names_him_the_caller(world):
         f"a replayed legacy body named its signer as the caller: {named}"
 
 
-@pytest.mark.xfail(strict=True, reason="a replayed legacy body's CEKReference is kept again, "
-                   "charged to its signer")
 def test_hole_a_legacy_peers_replayed_key_offer_spends_his_own_quota(world):
     """The same capture without any answering party: untrusted hop or a recipient of
     dave's legacy call (as above) replays his signed body that offers a CEKReference
@@ -188,12 +178,10 @@ def test_hole_a_legacy_peers_replayed_key_offer_spends_his_own_quota(world):
     with copies and the sweep drops his oldest: the live call's key.  In a cache of
     16 (quota 2) two replays took it (measured in this review).
 
-    Fix (e2m_plugins/proxy.py ``_keep_keys``): keep a key only from a part whose
-    signed SIP context was checked against this request (a legacy part has none to
-    say which request offered it, and reSIProcate offers no CEKReference anyway), or
-    the replay record of the legacy signatures described in the test above, under
-    which a body seen with another Call-ID keeps nothing (or only under the shared
-    ``unsigned:`` keeper)."""
+    Fixed (e2m_plugins/proxy.py ``_keep_keys``): a key from a part whose
+    signed SIP context was checked against this request is its signer's; any other
+    (a legacy part has none to say which request offered it, and reSIProcate offers
+    no CEKReference anyway) is kept under the shared ``unsigned:`` keeper."""
     from e2m_plugins.body import new_reference
     dave = issue_user(world.ca, DAVE, "ec")
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, legacy_peers=(DAVE,),
@@ -215,8 +203,6 @@ def test_hole_a_legacy_peers_replayed_key_offer_spends_his_own_quota(world):
 
 # -- 3. a responder's answers count against no quota of her own -----------------------------
 
-@pytest.mark.xfail(strict=True, reason="an answer's key counts against its pair and caller, "
-                   "never its responder: 64 callers give one responder the whole cache")
 @pytest.mark.parametrize("kind", ["memory", "htable"])
 def test_hole_a_much_called_insider_fills_the_cache_with_her_answers(world, kind):
     """Insider UA (mallory) whom many of our users call (a help desk, a shared line):
@@ -232,7 +218,7 @@ def test_hole_a_much_called_insider_fills_the_cache_with_her_answers(world, kind
     she answers each call on two To tags; alice's re-INVITE under her call's key is
     then answered 496.
 
-    Fix (e2m_plugins/keycache.py ``keeper_groups``): an answer's key also counts
+    Fixed (e2m_plugins/keycache.py ``keeper_groups``): an answer's key also counts
     against a group of its responder's answers, ``answered:<responder>`` (1/8, apart
     from her own requests' keeper so answering never spends what she sends).  Review
     7 kept the responder out because a flood of calls to an auto-answering party
@@ -247,7 +233,7 @@ def test_hole_a_much_called_insider_fills_the_cache_with_her_answers(world, kind
     bob = ua_engine(world, "bob")
     offer = alice.protect(invite(world, call_id="alices-call@x")).message
     verdict = proxy.inspect(offer)
-    caller = proxy.answer_caller(offer, verdict, digest_authenticated=True)
+    caller = proxy.answer_caller(offer, verdict, digest_user=world.aor("alice"))
     ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message))
     assert ok.info.key_reuse      # under alice's offer key, which the 200 keeps for the call
     assert proxy.inspect(ok.message, caller=caller).seen
@@ -257,7 +243,7 @@ def test_hole_a_much_called_insider_fills_the_cache_with_her_answers(world, kind
         clock.now += 1
         call = _plain_call(world, f"sip:user{n}@example.com", "mallory", f"u{n}@x", f"u{n}")
         verdict = proxy.inspect(call)
-        who = proxy.answer_caller(call, verdict, digest_authenticated=True)
+        who = proxy.answer_caller(call, verdict, digest_user=f"sip:user{n}@example.com")
         assert who == f"sip:user{n}@example.com"
         for tag in ("m1", "m2"):
             assert proxy.inspect(_signed_answer(world, call, "mallory", tag), caller=who).seen

@@ -351,7 +351,7 @@ def test_hole_calls_to_an_answering_victim_spend_its_quota(world):
     ok = bob.protect(answer(got)).message
     # the host keeps answer_caller with the transaction (Kamailio: $avp(e2m_caller));
     # alice is one of ours, digest-authenticated
-    caller = proxy.answer_caller(sent, verdict, digest_authenticated=True)
+    caller = proxy.answer_caller(sent, verdict, digest_user=world.aor("alice"))
     assert proxy.inspect(ok, caller=caller).seen   # offers the call's key
     kept = [scope for scope, _ in proxy.cache._entries]
     assert [s.call_id for s in kept] == ["bobs-call@x"]
@@ -365,7 +365,7 @@ def test_hole_calls_to_an_answering_victim_spend_its_quota(world):
         rung = bob.open(apply_forward(offer, verdict)).message
         assert proxy.inspect(bob.protect(answer(rung, to_tag=f"bb{n}")).message,
                              caller=proxy.answer_caller(offer, verdict,
-                                                        digest_authenticated=True)).seen
+                                                        digest_user=world.aor("carol"))).seen
     assert "bobs-call@x" in {scope.call_id for scope, _ in proxy.cache._entries}, \
         "carol's calls to bob pushed the key of bob's call with alice out"
 
@@ -389,7 +389,7 @@ def test_a_callee_writing_another_from_in_its_answer_charges_the_caller_still(wo
     rung = bob.open(apply_forward(offer, seen)).message
     reply = answer(rung, to_tag="bb1")
     reply = reply.replace("From", f"<{world.aor('alice')}>;tag={rung.from_tag}")
-    caller = proxy.answer_caller(offer, seen, digest_authenticated=False)
+    caller = proxy.answer_caller(offer, seen)
     verdict = proxy.inspect(bob.protect(reply).message, caller=caller)
     assert verdict.seen
     keepers = {entry.keeper for entry in proxy.cache._entries.values()}

@@ -43,7 +43,7 @@ def _carol_calls(world, proxy, carol, callee: str, call_id: str) -> None:
     answering = ua_engine(world, callee, peers=("carol",), proxies=via)
     verdict = proxy.inspect(offer)
     # carol's offer is signed by her: her own caller group (digest not needed)
-    caller = proxy.answer_caller(offer, verdict, digest_authenticated=False)
+    caller = proxy.answer_caller(offer, verdict)
     assert caller == world.aor("carol")
     rung = answering.open(apply_forward(offer, verdict)).message
     assert proxy.inspect(answering.protect(answer(rung, to_tag="i1")).message,

@@ -181,12 +181,12 @@ def test_hole_a_cancel_crossing_bobs_200_leaves_the_answer_and_the_call_unread(w
 
 # -- 3. the quota groups of an answer's key (keeper_groups) --------------------------------
 
-def _call_through(proxy, request, *, digest_authenticated: bool) -> str:
+def _call_through(proxy, request, *, digest_user: str | None = None) -> str:
     """The request through the proxy, and the caller the host keeps with its transaction
     for the answers (Kamailio: ``$avp(e2m_caller)``, read back in the reply route)."""
     verdict = proxy.inspect(request)
     assert verdict.action == "forward", f"{verdict.code} {verdict.error}"
-    return proxy.answer_caller(request, verdict, digest_authenticated=digest_authenticated)
+    return proxy.answer_caller(request, verdict, digest_user=digest_user)
 
 
 def _signed_answer(world, request, responder: str, to_tag: str):
@@ -262,7 +262,7 @@ def test_hole_one_insider_answering_calls_from_made_up_froms_fills_the_cache(wor
     bob = ua_engine(world, "bob")
     offer = alice.protect(invite(world, call_id="alices-call@x")).message
     verdict = proxy.inspect(offer)
-    caller = proxy.answer_caller(offer, verdict, digest_authenticated=True)
+    caller = proxy.answer_caller(offer, verdict, digest_user=world.aor("alice"))
     ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message))
     assert ok.info.key_reuse      # under alice's offer key, which the 200 keeps for the call
     assert proxy.inspect(ok.message, caller=caller).seen
@@ -271,7 +271,7 @@ def test_hole_one_insider_answering_calls_from_made_up_froms_fills_the_cache(wor
     for n in range(16):
         clock.now += 1
         call = _plain_call(world, f"sip:x{n}@evil.test", "mallory", f"mallory-{n}@x", f"x{n}")
-        caller = _call_through(proxy, call, digest_authenticated=False)
+        caller = _call_through(proxy, call)
         assert proxy.inspect(_signed_answer(world, call, "mallory", "m"), caller=caller).seen
 
     clock.now += 1
@@ -292,17 +292,16 @@ def test_an_answers_caller_is_one_the_proxy_authenticated(world):
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache())
     alice_aor = world.aor("alice")
     plain = _plain_call(world, alice_aor.upper().replace("SIP:", "sip:"), "bob", "plain@x", "p1")
-    assert _call_through(proxy, plain, digest_authenticated=True) == alice_aor
-    assert _call_through(proxy, plain, digest_authenticated=False) == UNAUTHENTICATED_CALLER
+    assert _call_through(proxy, plain, digest_user=alice_aor) == alice_aor
+    assert _call_through(proxy, plain) == UNAUTHENTICATED_CALLER
     stranger = _plain_call(world, "sip:x1@evil.test", "bob", "stranger@x", "s1")
-    assert _call_through(proxy, stranger, digest_authenticated=False) == UNAUTHENTICATED_CALLER
+    assert _call_through(proxy, stranger) == UNAUTHENTICATED_CALLER
     alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
     signed = alice.protect(invite(world, call_id="signed@x")).message
-    assert _call_through(proxy, signed, digest_authenticated=False) == alice_aor
+    assert _call_through(proxy, signed) == alice_aor
     assert proxy.answer_caller("sip:Alice@EXAMPLE.com;transport=udp", None,   # a $fu
-                               digest_authenticated=True) == alice_aor
-    assert proxy.answer_caller(alice_aor, None,
-                               digest_authenticated=False) == UNAUTHENTICATED_CALLER
+                               digest_user="sip:Alice@EXAMPLE.com") == alice_aor
+    assert proxy.answer_caller(alice_aor, None) == UNAUTHENTICATED_CALLER
 
     # the keys the answers offer: the pair with the authenticated caller, or the shared group
     bob_aor = world.aor("bob")
