@@ -24,6 +24,7 @@ from typing import Any
 
 from e2m_plugins.testpki import TestPKI
 from e2m_plugins.sip import RequestLine, SipMessage, make_request, make_response, parse
+from kamailio_app.launcher import LOG_POLL
 from .ports import free_port
 
 from .proxy_process import ProxyProcess
@@ -32,6 +33,8 @@ from .tomlfile import toml_text
 ROOT = Path(__file__).resolve().parents[1]
 PROXY_HOST = "proxy.example.com"
 START_TIMEOUT = 15.0
+# log_since waits this long: the launcher passes Kamailio's log on every LOG_POLL s
+LOG_SETTLE = 5 * LOG_POLL
 
 
 # --------------------------------------------------------------------------- redaction
@@ -143,6 +146,12 @@ class ProxyHandle:
             return 0
 
     def log_since(self, mark: int = 0) -> str:
+        """The log after ``mark``, once what Kamailio wrote until now has reached it (the
+        launcher drains Kamailio's log pipe every ``LOG_POLL`` s)."""
+        time.sleep(LOG_SETTLE)
+        return self._log_now(mark)
+
+    def _log_now(self, mark: int) -> str:
         try:
             with open(self.log_path, "rb") as handle:
                 handle.seek(mark)
@@ -154,7 +163,7 @@ class ProxyHandle:
         """Whether ``text`` shows up in the log (after ``mark``) within ``timeout``: the
         launcher passes Kamailio's log on a moment after Kamailio wrote it."""
         deadline = time.monotonic() + timeout
-        while text not in self.log_since(mark):
+        while text not in self._log_now(mark):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
