@@ -28,7 +28,8 @@ from e2m_plugins.keycache import MemoryKeyCache
 from e2m_plugins.proxy import UNAUTHENTICATED_CALLER
 from e2m_plugins.sip import make_request
 from e2m_plugins.testpki import init_test_pki, issue_user
-from tests.unit.test_review9 import Clock, _plain_call, _signed_answer
+from tests.unit.test_review9 import (Clock, _plain_call, _signed_answer,
+                                     alices_call_with_a_kept_key)
 
 SDP_VIEW = ("INVITE:application/sdp",)
 DAVE = "sip:dave@legacy.test"      # a legacy peer (an RFC 3261 S/MIME stack) of another domain
@@ -226,18 +227,10 @@ def test_hole_a_much_called_insider_fills_the_cache_with_her_answers(world, kind
     caller is one group whose pair with a responder holds 1/64, so strangers can fill
     at most 1/64 of her 1/8, and only authenticated callers (eight of them at 1/64
     each) reach it."""
-    from e2m_lab.flows import answer, apply_forward, invite, known_proxy, ua_engine
+    from e2m_lab.flows import invite
     clock = Clock()
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=_cache(kind, 128, clock))
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
-    bob = ua_engine(world, "bob")
-    offer = alice.protect(invite(world, call_id="alices-call@x")).message
-    verdict = proxy.inspect(offer)
-    caller = proxy.answer_caller(offer, verdict, digest_user=world.aor("alice"))
-    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message))
-    assert ok.info.key_reuse      # under alice's offer key, which the 200 keeps for the call
-    assert proxy.inspect(ok.message, caller=caller).seen
-    alice.open(ok.message)
+    alice = alices_call_with_a_kept_key(world, proxy)
 
     for n in range(64):
         clock.now += 1

@@ -181,6 +181,22 @@ def test_hole_a_cancel_crossing_bobs_200_leaves_the_answer_and_the_call_unread(w
 
 # -- 3. the quota groups of an answer's key (keeper_groups) --------------------------------
 
+def alices_call_with_a_kept_key(world, proxy):
+    """alice (digest-authenticated) calls bob through ``proxy``; bob's 200 is sealed under
+    her offer's key, which the proxy keeps for the call (``alices-call@x``, To tag b1).
+    Returns alice's UA engine, for a later request under that key."""
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    offer = alice.protect(invite(world, call_id="alices-call@x")).message
+    verdict = proxy.inspect(offer)
+    caller = proxy.answer_caller(offer, verdict, digest_user=world.aor("alice"))
+    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message))
+    assert ok.info.key_reuse      # under alice's offer key, which the 200 keeps for the call
+    assert proxy.inspect(ok.message, caller=caller).seen
+    alice.open(ok.message)
+    return alice
+
+
 def _call_through(proxy, request, *, digest_user: str | None = None) -> str:
     """The request through the proxy, and the caller the host keeps with its transaction
     for the answers (Kamailio: ``$avp(e2m_caller)``, read back in the reply route)."""
@@ -257,16 +273,7 @@ def test_hole_one_insider_answering_calls_from_made_up_froms_fills_the_cache(wor
     other's keys, never a local user's."""
     clock = Clock()
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=_small_cache(kind, clock))
-    via = (known_proxy(world, TRUSTED, SDP_VIEW),)
-    alice = ua_engine(world, "alice", proxies=via)
-    bob = ua_engine(world, "bob")
-    offer = alice.protect(invite(world, call_id="alices-call@x")).message
-    verdict = proxy.inspect(offer)
-    caller = proxy.answer_caller(offer, verdict, digest_user=world.aor("alice"))
-    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message))
-    assert ok.info.key_reuse      # under alice's offer key, which the 200 keeps for the call
-    assert proxy.inspect(ok.message, caller=caller).seen
-    alice.open(ok.message)
+    alice = alices_call_with_a_kept_key(world, proxy)
 
     for n in range(16):
         clock.now += 1
