@@ -84,9 +84,10 @@ class _FirstSighting:
     def __init__(self, window: float, clock: Callable[[], float]) -> None:
         self.window, self.clock = window, clock
 
-    def check_and_record(self, context, branch, *, retransmissions: bool) -> None:
+    def check_and_record(self, context, branch, *, retransmissions: bool,
+                         to_tag: str | None = None) -> None:
         MemoryReplayCache(window=self.window, clock=self.clock).check_and_record(
-            context, branch, retransmissions=retransmissions)
+            context, branch, retransmissions=retransmissions, to_tag=to_tag)
 
 
 _VALUE_CACHES = tuple(getattr(module, name, None) for module, name in (

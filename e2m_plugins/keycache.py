@@ -375,7 +375,9 @@ def over_quota(entries: list[tuple[str | None, bool, float, str]], quota: int) -
         for group, limit in keeper_groups(keeper, quota):
             groups.setdefault(group, (limit, []))[1].append((long_lived, created, name))
     out: set[str] = set()
-    for limit, rows in groups.values():
+    # narrowest first, as MemoryKeyCache.put trims: a pair (strangers' calls to one
+    # responder) drops its own excess before its responder's or caller's group counts it
+    for limit, rows in sorted(groups.values(), key=lambda group: group[0]):
         rows = [row for row in rows if row[2] not in out]
         if len(rows) > limit:
             rows.sort()

@@ -556,7 +556,10 @@ class ProxyEngine:
         if not spends:
             return True
         try:
-            self.replay.check_and_record(contexts[0], None, retransmissions=False)
+            # each fork's 2xx is its own (the signed context binds no To tag); a hop's
+            # re-tagged copy is then new too, and spends as every copy did before
+            self.replay.check_and_record(contexts[0], None, retransmissions=False,
+                                         to_tag=message.to_tag or "")
         except ReplayError:
             return False
         return True

@@ -45,9 +45,10 @@ class ReplayCache(Protocol):
     proxy: Kamailio's htable in ``kamailio_app``)."""
 
     def check_and_record(self, context: SipContext, branch: str | None, *,
-                         retransmissions: bool) -> None:
+                         retransmissions: bool, to_tag: str | None = None) -> None:
         """Record ``context``; ``ReplayError`` if it was seen before (and, with
-        ``retransmissions``, the repeat is not one: another ``branch`` or too late)."""
+        ``retransmissions``, the repeat is not one: another ``branch`` or too late).
+        ``to_tag``: a response's, part of what is recorded (``replay_key``)."""
 
 
 class MemoryReplayCache:
@@ -70,10 +71,10 @@ class MemoryReplayCache:
         return len(self._seen)
 
     def check_and_record(self, context: SipContext, branch: str | None, *,
-                         retransmissions: bool) -> None:
+                         retransmissions: bool, to_tag: str | None = None) -> None:
         now = self._clock()
         context.check_time(now, self.window)
-        key = context.replay_key()
+        key = context.replay_key(to_tag)
         with self._lock:
             self._expire(now)
             if context.time <= self._floor:

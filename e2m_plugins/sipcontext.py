@@ -143,14 +143,18 @@ class SipContext:
         if abs(now - self.time) > window:
             raise ReplayError("the body was made outside the accepted time window")
 
-    def replay_key(self) -> str:
+    def replay_key(self, to_tag: str | None = None) -> str:
         """The same for every copy of one message's body, whatever path it took, and
         different for any two messages: a digest of the DER of the message fields (no
-        separator a percent-decoded AoR could contain makes two of them collide)."""
-        fields = der.seq(_utf8(self.call_id), _utf8(self.from_tag), der.enc_integer(self.cseq),
-                         _utf8(self.method), _utf8(self.from_aor), _utf8(self.to_aor),
-                         der.enc_integer(self.status))
-        return hashlib.sha256(fields).hexdigest()[:32]
+        separator a percent-decoded AoR could contain makes two of them collide).
+        ``to_tag``: a response's, which the context does not bind, so that each fork's
+        2xx is a message of its own."""
+        parts = [_utf8(self.call_id), _utf8(self.from_tag), der.enc_integer(self.cseq),
+                 _utf8(self.method), _utf8(self.from_aor), _utf8(self.to_aor),
+                 der.enc_integer(self.status)]
+        if to_tag is not None:
+            parts.append(_utf8(to_tag))
+        return hashlib.sha256(der.seq(*parts)).hexdigest()[:32]
 
     def same_message(self, other: SipContext) -> bool:
         return self.message_fields() == other.message_fields()

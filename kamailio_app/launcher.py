@@ -385,9 +385,9 @@ def _pump_log(stream, out) -> None:
     try:
         import fcntl
         fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
+        os.set_blocking(fd, False)
     except OSError:
-        pass            # the default 64 KiB: still a few hundred lines per poll
-    os.set_blocking(fd, False)
+        pass      # 64 KiB would fill within a poll at a flood's rate: block on it instead
     cutter = LogCutter()
     pending = b""
     try:
@@ -398,15 +398,17 @@ def _pump_log(stream, out) -> None:
                 time.sleep(LOG_POLL)
                 continue
             pending += data
-            # the chunks readline(LIMIT) would give: whole lines, or LIMIT-long pieces
-            chunks = []
-            while pending:
-                end = pending.find(b"\n", 0, LogCutter.LIMIT)
-                if end < 0 and len(pending) < LogCutter.LIMIT and data:
+            # the chunks readline(LIMIT) would give: whole lines, or LIMIT-long pieces;
+            # cut by offset, one slice per chunk (a full pipe is a thousand lines)
+            chunks, pos = [], 0
+            while pos < len(pending):
+                end = pending.find(b"\n", pos, pos + LogCutter.LIMIT)
+                if end < 0 and len(pending) - pos < LogCutter.LIMIT and data:
                     break                      # the rest of this line is still coming
-                cut = end + 1 if end >= 0 else min(len(pending), LogCutter.LIMIT)
-                chunks.append(pending[:cut])
-                pending = pending[cut:]
+                cut = end + 1 if end >= 0 else min(len(pending), pos + LogCutter.LIMIT)
+                chunks.append(pending[pos:cut])
+                pos = cut
+            pending = pending[pos:]
             written = b"".join(cutter.process(chunk) for chunk in chunks)
             if written:
                 out.write(written)

@@ -40,10 +40,10 @@ class HtableReplayCache:
         self._clock = clock
 
     def check_and_record(self, context: SipContext, branch: str | None, *,
-                         retransmissions: bool) -> None:
+                         retransmissions: bool, to_tag: str | None = None) -> None:
         now = self._clock()
         context.check_time(now, self.window)
-        name = "r" + context.replay_key()
+        name = "r" + context.replay_key(to_tag)
         self._backend.lock(name)
         try:
             seen = self._backend.get(name)

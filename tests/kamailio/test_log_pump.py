@@ -54,3 +54,29 @@ def test_the_pump_gives_the_cutter_what_readline_would():
         assert got == _reference(b"".join(pieces))
         assert b"secret-sdp" not in got and b"continuation" not in got
         assert got.endswith(b"with no newline")
+
+
+def test_a_pipe_that_cannot_grow_is_read_blocking(monkeypatch):
+    """Where the pipe stays at 64 KiB (F_SETPIPE_SZ refused), a 20 ms poll would let a
+    flood of log lines fill it and stall Kamailio's workers: the pump blocks on it
+    instead, as before, and passes the same lines."""
+    import fcntl
+
+    def refused(*_args):
+        raise OSError("F_SETPIPE_SZ refused")
+    monkeypatch.setattr(fcntl, "fcntl", refused)
+    pieces = [b" 1(10) INFO: e2m: one\n", PARSER_LINE, b" 1(10) INFO: e2m: two\n"]
+    read_fd, write_fd = os.pipe()
+    out = io.BytesIO()
+    with os.fdopen(read_fd, "rb") as reader:
+        pump = threading.Thread(target=_pump_log, args=(reader, out))
+        pump.start()
+        os.write(write_fd, pieces[0])
+        time.sleep(0.05)
+        assert os.get_blocking(read_fd), "the pump made the pipe non-blocking anyway"
+        for piece in pieces[1:]:
+            os.write(write_fd, piece)
+        os.close(write_fd)
+        pump.join(timeout=10)
+        assert not pump.is_alive()
+    assert out.getvalue() == _reference(b"".join(pieces))
