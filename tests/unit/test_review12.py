@@ -8,9 +8,10 @@ the signed SIP context binds no To tag, so since 155a6c9 every re-tagged copy of
 a new message, and a response keeps (``_keep_keys``) and moves (``_spend``) keys into the
 dialog its To tag names, however many tags one answer comes with.  An untrusted hop
 between the callee and the proxy (it sees the 200 and the proxy's Via branch) sends
-the proxy copies of the callee's signed 200 with made-up To tags (and a Via that
-leads the copies nowhere, so the caller never ACKs or BYEs them).  Each copy is read,
-and:
+the proxy copies of the callee's signed 200 with made-up To tags (and without the
+proxy's Record-Route, so the ACK and BYE the caller's phone may send for each extra
+dialog go straight to a Contact the hop wrote: the proxy never sees a BYE that would
+end them).  Each copy is read, and:
 
 1. moves the caller's offer key into a made-up dialog (12 h), counted against the
    caller's own quota alone: her next offer evicts her live call's key;
@@ -18,6 +19,9 @@ and:
    pair turns over its oldest, the real dialog's key;
 3. in a cluster, sent to a node without the transaction (a stray reply), keeps it
    against the responder's own quota: his own calls' keys go.
+
+1b. The callee needs no hop for the first: he holds the offer's CEK, and his requests
+   with made-up From tags (To tag: the caller's) move her key the same way.
 
 ``test_control_*`` are the same flows without the hop: they pass.
 """
@@ -129,8 +133,9 @@ def test_hole_retagged_200s_move_alices_offer_key_into_made_up_dialogs_on_her_qu
     carol; she calls bob through the hop, which sends 20 re-tagged copies; alice's next
     call evicts the carol call's key, and her re-INVITE to carol, sealed under it, is
     496 (a round trip; carol's answers under it go on unread, missing from the archive).
-    (A 2xx with an unknown To tag makes alice's phone ACK and BYE it, which would drop
-    the copies: the hop rewrites the copies' next Via so they never reach her.)
+    (alice's phone may ACK and BYE each extra dialog, and a BYE through the proxy would
+    drop it: the hop takes the proxy's Record-Route out of the copies, so those requests
+    go to the Contact the hop wrote, around the proxy.)
 
     Fix: a key moved by a response counts against that answer's keeper
     (``answer_keeper(caller, responder)``: the pair's 1/64 and ``answered:<responder>``),
@@ -271,3 +276,70 @@ def test_hole_in_a_cluster_stray_retagged_answers_fill_the_responders_own_quota(
     assert read == 8
     assert verdict.action == "forward" and verdict.seen, \
         f"bob's re-INVITE to carol: {verdict.code} {verdict.error}"
+
+
+# -- 1b. the callee needs no hop: requests with made-up From tags move the offer key too ---
+
+def _alices_reinvite_after_bobs_requests(world, requests: int):
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW,
+                         cache=MemoryKeyCache(max_entries=64))       # a keeper's quota: 8
+    alice, carol = _ua(world, "alice", "bob", "carol"), _ua(world, "carol", "alice")
+    _call(world, proxy, alice, carol, "alice", "carol", "carol-call@x", "c1")   # her live call
+    # alice calls bob: her signed offer, sealed for bob and the proxy, offers its key
+    offer = _invite(world, "alice", "bob", "bob-call@x", from_tag="a2")
+    reference, alice_cred, bob_cred = new_reference(), world.user("alice"), world.user("bob")
+    entity, sealed = protect_content(
+        "application/sdp", SDP_OFFER,
+        [recipient_for_certificate(world.proxy(TRUSTED).cert),
+         recipient_for_certificate(bob_cred.cert)],
+        signer=(alice_cred.cert, alice_cred.key), cek_reference=reference, bind_to=offer,
+        readers=(TRUSTED,))
+    assert proxy.inspect(with_entity(offer, entity)).seen
+    read = 0
+    for n in range(requests):
+        # bob, who opened the offer and so holds its CEK, sends requests "in the dialog"
+        # (To tag: alice's; the route token names Call-ID and that tag), each with a
+        # From tag of his making, signed as himself, sealed under alice's offer key
+        request = make_request("INVITE", "sip:alice@127.0.0.1:5061", from_uri=world.aor("bob"),
+                               to_uri=world.aor("alice"), call_id="bob-call@x", cseq=1,
+                               from_tag=f"bob{n}", to_tag="a2", body=NEW_SDP,
+                               content_type="application/sdp",
+                               extra_headers=[("Contact", "<sip:bob@127.0.0.1:5062>")])
+        part, _ = protect_content("application/sdp", NEW_SDP, [reuse_kek(sealed.cek, reference)],
+                                  signer=(bob_cred.cert, bob_cred.key), bind_to=request,
+                                  readers=(TRUSTED,))
+        read += bool(proxy.inspect(with_entity(request, part)).seen)
+    offer = alice.protect(_invite(world, "alice", "bob", "next-call@x", from_tag="a3")).message
+    assert proxy.inspect(offer).action == "forward"
+    again = alice.protect(_invite(world, "alice", "carol", "carol-call@x", cseq=2, to_tag="c1",
+                                  sdp=NEW_SDP))
+    assert again.info.key_reuse
+    return proxy.inspect(again.message), read
+
+
+def test_control_alices_reinvite_after_her_call_to_bob_is_read(world):
+    verdict, _ = _alices_reinvite_after_bobs_requests(world, requests=0)
+    assert verdict.action == "forward" and verdict.seen
+
+
+@pytest.mark.xfail(strict=True, reason="review 12: bob's requests with made-up From tags move "
+                   "alice's offer key into made-up dialogs on her quota")
+def test_hole_callees_requests_with_made_up_tags_move_alices_offer_key_on_her_quota(world):
+    """Insider UA (bob, whom alice calls; no hop needed).  bob opened alice's offer, so he
+    holds its CEK.  Before answering (or instead), he sends requests under the INVITE's
+    Call-ID with alice's tag as To tag (what the route token checks) and a made-up From
+    tag each, signed as himself, sealed under alice's offer key (kekri).  Each is a new
+    request (its own SIP context: no replay), its key is found in the early scope
+    (Call-ID, alice's tag), and ``_spend`` (a request with a To tag "confirms") copies
+    it into the made-up dialog for 12 h with ``keeper=kept.keeper``: alice's quota.  As
+    in the first hole, alice's next offer then evicts her live call's key (496).  The
+    requests here are re-INVITEs (any method the proxy's rules or a label make it read
+    works the same); what alice's phone answers them does not matter.
+
+    Fix: as the first hole: a key moved by a message counts against that message's
+    sender (a request's From, a response's answer keeper), not the offerer's alone, and
+    one early key moves into a bounded number of dialogs."""
+    verdict, read = _alices_reinvite_after_bobs_requests(world, requests=20)
+    assert read > 0
+    assert verdict.action == "forward" and verdict.seen, \
+        f"alice's re-INVITE to carol: {verdict.code} {verdict.error} (after {read} requests)"
