@@ -56,6 +56,8 @@ _UNREADABLE = (NoMatchingRecipientError, DecryptionError)
 # transaction may (Timer C, 3 min, plus margin) unless a 2xx confirms the dialog:
 # a far end that never answers leaves no key behind for 12 hours.
 EARLY_DIALOG_TTL = 200.0
+# Dialogs one response may make with kept keys (To tags; RFC 3261 §13.2.2.4 forking)
+MAX_FORKS = 4
 
 
 @dataclass(frozen=True, repr=False)
@@ -351,13 +353,14 @@ class ProxyEngine:
 
         def keeper() -> str:
             # an answer to a request we relayed: the pair's quota; an answer to nothing
-            # we relayed (a cluster's stray reply): the signer's own, never the From it wrote
+            # we relayed (a cluster's stray reply, which anyone on the path can copy):
+            # a pair with the unauthenticated callers, never the From it wrote nor the
+            # responder's own group (the keys his own requests offer)
             responder = _keeper(self._sender_of(response))
             who = caller() if callable(caller) else caller
-            if not who:
-                return responder
-            return answer_keeper(who if who == UNAUTHENTICATED_CALLER else _keeper(who),
-                                 responder)
+            if not who or who == UNAUTHENTICATED_CALLER:
+                return answer_keeper(UNAUTHENTICATED_CALLER, responder)
+            return answer_keeper(_keeper(who), responder)
         seen, media = self._view(response, method, keeper=keeper)
         return Verdict("forward", seen=seen, media=media)
 
@@ -468,12 +471,18 @@ class ProxyEngine:
         return [self._own_key, KekLookup(kept_kek)]
 
     def _spend(self, message: SipMessage, opened: list[OpenedPart],
-               looked_up: list[tuple[Scope, bytes, bytes, Scope]]) -> None:
+               contexts: list[SipContext | None],
+               looked_up: list[tuple[Scope, bytes, bytes, Scope]],
+               keeper: Callable[[], str]) -> None:
         """One use of each kept key that opened a part of this (accepted) message; a key
         found under the dialog's early scope by a message that confirms the dialog is
-        kept for the dialog's whole life."""
+        kept for the dialog's whole life, counted against the quota of whoever moved it
+        (``_signed_keeper``: the request's sender, the answer's pair): the offerer never
+        chose that dialog's tags, and a callee holding the offer's CEK (or a hop copying
+        his 200) could otherwise fill her quota with dialogs of his making."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
+        mover: list[str] = []
         for candidate, name, reference, scope in looked_up:
             if f"kekid={reference.hex()}" not in used:
                 continue               # found, but not what opened the part
@@ -481,8 +490,20 @@ class ProxyEngine:
             # (a key whose last use this was is gone: nothing to keep for the dialog)
             if kept is not None and kept.max_decrypts != 0 and candidate != scope \
                     and self._confirms_dialog(message):
+                if not mover:
+                    mover.append(self._signed_keeper(opened, contexts, keeper))
                 self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
-                               keeper=kept.keeper)
+                               keeper=mover[0])
+
+    @staticmethod
+    def _signed_keeper(opened: list[OpenedPart], contexts: list[SipContext | None],
+                       keeper: Callable[[], str]) -> str:
+        """``keeper()`` when a part of the message is signed with a signed context checked
+        against it; else the one shared unsigned group (a legacy body's From proves
+        nothing, and a captured one binds no request)."""
+        if any(part.signed and context is not None for part, context in zip(opened, contexts)):
+            return keeper()
+        return UNSIGNED_KEEPER
 
     def _view(self, message: SipMessage, method: str, *, keeper: Callable[[], str]
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
@@ -517,10 +538,11 @@ class ProxyEngine:
         for part in opened:
             if part.signed:   # a signature must be the sender's: From, or the responder (To)
                 check_signed_by(part, sender)
+        offers = any(part.cek_references for part in opened)
         if self._first_sighting(message, [c for c in contexts if c is not None],
-                                spends=bool(looked_up)):
-            self._spend(message, opened, looked_up)
-        self._keep_keys(message, opened, contexts, keeper)
+                                keeps=bool(looked_up) or offers):
+            self._spend(message, opened, contexts, looked_up, keeper)
+            self._keep_keys(message, opened, contexts, keeper)
         seen = tuple(self._seen(p, c) for p, c in zip(opened, contexts))
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
@@ -541,28 +563,37 @@ class ProxyEngine:
         return context
 
     def _first_sighting(self, message: SipMessage, contexts: list[SipContext], *,
-                        spends: bool) -> bool:
+                        keeps: bool) -> bool:
         """A request whose body was seen before is a replay (tm absorbed the real
         retransmissions before we were asked): refused.  A response must at least be
-        recent; one that ``spends`` a kept key is recorded too, and a copy of it (a 2xx
-        retransmission, or a hop replaying it) is still read and forwarded but is not
-        its first sighting: it spends no use of the key."""
+        recent; one that ``keeps`` (spends a kept key, or offers one) is recorded too,
+        by its context and To tag (the signed context binds no To tag: each fork's 2xx
+        is its own).  A copy of it (a 2xx retransmission, or a hop replaying it) is
+        still read and forwarded but is not a first sighting: it spends no use and
+        keeps or moves no key.  Nor is a new To tag past the first ``MAX_FORKS`` of
+        one response: a hop re-tagging copies of one 200 would otherwise make a dialog
+        per tag, each keeping a key for a dialog's life."""
         if not contexts:
             return True
         if message.is_request:
             self.replay.check_and_record(contexts[0], None, retransmissions=False)
             return True
         contexts[0].check_time(self._now().timestamp(), self.config.replay_window)
-        if not spends:
+        if not keeps:
             return True
         try:
-            # each fork's 2xx is its own (the signed context binds no To tag); a hop's
-            # re-tagged copy is then new too, and spends as every copy did before
             self.replay.check_and_record(contexts[0], None, retransmissions=False,
                                          to_tag=message.to_tag or "")
         except ReplayError:
             return False
-        return True
+        for slot in range(MAX_FORKS):
+            try:    # (a newline never occurs in a parsed To tag)
+                self.replay.check_and_record(contexts[0], None, retransmissions=False,
+                                             to_tag="\n%d" % slot)
+                return True
+            except ReplayError:
+                continue
+        return False
 
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
                       opened: list[OpenedPart], unreadable: list[mime.MimePart]) -> None:

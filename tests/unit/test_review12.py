@@ -115,8 +115,6 @@ def test_control_alices_reinvite_under_her_calls_key_is_read(world):
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 12: a hop's re-tagged 200s move alice's offer "
-                   "key into made-up dialogs on her quota; her live call's key is evicted")
 def test_hole_retagged_200s_move_alices_offer_key_into_made_up_dialogs_on_her_quota(world):
     """Untrusted hop between bob and the proxy (or bob himself, an insider callee, who
     answers with many To tags).  bob's 200 is sealed under alice's offer key (kekri).
@@ -201,8 +199,6 @@ def test_control_bobs_reinvite_under_the_key_his_answer_offered_is_read(world):
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 12: a hop's re-tagged copies of bob's answer "
-                   "fill the pair's share and evict the real dialog's key")
 def test_hole_retagged_copies_of_an_answer_evict_the_real_dialogs_key_from_the_pair(world):
     """Untrusted hop between bob and the proxy.  bob's signed 200 offers a fresh key (a
     CEKReference; he has no certificate of alice's caller, or simply starts one).  Its
@@ -253,8 +249,6 @@ def test_control_bobs_reinvite_in_his_own_call_is_read(world):
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 12: in a cluster, a hop's re-tagged stray "
-                   "copies of bob's answer count against bob's own quota and evict his keys")
 def test_hole_in_a_cluster_stray_retagged_answers_fill_the_responders_own_quota(world):
     """Untrusted hop between bob and a [cluster] (its Via names the cluster's advertised
     address: the hop may deliver to any node).  It sends copies of bob's 200 to alice,
@@ -322,8 +316,6 @@ def test_control_alices_reinvite_after_her_call_to_bob_is_read(world):
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 12: bob's requests with made-up From tags move "
-                   "alice's offer key into made-up dialogs on her quota")
 def test_hole_callees_requests_with_made_up_tags_move_alices_offer_key_on_her_quota(world):
     """Insider UA (bob, whom alice calls; no hop needed).  bob opened alice's offer, so he
     holds its CEK.  Before answering (or instead), he sends requests under the INVITE's
