@@ -1204,6 +1204,9 @@ def main(argv: list[str] | None = None) -> int:
                              " floor-x25519, floor-kekri, off-auth, x25519-auth); off and a digest"
                              " configuration's counterpart are added (default: E2M_BENCH_CONFIGS, else all)")
     args = parser.parse_args(argv)
+    import signal
+    # a TERM (a timeout, a kill) unwinds like Ctrl-C, so run_benchmark stops its instances
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     plan = Plan.from_env(quick=args.quick)
     if args.configs:
         plan.configs = args.configs
