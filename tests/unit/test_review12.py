@@ -2,8 +2,9 @@
 fork's 2xx its own first sighting, ``over_quota`` narrowest first, the linear log pump) and
 of the answer's caller (1256985, 9ba8e7e: ``ProxyEngine.answer_caller``).
 
-Each ``test_hole_*`` is an attack that succeeds on 155a6c9, a strict xfail until fixed; its
-docstring names the attacker (docs/threat-model.md), what it gets and a fix.  One root:
+Each ``test_hole_*`` is an attack that succeeded on 155a6c9 (fixed in 8179a9a: a response
+keeps and moves keys for at most four To tags, a moved key counts against whoever moved it,
+a stray answer's caller is the unauthenticated group); its docstring names the attacker (docs/threat-model.md), what it gets and a fix.  One root:
 the signed SIP context binds no To tag, so since 155a6c9 every re-tagged copy of a 2xx is
 a new message, and a response keeps (``_keep_keys``) and moves (``_spend``) keys into the
 dialog its To tag names, however many tags one answer comes with.  An untrusted hop
@@ -89,6 +90,23 @@ def _call(world, proxy, caller, callee, caller_name: str, callee_name: str, call
     return ok.message
 
 
+def _reinvite_in_live_call(world, proxy, ua, caller: str, callee: str, call_id: str):
+    """``caller``'s re-INVITE in her live call with ``callee`` (its To tag c1), sealed for
+    the proxy under the key the call's 200 left in the dialog: the proxy's verdict."""
+    again = ua.protect(_invite(world, caller, callee, call_id, cseq=2, to_tag="c1",
+                               sdp=NEW_SDP))
+    assert again.info.key_reuse                    # sealed for the proxy under the call's key
+    return proxy.inspect(again.message)
+
+
+def _alices_next_call_then_her_reinvite_to_carol(world, proxy, alice):
+    """alice's next call (any request of hers that offers a key: it may evict her oldest),
+    then her re-INVITE in her live call with carol: the proxy's verdict on it."""
+    offer = alice.protect(_invite(world, "alice", "bob", "next-call@x", from_tag="a3")).message
+    assert proxy.inspect(offer).action == "forward"
+    return _reinvite_in_live_call(world, proxy, alice, "alice", "carol", "carol-call@x")
+
+
 # -- 1. re-tagged copies move the caller's offer key into made-up dialogs, on her quota ----
 
 def _alices_reinvite_after_a_hop(world, copies: int):
@@ -101,13 +119,7 @@ def _alices_reinvite_after_a_hop(world, copies: int):
     read = 0
     for n in range(copies):                        # the hop between bob and the proxy
         read += bool(proxy.inspect(_retag(ok, f"hop{n}"), caller=world.aor("alice")).seen)
-    # alice's next call (any request of hers that offers a key)
-    offer = alice.protect(_invite(world, "alice", "bob", "next-call@x", from_tag="a3")).message
-    assert proxy.inspect(offer).action == "forward"
-    again = alice.protect(_invite(world, "alice", "carol", "carol-call@x", cseq=2, to_tag="c1",
-                                  sdp=NEW_SDP))
-    assert again.info.key_reuse                    # sealed for the proxy under the call's key
-    return proxy.inspect(again.message), read
+    return _alices_next_call_then_her_reinvite_to_carol(world, proxy, alice), read
 
 
 def test_control_alices_reinvite_under_her_calls_key_is_read(world):
@@ -238,10 +250,7 @@ def _bobs_call_after_stray_copies(world, copies: int):
         # route reads it as a stray reply (kemi.py route_stray_reply), and $avp(e2m_caller)
         # is not there: caller None
         read += bool(proxy.inspect(_retag(ok, f"hop{n}"), caller=None).seen)
-    again = bob.protect(_invite(world, "bob", "carol", "bobs-call@x", cseq=2, to_tag="c1",
-                                sdp=NEW_SDP))
-    assert again.info.key_reuse
-    return proxy.inspect(again.message), read
+    return _reinvite_in_live_call(world, proxy, bob, "bob", "carol", "bobs-call@x"), read
 
 
 def test_control_bobs_reinvite_in_his_own_call_is_read(world):
@@ -303,12 +312,7 @@ def _alices_reinvite_after_bobs_requests(world, requests: int):
                                   signer=(bob_cred.cert, bob_cred.key), bind_to=request,
                                   readers=(TRUSTED,))
         read += bool(proxy.inspect(with_entity(request, part)).seen)
-    offer = alice.protect(_invite(world, "alice", "bob", "next-call@x", from_tag="a3")).message
-    assert proxy.inspect(offer).action == "forward"
-    again = alice.protect(_invite(world, "alice", "carol", "carol-call@x", cseq=2, to_tag="c1",
-                                  sdp=NEW_SDP))
-    assert again.info.key_reuse
-    return proxy.inspect(again.message), read
+    return _alices_next_call_then_her_reinvite_to_carol(world, proxy, alice), read
 
 
 def test_control_alices_reinvite_after_her_call_to_bob_is_read(world):
