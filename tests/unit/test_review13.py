@@ -27,7 +27,7 @@ import re
 
 import pytest
 
-from e2m_lab.flows import (SDP_OFFER, TRUSTED, answer, apply_forward, known_proxy,
+from e2m_lab.flows import (SDP_ANSWER, SDP_OFFER, TRUSTED, answer, apply_forward, known_proxy,
                            proxy_engine, ua_engine)
 from e2m_plugins.body import new_reference, protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
@@ -240,3 +240,72 @@ def test_hole_a_hop_in_front_of_many_callees_fills_the_callers_own_quota(world):
     assert read >= 2 * len(CALLEES)               # (the last calls' early keys go first)
     assert verdict.action == "forward" and verdict.seen, \
         f"alice's re-INVITE to carol: {verdict.code} {verdict.error} (after {read} copies)"
+
+
+# -- 1b. the moved offer key is in the pair's small share: the callee's answers push it out --
+
+def _answer_offering_a_key(world, request: SipMessage, responder: str, to_tag: str):
+    """``responder``'s signed 200 to ``request``, sealed for the proxy, offering a fresh key
+    (a CEKReference) instead of reusing the caller's."""
+    response = answer(request, to_tag=to_tag)
+    cred = world.user(responder)
+    entity, _ = protect_content("application/sdp", SDP_ANSWER,
+                                [recipient_for_certificate(world.proxy(TRUSTED).cert)],
+                                signer=(cred.cert, cred.key), cek_reference=new_reference(),
+                                bind_to=response, readers=(TRUSTED,))
+    return with_entity(response, entity)
+
+
+def _alices_reinvite_after_bobs_answers(world, calls: int):
+    clock = _Clock()
+    # quota 64 a keeper, a pair's share 8
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW,
+                         cache=MemoryKeyCache(max_entries=512, clock=clock))
+    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
+    _call(world, proxy, alice, bob, "alice", "bob", "live@x", "b1")      # their live call
+    kept = 0
+    for n in range(calls):        # alice calls bob again; he answers on four To tags
+        clock.now += 1
+        offer = alice.protect(_invite(world, "alice", "bob", f"again{n}@x",
+                                      from_tag=f"z{n}")).message
+        verdict = proxy.inspect(offer)
+        assert verdict.action == "forward"
+        who = proxy.answer_caller(offer, verdict)
+        for fork in range(4):
+            clock.now += 1
+            ok = _answer_offering_a_key(world, offer, "bob", f"f{n}x{fork}")
+            kept += bool(proxy.inspect(ok, caller=who).seen)
+    clock.now += EARLY_DIALOG_TTL + 1          # the offers' early copies are gone (200 s)
+    return _reinvite(world, proxy, alice, "alice", "bob", "live@x", "b1"), kept
+
+
+def test_control_alices_reinvite_in_her_live_call_with_bob_is_read(world):
+    verdict, _ = _alices_reinvite_after_bobs_answers(world, calls=0)
+    assert verdict.action == "forward" and verdict.seen
+
+
+@pytest.mark.xfail(strict=True, reason="8179a9a: the offer key bob's 200 moved counts against the "
+                   "pair's 1/64 share, which bob's own answers (keys he offers) turn over: "
+                   "alice's re-INVITE in the live call is 496")
+def test_hole_the_callees_answers_push_the_callers_moved_offer_key_out_of_the_pair(world):
+    """Insider UA (bob, the callee; no hop), or a callee's phone answering with keys of its
+    own.  alice and bob are in a call; its key (alice's offer, moved into the dialog by
+    bob's 200) counts since 8179a9a against ``answer_keeper(alice, bob)``, whose first
+    group is the pair's small share (1/64 of the cache, trimmed first).  alice calls bob
+    again (here twice); each time he answers on four To tags (``MAX_FORKS``), each 200
+    offering a fresh key of his own instead of reusing hers.  Those keys count against the
+    same pair, and the pair trims its oldest: the live call's offer key.  alice's next
+    re-INVITE in the live call, sealed for the proxy under it, is 496 (bob's answers under
+    it go on unread).  Here a cache of 512 (pair share 8): eight answers.  In a 10,000-key
+    cache 156 answers: about forty calls from alice, or fewer when his answers carry
+    several parts each offering a key.  Before 8179a9a the moved key counted against alice
+    alone and bob's answers turned over only his own answers' keys.  The fix suggested for
+    the first hole (``key_signer``) does not reach this one.
+
+    Fix: a key the first To tag's 2xx (or the caller's own request) moves stays the
+    offerer's (its keeper as before 8179a9a); only a key a further fork's 2xx moves (the
+    second to fourth To tag) counts against the answer's pair."""
+    verdict, kept = _alices_reinvite_after_bobs_answers(world, calls=2)
+    assert kept == 8
+    assert verdict.action == "forward" and verdict.seen, \
+        f"alice's re-INVITE to bob: {verdict.code} {verdict.error} (after {kept} answers)"
