@@ -14,11 +14,20 @@ the same flows without the attack: they pass.
    with keys of his own now turns over the caller's key first, which the eighth review's
    fix promised could not happen ("a party keeps as many of its newest as the flooder
    holds").
+1b. The same moved key now counts against the answer pair's small share (1/64 of the
+   cache, trimmed first): the callee's answers to the caller's other calls, each offering
+   a key of his own, turn it over.
 2. The answer pair's quota groups still hold the caller's own group, and a hop's three
    made-up dialogs per response live 12 h (no BYE comes through us).  A hop in front of
    many callees (a visited domain's proxy) spreads them over many pairs, each pair under
    its small share, and fills the caller's own eighth: her calls that never went near
    the hop lose their keys.
+3. A stray 200 (a cluster's floating address moved) moves an authenticated caller's
+   offer key into the pair of the unauthenticated callers with the responder, which
+   strangers' answered calls turn over.
+
+1, 1b and 3 held on 8179a9a^ (the moved key was its offerer's); 2 is what is left of the
+twelfth review's first hole.
 """
 
 from __future__ import annotations
@@ -309,3 +318,70 @@ def test_hole_the_callees_answers_push_the_callers_moved_offer_key_out_of_the_pa
     assert kept == 8
     assert verdict.action == "forward" and verdict.seen, \
         f"alice's re-INVITE to bob: {verdict.code} {verdict.error} (after {kept} answers)"
+
+
+# -- 3. a stray 200's move puts an authenticated call's key among strangers' answers ------
+
+def _alices_reinvite_after_strangers_calls(world, calls: int):
+    clock = _Clock()
+    # quota 64 a keeper, a pair's share 8
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW,
+                         cache=MemoryKeyCache(max_entries=512, clock=clock))
+    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
+    offer = alice.protect(_invite(world, "alice", "bob", "failover@x")).message
+    verdict = proxy.inspect(offer)                 # node A relays alice's signed offer
+    assert verdict.action == "forward" and verdict.seen
+    assert proxy.answer_caller(offer, verdict) == world.aor("alice")   # authenticated
+    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message, to_tag="b1"))
+    assert ok.info.key_reuse
+    # node A died; its floating address ([cluster] advertise) now on node B, which has
+    # the replicated keys but no transaction: a stray reply, caller None
+    assert proxy.inspect(ok.message, caller=None).seen
+    alice.open(ok.message)
+    for n in range(calls):      # strangers (no digest asked of a foreign From) call bob
+        clock.now += 1
+        request = make_request("INVITE", f"sip:bob@{world.domain}",
+                               from_uri=f"sip:x{n}@evil.test", to_uri=world.aor("bob"),
+                               call_id=f"stranger{n}@evil.test", from_tag=f"x{n}",
+                               body=SDP_OFFER, content_type="application/sdp",
+                               extra_headers=[("Contact", "<sip:x@192.0.2.7>")])
+        seen = proxy.inspect(request)              # plaintext: view asks no signature
+        assert seen.action == "forward"
+        who = proxy.answer_caller(request, seen)
+        # bob's phone answers (auto-answer, an IVR), sealing for us under a key it offers
+        assert proxy.inspect(_answer_offering_a_key(world, request, "bob", f"s{n}"),
+                             caller=who).seen
+    clock.now += EARLY_DIALOG_TTL + 1          # the offer's early copy is gone (200 s)
+    return _reinvite(world, proxy, alice, "alice", "bob", "failover@x", "b1")
+
+
+def test_control_alices_reinvite_after_a_failover_is_read(world):
+    verdict = _alices_reinvite_after_strangers_calls(world, calls=0)
+    assert verdict.action == "forward" and verdict.seen
+
+
+@pytest.mark.xfail(strict=True, reason="8179a9a: a stray 200 moves the authenticated caller's "
+                   "offer key into the pair of the unauthenticated callers with bob, whose "
+                   "1/64 strangers' answered calls turn over: alice's re-INVITE is 496")
+def test_hole_after_a_failover_strangers_calls_push_out_an_authenticated_calls_key(world):
+    """Off-path sender (strangers calling bob, whose phone answers by itself or is an IVR),
+    in a cluster with a floating address (``[cluster] advertise``).  alice (signed,
+    authenticated) calls bob through node A; node A dies, its address moves to node B,
+    and bob's 200 (sealed under alice's offer key) reaches node B as a stray reply:
+    ``caller`` None.  Since 8179a9a the key it moves into the dialog counts against
+    ``answer_keeper(UNAUTHENTICATED_CALLER, bob)``: the pair every stranger's answered
+    call to bob shares (1/64 of the cache, trimmed first).  Strangers then call bob from
+    made-up foreign Froms (no digest is asked of them, a plaintext offer needs no
+    signature) and his answers each offer a key: the pair trims its oldest, alice's call
+    key.  Her re-INVITE in the live call is 496 (bob's answers under it go on unread).
+    Here a cache of 512: eight calls; 10,000 keys: 156.  Before 8179a9a the moved key
+    stayed alice's; the ninth review's price promised strangers' calls turn over "never a
+    key of a caller the proxy authenticated".
+
+    Fix: a stray reply moves a key under the offer's own keeper (the offerer, who signed
+    and was authenticated for it) and keeps no new key against a group strangers share
+    unless the reply was seen first as a fork; or the offer's node replicates the
+    caller with the early key (keep it in the key's record) so a stray reply finds it."""
+    verdict = _alices_reinvite_after_strangers_calls(world, calls=8)
+    assert verdict.action == "forward" and verdict.seen, \
+        f"alice's re-INVITE to bob: {verdict.code} {verdict.error}"
