@@ -44,7 +44,7 @@ from .sip_errors import answer_for
 from .uri import identity_of
 
 __all__ = ["ProxyEngine", "Verdict", "SeenBody", "message_scope", "kept_name", "kept_namer",
-           "UNSIGNED_KEEPER", "UNAUTHENTICATED_CALLER"]
+           "UNSIGNED_KEEPER", "UNAUTHENTICATED_CALLER", "LATER_FORK_KEEPER"]
 
 PKIX_CERT = "application/pkix-cert"
 # Requests that do not go on toward a UAS with a body worth announcing a policy to.
@@ -166,6 +166,9 @@ UNSIGNED_KEEPER = "unsigned:"   # every key an unsigned body offers, one quota f
 # The caller of every answer to a request whose From nobody authenticated: one quota for all
 # (``ProxyEngine.answer_caller``).  Never an AoR as ``_keeper`` spells one.
 UNAUTHENTICATED_CALLER = "unauthenticated:"
+# Every key kept under a later fork of an early dialog (``ProxyEngine._fork``): anyone
+# re-tagging a 2xx makes those, so they turn over only each other, never a party's keys
+LATER_FORK_KEEPER = "fork:"
 
 
 def _keeper(sender: str) -> str:
@@ -476,24 +479,34 @@ class ProxyEngine:
                keeper: Callable[[], str]) -> None:
         """One use of each kept key that opened a part of this (accepted) message; a key
         found under the dialog's early scope by a message that confirms the dialog is
-        kept for the dialog's whole life, counted against the quota of whoever moved it
-        (``_signed_keeper``: the request's sender, the answer's pair): the offerer never
-        chose that dialog's tags, and a callee holding the offer's CEK (or a hop copying
-        his 200) could otherwise fill her quota with dialogs of his making."""
+        kept for the dialog's life (``_fork``: the early dialog's first dialog; the next
+        few for the early expiry; no more).  Moved by an answer it stays its offerer's
+        (her key, and the signer ``scope_victim`` counts); moved by a request it counts
+        against that request's signer (``_signed_keeper``): a callee who holds the
+        offer's CEK and makes up dialogs spends his own quota, not hers."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
-        mover: list[str] = []
         for candidate, name, reference, scope in looked_up:
             if f"kekid={reference.hex()}" not in used:
                 continue               # found, but not what opened the part
             kept = self.cache.get(candidate, name)
             # (a key whose last use this was is gone: nothing to keep for the dialog)
-            if kept is not None and kept.max_decrypts != 0 and candidate != scope \
-                    and self._confirms_dialog(message):
-                if not mover:
-                    mover.append(self._signed_keeper(opened, contexts, keeper))
-                self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
-                               keeper=mover[0])
+            if kept is None or kept.max_decrypts == 0 or candidate == scope \
+                    or not self._confirms_dialog(message) or not isinstance(scope, DialogScope):
+                continue
+            early = candidate.tags[0] if isinstance(candidate, DialogScope) else ""
+            others = [tag for tag in scope.tags if tag != early] or [early]
+            fork = self._fork(message, early, others[0])
+            if fork is None:
+                continue
+            if fork:
+                mover = LATER_FORK_KEEPER
+            elif message.is_request:
+                mover = self._signed_keeper(opened, contexts, keeper)
+            else:
+                mover = kept.keeper or UNSIGNED_KEEPER
+            self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
+                           ttl=EARLY_DIALOG_TTL if fork else None, keeper=mover)
 
     @staticmethod
     def _signed_keeper(opened: list[OpenedPart], contexts: list[SipContext | None],
@@ -570,9 +583,8 @@ class ProxyEngine:
         by its context and To tag (the signed context binds no To tag: each fork's 2xx
         is its own).  A copy of it (a 2xx retransmission, or a hop replaying it) is
         still read and forwarded but is not a first sighting: it spends no use and
-        keeps or moves no key.  Nor is a new To tag past the first ``MAX_FORKS`` of
-        one response: a hop re-tagging copies of one 200 would otherwise make a dialog
-        per tag, each keeping a key for a dialog's life."""
+        keeps or moves no key.  (How many To tags one early dialog may grow keys
+        under: ``_fork``.)"""
         if not contexts:
             return True
         if message.is_request:
@@ -586,14 +598,18 @@ class ProxyEngine:
                                          to_tag=message.to_tag or "")
         except ReplayError:
             return False
-        for slot in range(MAX_FORKS):
-            try:    # (a newline never occurs in a parsed To tag)
-                self.replay.check_and_record(contexts[0], None, retransmissions=False,
-                                             to_tag="\n%d" % slot)
-                return True
-            except ReplayError:
-                continue
-        return False
+        return True
+
+    def _fork(self, message: SipMessage, early: str, other: str) -> int | None:
+        """Which dialog grown from the early dialog (Call-ID, tag ``early``) the one
+        with tag ``other`` is: 0 for the first, up to ``MAX_FORKS - 1``, None past
+        them.  The signed SIP context binds no To tag, so a hop re-tagging copies of a
+        2xx (or the callee, who holds the offer's CEK) makes as many dialogs as it
+        likes: only the first keeps keys for a dialog's life, the next forks keep them
+        for ``EARLY_DIALOG_TTL`` (RFC 3261 §13.2.2.4: a caller usually ends those),
+        and the rest none."""
+        return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}", other.lower(),
+                                      MAX_FORKS)
 
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
                       opened: list[OpenedPart], unreadable: list[mime.MimePart]) -> None:
@@ -645,6 +661,14 @@ class ProxyEngine:
         references = [(ref, signer if signed else UNSIGNED_KEEPER) for ref, signed in offered]
         scope = message_scope(message)
         early = isinstance(scope, DialogScope) and scope.early
+        if not early and isinstance(scope, DialogScope) and not message.is_request \
+                and message.from_tag and message.to_tag:
+            fork = self._fork(message, message.from_tag, message.to_tag)
+            if fork is None:
+                return
+            if fork:              # a later fork's keys: the early expiry, one shared group
+                early = True
+                references = [(ref, LATER_FORK_KEEPER) for ref, _ in references]
         namer = kept_namer(message)
         for (reference, cek, _count), keeper in references:
             max_decrypts = None

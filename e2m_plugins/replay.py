@@ -50,6 +50,14 @@ class ReplayCache(Protocol):
         ``retransmissions``, the repeat is not one: another ``branch`` or too late).
         ``to_tag``: a response's, part of what is recorded (``replay_key``)."""
 
+    def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
+        """Which of the first ``limit`` dialogs grown from the early dialog ``early``
+        (Call-ID and the tag it began with) the one with the other tag ``tag`` is,
+        recorded on its first sighting; None when ``limit`` others came first.  Kept
+        the window plus a transaction's lifetime from the first: while the early
+        dialog's keys (``EARLY_DIALOG_TTL``) and the responses that create its
+        dialogs (the time check) can still be read."""
+
 
 class MemoryReplayCache:
     """A ``ReplayCache`` in this process (a UA, or one proxy worker in tests)."""
@@ -66,6 +74,8 @@ class MemoryReplayCache:
         self._seen: OrderedDict[str, tuple[float, str | None, int, float]] = OrderedDict()
         self._expiries: list[tuple[float, str]] = []   # a heap of (kept until, key)
         self._floor = -1   # bodies made at or before this are no longer remembered: stale
+        # early dialog -> (remembered until, its forks' tags in order), oldest first
+        self._forks: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -97,6 +107,25 @@ class MemoryReplayCache:
             while len(self._seen) > self.max_entries:
                 _, (_, _, made, _) = self._seen.popitem(last=False)
                 self._floor = max(self._floor, made)
+
+    def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
+        now = self._clock()
+        with self._lock:
+            while self._forks:            # oldest first: expired, or past the bound
+                first = next(iter(self._forks))
+                if self._forks[first][0] >= now and len(self._forks) < self.max_entries:
+                    break
+                del self._forks[first]
+            entry = self._forks.get(early)
+            if entry is None:
+                entry = self._forks[early] = (now + self.window + TRANSACTION_LIFETIME, [])
+            tags = entry[1]
+            if tag in tags:
+                return tags.index(tag)
+            if len(tags) >= limit:
+                return None
+            tags.append(tag)
+            return len(tags) - 1
 
     def _expire(self, now: float) -> None:
         """Forget what can no longer pass the time check; what is forgotten raises the

@@ -8,7 +8,9 @@ so two workers handed the same message at once cannot both let it through.
 
 A proxy never sees a request's retransmission here (tm absorbed it before the script
 ran), so any second sighting is a replay.  A response is recorded only when it opened
-with a kept CEK: a copy of it (tm relays every 2xx) is still read, but spends no use.  Bounds: an entry lives while its body could pass
+with a kept CEK or offers one: a copy of it (tm relays every 2xx) is still read, but
+spends no use and keeps nothing.  An early dialog's forks (``admit_fork``) are items
+``f`` + a digest + the slot, each holding a digest of its dialog's tag.  Bounds: an entry lives while its body could pass
 the time check (the later of now and the body's time, plus the window and 32 s); their number is the request rate times that, in shared memory; when a write
 fails (shared memory full), the request is refused (``LimitExceededError``), never
 let through unrecorded.  Values hold no message content.
@@ -16,6 +18,7 @@ let through unrecorded.  Values hold no message content.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 
@@ -60,6 +63,32 @@ class HtableReplayCache:
                               int(ahead + self.window + TRANSACTION_LIFETIME) + 1)
         finally:
             self._backend.unlock(name)
+
+    def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
+        # slot i of an early dialog is one item, "f" + a digest of the early dialog + i,
+        # holding a digest of its tag: a tag finds its slot with reads alone, a new
+        # one takes the first free slot under that slot's lock
+        base = "f" + _digest(early)
+        mine = _digest(tag)
+        for slot in range(limit):
+            name = f"{base}{slot}"
+            held = self._backend.get(name)
+            if held is None:
+                self._backend.lock(name)
+                try:
+                    held = self._backend.get(name)
+                    if held is None:
+                        self._backend.set(name, mine, int(self.window + TRANSACTION_LIFETIME) + 1)
+                        return slot
+                finally:
+                    self._backend.unlock(name)
+            if held == mine:
+                return slot
+        return None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _number(text: str) -> float:

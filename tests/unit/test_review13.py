@@ -2,7 +2,9 @@
 response keeps and moves keys for at most ``MAX_FORKS`` To tags, a moved key counts against
 whoever moved it, a stray answer's caller is the unauthenticated group).
 
-Each ``test_hole_*`` is an attack that succeeds on 8179a9a (strict xfail); its docstring
+Each ``test_hole_*`` is an attack that succeeded on 8179a9a (fixed since: a key an answer
+moves stays its offerer's, only an early dialog's first dialog keeps keys for its life, later
+forks keep theirs for the early expiry in one shared group ``fork:``); its docstring
 names the attacker (docs/threat-model.md), what it gets and a fix.  ``test_control_*`` are
 the same flows without the attack: they pass.
 
@@ -44,9 +46,9 @@ from e2m_plugins.keycache import MAX_KEYS_PER_SCOPE, MemoryKeyCache
 from e2m_plugins.proxy import EARLY_DIALOG_TTL
 from e2m_plugins.sip import SipMessage, make_request
 from e2m_plugins.testpki import init_test_pki
+from tests.unit.test_review12 import (NEW_SDP, SDP_VIEW, _answer_offering_a_key, _call, _invite,
+                                      _retag, _ua)
 
-SDP_VIEW = ("INVITE:application/sdp",)
-NEW_SDP = SDP_OFFER.replace(b"49170", b"49174")
 CALLEES = tuple(f"u{n}" for n in range(8))
 
 
@@ -66,42 +68,6 @@ def world():
                          users=("alice", "bob", "carol", *CALLEES), key_type="ec")
 
 
-def _invite(world, caller: str, callee: str, call_id: str, *, from_tag: str = "a1",
-            cseq: int = 1, to_tag: str | None = None, sdp: bytes = SDP_OFFER) -> SipMessage:
-    return make_request("INVITE", f"sip:{callee}@{world.domain}", from_uri=world.aor(caller),
-                        to_uri=world.aor(callee), call_id=call_id, cseq=cseq,
-                        from_tag=from_tag, to_tag=to_tag, body=sdp,
-                        content_type="application/sdp",
-                        extra_headers=[("Contact", f"<sip:{caller}@127.0.0.1:5061>")])
-
-
-def _ua(world, name: str, *peers: str):
-    return ua_engine(world, name, peers=(name, *peers),
-                     proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
-
-
-def _retag(response: SipMessage, tag: str) -> SipMessage:
-    return response.replace("To", re.sub(r";tag=[^;>\s]*", f";tag={tag}", response.get("To")))
-
-
-def _call(world, proxy, caller, callee, caller_name: str, callee_name: str, call_id: str,
-          to_tag: str, from_tag: str = "a1") -> SipMessage:
-    """``caller`` (signed, offering a key) calls ``callee`` through ``proxy``; the callee's
-    200 is sealed under the offer's key, which the proxy moves to the confirmed dialog.
-    Returns the 200 as the proxy read it."""
-    offer = caller.protect(_invite(world, caller_name, callee_name, call_id,
-                                   from_tag=from_tag)).message
-    verdict = proxy.inspect(offer)
-    assert verdict.action == "forward", f"{verdict.code} {verdict.error}"
-    who = proxy.answer_caller(offer, verdict)
-    ok = callee.protect(answer(callee.open(apply_forward(offer, verdict)).message,
-                               to_tag=to_tag))
-    assert ok.info.key_reuse                       # under the caller's offer key
-    assert proxy.inspect(ok.message, caller=who).seen
-    caller.open(ok.message)
-    return ok.message
-
-
 def _reinvite(world, proxy, ua, caller: str, callee: str, call_id: str, to_tag: str,
               cseq: int = 2):
     """``caller``'s re-INVITE in her live call, sealed for the proxy under the key the
@@ -110,6 +76,14 @@ def _reinvite(world, proxy, ua, caller: str, callee: str, call_id: str, to_tag: 
                                sdp=NEW_SDP))
     assert again.info.key_reuse                    # sealed for the proxy under the call's key
     return proxy.inspect(again.message)
+
+
+def _reinvite_once_early_copies_are_gone(world, proxy, clock, alice, callee: str, call_id: str,
+                                         to_tag: str):
+    """alice's re-INVITE in her live call with ``callee`` once the offers' early copies
+    are gone (``EARLY_DIALOG_TTL``): only the dialog's own copy of her key can open it."""
+    clock.now += EARLY_DIALOG_TTL + 1
+    return _reinvite(world, proxy, alice, "alice", callee, call_id, to_tag)
 
 
 # -- 1. the moved offer key counts as the callee's in the dialog's record ----------------
@@ -152,9 +126,6 @@ def test_control_alices_reinvite_under_the_calls_key_is_read(world):
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="8179a9a: the offer key bob's 200 moved counts as bob's "
-                   "(key_signer of answer:<alice> <bob>), so bob's own keys push it out of "
-                   "the call's record: alice's re-INVITE is 496")
 def test_hole_the_callees_own_keys_push_the_callers_moved_offer_key_out_of_their_call(world):
     """Insider UA (bob, the callee; no hop).  alice calls bob with a signed offer that offers
     its key; bob's 200 is sealed under it, so ``_spend`` moves it into the confirmed
@@ -210,8 +181,8 @@ def _alices_reinvite_to_carol_after_calls_through_a_hop(world, copies: int):
     # alice's next call (a request offering a key), then her re-INVITE to carol
     offer = alice.protect(_invite(world, "alice", "bob", "next-call@x", from_tag="z1")).message
     assert proxy.inspect(offer).action == "forward"
-    clock.now += EARLY_DIALOG_TTL + 1          # the offers' early copies are gone (200 s)
-    return _reinvite(world, proxy, alice, "alice", "carol", "carol-call@x", "c1"), read
+    return _reinvite_once_early_copies_are_gone(world, proxy, clock, alice, "carol", "carol-call@x",
+                                                "c1"), read
 
 
 def test_control_alices_reinvite_to_carol_after_her_calls_to_eight_others_is_read(world):
@@ -219,9 +190,6 @@ def test_control_alices_reinvite_to_carol_after_her_calls_to_eight_others_is_rea
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="8179a9a: a moved key's answer pair still counts against "
-                   "the caller's own group; three made-up dialogs a response, over several "
-                   "pairs, fill it for 12 h and push out her call with carol: 496")
 def test_hole_a_hop_in_front_of_many_callees_fills_the_callers_own_quota(world):
     """Untrusted hop in front of many callees (a visited domain's proxy, an SBC of a
     trunk: every call of alice's to that domain passes it; it does not carry her call with
@@ -251,26 +219,19 @@ def test_hole_a_hop_in_front_of_many_callees_fills_the_callers_own_quota(world):
         f"alice's re-INVITE to carol: {verdict.code} {verdict.error} (after {read} copies)"
 
 
-# -- 1b. the moved offer key is in the pair's small share: the callee's answers push it out --
-
-def _answer_offering_a_key(world, request: SipMessage, responder: str, to_tag: str):
-    """``responder``'s signed 200 to ``request``, sealed for the proxy, offering a fresh key
-    (a CEKReference) instead of reusing the caller's."""
-    response = answer(request, to_tag=to_tag)
-    cred = world.user(responder)
-    entity, _ = protect_content("application/sdp", SDP_ANSWER,
-                                [recipient_for_certificate(world.proxy(TRUSTED).cert)],
-                                signer=(cred.cert, cred.key), cek_reference=new_reference(),
-                                bind_to=response, readers=(TRUSTED,))
-    return with_entity(response, entity)
-
-
-def _alices_reinvite_after_bobs_answers(world, calls: int):
+def _alice_and_bob_at_a_proxy(world):
+    """A fake clock, a proxy whose cache holds 512 keys (quota 64 a keeper, a pair's share
+    8) and alice's and bob's phones."""
     clock = _Clock()
-    # quota 64 a keeper, a pair's share 8
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW,
                          cache=MemoryKeyCache(max_entries=512, clock=clock))
-    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
+    return clock, proxy, _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
+
+
+# -- 1b. the moved offer key is in the pair's small share: the callee's answers push it out --
+
+def _alices_reinvite_after_bobs_answers(world, calls: int):
+    clock, proxy, alice, bob = _alice_and_bob_at_a_proxy(world)
     _call(world, proxy, alice, bob, "alice", "bob", "live@x", "b1")      # their live call
     kept = 0
     for n in range(calls):        # alice calls bob again; he answers on four To tags
@@ -282,10 +243,10 @@ def _alices_reinvite_after_bobs_answers(world, calls: int):
         who = proxy.answer_caller(offer, verdict)
         for fork in range(4):
             clock.now += 1
-            ok = _answer_offering_a_key(world, offer, "bob", f"f{n}x{fork}")
+            ok = _answer_offering_a_key(world, offer, "bob", f"f{n}x{fork}")[0]
             kept += bool(proxy.inspect(ok, caller=who).seen)
-    clock.now += EARLY_DIALOG_TTL + 1          # the offers' early copies are gone (200 s)
-    return _reinvite(world, proxy, alice, "alice", "bob", "live@x", "b1"), kept
+    return _reinvite_once_early_copies_are_gone(world, proxy, clock, alice, "bob", "live@x",
+                                                "b1"), kept
 
 
 def test_control_alices_reinvite_in_her_live_call_with_bob_is_read(world):
@@ -293,9 +254,6 @@ def test_control_alices_reinvite_in_her_live_call_with_bob_is_read(world):
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="8179a9a: the offer key bob's 200 moved counts against the "
-                   "pair's 1/64 share, which bob's own answers (keys he offers) turn over: "
-                   "alice's re-INVITE in the live call is 496")
 def test_hole_the_callees_answers_push_the_callers_moved_offer_key_out_of_the_pair(world):
     """Insider UA (bob, the callee; no hop), or a callee's phone answering with keys of its
     own.  alice and bob are in a call; its key (alice's offer, moved into the dialog by
@@ -323,11 +281,7 @@ def test_hole_the_callees_answers_push_the_callers_moved_offer_key_out_of_the_pa
 # -- 3. a stray 200's move puts an authenticated call's key among strangers' answers ------
 
 def _alices_reinvite_after_strangers_calls(world, calls: int):
-    clock = _Clock()
-    # quota 64 a keeper, a pair's share 8
-    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW,
-                         cache=MemoryKeyCache(max_entries=512, clock=clock))
-    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
+    clock, proxy, alice, bob = _alice_and_bob_at_a_proxy(world)
     offer = alice.protect(_invite(world, "alice", "bob", "failover@x")).message
     verdict = proxy.inspect(offer)                 # node A relays alice's signed offer
     assert verdict.action == "forward" and verdict.seen
@@ -349,7 +303,7 @@ def _alices_reinvite_after_strangers_calls(world, calls: int):
         assert seen.action == "forward"
         who = proxy.answer_caller(request, seen)
         # bob's phone answers (auto-answer, an IVR), sealing for us under a key it offers
-        assert proxy.inspect(_answer_offering_a_key(world, request, "bob", f"s{n}"),
+        assert proxy.inspect(_answer_offering_a_key(world, request, "bob", f"s{n}")[0],
                              caller=who).seen
     clock.now += EARLY_DIALOG_TTL + 1          # the offer's early copy is gone (200 s)
     return _reinvite(world, proxy, alice, "alice", "bob", "failover@x", "b1")
@@ -360,9 +314,6 @@ def test_control_alices_reinvite_after_a_failover_is_read(world):
     assert verdict.action == "forward" and verdict.seen
 
 
-@pytest.mark.xfail(strict=True, reason="8179a9a: a stray 200 moves the authenticated caller's "
-                   "offer key into the pair of the unauthenticated callers with bob, whose "
-                   "1/64 strangers' answered calls turn over: alice's re-INVITE is 496")
 def test_hole_after_a_failover_strangers_calls_push_out_an_authenticated_calls_key(world):
     """Off-path sender (strangers calling bob, whose phone answers by itself or is an IVR),
     in a cluster with a floating address (``[cluster] advertise``).  alice (signed,
