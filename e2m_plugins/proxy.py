@@ -661,8 +661,10 @@ class ProxyEngine:
         references = [(ref, signer if signed else UNSIGNED_KEEPER) for ref, signed in offered]
         scope = message_scope(message)
         early = isinstance(scope, DialogScope) and scope.early
-        if not early and isinstance(scope, DialogScope) and not message.is_request \
-                and message.from_tag and message.to_tag:
+        # a 2xx's keys: which dialog of the early one is this?  (An 18x claims no fork: the
+        # dialog a caller's 2xx confirms may be another device's than the one ringing.)
+        if not early and isinstance(scope, DialogScope) and self._confirms_dialog(message) \
+                and not message.is_request and message.from_tag:
             fork = self._fork(message, message.from_tag, message.to_tag)
             if fork is None:
                 return

@@ -6,11 +6,24 @@ from __future__ import annotations
 
 import pytest
 
+from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, apply_forward, proxy_engine
 from e2m_lab.memory_htable import MemoryHtable
+from e2m_plugins.body import new_reference, protect_content, with_entity
+from e2m_plugins.cms.recipients import recipient_for_certificate
+from e2m_plugins.keycache import MemoryKeyCache
+from e2m_plugins.proxy import EARLY_DIALOG_TTL
 from e2m_plugins.replay import MemoryReplayCache
+from e2m_plugins.sip import make_response
+from e2m_plugins.testpki import init_test_pki
 from kamailio_app.replay_htable import HtableReplayCache
+from tests.unit.test_review12 import NEW_SDP, SDP_VIEW, _invite, _ua
 
 WINDOW = 300.0
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob"), key_type="ec")
 
 
 class Clock:
@@ -59,3 +72,37 @@ def test_the_memory_table_is_bounded_in_early_dialogs():
     for n in range(100):
         assert cache.admit_fork(f"call-{n}\na1", "b1", 4) == 0
     assert len(cache._forks) <= 8
+
+
+# -- at the proxy: early media from one device, the answer from another -------------------
+
+def test_a_183_with_its_own_key_from_one_device_leaves_the_first_dialog_to_the_200(world):
+    """A gateway rings with early media (a 183 on its To tag, offering a key of its own)
+    and bob's phone answers on another To tag, under alice's offer key.  The dialog the
+    200 confirms is the call: alice's key must be kept there for the dialog's life, not
+    as a later fork's (200 s), so her re-INVITE after that is still read.  (On ff36fc9 the
+    183 took the early dialog's first slot: the re-INVITE was 496.)"""
+    clock = Clock()
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
+    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
+    offer = alice.protect(_invite(world, "alice", "bob", "early-media@x")).message
+    verdict = proxy.inspect(offer)
+    who = proxy.answer_caller(offer, verdict)
+    progress = make_response(offer, 183, "Session Progress", [], SDP_ANSWER, "application/sdp")
+    progress = progress.replace("To", f"{offer.get('To')};tag=gateway")
+    cred = world.user("bob")
+    entity, _ = protect_content("application/sdp", SDP_ANSWER,
+                                [recipient_for_certificate(world.proxy(TRUSTED).cert)],
+                                signer=(cred.cert, cred.key), cek_reference=new_reference(),
+                                bind_to=progress, readers=(TRUSTED,))
+    assert proxy.inspect(with_entity(progress, entity), caller=who).seen
+    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message, to_tag="phone"))
+    assert ok.info.key_reuse                       # under alice's offer key
+    assert proxy.inspect(ok.message, caller=who).seen
+    alice.open(ok.message)
+    clock.now += EARLY_DIALOG_TTL + 1              # the offer's early copy is gone
+    again = alice.protect(_invite(world, "alice", "bob", "early-media@x", cseq=2,
+                                  to_tag="phone", sdp=NEW_SDP))
+    assert again.info.key_reuse
+    verdict = proxy.inspect(again.message)
+    assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
