@@ -17,15 +17,22 @@ the same flows without the attack: they pass.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from e2m_lab.flows import TRUSTED, proxy_engine
+from e2m_lab.memory_htable import MemoryHtable
 from e2m_plugins.keycache import MemoryKeyCache
 from e2m_plugins.proxy import MAX_FORKS
 from e2m_plugins.sip import make_request
 from e2m_plugins.testpki import init_test_pki
 from tests.unit.test_review12 import SDP_VIEW, _answer_offering_a_key, _call, _retag, _ua
+from kamailio_app.replay_htable import HtableReplayCache
 from tests.unit.test_review13 import _Clock, _reinvite_once_early_copies_are_gone
+
+# the replay (and fork) table: one process's, or Kamailio's shared htable (its stand-in)
+TABLES = pytest.mark.parametrize("table", ["memory", "htable"])
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +43,12 @@ def world():
 
 # -- 1. a third party squats an early dialog's fork slots --------------------------------
 
-def _alices_reinvite_after_mallory_squats(world, squat: bool):
+def _alices_reinvite_after_mallory_squats(world, squat: bool, table: str = "memory"):
     clock = _Clock()
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
+    if table == "htable":
+        proxy.replay = HtableReplayCache(MemoryHtable(time.time),
+                                         window=proxy.config.replay_window)
     alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
     read = 0
     if squat:
@@ -62,14 +72,16 @@ def _alices_reinvite_after_mallory_squats(world, squat: bool):
                                                 "b1"), read
 
 
-def test_control_alices_reinvite_after_a_forwarded_call_is_read(world):
-    verdict, _ = _alices_reinvite_after_mallory_squats(world, squat=False)
+@TABLES
+def test_control_alices_reinvite_after_a_forwarded_call_is_read(world, table):
+    verdict, _ = _alices_reinvite_after_mallory_squats(world, squat=False, table=table)
     assert verdict.action == "forward" and verdict.seen
 
 
+@TABLES
 @pytest.mark.xfail(strict=True, reason="review 14 hole 1: fork slots are not bound to the "
                    "dialog's parties; a third party's dialogs take all four")
-def test_hole_a_third_party_squats_the_fork_slots_and_the_real_dialog_keeps_no_key(world):
+def test_hole_a_third_party_squats_the_fork_slots_and_the_real_dialog_keeps_no_key(world, table):
     """Insider UA (mallory, any user with a certificate; not on the path of alice's call
     with bob).  She needs a call's Call-ID and the caller's tag before the callee answers:
     here alice's call came to her first and she forwards it with a 302 (a UAC retrying
@@ -90,7 +102,7 @@ def test_hole_a_third_party_squats_the_fork_slots_and_the_real_dialog_keeps_no_k
     Fix: key the fork record by the same party binding as the kept names (e.g. the
     ``kept_namer`` prefix of the two AoRs plus Call-ID and first tag), so only responses
     between the early dialog's own parties count against its slots."""
-    verdict, read = _alices_reinvite_after_mallory_squats(world, squat=True)
+    verdict, read = _alices_reinvite_after_mallory_squats(world, squat=True, table=table)
     assert read == MAX_FORKS                        # mallory's 183s were read
     assert verdict.action == "forward" and verdict.seen, \
         f"alice's re-INVITE to bob: {verdict.code} {verdict.error} (after {read} squats)"
