@@ -144,14 +144,21 @@ def kept_name(message: SipMessage, reference: bytes) -> bytes:
     return kept_namer(message)(reference)
 
 
-def kept_namer(message: SipMessage) -> Callable[[bytes], bytes]:
-    """``kept_name`` for many references of one message: the AoRs are read once (a
-    stranger's body may hold hundreds of kekri)."""
+def dialog_parties(message: SipMessage) -> tuple[str, str]:
+    """The two AoRs a dialog is between, in either direction the same (sorted); a
+    signed message's are bound by its SIP context."""
     try:
         parties = message_aors(message)
     except MalformedError:   # no user part (a legacy peer's odd From): the URIs as written
         parties = (message.address("From").uri, message.address("To").uri)
     first, second = sorted(parties)
+    return first, second
+
+
+def kept_namer(message: SipMessage) -> Callable[[bytes], bytes]:
+    """``kept_name`` for many references of one message: the AoRs are read once (a
+    stranger's body may hold hundreds of kekri)."""
+    first, second = dialog_parties(message)
     prefix = hashlib.sha256(b"e2m kept cek\x00" + first.encode("utf-8", "surrogateescape")
                             + b"\x00" + second.encode("utf-8", "surrogateescape") + b"\x00")
 
@@ -608,8 +615,11 @@ class ProxyEngine:
         likes: only the first keeps keys for a dialog's life, the next forks keep them
         for ``EARLY_DIALOG_TTL`` (RFC 3261 §13.2.2.4: a caller usually ends those),
         and the rest none."""
-        return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}", other.lower(),
-                                      MAX_FORKS)
+        # bound to the dialog's parties, as kept names are: a third party who learnt the
+        # Call-ID and tag (a call forwarded from her) cannot use the slots up
+        first, second = dialog_parties(message)
+        return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}\n{first}\n{second}",
+                                      other.lower(), MAX_FORKS)
 
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
                       opened: list[OpenedPart], unreadable: list[mime.MimePart]) -> None:

@@ -23,6 +23,7 @@ only makes old messages fail, never replays pass.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import threading
 import time
@@ -110,6 +111,8 @@ class MemoryReplayCache:
 
     def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
         now = self._clock()
+        # digests, as replay keys are: a Call-ID, tag or AoR may be kilobytes long
+        early, tag = _digest(early), _digest(tag)
         with self._lock:
             while self._forks:            # oldest first: expired, or past the bound
                 first = next(iter(self._forks))
@@ -140,3 +143,7 @@ class MemoryReplayCache:
             self._expiries = [(u, k) for u, k in self._expiries
                               if k in self._seen and self._seen[k][3] == u]
             heapq.heapify(self._expiries)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]

@@ -2,7 +2,8 @@
 key an answer moves stays its offerer's; an early dialog's first dialog keeps keys for its
 life, the next three for ``EARLY_DIALOG_TTL`` under ``fork:``, any further none).
 
-Each ``test_hole_*`` is an attack that succeeds on ff36fc9 (a strict xfail); its docstring
+Each ``test_hole_*`` is an attack that succeeded on ff36fc9 and df80d2a (fixed since: the
+fork slots are bound to the dialog's two AoRs, as kept names are); its docstring
 names the attacker (docs/threat-model.md), what it gets and a fix.  ``test_control_*`` are
 the same flows without the attack: they pass.
 
@@ -54,7 +55,7 @@ def _alices_reinvite_after_mallory_squats(world, squat: bool, table: str = "memo
     if squat:
         # alice's call (Call-ID fwd@x, her tag a1) first went to mallory, who forwards her
         # calls to bob with a 302: a UAC retrying after a 3xx keeps Call-ID and From tag.
-        # Before her 302, mallory's phone sends 183s of her own: signed as mallory (the
+        # Before her 302, mallory's phone sends 200s of her own: signed as mallory (the
         # To she answers as), each offering a key, on four To tags of her choosing.
         to_mallory = make_request("INVITE", f"sip:mallory@{world.domain}",
                                   from_uri=world.aor("alice"), to_uri=world.aor("mallory"),
@@ -79,15 +80,13 @@ def test_control_alices_reinvite_after_a_forwarded_call_is_read(world, table):
 
 
 @TABLES
-@pytest.mark.xfail(strict=True, reason="review 14 hole 1: fork slots are not bound to the "
-                   "dialog's parties; a third party's dialogs take all four")
 def test_hole_a_third_party_squats_the_fork_slots_and_the_real_dialog_keeps_no_key(world, table):
     """Insider UA (mallory, any user with a certificate; not on the path of alice's call
     with bob).  She needs a call's Call-ID and the caller's tag before the callee answers:
     here alice's call came to her first and she forwards it with a 302 (a UAC retrying
     after a 3xx keeps Call-ID and From tag); a fork branch of alice's call, or a stray
     reply sent to a cluster node (``route_stray_reply`` reads any response whose Via is
-    the cluster's), would do as well.  Before her 302 she sends 183s signed as herself,
+    the cluster's), would do as well.  Before her 302 she sends 200s signed as herself,
     each offering a key, re-tagged four times (the signed context binds no To tag): each
     is a first sighting and ``_keep_keys`` calls ``_fork(message, "a1", "m<n>")``, whose
     record is ``Call-ID + "\\n" + "a1"`` alone (no AoRs): her four dialogs take slots 0..3.
@@ -103,6 +102,6 @@ def test_hole_a_third_party_squats_the_fork_slots_and_the_real_dialog_keeps_no_k
     ``kept_namer`` prefix of the two AoRs plus Call-ID and first tag), so only responses
     between the early dialog's own parties count against its slots."""
     verdict, read = _alices_reinvite_after_mallory_squats(world, squat=True, table=table)
-    assert read == MAX_FORKS                        # mallory's 183s were read
+    assert read == MAX_FORKS                        # mallory's 200s were read
     assert verdict.action == "forward" and verdict.seen, \
         f"alice's re-INVITE to bob: {verdict.code} {verdict.error} (after {read} squats)"
