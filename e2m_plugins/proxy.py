@@ -56,7 +56,8 @@ _UNREADABLE = (NoMatchingRecipientError, DecryptionError)
 # transaction may (Timer C, 3 min, plus margin) unless a 2xx confirms the dialog:
 # a far end that never answers leaves no key behind for 12 hours.
 EARLY_DIALOG_TTL = 200.0
-# Dialogs one response may make with kept keys (To tags; RFC 3261 §13.2.2.4 forking)
+# Dialogs (To tags) one early dialog may grow kept keys under (``ProxyEngine._fork``):
+# forking (RFC 3261 §13.2.2.4) rarely confirms more than one, re-tagged copies any number
 MAX_FORKS = 4
 
 
@@ -608,8 +609,8 @@ class ProxyEngine:
         return True
 
     def _fork(self, message: SipMessage, early: str, other: str) -> int | None:
-        """Which dialog grown from the early dialog (Call-ID, tag ``early``) the one
-        with tag ``other`` is: 0 for the first, up to ``MAX_FORKS - 1``, None past
+        """Which dialog grown from the early dialog (Call-ID, tag ``early``, between the
+        message's two AoRs) the one with tag ``other`` is: 0 for the first, up to ``MAX_FORKS - 1``, None past
         them.  The signed SIP context binds no To tag, so a hop re-tagging copies of a
         2xx (or the callee, who holds the offer's CEK) makes as many dialogs as it
         likes: only the first keeps keys for a dialog's life, the next forks keep them
@@ -675,7 +676,7 @@ class ProxyEngine:
         # dialog a caller's 2xx confirms may be another device's than the one ringing.)
         if not early and isinstance(scope, DialogScope) and self._confirms_dialog(message) \
                 and not message.is_request and message.from_tag:
-            fork = self._fork(message, message.from_tag, message.to_tag)
+            fork = self._fork(message, message.from_tag, message.to_tag or "")
             if fork is None:
                 return
             if fork:              # a later fork's keys: the early expiry, one shared group
