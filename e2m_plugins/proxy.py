@@ -487,11 +487,11 @@ class ProxyEngine:
                keeper: Callable[[], str]) -> None:
         """One use of each kept key that opened a part of this (accepted) message; a key
         found under the dialog's early scope by a message that confirms the dialog is
-        kept for the dialog's life (``_fork``: the early dialog's first dialog; the next
-        few for the early expiry; no more).  Moved by an answer it stays its offerer's
-        (her key, and the signer ``scope_victim`` counts); moved by a request it counts
-        against that request's signer (``_signed_keeper``): a callee who holds the
-        offer's CEK and makes up dialogs spends his own quota, not hers."""
+        kept for the dialog's life: by the INVITE's 2xx (``_fork``: the early dialog's
+        first dialog; the next few for the early expiry; no more), or by a request of
+        the offerer's own.  It stays its offerer's (her key, and the signer
+        ``scope_victim`` counts).  Anyone else's request (a callee who holds the offer's
+        CEK and makes up dialogs, a gateway's early UPDATE) uses it where it is."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
         for candidate, name, reference, scope in looked_up:
@@ -502,19 +502,24 @@ class ProxyEngine:
             if kept is None or kept.max_decrypts == 0 or candidate == scope \
                     or not self._confirms_dialog(message) or not isinstance(scope, DialogScope):
                 continue
-            early = candidate.tags[0] if isinstance(candidate, DialogScope) else ""
-            others = [tag for tag in scope.tags if tag != early] or [early]
-            fork = self._fork(message, early, others[0])
+            if message.is_request:
+                # only the offerer's own request moves her key (signed by her; its copies
+                # are replays): the callee, or a gateway in an early dialog, uses it where
+                # it is, so no dialog of theirs takes it and no fork is claimed
+                if self._signed_keeper(opened, contexts, keeper) != kept.keeper:
+                    continue
+                fork: int | None = 0
+            elif message.cseq[1] != "INVITE":
+                continue       # a 2xx to an early UPDATE or PRACK confirms no dialog
+            else:
+                early = candidate.tags[0] if isinstance(candidate, DialogScope) else ""
+                others = [tag for tag in scope.tags if tag != early] or [early]
+                fork = self._fork(message, early, others[0])
             if fork is None:
                 continue
-            if fork:
-                mover = LATER_FORK_KEEPER
-            elif message.is_request:
-                mover = self._signed_keeper(opened, contexts, keeper)
-            else:
-                mover = kept.keeper or UNSIGNED_KEEPER
             self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
-                           ttl=EARLY_DIALOG_TTL if fork else None, keeper=mover)
+                           ttl=EARLY_DIALOG_TTL if fork else None,
+                           keeper=LATER_FORK_KEEPER if fork else kept.keeper or UNSIGNED_KEEPER)
 
     @staticmethod
     def _signed_keeper(opened: list[OpenedPart], contexts: list[SipContext | None],
@@ -602,8 +607,10 @@ class ProxyEngine:
         if not keeps:
             return True
         try:
+            # lower-cased, as dialog scopes and fork slots are: a copy in another case is
+            # the same dialog, so it must be the same copy too
             self.replay.check_and_record(contexts[0], None, retransmissions=False,
-                                         to_tag=message.to_tag or "")
+                                         to_tag=(message.to_tag or "").lower())
         except ReplayError:
             return False
         return True
@@ -672,10 +679,11 @@ class ProxyEngine:
         references = [(ref, signer if signed else UNSIGNED_KEEPER) for ref, signed in offered]
         scope = message_scope(message)
         early = isinstance(scope, DialogScope) and scope.early
-        # a 2xx's keys: which dialog of the early one is this?  (An 18x claims no fork: the
-        # dialog a caller's 2xx confirms may be another device's than the one ringing.)
+        # an INVITE's 2xx's keys: which dialog of the early one is this?  (An 18x, or a 2xx
+        # to an early UPDATE or PRACK, claims no fork: the dialog the INVITE's 2xx confirms
+        # may be another device's than the one ringing.)
         if not early and isinstance(scope, DialogScope) and self._confirms_dialog(message) \
-                and not message.is_request and message.from_tag:
+                and not message.is_request and message.cseq[1] == "INVITE" and message.from_tag:
             fork = self._fork(message, message.from_tag, message.to_tag or "")
             if fork is None:
                 return
