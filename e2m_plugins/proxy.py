@@ -34,7 +34,8 @@ from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
 from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
                      ProxyCannotDecryptError, ReplayError, SignatureRequiredError)
-from .keycache import DialogScope, KeyCache, Scope, TransactionScope, answer_keeper
+from .keycache import (DialogScope, KeyCache, Scope, TransactionScope, answer_keeper,
+                       bounded_keeper)
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
 from .replay import MemoryReplayCache, ReplayCache
 from .sdp import MediaLine, media_summary
@@ -506,7 +507,8 @@ class ProxyEngine:
                 # only the offerer's own request moves her key (signed by her; its copies
                 # are replays): the callee, or a gateway in an early dialog, uses it where
                 # it is, so no dialog of theirs takes it and no fork is claimed
-                if self._signed_keeper(opened, contexts, keeper) != kept.keeper:
+                # (a kept keeper is bounded: a long AoR is kept as its hash)
+                if bounded_keeper(self._signed_keeper(opened, contexts, keeper)) != kept.keeper:
                     continue
                 fork: int | None = 0
             elif message.cseq[1] != "INVITE":
@@ -629,6 +631,16 @@ class ProxyEngine:
         return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}\n{first}\n{second}",
                                       other.lower(), MAX_FORKS)
 
+    def _first_tag(self, message: SipMessage, contexts: list[SipContext | None]) -> int:
+        """0 for the first To tag one response (its signed context) is seen with, 1 for
+        any other: the signed context binds no To tag, so re-tagged copies of a 2xx to
+        an UPDATE would each keep its keys for a dialog's life under a made-up tag."""
+        context = next((c for c in contexts if c is not None), None)
+        if context is None:
+            return 0
+        slot = self.replay.admit_fork("\n" + context.replay_key(), (message.to_tag or "").lower(), 1)
+        return 1 if slot is None else 0
+
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
                       opened: list[OpenedPart], unreadable: list[mime.MimePart]) -> None:
         """496 when a needed body stays closed, then 495 when a needed signature is missing.
@@ -683,10 +695,15 @@ class ProxyEngine:
         # to an early UPDATE or PRACK, claims no fork: the dialog the INVITE's 2xx confirms
         # may be another device's than the one ringing.)
         if not early and isinstance(scope, DialogScope) and self._confirms_dialog(message) \
-                and not message.is_request and message.cseq[1] == "INVITE" and message.from_tag:
-            fork = self._fork(message, message.from_tag, message.to_tag or "")
-            if fork is None:
-                return
+                and not message.is_request and message.from_tag:
+            if message.cseq[1] == "INVITE":
+                fork = self._fork(message, message.from_tag, message.to_tag or "")
+                if fork is None:
+                    return
+            else:
+                # a 2xx to an UPDATE, PRACK or INFO confirms no dialog: its first To tag
+                # keeps its keys, a re-tagged copy's only as a later fork's
+                fork = self._first_tag(message, contexts)
             if fork:              # a later fork's keys: the early expiry, one shared group
                 early = True
                 references = [(ref, LATER_FORK_KEEPER) for ref, _ in references]

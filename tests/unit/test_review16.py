@@ -1,5 +1,8 @@
 """A sixteenth attacker's review (December 2026) of the fifteenth review's fixes (ed09737:
 only the INVITE's 2xx claims a fork; only the offerer's own request moves her key).
+Both holes succeeded on ed09737 and are fixed since: a 2xx to anything but the INVITE keeps
+its keys for a dialog's life under the first To tag its signed context is seen with only
+(``ProxyEngine._first_tag``), and the offerer's own request compares bounded keepers.
 
 1. ``_keep_keys`` asks ``_fork`` only for a 2xx to INVITE.  Before ed09737 every 2xx in a
    two-tag scope claimed a slot, which is what bounded how many made-up dialogs re-tagged
@@ -85,9 +88,6 @@ def test_control_alices_reinvite_under_bobs_update_answer_key_is_read(world):
     assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
 
 
-@pytest.mark.xfail(strict=True, reason="review 16 hole 1: re-tagged copies of a 2xx to a "
-                   "non-INVITE claim no fork slot, each keeps the key 12 h on the pair's "
-                   "quota, evicting the pair's real dialog key")
 def test_hole_retagged_copies_of_a_200_to_update_evict_the_dialogs_key(world):
     """Untrusted hop between bob and the proxy (or bob, the insider UA).  bob's 200 to
     alice's in-dialog UPDATE is signed and offers a key K (keeper ``answer:alice bob``),
@@ -162,9 +162,6 @@ def test_control_a_short_aors_own_request_moves_her_key(world2):
         f"{second.code} {second.error}"
 
 
-@pytest.mark.xfail(strict=True, reason="review 16 hole 2: _spend compares the raw signer "
-                   "with the kept (hashed, bounded_keeper) keeper: a long AoR's own "
-                   "request never moves her key")
 def test_hole_a_long_aors_own_request_does_not_move_her_key(world2):
     """Nobody (a legitimate flow; any user whose AoR is longer than 64 octets).  ``_spend``
     moves an early key on a request only when ``_signed_keeper(...) == kept.keeper``; the
