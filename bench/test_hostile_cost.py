@@ -89,8 +89,9 @@ class _FirstSighting:
         MemoryReplayCache(window=self.window, clock=self.clock).check_and_record(
             context, branch, retransmissions=retransmissions, to_tag=to_tag)
 
-    def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
-        return 0 if limit > 0 else None
+    def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
+                   claim: bool = True) -> int | None:
+        return 0 if limit > 0 and claim else None
 
 
 _VALUE_CACHES = tuple(getattr(module, name, None) for module, name in (

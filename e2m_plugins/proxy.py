@@ -180,6 +180,11 @@ UNAUTHENTICATED_CALLER = "unauthenticated:"
 LATER_FORK_KEEPER = "fork:"
 
 
+def _made(contexts: Sequence[SipContext | None]) -> float | None:
+    """When the message's body says it was made (its first SIP context), if it says."""
+    return next((float(c.time) for c in contexts if c is not None), None)
+
+
 def _keeper(sender: str) -> str:
     """An AoR as a keeper (whose quota a signed key counts against), one spelling per
     AoR (case, parameters, escapes) so that one user cannot count as many."""
@@ -503,22 +508,26 @@ class ProxyEngine:
             if kept is None or kept.max_decrypts == 0 or candidate == scope \
                     or not self._confirms_dialog(message) or not isinstance(scope, DialogScope):
                 continue
+            early = candidate.tags[0] if isinstance(candidate, DialogScope) else ""
+            others = [tag for tag in scope.tags if tag != early] or [early]
             if message.is_request:
                 # only the offerer's own request moves her key (signed by her; its copies
                 # are replays): the callee, or a gateway in an early dialog, uses it where
-                # it is, so no dialog of theirs takes it and no fork is claimed
+                # it is.  It claims no fork (her PRACK to a ringing gateway must not take
+                # the answer's): a dialog the INVITE's 2xx made keeps it for its life, any
+                # other (a hop re-tagging her requests) as a later fork's.
                 # (a kept keeper is bounded: a long AoR is kept as its hash)
                 if bounded_keeper(self._signed_keeper(opened, contexts, keeper)) != kept.keeper:
                     continue
-                fork: int | None = 0
+                fork = self._fork(message, contexts, early, others[0], claim=False)
+                if fork is None:
+                    fork = 1
             elif message.cseq[1] != "INVITE":
                 continue       # a 2xx to an early UPDATE or PRACK confirms no dialog
             else:
-                early = candidate.tags[0] if isinstance(candidate, DialogScope) else ""
-                others = [tag for tag in scope.tags if tag != early] or [early]
-                fork = self._fork(message, early, others[0])
-            if fork is None:
-                continue
+                fork = self._fork(message, contexts, early, others[0])
+                if fork is None:
+                    continue
             self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
                            ttl=EARLY_DIALOG_TTL if fork else None,
                            keeper=LATER_FORK_KEEPER if fork else kept.keeper or UNSIGNED_KEEPER)
@@ -569,6 +578,11 @@ class ProxyEngine:
         offers = any(part.cek_references for part in opened)
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers):
+            if opened and self._confirms_dialog(message) and not message.is_request \
+                    and message.cseq[1] == "INVITE" and message.from_tag:
+                # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
+                # moves and keeps nothing: the caller's own requests then move her key
+                self._fork(message, contexts, message.from_tag, message.to_tag or "")
             self._spend(message, opened, contexts, looked_up, keeper)
             self._keep_keys(message, opened, contexts, keeper)
         seen = tuple(self._seen(p, c) for p, c in zip(opened, contexts))
@@ -617,7 +631,8 @@ class ProxyEngine:
             return False
         return True
 
-    def _fork(self, message: SipMessage, early: str, other: str) -> int | None:
+    def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,
+              other: str, *, claim: bool = True) -> int | None:
         """Which dialog grown from the early dialog (Call-ID, tag ``early``, between the
         message's two AoRs) the one with tag ``other`` is: 0 for the first, up to ``MAX_FORKS - 1``, None past
         them.  The signed SIP context binds no To tag, so a hop re-tagging copies of a
@@ -629,7 +644,8 @@ class ProxyEngine:
         # Call-ID and tag (a call forwarded from her) cannot use the slots up
         first, second = dialog_parties(message)
         return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}\n{first}\n{second}",
-                                      other.lower(), MAX_FORKS)
+                                      other.lower(), MAX_FORKS, made=_made(contexts),
+                                      claim=claim)
 
     def _first_tag(self, message: SipMessage, contexts: list[SipContext | None]) -> int:
         """0 for the first To tag one response (its signed context) is seen with, 1 for
@@ -638,7 +654,8 @@ class ProxyEngine:
         context = next((c for c in contexts if c is not None), None)
         if context is None:
             return 0
-        slot = self.replay.admit_fork("\n" + context.replay_key(), (message.to_tag or "").lower(), 1)
+        slot = self.replay.admit_fork("\n" + context.replay_key(), (message.to_tag or "").lower(), 1,
+                                      made=float(context.time))
         return 1 if slot is None else 0
 
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
@@ -697,7 +714,7 @@ class ProxyEngine:
         if not early and isinstance(scope, DialogScope) and self._confirms_dialog(message) \
                 and not message.is_request and message.from_tag:
             if message.cseq[1] == "INVITE":
-                fork = self._fork(message, message.from_tag, message.to_tag or "")
+                fork = self._fork(message, contexts, message.from_tag, message.to_tag or "")
                 if fork is None:
                     return
             else:

@@ -51,13 +51,15 @@ class ReplayCache(Protocol):
         ``retransmissions``, the repeat is not one: another ``branch`` or too late).
         ``to_tag``: a response's, part of what is recorded (``replay_key``)."""
 
-    def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
+    def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
+                   claim: bool = True) -> int | None:
         """Which of the first ``limit`` dialogs grown from the early dialog ``early``
         (Call-ID and the tag it began with) the one with the other tag ``tag`` is,
-        recorded on its first sighting; None when ``limit`` others came first.  Kept
-        the window plus a transaction's lifetime from the first: while the early
-        dialog's keys (``EARLY_DIALOG_TTL``) and the responses that create its
-        dialogs (the time check) can still be read."""
+        recorded on its first sighting (``claim``; else only looked up); None when
+        ``limit`` others came first, or, not claiming, when ``tag`` holds none.  Kept
+        while the message asking (its body ``made`` then) could pass the time check:
+        the later of now and ``made``, plus the window and a transaction's lifetime
+        (the early dialog's keys live ``EARLY_DIALOG_TTL``, less than that)."""
 
 
 class MemoryReplayCache:
@@ -109,8 +111,10 @@ class MemoryReplayCache:
                 _, (_, _, made, _) = self._seen.popitem(last=False)
                 self._floor = max(self._floor, made)
 
-    def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
+    def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
+                   claim: bool = True) -> int | None:
         now = self._clock()
+        until = max(now, made or now) + self.window + TRANSACTION_LIFETIME
         # digests, as replay keys are: a Call-ID, tag or AoR may be kilobytes long
         early, tag = _digest(early), _digest(tag)
         with self._lock:
@@ -120,15 +124,21 @@ class MemoryReplayCache:
                     break
                 del self._forks[first]
             entry = self._forks.get(early)
-            if entry is None:
-                entry = self._forks[early] = (now + self.window + TRANSACTION_LIFETIME, [])
-            tags = entry[1]
+            if entry is not None and entry[0] < now:
+                del self._forks[early]    # expired behind a longer-lived head
+                entry = None
+            tags = entry[1] if entry is not None else []
             if tag in tags:
-                return tags.index(tag)
-            if len(tags) >= limit:
-                return None
-            tags.append(tag)
-            return len(tags) - 1
+                slot: int | None = tags.index(tag)
+                extend = bool(made and made > now)    # a body made ahead comes later
+            elif not claim or len(tags) >= limit:
+                slot, extend = None, False
+            else:
+                tags.append(tag)
+                slot, extend = len(tags) - 1, True
+            if extend:    # kept while its latest holder could pass the time check
+                self._forks[early] = (max(until, entry[0] if entry else until), tags)
+            return slot
 
     def _expire(self, now: float) -> None:
         """Forget what can no longer pass the time check; what is forgotten raises the

@@ -64,25 +64,34 @@ class HtableReplayCache:
         finally:
             self._backend.unlock(name)
 
-    def admit_fork(self, early: str, tag: str, limit: int) -> int | None:
+    def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
+                   claim: bool = True) -> int | None:
         # slot i of an early dialog is one item, "f" + a digest of the early dialog + i,
         # holding a digest of its tag: a tag finds its slot with reads alone, a new
-        # one takes the first free slot under that slot's lock
+        # one takes the first free slot under that slot's lock.  Each lives while the
+        # message asking could pass the time check (a body made ahead: longer).
+        now = self._clock()
+        ahead = max(0.0, (made or now) - now)
+        ttl = int(ahead + self.window + TRANSACTION_LIFETIME) + 1
         base = "f" + _digest(early)
         mine = _digest(tag)
         for slot in range(limit):
             name = f"{base}{slot}"
             held = self._backend.get(name)
             if held is None:
+                if not claim:
+                    return None       # slots are taken in order: none further
                 self._backend.lock(name)
                 try:
                     held = self._backend.get(name)
                     if held is None:
-                        self._backend.set(name, mine, int(self.window + TRANSACTION_LIFETIME) + 1)
+                        self._backend.set(name, mine, ttl)
                         return slot
                 finally:
                     self._backend.unlock(name)
             if held == mine:
+                if ahead:             # kept as long as this body could come again
+                    self._backend.set(name, mine, ttl)
                 return slot
         return None
 

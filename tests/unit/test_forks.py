@@ -67,6 +67,20 @@ def test_slots_are_forgotten_after_the_window_and_a_transaction(make):
     assert cache.admit_fork("call\na1", "late", 4) == 0
 
 
+@CACHES
+def test_a_lookup_claims_nothing_and_a_body_made_ahead_keeps_its_slot_longer(make):
+    clock = Clock()
+    cache = make(clock)
+    assert cache.admit_fork("call\na1", "b1", 4, claim=False) is None   # nothing claimed
+    assert cache.admit_fork("call\na1", "b1", 4, made=clock.now + 250) == 0
+    assert cache.admit_fork("call\na1", "b1", 4, claim=False) == 0
+    assert cache.admit_fork("call\na1", "hop", 4, claim=False) is None  # looking takes none
+    clock.now += WINDOW + 40             # past the window from now, not from the body's time
+    assert cache.admit_fork("call\na1", "b1", 4, claim=False) == 0
+    clock.now += 250
+    assert cache.admit_fork("call\na1", "b1", 4, claim=False) is None
+
+
 def test_the_memory_table_is_bounded_in_early_dialogs():
     cache = MemoryReplayCache(window=WINDOW, max_entries=8, clock=Clock())
     for n in range(100):

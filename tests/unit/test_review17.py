@@ -1,6 +1,9 @@
 """A seventeenth attacker's review (December 2026) of the sixteenth review's fixes (1082e3b:
 ``_first_tag``, one long-lived To tag per signed response context; bounded keepers in
-``_spend``).  Both holes succeed on 1082e3b (strict xfails).
+``_spend``).  Both holes succeeded on 1082e3b; fixed since: a fork slot lives while the
+message holding it could pass the time check (``made``), and the offerer's own request only
+looks its tag up (a dialog the INVITE's 2xx confirmed keeps her key for its life, any other
+tag as a later fork's).
 
 1. Fork slots (``ReplayCache.admit_fork``, used by ``_fork`` and ``_first_tag``) are kept
    ``window + TRANSACTION_LIFETIME`` from their first sighting by the proxy's clock, while
@@ -109,9 +112,6 @@ def test_control_copies_within_the_slots_life_keep_nothing_long(world):
     assert [d.tags for d in dialogs] == [("a1", "phone")]
 
 
-@pytest.mark.xfail(strict=True, reason="review 17 hole 1: fork slots expire by the proxy's "
-                   "clock, a 2xx made ahead of it is still readable: a re-tagged copy is a "
-                   "first To tag again")
 def test_hole_a_2xx_made_ahead_outlives_its_first_tag_slot(world):
     """Untrusted hop between bob and the proxy (bob's clock runs 250 s ahead: within the
     300 s window, so his bodies are read for up to 550 s after we first see them).
@@ -189,9 +189,6 @@ def test_control_alices_own_requests_in_the_call_keep_one_dialog(world):
     assert [d.tags for d in dialogs] == [("a1", "phone")]
 
 
-@pytest.mark.xfail(strict=True, reason="review 17 hole 2: a re-tagged request of the "
-                   "offerer's own moves her key into a made-up dialog for its life, "
-                   "no fork slot claimed")
 def test_hole_retagged_own_requests_each_keep_her_key_for_a_dialogs_life(world):
     """Untrusted hop between alice and the proxy.  The signed context of a request binds
     no To tag either (only the replay record stops a second copy).  ``_spend`` moves an
@@ -236,8 +233,6 @@ def test_control_alices_live_call_keeps_its_key_beside_her_next_call(world):
     assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
 
 
-@pytest.mark.xfail(strict=True, reason="review 17 hole 2: the made-up dialogs fill alice's "
-                   "quota and her live call's key goes")
 def test_hole_retagged_own_requests_evict_her_live_calls_key(world):
     """The same hop, as it costs alice: the made-up dialogs are long-lived keys on her
     own quota, so (here with a small cache; with the default one, a quota's worth of her
