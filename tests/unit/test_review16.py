@@ -38,22 +38,20 @@ def world():
 
 # -- 1. re-tagged copies of a 200 to UPDATE evict the pair's real dialog key --------------
 
-def _update_answer_then_copies(world, copies: int):
-    """alice calls bob (To tag phone; bob's 200 under her offer key).  In the call alice
-    sends an UPDATE; bob's 200 to it (signed, sealed for the proxy) offers a key K of his
-    own for the dialog.  The hop between bob and the proxy then sends ``copies`` copies
-    of that 200 with made-up To tags.  Returns the proxy's verdict on alice's next
-    re-INVITE in the call sealed under K, and how many copies were read."""
-    clock = _Clock()
-    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
+def _call_then_bobs_keyed_200_to_an_update(world, proxy, call_id: str, *,
+                                           at: float | None = None):
+    """alice calls bob (To tag phone; bob's 200 under her offer key), then sends an UPDATE
+    in the call; bob's 200 to it (signed, sealed for the proxy, made ``at``) offers a key
+    K of his own.  Returns alice, that 200 (not yet inspected), its sealed content (K) and
+    the UPDATE's caller as the proxy noted it."""
     alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
-    offer = alice.protect(_invite(world, "alice", "bob", "upd@x")).message
+    offer = alice.protect(_invite(world, "alice", "bob", call_id)).message
     verdict = proxy.inspect(offer)
     who = proxy.answer_caller(offer, verdict)
     ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message, to_tag="phone"))
     assert proxy.inspect(ok.message, caller=who).seen
     update = make_request("UPDATE", "sip:bob@127.0.0.1:5070", from_uri=world.aor("alice"),
-                          to_uri=world.aor("bob"), call_id="upd@x", cseq=2, from_tag="a1",
+                          to_uri=world.aor("bob"), call_id=call_id, cseq=2, from_tag="a1",
                           to_tag="phone", body=b"",
                           extra_headers=[("Contact", "<sip:alice@127.0.0.1:5061>")])
     verdict = proxy.inspect(update)
@@ -65,8 +63,19 @@ def _update_answer_then_copies(world, copies: int):
     entity, sealed = protect_content("application/sdp", SDP_ANSWER,
                                      [recipient_for_certificate(world.proxy(TRUSTED).cert)],
                                      signer=(cred.cert, cred.key), cek_reference=new_reference(),
-                                     bind_to=reply, readers=(TRUSTED,))
-    reply = with_entity(reply, entity)
+                                     bind_to=reply, readers=(TRUSTED,), at=at)
+    return alice, with_entity(reply, entity), sealed, who
+
+
+def _update_answer_then_copies(world, copies: int):
+    """alice calls bob (To tag phone; bob's 200 under her offer key).  In the call alice
+    sends an UPDATE; bob's 200 to it (signed, sealed for the proxy) offers a key K of his
+    own for the dialog.  The hop between bob and the proxy then sends ``copies`` copies
+    of that 200 with made-up To tags.  Returns the proxy's verdict on alice's next
+    re-INVITE in the call sealed under K, and how many copies were read."""
+    clock = _Clock()
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
+    alice, reply, sealed, who = _call_then_bobs_keyed_200_to_an_update(world, proxy, "upd@x")
     assert proxy.inspect(reply, caller=who).seen
     read = 0
     for n in range(copies):                        # the hop between bob and the proxy

@@ -24,16 +24,17 @@ from datetime import datetime, timezone
 
 import pytest
 
-from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, apply_forward, proxy_engine
+from e2m_lab.flows import SDP_ANSWER, TRUSTED, proxy_engine
 from e2m_plugins.body import new_reference, protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate, reuse_kek
 from e2m_plugins.keycache import DialogScope, MemoryKeyCache
 from e2m_plugins.proxy import EARLY_DIALOG_TTL, MAX_FORKS, ProxyEngine
 from e2m_plugins.replay import MemoryReplayCache
-from e2m_plugins.sip import make_request, make_response
+from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import init_test_pki
-from tests.unit.test_review12 import NEW_SDP, SDP_VIEW, _invite, _ua
+from tests.unit.test_review12 import NEW_SDP, SDP_VIEW, _invite
 from tests.unit.test_review15 import _with_to_tag
+from tests.unit.test_review16 import _call_then_bobs_keyed_200_to_an_update
 
 
 @pytest.fixture(scope="module")
@@ -77,27 +78,8 @@ def _update_answer_ahead(world, *, ahead: float, wait: float, copies: int):
     with made-up To tags.  Returns the dialogs of the call that keep a key long."""
     clock = _Clock()
     proxy = _proxy(world, clock)
-    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
-    offer = alice.protect(_invite(world, "alice", "bob", "ahead@x")).message
-    verdict = proxy.inspect(offer)
-    who = proxy.answer_caller(offer, verdict)
-    ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message, to_tag="phone"))
-    assert proxy.inspect(ok.message, caller=who).seen
-    update = make_request("UPDATE", "sip:bob@127.0.0.1:5070", from_uri=world.aor("alice"),
-                          to_uri=world.aor("bob"), call_id="ahead@x", cseq=2, from_tag="a1",
-                          to_tag="phone", body=b"",
-                          extra_headers=[("Contact", "<sip:alice@127.0.0.1:5061>")])
-    verdict = proxy.inspect(update)
-    assert verdict.action == "forward"
-    who = proxy.answer_caller(update, verdict)
-    cred = world.user("bob")
-    reply = make_response(update, 200, "OK", [("Contact", "<sip:bob@127.0.0.1:5070>")],
-                          SDP_ANSWER, "application/sdp")
-    entity, _ = protect_content("application/sdp", SDP_ANSWER,
-                                [recipient_for_certificate(world.proxy(TRUSTED).cert)],
-                                signer=(cred.cert, cred.key), cek_reference=new_reference(),
-                                bind_to=reply, readers=(TRUSTED,), at=clock.now + ahead)
-    reply = with_entity(reply, entity)
+    _, reply, _, who = _call_then_bobs_keyed_200_to_an_update(world, proxy, "ahead@x",
+                                                              at=clock.now + ahead)
     assert proxy.inspect(reply, caller=who).seen
     clock.now += wait
     read = 0
