@@ -131,6 +131,25 @@ def world2():
                          key_type="ec")
 
 
+def _signed_offer_and_a_200(world, proxy, caller: str, call_id: str, *,
+                            at: float | None = None):
+    """``caller``'s INVITE to bob, signed, sealed for the proxy and offering a key K (made
+    ``at``), read by the proxy.  Returns the INVITE, K (sealed), the caller the proxy
+    noted for it, and bob's plaintext 200 to it on To tag phone."""
+    mine = world.user(caller)
+    invite = _invite(world, caller, "bob", call_id)
+    entity, sealed = protect_content("application/sdp", invite.body,
+                                     [recipient_for_certificate(world.proxy(TRUSTED).cert)],
+                                     signer=(mine.cert, mine.key), cek_reference=new_reference(),
+                                     bind_to=invite, readers=(TRUSTED,), at=at)
+    invite = with_entity(invite, entity)
+    verdict = proxy.inspect(invite)
+    assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
+    ok = _with_to_tag(make_response(invite, 200, "OK", [("Contact", "<sip:bob@127.0.0.1:5070>")],
+                                    SDP_ANSWER, "application/sdp"), "phone")
+    return invite, sealed, proxy.answer_caller(invite, verdict), ok
+
+
 def _own_request_moves(world, caller: str):
     """``caller`` offers a key K in her INVITE; bob's 200 (To tag phone) is sealed for the
     proxy under a fresh key of his (none offered), so it moves nothing.  ``caller``'s
@@ -140,16 +159,7 @@ def _own_request_moves(world, caller: str):
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
     mine, bobs = world.user(caller), world.user("bob")
     to_proxy = [recipient_for_certificate(world.proxy(TRUSTED).cert)]
-    invite = _invite(world, caller, "bob", "long@x")
-    entity, sealed = protect_content("application/sdp", invite.body, to_proxy,
-                                     signer=(mine.cert, mine.key), cek_reference=new_reference(),
-                                     bind_to=invite, readers=(TRUSTED,))
-    invite = with_entity(invite, entity)
-    verdict = proxy.inspect(invite)
-    assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
-    who = proxy.answer_caller(invite, verdict)
-    ok = _with_to_tag(make_response(invite, 200, "OK", [("Contact", "<sip:bob@127.0.0.1:5070>")],
-                                    SDP_ANSWER, "application/sdp"), "phone")
+    invite, sealed, who, ok = _signed_offer_and_a_200(world, proxy, caller, "long@x")
     entity, _ = protect_content("application/sdp", SDP_ANSWER, to_proxy,
                                 signer=(bobs.cert, bobs.key), bind_to=ok, readers=(TRUSTED,))
     assert proxy.inspect(with_entity(ok, entity), caller=who).seen

@@ -25,16 +25,16 @@ from datetime import datetime, timezone
 import pytest
 
 from e2m_lab.flows import SDP_ANSWER, TRUSTED, proxy_engine
-from e2m_plugins.body import new_reference, protect_content, with_entity
-from e2m_plugins.cms.recipients import recipient_for_certificate, reuse_kek
+from e2m_plugins.body import protect_content, with_entity
+from e2m_plugins.cms.recipients import reuse_kek
 from e2m_plugins.keycache import DialogScope, MemoryKeyCache
 from e2m_plugins.proxy import EARLY_DIALOG_TTL, MAX_FORKS, ProxyEngine
 from e2m_plugins.replay import MemoryReplayCache
-from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import init_test_pki
 from tests.unit.test_review12 import NEW_SDP, SDP_VIEW, _invite
 from tests.unit.test_review15 import _with_to_tag
-from tests.unit.test_review16 import _call_then_bobs_keyed_200_to_an_update
+from tests.unit.test_review16 import (_call_then_bobs_keyed_200_to_an_update,
+                                      _signed_offer_and_a_200)
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +124,8 @@ def _call_and_requests(world, proxy, clock, call_id: str, tags: list[str]):
     re-INVITEs in the call under K; the hop between her and the proxy gives the i-th the
     To tag ``tags[i]`` (the signed context binds no To tag; her Route keeps its token for
     Call-ID and a1).  Returns K (sealed) and the proxy's verdicts on the re-INVITEs."""
-    mine, bobs = world.user("alice"), world.user("bob")
-    to_proxy = [recipient_for_certificate(world.proxy(TRUSTED).cert)]
-    invite = _invite(world, "alice", "bob", call_id)
-    entity, sealed = protect_content("application/sdp", invite.body, to_proxy,
-                                     signer=(mine.cert, mine.key), cek_reference=new_reference(),
-                                     bind_to=invite, readers=(TRUSTED,), at=clock.now)
-    invite = with_entity(invite, entity)
-    verdict = proxy.inspect(invite)
-    assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
-    who = proxy.answer_caller(invite, verdict)
-    ok = _with_to_tag(make_response(invite, 200, "OK", [("Contact", "<sip:bob@127.0.0.1:5070>")],
-                                    SDP_ANSWER, "application/sdp"), "phone")
+    bobs = world.user("bob")
+    _, sealed, who, ok = _signed_offer_and_a_200(world, proxy, "alice", call_id, at=clock.now)
     entity, _ = protect_content("application/sdp", SDP_ANSWER,
                                 [reuse_kek(sealed.cek, sealed.cek_reference)],
                                 signer=(bobs.cert, bobs.key), bind_to=ok, readers=(TRUSTED,),
