@@ -578,8 +578,7 @@ class ProxyEngine:
         offers = any(part.cek_references for part in opened)
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers):
-            if opened and self._confirms_dialog(message) and not message.is_request \
-                    and message.cseq[1] == "INVITE" and message.from_tag:
+            if opened and self._invite_2xx(message):
                 # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
                 # moves and keeps nothing: the caller's own requests then move her key
                 self._fork(message, contexts, message.from_tag, message.to_tag or "")
@@ -634,8 +633,9 @@ class ProxyEngine:
     def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,
               other: str, *, claim: bool = True) -> int | None:
         """Which dialog grown from the early dialog (Call-ID, tag ``early``, between the
-        message's two AoRs) the one with tag ``other`` is: 0 for the first, up to ``MAX_FORKS - 1``, None past
-        them.  The signed SIP context binds no To tag, so a hop re-tagging copies of a
+        message's two AoRs) the one with tag ``other`` is: 0 for the first, up to
+        ``MAX_FORKS - 1``, None past them (``claim=False``: or when it holds none).
+        The signed SIP context binds no To tag, so a hop re-tagging copies of a
         2xx (or the callee, who holds the offer's CEK) makes as many dialogs as it
         likes: only the first keeps keys for a dialog's life, the next forks keep them
         for ``EARLY_DIALOG_TTL`` (RFC 3261 §13.2.2.4: a caller usually ends those),
@@ -654,8 +654,8 @@ class ProxyEngine:
         context = next((c for c in contexts if c is not None), None)
         if context is None:
             return 0
-        slot = self.replay.admit_fork("\n" + context.replay_key(), (message.to_tag or "").lower(), 1,
-                                      made=float(context.time))
+        slot = self.replay.admit_fork("\n" + context.replay_key(),
+                                      (message.to_tag or "").lower(), 1, made=float(context.time))
         return 1 if slot is None else 0
 
     def _check_policy(self, method: str, label: hdr.BodyLabel | None,
@@ -687,6 +687,12 @@ class ProxyEngine:
                 return only
         return None
 
+    @classmethod
+    def _invite_2xx(cls, message: SipMessage) -> bool:
+        """A 2xx to an INVITE, with both tags: the one response that claims a fork."""
+        return not message.is_request and cls._confirms_dialog(message) \
+            and message.cseq[1] == "INVITE" and bool(message.from_tag)
+
     @staticmethod
     def _confirms_dialog(message: SipMessage) -> bool:
         return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
@@ -713,7 +719,7 @@ class ProxyEngine:
         # may be another device's than the one ringing.)
         if not early and isinstance(scope, DialogScope) and self._confirms_dialog(message) \
                 and not message.is_request and message.from_tag:
-            if message.cseq[1] == "INVITE":
+            if self._invite_2xx(message):
                 fork = self._fork(message, contexts, message.from_tag, message.to_tag or "")
                 if fork is None:
                     return

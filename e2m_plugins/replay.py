@@ -34,7 +34,8 @@ from typing import Protocol, runtime_checkable
 from .errors import ReplayError
 from .sipcontext import SipContext
 
-__all__ = ["ReplayCache", "MemoryReplayCache", "TRANSACTION_LIFETIME", "DEFAULT_WINDOW"]
+__all__ = ["ReplayCache", "MemoryReplayCache", "TRANSACTION_LIFETIME", "DEFAULT_WINDOW",
+           "short_digest"]
 
 TRANSACTION_LIFETIME = 32.0     # 64*T1: a retransmission comes no later than this
 DEFAULT_WINDOW = 300.0          # seconds a body's time may differ from ours
@@ -78,7 +79,7 @@ class MemoryReplayCache:
         self._expiries: list[tuple[float, str]] = []   # a heap of (kept until, key)
         self._floor = -1   # bodies made at or before this are no longer remembered: stale
         # early dialog -> (remembered until, its forks' tags in order), oldest first
-        self._forks: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
+        self._forks: OrderedDict[bytes, tuple[float, list[bytes]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -116,28 +117,28 @@ class MemoryReplayCache:
         now = self._clock()
         until = max(now, made or now) + self.window + TRANSACTION_LIFETIME
         # digests, as replay keys are: a Call-ID, tag or AoR may be kilobytes long
-        early, tag = _digest(early), _digest(tag)
+        early_key, tag_key = short_digest(early), short_digest(tag)
         with self._lock:
             while self._forks:            # oldest first: expired, or past the bound
                 first = next(iter(self._forks))
                 if self._forks[first][0] >= now and len(self._forks) < self.max_entries:
                     break
                 del self._forks[first]
-            entry = self._forks.get(early)
+            entry = self._forks.get(early_key)
             if entry is not None and entry[0] < now:
-                del self._forks[early]    # expired behind a longer-lived head
+                del self._forks[early_key]    # expired behind a longer-lived head
                 entry = None
             tags = entry[1] if entry is not None else []
-            if tag in tags:
-                slot: int | None = tags.index(tag)
+            if tag_key in tags:
+                slot: int | None = tags.index(tag_key)
                 extend = bool(made and made > now)    # a body made ahead comes later
             elif not claim or len(tags) >= limit:
                 slot, extend = None, False
             else:
-                tags.append(tag)
+                tags.append(tag_key)
                 slot, extend = len(tags) - 1, True
             if extend:    # kept while its latest holder could pass the time check
-                self._forks[early] = (max(until, entry[0] if entry else until), tags)
+                self._forks[early_key] = (max(until, entry[0] if entry else until), tags)
             return slot
 
     def _expire(self, now: float) -> None:
@@ -155,5 +156,7 @@ class MemoryReplayCache:
             heapq.heapify(self._expiries)
 
 
-def _digest(text: str) -> bytes:
+def short_digest(text: str) -> bytes:
+    """16 octets of SHA-256 of ``text``: what the fork tables keep of an early dialog's ids
+    and a tag (both tables, so one digest)."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]

@@ -18,12 +18,11 @@ let through unrecorded.  Values hold no message content.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 
 from e2m_plugins.errors import ReplayError
-from e2m_plugins.replay import TRANSACTION_LIFETIME
+from e2m_plugins.replay import TRANSACTION_LIFETIME, short_digest
 from e2m_plugins.sipcontext import SipContext
 
 from .keycache_htable import HtableBackend
@@ -73,8 +72,8 @@ class HtableReplayCache:
         now = self._clock()
         ahead = max(0.0, (made or now) - now)
         ttl = int(ahead + self.window + TRANSACTION_LIFETIME) + 1
-        base = "f" + _digest(early)
-        mine = _digest(tag)
+        base = "f" + short_digest(early).hex()
+        mine = short_digest(tag).hex()
         for slot in range(limit):
             name = f"{base}{slot}"
             held = self._backend.get(name)
@@ -94,10 +93,6 @@ class HtableReplayCache:
                     self._backend.set(name, mine, ttl)
                 return slot
         return None
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _number(text: str) -> float:
