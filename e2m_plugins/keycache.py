@@ -104,8 +104,9 @@ class DialogScope:
 
     The UAC sees (local=From tag, remote=To tag), the UAS the reverse; both
     build the same scope.  Before the To tag exists (the INVITE itself) the
-    scope has one tag: that is the *early* scope of the dialog, which
-    ``MemoryKeyCache.drop_scope`` also clears when the confirmed dialog ends.
+    scope has one tag: that is the *early* scope of the dialog.  Ending the
+    confirmed dialog (``drop_scope``) takes from it only the keys the dialog
+    holds too; the rest wait for their short expiry.
 
     Call-IDs compare byte for byte (RFC 3261 §8.1.1.4); tags are tokens and so
     compare case-insensitively (RFC 3261 §7.3.1), hence they are lower-cased.
@@ -229,8 +230,10 @@ class KeyCache(Protocol):
         ...
 
     def drop_scope(self, scope: Scope) -> None:
-        """Forget every key of a scope (BYE ends the dialog), and of a confirmed dialog's
-        early scopes."""
+        """Forget every key of one scope (a BYE ends the dialog) and, of a confirmed
+        dialog's early scopes, only the keys under the names it holds itself (the early
+        copies of keys moved into it).  A kept name binds the dialog's two AoRs, so a
+        dialog that never was (a BYE with a made-up To tag) takes no party's key."""
         ...
 
     def __len__(self) -> int:
@@ -478,15 +481,13 @@ class MemoryKeyCache:
             self._remove((scope, bytes(reference)))
 
     def drop_scope(self, scope: Scope) -> None:
-        """Forget every key of ``scope``; for a confirmed dialog, also of its early scopes.
-
-        The INVITE's key is kept under the early (one-tag) scope because the
-        To tag does not exist yet; BYE must take it too.
-        """
-        scopes = [scope, *(scope.early_scopes() if isinstance(scope, DialogScope) else ())]
+        """Forget every key of ``scope``, and its names in its early scopes."""
+        earlier = scope.early_scopes() if isinstance(scope, DialogScope) else ()
         with self._lock:
-            for s in scopes:
-                for ref in list(self._by_scope.get(s, ())):
+            names = list(self._by_scope.get(scope, ()))
+            for s in (scope, *earlier):
+                held = self._by_scope.get(s, ())
+                for ref in [ref for ref in names if ref in held]:
                     self._remove((s, ref))
 
     def purge_expired(self) -> int:

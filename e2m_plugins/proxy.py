@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from cryptography.hazmat.primitives import serialization
 
@@ -106,6 +106,10 @@ class Verdict:
     media: tuple[MediaLine, ...] = ()
     error: str | None = None                      # the error class name: safe to log
     detail: str | None = None                     # why, in words that hold no plaintext
+    # the names of the keys this request kept that were not kept before, in its own
+    # scope: what ``end_attempt`` drops when its transaction fails (the host keeps them
+    # with the transaction: Kamailio in a transaction AVP)
+    kept: tuple[bytes, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -314,12 +318,13 @@ class ProxyEngine:
     def _inspect_request(self, request: SipMessage) -> Verdict:
         method = request.method
         if method == "BYE":           # (a CANCEL ends nothing: end_unread says why)
-            self._end(request, confirmed=True)
+            self.end_dialog(request.call_id, request.from_tag, request.to_tag)
+        kept: list[bytes] = []
         seen, media = self._view(request, method,
-                                 keeper=lambda: _keeper(self._sender_of(request)))
+                                 keeper=lambda: _keeper(self._sender_of(request)), kept=kept)
         return Verdict("forward", add_headers=self._announce(request),
                        remove_headers=self._own_labels(request) + self._policies_in_our_name(request),
-                       seen=seen, media=media)
+                       seen=seen, media=media, kept=tuple(kept))
 
     def _announce(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
         if not self.config.announce_policy or request.method in _NO_POLICY_ANNOUNCE:
@@ -365,7 +370,7 @@ class ProxyEngine:
         # hop's forgery) leaves the offer's key to the branches still ringing, a 491 to
         # a re-INVITE or a late 487 of the answered branch leaves the dialog's keys.
         # The attempt's keys go when the whole INVITE failed (the host's failure route:
-        # ``end_dialog(..., confirmed=False)``) or at their early expiry.
+        # ``end_attempt``) or at their early expiry.
         _, method = response.cseq
 
         def keeper() -> str:
@@ -378,20 +383,29 @@ class ProxyEngine:
             if not who or who == UNAUTHENTICATED_CALLER:
                 return answer_keeper(UNAUTHENTICATED_CALLER, responder)
             return answer_keeper(_keeper(who), responder)
-        seen, media = self._view(response, method, keeper=keeper)
+        seen, media = self._view(response, method, keeper=keeper, kept=[])
         return Verdict("forward", seen=seen, media=media)
 
-    def _end(self, message: SipMessage, *, confirmed: bool) -> None:
-        self.end_dialog(message.call_id, message.from_tag, message.to_tag, confirmed=confirmed)
-
-    def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None, *,
-                   confirmed: bool) -> None:
-        """The dialog (BYE: ``confirmed``) or its attempt (CANCEL, a failed INVITE) is
-        over: its kept CEKs go (key-reuse-01)."""
-        if not call_id or not from_tag:
+    def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
+        """A BYE ended the dialog (Call-ID and both tags): the keys kept for it go
+        (key-reuse-01).  Only that dialog's own scope: Call-ID and a tag name no party,
+        and whoever learnt them (a branch the INVITE reached, a call forwarded from
+        her) can write a BYE for a dialog that never was, so a BYE never names the
+        early scope the offer's keys wait in (they go at ``EARLY_DIALOG_TTL``, or with
+        the failure of the transaction that kept them: ``end_attempt``).  A BYE
+        without both tags ends nothing."""
+        if not call_id or not from_tag or not to_tag:
             return
-        # a confirmed dialog's scope takes its early scopes with it (KeyCache.drop_scope)
-        self.cache.drop_scope(DialogScope(call_id, from_tag, to_tag if confirmed else None))
+        self.cache.drop_scope(DialogScope(call_id, from_tag, to_tag))
+
+    def end_attempt(self, scope: Scope, kept: Iterable[bytes]) -> None:
+        """A request's transaction ended without success (a failure answer, a timeout, a
+        CANCEL's 487, a relay that failed): the keys that request kept (``Verdict.kept``
+        and the request's ``message_scope``) go now, not at their expiry.  Only those:
+        another request under the same Call-ID and From tag (a third party's, failing
+        on purpose) drops nothing of the caller's."""
+        for name in kept:
+            self.cache.drop(scope, name)
 
     @staticmethod
     def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
@@ -412,11 +426,11 @@ class ProxyEngine:
     def end_unread(self, method: str, call_id: str, from_tag: str | None,
                    to_tag: str | None) -> None:
         """What ``inspect`` does to the keys for a bare BYE or CANCEL (``only_ends_dialog``)
-        from ids the host parsed: a BYE ends its dialog.  A CANCEL ends nothing: a 200
-        that crossed it still needs the offer's key, and when the INVITE does fail (its
-        487) the host's failure route ends the attempt."""
+        from ids the host parsed: a BYE ends its dialog (``end_dialog``).  A CANCEL ends
+        nothing: a 200 that crossed it still needs the offer's key, and when the INVITE
+        does fail (its 487) the host's failure route ends the attempt."""
         if method == "BYE":
-            self.end_dialog(call_id, from_tag, to_tag, confirmed=True)
+            self.end_dialog(call_id, from_tag, to_tag)
 
     # -- viewing -----------------------------------------------------------
 
@@ -542,11 +556,12 @@ class ProxyEngine:
             return keeper()
         return UNSIGNED_KEEPER
 
-    def _view(self, message: SipMessage, method: str, *, keeper: Callable[[], str]
-              ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
+    def _view(self, message: SipMessage, method: str, *, keeper: Callable[[], str],
+              kept: list[bytes]) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
         """What the message shows us; ``keeper()`` says whose quota a key it offers
         counts against (a request's sender; a response's caller and responder together),
-        asked only when it offers one."""
+        asked only when it offers one.  The names of keys it kept afresh in its own
+        scope go in ``kept``."""
         label = self._labels(message)
         body = message_body(message)
         if body is None:
@@ -583,7 +598,7 @@ class ProxyEngine:
                 # moves and keeps nothing: the caller's own requests then move her key
                 self._fork(message, contexts, message.from_tag, message.to_tag or "")
             self._spend(message, opened, contexts, looked_up, keeper)
-            self._keep_keys(message, opened, contexts, keeper)
+            kept.extend(self._keep_keys(message, opened, contexts, keeper))
         seen = tuple(self._seen(p, c) for p, c in zip(opened, contexts))
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
@@ -698,7 +713,9 @@ class ProxyEngine:
         return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
 
     def _keep_keys(self, message: SipMessage, opened: list[OpenedPart],
-                   contexts: list[SipContext | None], keeper: Callable[[], str]) -> None:
+                   contexts: list[SipContext | None], keeper: Callable[[], str]) -> list[bytes]:
+        """Keep the keys the message offers; the names of those its scope did not hold
+        yet (a key already kept is never replaced, and not this message's to drop)."""
         # Only the reference the sender's context offers (a legacy body has none to say).
         # Whose quota it counts against: ``keeper()`` for a signed part; one shared
         # keeper for unsigned ones (a legacy peer's), whose From proves nothing.
@@ -709,7 +726,7 @@ class ProxyEngine:
                    for ref in part.cek_references
                    if context is None or context.cek_reference == ref[0]]
         if not offered:
-            return
+            return []
         signer = keeper() if any(signed for _, signed in offered) else UNSIGNED_KEEPER
         references = [(ref, signer if signed else UNSIGNED_KEEPER) for ref, signed in offered]
         scope = message_scope(message)
@@ -722,7 +739,7 @@ class ProxyEngine:
             if self._invite_2xx(message):
                 fork = self._fork(message, contexts, message.from_tag, message.to_tag or "")
                 if fork is None:
-                    return
+                    return []
             else:
                 # a 2xx to an UPDATE, PRACK or INFO confirms no dialog: its first To tag
                 # keeps its keys, a re-tagged copy's only as a later fork's
@@ -731,13 +748,20 @@ class ProxyEngine:
                 early = True
                 references = [(ref, LATER_FORK_KEEPER) for ref, _ in references]
         namer = kept_namer(message)
+        fresh: list[bytes] = []
         for (reference, cek, _count), keeper in references:
             max_decrypts = None
             for env in (e for p in opened for e in p.envelopes):
                 if env.cek_reference == reference:
                     max_decrypts = env.cek_max_decrypts
-            self.cache.put(scope, namer(reference), cek, max_decrypts=max_decrypts,
+            name = namer(reference)
+            # (two workers keeping one name at the same instant, for two requests with the
+            # same ids, parties and reference, may both count it as theirs)
+            if message.is_request and self.cache.get(scope, name, count=False) is None:
+                fresh.append(name)
+            self.cache.put(scope, name, cek, max_decrypts=max_decrypts,
                            ttl=EARLY_DIALOG_TTL if early else None, keeper=keeper)
+        return fresh
 
     @staticmethod
     def _seen(part: OpenedPart, context: SipContext | None) -> SeenBody:

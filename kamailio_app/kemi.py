@@ -48,7 +48,7 @@ _bootstrap_path()
 
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
-from e2m_plugins.keycache import TransactionScope, bounded_keeper  # noqa: E402
+from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
@@ -78,6 +78,9 @@ _COUNTED_REFUSALS = (400, 403, 495, 496)   # statistics: e2m_refused_<code>
 # route before t_relay (set after t_newtran it goes into the transaction's own list;
 # set before, t_newtran takes it along), so tm brings it to the reply route.
 _CALLER_AVP = "$avp(e2m_caller)"
+# The names of the keys a request kept afresh (Verdict.kept, hex, comma-separated), the
+# same way: its failure route drops those and no other (ProxyEngine.end_attempt).
+_KEPT_AVP = "$avp(e2m_kept)"
 
 
 def mod_init():
@@ -657,6 +660,8 @@ class kamailio:
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))
         self.note_caller(message, verdict)
+        if verdict.kept:
+            KSR.pv.sets(_KEPT_AVP, ",".join(name.hex() for name in verdict.kept))
         return True
 
     def note_caller(self, request, verdict):
@@ -845,18 +850,18 @@ class kamailio:
     def drop_attempt_keys(self):
         """Keys kept for a transaction that ended without success (a failure answer,
         tm's own 408, a CANCEL's 487, a relay that failed) go now, not at their expiry:
-        an INVITE's early dialog scope; a transaction's own scope (a request that had a
-        body, the only kind that keeps keys there)."""
+        only those its own request kept afresh (``$avp(e2m_kept)``), in that request's
+        scope (an INVITE's early dialog, a MESSAGE's transaction).  A request inside a
+        dialog drops nothing: the dialog lives on."""
         engine = self.app.engine
-        if engine is None or KSR.pv.get("$tt"):
-            return       # a request inside a dialog: the dialog lives on
-        if KSR.is_INVITE():
-            engine.end_dialog(KSR.pv.get("$ci") or "", KSR.pv.get("$ft") or None, None,
-                              confirmed=False)
-        elif _has_body():
-            scope = message_scope(_read_message())
-            if isinstance(scope, TransactionScope):
-                engine.cache.drop_scope(scope)
+        kept = KSR.pv.get(_KEPT_AVP)
+        if engine is None or not kept or KSR.pv.get("$tt"):
+            return
+        try:
+            names = [bytes.fromhex(name) for name in kept.split(",")]
+        except ValueError:     # only ever set by inspect_request: nothing else to drop
+            return
+        engine.end_attempt(message_scope(_read_message()), names)
 
     # -- xhttp: the certificate at its URL -------------------------------------------
     def ksr_xhttp_event(self, msg, evname):

@@ -282,35 +282,38 @@ class HtableKeyCache:
             self._backend.unlock(name)
 
     def drop(self, scope: Scope, reference: bytes) -> None:
+        self._drop_references(scope, [bytes(reference)])
+
+    def _drop_references(self, scope: Scope, references: list[bytes]) -> None:
         name = scope_key(scope)
-        reference = bytes(reference)
         self._backend.lock(name)
         try:
             now = self._clock()
             kept = self._live_keys(name, scope, now)
-            rest = [row for row in kept if row[0].reference != reference]
+            rest = [row for row in kept if row[0].reference not in references]
             if len(rest) != len(kept) or not kept:
                 self._write(name, rest, now)
         finally:
             self._backend.unlock(name)
 
     def drop_scope(self, scope: Scope) -> None:
-        """Every key of ``scope``; for a confirmed dialog also those of its early scopes:
-        one removal by name each, nothing opened, under the
-        record's slot lock (a put in another worker that read the record first would
-        otherwise write it all back).  A record that is not there needs no lock (every
-        BYE asks for three): a put racing that keeps only its own key, as it would
-        have a moment later."""
-        earlier = scope.early_scopes() if isinstance(scope, DialogScope) else ()
-        for item in (scope, *earlier):
-            name = scope_key(item)
-            if self._backend.get(name) is None:
-                continue
-            self._backend.lock(name)
-            try:
-                self._backend.remove(name)
-            finally:
-                self._backend.unlock(name)
+        """Every key of ``scope``, its record removed by name under its slot lock (a put
+        in another worker that read the record first would otherwise write it all
+        back); then, of a dialog's early scopes, only the names its record held
+        (``KeyCache.drop_scope``).  A record that is not there needs no lock: a put
+        racing that keeps only its own key, as it would have a moment later."""
+        name = scope_key(scope)
+        if self._backend.get(name) is None:
+            return
+        self._backend.lock(name)
+        try:
+            held = [row[0].reference for row in self._live_keys(name, scope, self._clock())]
+            self._backend.remove(name)
+        finally:
+            self._backend.unlock(name)
+        for early in (scope.early_scopes() if isinstance(scope, DialogScope) else ()):
+            if held and self._backend.get(scope_key(early)) is not None:
+                self._drop_references(early, held)
 
     def __len__(self) -> int:
         now = self._clock()

@@ -90,17 +90,25 @@ def test_a_wrong_scope_or_reference_finds_nothing(cache):
     assert cache.get(DialogScope("call-1@example.com", "bobtag", "alicetag"), b"r") is not None
 
 
-def test_drop_scope_takes_the_early_scope_too(cache):
+def test_drop_scope_takes_the_early_copies_of_its_own_keys_only(cache):
+    """A BYE's dialog takes from its early scopes the names it holds (the offer's key it
+    took from there), not the rest: a dialog that never was (a made-up To tag) holds
+    none of a party's names (review 15)."""
     early = DialogScope(DIALOG.call_id, "AliceTag")
     cache.put(early, b"offer", CEK)
+    cache.put(early, b"another fork's", CEK)
+    cache.put(DIALOG, b"offer", CEK)                  # the 2xx moved it into the dialog
     cache.put(DIALOG, b"answer", CEK)
     cache.put(DialogScope("call-2@example.com", "x", "y"), b"other", CEK)
+    cache.drop_scope(DialogScope(DIALOG.call_id, "AliceTag", "made-up"))
+    assert len(cache) == 5                            # nothing there: nothing taken
     cache.drop_scope(DIALOG)
     assert cache.get(early, b"offer") is None and cache.get(DIALOG, b"answer") is None
-    assert len(cache) == 1
+    assert cache.get(early, b"another fork's", count=False) is not None
+    assert len(cache) == 2
 
 
-def test_a_scope_is_one_record_and_a_bye_removes_it_by_name_opening_nothing(cache, table):
+def test_a_scope_is_one_record_and_a_bye_removes_it_by_name(cache, table):
     early = DialogScope(DIALOG.call_id, "AliceTag")
     cache.put(early, b"offer", CEK)
     cache.put(DIALOG, b"answer", CEK)
@@ -111,9 +119,11 @@ def test_a_scope_is_one_record_and_a_bye_removes_it_by_name_opening_nothing(cach
     assert set(table.data) == {scope_key(early), scope_key(DIALOG), scope_key(other)}
     assert len(cache) == 4 and cache.get(DIALOG, b"answer", count=False).cek == CEK
     table.reads = table.gets = 0
-    cache.drop_scope(DIALOG)         # its record and its two early ones: one read each
-    assert table.reads == 0 and table.gets == 3 and not table.locked
-    assert set(table.data) == {scope_key(other)}
+    # its record: looked for, then read under its lock (the names it held); each early
+    # scope looked for, and the one that is there read under its lock: no walk of the table
+    cache.drop_scope(DIALOG)
+    assert table.reads == 0 and table.gets == 5 and not table.locked
+    assert set(table.data) == {scope_key(early), scope_key(other)}    # no name in common
     assert cache.get(other, b"kept") is not None
 
 

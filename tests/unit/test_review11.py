@@ -132,7 +132,7 @@ def test_hole_the_second_forks_200_is_a_copy_so_alices_key_never_reaches_its_dia
                      if isinstance(scope, DialogScope) and not scope.early
                      for tag in scope.tags if tag != caller_tag)
     # alice keeps the mobile dialog and ends the desk one (its BYE takes the early scope)
-    proxy.end_dialog("forked@x", offer.from_tag, "desk", confirmed=True)
+    proxy.end_dialog("forked@x", offer.from_tag, "desk")
     again = alice.protect(invite(world, call_id="forked@x", cseq=2, to_tag="mobile"))
     assert again.info.key_reuse
     verdict = proxy.inspect(again.message)

@@ -4,9 +4,12 @@ To tag; an early dialog's fork slots, bound to its two AoRs; only a 2xx claims a
 
 Each ``test_hole_*`` is an attack (or a legitimate flow) that succeeded on 33adaca.  Holes 1
 and 3 are fixed (the response's replay record lower-cases the To tag; only the INVITE's 2xx
-claims a fork, and only the offerer's own request moves her key); hole 2 is older than the
-fork slots and still open: its two tests stay strict xfails (docs/threat-model.md).  Its docstring names the attacker (docs/threat-model.md), what it
-gets and a fix.  ``test_control_*`` are the same flows without the attack: they pass.
+claims a fork, and only the offerer's own request moves her key); hole 2, older than the
+fork slots, was fixed later (a BYE drops its own dialog's scope only; a failed transaction
+drops only the keys its own request kept: ``ProxyEngine.end_attempt``); its tests were strict
+xfails until then, and tests/kamailio/test_review15_wire.py makes both attacks on a real
+Kamailio.  Each docstring names the attacker (docs/threat-model.md), what it gets and a fix.
+``test_control_*`` are the same flows without the attack: they pass.
 
 1. The response replay record keys the To tag as written, while scopes and fork slots
    lower-case it: copies of the real 200 with the case of its To tag changed are "first
@@ -32,7 +35,7 @@ from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, apply_forward, proxy_engi
 from e2m_plugins.body import new_reference, protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate, reuse_kek
 from e2m_plugins.keycache import DialogScope, MemoryKeyCache
-from e2m_plugins.proxy import EARLY_DIALOG_TTL, LATER_FORK_KEEPER
+from e2m_plugins.proxy import EARLY_DIALOG_TTL, LATER_FORK_KEEPER, message_scope
 from e2m_plugins.sip import SipMessage, make_request, make_response
 from e2m_plugins.testpki import init_test_pki
 from kamailio_app.dialog_route import RouteTokens
@@ -145,9 +148,10 @@ def _forwarded_call(world, attack):
     # (alice's phone sent it; a plaintext offer here, so that this UA object's own
     # record of the dialog with mallory does not stand in for the phone's retry logic)
     to_mallory = _invite(world, "alice", "mallory", "fwd@x")
-    assert proxy.inspect(to_mallory).action == "forward"
-    # mallory's 302 ends that attempt: the host's failure route drops its early scope
-    proxy.end_dialog("fwd@x", "a1", None, confirmed=False)
+    first = proxy.inspect(to_mallory)
+    assert first.action == "forward"
+    # mallory's 302 ends that attempt: the host's failure route drops what it kept
+    proxy.end_attempt(message_scope(to_mallory), first.kept)
     offer = alice.protect(_invite(world, "alice", "bob", "fwd@x", cseq=2)).message
     verdict = proxy.inspect(offer)
     who = proxy.answer_caller(offer, verdict)
@@ -181,16 +185,15 @@ def _mallorys_failed_invite(proxy) -> None:
     # mallory's own INVITE (From: mallory, her credentials; or a foreign From to one of our
     # users, never challenged) with Call-ID fwd@x and From tag a1, to her own phone, which
     # answers 486: read (nothing to read: no body), relayed, and its failure runs
-    # kemi.py drop_attempt_keys: no $tt, an INVITE -> end_dialog($ci, $ft, None, False)
+    # kemi.py drop_attempt_keys: what her INVITE kept ($avp(e2m_kept)) -> end_attempt
     own = make_request("INVITE", f"sip:mallory@{proxy.host}", from_uri="sip:mallory@elsewhere.example",
                        to_uri="sip:mallory@elsewhere.example", call_id="fwd@x", cseq=7,
                        from_tag="a1", body=b"")
-    assert proxy.inspect(own).action == "forward"
-    proxy.end_dialog(own.call_id, own.from_tag, None, confirmed=False)
+    verdict = proxy.inspect(own)
+    assert verdict.action == "forward"
+    proxy.end_attempt(message_scope(own), verdict.kept)
 
 
-@pytest.mark.xfail(strict=True, reason="review 15 hole 2a: a bare BYE with a forwarded call's "
-                   "route token drops the caller's early scope, whoever sends it")
 def test_hole_a_third_partys_bare_bye_drops_the_callers_offer_key(world):
     """Insider UA (mallory: alice's call went to her first and she forwarded it with a 302,
     the seat of the fourteenth review; any branch alice's INVITE reached will do).  The
@@ -205,8 +208,9 @@ def test_hole_a_third_partys_bare_bye_drops_the_callers_offer_key(world):
     bound the fork slots to the parties; the drops are bound to nothing (the UA's
     ``DialogKeys.end_dialog`` is: "a third who names the dialog's ids ends nothing").
 
-    Fix: a BYE drops its two-tag scope only; the early scope's keys go at their early
-    expiry (or are dropped only by the failure of the INVITE transaction that kept them).
+    Fixed (``ProxyEngine.end_dialog``): a BYE drops its two-tag scope only (and a BYE
+    without a To tag nothing: it named the early scope itself); the early scope's keys go
+    at their early expiry, or with the failure of the INVITE transaction that kept them.
     Binding the route token to the INVITE's two AoRs as well would keep mallory's token
     from naming alice's call with bob."""
     verdict, seen = _forwarded_call(world, _mallorys_bare_bye)
@@ -214,8 +218,6 @@ def test_hole_a_third_partys_bare_bye_drops_the_callers_offer_key(world):
     assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
 
 
-@pytest.mark.xfail(strict=True, reason="review 15 hole 2b: any failed INVITE with a call's "
-                   "Call-ID and From tag drops that call's early scope (failure route)")
 def test_hole_a_third_partys_failed_invite_drops_the_callers_offer_key(world):
     """Insider UA or off-path sender who knows a call's Call-ID and the caller's tag
     (mallory after her 302, as above; no route token needed).  While bob rings she sends
@@ -225,12 +227,43 @@ def test_hole_a_third_partys_failed_invite_drops_the_callers_offer_key(world):
     (fwd@x, a1) goes, alice's offer key with it.  Same consequence as 2a: bob's 200 unread,
     nothing moved, alice's re-INVITE 496 for the whole call.
 
-    Fix: drop in the failure route only the keys that transaction's own request kept
-    (note their names in a transaction AVP when ``inspect`` keeps them), not every key
-    under its Call-ID and From tag."""
+    Fixed (``ProxyEngine.end_attempt``, kemi.py ``drop_attempt_keys``): the failure
+    route drops only the keys that transaction's own request kept afresh
+    (``Verdict.kept``, carried in ``$avp(e2m_kept)``), not every key under its Call-ID
+    and From tag."""
     verdict, seen = _forwarded_call(world, _mallorys_failed_invite)
     assert seen.seen and seen.error is None, f"bob's 200 went unread: {seen.error}"
     assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
+
+
+def test_hole_a_bare_bye_without_a_to_tag_drops_the_callers_offer_key(world):
+    """The same seat as the bare BYE above, without even a made-up To tag: Kamailio's $tt
+    is empty, and ``end_unread("BYE", fwd@x, a1, None)`` named ``DialogScope(fwd@x, a1)``:
+    the early scope itself.  Found while fixing 2a (it failed on 809c731).  A BYE without
+    both tags now ends nothing."""
+    def bye_without_to_tag(proxy) -> None:
+        proxy.end_unread("BYE", "fwd@x", "a1", None)
+    verdict, seen = _forwarded_call(world, bye_without_to_tag)
+    assert seen.seen and seen.error is None, f"bob's 200 went unread: {seen.error}"
+    assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
+
+
+def test_control_a_failed_invite_of_her_own_with_a_key_drops_only_hers(world):
+    """mallory's INVITE under alice's ids offers a key of her own (to bob, signed as
+    herself): its failure drops that key and leaves alice's."""
+    clock = _Clock()
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
+    alice, mallory = _ua(world, "alice", "bob"), _ua(world, "mallory", "bob")
+    offer = alice.protect(_invite(world, "alice", "bob", "own@x")).message
+    first = proxy.inspect(offer)
+    assert len(first.kept) == 1 and len(proxy.cache) == 1
+    hers = mallory.protect(_invite(world, "mallory", "bob", "own@x", cseq=5)).message
+    verdict = proxy.inspect(hers)
+    assert verdict.action == "forward" and len(verdict.kept) == 1 and len(proxy.cache) == 2
+    assert verdict.kept != first.kept
+    proxy.end_attempt(message_scope(hers), verdict.kept)
+    assert len(proxy.cache) == 1
+    assert proxy.cache.get(message_scope(offer), first.kept[0], count=False) is not None
 
 
 # -- 3. a 2xx to an early UPDATE, or an early request, claims the first fork ----------------

@@ -112,7 +112,7 @@ def test_held_the_dialog_keys_still_work_both_ways_and_end_with_bye(world):
     assert protected.info.key_reuse
     assert [s.plaintext for s in proxy.inspect(protected.message).seen] == [SDP_ANSWER]
     assert len(proxy.cache) > 0
-    proxy.end_dialog("both-ways@x", delivered.from_tag, "b1", confirmed=True)
+    proxy.end_dialog("both-ways@x", delivered.from_tag, "b1")
     assert len(proxy.cache) == 0
 
 
