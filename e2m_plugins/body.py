@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time as _time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
 from typing import Sequence
@@ -32,7 +32,7 @@ from .errors import (BindingMismatchError, DecryptionError, DowngradeError, E2ME
                      InconsistentSplitError, MalformedError, UnsupportedMediaTypeError)
 from .sdp import SdpKeys
 from .sip import SipMessage, canonical_name
-from .sipcontext import SipContext, context_for
+from .sipcontext import SipContext, context_for, decode_to_tag, encode_to_tag
 from .uri import host_key
 from .layers import open_message, unauthenticated_plaintext
 
@@ -217,7 +217,17 @@ def _context_of(envelopes: Sequence[OpenedEnvelope], signatures: Sequence[Verify
         # Signed, but the signature does not cover a context: only the envelope's does,
         # which any holder of the CEK could have made.  Treat it as unsigned context.
         return found[0], False
-    return (found[0] if found else None), bool(signed)
+    if not found:
+        return None, False
+    # the To tag the signers bound (every signer of a context must bind the same one)
+    tags = {decode_to_tag(v) if v is not None else None
+            for result in signatures for signer in result.signers
+            if signer.attributes.get(oids.SIP_CONTEXT)
+            for v in (signer.attributes.get(oids.SIP_TO_TAG) or (None,))}
+    if len(tags) > 1:
+        raise BindingMismatchError("the body's signers bound different To tags")
+    tag = next(iter(tags), None)
+    return (replace(found[0], to_tag=tag) if tag is not None else found[0]), bool(signed)
 
 
 def check_context(opened: OpenedPart, message: SipMessage, *,
@@ -267,6 +277,11 @@ def new_reference() -> bytes:
     return os.urandom(REFERENCE_BYTES)
 
 
+# Whether a signed body binds its message's To tag (``e2m-sip-to-tag``).  Senders before
+# it did not; tests of the paths that still serve them (the fork slots) sign as they did.
+SIGN_TO_TAG = True
+
+
 def protect_content(content_type: str, content: bytes, recipients: Sequence[Recipient], *,
                     signer: tuple[x509.Certificate, PrivateKeyTypes] | None = None,
                     cek_reference: bytes | None = None, content_id: str | None = None,
@@ -294,6 +309,8 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
     payload, payload_type = inner, oids.DATA
     if signer is not None:
         extra = ((oids.SIP_CONTEXT, context.encode()),) if context is not None else ()
+        if SIGN_TO_TAG and context is not None and bind_to is not None and bind_to.to_tag:
+            extra += ((oids.SIP_TO_TAG, encode_to_tag(bind_to.to_tag)),)
         if sealed_keys is not None:
             extra += ((oids.SDP_KEYS, sealed_keys),)
         payload = sign(inner, signer[0], signer[1], extra_attributes=extra)

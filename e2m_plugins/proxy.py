@@ -623,8 +623,9 @@ class ProxyEngine:
         """A request whose body was seen before is a replay (tm absorbed the real
         retransmissions before we were asked): refused.  A response must at least be
         recent; one that ``keeps`` (spends a kept key, or offers one) is recorded too,
-        by its context and To tag (the signed context binds no To tag: each fork's 2xx
-        is its own).  A copy of it (a 2xx retransmission, or a hop replaying it) is
+        by its context and To tag (each fork's 2xx is its own; a body from a sender before
+        ``e2m-sip-to-tag`` binds no To tag, a newer one's copy under another fails
+        ``check_context``).  A copy of it (a 2xx retransmission, or a hop replaying it) is
         still read and forwarded but is not a first sighting: it spends no use and
         keeps or moves no key.  (How many To tags one early dialog may grow keys
         under: ``_fork``.)"""
@@ -650,9 +651,9 @@ class ProxyEngine:
         """Which dialog grown from the early dialog (Call-ID, tag ``early``, between the
         message's two AoRs) the one with tag ``other`` is: 0 for the first, up to
         ``MAX_FORKS - 1``, None past them (``claim=False``: or when it holds none).
-        The signed SIP context binds no To tag, so a hop re-tagging copies of a
-        2xx (or the callee, who holds the offer's CEK) makes as many dialogs as it
-        likes: only the first keeps keys for a dialog's life, the next forks keep them
+        A body from a sender before ``e2m-sip-to-tag`` binds no To tag, so a hop
+        re-tagging copies of its 2xx (or the callee, who holds the offer's CEK and signs
+        answers of his own) makes as many dialogs as it likes: only the first keeps keys for a dialog's life, the next forks keep them
         for ``EARLY_DIALOG_TTL`` (RFC 3261 §13.2.2.4: a caller usually ends those),
         and the rest none."""
         # bound to the dialog's parties, as kept names are: a third party who learnt the
@@ -664,8 +665,9 @@ class ProxyEngine:
 
     def _first_tag(self, message: SipMessage, contexts: list[SipContext | None]) -> int:
         """0 for the first To tag one response (its signed context) is seen with, 1 for
-        any other: the signed context binds no To tag, so re-tagged copies of a 2xx to
-        an UPDATE would each keep its keys for a dialog's life under a made-up tag."""
+        any other: a sender before ``e2m-sip-to-tag`` binds no To tag, so re-tagged
+        copies of its 2xx to an UPDATE would each keep its keys for a dialog's life
+        under a made-up tag."""
         context = next((c for c in contexts if c is not None), None)
         if context is None:
             return 0

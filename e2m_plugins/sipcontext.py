@@ -32,6 +32,13 @@ Wire format (docs/protocol.md §2, "SIP context"), attribute ``e2m-sip-context``
         contentId    UTF8String,          -- "" for a body that is one part
         handling     UTF8String,          -- "required" or "optional"
         cekReference OCTET STRING OPTIONAL }   -- offered for reuse with this part
+
+A signed body also names the To tag of a message that has one (a response, a request
+inside a dialog) in a signed attribute of its own, ``e2m-sip-to-tag``
+(``oids.SIP_TO_TAG``, one UTF8String, lower-cased): kept apart so that readers older
+than it still read the context.  Read into ``SipContext.to_tag``; a copy of the message
+with another To tag (a hop re-tagging a 2xx into dialogs of its own) no longer matches.
+Bodies without it (senders older than it, unsigned ones) bind no To tag.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from .errors import BindingMismatchError, E2MError, MalformedError, ReplayError
 from .sip import SipMessage
 from .uri import aor_of, host_key
 
-__all__ = ["SipContext", "context_for", "message_aors"]
+__all__ = ["SipContext", "context_for", "message_aors", "encode_to_tag", "decode_to_tag"]
 
 _MAX_READERS = 16
 _MAX_ELEMENTS = 64
@@ -74,6 +81,9 @@ class SipContext:
     content_id: str = ""
     handling: str = "required"
     cek_reference: bytes | None = None
+    # the To tag its signer bound (``e2m-sip-to-tag``, lower-cased), not part of the
+    # SipContext value: None when the body binds none
+    to_tag: str | None = None
 
     # -- wire ------------------------------------------------------------------
 
@@ -131,6 +141,8 @@ class SipContext:
             raise BindingMismatchError("the message has no Call-ID, tags or AoRs to bind to") from None
         if self.message_fields() != expected:
             raise BindingMismatchError("the body was made for another SIP message")
+        if self.to_tag is not None and self.to_tag != (message.to_tag or "").lower():
+            raise BindingMismatchError("the body was made for another dialog (To tag)")
 
     def check_part(self, content_id: str | None, handling: str) -> None:
         """``BindingMismatchError`` unless the part carries the Content-ID and handling
@@ -168,6 +180,19 @@ def context_for(message: SipMessage, *, time: float, readers: Iterable[str] = ()
     return SipContext(call_id, from_tag, cseq, method, from_aor, to_aor, status, int(time),
                       tuple(sorted({host_key(r) for r in readers})), _cid(content_id), handling,
                       cek_reference)
+
+
+def encode_to_tag(to_tag: str) -> bytes:
+    """The ``e2m-sip-to-tag`` attribute value for ``to_tag`` (tags compare without case)."""
+    return _utf8(to_tag.lower())
+
+
+def decode_to_tag(value: bytes) -> str:
+    """One ``e2m-sip-to-tag`` value; ``MalformedError`` if it is not one UTF8String."""
+    try:
+        return _text(der.read_all(value, max_elements=1)).lower()
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedError("malformed e2m-sip-to-tag") from None
 
 
 def _fields_of(message: SipMessage) -> tuple[str, str, int, str, str, str, int]:

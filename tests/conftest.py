@@ -53,6 +53,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     return result
 
 
+@pytest.fixture
+def older_senders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sign as senders before ``e2m-sip-to-tag`` did: no To tag bound, so a re-tagged
+    copy of a signed 2xx still reads as a new dialog's (what the fork slots bound)."""
+    monkeypatch.setattr("e2m_plugins.body.SIGN_TO_TAG", False)
+
+
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
     """The foreign CMS vectors kept in the repository (``tests/vectors``, see its README)."""

@@ -24,6 +24,10 @@ SIP_CONTEXT = "2.25.332687052271650812903644570241587645908"
 # Our own signed attribute (docs/protocol.md §6.1): an SDP's keying lines, sealed for the
 # peer alone (an AuthEnvelopedData whose content is SdpKeys).
 SDP_KEYS = "2.25.295584270981942484695982166604888077255"
+# Our own signed attribute (docs/protocol.md §2): the To tag of the message a body was
+# signed for (a response's, an in-dialog request's), apart from SIP_CONTEXT so that
+# readers that predate it still read the context (an unknown attribute is ignored).
+SIP_TO_TAG = "2.25.217932073687819758014915659225280083837"
 
 # Content encryption
 AES128_CBC = "2.16.840.1.101.3.4.1.2"
@@ -98,7 +102,7 @@ NAMES: dict[str, str] = {
     CONTENT_TYPE_ATTR: "content-type", MESSAGE_DIGEST_ATTR: "message-digest",
     SIGNING_TIME_ATTR: "signing-time",
     CEK_REFERENCE: "cek-reference", CEK_MAX_DECRYPTS: "cek-max-decrypts",
-    SIP_CONTEXT: "e2m-sip-context", SDP_KEYS: "e2m-sdp-keys",
+    SIP_CONTEXT: "e2m-sip-context", SDP_KEYS: "e2m-sdp-keys", SIP_TO_TAG: "e2m-sip-to-tag",
     AES128_CBC: "aes-128-cbc", AES192_CBC: "aes-192-cbc", AES256_CBC: "aes-256-cbc",
     AES128_GCM: "aes-128-gcm", AES192_GCM: "aes-192-gcm", AES256_GCM: "aes-256-gcm",
     DES_EDE3_CBC: "des-ede3-cbc", RC2_CBC: "rc2-cbc", CHACHA20_POLY1305: "chacha20-poly1305",
