@@ -81,6 +81,9 @@ _CALLER_AVP = "$avp(e2m_caller)"
 # The names of the keys a request kept afresh (Verdict.kept, hex, comma-separated), the
 # same way: its failure route drops those and no other (ProxyEngine.end_attempt).
 _KEPT_AVP = "$avp(e2m_kept)"
+# A front's fr_timer: the nodes' (5 s, templates/kamailio.cfg.tmpl) and a margin, so that
+# a node that is up always answers first, if only with its own 408 (``failover``).
+_FRONT_FR_TIMER_MS = 7000
 
 
 def mod_init():
@@ -568,6 +571,9 @@ class kamailio:
         """[dispatcher] front: a live node of the cluster (dispatcher set 1; the others
         kept for failover).  False when none is up (answered 503)."""
         if KSR.dispatcher.ds_select_dst(1, self.app.config.dispatcher.algorithm) > 0:
+            # a node answers a non-INVITE with nothing before its own 408 (fr_timer):
+            # wait longer than that, so its 408, not our timeout, ends the transaction
+            KSR.tm.t_set_fr(0, _FRONT_FR_TIMER_MS)
             return True
         if not KSR.is_ACK():
             KSR.hdr.append_to_reply("Retry-After: %d\r\n" % _AUTH_RETRY_AFTER)
@@ -818,12 +824,18 @@ class kamailio:
         return 1
 
     def failover(self):
-        """[dispatcher] front: the node did not answer (or answered 503): it is taken
-        out until a probe answers, and the request goes to the next node.  True when
-        it went."""
+        """[dispatcher] front: the node did not answer at all (or answered 503 itself:
+        a callee's 503 reaches us as 500, RFC 3261 §16.7): it is taken out until a probe
+        answers, and the request goes to the next node.  True when it went.  A timeout
+        after the node replied (its 100, a callee ringing past fr_inv_timer) is the
+        callee's, not the node's: a stranger's requests to a silent phone must not take
+        the nodes out (review 18)."""
         if KSR.tm.t_is_canceled() > 0:
             return False
-        if KSR.tm.t_branch_timeout() < 0 and KSR.tm.t_check_status("503") < 0:
+        if KSR.tm.t_branch_timeout() > 0:
+            if KSR.tm.t_branch_replied() > 0:
+                return False
+        elif KSR.tm.t_check_status("503") < 0:
             return False
         KSR.dispatcher.ds_mark_dst()
         if KSR.dispatcher.ds_next_dst() < 0:

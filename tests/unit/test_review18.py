@@ -10,6 +10,8 @@ tests/kamailio/test_review18_wire.py.
 
 from __future__ import annotations
 
+import pytest
+
 from e2m_lab.flows import answer, apply_forward, proxy_engine, TRUSTED
 from e2m_plugins.keycache import DialogScope, MemoryKeyCache
 from e2m_plugins.proxy import EARLY_DIALOG_TTL, message_scope
@@ -17,6 +19,10 @@ from e2m_plugins.sip import make_request
 from tests.unit.test_review12 import SDP_VIEW, _invite, _ua
 from tests.unit.test_review13 import _Clock, _reinvite
 from tests.unit.test_review15 import _with_to_tag, world  # noqa: F401 - the fixture
+
+# The hop's copy is re-tagged, which only a body from a sender before ``e2m-sip-to-tag``
+# survives (tests/unit/test_to_tag_binding.py): the fork slots still serve those.
+pytestmark = pytest.mark.usefixtures("older_senders")
 
 CALL = "r18@x"
 
