@@ -541,6 +541,19 @@ def registered_uas(proxy: "ProxyHandle", user: str, password: str, source: str,
         uas.close()
 
 
+def register_contact(proxy: "ProxyHandle", user: str, port: int, *, password: str | None = None,
+                     source: str = "127.0.0.1") -> None:
+    """Register ``sip:user@127.0.0.1:port`` as ``user``'s contact at ``proxy`` (digest with
+    ``password`` when asked), the REGISTER sent from ``source``."""
+    ua = SipUa(proxy.port, user=user, password=password, source=source)
+    try:
+        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
+        answer = ua.request(reg.replace("Contact", f"<sip:{user}@127.0.0.1:{port}>"))
+        assert answer is not None and answer.status == 200, answer
+    finally:
+        ua.close()
+
+
 def _ok(request: SipMessage) -> SipMessage:
     return make_response(request, 200, "OK")
 

@@ -21,6 +21,7 @@ import pytest
 
 from e2m_lab.flows import TRUSTED, invite, known_proxy, ua_engine
 from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, build_request, udp_transaction
+from e2m_lab.kamailio_harness import register_contact as _register_contact
 from e2m_plugins.sip import SipMessage, make_response
 
 pytestmark = pytest.mark.kamailio
@@ -79,13 +80,7 @@ def answering(uas: RawUas):
 
 
 def register_contact(proxy: ProxyHandle, user: str, port: int, source: str) -> None:
-    ua = SipUa(proxy.port, user=user, password=USERS.get(user), source=source)
-    try:
-        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
-        answer = ua.request(reg.replace("Contact", f"<sip:{user}@127.0.0.1:{port}>"))
-        assert answer is not None and answer.status == 200, answer
-    finally:
-        ua.close()
+    _register_contact(proxy, user, port, password=USERS.get(user), source=source)
 
 
 def another_user_carries_on(proxy: ProxyHandle, phone: RawUas, source: str,

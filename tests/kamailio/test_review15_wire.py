@@ -24,22 +24,12 @@ import time
 import pytest
 
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, ua_engine
-from e2m_lab.kamailio_harness import RawUas, SipUa
+from e2m_lab.kamailio_harness import RawUas, SipUa, register_contact
 from e2m_plugins.sip import SipMessage, make_request, make_response
 
 pytestmark = pytest.mark.kamailio
 
 SDP_VIEW = ("INVITE:application/sdp",)
-
-
-def _register(proxy, user: str, port: int) -> None:
-    ua = SipUa(proxy.port, user=user)
-    try:
-        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
-        answered = ua.request(reg.replace("Contact", f"<sip:{user}@127.0.0.1:{port}>"))
-        assert answered is not None and answered.status == 200, answered
-    finally:
-        ua.close()
 
 
 def _sha256(data: bytes) -> str:
@@ -75,8 +65,8 @@ def test_a_third_party_cannot_drop_the_callers_early_keys(proxy_factory, pki, at
                             if request.method == "INVITE" else make_response(request, 200, "OK"))
     alice_ua, mallory = SipUa(proxy.port, user="alice", timeout=5), SipUa(proxy.port, user="mallory")
     try:
-        _register(proxy, "bob", bob.port)
-        _register(proxy, "mallory", mallorys_phone.port)
+        register_contact(proxy, "bob", bob.port)
+        register_contact(proxy, "mallory", mallorys_phone.port)
         alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
         offer = alice.protect(invite(pki, call_id=f"review15-{time.monotonic_ns()}@x")).message
         alice_ua.send(offer.replace("Via", alice_ua.via()))
