@@ -309,8 +309,10 @@ def protect_content(content_type: str, content: bytes, recipients: Sequence[Reci
     payload, payload_type = inner, oids.DATA
     if signer is not None:
         extra = ((oids.SIP_CONTEXT, context.encode()),) if context is not None else ()
-        if SIGN_TO_TAG and context is not None and bind_to is not None and bind_to.to_tag:
-            extra += ((oids.SIP_TO_TAG, encode_to_tag(bind_to.to_tag)),)
+        if SIGN_TO_TAG and context is not None and bind_to is not None:
+            # "" for a message without one (a dialog-creating request): bound too, or a
+            # copy given a made-up To tag would read as an older sender's body (review 19)
+            extra += ((oids.SIP_TO_TAG, encode_to_tag(bind_to.to_tag or "")),)
         if sealed_keys is not None:
             extra += ((oids.SDP_KEYS, sealed_keys),)
         payload = sign(inner, signer[0], signer[1], extra_attributes=extra)

@@ -33,12 +33,13 @@ Wire format (docs/protocol.md §2, "SIP context"), attribute ``e2m-sip-context``
         handling     UTF8String,          -- "required" or "optional"
         cekReference OCTET STRING OPTIONAL }   -- offered for reuse with this part
 
-A signed body also names the To tag of a message that has one (a response, a request
-inside a dialog) in a signed attribute of its own, ``e2m-sip-to-tag``
-(``oids.SIP_TO_TAG``, one UTF8String, lower-cased): kept apart so that readers older
-than it still read the context.  Read into ``SipContext.to_tag``; a copy of the message
-with another To tag (a hop re-tagging a 2xx into dialogs of its own) no longer matches.
-Bodies without it (senders older than it, unsigned ones) bind no To tag.
+A signed body also names the To tag of its message in a signed attribute of its own,
+``e2m-sip-to-tag`` (``oids.SIP_TO_TAG``, one UTF8String, lower-cased; empty for a
+message without one, such as a dialog-creating request): kept apart so that readers
+older than it still read the context.  Read into ``SipContext.to_tag``; a copy of the
+message with another To tag (a hop re-tagging a 2xx into dialogs of its own, or giving
+an initial INVITE a made-up one) no longer matches.  Bodies without the attribute
+(senders older than it, unsigned ones) bind no To tag.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class SipContext:
     content_id: str = ""
     handling: str = "required"
     cek_reference: bytes | None = None
-    # the To tag its signer bound (``e2m-sip-to-tag``, lower-cased), not part of the
-    # SipContext value: None when the body binds none
+    # the To tag its signer bound (``e2m-sip-to-tag``, lower-cased; "" for none), not part
+    # of the SipContext value: None when the body binds none (an older sender's)
     to_tag: str | None = None
 
     # -- wire ------------------------------------------------------------------

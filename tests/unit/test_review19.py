@@ -26,13 +26,11 @@ Record-Route of the earlier attempt's 18x) and, for one of our own users, her di
 credentials copied from the real retry (first use of that nonce count wins).  Only the
 engine is tested here.
 
-``test_hole_*`` is a strict xfail whose assertion is what a fix must make true; its
-docstring names the attacker, the attack, the effect and a fix.  ``test_control_*`` is the
-same flow without the attack.  Run as new senders (no ``older_senders``).  With a
-trial fix (the empty tag bound for a tagless message) both holes pass, and the unit
-suite, tests/pjsua/test_call.py and tests/kamailio/test_flows_wire.py stay green (only
-test_to_tag_binding's simulated older sender, which signs for the message without its
-To tag, must then sign with ``SIGN_TO_TAG`` off).
+``test_hole_*`` was a strict xfail (each failed on 7205123); fixed as the review proposed: a
+new sender binds the empty tag for a message without one, so only a body without the
+attribute at all reads as an older sender's.  Its docstring names the attacker, the
+attack, the effect and the fix.  ``test_control_*`` is the same flow without the attack.
+Run as new senders (no ``older_senders``).
 
 Held (tried, no test): stripping or replacing the attribute (signed; unsigned attributes
 are never read), a second signer or layer binding another tag or none (refused: the
@@ -100,8 +98,6 @@ def test_control_alices_initial_invite_keeps_her_key_in_the_early_dialog_only(wo
     assert dialogs == []                   # early only: 200 s unless a 2xx confirms it
 
 
-@pytest.mark.xfail(strict=True, reason="review 19: a tagless request's body binds no To tag, "
-                                       "so a hop's To tag on a new sender's INVITE is read")
 def test_hole_a_new_senders_initial_invite_with_a_made_up_to_tag_is_read(world):
     """Untrusted hop between alice and the proxy.  alice's UA is a new sender, but her
     initial INVITE has no To tag, so its signed body carries no ``e2m-sip-to-tag``: to
@@ -151,8 +147,6 @@ def test_control_alices_live_call_keeps_its_key_beside_her_next_calls(world):
     assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"
 
 
-@pytest.mark.xfail(strict=True, reason="review 19: re-tagged initial INVITEs of a new sender "
-                                       "fill her quota with 12 h keys; her live call's key goes")
 def test_hole_retagged_initial_invites_evict_her_live_calls_key(world):
     """The same hop, as it costs alice (the review 17 attack, through the requests a new
     sender cannot bind a To tag in): each of her next calls' INVITEs, re-tagged, keeps its

@@ -99,35 +99,46 @@ def test_hole_a_retagged_copy_of_alices_own_request_is_read(world):
     assert proxy.inspect(again).seen                 # the real one still passes afterwards
 
 
-def _signed_200(world, *, older: bool):
-    """bob's signed 200 to alice's call, sealed for the proxy: signed for the message as
-    sent (``older=False``), or, as a sender older than the attribute does, for the same
-    message without its To tag (the context's fields are the same: it names no To tag)."""
-    request = _invite(world, "alice", "bob", "older@x" if older else "newer@x")
-    response = answer(request, to_tag="b1")
-    signed_for = response.replace("To", response.get("To").split(";tag=")[0]) if older \
-        else response
+def _signed_200(world, call_id: str):
+    """bob's signed 200 to alice's call, sealed for the proxy."""
+    response = answer(_invite(world, "alice", "bob", call_id), to_tag="b1")
     cred = world.user("bob")
     entity, _ = protect_content("application/sdp", SDP_ANSWER,
                                 [recipient_for_certificate(world.proxy(TRUSTED).cert)],
-                                signer=(cred.cert, cred.key), bind_to=signed_for,
+                                signer=(cred.cert, cred.key), bind_to=response,
                                 readers=(TRUSTED,))
     return with_entity(response, entity)
 
 
 @pytest.mark.parametrize("older", [True, False])
-def test_an_older_senders_200_binds_no_to_tag_and_is_read_with_any(world, older):
-    """A sender older than the attribute binds no To tag: its 200 is read under any To
-    tag, as before (the fork slots bound what such copies keep: tests/unit/test_forks.py).
-    A newer sender's copy under another tag is not read."""
+def test_an_older_senders_200_binds_no_to_tag_and_is_read_with_any(world, request, older):
+    """A sender older than the attribute (``older_senders``: it writes none) binds no To
+    tag: its 200 is read under any To tag, as before (the fork slots bound what such
+    copies keep: tests/unit/test_forks.py).  A newer sender's copy under another tag is
+    not read."""
+    if older:
+        request.getfixturevalue("older_senders")
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW)
-    ok = _signed_200(world, older=older)
+    ok = _signed_200(world, "older@x" if older else "newer@x")
     assert proxy.inspect(ok).seen
     copy = proxy.inspect(_retag(ok, "another"))
     if older:
         assert copy.seen and copy.error is None
     else:
         assert not copy.seen and copy.error == "BindingMismatchError"
+
+
+def test_a_request_without_a_to_tag_binds_the_empty_one(world):
+    """A new sender's initial INVITE binds "no To tag" (review 19): the same request given a
+    made-up To tag is a body made for another message, not an older sender's."""
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW)
+    alice = _ua(world, "alice", "bob")
+    offer = alice.protect(_invite(world, "alice", "bob", "untagged@x")).message
+    copy = proxy.inspect(offer.replace("To", offer.get("To") + ";tag=hop0"))
+    assert copy.action == "reply" and copy.error == "BindingMismatchError", copy.error
+    verdict = proxy.inspect(offer)
+    assert verdict.action == "forward" and verdict.seen and verdict.seen[0].bound
+    assert encode_to_tag("") == b"\x0c\x00" and decode_to_tag(b"\x0c\x00") == ""
 
 
 def test_a_malformed_to_tag_value_is_a_typed_error():
