@@ -632,7 +632,10 @@ class ProxyEngine:
         if not contexts:
             return True
         if message.is_request:
-            self.replay.check_and_record(contexts[0], None, retransmissions=False)
+            # a new sender's To tag is bound (a copy under another fails check_context), so
+            # it is part of the record: her requests in two forks may share a CSeq
+            self.replay.check_and_record(contexts[0], None, retransmissions=False,
+                                         to_tag=contexts[0].to_tag)
             return True
         contexts[0].check_time(self._now().timestamp(), self.config.replay_window)
         if not keeps:

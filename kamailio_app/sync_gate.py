@@ -41,6 +41,9 @@ TABLE = "e2msync"      # cfg template: local (never replicated), no expiry
 DUMP = "dump"          # a chunk of a peer's htable dump (the part that always comes)
 PART = "part"          # a chunk of a peer's usrloc dump
 RETRY_AFTER = 2        # seconds, in the 503
+# The reason phrase of that 503: a front fails over on it (kemi.py ``failover``), and on
+# no other 503 a node sends (its registrar's "too many contacts" is the sender's doing)
+CATCHING_UP = "Catching Up"
 
 
 def sync_kind(peer_id: str, body_start: str) -> str | None:
@@ -154,7 +157,7 @@ class KsrSyncGate:
         ksr = self.ksr
         if not ksr.is_ACK():        # an ACK has no answer: dropped, its 2xx is resent
             ksr.hdr.append_to_reply("Retry-After: %d\r\n" % RETRY_AFTER)
-            ksr.sl.sl_send_reply(503, "Catching Up")
+            ksr.sl.sl_send_reply(503, CATCHING_UP)
             ksr.statistics.update_stat("e2m_sync_wait_refused", 1)
         return True
 

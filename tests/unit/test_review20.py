@@ -16,8 +16,9 @@ copy had to be a replay); now a new sender's re-tagged copy is refused by
 ``check_message`` before any record, and the To tag the body binds can be part of what
 is recorded, as it is for responses.
 
-``test_hole_*`` is a strict xfail (it fails on 455fd33); its docstring names who is hurt,
-the flow, the effect and a fix.  ``test_control_*`` is the same flow without the second
+``test_hole_*`` was a strict xfail (it fails on 455fd33) and passes since a request's replay
+record includes the To tag its body binds (``ProxyEngine._first_sighting``); its docstring
+names who is hurt, the flow, the effect and the fix.  ``test_control_*`` is the same flow without the second
 fork (or the attack) and passes.  Run as new senders (no ``older_senders``).
 
 Held (tried, no test): a re-tagged copy is refused before any replay record or key use
@@ -97,8 +98,6 @@ def test_control_a_retagged_copy_of_a_reinvite_is_still_refused(world):
     assert proxy.inspect(real).action == "forward"
 
 
-@pytest.mark.xfail(strict=True, reason="review 20: a request's replay record binds no To "
-                   "tag: the caller's request to a second fork is refused as a replay")
 def test_hole_the_callers_reinvite_in_a_second_fork_is_refused_as_a_replay(world):
     """No attacker: a legitimate forked call breaks.  alice calls bob, whose two devices both
     answer 200 (To tags b1, b2); she keeps both dialogs (RFC 3261 §13.2.2.4 allows it, and
