@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, apply_forward, proxy_engine
+from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, apply_forward
 from e2m_lab.memory_htable import MemoryHtable
 from e2m_plugins.body import new_reference, protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
-from e2m_plugins.keycache import MemoryKeyCache
 from e2m_plugins.proxy import EARLY_DIALOG_TTL
 from e2m_plugins.replay import MemoryReplayCache
 from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import init_test_pki
 from kamailio_app.replay_htable import HtableReplayCache
-from tests.unit.test_review12 import NEW_SDP, SDP_VIEW, _invite, _ua
+from tests.unit.test_review12 import NEW_SDP, _invite
+from tests.unit.test_review15 import alices_call_through_a_proxy
 
 WINDOW = 300.0
 
@@ -97,11 +97,8 @@ def test_a_183_with_its_own_key_from_one_device_leaves_the_first_dialog_to_the_2
     as a later fork's (200 s), so her re-INVITE after that is still read.  (On ff36fc9 the
     183 took the early dialog's first slot: the re-INVITE was 496.)"""
     clock = Clock()
-    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
-    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
-    offer = alice.protect(_invite(world, "alice", "bob", "early-media@x")).message
-    verdict = proxy.inspect(offer)
-    who = proxy.answer_caller(offer, verdict)
+    proxy, alice, bob, offer, verdict, who = alices_call_through_a_proxy(world, "early-media@x",
+                                                                         clock)
     progress = make_response(offer, 183, "Session Progress", [], SDP_ANSWER, "application/sdp")
     progress = progress.replace("To", f"{offer.get('To')};tag=gateway")
     cred = world.user("bob")

@@ -77,13 +77,20 @@ def _case_variants(tag: str, count: int) -> list[str]:
 PHONE_TAG = "bobsphonetag"      # 12 letters: 4,095 other spellings (a real UA's tags are longer)
 
 
-def _alices_reinvite_after_case_copies(world, copies: int, *, made_up: bool = False):
-    clock = _Clock()
+def alices_call_through_a_proxy(world, call_id: str, clock):
+    """A proxy on ``clock`` that views SDP, alice's and bob's UAs, and alice's signed offer
+    to bob (offering its key) as the proxy read it: (proxy, alice, bob, offer, verdict,
+    who pays for keys the answers offer)."""
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
     alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
-    offer = alice.protect(_invite(world, "alice", "bob", "case@x")).message
+    offer = alice.protect(_invite(world, "alice", "bob", call_id)).message
     verdict = proxy.inspect(offer)
-    who = proxy.answer_caller(offer, verdict)
+    return proxy, alice, bob, offer, verdict, proxy.answer_caller(offer, verdict)
+
+
+def _alices_reinvite_after_case_copies(world, copies: int, *, made_up: bool = False):
+    clock = _Clock()
+    proxy, alice, bob, offer, verdict, who = alices_call_through_a_proxy(world, "case@x", clock)
     ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message, to_tag=PHONE_TAG))
     assert ok.info.key_reuse                       # sealed under alice's offer key
     assert proxy.inspect(ok.message, caller=who).seen
@@ -280,11 +287,7 @@ def _early_update_then_answer(world, early: str | None):
     Then bob's phone answers the INVITE on To tag "phone" under alice's offer key.
     Returns alice's re-INVITE's verdict once the early copy is gone, and the moved key."""
     clock = _Clock()
-    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
-    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
-    offer = alice.protect(_invite(world, "alice", "bob", "precond@x")).message
-    verdict = proxy.inspect(offer)
-    who = proxy.answer_caller(offer, verdict)
+    proxy, alice, bob, offer, verdict, who = alices_call_through_a_proxy(world, "precond@x", clock)
     delivered = bob.open(apply_forward(offer, verdict)).message
     cred = world.user("bob")
     if early == "update":

@@ -20,11 +20,11 @@ from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, apply_forward, proxy_engi
 from e2m_plugins.body import protect_content, with_entity
 from e2m_plugins.cms.recipients import recipient_for_certificate
 from e2m_plugins.errors import MalformedError
-from e2m_plugins.keycache import MemoryKeyCache
 from e2m_plugins.sipcontext import decode_to_tag, encode_to_tag
 from e2m_plugins.testpki import init_test_pki
 from tests.unit.test_review12 import NEW_SDP, SDP_VIEW, _invite, _retag, _ua
 from tests.unit.test_review13 import _Clock, _reinvite_once_early_copies_are_gone
+from tests.unit.test_review15 import alices_call_through_a_proxy
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,8 @@ def _offer_and_answer(world, call_id: str, to_tag: str = "b1"):
     """alice's signed offer through a fresh proxy and bob's signed 200 under her offer key
     (not yet shown to the proxy).  Returns (proxy, clock, alice, who, 200)."""
     clock = _Clock()
-    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=MemoryKeyCache(clock=clock))
-    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
-    offer = alice.protect(_invite(world, "alice", "bob", call_id)).message
-    verdict = proxy.inspect(offer)
+    proxy, alice, bob, offer, verdict, who = alices_call_through_a_proxy(world, call_id, clock)
     assert verdict.action == "forward"
-    who = proxy.answer_caller(offer, verdict)
     ok = bob.protect(answer(bob.open(apply_forward(offer, verdict)).message, to_tag=to_tag))
     assert ok.info.key_reuse
     return proxy, clock, alice, who, ok.message
