@@ -656,9 +656,9 @@ class ProxyEngine:
         ``MAX_FORKS - 1``, None past them (``claim=False``: or when it holds none).
         A body from a sender before ``e2m-sip-to-tag`` binds no To tag, so a hop
         re-tagging copies of its 2xx (or the callee, who holds the offer's CEK and signs
-        answers of his own) makes as many dialogs as it likes: only the first keeps keys for a dialog's life, the next forks keep them
-        for ``EARLY_DIALOG_TTL`` (RFC 3261 §13.2.2.4: a caller usually ends those),
-        and the rest none."""
+        answers of his own) makes as many dialogs as it likes: only the first keeps keys
+        for a dialog's life, the next forks keep them for ``EARLY_DIALOG_TTL`` (RFC 3261
+        §13.2.2.4: a caller usually ends those), and the rest none."""
         # bound to the dialog's parties, as kept names are: a third party who learnt the
         # Call-ID and tag (a call forwarded from her) cannot use the slots up
         first, second = dialog_parties(message)

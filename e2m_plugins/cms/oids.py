@@ -25,8 +25,8 @@ SIP_CONTEXT = "2.25.332687052271650812903644570241587645908"
 # peer alone (an AuthEnvelopedData whose content is SdpKeys).
 SDP_KEYS = "2.25.295584270981942484695982166604888077255"
 # Our own signed attribute (docs/protocol.md §2): the To tag of the message a body was
-# signed for (a response's, an in-dialog request's), apart from SIP_CONTEXT so that
-# readers that predate it still read the context (an unknown attribute is ignored).
+# signed for ("" when it has none), apart from SIP_CONTEXT so that readers that predate
+# it still read the context (an unknown attribute is ignored).
 SIP_TO_TAG = "2.25.217932073687819758014915659225280083837"
 
 # Content encryption
