@@ -55,7 +55,7 @@ from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp, public_dmq_warning  # noqa: E402
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES  # noqa: E402
-from kamailio_app.sync_gate import CATCHING_UP, for_cluster  # noqa: E402
+from kamailio_app.sync_gate import for_cluster  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in mod_init
@@ -824,21 +824,18 @@ class kamailio:
         return 1
 
     def failover(self):
-        """[dispatcher] front: the node did not answer at all, or said it is not ready
-        (its sync gate's 503 ``CATCHING_UP``): it is taken out until a probe answers, and
-        the request goes to the next node.  True when it went.  Nothing a request can
-        make a node or its callee answer counts: a timeout after the node replied (its
-        100, a callee ringing past fr_inv_timer) is the callee's (a stranger's requests
-        to a silent phone, review 18); a callee's 503 reaches us as 500 (RFC 3261
-        §16.7); the registrar's own 503 to a REGISTER with too many contacts is the
-        sender's doing (review 20)."""
+        """[dispatcher] front: the node did not answer at all (the branch timed out with no
+        reply from it): it is taken out until a probe answers, and the request goes to
+        the next node.  True when it went.  No reply counts, whatever it says: a callee
+        can make one reach us unchanged (a response that matches none of the node's
+        transactions is forwarded statelessly along its Vias, review 21), or make the
+        node send one itself (its registrar's 503 to too many contacts, review 20); a
+        timeout after the node replied (its 100, a callee ringing past fr_inv_timer) is
+        the callee's (review 18).  A node that is catching up answers our probes 503
+        too (the sync gate): the probes take it out."""
         if KSR.tm.t_is_canceled() > 0:
             return False
-        if KSR.tm.t_branch_timeout() > 0:
-            if KSR.tm.t_branch_replied() > 0:
-                return False
-        elif KSR.tm.t_check_status("503") < 0 \
-                or (KSR.pv.get("$T_reply_reason") or "") != CATCHING_UP:
+        if KSR.tm.t_branch_timeout() < 0 or KSR.tm.t_branch_replied() > 0:
             return False
         KSR.dispatcher.ds_mark_dst()
         if KSR.dispatcher.ds_next_dst() < 0:

@@ -41,8 +41,9 @@ TABLE = "e2msync"      # cfg template: local (never replicated), no expiry
 DUMP = "dump"          # a chunk of a peer's htable dump (the part that always comes)
 PART = "part"          # a chunk of a peer's usrloc dump
 RETRY_AFTER = 2        # seconds, in the 503
-# The reason phrase of that 503: a front fails over on it (kemi.py ``failover``), and on
-# no other 503 a node sends (its registrar's "too many contacts" is the sender's doing)
+# The reason phrase of that 503.  A front's probes get it too (OPTIONS is gated), which
+# takes the node out of the front until it has caught up; no reply makes a front fail
+# over (kemi.py ``failover``: a callee could forge one, review 21).
 CATCHING_UP = "Catching Up"
 
 

@@ -13,8 +13,8 @@ the contacts itself), so the front marks every node down, one after the other, f
 REGISTER.
 
 ``test_hole_*`` was a strict xfail (the attack succeeds on 455fd33) and passes since a front
-fails over on a node's 503 only when it is the sync gate's ``Catching Up`` (``kemi.py``
-``failover``); its docstring names the attacker (docs/threat-model.md), the attack, what it
+fails over only when a node replied nothing at all (``kemi.py`` ``failover``; review 21
+showed that a callee can forge a node's ``Catching Up``); its docstring names the attacker (docs/threat-model.md), the attack, what it
 got and the fix.  ``test_control_*`` is
 the same flow without the attack.
 """
