@@ -390,10 +390,11 @@ class ProxyEngine:
         """A BYE ended the dialog (Call-ID and both tags): the keys kept for it go
         (key-reuse-01).  Only that dialog's own scope: Call-ID and a tag name no party,
         and whoever learnt them (a branch the INVITE reached, a call forwarded from
-        her) can write a BYE for a dialog that never was, so a BYE never names the
-        early scope the offer's keys wait in (they go at ``EARLY_DIALOG_TTL``, or with
-        the failure of the transaction that kept them: ``end_attempt``).  A BYE
-        without both tags ends nothing."""
+        her) can write a BYE for a dialog that never was, so of the early scopes the
+        offer's keys wait in it takes only the names its own scope held (the copies of
+        keys moved into it: ``KeyCache.drop_scope``); the rest go at
+        ``EARLY_DIALOG_TTL``, or with the failure of the transaction that kept them
+        (``end_attempt``).  A BYE without both tags ends nothing."""
         if not call_id or not from_tag or not to_tag:
             return
         self.cache.drop_scope(DialogScope(call_id, from_tag, to_tag))

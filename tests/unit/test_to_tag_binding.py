@@ -141,3 +141,23 @@ def test_a_malformed_to_tag_value_is_a_typed_error():
     for value in (b"", b"\x04\x02ab", b"\x0c\x05ab", b"\x0c\x02ab\x00"):
         with pytest.raises(MalformedError):
             decode_to_tag(value)
+
+
+@pytest.mark.parametrize("value", [b"\x04\x02ab", b"\x0c\x05ab"])
+def test_a_signed_request_with_a_malformed_to_tag_is_answered_400(world, monkeypatch, value):
+    """Bad input gets a defined answer: a body signed with a broken ``e2m-sip-to-tag``
+    value (not a UTF8String, a wrong length) is refused 400 as a request and forwarded
+    unread, with the error named, as a response; the proxy goes on serving."""
+    import e2m_plugins.body as body
+    monkeypatch.setattr(body, "encode_to_tag", lambda tag: value)
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW)
+    broken = _ua(world, "alice", "bob").protect(_invite(world, "alice", "bob", "bad@x")).message
+    response = _signed_200(world, "bad-200@x")
+    monkeypatch.undo()
+    verdict = proxy.inspect(broken)
+    assert (verdict.action, verdict.code, verdict.error) == ("reply", 400, "MalformedError")
+    answered = proxy.inspect(response)
+    assert answered.action == "forward" and not answered.seen
+    assert answered.error == "MalformedError"
+    good = _ua(world, "alice", "bob").protect(_invite(world, "alice", "bob", "good@x")).message
+    assert proxy.inspect(good).seen
