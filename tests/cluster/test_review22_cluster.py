@@ -1,0 +1,174 @@
+"""A twenty-second attacker's review (December 2026) of 64d5e2b: the cluster behind a
+dispatcher front ([cluster] front), on real Kamailio nodes with DMQ and PostgreSQL.
+
+A node behind a front names the front in its Record-Route and takes it as its own
+(``launcher._cluster_aliases``: ``alias=<front>``), so that a Route naming the front is
+"myself".  Kamailio's ``is_myself_srcip`` is ``check_self(<source ip>, 0, 0)``, which
+looks through the aliases too, with any port: every request the front relays comes from
+an address the node now calls its own.  ``kemi.exempt_source`` asks exactly that, so
+behind a front every stranger is "the proxy itself": ``may_route_onward`` (the fix of
+review 3 against the open relay of a preloaded Route) lets anyone's initial request
+follow a Route past the node, and pike never counts anything at the nodes.
+
+Here the front listens on 127.0.0.2 (a request that reached it there leaves from there)
+and the nodes on 127.0.0.1, so only the alias can make the front "myself"; a stranger
+sends from 127.0.0.51.  ``test_hole_*`` is a strict xfail (the attack succeeds on
+64d5e2b); ``test_control_*`` are the same request sent to a node straight, which the
+fix of review 3 refuses, and through the same front to nodes that do not alias it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from e2m_lab.cluster import ADVERTISE, VIEW, stat, wait_until
+from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, wait_delivered
+from e2m_lab.ports import free_port
+from e2m_plugins.sip import SipMessage, make_response
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
+FRONT_IP = "127.0.0.2"       # the front's own address: none of the nodes listens there
+
+
+class _UaVia(SipUa):
+    """A ``SipUa`` that sends to ``host`` (the front's address) instead of 127.0.0.1."""
+
+    def __init__(self, host: str, port: int, **kwargs) -> None:
+        self.host = host
+        super().__init__(port, **kwargs)
+
+    def send(self, message: SipMessage | bytes) -> None:
+        data = message.serialize() if isinstance(message, SipMessage) else message
+        if isinstance(message, SipMessage):
+            self.sent.append(message)
+        self.sock.sendto(data, (self.host, self.port))
+
+
+def _behind_a_front(proxy_factory, pg_url: str, *, aliased: bool = True
+                    ) -> tuple[ProxyHandle, ProxyHandle, ProxyHandle]:
+    """Nodes A and B with [auth] (a stranger's request to our domain is never
+    challenged; one of our users' always is), DMQ, and ``[cluster] front`` naming the
+    front on ``FRONT_IP`` (``aliased``; else they advertise the floating ``ADVERTISE``
+    and know nothing of the front); the front itself, listening there (and on 127.0.0.1
+    for the harness's probes)."""
+    front_port = free_port()
+    dmq_a = free_port(avoid={front_port})
+    dmq_b = free_port(avoid={front_port, dmq_a})
+    nodes = []
+    for name, own, peer in (("node-a", dmq_a, dmq_b), ("node-b", dmq_b, dmq_a)):
+        nodes.append(proxy_factory(
+            name, db_url=pg_url, view=VIEW, auth=True,
+            users=USERS if name == "node-a" else None,
+            extra={"cluster": {"dmq_address": f"sip:127.0.0.1:{own}",
+                               "peers": [f"sip:127.0.0.1:{peer}"],
+                               **({"front": f"{FRONT_IP}:{front_port}"} if aliased
+                                  else {"advertise": ADVERTISE})}}))
+    a, b = nodes
+    wait_until(lambda: all(stat(n, "e2m_dmq_peers_up") >= 1 for n in nodes), 15,
+               "DMQ peers up on both nodes")
+    front = proxy_factory(
+        "front", e2m=False, archive=False, port=front_port,
+        extra={"kamailio": {"listen": [f"udp:{FRONT_IP}:{front_port}",
+                                       f"tcp:{FRONT_IP}:{front_port}",
+                                       f"udp:127.0.0.1:{front_port}",
+                                       f"tcp:127.0.0.1:{front_port}"]},
+               "dispatcher": {"destinations": [a.uri, b.uri], "probe_interval": 600}})
+    return front, a, b
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[RawUas]:
+    """A UAS of none of our users (anyone's address on the Internet): answers 200."""
+    uas = RawUas(lambda request: make_response(request, 200, "OK"))
+    yield uas
+    uas.close()
+
+
+def _strangers_message(ua: SipUa, first_route: str, elsewhere: RawUas, text: bytes):
+    """dave of another domain, to one of our users (so never challenged), with a preloaded
+    Route whose next entry is any address he likes."""
+    return ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                    routes=[first_route, f"<sip:127.0.0.1:{elsewhere.port};lr>"],
+                    body=text, content_type="text/plain")
+
+
+def test_control_a_strangers_preloaded_route_straight_to_a_node_is_refused(
+        proxy_factory, pg_url, elsewhere):
+    """Tried and held (review 3's fix): the same stranger's MESSAGE sent to node A itself
+    with ``Route: <node A;lr>, <elsewhere;lr>`` is 403 Route Not Allowed and goes
+    nowhere."""
+    _front, a, _b = _behind_a_front(proxy_factory, pg_url)
+    ua = SipUa(a.port, user="dave", domain="other.example.net", source="127.0.0.51")
+    try:
+        text = b"review22: straight to the node"
+        answer = ua.transact(_strangers_message(ua, f"<sip:127.0.0.1:{a.port};lr>",
+                                                elsewhere, text))
+        assert answer is not None and answer.status == 403, answer
+        assert not wait_delivered(elsewhere, text, timeout=0.7)
+    finally:
+        ua.close()
+
+
+def test_control_through_a_front_the_nodes_do_not_alias_a_preloaded_route_is_refused(
+        proxy_factory, pg_url, elsewhere):
+    """The cause, not the front: the same request through the same front (on
+    ``FRONT_IP``) to nodes that advertise a floating address instead of naming the front
+    (no ``alias`` for it) is 403 Route Not Allowed: its source is nobody's own."""
+    front, _a, _b = _behind_a_front(proxy_factory, pg_url, aliased=False)
+    ua = _UaVia(FRONT_IP, front.port, user="dave", domain="other.example.net",
+                source="127.0.0.51", timeout=4)
+    try:
+        text = b"review22: through a front the nodes do not alias"
+        answer = ua.transact(_strangers_message(ua, f"<sip:{FRONT_IP}:{front.port};lr>",
+                                                elsewhere, text))
+        assert answer is not None and answer.status == 403, answer
+        assert not wait_delivered(elsewhere, text, timeout=0.7)
+    finally:
+        ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 22: behind a front, the front's alias makes "
+                                       "every stranger 'myself' (is_myself_srcip): a "
+                                       "preloaded Route is relayed anywhere")
+def test_hole_a_stranger_through_the_front_is_relayed_anywhere(proxy_factory, pg_url,
+                                                                elsewhere):
+    """Off-path sender (no account, no spoofing).  A node behind a front has
+    ``alias=<front>`` so that the front's Record-Route is its own; Kamailio's
+    ``is_myself_srcip`` (``check_self(src_ip, 0, 0)``) matches aliases on any port, so the
+    front's address is "myself" to every node, and every request the front relays passes
+    ``kemi.exempt_source``.  dave sends the front a MESSAGE to bob@example.com (ours:
+    never challenged) with ``Route: <sip:front;lr>, <sip:anywhere;lr>``.  The front hands
+    it to a node with the Route set untouched; the node's ``loose_route`` takes the front
+    entry as its own and sets the destination to the next; ``may_route_onward`` asks
+    ``exempt_source``, which says yes: the node relays it to any address.  The open
+    relay of review 3 is back for the whole domain behind a front (an INVITE so relayed
+    is also record-routed, which mints the route token for the in-dialog relay), and
+    pike never limits anything at the nodes.
+
+    Fix: the front's alias must not make its *source address* trusted.  ``exempt_source``
+    should compare ``$si`` with the node's own listening sockets only (``KSR.is_myself``
+    of ``sip:<si>:<sp>`` with the port, or the proxy's ``listen`` addresses parsed once),
+    not ``is_myself_srcip``; a front that must be exempt from pike goes in ``[limits]
+    trusted`` explicitly, and ``may_route_onward`` should not take a trusted *relay* (the
+    front) for the request's author: behind a front, honour a preloaded Route only for a
+    digest-authenticated user (or drop the exemption there altogether)."""
+    front, _a, _b = _behind_a_front(proxy_factory, pg_url)
+    ua = _UaVia(FRONT_IP, front.port, user="dave", domain="other.example.net",
+                source="127.0.0.51", timeout=4)
+    try:
+        text = b"review22: through the front"
+        answer = ua.transact(_strangers_message(ua, f"<sip:{FRONT_IP}:{front.port};lr>",
+                                                elsewhere, text))
+        relayed = wait_delivered(elsewhere, text, timeout=1.0)
+        if relayed:     # the front relayed it from its own address, not the nodes' one
+            got = next(m for m in elsewhere.received if m.body == text)
+            assert any(f"{FRONT_IP}:{front.port}" in via for via in got.get_all("Via")), \
+                got.get_all("Via")
+        assert not relayed, (f"relayed past the node to a stranger's address "
+                             f"(answer {answer.status if answer else None})")
+    finally:
+        ua.close()
