@@ -513,10 +513,11 @@ class kamailio:
 
     def may_route_onward(self):
         """Whether this request may follow a Route set past us: with [auth], only for one
-        of our users (digest proved) or a trusted or local source; without it, the
-        proxy relays for anyone (it warned so at start)."""
-        return (self.app.config.auth is None or self.authenticated is not None
-                or self.exempt_source())
+        of our users (digest proved); without it, the proxy relays for anyone (it warned
+        so at start).  Never for a source address: it names the last hop, not who wrote
+        the request (a front or a peer in [limits] trusted relays anyone's, and a UDP
+        source can be written by anyone).  Review 22."""
+        return self.app.config.auth is None or self.authenticated is not None
 
     def dialog_routed_here(self):
         """One of the request's Route entries carries our token for its Call-ID and one

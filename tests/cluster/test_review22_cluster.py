@@ -12,9 +12,12 @@ follow a Route past the node, and pike never counts anything at the nodes.
 
 Here the front listens on 127.0.0.2 (a request that reached it there leaves from there)
 and the nodes on 127.0.0.1, so only the alias can make the front "myself"; a stranger
-sends from 127.0.0.51.  ``test_hole_*`` is a strict xfail (the attack succeeds on
-64d5e2b); ``test_control_*`` are the same request sent to a node straight, which the
-fix of review 3 refuses, and through the same front to nodes that do not alias it.
+sends from 127.0.0.51.  ``test_hole_*`` failed on 64d5e2b (the review's strict xfail)
+and passes since ``may_route_onward`` trusts no source address, only a user's digest
+(``tests/kamailio/test_review22_wire.py`` shows the same hole through a peer in
+``[limits] trusted`` and from the proxy's own address); ``test_control_*`` are the same
+request sent to a node straight, which the fix of review 3 refuses, and through the same
+front to nodes that do not alias it.
 """
 
 from __future__ import annotations
@@ -131,9 +134,6 @@ def test_control_through_a_front_the_nodes_do_not_alias_a_preloaded_route_is_ref
         ua.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 22: behind a front, the front's alias makes "
-                                       "every stranger 'myself' (is_myself_srcip): a "
-                                       "preloaded Route is relayed anywhere")
 def test_hole_a_stranger_through_the_front_is_relayed_anywhere(proxy_factory, pg_url,
                                                                 elsewhere):
     """Off-path sender (no account, no spoofing).  A node behind a front has
@@ -149,7 +149,7 @@ def test_hole_a_stranger_through_the_front_is_relayed_anywhere(proxy_factory, pg
     is also record-routed, which mints the route token for the in-dialog relay), and
     pike never limits anything at the nodes.
 
-    Fix: the front's alias must not make its *source address* trusted.  ``exempt_source``
+    The review's suggested fix: the front's alias must not make its *source address* trusted.  ``exempt_source``
     should compare ``$si`` with the node's own listening sockets only (``KSR.is_myself``
     of ``sip:<si>:<sp>`` with the port, or the proxy's ``listen`` addresses parsed once),
     not ``is_myself_srcip``; a front that must be exempt from pike goes in ``[limits]
