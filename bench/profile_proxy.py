@@ -140,16 +140,20 @@ def profile(cfg: pr.Config, workload: str, engine: ProxyEngine, calls: int, top:
 
 # -- inside a running worker (py-spy) -------------------------------------------------
 
-def _frame_name(frame: str) -> str:
-    """py-spy's "func (path:line)" shortened to "func (file:line)"."""
+def _frame_name(frame: str, by_function: bool = False) -> str:
+    """py-spy's "func (path:line)" shortened to "func (file:line)", or to "func (file)"
+    when ``by_function`` (a function's lines summed: the flat profile's real shape)."""
     name, _, where = frame.partition(" (")
     path = where.rstrip(")")
     short = path.split("/work/main/")[-1] if "/work/main/" in path else path.rsplit("/", 1)[-1]
+    if by_function:
+        short = short.rsplit(":", 1)[0]
     return f"{name} ({short})"
 
 
-def summarize_raw(paths: list[Path], top: int) -> dict:
-    """Own and inclusive sample shares per function over py-spy ``--format raw`` files."""
+def summarize_raw(paths: list[Path], top: int, by_function: bool = False) -> dict:
+    """Own and inclusive sample shares per function (or per line) over py-spy
+    ``--format raw`` files."""
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -161,7 +165,7 @@ def summarize_raw(paths: list[Path], top: int) -> dict:
             if not stack or not count.isdigit():
                 continue
             n = int(count)
-            frames = [_frame_name(f) for f in stack.split(";") if f and not f.startswith("process ")
+            frames = [_frame_name(f, by_function) for f in stack.split(";") if f and not f.startswith("process ")
                       and not f.startswith("thread ")]
             if not frames:
                 continue
@@ -177,7 +181,7 @@ def summarize_raw(paths: list[Path], top: int) -> dict:
 
 
 def live(config_key: str, workload: str, rate: float, seconds: float, top: int,
-         py_spy: str) -> dict:
+         py_spy: str, by_function: bool = False) -> dict:
     """One instance of ``config_key`` (as the rate benchmark starts it, pinned when it
     can be), SIPp at ``rate`` for ``seconds`` + 2, and py-spy sampling every Kamailio
     process of the instance for ``seconds`` in the middle of it."""
@@ -212,7 +216,7 @@ def live(config_key: str, workload: str, rate: float, seconds: float, top: int,
             spy.wait()
         runner.join()
         run = holder["run"]
-        result = summarize_raw(outs, top)
+        result = summarize_raw(outs, top, by_function)
     finally:
         inst.stop()
         os.sched_setaffinity(0, own)
@@ -230,9 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy binary (any venv)")
+    parser.add_argument("--by-function", action="store_true",
+                        help="live: sum each function's lines (default: one row per line)")
     args = parser.parse_args(argv)
     if args.live:
-        result = live(args.live, args.workload, args.rate, args.seconds, args.top, args.py_spy)
+        result = live(args.live, args.workload, args.rate, args.seconds, args.top, args.py_spy,
+                      args.by_function)
         run = result["run"]
         print(f"== {args.live} / {args.workload} at {args.rate:g}/s ({'pinned' if result['pinned'] else 'not pinned'}):"
               f" {run['successful']}/{run['calls']} calls ok, {run['cpu_us_per_call']} µs CPU/call;"

@@ -373,6 +373,40 @@ def signer_usage_problem(cert: x509.Certificate) -> str | None:
     return None if usage.digital_signature else "keyUsage does not allow digitalSignature"
 
 
+# signing_key by (certificate, limits): every message of a sender carries the same
+# certificate, and loading and checking its key cost a proxy more than the signature it
+# then verifies.  Only keys that passed are kept (a refusal is worked out again);
+# bounded and emptied when full, like the memos above.
+_SIGNING_KEYS: dict[tuple[x509.Certificate, Limits], object] = {}
+_SIGNING_KEYS_MAX = 256
+
+
+def signing_key(cert: x509.Certificate, limits: Limits | None = None,
+                der: bytes | None = None) -> object:
+    """The public key of a signer's certificate, once the certificate's size, the key
+    (``check_public_key``, signing) and its keyUsage (``signer_usage_problem``) are
+    checked: ``LimitExceededError``, ``UnsupportedAlgorithmError`` or
+    ``UntrustedSignerError`` otherwise.  The certificate's path is not checked here."""
+    limits = _limits(limits)
+    key = (cert, limits)
+    known = _SIGNING_KEYS.get(key)
+    if known is not None:
+        return known
+    check_certificate_size(cert, limits, der)
+    try:
+        public_key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise UnsupportedAlgorithmError("the signer's public key type is not supported") from None
+    check_public_key(public_key, limits, signing=True)
+    usage = signer_usage_problem(cert)
+    if usage:
+        raise UntrustedSignerError(f"the signer certificate's {usage}")
+    if len(_SIGNING_KEYS) >= _SIGNING_KEYS_MAX:
+        _SIGNING_KEYS.clear()
+    _SIGNING_KEYS[key] = public_key
+    return public_key
+
+
 def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True if ``issuer``'s key made the signature on ``cert`` (names not checked)."""
     try:

@@ -181,14 +181,27 @@ def _check_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
         raise CertificateRejectedError(f"certificate of {who} rejected: {exc}") from None
 
 
+# Certificates whose usage passed, by (certificate, use, limits): a proxy checks the
+# same sender's certificate for every message.  Refusals are worked out again; bounded
+# and emptied when full.
+_USAGE_OK: set[tuple[x509.Certificate, bool, Limits]] = set()
+_USAGE_OK_MAX = 256
+
+
 def _check_usage(cert: x509.Certificate, who: str, for_encryption: bool,
                  limits: Limits | None) -> None:
     limits = limits or DEFAULT_LIMITS
+    key = (cert, for_encryption, limits)
+    if key in _USAGE_OK:
+        return
     problem = _eku_problem(cert)
     if problem is None:
         problem = _key_problem(cert, limits) if for_encryption else _signer_problem(cert, limits)
     if problem:
         raise CertificateRejectedError(f"certificate of {who} rejected: {problem}")
+    if len(_USAGE_OK) >= _USAGE_OK_MAX:
+        _USAGE_OK.clear()
+    _USAGE_OK.add(key)
 
 
 def check_user_certificate(cert: x509.Certificate, aor: str,

@@ -16,8 +16,6 @@ when none is active, see ``budget_scope``).
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import LimitExceededError
@@ -48,31 +46,46 @@ _CURRENT: contextvars.ContextVar[WorkBudget | None] = contextvars.ContextVar(
     "e2m_work_budget", default=None)
 
 
-@contextmanager
-def message_budget(limit: int = DEFAULT_PUBLIC_KEY_OPS) -> Iterator[WorkBudget]:
-    """A fresh budget for everything done for one message inside the block."""
-    budget = WorkBudget(limit)
-    token = _CURRENT.set(budget)
-    try:
-        yield budget
-    finally:
-        _CURRENT.reset(token)
+class message_budget:
+    """A fresh budget for everything done for one message inside the block
+    (``with message_budget(n) as budget:``).
+
+    A class rather than a ``contextmanager`` generator: the CMS layers enter a scope
+    several times per message, and a generator-based one costs four Python calls each.
+    """
+
+    __slots__ = ("_limit", "_token")
+
+    def __init__(self, limit: int = DEFAULT_PUBLIC_KEY_OPS) -> None:
+        self._limit = limit
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> WorkBudget:
+        budget = WorkBudget(self._limit)
+        self._token = _CURRENT.set(budget)
+        return budget
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
 
 
-@contextmanager
-def budget_scope(limit: int = DEFAULT_PUBLIC_KEY_OPS) -> Iterator[WorkBudget]:
+class budget_scope(message_budget):
     """The budget already in force, or a fresh one for this block when none is.
 
     Top-level entry points of the CMS layer (``open_message``, ``verify``,
     ``open_envelope``) wrap their work in this, so each call made outside an
     engine is bounded too, and a call made inside one spends the message's budget.
     """
-    current = _CURRENT.get()
-    if current is not None:
-        yield current
-        return
-    with message_budget(limit) as budget:
-        yield budget
+
+    __slots__ = ()
+
+    def __enter__(self) -> WorkBudget:
+        current = _CURRENT.get()
+        if current is not None:
+            return current          # the enclosing scope's: nothing to reset on exit
+        return super().__enter__()
 
 
 def spend(what: str, count: int = 1) -> None:

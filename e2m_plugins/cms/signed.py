@@ -14,7 +14,7 @@ values, so a bad signature can never be mistaken for bad DER.
 Work on hostile input is bounded before it is done: each certificate is at most
 ``limits.max_certificate_bytes``; the signer certificate is found by serial number
 and the exact DER of the issuer name (or ``cryptography``'s ``Name`` equality), never
-by RFC 4518 preparation; its key is checked (``certpath.check_public_key``) and its
+by RFC 4518 preparation; its key is checked (``certpath.signing_key``) and its
 keyUsage must allow digitalSignature before anything is verified; every signature
 check, here and on the certificate path, is counted against the message's budget
 of public-key operations (``cms.budget``).  SHA-1 and DSA are accepted only with
@@ -48,9 +48,7 @@ from ..errors import (
 from ..certpath import (
     Identities,
     certificate_identities,
-    check_certificate_size,
-    check_public_key,
-    signer_usage_problem,
+    signing_key,
     verify_chain,
 )
 from ..certfiles import readable_certificate
@@ -715,15 +713,7 @@ def _verify_signer(signer: _Signer, content: bytes, content_type_oid: str,
     if found.cert is None:
         raise _unreadable_signer(found)
     # Everything about the signer's certificate and key is checked before its key is used.
-    check_certificate_size(found.cert, limits, found.der)
-    try:
-        public_key = found.cert.public_key()
-    except (ValueError, UnsupportedAlgorithm):
-        raise UnsupportedAlgorithmError("the signer's public key type is not supported") from None
-    check_public_key(public_key, limits, signing=True)
-    usage = signer_usage_problem(found.cert)
-    if usage:
-        raise UntrustedSignerError(f"the signer certificate's {usage}")
+    public_key = signing_key(found.cert, limits, found.der)
 
     signing_time: datetime | None = None
     if signer.signed_attrs_raw is None:

@@ -241,3 +241,60 @@ def test_remembered_identities_belong_to_their_own_certificate_and_stay_bounded(
         certpath.certificate_identities(_cert(f"u{n}", key.public_key(), "Memo Root",
                                               root_key, ca=False))
         assert len(certpath._IDENTITIES) <= 3
+
+
+def _user_cert(subject: str, root_key, *, signing: bool) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name("Memo Root"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"sip:{subject}@example.com")]), critical=False)
+            .add_extension(x509.KeyUsage(
+                digital_signature=signing, content_commitment=not signing,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
+                critical=True)
+            .sign(root_key, hashes.SHA256()))
+
+
+def test_a_remembered_signing_key_is_its_own_certificates_and_a_refusal_is_never_kept(
+        pki, monkeypatch) -> None:
+    """``signing_key`` (the signer's key loaded and checked once per certificate): a
+    certificate whose keyUsage forbids signing is refused every time, even right after
+    a twin that may sign (same subject, same issuer, other key and usage) was taken;
+    each certificate gets its own key; the memo stays bounded."""
+    _, root_key, _, _ = pki
+    good = _user_cert("alice", root_key, signing=True)
+    bad = _user_cert("alice", root_key, signing=False)
+    key = certpath.signing_key(good)
+    assert certpath.signing_key(good) is key          # remembered
+    for _ in range(2):
+        with pytest.raises(UntrustedSignerError, match="digitalSignature"):
+            certpath.signing_key(bad)
+    assert (bad, certpath._limits(None)) not in certpath._SIGNING_KEYS
+    assert certpath.signing_key(good).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == \
+        good.public_key().public_bytes(serialization.Encoding.DER,
+                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+    monkeypatch.setattr(certpath, "_SIGNING_KEYS_MAX", 3)
+    for n in range(8):
+        certpath.signing_key(_user_cert(f"u{n}", root_key, signing=True))
+        assert len(certpath._SIGNING_KEYS) <= 3
+
+
+def test_a_remembered_usage_is_its_own_certificates(pki) -> None:
+    """``certstore._check_usage`` remembers only certificates that passed, by the
+    certificate and the use: the signing twin passing never lets the non-signing one
+    through, and a certificate fit to sign is still checked afresh for encryption."""
+    from e2m_plugins import certstore
+    from e2m_plugins.errors import CertificateRejectedError
+    _, root_key, _, _ = pki
+    good = _user_cert("alice", root_key, signing=True)
+    bad = _user_cert("alice", root_key, signing=False)
+    certstore.check_user_names(good, "sip:alice@example.com", for_encryption=False)
+    for _ in range(2):
+        with pytest.raises(CertificateRejectedError):
+            certstore.check_user_names(bad, "sip:alice@example.com", for_encryption=False)
+    with pytest.raises(CertificateRejectedError):       # an EC signing key encrypts nothing
+        certstore.check_user_names(good, "sip:alice@example.com", for_encryption=True)
