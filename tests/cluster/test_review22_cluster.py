@@ -22,14 +22,14 @@ front to nodes that do not alias it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from e2m_lab.cluster import ADVERTISE, VIEW, stat, wait_until
-from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, wait_delivered
+from e2m_lab.kamailio_harness import ProxyHandle, SipUa, wait_delivered
 from e2m_lab.ports import free_port
-from e2m_plugins.sip import SipMessage, make_response
+from e2m_plugins.sip import SipMessage
+from tests.kamailio.test_review22_wire import (  # noqa: F401 - elsewhere is a fixture
+    assert_refused_not_relayed, elsewhere, preloaded_message)
 
 pytestmark = pytest.mark.kamailio
 
@@ -83,22 +83,6 @@ def _behind_a_front(proxy_factory, pg_url: str, *, aliased: bool = True
     return front, a, b
 
 
-@pytest.fixture
-def elsewhere() -> Iterator[RawUas]:
-    """A UAS of none of our users (anyone's address on the Internet): answers 200."""
-    uas = RawUas(lambda request: make_response(request, 200, "OK"))
-    yield uas
-    uas.close()
-
-
-def _strangers_message(ua: SipUa, first_route: str, elsewhere: RawUas, text: bytes):
-    """dave of another domain, to one of our users (so never challenged), with a preloaded
-    Route whose next entry is any address he likes."""
-    return ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
-                    routes=[first_route, f"<sip:127.0.0.1:{elsewhere.port};lr>"],
-                    body=text, content_type="text/plain")
-
-
 def test_control_a_strangers_preloaded_route_straight_to_a_node_is_refused(
         proxy_factory, pg_url, elsewhere):
     """Tried and held (review 3's fix): the same stranger's MESSAGE sent to node A itself
@@ -107,11 +91,8 @@ def test_control_a_strangers_preloaded_route_straight_to_a_node_is_refused(
     _front, a, _b = _behind_a_front(proxy_factory, pg_url)
     ua = SipUa(a.port, user="dave", domain="other.example.net", source="127.0.0.51")
     try:
-        text = b"review22: straight to the node"
-        answer = ua.transact(_strangers_message(ua, f"<sip:127.0.0.1:{a.port};lr>",
-                                                elsewhere, text))
-        assert answer is not None and answer.status == 403, answer
-        assert not wait_delivered(elsewhere, text, timeout=0.7)
+        assert_refused_not_relayed(ua, f"<sip:127.0.0.1:{a.port};lr>", elsewhere,
+                                   b"review22: straight to the node")
     finally:
         ua.close()
 
@@ -125,11 +106,8 @@ def test_control_through_a_front_the_nodes_do_not_alias_a_preloaded_route_is_ref
     ua = _UaVia(FRONT_IP, front.port, user="dave", domain="other.example.net",
                 source="127.0.0.51", timeout=4)
     try:
-        text = b"review22: through a front the nodes do not alias"
-        answer = ua.transact(_strangers_message(ua, f"<sip:{FRONT_IP}:{front.port};lr>",
-                                                elsewhere, text))
-        assert answer is not None and answer.status == 403, answer
-        assert not wait_delivered(elsewhere, text, timeout=0.7)
+        assert_refused_not_relayed(ua, f"<sip:{FRONT_IP}:{front.port};lr>", elsewhere,
+                                   b"review22: through a front the nodes do not alias")
     finally:
         ua.close()
 
@@ -161,8 +139,8 @@ def test_hole_a_stranger_through_the_front_is_relayed_anywhere(proxy_factory, pg
                 source="127.0.0.51", timeout=4)
     try:
         text = b"review22: through the front"
-        answer = ua.transact(_strangers_message(ua, f"<sip:{FRONT_IP}:{front.port};lr>",
-                                                elsewhere, text))
+        answer = ua.transact(preloaded_message(ua, f"<sip:{FRONT_IP}:{front.port};lr>",
+                                               elsewhere, text))
         relayed = wait_delivered(elsewhere, text, timeout=1.0)
         if relayed:     # the front relayed it from its own address, not the nodes' one
             got = next(m for m in elsewhere.received if m.body == text)

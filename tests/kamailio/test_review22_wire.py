@@ -45,20 +45,27 @@ def elsewhere() -> Iterator[RawUas]:
     uas.close()
 
 
-def _preloaded(ua: SipUa, home: ProxyHandle, elsewhere: RawUas, text: bytes):
+def preloaded_message(ua: SipUa, first_route: str, elsewhere: RawUas, text: bytes):
     """dave of another domain writes to bob (ours: never challenged) with a Route set
     whose next entry is an address of his choosing."""
     return ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
-                    routes=[f"<sip:127.0.0.1:{home.port};lr>",
-                            f"<sip:127.0.0.1:{elsewhere.port};lr>"],
+                    routes=[first_route, f"<sip:127.0.0.1:{elsewhere.port};lr>"],
                     body=text, content_type="text/plain")
 
 
-def _relayed(home: ProxyHandle, elsewhere: RawUas, source: str, text: bytes):
+def assert_refused_not_relayed(ua: SipUa, first_route: str, elsewhere: RawUas,
+                               text: bytes) -> None:
+    """dave's preloaded MESSAGE is answered 403 and reaches nothing past the proxy."""
+    answer = ua.transact(preloaded_message(ua, first_route, elsewhere, text))
+    relayed = wait_delivered(elsewhere, text, timeout=0.7)
+    assert not relayed, f"relayed past the proxy (answer {answer.status if answer else None})"
+    assert answer is not None and answer.status == 403, answer
+
+
+def _refused_from(home: ProxyHandle, elsewhere: RawUas, source: str, text: bytes) -> None:
     ua = SipUa(home.port, user="dave", domain="other.example.net", source=source)
     try:
-        answer = ua.transact(_preloaded(ua, home, elsewhere, text))
-        return answer, wait_delivered(elsewhere, text, timeout=0.7)
+        assert_refused_not_relayed(ua, f"<sip:127.0.0.1:{home.port};lr>", elsewhere, text)
     finally:
         ua.close()
 
@@ -70,9 +77,7 @@ def test_hole_a_strangers_request_through_a_trusted_peer_is_relayed_anywhere(hom
     with ``Route: <home;lr>, <anywhere;lr>``.  ``may_route_onward`` took a trusted source
     for a trusted author: the home proxy relayed it to the address of dave's choice.
     Now: 403 Route Not Allowed, nothing relayed."""
-    answer, relayed = _relayed(home, elsewhere, VISITED, b"review22: via a trusted peer")
-    assert not relayed, f"relayed past the proxy (answer {answer.status if answer else None})"
-    assert answer is not None and answer.status == 403, answer
+    _refused_from(home, elsewhere, VISITED, b"review22: via a trusted peer")
 
 
 def test_hole_a_request_from_the_proxys_own_address_is_relayed_anywhere(home, elsewhere):
@@ -80,9 +85,7 @@ def test_hole_a_request_from_the_proxys_own_address_is_relayed_anywhere(home, el
     local to it): ``is_myself_srcip`` called it "a spiral or a local tool", and the
     preloaded Route was followed to any address (the answer goes to the proxy, the
     relayed request still reaches its target).  Now: 403, nothing relayed."""
-    answer, relayed = _relayed(home, elsewhere, "127.0.0.1", b"review22: from myself")
-    assert not relayed, f"relayed past the proxy (answer {answer.status if answer else None})"
-    assert answer is not None and answer.status == 403, answer
+    _refused_from(home, elsewhere, "127.0.0.1", b"review22: from myself")
 
 
 def test_control_an_authenticated_users_preloaded_route_is_followed(home, elsewhere):
@@ -91,11 +94,8 @@ def test_control_an_authenticated_users_preloaded_route_is_followed(home, elsewh
     ua = SipUa(home.port, user="alice", password=USERS["alice"], source=VISITED)
     try:
         text = b"review22: alice routes onward"
-        request = ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
-                           routes=[f"<sip:127.0.0.1:{home.port};lr>",
-                                   f"<sip:127.0.0.1:{elsewhere.port};lr>"],
-                           body=text, content_type="text/plain")
-        answer = ua.request(request)
+        answer = ua.request(preloaded_message(ua, f"<sip:127.0.0.1:{home.port};lr>",
+                                              elsewhere, text))
         assert answer is not None and answer.status == 200, answer
         assert wait_delivered(elsewhere, text, timeout=2.0)
     finally:
