@@ -1,0 +1,270 @@
+"""Review 23: review 22's rule ("a Route set past the proxy is followed only for a user's
+digest") is checked in ``route_target`` as ``KSR.isdsturiset()`` after ``loose_route``.
+
+That covers a next hop that is a *loose* router (``;lr``): ``loose_route`` sets the
+destination URI to it.  A next hop written *without* ``;lr`` is a strict router (RFC 2543,
+RFC 3261 §16.12 / 16.6 step 6): Kamailio's rr module (``after_loose`` -> ``handle_sr``)
+then puts that Route's URI into the Request-URI, pushes the old Request-URI to the end
+of the Route set, and sets *no* destination URI.  ``isdsturiset()`` is false, so
+``may_route_onward`` is never asked; the Request-URI is now not ours, so
+``route_target`` falls through to ``return True`` (or to ``next_hop``), and the request is
+relayed to the stranger's address anyway.  The same happens with a single Route that
+does not name the proxy at all (``Route: <sip:anywhere>``: the top entry is "not
+myself" and strict).  An INVITE so relayed is record-routed first (``record_route`` runs
+before ``route_target``): the stranger's own UAS reads the route token.
+
+Each ``test_hole_*`` is a strict xfail on ``80c8f6c``; the ``test_control_*`` tests are
+the same flows without the attack (``;lr`` on the next hop: 403, as review 22 made it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, start_proxy, wait_delivered
+from e2m_plugins.sip import make_response
+from e2m_plugins.testpki import TestPKI
+from kamailio_app.dialog_route import PARAM
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
+
+
+@pytest.fixture(scope="module")
+def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
+    proxy = start_proxy(tmp_path_factory.mktemp("review23-home"), pki=pki, e2m=True, auth=True,
+                        users=USERS)
+    yield proxy
+    proxy.stop()
+
+
+def _answering_uas() -> Iterator[RawUas]:
+    uas = RawUas(lambda request: make_response(request, 200, "OK"))
+    yield uas
+    uas.close()
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[RawUas]:
+    """Anyone's UAS on the Internet (none of our users): answers 200."""
+    yield from _answering_uas()
+
+
+@pytest.fixture
+def victim() -> Iterator[RawUas]:
+    """A third party's UAS, none of our users either: answers 200."""
+    yield from _answering_uas()
+
+
+def _strangers_message(home: ProxyHandle, routes: list[str], text: bytes):
+    """dave of another domain (never challenged: the Request-URI is one of our users)
+    sends a MESSAGE to bob with the Route set ``routes``; returns (answer, the UA)."""
+    ua = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.51")
+    request = ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                       routes=routes, body=text, content_type="text/plain")
+    return ua.transact(request), ua
+
+
+@pytest.mark.xfail(strict=True, reason="review 23: a strict-router next hop (no ;lr) sets no "
+                   "destination URI, so may_route_onward is never asked: relayed anywhere")
+def test_hole_a_strict_router_after_the_proxy_relays_a_strangers_request_anywhere(
+        home, elsewhere):
+    """Attacker: off-path sender, no account, no spoofing.
+    Attack: a MESSAGE to one of our users (so ``route_auth`` lets it in unchallenged) with
+    ``Route: <sip:home;lr>, <sip:anywhere>``: the next hop lacks ``;lr``.
+    Effect: ``loose_route`` removes the proxy's entry and, the next being a strict router,
+    rewrites the Request-URI to ``sip:anywhere`` and sets no destination; ``route_target``
+    checks ``may_route_onward`` only under ``isdsturiset()``, finds the new Request-URI is
+    not ours, and relays: the home proxy is an open relay again (review 3 / 22's hole).
+    Fix: decide before ``loose_route`` (or from its result, not from the destination URI):
+    a request with a Route entry past the proxy (any entry after our own, or a top entry
+    that is not ours) is refused unless ``may_route_onward``; or compare the Request-URI
+    after ``loose_route`` with the one received and refuse a change for a stranger."""
+    text = b"review23: strict next hop"
+    answer, ua = _strangers_message(home, [f"<sip:127.0.0.1:{home.port};lr>",
+                                           f"<sip:127.0.0.1:{elsewhere.port}>"], text)
+    try:
+        relayed = wait_delivered(elsewhere, text, timeout=0.7)
+        assert not relayed, f"relayed past the proxy (answer {answer.status if answer else None})"
+        assert answer is not None and answer.status == 403, answer
+    finally:
+        ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 23: a single strict Route naming someone else "
+                   "rewrites the Request-URI and sets no destination: relayed anywhere")
+def test_hole_a_lone_strict_route_to_anywhere_relays_a_strangers_request(home, elsewhere):
+    """Attacker: off-path sender.
+    Attack: a MESSAGE to bob with one Route entry, ``<sip:anywhere>`` (no ``;lr``, not the
+    proxy): RFC 3261 says a proxy that is not the top Route should not even have
+    received it, but Kamailio's ``loose_route`` takes the top entry as a strict router.
+    Effect: relayed to ``anywhere`` (Request-URI rewritten, no destination set, so no
+    ``may_route_onward``).
+    Fix: as above; a top Route entry that is not ours is a Route past us too."""
+    text = b"review23: lone strict route"
+    answer, ua = _strangers_message(home, [f"<sip:127.0.0.1:{elsewhere.port}>"], text)
+    try:
+        relayed = wait_delivered(elsewhere, text, timeout=0.7)
+        assert not relayed, f"relayed past the proxy (answer {answer.status if answer else None})"
+    finally:
+        ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 23: an INVITE with a strict next hop is "
+                   "record-routed and relayed to the stranger's UAS: a route token, then a relay")
+def test_hole_a_strict_next_hop_mints_a_route_token_and_relays_in_dialog(home, elsewhere,
+                                                                          victim):
+    """Attacker: off-path sender.
+    Attack: an INVITE to bob (our user, no challenge) with ``Route: <sip:home;lr>,
+    <sip:his-uas>``; ``record_route`` adds the dialog's token before ``route_target``,
+    and the strict next hop makes the proxy relay the INVITE to his own UAS, which reads
+    the Record-Route.  With the token, an in-dialog MESSAGE (To tag, a stranger's From:
+    never challenged) to a third party's Request-URI.
+    Effect: a route token for a Call-ID and tag of his choice without any callee of ours,
+    then in-dialog requests relayed to anyone (review 3's second hole, back).
+    Fix: as above (refuse before record-routing: the token is only minted for an INVITE
+    that goes where the proxy chose)."""
+    ua = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.52")
+    call_id, tag = "review23-mint@127.0.0.52", "mint-tag-23"
+    try:
+        invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com",
+                          call_id=call_id, from_tag=tag,
+                          routes=[f"<sip:127.0.0.1:{home.port};lr>",
+                                  f"<sip:127.0.0.1:{elsewhere.port}>"])
+        ua.transact(invite)
+        invites = elsewhere.wait_for(1, timeout=0.7, method="INVITE")
+        tokens = [rr for m in invites for rr in m.get_all("Record-Route") if f";{PARAM}=" in rr]
+        relayed = False
+        if tokens:
+            text = b"review23: in dialog, minted through a strict hop"
+            relay = ua.build("MESSAGE", f"sip:erin@127.0.0.1:{victim.port}",
+                             to="sip:erin@elsewhere.example", call_id=call_id, from_tag=tag,
+                             to_tag="any-tag", routes=[tokens[0]], body=text,
+                             content_type="text/plain")
+            ua.transact(relay)
+            relayed = wait_delivered(victim, text, timeout=0.7)
+        assert not relayed, "an in-dialog MESSAGE under the minted token reached a third party"
+        assert not invites, "the INVITE was relayed to the stranger's UAS"
+        assert not tokens, "the stranger's UAS read a route token"
+    finally:
+        ua.close()
+
+
+def test_control_a_loose_next_hop_is_refused(home, elsewhere):
+    """The same MESSAGE with ``;lr`` on the next hop: review 22's 403, nothing relayed."""
+    text = b"review23: loose next hop"
+    answer, ua = _strangers_message(home, [f"<sip:127.0.0.1:{home.port};lr>",
+                                           f"<sip:127.0.0.1:{elsewhere.port};lr>"], text)
+    try:
+        assert not wait_delivered(elsewhere, text, timeout=0.7)
+        assert answer is not None and answer.status == 403, answer
+    finally:
+        ua.close()
+
+
+def test_control_an_authenticated_users_strict_next_hop_is_followed(home, elsewhere):
+    """What the rule means to keep: alice proves her password; her MESSAGE with a strict
+    next hop past the proxy goes there (any fix must keep this)."""
+    ua = SipUa(home.port, user="alice", password=USERS["alice"])
+    try:
+        text = b"review23: alice routes onward through a strict hop"
+        request = ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                           routes=[f"<sip:127.0.0.1:{home.port};lr>",
+                                   f"<sip:127.0.0.1:{elsewhere.port}>"],
+                           body=text, content_type="text/plain")
+        answer = ua.request(request)
+        assert answer is not None and answer.status == 200, answer
+        assert wait_delivered(elsewhere, text, timeout=2.0)
+    finally:
+        ua.close()
+
+
+# -- (3) a To tag Kamailio and the core read differently: bytes that are not UTF-8 ---------
+
+SDP_VIEW = ("INVITE:application/sdp",)
+
+
+def _call_and_hang_up(proxy_factory, pki, bobs_tag: str):
+    """alice calls bob through a proxy that reads SDP; bob answers under alice's offer key
+    (his 200's To tag is ``bobs_tag``); alice hangs up with a bare BYE, her To header as
+    bob wrote it and the route set he returned.  Returns (key-cache items once the 200
+    was read, whether bob got the BYE, key-cache items after the BYE, the proxy)."""
+    import time
+
+    from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, invite, known_proxy, ua_engine
+    from e2m_lab.kamailio_harness import register_contact
+    from e2m_plugins.sip import make_request
+
+    proxy = proxy_factory("review23-tags", e2m=True, view=SDP_VIEW)
+    bob_engine = ua_engine(pki, "bob")
+    bob = RawUas(lambda request: make_response(request, 180, "Ringing")
+                 if request.method == "INVITE" else make_response(request, 200, "OK"))
+    alice_ua = SipUa(proxy.port, user="alice", timeout=5)
+    try:
+        register_contact(proxy, "bob", bob.port)
+        alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+        offer = alice.protect(invite(pki, call_id=f"review23-{time.monotonic_ns()}@x")).message
+        alice_ua.send(offer.replace("Via", alice_ua.via()))
+        (delivered,) = bob.wait_for(1, method="INVITE")
+        reply = answer(bob_engine.open(delivered).message, SDP_ANSWER, to_tag=bobs_tag)
+        reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{bob.port}>")
+        for route in delivered.get_all("Record-Route"):
+            reply = reply.add("Record-Route", route)
+        protected = bob_engine.protect(reply)
+        assert protected.info.key_reuse
+        bob.sock.sendto(protected.message.serialize(), ("127.0.0.1", proxy.port))
+        assert proxy.wait_log("e2m: INVITE response 200", timeout=5)
+        time.sleep(0.3)
+        kept = proxy.htable_items()
+        ok = protected.message
+        bye = make_request("BYE", f"sip:bob@127.0.0.1:{bob.port}",
+                           from_uri=ok.address("From").uri, to_uri=ok.address("To").uri,
+                           call_id=ok.call_id, cseq=2, from_tag=ok.from_tag or "",
+                           body=b"")
+        bye = bye.replace("To", ok.get("To"))               # as bob wrote it, tag and all
+        for route in reversed(ok.get_all("Record-Route")):
+            bye = bye.add("Route", route)
+        alice_ua.send(bye.replace("Via", alice_ua.via()))
+        got_bye = bool(bob.wait_for(1, method="BYE", timeout=2))
+        deadline = time.monotonic() + 2
+        while proxy.htable_items() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return kept, got_bye, proxy.htable_items(), proxy
+    finally:
+        alice_ua.close()
+        bob.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 23: a To tag that is not UTF-8 makes every "
+                   "in-dialog request of the call fail in kemi ($tt): the BYE never passes, "
+                   "the caller's key outlives the call")
+def test_hole_a_callees_non_utf8_to_tag_keeps_the_callers_key_past_the_call(proxy_factory, pki):
+    """Attacker: the callee (an insider UA, or any remote callee alice calls).
+    Attack: his 200 (signed, ``e2m-sip-to-tag`` binding it: the core reads header bytes as
+    UTF-8 with surrogateescape, so any byte goes) carries a To tag with a byte that is not
+    UTF-8 (``b\\xe9``); it is sealed under alice's offer key, so the proxy moves her key
+    into the dialog for the dialog's life (12 h), on her quota.
+    Effect: every in-dialog request of the call (alice's ACK and BYE) makes kemi read
+    ``$tt`` (``dialog_routed_here``, ``end_dialog_unread``), which app_python3 cannot turn
+    into a str: the request route fails, the BYE is answered 500 and never reaches bob,
+    and alice's key (and bob's) stay in the key cache after the call, for 12 h, one per
+    call on alice's quota.  A callee alice calls can so fill her share of the cache.
+    Fix: read the ids through one parser (the core's, from the message as received), or
+    have the core refuse header bytes Kamailio's str conversion cannot take (a tag is a
+    token: ASCII only), so that such a 200 is not read and moves no key; and treat a
+    failing ``$tt``/``$ft`` read as "no such dialog", answered 400, not 500."""
+    kept, got_bye, left, _ = _call_and_hang_up(proxy_factory, pki, "b\udce9x")
+    assert kept > 0, "the 200 moved no key: nothing to show"
+    assert got_bye, "alice's BYE did not reach bob"
+    assert left == 0, f"{left} key-cache items outlived the call"
+
+
+def test_control_an_ascii_to_tag_ends_with_the_call(proxy_factory, pki):
+    """The same call with an ordinary To tag: the BYE passes and drops every key."""
+    kept, got_bye, left, _ = _call_and_hang_up(proxy_factory, pki, "b1x")
+    assert kept > 0
+    assert got_bye
+    assert left == 0
