@@ -8,7 +8,8 @@ Content-Length that always matches the body.
 Decisions (see also ``docs/protocol.md`` §5):
 
 - Header text is decoded as UTF-8 with ``surrogateescape`` so that any octets a
-  peer sent come back out byte-exact; only control characters are refused.
+  peer sent come back out byte-exact; only control characters are refused (and, when
+  read, a Call-ID or tag that is not visible ASCII).
 - Folded header lines are unfolded on input (the fold becomes one SP).
 - CRLF and bare LF line ends are both accepted; CRLFs before the start line
   (keep-alives, RFC 5626 §3.5.1) are skipped.
@@ -56,6 +57,10 @@ COMPACT_FORMS: dict[str, str] = {
 }
 
 _TOKEN = SIP_TOKEN  # RFC 3261 token (methods, header names): e2m_plugins.grammar
+# What a Call-ID or a tag may hold here.  RFC 3261 allows less (a word, a token); this
+# refuses what no grammar allows and what Kamailio's Python cannot read as a str (octets
+# that are not UTF-8), so the proxy never keeps keys under ids its host cannot name.
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(r"SIP/[0-9]{1,3}\.[0-9]{1,3}", re.IGNORECASE)
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
@@ -278,6 +283,8 @@ class SipMessage:
         value = self.get("Call-ID")
         if not value:
             raise MalformedError("no Call-ID header")
+        if not _VISIBLE_ASCII.fullmatch(value):
+            raise MalformedError("Call-ID is not visible ASCII")
         return value
 
     @property
@@ -289,7 +296,10 @@ class SipMessage:
         return self._tag("To")
 
     def _tag(self, name: str) -> str | None:
-        return self.address(name).params.get("tag")
+        tag = self.address(name).params.get("tag")
+        if tag is not None and not _VISIBLE_ASCII.fullmatch(tag):
+            raise MalformedError(f"{name} tag is not visible ASCII")
+        return tag
 
     def address(self, name: str) -> Address:
         """The first ``name`` header (From, To, ...) parsed; MalformedError if absent.

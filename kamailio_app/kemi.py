@@ -257,6 +257,12 @@ class kamailio:
             if SYNC_GATE is not None and SYNC_GATE.refuses():
                 return 1      # 503: still catching up with the peers (DMQ sync)
             self.route_request()
+        except UnicodeDecodeError:
+            # Call-ID, a tag or a URI with bytes that are not UTF-8: app_python3 cannot
+            # hand them over as a str, and no request of ours carries them (review 23)
+            KSR.info("e2m: request with octets that are not UTF-8 in a header read: "
+                     "refused\n")
+            KSR.sl.send_reply(400, "Bad Request")
         except Exception as exc:  # noqa: BLE001 - any failure must get an answer
             _log_exception("request route", exc)
             KSR.sl.send_reply(500, "Server Internal Error")
@@ -314,11 +320,13 @@ class kamailio:
             return
         # A REGISTER for a domain that is not ours goes on to next_hop like any
         # request: a visited proxy passes it to the home registrar.
-        if KSR.is_method_in("IS") and self.app.config.dispatcher is None:
-            self.record_route()      # INVITE, SUBSCRIBE: stay on the path of the dialog
-            # (a front stays off it: its nodes record-route the front's address)
         if not self.route_target():
             return
+        if KSR.is_method_in("IS") and self.app.config.dispatcher is None:
+            # INVITE, SUBSCRIBE: stay on the path of the dialog, once it is known the
+            # request goes on (a refused one is given no route token).  A front stays off
+            # it: its nodes record-route the front's address.
+            self.record_route()
         self.relay(inspect=True)
 
     def record_route(self):
@@ -587,8 +595,11 @@ class kamailio:
             return self.route_dispatch()
         next_hop = self.app.config.kamailio.next_hop
         if KSR.hdr.is_present("Route") > 0:
+            request_uri = KSR.pv.get("$ru")
             KSR.rr.loose_route()       # a pre-loaded route set past us is honoured...
-            if KSR.isdsturiset():
+            # ...wherever it leads: a loose next hop sets the destination, a strict one
+            # (no ;lr) rewrites the Request-URI instead (review 23).
+            if KSR.isdsturiset() or KSR.pv.get("$ru") != request_uri:
                 if not self.may_route_onward():
                     # ...but not for a stranger: a request to our domain (never challenged)
                     # with a Route past us would go anywhere, and one record-routed there

@@ -6,7 +6,7 @@ with the Route set untouched; the node takes the front's entry as its own (its a
 and Kamailio's strict-router handling (``handle_sr``) rewrites the Request-URI to
 ``sip:anywhere`` and sets no destination; ``route_target`` then relays by the new
 Request-URI.  The same hole as ``tests/kamailio/test_review23_wire.py`` for the whole
-domain behind a front.  ``test_hole_*`` is a strict xfail on ``80c8f6c``;
+domain behind a front.  ``test_hole_*`` was a strict xfail on ``80c8f6c`` and passes now;
 ``test_control_*`` is the same request with ``;lr`` (403, review 22's fix holds there).
 """
 
@@ -34,8 +34,6 @@ def _through_the_front(proxy_factory, pg_url, elsewhere, next_hop: str, text: by
         ua.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 23: a strict next hop past the front sets no "
-                   "destination URI at the node: may_route_onward is never asked")
 def test_hole_a_strict_next_hop_through_the_front_is_relayed_anywhere(  # noqa: F811
         proxy_factory, pg_url, elsewhere):
     """Attacker: off-path sender (no account, no spoofing).

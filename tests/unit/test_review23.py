@@ -6,7 +6,9 @@ The memos of ``80c8f6c`` (``certpath.signing_key`` by (certificate, limits),
 classes were attacked here: a key or usage remembered under one set of limits must not
 answer for stricter ones, a certificate differing in one byte is another entry, nested
 scopes share the outer budget without resetting it, and a budget never crosses into
-another thread (the phone's pjsua threads).  All pass on ``80c8f6c``.
+another thread (the phone's pjsua threads).  All pass on ``80c8f6c``.  The last tests
+are the core's side of the wire test's fix: a Call-ID or tag that is not visible ASCII is
+``MalformedError``.
 """
 
 from __future__ import annotations
@@ -90,3 +92,32 @@ def test_control_an_inner_message_budget_restores_the_outer_one() -> None:
             assert inner is not outer
         assert _CURRENT.get() is outer
     assert _CURRENT.get() is None
+
+
+# -- ids the proxy's host cannot name (the core's side of the wire test's fix) ---------
+
+def _raw(call_id: bytes, to_tag: bytes) -> bytes:
+    return (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK-r23\r\n"
+            b"From: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>;tag=" + to_tag
+            + b"\r\nCall-ID: " + call_id + b"\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("tag", [b"b\xe9x", "b\u00e9x".encode(), b"b\x7fx"])
+def test_a_tag_that_is_not_visible_ascii_is_malformed(tag: bytes) -> None:
+    """Octets that are not UTF-8, UTF-8 beyond ASCII, a control: none is in any tag's
+    grammar, and the first makes Kamailio's ``$tt`` unreadable from Python (on
+    ``80c8f6c`` the first two were read as tags)."""
+    from e2m_plugins.errors import MalformedError
+    from e2m_plugins.sip import parse
+    with pytest.raises(MalformedError):      # a control is refused by the parse itself
+        _ = parse(_raw(b"r23@example.com", tag)).to_tag
+    assert parse(_raw(b"r23@example.com", b"b-1.x~'`")).to_tag == "b-1.x~'`"
+
+
+@pytest.mark.parametrize("call_id", [b"r23\xe9@example.com", b"r23 @example.com"])
+def test_a_call_id_that_is_not_visible_ascii_is_malformed(call_id: bytes) -> None:
+    from e2m_plugins.errors import MalformedError
+    from e2m_plugins.sip import parse
+    with pytest.raises(MalformedError, match="Call-ID"):
+        _ = parse(_raw(call_id, b"b1")).call_id
+    assert parse(_raw(b"a-b.c!%*_+`'~()<>:\\\"/[]?{}@h", b"b1")).call_id.startswith("a-b")
