@@ -43,6 +43,7 @@ from .cert_table import (FETCH, HELD, UNCONFIRMED, CertDatabase, CertTableError,
                          PublicationTable, SubscriptionLimits, SubscriptionRefused,
                          SubscriptionTable, SubscriptionTaken)
 from .config import CertSettings
+from .dialog_route import dialog_ids
 
 __all__ = ["CertService", "BATCH", "SEND_ROUTE"]
 
@@ -340,7 +341,8 @@ class CertService:
             return
         if ksr.tm.t_check_trans() <= 0:
             return
-        dialog = (ksr.pv.get("$ci") or "", ksr.pv.get("$ft") or "", ksr.pv.get("$tt") or "")
+        call_id, from_tag, to_tag = dialog_ids(ksr)
+        dialog = (call_id, from_tag or "", to_tag or "")
         if status != 481:
             self.subscriptions.confirm(*dialog, now=time.time())
             return

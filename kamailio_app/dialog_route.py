@@ -28,7 +28,19 @@ import os
 import re
 from collections.abc import Iterable
 
-__all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES"]
+__all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES", "dialog_ids"]
+
+def dialog_ids(ksr) -> tuple[str, str | None, str | None]:
+    """Call-ID, From tag and To tag (None when absent) from Kamailio's parse, as the core
+    reads them: blanks around a value stripped.  Kamailio keeps a Call-ID's trailing
+    blank, the core does not; every place that names a dialog from Kamailio's ids (the
+    route token, a bare BYE's scope) must name the one the core kept keys under
+    (review 24)."""
+    call_id = (ksr.pv.get("$ci") or "").strip(" \t")
+    from_tag = (ksr.pv.get("$ft") or "").strip(" \t") or None
+    to_tag = (ksr.pv.get("$tt") or "").strip(" \t") or None
+    return call_id, from_tag, to_tag
+
 
 PARAM = "e2m-rr"             # the Record-Route URI parameter
 MAX_ROUTE_ENTRIES = 16       # Route entries read per request (a real route set has a few)

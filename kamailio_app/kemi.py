@@ -54,7 +54,7 @@ from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E40
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp, public_dmq_warning  # noqa: E402
-from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES  # noqa: E402
+from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
@@ -334,8 +334,8 @@ class kamailio:
         are routed inside the dialog.  A cluster node behind a front ([cluster] front)
         names the front, so the dialog's next requests go back through it to whichever
         node is alive."""
-        KSR.rr.add_rr_param(self.app.routes.param(KSR.pv.get("$ci") or "",
-                                                  KSR.pv.get("$ft") or ""))
+        call_id, from_tag, _ = dialog_ids(KSR)
+        KSR.rr.add_rr_param(self.app.routes.param(call_id, from_tag or ""))
         front = self.app.front
         if front:
             KSR.rr.record_route_advertised_address(front)
@@ -532,8 +532,8 @@ class kamailio:
         of its tags (``dialog_route``)."""
         count = min(int(KSR.pv.get("$hdrc(Route)") or 0), len(_ROUTE_SPECS))
         routes = [KSR.pv.get(_ROUTE_SPECS[i]) or "" for i in range(count)]
-        return self.app.routes.admits(KSR.pv.get("$ci") or "",
-                                      (KSR.pv.get("$ft"), KSR.pv.get("$tt")), routes)
+        call_id, from_tag, to_tag = dialog_ids(KSR)
+        return self.app.routes.admits(call_id, (from_tag, to_tag), routes)
 
     def route_register(self):
         """Save the contact (registrar: at most max_contacts per AoR).  While the
@@ -652,8 +652,7 @@ class kamailio:
         if not engine.only_ends_dialog(method, has_body=_has_body(),
                                        has_label=KSR.hdr.is_present(PROXY_REQUIRED_BODY) > 0):
             return False
-        engine.end_unread(method, KSR.pv.get("$ci") or "", KSR.pv.get("$ft") or None,
-                          KSR.pv.get("$tt") or None)
+        engine.end_unread(method, *dialog_ids(KSR))
         KSR.info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
         return True
 

@@ -50,6 +50,22 @@ def test_forged_and_odd_routes_are_refused_and_reading_is_bounded():
         RouteTokens(b"short")
 
 
+def test_dialog_ids_are_read_as_the_core_reads_them():
+    """Kamailio's ``$ci`` keeps a trailing blank the core strips (review 24): the ids kemi
+    names a dialog by are stripped the same way, and an absent tag is None."""
+    from types import SimpleNamespace
+
+    from e2m_plugins.sip import parse
+    from kamailio_app.dialog_route import dialog_ids
+    raw = (b"BYE sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK-d\r\n"
+           b"From: <sip:alice@x>;tag=a1\r\nTo: <sip:bob@x>\r\nCall-ID: abc@x \t\r\n"
+           b"CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    core = parse(raw)
+    pvs = {"$ci": "abc@x \t", "$ft": "a1", "$tt": ""}       # what Kamailio hands over
+    ksr = SimpleNamespace(pv=SimpleNamespace(get=pvs.get))
+    assert dialog_ids(ksr) == (core.call_id, core.from_tag, core.to_tag) == ("abc@x", "a1", None)
+
+
 def test_every_node_derives_the_same_key_and_a_plain_proxy_its_own(pki, tmp_path):
     from e2m_lab.kamailio_harness import write_proxy_config
     from e2m_plugins.config import load_proxy_config
