@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, ua_engine
-from e2m_lab.kamailio_harness import RawUas, SipUa, register_contact
+from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, invite, known_proxy, ua_engine
+from e2m_lab.kamailio_harness import RawUas, SipUa, answer_under_offer_key, register_contact
 from e2m_plugins.sip import SipMessage, make_request, make_response
 
 pytestmark = pytest.mark.kamailio
@@ -86,14 +86,7 @@ def test_a_third_party_cannot_drop_the_callers_early_keys(proxy_factory, pki, at
         assert proxy.htable_items() == 1, f"{attack} dropped alice's offer key"
 
         # bob answers under alice's offer key: the proxy must read it
-        reply = answer(bob_engine.open(delivered).message, SDP_ANSWER)
-        reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{bob.port}>")
-        for route in delivered.get_all("Record-Route"):
-            reply = reply.add("Record-Route", route)
-        protected = bob_engine.protect(reply)
-        assert protected.info.key_reuse
-        bob.sock.sendto(protected.message.serialize(), ("127.0.0.1", proxy.port))
-        assert proxy.wait_log("e2m: INVITE response 200", timeout=5)
+        answer_under_offer_key(proxy, bob_engine, bob, delivered)
         deadline = time.monotonic() + 5
         while len(proxy.archive_rows()) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)

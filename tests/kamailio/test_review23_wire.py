@@ -22,44 +22,17 @@ two tests are a callee's To tag that is not UTF-8 (see there).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 
 import pytest
 
-from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, start_proxy, wait_delivered
-from e2m_plugins.sip import make_response
-from e2m_plugins.testpki import TestPKI
-from kamailio_app.dialog_route import PARAM
+from e2m_lab.kamailio_harness import ProxyHandle, RawUas, SipUa, wait_delivered
+from e2m_plugins.sip import SipMessage, make_response
+from tests.kamailio.test_review3_wire import (  # noqa: F401 - fixtures
+    USERS, elsewhere, home, mint_a_route_token, victim)
 
 pytestmark = pytest.mark.kamailio
-
-USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
-
-
-@pytest.fixture(scope="module")
-def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
-    proxy = start_proxy(tmp_path_factory.mktemp("review23-home"), pki=pki, e2m=True, auth=True,
-                        users=USERS)
-    yield proxy
-    proxy.stop()
-
-
-def _answering_uas() -> Iterator[RawUas]:
-    uas = RawUas(lambda request: make_response(request, 200, "OK"))
-    yield uas
-    uas.close()
-
-
-@pytest.fixture
-def elsewhere() -> Iterator[RawUas]:
-    """Anyone's UAS on the Internet (none of our users): answers 200."""
-    yield from _answering_uas()
-
-
-@pytest.fixture
-def victim() -> Iterator[RawUas]:
-    """A third party's UAS, none of our users either: answers 200."""
-    yield from _answering_uas()
 
 
 def _strangers_message(home: ProxyHandle, routes: list[str], text: bytes):
@@ -124,30 +97,11 @@ def test_hole_a_strict_next_hop_mints_a_route_token_and_relays_in_dialog(home, e
     then in-dialog requests relayed to anyone (review 3's second hole, back).
     Fix: as above (refuse before record-routing: the token is only minted for an INVITE
     that goes where the proxy chose)."""
-    ua = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.52")
-    call_id, tag = "review23-mint@127.0.0.52", "mint-tag-23"
-    try:
-        invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com",
-                          call_id=call_id, from_tag=tag,
-                          routes=[f"<sip:127.0.0.1:{home.port};lr>",
-                                  f"<sip:127.0.0.1:{elsewhere.port}>"])
-        ua.transact(invite)
-        invites = elsewhere.wait_for(1, timeout=0.7, method="INVITE")
-        tokens = [rr for m in invites for rr in m.get_all("Record-Route") if f";{PARAM}=" in rr]
-        relayed = False
-        if tokens:
-            text = b"review23: in dialog, minted through a strict hop"
-            relay = ua.build("MESSAGE", f"sip:erin@127.0.0.1:{victim.port}",
-                             to="sip:erin@elsewhere.example", call_id=call_id, from_tag=tag,
-                             to_tag="any-tag", routes=[tokens[0]], body=text,
-                             content_type="text/plain")
-            ua.transact(relay)
-            relayed = wait_delivered(victim, text, timeout=0.7)
-        assert not relayed, "an in-dialog MESSAGE under the minted token reached a third party"
-        assert not invites, "the INVITE was relayed to the stranger's UAS"
-        assert not tokens, "the stranger's UAS read a route token"
-    finally:
-        ua.close()
+    invites, tokens, relayed = mint_a_route_token(home, elsewhere, victim, "review23",
+                                                  next_hop_params="")
+    assert not relayed, "an in-dialog MESSAGE under the minted token reached a third party"
+    assert not invites, "the INVITE was relayed to the stranger's UAS"
+    assert not tokens, "the stranger's UAS read a route token"
 
 
 def test_control_a_loose_next_hop_is_refused(home, elsewhere):
@@ -184,20 +138,21 @@ def test_control_an_authenticated_users_strict_next_hop_is_followed(home, elsewh
 SDP_VIEW = ("INVITE:application/sdp",)
 
 
-def _call_and_hang_up(proxy_factory, pki, bobs_tag: str):
+def call_and_hang_up(proxy_factory, pki, *, bobs_tag: str = "b1x",
+                     hop: Callable[[SipMessage], SipMessage] | None = None):
     """alice calls bob through a proxy that reads SDP; bob answers under alice's offer key
     (his 200's To tag is ``bobs_tag``); alice hangs up with a bare BYE, her To header as
-    bob wrote it and the route set he returned.  Returns (key-cache items once the 200
+    bob wrote it and the route set he returned.  ``hop`` rewrites each of alice's requests
+    on its way to the proxy (an untrusted hop).  Returns (key-cache items once the 200
     was read, whether bob got the BYE, alice's answer to it, the names of the key-cache
     records left after it)."""
-    import time
-
-    from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, invite, known_proxy, ua_engine
-    from e2m_lab.kamailio_harness import register_contact
+    from e2m_lab.flows import TRUSTED, invite, known_proxy, ua_engine
+    from e2m_lab.kamailio_harness import answer_under_offer_key, register_contact
     from e2m_lab.wire import htable_entries
     from e2m_plugins.sip import make_request
 
-    proxy = proxy_factory("review23-tags", e2m=True, view=SDP_VIEW)
+    hop = hop or (lambda request: request)
+    proxy = proxy_factory("review23-calls", e2m=True, view=SDP_VIEW)
     bob_engine = ua_engine(pki, "bob")
     bob = RawUas(lambda request: make_response(request, 180, "Ringing")
                  if request.method == "INVITE" else make_response(request, 200, "OK"))
@@ -206,19 +161,11 @@ def _call_and_hang_up(proxy_factory, pki, bobs_tag: str):
         register_contact(proxy, "bob", bob.port)
         alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
         offer = alice.protect(invite(pki, call_id=f"review23-{time.monotonic_ns()}@x")).message
-        alice_ua.send(offer.replace("Via", alice_ua.via()))
+        alice_ua.send(hop(offer.replace("Via", alice_ua.via())))
         (delivered,) = bob.wait_for(1, method="INVITE")
-        reply = answer(bob_engine.open(delivered).message, SDP_ANSWER, to_tag=bobs_tag)
-        reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{bob.port}>")
-        for route in delivered.get_all("Record-Route"):
-            reply = reply.add("Record-Route", route)
-        protected = bob_engine.protect(reply)
-        assert protected.info.key_reuse
-        bob.sock.sendto(protected.message.serialize(), ("127.0.0.1", proxy.port))
-        assert proxy.wait_log("e2m: INVITE response 200", timeout=5)
+        ok = answer_under_offer_key(proxy, bob_engine, bob, delivered, to_tag=bobs_tag)
         time.sleep(0.3)
         kept = proxy.htable_items()
-        ok = protected.message
         bye = make_request("BYE", f"sip:bob@127.0.0.1:{bob.port}",
                            from_uri=ok.address("From").uri, to_uri=ok.address("To").uri,
                            call_id=ok.call_id, cseq=2, from_tag=ok.from_tag or "",
@@ -226,7 +173,7 @@ def _call_and_hang_up(proxy_factory, pki, bobs_tag: str):
         bye = bye.replace("To", ok.get("To"))               # as bob wrote it, tag and all
         for route in reversed(ok.get_all("Record-Route")):
             bye = bye.add("Route", route)
-        bye_answer = alice_ua.transact(bye.replace("Via", alice_ua.via()))
+        bye_answer = alice_ua.transact(hop(bye.replace("Via", alice_ua.via())))
         got_bye = bool(bob.wait_for(1, method="BYE", timeout=2))
         deadline = time.monotonic() + 2
         while proxy.htable_items() and time.monotonic() < deadline:
@@ -260,7 +207,8 @@ def test_hole_a_callees_non_utf8_to_tag_keeps_the_callers_key_past_the_call(prox
     # bob's tools are his own: in this test process the core's check is lifted so that
     # his 200 can be signed; the proxy (another process) checks as it ships
     with mock.patch.object(sip, "_VISIBLE_ASCII", re.compile(r"(?s).+")):
-        kept, _got_bye, bye_answer, left = _call_and_hang_up(proxy_factory, pki, "b\udce9x")
+        kept, _got_bye, bye_answer, left = call_and_hang_up(proxy_factory, pki,
+                                                            bobs_tag="b\udce9x")
     assert kept > 0, "the offer kept no key: nothing to show"
     assert all(short_lived_key(name) for name in left), \
         f"a dialog record outlived the call: {[n for n in left if not short_lived_key(n)]}"
@@ -269,7 +217,7 @@ def test_hole_a_callees_non_utf8_to_tag_keeps_the_callers_key_past_the_call(prox
 
 def test_control_an_ascii_to_tag_ends_with_the_call(proxy_factory, pki):
     """The same call with an ordinary To tag: the BYE passes and drops every key."""
-    kept, got_bye, bye_answer, left = _call_and_hang_up(proxy_factory, pki, "b1x")
+    kept, got_bye, bye_answer, left = call_and_hang_up(proxy_factory, pki)
     assert kept > 0
     assert got_bye and bye_answer is not None and bye_answer.status == 200, bye_answer
     assert left == []

@@ -79,26 +79,39 @@ def test_hole_a_stranger_mints_a_route_token_and_relays_in_dialog(home, elsewher
     reads the Record-Route.  With it, an in-dialog MESSAGE (a To tag, never challenged
     for a stranger: ``route_auth(in_dialog=True)``) to a third party's address is
     relayed: the open relay of review 2 is back, one INVITE per Call-ID away."""
+    invites, tokens, relayed = mint_a_route_token(home, elsewhere, victim, "review3",
+                                                  next_hop_params=";lr")
+    assert not tokens and not relayed, \
+        f"the stranger got the route token; relayed with it to a third party: {relayed}"
+
+
+def mint_a_route_token(home: ProxyHandle, elsewhere: RawUas, victim: RawUas, label: str, *,
+                       next_hop_params: str) -> tuple[list, list[str], bool]:
+    """dave's INVITE to bob (ours: never challenged) with ``Route: <home;lr>,
+    <elsewhere NEXT_HOP_PARAMS>``; then, with any route token elsewhere read in it, an
+    in-dialog MESSAGE (a made-up To tag: never challenged for a stranger) to a third
+    party's address.  Returns (the INVITEs elsewhere got, the tokens in them, whether the
+    MESSAGE reached the third party)."""
     ua = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.52")
-    call_id, tag = "review3-mint@127.0.0.52", "mint-tag"
+    call_id, tag = f"{label}-mint@127.0.0.52", f"mint-tag-{label}"
     try:
         invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com",
                           call_id=call_id, from_tag=tag,
                           routes=[f"<sip:127.0.0.1:{home.port};lr>",
-                                  f"<sip:127.0.0.1:{elsewhere.port};lr>"])
+                                  f"<sip:127.0.0.1:{elsewhere.port}{next_hop_params}>"])
         ua.transact(invite)
         invites = elsewhere.wait_for(1, timeout=0.7, method="INVITE")
         tokens = [rr for m in invites for rr in m.get_all("Record-Route") if f";{PARAM}=" in rr]
         relayed = False
         if tokens:      # what the token buys him: a relay to a third party's address
+            text = f"{label}: minted relay".encode()
             relay = ua.build("MESSAGE", f"sip:erin@127.0.0.1:{victim.port}",
                              to="sip:erin@elsewhere.example.org", to_tag="made-up",
                              call_id=call_id, from_tag=tag, routes=[tokens[0]],
-                             body=b"review3: minted relay", content_type="text/plain")
+                             body=text, content_type="text/plain")
             ua.transact(relay)
-            relayed = wait_delivered(victim, b"review3: minted relay", timeout=0.7)
-        assert not tokens and not relayed, \
-            f"the stranger got the route token; relayed with it to a third party: {relayed}"
+            relayed = wait_delivered(victim, text, timeout=0.7)
+        return invites, tokens, relayed
     finally:
         ua.close()
 
