@@ -194,3 +194,63 @@ def test_control_a_strangers_invite_is_refused_at_once(bob):
     statuses, refused, calls = _strangers_invites(bob, odd=False)
     assert all(s is not None and s >= 400 for s in statuses), statuses
     assert refused == 3 and calls == 0
+
+
+def _empty_message_after_a_signed_one(pki: TestPKI, bob: PhoneProcess, *, same_ids: bool
+                                      ) -> tuple[list[dict], int | None]:
+    """alice's signed MESSAGE reaches bob; then a bodiless MESSAGE "from alice" (another
+    branch), under her message's Call-ID and CSeq when ``same_ids``, else fresh ones.
+    Returns bob's message_in events since the first and the final answer to the second."""
+    peer = UdpStranger(bob.port)
+    try:
+        first, _, _ = _challenged_and_real(pki, bob.port, peer, "MESSAGE")
+        mark = bob.mark()
+        peer.send(first.serialize())
+        assert peer.final(first.call_id, timeout=5) == 200
+        bob.wait("message_in", since=mark)
+        call_id = first.call_id if same_ids else "fresh-" + first.call_id
+        data = sip_request("MESSAGE", f"sip:bob@{HOST}:{bob.port}", via=peer.via,
+                           call_id=call_id, cseq=first.cseq[0],
+                           from_=f"<{pki.aor('alice')}>;tag=forged", to=f"<{pki.aor('bob')}>")
+        peer.send(data)
+        status = peer.final(call_id, timeout=3)
+        time.sleep(0.5)
+        return bob.of("message_in", since=mark), status
+    finally:
+        peer.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 25: a bodiless MESSAGE under an earlier "
+                   "message's Call-ID and CSeq is shown with that message's security "
+                   "(encrypted, signed by alice, trusted)")
+def test_hole_a_bodiless_message_is_shown_with_an_earlier_messages_security(pki, bob):
+    """Attacker: an untrusted hop (or anyone who saw the Call-ID and CSeq of one of
+    alice's MESSAGEs to bob; SIP headers travel in the clear without TLS).
+
+    Attack: after alice's signed, encrypted MESSAGE reached bob, send bob a MESSAGE
+    without a body, From alice, with her message's Call-ID and CSeq (any From tag, a new
+    branch).  The engine opens a bodiless request without complaint (nothing to
+    refuse, even with ``require`` on), FirstCopy remembers only protected requests, and
+    pjsua delivers it.  ``E2MPhone._on_rx`` records a message's SecurityInfo only
+    ``if msg.body``, and ``_ev_message`` looks it up by (Call-ID, CSeq, method): the
+    bodiless MESSAGE finds alice's.
+
+    Effect: bob's phone shows a message nobody signed or encrypted (``message_in``, text
+    empty) as "encrypted by sip:alice@... for us; signed by sip:alice@... (trusted)".
+
+    Fix: record a SecurityInfo for every request handed to pjsua (an empty one for a
+    bodiless message) so it replaces what an earlier message under the same key left,
+    or key the record by what identifies this very message (its top Via branch)."""
+    shown, status = _empty_message_after_a_signed_one(pki, bob, same_ids=True)
+    assert len(shown) == 2 and status == 200, (len(shown), status)
+    forged = shown[1]["security"]
+    assert forged is None or not (forged["signed"] or forged["encrypted"] or forged["trusted"]), \
+        forged["summary"]
+
+
+def test_control_a_bodiless_message_under_fresh_ids_shows_no_security(pki, bob):
+    shown, status = _empty_message_after_a_signed_one(pki, bob, same_ids=False)
+    assert len(shown) == 2 and status == 200, (len(shown), status)
+    assert shown[0]["security"]["trusted"]
+    forged = shown[1]["security"]
+    assert forged is None or not (forged["signed"] or forged["encrypted"] or forged["trusted"])
