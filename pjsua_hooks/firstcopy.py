@@ -38,7 +38,6 @@ user's flood of signed requests does not push out the entries of everyone else.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -55,11 +54,6 @@ class Duplicate(Exception):
     def __init__(self, code: int, reason: str, method: str) -> None:
         super().__init__(f"a second copy of a {method} already delivered")
         self.code, self.reason, self.method = code, reason, method
-
-
-def _to_tagged(msg: sip.SipMessage) -> bool:
-    to = msg.get("To") or ""
-    return bool(re.search(r";\s*tag\s*=", to.split(">", 1)[-1], re.IGNORECASE))
 
 
 def _sender(msg: sip.SipMessage) -> str:
@@ -99,7 +93,9 @@ class FirstCopy:
         if method == "ACK":
             self._acked(request)
             return
-        if method not in ("MESSAGE", "INVITE") or _to_tagged(request):
+        # the core's reading of the To tag, which pjsip shares: a ";tag=" in a display
+        # name or a quoted parameter is none (review 25)
+        if method not in ("MESSAGE", "INVITE") or request.to_tag is not None:
             return
         key: tuple[str, ...] = (method, request.call_id, request.from_tag or "")
         if method == "MESSAGE":

@@ -308,6 +308,16 @@ def _key(msg: sip.SipMessage) -> tuple[str, int, str]:
     return (msg.call_id, number, method)
 
 
+def _rx_key(msg: sip.SipMessage, what: str) -> tuple[str, int, str, str, str]:
+    """A received message's security record: its transaction (Call-ID, CSeq, top Via
+    branch) and what it is ("MESSAGE", "200 INVITE")."""
+    try:
+        branch = msg.via_branch()
+    except E2MError:
+        branch = ""          # pjsip refuses such a request before pjsua sees it
+    return (*_key(msg), what, branch)
+
+
 def _bounded_put(store: OrderedDict, key: Any, value: Any) -> None:
     store[key] = value
     store.move_to_end(key)
@@ -349,7 +359,7 @@ class E2MPhone:
         # state shared between the hook callbacks and the main loop (same thread)
         self._plain: OrderedDict[tuple[str, int, str], sip.SipMessage] = OrderedDict()
         self._tx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
-        self._rx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
+        self._rx_info: OrderedDict[tuple[str, int, str, str, str], SecurityInfo] = OrderedDict()
         # E2M answers to our requests: (Call-ID, CSeq) -> (answer, plaintext, when)
         self._reactions: OrderedDict[tuple[str, tuple[int, str]],
                                      tuple[sip.SipMessage, sip.SipMessage | None, float]] = \
@@ -538,6 +548,9 @@ class E2MPhone:
     def _on_rx(self, data: bytes) -> bytes | None:
         try:
             msg = sip.parse(data)
+            # initial or in-dialog is the core's reading of the To tag, as pjsip's: never a
+            # ";tag=" found in a display name or a quoted parameter (review 25)
+            in_dialog = msg.to_tag is not None
         except E2MError as exc:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
         if self.certservice is not None and self.certservice.on_rx(msg, self.hook.rx_source):
@@ -550,13 +563,18 @@ class E2MPhone:
         if not msg.is_request and msg.status in (codes.proxy_indecipherable,
                                                  codes.signature_required, 493):
             self._keep_reaction(msg)
-        if msg.is_request and msg.method == "INVITE" and not _to_tag(msg):
+        if msg.is_request and msg.method == "INVITE" and not in_dialog:
             self._refuse_unanswerable(msg, opened.info)
         if msg.is_request:
             self._only_once(msg, opened)
+        what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
+        if msg.body or msg.is_request:
+            # every request pjsua is handed gets its own record, a bodiless one an empty
+            # one, under its own transaction (top Via branch): a bodiless MESSAGE under
+            # another's Call-ID and CSeq must not be shown with that one's security
+            # (review 25)
+            _bounded_put(self._rx_info, _rx_key(msg, what), opened.info)
         if msg.body:
-            what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
-            _bounded_put(self._rx_info, (*_key(msg), what), opened.info)
             self._note_call_security("rx", msg, what, opened.info, size=len(data))
         if opened.message is msg or opened.message.body == msg.body:
             return None
@@ -762,7 +780,7 @@ class E2MPhone:
         info = None
         try:
             msg = sip.parse(whole)
-            info = self._rx_info.get((*_key(msg), msg.method))
+            info = self._rx_info.get(_rx_key(msg, msg.method))
             call_id = msg.call_id
         except E2MError:
             call_id = None
@@ -1230,12 +1248,6 @@ def _keep_done(items: list[Any], by_call_id: dict[str, Any]) -> list[Any]:
                 if by_call_id.get(call_id) is item:
                     del by_call_id[call_id]
     return [i for i in items if id(i) not in drop]
-
-
-def _to_tag(msg: sip.SipMessage) -> bool:
-    """Whether the To header carries a tag (the request is inside a dialog)."""
-    to = msg.get("To") or ""
-    return bool(re.search(r";\s*tag\s*=", to.split(">", 1)[-1], re.IGNORECASE))
 
 
 def _same_uri(a: str, b: str) -> bool:
