@@ -17,37 +17,23 @@ branch).  ``test_control_*``: the same flows without the odd To header.
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from e2m_lab.flows import SRTP_OFFER, ua_engine
 from e2m_lab.phones import PhoneProcess
-from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import HOST, UdpStranger, sip_request
 from e2m_plugins import sip
 from e2m_plugins.ua import next_attempt
-from e2m_plugins.testpki import TestPKI, init_test_pki
+from e2m_plugins.testpki import TestPKI
+from tests.pjsua.test_review2_phone import answered_and_acked, bob, pki  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.pjsua2]
 
 # What a hop (or a stranger) writes in To: no tag for the core and pjsip, a tag for the
 # phone's regular expression.
 ODD_TO_DISPLAY = '"x>;tag=1"'
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
-    return init_test_pki(tmp_path_factory.mktemp("review25-pki"), users=("alice", "bob"),
-                         key_type="ec")
-
-
-@pytest.fixture
-def bob(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest) -> Iterator[PhoneProcess]:
-    yield from answering_phone(tmp_path, pki, request)
 
 
 def _with_odd_to(message: sip.SipMessage) -> sip.SipMessage:
@@ -76,12 +62,6 @@ def _challenged_and_real(pki: TestPKI, port: int, peer: UdpStranger, method: str
     return first, first.serialize(), retry.serialize()
 
 
-def _header(data: bytes, name: str) -> str:
-    match = re.search(rb"(?im)^" + name.encode() + rb":\s*(.+?)\r$", data)
-    assert match, name
-    return match.group(1).decode()
-
-
 def _challenged_invite_sent_again(pki: TestPKI, bob: PhoneProcess, *, odd: bool
                                   ) -> tuple[int, bytes | None]:
     """alice's real INVITE (the retry) rings bob and is ACKed; then the challenged first
@@ -90,18 +70,7 @@ def _challenged_invite_sent_again(pki: TestPKI, bob: PhoneProcess, *, odd: bool
     peer = UdpStranger(bob.port)
     try:
         first, _, retry = _challenged_and_real(pki, bob.port, peer, "INVITE")
-        mark = bob.mark()
-        peer.send(retry)
-        ok = peer.answered(first.call_id, timeout=10)
-        assert ok is not None and ok.startswith(b"SIP/2.0 200"), ok[:40] if ok else ok
-        bob.wait("call_incoming", since=mark)
-        ack = sip.make_request(
-            "ACK", re.sub(r"^.*<|>.*$", "", _header(ok, "Contact")), from_uri=pki.aor("alice"),
-            to_uri=pki.aor("bob"), call_id=first.call_id, cseq=2, from_tag=first.from_tag,
-            to_tag=sip.parse(ok).to_tag, via_host=f"{HOST}:{peer.local_port}")
-        peer.send(ack.serialize())
-        time.sleep(1.0)
-        peer.drain()
+        mark = answered_and_acked(pki, bob, peer, retry, sip.parse(retry))
         copy = _with_odd_to(first) if odd else first
         peer.send(copy.serialize())                       # the hop's copy of attempt 1
         again = peer.answered(first.call_id, timeout=4)

@@ -46,6 +46,27 @@ def _header(data: bytes, name: str) -> str:
     return match.group(1).decode()
 
 
+def answered_and_acked(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger, wire: bytes,
+                       invite: sip.SipMessage) -> int:
+    """alice's INVITE (``wire``, whose plain form is ``invite``) sent to bob by ``peer``:
+    bob's phone rings and answers 200, alice's ACK goes back, pjsip's transaction is
+    over.  Returns bob's event mark from before the INVITE."""
+    mark = bob.mark()
+    peer.send(wire)
+    ok = peer.answered(invite.call_id, timeout=10)
+    assert ok is not None and ok.startswith(b"SIP/2.0 200"), ok[:40] if ok else ok
+    bob.wait("call_incoming", since=mark)
+    ack = sip.make_request(
+        "ACK", re.sub(r"^.*<|>.*$", "", _header(ok, "Contact")), from_uri=pki.aor("alice"),
+        to_uri=pki.aor("bob"), call_id=invite.call_id, cseq=invite.cseq[0],
+        from_tag=invite.from_tag, to_tag=sip.parse(ok).to_tag,
+        via_host=f"{HOST}:{peer.local_port}")
+    peer.send(ack.serialize())
+    time.sleep(1.0)
+    peer.drain()
+    return mark
+
+
 def test_hole_a_captured_invite_sent_again_after_the_ack_rings_a_second_call(pki, bob):
     """Untrusted on-path hop (it forwarded alice's INVITE, so it has its bytes).
 
@@ -65,18 +86,7 @@ def test_hole_a_captured_invite_sent_again_after_the_ack_rings_a_second_call(pki
             content_type="application/sdp",
             extra_headers=[("Contact", f"<sip:alice@{HOST}:{peer.local_port}>")])
         wire = alice.protect(plain).message.serialize()
-        mark = bob.mark()
-        peer.send(wire)
-        ok = peer.answered(plain.call_id, timeout=10)
-        assert ok is not None and ok.startswith(b"SIP/2.0 200"), ok[:40] if ok else ok
-        bob.wait("call_incoming", since=mark)
-        ack = sip.make_request(
-            "ACK", re.sub(r"^.*<|>.*$", "", _header(ok, "Contact")), from_uri=pki.aor("alice"),
-            to_uri=pki.aor("bob"), call_id=plain.call_id, cseq=1, from_tag=plain.from_tag,
-            to_tag=sip.parse(ok).to_tag, via_host=f"{HOST}:{peer.local_port}")
-        peer.send(ack.serialize())
-        time.sleep(1.0)
-        peer.drain()
+        mark = answered_and_acked(pki, bob, peer, wire, plain)
         peer.send(wire)                                  # the captured bytes, once more
         again = peer.answered(plain.call_id, timeout=3)
         time.sleep(0.5)
