@@ -549,8 +549,10 @@ class E2MPhone:
         try:
             msg = sip.parse(data)
             # initial or in-dialog is the core's reading of the To tag, as pjsip's: never a
-            # ";tag=" found in a display name or a quoted parameter (review 25)
+            # ";tag=" found in a display name or a quoted parameter (review 25); a Call-ID
+            # or tag the core refuses is a bad request here, not an error further on
             in_dialog = msg.to_tag is not None
+            _ids = (msg.call_id, msg.from_tag)
         except E2MError as exc:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
         if self.certservice is not None and self.certservice.on_rx(msg, self.hook.rx_source):

@@ -216,3 +216,27 @@ def test_control_a_bodiless_message_under_fresh_ids_shows_no_security(pki, bob):
     assert shown[0]["security"]["trusted"]
     forged = shown[1]["security"]
     assert forged is None or not (forged["signed"] or forged["encrypted"] or forged["trusted"])
+
+
+@pytest.mark.parametrize("header", ["Call-ID", "From"])
+def test_an_id_the_core_refuses_is_answered_400_and_the_phone_goes_on(bob, header):
+    """A stranger's MESSAGE whose Call-ID, or From tag, holds an octet that is not UTF-8
+    (review 23 made the core refuse such ids): the Call-ID one reaches the phone's hook
+    and is answered 400; pjsip's own parser drops the other before it (no answer).  No
+    message event either way, and the phone answers the next request as before."""
+    peer = UdpStranger(bob.port)
+    try:
+        mark = bob.mark()
+        data = sip_request("MESSAGE", f"sip:bob@{HOST}:{bob.port}", via=peer.via,
+                           call_id="r25-odd-XX", from_="<sip:stranger@example.net>;tag=sXX",
+                           body=b"hello", content_type="text/plain")
+        target = b"r25-odd-XX" if header == "Call-ID" else b"tag=sXX"
+        peer.send(data.replace(target, target.replace(b"XX", b"\xe9")))
+        answers = [d.split(b"\r\n", 1)[0] for d in peer.drain(timeout=3)
+                   if d.startswith(b"SIP/2.0 ")]
+        assert answers == ([b"SIP/2.0 400 Bad Request"] if header == "Call-ID" else []), answers
+        assert not bob.of("message_in", since=mark)
+        _, call_id = peer.request("OPTIONS")
+        assert peer.final(call_id, timeout=5) == 200
+    finally:
+        peer.close()
