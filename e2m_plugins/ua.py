@@ -201,6 +201,8 @@ class UAEngine:
         # Peer certificates from a certificate service (RFC 6072): AoR -> when the
         # subscription that gave it lapses.  [peers] entries are never in here.
         self._service_peers: OrderedDict[str, float] = OrderedDict()
+        # AoR -> the newest notBefore a certificate from the wire had (``_refuse_older``)
+        self._newest_from_wire: OrderedDict[str, datetime] = OrderedDict()
         self._peers_wanted: OrderedDict[str, float] = OrderedDict()
         self._configured_peers = {str(aor_of(aor)) for aor in config.peers}
         # Our tag in each INVITE dialog we are in -> (Call-ID, its two parties' AoRs),
@@ -507,11 +509,12 @@ class UAEngine:
                 return held
             if expires_in is not None:
                 check_not_a_ca(cert)
-            if expires_in is not None and name in self._service_peers:
+            if expires_in is not None:
                 self._refuse_older(name, cert)
             self.certs.add_user(name, cert)
             self._peers_wanted.pop(name, None)
             if expires_in is not None:
+                self._note_from_wire(name, cert)
                 self._service_peers.pop(name, None)
                 self._service_peers[name] = self._clock() + max(0.0, expires_in)
                 while len(self._service_peers) > MAX_SERVICE_PEERS:
@@ -521,13 +524,26 @@ class UAEngine:
 
     def _refuse_older(self, name: str, cert: x509.Certificate) -> None:
         """A certificate from the wire (a service's NOTIFY, a 493) issued before the one
-        held for ``name`` is refused: a hop that kept bob's replaced certificate would
-        otherwise bring it back.  Bob going back to an older one takes a NOTIFY without
-        a body first (removed), or the subscription's end."""
+        held for ``name``, or before the newest one the wire ever gave for it, is
+        refused: a hop that kept bob's replaced certificate would otherwise bring it
+        back, and an empty NOTIFY of its own, sent first, dropped the one held (review
+        26).  So bob cannot go back to an older certificate over the wire: he gets a
+        new one issued."""
         held = self.certs.user(name)
-        if held is not None and cert.not_valid_before_utc < held.not_valid_before_utc:
-            raise CertificateRejectedError(
-                f"{name}: the service gave a certificate issued before the one held")
+        newest = self._newest_from_wire.get(name)
+        for known in (held.not_valid_before_utc if held is not None else None, newest):
+            if known is not None and cert.not_valid_before_utc < known:
+                raise CertificateRejectedError(
+                    f"{name}: the service gave a certificate issued before one it gave")
+
+    def _note_from_wire(self, name: str, cert: x509.Certificate) -> None:
+        """The newest issue time the wire gave for ``name``: kept when the certificate
+        goes (an empty NOTIFY), bounded as the service's peers are."""
+        issued = cert.not_valid_before_utc
+        newest = self._newest_from_wire.pop(name, None)
+        self._newest_from_wire[name] = issued if newest is None else max(newest, issued)
+        while len(self._newest_from_wire) > MAX_SERVICE_PEERS:
+            self._newest_from_wire.popitem(last=False)
 
     def drop_peer_certificate(self, aor: str) -> bool:
         """Forget a peer certificate the service gave (an empty NOTIFY: it was removed);
@@ -1143,8 +1159,11 @@ class UAEngine:
             raise CertificateRejectedError("493 body is not application/pkix-cert")
         cert = _certificate_from(part.decoded())
         check_not_a_ca(cert)            # from the wire, as a service's would be
-        self._refuse_older(str(aor_of(peer)), cert)    # a hop's copy of a replaced one
+        name = str(aor_of(peer))
+        self._refuse_older(name, cert)                  # a hop's copy of a replaced one
         self.add_peer_certificate(peer, cert.public_bytes(serialization.Encoding.DER))
+        with self._lock:
+            self._note_from_wire(name, cert)
         return peer
 
 

@@ -324,19 +324,24 @@ class SubscriptionTable:
         (the same Call-ID and tags) from the same source address renews it and goes
         on with its CSeqs; from another source it is ``SubscriptionTaken`` (tm's To
         tag is a function of the Via: a SUBSCRIBE replayed from elsewhere names the
-        same dialog, and would move its NOTIFYs to the replayer).
+        same dialog, and would move its NOTIFYs to the replayer), and so is a new
+        Event id in a dialog made from another source (review 26).
         ``SubscriptionRefused`` when it would pass a bound, and then nothing is kept.
         ``flags``: HELD (its first NOTIFY goes without the certificate), FETCH."""
         columns = (*_SUBSCRIPTION_COLUMNS, "cseq", "last_notify", "pending")
         renew = ", ".join(f"{c} = excluded.{c}" for c in _SUBSCRIPTION_COLUMNS[4:])
         with self.db.write() as cursor:
+            # every subscription of one dialog (any Event id) is from one source: a forger
+            # who made a dialog from his own address and answers its NOTIFYs must not add
+            # rows to it from someone else's (his answer confirms the whole dialog)
             known = cursor.execute(self.db.sql(
-                f"SELECT source FROM cert_subscriptions WHERE {_KEY}"), _key(sub)).fetchone()
-            if known is None:
-                self._check_bounds(cursor, sub, limits, now)
-            elif known[0] != sub.source:
+                "SELECT source, event_id FROM cert_subscriptions WHERE call_id = ? AND "
+                "local_tag = ? AND remote_tag = ?"), _key(sub)[:3]).fetchall()
+            if any(source != sub.source for source, _ in known):
                 raise SubscriptionTaken("that dialog's subscription was made from another "
                                         "address")
+            if not any(event_id == sub.event_id for _, event_id in known):
+                self._check_bounds(cursor, sub, limits, now)
             row = cursor.execute(self.db.sql(
                 f"INSERT INTO cert_subscriptions ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))}) "

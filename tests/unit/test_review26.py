@@ -1,9 +1,9 @@
 """A twenty-sixth attacker's review (December 2026) of ebc7b93: the certificate service
 (RFC 6072) at the proxy and at the phone, the archive, digest and TLS.
 
-Two holes, both in the certificate service, each a strict xfail whose assertion is
-what a fix must make true, with ``test_control_*`` tests for the same flows without
-the attack (they pass):
+Two holes, both in the certificate service, each a strict xfail on ``ebc7b93`` (its
+assertion is what a fix must make true; both pass since), with ``test_control_*``
+tests for the same flows without the attack:
 
 - the proxy's probation of subscriptions made over UDP (``cert_table.SubscriptionTable``)
   is kept per subscription (Call-ID, our tag, their tag, Event id) but lifted per
@@ -13,6 +13,10 @@ the attack (they pass):
   then held for the subscription's life, which review 15's probation was for;
 - the phone's ``UAEngine._refuse_older`` (review 4's fix against a NOTIFY that brings
   back bob's replaced certificate) is undone by an empty NOTIFY sent just before it.
+
+The fixes: every subscription of one dialog is from one source (a new Event id in a
+dialog made from another address is ``SubscriptionTaken``), and the phone keeps, per
+AoR, the newest issue time the wire gave, which an empty NOTIFY does not lower.
 """
 
 from __future__ import annotations
@@ -206,12 +210,6 @@ def _victims_user_subscribes(svc, ksr, clock) -> int:
     return _new_subscription(svc, ksr, real, VICTIM)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review 26: SubscriptionTable.confirm lifts probation for every subscription of the "
-    "dialog (Call-ID, tags) whatever its Event id: a forger's own answered NOTIFY confirms "
-    "the subscriptions it forged from a victim's address, which then hold that address's "
-    "20 places (403 Too Many Subscriptions to its real users) and get NOTIFYs (over TCP "
-    "for a large certificate) until they lapse"))
 def test_hole_a_forgers_own_answer_confirms_subscriptions_forged_from_a_victims_address(
         service):
     """Off-path sender with one address of its own (no account: SUBSCRIBE needs none).
@@ -306,10 +304,6 @@ def _old_and_new_bob(pki):
     return compromised, pki.user("bob").cert        # a Credential; the replacement: issued now
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review 26: UAEngine._refuse_older compares with the certificate held only; an empty "
-    "NOTIFY first (which drops it) lets the next NOTIFY bring bob's replaced certificate "
-    "back, and alice encrypts to the compromised key"))
 def test_hole_an_empty_notify_first_lets_the_replaced_certificate_back(pki, phone):
     """Untrusted on-path hop (a visited proxy alice subscribes through: NOTIFYs come from
     her outbound proxy's address, which is the hop; or anyone who saw the subscription's
@@ -357,11 +351,12 @@ def test_control_the_replaced_certificate_alone_is_refused(pki, phone):
     assert _der(engine.certs.user(BOB)) == _der(replacement)
 
 
-def test_control_after_the_attack_alice_seals_for_the_compromised_key(pki, phone):
-    """What the hole's effect means (skipped once fixed): with the old certificate held,
-    alice's MESSAGE to bob goes out sealed, and bob's *old* (compromised) key opens it."""
-    from e2m_plugins.body import message_body, open_part, top_parts
-    from e2m_plugins.cms.recipients import CertificateKey
+def test_after_the_attack_alice_seals_nothing_for_the_compromised_key(pki, phone):
+    """What the hole meant (alice's MESSAGE sealed for bob's *old*, compromised key),
+    and what is left of the attack now: the empty NOTIFY still drops the certificate
+    held (a hop can always deny service), the old one is refused, and alice's MESSAGE
+    is refused for want of bob's certificate instead of going out for the old key."""
+    from e2m_plugins.errors import E2MError
     engine, client, sent = phone
     compromised, replacement = _old_and_new_bob(pki)
     sub = _subscribe_to_bob(engine, client, sent)
@@ -369,14 +364,8 @@ def test_control_after_the_attack_alice_seals_for_the_compromised_key(pki, phone
     assert _answer(client, _notify(sub, _der(replacement), cseq=2)) == 200
     assert _answer(client, _notify(sub, b"", cseq=2)) == 200
     _answer(client, _notify(sub, _der(compromised.cert), cseq=2))
-    held = engine.certs.user(BOB)
-    if held is None or _der(held) != _der(compromised.cert):
-        pytest.skip("fixed: the old certificate is no longer taken")
+    assert engine.certs.user(BOB) is None
     msg = sip.make_request("MESSAGE", BOB, from_uri=ALICE, to_uri=BOB, body=b"secret",
                            content_type="text/plain")
-    out = engine.protect(msg).message
-    assert b"secret" not in out.body
-    [part] = top_parts(message_body(out))
-    opened = open_part(part, [CertificateKey(compromised.cert, compromised.key)],
-                       trust_anchors=[pki.ca.cert])
-    assert opened.content == b"secret"
+    with pytest.raises(E2MError):
+        engine.protect(msg)
