@@ -56,18 +56,30 @@ def _identity(message: SipMessage) -> tuple[str | int | None, ...]:
     return (message.call_id, message.from_tag, message.to_tag, number, method, message.status)
 
 
+def as_utf8(text: str | None) -> str | None:
+    """``text`` as a database or Kamailio's log takes it: header octets that are not
+    UTF-8 (which the core keeps as surrogates, to give them back byte-exact) written as
+    ``\\xNN``.  Else the insert or the log call raises: a body would go unarchived, a
+    route would stop (review 26's lead; the core refuses such URIs before it reads a
+    body, so this guards what reaches the archive and the log)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def body_records(message: SipMessage, seen: Any) -> list[BodyRecord]:
     """Archive rows for the bodies ``verdict.seen`` reports for ``message``.
 
     ``from_uri`` is who sent the body: the From of a request, the responder (the To)
     of a response; ``to_uri`` is the other party."""
     sender, receiver = ("From", "To") if message.is_request else ("To", "From")
-    return [BodyRecord(call_id=message.call_id, from_uri=_uri(message, sender),
-                       to_uri=_uri(message, receiver), method=message.method,
+    return [BodyRecord(call_id=message.call_id, from_uri=as_utf8(_uri(message, sender)),
+                       to_uri=as_utf8(_uri(message, receiver)), method=message.method,
                        direction=_direction(message), status=message.status,
-                       content_type=item.content_type, plaintext=item.plaintext,
-                       sha256=item.sha256, signature=item.signature, signer=item.signer,
-                       cid=item.cid)
+                       content_type=as_utf8(item.content_type) or "",
+                       plaintext=item.plaintext, sha256=item.sha256,
+                       signature=item.signature, signer=as_utf8(item.signer),
+                       cid=as_utf8(item.cid))
             for item in seen]
 
 
@@ -78,9 +90,11 @@ def _codecs(line: Any) -> str:
 def media_records(message: SipMessage, media: Any) -> list[MediaRecord]:
     """Media rows for the ``MediaLine``s of the SDP seen in ``message``."""
     return [MediaRecord(call_id=message.call_id, method=message.method,
-                        direction=_direction(message), media=line.media, address=line.address,
-                        port=line.port, port_count=line.port_count, proto=line.proto,
-                        codecs=_codecs(line), flow=line.direction, rtcp_port=line.rtcp_port)
+                        direction=_direction(message), media=as_utf8(line.media) or "",
+                        address=as_utf8(line.address), port=line.port,
+                        port_count=line.port_count, proto=as_utf8(line.proto) or "",
+                        codecs=as_utf8(_codecs(line)) or "",
+                        flow=as_utf8(line.direction), rtcp_port=line.rtcp_port)
             for line in media]
 
 

@@ -53,7 +53,7 @@ from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
-from kamailio_app.bootstrap import ProxyApp, public_dmq_warning  # noqa: E402
+from kamailio_app.bootstrap import ProxyApp, as_utf8, public_dmq_warning  # noqa: E402
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 
@@ -96,9 +96,9 @@ def mod_init():
     SYNC_GATE = for_cluster(KSR, APP.config.cluster, APP.dmq_sources())
     exposed = public_dmq_warning(APP.config.cluster)
     if exposed:
-        KSR.warn(exposed + "\n")
+        _warn(exposed + "\n")
     mode = "E2M proxy for %s" % APP.engine.host if APP.e2m else "plain routing proxy"
-    KSR.info("e2m: %s; python %s; config %s\n" % (mode, sys.version.split()[0], path))
+    _info("e2m: %s; python %s; config %s\n" % (mode, sys.version.split()[0], path))
     return kamailio()
 
 
@@ -111,9 +111,23 @@ def _where(exc):
                        for f in reversed(frames))
 
 
+# Log lines name what a message held (an error's text, a URI): octets that are not
+# UTF-8 make app_python3's str conversion raise, and the route would stop there.
+def _info(line):
+    KSR.info(as_utf8(line))
+
+
+def _warn(line):
+    KSR.warn(as_utf8(line))
+
+
+def _err(line):
+    KSR.err(as_utf8(line))
+
+
 def _log_exception(where, exc):
     detail = ": %s" % exc if isinstance(exc, (E2MError, ArchiveError)) else ""
-    KSR.err("e2m: %s failed: %s%s at %s\n" % (where, type(exc).__name__, detail, _where(exc)))
+    _err("e2m: %s failed: %s%s at %s\n" % (where, type(exc).__name__, detail, _where(exc)))
 
 
 # Kamailio's transformations work in one 64 KiB buffer, so base64 of the whole
@@ -260,7 +274,7 @@ class kamailio:
         except UnicodeDecodeError:
             # Call-ID, a tag or a URI with bytes that are not UTF-8: app_python3 cannot
             # hand them over as a str, and no request of ours carries them (review 23)
-            KSR.info("e2m: request with octets that are not UTF-8 in a header read: "
+            _info("e2m: request with octets that are not UTF-8 in a header read: "
                      "refused\n")
             KSR.sl.send_reply(400, "Bad Request")
         except Exception as exc:  # noqa: BLE001 - any failure must get an answer
@@ -281,7 +295,7 @@ class kamailio:
             return
         if not self.route_limits():
             return
-        KSR.warn("e2m: KDMQ from %s:%d, not a [cluster] peer: refused\n" % source)
+        _warn("e2m: KDMQ from %s:%d, not a [cluster] peer: refused\n" % source)
         KSR.sl.sl_send_reply(403, "Forbidden")
 
     def route_request(self):
@@ -363,7 +377,7 @@ class kamailio:
             return False
         if limits.pike_requests > 0 and KSR.pike.pike_check_req() < 0:
             KSR.htable.sht_seti(_BANS, source, 1)     # gone after ban_time (autoexpire)
-            KSR.warn("e2m: %s banned for %d s: more than %d requests in %d s\n"
+            _warn("e2m: %s banned for %d s: more than %d requests in %d s\n"
                      % (source, limits.ban_time, limits.pike_requests, limits.pike_window))
             self.close_connection()
             return False
@@ -410,7 +424,7 @@ class kamailio:
             if not register:
                 KSR.auth.consume_credentials()   # not for the next hop to see
             return True
-        KSR.info("e2m: %s from %s refused: %s\n" % (
+        _info("e2m: %s from %s refused: %s\n" % (
             KSR.pv.get("$rm"), KSR.pv.get("$si"), _AUTH_FAILURES.get(rc, "invalid credentials")))
         if rc == _AUTH_USER_MISMATCH:
             KSR.sl.send_reply(403, "Forbidden")
@@ -501,7 +515,7 @@ class kamailio:
                     if KSR.tm.t_check_trans() > 0:
                         KSR.tm.t_relay()
                     return
-                KSR.info("e2m: %s from %s with no route token of ours: refused\n" % (
+                _info("e2m: %s from %s with no route token of ours: refused\n" % (
                     KSR.pv.get("$rm"), KSR.pv.get("$si")))
                 KSR.sl.sl_send_reply(403, "Not Routed Here")
                 return
@@ -653,7 +667,7 @@ class kamailio:
                                        has_label=KSR.hdr.is_present(PROXY_REQUIRED_BODY) > 0):
             return False
         engine.end_unread(method, *dialog_ids(KSR))
-        KSR.info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
+        _info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
         return True
 
     def inspect_request(self):
@@ -667,7 +681,7 @@ class kamailio:
             KSR.sl.send_reply(400, "Bad Request")
             return False
         verdict = self.app.engine.inspect(message)
-        KSR.info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
+        _info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
         if not self.observe(message, verdict):
             return False
         if verdict.action == "reply":
@@ -719,7 +733,7 @@ class kamailio:
             KSR.statistics.update_stat("e2m_bodies_opened", len(verdict.seen))
         try:
             for line in self.app.observe(message, verdict):
-                KSR.info(line + "\n")
+                _info(line + "\n")
         except ArchiveError as exc:
             _log_exception("archive", exc)
             if self.app.config.archive.fail_request_on_error and message.is_request:
@@ -817,7 +831,7 @@ class kamailio:
         verdict = self.app.engine.inspect(message, caller=caller)
         # who paid for a key the answer offered (asked only then)
         charged = " caller=%s" % _loggable(asked[0]) if asked else ""
-        KSR.info("e2m: %s response %s %s%s\n" % (message.method, message.status,
+        _info("e2m: %s response %s %s%s\n" % (message.method, message.status,
                                                  _summary(verdict), charged))
         self.observe(message, verdict)
         _remove_headers(verdict.remove_headers)

@@ -369,3 +369,33 @@ def test_after_the_attack_alice_seals_nothing_for_the_compromised_key(pki, phone
                            content_type="text/plain")
     with pytest.raises(E2MError):
         engine.protect(msg)
+
+# -- the archive: header octets that are not UTF-8 (the review's lead) -----------------
+
+def _response_with_odd_to(to_param: bytes) -> sip.SipMessage:
+    return sip.parse(
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-r26\r\n"
+        b"From: <sip:alice@example.com>;tag=a1\r\n"
+        b"To: <sip:bob@example.com;x=" + to_param + b">;tag=b1\r\n"
+        b"Call-ID: r26-archive@example.com\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("to_param", [b"\xe9", b"ok"])
+def test_a_responders_to_uri_that_is_not_utf8_is_archived_not_lost(tmp_path, to_param):
+    """The review's lead, at the archive: text the core keeps as surrogates (header
+    octets that are not UTF-8) made the insert raise ``UnicodeEncodeError``, which is no
+    ``ArchiveError`` (the reply route would have logged it and forwarded the body
+    unarchived and unspooled).  It failed on ``e18e43c``.  No live path to it was found:
+    the core refuses such a URI (``aor_of``) or a Content-ID header before it reads a
+    body.  Rows and log lines now write such octets as ``\\xNN``."""
+    from e2m_plugins.proxy import SeenBody
+    from kamailio_app.archive import SqliteArchive
+    from kamailio_app.bootstrap import body_records
+    archive = SqliteArchive(tmp_path / "archive.sqlite")
+    archive.ensure_schema()
+    message = _response_with_odd_to(to_param)
+    seen = [SeenBody(None, "application/sdp", b"v=0\r\n", True, "valid", BOB, bound=True)]
+    archive.record(body_records(message, seen))
+    [row] = archive.bodies()
+    assert row.plaintext == b"v=0\r\n"
+    assert row.from_uri == "sip:bob@example.com;x=" + ("\\xe9" if to_param == b"\xe9" else "ok")
