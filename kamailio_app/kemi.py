@@ -683,6 +683,9 @@ class kamailio:
         verdict = self.app.engine.inspect(message)
         _info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
         if not self.observe(message, verdict):
+            # answered 500: the keys its body offered serve no transaction now (and
+            # would sit on the caller's quota until their expiry)
+            self.app.engine.end_attempt(message_scope(message), verdict.kept)
             return False
         if verdict.action == "reply":
             self.reply_with(verdict)

@@ -27,7 +27,7 @@ import pytest
 
 from e2m_lab.flows import SDP_OFFER, TRUSTED, invite, known_proxy, message, ua_engine
 from e2m_lab.kamailio_harness import ROOT, ProxyHandle, RawUas, SipUa
-from e2m_lab.wire import transact
+from e2m_lab.wire import htable_entries, transact
 from e2m_plugins.cli import main as e2m_main
 from e2m_plugins.sip import SipMessage
 from kamailio_app.archive import SqliteArchive
@@ -347,6 +347,24 @@ def test_database_killed_mid_run_answers_500_when_archiving_is_required(
     assert _stat(proxy, "e2m_archive_failed") == statuses[500]
     delivered = {m.call_id for m in uas.received}
     assert len(delivered) == statuses[200]                    # the 500s went nowhere
+
+
+def test_a_request_refused_for_want_of_the_archive_keeps_no_key(proxy_factory, pki,
+                                                                own_postgres):
+    """Strict archiving, database away: the INVITE and MESSAGE answered 500 leave no
+    key behind.  Before, the keys their bodies offered stayed until their expiry (an
+    INVITE's 200 s) on the caller's quota, where they pushed out the caller's own keys
+    of calls still ringing."""
+    proxy, uas = _home(proxy_factory, own_postgres.url, fail_request_on_error=True)
+    alice = Alice(pki, proxy)
+    assert alice.message(b"while it is up") == 200 and alice.invite(b"up too") == 200
+    held = {name for name, _ in htable_entries(proxy)}
+    assert held                                      # the INVITE's offer key, at least
+    own_postgres.kill()
+    assert alice.invite(b"refused offer") == 500
+    assert alice.message(b"refused text") == 500
+    assert _stat(proxy, "e2m_archive_failed") == 2
+    assert {name for name, _ in htable_entries(proxy)} == held
 
 
 def test_started_while_the_database_is_down_spool_full_says_what_was_lost(
