@@ -26,6 +26,7 @@ __all__ = ["PASSWORD_ENV", "MAX_PASSWORD", "PasswordError", "check_credentials",
 
 PASSWORD_ENV = "E2M_PHONE_PASSWORD"
 MAX_PASSWORD = 256          # characters; a digest password, not a file to slurp
+_REALM = re.compile(r'[\x21\x23-\x5b\x5d-\x7e]{1,255}')
 _USER = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,;?/%]{1,64}")   # RFC 3261 user, no escapes
 
 
@@ -105,6 +106,10 @@ def check_credentials(values: dict[str, Any], config_path: Path) -> list[str]:
     if user is not None and not _USER.fullmatch(user):
         problems.append("[phone].auth_user must be a SIP user name (1-64 characters, "
                         "no spaces, quotes or '@')")
+    realm = values.get("auth_realm")
+    if realm is not None and not _REALM.fullmatch(realm):
+        problems.append("[phone].auth_realm must be the home proxy's realm (1-255 visible "
+                        "characters, no quotes or backslashes)")
     return problems
 
 

@@ -406,7 +406,7 @@ class SipEndpoint:
         self._keepalive.append(account)
 
     def add_account(self, user: str, transport: TransportInfo, *, domain: str | None = None,
-                    registrar: str | None = None, auth: tuple[str, str] | None = None,
+                    registrar: str | None = None, auth: tuple[str, str, str] | None = None,
                     auto_answer: int | None = 200, srtp: bool = False,
                     proxies: Sequence[str] = (),
                     register_via_proxies: bool = True,
@@ -416,7 +416,7 @@ class SipEndpoint:
 
         ``domain`` defaults to the transport's host:port (a direct, registrar-less
         identity).  ``registrar`` is a SIP URI to REGISTER to; ``auth`` a
-        (username, password) pair for digest challenges.  ``auto_answer`` is the
+        (username, password, realm) for digest challenges of that realm alone.  ``auto_answer`` is the
         status to answer incoming calls with (None: leave them ringing).
         ``register_via_proxies`` False sends REGISTER straight to the registrar
         while other requests still take ``proxies``.  ``srtp_suites`` limits the
@@ -441,7 +441,9 @@ class SipEndpoint:
         # hook turns its presence PUBLISH into a certificate one (certservice_client.py)
         ac.presConfig.publishEnabled = publish
         if auth:
-            ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", auth[0], 0, auth[1]))
+            # the home realm only, never "*": a realm is the challenger's to name
+            user, password, realm = auth
+            ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", realm, user, 0, password))
         # No RFC 4028 session timers: Session-Expires, Min-SE and "timer" cost 42
         # octets of every INVITE toward the 4000-byte limit (docs/protocol.md §6.2),
         # and the proxies keep no dialog state a refresh would keep alive.  The price:

@@ -59,6 +59,7 @@ from e2m_plugins.ua import MissingPeerCertificateError, SecurityInfo, UAEngine
 from .credentials import PASSWORD_ENV, PasswordError, check_credentials, check_tls_uris, \
     read_password
 from .certservice_client import CertServiceClient
+from .challenges import RefusedChallenge, keep_answerable
 from .fetcher import CertificateFetcher
 from .firstcopy import Duplicate, FirstCopy
 from .rawhook import RawSipHook, RxReject
@@ -125,7 +126,9 @@ class PhoneSettings:
 
     Digest (``credentials.py``): ``password_file`` (relative to UA.toml, mode 0600;
     never ``password`` itself) or the environment variable ``E2M_PHONE_PASSWORD``;
-    ``auth_user`` the digest user (default: the AoR's user).  ``transport = "tls"``
+    ``auth_user`` the digest user (default: the AoR's user); ``auth_realm`` the only
+    realm whose challenges are answered (default: the AoR's domain; ``challenges.py``
+    says which challenges those are).  ``transport = "tls"``
     verifies the proxy's certificate against ``[trust] ca`` (TLS 1.2); the registrar
     and proxy URIs must then be ``sips:`` or carry ``;transport=tls``.
     """
@@ -153,6 +156,7 @@ class PhoneSettings:
     tcp_idle_timeout: float = 120.0
     password_file: str | None = None     # resolved against the UA.toml's directory
     auth_user: str | None = None         # digest user name (default: the AoR's user)
+    auth_realm: str | None = None        # the only realm answered (default: the AoR's domain)
     certificate_service: bool = True     # RFC 6072: publish ours, fetch peers' (issue 15)
     cert_publish_expires: int = 3600     # seconds asked for our publication
     cert_subscribe_expires: int = 3600   # seconds asked for a peer's subscription
@@ -179,7 +183,8 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         "fetch_max_bytes": (int,), "cert_url_hosts": (list,), "max_retries": (int,),
         "log_level": (int,), "codecs": (list,), "srtp_suites": (list,),
         "tcp_accept": (bool,), "tcp_max_connections": (int,), "tcp_idle_timeout": (int, float),
-        "password_file": (str,), "auth_user": (str,), "certificate_service": (bool,),
+        "password_file": (str,), "auth_user": (str,), "auth_realm": (str,),
+        "certificate_service": (bool,),
         "cert_publish_expires": (int,), "cert_subscribe_expires": (int,)}
     for key, value in table.items():
         if key == "password":
@@ -348,12 +353,14 @@ class E2MPhone:
         self.user, self.domain = identity.user, identity.host
         self.hook = RawSipHook(on_tx=self._on_tx, on_rx=self._on_rx)
         self.endpoint: Any = None
+        self._auth_realm: str | None = None     # set at start() when we have a password
         self.account: Any = None
         self.transport: Any = None
         self.messages: list[OutgoingMessage] = []
         self.calls: list[E2MCall] = []
         self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
         self.counts = {"events": 0, "errors": 0, "stray_e2m_answers": 0, "calls_refused": 0,
+                       "challenges_refused": 0,
                        "handler_failures": 0, "output_failures": 0, "fetches": 0,
                        "endpoint_events_missed": 0}
         # state shared between the hook callbacks and the main loop (same thread)
@@ -420,6 +427,7 @@ class E2MPhone:
 
         s = self.settings
         auth = self._credentials()     # before pjsua starts: a bad password file stops here
+        self._auth_realm = auth[2] if auth else None
         self.endpoint = SipEndpoint(hook=self.hook, require_e2m=self.config.require_e2m,
                                     host=s.host, log_level=s.log_level,
                                     # no User-Agent (pjsua sends none when empty): it
@@ -460,15 +468,17 @@ class E2MPhone:
                    gate=self.endpoint.gate_result.reason if self.endpoint.gate_result else None)
         return self
 
-    def _credentials(self) -> tuple[str, str] | None:
-        """(user, password) for digest challenges, read now and kept only by pjsua."""
+    def _credentials(self) -> tuple[str, str, str] | None:
+        """(user, password, realm) for digest challenges, read now and kept only by
+        pjsua; only that realm's challenges are answered (``challenges.py``)."""
         try:
             password = read_password(self.settings.password_file)
         except PasswordError as exc:
             raise PhoneError(f"no digest password: {exc}") from None
         if password is None:
             return None
-        return (self.settings.auth_user or self.user, password)
+        return (self.settings.auth_user or self.user, password,
+                self.settings.auth_realm or self.domain)
 
     def close(self) -> None:
         self.fetcher.close()
@@ -555,6 +565,8 @@ class E2MPhone:
             _ids = (msg.call_id, msg.from_tag)
         except E2MError as exc:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
+        answerable = self._answerable_challenges(msg)
+        stripped, msg = answerable is not msg, answerable
         if self.certservice is not None and self.certservice.on_rx(msg, self.hook.rx_source):
             return None      # an answer to our PUBLISH / SUBSCRIBE (a NOTIFY raises)
         try:
@@ -578,9 +590,27 @@ class E2MPhone:
             _bounded_put(self._rx_info, _rx_key(msg, what), opened.info)
         if msg.body:
             self._note_call_security("rx", msg, what, opened.info, size=len(data))
-        if opened.message is msg or opened.message.body == msg.body:
+        if not stripped and (opened.message is msg or opened.message.body == msg.body):
             return None
         return opened.message.serialize()
+
+    def _answerable_challenges(self, msg: sip.SipMessage) -> sip.SipMessage:
+        """A 401/407 without the challenges pjsua must not answer with our password
+        (another realm's, a callee's 401: ``challenges.py``, review 27); pjsip then
+        ends the request with that status.  ``msg`` itself when nothing was taken."""
+        if self._auth_realm is None or msg.is_request or msg.status not in (401, 407):
+            return msg
+        try:
+            kept, refused = keep_answerable(msg, self._auth_realm)
+        except E2MError:        # no CSeq to read: no challenge of ours either
+            kept, refused = msg.remove("WWW-Authenticate").remove("Proxy-Authenticate"), \
+                [RefusedChallenge(msg.status, "", None, "unreadable CSeq")]
+        for one in refused:
+            self.counts["challenges_refused"] += 1
+            self._pending_errors.append({
+                "kind": "challenge_refused", "call_id": msg.call_id, "code": one.status,
+                "method": one.method, "realm": one.realm, "reason": one.why})
+        return kept
 
     def _only_once(self, msg: sip.SipMessage, opened: Any) -> None:
         """A copy of a new MESSAGE or initial INVITE already taken (a digest-challenged

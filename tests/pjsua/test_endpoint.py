@@ -60,7 +60,7 @@ def test_digest_retry_is_rewritten_again(make_endpoint, udp_peer) -> None:  # ty
         return msg.with_body(msg.body.upper()).serialize()
 
     ep: SipEndpoint = make_endpoint(hook=RawSipHook(on_tx=on_tx))
-    acc = ep.add_account("alice", ep.add_transport("udp"), auth=("alice", "secret"))
+    acc = ep.add_account("alice", ep.add_transport("udp"), auth=("alice", "secret", "e2m"))
     mark = acc.send_message(udp_peer.uri("bob"), "quiet words")
     first = udp_peer.collect(ep.pump, 2.0, until=bool)[0]
     reply(udp_peer, first, 407, "Proxy Authentication Required",

@@ -1,8 +1,8 @@
 """Review 27 (attacker's review of the pjsua2 phone): attacks on a real ``e2m-phone
 listen`` process from plain sockets on loopback, no Kamailio.
 
-``test_hole_*``: an attack that succeeds on ``342fe49`` (strict xfail: the assertion is
-what a fix must make true).  ``test_control_*``: the same flow without the attack.
+``test_hole_*``: an attack that succeeded on ``342fe49`` (seen failing there: a strict
+xfail), closed by ``pjsua_hooks/challenges.py``.  ``test_control_*``: the same flow without the attack.
 """
 
 from __future__ import annotations
@@ -130,11 +130,11 @@ def _credentials_sent(again: list[sip.SipMessage]) -> list[dict[str, str]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="review 27: the phone answers any hop's digest "
-                   "challenge, for any realm, with its password (AuthCredInfo realm '*')")
 @pytest.mark.parametrize("status,header,realm", [
     (401, "WWW-Authenticate", "bob.example.net"),          # the callee, as a UAS
     (407, "Proxy-Authenticate", "visited.example.net"),    # a hop past the home proxy
+    (401, "WWW-Authenticate", "example.com"),              # the callee claims our realm
+    (407, "WWW-Authenticate", "example.com"),              # the wrong header for a 407
 ])
 def test_hole_a_challenge_from_the_callee_or_a_hop_gets_alices_digest_response(
         alice, hop, status, header, realm):
@@ -160,12 +160,14 @@ def test_hole_a_challenge_from_the_callee_or_a_hop_gets_alices_digest_response(
     here.  The phone shows nothing (no event about the challenge); the MESSAGE is
     simply "sent".
 
-    Fix: give pjsua the password for the home realm only (``[phone] auth_realm``,
-    default the registrar's or the AoR's domain) instead of ``*``, and in the hook
-    drop (answer as a failure) a 401 to anything but REGISTER and a 407/401 whose
-    realm is not that one, so no other realm or challenger ever gets a response;
-    the home proxy should also refuse to relay a challenge naming its own realm
-    (which only it may send)."""
+    Fix: pjsua has the password for the home realm only (``[phone] auth_realm``,
+    default the AoR's domain) instead of ``*``, and the hook takes out of a 401/407,
+    before pjsip reads it, every challenge but a 407's Proxy-Authenticate or a
+    REGISTER's 401 WWW-Authenticate of that realm (``challenges.py``): the request
+    ends with that status and a ``challenge_refused`` event.  A 407 of our realm from
+    past the home proxy is the proxy's to stop (it does not relay one).  The last two
+    cases are mine: a callee who names our realm in a 401, a 407 carrying
+    WWW-Authenticate (pjsip answers either header in either status)."""
     _, again = _challenged(alice, hop, status, header, realm)
     creds = _credentials_sent(again)
     for c in creds:       # what the challenger can do with it: verify a password guess
@@ -177,6 +179,11 @@ def test_hole_a_challenge_from_the_callee_or_a_hop_gets_alices_digest_response(
     assert not creds, (f"alice answered a {status} of realm {realm!r} with her digest "
                        f"response (user {creds[0].get('username')!r}), "
                        f"{len(again)} retries")
+    refused = alice.wait("challenge_refused")
+    assert refused["code"] == status and refused["realm"] == realm
+    assert "nonce" not in str(refused) and PASSWORD not in str(refused)
+    failed = alice.wait("message_failed")
+    assert failed["code"] == status                 # ended, as with a wrong password
 
 
 def test_control_the_homes_challenge_is_answered(alice, hop):
