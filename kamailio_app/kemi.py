@@ -46,6 +46,7 @@ def _bootstrap_path():
 
 _bootstrap_path()
 
+from e2m_plugins.challenge import CHALLENGE_HEADERS, names_realm  # noqa: E402
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
@@ -81,6 +82,9 @@ _CALLER_AVP = "$avp(e2m_caller)"
 # The names of the keys a request kept afresh (Verdict.kept, hex, comma-separated), the
 # same way: its failure route drops those and no other (ProxyEngine.end_attempt).
 _KEPT_AVP = "$avp(e2m_kept)"
+# Set by tm's reply route on a 401/407 from downstream that names our own realm: the
+# failure route answers 502 instead of relaying it (``own_realm_challenge``).
+_OWN_CHALLENGE_AVP = "$avp(e2m_own_challenge)"
 # A front's fr_timer: the nodes' (5 s, templates/kamailio.cfg.tmpl) and a margin, so that
 # a node that is up always answers first, if only with its own 408 (``failover``).
 _FRONT_FR_TIMER_MS = 7000
@@ -648,7 +652,8 @@ class kamailio:
             # relayed unread (a bare BYE, a front's in-dialog request): no body vouched
             self.note_caller(KSR.pv.get("$fu") or "", None)
         KSR.tm.t_on_reply("ksr_onreply_route")
-        if self.app.engine is not None or self.app.config.dispatcher is not None:
+        if self.app.engine is not None or self.app.config.dispatcher is not None \
+                or self.app.config.auth is not None:
             KSR.tm.t_on_failure("ksr_failure_route")
         if KSR.tm.t_relay() < 0:
             self.drop_attempt_keys()
@@ -760,6 +765,15 @@ class kamailio:
     # missing callback method leaves an AttributeError pending in the interpreter, and
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
+        try:
+            if (KSR.pv.get("$rs") or 0) in CHALLENGE_HEADERS and \
+                    KSR.tm.t_check_trans() <= 0 and self.own_realm_challenge():
+                # a stray one (no transaction of ours) would go on statelessly; one of
+                # ours is tm's reply route's to note
+                KSR.set_drop()
+                return 0
+        except Exception as exc:  # noqa: BLE001 - the reply goes on regardless
+            _log_exception("challenge check", exc)
         if self.app.certs is not None:
             try:
                 self.app.certs.on_reply()      # a 481 to one of our NOTIFYs
@@ -813,6 +827,9 @@ class kamailio:
     # -- tm onreply route --------------------------------------------------------
     def ksr_onreply_route(self, msg):
         try:
+            if self.own_realm_challenge():
+                KSR.pv.seti(_OWN_CHALLENGE_AVP, 1)     # the failure route answers 502
+                return 1
             self.route_reply()
         except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
             _log_exception("reply route", exc)
@@ -841,9 +858,38 @@ class kamailio:
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))
 
+    def own_realm_challenge(self):
+        """A 401/407 from downstream with a challenge in our own realm (or one whose
+        realm cannot be read for sure): only this proxy may challenge in its realm, and
+        a UA that answered would hand the sender (a callee, a hop further on) a digest
+        response to test password guesses against offline (review 27).  A front
+        relays its nodes' challenges: never its concern."""
+        auth = self.app.config.auth
+        if auth is None or self.app.config.dispatcher is not None:
+            return False
+        if (KSR.pv.get("$rs") or 0) not in CHALLENGE_HEADERS:
+            return False
+        tx = KSR.textopsx
+        wanted = {canonical_name(h) for h in CHALLENGE_HEADERS.values()}
+        tx.hf_iterator_start(_ITERATOR)
+        try:
+            while tx.hf_iterator_next(_ITERATOR) > 0:
+                if canonical_name(tx.hf_iterator_hname(_ITERATOR) or "") in wanted and \
+                        names_realm(tx.hf_iterator_hbody(_ITERATOR) or "", auth.realm):
+                    _warn("e2m: a %s from downstream challenges in our realm: refused\n"
+                          % KSR.pv.get("$rs"))
+                    return True
+        finally:
+            tx.hf_iterator_end(_ITERATOR)
+        return False
+
     # -- tm failure route: the request's transaction ended without success -----------
     def ksr_failure_route(self, msg):
         try:
+            if KSR.pv.get(_OWN_CHALLENGE_AVP):
+                self.drop_attempt_keys()
+                KSR.tm.t_reply(502, "Bad Gateway")
+                return 1
             if self.app.config.dispatcher is not None and self.failover():
                 return 1
             self.drop_attempt_keys()
