@@ -424,7 +424,11 @@ class kamailio:
         self.new_transaction()   # nonce counting must see each request once (tm)
         rc = KSR.auth_db.auth_check(auth.realm, auth.table, 1)
         if rc > 0:
-            self.authenticated = KSR.pv.get("$au")
+            # auth_check (flag 1) proved the credentials of our realm for the From user
+            # (a REGISTER's To user): name that one.  $au reads the first credentials
+            # header, whatever its realm and unchecked: a decoy put first named anyone
+            # as the caller who pays for keys (review 28).
+            self.authenticated = KSR.pv.get("$tU" if register else "$fU")
             if not register:
                 KSR.auth.consume_credentials()   # not for the next hop to see
             return True

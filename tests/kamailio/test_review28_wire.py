@@ -1,7 +1,9 @@
 """Review 28: the proxy under load and outage, digest, connections (real Kamailio 5.6.3).
 
-Two holes, each a strict xfail whose assertion is what a fix must make true, with a
-``test_control_*`` of the same flow without the attack (they pass):
+Two holes, each a strict xfail on ``342fe49`` whose assertion is what a fix must make
+true, with a ``test_control_*`` of the same flow without the attack (they pass).  The
+first is closed: ``route_auth`` names the From user (a REGISTER's To user), which
+``auth_check``'s flag 1 holds to the credentials it verified.
 
 1. **Digest: whom ``$au`` names.**  ``route_auth`` takes ``self.authenticated`` from
    ``$au`` once ``auth_check`` says yes.  ``auth_check`` (auth_db, flag 1) verifies the
@@ -83,9 +85,6 @@ def test_control_carols_own_credentials_charge_carol(caller_proxy):
     assert _carols_call(proxy, carol, "c0", None) == "sip:carol@example.com"
 
 
-@pytest.mark.xfail(strict=True, reason="review 28: $au reads the first Proxy-Authorization "
-                   "header, not the one auth_check verified: a decoy of another realm names "
-                   "the caller an answer's key is charged to")
 @pytest.mark.parametrize("decoys", [("alice",), ("made-up-1", "made-up-2")],
                          ids=["another-user", "a-fresh-group-per-call"])
 def test_hole_a_decoy_credentials_header_names_the_caller(caller_proxy, decoys):
@@ -108,6 +107,21 @@ def test_hole_a_decoy_credentials_header_names_the_caller(caller_proxy, decoys):
     proxy, carol = caller_proxy
     charged = [_carols_call(proxy, carol, f"d{n}", decoy) for n, decoy in enumerate(decoys)]
     assert charged == ["sip:carol@example.com"] * len(decoys), charged
+
+
+def test_held_a_decoy_naming_the_from_user_does_not_pass_the_identity_check(caller_proxy):
+    """The decoy put to the other use: From alice, a decoy first naming alice, then
+    carol's own good credentials.  If auth_check's From check read the first header as
+    ``$au`` does, carol would send as alice; it reads the header it verified: 403."""
+    proxy, carol = caller_proxy
+    invite: SipMessage = _plain_invite("sip:alice@example.com", "as-alice")
+    invite = invite.add("Proxy-Authorization", DECOY.format(user="alice"))
+    carol.nc += 1
+    invite = invite.add("Proxy-Authorization", digest_credentials(
+        carol.challenge[1], "INVITE", invite.request_uri or "", "carol", USERS["carol"],
+        carol.nc))
+    answer = carol.transact(invite, timeout=8)
+    assert answer is not None and answer.status == 403, answer and answer.status
 
 
 # -- TCP: one stranger holds the connection table ----------------------------------------
