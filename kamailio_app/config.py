@@ -307,7 +307,10 @@ class LimitSettings:
     address may register while the registrar is open (no ``[auth]``).  Connections:
     ``tcp_max_connections`` TCP+TLS in all, ``tls_max_connections`` of them TLS (both
     by default what fits in half of shm), closed after ``tcp_idle_timeout`` idle
-    seconds."""
+    seconds; one that carried no SIP message within ``tcp_first_message_timeout``
+    seconds is closed whatever keep-alives it sent, and one address (not ours, not
+    trusted) holds at most ``tcp_connections_per_source`` (by default a quarter of the
+    table, at most 32): ``tcp_sweep.py``."""
 
     pike_requests: int = 30
     pike_window: int = 2
@@ -318,6 +321,8 @@ class LimitSettings:
     tcp_max_connections: int = 0          # 0 before parse_app_config fills it in
     tls_max_connections: int = 0
     tcp_idle_timeout: int = 120
+    tcp_first_message_timeout: int = 10
+    tcp_connections_per_source: int = 0   # 0 before parse_app_config fills it in
 
 
 @dataclass(frozen=True)
@@ -824,7 +829,8 @@ def _limits(table: Any, kamailio: KamailioSettings | None, problems: list[str]) 
     check = _Checker("limits", table, problems)
     check.unknown(("pike_requests", "pike_window", "ban_time", "trusted", "max_contacts",
                    "registrations_per_source", "tcp_max_connections", "tls_max_connections",
-                   "tcp_idle_timeout"))
+                   "tcp_idle_timeout", "tcp_first_message_timeout",
+                   "tcp_connections_per_source"))
     d = LimitSettings()
     fits = default_max_connections(kamailio) if kamailio is not None else 16
     tcp_max = check.integer("tcp_max_connections", fits, 1, 65535)
@@ -838,6 +844,11 @@ def _limits(table: Any, kamailio: KamailioSettings | None, problems: list[str]) 
                       "tcp_max_message_kb)")
             tcp_max = min(fits, ceiling)
     tls_max = check.integer("tls_max_connections", tcp_max, 1, 65535)
+    idle = check.integer("tcp_idle_timeout", d.tcp_idle_timeout, 5, 86400)
+    first = check.integer("tcp_first_message_timeout", min(d.tcp_first_message_timeout, idle),
+                          1, idle)
+    per_source = check.integer("tcp_connections_per_source",
+                               min(32, max(1, tcp_max // 4)), 1, tcp_max)
     return LimitSettings(
         pike_requests=check.integer("pike_requests", d.pike_requests, 0, 1_000_000),
         pike_window=check.integer("pike_window", d.pike_window, 1, 300),
@@ -847,7 +858,8 @@ def _limits(table: Any, kamailio: KamailioSettings | None, problems: list[str]) 
         registrations_per_source=check.integer("registrations_per_source",
                                                d.registrations_per_source, 0, 10_000_000),
         tcp_max_connections=tcp_max, tls_max_connections=min(tls_max, tcp_max),
-        tcp_idle_timeout=check.integer("tcp_idle_timeout", d.tcp_idle_timeout, 5, 86400))
+        tcp_idle_timeout=idle, tcp_first_message_timeout=first,
+        tcp_connections_per_source=per_source)
 
 
 _CERT_KEYS = ("enabled", "path", "min_expires", "default_publish_expires",

@@ -18,9 +18,11 @@ project, the venv and PROXY.toml are (see kamailio_app/launcher.py).
 """
 
 import base64
+import ipaddress
 import json
 import os
 import sys
+import time
 import traceback
 from urllib.parse import quote
 
@@ -57,6 +59,7 @@ from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp, as_utf8, public_dmq_warning  # noqa: E402
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
+from kamailio_app.tcp_sweep import TcpSweeper, marked_lifetime, parse_tcp_list  # noqa: E402
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in mod_init
@@ -260,6 +263,7 @@ class kamailio:
     def __init__(self):
         self.app = APP
         self._local_hosts = None     # [kamailio] domains and identity host (from_ours)
+        self.tcp_sweeper = None      # made in the timer process that sweeps (tcp_sweep.py)
 
     def child_init(self, rank):
         return 0
@@ -305,6 +309,7 @@ class kamailio:
     def route_request(self):
         if not self.route_limits():
             return
+        self.mark_connection()
         if not self.route_sanity():
             return
         if KSR.is_CANCEL():
@@ -386,6 +391,51 @@ class kamailio:
             self.close_connection()
             return False
         return True
+
+    def mark_connection(self):
+        """A TCP/TLS connection that carried a message is in use: its lifetime becomes
+        the marked one, which the sweep reads (``tcp_sweep.py``)."""
+        if (KSR.pv.get("$proto") or "") in ("tcp", "tls"):
+            KSR.tcpops.tcp_set_connection_lifetime(
+                marked_lifetime(self.app.config.limits.tcp_idle_timeout))
+
+    # -- rtimer (a process of its own, every 2 s): TCP/TLS slots held unused ----------
+    def ksr_tcp_sweep(self, msg, evname):
+        try:
+            self.sweep_connections()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            _log_exception("tcp sweep", exc)
+        return 1
+
+    def sweep_connections(self):
+        if self.tcp_sweeper is None:
+            limits = self.app.config.limits
+            self.tcp_sweeper = TcpSweeper(
+                listen_ports={item.port for item in self.app.config.kamailio.listen
+                              if item.proto in ("tcp", "tls")},
+                idle_timeout=limits.tcp_idle_timeout,
+                first_message_timeout=limits.tcp_first_message_timeout,
+                per_source=limits.tcp_connections_per_source, exempt=self.exempt_address)
+        if not self.tcp_sweeper.listen_ports:
+            return
+        KSR.jsonrpcs.exec('{"jsonrpc": "2.0", "method": "core.tcp_list", "id": 1}')
+        body = KSR.pv.get("$jsonrpl(body)")
+        if not body:
+            return
+        for conid, why in self.tcp_sweeper.to_close(parse_tcp_list(body),
+                                                     time.monotonic()).items():
+            if KSR.tcpops.tcp_close_connection_id(conid) > 0:
+                KSR.statistics.update_stat("e2m_tcp_closed", 1)
+                _info("e2m: tcp connection %d closed: %s\n" % (conid, why))
+
+    def exempt_address(self, address):
+        """The proxy's own addresses and [limits] trusted ones (``exempt_source`` for an
+        address the timer holds, not a message)."""
+        host = "[%s]" % address if ":" in address else address
+        if KSR.is_myself("sip:" + host) > 0:
+            return True
+        return any(ipaddress.ip_address(address) in ipaddress.ip_network(net)
+                   for net in self.app.config.limits.trusted)
 
     def close_connection(self):
         if (KSR.pv.get("$proto") or "") in ("tcp", "tls"):
@@ -770,6 +820,7 @@ class kamailio:
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
         try:
+            self.mark_connection()
             if (KSR.pv.get("$rs") or 0) in CHALLENGE_HEADERS and \
                     KSR.tm.t_check_trans() <= 0 and self.own_realm_challenge():
                 # a stray one (no transaction of ours) would go on statelessly; one of
@@ -963,6 +1014,7 @@ class kamailio:
         return 1
 
     def route_http(self):
+        self.mark_connection()
         path = (KSR.pv.get("$hu") or "").split("?", 1)[0]
         method = KSR.pv.get("$rm") or ""
         if self.app.engine is None or path not in self.app.cert_paths():
