@@ -592,6 +592,11 @@ class ProxyEngine:
             if part.signed:   # a signature must be the sender's: From, or the responder (To)
                 check_signed_by(part, sender)
         offers = any(part.cek_references for part in opened)
+        # read before anything is kept or spent: SDP the proxy cannot summarise refuses
+        # the message, which must then leave no key behind (review 28)
+        seen = tuple(self._seen(p, c) for p, c in zip(opened, contexts))
+        media = tuple(m for p in opened if p.content_type == "application/sdp"
+                      for m in media_summary(p.content))
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers):
             if opened and self._invite_2xx(message):
@@ -600,9 +605,6 @@ class ProxyEngine:
                 self._fork(message, contexts, message.from_tag, message.to_tag or "")
             self._spend(message, opened, contexts, looked_up, keeper)
             kept.extend(self._keep_keys(message, opened, contexts, keeper))
-        seen = tuple(self._seen(p, c) for p, c in zip(opened, contexts))
-        media = tuple(m for p in opened if p.content_type == "application/sdp"
-                      for m in media_summary(p.content))
         return seen, media
 
     def _context(self, part: OpenedPart, message: SipMessage, legacy: bool) -> SipContext | None:
