@@ -61,6 +61,10 @@ _TOKEN = SIP_TOKEN  # RFC 3261 token (methods, header names): e2m_plugins.gramma
 # refuses what no grammar allows and what Kamailio's Python cannot read as a str (octets
 # that are not UTF-8), so the proxy never keeps keys under ids its host cannot name.
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+# The longest Call-ID or tag read: what a signed SIP context can bind (sipcontext), and
+# what every store keeps and indexes (a PostgreSQL index entry holds 2704 bytes at most:
+# a longer Call-ID made the shared archive refuse its rows, review 30).
+MAX_ID_OCTETS = 1024
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(r"SIP/[0-9]{1,3}\.[0-9]{1,3}", re.IGNORECASE)
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
@@ -285,6 +289,8 @@ class SipMessage:
             raise MalformedError("no Call-ID header")
         if not _VISIBLE_ASCII.fullmatch(value):
             raise MalformedError("Call-ID is not visible ASCII")
+        if len(value) > MAX_ID_OCTETS:
+            raise MalformedError(f"Call-ID longer than {MAX_ID_OCTETS} octets")
         return value
 
     @property
@@ -299,6 +305,8 @@ class SipMessage:
         tag = self.address(name).params.get("tag")
         if tag is not None and not _VISIBLE_ASCII.fullmatch(tag):
             raise MalformedError(f"{name} tag is not visible ASCII")
+        if tag is not None and len(tag) > MAX_ID_OCTETS:
+            raise MalformedError(f"{name} tag longer than {MAX_ID_OCTETS} octets")
         return tag
 
     def address(self, name: str) -> Address:

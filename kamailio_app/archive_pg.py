@@ -34,9 +34,12 @@ class PostgresArchive(SqlArchive):
         self._db = ProcessConnection(url, connect_timeout=connect_timeout,
                                      statement_timeout_ms=statement_timeout_ms)
         self._errors = (psycopg.Error,)
-        # rows the database can never take (bad bytes, a broken constraint); anything
-        # else (away, full disk, missing table, lock timeout) may pass later
-        self._permanent = (psycopg.DataError, psycopg.IntegrityError)
+        # rows the database can never take (bad bytes, a broken constraint, a value past
+        # one of its limits, such as an index entry over 2704 bytes: SQLSTATE class 54,
+        # review 30); anything else (away, full disk, missing table, lock timeout) may
+        # pass later
+        self._permanent = (psycopg.DataError, psycopg.IntegrityError,
+                           psycopg.errors.ProgramLimitExceeded)
 
     def __repr__(self) -> str:
         return f"PostgresArchive({self.url.masked()!r})"

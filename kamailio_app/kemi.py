@@ -733,6 +733,9 @@ class kamailio:
         """Ask the engine; apply its verdict.  False when the request was answered."""
         try:
             message = _read_message()
+            # ids the core will not read (too long, not visible ASCII) refuse the request
+            # here, not in the archive after the engine read it (review 30)
+            _ids = (message.call_id, message.from_tag, message.to_tag)
         except E2MError as exc:
             # Kamailio's parser is more lenient than the core's: still a bad request.
             _log_exception("parse", exc)
@@ -898,6 +901,15 @@ class kamailio:
                                                       has_body=_has_body()):
             return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
+        try:
+            _ids = (message.call_id, message.from_tag, message.to_tag)
+        except E2MError as exc:
+            # ids the core will not read (a To tag over 1024 octets, not visible ASCII):
+            # unreadable, as any response the engine cannot read, and so never archived
+            # half-read (review 30)
+            _info("e2m: %s response %s action=forward error=%s (forwarded unread: %s)\n"
+                  % (KSR.pv.get("$rm"), KSR.pv.get("$rs"), type(exc).__name__, exc))
+            return
         asked = []
 
         def caller():

@@ -34,6 +34,12 @@ never block the replay on one message); index a digest of the Call-ID (or
 
 ``test_control_*`` are the same flows with a stranger's Call-ID of ordinary length: they
 pass.
+
+Both holes failed on ``4518507`` (strict xfails).  Fixed: the core reads no Call-ID or
+tag over 1024 octets (``sip.MAX_ID_OCTETS``, what a signed context can bind), so the
+stranger's request is answered 400 and never reaches the archive; and a row the
+database refuses for one of its limits (SQLSTATE class 54) is lost and said so, not
+taken for an outage (``archive_pg``; ``tests/unit/test_review30.py``).
 """
 
 from __future__ import annotations
@@ -72,10 +78,10 @@ def _strangers_message(proxy: ProxyHandle, call_id: str) -> int | None:
     return answer.status if answer is not None else None
 
 
-def _spool_then_alice(proxy_factory, pki, pg_url: str, strangers_call_id: str
-                      ) -> tuple[ProxyHandle, RawUas, list[bytes]]:
+def _spool_then_alice(proxy_factory, pki, pg_url: str, strangers_call_id: str,
+                      strangers_answer: int = 200) -> tuple[ProxyHandle, RawUas, list[bytes]]:
     proxy, uas = _home(proxy_factory, pg_url, extra={"archive": {"spool_max": 3}})
-    assert _strangers_message(proxy, strangers_call_id) == 200    # forwarded either way
+    assert _strangers_message(proxy, strangers_call_id) == strangers_answer
     alice = Alice(pki, proxy)
     tag = secrets.token_hex(4)
     texts = [f"t-{tag}-{n}".encode() for n in range(4)]
@@ -85,9 +91,6 @@ def _spool_then_alice(proxy_factory, pki, pg_url: str, strangers_call_id: str
     return proxy, uas, texts
 
 
-@pytest.mark.xfail(strict=True, reason="review 30: a stranger's 3000-byte Call-ID is "
-                   "'the database is away' to the shared archive: stuck at the head of the "
-                   "spool, every later message of the node waits behind it, then is lost")
 def test_hole_a_strangers_long_call_id_stops_the_nodes_archive(proxy_factory, pki, pg_url):
     """Attacker: off-path sender (no account).  Attack: one plaintext MESSAGE to bob whose
     Call-ID is 3000 random letters.  Effect: PostgreSQL refuses its row (B-tree entry
@@ -95,12 +98,15 @@ def test_hole_a_strangers_long_call_id_stops_the_nodes_archive(proxy_factory, pk
     stops at it for ever and every later message on the node joins the spool behind
     it: alice's four MESSAGEs (200, delivered) never reach the shared archive, and past
     ``spool_max`` (3 here, 10,000 by default) they are lost.  Fix: see the module."""
-    proxy, uas, texts = _spool_then_alice(proxy_factory, pki, pg_url, _long_call_id(30))
+    proxy, uas, texts = _spool_then_alice(proxy_factory, pki, pg_url, _long_call_id(30),
+                                          strangers_answer=400)
     stored = _stored(proxy)
     print(f"\nspool holds {_spool(proxy).pending()}, lost {_stat(proxy, 'e2m_archive_lost')}, "
           f"archived {sorted(stored)} of {len(texts)}")
     assert set(texts) <= set(stored), "alice's messages are not in the shared archive"
     assert _stat(proxy, "e2m_archive_lost") == 0
+    assert _spool(proxy).pending() == 0
+    assert not any("stranger" in (m.get("From") or "") for m in uas.received)   # refused
 
 
 def test_control_a_strangers_ordinary_call_id_leaves_the_archive_alone(proxy_factory, pki,
@@ -128,9 +134,6 @@ def _strict_rounds(proxy_factory, pki, pg_url: str, length: int) -> list[int | N
     return answers
 
 
-@pytest.mark.xfail(strict=True, reason="review 30: with fail_request_on_error, a stranger's "
-                   "long Call-ID makes each worker rest as if the database were away: "
-                   "alice's requests get 500 Archive Unavailable")
 def test_hole_a_strangers_long_call_ids_make_the_strict_archive_refuse_alice(
         proxy_factory, pki, pg_url):
     """Attacker: off-path sender.  Attack: ``[archive] fail_request_on_error = true``;
