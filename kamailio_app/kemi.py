@@ -59,7 +59,8 @@ from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import ProxyApp, as_utf8, public_dmq_warning  # noqa: E402
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
-from kamailio_app.tcp_sweep import TcpSweeper, marked_lifetime, parse_tcp_list  # noqa: E402
+from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
+                                    marked_lifetime, parse_tcp_list)
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in mod_init
@@ -309,7 +310,8 @@ class kamailio:
     def route_request(self):
         if not self.route_limits():
             return
-        self.mark_connection()
+        if not (KSR.is_ACK() or KSR.is_CANCEL()):     # never challenged: no proof of use
+            self.mark_connection(SPOKE)
         if not self.route_sanity():
             return
         if KSR.is_CANCEL():
@@ -392,12 +394,16 @@ class kamailio:
             return False
         return True
 
-    def mark_connection(self):
-        """A TCP/TLS connection that carried a message is in use: its lifetime becomes
-        the marked one, which the sweep reads (``tcp_sweep.py``)."""
-        if (KSR.pv.get("$proto") or "") in ("tcp", "tls"):
+    @staticmethod
+    def on_stream():
+        return (KSR.pv.get("$proto") or "") in ("tcp", "tls")
+
+    def mark_connection(self, level):
+        """A TCP/TLS connection that carried a message is in use: its lifetime says how
+        (``tcp_sweep.SPOKE`` or ``AUTHENTICATED``), which the sweep reads."""
+        if self.on_stream():
             KSR.tcpops.tcp_set_connection_lifetime(
-                marked_lifetime(self.app.config.limits.tcp_idle_timeout))
+                marked_lifetime(self.app.config.limits.tcp_idle_timeout, level))
 
     # -- rtimer (a process of its own, every 2 s): TCP/TLS slots held unused ----------
     def ksr_tcp_sweep(self, msg, evname):
@@ -479,6 +485,7 @@ class kamailio:
             # header, whatever its realm and unchecked: a decoy put first named anyone
             # as the caller who pays for keys (review 28).
             self.authenticated = KSR.pv.get("$tU" if register else "$fU")
+            self.mark_connection(AUTHENTICATED)
             if not register:
                 KSR.auth.consume_credentials()   # not for the next hop to see
             return True
@@ -823,7 +830,8 @@ class kamailio:
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
         try:
-            self.mark_connection()
+            if self.on_stream() and KSR.tm.t_check_trans() > 0:
+                self.mark_connection(SPOKE)      # an answer to us; a stray one is nothing
             if (KSR.pv.get("$rs") or 0) in CHALLENGE_HEADERS and \
                     KSR.tm.t_check_trans() <= 0 and self.own_realm_challenge():
                 # a stray one (no transaction of ours) would go on statelessly; one of
@@ -943,12 +951,18 @@ class kamailio:
             while tx.hf_iterator_next(_ITERATOR) > 0:
                 if canonical_name(tx.hf_iterator_hname(_ITERATOR) or "") in wanted and \
                         names_realm(tx.hf_iterator_hbody(_ITERATOR) or "", auth.realm):
-                    _warn("e2m: a %s from downstream challenges in our realm: refused\n"
-                          % KSR.pv.get("$rs"))
-                    return True
+                    break
+            else:
+                return False
+        except Exception as exc:  # noqa: BLE001 - unreadable (octets that are not UTF-8):
+            # fail closed, a client may read it as ours (review 29)
+            _warn("e2m: a %s from downstream with a challenge we cannot read (%s)\n"
+                  % (KSR.pv.get("$rs"), type(exc).__name__))
         finally:
             tx.hf_iterator_end(_ITERATOR)
-        return False
+        _warn("e2m: a %s from downstream challenges in our realm: refused\n"
+              % KSR.pv.get("$rs"))
+        return True
 
     # -- tm failure route: the request's transaction ended without success -----------
     def ksr_failure_route(self, msg):
@@ -1026,7 +1040,6 @@ class kamailio:
         return 1
 
     def route_http(self):
-        self.mark_connection()
         path = (KSR.pv.get("$hu") or "").split("?", 1)[0]
         method = KSR.pv.get("$rm") or ""
         if self.app.engine is None or path not in self.app.cert_paths():

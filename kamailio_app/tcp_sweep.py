@@ -7,34 +7,58 @@ keep-alive on each now and then holds the table for as long as he likes, and sen
 request that pike could count (review 28).  So every few seconds a timer process lists
 the connections (``core.tcp_list``) and closes:
 
-* one accepted on our listeners that has carried no SIP message (nor an HTTP request
-  for our certificate) within ``[limits] tcp_first_message_timeout`` seconds.  A message
-  marks its connection: the request and reply routes set its lifetime to ``marked``,
-  one second over the idle timeout, which ``core.tcp_list`` shows;
-* beyond ``[limits] tcp_connections_per_source`` from one address (the proxy's own and
-  ``trusted`` ones aside): the newest first, unmarked ones before marked ones.
+* one accepted on our listeners that has carried no SIP request within
+  ``[limits] tcp_first_message_timeout`` seconds.  A message marks its connection by
+  setting its lifetime a little over the idle timeout, which ``core.tcp_list`` shows:
+  one second over for a request (ACK and CANCEL aside) or a reply to one of our
+  transactions (``SPOKE``), two for a request digest authentication let in
+  (``AUTHENTICATED``).  A stray reply or an HTTP request marks nothing;
+* beyond ``[limits] tcp_connections_per_source`` accepted from one address (an IPv6
+  /64 counts as one; the proxy's own and ``trusted`` ones aside): authenticated ones
+  are kept first, then those that spoke, each oldest first (review 29: a stranger
+  behind a user's NAT must not push the user's connection out).
 
-Connections we opened (to a next hop, to a phone's contact) are on no listener port
-and are never "first message" candidates.  What is kept here is one first-seen time
-per listed connection, dropped once the connection is gone: bounded by the table.
+Connections we opened (to a next hop, to a phone's contact) are on no listener port:
+neither rule touches them.  What is kept here is one first-seen time per listed
+connection, dropped once the connection is gone: bounded by the table.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-__all__ = ["Connection", "TcpSweeper", "marked_lifetime", "parse_tcp_list"]
+__all__ = ["AUTHENTICATED", "Connection", "SPOKE", "TcpSweeper", "marked_lifetime",
+           "parse_tcp_list", "share_key"]
 
 # states in which a connection is still a slot someone holds
 _LIVE = {"CONN_OK", "CONN_INIT", "CONN_ACCEPT", "CONN_CONNECT"}
 
 
-def marked_lifetime(idle_timeout: int) -> int:
-    """The lifetime a connection gets once it carried a message (see the module)."""
-    return idle_timeout + 1
+# what a connection's lifetime says it carried (seconds over the idle timeout)
+SPOKE, AUTHENTICATED = 1, 2
+
+
+def marked_lifetime(idle_timeout: int, level: int = SPOKE) -> int:
+    """The lifetime of a connection that carried a message of ``level``."""
+    return idle_timeout + level
+
+
+def share_key(address: str) -> str:
+    """What one share of connections is counted by: the address, or for IPv6 its /64
+    (one line gets a /64 at least, and every address in it for free)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -72,7 +96,7 @@ class TcpSweeper:
                  first_message_timeout: float, per_source: int,
                  exempt: Callable[[str], bool]) -> None:
         self.listen_ports = frozenset(listen_ports)
-        self.marked = marked_lifetime(idle_timeout)
+        self.idle_timeout = idle_timeout
         self.first_message_timeout = first_message_timeout
         self.per_source = per_source
         self.exempt = exempt
@@ -86,19 +110,23 @@ class TcpSweeper:
         close: dict[int, str] = {}
         by_source: dict[str, list[Connection]] = defaultdict(list)
         for conn in live:
-            if self.exempt(conn.source):
-                continue
-            spoke = conn.lifetime == self.marked
-            if not spoke and conn.local_port in self.listen_ports and \
-                    now - seen[conn.id] >= self.first_message_timeout:
+            if conn.local_port not in self.listen_ports or self.exempt(conn.source):
+                continue                         # one we opened; ours; trusted
+            if self.level(conn) == 0 and now - seen[conn.id] >= self.first_message_timeout:
                 close[conn.id] = "no SIP message"
                 continue
-            by_source[conn.source].append(conn)
+            by_source[share_key(conn.source)].append(conn)
         for conns in by_source.values():
             if len(conns) <= self.per_source:
                 continue
-            # keep the ones that carried messages, then the oldest
-            conns.sort(key=lambda c: (c.lifetime != self.marked, seen[c.id], c.id))
+            # keep the authenticated ones, then those that spoke, each oldest first
+            conns.sort(key=lambda c: (-self.level(c), seen[c.id], c.id))
             for conn in conns[self.per_source:]:
                 close[conn.id] = "too many from one address"
         return close
+
+    def level(self, conn: Connection) -> int:
+        """What the connection's lifetime says it carried: 0, ``SPOKE`` or
+        ``AUTHENTICATED``."""
+        level = conn.lifetime - self.idle_timeout
+        return level if level in (SPOKE, AUTHENTICATED) else 0

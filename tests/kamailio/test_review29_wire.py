@@ -1,8 +1,10 @@
 """Review 29 (attacker's review of this session's fixes), against a real Kamailio 5.6.3.
 
-Each ``test_hole_*`` is a strict xfail on ``4518507`` whose assertion is what a fix
+Each ``test_hole_*`` was a strict xfail on ``4518507`` whose assertion is what a fix
 must make true; each ``test_control_*`` is the same flow without the attack (it
-passes).  In-memory halves: ``tests/unit/test_review29.py``.
+passes).  Closed: the challenge check fails closed on what it cannot read, and a
+connection's mark says who spoke (a stray reply marks nothing; an authenticated
+request marks it above any other; ``tcp_sweep.py``).  In-memory halves: ``tests/unit/test_review29.py``.
 
 1. **The own-realm challenge check fails open.**  ``ksr_onreply_route`` (and, for a
    stray reply, ``ksr_reply_route``) call ``own_realm_challenge``, which reads every
@@ -38,8 +40,6 @@ OPAQUE_FF = 'Digest realm="example.com", nonce="bob-chose", qop="auth", opaque="
 PLAIN = 'Digest realm="example.com", nonce="bob-chose", qop="auth", opaque="x"'
 
 
-@pytest.mark.xfail(strict=True, reason="review 29: own_realm_challenge raises "
-                   "UnicodeDecodeError on a non-UTF-8 octet and the reply goes on")
 def test_hole_one_non_utf8_octet_lets_the_callees_home_realm_challenge_through(home, bob):
     """Attacker: the callee (insider UA), or a hop past the home proxy.
 
@@ -99,8 +99,6 @@ def _stray(home, value: str, tag: str) -> bytes | None:
         sender.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 29: a stray own-realm challenge with a "
-                   "non-UTF-8 octet is forwarded statelessly")
 def test_hole_a_stray_home_realm_challenge_with_a_non_utf8_octet_is_forwarded(home):
     """The same octet in a stray 407 (an off-path sender or a hop that knows alice's
     Via): ``ksr_reply_route``'s check raises, the reply goes on statelessly."""
@@ -141,20 +139,24 @@ def _open(sock: socket.socket) -> bool:
         sock.setblocking(True)
 
 
-def _stranger(proxy, n: int) -> list[socket.socket]:
-    """``n`` connections from the shared address, each marked by one stray reply (a 200
-    to nothing: the core reply route marks it, pike counts requests only)."""
+def _stranger(proxy, n: int, request: bool = False) -> list[socket.socket]:
+    """``n`` connections from the shared address, each marked (before the fix) by one
+    stray reply (a 200 to nothing: pike counts requests only), or with ``request`` by
+    one OPTIONS (under pike's rate), which marks it as having spoken."""
     held = []
     for i in range(n):
         sock = socket.socket()
         sock.bind((SHARED, 0))
         sock.settimeout(1)
         sock.connect(("127.0.0.1", proxy.port))
-        sock.sendall((f"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:{proxy.port};"
+        start = f"OPTIONS sip:127.0.0.1:{proxy.port} SIP/2.0" if request else "SIP/2.0 200 OK"
+        sock.sendall((f"{start}\r\nVia: SIP/2.0/TCP 127.0.0.1:{proxy.port};"
                       f"branch=z9hG4bK-r29s{i}\r\nFrom: <sip:s@x>;tag=s{i}\r\n"
-                      f"To: <sip:p@x>;tag=p{i}\r\nCall-ID: r29s{i}@x\r\nCSeq: 1 OPTIONS\r\n"
+                      f"To: <sip:p@x>{'' if request else f';tag=p{i}'}\r\n"
+                      f"Call-ID: r29s{i}@x\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
                       "Content-Length: 0\r\n\r\n").encode())
         held.append(sock)
+        time.sleep(0.1)                  # under pike's 30 requests per 2 s
     return held
 
 
@@ -180,8 +182,6 @@ def _alice_stays_connected(proxy, held: list[socket.socket], seconds: float) -> 
         alice.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 29: the per-address share keeps the "
-                   "oldest marked connections; a stranger's push out a user's")
 def test_hole_a_stranger_behind_the_users_nat_closes_their_registered_connections(tcp_home):
     """Attacker: off-path sender, no account, sharing one IPv4 address with users of
     ours (a mobile operator's CGNAT, a hotel, campus or office NAT).
@@ -205,11 +205,27 @@ def test_hole_a_stranger_behind_the_users_nat_closes_their_registered_connection
     stray reply or an HTTP GET should not mark at all."""
     held = _stranger(tcp_home, 5)
     try:
-        time.sleep(2 * IDLE)             # past the first-message timeout: his stay (marked)
-        assert sum(_open(s) for s in held) == 5
-        alice_open, his = _alice_stays_connected(tcp_home, held, 3 * IDLE)
-        assert his == 5                  # the attack held
+        time.sleep(2 * IDLE)
+        # a stray reply marks nothing now: past the first-message timeout they are gone
+        assert sum(_open(s) for s in held) == 0
+        alice_open, _ = _alice_stays_connected(tcp_home, held, 3 * IDLE)
         assert alice_open, "alice's registered connection was closed"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_hole_a_stranger_whose_connections_spoke_still_cannot_push_alice_out(tcp_home):
+    """The same stranger marking his five connections with one OPTIONS each (they did
+    speak, so they stay): alice's connection carried a digest-authenticated request and
+    is kept before them; the share closes one of his instead."""
+    held = _stranger(tcp_home, 5, request=True)
+    try:
+        time.sleep(2 * IDLE)
+        assert sum(_open(s) for s in held) == 5      # spoke: not closed as silent
+        alice_open, his = _alice_stays_connected(tcp_home, held, 3 * IDLE)
+        assert alice_open, "alice's registered connection was closed"
+        assert his == 4                              # the share took one of his
     finally:
         for sock in held:
             sock.close()

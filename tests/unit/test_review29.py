@@ -1,9 +1,10 @@
 """Review 29 (attacker's review of this session's fixes): the TCP sweep, in memory.
 
 ``kamailio_app.tcp_sweep.TcpSweeper`` decides which connections the rtimer process
-closes (review 28).  Each ``test_hole_*`` is a strict xfail on ``4518507`` whose
-assertion is what a fix must make true; ``test_control_*`` is the same flow without the
-attack (it passes).  The wire half (a real Kamailio) is
+closes (review 28).  Each ``test_hole_*`` was a strict xfail on ``4518507`` whose
+assertion is what a fix must make true (now closed: ``tcp_sweep.share_key`` counts an
+IPv6 /64 as one address, and connections the proxy opened are in no share);
+``test_control_*`` is the same flow without the attack (it passes).  The wire half (a real Kamailio) is
 ``tests/kamailio/test_review29_wire.py``.
 """
 
@@ -20,8 +21,6 @@ def _v6_sweeper(per_source: int = 32) -> TcpSweeper:
                       per_source=per_source, exempt=lambda ip: False)
 
 
-@pytest.mark.xfail(strict=True, reason="review 29: the per-address share is per /128; one "
-                   "IPv6 subscriber (a /64, often a /56) has 2^64 addresses")
 def test_hole_one_ipv6_host_holds_the_table_from_addresses_of_its_own_prefix():
     """Attacker: off-path sender with an ordinary IPv6 access line (one /64, the
     smallest prefix a home or mobile line gets; SLAAC privacy addresses are free to
@@ -57,8 +56,6 @@ def test_control_one_ipv4_address_holds_its_share_only():
     assert len(table) - len(s.to_close(table, 30.0)) == 32
 
 
-@pytest.mark.xfail(strict=True, reason="review 29: the per-address rule also closes "
-                   "connections the proxy opened; the docs say they are left alone")
 def test_hole_a_connection_the_proxy_opened_is_closed_as_the_addresss_extra():
     """Attacker: off-path sender (or an insider) who shares an address with a peer the
     proxy connects out to: a phone's TCP contact behind the same NAT/CGNAT address, a

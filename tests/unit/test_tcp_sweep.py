@@ -81,3 +81,24 @@ def test_config_defaults_and_bounds(tmp_path):
         limits(tcp_max_connections=20, tcp_connections_per_source=21)
     with pytest.raises(AppConfigError):
         limits(tcp_idle_timeout=30, tcp_first_message_timeout=31)
+
+
+def test_authenticated_connections_are_kept_before_those_that_only_spoke():
+    from kamailio_app.tcp_sweep import AUTHENTICATED
+    s = sweeper(per_source=2)
+    authed = Connection(9, "198.51.100.7", 5060, marked_lifetime(IDLE, AUTHENTICATED), "CONN_OK")
+    old = [conn(1, spoke=True), conn(2, spoke=True)]
+    s.to_close(old, 0.0)
+    assert s.to_close([*old, authed], 5.0) == {2: "too many from one address"}
+
+
+@pytest.mark.parametrize("address,key", [
+    ("198.51.100.7", "198.51.100.7"),
+    ("2001:db8:0:7::1", "2001:db8:0:7::/64"),
+    ("2001:db8:0:7:ffff::2", "2001:db8:0:7::/64"),
+    ("::ffff:198.51.100.7", "198.51.100.7"),
+    ("not an address", "not an address"),
+])
+def test_share_key(address, key):
+    from kamailio_app.tcp_sweep import share_key
+    assert share_key(address) == key
