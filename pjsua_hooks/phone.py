@@ -568,7 +568,9 @@ class E2MPhone:
         answerable = self._answerable_challenges(msg)
         stripped, msg = answerable is not msg, answerable
         if self.certservice is not None and self.certservice.on_rx(msg, self.hook.rx_source):
-            return None      # an answer to our PUBLISH / SUBSCRIBE (a NOTIFY raises)
+            # an answer to our PUBLISH / SUBSCRIBE (a NOTIFY raises): pjsip gets it as
+            # the challenge filter left it (review 29)
+            return msg.serialize() if stripped else None
         try:
             opened = self.engine.open(msg)
         except E2MError as err:
