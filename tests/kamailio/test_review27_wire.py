@@ -102,20 +102,22 @@ def test_control_the_homes_own_challenge_still_comes(home):
         alice.close()
 
 
-def _stray(home: ProxyHandle, value: str) -> bytes | None:
+def _stray(home: ProxyHandle, value: str, tag: str = "") -> bytes | None:
     """A 407 matching no transaction, its top Via the proxy's, the next a listener's:
-    what the listener gets when the proxy forwards it statelessly."""
+    what the listener gets when the proxy forwards it statelessly.  ``value`` may hold
+    surrogates (octets that are not UTF-8, sent as they are)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listener.bind(("127.0.0.1", 0))
     listener.settimeout(1.5)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         stray = (f"SIP/2.0 407 Proxy Authentication Required\r\n"
-                 f"Via: SIP/2.0/UDP 127.0.0.1:{home.port};branch=z9hG4bK-stray27a\r\n"
+                 f"Via: SIP/2.0/UDP 127.0.0.1:{home.port};branch=z9hG4bK-stray27a{tag}\r\n"
                  f"Via: SIP/2.0/UDP 127.0.0.1:{listener.getsockname()[1]};branch=z9hG4bK-s27b\r\n"
                  f"From: <sip:alice@example.com>;tag=a27\r\nTo: <sip:bob@example.com>;tag=b27\r\n"
-                 f"Call-ID: stray27-{value[-6:]}@x\r\nCSeq: 2 MESSAGE\r\n"
-                 f"Proxy-Authenticate: {value}\r\nContent-Length: 0\r\n\r\n").encode()
+                 f"Call-ID: stray27-{tag}{value[-6:].encode('ascii', 'replace').hex()}@x\r\n"
+                 f"CSeq: 2 MESSAGE\r\nProxy-Authenticate: {value}\r\nContent-Length: 0\r\n\r\n"
+                 ).encode("utf-8", "surrogateescape")
         sender.sendto(stray, ("127.0.0.1", home.port))
         try:
             return listener.recv(65535)

@@ -30,7 +30,7 @@ import pytest
 from e2m_lab.kamailio_harness import SipUa
 from e2m_plugins.sip import parse
 from tests.kamailio.test_review27_wire import (  # noqa: F401 - fixtures
-    USERS, _alice_writes, bob, challenging, home)
+    USERS, _alice_writes, _stray, bob, challenging, home)
 
 pytestmark = pytest.mark.kamailio
 
@@ -74,29 +74,6 @@ def test_control_the_same_challenge_without_the_octet_is_refused(home, bob):
     answer = _alice_writes(home)
     assert answer is not None and answer.status == 502
     assert home.wait_log("challenges in our realm: refused")
-
-
-def _stray(home, value: str, tag: str) -> bytes | None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.settimeout(1.5)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        stray = (f"SIP/2.0 407 Proxy Authentication Required\r\n"
-                 f"Via: SIP/2.0/UDP 127.0.0.1:{home.port};branch=z9hG4bK-stray29{tag}\r\n"
-                 f"Via: SIP/2.0/UDP 127.0.0.1:{listener.getsockname()[1]};branch=z9hG4bK-s29\r\n"
-                 f"From: <sip:alice@example.com>;tag=a29\r\nTo: <sip:bob@example.com>;tag=b29\r\n"
-                 f"Call-ID: stray29-{tag}@x\r\nCSeq: 2 MESSAGE\r\n"
-                 f"Proxy-Authenticate: {value}\r\nContent-Length: 0\r\n\r\n"
-                 ).encode("utf-8", "surrogateescape")
-        sender.sendto(stray, ("127.0.0.1", home.port))
-        try:
-            return listener.recv(65535)
-        except (socket.timeout, TimeoutError):
-            return None
-    finally:
-        listener.close()
-        sender.close()
 
 
 def test_hole_a_stray_home_realm_challenge_with_a_non_utf8_octet_is_forwarded(home):
