@@ -1,0 +1,119 @@
+"""Review 31 (attacker's review of this session's fixes), in memory.
+
+Each ``test_hole_*`` is a strict xfail on ``1bfd413`` whose assertion is what a fix must
+make true; each ``test_control_*`` is the same flow without the fault (it passes).  The
+wire half (a real Kamailio: a user's connection mark lowered) is
+``tests/kamailio/test_review31_wire.py``.
+
+1. **An outage PostgreSQL reports in SQLSTATE class 54 is taken for rows refused for
+   good.**  Review 30 made ``psycopg.errors.ProgramLimitExceeded`` (class 54) a
+   permanent refusal of the rows, for the 2704-byte index entry.  But the same code
+   (54000, ``ERRCODE_PROGRAM_LIMIT_EXCEEDED``) is what PostgreSQL raises for *every*
+   write when it stops assigning transaction ids to avoid wraparound
+   (``varsup.c GetNewTransactionId``: "database is not accepting commands ... to avoid
+   wraparound data loss"; the MultiXact variant alike), until a VACUUM: a database
+   that is up and answering, merely not writing for a while.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kamailio_app.archive import ArchiveUnavailable, BodyRecord, SqliteArchive
+from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive
+
+psycopg = pytest.importorskip("psycopg")
+
+WRAPAROUND = ('database is not accepting commands that assign new transaction IDs to avoid '
+              'wraparound data loss in database "e2m"')
+
+
+def _body(n: int) -> BodyRecord:
+    return BodyRecord(call_id=f"c{n}@x", from_uri="sip:alice@example.com",
+                      to_uri="sip:bob@example.com", method="MESSAGE", direction="request",
+                      content_type="text/plain", plaintext=b"words %d" % n, sha256="0" * 64,
+                      signature="valid")
+
+
+def _postgres(state: dict):
+    """A ``PostgresArchive`` (its own error classification) over a database whose every
+    write fails with ``state['error']`` (None: an SQLite file stands in for it)."""
+    from kamailio_app.archive_pg import PostgresArchive
+    from kamailio_app.pgconn import PgUrl
+
+    class Database(PostgresArchive):
+        def _connect(self):
+            if state["error"] is not None:
+                raise state["error"]
+            return state["stand_in"]._connect()
+
+        def _transaction(self, conn):
+            return state["stand_in"]._transaction(conn)
+
+    archive = Database(PgUrl.parse("postgres://e2m:pw@127.0.0.1:5432/e2m"))
+    archive.dialect = "sqlite"          # the stand-in's placeholders
+    return archive
+
+
+def _spooled(tmp_path: Path, error) -> tuple[SpooledArchive, dict, list]:
+    state = {"error": psycopg.OperationalError("connection refused"),
+             "stand_in": SqliteArchive(tmp_path / "shared.sqlite")}
+    lines: list[tuple[str, str]] = []
+    spooled = SpooledArchive(_postgres(state), SqliteArchive(tmp_path / "spool.sqlite"),
+                             retry_after=0.0,
+                             events=ArchiveEvents(log=lambda lvl, line: lines.append((lvl, line))))
+    for n in range(3):                  # the database away: three messages wait
+        spooled.record([_body(n)])
+    assert spooled.spool.pending() == 3
+    state["error"] = error              # back, but not writing yet (or a real limit)
+    spooled.replay()
+    spooled.record([_body(3)])
+    return spooled, state, lines
+
+
+@pytest.mark.xfail(strict=True, reason="review 31: SQLSTATE 54000 is also PostgreSQL's "
+                   "wraparound write stop, an outage: messages are dropped as 'lost' "
+                   "instead of spooled")
+def test_hole_a_database_stopped_for_wraparound_loses_every_message_and_the_spool(tmp_path):
+    """Attacker: none needed (a fault); anyone who keeps the database's oldest xid
+    pinned (a forgotten prepared transaction or replication slot, autovacuum behind on
+    a busy archive) brings it nearer.
+
+    Steps: the shared archive is away a while (messages are spooled, as promised), then
+    PostgreSQL answers again but refuses writes for wraparound protection (SQLSTATE
+    54000) until a VACUUM.
+
+    Effect: ``PostgresArchive._failure`` reads ``ProgramLimitExceeded`` as "rows
+    refused for good" (``ArchiveError``): ``SpooledArchive.replay`` drops every spooled
+    message as lost and forgets it, and ``record`` loses each new one (no spool, no
+    retry), for as long as the stop lasts; with ``fail_request_on_error`` requests get
+    the permanent-error path.  ``archive_spool.py`` promises that messages wait in the
+    spool while the database cannot take them and only rows "the database refuses for
+    good" are lost; ``archive_pg.py`` that anything but the rows' own fault "may pass
+    later".
+
+    Fix: take only what is about the rows as permanent: 54000 with the index-row (or
+    "row is too big" / value-size) message, or better check the rows' sizes before
+    writing (the Call-ID bound already does); treat class 54 otherwise (wraparound,
+    "statement too complex", MultiXact limits) as ``ArchiveUnavailable``."""
+    spooled, _, lines = _spooled(
+        tmp_path, psycopg.errors.ProgramLimitExceeded(WRAPAROUND))
+    lost = [line for level, line in lines if "archive lost" in line]
+    assert not lost, lost
+    assert spooled.spool.pending() == 4
+
+
+def test_control_a_database_still_away_keeps_every_message_spooled(tmp_path):
+    spooled, _, lines = _spooled(tmp_path, psycopg.OperationalError("connection refused"))
+    assert not [line for level, line in lines if "archive lost" in line]
+    assert spooled.spool.pending() == 4
+
+
+def test_control_the_wraparound_error_is_read_as_a_refusal_today():
+    """What the classification says now (the reason of the hole above)."""
+    state = {"error": None, "stand_in": None}
+    refused = _postgres(state)._failure(psycopg.errors.ProgramLimitExceeded(WRAPAROUND),
+                                        "write")
+    assert not isinstance(refused, ArchiveUnavailable)
