@@ -11,6 +11,7 @@ rows an older layout cannot hold.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,9 @@ from .archive_schema import SchemaError, migrate, read_version
 from .pgconn import PgUrl, ProcessConnection
 
 __all__ = ["PostgresArchive"]
+
+# PostgreSQL's messages for a row that is too large for good (class 54)
+_ROW_LIMITS = re.compile(r"index row (size|requires)|row is too big", re.IGNORECASE)
 
 
 class PostgresArchive(SqlArchive):
@@ -34,12 +38,13 @@ class PostgresArchive(SqlArchive):
         self._db = ProcessConnection(url, connect_timeout=connect_timeout,
                                      statement_timeout_ms=statement_timeout_ms)
         self._errors = (psycopg.Error,)
-        # rows the database can never take (bad bytes, a broken constraint, a value past
-        # one of its limits, such as an index entry over 2704 bytes: SQLSTATE class 54,
-        # review 30); anything else (away, full disk, missing table, lock timeout) may
-        # pass later
-        self._permanent = (psycopg.DataError, psycopg.IntegrityError,
-                           psycopg.errors.ProgramLimitExceeded)
+        # rows the database can never take (bad bytes, a broken constraint); anything
+        # else (away, full disk, missing table, lock timeout) may pass later
+        self._permanent = (psycopg.DataError, psycopg.IntegrityError)
+        # SQLSTATE class 54 is both: a row past one of the database's limits (an index
+        # entry over 2704 bytes, review 30) never passes, but the write stop that guards
+        # against transaction id wraparound lasts only until a VACUUM (review 31)
+        self._limits = psycopg.errors.ProgramLimitExceeded
 
     def __repr__(self) -> str:
         return f"PostgresArchive({self.url.masked()!r})"
@@ -60,7 +65,8 @@ class PostgresArchive(SqlArchive):
         # psycopg's messages name the server and the statement, never our values
         text = f"shared archive {doing} failed: {type(exc).__name__}: " \
                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}"
-        if isinstance(exc, self._permanent):
+        if isinstance(exc, self._permanent) or (
+                isinstance(exc, self._limits) and _ROW_LIMITS.search(str(exc))):
             return ArchiveError(text)
         return ArchiveUnavailable(text)
 

@@ -830,8 +830,6 @@ class kamailio:
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
         try:
-            if self.on_stream() and KSR.tm.t_check_trans() > 0:
-                self.mark_connection(SPOKE)      # an answer to us; a stray one is nothing
             if (KSR.pv.get("$rs") or 0) in CHALLENGE_HEADERS and \
                     KSR.tm.t_check_trans() <= 0 and self.own_realm_challenge():
                 # a stray one (no transaction of ours) would go on statelessly; one of

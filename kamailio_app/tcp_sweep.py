@@ -10,17 +10,19 @@ the connections (``core.tcp_list``) and closes:
 * one accepted on our listeners that has carried no SIP request within
   ``[limits] tcp_first_message_timeout`` seconds.  A message marks its connection by
   setting its lifetime a little over the idle timeout, which ``core.tcp_list`` shows:
-  one second over for a request (ACK and CANCEL aside) or a reply to one of our
-  transactions (``SPOKE``), two for a request digest authentication let in
-  (``AUTHENTICATED``).  A stray reply or an HTTP request marks nothing;
+  one second over for a request (ACK and CANCEL aside: ``SPOKE``), two for a request
+  digest authentication let in (``AUTHENTICATED``).  A reply or an HTTP request marks
+  nothing (an accepted connection is reachable only once it carried a request).  A
+  later message may write a lower mark (the lifetime is one value), so the sweep keeps
+  the highest it saw for the connection's life (review 31);
 * beyond ``[limits] tcp_connections_per_source`` accepted from one address (an IPv6
   /64 counts as one; the proxy's own and ``trusted`` ones aside): authenticated ones
   are kept first, then those that spoke, each oldest first (review 29: a stranger
   behind a user's NAT must not push the user's connection out).
 
 Connections we opened (to a next hop, to a phone's contact) are on no listener port:
-neither rule touches them.  What is kept here is one first-seen time per listed
-connection, dropped once the connection is gone: bounded by the table.
+neither rule touches them.  What is kept here is one first-seen time and one highest
+mark per listed connection, dropped once the connection is gone: bounded by the table.
 """
 
 from __future__ import annotations
@@ -101,12 +103,14 @@ class TcpSweeper:
         self.per_source = per_source
         self.exempt = exempt
         self._first_seen: dict[int, float] = {}
+        self._best: dict[int, int] = {}          # the highest mark seen, per connection
 
     def to_close(self, connections: Iterable[Connection], now: float) -> dict[int, str]:
         """{connection id: why} for the ones to close now."""
         live = [c for c in connections if c.state in _LIVE]
         seen = {c.id: self._first_seen.get(c.id, now) for c in live}
         self._first_seen = seen                  # the gone ones are forgotten
+        self._best = {c.id: max(self._best.get(c.id, 0), self._mark(c)) for c in live}
         close: dict[int, str] = {}
         by_source: dict[str, list[Connection]] = defaultdict(list)
         for conn in live:
@@ -126,7 +130,10 @@ class TcpSweeper:
         return close
 
     def level(self, conn: Connection) -> int:
-        """What the connection's lifetime says it carried: 0, ``SPOKE`` or
-        ``AUTHENTICATED``."""
+        """The most the connection has carried so far: 0, ``SPOKE`` or
+        ``AUTHENTICATED`` (the highest mark seen, or its mark now)."""
+        return max(self._best.get(conn.id, 0), self._mark(conn))
+
+    def _mark(self, conn: Connection) -> int:
         level = conn.lifetime - self.idle_timeout
         return level if level in (SPOKE, AUTHENTICATED) else 0

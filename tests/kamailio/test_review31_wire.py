@@ -1,6 +1,7 @@
 """Review 31 (attacker's review of this session's fixes), against a real Kamailio 5.6.3.
 
-Each ``test_hole_*`` is a strict xfail on ``1bfd413`` whose assertion is what a fix must
+Each ``test_hole_*`` was a strict xfail on ``1bfd413`` (closed since: a reply marks
+nothing, and the sweep keeps the highest mark it saw) whose assertion is what a fix must
 make true; each ``test_control_*`` is the same flow without the attack (it passes).
 
 1. **A user's "authenticated" mark is overwritten by any later message.**  Review 29
@@ -102,9 +103,6 @@ def _run(proxy, *, downgrade: bool, stranger: int = 5) -> tuple[bool, int, bool]
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 31: a relayed request's answer (or any later "
-                   "request) lowers a user's AUTHENTICATED mark to SPOKE, and the sweep "
-                   "closes her registered connection behind a stranger's")
 def test_hole_a_stranger_downgrades_alices_mark_with_one_options_and_pushes_her_out(tcp_home):
     """Attacker: off-path sender, no account, sharing one IPv4 address with a user of
     ours (CGNAT, hotel/office NAT): review 29's stranger, plus one request from anywhere.

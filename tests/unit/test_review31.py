@@ -1,7 +1,7 @@
 """Review 31 (attacker's review of this session's fixes), in memory.
 
-Each ``test_hole_*`` is a strict xfail on ``1bfd413`` whose assertion is what a fix must
-make true; each ``test_control_*`` is the same flow without the fault (it passes).  The
+Each ``test_hole_*`` was a strict xfail on ``1bfd413`` (closed since) whose assertion
+is what a fix must make true; each ``test_control_*`` is the same flow without the fault (it passes).  The
 wire half (a real Kamailio: a user's connection mark lowered) is
 ``tests/kamailio/test_review31_wire.py``.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from kamailio_app.archive import ArchiveUnavailable, BodyRecord, SqliteArchive
+from kamailio_app.archive import ArchiveError, ArchiveUnavailable, BodyRecord, SqliteArchive
 from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive
 
 psycopg = pytest.importorskip("psycopg")
@@ -73,9 +73,6 @@ def _spooled(tmp_path: Path, error) -> tuple[SpooledArchive, dict, list]:
     return spooled, state, lines
 
 
-@pytest.mark.xfail(strict=True, reason="review 31: SQLSTATE 54000 is also PostgreSQL's "
-                   "wraparound write stop, an outage: messages are dropped as 'lost' "
-                   "instead of spooled")
 def test_hole_a_database_stopped_for_wraparound_loses_every_message_and_the_spool(tmp_path):
     """Attacker: none needed (a fault); anyone who keeps the database's oldest xid
     pinned (a forgotten prepared transaction or replication slot, autovacuum behind on
@@ -111,9 +108,14 @@ def test_control_a_database_still_away_keeps_every_message_spooled(tmp_path):
     assert spooled.spool.pending() == 4
 
 
-def test_control_the_wraparound_error_is_read_as_a_refusal_today():
-    """What the classification says now (the reason of the hole above)."""
+def test_class_54_is_an_outage_unless_it_names_the_row():
+    """The wraparound stop waits (it was read as a refusal of the rows on ``1bfd413``);
+    an index entry over PostgreSQL's limit is still a refusal of the rows (review 30)."""
     state = {"error": None, "stand_in": None}
-    refused = _postgres(state)._failure(psycopg.errors.ProgramLimitExceeded(WRAPAROUND),
-                                        "write")
-    assert not isinstance(refused, ArchiveUnavailable)
+    archive = _postgres(state)
+    assert isinstance(archive._failure(psycopg.errors.ProgramLimitExceeded(WRAPAROUND),
+                                       "write"), ArchiveUnavailable)
+    too_big = psycopg.errors.ProgramLimitExceeded(
+        "index row size 3016 exceeds btree version 4 maximum 2704 for index bodies_call_id")
+    refused = archive._failure(too_big, "write")
+    assert isinstance(refused, ArchiveError) and not isinstance(refused, ArchiveUnavailable)

@@ -102,3 +102,15 @@ def test_authenticated_connections_are_kept_before_those_that_only_spoke():
 def test_share_key(address, key):
     from kamailio_app.tcp_sweep import share_key
     assert share_key(address) == key
+
+
+def test_a_lower_mark_written_later_does_not_lower_what_the_sweep_saw():
+    """The lifetime is one value: a later message may write a lower mark over an
+    authenticated one (review 31); the sweep keeps the highest it saw."""
+    from kamailio_app.tcp_sweep import AUTHENTICATED
+    s = sweeper(per_source=2)
+    old = [conn(1, spoke=True), conn(2, spoke=True)]
+    authed = Connection(9, "198.51.100.7", 5060, marked_lifetime(IDLE, AUTHENTICATED), "CONN_OK")
+    s.to_close([*old, authed], 0.0)
+    lowered = Connection(9, "198.51.100.7", 5060, marked_lifetime(IDLE), "CONN_OK")
+    assert s.to_close([*old, lowered], 5.0) == {2: "too many from one address"}
