@@ -132,3 +132,80 @@ def test_hole_one_sender_fills_the_spool_and_everyone_elses_messages_are_lost(tm
     shared.down = False
     _drain(archive)
     assert b"alice's message" in [r.plaintext for r in shared.bodies(limit=100)]
+
+
+# --------------------------------------------------------------------------- whom a row names
+
+V_MESSAGE = ("MESSAGE:*",)
+
+
+@pytest.fixture(scope="module")
+def world():
+    from e2m_lab.flows import TRUSTED
+    from e2m_plugins.testpki import init_test_pki
+    return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob", "carol"),
+                         key_type="ec")
+
+
+def _message_through_the_proxy(world, *, to: str, request_uri: str, seal_for: str):
+    """alice's signed, encrypted MESSAGE with ``To: <to>`` and Request-URI ``request_uri``,
+    sealed for ``seal_for`` (her own client picks whose certificate a To AoR gets), through
+    a proxy that views MESSAGE: (proxy verdict, archive rows, what was forwarded)."""
+    from e2m_lab.flows import TRUSTED, apply_forward, known_proxy, message, proxy_engine, ua_engine
+    from e2m_plugins.sip import RequestLine
+    from kamailio_app.bootstrap import body_records
+    proxy = proxy_engine(world, TRUSTED, view=V_MESSAGE)
+    alice = ua_engine(world, "alice", peers=("bob", "carol"),
+                      proxies=(known_proxy(world, TRUSTED, V_MESSAGE),))
+    own = alice.certs.user
+    alice.certs.user = lambda aor: (world.user(seal_for).cert if aor == world.aor(to)
+                                    else own(aor))
+    request = message(world, b"the plans", sender="alice", recipient=to)
+    request = request.with_start_line(RequestLine("MESSAGE", request_uri))
+    sent = alice.protect(request).message
+    verdict = proxy.inspect(sent)
+    return verdict, body_records(sent, verdict.seen), apply_forward(sent, verdict)
+
+
+def _bob(world):
+    from e2m_lab.flows import TRUSTED, known_proxy, ua_engine
+    return ua_engine(world, "bob", peers=("alice", "carol"),
+                     proxies=(known_proxy(world, TRUSTED, V_MESSAGE),))
+
+
+def test_control_a_message_to_bob_is_archived_as_to_bob(world):
+    verdict, rows, forwarded = _message_through_the_proxy(
+        world, to="bob", request_uri=f"sip:bob@{world.domain}", seal_for="bob")
+    assert verdict.action == "forward" and rows[0].signature == "valid"
+    assert (rows[0].from_uri, rows[0].to_uri) == (world.aor("alice"), world.aor("bob"))
+    assert _bob(world).open(forwarded).message.body == b"the plans"
+
+
+@pytest.mark.xfail(strict=True, reason="review 32: the archive's to_uri is the To header; "
+                   "the Request-URI (who gets the message) is neither bound nor recorded")
+def test_hole_an_insiders_message_to_bob_is_archived_as_sent_to_carol(world):
+    """Attacker: an insider (alice, digest-authenticated, her own client).
+
+    Attack: a MESSAGE with Request-URI ``sip:bob@example.com`` (or any outsider's,
+    ``sip:eve@rival.example``: the proxy routes by the Request-URI) and ``To:
+    <sip:carol@example.com>``, signed as herself with a signed SIP context that names
+    carol as the To AoR (true of the header), encrypted for the proxy and for bob's
+    certificate (her client chooses whose key a To AoR gets).
+
+    Effect: the proxy checks the context against the message (To AoR carol: it matches),
+    reads, archives and forwards: the row says ``alice -> carol``, signature ``valid``;
+    bob (the real recipient) opens it and shows it as alice's.  The archive never
+    records the Request-URI, so its reader is told a message went to a colleague that
+    went to someone else (to an outsider: an exfiltration the archive books as an
+    internal message; or carol is framed as its addressee).
+
+    Fix: record who the message was for: the Request-URI as received (and the target
+    the proxy relayed to) in the row; or, for an out-of-dialog request from one of our
+    users, refuse a Request-URI whose AoR is not the To AoR (403), or bind the
+    Request-URI's AoR in the signed context.  (A UAS could also refuse a request whose
+    To is not its own AoR: bob's engine took this one.)"""
+    verdict, rows, forwarded = _message_through_the_proxy(
+        world, to="carol", request_uri=f"sip:bob@{world.domain}", seal_for="bob")
+    assert _bob(world).open(forwarded).message.body == b"the plans"   # bob reads it
+    assert verdict.action == "reply" or rows[0].to_uri == world.aor("bob"), \
+        (verdict.action, [(r.from_uri, r.to_uri, r.signature) for r in rows])
