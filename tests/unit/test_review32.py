@@ -209,3 +209,52 @@ def test_hole_an_insiders_message_to_bob_is_archived_as_sent_to_carol(world):
     assert _bob(world).open(forwarded).message.body == b"the plans"   # bob reads it
     assert verdict.action == "reply" or rows[0].to_uri == world.aor("bob"), \
         (verdict.action, [(r.from_uri, r.to_uri, r.signature) for r in rows])
+
+
+def _alices_message_to_eve_and_eves_answer(world, *, to_in_answer: str):
+    """alice's plaintext MESSAGE to an outsider (eve@rival.example) through a proxy that
+    views MESSAGE, and eve's 200 with a text body and ``To: <to_in_answer>``: the
+    archive rows of the 200."""
+    from e2m_lab.flows import TRUSTED, proxy_engine
+    from e2m_plugins.sip import make_request, make_response
+    from kamailio_app.bootstrap import body_records
+    proxy = proxy_engine(world, TRUSTED, view=V_MESSAGE)
+    request = make_request("MESSAGE", "sip:eve@rival.example", from_uri=world.aor("alice"),
+                           to_uri="sip:eve@rival.example", body=b"hi eve",
+                           content_type="text/plain")
+    assert proxy.inspect(request).action == "forward"
+    ok = make_response(request, 200, "OK", [], b"I agree to everything", "text/plain")
+    ok = ok.replace("To", f"<{to_in_answer}>;tag=e1")
+    verdict = proxy.inspect(ok, caller=world.aor("alice"))
+    return body_records(ok, verdict.seen)
+
+
+def test_control_an_outsiders_answer_is_archived_under_the_outsider(world):
+    (row,) = _alices_message_to_eve_and_eves_answer(world, to_in_answer="sip:eve@rival.example")
+    assert (row.from_uri, row.signature) == ("sip:eve@rival.example", "none")
+
+
+@pytest.mark.xfail(strict=True, reason="review 32: a response's row names its To header as "
+                   "the sender, whatever the request's To was: anyone answering writes rows "
+                   "in one of our users' names")
+def test_hole_an_outsiders_answer_is_archived_as_one_of_our_users(world):
+    """Attacker: any UAS a request of ours reaches (an outsider alice messages or calls,
+    or an insider's own external contact); no account, no certificate.
+
+    Attack: answer alice's MESSAGE to ``sip:eve@rival.example`` with a 200 carrying a
+    plaintext text body and ``To: <sip:carol@example.com>;tag=e1`` (tm matches a reply by
+    its Via branch, never by To; the proxy reads every response with a body).
+
+    Effect: ``body_records`` takes a response's sender from its To header: the archive
+    row says ``carol -> alice``, text "I agree to everything" (signature ``none``).  For a
+    request the proxy demands carol's digest before any row names her as the sender
+    (review 2: ``carol@example.com.``); for a response, anyone who answers writes rows
+    in her name (an INVITE's 200 with a plaintext SDP: an "answer from carol" and its
+    media rows the same way).
+
+    Fix: name the responder by what the proxy sent the request to: the request's To
+    (tm's ``$T_req(To)``, kept in an AVP as ``e2m_caller`` is) for an unsigned body, and
+    archive a response whose To URI is not its request's with the request's (or refuse
+    to read it); a signed body's signer stays checked against the To as now."""
+    (row,) = _alices_message_to_eve_and_eves_answer(world, to_in_answer="sip:carol@example.com")
+    assert row.from_uri != world.aor("carol"), (row.from_uri, row.signature, row.plaintext)
