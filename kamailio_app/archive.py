@@ -434,8 +434,11 @@ class SqliteArchive(SqlArchive):
         return int(rows[0][0])
 
     def size_bytes(self) -> int:
-        rows = self._query("SELECT page_count * page_size FROM pragma_page_count(), "
-                           "pragma_page_size()")
+        """The bytes the file's pages in use hold: SQLite keeps the pages of deleted rows
+        on its free list, so the file's own size never shrinks (an emptied spool stayed
+        "full" for good, review 32)."""
+        rows = self._query("SELECT (page_count - freelist_count) * page_size FROM "
+                           "pragma_page_count(), pragma_freelist_count(), pragma_page_size()")
         return int(rows[0][0])
 
 

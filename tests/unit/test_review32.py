@@ -53,8 +53,6 @@ def test_control_an_outage_below_the_byte_bound_spools_again_after_a_drain(tmp_p
     assert archive.events.counts.get("e2m_archive_lost", 0) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review 32: the spool's byte bound counts SQLite's "
-                   "free pages; once reached, the empty spool stays 'full' for good")
 def test_hole_a_spool_filled_once_by_bytes_never_takes_a_message_again(tmp_path):
     """Attacker: an off-path sender (a stranger's plaintext MESSAGE to one of our users
     is never challenged and is archived), or any insider; no attack is needed at all
