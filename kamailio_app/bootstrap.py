@@ -67,13 +67,17 @@ def as_utf8(text: str | None) -> str | None:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def body_records(message: SipMessage, seen: Any) -> list[BodyRecord]:
+def body_records(message: SipMessage, seen: Any, *,
+                 responder: str | None = None) -> list[BodyRecord]:
     """Archive rows for the bodies ``verdict.seen`` reports for ``message``.
 
-    ``from_uri`` is who sent the body: the From of a request, the responder (the To)
-    of a response; ``to_uri`` is the other party."""
+    ``from_uri`` is who sent the body: the From of a request; for a response, the
+    ``responder`` the request was sent to (its To, which the host kept with the
+    transaction), else the response's own To, which whoever answers writes (review 32);
+    ``to_uri`` is the other party."""
     sender, receiver = ("From", "To") if message.is_request else ("To", "From")
-    return [BodyRecord(call_id=message.call_id, from_uri=as_utf8(_uri(message, sender)),
+    origin = responder if responder and not message.is_request else _uri(message, sender)
+    return [BodyRecord(call_id=message.call_id, from_uri=as_utf8(origin),
                        to_uri=as_utf8(_uri(message, receiver)), method=message.method,
                        direction=_direction(message), status=message.status,
                        content_type=as_utf8(item.content_type) or "",
@@ -259,19 +263,22 @@ class ProxyApp:
             paths.add(urlsplit(url).path or "/")
         return paths
 
-    def observe(self, message: SipMessage, verdict: Any) -> list[str]:
+    def observe(self, message: SipMessage, verdict: Any, *,
+                responder: str | None = None) -> list[str]:
         """Hand what the verdict saw to the archive; return the media lines to log.
 
         Raises ``ArchiveError`` when the archive cannot be written; the caller
         decides (``[archive] fail_request_on_error``) what that means.  A shared
         archive may spool what its database cannot take now, except a request that
-        must not go on unarchived (``fail_request_on_error``).
+        must not go on unarchived (``fail_request_on_error``).  ``responder``: for a
+        response, whom its request was sent to (``body_records``).
         """
         seen = tuple(getattr(verdict, "seen", ()) or ())
         media = tuple(getattr(verdict, "media", ()) or ())
         if self.archive is not None and (seen or media):
             strict = self.config.archive.fail_request_on_error and message.is_request
-            bodies, lines = body_records(message, seen), media_records(message, media)
+            bodies = body_records(message, seen, responder=responder)
+            lines = media_records(message, media)
             try:
                 self.archive.record(bodies, lines, uid=content_uid(_identity(message), bodies, lines),
                                     may_spool=not strict)

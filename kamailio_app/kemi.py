@@ -86,6 +86,9 @@ _CALLER_AVP = "$avp(e2m_caller)"
 # The names of the keys a request kept afresh (Verdict.kept, hex, comma-separated), the
 # same way: its failure route drops those and no other (ProxyEngine.end_attempt).
 _KEPT_AVP = "$avp(e2m_kept)"
+# Whom the request was sent to (its To URI), the same way: the archive names an answer's
+# sender by it, not by the answer's own To, which whoever answers writes (review 32).
+_CALLEE_AVP = "$avp(e2m_callee)"
 # Set by tm's reply route on a 401/407 from downstream that names our own realm: the
 # failure route answers 502 instead of relaying it (``own_realm_challenge``).
 _OWN_CHALLENGE_AVP = "$avp(e2m_own_challenge)"
@@ -775,6 +778,7 @@ class kamailio:
         the request again ($T_req)."""
         caller = self.app.engine.answer_caller(request, verdict, digest_user=self.digest_aor())
         KSR.pv.sets(_CALLER_AVP, caller)
+        KSR.pv.sets(_CALLEE_AVP, KSR.pv.get("$tu") or "")
 
     def digest_aor(self):
         """The AoR digest authentication proved for this request, or None.  auth_db
@@ -803,8 +807,12 @@ class kamailio:
         """Archive and log what was seen.  False when the request was answered 500."""
         if verdict.seen:
             KSR.statistics.update_stat("e2m_bodies_opened", len(verdict.seen))
+        responder = None
+        if not message.is_request:
+            kept = KSR.pv.get(_CALLEE_AVP)
+            responder = kept if isinstance(kept, str) and kept else None
         try:
-            for line in self.app.observe(message, verdict):
+            for line in self.app.observe(message, verdict, responder=responder):
                 _info(line + "\n")
         except ArchiveError as exc:
             _log_exception("archive", exc)
