@@ -91,7 +91,8 @@ def content_uid(identity: Sequence[str | int | None], bodies: Sequence["BodyReco
     digest = hashlib.sha256()
     fields = [list(identity)]
     fields += [[b.call_id, b.from_uri, b.to_uri, b.method, b.direction, b.status,
-                b.content_type, b.sha256, b.signature, b.signer, b.cid] for b in bodies]
+                b.content_type, b.sha256, b.signature, b.signer, b.cid, b.request_uri]
+               for b in bodies]
     fields.append("media")
     fields += [[m.call_id, m.method, m.direction, m.media, m.address, m.port, m.port_count,
                 m.proto, m.codecs, m.flow, m.rtcp_port] for m in media]
@@ -116,6 +117,7 @@ class BodyRecord:
     cid: str | None = None
     status: int | None = None
     time: float | None = None
+    request_uri: str | None = None    # a request's, as received (None for a response)
 
     def __repr__(self) -> str:
         return (f"BodyRecord({self.method} {self.direction} {self.content_type}, "
@@ -157,6 +159,7 @@ class ArchivedBody:
     signer: str | None
     cid: str | None
     message_uid: str | None = None    # None: archived before message ids (schema 1)
+    request_uri: str | None = None    # None: a response, or archived before schema 3
 
     def __repr__(self) -> str:
         return f"ArchivedBody(id={self.id}, {self.method} {self.direction}, {len(self.plaintext)} bytes)"
@@ -168,17 +171,18 @@ class ArchivedBody:
                 "direction": self.direction, "status": self.status,
                 "content_type": self.content_type, "length": len(self.plaintext),
                 "sha256": self.sha256, "signature": self.signature, "signer": self.signer,
-                "cid": self.cid, "message": self.message_uid}
+                "cid": self.cid, "message": self.message_uid,
+                "request_uri": self.request_uri}
 
 
 _BODY_COLUMNS = ("id", "time", "call_id", "from_uri", "to_uri", "method", "direction",
                  "status", "content_type", "plaintext", "sha256", "signature", "signer", "cid",
-                 "message_uid")
+                 "message_uid", "request_uri")
 MEDIA_COLUMNS = ("id", "time", "call_id", "method", "direction", "media", "address", "port",
                  "port_count", "proto", "codecs", "flow", "rtcp_port")
 _INSERT_BODY = ("INSERT INTO bodies (time, call_id, from_uri, to_uri, method, direction, status, "
-                "content_type, plaintext, sha256, signature, signer, cid, message_uid, part) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "content_type, plaintext, sha256, signature, signer, cid, message_uid, part, "
+                "request_uri) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (message_uid, part) DO NOTHING")
 _INSERT_MEDIA = ("INSERT INTO media (time, call_id, method, direction, media, address, port, "
                  "port_count, proto, codecs, flow, rtcp_port, message_uid, part) "
@@ -261,7 +265,7 @@ class SqlArchive:
             cursor.executemany(self._sql(_INSERT_BODY), [
                 (b.time or now, b.call_id, b.from_uri, b.to_uri, b.method, b.direction,
                  b.status, b.content_type, bytes(b.plaintext), b.sha256, b.signature,
-                 b.signer, b.cid, uid, part) for part, b in enumerate(bodies)])
+                 b.signer, b.cid, uid, part, b.request_uri) for part, b in enumerate(bodies)])
         if media:
             cursor.executemany(self._sql(_INSERT_MEDIA), [
                 (m.time or now, m.call_id, m.method, m.direction, m.media, m.address, m.port,
@@ -305,15 +309,15 @@ class SqlArchive:
     def message(self, uid: str) -> tuple[list[BodyRecord], list[MediaRecord]]:
         """The rows of one message, in their order, as records to write elsewhere."""
         bodies = self._query("SELECT time, call_id, from_uri, to_uri, method, direction, "
-                             "status, content_type, plaintext, sha256, signature, signer, cid "
-                             "FROM bodies WHERE message_uid = ? ORDER BY part", [uid])
+                             "status, content_type, plaintext, sha256, signature, signer, cid, "
+                             "request_uri FROM bodies WHERE message_uid = ? ORDER BY part", [uid])
         media = self._query("SELECT time, call_id, method, direction, media, address, port, "
                             "port_count, proto, codecs, flow, rtcp_port FROM media "
                             "WHERE message_uid = ? ORDER BY part", [uid])
         return ([BodyRecord(call_id=r[1], from_uri=r[2], to_uri=r[3], method=r[4],
                             direction=r[5], status=r[6], content_type=r[7],
                             plaintext=bytes(r[8]), sha256=r[9], signature=r[10], signer=r[11],
-                            cid=r[12], time=r[0]) for r in bodies],
+                            cid=r[12], time=r[0], request_uri=r[13]) for r in bodies],
                 [MediaRecord(call_id=r[1], method=r[2], direction=r[3], media=r[4],
                              address=r[5], port=r[6], port_count=r[7], proto=r[8], codecs=r[9],
                              flow=r[10], rtcp_port=r[11], time=r[0]) for r in media])

@@ -67,8 +67,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row.id:>5}  {_when(row.time):20}  {row.method:8} {row.direction:8} "
               f"{row.content_type[:24]:24} {len(row.plaintext):>6}  {row.signature:9}  "
-              f"{row.from_uri or '-'} -> {row.to_uri or '-'}  {row.call_id}")
+              f"{row.from_uri or '-'} -> {row.to_uri or '-'}{_sent_to(row)}  {row.call_id}")
     return 0
+
+
+def _sent_to(row: Any) -> str:
+    """The Request-URI, when it is not the To: whom the request really went to."""
+    if row.request_uri and row.request_uri != row.to_uri:
+        return f" (sent to {row.request_uri})"
+    return ""
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

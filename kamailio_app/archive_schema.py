@@ -22,7 +22,7 @@ __all__ = ["ARCHIVE_VERSION", "COMPONENT", "SchemaError", "read_version", "migra
            "STEPS", "MIGRATION_LOCK"]
 
 COMPONENT = "archive"
-ARCHIVE_VERSION = 2
+ARCHIVE_VERSION = 3
 MIGRATION_LOCK = 0x6532_6D61   # pg_advisory_xact_lock key of every migration of ours
 
 _V1_SQLITE = """
@@ -77,6 +77,12 @@ CREATE UNIQUE INDEX bodies_message ON bodies (message_uid, part);
 CREATE UNIQUE INDEX media_message ON media (message_uid, part);
 """
 
+# Whom a request was sent to (its Request-URI as received): the To header may name
+# someone else, and only the Request-URI routes (review 32).
+_V3 = """
+ALTER TABLE bodies ADD COLUMN request_uri TEXT;
+"""
+
 _VERSION_TABLE = {
     "sqlite": "CREATE TABLE IF NOT EXISTS schema_version (component TEXT PRIMARY KEY, "
               "version INTEGER NOT NULL, updated REAL NOT NULL)",
@@ -88,6 +94,7 @@ _VERSION_TABLE = {
 STEPS: dict[int, dict[str, str]] = {
     1: {"sqlite": _V1_SQLITE, "postgres": _V1_POSTGRES},
     2: {"sqlite": _V2, "postgres": _V2},
+    3: {"sqlite": _V3, "postgres": _V3},
 }
 
 

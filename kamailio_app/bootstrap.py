@@ -83,7 +83,7 @@ def body_records(message: SipMessage, seen: Any, *,
                        content_type=as_utf8(item.content_type) or "",
                        plaintext=item.plaintext, sha256=item.sha256,
                        signature=item.signature, signer=as_utf8(item.signer),
-                       cid=as_utf8(item.cid))
+                       cid=as_utf8(item.cid), request_uri=as_utf8(message.request_uri))
             for item in seen]
 
 
