@@ -443,8 +443,11 @@ class kamailio:
         host = "[%s]" % address if ":" in address else address
         if KSR.is_myself("sip:" + host) > 0:
             return True
-        return any(ipaddress.ip_address(address) in ipaddress.ip_network(net)
-                   for net in self.app.config.limits.trusted)
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:           # not an address (never printed so): not trusted
+            return False
+        return any(ip in ipaddress.ip_network(net) for net in self.app.config.limits.trusted)
 
     def close_connection(self):
         if (KSR.pv.get("$proto") or "") in ("tcp", "tls"):
