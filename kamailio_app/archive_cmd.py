@@ -72,8 +72,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _sent_to(row: Any) -> str:
-    """The Request-URI, when it is not the To: whom the request really went to."""
-    if row.request_uri and row.request_uri != row.to_uri:
+    """Where the request went (the Request-URI, and a Route set's next hop it followed)
+    when that is not the party the row names: the To of a request, the sender of an
+    answer (reviews 32, 33)."""
+    party = row.to_uri if row.direction == "request" else row.from_uri
+    if row.request_uri and row.request_uri != party:
         return f" (sent to {row.request_uri})"
     return ""
 

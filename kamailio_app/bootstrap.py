@@ -67,24 +67,33 @@ def as_utf8(text: str | None) -> str | None:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def body_records(message: SipMessage, seen: Any, *,
-                 responder: str | None = None) -> list[BodyRecord]:
+def body_records(message: SipMessage, seen: Any, *, responder: str | None = None,
+                 sent_to: str | None = None) -> list[BodyRecord]:
     """Archive rows for the bodies ``verdict.seen`` reports for ``message``.
 
     ``from_uri`` is who sent the body: the From of a request; for a response, the
-    ``responder`` the request was sent to (its To, which the host kept with the
-    transaction), else the response's own To, which whoever answers writes (review 32);
-    ``to_uri`` is the other party."""
-    sender, receiver = ("From", "To") if message.is_request else ("To", "From")
-    origin = responder if responder and not message.is_request else _uri(message, sender)
+    ``responder`` its request was sent to (which the host kept with the transaction:
+    the Request-URI as received, or the next hop of a Route set it followed), never
+    a To, which whoever writes the message chooses (reviews 32, 33).  Without one (a
+    cluster's stray reply) only a body the response's To signed names that To; else
+    nobody.  ``to_uri`` is the other party.  ``request_uri`` is where the request
+    went (``sent_to``; for a request, by default its Request-URI)."""
+    if message.is_request:
+        target = sent_to or message.request_uri
+        senders = [_uri(message, "From")] * len(seen)
+    else:
+        target = sent_to
+        senders = [responder or (_uri(message, "To") if item.bound else None)
+                   for item in seen]
+    receiver = "To" if message.is_request else "From"
     return [BodyRecord(call_id=message.call_id, from_uri=as_utf8(origin),
                        to_uri=as_utf8(_uri(message, receiver)), method=message.method,
                        direction=_direction(message), status=message.status,
                        content_type=as_utf8(item.content_type) or "",
                        plaintext=item.plaintext, sha256=item.sha256,
                        signature=item.signature, signer=as_utf8(item.signer),
-                       cid=as_utf8(item.cid), request_uri=as_utf8(message.request_uri))
-            for item in seen]
+                       cid=as_utf8(item.cid), request_uri=as_utf8(target))
+            for item, origin in zip(seen, senders)]
 
 
 def _codecs(line: Any) -> str:
@@ -263,21 +272,21 @@ class ProxyApp:
             paths.add(urlsplit(url).path or "/")
         return paths
 
-    def observe(self, message: SipMessage, verdict: Any, *,
-                responder: str | None = None) -> list[str]:
+    def observe(self, message: SipMessage, verdict: Any, *, responder: str | None = None,
+                sent_to: str | None = None) -> list[str]:
         """Hand what the verdict saw to the archive; return the media lines to log.
 
         Raises ``ArchiveError`` when the archive cannot be written; the caller
         decides (``[archive] fail_request_on_error``) what that means.  A shared
         archive may spool what its database cannot take now, except a request that
-        must not go on unarchived (``fail_request_on_error``).  ``responder``: for a
-        response, whom its request was sent to (``body_records``).
+        must not go on unarchived (``fail_request_on_error``).  ``responder``,
+        ``sent_to``: whom and where the request went (``body_records``).
         """
         seen = tuple(getattr(verdict, "seen", ()) or ())
         media = tuple(getattr(verdict, "media", ()) or ())
         if self.archive is not None and (seen or media):
             strict = self.config.archive.fail_request_on_error and message.is_request
-            bodies = body_records(message, seen, responder=responder)
+            bodies = body_records(message, seen, responder=responder, sent_to=sent_to)
             lines = media_records(message, media)
             try:
                 self.archive.record(bodies, lines, uid=content_uid(_identity(message), bodies, lines),

@@ -86,9 +86,12 @@ _CALLER_AVP = "$avp(e2m_caller)"
 # The names of the keys a request kept afresh (Verdict.kept, hex, comma-separated), the
 # same way: its failure route drops those and no other (ProxyEngine.end_attempt).
 _KEPT_AVP = "$avp(e2m_kept)"
-# Whom the request was sent to (its To URI), the same way: the archive names an answer's
-# sender by it, not by the answer's own To, which whoever answers writes (review 32).
+# Whom the request was sent to, the same way: the Request-URI as received, or the next
+# hop of a Route set past us it followed.  The archive names an answer's sender by it,
+# not by the answer's own To nor the request's, which whoever writes them chooses
+# (reviews 32 and 33); and where it went ($avp(e2m_sent_to), ``sent_to``).
 _CALLEE_AVP = "$avp(e2m_callee)"
+_SENT_TO_AVP = "$avp(e2m_sent_to)"
 # Set by tm's reply route on a 401/407 from downstream that names our own realm: the
 # failure route answers 502 instead of relaying it (``own_realm_challenge``).
 _OWN_CHALLENGE_AVP = "$avp(e2m_own_challenge)"
@@ -238,6 +241,12 @@ def _remove_headers(pairs):
         tx.hf_iterator_end(_ITERATOR)
 
 
+def _kept(avp):
+    """A string AVP kept with the transaction, or None."""
+    value = KSR.pv.get(avp)
+    return value if isinstance(value, str) and value else None
+
+
 def _caller():
     """Who pays for a key the answer offers: the caller ``note_caller`` kept with the
     request's transaction (an identity the proxy authenticated, or the one shared
@@ -276,6 +285,7 @@ class kamailio:
     def ksr_request_route(self, msg):
         self.transaction = False     # t_newtran done for this request
         self.authenticated = None    # the user digest authentication proved for it
+        self.onward = None           # the next hop of a Route set past us it follows
         try:
             if self.app.replicates and KSR.pv.get("$rm") == "KDMQ":
                 self.route_dmq()
@@ -691,6 +701,8 @@ class kamailio:
                     # would hand him a route token for requests anywhere.
                     KSR.sl.sl_send_reply(403, "Route Not Allowed")
                     return False
+                # where it really goes, for the archive (review 33)
+                self.onward = KSR.pv.get("$du") if KSR.isdsturiset() else KSR.pv.get("$ru")
                 return True
         if KSR.is_myself_ruri():
             rc = KSR.registrar.lookup("location")
@@ -781,7 +793,15 @@ class kamailio:
         the request again ($T_req)."""
         caller = self.app.engine.answer_caller(request, verdict, digest_user=self.digest_aor())
         KSR.pv.sets(_CALLER_AVP, caller)
-        KSR.pv.sets(_CALLEE_AVP, KSR.pv.get("$tu") or "")
+        received = KSR.pv.get("$ou") or ""
+        KSR.pv.sets(_CALLEE_AVP, self.onward or received)
+        KSR.pv.sets(_SENT_TO_AVP, self.sent_to())
+
+    def sent_to(self):
+        """Where the request went, as the archive writes it: the Request-URI as received,
+        and the next hop of a Route set past us when it followed one."""
+        received = KSR.pv.get("$ou") or ""
+        return "%s via %s" % (received, self.onward) if self.onward else received
 
     def digest_aor(self):
         """The AoR digest authentication proved for this request, or None.  auth_db
@@ -810,12 +830,13 @@ class kamailio:
         """Archive and log what was seen.  False when the request was answered 500."""
         if verdict.seen:
             KSR.statistics.update_stat("e2m_bodies_opened", len(verdict.seen))
-        responder = None
-        if not message.is_request:
-            kept = KSR.pv.get(_CALLEE_AVP)
-            responder = kept if isinstance(kept, str) and kept else None
+        if message.is_request:
+            responder, sent_to = None, self.sent_to()
+        else:      # kept with the transaction (none for a cluster's stray reply)
+            responder, sent_to = _kept(_CALLEE_AVP), _kept(_SENT_TO_AVP)
         try:
-            for line in self.app.observe(message, verdict, responder=responder):
+            for line in self.app.observe(message, verdict, responder=responder,
+                                         sent_to=sent_to):
                 _info(line + "\n")
         except ArchiveError as exc:
             _log_exception("archive", exc)

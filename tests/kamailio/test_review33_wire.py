@@ -61,9 +61,6 @@ def test_control_bobs_answer_to_a_message_to_bob_is_archived_as_bobs(proxy_facto
     assert row.from_uri == "sip:bob@example.com"
 
 
-@pytest.mark.xfail(strict=True, reason="review 33: an answer's row names the request's To "
-                   "(written by the caller), not whom the request was sent to (its "
-                   "Request-URI): bob's answer is archived as carol's")
 def test_hole_bobs_answer_to_a_message_sent_to_bob_is_archived_as_carols(proxy_factory):
     """Attacker: an insider (alice; her own client), or any caller the proxy relays
     (a stranger's plaintext MESSAGE to bob is never challenged).
@@ -128,9 +125,6 @@ def test_control_a_message_to_carol_goes_to_carol_and_is_archived_so(proxy_facto
     assert "sent to" not in listing
 
 
-@pytest.mark.xfail(strict=True, reason="review 33: a request routed past us by a pre-loaded "
-                   "Route is archived as sent to its Request-URI (carol); where it went "
-                   "(the caller's host) is recorded nowhere")
 def test_hole_a_message_routed_to_an_outsider_is_archived_as_sent_to_carol(proxy_factory,
                                                                           capsys):
     """Attacker: an insider (alice; with ``[auth]`` any digest-authenticated user may

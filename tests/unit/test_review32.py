@@ -223,8 +223,10 @@ def _alices_message_to_eve_and_eves_answer(world, *, to_in_answer: str):
     ok = make_response(request, 200, "OK", [], b"I agree to everything", "text/plain")
     ok = ok.replace("To", f"<{to_in_answer}>;tag=e1")
     verdict = proxy.inspect(ok, caller=world.aor("alice"))
-    # kemi keeps the request's To with the transaction ($avp(e2m_callee)) and passes it
-    return body_records(ok, verdict.seen, responder=request.address("To").uri)
+    # kemi keeps whom the request was sent to ($avp(e2m_callee): the Request-URI as
+    # received, no Route set followed here) and where ($avp(e2m_sent_to)), and passes them
+    return body_records(ok, verdict.seen, responder=request.request_uri,
+                        sent_to=request.request_uri)
 
 
 def test_control_an_outsiders_answer_is_archived_under_the_outsider(world):

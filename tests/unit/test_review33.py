@@ -24,7 +24,7 @@ def _outsiders_answer_rows(world, *, to: str):  # noqa: F811
     """alice's plaintext MESSAGE with Request-URI eve (an outsider) and ``To: <to>``
     through a proxy that views MESSAGE; eve's 200 (a text body; its To copied from the
     request, as RFC 3261 says): the rows of the request and of the answer, the
-    responder taken as kemi takes it (the request's To)."""
+    responder taken as kemi takes it now (the Request-URI as received)."""
     from e2m_lab.flows import TRUSTED, proxy_engine
     from e2m_plugins.sip import make_request, make_response
     from kamailio_app.bootstrap import body_records
@@ -36,8 +36,10 @@ def _outsiders_answer_rows(world, *, to: str):  # noqa: F811
     asked = body_records(request, verdict.seen)
     ok = make_response(request, 200, "OK", [], b"I agree to everything", "text/plain")
     answer = proxy.inspect(ok, caller=world.aor("alice"))
-    # kemi.note_caller: KSR.pv.sets(_CALLEE_AVP, KSR.pv.get("$tu"))
-    return asked, body_records(ok, answer.seen, responder=request.address("To").uri)
+    # kemi keeps whom the request was sent to ($avp(e2m_callee): the Request-URI as
+    # received, no Route set followed here) and where ($avp(e2m_sent_to)), and passes them
+    return asked, body_records(ok, answer.seen, responder=request.request_uri,
+                        sent_to=request.request_uri)
 
 
 def test_control_an_outsiders_answer_to_a_message_to_him_names_him(world):  # noqa: F811
@@ -46,9 +48,6 @@ def test_control_an_outsiders_answer_to_a_message_to_him_names_him(world):  # no
     assert (row.from_uri, row.signature) == (_EVE, "none")
 
 
-@pytest.mark.xfail(strict=True, reason="review 33: an answer's responder is the request's "
-                   "To (the caller's to write): an insider makes an outsider's answer "
-                   "one of our users'")
 def test_hole_an_insider_makes_an_outsiders_answer_a_colleagues(world):  # noqa: F811
     """Attacker: an insider (alice, her own client) with an outsider who answers (eve at
     rival.example: her own account elsewhere, or a colluder); no forged reply needed,
