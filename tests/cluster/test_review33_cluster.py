@@ -8,6 +8,10 @@ another node sent, brought by the front or the floating address), and there no A
 set: ``observe`` passes no responder and ``body_records`` falls back to the answer's own
 To, which whoever answers writes: review 32's fourth hole, still open on that path, and
 for anyone at all, since a stray reply needs no request.
+
+The holes were strict xfails on ``cb85899`` and are closed (``f2734f1``): the responder
+is the Request-URI as received (or the next hop of a Route set past us), both rows keep
+where the request went, and a stray unsigned answer names no sender.
 """
 
 from __future__ import annotations

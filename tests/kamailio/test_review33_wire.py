@@ -10,6 +10,10 @@ request's row (schema 3) and nowhere in the answer's.  A MESSAGE (or INVITE) to 
 archived as carol's, and nothing in the answer's row says bob (its ``request_uri`` is
 NULL, so ``e2m archive list`` shows no "(sent to ...)" either).  The engine-level half
 (an outsider's answer) is ``tests/unit/test_review33.py``.
+
+The holes were strict xfails on ``cb85899`` and are closed (``f2734f1``): the responder
+is the Request-URI as received (or the next hop of a Route set past us), both rows keep
+where the request went, and a stray unsigned answer names no sender.
 """
 
 from __future__ import annotations
