@@ -27,9 +27,10 @@ import pytest
 from e2m_lab.kamailio_harness import SipUa, udp_transaction
 from e2m_plugins.sip import make_request, make_response
 from tests.kamailio.test_review27_wire import USERS
-from tests.kamailio.test_review29_wire import IDLE, SHARED, _open, _stranger, tcp_home  # noqa: F401
+from tests.kamailio.test_review29_wire import (  # noqa: F401 - tcp_home: a fixture
+    IDLE, SHARED, _keep_alive, _open, _stranger, tcp_home)
 
-pytestmark = pytest.mark.kamailio
+pytestmark = [pytest.mark.kamailio, pytest.mark.slow]   # the TCP tests wait out sweeps
 
 ELSEWHERE = "127.0.0.84"       # a silent connection that shows when the sweep ticks
 CALLER = "127.0.0.85"          # the stranger's own host (UDP), anywhere on the Internet
@@ -87,14 +88,7 @@ def _run(proxy, *, downgrade: bool, stranger: int = 5) -> tuple[bool, int, bool]
                 thread = _options_to_alice(proxy)
                 answered = _alice_answers(alice)
                 thread.join(4)
-            deadline = time.monotonic() + 3 * IDLE
-            while time.monotonic() < deadline:
-                for sock in [alice.sock, *held]:
-                    try:
-                        sock.sendall(b"\r\n\r\n")
-                    except OSError:
-                        pass
-                time.sleep(1.0)
+            _keep_alive([alice.sock, *held], 2 * IDLE)     # five sweeps
             return _open(alice.sock), sum(_open(s) for s in held), answered
         finally:
             alice.close()
