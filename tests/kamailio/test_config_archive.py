@@ -233,8 +233,9 @@ def test_example_configs_are_valid(name, pki, tmp_path):
 
 
 def test_archive_row_names_the_sender_of_each_body():
-    """A request's body comes from its From; a response's from the responder (its To).
-    Naming alice as the sender of bob's SDP answer would put words in her mouth."""
+    """A request's body comes from its From; a response's from the responder (whom the
+    request was sent to).  Naming alice as the sender of bob's SDP answer would put
+    words in her mouth."""
     from e2m_plugins.proxy import SeenBody
     from e2m_plugins.sip import make_request, make_response
     from kamailio_app.bootstrap import body_records
@@ -245,9 +246,13 @@ def test_archive_row_names_the_sender_of_each_body():
     seen = (SeenBody(cid=None, content_type="application/sdp", plaintext=b"v=0\r\n",
                      encrypted=True, signature="none", signer=None),)
     (offer_row,) = body_records(invite, seen)
-    (answer_row,) = body_records(answer, seen)
+    # kemi passes whom the request was sent to (reviews 32, 33); without it (a stray
+    # reply) an unsigned answer names nobody
+    (answer_row,) = body_records(answer, seen, responder=invite.request_uri)
+    (stray_row,) = body_records(answer, seen)
     assert (offer_row.from_uri, offer_row.to_uri) == ("sip:alice@example.com", "sip:bob@example.com")
     assert (answer_row.from_uri, answer_row.to_uri) == ("sip:bob@example.com", "sip:alice@example.com")
+    assert (stray_row.from_uri, stray_row.to_uri) == (None, "sip:alice@example.com")
 
 
 def test_the_archive_is_never_written_through_a_symlink_or_for_others_to_read(tmp_path):

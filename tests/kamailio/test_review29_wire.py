@@ -191,7 +191,7 @@ def test_hole_a_stranger_behind_the_users_nat_closes_their_registered_connection
         time.sleep(IDLE + 3)             # past the first-message timeout and a sweep
         # a stray reply marks nothing now: past the first-message timeout they are gone
         assert sum(_open(s) for s in held) == 0
-        alice_open, _ = _alice_stays_connected(tcp_home, held, 2 * IDLE)
+        alice_open, _ = _alice_stays_connected(tcp_home, held, IDLE)
         assert alice_open, "alice's registered connection was closed"
     finally:
         for sock in held:
@@ -207,7 +207,7 @@ def test_hole_a_stranger_whose_connections_spoke_still_cannot_push_alice_out(tcp
     try:
         time.sleep(IDLE + 3)             # past the first-message timeout and a sweep
         assert sum(_open(s) for s in held) == 5      # spoke: not closed as silent
-        alice_open, his = _alice_stays_connected(tcp_home, held, 2 * IDLE)
+        alice_open, his = _alice_stays_connected(tcp_home, held, IDLE)
         assert alice_open, "alice's registered connection was closed"
         assert his == 4                              # the share took one of his
     finally:
@@ -217,5 +217,5 @@ def test_hole_a_stranger_whose_connections_spoke_still_cannot_push_alice_out(tcp
 
 @pytest.mark.slow
 def test_control_alices_registered_connection_stays_without_the_stranger(tcp_home):
-    alice_open, _ = _alice_stays_connected(tcp_home, [], 2 * IDLE)
+    alice_open, _ = _alice_stays_connected(tcp_home, [], IDLE)
     assert alice_open

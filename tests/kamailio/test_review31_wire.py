@@ -88,7 +88,7 @@ def _run(proxy, *, downgrade: bool, stranger: int = 5) -> tuple[bool, int, bool]
                 thread = _options_to_alice(proxy)
                 answered = _alice_answers(alice)
                 thread.join(4)
-            _keep_alive([alice.sock, *held], 2 * IDLE)     # five sweeps
+            _keep_alive([alice.sock, *held], IDLE)     # two sweeps at least
             return _open(alice.sock), sum(_open(s) for s in held), answered
         finally:
             alice.close()
@@ -128,12 +128,6 @@ def test_hole_a_stranger_downgrades_alices_mark_with_one_options_and_pushes_her_
     assert answered, "the OPTIONS never reached alice's connection"
     assert alice_open, "alice's registered connection was closed"
     assert his == 4
-
-
-def test_control_alice_stays_when_nobody_writes_to_her(tcp_home):
-    """The same timing without the OPTIONS: her authenticated mark keeps her."""
-    alice_open, his, _ = _run(tcp_home, downgrade=False)
-    assert alice_open and his == 4
 
 
 def test_control_alice_answering_stays_without_the_stranger(tcp_home):
