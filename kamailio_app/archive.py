@@ -190,6 +190,14 @@ _INSERT_MEDIA = ("INSERT INTO media (time, call_id, method, direction, media, ad
                  "ON CONFLICT (message_uid, part) DO NOTHING")
 
 
+# How many messages an SQLite archive holds (the spool's depth), and the bytes of its
+# pages in use.
+PENDING_SQL = ("SELECT count(*) FROM (SELECT message_uid FROM bodies UNION "
+               "SELECT message_uid FROM media) AS m WHERE message_uid IS NOT NULL")
+PAGES_IN_USE_SQL = ("SELECT (page_count - freelist_count) * page_size FROM "
+                    "pragma_page_count(), pragma_freelist_count(), pragma_page_size()")
+
+
 class ArchiveStore(Protocol):
     """What the proxy writes to and ``e2m archive`` reads from, whatever the database."""
 
@@ -197,10 +205,11 @@ class ArchiveStore(Protocol):
         """Make sure the schema is there and current before the workers fork."""
 
     def record(self, bodies: Sequence[BodyRecord], media: Sequence[MediaRecord] = (), *,
-               uid: str | None = None, may_spool: bool = True) -> str:
+               uid: str | None = None, may_spool: bool = True, share: str | None = None) -> str:
         """Store one message's rows in one transaction; return its ``message_uid``.
         Raises ``ArchiveError`` when they were not stored (``may_spool``: a back end
-        with a spool may keep them there instead)."""
+        with a spool may keep them there instead, charged to ``share``: who caused the
+        message, as the key cache names its keeper)."""
 
     def bodies(self, limit: int = 50, call_id: str | None = None) -> list[ArchivedBody]: ...
 
@@ -230,6 +239,8 @@ class SqlArchive:
         raise NotImplementedError
 
     _errors: tuple[type[Exception], ...] = ()
+    # every table with rows of a message, by message_uid (``forget`` empties them all)
+    _message_tables: tuple[str, ...] = ("bodies", "media")
 
     def _sql(self, text: str) -> str:
         return text.replace("?", "%s") if self.dialect == "postgres" else text
@@ -243,9 +254,10 @@ class SqlArchive:
 
     # -- writing -------------------------------------------------------------
     def record(self, bodies: Sequence[BodyRecord], media: Sequence[MediaRecord] = (), *,
-               uid: str | None = None, may_spool: bool = True) -> str:
+               uid: str | None = None, may_spool: bool = True, share: str | None = None) -> str:
         """Write bodies and media rows of one message in one short transaction.  A
-        message already stored under ``uid`` is left as it is (a replay)."""
+        message already stored under ``uid`` is left as it is (a replay).  There is no
+        spool here: ``may_spool`` and ``share`` play no part."""
         uid = uid or new_message_uid()
         if not bodies and not media:
             return uid
@@ -327,7 +339,7 @@ class SqlArchive:
         try:
             conn = self._connect()
             with self._transaction(conn):
-                for table in ("bodies", "media"):
+                for table in self._message_tables:
                     conn.execute(self._sql(f"DELETE FROM {table} WHERE message_uid = ?"), (uid,))
         except self._errors as exc:
             raise self._failure(exc, "write") from None
@@ -433,17 +445,13 @@ class SqliteArchive(SqlArchive):
 
     def pending(self) -> int:
         """How many messages are in the file (the spool's depth)."""
-        rows = self._query("SELECT count(*) FROM (SELECT message_uid FROM bodies UNION "
-                           "SELECT message_uid FROM media) AS m WHERE message_uid IS NOT NULL")
-        return int(rows[0][0])
+        return int(self._query(PENDING_SQL)[0][0])
 
     def size_bytes(self) -> int:
         """The bytes the file's pages in use hold: SQLite keeps the pages of deleted rows
         on its free list, so the file's own size never shrinks (an emptied spool stayed
         "full" for good, review 32)."""
-        rows = self._query("SELECT (page_count - freelist_count) * page_size FROM "
-                           "pragma_page_count(), pragma_freelist_count(), pragma_page_size()")
-        return int(rows[0][0])
+        return int(self._query(PAGES_IN_USE_SQL)[0][0])
 
 
 # The name the embedded archive has always had.

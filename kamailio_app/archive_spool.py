@@ -14,9 +14,18 @@ What happens to a message's rows when PostgreSQL cannot take them:
   ignores a message it already has, so a replay cut off between the two steps stores
   nothing twice;
 - a message that fits nowhere (spool full: ``spool_max`` messages or ``spool_max_mb``;
-  no spool; the spool itself failing; rows the database refuses for good) is lost, and
-  said so: one error line with its id, method, direction and Call-ID (never a body)
-  and the counter ``e2m_archive_lost``.
+  its sender's share of the spool full; no spool; the spool itself failing; rows the
+  database refuses for good) is lost, and said so: one error line with its id, method,
+  direction and Call-ID (never a body) and the counter ``e2m_archive_lost``.
+
+Each sender has a share of both bounds (``spool_share`` percent), so that one sender
+cannot take the spool from everyone else for the rest of an outage (review 32): the
+share is the caller the proxy authenticated for the message's transaction (the key
+cache's keeper: digest's user, or a signer over a bound SIP context), and every other
+sender is in one group, ``UNAUTHENTICATED_CALLER``.  A response counts against the
+caller of its request.  Each spooled message's share and weight are kept beside it
+(``SpoolFile``), checked and written in one transaction with its rows, so that the
+workers (separate processes) never overfill a share between them.
 
 While the spool holds messages, new ones join it (order is kept, and the workers do
 not each wait on a dead database); a worker that saw the database fail does not try
@@ -26,16 +35,19 @@ it again for ``retry_after`` seconds.  Only the replay probes a database that is
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .archive import (ArchiveError, ArchiveUnavailable, ArchivedBody, BodyRecord,
-                      MediaRecord, SqliteArchive, new_message_uid)
+from .archive import (PAGES_IN_USE_SQL, PENDING_SQL, ArchiveError, ArchiveUnavailable,
+                      ArchivedBody, BodyRecord, MediaRecord, SqliteArchive, new_message_uid)
 from .archive_pg import PostgresArchive
+from e2m_plugins.proxy import UNAUTHENTICATED_CALLER
 
-__all__ = ["SpooledArchive", "ArchiveEvents", "COUNTERS"]
+__all__ = ["SpooledArchive", "SpoolFile", "ArchiveEvents", "COUNTERS"]
 
 # statistics module variables (declared in the cfg template); names say what counted
 COUNTERS = ("e2m_archive_spooled", "e2m_archive_replayed", "e2m_archive_lost",
@@ -72,16 +84,105 @@ def _describe(uid: str, bodies: Sequence[BodyRecord], media: Sequence[MediaRecor
             f"{len(bodies)} bodies, {len(media)} media rows)")
 
 
+# What a message weighs against a share's bytes: its plaintexts, and for each row its
+# other columns (a fixed estimate: they are bounded, the plaintext is not).
+_ROW_WEIGHT = 512
+
+_SHARES_TABLE = ("CREATE TABLE IF NOT EXISTS spool_shares (message_uid TEXT PRIMARY KEY, "
+                 "share TEXT NOT NULL, weight INTEGER NOT NULL)")
+# covering: a share's count and weight are read from the index, never past a body
+_SHARES_INDEX = ("CREATE INDEX IF NOT EXISTS spool_shares_by_share "
+                 "ON spool_shares (share, weight)")
+
+
+def message_weight(bodies: Sequence[BodyRecord], media: Sequence[MediaRecord]) -> int:
+    """Bytes a message counts for against its share of ``spool_max_mb``."""
+    return sum(len(b.plaintext) for b in bodies) + _ROW_WEIGHT * (len(bodies) + len(media))
+
+
+@dataclass(frozen=True)
+class SpoolLimits:
+    """The bounds of one node's spool and of one sender's share of it."""
+
+    max_messages: int
+    max_bytes: int
+    share_percent: int = 12
+
+    @property
+    def share_messages(self) -> int:
+        return max(1, self.max_messages * self.share_percent // 100)
+
+    @property
+    def share_bytes(self) -> int:
+        return max(1, self.max_bytes * self.share_percent // 100)
+
+
+class SpoolFile(SqliteArchive):
+    """This node's spool: the archive's tables, and beside each message waiting the
+    share it is charged to and what it weighs (``spool_shares``, this file only)."""
+
+    _message_tables = ("bodies", "media", "spool_shares")
+
+    def __repr__(self) -> str:
+        return f"SpoolFile({str(self.path)!r})"
+
+    __str__ = __repr__
+
+    def _connect(self) -> sqlite3.Connection:
+        fresh = self._conn is None or self._pid != os.getpid()
+        conn = super()._connect()
+        if fresh:
+            try:
+                conn.execute(_SHARES_TABLE)
+                conn.execute(_SHARES_INDEX)
+            except sqlite3.Error as exc:
+                raise self._failure(exc, "open") from None
+        return conn
+
+    def hold(self, bodies: Sequence[BodyRecord], media: Sequence[MediaRecord], *, uid: str,
+             share: str, limits: SpoolLimits) -> str | None:
+        """Keep one message charged to ``share`` if the spool and the share have room;
+        None when kept, else why not.  The checks and the write are one transaction
+        (BEGIN IMMEDIATE: one writer at a time across the workers)."""
+        weight = message_weight(bodies, media)
+        try:
+            conn = self._connect()
+            with self._transaction(conn):
+                held = self._count(conn)
+                if held >= limits.max_messages or self._bytes(conn) >= limits.max_bytes:
+                    return f"the spool is full ({held} messages)"
+                mine, heavy = conn.execute(
+                    "SELECT count(*), coalesce(sum(weight), 0) FROM spool_shares "
+                    "WHERE share = ?", (share,)).fetchone()
+                if mine >= limits.share_messages or heavy + weight > limits.share_bytes:
+                    return (f"its sender is over its share of the spool ({mine} messages, "
+                            f"{heavy} bytes)")
+                self._insert(conn, uid, bodies, media, time.time())
+                conn.execute("INSERT OR IGNORE INTO spool_shares (message_uid, share, weight) "
+                             "VALUES (?, ?, ?)", (uid, share, weight))
+        except sqlite3.Error as exc:
+            raise self._failure(exc, "write") from None
+        return None
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection) -> int:
+        return int(conn.execute(PENDING_SQL).fetchone()[0])
+
+    @staticmethod
+    def _bytes(conn: sqlite3.Connection) -> int:
+        return int(conn.execute(PAGES_IN_USE_SQL).fetchone()[0])
+
+
 class SpooledArchive:
     """PostgreSQL first, the node's spool when it is away; one ``record`` for both."""
 
-    def __init__(self, shared: PostgresArchive, spool: SqliteArchive | None, *,
+    def __init__(self, shared: PostgresArchive, spool: SpoolFile | None, *,
                  max_messages: int = 10000, max_bytes: int = 256 * 1024 * 1024,
-                 retry_after: float = 1.0, events: ArchiveEvents | None = None) -> None:
+                 share_percent: int = 12, retry_after: float = 1.0,
+                 events: ArchiveEvents | None = None) -> None:
         self.shared = shared
         self.spool = spool if max_messages > 0 else None
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
+        self.limits = SpoolLimits(max_messages, max_bytes, share_percent)
         self.retry_after = retry_after
         self.events = events or ArchiveEvents()
         self._rest_until = 0.0
@@ -93,7 +194,9 @@ class SpooledArchive:
 
     # -- writing -------------------------------------------------------------
     def record(self, bodies: Sequence[BodyRecord], media: Sequence[MediaRecord] = (), *,
-               uid: str | None = None, may_spool: bool = True) -> str:
+               uid: str | None = None, may_spool: bool = True, share: str | None = None) -> str:
+        """Into the database, or the spool charged to ``share`` (None: the one group of
+        senders nobody authenticated)."""
         uid = uid or new_message_uid()
         if not bodies and not media:
             return uid
@@ -114,7 +217,7 @@ class SpooledArchive:
                 return uid
         if not may_spool:
             raise ArchiveUnavailable(why)
-        self._to_spool(uid, bodies, media, why)
+        self._to_spool(uid, bodies, media, why, share or UNAUTHENTICATED_CALLER)
         return uid
 
     def _spooling(self) -> bool:
@@ -126,16 +229,15 @@ class SpooledArchive:
             return False
 
     def _to_spool(self, uid: str, bodies: Sequence[BodyRecord],
-                  media: Sequence[MediaRecord], why: str) -> None:
+                  media: Sequence[MediaRecord], why: str, share: str) -> None:
         if self.spool is None:
             self._lost(uid, bodies, media, f"{why}; no spool ([archive] spool_max = 0)")
             return
         try:
-            held = self.spool.pending()
-            if held >= self.max_messages or self.spool.size_bytes() >= self.max_bytes:
-                self._lost(uid, bodies, media, f"{why}; the spool is full ({held} messages)")
+            refused = self.spool.hold(bodies, media, uid=uid, share=share, limits=self.limits)
+            if refused is not None:
+                self._lost(uid, bodies, media, f"{why}; {refused}")
                 return
-            self.spool.record(bodies, media, uid=uid)
         except ArchiveError as exc:
             self._lost(uid, bodies, media, f"{why}; spool: {exc}")
             return

@@ -5,7 +5,7 @@ archive`` and ``e2m-proxy db`` all open it here, so they agree on where it is.""
 from __future__ import annotations
 
 from .archive import ArchiveStore, SqliteArchive
-from .archive_spool import ArchiveEvents, SpooledArchive
+from .archive_spool import ArchiveEvents, SpooledArchive, SpoolFile
 from .config import AppConfig
 
 __all__ = ["open_archive", "open_shared", "open_spool"]
@@ -20,11 +20,11 @@ def open_shared(config: AppConfig) -> ArchiveStore:
                            statement_timeout_ms=cluster.statement_timeout_ms)
 
 
-def open_spool(config: AppConfig) -> SqliteArchive | None:
+def open_spool(config: AppConfig) -> SpoolFile | None:
     settings = config.archive
     if not settings.shared or settings.spool is None or settings.spool_max == 0:
         return None
-    return SqliteArchive(settings.spool, settings.busy_timeout_ms)
+    return SpoolFile(settings.spool, settings.busy_timeout_ms)
 
 
 def open_archive(config: AppConfig, events: ArchiveEvents | None = None) -> ArchiveStore | None:
@@ -33,7 +33,8 @@ def open_archive(config: AppConfig, events: ArchiveEvents | None = None) -> Arch
     if settings.shared:
         return SpooledArchive(open_shared(config), open_spool(config),  # type: ignore[arg-type]
                               max_messages=settings.spool_max,
-                              max_bytes=settings.spool_max_mb * 1024 * 1024, events=events)
+                              max_bytes=settings.spool_max_mb * 1024 * 1024,
+                              share_percent=settings.spool_share, events=events)
     if settings.path is not None:
         return SqliteArchive(settings.path, settings.busy_timeout_ms)
     return None

@@ -273,14 +273,16 @@ class ProxyApp:
         return paths
 
     def observe(self, message: SipMessage, verdict: Any, *, responder: str | None = None,
-                sent_to: str | None = None) -> list[str]:
+                sent_to: str | None = None, share: str | None = None) -> list[str]:
         """Hand what the verdict saw to the archive; return the media lines to log.
 
         Raises ``ArchiveError`` when the archive cannot be written; the caller
         decides (``[archive] fail_request_on_error``) what that means.  A shared
         archive may spool what its database cannot take now, except a request that
         must not go on unarchived (``fail_request_on_error``).  ``responder``,
-        ``sent_to``: whom and where the request went (``body_records``).
+        ``sent_to``: whom and where the request went (``body_records``).  ``share``:
+        whom a spooled message is charged to (the transaction's authenticated caller;
+        None: the unauthenticated group).
         """
         seen = tuple(getattr(verdict, "seen", ()) or ())
         media = tuple(getattr(verdict, "media", ()) or ())
@@ -290,7 +292,7 @@ class ProxyApp:
             lines = media_records(message, media)
             try:
                 self.archive.record(bodies, lines, uid=content_uid(_identity(message), bodies, lines),
-                                    may_spool=not strict)
+                                    may_spool=not strict, share=share)
             except ArchiveError:
                 if self.events is not None:
                     self.events.count("e2m_archive_failed")

@@ -226,6 +226,7 @@ class ArchiveSettings:
     spool: Path | None = None             # shared: this node's file for what PG missed
     spool_max: int = 10000                # messages in the spool; 0: no spool
     spool_max_mb: int = 256
+    spool_share: int = 12                 # percent of both bounds one sender may hold
 
     @property
     def enabled(self) -> bool:
@@ -641,9 +642,9 @@ def _archive(table: Any, base: Path, problems: list[str],
              cluster: ClusterSettings | None = None) -> ArchiveSettings:
     check = _Checker("archive", table, problems)
     check.unknown(("path", "fail_request_on_error", "busy_timeout_ms", "spool", "spool_max",
-                   "spool_max_mb"))
+                   "spool_max_mb", "spool_share"))
     shared = cluster is not None and table is not None
-    spool, spool_max, spool_mb = None, 10000, 256
+    spool, spool_max, spool_mb, spool_share = None, 10000, 256, 12
     if shared:
         if "path" in check.table:
             check.bad("path", "with [cluster] db_url the archive is in PostgreSQL; leave path "
@@ -653,8 +654,9 @@ def _archive(table: Any, base: Path, problems: list[str],
             check.bad("spool", f"directory {spool.parent} does not exist")
         spool_max = check.integer("spool_max", 10000, 0, 10_000_000)
         spool_mb = check.integer("spool_max_mb", 256, 1, 1024 * 1024)
+        spool_share = check.integer("spool_share", 12, 1, 100)
     else:
-        for key in ("spool", "spool_max", "spool_max_mb"):
+        for key in ("spool", "spool_max", "spool_max_mb", "spool_share"):
             if key in check.table:
                 check.bad(key, "is used only with [cluster] db_url (the shared archive)")
     raw = check.string("path", None) if not shared else None
@@ -670,7 +672,7 @@ def _archive(table: Any, base: Path, problems: list[str],
     busy = check.integer("busy_timeout_ms", 200, 0, 5000)
     return ArchiveSettings(path=path, fail_request_on_error=fail, busy_timeout_ms=busy,
                            shared=shared, spool=spool, spool_max=spool_max,
-                           spool_max_mb=spool_mb)
+                           spool_max_mb=spool_mb, spool_share=spool_share)
 
 
 def _e2m(table: Any, problems: list[str]) -> E2MSettings:

@@ -729,7 +729,8 @@ class kamailio:
                 return
         elif self.app.engine is not None:
             # relayed unread (a bare BYE, a front's in-dialog request): no body vouched
-            self.note_caller(KSR.pv.get("$fu") or "", None)
+            self.note_caller(self.app.engine.answer_caller(
+                KSR.pv.get("$fu") or "", None, digest_user=self.digest_aor()))
         KSR.tm.t_on_reply("ksr_onreply_route")
         if self.app.engine is not None or self.app.config.dispatcher is not None \
                 or self.app.config.auth is not None:
@@ -769,7 +770,8 @@ class kamailio:
             return False
         verdict = self.app.engine.inspect(message)
         _info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
-        if not self.observe(message, verdict):
+        caller = self.app.engine.answer_caller(message, verdict, digest_user=self.digest_aor())
+        if not self.observe(message, verdict, caller):
             # answered 500: the keys its body offered serve no transaction now (and
             # would sit on the caller's quota until their expiry)
             self.app.engine.end_attempt(message_scope(message), verdict.kept)
@@ -780,18 +782,18 @@ class kamailio:
         _remove_headers(verdict.remove_headers)
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))
-        self.note_caller(message, verdict)
+        self.note_caller(caller)
         if verdict.kept:
             KSR.pv.sets(_KEPT_AVP, ",".join(name.hex() for name in verdict.kept))
         return True
 
-    def note_caller(self, request, verdict):
-        """Keep with the transaction who pays for a key an answer to this request offers
-        (``ProxyEngine.answer_caller``: the user digest proved, else the From when the
-        body's signature and signed context proved it).  An AVP set in the request route
-        follows the transaction into tm's reply route, which reads it instead of parsing
-        the request again ($T_req)."""
-        caller = self.app.engine.answer_caller(request, verdict, digest_user=self.digest_aor())
+    def note_caller(self, caller):
+        """Keep with the transaction who pays for a key an answer to this request offers,
+        and for the answer's place in the archive's spool (``ProxyEngine.answer_caller``:
+        the user digest proved, else the From when the body's signature and signed
+        context proved it).  An AVP set in the request route follows the transaction
+        into tm's reply route, which reads it instead of parsing the request again
+        ($T_req)."""
         KSR.pv.sets(_CALLER_AVP, caller)
         received = KSR.pv.get("$ou") or ""
         KSR.pv.sets(_CALLEE_AVP, self.onward or received)
@@ -822,12 +824,14 @@ class kamailio:
             message = _read_message()
             verdict = self.app.engine.inspect(message)
             if verdict.seen or verdict.media:
-                self.observe(message, verdict)
+                self.observe(message, verdict, self.app.engine.answer_caller(
+                    message, verdict, digest_user=self.digest_aor()))
         except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL
             _log_exception("inspect %s" % KSR.pv.get("$rm"), exc)
 
-    def observe(self, message, verdict):
-        """Archive and log what was seen.  False when the request was answered 500."""
+    def observe(self, message, verdict, caller):
+        """Archive and log what was seen, a spooled message charged to ``caller`` (None:
+        the unauthenticated group).  False when the request was answered 500."""
         if verdict.seen:
             KSR.statistics.update_stat("e2m_bodies_opened", len(verdict.seen))
         if message.is_request:
@@ -836,7 +840,7 @@ class kamailio:
             responder, sent_to = _kept(_CALLEE_AVP), _kept(_SENT_TO_AVP)
         try:
             for line in self.app.observe(message, verdict, responder=responder,
-                                         sent_to=sent_to):
+                                         sent_to=sent_to, share=caller):
                 _info(line + "\n")
         except ArchiveError as exc:
             _log_exception("archive", exc)
@@ -958,7 +962,7 @@ class kamailio:
         charged = " caller=%s" % _loggable(asked[0]) if asked else ""
         _info("e2m: %s response %s %s%s\n" % (message.method, message.status,
                                                  _summary(verdict), charged))
-        self.observe(message, verdict)
+        self.observe(message, verdict, asked[0] if asked else _caller())
         _remove_headers(verdict.remove_headers)
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))

@@ -21,7 +21,7 @@ from e2m_plugins.cli import main as e2m_main
 from kamailio_app.archive import ArchiveUnavailable, BodyRecord, MediaRecord, SqliteArchive
 from kamailio_app.archive_pg import PostgresArchive
 from kamailio_app.archive_schema import ARCHIVE_VERSION, migrate
-from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive
+from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive, SpoolFile
 from kamailio_app.pgconn import PgUrl, connect
 
 pytestmark = pytest.mark.postgres
@@ -172,7 +172,7 @@ def test_replay_into_postgres_is_whole_ordered_and_never_twice(tmp_path, own_pos
     url = PgUrl.parse(own_postgres.url)
     assert _db(_config(tmp_path, own_postgres.url), "init").returncode == 0
     lines: list[str] = []
-    spooled = SpooledArchive(PostgresArchive(url), SqliteArchive(tmp_path / "spool.sqlite"),
+    spooled = SpooledArchive(PostgresArchive(url), SpoolFile(tmp_path / "spool.sqlite"),
                              events=ArchiveEvents(log=lambda level, line: lines.append(line)))
     spooled.record([_body(b"first")], [_media()])
     own_postgres.kill()
@@ -197,7 +197,7 @@ def test_a_missing_table_keeps_the_spool_waiting_and_loses_nothing(tmp_path, pg_
     url = PgUrl.parse(pg_url)
     lines: list[tuple[str, str]] = []
     events = ArchiveEvents(log=lambda level, line: lines.append((level, line)))
-    spooled = SpooledArchive(PostgresArchive(url), SqliteArchive(tmp_path / "spool.sqlite"),
+    spooled = SpooledArchive(PostgresArchive(url), SpoolFile(tmp_path / "spool.sqlite"),
                              events=events)
     uids = [spooled.record([_body(b"waiting %d" % n)], [_media()]) for n in range(3)]
     assert spooled.pending() == 3                  # no schema: spooled, not lost

@@ -14,7 +14,7 @@ import pytest
 from kamailio_app.archive import (ArchiveError, ArchiveUnavailable, BodyRecord, MediaRecord,
                                   SqliteArchive)
 from kamailio_app.archive_schema import ARCHIVE_VERSION, STEPS, SchemaError, migrate, read_version
-from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive
+from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive, SpoolFile
 from kamailio_app.config import AppConfigError, parse_app_config
 from kamailio_app.launcher import mask_passwords, render_cfg
 from kamailio_app.pgconn import PgUrl, PgUrlError, passfile_text
@@ -59,7 +59,7 @@ def test_cluster_section_and_its_defaults(tmp_path):
     archive = config.archive
     assert archive.shared and archive.enabled and archive.path is None
     assert archive.spool == tmp_path / "archive-spool.sqlite"
-    assert (archive.spool_max, archive.spool_max_mb) == (10000, 256)
+    assert (archive.spool_max, archive.spool_max_mb, archive.spool_share) == (10000, 256, 12)
     # the users go to the same database; Kamailio's URL has no password
     assert config.auth.pg == config.cluster.db and config.auth.users is None
     assert config.auth.db_url == "postgres://e2m@db.example.net:5433/e2m"
@@ -90,6 +90,11 @@ def test_cluster_mistakes_are_listed_at_once(tmp_path):
     assert "[archive] path" in str(caught.value) and "[auth] users" in str(caught.value)
     with pytest.raises(AppConfigError, match="spool_max: is used only with"):
         _config(tmp_path, archive={"path": "a.sqlite", "spool_max": 5})
+    with pytest.raises(AppConfigError, match="spool_share: is used only with"):
+        _config(tmp_path, archive={"path": "a.sqlite", "spool_share": 50})
+    for bad in (0, 101):
+        with pytest.raises(AppConfigError, match="spool_share"):
+            _config(tmp_path, cluster={"db_url": URL}, archive={"spool_share": bad})
 
 
 def test_rendered_cfg_has_no_password_and_print_cfg_masks_others(tmp_path):
@@ -197,7 +202,7 @@ class FlakyDatabase(SqliteArchive):
 def _spooled(tmp_path: Path, **settings) -> tuple[SpooledArchive, FlakyDatabase, list]:
     lines: list[tuple[str, str]] = []
     shared = FlakyDatabase(tmp_path / "shared.sqlite")
-    spool = SqliteArchive(tmp_path / "spool.sqlite")
+    spool = SpoolFile(tmp_path / "spool.sqlite")
     events = ArchiveEvents(log=lambda level, line: lines.append((level, line)))
     return SpooledArchive(shared, spool, events=events, **settings), shared, lines
 
@@ -247,7 +252,8 @@ def test_a_request_that_must_be_archived_is_refused_not_spooled(tmp_path):
 
 
 def test_what_fits_nowhere_is_lost_and_said_with_its_id(tmp_path):
-    archive, shared, lines = _spooled(tmp_path, max_messages=2)
+    # one sender: the node's bound, not a share (tests/unit/test_spool_share.py)
+    archive, shared, lines = _spooled(tmp_path, max_messages=2, share_percent=100)
     shared.down = True
     kept = [archive.record([_body(b"k%d" % i)]) for i in range(2)]
     lost = archive.record([_body(b"secret text", call_id="full@x")], [_media("full@x")])

@@ -274,8 +274,10 @@ def _run_outage(proxy_factory, pki, pg, *, fail: bool, down: float,
     # Two unpaced senders reach ~700-1000 requests/s here; tm keeps each transaction
     # (~14 KB of shared memory with these bodies) for its 5 s wait, which filled the
     # suite's usual 64 MB (a 500 from t_newtran, seen in CI): the product's default.
+    # alice is every sender here: her share of the spool is all of it (the share is
+    # tested in test_spool_share_wire.py)
     proxy, uas = _home(proxy_factory, pg.url, fail_request_on_error=fail,
-                       extra={"kamailio": {"shm_mb": 256}})
+                       extra={"kamailio": {"shm_mb": 256}, "archive": {"spool_share": 100}})
     alice = Alice(pki, proxy)
     stop = threading.Event()
     counters = [[0], [0]]
@@ -371,8 +373,8 @@ def test_started_while_the_database_is_down_spool_full_says_what_was_lost(
         proxy_factory, pki, own_postgres):
     """A node starts with the archive's database away (its users are local here): it
     serves, spools three messages, and for each one more logs its id and counts it."""
-    proxy = proxy_factory("home", db_url=own_postgres.url, view=VIEW,
-                          extra={"archive": {"spool_max": 3}})
+    proxy = proxy_factory("home", db_url=own_postgres.url, view=VIEW,     # one sender
+                          extra={"archive": {"spool_max": 3, "spool_share": 100}})
     proxy.stop()
     own_postgres.kill()
     assert proxy.start(), proxy.log_since(0)[-2000:]

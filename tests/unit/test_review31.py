@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kamailio_app.archive import ArchiveError, ArchiveUnavailable, BodyRecord, SqliteArchive
-from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive
+from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive, SpoolFile
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -61,7 +61,7 @@ def _spooled(tmp_path: Path, error) -> tuple[SpooledArchive, dict, list]:
     state = {"error": psycopg.OperationalError("connection refused"),
              "stand_in": SqliteArchive(tmp_path / "shared.sqlite")}
     lines: list[tuple[str, str]] = []
-    spooled = SpooledArchive(_postgres(state), SqliteArchive(tmp_path / "spool.sqlite"),
+    spooled = SpooledArchive(_postgres(state), SpoolFile(tmp_path / "spool.sqlite"),
                              retry_after=0.0,
                              events=ArchiveEvents(log=lambda lvl, line: lines.append((lvl, line))))
     for n in range(3):                  # the database away: three messages wait
