@@ -291,21 +291,31 @@ def _rtcp(value: str) -> tuple[int, str | None]:
     return int(match.group(1)), match.group(3)
 
 
+# An rtpmap's encoding name/clock rate/channels as stacks write them ("opus/48000/2");
+# a longer one names no codec here (this summary is for pinholes and the archive).
+MAX_ENCODING_CHARS = 64
+
+
 def _codecs(formats: tuple[str, ...], proto: str, attrs: list[str]) -> tuple[tuple[str, str], ...]:
+    """(payload type, encoding) for each distinct format an rtpmap or the static table
+    names.  Each format once: a format listed again repeated its rtpmap in the archive's
+    codecs column (a 30 KB offer made a 75 MB row, review 34)."""
     mapped: dict[str, str] = {}
-    listed = set(formats)  # a set: an SDP with many formats and rtpmaps stays linear
+    listed = dict.fromkeys(formats)  # each once, in order; an SDP of many stays linear
     for value in attrs:
         name, _, rest = value.partition(":")
         if name.strip().lower() != "rtpmap":
             continue
         pt, _, encoding = rest.strip().partition(" ")
-        if pt in listed and encoding and pt not in mapped:
-            mapped[pt] = encoding.strip()
+        encoding = encoding.strip()
+        if pt in listed and encoding and len(encoding) <= MAX_ENCODING_CHARS \
+                and pt not in mapped:
+            mapped[pt] = encoding
     if "RTP/" in proto.upper():
-        for pt in formats:
+        for pt in listed:
             if pt not in mapped and pt in _STATIC_PT:
                 mapped[pt] = _STATIC_PT[pt]
-    return tuple((pt, mapped[pt]) for pt in formats if pt in mapped)
+    return tuple((pt, mapped[pt]) for pt in listed if pt in mapped)
 
 
 def _direction(attrs: list[str]) -> str | None:

@@ -23,7 +23,7 @@ from e2m_plugins.sip import SipMessage, parse_address
 from e2m_plugins.keycache import TRANSACTION_TTL
 
 from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord, content_uid
-from .archive_spool import ArchiveEvents
+from .archive_spool import ArchiveEvents, answer_share
 from .archive_store import open_archive
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
 from .config import AppConfig, load_app_config
@@ -281,8 +281,8 @@ class ProxyApp:
         archive may spool what its database cannot take now, except a request that
         must not go on unarchived (``fail_request_on_error``).  ``responder``,
         ``sent_to``: whom and where the request went (``body_records``).  ``share``:
-        whom a spooled message is charged to (the transaction's authenticated caller;
-        None: the unauthenticated group).
+        the transaction's authenticated caller (None: the unauthenticated group); a
+        spooled request is charged to it, a response to the caller's answers share.
         """
         seen = tuple(getattr(verdict, "seen", ()) or ())
         media = tuple(getattr(verdict, "media", ()) or ())
@@ -292,7 +292,8 @@ class ProxyApp:
             lines = media_records(message, media)
             try:
                 self.archive.record(bodies, lines, uid=content_uid(_identity(message), bodies, lines),
-                                    may_spool=not strict, share=share)
+                                    may_spool=not strict,
+                                    share=share if message.is_request else answer_share(share))
             except ArchiveError:
                 if self.events is not None:
                     self.events.count("e2m_archive_failed")

@@ -4,6 +4,10 @@ the spool a callee's answers are charged to.
 kemi charges a response to its request's caller (``route_reply``: ``$avp(e2m_caller)``,
 ``observe(..., caller)``), however many responses the callee sends.  The helpers are
 ``tests/cluster/test_spool_share_wire.py``'s and ``test_cluster_wire.py``'s.
+
+The hole failed on f94124b (a strict xfail).  Fixed: an answer is charged to a share of
+its own, "answers to <caller>" (``archive_spool.answer_share``), so a callee's answers
+can use up only that share, never the caller's own messages'.
 """
 
 from __future__ import annotations
@@ -72,8 +76,6 @@ def test_control_a_callees_one_183_leaves_alice_her_share(proxy_factory, pki, ow
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="review 34: a callee's answers are charged to the "
-                   "caller's share: bob's 183s use up alice's and her messages are lost")
 def test_hole_a_callees_183s_use_up_the_callers_share_and_her_messages_are_lost(
         proxy_factory, pki, own_postgres):
     """Attacker: any callee a user of ours calls (an insider, or an outsider: no account

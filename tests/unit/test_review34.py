@@ -10,6 +10,10 @@ The flows here go through the real engine (``ProxyEngine.inspect``), the rows ke
 builds (``body_records``, ``media_records``, ``content_uid``), the share kemi names
 (``ProxyEngine.answer_caller``) and the real spool (``SpoolFile`` under a stand-in
 database that is away: ``tests/cluster/test_cluster_units.py``).
+
+Both holes failed on f94124b (strict xfails).  Fixed: a media row names each payload
+type once, with encoding names of at most 64 characters (``sdp._codecs``), and
+``message_weight`` counts every column's octets of every row.
 """
 
 from __future__ import annotations
@@ -131,8 +135,6 @@ def _through_nothing(proxy, message):
     return verdict, body_records(message, verdict.seen), media_records(message, verdict.media)
 
 
-@pytest.mark.xfail(strict=True, reason="review 34: a codec listed again is stored again: "
-                   "a 30 KB offer makes a 75 MB media row that weighs 31 KB in its share")
 def test_hole_one_30kb_offer_stores_75mb_that_its_share_counts_as_31kb(world, proxy):
     """Attacker: off-path sender (a stranger's plaintext INVITE to one of our users is
     never challenged, and a proxy that views ``INVITE:application/sdp`` reads and
@@ -166,8 +168,6 @@ def test_hole_one_30kb_offer_stores_75mb_that_its_share_counts_as_31kb(world, pr
     assert weight >= stored, (weight, stored)
 
 
-@pytest.mark.xfail(strict=True, reason="review 34: a stranger's repeated-codec offers "
-                   "fill the whole spool by pages within the unauthenticated share")
 def test_hole_a_strangers_repeated_codec_offers_fill_the_spool_and_alices_message_is_lost(
         world, proxy, tmp_path):
     """Attacker: off-path sender (a stranger, no account, no certificate).
