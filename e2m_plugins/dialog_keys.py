@@ -9,10 +9,15 @@ CEK reversed) and opened with it.  The rules (docs/protocol.md §2):
   shown it holds it: the 2xx to the request that carried it (a 2xx to
   another CSeq does not count), or, for a key offered in a response, a
   request inside the dialog.  A failure response drops the unconfirmed keys.
-  Keys received from the peer are usable at once (``settle``).
+  Keys received from the peer are usable at once (``settle``), and a key the
+  peer offered in a request goes when we answer that request with a failure
+  (491 glare, 487 after its CANCEL, 488): the peer drops it on that answer,
+  so keeping it would seal our next body for a key nobody else has
+  (``answered``, review 35).
 * **Retirement.**  After a 496 inside the dialog the keys the refusing proxy
   was thought to hold are retired: never used to send again, but still
-  opened until they age out (``retire_held_by``).
+  opened until they age out (``retire_held_by``); after a 493 from the peer,
+  every key of the dialog (``retire_dialog``: the peer holds none of them).
 * **Who may read.**  Each key records the proxies that hold it too
   (``readers``; ``"?"`` when the envelope had holders we cannot name).  SRTP
   keys go only under a key no proxy holds; other content under a key whose
@@ -81,6 +86,7 @@ class DialogKey:
     retired: bool = False                    # a reader lost it (496): opens, never reused
     offered_in: int | None = None            # CSeq of our request that carried it, if one did
     parties: frozenset[str] = frozenset()    # the dialog's From and To AoRs (dialog_parties)
+    received_in: tuple[int, str] | None = None   # the peer's request (CSeq) we have not answered
 
 
 class DialogKeys:
@@ -149,7 +155,8 @@ class DialogKeys:
         else:
             exclusive = not readers
         key = DialogKey(reference, cek, readers, exclusive, self._clock(),
-                        parties=dialog_parties(message))
+                        parties=dialog_parties(message),
+                        received_in=message.cseq if message.is_request else None)
         with self._lock:
             return self._keep(message, key)
 
@@ -177,6 +184,34 @@ class DialogKeys:
                         if key.parties == parties and (key.offered_in is None
                                                        or key.offered_in == vouched_for):
                             key.confirmed = True
+
+    def answered(self, response: SipMessage) -> None:
+        """Our final ``response`` to a request of the peer's: a failure drops the keys
+        that request offered (the peer drops them on it too: ``settle``); a 2xx keeps
+        them for the dialog, as any key of the peer's."""
+        status = response.status or 0
+        if status < 200:
+            return
+        request = response.cseq
+        parties = dialog_parties(response)
+        with self._lock:
+            for slot in self._slots_of(response):
+                bucket = self._slots.get(slot, [])
+                if status >= 300:
+                    bucket[:] = [k for k in bucket
+                                 if k.received_in != request or k.parties != parties]
+                else:
+                    for key in bucket:
+                        if key.received_in == request and key.parties == parties:
+                            key.received_in = None
+
+    def retire_dialog(self, message: SipMessage) -> None:
+        """The peer answered 493 inside ``message``'s dialog: it could open nothing we
+        sealed, so it holds none of the dialog's keys (it restarted, or dropped a key
+        we kept).  None is used to send again; they still open until they age out."""
+        with self._lock:
+            for key in self._all(message):
+                key.retired = True
 
     def retire_held_by(self, message: SipMessage, host: str) -> None:
         """``host`` answered 496 inside ``message``'s dialog: it lost the keys we

@@ -644,6 +644,10 @@ class UAEngine:
             self._note_confirmed(message, sent=True)
             if self._ends_our_answered_attempt(message) or self._ends_by_our_word(message):
                 self._forget_parties(message, sent=True)
+            if not message.is_request:
+                # our answer settles the keys the request offered (every response the
+                # stack sends passes here, its own 491 and 487 too)
+                self.dialog_keys.answered(message)
             return self._protect(message)
 
     def _protect(self, message: SipMessage) -> Protected:
@@ -1162,6 +1166,9 @@ class UAEngine:
         name = str(aor_of(peer))
         self._refuse_older(name, cert)                  # a hop's copy of a replaced one
         self.add_peer_certificate(peer, cert.public_bytes(serialization.Encoding.DER))
+        # the peer opened nothing: had the body gone under a dialog key, the retry
+        # must not go under it again (review 35)
+        self.dialog_keys.retire_dialog(request)
         with self._lock:
             self._note_from_wire(name, cert)
         return peer

@@ -11,6 +11,12 @@ timer's refresh, which then ends the call).
 
 ``test_hole_*`` xfail strictly on f94124b; ``test_control_*`` are the same flows without
 the failure (they pass).
+
+Fixed: our failure answer to the peer's request drops the keys that request offered
+(``DialogKeys.answered``, from ``UAEngine.protect``, which every response the phone
+sends passes, pjsip's own 491 and 487 too), and a 493 from the peer retires the
+dialog's keys (``retire_dialog``), which the last test shows without a failed
+re-INVITE (it failed before: the retry went under the same key).
 """
 
 from __future__ import annotations
@@ -103,8 +109,6 @@ def test_control_without_bobs_reinvite_alices_reinvite_opens(world):
 @pytest.mark.parametrize("status,reason", [(491, "Request Pending"),
                                            (488, "Not Acceptable Here"),
                                            (487, "Request Terminated")])
-@pytest.mark.xfail(strict=True, reason="review 35: a failed re-INVITE's key stays with its "
-                                       "receiver, who then sends under a key its peer dropped")
 def test_hole_a_failed_reinvites_key_is_kept_by_its_receiver(world, status, reason):
     """Attacker: nobody (glare: both re-INVITE at once and both get 491; a CANCELed
     re-INVITE; a 488), or the untrusted hop, which makes any re-INVITE of bob's fail by
@@ -131,8 +135,6 @@ def test_hole_a_failed_reinvites_key_is_kept_by_its_receiver(world, status, reas
     assert _alices_reinvite_opens_at_bob(world, alice, bob, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 35: the retry after bob's 493 goes under the "
-                                       "same dropped key")
 def test_hole_the_retry_after_the_493_reuses_the_dropped_key(world):
     """Attacker and attack as above (491 glare).  Effect: alice's ``react`` to bob's 493
     (which carries the certificate she already holds) re-protects the re-INVITE under
@@ -154,3 +156,24 @@ def test_hole_the_retry_after_the_493_reuses_the_dropped_key(world):
             assert reaction.action == "retry", reaction.reason
             request = reaction.request
     bob.open(request)
+
+
+def test_a_493_to_a_body_under_a_dialog_key_retires_it_and_the_retry_opens(world):
+    """The second half of the fix, shown without a failed re-INVITE: bob's phone lost
+    the dialog's keys (restarted with the call still up, say) and answers alice's
+    re-INVITE, sealed under the dialog key, 493.  The retry must go to his certificate,
+    not under the same key again (it did, three times, then "gave up")."""
+    call_id = "r35-lost@x"
+    clock, alice, bob = _call(world, call_id)
+    clock.now -= MAX_AGE + 1                  # the call's keys are still young
+    restarted = UAEngine(bob.config, clock=clock)
+    plain = reinvite(world, "alice", "bob", call_id, 2, "a1", "b1", sdp=NEW_SDP)
+    request = alice.protect(plain)
+    assert request.info.key_reuse             # sealed under the dialog's key
+    try:
+        restarted.open(request.message)
+        raise AssertionError("a phone without the dialog's keys opened it")
+    except E2MError as exc:
+        reaction = alice.react(restarted.refusal(request.message, exc), plain)
+    assert reaction.action == "retry", reaction.reason
+    assert restarted.open(reaction.request).info.received
