@@ -61,7 +61,7 @@ $(STAMP): pyproject.toml | $(PY)
 venv: $(STAMP)
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 # Everything that needs none of Kamailio, SIPp, pjsua2 (markers, see e2m_lab/needs.py):
 # unit, interop, fuzz and the rest; a machine without them still gets a full run of these.
