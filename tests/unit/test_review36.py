@@ -17,6 +17,12 @@ not answer the request that carried it.
   seals its 200 (the SDP answer) under it, which the offerer can no longer open: the
   200 is dropped, retransmitted and dropped for 32 s, and the re-INVITE times out.
 
+And in the spool: ``message_weight`` counts a Call-ID's octets once a row, but SQLite
+keeps it in the row and in the ``call_id`` index, whose entries over ~1000 octets spill
+to an overflow page each: media rows of a 1000-octet Call-ID take 5.3 times their
+weight in pages, so one stranger's two shares (his calls, and the answers to them)
+fill the node's whole spool.
+
 ``test_hole_*`` xfail strictly on 123689b; ``test_control_*`` are the same flows without
 the attack (they pass).
 """
@@ -295,3 +301,4 @@ def test_hole_long_call_ids_make_each_share_take_five_times_its_weight_in_pages(
     print(f"\nstrangers' lost: {strangers_lost}; pages {archive.spool.size_bytes()}; "
           f"last: {lines[-1][1] if lines else '-'}")
     assert alice_lost == 0, "alice's message was lost: " + lines[-1][1]
+
