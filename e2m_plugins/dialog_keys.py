@@ -84,7 +84,7 @@ class DialogKey:
     uses: int = 0
     confirmed: bool = True                   # False: ours, and the peer has not shown it has it
     retired: bool = False                    # a reader lost it (496): opens, never reused
-    offered_in: int | None = None            # CSeq of our request that carried it, if one did
+    offered_in: tuple[int, str] | None = None    # CSeq of our request that carried it, if one did
     parties: frozenset[str] = frozenset()    # the dialog's From and To AoRs (dialog_parties)
     received_in: tuple[int, str] | None = None   # the peer's request (CSeq) we have not answered
 
@@ -135,7 +135,7 @@ class DialogKeys:
         None when ``message`` has no tag to keep it under.
         """
         key = DialogKey(reference, cek, readers, not readers, self._clock(), confirmed=False,
-                        offered_in=message.cseq[0] if message.is_request else None,
+                        offered_in=message.cseq if message.is_request else None,
                         parties=dialog_parties(message))
         with self._lock:
             return self._keep(message, key)
@@ -164,25 +164,28 @@ class DialogKeys:
 
     def settle(self, message: SipMessage) -> None:
         """A 2xx, or a request inside the dialog, shows the peer got the keys we
-        offered; a failure response shows it did not, so they go.  A 2xx speaks
-        only for the request it answers: a retransmitted 200 of an earlier
-        transaction must not vouch for a key offered since (say in a retry that
-        was never sent), and a request from the peer vouches only for keys we
-        offered in responses."""
+        offered; a failure response shows it did not, so they go.  A response speaks
+        only for the request it answers, by its whole CSeq: a retransmitted 200 of an
+        earlier transaction must not vouch for a key offered since, nor the 200 to a
+        CANCEL for the INVITE it cancels, and a failure of another request (a 405 to
+        an INFO, a stray 481) must not drop a key still waiting for its answer
+        (review 36).  A request from the peer vouches only for keys we offered in
+        responses.  The caller passes only responses to requests it sent."""
         status = message.status or 0
         if message.is_request and not message.to_tag:
             return
-        vouched_for = None if message.is_request else message.cseq[0]
+        answers = None if message.is_request else message.cseq
         parties = dialog_parties(message)
         with self._lock:
             for slot in self._slots_of(message):
                 bucket = self._slots.get(slot, [])
                 if not message.is_request and status >= 300:
-                    bucket[:] = [k for k in bucket if k.confirmed or k.parties != parties]
+                    bucket[:] = [k for k in bucket if k.confirmed or k.parties != parties
+                                 or k.offered_in != answers]
                 elif message.is_request or 200 <= status < 300:
                     for key in bucket:
                         if key.parties == parties and (key.offered_in is None
-                                                       or key.offered_in == vouched_for):
+                                                       or key.offered_in == answers):
                             key.confirmed = True
 
     def answered(self, response: SipMessage) -> None:

@@ -62,7 +62,7 @@ def refs(found):
 def test_an_offered_key_waits_for_the_2xx_to_its_own_request(keys):
     invite = request(cseq=1)
     key = keys.offer(invite, ref(1), cek(1), frozenset())
-    assert key is not None and not key.confirmed and key.offered_in == 1 and key.exclusive
+    assert key is not None and not key.confirmed and key.offered_in == (1, "INVITE") and key.exclusive
     assert keys.usable(invite) == [] and keys.reusable(invite, exclusive=True) is None
     keys.settle(response(invite, 180))                     # provisional: nothing
     keys.settle(response(request(cseq=7), 200))            # a 2xx to another CSeq: nothing

@@ -25,6 +25,12 @@ fill the node's whole spool.
 
 ``test_hole_*`` xfail strictly on 123689b; ``test_control_*`` are the same flows without
 the attack (they pass).
+
+Fixed: ``DialogKey.offered_in`` is the whole CSeq and ``settle`` confirms or drops only
+the keys of the request a response answers; the engine settles only on answers to
+requests it sent (``_sent_for``: a 200 to a CANCEL, a stray 481 settle nothing); and
+``SpoolFile.hold`` charges a message at least the pages its rows took (measured in the
+same transaction; over the share, it is rolled back).
 """
 
 from __future__ import annotations
@@ -84,8 +90,6 @@ def _cancelled(world, alice, bob, call_id: str, got, confirm: str) -> None:
     alice.open(terminated)
 
 
-@pytest.mark.xfail(strict=True, reason="review 36: a 2xx to the CANCEL (or any 2xx of the "
-                   "CSeq number) confirms the re-INVITE's key, which bob drops on his 487")
 @pytest.mark.parametrize("confirm", ["200 CANCEL", "stray 200 OPTIONS"])
 def test_hole_a_cancelled_reinvites_key_is_confirmed_by_the_200_to_its_cancel(world, confirm):
     """Attacker: nobody (alice, or her app, CANCELs a re-INVITE that takes long: pjsip at
@@ -147,8 +151,6 @@ def _failure_meanwhile(world, alice, bob, call_id: str, kind: str):
     return make_response(stray, 481, "Call/Transaction Does Not Exist")   # a hop's forgery
 
 
-@pytest.mark.xfail(strict=True, reason="review 36: any failure response naming the dialog "
-                   "drops the key a pending re-INVITE offered; bob's 200 is sealed under it")
 @pytest.mark.parametrize("kind", ["bob's 405 to alice's INFO", "a hop's stray 481"])
 def test_hole_a_failure_to_another_request_drops_the_pending_reinvites_key(world, kind):
     """Attacker: the untrusted hop (or anyone who learnt the dialog's Call-ID and tags:
@@ -266,9 +268,6 @@ def test_control_a_strangers_two_shares_of_many_line_offers_leave_alice_room(wor
     assert alice_lost == 0, lines[-1][1]
 
 
-@pytest.mark.xfail(strict=True, reason="review 36: a 1000-octet Call-ID's media rows take "
-                   "5x the pages their weight says (call_id index overflow): two shares fill "
-                   "the spool")
 def test_hole_long_call_ids_make_each_share_take_five_times_its_weight_in_pages(
         world, proxy, tmp_path):
     """Attacker: off-path sender (a stranger: plaintext INVITEs to bob are never
