@@ -170,7 +170,7 @@ class DialogKeys:
         CANCEL for the INVITE it cancels, and a failure of another request (a 405 to
         an INFO, a stray 481) must not drop a key still waiting for its answer
         (review 36).  A request from the peer vouches only for keys we offered in
-        responses.  The caller passes only responses to requests it sent."""
+        responses."""
         status = message.status or 0
         if message.is_request and not message.to_tag:
             return

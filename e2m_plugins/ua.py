@@ -973,10 +973,8 @@ class UAEngine:
 
     def _settle(self, message: SipMessage) -> None:
         """What ``message`` shows about the keys we offered (``DialogKeys.settle``);
-        a 2xx also shows the retries worked, so they are counted anew.  A response to
-        nothing we sent (a stray one, a hop's, a 200 to a CANCEL) settles nothing."""
-        if not message.is_request and self._sent_for(message) is None:
-            return
+        a 2xx also shows the retries worked, so they are counted anew.  A response
+        settles only the keys of the request its whole CSeq names (``settle``)."""
         self.dialog_keys.settle(message)
         if 200 <= (message.status or 0) < 300:
             self._retries.pop(message.call_id, None)

@@ -27,8 +27,8 @@ fill the node's whole spool.
 the attack (they pass).
 
 Fixed: ``DialogKey.offered_in`` is the whole CSeq and ``settle`` confirms or drops only
-the keys of the request a response answers; the engine settles only on answers to
-requests it sent (``_sent_for``: a 200 to a CANCEL, a stray 481 settle nothing); and
+the keys of the request a response answers, by number and method (a 200 to a CANCEL
+or a stray 481 of another CSeq settles nothing); and
 ``SpoolFile.hold`` charges a message at least the pages its rows took (measured in the
 same transaction; over the share, it is rolled back).
 """
