@@ -22,7 +22,7 @@ __all__ = ["ARCHIVE_VERSION", "COMPONENT", "SchemaError", "read_version", "migra
            "STEPS", "MIGRATION_LOCK"]
 
 COMPONENT = "archive"
-ARCHIVE_VERSION = 3
+ARCHIVE_VERSION = 4
 MIGRATION_LOCK = 0x6532_6D61   # pg_advisory_xact_lock key of every migration of ours
 
 _V1_SQLITE = """
@@ -83,6 +83,13 @@ _V3 = """
 ALTER TABLE bodies ADD COLUMN request_uri TEXT;
 """
 
+# The cluster's replay claims (``replay_claims.py``): the first node to claim a signed
+# body's replay record wins, whichever node DMQ has told what (review 37).
+_V4 = """
+CREATE TABLE replay_claims (name TEXT PRIMARY KEY, expires DOUBLE PRECISION NOT NULL);
+CREATE INDEX replay_claims_expires ON replay_claims (expires);
+"""
+
 _VERSION_TABLE = {
     "sqlite": "CREATE TABLE IF NOT EXISTS schema_version (component TEXT PRIMARY KEY, "
               "version INTEGER NOT NULL, updated REAL NOT NULL)",
@@ -95,6 +102,7 @@ STEPS: dict[int, dict[str, str]] = {
     1: {"sqlite": _V1_SQLITE, "postgres": _V1_POSTGRES},
     2: {"sqlite": _V2, "postgres": _V2},
     3: {"sqlite": _V3, "postgres": _V3},
+    4: {"sqlite": _V4, "postgres": _V4},
 }
 
 

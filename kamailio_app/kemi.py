@@ -1040,6 +1040,14 @@ class kamailio:
             _log_exception("certificate timer", exc)
         return 1
 
+    # -- rtimer (a process of its own, every 30 s): expired replay claims --------------
+    def ksr_claims_sweep(self, msg, evname):
+        try:
+            self.app.sweep_replay_claims()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            _log_exception("replay claims sweep", exc)
+        return 1
+
     # -- rtimer (a process of its own, every second): the shared archive's spool -------
     def ksr_archive_replay(self, msg, evname):
         try:

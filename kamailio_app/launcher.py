@@ -93,6 +93,8 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         else None
     if cluster is not None:
         defines.append("#!define WITH_DMQ")
+        if config.e2m.enabled:
+            defines.append("#!define WITH_REPLAY_CLAIMS")
         if cluster.gated:
             defines.append("#!define WITH_SYNC_GATE")
     if config.dispatcher is not None:

@@ -45,7 +45,7 @@ class HtableReplayCache:
                          retransmissions: bool, to_tag: str | None = None) -> None:
         now = self._clock()
         context.check_time(now, self.window)
-        name = "r" + context.replay_key(to_tag)
+        name, ttl = self.entry(context, to_tag, now)
         self._backend.lock(name)
         try:
             seen = self._backend.get(name)
@@ -55,13 +55,15 @@ class HtableReplayCache:
                         and now - _number(first) <= TRANSACTION_LIFETIME:
                     return
                 raise ReplayError("the body of this message was seen before")
-            # kept while the body could pass the time check, however far the sender's
-            # clock runs ahead of ours
-            ahead = max(0.0, context.time - now)
-            self._backend.set(name, f"{now:.0f} {branch or ''}",
-                              int(ahead + self.window + TRANSACTION_LIFETIME) + 1)
+            self._backend.set(name, f"{now:.0f} {branch or ''}", ttl)
         finally:
             self._backend.unlock(name)
+
+    def entry(self, context: SipContext, to_tag: str | None, now: float) -> tuple[str, int]:
+        """The record's name and its life in seconds: kept while the body could pass the
+        time check, however far the sender's clock runs ahead of ours."""
+        ahead = max(0.0, context.time - now)
+        return "r" + context.replay_key(to_tag), int(ahead + self.window + TRANSACTION_LIFETIME) + 1
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
                    claim: bool = True) -> int | None:

@@ -10,6 +10,10 @@ yet.
 
 Likewise a dialog's key-cache record: a BYE at one node removes it while the other
 node, which has not seen the removal yet, writes it back with a key a re-INVITE kept.
+
+Both failed on 123689b (strict xfails).  Fixed: a node also claims a replay record in
+the shared database, and the first claim wins (``kamailio_app/replay_claims.py``).  The
+key-record race stays a strict xfail, a known limit (``docs/threat-model.md``).
 """
 
 from __future__ import annotations
@@ -87,8 +91,6 @@ def test_control_one_invite_to_each_node_reaches_bob_once_each(cluster, alice, b
         second_call.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 37: a copy sent to the other node within "
-                   "DMQ's delay is not a replay there; the callee gets the request twice")
 def test_hole_a_copy_sent_to_both_nodes_at_once_is_relayed_twice(cluster, alice, bob):
     """Attacker: an untrusted on-path hop between alice and the domain (it sees her
     request before the domain does), or an off-path sender who sees it on the way and
@@ -165,8 +167,9 @@ def test_control_a_bye_at_b_after_a_reinvite_at_a_drops_the_keys_everywhere(clus
 _CALLS = 6
 
 
-@pytest.mark.xfail(strict=True, reason="review 37: a BYE at one node racing a key kept at "
-                   "the other leaves the ended call's keys behind for their expiry")
+@pytest.mark.xfail(strict=True, reason="known limit (docs/threat-model.md): a BYE at one "
+                   "node racing a key kept at the other leaves the ended call's keys behind "
+                   "for their expiry (review 37)")
 def test_hole_a_bye_at_b_racing_a_reinvite_at_a_leaves_the_calls_keys_on_one_node(
         cluster, alice, bob):
     """Attacker: an insider UA, a party of the call (alice here; bob alike), or an

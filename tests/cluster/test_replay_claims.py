@@ -1,0 +1,143 @@
+"""A cluster's replay claims (``kamailio_app/replay_claims.py``): the first node to claim
+a signed body's replay record in the shared PostgreSQL wins (review 37); while the
+database cannot be asked, the node's own table decides.  The wire test is
+``tests/cluster/test_review37_cluster.py``."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from e2m_lab.memory_htable import MemoryHtable
+from e2m_plugins.errors import ReplayError
+from kamailio_app.archive_pg import PostgresArchive
+from kamailio_app.archive_spool import ArchiveEvents
+from kamailio_app.pgconn import PgUrl
+from kamailio_app.replay_claims import (CLAIMS_COUNTER, ClaimedReplayCache, ClaimsUnavailable,
+                                        PgReplayClaims)
+from kamailio_app.replay_htable import HtableReplayCache
+
+
+class _Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def claims_db(pg_url):
+    url = PgUrl.parse(pg_url)
+    PostgresArchive(url).migrate()
+    return url
+
+
+def test_the_first_claim_wins_and_an_expired_one_is_taken_over(claims_db):
+    clock = _Clock()
+    node_a, node_b = PgReplayClaims(claims_db, clock=clock), PgReplayClaims(claims_db, clock=clock)
+    assert node_a.claim("r-one", 60) is True
+    assert node_b.claim("r-one", 60) is False
+    assert node_a.claim("r-one", 60) is False          # a second sighting anywhere
+    assert node_b.claim("r-two", 60) is True
+    clock.now += 61
+    assert node_b.claim("r-one", 60) is True           # expired: taken over
+    clock.now += 61
+    assert node_a.sweep() == 2 and node_a.sweep() == 0
+
+
+def test_many_nodes_claiming_at_once_one_wins(claims_db):
+    """Eight connections (as eight workers of two nodes) claim the same names at once:
+    each name is won exactly once."""
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        claims = PgReplayClaims(claims_db)
+        won = [claims.claim(f"r-{n}", 60) for n in range(30)]
+        with lock:
+            results.extend(won)
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 240 and results.count(True) == 30
+
+
+def test_an_unreachable_database_raises_claims_unavailable():
+    claims = PgReplayClaims(PgUrl.parse("postgres://e2m:pw@127.0.0.1:9/none"), connect_timeout=2)
+    with pytest.raises(ClaimsUnavailable):
+        claims.claim("r-one", 60)
+
+
+# -- the node's cache with claims (a stand-in for the database) ----------------------
+
+class _Claims:
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.away = False
+        self.asked = 0
+
+    def claim(self, name: str, ttl: int) -> bool:
+        self.asked += 1
+        if self.away:
+            raise ClaimsUnavailable("OperationalError")
+        if name in self.held:
+            return False
+        self.held.add(name)
+        return True
+
+
+class _Context:
+    """What ``check_and_record`` reads of a signed SIP context."""
+
+    def __init__(self, key: str, when: float) -> None:
+        self.key, self.time = key, when
+
+    def check_time(self, now, window):
+        pass
+
+    def replay_key(self, to_tag=None):
+        return self.key + (to_tag or "")
+
+
+def _node(claims, clock=None, lines=None):
+    events = ArchiveEvents(log=lambda level, line: (lines if lines is not None else []).append(
+        (level, line)))
+    local = HtableReplayCache(MemoryHtable(), window=300)
+    return ClaimedReplayCache(local, claims, events=events,
+                              clock=clock or _Clock()), events
+
+
+def test_a_copy_at_the_other_node_before_replication_is_a_replay():
+    import time as _time
+    claims = _Claims()
+    node_a, _ = _node(claims)
+    node_b, _ = _node(claims)
+    context = _Context("k1", _time.time())
+    node_a.check_and_record(context, None, retransmissions=False)
+    with pytest.raises(ReplayError, match="another node"):
+        node_b.check_and_record(context, None, retransmissions=False)
+    with pytest.raises(ReplayError):                   # the node's own table: no round trip
+        node_a.check_and_record(context, None, retransmissions=False)
+    assert claims.asked == 2
+
+
+def test_while_the_database_is_away_the_nodes_own_table_decides_and_says_so():
+    import time as _time
+    claims, clock, lines = _Claims(), _Clock(), []
+    node, events = _node(claims, clock, lines)
+    claims.away = True
+    node.check_and_record(_Context("k1", _time.time()), None, retransmissions=False)
+    node.check_and_record(_Context("k2", _time.time()), None, retransmissions=False)
+    assert claims.asked == 1                           # resting: one timeout per worker
+    with pytest.raises(ReplayError):
+        node.check_and_record(_Context("k1", _time.time()), None, retransmissions=False)
+    assert events.counts[CLAIMS_COUNTER] == 2
+    assert [level for level, _ in lines] == ["warn"]
+    claims.away = False
+    clock.now += 1.5
+    node.check_and_record(_Context("k3", _time.time()), None, retransmissions=False)
+    assert claims.asked == 2 and [level for level, _ in lines] == ["warn", "info"]
