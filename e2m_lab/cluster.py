@@ -20,6 +20,7 @@ import re
 import secrets
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ def _node_settings(db_url: str, own_dmq: int, peer_dmq: int, front: int | None) 
 def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
                   kamailio: dict | None = None, front: int | None = None,
                   **settings_a: Any) -> Cluster:
-    """Nodes A and B on ``db_url``, started one after the other; ``kamailio``: extra
+    """Nodes A and B on ``db_url``, started together; ``kamailio``: extra
     [kamailio] keys for both.  ``front``: the port of the dispatcher front (on
     127.0.0.1) both nodes sit behind ([cluster] front), else both advertise the
     floating ``ADVERTISE``.  ``settings_a``: more proxy settings for node A (``auth``
@@ -75,12 +76,25 @@ def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
             one["extra"]["kamailio"] = dict(kamailio)
         if settings_a.get("auth"):
             one["auth"] = settings_a["auth"]
-    a = proxy_factory("node-a", **{**settings_a, **settings[0]})
-    b = proxy_factory("node-b", **settings[1])
+    # Both at once: a node started alone waits out its sync gate's
+    # sync_unreachable_after (6 s) for a peer that is not there yet; started together,
+    # each syncs with the other within a second or two.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started_a = pool.submit(proxy_factory, "node-a", **{**settings_a, **settings[0]})
+        started_b = pool.submit(proxy_factory, "node-b", **settings[1])
+        a, b = started_a.result(), started_b.result()
     cluster = Cluster(a, b)
-    wait_until(lambda: all(stat(n, "e2m_dmq_peers_up") >= 1 for n in cluster.nodes), 15,
+    # DMQ's own view (the e2m_dmq_peers_up counter follows it only every 5 s)
+    wait_until(lambda: all(dmq_peer_active(n) for n in cluster.nodes), 15,
                "DMQ peers up on both nodes")
     return cluster
+
+
+def dmq_peer_active(node: ProxyHandle) -> bool:
+    """Whether ``node``'s DMQ lists another node as active (``dmq.list_nodes``)."""
+    text = node.rpc("dmq.list_nodes")
+    return any("status: active" in entry and "local: 0" in entry
+               for entry in text.split("}"))
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str) -> float:

@@ -22,9 +22,11 @@ front to nodes that do not alias it.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from e2m_lab.cluster import ADVERTISE, VIEW, stat, wait_until
+from e2m_lab.cluster import ADVERTISE, VIEW, dmq_peer_active, wait_until
 from e2m_lab.kamailio_harness import ProxyHandle, SipUa, wait_delivered
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import SipMessage
@@ -61,18 +63,20 @@ def _behind_a_front(proxy_factory, pg_url: str, *, aliased: bool = True
     front_port = free_port()
     dmq_a = free_port(avoid={front_port})
     dmq_b = free_port(avoid={front_port, dmq_a})
-    nodes = []
-    for name, own, peer in (("node-a", dmq_a, dmq_b), ("node-b", dmq_b, dmq_a)):
-        nodes.append(proxy_factory(
+    def node(name: str, own: int, peer: int):
+        return proxy_factory(
             name, db_url=pg_url, view=VIEW, auth=True,
             users=USERS if name == "node-a" else None,
             extra={"cluster": {"dmq_address": f"sip:127.0.0.1:{own}",
                                "peers": [f"sip:127.0.0.1:{peer}"],
                                **({"front": f"{FRONT_IP}:{front_port}"} if aliased
-                                  else {"advertise": ADVERTISE})}}))
+                                  else {"advertise": ADVERTISE})}})
+    with ThreadPoolExecutor(max_workers=2) as pool:    # together: no sync gate wait
+        started = [pool.submit(node, "node-a", dmq_a, dmq_b),
+                   pool.submit(node, "node-b", dmq_b, dmq_a)]
+        nodes = [one.result() for one in started]
     a, b = nodes
-    wait_until(lambda: all(stat(n, "e2m_dmq_peers_up") >= 1 for n in nodes), 15,
-               "DMQ peers up on both nodes")
+    wait_until(lambda: all(dmq_peer_active(n) for n in nodes), 15, "DMQ peers up on both nodes")
     front = proxy_factory(
         "front", e2m=False, archive=False, port=front_port,
         extra={"kamailio": {"listen": [f"udp:{FRONT_IP}:{front_port}",
