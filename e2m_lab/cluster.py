@@ -201,9 +201,13 @@ class Alice:
         return (f"SIP/2.0/UDP 127.0.0.1:{self.port};rport;"
                 f"branch=z9hG4bK-{secrets.token_hex(6)}")
 
-    def transact(self, node: ProxyHandle, request: SipMessage,
-                 timeout: float = 8.0) -> SipMessage | None:
-        request = request.replace("Via", self._via())
+    def transact(self, node: ProxyHandle, request: SipMessage, timeout: float = 8.0, *,
+                 keep_via: bool = False) -> SipMessage | None:
+        """``request`` to ``node`` and its final answer.  Its Via is made here unless
+        ``keep_via``: a request the engine protected keeps the Via it was protected with
+        (the engine knows its answers by their branch, as a phone's are)."""
+        if not keep_via:
+            request = request.replace("Via", self._via())
         self.sock.sendto(request.serialize(), ("127.0.0.1", node.port))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -236,11 +240,11 @@ class Alice:
         self.cseq += 1
         request = invite(self.pki, call_id=self.call_id, from_tag=self.from_tag,
                          cseq=self.cseq).replace("Contact", f"<sip:alice@127.0.0.1:{self.port}>")
-        protected = self.engine.protect(request).message
+        protected = self.engine.protect(request.replace("Via", self._via())).message
         assert SDP_OFFER not in protected.body
         self.sent_bodies.append(protected.body)
         self.last_invite = protected
-        reply = self.transact(node, protected)
+        reply = self.transact(node, protected, keep_via=True)
         if reply is not None and reply.status == 200:
             self.to_tag = reply.to_tag
             self.routes = list(reversed(reply.get_all("Record-Route")))
@@ -253,9 +257,9 @@ class Alice:
 
     def reinvite(self, node: ProxyHandle) -> SipMessage | None:
         request = self._in_dialog("INVITE", SDP_OFFER.replace(b"49170", b"49180"))
-        protected = self.engine.protect(request).message
+        protected = self.engine.protect(request.replace("Via", self._via())).message
         assert b"49180" not in protected.body
-        reply = self.transact(node, protected)
+        reply = self.transact(node, protected, keep_via=True)
         if reply is not None and reply.status == 200:
             self.ack(node)
         return reply

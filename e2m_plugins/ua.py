@@ -974,7 +974,11 @@ class UAEngine:
     def _settle(self, message: SipMessage) -> None:
         """What ``message`` shows about the keys we offered (``DialogKeys.settle``);
         a 2xx also shows the retries worked, so they are counted anew.  A response
-        settles only the keys of the request its whole CSeq names (``settle``)."""
+        settles only the keys of the request its whole CSeq names (``settle``), and only
+        when it answers a request we sent (``_sent_for``: its Via branch too), so a
+        stray one naming the dialog and the CSeq settles nothing (review 38)."""
+        if not message.is_request and self._sent_for(message) is None:
+            return
         self.dialog_keys.settle(message)
         if 200 <= (message.status or 0) < 300:
             self._retries.pop(message.call_id, None)

@@ -25,7 +25,7 @@ from e2m_plugins.keycache import TRANSACTION_TTL
 from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord, content_uid
 from .archive_spool import ArchiveEvents, answer_share
 from .archive_store import open_archive
-from .replay_claims import ClaimedReplayCache, replay_claims
+from .replay_claims import ClaimedReplayCache, KsrAwayFlag, replay_claims
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
 from .config import AppConfig, load_app_config
 from .dialog_route import RouteTokens
@@ -249,7 +249,8 @@ class ProxyApp:
         if replay is not None and cluster is not None:
             # DMQ brings a node's records to the others after the fact: the first claim
             # in the shared database decides (review 37)
-            replay = ClaimedReplayCache(replay, replay_claims(cluster), events=events)
+            replay = ClaimedReplayCache(replay, replay_claims(cluster), events=events,
+                                        away=KsrAwayFlag(ksr))
         archive = open_archive(config, events)
         if archive is not None:
             archive.ensure_schema()
@@ -326,12 +327,12 @@ class ProxyApp:
             self._dmq_sources = dmq_peer_sources(cluster)
         return self._dmq_sources
 
-    def sweep_replay_claims(self) -> int:
-        """Delete expired replay claims from the shared database (the cfg's rtimer calls
-        this in a process of its own); how many went."""
-        replay = getattr(self.engine, "replay", None)
-        claims = getattr(replay, "claims", None)
-        return claims.sweep() if claims is not None else 0
+    def tend_replay_claims(self) -> None:
+        """The replay claims' timer (the cfg's rtimer, a process of its own, every 2 s):
+        probe a database that was away, or delete expired claims."""
+        tend = getattr(getattr(self.engine, "replay", None), "tend", None)
+        if tend is not None:
+            tend()
 
     def replay_archive(self) -> int:
         """Move what the spool holds into the shared archive (the cfg's rtimer calls

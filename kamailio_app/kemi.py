@@ -1040,12 +1040,12 @@ class kamailio:
             _log_exception("certificate timer", exc)
         return 1
 
-    # -- rtimer (a process of its own, every 30 s): expired replay claims --------------
-    def ksr_claims_sweep(self, msg, evname):
+    # -- rtimer (a process of its own, every 2 s): the replay claims' database --------
+    def ksr_claims_timer(self, msg, evname):
         try:
-            self.app.sweep_replay_claims()
+            self.app.tend_replay_claims()
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
-            _log_exception("replay claims sweep", exc)
+            _log_exception("replay claims timer", exc)
         return 1
 
     # -- rtimer (a process of its own, every second): the shared archive's spool -------

@@ -9,12 +9,15 @@ So a node that found no record of its own also claims the record's name in the
 expired claim taken over in the same statement.  A node that loses refuses the
 message as a replay.
 
-While the database cannot be asked (away, too slow), the check is the node's own
-table, as before; each worker then leaves the database alone for ``retry_after``
-seconds, so an outage costs one timeout per worker, not one per message.  That is
-counted (``e2m_replay_claims_unavailable``) and logged once per outage per worker.
-Expired claims are deleted by the replay timer (``sweep``).  A claim holds the
-record's name (a digest of the signed context) and its expiry, nothing of the message.
+While the database cannot be asked (away, frozen), the check is the node's own
+table, as before.  The first worker whose claim fails sets the node's flag (``$shv``,
+shared memory: ``KsrAwayFlag``) and logs it; no worker asks the database again until
+the timer process (``ClaimedReplayCache.tend``, every 2 s) has probed it and cleared
+the flag, so an outage costs at most one timeout per worker, not one per message
+(review 38: a per-worker rest of 1 s ended before a 2 s timeout did).  Each request
+decided so is counted (``e2m_replay_claims_unavailable``).  The same timer deletes
+expired claims, in batches until none is left.  A claim holds the record's name (a
+digest of the signed context) and its expiry, nothing of the message.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .pgconn import PgUrl, ProcessConnection
 from .replay_htable import HtableReplayCache
 
 __all__ = ["PgReplayClaims", "ClaimedReplayCache", "ClaimsUnavailable", "CLAIMS_COUNTER",
-           "replay_claims"]
+           "AwayFlag", "KsrAwayFlag", "replay_claims"]
 
 CLAIMS_COUNTER = "e2m_replay_claims_unavailable"   # declared in the cfg template
 
@@ -39,6 +42,9 @@ _CLAIM = ("INSERT INTO replay_claims (name, expires) VALUES (%s, %s) "
           "WHERE replay_claims.expires < %s RETURNING 1")
 _SWEEP = ("DELETE FROM replay_claims WHERE name IN (SELECT name FROM replay_claims "
           "WHERE expires < %s LIMIT %s)")
+_PROBE = "SELECT 1 FROM replay_claims LIMIT 1"
+_SWEEP_BATCH = 10000
+SHARED_FLAG = "e2m_claims_away"        # $shv, declared in the cfg template (shvset)
 
 
 class ClaimsUnavailable(Exception):
@@ -47,6 +53,36 @@ class ClaimsUnavailable(Exception):
 
 class ReplayClaims(Protocol):
     def claim(self, name: str, ttl: int) -> bool: ...
+    def probe(self) -> None: ...
+    def sweep(self, budget_s: float = 1.0) -> int: ...
+
+
+class AwayFlag:
+    """Whether the node's workers leave the claims' database alone: one process's own
+    (tools, tests); ``KsrAwayFlag`` is the node's."""
+
+    def __init__(self) -> None:
+        self.away = False
+
+    def is_set(self) -> bool:
+        return self.away
+
+    def set(self, away: bool) -> None:
+        self.away = away
+
+
+class KsrAwayFlag(AwayFlag):
+    """The flag in Kamailio's shared memory (``$shv``), read by every worker."""
+
+    def __init__(self, ksr: Any, name: str = SHARED_FLAG) -> None:
+        super().__init__()
+        self._ksr, self._pv = ksr, f"$shv({name})"
+
+    def is_set(self) -> bool:
+        return bool(self._ksr.pv.get(self._pv))
+
+    def set(self, away: bool) -> None:
+        self._ksr.pv.seti(self._pv, 1 if away else 0)
 
 
 class PgReplayClaims:
@@ -71,10 +107,26 @@ class PgReplayClaims:
             raise ClaimsUnavailable(f"{type(exc).__name__}") from None
         return row is not None
 
-    def sweep(self, limit: int = 10000) -> int:
-        """Delete up to ``limit`` expired claims; how many went."""
+    def probe(self) -> None:
+        """Ask the database something cheap; ``ClaimsUnavailable`` when it cannot say."""
         try:
-            return self._db.get().execute(_SWEEP, (self._clock(), limit)).rowcount
+            self._db.get().execute(_PROBE).fetchall()
+        except self._errors as exc:
+            self._db.drop()
+            raise ClaimsUnavailable(f"{type(exc).__name__}") from None
+
+    def sweep(self, budget_s: float = 1.0) -> int:
+        """Delete the expired claims, in batches (each its own short statement) until
+        one comes back short or ``budget_s`` is spent (review 38: one batch of 10,000
+        per 30 s fell behind 400 claims a second); how many went."""
+        deadline = time.monotonic() + budget_s
+        gone = 0
+        try:
+            while True:
+                done = self._db.get().execute(_SWEEP, (self._clock(), _SWEEP_BATCH)).rowcount
+                gone += done
+                if done < _SWEEP_BATCH or time.monotonic() >= deadline:
+                    return gone
         except self._errors as exc:
             self._db.drop()
             raise ClaimsUnavailable(f"{type(exc).__name__}") from None
@@ -85,15 +137,11 @@ class ClaimedReplayCache:
     no database round trip), then the cluster's claim on what it does not know."""
 
     def __init__(self, local: HtableReplayCache, claims: ReplayClaims, *,
-                 retry_after: float = 1.0, events: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 away: AwayFlag | None = None, events: Any = None) -> None:
         self.local = local
         self.claims = claims
-        self.retry_after = retry_after
+        self.away = away if away is not None else AwayFlag()
         self.events = events
-        self._clock = clock
-        self._rest_until = 0.0
-        self._away = False
 
     @property
     def window(self) -> float:
@@ -103,34 +151,42 @@ class ClaimedReplayCache:
                          retransmissions: bool, to_tag: str | None = None) -> None:
         self.local.check_and_record(context, branch, retransmissions=retransmissions,
                                     to_tag=to_tag)
-        now = self._clock()
-        if now < self._rest_until:
-            self._unavailable(None)
+        if self.away.is_set():
+            self._count()
             return
         name, ttl = self.local.entry(context, to_tag, time.time())
         try:
             claimed = self.claims.claim(name, ttl)
         except ClaimsUnavailable as exc:
-            self._rest_until = now + self.retry_after
-            self._unavailable(str(exc))
+            self.away.set(True)
+            self._count()
+            self._log("warn", f"e2m: replay claims unavailable ({exc}): this node's own "
+                              "replay table decides until the shared database answers")
             return
-        if self._away:
-            self._away = False
-            self._log("info", "e2m: replay claims in the shared database work again")
         if not claimed:
             raise ReplayError("the body of this message was seen at another node")
+
+    def tend(self) -> None:
+        """The timer's turn (a process of its own, every 2 s): while the flag is up,
+        probe the database and take the flag down when it answers; else delete the
+        expired claims."""
+        try:
+            if self.away.is_set():
+                self.claims.probe()
+                self.away.set(False)
+                self._log("info", "e2m: replay claims in the shared database work again")
+            else:
+                self.claims.sweep()
+        except ClaimsUnavailable:
+            pass                      # still away: the workers keep to the node's table
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
                    claim: bool = True) -> int | None:
         return self.local.admit_fork(early, tag, limit, made=made, claim=claim)
 
-    def _unavailable(self, why: str | None) -> None:
+    def _count(self) -> None:
         if self.events is not None:
             self.events.count(CLAIMS_COUNTER)
-        if why is not None and not self._away:
-            self._away = True
-            self._log("warn", f"e2m: replay claims unavailable ({why}): this node's own "
-                              "replay table decides until the shared database answers")
 
     def _log(self, level: str, line: str) -> None:
         if self.events is not None:

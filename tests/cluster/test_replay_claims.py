@@ -14,8 +14,8 @@ from e2m_plugins.errors import ReplayError
 from kamailio_app.archive_pg import PostgresArchive
 from kamailio_app.archive_spool import ArchiveEvents
 from kamailio_app.pgconn import PgUrl
-from kamailio_app.replay_claims import (CLAIMS_COUNTER, ClaimedReplayCache, ClaimsUnavailable,
-                                        PgReplayClaims)
+from kamailio_app.replay_claims import (CLAIMS_COUNTER, AwayFlag, ClaimedReplayCache,
+                                        ClaimsUnavailable, PgReplayClaims)
 from kamailio_app.replay_htable import HtableReplayCache
 
 
@@ -45,6 +45,7 @@ def test_the_first_claim_wins_and_an_expired_one_is_taken_over(claims_db):
     assert node_b.claim("r-one", 60) is True           # expired: taken over
     clock.now += 61
     assert node_a.sweep() == 2 and node_a.sweep() == 0
+    node_a.probe()
 
 
 def test_many_nodes_claiming_at_once_one_wins(claims_db):
@@ -89,6 +90,16 @@ class _Claims:
         self.held.add(name)
         return True
 
+    probes = 0
+
+    def probe(self) -> None:
+        self.probes += 1
+        if self.away:
+            raise ClaimsUnavailable("OperationalError")
+
+    def sweep(self, budget_s: float = 1.0) -> int:
+        return 0
+
 
 class _Context:
     """What ``check_and_record`` reads of a signed SIP context."""
@@ -103,12 +114,11 @@ class _Context:
         return self.key + (to_tag or "")
 
 
-def _node(claims, clock=None, lines=None):
+def _node(claims, lines=None, away=None):
     events = ArchiveEvents(log=lambda level, line: (lines if lines is not None else []).append(
         (level, line)))
     local = HtableReplayCache(MemoryHtable(), window=300)
-    return ClaimedReplayCache(local, claims, events=events,
-                              clock=clock or _Clock()), events
+    return ClaimedReplayCache(local, claims, events=events, away=away), events
 
 
 def test_a_copy_at_the_other_node_before_replication_is_a_replay():
@@ -125,19 +135,25 @@ def test_a_copy_at_the_other_node_before_replication_is_a_replay():
     assert claims.asked == 2
 
 
-def test_while_the_database_is_away_the_nodes_own_table_decides_and_says_so():
+def test_while_the_database_is_away_the_nodes_own_table_decides_until_the_timer_sees_it_back():
+    """The first failed claim raises the node's flag (shared by its workers); no worker
+    asks again until the timer's probe answers and takes it down."""
     import time as _time
-    claims, clock, lines = _Claims(), _Clock(), []
-    node, events = _node(claims, clock, lines)
+    claims, lines, flag = _Claims(), [], AwayFlag()
+    node, events = _node(claims, lines, flag)
+    other_worker, other_events = _node(claims, lines, flag)
     claims.away = True
     node.check_and_record(_Context("k1", _time.time()), None, retransmissions=False)
-    node.check_and_record(_Context("k2", _time.time()), None, retransmissions=False)
-    assert claims.asked == 1                           # resting: one timeout per worker
+    other_worker.check_and_record(_Context("k2", _time.time()), None, retransmissions=False)
+    assert claims.asked == 1                           # one timeout for the node
     with pytest.raises(ReplayError):
         node.check_and_record(_Context("k1", _time.time()), None, retransmissions=False)
-    assert events.counts[CLAIMS_COUNTER] == 2
-    assert [level for level, _ in lines] == ["warn"]
+    assert events.counts[CLAIMS_COUNTER] == other_events.counts[CLAIMS_COUNTER] == 1
+    assert [lv for lv, _ in lines] == ["warn"]
+    node.tend()                                        # the timer: still away
+    assert flag.is_set() and claims.probes == 1
     claims.away = False
-    clock.now += 1.5
-    node.check_and_record(_Context("k3", _time.time()), None, retransmissions=False)
-    assert claims.asked == 2 and [level for level, _ in lines] == ["warn", "info"]
+    node.tend()
+    assert not flag.is_set() and [lv for lv, _ in lines] == ["warn", "info"]
+    other_worker.check_and_record(_Context("k3", _time.time()), None, retransmissions=False)
+    assert claims.asked == 2
