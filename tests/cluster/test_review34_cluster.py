@@ -19,7 +19,8 @@ import pytest
 
 from e2m_lab.flows import SDP_ANSWER
 from e2m_plugins.sip import make_response
-from tests.cluster.test_cluster_wire import Alice, _home, _stat, _stored, _wait_caught_up
+from tests.cluster.test_cluster_wire import Alice, _home, _stat, _stored
+from tests.cluster.test_spool_share_wire import alices_texts_then_catch_up
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.postgres]
 
@@ -58,12 +59,7 @@ def _call_then_messages(proxy_factory, pki, own_postgres, provisionals: int):
     tag = secrets.token_hex(4)
     assert alice.invite(f"call-{tag}".encode()) == 486
     time.sleep(0.5)
-    texts = [f"t-{tag}-{n}".encode() for n in range(3)]
-    assert [alice.message(text) for text in texts] == [200] * 3
-    own_postgres.start()
-    time.sleep(0.5)
-    _wait_caught_up(proxy, timeout=30.0)
-    return proxy, texts
+    return proxy, alices_texts_then_catch_up(alice, proxy, own_postgres, tag)
 
 
 def test_control_a_callees_one_183_leaves_alice_her_share(proxy_factory, pki, own_postgres):

@@ -48,13 +48,19 @@ def _outage(proxy_factory, pki, own_postgres, strangers: int) -> tuple[ProxyHand
     own_postgres.kill()
     for n in range(strangers):
         assert _strangers_message(proxy, n) == 200      # forwarded all the same
-    tag = secrets.token_hex(4)
+    return proxy, alices_texts_then_catch_up(alice, proxy, own_postgres, secrets.token_hex(4))
+
+
+def alices_texts_then_catch_up(alice: Alice, proxy: ProxyHandle, own_postgres,
+                               tag: str) -> list[bytes]:
+    """alice's three MESSAGEs (delivered) while the database is away, then the database
+    back and the spool replayed; her texts."""
     texts = [f"t-{tag}-{n}".encode() for n in range(3)]
     assert [alice.message(text) for text in texts] == [200] * 3
     own_postgres.start()
     time.sleep(0.5)
     _wait_caught_up(proxy, timeout=30.0)
-    return proxy, texts
+    return texts
 
 
 @pytest.mark.slow
