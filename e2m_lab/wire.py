@@ -52,8 +52,8 @@ class Peer:
             raise ValueError(transport)
         self.local_port = self.sock.getsockname()[1]
 
-    def via(self) -> str:
-        branch = f"z9hG4bK-rel{next(_counter)}x{os.getpid()}"
+    def via(self, branch: str | None = None) -> str:
+        branch = branch or f"z9hG4bK-rel{next(_counter)}x{os.getpid()}"
         return f"SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.local_port};rport;branch={branch}"
 
     def send(self, data: bytes) -> None:
@@ -117,16 +117,20 @@ class Peer:
             pass
 
 
-def with_via(message: SipMessage, peer: Peer) -> SipMessage:
-    return message.replace("Via", peer.via())
+def with_via(message: SipMessage, peer: Peer, *, keep_branch: bool = False) -> SipMessage:
+    """``message`` with a Via to ``peer``'s socket: a new branch, or with ``keep_branch``
+    the one it has (a UA engine knows the answers to what it protected by that branch,
+    as a phone's are: a new one is a request it never sent)."""
+    return message.replace("Via", peer.via(message.via_branch() if keep_branch else None))
 
 
 def transact(port: int, message: SipMessage, transport: str = "udp",
-             timeout: float = 5.0) -> SipMessage | None:
-    """Send a message (its Via rewritten to point at our socket); the final answer."""
+             timeout: float = 5.0, *, keep_branch: bool = False) -> SipMessage | None:
+    """Send a message (its Via rewritten to point at our socket, ``keep_branch`` as in
+    ``with_via``); the final answer."""
     peer = Peer(transport, port)
     try:
-        peer.send(with_via(message, peer).serialize())
+        peer.send(with_via(message, peer, keep_branch=keep_branch).serialize())
         return peer.final(timeout)
     finally:
         peer.close()

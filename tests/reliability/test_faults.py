@@ -80,7 +80,9 @@ def in_dialog(request: SipMessage, ok: SipMessage, method: str, cseq: int,
 
 def send(port: int, msg: SipMessage, exchange: list[str], what: str,
          transport: str = "udp", timeout: float = 5.0) -> SipMessage | None:
-    got = transact(port, msg, transport, timeout)
+    # the branch alice protected it with: her engine settles her keys only on answers
+    # to requests it sent (review 38)
+    got = transact(port, msg, transport, timeout, keep_branch=True)
     exchange.append(f"--> {what}: {msg.start_line} (CSeq {msg.get('CSeq')}, body {len(msg.body)} B)")
     exchange.append(f"<-- {got.status} {got.reason}" if got is not None else "<-- no answer")
     return got
@@ -466,7 +468,7 @@ def test_far_end_silent_or_garbage_standard_codes_and_no_stale_keys(proxy_factor
                 plain = plain.with_start_line(RequestLine(method, f"sip:{name}@example.com"))
                 sent = alice.protect(plain).message
                 peer = Peer("udp", proxy.port)
-                peer.send(with_via(sent, peer).serialize())
+                peer.send(with_via(sent, peer, keep_branch=True).serialize())
                 peers.append((name, method, plain, sent, peer))
         failures = []
         for name, method, plain, sent, peer in peers:
