@@ -23,9 +23,10 @@ cannot take the spool from everyone else for the rest of an outage (review 32): 
 share is the caller the proxy authenticated for the message's transaction (the key
 cache's keeper: digest's user, or a signer over a bound SIP context), and every other
 sender is in one group, ``UNAUTHENTICATED_CALLER``.  Responses count against a share
-of their own per caller (``answer_share``: a callee must not spend the caller's).  Each spooled message's share and weight are kept beside it
-(``SpoolFile``), checked and written in one transaction with its rows, so that the
-workers (separate processes) never overfill a share between them.
+of their own per caller (``answer_share``: a callee must not spend the caller's).
+Each spooled message's share and weight are kept beside it (``SpoolFile``), checked
+and written in one transaction with its rows, so that the workers (separate
+processes) never overfill a share between them.
 
 While the spool holds messages, new ones join it (order is kept, and the workers do
 not each wait on a dead database); a worker that saw the database fail does not try
