@@ -61,9 +61,9 @@ def _node_settings(db_url: str, own_dmq: int, peer_dmq: int, front: int | None) 
 
 def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
                   kamailio: dict | None = None, front: int | None = None,
-                  **settings_a: Any) -> Cluster:
-    """Nodes A and B on ``db_url``, started together; ``kamailio``: extra
-    [kamailio] keys for both.  ``front``: the port of the dispatcher front (on
+                  cluster: dict | None = None, **settings_a: Any) -> Cluster:
+    """Nodes A and B on ``db_url``, started together; ``kamailio`` and ``cluster``:
+    extra [kamailio] and [cluster] keys for both.  ``front``: the port of the dispatcher front (on
     127.0.0.1) both nodes sit behind ([cluster] front), else both advertise the
     floating ``ADVERTISE``.  ``settings_a``: more proxy settings for node A (``auth``
     and ``users``: the users go into the shared database once), ``auth`` for B too."""
@@ -74,6 +74,7 @@ def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
     for one in settings:
         if kamailio:
             one["extra"]["kamailio"] = dict(kamailio)
+        one["extra"]["cluster"].update(cluster or {})
         if settings_a.get("auth"):
             one["auth"] = settings_a["auth"]
     # Both at once: a node started alone waits out its sync gate's
@@ -83,11 +84,11 @@ def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
         started_a = pool.submit(proxy_factory, "node-a", **{**settings_a, **settings[0]})
         started_b = pool.submit(proxy_factory, "node-b", **settings[1])
         a, b = started_a.result(), started_b.result()
-    cluster = Cluster(a, b)
+    nodes = Cluster(a, b)
     # DMQ's own view (the e2m_dmq_peers_up counter follows it only every 5 s)
-    wait_until(lambda: all(dmq_peer_active(n) for n in cluster.nodes), 15,
+    wait_until(lambda: all(dmq_peer_active(n) for n in nodes.nodes), 15,
                "DMQ peers up on both nodes")
-    return cluster
+    return nodes
 
 
 def dmq_peer_active(node: ProxyHandle) -> bool:

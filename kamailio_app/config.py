@@ -168,6 +168,9 @@ class ClusterSettings:
     sync_wait: int = 30
     sync_unreachable_after: int = 6
     sync_quiet_ms: int = 1000
+    # DMQ pings each peer this often (s); a peer that misses one is taken as gone, so
+    # this bounds how long a dead node is still counted as up (e2m_dmq_peers_up).
+    dmq_ping_interval: int = 60
 
     @property
     def replicates(self) -> bool:
@@ -555,11 +558,13 @@ def _cluster(table: Any, problems: list[str]) -> ClusterSettings | None:
     check = _Checker("cluster", table, problems)
     check.unknown(("db_url", "db_connect_timeout", "db_statement_timeout_ms", "dmq_address",
                    "peers", "advertise", "front", "sync_wait", "sync_unreachable_after",
-                   "sync_quiet_ms"))
+                   "sync_quiet_ms", "dmq_ping_interval"))
     connect_timeout = check.integer("db_connect_timeout", 2, 2, 30)
     statement_ms = check.integer("db_statement_timeout_ms", 2000, 100, 60000)
     dmq = _cluster_dmq(check)
     dmq.update(_cluster_sync(check))
+    # DMQ's own floor is 5 s; every ping is a KDMQ request to each peer
+    dmq["dmq_ping_interval"] = check.integer("dmq_ping_interval", 60, 5, 3600)
     raw = check.string("db_url", None)
     if raw is None:
         check.bad("db_url", "is needed: postgres://user:password@host:port/database")

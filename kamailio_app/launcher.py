@@ -183,7 +183,7 @@ def _dmq_values(cluster: ClusterSettings | None) -> dict[str, str]:
     """The DMQ placeholders ([cluster] dmq_address, peers); empty without DMQ."""
     if cluster is None:
         return {"DMQ_ADDRESS": "", "DMQ_NOTIFY_LINES": "", "DMQ_MULTI_NOTIFY": "0",
-                "DMQ_REPLICATE": ""}
+                "DMQ_REPLICATE": "", "DMQ_PING_INTERVAL": "60"}
     if cluster.peers_dns is not None:
         port = cluster.dmq_address.port
         notify = [f"sip:{cluster.peers_dns}:{port}"]
@@ -197,6 +197,7 @@ def _dmq_values(cluster: ClusterSettings | None) -> dict[str, str]:
         # one DNS name: every address it resolves to is a node
         "DMQ_MULTI_NOTIFY": "1" if cluster.peers_dns is not None else "0",
         "DMQ_REPLICATE": "dmqreplicate=1;",
+        "DMQ_PING_INTERVAL": str(cluster.dmq_ping_interval),
     }
 
 

@@ -245,8 +245,10 @@ def test_counters_per_node_move_opened_refused_kept_replicated_expired_peers(
         proxy_factory, pg_url, alice, bob, pki):
     """kamcmd stats.get_statistics: what each node opened, refused (by code), kept,
     used from the other node, saw expire; and its DMQ peers up (1 each here, 0 on B
-    once A is gone)."""
-    cluster = start_cluster(proxy_factory, pg_url, kamailio={"keycache_expire": 10})
+    once A is gone: within [cluster] dmq_ping_interval, a missed ping's 5 s and the
+    counter's 5 s)."""
+    cluster = start_cluster(proxy_factory, pg_url, kamailio={"keycache_expire": 10},
+                            cluster={"dmq_ping_interval": 5})
     a, b = cluster.nodes
     # the counter is set every 5 s (kemi ksr_cluster_timer); start_cluster waits for
     # DMQ's own view of the peers
@@ -278,7 +280,7 @@ def test_counters_per_node_move_opened_refused_kept_replicated_expired_peers(
     wait_until(lambda: all(counters(n)["e2m_ceks_expired"] > start[n.name]["e2m_ceks_expired"]
                            for n in cluster.nodes), 30, "expired keys counted on both")
     a.kill()
-    wait_until(lambda: counters(b)["e2m_dmq_peers_up"] == 0, 150, "B sees A gone")
+    wait_until(lambda: counters(b)["e2m_dmq_peers_up"] == 0, 30, "B sees A gone")
 
 
 # --------------------------------------------------------------------------- a front

@@ -52,6 +52,8 @@ def test_dmq_settings_are_read(tmp_path):
     ({"dmq_address": "sip:10.0.0.1:5090", "peers": ["sip:10.0.0.2:5090"],
       "front": "10.0.0.10:5060", "advertise": "10.0.0.20:5060"}, "exclude each other"),
     ({"front": "10.0.0.10:5060"}, "dmq_address: is needed"),
+    ({**DMQ, "dmq_ping_interval": 4}, "dmq_ping_interval"),      # under DMQ's own floor
+    ({**DMQ, "dmq_ping_interval": "5"}, "dmq_ping_interval"),
 ])
 def test_dmq_mistakes_are_refused(tmp_path, bad, says):
     with pytest.raises(AppConfigError) as caught:
@@ -65,6 +67,10 @@ def test_the_cfg_replicates_only_with_dmq(tmp_path):
     assert 'modparam("dmq", "server_address", "sip:127.0.0.1:5090")' in text
     assert 'modparam("dmq", "notification_address", "sip:127.0.0.2:5090")' in text
     assert 'modparam("dmq", "multi_notify", 0)' in text
+    assert 'modparam("dmq", "ping_interval", 60)' in text              # DMQ's default
+    quick = render_cfg(_config(tmp_path, cluster={"db_url": DB, **DMQ, "dmq_ping_interval": 5}),
+                       tmp_path)
+    assert 'modparam("dmq", "ping_interval", 5)' in quick
     assert "autoexpire=43200;dmqreplicate=1;" in text                 # e2mkeys
     assert text.count("dmqreplicate=1;") == 2                          # and e2mseen
     # the SIP listeners advertise the domain's address and take it as their own; the
