@@ -393,6 +393,10 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
                                       else after[name] - before[name])
                                for name in ("shm_real_used", "shm_used", "pkg_real_used_sum",
                                             "rss_anon_sum", "keycache_entries")}
+        # the processes whose private memory moved, so a step in the sum can be placed
+        grown = {name: after.get("pkg_by_process", {}).get(name, 0) - used
+                 for name, used in before.get("pkg_by_process", {}).items()}
+        analysis["drained"]["pkg_moved_by_process"] = {k: v for k, v in grown.items() if v}
         tracebacks = kamailio_log.count("Traceback")
         errors_logged = len(re.findall(r"\bERROR:", kamailio_log))
         ok = failed_total == 0 and analysis["flat"] and tracebacks == 0 and not timed_out

@@ -201,10 +201,13 @@ def memory_sample(proxy: ProxyHandle) -> dict[str, Any]:
     shm = _numbers(proxy.rpc("core.shmmem"))
     pkg_text = proxy.rpc("pkg.stats")
     processes = []
+    by_process = {}
     for block in re.split(r"\n(?=\{)", pkg_text):
         values = _numbers(block)
         if "real_used" in values:
             processes.append(values)
+            desc = re.search(r"^\s*desc:\s*(.*?)\s*$", block, re.MULTILINE)
+            by_process[f"{values.get('pid')} {desc.group(1) if desc else '?'}"] = values["real_used"]
     return {
         "shm_used": shm.get("used"), "shm_real_used": shm.get("real_used"),
         "shm_max_used": shm.get("max_used"), "shm_fragments": shm.get("fragments"),
@@ -213,6 +216,8 @@ def memory_sample(proxy: ProxyHandle) -> dict[str, Any]:
         "pkg_real_used_max": max(p["real_used"] for p in processes) if processes else None,
         "pkg_used_sum": sum(p.get("used", 0) for p in processes) if processes else None,
         "pkg_processes": len(processes),
+        # which process holds what: a step in the sum names its process (a soak failure)
+        "pkg_by_process": by_process,
         **process_memory(proxy),
     }
 
