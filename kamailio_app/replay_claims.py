@@ -15,7 +15,11 @@ shared memory: ``KsrAwayFlag``) and logs it; no worker asks the database again u
 the timer process (``ClaimedReplayCache.tend``, every 2 s) has probed it and cleared
 the flag, so an outage costs at most one timeout per worker, not one per message
 (review 38: a per-worker rest of 1 s ended before a 2 s timeout did).  Each request
-decided so is counted (``e2m_replay_claims_unavailable``).  The same timer deletes
+decided so is counted (``e2m_replay_claims_unavailable``).
+
+An early dialog's fork slots (``admit_fork``) are claimed the same way, each free slot
+by its item's name before the node takes it, so answers with new To tags sent to two
+nodes at once get ``MAX_FORKS`` dialogs in all, not at each node (review 39).  The same timer deletes
 expired claims, in batches until none is left.  A claim holds the record's name (a
 digest of the signed context) and its expiry, nothing of the message.
 """
@@ -158,10 +162,7 @@ class ClaimedReplayCache:
         try:
             claimed = self.claims.claim(name, ttl)
         except ClaimsUnavailable as exc:
-            self.away.set(True)
-            self._count()
-            self._log("warn", f"e2m: replay claims unavailable ({exc}): this node's own "
-                              "replay table decides until the shared database answers")
+            self._went_away(exc)
             return
         if not claimed:
             raise ReplayError("the body of this message was seen at another node")
@@ -182,7 +183,27 @@ class ClaimedReplayCache:
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
                    claim: bool = True) -> int | None:
-        return self.local.admit_fork(early, tag, limit, made=made, claim=claim)
+        """The node's slots, each free one claimed in the database before it is taken:
+        answers sent to two nodes at once no longer get the fork limit at each (review
+        39).  A tag already holding a slot here is found with reads alone."""
+        return self.local.admit_fork(early, tag, limit, made=made, claim=claim,
+                                     take=self._claim_slot)
+
+    def _claim_slot(self, name: str, ttl: int) -> bool:
+        if self.away.is_set():
+            self._count()
+            return True
+        try:
+            return self.claims.claim(name, ttl)
+        except ClaimsUnavailable as exc:
+            self._went_away(exc)
+            return True
+
+    def _went_away(self, exc: ClaimsUnavailable) -> None:
+        self.away.set(True)
+        self._count()
+        self._log("warn", f"e2m: replay claims unavailable ({exc}): this node's own "
+                          "replay table decides until the shared database answers")
 
     def _count(self) -> None:
         if self.events is not None:

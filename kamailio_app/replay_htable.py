@@ -66,7 +66,11 @@ class HtableReplayCache:
         return "r" + context.replay_key(to_tag), int(ahead + self.window + TRANSACTION_LIFETIME) + 1
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
-                   claim: bool = True) -> int | None:
+                   claim: bool = True, take: Callable[[str, int], bool] | None = None) -> int | None:
+        """``ReplayCache.admit_fork``.  ``take(name, ttl)``, when given, is asked before
+        a free slot is taken (a cluster's claim, ``replay_claims``): False means another
+        node holds that slot, not yet replicated here, so the next one is tried and the
+        slots this node sees may have gaps."""
         # slot i of an early dialog is one item, "f" + a digest of the early dialog + i,
         # holding a digest of its tag: a tag finds its slot with reads alone, a new
         # one takes the first free slot under that slot's lock.  Each lives while the
@@ -76,8 +80,15 @@ class HtableReplayCache:
         ttl = int(ahead + self.window + TRANSACTION_LIFETIME) + 1
         base = "f" + short_digest(early).hex()
         mine = short_digest(tag).hex()
-        for slot in range(limit):
-            name = f"{base}{slot}"
+        names = [f"{base}{slot}" for slot in range(limit)]
+        if take is not None:
+            # gaps are possible: find this tag in any slot before claiming a new one
+            for slot, name in enumerate(names):
+                if self._backend.get(name) == mine:
+                    return self._held(name, mine, ttl, ahead, slot)
+            if not claim:
+                return None
+        for slot, name in enumerate(names):
             held = self._backend.get(name)
             if held is None:
                 if not claim:
@@ -86,15 +97,20 @@ class HtableReplayCache:
                 try:
                     held = self._backend.get(name)
                     if held is None:
+                        if take is not None and not take(name, ttl):
+                            continue  # another node's, on its way here
                         self._backend.set(name, mine, ttl)
                         return slot
                 finally:
                     self._backend.unlock(name)
             if held == mine:
-                if ahead:             # kept as long as this body could come again
-                    self._backend.set(name, mine, ttl)
-                return slot
+                return self._held(name, mine, ttl, ahead, slot)
         return None
+
+    def _held(self, name: str, mine: str, ttl: int, ahead: float, slot: int) -> int:
+        if ahead:                     # kept as long as this body could come again
+            self._backend.set(name, mine, ttl)
+        return slot
 
 
 def _number(text: str) -> float:

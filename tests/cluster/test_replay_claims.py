@@ -157,3 +157,33 @@ def test_while_the_database_is_away_the_nodes_own_table_decides_until_the_timer_
     assert not flag.is_set() and [lv for lv, _ in lines] == ["warn", "info"]
     other_worker.check_and_record(_Context("k3", _time.time()), None, retransmissions=False)
     assert claims.asked == 2
+
+
+# --------------------------------------------------------------------------- fork slots (review 39)
+
+def test_fork_slots_are_claimed_across_nodes_and_a_known_tag_costs_no_round_trip():
+    claims = _Claims()
+    node_a, _ = _node(claims)
+    node_b, _ = _node(claims)
+    assert node_a.admit_fork("early", "t1", 2) == 0
+    assert node_b.admit_fork("early", "t2", 2) == 1        # slot 0 is A's, not replicated yet
+    assert node_b.admit_fork("early", "t3", 2) is None     # both slots gone in the cluster
+    asked = claims.asked
+    assert node_a.admit_fork("early", "t1", 2) == 0        # its own: read, not claimed
+    assert node_b.admit_fork("early", "t2", 2) == 1
+    assert node_b.admit_fork("early", "t2", 2, claim=False) == 1   # found past the gap
+    assert node_b.admit_fork("early", "t9", 2, claim=False) is None
+    assert claims.asked == asked
+    # the first To tag of a 2xx to an UPDATE (limit 1, ProxyEngine._first_tag)
+    assert node_a.admit_fork("\nctx", "x", 1) == 0 and node_b.admit_fork("\nctx", "y", 1) is None
+
+
+def test_fork_slots_while_the_database_is_away_are_the_nodes_own_and_counted():
+    claims, lines, flag = _Claims(), [], AwayFlag()
+    node, events = _node(claims, lines, flag)
+    claims.away = True
+    assert node.admit_fork("early", "t1", 2) == 0
+    assert node.admit_fork("early", "t2", 2) == 1
+    assert claims.asked == 1 and flag.is_set()             # one timeout, then the flag
+    assert events.counts[CLAIMS_COUNTER] == 2
+    assert [lv for lv, _ in lines] == ["warn"]
