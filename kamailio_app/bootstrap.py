@@ -24,7 +24,7 @@ from e2m_plugins.keycache import TRANSACTION_TTL
 
 from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord, content_uid
 from .archive_spool import ArchiveEvents, answer_share
-from .archive_store import open_archive
+from .archive_store import open_archive, open_shared
 from .replay_claims import ClaimedReplayCache, KsrAwayFlag, replay_claims
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
 from .config import AppConfig, load_app_config
@@ -188,18 +188,38 @@ def public_dmq_warning(cluster: Any) -> str | None:
 def dmq_peer_sources(cluster: Any) -> frozenset[tuple[str, int]]:
     """Every (address, port) of the [cluster] peers; a DNS name is resolved here, once,
     to all its addresses (with this node's DMQ port, as multi_notify does)."""
-    import socket
     names = [(peer.host, peer.port) for peer in cluster.peers]
     if cluster.peers_dns is not None:
         names.append((cluster.peers_dns, cluster.dmq_address.port))
+    return _resolved(names)
+
+
+def dmq_own_socket(cluster: Any) -> frozenset[tuple[str, int]]:
+    """Every (address, port) this node's DMQ socket ([cluster] dmq_address) is: KDMQ is
+    taken there alone, never on a SIP listener (review 40)."""
+    return _resolved([(cluster.dmq_address.host, cluster.dmq_address.port)])
+
+
+def _resolved(names: list[tuple[str, int]]) -> frozenset[tuple[str, int]]:
+    import socket
     out = set()
     for host, port in names:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError:
             continue          # unknown now: such a peer is not let in
-        out.update((info[4][0], port) for info in infos)
+        out.update((canonical_ip(str(info[4][0])), port) for info in infos)
     return frozenset(out)
+
+
+def canonical_ip(text: str) -> str:
+    """One spelling per address (IPv6 compressed, lower case, no brackets), so Kamailio's
+    ``$si`` and a resolved peer compare equal; "" when ``text`` is not an address."""
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text.strip("[]")).compressed
+    except ValueError:
+        return ""
 
 
 @dataclass
@@ -213,6 +233,7 @@ class ProxyApp:
     certs: Any = None           # cert_route.CertService: the [certs] service, or None
     routes: RouteTokens = field(default_factory=RouteTokens.random)  # in-dialog routing
     _dmq_sources: frozenset[tuple[str, int]] | None = None
+    _dmq_socket: frozenset[tuple[str, int]] | None = None
 
     @classmethod
     def load(cls, config_path: str | Path, ksr: Any = None) -> ProxyApp:
@@ -254,6 +275,9 @@ class ProxyApp:
         archive = open_archive(config, events)
         if archive is not None:
             archive.ensure_schema()
+        elif isinstance(replay, ClaimedReplayCache):
+            # the claims' table is in the archive's schema (review 40): checked the same
+            open_shared(config).ensure_schema()
         certs = None
         if config.certs is not None:
             from .cert_route import CertService
@@ -316,6 +340,26 @@ class ProxyApp:
         """[cluster] front: the dispatcher front this node record-routes (HOST:PORT)."""
         cluster = self.config.cluster
         return cluster.front if cluster is not None else None
+
+    def dmq_accepts(self, source: tuple[str, int], proto: str, local: tuple[str, int]) -> bool:
+        """Whether a KDMQ request is a peer's: from a peer's address and port, over UDP
+        (DMQ's transport: a TCP connection can be opened from a peer's free port by
+        anyone on its host), received on this node's DMQ socket (a forged source on a
+        public SIP listener is not; review 40)."""
+        cluster = self.config.cluster
+        if cluster is None or not cluster.replicates or proto.lower() != "udp":
+            return False
+        return ((canonical_ip(local[0]), local[1]) in self.dmq_socket()
+                and (canonical_ip(source[0]), source[1]) in self.dmq_sources())
+
+    def dmq_socket(self) -> frozenset[tuple[str, int]]:
+        """(address, port) of this node's DMQ socket, resolved once, at start."""
+        cluster = self.config.cluster
+        if cluster is None or not cluster.replicates:
+            return frozenset()
+        if self._dmq_socket is None:
+            self._dmq_socket = dmq_own_socket(cluster)
+        return self._dmq_socket
 
     def dmq_sources(self) -> frozenset[tuple[str, int]]:
         """(address, port) a KDMQ request may come from: the [cluster] peers (resolved

@@ -371,6 +371,15 @@ class AppConfig:
             names.append(self.identity_host)
         return tuple(names)
 
+    @property
+    def shared_schema(self) -> bool:
+        """The node writes tables of its own in ``[cluster] db_url``: the shared archive,
+        or the replay claims every replicating E2M node makes (review 40: a cluster with
+        no [archive] had no claims table, and its nodes quietly went without them)."""
+        cluster = self.cluster
+        return cluster is not None and (self.archive.shared
+                                        or (self.e2m.enabled and cluster.replicates))
+
 
 # --------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 PROXY.toml names, made and migrated by the operator, not by a running proxy.
 
 - ``init`` makes what is missing: the archive's tables at the current schema version
-  (PostgreSQL with ``[cluster] db_url``, else the ``[archive] path`` file) and, for
+  (PostgreSQL with ``[cluster] db_url``, else the ``[archive] path`` file; a cluster
+  of E2M nodes gets them for its replay claims even without ``[archive]``) and, for
   users in PostgreSQL, Kamailio's ``version`` and ``subscriber`` tables (its own
   scripts); the SQLite users file as the proxy would; with ``[cluster]`` and
   ``[certs]``, the certificate service's tables.  An archive already there at
@@ -43,8 +44,9 @@ class _Failed(Exception):
 def _archive_target(config: AppConfig) -> tuple[str, Any] | None:
     from .archive import SqliteArchive
     from .archive_store import open_shared
-    if config.archive.shared and config.cluster is not None:
-        return f"shared archive {config.cluster.db.masked()}", open_shared(config)
+    if config.shared_schema and config.cluster is not None:
+        what = "shared archive" if config.archive.shared else "shared database (replay claims)"
+        return f"{what} {config.cluster.db.masked()}", open_shared(config)
     if config.archive.path is not None:
         return f"archive {config.archive.path}", SqliteArchive(config.archive.path)
     return None
@@ -162,7 +164,7 @@ def preflight(config: AppConfig) -> str | None:
         problem = _users_preflight(auth.pg, auth.table, config)
         if problem is not None:
             return problem
-    if not (config.e2m.enabled and config.archive.shared):
+    if not (config.e2m.enabled and config.shared_schema):
         return None
     from .archive_store import open_shared
     store = open_shared(config)
@@ -170,11 +172,13 @@ def preflight(config: AppConfig) -> str | None:
     try:
         found = store.version()  # type: ignore[attr-defined]
     except operational_errors():
-        print(f"e2m-proxy: warning: {url} is not reachable now; archived messages wait "
-              "in the spool until it is", file=sys.stderr)
+        waits = ("archived messages wait in the spool" if config.archive.shared
+                 else "each node's own replay table decides")
+        print(f"e2m-proxy: warning: {url} is not reachable now; {waits} until it is",
+              file=sys.stderr)
         return None
     if found != ARCHIVE_VERSION:
-        return (f"{url}: archive schema version {found}, this e2m-proxy needs "
+        return (f"{url}: schema version {found}, this e2m-proxy needs "
                 f"{ARCHIVE_VERSION}: run e2m-proxy db {'init' if found == 0 else 'upgrade'} "
                 f"--config {config.path}")
     return None

@@ -56,7 +56,8 @@ from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
-from kamailio_app.bootstrap import ProxyApp, as_utf8, public_dmq_warning  # noqa: E402
+from kamailio_app.bootstrap import (  # noqa: E402
+    ProxyApp, as_utf8, canonical_ip, public_dmq_warning)
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
@@ -107,6 +108,7 @@ def mod_init():
         raise RuntimeError("E2M_CONFIG define (or E2M_PROXY_CONFIG) is not set")
     APP = ProxyApp.load(path, KSR)
     APP.dmq_sources()     # [cluster] peers resolved once, before the workers fork
+    APP.dmq_socket()      # and this node's own DMQ socket
     SYNC_GATE = for_cluster(KSR, APP.config.cluster, APP.dmq_sources())
     exposed = public_dmq_warning(APP.config.cluster)
     if exposed:
@@ -306,18 +308,22 @@ class kamailio:
 
     def route_dmq(self):
         """[cluster] replication (KDMQ), before anything else: from a configured peer's
-        DMQ socket to DMQ; from anyone else refused, and never let into a table.  A
-        stranger's KDMQ passes the flood limits first (a ban, then silence), else each
-        one would cost an answer and a log line at any rate."""
+        DMQ socket, over UDP, to this node's DMQ socket, to DMQ; anything else refused,
+        and never let into a table.  A stranger's KDMQ passes the flood limits first (a
+        ban, then silence), else each one would cost an answer and a log line at any
+        rate."""
         source = (KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0))
-        if source in self.app.dmq_sources():
+        local = (KSR.pv.get("$Ri") or "", int(KSR.pv.get("$Rp") or 0))
+        if self.app.dmq_accepts(source, KSR.pv.get("$pr") or "", local):
             if SYNC_GATE is not None:
-                SYNC_GATE.observe("%s:%d" % source)
+                SYNC_GATE.observe("%s:%d" % (canonical_ip(source[0]), source[1]))
             KSR.dmq.handle_message()
             return
         if not self.route_limits():
             return
-        _warn("e2m: KDMQ from %s:%d, not a [cluster] peer: refused\n" % source)
+        _warn("e2m: KDMQ from %s:%d to %s:%d over %s (a peer's only over udp to our DMQ "
+              "socket), not a [cluster] peer: refused\n"
+              % (source + local + (KSR.pv.get("$pr") or "?",)))
         KSR.sl.sl_send_reply(403, "Forbidden")
 
     def route_request(self):

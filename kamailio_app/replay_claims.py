@@ -48,11 +48,18 @@ _SWEEP = ("DELETE FROM replay_claims WHERE name IN (SELECT name FROM replay_clai
           "WHERE expires < %s LIMIT %s)")
 _PROBE = "SELECT 1 FROM replay_claims LIMIT 1"
 _SWEEP_BATCH = 10000
+_REFUSED_EVERY_S = 60.0
 SHARED_FLAG = "e2m_claims_away"        # $shv, declared in the cfg template (shvset)
 
 
 class ClaimsUnavailable(Exception):
-    """The database could not be asked; the node's own table decides."""
+    """The database could not be asked; the node's own table decides.  ``permanent``:
+    it answered but refuses the statement (no such table, no privilege), which waiting
+    does not mend."""
+
+    def __init__(self, what: str, *, permanent: bool = False) -> None:
+        super().__init__(what)
+        self.permanent = permanent
 
 
 class ReplayClaims(Protocol):
@@ -98,6 +105,7 @@ class PgReplayClaims:
         self._db = ProcessConnection(url, connect_timeout=connect_timeout,
                                      statement_timeout_ms=statement_timeout_ms)
         self._errors = (psycopg.Error,)
+        self._refusals = (psycopg.ProgrammingError,)   # UndefinedTable, InsufficientPrivilege
         self._clock = clock
 
     def claim(self, name: str, ttl: int) -> bool:
@@ -107,8 +115,7 @@ class PgReplayClaims:
         try:
             row = self._db.get().execute(_CLAIM, (name, now + ttl, now)).fetchone()
         except self._errors as exc:
-            self._db.drop()
-            raise ClaimsUnavailable(f"{type(exc).__name__}") from None
+            raise self._unavailable(exc) from None
         return row is not None
 
     def probe(self) -> None:
@@ -116,8 +123,7 @@ class PgReplayClaims:
         try:
             self._db.get().execute(_PROBE).fetchall()
         except self._errors as exc:
-            self._db.drop()
-            raise ClaimsUnavailable(f"{type(exc).__name__}") from None
+            raise self._unavailable(exc) from None
 
     def sweep(self, budget_s: float = 1.0) -> int:
         """Delete the expired claims, in batches (each its own short statement) until
@@ -132,8 +138,11 @@ class PgReplayClaims:
                 if done < _SWEEP_BATCH or time.monotonic() >= deadline:
                     return gone
         except self._errors as exc:
-            self._db.drop()
-            raise ClaimsUnavailable(f"{type(exc).__name__}") from None
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> ClaimsUnavailable:
+        self._db.drop()
+        return ClaimsUnavailable(type(exc).__name__, permanent=isinstance(exc, self._refusals))
 
 
 class ClaimedReplayCache:
@@ -146,6 +155,7 @@ class ClaimedReplayCache:
         self.claims = claims
         self.away = away if away is not None else AwayFlag()
         self.events = events
+        self._refused_logged = float("-inf")     # the timer's last error line (monotonic)
 
     @property
     def window(self) -> float:
@@ -178,8 +188,16 @@ class ClaimedReplayCache:
                 self._log("info", "e2m: replay claims in the shared database work again")
             else:
                 self.claims.sweep()
-        except ClaimsUnavailable:
-            pass                      # still away: the workers keep to the node's table
+        except ClaimsUnavailable as exc:
+            # still away: the workers keep to the node's table.  A database that refuses
+            # the claims (a schema without them) is the operator's to mend: said as an
+            # error once a minute, not once at the first claim (review 40)
+            now = time.monotonic()
+            if exc.permanent and now - self._refused_logged >= _REFUSED_EVERY_S:
+                self._refused_logged = now
+                self._log("error", f"e2m: replay claims refused by the shared database ({exc}): "
+                                 "run e2m-proxy db upgrade; until then this node's own replay "
+                                 "table decides")
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
                    claim: bool = True) -> int | None:

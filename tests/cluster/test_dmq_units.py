@@ -213,3 +213,36 @@ def test_cluster_example_configs_are_valid(name, pki, tmp_path):
     checked = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True,
                              text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr[-1500:]
+
+
+def test_kdmq_is_taken_only_over_udp_from_a_peer_to_this_nodes_dmq_socket(tmp_path):
+    """Review 40: a peer's address and port alone were enough, over TCP (anyone on the
+    peer's host can connect from its free TCP port of that number) and on a public SIP
+    listener (a forged UDP source).  Addresses compare in one spelling (IPv6 as
+    getaddrinfo and Kamailio's ``$si`` may write it differently)."""
+    from kamailio_app.bootstrap import ProxyApp
+    config = _config(tmp_path, cluster={"db_url": DB, "dmq_address": "sip:127.0.0.1:5090",
+                                        "peers": ["sip:127.0.0.2:5090", "sip:[::1]:5091"]})
+    app = ProxyApp(config)
+    ours = ("127.0.0.1", 5090)
+    assert app.dmq_accepts(("127.0.0.2", 5090), "udp", ours)
+    assert app.dmq_accepts(("0:0:0:0:0:0:0:1", 5091), "UDP", ours)
+    assert app.dmq_accepts(("[::1]", 5091), "udp", ours)
+    assert not app.dmq_accepts(("127.0.0.2", 5090), "tcp", ours)
+    assert not app.dmq_accepts(("127.0.0.2", 5090), "udp", ("127.0.0.1", 5060))  # a SIP port
+    assert not app.dmq_accepts(("127.0.0.2", 5091), "udp", ours)
+    assert not app.dmq_accepts(("127.0.0.3", 5090), "udp", ours)
+    assert not app.dmq_accepts(("not an address", 5090), "udp", ours)
+    single = ProxyApp(_config(tmp_path, cluster={"db_url": DB}))
+    assert not single.dmq_accepts(("127.0.0.2", 5090), "udp", ours)
+
+
+def test_a_replicating_e2m_node_uses_the_shared_schema_even_without_an_archive(tmp_path):
+    """Review 40: the replay claims are in the shared database's schema; a cluster with
+    no [archive] never got them (db init made nothing, the proxy started anyway)."""
+    cluster = {"db_url": DB, **DMQ}
+    on = parse_app_config({"kamailio": LISTEN, "cluster": cluster}, tmp_path / "PROXY.toml")
+    assert on.e2m.enabled and not on.archive.shared and on.shared_schema
+    assert not _config(tmp_path, cluster=cluster).shared_schema        # e2m off: no claims
+    assert not parse_app_config({"kamailio": LISTEN, "cluster": {"db_url": DB}},
+                                tmp_path / "PROXY.toml").shared_schema  # no DMQ: no claims

@@ -187,3 +187,22 @@ def test_fork_slots_while_the_database_is_away_are_the_nodes_own_and_counted():
     assert claims.asked == 1 and flag.is_set()             # one timeout, then the flag
     assert events.counts[CLAIMS_COUNTER] == 2
     assert [lv for lv, _ in lines] == ["warn"]
+
+
+def test_a_database_that_refuses_the_claims_is_an_error_once_a_minute():
+    """Review 40: a table that is not there is not an outage that ends by itself."""
+    claims, lines, flag = _Claims(), [], AwayFlag()
+    node, _ = _node(claims, lines, flag)
+    flag.set(True)
+
+    def refuse() -> None:
+        raise ClaimsUnavailable("UndefinedTable", permanent=True)
+
+    claims.probe = refuse
+    node.tend()
+    node.tend()
+    assert flag.is_set() and [lv for lv, _ in lines] == ["error"]
+    assert "db upgrade" in lines[0][1]
+    node._refused_logged -= 61                          # a minute later
+    node.tend()
+    assert [lv for lv, _ in lines] == ["error", "error"]
