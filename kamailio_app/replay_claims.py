@@ -46,7 +46,11 @@ _CLAIM = ("INSERT INTO replay_claims (name, expires) VALUES (%s, %s) "
           "WHERE replay_claims.expires < %s RETURNING 1")
 _SWEEP = ("DELETE FROM replay_claims WHERE name IN (SELECT name FROM replay_claims "
           "WHERE expires < %s LIMIT %s)")
-_PROBE = "SELECT 1 FROM replay_claims LIMIT 1"
+# a write, as a claim is: a database that reads but cannot write (a standby after a
+# failover, a role without INSERT) keeps the flag up rather than make it flap.
+# The name is no digest (those are hex), so it never stands for a record.
+_PROBE = ("INSERT INTO replay_claims (name, expires) VALUES ('~probe', %s) "
+          "ON CONFLICT (name) DO UPDATE SET expires = EXCLUDED.expires")
 _SWEEP_BATCH = 10000
 _REFUSED_EVERY_S = 60.0
 SHARED_FLAG = "e2m_claims_away"        # $shv, declared in the cfg template (shvset)
@@ -105,7 +109,8 @@ class PgReplayClaims:
         self._db = ProcessConnection(url, connect_timeout=connect_timeout,
                                      statement_timeout_ms=statement_timeout_ms)
         self._errors = (psycopg.Error,)
-        self._refusals = (psycopg.ProgrammingError,)   # UndefinedTable, InsufficientPrivilege
+        # refusals waiting does not mend: no table, no privilege, a read-only standby
+        self._refusals = (psycopg.ProgrammingError, psycopg.errors.ReadOnlySqlTransaction)
         self._clock = clock
 
     def claim(self, name: str, ttl: int) -> bool:
@@ -121,7 +126,7 @@ class PgReplayClaims:
     def probe(self) -> None:
         """Ask the database something cheap; ``ClaimsUnavailable`` when it cannot say."""
         try:
-            self._db.get().execute(_PROBE).fetchall()
+            self._db.get().execute(_PROBE, (self._clock(),))
         except self._errors as exc:
             raise self._unavailable(exc) from None
 

@@ -67,6 +67,25 @@ def test_many_nodes_claiming_at_once_one_wins(claims_db):
     assert len(results) == 240 and results.count(True) == 30
 
 
+def test_a_database_that_reads_but_will_not_keep_claims_fails_the_probe_for_good(pg_url):
+    """The probe writes, as a claim does: a database without the table, or one that
+    only reads (a standby after a failover), keeps the flag up instead of lowering it
+    every 2 s for the next claim to raise again; both are refusals the timer reports."""
+    import psycopg
+    url = PgUrl.parse(pg_url)
+    with pytest.raises(ClaimsUnavailable) as missing:
+        PgReplayClaims(url).probe()
+    assert missing.value.permanent
+    PostgresArchive(url).migrate()
+    PgReplayClaims(url).probe()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        name = conn.execute("SELECT current_database()").fetchone()[0]
+        conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    with pytest.raises(ClaimsUnavailable) as read_only:
+        PgReplayClaims(url).probe()
+    assert read_only.value.permanent
+
+
 def test_an_unreachable_database_raises_claims_unavailable():
     claims = PgReplayClaims(PgUrl.parse("postgres://e2m:pw@127.0.0.1:9/none"), connect_timeout=2)
     with pytest.raises(ClaimsUnavailable):
