@@ -1,0 +1,106 @@
+"""A forty-second attacker's review (December 2026) of a31495c, on a real two-node
+cluster (PostgreSQL, DMQ): review 40's fix, "KDMQ only over UDP, on this node's
+``dmq_address`` socket, from a peer's address and port".
+
+The fix compares ``$Ri:$Rp`` with ``[cluster] dmq_address``.  Nothing keeps that socket
+apart from the SIP listeners: ``[cluster] dmq_address`` may name a ``[kamailio] listen``
+UDP socket, and the launcher is written for it (``launcher._listen_lines``: "the DMQ
+socket when no listener is already on it": no second ``listen=`` line, DMQ's
+``server_address`` is the SIP socket).  Configuration, launcher and proxy start without a
+word (``public_dmq_warning`` speaks only of a globally routable address).  On such a
+node the SIP port *is* the DMQ socket, so review 40's forged UDP KDMQ "to the public SIP
+port" is taken again.
+
+``test_hole_*`` xfail strictly on a31495c; ``test_control_*`` are the same flows without
+the attack (they pass).  The configuration-level test is in
+``tests/unit/test_review42.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from e2m_lab.cluster import Cluster, _node_settings, dmq_peer_active, htable_dump, wait_until
+from e2m_lab.ports import free_port
+from e2m_plugins.sip import parse
+from tests.cluster.test_review40_cluster import _forged, _genuine_kdmq, _raw_sockets, _udp_from
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
+
+
+def _start_sharing(proxy_factory, db_url: str) -> Cluster:
+    """Two nodes whose DMQ socket is their SIP UDP listener: ``dmq_address =
+    sip:127.0.0.1:<the node's SIP port>`` (a layout the config and the launcher take
+    as it is: one port per node, DMQ on it)."""
+    port_a = free_port()
+    port_b = free_port(avoid={port_a})
+    settings = [_node_settings(db_url, port_a, port_b, None),
+                _node_settings(db_url, port_b, port_a, None)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started_a = pool.submit(proxy_factory, "node-a", port=port_a, **settings[0])
+        started_b = pool.submit(proxy_factory, "node-b", port=port_b, **settings[1])
+        a, b = started_a.result(), started_b.result()
+    cluster = Cluster(a, b)
+    wait_until(lambda: all(dmq_peer_active(n) for n in cluster.nodes), 15,
+               "DMQ peers up on both nodes")
+    return cluster
+
+
+@pytest.mark.xfail(strict=True, reason="review 42: a DMQ socket shared with a SIP listener "
+                                       "takes forged KDMQ sent to the public SIP port")
+def test_hole_kdmq_forged_to_a_sip_port_that_is_the_dmq_socket_is_taken(
+        proxy_factory, pg_url, tmp_path):
+    """Attacker: review 40's off-path sender: it can forge a UDP source address and
+    reaches the node's SIP port (phones do), not a private DMQ network.
+
+    Precondition: a cluster whose nodes' ``[cluster] dmq_address`` is their own SIP UDP
+    listener (``listen = ["udp:H:P", ...]``, ``dmq_address = "sip:H:P"``).  Config,
+    ``e2m-proxy`` and Kamailio take it; no warning unless H is a global address (a
+    private LAN that serves phones gets none).
+
+    Attack: KDMQ (a genuine htable replication captured once, renamed to
+    ``probe-shr-ok``) in a UDP datagram from the peer's address and port (its SIP port,
+    which is its DMQ port) to the node's SIP port.
+
+    Effect: ``dmq_accepts`` sees UDP, ``$Ri:$Rp`` == dmq_address and a peer's source: the
+    record is written into ``e2mseen`` (a forged replay record refuses alice's next
+    request; a deletion lets a replay through; through dmq_usrloc a forged registration
+    takes bob's calls).  Review 40's hole, back for this layout.
+
+    Fix: refuse at config load a ``dmq_address`` that is also a ``[kamailio] listen``
+    socket (same address and port, or a wildcard listener on its port), so the DMQ
+    socket is always one only the nodes' network reaches, and drop the launcher's
+    "no listener is already on it" branch."""
+    if not _raw_sockets():
+        pytest.skip("no raw sockets here")
+    cluster = _start_sharing(proxy_factory, pg_url)
+    a, b = cluster.nodes
+    genuine = _genuine_kdmq(cluster, tmp_path)
+    via = f"Via: SIP/2.0/UDP 127.0.0.1:{a.port};branch=z9hG4bK-r42shr"
+    _udp_from(a.port, b.port, _forged(genuine, b"probe-shr-ok", via))
+    time.sleep(0.5)
+    assert "probe-shr-ok" not in htable_dump(b, "e2mseen")
+
+
+def test_control_kdmq_from_a_stranger_to_the_shared_socket_is_refused(proxy_factory, pg_url,
+                                                                      tmp_path):
+    """The same cluster, the same KDMQ from a port that is not a peer's: 403, nothing
+    written; the genuine replication between the nodes works on the shared socket."""
+    cluster = _start_sharing(proxy_factory, pg_url)
+    a, b = cluster.nodes
+    genuine = _genuine_kdmq(cluster, tmp_path)       # A's write reached B: DMQ works
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.1", 0))
+    stranger.settimeout(3)
+    try:
+        via = f"Via: SIP/2.0/UDP 127.0.0.1:{stranger.getsockname()[1]};rport;branch=z9hG4bK-c"
+        stranger.sendto(_forged(genuine, b"probe-ctl-no", via), ("127.0.0.1", b.port))
+        assert parse(stranger.recv(65535)).status == 403
+    finally:
+        stranger.close()
+    time.sleep(0.5)
+    assert "probe-ctl-no" not in htable_dump(b, "e2mseen")
