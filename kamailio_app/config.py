@@ -931,6 +931,28 @@ def _identity_host(data: dict[str, Any]) -> str | None:
     return None
 
 
+_WILDCARDS = ("0.0.0.0", "::", "*")
+
+
+def _dmq_socket_of_its_own(kamailio: KamailioSettings, cluster: ClusterSettings,
+                           problems: list[str]) -> None:
+    """KDMQ is told from SIP by the socket it arrives on (``ProxyApp.dmq_accepts``), so
+    the DMQ socket must be one no SIP listener serves: a shared one would take a
+    stranger's forged UDP KDMQ sent to the SIP port (review 42)."""
+    dmq = cluster.dmq_address
+    if dmq is None:
+        return
+    if dmq.host in _WILDCARDS:
+        problems.append(f"[cluster] dmq_address: {dmq} is a wildcard; give the one address "
+                        "of this node's DMQ socket on the nodes' own network")
+        return
+    for item in kamailio.listen:
+        if item.proto == "udp" and item.port == dmq.port and item.host in (dmq.host, *_WILDCARDS):
+            problems.append(f"[cluster] dmq_address: {dmq} is also served by [kamailio] listen "
+                            f"{item}; DMQ needs a socket of its own (another port), reached "
+                            "by the nodes alone")
+
+
 def parse_app_config(data: dict[str, Any], path: str | Path) -> AppConfig:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
     path = Path(path).resolve()
@@ -944,6 +966,8 @@ def parse_app_config(data: dict[str, Any], path: str | Path) -> AppConfig:
     limits = _limits(data.get("limits"), kamailio, problems)
     certs = _certs(data.get("certs"), e2m, path.parent, problems)
     dispatcher = _dispatcher(data.get("dispatcher"), problems)
+    if kamailio is not None and cluster is not None:
+        _dmq_socket_of_its_own(kamailio, cluster, problems)
     if dispatcher is not None and (e2m.enabled or (kamailio and kamailio.next_hop)):
         problems.append("[dispatcher]: a front routes only ([e2m] enabled = false, no "
                         "[kamailio] next_hop): the nodes behind it read the bodies")

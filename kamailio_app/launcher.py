@@ -158,19 +158,14 @@ def _cluster_aliases(cluster: ClusterSettings | None) -> tuple[str, ...]:
 
 def _listen_lines(config: AppConfig) -> list[str]:
     """``listen=`` lines: [kamailio] listen (advertising the cluster's address, when
-    set), and the DMQ socket when no listener is already on it."""
+    set), and the DMQ socket, always one of its own (the config refuses a shared one)."""
     cluster = config.cluster if config.cluster is not None and config.cluster.replicates \
         else None
     advertise = f" advertise {cluster.advertise}" if cluster and cluster.advertise else ""
-    dmq = cluster.dmq_address if cluster else None
-    lines = []
-    for item in config.kamailio.listen:
-        is_dmq = dmq is not None and item.proto == "udp" and item.host == dmq.host \
-            and item.port == dmq.port
+    lines = [f"listen={item.kamailio()}{advertise}" for item in config.kamailio.listen]
+    if cluster is not None:
         # KDMQ names the node by its own address: never the advertised one
-        lines.append(f"listen={item.kamailio()}" + ("" if is_dmq else advertise))
-    if dmq is not None and not any(line.startswith(f"listen=udp:{_bracket(dmq.host)}:{dmq.port}")
-                                   for line in lines):
+        dmq = cluster.dmq_address
         lines.append(f"listen=udp:{_bracket(dmq.host)}:{dmq.port}")
     return lines
 

@@ -93,12 +93,14 @@ class HtableReplayCache:
             if held is None:
                 if not claim:
                     return None       # slots are taken in order: none further
+                # the cluster's claim outside the slot lock: a slow database must not
+                # hold up other workers whose names share the lock (review 41)
+                if take is not None and not take(name, ttl):
+                    continue          # another node's, on its way here
                 self._backend.lock(name)
                 try:
                     held = self._backend.get(name)
                     if held is None:
-                        if take is not None and not take(name, ttl):
-                            continue  # another node's, on its way here
                         self._backend.set(name, mine, ttl)
                         return slot
                 finally:

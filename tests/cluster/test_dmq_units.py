@@ -54,6 +54,8 @@ def test_dmq_settings_are_read(tmp_path):
     ({"front": "10.0.0.10:5060"}, "dmq_address: is needed"),
     ({**DMQ, "dmq_ping_interval": 4}, "dmq_ping_interval"),      # under DMQ's own floor
     ({**DMQ, "dmq_ping_interval": "5"}, "dmq_ping_interval"),
+    ({**DMQ, "dmq_address": "sip:0.0.0.0:5090"}, "wildcard"),              # review 42
+    ({**DMQ, "dmq_address": "sip:127.0.0.1:5060"}, "socket of its own"),   # the SIP port
 ])
 def test_dmq_mistakes_are_refused(tmp_path, bad, says):
     with pytest.raises(AppConfigError) as caught:

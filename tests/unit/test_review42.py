@@ -8,6 +8,9 @@ port a wildcard SIP listener serves), the launcher renders it without a second
 on it") and ``public_dmq_warning`` speaks only of globally routable addresses.  Then a
 forged UDP KDMQ sent to the SIP port passes ``dmq_accepts``; on real processes it is
 written into the replicated tables (``tests/cluster/test_review42_cluster.py``).
+
+Fixed: the configuration refuses such a ``dmq_address`` (and a wildcard one), and the
+launcher always renders the DMQ socket as a listener of its own.
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ SHARED = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="review 42: dmq_address may be a SIP listener; "
-                                       "forged KDMQ to the SIP port is taken")
 @pytest.mark.parametrize("listen,dmq", SHARED)
 def test_hole_a_dmq_address_that_is_a_sip_listener_is_accepted(tmp_path, listen, dmq):
     """Attacker: review 40's off-path sender that forges a UDP source and reaches the
