@@ -8,7 +8,9 @@ alice's INVITE with an encrypted offer, bob's encrypted answer (read by the node
 the key it kept), the ACK and the BYE, one after the other from one thread
 (``e2m_lab.cluster`` phones).  Reported per configuration: dialogs, the median and
 95th percentile of a dialog's wall time, and (when tcpdump can capture) the KDMQ
-requests and octets that reached node B per dialog.
+requests and octets that reached node B per dialog, and the claims the cluster made
+in its shared database per dialog (replay records and fork slots: one round trip each
+on the request's or response's path).
 
     .venv/bin/python bench/cluster_cost.py --dialogs 40
 
@@ -50,6 +52,14 @@ def _dialogs(node, pki, bob: Bob, count: int) -> list[float]:
         finally:
             alice.close()
     return times
+
+
+def _claims(url: str) -> int:
+    """Rows in ``replay_claims`` (replay records and fork slots claimed by the nodes;
+    each lives longer than the run)."""
+    import psycopg
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM replay_claims WHERE name <> '~probe'").fetchone()[0]
 
 
 def _summary(name: str, times: list[float], kdmq: tuple[int, int] | None) -> dict:
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         starter = ProxyStarter(pki, work / "cluster")
         bob = Bob(pki)
         try:
-            cluster = start_cluster(starter, pg.create_database("cluster"))
+            cluster_db = pg.create_database("cluster")
+            cluster = start_cluster(starter, cluster_db)
             register_bob(cluster.a, bob)
             wait_until(lambda: cluster.b.rpc("ul.lookup", "location", "bob").count("Address"),
                        3, "bob on B")
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             capture = None
             if tcpdump_command() is not None:
                 capture = Capture(work / "dmq.pcap", bpf=f"udp and dst port {dmq_port(cluster.b)}")
+            claims_before = _claims(cluster_db)
             try:
                 times = _dialogs(cluster.a, pki, bob, args.dialogs)
                 time.sleep(0.5)
@@ -114,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 sent = [p for _, _, p in capture.datagrams() if p.startswith(b"KDMQ ")]
                 kdmq = (len(sent), sum(len(p) for p in sent))
             results.append(_summary("two nodes, DMQ replication", times, kdmq))
+            # the shared database's claims (review 37, 39): a round trip each, on the path
+            results[-1]["claims_per_dialog"] = round(
+                (_claims(cluster_db) - claims_before) / len(times), 2)
         finally:
             bob.close()
             starter.stop_all()
