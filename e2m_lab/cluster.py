@@ -32,6 +32,7 @@ from .kamailio_harness import ProxyHandle, RawUas, SipUa, parse_address_uri
 from .ports import free_port
 
 __all__ = ["VIEW", "ADVERTISE", "REPLICATION", "Cluster", "start_cluster", "wait_until",
+           "captured_kdmq", "forged_kdmq",
            "stat", "counters", "dmq_port", "contacts", "htable_dump", "Bob", "register_bob",
            "Alice", "answers"]
 
@@ -61,20 +62,29 @@ def _node_settings(db_url: str, own_dmq: int, peer_dmq: int, front: int | None) 
 
 def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
                   kamailio: dict | None = None, front: int | None = None,
-                  cluster: dict | None = None, **settings_a: Any) -> Cluster:
+                  cluster: dict | None = None, both: dict | None = None,
+                  ports: tuple[int, int] | None = None,
+                  dmq_ports: tuple[int, int] | None = None, **settings_a: Any) -> Cluster:
     """Nodes A and B on ``db_url``, started together; ``kamailio`` and ``cluster``:
-    extra [kamailio] and [cluster] keys for both.  ``front``: the port of the dispatcher front (on
+    extra [kamailio] and [cluster] keys for both; ``both``: more proxy settings for
+    both (``archive=False``).  ``front``: the port of the dispatcher front (on
     127.0.0.1) both nodes sit behind ([cluster] front), else both advertise the
-    floating ``ADVERTISE``.  ``settings_a``: more proxy settings for node A (``auth``
+    floating ``ADVERTISE``.  ``ports``/``dmq_ports``: the nodes' SIP and DMQ ports
+    (free ones by default).  ``settings_a``: more proxy settings for node A (``auth``
     and ``users``: the users go into the shared database once), ``auth`` for B too."""
-    dmq_a = free_port()
-    dmq_b = free_port(avoid={dmq_a})
+    if dmq_ports is None:
+        first = free_port()
+        dmq_ports = (first, free_port(avoid={first}))
+    dmq_a, dmq_b = dmq_ports
     settings = [_node_settings(db_url, dmq_a, dmq_b, front),
                 _node_settings(db_url, dmq_b, dmq_a, front)]
-    for one in settings:
+    for n, one in enumerate(settings):
         if kamailio:
             one["extra"]["kamailio"] = dict(kamailio)
         one["extra"]["cluster"].update(cluster or {})
+        one.update(both or {})
+        if ports is not None:
+            one["port"] = ports[n]
         if settings_a.get("auth"):
             one["auth"] = settings_a["auth"]
     # Both at once: a node started alone waits out its sync gate's
@@ -89,6 +99,38 @@ def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
     wait_until(lambda: all(dmq_peer_active(n) for n in nodes.nodes), 15,
                "DMQ peers up on both nodes")
     return nodes
+
+
+def captured_kdmq(nodes: Cluster, pcap: Any) -> bytes:
+    """A genuine htable replication as it reached B's DMQ socket: A writes
+    ``probe-from-a`` into ``e2mseen`` and the KDMQ carrying it is captured (``pcap``:
+    the capture file's path).  Raises ``LookupError`` when tcpdump cannot capture."""
+    from .capture import Capture, tcpdump_command
+    if tcpdump_command() is None:
+        raise LookupError("tcpdump cannot capture here")
+    a, b = nodes.nodes
+    capture = Capture(pcap, bpf=f"udp and dst port {dmq_port(b)}")
+    try:
+        a.rpc("htable.setxs", "e2mseen", "probe-from-a", "1", "60")
+        wait_until(lambda: htable_dump(b, "e2mseen").get("probe-from-a") == "1", REPLICATION,
+                   "the peer's write on B")
+        time.sleep(0.3)
+    finally:
+        capture.stop()
+    genuine = [p for _, _, p in capture.datagrams()
+               if p.startswith(b"KDMQ ") and b"probe-from-a" in p]
+    if not genuine:
+        raise AssertionError("no KDMQ captured")
+    return genuine[0]
+
+
+def forged_kdmq(genuine: bytes, name: bytes, via: str) -> bytes:
+    """``captured_kdmq``'s message for another record name of the same length (its
+    Content-Length holds), with its own Via and Call-ID."""
+    assert len(name) == len(b"probe-from-a")
+    out = genuine.replace(b"probe-from-a", name)
+    out = re.sub(rb"(?im)^Via:[^\r\n]*", via.encode(), out, count=1)
+    return re.sub(rb"(?im)^(Call-ID:\s*)\S+", rb"\1stranger-" + name, out)
 
 
 def dmq_peer_active(node: ProxyHandle) -> bool:

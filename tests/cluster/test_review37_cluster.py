@@ -61,6 +61,25 @@ def _invites_at_bob(bob, call_id: str, wait: float = 3.0) -> int:
         time.sleep(0.05)
 
 
+def copies_to_both(alice_type, pki, bob, a, b, attempts: int) -> list[str]:
+    """alice's signed INVITE sent to A and B at the same moment, ``attempts`` calls
+    (each node first in turn); the Call-IDs that reached bob twice."""
+    twice = []
+    for attempt in range(attempts):
+        caller = alice_type(pki)
+        try:
+            request = _protected_invite(caller)
+            first, second = (a, b) if attempt % 2 == 0 else (b, a)
+            _send(caller, first, request)
+            _send(caller, second, request)
+            got = _invites_at_bob(bob, caller.call_id, wait=0.8)
+        finally:
+            caller.close()
+        if got > 1:
+            twice.append(caller.call_id)
+    return twice
+
+
 def test_control_a_copy_after_replication_is_a_replay_at_the_other_node(cluster, alice, bob):
     """The same INVITE to B once A's record reached B: 403, bob sees it once."""
     a, b = cluster.nodes
@@ -114,19 +133,8 @@ def test_hole_a_copy_sent_to_both_nodes_at_once_is_relayed_twice(cluster, alice,
     a, b = cluster.nodes
     register_bob(a, bob)
     wait_until(lambda: contacts(b, "bob"), REPLICATION, "bob's registration on B")
-    twice = []
-    for attempt in range(_ATTEMPTS):       # a race: several calls, any one relayed twice
-        caller = type(alice)(alice.pki)
-        try:
-            request = _protected_invite(caller)
-            first, second = (a, b) if attempt % 2 == 0 else (b, a)
-            _send(caller, first, request)
-            _send(caller, second, request)
-            got = _invites_at_bob(bob, caller.call_id, wait=0.8)
-        finally:
-            caller.close()
-        if got > 1:
-            twice.append(caller.call_id)
+    # a race: several calls, any one relayed twice
+    twice = copies_to_both(type(alice), alice.pki, bob, a, b, _ATTEMPTS)
     print(f"\nrelayed twice: {len(twice)} of {_ATTEMPTS} calls")
     assert twice == []
 

@@ -26,25 +26,22 @@ spelling (``ProxyApp.dmq_accepts``).
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import (REPLICATION, Cluster, _node_settings, contacts, dmq_peer_active,
-                             dmq_port, htable_dump, register_bob, start_cluster, stat,
+from e2m_lab.cluster import (REPLICATION, Cluster, captured_kdmq, contacts, dmq_port,
+                             forged_kdmq, htable_dump, register_bob, start_cluster, stat,
                              wait_until)
-from e2m_lab.ports import free_port
 from e2m_plugins.sip import parse
 from kamailio_app.config import load_app_config
 from kamailio_app.pgconn import PgUrl
 from kamailio_app.replay_claims import ClaimsUnavailable, PgReplayClaims
-from tests.cluster.test_review37_cluster import _invites_at_bob, _protected_invite, _send
+from tests.cluster.test_review37_cluster import copies_to_both
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
 
@@ -55,18 +52,7 @@ def _start_without_archive(proxy_factory, db_url: str) -> Cluster:
     """``start_cluster`` with ``archive=False`` on both nodes: [cluster] (DMQ, the
     shared PostgreSQL for users and claims), no [archive].  The harness runs
     ``e2m-proxy db init`` for each node, as the operator does."""
-    dmq_a = free_port()
-    dmq_b = free_port(avoid={dmq_a})
-    settings = [_node_settings(db_url, dmq_a, dmq_b, None),
-                _node_settings(db_url, dmq_b, dmq_a, None)]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started_a = pool.submit(proxy_factory, "node-a", archive=False, **settings[0])
-        started_b = pool.submit(proxy_factory, "node-b", archive=False, **settings[1])
-        a, b = started_a.result(), started_b.result()
-    cluster = Cluster(a, b)
-    wait_until(lambda: all(dmq_peer_active(n) for n in cluster.nodes), 15,
-               "DMQ peers up on both nodes")
-    return cluster
+    return start_cluster(proxy_factory, db_url, both={"archive": False})
 
 
 def _db(config_path, verb: str) -> subprocess.CompletedProcess:
@@ -76,22 +62,8 @@ def _db(config_path, verb: str) -> subprocess.CompletedProcess:
 
 
 def _copies_to_both(alice_type, pki, bob, a, b) -> list[str]:
-    """Review 37's attack: alice's signed INVITE sent to A and B at the same moment,
-    ``_ATTEMPTS`` calls; the Call-IDs that reached bob twice."""
-    twice = []
-    for attempt in range(_ATTEMPTS):
-        caller = alice_type(pki)
-        try:
-            request = _protected_invite(caller)
-            first, second = (a, b) if attempt % 2 == 0 else (b, a)
-            _send(caller, first, request)
-            _send(caller, second, request)
-            got = _invites_at_bob(bob, caller.call_id, wait=0.8)
-        finally:
-            caller.close()
-        if got > 1:
-            twice.append(caller.call_id)
-    return twice
+    """Review 37's attack, ``_ATTEMPTS`` calls: the Call-IDs that reached bob twice."""
+    return copies_to_both(alice_type, pki, bob, a, b, _ATTEMPTS)
 
 
 def test_hole_a_cluster_without_an_archive_has_no_claims_and_relays_a_copy_twice(
@@ -185,33 +157,13 @@ def test_control_a_cluster_with_an_archive_relays_a_copy_once(proxy_factory, pg_
 # --------------------------------------------------------------------------- KDMQ's source check
 
 def _genuine_kdmq(cluster, tmp_path) -> bytes:
-    """A genuine htable replication (A writes ``probe-from-a`` into ``e2mseen``) as it
-    reached B's DMQ socket, captured on the wire (``test_dmq_cluster``'s way)."""
-    from e2m_lab.capture import Capture, tcpdump_command
-    if tcpdump_command() is None:
-        pytest.skip("tcpdump cannot capture here")
-    a, b = cluster.nodes
-    capture = Capture(tmp_path / "dmq.pcap", bpf=f"udp and dst port {dmq_port(b)}")
     try:
-        a.rpc("htable.setxs", "e2mseen", "probe-from-a", "1", "60")
-        wait_until(lambda: htable_dump(b, "e2mseen").get("probe-from-a") == "1", REPLICATION,
-                   "the peer's write on B")
-        time.sleep(0.3)
-    finally:
-        capture.stop()
-    genuine = [p for _, dport, p in capture.datagrams()
-               if p.startswith(b"KDMQ ") and b"probe-from-a" in p]
-    assert genuine, "no KDMQ captured"
-    return genuine[0]
+        return captured_kdmq(cluster, tmp_path / "dmq.pcap")
+    except LookupError as exc:
+        pytest.skip(str(exc))
 
 
-def _forged(genuine: bytes, name: bytes, via: str) -> bytes:
-    """The captured KDMQ for another record name (same length: Content-Length holds),
-    with its own Via and Call-ID."""
-    assert len(name) == len(b"probe-from-a")
-    out = genuine.replace(b"probe-from-a", name)
-    out = re.sub(rb"(?im)^Via:[^\r\n]*", via.encode(), out, count=1)
-    return re.sub(rb"(?im)^(Call-ID:\s*)\S+", rb"\1stranger-" + name, out)
+_forged = forged_kdmq
 
 
 def _udp_from(source_port: int, destination_port: int, payload: bytes) -> None:

@@ -25,11 +25,10 @@ cover the documented layout).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import Cluster, _node_settings, dmq_peer_active, htable_dump, wait_until
+from e2m_lab.cluster import Cluster, htable_dump, start_cluster
 from e2m_lab.ports import free_port
 from tests.cluster.test_review40_cluster import _forged, _genuine_kdmq, _udp_from
 
@@ -38,20 +37,12 @@ pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
 
 def _start_sharing(proxy_factory, db_url: str) -> Cluster:
     """Two nodes whose DMQ socket is their SIP UDP listener: ``dmq_address =
-    sip:127.0.0.1:<the node's SIP port>`` (a layout the config and the launcher take
-    as it is: one port per node, DMQ on it)."""
+    sip:127.0.0.1:<the node's SIP port>`` (a layout the config and the launcher took as
+    it was before the fix: one port per node, DMQ on it)."""
     port_a = free_port()
     port_b = free_port(avoid={port_a})
-    settings = [_node_settings(db_url, port_a, port_b, None),
-                _node_settings(db_url, port_b, port_a, None)]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started_a = pool.submit(proxy_factory, "node-a", port=port_a, **settings[0])
-        started_b = pool.submit(proxy_factory, "node-b", port=port_b, **settings[1])
-        a, b = started_a.result(), started_b.result()
-    cluster = Cluster(a, b)
-    wait_until(lambda: all(dmq_peer_active(n) for n in cluster.nodes), 15,
-               "DMQ peers up on both nodes")
-    return cluster
+    return start_cluster(proxy_factory, db_url, ports=(port_a, port_b),
+                         dmq_ports=(port_a, port_b))
 
 
 def test_hole_kdmq_forged_to_a_sip_port_that_is_the_dmq_socket_is_taken(
