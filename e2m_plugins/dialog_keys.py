@@ -138,7 +138,8 @@ class DialogKeys:
                         offered_in=message.cseq if message.is_request else None,
                         parties=dialog_parties(message))
         with self._lock:
-            return self._keep(message, key)
+            return self._keep(message, key, message.to_tag if message.is_request
+                              else message.from_tag)
 
     def keep_received(self, message: SipMessage, reference: bytes, cek: bytes, *,
                       readers: frozenset[str] | None) -> DialogKey | None:
@@ -158,7 +159,8 @@ class DialogKeys:
                         parties=dialog_parties(message),
                         received_in=message.cseq if message.is_request else None)
         with self._lock:
-            return self._keep(message, key)
+            return self._keep(message, key, message.from_tag if message.is_request
+                              else message.to_tag)
 
     # -- confirmation, retirement and the end of a dialog ----------------------------
 
@@ -285,9 +287,12 @@ class DialogKeys:
     def opening_lookup(self, message: SipMessage) -> KekLookup:
         """The KEKs of the dialog's usable keys, found by kekri identifier (the
         CEKReference); each lookup that finds one counts a use (the count covers
-        both directions of the dialog)."""
+        both directions of the dialog).  Keys we offered open before the peer has
+        confirmed them: confirmation guards what we *send* (a body under a key the
+        peer may not hold); the peer may seal its early bodies (a reliable 183, an
+        early UPDATE) under our INVITE's key as soon as it has it (review 43)."""
         with self._lock:
-            kept = {key.reference: key for key in self._usable(message)}
+            kept = {key.reference: key for key in self._usable(message, opening=True)}
 
         def kek_for(reference: bytes) -> bytes | None:
             key = kept.get(reference)
@@ -313,12 +318,12 @@ class DialogKeys:
         return [k for slot in self._slots_of(message) for k in self._slots.get(slot, [])
                 if k.parties == parties]
 
-    def _usable(self, message: SipMessage) -> list[DialogKey]:
+    def _usable(self, message: SipMessage, opening: bool = False) -> list[DialogKey]:
         now = self._clock()
         found: list[DialogKey] = []
         for key in self._all(message):
-            if key not in found and key.confirmed and now - key.created < self._max_age \
-                    and key.uses < self._max_uses:
+            if key not in found and (key.confirmed or opening) \
+                    and now - key.created < self._max_age and key.uses < self._max_uses:
                 found.append(key)
         return found
 
@@ -329,8 +334,15 @@ class DialogKeys:
         shared = [k for k in keys if "?" not in k.readers]
         return max(shared, key=lambda k: len(k.readers), default=None)
 
-    def _keep(self, message: SipMessage, key: DialogKey) -> DialogKey | None:
+    def _keep(self, message: SipMessage, key: DialogKey, peer_tag: str | None) -> DialogKey | None:
+        # The peer's tag first: every fork of our INVITE shares our own tag, so a key
+        # one fork offers (a 183 from another device) kept under it would be found in
+        # the dialog that answered and sealed our next body for the wrong device
+        # (review 43).  Our tag alone is the slot of the dialog-creating request.
         slots = self._slots_of(message)
+        if peer_tag:
+            preferred = (message.call_id, peer_tag.lower())
+            slots.sort(key=lambda s: s != preferred)
         # A slot belongs to the parties of its keys: a third party who read the dialog's
         # ids must not push the pair's keys out (8 a slot) nor sit beside them.  Keys go
         # in the first slot that is free or the pair's (a squatted one is passed over).

@@ -2,7 +2,7 @@
 socket (its outbound proxy's seat) that answers as bob's E2M UA would (the phone's own
 engine, ``UAEngine``, with bob's credentials).
 
-``test_hole_*``: strict xfail on e492040 (``tests/unit/test_review43.py`` has the engine's
+``test_hole_*``: strict xfail on e492040, passing since the fix (``tests/unit/test_review43.py`` has the engine's
 side and the fix); ``test_control_*``: the same flow without the cause.
 """
 
@@ -115,8 +115,6 @@ def test_control_a_183_sealed_to_alices_certificate_is_taken(not_reusing):
     assert _refused_183s(alice, bob, reused=False) == []
 
 
-@pytest.mark.xfail(strict=True, reason="review 43: the phone cannot open a 183 under its own "
-                   "offer key before the 2xx")
 def test_hole_the_callees_183_under_alices_offer_key_is_refused_by_her_phone(reusing):
     """Attacker: none needed (a callee's E2M UA that follows docs/protocol.md §2 and
     rings with early media: "keys received from the peer are usable at once").
