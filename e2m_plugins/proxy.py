@@ -599,9 +599,13 @@ class ProxyEngine:
                       for m in media_summary(p.content))
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers):
-            if opened and self._invite_2xx(message):
+            if opened and self._invite_2xx(message) and (
+                    looked_up or offers or any(c is not None for c in contexts)):
                 # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
-                # moves and keeps nothing: the caller's own requests then move her key
+                # moves and keeps nothing: the caller's own requests then move her key.
+                # Not for a body nothing vouches for and no key touches (a stranger's
+                # plaintext stray 2xx): on a cluster each slot is a database claim
+                # (review 44), and such a 2xx comes from no UA that could reuse a key.
                 self._fork(message, contexts, message.from_tag, message.to_tag or "")
             self._spend(message, opened, contexts, looked_up, keeper)
             kept.extend(self._keep_keys(message, opened, contexts, keeper))

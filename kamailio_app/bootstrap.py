@@ -27,7 +27,7 @@ from .archive_spool import ArchiveEvents, answer_share
 from .archive_store import open_archive, open_shared
 from .replay_claims import ClaimedReplayCache, KsrAwayFlag, replay_claims
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
-from .config import AppConfig, load_app_config
+from .config import AppConfig, canonical_ip, load_app_config
 from .dialog_route import RouteTokens
 from .keycache_htable import HtableKeyCache, KsrHtable
 
@@ -210,16 +210,6 @@ def _resolved(names: list[tuple[str, int]]) -> frozenset[tuple[str, int]]:
             continue          # unknown now: such a peer is not let in
         out.update((canonical_ip(str(info[4][0])), port) for info in infos)
     return frozenset(out)
-
-
-def canonical_ip(text: str) -> str:
-    """One spelling per address (IPv6 compressed, lower case, no brackets), so Kamailio's
-    ``$si`` and a resolved peer compare equal; "" when ``text`` is not an address."""
-    import ipaddress
-    try:
-        return ipaddress.ip_address(text.strip("[]")).compressed
-    except ValueError:
-        return ""
 
 
 @dataclass

@@ -217,7 +217,8 @@ def parse_dmq_uri(text: str) -> DmqUri | None:
     match = _DMQ_URI.fullmatch(text.strip()) if isinstance(text, str) else None
     if not match or not 0 < int(match.group(2)) < 65536:
         return None
-    return DmqUri(match.group(1).strip("[]").lower(), int(match.group(2)))
+    host = match.group(1).strip("[]").lower()
+    return DmqUri(canonical_ip(host) or host, int(match.group(2)))
 
 
 @dataclass(frozen=True)
@@ -934,6 +935,16 @@ def _identity_host(data: dict[str, Any]) -> str | None:
 _WILDCARDS = ("0.0.0.0", "::", "*")
 
 
+def canonical_ip(text: str) -> str:
+    """One spelling per address (IPv6 compressed, lower case, no brackets), so Kamailio's
+    ``$si``, a resolved peer and a configured address compare equal; "" when ``text``
+    is not an address."""
+    try:
+        return ipaddress.ip_address(text.strip("[]")).compressed
+    except ValueError:
+        return ""
+
+
 def _dmq_socket_of_its_own(kamailio: KamailioSettings, cluster: ClusterSettings,
                            problems: list[str]) -> None:
     """KDMQ is told from SIP by the socket it arrives on (``ProxyApp.dmq_accepts``), so
@@ -942,12 +953,19 @@ def _dmq_socket_of_its_own(kamailio: KamailioSettings, cluster: ClusterSettings,
     dmq = cluster.dmq_address
     if dmq is None:
         return
-    if dmq.host in _WILDCARDS:
+    host = canonical_ip(dmq.host)
+    if not host:
+        # as a listen address: names need DNS, which the cfg switches off, and one
+        # spelling is what tells the socket from the SIP listeners (review 44)
+        problems.append(f"[cluster] dmq_address: {dmq} must name an IP address (this "
+                        "node's DMQ socket)")
+        return
+    if host in _WILDCARDS:
         problems.append(f"[cluster] dmq_address: {dmq} is a wildcard; give the one address "
                         "of this node's DMQ socket on the nodes' own network")
         return
     for item in kamailio.listen:
-        if item.proto == "udp" and item.port == dmq.port and item.host in (dmq.host, *_WILDCARDS):
+        if item.proto == "udp" and item.port == dmq.port and item.host in (host, *_WILDCARDS):
             problems.append(f"[cluster] dmq_address: {dmq} is also served by [kamailio] listen "
                             f"{item}; DMQ needs a socket of its own (another port), reached "
                             "by the nodes alone")

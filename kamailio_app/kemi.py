@@ -56,8 +56,8 @@ from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
-from kamailio_app.bootstrap import (  # noqa: E402
-    ProxyApp, as_utf8, canonical_ip, public_dmq_warning)
+from kamailio_app.bootstrap import ProxyApp, as_utf8, public_dmq_warning  # noqa: E402
+from kamailio_app.config import canonical_ip  # noqa: E402
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402

@@ -22,6 +22,11 @@ replicate, and take the forged KDMQ (``tests/cluster/test_review44_cluster.py``)
 (A host name, ``sip:localhost:P`` for a ``udp:127.0.0.1:P`` listener, also passes the
 check and ``dmq_accepts``, but there Kamailio's DMQ refuses to start: "server_uri is not
 a socket the proxy is listening on"; it held, with Kamailio's message, not ours.)
+
+Fixed: a stray INVITE 2xx takes a fork slot only when a key or a signed context touches
+it (``ProxyEngine._view``): a stranger's plaintext one claims nothing.  ``dmq_address``
+must name an IP address, kept in one spelling (``config.canonical_ip``), and is compared
+with the listeners in that spelling.
 """
 
 from __future__ import annotations
@@ -67,8 +72,6 @@ def _stray_plain_200(world, n: int):
 
 # --------------------------------------------------------------------------- hole 1
 
-@pytest.mark.xfail(strict=True, reason="review 44: a stranger's unsigned stray 2xx claims a "
-                                       "fork slot in the shared database, one row per Call-ID")
 def test_hole_a_strangers_unsigned_stray_200s_each_claim_a_fork_slot_in_the_database(world):
     """Attacker: a stranger (no certificate, no account, not on any path) who can send
     UDP to a node's public SIP port, as any phone can.
@@ -132,8 +135,6 @@ SPELLINGS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="review 44: a dmq_address naming a SIP listener in "
-                                       "another spelling passes review 42's check")
 @pytest.mark.parametrize("listen,dmq,sip_socket", SPELLINGS)
 def test_hole_a_dmq_address_spelled_otherwise_than_the_sip_listener_is_accepted(
         tmp_path, listen, dmq, sip_socket):
@@ -177,9 +178,9 @@ def test_control_the_same_spelling_as_the_listener_is_refused(tmp_path, listen, 
         _config(tmp_path, listen, dmq)
 
 
-def test_control_a_dmq_name_on_a_port_of_its_own_is_taken_and_keeps_sip_out(tmp_path):
-    """A host name on a DMQ port of its own is fine: KDMQ on the SIP port is refused."""
-    config = _config(tmp_path, ["udp:127.0.0.1:5060"], "sip:localhost:5090")
-    app = ProxyApp(config)
-    assert not app.dmq_accepts(("10.0.0.12", 5090), "udp", ("127.0.0.1", 5060))
-    assert app.dmq_accepts(("10.0.0.12", 5090), "udp", ("127.0.0.1", 5090))
+def test_control_a_dmq_name_on_a_port_of_its_own_is_refused_as_a_listen_name_is(tmp_path):
+    """Before the fix a host name on a DMQ port of its own was taken (and kept the SIP
+    port out); a name is not compared with the listeners, so ``dmq_address`` now names
+    an IP address, as ``listen`` does."""
+    with pytest.raises(AppConfigError, match="must name an IP address"):
+        _config(tmp_path, ["udp:127.0.0.1:5060"], "sip:localhost:5090")
