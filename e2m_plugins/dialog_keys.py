@@ -27,13 +27,15 @@ CEK reversed) and opened with it.  The rules (docs/protocol.md §2):
   keys go at BYE or a failed INVITE (``end_dialog``), or when the
   application gives the call up (``forget_call``).
 
-Keys live under (Call-ID, tag) slots: the dialog-creating request has only
-the UAC's tag, and keys stored under it are found again from either side
-once the To tag exists.  A key never leaves its dialog, and a dialog is its
-Call-ID and tags *and its two parties* (the From and To AoRs): anyone who has
-read the ids off the wire can put them on a message of its own, signed as
-itself, so a key is found, kept, confirmed or dropped only by a message
-between the same two AoRs, and a slot belongs to the parties of its first key.
+Keys live under (Call-ID, tag, parties) slots: the dialog-creating request has
+only the UAC's tag, and keys stored under it are found again from either side
+once the To tag exists.  Every later key goes under the *peer's* tag, since all
+forks of an INVITE share the caller's (review 43).  A key never leaves its
+dialog, and a dialog is its Call-ID and tags *and its two parties* (the From and
+To AoRs): anyone who has read the ids off the wire can put them on a message of
+its own, signed as itself, so the parties are part of every slot's name and a
+key is found, kept, confirmed or dropped only by a message between the same two
+AoRs (a third party's call under the same ids has slots of its own: review 45).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ MAX_DIALOGS = 4096               # bound on (Call-ID, tag) slots with kept CEKs
 MAX_KEYS_PER_DIALOG = 8          # bound on keys kept in one slot (the newest stay)
 _SWEEP_EVERY = 256               # keeps between sweeps of aged-out slots
 
-Slot = tuple[str, str]           # (Call-ID, lower-cased tag)
+Slot = tuple[str, str, frozenset[str]]   # (Call-ID, lower-cased tag, the two AoRs)
 
 
 def dialog_parties(message: SipMessage) -> frozenset[str]:
@@ -177,17 +179,14 @@ class DialogKeys:
         if message.is_request and not message.to_tag:
             return
         answers = None if message.is_request else message.cseq
-        parties = dialog_parties(message)
         with self._lock:
             for slot in self._slots_of(message):
                 bucket = self._slots.get(slot, [])
                 if not message.is_request and status >= 300:
-                    bucket[:] = [k for k in bucket if k.confirmed or k.parties != parties
-                                 or k.offered_in != answers]
+                    bucket[:] = [k for k in bucket if k.confirmed or k.offered_in != answers]
                 elif message.is_request or 200 <= status < 300:
                     for key in bucket:
-                        if key.parties == parties and (key.offered_in is None
-                                                       or key.offered_in == answers):
+                        if key.offered_in is None or key.offered_in == answers:
                             key.confirmed = True
 
     def answered(self, response: SipMessage) -> None:
@@ -198,16 +197,14 @@ class DialogKeys:
         if status < 200:
             return
         request = response.cseq
-        parties = dialog_parties(response)
         with self._lock:
             for slot in self._slots_of(response):
                 bucket = self._slots.get(slot, [])
                 if status >= 300:
-                    bucket[:] = [k for k in bucket
-                                 if k.received_in != request or k.parties != parties]
+                    bucket[:] = [k for k in bucket if k.received_in != request]
                 else:
                     for key in bucket:
-                        if key.received_in == request and key.parties == parties:
+                        if key.received_in == request:
                             key.received_in = None
 
     def retire_dialog(self, message: SipMessage) -> None:
@@ -230,17 +227,18 @@ class DialogKeys:
                 if name in {host_key(r) for r in key.readers if r != "?"}:
                     key.retired = True
 
-    def end_dialog(self, message: SipMessage) -> None:
+    def end_dialog(self, message: SipMessage, *, peer_tag: str | None = None) -> None:
         """BYE (sent or received), or a failed INVITE: the dialog's keys go (the keys of
-        its two parties: a third who names the dialog's ids ends nothing)."""
-        parties = dialog_parties(message)
+        its two parties: a third who names the dialog's ids ends nothing).  ``peer_tag``:
+        only the keys under the peer's tag go, not the INVITE's own under ours, which
+        every fork of it shares (a BYE to another fork than the one that answered, or
+        one we got and may refuse: review 45)."""
         with self._lock:
             for slot in self._slots_of(message):
-                bucket = self._slots.get(slot)
-                if bucket is not None:
-                    bucket[:] = [k for k in bucket if k.parties != parties]
-                    if not bucket:
-                        del self._slots[slot]
+                if peer_tag is not None and slot[1] != peer_tag.lower():
+                    continue
+                if slot in self._slots:
+                    del self._slots[slot]
 
     def forget_call(self, call_id: str) -> None:
         """Every key of ``call_id`` goes (the call ended without a message we saw)."""
@@ -308,15 +306,15 @@ class DialogKeys:
 
     @staticmethod
     def _slots_of(message: SipMessage) -> list[Slot]:
-        """Where a dialog's keys live: Call-ID plus each tag of the dialog."""
+        """Where a dialog's keys live: Call-ID plus each tag of the dialog, and its
+        two parties."""
+        parties = dialog_parties(message)
         tags = [t for t in (message.from_tag, message.to_tag) if t]
-        return [(message.call_id, t.lower()) for t in tags]
+        return [(message.call_id, t.lower(), parties) for t in tags]
 
     def _all(self, message: SipMessage) -> list[DialogKey]:
-        """The keys of ``message``'s dialog: its slots, and the same two parties."""
-        parties = dialog_parties(message)
-        return [k for slot in self._slots_of(message) for k in self._slots.get(slot, [])
-                if k.parties == parties]
+        """The keys of ``message``'s dialog: its slots (its two parties')."""
+        return [k for slot in self._slots_of(message) for k in self._slots.get(slot, [])]
 
     def _usable(self, message: SipMessage, opening: bool = False) -> list[DialogKey]:
         now = self._clock()
@@ -325,6 +323,7 @@ class DialogKeys:
             if key not in found and (key.confirmed or opening) \
                     and now - key.created < self._max_age and key.uses < self._max_uses:
                 found.append(key)
+        found.sort(key=lambda k: k.created)   # oldest first across both slots (stable)
         return found
 
     def _reusable(self, message: SipMessage, exclusive: bool) -> DialogKey | None:
@@ -335,21 +334,15 @@ class DialogKeys:
         return max(shared, key=lambda k: len(k.readers), default=None)
 
     def _keep(self, message: SipMessage, key: DialogKey, peer_tag: str | None) -> DialogKey | None:
-        # The peer's tag first: every fork of our INVITE shares our own tag, so a key
-        # one fork offers (a 183 from another device) kept under it would be found in
-        # the dialog that answered and sealed our next body for the wrong device
-        # (review 43).  Our tag alone is the slot of the dialog-creating request.
+        # Under the peer's tag when the message has it: every fork of our INVITE shares
+        # our own tag, so a key one fork offers (a 183 from another device) kept under
+        # it would be found in the dialog that answered and seal our next body for the
+        # wrong device (review 43).  Our tag alone is the slot of the dialog-creating
+        # request.  The slot names the parties, so no third party can hold it (45).
         slots = self._slots_of(message)
-        if peer_tag:
-            preferred = (message.call_id, peer_tag.lower())
-            slots.sort(key=lambda s: s != preferred)
-        # A slot belongs to the parties of its keys: a third party who read the dialog's
-        # ids must not push the pair's keys out (8 a slot) nor sit beside them.  Keys go
-        # in the first slot that is free or the pair's (a squatted one is passed over).
-        slot = next((s for s in slots if not self._slots.get(s)
-                     or self._slots[s][0].parties == key.parties), None)
-        if slot is None:
+        if not slots:
             return None
+        slot = next((s for s in slots if peer_tag and s[1] == peer_tag.lower()), slots[0])
         self._keeps += 1
         if self._keeps % _SWEEP_EVERY == 0:  # now and then, not on every message: O(dialogs)
             now = self._clock()

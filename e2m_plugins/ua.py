@@ -653,7 +653,7 @@ class UAEngine:
     def _protect(self, message: SipMessage) -> Protected:
         method = message.method
         if message.is_request and method == "BYE":
-            self._end_dialog(message)
+            self._end_dialog(message, sent=True)
         part = message_body(message)
         if part is None or has_protection(part) or not self._protectable(message, part):
             if part is not None:
@@ -804,9 +804,9 @@ class UAEngine:
         self._check_parties(message)
         self._note_confirmed(message, sent=False)
         if message.is_request and method == "BYE":
-            self._end_dialog(message)
+            self._end_dialog(message, sent=False)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
-            self._end_dialog(message)
+            self._end_dialog(message, sent=False)
             self._forget_parties(message, sent=False)
         self._settle(message)
         part = message_body(message)
@@ -914,8 +914,19 @@ class UAEngine:
         in_dialog = sent[2]
         return not in_dialog or status in (408, 481)
 
-    def _end_dialog(self, message: SipMessage) -> None:
-        """The dialog (or the INVITE attempt) is over: its keys and its policies go."""
+    def _end_dialog(self, message: SipMessage, *, sent: bool) -> None:
+        """The dialog (or the INVITE attempt) is over: its keys and its policies go.  A
+        BYE takes the keys under our own tag (the INVITE's, which every fork shares) and
+        the call's policies only when it ends the dialog the INVITE's first 2xx made and
+        we sent it or that dialog is known: a BYE to another fork, or one we get before
+        pjsip has accepted it (a hop's, answered 481), ends only its own (review 45)."""
+        if message.method == "BYE":
+            local = self._local_tag(message, sent=sent)
+            remote = message.to_tag if message.is_request == sent else message.from_tag
+            confirmed = self._confirmed.get(local) if local else None
+            if (remote or "").lower() != confirmed and not (sent and confirmed is None):
+                self.dialog_keys.end_dialog(message, peer_tag=remote or "")
+                return
         self.dialog_keys.end_dialog(message)
         self.policies.end_call(message.call_id)
 

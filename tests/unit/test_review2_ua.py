@@ -196,7 +196,8 @@ def test_hole_dialog_keys_of_a_dialog_belong_to_its_two_parties():
     # bob's own key offered in his request is kept beside the dialog's first one
     mine = msg(bob, alice, cseq=30, from_tag="b1", to_tag="a1")
     assert keys.keep_received(mine, b"\x30" * 16, b"\x33" * 16, readers=frozenset())
-    assert len(keys.usable(ok)) == 2 and keys.usable(mine) == keys.usable(ok)
+    assert len(keys.usable(ok)) == 2
+    assert {k.reference for k in keys.usable(mine)} == {k.reference for k in keys.usable(ok)}
     keys.end_dialog(msg(carol, alice, cseq=20, from_tag="b1", to_tag="a1"))
     assert keys.usable(ok)
     keys.end_dialog(msg(bob, alice, cseq=21, from_tag="b1", to_tag="a1"))
