@@ -90,7 +90,7 @@ class _FirstSighting:
             context, branch, retransmissions=retransmissions, to_tag=to_tag)
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
-                   claim: bool = True) -> int | None:
+                   claim: bool = True, shared: bool = True) -> int | None:
         return 0 if limit > 0 and claim else None
 
 

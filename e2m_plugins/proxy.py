@@ -412,8 +412,9 @@ class ProxyEngine:
     def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
         """False when ``inspect`` of this response would do nothing at all: nothing to
         view (a 200 to MESSAGE, a 180 without SDP, a failure: it drops no key).  A host
-        may then forward it unread."""
-        return has_body
+        may then forward it unread.  An INVITE's 2xx is always read: without a body
+        (the answer went in a reliable 183) it still confirms its dialog's fork."""
+        return has_body or (method == "INVITE" and 200 <= status < 300)
 
     @staticmethod
     def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:
@@ -568,6 +569,9 @@ class ProxyEngine:
         if body is None:
             if label is not None and label.cids:
                 raise MalformedError("Proxy-Required-Body names a part but there is no body")
+            if self._invite_2xx(message):
+                # the answer went in a reliable 183: this 2xx still confirms its dialog
+                self._confirm_fork(message, [])
             return (), ()
         if label is None and not self._rules_apply(method):
             return (), ()  # not for us: forward untouched, unread
@@ -599,14 +603,8 @@ class ProxyEngine:
                       for m in media_summary(p.content))
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers):
-            if opened and self._invite_2xx(message) and (
-                    looked_up or offers or any(c is not None for c in contexts)):
-                # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
-                # moves and keeps nothing: the caller's own requests then move her key.
-                # Not for a body nothing vouches for and no key touches (a stranger's
-                # plaintext stray 2xx): on a cluster each slot is a database claim
-                # (review 44), and such a 2xx comes from no UA that could reuse a key.
-                self._fork(message, contexts, message.from_tag, message.to_tag or "")
+            if opened and self._invite_2xx(message):
+                self._confirm_fork(message, contexts)
             self._spend(message, opened, contexts, looked_up, keeper)
             kept.extend(self._keep_keys(message, opened, contexts, keeper))
         return seen, media
@@ -656,6 +654,21 @@ class ProxyEngine:
             return False
         return True
 
+    def _confirm_fork(self, message: SipMessage, contexts: Sequence[SipContext | None]) -> None:
+        """The dialog an INVITE's 2xx confirms takes its fork even when the 2xx moves
+        and keeps nothing (a plaintext answer, or none after a reliable 183): the
+        caller's own requests then move her key for the dialog's life.  Only when the
+        early dialog holds a key: otherwise there is nothing to move, and a stranger's
+        stray 2xx would take slots, on a cluster a database row each (reviews 44, 46)."""
+        if self._early_keyed(message):
+            self._fork(message, contexts, message.from_tag, message.to_tag or "")
+
+    def _early_keyed(self, message: SipMessage) -> bool:
+        """Whether a key is kept in the early dialog ``message`` grew from (one read)."""
+        scope = message_scope(message)
+        return isinstance(scope, DialogScope) and any(
+            self.cache.holds(early) for early in scope.early_scopes())
+
     def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,
               other: str, *, claim: bool = True) -> int | None:
         """Which dialog grown from the early dialog (Call-ID, tag ``early``, between the
@@ -669,9 +682,13 @@ class ProxyEngine:
         # bound to the dialog's parties, as kept names are: a third party who learnt the
         # Call-ID and tag (a call forwarded from her) cannot use the slots up
         first, second = dialog_parties(message)
+        # claimed across a cluster only when a key or a signature is at stake: an
+        # unsigned key offered into an early dialog nobody keyed (a legacy sender's,
+        # or a stranger's) is the node's own business (review 46)
+        shared = any(c is not None for c in contexts) or self._early_keyed(message)
         return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}\n{first}\n{second}",
                                       other.lower(), MAX_FORKS, made=_made(contexts),
-                                      claim=claim)
+                                      claim=claim, shared=shared)
 
     def _first_tag(self, message: SipMessage, contexts: list[SipContext | None]) -> int:
         """0 for the first To tag one response (its signed context) is seen with, 1 for

@@ -53,14 +53,17 @@ class ReplayCache(Protocol):
         ``to_tag``: a response's, part of what is recorded (``replay_key``)."""
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
-                   claim: bool = True) -> int | None:
+                   claim: bool = True, shared: bool = True) -> int | None:
         """Which of the first ``limit`` dialogs grown from the early dialog ``early``
         (Call-ID and the tag it began with) the one with the other tag ``tag`` is,
         recorded on its first sighting (``claim``; else only looked up); None when
         ``limit`` others came first, or, not claiming, when ``tag`` holds none.  Kept
         while the message asking (its body ``made`` then) could pass the time check:
         the later of now and ``made``, plus the window and a transaction's lifetime
-        (the early dialog's keys live ``EARLY_DIALOG_TTL``, less than that)."""
+        (the early dialog's keys live ``EARLY_DIALOG_TTL``, less than that).
+        ``shared``: a new slot may be claimed across the readers that share this cache
+        (a cluster's database); False keeps the decision local (nothing kept or signed
+        is at stake, so a stranger's message costs no shared write)."""
 
 
 class MemoryReplayCache:
@@ -113,7 +116,7 @@ class MemoryReplayCache:
                 self._floor = max(self._floor, made)
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
-                   claim: bool = True) -> int | None:
+                   claim: bool = True, shared: bool = True) -> int | None:
         now = self._clock()
         until = max(now, made or now) + self.window + TRANSACTION_LIFETIME
         # digests, as replay keys are: a Call-ID, tag or AoR may be kilobytes long

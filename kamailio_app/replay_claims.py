@@ -205,12 +205,14 @@ class ClaimedReplayCache:
                                  "table decides")
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
-                   claim: bool = True) -> int | None:
+                   claim: bool = True, shared: bool = True) -> int | None:
         """The node's slots, each free one claimed in the database before it is taken:
         answers sent to two nodes at once no longer get the fork limit at each (review
-        39).  A tag already holding a slot here is found with reads alone."""
+        39).  A tag already holding a slot here is found with reads alone.  Not
+        ``shared``: the node's own slots alone (review 46: a stranger's unsigned 2xx into
+        an early dialog nobody keyed wrote a row per datagram)."""
         return self.local.admit_fork(early, tag, limit, made=made, claim=claim,
-                                     take=self._claim_slot)
+                                     take=self._claim_slot if shared else None)
 
     def _claim_slot(self, name: str, ttl: int) -> bool:
         if self.away.is_set():

@@ -66,7 +66,8 @@ class HtableReplayCache:
         return "r" + context.replay_key(to_tag), int(ahead + self.window + TRANSACTION_LIFETIME) + 1
 
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
-                   claim: bool = True, take: Callable[[str, int], bool] | None = None) -> int | None:
+                   claim: bool = True, shared: bool = True,
+                   take: Callable[[str, int], bool] | None = None) -> int | None:
         """``ReplayCache.admit_fork``.  ``take(name, ttl)``, when given, is asked before
         a free slot is taken (a cluster's claim, ``replay_claims``): False means another
         node holds that slot, not yet replicated here, so the next one is tried and the

@@ -4,6 +4,8 @@ that offers its CEK, claim a fork slot each in the shared ``replay_claims`` (rev
 hole through the legacy door; ``tests/unit/test_review46.py`` hole 3 at the engine).
 
 ``test_hole_*`` xfail strictly on 1438a99; ``test_control_*`` pass.
+
+Fixed: see ``tests/unit/test_review46.py``.
 """
 
 from __future__ import annotations
@@ -88,8 +90,6 @@ def _spray(pki, entity, node_port: int) -> None:
         sink.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 46 hole 3: with legacy_peers a stranger's "
-                                       "unsigned key-offering stray 2xx claims a fork slot each")
 def test_hole_strangers_legacy_stray_200s_fill_the_claims_table(proxy_factory, pg_url, pki):
     """Attacker: a stranger who can send UDP to a node's SIP port (no certificate, no
     account, no dialog, no forged source), on a cluster with ``[policy] legacy_peers``.

@@ -29,6 +29,13 @@ once, put in every datagram: it binds nothing of the message), "offers" a key, s
 ``_view`` calls ``_fork`` and ``_keep_keys`` keeps the key: one ``replay_claims``
 INSERT (and row) per made-up Call-ID, and one key-cache entry, at the stranger's packet
 rate.  ``tests/cluster/test_review46_cluster.py`` shows it on a real cluster.
+
+Fixed: an INVITE 2xx takes its fork slot whenever the early dialog holds a kept key
+(``ProxyEngine._confirm_fork``), with a plaintext body or none (an INVITE 2xx is always
+read now), and never otherwise; a slot is claimed across a cluster only when a signed
+context or a kept key is at stake (``admit_fork(shared=...)``), so a legacy-style
+unsigned key offered into an early dialog nobody keyed is the node's own business.  A
+control that showed hole 1's mechanism (the key a later fork's copy) went with it.
 """
 
 from __future__ import annotations
@@ -122,8 +129,6 @@ def _reliable_183_then_bare_200(call: _Call) -> tuple[SipMessage, SipMessage]:
 
 # --------------------------------------------------------------------------- hole 1
 
-@pytest.mark.xfail(strict=True, reason="review 46 hole 1: a plaintext INVITE 2xx takes no "
-                                       "fork slot (1438a99), so the caller's key is kept 200 s")
 def test_hole_plaintext_200_leaves_the_callers_key_200_s_and_her_refresh_gets_496(world):
     """Attacker: none (a legitimate call, review 44's fix), or anyone who makes the
     answer come in the clear.
@@ -163,21 +168,8 @@ def test_control_a_protected_200_keeps_the_key_for_life_and_the_refresh_passes(w
     assert call.refresh_after_a_while().action == "forward"
 
 
-def test_control_after_the_plaintext_200_the_key_is_a_later_forks_copy(world):
-    """How hole 1 comes about: the dialog's copy of alice's key after her first
-    re-INVITE is a later fork's (shared keeper, 200 s)."""
-    call = _Call(world, "r46-plain-how@x", require_e2m=False)
-    call.response(_plaintext_200(call))
-    assert call.reinvite(2).action == "forward"
-    copy = call.dialog_copy()
-    assert copy is not None and copy.keeper == LATER_FORK_KEEPER
-    assert copy.expires - call.now[0] == EARLY_DIALOG_TTL
-
-
 # --------------------------------------------------------------------------- hole 2
 
-@pytest.mark.xfail(strict=True, reason="review 46 hole 2: a body-less INVITE 2xx (the answer "
-                                       "in a reliable 183) takes no fork slot")
 def test_hole_answer_in_a_reliable_183_then_bare_200_refresh_gets_496(world):
     """Attacker: none (a legitimate call between two E2M phones, every setting at its
     default); anyone on the path gets the same by stripping nothing.
@@ -244,8 +236,6 @@ def stray_legacy_200(world, n: int, entity) -> SipMessage:
     return with_entity(answer(request, to_tag=f"t{n}"), entity)
 
 
-@pytest.mark.xfail(strict=True, reason="review 46 hole 3: with legacy_peers a stranger's "
-                                       "unsigned key-offering stray 2xx claims a fork slot each")
 def test_hole_strangers_legacy_stray_200s_each_claim_a_fork_slot(world):
     """Attacker: a stranger (no certificate, no account, not on any path) who can send
     UDP to a node's SIP port, on a cluster whose proxies name ``[policy] legacy_peers``
