@@ -51,10 +51,12 @@ from .sip import SipMessage, parse_address
 from .sipcontext import message_aors
 from .uri import host_key
 
-__all__ = ["DialogKey", "DialogKeys", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG", "dialog_parties"]
+__all__ = ["DialogKey", "DialogKeys", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG", "MAX_SLOTS_PER_CALL",
+           "dialog_parties"]
 
 MAX_DIALOGS = 4096               # bound on (Call-ID, tag) slots with kept CEKs
 MAX_KEYS_PER_DIALOG = 8          # bound on keys kept in one slot (the newest stay)
+MAX_SLOTS_PER_CALL = 6           # slots of one Call-ID: our INVITE's, and a few forks
 _SWEEP_EVERY = 256               # keeps between sweeps of aged-out slots
 
 Slot = tuple[str, str, frozenset[str]]   # (Call-ID, lower-cased tag, the two AoRs)
@@ -117,6 +119,7 @@ class DialogKeys:
         self._max_keys = max_keys_per_dialog
         self._lock = threading.Lock()
         self._slots: dict[Slot, list[DialogKey]] = {}
+        self._calls: dict[str, dict[Slot, None]] = {}   # Call-ID -> its slots, in order
         self._keeps = 0
 
     def __repr__(self) -> str:
@@ -228,23 +231,23 @@ class DialogKeys:
                     key.retired = True
 
     def end_dialog(self, message: SipMessage, *, peer_tag: str | None = None) -> None:
-        """BYE (sent or received), or a failed INVITE: the dialog's keys go (the keys of
-        its two parties: a third who names the dialog's ids ends nothing).  ``peer_tag``:
-        only the keys under the peer's tag go, not the INVITE's own under ours, which
-        every fork of it shares (a BYE to another fork than the one that answered, or
-        one we got and may refuse: review 45)."""
+        """BYE (sent or received), or a failed INVITE: the call's keys go, every slot of
+        its Call-ID between its two parties (another fork's early key too: review 47; a
+        third who names the ids ends nothing).  ``peer_tag``: only the keys under the
+        peer's tag go, not the INVITE's own under ours, which every fork of it shares (a
+        BYE to another fork than the one that answered, or one we got and may refuse:
+        review 45)."""
+        parties = dialog_parties(message)
         with self._lock:
-            for slot in self._slots_of(message):
-                if peer_tag is not None and slot[1] != peer_tag.lower():
-                    continue
-                if slot in self._slots:
-                    del self._slots[slot]
+            for slot in list(self._calls.get(message.call_id, ())):
+                if slot[2] == parties and (peer_tag is None or slot[1] == peer_tag.lower()):
+                    self._drop(slot)
 
     def forget_call(self, call_id: str) -> None:
         """Every key of ``call_id`` goes (the call ended without a message we saw)."""
         with self._lock:
-            for slot in [s for s in self._slots if s[0] == call_id]:
-                del self._slots[slot]
+            for slot in list(self._calls.get(call_id, ())):
+                self._drop(slot)
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -256,7 +259,7 @@ class DialogKeys:
     def for_call(self, call_id: str) -> list[DialogKey]:
         """Every key kept under ``call_id``, whatever its state."""
         with self._lock:
-            return [k for s, bucket in self._slots.items() if s[0] == call_id for k in bucket]
+            return [k for s in self._calls.get(call_id, ()) for k in self._slots.get(s, [])]
 
     def usable(self, message: SipMessage) -> list[DialogKey]:
         """The dialog's keys that may open a message: confirmed, younger than
@@ -343,20 +346,34 @@ class DialogKeys:
         if not slots:
             return None
         slot = next((s for s in slots if peer_tag and s[1] == peer_tag.lower()), slots[0])
+        if slot not in self._slots and \
+                len(self._calls.get(message.call_id, ())) >= MAX_SLOTS_PER_CALL:
+            # one call's forks (a callee's many 183s, each its own tag) must not push
+            # other calls' keys out of the table (review 47)
+            return None
         self._keeps += 1
         if self._keeps % _SWEEP_EVERY == 0:  # now and then, not on every message: O(dialogs)
             now = self._clock()
             for stale in [s for s, keys in self._slots.items()
                           if all(now - k.created >= self._max_age for k in keys)]:
-                del self._slots[stale]  # dialogs that ended without a BYE we saw
+                self._drop(stale)  # dialogs that ended without a BYE we saw
         if len(self._slots) >= self._max_dialogs and slot not in self._slots:
             # dicts keep insertion order: the first slot is the oldest dialog
-            del self._slots[next(iter(self._slots))]
+            self._drop(next(iter(self._slots)))
         kept = next((k for k in self._all(message) if k.reference == key.reference), None)
         if kept is not None:
             # Never replaced: a retransmission carries the same key, and anyone else who
             # names the reference (a co-recipient holding another CEK) must not swap it.
             return kept
         bucket = self._slots.setdefault(slot, [])
+        self._calls.setdefault(slot[0], {})[slot] = None
         bucket[:] = (bucket + [key])[-self._max_keys:]
         return key
+
+    def _drop(self, slot: Slot) -> None:
+        self._slots.pop(slot, None)
+        slots = self._calls.get(slot[0])
+        if slots is not None:
+            slots.pop(slot, None)
+            if not slots:
+                del self._calls[slot[0]]

@@ -412,9 +412,8 @@ class ProxyEngine:
     def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
         """False when ``inspect`` of this response would do nothing at all: nothing to
         view (a 200 to MESSAGE, a 180 without SDP, a failure: it drops no key).  A host
-        may then forward it unread.  An INVITE's 2xx is always read: without a body
-        (the answer went in a reliable 183) it still confirms its dialog's fork."""
-        return has_body or (method == "INVITE" and 200 <= status < 300)
+        may then forward it unread."""
+        return has_body
 
     @staticmethod
     def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:
@@ -535,7 +534,11 @@ class ProxyEngine:
                 # (a kept keeper is bounded: a long AoR is kept as its hash)
                 if bounded_keeper(self._signed_keeper(opened, contexts, keeper)) != kept.keeper:
                     continue
-                fork = self._fork(message, contexts, early, others[0], claim=False)
+                # Her signed re-INVITE, which binds its To tag, may claim the slot a
+                # 2xx nothing vouched for left free (a plaintext answer, or none after
+                # a reliable 183: review 46); her other requests can be early ones.
+                fork = self._fork(message, contexts, early, others[0],
+                                  claim=message.method == "INVITE")
                 if fork is None:
                     fork = 1
             elif message.cseq[1] != "INVITE":
@@ -569,9 +572,6 @@ class ProxyEngine:
         if body is None:
             if label is not None and label.cids:
                 raise MalformedError("Proxy-Required-Body names a part but there is no body")
-            if self._invite_2xx(message):
-                # the answer went in a reliable 183: this 2xx still confirms its dialog
-                self._confirm_fork(message, [])
             return (), ()
         if label is None and not self._rules_apply(method):
             return (), ()  # not for us: forward untouched, unread
@@ -603,8 +603,15 @@ class ProxyEngine:
                       for m in media_summary(p.content))
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers):
-            if opened and self._invite_2xx(message):
-                self._confirm_fork(message, contexts)
+            if opened and self._invite_2xx(message) and (
+                    looked_up or offers or any(c is not None for c in contexts)):
+                # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
+                # moves and keeps nothing: the caller's own requests then move her key.
+                # Not a 2xx nothing vouches for and no key touches (a plaintext or bare
+                # one, anyone's: review 48): it would take slot 0 from the real answer,
+                # and on a cluster each slot is a shared claim (reviews 44, 46).  Such a
+                # dialog takes its slot from the caller's own re-INVITE (``_spend``).
+                self._fork(message, contexts, message.from_tag, message.to_tag or "")
             self._spend(message, opened, contexts, looked_up, keeper)
             kept.extend(self._keep_keys(message, opened, contexts, keeper))
         return seen, media
@@ -654,20 +661,10 @@ class ProxyEngine:
             return False
         return True
 
-    def _confirm_fork(self, message: SipMessage, contexts: Sequence[SipContext | None]) -> None:
-        """The dialog an INVITE's 2xx confirms takes its fork even when the 2xx moves
-        and keeps nothing (a plaintext answer, or none after a reliable 183): the
-        caller's own requests then move her key for the dialog's life.  Only when the
-        early dialog holds a key: otherwise there is nothing to move, and a stranger's
-        stray 2xx would take slots, on a cluster a database row each (reviews 44, 46)."""
-        if self._early_keyed(message):
-            self._fork(message, contexts, message.from_tag, message.to_tag or "")
-
-    def _early_keyed(self, message: SipMessage) -> bool:
-        """Whether a key is kept in the early dialog ``message`` grew from (one read)."""
-        scope = message_scope(message)
-        return isinstance(scope, DialogScope) and any(
-            self.cache.holds(early) for early in scope.early_scopes())
+    def _early_keyed(self, message: SipMessage, early: str) -> bool:
+        """Whether a key is kept in the early dialog (Call-ID, tag ``early``) the fork
+        slot is named after (one read): not any tag of the message (review 48)."""
+        return self.cache.holds(DialogScope(message.call_id, early))
 
     def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,
               other: str, *, claim: bool = True) -> int | None:
@@ -685,7 +682,7 @@ class ProxyEngine:
         # claimed across a cluster only when a key or a signature is at stake: an
         # unsigned key offered into an early dialog nobody keyed (a legacy sender's,
         # or a stranger's) is the node's own business (review 46)
-        shared = any(c is not None for c in contexts) or self._early_keyed(message)
+        shared = any(c is not None for c in contexts) or self._early_keyed(message, early)
         return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}\n{first}\n{second}",
                                       other.lower(), MAX_FORKS, made=_made(contexts),
                                       claim=claim, shared=shared)

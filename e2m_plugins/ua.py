@@ -66,10 +66,18 @@ __all__ = ["UAEngine", "SecurityInfo", "Protected", "Opened", "Reaction", "next_
 # Methods whose body is a session description negotiated inside a dialog.
 MAX_RETRIES_PER_CALL = 3         # 496/495/493 answers we follow for one Call-ID
 _MAX_SENT = 1024                 # requests remembered to tell answers from strangers
-_SENT_LIFETIME = 64.0            # ... a transaction's lifetime (64*T1; INVITE: since its last 1xx)
+_SENT_LIFETIME = 64.0            # ... a transaction's lifetime (64*T1)
+# An INVITE rings until its final answer, however seldom the callee sends a 1xx (a
+# proxy's Timer C runs over 3 minutes): forgetting it after 64 s lost the answered
+# dialog's 2xx, and with it which dialog a BYE ends (review 47)
+_INVITE_LIFETIME = 600.0
 MAX_SERVICE_PEERS = 256          # peer certificates kept from a certificate service
 MAX_PEERS_WANTED = 64            # peers we could not encrypt to, for the adapter to fetch
 _WANTED_LIFETIME = 300.0
+
+
+def _lifetime(method: str) -> float:
+    return _INVITE_LIFETIME if method == "INVITE" else _SENT_LIFETIME
 
 
 class MissingPeerCertificateError(PolicyError):
@@ -321,7 +329,7 @@ class UAEngine:
             sent = self._sent.get(self._sent_key(response))
         except E2MError:
             return None
-        if sent is None or self._clock() - sent[1] > _SENT_LIFETIME:
+        if sent is None or self._clock() - sent[1] > _lifetime(response.cseq[1]):
             return None
         return sent
 
@@ -337,7 +345,7 @@ class UAEngine:
         self._sent[key] = (request.start_line.request_uri, now, bool(request.to_tag), 0)
         self._sent.move_to_end(key)
         while self._sent and (len(self._sent) > _MAX_SENT
-                              or now - next(iter(self._sent.values()))[1] > _SENT_LIFETIME):
+                              or now - next(iter(self._sent.values()))[1] > _INVITE_LIFETIME):
             self._sent.popitem(last=False)
 
     @staticmethod
@@ -902,7 +910,7 @@ class UAEngine:
             return False
         key = self._sent_key(response)
         if status < 200:
-            # an INVITE waits as long as the callee rings: each 1xx keeps it another 64 s
+            # an INVITE waits as long as the callee rings: each 1xx keeps it longer
             self._sent[key] = (sent[0], self._clock(), *sent[2:])
             self._sent.move_to_end(key)
             return False
@@ -1066,6 +1074,8 @@ class UAEngine:
         never taken for SRTP keys unless it had exactly one recipient, us."""
         if not self.config.cek_reuse or message.method not in SESSION_METHODS:
             return
+        if not message.is_request and self._sent_for(message) is None:
+            return    # an answer to nothing we sent keeps nothing (review 47: a flood of them)
         for reference, cek, count in opened.cek_references:
             readers: frozenset[str] | None
             if context is not None:

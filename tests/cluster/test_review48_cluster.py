@@ -3,6 +3,8 @@ body-less stray 200s claim a fork slot each in the shared ``replay_claims``
 (``tests/unit/test_review48.py`` hole 2 at the engine).
 
 ``test_hole_*`` xfail strictly on db5870b; ``test_control_*`` pass.
+
+Fixed: see ``tests/unit/test_review48.py``.
 """
 
 from __future__ import annotations
@@ -71,8 +73,6 @@ def _attack(pki, node_port: int, *, invite: bool) -> None:
         sink.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 48 hole 2: after one unsigned INVITE, each "
-                   "stray body-less 200 under its tag claims a fork slot in replay_claims")
 def test_hole_a_strangers_keyed_early_dialog_lets_stray_bare_200s_fill_the_claims(
         proxy_factory, pg_url, pki):
     """Attacker: a stranger who can send UDP to a node's SIP port (no certificate, no

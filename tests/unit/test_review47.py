@@ -6,6 +6,11 @@ dialog the first 2xx made (``_confirmed``), or one we send before any 2xx.
 
 ``test_hole_*`` xfail strictly on db5870b (their assertion is what a fix makes true);
 ``test_control_*`` are the same flows without the attack (they pass).
+
+Fixed: an INVITE we sent is remembered until its final answer (600 s since its last
+1xx, not 64 s), so its 2xx still names the answered dialog; ending a call ends every
+slot of its Call-ID between its parties (another fork's early key too); one Call-ID
+holds at most ``MAX_SLOTS_PER_CALL`` slots; a response to nothing we sent keeps no key.
 """
 
 from __future__ import annotations
@@ -98,8 +103,6 @@ def test_control_a_prompt_answer_survives_our_bye_to_the_second_fork(world):
     assert _phones_reinvite_opens(world, alice, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 47: a 2xx more than 64 s after the last 1xx "
-                   "sets no _confirmed, so our BYE to another fork ends the INVITE's key")
 def test_hole_a_call_answered_after_64_s_of_ringing_loses_its_key_to_our_bye_to_a_fork(world):
     """Attacker: none needed (parallel forking to two of bob's devices, both answered
     after a ring of more than 64 s, with one 180 and no later 1xx); or an
@@ -145,8 +148,6 @@ def test_control_the_peers_bye_of_a_promptly_answered_call_ends_every_key(world)
     assert alice.dialog_keys.for_call(call_id) == []
 
 
-@pytest.mark.xfail(strict=True, reason="review 47: with _confirmed unset, the peer's BYE "
-                   "ends only the peer's slot: the INVITE's key outlives the call")
 def test_hole_after_a_long_ring_the_peers_bye_leaves_the_invite_key_opening(world):
     """Attacker: none (a call answered more than 64 s after its only 180 and ended by
     the callee); the key left behind is then one the callee and every proxy that read
@@ -194,8 +195,6 @@ def test_control_a_call_without_early_forks_leaves_no_key_after_its_bye(world):
     assert alice.dialog_keys.for_call(call_id) == []
 
 
-@pytest.mark.xfail(strict=True, reason="review 47: a fork's early key (its own slot since "
-                   "review 43) is never ended: it outlives the call by an hour")
 def test_hole_another_forks_early_key_outlives_the_call(world):
     """Attacker: none (forking with early media: device 2 rings with a 183 offering a
     key, device 1 answers; the proxy CANCELs device 2, whose 487 alice never sees).
@@ -259,8 +258,6 @@ def test_control_carols_call_keeps_its_key_beside_a_forked_call_of_alices(world)
     assert _carols_reinvite_opens(world, alice, carol, "r47-carol-ok@x")
 
 
-@pytest.mark.xfail(strict=True, reason="review 47: each early-fork tag is a slot of its "
-                   "own, so one callee's 183s push every other call's keys out")
 def test_hole_one_callees_many_183s_push_out_the_keys_of_alices_other_calls(world):
     """Attacker: insider callee (bob, called by alice once), or a forking proxy/gateway
     that fans alice's INVITE out wide, each leg ringing with a keyed 183.
@@ -310,8 +307,6 @@ def test_control_one_stray_183_leaves_a_live_call_its_key(world):
     assert _carols_reinvite_opens(world, alice, carol, "r47-stray-ok@x")
 
 
-@pytest.mark.xfail(strict=True, reason="review 47: a stray signed response to no request of "
-                   "ours keeps its key, one slot each; enough push live calls' keys out")
 def test_hole_stray_signed_183s_to_no_request_of_ours_push_out_live_calls_keys(world):
     """Attacker: any insider UA with a certificate (carol), off-path: she needs no call
     with alice and no ids of one.

@@ -27,6 +27,14 @@ each time claims a new slot in the shared ``replay_claims`` per datagram: review
 and review 46's hole through a third door.  One keyed early dialog is enough (any live
 call's Call-ID and tag, read off the wire; an insider's own signed INVITE; with
 ``[policy] legacy_peers`` a stranger's own unsigned one), and it stays keyed 200 s.
+
+Fixed: an INVITE 2xx takes its fork slot only when a key or a signed context touches it
+(review 44's rule again; a plaintext or bare one takes none, so it cannot squat slot
+0); the dialog such a 2xx made takes its slot from the caller's own signed re-INVITE,
+which binds its To tag (``_spend``); and a slot is shared across a cluster only when a
+signed context is at stake or the early dialog it is named after (Call-ID, From tag)
+holds a key.  A control that had the bare 200 claim its slot now has the re-INVITE
+claim it.
 """
 
 from __future__ import annotations
@@ -87,8 +95,6 @@ def _answered(world, call_id: str, *, squat: bool, sdp: bool = False, after: boo
 
 # --------------------------------------------------------------------------- hole 1
 
-@pytest.mark.xfail(strict=True, reason="review 48 hole 1: a bare 200 with a made-up To tag "
-                   "takes slot 0; the answered dialog keeps alice's key 200 s, refresh 496")
 @pytest.mark.parametrize("sdp", [False, True], ids=["bare", "plaintext"])
 def test_hole_a_made_up_200_first_takes_slot_0_and_the_callers_refresh_gets_496(world, sdp):
     """Attacker: anyone who has alice's INVITE's ids and can get a response read by the
@@ -173,8 +179,6 @@ def _keyed_call(world, node, call_id: str):
     return offer
 
 
-@pytest.mark.xfail(strict=True, reason="review 48 hole 2: stray bare 200s naming a keyed "
-                   "early dialog's tag, each with a new From tag, claim a shared slot each")
 def test_hole_stray_bare_200s_under_a_keyed_tag_each_claim_a_shared_slot(world):
     """Attacker: anyone who can send UDP to a cluster node's SIP port and knows the
     Call-ID and From tag of one call ringing in the last 200 s (an untrusted hop, a
@@ -212,8 +216,6 @@ def test_hole_stray_bare_200s_under_a_keyed_tag_each_claim_a_shared_slot(world):
                        "200s naming one keyed early dialog's tag"
 
 
-@pytest.mark.xfail(strict=True, reason="review 48 hole 2 (legacy_peers): a stranger keys an "
-                   "early dialog with one unsigned INVITE, then each stray claims a slot")
 def test_hole_a_stranger_keys_an_early_dialog_then_each_stray_claims_a_shared_slot(world):
     """Attacker: a stranger (no certificate, no account, no call to observe) who can send
     UDP to a cluster node's SIP port, on a cluster with ``[policy] legacy_peers``.
@@ -254,13 +256,18 @@ def test_control_stray_bare_200s_for_an_unkeyed_call_claim_nothing(world):
     assert claims.asked == 0
 
 
-def test_control_the_real_answer_claims_its_slot(world):
-    """The keyed call's own 200 (bob's tag, alice's From tag) claims its slot across the
-    cluster, as review 39 needs."""
-    node, claims = _cluster_node(world)
-    offer = _keyed_call(world, node, "r48-real@x")
-    before = claims.asked
-    ok = make_response(offer, 200, "OK", [])
-    ok = ok.replace("To", f"{offer.get('To')};tag=b1")
-    assert node.inspect(ok).action == "forward"
-    assert claims.asked - before == 1
+def test_control_after_a_bare_200_her_reinvite_claims_the_slot_once(world):
+    """The keyed call answered with no body (the answer went in a reliable 183): the
+    200 claims nothing; alice's own signed re-INVITE under her key, which binds its To
+    tag, takes the answered dialog's slot across the cluster, once (review 46 needs
+    it)."""
+    call = _Call(world, "r48-real@x")
+    claims = _Claims()
+    call.proxy.replay = ClaimedReplayCache(HtableReplayCache(MemoryHtable(), window=300),
+                                           claims)
+    ok = make_response(call.delivered, 200, "OK", [])
+    call.response(ok.replace("To", f"{call.delivered.get('To')};tag=b1"))
+    assert claims.asked == 0
+    assert call.reinvite(2).action == "forward"
+    assert sorted(name[0] for name in claims.held) == ["f", "r"]   # its slot, its record
+    assert call.dialog_copy().keeper != LATER_FORK_KEEPER
