@@ -90,7 +90,7 @@ def test_hole_strangers_unsigned_stray_200s_fill_the_claims_table(cluster, pg_ur
     a, _ = cluster.nodes
     before = _fork_claims(pg_url)
     _spray(a.port, "200 OK")
-    time.sleep(1.0)
+    time.sleep(0.5)
     added = _fork_claims(pg_url) - before
     assert added == 0, f"{added} fork-slot claims in replay_claims from {_STRAYS} " \
                        "unsigned stray 200s of a stranger"
@@ -102,7 +102,7 @@ def test_control_stray_183s_with_the_same_bodies_claim_nothing(cluster, pg_url):
     a, _ = cluster.nodes
     before = _fork_claims(pg_url)
     _spray(a.port, "183 Session Progress")
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert _fork_claims(pg_url) - before == 0
     wait_until(lambda: re.search(r"INVITE response 183", a.log_path.read_text(errors="replace")) is not None, 5,
                "the stray 183s read by node A")

@@ -108,7 +108,7 @@ def test_hole_strangers_legacy_stray_200s_fill_the_claims_table(proxy_factory, p
     a, _ = _start(proxy_factory, pg_url).nodes
     before = _fork_claims(pg_url)
     _spray(pki, _entity(pki, offer_key=True), a.port)
-    time.sleep(1.0)
+    time.sleep(0.5)
     added = _fork_claims(pg_url) - before
     assert added == 0, f"{added} fork-slot claims in replay_claims from {_STRAYS} stray " \
                        "200s of a stranger"
@@ -121,5 +121,5 @@ def test_control_the_same_strays_without_a_key_offer_claim_nothing(proxy_factory
     a, _ = _start(proxy_factory, pg_url).nodes
     before = _fork_claims(pg_url)
     _spray(pki, _entity(pki, offer_key=False), a.port)
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert _fork_claims(pg_url) - before == 0

@@ -94,7 +94,7 @@ def test_hole_a_strangers_keyed_early_dialog_lets_stray_bare_200s_fill_the_claim
     a, _ = _start(proxy_factory, pg_url).nodes
     before = _fork_claims(pg_url)
     _attack(pki, a.port, invite=True)
-    time.sleep(1.0)
+    time.sleep(0.5)
     added = _fork_claims(pg_url) - before
     assert added <= 4, f"{added} fork-slot claims in replay_claims from one INVITE and " \
                        f"{_STRAYS} stray 200s of a stranger"
@@ -105,5 +105,5 @@ def test_control_the_same_strays_without_the_invite_claim_nothing(proxy_factory,
     a, _ = _start(proxy_factory, pg_url).nodes
     before = _fork_claims(pg_url)
     _attack(pki, a.port, invite=False)
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert _fork_claims(pg_url) - before == 0
