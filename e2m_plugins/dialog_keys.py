@@ -56,7 +56,7 @@ __all__ = ["DialogKey", "DialogKeys", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG", "MAX
 
 MAX_DIALOGS = 4096               # bound on (Call-ID, tag) slots with kept CEKs
 MAX_KEYS_PER_DIALOG = 8          # bound on keys kept in one slot (the newest stay)
-MAX_SLOTS_PER_CALL = 6           # slots of one Call-ID: our INVITE's, and a few forks
+MAX_SLOTS_PER_CALL = 6           # slots of one Call-ID and pair: our INVITE's, a few forks
 _SWEEP_EVERY = 256               # keeps between sweeps of aged-out slots
 
 Slot = tuple[str, str, frozenset[str]]   # (Call-ID, lower-cased tag, the two AoRs)
@@ -346,10 +346,12 @@ class DialogKeys:
         if not slots:
             return None
         slot = next((s for s in slots if peer_tag and s[1] == peer_tag.lower()), slots[0])
-        if slot not in self._slots and \
-                len(self._calls.get(message.call_id, ())) >= MAX_SLOTS_PER_CALL:
+        if slot not in self._slots and sum(
+                1 for s in self._calls.get(message.call_id, ()) if s[2] == slot[2]
+        ) >= MAX_SLOTS_PER_CALL:
             # one call's forks (a callee's many 183s, each its own tag) must not push
-            # other calls' keys out of the table (review 47)
+            # other calls' keys out of the table (review 47); counted per pair, so a
+            # third party who learnt the Call-ID cannot use the pair's slots up
             return None
         self._keeps += 1
         if self._keeps % _SWEEP_EVERY == 0:  # now and then, not on every message: O(dialogs)

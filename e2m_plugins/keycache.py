@@ -486,8 +486,10 @@ class MemoryKeyCache:
             self._remove((scope, bytes(reference)))
 
     def holds(self, scope: Scope) -> bool:
+        now = self._clock()
         with self._lock:
-            return bool(self._by_scope.get(scope))
+            return any(now < self._entries[(scope, ref)].expires
+                       for ref in self._by_scope.get(scope, ()))
 
     def drop_scope(self, scope: Scope) -> None:
         """Forget every key of ``scope``, and its names in its early scopes."""

@@ -19,9 +19,11 @@ decided so is counted (``e2m_replay_claims_unavailable``).
 
 An early dialog's fork slots (``admit_fork``) are claimed the same way, each free slot
 by its item's name before the node takes it, so answers with new To tags sent to two
-nodes at once get ``MAX_FORKS`` dialogs in all, not at each node (review 39).  The same timer deletes
-expired claims, in batches until none is left.  A claim holds the record's name (a
-digest of the signed context) and its expiry, nothing of the message.
+nodes at once get ``MAX_FORKS`` dialogs in all, not at each node (review 39).
+
+The same timer deletes expired claims, in batches until none is left.  A claim holds
+the record's name (a digest of the signed context) and its expiry, nothing of the
+message.
 """
 
 from __future__ import annotations

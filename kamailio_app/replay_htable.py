@@ -68,10 +68,12 @@ class HtableReplayCache:
     def admit_fork(self, early: str, tag: str, limit: int, *, made: float | None = None,
                    claim: bool = True, shared: bool = True,
                    take: Callable[[str, int], bool] | None = None) -> int | None:
-        """``ReplayCache.admit_fork``.  ``take(name, ttl)``, when given, is asked before
-        a free slot is taken (a cluster's claim, ``replay_claims``): False means another
-        node holds that slot, not yet replicated here, so the next one is tried and the
-        slots this node sees may have gaps."""
+        """``ReplayCache.admit_fork`` (``shared`` is for a cluster's wrapper, which
+        passes ``take`` or not: this table is the node's own).  ``take(name, ttl)``,
+        when given, is asked before a free slot is taken (a cluster's claim,
+        ``replay_claims``): False means another node holds that slot, not yet
+        replicated here, so the next one is tried and the slots this node sees may
+        have gaps."""
         # slot i of an early dialog is one item, "f" + a digest of the early dialog + i,
         # holding a digest of its tag: a tag finds its slot with reads alone, a new
         # one takes the first free slot under that slot's lock.  Each lives while the

@@ -332,3 +332,20 @@ def test_hole_stray_signed_183s_to_no_request_of_ours_push_out_live_calls_keys(w
     for n in range(SLOTS):
         alice.open(_stray_183(world, f"r47-stray-{n}@x"))
     assert _carols_reinvite_opens(world, alice, carol, "r47-stray-live@x")
+
+
+def test_a_third_party_under_the_call_id_cannot_use_up_the_pairs_slots(world):
+    """The per-call bound counts the pair's slots: carol's keys under the same Call-ID
+    (she learnt it) fill her own, and bob's answer still keeps its key."""
+    from e2m_plugins.dialog_keys import MAX_SLOTS_PER_CALL
+    keys = DialogKeys(max_age=3600, max_uses=100, clock=lambda: 1000.0)
+    alice, bob, carol = world.aor("alice"), world.aor("bob"), world.aor("carol")
+
+    def msg(frm, to, from_tag):
+        return make_request("INVITE", to, from_uri=frm, to_uri=to, call_id="c47@x",
+                            cseq=1, from_tag=from_tag)
+    for n in range(MAX_SLOTS_PER_CALL + 2):
+        keys.keep_received(msg(carol, alice, f"c{n}"), bytes([n]) * 16, bytes([n]) * 16,
+                           readers=frozenset())
+    assert keys.keep_received(msg(bob, alice, "b1"), b"\xbb" * 16, b"\xbb" * 16,
+                              readers=frozenset()) is not None
