@@ -62,6 +62,15 @@ _SWEEP_EVERY = 256               # keeps between sweeps of aged-out slots
 Slot = tuple[str, str, frozenset[str]]   # (Call-ID, lower-cased tag, the two AoRs)
 
 
+def _transaction(message: SipMessage) -> tuple[int, str, str]:
+    """A request's transaction as its responses name it too: CSeq and top Via branch."""
+    try:
+        branch = message.via_branch() or ""
+    except E2MError:
+        branch = ""
+    return (*message.cseq, branch)
+
+
 def dialog_parties(message: SipMessage) -> frozenset[str]:
     """The two parties of ``message``'s dialog, whichever way it goes: its From and To
     AoRs as the signed SIP context names them (their URIs as written when they are no
@@ -90,7 +99,8 @@ class DialogKey:
     retired: bool = False                    # a reader lost it (496): opens, never reused
     offered_in: tuple[int, str] | None = None    # CSeq of our request that carried it, if one did
     parties: frozenset[str] = frozenset()    # the dialog's From and To AoRs (dialog_parties)
-    received_in: tuple[int, str] | None = None   # the peer's request (CSeq) we have not answered
+    # the peer's request we have not answered: its CSeq and top Via branch (its transaction)
+    received_in: tuple[int, str, str] | None = None
 
 
 class DialogKeys:
@@ -162,7 +172,7 @@ class DialogKeys:
             exclusive = not readers
         key = DialogKey(reference, cek, readers, exclusive, self._clock(),
                         parties=dialog_parties(message),
-                        received_in=message.cseq if message.is_request else None)
+                        received_in=_transaction(message) if message.is_request else None)
         with self._lock:
             return self._keep(message, key, message.from_tag if message.is_request
                               else message.to_tag)
@@ -195,11 +205,13 @@ class DialogKeys:
     def answered(self, response: SipMessage) -> None:
         """Our final ``response`` to a request of the peer's: a failure drops the keys
         that request offered (the peer drops them on it too: ``settle``); a 2xx keeps
-        them for the dialog, as any key of the peer's."""
+        them for the dialog, as any key of the peer's.  Matched by transaction (CSeq
+        and top Via branch), not CSeq alone: our 403 or 482 to a hop's copy of a
+        ringing INVITE must not drop the key the INVITE itself offered (review 49)."""
         status = response.status or 0
         if status < 200:
             return
-        request = response.cseq
+        request = _transaction(response)
         with self._lock:
             for slot in self._slots_of(response):
                 bucket = self._slots.get(slot, [])

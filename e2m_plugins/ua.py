@@ -650,7 +650,14 @@ class UAEngine:
                 self._record_sent(message)
             self._record_parties(message)
             self._note_confirmed(message, sent=True)
-            if self._ends_our_answered_attempt(message) or self._ends_by_our_word(message):
+            ends_attempt = self._ends_our_answered_attempt(message)
+            if ends_attempt or (not message.is_request and self._ends_by_our_word(message)):
+                # our 2xx to a BYE (pjsip sends it only for a dialog it has: a hop's BYE
+                # with a made-up tag gets 481 and ends nothing, review 49), or our
+                # failure to the INVITE we rang for (the 487 after a CANCEL: our own 183
+                # key goes too, review 49); our own BYE ends its keys in _protect
+                self._end_dialog(message, sent=True)
+            if ends_attempt or self._ends_by_our_word(message):
                 self._forget_parties(message, sent=True)
             if not message.is_request:
                 # our answer settles the keys the request offered (every response the
@@ -811,8 +818,6 @@ class UAEngine:
         method = message.method
         self._check_parties(message)
         self._note_confirmed(message, sent=False)
-        if message.is_request and method == "BYE":
-            self._end_dialog(message, sent=False)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
             self._end_dialog(message, sent=False)
             self._forget_parties(message, sent=False)
@@ -924,10 +929,11 @@ class UAEngine:
 
     def _end_dialog(self, message: SipMessage, *, sent: bool) -> None:
         """The dialog (or the INVITE attempt) is over: its keys and its policies go.  A
-        BYE takes the keys under our own tag (the INVITE's, which every fork shares) and
-        the call's policies only when it ends the dialog the INVITE's first 2xx made and
-        we sent it or that dialog is known: a BYE to another fork, or one we get before
-        pjsip has accepted it (a hop's, answered 481), ends only its own (review 45)."""
+        BYE ends here when we send it or our 2xx to it (never when it arrives: pjsip
+        may refuse it, 481, and the call goes on: review 49).  It takes the keys under
+        our own tag (the INVITE's, which every fork shares) and the call's policies only
+        when it ends the dialog the INVITE's first 2xx made, or that dialog is not known
+        (``_confirmed`` lost it); a BYE of another fork ends only its own (review 45)."""
         if message.method == "BYE":
             local = self._local_tag(message, sent=sent)
             remote = message.to_tag if message.is_request == sent else message.from_tag

@@ -272,6 +272,7 @@ def test_hole_a_refused_replay_still_leaves_its_keys_behind(world):
                        to_uri=world.aor("bob"), call_id="dead@x", cseq=2, from_tag="a1",
                        to_tag="b1")
     bob.open(alice.protect(bye).message)
+    bob.protect(make_response(bye, 200, "OK"))
     assert bob.dialog_keys.for_call("dead@x") == []
     with pytest.raises(E2MError):
         bob.open(next_attempt(sent).replace("CSeq", sent.get("CSeq")))

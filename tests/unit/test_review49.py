@@ -6,6 +6,12 @@ parties, at most ``MAX_SLOTS_PER_CALL`` slots per Call-ID and pair, and
 
 ``test_hole_*`` xfail strictly on ce67e30 (their assertion is what a fix makes true);
 ``test_control_*`` are the same flows without the attack (they pass).
+
+Fixed: a BYE we get ends keys and policies only when we answer it 2xx (pjsip answers a
+made-up tag 481); ``DialogKeys.answered`` matches the request's transaction (CSeq and
+top Via branch), so our failure to a copy settles nothing of the original; our failure
+to the INVITE we rang for ends the attempt's keys (our own 183 key too) and policies, so
+cancelled calls leave no slot behind.
 """
 
 from __future__ import annotations
@@ -77,8 +83,6 @@ def test_control_the_callees_key_survives_a_stray_bye_with_a_made_up_from_tag(wo
     assert _reinvite_opens_at_the_answering_phone(world, alice, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 49: a bare BYE (From a1, To a made-up tag) "
-                   "ends the callee's peer slot, K0 with it, though pjsip answers it 481")
 def test_hole_a_bare_bye_with_the_callers_tag_and_a_made_up_to_tag_drops_the_callees_key(world):
     """Attacker: an untrusted on-path hop, or anyone who read the INVITE's Call-ID, From
     tag and the two AoRs off the wire (all plaintext headers); no certificate, no
@@ -162,8 +166,6 @@ def test_control_a_call_answered_early_goes_on_under_the_invite_key(world):
     assert _reinvite_opens_at_the_answering_phone(world, alice, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 49: answered() matches by CSeq alone, so the "
-                   "failure to a copy of the ringing INVITE drops the real INVITE's key")
 @pytest.mark.parametrize("copy", ["a replayed copy of the signed INVITE",
                                   "a bare INVITE with the ids"])
 def test_hole_a_failure_to_a_copy_of_the_ringing_invite_drops_its_key(world, copy):
@@ -258,8 +260,6 @@ def test_control_a_late_offer_call_answered_and_ended_leaves_the_callee_no_key(w
     assert phone.dialog_keys.for_call(call_id) == []
 
 
-@pytest.mark.xfail(strict=True, reason="review 49: our failure to an INVITE we rang for "
-                   "ends no key: the callee's own 183 key stays after the CANCEL")
 def test_hole_the_callees_183_key_outlives_the_cancelled_call(world):
     """Attacker: none needed (a caller who hangs up while a callee's 183 early media
     rings); the key left behind is one the caller and every proxy that read the 183 hold.
@@ -316,8 +316,6 @@ def test_control_a_few_cancelled_calls_leave_a_live_call_its_key(world):
     assert _reinvite_opens_at_the_answering_phone(world, alice, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 49: each cancelled call leaves the callee's "
-                   "183 key; unsigned INVITE+CANCEL pairs push live calls' keys out")
 def test_hole_unsigned_cancelled_calls_push_a_live_calls_key_out(world):
     """Attacker: any UA whose certificate the phone has (carol: a ``[peers]`` entry or
     one the certificate service gives); she signs nothing (bodiless INVITEs need no
