@@ -229,11 +229,6 @@ class KeyCache(Protocol):
         """Forget one key."""
         ...
 
-    def holds(self, scope: Scope) -> bool:
-        """Whether anything is kept under ``scope`` (a cheap look: the keys may have
-        aged out since)."""
-        ...
-
     def drop_scope(self, scope: Scope) -> None:
         """Forget every key of one scope (a BYE ends the dialog) and, of a confirmed
         dialog's early scopes, only the keys under the names it holds itself (the early
@@ -484,12 +479,6 @@ class MemoryKeyCache:
     def drop(self, scope: Scope, reference: bytes) -> None:
         with self._lock:
             self._remove((scope, bytes(reference)))
-
-    def holds(self, scope: Scope) -> bool:
-        now = self._clock()
-        with self._lock:
-            return any(now < self._entries[(scope, ref)].expires
-                       for ref in self._by_scope.get(scope, ()))
 
     def drop_scope(self, scope: Scope) -> None:
         """Forget every key of ``scope``, and its names in its early scopes."""

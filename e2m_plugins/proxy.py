@@ -246,7 +246,8 @@ class ProxyEngine:
         return hdr.PROXY_BODY_POLICY, self._policy_value
 
     def inspect(self, message: SipMessage, *,
-                caller: str | Callable[[], str | None] | None = None) -> Verdict:
+                caller: str | Callable[[], str | None] | None = None,
+                request_kept: Sequence[bytes] = ()) -> Verdict:
         """The verdict for one request or response (never raises ``E2MError``).
 
         A response is always forwarded: it cannot be answered, and dropping it would
@@ -258,13 +259,16 @@ class ProxyEngine:
         (``keycache.keeper_groups``): neither party can spend a third party's.
         Without ``caller`` (an answer to nothing we relayed) it counts against the
         responder (its signer) alone.  ``caller`` may be a function giving it, asked
-        only when the answer offers a key."""
+        only when the answer offers a key.  ``request_kept``: for a response, the
+        ``Verdict.kept`` of the request it answers (kept with the transaction too; empty
+        for an answer to nothing we relayed): an INVITE's 2xx nothing vouches for keeps
+        those keys for its dialog (``_keep_unvouched``)."""
         try:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
                 if message.is_request:
                     return self._inspect_request(message)
-                return self._inspect_response(message, caller)
+                return self._inspect_response(message, caller, request_kept)
         except E2MError as exc:
             if message.is_request:
                 return self.refuse(message, exc)
@@ -365,7 +369,8 @@ class ProxyEngine:
     # -- responses ---------------------------------------------------------
 
     def _inspect_response(self, response: SipMessage,
-                          caller: str | Callable[[], str | None] | None = None) -> Verdict:
+                          caller: str | Callable[[], str | None] | None = None,
+                          request_kept: Sequence[bytes] = ()) -> Verdict:
         # A failure answer drops no key: one branch's 486 (bob's other device, or a
         # hop's forgery) leaves the offer's key to the branches still ringing, a 491 to
         # a re-INVITE or a late 487 of the answered branch leaves the dialog's keys.
@@ -384,7 +389,37 @@ class ProxyEngine:
                 return answer_keeper(UNAUTHENTICATED_CALLER, responder)
             return answer_keeper(_keeper(who), responder)
         seen, media = self._view(response, method, keeper=keeper, kept=[])
+        if request_kept and self._invite_2xx(response):
+            self._keep_unvouched(response, request_kept)
         return Verdict("forward", seen=seen, media=media)
+
+    def _keep_unvouched(self, response: SipMessage, request_kept: Sequence[bytes]) -> None:
+        """An INVITE's 2xx in its own transaction that took no fork slot (nothing vouched
+        for it: a plaintext answer, or none after a reliable 183) keeps the keys the
+        INVITE kept for the dialog it confirms, for the dialog's life, as the caller's.
+        Without it they waited in the early scope for her first signed re-INVITE to
+        claim the slot, and one later than ``EARLY_DIALOG_TTL`` (a session refresh)
+        found nothing: 496 (review 50).  No fork slot is taken (a made-up 2xx must not
+        take slot 0 from the real answer: review 48); at most ``MAX_FORKS`` dialogs of
+        one early dialog get such copies (node-local: only this transaction's names,
+        nothing a stranger's stray reaches)."""
+        early = DialogScope(response.call_id, response.from_tag or "")
+        dialog = message_scope(response)
+        kept = [(name, entry) for name in request_kept
+                if self.cache.get(dialog, name, count=False) is None
+                and (entry := self.cache.get(early, name, count=False)) is not None]
+        if not kept or self._fork(response, [], early.tags[0], response.to_tag or "",
+                                  claim=False) is not None:
+            return           # nothing left to keep, or the 2xx took its slot (vouched)
+        first, second = dialog_parties(response)
+        slot = self.replay.admit_fork(
+            f"unvouched\n{response.call_id}\n{early.tags[0]}\n{first}\n{second}",
+            (response.to_tag or "").lower(), MAX_FORKS, shared=False)
+        if slot is None:
+            return
+        for name, entry in kept:
+            self.cache.put(dialog, name, entry.cek, max_decrypts=entry.max_decrypts,
+                           ttl=None, keeper=entry.keeper or UNSIGNED_KEEPER)
 
     def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
         """A BYE ended the dialog (Call-ID and both tags): the keys kept for it go
@@ -409,11 +444,13 @@ class ProxyEngine:
             self.cache.drop(scope, name)
 
     @staticmethod
-    def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
+    def response_needs_reading(method: str, status: int, *, has_body: bool,
+                               request_kept: bool = False) -> bool:
         """False when ``inspect`` of this response would do nothing at all: nothing to
         view (a 200 to MESSAGE, a 180 without SDP, a failure: it drops no key).  A host
-        may then forward it unread."""
-        return has_body
+        may then forward it unread.  A bodiless INVITE 2xx whose request kept keys
+        (``request_kept``) is read: it keeps them for its dialog (``_keep_unvouched``)."""
+        return has_body or (request_kept and method == "INVITE" and 200 <= status < 300)
 
     @staticmethod
     def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:
@@ -544,7 +581,9 @@ class ProxyEngine:
             elif message.cseq[1] != "INVITE":
                 continue       # a 2xx to an early UPDATE or PRACK confirms no dialog
             else:
-                fork = self._fork(message, contexts, early, others[0])
+                fork = self._fork(message, contexts, early, others[0],
+                                  keyed=kept.keeper not in (None, UNSIGNED_KEEPER,
+                                                            LATER_FORK_KEEPER))
                 if fork is None:
                     continue
             self.cache.put(scope, name, kept.cek, max_decrypts=kept.max_decrypts,
@@ -603,6 +642,7 @@ class ProxyEngine:
                       for m in media_summary(p.content))
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers):
+            keyed = bool(looked_up) and self._signers_key_opened(opened, looked_up)
             if opened and self._invite_2xx(message) and (
                     looked_up or offers or any(c is not None for c in contexts)):
                 # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
@@ -611,9 +651,10 @@ class ProxyEngine:
                 # one, anyone's: review 48): it would take slot 0 from the real answer,
                 # and on a cluster each slot is a shared claim (reviews 44, 46).  Such a
                 # dialog takes its slot from the caller's own re-INVITE (``_spend``).
-                self._fork(message, contexts, message.from_tag, message.to_tag or "")
+                self._fork(message, contexts, message.from_tag, message.to_tag or "",
+                           keyed=keyed)
             self._spend(message, opened, contexts, looked_up, keeper)
-            kept.extend(self._keep_keys(message, opened, contexts, keeper))
+            kept.extend(self._keep_keys(message, opened, contexts, keeper, keyed=keyed))
         return seen, media
 
     def _context(self, part: OpenedPart, message: SipMessage, legacy: bool) -> SipContext | None:
@@ -661,13 +702,25 @@ class ProxyEngine:
             return False
         return True
 
-    def _early_keyed(self, message: SipMessage, early: str) -> bool:
-        """Whether a key is kept in the early dialog (Call-ID, tag ``early``) the fork
-        slot is named after (one read): not any tag of the message (review 48)."""
-        return self.cache.holds(DialogScope(message.call_id, early))
+    def _signers_key_opened(self, opened: list[OpenedPart],
+                            looked_up: list[tuple[Scope, bytes, bytes, Scope]]) -> bool:
+        """Whether a kept key that a signed body offered opened a part of this message:
+        its sender holds a key someone signed for this dialog's two parties (kept names
+        bind them).  A key found but not used (a kekri naming a reference read off the
+        wire), an unsigned one (anyone's, a stranger's own: review 50) or a later
+        fork's does not count."""
+        used = {e.recipient.identifier for p in opened for e in p.envelopes
+                if e.recipient.kind == "kekri"}
+        for candidate, name, reference, _ in looked_up:
+            if f"kekid={reference.hex()}" in used:
+                kept = self.cache.get(candidate, name, count=False)
+                if kept is not None and kept.keeper not in (None, UNSIGNED_KEEPER,
+                                                            LATER_FORK_KEEPER):
+                    return True
+        return False
 
     def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,
-              other: str, *, claim: bool = True) -> int | None:
+              other: str, *, claim: bool = True, keyed: bool = False) -> int | None:
         """Which dialog grown from the early dialog (Call-ID, tag ``early``, between the
         message's two AoRs) the one with tag ``other`` is: 0 for the first, up to
         ``MAX_FORKS - 1``, None past them (``claim=False``: or when it holds none).
@@ -679,10 +732,11 @@ class ProxyEngine:
         # bound to the dialog's parties, as kept names are: a third party who learnt the
         # Call-ID and tag (a call forwarded from her) cannot use the slots up
         first, second = dialog_parties(message)
-        # claimed across a cluster only when a key or a signature is at stake: an
-        # unsigned key offered into an early dialog nobody keyed (a legacy sender's,
-        # or a stranger's) is the node's own business (review 46)
-        shared = any(c is not None for c in contexts) or self._early_keyed(message, early)
+        # claimed across a cluster only when a signature is at stake: a signed context,
+        # or a key a signed body offered opened the message (``keyed``); an unsigned key
+        # (a legacy sender's, or a stranger's own under any early dialog) is the node's
+        # own business (reviews 46, 50)
+        shared = any(c is not None for c in contexts) or keyed
         return self.replay.admit_fork(f"{message.call_id}\n{early.lower()}\n{first}\n{second}",
                                       other.lower(), MAX_FORKS, made=_made(contexts),
                                       claim=claim, shared=shared)
@@ -739,7 +793,8 @@ class ProxyEngine:
         return bool(message.to_tag) and (message.is_request or 200 <= (message.status or 0) < 300)
 
     def _keep_keys(self, message: SipMessage, opened: list[OpenedPart],
-                   contexts: list[SipContext | None], keeper: Callable[[], str]) -> list[bytes]:
+                   contexts: list[SipContext | None], keeper: Callable[[], str], *,
+                   keyed: bool = False) -> list[bytes]:
         """Keep the keys the message offers; the names of those its scope did not hold
         yet (a key already kept is never replaced, and not this message's to drop)."""
         # Only the reference the sender's context offers (a legacy body has none to say).
@@ -763,7 +818,8 @@ class ProxyEngine:
         if not early and isinstance(scope, DialogScope) and self._confirms_dialog(message) \
                 and not message.is_request and message.from_tag:
             if self._invite_2xx(message):
-                fork = self._fork(message, contexts, message.from_tag, message.to_tag or "")
+                fork = self._fork(message, contexts, message.from_tag, message.to_tag or "",
+                                  keyed=keyed)
                 if fork is None:
                     return []
             else:

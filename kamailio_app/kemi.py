@@ -171,6 +171,18 @@ def _read_message():
     return parse(raw)
 
 
+def _request_kept() -> list[bytes]:
+    """The names of the keys the transaction's request kept afresh (``$avp(e2m_kept)``,
+    set by ``inspect_request`` only)."""
+    kept = KSR.pv.get(_KEPT_AVP)
+    if not kept:
+        return []
+    try:
+        return [bytes.fromhex(name) for name in kept.split(",")]
+    except ValueError:
+        return []
+
+
 def _has_body():
     # $bs is the body as parsed, not the Content-Length header: over UDP a message
     # may leave Content-Length out and still carry a body (RFC 3261 §20.14).
@@ -936,17 +948,22 @@ class kamailio:
             if self.own_realm_challenge():
                 KSR.pv.seti(_OWN_CHALLENGE_AVP, 1)     # the failure route answers 502
                 return 1
-            self.route_reply()
+            self.route_reply(in_transaction=True)
         except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
             _log_exception("reply route", exc)
         return 1
 
-    def route_reply(self):
+    def route_reply(self, in_transaction: bool = False):
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or status < 101:
             return
-        if not self.app.engine.response_needs_reading(KSR.pv.get("$rm") or "", status,
-                                                      has_body=_has_body()):
+        method = KSR.pv.get("$rm") or ""
+        # the names the request kept, with its transaction (an unvouched INVITE 2xx keeps
+        # them for its dialog); a stray reply has no transaction of ours to name any
+        kept = _request_kept() if in_transaction and method == "INVITE" \
+            and 200 <= status < 300 else []
+        if not self.app.engine.response_needs_reading(method, status, has_body=_has_body(),
+                                                      request_kept=bool(kept)):
             return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
         try:
@@ -963,7 +980,7 @@ class kamailio:
         def caller():
             asked.append(_caller())
             return asked[-1]
-        verdict = self.app.engine.inspect(message, caller=caller)
+        verdict = self.app.engine.inspect(message, caller=caller, request_kept=kept)
         # who paid for a key the answer offered (asked only then)
         charged = " caller=%s" % _loggable(asked[0]) if asked else ""
         _info("e2m: %s response %s %s%s\n" % (message.method, message.status,
@@ -1069,12 +1086,8 @@ class kamailio:
         scope (an INVITE's early dialog, a MESSAGE's transaction).  A request inside a
         dialog drops nothing: the dialog lives on."""
         engine = self.app.engine
-        kept = KSR.pv.get(_KEPT_AVP)
-        if engine is None or not kept or KSR.pv.get("$tt"):
-            return
-        try:
-            names = [bytes.fromhex(name) for name in kept.split(",")]
-        except ValueError:     # only ever set by inspect_request: nothing else to drop
+        names = _request_kept()
+        if engine is None or not names or KSR.pv.get("$tt"):
             return
         engine.end_attempt(message_scope(_read_message()), names)
 

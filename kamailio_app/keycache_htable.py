@@ -296,10 +296,6 @@ class HtableKeyCache:
         finally:
             self._backend.unlock(name)
 
-    def holds(self, scope: Scope) -> bool:
-        """One read, nothing opened: a record is there."""
-        return self._backend.get(scope_key(scope)) is not None
-
     def drop_scope(self, scope: Scope) -> None:
         """Every key of ``scope``, its record removed by name under its slot lock (a put
         in another worker that read the record first would otherwise write it all

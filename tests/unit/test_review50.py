@@ -32,6 +32,13 @@ signed re-INVITE.  Her key waits for it in the early scope, which expires
 session-timer refresh, 900 s by default) finds no key and her own proxy answers 496.
 Review 46's and 48's tests re-INVITE at once first, which hides it.  (Not new in
 c5fceec: db5870b's slot taken by the bare 200 moved no key either.)
+
+Fixed: a slot is shared across the cluster only with a signed context, or when a key a
+signed body offered opened the 2xx (``_signers_key_opened``: kept names bind the two
+AoRs; an unsigned or later fork's key never counts); an INVITE 2xx nothing vouches for,
+in its own transaction, keeps the keys its INVITE kept for the dialog it confirms, as the
+caller's, at most ``MAX_FORKS`` dialogs per early dialog and node
+(``ProxyEngine._keep_unvouched``; Kamailio passes the names from ``$avp(e2m_kept)``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import pytest
 
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer
 from e2m_plugins.body import with_entity
-from e2m_plugins.sip import SipMessage, make_request
+from e2m_plugins.sip import SipMessage, make_request, make_response
 from e2m_plugins.testpki import init_test_pki
 from tests.unit.test_review46 import LATER, LEGACY, _Call, _node, _plaintext_200, \
     _reliable_183_then_bare_200, stranger_body
@@ -74,9 +81,6 @@ def _stray_keyed_200(call_id: str, from_uri: str, from_tag: str, n: int, entity)
     return _sent_nowhere(with_entity(answer(request, to_tag=f"t{n}"), entity), n)
 
 
-@pytest.mark.xfail(strict=True, reason="review 50 hole 1: a stranger's own unsigned INVITE "
-                   "keys (C, m1); each legacy stray 200 under that From tag with a new To AoR "
-                   "claims a new shared fork slot")
 def test_hole_a_strangers_own_invite_makes_each_legacy_stray_claim_a_shared_slot(world):
     """Attacker: a stranger (no certificate, no account, no call to observe) who can send
     UDP to a cluster node's SIP port, on a cluster whose proxies name ``[policy]
@@ -118,8 +122,6 @@ def test_hole_a_strangers_own_invite_makes_each_legacy_stray_claim_a_shared_slot
                        "kept keys) for 50 stray 200s after one unsigned INVITE of the stranger's"
 
 
-@pytest.mark.xfail(strict=True, reason="review 50 hole 1: a live call's keyed From tag makes "
-                   "each legacy stray 200 with a new To AoR claim a new shared fork slot")
 def test_hole_a_live_calls_keyed_tag_makes_each_legacy_stray_claim_a_shared_slot(world):
     """Attacker: anyone who can send UDP to a cluster node's SIP port and read one
     ringing call's Call-ID and From tag (an untrusted hop, a forked branch's device, SIP
@@ -175,9 +177,6 @@ def _answered_without_vouching(world, call_id: str, how: str) -> _Call:
     return call
 
 
-@pytest.mark.xfail(strict=True, reason="review 50 hole 2: a 2xx nothing vouches for leaves the "
-                   "caller's key in the early scope (200 s); her first re-INVITE after that "
-                   "gets 496")
 @pytest.mark.parametrize("how", ["plaintext", "100rel"])
 def test_hole_b_the_first_refresh_after_200_s_gets_496(world, how):
     """Attacker: none (a legitimate call: review 46's flows, with the caller's first
@@ -226,3 +225,34 @@ def test_control_a_sealed_200_then_a_late_first_refresh_passes(world):
     call.response(ok.message)
     call.now[0] += LATER
     assert call.reinvite(2).action == "forward"
+
+
+# ------------------------------------------------ the fix's own bounds (attacks tried on it)
+
+def _bare_200(call: _Call, to_tag: str) -> SipMessage:
+    ok = make_response(call.delivered, 200, "OK", [("Contact", "<sip:bob@127.0.0.1:5062>")])
+    return ok.replace("To", f"{call.delivered.get('To')};tag={to_tag}")
+
+
+def _dialogs_holding_her_key(call: _Call) -> int:
+    return len({scope for (scope, _) in call.cache._entries
+                if getattr(scope, "tags", ()) and len(scope.tags) == 2})
+
+
+def test_made_up_bare_200s_in_the_transaction_copy_her_key_into_at_most_max_forks_dialogs(world):
+    """An untrusted hop past the proxy (it sees the INVITE's branch) answers it with 20
+    bare 200s, a new To tag each: only ``MAX_FORKS`` dialogs get a copy of alice's key
+    (her quota is not spent per datagram), and none takes a fork slot."""
+    from e2m_plugins.proxy import MAX_FORKS
+    call = _Call(world, "r50-flood@x")
+    for n in range(20):
+        call.proxy.inspect(_bare_200(call, f"x{n}"), caller=call.who, request_kept=call.kept)
+    assert _dialogs_holding_her_key(call) == MAX_FORKS
+
+
+def test_a_stray_bare_200_keeps_nothing_for_a_dialog(world):
+    """The same 200 with no transaction of ours behind it (a cluster's stray reply, or
+    any answer the host cannot match): no names, nothing kept."""
+    call = _Call(world, "r50-stray@x")
+    call.proxy.inspect(_bare_200(call, "b1"), caller=call.who)
+    assert _dialogs_holding_her_key(call) == 0
