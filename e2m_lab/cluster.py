@@ -55,9 +55,13 @@ class Cluster:
 
 def _node_settings(db_url: str, own_dmq: int, peer_dmq: int, front: int | None) -> dict:
     carrier = {"front": f"127.0.0.1:{front}"} if front else {"advertise": ADVERTISE}
+    # sync_quiet_ms 300: a peer's dump chunks come back to back over loopback, so 300 ms
+    # without one ends its sync as surely as the default 1 s a real network needs, and
+    # each cluster start (about a hundred in the suite) is ready 0.7 s sooner
     return {"db_url": db_url, "view": VIEW,
             "extra": {"cluster": {"dmq_address": f"sip:127.0.0.1:{own_dmq}",
-                                  "peers": [f"sip:127.0.0.1:{peer_dmq}"], **carrier}}}
+                                  "peers": [f"sip:127.0.0.1:{peer_dmq}"],
+                                  "sync_quiet_ms": 300, **carrier}}}
 
 
 def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,

@@ -206,7 +206,13 @@ class PostgresServer:
         self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
+        """SIGCONT every process, then wait (up to 5 s) until the server answers again:
+        stopped at once after a resume (a test's teardown), its fast shutdown sometimes
+        hung until the 15 s kill, the suite's slowest teardown."""
         self._signal_all(signal.SIGCONT)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not self._ready():
+            time.sleep(0.05)
 
     def stop(self, *, keep: bool = False) -> None:
         """Stop the server; a folder we made is removed unless ``keep`` (a restart)."""

@@ -76,7 +76,7 @@ def test_hole_a_frozen_database_holds_every_signed_request_for_its_timeout(own_p
     make it so.
 
     Attack: during the freeze, signed requests reach one worker of a cluster node, one
-    every 0.6 s for about 12 s.
+    every 0.6 s for about 7 s.
 
     Effect: every one of them waits: the first for the query on the open connection
     (2.5 s), each later one for a new connection (2 s).  ``check_and_record`` takes
@@ -101,7 +101,7 @@ def test_hole_a_frozen_database_holds_every_signed_request_for_its_timeout(own_p
     assert max(_timed_requests(node, 3, 0.0)) < 0.5        # connected, claiming
     own_postgres.pause()
     try:
-        took = _timed_requests(node, 20, 0.6)
+        took = _timed_requests(node, 12, 0.6)
     finally:
         own_postgres.resume()
     waited = [round(t, 1) for t in took if t > 0.5]

@@ -119,10 +119,11 @@ def minimal_subscribe(ua: SipUa, aor: str = BOB, expires: int = 0) -> bytes:
     return request.replace("Via", ua.via()).serialize()
 
 
-def reflected(home: ProxyHandle, made: list, seconds: float = 7.0) -> tuple[int, int, list]:
+def reflected(home: ProxyHandle, made: list, seconds: float = 4.5) -> tuple[int, int, list]:
     """A victim at a loopback address that never answers: one SUBSCRIBE ``from`` it,
-    then every datagram that reaches it within ``seconds`` (tm gives up a NOTIFY after
-    fr_timer, 5 s).  (octets sent, octets received, the datagrams)."""
+    then every datagram that reaches it within ``seconds``: past tm's last retransmission
+    before fr_timer (at 0.5, 1.5 and 3.5 s with T1 = 0.5 s; 1 and 3 s with T1 = 1 s).
+    (octets sent, octets received, the datagrams)."""
     victim = SipUa(home.port, user="carol", source=source())
     made.append(victim)
     sent = minimal_subscribe(victim)

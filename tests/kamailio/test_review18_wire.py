@@ -69,6 +69,17 @@ def _someone_elses_message(front) -> SipMessage | None:
         carol.close()
 
 
+def _final_answer(ua: SipUa, deadline: float) -> bool:
+    """Whether ``ua`` got a final response before ``deadline``."""
+    while (left := deadline - time.monotonic()) > 0:
+        message = ua.receive(left)
+        if message is None:
+            return False
+        if not message.is_request and (message.status or 0) >= 200:
+            return True
+    return False
+
+
 def _phone(answer_invite: int | None, answer_message: int | None) -> RawUas:
     def respond(request: SipMessage):
         if request.method == "INVITE":
@@ -145,7 +156,12 @@ def test_hole_a_message_to_a_silent_phone_takes_every_node_out_of_the_front(prox
                                      content_type="text/plain")
             stranger.send(message.replace("Via", stranger.via()))
             time.sleep(0.035)
-        time.sleep(11.0)               # two fr_timers: each node's turn, then the 408
+        # every sender's final answer (a node's 408 after its 5 s fr_timer, relayed; on
+        # the code before, each node's turn and then the front's own 408): by then the
+        # front's failure route has run for every MESSAGE
+        deadline = time.monotonic() + 11.0     # two fr_timers and a margin
+        unanswered = [s for s in strangers if not _final_answer(s, deadline)]
+        assert not unanswered, f"{len(unanswered)} MESSAGEs unanswered after 11 s"
         down = _nodes_down(front, nodes)
         answer = _someone_elses_message(front)
         assert down == [], (f"nodes marked down by {MESSAGES} MESSAGEs to a silent phone: {down}; "

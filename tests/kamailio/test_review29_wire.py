@@ -188,8 +188,11 @@ def test_hole_a_stranger_behind_the_users_nat_closes_their_registered_connection
     stray reply or an HTTP GET should not mark at all."""
     held = _stranger(tcp_home, 5)
     try:
-        time.sleep(IDLE + 3)             # past the first-message timeout and a sweep
-        # a stray reply marks nothing now: past the first-message timeout they are gone
+        # a stray reply marks nothing now: past the first-message timeout and a sweep
+        # (2 s) they are gone
+        deadline = time.monotonic() + IDLE + 3
+        while sum(_open(s) for s in held) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert sum(_open(s) for s in held) == 0
         alice_open, _ = _alice_stays_connected(tcp_home, held, IDLE)
         assert alice_open, "alice's registered connection was closed"

@@ -114,7 +114,8 @@ def _challenged(alice: PhoneProcess, hop: Hop, status: int, header: str,
                "Unauthorized" if status == 401 else "Proxy Authentication Required",
                [(header, f'Digest realm="{realm}", nonce="chosen-by-bob-27", '
                          'algorithm=MD5, qop="auth"')])
-    again = [m for m, _ in hop.requests("MESSAGE", timeout=4)]
+    # pjsip answers a challenge at once (the same loop turn): 2 s is ample for a retry
+    again = [m for m, _ in hop.requests("MESSAGE", timeout=2)]
     for m in again:
         src = first[0][1]
         hop.answer(m, src, 200, "OK")
