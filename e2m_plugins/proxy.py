@@ -389,7 +389,10 @@ class ProxyEngine:
                 return answer_keeper(UNAUTHENTICATED_CALLER, responder)
             return answer_keeper(_keeper(who), responder)
         seen, media = self._view(response, method, keeper=keeper, kept=[])
-        if request_kept and self._invite_2xx(response):
+        # nothing vouched: no body, or one neither sealed nor signed (a 2xx that was
+        # keeps what _view gave it, even none: a fork past MAX_FORKS keeps nothing)
+        if request_kept and self._invite_2xx(response) \
+                and not any(s.encrypted or s.signature != "none" for s in seen):
             self._keep_unvouched(response, request_kept)
         return Verdict("forward", seen=seen, media=media)
 
@@ -410,7 +413,7 @@ class ProxyEngine:
                 and (entry := self.cache.get(early, name, count=False)) is not None]
         if not kept or self._fork(response, [], early.tags[0], response.to_tag or "",
                                   claim=False) is not None:
-            return           # nothing left to keep, or the 2xx took its slot (vouched)
+            return           # nothing left to keep, or the dialog holds a fork slot
         first, second = dialog_parties(response)
         slot = self.replay.admit_fork(
             f"unvouched\n{response.call_id}\n{early.tags[0]}\n{first}\n{second}",

@@ -256,3 +256,22 @@ def test_a_stray_bare_200_keeps_nothing_for_a_dialog(world):
     call = _Call(world, "r50-stray@x")
     call.proxy.inspect(_bare_200(call, "b1"), caller=call.who)
     assert _dialogs_holding_her_key(call) == 0
+
+
+def test_sealed_200s_past_max_forks_keep_her_key_for_life_in_one_dialog_only(world):
+    """The insider callee (he holds her CEK) answers in the transaction with eight 200s
+    sealed under her key, a new To tag each: the first dialog keeps her key for its life,
+    the next three as later forks (200 s), the rest nothing; the unvouched path gives
+    none of them more (a sealed 2xx is vouched, whether or not it got a slot)."""
+    from e2m_plugins.proxy import LATER_FORK_KEEPER, MAX_FORKS
+    call = _Call(world, "r50-forks@x")
+    for n in range(MAX_FORKS + 4):
+        ok = call.bob.protect(answer(call.delivered, to_tag=f"f{n}"))
+        assert ok.info.key_reuse
+        call.proxy.inspect(ok.message, caller=call.who, request_kept=call.kept)
+    dialogs = {}
+    for (scope, _), entry in call.cache._entries.items():
+        if len(getattr(scope, "tags", ())) == 2:
+            dialogs.setdefault(scope, []).append(entry.keeper)
+    for_life = [s for s, keepers in dialogs.items() if LATER_FORK_KEEPER not in keepers]
+    assert len(for_life) == 1 and len(dialogs) == MAX_FORKS, dialogs
