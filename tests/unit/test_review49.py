@@ -54,11 +54,13 @@ def _ack(world, alice: UAEngine, phone: UAEngine, call_id: str) -> None:
 # 1. A bare BYE with the caller's tag and a made-up To tag empties the callee's call
 
 
-def _answered_call(world, call_id: str) -> tuple[UAEngine, UAEngine]:
-    """alice calls bob's phone; it answers 200 (tag ``phone``) under alice's offer key K0
-    (``reusable``'s choice), which it keeps under (Call-ID, a1): the peer's tag."""
+def _answered_call(world, call_id: str, phone: UAEngine | None = None
+                   ) -> tuple[UAEngine, UAEngine]:
+    """alice calls bob's ``phone`` (a fresh engine by default); it answers 200 (tag
+    ``phone``) under alice's offer key K0 (``reusable``'s choice), which it keeps under
+    (Call-ID, a1): the peer's tag."""
     alice = ua_engine(world, "alice")
-    phone = ua_engine(world, "bob")
+    phone = phone or ua_engine(world, "bob")
     offer = alice.protect(invite(world, call_id=call_id)).message
     ok = phone.protect(answer(phone.open(offer).message, to_tag="phone"))
     assert ok.info.key_reuse
@@ -295,16 +297,10 @@ SLOTS = 32      # MAX_DIALOGS (4096) made small; the attack scales with it
 
 
 def _phone_in_a_call(world, call_id: str) -> tuple[UAEngine, UAEngine]:
-    alice = ua_engine(world, "alice")
     phone = ua_engine(world, "bob", peers=("alice", "carol"))
     phone.dialog_keys = DialogKeys(max_age=phone.config.cek_max_age,
                                    max_uses=phone.config.cek_max_uses, max_dialogs=SLOTS)
-    offer = alice.protect(invite(world, call_id=call_id)).message
-    ok = phone.protect(answer(phone.open(offer).message, to_tag="phone"))
-    assert ok.info.key_reuse
-    alice.open(ok.message)
-    _ack(world, alice, phone, call_id)
-    return alice, phone
+    return _answered_call(world, call_id, phone)
 
 
 def test_control_a_few_cancelled_calls_leave_a_live_call_its_key(world):
