@@ -441,6 +441,13 @@ class UAEngine:
         parties than the dialog's.  pjsip finds the dialog of a request by the tags
         alone (not even the Call-ID), so carol, signing as herself, could otherwise
         re-INVITE, answer or end alice's call with bob (moving its media to her)."""
+        if message.is_request and not message.to_tag and message.from_tag:
+            mine = self._parties.get(message.from_tag.lower())
+            if mine is not None and mine[0] == message.call_id:
+                # a new dialog whose sender wrote one of our own tags under this Call-ID:
+                # no UA picks another's tag; ending it would end that dialog's keys
+                raise BindingMismatchError("a new dialog names one of our own tags as "
+                                           "its sender's")
         tag = self._local_tag(message, sent=False)
         known = self._parties.get(tag) if tag else None
         if known is None:
@@ -934,15 +941,31 @@ class UAEngine:
         our own tag (the INVITE's, which every fork shares) and the call's policies only
         when it ends the dialog the INVITE's first 2xx made, or that dialog is not known
         (``_confirmed`` lost it); a BYE of another fork ends only its own (review 45)."""
+        local = self._local_tag(message, sent=sent)
+        outward = message.is_request == sent
+        remote = message.to_tag if outward else message.from_tag
         if message.method == "BYE":
-            local = self._local_tag(message, sent=sent)
-            remote = message.to_tag if message.is_request == sent else message.from_tag
             confirmed = self._confirmed.get(local) if local else None
             if (remote or "").lower() != confirmed and not (sent and confirmed is None):
                 self.dialog_keys.end_dialog(message, peer_tag=remote or "")
                 return
+        if self._another_dialog_of_ours(message, local):
+            # a second dialog under the Call-ID between the same two AoRs (a hop's bare
+            # INVITE From the caller with a tag of its own, which pjsip takes as a new
+            # call): it ends its own slot, never the live call's (review 51)
+            self.dialog_keys.end_dialog(message, peer_tag=remote or "")
+            return
         self.dialog_keys.end_dialog(message)
-        self.policies.end_call(message.call_id)
+        # the policies of this dialog's peer only: a third party's call under the same
+        # Call-ID ends its own, not the live call's (review 51)
+        peer = _aor(message.get("To") if outward else message.get("From"))
+        self.policies.end_scope(dialog_scope(message.call_id, peer))
+
+    def _another_dialog_of_ours(self, message: SipMessage, local: str | None) -> bool:
+        """Whether a dialog of ours other than the one of tag ``local`` is under way
+        with the same Call-ID and parties (``_parties``)."""
+        known = (message.call_id, dialog_parties(message))
+        return any(tag != local and entry == known for tag, entry in self._parties.items())
 
     def _strict(self, legacy: LegacyPeer | None) -> bool:
         """Whether a body must be signed and bound (everyone but a lenient legacy peer)."""

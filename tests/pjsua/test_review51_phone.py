@@ -2,6 +2,8 @@
 dialog under a live call's Call-ID, From the caller's AoR with a tag of its own, answered
 by pjsua and ended by the sender's BYE, ends the live call's keys at the phone (see
 ``tests/unit/test_review51.py``, hole 1).  From plain sockets on loopback, no Kamailio.
+
+Fixed: see ``tests/unit/test_review51.py``.
 """
 
 from __future__ import annotations
@@ -133,8 +135,6 @@ def test_control_alices_reinvite_under_her_key_is_answered(pki, bob):
         call.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 51: a bare second dialog under the Call-ID, "
-                   "answered and BYEd, ends the live call's keys at the phone (493)")
 def test_hole_a_bare_second_dialog_under_the_call_id_ends_the_live_calls_key(pki, bob):
     """Attacker: anyone who read the live call's Call-ID and the two AoRs (plaintext
     headers), from any address; no certificate, no signature.

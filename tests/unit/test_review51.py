@@ -22,6 +22,12 @@ dialog is with; the slots were scoped to the two parties (review 45), the polici
 not.  The end of a third party's own call under the Call-ID (carol, with her own AoR)
 takes the live call's proxy policies: the phone's next body in that call leaves its
 proxy out (a 496 round trip and a retry of the call's ``MAX_RETRIES_PER_CALL``).
+
+Fixed: the end of a dialog ends every slot of the Call-ID between its parties only when
+no other dialog of ours with that Call-ID and those parties is under way (``_parties``);
+else only its own peer's slot.  Policies end per dialog scope (Call-ID and peer), not per
+Call-ID.  And a new dialog whose sender wrote one of our own tags under the Call-ID is
+refused (ending it would end that tag's slot).
 """
 
 from __future__ import annotations
@@ -118,8 +124,6 @@ def test_control_without_a_second_dialog_alices_reinvite_opens(world):
     assert _reinvite_opens_at_the_answering_phone(world, alice, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 51: ending a second dialog of the Call-ID "
-                   "between the same AoRs ends every slot of the live call at the callee")
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_hole_a_bare_second_dialog_under_the_call_id_ends_the_callees_live_keys(world, ending):
     """Attacker: an untrusted on-path hop, or an off-path sender who read the call's
@@ -177,8 +181,6 @@ def test_control_bobs_reinvite_opens_at_the_caller(world):
     assert _bobs_reinvite_opens_at_alice(world, alice, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 51: a bare second dialog From the callee "
-                   "under the Call-ID, ended, ends the caller's live keys")
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_hole_a_bare_second_dialog_under_the_call_id_ends_the_callers_live_keys(world, ending):
     """Attacker: as above, toward the caller.
@@ -231,8 +233,6 @@ def test_control_the_phones_reinvite_in_alices_call_is_for_her_proxy_too(world):
     assert TRUSTED in _phones_reinvite_readers(world, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 51: policies.end_call ends every dialog "
-                   "policy of the Call-ID, a third party's call end takes the live call's")
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_hole_a_third_partys_call_under_the_call_id_ends_the_live_calls_policies(world, ending):
     """Attacker: an insider UA (carol, any user whose certificate the phone holds) who read
@@ -260,3 +260,18 @@ def test_hole_a_third_partys_call_under_the_call_id_ends_the_live_calls_policies
     _second_dialog(world, phone, call_id, caller="carol", callee="bob", from_tag="c1",
                    our_tag="b2", ending=ending)
     assert TRUSTED in _phones_reinvite_readers(world, phone, call_id)
+
+
+def test_a_new_dialog_that_names_our_own_tag_as_its_senders_is_refused(world):
+    """Tried against the fix: the second dialog From bob;tag=a1 (alice's own tag in the
+    live call), whose end would take the slot of that tag, her INVITE's key.  No UA
+    picks another's tag: refused before pjsip sees it."""
+    from e2m_plugins.errors import BindingMismatchError
+    call_id = "r51-own-tag@x"
+    alice, phone = _answered_call(world, call_id)
+    bare = make_request("INVITE", "sip:alice@127.0.0.1:5061", from_uri=world.aor("bob"),
+                        to_uri=world.aor("alice"), call_id=call_id, cseq=1, from_tag="A1",
+                        via_host=HOP, extra_headers=[("Contact", f"<sip:bob@{HOP}>")])
+    with pytest.raises(BindingMismatchError):
+        alice.open(bare)
+    assert _bobs_reinvite_opens_at_alice(world, alice, phone, call_id)
