@@ -246,8 +246,7 @@ class ProxyEngine:
         return hdr.PROXY_BODY_POLICY, self._policy_value
 
     def inspect(self, message: SipMessage, *,
-                caller: str | Callable[[], str | None] | None = None,
-                request_kept: Sequence[bytes] = ()) -> Verdict:
+                caller: str | Callable[[], str | None] | None = None) -> Verdict:
         """The verdict for one request or response (never raises ``E2MError``).
 
         A response is always forwarded: it cannot be answered, and dropping it would
@@ -259,16 +258,13 @@ class ProxyEngine:
         (``keycache.keeper_groups``): neither party can spend a third party's.
         Without ``caller`` (an answer to nothing we relayed) it counts against the
         responder (its signer) alone.  ``caller`` may be a function giving it, asked
-        only when the answer offers a key.  ``request_kept``: for a response, the
-        ``Verdict.kept`` of the request it answers (kept with the transaction too; empty
-        for an answer to nothing we relayed): an INVITE's 2xx nothing vouches for keeps
-        those keys for its dialog (``_keep_unvouched``)."""
+        only when the answer offers a key."""
         try:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
                 if message.is_request:
                     return self._inspect_request(message)
-                return self._inspect_response(message, caller, request_kept)
+                return self._inspect_response(message, caller)
         except E2MError as exc:
             if message.is_request:
                 return self.refuse(message, exc)
@@ -369,8 +365,7 @@ class ProxyEngine:
     # -- responses ---------------------------------------------------------
 
     def _inspect_response(self, response: SipMessage,
-                          caller: str | Callable[[], str | None] | None = None,
-                          request_kept: Sequence[bytes] = ()) -> Verdict:
+                          caller: str | Callable[[], str | None] | None = None) -> Verdict:
         # A failure answer drops no key: one branch's 486 (bob's other device, or a
         # hop's forgery) leaves the offer's key to the branches still ringing, a 491 to
         # a re-INVITE or a late 487 of the answered branch leaves the dialog's keys.
@@ -389,40 +384,7 @@ class ProxyEngine:
                 return answer_keeper(UNAUTHENTICATED_CALLER, responder)
             return answer_keeper(_keeper(who), responder)
         seen, media = self._view(response, method, keeper=keeper, kept=[])
-        # nothing vouched: no body, or one neither sealed nor signed (a 2xx that was
-        # keeps what _view gave it, even none: a fork past MAX_FORKS keeps nothing)
-        if request_kept and self._invite_2xx(response) \
-                and not any(s.encrypted or s.signature != "none" for s in seen):
-            self._keep_unvouched(response, request_kept)
         return Verdict("forward", seen=seen, media=media)
-
-    def _keep_unvouched(self, response: SipMessage, request_kept: Sequence[bytes]) -> None:
-        """An INVITE's 2xx in its own transaction that took no fork slot (nothing vouched
-        for it: a plaintext answer, or none after a reliable 183) keeps the keys the
-        INVITE kept for the dialog it confirms, for the dialog's life, as the caller's.
-        Without it they waited in the early scope for her first signed re-INVITE to
-        claim the slot, and one later than ``EARLY_DIALOG_TTL`` (a session refresh)
-        found nothing: 496 (review 50).  No fork slot is taken (a made-up 2xx must not
-        take slot 0 from the real answer: review 48); at most ``MAX_FORKS`` dialogs of
-        one early dialog get such copies (node-local: only this transaction's names,
-        nothing a stranger's stray reaches)."""
-        early = DialogScope(response.call_id, response.from_tag or "")
-        dialog = message_scope(response)
-        kept = [(name, entry) for name in request_kept
-                if self.cache.get(dialog, name, count=False) is None
-                and (entry := self.cache.get(early, name, count=False)) is not None]
-        if not kept or self._fork(response, [], early.tags[0], response.to_tag or "",
-                                  claim=False) is not None:
-            return           # nothing left to keep, or the dialog holds a fork slot
-        first, second = dialog_parties(response)
-        slot = self.replay.admit_fork(
-            f"unvouched\n{response.call_id}\n{early.tags[0]}\n{first}\n{second}",
-            (response.to_tag or "").lower(), MAX_FORKS, shared=False)
-        if slot is None:
-            return
-        for name, entry in kept:
-            self.cache.put(dialog, name, entry.cek, max_decrypts=entry.max_decrypts,
-                           ttl=None, keeper=entry.keeper or UNSIGNED_KEEPER)
 
     def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
         """A BYE ended the dialog (Call-ID and both tags): the keys kept for it go
@@ -447,13 +409,11 @@ class ProxyEngine:
             self.cache.drop(scope, name)
 
     @staticmethod
-    def response_needs_reading(method: str, status: int, *, has_body: bool,
-                               request_kept: bool = False) -> bool:
+    def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
         """False when ``inspect`` of this response would do nothing at all: nothing to
         view (a 200 to MESSAGE, a 180 without SDP, a failure: it drops no key).  A host
-        may then forward it unread.  A bodiless INVITE 2xx whose request kept keys
-        (``request_kept``) is read: it keeps them for its dialog (``_keep_unvouched``)."""
-        return has_body or (request_kept and method == "INVITE" and 200 <= status < 300)
+        may then forward it unread."""
+        return has_body
 
     @staticmethod
     def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:

@@ -948,22 +948,17 @@ class kamailio:
             if self.own_realm_challenge():
                 KSR.pv.seti(_OWN_CHALLENGE_AVP, 1)     # the failure route answers 502
                 return 1
-            self.route_reply(in_transaction=True)
+            self.route_reply()
         except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
             _log_exception("reply route", exc)
         return 1
 
-    def route_reply(self, in_transaction: bool = False):
+    def route_reply(self):
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or status < 101:
             return
-        method = KSR.pv.get("$rm") or ""
-        # the names the request kept, with its transaction (an unvouched INVITE 2xx keeps
-        # them for its dialog); a stray reply has no transaction of ours to name any
-        kept = _request_kept() if in_transaction and method == "INVITE" \
-            and 200 <= status < 300 else []
-        if not self.app.engine.response_needs_reading(method, status, has_body=_has_body(),
-                                                      request_kept=bool(kept)):
+        if not self.app.engine.response_needs_reading(KSR.pv.get("$rm") or "", status,
+                                                      has_body=_has_body()):
             return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
         try:
@@ -980,7 +975,7 @@ class kamailio:
         def caller():
             asked.append(_caller())
             return asked[-1]
-        verdict = self.app.engine.inspect(message, caller=caller, request_kept=kept)
+        verdict = self.app.engine.inspect(message, caller=caller)
         # who paid for a key the answer offered (asked only then)
         charged = " caller=%s" % _loggable(asked[0]) if asked else ""
         _info("e2m: %s response %s %s%s\n" % (message.method, message.status,

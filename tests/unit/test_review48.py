@@ -258,10 +258,9 @@ def test_control_stray_bare_200s_for_an_unkeyed_call_claim_nothing(world):
 
 def test_control_after_a_bare_200_her_reinvite_claims_the_slot_once(world):
     """The keyed call answered with no body (the answer went in a reliable 183): the
-    200 claims nothing in the shared database.  Since review 50 the 200, in its own
-    transaction, keeps her key for its dialog as hers (node-local, ``_keep_unvouched``),
-    so her signed re-INVITE finds it there and claims only its replay record; before,
-    it took the answered dialog's fork slot across the cluster (review 46)."""
+    200 claims nothing; alice's own signed re-INVITE under her key, which binds its To
+    tag, takes the answered dialog's slot across the cluster, once (review 46 needs
+    it)."""
     call = _Call(world, "r48-real@x")
     claims = _Claims()
     call.proxy.replay = ClaimedReplayCache(HtableReplayCache(MemoryHtable(), window=300),
@@ -269,7 +268,6 @@ def test_control_after_a_bare_200_her_reinvite_claims_the_slot_once(world):
     ok = make_response(call.delivered, 200, "OK", [])
     call.response(ok.replace("To", f"{call.delivered.get('To')};tag=b1"))
     assert claims.asked == 0
-    assert call.dialog_copy() is not None and call.dialog_copy().keeper != LATER_FORK_KEEPER
     assert call.reinvite(2).action == "forward"
-    assert sorted(name[0] for name in claims.held) == ["r"]        # its record alone
+    assert sorted(name[0] for name in claims.held) == ["f", "r"]   # its slot, its record
     assert call.dialog_copy().keeper != LATER_FORK_KEEPER

@@ -33,12 +33,17 @@ session-timer refresh, 900 s by default) finds no key and her own proxy answers 
 Review 46's and 48's tests re-INVITE at once first, which hides it.  (Not new in
 c5fceec: db5870b's slot taken by the bare 200 moved no key either.)
 
-Fixed: a slot is shared across the cluster only with a signed context, or when a key a
-signed body offered opened the 2xx (``_signers_key_opened``: kept names bind the two
-AoRs; an unsigned or later fork's key never counts); an INVITE 2xx nothing vouches for,
-in its own transaction, keeps the keys its INVITE kept for the dialog it confirms, as the
-caller's, at most ``MAX_FORKS`` dialogs per early dialog and node
-(``ProxyEngine._keep_unvouched``; Kamailio passes the names from ``$avp(e2m_kept)``).
+Fixed (hole 1): a slot is shared across the cluster only with a signed context, or when a
+key a signed body offered opened the 2xx (``_signers_key_opened``: kept names bind the two
+AoRs; an unsigned or later fork's key never counts).
+
+Hole 2 is a known limit.  A fix (the INVITE 2xx, in its own transaction, copying the
+INVITE's keys into its dialog) was made and withdrawn: review 52 showed the callee or a
+hop past the proxy (both see the branch) could use those copies to fill the caller's
+quota, keep her key 12 h after the call, and, with a BYE for a made-up dialog, take the
+ringing call's key (``tests/unit/test_review52.py``).  What is left costs one 496 and
+the phone's retry under a fresh key, for the first re-INVITE after 200 s of a call
+answered in plaintext or by a bodiless 200 after a reliable 183.
 """
 
 from __future__ import annotations
@@ -177,6 +182,10 @@ def _answered_without_vouching(world, call_id: str, how: str) -> _Call:
     return call
 
 
+@pytest.mark.xfail(strict=True, reason="known limit (review 50; the copy that fixed it was "
+                   "withdrawn after review 52): a 2xx nothing vouches for leaves the caller's "
+                   "key in the early scope, so a first re-INVITE after 200 s gets one 496 "
+                   "and the phone's retry under a fresh key")
 @pytest.mark.parametrize("how", ["plaintext", "100rel"])
 def test_hole_b_the_first_refresh_after_200_s_gets_496(world, how):
     """Attacker: none (a legitimate call: review 46's flows, with the caller's first
@@ -239,17 +248,6 @@ def _dialogs_holding_her_key(call: _Call) -> int:
                 if getattr(scope, "tags", ()) and len(scope.tags) == 2})
 
 
-def test_made_up_bare_200s_in_the_transaction_copy_her_key_into_at_most_max_forks_dialogs(world):
-    """An untrusted hop past the proxy (it sees the INVITE's branch) answers it with 20
-    bare 200s, a new To tag each: only ``MAX_FORKS`` dialogs get a copy of alice's key
-    (her quota is not spent per datagram), and none takes a fork slot."""
-    from e2m_plugins.proxy import MAX_FORKS
-    call = _Call(world, "r50-flood@x")
-    for n in range(20):
-        call.proxy.inspect(_bare_200(call, f"x{n}"), caller=call.who, request_kept=call.kept)
-    assert _dialogs_holding_her_key(call) == MAX_FORKS
-
-
 def test_a_stray_bare_200_keeps_nothing_for_a_dialog(world):
     """The same 200 with no transaction of ours behind it (a cluster's stray reply, or
     any answer the host cannot match): no names, nothing kept."""
@@ -262,13 +260,13 @@ def test_sealed_200s_past_max_forks_keep_her_key_for_life_in_one_dialog_only(wor
     """The insider callee (he holds her CEK) answers in the transaction with eight 200s
     sealed under her key, a new To tag each: the first dialog keeps her key for its life,
     the next three as later forks (200 s), the rest nothing; the unvouched path gives
-    none of them more (a sealed 2xx is vouched, whether or not it got a slot)."""
+    none of them more."""
     from e2m_plugins.proxy import LATER_FORK_KEEPER, MAX_FORKS
     call = _Call(world, "r50-forks@x")
     for n in range(MAX_FORKS + 4):
         ok = call.bob.protect(answer(call.delivered, to_tag=f"f{n}"))
         assert ok.info.key_reuse
-        call.proxy.inspect(ok.message, caller=call.who, request_kept=call.kept)
+        call.proxy.inspect(ok.message, caller=call.who)
     dialogs = {}
     for (scope, _), entry in call.cache._entries.items():
         if len(getattr(scope, "tags", ())) == 2:
