@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import itertools
 import logging
 import re
 import threading
@@ -525,6 +526,10 @@ class _LogWriter(pj.LogWriter):
 # pjsua quotes the IM text in its own lines ("Message '<text>' delivered
 # successfully", "Failed to deliver message '<text>': 496/...") and prints the
 # SRTP master key at level 5 ("TX: AES_CM_128_HMAC_SHA1_80 key=<key>").
+# Each PhoneCall's own number, named by its events: two calls may share one SIP Call-ID
+# (a second dialog under a live call's), so the Call-ID cannot say whose event it is.
+_CALL_SERIALS = itertools.count(1)
+
 _IM_TEXT = re.compile(r"(message ')(.*)('(?: delivered|:))", re.IGNORECASE | re.DOTALL)
 _KEY_VALUE = re.compile(r"\b(key|salt)=\S+", re.IGNORECASE)
 
@@ -602,7 +607,7 @@ class PhoneAccount(pj.Account):
         ci = call.getInfo()
         call._note_info(ci)
         self.endpoint.events.add("incoming_call", self.uri, call_id=ci.callIdString,
-                                 remote_uri=ci.remoteUri, whole_msg=_bytes(prm.rdata.wholeMsg))
+                                 call=call.serial, remote_uri=ci.remoteUri, whole_msg=_bytes(prm.rdata.wholeMsg))
         if self.auto_answer is not None:
             guard = _SendGuard(self.endpoint)
             op = pj.CallOpParam()
@@ -748,6 +753,7 @@ class PhoneCall(pj.Call):
         self.last_status = 0
         self.last_reason = ""
         self.sip_call_id = ""
+        self.serial = next(_CALL_SERIALS)
         self.media: list[tuple[int, int]] = []   # (media type, status) per stream
         self.disconnected = False
 
@@ -768,14 +774,16 @@ class PhoneCall(pj.Call):
             whole = b""
         if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
-        self.endpoint.events.add("call_state", self.account.uri, call_id=ci.callIdString, state=ci.state,
+        self.endpoint.events.add("call_state", self.account.uri, call_id=ci.callIdString,
+                                 call=self.serial, state=ci.state,
                                  state_text=ci.stateText, code=ci.lastStatusCode,
                                  reason=ci.lastReason, whole_msg=whole)
 
     def onCallMediaState(self, prm: Any) -> None:
         ci = self.getInfo()     # read into a variable: ci.media of a temporary is freed
         self.media = [(m.type, m.status) for m in ci.media]
-        self.endpoint.events.add("media", self.account.uri, call_id=ci.callIdString, statuses=tuple(self.media))
+        self.endpoint.events.add("media", self.account.uri, call_id=ci.callIdString,
+                                 call=self.serial, statuses=tuple(self.media))
 
     # application API
     @property

@@ -503,6 +503,7 @@ class E2MPhone:
             "events": len(self.events), "errors": len(self.errors),
             "reactions": len(self._reactions), "update_reactions": len(self._update_reactions),
             "messages": len(self.messages), "calls": len(self.calls),
+            "live_calls": sum(1 for c in self.calls if not c.done),
             "call_ids": len(self._by_call_id), "call_security": len(self._call_security),
             "plain": len(self._plain), "pjsua_calls": len(account.calls) if account else 0,
             "endpoint_events": len(self.endpoint.events) if self.endpoint else 0,
@@ -860,12 +861,16 @@ class E2MPhone:
 
     def _ev_incoming_call(self, ev: Any) -> None:
         acc = self.account
-        phone_call = next((c for c in reversed(acc.calls) if c.sip_call_id == ev["call_id"]),
+        phone_call = next((c for c in reversed(acc.calls) if c.serial == ev.get("call")),
                           None) if acc is not None else None
         call = E2MCall(remote=ev["remote_uri"], outgoing=False, current=phone_call, attempts=1)
         call.call_ids.append(ev["call_id"])
         self.calls.append(call)
-        self._by_call_id[ev["call_id"]] = call
+        held = self._by_call_id.get(ev["call_id"])
+        if not isinstance(held, E2MCall) or held.done:
+            # a second dialog under a live call's Call-ID (anyone who read it may make
+            # one) must not take the live call's entry: its 496 answers go by it
+            self._by_call_id[ev["call_id"]] = call
         self._emit("call_incoming", remote=call.remote, call_id=ev["call_id"],
                    security=self.call_security(call))
 
@@ -882,9 +887,21 @@ class E2MPhone:
         self._emit("call_refused", call_id=ev["call_id"], code=ev["code"],
                    error="AnswerBlocked", reason=f"the answer could not be sent: {ev['error']}")
 
+    def _call_of(self, ev: Any) -> E2MCall | None:
+        """The call a pjsua event is about: the one holding the event's own call object
+        (two dialogs may share a Call-ID), else the Call-ID's (an attempt whose object
+        the call no longer holds, say one the hook refused to send)."""
+        serial = ev.get("call")
+        if serial is not None:
+            for call in reversed(self.calls):
+                if call.current is not None and getattr(call.current, "serial", None) == serial:
+                    return call
+        found = self._by_call_id.get(ev["call_id"])
+        return found if isinstance(found, E2MCall) else None
+
     def _ev_call_state(self, ev: Any) -> None:
-        call = self._by_call_id.get(ev["call_id"])
-        if not isinstance(call, E2MCall):
+        call = self._call_of(ev)
+        if call is None:
             return
         import pjsua2 as pj
 
@@ -913,8 +930,8 @@ class E2MPhone:
                        security=self.call_security(call))
 
     def _ev_media(self, ev: Any) -> None:
-        call = self._by_call_id.get(ev["call_id"])
-        if not isinstance(call, E2MCall):
+        call = self._call_of(ev)
+        if call is None:
             return
         import pjsua2 as pj
 

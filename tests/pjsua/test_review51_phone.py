@@ -21,7 +21,7 @@ from e2m_lab.stranger import HOST, UdpStranger
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki
 
-from test_review5_phone import _contact
+from test_review5_phone import _contact, hang_up_and_close
 
 pytestmark = [pytest.mark.pjsua2]
 
@@ -123,8 +123,8 @@ class _AlicesCall:
         bob.wait("call_ended", since=mark, timeout=5)
 
     def close(self) -> None:
-        self.peer.close()
-        self.thief.close()
+        hang_up_and_close(self.pki, self.target, self.call_id, (self.alice_tag, self.bob_tag),
+                          self.peer, self.thief)
 
 
 def test_control_alices_reinvite_under_her_key_is_answered(pki, bob):

@@ -90,8 +90,24 @@ class _Call:
         return self.thief.final(self.call_id, timeout=5)
 
     def close(self) -> None:
-        self.peer.close()
-        self.thief.close()
+        hang_up_and_close(self.pki, self.target, self.call_id, (self.alice_tag, self.bob_tag),
+                          self.peer, self.thief)
+
+
+def hang_up_and_close(pki: TestPKI, target: str, call_id: str, tags: tuple[str, str],
+                      peer: UdpStranger, *others: UdpStranger) -> None:
+    """alice (``tags``: hers, bob's) hangs the call up from ``peer`` first (a 481 if it
+    is over), then the sockets close: a live call makes the phone's quit wait 5 s for
+    a BYE answer from a closed socket."""
+    try:
+        peer.send(sip.make_request(
+            "BYE", target, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"), call_id=call_id,
+            cseq=90, from_tag=tags[0], to_tag=tags[1],
+            via_host=f"{HOST}:{peer.local_port}").serialize())
+        peer.final(call_id, timeout=2)
+    finally:
+        for sock in (peer, *others):
+            sock.close()
 
 
 def test_hole_a_bye_with_the_callees_tag_in_from_opens_the_call_to_carol(pki, bob):

@@ -86,3 +86,28 @@ def test_hole_a_second_call_with_the_same_call_id_ends_the_first_calls_entry(pki
         assert call.hijack(7) == 403, "carol's re-INVITE into alice's call was answered"
     finally:
         call.close()
+
+
+def test_hole_a_second_call_with_the_same_call_id_takes_the_first_calls_place(pki, bob):
+    """Found at stop 30 (a 5 s teardown led to it), the same insider as above.
+
+    carol's own call under the Call-ID of alice's live call took alice's call's place in
+    the phone's table of calls (``E2MPhone._by_call_id``, keyed by Call-ID alone), and
+    every later pjsua event of alice's call (its media, its end) was charged to carol's:
+    alice's call never ended in the phone's account (one live call left per attack, kept
+    for good, and a quit that waits for it), and the application was told that carol's
+    call ended when alice's did.
+
+    Fix: a pjsua event names its own call object, and the phone charges it to the call
+    that holds that object; a second dialog never takes a live call's Call-ID entry."""
+    call = _Call(pki, bob)
+    try:
+        _carols_own_call_with_the_same_call_id(call, bob)
+        mark = bob.mark()
+    finally:
+        call.close()                                # alice hangs up: BYE, 200
+    ended = bob.wait("call_ended", since=mark, timeout=5)
+    assert ended["call_id"] == call.call_id
+    status = bob.status()
+    assert status["live_calls"] == 0, status
+    assert len(bob.of("call_ended")) == 2, "alice's call and carol's each end once"
