@@ -91,12 +91,13 @@ class _AlicesCall:
             via_host=f"{HOST}:{self.peer.local_port}").serialize())
         return status
 
-    def bare_second_dialog(self, bob: PhoneProcess, from_tag: str) -> int | None:
+    def bare_second_dialog(self, bob: PhoneProcess, from_tag: str,
+                           to_uri: str | None = None) -> int | None:
         """A bodiless, unsigned INVITE From alice;tag=``from_tag`` under the call's
         Call-ID from the thief's socket.  When pjsua answers it 200 (a second call), the
         thief ACKs and BYEs and waits for the BYE's 200; returns the INVITE's status."""
         port = self.thief.local_port
-        dialog = dict(from_uri=self.pki.aor("alice"), to_uri=self.pki.aor("bob"),
+        dialog = dict(from_uri=self.pki.aor("alice"), to_uri=to_uri or self.pki.aor("bob"),
                       call_id=self.call_id, from_tag=from_tag, via_host=f"{HOST}:{port}")
         self.thief.send(sip.make_request(
             "INVITE", f"sip:bob@{HOST}:{bob.port}", cseq=1,
@@ -170,6 +171,21 @@ def test_hole_a_second_dialog_with_the_callers_tag_in_another_case_ends_the_live
     call = _AlicesCall(pki, bob)
     try:
         call.bare_second_dialog(bob, ALICE_TAG.upper())
+        assert call.reinvite(2) == 200
+    finally:
+        call.close()
+
+
+def test_control_pjsua_takes_a_second_invite_to_another_uri(pki, bob):
+    """The premise of the unit test's hole 2: a bare INVITE under the live call's Call-ID
+    From alice To another URI of the phone (its contact, ``sip:bob@127.0.0.1:port``) is
+    answered 200 by pjsua as a second call and ended by the sender's BYE; the live
+    call's key is untouched (other parties, other slots: its re-INVITE is answered 200).
+    Its end takes the live call's dialog *policies* (scope (C, alice)), which this
+    phone, configured without a proxy, has none of: see the unit test."""
+    call = _AlicesCall(pki, bob)
+    try:
+        assert call.bare_second_dialog(bob, "zz53", f"sip:bob@{HOST}:{bob.port}") == 200
         assert call.reinvite(2) == 200
     finally:
         call.close()
