@@ -41,8 +41,10 @@ up to their expiry.
 What held (tried, no test kept unless named):
 
 - the own-tag refusal in another case ("A1" for our "a1"): lower-cased, refused
-  (``test_control_our_own_tag_in_another_case_is_refused``); with whitespace around
-  the tag: the parser refuses it or strips it the same way for both sides;
+  (``test_control_our_own_tag_in_another_case_is_refused``); whitespace or quotes
+  around the tag (``;tag= a1``, ``;tag="a1"``), ``TAG=``: the core's parser strips them,
+  and both the own-tag check and the hook's ``FirstCopy`` read the tag through it (only
+  letter case differs between the two: hole 1); a tag given twice is refused;
 - a new dialog with a To tag (our tag on the To side, a made-up From tag): pjsip finds
   no dialog and answers 481, and review 49 ends nothing on a received BYE;
 - a stray failure to a copy of the ringing INVITE with our tag on it: ``_answered``
