@@ -242,17 +242,20 @@ class DialogKeys:
                 if name in {host_key(r) for r in key.readers if r != "?"}:
                     key.retired = True
 
-    def end_dialog(self, message: SipMessage, *, peer_tag: str | None = None) -> None:
+    def end_dialog(self, message: SipMessage, *, peer_tag: str | None = None,
+                   keep: frozenset[str] = frozenset()) -> None:
         """BYE (sent or received), or a failed INVITE: the call's keys go, every slot of
         its Call-ID between its two parties (another fork's early key too: review 47; a
-        third who names the ids ends nothing).  ``peer_tag``: only the keys under the
-        peer's tag go, not the INVITE's own under ours, which every fork of it shares (a
-        BYE to another fork than the one that answered, or one we got and may refuse:
-        review 45)."""
+        third who names the ids ends nothing) but those under a tag in ``keep``
+        (lower-cased: another dialog's of ours under the Call-ID).  ``peer_tag``: only the
+        keys under the peer's tag go, not the INVITE's own under ours, which every fork
+        of it shares (a BYE to another fork than the one that answered, or one we got
+        and may refuse: review 45)."""
         parties = dialog_parties(message)
         with self._lock:
             for slot in list(self._calls.get(message.call_id, ())):
-                if slot[2] == parties and (peer_tag is None or slot[1] == peer_tag.lower()):
+                if slot[2] == parties and slot[1] not in keep \
+                        and (peer_tag is None or slot[1] == peer_tag.lower()):
                     self._drop(slot)
 
     def forget_call(self, call_id: str) -> None:

@@ -99,6 +99,12 @@ class BindingMismatchError(PolicyError):
     copied from another dialog or replayed (docs/protocol.md §2, SIP binding)."""
 
 
+class MergedRequestError(BindingMismatchError):
+    """A new dialog's request names, as its sender's tag, a tag of a dialog of ours under
+    way under its Call-ID: the same request by another path (RFC 3261 §8.2.2.2) or a
+    hop's copy with its tag re-cased (docs/protocol.md §2)."""
+
+
 class ReplayError(PolicyError):
     """The body was seen before (a copy of an earlier message), or was made outside
     the accepted time window (docs/protocol.md §2, SIP context)."""

@@ -203,6 +203,11 @@ _TABLE: dict[type[e.E2MError], dict[Role, Row]] = {
         "the envelope's authenticated SIP binding names another message: a body cut from "
         "another dialog or replayed; refused like a bad signature, since retrying cannot help",
         warning="Body bound to another message")),
+    e.MergedRequestError: _both(Row(
+        482, "Loop Detected",
+        "RFC 3261 §8.2.2.2: a new dialog's request whose sender's tag is one of a dialog under "
+        "way under its Call-ID is the same request by another path, or a hop's copy; the "
+        "first stays, the copy is refused")),
     e.ReplayError: _both(Row(
         403, "Forbidden",
         "the body's signed SIP context was seen before or is outside the time window: a "

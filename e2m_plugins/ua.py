@@ -45,7 +45,7 @@ from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
 from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeError, E2MError,
-                     MalformedError, NoMatchingRecipientError,
+                     MalformedError, MergedRequestError, NoMatchingRecipientError,
                      DecryptionError, PolicyError, SignatureRequiredError, UndecipherableError,
                      UntrustedSignerError)
 from .certfiles import readable_certificate
@@ -224,6 +224,8 @@ class UAEngine:
         # Tags in _parties that our own 1xx/2xx began -> that INVITE's top Via branch:
         # only a failure in that same transaction (the 487 after a CANCEL) ends it.
         self._answered: dict[str, str] = {}
+        # ... and -> the caller's tag in it (lower-cased): a slot of that dialog's keys
+        self._callers: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -379,6 +381,8 @@ class UAEngine:
         branch = None if message.is_request else _top_branch(message)
         if tag not in self._parties and branch is not None:
             self._answered[tag] = branch
+            if message.from_tag:
+                self._callers[tag] = message.from_tag.lower()
         self._parties.setdefault(tag, (message.call_id, parties))
         self._parties.move_to_end(tag)
         while len(self._parties) > MAX_DIALOGS:
@@ -388,6 +392,7 @@ class UAEngine:
         self._parties.pop(tag, None)
         self._confirmed.pop(tag, None)
         self._answered.pop(tag, None)
+        self._callers.pop(tag, None)
 
     def _note_confirmed(self, message: SipMessage, *, sent: bool) -> None:
         """A 2xx to an INVITE confirms the dialog of our tag in it: one we send, or one
@@ -442,12 +447,7 @@ class UAEngine:
         alone (not even the Call-ID), so carol, signing as herself, could otherwise
         re-INVITE, answer or end alice's call with bob (moving its media to her)."""
         if message.is_request and not message.to_tag and message.from_tag:
-            mine = self._parties.get(message.from_tag.lower())
-            if mine is not None and mine[0] == message.call_id:
-                # a new dialog whose sender wrote one of our own tags under this Call-ID:
-                # no UA picks another's tag; ending it would end that dialog's keys
-                raise BindingMismatchError("a new dialog names one of our own tags as "
-                                           "its sender's")
+            self._refuse_a_live_dialogs_tag(message)
         tag = self._local_tag(message, sent=False)
         known = self._parties.get(tag) if tag else None
         if known is None:
@@ -456,6 +456,38 @@ class UAEngine:
         if known != (message.call_id, dialog_parties(message)):
             raise BindingMismatchError("the message names a dialog of ours with another "
                                        "Call-ID or other parties")
+
+    def _refuse_a_live_dialogs_tag(self, request: SipMessage) -> None:
+        """``MergedRequestError`` (482) for a new dialog (a request without a To tag) whose
+        sender wrote, in any letter case, a tag of a dialog of ours under way under this
+        Call-ID: our own (review 51), or the peer's in it (review 53).  No UA picks
+        another's tag, nor its own twice (the same INVITE by two paths is a merged
+        request, RFC 3261 §8.2.2.2); the keys of a dialog live under its tags, so such a
+        dialog could fill or end the live one's.  A retransmission of the INVITE that
+        began a dialog we answered (its top Via branch) is pjsip's to absorb."""
+        tag, call_id = request.from_tag.lower(), request.call_id
+        mine = self._parties.get(tag)
+        if mine is not None and mine[0] == call_id:
+            raise MergedRequestError("a new dialog names one of our own tags as its "
+                                     "sender's")
+        branch = _top_branch(request)
+        for ours, remote in self._remote_tags(call_id):
+            if remote == tag and self._answered.get(ours) != branch:
+                raise MergedRequestError("a new dialog names the peer's tag of a dialog "
+                                         "of ours under way")
+
+    def _remote_tags(self, call_id: str) -> list[tuple[str, str]]:
+        """(our tag, the peer's tag) of each dialog of ours under ``call_id`` whose peer's
+        tag we know: the one its first 2xx confirmed, or the caller's of an INVITE we
+        answered.  Lower-cased."""
+        found = []
+        for ours, (known_call_id, _) in self._parties.items():
+            if known_call_id != call_id:
+                continue
+            remote = self._confirmed.get(ours) or self._callers.get(ours)
+            if remote:
+                found.append((ours, remote))
+        return found
 
     def accepts_proxy(self, host: str, peer: str | None = None) -> bool:
         """Whether ``host`` may be asked to read our bodies at all (digest §7: the
@@ -944,28 +976,38 @@ class UAEngine:
         local = self._local_tag(message, sent=sent)
         outward = message.is_request == sent
         remote = message.to_tag if outward else message.from_tag
+        # the slots of every other dialog of ours under the Call-ID stay: a second dialog
+        # (a hop's bare INVITE, which pjsip takes as a new call) never ends the live
+        # call's (review 51), and one held open never keeps the live call's after its
+        # end (review 53)
+        others = self._tags_of_other_dialogs(message, local)
         if message.method == "BYE":
             confirmed = self._confirmed.get(local) if local else None
             if (remote or "").lower() != confirmed and not (sent and confirmed is None):
-                self.dialog_keys.end_dialog(message, peer_tag=remote or "")
+                self.dialog_keys.end_dialog(message, peer_tag=remote or "", keep=others)
                 return
-        if self._another_dialog_of_ours(message, local):
-            # a second dialog under the Call-ID between the same two AoRs (a hop's bare
-            # INVITE From the caller with a tag of its own, which pjsip takes as a new
-            # call): it ends its own slot, never the live call's (review 51)
-            self.dialog_keys.end_dialog(message, peer_tag=remote or "")
-            return
-        self.dialog_keys.end_dialog(message)
-        # the policies of this dialog's peer only: a third party's call under the same
-        # Call-ID ends its own, not the live call's (review 51)
+        self.dialog_keys.end_dialog(message, keep=others)
+        # the policies of this dialog's peer only (a third party's call under the same
+        # Call-ID ends its own, review 51), and not while another dialog of ours with
+        # that peer is under way: a policy's scope is the Call-ID and the peer (53)
         peer = _aor(message.get("To") if outward else message.get("From"))
-        self.policies.end_scope(dialog_scope(message.call_id, peer))
+        if not self._another_dialog_with(message.call_id, peer, local):
+            self.policies.end_scope(dialog_scope(message.call_id, peer))
 
-    def _another_dialog_of_ours(self, message: SipMessage, local: str | None) -> bool:
-        """Whether a dialog of ours other than the one of tag ``local`` is under way
-        with the same Call-ID and parties (``_parties``)."""
-        known = (message.call_id, dialog_parties(message))
-        return any(tag != local and entry == known for tag, entry in self._parties.items())
+    def _tags_of_other_dialogs(self, message: SipMessage, local: str | None) -> frozenset[str]:
+        """The tags (ours and the peer's we know, lower-cased) of every dialog of ours
+        other than the one of our tag ``local`` under ``message``'s Call-ID."""
+        tags = {ours for ours, (call_id, _) in self._parties.items()
+                if ours != local and call_id == message.call_id}
+        tags.update(remote for ours, remote in self._remote_tags(message.call_id)
+                    if ours != local)
+        return frozenset(tags)
+
+    def _another_dialog_with(self, call_id: str, peer: str | None, local: str | None) -> bool:
+        """Whether a dialog of ours other than the one of our tag ``local`` is under way
+        under ``call_id`` with ``peer`` as one of its parties."""
+        return any(ours != local and known_call_id == call_id and peer in parties
+                   for ours, (known_call_id, parties) in self._parties.items())
 
     def _strict(self, legacy: LegacyPeer | None) -> bool:
         """Whether a body must be signed and bound (everyone but a lenient legacy peer)."""

@@ -50,24 +50,29 @@ def _final(sock: UdpStranger, call_id: str, cseq: str, timeout: float = 10.0) ->
     return None
 
 
-class _AlicesCall:
-    """alice's answered call to bob's phone (SRTP, her offer key K0) from a plain socket;
-    her engine opened the 200, so K0 is confirmed and her re-INVITE reuses it."""
+ALICE_TAG = "a1b2c3d4e5f6"
 
-    def __init__(self, pki: TestPKI, bob: PhoneProcess) -> None:
+
+class _AlicesCall:
+    """alice's answered SRTP call to bob's phone (her From tag ``alice_tag``, her offer
+    key K0) from a plain socket; her engine opened the 200, so her re-INVITE reuses K0."""
+
+    def __init__(self, pki: TestPKI, bob: PhoneProcess, alice_tag: str = ALICE_TAG) -> None:
         self.pki = pki
+        self.alice_tag = alice_tag
         self.alice = ua_engine(pki, "alice", peers=("bob",))
         self.peer, self.thief = UdpStranger(bob.port), UdpStranger(bob.port)
         plain = sip.make_request(
             "INVITE", f"sip:bob@{HOST}:{bob.port}", from_uri=pki.aor("alice"),
-            to_uri=pki.aor("bob"), via_host=f"{HOST}:{self.peer.local_port}", body=SRTP_OFFER,
+            to_uri=pki.aor("bob"), from_tag=self.alice_tag,
+            via_host=f"{HOST}:{self.peer.local_port}", body=SRTP_OFFER,
             content_type="application/sdp",
             extra_headers=[("Contact", f"<sip:alice@{HOST}:{self.peer.local_port}>")])
         self.peer.send(self.alice.protect(plain).message.serialize())
         ok = _final(self.peer, plain.call_id, "1 INVITE")
         assert ok is not None and ok.startswith(b"SIP/2.0 200"), ok[:40] if ok else ok
         self.alice.open(sip.parse(ok))
-        self.call_id, self.alice_tag = plain.call_id, plain.from_tag
+        self.call_id = plain.call_id
         self.bob_tag, self.target = sip.parse(ok).to_tag, _contact(ok)
         self.peer.send(sip.make_request(
             "ACK", self.target, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
@@ -91,25 +96,29 @@ class _AlicesCall:
             return None
         status = sip.parse(answer).status
         if status is None or not 200 <= status < 300:
-            return status            # a failure is ACKed by its transaction (pjsip's or none)
+            return status
         self.peer.send(sip.make_request(
             "ACK", self.target, from_uri=self.pki.aor("alice"), to_uri=self.pki.aor("bob"),
             call_id=self.call_id, cseq=cseq, from_tag=self.alice_tag, to_tag=self.bob_tag,
             via_host=f"{HOST}:{self.peer.local_port}").serialize())
         return status
 
-    def bare_second_dialog(self, bob: PhoneProcess) -> None:
-        """A bodiless, unsigned INVITE From alice;tag=zz51 under the call's Call-ID from
-        the thief's socket: pjsua answers it (a second call), the thief ACKs and BYEs."""
+    def bare_second_dialog(self, bob: PhoneProcess, from_tag: str,
+                           to_uri: str | None = None) -> int | None:
+        """A bodiless, unsigned INVITE From alice;tag=``from_tag`` under the call's
+        Call-ID from the thief's socket.  When pjsua answers it 200 (a second call), the
+        thief ACKs and BYEs and waits for the BYE's 200; returns the INVITE's status."""
         port = self.thief.local_port
-        dialog = dict(from_uri=self.pki.aor("alice"), to_uri=self.pki.aor("bob"),
-                      call_id=self.call_id, from_tag="zz51", via_host=f"{HOST}:{port}")
+        dialog = dict(from_uri=self.pki.aor("alice"), to_uri=to_uri or self.pki.aor("bob"),
+                      call_id=self.call_id, from_tag=from_tag, via_host=f"{HOST}:{port}")
         self.thief.send(sip.make_request(
             "INVITE", f"sip:bob@{HOST}:{bob.port}", cseq=1,
             extra_headers=[("Contact", f"<sip:alice@{HOST}:{port}>")], **dialog).serialize())
         ok = _final(self.thief, self.call_id, "1 INVITE")
-        assert ok is not None and ok.startswith(b"SIP/2.0 200"), ok[:60] if ok else ok
+        assert ok is not None, "the phone did not answer the second INVITE"
         answered = sip.parse(ok)
+        if answered.status != 200:
+            return answered.status
         assert answered.to_tag != self.bob_tag                 # a second dialog of bob's
         target = _contact(ok)
         self.thief.send(sip.make_request("ACK", target, cseq=1, to_tag=answered.to_tag,
@@ -121,6 +130,7 @@ class _AlicesCall:
         bye = _final(self.thief, self.call_id, "2 BYE", timeout=5)
         assert bye is not None and bye.startswith(b"SIP/2.0 200"), bye[:60] if bye else bye
         bob.wait("call_ended", since=mark, timeout=5)
+        return 200
 
     def close(self) -> None:
         hang_up_and_close(self.pki, self.target, self.call_id, (self.alice_tag, self.bob_tag),
@@ -152,7 +162,7 @@ def test_hole_a_bare_second_dialog_under_the_call_id_ends_the_live_calls_key(pki
     Fix: the end of a dialog ends only that INVITE's slots (see the unit test)."""
     call = _AlicesCall(pki, bob)
     try:
-        call.bare_second_dialog(bob)
+        assert call.bare_second_dialog(bob, "zz51") == 200
         assert call.reinvite(2) == 200
     finally:
         call.close()

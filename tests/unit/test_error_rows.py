@@ -132,10 +132,23 @@ def test_forged_496_is_a_local_refusal(world):
     assert answer_for(e.CertificateRejectedError("x"), "ua") is None   # never answered on the wire
 
 
+def test_a_new_dialog_naming_a_live_dialogs_tag_is_a_merged_request(world):
+    """The caller's INVITE by a second path (its tag, another branch) after bob
+    answered the first: 482 (RFC 3261 §8.2.2.2), the answered call untouched."""
+    alice, bob = ua_engine(world, "alice"), ua_engine(world, "bob")
+    offer = alice.protect(invite(world)).message
+    bob.protect(answer(bob.open(offer).message, SDP_ANSWER, to_tag="b1"))
+    copy = offer.replace("Via", "SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bKsecondpath")
+    with pytest.raises(e.MergedRequestError) as caught:
+        bob.open(copy)
+    assert answer_for(caught.value, "ua").code == 482
+
+
 def test_the_cases_reach_every_row_of_the_table():
     """The cases above (each checked by its own test) together reach every error class."""
     reached = {c.error for c in (*PROXY_CASES, *UA_CASES)}
-    reached |= {e.PolicyError, e.CertificateRejectedError}   # the two tests just above
+    reached |= {e.PolicyError, e.CertificateRejectedError,   # the three tests just above
+                e.MergedRequestError}
     missing = {cls.__name__ for cls in ERROR_TABLE if cls not in reached} - {"E2MError"}
     assert not missing, f"rows no hostile input reaches: {sorted(missing)}"
 

@@ -20,11 +20,11 @@ import pytest
 
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, answer, invite, ua_engine
 from e2m_plugins.dialog_keys import DialogKeys
-from e2m_plugins.errors import E2MError
+from e2m_plugins.errors import BindingMismatchError, E2MError
 from e2m_plugins.sip import SipMessage, make_request, make_response, parse_address
 from e2m_plugins.testpki import init_test_pki
 from e2m_plugins.ua import UAEngine
-from pjsua_hooks.firstcopy import Duplicate, FirstCopy
+from pjsua_hooks.firstcopy import FirstCopy
 from tests.unit.test_review43 import _reinvite_opens_at_the_answering_phone
 
 CONTACT_B = ("Contact", "<sip:bob@127.0.0.1:5062>")
@@ -148,13 +148,15 @@ def _early_answer_then_copy(world, call_id: str, copy: str | None) -> tuple[UAEn
                 phone.open(replayed)
             failure = phone.refusal(replayed, refused.value)
             assert failure is not None and failure.status >= 400
-        else:   # a bare INVITE with the ids: the hook's FirstCopy answers it 482
+        else:   # a bare INVITE with the ids
             bare = make_request("INVITE", "sip:bob@127.0.0.1:5062", cseq=1,
                                 via_host="192.0.2.66:5060", **_dialog(world, call_id))
-            plain = phone.open(bare)
-            with pytest.raises(Duplicate) as dup:
-                first.check(bare, plain.message, plain.info.encrypted or plain.info.signed)
-            failure = make_response(bare, dup.value.code, dup.value.reason)
+            # refused by the engine since review 53 (the caller's tag of a dialog we
+            # answered, from another branch), before the hook's FirstCopy (482) sees it
+            with pytest.raises(BindingMismatchError) as refused:
+                phone.open(bare)
+            failure = phone.refusal(bare, refused.value)
+            assert failure is not None and failure.status >= 400
         phone.protect(failure)
     ok = _with_to_tag(make_response(delivered, 200, "OK", [CONTACT_B]), delivered, "phone")
     alice.open(phone.protect(ok).message)
@@ -178,7 +180,8 @@ def test_hole_a_failure_to_a_copy_of_the_ringing_invite_drops_its_key(world, cop
     ``received_in=(1, "INVITE")`` and sends a reliable 183 with its SDP answer under K0.
     While it rings the attacker sends the phone a copy: the signed INVITE itself with
     another Via branch (the replay check refuses it, 403), or a bare INVITE with the same
-    Call-ID, From tag and CSeq 1 (the hook's ``FirstCopy`` answers 482).  Either answer
+    Call-ID, From tag and CSeq 1 (the hook's ``FirstCopy`` answered 482; since review 53
+    the engine refuses it first, 482).  Either answer
     passes ``protect``, and ``DialogKeys.answered`` drops every key of the slot whose
     ``received_in`` is that CSeq: K0, though the copy's transaction is not the INVITE's.
     The phone answers the real INVITE with a bodiless 200 (the answer went in the 183);

@@ -38,6 +38,15 @@ only the peer's slot, so alice's own INVITE key (under her tag) outlives the cal
 to ``cek_max_age`` (an hour), and the call's dialog policies (``end_scope`` is skipped)
 up to their expiry.
 
+Fixed (stop 30): a new dialog whose sender writes, in any letter case, a tag of a dialog
+of ours under way under the Call-ID (ours or the peer's) is refused 482, but for a
+retransmission of the INVITE that began it (``UAEngine._refuse_a_live_dialogs_tag``);
+a dialog's end takes every slot of its parties but those named by another live dialog's
+tags (``DialogKeys.end_dialog(keep=...)``), so neither a second dialog's end nor one
+held open decides how much of the live call goes; its policies end unless another
+dialog of ours with that peer is under way.  Each of the two rules alone closes hole 1 (checked
+by turning the other off).  The holes' markers are gone; they are guards now.
+
 What held (tried, no test kept unless named):
 
 - the own-tag refusal in another case ("A1" for our "a1"): lower-cased, refused
@@ -178,34 +187,49 @@ def _phone_with_first_copy(world, call_id: str) -> tuple[UAEngine, UAEngine, Fir
     return alice, phone, first
 
 
-def test_control_the_hook_refuses_a_second_invite_with_the_callers_exact_tag(world):
-    """The exact tag a1 is a copy to the hook (482), not delivered; a new tag (review 51)
-    ends only its own slot: alice's re-INVITE opens."""
+def test_control_a_second_invite_with_the_callers_exact_tag_is_refused(world):
+    """The exact tag a1 from another branch is refused by the engine (since the fix; the
+    hook's FirstCopy would answer 482 too); a new tag (review 51) ends only its own slot:
+    alice's re-INVITE opens."""
     call_id = "r53-exact@x"
     alice, phone, first = _phone_with_first_copy(world, call_id)
+    bare = make_request("INVITE", "sip:bob@127.0.0.1:5062", from_uri=world.aor("alice"),
+                        to_uri=world.aor("bob"), call_id=call_id, cseq=1, from_tag="a1",
+                        via_host=HOP)
+    with pytest.raises(BindingMismatchError):
+        phone.open(bare)
     with pytest.raises(Duplicate):
-        _second_dialog(world, phone, call_id, caller="alice", to_uri=world.aor("bob"),
-                       from_tag="a1", our_tag="b2", ending=None, first=first)
+        first.check(bare, bare, False)
     _second_dialog(world, phone, call_id, caller="alice", to_uri=world.aor("bob"),
                    from_tag="zz", our_tag="b3", ending="cancelled while ringing", first=first)
     assert _reinvite_opens_at_the_answering_phone(world, alice, phone, call_id)
 
 
-def test_control_the_caller_tag_in_another_case_passes_the_hook_as_a_new_call(world):
+def test_control_the_caller_tag_in_another_case_passes_the_hook_not_the_engine(world):
     """"A1" is another tag to the hook (and to pjsip, which compares tags as written):
-    delivered, a new call.  The engine's own-tag check does not look at it (a1 is
-    alice's tag, not ours)."""
+    the hook alone would deliver it as a new call.  The engine refuses it (since the
+    fix): a1 is the peer's tag of a dialog of ours under way."""
     call_id = "r53-case-passes@x"
     _, phone, first = _phone_with_first_copy(world, call_id)
     request = make_request("INVITE", "sip:bob@127.0.0.1:5062", from_uri=world.aor("alice"),
                            to_uri=world.aor("bob"), call_id=call_id, cseq=1, from_tag="A1",
                            via_host=HOP)
-    opened = phone.open(request)
-    first.check(request, opened.message, False)       # no Duplicate: a new call
+    first.check(request, request, False)               # no Duplicate: a new call to it
+    with pytest.raises(BindingMismatchError):
+        phone.open(request)
 
 
-@pytest.mark.xfail(strict=True, reason="review 53: a hop's bare INVITE From the caller's "
-                   "tag in another case, ended, drops the callee's live key (re-INVITE 493)")
+def test_control_a_retransmission_of_the_answered_invite_still_opens(world):
+    """The fix's exception: alice's INVITE itself again (its branch: our 200 was lost)
+    is pjsip's to absorb, not refused as a new dialog naming her tag."""
+    call_id = "r53-retransmitted@x"
+    alice, phone = _engine(world, "alice"), _engine(world, "bob")
+    offer = alice.protect(invite(world, call_id=call_id)).message
+    delivered = phone.open(offer).message
+    phone.protect(answer(delivered, to_tag="phone"))
+    assert phone.open(offer).info.encrypted
+
+
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_hole_a_second_dialog_with_the_peers_tag_ends_the_callees_live_keys(world, ending):
     """Attacker: an untrusted on-path hop, or an off-path sender who read the live call's
@@ -305,8 +329,6 @@ def test_control_a_second_dialog_with_a_new_tag_leaves_the_callers_keys(world, e
     assert _bobs_reinvite_opens_at_alice(world, alice, phone, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 53: a hop's bare INVITE From the callee's "
-                   "tag to the caller, ended, drops her live keys (bob's re-INVITE 493)")
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_hole_a_second_dialog_with_the_peers_tag_ends_the_callers_live_keys(world, ending):
     """Attacker: as above, toward the caller (it read the callee's To tag off the 200).
@@ -379,8 +401,6 @@ def test_control_a_second_dialog_to_another_uri_is_taken(world):
     assert phone.protect(answer(delivered, SDP_OFFER, to_tag="b2")).info.encrypted
 
 
-@pytest.mark.xfail(strict=True, reason="review 53: a bare INVITE From the caller To another "
-                   "URI under the Call-ID, ended, ends the live call's dialog policy (496)")
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_hole_a_second_dialog_to_another_uri_ends_the_live_calls_policies(world, ending):
     """Attacker: an untrusted hop or an off-path sender who read the call's Call-ID and
@@ -436,8 +456,6 @@ def test_control_the_callers_key_goes_with_the_call(world):
     assert not alice.dialog_keys.for_call(call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 53: a hop's second dialog held open under "
-                   "the Call-ID keeps the caller's INVITE key after the call ends (1 h)")
 def test_hole_a_held_second_dialog_keeps_the_callers_key_after_the_call(world):
     """Attacker: an untrusted hop or an off-path sender who read the call's ids.
 
