@@ -32,7 +32,8 @@ pjsip gives the request to come from the last ones, which no signature covers.
   in alice's call: bob's media moves to carol's address (on the real phone,
   ``call_media`` of alice's call shows carol's RTP address).
 
-Tried and held (no test kept unless named):
+Looked at and held (traced through the code; only the Kamailio drop below was also
+run as a test, and no test is kept for the rest):
 
 - The same requests through the home proxy (Kamailio 5.6): a second From, To, Call-ID
   or CSeq makes Kamailio's header parser fail; the request is dropped (sanity cannot
