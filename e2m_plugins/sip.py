@@ -217,6 +217,12 @@ class SipMessage:
         # stale.  Private: get() and get_all() never hand these lists out.
         return _index_headers(self.headers)
 
+    def check_single_headers(self) -> None:
+        """``MalformedError`` when a header SIP allows once (From, To, Call-ID, CSeq) is
+        there twice: the stack would act on the copy no check read (``_SINGLE_HEADERS``).
+        ``parse`` checks every message it reads; the engines check what they are given."""
+        _check_single(self._index)
+
     def get(self, name: str) -> str | None:
         """Value of the first instance of ``name`` (compact forms match)."""
         values = self._index.get(canonical_name(name))
@@ -533,6 +539,21 @@ def _content_length(index: dict[str, list[str]]) -> int | None:
     return int(value)
 
 
+# Headers a message carries once (RFC 3261 §7.3.1: no comma-list form), compact forms
+# counted with their long ones.  The core reads the first copy and pjsip the last, so a
+# second one would be what the stack acts on while every check ran on the first: a signed
+# MESSAGE shown as another sender's, a new call taken into a live one (review 54).
+# Kamailio drops such a request too.
+_SINGLE_HEADERS = ("from", "to", "call-id", "cseq")
+
+
+def _check_single(index: dict[str, list[str]]) -> None:
+    for name in _SINGLE_HEADERS:
+        values = index.get(name)
+        if values is not None and len(values) > 1:
+            raise MalformedError(f"more than one {name} header")
+
+
 def _check_size(data: bytes, max_size: int) -> None:
     if len(data) > max_size:
         raise LimitExceededError(f"message of {len(data)} bytes exceeds {max_size}")
@@ -550,6 +571,7 @@ def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
     head = _parse_plain_head(data, max_headers, max_line) or _parse_head(data, max_headers, max_line)
     assert head.start_line is not None
     index = _index_headers(head.headers)
+    _check_single(index)
     length = _content_length(index)
     if length is None:
         body = data[head.body_start:]

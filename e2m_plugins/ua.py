@@ -847,6 +847,7 @@ class UAEngine:
         """
         # every part, layer, signature and certificate path of this one message spends
         # one budget of public-key operations (cms/budget.py)
+        message.check_single_headers()
         with self._lock, message_budget(DEFAULT_LIMITS.max_public_key_ops):
             opened = self._open(message)
         # only a message we accepted may teach us anything (a refused one is a stranger's)

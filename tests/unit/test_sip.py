@@ -73,14 +73,41 @@ def test_dialog_helpers() -> None:
     assert sip.parse(MESSAGE).to_tag is None
 
 
+SINGLE = ("from", "to", "call-id", "cseq")
+
+
 @pytest.mark.parametrize("compact, long", sorted(
-    (c, n) for c, n in sip.COMPACT_FORMS.items() if n != "content-length"))
+    (c, n) for c, n in sip.COMPACT_FORMS.items() if n != "content-length" and n not in SINGLE))
 def test_compact_forms_map_on_lookup(compact: str, long: str) -> None:
     msg = sip.parse(b"OPTIONS sip:x SIP/2.0\r\n" + compact.encode() + b": v1\r\n"
                     + long.title().encode() + b": v2\r\n\r\n")
     assert msg.get(long) == "v1"
     assert msg.get(compact.upper()) == "v1"
     assert msg.get_all(long.upper()) == ["v1", "v2"]
+
+
+@pytest.mark.parametrize("first, second", [
+    ("From", "f"), ("To", "t"), ("Call-ID", "i"), ("CSeq", "cseq"), ("f", "From")])
+def test_a_header_sip_allows_once_twice_is_malformed(first: str, second: str) -> None:
+    """Review 54: the core would read the first copy, pjsip the last."""
+    data = (b"OPTIONS sip:x SIP/2.0\r\n" + first.encode() + b": <sip:a@x>;tag=1\r\n"
+            + second.encode() + b": <sip:b@x>;tag=2\r\n\r\n")
+    with pytest.raises(sip.MalformedError):
+        sip.parse(data)
+    lenient = sip.parse(data.replace(second.encode() + b":", b"X-" + second.encode() + b":"))
+    assert lenient.get(first) == "<sip:a@x>;tag=1"
+
+
+def test_a_message_made_with_a_second_from_fails_its_check() -> None:
+    msg = sip.parse(REQUEST_FOR_SINGLE)
+    msg.check_single_headers()
+    twice = sip.SipMessage(msg.start_line, msg.headers + (("f", "<sip:alice@x>;tag=9"),), msg.body)
+    with pytest.raises(sip.MalformedError):
+        twice.check_single_headers()
+
+
+REQUEST_FOR_SINGLE = (b"MESSAGE sip:bob@x SIP/2.0\r\nFrom: <sip:carol@x>;tag=1\r\n"
+                      b"To: <sip:bob@x>\r\nCall-ID: c1\r\nCSeq: 1 MESSAGE\r\n\r\n")
 
 
 def test_compact_content_length_frames_the_body() -> None:
