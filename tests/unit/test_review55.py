@@ -1,0 +1,244 @@
+"""A fifty-fifth attacker's review (December 2026) of 0a5b9ba: this morning's three
+fixes (``git diff 50e6c26 -- e2m_plugins pjsua_hooks``): the phone's per-call event
+routing (c24be17), the UA engine's refusal (482) of a new dialog naming a live dialog's
+tag and ``end_dialog(keep=...)`` (b2ad514), and the single From/To/Call-ID/CSeq rule in
+``parse`` and ``check_single_headers`` (0a5b9ba).
+
+``test_hole_*`` xfail strictly on 0a5b9ba (their assertion is the secure behaviour);
+``test_control_*`` are the same flows without the attack, or show that the attack's
+messages are accepted as far as they should be (they pass).
+
+Hole 1 (``test_hole_a_second_dialog_with_the_callees_early_tag_*``): at the *caller*,
+``UAEngine._remote_tags`` knows the peer's tag of a dialog only from ``_confirmed`` (the
+first 2xx).  While alice's call rings (bob's 180/183 carries his tag, ``phone``, in
+clear; a ring can last minutes), nothing names that tag as a live dialog's, so a bare
+INVITE to alice under the call's Call-ID From bob;tag=phone (the exact tag, as review 53
+hole 1 at the caller) is not refused 482: alice's phone answers it as a second call (tag
+a2) and ``_callers[a2] = "phone"``.  Once bob answers, the live dialog (a1/phone) and the
+attacker's (a2/phone) share the peer's tag, so ``_tags_of_other_dialogs`` at the live
+call's end returns {a2, phone}: ``end_dialog(keep=...)`` keeps the live call's slot
+(C, phone), where alice keeps the key bob's side offered (K1 after a rekey).  Review 53
+hole 3 (a held second dialog keeps the live call's keys after the call) is back through
+the early window.  The other way round (the attacker's dialog ended while the call still
+rings, ``keep = {a1}``) its end drops every (C, *) slot of {alice, bob} but a1: a keyed
+183's key under ``phone`` (review 53 hole 1, early).
+
+What held (tried, no test kept unless named):
+
+- header tricks against the single-header rule: ``From :`` / ``From\\t:`` (both head
+  parsers strip the name), ``FROM``/``Call-Id``/``i``/``f``/``t`` (``canonical_name``
+  lower-cases and maps compact forms), a folded second ``From`` (the slow parser unfolds
+  into the previous header, a continuation line never starts a header), a header in a
+  multipart body part (never in the SIP index); ``frame_length`` skips the check but
+  every framed message then goes through ``parse`` (phone ``rawhook``/``phone.py`` and
+  ``kemi.py`` all call ``sip.parse``) (``test_control_*_single_header*``);
+- the 482 against legitimate requests: a CANCEL and a retransmission of the ringing
+  INVITE carry its top Via branch (``_answered``), an in-dialog request has a To tag, an
+  ACK for a non-2xx has a To tag; a caller's retry after our failure (new branch, same
+  From tag) passes since the failure drops the entry (``_ends_our_answered_attempt``)
+  (``test_control_a_cancel_of_the_ringing_invite_is_not_refused``,
+  ``test_control_a_retry_after_our_failure_is_not_refused``);
+- the loops over ``_parties`` are bounded by ``MAX_DIALOGS`` (4096) and entries come only
+  from what we send; not a new unbounded cost.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from e2m_lab.flows import SDP_OFFER, answer, invite, reinvite, ua_engine
+from e2m_plugins import sip
+from e2m_plugins.errors import E2MError, MalformedError, MergedRequestError
+from e2m_plugins.sip import make_request, make_response
+from e2m_plugins.ua import UAEngine
+from tests.unit.test_review43 import NEW_SDP
+from tests.unit.test_review49 import CONTACT_B, _ack, _with_to_tag
+from tests.unit.test_review53 import (Clock, _bob_ends_the_call, _bobs_reinvite_opens_at_alice,
+                                      _second_dialog)
+from e2m_plugins.testpki import init_test_pki
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_test_pki(None, users=("alice", "bob", "carol"), key_type="ec")
+
+
+def _engine(world, name: str, clock: Clock) -> UAEngine:
+    engine = ua_engine(world, name, peers=("alice", "bob", "carol"))
+    return UAEngine(engine.config, clock=clock)
+
+
+def _ringing_call(world, call_id: str, clock: Clock):
+    """alice (tag a1) calls bob's phone; it rings (180, tag ``phone``) and alice gets the
+    180.  Returns (alice, phone, the INVITE as the phone delivered it)."""
+    alice, phone = _engine(world, "alice", clock), _engine(world, "bob", clock)
+    offer = alice.protect(invite(world, call_id=call_id)).message
+    delivered = phone.open(offer).message
+    ringing = phone.protect(_with_to_tag(make_response(delivered, 180, "Ringing", [CONTACT_B]),
+                                         delivered, "phone"))
+    alice.open(ringing.message)
+    return alice, phone, delivered
+
+
+def _answer_and_rekey(world, alice: UAEngine, phone: UAEngine, delivered, call_id: str,
+                      clock: Clock) -> None:
+    """The phone answers 200 (tag ``phone``), alice ACKs; an hour later alice's session
+    refresh offers a fresh key K1, kept at alice under (C, phone), the peer's tag."""
+    ok = phone.protect(answer(delivered, to_tag="phone"))
+    alice.open(ok.message)
+    _ack(world, alice, phone, call_id)
+    clock.now += alice.config.cek_max_age + 1
+    refresh = alice.protect(reinvite(world, "alice", "bob", call_id, 2, "a1", "phone",
+                                     sdp=NEW_SDP))
+    assert not refresh.info.key_reuse
+    got = phone.open(refresh.message).message
+    ok2 = phone.protect(make_response(got, 200, "OK", [CONTACT_B], SDP_OFFER,
+                                      "application/sdp"))
+    assert ok2.info.key_reuse
+    alice.open(ok2.message)
+
+
+def _bare_invite_from_bobs_tag(world, call_id: str, tag: str = "phone"):
+    return make_request("INVITE", "sip:alice@127.0.0.1:5061", from_uri=world.aor("bob"),
+                        to_uri=world.aor("alice"), call_id=call_id, cseq=1, from_tag=tag,
+                        via_host="192.0.2.66:5060")
+
+
+# --------------------------------------------------------------------------------------
+# Hole 1: the callee's tag is not a "live dialog's" tag at the caller until the 2xx
+
+
+def test_control_after_the_200_the_callees_tag_is_refused(world):
+    """The fix holds once the call is answered: the same bare INVITE is 482."""
+    call_id = "r55-after-200@x"
+    clock = Clock()
+    alice, phone, delivered = _ringing_call(world, call_id, clock)
+    alice.open(phone.protect(answer(delivered, to_tag="phone")).message)
+    with pytest.raises(MergedRequestError):
+        alice.open(_bare_invite_from_bobs_tag(world, call_id))
+
+
+def test_control_without_the_attack_the_calls_keys_go_with_it(world):
+    """Ringing, answered, rekeyed (K1 under (C, phone)), bob's re-INVITE opens; bob's
+    BYE ends the call and no key of it stays at alice."""
+    call_id = "r55-early-ok@x"
+    clock = Clock()
+    alice, phone, delivered = _ringing_call(world, call_id, clock)
+    _answer_and_rekey(world, alice, phone, delivered, call_id, clock)
+    assert _bobs_reinvite_opens_at_alice(world, alice, phone, call_id)
+    assert alice.dialog_keys.for_call(call_id)
+    _bob_ends_the_call(world, alice, call_id)
+    assert not alice.dialog_keys.for_call(call_id)
+
+
+def test_control_the_early_injection_is_taken_as_a_new_call(world):
+    """The attack's premise: while alice's call rings, the bare INVITE From bob;tag=phone
+    opens at alice (no 482), so pjsua takes it as a second call."""
+    call_id = "r55-early-taken@x"
+    clock = Clock()
+    alice, _, _ = _ringing_call(world, call_id, clock)
+    opened = alice.open(_bare_invite_from_bobs_tag(world, call_id))
+    assert opened.message.method == "INVITE"
+
+
+@pytest.mark.xfail(strict=True, reason="review 55: untrusted hop/off-path sender who read "
+                   "the 180's To tag; a new dialog with the callee's early tag is not 482 at "
+                   "the caller, held open it keeps the live call's key after the call")
+def test_hole_a_second_dialog_with_the_callees_early_tag_keeps_the_calls_key(world):
+    """Attacker: an untrusted on-path hop, or an off-path sender who read the call's
+    Call-ID and the 180's To tag (plaintext headers); no certificate.
+
+    Messages: alice calls bob (C, a1); bob's phone rings: 180 To ...;tag=phone.  While it
+    rings the attacker sends alice a bodiless INVITE: Call-ID C, From bob;tag=phone, To
+    alice, a Via of its own.  ``_refuse_a_live_dialogs_tag`` finds no dialog of alice's
+    whose peer's tag is ``phone`` (``_remote_tags`` reads ``_confirmed``, empty until the
+    2xx), so it opens; pjsua answers it as a second call (tag a2), the attacker ACKs and
+    holds it.  bob answers alice's call (200, tag phone), an hour later the call rekeys
+    (K1, kept at alice under (C, phone)), then bob hangs up (BYE, alice's 200).
+
+    Effect: ``_tags_of_other_dialogs`` at the call's end is {a2, ``_callers[a2]`` =
+    phone}: ``end_dialog(keep=...)`` keeps (C, phone), so K1 outlives the call for up to
+    ``cek_max_age`` (an hour), and a slot of the 4096 with it; review 53 hole 3 again.
+
+    Fault: ``UAEngine._remote_tags`` (e2m_plugins/ua.py) knows the peer's tag of a dialog
+    we began only from ``_confirmed``; and ``_tags_of_other_dialogs`` trusts the remote
+    tag the *attacker* wrote (``_callers``) to protect slots of another dialog.
+
+    Fix: remember the peer's tag of every early dialog of an INVITE we sent (each 1xx's
+    To tag, in ``_sent``/a per-tag set) and refuse a new dialog naming one of them; and
+    build ``keep`` from our own tags only, deciding a slot's owner by the INVITE it came
+    in (our tag), never by a peer's tag a second dialog may share."""
+    call_id = "r55-early-held@x"
+    clock = Clock()
+    alice, phone, delivered = _ringing_call(world, call_id, clock)
+    _second_dialog(world, alice, call_id, caller="bob", to_uri=world.aor("alice"),
+                   from_tag="phone", our_tag="a2", ending=None)
+    # the held dialog's own key (alice's 200 in it) may stay while it lasts
+    held = {key.reference for key in alice.dialog_keys.for_call(call_id)}
+    _answer_and_rekey(world, alice, phone, delivered, call_id, clock)
+    assert _bobs_reinvite_opens_at_alice(world, alice, phone, call_id)
+    live = {key.reference for key in alice.dialog_keys.for_call(call_id)} - held
+    assert live
+    _bob_ends_the_call(world, alice, call_id)
+    assert not live & {key.reference for key in alice.dialog_keys.for_call(call_id)}
+
+
+def _keyed_ring(world, call_id: str):
+    """alice (a1) calls bob; bob's phone rings with a signed 183 (tag ``phone``) that
+    offers a fresh CEK for reuse, kept at alice under (C, phone).  Returns alice and the
+    183's key references."""
+    from tests.unit.test_review43 import _forks_183
+    alice = _engine(world, "alice", Clock())
+    offer = alice.protect(invite(world, call_id=call_id)).message
+    before = {key.reference for key in alice.dialog_keys.for_call(call_id)}
+    alice.open(_forks_183(world, offer, "phone"))
+    early = {key.reference for key in alice.dialog_keys.for_call(call_id)} - before
+    assert early
+    return alice, early
+
+
+def test_control_without_the_attack_the_early_key_stays(world):
+    """The 183's key is kept at alice under (C, phone) while the call rings; a second
+    dialog under *another* Call-ID, cancelled, leaves it."""
+    call_id = "r55-early-ok@x"
+    alice, early = _keyed_ring(world, call_id)
+    _second_dialog(world, alice, "r55-elsewhere@x", caller="bob", to_uri=world.aor("alice"),
+                   from_tag="yy", our_tag="a2", ending="cancelled while ringing")
+    assert early <= {key.reference for key in alice.dialog_keys.for_call(call_id)}
+
+
+@pytest.mark.xfail(strict=True, reason="review 55: off-path sender who read the Call-ID; "
+                   "a second dialog (any From tag) ended while the caller's call rings "
+                   "drops the ringing call's 183 key (keep= names only a1)")
+@pytest.mark.parametrize("from_tag", ["yy", "phone"])
+@pytest.mark.parametrize("ending", ["cancelled while ringing", "answered, then the sender's BYE"])
+def test_hole_a_second_dialog_ended_while_ringing_drops_the_early_key(world, ending, from_tag):
+    """Attacker: an off-path sender who read the Call-ID and the two AoRs (any tag of its
+    own: ``yy``), or an on-path hop (also with bob's tag ``phone``); no certificate.
+
+    Messages: alice's call rings with bob's signed 183 (tag phone) offering a fresh CEK
+    (early media, or a gateway that does not reuse her key), kept at alice under (C,
+    phone).  The attacker's bare INVITE From bob;tag=yy (or ;tag=phone, not refused
+    either: nothing confirmed yet) To alice under C is taken as a second call (a2) and
+    CANCELled (alice's 487) or answered and BYEd (alice's 200).
+    ``_tags_of_other_dialogs`` is {a1}: a1's peer's tag is unknown before the 2xx
+    (``_remote_tags`` reads ``_confirmed``/``_callers`` only), so
+    ``end_dialog(keep={a1})`` drops every slot of {alice, bob} under C but a1's: (C,
+    phone), the 183's key.  Before b2ad514 ``_another_dialog_of_ours`` limited that end
+    to the slot of its own peer's tag (yy): a regression of the fix for the new-tag case.
+
+    Effect: bob's 200 (or PRACK/UPDATE body) under the key his 183 offered finds no key at
+    alice; the early media key is gone; repeatable on every ring.
+
+    Fault: ``UAEngine._end_dialog``/``_tags_of_other_dialogs`` (e2m_plugins/ua.py): the
+    early dialogs of an INVITE we sent are invisible to ``keep``.  Fix: record the To tag
+    of every 1xx/2xx to an INVITE we sent (``_sent`` entry) as a live dialog's peer's
+    tag: put it in ``keep`` and refuse a new dialog naming it (482); better, end a
+    second dialog's slots by the INVITE (our tag) they came in, never by a tag set."""
+    call_id = f"r55-early-end-{from_tag}-{ending[:5]}@x"
+    alice, early = _keyed_ring(world, call_id)
+    _second_dialog(world, alice, call_id, caller="bob", to_uri=world.aor("alice"),
+                   from_tag=from_tag, our_tag="a2", ending=ending)
+    assert early <= {key.reference for key in alice.dialog_keys.for_call(call_id)}
