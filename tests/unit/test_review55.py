@@ -8,20 +8,25 @@ tag and ``end_dialog(keep=...)`` (b2ad514), and the single From/To/Call-ID/CSeq 
 ``test_control_*`` are the same flows without the attack, or show that the attack's
 messages are accepted as far as they should be (they pass).
 
-Hole 1 (``test_hole_a_second_dialog_with_the_callees_early_tag_*``): at the *caller*,
-``UAEngine._remote_tags`` knows the peer's tag of a dialog only from ``_confirmed`` (the
-first 2xx).  While alice's call rings (bob's 180/183 carries his tag, ``phone``, in
-clear; a ring can last minutes), nothing names that tag as a live dialog's, so a bare
-INVITE to alice under the call's Call-ID From bob;tag=phone (the exact tag, as review 53
-hole 1 at the caller) is not refused 482: alice's phone answers it as a second call (tag
-a2) and ``_callers[a2] = "phone"``.  Once bob answers, the live dialog (a1/phone) and the
-attacker's (a2/phone) share the peer's tag, so ``_tags_of_other_dialogs`` at the live
-call's end returns {a2, phone}: ``end_dialog(keep=...)`` keeps the live call's slot
-(C, phone), where alice keeps the key bob's side offered (K1 after a rekey).  Review 53
-hole 3 (a held second dialog keeps the live call's keys after the call) is back through
-the early window.  The other way round (the attacker's dialog ended while the call still
-rings, ``keep = {a1}``) its end drops every (C, *) slot of {alice, bob} but a1: a keyed
-183's key under ``phone`` (review 53 hole 1, early).
+Hole 1 (``test_hole_a_second_dialog_ended_while_ringing_drops_the_early_key``): at the
+*caller*, ``UAEngine._remote_tags`` knows the peer's tag of a dialog we began only from
+``_confirmed`` (the first 2xx), so while alice's call rings ``_tags_of_other_dialogs``
+is {a1} alone.  A bare INVITE to alice under the ringing call's Call-ID From bob (any
+tag of its own, ``yy``; or bob's early tag ``phone``, read off the 180/183, which the
+482 does not refuse yet), CANCELled or answered and BYEd, ends with
+``end_dialog(keep={a1})``, which drops every other slot of {alice, bob} under the
+Call-ID: (C, phone), the key bob's keyed 183 offered.  For the ``yy`` case this is a
+regression of b2ad514: on 50e6c26 ``_another_dialog_of_ours`` limited that end to the
+slot of its own peer's tag (checked: the same flow on 50e6c26's ``e2m_plugins`` keeps
+(C, phone)).  Off-path sender who read the Call-ID and the AoRs; no certificate.
+
+Hole 2 (``test_hole_a_second_dialog_with_the_callees_early_tag_keeps_the_calls_key``):
+the same early window the other way round: the attacker's INVITE From bob;tag=phone,
+taken while the call rings and then held open (answered, ACKed), makes ``_callers[a2] =
+"phone"``; at the real call's end ``keep`` = {a2, phone}, so the call's key under (C,
+phone) (K1 after a rekey) outlives the call for up to ``cek_max_age``: review 53 hole 3
+is back through the early window (the 482 of the fix would refuse the same INVITE after
+the 200: ``test_control_after_the_200_the_callees_tag_is_refused``).
 
 What held (tried, no test kept unless named):
 
@@ -242,3 +247,66 @@ def test_hole_a_second_dialog_ended_while_ringing_drops_the_early_key(world, end
     _second_dialog(world, alice, call_id, caller="bob", to_uri=world.aor("alice"),
                    from_tag=from_tag, our_tag="a2", ending=ending)
     assert early <= {key.reference for key in alice.dialog_keys.for_call(call_id)}
+
+
+# --------------------------------------------------------------------------------------
+# What held: the single-header rule against header-name tricks, the 482 against CANCEL
+
+
+_HEAD = ("INVITE sip:bob@127.0.0.1 SIP/2.0\r\n"
+         "Via: SIP/2.0/UDP 192.0.2.66:5060;branch=z9hG4bK-r55\r\n"
+         "From: <sip:alice@example.com>;tag=a1\r\n"
+         "To: <sip:bob@example.com>\r\n"
+         "Call-ID: r55-hdr@x\r\n"
+         "CSeq: 1 INVITE\r\n"
+         "Max-Forwards: 70\r\n")
+
+
+@pytest.mark.parametrize("second", [
+    "From : <sip:carol@example.com>;tag=c1",
+    "FROM\t: <sip:carol@example.com>;tag=c1",
+    "f: <sip:carol@example.com>;tag=c1",
+    "Call-Id: other@x",
+    "i:other@x",
+    "t: <sip:carol@example.com>",
+    "cseq: 2 INVITE",
+    "X-Pad: 1\r\nFrom:\r\n <sip:carol@example.com>;tag=c1",
+])
+@pytest.mark.parametrize("ending", ["\r\n", "\n"])
+def test_control_a_second_single_header_is_malformed_whatever_its_spelling(second, ending):
+    """Both head parsers (the fast CRLF one and the line-by-line one, LF ends), compact
+    forms, case, whitespace before the colon, a folded value: refused."""
+    data = (_HEAD + second + "\r\nContent-Length: 0\r\n\r\n").replace("\r\n", ending)
+    with pytest.raises(MalformedError):
+        sip.parse(data.encode())
+
+
+def test_control_a_folded_line_never_starts_a_second_from():
+    """A continuation line that looks like a header is part of the previous value."""
+    data = (_HEAD + "Subject: hi\r\n From: <sip:carol@example.com>;tag=c1\r\n"
+            "Content-Length: 0\r\n\r\n")
+    msg = sip.parse(data.encode())
+    assert msg.from_tag == "a1" and len(msg.get_all("From")) == 1
+
+
+def test_control_a_cancel_of_the_ringing_invite_is_not_refused(world):
+    """The 482 spares the CANCEL of the INVITE the phone rings for (its top Via branch)."""
+    call_id = "r55-cancel@x"
+    clock = Clock()
+    alice, phone, delivered = _ringing_call(world, call_id, clock)
+    cancel = make_request("CANCEL", "sip:bob@127.0.0.1:5062", from_uri=world.aor("alice"),
+                          to_uri=world.aor("bob"), call_id=call_id, cseq=1, from_tag="a1",
+                          via_host="127.0.0.1:5061").replace("Via", delivered.get("Via") or "")
+    assert phone.open(cancel).message.method == "CANCEL"
+
+
+def test_control_a_retry_after_our_failure_is_not_refused(world):
+    """The caller's retry (same From tag, new branch, CSeq 2) after the phone's 486 to
+    the INVITE it rang for opens: the failure ended the entry."""
+    call_id = "r55-retry@x"
+    clock = Clock()
+    alice, phone, delivered = _ringing_call(world, call_id, clock)
+    phone.protect(_with_to_tag(make_response(delivered, 486, "Busy Here"), delivered, "phone"))
+    retry = alice.protect(invite(world, call_id=call_id).replace(
+        "CSeq", "2 INVITE").replace("Via", "SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-r55retry"))
+    assert phone.open(retry.message).message.method == "INVITE"
