@@ -50,7 +50,7 @@ from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeEr
                      UntrustedSignerError)
 from .certfiles import readable_certificate
 from .config import LegacyPeer, UAConfig
-from .dialog_keys import MAX_DIALOGS, DialogKey, DialogKeys, dialog_parties
+from .dialog_keys import MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, dialog_parties
 from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
 from .replay import MemoryReplayCache
 from .sdp import SdpKeys, has_keys, merge_keys, separate_keys
@@ -226,6 +226,9 @@ class UAEngine:
         self._answered: dict[str, str] = {}
         # ... and -> the caller's tag in it (lower-cased): a slot of that dialog's keys
         self._callers: dict[str, str] = {}
+        # Tags in _parties of INVITEs we sent -> the To tags their 1xx/2xx brought (each
+        # fork's, lower-cased, at most MAX_SLOTS_PER_CALL): slots of early dialogs (55)
+        self._early_peers: dict[str, list[str]] = {}
 
     def __repr__(self) -> str:
         return f"UAEngine({self.config.aor}, {len(self.policies)} proxy policies)"
@@ -393,6 +396,7 @@ class UAEngine:
         self._confirmed.pop(tag, None)
         self._answered.pop(tag, None)
         self._callers.pop(tag, None)
+        self._early_peers.pop(tag, None)
 
     def _note_confirmed(self, message: SipMessage, *, sent: bool) -> None:
         """A 2xx to an INVITE confirms the dialog of our tag in it: one we send, or one
@@ -406,6 +410,22 @@ class UAEngine:
         remote = message.from_tag if sent else message.to_tag
         if tag in self._parties and remote:
             self._confirmed.setdefault(tag, remote.lower())     # the first 2xx's, not a fork's
+
+    def _note_early_peer(self, response: SipMessage) -> None:
+        """A 1xx/2xx with a To tag to an INVITE we sent: that tag is the peer's in an
+        early dialog of ours (a fork's), whose keys live under it before any 2xx."""
+        if response.is_request or response.method != "INVITE" \
+                or not 100 < (response.status or 0) < 300 or not response.to_tag:
+            return
+        if self._sent_for(response) is None:
+            return
+        tag = self._local_tag(response, sent=False)
+        if tag not in self._parties:
+            return
+        peers = self._early_peers.setdefault(tag, [])
+        remote = response.to_tag.lower()
+        if remote not in peers and len(peers) < MAX_SLOTS_PER_CALL:
+            peers.append(remote)
 
     def _forget_parties(self, message: SipMessage, *, sent: bool) -> None:
         """The dialog ``message`` ends: the entry of our tag in it goes, so the table
@@ -477,16 +497,17 @@ class UAEngine:
                                          "of ours under way")
 
     def _remote_tags(self, call_id: str) -> list[tuple[str, str]]:
-        """(our tag, the peer's tag) of each dialog of ours under ``call_id`` whose peer's
-        tag we know: the one its first 2xx confirmed, or the caller's of an INVITE we
-        answered.  Lower-cased."""
+        """(our tag, a peer's tag) of each dialog of ours under ``call_id`` whose peer's
+        tag we know: the one its first 2xx confirmed, the caller's of an INVITE we
+        answered, each fork's of an INVITE of ours that is ringing (review 55).
+        Lower-cased."""
         found = []
         for ours, (known_call_id, _) in self._parties.items():
             if known_call_id != call_id:
                 continue
-            remote = self._confirmed.get(ours) or self._callers.get(ours)
-            if remote:
-                found.append((ours, remote))
+            remotes = {self._confirmed.get(ours), self._callers.get(ours),
+                       *self._early_peers.get(ours, ())}
+            found.extend((ours, remote) for remote in remotes if remote)
         return found
 
     def accepts_proxy(self, host: str, peer: str | None = None) -> bool:
@@ -858,6 +879,7 @@ class UAEngine:
         method = message.method
         self._check_parties(message)
         self._note_confirmed(message, sent=False)
+        self._note_early_peer(message)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
             self._end_dialog(message, sent=False)
             self._forget_parties(message, sent=False)

@@ -6,14 +6,8 @@ that BYE ends the slot the engine names by the lower-cased tag: the live call's.
 next re-INVITE under her key gets 493 (see ``tests/unit/test_review53.py``, hole 1).
 From plain sockets on loopback, no Kamailio.
 
-Fixed (stop 30): a new dialog whose sender writes, in any letter case, a tag of a dialog
-of ours under way under the Call-ID (ours or the peer's) is refused 482, but for a
-retransmission of the INVITE that began it (``UAEngine._refuse_a_live_dialogs_tag``);
-a dialog's end takes every slot of its parties but those named by another live dialog's
-tags (``DialogKeys.end_dialog(keep=...)``), so neither a second dialog's end nor one
-held open decides how much of the live call goes; its policies end unless another
-dialog of ours with that peer is under way.  Each of the two rules alone closes hole 1 (checked
-by turning the other off).  The holes' markers are gone; they are guards now.
+Fixed (stop 30): see ``tests/unit/test_review53.py``; the attack's INVITE is refused 482
+(``test_control_the_callers_tag_in_another_case_is_refused``).
 """
 
 from __future__ import annotations

@@ -73,11 +73,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.flows import SDP_OFFER, TRUSTED, answer, invite, reinvite, ua_engine
-from e2m_plugins import headers as hdr
-from e2m_plugins.config import UAConfig
 from e2m_plugins.errors import BindingMismatchError, E2MError
 from e2m_plugins.sip import SipMessage, make_request, make_response
 from e2m_plugins.testpki import init_test_pki
@@ -85,6 +82,8 @@ from e2m_plugins.ua import UAEngine
 from pjsua_hooks.firstcopy import Duplicate, FirstCopy
 from tests.unit.test_review43 import NEW_SDP, _reinvite_opens_at_the_answering_phone
 from tests.unit.test_review49 import CONTACT_B, _ack, _with_to_tag
+from tests.unit.test_review51 import (_bobs_reinvite_opens_at_alice, _call_with_a_dialog_policy,
+                                      _phones_reinvite_readers)
 
 HOP = "192.0.2.66:5060"
 ENDINGS = ["cancelled while ringing", "answered, then the sender's BYE",
@@ -303,16 +302,6 @@ def _rekeyed_call(world, call_id: str) -> tuple[UAEngine, UAEngine, Clock]:
     return alice, phone, clock
 
 
-def _bobs_reinvite_opens_at_alice(world, alice: UAEngine, phone: UAEngine, call_id: str) -> bool:
-    out = phone.protect(reinvite(world, "bob", "alice", call_id, 1, "phone", "a1", sdp=NEW_SDP))
-    assert out.info.encrypted
-    try:
-        alice.open(out.message)
-    except E2MError:
-        return False
-    return True
-
-
 def test_control_after_the_rekey_bobs_reinvite_opens_at_alice(world):
     call_id = "r53-caller-ok@x"
     alice, phone, _ = _rekeyed_call(world, call_id)
@@ -355,25 +344,6 @@ def test_hole_a_second_dialog_with_the_peers_tag_ends_the_callers_live_keys(worl
 
 # --------------------------------------------------------------------------------------
 # Hole 2: a second dialog To another URI of ours ends the live call's policies
-
-
-def _call_with_a_dialog_policy(world, call_id: str) -> tuple[UAEngine, UAEngine]:
-    """alice's call with bob's phone, her INVITE carrying her home proxy's
-    ``Proxy-Body-Policy`` (it views SDP): the phone learns it for (C, alice) only."""
-    alice = _engine(world, "alice")
-    phone = _engine(world, "bob")
-    phone.add_proxy_certificate(TRUSTED, world.proxy(TRUSTED).cert.public_bytes(Encoding.DER))
-    policy = hdr.PolicyHeader(TRUSTED, view=(hdr.Rule.parse("INVITE:application/sdp"),)).format()
-    offer = alice.protect(invite(world, call_id=call_id)).message.add(hdr.PROXY_BODY_POLICY,
-                                                                     policy)
-    delivered = phone.open(offer).message
-    alice.open(phone.protect(answer(delivered, to_tag="phone")).message)
-    return alice, phone
-
-
-def _phones_reinvite_readers(world, phone: UAEngine, call_id: str) -> tuple[str, ...]:
-    out = phone.protect(reinvite(world, "bob", "alice", call_id, 1, "phone", "a1", sdp=NEW_SDP))
-    return out.info.readable_by
 
 
 OTHER_TO = "sip:bob@127.0.0.1:5062"

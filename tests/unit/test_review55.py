@@ -45,6 +45,12 @@ What held (tried, no test kept unless named):
   ``test_control_a_retry_after_our_failure_is_not_refused``);
 - the loops over ``_parties`` are bounded by ``MAX_DIALOGS`` (4096) and entries come only
   from what we send; not a new unbounded cost.
+
+Fixed (stop 30): the To tag of each 1xx/2xx to an INVITE we sent is recorded as a
+peer's tag of that early dialog (``UAEngine._note_early_peer``, at most
+``MAX_SLOTS_PER_CALL`` per INVITE), so a ringing call's slots are kept at another
+dialog's end and a new dialog naming that tag is refused 482.  The holes' markers are
+gone; they are guards now.
 """
 
 from __future__ import annotations
@@ -138,19 +144,17 @@ def test_control_without_the_attack_the_calls_keys_go_with_it(world):
     assert not alice.dialog_keys.for_call(call_id)
 
 
-def test_control_the_early_injection_is_taken_as_a_new_call(world):
-    """The attack's premise: while alice's call rings, the bare INVITE From bob;tag=phone
-    opens at alice (no 482), so pjsua takes it as a second call."""
+def test_control_the_early_injection_is_refused_as_a_merged_request(world):
+    """The attack's premise was that, while alice's call rings, the bare INVITE From
+    bob;tag=phone opened at alice (no 482), so pjsua took it as a second call.  Since the
+    fix the 180's To tag is a tag of a dialog of ours under way: 482."""
     call_id = "r55-early-taken@x"
     clock = Clock()
     alice, _, _ = _ringing_call(world, call_id, clock)
-    opened = alice.open(_bare_invite_from_bobs_tag(world, call_id))
-    assert opened.message.method == "INVITE"
+    with pytest.raises(MergedRequestError):
+        alice.open(_bare_invite_from_bobs_tag(world, call_id))
 
 
-@pytest.mark.xfail(strict=True, reason="review 55: untrusted hop/off-path sender who read "
-                   "the 180's To tag; a new dialog with the callee's early tag is not 482 at "
-                   "the caller, held open it keeps the live call's key after the call")
 def test_hole_a_second_dialog_with_the_callees_early_tag_keeps_the_calls_key(world):
     """Attacker: an untrusted on-path hop, or an off-path sender who read the call's
     Call-ID and the 180's To tag (plaintext headers); no certificate.
@@ -214,9 +218,6 @@ def test_control_without_the_attack_the_early_key_stays(world):
     assert early <= {key.reference for key in alice.dialog_keys.for_call(call_id)}
 
 
-@pytest.mark.xfail(strict=True, reason="review 55: off-path sender who read the Call-ID; "
-                   "a second dialog (any From tag) ended while the caller's call rings "
-                   "drops the ringing call's 183 key (keep= names only a1)")
 @pytest.mark.parametrize("from_tag", ["yy", "phone"])
 @pytest.mark.parametrize("ending", ["cancelled while ringing", "answered, then the sender's BYE"])
 def test_hole_a_second_dialog_ended_while_ringing_drops_the_early_key(world, ending, from_tag):
