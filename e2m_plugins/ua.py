@@ -492,7 +492,8 @@ class UAEngine:
                                      "sender's")
         branch = _top_branch(request)
         for ours, remote in self._remote_tags(call_id):
-            if remote == tag and self._answered.get(ours) != branch:
+            began = self._answered.get(ours)
+            if remote == tag and (began is None or began != branch):
                 raise MergedRequestError("a new dialog names the peer's tag of a dialog "
                                          "of ours under way")
 

@@ -75,7 +75,7 @@ import time
 import pytest
 
 from e2m_lab.flows import SDP_OFFER, TRUSTED, answer, invite, reinvite, ua_engine
-from e2m_plugins.errors import BindingMismatchError, E2MError
+from e2m_plugins.errors import BindingMismatchError, E2MError, MalformedError, MergedRequestError
 from e2m_plugins.sip import SipMessage, make_request, make_response
 from e2m_plugins.testpki import init_test_pki
 from e2m_plugins.ua import UAEngine
@@ -457,3 +457,20 @@ def test_hole_a_held_second_dialog_keeps_the_callers_key_after_the_call(world):
     # the held dialog's own slot (the key alice's 200 offered in it) may stay while it
     # lasts; none of the ended call's keys may
     assert not live & {key.reference for key in alice.dialog_keys.for_call(call_id)}
+
+
+def test_hole_a_second_dialog_without_a_via_branch_passes_the_482_at_the_caller(world):
+    """Found in the last read of the fix (stop 30): the refusal let through a request whose
+    top Via branch equals the INVITE of ours that began the dialog, and a dialog alice
+    began by *sending* the INVITE has no such branch kept (None): a bare INVITE From
+    bob;tag=phone with a Via of no branch (RFC 2543 style, which stacks still take) had
+    None == None and was taken as a new call, whose end would drop the live slots."""
+    call_id = "r53-no-branch@x"
+    alice, _, _ = _rekeyed_call(world, call_id)
+    bare = make_request("INVITE", "sip:alice@127.0.0.1:5061", from_uri=world.aor("bob"),
+                        to_uri=world.aor("alice"), call_id=call_id, cseq=1, from_tag="phone",
+                        via_host=HOP).replace("Via", f"SIP/2.0/UDP {HOP}")
+    with pytest.raises(MalformedError):
+        bare.via_branch()                     # no branch at all
+    with pytest.raises(MergedRequestError):
+        alice.open(bare)
