@@ -1,0 +1,136 @@
+"""Review 56 on the real phone: alice's ``e2m-phone listen`` calls bob through a UDP
+socket (its outbound proxy's seat: the untrusted hop, which sees her INVITE's Via
+branch) that rings as bob's E2M UA would (``UAEngine`` with bob's credentials).  See
+``tests/unit/test_review56.py`` for the engine's side (hole 3) and what held.
+
+``test_hole_*``: strict xfail on 00358fc; ``test_control_*``: the same flow with one
+stray tag fewer (they pass).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2m_lab.flows import SDP_ANSWER, ua_engine
+from e2m_lab.phones import PhoneProcess, write_ua
+from e2m_lab.stranger import HOST, UdpStranger
+from e2m_plugins import sip
+from e2m_plugins.sip import make_request, make_response
+from e2m_plugins.testpki import TestPKI
+from tests.pjsua.test_review2_phone import pki  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.pjsua2]
+
+BOB = "sip:bob@example.com"
+BOB_TAG = "r56phone"
+
+
+class _Hop:
+    """A UDP socket alice's phone sends through: it forwards nothing, rings as bob."""
+
+    def __init__(self, pki: TestPKI) -> None:  # noqa: F811
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.engine = ua_engine(pki, "bob")
+
+    def invite(self, timeout: float) -> tuple[sip.SipMessage, tuple]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                data, source = self.sock.recvfrom(65535)
+            except (socket.timeout, TimeoutError):
+                break
+            try:
+                msg = sip.parse(data)
+            except Exception:  # noqa: BLE001 - keep-alives
+                continue
+            if msg.is_request and msg.method == "INVITE":
+                return msg, source
+        raise AssertionError("alice sent no INVITE")
+
+    def ring(self, wire: sip.SipMessage, source: tuple, strays: int) -> None:
+        """``strays`` bodiless 180s in the INVITE's transaction with made-up To tags, then
+        bob's 183 with SDP (tag BOB_TAG) protected by bob's engine."""
+        contact = [("Contact", f"<sip:bob@{HOST}:{self.port}>")]
+        for n in range(strays):
+            stray = make_response(wire, 180, "Ringing", contact)
+            stray = stray.replace("To", f"{wire.get('To')};tag=r56stray{n}")
+            self.sock.sendto(stray.serialize(), source)
+        delivered = self.engine.open(wire).message
+        progress = make_response(delivered, 183, "Session Progress", contact, SDP_ANSWER,
+                                 "application/sdp")
+        progress = progress.replace("To", f"{delivered.get('To')};tag={BOB_TAG}")
+        self.sock.sendto(self.engine.protect(progress).message.serialize(), source)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def ringing(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, _Hop]]:  # noqa: F811
+    hop = _Hop(pki)
+    assert pki.directory is not None
+    config = write_ua(tmp_path, "alice", pki.directory, peer="bob",
+                      phone={"proxy": f"sip:{HOST}:{hop.port}"})
+    alice = PhoneProcess(config, "alice")
+    try:
+        alice.wait("started", timeout=15)
+        yield alice, hop
+    finally:
+        alice.stop()
+        hop.close()
+
+
+def _bare_invite_with_bobs_early_tag(alice: PhoneProcess, pki: TestPKI, strays: int,  # noqa: F811
+                                     hop: _Hop) -> int | None:
+    """alice calls bob; the hop rings with ``strays`` stray tags, then bob's 183; a
+    stranger's socket sends alice a bodiless INVITE under the call's Call-ID From
+    bob;tag=BOB_TAG.  Returns its final status at alice's phone (None: none in 3 s)."""
+    alice.send(f"call {BOB}")
+    wire, source = hop.invite(timeout=10)
+    hop.ring(wire, source, strays)
+    time.sleep(0.5)
+    thief = UdpStranger(alice.port)
+    try:
+        thief.send(make_request(
+            "INVITE", f"sip:alice@{HOST}:{alice.port}", from_uri=pki.aor("bob"),
+            to_uri=pki.aor("alice"), call_id=wire.call_id, cseq=1, from_tag=BOB_TAG,
+            via_host=f"{HOST}:{thief.local_port}",
+            extra_headers=[("Contact", f"<sip:bob@{HOST}:{thief.local_port}>")]).serialize())
+        return thief.final(wire.call_id, timeout=3)
+    finally:
+        thief.sock.close()
+
+
+def test_control_with_five_stray_tags_bobs_early_tag_is_refused(ringing, pki):  # noqa: F811
+    alice, hop = ringing
+    assert _bare_invite_with_bobs_early_tag(alice, pki, 5, hop) == 482
+
+
+@pytest.mark.xfail(strict=True, reason="review 56: an untrusted hop's six stray 180s fill "
+                   "_early_peers: the real phone takes a new dialog with the callee's "
+                   "early tag (not 482)")
+def test_hole_six_stray_180s_let_a_new_dialog_with_bobs_early_tag_in(ringing, pki):  # noqa: F811
+    """Attacker: the untrusted hop alice's INVITE passes (it sees its branch); the
+    second INVITE may come from anyone who read the 183's To tag.
+
+    Messages: alice's phone calls bob; the hop sends six bodiless 180s in the INVITE's
+    transaction (To tags r56stray0..5), then bob's protected 183 (tag r56phone); a
+    bodiless INVITE From bob;tag=r56phone To alice under the call's Call-ID.
+
+    Effect: ``_early_peers`` of alice's tag holds the six stray tags only, so the INVITE
+    is not refused 482 and pjsua answers it 200, a second call (checked on 00358fc:
+    200; review 55's premise: its end drops the ringing call's 183 key; held open, it
+    keeps the call's key after its end).
+
+    Fault and fix: ``UAEngine._note_early_peer`` (first six tags, before any check);
+    see ``tests/unit/test_review56.py``."""
+    alice, hop = ringing
+    assert _bare_invite_with_bobs_early_tag(alice, pki, 6, hop) == 482
