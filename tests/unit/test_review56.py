@@ -46,7 +46,9 @@ runs before the response is checked.  Attacker: an untrusted hop (it sees the IN
 branch) sends alice six bodiless 180s with made-up To tags (a 7-way fork does the same
 by itself); bob's real keyed 183 (tag ``phone``) comes after.  Review 55's holes are back:
 a bare INVITE From bob;tag=phone is not refused 482, and any second dialog's end
-(``keep`` = {a1, the six made-up tags}) drops (C, phone), the 183's key.
+(``keep`` = {a1, the six made-up tags}) drops (C, phone), the 183's key.  On the real
+phone (``tests/pjsua/test_review56_phone.py``) the bare INVITE is answered 200, a second
+call (five stray tags: 482).
 
 What held (tried, no test kept unless named):
 
@@ -64,7 +66,11 @@ What held (tried, no test kept unless named):
 - the phone's event routing: every pjsua event carries its object's serial; an unknown
   serial falls back to the Call-ID entry, which a second dialog never takes while a
   live call holds it; an old attempt's events after a 496 retry fall back to the same
-  call and its ``DISCONNECTED`` is ignored (``call_id != sip_call_id``).
+  call and its ``DISCONNECTED`` is ignored (``call_id != sip_call_id``); ``live_calls``
+  counts ``done`` per E2MCall, and ``hangup`` ends ``call.current``, the call's own
+  object (traced in the code, not run);
+- the bounds: ``_callers`` holds one tag per ``_parties`` entry, ``_early_peers`` six per
+  entry, both dropped with the entry (``_drop_party``) and with the 4096-entry LRU.
 """
 
 from __future__ import annotations
