@@ -271,6 +271,12 @@ class DialogKeys:
         with self._lock:
             return self._all(message)
 
+    def holds(self, message: SipMessage, tag: str) -> bool:
+        """Whether keys are kept under ``tag`` in ``message``'s dialog (its Call-ID and
+        parties)."""
+        with self._lock:
+            return bool(self._slots.get((message.call_id, tag.lower(), dialog_parties(message))))
+
     def for_call(self, call_id: str) -> list[DialogKey]:
         """Every key kept under ``call_id``, whatever its state."""
         with self._lock:

@@ -420,10 +420,12 @@ class UAEngine:
         if self._sent_for(response) is None:
             return
         tag = self._local_tag(response, sent=False)
-        if tag not in self._parties:
+        remote = response.to_tag.lower()
+        # only a tag that holds keys (a slot needs a body the peer signed): a hop's bare
+        # 180s with made-up tags must not fill the list before the callee's (review 56)
+        if tag not in self._parties or not self.dialog_keys.holds(response, remote):
             return
         peers = self._early_peers.setdefault(tag, [])
-        remote = response.to_tag.lower()
         if remote not in peers and len(peers) < MAX_SLOTS_PER_CALL:
             peers.append(remote)
 
@@ -710,7 +712,6 @@ class UAEngine:
             if message.is_request:
                 self._record_sent(message)
             self._record_parties(message)
-            self._note_confirmed(message, sent=True)
             ends_attempt = self._ends_our_answered_attempt(message)
             if ends_attempt or (not message.is_request and self._ends_by_our_word(message)):
                 # our 2xx to a BYE (pjsip sends it only for a dialog it has: a hop's BYE
@@ -720,11 +721,16 @@ class UAEngine:
                 self._end_dialog(message, sent=True)
             if ends_attempt or self._ends_by_our_word(message):
                 self._forget_parties(message, sent=True)
+            protected = self._protect(message)
+            # only what is sent confirms a dialog and settles keys: a 200 we could not
+            # seal is never sent (the stack answers 500 instead, which must end the
+            # attempt, review 56)
+            self._note_confirmed(message, sent=True)
             if not message.is_request:
                 # our answer settles the keys the request offered (every response the
                 # stack sends passes here, its own 491 and 487 too)
                 self.dialog_keys.answered(message)
-            return self._protect(message)
+            return protected
 
     def _protect(self, message: SipMessage) -> Protected:
         method = message.method
@@ -872,6 +878,12 @@ class UAEngine:
         message.check_single_headers()
         with self._lock, message_budget(DEFAULT_LIMITS.max_public_key_ops):
             opened = self._open(message)
+            # what a response shows about our dialogs and keys, only once it is accepted:
+            # a 2xx refused (a hop's, with a made-up tag) must not pin the dialog's peer
+            # tag nor confirm keys (review 56)
+            self._note_confirmed(message, sent=False)
+            self._note_early_peer(message)
+            self._settle(message)
         # only a message we accepted may teach us anything (a refused one is a stranger's)
         self.learn(message)
         return opened
@@ -879,12 +891,9 @@ class UAEngine:
     def _open(self, message: SipMessage) -> Opened:
         method = message.method
         self._check_parties(message)
-        self._note_confirmed(message, sent=False)
-        self._note_early_peer(message)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
             self._end_dialog(message, sent=False)
             self._forget_parties(message, sent=False)
-        self._settle(message)
         part = message_body(message)
         if part is None:
             return Opened(message, SecurityInfo())
@@ -1004,7 +1013,7 @@ class UAEngine:
         # (a hop's bare INVITE, which pjsip takes as a new call) never ends the live
         # call's (review 51), and one held open never keeps the live call's after its
         # end (review 53)
-        others = self._tags_of_other_dialogs(message, local)
+        others = self._tags_of_other_dialogs(message, local, remote)
         if message.method == "BYE":
             confirmed = self._confirmed.get(local) if local else None
             if (remote or "").lower() != confirmed and not (sent and confirmed is None):
@@ -1018,14 +1027,33 @@ class UAEngine:
         if not self._another_dialog_with(message.call_id, peer, local):
             self.policies.end_scope(dialog_scope(message.call_id, peer))
 
-    def _tags_of_other_dialogs(self, message: SipMessage, local: str | None) -> frozenset[str]:
-        """The tags (ours and the peer's we know, lower-cased) of every dialog of ours
-        other than the one of our tag ``local`` under ``message``'s Call-ID."""
-        tags = {ours for ours, (call_id, _) in self._parties.items()
-                if ours != local and call_id == message.call_id}
-        tags.update(remote for ours, remote in self._remote_tags(message.call_id)
-                    if ours != local)
-        return frozenset(tags)
+    def _tags_of_other_dialogs(self, message: SipMessage, local: str | None,
+                               remote: str | None) -> frozenset[str]:
+        """The tags (lower-cased) whose keys another dialog of ours under ``message``'s
+        Call-ID holds, the one of our tag ``local`` (its peer's ``remote``) ending: each
+        one's own tag and the peers' tags an INVITE of ours learnt from responses it
+        accepted; a caller's tag of an INVITE we answered only when it is none of the
+        ending dialog's, since a caller writes it (a hop's held dialog naming the callee's
+        tag must not keep the real call's keys past its end: reviews 55, 56)."""
+        sure, written = self._dialog_tags(local)
+        own = sure | written | {(remote or "").lower()}
+        kept: set[str] = set()
+        for ours, (call_id, _) in self._parties.items():
+            if ours != local and call_id == message.call_id:
+                sure, written = self._dialog_tags(ours)
+                kept |= sure | (written - own)
+        return frozenset(kept)
+
+    def _dialog_tags(self, ours: str | None) -> tuple[set[str], set[str]]:
+        """(the tags of our dialog of tag ``ours`` that are sure: ours, and for an INVITE
+        we sent the peers' tags from responses we accepted; the tag its caller wrote, for
+        an INVITE we answered)."""
+        if ours is None or ours not in self._parties:
+            return {ours} if ours else set(), set()
+        if ours in self._answered:
+            return {ours}, {t for t in (self._confirmed.get(ours), self._callers.get(ours)) if t}
+        confirmed = self._confirmed.get(ours)
+        return {ours, *self._early_peers.get(ours, ()), *([confirmed] if confirmed else [])}, set()
 
     def _another_dialog_with(self, call_id: str, peer: str | None, local: str | None) -> bool:
         """Whether a dialog of ours other than the one of our tag ``local`` is under way

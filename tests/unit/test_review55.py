@@ -46,11 +46,13 @@ What held (tried, no test kept unless named):
 - the loops over ``_parties`` are bounded by ``MAX_DIALOGS`` (4096) and entries come only
   from what we send; not a new unbounded cost.
 
-Fixed (stop 30): the To tag of each 1xx/2xx to an INVITE we sent is recorded as a
-peer's tag of that early dialog (``UAEngine._note_early_peer``, at most
-``MAX_SLOTS_PER_CALL`` per INVITE), so a ringing call's slots are kept at another
-dialog's end and a new dialog naming that tag is refused 482.  The holes' markers are
-gone; they are guards now.
+Fixed (stop 30): the To tag of each accepted 1xx/2xx to an INVITE we sent that holds
+keys is recorded as a peer's tag of that early dialog (``UAEngine._note_early_peer``, at
+most ``MAX_SLOTS_PER_CALL`` per INVITE; review 56 made it "holds keys"), so a ringing
+call's keyed slots are kept at another dialog's end and a new dialog naming that tag is
+refused 482.  A tag a caller wrote (an INVITE we answered) keeps slots at another
+dialog's end only when it is none of the ending dialog's own (hole 2: review 56's
+fix).  The holes' markers are gone; they are guards now.
 """
 
 from __future__ import annotations
@@ -144,15 +146,16 @@ def test_control_without_the_attack_the_calls_keys_go_with_it(world):
     assert not alice.dialog_keys.for_call(call_id)
 
 
-def test_control_the_early_injection_is_refused_as_a_merged_request(world):
-    """The attack's premise was that, while alice's call rings, the bare INVITE From
-    bob;tag=phone opened at alice (no 482), so pjsua took it as a second call.  Since the
-    fix the 180's To tag is a tag of a dialog of ours under way: 482."""
+def test_control_the_early_injection_is_taken_as_a_new_call(world):
+    """The attack's premise, still true: while alice's call rings with a bodiless 180,
+    the bare INVITE From bob;tag=phone opens at alice (no 482: the tag holds no keys,
+    and a hop's bare 180s must not fill what the 482 guards, review 56), so pjsua takes
+    it as a second call.  What it may not do is keep the call's keys (the hole below)."""
     call_id = "r55-early-taken@x"
     clock = Clock()
     alice, _, _ = _ringing_call(world, call_id, clock)
-    with pytest.raises(MergedRequestError):
-        alice.open(_bare_invite_from_bobs_tag(world, call_id))
+    opened = alice.open(_bare_invite_from_bobs_tag(world, call_id))
+    assert opened.message.method == "INVITE"
 
 
 def test_hole_a_second_dialog_with_the_callees_early_tag_keeps_the_calls_key(world):

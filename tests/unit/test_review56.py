@@ -71,6 +71,13 @@ What held (tried, no test kept unless named):
   object (traced in the code, not run);
 - the bounds: ``_callers`` holds one tag per ``_parties`` entry, ``_early_peers`` six per
   entry, both dropped with the entry (``_drop_party``) and with the 4096-entry LRU.
+
+Fixed (stop 30): what a received response shows about our dialogs and keys
+(``_note_confirmed``, ``_note_early_peer``, ``_settle``) is recorded only once ``open``
+accepted it; what we send confirms a dialog and settles keys only once ``_protect``
+sealed it; an early peer's tag is recorded only when it holds keys (a hop's bare 180s
+fill nothing); and at a dialog's end a caller-written tag of another dialog keeps no
+slot that is the ending dialog's own.  The holes' markers are gone; they are guards now.
 """
 
 from __future__ import annotations
@@ -87,7 +94,6 @@ from tests.unit.test_review43 import _forks_183
 from tests.unit.test_review49 import CONTACT_B, _ack, _with_to_tag
 from tests.unit.test_review53 import Clock, _second_dialog
 
-REASON = "review 56: "
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +153,6 @@ def test_control_the_stray_200_is_refused_and_the_call_goes_on(world):
     assert _refs(alice, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason=REASON + "an untrusted hop's refused 200 (made-up "
-                   "To tag) pins _confirmed: the caller's own BYE leaves her INVITE key and "
-                   "the call's entry for an hour")
 def test_hole_a_refused_2xx_pins_the_confirmed_tag_and_the_callers_bye_keeps_her_key(world):
     """Attacker: an untrusted hop past the proxy, or the callee (both see alice's INVITE
     branch, which ``_sent_for`` asks of a response).
@@ -214,9 +217,6 @@ def test_control_the_phone_cannot_seal_its_srtp_200(world):
     _rung_then_failed(world, "r56-refused-premise@x", tried_200=True)
 
 
-@pytest.mark.xfail(strict=True, reason=REASON + "a 200 the hook refused to send marks the "
-                   "dialog confirmed: the call's failure then leaves the caller's INVITE "
-                   "key, policies and entry behind")
 def test_hole_a_200_the_hook_refused_leaves_the_callers_key_after_our_failure(world):
     """Attacker: none needed (a legitimate call that fails); any caller of such a phone.
 
@@ -277,8 +277,6 @@ def test_control_five_strays_leave_room_for_the_callees_tag(world):
     assert early <= _refs(alice, call_id)
 
 
-@pytest.mark.xfail(strict=True, reason=REASON + "an untrusted hop's six stray 180s fill "
-                   "_early_peers: a new dialog with the callee's early tag is not refused 482")
 def test_hole_six_stray_1xx_tags_unprotect_the_callees_early_tag(world):
     """Attacker: an untrusted hop (it sees alice's INVITE branch), or nobody but a 7-way
     fork.  Messages: six bodiless 180s To ...;tag=stray0..5 in alice's INVITE
@@ -298,8 +296,6 @@ def test_hole_six_stray_1xx_tags_unprotect_the_callees_early_tag(world):
         alice.open(_bare_invite_from_bobs_tag(world, call_id))
 
 
-@pytest.mark.xfail(strict=True, reason=REASON + "an untrusted hop's six stray 180s fill "
-                   "_early_peers: any second dialog's end drops the ringing call's 183 key")
 @pytest.mark.parametrize("ending", ["cancelled while ringing", "answered, then the sender's BYE"])
 def test_hole_six_stray_1xx_tags_let_a_second_dialog_drop_the_early_key(world, ending):
     """As above; then a bare INVITE From bob;tag=yy (anyone who read the Call-ID and the
