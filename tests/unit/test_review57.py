@@ -33,19 +33,28 @@ at.  Fix: remove policy headers naming this proxy from every response it relays 
 same ``_policies_in_our_name``), and in kemi do so also for a bodiless response (a
 header-only pass before ``response_needs_reading``).
 
+Hole 2 (``test_hole_a_bare_bye_is_relayed_unread_with_a_policy_in_the_proxys_name``):
+the same forged policy on bob's bare BYE (the peer's own, or a hop's before the proxy).
+``inspect`` would remove it (control), but ``only_ends_dialog("BYE", has_body=False,
+has_label=False)`` tells the host that ``inspect`` would do nothing ("nothing to view,
+announce or remove"), and Kamailio relays a bare BYE unread (``end_dialog_unread``).
+alice learns from any request of her dialog with a To tag, so she drops her proxy's
+certificate as in hole 1 (control: her next MESSAGE is 496).  At fault:
+``ProxyEngine.only_ends_dialog`` (e2m_plugins/proxy.py) and its caller in kemi.py.  Fix:
+``only_ends_dialog`` false when a ``Proxy-Body-Policy`` is present (kemi passes
+``KSR.hdr.is_present``).
+
 Controls: the same policy in a *request* is replaced by the proxy's own; the same
 OPTIONS answered without the forged header leaves alice's certificate and policy in
-place and her next MESSAGE is read by the proxy.
+place and her next MESSAGE is read by the proxy; the forged answer's effect today.
 
-Looked at and held (engine and kemi; see the wire module for Kamailio):
+Looked at (engine and kemi; see the wire module for Kamailio):
 
 - A second From/To/Call-ID/CSeq in a *response* (a hop's or the callee's): the engine
-  (``check_single_headers``) forwards it unread with the error recorded, and kemi's
-  ``route_reply`` raises in ``_read_message`` (outside its ``E2MError`` guard) and the
-  tm reply route logs it and lets it go: the same as any response the engine cannot
-  read (a response cannot be refused, docs/protocol.md §7).  No key is kept or spent
-  and nothing is archived for it; our phone refuses it (``sip.parse``).  A plain UA
-  (pjsip) past the proxy reads the last copy, but the proxy vouched for nothing in it.
+  (``check_single_headers``) forwards it unread with the error recorded, and our phone
+  refuses it (``sip.parse``): held here (control).  On Kamailio it is a hole (wire
+  module, hole 4): unlike such a request, the response is relayed, its body never
+  archived, and a stock UA reads the last copy.
 - A 496 by a hop or the callee naming the home proxy with its real certificate: known
   (review 54).  With another host's certificate it is refused by ``_learn_496``.
 - Digest: ``auth_check`` flag 1 holds the From user (a REGISTER's To user) to the
