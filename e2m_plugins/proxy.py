@@ -334,15 +334,16 @@ class ProxyEngine:
             return ()  # nothing to ask of anyone
         return (self.policy_header(),)
 
-    def _policies_in_our_name(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
+    def _policies_in_our_name(self, message: SipMessage) -> tuple[tuple[str, str], ...]:
         """Policy headers that name this proxy, put in by someone else (or by us on an
-        earlier pass of a spiral): they go, and ours is added, so the UAS learns our
-        policy from us alone.  Only a value that mentions our host is parsed at all (a
+        earlier pass of a spiral): they go from every message we relay, a request (ours
+        is added, so the UAS learns our policy from us alone) or a response (review 57:
+        a callee's 200 must not teach the caller a policy in our name).  Only a value that mentions our host is parsed at all (a
         plain substring test first), so a request stuffed with policies costs nothing; a
         value that mentions us and does not parse goes too."""
         ours = self.config.host.lower()
         out = []
-        for value in request.get_all(hdr.PROXY_BODY_POLICY):
+        for value in message.get_all(hdr.PROXY_BODY_POLICY):
             if ours not in value.lower():
                 continue
             try:
@@ -385,7 +386,8 @@ class ProxyEngine:
                 return answer_keeper(UNAUTHENTICATED_CALLER, responder)
             return answer_keeper(_keeper(who), responder)
         seen, media = self._view(response, method, keeper=keeper, kept=[])
-        return Verdict("forward", seen=seen, media=media)
+        return Verdict("forward", remove_headers=self._policies_in_our_name(response),
+                       seen=seen, media=media)
 
     def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
         """A BYE ended the dialog (Call-ID and both tags): the keys kept for it go
@@ -410,20 +412,24 @@ class ProxyEngine:
             self.cache.drop(scope, name)
 
     @staticmethod
-    def response_needs_reading(method: str, status: int, *, has_body: bool) -> bool:
+    def response_needs_reading(method: str, status: int, *, has_body: bool,
+                               has_policy: bool) -> bool:
         """False when ``inspect`` of this response would do nothing at all: nothing to
-        view (a 200 to MESSAGE, a 180 without SDP, a failure: it drops no key).  A host
-        may then forward it unread."""
-        return has_body
+        view (a 200 to MESSAGE, a 180 without SDP, a failure: it drops no key) and no
+        ``Proxy-Body-Policy`` that may name us (review 57).  A host may then forward it
+        unread."""
+        return has_body or has_policy
 
     @staticmethod
-    def only_ends_dialog(method: str, *, has_body: bool, has_label: bool) -> bool:
+    def only_ends_dialog(method: str, *, has_body: bool, has_label: bool,
+                         has_policy: bool) -> bool:
         """True when ``inspect`` of this request would do no more than ``end_unread``: a
-        BYE or CANCEL without a body or a Proxy-Required-Body header has nothing to
-        view, announce or remove, and its verdict is a plain forward.  A host that has
-        already parsed Call-ID and tags (Kamailio) may then call ``end_unread`` and skip
-        reading the message."""
-        return method in ("BYE", "CANCEL") and not has_body and not has_label
+        BYE or CANCEL without a body, a Proxy-Required-Body or a Proxy-Body-Policy
+        header (which may name us: review 57) has nothing to view, announce or remove,
+        and its verdict is a plain forward.  A host that has already parsed Call-ID and
+        tags (Kamailio) may then call ``end_unread`` and skip reading the message."""
+        return method in ("BYE", "CANCEL") and not has_body and not has_label \
+            and not has_policy
 
     def end_unread(self, method: str, call_id: str, from_tag: str | None,
                    to_tag: str | None) -> None:

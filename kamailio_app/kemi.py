@@ -211,6 +211,20 @@ _BY_NAME = {canonical_name(n): (n, "$hdrc(%s)" % n, ["$(hdr(%s)[%d])" % (n, i)
             for n in (PROXY_REQUIRED_BODY, PROXY_BODY_POLICY)}
 
 
+# Headers SIP allows once (as sip._SINGLE_HEADERS): Kamailio counts them by type, compact
+# forms too.  A reply with two is dropped as Kamailio drops such a request: the core
+# reads the first copy, a stock UA (pjsip) the last, so it would be relayed unread,
+# its body unarchived (review 57).
+_SINGLE_COUNTS = tuple("$hdrc(%s)" % n for n in ("From", "To", "Call-ID", "CSeq"))
+# Identity headers a UA may believe of its proxy (RFC 3325, and the older Remote-Party-ID):
+# only a [limits] trusted peer may bring them; a user's are its own word (review 57).
+_ASSERTED_IDENTITY = ("P-Asserted-Identity", "P-Preferred-Identity", "Remote-Party-ID")
+
+
+def _repeats_a_single_header():
+    return any((KSR.pv.get(spec) or 0) > 1 for spec in _SINGLE_COUNTS)
+
+
 def _remove_by_name(wanted):
     """The usual case (a label naming only us): every instance of each named header is
     one to remove.  Then remove by name, reading only those instances, instead of
@@ -345,6 +359,7 @@ class kamailio:
             self.mark_connection(SPOKE)
         if not self.route_sanity():
             return
+        self.drop_asserted_identity()
         if KSR.is_CANCEL():
             self.route_cancel()
             return
@@ -384,6 +399,17 @@ class kamailio:
             # it: its nodes record-route the front's address.
             self.record_route()
         self.relay(inspect=True)
+
+    def drop_asserted_identity(self):
+        """P-Asserted-Identity and its kin from anyone but a [limits] trusted peer go:
+        a UA that trusts its proxy (RFC 3325) would show an authenticated user's
+        request as another user's (review 57).  Our UAs read the From, which digest
+        holds to the user."""
+        if self.exempt_source():
+            return
+        for name in _ASSERTED_IDENTITY:
+            if KSR.hdr.is_present(name) > 0:
+                KSR.hdr.remove(name)
 
     def record_route(self):
         """With the dialog's token (``dialog_route``): only requests that carry it back
@@ -767,7 +793,8 @@ class kamailio:
             return False
         method = KSR.pv.get("$rm") or ""
         if not engine.only_ends_dialog(method, has_body=_has_body(),
-                                       has_label=KSR.hdr.is_present(PROXY_REQUIRED_BODY) > 0):
+                                       has_label=KSR.hdr.is_present(PROXY_REQUIRED_BODY) > 0,
+                                       has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0):
             return False
         engine.end_unread(method, *dialog_ids(KSR))
         _info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
@@ -884,6 +911,14 @@ class kamailio:
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
         try:
+            if _repeats_a_single_header():
+                _warn("e2m: a %s with a second From, To, Call-ID or CSeq: dropped\n"
+                      % KSR.pv.get("$rs"))
+                KSR.set_drop()
+                return 0
+        except Exception as exc:  # noqa: BLE001 - unreadable: tm's route reads it again
+            _log_exception("single header check", exc)
+        try:
             if (KSR.pv.get("$rs") or 0) in CHALLENGE_HEADERS and \
                     KSR.tm.t_check_trans() <= 0 and self.own_realm_challenge():
                 # a stray one (no transaction of ours) would go on statelessly; one of
@@ -957,8 +992,9 @@ class kamailio:
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or status < 101:
             return
-        if not self.app.engine.response_needs_reading(KSR.pv.get("$rm") or "", status,
-                                                      has_body=_has_body()):
+        if not self.app.engine.response_needs_reading(
+                KSR.pv.get("$rm") or "", status, has_body=_has_body(),
+                has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0):
             return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
         message = _read_message()
         try:

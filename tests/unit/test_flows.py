@@ -240,7 +240,7 @@ def test_ending_a_dialog_from_its_ids_equals_inspecting_the_request(world, metho
     to_tag = "b1" if method == "BYE" else None
     ending = invite(world, call_id="end@x", cseq=2 if method == "BYE" else 1, to_tag=to_tag,
                     method=method).with_body(b"")
-    assert ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False)
+    assert ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False, has_policy=False)
     verdict = read.inspect(ending)
     assert (verdict.action, verdict.add_headers, verdict.remove_headers, verdict.seen) == (
         "forward", (), (), ())
@@ -263,7 +263,8 @@ def test_a_response_is_skipped_unread_only_when_inspecting_it_would_do_nothing(w
     trusted.inspect(sent)                       # the offer's key, under the early dialog
     request = invite(world, call_id="skip@x", method=method)
     response = make_response(request, status, "Whatever")
-    assert not ProxyEngine.response_needs_reading(method, status, has_body=False)
+    assert not ProxyEngine.response_needs_reading(method, status, has_body=False,
+                                                  has_policy=False)
     # what this branch's 18x could have kept (under the branch's own dialog scope)
     branch = DialogScope("skip@x", response.from_tag, response.to_tag)
     trusted.cache.put(branch, b"branch", bytes(16))
@@ -273,14 +274,21 @@ def test_a_response_is_skipped_unread_only_when_inspecting_it_would_do_nothing(w
     # stays for the other branches, the branch's for a 491 to a re-INVITE; the host's
     # failure route ends the attempt when the whole INVITE failed
     assert len(trusted.cache) == 2
-    assert ProxyEngine.response_needs_reading(method, status, has_body=True)
+    assert ProxyEngine.response_needs_reading(method, status, has_body=True, has_policy=False)
+    # a policy header (it may name us: review 57) is read even without a body
+    assert ProxyEngine.response_needs_reading(method, status, has_body=False, has_policy=True)
 
 
 def test_only_a_bare_bye_or_cancel_may_skip_the_read():
-    assert not ProxyEngine.only_ends_dialog("BYE", has_body=True, has_label=False)
-    assert not ProxyEngine.only_ends_dialog("BYE", has_body=False, has_label=True)
+    assert not ProxyEngine.only_ends_dialog("BYE", has_body=True, has_label=False,
+                                            has_policy=False)
+    assert not ProxyEngine.only_ends_dialog("BYE", has_body=False, has_label=True,
+                                            has_policy=False)
+    assert not ProxyEngine.only_ends_dialog("BYE", has_body=False, has_label=False,
+                                            has_policy=True)
     for method in ("INVITE", "ACK", "MESSAGE", "UPDATE", "INFO"):
-        assert not ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False)
+        assert not ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False,
+                                                has_policy=False)
 
 
 def test_key_reuse_never_crosses_dialogs(world):

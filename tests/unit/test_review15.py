@@ -188,7 +188,8 @@ def _mallorys_bare_bye(proxy) -> None:
     assert ROUTES.admits("fwd@x", ("a1", "m-any"), [f"<sip:{TRUSTED};lr;e2m-rr={token}>"])
     # kemi.py route_in_dialog: loose_route, dialog_routed_here, then end_dialog_unread
     # (a bare BYE: no body, no label) -> engine.end_unread with Kamailio's $ci, $ft, $tt
-    assert proxy.only_ends_dialog("BYE", has_body=False, has_label=False)
+    assert proxy.only_ends_dialog("BYE", has_body=False, has_label=False,
+                                   has_policy=False)
     proxy.end_unread("BYE", "fwd@x", "a1", "m-any")
 
 
