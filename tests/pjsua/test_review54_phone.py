@@ -161,8 +161,10 @@ def _carols_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
         wire = carol.protect(plain).message
     mark = bob.mark()
     carol_peer.send(wire.serialize())
-    answer = carol_peer.answered(invite.call_id, timeout=5) \
-        or carol_peer.answered(plain.call_id, timeout=1)
+    # the refusal (400 since the fix) names the first Call-ID, carol's own; pjsip's answer
+    # on the old code named the last, alice's call's
+    answer = carol_peer.answered(plain.call_id, timeout=5) \
+        or carol_peer.answered(invite.call_id, timeout=1)
     time.sleep(1.0)
     return answer, [event.get("remote_rtp") or "" for event in bob.of("call_media", since=mark)]
 
