@@ -338,9 +338,10 @@ class ProxyEngine:
         """Policy headers that name this proxy, put in by someone else (or by us on an
         earlier pass of a spiral): they go from every message we relay, a request (ours
         is added, so the UAS learns our policy from us alone) or a response (review 57:
-        a callee's 200 must not teach the caller a policy in our name).  Only a value that mentions our host is parsed at all (a
-        plain substring test first), so a request stuffed with policies costs nothing; a
-        value that mentions us and does not parse goes too."""
+        a callee's 200 must not teach the caller a policy in our name).  Only a value
+        that mentions our host is parsed at all (a plain substring test first), so a
+        message stuffed with policies costs nothing; a value that mentions us and does
+        not parse goes too."""
         ours = self.config.host.lower()
         out = []
         for value in message.get_all(hdr.PROXY_BODY_POLICY):

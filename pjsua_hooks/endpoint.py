@@ -607,7 +607,8 @@ class PhoneAccount(pj.Account):
         ci = call.getInfo()
         call._note_info(ci)
         self.endpoint.events.add("incoming_call", self.uri, call_id=ci.callIdString,
-                                 call=call.serial, remote_uri=ci.remoteUri, whole_msg=_bytes(prm.rdata.wholeMsg))
+                                 call=call.serial, remote_uri=ci.remoteUri,
+                                 whole_msg=_bytes(prm.rdata.wholeMsg))
         if self.auto_answer is not None:
             guard = _SendGuard(self.endpoint)
             op = pj.CallOpParam()

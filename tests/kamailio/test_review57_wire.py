@@ -61,15 +61,8 @@ Held (controls): a From of another user under carol's credentials is 403; an in-
 INFO loses the forged policy; an honest answer keeps alice's proxy in place and her
 MESSAGE is archived; bob's receipt without the second To is archived.
 
-Fixed (stop 30): policies naming the proxy go from every request and response it
-relays (``ProxyEngine._policies_in_our_name``; a ``Proxy-Body-Policy`` makes a bodiless
-response read and a bare BYE read: ``response_needs_reading`` / ``only_ends_dialog``
-take ``has_policy``, required); ``P-Asserted-Identity``, ``P-Preferred-Identity`` and
-``Remote-Party-ID`` go from every request but a ``[limits] trusted`` peer's
-(``kemi.drop_asserted_identity``); a reply with a second From, To, Call-ID or CSeq is
-dropped in the core reply route (``kemi._repeats_a_single_header``).  The holes'
-markers are gone; they are guards now, and the controls that showed today's
-behaviour show the fixed one.
+Fixed (stop 30): see ``tests/unit/test_review57.py``; the controls that showed the old
+behaviour on the wire show the fixed one.
 """
 
 from __future__ import annotations

@@ -11,20 +11,20 @@ first-six rule, and the test now shows the defined behaviour (see its docstring)
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from e2m_lab.flows import SDP_ANSWER, ua_engine
+from e2m_lab.flows import SDP_ANSWER
 from e2m_lab.phones import PhoneProcess, write_ua
 from e2m_lab.stranger import HOST, UdpStranger
 from e2m_plugins import sip
 from e2m_plugins.sip import make_request, make_response
 from e2m_plugins.testpki import TestPKI
 from tests.pjsua.test_review2_phone import pki  # noqa: F401 - fixture
+from tests.pjsua.test_review43_phone import Bob
 
 pytestmark = [pytest.mark.pjsua2]
 
@@ -32,30 +32,9 @@ BOB = "sip:bob@example.com"
 BOB_TAG = "r56phone"
 
 
-class _Hop:
-    """A UDP socket alice's phone sends through: it forwards nothing, rings as bob."""
-
-    def __init__(self, pki: TestPKI) -> None:  # noqa: F811
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        self.engine = ua_engine(pki, "bob")
-
-    def invite(self, timeout: float) -> tuple[sip.SipMessage, tuple]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                data, source = self.sock.recvfrom(65535)
-            except (socket.timeout, TimeoutError):
-                break
-            try:
-                msg = sip.parse(data)
-            except Exception:  # noqa: BLE001 - keep-alives
-                continue
-            if msg.is_request and msg.method == "INVITE":
-                return msg, source
-        raise AssertionError("alice sent no INVITE")
+class _Hop(Bob):
+    """A UDP socket alice's phone sends through (review 43's ``Bob``): it forwards
+    nothing, rings as bob."""
 
     def ring(self, wire: sip.SipMessage, source: tuple, strays: int) -> None:
         """``strays`` bodiless 180s in the INVITE's transaction with made-up To tags, then

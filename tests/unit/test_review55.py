@@ -57,13 +57,12 @@ fix).  The holes' markers are gone; they are guards now.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from e2m_lab.flows import SDP_OFFER, answer, invite, reinvite, ua_engine
 from e2m_plugins import sip
-from e2m_plugins.errors import E2MError, MalformedError, MergedRequestError
+from e2m_plugins.errors import MalformedError, MergedRequestError
 from e2m_plugins.sip import make_request, make_response
 from e2m_plugins.ua import UAEngine
 from tests.unit.test_review43 import NEW_SDP
