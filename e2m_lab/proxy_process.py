@@ -31,6 +31,9 @@ def answers_options(port: int, timeout: float = 0.3) -> bool:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.bind(("127.0.0.1", 0))
+        # connected: while nothing listens on the port, the kernel's port-unreachable
+        # comes back at once as ConnectionRefusedError instead of a whole timeout
+        sock.connect(("127.0.0.1", port))
         sock.settimeout(timeout)
         request = make_request("OPTIONS", f"sip:127.0.0.1:{port}", from_uri="sip:probe@localhost",
                                to_uri=f"sip:127.0.0.1:{port}")
@@ -76,7 +79,7 @@ class ProxyProcess:
         while time.monotonic() < deadline and self.alive():
             if answers_options(port):
                 return True
-            time.sleep(0.1)
+            time.sleep(0.05)
         return False
 
     def stop(self, timeout: float = 15.0) -> int | None:
