@@ -56,6 +56,19 @@ def world():
 # 1. A second dialog "between alice and bob" under the live call's Call-ID, ended
 
 
+def cancel_while_ringing(engine: UAEngine, delivered: SipMessage, cancel: SipMessage,
+                         our_tag: str) -> None:
+    """``engine``'s phone rings (180, tag ``our_tag``) for ``delivered``; the sender's
+    ``cancel`` comes (with the INVITE's Via); the phone answers it 200 and the INVITE 487."""
+    engine.protect(_with_to_tag(make_response(delivered, 180, "Ringing", [CONTACT_B]),
+                                delivered, our_tag))
+    cancel = cancel.replace("Via", delivered.get("Via") or "")
+    engine.open(cancel)
+    engine.protect(make_response(cancel, 200, "OK"))
+    engine.protect(_with_to_tag(make_response(delivered, 487, "Request Terminated"),
+                                delivered, our_tag))
+
+
 def _second_dialog(world, engine: UAEngine, call_id: str, *, caller: str, callee: str,
                    from_tag: str, our_tag: str, ending: str) -> None:
     """A bare, unsigned, bodiless INVITE From ``caller`` To ``callee`` (AoRs as on the
@@ -79,13 +92,7 @@ def _second_dialog(world, engine: UAEngine, call_id: str, *, caller: str, callee
     request = bare("INVITE", 1)
     delivered = engine.open(request).message
     if ending == "cancelled while ringing":
-        engine.protect(_with_to_tag(make_response(delivered, 180, "Ringing", [CONTACT_B]),
-                                    delivered, our_tag))
-        cancel = bare("CANCEL", 1).replace("Via", delivered.get("Via") or "")
-        engine.open(cancel)
-        engine.protect(make_response(cancel, 200, "OK"))
-        engine.protect(_with_to_tag(make_response(delivered, 487, "Request Terminated"),
-                                    delivered, our_tag))
+        cancel_while_ringing(engine, delivered, bare("CANCEL", 1), our_tag)
         return
     ok = engine.protect(answer(delivered, SDP_OFFER, to_tag=our_tag))
     assert ok.info.encrypted               # sealed to the caller: the sender reads nothing

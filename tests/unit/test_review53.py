@@ -83,6 +83,7 @@ from pjsua_hooks.firstcopy import Duplicate, FirstCopy
 from tests.unit.test_review43 import NEW_SDP, _reinvite_opens_at_the_answering_phone
 from tests.unit.test_review49 import CONTACT_B, _ack, _with_to_tag
 from tests.unit.test_review51 import (_bobs_reinvite_opens_at_alice, _call_with_a_dialog_policy,
+                                      cancel_while_ringing,
                                       _phones_reinvite_readers)
 
 HOP = "192.0.2.66:5060"
@@ -146,13 +147,7 @@ def _second_dialog(world, engine: UAEngine, call_id: str, *, caller: str, to_uri
         first.check(request, opened.message, opened.info.encrypted or opened.info.signed)
     delivered = opened.message
     if ending == "cancelled while ringing":
-        engine.protect(_with_to_tag(make_response(delivered, 180, "Ringing", [CONTACT_B]),
-                                    delivered, our_tag))
-        cancel = bare("CANCEL", 1).replace("Via", delivered.get("Via") or "")
-        engine.open(cancel)
-        engine.protect(make_response(cancel, 200, "OK"))
-        engine.protect(_with_to_tag(make_response(delivered, 487, "Request Terminated"),
-                                    delivered, our_tag))
+        cancel_while_ringing(engine, delivered, bare("CANCEL", 1), our_tag)
         return
     engine.protect(answer(delivered, SDP_OFFER, to_tag=our_tag))
     if ending == "answered, never ACKed":
