@@ -645,7 +645,9 @@ class kamailio:
                 KSR.sl.sl_send_reply(403, "Not Routed Here")
                 return
             if KSR.is_ACK():
-                if _has_body():        # a late answer rides in the ACK; a bare ACK has nothing
+                # a late answer rides in the ACK; a policy header may name us (review 58:
+                # a forged one teaches the callee to drop our certificate); else nothing
+                if _has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0:
                     self.inspect_only()
                 KSR.tm.t_relay()
                 return
@@ -862,12 +864,14 @@ class kamailio:
         return "sip:%s@%s" % (self.authenticated, domain)
 
     def inspect_only(self):
-        """For ACK and CANCEL: they cannot be refused, but what they carry is recorded."""
+        """For ACK and CANCEL: they cannot be refused, but what they carry is recorded,
+        and a policy in our name goes as from any request (review 58)."""
         if self.app.engine is None:
             return
         try:
             message = _read_message()
             verdict = self.app.engine.inspect(message)
+            _remove_headers(verdict.remove_headers)
             if verdict.seen or verdict.media:
                 self.observe(message, verdict, self.app.engine.answer_caller(
                     message, verdict, digest_user=self.digest_aor()))

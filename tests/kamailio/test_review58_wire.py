@@ -28,6 +28,11 @@ request after sanity (CANCEL and in-dialog too); PAI/PPI/RPID have no compact fo
 Call-ID/CSeq)`` counts by parsed type, compact ``f``/``t``/``i`` included, in the core
 reply route (stray replies too); the Python parser's compact forms for those four are
 the same as Kamailio's.
+
+Fixed (stop 30): the proxy reads an in-dialog ACK that carries a ``Proxy-Body-Policy``
+(as one with a body) and ``inspect_only`` applies the verdict's ``remove_headers``, so
+a policy in the proxy's name goes from an ACK as from any request.  The hole's marker
+is gone; it is a guard now.
 """
 
 from __future__ import annotations
@@ -91,9 +96,6 @@ def test_control_an_in_dialog_info_loses_the_policy_in_the_proxys_name(proxy_fac
     assert forged not in got.get_all(hdr.PROXY_BODY_POLICY)
 
 
-@pytest.mark.xfail(strict=True, reason="review 58: insider caller or hop: an in-dialog ACK "
-                   "is relayed untouched with a policy in the callee's proxy's name, which "
-                   "drops that proxy's certificate at the callee (next MESSAGE 496)")
 def test_hole_a_bare_ack_carries_a_policy_in_the_proxys_name(proxy_factory):
     got, forged = _call_with_policy_on(proxy_factory, "ACK")
     assert forged not in got.get_all(hdr.PROXY_BODY_POLICY)

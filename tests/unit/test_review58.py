@@ -42,6 +42,11 @@ Looked at, held (engine):
   live call's sure tags (its own and its confirmed/early peers').
 - CANCEL with a policy: the UA learns nothing from it (no To tag), so the unread relay
   of a CANCEL does not matter.
+
+Fixed (stop 30): the proxy reads an in-dialog ACK that carries a ``Proxy-Body-Policy``
+(as one with a body) and ``inspect_only`` applies the verdict's ``remove_headers``, so
+a policy in the proxy's name goes from an ACK as from any request.  The hole's marker
+is gone; it is a guard now.
 """
 
 from __future__ import annotations
