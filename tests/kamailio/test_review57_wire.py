@@ -188,10 +188,11 @@ def test_hole_a_policy_in_the_proxys_name_on_an_answer_reaches_the_caller(proxy_
 
 # -- a bare BYE ---------------------------------------------------------------------------
 
-def _in_dialog_with_policy(proxy_factory, method):
+def in_dialog_with_policy(proxy_factory, method):
     """bob calls alice (registered RawUas) through the proxy; then bob's bodiless
-    ``method`` in the dialog (Route: the proxy's Record-Route) carries a policy in the
-    proxy's name.  Returns what alice's UAS received for ``method`` and the forged value."""
+    ``method`` in the dialog (Route: the proxy's Record-Route; the ACK itself for "ACK")
+    carries a policy in the proxy's name.  Returns what alice's UAS received for
+    ``method`` and the forged value."""
     proxy = proxy_factory("r57b", e2m=True, view=VIEW)
     forged = _forged_policy(proxy)
     with registered_uas(proxy, "alice", None, "127.0.0.70") as alice_uas:
@@ -205,16 +206,17 @@ def _in_dialog_with_policy(proxy_factory, method):
             assert routes and "e2m-rr=" in routes[0]
             target = f"sip:alice@127.0.0.1:{alice_uas.port}"
             sent = ua.sent[-1]
+            policy = [(hdr.PROXY_BODY_POLICY, forged)]
             ack = ua.build("ACK", target, to="sip:alice@example.com", call_id=sent.get("Call-ID"),
                            from_tag=sent.from_tag, cseq=sent.cseq[0], to_tag=ok.to_tag,
-                           routes=routes)
+                           routes=routes, headers=policy if method == "ACK" else [])
             ua.send(ack.replace("Via", ua.via()))
-            request = ua.build(method, target, to="sip:alice@example.com",
-                               call_id=sent.get("Call-ID"), from_tag=sent.from_tag,
-                               to_tag=ok.to_tag, routes=routes,
-                               headers=[(hdr.PROXY_BODY_POLICY, forged)])
-            final = ua.request(request)
-            assert final is not None and final.status == 200, final
+            if method != "ACK":
+                request = ua.build(method, target, to="sip:alice@example.com",
+                                   call_id=sent.get("Call-ID"), from_tag=sent.from_tag,
+                                   to_tag=ok.to_tag, routes=routes, headers=policy)
+                final = ua.request(request)
+                assert final is not None and final.status == 200, final
             (got,) = alice_uas.wait_for(1, method=method)
             return got, forged
         finally:
@@ -223,12 +225,12 @@ def _in_dialog_with_policy(proxy_factory, method):
 
 def test_control_an_in_dialog_info_loses_the_policy_in_the_proxys_name(proxy_factory):
     """A bodiless INFO in the dialog is read by the engine: the forged policy is gone."""
-    got, forged = _in_dialog_with_policy(proxy_factory, "INFO")
+    got, forged = in_dialog_with_policy(proxy_factory, "INFO")
     assert forged not in got.get_all(hdr.PROXY_BODY_POLICY)
 
 
 def test_hole_a_bare_bye_carries_a_policy_in_the_proxys_name(proxy_factory):
-    got, forged = _in_dialog_with_policy(proxy_factory, "BYE")
+    got, forged = in_dialog_with_policy(proxy_factory, "BYE")
     assert forged not in got.get_all(hdr.PROXY_BODY_POLICY)
 
 

@@ -37,65 +37,16 @@ is gone; it is a guard now.
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
-from e2m_lab.flows import TRUSTED
-from e2m_lab.kamailio_harness import SipUa, registered_uas
 from e2m_plugins import headers as hdr
+
+from test_review57_wire import in_dialog_with_policy
 
 pytestmark = pytest.mark.kamailio
 
-VIEW = ("MESSAGE:*",)
-FORGED_FP = hashlib.sha256(b"not the home proxy's certificate").digest()
-
-
-def _forged_policy(proxy) -> str:
-    return hdr.PolicyHeader(TRUSTED, view=(hdr.Rule.parse("MESSAGE:*"),),
-                            cert_fingerprint=FORGED_FP, cert_url=proxy.cert_url).format()
-
-
-def _call_with_policy_on(proxy_factory, method):
-    """bob calls alice (a registered RawUas) through the proxy; his ACK (and, for
-    ``method`` INFO, a bodiless INFO after it) carries the forged policy only on
-    ``method``.  Returns what alice's UAS received for ``method`` and the forged value."""
-    proxy = proxy_factory("r58a", e2m=True, view=VIEW)
-    forged = _forged_policy(proxy)
-    with registered_uas(proxy, "alice", None, "127.0.0.72") as alice_uas:
-        ua = SipUa(proxy.port, user="bob", source="127.0.0.73")
-        try:
-            invite = ua.build("INVITE", "sip:alice@example.com", to="sip:alice@example.com")
-            ok = ua.request(invite)
-            assert ok is not None and ok.status == 200, ok
-            (delivered,) = alice_uas.wait_for(1, method="INVITE")
-            routes = delivered.get_all("Record-Route")
-            assert routes and "e2m-rr=" in routes[0]
-            target = f"sip:alice@127.0.0.1:{alice_uas.port}"
-            sent = ua.sent[-1]
-            ack_headers = [(hdr.PROXY_BODY_POLICY, forged)] if method == "ACK" else []
-            ack = ua.build("ACK", target, to="sip:alice@example.com", call_id=sent.get("Call-ID"),
-                           from_tag=sent.from_tag, cseq=sent.cseq[0], to_tag=ok.to_tag,
-                           routes=routes, headers=ack_headers)
-            ua.send(ack.replace("Via", ua.via()))
-            if method != "ACK":
-                request = ua.build(method, target, to="sip:alice@example.com",
-                                   call_id=sent.get("Call-ID"), from_tag=sent.from_tag,
-                                   to_tag=ok.to_tag, routes=routes,
-                                   headers=[(hdr.PROXY_BODY_POLICY, forged)])
-                final = ua.request(request)
-                assert final is not None and final.status == 200, final
-            (got,) = alice_uas.wait_for(1, method=method)
-            return got, forged
-        finally:
-            ua.close()
-
-
-def test_control_an_in_dialog_info_loses_the_policy_in_the_proxys_name(proxy_factory):
-    got, forged = _call_with_policy_on(proxy_factory, "INFO")
-    assert forged not in got.get_all(hdr.PROXY_BODY_POLICY)
-
 
 def test_hole_a_bare_ack_carries_a_policy_in_the_proxys_name(proxy_factory):
-    got, forged = _call_with_policy_on(proxy_factory, "ACK")
+    """The control (an in-dialog INFO loses the forged policy) is review 57's."""
+    got, forged = in_dialog_with_policy(proxy_factory, "ACK")
     assert forged not in got.get_all(hdr.PROXY_BODY_POLICY)

@@ -103,17 +103,17 @@ def world():
     return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob", "carol"))
 
 
-def _registered_alice(world, proxy):
-    """alice, whose registrar's 200 announced the home proxy's policy; she fetched its
-    certificate from the cert-url (the normal way, ``[[proxies]]`` not configured)."""
-    alice = ua_engine(world, "alice", peers=("bob", "carol"))
-    register = make_request("REGISTER", f"sip:{world.domain}", from_uri=world.aor("alice"),
-                            to_uri=world.aor("alice"))
-    sent = alice.protect(register).message
-    alice.open(make_response(sent, 200, "OK", [proxy.policy_header()]))
-    alice.add_proxy_certificate(TRUSTED, proxy.certificate_der)
-    assert alice.certs.proxy(TRUSTED) is not None
-    return alice
+def registered_user(world, proxy, user: str = "alice"):
+    """``user``, whose registrar's 200 announced the home proxy's policy; the user fetched
+    its certificate from the cert-url (the normal way, ``[[proxies]]`` not configured)."""
+    engine = ua_engine(world, user, peers=tuple(u for u in ("alice", "bob", "carol") if u != user))
+    register = make_request("REGISTER", f"sip:{world.domain}", from_uri=world.aor(user),
+                            to_uri=world.aor(user))
+    sent = engine.protect(register).message
+    engine.open(make_response(sent, 200, "OK", [proxy.policy_header()]))
+    engine.add_proxy_certificate(TRUSTED, proxy.certificate_der)
+    assert engine.certs.proxy(TRUSTED) is not None
+    return engine
 
 
 def _options_through_proxy(world, proxy, alice, answer_headers):
@@ -158,7 +158,7 @@ def test_control_an_honest_answer_leaves_alices_proxy_in_place(world):
     """The same OPTIONS answered without the forged header: alice keeps the certificate
     and the policy her registrar announced, and the proxy reads her next MESSAGE."""
     proxy = proxy_engine(world, TRUSTED, view=VIEW)
-    alice = _registered_alice(world, proxy)
+    alice = registered_user(world, proxy)
     delivered = _options_through_proxy(world, proxy, alice, [])
     alice.open(delivered)
     assert alice.certs.proxy(TRUSTED) is not None
@@ -174,7 +174,7 @@ def test_control_the_forged_answer_is_taken_by_alice_as_her_proxys_word(world):
     fetched again from the cert-url, and her next MESSAGE is 496.  Since the fix the
     proxy removes it from what it relays (the hole below)."""
     proxy = proxy_engine(world, TRUSTED, view=VIEW)
-    alice = _registered_alice(world, proxy)
+    alice = registered_user(world, proxy)
     delivered = _options_through_proxy(world, proxy, alice, [])
     delivered = delivered.add(hdr.PROXY_BODY_POLICY, _forged_policy(proxy))
     alice.open(delivered)
@@ -190,7 +190,7 @@ def test_hole_a_policy_in_the_proxys_name_rides_a_response_to_the_caller(world):
     certificate's fingerprint).  Secure: the proxy removes it (as from a request), so
     alice keeps her proxy's certificate and the proxy reads her next MESSAGE."""
     proxy = proxy_engine(world, TRUSTED, view=VIEW)
-    alice = _registered_alice(world, proxy)
+    alice = registered_user(world, proxy)
     delivered = _options_through_proxy(world, proxy, alice,
                                        [(hdr.PROXY_BODY_POLICY, _forged_policy(proxy))])
     alice.open(delivered)
@@ -252,7 +252,7 @@ def test_control_a_bye_with_the_policy_teaches_alice_and_drops_her_proxys_certif
     fingerprint differs, so she drops her proxy's certificate, and her next MESSAGE is
     refused 496 by her own proxy."""
     proxy = proxy_engine(world, TRUSTED, view=VIEW)
-    alice = _registered_alice(world, proxy)
+    alice = registered_user(world, proxy)
     bob = ua_engine(world, "bob", peers=("alice",))
     sent = alice.protect(invite(world, call_id="bye-call@x")).message
     delivered = bob.open(apply_forward(sent, proxy.inspect(sent))).message

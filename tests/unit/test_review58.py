@@ -57,8 +57,9 @@ import pytest
 
 from e2m_lab.flows import TRUSTED, answer, apply_forward, invite, message, proxy_engine, ua_engine
 from e2m_plugins import headers as hdr
-from e2m_plugins.sip import make_request, make_response
+from e2m_plugins.sip import make_request
 from e2m_plugins.testpki import init_test_pki
+from tests.unit.test_review57 import registered_user
 
 VIEW = ("MESSAGE:*",)
 FORGED_FP = hashlib.sha256(b"not the home proxy's certificate").digest()
@@ -74,19 +75,6 @@ def _forged_policy(proxy):
                             cert_url=proxy.config.cert_url).format()
 
 
-def _registered_bob(world, proxy):
-    """bob, whose registrar's 200 announced the home proxy's policy, its certificate
-    fetched from the cert-url."""
-    bob = ua_engine(world, "bob", peers=("alice", "carol"))
-    register = make_request("REGISTER", f"sip:{world.domain}", from_uri=world.aor("bob"),
-                            to_uri=world.aor("bob"))
-    sent = bob.protect(register).message
-    bob.open(make_response(sent, 200, "OK", [proxy.policy_header()]))
-    bob.add_proxy_certificate(TRUSTED, proxy.certificate_der)
-    assert bob.certs.proxy(TRUSTED) is not None
-    return bob
-
-
 def _ack(world, call_id, to_tag, headers):
     return make_request("ACK", "sip:bob@127.0.0.1:5062", from_uri=world.aor("alice"),
                         to_uri=world.aor("bob"), call_id=call_id, cseq=1, from_tag="a1",
@@ -97,7 +85,7 @@ def _call_then_ack(world, proxy, call_id, *, forged: bool):
     """alice calls bob through his proxy; bob answers; alice's ACK (with the forged
     policy or not) reaches bob as Kamailio relays an ACK (untouched).  Returns bob and
     the ACK."""
-    bob = _registered_bob(world, proxy)
+    bob = registered_user(world, proxy, "bob")
     alice = ua_engine(world, "alice", peers=("bob",))
     sent = alice.protect(invite(world, call_id=call_id)).message
     delivered = bob.open(apply_forward(sent, proxy.inspect(sent))).message
