@@ -45,6 +45,7 @@ __all__ = [
     "publish",
     "subscribe",
     "check_published_certificate",
+    "served_certificate",
     "notify_headers",
     "event_id",
 ]
@@ -221,6 +222,14 @@ def publish(message: SipMessage, *, authenticated: str | None, store: Publicatio
         if match is None:
             return Answer(400, "Bad Request", aor=aor, detail="an initial PUBLISH needs a body")
         assert current is not None
+        try:    # revoked or its CA dropped since it was published: no more time for it
+            check_published_certificate(current.der, aor, anchors,
+                                        datetime.fromtimestamp(now, timezone.utc))
+        except CertificateRejectedError as exc:
+            store.remove(aor)
+            return Answer(403, "Forbidden", (("Warning", '399 - "certificate refused"'),),
+                          aor=aor, detail=f"the published certificate: {exc}",
+                          changed="removed")
         return _store(store, current.der, current.not_before, current.not_after, aor, owner,
                       requested, now, settings, "refreshed")
 
@@ -270,7 +279,25 @@ def _accepts_pkix(message: SipMessage) -> bool:
     return bool(kinds & {CONTENT_TYPE, "application/*", "*/*"})
 
 
-def subscribe(message: SipMessage, *, store: PublicationStore, now: float,
+def served_certificate(store: PublicationStore, aor: str,
+                       anchors: Sequence[x509.Certificate], now: float) -> bytes:
+    """The certificate a fetch or a NOTIFY hands out for ``aor``: its live
+    publication's, only while it still passes the checks it was published under
+    (anchors and their CRLs as loaded now: a certificate revoked since is no
+    longer served); else empty."""
+    current = store.current(aor)
+    if current is None or current.expires <= now:
+        return b""
+    try:
+        check_published_certificate(current.der, aor, anchors,
+                                    datetime.fromtimestamp(now, timezone.utc))
+    except CertificateRejectedError:
+        return b""
+    return current.der
+
+
+def subscribe(message: SipMessage, *, store: PublicationStore,
+              anchors: Sequence[x509.Certificate], now: float,
               settings: ServiceSettings = ServiceSettings(), aor: str | None = None) -> Answer:
     """Decide a SUBSCRIBE of ``Event: certificate`` (no authentication, RFC 6072
     §6.6): 200 with the granted Expires, and the first NOTIFY's body.  ``aor``: the
@@ -287,8 +314,7 @@ def subscribe(message: SipMessage, *, store: PublicationStore, now: float,
     if isinstance(requested, Answer):
         return replace(requested, aor=aor)
     granted = min(requested, settings.max_subscribe_expires)
-    current = store.current(aor)
-    body = current.der if current is not None and current.expires > now else b""
+    body = served_certificate(store, aor, anchors, now)
     return Answer(200, "OK", (("Expires", str(granted)),), aor=aor, body=body, expires=granted)
 
 

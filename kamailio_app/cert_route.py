@@ -174,8 +174,8 @@ class CertService:
         """An initial SUBSCRIBE: a fetch (Expires: 0) or a new subscription."""
         now = time.time()
         try:
-            answer = certservice.subscribe(message, store=self.publications, now=now,
-                                           settings=self.rules)
+            answer = certservice.subscribe(message, store=self.publications, anchors=self.anchors,
+                                           now=now, settings=self.rules)
             if answer.code != 200:
                 self._answer("SUBSCRIBE", answer)
                 return
@@ -231,8 +231,8 @@ class CertService:
                 self._log("SUBSCRIBE", sub.aor, "refused 403: not from the subscription's "
                                                 "source address")
                 return
-            answer = certservice.subscribe(message, store=self.publications, now=now,
-                                           settings=self.rules, aor=sub.aor)
+            answer = certservice.subscribe(message, store=self.publications, anchors=self.anchors,
+                                           now=now, settings=self.rules, aor=sub.aor)
             if answer.code != 200:
                 self._answer("SUBSCRIBE", answer)
                 return
@@ -297,8 +297,7 @@ class CertService:
 
     def _body(self, aor: str, now: float, cache: dict[str, bytes]) -> bytes:
         if aor not in cache:
-            current = self.publications.current(aor)
-            cache[aor] = current.der if current is not None and current.expires > now else b""
+            cache[aor] = certservice.served_certificate(self.publications, aor, self.anchors, now)
         return cache[aor]
 
     def on_timer(self) -> int:

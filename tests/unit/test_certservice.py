@@ -124,20 +124,24 @@ def test_a_publication_lives_no_longer_than_its_certificate(world):
     assert answer.code == 200 and answer.expires <= 3600
 
 
+def _answer_subscribe(world, message, **kwargs) -> cs.Answer:
+    """The service's answer, with the test CA as its anchor."""
+    return cs.subscribe(message, anchors=[world.ca.cert], **kwargs)
+
 def test_subscribe_fetches_and_follows(world):
     store = cs.MemoryPublicationStore()
-    nothing = cs.subscribe(_subscribe(world, expires=0), store=store, now=time.time())
+    nothing = _answer_subscribe(world, _subscribe(world, expires=0), store=store, now=time.time())
     assert (nothing.code, nothing.body, nothing.expires) == (200, b"", 0)
     _run(world, store, _publish(world, _der(world.user("bob"))))
-    fetched = cs.subscribe(_subscribe(world, expires=0), store=store, now=time.time())
+    fetched = _answer_subscribe(world, _subscribe(world, expires=0), store=store, now=time.time())
     assert fetched.body == _der(world.user("bob"))
-    followed = cs.subscribe(_subscribe(world, expires=10 ** 9), store=store, now=time.time())
+    followed = _answer_subscribe(world, _subscribe(world, expires=10 ** 9), store=store, now=time.time())
     assert followed.expires == cs.ServiceSettings().max_subscribe_expires
-    assert cs.subscribe(_subscribe(world, expires=5), store=store, now=time.time()).code == 423
-    assert cs.subscribe(_subscribe(world, event="presence"), store=store, now=time.time()).code == 489
-    assert cs.subscribe(_subscribe(world, accept="application/pidf+xml"), store=store,
-                        now=time.time()).code == 406
-    lapsed = cs.subscribe(_subscribe(world, expires=0), store=store, now=time.time() + 10 ** 7)
+    assert _answer_subscribe(world, _subscribe(world, expires=5), store=store, now=time.time()).code == 423
+    assert _answer_subscribe(world, _subscribe(world, event="presence"), store=store, now=time.time()).code == 489
+    assert _answer_subscribe(world, _subscribe(world, accept="application/pidf+xml"),
+                             store=store, now=time.time()).code == 406
+    lapsed = _answer_subscribe(world, _subscribe(world, expires=0), store=store, now=time.time() + 10 ** 7)
     assert lapsed.body == b""                         # a lapsed publication is not served
     assert cs.notify_headers(0, False) == [("Event", "certificate"),
                                            ("Subscription-State", "terminated;reason=timeout")]
@@ -227,8 +231,8 @@ def test_a_refresh_inside_the_dialog_names_its_resource(world):
     _run(world, store, _publish(world, _der(world.user("bob"))))
     refresh = _subscribe(world, expires=600).with_start_line(
         RequestLine("SUBSCRIBE", "sip:198.51.100.1:5070"))
-    assert cs.subscribe(refresh, store=store, now=time.time()).code == 400
-    answer = cs.subscribe(refresh, store=store, now=time.time(), aor=world.aor("bob"))
+    assert _answer_subscribe(world, refresh, store=store, now=time.time()).code == 400
+    answer = _answer_subscribe(world, refresh, store=store, now=time.time(), aor=world.aor("bob"))
     assert (answer.code, answer.expires, answer.body) == (200, 600, _der(world.user("bob")))
 
 

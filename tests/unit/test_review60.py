@@ -28,6 +28,13 @@ What held (tried here):
   as a body: 403 "certificate refused" (``test_control_*``);
 - a refresh cannot extend a publication past the certificate's notAfter (``_store``
   caps the grant), nor revive a lapsed entity-tag (412).
+
+Fixed (stop 31): a stored publication is served only while it still passes the
+checks it was published under, against the anchors and CRLs loaded now
+(``certservice.served_certificate``: a fetch's body and every NOTIFY the timer sends,
+so followers get an empty NOTIFY and drop it); a bodiless refresh re-checks it too,
+and one that fails is 403 with the Warning and removes the publication (its
+entity-tag then gets 412).
 """
 
 from __future__ import annotations
@@ -111,18 +118,36 @@ def test_control_a_revoked_certificate_sent_as_a_body_is_refused(bob_and_crl):
     assert _decide(store, _publish(None, etag=etag), before).code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="review 60: insider UA (bob revoked, or his key "
-                   "thief with his password) refreshes a revoked certificate: 200, it "
-                   "stays in the directory and is served to every subscriber")
 def test_hole_a_refresh_keeps_a_revoked_certificate_published(bob_and_crl):
     der, before, after = bob_and_crl
     store, etag = _published(der, before)
     # the CA revokes bob's certificate; the operator adds the CRL ([trust] crls)
     answer = _decide(store, _publish(None, etag=etag), after)
-    served = cs.subscribe(make_request("SUBSCRIBE", BOB, from_uri="sip:alice@example.com",
-                                       to_uri=BOB,
-                                       extra_headers=[("Event", "certificate"),
-                                                      ("Expires", "0"),
-                                                      ("Contact", "<sip:a@127.0.0.1>")]),
-                          store=store, now=time.time())
+    served = _fetch(store, after)
     assert answer.code != 200 and served.body != der, (answer, len(served.body or b""))
+
+
+def _fetch(store, anchors) -> cs.Answer:
+    """alice's fetch of bob's certificate (Expires: 0)."""
+    return cs.subscribe(make_request("SUBSCRIBE", BOB, from_uri="sip:alice@example.com",
+                                     to_uri=BOB,
+                                     extra_headers=[("Event", "certificate"),
+                                                    ("Expires", "0"),
+                                                    ("Contact", "<sip:a@127.0.0.1>")]),
+                        store=store, anchors=anchors, now=time.time())
+
+
+def test_a_revoked_publication_is_neither_served_nor_refreshed(bob_and_crl):
+    """The fix, in full: once the CRL is among the anchors, a fetch gets no
+    certificate (without any refresh: the stored publication is checked when served),
+    and the refresh is 403 and removes the publication, so the entity-tag is gone
+    (412 after).  Under the old anchors the same publication is served."""
+    der, before, after = bob_and_crl
+    store, etag = _published(der, before)
+    assert _fetch(store, before).body == der
+    assert _fetch(store, after).body == b""
+    assert cs.served_certificate(store, BOB, after, time.time()) == b""
+    refused = _decide(store, _publish(None, etag=etag), after)
+    assert refused.code == 403 and "revoked" in refused.detail, refused
+    assert store.current(BOB) is None
+    assert _decide(store, _publish(None, etag=etag), before).code == 412
