@@ -40,6 +40,7 @@ PROJECT_ROOT = PACKAGE_DIR.parent
 TEMPLATE = PACKAGE_DIR / "templates" / "kamailio.cfg.tmpl"
 KEMI_SCRIPT = PACKAGE_DIR / "kemi.py"
 STOP_TIMEOUT = 10.0  # seconds Kamailio gets to stop before it is killed
+STRAGGLER_AFTER = 1.0  # seconds before a child still running is sent SIGTERM again
 REPLAY_AUTOEXPIRE = 86400 + 33  # [policy] replay_window is at most 86400 s
 MAX_EXPIRES = 3600              # registrar: the longest a contact is kept
 
@@ -417,6 +418,42 @@ def _pump_log(stream, out) -> None:
         return
 
 
+def _group_members(group: int) -> list[int]:
+    """The processes of process group ``group`` (from /proc), its leader excluded."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == group:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == group:
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_stopped(child: subprocess.Popen) -> int:
+    """Kamailio's exit code once it stopped, SIGKILL after ``STOP_TIMEOUT``.  A child
+    still there after a second gets SIGTERM again: the TCP main process started just
+    before the stop sometimes misses the first and keeps the main process waiting
+    for it; the main process itself is not signalled twice (its shutdown runs once)."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        try:
+            return child.wait(timeout=min(STRAGGLER_AFTER, max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                os.killpg(child.pid, signal.SIGKILL)
+                return child.wait()
+            for pid in _group_members(child.pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
 def _run(command: list[str], env: dict[str, str]) -> int:
     # Own session: a terminal's Ctrl-C reaches only us, and we stop Kamailio in order.
     # Kamailio's log (stderr) goes through LogCutter on its way to ours.
@@ -445,11 +482,7 @@ def _run(command: list[str], env: dict[str, str]) -> int:
                 break
             except subprocess.TimeoutExpired:
                 if stopping:
-                    try:
-                        code = child.wait(timeout=STOP_TIMEOUT)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(child.pid, signal.SIGKILL)
-                        code = child.wait()
+                    code = _wait_stopped(child)
                     break
     finally:
         for sig, handler in old.items():
