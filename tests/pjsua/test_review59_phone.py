@@ -1,0 +1,212 @@
+"""A fifty-ninth attacker's review (December 2026) of 8360976: the softphone against a
+stranger and an insider, end to end (real pjsua2).  Here on a real ``e2m-phone listen``
+process (bob, SRTP, E2M required), from plain UDP sockets on loopback, no Kamailio.
+
+Hole 1 (``test_hole_*_past_content_length_*``): the core and pjsip read a datagram's
+body differently.  ``sip.parse`` takes the body by Content-Length and drops the octets
+after it (RFC 3261 §18.3); pjsip 2.15.1 (the pinned wheel) takes everything after the
+blank line of a datagram as the body whenever a Content-Type is present.  The phone's
+``_on_rx`` hands pjsip the original bytes whenever the engine changed nothing, which it
+never does for a message it reads as bodiless.  So ``Content-Length: 0`` (with a
+Content-Type) and a plaintext body after the head reach pjsua as a body no check read.
+
+- Attacker: an off-path sender (any From, here the peer alice whose certificate bob
+  holds) for a MESSAGE; an untrusted hop (or anyone who read the call's Call-ID and
+  tags) for a re-INVITE into a live call.
+- Messages: a MESSAGE ``Content-Type: text/plain``, ``Content-Length: 0``, then
+  ``smuggled hello`` in the same datagram; a re-INVITE of alice's confirmed call with
+  alice's ids, ``Content-Type: application/sdp``, ``Content-Length: 0``, then a
+  plaintext SRTP offer with the attacker's RTP port and ``a=crypto`` key.
+- Effect (seen): the MESSAGE is answered 200 and shown (``message_in``, text
+  ``smuggled hello``, From alice) where the same body with a true Content-Length is
+  refused 488 (DowngradeError); the re-INVITE is answered 200 and the live call's media
+  goes to the attacker's port (``call_media`` ``remote_rtp: 127.0.0.1:40404``), with the
+  attacker's own SRTP key for what bob hears: bob talks to the hop, hears the hop as
+  alice.  The same SDP with a true Content-Length is refused 488.
+- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone._on_rx`` (``return None`` when the
+  engine did not change the message: pjsip re-reads the raw datagram) with
+  ``e2m_plugins/sip.py`` ``parse`` (octets after Content-Length silently dropped).
+  Fix: in ``_on_rx`` (UDP), refuse 400 a message whose data goes past its
+  Content-Length (or always hand pjsip ``msg.serialize()``, which is never longer).
+
+What I tried that held (not kept as tests): see the report of review 59 (a Content-Length
+larger than the data: 400 from the core; two Content-Length headers: 400; ``l:`` with
+``Content-Length:``: counted together; a second From/To/Call-ID/CSeq in compact form:
+400).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2m_lab.flows import SRTP_OFFER, ua_engine
+from e2m_lab.phones import PhoneProcess
+from e2m_lab.pytest_fixtures import answering_phone
+from e2m_lab.stranger import HOST, UdpStranger, sip_request
+from e2m_plugins import sip
+from e2m_plugins.testpki import TestPKI, init_test_pki
+
+pytestmark = [pytest.mark.pjsua2]
+
+HOP_RTP = "40404"
+HOP_SDP = SRTP_OFFER.replace(b"49170", HOP_RTP.encode()).replace(
+    b"2890844526 2890844526", b"2890844526 2890844527")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return init_test_pki(tmp_path_factory.mktemp("review59-pki"),
+                         users=("alice", "bob", "carol"), key_type="ec")
+
+
+@pytest.fixture
+def bob(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest) -> Iterator[PhoneProcess]:
+    yield from answering_phone(tmp_path, pki, request)
+
+
+def _call_id(data: bytes) -> str:
+    return data.split(b"\r\nCall-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()
+
+
+def _plain_message(peer: UdpStranger, tag: str, *, smuggled: bool) -> bytes:
+    """A plaintext MESSAGE From alice: with a true Content-Length, or (``smuggled``)
+    ``Content-Length: 0`` and the same text after the head in the same datagram."""
+    text = b"smuggled hello"
+    if smuggled:
+        return sip_request("MESSAGE", peer.target, via=peer.via,
+                           from_=f"<sip:alice@example.com>;tag={tag}",
+                           headers=[("Content-Type", "text/plain")], content_length=0) + text
+    return sip_request("MESSAGE", peer.target, via=peer.via,
+                       from_=f"<sip:alice@example.com>;tag={tag}", body=text,
+                       content_type="text/plain")
+
+
+def test_control_a_plaintext_message_is_refused_488(bob):
+    peer = UdpStranger(bob.port)
+    try:
+        data = _plain_message(peer, "r59c", smuggled=False)
+        mark = bob.mark()
+        peer.send(data)
+        assert peer.final(_call_id(data), timeout=5) == 488
+        time.sleep(0.3)
+        assert not bob.of("message_in", since=mark)
+        # the smuggled form is well formed to the core: one bodiless MESSAGE
+        msg = sip.parse(_plain_message(peer, "r59c2", smuggled=True))
+        assert msg.body == b"" and msg.get("Content-Type") == "text/plain"
+    finally:
+        peer.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 59: off-path sender, a plaintext MESSAGE past "
+                   "Content-Length: 0 is shown by the phone that requires E2M")
+def test_hole_a_plaintext_message_past_content_length_is_shown(bob):
+    """Attacker: off-path sender (From alice, whose certificate bob holds; any From
+    works).  Message: ``MESSAGE`` with ``Content-Type: text/plain``,
+    ``Content-Length: 0`` and ``smuggled hello`` after the blank line, one datagram.
+    Effect (seen): 200, ``message_in`` text ``smuggled hello`` from alice, security
+    "plaintext", on a phone with ``[e2m] require = true``."""
+    peer = UdpStranger(bob.port)
+    try:
+        data = _plain_message(peer, "r59h", smuggled=True)
+        mark = bob.mark()
+        peer.send(data)
+        status = peer.final(_call_id(data), timeout=5)
+        time.sleep(0.5)
+        shown = [e for e in bob.of("message_in", since=mark) if "smuggled" in e.get("text", "")]
+        assert not shown and status != 200, (status, len(shown))
+    finally:
+        peer.close()
+
+
+def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
+                 ) -> tuple[sip.SipMessage, sip.SipMessage, str]:
+    """alice calls bob's phone (SRTP, sealed and signed), bob answers, alice ACKs:
+    (INVITE, 200, bob's Contact URI)."""
+    alice = ua_engine(pki, "alice", peers=("bob",))
+    plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}", from_uri=pki.aor("alice"),
+                             to_uri=pki.aor("bob"), via_host=f"{HOST}:{peer.local_port}",
+                             body=SRTP_OFFER, content_type="application/sdp",
+                             extra_headers=[("Contact", f"<sip:alice@{HOST}:{peer.local_port}>")])
+    peer.send(alice.protect(plain).message.serialize())
+    data = peer.answered(plain.call_id, timeout=10)
+    assert data is not None and data.startswith(b"SIP/2.0 200"), data[:40] if data else data
+    ok = sip.parse(data)
+    contact = re.sub(r"^.*<|>.*$", "", ok.get("Contact") or "")
+    ack = sip.make_request("ACK", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+                           call_id=plain.call_id, cseq=1, from_tag=plain.from_tag,
+                           to_tag=ok.to_tag, via_host=f"{HOST}:{peer.local_port}")
+    peer.send(ack.serialize())
+    alice.open(ok)
+    bob.wait("call_media", since=0)
+    time.sleep(1.0)
+    peer.drain()
+    return plain, ok, contact
+
+
+def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
+                   ok: sip.SipMessage, contact: str, hop: UdpStranger, *, smuggled: bool
+                   ) -> tuple[bytes | None, list[str]]:
+    """The hop's re-INVITE with alice's ids and a plaintext SRTP offer (its RTP port,
+    its key): with a true Content-Length, or (``smuggled``) ``Content-Length: 0`` and
+    the SDP after the head.  ACKs a 200.  Returns the final answer and the remote RTP
+    addresses bob's phone reported since."""
+    cseq = 3 if smuggled else 2
+    plain = sip.make_request(
+        "INVITE", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+        call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag, to_tag=ok.to_tag,
+        via_host=f"{HOST}:{hop.local_port}",
+        extra_headers=[("Contact", f"<sip:alice@{HOST}:{hop.local_port}>"),
+                       ("Content-Type", "application/sdp")])
+    wire = plain.serialize()
+    assert wire.count(b"Content-Length: 0\r\n") == 1
+    if smuggled:
+        wire += HOP_SDP
+    else:
+        wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(HOP_SDP)) + HOP_SDP
+    mark = bob.mark()
+    hop.send(wire)
+    answer = hop.answered(invite.call_id, timeout=5)
+    if answer is not None and answer.startswith(b"SIP/2.0 200"):
+        ack = sip.make_request("ACK", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+                               call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag,
+                               to_tag=ok.to_tag, via_host=f"{HOST}:{hop.local_port}")
+        hop.send(ack.serialize())
+    time.sleep(1.0)
+    return answer, [event.get("remote_rtp") or "" for event in bob.of("call_media", since=mark)]
+
+
+def test_control_a_plaintext_reinvite_is_refused_and_the_media_stays(pki, bob):
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, smuggled=False)
+        assert answer is not None and answer.startswith(b"SIP/2.0 488"), answer[:40] if answer else answer
+        assert not any(HOP_RTP in rtp for rtp in moved), moved
+    finally:
+        peer.close()
+        hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 59: untrusted hop, a plaintext SDP past "
+                   "Content-Length: 0 in a re-INVITE moves a live call's media to it")
+def test_hole_a_plaintext_sdp_past_content_length_moves_a_live_calls_media(pki, bob):
+    """Attacker: untrusted hop on alice's path (or anyone who read the call's Call-ID
+    and tags).  Message: a re-INVITE of alice's confirmed call (her ids, CSeq 3,
+    ``Content-Type: application/sdp``, ``Content-Length: 0``) with a plaintext SRTP
+    offer (``m=audio 40404 RTP/SAVP``, ``a=crypto`` of its choosing) after the head, one
+    datagram; then its ACK.  Effect (seen): 200, ``call_media`` ``remote_rtp:
+    127.0.0.1:40404``: bob's media goes to the hop, and what bob hears is keyed by the
+    hop, shown as alice's trusted call."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, smuggled=True)
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
+    finally:
+        peer.close()
+        hop.close()
