@@ -149,13 +149,14 @@ def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
 
 
 def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
-                   ok: sip.SipMessage, contact: str, hop: UdpStranger, *, smuggled: bool
-                   ) -> tuple[bytes | None, list[str]]:
+                   ok: sip.SipMessage, contact: str, hop: UdpStranger, *, smuggled: bool = False,
+                   part_header: str | None = None) -> tuple[bytes | None, list[str]]:
     """The hop's re-INVITE with alice's ids and a plaintext SRTP offer (its RTP port,
     its key): with a true Content-Length, or (``smuggled``) ``Content-Length: 0`` and
-    the SDP after the head.  ACKs a 200.  Returns the final answer and the remote RTP
+    the SDP after the head, or (``part_header``) as the one part of a
+    ``multipart/mixed`` whose type is given by that part header.  ACKs a 200.  Returns the final answer and the remote RTP
     addresses bob's phone reported since."""
-    cseq = 3 if smuggled else 2
+    cseq = 3 if smuggled else 4 if part_header == "c" else 2
     plain = sip.make_request(
         "INVITE", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
         call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag, to_tag=ok.to_tag,
@@ -166,6 +167,12 @@ def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
     assert wire.count(b"Content-Length: 0\r\n") == 1
     if smuggled:
         wire += HOP_SDP
+    elif part_header is not None:
+        body = (b"--r59\r\n" + part_header.encode() + b": application/sdp\r\n\r\n" + HOP_SDP
+                + b"\r\n--r59--\r\n")
+        wire = wire.replace(b"Content-Type: application/sdp",
+                            b"Content-Type: multipart/mixed;boundary=r59")
+        wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)) + body
     else:
         wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(HOP_SDP)) + HOP_SDP
     mark = bob.mark()
@@ -206,6 +213,50 @@ def test_hole_a_plaintext_sdp_past_content_length_moves_a_live_calls_media(pki, 
     try:
         invite, ok, contact = _alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, smuggled=True)
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
+    finally:
+        peer.close()
+        hop.close()
+
+
+def test_control_a_plaintext_sdp_part_of_a_multipart_is_refused(pki, bob):
+    """The same multipart with the part's type written ``Content-Type``: 488, the media
+    stays with alice."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop,
+                                       part_header="Content-Type")
+        assert answer is not None and answer.startswith(b"SIP/2.0 488"), answer[:40] if answer else answer
+        assert not any(HOP_RTP in rtp for rtp in moved), moved
+    finally:
+        peer.close()
+        hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 59: untrusted hop, a plaintext SDP part typed "
+                   "by the compact 'c:' header moves a live call's media to it")
+def test_hole_a_compact_typed_sdp_part_moves_a_live_calls_media(pki, bob):
+    """Attacker: untrusted hop on alice's path (or anyone who read the call's ids); UDP or
+    TCP alike, the datagram framing plays no part.  Message: a re-INVITE of alice's
+    confirmed call (her ids, CSeq 4) whose body is ``multipart/mixed`` with one part,
+    headed ``c: application/sdp`` (RFC 3261 §7.3.3's compact Content-Type), holding a
+    plaintext SRTP offer with the hop's RTP port and key; then its ACK.
+
+    Effect (seen): 200, ``call_media`` ``remote_rtp: 127.0.0.1:40404``.  The core reads
+    a body part's headers with no compact forms (``mime.MimePart.header`` looks up
+    ``content-type`` only; ``c`` is expanded for the SIP message's own headers in
+    ``mime.body_part``, not for a part's): the part is ``text/plain`` by RFC 2045's
+    default, no plaintext SDP to refuse.  pjsip parses a part's headers with its SIP
+    header parser (``c`` is Content-Type) and finds the SDP offer.
+
+    At fault: ``e2m_plugins/mime.py`` ``_header_lines`` / ``MimePart._index`` (no
+    compact forms in a part).  Fix: expand ``c``/``e`` (``_COMPACT``) when a part's
+    headers are read, or refuse a part header named ``c``/``e``."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, part_header="c")
         assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
     finally:
         peer.close()

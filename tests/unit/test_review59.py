@@ -1,0 +1,66 @@
+"""A fifty-ninth attacker's review (December 2026) of 8360976: the softphone against a
+stranger and an insider, end to end (real pjsua2).  The phone's side, shown on a real
+``e2m-phone``, is ``tests/pjsua/test_review59_phone.py``; here the core's reading that
+makes one of its holes.
+
+- ``test_hole_a_body_part_typed_by_compact_c_is_not_read_as_sdp``: attacker, an
+  untrusted hop (or anyone who read a call's ids; also an insider through the proxy).
+  Message: a re-INVITE whose body is ``multipart/mixed`` with one part headed
+  ``c: application/sdp`` (the compact Content-Type of RFC 3261 §7.3.3) holding a
+  plaintext SDP.  Effect: ``UAEngine.open`` (E2M required) accepts it as a text/plain
+  part, no ``DowngradeError``; pjsip reads the part's headers with its SIP header parser
+  (``c`` = Content-Type) and takes the SDP: on the real phone the live call's media
+  moves to the hop.  At fault: ``e2m_plugins/mime.py`` reads a part's headers without
+  compact forms (``MimePart.header``; ``_COMPACT`` is applied in ``body_part`` to the
+  SIP message's own headers only).  Fix: expand ``c``/``e`` in a part's headers too
+  (or refuse them).
+
+What held: the same part headed ``Content-Type``, ``CONTENT-TYPE`` or folded: refused
+(DowngradeError); two Content-Type headers on the message or in a part: MalformedError;
+a MESSAGE with any plaintext part: refused whatever its type.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2m_lab.flows import SRTP_OFFER, ua_engine
+from e2m_plugins import sip
+from e2m_plugins.body import message_body, plaintext_leaves
+from e2m_plugins.errors import DowngradeError
+from e2m_plugins.testpki import TestPKI, init_test_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return init_test_pki(tmp_path_factory.mktemp("review59-pki"), users=("alice", "bob"),
+                         key_type="ec")
+
+
+def _invite_with_part(header: str) -> sip.SipMessage:
+    body = (b"--r59\r\n" + header.encode() + b": application/sdp\r\n\r\n" + SRTP_OFFER
+            + b"\r\n--r59--\r\n")
+    return sip.make_request("INVITE", "sip:bob@127.0.0.1:5070", from_uri="sip:alice@example.com",
+                            to_uri="sip:bob@example.com", body=body,
+                            content_type="multipart/mixed;boundary=r59")
+
+
+def test_control_a_plaintext_sdp_part_is_refused(pki):
+    bob = ua_engine(pki, "bob", peers=("alice",))
+    msg = _invite_with_part("Content-Type")
+    with pytest.raises(DowngradeError):
+        bob.open(msg)
+    # the compact form is read as a header name at all (the part parses)
+    (leaf,) = plaintext_leaves(message_body(_invite_with_part("c")))
+    assert leaf.headers == (("c", "application/sdp"),)
+
+
+@pytest.mark.xfail(strict=True, reason="review 59: untrusted hop, a plaintext SDP part typed "
+                   "'c: application/sdp' passes the UA engine's downgrade check")
+def test_hole_a_body_part_typed_by_compact_c_is_not_read_as_sdp(pki):
+    bob = ua_engine(pki, "bob", peers=("alice",))
+    msg = _invite_with_part("c")
+    (leaf,) = plaintext_leaves(message_body(msg))
+    assert leaf.content_type.mime_type == "application/sdp", leaf.content_type
+    with pytest.raises(DowngradeError):
+        bob.open(msg)
