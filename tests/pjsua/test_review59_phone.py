@@ -148,15 +148,28 @@ def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
     return plain, ok, contact
 
 
+def _preamble_multipart(sdp: bytes, *, line_start: bool = False) -> bytes:
+    """A ``multipart/mixed;boundary=r59`` whose first delimiter is not at the start of a
+    line (``x--r59``): RFC 2046 and the core take what follows for the preamble, and
+    the text part after the next (true) delimiter for the only part; pjsip 2.15.1
+    (``pjsip_multipart_parse``) looks for the first delimiter anywhere and takes the
+    SDP for a part.  ``line_start``: the same with a true first delimiter (control)."""
+    first = b"--r59" if line_start else b"x--r59"
+    return (first + b"\r\nContent-Type: application/sdp\r\n\r\n" + sdp
+            + b"\r\n--r59\r\nContent-Type: text/plain\r\n\r\nhi\r\n--r59--\r\n")
+
+
 def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
                    ok: sip.SipMessage, contact: str, hop: UdpStranger, *, smuggled: bool = False,
-                   part_header: str | None = None) -> tuple[bytes | None, list[str]]:
+                   part_header: str | None = None, preamble: bool = False
+                   ) -> tuple[bytes | None, list[str]]:
     """The hop's re-INVITE with alice's ids and a plaintext SRTP offer (its RTP port,
     its key): with a true Content-Length, or (``smuggled``) ``Content-Length: 0`` and
     the SDP after the head, or (``part_header``) as the one part of a
-    ``multipart/mixed`` whose type is given by that part header.  ACKs a 200.  Returns the final answer and the remote RTP
+    ``multipart/mixed`` whose type is given by that part header, or (``preamble``) as a
+    part the core takes for the preamble (see ``_preamble_multipart``).  ACKs a 200.  Returns the final answer and the remote RTP
     addresses bob's phone reported since."""
-    cseq = 3 if smuggled else 4 if part_header == "c" else 2
+    cseq = 3 if smuggled else 4 if part_header == "c" else 5 if preamble else 2
     plain = sip.make_request(
         "INVITE", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
         call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag, to_tag=ok.to_tag,
@@ -167,9 +180,10 @@ def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
     assert wire.count(b"Content-Length: 0\r\n") == 1
     if smuggled:
         wire += HOP_SDP
-    elif part_header is not None:
-        body = (b"--r59\r\n" + part_header.encode() + b": application/sdp\r\n\r\n" + HOP_SDP
-                + b"\r\n--r59--\r\n")
+    elif part_header is not None or preamble:
+        body = _preamble_multipart(HOP_SDP) if preamble else (
+            b"--r59\r\n" + (part_header or "").encode() + b": application/sdp\r\n\r\n" + HOP_SDP
+            + b"\r\n--r59--\r\n")
         wire = wire.replace(b"Content-Type: application/sdp",
                             b"Content-Type: multipart/mixed;boundary=r59")
         wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)) + body
@@ -257,6 +271,34 @@ def test_hole_a_compact_typed_sdp_part_moves_a_live_calls_media(pki, bob):
     try:
         invite, ok, contact = _alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, part_header="c")
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
+    finally:
+        peer.close()
+        hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 59: untrusted hop, a plaintext SDP part after a "
+                   "mid-line first delimiter (the core's preamble) moves a live call's media")
+def test_hole_an_sdp_part_the_core_takes_for_the_preamble_moves_a_live_calls_media(pki, bob):
+    """Attacker: untrusted hop on alice's path (or anyone who read the call's ids); any
+    transport.  Message: a re-INVITE of alice's confirmed call (her ids, CSeq 5) with a
+    ``multipart/mixed;boundary=r59`` body ``x--r59 CRLF Content-Type: application/sdp
+    CRLF CRLF <plaintext SRTP offer, the hop's port and key> CRLF --r59 CRLF
+    Content-Type: text/plain CRLF CRLF hi CRLF --r59--``; then its ACK.
+
+    Effect (seen): 200, ``call_media`` ``remote_rtp: 127.0.0.1:40404``.  The core finds
+    delimiters only at the start of a line (``mime._part_spans``): the SDP is preamble,
+    the one part is text/plain, nothing to refuse.  pjsip's ``pjsip_multipart_parse``
+    takes the first ``--r59`` wherever it is, so its first part is the SDP offer.
+
+    At fault: ``e2m_plugins/mime.py`` ``_part_spans`` (RFC-correct, but not pjsip's
+    reading) with ``phone.py`` ``_on_rx`` handing pjsip the body as received.  Fix:
+    refuse a multipart whose preamble (or epilogue) holds ``--boundary`` anywhere, or
+    hand pjsip a body re-assembled from the parts the core read."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, preamble=True)
         assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
     finally:
         peer.close()

@@ -15,6 +15,10 @@ makes one of its holes.
   SIP message's own headers only).  Fix: expand ``c``/``e`` in a part's headers too
   (or refuse them).
 
+- ``test_hole_an_sdp_after_a_mid_line_first_delimiter_passes_the_downgrade_check``:
+  the same attacker and effect, the SDP put where RFC 2046 (and the core) see the
+  preamble: the first ``--boundary`` mid-line, which pjsip takes for a delimiter.
+
 What held: the same part headed ``Content-Type``, ``CONTENT-TYPE`` or folded: refused
 (DowngradeError); two Content-Type headers on the message or in a part: MalformedError;
 a MESSAGE with any plaintext part: refused whatever its type.
@@ -64,3 +68,33 @@ def test_hole_a_body_part_typed_by_compact_c_is_not_read_as_sdp(pki):
     assert leaf.content_type.mime_type == "application/sdp", leaf.content_type
     with pytest.raises(DowngradeError):
         bob.open(msg)
+
+
+def _preamble_invite(line_start: bool) -> sip.SipMessage:
+    first = b"--r59" if line_start else b"x--r59"
+    body = (first + b"\r\nContent-Type: application/sdp\r\n\r\n" + SRTP_OFFER
+            + b"\r\n--r59\r\nContent-Type: text/plain\r\n\r\nhi\r\n--r59--\r\n")
+    return sip.make_request("INVITE", "sip:bob@127.0.0.1:5070", from_uri="sip:alice@example.com",
+                            to_uri="sip:bob@example.com", body=body,
+                            content_type="multipart/mixed;boundary=r59")
+
+
+def test_control_an_sdp_part_after_a_true_first_delimiter_is_refused(pki):
+    bob = ua_engine(pki, "bob", peers=("alice",))
+    with pytest.raises(DowngradeError):
+        bob.open(_preamble_invite(line_start=True))
+
+
+@pytest.mark.xfail(strict=True, reason="review 59: untrusted hop, a plaintext SDP after a "
+                   "mid-line first delimiter is preamble to the core, a part to pjsip")
+def test_hole_an_sdp_after_a_mid_line_first_delimiter_passes_the_downgrade_check(pki):
+    """Attacker: untrusted hop (or anyone with a call's ids).  Message: a re-INVITE whose
+    multipart's first delimiter is ``x--r59`` (mid-line), followed by a plaintext SDP
+    part, then a true delimiter and a text/plain part.  Effect: ``UAEngine.open`` (E2M
+    required) accepts it (the SDP is preamble to ``mime._part_spans``); pjsip's
+    multipart parser takes the first ``--r59`` anywhere and the SDP as the first part
+    (``tests/pjsua/test_review59_phone.py``: the live call's media moves).  Fix: refuse
+    ``--boundary`` in a multipart's preamble or epilogue."""
+    bob = ua_engine(pki, "bob", peers=("alice",))
+    with pytest.raises(DowngradeError):
+        bob.open(_preamble_invite(line_start=False))
