@@ -29,10 +29,27 @@ Content-Type) and a plaintext body after the head reach pjsua as a body no check
   Fix: in ``_on_rx`` (UDP), refuse 400 a message whose data goes past its
   Content-Length (or always hand pjsip ``msg.serialize()``, which is never longer).
 
-What I tried that held (not kept as tests): see the report of review 59 (a Content-Length
-larger than the data: 400 from the core; two Content-Length headers: 400; ``l:`` with
-``Content-Length:``: counted together; a second From/To/Call-ID/CSeq in compact form:
-400).
+Hole 2 (``test_hole_a_compact_typed_sdp_part_*``) and hole 3
+(``test_hole_an_sdp_part_the_core_takes_for_the_preamble_*``): the core and pjsip read a
+``multipart/mixed`` body differently, on any transport.  Hole 2: a part headed
+``c: application/sdp`` is text/plain to the core (no compact forms in a part's headers,
+``mime.MimePart.header``), SDP to pjsip (its SIP header parser reads part headers).
+Hole 3: a first delimiter in mid-line (``x--r59``) is preamble to the core
+(``mime._part_spans``, RFC 2046), a delimiter to pjsip (``pjsip_multipart_parse`` takes the
+first ``--boundary`` anywhere).  Attacker, messages and effect as hole 1's re-INVITE: a
+hop's plaintext SDP, no E2M, moves alice's live call's media to the hop.  Unit side:
+``tests/unit/test_review59.py``.
+
+What I tried that held (run, not kept as tests): the exact bytes of alice's signed
+INVITE sent again after the ACK: 482 (``FirstCopy``); the same with the request line's
+method written ``invite`` (pjsip reads it as INVITE, ``FirstCopy`` and the phone's row-8
+refusal compare ``"INVITE"``): no answer, no call, nothing shown; a part headed
+``CONTENT-TYPE`` or with a folded Content-Type: 488 (DowngradeError); two Content-Type
+headers on the message or in a part: MalformedError.  Read in the code, not run: a
+Content-Length larger than the data (``sip.parse``: 400), two different Content-Lengths
+(400), ``l:`` beside ``Content-Length:`` (counted together), a second From/To/Call-ID/CSeq
+in compact form (``_check_single`` counts compact forms with long ones: 400); on TCP
+pjsip frames by Content-Length, so hole 1 is UDP only (holes 2 and 3 are not).
 """
 
 from __future__ import annotations
