@@ -31,7 +31,8 @@ Content-Type) and a plaintext body after the head reach pjsua as a body no check
 
 Hole 2 (``test_hole_a_compact_typed_sdp_part_*``) and hole 3
 (``test_hole_an_sdp_part_the_core_takes_for_the_preamble_*``): the core and pjsip read a
-``multipart/mixed`` body differently, on any transport.  Hole 2: a part headed
+``multipart/mixed`` body differently (shown over UDP; no framing is involved, so TCP
+should be alike: not run).  Hole 2: a part headed
 ``c: application/sdp`` is text/plain to the core (no compact forms in a part's headers,
 ``mime.MimePart.header``), SDP to pjsip (its SIP header parser reads part headers).
 Hole 3: a first delimiter in mid-line (``x--r59``) is preamble to the core
@@ -268,8 +269,8 @@ def test_control_a_plaintext_sdp_part_of_a_multipart_is_refused(pki, bob):
 @pytest.mark.xfail(strict=True, reason="review 59: untrusted hop, a plaintext SDP part typed "
                    "by the compact 'c:' header moves a live call's media to it")
 def test_hole_a_compact_typed_sdp_part_moves_a_live_calls_media(pki, bob):
-    """Attacker: untrusted hop on alice's path (or anyone who read the call's ids); UDP or
-    TCP alike, the datagram framing plays no part.  Message: a re-INVITE of alice's
+    """Attacker: untrusted hop on alice's path (or anyone who read the call's ids); shown
+    over UDP (the datagram framing plays no part; TCP not run).  Message: a re-INVITE of alice's
     confirmed call (her ids, CSeq 4) whose body is ``multipart/mixed`` with one part,
     headed ``c: application/sdp`` (RFC 3261 §7.3.3's compact Content-Type), holding a
     plaintext SRTP offer with the hop's RTP port and key; then its ACK.
@@ -297,8 +298,8 @@ def test_hole_a_compact_typed_sdp_part_moves_a_live_calls_media(pki, bob):
 @pytest.mark.xfail(strict=True, reason="review 59: untrusted hop, a plaintext SDP part after a "
                    "mid-line first delimiter (the core's preamble) moves a live call's media")
 def test_hole_an_sdp_part_the_core_takes_for_the_preamble_moves_a_live_calls_media(pki, bob):
-    """Attacker: untrusted hop on alice's path (or anyone who read the call's ids); any
-    transport.  Message: a re-INVITE of alice's confirmed call (her ids, CSeq 5) with a
+    """Attacker: untrusted hop on alice's path (or anyone who read the call's ids); shown
+    over UDP.  Message: a re-INVITE of alice's confirmed call (her ids, CSeq 5) with a
     ``multipart/mixed;boundary=r59`` body ``x--r59 CRLF Content-Type: application/sdp
     CRLF CRLF <plaintext SRTP offer, the hop's port and key> CRLF --r59 CRLF
     Content-Type: text/plain CRLF CRLF hi CRLF --r59--``; then its ACK.
