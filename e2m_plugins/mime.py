@@ -439,7 +439,9 @@ def _header_lines(block: bytes, limits: MimeLimits) -> tuple[tuple[str, str], ..
         name, sep, value = line.partition(":")
         if not sep or not _HEADER_NAME.fullmatch(name):
             raise MalformedError("malformed MIME header line")
-        headers.append([name, value.strip(" \t")])
+        # a SIP stack reads a part's headers with its SIP parser: ``c`` is Content-Type
+        # there (pjsip), so it must be here too, or a part typed so escapes every check
+        headers.append([_COMPACT.get(name.lower(), name), value.strip(" \t")])
         if len(headers) > limits.max_headers:
             raise LimitExceededError(f"more than {limits.max_headers} MIME headers")
     return tuple((name, value.strip(" \t")) for name, value in headers)
@@ -539,13 +541,14 @@ def _part_spans(body: bytes, boundary: bytes, limits: MimeLimits) -> list[tuple[
 
     A delimiter is ``--boundary`` at the start of the body or of a line,
     optionally ``--`` (the close delimiter), then transport padding and the
-    end of the line.  The line break before it belongs to the delimiter.
+    end of the line.  The line break before it belongs to the delimiter.  The
+    boundary anywhere else in the body is refused (``MalformedError``).
     """
     delimiter = re.compile(rb"(?:\A|\r\n|\n)--" + re.escape(boundary)
                            + rb"(--)?[ \t]*(?=\r\n|\n|\Z)")
     spans: list[tuple[int, int]] = []
     start: int | None = None
-    for match in delimiter.finditer(body):
+    for seen, match in enumerate(delimiter.finditer(body), 1):
         if start is not None:
             spans.append((start, max(start, match.start())))
             if len(spans) > limits.max_parts:
@@ -553,6 +556,11 @@ def _part_spans(body: bytes, boundary: bytes, limits: MimeLimits) -> list[tuple[
         if match.group(1):
             if not spans:
                 raise MalformedError("multipart closes before its first part")
+            # ``--boundary`` anywhere else (mid-line, before the first delimiter, after
+            # the close, followed by other characters) is a delimiter to a laxer parser
+            # (pjsip's): what it would take for a part, we would not have checked
+            if body.count(b"--" + boundary) != seen:
+                raise MalformedError("a multipart's boundary appears outside its delimiters")
             return spans
         end = match.end()
         start = end + (2 if body.startswith(CRLF, end) else 1 if body.startswith(b"\n", end) else 0)

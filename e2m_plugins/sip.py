@@ -560,11 +560,15 @@ def _check_size(data: bytes, max_size: int) -> None:
 
 
 def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
-          max_line: int = DEFAULT_MAX_LINE, max_size: int = DEFAULT_MAX_SIZE) -> SipMessage:
+          max_line: int = DEFAULT_MAX_LINE, max_size: int = DEFAULT_MAX_SIZE,
+          exact: bool = False) -> SipMessage:
     """Parse one complete SIP message (a datagram or an already framed message).
 
     Raises MalformedError on bad syntax or a truncated body, LimitExceededError
-    when a limit is passed.  Octets after the Content-Length body are dropped.
+    when a limit is passed.  Octets after the Content-Length body are dropped,
+    or with ``exact`` refused (MalformedError): for data another parser reads
+    too, which may take them for the body (pjsip does, for a datagram with a
+    Content-Type; Kamailio answers such a datagram 400).
     """
     data = bytes(data)
     _check_size(data, max_size)
@@ -577,6 +581,8 @@ def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
         body = data[head.body_start:]
     elif head.body_start + length > len(data):
         raise MalformedError("Content-Length exceeds the data")
+    elif exact and head.body_start + length < len(data):
+        raise MalformedError("octets after the Content-Length body")
     else:
         body = data[head.body_start:head.body_start + length]
     return SipMessage._from_parser(head.start_line, head.headers, body, index)

@@ -558,7 +558,9 @@ class E2MPhone:
 
     def _on_rx(self, data: bytes) -> bytes | None:
         try:
-            msg = sip.parse(data)
+            # exact: pjsip is handed these very octets and would read any past the
+            # Content-Length as the body, which no check here would have seen (review 59)
+            msg = sip.parse(data, exact=True)
             # initial or in-dialog is the core's reading of the To tag, as pjsip's: never a
             # ";tag=" found in a display name or a quoted parameter (review 25); a Call-ID
             # or tag the core refuses is a bad request here, not an error further on

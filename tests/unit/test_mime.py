@@ -281,17 +281,34 @@ def test_multipart_boundary_choice() -> None:
 
 def test_multipart_parse_tolerance() -> None:
     # Preamble, epilogue, LF line ends, transport padding, a part without headers,
-    # a part whose own content ends in a line break, and a near-miss delimiter.
+    # a part whose own content ends in a line break, a compact Content-Type.
     body = (b"This is the preamble.\n--b1 \t\n"
-            b"Content-Type: text/plain\n\nline one\n--b1x is not a delimiter\n\n"
+            b"Content-Type: text/plain\n\nline one\nb1 is not a delimiter\n\n"
             b"--b1\r\n\r\nno headers here"
-            b"\r\n--b1--  \r\nepilogue\r\n--b1\r\nignored\r\n")
+            b"\r\n--b1\r\nc: application/sdp\r\n\r\nv=0"
+            b"\r\n--b1--  \r\nepilogue\r\n")
     part = body_part([("Content-Type", 'Multipart/Mixed; Boundary="b1"')], body)
-    first, second = parse_multipart(part)
+    first, second, third = parse_multipart(part)
     assert first.content_type.mime_type == "text/plain"
-    assert first.body == b"line one\n--b1x is not a delimiter\n"
+    assert first.body == b"line one\nb1 is not a delimiter\n"
     assert second.headers == () and second.body == b"no headers here"
     assert second.content_type.mime_type == "text/plain"  # RFC 2045 default
+    # pjsip reads a part's headers as SIP headers: ``c`` is Content-Type (review 59)
+    assert third.content_type.mime_type == "application/sdp"
+
+
+@pytest.mark.parametrize("body", [
+    b"x--b1\r\n\r\nhidden\r\n--b1\r\n\r\nseen\r\n--b1--\r\n",     # mid-line, preamble
+    b"--b1\r\n\r\none\r\n--b1x\r\n\r\ntwo\r\n--b1--\r\n",           # near miss
+    b"--b1\r\n\r\none\r\nsee --b1 here\r\n--b1--\r\n",                  # in a part
+    b"--b1\r\n\r\none\r\n--b1--\r\nepilogue\r\n--b1\r\nignored\r\n",  # epilogue
+])
+def test_multipart_boundary_outside_its_delimiters_is_refused(body: bytes) -> None:
+    """RFC 2046 readers skip these; pjsip takes ``--boundary`` anywhere for a
+    delimiter, so a part only it would see (a plaintext SDP) would pass every check
+    (review 59)."""
+    with pytest.raises(MalformedError, match="outside its delimiters"):
+        parse_multipart(body_part([("Content-Type", "multipart/mixed; boundary=b1")], body))
 
 
 @pytest.mark.parametrize("body,error", [
