@@ -20,16 +20,38 @@ one message share one message_uid ..., so it is stored once on any worker or nod
 
 Tried and held: the same copy sent again to node A is stored once (control); a copy
 sent to B again and again is stored once more only (B's uid is stable).
+
+Hole 2 (``test_hole_a_strangers_stray_answers_lose_alices_answer_at_the_other_node``)
+
+Attacker: an off-path stranger (no account, no call) who can reach a node, during an
+outage of the shared database.
+
+Messages: six plaintext "200 OK"s to INVITEs nobody sent (each its own Call-ID, top
+Via the cluster's floating address) to node B; then alice calls bob through node A
+and bob's answer reaches B (the floating address moved there: ``Bob.answer_to``).
+
+Effect: a stray reply has no transaction, so ``observe`` charges it to
+``answer_share(None)`` = "answers to <the unauthenticated group>", the share the
+stranger's six datagrams filled (``spool_share`` 12 % of ``spool_max`` 50): bob's
+answer to alice's (signed, bound) call is "lost ... over its share of the spool" and
+never reaches the archive once the database is back.  At node A the same answer
+would be charged to "answers to alice" (her own share, which no stranger can touch).
+
+Tried and held: without the strangers' datagrams bob's answer through B is spooled and
+replayed (control).
 """
 
 from __future__ import annotations
 
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import (REPLICATION, Bob, answers, contacts, register_bob,
-                             wait_until)
+from e2m_lab.cluster import (ADVERTISE, REPLICATION, Bob, Cluster, _node_settings, answers,
+                             contacts, dmq_peer_active, register_bob, wait_until)
+from kamailio_app.archive import SqliteArchive
 from e2m_lab.flows import SDP_ANSWER
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
@@ -97,3 +119,106 @@ def test_hole_a_copy_of_bobs_answer_at_the_other_node_is_archived_twice(cluster,
     assert "INVITE response 200" in b.log_since(0)       # B did read the copy
     rows = answers(a, alice.call_id)
     assert len(rows) == 1, [(r.from_uri, r.request_uri, r.message_uid) for r in rows]
+
+
+# --------------------------------------------------------------------------- hole 2
+
+SPOOL_MAX = 50          # the default share of 12 %: six messages a sender
+_SDP = (b"v=0\r\no=- 1 1 IN IP4 192.0.2.9\r\ns=-\r\nc=IN IP4 192.0.2.9\r\nt=0 0\r\n"
+        b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+def _spooling_cluster(proxy_factory, db_url: str) -> Cluster:
+    """``start_cluster`` with ``[archive] spool_max`` on both nodes."""
+    from e2m_lab.ports import free_port
+    first = free_port()
+    dmq_a, dmq_b = first, free_port(avoid={first})
+    settings = [_node_settings(db_url, dmq_a, dmq_b, None),
+                _node_settings(db_url, dmq_b, dmq_a, None)]
+    for one in settings:
+        one["extra"]["archive"] = {"spool_max": SPOOL_MAX}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started_a = pool.submit(proxy_factory, "node-a", **settings[0])
+        started_b = pool.submit(proxy_factory, "node-b", **settings[1])
+        nodes = Cluster(started_a.result(), started_b.result())
+    wait_until(lambda: all(dmq_peer_active(n) for n in nodes.nodes), 15, "DMQ peers up")
+    return nodes
+
+
+def _stray_answer(node, n: int) -> None:
+    """An off-path stranger's forged 200 (plaintext SDP) to an INVITE nobody sent."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(0.3)
+    port = sink.getsockname()[1]
+    head = (f"SIP/2.0 200 OK\r\n"
+            f"Via: SIP/2.0/UDP {ADVERTISE};branch=z9hG4bK-r61stray{n}\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-r61orig{n}\r\n"
+            f"From: <sip:mallory@stranger.example>;tag=m{n}\r\n"
+            f"To: <sip:nobody@stranger.example>;tag=n{n}\r\n"
+            f"Call-ID: r61-stray-{n}@stranger.example\r\n"
+            f"CSeq: 1 INVITE\r\n"
+            f"Contact: <sip:x@192.0.2.9>\r\n"
+            f"Content-Type: application/sdp\r\n"
+            f"Content-Length: {len(_SDP)}\r\n\r\n").encode("ascii")
+    try:
+        sink.sendto(head + _SDP, ("127.0.0.1", node.port))
+        try:
+            sink.recv(65535)
+        except OSError:
+            pass
+    finally:
+        sink.close()
+
+
+def _pending(node) -> int:
+    return SqliteArchive(node.directory / "archive-spool.sqlite").pending()
+
+
+def _call_answered_through_b_during_an_outage(proxy_factory, own_postgres, alice, bob,
+                                              strays: int):
+    nodes = _spooling_cluster(proxy_factory, own_postgres.url)
+    a, b = nodes.nodes
+    register_bob(a, bob)
+    wait_until(lambda: contacts(b, "bob"), REPLICATION, "bob's registration on B")
+    own_postgres.kill()
+    for n in range(strays):
+        _stray_answer(b, n)
+    if strays:
+        wait_until(lambda: b.log_since(0).count("e2m: archive lost") >= strays - 6
+                   or _pending(b) >= 6, 5, "the strays spooled")
+    bob.answer_to = b.port                        # the 200 comes back through B
+    reply = alice.call(a)
+    assert reply is not None and reply.status == 200, reply and reply.status
+    assert alice.open(reply) == SDP_ANSWER        # alice's call works
+    alice.ack(b)
+    time.sleep(1.0)
+    own_postgres.start()
+    time.sleep(0.5)
+    for node in nodes.nodes:
+        wait_until(lambda node=node: _pending(node) == 0, 30, "spool replayed")
+    return nodes
+
+
+@pytest.mark.slow
+def test_control_an_answer_through_the_other_node_is_spooled_and_replayed(
+        proxy_factory, own_postgres, alice, bob):
+    nodes = _call_answered_through_b_during_an_outage(proxy_factory, own_postgres, alice,
+                                                      bob, strays=0)
+    a, _ = nodes.nodes
+    assert [r.plaintext for r in answers(a, alice.call_id)] == [SDP_ANSWER]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="review 61: off-path stranger, six stray 200s during "
+                   "an outage fill the share a legitimate answer at the other node is "
+                   "charged to: bob's answer to alice is never archived")
+def test_hole_a_strangers_stray_answers_lose_alices_answer_at_the_other_node(
+        proxy_factory, own_postgres, alice, bob):
+    nodes = _call_answered_through_b_during_an_outage(proxy_factory, own_postgres, alice,
+                                                      bob, strays=8)
+    a, b = nodes.nodes
+    assert "over its share of the spool" in b.log_since(0)      # the strays filled it
+    assert [r.plaintext for r in answers(a, alice.call_id)] == [SDP_ANSWER], \
+        [line[line.find("e2m: archive"):] for line in b.log_since(0).splitlines()
+         if alice.call_id in line and "e2m: archive" in line]
