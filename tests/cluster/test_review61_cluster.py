@@ -39,6 +39,24 @@ would be charged to "answers to alice" (her own share, which no stranger can tou
 
 Tried and held: without the strangers' datagrams bob's answer through B is spooled and
 replayed (control).
+
+Hole 3 (``test_hole_strict_archiving_relays_an_acks_sdp_it_could_not_archive``)
+
+Attacker: an insider UA (alice) on a proxy set up with ``[archive]
+fail_request_on_error = true`` ("a request must not go on unarchived"), while the
+shared database is away (an outage, or a frozen server).
+
+Messages: alice's call to bob (answered while the database is up); then the database
+is away and alice's in-dialog ACK carries an SDP (the session's answer in a late-offer
+call, or a new media description) that the proxy views.
+
+Effect: the ACK is relayed to bob and its SDP is archived nowhere, not even spooled:
+``kemi.inspect_only`` lets ``observe`` fail (strict: ``may_spool=False``), the 500
+cannot be sent for an ACK, and the ACK is relayed all the same.  On a proxy without
+strict archiving the same ACK is spooled and replayed (control), so the operator who
+asked for the stricter mode loses the body that the lax mode keeps.
+
+Tried and held: the ACK's SDP is archived while the database is up (control).
 """
 
 from __future__ import annotations
@@ -222,3 +240,64 @@ def test_hole_a_strangers_stray_answers_lose_alices_answer_at_the_other_node(
     assert [r.plaintext for r in answers(a, alice.call_id)] == [SDP_ANSWER], \
         [line[line.find("e2m: archive"):] for line in b.log_since(0).splitlines()
          if alice.call_id in line and "e2m: archive" in line]
+
+
+# --------------------------------------------------------------------------- hole 3
+
+_ACK_SDP = _SDP.replace(b"40000", b"41234")
+
+
+def _ack_with_sdp_during_an_outage(proxy_factory, own_postgres, alice, bob, *, strict: bool,
+                                   outage: bool = True):
+    from e2m_lab.cluster import VIEW
+    home = proxy_factory("home", db_url=own_postgres.url, view=VIEW,
+                         fail_request_on_error=strict)
+    register_bob(home, bob)
+    reply = alice.call(home)
+    assert reply is not None and reply.status == 200, reply and reply.status
+    alice.ack(home)
+    if outage:
+        own_postgres.kill()
+    ack = alice._in_dialog("ACK", _ACK_SDP, cseq=alice.cseq).replace("Via", alice._via())
+    alice.sock.sendto(ack.serialize(), ("127.0.0.1", home.port))
+    wait_until(lambda: [m for m in bob.received if m.method == "ACK" and m.body], 5,
+               "the ACK with its SDP at bob")
+    time.sleep(1.0)
+    if outage:
+        own_postgres.start()
+        time.sleep(0.5)
+        wait_until(lambda: _pending(home) == 0, 30, "spool replayed")
+        time.sleep(0.5)
+    return home
+
+
+def _ack_rows(home, call_id: str):
+    return [r for r in home.archive_rows() if r.call_id == call_id and r.method == "ACK"]
+
+
+def test_control_an_acks_sdp_is_archived_while_the_database_is_up(proxy_factory, own_postgres,
+                                                                  alice, bob):
+    home = _ack_with_sdp_during_an_outage(proxy_factory, own_postgres, alice, bob,
+                                          strict=True, outage=False)
+    assert [r.plaintext for r in _ack_rows(home, alice.call_id)] == [_ACK_SDP]
+
+
+@pytest.mark.slow
+def test_control_without_strict_archiving_the_acks_sdp_is_spooled_and_replayed(
+        proxy_factory, own_postgres, alice, bob):
+    home = _ack_with_sdp_during_an_outage(proxy_factory, own_postgres, alice, bob,
+                                          strict=False)
+    assert [r.plaintext for r in _ack_rows(home, alice.call_id)] == [_ACK_SDP]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="review 61: insider UA, with fail_request_on_error an "
+                   "ACK's SDP during an outage is relayed to bob but archived nowhere")
+def test_hole_strict_archiving_relays_an_acks_sdp_it_could_not_archive(
+        proxy_factory, own_postgres, alice, bob):
+    home = _ack_with_sdp_during_an_outage(proxy_factory, own_postgres, alice, bob,
+                                          strict=True)
+    # bob got it (the helper waited for it): the archive must have it too
+    assert [r.plaintext for r in _ack_rows(home, alice.call_id)] == [_ACK_SDP], \
+        [line[line.find("e2m:"):] for line in home.log_since(0).splitlines()
+         if "ACK" in line and "e2m:" in line][-4:]
