@@ -18,8 +18,16 @@ has no ``request_uri`` (no transaction AVP) where A's row has the Request-URI as
 received, so the two copies get two uids.  docs/threat-model.md promises "copies of
 one message share one message_uid ..., so it is stored once on any worker or node".
 
-Tried and held: the same copy sent again to node A is stored once (control); a copy
-sent to B again and again is stored once more only (B's uid is stable).
+The same at the *same* node (``test_hole_a_late_copy_of_bobs_answer_at_the_same_node_
+is_archived_twice``): once tm's transaction is gone (its wait timer, ~5 s after the 2xx),
+a copy of bob's 200 sent to node A again is a stray there too and gets a second row.
+bob's own phone does this when the ACK is lost (a 2xx is retransmitted for 32 s), so an
+untrusted hop that drops alice's ACK doubles the row with no copy of its own.
+
+Tried and held: the same copy sent again to node A within the transaction is stored
+once (control); a copy sent to B again and again is stored once more only (B's uid is
+stable); an insider callee's 200 sent only to B right after the INVITE (before DMQ could
+carry the offer's key) was read there in 20 of 20 calls (DMQ won the race).
 
 Hole 2 (``test_hole_a_strangers_stray_answers_lose_alices_answer_at_the_other_node``)
 
@@ -135,6 +143,18 @@ def test_hole_a_copy_of_bobs_answer_at_the_other_node_is_archived_twice(cluster,
     wire = _call_through_a(cluster, alice, rbob)
     _copy_to(b, rbob, wire, "INVITE response 200", count=3)
     assert "INVITE response 200" in b.log_since(0)       # B did read the copy
+    rows = answers(a, alice.call_id)
+    assert len(rows) == 1, [(r.from_uri, r.request_uri, r.message_uid) for r in rows]
+
+
+@pytest.mark.xfail(strict=True, reason="review 61: insider callee or a hop dropping the ACK, a "
+                   "copy of bob's 200 after the transaction ended is archived a second time")
+def test_hole_a_late_copy_of_bobs_answer_at_the_same_node_is_archived_twice(cluster, alice,
+                                                                            rbob):
+    a, _ = cluster.nodes
+    wire = _call_through_a(cluster, alice, rbob)
+    time.sleep(6.5)                      # tm's wait timer: the transaction is gone
+    _copy_to(a, rbob, wire, "INVITE response 200")
     rows = answers(a, alice.call_id)
     assert len(rows) == 1, [(r.from_uri, r.request_uri, r.message_uid) for r in rows]
 
