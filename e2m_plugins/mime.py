@@ -95,6 +95,7 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")
 # RFC 2046 bchars; a boundary may not end in a space.
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _CID_FORBIDDEN = re.compile(r'[\s<>"\\]')
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Headers that describe a body (RFC 2045 §9, RFC 3261 §7.4); the rest of a SIP
 # message's headers are not the body's business.  Compact forms per RFC 3261 §7.3.3.
 _COMPACT = {"c": "Content-Type", "e": "Content-Encoding"}
@@ -429,7 +430,9 @@ def _header_lines(block: bytes, limits: MimeLimits) -> tuple[tuple[str, str], ..
     headers: list[list[str]] = []
     for line in text.split("\n"):
         line = line[:-1] if line.endswith("\r") else line
-        if "\r" in line or "\0" in line:
+        # a header is text (RFC 5322 §2.2): a control character (an escape sequence
+        # for an operator's terminal, review 61) has no business in one; HTAB may
+        if _HEADER_CONTROL.search(line):
             raise MalformedError("control character in a MIME header")
         if line[:1] in (" ", "\t"):  # folded continuation
             if not headers:

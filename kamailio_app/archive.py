@@ -84,14 +84,19 @@ def content_uid(identity: Sequence[str | int | None], bodies: Sequence["BodyReco
     every copy of one message, so a retransmitted 2xx (or one an insider sends again
     and again to fill the archive) is stored once, by any worker or node (the
     ``(message_uid, part)`` pair is unique).  ``identity`` names the message within its
-    dialog (Call-ID, tags, CSeq, status); every recorded field but the time goes in, so
-    two messages that differ in anything the archive shows (another CSeq, a signature
-    that no longer checks, another signer) never share a uid.  160 bits: a sender who
-    could make two of its own messages collide would archive only the first."""
+    dialog (Call-ID, tags, CSeq, status); every recorded field the message itself
+    decides goes in, so two messages that differ in anything of theirs the archive
+    shows (another CSeq, a signature that no longer checks, another signer) never
+    share a uid.  A response's sender and Request-URI are not its own but what the
+    node that read it kept with the request's transaction; a copy read without it (at
+    another cluster node, or after the transaction ended) is the same answer and gets
+    the same uid: the first copy recorded is the row (review 61).  160 bits: a sender
+    who could make two of its own messages collide would archive only the first."""
     digest = hashlib.sha256()
     fields = [list(identity)]
-    fields += [[b.call_id, b.from_uri, b.to_uri, b.method, b.direction, b.status,
-                b.content_type, b.sha256, b.signature, b.signer, b.cid, b.request_uri]
+    fields += [[b.call_id, b.from_uri if b.status is None else None, b.to_uri, b.method,
+                b.direction, b.status, b.content_type, b.sha256, b.signature, b.signer,
+                b.cid, b.request_uri if b.status is None else None]
                for b in bodies]
     fields.append("media")
     fields += [[m.call_id, m.method, m.direction, m.media, m.address, m.port, m.port_count,

@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from e2m_plugins.cli import CliFailure, Group, UsageError, positive_int, write_output
+from e2m_plugins.cli import (CliFailure, Group, UsageError, positive_int, printable,
+                             write_output)
 
 from .archive import Archive, ArchiveError
 from .archive_store import open_shared
@@ -64,10 +65,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':>5}  {'TIME (UTC)':20}  {'METHOD':8} {'DIR':8} {'TYPE':24} {'BYTES':>6}  "
           f"{'SIGNATURE':9}  FROM -> TO  CALL-ID")
-    for row in rows:
-        print(f"{row.id:>5}  {_when(row.time):20}  {row.method:8} {row.direction:8} "
-              f"{row.content_type[:24]:24} {len(row.plaintext):>6}  {row.signature:9}  "
-              f"{row.from_uri or '-'} -> {row.to_uri or '-'}{_sent_to(row)}  {row.call_id}")
+    for row in rows:    # escaped: a stored field is what a sender wrote (review 61)
+        print(printable(f"{row.id:>5}  {_when(row.time):20}  {row.method:8} {row.direction:8} "
+                        f"{row.content_type[:24]:24} {len(row.plaintext):>6}  "
+                        f"{row.signature:9}  {row.from_uri or '-'} -> {row.to_uri or '-'}"
+                        f"{_sent_to(row)}  {row.call_id}"))
     return 0
 
 
@@ -96,12 +98,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps({**info, "media": media}, indent=2))
         return 0
     info["time"] = _when(row.time)
+    # escaped: a stored field is what a sender wrote, escape sequences and all (review 61)
     for key, value in info.items():
-        print(f"{key:13} {value if value is not None else '-'}")
+        print(printable(f"{key:13} {value if value is not None else '-'}"))
     for item in media:
-        print(f"media         {item['method']} {item['direction']} {item['media']} "
-              f"{item['address'] or '-'}:{item['port']} {item['proto']} {item['codecs']} "
-              f"{item['flow'] or ''}".rstrip())
+        print(printable(f"media         {item['method']} {item['direction']} {item['media']} "
+                        f"{item['address'] or '-'}:{item['port']} {item['proto']} "
+                        f"{item['codecs']} {item['flow'] or ''}".rstrip()))
     if not args.out:
         print("(plaintext not shown; use --out FILE or --out - to read it)")
     return 0

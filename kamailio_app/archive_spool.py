@@ -111,11 +111,18 @@ def message_weight(bodies: Sequence[BodyRecord], media: Sequence[MediaRecord]) -
     return total
 
 
-def answer_share(caller: str | None) -> str:
+def answer_share(caller: str | None, signer: str | None = None) -> str:
     """The share answers to ``caller``'s requests are charged to: not the caller's own
     (a callee's answers, as many as it likes, would spend the caller's share and lose
-    her own messages, review 34), and bounded all the same (one per caller)."""
-    return "answers to " + (caller or UNAUTHENTICATED_CALLER)
+    her own messages, review 34), and bounded all the same (one per caller).  With no
+    caller known (a cluster's stray reply), an answer signed for itself is charged to
+    its ``signer``'s answers: a stranger's unsigned stray replies fill only the
+    unauthenticated share, never a real answer's (review 61)."""
+    if caller:
+        return "answers to " + caller
+    if signer:
+        return "answers signed by " + signer
+    return "answers to " + UNAUTHENTICATED_CALLER
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,11 @@ def _codecs(line: Any) -> str:
     return ", ".join(f"{pt} {name}" for pt, name in line.codecs)
 
 
+def _bound_signer(seen: Any) -> str | None:
+    """The signer of the first body signed for this very message (bound), if any."""
+    return next((item.signer for item in seen if item.bound and item.signer), None)
+
+
 def media_records(message: SipMessage, media: Any) -> list[MediaRecord]:
     """Media rows for the ``MediaLine``s of the SDP seen in ``message``."""
     return [MediaRecord(call_id=message.call_id, method=message.method,
@@ -293,7 +298,8 @@ class ProxyApp:
         return paths
 
     def observe(self, message: SipMessage, verdict: Any, *, responder: str | None = None,
-                sent_to: str | None = None, share: str | None = None) -> list[str]:
+                sent_to: str | None = None, share: str | None = None,
+                stray: bool = False) -> list[str]:
         """Hand what the verdict saw to the archive; return the media lines to log.
 
         Raises ``ArchiveError`` when the archive cannot be written; the caller
@@ -303,22 +309,36 @@ class ProxyApp:
         ``sent_to``: whom and where the request went (``body_records``).  ``share``:
         the transaction's authenticated caller (None: the unauthenticated group); a
         spooled request is charged to it, a response to the caller's answers share.
+        ``stray``: a cluster's reply to another node's request, whose caller is not
+        known here: charged to the answers of the signer its body was bound by, not
+        to the share a stranger's stray replies fill (review 61).
         """
         seen = tuple(getattr(verdict, "seen", ()) or ())
         media = tuple(getattr(verdict, "media", ()) or ())
         if self.archive is not None and (seen or media):
-            strict = self.config.archive.fail_request_on_error and message.is_request
             bodies = body_records(message, seen, responder=responder, sent_to=sent_to)
             lines = media_records(message, media)
+            if message.is_request:
+                charged = share
+            else:
+                charged = answer_share(share, signer=_bound_signer(seen) if stray else None)
             try:
                 self.archive.record(bodies, lines, uid=content_uid(_identity(message), bodies, lines),
-                                    may_spool=not strict,
-                                    share=share if message.is_request else answer_share(share))
+                                    may_spool=not self.archiving_blocks(message),
+                                    share=charged)
             except ArchiveError:
                 if self.events is not None:
                     self.events.count("e2m_archive_failed")
                 raise
         return media_log_lines(message, media)
+
+    def archiving_blocks(self, message: SipMessage) -> bool:
+        """Whether ``message`` must not go on unarchived (``[archive]
+        fail_request_on_error``): a request that can still be answered 500.  An ACK or
+        a CANCEL cannot be refused, so its bodies are spooled like a response's
+        (review 61: a strict proxy relayed an ACK's SDP stored nowhere)."""
+        return (self.config.archive.fail_request_on_error and message.is_request
+                and message.method not in ("ACK", "CANCEL"))
 
     @property
     def replicates(self) -> bool:

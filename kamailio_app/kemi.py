@@ -878,9 +878,10 @@ class kamailio:
         except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL
             _log_exception("inspect %s" % KSR.pv.get("$rm"), exc)
 
-    def observe(self, message, verdict, caller):
+    def observe(self, message, verdict, caller, stray=False):
         """Archive and log what was seen, a spooled message charged to ``caller`` (None:
-        the unauthenticated group).  False when the request was answered 500."""
+        the unauthenticated group; a ``stray`` reply, whose caller this node cannot
+        know: its bound signer's answers).  False when the request was answered 500."""
         if verdict.seen:
             KSR.statistics.update_stat("e2m_bodies_opened", len(verdict.seen))
         if message.is_request:
@@ -889,11 +890,11 @@ class kamailio:
             responder, sent_to = _kept(_CALLEE_AVP), _kept(_SENT_TO_AVP)
         try:
             for line in self.app.observe(message, verdict, responder=responder,
-                                         sent_to=sent_to, share=caller):
+                                         sent_to=sent_to, share=caller, stray=stray):
                 _info(line + "\n")
         except ArchiveError as exc:
             _log_exception("archive", exc)
-            if self.app.config.archive.fail_request_on_error and message.is_request:
+            if self.app.archiving_blocks(message):
                 KSR.sl.send_reply(500, "Archive Unavailable")
                 return False
         return True
@@ -950,7 +951,7 @@ class kamailio:
         read here, with the keys that node kept (replicated), as tm's route would."""
         if KSR.tm.t_check_trans() > 0:
             return            # ours: ksr_onreply_route reads it
-        self.route_reply()
+        self.route_reply(stray=True)
 
     # -- htable events ([cluster]): an expired key cache record (a scope's keys) counts
     def ksr_htable_event(self, *args):
@@ -992,7 +993,9 @@ class kamailio:
             _log_exception("reply route", exc)
         return 1
 
-    def route_reply(self):
+    def route_reply(self, stray=False):
+        """Read a response: of one of our transactions, or (``stray``) a cluster's
+        reply to a request another node sent."""
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or status < 101:
             return
@@ -1020,7 +1023,7 @@ class kamailio:
         charged = " caller=%s" % _loggable(asked[0]) if asked else ""
         _info("e2m: %s response %s %s%s\n" % (message.method, message.status,
                                                  _summary(verdict), charged))
-        self.observe(message, verdict, asked[0] if asked else _caller())
+        self.observe(message, verdict, asked[0] if asked else _caller(), stray=stray)
         _remove_headers(verdict.remove_headers)
         for name, value in verdict.add_headers:
             KSR.hdr.append(_header_line(name, value))

@@ -38,6 +38,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from e2m_plugins.cli import printable
 from e2m_plugins.config import ConfigError
 
 __all__ = ["main"]
@@ -74,32 +75,6 @@ class Printer:
             self.out.flush()
         except Exception:  # noqa: BLE001 - output must never stop the phone
             self.failures += 1
-
-
-_CONTINUATION = "\n  "     # our own multi-line events indent their second line
-
-
-def printable(text: str) -> str:
-    """``text`` with everything a terminal would not show as itself escaped: bytes
-    that were not UTF-8 (surrogate escapes) as ``\\xNN``, control and format
-    characters (escape sequences, bidi overrides) as ``\\xNN``/``\\uNNNN``; our
-    own line breaks (a newline and two spaces) are kept."""
-    out = []
-    for index, ch in enumerate(text):
-        code = ord(ch)
-        if ch == "\n" and text.startswith(_CONTINUATION, index):
-            out.append(ch)
-        elif 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch.isprintable():
-            out.append(ch)
-        elif code <= 0xFF:
-            out.append(f"\\x{code:02x}")
-        elif code <= 0xFFFF:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    return "".join(out)
 
 
 def _encodable(line: str, encoding: str | None) -> str:

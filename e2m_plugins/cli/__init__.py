@@ -30,7 +30,7 @@ from typing import BinaryIO
 from ..errors import E2MError
 from ..config import ConfigError
 
-__all__ = ["Group", "UsageError", "CliFailure", "register_group", "build_parser", "main",
+__all__ = ["printable", "Group", "UsageError", "CliFailure", "register_group", "build_parser", "main",
            "read_input", "write_output", "positive_int"]
 
 PROG = "e2m"
@@ -154,6 +154,32 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+_CONTINUATION = "\n  "     # our own multi-line events indent their second line
+
+
+def printable(text: str) -> str:
+    """``text`` with everything a terminal would not show as itself escaped: bytes
+    that were not UTF-8 (surrogate escapes) as ``\\xNN``, control and format
+    characters (escape sequences, bidi overrides) as ``\\xNN``/``\\uNNNN``; our
+    own line breaks (a newline and two spaces) are kept."""
+    out = []
+    for index, ch in enumerate(text):
+        code = ord(ch)
+        if ch == "\n" and text.startswith(_CONTINUATION, index):
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
 
 
 def positive_int(text: str) -> int:

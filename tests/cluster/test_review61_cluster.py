@@ -65,6 +65,12 @@ strict archiving the same ACK is spooled and replayed (control), so the operator
 asked for the stricter mode loses the body that the lax mode keeps.
 
 Tried and held: the ACK's SDP is archived while the database is up (control).
+
+Fixed (stop 31): a response's uid leaves out its sender and Request-URI, which only
+the node holding the transaction knows, so every copy of one answer (another node, a
+late copy) is one row; a stray reply is charged to its bound signer's answers, not to
+the unauthenticated share; with ``fail_request_on_error`` an ACK (or CANCEL), which
+cannot be answered 500, is spooled like a response (``ProxyApp.archiving_blocks``).
 """
 
 from __future__ import annotations
@@ -136,8 +142,6 @@ def test_control_a_copy_of_bobs_answer_at_the_same_node_is_archived_once(cluster
     assert rows[0].from_uri == "sip:bob@example.com"
 
 
-@pytest.mark.xfail(strict=True, reason="review 61: untrusted hop/insider callee, a copy of "
-                   "bob's 200 sent to the other node is archived a second time")
 def test_hole_a_copy_of_bobs_answer_at_the_other_node_is_archived_twice(cluster, alice, rbob):
     a, b = cluster.nodes
     wire = _call_through_a(cluster, alice, rbob)
@@ -147,8 +151,6 @@ def test_hole_a_copy_of_bobs_answer_at_the_other_node_is_archived_twice(cluster,
     assert len(rows) == 1, [(r.from_uri, r.request_uri, r.message_uid) for r in rows]
 
 
-@pytest.mark.xfail(strict=True, reason="review 61: insider callee or a hop dropping the ACK, a "
-                   "copy of bob's 200 after the transaction ended is archived a second time")
 def test_hole_a_late_copy_of_bobs_answer_at_the_same_node_is_archived_twice(cluster, alice,
                                                                             rbob):
     a, _ = cluster.nodes
@@ -248,9 +250,6 @@ def test_control_an_answer_through_the_other_node_is_spooled_and_replayed(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="review 61: off-path stranger, six stray 200s during "
-                   "an outage fill the share a legitimate answer at the other node is "
-                   "charged to: bob's answer to alice is never archived")
 def test_hole_a_strangers_stray_answers_lose_alices_answer_at_the_other_node(
         proxy_factory, own_postgres, alice, bob):
     nodes = _call_answered_through_b_during_an_outage(proxy_factory, own_postgres, alice,
@@ -311,8 +310,6 @@ def test_control_without_strict_archiving_the_acks_sdp_is_spooled_and_replayed(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="review 61: insider UA, with fail_request_on_error an "
-                   "ACK's SDP during an outage is relayed to bob but archived nowhere")
 def test_hole_strict_archiving_relays_an_acks_sdp_it_could_not_archive(
         proxy_factory, own_postgres, alice, bob):
     home = _ack_with_sdp_during_an_outage(proxy_factory, own_postgres, alice, bob,

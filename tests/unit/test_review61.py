@@ -36,6 +36,14 @@ charged to "answers to alice" (control); the request rows of one MESSAGE at two 
 get one uid (control; the second copy is refused by the replay claims anyway); SIP
 headers and SDP lines with control characters are refused by the core; NUL in a part
 header is refused.
+
+Fixed (stop 31): a response's uid leaves out what the reading node kept with the
+transaction (its sender and Request-URI), so every copy of one answer is one row, the
+first recorded; a cluster's stray reply is charged to the answers of the signer its
+body is bound by (``answer_share(signer=)``), never to the share a stranger's unsigned
+strays fill; a part header with a control character is MalformedError (400 at the
+proxy) and ``e2m archive list``/``show`` print every field escaped
+(``e2m_plugins.cli.printable``, moved from the phone's printer).
 """
 
 from __future__ import annotations
@@ -92,7 +100,7 @@ def _at_a(app, message, verdict):
 
 def _at_b(app, message, verdict):
     # kemi at the other node (route_stray_reply): no transaction, no AVPs
-    app.observe(message, verdict, responder=None, sent_to=None, share=None)
+    app.observe(message, verdict, responder=None, sent_to=None, share=None, stray=True)
 
 
 def test_control_a_copy_of_an_answer_at_the_same_node_is_one_message():
@@ -113,8 +121,6 @@ def test_control_the_request_rows_of_one_message_at_two_nodes_are_one_message():
     assert len(store.rows) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="review 61: untrusted hop/insider callee, one answer "
-                   "read at two nodes gets two message uids (two archive rows)")
 def test_hole_one_answer_gets_two_message_uids_at_two_nodes():
     app, store = _app()
     ok, verdict = _bobs_answer()
@@ -130,8 +136,6 @@ def test_control_at_the_node_with_the_transaction_the_answer_is_charged_to_alice
     assert store.shares == [answer_share(ALICE)] and answer_share(ALICE) != answer_share(None)
 
 
-@pytest.mark.xfail(strict=True, reason="review 61: off-path stranger, a legitimate answer at "
-                   "the other node is charged to the share strangers' stray 200s fill")
 def test_hole_a_legitimate_answer_at_the_other_node_shares_the_strangers_share():
     app, store = _app()
     stray = make_request("INVITE", "sip:nobody@stranger.example",
@@ -225,12 +229,29 @@ def test_control_an_archived_part_is_shown_with_its_sender_and_content_id(world,
                                                             + "\n" * 9 + _FORGED_CID)
 
 
-@pytest.mark.xfail(strict=True, reason="review 61: off-path sender, escape sequences in a part's "
-                   "Content-ID reach the operator's terminal through e2m archive show and "
-                   "rewrite the row's sender as shown")
 def test_hole_a_content_id_with_escape_sequences_rewrites_the_shown_sender(world, tmp_path,
                                                                             capsys):
-    shown = _strangers_message_shown(world, tmp_path, capsys, _FORGED_CID)
+    """Fixed twice: the core refuses a part header with a control character (the proxy
+    answers 400, nothing is archived), and ``e2m archive show`` escapes what a stored
+    row holds (a row from before, any other field)."""
+    from e2m_lab.flows import TRUSTED, proxy_engine
+    from e2m_plugins.cli import main as e2m_main
+    from kamailio_app.archive import Archive, BodyRecord
+    body = (b"--XX\r\nContent-Type: text/plain\r\nContent-ID: <" + _FORGED_CID.encode()
+            + b">\r\n\r\nmeet me at noon\r\n--XX--\r\n")
+    request = make_request("MESSAGE", BOB, from_uri="sip:eve@stranger.example",
+                           to_uri=BOB, body=body, content_type="multipart/mixed;boundary=XX")
+    verdict = proxy_engine(world, TRUSTED, view=("MESSAGE:*",)).inspect(request)
+    assert (verdict.action, verdict.code, verdict.error) == ("reply", 400, "MalformedError")
+    db = tmp_path / "archive.sqlite"
+    Archive(db).record([BodyRecord(call_id="r61@x", from_uri="sip:eve@stranger.example",
+                                   to_uri=BOB, method="MESSAGE", direction="request",
+                                   content_type="text/plain", plaintext=b"meet me at noon",
+                                   sha256="0" * 64, signature="none", cid=_FORGED_CID)])
+    capsys.readouterr()
+    assert e2m_main(["archive", "show", "1", "--db", str(db)]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\\x1b[10A" in shown
     screen = _screen(shown)
     # the operator's terminal must show the row's real sender (the phone's cli.Printer
     # escapes such octets as \x1b; the archive tool prints the stored cid raw)
