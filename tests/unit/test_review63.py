@@ -47,7 +47,10 @@ to send (and she would see) again.  A 496 carrying a policy header widens the en
 any method the header names the same way (``announced.view`` merged).  Fix: in
 ``learn_496``, keep a configured entry as it is and put what the 496 teaches in a learnt
 entry of its own (or refuse it, as ``learn_header`` does for a configured host), with
-the usual expiry.
+the usual expiry.  Note: ``tests/unit/test_learned_policies.py::
+test_a_496_keeps_a_configured_entry_configured`` asserts the merge (``expires_at is None``
+and the widened view) at the table's level, so the fix changes that test too; what it
+does not show is the consequence at the engine: a wire-taught rule with no end.
 
 What held (tried, no test kept unless named):
 
