@@ -51,7 +51,7 @@ from .sip import SipMessage, parse_address
 from .sipcontext import message_aors
 from .uri import host_key
 
-__all__ = ["DialogKey", "DialogKeys", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG", "MAX_SLOTS_PER_CALL",
+__all__ = ["DialogKey", "DialogKeys", "PendingUses", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG", "MAX_SLOTS_PER_CALL",
            "dialog_parties"]
 
 MAX_DIALOGS = 4096               # bound on (Call-ID, tag) slots with kept CEKs
@@ -101,6 +101,31 @@ class DialogKey:
     parties: frozenset[str] = frozenset()    # the dialog's From and To AoRs (dialog_parties)
     # the peer's request we have not answered: its CSeq and top Via branch (its transaction)
     received_in: tuple[int, str, str] | None = None
+
+
+class PendingUses:
+    """The dialog keys one received message may open with (``lookup``, an opening
+    key), and which of them it did: ``spend`` counts their uses once the message was
+    accepted."""
+
+    def __init__(self, lock: threading.Lock, kept: dict[bytes, DialogKey]) -> None:
+        self._lock, self._kept = lock, kept
+        self._found: list[DialogKey] = []
+        self.lookup = KekLookup(self._kek_for)
+
+    def _kek_for(self, reference: bytes) -> bytes | None:
+        key = self._kept.get(reference)
+        if key is None:
+            return None
+        self._found.append(key)
+        return key.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
+
+    def spend(self) -> None:
+        """One use of each key a lookup found (once: the found list is emptied)."""
+        with self._lock:
+            for key in self._found:
+                key.uses += 1
+        self._found.clear()
 
 
 class DialogKeys:
@@ -306,25 +331,18 @@ class DialogKeys:
                 key.uses += 1
             return key
 
-    def opening_lookup(self, message: SipMessage) -> KekLookup:
+    def opening_lookup(self, message: SipMessage) -> PendingUses:
         """The KEKs of the dialog's usable keys, found by kekri identifier (the
-        CEKReference); each lookup that finds one counts a use (the count covers
-        both directions of the dialog).  Keys we offered open before the peer has
-        confirmed them: confirmation guards what we *send* (a body under a key the
-        peer may not hold); the peer may seal its early bodies (a reliable 183, an
+        CEKReference), for opening ``message``.  A key found counts a use (the count
+        covers both directions of the dialog) only when ``spend`` says the message was
+        accepted: refused copies (replays, a downgrade) must not use a key up (review
+        63; the proxy's ``_spend`` is the same rule).  Keys we offered open before the
+        peer has confirmed them: confirmation guards what we *send* (a body under a key
+        the peer may not hold); the peer may seal its early bodies (a reliable 183, an
         early UPDATE) under our INVITE's key as soon as it has it (review 43)."""
         with self._lock:
             kept = {key.reference: key for key in self._usable(message, opening=True)}
-
-        def kek_for(reference: bytes) -> bytes | None:
-            key = kept.get(reference)
-            if key is None:
-                return None
-            with self._lock:
-                key.uses += 1
-            return key.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
-
-        return KekLookup(kek_for)
+        return PendingUses(self._lock, kept)
 
     # -- with the lock held ----------------------------------------------------------
 

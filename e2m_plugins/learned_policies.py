@@ -36,6 +36,9 @@ __all__ = ["LearnedPolicy", "LearnedPolicies", "MAX_POLICIES", "MAX_DIALOG_POLIC
 
 MAX_POLICIES = 256               # bound on entries for everything we send
 MAX_DIALOG_POLICIES = 256        # bound on entries scoped to one dialog (their own)
+# the key beside a configured proxy's entry for what its 496s taught (no dialog's
+# scope, a Call-ID and a tag, can be spelt so)
+_TAUGHT_BY_496 = "\x00496"
 
 
 @dataclass
@@ -144,21 +147,27 @@ class LearnedPolicies:
         """A 496 from ``host`` to our request (its certificate already checked by the
         engine).  ``needed`` are the view rules the 496 names (from its Warning), and
         ``announced`` its own ``Proxy-Body-Policy`` if it carried one.  Both are added
-        to the rules ``host`` already had; a configured entry stays configured."""
+        to the rules ``host`` learnt before, for the usual time.  A configured entry is
+        left as configured (it wins over the wire, and never lapses): what the 496
+        teaches about that proxy is an entry of its own beside it, which lapses (review
+        63: merged into the configured entry, a forged 496 widened it for good)."""
         with self._lock:
-            key = (host_key(host), None)
+            configured = self._entries.get((host_key(host), None)) \
+                if self._configured(host) else None
+            key = (host_key(host), None if configured is None else _TAUGHT_BY_496)
             old = self._entries.get(key)
             if old is not None and old.expires_at is not None and old.expires_at <= self._clock():
                 old = None   # an expired entry brings nothing back
-            configured = old is not None and old.expires_at is None
+            pinned = configured or announced
             return self._put(LearnedPolicy(
                 host,
                 _merged(old.view if old else (), announced.view if announced else (), needed),
                 _merged(old.verify if old else (), announced.verify if announced else ()),
-                None if configured else self._expiry(announced.expires if announced else None),
-                old.fingerprint if configured else (announced.cert_fingerprint if announced else None),
-                old.url if configured else (announced.cert_url if announced else None),
-                "config" if configured else "496"))
+                self._expiry(announced.expires if announced else None),
+                (configured.fingerprint if configured else announced.cert_fingerprint)
+                if pinned else None,
+                (configured.url if configured else announced.cert_url) if pinned else None,
+                "496"), key=key)
 
     def withdraw(self, host: str) -> bool:
         """Forget everything learnt about ``host`` (every scope); a configured entry
@@ -223,15 +232,16 @@ class LearnedPolicies:
         wanted = expires if expires else self._default_expires
         return self._clock() + min(float(wanted), self._max_expires)
 
-    def _put(self, entry: LearnedPolicy) -> LearnedPolicy:
-        """Keep ``entry``.  Dialog-scoped entries and the rest have bounds of their own
-        (``max_dialog_entries`` and ``max_entries``), and a new entry pushes out only one
-        of its own kind: a flood of strangers' dialogs never evicts what our registrar
-        told us."""
-        key = (host_key(entry.host), entry.scope)
+    def _put(self, entry: LearnedPolicy,
+             key: tuple[str, str | None] | None = None) -> LearnedPolicy:
+        """Keep ``entry`` (under ``key``, by default its host and scope).  Dialog-scoped
+        entries and the rest have bounds of their own (``max_dialog_entries`` and
+        ``max_entries``), and a new entry pushes out only one of its own kind: a flood
+        of strangers' dialogs never evicts what our registrar told us."""
+        key = key or (host_key(entry.host), entry.scope)
         if key not in self._entries:
             scoped = entry.scope is not None
-            same = [k for k, p in self._entries.items() if (k[1] is not None) == scoped]
+            same = [k for k, p in self._entries.items() if (p.scope is not None) == scoped]
             bound = self._max_dialog_entries if scoped else self._max_entries
             if len(same) >= bound:
                 learnt = [k for k in same if self._entries[k].expires_at is not None]

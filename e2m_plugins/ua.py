@@ -908,9 +908,11 @@ class UAEngine:
         chosen: OpenedPart | None = None
         contexts: dict[int, SipContext | None] = {}
         offered: list[OpenedPart] = []       # their CEKs are kept once every check passed
+        dialog_keys = self.dialog_keys.opening_lookup(message)   # spent once accepted
+        keys = [self._own_key, dialog_keys.lookup]
         for candidate in top_parts(part):
             try:
-                opened = open_part(candidate, self._opening_keys(message),
+                opened = open_part(candidate, keys,
                                    trust_anchors=self.config.trust_anchors, at=self._now(),
                                    limits=limits)
             except (NoMatchingRecipientError, DecryptionError):
@@ -932,9 +934,11 @@ class UAEngine:
         if self.config.require_e2m and not chosen.encrypted and self._protectable(
                 message, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
-        content, sealed = self._with_sealed_keys(message, chosen, limits)
+        content, sealed = self._with_sealed_keys(chosen, keys, limits)
         self._check_replay(message, [c for c in contexts.values() if c is not None])
-        # only now, the message accepted: a refused one (a replay, a downgrade) keeps nothing
+        # only now, the message accepted: a refused one (a replay, a downgrade) keeps
+        # nothing and uses no dialog key up (review 63)
+        dialog_keys.spend()
         for opened in offered:
             self._keep_received(message, opened, contexts[id(opened)])
         if sealed is not None:
@@ -951,11 +955,11 @@ class UAEngine:
         plain = with_entity(message, mime.make_part(chosen.entity.content_type, content))
         return Opened(plain, info)
 
-    def _with_sealed_keys(self, message: SipMessage, chosen: OpenedPart,
+    def _with_sealed_keys(self, chosen: OpenedPart, keys: list[OpeningKey],
                           limits: Limits) -> tuple[bytes, OpenedEnvelope | None]:
         """The content with the SDP keys sealed for us put back (docs/protocol.md §6.1),
         and the envelope they came in (None: there were none)."""
-        found = open_sealed_keys(chosen, self._opening_keys(message), limits=limits)
+        found = open_sealed_keys(chosen, keys, limits=limits)
         if found is None:
             return chosen.content, None
         keys, envelope = found
@@ -1124,10 +1128,6 @@ class UAEngine:
         self.dialog_keys.settle(message)
         if 200 <= (message.status or 0) < 300:
             self._retries.pop(message.call_id, None)
-
-    def _opening_keys(self, message: SipMessage) -> list[OpeningKey]:
-        """Our own key, and this dialog's kept CEKs found by kekri identifier."""
-        return [self._own_key, self.dialog_keys.opening_lookup(message)]
 
     def _check_signer(self, message: SipMessage, opened: OpenedPart, peer: str | None,
                       legacy: LegacyPeer | None) -> None:

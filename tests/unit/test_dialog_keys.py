@@ -164,7 +164,7 @@ def test_keys_the_refusing_proxy_held_are_retired_never_reused_still_opened(keys
     keys.retire_held_by(request(cseq=2, to_tag="b1"), PROXY)
     assert held.retired and not other.retired
     assert keys.reusable(invite, exclusive=False) is other
-    assert keys.opening_lookup(invite).lookup(ref(1)) == cek(1)[::-1]   # still opens
+    assert keys.opening_lookup(invite).lookup.lookup(ref(1)) == cek(1)[::-1]   # still opens
     # the same reference seen again (a retransmission) stays retired
     again = keys.keep_received(invite, ref(1), cek(1), readers=frozenset({PROXY}))
     assert again.retired and keys.reusable(invite, exclusive=False) is other
@@ -176,11 +176,17 @@ def test_keys_are_used_only_while_young_and_under_their_use_count(clock):
     keys = DialogKeys(max_age=60, max_uses=2, clock=lambda: clock[0])
     invite = request()
     key = keys.keep_received(invite, ref(1), cek(1), readers=frozenset())
-    lookup = keys.opening_lookup(invite)
-    assert lookup.lookup(ref(1)) == cek(1)[::-1] and key.uses == 1
-    assert lookup.lookup(ref(9)) is None and key.uses == 1
+    pending = keys.opening_lookup(invite)
+    assert pending.lookup.lookup(ref(1)) == cek(1)[::-1] and key.uses == 0
+    assert pending.lookup.lookup(ref(9)) is None
+    pending.spend()                       # the message was accepted: one use
+    assert key.uses == 1
+    pending.spend()                       # counted once
+    assert key.uses == 1
+    keys.opening_lookup(invite).lookup.lookup(ref(1))    # a refused message: no spend
+    assert key.uses == 1
     assert keys.reuse(invite, exclusive=True) is key and key.uses == 2
-    assert keys.usable(invite) == [] and keys.opening_lookup(invite).lookup(ref(1)) is None
+    assert keys.usable(invite) == [] and keys.opening_lookup(invite).lookup.lookup(ref(1)) is None
 
     young = keys.keep_received(invite, ref(2), cek(2), readers=frozenset())
     clock[0] += 59
@@ -260,7 +266,9 @@ def test_concurrent_use_keeps_the_bounds(clock):
             msg = request(call_id=f"c{n}-{i % 30}@x")
             keys.keep_received(msg, ref(i), cek(i % 256), readers=frozenset())
             keys.reuse(msg, exclusive=True)
-            keys.opening_lookup(msg).lookup(ref(i))
+            pending = keys.opening_lookup(msg)
+            pending.lookup.lookup(ref(i))
+            pending.spend()
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
     for t in threads:

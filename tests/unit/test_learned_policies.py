@@ -190,10 +190,20 @@ def test_a_496_without_a_policy_header_keeps_for_the_default_time(table):
     assert again.view == (ANY_MESSAGE, TEXT)
 
 
-def test_a_496_keeps_a_configured_entry_configured(table):
+def test_a_496_keeps_a_configured_entry_as_configured_and_its_lesson_lapses(table, clock):
+    """What a configured proxy's 496 teaches is kept beside its entry, for the
+    usual time: the configured rules never widen for good (review 63)."""
     table.configure("conf.example.com", (SDP,), ())
     entry = table.learn_496("conf.example.com", (TEXT,), None)
-    assert entry.expires_at is None and entry.view == (SDP, TEXT)
+    assert entry.expires_at is not None and entry.view == (TEXT,) and entry.source == "496"
+    assert table.is_configured("conf.example.com")
+    assert hosts(table.wanting("MESSAGE", "text/plain")) == ["conf.example.com"]
+    assert hosts(table.wanting("INVITE", "application/sdp")) == ["conf.example.com"]
+    clock[0] += entry.expires_at - clock[0]
+    assert hosts(table.wanting("MESSAGE", "text/plain")) == []
+    assert hosts(table.wanting("INVITE", "application/sdp")) == ["conf.example.com"]
+    assert table.withdraw("conf.example.com") is False       # nothing learnt is left
+    assert table.is_configured("conf.example.com")
 
 
 # -- lookups ---------------------------------------------------------------------------

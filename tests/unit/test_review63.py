@@ -74,6 +74,13 @@ What held (tried, no test kept unless named):
 - 496 from a proxy of another domain (``accepts_proxy``), with a foreign certificate
   for a configured host (pinned), or with a fingerprint mismatch: refused;
 - policy headers on a stranger's message or for a configured host: not learnt.
+
+Fixed (stop 31): a dialog key found while opening a message counts its use only
+once the message passed every check (``DialogKeys.opening_lookup`` returns
+``PendingUses``; ``UAEngine._open`` spends them next to keeping the received keys),
+as the proxy's ``_spend`` does; what a configured proxy's 496 teaches is an entry of
+its own beside the configured one, with the usual expiry, so the configured rules
+never widen (``LearnedPolicies.learn_496``).
 """
 
 from __future__ import annotations
@@ -146,8 +153,6 @@ def test_control_the_dialog_key_carries_bobs_next_reinvite(world):
     assert _bobs_next_reinvite(world, alice, bob, "r63-uses-control") == SDP_ANSWER
 
 
-@pytest.mark.xfail(strict=True, reason="review 63: untrusted hop or chosen proxy, refused "
-                   "replays of an in-dialog request use the phone's dialog key up: 493")
 def test_hole_replays_refused_by_the_phone_still_use_up_the_dialog_key(world):
     call_id = "r63-uses-hole"
     alice, bob, captured = _call_with_a_reinvite(world, call_id)
@@ -199,8 +204,6 @@ def test_control_the_configured_proxy_reads_no_message_before_any_496(world):
     assert TRUSTED in alice.protect(invite(world)).info.readable_by
 
 
-@pytest.mark.xfail(strict=True, reason="review 63: curious chosen proxy (or a hop forging "
-                   "its 496), a 496 widens a configured entry and the rule never expires")
 def test_hole_a_496_widens_a_configured_proxys_rules_for_good(world):
     alice, clock = _after_a_496(world, configured=True)
     assert TRUSTED in _later_message_readers(world, alice)     # learnt at once, as above
