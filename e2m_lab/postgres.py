@@ -24,6 +24,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from .ports import HOST, free_port
@@ -82,11 +83,17 @@ class PostgresServer:
     def url_for(self, database: str) -> str:
         return f"postgres://{self.user}:{self.password}@{HOST}:{self.port}/{database}"
 
-    def create_database(self, name: str) -> str:
-        """A new, empty database in this cluster (one per test); its URL."""
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"database name {name!r}: letters, digits and _ only")
-        self.psql(f'CREATE DATABASE "{name}"', database="postgres")
+    def create_database(self, name: str, *, dropping: Iterable[str] = ()) -> str:
+        """A new, empty database in this cluster (one per test); its URL.  The
+        databases named in ``dropping`` go first (an earlier test's: a server kept for
+        the session holds one database at a time, not one per test)."""
+        names = [*dropping, name]
+        if not all(n.replace("_", "").isalnum() for n in names):
+            raise ValueError(f"database names {names!r}: letters, digits and _ only")
+        # one statement per line: psql runs each in its own transaction, as DROP and
+        # CREATE DATABASE need
+        self.psql("".join(f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE);\n' for old in dropping)
+                  + f'CREATE DATABASE "{name}";\n', database="postgres")
         return self.url_for(name)
 
     @property
@@ -145,7 +152,7 @@ class PostgresServer:
             if self._ready():
                 self._create_database()
                 return self
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"postgres did not start in {_START_TIMEOUT:.0f} s: {self.tail()}")
 

@@ -28,17 +28,25 @@ def _print_tail(server: PostgresServer) -> None:
     print(f"\n===== PostgreSQL log (port {server.port}), last lines =====\n{server.tail(30)}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
+    """One server for the session (initdb and a start cost about 1.5 s: once per module
+    added half a minute to the suite); each test gets a database of its own."""
     server = PostgresServer().start()
     yield server
     server.stop()
 
 
+_last_database: list[str] = []      # the previous test's, dropped when the next is made
+
+
 @pytest.fixture
 def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
-    """The URL of a new, empty database for this test."""
-    url = postgres.create_database(f"t{next(_names)}")
+    """The URL of a new, empty database for this test (the previous test's goes: its
+    proxies are stopped by then)."""
+    name = f"t{next(_names)}"
+    url = postgres.create_database(name, dropping=list(_last_database))
+    _last_database[:] = [name]
     yield url
     if failed(request):
         _print_tail(postgres)

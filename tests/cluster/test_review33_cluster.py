@@ -29,17 +29,19 @@ _SDP = (b"v=0\r\no=- 1 1 IN IP4 192.0.2.9\r\ns=-\r\nc=IN IP4 192.0.2.9\r\nt=0 0\
         b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
 
 
-def _stray_answer(node, *, to_uri: str, tag: str) -> None:
+def stray_answer(node, *, to_uri: str, tag: str, from_uri: str = "sip:alice@example.com",
+                 wait: float = 0.5) -> None:
     """An off-path stranger's forged 200 to an INVITE (a plaintext SDP answer), Via the
-    cluster's floating address, sent straight to ``node``: no request ever went out."""
+    cluster's floating address, sent straight to ``node``: no request ever went out.
+    Its Call-ID is ``r33-stray-<tag>@example.com``."""
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
-    sink.settimeout(0.5)
+    sink.settimeout(wait)
     port = sink.getsockname()[1]
     head = (f"SIP/2.0 200 OK\r\n"
             f"Via: SIP/2.0/UDP {ADVERTISE};branch=z9hG4bK-r33stray{tag}\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-r33orig{tag}\r\n"
-            f"From: <sip:alice@example.com>;tag=a{tag}\r\n"
+            f"From: <{from_uri}>;tag=a{tag}\r\n"
             f"To: <{to_uri}>;tag=e{tag}\r\n"
             f"Call-ID: r33-stray-{tag}@example.com\r\n"
             f"CSeq: 1 INVITE\r\n"
@@ -69,7 +71,7 @@ def test_control_a_stray_answer_is_still_archived_but_names_no_sender(cluster):
     """A stray answer (no transaction on this node) is still read and archived; with the
     fix its unsigned body names nobody as its sender, whatever its To says (before, it
     named the To: this control asserted eve)."""
-    _stray_answer(cluster.a, to_uri="sip:eve@rival.example", tag="c1")
+    stray_answer(cluster.a, to_uri="sip:eve@rival.example", tag="c1")
     rows = _rows_for(cluster.a, "r33-stray-c1@example.com")
     assert [(r.direction, r.from_uri) for r in rows] == [("response", None)]
 
@@ -97,7 +99,7 @@ def test_hole_a_strangers_stray_answer_is_archived_as_one_of_our_users(cluster):
     answer for which nothing was kept with no user's name (``from_uri`` NULL or
     "unknown responder"), or not at all; a node should read only stray replies whose
     branch one of its peers recorded."""
-    _stray_answer(cluster.a, to_uri="sip:carol@example.com", tag="h1")
+    stray_answer(cluster.a, to_uri="sip:carol@example.com", tag="h1")
     rows = _rows_for(cluster.a, "r33-stray-h1@example.com")
     assert rows, "nothing archived (the control shows a stray answer is)"
     assert all(r.from_uri != "sip:carol@example.com" for r in rows), \

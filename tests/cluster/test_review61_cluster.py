@@ -75,16 +75,16 @@ cannot be answered 500, is spooled like a response (``ProxyApp.archiving_blocks`
 
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import (ADVERTISE, REPLICATION, Bob, Cluster, _node_settings, answers,
+from e2m_lab.cluster import (REPLICATION, Bob, Cluster, _node_settings, answers,
                              contacts, dmq_peer_active, register_bob, wait_until)
 from kamailio_app.archive import SqliteArchive
 from e2m_lab.flows import SDP_ANSWER
+from tests.cluster.test_review33_cluster import _SDP, stray_answer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
 
@@ -164,8 +164,6 @@ def test_hole_a_late_copy_of_bobs_answer_at_the_same_node_is_archived_twice(clus
 # --------------------------------------------------------------------------- hole 2
 
 SPOOL_MAX = 50          # the default share of 12 %: six messages a sender
-_SDP = (b"v=0\r\no=- 1 1 IN IP4 192.0.2.9\r\ns=-\r\nc=IN IP4 192.0.2.9\r\nt=0 0\r\n"
-        b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
 
 
 def _spooling_cluster(proxy_factory, db_url: str) -> Cluster:
@@ -185,32 +183,6 @@ def _spooling_cluster(proxy_factory, db_url: str) -> Cluster:
     return nodes
 
 
-def _stray_answer(node, n: int) -> None:
-    """An off-path stranger's forged 200 (plaintext SDP) to an INVITE nobody sent."""
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink.bind(("127.0.0.1", 0))
-    sink.settimeout(0.3)
-    port = sink.getsockname()[1]
-    head = (f"SIP/2.0 200 OK\r\n"
-            f"Via: SIP/2.0/UDP {ADVERTISE};branch=z9hG4bK-r61stray{n}\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-r61orig{n}\r\n"
-            f"From: <sip:mallory@stranger.example>;tag=m{n}\r\n"
-            f"To: <sip:nobody@stranger.example>;tag=n{n}\r\n"
-            f"Call-ID: r61-stray-{n}@stranger.example\r\n"
-            f"CSeq: 1 INVITE\r\n"
-            f"Contact: <sip:x@192.0.2.9>\r\n"
-            f"Content-Type: application/sdp\r\n"
-            f"Content-Length: {len(_SDP)}\r\n\r\n").encode("ascii")
-    try:
-        sink.sendto(head + _SDP, ("127.0.0.1", node.port))
-        try:
-            sink.recv(65535)
-        except OSError:
-            pass
-    finally:
-        sink.close()
-
-
 def _pending(node) -> int:
     return SqliteArchive(node.directory / "archive-spool.sqlite").pending()
 
@@ -223,7 +195,8 @@ def _call_answered_through_b_during_an_outage(proxy_factory, own_postgres, alice
     wait_until(lambda: contacts(b, "bob"), REPLICATION, "bob's registration on B")
     own_postgres.kill()
     for n in range(strays):
-        _stray_answer(b, n)
+        stray_answer(b, to_uri="sip:nobody@stranger.example", tag=f"r61s{n}",
+                         from_uri="sip:mallory@stranger.example", wait=0.3)
     if strays:
         wait_until(lambda: b.log_since(0).count("e2m: archive lost") >= strays - 6
                    or _pending(b) >= 6, 5, "the strays spooled")

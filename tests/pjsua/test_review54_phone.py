@@ -111,9 +111,10 @@ def test_hole_a_signed_message_with_a_second_from_is_shown_as_alices(pki, bob):
         peer.close()
 
 
-def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
-                 ) -> tuple[sip.SipMessage, sip.SipMessage]:
-    """alice calls bob's phone (SRTP), bob answers, alice ACKs: (INVITE, 200)."""
+def alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
+                ) -> tuple[sip.SipMessage, sip.SipMessage, str]:
+    """alice calls bob's phone (SRTP, sealed and signed), bob answers, alice ACKs:
+    (INVITE, 200, bob's Contact URI)."""
     alice = ua_engine(pki, "alice", peers=("bob",))
     plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}", from_uri=pki.aor("alice"),
                              to_uri=pki.aor("bob"), via_host=f"{HOST}:{peer.local_port}",
@@ -132,7 +133,7 @@ def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
     bob.wait("call_media", since=0)
     time.sleep(1.0)
     peer.drain()
-    return plain, ok
+    return plain, ok, contact
 
 
 def _carols_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
@@ -174,7 +175,7 @@ def test_control_a_third_partys_plain_reinvite_leaves_the_call_where_it_is(pki, 
     (403) and the media stays with alice."""
     peer, carol_peer = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok = _alices_call(pki, bob, peer)
+        invite, ok, _ = alices_call(pki, bob, peer)
         answer, moved = _carols_reinvite(pki, bob, invite, ok, carol_peer, second_ids=False)
         assert answer is not None and answer.startswith(b"SIP/2.0 403"), answer[:40] if answer else answer
         assert not any(CAROLS_RTP in rtp for rtp in moved), moved
@@ -201,7 +202,7 @@ def test_hole_a_third_partys_invite_with_second_ids_moves_a_live_calls_media(pki
     CSeq, else 400, in the core's parser or the phone's ``_on_rx``)."""
     peer, carol_peer = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok = _alices_call(pki, bob, peer)
+        invite, ok, _ = alices_call(pki, bob, peer)
         answer, moved = _carols_reinvite(pki, bob, invite, ok, carol_peer, second_ids=True)
         assert not any(CAROLS_RTP in rtp for rtp in moved), (moved, answer[:80] if answer else answer)
     finally:

@@ -63,19 +63,19 @@ same reading serves the proxy, which uses the same MIME code.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from e2m_lab.flows import SRTP_OFFER, ua_engine
+from e2m_lab.flows import SRTP_OFFER
 from e2m_lab.phones import PhoneProcess
 from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import HOST, UdpStranger, sip_request
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki
+from tests.pjsua.test_review54_phone import alices_call
 
 pytestmark = [pytest.mark.pjsua2]
 
@@ -147,31 +147,6 @@ def test_hole_a_plaintext_message_past_content_length_is_shown(bob):
         peer.close()
 
 
-def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
-                 ) -> tuple[sip.SipMessage, sip.SipMessage, str]:
-    """alice calls bob's phone (SRTP, sealed and signed), bob answers, alice ACKs:
-    (INVITE, 200, bob's Contact URI)."""
-    alice = ua_engine(pki, "alice", peers=("bob",))
-    plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}", from_uri=pki.aor("alice"),
-                             to_uri=pki.aor("bob"), via_host=f"{HOST}:{peer.local_port}",
-                             body=SRTP_OFFER, content_type="application/sdp",
-                             extra_headers=[("Contact", f"<sip:alice@{HOST}:{peer.local_port}>")])
-    peer.send(alice.protect(plain).message.serialize())
-    data = peer.answered(plain.call_id, timeout=10)
-    assert data is not None and data.startswith(b"SIP/2.0 200"), data[:40] if data else data
-    ok = sip.parse(data)
-    contact = re.sub(r"^.*<|>.*$", "", ok.get("Contact") or "")
-    ack = sip.make_request("ACK", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
-                           call_id=plain.call_id, cseq=1, from_tag=plain.from_tag,
-                           to_tag=ok.to_tag, via_host=f"{HOST}:{peer.local_port}")
-    peer.send(ack.serialize())
-    alice.open(ok)
-    bob.wait("call_media", since=0)
-    time.sleep(1.0)
-    peer.drain()
-    return plain, ok, contact
-
-
 def _preamble_multipart(sdp: bytes, *, line_start: bool = False) -> bytes:
     """A ``multipart/mixed;boundary=r59`` whose first delimiter is not at the start of a
     line (``x--r59``): RFC 2046 and the core take what follows for the preamble, and
@@ -228,7 +203,7 @@ def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
 def test_control_a_plaintext_reinvite_is_refused_and_the_media_stays(pki, bob):
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, smuggled=False)
         assert answer is not None and answer.startswith(b"SIP/2.0 488"), answer[:40] if answer else answer
         assert not any(HOP_RTP in rtp for rtp in moved), moved
@@ -247,7 +222,7 @@ def test_hole_a_plaintext_sdp_past_content_length_moves_a_live_calls_media(pki, 
     hop, shown as alice's trusted call."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, smuggled=True)
         assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
         assert answer is not None and answer.startswith(b"SIP/2.0 400"), answer[:40] if answer else answer
@@ -261,7 +236,7 @@ def test_control_a_plaintext_sdp_part_of_a_multipart_is_refused(pki, bob):
     stays with alice."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop,
                                        part_header="Content-Type")
         assert answer is not None and answer.startswith(b"SIP/2.0 488"), answer[:40] if answer else answer
@@ -290,7 +265,7 @@ def test_hole_a_compact_typed_sdp_part_moves_a_live_calls_media(pki, bob):
     headers are read, or refuse a part header named ``c``/``e``."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, part_header="c")
         assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
         assert answer is not None and answer.startswith(b"SIP/2.0 488"), answer[:40] if answer else answer
@@ -317,7 +292,7 @@ def test_hole_an_sdp_part_the_core_takes_for_the_preamble_moves_a_live_calls_med
     hand pjsip a body re-assembled from the parts the core read."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, preamble=True)
         assert not any(HOP_RTP in rtp for rtp in moved), (moved, answer[:40] if answer else answer)
         assert answer is not None and answer.startswith(b"SIP/2.0 400"), answer[:40] if answer else answer
