@@ -1,0 +1,151 @@
+"""A sixty-second attacker's review (December 2026) of 2377d59: what the core reads vs
+what pjsip reads (differential parsing), on a real ``e2m-phone listen`` process (bob,
+SRTP, E2M required) from plain UDP sockets on loopback, no Kamailio.  The core's side
+is ``tests/unit/test_review62.py``.
+
+Hole 1 (``test_hole_an_sdp_behind_an_escaped_quoted_boundary_moves_a_live_calls_media``):
+
+- Attacker: an untrusted hop on alice's path (or anyone who read the live call's
+  Call-ID and tags).
+- Messages: alice's signed and sealed call to bob (answered, ACKed); then the hop's
+  re-INVITE with alice's ids, ``Content-Type: multipart/mixed;boundary="r\\62"`` and the
+  body ``--r62`` / ``Content-Type: text/plain`` / (blank) / ``--r\\62`` /
+  ``Content-Type: application/sdp`` / (blank) / <plaintext SRTP offer, the hop's RTP
+  port 40404 and its own a=crypto key> / ``--r\\62--`` / (blank) / ``--r62--``; then
+  its ACK.
+- Effect (seen): see the test's assertion message; the core (boundary unquoted to
+  ``r62``) sees one text/plain part and lets the message through unchanged, so
+  ``_on_rx`` hands pjsip the original octets; pjsip's ``pjsip_multipart_parse`` strips
+  the quotes only, its delimiter is ``--r\\62``, its one part the SDP offer.
+- At fault: ``e2m_plugins/mime.py`` ``_boundary_of`` (the unquoted value) with
+  ``pjsua_hooks/phone.py`` ``_on_rx`` (``return None``: the raw bytes go to pjsip).
+  Fix: refuse a quoted boundary holding a quoted-pair (a backslash), as pjsip
+  cannot read it the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2m_lab.flows import SRTP_OFFER, ua_engine
+from e2m_lab.phones import PhoneProcess
+from e2m_lab.pytest_fixtures import answering_phone
+from e2m_lab.stranger import HOST, UdpStranger
+from e2m_plugins import sip
+from e2m_plugins.testpki import TestPKI, init_test_pki
+
+pytestmark = [pytest.mark.pjsua2]
+
+HOP_RTP = "40404"
+HOP_SDP = SRTP_OFFER.replace(b"49170", HOP_RTP.encode()).replace(
+    b"2890844526 2890844526", b"2890844526 2890844527")
+ESCAPED_CT = 'multipart/mixed;boundary="r\\62"'
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return init_test_pki(tmp_path_factory.mktemp("review62-pki"),
+                         users=("alice", "bob"), key_type="ec")
+
+
+@pytest.fixture
+def bob(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest) -> Iterator[PhoneProcess]:
+    yield from answering_phone(tmp_path, pki, request)
+
+
+def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
+                 ) -> tuple[sip.SipMessage, sip.SipMessage, str]:
+    """alice calls bob's phone (SRTP, sealed and signed), bob answers, alice ACKs:
+    (INVITE, 200, bob's Contact URI).  As in review 59."""
+    alice = ua_engine(pki, "alice", peers=("bob",))
+    plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}", from_uri=pki.aor("alice"),
+                             to_uri=pki.aor("bob"), via_host=f"{HOST}:{peer.local_port}",
+                             body=SRTP_OFFER, content_type="application/sdp",
+                             extra_headers=[("Contact", f"<sip:alice@{HOST}:{peer.local_port}>")])
+    peer.send(alice.protect(plain).message.serialize())
+    data = peer.answered(plain.call_id, timeout=10)
+    assert data is not None and data.startswith(b"SIP/2.0 200"), data[:40] if data else data
+    ok = sip.parse(data)
+    contact = re.sub(r"^.*<|>.*$", "", ok.get("Contact") or "")
+    ack = sip.make_request("ACK", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+                           call_id=plain.call_id, cseq=1, from_tag=plain.from_tag,
+                           to_tag=ok.to_tag, via_host=f"{HOST}:{peer.local_port}")
+    peer.send(ack.serialize())
+    alice.open(ok)
+    bob.wait("call_media", since=0)
+    time.sleep(1.0)
+    peer.drain()
+    return plain, ok, contact
+
+
+def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
+                   ok: sip.SipMessage, contact: str, hop: UdpStranger, cseq: int,
+                   content_type: str, body: bytes) -> tuple[bytes | None, list[str]]:
+    """The hop's re-INVITE with alice's ids and ``body`` typed ``content_type``; ACKs a
+    200.  Returns the final answer and the remote RTP addresses bob reported since."""
+    plain = sip.make_request(
+        "INVITE", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+        call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag, to_tag=ok.to_tag,
+        via_host=f"{HOST}:{hop.local_port}",
+        extra_headers=[("Contact", f"<sip:alice@{HOST}:{hop.local_port}>"),
+                       ("Content-Type", content_type)])
+    wire = plain.serialize()
+    wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)) + body
+    mark = bob.mark()
+    hop.send(wire)
+    answer = hop.answered(invite.call_id, timeout=5)
+    if answer is not None and answer.startswith(b"SIP/2.0 200"):
+        ack = sip.make_request("ACK", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+                               call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag,
+                               to_tag=ok.to_tag, via_host=f"{HOST}:{hop.local_port}")
+        hop.send(ack.serialize())
+    time.sleep(1.0)
+    return answer, [event.get("remote_rtp") or "" for event in bob.of("call_media", since=mark)]
+
+
+def _escaped_body(sdp: bytes) -> bytes:
+    return (b"--r62\r\nContent-Type: text/plain\r\n\r\n"
+            b"--r\\62\r\nContent-Type: application/sdp\r\n\r\n" + sdp
+            + b"\r\n--r\\62--\r\n"
+            b"\r\n--r62--\r\n")
+
+
+def _head(answer: bytes | None) -> bytes | None:
+    return answer[:40] if answer else answer
+
+
+def test_control_an_sdp_behind_a_plain_quoted_boundary_is_refused(pki, bob):
+    """The SDP part at a true delimiter of a quoted boundary without escape
+    (``boundary="r62"``): 488, the media stays with alice."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        body = b"--r62\r\nContent-Type: application/sdp\r\n\r\n" + HOP_SDP + b"\r\n--r62--\r\n"
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 2,
+                                       'multipart/mixed;boundary="r62"', body)
+        assert answer is not None and answer.startswith(b"SIP/2.0 488"), _head(answer)
+        assert not any(HOP_RTP in rtp for rtp in moved), moved
+    finally:
+        peer.close()
+        hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; a quoted boundary with a "
+                   "backslash escape hides a plaintext SDP from the phone's core, pjsip "
+                   "reads it: a live call's media moves to the hop")
+def test_hole_an_sdp_behind_an_escaped_quoted_boundary_moves_a_live_calls_media(pki, bob):
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 3, ESCAPED_CT,
+                                       _escaped_body(HOP_SDP))
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, _head(answer))
+        assert answer is not None and not answer.startswith(b"SIP/2.0 2"), _head(answer)
+    finally:
+        peer.close()
+        hop.close()
