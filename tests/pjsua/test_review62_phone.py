@@ -21,6 +21,30 @@ Hole 1 (``test_hole_an_sdp_behind_an_escaped_quoted_boundary_moves_a_live_calls_
   ``pjsua_hooks/phone.py`` ``_on_rx`` (``return None``: the raw bytes go to pjsip).
   Fix: refuse a quoted boundary holding a quoted-pair (a backslash), as pjsip
   cannot read it the same way.
+
+Hole 2 (``test_hole_an_ampersand_in_a_content_type_parameter_makes_pjsip_read_an_sdp``,
+``test_hole_an_ampersand_in_a_part_content_type_makes_pjsip_read_an_sdp``):
+
+- Attacker and set-up as hole 1.
+- Messages: the hop's re-INVITE with ``Content-Type: text/plain;x=y&c:application/sdp``
+  and its plaintext SRTP offer as the whole body; or a ``multipart/mixed;boundary=r62``
+  whose one part is headed that way; then its ACK.
+- Effect (seen, both): 200, ``call_media`` ``remote_rtp: 127.0.0.1:40404``.  The core
+  reads text/plain with one parameter ``x="y&c:application/sdp"`` and lets the message
+  through unchanged; pjsip's parameter value is a token (``y``) and ``parse_hdr_end``
+  takes ``&`` for the end of the header, so ``c:application/sdp`` is a second
+  Content-Type, the last, which pjsip keeps.
+- At fault: ``e2m_plugins/grammar.py`` (``Dialect.param``: a value is any run without
+  space, ``"`` or ``;``) as used by ``mime.parse_content_type``.  Fix: a Content-Type
+  parameter value must be an RFC 2045 token or a quoted string (refuse ``&`` and the
+  other non-token characters), at message and part level.
+
+What held (run on the real phone): an SDP part at a true delimiter of a plainly quoted
+boundary (control, 488); a body typed ``text/plain;x=y`` (control: no offer taken);
+``multipart/mixed;bo%75ndary=x62;boundary=r62`` with the SDP behind ``--x62`` (pjsip
+does not decode the name to ``boundary``: 415, no media moved); carol's own signed and
+sealed MESSAGE with ``Max-Forwards: 70&f:<sip:alice@example.com>;tag=...`` (the core
+reads one From, carol's; pjsua showed it From carol: the first From is the one shown).
 """
 
 from __future__ import annotations
@@ -50,7 +74,7 @@ ESCAPED_CT = 'multipart/mixed;boundary="r\\62"'
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     return init_test_pki(tmp_path_factory.mktemp("review62-pki"),
-                         users=("alice", "bob"), key_type="ec")
+                         users=("alice", "bob", "carol"), key_type="ec")
 
 
 @pytest.fixture
@@ -149,3 +173,68 @@ def test_hole_an_sdp_behind_an_escaped_quoted_boundary_moves_a_live_calls_media(
     finally:
         peer.close()
         hop.close()
+
+
+
+# -- hole 2: '&' ends a header for pjsip ---------------------------------------------
+
+AMP_CT = "text/plain;x=y&c:application/sdp"
+
+
+def test_control_an_sdp_typed_text_plain_is_let_through_and_not_taken(pki, bob):
+    """A plain ``Content-Type: text/plain;x=y`` over the hop's SDP text: the core lets it
+    through (not an SDP), and pjsua takes no offer from it: the media stays."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 2,
+                                       "text/plain;x=y", HOP_SDP)
+        assert answer is not None, answer
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, _head(answer))
+    finally:
+        peer.close()
+        hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; 'Content-Type: text/plain;"
+                   "x=y&c:application/sdp' is text/plain to the core, two Content-Types (the "
+                   "last application/sdp) to pjsip: a plaintext SDP moves a live call's media")
+def test_hole_an_ampersand_in_a_content_type_parameter_makes_pjsip_read_an_sdp(pki, bob):
+    """Attacker: untrusted hop (or anyone with the live call's ids).  Message: a
+    re-INVITE with alice's ids, ``Content-Type: text/plain;x=y&c:application/sdp`` and
+    the hop's plaintext SRTP offer as the body; then its ACK.  The core's parameter value
+    is everything up to ``;``/space (``x="y&c:application/sdp"``): text/plain, let
+    through unchanged.  pjsip's parameter value is a token (``y``), and its
+    ``parse_hdr_end`` takes ``&`` for the end of the header (the URI-header separator),
+    so ``c:application/sdp`` is a second Content-Type, the one ``int_parse_msg`` keeps."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 3, AMP_CT, HOP_SDP)
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, _head(answer))
+        assert answer is not None and not answer.startswith(b"SIP/2.0 2"), _head(answer)
+    finally:
+        peer.close()
+        hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; a multipart part headed "
+                   "'Content-Type: text/plain;x=y&c:application/sdp' is text/plain to the "
+                   "core, SDP to pjsip: a live call's media moves")
+def test_hole_an_ampersand_in_a_part_content_type_makes_pjsip_read_an_sdp(pki, bob):
+    """The same inside a ``multipart/mixed`` part (pjsip parses a part's headers with
+    ``pjsip_parse_headers``, the same ``&`` rule; ``parse_multipart_part`` keeps the
+    last Content-Type)."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = _alices_call(pki, bob, peer)
+        body = (b"--r62\r\nContent-Type: " + AMP_CT.encode() + b"\r\n\r\n" + HOP_SDP
+                + b"\r\n--r62--\r\n")
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 3,
+                                       "multipart/mixed;boundary=r62", body)
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, _head(answer))
+        assert answer is not None and not answer.startswith(b"SIP/2.0 2"), _head(answer)
+    finally:
+        peer.close()
+        hop.close()
+

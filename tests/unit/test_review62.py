@@ -18,10 +18,28 @@ reading that makes each hole.
   Fix: refuse a boundary whose quoted form holds a backslash (or any quoted-pair), or
   refuse a multipart whose body holds ``--`` + the raw quoted text too.
 
+- ``test_hole_an_ampersand_in_a_content_type_parameter_hides_an_sdp`` and
+  ``test_hole_an_ampersand_in_a_part_content_type_hides_an_sdp``: the same attacker and
+  effect.  Message: a re-INVITE whose ``Content-Type`` is
+  ``text/plain;x=y&c:application/sdp`` over a plaintext SDP (or a ``multipart/mixed``
+  part headed so).  The core's parameter value is any run without space, ``"`` or
+  ``;`` (``grammar.Dialect.param``): one Content-Type, text/plain, ``x`` =
+  ``y&c:application/sdp``.  pjsip's parameter value is a token (``y``), and its
+  ``parse_hdr_end`` takes ``&`` for the end of a header (the header separator of a SIP
+  URI, applied to every typed header of a message or a body part): ``c:application/sdp``
+  is a second Content-Type, and ``int_parse_msg`` / ``parse_multipart_part`` keep the
+  last one.  At fault: ``e2m_plugins/grammar.py`` (parameter values wider than pjsip's)
+  with ``mime.parse_content_type``.  Fix: refuse a Content-Type (message or part) whose
+  parameter values are not RFC 2045 tokens or quoted strings (in particular ``&``
+  outside a quoted string), or hand pjsip a body re-typed from what the core read.
+
 What held (read or run, see the controls): a plain quoted boundary without escapes;
 two ``boundary`` parameters (MalformedError); ``boundary`` next to ``boundary*``
 (MalformedError); a part whose header name has a space before the colon
-(MalformedError); a bare CR in a part's header (MalformedError).
+(MalformedError); a bare CR in a part's header (MalformedError).  On the real phone
+(not kept as tests): ``multipart/mixed;bo%75ndary=x62;boundary=r62`` (pjsip does not
+take the %-escaped name for ``boundary``: 415, no media moved); carol's signed MESSAGE
+with ``Max-Forwards: 70&f:<alice>`` (pjsua shows the first From, carol's).
 """
 
 from __future__ import annotations
@@ -123,6 +141,45 @@ def test_hole_a_quoted_boundary_with_a_backslash_escape_hides_an_sdp_part(pki):
     msg = _invite(escaped_boundary_body(SRTP_OFFER), ESCAPED_CT)
     with pytest.raises((DowngradeError, MalformedError)):
         bob.open(msg)
+
+
+# -- hole 2: '&' ends a header for pjsip ---------------------------------------------
+
+AMP_CT = "text/plain;x=y&c:application/sdp"
+
+
+def test_control_a_text_plain_invite_passes_and_the_core_reads_one_content_type(pki):
+    """A re-INVITE body typed ``text/plain;x=y`` is no SDP to refuse (the phone lets it
+    through; pjsua takes no offer from it).  The attack's Content-Type is well formed to
+    the core: text/plain with one parameter ``x`` whose value runs to the end."""
+    bob = ua_engine(pki, "bob", peers=("alice",))
+    bob.open(_invite(b"hello", "text/plain;x=y"))
+    part = message_body(_invite(SRTP_OFFER, AMP_CT))
+    assert part.content_type.mime_type == "text/plain"
+    assert part.content_type.params == (("x", "y&c:application/sdp"),)
+
+
+@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; 'Content-Type: text/plain;"
+                   "x=y&c:application/sdp' is text/plain to the core, application/sdp to pjsip "
+                   "(& ends a header): a plaintext SDP passes the downgrade check")
+def test_hole_an_ampersand_in_a_content_type_parameter_hides_an_sdp(pki):
+    """pjsip's parameter value is a token (``y``); its ``parse_hdr_end`` takes ``&`` for
+    the end of a header (the separator of headers in a URI), so ``c:application/sdp``
+    is a second Content-Type, the one ``int_parse_msg`` keeps."""
+    bob = ua_engine(pki, "bob", peers=("alice",))
+    with pytest.raises((DowngradeError, MalformedError)):
+        bob.open(_invite(SRTP_OFFER, AMP_CT))
+
+
+@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; a multipart part typed "
+                   "'text/plain;x=y&c:application/sdp' hides a plaintext SDP from the "
+                   "downgrade check (pjsip keeps the last Content-Type of a part)")
+def test_hole_an_ampersand_in_a_part_content_type_hides_an_sdp(pki):
+    bob = ua_engine(pki, "bob", peers=("alice",))
+    body = (b"--r62\r\nContent-Type: " + AMP_CT.encode() + b"\r\n\r\n" + SRTP_OFFER
+            + b"\r\n--r62--\r\n")
+    with pytest.raises((DowngradeError, MalformedError)):
+        bob.open(_invite(body, "multipart/mixed;boundary=r62"))
 
 
 # -- what held ---------------------------------------------------------------------
