@@ -47,7 +47,7 @@ from .errors import MalformedError
 __all__ = [
     "MIME", "MIME_TOKEN", "MIME_TOKEN_PATTERN", "SIP", "SIP_TOKEN", "SIP_TOKEN_PATTERN",
     "Dialect", "format_param", "parse_param_list", "parse_params", "quote_if_needed",
-    "quote_string", "split_header_list", "unquote_string",
+    "quote_string", "split_header_list", "unquote_string", "bare_ampersand",
 ]
 
 # RFC 3261 §25.1 token.
@@ -109,6 +109,35 @@ def quote_string(text: str) -> str:
 def quote_if_needed(text: str, dialect: Dialect = SIP) -> str:
     """``text`` as it is when it is a token of ``dialect``, else quoted."""
     return text if dialect.is_token(text) else quote_string(text)
+
+
+# -- where a header ends ---------------------------------------------------
+
+def bare_ampersand(value: str) -> bool:
+    """Whether ``value`` holds an ``&`` outside quoted strings and ``<...>``.  pjsip ends
+    every header it parses by type at such an ``&`` (the header separator of a SIP
+    URI) and reads what follows as another header: ``Expires: 60&c:application/sdp``
+    is a second Content-Type to it, nothing to us (review 62)."""
+    if "&" not in value:
+        return False
+    depth, quoted, escaped = 0, False, False
+    for ch in value:
+        if quoted:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(0, depth - 1)
+        elif ch == "&" and depth == 0:
+            return True
+    return False
 
 
 # -- comma lists -----------------------------------------------------------

@@ -48,7 +48,7 @@ from .cms import oids
 from .cms.envelope import content_info_type
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .errors import LimitExceededError, MalformedError, UnsupportedAlgorithmError
-from .grammar import MIME, MIME_TOKEN, MIME_TOKEN_PATTERN, format_param
+from .grammar import MIME, MIME_TOKEN, MIME_TOKEN_PATTERN, bare_ampersand, format_param
 from .grammar import parse_params as _parse_params
 
 __all__ = [
@@ -195,8 +195,12 @@ class Disposition:
 # the results are frozen, so a bounded cache of parses is safe to share.
 @lru_cache(maxsize=256)
 def parse_content_type(value: str) -> ContentType:
-    """Parse a Content-Type value; names and the media type are lower-cased."""
+    """Parse a Content-Type value; names and the media type are lower-cased.  A
+    backslash in its parameters is refused: we would unescape a quoted value
+    (``boundary="r\\62"`` is ``r62``), pjsip keeps it as written (review 62)."""
     main, _, rest = value.partition(";")
+    if "\\" in rest:
+        raise MalformedError("a backslash in a Content-Type parameter")
     match = _MEDIA_TYPE.fullmatch(main)
     if not match:
         raise MalformedError("malformed Content-Type")
@@ -434,6 +438,8 @@ def _header_lines(block: bytes, limits: MimeLimits) -> tuple[tuple[str, str], ..
         # for an operator's terminal, review 61) has no business in one; HTAB may
         if _HEADER_CONTROL.search(line):
             raise MalformedError("control character in a MIME header")
+        if bare_ampersand(line):        # pjsip ends a part's typed header there (review 62)
+            raise MalformedError("an '&' outside quotes in a MIME header")
         if line[:1] in (" ", "\t"):  # folded continuation
             if not headers:
                 raise MalformedError("MIME headers start with a continuation line")

@@ -260,7 +260,7 @@ class ProxyEngine:
         responder (its signer) alone.  ``caller`` may be a function giving it, asked
         only when the answer offers a key."""
         try:
-            message.check_single_headers()
+            message.check_unambiguous()
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
                 if message.is_request:

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Union
 
 from .errors import LimitExceededError, MalformedError
-from .grammar import SIP_TOKEN, SIP_TOKEN_PATTERN, parse_params, split_header_list, unquote_string
+from .grammar import (SIP_TOKEN, SIP_TOKEN_PATTERN, bare_ampersand, parse_params,
+                      split_header_list, unquote_string)
 
 __all__ = [
     "STANDARD_METHODS", "canonical_method",
@@ -217,11 +218,12 @@ class SipMessage:
         # stale.  Private: get() and get_all() never hand these lists out.
         return _index_headers(self.headers)
 
-    def check_single_headers(self) -> None:
-        """``MalformedError`` when a header SIP allows once (From, To, Call-ID, CSeq) is
-        there twice: the stack would act on the copy no check read (``_SINGLE_HEADERS``).
-        ``parse`` checks every message it reads; the engines check what they are given."""
-        _check_single(self._index)
+    def check_unambiguous(self) -> None:
+        """``MalformedError`` when another stack would read the headers otherwise: a
+        header SIP allows once (From, To, Call-ID, CSeq) there twice, or an ``&`` that
+        ends a header to pjsip (``_check_unambiguous``).  ``parse`` checks every message
+        it reads; the engines check what they are given."""
+        _check_unambiguous(self._index)
 
     def get(self, name: str) -> str | None:
         """Value of the first instance of ``name`` (compact forms match)."""
@@ -545,13 +547,24 @@ def _content_length(index: dict[str, list[str]]) -> int | None:
 # MESSAGE shown as another sender's, a new call taken into a live one (review 54).
 # Kamailio drops such a request too.
 _SINGLE_HEADERS = ("from", "to", "call-id", "cseq")
+# Headers of free text: a SIP stack reads them to the end of the line, ``&`` and all.
+_FREE_TEXT = frozenset({"subject", "user-agent", "server", "organization", "date",
+                        "warning", "reason"})
 
 
-def _check_single(index: dict[str, list[str]]) -> None:
+def _check_unambiguous(index: dict[str, list[str]]) -> None:
+    """``MalformedError`` for headers another SIP stack would read otherwise than we do:
+    a header SIP allows once given twice (pjsip acts on the last copy, review 54), or
+    an ``&`` outside quotes and ``<...>`` in a header that is not free text (pjsip ends
+    a header it parses by type there and reads the rest as another header, review 62)."""
     for name in _SINGLE_HEADERS:
         values = index.get(name)
         if values is not None and len(values) > 1:
             raise MalformedError(f"more than one {name} header")
+    for name, values in index.items():
+        if name not in _FREE_TEXT and any(bare_ampersand(value) for value in values):
+            raise MalformedError(f"an '&' outside quotes in {name}: another stack ends "
+                                 "the header there")
 
 
 def _check_size(data: bytes, max_size: int) -> None:
@@ -575,7 +588,7 @@ def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
     head = _parse_plain_head(data, max_headers, max_line) or _parse_head(data, max_headers, max_line)
     assert head.start_line is not None
     index = _index_headers(head.headers)
-    _check_single(index)
+    _check_unambiguous(index)
     length = _content_length(index)
     if length is None:
         body = data[head.body_start:]

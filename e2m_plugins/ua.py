@@ -875,7 +875,7 @@ class UAEngine:
         """
         # every part, layer, signature and certificate path of this one message spends
         # one budget of public-key operations (cms/budget.py)
-        message.check_single_headers()
+        message.check_unambiguous()
         with self._lock, message_budget(DEFAULT_LIMITS.max_public_key_ops):
             opened = self._open(message)
             # what a response shows about our dialogs and keys, only once it is accepted:

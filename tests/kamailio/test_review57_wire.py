@@ -54,7 +54,7 @@ stock UA (pjsip reads the last To) takes the answer.  Our phone refuses it
 (``sip.parse``): the effect is on every other UA, and on the archive, for a body the
 proxy would have read.  At fault: kemi.py ``route_reply`` (``message = _read_message()``
 before the guard) and the engine's "forwarded unread" for this error.  Fix: in the tm
-reply route, drop a response that ``check_single_headers`` refuses (``KSR.tm.t_drop_replies``
+reply route, drop a response that ``check_unambiguous`` refuses (``KSR.tm.t_drop_replies``
 / return 0 from the onreply route), as Kamailio drops such a request.
 
 Held (controls): a From of another user under carol's credentials is 403; an in-dialog

@@ -22,7 +22,7 @@ rings as ``remote: "Alice" <sip:alice@example.com>`` and bob's 200 is sealed for
 Fixed (stop 30): a message with more than one From, To, Call-ID or CSeq (compact forms
 counted with their long ones) is malformed: ``sip.parse`` refuses it (the phone answers
 400 before pjsip sees it), and ``UAEngine.open`` and ``ProxyEngine.inspect`` check what
-they are given (``SipMessage.check_single_headers``).  The holes' markers are gone; they
+they are given (``SipMessage.check_unambiguous``).  The holes' markers are gone; they
 are guards now.
 """
 

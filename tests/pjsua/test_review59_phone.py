@@ -49,7 +49,7 @@ refusal compare ``"INVITE"``): no answer, no call, nothing shown; a part headed
 headers on the message or in a part: MalformedError.  Read in the code, not run: a
 Content-Length larger than the data (``sip.parse``: 400), two different Content-Lengths
 (400), ``l:`` beside ``Content-Length:`` (counted together), a second From/To/Call-ID/CSeq
-in compact form (``_check_single`` counts compact forms with long ones: 400); on TCP
+in compact form (``_check_unambiguous`` counts compact forms with long ones: 400); on TCP
 pjsip frames by Content-Length, so hole 1 is UDP only (holes 2 and 3 are not).
 
 Fixed (stop 31), so that the core reads a body as the laxest stack behind it would:

@@ -45,6 +45,16 @@ boundary (control, 488); a body typed ``text/plain;x=y`` (control: no offer take
 does not decode the name to ``boundary``: 415, no media moved); carol's own signed and
 sealed MESSAGE with ``Max-Forwards: 70&f:<sip:alice@example.com>;tag=...`` (the core
 reads one From, carol's; pjsua showed it From carol: the first From is the one shown).
+
+Fixed (stop 31): a Content-Type parameter with a backslash is MalformedError
+(``mime.parse_content_type``: pjsip keeps a quoted value's escapes, we would not); an
+``&`` outside quotes and ``<...>`` is MalformedError in any header but free text
+(``sip._check_unambiguous``, in ``parse`` and both engines) and in any body part's
+header (``mime._header_lines``): pjsip ends a header it parses by type at such an
+``&``.  The second rule covers every typed header, not only Content-Type: my own
+variant, ``Expires: 60&c:application/sdp`` after a text/plain Content-Type, moved the
+live call's media on the real phone before the fix
+(``test_an_ampersand_after_another_typed_header_makes_no_second_content_type``).
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import HOST, UdpStranger
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki
+from tests.pjsua.test_review54_phone import alices_call
 
 pytestmark = [pytest.mark.pjsua2]
 
@@ -82,36 +93,13 @@ def bob(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest) -> Iterato
     yield from answering_phone(tmp_path, pki, request)
 
 
-def _alices_call(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
-                 ) -> tuple[sip.SipMessage, sip.SipMessage, str]:
-    """alice calls bob's phone (SRTP, sealed and signed), bob answers, alice ACKs:
-    (INVITE, 200, bob's Contact URI).  As in review 59."""
-    alice = ua_engine(pki, "alice", peers=("bob",))
-    plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}", from_uri=pki.aor("alice"),
-                             to_uri=pki.aor("bob"), via_host=f"{HOST}:{peer.local_port}",
-                             body=SRTP_OFFER, content_type="application/sdp",
-                             extra_headers=[("Contact", f"<sip:alice@{HOST}:{peer.local_port}>")])
-    peer.send(alice.protect(plain).message.serialize())
-    data = peer.answered(plain.call_id, timeout=10)
-    assert data is not None and data.startswith(b"SIP/2.0 200"), data[:40] if data else data
-    ok = sip.parse(data)
-    contact = re.sub(r"^.*<|>.*$", "", ok.get("Contact") or "")
-    ack = sip.make_request("ACK", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
-                           call_id=plain.call_id, cseq=1, from_tag=plain.from_tag,
-                           to_tag=ok.to_tag, via_host=f"{HOST}:{peer.local_port}")
-    peer.send(ack.serialize())
-    alice.open(ok)
-    bob.wait("call_media", since=0)
-    time.sleep(1.0)
-    peer.drain()
-    return plain, ok, contact
-
-
 def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
                    ok: sip.SipMessage, contact: str, hop: UdpStranger, cseq: int,
-                   content_type: str, body: bytes) -> tuple[bytes | None, list[str]]:
-    """The hop's re-INVITE with alice's ids and ``body`` typed ``content_type``; ACKs a
-    200.  Returns the final answer and the remote RTP addresses bob reported since."""
+                   content_type: str, body: bytes, last: str | None = None
+                   ) -> tuple[bytes | None, list[str]]:
+    """The hop's re-INVITE with alice's ids and ``body`` typed ``content_type`` (and the
+    header line ``last`` after every other but Content-Length); ACKs a 200.  Returns the
+    final answer and the remote RTP addresses bob reported since."""
     plain = sip.make_request(
         "INVITE", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
         call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag, to_tag=ok.to_tag,
@@ -119,6 +107,8 @@ def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
         extra_headers=[("Contact", f"<sip:alice@{HOST}:{hop.local_port}>"),
                        ("Content-Type", content_type)])
     wire = plain.serialize()
+    if last is not None:
+        wire = wire.replace(b"Content-Length: 0", last.encode() + b"\r\nContent-Length: 0")
     wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)) + body
     mark = bob.mark()
     hop.send(wire)
@@ -148,7 +138,7 @@ def test_control_an_sdp_behind_a_plain_quoted_boundary_is_refused(pki, bob):
     (``boundary="r62"``): 488, the media stays with alice."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         body = b"--r62\r\nContent-Type: application/sdp\r\n\r\n" + HOP_SDP + b"\r\n--r62--\r\n"
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 2,
                                        'multipart/mixed;boundary="r62"', body)
@@ -159,13 +149,10 @@ def test_control_an_sdp_behind_a_plain_quoted_boundary_is_refused(pki, bob):
         hop.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; a quoted boundary with a "
-                   "backslash escape hides a plaintext SDP from the phone's core, pjsip "
-                   "reads it: a live call's media moves to the hop")
 def test_hole_an_sdp_behind_an_escaped_quoted_boundary_moves_a_live_calls_media(pki, bob):
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 3, ESCAPED_CT,
                                        _escaped_body(HOP_SDP))
         assert not any(HOP_RTP in rtp for rtp in moved), (moved, _head(answer))
@@ -186,7 +173,7 @@ def test_control_an_sdp_typed_text_plain_is_let_through_and_not_taken(pki, bob):
     through (not an SDP), and pjsua takes no offer from it: the media stays."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 2,
                                        "text/plain;x=y", HOP_SDP)
         assert answer is not None, answer
@@ -196,9 +183,6 @@ def test_control_an_sdp_typed_text_plain_is_let_through_and_not_taken(pki, bob):
         hop.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; 'Content-Type: text/plain;"
-                   "x=y&c:application/sdp' is text/plain to the core, two Content-Types (the "
-                   "last application/sdp) to pjsip: a plaintext SDP moves a live call's media")
 def test_hole_an_ampersand_in_a_content_type_parameter_makes_pjsip_read_an_sdp(pki, bob):
     """Attacker: untrusted hop (or anyone with the live call's ids).  Message: a
     re-INVITE with alice's ids, ``Content-Type: text/plain;x=y&c:application/sdp`` and
@@ -209,7 +193,7 @@ def test_hole_an_ampersand_in_a_content_type_parameter_makes_pjsip_read_an_sdp(p
     so ``c:application/sdp`` is a second Content-Type, the one ``int_parse_msg`` keeps."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 3, AMP_CT, HOP_SDP)
         assert not any(HOP_RTP in rtp for rtp in moved), (moved, _head(answer))
         assert answer is not None and not answer.startswith(b"SIP/2.0 2"), _head(answer)
@@ -218,16 +202,13 @@ def test_hole_an_ampersand_in_a_content_type_parameter_makes_pjsip_read_an_sdp(p
         hop.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; a multipart part headed "
-                   "'Content-Type: text/plain;x=y&c:application/sdp' is text/plain to the "
-                   "core, SDP to pjsip: a live call's media moves")
 def test_hole_an_ampersand_in_a_part_content_type_makes_pjsip_read_an_sdp(pki, bob):
     """The same inside a ``multipart/mixed`` part (pjsip parses a part's headers with
     ``pjsip_parse_headers``, the same ``&`` rule; ``parse_multipart_part`` keeps the
     last Content-Type)."""
     peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        invite, ok, contact = _alices_call(pki, bob, peer)
+        invite, ok, contact = alices_call(pki, bob, peer)
         body = (b"--r62\r\nContent-Type: " + AMP_CT.encode() + b"\r\n\r\n" + HOP_SDP
                 + b"\r\n--r62--\r\n")
         answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 3,
@@ -238,3 +219,22 @@ def test_hole_an_ampersand_in_a_part_content_type_makes_pjsip_read_an_sdp(pki, b
         peer.close()
         hop.close()
 
+
+
+def test_an_ampersand_after_another_typed_header_makes_no_second_content_type(pki, bob):
+    """Found while fixing review 62 (the same attacker and effect, my own variant): the
+    ``&`` rule is pjsip's for every header it parses by type, not for Content-Type
+    only.  Message: the hop's re-INVITE typed ``text/plain`` (the core lets it through
+    unread) with ``Expires: 60&c:application/sdp`` after its Content-Type: pjsip ends
+    Expires at the ``&`` and reads a second Content-Type, the SDP's, the last one.
+    Refused 400, the media stays."""
+    peer, hop = UdpStranger(bob.port), UdpStranger(bob.port)
+    try:
+        invite, ok, contact = alices_call(pki, bob, peer)
+        answer, moved = _hops_reinvite(pki, bob, invite, ok, contact, hop, 3, "text/plain",
+                                       HOP_SDP, last="Expires: 60&c:application/sdp")
+        assert not any(HOP_RTP in rtp for rtp in moved), (moved, _head(answer))
+        assert answer is not None and answer.startswith(b"SIP/2.0 400"), _head(answer)
+    finally:
+        peer.close()
+        hop.close()

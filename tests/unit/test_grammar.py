@@ -149,7 +149,11 @@ def test_format_parse_round_trip(params: dict, dialect: g.Dialect, force_quote: 
     text = ";".join(g.format_param(n, v, dialect, force_quote) for n, v in params.items())
     assert g.parse_params(text, dialect) == params
     ctype = mime.ContentType("text/plain", tuple(params.items()))
-    assert mime.parse_content_type(str(ctype)) == ctype
+    if "\\" in str(ctype):    # an escaped quote or backslash: pjsip keeps escapes (review 62)
+        with pytest.raises(MalformedError):
+            mime.parse_content_type(str(ctype))
+    else:
+        assert mime.parse_content_type(str(ctype)) == ctype
 
 
 @settings(max_examples=200, deadline=None)

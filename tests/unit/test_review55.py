@@ -2,7 +2,7 @@
 fixes (``git diff 50e6c26 -- e2m_plugins pjsua_hooks``): the phone's per-call event
 routing (c24be17), the UA engine's refusal (482) of a new dialog naming a live dialog's
 tag and ``end_dialog(keep=...)`` (b2ad514), and the single From/To/Call-ID/CSeq rule in
-``parse`` and ``check_single_headers`` (0a5b9ba).
+``parse`` and ``check_unambiguous`` (0a5b9ba).
 
 ``test_hole_*`` xfail strictly on 0a5b9ba (their assertion is the secure behaviour);
 ``test_control_*`` are the same flows without the attack, or show that the attack's

@@ -61,7 +61,7 @@ What held (tried, no test kept unless named):
 - a retransmission of the INVITE after our failure (pjsip's transaction completed)
   re-keeps K0 in ``open``, but pjsip retransmits the failure, which passes ``on_tx``
   again (bodiless: not in the hook's emitted set), and ``answered`` drops it;
-- ``check_single_headers``: review 55's spellings, and no new one found (``parse`` and
+- ``check_unambiguous``: review 55's spellings, and no new one found (``parse`` and
   both engines call it);
 - the phone's event routing: every pjsua event carries its object's serial; an unknown
   serial falls back to the Call-ID entry, which a second dialog never takes while a

@@ -51,7 +51,7 @@ place and her next MESSAGE is read by the proxy; the forged answer's effect toda
 Looked at (engine and kemi; see the wire module for Kamailio):
 
 - A second From/To/Call-ID/CSeq in a *response* (a hop's or the callee's): the engine
-  (``check_single_headers``) forwards it unread with the error recorded, and our phone
+  (``check_unambiguous``) forwards it unread with the error recorded, and our phone
   refuses it (``sip.parse``): held here (control).  On Kamailio it is a hole (wire
   module, hole 4): unlike such a request, the response is relayed, its body never
   archived, and a stock UA reads the last copy.

@@ -40,6 +40,16 @@ two ``boundary`` parameters (MalformedError); ``boundary`` next to ``boundary*``
 (not kept as tests): ``multipart/mixed;bo%75ndary=x62;boundary=r62`` (pjsip does not
 take the %-escaped name for ``boundary``: 415, no media moved); carol's signed MESSAGE
 with ``Max-Forwards: 70&f:<alice>`` (pjsua shows the first From, carol's).
+
+Fixed (stop 31): a Content-Type parameter with a backslash is MalformedError
+(``mime.parse_content_type``: pjsip keeps a quoted value's escapes, we would not); an
+``&`` outside quotes and ``<...>`` is MalformedError in any header but free text
+(``sip._check_unambiguous``, in ``parse`` and both engines) and in any body part's
+header (``mime._header_lines``): pjsip ends a header it parses by type at such an
+``&``.  The second rule covers every typed header, not only Content-Type: my own
+variant, ``Expires: 60&c:application/sdp`` after a text/plain Content-Type, moved the
+live call's media on the real phone before the fix
+(``test_an_ampersand_after_another_typed_header_makes_no_second_content_type``).
 """
 
 from __future__ import annotations
@@ -123,19 +133,13 @@ def test_control_a_quoted_boundary_without_escape_is_read_alike(pki):
     assert pjsip_boundary(ct) == "r62"
     with pytest.raises(DowngradeError):
         bob.open(_invite(body, ct))
-    # the attack's message is well formed to the core: one text/plain part
+    # the attack's message, to pjsip's reading: one part, the SDP (before the fix the
+    # core read one text/plain part under the unescaped boundary r62)
     msg = _invite(escaped_boundary_body(SRTP_OFFER), ESCAPED_CT)
-    assert message_body(msg).content_type.param("boundary") == "r62"
-    (leaf,) = plaintext_leaves(message_body(msg))
-    assert leaf.content_type.mime_type == "text/plain"
-    # ... and to pjsip's reading one part, the SDP
     (part,) = pjsip_parts(msg.body, pjsip_boundary(ESCAPED_CT))
     assert part.startswith(b"Content-Type: application/sdp\r\n\r\nv=0")
 
 
-@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; a quoted boundary with a "
-                   "backslash escape hides a plaintext SDP part from the downgrade check "
-                   "(pjsip keeps the escape and reads the SDP)")
 def test_hole_a_quoted_boundary_with_a_backslash_escape_hides_an_sdp_part(pki):
     bob = ua_engine(pki, "bob", peers=("alice",))
     msg = _invite(escaped_boundary_body(SRTP_OFFER), ESCAPED_CT)
@@ -159,9 +163,6 @@ def test_control_a_text_plain_invite_passes_and_the_core_reads_one_content_type(
     assert part.content_type.params == (("x", "y&c:application/sdp"),)
 
 
-@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; 'Content-Type: text/plain;"
-                   "x=y&c:application/sdp' is text/plain to the core, application/sdp to pjsip "
-                   "(& ends a header): a plaintext SDP passes the downgrade check")
 def test_hole_an_ampersand_in_a_content_type_parameter_hides_an_sdp(pki):
     """pjsip's parameter value is a token (``y``); its ``parse_hdr_end`` takes ``&`` for
     the end of a header (the separator of headers in a URI), so ``c:application/sdp``
@@ -171,9 +172,6 @@ def test_hole_an_ampersand_in_a_content_type_parameter_hides_an_sdp(pki):
         bob.open(_invite(SRTP_OFFER, AMP_CT))
 
 
-@pytest.mark.xfail(strict=True, reason="review 62: untrusted hop; a multipart part typed "
-                   "'text/plain;x=y&c:application/sdp' hides a plaintext SDP from the "
-                   "downgrade check (pjsip keeps the last Content-Type of a part)")
 def test_hole_an_ampersand_in_a_part_content_type_hides_an_sdp(pki):
     bob = ua_engine(pki, "bob", peers=("alice",))
     body = (b"--r62\r\nContent-Type: " + AMP_CT.encode() + b"\r\n\r\n" + SRTP_OFFER
@@ -201,3 +199,31 @@ def test_control_odd_part_headers_are_refused(pki, header):
     body = b"--r62\r\n" + header + b"\r\n\r\n" + SRTP_OFFER + b"\r\n--r62--\r\n"
     with pytest.raises((MalformedError, DowngradeError)):
         bob.open(_invite(body, "multipart/mixed;boundary=r62"))
+
+
+@pytest.mark.parametrize("header,value,refused", [
+    ("Expires", "60&c:application/sdp", True),           # any typed header, not only Content-Type
+    ("Max-Forwards", "70&f:<sip:alice@example.com>", True),
+    ("Session-Expires", "90;refresher=uac&c:application/sdp", True),
+    ("X-Anything", "a&b", True),                           # unknown: refused all the same
+    ("Contact", "<sip:a@127.0.0.1?x=1&y=2>", False),        # inside <...>: the URI's
+    ("Contact", '"Tom & Jerry" <sip:a@127.0.0.1>', False),  # inside a quoted string
+    ("Subject", "Tom & Jerry", False),                     # free text, read to the line's end
+    ("User-Agent", "a&b/1.0", False),
+])
+def test_an_ampersand_outside_quotes_ends_no_header_of_ours(header, value, refused):
+    """My variant of the review's second hole: ``&`` ends every header pjsip parses by
+    type, so the core refuses it outside quotes and ``<...>`` in any header but free
+    text (``sip._check_unambiguous``), in ``parse`` and in both engines."""
+    msg = sip.make_request("INVITE", "sip:bob@127.0.0.1:5070", from_uri="sip:alice@example.com",
+                           to_uri="sip:bob@example.com", body=b"hi", content_type="text/plain",
+                           extra_headers=[(header, value)])
+    wire = msg.serialize()
+    if refused:
+        with pytest.raises(MalformedError, match="'&'"):
+            sip.parse(wire)
+        with pytest.raises(MalformedError):
+            msg.check_unambiguous()
+    else:
+        assert sip.parse(wire).get(header) == value
+        msg.check_unambiguous()

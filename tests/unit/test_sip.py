@@ -100,10 +100,10 @@ def test_a_header_sip_allows_once_twice_is_malformed(first: str, second: str) ->
 
 def test_a_message_made_with_a_second_from_fails_its_check() -> None:
     msg = sip.parse(REQUEST_FOR_SINGLE)
-    msg.check_single_headers()
+    msg.check_unambiguous()
     twice = sip.SipMessage(msg.start_line, msg.headers + (("f", "<sip:alice@x>;tag=9"),), msg.body)
     with pytest.raises(sip.MalformedError):
-        twice.check_single_headers()
+        twice.check_unambiguous()
 
 
 REQUEST_FOR_SINGLE = (b"MESSAGE sip:bob@x SIP/2.0\r\nFrom: <sip:carol@x>;tag=1\r\n"
