@@ -562,9 +562,10 @@ def _check_unambiguous(index: dict[str, list[str]]) -> None:
         if values is not None and len(values) > 1:
             raise MalformedError(f"more than one {name} header")
     for name, values in index.items():
-        if name not in _FREE_TEXT and any(bare_ampersand(value) for value in values):
-            raise MalformedError(f"an '&' outside quotes in {name}: another stack ends "
-                                 "the header there")
+        for value in values:
+            if "&" in value and name not in _FREE_TEXT and bare_ampersand(value):
+                raise MalformedError(f"an '&' outside quotes in {name}: another stack "
+                                     "ends the header there")
 
 
 def _check_size(data: bytes, max_size: int) -> None:
