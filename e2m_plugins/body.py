@@ -38,7 +38,7 @@ from .layers import open_message, unauthenticated_plaintext
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection",
            "open_part", "check_signed_by", "check_context", "protect_content", "new_reference",
-           "with_entity", "plaintext_leaves"]
+           "with_entity", "plaintext_leaves", "as_read"]
 
 # What an E2M body may be; certs-only, compressed-data and bare signatures are not.
 _OPENABLE = frozenset({"enveloped-data", "authEnveloped-data", "signed-data"})
@@ -368,6 +368,16 @@ def with_entity(message: SipMessage, entity: mime.MimePart) -> SipMessage:
                  if not _is_content_header(n))
     updated = SipMessage(message.start_line, kept + tuple(entity.headers), message.body)
     return updated.with_body(entity.body)
+
+
+def as_read(message: SipMessage, limits: Limits = DEFAULT_LIMITS) -> SipMessage:
+    """``message`` with its body written again as the core read it (``mime.as_read``):
+    what a UA hands its SIP stack after the checks, so that the stack cannot find a
+    body part, a type or a boundary no check saw.  A bodiless message as it is."""
+    part = message_body(message, limits)
+    if part is None:
+        return message
+    return with_entity(message, mime.as_read(part, mime.MimeLimits.from_limits(limits)))
 
 
 def _is_content_header(name: str) -> bool:

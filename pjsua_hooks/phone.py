@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from e2m_plugins import sip
+from e2m_plugins.body import as_read
 from e2m_plugins.uri import aor_of, identity_of, parse_uri
 from e2m_plugins.errors import E2MError
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
@@ -595,7 +596,15 @@ class E2MPhone:
             _bounded_put(self._rx_info, _rx_key(msg, what), opened.info)
         if msg.body:
             self._note_call_security("rx", msg, what, opened.info, size=len(data))
-        if not stripped and (opened.message is msg or opened.message.body == msg.body):
+        if msg.body and opened.message.body == msg.body:
+            # a body the engine did not open (plaintext, or not ours to open): pjsip gets
+            # it as the core read it, never the octets a laxer parser reads otherwise
+            # (reviews 59, 62: a hop's SDP the core took for text moved a call's media)
+            try:
+                return as_read(opened.message).serialize()
+            except E2MError as exc:
+                raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
+        if not stripped and opened.message is msg:
             return None
         return opened.message.serialize()
 

@@ -502,3 +502,27 @@ def test_any_signed_bytes_come_back_exactly(payload: bytes) -> None:
     assert signed.signed_bytes == content
     assert signed.signed_part.body == payload
     assert signed.signature == NASTY_DER
+
+
+def test_as_read_writes_a_body_again_as_it_was_read() -> None:
+    """What the phone hands pjsip after the checks (reviews 59, 62): the parts we read,
+    typed as we read them, under a fresh boundary; preamble, epilogue and a part's
+    Content-Length gone; compact names written out; nested multiparts alike."""
+    inner = (b"--in\r\nc: text/plain\r\n\r\ndeep\r\n--in--\r\n")
+    body = (b"preamble --not a delimiter\r\n--b1\r\nc: text/plain;charset=utf-8\r\n"
+            b"Content-Length: 2\r\n\r\nhello\r\n--b1\r\nContent-Type: multipart/mixed; "
+            b"boundary=in\r\n\r\n" + inner + b"\r\n--b1--\r\nepilogue\r\n")
+    part = body_part([("Content-Type", "multipart/mixed; boundary=b1")], body)
+    again = mime.as_read(part)
+    assert again.content_type.mime_type == "multipart/mixed"
+    boundary = again.content_type.param("boundary")
+    assert boundary != "b1" and boundary.startswith("e2m-")
+    assert b"preamble" not in again.body and b"epilogue" not in again.body
+    first, nested = parse_multipart(again)
+    assert first.headers == (("Content-Type", "text/plain; charset=utf-8"),)
+    assert first.body == b"hello"
+    (deep,) = parse_multipart(nested)
+    assert deep.content_type.mime_type == "text/plain" and deep.body == b"deep"
+    assert mime.as_read(again).body.count(b"--e2m-") == again.body.count(b"--e2m-")
+    leaf = body_part([("c", "application/sdp")], b"v=0\r\n")
+    assert mime.as_read(leaf).headers == (("Content-Type", "application/sdp"),)
