@@ -941,6 +941,7 @@ class UAEngine:
         dialog_keys.spend()
         for opened in offered:
             self._keep_received(message, opened, contexts[id(opened)])
+            self._learn_signer(peer, opened)
         if sealed is not None:
             self._keep_sealed(message, sealed)
         split = sealed is not None
@@ -1133,8 +1134,8 @@ class UAEngine:
                       legacy: LegacyPeer | None) -> None:
         """A body must be signed by its sender: the From of a request, the To of a
         response (unless ``[e2m] require_signature`` is off or a ``[[legacy]]`` entry
-        accepts unsigned bodies from the peer).  A verified sender certificate that we
-        can encrypt to is kept, so we can answer without a 493 round trip."""
+        accepts unsigned bodies from the peer).  The signer's certificate is kept once
+        the message is accepted (``_learn_signer``)."""
         if not opened.signed:
             if self._strict(legacy):
                 raise SignatureRequiredError(
@@ -1147,13 +1148,27 @@ class UAEngine:
             check_signed_by(opened, peer)
         except E2MError as exc:
             raise UntrustedSignerError(f"signature is not the sender's: {exc}") from None
-        if self.certs.user(peer) is None:
+
+    def _learn_signer(self, peer: str | None, opened: OpenedPart) -> None:
+        """A verified sender certificate we can encrypt to is kept, so we can answer
+        without a 493 round trip: only from a message accepted (a refused replay must
+        not plant one), and checked as every certificate from the wire is (not a CA,
+        not issued before one held or given for that peer: a hop's copy of an old
+        signed message must not bring a replaced key back, review 65)."""
+        if peer is None or not opened.signed:
+            return
+        with self._lock:
+            if self.certs.user(peer) is not None:
+                return
             for cert in opened.signer_certificates:
                 try:
+                    check_not_a_ca(cert)
+                    self._refuse_older(peer, cert)
                     self.certs.add_user(peer, cert)
-                    break
                 except E2MError:
-                    continue  # not encryptable or not the peer's: keep looking
+                    continue  # not encryptable, not the peer's, or older: keep looking
+                self._note_from_wire(peer, cert)
+                return
 
     @staticmethod
     def _named_hosts(message: SipMessage) -> set[str]:

@@ -11,6 +11,13 @@ than the replay window ago (a copy it kept, or one the key's thief made): alice'
 phone refuses it (403, outside the accepted time window), but ``_check_signer`` has
 already kept its signer's certificate as bob's.  alice's next MESSAGE to bob is sealed
 for the old, compromised key.
+
+Fixed (stop 31): a signer's certificate is kept only from a message accepted (after
+the replay and context checks, ``UAEngine._learn_signer``), and checked as every
+certificate from the wire is: not a CA, not issued before one held or given for that
+peer (``_refuse_older``), and its issue time noted; the phone's certificate client
+answers a bodiless ``pending`` NOTIFY 200 and changes nothing (the certificate comes
+in the NOTIFY that follows).
 """
 
 from __future__ import annotations
@@ -111,9 +118,6 @@ def _old_signed_message(pki: TestPKI, old, contact: str, hop: Hop) -> bytes:
     return old_bob.protect(plain).message.serialize()
 
 
-@pytest.mark.xfail(strict=True, reason="review 65: untrusted hop: empty NOTIFY, then bob's "
-                   "old signed MESSAGE (refused, stale) plants his replaced certificate; the "
-                   "real phone seals alice's next MESSAGE for the compromised key")
 def test_hole_a_refused_old_message_makes_the_phone_seal_for_bobs_old_key(
         tmp_path: Path, pki: TestPKI, group: PhoneGroup, hop: Hop) -> None:
     old = issue_user(pki.ca, BOB, "ec",

@@ -55,6 +55,13 @@ a proxy of the peer's domain learnt for bob is asked again per peer in
 ourselves tried to seal for (a stranger's INVITE is refused through ``certs.user``,
 not ``_peer_certificate``), so a stranger fills neither the wanted list nor the
 pending fetches.
+
+Fixed (stop 31): a signer's certificate is kept only from a message accepted (after
+the replay and context checks, ``UAEngine._learn_signer``), and checked as every
+certificate from the wire is: not a CA, not issued before one held or given for that
+peer (``_refuse_older``), and its issue time noted; the phone's certificate client
+answers a bodiless ``pending`` NOTIFY 200 and changes nothing (the certificate comes
+in the NOTIFY that follows).
 """
 
 from __future__ import annotations
@@ -165,9 +172,6 @@ def _alice_follows_then_hop_empties(pki):
     return engine, compromised, replacement, old_message
 
 
-@pytest.mark.xfail(strict=True, reason="review 65: untrusted hop replays bob's old signed "
-                   "MESSAGE (refused) after an empty NOTIFY; its signer certificate becomes "
-                   "bob's: alice's next MESSAGE is sealed for his replaced, compromised key")
 def test_hole_a_replayed_old_message_plants_bobs_replaced_certificate(pki):
     engine, compromised, _, old_message = _alice_follows_then_hop_empties(pki)
     # (3) the hop replays bob's old MESSAGE: refused (a replay) ...
@@ -265,9 +269,6 @@ def _following_bob(pki):
     return made
 
 
-@pytest.mark.xfail(strict=True, reason="review 65: nobody (a peer whose certificate NOTIFY "
-                   "exceeds 1300 octets) or a hop: the proxy's bodiless 'pending' NOTIFY to "
-                   "each renewal drops the peer's held certificate; sends to bob fail")
 def test_hole_the_services_pending_notify_on_a_renewal_drops_the_held_certificate(pki):
     """Nobody needed: alice follows bob, whose certificate NOTIFY is above 1300 octets
     (``notifier.next_hop_for_size``: a 4096-bit RSA certificate, or a public CA's
@@ -296,9 +297,6 @@ def test_hole_the_services_pending_notify_on_a_renewal_drops_the_held_certificat
         "the service's pending NOTIFY dropped bob's certificate"
 
 
-@pytest.mark.xfail(strict=True, reason="review 65: nobody (a large peer certificate): the "
-                   "first fetch's 'pending' NOTIFY ends the fetch as 'no certificate'; the "
-                   "waiting MESSAGE fails before the certificate arrives")
 def test_hole_the_services_pending_notify_ends_the_first_fetch(pki):
     made = subscriber(pki)
     sub = _subscribe_to_bob(made.engine, made.client, made.sent)
