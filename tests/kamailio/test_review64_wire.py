@@ -1,0 +1,101 @@
+"""A sixty-fourth attacker's review (December 2026) of ef7ffd6: differential parsing,
+round two (core vs pjsip, core vs Kamailio); here on a real Kamailio.  The core's side
+is ``tests/unit/test_review64.py``.
+
+Hole (``test_hole_an_ampersand_in_the_proxys_own_via_keeps_an_answer_out_of_the_archive``):
+
+- Attacker: an **insider UA** (bob, registered behind the home proxy, who wants his
+  answers out of the archive), or an **untrusted hop** between bob and the proxy.
+- Messages: alice's plain MESSAGE to bob through the proxy (which views ``MESSAGE:*``
+  and archives what it reads); bob's 200 carries a text body (a receipt) and, in the
+  top Via - the proxy's own, which Kamailio strips before relaying - an extra parameter
+  ``;x=a&b``.
+- Effect (seen): the proxy's core refuses the whole response (``sip.parse`` ->
+  ``_check_unambiguous``: an ``&`` outside quotes in a typed header, review 62's rule),
+  ``route_reply`` raises outside its own ``try`` and the reply goes on unread;
+  Kamailio matches the transaction by the branch, strips its Via and relays the rest:
+  alice gets a clean 200 (her own core reads it), and the receipt is in no archive row.
+  The same as review 57's second To, but through a header that only the proxy sees.
+- At fault: ``kamailio_app/kemi.py`` ``route_reply`` (an unreadable response is relayed,
+  and a response is unreadable for a header the next hop never gets) with
+  ``e2m_plugins/sip.py`` ``_check_unambiguous`` (applied to the proxy's own Via).  Fix:
+  drop (``return 0`` / ``drop()``) a response the core cannot read when the proxy views
+  its method, as review 57 does for a second To; or read a response without the Via
+  Kamailio will remove (check ``&`` after stripping the top Via).
+
+What held: see the module docstring of ``tests/unit/test_review64.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from e2m_lab.kamailio_harness import registered_uas
+from e2m_plugins.sip import make_request, make_response, parse
+
+pytestmark = pytest.mark.kamailio
+
+VIEW = ("MESSAGE:*",)
+
+
+def _answer_with(proxy_factory, via_param: str | None):
+    """bob answers alice's plain MESSAGE with a 200 carrying a text body (a receipt),
+    ``via_param`` appended to the top Via (the proxy's).  Returns the 200s that reached
+    alice's socket, the archive's texts and the proxy's log of it."""
+    proxy = proxy_factory("r64a", e2m=True, view=VIEW)
+    mark = proxy.log_mark()
+
+    def responder(request):
+        reply = make_response(request, 200, "OK", body=b"receipt", content_type="text/plain")
+        if via_param is not None:
+            vias = reply.get_all("Via")
+            wire = reply.serialize()
+            return wire.replace(vias[0].encode(), (vias[0] + via_param).encode(), 1)
+        return reply.serialize()
+    with registered_uas(proxy, "bob", None, "127.0.0.64", responder=responder) as uas:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.65", 0))
+        sock.settimeout(2)
+        port = sock.getsockname()[1]
+        try:
+            msg = make_request("MESSAGE", "sip:bob@example.com", from_uri="sip:alice@example.com",
+                               to_uri="sip:bob@example.com", via_host=f"127.0.0.65:{port}",
+                               body=b"hello bob", content_type="text/plain")
+            sock.sendto(msg.serialize(), ("127.0.0.1", proxy.port))
+            answers = []
+            try:
+                while not answers:
+                    data = sock.recv(65535)
+                    if data.startswith(b"SIP/2.0 2"):
+                        answers.append(data)
+            except socket.timeout:
+                pass
+            assert uas.wait_for(1, method="MESSAGE")
+            time.sleep(0.3)
+            rows = [r.plaintext for r in proxy.archive_rows()]
+            return answers, rows, proxy.log_since(mark)
+        finally:
+            sock.close()
+
+
+def test_control_a_receipt_with_a_plain_extra_via_parameter_is_archived(proxy_factory):
+    """bob's receipt with an ordinary extra parameter in the proxy's Via (``;x=ab``):
+    read, archived beside alice's text, delivered."""
+    answers, rows, _ = _answer_with(proxy_factory, ";x=ab")
+    assert len(answers) == 1 and parse(answers[0]).body == b"receipt"
+    assert b"hello bob" in rows and b"receipt" in rows
+
+
+@pytest.mark.xfail(strict=True, reason="review 64: insider callee (or hop past the proxy), "
+                   "an '&' in the proxy's own Via makes its answer unreadable to the core "
+                   "only: relayed unread, delivered, never archived")
+def test_hole_an_ampersand_in_the_proxys_own_via_keeps_an_answer_out_of_the_archive(
+        proxy_factory):
+    """Secure: an answer the proxy delivers is one it read (and archived), or it is not
+    delivered (dropped, as review 57's second To)."""
+    answers, rows, log = _answer_with(proxy_factory, ";x=a&b")
+    delivered = [parse(a) for a in answers]            # alice's own core reads it
+    assert not delivered or b"receipt" in rows, (len(delivered), rows, log[-600:])
