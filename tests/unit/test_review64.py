@@ -8,7 +8,8 @@ Hole (``test_hole_a_response_is_unreadable_for_a_via_kamailio_strips``):
   hop between the callee and the proxy.
 - Messages: the answer to a request the proxy views (a 200 with a body), with an extra
   parameter ``;x=a&b`` in the top Via - the proxy's own, the one Kamailio removes
-  before relaying.
+  before relaying (a control octet there, ``;x=a<0x01>b``, does the same through
+  ``_take_line``: shown on the wire).
 - Effect: ``sip.parse`` refuses the whole response (``_check_unambiguous``: an ``&``
   outside quotes in a typed header), so ``kemi.route_reply`` cannot read it and the
   reply goes on unread; Kamailio strips its Via and relays the rest, which the caller's
