@@ -547,23 +547,31 @@ def _content_length(index: dict[str, list[str]]) -> int | None:
 # MESSAGE shown as another sender's, a new call taken into a live one (review 54).
 # Kamailio drops such a request too.
 _SINGLE_HEADERS = ("from", "to", "call-id", "cseq")
-# Headers of free text: a SIP stack reads them to the end of the line, ``&`` and all.
-_FREE_TEXT = frozenset({"subject", "user-agent", "server", "organization", "date",
-                        "warning", "reason"})
+# Headers SIP stacks parse by type (pjsip 2.15's parsers: core, auth, event, 100rel,
+# session timers, replaces; with the body's own): such a parser ends the header at an
+# ``&`` outside quotes and <...>, and reads what follows as another header.  Others
+# (Subject, User-Agent, X-...) are read as text to the end of the line.
+_TYPED_HEADERS = frozenset({
+    "accept", "allow", "call-id", "contact", "content-length", "content-type", "cseq",
+    "expires", "from", "max-forwards", "min-expires", "record-route", "route", "require",
+    "retry-after", "supported", "to", "unsupported", "via", "authorization",
+    "proxy-authorization", "www-authenticate", "proxy-authenticate", "event",
+    "allow-events", "subscription-state", "rseq", "rack", "session-expires", "min-se",
+    "replaces", "refer-to", "referred-by", "content-encoding", "content-disposition"})
 
 
 def _check_unambiguous(index: dict[str, list[str]]) -> None:
     """``MalformedError`` for headers another SIP stack would read otherwise than we do:
     a header SIP allows once given twice (pjsip acts on the last copy, review 54), or
-    an ``&`` outside quotes and ``<...>`` in a header that is not free text (pjsip ends
-    a header it parses by type there and reads the rest as another header, review 62)."""
+    an ``&`` outside quotes and ``<...>`` in a header a stack parses by type (pjsip ends
+    it there and reads the rest as another header, review 62)."""
     for name in _SINGLE_HEADERS:
         values = index.get(name)
         if values is not None and len(values) > 1:
             raise MalformedError(f"more than one {name} header")
     for name, values in index.items():
         for value in values:
-            if "&" in value and name not in _FREE_TEXT and bare_ampersand(value):
+            if "&" in value and name in _TYPED_HEADERS and bare_ampersand(value):
                 raise MalformedError(f"an '&' outside quotes in {name}: another stack "
                                      "ends the header there")
 

@@ -305,6 +305,9 @@ class kamailio:
         self.app = APP
         self._local_hosts = None     # [kamailio] domains and identity host (from_ours)
         self.tcp_sweeper = None      # made in the timer process that sweeps (tcp_sweep.py)
+        # the reply the core reply route read ($mi, message or None: not to be read),
+        # for tm's reply route to use rather than read it again
+        self._reply = None
 
     def child_init(self, rank):
         return 0
@@ -921,8 +924,17 @@ class kamailio:
                       % KSR.pv.get("$rs"))
                 KSR.set_drop()
                 return 0
+            unreadable = self.read_reply()
+            if unreadable is not None:
+                # forwarded, it would reach the caller unread and unarchived (a Via only
+                # we see, which Kamailio strips, made it so: review 64); only here may a
+                # final reply be dropped (tm's reply route cannot)
+                _warn("e2m: a %s %s that must be read and cannot be (%s): dropped\n"
+                      % (KSR.pv.get("$rm"), KSR.pv.get("$rs"), unreadable))
+                KSR.set_drop()
+                return 0
         except Exception as exc:  # noqa: BLE001 - unreadable: tm's route reads it again
-            _log_exception("single header check", exc)
+            _log_exception("reply checks", exc)
         try:
             if (KSR.pv.get("$rs") or 0) in CHALLENGE_HEADERS and \
                     KSR.tm.t_check_trans() <= 0 and self.own_realm_challenge():
@@ -993,25 +1005,38 @@ class kamailio:
             _log_exception("reply route", exc)
         return 1
 
-    def route_reply(self, stray=False):
-        """Read a response: of one of our transactions, or (``stray``) a cluster's
-        reply to a request another node sent."""
+    def read_reply(self):
+        """Read the reply now if the engine must read it (kept for ``route_reply``).
+        None when it was read or needs no reading; else why it cannot be read: the core
+        refuses it (a header it will not take, ids it will not read, review 30), and
+        the caller must not get what the proxy could not read."""
+        self._reply = None       # an exception below leaves route_reply to read it
+        mark = KSR.pv.get("$mi")
         status = KSR.pv.get("$rs") or 0
-        if self.app.engine is None or status < 101:
-            return
-        if not self.app.engine.response_needs_reading(
+        engine = self.app.engine
+        if engine is None or status < 101 or not engine.response_needs_reading(
                 KSR.pv.get("$rm") or "", status, has_body=_has_body(),
                 has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0):
-            return  # e.g. a 200 to MESSAGE: inspecting it would do nothing
-        message = _read_message()
+            self._reply = (mark, None)   # e.g. a 200 to MESSAGE: inspecting it does nothing
+            return None
         try:
+            message = _read_message()
             _ids = (message.call_id, message.from_tag, message.to_tag)
         except E2MError as exc:
-            # ids the core will not read (a To tag over 1024 octets, not visible ASCII):
-            # unreadable, as any response the engine cannot read, and so never archived
-            # half-read (review 30)
-            _info("e2m: %s response %s action=forward error=%s (forwarded unread: %s)\n"
-                  % (KSR.pv.get("$rm"), KSR.pv.get("$rs"), type(exc).__name__, exc))
+            return "%s: %s" % (type(exc).__name__, exc)
+        self._reply = (mark, message)
+        return None
+
+    def route_reply(self, stray=False):
+        """Read a response: of one of our transactions, or (``stray``) a cluster's
+        reply to a request another node sent.  The core reply route read it already
+        (``read_reply``), or dropped it."""
+        if self._reply is None or self._reply[0] != KSR.pv.get("$mi"):
+            if self.read_reply() is not None:
+                return   # not this route's to drop: the core reply route did, or will
+        message = self._reply[1]
+        self._reply = None
+        if message is None:
             return
         asked = []
 

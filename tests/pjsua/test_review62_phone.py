@@ -48,7 +48,8 @@ reads one From, carol's; pjsua showed it From carol: the first From is the one s
 
 Fixed (stop 31): a Content-Type parameter with a backslash is MalformedError
 (``mime.parse_content_type``: pjsip keeps a quoted value's escapes, we would not); an
-``&`` outside quotes and ``<...>`` is MalformedError in any header but free text
+``&`` outside quotes and ``<...>`` is MalformedError in any header SIP stacks parse by
+type (pjsip's list; Subject or an X- header is text to the line's end)
 (``sip._check_unambiguous``, in ``parse`` and both engines) and in any body part's
 header (``mime._header_lines``): pjsip ends a header it parses by type at such an
 ``&``.  The second rule covers every typed header, not only Content-Type: my own

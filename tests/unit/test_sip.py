@@ -394,10 +394,6 @@ _values = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E)
 @given(st.lists(st.tuples(_names, _values), max_size=10), st.binary(max_size=200))
 def test_serialize_parse_round_trip(headers: list[tuple[str, str]], body: bytes) -> None:
     msg = sip.SipMessage(sip.RequestLine("MESSAGE", "sip:bob@b"), tuple(headers), body)
-    if any(grammar.bare_ampersand(value) for _, value in headers):
-        with pytest.raises(E2MError, match="'&'"):    # another stack ends a header there
-            sip.parse(msg.serialize())
-        return
     again = sip.parse(msg.serialize())
     assert again.start_line == msg.start_line
     assert again.headers[:-1] == msg.headers
