@@ -555,11 +555,12 @@ def register_contact(proxy: "ProxyHandle", user: str, port: int, *, password: st
 
 
 def answer_under_offer_key(proxy: "ProxyHandle", bob_engine: Any, bob: "RawUas",
-                           delivered: SipMessage, *, to_tag: str = "b1") -> SipMessage:
+                           delivered: SipMessage, *, to_tag: str = "b1",
+                           logged: str = "e2m: INVITE response 200") -> SipMessage:
     """bob (``bob``'s socket, ``bob_engine``'s keys) answers the INVITE the proxy
     ``delivered`` with a 200 sealed under the caller's offer key (CEK reuse), his To tag
     ``to_tag``, the route set copied back, sent to the proxy; returns the 200 as sent,
-    once the proxy logged reading it."""
+    once the proxy logged ``logged`` (reading it, or dropping it)."""
     from .flows import SDP_ANSWER, answer
     reply = answer(bob_engine.open(delivered).message, SDP_ANSWER, to_tag=to_tag)
     reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{bob.port}>")
@@ -568,7 +569,7 @@ def answer_under_offer_key(proxy: "ProxyHandle", bob_engine: Any, bob: "RawUas",
     protected = bob_engine.protect(reply)
     assert protected.info.key_reuse
     bob.sock.sendto(protected.message.serialize(), ("127.0.0.1", proxy.port))
-    assert proxy.wait_log("e2m: INVITE response 200", timeout=5)
+    assert proxy.wait_log(logged, timeout=5)
     return protected.message
 
 
