@@ -28,7 +28,7 @@ from e2m_lab.kamailio_harness import SipUa, udp_transaction
 from e2m_plugins.sip import make_request, make_response
 from tests.kamailio.test_review27_wire import USERS
 from tests.kamailio.test_review29_wire import (  # noqa: F401 - tcp_home: a fixture
-    IDLE, SHARED, _keep_alive, _open, _stranger, tcp_home)
+    FIRST, IDLE, SHARED, _keep_alive, _open, _stranger, tcp_home)
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.slow]   # the TCP tests wait out sweeps
 
@@ -43,7 +43,7 @@ def _after_a_sweep(proxy) -> None:
     probe = socket.socket()
     probe.bind((ELSEWHERE, 0))
     probe.connect(("127.0.0.1", proxy.port))
-    probe.settimeout(4 * IDLE)
+    probe.settimeout(4 * FIRST + 4)
     try:
         assert probe.recv(1) == b"", "the silent probe got data"
     except (ConnectionResetError, OSError):
