@@ -1,0 +1,226 @@
+"""A sixty-sixth attacker's review (December 2026) of 2fcd1c5: today's fixes, attacked
+(``kemi.read_reply``/``route_reply``, the ``&`` and MIME checks, the phone's ``as_read``,
+the archive's uid for answers and ``answer_share(signer=)``, ``PendingUses.spend``,
+``_learn_signer``, ``learn_496`` beside a configured entry, the pending NOTIFY,
+``served_certificate``).  Core tests only.
+
+``test_hole_*`` xfail strictly on 2fcd1c5 (their assertion is the secure behaviour);
+``test_control_*`` are the same flows without the attack, or show that the attack's
+messages are taken as far as they should be (they pass).
+
+Hole 1 (``test_hole_a_hops_stray_copy_of_a_plaintext_answer_takes_its_row_nameless``):
+
+- Attacker: the untrusted hop between bob and the domain (or bob himself, an insider
+  callee) on a cluster.
+- Messages: bob's plaintext 200 (SDP, unsigned: a ``[[legacy]]`` peer, or E2M not
+  required) to alice's INVITE; the hop sends a byte-exact copy to the *other* node
+  first (a stray reply there: no transaction, no ``$avp(e2m_callee)`` nor
+  ``$avp(e2m_sent_to)``), then relays the real one to the node holding the transaction.
+- Effect: review 61's fix leaves a response's sender (``from_uri``) and Request-URI out
+  of ``content_uid``, so both copies get one uid and the first recorded is the row: the
+  stray copy's, whose unsigned body names no sender and no Request-URI.  The node with
+  the transaction, which knows that bob answered and where the INVITE went, records
+  nothing (``ON CONFLICT DO NOTHING``).  Before the fix the real row was stored (beside
+  a second one); now the hop chooses the worse attribution for the only row: alice's
+  call's answer is archived from nobody.
+- At fault: ``kamailio_app/archive.py`` ``content_uid`` (``b.from_uri if b.status is
+  None else None``, ``b.request_uri if b.status is None else None``) with
+  ``bootstrap.body_records`` (``senders = [responder or (To if item.bound else None)]``).
+  Fix: let the copy that knows more win (upsert ``from_uri``/``request_uri`` when the
+  stored row has none and the new one is read with the transaction), or keep strays'
+  copies of an unbound answer under a uid of their own.
+
+Hole 2 (``test_hole_one_accepted_message_with_its_part_repeated_spends_many_uses``):
+
+- Attacker: an untrusted on-path hop (or the curious chosen proxy) on an E2M call.
+- Messages: alice calls bob, bob answers under alice's offer key K0 (RFC 3185), ACK;
+  then each of bob's re-INVITEs (sealed under K0, signed, bound) is rewritten by the hop
+  into a ``multipart/mixed`` holding bob's very part 16 times (``max_parts``).  Each
+  copy opens, its signature and SIP context check (same Content-ID, same handling),
+  the replay check passes (one message), alice accepts it and shows bob's SDP.
+- Effect: ``PendingUses`` appends a key each time the lookup finds it and ``spend``
+  adds one use per find: one accepted message costs K0 16 uses at alice, one at bob.
+  After six such re-INVITEs K0 is used up at alice only (``cek_max_uses`` 100); bob's
+  next re-INVITE under K0 (bob still counts far fewer uses) is undecipherable at alice
+  (493), the same effect as review 63's hole with a handful of accepted messages
+  instead of 100 refused copies, and nothing is refused that anyone would notice.
+- At fault: ``e2m_plugins/dialog_keys.py`` ``PendingUses._kek_for`` /``spend``
+  (``self._found.append(key)`` then ``key.uses += 1`` per entry).  Fix: spend each key
+  found once per message (a set of references), and/or refuse a multipart whose parts
+  repeat one envelope.
+
+What held (tried; no test kept unless named):
+
+- ``sip.parse`` and the ids ``kemi.read_reply`` reads (Call-ID, tags) raise nothing but
+  ``E2MError`` over 200,000 random mutations of a 200 (so no exception makes the core
+  reply route let an unreadable answer go to tm's route and on);
+- ``_TYPED_HEADERS`` holds every header pjsip 2.15 parses by type, and every compact
+  form maps to its long name (``x:``, ``o:``, ``u:``, ``k:``...); the generic-array
+  headers (Allow, Supported, Require...) read ``&`` into the value at pjsip, and
+  pjsip's parameter values take ``&`` (PARAM_CHAR), so no ``&`` the core lets through
+  ends a header there; a ``"`` or ``<`` that the core would take for an opening quote
+  or bracket stops pjsip's typed parsers with a syntax error (header dropped);
+- the multipart check ``body.count(--boundary) == delimiters``: an extra occurrence can
+  only hide by overlapping a delimiter, which needs a line break in the boundary;
+- ``mime.as_read`` on stock bodies (sipfrag with ``version=``, dtmf-relay, message
+  summary, pidf, multipart/mixed SDP + ISUP, multipart/related with ``type``/``start``,
+  a preamble): rewritten without error, the same parts and types (false refusals only
+  for an ``&`` in a part's Content-Description or an unquoted filename, and for a
+  backslash in a quoted Content-Type parameter: not stock SIP traffic);
+- with_entity drops every Content-* header (compact ``c``/``l``/``e`` too), so a second
+  Content-Type never reaches pjsip on the rewritten path; a repeated Content-* in a
+  part is refused;
+- copies of bob's part relabelled ``handling=optional`` are refused (the signed context
+  binds the handling and Content-ID);
+- ``learn_496`` beside a configured entry: the taught entry lapses, takes no fingerprint
+  from a 496's header for a configured host, is counted among unscoped entries, and
+  ``withdraw`` removes it.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, answer, reinvite
+from e2m_plugins import mime
+from e2m_plugins.body import message_body, with_entity
+from e2m_plugins.proxy import SeenBody, Verdict
+from e2m_plugins.sip import make_request, make_response
+from e2m_plugins.testpki import init_test_pki
+from kamailio_app.bootstrap import ProxyApp
+from tests.unit.test_review63 import _call_with_a_reinvite
+
+ALICE, BOB = "sip:alice@example.com", "sip:bob@example.com"
+BOB_CONTACT = "sip:bob@127.0.0.1:5062"
+SDP = (b"v=0\r\no=bob 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+       b"m=audio 3456 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+# --------------------------------------------------------------------------------------
+# Hole 1: a hop's stray copy of a plaintext answer is the row, with no sender
+
+
+class _Recorder:
+    """An archive that stores the first copy of each uid (``ON CONFLICT DO NOTHING``)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple] = {}
+
+    def record(self, bodies, media=(), *, uid=None, may_spool=True, share=None):
+        self.rows.setdefault(uid, (bodies, media))
+        return uid
+
+
+def _app() -> tuple[ProxyApp, _Recorder]:
+    store = _Recorder()
+    config = SimpleNamespace(archive=SimpleNamespace(fail_request_on_error=False))
+    return ProxyApp(config, engine=None, archive=store, events=None), store   # type: ignore[arg-type]
+
+
+def _bobs_plaintext_answer():
+    invite = make_request("INVITE", BOB, from_uri=ALICE, to_uri=BOB, call_id="r66@127.0.0.1",
+                          from_tag="a1", body=b"offer", content_type="application/sdp")
+    ok = make_response(invite, 200, "OK", [], SDP, "application/sdp")
+    # an unsigned answer, as the engine reports it at either node
+    seen = (SeenBody(None, "application/sdp", SDP, False, "none", None),)
+    return ok, Verdict("forward", seen=seen)
+
+
+def _at_the_node_with_the_transaction(app, message, verdict):
+    # kemi.route_reply at node A: responder and where the INVITE went from the AVPs
+    app.observe(message, verdict, responder=BOB, sent_to=BOB_CONTACT, share=ALICE)
+
+
+def _at_the_other_node(app, message, verdict):
+    # kemi.route_stray_reply at node B: no transaction, no AVPs
+    app.observe(message, verdict, responder=None, sent_to=None, share=None, stray=True)
+
+
+def _senders(store):
+    return [(body.from_uri, body.request_uri) for bodies, _ in store.rows.values()
+            for body in bodies]
+
+
+def test_control_bobs_plaintext_answer_is_archived_from_bob():
+    app, store = _app()
+    ok, verdict = _bobs_plaintext_answer()
+    _at_the_node_with_the_transaction(app, ok, verdict)
+    _at_the_other_node(app, ok, verdict)          # a later stray copy: the same row
+    assert _senders(store) == [(BOB, BOB_CONTACT)]
+
+
+def test_control_the_hops_copy_is_the_same_answer_to_the_archive():
+    # the copy at B is read and archived (nameless, as an unbound stray must be), and it
+    # is taken for the same message as the real one: one uid for both
+    app_a, store_a = _app()
+    app_b, store_b = _app()
+    ok, verdict = _bobs_plaintext_answer()
+    _at_the_other_node(app_b, ok, verdict)
+    _at_the_node_with_the_transaction(app_a, ok, verdict)
+    assert _senders(store_b) == [(None, None)]
+    assert set(store_a.rows) == set(store_b.rows)
+
+
+@pytest.mark.xfail(strict=True, reason="review 66: untrusted hop (cluster) sends bob's "
+                   "plaintext 200 to the other node first: the only archive row names no "
+                   "sender nor Request-URI, the real one (from bob) is never stored")
+def test_hole_a_hops_stray_copy_of_a_plaintext_answer_takes_its_row_nameless():
+    app, store = _app()                           # one shared archive for both nodes
+    ok, verdict = _bobs_plaintext_answer()
+    _at_the_other_node(app, ok, verdict)          # the hop's copy, first
+    _at_the_node_with_the_transaction(app, ok, verdict)   # bob's answer, relayed
+    assert (BOB, BOB_CONTACT) in _senders(store), _senders(store)
+
+
+# --------------------------------------------------------------------------------------
+# Hole 2: one accepted message with its part repeated spends a dialog key many times
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_test_pki(None, users=("alice", "bob", "carol"), key_type="ec")
+
+
+def _repeated(message, times: int):
+    """A hop's rewrite: the body a multipart/mixed of ``times`` copies of its one part."""
+    part = message_body(message)
+    return with_entity(message, mime.multipart_mixed([part] * times))
+
+
+def _rounds(world, call_id: str, times: int | None, rounds: int) -> tuple[list[bytes], bytes]:
+    """alice and bob in a call under K0; alice re-INVITEs ``rounds`` times (her offer
+    sealed under K0) and bob answers each 200 under K0, each answer rewritten by the hop
+    when ``times``; then bob re-INVITEs.  The SDP alice read in each answer, and in
+    bob's re-INVITE."""
+    alice, bob, _ = _call_with_a_reinvite(world, call_id)
+    read = []
+    for cseq in range(2, 2 + rounds):
+        offer = alice.protect(reinvite(world, "alice", "bob", call_id, cseq, "a1", "b1",
+                                       SDP_OFFER)).message
+        ok = bob.protect(answer(bob.open(offer).message, SDP_ANSWER))
+        assert ok.info.key_reuse                   # bob answers under K0
+        message = ok.message if times is None else _repeated(ok.message, times)
+        read.append(alice.open(message).message.body)
+    sent = bob.protect(reinvite(world, "bob", "alice", call_id, 2, "b1", "a1", SDP_ANSWER))
+    assert sent.info.key_reuse                     # bob still holds K0 as usable
+    return read, alice.open(sent.message).message.body
+
+
+def test_control_a_call_carries_many_reinvites_under_the_dialog_key(world):
+    assert _rounds(world, "r66-uses-control", None, 6) == ([SDP_ANSWER] * 6, SDP_ANSWER)
+
+
+def test_control_the_hops_repeated_part_is_accepted_as_bobs(world):
+    # the rewritten message is accepted (signature, context, replay all pass) and shows
+    # bob's SDP: nothing is refused that would show the hop
+    read, _ = _rounds(world, "r66-uses-accepted", 16, 1)
+    assert read == [SDP_ANSWER]
+
+
+@pytest.mark.xfail(strict=True, reason="review 66: untrusted hop repeats the part of bob's "
+                   "re-INVITEs 16 times: each accepted message spends 16 uses of K0 at "
+                   "alice, so after six bob's next body under K0 is undecipherable (493)")
+def test_hole_one_accepted_message_with_its_part_repeated_spends_many_uses(world):
+    assert _rounds(world, "r66-uses-hole", 16, 6) == ([SDP_ANSWER] * 6, SDP_ANSWER)
