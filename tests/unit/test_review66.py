@@ -34,20 +34,44 @@ Hole 2 (``test_hole_one_accepted_message_with_its_part_repeated_spends_many_uses
 
 - Attacker: an untrusted on-path hop (or the curious chosen proxy) on an E2M call.
 - Messages: alice calls bob, bob answers under alice's offer key K0 (RFC 3185), ACK;
-  then each of bob's re-INVITEs (sealed under K0, signed, bound) is rewritten by the hop
-  into a ``multipart/mixed`` holding bob's very part 16 times (``max_parts``).  Each
-  copy opens, its signature and SIP context check (same Content-ID, same handling),
-  the replay check passes (one message), alice accepts it and shows bob's SDP.
-- Effect: ``PendingUses`` appends a key each time the lookup finds it and ``spend``
-  adds one use per find: one accepted message costs K0 16 uses at alice, one at bob.
-  After six such re-INVITEs K0 is used up at alice only (``cek_max_uses`` 100); bob's
-  next re-INVITE under K0 (bob still counts far fewer uses) is undecipherable at alice
-  (493), the same effect as review 63's hole with a handful of accepted messages
-  instead of 100 refused copies, and nothing is refused that anyone would notice.
-- At fault: ``e2m_plugins/dialog_keys.py`` ``PendingUses._kek_for`` /``spend``
-  (``self._found.append(key)`` then ``key.uses += 1`` per entry).  Fix: spend each key
-  found once per message (a set of references), and/or refuse a multipart whose parts
-  repeat one envelope.
+  alice re-INVITEs six times (under K0) and bob answers each 200 under K0 (signed,
+  bound); the hop rewrites each of bob's 200s into a ``multipart/mixed`` holding bob's
+  very part 16 times (``max_parts``).  Each copy opens, its signature and SIP context
+  check (same Content-ID, same handling), the replay check passes (one message): alice
+  accepts each answer and reads bob's SDP.  A response cannot be refused by the proxy
+  (hole 3: it relays these unread), so the hop may sit on either side of it.
+- Effect: ``PendingUses._kek_for`` appends the key each time the lookup finds it and
+  ``spend`` adds one use per entry: one accepted answer costs K0 16 uses at alice, one
+  at bob.  After six such answers K0 is used up at alice only (``cek_max_uses`` 100;
+  bob counts 15); bob's next re-INVITE, sealed under K0 as ``reuse`` allows him, is
+  undecipherable at alice (``NoMatchingRecipientError``: 493).  Review 63's effect
+  with six accepted, unremarkable answers instead of 100 refused copies.
+- At fault: ``e2m_plugins/dialog_keys.py`` ``PendingUses._kek_for``/``spend``
+  (``self._found.append(key)``, then ``key.uses += 1`` per entry); the proxy's
+  ``ProxyEngine._spend`` loops over ``looked_up`` the same way (one ``cache.get`` per
+  find), though there hole 3's Content-ID check stops the form used here.  Fix: spend
+  each key found once per message (a set by reference), and have the UA refuse what
+  the proxy refuses (parts sharing a Content-ID).
+
+Hole 3 (``test_hole_bobs_part_repeated_is_unread_at_the_proxy_and_accepted_by_alice``):
+
+- Attacker: the untrusted hop between bob and the home proxy (or bob, an insider).
+- Messages: bob's E2M 200 to alice's INVITE (the proxy views INVITE SDP: firewall,
+  archive), rewritten into a ``multipart/mixed`` of two copies of bob's part.
+- Effect: the proxy's engine refuses the body (``MalformedError`` "two body parts share
+  a Content-ID", ``proxy.py`` ``_check_parts``) and, a response, it is relayed unread:
+  nothing seen, nothing archived, no media line for the firewall.  Review 64's drop in
+  the core reply route covers only what ``sip.parse`` refuses, and protocol.md §7 now
+  says only a body the proxy "cannot open (no key of its own)" goes on.  Alice's
+  ``UAEngine.open`` has no such check: both copies open, the first is chosen, the call
+  is answered with bob's SDP.  So the chosen proxy misses an answer that alice reads.
+- At fault: ``kamailio_app/kemi.py`` ``route_reply`` (an engine verdict with
+  ``error`` is forwarded) with the difference between ``proxy.py`` (``two body parts
+  share a Content-ID``) and ``ua.py`` ``_open`` (``top_parts`` taken as they come).
+  Fix: the UA refuses a body the proxy would refuse as malformed (one shared check of
+  the audience parts in ``body.py``), and the core reply route drops a response the
+  engine must read whose verdict is ``MalformedError`` as it drops what the core cannot
+  parse.
 
 What held (tried; no test kept unless named):
 
@@ -83,9 +107,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, answer, reinvite
+from e2m_lab.flows import (SDP_ANSWER, SDP_OFFER, SDP_VIEW, TRUSTED, answer, apply_forward,
+                           invite, known_proxy, proxy_engine, reinvite, ua_engine)
 from e2m_plugins import mime
 from e2m_plugins.body import message_body, with_entity
+from e2m_plugins.errors import E2MError
 from e2m_plugins.proxy import SeenBody, Verdict
 from e2m_plugins.sip import make_request, make_response
 from e2m_plugins.testpki import init_test_pki
@@ -220,7 +246,55 @@ def test_control_the_hops_repeated_part_is_accepted_as_bobs(world):
 
 
 @pytest.mark.xfail(strict=True, reason="review 66: untrusted hop repeats the part of bob's "
-                   "re-INVITEs 16 times: each accepted message spends 16 uses of K0 at "
-                   "alice, so after six bob's next body under K0 is undecipherable (493)")
+                   "200s 16 times: each accepted answer spends 16 uses of K0 at alice, so "
+                   "after six bob's next re-INVITE under K0 is undecipherable (493)")
 def test_hole_one_accepted_message_with_its_part_repeated_spends_many_uses(world):
     assert _rounds(world, "r66-uses-hole", 16, 6) == ([SDP_ANSWER] * 6, SDP_ANSWER)
+
+
+# --------------------------------------------------------------------------------------
+# Hole 3: a hop repeats bob's part: the proxy cannot read the answer, alice accepts it
+
+
+def _answered_through_the_proxy(world, call_id: str):
+    """alice calls bob through the home proxy (it views INVITE SDP); bob answers under
+    the offer's key.  Returns (proxy, alice, bob's 200 as bob sent it)."""
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW)
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob")
+    sent = alice.protect(invite(world, call_id=call_id)).message
+    delivered = bob.open(apply_forward(sent, proxy.inspect(sent))).message
+    return proxy, alice, bob.protect(answer(delivered)).message
+
+
+def _through(proxy, alice, ok):
+    """What the proxy read of ``ok`` (its verdict), and whether alice accepted it."""
+    verdict = proxy.inspect(ok)
+    try:
+        alice.open(apply_forward(ok, verdict))
+    except E2MError:
+        return verdict, False
+    return verdict, True
+
+
+def test_control_bobs_answer_is_read_by_the_proxy_and_accepted_by_alice(world):
+    proxy, alice, ok = _answered_through_the_proxy(world, "r66-cid-control@x")
+    verdict, accepted = _through(proxy, alice, ok)
+    assert verdict.error is None and verdict.seen and accepted
+
+
+def test_control_bobs_part_alone_in_a_multipart_is_read_and_accepted(world):
+    # the hop's rewrite is well formed: one copy in a multipart/mixed is read by both
+    proxy, alice, ok = _answered_through_the_proxy(world, "r66-cid-one@x")
+    verdict, accepted = _through(proxy, alice, _repeated(ok, 1))
+    assert verdict.error is None and verdict.seen and accepted
+
+
+@pytest.mark.xfail(strict=True, reason="review 66: untrusted hop repeats the part of bob's "
+                   "200: the proxy cannot read it (two parts share a Content-ID) and relays "
+                   "it unread and unarchived, alice's phone accepts it")
+def test_hole_bobs_part_repeated_is_unread_at_the_proxy_and_accepted_by_alice(world):
+    proxy, alice, ok = _answered_through_the_proxy(world, "r66-cid-hole@x")
+    verdict, accepted = _through(proxy, alice, _repeated(ok, 2))
+    # what alice's phone takes, her proxy read (or the phone refuses what it could not)
+    assert verdict.seen or not accepted, (verdict.action, verdict.error, verdict.detail)
