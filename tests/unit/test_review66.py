@@ -2,7 +2,8 @@
 (``kemi.read_reply``/``route_reply``, the ``&`` and MIME checks, the phone's ``as_read``,
 the archive's uid for answers and ``answer_share(signer=)``, ``PendingUses.spend``,
 ``_learn_signer``, ``learn_496`` beside a configured entry, the pending NOTIFY,
-``served_certificate``).  Core tests only.
+``served_certificate``).  Hole 3 on a real Kamailio:
+``tests/kamailio/test_review66_wire.py``.
 
 ``test_hole_*`` xfail strictly on 2fcd1c5 (their assertion is the secure behaviour);
 ``test_control_*`` are the same flows without the attack, or show that the attack's
