@@ -107,10 +107,17 @@ def message_body(message: SipMessage, limits: Limits = DEFAULT_LIMITS) -> mime.M
 
 
 def top_parts(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> list[mime.MimePart]:
-    """The audience parts: those of a ``multipart/mixed``, else the body itself."""
-    if part.content_type.mime_type == "multipart/mixed":
-        return mime.parse_multipart(part, mime.MimeLimits.from_limits(limits))
-    return [part]
+    """The audience parts: those of a ``multipart/mixed``, else the body itself.  Two
+    parts with one Content-ID are MalformedError, for the proxy and the UA alike: a
+    label or a signed context names a part by it (review 66: the proxy refused such a
+    body, the UA took it)."""
+    if part.content_type.mime_type != "multipart/mixed":
+        return [part]
+    parts = mime.parse_multipart(part, mime.MimeLimits.from_limits(limits))
+    ids = [p.content_id for p in parts if p.content_id]
+    if len(set(map(mime.normalize_cid, ids))) != len(ids):
+        raise MalformedError("two body parts share a Content-ID")
+    return parts
 
 
 def is_protected(part: mime.MimePart) -> bool:

@@ -110,20 +110,22 @@ class PendingUses:
 
     def __init__(self, lock: threading.Lock, kept: dict[bytes, DialogKey]) -> None:
         self._lock, self._kept = lock, kept
-        self._found: list[DialogKey] = []
+        self._found: dict[bytes, DialogKey] = {}
         self.lookup = KekLookup(self._kek_for)
 
     def _kek_for(self, reference: bytes) -> bytes | None:
         key = self._kept.get(reference)
         if key is None:
             return None
-        self._found.append(key)
+        self._found[reference] = key
         return key.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
 
     def spend(self) -> None:
-        """One use of each key a lookup found (once: the found list is emptied)."""
+        """One use of each key a lookup found, however many parts it opened (a hop's
+        copies of one part must not use a key up faster than the peer counts it,
+        review 66), once: the found keys are forgotten."""
         with self._lock:
-            for key in self._found:
+            for key in self._found.values():
                 key.uses += 1
         self._found.clear()
 

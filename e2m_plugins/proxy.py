@@ -413,6 +413,18 @@ class ProxyEngine:
             self.cache.drop(scope, name)
 
     @staticmethod
+    def check_readable(message: SipMessage) -> None:
+        """``E2MError`` for a message the engine cannot even take apart: its headers
+        (``check_unambiguous``), its ids, its body's MIME framing and top parts (two
+        parts with one Content-ID, review 66).  What a host must not relay unread when
+        it cannot refuse it (a response: Kamailio drops it in its core reply route)."""
+        message.check_unambiguous()
+        _ids = (message.call_id, message.from_tag, message.to_tag)
+        part = message_body(message)
+        if part is not None:
+            top_parts(part)
+
+    @staticmethod
     def response_needs_reading(method: str, status: int, *, has_body: bool,
                                has_policy: bool) -> bool:
         """False when ``inspect`` of this response would do nothing at all: nothing to
@@ -458,9 +470,6 @@ class ProxyEngine:
         """The parts to open: every part when our own policy covers the method (a label
         that names only some parts must not hide the others from us), else the ones
         our label names."""
-        ids = [p.content_id for p in parts if p.content_id]
-        if len(set(map(mime.normalize_cid, ids))) != len(ids):
-            raise MalformedError("two body parts share a Content-ID")
         if label is not None:
             for cid in label.cids:
                 if mime.find_by_cid(parts, cid) is None:
@@ -523,9 +532,11 @@ class ProxyEngine:
         CEK and makes up dialogs, a gateway's early UPDATE) uses it where it is."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
+        spent: set[tuple[Scope, bytes]] = set()
         for candidate, name, reference, scope in looked_up:
-            if f"kekid={reference.hex()}" not in used:
-                continue               # found, but not what opened the part
+            if f"kekid={reference.hex()}" not in used or (candidate, name) in spent:
+                continue               # found, but not what opened a part; or counted
+            spent.add((candidate, name))   # one use a message, however many parts
             kept = self.cache.get(candidate, name)
             # (a key whose last use this was is gone: nothing to keep for the dialog)
             if kept is None or kept.max_decrypts == 0 or candidate == scope \

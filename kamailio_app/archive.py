@@ -185,10 +185,16 @@ _BODY_COLUMNS = ("id", "time", "call_id", "from_uri", "to_uri", "method", "direc
                  "message_uid", "request_uri")
 MEDIA_COLUMNS = ("id", "time", "call_id", "method", "direction", "media", "address", "port",
                  "port_count", "proto", "codecs", "flow", "rtcp_port")
+# A copy of a message already stored adds nothing, except what the stored row lacks:
+# an answer's sender and Request-URI, which a copy read without the request's
+# transaction (at another node: a hop's, sent there first) could not name (review 66).
+# Only an empty field is filled; nothing stored is ever changed.
 _INSERT_BODY = ("INSERT INTO bodies (time, call_id, from_uri, to_uri, method, direction, status, "
                 "content_type, plaintext, sha256, signature, signer, cid, message_uid, part, "
                 "request_uri) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (message_uid, part) DO NOTHING")
+                "ON CONFLICT (message_uid, part) DO UPDATE SET "
+                "from_uri = COALESCE(bodies.from_uri, excluded.from_uri), "
+                "request_uri = COALESCE(bodies.request_uri, excluded.request_uri)")
 _INSERT_MEDIA = ("INSERT INTO media (time, call_id, method, direction, media, address, port, "
                  "port_count, proto, codecs, flow, rtcp_port, message_uid, part) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "

@@ -1021,7 +1021,7 @@ class kamailio:
             return None
         try:
             message = _read_message()
-            _ids = (message.call_id, message.from_tag, message.to_tag)
+            engine.check_readable(message)
         except E2MError as exc:
             return "%s: %s" % (type(exc).__name__, exc)
         self._reply = (mark, message)
