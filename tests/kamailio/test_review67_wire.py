@@ -1,0 +1,262 @@
+"""A sixty-seventh attacker's review (December 2026) of 2fcd1c5: who a user is - digest,
+registration, TLS and the dispatcher front, on a real Kamailio.
+
+Hole 1 (``test_hole_a_user_whose_name_differs_in_case_takes_over_anothers_registration``):
+**insider UA**.  ``e2m-proxy users add`` takes ``Alice`` beside ``alice`` (``users._USER``
+allows both cases), digest keeps them apart (``auth_db`` looks the name up as written,
+``auth_check`` flag 1 compares it case-sensitively: Alice's credentials with a To of
+``alice`` are 403), and so does the core (``uri.SipIdentity``: the user part is
+case-sensitive; ``sip:Alice@example.com`` has its own certificate).  But Kamailio's
+registrar folds the AoR to lower case (usrloc ``use_domain 0``, registrar
+``case_sensitive`` left at its default): Alice's own, correctly authenticated
+``REGISTER To: <sip:Alice@example.com>`` with ``Contact: *``/``Expires: 0`` removed
+alice's binding, and her next REGISTER put her own contact in its place.  A MESSAGE
+(plaintext, or any INVITE) to ``sip:alice@example.com`` then went to Alice's phone and
+never to alice's: alice's calls and messages were taken over (a plaintext body read by
+someone not chosen; alice unreachable for as long as Alice refreshes).  Without the
+``*`` Alice's contact is added beside alice's (one MESSAGE reached both phones).
+At fault: ``kamailio_app/templates/kamailio.cfg.tmpl`` (registrar/usrloc, "the AoR key
+is the user part") with ``kemi.route_register`` (``KSR.registrar.save("location", 0)``)
+against ``users._USER``.  Fix: ``modparam("registrar", "case_sensitive", 1)`` (the AoR
+stored and looked up as written, as digest and the core read it), or refuse in
+``users.add_user`` a name equal, ignoring case, to an existing one (and check the
+operator's own table at start).
+
+Hole 2 (``test_hole_the_next_hop_over_tls_takes_any_certificate_of_the_ca``): **curious
+chosen proxy** (any holder of a server certificate from the deployment's CA: another
+proxy of ours, a firewall-control proxy, a visited proxy of a partner domain) or an
+**untrusted hop** that has one, on the path between a visited proxy and home (DNS, a
+route).  The visited proxy reaches home over TLS (``[kamailio] next_hop`` with
+``;transport=tls``) and "verifies it against ``[tls] ca``", which by default is the
+``[trust] ca`` that issues every proxy's certificate.  The client profile
+(``launcher._tls_profile``: ``verify_certificate = yes``) checks the chain only: no
+name or address of the next hop is compared with the certificate (Kamailio 5.6's tls
+module does no host name check).  A TLS server at the next hop's address presenting a
+certificate of the same CA for ``other-proxy.example.net`` (SAN IP 10.9.9.9 only) got
+alice's REGISTER, challenged it in home's realm, and got her digest response (an MD5
+to test password guesses against offline), then answered 200 for home: alice believes
+she is registered at home, home never saw her, and every label, policy and plaintext
+body the visited proxy relays goes to the impostor.  At fault: ``launcher._tls_profile``
+(the ``[client:default]`` profile) and ``config._tls`` (``ca`` defaulting to the CA that
+issues proxies' certificates).  Fix: a ``[client:<next hop address>]`` profile whose
+``ca_list`` holds only the next hop's own certificate (pinning), or a TLS CA that
+issues nothing but the peers' TLS certificates; or check ``$tls_peer_san_*`` /
+``$tls_peer_subject_cn`` against ``next_hop``'s host in an
+``event_route[tls:connection-out]`` and drop the connection when they differ.
+
+Controls: alice and Alice are two users to digest (Alice's credentials for alice's To
+are 403) and to the core; a MESSAGE to alice reaches her contact while Alice has not
+registered; the fake next hop with a certificate naming 127.0.0.1 gets the REGISTER
+(the set-up works), and one of another CA gets nothing (``test_tls_wire.py``).
+
+Tried and held (fresh Kamailio, 127.0.0.x sources):
+- a stranger's MESSAGE with 24 spellings of alice's From (quoted display names with
+  ``\\"`` and ``<sip:x@evil.test>`` inside, ``sips:``, upper-case host or scheme, a
+  port, ``;transport=``, ``%61lice``, ``?x=y``, a trailing dot, blanks, the listen
+  address, ``proxy.example.com``): each one the core reads as one of our users is
+  challenged (407); the ones not challenged (``127.1``, ``0x7f.0.0.1``, ``2130706433``,
+  ``[::ffff:127.0.0.1]``, ``localhost``) the core, the phones and the archive read as
+  another host, never as alice;
+- carol (authenticated) with a From of ``Carol``, ``%63arol`` or ``carol;x=alice``: 403;
+  ``carol@example.com;user=phone``: accepted, and the core reads carol;
+- ``sip:alice:pw@example.com`` and ``sip:alice@example.com:`` (the core reads no AoR):
+  challenged all the same;
+- nonces across nodes: every node draws its own auth secret (no ``secret`` modparam),
+  so a nonce of one node is not taken by another; the front relays with no ``[auth]``
+  and the nodes challenge;
+- the phone answers only home-realm challenges to its REGISTER (``challenges.py``).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from e2m_lab.kamailio_harness import (RawUas, SipUa, free_port, registered_uas,
+                                      start_proxy, wait_delivered)
+from e2m_plugins.sip import SipMessage, frame_length, make_response, parse
+from e2m_plugins.testpki import TestPKI, issue_tls_server, write_credential
+from e2m_plugins.uri import identity_of
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "Alice": "Alice-Secret-4"}
+
+
+@pytest.fixture(scope="module")
+def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
+    """A home proxy with [auth]: alice, bob and Alice (another user, upper-case A)."""
+    proxy = start_proxy(tmp_path_factory.mktemp("review67-home"), pki=pki, e2m=True,
+                        auth=True, users=USERS)
+    yield proxy
+    proxy.stop()
+
+
+def _register(ua: SipUa, contact: str, expires: int) -> SipMessage | None:
+    reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", str(expires))])
+    return ua.request(reg.replace("Contact", contact))
+
+
+def _message_to_alice(home, source: str, text: bytes) -> SipMessage | None:
+    sender = SipUa(home.port, user="dave", domain="other.example.net", source=source)
+    try:
+        return sender.transact(sender.build("MESSAGE", "sip:alice@example.com",
+                                            to="sip:alice@example.com", body=text,
+                                            content_type="text/plain"))
+    finally:
+        sender.close()
+
+
+# -- hole 1: the registrar folds the case digest and the core keep ---------------------
+
+def test_control_users_differing_in_case_are_two_users(home):
+    assert identity_of("sip:Alice@example.com") != identity_of("sip:alice@example.com")
+    thief = RawUas()
+    ua = SipUa(home.port, user="Alice", password=USERS["Alice"], source="127.0.0.61")
+    try:
+        # Alice's credentials do not register alice's AoR: 403 (auth_check flag 1)
+        reg = ua.build("REGISTER", "sip:example.com", to="sip:alice@example.com",
+                       headers=[("Expires", "600")])
+        answer = ua.request(reg.replace("Contact", f"<sip:alice@127.0.0.1:{thief.port}>"))
+        assert answer is not None and answer.status == 403
+    finally:
+        ua.close()
+    with registered_uas(home, "alice", USERS["alice"], "127.0.0.62") as alice:
+        answer = _message_to_alice(home, "127.0.0.63", b"control: for alice")
+        assert answer is not None and answer.status == 200
+        assert wait_delivered(alice, b"control: for alice")
+    assert thief.received == []
+    thief.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 67: insider UA 'Alice' (a user of her own) "
+                   "unregisters alice's contacts and receives her messages and calls")
+def test_hole_a_user_whose_name_differs_in_case_takes_over_anothers_registration(home):
+    with registered_uas(home, "alice", USERS["alice"], "127.0.0.64") as alice:
+        theirs = RawUas()
+        ua = SipUa(home.port, user="Alice", password=USERS["Alice"], source="127.0.0.65")
+        try:
+            # Alice's own AoR, her own credentials: both accepted, as they should be
+            assert _register(ua, "*", 0).status == 200
+            assert _register(ua, f"<sip:Alice@127.0.0.1:{theirs.port}>", 600).status == 200
+            answer = _message_to_alice(home, "127.0.0.66", b"hole: for alice only")
+            assert answer is not None and answer.status == 200
+            time.sleep(0.5)
+            assert wait_delivered(alice, b"hole: for alice only", 1.5)
+            assert theirs.received == [], "alice's message went to Alice's phone"
+        finally:
+            _register(ua, "*", 0)
+            ua.close()
+            theirs.close()
+
+
+# -- hole 2: a TLS next hop is any certificate of the CA -------------------------------
+
+class TlsNextHop:
+    """A TLS SIP server at 127.0.0.1 with the given certificate: challenges a REGISTER
+    in home's realm, answers 200 to the credentials, keeps every request."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(cert), str(key))
+        self.port = free_port()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(4)
+        self.listener.settimeout(0.2)
+        self.received: list[SipMessage] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                raw, _ = self.listener.accept()
+            except (socket.timeout, TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._connection, args=(raw,), daemon=True).start()
+
+    def _connection(self, raw: socket.socket) -> None:
+        buffer = b""
+        try:
+            raw.settimeout(5)
+            conn = self.context.wrap_socket(raw, server_side=True)
+            while not self.stopped:
+                data = conn.recv(65535)
+                if not data:
+                    return
+                buffer += data
+                while True:
+                    size = frame_length(buffer)
+                    if size is None:
+                        break
+                    message, buffer = parse(buffer[:size]), buffer[size:]
+                    if not message.is_request:
+                        continue
+                    self.received.append(message)
+                    if message.get("Authorization") is None and message.method == "REGISTER":
+                        answer = make_response(message, 401, "Unauthorized", [(
+                            "WWW-Authenticate", 'Digest realm="example.com", '
+                            'nonce="impostor0001", qop="auth", algorithm=MD5')])
+                    else:
+                        answer = make_response(message, 200, "OK")
+                    conn.sendall(answer.serialize())
+        except (OSError, ssl.SSLError, ValueError):
+            return
+
+    def close(self) -> None:
+        self.stopped = True
+        self.listener.close()
+
+
+def _visited_to(proxy_factory, name: str, hop: TlsNextHop):
+    return proxy_factory(name, e2m=False, tls=True, domains=(),
+                         next_hop=f"sip:127.0.0.1:{hop.port};transport=tls")
+
+
+def test_control_a_tls_next_hop_with_a_certificate_naming_it_is_reached(proxy_factory, pki,
+                                                                      tmp_path):
+    cred = write_credential(issue_tls_server(pki.ca, "home.example.com", "ec", ("127.0.0.1",)),
+                            tmp_path, "home-tls")
+    hop = TlsNextHop(cred.cert_path, cred.key_path)
+    visited = _visited_to(proxy_factory, "visited-ok", hop)
+    ua = SipUa(visited.port, user="alice", password=USERS["alice"], source="127.0.0.67")
+    try:
+        answer = ua.register()
+        assert answer is not None and answer.status == 200
+        assert [m.method for m in hop.received] == ["REGISTER", "REGISTER"]
+        assert hop.received[1].get("Authorization")
+    finally:
+        ua.close()
+        hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 67: any holder of a server certificate of "
+                   "the CA stands in for home on the visited proxy's TLS leg: REGISTER, "
+                   "digest response and bodies")
+def test_hole_the_next_hop_over_tls_takes_any_certificate_of_the_ca(proxy_factory, pki,
+                                                                   tmp_path):
+    cred = write_credential(issue_tls_server(pki.ca, "other-proxy.example.net", "ec",
+                                             ("10.9.9.9",)), tmp_path, "impostor-tls")
+    impostor = TlsNextHop(cred.cert_path, cred.key_path)
+    visited = _visited_to(proxy_factory, "visited-fooled", impostor)
+    ua = SipUa(visited.port, user="alice", password=USERS["alice"], source="127.0.0.68")
+    try:
+        answer = ua.register()
+        time.sleep(0.3)
+        captured = [m.get("Authorization") for m in impostor.received
+                    if m.get("Authorization")]
+        assert impostor.received == [], (
+            f"the impostor got {len(impostor.received)} requests, the digest response "
+            f"{captured!r}, and answered {answer.status if answer else None}")
+        assert answer is None or answer.status >= 400
+    finally:
+        ua.close()
+        impostor.close()
