@@ -44,10 +44,31 @@ issues nothing but the peers' TLS certificates; or check ``$tls_peer_san_*`` /
 ``$tls_peer_subject_cn`` against ``next_hop``'s host in an
 ``event_route[tls:connection-out]`` and drop the connection when they differ.
 
+Hole 3 (``test_hole_a_hop_sends_alices_credentials_to_a_target_of_its_own``): **untrusted
+hop** in front of home (the visited proxy of RFC 4189's example #3, which forwards
+alice's requests).  alice's MESSAGE to bob is challenged; her second try carries
+``Proxy-Authorization: ... uri="sip:bob@example.com" ... nc=00000001``.  The hop drops
+it and sends home a MESSAGE of its own, ``sip:carol@example.com`` (any target: one of
+ours, or a foreign domain, which an authenticated user may reach), with those
+credentials and a body of its choice.  ``auth_check`` verified the response over the
+digest's own ``uri`` and never compared it with the Request-URI (RFC 2617 §3.2.2.5,
+RFC 7616 §3.4.6): 200, delivered to carol as alice's, digest-proved (the archive and
+the key quota name alice as the authenticated caller).  A ``uri`` naming nothing
+(``sip:nothing@nowhere.test``) is taken too.  Digest without auth-int never protected
+the body or the Contact (a known limit of digest), but the uri check is what keeps a
+hop from spending a user's credentials on a target she never chose (an INVITE to a
+number of its own, a MESSAGE to anyone).  At fault: ``kemi.route_auth`` (after
+``auth_check`` succeeds nothing reads the verified credentials' ``uri``).  Fix: read the
+uri of the credentials of our realm (``$adu`` names the first header's, so take it from
+the one ``auth_check`` used, e.g. after removing other realms' headers, or parse the
+header whose realm is ours) and answer 400 unless it equals the Request-URI as
+received (``$ou``), before ``consume_credentials``.
+
 Controls: alice and Alice are two users to digest (Alice's credentials for alice's To
 are 403) and to the core; a MESSAGE to alice reaches her contact while Alice has not
 registered; the fake next hop with a certificate naming 127.0.0.1 gets the REGISTER
-(the set-up works), and one of another CA gets nothing (``test_tls_wire.py``).
+(the set-up works), and one of another CA gets nothing (``test_tls_wire.py``); alice's
+credentials carry her own request to bob, once (again: 407), and not another method.
 
 Tried and held (fresh Kamailio, 127.0.0.x sources):
 - a stranger's MESSAGE with 24 spellings of alice's From (quoted display names with
@@ -77,15 +98,17 @@ from pathlib import Path
 
 import pytest
 
-from e2m_lab.kamailio_harness import (RawUas, SipUa, free_port, registered_uas,
-                                      start_proxy, wait_delivered)
+from e2m_lab.kamailio_harness import (RawUas, SipUa, digest_credentials, free_port,
+                                      parse_challenge, registered_uas, start_proxy,
+                                      wait_delivered)
 from e2m_plugins.sip import SipMessage, frame_length, make_response, parse
 from e2m_plugins.testpki import TestPKI, issue_tls_server, write_credential
 from e2m_plugins.uri import identity_of
 
 pytestmark = pytest.mark.kamailio
 
-USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "Alice": "Alice-Secret-4"}
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "carol": "carol-Secret-3",
+         "Alice": "Alice-Secret-4"}
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +283,63 @@ def test_hole_the_next_hop_over_tls_takes_any_certificate_of_the_ca(proxy_factor
     finally:
         ua.close()
         impostor.close()
+
+
+# -- hole 3: the digest uri is never held to the Request-URI ------------------------------
+
+def _alices_credentials(home, source: str, method: str, uri: str) -> str:
+    """What alice's UA sends after the home proxy's 407 to her request for ``uri``: the
+    Proxy-Authorization the hop in front of home holds (nonce count 1, never used)."""
+    alice = SipUa(home.port, user="alice", password=USERS["alice"], source=source)
+    try:
+        first = alice.build(method, uri, to=uri, body=b"challenge me",
+                            content_type="text/plain")
+        answer = alice.transact(first)
+        assert answer is not None and answer.status == 407
+        return digest_credentials(parse_challenge(answer.get("Proxy-Authenticate") or ""),
+                                  method, uri, "alice", USERS["alice"], 1)
+    finally:
+        alice.close()
+
+
+def _as_alice(home, source: str, target: str, credentials: str, text: bytes):
+    hop = SipUa(home.port, user="alice", source=source)      # no password of alice's
+    try:
+        request = hop.build("MESSAGE", target, to=target, body=text, content_type="text/plain")
+        return hop.transact(request.replace("Proxy-Authorization", credentials))
+    finally:
+        hop.close()
+
+
+def test_control_alices_credentials_carry_her_own_request_and_no_other_method(home):
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.69") as bob:
+        credentials = _alices_credentials(home, "127.0.0.70", "MESSAGE", "sip:bob@example.com")
+        answer = _as_alice(home, "127.0.0.71", "sip:bob@example.com", credentials,
+                           b"control: alice to bob")
+        assert answer is not None and answer.status == 200
+        assert wait_delivered(bob, b"control: alice to bob")
+        # used once: the same credentials again are stale (one-time nonce, nonce count)
+        again = _as_alice(home, "127.0.0.71", "sip:bob@example.com", credentials, b"again")
+        assert again is not None and again.status == 407
+        # and made for a MESSAGE they do not carry another method (HA2 binds it)
+        other = _alices_credentials(home, "127.0.0.70", "MESSAGE", "sip:bob@example.com")
+        hop = SipUa(home.port, user="alice", source="127.0.0.71")
+        try:
+            options = hop.build("OPTIONS", "sip:bob@example.com", to="sip:bob@example.com")
+            answer = hop.transact(options.replace("Proxy-Authorization", other))
+            assert answer is not None and answer.status == 407
+        finally:
+            hop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 67: untrusted hop turns alice's credentials "
+                   "for bob into an authenticated request as alice to any user it likes")
+def test_hole_a_hop_sends_alices_credentials_to_a_target_of_its_own(home):
+    with registered_uas(home, "carol", USERS["carol"], "127.0.0.72") as carol:
+        # alice writes to bob; the hop in front of home keeps her request (and drops it)
+        credentials = _alices_credentials(home, "127.0.0.73", "MESSAGE", "sip:bob@example.com")
+        answer = _as_alice(home, "127.0.0.74", "sip:carol@example.com", credentials,
+                           b"hole: the hop's words, as alice, to carol")
+        delivered = wait_delivered(carol, b"hole: the hop's words, as alice, to carol", 1.0)
+        assert answer is not None and answer.status >= 400 and not delivered, (
+            f"answered {answer.status if answer else None}, delivered to carol: {delivered}")
