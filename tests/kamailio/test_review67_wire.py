@@ -83,9 +83,14 @@ Tried and held (fresh Kamailio, 127.0.0.x sources):
 - ``sip:alice:pw@example.com`` and ``sip:alice@example.com:`` (the core reads no AoR):
   challenged all the same;
 - nonces across nodes: every node draws its own auth secret (no ``secret`` modparam),
-  so a nonce of one node is not taken by another; the front relays with no ``[auth]``
-  and the nodes challenge;
-- the phone answers only home-realm challenges to its REGISTER (``challenges.py``).
+  so a nonce of one node is not taken by another (no replay of alice's credentials at
+  the other node); but it is answered 500, not challenged: see
+  ``tests/cluster/test_review67_cluster.py``;
+- the phone answers only home-realm challenges to its REGISTER (``challenges.py``);
+- one proxy restarted: a UA's cached nonce older than the new start is "stale" and
+  challenged afresh (the UA recovers); only a nonce given in the very second of the
+  restart is "invalid" and gets review 67's 500 (see the cluster module, where every
+  nonce of the other node is such a one).
 """
 
 from __future__ import annotations
@@ -343,3 +348,4 @@ def test_hole_a_hop_sends_alices_credentials_to_a_target_of_its_own(home):
         delivered = wait_delivered(carol, b"hole: the hop's words, as alice, to carol", 1.0)
         assert answer is not None and answer.status >= 400 and not delivered, (
             f"answered {answer.status if answer else None}, delivered to carol: {delivered}")
+
