@@ -65,11 +65,28 @@ the one ``auth_check`` used, e.g. after removing other realms' headers, or parse
 header whose realm is ours) and answer 400 unless it equals the Request-URI as
 received (``$ou``), before ``consume_credentials``.
 
+Hole 4 (``test_hole_a_callees_answer_asserts_another_users_identity``): **insider UA**
+(bob, the callee; the same from an untrusted hop past the home proxy).  bob answers
+alice's MESSAGE (or INVITE) with a 200 carrying ``P-Asserted-Identity:
+<sip:carol@example.com>`` and ``Remote-Party-ID: <sip:carol@example.com>;party=called;
+screen=yes``.  Review 57's fix removes these headers from every *request* but a
+``[limits] trusted`` peer's (``kemi.drop_asserted_identity``, called in
+``route_request`` only); nothing reads them in a response: the proxy relays bob's
+assertion to alice unchanged, and a stock UA that trusts its proxy (RFC 3325's trust
+domain; the connected party of RFC 4916, a screened RPID) shows the answered call as
+carol's.  Our phone reads the From and the signer; the effect is on every other UA
+behind the proxy, as review 57's.  At fault: ``kemi.ksr_reply_route`` /
+``ksr_onreply_route`` (no ``drop_asserted_identity`` for replies).  Fix: remove the
+three headers from every reply whose source is not exempt (``exempt_source`` reads
+``$si``, which a reply has too), in the core reply route so stateless relays are
+covered as well.
+
 Controls: alice and Alice are two users to digest (Alice's credentials for alice's To
 are 403) and to the core; a MESSAGE to alice reaches her contact while Alice has not
 registered; the fake next hop with a certificate naming 127.0.0.1 gets the REGISTER
 (the set-up works), and one of another CA gets nothing (``test_tls_wire.py``); alice's
-credentials carry her own request to bob, once (again: 407), and not another method.
+credentials carry her own request to bob, once (again: 407), and not another method;
+carol's request asserting alice reaches bob without the assertion (review 57 holds).
 
 Tried and held (fresh Kamailio, 127.0.0.x sources):
 - a stranger's MESSAGE with 24 spellings of alice's From (quoted display names with
@@ -350,3 +367,47 @@ def test_hole_a_hop_sends_alices_credentials_to_a_target_of_its_own(home):
         assert answer is not None and answer.status >= 400 and not delivered, (
             f"answered {answer.status if answer else None}, delivered to carol: {delivered}")
 
+
+
+# -- hole 4: an answer's asserted identity goes through ---------------------------------
+
+_ASSERTING = ("P-Asserted-Identity", "P-Preferred-Identity", "Remote-Party-ID")
+
+
+def _asserting_carol(request: SipMessage) -> SipMessage:
+    """bob's phone: 200, asserting carol as the answering party."""
+    answer = make_response(request, 200, "OK")
+    answer = answer.add("P-Asserted-Identity", "<sip:carol@example.com>")
+    answer = answer.add("P-Preferred-Identity", "<sip:carol@example.com>")
+    return answer.add("Remote-Party-ID", "<sip:carol@example.com>;party=called;screen=yes")
+
+
+def test_control_a_request_asserting_another_user_loses_the_assertion(home):
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.78") as bob:
+        carol = SipUa(home.port, user="carol", password=USERS["carol"], source="127.0.0.79")
+        try:
+            request = carol.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                                  body=b"control: carol asserting alice",
+                                  content_type="text/plain",
+                                  headers=[(n, "<sip:alice@example.com>") for n in _ASSERTING])
+            answer = carol.request(request)
+            assert answer is not None and answer.status == 200
+            assert wait_delivered(bob, b"control: carol asserting alice")
+            got = next(m for m in bob.received if m.body == b"control: carol asserting alice")
+            assert [got.get(n) for n in _ASSERTING] == [None, None, None]
+        finally:
+            carol.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 67: insider callee's answer asserts another "
+                   "user's identity (PAI, RPID) and reaches the caller unchanged")
+def test_hole_a_callees_answer_asserts_another_users_identity(home):
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.85", responder=_asserting_carol):
+        alice = SipUa(home.port, user="alice", password=USERS["alice"], source="127.0.0.86")
+        try:
+            answer = alice.message("bob", b"hole: who answers?")
+            assert answer is not None and answer.status == 200
+            assert {n: answer.get(n) for n in _ASSERTING} == dict.fromkeys(_ASSERTING), (
+                "bob's answer reached alice asserting carol")
+        finally:
+            alice.close()
