@@ -13,30 +13,48 @@ import re
 from .errors import MalformedError
 from .grammar import split_header_list, unquote_string
 
-__all__ = ["CHALLENGE_HEADERS", "challenge_realm", "names_realm"]
+__all__ = ["CHALLENGE_HEADERS", "challenge_realm", "names_realm", "credentials_fit_request"]
 
 # the header each status carries its challenges in (pjsip answers either in either)
 CHALLENGE_HEADERS = {401: "WWW-Authenticate", 407: "Proxy-Authenticate"}
 
 _SCHEME = re.compile(r"\s*Digest\s+", re.IGNORECASE)
-_REALM = re.compile(r'realm\s*=\s*(".*"|[^\s"]+)\s*', re.IGNORECASE | re.DOTALL)
+_PARAM = re.compile(r'([A-Za-z-]+)\s*=\s*(".*"|[^\s"]+)\s*', re.DOTALL)
 
 
-def challenge_realm(value: str) -> str | None:
-    """The realm of one Digest challenge header value; None when it is not Digest or
-    names no realm, or more than one (what a client would read is then unclear).
-    Parameters are split on commas outside quoted strings."""
+def _digest_param(value: str, name: str) -> str | None:
+    """The one ``name`` parameter of a Digest challenge or credentials header value;
+    None when it is not Digest or has no such parameter, or more than one (what the
+    other side reads is then unclear).  Parameters are split on commas outside quoted
+    strings."""
     scheme = _SCHEME.match(value)
     if scheme is None:
         return None
     try:
-        items = split_header_list(value[scheme.end():])
-        found = [m.group(1) for m in map(_REALM.fullmatch, (i.strip() for i in items)) if m]
+        found = [m.group(2) for m in map(_PARAM.fullmatch, (i.strip() for i in
+                                                           split_header_list(value[scheme.end():])))
+                 if m and m.group(1).lower() == name]
         if len(found) != 1:
             return None
         return unquote_string(found[0]) if found[0].startswith('"') else found[0]
     except MalformedError:
         return None
+
+
+def challenge_realm(value: str) -> str | None:
+    """The realm of one Digest challenge header value; None when it is not Digest or
+    names no realm, or more than one (what a client would read is then unclear)."""
+    return _digest_param(value, "realm")
+
+
+def credentials_fit_request(values: list[str], realm: str, request_uri: str) -> bool:
+    """Whether every Digest credentials value of ``realm`` (case does not count) names
+    ``request_uri`` as its ``uri``, as RFC 7616 §3.4.6 asks a server to check: digest
+    proves the method and that URI, so a hop that took alice's credentials for a
+    request to bob must not spend them on a target of its own (review 67).  Every one
+    of our realm, since which one the proxy's digest check read is not ours to know."""
+    ours = [v for v in values if (_digest_param(v, "realm") or "").lower() == realm.lower()]
+    return bool(ours) and all(_digest_param(v, "uri") == request_uri for v in ours)
 
 
 def names_realm(value: str, realm: str) -> bool:

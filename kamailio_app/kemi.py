@@ -48,7 +48,8 @@ def _bootstrap_path():
 
 _bootstrap_path()
 
-from e2m_plugins.challenge import CHALLENGE_HEADERS, names_realm  # noqa: E402
+from e2m_plugins.challenge import (  # noqa: E402
+    CHALLENGE_HEADERS, credentials_fit_request, names_realm)
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
@@ -403,12 +404,14 @@ class kamailio:
             self.record_route()
         self.relay(inspect=True)
 
-    def drop_asserted_identity(self):
-        """P-Asserted-Identity and its kin from anyone but a [limits] trusted peer go:
-        a UA that trusts its proxy (RFC 3325) would show an authenticated user's
-        request as another user's (review 57).  Our UAs read the From, which digest
-        holds to the user."""
-        if self.exempt_source():
+    def drop_asserted_identity(self, reply=False):
+        """P-Asserted-Identity and its kin from anyone but a [limits] trusted peer go,
+        from requests and replies: a UA that trusts its proxy (RFC 3325) would show an
+        authenticated user's request, or a callee's answer, as another user's (reviews
+        57, 67).  Our UAs read the From and the signer, which digest and the signature
+        hold to the user.  A request of our own (a spiral) keeps them; a reply, whose
+        sender may share our address, never is ours."""
+        if self.trusted_peer() if reply else self.exempt_source():
             return
         for name in _ASSERTED_IDENTITY:
             if KSR.hdr.is_present(name) > 0:
@@ -431,8 +434,10 @@ class kamailio:
     def exempt_source(self):
         """The proxy's own addresses (a spiral, a local tool) and [limits] trusted peers
         are never limited (Kamailio's own convention for pike)."""
-        if KSR.is_myself_srcip():
-            return True
+        return KSR.is_myself_srcip() or self.trusted_peer()
+
+    def trusted_peer(self):
+        """The source is a [limits] trusted peer."""
         return bool(self.app.config.limits.trusted) and \
             KSR.permissions.allow_source_address(1) > 0
 
@@ -542,6 +547,11 @@ class kamailio:
             return False
         self.new_transaction()   # nonce counting must see each request once (tm)
         rc = KSR.auth_db.auth_check(auth.realm, auth.table, 1)
+        if rc > 0 and not self.credentials_fit_request(register, auth.realm):
+            _info("e2m: %s from %s refused: its credentials were made for another "
+                  "Request-URI\n" % (KSR.pv.get("$rm"), KSR.pv.get("$si")))
+            KSR.sl.send_reply(400, "Credentials For Another URI")
+            return False
         if rc > 0:
             # auth_check (flag 1) proved the credentials of our realm for the From user
             # (a REGISTER's To user): name that one.  $au reads the first credentials
@@ -566,6 +576,21 @@ class kamailio:
             return False
         KSR.auth.auth_challenge(auth.realm, _QOP_AUTH | (_STALE if rc in _AUTH_STALE else 0))
         return False
+
+    def credentials_fit_request(self, register, realm):
+        """Every credentials header of our realm names this Request-URI (as received)
+        as its digest ``uri`` (``challenge.credentials_fit_request``, review 67)."""
+        wanted = canonical_name("Authorization" if register else "Proxy-Authorization")
+        values = []
+        tx = KSR.textopsx
+        tx.hf_iterator_start(_ITERATOR)
+        try:
+            while tx.hf_iterator_next(_ITERATOR) > 0:
+                if canonical_name(tx.hf_iterator_hname(_ITERATOR) or "") == wanted:
+                    values.append(tx.hf_iterator_hbody(_ITERATOR) or "")
+        finally:
+            tx.hf_iterator_end(_ITERATOR)
+        return credentials_fit_request(values, realm, KSR.pv.get("$ou") or "")
 
     def from_ours(self):
         """The From names one of our users: Kamailio's myself check, or the core's AoR
@@ -949,6 +974,13 @@ class kamailio:
                 self.app.certs.on_reply()      # a 481 to one of our NOTIFYs
             except Exception as exc:  # noqa: BLE001 - the reply goes on regardless
                 _log_exception("certificate reply", exc)
+        try:
+            if KSR.tm.t_check_trans() <= 0:
+                # forwarded statelessly: lumps set here go with it (tm's are set in
+                # ksr_onreply_route, the route whose edits tm relays)
+                self.drop_asserted_identity(reply=True)
+        except Exception as exc:  # noqa: BLE001 - the reply goes on regardless
+            _log_exception("stray reply identity", exc)
         if self.app.engine is not None and self.app.replicates:
             try:
                 self.route_stray_reply()
@@ -997,6 +1029,8 @@ class kamailio:
     # -- tm onreply route --------------------------------------------------------
     def ksr_onreply_route(self, msg):
         try:
+            # a callee's answer may no more assert an identity than a request (review 67)
+            self.drop_asserted_identity(reply=True)
             if self.own_realm_challenge():
                 KSR.pv.seti(_OWN_CHALLENGE_AVP, 1)     # the failure route answers 502
                 return 1

@@ -180,8 +180,6 @@ def test_control_users_differing_in_case_are_two_users(home):
     thief.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 67: insider UA 'Alice' (a user of her own) "
-                   "unregisters alice's contacts and receives her messages and calls")
 def test_hole_a_user_whose_name_differs_in_case_takes_over_anothers_registration(home):
     with registered_uas(home, "alice", USERS["alice"], "127.0.0.64") as alice:
         theirs = RawUas()
@@ -355,8 +353,6 @@ def test_control_alices_credentials_carry_her_own_request_and_no_other_method(ho
             hop.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 67: untrusted hop turns alice's credentials "
-                   "for bob into an authenticated request as alice to any user it likes")
 def test_hole_a_hop_sends_alices_credentials_to_a_target_of_its_own(home):
     with registered_uas(home, "carol", USERS["carol"], "127.0.0.72") as carol:
         # alice writes to bob; the hop in front of home keeps her request (and drops it)
@@ -399,8 +395,6 @@ def test_control_a_request_asserting_another_user_loses_the_assertion(home):
             carol.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 67: insider callee's answer asserts another "
-                   "user's identity (PAI, RPID) and reaches the caller unchanged")
 def test_hole_a_callees_answer_asserts_another_users_identity(home):
     with registered_uas(home, "bob", USERS["bob"], "127.0.0.85", responder=_asserting_carol):
         alice = SipUa(home.port, user="alice", password=USERS["alice"], source="127.0.0.86")
