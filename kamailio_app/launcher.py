@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import os
 import re
+import secrets
 import threading
 import shutil
 import signal
@@ -23,8 +24,10 @@ import sys
 import sysconfig
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from .config import (AppConfig, AppConfigError, ClusterSettings, DispatcherSettings,
                      TlsSettings, load_app_config)
@@ -41,6 +44,7 @@ TEMPLATE = PACKAGE_DIR / "templates" / "kamailio.cfg.tmpl"
 KEMI_SCRIPT = PACKAGE_DIR / "kemi.py"
 STOP_TIMEOUT = 10.0  # seconds Kamailio gets to stop before it is killed
 STRAGGLER_AFTER = 1.0  # seconds before a child still running is sent SIGTERM again
+AUTH_SECRET_FILE = "auth-secret.cfg"   # the digest nonce secret, 0600 in the runtime dir
 REPLAY_AUTOEXPIRE = 86400 + 33  # [policy] replay_window is at most 86400 s
 MAX_EXPIRES = 3600              # registrar: the longest a contact is kept
 
@@ -135,6 +139,7 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "AUTH_DB_MODULE": auth.db_module if auth is not None else "db_sqlite",
         "AUTH_DB_URL": _cfg_string(auth.db_url, "[auth] db_url") if auth is not None else "",
         "NONCE_EXPIRE": str(auth.nonce_expire if auth is not None else 300),
+        "AUTH_SECRET_FILE": _cfg_string(str(runtime_dir / AUTH_SECRET_FILE), "runtime dir"),
         "DB_CONNECT_TIMEOUT": str(config.cluster.connect_timeout if config.cluster else 2),
         # db_postgres counts whole seconds
         "DB_TIMEOUT": str(-(-config.cluster.statement_timeout_ms // 1000) if config.cluster else 2),
@@ -242,13 +247,40 @@ def write_runtime_files(config: AppConfig, runtime_dir: Path) -> None:
         (runtime_dir / "ds.list").write_text(ds_list_text(config.dispatcher))
     if config.auth is not None and config.auth.users is not None:
         ensure_users_db(config.auth.users)
+    if config.auth is not None:
+        _write_private(runtime_dir / AUTH_SECRET_FILE,
+                       'modparam("auth", "secret", "%s")\n' % auth_nonce_secret(config))
     if config.auth is not None and config.auth.pg is not None:
         # libpq's password file for db_postgres: the password stays out of the cfg
-        passfile = runtime_dir / "pgpass"
-        passfile.unlink(missing_ok=True)
-        fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(passfile_text(config.auth.pg))
+        _write_private(runtime_dir / "pgpass", passfile_text(config.auth.pg))
+
+
+def auth_nonce_secret(config: AppConfig) -> str:
+    """The secret Kamailio's auth module makes and checks nonces with: with E2M on,
+    derived from the proxy's private key, alike on every node of a cluster (a nonce
+    one node gave is good at the other; each node still counts its uses, as a copy
+    sent to both nodes at once is a known limit of a cluster, review 37); without an
+    identity, one made at start."""
+    if config.e2m.enabled:
+        from .bootstrap import identity_key
+        return identity_key(_proxy_config(config.path), b"e2m digest nonce v1 ").hex()
+    return secrets.token_hex(32)
+
+
+@lru_cache(maxsize=2)
+def _proxy_config(path: Path) -> Any:
+    """The core's PROXY.toml sections, read once per launcher (certificates and keys
+    loaded and checked)."""
+    from e2m_plugins.config import load_proxy_config
+    return load_proxy_config(path)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` in a new file only its owner reads (a secret: never in the cfg)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def kamailio_command(config: AppConfig, cfg_path: Path, runtime_dir: Path) -> list[str]:
@@ -269,12 +301,12 @@ def check_config(path: str | Path) -> AppConfig:
     config = load_app_config(path)
     if config.e2m.enabled:
         try:
-            from e2m_plugins.config import load_proxy_config
+            import e2m_plugins.config  # noqa: F401 - present, or a plain relay must be asked for
         except ImportError as exc:
             raise AppConfigError(path, [f"[e2m] enabled = true but the E2M engine is not "
                                         f"available ({exc}); set enabled = false for a "
                                         f"plain routing proxy"]) from None
-        load_proxy_config(config.path)
+        _proxy_config(config.path)
     return config
 
 

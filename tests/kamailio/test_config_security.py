@@ -164,3 +164,30 @@ def test_pki_init_and_issue_make_tls_server_certificates(tmp_path):
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
         assert (tmp_path / "pki" / f"proxy-{host}-tls.key").stat().st_mode & 0o077 == 0
+
+
+def test_the_digest_nonce_secret_is_one_per_identity_private_and_not_in_the_cfg(tmp_path,
+                                                                               pki: TestPKI):
+    """Review 67: two nodes holding the proxy's private key derive one nonce secret (a
+    nonce node A gave is good at node B), in a 0600 file of the runtime dir that the
+    cfg includes; it never appears in the cfg (``--print-cfg``)."""
+    from e2m_lab.kamailio_harness import write_proxy_config
+    from kamailio_app.config import load_app_config
+    from kamailio_app.launcher import AUTH_SECRET_FILE
+    secrets_seen = []
+    for node in ("a", "b"):
+        path = write_proxy_config(tmp_path / node, 5070, pki=pki, e2m=True, auth=True,
+                                  users={"alice": "alice-pw"})
+        config = load_app_config(path)
+        run = tmp_path / node / "run"
+        run.mkdir()
+        text = render_cfg(config, run)
+        write_runtime_files(config, run)
+        secret_file = run / AUTH_SECRET_FILE
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        line = secret_file.read_text()
+        secret = line.split('"')[-2]
+        assert len(secret) == 64 and secret not in text
+        assert f'include_file "{secret_file}"' in text
+        secrets_seen.append(secret)
+    assert secrets_seen[0] == secrets_seen[1]
