@@ -190,6 +190,18 @@ def public_dmq_warning(cluster: Any) -> str | None:
             "(a private VLAN, or IPsec between them)" % address)
 
 
+def tls_next_hop_warning(kamailio: Any) -> str | None:
+    """A line for the log when the next hop is reached over TLS: Kamailio 5.6 checks
+    its certificate's chain to ``[tls] ca`` and not its name, so any certificate that
+    CA issued (another proxy's identity, the default ``[tls] cert``) is taken for the
+    next hop (review 67, a known limit in docs/threat-model.md)."""
+    if not kamailio.next_hop_tls:
+        return None
+    return ("e2m: next_hop %s is reached over TLS and Kamailio checks only that its "
+            "certificate chains to [tls] ca, not the name in it: give [tls] ca a CA that "
+            "issues no certificate but the next hop's" % kamailio.next_hop)
+
+
 def dmq_peer_sources(cluster: Any) -> frozenset[tuple[str, int]]:
     """Every (address, port) of the [cluster] peers; a DNS name is resolved here, once,
     to all its addresses (with this node's DMQ port, as multi_notify does)."""

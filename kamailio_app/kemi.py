@@ -57,7 +57,8 @@ from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
 from e2m_plugins.uri import host_key, identity_of  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
-from kamailio_app.bootstrap import ProxyApp, as_utf8, public_dmq_warning  # noqa: E402
+from kamailio_app.bootstrap import (  # noqa: E402
+    ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
 from kamailio_app.config import canonical_ip  # noqa: E402
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
@@ -111,9 +112,10 @@ def mod_init():
     APP.dmq_sources()     # [cluster] peers resolved once, before the workers fork
     APP.dmq_socket()      # and this node's own DMQ socket
     SYNC_GATE = for_cluster(KSR, APP.config.cluster, APP.dmq_sources())
-    exposed = public_dmq_warning(APP.config.cluster)
-    if exposed:
-        _warn(exposed + "\n")
+    for warning in (public_dmq_warning(APP.config.cluster),
+                    tls_next_hop_warning(APP.config.kamailio)):
+        if warning:
+            _warn(warning + "\n")
     mode = "E2M proxy for %s" % APP.engine.host if APP.e2m else "plain routing proxy"
     _info("e2m: %s; python %s; config %s\n" % (mode, sys.version.split()[0], path))
     return kamailio()
