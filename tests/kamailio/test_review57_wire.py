@@ -283,27 +283,21 @@ def test_hole_an_authenticated_user_asserts_another_users_identity(proxy_factory
 
 # -- a second To in a response ------------------------------------------------------------
 
-def _answer_with(proxy_factory, second_to: bool, name: str = "To"):
-    """bob answers a plain MESSAGE with a 200 carrying a text body (a receipt), with or
-    without a second To (bob himself, or a hop past the proxy).  Returns the 200s that
-    reached alice's socket (raw: our own parser refuses two To), the archive's texts and
-    the proxy's log of it."""
-    proxy = proxy_factory("r57d", e2m=True, view=VIEW)
+def receipt_exchange(proxy_factory, name: str, responder, *, bob_at: str, alice_at: str):
+    """alice (at ``alice_at``) sends a plain MESSAGE through a proxy that views MESSAGE
+    (``name``) to bob (registered at ``bob_at``), whose ``responder`` gives the 200's
+    wire bytes for the request.  Returns the 200s that reached alice's socket (raw: our
+    own parser may refuse them), the archive's texts and the proxy's log of it."""
+    proxy = proxy_factory(name, e2m=True, view=VIEW)
     mark = proxy.log_mark()
-
-    def responder(request):
-        reply = make_response(request, 200, "OK", body=b"receipt", content_type="text/plain")
-        if second_to:
-            reply = reply.add(name, "<sip:carol@example.com>;tag=second")
-        return reply.serialize()
-    with registered_uas(proxy, "bob", None, "127.0.0.60", responder=responder) as uas:
+    with registered_uas(proxy, "bob", None, bob_at, responder=responder) as uas:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.61", 0))
+        sock.bind((alice_at, 0))
         sock.settimeout(2)
         port = sock.getsockname()[1]
         try:
             msg = make_request("MESSAGE", "sip:bob@example.com", from_uri="sip:alice@example.com",
-                               to_uri="sip:bob@example.com", via_host=f"127.0.0.61:{port}",
+                               to_uri="sip:bob@example.com", via_host=f"{alice_at}:{port}",
                                body=b"hello bob", content_type="text/plain")
             sock.sendto(msg.serialize(), ("127.0.0.1", proxy.port))
             answers = []
@@ -320,6 +314,18 @@ def _answer_with(proxy_factory, second_to: bool, name: str = "To"):
             return answers, rows, proxy.log_since(mark)
         finally:
             sock.close()
+
+
+def _answer_with(proxy_factory, second_to: bool, name: str = "To"):
+    """bob answers a plain MESSAGE with a 200 carrying a text body (a receipt), with or
+    without a second To (bob himself, or a hop past the proxy)."""
+    def responder(request):
+        reply = make_response(request, 200, "OK", body=b"receipt", content_type="text/plain")
+        if second_to:
+            reply = reply.add(name, "<sip:carol@example.com>;tag=second")
+        return reply.serialize()
+    return receipt_exchange(proxy_factory, "r57d", responder, bob_at="127.0.0.60",
+                            alice_at="127.0.0.61")
 
 
 def test_control_bobs_receipt_is_archived(proxy_factory):

@@ -34,26 +34,18 @@ To tag answer is dropped the same way now (``tests/kamailio/test_review30_wire.p
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 
-from e2m_lab.kamailio_harness import registered_uas
-from e2m_plugins.sip import make_request, make_response, parse
+from e2m_plugins.sip import make_response, parse
+from tests.kamailio.test_review57_wire import receipt_exchange
 
 pytestmark = pytest.mark.kamailio
-
-VIEW = ("MESSAGE:*",)
 
 
 def _answer_with(proxy_factory, via_param: str | None):
     """bob answers alice's plain MESSAGE with a 200 carrying a text body (a receipt),
-    ``via_param`` appended to the top Via (the proxy's).  Returns the 200s that reached
-    alice's socket, the archive's texts and the proxy's log of it."""
-    proxy = proxy_factory("r64a", e2m=True, view=VIEW)
-    mark = proxy.log_mark()
-
+    ``via_param`` appended to the top Via (the proxy's) (``receipt_exchange``'s
+    returns)."""
     def responder(request):
         reply = make_response(request, 200, "OK", body=b"receipt", content_type="text/plain")
         if via_param is not None:
@@ -61,30 +53,8 @@ def _answer_with(proxy_factory, via_param: str | None):
             wire = reply.serialize()
             return wire.replace(vias[0].encode(), (vias[0] + via_param).encode(), 1)
         return reply.serialize()
-    with registered_uas(proxy, "bob", None, "127.0.0.64", responder=responder) as uas:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.65", 0))
-        sock.settimeout(2)
-        port = sock.getsockname()[1]
-        try:
-            msg = make_request("MESSAGE", "sip:bob@example.com", from_uri="sip:alice@example.com",
-                               to_uri="sip:bob@example.com", via_host=f"127.0.0.65:{port}",
-                               body=b"hello bob", content_type="text/plain")
-            sock.sendto(msg.serialize(), ("127.0.0.1", proxy.port))
-            answers = []
-            try:
-                while not answers:
-                    data = sock.recv(65535)
-                    if data.startswith(b"SIP/2.0 2"):
-                        answers.append(data)
-            except socket.timeout:
-                pass
-            assert uas.wait_for(1, method="MESSAGE")
-            time.sleep(0.3)
-            rows = [r.plaintext for r in proxy.archive_rows()]
-            return answers, rows, proxy.log_since(mark)
-        finally:
-            sock.close()
+    return receipt_exchange(proxy_factory, "r64a", responder, bob_at="127.0.0.64",
+                            alice_at="127.0.0.65")
 
 
 def test_control_a_receipt_with_a_plain_extra_via_parameter_is_archived(proxy_factory):

@@ -34,57 +34,28 @@ parts) is dropped in Kamailio's core reply route.
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 
-from e2m_lab.kamailio_harness import registered_uas
 from e2m_plugins import mime
-from e2m_plugins.sip import make_request, make_response, parse
+from e2m_plugins.sip import make_response, parse
+from tests.kamailio.test_review57_wire import receipt_exchange
 
 pytestmark = pytest.mark.kamailio
 
-VIEW = ("MESSAGE:*",)
 _RECEIPT = mime.MimePart((("Content-Type", "text/plain"), ("Content-ID", "<r66@bob>")),
                          b"receipt")
 
 
 def _answer_with(proxy_factory, copies: int):
     """bob answers alice's plain MESSAGE with a 200 whose body is a multipart/mixed of
-    ``copies`` copies of one text part.  Returns the 200s that reached alice's socket,
-    the archive's texts and the proxy's log of it."""
-    proxy = proxy_factory("r66a", e2m=True, view=VIEW)
-    mark = proxy.log_mark()
+    ``copies`` copies of one text part (``receipt_exchange``'s returns)."""
     body = mime.multipart_mixed([_RECEIPT] * copies)
 
     def responder(request):
         return make_response(request, 200, "OK", body=body.body,
                              content_type=str(body.content_type)).serialize()
-    with registered_uas(proxy, "bob", None, "127.0.0.66", responder=responder) as uas:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.67", 0))
-        sock.settimeout(2)
-        port = sock.getsockname()[1]
-        try:
-            msg = make_request("MESSAGE", "sip:bob@example.com", from_uri="sip:alice@example.com",
-                               to_uri="sip:bob@example.com", via_host=f"127.0.0.67:{port}",
-                               body=b"hello bob", content_type="text/plain")
-            sock.sendto(msg.serialize(), ("127.0.0.1", proxy.port))
-            answers = []
-            try:
-                while not answers:
-                    data = sock.recv(65535)
-                    if data.startswith(b"SIP/2.0 2"):
-                        answers.append(data)
-            except socket.timeout:
-                pass
-            assert uas.wait_for(1, method="MESSAGE")
-            time.sleep(0.3)
-            rows = [r.plaintext for r in proxy.archive_rows()]
-            return answers, rows, proxy.log_since(mark)
-        finally:
-            sock.close()
+    return receipt_exchange(proxy_factory, "r66a", responder, bob_at="127.0.0.66",
+                            alice_at="127.0.0.67")
 
 
 def test_control_a_receipt_in_a_multipart_is_archived(proxy_factory):

@@ -188,6 +188,14 @@ def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
         wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)) + body
     else:
         wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(HOP_SDP)) + HOP_SDP
+    return reinvite_and_ack(pki, bob, invite, ok, contact, hop, cseq, wire)
+
+
+def reinvite_and_ack(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
+                     ok: sip.SipMessage, contact: str, hop: UdpStranger, cseq: int,
+                     wire: bytes) -> tuple[bytes | None, list[str]]:
+    """The hop sends the re-INVITE ``wire`` of alice's call and ACKs a 200.  Returns
+    the final answer and the remote RTP addresses bob's phone reported since."""
     mark = bob.mark()
     hop.send(wire)
     answer = hop.answered(invite.call_id, timeout=5)

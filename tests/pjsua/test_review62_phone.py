@@ -61,7 +61,6 @@ live call's media on the real phone before the fix
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +73,7 @@ from e2m_lab.stranger import HOST, UdpStranger
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki
 from tests.pjsua.test_review54_phone import alices_call
+from tests.pjsua.test_review59_phone import reinvite_and_ack
 
 pytestmark = [pytest.mark.pjsua2]
 
@@ -111,16 +111,7 @@ def _hops_reinvite(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
     if last is not None:
         wire = wire.replace(b"Content-Length: 0", last.encode() + b"\r\nContent-Length: 0")
     wire = wire.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)) + body
-    mark = bob.mark()
-    hop.send(wire)
-    answer = hop.answered(invite.call_id, timeout=5)
-    if answer is not None and answer.startswith(b"SIP/2.0 200"):
-        ack = sip.make_request("ACK", contact, from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
-                               call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag,
-                               to_tag=ok.to_tag, via_host=f"{HOST}:{hop.local_port}")
-        hop.send(ack.serialize())
-    time.sleep(1.0)
-    return answer, [event.get("remote_rtp") or "" for event in bob.of("call_media", since=mark)]
+    return reinvite_and_ack(pki, bob, invite, ok, contact, hop, cseq, wire)
 
 
 def _escaped_body(sdp: bytes) -> bytes:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -32,35 +31,17 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.phones import write_ua
-from e2m_lab.pytest_fixtures import PhoneGroup, phone_group
+from e2m_lab.pytest_fixtures import PhoneGroup
 from e2m_plugins import sip
 from e2m_plugins.config import UAConfig
-from e2m_plugins.testpki import TestPKI, init_test_pki, issue_user
+from e2m_plugins.testpki import TestPKI, issue_user
 from e2m_plugins.ua import UAEngine
-from tests.pjsua.test_review4_phone import Hop, sealed_for
+from tests.pjsua.test_review4_phone import (  # noqa: F401 - fixtures: pki, group, hop
+    Hop, group, hop, pki, sealed_for)
 
 pytestmark = [pytest.mark.pjsua2]
 
 ALICE, BOB = "sip:alice@example.com", "sip:bob@example.com"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
-    return init_test_pki(tmp_path_factory.mktemp("r65-pki"), users=("alice", "bob"),
-                         key_type="ec")
-
-
-@pytest.fixture
-def group(request: pytest.FixtureRequest) -> Iterator[PhoneGroup]:
-    with phone_group(request, []) as made:
-        yield made
-
-
-@pytest.fixture
-def hop() -> Iterator[Hop]:
-    made = Hop()
-    yield made
-    made.close()
 
 
 def _message_or_none(hop: Hop, wait: float = 4.0) -> bytes | None:

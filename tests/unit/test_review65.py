@@ -71,13 +71,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from e2m_lab.certservice_subscriber import PROXY, subscriber
+from e2m_lab.certservice_subscriber import subscriber
 from e2m_plugins import sip
 from e2m_plugins.config import UAConfig
 from e2m_plugins.errors import E2MError
 from e2m_plugins.testpki import init_test_pki, issue_user
 from e2m_plugins.ua import MissingPeerCertificateError, UAEngine
-from pjsua_hooks.certservice_client import NotifyAnswer
+from tests.unit.test_review4 import _answer, _notify, _subscribe_to_bob
 
 ALICE, BOB = "sip:alice@example.com", "sip:bob@example.com"
 
@@ -96,34 +96,6 @@ def _bob_engine(pki, cred) -> UAEngine:
     return UAEngine(UAConfig(aor=BOB, certificate=cred.cert, private_key=cred.key,
                              trust_anchors=(pki.ca.cert,),
                              peers={ALICE: pki.user("alice").cert}))
-
-
-def _subscribe_to_bob(engine, client, sent) -> sip.SipMessage:
-    msg = sip.make_request("MESSAGE", BOB, from_uri=ALICE, to_uri=BOB, body=b"hi",
-                           content_type="text/plain")
-    with pytest.raises(MissingPeerCertificateError):
-        engine.protect(msg)
-    client.tick()
-    request = sip.make_request("SUBSCRIBE", BOB, from_uri=ALICE, to_uri=BOB,
-                               extra_headers=[*sent[-1][1],
-                                              ("Route", "<sip:127.0.0.1:5999;lr>")])
-    out = client.on_tx(request)
-    assert out is not None
-    return sip.parse(out)
-
-
-def _notify(sub: sip.SipMessage, body: bytes, cseq: int) -> sip.SipMessage:
-    return sip.make_request(
-        "NOTIFY", "sip:alice@127.0.0.1:5070", from_uri=BOB, to_uri=ALICE,
-        call_id=sub.call_id, from_tag="srv1", to_tag=sub.from_tag, cseq=cseq,
-        extra_headers=[("Event", "certificate"), ("Subscription-State", "active;expires=3600")],
-        body=body, content_type="application/pkix-cert" if body else None)
-
-
-def _answer(client, notify) -> int:
-    with pytest.raises(NotifyAnswer) as caught:
-        client.on_rx(notify, PROXY)
-    return caught.value.code
 
 
 def _old_and_new_bob(pki):
