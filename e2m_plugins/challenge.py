@@ -9,6 +9,7 @@ downstream that names its own realm, which only it may send (``kamailio_app``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .errors import MalformedError
 from .grammar import split_header_list, unquote_string
@@ -47,14 +48,20 @@ def challenge_realm(value: str) -> str | None:
     return _digest_param(value, "realm")
 
 
-def credentials_fit_request(values: list[str], realm: str, request_uri: str) -> bool:
+def credentials_fit_request(values: list[str], realm: str, request_uri: str,
+                            names_us: Callable[[str], bool] = lambda uri: False) -> bool:
     """Whether every Digest credentials value of ``realm`` (case does not count) names
     ``request_uri`` as its ``uri``, as RFC 7616 §3.4.6 asks a server to check: digest
     proves the method and that URI, so a hop that took alice's credentials for a
     request to bob must not spend them on a target of its own (review 67).  Every one
-    of our realm, since which one the proxy's digest check read is not ours to know."""
+    of our realm, since which one the proxy's digest check read is not ours to know.
+    A ``uri`` that ``names_us`` (the proxy itself, no user: what SIPp writes) names no
+    target to hold the request to, and passes: such credentials were never bound to
+    one."""
     ours = [v for v in values if (_digest_param(v, "realm") or "").lower() == realm.lower()]
-    return bool(ours) and all(_digest_param(v, "uri") == request_uri for v in ours)
+    return bool(ours) and all(
+        (uri := _digest_param(v, "uri")) is not None and (uri == request_uri or names_us(uri))
+        for v in ours)
 
 
 def names_realm(value: str, realm: str) -> bool:

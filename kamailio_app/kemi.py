@@ -55,7 +55,7 @@ from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: 
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
-from e2m_plugins.uri import host_key, identity_of  # noqa: E402
+from e2m_plugins.uri import host_key, identity_of, parse_uri  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
@@ -222,6 +222,16 @@ _SINGLE_COUNTS = tuple("$hdrc(%s)" % n for n in ("From", "To", "Call-ID", "CSeq"
 # Identity headers a UA may believe of its proxy (RFC 3325, and the older Remote-Party-ID):
 # only a [limits] trusted peer may bring them; a user's are its own word (review 57).
 _ASSERTED_IDENTITY = ("P-Asserted-Identity", "P-Preferred-Identity", "Remote-Party-ID")
+
+
+def _names_this_proxy(uri):
+    """A SIP URI without a user whose host and port are this proxy's (Kamailio's
+    myself check: listen addresses and aliases)."""
+    try:
+        parsed = parse_uri(uri)
+    except E2MError:
+        return False
+    return parsed.user is None and KSR.is_myself(uri) > 0
 
 
 def _repeats_a_single_header():
@@ -592,7 +602,8 @@ class kamailio:
                     values.append(tx.hf_iterator_hbody(_ITERATOR) or "")
         finally:
             tx.hf_iterator_end(_ITERATOR)
-        return credentials_fit_request(values, realm, KSR.pv.get("$ou") or "")
+        return credentials_fit_request(values, realm, KSR.pv.get("$ou") or "",
+                                       names_us=_names_this_proxy)
 
     def from_ours(self):
         """The From names one of our users: Kamailio's myself check, or the core's AoR

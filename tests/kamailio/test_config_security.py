@@ -188,6 +188,6 @@ def test_the_digest_nonce_secret_is_one_per_identity_private_and_not_in_the_cfg(
         line = secret_file.read_text()
         secret = line.split('"')[-2]
         assert len(secret) == 64 and secret not in text
-        assert f'include_file "{secret_file}"' in text
+        assert f'import_file "{secret_file}"' in text
         secrets_seen.append(secret)
     assert secrets_seen[0] == secrets_seen[1]
