@@ -28,7 +28,7 @@ from e2m_lab.kamailio_harness import SipUa, udp_transaction
 from e2m_plugins.sip import make_request, make_response
 from tests.kamailio.test_review27_wire import USERS
 from tests.kamailio.test_review29_wire import (  # noqa: F401 - tcp_home: a fixture
-    FIRST, IDLE, SHARED, _keep_alive, _open, _stranger, tcp_home)
+    FIRST, SHARED, WINDOW, _keep_alive, _open, _stranger, tcp_home)
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.slow]   # the TCP tests wait out sweeps
 
@@ -88,7 +88,7 @@ def _run(proxy, *, downgrade: bool, stranger: int = 5) -> tuple[bool, int, bool]
                 thread = _options_to_alice(proxy)
                 answered = _alice_answers(alice)
                 thread.join(4)
-            _keep_alive([alice.sock, *held], IDLE)     # two sweeps at least
+            _keep_alive([alice.sock, *held], WINDOW)   # a sweep at least
             return _open(alice.sock), sum(_open(s) for s in held), answered
         finally:
             alice.close()

@@ -204,7 +204,7 @@ def reinvite_and_ack(pki: TestPKI, bob: PhoneProcess, invite: sip.SipMessage,
                                call_id=invite.call_id, cseq=cseq, from_tag=invite.from_tag,
                                to_tag=ok.to_tag, via_host=f"{HOST}:{hop.local_port}")
         hop.send(ack.serialize())
-    time.sleep(1.0)
+    time.sleep(0.5)
     return answer, [event.get("remote_rtp") or "" for event in bob.of("call_media", since=mark)]
 
 
