@@ -51,7 +51,8 @@ from .sip import SipMessage, parse_address
 from .sipcontext import message_aors
 from .uri import host_key
 
-__all__ = ["DialogKey", "DialogKeys", "PendingUses", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG", "MAX_SLOTS_PER_CALL",
+__all__ = ["DialogKey", "DialogKeys", "PendingUses", "MAX_DIALOGS", "MAX_KEYS_PER_DIALOG",
+           "MAX_SLOTS_PER_CALL",
            "dialog_parties"]
 
 MAX_DIALOGS = 4096               # bound on (Call-ID, tag) slots with kept CEKs

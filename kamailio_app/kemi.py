@@ -1044,6 +1044,9 @@ class kamailio:
         try:
             # a callee's answer may no more assert an identity than a request (review 67)
             self.drop_asserted_identity(reply=True)
+        except Exception as exc:  # noqa: BLE001 - the reply is still read below
+            _log_exception("reply identity", exc)
+        try:
             if self.own_realm_challenge():
                 KSR.pv.seti(_OWN_CHALLENGE_AVP, 1)     # the failure route answers 502
                 return 1
