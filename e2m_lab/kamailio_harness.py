@@ -346,6 +346,15 @@ def _db_init(config: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _ports_named(settings: dict[str, Any]) -> set[int]:
+    """Ports the settings name already (a node's DMQ address and peers): chosen free by
+    the caller but not bound yet, so free_port could hand one out again as the SIP port
+    (a cluster test once failed so: "also served by [kamailio] listen")."""
+    cluster = (settings.get("extra") or {}).get("cluster") or {}
+    texts = [cluster.get("dmq_address") or "", *(cluster.get("peers") or ())]
+    return {int(found) for text in texts for found in re.findall(r":(\d+)(?:;|$)", str(text))}
+
+
 def start_proxy(directory: Path, *, pki: TestPKI | None, e2m: bool, attempts: int = 3,
                 port: int | None = None, **settings: Any) -> ProxyHandle:
     """Write the config, start ``e2m-proxy`` and wait until it answers OPTIONS.
@@ -353,9 +362,10 @@ def start_proxy(directory: Path, *, pki: TestPKI | None, e2m: bool, attempts: in
     else a free one, and another one if it was taken before Kamailio bound it."""
     last_error = ""
     chosen = port
+    named = _ports_named(settings)
     for _ in range(1 if chosen else attempts):
-        port = chosen or free_port()
-        tls_port = free_port(avoid={port}) if settings.get("tls") else None
+        port = chosen or free_port(avoid=named)
+        tls_port = free_port(avoid={port, *named}) if settings.get("tls") else None
         config = write_proxy_config(directory, port, pki=pki, e2m=e2m, tls_port=tls_port,
                                     **settings)
         handle = ProxyHandle(directory.name, directory, config, port, e2m,
