@@ -255,7 +255,7 @@ def test_control_a_call_carries_many_reinvites_under_the_dialog_key(world):
     assert _rounds(world, "r66-uses-control", None, 6) == ([SDP_ANSWER] * 6, SDP_ANSWER)
 
 
-def test_control_the_hops_repeated_part_is_accepted_as_bobs(world):
+def test_control_the_hops_repeated_part_is_refused_by_the_ua(world):
     # before the fix the rewritten message was accepted (signature, context, replay all
     # pass) and showed bob's SDP; now one Content-ID twice is refused, as at the proxy
     read, _ = _rounds(world, "r66-uses-accepted", 16, 1)
