@@ -69,7 +69,7 @@ from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, messag
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
 from e2m_lab.processes import stop_process
 from e2m_lab.sipp import sipp_stats, start_sipp
-from e2m_lab.wire import memory_sample
+from e2m_lab.wire import memory_sample, pkg_moved, pkg_over_common_processes
 
 # proxyrates is this script's neighbour: run as `python bench/soak.py`, bench/ is on the path
 import proxyrates as pr  # noqa: E402  (the SIPp scenario header block)
@@ -397,17 +397,16 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
             "invite_offers_viewed": len(re.findall(r"e2m: INVITE request action=forward seen=application/sdp", kamailio_log)),
             "invite_answers_viewed": len(re.findall(r"e2m: INVITE response 200 action=forward seen=application/sdp", kamailio_log)),
         }
+        pkg_left_out = pkg_over_common_processes(samples)
         analysis = analyse(samples, elapsed)
+        analysis["pkg_processes_left_out"] = pkg_left_out
         before = next(s for s in samples if s["phase"] == "before")
         after = [s for s in samples if s["phase"] == "after"][-1]
         analysis["drained"] = {name: (None if before.get(name) is None or after.get(name) is None
                                       else after[name] - before[name])
                                for name in ("shm_real_used", "shm_used", "pkg_real_used_sum",
                                             "rss_anon_sum", "keycache_entries")}
-        # the processes whose private memory moved, so a step in the sum can be placed
-        grown = {name: after.get("pkg_by_process", {}).get(name, 0) - used
-                 for name, used in before.get("pkg_by_process", {}).items()}
-        analysis["drained"]["pkg_moved_by_process"] = {k: v for k, v in grown.items() if v}
+        analysis["drained"]["pkg_moved_by_process"] = pkg_moved(before, after)
         analysis["drained"]["replay_records_let_go"] = seen_after_drain
         tracebacks = kamailio_log.count("Traceback")
         errors_logged = len(re.findall(r"\bERROR:", kamailio_log))
