@@ -326,12 +326,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RuntimeDirError(ValueError):
+    """A requested runtime dir someone else could use."""
+
+
 def _prepare_runtime(requested: str | None) -> tuple[Path, bool]:
     if requested:
         path = Path(requested).resolve()
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(path)
         return path, False
     return Path(tempfile.mkdtemp(prefix="e2m-proxy-")).resolve(), True
+
+
+def _check_private(path: Path) -> None:
+    # The control socket and the RPC FIFO run any RPC for whoever reaches them (ul.add
+    # binds a user's AoR to any contact), and the nonce secret and pgpass live here too.
+    info = path.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise RuntimeDirError(
+            f"runtime dir {path} is mode {info.st_mode & 0o777:04o}, owner uid {info.st_uid}: "
+            "it holds the control socket and RPC FIFO, so it must be ours alone (chmod 700; "
+            "systemd: RuntimeDirectoryMode=0700)")
 
 
 def _cleanup(runtime_dir: Path, created: bool) -> None:
@@ -570,7 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     if sys.version_info[:2] != (3, 11):
         print("e2m-proxy: warning: Kamailio embeds Python 3.11; this interpreter is "
               f"{sys.version.split()[0]}, so compiled packages may not load", file=sys.stderr)
-    runtime_dir, created = _prepare_runtime(args.runtime_dir)
+    try:
+        runtime_dir, created = _prepare_runtime(args.runtime_dir)
+    except RuntimeDirError as exc:
+        print(f"e2m-proxy: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg_path = runtime_dir / "kamailio.cfg"
         try:

@@ -191,3 +191,30 @@ def test_the_digest_nonce_secret_is_one_per_identity_private_and_not_in_the_cfg(
         assert f'import_file "{secret_file}"' in text
         secrets_seen.append(secret)
     assert secrets_seen[0] == secrets_seen[1]
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o750, 0o711])
+def test_a_runtime_dir_others_can_enter_is_refused(tmp_path, pki: TestPKI, capsys, mode):
+    """The runtime dir holds the control socket and the RPC FIFO: whoever reaches them
+    runs any RPC (``ul.add`` binds alice's AoR to their contact, ``htable.flush`` drops
+    every call's keys).  A ``--runtime-dir`` others may enter (systemd's
+    RuntimeDirectory is 0755 by default) is refused with the reason, not used."""
+    from e2m_lab.kamailio_harness import write_proxy_config
+    from kamailio_app.launcher import main
+    path = write_proxy_config(tmp_path / "p", 5070, pki=pki, e2m=True)
+    run = tmp_path / "shared-run"
+    run.mkdir(mode=mode)
+    run.chmod(mode)
+    assert main(["--config", str(path), "--runtime-dir", str(run), "--print-cfg"]) == 2
+    assert "runtime dir" in capsys.readouterr().err and not (run / "kamailio.cfg").exists()
+    run.chmod(0o700)                              # the control: owner only is taken
+    assert main(["--config", str(path), "--runtime-dir", str(run), "--print-cfg"]) == 0
+
+
+def test_the_rpc_fifo_and_control_socket_are_the_owners_alone(tmp_path, pki: TestPKI):
+    """Kamailio makes the jsonrpcs FIFO 0660 unless told: group members could run RPC."""
+    from e2m_lab.kamailio_harness import write_proxy_config
+    config = load_app_config(write_proxy_config(tmp_path / "p", 5070, pki=pki, e2m=True))
+    text = render_cfg(config, tmp_path)
+    assert 'modparam("jsonrpcs", "fifo_mode", 0600)' in text
+    assert 'modparam("ctl", "mode", 0600)' in text
