@@ -1,0 +1,112 @@
+"""A sixty-eighth attacker's review (December 2026) of a000c40: the last fixes of review
+67 (``git log 632f6c5~1..a000c40``), attacked: the digest ``uri`` bound to the
+Request-URI, identity headers removed from replies, the nonce secret derived from the
+proxy's key, case-sensitive AoRs in the registrar, and the body the phone re-serialises.
+
+``test_hole_*`` xfail strictly on a000c40 (their assertion is the secure behaviour);
+``test_control_*`` are the same flows without the attack (they pass).
+
+Hole 1 (case-sensitive AoRs, the key cache's keeper): review 67 made AoRs
+case-sensitive in the registrar, "as digest and the core read a user": ``Alice`` and
+``alice`` are two users, two passwords, two certificates.  The proxy's key quota is not:
+``proxy._keeper`` lower-cases the whole AoR (``str(identity).lower()``, written when one
+user was meant to have one spelling), so every key ``Alice``'s signed requests offer
+counts against ``alice``'s quota (``max_entries // KEEPER_SHARE``, 1,250 by default),
+and past it ``MemoryKeyCache._trim_keeper`` (the Kamailio sweep's ``over_quota``
+likewise) drops that group's oldest long-lived key: alice's live call's.
+
+  Attacker: an insider UA holding account ``Alice`` (her own password and certificate
+  for ``sip:Alice@example.com``) and an accomplice who answers her calls (or a second
+  phone of hers).  Messages: ``Alice``'s signed INVITEs offering a key, each answered
+  by a 200 sealed under it (CEK reuse): the proxy moves each key into its dialog for
+  12 h, keeper ``sip:alice@example.com``.  Effect: once the quota is full, alice's live
+  call's key goes; her next re-INVITE in it is answered 496 by her own proxy (and bob's
+  bodies under it are unreadable).  The test scales the quota to 4; the default takes
+  1,250 calls, well within a day of an insider's script.  Fix: a keeper spells the
+  user part as digest and the registrar do (``identity_of`` with the host lower-cased
+  and the user as written, after unescaping), i.e. ``_keeper`` must not lower-case the
+  user part.
+
+Tried, and held:
+  - ``challenge.credentials_fit_request`` with escapes (``%62ob``), a scheme or host in
+    another case, a default port, ``;transport=``: every one differs from ``$ou`` as a
+    string and is refused (strict; a false refusal at worst, no target of the hop's);
+  - two credentials of our realm, one naming the Request-URI and a decoy naming the
+    proxy: both must fit (``all``), the decoy is then harmless as digest binds the
+    method and the uri the check read;
+  - a ``uri`` parameter spelt ``URI=`` or repeated: ``_digest_param`` finds it in any
+    case, a repeated one is None (refused).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2m_lab.flows import TRUSTED, proxy_engine
+from e2m_plugins.challenge import credentials_fit_request
+from e2m_plugins.keycache import MemoryKeyCache
+from e2m_plugins.testpki import init_test_pki
+from tests.unit.test_review12 import SDP_VIEW, _call, _reinvite_in_live_call, _ua
+
+QUOTA = 4          # max_per_keeper, scaled down from max_entries // KEEPER_SHARE (1,250)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_test_pki(None, proxy_hosts=(TRUSTED,),
+                         users=("alice", "bob", "Alice", "carol", "mallory"), key_type="ec")
+
+
+def _live_call_then_flood(world, attacker: str, calls: int):
+    """alice is in a call with bob (her key kept for the dialog); ``attacker`` then
+    places ``calls`` calls to mallory, each answered under her offer key.  The proxy's
+    verdict on alice's re-INVITE in her live call."""
+    now = [1000.0]
+    cache = MemoryKeyCache(max_per_keeper=QUOTA, clock=lambda: now[0])
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=cache)
+    alice, bob = _ua(world, "alice", "bob"), _ua(world, "bob", "alice")
+    _call(world, proxy, alice, bob, "alice", "bob", "r68-live@x", to_tag="c1")
+    now[0] += 300                     # the call runs; its early copy has expired
+    caller, accomplice = _ua(world, attacker, "mallory"), _ua(world, "mallory", attacker)
+    for n in range(calls):
+        _call(world, proxy, caller, accomplice, attacker, "mallory", f"r68-flood{n}@x",
+              to_tag=f"m{n}", from_tag=f"f{n}")
+    return _reinvite_in_live_call(world, proxy, alice, "alice", "bob", "r68-live@x")
+
+
+@pytest.mark.xfail(strict=True, reason="review 68: insider user Alice's keys count against "
+                                       "alice's quota (_keeper lower-cases): her live "
+                                       "call's key is evicted, re-INVITE 496")
+def test_hole_user_Alice_evicts_alices_live_call_key(world):
+    verdict = _live_call_then_flood(world, "Alice", QUOTA + 2)
+    assert verdict.action == "forward", \
+        f"alice's re-INVITE after Alice's calls: {verdict.code} {verdict.reason} ({verdict.detail})"
+
+
+def test_control_another_user_calling_as_much_leaves_alices_key(world):
+    """carol, a user whose name is not alice's in another case, places as many calls:
+    her quota is her own, and alice's re-INVITE is read."""
+    verdict = _live_call_then_flood(world, "carol", QUOTA + 2)
+    assert verdict.action == "forward", f"{verdict.code} {verdict.reason}"
+
+
+def test_control_alice_and_Alice_are_two_signers(world):
+    """The set-up is sound: Alice's calls are signed as ``sip:Alice@example.com`` and
+    read by the proxy (``_call`` asserts the 200 under her key was read), and alice's
+    live call alone is refreshed fine."""
+    verdict = _live_call_then_flood(world, "Alice", 0)
+    assert verdict.action == "forward"
+
+
+@pytest.mark.parametrize("uri", [
+    "sip:%62ob@example.com", "SIP:bob@example.com", "sip:bob@EXAMPLE.com",
+    "sip:bob@example.com:5060", "sip:bob@example.com;transport=udp",
+    "sip:bob@example.com;maddr=192.0.2.9",
+])
+def test_control_credentials_for_another_spelling_do_not_fit(uri):
+    """Held: the digest ``uri`` is compared with the Request-URI as received, octet for
+    octet; any other spelling is refused (a false refusal at worst)."""
+    creds = (f'Digest username="alice", realm="example.com", nonce="n1", uri="{uri}", '
+             f'response="0123456789abcdef0123456789abcdef", qop=auth, nc=00000001, '
+             f'cnonce="c1"')
+    assert not credentials_fit_request([creds], "example.com", "sip:bob@example.com")
