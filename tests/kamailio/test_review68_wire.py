@@ -21,17 +21,22 @@ a REGISTER), else 400 as for any other; give SIPp ``-auth_uri`` (or
 ``[authentication auth_uri=...]``) in the scenarios the project ships.
 
 Hole 3 (``test_hole_a_request_from_the_proxys_own_address_keeps_an_asserted_identity``):
-**off-path sender** writing the proxy's own address as the UDP source (or any local
-process: the monitor, a cron job's script).  ``drop_asserted_identity`` keeps
+**off-path sender** writing as its UDP source an address ``is_myself_srcip`` takes for
+the proxy's: on a node of a cluster, the front's address, which the node names as an
+alias (docs/threat-model.md, the front's row on a Route past us: "matches aliases on any
+port"), or an advertised address; or any local process (the monitor, a cron job's
+script).  (Linux drops off-box packets whose source is one of the box's own addresses
+as martians, so the spoofer uses an alias address; this test sends from 127.0.0.1, the
+proxy's listen address, which is the same check.)  ``drop_asserted_identity`` keeps
 P-Asserted-Identity and its kin on a request that ``exempt_source`` passes, which is
 ``KSR.is_myself_srcip()`` ("a spiral, a local tool") as well as a ``[limits]
 trusted`` peer.  A stranger's ``MESSAGE sip:bob@example.com`` (From
 ``dave@other.example.net``: not ours, so never challenged) sent from 127.0.0.1 with
 ``P-Asserted-Identity: <sip:alice@example.com>`` (and P-Preferred-Identity,
 Remote-Party-ID) reaches bob with all three: a stock UA that trusts its proxy (RFC
-3325) shows the stranger's message as alice's.  Review 23 already stopped the same
-source from following a Route (threat model row "writing the proxy's own address as
-the UDP source"); the identity check kept the old exemption.  At fault:
+3325) shows the stranger's message as alice's.  The same source was already stopped from
+following a Route (threat model row "writing the proxy's own address as the UDP
+source"); the identity check kept the old exemption.  At fault:
 ``kamailio_app/kemi.py`` ``drop_asserted_identity`` (``self.exempt_source()`` for a
 request).  Fix: for identities, exempt only a ``[limits] trusted`` peer
 (``trusted_peer()``); a spiral's assertion was already cleaned (or kept for a trusted

@@ -35,7 +35,20 @@ Tried, and held:
     proxy: both must fit (``all``), the decoy is then harmless as digest binds the
     method and the uri the check read;
   - a ``uri`` parameter spelt ``URI=`` or repeated: ``_digest_param`` finds it in any
-    case, a repeated one is None (refused).
+    case, a repeated one is None (refused);
+  - ``mime.as_read`` (target 5): a compact ``c`` part header is Content-Type to the
+    core too; a space before a part header's colon is malformed (``_HEADER_NAME``); a
+    folded part header is unfolded and written on one line; a quoted parameter holding
+    ``;boundary=`` stays one quoted value; the fresh boundary is 128 random bits checked
+    against every written part; a backslash in Content-Type parameters is refused;
+  - the nonce secret (target 3; read, not run): HKDF over the private key with its own label and the
+    host (no other derived key shares it); ``--print-cfg`` shows only the
+    ``import_file`` path; the file is 0600, written O_EXCL|O_NOFOLLOW; a nonce from a
+    node with another ``[auth] realm`` names that realm, and ``auth_check`` of ours
+    finds no credentials of our realm (a new challenge).  Not a hole, noted: with
+    ``--runtime-dir`` given, ``launcher._cleanup`` leaves ``auth-secret.cfg`` behind
+    (its list of files omits it); it is 0600 beside the private key the same user
+    holds, so nobody new reads it.
 """
 
 from __future__ import annotations
@@ -110,3 +123,23 @@ def test_control_credentials_for_another_spelling_do_not_fit(uri):
              f'response="0123456789abcdef0123456789abcdef", qop=auth, nc=00000001, '
              f'cnonce="c1"')
     assert not credentials_fit_request([creds], "example.com", "sip:bob@example.com")
+
+
+def test_control_as_read_writes_one_boundary_and_expands_a_compact_type():
+    """Held (core side of target 5): a part typed by a compact ``c`` header is written
+    back as ``Content-Type: application/sdp``; a quoted parameter holding
+    ``;boundary=y`` and a part parameter holding ``--e2m-`` stay quoted values, and the
+    multipart gets one fresh boundary, last, that no part contains.  (pjsip's own
+    reading of the result is review 59/62's phone test; not re-run here.)"""
+    from e2m_plugins import mime
+    raw = (b'--x\r\nc: application/sdp\r\n\r\nv=0\r\n'
+           b'--x\r\nContent-Type: text/plain; a="--e2m-;boundary=y"\r\n\r\nhi\r\n--x--\r\n')
+    part = mime.MimePart((("Content-Type", 'multipart/mixed; foo="q;boundary=y"; boundary=x'),),
+                         raw)
+    out = mime.as_read(part)
+    boundary = out.content_type.param("boundary")
+    assert [n for n, _ in out.content_type.params] == ["foo", "boundary"]
+    assert boundary.startswith("e2m-") and out.body.count(f"--{boundary}".encode()) == 3
+    children = mime.parse_multipart(out)
+    assert [c.content_type.mime_type for c in children] == ["application/sdp", "text/plain"]
+    assert children[0].headers == (("Content-Type", "application/sdp"),)
