@@ -1,7 +1,7 @@
 """A sixty-ninth attacker's review (December 2026) of a000c40: the insider hiding from
 the archive by what the *next* parser reads (real Kamailio, stock receiving UAs).
 
-Hole (``test_hole_*_past_its_content_length_*``): the proxy reads a response by its
+Hole 1 (``test_hole_*_past_its_content_length_*``): the proxy reads a response by its
 Content-Length, Kamailio relays the whole datagram, a stock pjsip reads the whole
 datagram.
 
@@ -35,10 +35,35 @@ datagram.
   it drops review 57's second To and review 64's unreadable Via; or rewrite the
   relayed body to the Content-Length.
 
+Hole 2 (``test_hole_*_with_another_branch_*``): a reply tm does not match is relayed
+unread by a proxy that is not a cluster node.
+
+- Attacker: the same **insider UA** (bob, the callee) or an **untrusted hop** between
+  him and the proxy.
+- Messages: bob's 200 (a MESSAGE receipt; the SDP answer to a stock pjsua2 caller's
+  INVITE) with a true Content-Length, but the top Via's branch (the proxy's own, which
+  Kamailio strips) changed from ``z9hG4bK...`` to ``z9hG4bKr69...``; alice's Via below
+  it untouched.
+- Effect (seen): tm matches no transaction; ``ksr_reply_route`` checks the reply's
+  readability (``read_reply``) but reads it into the engine only on a cluster
+  (``if self.app.engine is not None and self.app.replicates: self.route_stray_reply()``);
+  Kamailio's core then forwards it statelessly along the second Via, alice's, whose
+  branch her client transaction matches.  Nothing is logged for it ("response" never
+  appears), no row is written: alice's socket gets the 200 with the receipt, the
+  archive holds only her own text; the stock caller's call is CONFIRMED with remote RTP
+  ``127.0.0.1:40404`` and the proxy has no media row for the answer.  The same works
+  for an 18x's early media, and for keys a 2xx offers (forwarded unread).
+- At fault: ``kamailio_app/kemi.py`` ``ksr_reply_route`` (``route_stray_reply`` only
+  when ``self.app.replicates``).  Fix: on every proxy with an engine, read a stray
+  reply that must be read (``route_stray_reply`` without the ``replicates`` condition),
+  or, on a single node, drop a reply no transaction of ours matches when it needs
+  reading (``response_needs_reading``): a single proxy sent no request it could answer.
+
 Controls: the same receipt and answer with a true Content-Length are archived (the
 stock caller gets the same RTP address, and the proxy records it); a *request* with
 octets past its Content-Length is answered 400 by Kamailio's sanity check and reaches
-nobody.
+nobody; the receipt with the proxy's own branch (in tm's transaction) is read and
+archived.
 
 What I tried that held (run): an in-dialog ACK carrying the answer SDP of a late-offer
 call, sent to the proxy without the Route (token) header so that ``route_in_dialog``'s
@@ -179,11 +204,12 @@ os._exit(0)
 '''
 
 
-def _stock_call(proxy_factory, tmp_path, *, smuggled: bool, name: str):
+def _stock_call(proxy_factory, tmp_path, *, smuggled: bool, name: str, stray: bool = False):
     """A stock pjsua2 caller calls bob (a RawUas) through a proxy viewing INVITE SDP;
     bob's 200 carries BOB_SDP with a true Content-Length, or (``smuggled``)
-    ``Content-Length: 0`` and BOB_SDP after the head.  Returns (what pjsip negotiated,
-    the proxy's media rows for responses, its log)."""
+    ``Content-Length: 0`` and BOB_SDP after the head; ``stray``: the 200 with a true
+    Content-Length, the proxy's Via branch changed (``_stray``).  Returns (what pjsip
+    negotiated, the proxy's media rows for responses, its log)."""
     pytest.importorskip("pjsua2")
     script = tmp_path / "stock_caller.py"
     script.write_text(_STOCK_CALLER)
@@ -197,8 +223,9 @@ def _stock_call(proxy_factory, tmp_path, *, smuggled: bool, name: str):
         extra = [("Record-Route", rr) for rr in request.get_all("Record-Route")]
         extra.append(("Contact", f"<sip:bob@127.0.0.1:{state['port']}>"))
         if not smuggled:
-            return make_response(request, 200, "OK", extra, body=BOB_SDP,
-                                 content_type="application/sdp")
+            reply = make_response(request, 200, "OK", extra, body=BOB_SDP,
+                                  content_type="application/sdp")
+            return _stray(reply) if stray else reply
         wire = make_response(request, 200, "OK", extra, content_type="application/sdp").serialize()
         assert wire.endswith(b"Content-Length: 0\r\n\r\n")
         return wire + BOB_SDP
@@ -229,6 +256,54 @@ def test_hole_an_answer_sdp_past_its_content_length_moves_a_stock_callers_media_
     media the proxy recorded (or the answer is not relayed)."""
     got, answers, log = _stock_call(proxy_factory, tmp_path, smuggled=True, name="r69m")
     assert "INVITE response 200" in log             # read, and found nothing
+    taken = got.get("remote_rtp")
+    assert taken != "127.0.0.1:40404" or any(row["port"] == 40404 for row in answers), \
+        (got, answers, log[-600:])
+
+
+# -- hole 2: a reply tm does not match is relayed unread (one proxy, no cluster) ---------
+
+def _stray(reply) -> bytes:
+    """``reply``'s wire bytes with the top Via's (the proxy's) branch changed: tm matches
+    no transaction, Kamailio's core forwards it statelessly along the second Via, the
+    caller's own, whose branch her transaction matches."""
+    top = reply.get_all("Via")[0]
+    assert "branch=z9hG4bK" in top
+    return reply.serialize().replace(top.encode(),
+                                     top.replace("branch=z9hG4bK", "branch=z9hG4bKr69").encode(), 1)
+
+
+def _stray_receipt(proxy_factory, *, stray: bool, name: str):
+    def responder(request):
+        reply = make_response(request, 200, "OK", body=HIDDEN, content_type="text/plain")
+        return _stray(reply) if stray else reply.serialize()
+    return receipt_exchange(proxy_factory, name, responder, bob_at="127.0.0.75",
+                            alice_at="127.0.0.76")
+
+
+def test_control_a_receipt_in_the_transaction_is_read_and_archived(proxy_factory):
+    answers, rows, log = _stray_receipt(proxy_factory, stray=False, name="r69t")
+    assert len(answers) == 1 and parse(answers[0], exact=True).body == HIDDEN
+    assert HIDDEN in rows and "MESSAGE response 200" in log
+
+
+@pytest.mark.xfail(strict=True, reason="review 69: insider callee (or a hop) changes the proxy's "
+                   "Via branch: tm matches nothing, the 200's receipt is relayed unread, unarchived")
+def test_hole_a_receipt_with_another_branch_is_relayed_unread(proxy_factory):
+    """Secure: a reply the proxy relays with a body it views is read and archived (as a
+    cluster node reads a stray reply), or it is dropped."""
+    answers, rows, log = _stray_receipt(proxy_factory, stray=True, name="r69u")
+    delivered = [parse(a, exact=True) for a in answers]
+    assert b"hello bob" in rows
+    assert not any(m.body == HIDDEN for m in delivered) or HIDDEN in rows, (rows, log[-600:])
+
+
+@pytest.mark.xfail(strict=True, reason="review 69: insider callee (or a hop) answers a stock "
+                   "caller with the proxy's Via branch changed: SDP taken, never read or recorded")
+def test_hole_an_answer_with_another_branch_moves_a_stock_callers_media_unrecorded(
+        proxy_factory, tmp_path):
+    got, answers, log = _stock_call(proxy_factory, tmp_path, smuggled=False, stray=True,
+                                    name="r69v")
     taken = got.get("remote_rtp")
     assert taken != "127.0.0.1:40404" or any(row["port"] == 40404 for row in answers), \
         (got, answers, log[-600:])
