@@ -191,9 +191,11 @@ def _made(contexts: Sequence[SipContext | None]) -> float | None:
 
 def _keeper(sender: str) -> str:
     """An AoR as a keeper (whose quota a signed key counts against), one spelling per
-    AoR (case, parameters, escapes) so that one user cannot count as many."""
+    AoR (host case, parameters, escapes) so that one user cannot count as many.  The
+    user part keeps its case: ``Alice`` is another user than ``alice`` to digest, the
+    registrar and the core, and must not spend her quota (review 68)."""
     identity = identity_of(sender)
-    return (str(identity) if identity is not None else sender).lower()
+    return str(identity) if identity is not None else sender.lower()
 
 
 def _sender(request: SipMessage) -> str:

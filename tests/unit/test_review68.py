@@ -49,6 +49,11 @@ Tried, and held:
     ``--runtime-dir`` given, ``launcher._cleanup`` leaves ``auth-secret.cfg`` behind
     (its list of files omits it); it is 0600 beside the private key the same user
     holds, so nobody new reads it.
+
+Fixed (stop 32): ``proxy._keeper`` folds the host only (case, parameters) and keeps
+the user part as written, so ``Alice``'s keys count against her own quota (the hole
+turned XPASS, the marker is gone).  The file review 68 noted as left behind with
+``--runtime-dir`` is now removed at exit with the other runtime files.
 """
 
 from __future__ import annotations
@@ -87,9 +92,6 @@ def _live_call_then_flood(world, attacker: str, calls: int):
     return _reinvite_in_live_call(world, proxy, alice, "alice", "bob", "r68-live@x")
 
 
-@pytest.mark.xfail(strict=True, reason="review 68: insider user Alice's keys count against "
-                                       "alice's quota (_keeper lower-cases): her live "
-                                       "call's key is evicted, re-INVITE 496")
 def test_hole_user_Alice_evicts_alices_live_call_key(world):
     verdict = _live_call_then_flood(world, "Alice", QUOTA + 2)
     assert verdict.action == "forward", \
