@@ -643,7 +643,10 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
     if inst.config.digest_of:
         # a password made for this run, for a throwaway users.sqlite: on the command
         # line because that is how SIPp takes it
-        args += ["-au", DIGEST_USER, "-ap", str(inst.config.password)]
+        # (the digest uri must be the Request-URI: SIPp's default, the proxy's address,
+        # fits only a request to the proxy itself)
+        args += ["-au", DIGEST_USER, "-ap", str(inst.config.password),
+                 "-auth_uri", "bob@example.com"]
     budget = seconds * 1.5 + plan.recv_timeout_ms / 1000 + 10
     before = inst.cpu()
     start = time.monotonic()

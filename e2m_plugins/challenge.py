@@ -55,12 +55,13 @@ def credentials_fit_request(values: list[str], realm: str, request_uri: str,
     proves the method and that URI, so a hop that took alice's credentials for a
     request to bob must not spend them on a target of its own (review 67).  Every one
     of our realm, since which one the proxy's digest check read is not ours to know.
-    A ``uri`` that ``names_us`` (the proxy itself, no user: what SIPp writes) names no
-    target to hold the request to, and passes: such credentials were never bound to
-    one."""
+    A ``uri`` that ``names_us`` (the proxy itself, no user: what SIPp writes unless
+    given ``-auth_uri``) fits only a request to the proxy itself (a REGISTER): bound to
+    no target, it must not carry one (review 68)."""
     ours = [v for v in values if (_digest_param(v, "realm") or "").lower() == realm.lower()]
     return bool(ours) and all(
-        (uri := _digest_param(v, "uri")) is not None and (uri == request_uri or names_us(uri))
+        (uri := _digest_param(v, "uri")) is not None
+        and (uri == request_uri or (names_us(uri) and names_us(request_uri)))
         for v in ours)
 
 

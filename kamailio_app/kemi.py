@@ -159,10 +159,13 @@ _PIECE = "$(mb{s.substr,$var(e2m_off),$var(e2m_len)}{s.encode.base64})"
 
 
 def _read_message():
-    """The message as received, byte-exact ($mb through base64: bodies may be binary)."""
+    """The message as received, byte-exact ($mb through base64: bodies may be binary).
+    Octets past the Content-Length body are refused, not dropped: tm relays a reply's
+    datagram whole, and a stock UA takes them for the body the archive never saw
+    (review 69; a request's are answered 400 by the sanity check before this)."""
     total = int(KSR.pv.get("$ml") or 0)
     if total <= _SLICE:
-        return parse(base64.b64decode(KSR.pv.get(_WHOLE) or ""))
+        return parse(base64.b64decode(KSR.pv.get(_WHOLE) or ""), exact=True)
     pieces = []
     for offset in range(0, total, _SLICE):
         KSR.pv.seti("$var(e2m_off)", offset)
@@ -171,7 +174,7 @@ def _read_message():
     raw = b"".join(pieces)
     if len(raw) != total:
         raise MalformedError("message could not be read whole")
-    return parse(raw)
+    return parse(raw, exact=True)
 
 
 def _request_kept() -> list[bytes]:
@@ -416,14 +419,16 @@ class kamailio:
             self.record_route()
         self.relay(inspect=True)
 
-    def drop_asserted_identity(self, reply=False):
+    def drop_asserted_identity(self):
         """P-Asserted-Identity and its kin from anyone but a [limits] trusted peer go,
         from requests and replies: a UA that trusts its proxy (RFC 3325) would show an
         authenticated user's request, or a callee's answer, as another user's (reviews
         57, 67).  Our UAs read the From and the signer, which digest and the signature
-        hold to the user.  A request of our own (a spiral) keeps them; a reply, whose
-        sender may share our address, never is ours."""
-        if self.trusted_peer() if reply else self.exempt_source():
+        hold to the user.  Our own address exempts nothing: a reply's sender may share
+        it (loopback), and a request from it may be any local process or, on a cluster
+        node, anyone using the front's address, which the node lists as an alias
+        (review 68).  A spiral loses them, as it is refused as a replay anyway."""
+        if self.trusted_peer():
             return
         for name in _ASSERTED_IDENTITY:
             if KSR.hdr.is_present(name) > 0:
@@ -559,7 +564,11 @@ class kamailio:
             return False
         self.new_transaction()   # nonce counting must see each request once (tm)
         rc = KSR.auth_db.auth_check(auth.realm, auth.table, 1)
-        if rc > 0 and not self.credentials_fit_request(register, auth.realm):
+        # Inside a dialog our route token binds the request to its Call-ID and tag, and
+        # its Request-URI is the peer's contact, which no stock client names alike
+        # (SIPp's one -auth_uri is the INVITE's target): a hop could send it only to
+        # another contact, which has no such dialog (481).
+        if rc > 0 and not in_dialog and not self.credentials_fit_request(register, auth.realm):
             _info("e2m: %s from %s refused: its credentials were made for another "
                   "Request-URI\n" % (KSR.pv.get("$rm"), KSR.pv.get("$si")))
             KSR.sl.send_reply(400, "Credentials For Another URI")
@@ -991,10 +1000,10 @@ class kamailio:
             if KSR.tm.t_check_trans() <= 0:
                 # forwarded statelessly: lumps set here go with it (tm's are set in
                 # ksr_onreply_route, the route whose edits tm relays)
-                self.drop_asserted_identity(reply=True)
+                self.drop_asserted_identity()
         except Exception as exc:  # noqa: BLE001 - the reply goes on regardless
             _log_exception("stray reply identity", exc)
-        if self.app.engine is not None and self.app.replicates:
+        if self.app.engine is not None:
             try:
                 self.route_stray_reply()
             except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
@@ -1002,10 +1011,13 @@ class kamailio:
         return 1
 
     def route_stray_reply(self):
-        """[cluster]: a response to a request another node sent (its Via is the
-        cluster's advertised address; a front or a floating address brought it here)
-        matches no transaction of ours and is forwarded statelessly by the core; it is
-        read here, with the keys that node kept (replicated), as tm's route would."""
+        """A response that matches no transaction of ours is forwarded statelessly by
+        the core; it is read here as tm's route would.  On a cluster, one to a request
+        another node sent (its Via is the cluster's advertised address; a front or a
+        floating address brought it here), read with the keys that node kept; on any
+        proxy, a 2xx retransmitted after the transaction ended, or an answer whose
+        branch in our Via a callee or hop changed, which would otherwise reach the
+        caller unread and unarchived (review 69)."""
         if KSR.tm.t_check_trans() > 0:
             return            # ours: ksr_onreply_route reads it
         self.route_reply(stray=True)
@@ -1043,7 +1055,7 @@ class kamailio:
     def ksr_onreply_route(self, msg):
         try:
             # a callee's answer may no more assert an identity than a request (review 67)
-            self.drop_asserted_identity(reply=True)
+            self.drop_asserted_identity()
         except Exception as exc:  # noqa: BLE001 - the reply is still read below
             _log_exception("reply identity", exc)
         try:
@@ -1078,8 +1090,8 @@ class kamailio:
         return None
 
     def route_reply(self, stray=False):
-        """Read a response: of one of our transactions, or (``stray``) a cluster's
-        reply to a request another node sent.  The core reply route read it already
+        """Read a response: of one of our transactions, or (``stray``) one matching
+        none (``route_stray_reply``).  The core reply route read it already
         (``read_reply``), or dropped it."""
         if self._reply is None or self._reply[0] != KSR.pv.get("$mi"):
             if self.read_reply() is not None:

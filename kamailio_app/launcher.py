@@ -355,7 +355,7 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         return
     for name in ("kamailio_ctl", "kamailio_rpc.fifo", "kamailio.pid", "tls.cfg", "tls-ca.pem",
-                 "trusted.list", "pgpass", "ds.list"):
+                 "trusted.list", "pgpass", "ds.list", AUTH_SECRET_FILE):
         try:
             (runtime_dir / name).unlink()
         except OSError:

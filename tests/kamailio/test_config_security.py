@@ -218,3 +218,18 @@ def test_the_rpc_fifo_and_control_socket_are_the_owners_alone(tmp_path, pki: Tes
     text = render_cfg(config, tmp_path)
     assert 'modparam("jsonrpcs", "fifo_mode", 0600)' in text
     assert 'modparam("ctl", "mode", 0600)' in text
+
+
+def test_a_given_runtime_dir_keeps_no_secret_after_the_stop(tmp_path, pki: TestPKI):
+    """With ``--runtime-dir`` the dir stays; the nonce secret and the rest go (review 68
+    noted the secret left behind)."""
+    from e2m_lab.kamailio_harness import write_proxy_config
+    from kamailio_app.launcher import AUTH_SECRET_FILE, _cleanup
+    config = load_app_config(write_proxy_config(tmp_path / "p", 5070, pki=pki, e2m=True,
+                                                auth=True, users={"alice": "alice-pw"}))
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    write_runtime_files(config, run)
+    assert (run / AUTH_SECRET_FILE).exists()
+    _cleanup(run, created=False)
+    assert run.is_dir() and not (run / AUTH_SECRET_FILE).exists()

@@ -130,8 +130,8 @@ from pathlib import Path
 
 import pytest
 
-from e2m_lab.kamailio_harness import (RawUas, SipUa, digest_credentials, free_port,
-                                      parse_challenge, registered_uas, start_proxy,
+from e2m_lab.kamailio_harness import (RawUas, SipUa, captured_credentials, free_port,
+                                      message_with_credentials, registered_uas, start_proxy,
                                       wait_delivered)
 from e2m_plugins.sip import SipMessage, frame_length, make_response, parse
 from e2m_plugins.testpki import TestPKI, issue_tls_server, write_credential
@@ -320,27 +320,11 @@ def test_hole_the_next_hop_over_tls_takes_any_certificate_of_the_ca(proxy_factor
 # -- hole 3: the digest uri is never held to the Request-URI ------------------------------
 
 def _alices_credentials(home, source: str, method: str, uri: str) -> str:
-    """What alice's UA sends after the home proxy's 407 to her request for ``uri``: the
-    Proxy-Authorization the hop in front of home holds (nonce count 1, never used)."""
-    alice = SipUa(home.port, user="alice", password=USERS["alice"], source=source)
-    try:
-        first = alice.build(method, uri, to=uri, body=b"challenge me",
-                            content_type="text/plain")
-        answer = alice.transact(first)
-        assert answer is not None and answer.status == 407
-        return digest_credentials(parse_challenge(answer.get("Proxy-Authenticate") or ""),
-                                  method, uri, "alice", USERS["alice"], 1)
-    finally:
-        alice.close()
+    return captured_credentials(home, "alice", USERS["alice"], source, method, uri)
 
 
 def _as_alice(home, source: str, target: str, credentials: str, text: bytes):
-    hop = SipUa(home.port, user="alice", source=source)      # no password of alice's
-    try:
-        request = hop.build("MESSAGE", target, to=target, body=text, content_type="text/plain")
-        return hop.transact(request.replace("Proxy-Authorization", credentials))
-    finally:
-        hop.close()
+    return message_with_credentials(home, "alice", source, target, credentials, text)
 
 
 def test_control_alices_credentials_carry_her_own_request_and_no_other_method(home):

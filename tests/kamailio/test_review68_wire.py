@@ -53,13 +53,22 @@ Tried and held (see also ``tests/unit/test_review68.py``):
   or host, ``:5060``, ``;transport=``, ``;maddr=``): 400, compared as strings;
 - replies: a callee's 200 and 486 with the three headers (names in any case, one
   folded over two lines) lose them through tm's reply route.
+
+Fixed (stop 32): a digest ``uri`` naming the proxy itself fits only a request to the
+proxy itself (``challenge.credentials_fit_request``: both must name us), so the hop's
+MESSAGE to carol gets 400; the control now shows credentials naming the Request-URI
+carry alice's request and ones naming only the proxy do not (SIPp needs
+``-auth_uri``; in-dialog requests are bound by the route token instead).  Asserted
+identities go from every request and reply but a ``[limits] trusted`` peer's: the
+proxy's own address exempts nothing (``kemi.drop_asserted_identity``).  Both holes
+turned XPASS; the markers are gone.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from e2m_lab.kamailio_harness import (SipUa, digest_credentials, parse_challenge,
+from e2m_lab.kamailio_harness import (SipUa, captured_credentials, message_with_credentials,
                                       registered_uas, start_proxy, wait_delivered)
 from e2m_plugins.sip import SipMessage
 from e2m_plugins.testpki import TestPKI
@@ -84,34 +93,31 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
 def _alices_credentials(home, source: str, target: str, digest_uri: str) -> str:
     """alice's answer to home's 407 for a MESSAGE to ``target``, with ``digest_uri`` as
     the digest ``uri`` (SIPp's default: the proxy's address and port)."""
-    alice = SipUa(home.port, user="alice", password=USERS["alice"], source=source)
-    try:
-        answer = alice.transact(alice.build("MESSAGE", target, to=target, body=b"challenge me",
-                                            content_type="text/plain"))
-        assert answer is not None and answer.status == 407
-        return digest_credentials(parse_challenge(answer.get("Proxy-Authenticate") or ""),
-                                  "MESSAGE", digest_uri, "alice", USERS["alice"], 1)
-    finally:
-        alice.close()
+    return captured_credentials(home, "alice", USERS["alice"], source, "MESSAGE", target,
+                                digest_uri)
 
 
 def _send(home, source: str, target: str, credentials: str, text: bytes):
-    ua = SipUa(home.port, user="alice", source=source)      # no password of alice's
-    try:
-        request = ua.build("MESSAGE", target, to=target, body=text, content_type="text/plain")
-        return ua.transact(request.replace("Proxy-Authorization", credentials))
-    finally:
-        ua.close()
+    return message_with_credentials(home, "alice", source, target, credentials, text)
 
 
-def test_control_credentials_naming_the_proxy_carry_alices_own_request(home):
+def test_control_credentials_naming_the_request_uri_carry_alices_own_request(home):
+    """After the fix: credentials naming the Request-URI carry alice's request; ones
+    naming only the proxy (SIPp without ``-auth_uri``) no longer carry even her own
+    request to bob, since they bind no target (400, and nothing delivered)."""
     with registered_uas(home, "bob", USERS["bob"], "127.0.0.21") as bob:
+        credentials = _alices_credentials(home, "127.0.0.22", "sip:bob@example.com",
+                                          "sip:bob@example.com")
+        answer = _send(home, "127.0.0.22", "sip:bob@example.com", credentials,
+                       b"control: alice to bob, her target as the uri")
+        assert answer is not None and answer.status == 200
+        assert wait_delivered(bob, b"control: alice to bob, her target as the uri")
         proxy_uri = f"sip:127.0.0.1:{home.port}"
         credentials = _alices_credentials(home, "127.0.0.22", "sip:bob@example.com", proxy_uri)
         answer = _send(home, "127.0.0.22", "sip:bob@example.com", credentials,
                        b"control: alice to bob, SIPp's uri")
-        assert answer is not None and answer.status == 200
-        assert wait_delivered(bob, b"control: alice to bob, SIPp's uri")
+        assert answer is not None and answer.status == 400
+        assert not wait_delivered(bob, b"control: alice to bob, SIPp's uri", 0.5)
         # credentials naming bob's URI do not carry a request to carol (review 67 holds)
         credentials = _alices_credentials(home, "127.0.0.22", "sip:bob@example.com",
                                           "sip:bob@example.com")
@@ -119,9 +125,6 @@ def test_control_credentials_naming_the_proxy_carry_alices_own_request(home):
         assert answer is not None and answer.status == 400
 
 
-@pytest.mark.xfail(strict=True, reason="review 68: untrusted hop spends alice's credentials "
-                                       "whose uri names the proxy (SIPp's) on a target of "
-                                       "its own: delivered to carol as alice's")
 def test_hole_a_hop_spends_credentials_naming_the_proxy_on_a_target_of_its_own(home):
     with registered_uas(home, "carol", USERS["carol"], "127.0.0.24") as carol:
         proxy_uri = f"sip:127.0.0.1:{home.port}"
@@ -160,9 +163,6 @@ def test_control_a_strangers_assertion_goes(home):
         assert _assertions(bob, b"control: dave asserting alice") == dict.fromkeys(_ASSERTING)
 
 
-@pytest.mark.xfail(strict=True, reason="review 68: off-path sender with the proxy's own "
-                                       "address as UDP source keeps P-Asserted-Identity: "
-                                       "bob shown alice")
 def test_hole_a_request_from_the_proxys_own_address_keeps_an_asserted_identity(home):
     with registered_uas(home, "bob", USERS["bob"], "127.0.0.29") as bob:
         answer = _strangers_message(home, "127.0.0.1", b"hole: dave as alice, from 127.0.0.1")

@@ -79,9 +79,16 @@ def test_sipp_with_authentication_registers_and_calls(proxy_factory, sipp, raw_u
                      keys={"user": "bob", "contact_port": 9},
                      extra_args=["-au", "bob", "-ap", "guess"], timeout=4)
     assert wrong.rc != 0                      # the second REGISTER gets 401 again
+    # the digest uri must be the INVITE's Request-URI (RFC 3261 §22.4; review 68):
+    # SIPp's default, the proxy's address, binds no target and is refused (400)
+    bare = sipp.uac("uac_call_auth.xml", proxy.port,
+                    keys={"from_user": "alice", "to_user": "bob"},
+                    extra_args=["-au", "alice", "-ap", USERS["alice"]], timeout=4)
+    assert bare.rc != 0 and not raw_uas.received
     call = sipp.uac("uac_call_auth.xml", proxy.port,
                     keys={"from_user": "alice", "to_user": "bob"},
-                    extra_args=["-au", "alice", "-ap", USERS["alice"]])
+                    extra_args=["-au", "alice", "-ap", USERS["alice"],
+                                "-auth_uri", "bob@example.com"])
     assert call.rc == 0, call.output[-1500:]
     methods = [m.method for m in raw_uas.received]
     assert methods == ["INVITE", "ACK", "BYE"]

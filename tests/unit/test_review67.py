@@ -35,11 +35,14 @@ def test_credentials_must_name_the_request_uri(values, request_uri, fits):
     assert credentials_fit_request(values, "example.com", request_uri) is fits
 
 
-def test_a_uri_naming_the_proxy_itself_binds_no_target():
-    """SIPp writes the proxy's own address as the digest ``uri`` (no user): such
-    credentials name no target to hold the request to, and pass; a uri naming another
-    user's target does not."""
-    ours = {"sip:127.0.0.1:5070"}
+def test_a_uri_naming_the_proxy_itself_fits_only_a_request_to_the_proxy():
+    """SIPp writes the proxy's own address as the digest ``uri`` (no user) unless given
+    ``-auth_uri``: such credentials name no target, so they fit a request to the proxy
+    itself (a REGISTER) and no other (review 68: a hop spent them on its own target);
+    a uri naming another user's target does not fit either."""
+    ours = {"sip:127.0.0.1:5070", "sip:example.com"}
     names_us = ours.__contains__
-    assert credentials_fit_request([_creds("sip:127.0.0.1:5070")], "example.com", BOB, names_us)
+    assert credentials_fit_request([_creds("sip:127.0.0.1:5070")], "example.com",
+                                   "sip:example.com", names_us)
+    assert not credentials_fit_request([_creds("sip:127.0.0.1:5070")], "example.com", BOB, names_us)
     assert not credentials_fit_request([_creds(BOB)], "example.com", CAROL, names_us)
