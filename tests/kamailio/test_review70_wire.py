@@ -1,0 +1,132 @@
+"""A seventieth attacker's review (December 2026) of cdfc7a2: today's fixes (review 68's
+digest ``uri`` naming the proxy, in-dialog requests let off the ``uri`` check), on a real
+Kamailio.
+
+Hole 1 (``test_hole_a_hop_dresses_captured_credentials_as_in_dialog``): **untrusted
+hop** in front of home.  cdfc7a2 holds out-of-dialog credentials to the Request-URI
+(``challenge.credentials_fit_request``) but lets every request with a To tag that
+``loose_route`` takes and ``dialog_routed_here`` admits skip that check
+(``kemi.route_auth``: ``not in_dialog and not self.credentials_fit_request(...)``).  The
+route token binds only a Call-ID and one tag (``dialog_route.RouteTokens.admits``): not
+the From, the Request-URI, nor whose dialog it was.  So the hop
+  1. makes a dialog of its own as a stranger (``dave@other.example.net``, never
+     challenged: an INVITE to ``sip:bob@example.com``); the proxy record-routes it with a
+     token for (dave's Call-ID, dave's From tag), which the hop reads off bob's answer
+     (here off the INVITE bob got: the Record-Route a UAS copies into its 2xx);
+  2. keeps alice's ``MESSAGE sip:bob@example.com`` with ``Proxy-Authorization``
+     (digest ``uri`` bob's, nonce count 1) and drops it;
+  3. sends home ``MESSAGE sip:carol@127.0.0.1:<carol's contact>`` with From alice
+     (``tag=`` dave's From tag), a made-up To tag, dave's Call-ID, ``Route:`` the token,
+     alice's credentials and a body of its own.
+Effect: 200, delivered to carol's contact as alice's, digest-proved (and archived as
+alice's words); the Request-URI may name any contact or gateway, so an INVITE so dressed
+calls any number as alice.  Review 67's hole 3 is back through the in-dialog door; the
+doc's "a hop could send it only to another contact, which has no such dialog (481)" holds
+only for a stock UA, and the proxy has already relayed (and archived) it as alice's.  At
+fault: ``kamailio_app/kemi.py`` ``route_auth`` (``if rc > 0 and not in_dialog and not
+self.credentials_fit_request(...)``).  Fix: in a dialog, hold the credentials to the
+Request-URI too (a stock UA computes its digest over the Request-URI it sends, the
+remote target: RFC 3261 22.4 / RFC 7616 3.4.6 name the request's own URI), or bind the
+route token to the dialog's AoRs and have the proxy remember the remote target per
+dialog; at the least refuse an in-dialog request whose From user differs from the user
+whose dialog the token was made for (the token names the INVITE's From AoR).
+
+Control: the hop's dialog is set up as a stranger may (200, a token in the Record-Route),
+and the same captured credentials on an out-of-dialog MESSAGE to carol get 400 (review 67
+holds); an in-dialog MESSAGE with no Route token is 403.
+
+Tried and held: see the report of review 70 (``tests/unit/test_review70.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2m_lab.kamailio_harness import (SipUa, captured_credentials, message_with_credentials,
+                                      registered_uas, start_proxy, wait_delivered)
+from e2m_plugins.testpki import TestPKI
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "carol": "carol-Secret-3"}
+
+
+@pytest.fixture(scope="module")
+def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
+    proxy = start_proxy(tmp_path_factory.mktemp("review70-home"), pki=pki, e2m=True,
+                        auth=True, users=USERS)
+    yield proxy
+    proxy.stop()
+
+
+def _strangers_dialog(home, bob, source: str) -> tuple[str, str, str]:
+    """dave's INVITE to bob (a stranger's, never challenged): (Call-ID, From tag, the
+    Record-Route the proxy put in), read off what bob got."""
+    dave = SipUa(home.port, user="dave", domain="other.example.net", source=source)
+    try:
+        invite = dave.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com")
+        answer = dave.transact(invite, timeout=5)
+        assert answer is not None and answer.status == 200, answer
+        got = [m for m in bob.wait_for(1, method="INVITE")
+               if m.get("Call-ID") == invite.get("Call-ID")]
+        assert got, "the stranger's INVITE never reached bob"
+        record_route = got[0].get("Record-Route") or ""
+        assert "127.0.0.1" in record_route and ";" in record_route, record_route
+        return invite.get("Call-ID") or "", invite.from_tag or "", record_route
+    finally:
+        dave.close()
+
+
+def _dressed_message(home, source: str, target: str, call_id: str, from_tag: str,
+                     route: str | None, credentials: str, text: bytes):
+    ua = SipUa(home.port, user="alice", source=source)
+    try:
+        request = ua.build("MESSAGE", target, to="sip:carol@example.com", call_id=call_id,
+                           from_tag=from_tag, to_tag="hop-made-up", body=text,
+                           content_type="text/plain",
+                           routes=[route] if route is not None else None)
+        return ua.transact(request.replace("Proxy-Authorization", credentials))
+    finally:
+        ua.close()
+
+
+def test_control_a_strangers_dialog_and_review_67_hold(home):
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.71") as bob, \
+            registered_uas(home, "carol", USERS["carol"], "127.0.0.72") as carol:
+        call_id, from_tag, record_route = _strangers_dialog(home, bob, "127.0.0.73")
+        assert "sip:127.0.0.1" in record_route
+        credentials = captured_credentials(home, "alice", USERS["alice"], "127.0.0.74",
+                                           "MESSAGE", "sip:bob@example.com")
+        # out of dialog: credentials naming bob's URI do not carry a MESSAGE to carol
+        answer = message_with_credentials(home, "alice", "127.0.0.75", "sip:carol@example.com",
+                                          credentials, b"control: out of dialog")
+        assert answer is not None and answer.status == 400
+        assert not wait_delivered(carol, b"control: out of dialog", 0.5)
+        # dressed as in-dialog but with no route token of ours: 403
+        credentials = captured_credentials(home, "alice", USERS["alice"], "127.0.0.74",
+                                           "MESSAGE", "sip:bob@example.com")
+        target = f"sip:carol@127.0.0.1:{carol.port}"
+        answer = _dressed_message(home, "127.0.0.75", target, call_id, from_tag,
+                                  f"<sip:127.0.0.1:{home.port};lr>", credentials,
+                                  b"control: no token")
+        assert answer is not None and answer.status == 403, answer
+        assert not wait_delivered(carol, b"control: no token", 0.5)
+
+
+@pytest.mark.xfail(strict=True, reason="review 70: untrusted hop spends alice's captured "
+                   "credentials on a target of its own by dressing the request as in-dialog "
+                   "with its own stranger dialog's route token")
+def test_hole_a_hop_dresses_captured_credentials_as_in_dialog(home):
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.76") as bob, \
+            registered_uas(home, "carol", USERS["carol"], "127.0.0.77") as carol:
+        call_id, from_tag, record_route = _strangers_dialog(home, bob, "127.0.0.78")
+        route = record_route.split(",")[0].strip()
+        # alice writes to bob; the hop keeps her credentials and drops her request
+        credentials = captured_credentials(home, "alice", USERS["alice"], "127.0.0.79",
+                                           "MESSAGE", "sip:bob@example.com")
+        text = b"hole: the hop's words, as alice, to carol, in dave's dialog"
+        answer = _dressed_message(home, "127.0.0.80", f"sip:carol@127.0.0.1:{carol.port}",
+                                  call_id, from_tag, route, credentials, text)
+        delivered = wait_delivered(carol, text, 1.0)
+        assert answer is not None and answer.status >= 400 and not delivered, (
+            f"answered {answer.status if answer else None}, delivered to carol: {delivered}")
