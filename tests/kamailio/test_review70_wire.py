@@ -130,3 +130,54 @@ def test_hole_a_hop_dresses_captured_credentials_as_in_dialog(home):
         delivered = wait_delivered(carol, text, 1.0)
         assert answer is not None and answer.status >= 400 and not delivered, (
             f"answered {answer.status if answer else None}, delivered to carol: {delivered}")
+
+
+# -- held: digest holds the From user to the credentials with its case ---------------------
+
+CASE_USERS = {"alice": "alice-Secret-1", "Alice": "Alice-Secret-9", "bob": "bob-Secret-2"}
+
+
+@pytest.fixture(scope="module")
+def cased_home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
+    proxy = start_proxy(tmp_path_factory.mktemp("review70-cased"), pki=pki, e2m=True,
+                        auth=True, users=CASE_USERS)
+    yield proxy
+    proxy.stop()
+
+
+def _message_from(home, account: str, from_user: str, source: str, text: bytes):
+    """A MESSAGE to bob whose From names ``from_user``, answering the challenge with the
+    credentials of ``account`` (its own password)."""
+    ua = SipUa(home.port, user=account, password=CASE_USERS[account], source=source)
+    try:
+        request = ua.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                           body=text, content_type="text/plain")
+        request = request.replace("From", f"<sip:{from_user}@example.com>;tag={request.from_tag}")
+        return ua.request(request)
+    finally:
+        ua.close()
+
+
+def test_control_each_account_writes_as_itself(cased_home):
+    with registered_uas(cased_home, "bob", CASE_USERS["bob"], "127.0.0.81") as bob:
+        for account, source in (("alice", "127.0.0.82"), ("Alice", "127.0.0.83")):
+            text = f"control: {account} as {account}".encode()
+            answer = _message_from(cased_home, account, account, source, text)
+            assert answer is not None and answer.status == 200, answer
+            assert wait_delivered(bob, text)
+        # another user's name altogether is refused (auth_check's flag 1)
+        answer = _message_from(cased_home, "Alice", "bob", "127.0.0.84", b"control: as bob")
+        assert answer is not None and answer.status == 403, answer
+
+
+def test_control_held_no_account_writes_as_another_case(cased_home):
+    """Held: account ``Alice`` writing From ``alice``, and ``alice`` writing From ``ALICE``
+    (one user as many keepers now that ``_keeper`` keeps the case): auth_check's flag 1
+    compares the user case-sensitively: 403, nothing delivered."""
+    with registered_uas(cased_home, "bob", CASE_USERS["bob"], "127.0.0.85") as bob:
+        for account, written, source in (("Alice", "alice", "127.0.0.86"),
+                                         ("alice", "ALICE", "127.0.0.87")):
+            text = f"held: {account} as {written}".encode()
+            answer = _message_from(cased_home, account, written, source, text)
+            assert answer is not None and answer.status == 403, answer
+            assert not wait_delivered(bob, text, 0.5)
