@@ -1,6 +1,8 @@
 """A seventieth attacker's review (December 2026) of cdfc7a2: today's fixes (review 68's
-digest ``uri`` naming the proxy, in-dialog requests let off the ``uri`` check), on a real
-Kamailio.
+digest ``uri`` naming the proxy, in-dialog requests let off the ``uri`` check; stray
+replies read on every proxy; ``exact`` parsing; ``_keeper``'s case), on a real Kamailio.
+
+Holes 2-3 (the launcher's runtime dir) are in ``tests/unit/test_review70.py``.
 
 Hole 1 (``test_hole_a_hop_dresses_captured_credentials_as_in_dialog``): **untrusted
 hop** in front of home.  cdfc7a2 holds out-of-dialog credentials to the Request-URI
@@ -35,7 +37,40 @@ Control: the hop's dialog is set up as a stranger may (200, a token in the Recor
 and the same captured credentials on an out-of-dialog MESSAGE to carol get 400 (review 67
 holds); an in-dialog MESSAGE with no Route token is 403.
 
-Tried and held: see the report of review 70 (``tests/unit/test_review70.py``).
+Hole 5 (``test_hole_a_sources_stray_replies_are_read_without_limit``): **off-path
+sender**, one address, no account.  cdfc7a2 reads every reply that matches no tm
+transaction on every proxy with an engine (``route_stray_reply``, no longer only on a
+cluster), but the flood limits (pike, then the ban) are in the request route only
+(``route_limits``): a reply is never counted.  The sender sends 60 stray ``200 OK``s to
+INVITE (top Via the proxy's address with a made-up branch, the second Via a sink, new
+Call-ID and tags each) whose body is ``multipart/mixed`` with four ``application/pkcs7-mime``
+parts sealed to the proxy's public certificate: every one is parsed, four envelopes
+opened (one private-key operation each, up to the budget of 32 a message), refused
+(no signed context) and logged: 60 of 60 in 0.4 s, where pike cuts the same source's
+requests off at 30 in 2 s (control).  With eight parts, 90 datagrams held both workers
+for over 8 s on this machine: a few datagrams a second from anywhere keep the SIP workers
+busy (calls wait), and the cost per datagram is up to 32 key operations.  Before cdfc7a2
+a single proxy relayed such replies unread.  At fault: ``kamailio_app/kemi.py``
+``ksr_reply_route`` (``if self.app.engine is not None: self.route_stray_reply()``) with
+``route_limits`` never applied to replies.  Fix: count a reply matching no transaction
+against its source as pike does a request (``pike_check_req`` works on any message, or
+an htable counter per ``$si``) and the ban, and drop a banned source's stray replies
+unread (a stray needing reading is not relayed unread: dropped, as an unreadable one is);
+only a ``[limits] trusted`` peer (a cluster node) is exempt.
+
+Tried and held:
+- account ``Alice`` writing From ``alice``, and ``alice`` writing From ``ALICE`` (with
+  ``_keeper`` keeping the user's case, one user as many keepers or as another): 403,
+  auth_check's flag 1 compares the user with its case
+  (``test_control_held_no_account_writes_as_another_case``);
+- item 2 (``exact=True``): a UA whose UDP reply carries octets past its Content-Length
+  now has it dropped when it must be read; the same UA's requests get 400 from
+  Kamailio's own sanity check already, on TCP/TLS Kamailio frames by Content-Length
+  (``$mb`` is exactly the message), and a hop that would add octets can drop the reply
+  anyway: no attacker gains;
+- the dispatcher front's ``route_in_dialog`` checks no token, but the node does
+  (``dialog_routed_here``): a dressed request without a token is 403 at the node; the
+  front spends the nonce count only.
 """
 
 from __future__ import annotations
@@ -181,3 +216,101 @@ def test_control_held_no_account_writes_as_another_case(cased_home):
             answer = _message_from(cased_home, account, written, source, text)
             assert answer is not None and answer.status == 403, answer
             assert not wait_delivered(bob, text, 0.5)
+
+
+# -- hole 5: stray replies are read without any flood limit ---------------------------------
+
+_SDP = (b"v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        b"m=audio 40000 RTP/AVP 0\r\n")
+_PARTS = 4           # one key operation each (``open_envelope``: at most one an envelope)
+_FLOOD = 60          # twice pike's 30 requests in 2 s
+
+
+def _stray_with_envelopes(port: int, sink: int, i: int, entity) -> bytes:
+    from e2m_plugins.body import with_entity
+    from e2m_plugins.sip import parse
+    head = (f"SIP/2.0 200 OK\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKr70stray{i}\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{sink};branch=z9hG4bKr70sink{i}\r\n"
+            f"From: <sip:dave@other.example.net>;tag=r70f{i}\r\n"
+            f"To: <sip:bob@example.com>;tag=r70t{i}\r\n"
+            f"Call-ID: r70-stray-{i}@other.example.net\r\n"
+            f"CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode()
+    return with_entity(parse(head), entity).serialize()
+
+
+def _envelopes(pki: TestPKI):
+    from e2m_lab.kamailio_harness import PROXY_HOST
+    from e2m_plugins.body import protect_content
+    from e2m_plugins.cms.recipients import recipient_for_certificate
+    from e2m_plugins.mime import multipart_mixed
+    to_proxy = [recipient_for_certificate(pki.proxy(PROXY_HOST).cert)]
+    return multipart_mixed([protect_content("application/sdp", _SDP, to_proxy,
+                                            content_id=f"r70-{n}@x")[0] for n in range(_PARTS)])
+
+
+def _read_strays(home, mark: int) -> int:
+    return home.log_since(mark).count("e2m: INVITE response 200")
+
+
+def test_control_pike_holds_a_sources_requests_and_a_stray_is_read(home, pki):
+    import socket
+    import time
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.92", 0))
+    try:
+        mark = home.log_mark()
+        sender.sendto(_stray_with_envelopes(home.port, sink.getsockname()[1], 0,
+                                            _envelopes(pki)), ("127.0.0.1", home.port))
+        assert home.wait_log("e2m: INVITE response 200", mark), home.log_since(mark)[-2000:]
+        # pike: a burst of requests from one source is cut off after its 30 in 2 s
+        flood = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.93")
+        try:
+            answered = 0
+            for _ in range(_FLOOD):
+                flood.send(flood.build("OPTIONS", f"sip:127.0.0.1:{home.port}")
+                           .replace("Via", flood.via()))
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and flood.receive(0.3) is not None:
+                answered += 1
+            assert answered <= 40, answered
+        finally:
+            flood.close()
+    finally:
+        sink.close()
+        sender.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 70: off-path sender floods stray replies "
+                   "(no pike for replies); each is read, a private-key operation a part")
+def test_hole_a_sources_stray_replies_are_read_without_limit(home, pki):
+    import socket
+    import time
+    entity = _envelopes(pki)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.94", 0))
+    try:
+        mark = home.log_mark()
+        started = time.monotonic()
+        for i in range(1, _FLOOD + 1):
+            sender.sendto(_stray_with_envelopes(home.port, sink.getsockname()[1], i, entity),
+                          ("127.0.0.1", home.port))
+        deadline = time.monotonic() + 8
+        read = 0
+        while time.monotonic() < deadline:
+            read = _read_strays(home, mark)
+            if read > 40:
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        # pike lets a source's 30 requests in 2 s through; replies matching no
+        # transaction should be held to no more
+        assert read <= 40, (f"{read} of {_FLOOD} stray replies from one source read in "
+                            f"{took:.1f} s, {_PARTS} key operations each")
+    finally:
+        sink.close()
+        sender.close()
