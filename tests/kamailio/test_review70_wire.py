@@ -29,9 +29,9 @@ fault: ``kamailio_app/kemi.py`` ``route_auth`` (``if rc > 0 and not in_dialog an
 self.credentials_fit_request(...)``).  Fix: in a dialog, hold the credentials to the
 Request-URI too (a stock UA computes its digest over the Request-URI it sends, the
 remote target: RFC 3261 22.4 / RFC 7616 3.4.6 name the request's own URI), or bind the
-route token to the dialog's AoRs and have the proxy remember the remote target per
-dialog; at the least refuse an in-dialog request whose From user differs from the user
-whose dialog the token was made for (the token names the INVITE's From AoR).
+route token to the dialog's two AoRs as well (an HMAC over Call-ID, tag, From and To
+AoRs) so a stranger's dialog never carries alice's credentials; the token binds
+neither today.
 
 Control: the hop's dialog is set up as a stranger may (200, a token in the Record-Route),
 and the same captured credentials on an out-of-dialog MESSAGE to carol get 400 (review 67
@@ -68,9 +68,10 @@ Tried and held:
   Kamailio's own sanity check already, on TCP/TLS Kamailio frames by Content-Length
   (``$mb`` is exactly the message), and a hop that would add octets can drop the reply
   anyway: no attacker gains;
-- the dispatcher front's ``route_in_dialog`` checks no token, but the node does
-  (``dialog_routed_here``): a dressed request without a token is 403 at the node; the
-  front spends the nonce count only.
+- (read, not run) the dispatcher front's ``route_in_dialog`` checks no token, but the
+  node does (``dialog_routed_here``): a dressed request without a token is 403 at the
+  node (as on a single proxy, the control above); the front spends the nonce count only.
+  With a token, hole 1 goes through the front the same way.
 """
 
 from __future__ import annotations

@@ -39,9 +39,11 @@ ours; a 0755 dir is refused (stop 32 holds).
 Tried and held (other targets of review 70, read and not found wanting in the time):
 - a symlink given as ``--runtime-dir``: ``resolve()`` follows it and the target is
   checked; a symlink planted in place of a secret file: ``_write_private`` unlinks it;
-- ``_keeper`` and the other per-user bounds: ``answer_share`` takes the caller as the
-  transaction kept it (the digest user as written, lower-cased nowhere), the replay
-  windows key by the signed context, and the unauthenticated group is one constant.
+- ``_keeper``'s case (item 6): the caller ``answer_share`` and the key quotas name is
+  the digest-proved From user as written, and auth_check's flag 1 holds that user to
+  the credentials with its case (run: ``tests/kamailio/test_review70_wire.py``
+  ``test_control_held_no_account_writes_as_another_case``), so one account cannot
+  write as many spellings nor as another-cased account.
 """
 
 from __future__ import annotations
