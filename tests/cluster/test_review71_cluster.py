@@ -6,6 +6,8 @@ cluster and its dispatcher front (real Kamailio nodes, real PostgreSQL).
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,9 +15,13 @@ import pytest
 
 from e2m_lab.cluster import (REPLICATION, Bob, Cluster, _node_settings, answers, contacts,
                              dmq_peer_active, register_bob, wait_until)
-from e2m_lab.flows import SDP_ANSWER
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from e2m_lab.flows import SDP_ANSWER, TRUSTED, ua_engine
 from e2m_lab.kamailio_harness import SipUa
-from e2m_plugins.sip import make_response
+from e2m_plugins import headers as hdr
+from e2m_plugins.errors import E2MError
+from e2m_plugins.sip import make_request, make_response
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
 
@@ -95,14 +101,21 @@ class _SkippingBob(Bob):
     def __init__(self, pki) -> None:
         super().__init__(pki)
         self.skip_to: int | None = None
+        self.policy: str | None = None      # a Proxy-Body-Policy put on his next 200
+
+    def _answer(self, request):
+        answer = super()._respond(request)
+        if self.policy is not None and request.method == "INVITE":
+            answer, self.policy = answer.add(hdr.PROXY_BODY_POLICY, self.policy), None
+        return answer
 
     def _respond(self, request):
         if request.method != "INVITE" or self.skip_to is None or request.to_tag is not None:
-            return super()._respond(request)
+            return self._answer(request)
         top = request.get_all("Via")[0]
         assert "," not in top
         trimmed = request.remove("Via", where=lambda value: value == top)
-        answer = super()._respond(trimmed)
+        answer = self._answer(trimmed)
         self.sock.sendto(answer.serialize(), ("127.0.0.1", self.skip_to))
         return make_response(request, 180, "Ringing").replace("To", answer.get("To") or "")
 
@@ -114,7 +127,8 @@ def sbob(pki):
     phone.close()
 
 
-def _call_through_front(cluster, proxy_factory, alice, sbob, skip: bool):
+def _call_through_front(cluster, proxy_factory, alice, sbob, skip: bool,
+                        policy: str | None = None):
     a, b = cluster.nodes
     front = _front(proxy_factory, cluster)
     register_bob(front, sbob)
@@ -122,6 +136,7 @@ def _call_through_front(cluster, proxy_factory, alice, sbob, skip: bool):
                "bob's registration on both nodes")
     if skip:
         sbob.skip_to = front.port
+    sbob.policy = policy
     reply = alice.call(front)
     assert reply is not None and reply.status == 200, reply and reply.status
     assert alice.open(reply) == SDP_ANSWER            # alice took bob's answer
@@ -149,3 +164,65 @@ def test_hole_an_answer_sent_to_the_front_past_the_node_is_relayed_unread(cluste
           f"{len(answers(a, alice.call_id))}")
     assert answers(a, alice.call_id), \
         "alice took bob's SDP answer from the front; no node read it, the archive has no row"
+
+
+# --------------------------------------------------------------------------- hole 3
+
+FORGED_FP = hashlib.sha256(b"not the domain's proxy certificate").digest()
+
+
+def _forged_policy(node) -> str:
+    """A Proxy-Body-Policy in the domain proxy's name, for another certificate."""
+    return hdr.PolicyHeader(TRUSTED, view=(hdr.Rule.parse("INVITE:application/sdp"),),
+                            cert_fingerprint=FORGED_FP, cert_url=node.cert_url).format()
+
+
+def _learning_alice(pki, alice, node) -> None:
+    """alice's engine learns the domain proxy's policy from its own announcement (a
+    node's answer to her REGISTER, as a phone that is given no [[proxies]] does) and
+    holds its certificate as fetched from its cert-url (review 57's set-up)."""
+    own = node.options()
+    assert own is not None and own.status == 200
+    (announced,) = own.get_all(hdr.PROXY_BODY_POLICY)
+    engine = ua_engine(pki, "alice", peers=("bob",))
+    register = make_request("REGISTER", "sip:example.com", from_uri=pki.aor("alice"),
+                            to_uri=pki.aor("alice"))
+    engine.open(make_response(engine.protect(register).message, 200, "OK",
+                              [(hdr.PROXY_BODY_POLICY, announced)]))
+    engine.add_proxy_certificate(TRUSTED, pki.proxy(TRUSTED).cert.public_bytes(Encoding.DER))
+    alice.engine = engine
+
+
+def _forged_then_next_call(cluster, proxy_factory, pki, alice, sbob, skip: bool):
+    a, _ = cluster.nodes
+    _learning_alice(pki, alice, a)
+    forged = _forged_policy(a)
+    front = _call_through_front(cluster, proxy_factory, alice, sbob, skip=skip, policy=forged)
+    kept = alice.engine.certs.proxy(TRUSTED) is not None
+    # her next call (a new dialog: the re-INVITE of this one reuses the kept key)
+    alice.call_id = f"cl-next-{secrets.token_hex(6)}@127.0.0.1"
+    alice.from_tag, alice.to_tag, alice.routes = secrets.token_hex(4), None, []
+    try:
+        reply = alice.call(front)
+    except E2MError as exc:
+        return kept, f"her engine refused to send: {type(exc).__name__}"
+    return kept, reply.status if reply is not None else None
+
+
+def test_control_a_policy_in_the_proxys_name_on_an_answer_through_the_node_goes(
+        cluster, proxy_factory, pki, alice, sbob):
+    """bob's 200 through the node with the forged policy: the node removes it (review
+    57), alice keeps her proxy, and her re-INVITE through the front is answered 200."""
+    kept, status = _forged_then_next_call(cluster, proxy_factory, pki, alice, sbob, skip=False)
+    assert kept and status == 200, (kept, status)
+
+
+@pytest.mark.xfail(strict=True, reason="review 71: insider callee's 200 to the front past "
+                                       "the node teaches the caller a policy in the proxy's "
+                                       "name: her next INVITE is 496")
+def test_hole_a_policy_in_the_proxys_name_reaches_the_caller_past_the_node(
+        cluster, proxy_factory, pki, alice, sbob):
+    kept, status = _forged_then_next_call(cluster, proxy_factory, pki, alice, sbob, skip=True)
+    print(f"\nafter bob's 200 came past the node: proxy certificate kept {kept}; "
+          f"alice's next call: {status}")
+    assert kept and status == 200, f"proxy certificate kept: {kept}; alice's next call: {status}"
