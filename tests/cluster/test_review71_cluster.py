@@ -1,7 +1,109 @@
 """A seventy-first attacker's review (December 2026) of cdfc7a2: trust boundaries of the
 cluster and its dispatcher front (real Kamailio nodes, real PostgreSQL).
 
-(filled in below, per hole, once shown)
+Hole 1 (``test_hole_the_front_lifts_the_registrations_per_source_cap``)
+
+Attacker: an off-path sender (no account) where the registrar is open (no ``[auth]``,
+as the default cluster runs), behind a dispatcher front.
+
+Messages: from one address (127.0.0.92), REGISTERs for eight different AoRs through the
+front, ten a second (well under the front's pike rate); ``[limits]
+registrations_per_source`` is 3 on both nodes.
+
+Effect: every one is 200 and all eight AoRs are registered (and replicated): the cap on
+the AoRs one source may register is void behind a front.  The node counts the source
+address (``$si``) and skips ``exempt_source()`` ones, and every REGISTER the front relays
+comes from the front, which the node aliases as its own (``is_myself_srcip`` matches an
+alias on any port): nothing is counted.  The front counts nothing either (it is not a
+registrar: ``local_register`` is False for a front).  So the bound on per-source
+registrar state is gone; only the front's pike rate (30 requests / 2 s) and the
+contacts' expiry limit it (about 15 AoRs a second for ``max_expires``).  Were the front
+not "myself" at the nodes, the cap would count the whole domain as one source instead
+(the first stranger's 3 would lock everyone out).
+At fault: ``kamailio_app/kemi.py`` ``route_register``: ``... and not
+self.exempt_source() and ...`` (and ``route_request``: ``local_register = ... and
+self.app.config.dispatcher is None``, so the front never counts).
+Fix: count on the front, which sees the real source: give the front the same
+``e2mregs`` count for a REGISTER it relays (keyed by ``$si``, decremented when the node
+answers non-2xx, in its reply/failure route), or have the front put the source in a
+header only it may set (stripped from what clients send, e.g. ``X-E2M-Source`` signed
+with the route-token key) that the nodes count by when the request comes from the front.
+
+Hole 2 (``test_hole_an_answer_sent_to_the_front_past_the_node_is_relayed_unread``)
+
+Attacker: an insider UA (bob, the callee) or an untrusted hop between bob and the
+domain; the caller is behind the dispatcher front.
+
+Messages: alice's encrypted INVITE (offer readable by the domain) through the front to
+node X; bob answers node X with a 180, and sends his signed 200 (SDP answer sealed under
+the offer's CEK) straight to the front's address with node X's Via taken off (the next
+Via is the front's, whose address and port are in the INVITE bob received).
+
+Effect: the front's tm matches its own branch and relays the 200 to alice; the front has
+no engine and reads no reply (``read_reply``/``route_reply`` stop at ``engine is
+None``).  No node ever sees the answer: alice takes bob's SDP answer, the archive has no
+response row for the call, and the SDP's media lines never reach a node (firewall
+control).  Review 69's single-proxy hole (a reply relayed statelessly unread), moved to
+the front, where any reply that names the front's branch is taken from anyone.  (Node
+X's INVITE transaction then times out after ``fr_inv_timer``, 30 s, and its failure
+route drops the offer's kept keys: not waited for here.)
+At fault: ``kamailio_app/kemi.py`` ``ksr_reply_route`` / ``ksr_onreply_route`` on a
+front: nothing checks that a reply comes from a node (``read_reply``: ``if engine is
+None ...: return None``).
+Fix: on a front, drop in the core reply route every reply whose source is not one of
+its dispatcher destinations (``KSR.dispatcher.ds_is_from_list(1)`` on ``$si``/``$sp``;
+the nodes send from their SIP sockets), or refuse any reply a front did not get from a
+node.
+
+Hole 3 (``test_hole_a_policy_in_the_proxys_name_reaches_the_caller_past_the_node``)
+
+Attacker: the same (insider callee, or a hop on his side).
+
+Messages: as hole 2, bob's 200 also carrying ``Proxy-Body-Policy:
+proxy.example.com;view="INVITE:application/sdp";cert-fp="sha256:<another
+certificate's>"``.  alice's engine learnt the domain proxy's policy from its own
+announcement (a phone given no ``[[proxies]]``, review 57's set-up).
+
+Effect: a node removes a policy in its name from every response (review 57), but the
+front relays this one untouched: alice's engine takes it (an answer to her INVITE),
+sees another fingerprint, and drops the domain proxy's certificate; her next call
+through the front carries no envelope for the proxy and is answered 496.  Review 57
+hole 1 again, past the node.
+At fault and fix: as hole 2 (the front relays a reply no node read; the engine's
+``_policies_in_our_name`` never runs on it).
+
+Controls: a stranger's fourth AoR straight at a node is 403 (the cap works where the
+source is seen); bob's 200 through the node is read and archived; the same forged
+policy through the node is removed, alice keeps her proxy and her next call is 200; a
+P-Asserted-Identity on the 200 past the node is removed by the front itself; the
+200 past the node sent to the *other* node (whose alias makes the front's Via its own)
+is not taken by alice unread.
+
+Tried and held:
+- KDMQ sent to the front (read, not run): the front relays it to a node's SIP socket as
+  any request, and the node refuses it there (403: only on the DMQ socket from a peer,
+  review 42).
+- A Route set past the node through the front (review 22/23, their tests): the node
+  holds (``may_route_onward``); an in-dialog request the front dispatches without a
+  token is 403/404 at the node, as is a stranger's in-dialog request straight at a node
+  with the front's Route and no token (read: ``dialog_routed_here``).
+- Identity headers on a reply past the node: the front's own ``ksr_onreply_route``
+  drops P-Asserted-Identity and kin from any source that is not ``[limits] trusted``
+  (``test_control_an_asserted_identity_on_an_answer_past_the_node_goes_at_the_front``);
+  a second To/From/Call-ID/CSeq is dropped by the front's core reply route (read, not
+  run).
+- A 407 in the domain's realm sent past the node to the front (review 27): the front
+  relays it (``own_realm_challenge`` is off on a front), but the caller's credentials
+  for the forged nonce go to the node, which does not know the nonce, challenges again
+  and relays nothing (``consume_credentials``): the callee never sees a digest response
+  (read, not run).
+- Digest across nodes (read): with ``one_time_nonce`` and ``nonce_count`` per node, a
+  nonce from node A is checked at B against B's own slot for its index; an index
+  beyond B's counter is stale, a reused slot takes one use; so one extra spend per
+  node, as review 67 said.
+- A stray reply from a stranger at either node: an unsigned one names no sender in the
+  archive and is charged to the unauthenticated answers; a signed or sealed one needs
+  the peer's key (read).
 """
 
 from __future__ import annotations
@@ -102,11 +204,15 @@ class _SkippingBob(Bob):
         super().__init__(pki)
         self.skip_to: int | None = None
         self.policy: str | None = None      # a Proxy-Body-Policy put on his next 200
+        self.other_nodes: tuple[int, ...] = ()   # send it to the node that did not relay
+        self.asserted: str | None = None    # a P-Asserted-Identity put on his 200s
 
     def _answer(self, request):
         answer = super()._respond(request)
         if self.policy is not None and request.method == "INVITE":
             answer, self.policy = answer.add(hdr.PROXY_BODY_POLICY, self.policy), None
+        if self.asserted and request.method == "INVITE":
+            answer = answer.add("P-Asserted-Identity", self.asserted)
         return answer
 
     def _respond(self, request):
@@ -116,7 +222,10 @@ class _SkippingBob(Bob):
         assert "," not in top
         trimmed = request.remove("Via", where=lambda value: value == top)
         answer = self._answer(trimmed)
-        self.sock.sendto(answer.serialize(), ("127.0.0.1", self.skip_to))
+        target = self.skip_to
+        if self.other_nodes:     # the node that did not relay the INVITE
+            (target,) = [port for port in self.other_nodes if f"127.0.0.1:{port}" not in top]
+        self.sock.sendto(answer.serialize(), ("127.0.0.1", target))
         return make_response(request, 180, "Ringing").replace("To", answer.get("To") or "")
 
 
@@ -164,6 +273,42 @@ def test_hole_an_answer_sent_to_the_front_past_the_node_is_relayed_unread(cluste
           f"{len(answers(a, alice.call_id))}")
     assert answers(a, alice.call_id), \
         "alice took bob's SDP answer from the front; no node read it, the archive has no row"
+
+
+def test_control_an_asserted_identity_on_an_answer_past_the_node_goes_at_the_front(
+        cluster, proxy_factory, alice, sbob):
+    """bob's 200 past the node with ``P-Asserted-Identity: <sip:carol@example.com>``: the
+    front's own reply route removes it (its source is no ``[limits] trusted`` peer)."""
+    sbob.asserted = "<sip:carol@example.com>"
+    a, b = cluster.nodes
+    front = _front(proxy_factory, cluster)
+    register_bob(front, sbob)
+    wait_until(lambda: contacts(a, "bob") and contacts(b, "bob"), REPLICATION,
+               "bob's registration on both nodes")
+    sbob.skip_to = front.port
+    reply = alice.call(front)
+    assert reply is not None and reply.status == 200
+    assert reply.get("P-Asserted-Identity") is None
+
+
+def test_control_an_answer_sent_past_its_node_to_the_other_node_is_never_taken_unread(
+        cluster, proxy_factory, alice, sbob):
+    """The same 200 without the carrying node's Via, sent to the *other* node instead of
+    the front (its top Via is then the front's, which that node aliases as its own):
+    it does not reach alice unread.  Seen: the other node logs nothing and forwards
+    nothing; alice's INVITE ends without a 200.  The nodes hold; the front does not
+    (hole 2)."""
+    a, b = cluster.nodes
+    front = _front(proxy_factory, cluster)
+    register_bob(front, sbob)
+    wait_until(lambda: contacts(a, "bob") and contacts(b, "bob"), REPLICATION,
+               "bob's registration on both nodes")
+    sbob.skip_to, sbob.other_nodes = front.port, (a.port, b.port)
+    reply = alice.call(front)
+    status = reply.status if reply is not None else None
+    print(f"\nalice's INVITE, bob's 200 sent to the other node: {status}")
+    assert status != 200 or answers(a, alice.call_id), \
+        "alice took an answer no node read"
 
 
 # --------------------------------------------------------------------------- hole 3
