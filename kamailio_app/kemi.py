@@ -461,20 +461,25 @@ class kamailio:
     def route_limits(self):
         """A banned source, or one over pike's rate, is dropped (no answer: an answer
         would only feed the flood) and its TCP/TLS connection closed."""
-        limits = self.app.config.limits
-        if self.exempt_source():
+        if self.exempt_source() or not self.source_banned():
             return True
+        self.close_connection()
+        return False
+
+    def source_banned(self):
+        """The message's source is banned, or pike bans it now: every message counted
+        this way (requests, and replies matching no transaction, which the engine reads
+        too: review 70) is one of its ``pike_requests`` per ``pike_window``."""
+        limits = self.app.config.limits
         source = KSR.pv.get("$si") or ""
         if KSR.htable.sht_get(_BANS, source) is not None:
-            self.close_connection()
-            return False
+            return True
         if limits.pike_requests > 0 and KSR.pike.pike_check_req() < 0:
             KSR.htable.sht_seti(_BANS, source, 1)     # gone after ban_time (autoexpire)
-            _warn("e2m: %s banned for %d s: more than %d requests in %d s\n"
-                     % (source, limits.ban_time, limits.pike_requests, limits.pike_window))
-            self.close_connection()
-            return False
-        return True
+            _warn("e2m: %s banned for %d s: more than %d messages in %d s\n"
+                  % (source, limits.ban_time, limits.pike_requests, limits.pike_window))
+            return True
+        return False
 
     @staticmethod
     def on_stream():
@@ -564,11 +569,9 @@ class kamailio:
             return False
         self.new_transaction()   # nonce counting must see each request once (tm)
         rc = KSR.auth_db.auth_check(auth.realm, auth.table, 1)
-        # Inside a dialog our route token binds the request to its Call-ID and tag, and
-        # its Request-URI is the peer's contact, which no stock client names alike
-        # (SIPp's one -auth_uri is the INVITE's target): a hop could send it only to
-        # another contact, which has no such dialog (481).
-        if rc > 0 and not in_dialog and not self.credentials_fit_request(register, auth.realm):
+        # In a dialog too: our route token binds only a Call-ID and a tag, which a hop
+        # can take from a dialog of its own (review 70)
+        if rc > 0 and not self.credentials_fit_request(register, auth.realm):
             _info("e2m: %s from %s refused: its credentials were made for another "
                   "Request-URI\n" % (KSR.pv.get("$rm"), KSR.pv.get("$si")))
             KSR.sl.send_reply(400, "Credentials For Another URI")
@@ -965,6 +968,15 @@ class kamailio:
     # missing callback method leaves an AttributeError pending in the interpreter, and
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
+        try:
+            if self.app.engine is not None and KSR.tm.t_check_trans() <= 0 \
+                    and not self.exempt_source() and self.source_banned():
+                # a stray the engine would read (private-key work for anyone's body):
+                # a source's strays are counted and banned as its requests are
+                KSR.set_drop()
+                return 0
+        except Exception as exc:  # noqa: BLE001 - unlimited then, never unread
+            _log_exception("stray reply limits", exc)
         try:
             if _repeats_a_single_header():
                 _warn("e2m: a %s with a second From, To, Call-ID or CSeq: dropped\n"

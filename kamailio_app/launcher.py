@@ -19,6 +19,7 @@ import secrets
 import threading
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -238,13 +239,13 @@ def write_runtime_files(config: AppConfig, runtime_dir: Path) -> None:
     address list, and (for [auth] users) the SQLite subscriber database if missing."""
     if config.tls is not None:
         bundle = runtime_dir / "tls-ca.pem"
-        bundle.write_bytes(b"".join(path.read_bytes().rstrip(b"\n") + b"\n"
-                                    for path in config.tls.ca))
-        (runtime_dir / "tls.cfg").write_text(tls_cfg_text(config.tls, bundle))
+        _write_private(bundle, b"".join(path.read_bytes().rstrip(b"\n") + b"\n"
+                                        for path in config.tls.ca))
+        _write_private(runtime_dir / "tls.cfg", tls_cfg_text(config.tls, bundle))
     if config.limits.trusted:
-        (runtime_dir / "trusted.list").write_text(trusted_list_text(config.limits.trusted))
+        _write_private(runtime_dir / "trusted.list", trusted_list_text(config.limits.trusted))
     if config.dispatcher is not None:
-        (runtime_dir / "ds.list").write_text(ds_list_text(config.dispatcher))
+        _write_private(runtime_dir / "ds.list", ds_list_text(config.dispatcher))
     if config.auth is not None and config.auth.users is not None:
         ensure_users_db(config.auth.users)
     if config.auth is not None:
@@ -275,12 +276,14 @@ def _proxy_config(path: Path) -> Any:
     return load_proxy_config(path)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """``text`` in a new file only its owner reads (a secret: never in the cfg)."""
+def _write_private(path: Path, data: str | bytes) -> None:
+    """``data`` in a new file only its owner reads: every runtime file (what Kamailio
+    loads must be ours from its first byte: a file someone planted before the dir was
+    made private keeps its owner and his open descriptor, review 70)."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
 
 
 def kamailio_command(config: AppConfig, cfg_path: Path, runtime_dir: Path) -> list[str]:
@@ -342,12 +345,27 @@ def _prepare_runtime(requested: str | None) -> tuple[Path, bool]:
 def _check_private(path: Path) -> None:
     # The control socket and the RPC FIFO run any RPC for whoever reaches them (ul.add
     # binds a user's AoR to any contact), and the nonce secret and pgpass live here too.
-    info = path.stat()
-    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+    # As OpenSSH's StrictModes: the dir ours alone, nothing in it another's, and no
+    # parent someone else could rename it away in (review 70).
+    me = os.geteuid()
+    info = path.lstat()
+    if info.st_uid != me or info.st_mode & 0o077:
         raise RuntimeDirError(
             f"runtime dir {path} is mode {info.st_mode & 0o777:04o}, owner uid {info.st_uid}: "
             "it holds the control socket and RPC FIFO, so it must be ours alone (chmod 700; "
             "systemd: RuntimeDirectoryMode=0700)")
+    for entry in os.scandir(path):
+        owner = entry.stat(follow_symlinks=False).st_uid
+        if owner != me:
+            raise RuntimeDirError(f"runtime dir {path} holds {entry.name}, owned by uid "
+                                  f"{owner}: remove it (it may have been planted)")
+    for parent in path.parents:
+        held = parent.lstat()
+        writable = held.st_mode & 0o022 and not held.st_mode & stat.S_ISVTX
+        if held.st_uid not in (me, 0) or writable:
+            raise RuntimeDirError(
+                f"runtime dir {path}: its parent {parent} (mode {held.st_mode & 0o7777:04o}, "
+                f"owner uid {held.st_uid}) lets others rename it away and plant another")
 
 
 def _cleanup(runtime_dir: Path, created: bool) -> None:
@@ -594,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg_path = runtime_dir / "kamailio.cfg"
         try:
-            cfg_path.write_text(render_cfg(config, runtime_dir))
+            _write_private(cfg_path, render_cfg(config, runtime_dir))
             if not args.print_cfg:
                 write_runtime_files(config, runtime_dir)
         except (AppConfigError, UsersError) as exc:

@@ -44,6 +44,14 @@ Tried and held (other targets of review 70, read and not found wanting in the ti
   the credentials with its case (run: ``tests/kamailio/test_review70_wire.py``
   ``test_control_held_no_account_writes_as_another_case``), so one account cannot
   write as many spellings nor as another-cased account.
+
+Fixed (stop 32): ``launcher._check_private`` refuses a runtime dir holding anything
+another user owns and one under a parent others may write (no sticky bit) or owned by
+anyone but us or root; every runtime file is written anew (``_write_private``:
+unlink, ``O_EXCL|O_NOFOLLOW``, 0600).  Hole 2's assertion now also takes the refusal
+as secure (exit 2, his descriptor read nothing); a test of the fix's second half (a
+file planted after the check is replaced, not written into) is added.  Both holes
+turned XPASS; the markers are gone.
 """
 
 from __future__ import annotations
@@ -79,9 +87,6 @@ def test_control_a_private_dir_is_taken_and_a_shared_one_refused(tmp_path, pki: 
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="review 70: a local user's kamailio.cfg planted while "
-                   "the runtime dir was open keeps its owner after chmod 700; the launcher "
-                   "writes the cfg into it and his open descriptor reads and rewrites it")
 def test_hole_a_file_planted_before_the_chmod_keeps_its_owner(tmp_path, pki: TestPKI):
     from kamailio_app.launcher import main
     path = _config(tmp_path, pki)
@@ -95,10 +100,11 @@ def test_hole_a_file_planted_before_the_chmod_keeps_its_owner(tmp_path, pki: Tes
     fd = os.open(planted, os.O_RDWR)       # the local user's descriptor
     try:
         run.chmod(0o700)                   # what the error message says to do
-        assert main(["--config", str(path), "--runtime-dir", str(run), "--print-cfg"]) == 0
+        code = main(["--config", str(path), "--runtime-dir", str(run), "--print-cfg"])
         seen = os.pread(fd, 1 << 20, 0)
         owner = (run / "kamailio.cfg").stat().st_uid
-        assert not seen and owner == os.geteuid(), (
+        # secure: the dir refused (a file in it is another's), or the cfg written anew
+        assert not seen and (code == 2 or owner == os.geteuid()), (
             f"the cfg Kamailio loads is uid {owner}'s; his descriptor read {len(seen)} octets "
             f"of it: {seen[:60]!r}")
     finally:
@@ -106,8 +112,31 @@ def test_hole_a_file_planted_before_the_chmod_keeps_its_owner(tmp_path, pki: Tes
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="review 70: a local user who may write the runtime "
-                   "dir's parent swaps the checked dir for his own: the cfg is written there")
+def test_a_runtime_file_planted_after_the_check_is_replaced_not_written_into(tmp_path,
+                                                                            pki: TestPKI):
+    """The fix's second half: every runtime file is made anew (unlink, O_EXCL, 0600), so
+    one planted after the check (a race) is not the one Kamailio loads."""
+    from kamailio_app.config import load_app_config
+    from kamailio_app.launcher import write_runtime_files
+    from e2m_lab.kamailio_harness import write_proxy_config
+    config = load_app_config(write_proxy_config(tmp_path / "p", 5070, pki=pki, e2m=True,
+                                                limits={"trusted": ["127.0.0.9"]}))
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    planted = run / "trusted.list"
+    planted.write_text("")
+    os.chown(planted, _NOBODY, _NOBODY)
+    fd = os.open(planted, os.O_RDWR)
+    try:
+        write_runtime_files(config, run)
+        assert os.pread(fd, 4096, 0) == b""
+        made = (run / "trusted.list").stat()
+        assert made.st_uid == os.geteuid() and made.st_mode & 0o777 == 0o600
+    finally:
+        os.close(fd)
+
+
+@needs_root
 def test_hole_a_parent_others_can_write_lets_the_dir_be_swapped(tmp_path, pki: TestPKI,
                                                                   monkeypatch):
     from kamailio_app import launcher
