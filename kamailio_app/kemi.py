@@ -408,6 +408,9 @@ class kamailio:
         if local_register:
             self.route_register()
             return
+        if KSR.is_REGISTER() and self.app.config.dispatcher is not None \
+                and not self.front_counts_registration():
+            return
         # A REGISTER for a domain that is not ours goes on to next_hop like any
         # request: a visited proxy passes it to the home registrar.
         if not self.route_target():
@@ -748,6 +751,28 @@ class kamailio:
         if KSR.registrar.save("location", 0) < 0 and counted is not None:
             KSR.htable.sht_dec(_REGS, counted)   # registrar answered (503, 400 ...)
 
+    def front_counts_registration(self):
+        """[dispatcher] front before an open registrar: its nodes see every REGISTER
+        from the front's address (one of their own, exempt), so the front, which sees
+        the real source, caps the AoRs one source registers as a node does (review 71).
+        A (source, AoR) pair counts once while it is refreshed within the contacts'
+        lifetime (e2mregs' autoexpire).  False when answered."""
+        limit = self.app.config.limits.registrations_per_source
+        if self.app.config.auth is not None or limit <= 0 or self.exempt_source():
+            return True
+        source = KSR.pv.get("$si") or ""
+        to_uri = KSR.pv.get("$tu") or ""
+        identity = identity_of(to_uri)
+        pair = "%s|%s" % (source, identity if identity is not None else to_uri)
+        if KSR.htable.sht_inc(_REGS, pair) > 1:       # sht_inc is atomic: counted once
+            return True
+        if KSR.htable.sht_inc(_REGS, source) > limit:
+            KSR.htable.sht_dec(_REGS, source)
+            KSR.htable.sht_rm(_REGS, pair)
+            KSR.sl.send_reply(403, "Too Many Registrations From This Address")
+            return False
+        return True
+
     def route_certs(self, handle):
         """The certificate service ([certs]) answers this request: ``handle(message)``
         with the message as received (a statefully answered one)."""
@@ -968,6 +993,8 @@ class kamailio:
     # missing callback method leaves an AttributeError pending in the interpreter, and
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
+        if self.app.config.dispatcher is not None and not self.from_a_node():
+            return 0
         try:
             if self.app.engine is not None and KSR.tm.t_check_trans() <= 0 \
                     and not self.exempt_source() and self.source_banned():
@@ -1021,6 +1048,22 @@ class kamailio:
             except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
                 _log_exception("stray reply", exc)
         return 1
+
+    def from_a_node(self):
+        """[dispatcher] front: a reply comes from a node (dispatcher set 1): the front
+        sends requests to nowhere else, and has no engine to read one, so a callee's
+        answer sent past its node (to the front, whose address the request carries)
+        would reach the caller unread, its policies unremoved (review 71).  Dropped
+        otherwise, and when the dispatcher cannot be asked (fail closed)."""
+        try:
+            if KSR.dispatcher.ds_is_from_list(1) > 0:
+                return True
+        except Exception as exc:  # noqa: BLE001 - fail closed below
+            _log_exception("front reply source", exc)
+        _warn("e2m: a %s %s from %s, not a node of ours: dropped\n"
+              % (KSR.pv.get("$rm"), KSR.pv.get("$rs"), KSR.pv.get("$si")))
+        KSR.set_drop()
+        return False
 
     def route_stray_reply(self):
         """A response that matches no transaction of ours is forwarded statelessly by
