@@ -51,6 +51,20 @@ not.  At fault: ``e2m_plugins/cli/__init__.py`` ``write_output`` (``os.open(path
 O_WRONLY|O_CREAT|O_TRUNC, 0o600)``).  Fix: ``os.fchmod(fd, 0o600)`` before writing (and
 O_NOFOLLOW; better, write a new file and rename it over).
 
+Hole 5 (``test_hole_a_users_file_others_can_read_is_used``): ``[auth] users``, the SQLite
+subscriber table, holds HA1 = MD5(user:realm:password), which is all a digest response
+needs (a password equivalent).  ``ensure_users_db`` makes a new one 0600, but an existing
+file is used whatever its mode (``if path.exists(): return False``): a 0644 users file
+(copied from a backup, made by ``sqlite3`` or kamdbctl under umask 022) is taken by the
+launcher and by ``e2m-proxy users add``, while the archive and the certificate table
+refuse such a file.  The local user reads alice's HA1 and registers, calls and publishes
+a certificate as alice (identity forged; the home proxy's digest is the only thing that
+names a caller without a signature).  At fault: ``kamailio_app/users.py``
+``ensure_users_db`` (``if path.exists(): return False``) called from
+``launcher.write_runtime_files``.  Fix: check an existing file as
+``archive._check_private_file`` does (regular, ours, ``st_mode & 0o077 == 0``) and refuse
+with "chmod 600 it".
+
 Controls: the same key at 0600, the same PROXY.toml at 0600, and a new ``--out`` file are
 taken and come out 0600 (the set-up is sound, only the mode decides); the phone's password
 file at 0644 is refused (the precedent the holes are measured against).
@@ -262,3 +276,48 @@ def test_hole_decrypted_output_into_an_existing_file_keeps_its_mode(tmp_path: Pa
     assert out.read_bytes().startswith(b"alice to bob")
     mode = stat.S_IMODE(out.stat().st_mode)
     assert not mode & 0o077, f"the plaintext is in a file of mode {mode:04o}"
+
+
+# -- hole 5: the users file (HA1) others can read -------------------------------------
+
+def _auth_config(tmp_path: Path, pki: TestPKI):
+    from e2m_lab.kamailio_harness import write_proxy_config
+    from kamailio_app.config import load_app_config
+    path = write_proxy_config(tmp_path / "home", 5070, pki=pki, e2m=False, auth=True,
+                              users={"alice": "alice-secret"})
+    return load_app_config(path)
+
+
+def test_control_a_users_file_made_by_the_product_is_0600_and_used(tmp_path: Path,
+                                                                  pki: TestPKI):
+    from kamailio_app.launcher import write_runtime_files
+    config = _auth_config(tmp_path, pki)
+    users = config.auth.users
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    write_runtime_files(config, run)                   # taken: ours, 0600
+    from kamailio_app.launcher import AUTH_SECRET_FILE
+    assert stat.S_IMODE((run / AUTH_SECRET_FILE).stat().st_mode) == 0o600
+
+
+@pytest.mark.xfail(strict=True, reason="review 73: local user reads HA1 from a 0644 "
+                   "[auth] users file, which is used: answers digest as alice")
+def test_hole_a_users_file_others_can_read_is_used(tmp_path: Path, pki: TestPKI):
+    import sqlite3
+    from kamailio_app.launcher import write_runtime_files
+    from kamailio_app.users import UsersError
+    config = _auth_config(tmp_path, pki)
+    users = config.auth.users
+    users.chmod(0o644)                                 # restored from a backup, umask 022
+    with sqlite3.connect(users) as db:                 # what every local user reads
+        (ha1,) = db.execute("SELECT ha1 FROM subscriber WHERE username = 'alice'").fetchone()
+    assert len(ha1) == 32
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    try:
+        write_runtime_files(config, run)
+    except UsersError:
+        return                                         # secure: refused
+    pytest.fail(f"the users file is mode 0644 (alice's HA1 {ha1[:6]}... readable by all) "
+                "and the launcher used it")
