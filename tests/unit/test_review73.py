@@ -65,8 +65,8 @@ names a caller without a signature).  At fault: ``kamailio_app/users.py``
 ``archive._check_private_file`` does (regular, ours, ``st_mode & 0o077 == 0``) and refuse
 with "chmod 600 it".
 
-Controls: the same key at 0600, the same PROXY.toml at 0600, and a new ``--out`` file are
-taken and come out 0600 (the set-up is sound, only the mode decides); the phone's password
+Controls: the same key at 0600, the same PROXY.toml at 0600, a new ``--out`` file and a
+users file the product made are taken (and come out 0600) (the set-up is sound, only the mode decides); the phone's password
 file at 0644 is refused (the precedent the holes are measured against).
 
 Tried and held:
