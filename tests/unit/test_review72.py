@@ -55,6 +55,37 @@ Tried and held (read, not run unless said):
   hours, not the live ones - an over-count of the same shape as hole 1, not run).
 - A REGISTER with a second To is refused before (sanity); several Contacts bind one
   AoR.
+- Not run: two *different* REGISTERs for one new AoR at once past a full count: one
+  worker's ``sht_inc(pair)`` is 1 and goes on to 403 and ``sht_rm(pair)``; the other's,
+  between the two, is 2 and relays (one AoR past the cap per race won; pike's rate
+  bounds the tries).  Hole 1 gives more, without racing.
+
+Other targets of this review, read (the front's reply filter: the wire module
+``tests/cluster/test_review72_cluster.py``, hole 1 there):
+- Stray replies under pike (``source_banned``): a stranger gets a peer banned only by
+  forging its UDP source, a known limit ("get an address banned by spoofing UDP from
+  it"); with no forging he cannot make a peer send us strays (a compliant UA answers
+  to the datagram's source, RFC 3261 18.2.2 ``received``/RFC 3581, not to a Via naming
+  us).  Replies that match a transaction are never counted or dropped; a front (no
+  engine) counts none; the front's own address is exempt at the nodes (alias), and KDMQ
+  is handled before ``route_limits``.  Legitimate strays (a 2xx retransmitted after
+  tm's 5 s wait: about 7 in 32 s) stay far below pike's 30 in 2 s.
+- The digest ``uri`` held in dialogs: it is compared with ``$ou`` (the Request-URI as
+  received), not ``$ru`` after ``loose_route``, so a strict-router-style request (our
+  Record-Route in the Request-URI) or one Kamailio rewrites still fits; pjsip writes
+  the digest ``uri`` from the request line it sends (re-INVITE, BYE, UPDATE, PRACK,
+  SUBSCRIBE refresh, a new Contact target): no legitimate in-dialog flow of our phone
+  gets 400 (read; SIPp's one ``-auth_uri`` is the documented exception).
+- ``launcher._check_private``: ``--runtime-dir`` is ``resolve()``d first, so
+  ``/var/run`` (a symlink to ``/run``) checks ``/run``; ``/run`` and ``/run/user/UID``,
+  a home dir ``/home/USER`` run as that user, and ``/tmp`` (1777, sticky) pass; a
+  group-writable parent (``/srv/e2m`` 0775 root:admin) or one owned by another user (a
+  home dir when run as root, NFS root_squash) is refused, as StrictModes intends.
+  Nothing can be planted after the check by another user (the dir is 0700 ours, every
+  parent ours or root's and not writable by others); Kamailio unlinks its ctl socket
+  and FIFO before making them; a hard link planted before the chmod to one of our own
+  files passes the owner check, but ``fs.protected_hardlinks`` (default 1) keeps a user
+  from linking files he does not own; ``-w`` is the same dir.
 """
 
 from __future__ import annotations
