@@ -28,7 +28,7 @@ from kamailio_app.launcher import LOG_POLL
 from .ports import free_port
 
 from .proxy_process import ProxyProcess
-from .tomlfile import toml_text
+from .tomlfile import write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY_HOST = "proxy.example.com"
@@ -323,8 +323,7 @@ def write_proxy_config(directory: Path, port: int, *, pki: TestPKI | None, e2m: 
                 sections["archive"]["path"] = "archive.sqlite"
     for name, table in (extra or {}).items():
         sections.setdefault(name, {}).update(table)
-    path = directory / "PROXY.toml"
-    path.write_text(toml_text(sections))
+    path = write_toml(directory / "PROXY.toml", sections)
     if users:
         from kamailio_app.config import load_app_config
         from kamailio_app.users import add_user

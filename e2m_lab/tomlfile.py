@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ def toml_text(sections: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def write_toml(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write ``toml_text(sections)`` to ``path``."""
-    path.write_text(toml_text(sections))
+    """Write ``toml_text(sections)`` to ``path``, 0600: a config may hold a database
+    password, and the proxy refuses one others can read (review 73)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(toml_text(sections))
     return path

@@ -17,9 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .errors import MalformedError, UnsupportedAlgorithmError
+from .privatefiles import read_private_file
 
 __all__ = ["PathOrData", "load_certificate", "load_certificates", "load_crls",
-           "load_private_key", "readable_certificate", "fully_readable"]
+           "load_private_key", "load_private_key_file", "readable_certificate",
+           "fully_readable"]
 
 
 PathOrData = Union[bytes, bytearray, memoryview, str, os.PathLike]
@@ -104,6 +106,12 @@ def load_private_key(data_or_path: PathOrData) -> PrivateKeyTypes:
     except ValueError:
         # The message of cryptography never contains key material, but keep ours fixed.
         raise MalformedError("not a readable private key") from None
+
+
+def load_private_key_file(path: str | Path) -> PrivateKeyTypes:
+    """A configured private key file, which only its owner may read
+    (``privatefiles.read_private_file``: refused otherwise, as OpenSSH does)."""
+    return load_private_key(read_private_file(path, "private key", 1 << 16))
 
 
 def fully_readable(cert: x509.Certificate) -> bool:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from . import certstore
 from .errors import E2MError
 from .headers import Rule
-from .certfiles import load_certificate, load_certificates, load_crls, load_private_key
+from .certfiles import load_certificate, load_certificates, load_crls, load_private_key_file
 from .certpath import TrustAnchors
 from .sdp import KEYING_ATTRIBUTES
 from .sip_errors import DEFAULT_CODES, E2MCodes
@@ -235,7 +235,7 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     cert = reader.load("[identity].cert", reader.get(identity, "[identity]", "cert", str,
                                                      required=True), load_certificate)
     key = reader.load("[identity].key", reader.get(identity, "[identity]", "key", str,
-                                                   required=True), load_private_key)
+                                                   required=True), load_private_key_file)
     anchors = _anchors(reader)
 
     policy = reader.table("policy")
@@ -474,7 +474,7 @@ def load_ua_config(path: str | Path) -> UAConfig:
     cert = reader.load("[identity].cert", reader.get(identity, "[identity]", "cert", str,
                                                      required=True), load_certificate)
     key = reader.load("[identity].key", reader.get(identity, "[identity]", "key", str,
-                                                   required=True), load_private_key)
+                                                   required=True), load_private_key_file)
     anchors = _anchors(reader)
     if aor is not None and identity_of(aor) is None:
         problems.append(f"[identity].aor: not a SIP URI: {aor!r}")

@@ -54,7 +54,21 @@ class PostgresCertDatabase(CertDatabase):
         return CertTableError(f"{self.url.masked()}: {doing} failed: {first}")
 
     def ensure_schema(self) -> None:
-        """The service's tables and its ``schema_version`` row (``db init``)."""
+        """The service's tables and its ``schema_version`` row (``db init``).  Only
+        read when they are there: the nodes' account may have no right to create
+        tables (the owner's do, ``db init --owner-url``; review 73)."""
+        try:
+            with self._db.separate() as conn:
+                present = conn.execute(
+                    "SELECT to_regclass('cert_publications') IS NOT NULL AND "
+                    "to_regclass('cert_subscriptions') IS NOT NULL AND "
+                    "to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+                if present and conn.execute(
+                        "SELECT 1 FROM schema_version WHERE component = %s",
+                        (_COMPONENT,)).fetchone():
+                    return
+        except self._errors as exc:
+            raise self._failure(exc, "schema") from None
         try:
             with self._db.separate() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from e2m_plugins.config import ConfigError
 from e2m_plugins.errors import MalformedError
+from e2m_plugins.privatefiles import PrivateFileError, check_private_file
 from e2m_plugins.uri import parse_uri
 
 from .pgconn import PgUrl, PgUrlError
@@ -816,6 +817,11 @@ def _tls(data: dict[str, Any], kamailio: KamailioSettings | None, base: Path,
             _cfg_safe(check, what, str(file))
     if cert is not None and cert.is_file():
         _tls_key_usable(check, cert)
+    if key is not None and key.is_file():
+        try:
+            check_private_file(key, "TLS key")     # Kamailio reads it as it is
+        except PrivateFileError as exc:
+            check.bad("key", str(exc))
     verify = check.boolean("verify_client", False)
     version = check.string("min_version", "TLSv1.2") or "TLSv1.2"
     if version not in TLS_MIN_VERSIONS:
@@ -1026,4 +1032,13 @@ def load_app_config(path: str | Path) -> AppConfig:
         raise AppConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise AppConfigError(path, [f"not valid TOML: {exc}"]) from None
-    return parse_app_config(data, path)
+    config = parse_app_config(data, path)
+    urls = (config.cluster.db if config.cluster else None,
+            config.auth.pg if config.auth else None)
+    if any(url is not None and url.password for url in urls):
+        # that password opens every archived plaintext and the users' HA1s (review 73)
+        try:
+            check_private_file(path, "PROXY.toml, which holds a database password,")
+        except PrivateFileError as exc:
+            raise AppConfigError(path, [str(exc)]) from None
+    return config

@@ -25,6 +25,7 @@ config is unusable.
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from typing import Any
@@ -198,6 +199,58 @@ def _users_preflight(url: Any, table: str, config: AppConfig) -> str | None:
     return None
 
 
+# What a node does in the shared database, and no more (review 73: the nodes' account
+# owned the tables, so its password let anyone rewrite or delete archived history).
+_NODE_GRANTS = (
+    ("SELECT", ("schema_version", "version")),            # version: Kamailio's own
+    ("SELECT, INSERT", ("bodies", "media")),
+    ("UPDATE (from_uri, request_uri)", ("bodies",)),      # a copy fills what a row lacks
+    ("SELECT, INSERT, UPDATE, DELETE", ("replay_claims", "cert_publications",
+                                        "cert_subscriptions")),
+)
+
+
+def _as_owner(config: AppConfig, owner: Any) -> AppConfig:
+    """``config`` with the shared database reached as ``owner`` (and the users' table
+    too when it is in that same database)."""
+    from dataclasses import replace
+    same = config.auth is not None and config.auth.pg is not None and \
+        (config.auth.pg.host, config.auth.pg.port, config.auth.pg.database) == \
+        (config.cluster.db.host, config.cluster.db.port, config.cluster.db.database)
+    return replace(config, cluster=replace(config.cluster, db=owner),
+                   auth=replace(config.auth, pg=owner) if same else config.auth)
+
+
+def _grant(config: AppConfig, owner: Any, out: list[str]) -> None:
+    """The nodes' account (``[cluster] db_url``'s user) gets only what a node does:
+    no table of the shared database is its own, none of its rows can be changed or
+    removed but the two fields a copy fills."""
+    from psycopg import sql
+    from .pgconn import connect
+    node = config.cluster.db.user
+    if node == owner.user:
+        raise _Failed("--owner-url names the nodes' own account: give the tables to another")
+    tables = [(what, names) for what, names in _NODE_GRANTS]
+    users = config.auth.table if config.auth is not None and config.auth.pg is not None else None
+    with connect(owner, autocommit=False) as conn:
+        present = {row[0] for row in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+        role = sql.Identifier(node)
+        conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(role))
+        conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(role))
+        for what, names in tables:
+            for name in names:
+                if name in present:
+                    conn.execute(sql.SQL("GRANT " + what + " ON {} TO {}").format(
+                        sql.Identifier(name), role))
+        if users in present:
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(users), role))
+        conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(role))
+        conn.commit()
+    out.append(f"{config.cluster.db.masked()}: tables owned by {owner.user}; {node} may only "
+               "read, add rows and fill a copy's sender and Request-URI")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e2m-proxy db",
@@ -208,9 +261,37 @@ def _parser() -> argparse.ArgumentParser:
                        ("upgrade", "migrate the archive schema to the current version"),
                        ("status", "schema versions and this node's spool"),
                        ("replay", "move this node's spool into the shared archive now")):
-        commands.add_parser(name, help=text).add_argument("--config", required=True,
-                                                          help="PROXY.toml")
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--config", required=True, help="PROXY.toml")
+        if name in ("init", "upgrade"):
+            command.add_argument(
+                "--owner-url", help="postgres://OWNER@HOST:PORT/DB (the password from "
+                "E2M_OWNER_PASSWORD, else asked or read from stdin): make and own "
+                "the shared tables as this account, and grant the nodes' account ([cluster] "
+                "db_url) only what a node does (read, add rows); else the nodes' account owns "
+                "them and can rewrite history")
     return parser
+
+
+def _owner(config: AppConfig, url: str | None) -> Any:
+    if url is None:
+        return None
+    from .pgconn import PgUrl, PgUrlError
+    if config.cluster is None:
+        raise _Failed("--owner-url is for the shared database of [cluster]")
+    try:
+        owner = PgUrl.parse(url)
+    except PgUrlError as exc:
+        raise _Failed(f"--owner-url: {exc}") from None
+    if not owner.password:
+        # kept off the command line, which every local user sees in ps
+        import getpass
+        from dataclasses import replace
+        password = os.environ.get("E2M_OWNER_PASSWORD") or (
+            getpass.getpass(f"Password of {owner.user}: ") if sys.stdin.isatty()
+            else sys.stdin.readline().rstrip("\n"))
+        owner = replace(owner, password=password)
+    return owner
 
 
 def main(argv: list[str]) -> int:
@@ -228,9 +309,17 @@ def main(argv: list[str]) -> int:
     code = 0
     try:
         if args.command in ("init", "upgrade"):
-            _migrate(config, create=args.command == "init", out=out)
-            _users(config, out)
-            _certs(config, out)
+            owner = _owner(config, args.owner_url)
+            made = _as_owner(config, owner) if owner is not None else config
+            _migrate(made, create=args.command == "init", out=out)
+            _users(made, out)
+            _certs(made, out)
+            if owner is not None:
+                _grant(config, owner, out)
+            elif config.cluster is not None:
+                out.append("warning: the nodes' account owns the shared tables, so its "
+                           "password lets anyone rewrite or delete archived history; "
+                           "give them to another account with --owner-url")
         elif args.command == "status":
             code = 0 if _status(config, out) else 1
         else:

@@ -189,6 +189,15 @@ def _request_kept() -> list[bytes]:
         return []
 
 
+def _touch_count(source):
+    """A source's count of registered AoRs lives as long as any of them is refreshed:
+    e2mregs' autoexpire runs from an item's last update (review 72: the count expired
+    while refreshed contacts lived on, and the cap became a rate).  inc then dec is an
+    update that leaves the value."""
+    KSR.htable.sht_inc(_REGS, source)
+    KSR.htable.sht_dec(_REGS, source)
+
+
 def _has_body():
     # $bs is the body as parsed, not the Content-Length header: over UDP a message
     # may leave Content-Length out and still carry a body (RFC 3261 §20.14).
@@ -738,15 +747,17 @@ class kamailio:
         AoRs (counted in e2mregs for the contacts' lifetime)."""
         limit = self.app.config.limits.registrations_per_source
         counted = None
-        if self.app.config.auth is None and limit > 0 and not self.exempt_source() \
-                and KSR.registrar.registered_uri("location", KSR.pv.get("$tu") or "") < 0:
-            # Counted before saving (sht_inc is atomic): the 200 goes out inside save(),
-            # and the source's next REGISTER may reach another worker at once.
-            counted = KSR.pv.get("$si") or ""
-            if KSR.htable.sht_inc(_REGS, counted) > limit:
-                KSR.htable.sht_dec(_REGS, counted)
-                KSR.sl.send_reply(403, "Too Many Registrations From This Address")
-                return
+        if self.app.config.auth is None and limit > 0 and not self.exempt_source():
+            if KSR.registrar.registered_uri("location", KSR.pv.get("$tu") or "") >= 0:
+                _touch_count(KSR.pv.get("$si") or "")    # a refresh keeps the count alive
+            else:
+                # Counted before saving (sht_inc is atomic): the 200 goes out inside
+                # save(), and the source's next REGISTER may reach another worker at once.
+                counted = KSR.pv.get("$si") or ""
+                if KSR.htable.sht_inc(_REGS, counted) > limit:
+                    KSR.htable.sht_dec(_REGS, counted)
+                    KSR.sl.send_reply(403, "Too Many Registrations From This Address")
+                    return
         self.announce_policy_in_reply()
         if KSR.registrar.save("location", 0) < 0 and counted is not None:
             KSR.htable.sht_dec(_REGS, counted)   # registrar answered (503, 400 ...)
@@ -765,6 +776,7 @@ class kamailio:
         identity = identity_of(to_uri)
         pair = "%s|%s" % (source, identity if identity is not None else to_uri)
         if KSR.htable.sht_inc(_REGS, pair) > 1:       # sht_inc is atomic: counted once
+            _touch_count(source)
             return True
         if KSR.htable.sht_inc(_REGS, source) > limit:
             KSR.htable.sht_dec(_REGS, source)

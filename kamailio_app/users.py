@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from e2m_plugins.privatefiles import PrivateFileError, check_private_file
+
 from .pgconn import PgUrl, connect
 
 __all__ = ["UsersError", "ensure_users_db", "ensure_pg_users", "pg_users_ready", "ha1", "ha1b",
@@ -58,8 +60,13 @@ def ha1b(user: str, domain: str, realm: str, password: str) -> str:
 
 def ensure_users_db(path: Path, schema_dir: Path = SCHEMA_DIR) -> bool:
     """Create ``path`` (mode 0600) with Kamailio's standard and auth_db schema unless it
-    exists; True when it was created."""
-    if path.exists():
+    exists; True when it was created.  An existing one must be ours alone: it holds
+    password equivalents (HA1), enough to answer a challenge as any user (review 73)."""
+    if path.exists() or path.is_symlink():
+        try:
+            check_private_file(path, "[auth] users database")
+        except PrivateFileError as exc:
+            raise UsersError(str(exc)) from None
         return False
     scripts = [schema_dir / name for name in SCHEMA_FILES]
     missing = [str(p) for p in scripts if not p.is_file()]

@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,8 +209,10 @@ def read_input(path: str, what: str = "input") -> bytes:
 def write_output(path: str, data: bytes, *, private: bool = False) -> None:
     """Write ``data`` to ``path`` (``-`` is stdout).
 
-    ``private`` creates the file 0600 from the start: decrypted content should
-    not become readable by others just because of a loose umask.
+    ``private`` writes a new file, 0600 from the start, and renames it over ``path``:
+    decrypted content must not become readable by others through a loose umask, nor
+    through a file that already exists with a looser mode or someone's open
+    descriptor on it (review 73).
     """
     if path == "-":
         out: BinaryIO = sys.stdout.buffer
@@ -218,9 +221,16 @@ def write_output(path: str, data: bytes, *, private: bool = False) -> None:
         return
     try:
         if private:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+            target = Path(path)
+            fd, temporary = tempfile.mkstemp(dir=target.parent or ".",
+                                             prefix=f".{target.name}.")   # 0600
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(temporary, target)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
         else:
             Path(path).write_bytes(data)
     except OSError as exc:

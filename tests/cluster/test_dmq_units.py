@@ -202,6 +202,13 @@ def test_cluster_example_configs_are_valid(name, pki, tmp_path):
     for item in (root / "kamailio_app" / "examples").iterdir():
         (tmp_path / item.name).write_bytes(item.read_bytes())
     (tmp_path / "pki").symlink_to(pki.directory)
+    if name.startswith("cluster-node"):
+        # it holds the database password: refused while others may read it (review 73)
+        refused = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "--config",
+                                  str(tmp_path / name), "--print-cfg"],
+                                 cwd=root, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "chmod 600" in refused.stderr, refused.stderr
+        (tmp_path / name).chmod(0o600)
     shown = subprocess.run([sys.executable, "-m", "kamailio_app.launcher", "--config",
                             str(tmp_path / name), "--print-cfg"],
                            cwd=root, capture_output=True, text=True, timeout=60)

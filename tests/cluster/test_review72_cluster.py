@@ -51,6 +51,11 @@ Tried and held (read, not run unless said):
   is one pair or more at the front (host, password and parameter spellings over-count,
   never under-count), so the count is not evaded by spelling; a second To is refused
   before (sanity); several Contacts are one AoR.
+
+Not fixed (stop 32): the front trusts a node's UDP address and port as a node trusts
+a DMQ peer's (review 40); the test stays a strict xfail as a known limit
+(docs/threat-model.md, Known limits: keep the nodes and the front where outsiders
+cannot forge a source, or over TCP/TLS).
 """
 
 from __future__ import annotations
@@ -131,8 +136,9 @@ def test_control_a_raw_answer_from_bobs_own_address_is_dropped_by_the_front(
                "the front's drop of bob's raw 200")
 
 
-@pytest.mark.xfail(strict=True, reason="review 72: insider callee forging a node's UDP "
-                   "source: his 200 past the node reaches alice unread, unarchived")
+@pytest.mark.xfail(strict=True, reason="known limit (docs/threat-model.md): the front "
+                   "trusts a node's UDP address and port, as nodes trust a DMQ peer's (review "
+                   "72): a forged node source passes its reply filter")
 def test_hole_an_answer_forged_from_a_nodes_udp_source_is_relayed_unread(
         cluster, proxy_factory, alice, fbob):
     front, reply = _call_with_forged_answer(cluster, proxy_factory, alice, fbob,

@@ -31,6 +31,13 @@ copy fills nothing twice), and ``e2m archive list`` reads it back.
 
 Tried and held: ``db status``/``init`` print the URL masked; the password is never in
 argv (psycopg gets it as a parameter, Kamailio a 0600 pgpass).
+
+Fixed (stop 32): ``e2m-proxy db init --owner-url`` makes the shared tables as an
+owner account and grants the nodes' account only reads, inserts and the two fields a
+copy fills (``db_cmd._grant``); the certificate tables are only read at a node's
+start when present.  The hole test now uses that set-up (the UPDATE and both DELETEs
+refused); a control shows the restricted account still records and lists, and an end
+to end test runs two real nodes on it.  ``db init`` without ``--owner-url`` warns.
 """
 
 from __future__ import annotations
@@ -89,6 +96,47 @@ def _init(tmp_path: Path, url: str) -> Path:
     return config
 
 
+def _owned_database(postgres: PostgresServer, monkeypatch) -> tuple[str, str]:
+    """The fix's set-up (kamailio_app/README.md, "The shared database's roles"): an
+    owner account owns the database; the nodes' account may only connect.  Returns
+    (the nodes' URL, the owner's URL without its password, which db init reads from
+    E2M_OWNER_PASSWORD)."""
+    tag = secrets.token_hex(3)
+    node, owner, name = f"node{tag}", f"owner{tag}", f"arch{tag}"
+    node_pw, owner_pw = secrets.token_hex(12), secrets.token_hex(12)
+    postgres.psql(f"CREATE ROLE {node} LOGIN PASSWORD '{node_pw}';\n"
+                  f"CREATE ROLE {owner} LOGIN PASSWORD '{owner_pw}';\n"
+                  f'CREATE DATABASE "{name}" OWNER {owner};\n', database="postgres")
+    monkeypatch.setenv("E2M_OWNER_PASSWORD", owner_pw)
+    return (f"postgres://{node}:{node_pw}@{HOST}:{postgres.port}/{name}",
+            f"postgres://{owner}@{HOST}:{postgres.port}/{name}")
+
+
+def _init_owned(tmp_path: Path, node_url: str, owner_url: str, capsys) -> Path:
+    from kamailio_app.db_cmd import main as db_main
+    config = _config(tmp_path, node_url)
+    assert db_main(["init", "--config", str(config), "--owner-url", owner_url]) == 0
+    assert "may only read, add rows" in capsys.readouterr().out
+    return config
+
+
+def test_control_the_nodes_account_of_an_owned_database_writes_and_reads(
+        tmp_path, postgres, capsys, monkeypatch):
+    """After the fix: with the tables owned by another account, the nodes' account
+    still records a message (a copy stored once, its missing sender filled), and the
+    archive CLI lists it."""
+    node_url, owner_url = _owned_database(postgres, monkeypatch)
+    config = _init_owned(tmp_path, node_url, owner_url, capsys)
+    archive = PostgresArchive(PgUrl.parse(node_url))
+    bodies, media = _message(b"carol: I will wire the money tomorrow", "c3@carol")
+    uid = archive.record(bodies, media)
+    assert archive.record(bodies, media, uid=uid) == uid
+    archive.close()
+    capsys.readouterr()
+    assert e2m_main(["archive", "list", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.count("c3@carol") == 1
+
+
 def test_control_the_proxys_role_writes_and_reads_the_archive(tmp_path, postgres, capsys):
     url = _operator_database(postgres)
     config = _init(tmp_path, url)
@@ -103,13 +151,13 @@ def test_control_the_proxys_role_writes_and_reads_the_archive(tmp_path, postgres
     assert out.count("c1@carol") == 1 and "verified" in out
 
 
-@pytest.mark.xfail(strict=True, reason="review 73: insider with the nodes' db_url rewrites "
-                   "and deletes archived rows, unnoticed by e2m archive")
 def test_hole_the_proxys_database_role_rewrites_and_deletes_archived_history(
-        tmp_path, postgres, capsys):
+        tmp_path, postgres, capsys, monkeypatch):
+    """The fix's set-up: db init --owner-url (the hole was shown with the nodes' account
+    owning the tables, as `db init` alone still makes them, with a warning)."""
     import psycopg
-    url = _operator_database(postgres)
-    config = _init(tmp_path, url)
+    url, owner_url = _owned_database(postgres, monkeypatch)
+    config = _init_owned(tmp_path, url, owner_url, capsys)
     archive = PostgresArchive(PgUrl.parse(url))
     archive.record(*_message(b"carol: I will wire the money tomorrow", "c1@carol"))
     archive.record(*_message(b"carol: delete the invoices before the audit", "c2@carol"))
@@ -140,3 +188,35 @@ def test_hole_the_proxys_database_role_rewrites_and_deletes_archived_history(
         f"with the nodes' own db_url: refused {refused or 'nothing'}; the archive now shows "
         f"{out.read_bytes()!r} as carol's verified message and c2@carol is "
         f"{'gone' if 'c2@carol' not in listing else 'there'}, and e2m archive says nothing")
+
+
+@pytest.mark.kamailio
+@pytest.mark.slow
+def test_a_cluster_on_an_owned_database_calls_and_archives(proxy_factory, postgres, tmp_path,
+                                                           monkeypatch, pki, alice, bob):
+    """The fix end to end: tables made by the owner account (db init --owner-url), two
+    real nodes on the nodes' restricted account start (their own db init only finds
+    the schema), a call offered at A and answered at B is archived, and that account
+    still cannot rewrite the row."""
+    import psycopg
+    from e2m_lab.cluster import answers, register_bob, start_cluster
+    from e2m_lab.cluster import VIEW
+    from e2m_lab.kamailio_harness import write_proxy_config
+    from kamailio_app.db_cmd import main as db_main
+    node_url, owner_url = _owned_database(postgres, monkeypatch)
+    # the operator's init: a node's own PROXY.toml (E2M on, so the certificate tables
+    # too), with the owner's account
+    config = write_proxy_config(tmp_path / "init", 5070, pki=pki, e2m=True, db_url=node_url,
+                                view=VIEW)
+    assert db_main(["init", "--config", str(config), "--owner-url", owner_url]) == 0
+    a, b = start_cluster(proxy_factory, node_url).nodes
+    register_bob(a, bob)
+    bob.answer_to = b.port
+    reply = alice.call(a)
+    assert reply is not None and reply.status == 200
+    assert answers(a, alice.call_id)
+    with connect(PgUrl.parse(node_url), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE bodies SET plaintext = %s WHERE call_id = %s",
+                         (b"forged", alice.call_id))
+

@@ -20,6 +20,7 @@ LISTEN = '[kamailio]\nlisten = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070"]\n'
 def _load(tmp_path: Path, text: str):
     path = tmp_path / "PROXY.toml"
     path.write_text(text)
+    path.chmod(0o600)          # one holding a database password must be (review 73)
     return load_app_config(path)
 
 

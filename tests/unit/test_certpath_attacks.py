@@ -743,6 +743,8 @@ def test_config_loads_trust_crls(pki, tmp_path) -> None:
     for name in ("ca.crt", "alice.crt", "alice.key", "proxy-proxy.example.com.crt",
                  "proxy-proxy.example.com.key"):
         (tmp_path / name).write_bytes((pki.directory / name).read_bytes())
+        if name.endswith(".key"):
+            (tmp_path / name).chmod(0o600)     # a key others may read is refused
     ua = tmp_path / "UA.toml"
     ua.write_text('[identity]\naor = "sip:alice@example.com"\ncert = "alice.crt"\n'
                   'key = "alice.key"\n[trust]\nca = ["ca.crt"]\ncrls = ["ca.crl"]\n')

@@ -85,6 +85,15 @@ Tried and held:
   unless ``log_messages``; ``E2M_PHONE_KEY_WITNESS`` writes only SHA-256 of SRTP keys;
 - the example configs: home-proxy.toml has ``[auth]``, ``[limits]`` and TLS 1.2+; the
   ``[tls] ca`` that also issues user certificates is review 67's known limit.
+
+Fixed (stop 32): ``e2m_plugins.privatefiles`` (one place) refuses a file that is not
+a regular file of ours that only we may read, opened without following a symlink;
+used for ``[identity] key`` (proxy and phone, ``certfiles.load_private_key_file``),
+``[tls] key``, a PROXY.toml that holds a database password (``load_app_config``)
+and an existing ``[auth] users`` file (``ensure_users_db``).  ``cli.write_output``
+writes decrypted ``--out`` content to a new 0600 file renamed over the path.  The
+harness writes its PROXY.toml files 0600 (``tomlfile.write_toml``).  All four holes
+turned XPASS; the markers are gone.
 """
 
 from __future__ import annotations
@@ -184,8 +193,6 @@ def test_control_the_phone_refuses_a_password_file_others_can_read(tmp_path: Pat
     assert read_password(str(secret), environ={}) == "s3cret"
 
 
-@pytest.mark.xfail(strict=True, reason="review 73: local user reads the proxy's 0644 "
-                   "[identity] key, taken silently: opens every body sealed for the proxy")
 def test_hole_a_world_readable_proxy_key_is_taken(confdir: Path):
     (confdir / f"proxy-{PROXY}.key").chmod(0o644)
     refusal = _refused(load_proxy_config, confdir / "PROXY.toml")
@@ -193,8 +200,6 @@ def test_hole_a_world_readable_proxy_key_is_taken(confdir: Path):
         "the proxy's private key, readable by every local user, was taken without a word")
 
 
-@pytest.mark.xfail(strict=True, reason="review 73: local user reads the phone's 0644 "
-                   "[identity] key, taken silently: reads alice's bodies, signs as alice")
 def test_hole_a_world_readable_phone_key_is_taken(confdir: Path):
     (confdir / "alice.key").chmod(0o644)
     refusal = _refused(load_ua_config, confdir / "UA.toml")
@@ -223,8 +228,6 @@ def test_control_a_private_proxy_toml_with_the_database_password_is_taken(tmp_pa
     assert config.auth is not None and "CHANGE-ME" not in config.auth.db_url
 
 
-@pytest.mark.xfail(strict=True, reason="review 73: local user reads the DB password from "
-                   "a 0644 PROXY.toml (as the cluster examples do): reads and rewrites the archive")
 def test_hole_a_world_readable_proxy_toml_holding_the_database_password_is_taken(
         tmp_path: Path, pki: TestPKI):
     from kamailio_app.config import load_app_config
@@ -265,8 +268,6 @@ def test_control_archive_show_out_makes_a_new_file_0600(tmp_path: Path, capsys):
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
 
-@pytest.mark.xfail(strict=True, reason="review 73: local user reads archived plaintext "
-                   "written by --out into an existing 0644 file (mode kept)")
 def test_hole_decrypted_output_into_an_existing_file_keeps_its_mode(tmp_path: Path, capsys):
     db = _archive_with_one_body(tmp_path)
     out = tmp_path / "msg.txt"
@@ -301,8 +302,6 @@ def test_control_a_users_file_made_by_the_product_is_0600_and_used(tmp_path: Pat
     assert stat.S_IMODE((run / AUTH_SECRET_FILE).stat().st_mode) == 0o600
 
 
-@pytest.mark.xfail(strict=True, reason="review 73: local user reads HA1 from a 0644 "
-                   "[auth] users file, which is used: answers digest as alice")
 def test_hole_a_users_file_others_can_read_is_used(tmp_path: Path, pki: TestPKI):
     import sqlite3
     from kamailio_app.launcher import write_runtime_files
