@@ -24,13 +24,14 @@ import json
 import os
 import secrets
 import sqlite3
-import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from e2m_plugins.privatefiles import PrivateFileError, check_private_file
 
 from .archive_schema import ARCHIVE_VERSION, SchemaError, migrate, read_version
 
@@ -68,14 +69,10 @@ def _claim_private_file(path: Path) -> None:
 
 
 def _check_private_file(path: Path) -> None:
-    info = os.lstat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise ArchiveError(f"{path} is not a regular file (a symlink?): refused")
-    if info.st_uid != os.getuid():
-        raise ArchiveError(f"{path} belongs to another user: refused")
-    if info.st_mode & 0o077:
-        raise ArchiveError(f"{path} is readable or writable by others "
-                           f"(mode {stat.S_IMODE(info.st_mode):o}): refused; chmod 600 it")
+    try:
+        check_private_file(path, "archive file")
+    except PrivateFileError as exc:
+        raise ArchiveError(f"{exc}: refused") from None
 
 
 def content_uid(identity: Sequence[str | int | None], bodies: Sequence["BodyRecord"],

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
+
+from e2m_plugins.privatefiles import PrivateFileError, read_private_file
 
 __all__ = ["PASSWORD_ENV", "MAX_PASSWORD", "PasswordError", "check_credentials",
            "check_tls_uris", "read_password", "tls_uri"]
@@ -52,22 +53,11 @@ def _clean(text: str, where: str) -> str:
 def _read_file(path: Path) -> str:
     where = f"password file {path}"
     try:
-        # O_NOFOLLOW: the mode checked is the mode of the file read
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise PasswordError(f"{where} cannot be opened: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PasswordError(f"{where} is not a regular file")
-        if info.st_mode & 0o077:
-            raise PasswordError(f"{where} may be read or written by others "
-                                f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
-        if info.st_size > 4 * MAX_PASSWORD:
-            raise PasswordError(f"{where} is too large for a password")
-        data = os.read(fd, 4 * MAX_PASSWORD + 1)
-    finally:
-        os.close(fd)
+        data = read_private_file(path, "password file", 4 * MAX_PASSWORD)
+    except FileNotFoundError:
+        raise PasswordError(f"{where} cannot be opened: No such file or directory") from None
+    except PrivateFileError as exc:
+        raise PasswordError(str(exc)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
