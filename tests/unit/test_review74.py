@@ -55,6 +55,32 @@ Tried and held:
   source (and per pair at the front) that lives an hour from its last update; a forged
   source costs one REGISTER under pike's per-source rate, as the registrar's own
   contacts do (the known limit of an open registrar).
+
+Other targets, tried and held:
+- ``cli.write_output(private=True)`` (run: ``test_control_private_output_...``): a
+  symlink at the path is replaced, never written through (its target keeps its
+  bytes); a directory at the path fails and leaves no ``.NAME.*`` file; ``-`` is
+  stdout.  In a directory others may write without the sticky bit, a user could
+  swap the temporary name before the rename and have his own file land at the path,
+  but he can anyway replace the path after it: the directory was never safe for an
+  output (not a new effect); ``/dev/null``, FIFOs and ``/dev/fd/N`` are now refused
+  (mkstemp in their directory) rather than written: a false refusal, no leak.
+- ``privatefiles`` (run: ``test_control_a_symlinked_or_shared_key_is_refused``): the
+  key read is the file checked (``O_NOFOLLOW`` + ``fstat``).  A symlinked parent
+  directory is followed, but whoever controls it can only plant files he owns, which
+  the owner check refuses (``fs.protected_hardlinks`` keeps him from linking ours).
+  ``[tls] key`` and PROXY.toml are checked by ``lstat`` and read again by path
+  (Kamailio, tomllib): a swap between needs a writable parent, which gives him the
+  file anyway.  False refusals (no security effect, noted for the README): a key
+  0640 root:kamailio read by the kamailio user, any key or PROXY.toml that is a
+  symlink (certbot's ``live/`` keys), and a phone's key on FAT/NTFS (mode from
+  ``fmask``).  Still read unchecked, none a hole: the phone has no TLS key of its own
+  (pjsua verifies the server only) and its digest password file is checked
+  (``credentials._read_file``); the archive's SQLite and spool files are claimed 0600
+  (``archive._claim_private_file``); the launcher's pgpass is made anew 0600
+  (``_write_private``); ``E2M_OWNER_PASSWORD`` is never printed, but the launcher
+  hands its whole environment to Kamailio, so an exported owner password lives on in
+  the nodes' process environment (same user only: defence in depth, noted).
 """
 
 from __future__ import annotations
@@ -211,3 +237,34 @@ def test_hole_a_node_lets_a_second_address_keep_a_sources_aors_uncounted(node):
     print(f"\nnode: AoRs S registered {len(held)}, live {len(live)} (cap 3 per source)")
     assert len(live) <= 6, (f"two addresses hold {len(live)} AoRs on the node against a cap "
                             f"of 3 per source: {sorted(live)}")
+
+
+def test_control_private_output_replaces_a_symlink_and_leaves_nothing_on_error(tmp_path):
+    from e2m_plugins.cli import CliFailure, write_output
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    link = tmp_path / "out.txt"
+    link.symlink_to(victim)
+    write_output(str(link), b"secret", private=True)
+    assert victim.read_bytes() == b"keep me"
+    assert not link.is_symlink() and link.read_bytes() == b"secret"
+    assert (link.stat().st_mode & 0o777) == 0o600
+    (tmp_path / "dir").mkdir()
+    with pytest.raises((CliFailure, SystemExit, OSError)):
+        write_output(str(tmp_path / "dir"), b"secret", private=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_control_a_symlinked_or_shared_key_is_refused(tmp_path):
+    from e2m_plugins.privatefiles import PrivateFileError, read_private_file
+    key = tmp_path / "key.pem"
+    key.write_bytes(b"k")
+    key.chmod(0o600)
+    assert read_private_file(key) == b"k"
+    link = tmp_path / "link.pem"
+    link.symlink_to(key)
+    with pytest.raises(PrivateFileError):
+        read_private_file(link)
+    key.chmod(0o640)
+    with pytest.raises(PrivateFileError):
+        read_private_file(key)
