@@ -221,34 +221,86 @@ def _as_owner(config: AppConfig, owner: Any) -> AppConfig:
                    auth=replace(config.auth, pg=owner) if same else config.auth)
 
 
+# A copy of a message fills a row's empty sender or Request-URI; the nodes' account may
+# do that and nothing else to a row (review 74: its column grant let it rewrite them).
+_FILL_ONLY = """
+CREATE OR REPLACE FUNCTION e2m_bodies_fill_only() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    IF (OLD.from_uri IS NOT NULL AND NEW.from_uri IS DISTINCT FROM OLD.from_uri)
+       OR (OLD.request_uri IS NOT NULL AND NEW.request_uri IS DISTINCT FROM OLD.request_uri)
+    THEN
+        RAISE EXCEPTION 'e2m archive: a recorded sender or Request-URI cannot change';
+    END IF;
+    RETURN NEW;
+END
+$f$"""
+_FILL_TRIGGER = ("CREATE OR REPLACE TRIGGER e2m_bodies_fill_only BEFORE UPDATE ON bodies "
+                 "FOR EACH ROW EXECUTE FUNCTION e2m_bodies_fill_only()")
+
+
 def _grant(config: AppConfig, owner: Any, out: list[str]) -> None:
-    """The nodes' account (``[cluster] db_url``'s user) gets only what a node does:
-    no table of the shared database is its own, none of its rows can be changed or
-    removed but the two fields a copy fills."""
+    """The nodes' account (``[cluster] db_url``'s user) gets only what a node does: every
+    table and sequence of the shared database is the owner's (taken over where the
+    nodes' account made them, or refused with what to do: review 74), none of its rows
+    can be changed or removed but the two fields a copy fills, and those only once."""
+    import psycopg
     from psycopg import sql
     from .pgconn import connect
     node = config.cluster.db.user
     if node == owner.user:
         raise _Failed("--owner-url names the nodes' own account: give the tables to another")
-    tables = [(what, names) for what, names in _NODE_GRANTS]
     users = config.auth.table if config.auth is not None and config.auth.pg is not None else None
-    with connect(owner, autocommit=False) as conn:
-        present = {row[0] for row in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
-        role = sql.Identifier(node)
-        conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(role))
-        conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(role))
-        for what, names in tables:
-            for name in names:
-                if name in present:
-                    conn.execute(sql.SQL("GRANT " + what + " ON {} TO {}").format(
-                        sql.Identifier(name), role))
-        if users in present:
-            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(users), role))
-        conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(role))
-        conn.commit()
+    role = sql.Identifier(node)
+    try:
+        with connect(owner, autocommit=False) as conn:
+            owned = dict(conn.execute(
+                "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'S')").fetchall())
+            kinds = dict(conn.execute(
+                "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
+                "AND c.relkind IN ('r', 'S')").fetchall())
+            for name, holder in owned.items():
+                if holder != owner.user:
+                    what = "SEQUENCE" if kinds[name] == "S" else "TABLE"
+                    conn.execute(sql.SQL("ALTER " + what + " {} OWNER TO {}").format(
+                        sql.Identifier(name), sql.Identifier(owner.user)))
+            conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(role))
+            conn.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {}")
+                         .format(role))
+            conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(role))
+            for what, names in _NODE_GRANTS:
+                for name in names:
+                    if name in owned:
+                        conn.execute(sql.SQL("GRANT " + what + " ON {} TO {}").format(
+                            sql.Identifier(name), role))
+            if users in owned:
+                conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(users),
+                                                                          role))
+            conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}")
+                         .format(role))
+            if "bodies" in owned:
+                conn.execute(_FILL_ONLY)
+                conn.execute(_FILL_TRIGGER)
+            left = [name for name, holder in conn.execute(
+                "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'S')").fetchall()
+                if holder != owner.user]
+            if left:
+                raise _Failed(f"still not {owner.user}'s: {', '.join(sorted(left))}")
+            conn.commit()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise _Failed(
+            f"{owner.user} may not take over the tables {node} made ({exc.diag.message_primary}): "
+            f"as a superuser, REASSIGN OWNED BY {node} TO {owner.user}, then run this again"
+        ) from None
+    except psycopg.Error as exc:
+        raise _Failed(f"granting {node} its rights failed: {type(exc).__name__}: "
+                      f"{exc.diag.message_primary or exc}") from None
     out.append(f"{config.cluster.db.masked()}: tables owned by {owner.user}; {node} may only "
-               "read, add rows and fill a copy's sender and Request-URI")
+               "read, add rows and fill a copy's empty sender and Request-URI")
 
 
 def _parser() -> argparse.ArgumentParser:

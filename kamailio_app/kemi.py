@@ -418,7 +418,7 @@ class kamailio:
             self.route_register()
             return
         if KSR.is_REGISTER() and self.app.config.dispatcher is not None \
-                and not self.front_counts_registration():
+                and not self.count_registration()[0]:
             return
         # A REGISTER for a domain that is not ours goes on to next_hop like any
         # request: a visited proxy passes it to the home registrar.
@@ -742,48 +742,42 @@ class kamailio:
         return self.app.routes.admits(call_id, (from_tag, to_tag), routes)
 
     def route_register(self):
-        """Save the contact (registrar: at most max_contacts per AoR).  While the
-        registrar is open, one source may register at most registrations_per_source
-        AoRs (counted in e2mregs for the contacts' lifetime)."""
-        limit = self.app.config.limits.registrations_per_source
-        counted = None
-        if self.app.config.auth is None and limit > 0 and not self.exempt_source():
-            if KSR.registrar.registered_uri("location", KSR.pv.get("$tu") or "") >= 0:
-                _touch_count(KSR.pv.get("$si") or "")    # a refresh keeps the count alive
-            else:
-                # Counted before saving (sht_inc is atomic): the 200 goes out inside
-                # save(), and the source's next REGISTER may reach another worker at once.
-                counted = KSR.pv.get("$si") or ""
-                if KSR.htable.sht_inc(_REGS, counted) > limit:
-                    KSR.htable.sht_dec(_REGS, counted)
-                    KSR.sl.send_reply(403, "Too Many Registrations From This Address")
-                    return
+        """Save the contact (registrar: at most max_contacts per AoR), the source's AoRs
+        counted while the registrar is open (``count_registration``)."""
+        allowed, counted = self.count_registration()
+        if not allowed:
+            return
         self.announce_policy_in_reply()
         if KSR.registrar.save("location", 0) < 0 and counted is not None:
-            KSR.htable.sht_dec(_REGS, counted)   # registrar answered (503, 400 ...)
+            # the registrar answered (503, 400 ...): nothing of the source's was bound
+            KSR.htable.sht_dec(_REGS, counted.partition("|")[0])
+            KSR.htable.sht_rm(_REGS, counted)
 
-    def front_counts_registration(self):
-        """[dispatcher] front before an open registrar: its nodes see every REGISTER
-        from the front's address (one of their own, exempt), so the front, which sees
-        the real source, caps the AoRs one source registers as a node does (review 71).
-        A (source, AoR) pair counts once while it is refreshed within the contacts'
-        lifetime (e2mregs' autoexpire).  False when answered."""
+    def count_registration(self):
+        """While the registrar is open, one source may register at most
+        ``registrations_per_source`` AoRs: each (source, AoR) pair counts once against
+        its source while it is refreshed within the contacts' lifetime (e2mregs'
+        autoexpire), and a refresh keeps the source's count alive too (review 72).  By
+        pair, not by "is the AoR registered": a second address refreshing the first's
+        AoRs would keep them alive uncounted (review 74).  A front counts for its nodes,
+        which see every REGISTER from its address (one of their own, exempt; review 71).
+        Returns (allowed, the pair counted anew or None); False when answered 403."""
         limit = self.app.config.limits.registrations_per_source
         if self.app.config.auth is not None or limit <= 0 or self.exempt_source():
-            return True
+            return True, None
         source = KSR.pv.get("$si") or ""
         to_uri = KSR.pv.get("$tu") or ""
         identity = identity_of(to_uri)
         pair = "%s|%s" % (source, identity if identity is not None else to_uri)
         if KSR.htable.sht_inc(_REGS, pair) > 1:       # sht_inc is atomic: counted once
             _touch_count(source)
-            return True
+            return True, None
         if KSR.htable.sht_inc(_REGS, source) > limit:
             KSR.htable.sht_dec(_REGS, source)
             KSR.htable.sht_rm(_REGS, pair)
             KSR.sl.send_reply(403, "Too Many Registrations From This Address")
-            return False
-        return True
+            return False, None
+        return True, pair
 
     def route_certs(self, handle):
         """The certificate service ([certs]) answers this request: ``handle(message)``

@@ -110,7 +110,7 @@ dispatcher set 1, else dropped in the core reply route), so holes 2 and 3 see no
 (their assertions now take "not taken, or read and archived" and look for the drop in
 the front's log; the asserted-identity control accepts no reply), and with the
 registrar open the front counts the AoRs each source registers
-(``kemi.front_counts_registration``; hole 1's front is given the cap, as an operator
+(``kemi.front_counts_registration``, since review 74 ``count_registration``; hole 1's front is given the cap, as an operator
 would, since it is the one that sees the sources).  All three turned XPASS; the
 markers are gone.
 """

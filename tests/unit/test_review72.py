@@ -1,6 +1,6 @@
 """A seventy-second attacker's review (December 2026) of 06451c8: this stop's latest fixes
 attacked; here the front's count of the AoRs a source registers
-(``kemi.front_counts_registration``, review 71), run against a model of Kamailio's
+(``kemi.count_registration``, review 71), run against a model of Kamailio's
 ``e2mregs`` htable as the cfg template declares it (``autoexpire=MAX_EXPIRES``, 3600 s;
 htable's default ``updateexpire=1``: an item's expiry is reset when it is updated,
 README.htable; an expired item counts from ``initval`` again).
@@ -154,7 +154,7 @@ def front(monkeypatch):
     def register(source: str, to_uri: str):
         vars_.update({"$si": source, "$tu": to_uri})
         before = len(replies)
-        relayed = proxy.front_counts_registration()
+        relayed = proxy.count_registration()[0]
         assert relayed == (len(replies) == before)
         return None if relayed else replies[-1]
 
