@@ -7,7 +7,8 @@ again (``e2m_plugins/ua.py`` ``_protect``/``_seal_for``, ``dialog_keys.py`` reus
 messages are taken as far as they should be (they pass).
 
 Hole 1 (``test_hole_a_proxy_alice_refuses_reads_her_sdp_through_bobs_fresh_key``,
-``test_hole_a_third_domain_proxy_reads_alices_sdp_after_a_rekey``): a proxy the *peer*
+``test_hole_a_third_domain_proxy_reads_alices_sdp_after_a_rekey``,
+``test_hole_the_peers_proxy_forges_a_493_and_reads_alices_answer``): a proxy the *peer*
 chose reads the caller's SDP although the caller's own bound (``[e2m] accept_proxies``,
 or by default her domain and the peer's) refuses it.  ``UAEngine._protect`` takes
 ``audience = proxies | shared.readers`` where ``shared`` is the dialog key with the most
@@ -21,7 +22,10 @@ bodies too.  Messages: (a) late offer: alice's bodiless INVITE, bob's 200 with h
 offer sealed for alice and Q under a fresh key K_b (readers [Q]), alice's ACK with her SRTP
 answer; (b) early offer, a call longer than ``cek_max_age`` (3600 s) or ``cek_max_uses``:
 bob's re-INVITE (hold, unhold) finds no usable key and offers K_b afresh for alice and Q;
-alice's 200 answers.  Effect: alice's answer (her address, ports, codecs: the SDP view; the
+alice's 200 answers; (c) at once, in any call: Q answers bob's first re-INVITE with a 493
+carrying alice's certificate (public: it rides in every body she signs); bob retires every
+key of the call (``_learn_493``, ``retire_dialog``) and retries under a fresh key naming Q;
+alice's 200 answers under it.  Effect: alice's answer (her address, ports, codecs: the SDP view; the
 SRTP keys stay sealed for bob alone) is sealed under K_b, which Q holds: Q opens and
 archives it, and alice's own ``readable_by`` lists a host she refuses as a reader (a 496
 or a policy from Q is refused by her: the controls).  Every later re-INVITE/UPDATE of
@@ -208,6 +212,54 @@ def test_control_alice_never_accepts_the_recorder_herself(world):
                    "third domain) reads the caller's SDP after bob re-keys a long call")
 def test_hole_a_third_domain_proxy_reads_alices_sdp_after_a_rekey(world):
     alice, rec, got = _long_call(world, "r75-rekey-hole", Clock())
+    reply = alice.protect(answer(got, SRTP_OFFER, to_tag="a1"))
+    verdict = rec.inspect(reply.message)
+    assert all(ALICE_KEY not in p for p in _seen(verdict))     # keys held
+    assert RECORDER not in reply.info.readable_by
+    assert not verdict.seen
+
+
+# --------------------------------------------------------------------------------------
+# Hole 1 (c): the same at once: the proxy makes bob re-key with one forged 493
+
+
+def _call_then_bobs_reinvite(world, call_id: str):
+    """An answered SRTP call (early offer, nobody reads alice's offer); bob's recorder reads
+    what bob sends; bob re-INVITEs (hold).  Returns (alice, bob, rec, plain, sent)."""
+    rec = proxy_engine(world, RECORDER, view=SDP_VIEW)
+    alice = ua_engine(world, "alice")
+    bob = ua_engine(world, "bob", proxies=(known_proxy(world, RECORDER, SDP_VIEW),))
+    got = bob.open(alice.protect(invite(world, SRTP_OFFER, call_id=call_id)).message).message
+    alice.open(bob.protect(answer(got, SRTP_ANSWER)).message)
+    bob.open(alice.protect(_ack(world, call_id)).message)
+    plain = reinvite(world, "bob", "alice", call_id, 1, "b1", "a1", SRTP_ANSWER)
+    sent = bob.protect(plain)
+    assert sent.info.key_reuse and sent.info.readable_by == (RECORDER,)
+    return alice, bob, rec, plain, sent.message
+
+
+def test_control_bobs_reinvite_under_alices_key_shows_the_recorder_nothing_of_hers(world):
+    alice, bob, rec, plain, sent = _call_then_bobs_reinvite(world, "r75-493-control")
+    assert rec.inspect(sent).seen                   # bob's own SDP: his choice
+    got = alice.open(sent).message
+    reply = alice.protect(answer(got, SRTP_OFFER, to_tag="a1"))
+    assert reply.info.readable_by == ()
+    assert not rec.inspect(reply.message).seen
+
+
+@pytest.mark.xfail(strict=True, reason="review 75: curious chosen proxy (bob's recorder) forges "
+                   "one 493 to bob's re-INVITE and reads the caller's answer SDP")
+def test_hole_the_peers_proxy_forges_a_493_and_reads_alices_answer(world):
+    from cryptography.hazmat.primitives import serialization
+    alice, bob, rec, plain, sent = _call_then_bobs_reinvite(world, "r75-493-hole")
+    # the recorder, on bob's path, answers bob's re-INVITE 493 as alice would: her
+    # certificate is public (it rides in every body she signs)
+    der = world.user("alice").cert.public_bytes(serialization.Encoding.DER)
+    forged = make_response(sent, 493, "Undecipherable", [], der, "application/pkix-cert")
+    reaction = bob.react(forged, plain)
+    assert reaction.action == "retry"               # bob retires the call's keys, re-keys
+    assert rec.inspect(reaction.request).seen       # a fresh key, the recorder a holder
+    got = alice.open(reaction.request).message
     reply = alice.protect(answer(got, SRTP_OFFER, to_tag="a1"))
     verdict = rec.inspect(reply.message)
     assert all(ALICE_KEY not in p for p in _seen(verdict))     # keys held
