@@ -317,19 +317,23 @@ class DialogKeys:
         with self._lock:
             return self._usable(message)
 
-    def reusable(self, message: SipMessage, *, exclusive: bool) -> DialogKey | None:
+    def reusable(self, message: SipMessage, *, exclusive: bool,
+                 acceptable: Callable[[str], bool] | None = None) -> DialogKey | None:
         """The newest usable, unretired key fit for the content: for ``exclusive``
         content (SRTP keys) one only the two UAs hold; otherwise any key whose
-        holders we can all name, since they were chosen for this dialog's earlier
-        bodies, preferring the one the most proxies hold (they read the offer, so
-        they read the answer).  Does not count a use."""
+        holders we can all name, and (``acceptable``) would each choose ourselves,
+        preferring the one the most proxies hold (they read the offer, so they read
+        the answer).  A holder the peer named that we would not (its own recorder,
+        one our ``accept_proxies`` refuses) must not read what we send (review 75).
+        Does not count a use."""
         with self._lock:
-            return self._reusable(message, exclusive)
+            return self._reusable(message, exclusive, acceptable)
 
-    def reuse(self, message: SipMessage, *, exclusive: bool) -> DialogKey | None:
+    def reuse(self, message: SipMessage, *, exclusive: bool,
+              acceptable: Callable[[str], bool] | None = None) -> DialogKey | None:
         """``reusable``, counting one use of the key it returns."""
         with self._lock:
-            key = self._reusable(message, exclusive)
+            key = self._reusable(message, exclusive, acceptable)
             if key is not None:
                 key.uses += 1
             return key
@@ -371,11 +375,13 @@ class DialogKeys:
         found.sort(key=lambda k: k.created)   # oldest first across both slots (stable)
         return found
 
-    def _reusable(self, message: SipMessage, exclusive: bool) -> DialogKey | None:
+    def _reusable(self, message: SipMessage, exclusive: bool,
+                  acceptable: Callable[[str], bool] | None = None) -> DialogKey | None:
         keys = [k for k in reversed(self._usable(message)) if not k.retired]  # newest first
         if exclusive:
             return next((k for k in keys if k.exclusive and not k.readers), None)
-        shared = [k for k in keys if "?" not in k.readers]
+        shared = [k for k in keys if "?" not in k.readers
+                  and (acceptable is None or all(acceptable(host) for host in k.readers))]
         return max(shared, key=lambda k: len(k.readers), default=None)
 
     def _keep(self, message: SipMessage, key: DialogKey, peer_tag: str | None) -> DialogKey | None:

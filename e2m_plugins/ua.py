@@ -752,7 +752,8 @@ class UAEngine:
         sign = asked or (self.config.sign and (legacy is None or legacy.sign))
         signer = (self.config.certificate, self.config.private_key) if sign else None
         reuse_ok = self.config.cek_reuse and method in SESSION_METHODS and legacy is None
-        shared = self.dialog_keys.reusable(message, exclusive=False) if reuse_ok else None
+        shared = self.dialog_keys.reusable(message, exclusive=False,
+                                           acceptable=self._chooser(peer)) if reuse_ok else None
         # Whoever must read it, plus whoever already holds the dialog key we reuse.
         audience = frozenset(p.host for p in proxies) | (shared.readers if shared else frozenset())
         keyed = ctype == "application/sdp" and has_keys(content, self.config.keying_attributes)
@@ -848,7 +849,8 @@ class UAEngine:
         """The peer's RecipientInfo, the dialog key it reuses (or None) and the fresh
         CEKReference to offer (or None).  A reusable dialog key becomes a kekri (RFC 3185:
         KEK = reversed CEK); without one, the peer's checked certificate is needed."""
-        key = self.dialog_keys.reuse(message, exclusive=exclusive) if reuse_ok else None
+        key = self.dialog_keys.reuse(message, exclusive=exclusive,
+                                     acceptable=self._chooser(peer)) if reuse_ok else None
         if key is not None:
             return [reuse_kek(key.cek, key.reference)], key, None
         peer_cert = self._peer_certificate(peer) if peer else None
@@ -856,6 +858,12 @@ class UAEngine:
             raise MissingPeerCertificateError(f"no checked certificate for {peer or 'the peer'}")
         return ([_recipient(peer_cert, self.legacy_peer(peer) is not None)], None,
                 new_reference() if reuse_ok else None)
+
+    def _chooser(self, peer: str | None) -> Callable[[str], bool]:
+        """Whether we would ask ``host`` to read our bodies ourselves: configured, or
+        one ``accepts_proxy`` takes (as for a policy we act on).  A dialog key whose
+        holders are not all such hosts is not reused for what we send (review 75)."""
+        return lambda host: self.policies.is_configured(host) or self.accepts_proxy(host, peer)
 
     def _local_host(self) -> str:
         identity = identity_of(self.config.aor)

@@ -18,6 +18,9 @@ the recorder opens it, though alice's phone refuses that host as a reader
 Control (``test_control_bobs_reinvite_under_alices_key_leaves_the_phones_answer_closed``):
 the same call without the forged 493: bob's re-INVITE goes under alice's key, and the
 phone's answer reaches nobody but bob.
+
+Fixed (stop 32): see tests/unit/test_review75.py; the real phone's answer is no longer
+sealed under the recorder's key (XPASS, marker gone).
 """
 
 from __future__ import annotations
@@ -151,8 +154,6 @@ def test_control_bobs_reinvite_under_alices_key_leaves_the_phones_answer_closed(
     assert bob.engine.open(reply).message.body.startswith(b"v=0")
 
 
-@pytest.mark.xfail(strict=True, reason="review 75: curious chosen proxy (bob's recorder) forges "
-                   "a 493 and reads the real phone's answer SDP, a host the phone refuses")
 def test_hole_bobs_recorder_reads_the_real_phones_answer_after_one_forged_493(call, pki):
     alice, bob = call
     invite, contact = bob.answer_the_call()

@@ -66,6 +66,11 @@ What held (tried, no test kept unless named):
 - a 4xx-6xx with an SDP goes out as it is (``_protectable``), but pjsip puts no SDP in a
   final failure answer; ``a=fingerprint`` and ``a=ice-pwd`` are in the view (not SRTP
   keys; the signature stops changes).
+
+Fixed (stop 32): a UA reuses a dialog key for what it sends only when every holder is
+a host it would choose itself (``DialogKeys.reusable``/``reuse`` take an
+``acceptable`` test; ``UAEngine._chooser``: configured, or ``accepts_proxy``); all
+three holes and the phone's turned XPASS, and the markers are gone.
 """
 
 from __future__ import annotations
@@ -156,8 +161,6 @@ def test_control_late_offer_works_and_bobs_proxy_reads_bobs_sdp_only(world):
     assert not q.inspect(ack.message).seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 75: curious chosen proxy (bob's) reads the "
-                   "caller's SDP through bob's fresh key though her accept_proxies refuses it")
 def test_hole_a_proxy_alice_refuses_reads_her_sdp_through_bobs_fresh_key(world):
     call_id = "r75-late-hole"
     alice, bob, q = _late_offer(world, call_id)
@@ -208,8 +211,6 @@ def test_control_alice_never_accepts_the_recorder_herself(world):
     assert not alice.accepts_proxy(RECORDER, world.aor("bob"))
 
 
-@pytest.mark.xfail(strict=True, reason="review 75: curious chosen proxy (bob's recorder, a "
-                   "third domain) reads the caller's SDP after bob re-keys a long call")
 def test_hole_a_third_domain_proxy_reads_alices_sdp_after_a_rekey(world):
     alice, rec, got = _long_call(world, "r75-rekey-hole", Clock())
     reply = alice.protect(answer(got, SRTP_OFFER, to_tag="a1"))
@@ -247,8 +248,6 @@ def test_control_bobs_reinvite_under_alices_key_shows_the_recorder_nothing_of_he
     assert not rec.inspect(reply.message).seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 75: curious chosen proxy (bob's recorder) forges "
-                   "one 493 to bob's re-INVITE and reads the caller's answer SDP")
 def test_hole_the_peers_proxy_forges_a_493_and_reads_alices_answer(world):
     from cryptography.hazmat.primitives import serialization
     alice, bob, rec, plain, sent = _call_then_bobs_reinvite(world, "r75-493-hole")
