@@ -74,16 +74,15 @@ Tried and held (read, or run where named):
   MESSAGE only would read SDP under a key bob named it for); bob's own
   ``accepts_proxy`` keeps him from naming a third-domain host he did not configure,
   so only an insider peer (who can hand her SDP over anyway) gets there: held.
-- ``db_cmd._grant`` and ``e2m_bodies_fill_only``, read (no database run in this
-  review's time): the trigger and its function belong to the owner, so the nodes'
-  account cannot ``DROP``/``ALTER ... DISABLE TRIGGER`` (owner only) or set
-  ``session_replication_role`` (superuser only); ``UPDATE`` reaches two columns, each
-  only from NULL.  A second INSERTed row (earlier time, another uid) with any sender
-  and "verified" is within what the nodes' account must do (insert rows): the known
-  limit "Without --owner-url" says the nodes' account reads, inserts and fills; not
-  re-reported.  A response row stored with an empty sender (a copy read without the
-  request's transaction) can be filled first by whoever holds that password: the
-  "fill once" design review 66 chose, noted.
+- ``db_cmd._grant`` and ``e2m_bodies_fill_only``: run in
+  ``tests/cluster/test_review76_cluster.py`` (a hole there: a database the nodes'
+  account owns keeps schema ``public`` theirs, and they drop the trigger).  On the
+  owner's database the trigger holds (``DISABLE TRIGGER``, ``session_replication_role``
+  refused).  A second INSERTed row (earlier time, another uid) with any sender and
+  "verified" is within what the nodes' account must do (insert rows): the known limit
+  "Without --owner-url" says it reads, inserts and fills; not re-reported.  A response
+  row stored with an empty sender can be filled first by whoever holds that password:
+  the "fill once" design review 66 chose, noted.
 - ``privatefiles`` users, read: the proxy's and the phone's ``[identity] key``
   (``certfiles.load_private_key_file``), ``[tls] key``, PROXY.toml with a password,
   ``[auth] users``, the archive file and the phone's password file all pass it.
