@@ -238,6 +238,34 @@ _FILL_TRIGGER = ("CREATE OR REPLACE TRIGGER e2m_bodies_fill_only BEFORE UPDATE O
                  "FOR EACH ROW EXECUTE FUNCTION e2m_bodies_fill_only()")
 
 
+# Every table and sequence of the schema, with its owner; and the database and schema
+# themselves: the owner of either may drop anything in it, triggers included (review 76)
+_OWNERS = ("SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
+           "JOIN pg_namespace n ON n.oid = c.relnamespace "
+           "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'S')")
+_PLACES = ("SELECT 'database ' || datname, pg_get_userbyid(datdba) FROM pg_database "
+           "WHERE datname = current_database() UNION ALL "
+           "SELECT 'schema ' || nspname, pg_get_userbyid(nspowner) FROM pg_namespace "
+           "WHERE nspname = current_schema()")
+
+
+def _take_over(conn: Any, owner: str, node: str) -> None:
+    """The database, its schema, then every table and sequence the nodes' account holds
+    become ``owner``'s (a sequence a table owns moves with it, so sequences are read
+    again after the tables)."""
+    from psycopg import sql
+    for what, holder in conn.execute(_PLACES).fetchall():
+        if holder == node:
+            kind, name = what.split(" ", 1)
+            conn.execute(sql.SQL("ALTER " + kind.upper() + " {} OWNER TO {}").format(
+                sql.Identifier(name), sql.Identifier(owner)))
+    for kind, code in (("TABLE", "r"), ("SEQUENCE", "S")):
+        for name, holder in conn.execute(_OWNERS + " AND c.relkind = %s", (code,)).fetchall():
+            if holder != owner:
+                conn.execute(sql.SQL("ALTER " + kind + " {} OWNER TO {}").format(
+                    sql.Identifier(name), sql.Identifier(owner)))
+
+
 def _grant(config: AppConfig, owner: Any, out: list[str]) -> None:
     """The nodes' account (``[cluster] db_url``'s user) gets only what a node does: every
     table and sequence of the shared database is the owner's (taken over where the
@@ -253,19 +281,8 @@ def _grant(config: AppConfig, owner: Any, out: list[str]) -> None:
     role = sql.Identifier(node)
     try:
         with connect(owner, autocommit=False) as conn:
-            owned = dict(conn.execute(
-                "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'S')").fetchall())
-            kinds = dict(conn.execute(
-                "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
-                "ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
-                "AND c.relkind IN ('r', 'S')").fetchall())
-            for name, holder in owned.items():
-                if holder != owner.user:
-                    what = "SEQUENCE" if kinds[name] == "S" else "TABLE"
-                    conn.execute(sql.SQL("ALTER " + what + " {} OWNER TO {}").format(
-                        sql.Identifier(name), sql.Identifier(owner.user)))
+            _take_over(conn, owner.user, node)
+            owned = dict(conn.execute(_OWNERS).fetchall())
             conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(role))
             conn.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {}")
                          .format(role))
@@ -283,18 +300,18 @@ def _grant(config: AppConfig, owner: Any, out: list[str]) -> None:
             if "bodies" in owned:
                 conn.execute(_FILL_ONLY)
                 conn.execute(_FILL_TRIGGER)
-            left = [name for name, holder in conn.execute(
-                "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'S')").fetchall()
-                if holder != owner.user]
+            left = [name for name, holder in conn.execute(_OWNERS).fetchall()
+                    if holder != owner.user]
+            left += [what for what, holder in conn.execute(_PLACES).fetchall()
+                     if holder == node]
             if left:
                 raise _Failed(f"still not {owner.user}'s: {', '.join(sorted(left))}")
             conn.commit()
     except psycopg.errors.InsufficientPrivilege as exc:
         raise _Failed(
-            f"{owner.user} may not take over the tables {node} made ({exc.diag.message_primary}): "
-            f"as a superuser, REASSIGN OWNED BY {node} TO {owner.user}, then run this again"
+            f"{owner.user} may not take over what {node} owns ({exc.diag.message_primary}): "
+            f"as a superuser, REASSIGN OWNED BY {node} TO {owner.user} (the database too), "
+            "then run this again"
         ) from None
     except psycopg.Error as exc:
         raise _Failed(f"granting {node} its rights failed: {type(exc).__name__}: "

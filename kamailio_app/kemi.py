@@ -418,7 +418,7 @@ class kamailio:
             self.route_register()
             return
         if KSR.is_REGISTER() and self.app.config.dispatcher is not None \
-                and not self.count_registration()[0]:
+                and not self.count_registration():
             return
         # A REGISTER for a domain that is not ours goes on to next_hop like any
         # request: a visited proxy passes it to the home registrar.
@@ -744,14 +744,12 @@ class kamailio:
     def route_register(self):
         """Save the contact (registrar: at most max_contacts per AoR), the source's AoRs
         counted while the registrar is open (``count_registration``)."""
-        allowed, counted = self.count_registration()
-        if not allowed:
+        if not self.count_registration():
             return
         self.announce_policy_in_reply()
-        if KSR.registrar.save("location", 0) < 0 and counted is not None:
-            # the registrar answered (503, 400 ...): nothing of the source's was bound
-            KSR.htable.sht_dec(_REGS, counted.partition("|")[0])
-            KSR.htable.sht_rm(_REGS, counted)
+        # one the registrar then refuses (503: max_contacts) keeps its count until the
+        # pair expires: fail closed, and a retry of that AoR counts nothing more
+        KSR.registrar.save("location", 0)
 
     def count_registration(self):
         """While the registrar is open, one source may register at most
@@ -759,25 +757,28 @@ class kamailio:
         its source while it is refreshed within the contacts' lifetime (e2mregs'
         autoexpire), and a refresh keeps the source's count alive too (review 72).  By
         pair, not by "is the AoR registered": a second address refreshing the first's
-        AoRs would keep them alive uncounted (review 74).  A front counts for its nodes,
-        which see every REGISTER from its address (one of their own, exempt; review 71).
-        Returns (allowed, the pair counted anew or None); False when answered 403."""
+        AoRs would keep them alive uncounted (review 74).  A pair is marked counted only
+        once its source was admitted, and never unmarked: two workers with copies of
+        one REGISTER may both count it (one slot lost until expiry, fail closed), but
+        neither takes it for a refresh before it was counted (review 76).  A front
+        counts for its nodes, which see every REGISTER from its address (review 71).
+        Returns True when the request may go on; False when answered 403."""
         limit = self.app.config.limits.registrations_per_source
         if self.app.config.auth is not None or limit <= 0 or self.exempt_source():
-            return True, None
+            return True
         source = KSR.pv.get("$si") or ""
         to_uri = KSR.pv.get("$tu") or ""
         identity = identity_of(to_uri)
         pair = "%s|%s" % (source, identity if identity is not None else to_uri)
-        if KSR.htable.sht_inc(_REGS, pair) > 1:       # sht_inc is atomic: counted once
+        if (KSR.htable.sht_get(_REGS, pair) or 0) <= 0:
+            if KSR.htable.sht_inc(_REGS, source) > limit:    # sht_inc is atomic
+                KSR.htable.sht_dec(_REGS, source)
+                KSR.sl.send_reply(403, "Too Many Registrations From This Address")
+                return False
+        else:
             _touch_count(source)
-            return True, None
-        if KSR.htable.sht_inc(_REGS, source) > limit:
-            KSR.htable.sht_dec(_REGS, source)
-            KSR.htable.sht_rm(_REGS, pair)
-            KSR.sl.send_reply(403, "Too Many Registrations From This Address")
-            return False, None
-        return True, pair
+        KSR.htable.sht_seti(_REGS, pair, 1)              # counted; its lifetime renewed
+        return True
 
     def route_certs(self, handle):
         """The certificate service ([certs]) answers this request: ``handle(message)``

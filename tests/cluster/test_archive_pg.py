@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from e2m_lab.kamailio_harness import ROOT
-from e2m_lab.tomlfile import toml_text
+from e2m_lab.tomlfile import write_toml
 from e2m_plugins.cli import main as e2m_main
 from kamailio_app.archive import ArchiveUnavailable, BodyRecord, MediaRecord, SqliteArchive
 from kamailio_app.archive_pg import PostgresArchive
@@ -31,9 +31,7 @@ def _config(tmp_path: Path, url: str | None, **archive: object) -> Path:
                       "e2m": {"enabled": False}, "archive": dict(archive), "auth": {}}
     if url:
         sections["cluster"] = {"db_url": url}
-    path = tmp_path / "PROXY.toml"
-    path.write_text(toml_text(sections))
-    return path
+    return write_toml(tmp_path / "PROXY.toml", sections)     # 0600: it holds a password
 
 
 def _db(config: Path, *command: str) -> subprocess.CompletedProcess:

@@ -45,6 +45,12 @@ upgrade --owner-url`` with a superuser on a node-made database ALTERs ``bodies``
 serial sequence follows) and then ``bodies_id_seq`` from the list read before:
 "cannot change owner of sequence" - README's first upgrade way never completes (and
 had it completed, the database would still be the nodes', as in the hole).
+
+Fixed (stop 32): ``db_cmd._take_over`` makes the database and its schema the owner's
+too, then the tables and, read again, the sequences left (the defect this module's
+third control first recorded is gone: that control now checks the superuser's route
+takes everything over); ``_grant`` checks all of it before it says so.  The hole
+turned XPASS; the marker is gone.
 """
 
 from __future__ import annotations
@@ -115,11 +121,12 @@ def _before_fix(tmp_path, postgres, capsys):
     return roles, config
 
 
-def test_control_upgrade_with_the_clusters_superuser_fails_on_bodies_id_seq(
+def test_control_upgrade_with_the_clusters_superuser_takes_everything_over(
         tmp_path, postgres, monkeypatch, capsys):
-    """README's first way (the owner a superuser) does not run: ``_grant`` ALTERs the
-    table, which takes its serial sequence along, then ALTERs the sequence again from a
-    stale list: "cannot change owner of sequence" (a defect, fail closed: noted)."""
+    """README's first way (the owner a superuser) now runs: the database, its tables and
+    their sequences become the owner's (the serial sequence moves with its table and is
+    not ALTERed twice; that "cannot change owner of sequence" failure was the defect
+    this control first recorded)."""
     from kamailio_app.db_cmd import main as db_main
     roles, config = _before_fix(tmp_path, postgres, capsys)
     admin = PgUrl.parse(postgres.url_for(roles["db"]))
@@ -127,8 +134,13 @@ def test_control_upgrade_with_the_clusters_superuser_fails_on_bodies_id_seq(
     admin_url = f"postgres://{admin.user}@{HOST}:{postgres.port}/{roles['db']}"
     code = db_main(["upgrade", "--config", str(config), "--owner-url", admin_url])
     out = capsys.readouterr()
-    print(code, out.out, out.err)
-    assert code != 0 and "cannot change owner of sequence" in out.err + out.out
+    assert code == 0, out.out + out.err
+    held = postgres.psql(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE n.nspname = 'public' AND pg_get_userbyid(c.relowner) = '{roles['node']}';\n"
+        f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{roles['db']}';\n",
+        database=roles["db"]).split()
+    assert held == ["0", admin.user], held
 
 
 def test_control_reassign_owned_then_upgrade_leaves_the_trigger_standing(
@@ -147,10 +159,6 @@ def test_control_reassign_owned_then_upgrade_leaves_the_trigger_standing(
     assert "sip:carol@example.com" in listing and "bob" not in listing
 
 
-@pytest.mark.xfail(strict=True, reason="review 76: insider with the nodes' db password, the "
-                   "database created owned by the nodes (createdb -O e2m), db init --owner-url "
-                   "as a superuser: schema public is the nodes', which drop the fill-only "
-                   "trigger and rewrite the sender")
 def test_hole_the_nodes_account_drops_the_fill_only_trigger_in_its_own_database(
         tmp_path, postgres, monkeypatch, capsys):
     from kamailio_app.db_cmd import main as db_main

@@ -89,6 +89,12 @@ Tried and held (read, or run where named):
   ``e2m cms decrypt --key`` (``cli/cms_cmd._load_key``, ``cli.read_input``) reads a
   key the operator names on the command line without the check: a 0644 key there was
   already exposed by its mode; defence in depth only, noted, no new effect.
+
+Fixed (stop 32): ``kemi.count_registration`` marks a pair counted (``sht_seti``) only
+after its source was admitted and never removes it; an unmarked pair counts against
+the source, so interleaved copies can only over-count (fail closed).  Both holes
+turned XPASS; the markers are gone.  The save-failure rollback went with it: a
+REGISTER the registrar refuses keeps its count until the pair expires.
 """
 
 from __future__ import annotations
@@ -140,9 +146,6 @@ def test_control_two_workers_refreshing_a_counted_aor_pass(node):  # noqa: F811
     assert len(node.location.live()) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="review 76: off-path sender, two workers take copies "
-                   "of one REGISTER at once; the refused copy removes the pair the other took "
-                   "for counted: AoRs bound past registrations_per_source, uncounted")
 def test_hole_two_workers_bind_an_aor_past_the_cap_uncounted(node):  # noqa: F811
     assert [node.register(S, _aor(n)) for n in range(3)] == [None] * 3
     burst = _interleave(node, S)
@@ -155,8 +158,6 @@ def test_hole_two_workers_bind_an_aor_past_the_cap_uncounted(node):  # noqa: F81
                             f"{sorted(live)}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 76: off-path sender, the same race at the "
-                   "[dispatcher] front (one function for both): its nodes bind AoRs past the cap")
 def test_hole_the_front_relays_an_aor_past_the_cap_uncounted(front):  # noqa: F811
     assert [front.register(S, _aor(n)) for n in range(3)] == [None] * 3
     burst = _interleave(front, S)
