@@ -48,9 +48,36 @@ tx.hf_iterator_hname(_ITERATOR) or "")``; ``credentials_fit_request`` and
 name over, say, 64 octets is worked out each time: it is never one we look for), or
 compare without ``canonical_name`` for names longer than any known one.
 
+Hole 3 (``test_hole_a_sources_pairs_keep_whole_to_uris_in_shared_memory``): **off-path
+sender**, open registrar (no ``[auth]``; the product's flood limits are its only
+guard), 10 addresses.  Each sends 50 REGISTERs (the default
+``registrations_per_source``), 25 per 2.2 s (under pike), each for an AoR of its own
+with ``To: <sip:h3x7@example.com;x=1;x=1;pad=aaaa...>`` (~60,000 characters; a URI
+parameter given twice).  The core's ``parse_uri`` refuses a repeated parameter, so
+``identity_of`` gives None, and ``kemi.count_registration`` names the pair by the To URI
+*as written* (``pair = "%s|%s" % (source, identity if identity is not None else
+to_uri)``); Kamailio's registrar takes the URI (duplicate parameters are nothing to it)
+and binds the contact under the short user part: 200.  Effect: every pair item in
+e2mregs (shared memory) holds the ~60 KB URI, for ``MAX_EXPIRES`` (3600 s) after its
+last REGISTER, refreshed at will: +29 MiB of shared memory for 500 REGISTERs (control,
+the same with plain To URIs: +0.34 MiB, 510 items each); ``htable.flush e2mregs`` gives
+28.7 MiB back, so it is the pairs.  About 3 MB a source address and an hour each:
+twenty-odd addresses fill the 64 MiB of shared memory these tests give a proxy
+(``shm_mb``), and every transaction, registration and key after that fails.  The count
+cap holds (510 items, 403 past it); the size of an item has no bound.  At fault:
+``kamailio_app/kemi.py`` ``count_registration``, the line ``pair = "%s|%s" % (source,
+identity if identity is not None else to_uri)``.  Fix: name a pair by a digest of the
+AoR (e.g. ``short_digest``), never the URI as written; and refuse (403/400) a REGISTER
+whose To the core cannot read as an AoR, as the registrar and the pair would then
+disagree on what was counted anyway.
+
 Control (``test_control_short_from_uris_do_not_grow_the_workers``): the same number of
 requests, each with a short From of its own, every one answered; the workers' memory
 stays within a few MiB: the measurement is sound and the growth is the URIs' size.
+
+Control 3 (``test_control_a_sources_aors_are_counted_and_capped``): 10 addresses × 50
+plain REGISTERs: 500 × 200, e2mregs +510 items (a pair each and a count per source),
+shared memory +0.34 MiB; the 51st AoR from one address is 403.
 
 Control 2 (``test_control_stray_401s_with_short_header_names_are_relayed``): the same
 2,400 stray 401s with short header names, each relayed; the workers grow +0.3 MiB.
@@ -89,7 +116,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import start_proxy
-from e2m_lab.wire import process_memory
+from e2m_lab.wire import memory_sample, process_memory
 from e2m_plugins.testpki import TestPKI
 
 pytestmark = pytest.mark.kamailio
@@ -216,3 +243,114 @@ def test_hole_stray_401s_with_long_header_names_fill_every_worker(home):
     print(f"review77 hole 2: {sent} stray 401s, {answered} relayed, "
           f"RssAnon +{grown / 2**20:.1f} MiB")
     assert grown < 32 << 20, f"RssAnon grew {grown / 2**20:.1f} MiB"
+
+
+# -- hole 3: e2mregs' source|AoR pairs, open registrar --------------------------------
+
+REG_SOURCES = [f"127.0.0.{n}" for n in range(150, 160)]   # 10 addresses
+REG_PER_SOURCE = 50                                        # [limits] registrations_per_source
+
+
+@pytest.fixture(scope="module")
+def open_registrar(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
+    proxy = start_proxy(tmp_path_factory.mktemp("review77-open"), pki=pki, e2m=True,
+                        log_level="warning")
+    yield proxy
+    proxy.stop()
+
+
+def _register(port: int, source: str, local_port: int, n: int, to_uri: str) -> bytes:
+    user = to_uri.split(":", 1)[1].split("@", 1)[0]
+    return (f"REGISTER sip:example.com SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {source}:{local_port};branch=z9hG4bK-r77r-{n}-{time.monotonic_ns()}\r\n"
+            f"Max-Forwards: 70\r\n"
+            f"From: <sip:{user}@example.com>;tag=r{n}\r\n"
+            f"To: <{to_uri}>\r\n"
+            f"Call-ID: r77r-{source}-{n}-{time.monotonic_ns()}\r\n"
+            f"CSeq: 1 REGISTER\r\n"
+            f"Contact: <sip:{user}@{source}:{local_port}>\r\n"
+            f"Expires: 3600\r\n"
+            f"Content-Length: 0\r\n\r\n").encode()
+
+
+def _register_all(proxy, to_of, sources=REG_SOURCES, count=REG_PER_SOURCE) -> list[int]:
+    """Each source registers ``count`` AoRs (``to_of(source index, n)``), 25 per source
+    every 2.2 s (under pike).  Returns the status of every answer (0: none)."""
+    socks = []
+    for source in sources:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        sock.settimeout(2.0)
+        socks.append(sock)
+    statuses = []
+    try:
+        for first in range(0, count, 25):
+            start = time.monotonic()
+            for n in range(first, min(first + 25, count)):
+                for i, sock in enumerate(socks):
+                    sock.sendto(_register(proxy.port, sources[i], sock.getsockname()[1], n,
+                                          to_of(i, n)), ("127.0.0.1", proxy.port))
+                    try:
+                        data = sock.recv(65535)
+                        statuses.append(int(data.split(b" ", 2)[1]))
+                    except (TimeoutError, socket.timeout, OSError, ValueError, IndexError):
+                        statuses.append(0)
+            left = 2.3 - (time.monotonic() - start)
+            if left > 0:
+                time.sleep(left)
+    finally:
+        for sock in socks:
+            sock.close()
+    return statuses
+
+
+def _shm_used(proxy) -> int:
+    return int(memory_sample(proxy)["shm_used"])
+
+
+def test_control_a_sources_aors_are_counted_and_capped(open_registrar):
+    proxy = open_registrar
+    items, shm = proxy.htable_items("e2mregs"), _shm_used(proxy)
+    statuses = _register_all(proxy, lambda i, n: f"sip:c{i}x{n}@example.com")
+    assert statuses.count(200) == len(REG_SOURCES) * REG_PER_SOURCE, statuses
+    grown_items = proxy.htable_items("e2mregs") - items
+    grown = _shm_used(proxy) - shm
+    print(f"review77 control 3: {len(statuses)} REGISTERs, e2mregs +{grown_items} items, "
+          f"shm +{grown / 2**20:.2f} MiB")
+    # one pair per (source, AoR) and one count per source
+    assert grown_items == len(REG_SOURCES) * (REG_PER_SOURCE + 1)
+    assert grown < 4 << 20
+    # the cap holds: one AoR more from the first source is refused
+    more = _register_all(proxy, lambda i, n: f"sip:c{i}x{n + 1000}@example.com",
+                         sources=REG_SOURCES[:1], count=1)
+    assert more == [403], more
+
+
+@pytest.mark.xfail(strict=True, reason="review 77: off-path sender, open registrar: each "
+                   "source|AoR pair in e2mregs keeps a To URI of ~60 KB for an hour")
+def test_hole_a_sources_pairs_keep_whole_to_uris_in_shared_memory(open_registrar):
+    proxy = open_registrar
+    sources = [f"127.0.0.{n}" for n in range(160, 170)]
+    items, shm = proxy.htable_items("e2mregs"), _shm_used(proxy)
+    # a URI parameter given twice: the core's parse_uri refuses it (identity_of: None),
+    # so the pair is named by the To URI as written; Kamailio's registrar takes it and
+    # binds the contact to the user part
+    pad = "a" * LONG_USER
+    statuses = _register_all(
+        proxy, lambda i, n: f"sip:h{i}x{n}@example.com;x=1;x=1;pad={pad}",
+        sources=sources)
+    grown_items = proxy.htable_items("e2mregs") - items
+    grown = _shm_used(proxy) - shm
+    print(f"review77 hole 3: {len(statuses)} REGISTERs ({statuses.count(200)} bound), "
+          f"e2mregs +{grown_items} items, shm +{grown / 2**20:.2f} MiB")
+    assert statuses.count(200) == len(sources) * REG_PER_SOURCE, statuses
+    assert grown_items == len(sources) * (REG_PER_SOURCE + 1)    # the count cap holds
+    # what holds it: emptying e2mregs gives the shared memory back (usrloc keeps the
+    # 500 contacts, each under its short user part)
+    proxy.rpc("htable.flush", "e2mregs")
+    freed = shm + grown - _shm_used(proxy)
+    print(f"review77 hole 3: flushing e2mregs freed {freed / 2**20:.2f} MiB")
+    assert freed > grown * 0.8
+    # the secure behaviour: a pair is a short name, whatever the To says (the control's
+    # 510 pairs and contacts took well under 4 MiB)
+    assert grown < 4 << 20, f"shm grew {grown / 2**20:.1f} MiB"
