@@ -63,7 +63,11 @@ last REGISTER, refreshed at will: +29 MiB of shared memory for 500 REGISTERs (co
 the same with plain To URIs: +0.34 MiB, 510 items each); ``htable.flush e2mregs`` gives
 28.7 MiB back, so it is the pairs.  About 3 MB a source address and an hour each:
 twenty-odd addresses fill the 64 MiB of shared memory these tests give a proxy
-(``shm_mb``), and every transaction, registration and key after that fails.  The count
+(``shm_mb``; the product's default 256 MiB takes ~90 addresses, or one address for
+an hour per 3 MB), and every transaction, registration and key after that fails.
+``test_hole_twenty_five_addresses_fill_shared_memory`` runs it: 25 addresses × 50
+such REGISTERs (1,088 bound before memory ran out), shm 63.7 of 64.0 MiB used, and a
+real user's plain REGISTER from another address (200 before the flood) gets 500.  The count
 cap holds (510 items, 403 past it); the size of an item has no bound.  At fault:
 ``kamailio_app/kemi.py`` ``count_registration``, the line ``pair = "%s|%s" % (source,
 identity if identity is not None else to_uri)``.  Fix: name a pair by a digest of the
@@ -354,3 +358,33 @@ def test_hole_a_sources_pairs_keep_whole_to_uris_in_shared_memory(open_registrar
     # the secure behaviour: a pair is a short name, whatever the To says (the control's
     # 510 pairs and contacts took well under 4 MiB)
     assert grown < 4 << 20, f"shm grew {grown / 2**20:.1f} MiB"
+
+
+@pytest.fixture
+def small_open_registrar(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
+    proxy = start_proxy(tmp_path_factory.mktemp("review77-fill"), pki=pki, e2m=True,
+                        log_level="warning")
+    yield proxy
+    proxy.stop()
+
+
+def _plain_register_status(proxy, source: str, user: str) -> int:
+    statuses = _register_all(proxy, lambda i, n: f"sip:{user}@example.com",
+                             sources=[source], count=1)
+    return statuses[0]
+
+
+@pytest.mark.xfail(strict=True, reason="review 77: off-path sender, 25 addresses' e2mregs "
+                   "pairs fill the proxy's shared memory: a real user can no longer register")
+def test_hole_twenty_five_addresses_fill_shared_memory(small_open_registrar):
+    proxy = small_open_registrar
+    assert _plain_register_status(proxy, "127.0.0.200", "alice") == 200   # before: fine
+    pad = "a" * LONG_USER
+    sources = [f"127.0.0.{n}" for n in range(170, 195)]                  # 25 addresses
+    statuses = _register_all(
+        proxy, lambda i, n: f"sip:f{i}x{n}@example.com;x=1;x=1;pad={pad}", sources=sources)
+    sample = memory_sample(proxy)
+    print(f"review77 hole 3b: {len(statuses)} REGISTERs, {statuses.count(200)} bound, "
+          f"shm used {sample['shm_used'] / 2**20:.1f} of {sample['shm_total'] / 2**20:.1f} MiB")
+    # the secure behaviour: a real user still registers (and the proxy still routes)
+    assert _plain_register_status(proxy, "127.0.0.201", "bob") == 200
