@@ -75,6 +75,31 @@ AoR (e.g. ``short_digest``), never the URI as written; and refuse (403/400) a RE
 whose To the core cannot read as an AoR, as the registrar and the pair would then
 disagree on what was counted anyway.
 
+Hole 4 (``test_hole_big_ringing_invites_fill_shared_memory``): **off-path sender**,
+open registrar, 11 addresses.  It registers a sink of its own (``sip:sink@example.com``,
+a contact that answers every INVITE 180 and nothing more), then from 10 addresses sends
+140 INVITEs each to the sink, 14 a second per address (under pike), bodiless, each with
+three ``X-Pad-k`` headers of 8,000 characters or less (under the core's 8 KiB line
+limit: review's first try with one 60 KB header got 400): ~21 KB a datagram.  Each is
+relayed and rings, and tm keeps it (the request cloned, the relayed copy, the 180) for
+``fr_inv_timer``, 30 s.  Nothing counts transactions or bytes in flight per source:
+pike counts requests, which bounds them at 15/s × 30 s = 450 transactions per address,
+each as big as its datagram (~20 MB per address here; ~13 addresses fill the default
+256 MiB).  Effect: 1,143 rang, shared memory 63.5 of 64.0 MiB, the rest of the flood
+500, and another caller's small INVITE to the same callee (180 before the flood) gets
+``500 Server Internal Error``.  Without an open registrar a stranger needs a callee
+that rings without answering (a peer domain's user, a silent contact: fr_timer 5 s).  At
+fault: ``kamailio_app/kemi.py`` ``relay`` (``self.new_transaction()`` / ``t_relay``) with
+only ``route_limits`` (a rate) in front of it, and
+``kamailio_app/templates/kamailio.cfg.tmpl`` (``fr_inv_timer`` 30000 for every caller).
+Fix: count what a source has in flight (an htable counter per ``$si`` raised at
+``t_newtran`` and lowered on the final answer or in the failure route, with an
+autoexpire past ``fr_inv_timer``) and refuse (503) past a bound in transactions or
+octets; or refuse an unauthenticated request larger than what a SIP request needs (a
+few KiB without a body, the core's body bound with one).  Control 4
+(``test_control_small_ringing_invites_take_little``): 400 small ringing INVITEs from 4
+addresses: all ring, shared memory +6 MiB.
+
 Control (``test_control_short_from_uris_do_not_grow_the_workers``): the same number of
 requests, each with a short From of its own, every one answered; the workers' memory
 stays within a few MiB: the measurement is sound and the growth is the URIs' size.
@@ -408,3 +433,147 @@ def test_hole_twenty_five_addresses_fill_shared_memory(small_open_registrar):
           f"shm used {sample['shm_used'] / 2**20:.1f} of {sample['shm_total'] / 2**20:.1f} MiB")
     # the secure behaviour: a real user still registers (and the proxy still routes)
     assert _plain_register_status(proxy, "127.0.0.201", "bob") == 200
+
+
+# -- hole 4: tm transactions of big requests, per source -----------------------------
+
+def _sink(sock: socket.socket, stop, seen: list[int]) -> None:
+    """A registered contact that answers every INVITE 180 and nothing else: each
+    transaction then waits for fr_inv_timer (30 s) at the proxy."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            data, peer = sock.recvfrom(70000)
+        except (TimeoutError, socket.timeout, OSError):
+            continue
+        if not data.startswith(b"INVITE "):
+            continue
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        keep = [line for line in head[1:] if line.split(":", 1)[0].strip().lower()
+                in ("via", "v", "from", "f", "call-id", "i", "cseq")]
+        to = next(line for line in head[1:] if line.lower().startswith(("to:", "t:")))
+        reply = ("SIP/2.0 180 Ringing\r\n" + "\r\n".join(keep) + "\r\n" + to
+                 + ";tag=sink\r\nContent-Length: 0\r\n\r\n").encode("latin-1")
+        sock.sendto(reply, peer)
+        seen.append(len(data))
+
+
+def _invite(port: int, source: str, local_port: int, n: int, pad: str) -> bytes:
+    return (f"INVITE sip:sink@example.com SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {source}:{local_port};branch=z9hG4bK-r77i-{n}-{time.monotonic_ns()}\r\n"
+            f"Max-Forwards: 70\r\n"
+            f"From: <sip:dave@other.example.net>;tag=i{n}\r\n"
+            f"To: <sip:sink@example.com>\r\n"
+            f"Call-ID: r77i-{source}-{n}-{time.monotonic_ns()}\r\n"
+            f"CSeq: 1 INVITE\r\n"
+            f"Contact: <sip:dave@{source}:{local_port}>\r\n"
+            + "".join(f"X-Pad-{k}: {pad[k * 8000:(k + 1) * 8000]}\r\n"
+                      for k in range((len(pad) + 7999) // 8000))
+            + "Content-Length: 0\r\n\r\n").encode()
+
+
+ANSWERS: dict[bytes, int] = {}
+
+
+def _ring_flood(proxy, sources, per_source: int, pad: str) -> int:
+    """Each source sends ``per_source`` INVITEs at 14 a second (under pike's 30 in 2 s).
+    Returns how many were sent."""
+    socks = []
+    for source in sources:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        sock.settimeout(0.0)
+        socks.append(sock)
+    sent = 0
+    try:
+        for n in range(per_source):
+            start = time.monotonic()
+            for i, sock in enumerate(socks):
+                sock.sendto(_invite(proxy.port, sources[i], sock.getsockname()[1], n, pad),
+                            ("127.0.0.1", proxy.port))
+                sent += 1
+                try:
+                    while True:
+                        line = sock.recv(70000).split(b"\r\n", 1)[0]   # 100, 180
+                        ANSWERS[line] = ANSWERS.get(line, 0) + 1
+                except (BlockingIOError, OSError):
+                    pass
+            left = 1 / 14 - (time.monotonic() - start)
+            if left > 0:
+                time.sleep(left)
+    finally:
+        for sock in socks:
+            sock.close()
+    return sent
+
+
+def _small_call_status(proxy, source: str) -> int:
+    """A plain small INVITE to the sink from ``source``: the first answer past 100."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((source, 0))
+    sock.settimeout(3)
+    try:
+        sock.sendto(_invite(proxy.port, source, sock.getsockname()[1], 999, "hello"),
+                    ("127.0.0.1", proxy.port))
+        while True:
+            status = int(sock.recv(70000).split(b" ", 2)[1])
+            if status != 100:
+                return status
+    except (TimeoutError, socket.timeout, OSError):
+        return 0
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def ringing_registrar(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
+    import threading
+    proxy = start_proxy(tmp_path_factory.mktemp("review77-ring"), pki=pki, e2m=True,
+                        log_level="warning")
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sink.bind(("127.0.0.210", 0))
+    # the stranger registers its own sink (an open registrar: no account needed)
+    reg = _register(proxy.port, "127.0.0.210", sink.getsockname()[1], 0,
+                    "sip:sink@example.com")
+    sink.settimeout(3)
+    sink.sendto(reg, ("127.0.0.1", proxy.port))
+    assert sink.recv(70000).split(b" ", 2)[1] == b"200"
+    stop, seen = threading.Event(), []
+    thread = threading.Thread(target=_sink, args=(sink, stop, seen), daemon=True)
+    thread.start()
+    yield proxy, seen
+    stop.set()
+    thread.join(2)
+    sink.close()
+    proxy.stop()
+
+
+def test_control_small_ringing_invites_take_little(ringing_registrar):
+    proxy, seen = ringing_registrar
+    shm = _shm_used(proxy)
+    sent = _ring_flood(proxy, [f"127.0.0.{n}" for n in range(211, 215)], 100, "hello")
+    time.sleep(1)
+    grown = _shm_used(proxy) - shm
+    print(f"review77 control 4: {sent} small INVITEs, {len(seen)} rang, "
+          f"shm +{grown / 2**20:.2f} MiB")
+    assert len(seen) >= sent * 0.95
+    assert grown < 8 << 20
+
+
+@pytest.mark.xfail(strict=True, reason="review 77: off-path sender, ringing 21 KB INVITEs "
+                   "from ten addresses fill shared memory for 30 s each: others' calls get 500")
+def test_hole_big_ringing_invites_fill_shared_memory(ringing_registrar):
+    proxy, seen = ringing_registrar
+    assert _small_call_status(proxy, "127.0.0.220") == 180                 # before: rings
+    shm = _shm_used(proxy)
+    sent = _ring_flood(proxy, [f"127.0.0.{n}" for n in range(211, 221)], 140,
+                       "a" * 20_000)
+    time.sleep(0.5)
+    sample = memory_sample(proxy)
+    print(f"review77 hole 4: {sent} 21 KB INVITEs, {len(seen)} rang, shm "
+          f"+{(sample['shm_used'] - shm) / 2**20:.1f} MiB, used "
+          f"{sample['shm_used'] / 2**20:.1f} of {sample['shm_total'] / 2**20:.1f} MiB, "
+          f"answers {ANSWERS}")
+    # the secure behaviour: another caller's call still rings while strangers' calls do
+    assert _small_call_status(proxy, "127.0.0.221") == 180
