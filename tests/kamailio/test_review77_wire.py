@@ -15,16 +15,17 @@ another copy): about 120 KB an entry, bounded in count but not in size, and neve
 Effect: each answered 404 as it should, and every SIP worker's heap keeps ~120 MB of
 the stranger's strings for as long as no other traffic displaces them (a quiet proxy:
 for good).  Measured with ``e2m_lab.wire.process_memory`` (RssAnon of every Kamailio
-process): +~190 MiB for 2,400 datagrams on a two-worker proxy, where the control
-(the same number of requests with short From URIs) moves it by a few MiB.  More
+process, compared per pid after a warm-up): +248 MiB for 2,400 datagrams on a
+two-worker proxy, where the control (the same number of requests with short From URIs)
+moves it by +0.6 MiB.  More
 workers, more memory: a proxy with 8 workers is held at ~1 GiB.  The same cache reads
 a REGISTER's ``$tu`` in ``count_registration`` (open registrar) and every
 ``identity_of`` caller.  At fault: ``e2m_plugins/uri.py`` line 195
 (``@lru_cache(maxsize=1024)`` on ``identity_of``), fed by ``kamailio_app/kemi.py``
 ``from_ours`` (``identity = identity_of(KSR.pv.get("$fu") or "")``) with no length
 bound on the URI.  Fix: refuse (or do not cache) a URI longer than a SIP header line
-the core would take (``sip.DEFAULT_MAX_LINE``, 8 KiB; an AoR's user part is far
-shorter still: Kamailio's registrar keeps at most 256 octets of an AoR); bound caches
+the core would take (``sip.DEFAULT_MAX_LINE``, 8 KiB, or far less: no AoR of ours is
+that long); bound caches
 by bytes (or key length), not entries alone: the same pattern holds for
 ``sip.canonical_name`` (1024 header names up to 8 KiB each),
 ``mime.parse_content_type`` and ``headers._parse_label_value`` (256 values up to 8 KiB).
@@ -80,7 +81,7 @@ open registrar, 11 addresses.  It registers a sink of its own (``sip:sink@exampl
 a contact that answers every INVITE 180 and nothing more), then from 10 addresses sends
 140 INVITEs each to the sink, 14 a second per address (under pike), bodiless, each with
 three ``X-Pad-k`` headers of 8,000 characters or less (under the core's 8 KiB line
-limit: review's first try with one 60 KB header got 400): ~21 KB a datagram.  Each is
+limit: my first try, one 60 KB header, got 400 from the core and held): ~21 KB a datagram.  Each is
 relayed and rings, and tm keeps it (the request cloned, the relayed copy, the 180) for
 ``fr_inv_timer``, 30 s.  Nothing counts transactions or bytes in flight per source:
 pike counts requests, which bounds them at 15/s × 30 s = 450 transactions per address,
@@ -117,8 +118,7 @@ Tried and held (read, and where said, run):
 - e2mregs' ``source|AoR`` pairs: per source at most ``registrations_per_source`` pairs
   plus the count (a pair past the cap is removed, a failed save undoes both); pair and
   count are updated together on every REGISTER, so they expire together (review 72's
-  ``_touch_count``); a REGISTER whose AoR the registrar refuses (too long) leaves no
-  pair; ``identity_of`` percent-decodes the user and keeps its case as the registrar
+  ``_touch_count``); a REGISTER the registrar refuses leaves no pair (read); ``identity_of`` percent-decodes the user and keeps its case as the registrar
   (``case_sensitive``, ``un_escape``) does, so no two usrloc AoRs share one pair (it can
   only count one AoR as several: by host, or by a user parameter, which hurts only that
   source).
@@ -135,6 +135,13 @@ Tried and held (read, and where said, run):
   ``_blocked_statuses`` (64): all bounded in count and, where the doc says, in age.
   The phone's own caches see at most pjsip's 4,000-octet packets, so the byte-size gap
   of hole 1 is small there.
+- run: an INVITE with one 60 KB header line: 400 from the core's 8 KiB line limit
+  (the transaction only waits out its answer); 2,400 short-From OPTIONS, 2,400 stray
+  401s with short names, 500 plain REGISTERs, 400 small ringing INVITEs: all within a
+  few MiB (the controls).
+- not tried here (rows of earlier reviews cover them): the archive spool's shares,
+  certificate subscriptions and publications (per-source and per-AoR bounds, the
+  probation), the DMQ cluster's replicated tables.
 """
 
 from __future__ import annotations
