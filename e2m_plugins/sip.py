@@ -124,12 +124,26 @@ def canonical_method(method: str) -> str:
     return upper if upper in STANDARD_METHODS else method
 
 
-@lru_cache(maxsize=1024)
 def canonical_name(name: str) -> str:
     """Lower-case long form of a header name, used for every lookup (cached: the
-    same few dozen names come back in every message)."""
+    same few dozen names come back in every message; a name longer than any header
+    we know is not, so a stranger's 60 KB names cannot fill the cache: review 77)."""
+    if len(name) > _CACHED_NAME_CHARS:
+        return _canonical_name(name)
+    return _cached_canonical_name(name)
+
+
+_CACHED_NAME_CHARS = 64
+
+
+def _canonical_name(name: str) -> str:
     low = name.strip().lower()
     return COMPACT_FORMS.get(low, low)
+
+
+_cached_canonical_name = lru_cache(maxsize=1024)(_canonical_name)
+canonical_name.cache_clear = _cached_canonical_name.cache_clear   # type: ignore[attr-defined]
+canonical_name.cache_info = _cached_canonical_name.cache_info     # type: ignore[attr-defined]
 
 
 def _index_headers(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

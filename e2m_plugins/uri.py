@@ -192,13 +192,29 @@ def parse_uri(text: str) -> SipUri:
                   headers, password)
 
 
-@lru_cache(maxsize=1024)   # a pure function of the text; SipIdentity is immutable
+# The cache holds what it is given: entries are bounded in count AND size, so a stranger's
+# 60 KB From URIs cannot make 1024 entries weigh 120 MB per worker (review 77).  Real
+# AoRs are far shorter; a longer URI is read each time, uncached.
+_CACHED_URI_CHARS = 256
+
+
 def identity_of(uri: str) -> SipIdentity | None:
     """The identity (AoR, or bare host) a SIP or SIPS URI names, or None."""
+    if len(uri) > _CACHED_URI_CHARS:
+        return _identity_of(uri)
+    return _cached_identity_of(uri)
+
+
+def _identity_of(uri: str) -> SipIdentity | None:
     try:
         return parse_uri(uri).identity
     except MalformedError:
         return None
+
+
+_cached_identity_of = lru_cache(maxsize=1024)(_identity_of)   # SipIdentity is immutable
+identity_of.cache_clear = _cached_identity_of.cache_clear      # type: ignore[attr-defined]
+identity_of.cache_info = _cached_identity_of.cache_info        # type: ignore[attr-defined]
 
 
 def aor_of(uri: str) -> SipIdentity:

@@ -18,6 +18,7 @@ project, the venv and PROXY.toml are (see kamailio_app/launcher.py).
 """
 
 import base64
+import hashlib
 import ipaddress
 import json
 import os
@@ -70,6 +71,7 @@ SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in
 _ITERATOR = "e2mhf"   # textopsx header iterator name
 _PLAIN_FORWARD = Verdict("forward")
 _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
+_MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
 # auth_db's auth_check: the credentials are good but belong to someone else
 _AUTH_USER_MISMATCH = -8
@@ -767,9 +769,14 @@ class kamailio:
         if self.app.config.auth is not None or limit <= 0 or self.exempt_source():
             return True
         source = KSR.pv.get("$si") or ""
-        to_uri = KSR.pv.get("$tu") or ""
-        identity = identity_of(to_uri)
-        pair = "%s|%s" % (source, identity if identity is not None else to_uri)
+        identity = identity_of(KSR.pv.get("$tu") or "")
+        if identity is None or identity.user is None or len(str(identity)) > _MAX_OPEN_AOR:
+            # an AoR the core cannot read is no AoR to count, and usrloc keeps an AoR as
+            # long as it is written: 60 KB ones filled shared memory (review 77)
+            KSR.sl.send_reply(400, "Bad To")
+            return False
+        # a fixed-size name: the AoR's own length is the sender's to choose (review 77)
+        pair = "%s|%s" % (source, hashlib.sha256(str(identity).encode()).hexdigest()[:32])
         if (KSR.htable.sht_get(_REGS, pair) or 0) <= 0:
             if KSR.htable.sht_inc(_REGS, source) > limit:    # sht_inc is atomic
                 KSR.htable.sht_dec(_REGS, source)
