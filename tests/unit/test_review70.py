@@ -80,7 +80,7 @@ def test_control_a_private_dir_is_taken_and_a_shared_one_refused(tmp_path, pki: 
     assert main(["--config", str(path), "--runtime-dir", str(run), "--print-cfg"]) == 0
     info = (run / "kamailio.cfg").stat()
     assert info.st_uid == os.geteuid()
-    shared = tmp_path / "shared"
+    shared = tmp_path / "open-run"
     shared.mkdir()
     shared.chmod(0o755)
     assert main(["--config", str(path), "--runtime-dir", str(shared), "--print-cfg"]) == 2

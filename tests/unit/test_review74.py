@@ -95,39 +95,7 @@ import types
 
 import pytest
 
-
-class _Htable:
-    """e2mregs as review 72 modelled it: integer items from 0, ``autoexpire`` seconds
-    after their last update; an expired item counts from 0 again."""
-
-    def __init__(self, clock, autoexpire: int) -> None:
-        self.clock, self.autoexpire = clock, autoexpire
-        self.items: dict[str, tuple[int, float]] = {}
-
-    def _live(self, key: str) -> int:
-        value, expires = self.items.get(key, (0, 0.0))
-        return value if expires > self.clock[0] else 0
-
-    def sht_inc(self, table: str, key: str) -> int:
-        value = self._live(key) + 1
-        self.items[key] = (value, self.clock[0] + self.autoexpire)
-        return value
-
-    def sht_dec(self, table: str, key: str) -> int:
-        value = self._live(key) - 1
-        self.items[key] = (value, self.clock[0] + self.autoexpire)
-        return value
-
-    def sht_get(self, table: str, key: str) -> int:
-        return self._live(key)                    # initval=0: a missing item reads 0
-
-    def sht_seti(self, table: str, key: str, value: int) -> int:
-        self.items[key] = (value, self.clock[0] + self.autoexpire)
-        return 1
-
-    def sht_rm(self, table: str, key: str) -> int:
-        self.items.pop(key, None)
-        return 1
+from tests.unit.test_review72 import _Htable   # e2mregs, as review 72 modelled it
 
 
 class _Location:
