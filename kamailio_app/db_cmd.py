@@ -352,6 +352,11 @@ def _owner(config: AppConfig, url: str | None) -> Any:
         owner = PgUrl.parse(url)
     except PgUrlError as exc:
         raise _Failed(f"--owner-url: {exc}") from None
+    db = config.cluster.db
+    if (owner.host, owner.port, owner.database) != (db.host, db.port, db.database):
+        # else the grants would go to another database than the one the nodes use
+        raise _Failed(f"--owner-url names {owner.masked()}, not [cluster] db_url's "
+                      f"database {db.masked()}: the same host, port and database, please")
     if not owner.password:
         # kept off the command line, which every local user sees in ps
         import getpass

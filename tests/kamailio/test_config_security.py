@@ -234,3 +234,16 @@ def test_a_given_runtime_dir_keeps_no_secret_after_the_stop(tmp_path, pki: TestP
     assert (run / AUTH_SECRET_FILE).exists()
     _cleanup(run, created=False)
     assert run.is_dir() and not (run / AUTH_SECRET_FILE).exists()
+
+
+def test_db_init_owner_url_must_name_the_nodes_database(tmp_path, pki: TestPKI, capsys):
+    """``--owner-url`` for another database than ``[cluster] db_url``'s would grant and
+    take over there and leave the nodes' own tables theirs: refused before connecting."""
+    from e2m_lab.kamailio_harness import write_proxy_config
+    from kamailio_app.db_cmd import main as db_main
+    path = write_proxy_config(tmp_path / "p", 5070, pki=pki, e2m=True,
+                              db_url="postgres://node:pw@127.0.0.1:5999/arch")
+    code = db_main(["init", "--config", str(path), "--owner-url",
+                    "postgres://owner:x@127.0.0.1:5999/other"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the same host, port and database" in err and "x@" not in err
