@@ -13,7 +13,9 @@ and the same at the front: ``test_hole_the_front_keeps_a_forged_burst_counted_..
 
 Attacker: an off-path sender (no account, sees nothing) where the registrar is open (no
 ``[auth]``, the default cluster), forging the UDP source address S of an office NAT (or
-any address several phones share) behind which alice's phone is registered.
+any address several phones share) behind which alice's phone is registered; or, with no
+forgery at all, a stranger who shares that address (CGNAT, a hotel NAT: the attacker of
+review 29's row in docs/threat-model.md).
 
 Messages: once, from the forged source S, two REGISTERs for AoRs of his own
 (``sip:junk0@``, ``sip:junk1@``; ``Expires: 0`` or no Contact does as well: the pair is
