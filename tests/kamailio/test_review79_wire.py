@@ -2,8 +2,11 @@
 (TCP) into Kamailio, framing first (real Kamailio 5.6.3, ``home_proxy``: MESSAGE
 text/plain viewed, SQLite archive, open registrar).
 
-No hole was found in the time given (about 50 minutes); every test here is a
-``test_control_*`` that passes and pins what held, so a change that breaks it shows.
+Every test here is a ``test_control_*`` that passes and pins what held at the proxy.
+The one hole found is past the proxy, in the TCP phone that receives what it relays
+(``tests/pjsua/test_review79_phone.py``, and its core half ``tests/unit/test_review79.py``):
+item 3's LF-only message, read alike by Kamailio and the core and relayed, swallows the
+requests that follow it on a TCP phone's connection.
 
 Attackers tried: an **insider UA** sending over TCP a MESSAGE whose framing differs
 between Kamailio's stream reader and the core (to hide a body from the archive), and
