@@ -53,6 +53,17 @@ Tried and held (run where named):
   (it is the certificate service); a published certificate is still checked against
   the trust anchors and the AoR by every UA, so a forged row gives no key the CA did not
   issue: within what a node is (not re-reported).
+- The certificate service on the restricted account, read only (no Kamailio node was
+  run with ``[certs]`` here): ``PostgresCertDatabase.ensure_schema`` only reads when
+  the tables and their ``schema_version`` row are there (``db init --owner-url`` makes
+  them as the owner); were ``[certs]`` enabled after the hardening, the node's CREATE
+  is refused and the start stops (fail closed).  Its ``to_regclass`` and statements are
+  unqualified too: the planted schema above shadows them the same way (the nodes'
+  account may rewrite those tables anyway).
+- The runtime dir check (``launcher._check_private``) and ``_write_private``
+  (``O_EXCL|O_NOFOLLOW`` after an unlink, in a dir checked 0700 and ours with no parent
+  others may rename in), ``privatefiles.read_private_file`` (``O_NOFOLLOW`` + ``fstat``
+  of the descriptor read): read, held; no new effect beyond review 74's notes.
 """
 
 from __future__ import annotations
