@@ -191,13 +191,8 @@ def _request_kept() -> list[bytes]:
         return []
 
 
-def _touch_count(source):
-    """A source's count of registered AoRs lives as long as any of them is refreshed:
-    e2mregs' autoexpire runs from an item's last update (review 72: the count expired
-    while refreshed contacts lived on, and the cap became a rate).  inc then dec is an
-    update that leaves the value."""
-    KSR.htable.sht_inc(_REGS, source)
-    KSR.htable.sht_dec(_REGS, source)
+def _slot_name(source, index):
+    return "%s#%d" % (source, index)
 
 
 def _has_body():
@@ -755,15 +750,19 @@ class kamailio:
 
     def count_registration(self):
         """While the registrar is open, one source may register at most
-        ``registrations_per_source`` AoRs: each (source, AoR) pair counts once against
-        its source while it is refreshed within the contacts' lifetime (e2mregs'
-        autoexpire), and a refresh keeps the source's count alive too (review 72).  By
+        ``registrations_per_source`` AoRs.  Each source has that many slots in e2mregs
+        (``source#1`` ...); an AoR it registers holds one, named by its (source, AoR)
+        pair, and a slot lives as long as that AoR is refreshed within e2mregs'
+        autoexpire, no longer.  A source's count is therefore its live AoRs and nothing
+        else: a counter kept beside them outlived the AoRs it counted while any other
+        was refreshed, so one forged burst from a shared address held it full (review
+        78); one counter per source expired while its AoRs lived on (review 72).  By
         pair, not by "is the AoR registered": a second address refreshing the first's
-        AoRs would keep them alive uncounted (review 74).  A pair is marked counted only
-        once its source was admitted, and never unmarked: two workers with copies of
-        one REGISTER may both count it (one slot lost until expiry, fail closed), but
-        neither takes it for a refresh before it was counted (review 76).  A front
-        counts for its nodes, which see every REGISTER from its address (review 71).
+        AoRs would keep them alive uncounted (review 74).  A slot is claimed by the
+        atomic ``sht_inc`` that takes it from 0 to 1, then tagged with its pair: two
+        workers with copies of one REGISTER never share a slot, so copies can only
+        over-count, each extra slot for its own lifetime (review 76).  A front counts
+        for its nodes, which see every REGISTER from its address (review 71).
         Returns True when the request may go on; False when answered 403."""
         limit = self.app.config.limits.registrations_per_source
         if self.app.config.auth is not None or limit <= 0 or self.exempt_source():
@@ -775,17 +774,34 @@ class kamailio:
             # long as it is written: 60 KB ones filled shared memory (review 77)
             KSR.sl.send_reply(400, "Bad To")
             return False
-        # a fixed-size name: the AoR's own length is the sender's to choose (review 77)
-        pair = "%s|%s" % (source, hashlib.sha256(str(identity).encode()).hexdigest()[:32])
-        if (KSR.htable.sht_get(_REGS, pair) or 0) <= 0:
-            if KSR.htable.sht_inc(_REGS, source) > limit:    # sht_inc is atomic
-                KSR.htable.sht_dec(_REGS, source)
+        # fixed-size names: the AoR's own length is the sender's to choose (review 77)
+        digest = hashlib.sha256(str(identity).encode()).hexdigest()
+        pair = "%s|%s" % (source, digest[:32])
+        tag = int(digest[32:39], 16) + 2        # never 0 (free) nor 1 (being claimed)
+        held = KSR.htable.sht_get(_REGS, pair) or 0
+        if 0 < held <= limit and (KSR.htable.sht_get(_REGS, _slot_name(source, held))
+                                  or 0) == tag:
+            index = held                        # a refresh: the same slot, renewed
+        else:
+            index = self._claim_slot(source, limit)
+            if index == 0:
                 KSR.sl.send_reply(403, "Too Many Registrations From This Address")
                 return False
-        else:
-            _touch_count(source)
-        KSR.htable.sht_seti(_REGS, pair, 1)              # counted; its lifetime renewed
+        KSR.htable.sht_seti(_REGS, _slot_name(source, index), tag)
+        KSR.htable.sht_seti(_REGS, pair, index)
         return True
+
+    @staticmethod
+    def _claim_slot(source, limit):
+        """The first free slot of ``source``, now ours (0: none).  Read before the
+        increment: an increment renews an item, and probing a taken slot must not
+        keep it alive."""
+        for index in range(1, limit + 1):
+            name = _slot_name(source, index)
+            if (KSR.htable.sht_get(_REGS, name) or 0) == 0 \
+                    and KSR.htable.sht_inc(_REGS, name) == 1:
+                return index
+        return 0
 
     def route_certs(self, handle):
         """The certificate service ([certs]) answers this request: ``handle(message)``

@@ -32,7 +32,7 @@ from typing import Any
 
 from .config import (AppConfig, AppConfigError, ClusterSettings, DispatcherSettings,
                      TlsSettings, load_app_config)
-from .pgconn import passfile_text
+from .pgconn import SEARCH_PATH_OPTION, passfile_text
 from .users import UsersError, ensure_users_db
 
 __all__ = ["render_cfg", "write_runtime_files", "tls_cfg_text", "trusted_list_text",
@@ -142,6 +142,7 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "NONCE_EXPIRE": str(auth.nonce_expire if auth is not None else 300),
         "AUTH_SECRET_FILE": _cfg_string(str(runtime_dir / AUTH_SECRET_FILE), "runtime dir"),
         "DB_CONNECT_TIMEOUT": str(config.cluster.connect_timeout if config.cluster else 2),
+        "DB_OPTIONS": SEARCH_PATH_OPTION,
         # db_postgres counts whole seconds
         "DB_TIMEOUT": str(-(-config.cluster.statement_timeout_ms // 1000) if config.cluster else 2),
         **_dmq_values(cluster),

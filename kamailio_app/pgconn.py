@@ -28,6 +28,12 @@ __all__ = ["PgUrl", "PgUrlError", "connect", "driver_available", "passfile_text"
            "operational_errors", "ProcessConnection"]
 
 _SCHEMES = ("postgres", "postgresql")
+
+# Every client names the schema the tables are in, so no other schema is searched
+# first: PostgreSQL's default path starts with one named after the user, and the
+# nodes' account could make that one and shadow the archive or the users (review 78).
+SCHEMA = "public"
+SEARCH_PATH_OPTION = f"-c search_path={SCHEMA}"
 # What Kamailio's URL parser and libpq read alike (no percent-decoding there).
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,62}")
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
@@ -92,7 +98,7 @@ class PgUrl:
                 # libpq counts whole seconds and treats 1 as 2
                 "connect_timeout": max(2, connect_timeout),
                 "options": f"-c statement_timeout={statement_timeout_ms} "
-                           f"-c lock_timeout={statement_timeout_ms}",
+                           f"-c lock_timeout={statement_timeout_ms} {SEARCH_PATH_OPTION}",
                 # unacknowledged data (a host gone from the network) gives up too
                 "tcp_user_timeout": op_ms, "keepalives": 1, "keepalives_idle": 5,
                 "keepalives_interval": 2, "keepalives_count": 2,

@@ -64,6 +64,14 @@ Tried and held (run where named):
   (``O_EXCL|O_NOFOLLOW`` after an unlink, in a dir checked 0700 and ours with no parent
   others may rename in), ``privatefiles.read_private_file`` (``O_NOFOLLOW`` + ``fstat``
   of the descriptor read): read, held; no new effect beyond review 74's notes.
+
+Fixed (stop 33): ``_grant`` refuses while the nodes' account owns any schema of the
+database (``_NODE_SCHEMAS``), naming it with what to do; every client connects with
+``search_path=public`` (``pgconn.SEARCH_PATH_OPTION``, in ``PgUrl.params`` and in
+``db_postgres``' ``con_param``).  The hole test now asserts the refusal, then the
+operator's drop and a clean take-over; ``test_a_schema_left_from_an_earlier_take_over_
+shadows_nothing`` covers a database hardened by stop 32's take-over (failed before the
+fix).  The insider's statements run from his own client, without our search path.
 """
 
 from __future__ import annotations
@@ -87,9 +95,13 @@ _SHADOW = (("CREATE TABLE bodies (LIKE public.bodies INCLUDING ALL)", ()),
 
 
 def _run(node_url: str, statements) -> list[str]:
+    """The insider's statements over the nodes' account, from his own client: libpq's
+    defaults (no ``search_path`` of ours), as ``psql`` would send them."""
     import psycopg
+    url = PgUrl.parse(node_url)
     done = []
-    with connect(PgUrl.parse(node_url), autocommit=True) as conn:
+    with psycopg.connect(host=url.host, port=url.port, dbname=url.database, user=url.user,
+                         password=url.password, autocommit=True) as conn:
         for statement, args in statements:
             try:
                 cursor = conn.execute(statement, args)
@@ -116,7 +128,7 @@ def _before_hardening(tmp_path, postgres, capsys, *, plant: bool):
     return roles, config
 
 
-def _harden(roles, config, postgres, monkeypatch, capsys) -> str:
+def _harden(roles, config, postgres, monkeypatch, capsys, *, expect: int = 0) -> str:
     """README's first way: ``db upgrade --owner-url`` with the cluster's superuser."""
     from kamailio_app.db_cmd import main as db_main
     admin = PgUrl.parse(postgres.url_for(roles["db"]))
@@ -124,9 +136,9 @@ def _harden(roles, config, postgres, monkeypatch, capsys) -> str:
     admin_url = f"postgres://{admin.user}@{HOST}:{postgres.port}/{roles['db']}"
     code = db_main(["upgrade", "--config", str(config), "--owner-url", admin_url])
     out = capsys.readouterr()
-    assert code == 0, out.out + out.err
-    assert "tables owned by" in out.out
-    return out.out
+    assert code == expect, out.out + out.err
+    assert ("tables owned by" in out.out) == (expect == 0), out.out + out.err
+    return out.out + out.err
 
 
 def _after(roles, config, capsys) -> tuple[list[str], str, str]:
@@ -144,18 +156,17 @@ def _after(roles, config, capsys) -> tuple[list[str], str, str]:
 
 def test_control_the_upgrade_says_done_and_public_is_the_owners(
         tmp_path, postgres, monkeypatch, capsys):
-    roles, config = _before_hardening(tmp_path, postgres, capsys, plant=True)
+    roles, config = _before_hardening(tmp_path, postgres, capsys, plant=False)
     _harden(roles, config, postgres, monkeypatch, capsys)
     admin = PgUrl.parse(postgres.url_for(roles["db"])).user
     held = postgres.psql(
         "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE n.nspname = 'public' AND pg_get_userbyid(c.relowner) = '{roles['node']}';\n"
-        f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{roles['db']}';\n"
-        f"SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = '{roles['node']}';\n",
+        f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{roles['db']}';\n",
         database=roles["db"]).split()
-    print(f"\npublic tables still the node's, database owner, planted schema owner: {held}")
+    print(f"\npublic tables still the node's, database owner: {held}")
     assert held[:2] == ["0", admin], held
-    # after the take-over no new schema can be made: the planted one is the way in
+    # after the take-over no new schema can be made: only one made before is a way in
     assert _run(roles["node_url"], [('CREATE SCHEMA later', ())]) == []
 
 
@@ -169,18 +180,49 @@ def test_control_without_a_schema_of_its_own_the_node_cannot_shadow_bodies(
     assert "sip:dave@example.com" in listing
 
 
-@pytest.mark.xfail(strict=True, reason="review 78: an insider with the nodes' db password "
-                   "plants a schema named after the account before --owner-url; afterwards "
-                   "its own bodies table shadows public's: carol's message shown as bob's, "
-                   "new rows missed by the owner's table")
 def test_hole_a_schema_the_nodes_account_made_survives_the_take_over(
         tmp_path, postgres, monkeypatch, capsys):
+    """Fixed (stop 33): the take-over refuses while the nodes' account owns a schema,
+    and names it; once the operator dropped it, the same statements are refused."""
     roles, config = _before_hardening(tmp_path, postgres, capsys, plant=True)
-    said = _harden(roles, config, postgres, monkeypatch, capsys)
+    said = _harden(roles, config, postgres, monkeypatch, capsys, expect=1)
+    assert f"schema {roles['node']}" in said and "REASSIGN OWNED BY" in said, said
+    postgres.psql(f'DROP SCHEMA "{roles["node"]}" CASCADE;\n', database=roles["db"])
+    _harden(roles, config, postgres, monkeypatch, capsys)
     done, listing = _after(roles, config, capsys)
     public = postgres.psql("SELECT call_id FROM public.bodies ORDER BY id;\n",
                            database=roles["db"]).split()
     print(f"{said}done: {done}\n{listing}\nowner's public.bodies: {public}")
     assert not done and "sip:bob@" not in listing and "d1@dave" in public, (
-        f"after {said.strip()!r} the nodes' account did {done}; e2m archive list says\n"
+        f"the nodes' account did {done}; e2m archive list says\n"
         f"{listing}\nand the owner's public.bodies holds only {public}")
+
+
+def test_a_schema_left_from_an_earlier_take_over_shadows_nothing(
+        tmp_path, postgres, monkeypatch, capsys):
+    """A database hardened before the schema check (stop 32's take-over said done with
+    the planted schema there): the nodes and the archive tool name only ``public``
+    (pgconn.SEARCH_PATH_OPTION), so the insider's own ``bodies`` takes no row and is
+    never shown."""
+    import kamailio_app.db_cmd as db_cmd
+    roles, config = _before_hardening(tmp_path, postgres, capsys, plant=True)
+    monkeypatch.setattr(db_cmd, "_NODE_SCHEMAS",
+                        "SELECT nspname FROM pg_namespace WHERE false AND %s::text IS NULL")
+    _harden(roles, config, postgres, monkeypatch, capsys)
+    shadow = [(statement.replace("TABLE bodies", f'TABLE "{roles["node"]}".bodies')
+               .replace("TABLE media", f'TABLE "{roles["node"]}".media')
+               .replace("INTO bodies", f'INTO "{roles["node"]}".bodies')
+               .replace("UPDATE bodies", f'UPDATE "{roles["node"]}".bodies'), args)
+              for statement, args in _SHADOW]
+    assert len(_run(roles["node_url"], shadow)) == len(shadow)    # his schema, his tables
+    archive = PostgresArchive(PgUrl.parse(roles["node_url"]))
+    archive.record([_body("d1@dave", from_uri="sip:dave@example.com")], [])
+    archive.close()
+    capsys.readouterr()
+    assert e2m_main(["archive", "list", "--config", str(config)]) == 0
+    listing = capsys.readouterr().out
+    public = postgres.psql("SELECT call_id FROM public.bodies ORDER BY id;\n",
+                           database=roles["db"]).split()
+    print(f"\n{listing}\nowner's public.bodies: {public}")
+    assert "sip:carol@example.com" in listing and "sip:bob@" not in listing, listing
+    assert public == ["c1@carol", "d1@dave"], public

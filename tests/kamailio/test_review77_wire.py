@@ -375,8 +375,9 @@ def test_control_a_sources_aors_are_counted_and_capped(open_registrar):
     grown = _shm_used(proxy) - shm
     print(f"review77 control 3: {len(statuses)} REGISTERs, e2mregs +{grown_items} items, "
           f"shm +{grown / 2**20:.2f} MiB")
-    # one pair per (source, AoR) and one count per source
-    assert grown_items == len(REG_SOURCES) * (REG_PER_SOURCE + 1)
+    # one pair per (source, AoR) and the slot it holds (review 78: a source's count is
+    # its live slots): at most twice the cap per source
+    assert grown_items == len(REG_SOURCES) * REG_PER_SOURCE * 2
     assert grown < 4 << 20
     # the cap holds: one AoR more from the first source is refused
     more = _register_all(proxy, lambda i, n: f"sip:c{i}x{n + 1000}@example.com",

@@ -106,20 +106,24 @@ from tests.unit.test_review74 import S, T, _aor, front, node  # noqa: F401  (fix
 
 def _interleave(proxy, hook_key: str):
     """Run a second worker's REGISTER (same source, same To) inside the first worker's
-    ``sht_inc(hook_key)``: the moment between its pair's increment and its verdict."""
+    first write to the source's own items (its count, later its slots): the moment
+    between what it read and its verdict."""
     import sys
     htable = sys.modules["KSR"].htable
-    inner = htable.sht_inc
     state = {"armed": False, "second": "unset"}
 
-    def sht_inc(table: str, key: str) -> int:
-        value = inner(table, key)
-        if state["armed"] and key == hook_key:
-            state["armed"] = False
-            state["second"] = proxy.register(state["source"], state["to"])
-        return value
+    def hooked(inner):
+        # the source's own items: its count (stop 32) or its slots ``source#i`` (review 78)
+        def write(table: str, key: str, *value: int) -> int:
+            result = inner(table, key, *value)
+            if state["armed"] and key.split("#")[0] == hook_key:
+                state["armed"] = False
+                state["second"] = proxy.register(state["source"], state["to"])
+            return result
+        return write
 
-    htable.sht_inc = sht_inc
+    htable.sht_inc = hooked(htable.sht_inc)
+    htable.sht_seti = hooked(htable.sht_seti)
 
     def burst(source: str, to_uri: str):
         state.update(armed=True, source=source, to=to_uri, second="unset")
