@@ -226,3 +226,33 @@ def test_a_schema_left_from_an_earlier_take_over_shadows_nothing(
     print(f"\n{listing}\nowner's public.bodies: {public}")
     assert "sip:carol@example.com" in listing and "sip:bob@" not in listing, listing
     assert public == ["c1@carol", "d1@dave"], public
+
+
+def test_a_shadow_users_table_is_never_read_by_the_nodes_digest(proxy_factory, pg_url):
+    """The same schema trick against Kamailio's own reader (``auth_db`` over
+    ``db_postgres``): the insider copies ``subscriber`` into a schema named after the
+    nodes' account and gives alice a password of his.  ``db_postgres`` connects with
+    ``search_path=public`` too, so his password gets 401 and hers still 200."""
+    from e2m_lab.cluster import start_cluster
+    from e2m_lab.kamailio_harness import SipUa
+    users = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
+    a, _b = start_cluster(proxy_factory, pg_url, auth=True, users=users).nodes
+    account = PgUrl.parse(pg_url).user
+    planted = _run(pg_url, [
+        (f'CREATE SCHEMA "{account}"', ()),
+        (f'CREATE TABLE "{account}".subscriber (LIKE public.subscriber INCLUDING ALL)', ()),
+        (f'INSERT INTO "{account}".subscriber SELECT * FROM public.subscriber', ()),
+        (f"UPDATE \"{account}\".subscriber SET ha1 = md5('alice:' || domain || ':mallory'), "
+         "ha1b = md5('alice@' || domain || ':' || domain || ':mallory') "
+         "WHERE username = 'alice'", ())])
+    assert len(planted) == 4, planted
+    statuses = {}
+    for password in ("mallory", users["alice"]):
+        ua = SipUa(a.port, user="alice", password=password, source="127.0.0.86")
+        try:
+            answer = ua.register()
+            statuses[password] = answer.status if answer is not None else None
+        finally:
+            ua.close()
+    print(f"\nREGISTER as alice with the planted password, then hers: {statuses}")
+    assert statuses == {"mallory": 401, users["alice"]: 200}, statuses
