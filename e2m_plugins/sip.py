@@ -604,12 +604,19 @@ def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
     when a limit is passed.  Octets after the Content-Length body are dropped,
     or with ``exact`` refused (MalformedError): for data another parser reads
     too, which may take them for the body (pjsip does, for a datagram with a
-    Content-Type; Kamailio answers such a datagram 400).
+    Content-Type; Kamailio answers such a datagram 400).  ``exact`` also refuses
+    a head line ending in a bare LF, which pjsip cannot frame on a stream.
     """
     data = bytes(data)
     _check_size(data, max_size)
     head = _parse_plain_head(data, max_headers, max_line) or _parse_head(data, max_headers, max_line)
     assert head.start_line is not None
+    if exact:
+        lines = data[:head.body_start]
+        if lines.count(b"\n") != lines.count(b"\r\n"):
+            # pjsip frames a stream by CRLF only: relayed, a bare LF lost the messages
+            # behind it on the connection (review 79)
+            raise MalformedError("a line of the head does not end in CRLF")
     index = _index_headers(head.headers)
     _check_unambiguous(index)
     length = _content_length(index)

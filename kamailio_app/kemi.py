@@ -247,6 +247,20 @@ def _repeats_a_single_header():
     return any((KSR.pv.get(spec) or 0) > 1 for spec in _SINGLE_COUNTS)
 
 
+def _bare_line_ends():
+    """True when a line of the message's head ends in anything but CRLF.  Kamailio and
+    the core take a bare LF, but pjsip finds a message's end on a stream only by CRLF:
+    relayed down a phone's TCP connection, such a message swallowed the requests after
+    it (review 79).  Only the head is read: a body may hold any octets."""
+    head = int(KSR.pv.get("$ml") or 0) - int(KSR.pv.get("$bs") or 0)
+    if head <= 0:
+        return False
+    KSR.pv.seti("$var(e2m_off)", 0)
+    KSR.pv.seti("$var(e2m_len)", head)
+    raw = base64.b64decode(KSR.pv.get(_PIECE) or "")
+    return raw.count(b"\n") != raw.count(b"\r\n")
+
+
 def _remove_by_name(wanted):
     """The usual case (a label naming only us): every instance of each named header is
     one to remove.  Then remove by name, reading only those instances, instead of
@@ -648,6 +662,10 @@ class kamailio:
             return False
         if KSR.sanity.sanity_check_defaults() < 0:
             return False  # sanity has replied (400 and the like)
+        if _bare_line_ends():
+            if not KSR.is_ACK():
+                KSR.sl.sl_send_reply(400, "Lines Must End In CRLF")
+            return False
         method = KSR.pv.get("$rm") or ""
         if canonical_method(method) != method:
             # "invite": Kamailio and the phones take it as INVITE, while a policy rule or
@@ -1037,6 +1055,11 @@ class kamailio:
         try:
             if _repeats_a_single_header():
                 _warn("e2m: a %s with a second From, To, Call-ID or CSeq: dropped\n"
+                      % KSR.pv.get("$rs"))
+                KSR.set_drop()
+                return 0
+            if _bare_line_ends():
+                _warn("e2m: a %s whose lines do not end in CRLF: dropped\n"
                       % KSR.pv.get("$rs"))
                 KSR.set_drop()
                 return 0

@@ -41,6 +41,13 @@ headers by ``\\n\\r\\n`` only, while Kamailio accepts LF-only line ends, item 3:
 with LF-only line ends relayed to a TCP phone may desynchronise its stream), TLS
 renegotiation and client certificates, a ``sips:``/``;transport=tls`` downgrade on the
 next leg, and Via ``received``/``rport`` over TCP after the connection closed.
+
+Fixed (stop 33): ``sip.parse(exact=True)`` refuses a head line that does not end in
+CRLF; ``kemi.route_sanity`` answers such a request 400 before anything reads it and the
+core reply route drops such a reply (``kemi._bare_line_ends``, the head only: a body may
+hold any octets).  The holes turned XPASS and the markers are gone; controls that took
+LF-only lines as read alike now assert the refusal (they said what the proxy did, not
+what it should do).
 """
 
 from __future__ import annotations
@@ -153,10 +160,9 @@ def test_control_ambiguous_content_length_on_tcp_is_refused(home_proxy, callee, 
 
 
 @pytest.mark.parametrize("extra,eol", [
-    ([], b"\n"),
     ([b"Content-Length : 10"], b"\r\n"),
     ([b"Content-Length:\t10"], b"\r\n"),
-], ids=["lf-only", "space-before-colon", "tab-after-colon"])
+], ids=["space-before-colon", "tab-after-colon"])
 def test_control_odd_but_unambiguous_framing_is_read_alike(home_proxy, callee, extra, eol):
     user, bob = callee
     data, call_id = _message(b"ODD-FRAMED", user, extra, content_length=not extra, eol=eol)
@@ -165,6 +171,17 @@ def test_control_odd_but_unambiguous_framing_is_read_alike(home_proxy, callee, e
     got = [m for m in bob.wait_for(1, timeout=3) if m.get("Call-ID") == call_id]
     assert len(got) == 1 and got[0].body == b"ODD-FRAMED"
     assert _archived(home_proxy, call_id) == [b"ODD-FRAMED"]
+
+
+def test_lf_only_lines_are_refused_and_nothing_is_relayed(home_proxy, callee):
+    """Fixed (stop 33; the review's control took LF-only lines as read alike): a bare LF
+    is what a TCP phone cannot frame, so the proxy answers 400 and relays nothing."""
+    user, bob = callee
+    data, call_id = _message(b"ODD-FRAMED", user, [], content_length=True, eol=b"\n")
+    answer = _over_tcp(home_proxy.port, data)
+    assert answer.startswith(b"SIP/2.0 400"), answer
+    assert not [m for m in bob.wait_for(1, timeout=1.5) if m.get("Call-ID") == call_id]
+    assert _archived(home_proxy, call_id) == []
 
 
 _INNER = (b"MESSAGE sip:alice@example.com SIP/2.0\r\n"
@@ -238,3 +255,35 @@ def test_control_a_udp_reply_with_octets_past_content_length_never_reaches_a_tcp
     assert bob.wait_for(1, timeout=2)
     assert b"INNER-SECRET" not in stream and b"r79-inner@x" not in stream
     assert home_proxy.wait_log("octets after the Content-Length body", mark)
+
+
+def test_a_bare_lf_reply_never_reaches_a_tcp_caller(home_proxy, callee, alice_over_tcp):
+    """The reply direction of the fix (stop 33): bob answers alice's TCP MESSAGE with a
+    bodiless 200 whose lines end in bare LF (no body, so nothing would read it for
+    E2M); the core reply route drops it, and alice's stream carries no 200."""
+    user, bob = callee
+    alice = alice_over_tcp
+
+    def bare_lf_ok(request):
+        lines = [b"SIP/2.0 200 OK"] + [("%s: %s" % (n, v)).encode() for n, v in request.headers
+                                       if n.lower() in ("via", "from", "to", "call-id", "cseq")]
+        return b"\n".join(lines) + b"\nContent-Length: 0\n\n"
+    bob.responder = bare_lf_ok
+    message = alice.build("MESSAGE", "sip:%s@example.com" % user,
+                          headers=[("Content-Type", "text/plain")]).with_body(b"hi bob")
+    mark = home_proxy.log_mark()
+    alice.send(message.replace("Via", alice.via()))
+    assert bob.wait_for(1, timeout=2)
+    assert home_proxy.wait_log("lines do not end in CRLF: dropped", mark)
+    assert b"SIP/2.0 200" not in _stream(alice, wait=0.5)
+
+
+def test_a_bare_lf_bye_is_refused(home_proxy, callee):
+    """Requests the core never reads (a bodiless BYE) meet the same check at the door."""
+    user, bob = callee
+    data, call_id = _message(b"", user, [], eol=b"\n")
+    data = data.replace(b"MESSAGE sip:", b"BYE sip:").replace(b"1 MESSAGE", b"1 BYE") \
+        .replace(b"Content-Type: text/plain\n", b"")
+    answer = _over_tcp(home_proxy.port, data)
+    assert answer.startswith(b"SIP/2.0 400"), answer
+    assert not [m for m in bob.wait_for(1, timeout=1.0) if m.get("Call-ID") == call_id]
