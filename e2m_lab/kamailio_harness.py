@@ -11,8 +11,10 @@ import itertools
 import os
 import re
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from typing import Any
 
 from e2m_plugins.testpki import TestPKI
 from e2m_plugins.sip import RequestLine, SipMessage, make_request, make_response, parse
-from kamailio_app.launcher import LOG_POLL
+from kamailio_app.launcher import CTL_PATH_MAX, CTL_SOCKET, LOG_POLL
 from .ports import free_port
 
 from .proxy_process import ProxyProcess
@@ -100,6 +102,18 @@ def build_request(method: str, uri: str, *, from_user: str = "alice", to_user: s
 
 # --------------------------------------------------------------------------- proxies
 
+def runtime_dir_for(directory: Path) -> Path:
+    """``directory``/run, or where that is too long for Kamailio's ctl socket (pytest's
+    dirs under xdist: ``.../popen-gw0/<test>/<proxy>/run``) a short dir of its own in
+    the temp dir, named for ``directory`` so a restart finds it again (removed by
+    ``ProxyStarter.stop_all``)."""
+    run = directory / "run"
+    if len(os.fsencode(run / CTL_SOCKET)) <= CTL_PATH_MAX:
+        return run
+    digest = hashlib.sha256(os.fsencode(directory.resolve())).hexdigest()[:16]
+    return Path(tempfile.gettempdir()).resolve() / f"e2m-run-{digest}"
+
+
 @dataclass
 class ProxyHandle:
     name: str
@@ -137,7 +151,7 @@ class ProxyHandle:
 
     @property
     def runtime_dir(self) -> Path:
-        return self.directory / "run"
+        return runtime_dir_for(self.directory)
 
     def log_mark(self) -> int:
         try:
@@ -175,7 +189,7 @@ class ProxyHandle:
 
     def rpc(self, *command: str) -> str:
         """A kamcmd command on this instance's own ctl socket."""
-        done = subprocess.run(["kamcmd", "-s", f"unix:{self.runtime_dir}/kamailio_ctl", *command],
+        done = subprocess.run(["kamcmd", "-s", f"unix:{self.runtime_dir / CTL_SOCKET}", *command],
                               capture_output=True, text=True, timeout=10)
         return done.stdout
 
@@ -409,6 +423,8 @@ class ProxyStarter:
     def stop_all(self) -> list[ProxyHandle]:
         for handle in self.started:
             handle.stop()
+            if handle.directory not in handle.runtime_dir.parents:
+                shutil.rmtree(handle.runtime_dir, ignore_errors=True)
         return self.started
 
 
@@ -447,6 +463,8 @@ class _UdpPeer:
                 continue
             except OSError:
                 return
+            if self._stop.is_set():
+                return          # close()'s wake-up datagram, or one that came with it
             try:
                 reply = self._handle(data)
             except Exception as exc:  # noqa: BLE001 - a responder's bug must not end the peer
@@ -457,6 +475,11 @@ class _UdpPeer:
 
     def close(self) -> None:
         self._stop.set()
+        try:      # wake the reader now instead of at its next 0.2 s timeout
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
+                waker.sendto(b"", ("127.0.0.1", self.port))
+        except OSError:
+            pass
         self._thread.join(timeout=2)
         self.sock.close()
 

@@ -331,12 +331,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class RuntimeDirError(ValueError):
-    """A requested runtime dir someone else could use."""
+    """A requested runtime dir someone else could use, or one Kamailio cannot use."""
+
+
+# Kamailio's ctl module takes a unix socket path of at most this many octets
+CTL_PATH_MAX = 104
+CTL_SOCKET = "kamailio_ctl"
 
 
 def _prepare_runtime(requested: str | None) -> tuple[Path, bool]:
     if requested:
         path = Path(requested).resolve()
+        if len(os.fsencode(path / CTL_SOCKET)) > CTL_PATH_MAX:
+            # else Kamailio stops at start with "init_unix_sock: name too long"
+            raise RuntimeDirError(
+                f"runtime dir {path} is too long: {path / CTL_SOCKET} must fit in "
+                f"{CTL_PATH_MAX} octets (a unix socket's path); give a shorter one")
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         _check_private(path)
         return path, False
@@ -373,7 +383,7 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         return
-    for name in ("kamailio_ctl", "kamailio_rpc.fifo", "kamailio.pid", "tls.cfg", "tls-ca.pem",
+    for name in (CTL_SOCKET, "kamailio_rpc.fifo", "kamailio.pid", "tls.cfg", "tls-ca.pem",
                  "trusted.list", "pgpass", "ds.list", AUTH_SECRET_FILE):
         try:
             (runtime_dir / name).unlink()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import io
 import subprocess
 from pathlib import Path
@@ -210,6 +212,22 @@ def test_a_runtime_dir_others_can_enter_is_refused(tmp_path, pki: TestPKI, capsy
     assert "runtime dir" in capsys.readouterr().err and not (run / "kamailio.cfg").exists()
     run.chmod(0o700)                              # the control: owner only is taken
     assert main(["--config", str(path), "--runtime-dir", str(run), "--print-cfg"]) == 0
+
+
+def test_a_runtime_dir_too_long_for_the_control_socket_is_refused_with_the_reason(
+        tmp_path, pki: TestPKI, capsys):
+    """Kamailio stops at start with "init_unix_sock: name too long" when the ctl
+    socket's path passes 104 octets; the launcher says which dir and why first."""
+    from e2m_lab.kamailio_harness import write_proxy_config
+    from kamailio_app.launcher import CTL_PATH_MAX, CTL_SOCKET, main
+    path = write_proxy_config(tmp_path / "p", 5070, pki=pki, e2m=True)
+    base = len(os.fsencode(tmp_path.resolve())) + 1 + len(CTL_SOCKET) + 1
+    fits = tmp_path / ("r" * (CTL_PATH_MAX - base))
+    long = tmp_path / ("r" * (CTL_PATH_MAX - base + 1))
+    assert main(["--config", str(path), "--runtime-dir", str(long), "--print-cfg"]) == 2
+    err = capsys.readouterr().err
+    assert "too long" in err and str(long) in err and not long.exists()
+    assert main(["--config", str(path), "--runtime-dir", str(fits), "--print-cfg"]) == 0
 
 
 def test_the_rpc_fifo_and_control_socket_are_the_owners_alone(tmp_path, pki: TestPKI):
