@@ -60,8 +60,15 @@ $(STAMP): pyproject.toml | $(PY)
 
 venv: $(STAMP)
 
+# Two test files at a time (pytest-xdist; most of a process test is waiting on
+# Kamailio, a phone or PostgreSQL), then the tests marked serial alone (a soak's load
+# and memory must not share the cores).  Every test uses free ports and its own dirs.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests --durations=30
+	@$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not serial" --durations=30; \
+	parallel=$$?; \
+	$(PY) -m pytest tests -m serial --durations=10; serial=$$?; \
+	if [ $$parallel -ne 0 ]; then exit $$parallel; fi; exit $$serial
 
 # Everything that needs none of Kamailio, SIPp, pjsua2 (markers, see e2m_lab/needs.py):
 # unit, interop, fuzz and the rest; a machine without them still gets a full run of these.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.pjsua2]
+pytestmark = [pytest.mark.pjsua2, pytest.mark.serial]   # memory over time: alone
 
 ROOT = Path(__file__).resolve().parents[2]
 SECONDS = float(os.environ.get("PHONE_SOAK_CI_SECONDS", 40))

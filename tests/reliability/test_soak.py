@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.kamailio, pytest.mark.sipp]   # bench/soak.py runs both
+pytestmark = [pytest.mark.kamailio, pytest.mark.sipp, pytest.mark.serial]   # bench/soak.py runs both; a load: alone
 
 ROOT = Path(__file__).resolve().parents[2]
 SECONDS = int(os.environ.get("SOAK_CI_SECONDS", 60))
