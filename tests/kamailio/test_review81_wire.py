@@ -58,11 +58,12 @@ issue 14).  The hop can relay her requests on: the token still admits them over 
 self.app.routes.param(call_id, from_tag or ""))``; ``dialog_route.py`` line 73,
 ``param`` binds Call-ID and tag only) and ``ksr_onreply_route``/``route_reply``
 (lines 1163, 1200), which relay a 2xx whose Record-Route entries carrying our token
-were rewritten.  Fix: in the reply route, for a 2xx (and 18x) to a request we
-record-routed, check that the entries with our token are the ones we wrote (host,
-port, transport; for ``r2=on`` the pair as written) and drop the reply otherwise, or rewrite them back; and bind the token to the
-side's transport (HMAC over Call-ID, tag and ``tls``/``udp``) so an in-dialog request
-on the caller's side over anything but TLS is refused.
+were rewritten. Fix: in the reply route, for a 2xx (and 18x) to a request we record-
+routed, check that the entries with our token are the ones we wrote (host, port,
+transport; for ``r2=on`` the pair as written) and drop the reply otherwise, or rewrite
+them back; and bind the token to the side's transport (HMAC over Call-ID, tag and
+``tls``/``udp``) so an in-dialog request on the caller's side over anything but TLS is
+refused.
 
 Controls (each passes): the legitimate flows (a ``sip:`` MESSAGE over TLS to a UDP
 contact; bob's MESSAGE to alice on her live TLS connection, and a stranger's TLS
