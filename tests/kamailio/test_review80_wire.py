@@ -38,6 +38,21 @@ the reply direction ``test_hole_a_reply_ending_in_a_bare_cr_reaches_a_tcp_caller
 Controls: the same messages with a CRLF blank line reach alice and are framed by the
 pjsip rule (``test_control_*``); the LF-only forms stay refused (review 79's fix held).
 
+Hole 2 (``test_hole_deregistrations_lock_a_shared_address_out``; the model and the
+full account in ``tests/unit/test_review80.py``): **REGISTERs that bind nothing hold a
+shared address's registration slots for an hour.**  Attacker: an off-path sender forging
+(or a stranger sharing) an address S, the registrar open.  Messages: from S,
+``registrations_per_source`` (3 here) REGISTERs for junk AoRs, each ``Expires: 0``: the
+registrar binds nothing and answers 200.  Effect: bob's first REGISTER from S right after
+is 403 "Too Many Registrations From This Address", though S has no live AoR; so is every
+new phone behind S for ``MAX_EXPIRES`` (3600 s), renewable with 3 datagrams an hour.
+At fault: ``kemi.count_registration`` claims a slot (``_claim_slot``, then
+``sht_seti(... tag)``) before the registrar reads Contact/Expires, lifetime e2mregs'
+autoexpire.  Fix: a REGISTER that binds nothing claims no slot and frees its pair's;
+a slot lives as long as the granted binding.  Controls:
+``test_control_an_open_registrar_binds_nothing_for_expires_0`` (the junk AoRs are not
+bound: a MESSAGE to one is 404) and ``test_control_bob_registers_from_an_address_without_the_burst``.
+
 Tried and held: a bare CR inside a header line (the core's ``_CTL`` refuses it, 400 for
 a MESSAGE it reads); ``CR CR LF`` (the core's ``_CTL`` again: 400); a folded line (read
 alike, pjsip unfolds too); leading keep-alive CRLFs before a UDP request (the core skips
@@ -55,6 +70,7 @@ import time
 
 import pytest
 
+from e2m_lab.kamailio_harness import build_request, udp_transaction
 from tests.kamailio.test_review79_wire import (_stream, alice_over_tcp,  # noqa: F401
                                                callee)
 
@@ -161,3 +177,43 @@ def test_hole_a_reply_ending_in_a_bare_cr_reaches_a_tcp_caller(home_proxy, calle
     print(f"\nalice's stream: {relayed[-60:]!r}")
     assert relayed == b"" or _pjsip_frames(relayed), \
         "bob's 200 reached alice's TCP connection with no \\n\\r\\n ending its head"
+
+
+# -- registrations that bind nothing ------------------------------------------------
+
+def _register(user: str, host: str, expires: int) -> bytes:
+    return build_request("REGISTER", "sip:example.com", from_user=user, to_user=user,
+                         headers=[("Contact", f"<sip:{user}@{host}:4444>;expires={expires}"),
+                                  ("Expires", str(expires))])
+
+
+@pytest.fixture
+def capped(proxy_factory):
+    return proxy_factory("r80-cap", e2m=False,
+                         limits={"pike_requests": 0, "registrations_per_source": 3})
+
+
+def _status(proxy, request: bytes, source: str):
+    answer = udp_transaction(proxy.port, request, source=source)
+    return answer.status if answer is not None else None
+
+
+def test_control_bob_registers_from_an_address_without_the_burst(capped):
+    assert _status(capped, _register("r80bob1", "127.0.0.81", 3600), "127.0.0.81") == 200
+
+
+def test_control_an_open_registrar_binds_nothing_for_expires_0(capped):
+    assert _status(capped, _register("r80junkx", "127.0.0.82", 0), "127.0.0.82") == 200
+    message = build_request("MESSAGE", "sip:r80junkx@example.com", to_user="r80junkx",
+                            body=b"hi", content_type="text/plain")
+    assert _status(capped, message, "127.0.0.83") == 404      # nothing bound
+
+
+@pytest.mark.xfail(strict=True, reason="review 80: off-path sender forging a shared address, 3 "
+                   "Expires: 0 REGISTERs (nothing bound) lock it out of the registrar for an hour")
+def test_hole_deregistrations_lock_a_shared_address_out(capped):
+    shared = "127.0.0.80"
+    burst = [_status(capped, _register(f"r80junk{n}", shared, 0), shared) for n in range(3)]
+    assert burst == [200] * 3
+    bob = _status(capped, _register("r80bob", shared, 3600), shared)
+    assert bob == 200, f"bob's first REGISTER from {shared} got {bob}, nothing bound there"
