@@ -20,8 +20,8 @@ the reply direction ``test_hole_a_reply_ending_in_a_bare_cr_reaches_a_tcp_caller
   ``$bs`` is 0; ``_bare_line_ends`` counts LFs against CRLFs only (no LF here, so none
   is bare); the core's ``_parse_head`` strips a trailing CR from the last "line" and
   takes the empty rest as the blank line, and the ``exact`` check also counts LFs.
-- Effect: the proxy answers the MESSAGE 200-less and relays it down alice's TCP
-  connection ending in ``\\r\\n\\r``: no ``\\n\\r\\n`` ends that head, so pjsip keeps
+- Effect: the proxy relays the MESSAGE (with its own Via and policy header) down
+  alice's TCP connection ending in ``\\r\\n\\r``: no ``\\n\\r\\n`` ends that head, so pjsip keeps
   reading and takes the next message on the connection for the rest of this one (its
   own first ``Content-Length: 0`` then cuts it) - review 79's wedge again, with one
   octet less.  The reply is relayed the same way (a bodiless 200 to MESSAGE is not read
