@@ -595,6 +595,15 @@ def _check_size(data: bytes, max_size: int) -> None:
         raise LimitExceededError(f"message of {len(data)} bytes exceeds {max_size}")
 
 
+def crlf_head(head: bytes) -> bool:
+    """True when ``head`` (a message's start line and headers, its blank line
+    included) ends every line in CRLF: it ends in CRLF CRLF, and every CR and every LF
+    in it belongs to a CRLF.  What a stream peer such as pjsip can frame."""
+    pairs = head.count(b"\r\n")
+    return (head.endswith(b"\r\n\r\n") and head.count(b"\r") == pairs
+            and head.count(b"\n") == pairs)
+
+
 def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
           max_line: int = DEFAULT_MAX_LINE, max_size: int = DEFAULT_MAX_SIZE,
           exact: bool = False) -> SipMessage:
@@ -611,12 +620,10 @@ def parse(data: bytes, *, max_headers: int = DEFAULT_MAX_HEADERS,
     _check_size(data, max_size)
     head = _parse_plain_head(data, max_headers, max_line) or _parse_head(data, max_headers, max_line)
     assert head.start_line is not None
-    if exact:
-        lines = data[:head.body_start]
-        if lines.count(b"\n") != lines.count(b"\r\n"):
-            # pjsip frames a stream by CRLF only: relayed, a bare LF lost the messages
-            # behind it on the connection (review 79)
-            raise MalformedError("a line of the head does not end in CRLF")
+    if exact and not crlf_head(data[:head.body_start]):
+        # pjsip frames a stream by CRLF only: relayed, a bare LF or CR lost the
+        # messages behind it on the connection (reviews 79, 80)
+        raise MalformedError("a line of the head does not end in CRLF")
     index = _index_headers(head.headers)
     _check_unambiguous(index)
     length = _content_length(index)

@@ -41,6 +41,11 @@ LOG_LEVELS = {"alert": -5, "bug": -4, "crit": -3, "err": -1, "error": -1, "warn"
 
 _PROTOS = ("udp", "tcp", "tls")
 SHM_ALLOCATORS = ("tlsf", "qm", "fm")     # Kamailio's -x choices
+# The registrar's contact lifetimes in seconds (the longest kept, what a contact asking
+# none gets, the shortest granted); the open registrar's count of AoRs follows them.
+MAX_EXPIRES = 3600
+DEFAULT_EXPIRES = 600
+MIN_EXPIRES = 60
 # [auth] db_url schemes and the Kamailio module that speaks each.
 DB_MODULES = {"sqlite": "db_sqlite", "mysql": "db_mysql", "postgres": "db_postgres",
               "text": "db_text"}

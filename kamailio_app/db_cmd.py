@@ -257,6 +257,29 @@ _NODE_SCHEMAS = ("SELECT nspname FROM pg_namespace "
                  "WHERE nspowner = (SELECT oid FROM pg_roles WHERE rolname = %s)")
 
 
+# Code the nodes' account could have left on the tables while they were its own, which
+# a change of owner keeps running: a trigger or rule on them, a function in the schema
+# (a REASSIGN makes its function the owner's), anything else it still owns (review 80).
+_PLANTED = (
+    "SELECT 'trigger ' || tgname || ' on ' || tgrelid::regclass FROM pg_trigger "
+    "WHERE NOT tgisinternal AND tgname <> 'e2m_bodies_fill_only' "
+    "AND tgrelid IN (SELECT c.oid FROM pg_class c WHERE c.relnamespace = "
+    "current_schema()::regnamespace) "
+    "UNION ALL SELECT 'rule ' || rulename || ' on ' || ev_class::regclass FROM pg_rewrite "
+    "WHERE rulename <> '_RETURN' AND ev_class IN (SELECT c.oid FROM pg_class c "
+    "WHERE c.relnamespace = current_schema()::regnamespace) "
+    "UNION ALL SELECT 'policy ' || polname || ' on ' || polrelid::regclass FROM pg_policy "
+    "WHERE polrelid IN (SELECT c.oid FROM pg_class c WHERE c.relnamespace = "
+    "current_schema()::regnamespace) "
+    "UNION ALL SELECT 'function ' || oid::regprocedure FROM pg_proc "
+    "WHERE pronamespace = current_schema()::regnamespace "
+    "AND proname <> 'e2m_bodies_fill_only' "
+    "UNION ALL SELECT pg_describe_object(classid, objid, objsubid) FROM pg_shdepend "
+    "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND refclassid = 'pg_authid'::regclass AND deptype = 'o' "
+    "AND refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)")
+
+
 def _take_over(conn: Any, owner: str, node: str) -> None:
     """The database, its schema, then every table and sequence the nodes' account holds
     become ``owner``'s (a sequence a table owns moves with it, so sequences are read
@@ -313,6 +336,7 @@ def _grant(config: AppConfig, owner: Any, out: list[str]) -> None:
             left += [what for what, holder in conn.execute(_PLACES).fetchall()
                      if holder == node]
             left += ["schema " + name for name, in conn.execute(_NODE_SCHEMAS, (node,))]
+            left += [what for what, in conn.execute(_PLANTED, (node,))]
             if left:
                 raise _Failed(f"still not {owner.user}'s: {', '.join(sorted(left))}: look "
                               f"inside, then drop it or REASSIGN OWNED BY {node} TO "

@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 __all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES", "dialog_ids"]
 
@@ -81,11 +81,26 @@ class RouteTokens:
         wanted = {self.token(call_id, tag) for tag in tags if tag}
         if not call_id or not wanted:
             return False
-        text = ",".join(routes)[:_MAX_ROUTE_TEXT]
-        for count, entry in enumerate(_ENTRY.finditer(text)):
-            if count >= MAX_ROUTE_ENTRIES:
-                break
-            found = _TOKEN.search(entry.group(1))
-            if found and any(hmac.compare_digest(found.group(1).lower(), t) for t in wanted):
-                return True
-        return False
+        return any(any(hmac.compare_digest(token, t) for t in wanted)
+                   for _, token in _carried(routes))
+
+    def ours_in(self, call_id: str, tag: str, routes: Iterable[str]) -> list[str]:
+        """The URIs of the Record-Route/Route entries ``routes`` that carry our token of
+        ``call_id`` and ``tag``: entries this proxy wrote, whatever they now say (read
+        as ``admits`` reads, as boundedly)."""
+        if not call_id or not tag:
+            return []
+        wanted = self.token(call_id, tag)
+        return [uri for uri, token in _carried(routes) if hmac.compare_digest(token, wanted)]
+
+
+def _carried(routes: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(URI, token) of each entry of ``routes`` carrying a route token, at most
+    ``MAX_ROUTE_ENTRIES`` entries of ``_MAX_ROUTE_TEXT`` characters."""
+    text = ",".join(routes)[:_MAX_ROUTE_TEXT]
+    for count, entry in enumerate(_ENTRY.finditer(text)):
+        if count >= MAX_ROUTE_ENTRIES:
+            break
+        found = _TOKEN.search(entry.group(1))
+        if found:
+            yield entry.group(1), found.group(1).lower()

@@ -55,12 +55,14 @@ from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
-from e2m_plugins.sip import canonical_method, canonical_name, parse  # noqa: E402
+from e2m_plugins.sip import (canonical_method, canonical_name, crlf_head, parse,  # noqa: E402
+                             parse_address)
 from e2m_plugins.uri import host_key, identity_of, parse_uri  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
-from kamailio_app.config import canonical_ip  # noqa: E402
+from kamailio_app.config import (DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES,  # noqa: E402
+                                 canonical_ip)
 from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
@@ -73,6 +75,7 @@ _PLAIN_FORWARD = Verdict("forward")
 _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
 _MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
+_SLOT_SLACK = 10      # seconds a slot outlives its binding (the registrar's timer, ours)
 # auth_db's auth_check: the credentials are good but belong to someone else
 _AUTH_USER_MISMATCH = -8
 # auth_check failed for itself (a database error, or credentials it already answered 400)
@@ -168,15 +171,21 @@ def _read_message():
     total = int(KSR.pv.get("$ml") or 0)
     if total <= _SLICE:
         return parse(base64.b64decode(KSR.pv.get(_WHOLE) or ""), exact=True)
+    return parse(_read_octets(total), exact=True)
+
+
+def _read_octets(length):
+    """The message's first ``length`` octets, byte-exact, in slices a transformation's
+    buffer holds (one of 60 KB came back empty); MalformedError if not all came."""
     pieces = []
-    for offset in range(0, total, _SLICE):
+    for offset in range(0, length, _SLICE):
         KSR.pv.seti("$var(e2m_off)", offset)
-        KSR.pv.seti("$var(e2m_len)", min(_SLICE, total - offset))
+        KSR.pv.seti("$var(e2m_len)", min(_SLICE, length - offset))
         pieces.append(base64.b64decode(KSR.pv.get(_PIECE) or ""))
     raw = b"".join(pieces)
-    if len(raw) != total:
+    if len(raw) != length:
         raise MalformedError("message could not be read whole")
-    return parse(raw, exact=True)
+    return raw
 
 
 def _request_kept() -> list[bytes]:
@@ -217,6 +226,7 @@ def _normal(value):
 # Route header values read by index: a fixed set of PV spec strings (Kamailio keeps
 # each distinct one for good); a real route set has one or two headers.
 _ROUTE_SPECS = ["$(hdr(Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
+_RECORD_ROUTE_SPECS = ["$(hdr(Record-Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
 _BY_NAME_MAX = 4
 _BY_NAME = {canonical_name(n): (n, "$hdrc(%s)" % n, ["$(hdr(%s)[%d])" % (n, i)
                                                      for i in range(_BY_NAME_MAX)])
@@ -247,6 +257,45 @@ def _repeats_a_single_header():
     return any((KSR.pv.get(spec) or 0) > 1 for spec in _SINGLE_COUNTS)
 
 
+def _asked_lifetime():
+    """Seconds the registrar will keep what this REGISTER binds, as it grants them: 0
+    for no Contact (a query), ``Contact: *`` or one contact whose expiry is 0; else
+    the contact's ``expires``, the Expires header or the default, within the
+    registrar's bounds.  Anything less plain (several contacts, a comma, an expiry
+    that is no number) gets the longest: fail closed."""
+    count = KSR.pv.get("$hdrc(Contact)") or 0
+    if count == 0:
+        return 0
+    value = (KSR.pv.get("$hdr(Contact)") or "").strip()
+    if count != 1 or "," in value:
+        return MAX_EXPIRES
+    if value == "*":
+        return 0
+    try:
+        expires = parse_address(value).params.get("expires")
+    except E2MError:
+        return MAX_EXPIRES
+    if expires is None:
+        expires = (KSR.pv.get("$hdr(Expires)") or "").strip() or str(DEFAULT_EXPIRES)
+    if not expires.isdigit() or len(expires) > 10:
+        return MAX_EXPIRES
+    seconds = int(expires)
+    return 0 if seconds == 0 else min(max(seconds, MIN_EXPIRES), MAX_EXPIRES)
+
+
+def _sips_leaves_tls():
+    """True when the request was sent to a sips: URI and its next hop is not TLS (the
+    destination set, else the Request-URI: a contact from lookup, a next hop)."""
+    if not (KSR.pv.get("$ou") or "")[:5].lower() == "sips:":
+        return False
+    target = (KSR.pv.get("$du") if KSR.isdsturiset() else KSR.pv.get("$ru")) or ""
+    try:
+        uri = parse_uri(target)
+    except E2MError:
+        return True
+    return uri.scheme != "sips" and (uri.params.get("transport") or "").lower() != "tls"
+
+
 def _bare_line_ends():
     """True when a line of the message's head ends in anything but CRLF.  Kamailio and
     the core take a bare LF, but pjsip finds a message's end on a stream only by CRLF:
@@ -255,10 +304,10 @@ def _bare_line_ends():
     head = int(KSR.pv.get("$ml") or 0) - int(KSR.pv.get("$bs") or 0)
     if head <= 0:
         return False
-    KSR.pv.seti("$var(e2m_off)", 0)
-    KSR.pv.seti("$var(e2m_len)", head)
-    raw = base64.b64decode(KSR.pv.get(_PIECE) or "")
-    return raw.count(b"\n") != raw.count(b"\r\n")
+    try:
+        return not crlf_head(_read_octets(head))
+    except MalformedError:
+        return True           # a head that cannot be read cannot be vouched for
 
 
 def _remove_by_name(wanted):
@@ -748,6 +797,21 @@ class kamailio:
         source can be written by anyone).  Review 22."""
         return self.app.config.auth is None or self.authenticated is not None
 
+    def moved_route_entries(self):
+        """The Record-Route entries of this reply that carry our token for its Call-ID
+        and From tag but do not name one of our sockets (host, port and transport)."""
+        count = min(int(KSR.pv.get("$hdrc(Record-Route)") or 0), len(_RECORD_ROUTE_SPECS))
+        if count == 0:
+            return []
+        try:
+            routes = [KSR.pv.get(_RECORD_ROUTE_SPECS[i]) or "" for i in range(count)]
+            call_id = (KSR.pv.get("$ci") or "").strip(" \t")
+            from_tag = (KSR.pv.get("$ft") or "").strip(" \t")
+        except UnicodeDecodeError:
+            return []       # ids we never made a token for (the core refuses them)
+        return [uri for uri in self.app.routes.ours_in(call_id, from_tag, routes)
+                if KSR.is_myself(uri) <= 0]
+
     def dialog_routed_here(self):
         """One of the request's Route entries carries our token for its Call-ID and one
         of its tags (``dialog_route``)."""
@@ -792,6 +856,11 @@ class kamailio:
             # long as it is written: 60 KB ones filled shared memory (review 77)
             KSR.sl.send_reply(400, "Bad To")
             return False
+        lifetime = _asked_lifetime()
+        if lifetime == 0:
+            # a query or a removal: nothing to count, and a slot taken for it held a
+            # shared address for the slots' whole lifetime (review 80)
+            return True
         # fixed-size names: the AoR's own length is the sender's to choose (review 77)
         digest = hashlib.sha256(str(identity).encode()).hexdigest()
         pair = "%s|%s" % (source, digest[:32])
@@ -805,8 +874,15 @@ class kamailio:
             if index == 0:
                 KSR.sl.send_reply(403, "Too Many Registrations From This Address")
                 return False
-        KSR.htable.sht_seti(_REGS, _slot_name(source, index), tag)
-        KSR.htable.sht_seti(_REGS, pair, index)
+        # both live as long as the binding asked for (or one still held, if longer):
+        # a one-minute registration held a slot for MAX_EXPIRES (review 80)
+        name = _slot_name(source, index)
+        if index == held:
+            left = KSR.pv.get("$shtex(%s=>%s)" % (_REGS, name)) or 0
+            if 0 < left <= MAX_EXPIRES + _SLOT_SLACK:    # unsigned: a past one wraps
+                lifetime = max(lifetime, left - _SLOT_SLACK)
+        KSR.htable.sht_setxi(_REGS, name, tag, lifetime + _SLOT_SLACK)
+        KSR.htable.sht_setxi(_REGS, pair, index, lifetime + _SLOT_SLACK)
         return True
 
     @staticmethod
@@ -894,6 +970,14 @@ class kamailio:
 
     # -- E2M -------------------------------------------------------------------
     def relay(self, inspect):
+        if _sips_leaves_tls():
+            # RFC 5630 3.1.3: a sips: request goes over TLS on every hop, or not at all;
+            # a contact or next hop over UDP or TCP would carry it in clear (review 81)
+            if not KSR.is_ACK():
+                KSR.hdr.append_to_reply('Warning: 380 %s "SIPS Not Allowed"\r\n'
+                                        % (self.app.config.local_names or ("-",))[0])
+                KSR.sl.sl_send_reply(480, "SIPS Not Allowed")
+            return
         if inspect and self.app.engine is not None:
             # A refusal is answered statefully, so retransmissions are not inspected again.
             self.new_transaction()
@@ -1063,6 +1147,22 @@ class kamailio:
                       % KSR.pv.get("$rs"))
                 KSR.set_drop()
                 return 0
+        except Exception as exc:  # noqa: BLE001 - the checks below still run
+            _log_exception("reply framing checks", exc)
+        try:
+            moved = self.moved_route_entries()
+        except Exception as exc:  # noqa: BLE001 - fail closed: we cannot vouch for it
+            _log_exception("record-route check", exc)
+            moved = ["?"]
+        if moved:
+            # a hop on the callee's side rewrote the entry the caller's side follows (to
+            # itself, off TLS): her in-dialog requests and digest would go there (review
+            # 81).  Our token says we wrote it; its address says we did not.
+            _warn("e2m: a %s whose Record-Route entry with our token names %d "
+                  "address(es) not ours: dropped\n" % (KSR.pv.get("$rs"), len(moved)))
+            KSR.set_drop()
+            return 0
+        try:
             unreadable = self.read_reply()
             if unreadable is not None:
                 # forwarded, it would reach the caller unread and unarchived (a Via only

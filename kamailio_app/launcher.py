@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .config import DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES  # the registrar's
 from .config import (AppConfig, AppConfigError, ClusterSettings, DispatcherSettings,
                      TlsSettings, load_app_config)
 from .pgconn import SEARCH_PATH_OPTION, passfile_text
@@ -47,7 +48,6 @@ STOP_TIMEOUT = 10.0  # seconds Kamailio gets to stop before it is killed
 STRAGGLER_AFTER = 1.0  # seconds before a child still running is sent SIGTERM again
 AUTH_SECRET_FILE = "auth-secret.cfg"   # the digest nonce secret, 0600 in the runtime dir
 REPLAY_AUTOEXPIRE = 86400 + 33  # [policy] replay_window is at most 86400 s
-MAX_EXPIRES = 3600              # registrar: the longest a contact is kept
 
 
 def python_path() -> list[str]:
@@ -132,6 +132,8 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         # on a small shm
         "TCP_WQ_MAX": str(min(10 * 1024 * 1024, k.shm_mb * 1024 * 1024 // 16)),
         "MAX_EXPIRES": str(MAX_EXPIRES),
+        "DEFAULT_EXPIRES": str(DEFAULT_EXPIRES),
+        "MIN_EXPIRES": str(MIN_EXPIRES),
         "MAX_CONTACTS": str(limits.max_contacts),
         "PIKE_WINDOW": str(limits.pike_window),
         "PIKE_REQUESTS": str(limits.pike_requests),

@@ -206,8 +206,9 @@ def test_a_schema_left_from_an_earlier_take_over_shadows_nothing(
     never shown."""
     import kamailio_app.db_cmd as db_cmd
     roles, config = _before_hardening(tmp_path, postgres, capsys, plant=True)
-    monkeypatch.setattr(db_cmd, "_NODE_SCHEMAS",
-                        "SELECT nspname FROM pg_namespace WHERE false AND %s::text IS NULL")
+    nothing = "SELECT nspname FROM pg_namespace WHERE false AND %s::text IS NULL"
+    monkeypatch.setattr(db_cmd, "_NODE_SCHEMAS", nothing)     # stop 32 had neither check
+    monkeypatch.setattr(db_cmd, "_PLANTED", nothing)
     _harden(roles, config, postgres, monkeypatch, capsys)
     shadow = [(statement.replace("TABLE bodies", f'TABLE "{roles["node"]}".bodies')
                .replace("TABLE media", f'TABLE "{roles["node"]}".media')

@@ -59,6 +59,12 @@ Tried and held (run where named, else read):
   while its owner stays the node - see the fix above).
 - Sequences: ``GRANT USAGE ON ALL SEQUENCES`` lets a node ``setval``? no: ``USAGE`` gives
   ``nextval``/``currval`` only; burning ids skips numbers, rows are not lost.
+
+Fixed (stop 33): the take-over refuses while a trigger, rule, policy or function it
+did not make is on the tables or in their schema, or the nodes' account still owns
+anything in the database (``db_cmd._PLANTED``), naming each.  The hole test now
+asserts the refusal by both ways, then the operator's drop and a take-over that keeps
+dave's row dave's.
 """
 
 from __future__ import annotations
@@ -139,20 +145,27 @@ def test_control_after_the_hardening_the_node_cannot_add_a_trigger(tmp_path, pos
     assert _run(roles["node_url"], _PLANT) == []          # no CREATE on public, not the owner
 
 
-@pytest.mark.xfail(strict=True, reason="review 80: insider with the nodes' DB password, a trigger "
-                   "planted on bodies before --owner-url survives it: dave's rows archived as bob's")
 @pytest.mark.parametrize("way", ["superuser", "reassign"])
 def test_hole_a_trigger_the_nodes_account_put_on_bodies_survives_the_take_over(
         tmp_path, postgres, monkeypatch, capsys, way):
+    """Fixed (stop 33): the take-over refuses while a trigger, rule, policy or function
+    it did not make is on the tables (``db_cmd._PLANTED``), naming it; once the
+    operator dropped it, the take-over goes through and dave's row stays dave's."""
     roles, config = _before_hardening(tmp_path, postgres, capsys, plant=True)
     code, said = _harden(roles, config, postgres, monkeypatch, capsys, way)
+    print(f"\nupgrade exit {code}: {said.strip()[:300]}")
+    assert code != 0 and "trigger a_touch on bodies" in said, said
+    assert "function e2m_touch()" in said, said
+    postgres.psql("DROP TRIGGER a_touch ON bodies; DROP FUNCTION e2m_touch();\n",
+                  database=roles["db"])
+    code, said = _harden(roles, config, postgres, monkeypatch, capsys, way)
+    assert code == 0 and "tables owned by" in said, said
     listing, recorded = _archive_dave(roles, config, postgres, capsys)
     triggers = postgres.psql("SELECT tgname || ' ' || pg_get_userbyid(p.proowner) FROM pg_trigger t "
                              "JOIN pg_proc p ON p.oid = t.tgfoid "
                              "WHERE tgrelid = 'public.bodies'::regclass AND NOT tgisinternal;\n",
                              database=roles["db"]).split("\n")
-    print(f"\nupgrade exit {code}: {said.strip()[:200]}\ntriggers on bodies: {triggers}\n"
-          f"dave's row recorded as from {recorded}\n{listing}")
-    assert code != 0 or recorded == "sip:dave@example.com", (
+    print(f"triggers on bodies: {triggers}\ndave's row recorded as from {recorded}\n{listing}")
+    assert recorded == "sip:dave@example.com", (
         f"the upgrade said done ({said.strip()[:120]}), and dave's message was archived "
         f"as from {recorded}")

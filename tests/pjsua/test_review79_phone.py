@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -155,12 +155,15 @@ def _alices(pki: TestPKI, sender: Sender, text: bytes) -> tuple[bytes, str]:
     return alice.protect(plain).message.serialize(), plain.call_id
 
 
-def _run(pki: TestPKI, proxy: ProxyHandle, bob: PhoneProcess, *, bare_lf: bool | str
+def _run(pki: TestPKI, proxy: ProxyHandle, bob: PhoneProcess,
+         make_first: Callable[[Sender], tuple[bytes, str]]
          ) -> tuple[bytes | None, bytes | None, list[str]]:
+    """``make_first(sender)``'s message to bob, then alice's signed one; the answers to
+    both and what bob's phone showed (review 80 sends its own first message)."""
     sender = Sender(proxy)
     try:
         mark = bob.mark()
-        first, first_id = _first(sender, bare_lf=bare_lf)
+        first, first_id = make_first(sender)
         sender.send(first)
         first_answer = sender.final_answer(first_id, timeout=2.0)
         text = b"meet at noon %d" % time.monotonic_ns()
@@ -175,7 +178,7 @@ def _run(pki: TestPKI, proxy: ProxyHandle, bob: PhoneProcess, *, bare_lf: bool |
 
 
 def test_control_crlf_messages_reach_a_tcp_phone(pki, proxy, tcp_bob):
-    first, second, shown = _run(pki, proxy, tcp_bob, bare_lf=False)
+    first, second, shown = _run(pki, proxy, tcp_bob, lambda s: _first(s, bare_lf=False))
     assert first is not None                     # the phone answered the plain one (refused)
     assert second is not None and second.startswith(b"SIP/2.0 200"), second
     assert any(t.startswith("meet at noon") for t in shown), shown
@@ -214,7 +217,7 @@ def test_the_bare_lf_message_is_refused_over_udp_too(pki, proxy):
 @pytest.mark.parametrize("bare_lf", [True, "last"], ids=["every-line", "last-lines-only"])
 def test_hole_one_bare_lf_message_wedges_a_tcp_phones_connection(pki, proxy, tcp_bob,
                                                                   bare_lf):
-    first, second, shown = _run(pki, proxy, tcp_bob, bare_lf=bare_lf)
+    first, second, shown = _run(pki, proxy, tcp_bob, lambda s: _first(s, bare_lf=bare_lf))
     assert second is not None and second.startswith(b"SIP/2.0 200"), \
         "alice's MESSAGE after the bare-LF one was never answered"
     assert any(t.startswith("meet at noon") for t in shown), shown

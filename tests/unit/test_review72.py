@@ -130,6 +130,10 @@ class _Htable:
         self.items[key] = (value, self.clock[0] + self.autoexpire)
         return 1
 
+    def sht_setxi(self, table: str, key: str, value: int, expire: int) -> int:
+        self.items[key] = (value, self.clock[0] + expire)    # this item's own expiry
+        return 1
+
     def sht_rm(self, table: str, key: str) -> int:
         self.items.pop(key, None)
         return 1
@@ -147,7 +151,10 @@ def front(monkeypatch):
     import kamailio_app.kemi as kemi
     from kamailio_app.launcher import MAX_EXPIRES
     monkeypatch.setattr(kemi, "KSR", fake)
-    vars_: dict[str, str] = {}
+    # a REGISTER with one contact asking the longest lifetime, as the location model
+    # grants (review 80: a slot lives as long as the binding asked for)
+    vars_: dict[str, str] = {"$hdrc(Contact)": 1, "$hdr(Contact)": "<sip:ua@192.0.2.1>",
+                             "$hdr(Expires)": "3600"}
     replies: list[int] = []
     fake.pv = types.SimpleNamespace(get=lambda name: vars_.get(name))
     fake.htable = _Htable(clock, MAX_EXPIRES)

@@ -127,7 +127,10 @@ def _proxy(monkeypatch, *, front: bool):
     import kamailio_app.kemi as kemi
     from kamailio_app.launcher import MAX_EXPIRES
     monkeypatch.setattr(kemi, "KSR", fake)
-    vars_: dict[str, str] = {}
+    # a REGISTER with one contact asking the longest lifetime, as the location model
+    # grants (review 80: a slot lives as long as the binding asked for)
+    vars_: dict[str, str] = {"$hdrc(Contact)": 1, "$hdr(Contact)": "<sip:ua@192.0.2.1>",
+                             "$hdr(Expires)": "3600"}
     replies: list[int] = []
     fake.pv = types.SimpleNamespace(get=lambda name: vars_.get(name))
     fake.htable = _Htable(clock, MAX_EXPIRES)

@@ -124,6 +124,7 @@ def _interleave(proxy, hook_key: str):
 
     htable.sht_inc = hooked(htable.sht_inc)
     htable.sht_seti = hooked(htable.sht_seti)
+    htable.sht_setxi = hooked(htable.sht_setxi)        # slots with their own lifetime
 
     def burst(source: str, to_uri: str):
         state.update(armed=True, source=source, to=to_uri, second="unset")
