@@ -76,6 +76,7 @@ _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
 _MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
 _SLOT_SLACK = 10      # seconds a slot outlives its binding (the registrar's timer, ours)
+_SLOT_LEFT = "$shtex(e2mregs=>$var(e2m_slot))"     # seconds a slot has left
 # auth_db's auth_check: the credentials are good but belong to someone else
 _AUTH_USER_MISMATCH = -8
 # auth_check failed for itself (a database error, or credentials it already answered 400)
@@ -297,10 +298,11 @@ def _sips_leaves_tls():
 
 
 def _bare_line_ends():
-    """True when a line of the message's head ends in anything but CRLF.  Kamailio and
-    the core take a bare LF, but pjsip finds a message's end on a stream only by CRLF:
-    relayed down a phone's TCP connection, such a message swallowed the requests after
-    it (review 79).  Only the head is read: a body may hold any octets."""
+    """True when a line of the message's head ends in anything but CRLF (``crlf_head``).
+    Kamailio and the core take a bare LF, or a bare CR as the blank line, but pjsip
+    finds a message's end on a stream only by CRLF: relayed down a phone's TCP
+    connection, such a message swallowed the requests after it (reviews 79, 80).  Only
+    the head is read: a body may hold any octets."""
     head = int(KSR.pv.get("$ml") or 0) - int(KSR.pv.get("$bs") or 0)
     if head <= 0:
         return False
@@ -834,9 +836,9 @@ class kamailio:
         """While the registrar is open, one source may register at most
         ``registrations_per_source`` AoRs.  Each source has that many slots in e2mregs
         (``source#1`` ...); an AoR it registers holds one, named by its (source, AoR)
-        pair, and a slot lives as long as that AoR is refreshed within e2mregs'
-        autoexpire, no longer.  A source's count is therefore its live AoRs and nothing
-        else: a counter kept beside them outlived the AoRs it counted while any other
+        pair, for as long as the binding asked (``_asked_lifetime``, renewed by each
+        refresh), no longer, and a REGISTER that binds nothing takes none (review 80).
+        A source's count is therefore its live AoRs and nothing else: a counter kept beside them outlived the AoRs it counted while any other
         was refreshed, so one forged burst from a shared address held it full (review
         78); one counter per source expired while its AoRs lived on (review 72).  By
         pair, not by "is the AoR registered": a second address refreshing the first's
@@ -878,7 +880,9 @@ class kamailio:
         # a one-minute registration held a slot for MAX_EXPIRES (review 80)
         name = _slot_name(source, index)
         if index == held:
-            left = KSR.pv.get("$shtex(%s=>%s)" % (_REGS, name)) or 0
+            # through a $var: each distinct PV spec string is kept for good (pkg memory)
+            KSR.pv.sets("$var(e2m_slot)", name)
+            left = KSR.pv.get(_SLOT_LEFT) or 0
             if 0 < left <= MAX_EXPIRES + _SLOT_SLACK:    # unsigned: a past one wraps
                 lifetime = max(lifetime, left - _SLOT_SLACK)
         KSR.htable.sht_setxi(_REGS, name, tag, lifetime + _SLOT_SLACK)

@@ -214,3 +214,20 @@ def test_hole_deregistrations_lock_a_shared_address_out(capped):
     assert burst == [200] * 3
     bob = _status(capped, _register("r80bob", shared, 3600), shared)
     assert bob == 200, f"bob's first REGISTER from {shared} got {bob}, nothing bound there"
+
+
+def test_a_refresh_keeps_its_slot_on_a_real_kamailio(capped):
+    """The fix's refresh path on a real Kamailio (the slot's time left read as
+    ``$shtex`` through a ``$var``): three AoRs fill the cap of 3 and each is refreshed
+    with a shorter expiry; a refresh that did not find its own slot would need a
+    fourth and get 403.  A fourth AoR is still refused, and the log holds no script
+    error.  (The lifetimes themselves are the unit model's: no RPC shows an item's
+    expiry.)"""
+    shared = "127.0.0.84"
+    mark = capped.log_mark()
+    first = [_status(capped, _register(f"r80ref{n}", shared, 3600), shared) for n in range(3)]
+    again = [_status(capped, _register(f"r80ref{n}", shared, 60), shared) for n in range(3)]
+    assert first == again == [200] * 3
+    assert _status(capped, _register("r80ref9", shared, 3600), shared) == 403
+    log = capped.log_since(mark)
+    assert "Traceback" not in log and "ERROR" not in log, log[-2000:]

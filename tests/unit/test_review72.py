@@ -156,7 +156,8 @@ def front(monkeypatch):
     vars_: dict[str, str] = {"$hdrc(Contact)": 1, "$hdr(Contact)": "<sip:ua@192.0.2.1>",
                              "$hdr(Expires)": "3600"}
     replies: list[int] = []
-    fake.pv = types.SimpleNamespace(get=lambda name: vars_.get(name))
+    fake.pv = types.SimpleNamespace(get=lambda name: vars_.get(name),
+                                    sets=lambda name, value: vars_.__setitem__(name, value))
     fake.htable = _Htable(clock, MAX_EXPIRES)
     fake.sl = types.SimpleNamespace(send_reply=lambda code, reason: replies.append(code))
     fake.is_myself_srcip = lambda: False
