@@ -201,6 +201,14 @@ def _request_kept() -> list[bytes]:
         return []
 
 
+def _answer_anyway(code, reason):
+    """Statefully where a transaction is, else statelessly: sl's send_reply once took a
+    worker's transaction state for one and failed, leaving the request unanswered
+    (review 23's BYE, under load)."""
+    if KSR.sl.send_reply(code, reason) < 0:
+        KSR.sl.sl_send_reply(code, reason)
+
+
 def _slot_name(source, index):
     return "%s#%d" % (source, index)
 
@@ -416,10 +424,10 @@ class kamailio:
             # hand them over as a str, and no request of ours carries them (review 23)
             _info("e2m: request with octets that are not UTF-8 in a header read: "
                      "refused\n")
-            KSR.sl.send_reply(400, "Bad Request")
+            _answer_anyway(400, "Bad Request")
         except Exception as exc:  # noqa: BLE001 - any failure must get an answer
             _log_exception("request route", exc)
-            KSR.sl.send_reply(500, "Server Internal Error")
+            _answer_anyway(500, "Server Internal Error")
         return 1
 
     def route_dmq(self):
