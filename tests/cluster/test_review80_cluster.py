@@ -169,3 +169,15 @@ def test_hole_a_trigger_the_nodes_account_put_on_bodies_survives_the_take_over(
     assert recorded == "sip:dave@example.com", (
         f"the upgrade said done ({said.strip()[:120]}), and dave's message was archived "
         f"as from {recorded}")
+
+
+def test_an_extensions_functions_in_public_do_not_stop_the_take_over(
+        tmp_path, postgres, monkeypatch, capsys):
+    """The check names code the nodes' account left, not an operator's extension: a
+    superuser's ``CREATE EXTENSION`` in ``public`` (its functions are the extension's)
+    leaves the take-over saying done."""
+    roles, config = _before_hardening(tmp_path, postgres, capsys, plant=False)
+    postgres.psql("CREATE EXTENSION IF NOT EXISTS pgcrypto SCHEMA public;\n",
+                  database=roles["db"])
+    code, said = _harden(roles, config, postgres, monkeypatch, capsys, "superuser")
+    assert code == 0 and "tables owned by" in said, said
