@@ -1,0 +1,208 @@
+"""A fifty-... eighty-second attacker's review (December 2026) of cdbee39: this stop's
+newest fixes attacked (``kemi._sips_leaves_tls`` in ``relay``,
+``kemi.moved_route_entries``, usrloc ``handle_lost_tcp``, ``_asked_lifetime`` and the
+slots' lifetime, ``crlf_head``/``_bare_line_ends``, ``db_cmd._PLANTED``), on a real
+Kamailio 5.6.3.
+
+(Filled in below the tests, per hole: attacker, messages, effect, code at fault, fix;
+then what held.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from e2m_lab.kamailio_harness import RawUas, SipUa, register_contact
+from e2m_plugins.sip import SipMessage, make_response
+
+pytestmark = [pytest.mark.kamailio, pytest.mark.openssl]
+
+USERS = {"alice": "alice-R82-Pass", "bob": "bob-R82-Pass"}
+
+
+def _bob_phone() -> RawUas:
+    uas = RawUas()
+
+    def respond(request: SipMessage) -> SipMessage:
+        return make_response(request, 200, "OK")
+    uas.responder = respond
+    return uas
+
+
+def _alice_tls(proxy, pki, source: str) -> SipUa:
+    return SipUa(proxy.tls_port, transport="tls", user="alice", password=USERS["alice"],
+                 source=source, ca_file=pki.directory / "ca.crt")
+
+
+def _message_to_bob(ua: SipUa, scheme: str, text: bytes) -> SipMessage | None:
+    uri = f"{scheme}:bob@example.com"
+    return ua.request(ua.build("MESSAGE", uri, to=uri, body=text, content_type="text/plain"))
+
+
+def _bind(proxy, contact: str, source: str) -> None:
+    """bob binds ``contact`` (a full Contact value) over UDP, authenticated."""
+    ua = SipUa(proxy.port, user="bob", password=USERS["bob"], source=source)
+    try:
+        reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
+        answer = ua.request(reg.replace("Contact", contact))
+        assert answer is not None and answer.status == 200, answer
+    finally:
+        ua.close()
+
+
+# -- hole 1: a sips: request forks to bob's second (UDP) contact ---------------------
+
+def test_control_a_sips_request_to_a_lone_udp_contact_is_refused(proxy_factory, pki):
+    """Review 81's fix holds for one contact: 480 with Warning 380, nothing relayed."""
+    home = proxy_factory("r82-sips-one", e2m=False, tls=True, auth=True, users=USERS)
+    bob = _bob_phone()
+    register_contact(home, "bob", bob.port, password=USERS["bob"], source="127.0.0.121")
+    ua = _alice_tls(home, pki, "127.0.0.122")
+    try:
+        assert ua.register().status == 200
+        answer = _message_to_bob(ua, "sips", b"secret over sips")
+        assert answer is not None and answer.status == 480, answer
+        assert "380" in (answer.get("Warning") or "")
+        assert bob.wait_for(1, method="MESSAGE", timeout=1.5) == []
+    finally:
+        ua.close()
+        bob.close()
+
+
+def test_control_a_sip_request_forks_to_both_of_bobs_contacts(proxy_factory, pki):
+    """The set-up of hole 1 is sound: bob's two bindings (a TLS one preferred, q=1.0,
+    and his UDP phone, q=0.5) are both live and a plain ``sip:`` MESSAGE is forked to
+    both: the UDP phone gets it (as it may: alice did not ask for TLS)."""
+    home = proxy_factory("r82-sip-fork", e2m=False, tls=True, auth=True, users=USERS)
+    bob = _bob_phone()
+    _bind(home, f"<sip:bob@127.0.0.1:{bob.port}>;q=0.5", "127.0.0.123")
+    _bind(home, "<sip:bob@127.0.0.1:9;transport=tls>;q=1.0", "127.0.0.123")
+    ua = _alice_tls(home, pki, "127.0.0.124")
+    try:
+        assert ua.register().status == 200
+        answer = _message_to_bob(ua, "sip", b"plain sip, forked")
+        assert answer is not None
+        got = bob.wait_for(1, method="MESSAGE", timeout=3)
+        assert [m.body for m in got] == [b"plain sip, forked"]
+    finally:
+        ua.close()
+        bob.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 82: untrusted hop on bob's UDP leg reads a "
+                   "sips: MESSAGE forked to his second (UDP) contact")
+def test_hole_a_sips_request_forks_to_a_udp_contact(proxy_factory, pki):
+    home = proxy_factory("r82-sips-fork", e2m=False, tls=True, auth=True, users=USERS)
+    bob = _bob_phone()
+    _bind(home, f"<sip:bob@127.0.0.1:{bob.port}>;q=0.5", "127.0.0.125")
+    _bind(home, "<sip:bob@127.0.0.1:9;transport=tls>;q=1.0", "127.0.0.125")
+    ua = _alice_tls(home, pki, "127.0.0.126")
+    try:
+        assert ua.register().status == 200
+        answer = _message_to_bob(ua, "sips", b"secret over sips")
+        assert answer is not None            # authenticated and answered
+        got = bob.wait_for(1, method="MESSAGE", timeout=3)
+        # secure: no branch of a sips: request leaves over UDP
+        assert got == [], "forked over UDP: %r" % [(m.request_uri, m.body) for m in got]
+    finally:
+        ua.close()
+        bob.close()
+
+
+# -- holes 2, 3: a hop on bob's leg moves alice's leg without touching our entry ------
+
+def _callee_behind_hop(rewrite) -> RawUas:
+    """bob's UAS; its 200 passes a hop on his UDP leg that applies ``rewrite`` to the
+    whole Record-Route list (top first) of the proxy's double Record-Route."""
+    uas = RawUas()
+
+    def respond(request: SipMessage) -> SipMessage:
+        answer = make_response(request, 200, "OK")
+        if request.method == "INVITE":
+            answer = answer.replace("To", f"{request.get('To')};tag=bt82")
+            answer = answer.add("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
+            for route in rewrite(list(request.get_all("Record-Route"))):
+                answer = answer.add("Record-Route", route)
+        return answer
+    uas.responder = respond
+    return uas
+
+
+HOP_PORT = 5999        # the hop's own UDP address (nothing needs to listen: the test
+                       # reads the route set alice is handed)
+
+
+def _alices_first_hop(ok: SipMessage | None) -> str | None:
+    """The entry alice's in-dialog requests go to first (RFC 3261 12.1.2: the route
+    set is the Record-Route list reversed), when she got a 200."""
+    if ok is None or ok.status != 200:
+        return None
+    routes = [r.strip() for value in ok.get_all("Record-Route") for r in value.split(",")]
+    return routes[-1] if routes else None
+
+
+def _call(home, pki, bob_source, alice_source, rewrite) -> tuple[SipMessage | None, str]:
+    bob = _callee_behind_hop(rewrite)
+    register_contact(home, "bob", bob.port, password=USERS["bob"], source=bob_source)
+    ua = _alice_tls(home, pki, alice_source)
+    try:
+        assert ua.register().status == 200
+        mark = home.log_mark()
+        ok = ua.request(ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com"),
+                        timeout=4)
+        return ok, home.log_since(mark)
+    finally:
+        ua.close()
+        bob.close()
+
+
+def test_control_a_rewritten_entry_with_our_token_is_still_dropped(proxy_factory, pki):
+    """Review 81's fix holds for its own attack: our TLS entry rewritten to the hop
+    (token kept) and the 200 is dropped."""
+    home = proxy_factory("r82-rr-moved", e2m=False, tls=True, auth=True, users=USERS)
+
+    def moved(routes: list[str]) -> list[str]:
+        return [re.sub(r"sip:127\.0\.0\.1:\d+;transport=tls", f"sip:127.0.0.1:{HOP_PORT}", r)
+                for r in routes]
+    ok, log = _call(home, pki, "127.0.0.127", "127.0.0.128", moved)
+    assert ok is None or ok.status != 200, ok
+    assert "not ours: dropped" in log
+
+
+def test_control_the_untouched_route_set_leads_alice_to_the_tls_socket(proxy_factory, pki):
+    home = proxy_factory("r82-rr-ok", e2m=False, tls=True, auth=True, users=USERS)
+    ok, _ = _call(home, pki, "127.0.0.129", "127.0.0.130", lambda routes: routes)
+    first = _alices_first_hop(ok)
+    assert first is not None and f":{home.tls_port};transport=tls" in first, ok
+
+
+@pytest.mark.xfail(strict=True, reason="review 82: untrusted hop on bob's leg appends its "
+                   "own Record-Route entry below ours; alice's in-dialog leg goes to it "
+                   "over UDP")
+def test_hole_a_hop_adds_its_own_entry_on_the_callers_side(proxy_factory, pki):
+    home = proxy_factory("r82-rr-added", e2m=False, tls=True, auth=True, users=USERS)
+
+    def added(routes: list[str]) -> list[str]:      # ours untouched, one more below
+        return routes + [f"<sip:127.0.0.1:{HOP_PORT};lr>"]
+    ok, _ = _call(home, pki, "127.0.0.131", "127.0.0.132", added)
+    first = _alices_first_hop(ok)
+    # secure: a 200 that reaches alice starts her route set at our TLS socket
+    assert first is None or f":{home.tls_port};transport=tls" in first, first
+
+
+@pytest.mark.xfail(strict=True, reason="review 82: untrusted hop on bob's leg puts 16 "
+                   "entries of its own above ours, so the moved entry with our token is "
+                   "never read; alice's leg goes to it over UDP")
+def test_hole_a_hop_pushes_the_moved_entry_past_the_read_bound(proxy_factory, pki):
+    home = proxy_factory("r82-rr-pushed", e2m=False, tls=True, auth=True, users=USERS)
+
+    def pushed(routes: list[str]) -> list[str]:
+        moved = [re.sub(r"sip:127\.0\.0\.1:\d+;transport=tls", f"sip:127.0.0.1:{HOP_PORT}", r)
+                 for r in routes]
+        return [f"<sip:127.0.0.1:{HOP_PORT};lr;n={i}>" for i in range(16)] + moved
+    ok, log = _call(home, pki, "127.0.0.133", "127.0.0.134", pushed)
+    first = _alices_first_hop(ok)
+    # secure: dropped as review 81's rewrite is
+    assert first is None or f"127.0.0.1:{HOP_PORT}" not in first, first
