@@ -206,3 +206,77 @@ def test_hole_a_hop_pushes_the_moved_entry_past_the_read_bound(proxy_factory, pk
     first = _alices_first_hop(ok)
     # secure: dropped as review 81's rewrite is
     assert first is None or f"127.0.0.1:{HOP_PORT}" not in first, first
+
+
+# -- hole 4: REGISTERs the registrar reads as binding nothing hold slots for an hour --
+
+def _register_raw(user: str, contact: str, expires: str | None) -> bytes:
+    from e2m_lab.kamailio_harness import build_request
+    headers = [("Contact", contact)]
+    if expires is not None:
+        headers.append(("Expires", expires))
+    return build_request("REGISTER", "sip:example.com", from_user=user, to_user=user,
+                         headers=headers)
+
+
+@pytest.fixture
+def capped(proxy_factory):
+    return proxy_factory("r82-cap", e2m=False,
+                         limits={"pike_requests": 0, "registrations_per_source": 3})
+
+
+def _status(proxy, request: bytes, source: str):
+    from e2m_lab.kamailio_harness import udp_transaction
+    answer = udp_transaction(proxy.port, request, source=source)
+    return answer.status if answer is not None else None
+
+
+def _bound(proxy, user: str) -> bool:
+    from e2m_lab.kamailio_harness import build_request
+    message = build_request("MESSAGE", f"sip:{user}@example.com", to_user=user,
+                            body=b"hi", content_type="text/plain")
+    return _status(proxy, message, "127.0.0.199") != 404
+
+
+# (Contact, Expires) spellings a stranger sends for his junk AoRs
+_NOTHING = {
+    "empty-expires-param": ("<sip:{u}@127.0.0.9:4444>;expires=", "0"),
+    "two-contacts-expires-0": ("<sip:{u}@127.0.0.9:4444>;expires=0, "
+                               "<sip:{u}@127.0.0.9:4445>;expires=0", "0"),
+    "star-with-another": ("*, <sip:{u}@127.0.0.9:4444>", "0"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(_NOTHING))
+def test_control_each_junk_register_binds_nothing(capped, shape):
+    contact, expires = _NOTHING[shape]
+    user = f"r82c{shape[:5]}"
+    _status(capped, _register_raw(user, contact.format(u=user), expires), "127.0.0.140")
+    assert not _bound(capped, user)
+
+
+@pytest.mark.parametrize("shape", sorted(_NOTHING))
+@pytest.mark.xfail(strict=True, reason="review 82: off-path sender (shared address), three "
+                   "REGISTERs that bind nothing, spelled so _asked_lifetime fails closed, "
+                   "lock the address out for an hour")
+def test_hole_registers_binding_nothing_still_hold_slots(capped, shape):
+    contact, expires = _NOTHING[shape]
+    shared = "127.0.0.%d" % (141 + sorted(_NOTHING).index(shape))
+    users = [f"r82j{n}{shape[:5]}" for n in range(3)]
+    for user in users:
+        _status(capped, _register_raw(user, contact.format(u=user), expires), shared)
+    assert not any(_bound(capped, u) for u in users)        # the set-up: nothing bound
+    bob = _status(capped, _register_raw("r82bob" + shape[:4],
+                                        f"<sip:r82bob@{shared}:4444>", "3600"), shared)
+    assert bob == 200, f"bob's first REGISTER from {shared} got {bob}, nothing bound there"
+
+
+def test_control_plain_deregistrations_take_no_slot(capped):
+    """Review 80's fix holds for its own spelling (one contact, ``Expires: 0``), and
+    the same junk spellings with a live binding count (the cap is not simply off)."""
+    shared = "127.0.0.150"
+    for n in range(3):
+        assert _status(capped, _register_raw(f"r82p{n}", f"<sip:r82p{n}@{shared}:4444>",
+                                             "0"), shared) == 200
+    assert _status(capped, _register_raw("r82pbob", f"<sip:r82pbob@{shared}:4444>", "3600"),
+                   shared) == 200
