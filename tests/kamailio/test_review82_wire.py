@@ -1,11 +1,101 @@
-"""A fifty-... eighty-second attacker's review (December 2026) of cdbee39: this stop's
-newest fixes attacked (``kemi._sips_leaves_tls`` in ``relay``,
-``kemi.moved_route_entries``, usrloc ``handle_lost_tcp``, ``_asked_lifetime`` and the
-slots' lifetime, ``crlf_head``/``_bare_line_ends``, ``db_cmd._PLANTED``), on a real
-Kamailio 5.6.3.
+"""An eighty-second attacker's review (December 2026) of cdbee39: this stop's newest
+fixes attacked (``kemi._sips_leaves_tls`` in ``relay``, ``kemi.moved_route_entries``,
+usrloc ``handle_lost_tcp``, ``_asked_lifetime`` and the slots' ``sht_setxi`` lifetime,
+``crlf_head``/``_bare_line_ends``, ``db_cmd._PLANTED``), on a real Kamailio 5.6.3.
 
-(Filled in below the tests, per hole: attacker, messages, effect, code at fault, fix;
-then what held.)
+Hole 1 (``test_hole_a_sips_request_forks_to_a_udp_contact``): **untrusted hop** on
+bob's UDP leg (it only reads).  bob holds two bindings, as a user with a desk phone and
+a softphone does: ``<sip:bob@...;transport=tls>;q=1.0`` and his UDP phone
+``<sip:bob@127.0.0.1:PORT>;q=0.5``.  Alice (TLS, authenticated) sends ``MESSAGE
+sips:bob@example.com``.  lookup puts the TLS contact in the Request-URI and appends the
+UDP one as a second branch; ``_sips_leaves_tls`` reads only ``$du``/``$ru`` (the first
+branch), passes, and ``t_relay`` forks: the UDP phone gets ``MESSAGE
+sip:bob@127.0.0.1:PORT`` with the text "secret over sips" in clear - review 81's hole 1
+again, through the destination set.  At fault: ``kamailio_app/kemi.py`` line 300
+(``target = (KSR.pv.get("$du") if KSR.isdsturiset() else KSR.pv.get("$ru"))``; the
+docstring says "the destination set" but the branches appended by lookup are never
+read).  Fix: check every branch, not the first: arm a branch route (``t_on_branch``)
+that, for a request whose ``$ou`` is ``sips:``, drops (``KSR.drop()`` in the branch
+route) each branch whose ``$ru``/``$du`` is not ``sips:``/``;transport=tls``; that also
+covers branches added later (a failure route's next contact), and answer 480/Warning
+380 when none is left.
+
+Hole 2 (``test_hole_a_hop_adds_its_own_entry_on_the_callers_side``): **untrusted hop**
+on bob's UDP leg (it rewrites).  Alice calls bob over TLS; in bob's 200 the hop leaves
+both of the proxy's entries (token, TLS socket) untouched and appends one of its own,
+``Record-Route: <sip:HOP:5999;lr>``, below them.  ``moved_route_entries`` looks only at
+entries carrying our token, so the 200 is relayed; alice's route set (the list
+reversed) now starts at the hop: her BYE/re-INVITE and her digest answer go to it over
+UDP first, and it can relay them on to us (our token is still in the remaining Route
+set).  This is review 81's hole 3 (move the caller's leg off TLS through the hop)
+without touching our entry.  At fault: ``kemi.py`` lines 810-823
+(``moved_route_entries``: ``ours_in`` returns only entries with our token; nothing
+compares the entries on the caller's side of ours).  Fix: in a reply to a request we
+record-routed, the Record-Route entries after our caller-side entry must be exactly
+those the request carried when we received it (``$T_req(hdr(Record-Route))`` in the
+reply route, or keep the count/text in the transaction); drop it otherwise.
+
+Hole 3 (``test_hole_a_hop_pushes_the_moved_entry_past_the_read_bound``): the same hop
+does review 81's rewrite (our TLS entry moved to ``sip:HOP:5999``, token kept) and
+puts 16 entries of its own above ours (``<sip:HOP:5999;lr;n=i>``).  The check reads at
+most 16 Record-Route headers (``_RECORD_ROUTE_SPECS``, ``kemi.py`` line 813) and
+``_carried`` at most ``MAX_ROUTE_ENTRIES`` entries / 4096 characters
+(``dialog_route.py`` lines 100-103), so the moved entry is never seen: the 200 is
+relayed and alice's first route is the hop.  (4 KB of padding in one entry does the
+same.)  At fault: the bound fails open.  Fix: fail closed: a reply whose Record-Route
+has more than the bound (count ``$hdrc``, text length) is dropped, or read from the
+bottom (the caller's side) up, where our entries are.
+
+Hole 4 (``test_hole_registers_binding_nothing_still_hold_slots``, three spellings):
+**off-path sender** forging (or sharing) an address S, registrar open.  Three
+REGISTERs for junk AoRs that the registrar binds nothing for: ``Contact:
+<sip:u@h>;expires=`` with ``Expires: 0`` (an empty parameter: the registrar takes the
+header), two contacts each ``;expires=0``, or ``Contact: *, <sip:u@h>`` (refused by the
+registrar).  Each binds nothing (a MESSAGE to each junk AoR is 404), yet bob's first
+REGISTER from S is 403 "Too Many Registrations From This Address": review 80's hole 1
+again, one slot per datagram for ``MAX_EXPIRES``+10 s (an hour), renewable.  At fault:
+``kemi.py`` ``_asked_lifetime`` lines 280, 286 and 289-290 (``return MAX_EXPIRES``: "fail
+closed" for several contacts, a comma, an unparsable or empty expiry) with line 869
+(``lifetime = _asked_lifetime()``) and 896-897 (``sht_setxi`` for that lifetime) run
+*before* ``registrar.save``.  Fix: count after ``save`` by what usrloc holds: claim the
+slot, save, then read the AoR's contacts (``reg_fetch_contacts("location", "$tu",
+...)`` / ``$ulc(...=>expires)``) and give the slot the longest live expiry, releasing it
+(``sht_rm``) when none is bound or save failed; or model the registrar (empty
+parameter = header, every contact's own expiry, ``*`` alone).
+
+Controls (each passes): a ``sips:`` request to a lone UDP contact is 480 with Warning
+380; a ``sip:`` request forks to both of bob's bindings (hole 1's set-up); review 81's
+rewrite with our token is still dropped; the untouched route set starts at the TLS
+socket; each junk spelling binds nothing; plain ``Expires: 0`` REGISTERs take no slot.
+
+What held (tried, by reading or on the wire):
+
+1. ``sips:`` scheme spelling: ``$ou`` is compared case-insensitively; a ``;transport=TLS``
+   contact is taken as TLS; an unparsable target fails closed (480).
+2. ``_asked_lifetime`` and Kamailio agree on ``;EXPIRES=``/``;Expires =`` (param names
+   lower-cased by the core's grammar), ``Expires:`` with blanks, a bare ``;expires``
+   (both use the header), a huge expiry (capped), a shorter refresh (the slot keeps the
+   longer time left, overcounting only) and AoR spellings (``%69`` escapes, host case,
+   a trailing dot: the core's pair and usrloc's AoR agree, or the core overcounts).
+3. ``crlf_head`` on the head read in slices: no way found to make ``$ml - $bs`` end the
+   head before a bare CR/LF the phone would see (review 80's row).
+4. ``handle_lost_tcp``: stock pjsua keeps its TCP/TLS connection alive (CRLF every
+   90 s < ``tcp_idle_timeout`` 120 s) and re-registers when it drops; a stranger can
+   close alice's connection only by getting her address banned by pike (the known
+   limit "banned by spoofing"), after which her binding is gone until she
+   re-registers; not run.
+5. ``_PLANTED`` (reasoned, not run for lack of time): a view named ``bodies`` over a
+   renamed table (auto-updatable, columns swapped) gets no INSERT grant (``_NODE_GRANTS``
+   only grants names among ``_OWNERS``' tables) and is owned by the nodes' account on
+   the superuser way (``pg_shdepend``); column defaults are never used (the INSERTs
+   name every column); a CHECK constraint, a sequence's MAXVALUE/CYCLE or a dropped
+   unique index make inserts fail loudly (500 "Archive Unavailable" or logged), not
+   misattribute.
+
+Not tried for lack of time: a failure route's serial forking (no
+``t_next_contacts`` in kemi.py today), a strict router with ``sips:``, an entry without
+``<>`` (``_ENTRY`` reads only ``<...>``: likely the same as hole 3 if the phone takes it),
+``is_myself`` with aliases at a front, and ``_PLANTED`` on a real PostgreSQL.
 """
 
 from __future__ import annotations
