@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
-__all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES", "dialog_ids"]
+__all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds"]
 
 def dialog_ids(ksr) -> tuple[str, str | None, str | None]:
     """Call-ID, From tag and To tag (None when absent) from Kamailio's parse, as the core
@@ -92,6 +92,15 @@ class RouteTokens:
             return []
         wanted = self.token(call_id, tag)
         return [uri for uri, token in _carried(routes) if hmac.compare_digest(token, wanted)]
+
+
+def routes_within_bounds(routes: Iterable[str]) -> bool:
+    """Whether ``routes`` is read whole by ``_carried``: at most ``MAX_ROUTE_ENTRIES``
+    entries in ``_MAX_ROUTE_TEXT`` characters (a check of what lies past the bound
+    cannot vouch for it)."""
+    text = ",".join(routes)
+    return len(text) <= _MAX_ROUTE_TEXT and \
+        sum(1 for _ in _ENTRY.finditer(text)) <= MAX_ROUTE_ENTRIES
 
 
 def _carried(routes: Iterable[str]) -> Iterator[tuple[str, str]]:

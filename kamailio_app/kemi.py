@@ -22,6 +22,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -52,6 +53,7 @@ _bootstrap_path()
 from e2m_plugins.challenge import (  # noqa: E402
     CHALLENGE_HEADERS, credentials_fit_request, names_realm)
 from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
+from e2m_plugins.grammar import split_header_list  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
@@ -63,7 +65,8 @@ from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
 from kamailio_app.config import (DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES,  # noqa: E402
                                  canonical_ip)
-from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, dialog_ids  # noqa: E402
+from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, dialog_ids,  # noqa: E402
+                                       routes_within_bounds)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
                                     marked_lifetime, parse_tcp_list)
@@ -266,36 +269,52 @@ def _repeats_a_single_header():
     return any((KSR.pv.get(spec) or 0) > 1 for spec in _SINGLE_COUNTS)
 
 
+_MAX_CONTACTS_READ = 16     # Contact headers and entries read; more: the longest lifetime
+_CONTACT_SPECS = ["$(hdr(Contact)[%d])" % i for i in range(_MAX_CONTACTS_READ)]
+_EMPTY_EXPIRES = re.compile(r";[ \t]*expires[ \t]*=[ \t]*(?=;|$)", re.IGNORECASE)
+
+
 def _asked_lifetime():
-    """Seconds the registrar will keep what this REGISTER binds, as it grants them: 0
-    for no Contact (a query), ``Contact: *`` or one contact whose expiry is 0; else
-    the contact's ``expires``, the Expires header or the default, within the
-    registrar's bounds.  Anything less plain (several contacts, a comma, an expiry
-    that is no number) gets the longest: fail closed."""
+    """Seconds the registrar will keep what this REGISTER binds, read as it reads them:
+    0 for no Contact (a query), a ``*`` (a removal of all, or a request it refuses) or
+    contacts whose every expiry is 0; else the longest of the contacts' own
+    ``expires`` (an empty one, as a missing one, gives the Expires header, else the
+    default), within the registrar's bounds.  What cannot be read (more than 16
+    contacts, bad syntax, an expiry that is no number) gets the longest: fail closed."""
     count = KSR.pv.get("$hdrc(Contact)") or 0
     if count == 0:
         return 0
-    value = (KSR.pv.get("$hdr(Contact)") or "").strip()
-    if count != 1 or "," in value:
+    if count > _MAX_CONTACTS_READ:
         return MAX_EXPIRES
-    if value == "*":
-        return 0
+    header = (KSR.pv.get("$hdr(Expires)") or "").strip() or str(DEFAULT_EXPIRES)
     try:
-        expires = parse_address(value).params.get("expires")
+        contacts = [item for i in range(count)
+                    for item in split_header_list(KSR.pv.get(_CONTACT_SPECS[i]) or "")]
+        if "*" in contacts:
+            return 0
+        if not contacts or len(contacts) > _MAX_CONTACTS_READ:
+            return MAX_EXPIRES
+        # an empty ``expires=`` is no expiry to Kamailio (the header's then); the core
+        # would refuse the parameter (review 82)
+        asked = [parse_address(_EMPTY_EXPIRES.sub("", item)).params.get("expires") or header
+                 for item in contacts]
     except E2MError:
         return MAX_EXPIRES
-    if expires is None:
-        expires = (KSR.pv.get("$hdr(Expires)") or "").strip() or str(DEFAULT_EXPIRES)
-    if not expires.isdigit() or len(expires) > 10:
+    if any(not value.isdigit() or len(value) > 10 for value in asked):
         return MAX_EXPIRES
-    seconds = int(expires)
+    seconds = max(int(value) for value in asked)
     return 0 if seconds == 0 else min(max(seconds, MIN_EXPIRES), MAX_EXPIRES)
+
+
+def _sent_to_sips():
+    return (KSR.pv.get("$ou") or "")[:5].lower() == "sips:"
 
 
 def _sips_leaves_tls():
     """True when the request was sent to a sips: URI and its next hop is not TLS (the
-    destination set, else the Request-URI: a contact from lookup, a next hop)."""
-    if not (KSR.pv.get("$ou") or "")[:5].lower() == "sips:":
+    destination set, else the Request-URI: a contact from lookup, a next hop; in a
+    branch route, the branch's)."""
+    if not _sent_to_sips():
         return False
     target = (KSR.pv.get("$du") if KSR.isdsturiset() else KSR.pv.get("$ru")) or ""
     try:
@@ -810,15 +829,21 @@ class kamailio:
     def moved_route_entries(self):
         """The Record-Route entries of this reply that carry our token for its Call-ID
         and From tag but do not name one of our sockets (host, port and transport)."""
-        count = min(int(KSR.pv.get("$hdrc(Record-Route)") or 0), len(_RECORD_ROUTE_SPECS))
+        count = int(KSR.pv.get("$hdrc(Record-Route)") or 0)
         if count == 0:
             return []
         try:
-            routes = [KSR.pv.get(_RECORD_ROUTE_SPECS[i]) or "" for i in range(count)]
             call_id = (KSR.pv.get("$ci") or "").strip(" \t")
             from_tag = (KSR.pv.get("$ft") or "").strip(" \t")
+            if count > len(_RECORD_ROUTE_SPECS):
+                # past what we read, our entry could be anywhere: a hop put 16 of its
+                # own above the one it moved (review 82)
+                return ["(%d Record-Route headers)" % count]
+            routes = [KSR.pv.get(_RECORD_ROUTE_SPECS[i]) or "" for i in range(count)]
         except UnicodeDecodeError:
             return []       # ids we never made a token for (the core refuses them)
+        if not routes_within_bounds(routes):
+            return ["(a Record-Route past the read bound)"]
         return [uri for uri in self.app.routes.ours_in(call_id, from_tag, routes)
                 if KSR.is_myself(uri) <= 0]
 
@@ -981,6 +1006,18 @@ class kamailio:
         return True
 
     # -- E2M -------------------------------------------------------------------
+    def ksr_branch_route_sips(self, msg):
+        """Each branch of a request sent to a sips: URI: one that would leave TLS is
+        dropped (the first one was checked in ``relay``)."""
+        try:
+            if _sips_leaves_tls():
+                _info("e2m: a branch of a sips: request to a target without TLS: dropped\n")
+                KSR.set_drop()
+        except Exception as exc:  # noqa: BLE001 - fail closed: the branch goes nowhere
+            _log_exception("sips branch", exc)
+            KSR.set_drop()
+        return 1
+
     def relay(self, inspect):
         if _sips_leaves_tls():
             # RFC 5630 3.1.3: a sips: request goes over TLS on every hop, or not at all;
@@ -990,6 +1027,10 @@ class kamailio:
                                         % (self.app.config.local_names or ("-",))[0])
                 KSR.sl.sl_send_reply(480, "SIPS Not Allowed")
             return
+        if _sent_to_sips():
+            # lookup may have added a branch per contact: each is checked as it leaves
+            # (a second, UDP contact of bob's got a sips: MESSAGE in clear: review 82)
+            KSR.tm.t_on_branch("ksr_branch_route_sips")
         if inspect and self.app.engine is not None:
             # A refusal is answered statefully, so retransmissions are not inspected again.
             self.new_transaction()
