@@ -119,26 +119,9 @@ from e2m_plugins.sip import SipMessage, make_response
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.openssl]
 
-USERS = {"alice": "alice-R82-Pass", "bob": "bob-R82-Pass"}
-
-
-def _bob_phone() -> RawUas:
-    uas = RawUas()
-
-    def respond(request: SipMessage) -> SipMessage:
-        return make_response(request, 200, "OK")
-    uas.responder = respond
-    return uas
-
-
-def _alice_tls(proxy, pki, source: str) -> SipUa:
-    return SipUa(proxy.tls_port, transport="tls", user="alice", password=USERS["alice"],
-                 source=source, ca_file=pki.directory / "ca.crt")
-
-
-def _message_to_bob(ua: SipUa, scheme: str, text: bytes) -> SipMessage | None:
-    uri = f"{scheme}:bob@example.com"
-    return ua.request(ua.build("MESSAGE", uri, to=uri, body=text, content_type="text/plain"))
+# review 81's TLS set-up: its users, alice over TLS, bob's phone, a MESSAGE to bob
+from tests.kamailio.test_review81_wire import (USERS, _alice_tls, _bob_phone,  # noqa: E402
+                                               _message_to_bob)
 
 
 def _bind(proxy, contact: str, source: str) -> None:
