@@ -28,6 +28,9 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
+from e2m_plugins.errors import E2MError
+from e2m_plugins.grammar import split_header_list
+
 __all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds"]
 
 def dialog_ids(ksr) -> tuple[str, str | None, str | None]:
@@ -96,11 +99,18 @@ class RouteTokens:
 
 def routes_within_bounds(routes: Iterable[str]) -> bool:
     """Whether ``routes`` is read whole by ``_carried``: at most ``MAX_ROUTE_ENTRIES``
-    entries in ``_MAX_ROUTE_TEXT`` characters (a check of what lies past the bound
-    cannot vouch for it)."""
+    entries in ``_MAX_ROUTE_TEXT`` characters, every one in ``<...>`` as RFC 3261's
+    name-addr has it (a check of what lies past the bound, or of an entry written
+    without brackets that ``_carried`` does not see, cannot vouch for it)."""
+    routes = list(routes)
     text = ",".join(routes)
-    return len(text) <= _MAX_ROUTE_TEXT and \
-        sum(1 for _ in _ENTRY.finditer(text)) <= MAX_ROUTE_ENTRIES
+    if len(text) > _MAX_ROUTE_TEXT:
+        return False
+    try:
+        items = [item for value in routes for item in split_header_list(value)]
+    except E2MError:
+        return False
+    return len(items) <= MAX_ROUTE_ENTRIES and all("<" in item for item in items)
 
 
 def _carried(routes: Iterable[str]) -> Iterator[tuple[str, str]]:

@@ -286,6 +286,23 @@ def test_hole_a_hop_pushes_the_moved_entry_past_the_read_bound(proxy_factory, pk
     assert first is None or f"127.0.0.1:{HOP_PORT}" not in first, first
 
 
+def test_a_moved_entry_written_without_brackets_is_not_vouched_for(proxy_factory, pki):
+    """Stop 33, my own variant: the hop moves our TLS entry to itself and drops the
+    ``<>`` around it, so the entry check (which reads ``<...>`` entries) would not see
+    our token.  RFC 3261's Record-Route is a name-addr: an entry without brackets is
+    not vouched for, and the 200 is dropped."""
+    home = proxy_factory("r82-rr-bare", e2m=False, tls=True, auth=True, users=USERS)
+
+    def bare(routes: list[str]) -> list[str]:
+        moved = [re.sub(r"sip:127\.0\.0\.1:\d+;transport=tls", f"sip:127.0.0.1:{HOP_PORT}", r)
+                 for r in routes]
+        return [r.strip().lstrip("<").replace(">", "", 1) for r in moved]
+    ok, log = _call(home, pki, "127.0.0.135", "127.0.0.136", bare)
+    first = _alices_first_hop(ok)
+    assert first is None or f"127.0.0.1:{HOP_PORT}" not in first, first
+    assert "not ours: dropped" in log
+
+
 # -- hole 4: REGISTERs the registrar reads as binding nothing hold slots for an hour --
 
 def _register_raw(user: str, contact: str, expires: str | None) -> bytes:
