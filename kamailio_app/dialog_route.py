@@ -97,6 +97,40 @@ class RouteTokens:
         return [uri for uri, token in _carried(routes) if hmac.compare_digest(token, wanted)]
 
 
+    def keeps_callers_side(self, call_id: str, tag: str, reply_routes: Iterable[str],
+                           request_routes: Iterable[str]) -> bool:
+        """Whether an entry of the reply's Record-Route carrying our token of ``call_id``
+        and ``tag`` is followed by exactly the entries the request carried when it
+        reached us (``request_routes``): the caller's side of the route set.  A hop on
+        the callee's side may add or rewrite entries above ours, never below: those
+        would become the caller's first hops (review 82).  Any such entry will do (a
+        double Record-Route, a cluster's nodes sharing the key, a spiral).  Call it on
+        routes ``routes_within_bounds`` has passed."""
+        wanted = self.token(call_id, tag)
+        entries = _entries(reply_routes)
+        below = [_comparable(entry) for entry in _entries(request_routes)]
+        for i, entry in enumerate(entries):
+            found = _TOKEN.search(entry)
+            if found and hmac.compare_digest(found.group(1).lower(), wanted) \
+                    and [_comparable(e) for e in entries[i + 1:]] == below:
+                return True
+        return False
+
+
+def _entries(routes: Iterable[str]) -> list[str]:
+    return [item for value in routes for item in split_header_list(value)]
+
+
+def _comparable(entry: str) -> tuple[str, tuple[str, ...]]:
+    """An entry's URI as a UAS may reprint it (pjsip puts ``lr`` first): no blanks,
+    one case, its parameters as a set, ``lr=on`` as ``lr``; the display name and
+    header parameters play no part in routing."""
+    text = "".join(entry.split()).lower()
+    inside = _ENTRY.search(text)
+    base, *params = (inside.group(1) if inside else text).split(";")
+    return base, tuple(sorted("lr" if p == "lr=on" else p for p in params))
+
+
 def routes_within_bounds(routes: Iterable[str]) -> bool:
     """Whether ``routes`` is read whole by ``_carried``: at most ``MAX_ROUTE_ENTRIES``
     entries in ``_MAX_ROUTE_TEXT`` characters, every one in ``<...>`` as RFC 3261's
@@ -107,7 +141,7 @@ def routes_within_bounds(routes: Iterable[str]) -> bool:
     if len(text) > _MAX_ROUTE_TEXT:
         return False
     try:
-        items = [item for value in routes for item in split_header_list(value)]
+        items = _entries(routes)
     except E2MError:
         return False
     return len(items) <= MAX_ROUTE_ENTRIES and all("<" in item for item in items)

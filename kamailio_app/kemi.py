@@ -239,6 +239,8 @@ def _normal(value):
 # each distinct one for good); a real route set has one or two headers.
 _ROUTE_SPECS = ["$(hdr(Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
 _RECORD_ROUTE_SPECS = ["$(hdr(Record-Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
+_REQUEST_RECORD_ROUTE_SPECS = ["$T_req($(hdr(Record-Route)[%d]))" % i
+                               for i in range(MAX_ROUTE_ENTRIES)]
 _BY_NAME_MAX = 4
 _BY_NAME = {canonical_name(n): (n, "$hdrc(%s)" % n, ["$(hdr(%s)[%d])" % (n, i)
                                                      for i in range(_BY_NAME_MAX)])
@@ -835,17 +837,39 @@ class kamailio:
         try:
             call_id = (KSR.pv.get("$ci") or "").strip(" \t")
             from_tag = (KSR.pv.get("$ft") or "").strip(" \t")
-            if count > len(_RECORD_ROUTE_SPECS):
-                # past what we read, our entry could be anywhere: a hop put 16 of its
-                # own above the one it moved (review 82)
-                return ["(%d Record-Route headers)" % count]
-            routes = [KSR.pv.get(_RECORD_ROUTE_SPECS[i]) or "" for i in range(count)]
         except UnicodeDecodeError:
             return []       # ids we never made a token for (the core refuses them)
+        if count > len(_RECORD_ROUTE_SPECS):
+            # past what we read, our entry could be anywhere: a hop put 16 of its
+            # own above the one it moved (review 82)
+            return ["(%d Record-Route headers)" % count]
+        try:
+            routes = [KSR.pv.get(_RECORD_ROUTE_SPECS[i]) or "" for i in range(count)]
+        except UnicodeDecodeError:
+            # one octet that is not UTF-8 in any entry hid the moved one (review 85)
+            return ["(a Record-Route that is not UTF-8)"]
         if not routes_within_bounds(routes):
             return ["(a Record-Route past the read bound)"]
-        return [uri for uri in self.app.routes.ours_in(call_id, from_tag, routes)
-                if KSR.is_myself(uri) <= 0]
+        ours = self.app.routes.ours_in(call_id, from_tag, routes)
+        moved = [uri for uri in ours if KSR.is_myself(uri) <= 0]
+        if ours and not moved and not self.callers_side_kept(call_id, from_tag, routes):
+            return ["(an entry added or changed on the caller's side of ours)"]
+        return moved
+
+    def callers_side_kept(self, call_id, from_tag, routes):
+        """Below our entry, a reply to a request we record-routed carries exactly the
+        Record-Route the request reached us with (``keeps_callers_side``).  A hop on the
+        callee's leg that adds one there becomes the caller's first hop, ahead of our
+        TLS socket (review 82).  A stray reply has no request to compare with; an
+        in-dialog request's was not record-routed by us."""
+        if KSR.tm.t_check_trans() <= 0 or KSR.pv.get("$T_req($tt)"):
+            return True
+        count = int(KSR.pv.get("$T_req($hdrc(Record-Route))") or 0)
+        if count > len(_REQUEST_RECORD_ROUTE_SPECS):
+            return False
+        request_routes = [KSR.pv.get(_REQUEST_RECORD_ROUTE_SPECS[i]) or ""
+                          for i in range(count)]
+        return self.app.routes.keeps_callers_side(call_id, from_tag, routes, request_routes)
 
     def dialog_routed_here(self):
         """One of the request's Route entries carries our token for its Call-ID and one
@@ -1209,10 +1233,12 @@ class kamailio:
             moved = ["?"]
         if moved:
             # a hop on the callee's side rewrote the entry the caller's side follows (to
-            # itself, off TLS): her in-dialog requests and digest would go there (review
-            # 81).  Our token says we wrote it; its address says we did not.
-            _warn("e2m: a %s whose Record-Route entry with our token names %d "
-                  "address(es) not ours: dropped\n" % (KSR.pv.get("$rs"), len(moved)))
+            # itself, off TLS), or added one below it: her in-dialog requests and digest
+            # would go there (reviews 81, 82).  Our token says we wrote the entry; its
+            # address, or what follows it, says the route set is not what we sent on.
+            _warn("e2m: a %s whose Record-Route names %s, not ours: dropped\n"
+                  % (KSR.pv.get("$rs"), moved[0] if moved[0].startswith("(")
+                     else "%d address(es)" % len(moved)))
             KSR.set_drop()
             return 0
         try:

@@ -103,9 +103,18 @@ whose Record-Route passes the read bound (16 headers, 16 entries, 4 KiB) is not 
 for and is dropped (``dialog_route.routes_within_bounds``); (4) ``_asked_lifetime``
 reads every contact (``grammar.split_header_list``), a ``*`` anywhere, and an empty
 ``expires=`` as Kamailio does.  Those holes turned XPASS and their markers are gone.
-Hole 2 (a hop's own entry added between us and the caller) stays a strict xfail as a
-Known limit: checking it needs the request's Record-Route as it reached us, kept with
-the transaction; not done this stop.
+Hole 2 (a hop's own entry added between us and the caller) stayed a strict xfail as a
+Known limit that stop.
+
+Fixed (stop 34): (2) in a reply to a request we record-routed, an entry carrying our
+token must be followed by exactly the Record-Route the request reached us with, read
+from the transaction (``$T_req``) and compared as URIs with their parameters as a set
+(``RouteTokens.keeps_callers_side``, ``kemi.callers_side_kept``); the hole turned
+XPASS and its marker is gone; it now also asserts the drop is logged.  Added: a
+control with the caller behind a record-routing proxy of her own, my variant (that
+proxy's entry rewritten by the hop), and review 85's lead (a moved entry beside one
+octet that is not UTF-8, which made the check read nothing); both variants failed on
+the code before the fix.
 """
 
 from __future__ import annotations
@@ -224,15 +233,19 @@ def _alices_first_hop(ok: SipMessage | None) -> str | None:
     return routes[-1] if routes else None
 
 
-def _call(home, pki, bob_source, alice_source, rewrite) -> tuple[SipMessage | None, str]:
+def _call(home, pki, bob_source, alice_source, rewrite,
+          callers_side: list[str] = ()) -> tuple[SipMessage | None, str]:
+    """alice's INVITE (with ``callers_side`` as the Record-Route her own side's proxies
+    added) to bob behind the hop; the 200 (None if dropped) and the proxy's log."""
     bob = _callee_behind_hop(rewrite)
     register_contact(home, "bob", bob.port, password=USERS["bob"], source=bob_source)
     ua = _alice_tls(home, pki, alice_source)
     try:
         assert ua.register().status == 200
         mark = home.log_mark()
-        ok = ua.request(ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com"),
-                        timeout=4)
+        invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com",
+                          headers=[("Record-Route", r) for r in callers_side])
+        ok = ua.request(invite, timeout=4)
         return ok, home.log_since(mark)
     finally:
         ua.close()
@@ -259,18 +272,44 @@ def test_control_the_untouched_route_set_leads_alice_to_the_tls_socket(proxy_fac
     assert first is not None and f":{home.tls_port};transport=tls" in first, ok
 
 
-@pytest.mark.xfail(strict=True, reason="known limit (docs/threat-model.md): a hop on the "
-                   "callee's leg may add Record-Route entries of its own between us and the "
-                   "caller; only entries carrying our token are checked (review 82)")
 def test_hole_a_hop_adds_its_own_entry_on_the_callers_side(proxy_factory, pki):
     home = proxy_factory("r82-rr-added", e2m=False, tls=True, auth=True, users=USERS)
 
     def added(routes: list[str]) -> list[str]:      # ours untouched, one more below
         return routes + [f"<sip:127.0.0.1:{HOP_PORT};lr>"]
-    ok, _ = _call(home, pki, "127.0.0.131", "127.0.0.132", added)
+    ok, log = _call(home, pki, "127.0.0.131", "127.0.0.132", added)
     first = _alices_first_hop(ok)
     # secure: a 200 that reaches alice starts her route set at our TLS socket
     assert first is None or f":{home.tls_port};transport=tls" in first, first
+    assert "added or changed on the caller's side of ours), not ours: dropped" in log
+
+
+# Fixed (stop 34): what follows our entry must be what the request reached us with.
+CALLERS_PROXY = "<sip:127.0.0.1:7777;transport=tls;lr>"
+
+
+def test_control_the_callers_own_proxy_stays_her_first_hop(proxy_factory, pki):
+    """alice behind a proxy of her own that record-routed: the 200 carries its entry
+    below ours, as the INVITE did, and passes; her route set starts at her proxy."""
+    home = proxy_factory("r82-rr-callers", e2m=False, tls=True, auth=True, users=USERS)
+    ok, _ = _call(home, pki, "127.0.0.137", "127.0.0.138", lambda routes: routes,
+                  callers_side=[CALLERS_PROXY])
+    assert ok is not None and ok.status == 200, ok
+    assert _alices_first_hop(ok) == CALLERS_PROXY
+
+
+def test_a_hop_rewriting_the_callers_own_proxy_entry_is_dropped(proxy_factory, pki):
+    """My variant of review 82's hole: the hop leaves ours alone and rewrites the entry
+    below it (alice's own proxy, her first hop) to itself: the 200 is dropped."""
+    home = proxy_factory("r82-rr-callers-moved", e2m=False, tls=True, auth=True, users=USERS)
+
+    def rewritten(routes: list[str]) -> list[str]:
+        return [r.replace("127.0.0.1:7777;transport=tls", f"127.0.0.1:{HOP_PORT}")
+                for r in routes]
+    ok, log = _call(home, pki, "127.0.0.139", "127.0.0.140", rewritten,
+                    callers_side=[CALLERS_PROXY])
+    assert ok is None or f"127.0.0.1:{HOP_PORT}" not in (_alices_first_hop(ok) or ""), ok
+    assert "caller's side of ours), not ours: dropped" in log
 
 
 def test_hole_a_hop_pushes_the_moved_entry_past_the_read_bound(proxy_factory, pki):
@@ -372,3 +411,17 @@ def test_control_plain_deregistrations_take_no_slot(capped):
                                              "0"), shared) == 200
     assert _status(capped, _register_raw("r82pbob", f"<sip:r82pbob@{shared}:4444>", "3600"),
                    shared) == 200
+
+
+def test_a_moved_entry_beside_an_octet_that_is_not_utf8_is_dropped(proxy_factory, pki):
+    """Review 85's lead: one octet that is not UTF-8 in any Record-Route entry made the
+    entry check read nothing (``UnicodeDecodeError`` → no entries), so review 81's
+    rewrite passed beside it.  Now what cannot be read is not vouched for."""
+    home = proxy_factory("r82-rr-octet", e2m=False, tls=True, auth=True, users=USERS)
+
+    def moved(routes: list[str]) -> list[str]:
+        return [re.sub(r"sip:127\.0\.0\.1:\d+;transport=tls", f"sip:127.0.0.1:{HOP_PORT}", r)
+                for r in routes] + ["<sip:127.0.0.1:5998;lr;x=\udcff>"]
+    ok, log = _call(home, pki, "127.0.0.141", "127.0.0.142", moved)
+    assert ok is None or f"127.0.0.1:{HOP_PORT}" not in str(ok.get_all("Record-Route")), ok
+    assert "not UTF-8), not ours: dropped" in log
