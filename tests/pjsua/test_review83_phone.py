@@ -1,4 +1,4 @@
-"""A fifty-... eighty-third attacker's review (December 2026) of 4ad57e0: the phone as a
+"""An eighty-third attacker's review (December 2026) of 4ad57e0: the phone as a
 target (``pjsua_hooks/``, ``e2m-phone``) against an off-path sender, an untrusted hop
 and an insider UA.  Real ``e2m-phone listen`` processes (pjsua2) and plain sockets on
 loopback, no Kamailio.
