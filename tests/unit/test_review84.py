@@ -7,11 +7,13 @@ Messages: two MESSAGEs to bob through the home proxy (which views MESSAGE and ar
 an hour apart, each signed by her and sealed for bob and the proxy with a fresh signed
 SIP context (its own time), both with the same Call-ID, From tag, CSeq number and
 Content-ID and the same text ("Yes, approved.").  Effect: the proxy checks and forwards
-both (the replay record is the whole signed context, whose time differs), bob's engine
-opens and shows both, but ``content_uid`` digests neither the context's time nor
-anything else that tells the two apart, so the second message gets the first one's
-``message_uid`` and the archive's ``ON CONFLICT (message_uid, part)`` stores nothing:
-one row, with the first message's time.  An insider who approves a second deal with
+both (the replay record of those ids, ``SipContext.replay_key``, which binds no time,
+lives the window plus a transaction's lifetime, 332 s, and the second body is newer
+than the stale floor it left), bob's engine opens and shows both (the phone's
+``FirstCopy`` remembers 300 s), but ``content_uid`` digests nothing that tells the two
+apart (not the signed time), so the second message gets the first one's ``message_uid``
+and the archive's ``ON CONFLICT (message_uid, part)`` stores nothing: one row, with the
+first message's time.  An insider who approves a second deal with
 the words she used for the first leaves no trace of the second approval in the archive
 (or, sending the words once early and again when it matters, leaves a row dated before
 the question was asked).  The threat model promises "copies of one message share one
@@ -19,10 +21,13 @@ the question was asked).  The threat model promises "copies of one message share
 check let the second through).
 Code at fault: ``kamailio_app/archive.py::content_uid`` (and ``bootstrap._identity``):
 the identity of a request is (Call-ID, tags, CSeq, method, status) plus recorded fields,
-none of them the body's signed time.  Fix: for a request, put the replay key of its
-signed context (``SipContext.replay_key()``, or its time) into the uid (carried in
-``SeenBody``): copies of one request are refused by the replay check anyway, so the
-uid only has to merge response retransmissions.
+none of them the body's signed time.  Fix: carry the signed context's time in
+``SeenBody`` and digest it into the uid (``_identity``/``content_uid``): copies of one
+message (a 2xx retransmission, a hop's copy at another node) carry the same signed
+time and still share a uid, two messages made at different times never do.  (Within
+the window a second message under the same ids is refused 403 as a replay, control
+below; a wire test would have to wait out the 33 s of the smallest window, so this
+hole is shown on the core alone.)
 
 Tried and held (core):
 - a multipart/alternative (or related) body holding a decoy part for the proxy and a
@@ -158,3 +163,12 @@ def test_hole_the_same_text_sent_again_an_hour_later_leaves_no_row(scene):
     alice = scene.world.aor("alice")
     # secure: two messages delivered, two rows (today: one, the first's)
     assert scene.rows() == [(alice, TEXT), (alice, TEXT)]
+
+
+def test_control_within_the_window_the_same_ids_are_refused_as_a_replay(scene):
+    """What keeps the ids unique while the replay record lives: a second message under
+    the same ids a minute later is 403, whatever its text."""
+    first, _ = scene.send(TEXT)
+    scene.now += 60
+    second, shown = scene.send(b"No, declined.")
+    assert first.action == "forward" and (second.action, second.code, shown) == ("reply", 403, None)
