@@ -172,3 +172,118 @@ def test_control_within_the_window_the_same_ids_are_refused_as_a_replay(scene):
     scene.now += 60
     second, shown = scene.send(b"No, declined.")
     assert first.action == "forward" and (second.action, second.code, shown) == ("reply", 403, None)
+
+
+# --------------------------------------------------------------------------- hole 2
+# A sealed keying line that carries a bare CR: pjmedia reads what follows as a line.
+
+SDP_VIEW = ("INVITE:application/sdp",)
+ELSEWHERE = "203.0.113.66"
+SMUGGLED = f"k=prompt\rc=IN IP4 {ELSEWHERE}"
+
+
+def pjmedia_lines(sdp: bytes) -> list[str]:
+    """The lines pjmedia's ``pjmedia_sdp_parse`` reads (pjmedia/src/pjmedia/sdp.c): an
+    ``a=`` line runs to its value's first CR or LF and ``pj_scan_skip_line`` then skips
+    to the next LF; every other line (``parse_generic_line``, ``c=``, ``m=``...) ends at
+    the first CR or LF, and ``pj_scan_get_newline`` takes one CR and one LF."""
+    text, out, at = sdp.decode("utf-8"), [], 0
+    while at < len(text):
+        end = min([i for i in (text.find("\r", at), text.find("\n", at)) if i >= 0],
+                  default=len(text))
+        line = text[at:end]
+        if line:
+            out.append(line)
+        if line.startswith("a="):
+            nl = text.find("\n", end)
+            at = len(text) if nl < 0 else nl + 1
+        else:
+            at = end + (1 if text[end:end + 1] == "\r" else 0)
+            at += 1 if text[at:at + 1] == "\n" else 0
+    return out
+
+
+def media_addresses(lines: list[str]) -> list[str]:
+    """Each m= section's connection address as pjmedia keeps it: the section's last
+    ``c=`` (``media->conn`` is overwritten), else the session's."""
+    session, sections = None, []
+    for line in lines:
+        if line.startswith("m="):
+            sections.append(session)
+        elif line.startswith("c="):
+            address = line.split()[-1]
+            if sections:
+                sections[-1] = address
+            else:
+                session = address
+    return sections
+
+
+def _insiders_call(world, extra_key_lines: tuple[str, ...]):
+    """alice's (the insider's own client) signed SRTP offer to bob, split for the home
+    proxy (which views INVITE SDP), with ``extra_key_lines`` sealed for bob beside her
+    real a=crypto line: (proxy verdict, the SDP bob's engine hands pjsip)."""
+    from e2m_lab.flows import (SRTP_OFFER, TRUSTED, apply_forward, invite, known_proxy,
+                               proxy_engine, ua_engine)
+    from e2m_plugins import ua as ua_module
+    from e2m_plugins.sdp import SdpKeys
+    proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW)
+    chosen = (known_proxy(world, TRUSTED, SDP_VIEW),)
+    alice = ua_engine(world, "alice", peers=("bob",), proxies=chosen)
+    bob = ua_engine(world, "bob", peers=("alice",), proxies=chosen)
+    real = ua_module.separate_keys
+
+    def her_split(content, keying):
+        view, keys = real(content, keying)
+        return view, SdpKeys(keys.lines + tuple((0, line) for line in extra_key_lines))
+
+    ua_module.separate_keys = her_split
+    try:
+        sent = alice.protect(invite(world, SRTP_OFFER, call_id="r84-media@10.0.0.7")).message
+    finally:
+        ua_module.separate_keys = real
+    verdict = proxy.inspect(sent)
+    return verdict, bob.open(apply_forward(sent, verdict)).message.body
+
+
+def test_control_a_sealed_c_line_is_refused_and_an_honest_split_keeps_the_media(world):
+    """Review 1's rule holds for a plain line: a sealed ``c=`` is 403-class
+    (InconsistentSplitError); an honest split gives pjmedia the addresses the proxy
+    recorded."""
+    from e2m_plugins.errors import InconsistentSplitError
+    with pytest.raises(InconsistentSplitError):
+        _insiders_call(world, (f"c=IN IP4 {ELSEWHERE}",))
+    verdict, sdp = _insiders_call(world, ())
+    assert verdict.action == "forward"
+    assert [m.address for m in verdict.media] == ["127.0.0.1"]
+    assert media_addresses(pjmedia_lines(sdp)) == ["127.0.0.1"]
+    assert b"a=crypto:" in sdp
+
+
+@pytest.mark.xfail(strict=True, reason="review 84: insider UA, a sealed k= key line with a "
+                   "bare CR hands bob's pjsip a c= the proxy never saw (media elsewhere)")
+def test_hole_a_sealed_key_line_with_a_bare_cr_moves_bobs_media_past_the_proxy(world):
+    """Attacker: an insider UA (alice, her own client, her own certificate).  Message:
+    her INVITE, an SRTP offer split as the home proxy's policy asks (it views INVITE
+    SDP: firewall pinholes and the media archive): the SDP view for the proxy and bob
+    with ``c=IN IP4 127.0.0.1``, and, sealed for bob alone under her signature
+    (``e2m-sdp-keys``), her a=crypto line plus the "keying line"
+    ``k=prompt<CR>c=IN IP4 203.0.113.66``.  Effect: the proxy records media at
+    127.0.0.1:49170; bob's engine takes the line for a keying line (``_LINE``'s ``.``
+    matches CR, ``_is_keying`` looks at the letter ``k``), ``merge_keys`` puts it after
+    the m= line and hands pjsip the SDP; pjmedia ends the ``k=`` line at the CR and
+    reads ``c=IN IP4 203.0.113.66`` as the media's connection: bob's RTP goes to an
+    address the firewall and the archive never saw (threat model, insider row 2: "bob
+    gets the very SDP the proxy read plus keying lines").  Real phone:
+    ``tests/pjsua/test_review84_phone.py``.
+    At fault: ``e2m_plugins/sdp.py`` ``SdpKeys.decode`` / ``merge_keys`` (a key line is
+    checked by ``_LINE.fullmatch``, whose ``.`` takes CR, and never for control
+    characters).  Fix: refuse a key line holding CR (or any control character but
+    HTAB) in ``SdpKeys.decode`` and ``merge_keys`` (as ``parse_lines._text`` does for
+    the view), and parse the merged SDP again with ``parse_lines`` before handing it on."""
+    verdict, sdp = _insiders_call(world, (SMUGGLED,))
+    assert verdict.action == "forward"
+    recorded = [m.address for m in verdict.media]
+    assert recorded == ["127.0.0.1"]
+    # secure: bob's stack reads the media where the proxy recorded it
+    assert media_addresses(pjmedia_lines(sdp)) == recorded, repr(sdp)
