@@ -29,6 +29,26 @@ the window a second message under the same ids is refused 403 as a replay, contr
 below; a wire test would have to wait out the 33 s of the smallest window, so this
 hole is shown on the core alone.)
 
+Hole 2 (``test_hole_a_sealed_key_line_with_a_bare_cr_moves_bobs_media_past_the_proxy``;
+real phone: ``tests/pjsua/test_review84_phone.py``): attacker: an insider UA (alice, her
+own client and certificate).  Messages: her INVITE with an SRTP offer split for the home
+proxy (it views INVITE SDP: pinholes and the media archive), the view saying
+``c=IN IP4 127.0.0.1``, and sealed for bob alone under her signature her a=crypto line
+plus the "keying line" ``k=prompt<CR>c=IN IP4 203.0.113.66``.  Effect: the proxy reads
+and records media at 127.0.0.1:49170 and forwards; bob's engine takes the line for a
+keying line (``_LINE = ([a-z])=(.*)``: ``.`` matches CR; ``_is_keying`` looks at the
+letter ``k`` only) and ``merge_keys`` writes it after the m= line; pjmedia ends a
+``k=`` line (``parse_generic_line``) at the CR and reads ``c=IN IP4 203.0.113.66`` as the
+media's connection.  Seen on the real phone: 200 OK, ``call_media remote_rtp
+127.0.0.66:49170`` where the proxy recorded 127.0.0.1.  bob's media goes to an address
+the firewall and the archive never saw, past the insider row's fix ("bob gets the very
+SDP the proxy read plus keying lines; a sealed line that is not one is refused").
+Code at fault: ``e2m_plugins/sdp.py`` ``SdpKeys.decode`` and ``merge_keys`` (key lines
+are checked with ``_LINE.fullmatch`` only, never for control characters, and the merged
+SDP is not parsed again).  Fix: refuse CR (and any control character but HTAB) in a
+sealed key line, as ``parse_lines._text`` does for the view, and run ``parse_lines`` over
+the merged SDP before handing it on.
+
 Tried and held (core):
 - a multipart/alternative (or related) body holding a decoy part for the proxy and a
   part sealed for bob alone: the proxy takes the multipart as one plaintext part and
@@ -40,9 +60,10 @@ Tried and held (core):
 - an inner entity (inside the envelope) that is itself S/MIME: refused by ``open_part``;
 - a MESSAGE under a kekri of a key the proxy never held: 496 (the proxy's view rules
   cover the method whatever the content type);
-- a sealed SDP "key" line with a bare CR and a ``c=`` after it (``_LINE``'s ``.``
-  takes CR): merged into the SDP bob's phone reads, but pjmedia's attribute parser
-  skips to the next LF, so the ``c=`` never reaches the media (no effect on pjsua2);
+- hole 2's CR on an ``a=crypto`` key line instead of ``k=``: merged too, but pjmedia's
+  attribute parser (``pj_scan_skip_line``) skips to the next LF, so the ``c=`` after the
+  CR is never read (read in pjmedia's source, not run); a plain sealed ``c=`` line is
+  refused (control);
 - a second SignerInfo (another user's, captured): its signed context names another
   message, so the contexts disagree (BindingMismatchError).
 """
