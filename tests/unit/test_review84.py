@@ -49,7 +49,8 @@ SDP is not parsed again).  Fix: refuse CR (and any control character but HTAB) i
 sealed key line, as ``parse_lines._text`` does for the view, and run ``parse_lines`` over
 the merged SDP before handing it on.
 
-Tried and held (core):
+Tried and held (core; each read in the code, only those named a control were run):
+- a MESSAGE under the same ids within the window: 403 as a replay (control);
 - a multipart/alternative (or related) body holding a decoy part for the proxy and a
   part sealed for bob alone: the proxy takes the multipart as one plaintext part and
   archives it whole; bob's engine does not open it either (``has_protection`` reads
@@ -65,7 +66,11 @@ Tried and held (core):
   CR is never read (read in pjmedia's source, not run); a plain sealed ``c=`` line is
   refused (control);
 - a second SignerInfo (another user's, captured): its signed context names another
-  message, so the contexts disagree (BindingMismatchError).
+  message, so the contexts disagree (BindingMismatchError);
+- not pursued: a MESSAGE sent straight to bob's UDP contact, past the proxy (the
+  threat model's phone section: a TLS phone takes requests only on its own
+  connection); two RecipientInfos wrapping different CEKs (AES-GCM would need a
+  key-committing break so that one ciphertext opens to two signed entities).
 """
 
 from __future__ import annotations
