@@ -17,8 +17,8 @@ grammar has no single quotes (``'`` is a token character): ``parse_address`` rea
 bound and none is counted: the fourth, fifth ... AoR from S are 200 and live, the cap is
 gone for anyone who spells his Contact so (usrloc grows with the sender's AoRs, the
 per-source bound review 72 put there no longer holds).  At fault:
-``kamailio_app/kemi.py`` line 298-299 (``parse_address(...).params.get("expires")``: the
-core's reading of a Contact, not the registrar's) with 860-864 (``if lifetime == 0:
+``kamailio_app/kemi.py`` line 299 (``parse_address(...).params.get("expires")``: the
+core's reading of a Contact, not the registrar's) with 895-898 (``if lifetime == 0:
 return True``).  Fix: count by what the registrar bound, not by a re-parse: claim the
 slot, ``save``, then read the AoR's contacts back (``reg_fetch_contacts`` /
 ``$ulc(...=>expires)``) and give the slot the longest live expiry (release it when none
