@@ -78,6 +78,29 @@ What held (tried on the wire or by reading, 4ad57e0):
 4. ``_asked_lifetime``: ``*`` anywhere (Kamailio refuses ``<uri>, *``: 400, nothing
    bound, and Python takes no slot), a quoted ``expires="60"`` (both 60), a duplicated
    ``expires`` (both take the last), an Expires header with blanks.
+
+5. ``db_cmd._PLANTED`` (read, not run on PostgreSQL for lack of time; a lead for the
+   next review): the check reads triggers, rules and policies on the schema's tables,
+   functions in the schema, and what the nodes' account still owns.  After the README's
+   own way for a non-superuser owner (``REASSIGN OWNED BY e2m_node TO e2m_owner``),
+   code the nodes' account left *in another schema of its own* (then the owner's, so
+   ``_NODE_SCHEMAS`` no longer names it) is reached unexamined from (a) a trigger named
+   ``e2m_bodies_fill_only`` on a table other than ``bodies`` (``tgname <>
+   'e2m_bodies_fill_only'`` exempts the name on every table; ``CREATE OR REPLACE
+   TRIGGER`` only replaces the one on ``bodies``), (b) an overload
+   ``e2m_bodies_fill_only(text)`` in ``public`` (``proname <>`` exempts every overload),
+   (c) a CHECK constraint or an expression index on ``bodies`` calling such a function
+   (constraints and indexes are not read at all); a ``SECURITY DEFINER`` one runs as the
+   owner at each node's INSERT.  No concrete archive effect was demonstrated here (a
+   CHECK or index cannot rewrite the row; an owner-rights function could DELETE rows or
+   re-plant a trigger once the check said done).  Fix: exempt by OID (the owner's own
+   function and the trigger on ``bodies``), and list ``pg_constraint`` (CHECK) and
+   expression indexes (``pg_index.indexprs``) on the tables, and every function they or
+   a trigger call, whatever its schema.
+
+Not tried for lack of time: a dispatcher front's ``failover`` with a ``sips:`` request
+and mixed TLS/UDP nodes (operator's configuration only), the ``UnicodeDecodeError``
+fail-open on the wire.
 """
 
 from __future__ import annotations
