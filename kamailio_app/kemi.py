@@ -308,6 +308,55 @@ def _asked_lifetime():
     return 0 if seconds == 0 else min(max(seconds, MIN_EXPIRES), MAX_EXPIRES)
 
 
+_SAVE_NO_REPLY = 2             # registrar save() flag: the script sends the reply
+_ULC_PROFILE = "e2mreg"
+_ULC_COUNT = "$ulc(e2mreg=>count)"
+_ULC_EXPIRES = ["$(ulc(e2mreg=>expires)[%d])" % i for i in range(_MAX_CONTACTS_READ)]
+
+
+def _bound_seconds():
+    """After ``save``: seconds the longest binding of the REGISTER's AoR has left in
+    usrloc (0: none); ``MAX_EXPIRES`` when it cannot be read (fail closed)."""
+    found = KSR.registrar.reg_fetch_contacts("location", KSR.pv.get("$tu") or "",
+                                             _ULC_PROFILE)
+    if found == -1:
+        return 0                               # the AoR is not in usrloc
+    if found < 0:
+        return MAX_EXPIRES
+    try:
+        count = KSR.pv.get(_ULC_COUNT) or 0
+        if count > len(_ULC_EXPIRES):
+            return MAX_EXPIRES
+        ends = [KSR.pv.get(_ULC_EXPIRES[i]) or 0 for i in range(count)]
+    finally:
+        KSR.registrar.reg_free_contacts(_ULC_PROFILE)
+    return _within_expires(max([end - int(time.time()) for end in ends], default=0))
+
+
+def _replied_seconds():
+    """On a front, from a node's 2xx to a REGISTER: the longest ``expires`` its Contacts
+    list (the registrar lists every binding of the AoR; none: 0); ``MAX_EXPIRES`` when
+    they cannot be read (fail closed)."""
+    count = KSR.pv.get("$hdrc(Contact)") or 0
+    if count == 0:
+        return 0
+    if count > _MAX_CONTACTS_READ:
+        return MAX_EXPIRES
+    try:
+        values = [parse_address(item).params.get("expires") for i in range(count)
+                  for item in split_header_list(KSR.pv.get(_CONTACT_SPECS[i]) or "")]
+    except E2MError:
+        return MAX_EXPIRES
+    if not values or len(values) > _MAX_CONTACTS_READ or \
+            any(not value or not value.isdigit() or len(value) > 10 for value in values):
+        return MAX_EXPIRES
+    return _within_expires(max(int(value) for value in values))
+
+
+def _within_expires(seconds):
+    return min(max(seconds, 0), MAX_EXPIRES)
+
+
 def _sent_to_sips():
     return (KSR.pv.get("$ou") or "")[:5].lower() == "sips:"
 
@@ -885,17 +934,23 @@ class kamailio:
         if not self.count_registration():
             return
         self.announce_policy_in_reply()
-        # one the registrar then refuses (503: max_contacts) keeps its count until the
-        # pair expires: fail closed, and a retry of that AoR counts nothing more
-        KSR.registrar.save("location", 0)
+        # no reply yet (flag 2): the slot is settled to what was bound first, so the
+        # sender's next REGISTER, sent on our 200, finds it settled
+        KSR.registrar.save("location", _SAVE_NO_REPLY)
+        try:
+            self.settle_registration(_bound_seconds())
+        finally:
+            KSR.registrar.reg_send_reply()
 
     def count_registration(self):
         """While the registrar is open, one source may register at most
         ``registrations_per_source`` AoRs.  Each source has that many slots in e2mregs
         (``source#1`` ...); an AoR it registers holds one, named by its (source, AoR)
-        pair, for as long as the binding asked (``_asked_lifetime``, renewed by each
-        refresh), no longer, and a REGISTER that binds nothing takes none (review 80).
-        A source's count is therefore its live AoRs and nothing else: a counter kept beside them outlived the AoRs it counted while any other
+        pair, for as long as the registrar keeps the AoR's binding, no longer: claimed for
+        what we read the REGISTER to ask, then settled to what the registrar bound
+        (``settle_registration``; freed when nothing was: reviews 80, 85).
+        A source's count is therefore its live AoRs and nothing else: a counter kept
+        beside them outlived the AoRs it counted while any other
         was refreshed, so one forged burst from a shared address held it full (review
         78); one counter per source expired while its AoRs lived on (review 72).  By
         pair, not by "is the AoR registered": a second address refreshing the first's
@@ -905,25 +960,24 @@ class kamailio:
         over-count, each extra slot for its own lifetime (review 76).  A front counts
         for its nodes, which see every REGISTER from its address (review 71).
         Returns True when the request may go on; False when answered 403."""
-        limit = self.app.config.limits.registrations_per_source
-        if self.app.config.auth is not None or limit <= 0 or self.exempt_source():
+        if not self.counts_registrations():
             return True
-        source = KSR.pv.get("$si") or ""
-        identity = identity_of(KSR.pv.get("$tu") or "")
-        if identity is None or identity.user is None or len(str(identity)) > _MAX_OPEN_AOR:
+        counted = self._registration_pair()
+        if counted is None:
             # an AoR the core cannot read is no AoR to count, and usrloc keeps an AoR as
             # long as it is written: 60 KB ones filled shared memory (review 77)
             KSR.sl.send_reply(400, "Bad To")
             return False
+        if (KSR.pv.get("$hdrc(Contact)") or 0) == 0:
+            return True                          # a query binds nothing
+        # Any Contact may bind, whatever we read it to ask: our reading of its expiry
+        # and the registrar's differed (a single-quoted parameter, an Expires that wraps:
+        # review 85).  So a slot is claimed for it now, for what we read (a removal: the
+        # slack alone), and settled to what the registrar bound once it has
+        # (``settle_registration``; freed if nothing was).
         lifetime = _asked_lifetime()
-        if lifetime == 0:
-            # a query or a removal: nothing to count, and a slot taken for it held a
-            # shared address for the slots' whole lifetime (review 80)
-            return True
-        # fixed-size names: the AoR's own length is the sender's to choose (review 77)
-        digest = hashlib.sha256(str(identity).encode()).hexdigest()
-        pair = "%s|%s" % (source, digest[:32])
-        tag = int(digest[32:39], 16) + 2        # never 0 (free) nor 1 (being claimed)
+        limit = self.app.config.limits.registrations_per_source
+        source, pair, tag = counted
         held = KSR.htable.sht_get(_REGS, pair) or 0
         if 0 < held <= limit and (KSR.htable.sht_get(_REGS, _slot_name(source, held))
                                   or 0) == tag:
@@ -945,6 +999,49 @@ class kamailio:
         KSR.htable.sht_setxi(_REGS, name, tag, lifetime + _SLOT_SLACK)
         KSR.htable.sht_setxi(_REGS, pair, index, lifetime + _SLOT_SLACK)
         return True
+
+    def counts_registrations(self):
+        """The open registrar's per-source count applies (no digest, a limit, a source
+        not exempt)."""
+        limit = self.app.config.limits.registrations_per_source
+        return self.app.config.auth is None and limit > 0 and not self.exempt_source()
+
+    @staticmethod
+    def _registration_pair():
+        """(source, pair name, slot tag) of this REGISTER's source and AoR; None when
+        the AoR cannot be read.  Fixed-size names: the AoR's own length is the sender's
+        to choose (review 77)."""
+        identity = identity_of(KSR.pv.get("$tu") or "")
+        if identity is None or identity.user is None or len(str(identity)) > _MAX_OPEN_AOR:
+            return None
+        source = KSR.pv.get("$si") or ""
+        digest = hashlib.sha256(str(identity).encode()).hexdigest()
+        tag = int(digest[32:39], 16) + 2        # never 0 (free) nor 1 (being claimed)
+        return source, "%s|%s" % (source, digest[:32]), tag
+
+    def settle_registration(self, seconds):
+        """The slot this REGISTER's (source, AoR) pair holds lives as long as the AoR's
+        longest binding has left (``seconds``, as the registrar bound it), and is freed
+        when nothing is bound: what the registrar did, not what we read the REGISTER to
+        ask, is what is counted (review 85)."""
+        if not self.counts_registrations():
+            return
+        counted = self._registration_pair()
+        if counted is None:
+            return
+        source, pair, tag = counted
+        index = KSR.htable.sht_get(_REGS, pair) or 0
+        if not 0 < index <= self.app.config.limits.registrations_per_source:
+            return
+        name = _slot_name(source, index)
+        if (KSR.htable.sht_get(_REGS, name) or 0) != tag:
+            return                               # retaken by another pair: not ours
+        if seconds <= 0:
+            KSR.htable.sht_rm(_REGS, pair)
+            KSR.htable.sht_rm(_REGS, name)
+            return
+        KSR.htable.sht_setxi(_REGS, name, tag, seconds + _SLOT_SLACK)
+        KSR.htable.sht_setxi(_REGS, pair, index, seconds + _SLOT_SLACK)
 
     @staticmethod
     def _claim_slot(source, limit):
@@ -1345,6 +1442,13 @@ class kamailio:
             self.drop_asserted_identity()
         except Exception as exc:  # noqa: BLE001 - the reply is still read below
             _log_exception("reply identity", exc)
+        try:
+            if self.app.config.dispatcher is not None and KSR.pv.get("$rm") == "REGISTER" \
+                    and 200 <= (KSR.pv.get("$rs") or 0) < 300:
+                # a front counts for its nodes: what the node's registrar bound (review 85)
+                self.settle_registration(_replied_seconds())
+        except Exception as exc:  # noqa: BLE001 - the slot keeps its claimed lifetime
+            _log_exception("registration count", exc)
         try:
             if self.own_realm_challenge():
                 KSR.pv.seti(_OWN_CHALLENGE_AVP, 1)     # the failure route answers 502

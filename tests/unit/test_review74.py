@@ -91,6 +91,7 @@ gone.
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 import pytest
@@ -112,6 +113,21 @@ class _Location:
 
     def save(self, table: str, flags: int) -> int:
         self.aors[self.vars["$tu"]] = self.clock[0] + self.max_expires
+        return 1
+
+    # what the node reads back after save (stop 34: the count settles to what was bound)
+    def reg_fetch_contacts(self, table: str, uri: str, profile: str) -> int:
+        until = self.aors.get(uri, 0.0)
+        if until <= self.clock[0]:
+            return -1
+        self.vars[f"$ulc({profile}=>count)"] = 1
+        self.vars[f"$(ulc({profile}=>expires)[0])"] = int(time.time() + until - self.clock[0])
+        return 1
+
+    def reg_free_contacts(self, profile: str) -> int:
+        return 1
+
+    def reg_send_reply(self) -> int:
         return 1
 
     def live(self) -> list[str]:

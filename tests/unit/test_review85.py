@@ -21,6 +21,18 @@ as nothing; a double-quoted ``expires="60"`` as Kamailio reads it (60).
 
 Tried and held: ``<uri>, *`` (0 here; Kamailio refuses it, 400, nothing bound), a
 duplicated ``expires`` (both take the last), ``;expires=`` empty (the header's).
+
+Fixed (stop 34): the count no longer rests on reading the REGISTER as the registrar
+would.  Any REGISTER with a Contact claims a slot for what we read (a removal: the
+slack alone), and once the registrar has saved, the slot is settled to what it bound:
+the longest binding the AoR has left in usrloc (a node, ``_bound_seconds``) or in the
+node's 2xx (a front, ``_replied_seconds``), freed when nothing is bound
+(``settle_registration``).  ``_asked_lifetime`` is now only the claim's first guess,
+so the two holes above, which asserted what it reads, could not turn XPASS: they are
+replaced by the same attacks against the count itself, on review 74's node model
+(``test_a_single_quoted_contact_bound_for_an_hour_holds_a_slot``,
+``test_a_register_that_binds_nothing_frees_its_slot``; both failed on the code before
+the fix), and the wire holes turned XPASS on a real Kamailio.
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ import sys
 import types
 
 import pytest
+
+from tests.unit.test_review74 import node  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -64,17 +78,29 @@ def test_control_a_double_quoted_expiry_is_read_as_kamailio_reads_it(lifetime):
     assert lifetime(['<sip:u@192.0.2.1:4444>;expires="60"'], "3600") == 60
 
 
-@pytest.mark.xfail(strict=True, reason="review 85: off-path sender on an open registrar, "
-                   "';x='y;expires=0;z='' is a removal to the count, an hour's binding to "
-                   "Kamailio (single quotes): no slot taken")
-def test_hole_a_single_quoted_parameter_is_read_as_a_removal(lifetime):
-    # Kamailio binds this contact for 3600 s (its 200: ;expires=3600)
-    assert lifetime(["<sip:u@192.0.2.1:4444>;x='y;expires=0;z='"], "3600") == 3600
+# -- stop 34: the count settles to what the registrar bound -------------------------
+
+S = "192.0.2.85"
 
 
-@pytest.mark.xfail(strict=True, reason="review 85: off-path sender sharing an address, "
-                   "'Expires: 4294967296' binds nothing (Kamailio wraps it to 0) yet the count "
-                   "reads an hour")
-def test_hole_an_expires_header_of_two_to_the_32_is_read_as_an_hour(lifetime):
-    # Kamailio answers 200 with no Contact: nothing bound
-    assert lifetime(["<sip:u@192.0.2.1:4444>"], "4294967296") == 0
+def test_a_single_quoted_contact_bound_for_an_hour_holds_a_slot(node):  # noqa: F811
+    """Hole 1 against the count: we read a removal, the registrar binds for an hour
+    (review 74's model binds every save for ``MAX_EXPIRES``): each AoR holds a slot and
+    the fourth is refused."""
+    node.location.vars.update({"$(hdr(Contact)[0])": "<sip:u@192.0.2.1:4444>;x='y;expires=0;z='",
+                               "$hdr(Expires)": "3600"})
+    assert [node.register(S, f"sip:q{n}@example.com") for n in range(4)] == \
+        [None, None, None, 403]
+
+
+def test_a_register_that_binds_nothing_frees_its_slot(node):  # noqa: F811
+    """Hole 2 against the count: we read an hour, the registrar binds nothing (the
+    Expires wraps to 0): three such REGISTERs leave S free for bob."""
+    location = node.location
+    location.save = lambda table, flags: 1                        # nothing bound
+    location.vars.update({"$(hdr(Contact)[0])": "<sip:u@192.0.2.1:4444>",
+                          "$hdr(Expires)": "4294967296"})
+    assert [node.register(S, f"sip:w{n}@example.com") for n in range(3)] == [None] * 3
+    del location.save                                             # the model's own again
+    location.vars["$hdr(Expires)"] = "3600"
+    assert node.register(S, "sip:bob@example.com") is None
