@@ -67,6 +67,7 @@ class SdpLine:
 SESSION = -1            # SdpKeys: lines of the session section
 _MAX_KEY_LINES = 64     # keying lines in one SDP (SDES offers a handful per medium)
 _MAX_KEY_LINE_BYTES = 1024
+_KEYS_MAX_BYTES = _MAX_KEY_LINES * (_MAX_KEY_LINE_BYTES + 2)   # all of them, line ends too
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class SdpKeys:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise MalformedError("SdpKeys line is not UTF-8") from None
+            if _has_control(text):
+                raise MalformedError("SdpKeys line holds a control character")
             lines.append((section, text))
         return cls(tuple(lines))
 
@@ -142,6 +145,12 @@ def _raw_lines(data: bytes) -> list[bytes]:
     lines = data.split(b"\n")
     out = [line + b"\n" for line in lines[:-1]]
     return out + ([lines[-1]] if lines[-1] else [])
+
+
+def _has_control(text: str) -> bool:
+    """A control character other than HTAB: pjmedia ends an SDP line at a bare CR, so a
+    CR in a line would start another line that only the peer's stack reads (review 84)."""
+    return any(ord(c) < 0x20 and c != "\t" or c == "\x7f" for c in text)
 
 
 def _text(raw: bytes) -> str:
@@ -243,7 +252,7 @@ def merge_keys(view: bytes, keys: SdpKeys, keying_attributes: Iterable[str] = KE
     eol = b"\r\n" if not lines or lines[0].raw.endswith(b"\r\n") else b"\n"
     adds: dict[int, list[SdpLine]] = {}
     for section, text in keys.lines:
-        match = _LINE.fullmatch(text)
+        match = None if _has_control(text) else _LINE.fullmatch(text)
         key = None if match is None else SdpLine(match.group(1), match.group(2),
                                                  text.encode() + eol, section)
         if key is None or not _is_keying(key, keying):
@@ -265,7 +274,14 @@ def merge_keys(view: bytes, keys: SdpKeys, keying_attributes: Iterable[str] = KE
             if not line.raw.endswith(b"\n"):      # a last line without its line end
                 out.append(eol)
             out += [k.raw for k in adds.pop(here)]
-    return b"".join(out)
+    merged = b"".join(out)
+    # what the peer's stack will read: the view's lines and the keying lines, nothing
+    # else (a key line that reads as two lines would add one the proxy never saw)
+    if [(line.kind, line.value) for line in parse_lines(merged, max_bytes=max_bytes +
+                                                         _KEYS_MAX_BYTES)
+            if not _is_keying(line, keying)] != [(line.kind, line.value) for line in lines]:
+        raise InconsistentSplitError("the sealed keys would change the SDP the proxy read")
+    return merged
 
 
 def has_keys(sdp: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES, *,

@@ -8,6 +8,8 @@ Kamailio at start instead of failing every request.
 
 from __future__ import annotations
 
+import hashlib
+
 import ipaddress
 
 from dataclasses import dataclass, field
@@ -52,9 +54,14 @@ def _direction(message: SipMessage) -> str:
 
 
 def _identity(message: SipMessage) -> tuple[str | int | None, ...]:
-    """What tells one message of a dialog from another (not its copies apart)."""
+    """What tells one message of a dialog from another (not its copies apart): its ids
+    and its body's octets as sent.  A copy (a retransmission, a hop's, another node's)
+    carries the same octets; a body signed or sealed again is other octets (a new
+    signing time, a new content key), so the same words sent an hour later under the
+    same ids, once the replay record has gone, are a second row (review 84)."""
     number, method = message.cseq
-    return (message.call_id, message.from_tag, message.to_tag, number, method, message.status)
+    return (message.call_id, message.from_tag, message.to_tag, number, method, message.status,
+            hashlib.sha256(message.body).hexdigest())
 
 
 def as_utf8(text: str | None) -> str | None:

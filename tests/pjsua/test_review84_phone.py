@@ -95,8 +95,6 @@ def test_control_an_honest_split_call_has_its_media_where_the_proxy_saw_it(pki, 
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 84: insider UA, a sealed k= key line with a "
-                   "bare CR moves bob's media to an address the proxy never saw")
 def test_hole_a_sealed_key_line_with_a_bare_cr_sends_bobs_media_elsewhere(pki, bob,
                                                                          monkeypatch):
     peer = UdpStranger(bob.port)

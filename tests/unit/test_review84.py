@@ -71,6 +71,14 @@ Tried and held (core; each read in the code, only those named a control were run
   threat model's phone section: a TLS phone takes requests only on its own
   connection); two RecipientInfos wrapping different CEKs (AES-GCM would need a
   key-committing break so that one ciphertext opens to two signed entities).
+
+Fixed (stop 34): hole 1, the archive's message uid also digests the body's octets as
+sent (``bootstrap._identity``): the second approval is a second row.  Hole 2, a sealed
+key line holding a control character (but HTAB) is refused (``SdpKeys.decode``,
+``merge_keys``), and the merged SDP is parsed again and must hold the view's lines and
+nothing else; bob's engine now refuses the call, so the hole asserts the refusal
+instead of the merged address.  Both turned XPASS; the markers are gone (the phone's
+too, ``tests/pjsua/test_review84_phone.py``).
 """
 
 from __future__ import annotations
@@ -80,6 +88,8 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pytest
+
+from e2m_plugins.errors import E2MError
 
 V_MESSAGE = ("MESSAGE:*",)
 TEXT = b"Yes, approved."
@@ -177,8 +187,6 @@ def test_control_a_copy_of_the_same_message_is_refused_by_the_proxy(scene):
     assert (again.action, again.code) == ("reply", 403)
 
 
-@pytest.mark.xfail(strict=True, reason="review 84: insider UA, the same text sent again "
-                   "later under the same ids reaches bob but leaves no archive row")
 def test_hole_the_same_text_sent_again_an_hour_later_leaves_no_row(scene):
     first, shown_first = scene.send(TEXT)
     scene.now += HOUR
@@ -286,8 +294,6 @@ def test_control_a_sealed_c_line_is_refused_and_an_honest_split_keeps_the_media(
     assert b"a=crypto:" in sdp
 
 
-@pytest.mark.xfail(strict=True, reason="review 84: insider UA, a sealed k= key line with a "
-                   "bare CR hands bob's pjsip a c= the proxy never saw (media elsewhere)")
 def test_hole_a_sealed_key_line_with_a_bare_cr_moves_bobs_media_past_the_proxy(world):
     """Attacker: an insider UA (alice, her own client, her own certificate).  Message:
     her INVITE, an SRTP offer split as the home proxy's policy asks (it views INVITE
@@ -307,9 +313,8 @@ def test_hole_a_sealed_key_line_with_a_bare_cr_moves_bobs_media_past_the_proxy(w
     characters).  Fix: refuse a key line holding CR (or any control character but
     HTAB) in ``SdpKeys.decode`` and ``merge_keys`` (as ``parse_lines._text`` does for
     the view), and parse the merged SDP again with ``parse_lines`` before handing it on."""
-    verdict, sdp = _insiders_call(world, (SMUGGLED,))
-    assert verdict.action == "forward"
-    recorded = [m.address for m in verdict.media]
-    assert recorded == ["127.0.0.1"]
-    # secure: bob's stack reads the media where the proxy recorded it
-    assert media_addresses(pjmedia_lines(sdp)) == recorded, repr(sdp)
+    # Fixed (stop 34): bob's engine refuses the sealed keys (a key line with a control
+    # character is malformed), so no SDP with another c= reaches his stack; before the
+    # fix it handed pjmedia 203.0.113.66 (the assertion was on the merged SDP's address)
+    with pytest.raises(E2MError, match="control character"):
+        _insiders_call(world, (SMUGGLED,))
