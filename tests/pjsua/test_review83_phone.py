@@ -65,7 +65,7 @@ from pathlib import Path
 
 import pytest
 
-from e2m_lab.flows import ua_engine
+from e2m_lab.flows import SRTP_OFFER, ua_engine
 from e2m_lab.phones import PhoneProcess, write_ua
 from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import HOST, UdpStranger
@@ -270,3 +270,65 @@ def test_control_a_bodiless_copy_on_another_branch_is_shown_as_plaintext(pki, bo
     assert [e["text"] for e in shown] == [""]
     sec = shown[0]["security"]
     assert sec is None or not (sec["signed"] or sec["encrypted"] or sec["trusted"])
+
+
+# ------------------------------------------------------- hole 1, the INVITE variant (stop 34)
+
+def _invite_sent_ahead(pki: TestPKI, bob: PhoneProcess, *, copy_ahead: bool
+                       ) -> tuple[list[dict], list[int]]:
+    """The hop holds alice's signed, encrypted INVITE (SDP offer), sends bob a bodiless
+    copy of it on her branch (same Call-ID, From tag, CSeq) when ``copy_ahead``, then
+    her real one right after it.  bob's call events since, and every final answer on
+    her branch."""
+    alice = ua_engine(pki, "alice", peers=("bob",))
+    peer = UdpStranger(bob.port)
+    try:
+        plain = sip.make_request(
+            "INVITE", f"sip:bob@{HOST}:{bob.port}", from_uri=pki.aor("alice"),
+            to_uri=pki.aor("bob"), via_host=f"{HOST}:{peer.local_port}", body=SRTP_OFFER,
+            content_type="application/sdp",
+            extra_headers=[("Contact", f"<sip:alice@{HOST}:{peer.local_port}>")])
+        real = alice.protect(plain).message
+        mark = bob.mark()
+        if copy_ahead:
+            peer.send(_bodiless_copy(real).serialize())
+        peer.send(real.serialize())
+        time.sleep(2.0)
+        answers = [sip.parse(d) for d in peer.drain(0.5)]
+        finals = [a.status for a in answers if not a.is_request and
+                  a.via_branch() == real.via_branch() and a.status >= 200]
+        kinds = ("call_incoming", "call_media", "call_state", "call_ended")
+        return [e for kind in kinds for e in bob.of(kind, since=mark)], finals
+    finally:
+        peer.close()
+
+
+def _rx_invite_marks(events: list[dict]) -> list[str]:
+    """The summaries of every received-INVITE record shown as encrypted or signed."""
+    return [(r["security"] or {}).get("summary", "")
+            for e in events for r in (e.get("security") or [])
+            if r["direction"] == "rx" and r["what"] == "INVITE" and r["security"]
+            and (r["security"]["encrypted"] or r["security"]["signed"])]
+
+
+@pytest.mark.xfail(strict=True, reason="stop 34: untrusted hop sends a bodiless copy of "
+                   "alice's INVITE (same transaction) just ahead of it: the call pjsua answered "
+                   "shows her offer 'encrypted and signed by alice'")
+def test_hole_a_bodiless_invite_in_the_same_transaction_takes_alices_security(pki, bob):
+    """Hole 1 with an INVITE (the variant the review did not try): a bodiless copy of
+    alice's INVITE on her branch, then her real one.  pjsua answers the copy (no offer
+    from anyone: bob's phone offers in its 200); the real one is the same transaction to
+    pjsip.  The call bob's phone shows must not carry alice's signed, encrypted offer as
+    its received INVITE: the INVITE pjsua took had no body at all."""
+    events, finals = _invite_sent_ahead(pki, bob, copy_ahead=True)
+    assert any(e["kind"] == "call_incoming" for e in events), events
+    assert _rx_invite_marks(events) == [], _rx_invite_marks(events)
+
+
+def test_control_alices_invite_alone_is_shown_with_her_security(pki, bob):
+    """The set-up is sound: alice's INVITE alone rings bob, is answered 200, and the call
+    shows her offer as encrypted and signed."""
+    events, finals = _invite_sent_ahead(pki, bob, copy_ahead=False)
+    assert 200 in finals, finals
+    assert any(e["kind"] == "call_incoming" for e in events), events
+    assert _rx_invite_marks(events), events
