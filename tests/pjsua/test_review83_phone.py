@@ -197,26 +197,30 @@ def _alices_message(pki: TestPKI, bob: PhoneProcess, peer: UdpStranger
     return alice.protect(plain).message
 
 
-def _bodiless_copy(real: sip.SipMessage) -> sip.SipMessage:
-    """The same request (Call-ID, From with its tag, CSeq, top Via branch), no body."""
+def _bodiless_copy(real: sip.SipMessage, text: bytes = b"") -> sip.SipMessage:
+    """The same request (Call-ID, From with its tag, CSeq, top Via branch), no body
+    (or the hop's own plaintext ``text``)."""
     copy = real.with_body(b"")
     for name in ("Content-Disposition", "Content-Encoding", "Content-Transfer-Encoding"):
         copy = copy.remove(name)
+    if text:
+        copy = copy.replace("Content-Type", "text/plain").with_body(text)
     assert (copy.call_id, copy.cseq, copy.via_branch(), copy.from_tag) == \
         (real.call_id, real.cseq, real.via_branch(), real.from_tag)
     return copy
 
 
-def _sent_ahead(pki: TestPKI, bob: PhoneProcess, *, same_branch: bool | None
-                ) -> tuple[list[dict], int | None]:
+def _sent_ahead(pki: TestPKI, bob: PhoneProcess, *, same_branch: bool | None,
+                text: bytes = b"") -> tuple[list[dict], int | None, list[int], list[dict]]:
     """The hop holds alice's MESSAGE, sends bob a bodiless copy of it (the same
     transaction when ``same_branch``, a new branch when False, none when None), then
-    alice's real one right after it.  bob's message_in events since, and the final
-    answer alice's real one (its branch) got."""
+    alice's real one right after it.  bob's message_in events since, the first final
+    answer on alice's branch (the copy's, when it went first), every final answer on it,
+    and bob's duplicate_refused events since."""
     peer = UdpStranger(bob.port)
     try:
         real = _alices_message(pki, bob, peer)
-        copy = _bodiless_copy(real)
+        copy = _bodiless_copy(real, text)
         if not same_branch:
             via = real.get("Via") or ""
             copy = copy.replace("Via", via.replace(real.via_branch(), real.via_branch() + "x"))
@@ -226,9 +230,10 @@ def _sent_ahead(pki: TestPKI, bob: PhoneProcess, *, same_branch: bool | None
         peer.send(real.serialize())
         time.sleep(1.5)
         answers = [sip.parse(d) for d in peer.drain(0.5)]
-        status = next((a.status for a in answers if a.via_branch() == real.via_branch()
-                       and a.status >= 200), None)
-        return bob.of("message_in", since=mark), status
+        finals = [a.status for a in answers if a.via_branch() == real.via_branch()
+                  and a.status >= 200]
+        return bob.of("message_in", since=mark), next(iter(finals), None), finals, \
+            bob.of("duplicate_refused", since=mark)
     finally:
         peer.close()
 
@@ -237,23 +242,43 @@ def _sent_ahead(pki: TestPKI, bob: PhoneProcess, *, same_branch: bool | None
                    "alice's MESSAGE (same transaction) just ahead of it: bob is shown an empty "
                    "message 'encrypted and signed by alice', her real one never")
 def test_hole_a_bodiless_copy_in_the_same_transaction_takes_alices_security(pki, bob):
-    """See the module docstring, hole 1."""
-    shown, status = _sent_ahead(pki, bob, same_branch=True)
-    assert status == 200                       # alice's phone would say "delivered"
+    """See the module docstring, hole 1 (and "Fixed (stop 34)" for the last assertion)."""
+    _copy_ahead_is_never_shown_as_alices(*_sent_ahead(pki, bob, same_branch=True))
+
+
+def test_control_a_plaintext_copy_ahead_on_alices_branch_is_refused(pki, bob):
+    """Hole 1 with the hop's own words (tried at stop 34, held before the fix too): the
+    copy ahead on alice's branch carries a ``text/plain`` body of the hop's choosing.
+    bob's phone requires E2M, so the engine refuses the copy (488) before pjsip makes a
+    transaction of it; alice's real one is then delivered with her text and security."""
+    shown, status, finals, _ = _sent_ahead(pki, bob, same_branch=True,
+                                           text=b"review 83: moved to 16:00")
+    assert finals[:1] == [488] and 200 in finals, finals
+    assert [e["text"] for e in shown] == [ALICES_TEXT.decode()]
+    sec = shown[0]["security"]
+    assert sec["encrypted"] and sec["signed"] and sec["trusted"], sec["summary"]
+
+
+def _copy_ahead_is_never_shown_as_alices(shown: list[dict], status: int | None,
+                                         finals: list[int], refused: list[dict]) -> None:
+    assert status == 200                       # the copy's answer on alice's branch
     assert shown, "bob's phone showed nothing"
     for event in shown:
         sec = event["security"] or {}
         # secure: what bob is shown as signed by alice is alice's text
         assert not (sec.get("signed") or sec.get("encrypted")) or \
             event["text"] == ALICES_TEXT.decode(), (event["text"], sec.get("summary"))
-    assert any(e["text"] == ALICES_TEXT.decode() for e in shown), \
-        [(e["text"], (e["security"] or {}).get("summary")) for e in shown]
+    # alice's text is shown, or her real one is not silently swallowed as a
+    # retransmission: it is refused (482: a hop can always drop it) and bob is told
+    assert any(e["text"] == ALICES_TEXT.decode() for e in shown) or \
+        (482 in finals and [r["code"] for r in refused] == [482]), \
+        ([(e["text"], (e["security"] or {}).get("summary")) for e in shown], finals, refused)
 
 
 def test_control_alices_message_alone_is_shown_with_her_text_and_security(pki, bob):
     """The set-up is sound: the same MESSAGE of alice's, sent alone, is answered 200 and
     shown with her text as encrypted by and signed by alice (trusted)."""
-    shown, status = _sent_ahead(pki, bob, same_branch=None)
+    shown, status, _, _ = _sent_ahead(pki, bob, same_branch=None)
     assert status == 200
     assert [e["text"] for e in shown] == [ALICES_TEXT.decode()]
     sec = shown[0]["security"]
@@ -265,7 +290,7 @@ def test_control_a_bodiless_copy_on_another_branch_is_shown_as_plaintext(pki, bo
     empty and "plaintext"; alice's real one, a merged request now (same Call-ID, From
     tag and CSeq), gets pjsip's 482 and alice sees a failure (a hop may always drop her
     message; nothing is shown under her name)."""
-    shown, status = _sent_ahead(pki, bob, same_branch=False)
+    shown, status, _, _ = _sent_ahead(pki, bob, same_branch=False)
     assert status == 482
     assert [e["text"] for e in shown] == [""]
     sec = shown[0]["security"]
