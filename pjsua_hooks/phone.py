@@ -72,6 +72,10 @@ KEY_WITNESS_ENV = "E2M_PHONE_KEY_WITNESS"
 _PJSIP_RX_LIMIT = 4000       # PJSIP_MAX_PKT_LEN of the pinned wheel
 _MEMO = 512                   # plaintext requests / security records kept per phone
 _RECORDS_PER_CALL = 32        # security records kept per Call-ID
+# How long a received request's transaction key and security record stay: past pjsip's
+# own server transactions (64*T1 = 32 s for a MESSAGE, an INVITE's Timer H), so a second,
+# different request in a transaction pjsip still holds is always caught (stop 34)
+_RX_MAX_AGE = 64.0
 # Bounds on what the phone keeps (count; age where it matters).  Sized so a flood
 # of 3 KB messages stays within a few MB (docs/threat-model.md).
 MAX_EVENTS = 1000             # phone.events, the last ones
@@ -295,6 +299,9 @@ class E2MCall:
     was_media_active: bool = False
     update: str | None = None                # the last re-INVITE asked for: "hold" or "unhold"
     update_attempts: int = 0
+    # an incoming call's INVITE as pjsua took it: (CSeq, digest of its octets), so the
+    # call never shows another INVITE's offer under the same CSeq (review 83)
+    initial: tuple[int, bytes] | None = None
 
     @property
     def sip_call_id(self) -> str | None:
@@ -322,6 +329,24 @@ def _rx_key(msg: sip.SipMessage, what: str) -> tuple[str, int, str, str, str]:
     except E2MError:
         branch = ""          # pjsip refuses such a request before pjsua sees it
     return (*_key(msg), what, branch)
+
+
+def handed_digest(octets: bytes) -> bytes:
+    """The digest a received message's security record is kept under: that of the very
+    octets the hook handed pjsip, which pjsua gives back as an event's ``whole_msg``, so
+    a record can only describe what pjsip delivered (review 83)."""
+    return hashlib.sha256(octets).digest()
+
+
+def _bounded_put_aged(store: OrderedDict, key: Any, value: Any, now: float) -> None:
+    """``_bounded_put`` of ``(now, value)``, the entries older than ``_RX_MAX_AGE`` out
+    first (oldest first: insertion order is age order)."""
+    while store:
+        oldest = next(iter(store.values()))
+        if now - oldest[0] <= _RX_MAX_AGE:
+            break
+        store.popitem(last=False)
+    _bounded_put(store, key, (now, value))
 
 
 def _bounded_put(store: OrderedDict, key: Any, value: Any) -> None:
@@ -367,7 +392,12 @@ class E2MPhone:
         # state shared between the hook callbacks and the main loop (same thread)
         self._plain: OrderedDict[tuple[str, int, str], sip.SipMessage] = OrderedDict()
         self._tx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
-        self._rx_info: OrderedDict[tuple[str, int, str, str, str], SecurityInfo] = OrderedDict()
+        # security of what pjsua was handed: (digest of the octets, what) -> (when, info);
+        # and the digest of the one content each received request's transaction
+        # (``_rx_key``) was handed on with: (when, digest) (review 83)
+        self._rx_info: OrderedDict[tuple[bytes, str], tuple[float, SecurityInfo]] = OrderedDict()
+        self._rx_tsx: OrderedDict[tuple[str, int, str, str, str], tuple[float, bytes]] = \
+            OrderedDict()
         # E2M answers to our requests: (Call-ID, CSeq) -> (answer, plaintext, when)
         self._reactions: OrderedDict[tuple[str, tuple[int, str]],
                                      tuple[sip.SipMessage, sip.SipMessage | None, float]] = \
@@ -585,17 +615,29 @@ class E2MPhone:
             self._keep_reaction(msg)
         if msg.is_request and msg.method == "INVITE" and not in_dialog:
             self._refuse_unanswerable(msg, opened.info)
-        if msg.is_request:
-            self._only_once(msg, opened)
+        out = self._handed_on(msg, opened, stripped)
+        # the record goes with the octets pjsip gets, never with a transaction key alone:
+        # a bodiless copy on alice's branch ahead of her real MESSAGE or INVITE is what
+        # pjsip delivers, her real one a "retransmission" it absorbs (review 83)
+        handed = handed_digest(data if out is None else out)
         what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
+        now = time.monotonic()
+        if msg.is_request:
+            self._one_content_per_transaction(msg, what, handed, now)
+            self._only_once(msg, opened)
+            # remembered only once nothing here refused it: pjsip takes it now
+            _bounded_put_aged(self._rx_tsx, _rx_key(msg, what), handed, now)
         if msg.body or msg.is_request:
             # every request pjsua is handed gets its own record, a bodiless one an empty
-            # one, under its own transaction (top Via branch): a bodiless MESSAGE under
-            # another's Call-ID and CSeq must not be shown with that one's security
-            # (review 25)
-            _bounded_put(self._rx_info, _rx_key(msg, what), opened.info)
+            # one (review 25)
+            _bounded_put_aged(self._rx_info, (handed, what), opened.info, now)
         if msg.body:
-            self._note_call_security("rx", msg, what, opened.info, size=len(data))
+            self._note_call_security("rx", msg, what, opened.info, size=len(data),
+                                     handed=handed)
+        return out
+
+    def _handed_on(self, msg: sip.SipMessage, opened: Any, stripped: bool) -> bytes | None:
+        """The octets pjsip is handed in place of the datagram (None: the datagram)."""
         if msg.body and opened.message.body == msg.body:
             # a body the engine did not open (plaintext, or not ours to open): pjsip gets
             # it as the core read it, never the octets a laxer parser reads otherwise
@@ -607,6 +649,25 @@ class E2MPhone:
         if not stripped and opened.message is msg:
             return None
         return opened.message.serialize()
+
+    def _one_content_per_transaction(self, msg: sip.SipMessage, what: str, handed: bytes,
+                                     now: float) -> None:
+        """482 for a request whose transaction (Call-ID, CSeq, method, top Via branch)
+        pjsip already took with other octets: pjsip would absorb it as a retransmission
+        and deliver nothing, so it is refused here, before it leaves any record, and its
+        sender hears it failed instead of a 200 for what pjsip delivered (review 83: a
+        hop's bodiless copy ahead of alice's MESSAGE or INVITE on her branch).  The same
+        octets again are a retransmission: pjsip's to absorb."""
+        key = _rx_key(msg, what)
+        first = self._rx_tsx.get(key)
+        if first is not None and now - first[0] <= _RX_MAX_AGE:
+            if first[1] == handed:
+                return
+            self._pending_errors.append({
+                "kind": "duplicate_refused", "call_id": msg.call_id, "method": msg.method,
+                "code": 482, "reason": "a different request in a transaction already taken"})
+            raise RxReject(482, "Loop Detected", detail="TransactionCopy")
+        self._rx_tsx.pop(key, None)          # an expired entry: this one is new
 
     def _answerable_challenges(self, msg: sip.SipMessage) -> sip.SipMessage:
         """A 401/407 without the challenges pjsua must not answer with our password
@@ -710,14 +771,17 @@ class E2MPhone:
         raise RxReject(None, detail=type(err).__name__) from None
 
     def _note_call_security(self, direction: str, msg: sip.SipMessage, what: str,
-                            info: SecurityInfo, size: int | None = None) -> None:
+                            info: SecurityInfo, size: int | None = None,
+                            handed: bytes | None = None) -> None:
         if info.content_type != "application/sdp":
             return
         # size: the message's octets as pjsip received or will send it, so a caller
         # can see how close an INVITE came to PJSIP_MAX_PKT_LEN (docs/protocol.md §6.2)
         records = self._call_security.setdefault(msg.call_id, [])
+        # handed: the digest of the octets pjsip got (received messages), so a call shows
+        # only the INVITE pjsua took (review 83)
         records.append({"direction": direction, "what": what, "cseq": msg.cseq[0],
-                        "info": info, "bytes": size})
+                        "info": info, "bytes": size, "handed": handed})
         if len(records) > _RECORDS_PER_CALL:
             # the call's first offer and answer stay, then the latest: a peer's endless
             # re-INVITEs in one call no longer grow the phone's memory
@@ -826,7 +890,9 @@ class E2MPhone:
         info = None
         try:
             msg = sip.parse(whole)
-            info = self._rx_info.get(_rx_key(msg, msg.method))
+            # the record of these very octets, or none (shown without security)
+            found = self._rx_info.get((handed_digest(whole), msg.method))
+            info = found[1] if found is not None else None
             call_id = msg.call_id
         except E2MError:
             call_id = None
@@ -876,6 +942,11 @@ class E2MPhone:
                           None) if acc is not None else None
         call = E2MCall(remote=ev["remote_uri"], outgoing=False, current=phone_call, attempts=1)
         call.call_ids.append(ev["call_id"])
+        try:
+            call.initial = (sip.parse(ev["whole_msg"]).cseq[0], handed_digest(ev["whole_msg"]))
+        except (E2MError, KeyError):
+            # unreadable: no received offer of this CSeq is shown as the call's
+            call.initial = None
         self.calls.append(call)
         held = self._by_call_id.get(ev["call_id"])
         if not isinstance(held, E2MCall) or held.done:
@@ -1254,7 +1325,21 @@ class E2MPhone:
         records = self._call_security.get(call.sip_call_id or "", [])
         return [{"direction": r["direction"], "what": r["what"], "cseq": r["cseq"],
                  "bytes": r["bytes"],
-                 "security": security_dict(r["info"], r["direction"] == "rx")} for r in records]
+                 "security": security_dict(r["info"], r["direction"] == "rx")}
+                for r in records if self._taken_by_call(call, r)]
+
+    @staticmethod
+    def _taken_by_call(call: E2MCall, record: dict[str, Any]) -> bool:
+        """Whether a security record may be shown as ``call``'s: a received INVITE under
+        the CSeq of the one that began an incoming call only if it is that INVITE's very
+        octets (review 83: a bodiless copy on alice's branch is what pjsua answered,
+        her offer only a "retransmission" to pjsip)."""
+        if call.outgoing or record["direction"] != "rx" or record["what"] != "INVITE":
+            return True
+        if call.initial is None:
+            return False
+        cseq, handed = call.initial
+        return record["cseq"] != cseq or record.get("handed") == handed
 
     def message_security(self, handle: OutgoingMessage) -> SecurityInfo | None:
         return handle.security

@@ -54,6 +54,30 @@ Tried and held:
 Not tried for lack of time: the same copy-ahead with an INVITE (a bodiless INVITE on
 the real one's branch, then the real one: ``_call_security`` is kept per Call-ID, so the
 call pjsua answers would be shown with the real INVITE's security).
+
+Fixed (stop 34): the INVITE variant was tried
+(``test_hole_a_bodiless_invite_in_the_same_transaction_takes_alices_security``, a strict
+xfail on 3959cf7: pjsua answered the bodiless copy and the call showed alice's offer as
+"encrypted by ... signed by sip:alice@example.com (trusted)").  ``E2MPhone._on_rx`` now
+keeps a received message's security record under the SHA-256 of the very octets it hands
+pjsip (``handed_digest``; the opened message, or the datagram when unchanged) and
+``_ev_message`` looks it up by the digest of pjsua's ``whole_msg`` (byte-identical: the
+controls show alice's security through it); a record that matches no delivered octets is
+no record (shown "plaintext").  The hook also remembers, per received request's
+transaction key (Call-ID, CSeq, method, top Via branch), the digest it was handed on with
+(count ``_MEMO`` and 64 s, past pjsip's own transactions): the same octets again are a
+retransmission for pjsip to absorb, other octets are refused 482 (``duplicate_refused``
+event) before they leave any record, so alice's real MESSAGE or INVITE is no longer
+swallowed under the copy's 200 and never lends its security to the copy.  An incoming
+call remembers the digest of the INVITE pjsua took (``E2MCall.initial``, from the
+``incoming_call`` event's ``whole_msg``) and shows a received INVITE record of that CSeq
+only when its octets match (``_taken_by_call``), which holds even when a flood pushed the
+transaction entry out.  The hole's last assertion was ``any(text == alice's)``, which no
+phone can meet when pjsip has already taken the copy's transaction (a hop can always drop
+alice's message): it now accepts, instead, her real one refused 482 and bob told
+(``duplicate_refused``); what bob is shown as signed or encrypted is still alice's text
+only.  A copy carrying the hop's own plaintext text held before the fix too (488 under
+``require``: ``test_control_a_plaintext_copy_ahead_on_alices_branch_is_refused``).
 """
 
 from __future__ import annotations
@@ -238,9 +262,6 @@ def _sent_ahead(pki: TestPKI, bob: PhoneProcess, *, same_branch: bool | None,
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 83: untrusted hop sends a bodiless copy of "
-                   "alice's MESSAGE (same transaction) just ahead of it: bob is shown an empty "
-                   "message 'encrypted and signed by alice', her real one never")
 def test_hole_a_bodiless_copy_in_the_same_transaction_takes_alices_security(pki, bob):
     """See the module docstring, hole 1 (and "Fixed (stop 34)" for the last assertion)."""
     _copy_ahead_is_never_shown_as_alices(*_sent_ahead(pki, bob, same_branch=True))
@@ -336,9 +357,6 @@ def _rx_invite_marks(events: list[dict]) -> list[str]:
             and (r["security"]["encrypted"] or r["security"]["signed"])]
 
 
-@pytest.mark.xfail(strict=True, reason="stop 34: untrusted hop sends a bodiless copy of "
-                   "alice's INVITE (same transaction) just ahead of it: the call pjsua answered "
-                   "shows her offer 'encrypted and signed by alice'")
 def test_hole_a_bodiless_invite_in_the_same_transaction_takes_alices_security(pki, bob):
     """Hole 1 with an INVITE (the variant the review did not try): a bodiless copy of
     alice's INVITE on her branch, then her real one.  pjsua answers the copy (no offer
