@@ -9,6 +9,11 @@ says ``c=IN IP4 127.0.0.1``; sealed for bob under her signature go her a=crypto 
 ends the ``k=`` line at the CR and takes the ``c=`` after it: bob's ``call_media``
 reports ``remote_rtp 127.0.0.66:49170``, an address the proxy never recorded.  The
 control (an honest split) reports 127.0.0.1:49170.
+
+Fixed (stop 34): bob's engine refuses a sealed key line holding a control character
+(``SdpKeys.decode``, ``merge_keys``, and the merged SDP is read again), so the call is
+refused and no SDP naming 127.0.0.66 reaches pjmedia; the hole turned XPASS and its
+marker is gone.
 """
 
 from __future__ import annotations
