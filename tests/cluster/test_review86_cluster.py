@@ -1,4 +1,4 @@
-"""A fifty-... eighty-sixth attacker's review (December 2026) of 39747f2: the per-source
+"""An eighty-sixth attacker's review (December 2026) of 39747f2: the per-source
 registration count's settling (``kemi.settle_registration``, ``_replied_seconds``) on a
 dispatcher front, on two real Kamailio nodes, a front and the harness's PostgreSQL.
 The rest of the review: ``tests/unit/test_review86.py``,

@@ -1,4 +1,4 @@
-"""A fifty-... eighty-sixth attacker's review (December 2026) of 39747f2: this stop's
+"""An eighty-sixth attacker's review (December 2026) of 39747f2: this stop's
 route fix (``RouteTokens.keeps_callers_side`` / ``kemi.callers_side_kept``) attacked on
 a real Kamailio 5.6 (review 81/82's TLS set-up: alice over TLS, bob's UDP UAS behind a
 hop that rewrites his 200).  The core half: ``tests/unit/test_review86.py``.

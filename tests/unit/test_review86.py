@@ -1,4 +1,4 @@
-"""A fifty-... eighty-sixth attacker's review (December 2026) of 39747f2: this stop's
+"""An eighty-sixth attacker's review (December 2026) of 39747f2: this stop's
 fixes attacked (``RouteTokens.keeps_callers_side`` / ``kemi.callers_side_kept``,
 ``settle_registration``, ``bootstrap._identity`` digesting the body, ``sdp._has_control``
 / ``merge_keys``, the phone's records keyed by the handed octets); core half.  Wire
@@ -47,7 +47,31 @@ hop's plain entry added below ours is refused; a byte copy of bob's answer is on
 the base64 copy opens at alice to the same SDP and is read by the proxy as bob's valid
 signature.
 
-Tried and held (read, or run where a control says so): see the wire module.
+Hole 3 (a front's count never settles): ``tests/cluster/test_review86_cluster.py``.
+
+Tried and held (read, or run where a control says so; the route ones in the wire module):
+- ``settle_registration`` on a single proxy: a refused REGISTER (save fails) reads no
+  AoR in usrloc (``reg_fetch_contacts`` -1) and frees the claim; a de-registration of
+  an AoR bound from several sources keeps the slot for the others' bindings (an
+  over-count of the sender's own address, no more than a forger could take with an
+  honest hour); two workers: the slot's tag is checked before it is rewritten; an
+  exception between ``save`` and the reply still sends the registrar's reply
+  (``finally``), then ``ksr_request_route`` answers 500 as well (a second answer to
+  one REGISTER, harmless to the UA, which takes the first): no attacker trigger found,
+  every value read there was read by ``count_registration`` before.
+- ``bootstrap._identity``: MESSAGE copies with other octets are refused 403 by the
+  replay record within the window (review 84's control), on a cluster by the shared
+  claims; only responses are open (hole 2).
+- ``sdp._has_control`` / ``merge_keys``: U+2028, U+0085 and other non-ASCII separators
+  are no line end to pjmedia (it scans for CR and LF octets) nor to ``parse_lines``
+  (splits the octets on LF); a bare LF or CR inside the UTF8String is refused; a
+  session-level ``k=`` line is put back in the session section, and the re-parse
+  compares every non-keying line with the view's, so nothing moves past ``m=``; a
+  1 KiB key line is within ``_KEYS_MAX_BYTES``.
+- ``phone.py``: a copy on alice's branch before hers gets hers refused 482, which
+  review 83 accepted as the secure outcome (a hop can drop it anyway: no worse);
+  ``_rx_tsx``/``_rx_info`` go through ``_bounded_put_aged`` (``_MEMO`` entries, 64 s);
+  ``E2MCall.initial`` shows a received INVITE's record only for the octets pjsua took.
 """
 
 from __future__ import annotations
