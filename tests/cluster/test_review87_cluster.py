@@ -41,6 +41,24 @@ and the grants of ``_NODE_GRANTS`` holds a privilege on any relation of the sche
 (``aclexplode(relacl)``, ``information_schema.role_table_grants``), and while a view,
 materialized view or foreign table is in the schema.
 
+Hole 1b (``test_hole_a_public_grant_on_the_id_sequence_lets_the_node_rewind_it``,
+both ways; the same cause on a sequence and the schema)
+
+Messages: before, ``GRANT UPDATE ON SEQUENCE bodies_id_seq TO PUBLIC`` and ``GRANT
+CREATE ON SCHEMA public TO PUBLIC`` (the database is his, so ``public``'s owner
+``pg_database_owner`` is he); after the hardening, ``SELECT setval('bodies_id_seq',
+1)`` and ``CREATE TABLE made_later (x int)``.
+Effect: both done.  The next id a node draws is an existing row's: the INSERT fails
+with a ``UniqueViolation`` (an ``IntegrityError``: dropped from the spool as "no retry
+will help"), so carol's message is lost, and so is every message until the sequence
+passes the highest id (he may rewind it again whenever he likes).  And the nodes'
+account may again create objects in ``public`` that no check has seen (the take-over's
+``REVOKE CREATE ON SCHEMA public FROM {node}`` names the role only).
+At fault: ``_grant``'s REVOKEs (sequences: ``REVOKE ALL ON ALL SEQUENCES ... FROM
+{node}``; the schema: ``REVOKE CREATE ON SCHEMA public FROM {node}``).  Fix: as Hole 1,
+revoke from PUBLIC as well and refuse while any ACL entry but the intended ones is on
+the schema, its relations and sequences, and the database.
+
 Hole 2 (``test_hole_a_check_constraint_left_on_bodies_drops_carols_messages``, both
 ways)
 
@@ -168,6 +186,8 @@ _PLANTS = {
     "public_grant": [("GRANT ALL ON bodies, media TO PUBLIC", ())],
     "public_view": [("CREATE VIEW bodies_all AS SELECT * FROM bodies", ()),
                     ("GRANT ALL ON bodies_all TO PUBLIC", ())],
+    "sequence": [("GRANT UPDATE ON SEQUENCE bodies_id_seq TO PUBLIC", ()),
+                 ("GRANT CREATE ON SCHEMA public TO PUBLIC", ())],
     "check": [("ALTER TABLE bodies ADD CONSTRAINT bodies_sane CHECK (from_uri IS DISTINCT "
                "FROM 'sip:carol@example.com') NOT VALID", ())],
     "rls": [("ALTER TABLE bodies ENABLE ROW LEVEL SECURITY", ())],
@@ -411,3 +431,23 @@ def test_hole_an_overload_of_our_functions_name_checks_every_insert(
     print(f"dave's message: {failed or 'stored'}\nowner's bodies: {rows}\n{listing}")
     assert code != 0 or rows["c1@carol"][1] != "forged", (
         f"the take-over said done, and archiving dave's message rewrote carol's: {rows}")
+
+
+@pytest.mark.xfail(strict=True, reason="review 87: insider grants UPDATE on bodies' id "
+                   "sequence to PUBLIC before the take-over; afterwards setval rewinds it "
+                   "and every message is refused and lost")
+@pytest.mark.parametrize("way", WAYS)
+def test_hole_a_public_grant_on_the_id_sequence_lets_the_node_rewind_it(
+        tmp_path, postgres, monkeypatch, capsys, way):
+    roles, config, done = _before_hardening(tmp_path, postgres, capsys, "sequence")
+    assert len(done) == 2, done
+    code, said = _harden(roles, config, postgres, monkeypatch, capsys, way)
+    after = _run(roles["node_url"], [("SELECT setval('bodies_id_seq', 1)", ()),
+                                     ("CREATE TABLE made_later (x int)", ())])
+    failed = _archive(roles, "c3@carol", from_uri="sip:carol@example.com")
+    rows = _rows(postgres, roles)
+    print(f"the nodes' account did: {after}\ncarol's new message: {failed or 'stored'}\n"
+          f"owner's bodies: {sorted(rows)}")
+    assert code != 0 or (after == [] and failed == "" and "c3@carol" in rows), (
+        f"the take-over said done; the nodes' account then did {after}, and carol's "
+        f"message: {failed}")
