@@ -75,6 +75,9 @@ class SeenBody:
     # signed, with a signed SIP context checked against this message (and recorded
     # against replay): it proves the sender of this message, not only of some message
     bound: bool = False
+    # that context's time (None when not bound): the same words signed anew are a new
+    # message, a re-encoded copy of one is not (the archive's uid; reviews 84, 86)
+    signed_at: int | None = None
 
     @property
     def sha256(self) -> str:
@@ -834,7 +837,9 @@ class ProxyEngine:
         signers = part.signers
         return SeenBody(part.cid, part.content_type, part.content, part.encrypted,
                         "valid" if part.signed else "none", signers[0] if signers else None,
-                        bound=part.signed and context is not None)
+                        bound=part.signed and context is not None,
+                        signed_at=context.time if part.signed and context is not None
+                        else None)
 
     def _now(self) -> datetime:
         return self._clock() if self._clock else datetime.now(timezone.utc)

@@ -8,10 +8,8 @@ Kamailio at start instead of failing every request.
 
 from __future__ import annotations
 
-import hashlib
-
 import ipaddress
-
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,15 +51,19 @@ def _direction(message: SipMessage) -> str:
     return "request" if message.is_request else "response"
 
 
-def _identity(message: SipMessage) -> tuple[str | int | None, ...]:
+def _identity(message: SipMessage, seen: Sequence[Any] = ()) -> tuple[Any, ...]:
     """What tells one message of a dialog from another (not its copies apart): its ids
-    and its body's octets as sent.  A copy (a retransmission, a hop's, another node's)
-    carries the same octets; a body signed or sealed again is other octets (a new
-    signing time, a new content key), so the same words sent an hour later under the
-    same ids, once the replay record has gone, are a second row (review 84)."""
+    and the times its bodies' signed contexts carry.  A copy (a retransmission, a
+    hop's, another node's, one re-encoded in another Content-Transfer-Encoding) carries
+    the same; the same words signed anew an hour later under the same ids, once the
+    replay record has gone, carry another time: a second row (review 84).  Not the
+    body's octets: its unsigned MIME wrapping is anyone's to re-encode, and each
+    re-encoding was a row (review 86).  An unbound body (unsigned, or an older
+    sender's without a context) carries no time: sent again byte for byte it is one
+    row."""
     number, method = message.cseq
     return (message.call_id, message.from_tag, message.to_tag, number, method, message.status,
-            hashlib.sha256(message.body).hexdigest())
+            [getattr(body, "signed_at", None) for body in seen])
 
 
 def as_utf8(text: str | None) -> str | None:
@@ -342,7 +344,7 @@ class ProxyApp:
             else:
                 charged = answer_share(share, signer=_bound_signer(seen) if stray else None)
             try:
-                self.archive.record(bodies, lines, uid=content_uid(_identity(message), bodies, lines),
+                self.archive.record(bodies, lines, uid=content_uid(_identity(message, seen), bodies, lines),
                                     may_spool=not self.archiving_blocks(message),
                                     share=charged)
             except ArchiveError:

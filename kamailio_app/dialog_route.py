@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -48,10 +49,16 @@ def dialog_ids(ksr) -> tuple[str, str | None, str | None]:
 PARAM = "e2m-rr"             # the Record-Route URI parameter
 MAX_ROUTE_ENTRIES = 16       # Route entries read per request (a real route set has a few)
 _MAX_ROUTE_TEXT = 4096       # characters of Route header read per request
-_TOKEN_BYTES = 16            # 128 bits of HMAC-SHA256, 32 hex digits on the wire
+# The parameter's value: the dialog's token, then a MAC of the caller's side of the
+# route set, 64 bits of HMAC-SHA256 each (32 hex digits on the wire, as the 128-bit
+# token alone was: an INVITE through two proxies reaches bob close to pjsip's 4,000
+# octets).  A guess at either is one online try per call.  An entry written before
+# the MAC (the old token's first half is the token) still routes its dialog.
+_TOKEN_BYTES = 8
+_SIDE_BYTES = 8
 _ENTRY = re.compile(r"<([^<>]*)>")
-_TOKEN = re.compile(r";\s*" + re.escape(PARAM) + r"\s*=\s*([0-9a-fA-F]{32})(?=[;>\s]|$)",
-                    re.IGNORECASE)
+_TOKEN = re.compile(r";\s*" + re.escape(PARAM) +
+                    r"\s*=\s*([0-9a-fA-F]{16})([0-9a-fA-F]{16})?(?=[;>\s]|$)", re.IGNORECASE)
 
 
 class RouteTokens:
@@ -73,9 +80,25 @@ class RouteTokens:
                              tag.encode("utf-8", "surrogateescape")))
         return hmac.new(self._key, data, hashlib.sha256).digest()[:_TOKEN_BYTES].hex()
 
-    def param(self, call_id: str, tag: str) -> str:
-        """The parameter to add to the Record-Route (``rr.add_rr_param``)."""
-        return f";{PARAM}={self.token(call_id, tag)}"
+    def param(self, call_id: str, tag: str, callers_side: Iterable[str] | None = ()) -> str:
+        """The parameter to add to the Record-Route (``rr.add_rr_param``): the dialog's
+        token and a MAC of the Record-Route the request reached us with
+        (``callers_side``: the caller's side of the route set; None when it cannot be
+        read, and then no reply vouches for it: ``keeps_callers_side``)."""
+        below: list[tuple[str, tuple[str, ...]]] | None = None
+        if callers_side is not None:
+            try:
+                below = [_comparable(entry) for entry in _entries(callers_side)]
+            except E2MError:
+                below = None
+        return f";{PARAM}={self.token(call_id, tag)}{self._side(call_id, tag, below)}"
+
+    def _side(self, call_id: str, tag: str,
+              below: list[tuple[str, tuple[str, ...]]] | None) -> str:
+        # None (unread) has a MAC of its own that no list's ever equals
+        data = json.dumps([call_id, tag, below], separators=(",", ":"))
+        return hmac.new(self._key, b"callers-side\x00" + data.encode("utf-8", "surrogateescape"),
+                        hashlib.sha256).digest()[:_SIDE_BYTES].hex()
 
     def admits(self, call_id: str, tags: Iterable[str | None], routes: Iterable[str]) -> bool:
         """Whether one of the Route header values ``routes`` carries the token of
@@ -97,22 +120,23 @@ class RouteTokens:
         return [uri for uri, token in _carried(routes) if hmac.compare_digest(token, wanted)]
 
 
-    def keeps_callers_side(self, call_id: str, tag: str, reply_routes: Iterable[str],
-                           request_routes: Iterable[str]) -> bool:
+    def keeps_callers_side(self, call_id: str, tag: str, reply_routes: Iterable[str]) -> bool:
         """Whether an entry of the reply's Record-Route carrying our token of ``call_id``
-        and ``tag`` is followed by exactly the entries the request carried when it
-        reached us (``request_routes``): the caller's side of the route set.  A hop on
-        the callee's side may add or rewrite entries above ours, never below: those
-        would become the caller's first hops (review 82).  Any such entry will do (a
-        double Record-Route, a cluster's nodes sharing the key, a spiral).  Call it on
-        routes ``routes_within_bounds`` has passed."""
+        and ``tag`` is followed by exactly the entries its request reached us with: the
+        MAC after the token in its value (``param``) must be that of the entries below.
+        A hop on the callee's side may add or rewrite entries above ours, never below:
+        those would become the caller's first hops (review 82).  Stateless, so a stray
+        reply (a hop changed our Via branch) is checked as well (review 86).  Any such
+        entry will do (a double Record-Route, a cluster's nodes sharing the key, a
+        spiral).  Call it on routes ``routes_within_bounds`` has passed."""
         wanted = self.token(call_id, tag)
         entries = _entries(reply_routes)
-        below = [_comparable(entry) for entry in _entries(request_routes)]
         for i, entry in enumerate(entries):
-            found = _TOKEN.search(entry)
-            if found and hmac.compare_digest(found.group(1).lower(), wanted) \
-                    and [_comparable(e) for e in entries[i + 1:]] == below:
+            inside = _ENTRY.search(entry)
+            found = _TOKEN.search(inside.group(1)) if inside else None
+            if found and found.group(2) and hmac.compare_digest(found.group(1).lower(), wanted) \
+                    and hmac.compare_digest(found.group(2).lower(), self._side(
+                        call_id, tag, [_comparable(e) for e in entries[i + 1:]])):
                 return True
         return False
 
@@ -144,7 +168,16 @@ def routes_within_bounds(routes: Iterable[str]) -> bool:
         items = _entries(routes)
     except E2MError:
         return False
-    return len(items) <= MAX_ROUTE_ENTRIES and all("<" in item for item in items)
+    return len(items) <= MAX_ROUTE_ENTRIES and all(_plain_entry(item) for item in items)
+
+
+def _plain_entry(item: str) -> bool:
+    """``<URI>`` with parameters after it at most: no display name, no quotes.  A quoted
+    display name can hold a whole ``<...>`` of ours while the entry's own URI, the one
+    a SIP stack routes by, is a hop's (review 86); no proxy writes one."""
+    item = item.strip()
+    return item.startswith("<") and item.count("<") == 1 and item.count(">") == 1 \
+        and '"' not in item
 
 
 def _carried(routes: Iterable[str]) -> Iterator[tuple[str, str]]:

@@ -239,8 +239,6 @@ def _normal(value):
 # each distinct one for good); a real route set has one or two headers.
 _ROUTE_SPECS = ["$(hdr(Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
 _RECORD_ROUTE_SPECS = ["$(hdr(Record-Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
-_REQUEST_RECORD_ROUTE_SPECS = ["$T_req($(hdr(Record-Route)[%d]))" % i
-                               for i in range(MAX_ROUTE_ENTRIES)]
 _BY_NAME_MAX = 4
 _BY_NAME = {canonical_name(n): (n, "$hdrc(%s)" % n, ["$(hdr(%s)[%d])" % (n, i)
                                                      for i in range(_BY_NAME_MAX)])
@@ -309,6 +307,7 @@ def _asked_lifetime():
 
 
 _SAVE_NO_REPLY = 2             # registrar save() flag: the script sends the reply
+_UNSETTLED = 32                # a front's claim before the node's 2xx: 64*T1, a transaction
 _ULC_PROFILE = "e2mreg"
 _ULC_COUNT = "$ulc(e2mreg=>count)"
 _ULC_EXPIRES = ["$(ulc(e2mreg=>expires)[%d])" % i for i in range(_MAX_CONTACTS_READ)]
@@ -355,6 +354,18 @@ def _replied_seconds():
 
 def _within_expires(seconds):
     return min(max(seconds, 0), MAX_EXPIRES)
+
+
+def _callers_side():
+    """The Record-Route this request reached us with (the caller's side of the route
+    set our entry goes on top of); None when it is longer than we read, or unreadable."""
+    try:
+        count = int(KSR.pv.get("$hdrc(Record-Route)") or 0)
+        if count > len(_RECORD_ROUTE_SPECS):
+            return None
+        return [KSR.pv.get(_RECORD_ROUTE_SPECS[i]) or "" for i in range(count)]
+    except UnicodeDecodeError:
+        return None
 
 
 def _sent_to_sips():
@@ -592,7 +603,7 @@ class kamailio:
         names the front, so the dialog's next requests go back through it to whichever
         node is alive."""
         call_id, from_tag, _ = dialog_ids(KSR)
-        KSR.rr.add_rr_param(self.app.routes.param(call_id, from_tag or ""))
+        KSR.rr.add_rr_param(self.app.routes.param(call_id, from_tag or "", _callers_side()))
         front = self.app.front
         if front:
             KSR.rr.record_route_advertised_address(front)
@@ -901,24 +912,28 @@ class kamailio:
             return ["(a Record-Route past the read bound)"]
         ours = self.app.routes.ours_in(call_id, from_tag, routes)
         moved = [uri for uri in ours if KSR.is_myself(uri) <= 0]
-        if ours and not moved and not self.callers_side_kept(call_id, from_tag, routes):
-            return ["(an entry added or changed on the caller's side of ours)"]
-        return moved
+        if moved:
+            return moved
+        if ours:
+            # below ours, exactly what the request reached us with (the MAC after our
+            # token): a hop's entry there is the caller's first hop (reviews 82, 86)
+            if not self.app.routes.keeps_callers_side(call_id, from_tag, routes):
+                return ["(an entry added or changed on the caller's side of ours)"]
+        elif self.record_routed_here():
+            return ["(no entry of ours)"]      # ours taken out: the same, or worse
+        return []
 
-    def callers_side_kept(self, call_id, from_tag, routes):
-        """Below our entry, a reply to a request we record-routed carries exactly the
-        Record-Route the request reached us with (``keeps_callers_side``).  A hop on the
-        callee's leg that adds one there becomes the caller's first hop, ahead of our
-        TLS socket (review 82).  A stray reply has no request to compare with; an
-        in-dialog request's was not record-routed by us."""
-        if KSR.tm.t_check_trans() <= 0 or KSR.pv.get("$T_req($tt)"):
-            return True
-        count = int(KSR.pv.get("$T_req($hdrc(Record-Route))") or 0)
-        if count > len(_REQUEST_RECORD_ROUTE_SPECS):
+    def record_routed_here(self):
+        """This reply answers a request we record-routed (an initial INVITE or
+        SUBSCRIBE; a front record-routes nothing), so its Record-Route must hold our
+        entry.  A stray one (no transaction: a hop changed our Via branch) is taken for
+        one of those: it cannot be told apart, and only the hop gains by it."""
+        if self.app.config.dispatcher is not None or \
+                (KSR.pv.get("$rm") or "") not in ("INVITE", "SUBSCRIBE"):
             return False
-        request_routes = [KSR.pv.get(_REQUEST_RECORD_ROUTE_SPECS[i]) or ""
-                          for i in range(count)]
-        return self.app.routes.keeps_callers_side(call_id, from_tag, routes, request_routes)
+        if KSR.tm.t_check_trans() > 0:
+            return not KSR.pv.get("$T_req($tt)")
+        return True
 
     def dialog_routed_here(self):
         """One of the request's Route entries carries our token for its Call-ID and one
@@ -976,6 +991,11 @@ class kamailio:
         # slack alone), and settled to what the registrar bound once it has
         # (``settle_registration``; freed if nothing was).
         lifetime = _asked_lifetime()
+        if self.app.config.dispatcher is not None:
+            # a front settles on the node's 2xx (``ksr_onreply_route``): until then, no
+            # longer than the REGISTER's transaction lives, so one the node refuses or
+            # never answers holds nothing for long (review 86)
+            lifetime = min(lifetime, _UNSETTLED)
         limit = self.app.config.limits.registrations_per_source
         source, pair, tag = counted
         held = KSR.htable.sht_get(_REGS, pair) or 0
@@ -1007,26 +1027,35 @@ class kamailio:
         return self.app.config.auth is None and limit > 0 and not self.exempt_source()
 
     @staticmethod
-    def _registration_pair():
-        """(source, pair name, slot tag) of this REGISTER's source and AoR; None when
-        the AoR cannot be read.  Fixed-size names: the AoR's own length is the sender's
-        to choose (review 77)."""
-        identity = identity_of(KSR.pv.get("$tu") or "")
+    def _registration_pair(to_uri="$tu", source_ip="$si"):
+        """(source, pair name, slot tag) of this REGISTER's source and AoR (read through
+        ``to_uri`` and ``source_ip``: in a reply route, the request's, ``$T_req``); None
+        when the AoR cannot be read.  Fixed-size names: the AoR's own length is the
+        sender's to choose (review 77)."""
+        identity = identity_of(KSR.pv.get(to_uri) or "")
         if identity is None or identity.user is None or len(str(identity)) > _MAX_OPEN_AOR:
             return None
-        source = KSR.pv.get("$si") or ""
+        source = KSR.pv.get(source_ip) or ""
         digest = hashlib.sha256(str(identity).encode()).hexdigest()
         tag = int(digest[32:39], 16) + 2        # never 0 (free) nor 1 (being claimed)
         return source, "%s|%s" % (source, digest[:32]), tag
 
-    def settle_registration(self, seconds):
+    def settle_registration(self, seconds, *, in_reply=False):
         """The slot this REGISTER's (source, AoR) pair holds lives as long as the AoR's
         longest binding has left (``seconds``, as the registrar bound it), and is freed
         when nothing is bound: what the registrar did, not what we read the REGISTER to
-        ask, is what is counted (review 85)."""
-        if not self.counts_registrations():
-            return
-        counted = self._registration_pair()
+        ask, is what is counted (review 85).  ``in_reply``: on a front, from the node's
+        2xx, whose own source is the node: the pair is named by the request's source and
+        To (a pair exists only if its REGISTER was counted; review 86)."""
+        if in_reply:
+            limit = self.app.config.limits.registrations_per_source
+            if self.app.config.auth is not None or limit <= 0:
+                return
+            counted = self._registration_pair("$T_req($tu)", "$T_req($si)")
+        else:
+            if not self.counts_registrations():
+                return
+            counted = self._registration_pair()
         if counted is None:
             return
         source, pair, tag = counted
@@ -1446,7 +1475,7 @@ class kamailio:
             if self.app.config.dispatcher is not None and KSR.pv.get("$rm") == "REGISTER" \
                     and 200 <= (KSR.pv.get("$rs") or 0) < 300:
                 # a front counts for its nodes: what the node's registrar bound (review 85)
-                self.settle_registration(_replied_seconds())
+                self.settle_registration(_replied_seconds(), in_reply=True)
         except Exception as exc:  # noqa: BLE001 - the slot keeps its claimed lifetime
             _log_exception("registration count", exc)
         try:

@@ -29,6 +29,12 @@ route; and settle on a non-2xx final as on a 2xx with no Contact (free the claim
 
 Control: through the same front, plain REGISTERs are counted (the fourth AoR from one
 address is 403), and the wrapping REGISTER binds nothing on either node.
+
+Fixed (stop 34): the front settles in its reply route by the request's source and To
+(``$T_req($si)``, ``$T_req($tu)``, ``settle_registration(in_reply=True)``), and until the
+node's 2xx a front's claim lives no longer than the REGISTER's transaction
+(``_UNSETTLED``, 32 s), so one the node refuses or never answers holds nothing for
+long.  The hole turned XPASS; the marker is gone.
 """
 
 from __future__ import annotations
@@ -79,9 +85,6 @@ def test_control_the_wrapping_expires_binds_nothing_behind_the_front(front):
     assert contacts(a, "r86w") == [] and contacts(b, "r86w") == []
 
 
-@pytest.mark.xfail(strict=True, reason="review 86: off-path sender at a shared address, front: "
-                   "the reply route settles by the node's $si, so REGISTERs that bind nothing "
-                   "hold the front's slots an hour (bob 403)")
 def test_hole_a_front_never_settles_a_wrapping_expires_holds_slots(front):
     proxy, nodes = front
     a, b = nodes.nodes

@@ -425,3 +425,16 @@ def test_a_moved_entry_beside_an_octet_that_is_not_utf8_is_dropped(proxy_factory
     ok, log = _call(home, pki, "127.0.0.141", "127.0.0.142", moved)
     assert ok is None or f"127.0.0.1:{HOP_PORT}" not in str(ok.get_all("Record-Route")), ok
     assert "not UTF-8), not ours: dropped" in log
+
+
+def test_a_hop_taking_our_entries_out_is_dropped(proxy_factory, pki):
+    """Stop 34, my variant after review 86: the hop takes our entries out of bob's 200
+    and puts its own in their place, no token at all, so no entry check ever saw one of
+    ours.  A reply to a request we record-routed must hold our entry: dropped."""
+    home = proxy_factory("r82-rr-removed", e2m=False, tls=True, auth=True, users=USERS)
+
+    def replaced(routes: list[str]) -> list[str]:
+        return [f"<sip:127.0.0.1:{HOP_PORT};lr>"]
+    ok, log = _call(home, pki, "127.0.0.143", "127.0.0.144", replaced)
+    assert ok is None or f"127.0.0.1:{HOP_PORT}" not in (_alices_first_hop(ok) or ""), ok
+    assert "(no entry of ours), not ours: dropped" in log
