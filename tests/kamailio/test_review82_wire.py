@@ -203,9 +203,11 @@ def test_hole_a_sips_request_forks_to_a_udp_contact(proxy_factory, pki):
 
 # -- holes 2, 3: a hop on bob's leg moves alice's leg without touching our entry ------
 
-def _callee_behind_hop(rewrite) -> RawUas:
+def _callee_behind_hop(rewrite, branch: bool = False) -> RawUas:
     """bob's UAS; its 200 passes a hop on his UDP leg that applies ``rewrite`` to the
-    whole Record-Route list (top first) of the proxy's double Record-Route."""
+    whole Record-Route list (top first) of the proxy's double Record-Route and, with
+    ``branch``, changes the last character of the proxy's Via branch (review 86: tm
+    then finds no transaction)."""
     uas = RawUas()
 
     def respond(request: SipMessage) -> SipMessage:
@@ -215,6 +217,13 @@ def _callee_behind_hop(rewrite) -> RawUas:
             answer = answer.add("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
             for route in rewrite(list(request.get_all("Record-Route"))):
                 answer = answer.add("Record-Route", route)
+            if branch:
+                vias = answer.get_all("Via")
+                top = re.sub(r"(branch=[^;,\s]*)([^;,\s])", lambda m: m.group(1) +
+                             ("x" if m.group(2) != "x" else "y"), vias[0], count=1)
+                answer = answer.remove("Via")
+                for via in [top] + vias[1:]:
+                    answer = answer.add("Via", via)
         return answer
     uas.responder = respond
     return uas

@@ -70,40 +70,17 @@ import re
 
 import pytest
 
-from e2m_lab.kamailio_harness import RawUas, register_contact
+from e2m_lab.kamailio_harness import register_contact
 from e2m_plugins.grammar import split_header_list
-from e2m_plugins.sip import SipMessage, make_response, parse_address
+from e2m_plugins.sip import SipMessage, parse_address
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.openssl]
 
 from tests.kamailio.test_review81_wire import USERS, _alice_tls  # noqa: E402
+from tests.kamailio.test_review82_wire import _callee_behind_hop  # noqa: E402
 
 HOP = "127.0.0.1:5999"          # the hop's own UDP address (the test reads the route set)
 _OURS_TLS = re.compile(r"<(sip:127\.0\.0\.1:\d+;transport=tls[^>]*)>")
-
-
-def _bob_behind_hop(rewrite, branch=False) -> RawUas:
-    """bob's UAS; the hop applies ``rewrite`` to the 200's Record-Route list and, with
-    ``branch``, changes the last character of the proxy's Via branch."""
-    uas = RawUas()
-
-    def respond(request: SipMessage) -> SipMessage:
-        answer = make_response(request, 200, "OK")
-        if request.method == "INVITE":
-            answer = answer.replace("To", f"{request.get('To')};tag=bt86")
-            answer = answer.add("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
-            for route in rewrite(list(request.get_all("Record-Route"))):
-                answer = answer.add("Record-Route", route)
-            if branch:
-                vias = answer.get_all("Via")
-                top = re.sub(r"(branch=[^;,\s]*)([^;,\s])", lambda m: m.group(1) +
-                             ("x" if m.group(2) != "x" else "y"), vias[0], count=1)
-                answer = answer.remove("Via")
-                for via in [top] + vias[1:]:
-                    answer = answer.add("Via", via)
-        return answer
-    uas.responder = respond
-    return uas
 
 
 def _first_hop(ok: SipMessage | None) -> str | None:
@@ -116,7 +93,7 @@ def _first_hop(ok: SipMessage | None) -> str | None:
 
 
 def _call(home, pki, bob_source, alice_source, rewrite, branch=False):
-    bob = _bob_behind_hop(rewrite, branch)
+    bob = _callee_behind_hop(rewrite, branch)
     register_contact(home, "bob", bob.port, password=USERS["bob"], source=bob_source)
     ua = _alice_tls(home, pki, alice_source)
     try:
