@@ -161,6 +161,29 @@ Tried and held (run where named in the test, else read):
   (``pg_shdepend``), the owner's after REASSIGN, and he has no REPLICATION to stream
   it; the archive uses no large objects.  (Read.)
 - ``ALTER TABLE ... SET (autovacuum_enabled = false)``: bloat, no row effect. (Read.)
+
+Fixed (stop 34): ``_grant`` revokes from PUBLIC as well as from the nodes' role (every
+table, sequence and routine of the schema, CREATE on the schema and on the database),
+then refuses, naming each, before it commits: a view, materialized view, foreign,
+partitioned or composite relation in the schema (``_KINDS``); row level security
+enabled or forced on any table (``_RLS``); a grant the nodes' account can use (to
+PUBLIC, itself or a role it is in) beyond the ones just made, on a relation, a column,
+the schema (CREATE) or the database (CREATE), and the owner's default privileges giving
+it any (``_ACLS``); any function, operator, type or collation outside ``pg_catalog``
+that the schema's relations, their triggers, constraints, defaults, indexes, statistics,
+policies or rules use (``_CODE``, from ``pg_depend``); and, on the tables a node writes,
+any constraint, index, column, identity sequence, inheritance or unlogged table that
+e2m-proxy's own DDL does not make, or that it makes and is missing (``_not_ours``: the
+archive's steps and the certificates' DDL run on temporary tables in the same
+transaction, read back the same way, compared as multisets, dropped).  Our trigger is
+exempt only on ``bodies`` with ``tgfoid`` our function, and our function only by OID
+(``_OURS``), not by name.  Holes 1 and 1b: the command now says done and the nodes'
+DELETE, UPDATE, ``setval`` and CREATE are refused (a view is refused); holes 2, 3, 4
+and 5: refused.  No assertion changed; the controls hold (a second run says done).
+``test_fixed_the_classes_behind_the_holes_are_refused`` plants, by README's second way,
+an unlogged ``bodies``, a sequence limit, a dropped or added index, a column default,
+forced row level security, a child table, a materialized view and an operator of his
+in a CHECK: each refused and named.
 """
 
 from __future__ import annotations
@@ -338,9 +361,6 @@ def test_control_each_plant_is_made_while_the_tables_are_the_nodes(
 
 # -- holes ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 87: insider with the nodes' DB password "
-                   "grants ALL to PUBLIC before the take-over; afterwards it deletes and "
-                   "rewrites carol's archived rows")
 @pytest.mark.parametrize("via", ["table", "view"])
 @pytest.mark.parametrize("way", WAYS)
 def test_hole_a_grant_to_public_survives_the_take_over(tmp_path, postgres, monkeypatch,
@@ -362,8 +382,6 @@ def test_hole_a_grant_to_public_survives_the_take_over(tmp_path, postgres, monke
         f"{attempts}: bodies holds {rows}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 87: insider leaves a CHECK constraint on "
-                   "bodies before the take-over; carol's messages are refused and lost")
 @pytest.mark.parametrize("way", WAYS)
 def test_hole_a_check_constraint_left_on_bodies_drops_carols_messages(
         tmp_path, postgres, monkeypatch, capsys, way):
@@ -377,8 +395,6 @@ def test_hole_a_check_constraint_left_on_bodies_drops_carols_messages(
         f"the take-over said done, and carol's message was refused: {failed}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 87: insider enables row level security "
-                   "(no policy) on bodies before the take-over; no node can archive")
 @pytest.mark.parametrize("way", WAYS)
 def test_hole_row_level_security_left_on_without_a_policy(
         tmp_path, postgres, monkeypatch, capsys, way):
@@ -394,9 +410,6 @@ def test_hole_row_level_security_left_on_without_a_policy(
         f"the take-over said done; dave's message: {failed}; listing: {listing[:200]}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 87: insider's trigger named "
-                   "e2m_bodies_fill_only on media, function in his own schema, survives "
-                   "REASSIGN; as the owner it deletes carol's archived rows")
 @pytest.mark.parametrize("way", WAYS)
 def test_hole_a_trigger_named_like_ours_on_media_runs_owner_code(
         tmp_path, postgres, monkeypatch, capsys, way):
@@ -414,9 +427,6 @@ def test_hole_a_trigger_named_like_ours_on_media_runs_owner_code(
         f"the take-over said done, and archiving dave's call deleted carol's rows: {rows}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 87: insider's overload "
-                   "e2m_bodies_fill_only(text) in a CHECK on bodies is exempt by name after "
-                   "REASSIGN; as the owner it rewrites carol's archived text")
 @pytest.mark.parametrize("way", WAYS)
 def test_hole_an_overload_of_our_functions_name_checks_every_insert(
         tmp_path, postgres, monkeypatch, capsys, way):
@@ -433,9 +443,6 @@ def test_hole_an_overload_of_our_functions_name_checks_every_insert(
         f"the take-over said done, and archiving dave's message rewrote carol's: {rows}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 87: insider grants UPDATE on bodies' id "
-                   "sequence to PUBLIC before the take-over; afterwards setval rewinds it "
-                   "and every message is refused and lost")
 @pytest.mark.parametrize("way", WAYS)
 def test_hole_a_public_grant_on_the_id_sequence_lets_the_node_rewind_it(
         tmp_path, postgres, monkeypatch, capsys, way):
@@ -451,3 +458,36 @@ def test_hole_a_public_grant_on_the_id_sequence_lets_the_node_rewind_it(
     assert code != 0 or (after == [] and failed == "" and "c3@carol" in rows), (
         f"the take-over said done; the nodes' account then did {after}, and carol's "
         f"message: {failed}")
+
+
+# -- the classes behind the holes (stop 34) -------------------------------------------
+
+_CLASSES = {
+    "unlogged": (["ALTER TABLE bodies SET UNLOGGED"], "UNLOGGED"),
+    "sequence_limit": (["ALTER SEQUENCE bodies_id_seq MAXVALUE 10"], "sequence id"),
+    "dropped_index": (["DROP INDEX bodies_message"], "lacks index"),
+    "expression_index": (["CREATE INDEX bx ON bodies (lower(call_id))"], "index bx"),
+    "column_default": (["ALTER TABLE bodies ALTER COLUMN signer SET DEFAULT 'x'"],
+                       "column signer"),
+    "forced_rls": (["ALTER TABLE bodies FORCE ROW LEVEL SECURITY"], "row level security"),
+    "child_table": (["CREATE TABLE kid () INHERITS (bodies)"], "inherited by kid"),
+    "materialized_view": (["CREATE MATERIALIZED VIEW mv AS SELECT 1 AS x"],
+                          "materialized view mv"),
+    "operator": (["CREATE SCHEMA ops", "CREATE FUNCTION ops.f(text, text) RETURNS bool "
+                  "LANGUAGE sql AS 'SELECT true'", "CREATE OPERATOR ops.=== (LEFTARG = text, "
+                  "RIGHTARG = text, FUNCTION = ops.f)", "ALTER TABLE media ADD CONSTRAINT m "
+                  "CHECK (call_id OPERATOR(ops.===) 'x') NOT VALID"], "uses operator ops.==="),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(_CLASSES))
+def test_fixed_the_classes_behind_the_holes_are_refused(tmp_path, postgres, monkeypatch,
+                                                        capsys, plant):
+    """Each made by the nodes' account before the hardening (README's second way, the
+    one that leaves the least named): refused, naming it."""
+    statements, named = _CLASSES[plant]
+    monkeypatch.setitem(_PLANTS, plant, [(s, ()) for s in statements])
+    roles, config, done = _before_hardening(tmp_path, postgres, capsys, plant)
+    assert len(done) == len(statements), done
+    code, said = _harden(roles, config, postgres, monkeypatch, capsys, "reassign")
+    assert code != 0 and named in said and "run this again" in said, said
