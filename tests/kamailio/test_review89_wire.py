@@ -52,11 +52,27 @@ its own refresh finds the subscription gone.  This is the known row "a forged 48
 ... any Via branch" (fixed by ``t_check_trans``) done with a branch of our own.  At
 fault and fix: as hole 1 (``forget_dialog(*dialog)`` with the reply's ids).
 
+Hole 3 (``test_hole_cross_confirmed_large_fetches_take_the_proxys_tcp_connections``):
+attacker: an **off-path sender** with one real address, as hole 1.  Messages: six UDP
+fetches (``Expires: 0``) of bob's 4 KiB certificate from forged addresses whose hosts
+never answer TCP's handshake (a black-holed range; here a listener with a full accept
+queue); each is held (``Subscription-State: pending``, no body, kept as a row: HELD |
+FETCH) until "its subscriber answers"; for each, one fetch of his own and a 200 to
+its NOTIFY naming the forged fetch's dialog.  Effect: ``confirm`` releases each held
+certificate (the fetch lapses now), the timer sends its final NOTIFY over TCP
+(``next_hop_for_size``) and the proxy connects to each forged address: the pending
+connects take all of a test proxy's 4 ``tcp_max_connections``, and a real user's TCP
+fetch gets no answer.  This is the known row "Forged UDP fetches of a large
+certificate ... Now the proxy connects only to an address that answered" undone by
+hole 1's reply.  At fault and fix: as hole 1.
+
 Controls: the forged subscriptions, when the attacker answers his own NOTIFYs
 honestly (his own fetch's ids), are dropped and the real user is served
 (``test_control_*``: the set-up is the known row, and the ids are what matter);
 alice answering her own first NOTIFY 481 ends her subscription (the 481 path with
-those ids is the live one), and with no attack bob's new certificate reaches her.
+those ids is the live one), and with no attack bob's new certificate reaches her; the
+six forged large fetches with the attacker's own fetches answered for themselves
+leave the TCP connections free (the real TCP fetch: 200).
 
 Tried and held (read, see the report): a 2xx or 481 from another address with a
 made-up branch (``t_check_trans``: the known rows); refresh/unsubscribe from another
@@ -68,11 +84,16 @@ compared reduced).
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.certclient import CertClient
@@ -293,3 +314,109 @@ def test_control_alices_own_481_ends_her_subscription(home, made, pki):
     left = wait_rows(home, "SELECT count(*) FROM cert_subscriptions WHERE call_id = ?",
                      [(0,)], dialog.call_id, timeout=2)
     assert left == [(0,)]
+
+
+# -- hole 3: cross-confirmed large fetches make the proxy connect to forged addresses -----
+
+def large_certificate(pki: TestPKI, aor: str, size: int, pad: int = 80) -> bytes:
+    """A certificate of ``aor`` of about ``size`` octets (more SAN URIs)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.UniformResourceIdentifier(aor)] + [
+        x509.UniformResourceIdentifier(f"sip:alias{i:03d}-{'x' * pad}@example.com")
+        for i in range(size // (pad + 30))]
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "big")]))
+            .issuer_name(pki.ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=9))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .sign(pki.ca.key, hashes.SHA256()))
+    return cert.public_bytes(Encoding.DER)
+
+
+def _large_fetches_then_answered(proxy_factory, pki, name: str,
+                                 cross: bool) -> SipMessage | None:
+    """Six UDP fetches of bob's 4 KiB certificate "from" addresses that never answer
+    TCP's handshake (a listener whose accept queue is full), the attacker answering a
+    NOTIFY of his own fetch for each; then a real user's TCP fetch.  Its answer."""
+    proxy = proxy_factory(name, e2m=True, auth=True, users=USERS,
+                          limits={"tcp_max_connections": 4})
+    things: list = []
+    try:
+        bob = CertClient(proxy.port, "bob", password=USERS["bob"], source=source())
+        things.append(bob)
+        assert bob.publish(large_certificate(pki, BOB, 4 * 1024)).status == 200
+        attacker = SipUa(proxy.port, user="carol", source=source())
+        things.append(attacker)
+        for _ in range(6):
+            forged = SipUa(proxy.port, user="carol", source=source())
+            things.append(forged)
+            hole = socket.socket()
+            things.append(hole)
+            hole.bind((forged.source, forged.local_port))
+            hole.listen(0)
+            for _ in range(2):                        # fill its accept queue
+                filler = socket.socket()
+                things.append(filler)
+                filler.setblocking(False)
+                try:
+                    filler.connect((forged.source, forged.local_port))
+                except BlockingIOError:
+                    pass
+            request, local_tag = forge_fetch(proxy, forged)
+            notify = own_notify(proxy, attacker)      # bodiless "pending": held for him too
+            reply = answer_as(notify, 200, request.call_id, local_tag,
+                              request.from_tag or "", forged.aor) if cross \
+                else make_response(notify, 200, "OK")
+            attacker.send(reply)
+        time.sleep(1.5)                               # a timer tick sends what is owed
+        real = CertClient(proxy.port, "alice", source=source(), transport="tcp")
+        things.append(real)
+        answer, _ = real.subscribe(BOB, 0)
+        print(f"\n6 forged large fetches, {'cross-' if cross else 'honestly '}answered: a "
+              f"real TCP fetch got {answer.status if answer else None}")
+        return answer
+    finally:
+        for thing in things:
+            thing.close()
+
+
+def forge_fetch(home: ProxyHandle, victim: SipUa) -> tuple[SipMessage, str]:
+    """One fetch (Expires: 0) "from" ``victim``: held (too large for UDP), kept as a
+    row until its subscriber answers; the request and tm's To tag."""
+    sent = subscribe_request(victim, 0)
+    victim.sock.sendto(sent, ("127.0.0.1", home.port))
+    forged = parse(sent)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        found = rows(home, "SELECT local_tag FROM cert_subscriptions WHERE call_id = ?",
+                     forged.call_id)
+        if found:
+            return forged, found[0][0]
+        time.sleep(0.05)
+    raise AssertionError("the forged fetch was not kept")
+
+
+@pytest.mark.xfail(strict=True, reason="review 89: off-path sender confirms forged large "
+                                       "fetches with its own NOTIFY's branch: the proxy "
+                                       "connects to the forged addresses, its TCP "
+                                       "connections are taken, a real TCP fetch unanswered")
+def test_hole_cross_confirmed_large_fetches_take_the_proxys_tcp_connections(proxy_factory,
+                                                                             pki):
+    answer = _large_fetches_then_answered(proxy_factory, pki, "r89-tcp-hole", cross=True)
+    assert answer is not None and answer.status == 200, answer
+
+
+def test_control_honestly_answered_large_fetches_leave_the_tcp_connections(proxy_factory,
+                                                                            pki):
+    """The same six forged large fetches and the same own fetches answered for
+    themselves: nothing is owed over TCP to the forged addresses, the real user's TCP
+    fetch is served (the known row holds under this set-up)."""
+    answer = _large_fetches_then_answered(proxy_factory, pki, "r89-tcp-control", cross=False)
+    assert answer is not None and answer.status == 200, answer
