@@ -4,8 +4,9 @@ service (RFC 6072, ``[certs]``: ``kamailio_app/cert_route.py``,
 Kamailio 5.6 on loopback (each party a socket on a loopback address of its own; a
 forged source address on loopback is the same as a real one to the proxy).
 
-Both holes ride one thing: ``CertService.on_reply`` (``kamailio_app/cert_route.py``,
-the ``t_check_trans`` test and the ``dialog_ids(ksr)`` line after it) asks tm whether
+All three holes ride one thing: ``CertService.on_reply`` (``kamailio_app/cert_route.py``
+line 341, ``t_check_trans``, and line 343, ``dialog_ids(ksr)``; then line 346
+``confirm`` and line 348 ``forget_dialog``) asks tm whether
 the reply matches *a* NOTIFY transaction of ours, then takes the dialog the reply
 itself names (its Call-ID, From tag and To tag) and confirms (2xx) or deletes (481)
 that one.  tm matches a reply by its Via branch and CSeq method only, never by Call-ID
@@ -74,12 +75,29 @@ those ids is the live one), and with no attack bob's new certificate reaches her
 six forged large fetches with the attacker's own fetches answered for themselves
 leave the TCP connections free (the real TCP fetch: 200).
 
-Tried and held (read, see the report): a 2xx or 481 from another address with a
-made-up branch (``t_check_trans``: the known rows); refresh/unsubscribe from another
-address (403, the subscription's source); a replayed SUBSCRIBE from elsewhere (403);
-adding Event ids to a dialog made elsewhere (review 26's ``SubscriptionTaken``);
-PUBLISH for another AoR spelt otherwise (``aor_of`` on the Request-URI, owner
-compared reduced).
+Consequences not run as tests (same cause): the same cross answers confirm forged
+subscriptions from many forged addresses, so bob's 100 follower places (or the
+proxy's 10,000) are held for ``max_subscribe_expires`` by one attacker address at
+pike's rate (a fetch and a reply per place), where the threat model says only real,
+answering addresses can.
+
+Tried and held (read, not run here; the known rows' tests cover them):
+- a 2xx or 481 with a made-up Via branch from anywhere (``t_check_trans``; run again
+  here beside the holes: ``test_certservice_attacks`` forged_481 / forged_2xx pass);
+- a refresh or unsubscribe inside alice's dialog from another address
+  (``route_resubscribe``: 403 unless from ``sub.source``), and a SUBSCRIBE replayed
+  from elsewhere or a new Event id in a dialog made elsewhere (``SubscriptionTable.add``:
+  ``SubscriptionTaken``);
+- PUBLISH for another AoR: the owner is ``sip:<digest user>@<$rd>`` and both sides go
+  through ``aor_of`` on the Request-URI (To is never read); a bodiless refresh is
+  re-checked against the anchors and CRLs now; ``SIP-If-Match`` of a lapsed or other
+  publication is 412;
+- serving a revoked or lapsed publication (``served_certificate`` re-checks on every
+  fetch and timer NOTIFY);
+- the phone: a certificate NOTIFY needs our dialog (Call-ID and our tag), the
+  notifier's tag, our proxy's address (and UDP port), a CSeq not below the last; a
+  bodiless ``pending`` one changes nothing; what it carries goes through the engine's
+  ``[peers]`` checks and the newest-issue-time rule (reviews 4, 5, 26, 65).
 """
 
 from __future__ import annotations
