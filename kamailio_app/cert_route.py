@@ -54,6 +54,8 @@ UNANSWERED = 4.0
 # A fetch whose certificate is held back (below) is kept this long for its answer.
 HOLD = 32
 SEND_ROUTE = "E2M_SEND_REQUEST"  # native route in the cfg template
+NOTIFY_TABLE = "e2mnotify"       # branch -> "Call-ID|From tag|To tag" of each NOTIFY sent
+_REPLY_BRANCH = "$(hdr(Via)[0]{param.value,branch})"
 _CHANGES = ("published", "replaced", "removed")
 
 
@@ -342,6 +344,12 @@ class CertService:
             return
         call_id, from_tag, to_tag = dialog_ids(ksr)
         dialog = (call_id, from_tag or "", to_tag or "")
+        # tm matched the reply by its Via branch alone: a fetch of one's own gets one a
+        # NOTIFY transaction to answer with any dialog's ids (review 89).  The dialog is
+        # the one that transaction's NOTIFY was sent in (the cfg's tm:local-request).
+        sent_in = ksr.htable.sht_get(NOTIFY_TABLE, ksr.pv.get(_REPLY_BRANCH) or "")
+        if sent_in != "%s|%s|%s" % (call_id, dialog[1], dialog[2]):
+            return
         if status != 481:
             self.subscriptions.confirm(*dialog, now=time.time())
             return
