@@ -36,6 +36,9 @@ bind what only alice's request has: her top Via branch and CSeq number (the repl
 carries both back unchanged, stray or not: ``[call_id, tag, cseq, branch, below]``),
 and/or the From URI (eve cannot use alice's identity past ``route_auth``).
 
+Both holes are run on a routing proxy (``e2m=False``, as reviews 81-86) and with the
+E2M engine on (``e2m=True``): the same outcome.
+
 Controls: the untouched 200 leads alice to the TLS socket; review 86's variant (ours
 taken out, the hop's entry in) is still dropped; eve's INVITE is record-routed with
 the same token as alice's call (the oracle is live); the hop's entry added below ours
@@ -141,8 +144,8 @@ def _call(home, pki, bob_source, alice_source, rewrite, contact_to_hop=False):
         bob.close()
 
 
-def _proxy(proxy_factory, name):
-    return proxy_factory(name, e2m=False, tls=True, auth=True, users=USERS)
+def _proxy(proxy_factory, name, e2m=False):
+    return proxy_factory(name, e2m=e2m, tls=True, auth=True, users=USERS)
 
 
 # -- hole 1: every Record-Route taken out ----------------------------------------------
@@ -176,9 +179,10 @@ def test_control_ours_taken_out_and_the_hops_put_in_is_dropped(proxy_factory, pk
 @pytest.mark.xfail(strict=True, reason="review 88: untrusted hop takes every Record-Route "
                    "out of bob's 200: relayed, alice's route set is empty and her "
                    "in-dialog requests go to the hop's Contact, never to our TLS socket")
+@pytest.mark.parametrize("e2m", [False, True], ids=["routing", "e2m"])
 def test_hole_a_200_with_every_record_route_taken_out_leads_alice_past_us(proxy_factory,
-                                                                           pki):
-    home = _proxy(proxy_factory, "r88-rr-none")
+                                                                           pki, e2m):
+    home = _proxy(proxy_factory, "r88-rr-none", e2m)
     ok, _, _ = _call(home, pki, "127.0.88.5", "127.0.88.6", _none, contact_to_hop=True)
     # secure: a 200 that reaches alice starts her route set at our TLS socket
     assert _starts_at_our_tls(home, ok), (_route_set(ok), ok.get("Contact") if ok else None)
@@ -255,8 +259,9 @@ def test_control_the_hops_entry_below_ours_with_alices_own_mac_is_dropped(proxy_
                    "an INVITE with alice's Call-ID/From tag and the hop's Record-Route "
                    "makes the proxy mint the MAC; bob's 200 then starts alice's route "
                    "set at the hop")
-def test_hole_an_insiders_invite_mints_the_mac_the_hop_needs(proxy_factory, pki):
-    home = _proxy(proxy_factory, "r88-rr-oracle")
+@pytest.mark.parametrize("e2m", [False, True], ids=["routing", "e2m"])
+def test_hole_an_insiders_invite_mints_the_mac_the_hop_needs(proxy_factory, pki, e2m):
+    home = _proxy(proxy_factory, "r88-rr-oracle", e2m)
     eve = _Oracle(home, "127.0.88.12")
 
     def rewrite(invite, routes):
