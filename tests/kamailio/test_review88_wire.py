@@ -1,4 +1,4 @@
-"""A fifty-...th (the eighty-eighth) attacker's review (December 2026) of a77ae19: the
+"""An eighty-eighth attacker's review (December 2026) of a77ae19: the
 stop-34 route fix (our ``e2m-rr`` value = a 64-bit token and a 64-bit MAC of the
 caller's side, ``RouteTokens.param``/``keeps_callers_side``, ``_plain_entry``,
 ``kemi.moved_route_entries``/``record_routed_here``) attacked on a real Kamailio 5.6
@@ -30,14 +30,15 @@ In bob's 200 the hop puts that value in our entries and appends ``<sip:HOP;lr>``
 them.  Effect: relayed; alice's route set starts at the hop (review 82's hole, back).
 The MAC binds only the Call-ID, the From *tag* and the entries below, all of which the
 request's sender chooses: the proxy signs, for any sender, any caller's side for any
-dialog.  At fault: ``kamailio_app/dialog_route.py`` ``RouteTokens._side`` (line 97:
+dialog.  At fault: ``kamailio_app/dialog_route.py`` ``RouteTokens._side`` (line 99:
 ``json.dumps([call_id, tag, below])``) with ``kemi.record_route`` (line 606).  Fix:
 bind what only alice's request has: her top Via branch and CSeq number (the reply
 carries both back unchanged, stray or not: ``[call_id, tag, cseq, branch, below]``),
 and/or the From URI (eve cannot use alice's identity past ``route_auth``).
 
 Both holes are run on a routing proxy (``e2m=False``, as reviews 81-86) and with the
-E2M engine on (``e2m=True``): the same outcome.
+E2M engine on (``e2m=True``): the same outcome.  Hole 2 also on an open proxy (no
+``[auth]``, ``open``): eve is then any off-path sender, no account needed.
 
 Controls: the untouched 200 leads alice to the TLS socket; review 86's variant (ours
 taken out, the hop's entry in) is still dropped; eve's INVITE is record-routed with
@@ -144,7 +145,9 @@ def _call(home, pki, bob_source, alice_source, rewrite, contact_to_hop=False):
         bob.close()
 
 
-def _proxy(proxy_factory, name, e2m=False):
+def _proxy(proxy_factory, name, e2m=False, auth=True):
+    if not auth:        # the open proxy: eve needs no account (an off-path sender)
+        return proxy_factory(name, e2m=e2m, tls=True, auth=False)
     return proxy_factory(name, e2m=e2m, tls=True, auth=True, users=USERS)
 
 
@@ -259,9 +262,10 @@ def test_control_the_hops_entry_below_ours_with_alices_own_mac_is_dropped(proxy_
                    "an INVITE with alice's Call-ID/From tag and the hop's Record-Route "
                    "makes the proxy mint the MAC; bob's 200 then starts alice's route "
                    "set at the hop")
-@pytest.mark.parametrize("e2m", [False, True], ids=["routing", "e2m"])
-def test_hole_an_insiders_invite_mints_the_mac_the_hop_needs(proxy_factory, pki, e2m):
-    home = _proxy(proxy_factory, "r88-rr-oracle", e2m)
+@pytest.mark.parametrize(("e2m", "auth"), [(False, True), (True, True), (False, False)],
+                         ids=["routing", "e2m", "open"])
+def test_hole_an_insiders_invite_mints_the_mac_the_hop_needs(proxy_factory, pki, e2m, auth):
+    home = _proxy(proxy_factory, "r88-rr-oracle", e2m, auth)
     eve = _Oracle(home, "127.0.88.12")
 
     def rewrite(invite, routes):

@@ -1,4 +1,4 @@
-"""A fifty-...th (the eighty-eighth) attacker's review (December 2026) of a77ae19: the
+"""An eighty-eighth attacker's review (December 2026) of a77ae19: the
 latest fixes attacked (the ``e2m-rr`` value as token + MAC of the caller's side,
 ``RouteTokens.param``/``keeps_callers_side``/``_comparable``/``_plain_entry``/
 ``routes_within_bounds``, ``kemi.moved_route_entries``/``record_routed_here``; the
@@ -24,7 +24,7 @@ a From with alice's *tag* (any URI) and ``Record-Route: <sip:HOP;lr>``: the prox
 ``param(Call-ID, tag, [<sip:HOP;lr>])`` on it (``kemi.record_route``), which the sender
 reads at its UAS; in bob's 200 the hop swaps that value into our entries and appends its
 own entry.  Effect: ``keeps_callers_side`` accepts it: alice's first hop is the hop.  At
-fault: ``kamailio_app/dialog_route.py`` ``RouteTokens._side`` line 97 (the MAC covers
+fault: ``kamailio_app/dialog_route.py`` ``RouteTokens._side`` line 99 (the MAC covers
 Call-ID, tag and the entries below only, all of which any sender chooses).  Fix: bind
 what only alice's request carries and the reply brings back unchanged: its CSeq number
 and the branch of the Via it reached us with (``[call_id, tag, cseq, branch, below]``;
