@@ -59,6 +59,10 @@ Tried and held (run where a control says so, else read; core ones in the unit mo
   carries the same Record-Route (our entry) and is checked by the MAC; a re-INVITE's
   200 carries no Record-Route and is never asked about (``count == 0``), so no
   legitimate stray seen dropped.
+- a SUBSCRIBE's dialog made by a NOTIFY ahead of the 200 (RFC 6665): the NOTIFY is
+  an in-dialog request, admitted by its Route token, and its Record-Route is not
+  checked; a hop could start the subscriber's route set there.  Not run: our phone
+  sends no in-dialog SUBSCRIBE (``Account.sendRequest``), a lead for a stack that does.
 - the old 128-bit tokens: ``_TOKEN`` takes the first 16 hex digits as the token, the
   same bits as the new token: ``admits`` routes them.
 """

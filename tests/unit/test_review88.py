@@ -49,7 +49,11 @@ Tried and held (read, or run here where named):
 - the archive uid: two different messages of one dialog share ``signed_at`` only with
   the same ids, and then the row's recorded fields (the text's digest, signer, cid)
   still differ; an unbound body sent again byte for byte is one row (documented).
-  Copies read at two nodes compute the same ``signed_at``.
+  Copies read at two nodes compute the same ``signed_at``.  A hop's copy of bob's
+  signed 200 wrapped in ``multipart/mixed`` (one part) is read as the same body (same
+  uid); two copies of the part share a Content-ID (alice: ``MalformedError``); without
+  Content-IDs alice's binding check fails (``BindingMismatchError``) and the proxy
+  reads nothing: a drop at most, no second row (probed with review 86's ``world``).
 - a front's ``_UNSETTLED`` claim: it caps a claim at 32 s until the node's 2xx, which
   is settled by ``$T_req($si)``/``$T_req($tu)`` (a retransmitted REGISTER is absorbed
   by tm; a late 2xx after the transaction ended is a stray with no ``$T_req``: the
