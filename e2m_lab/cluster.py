@@ -194,8 +194,6 @@ class Bob(RawUas):
         # tells bob's dialogs apart by it
         reply = answer(opened, SDP_ANSWER, to_tag=secrets.token_hex(4)).replace(
             "Contact", f"<sip:bob@127.0.0.1:{self.port}>")
-        for route in request.get_all("Record-Route"):
-            reply = reply.add("Record-Route", route)
         protected = self.engine.protect(reply).message
         if self.before_answer is not None:
             hook, self.before_answer = self.before_answer, None

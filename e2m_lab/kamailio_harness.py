@@ -596,8 +596,6 @@ def answer_under_offer_key(proxy: "ProxyHandle", bob_engine: Any, bob: "RawUas",
     from .flows import SDP_ANSWER, answer
     reply = answer(bob_engine.open(delivered).message, SDP_ANSWER, to_tag=to_tag)
     reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{bob.port}>")
-    for route in delivered.get_all("Record-Route"):
-        reply = reply.add("Record-Route", route)
     protected = bob_engine.protect(reply)
     assert protected.info.key_reuse
     bob.sock.sendto(protected.message.serialize(), ("127.0.0.1", proxy.port))

@@ -707,13 +707,18 @@ def _random_tag() -> str:
     return secrets.token_hex(8)
 
 
+_DIALOG_CREATING = ("INVITE", "SUBSCRIBE", "REFER")
+
+
 def make_response(request: SipMessage, code: int, reason: str,
                   extra_headers: Iterable[tuple[str, str]] = (), body: bytes = b"",
                   content_type: str | None = None) -> SipMessage:
     """A response to ``request`` per RFC 3261 §8.2.6.2.
 
     Copies every Via (in order), From, To, Call-ID and CSeq; adds a random To
-    tag when the request had none and ``code`` > 100.  Used for 496/495.
+    tag when the request had none and ``code`` > 100; and, in a 1xx/2xx to a request
+    that may create a dialog (INVITE, SUBSCRIBE, no To tag), its Record-Route
+    (RFC 3261 12.1.1).  Used for 496/495.
     """
     if not request.is_request:
         raise ValueError("make_response needs a request")
@@ -729,6 +734,10 @@ def make_response(request: SipMessage, code: int, reason: str,
         if name == "To" and code > 100 and request.to_tag is None:
             value = f"{value};tag={_random_tag()}"
         headers.append((name, value))
+    if 100 < code < 300 and request.to_tag is None and \
+            request.method in _DIALOG_CREATING:
+        # RFC 3261 12.1.1: a response that may create a dialog carries the route set
+        headers.extend(("Record-Route", v) for v in request.get_all("Record-Route"))
     headers.extend(extra_headers)
     if body and content_type is None:
         raise ValueError("a body needs a content type")

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import split_header_list
 
-__all__ = ["RouteTokens", "PARAM", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds"]
+__all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds"]
 
 def dialog_ids(ksr) -> tuple[str, str | None, str | None]:
     """Call-ID, From tag and To tag (None when absent) from Kamailio's parse, as the core
@@ -80,23 +80,30 @@ class RouteTokens:
                              tag.encode("utf-8", "surrogateescape")))
         return hmac.new(self._key, data, hashlib.sha256).digest()[:_TOKEN_BYTES].hex()
 
-    def param(self, call_id: str, tag: str, callers_side: Iterable[str] | None = ()) -> str:
+    def param(self, call_id: str, tag: str, callers_side: Iterable[str] | None = (),
+              via: str | None = None) -> str:
         """The parameter to add to the Record-Route (``rr.add_rr_param``): the dialog's
         token and a MAC of the Record-Route the request reached us with
         (``callers_side``: the caller's side of the route set; None when it cannot be
-        read, and then no reply vouches for it: ``keeps_callers_side``)."""
+        read, and then no reply vouches for it: ``keeps_callers_side``) and of the top
+        ``via`` the request reached us with (the reply brings it back below ours, at
+        whichever node it reaches): another request with the dialog's ids, sent to get
+        a MAC of a Record-Route of its sender's choosing, gets one for its own Via only;
+        with the same Via it is the same transaction to tm, a retransmission absorbed
+        (review 88)."""
         below: list[tuple[str, tuple[str, ...]]] | None = None
         if callers_side is not None:
             try:
                 below = [_comparable(entry) for entry in _entries(callers_side)]
             except E2MError:
                 below = None
-        return f";{PARAM}={self.token(call_id, tag)}{self._side(call_id, tag, below)}"
+        side = self._side(call_id, tag, below, via_key(via))
+        return f";{PARAM}={self.token(call_id, tag)}{side}"
 
-    def _side(self, call_id: str, tag: str,
-              below: list[tuple[str, tuple[str, ...]]] | None) -> str:
+    def _side(self, call_id: str, tag: str, below: list[tuple[str, tuple[str, ...]]] | None,
+              via: tuple[str, ...] | None) -> str:
         # None (unread) has a MAC of its own that no list's ever equals
-        data = json.dumps([call_id, tag, below], separators=(",", ":"))
+        data = json.dumps([call_id, tag, via, below], separators=(",", ":"))
         return hmac.new(self._key, b"callers-side\x00" + data.encode("utf-8", "surrogateescape"),
                         hashlib.sha256).digest()[:_SIDE_BYTES].hex()
 
@@ -120,13 +127,17 @@ class RouteTokens:
         return [uri for uri, token in _carried(routes) if hmac.compare_digest(token, wanted)]
 
 
-    def keeps_callers_side(self, call_id: str, tag: str, reply_routes: Iterable[str]) -> bool:
+    def keeps_callers_side(self, call_id: str, tag: str, reply_routes: Iterable[str],
+                           via: str | None = None) -> bool:
         """Whether an entry of the reply's Record-Route carrying our token of ``call_id``
         and ``tag`` is followed by exactly the entries its request reached us with: the
-        MAC after the token in its value (``param``) must be that of the entries below.
+        MAC after the token in its value (``param``) must be that of the entries below
+        and of the ``via`` below ours in the reply (the request's top Via as it reached
+        us; ``received`` and ``rport`` left out, which we add).
         A hop on the callee's side may add or rewrite entries above ours, never below:
-        those would become the caller's first hops (review 82).  Stateless, so a stray
-        reply (a hop changed our Via branch) is checked as well (review 86).  Any such
+        those would become the caller's first hops (review 82).  It needs no state: a
+        stray reply (a hop changed our Via branch, or another node of a cluster got it)
+        is checked the same (review 86).  Any such
         entry will do (a double Record-Route, a cluster's nodes sharing the key, a
         spiral).  Call it on routes ``routes_within_bounds`` has passed."""
         wanted = self.token(call_id, tag)
@@ -136,9 +147,20 @@ class RouteTokens:
             found = _TOKEN.search(inside.group(1)) if inside else None
             if found and found.group(2) and hmac.compare_digest(found.group(1).lower(), wanted) \
                     and hmac.compare_digest(found.group(2).lower(), self._side(
-                        call_id, tag, [_comparable(e) for e in entries[i + 1:]])):
+                        call_id, tag, [_comparable(e) for e in entries[i + 1:]],
+                        via_key(via))):
                 return True
         return False
+
+
+def via_key(via: str | None) -> tuple[str, ...] | None:
+    """A Via entry as the MAC takes it: no blanks, one case, its parameters as a set
+    without ``received`` and ``rport`` (a proxy adds or fills them as it forwards)."""
+    if via is None:
+        return None
+    first, *params = "".join(via.split()).lower().split(";")
+    kept = sorted(p for p in params if p.partition("=")[0] not in ("received", "rport"))
+    return (first, *kept)
 
 
 def _entries(routes: Iterable[str]) -> list[str]:

@@ -239,6 +239,7 @@ def _normal(value):
 # each distinct one for good); a real route set has one or two headers.
 _ROUTE_SPECS = ["$(hdr(Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
 _RECORD_ROUTE_SPECS = ["$(hdr(Record-Route)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
+_VIA_SPECS = ["$(hdr(Via)[0])", "$(hdr(Via)[1])"]
 _BY_NAME_MAX = 4
 _BY_NAME = {canonical_name(n): (n, "$hdrc(%s)" % n, ["$(hdr(%s)[%d])" % (n, i)
                                                      for i in range(_BY_NAME_MAX)])
@@ -354,6 +355,29 @@ def _replied_seconds():
 
 def _within_expires(seconds):
     return min(max(seconds, 0), MAX_EXPIRES)
+
+
+def _top_via():
+    """The request's top Via entry as it reached us (None: unreadable)."""
+    try:
+        entries = split_header_list(KSR.pv.get("$(hdr(Via)[0])") or "")
+    except (E2MError, UnicodeDecodeError):
+        return None
+    return entries[0] if entries else None
+
+
+def _via_below_ours():
+    """In a reply, the Via entry below ours: its request's top Via as it reached us."""
+    try:
+        count = int(KSR.pv.get("$hdrc(Via)") or 0)
+        entries = []
+        for i in range(min(count, 2)):
+            entries += split_header_list(KSR.pv.get(_VIA_SPECS[i]) or "")
+            if len(entries) >= 2:
+                return entries[1]
+    except (E2MError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _callers_side():
@@ -603,7 +627,8 @@ class kamailio:
         names the front, so the dialog's next requests go back through it to whichever
         node is alive."""
         call_id, from_tag, _ = dialog_ids(KSR)
-        KSR.rr.add_rr_param(self.app.routes.param(call_id, from_tag or "", _callers_side()))
+        KSR.rr.add_rr_param(self.app.routes.param(call_id, from_tag or "", _callers_side(),
+                                                  _top_via()))
         front = self.app.front
         if front:
             KSR.rr.record_route_advertised_address(front)
@@ -893,6 +918,11 @@ class kamailio:
         and From tag but do not name one of our sockets (host, port and transport)."""
         count = int(KSR.pv.get("$hdrc(Record-Route)") or 0)
         if count == 0:
+            # every entry taken out of a 2xx we record-routed: the caller's route set
+            # would be empty, her in-dialog requests going past us (review 88)
+            status = KSR.pv.get("$rs") or 0
+            if 200 <= status < 300 and self.record_routed_here():
+                return ["(no Record-Route)"]
             return []
         try:
             call_id = (KSR.pv.get("$ci") or "").strip(" \t")
@@ -916,8 +946,11 @@ class kamailio:
             return moved
         if ours:
             # below ours, exactly what the request reached us with (the MAC after our
-            # token): a hop's entry there is the caller's first hop (reviews 82, 86)
-            if not self.app.routes.keeps_callers_side(call_id, from_tag, routes):
+            # token): a hop's entry there is the caller's first hop (reviews 82, 86).
+            # The MAC names the request's top Via, so one made for another request
+            # with the dialog's ids vouches for nothing here (review 88)
+            if not self.app.routes.keeps_callers_side(call_id, from_tag, routes,
+                                                      _via_below_ours()):
                 return ["(an entry added or changed on the caller's side of ours)"]
         elif self.record_routed_here():
             return ["(no entry of ours)"]      # ours taken out: the same, or worse
@@ -927,7 +960,9 @@ class kamailio:
         """This reply answers a request we record-routed (an initial INVITE or
         SUBSCRIBE; a front record-routes nothing), so its Record-Route must hold our
         entry.  A stray one (no transaction: a hop changed our Via branch) is taken for
-        one of those: it cannot be told apart, and only the hop gains by it."""
+        one of those: it cannot be told apart, and only the hop gains by it (a 2xx
+        retransmitted after tm's wait timer is lost with it: the caller's INVITE
+        retransmission gets another)."""
         if self.app.config.dispatcher is not None or \
                 (KSR.pv.get("$rm") or "") not in ("INVITE", "SUBSCRIBE"):
             return False
@@ -1175,7 +1210,9 @@ class kamailio:
             if not KSR.is_ACK():
                 KSR.hdr.append_to_reply('Warning: 380 %s "SIPS Not Allowed"\r\n'
                                         % (self.app.config.local_names or ("-",))[0])
-                KSR.sl.sl_send_reply(480, "SIPS Not Allowed")
+                # stateful when record_route made a transaction (else tm would end it
+                # with a 408 of its own later)
+                KSR.sl.send_reply(480, "SIPS Not Allowed")
             return
         if _sent_to_sips():
             # lookup may have added a branch per contact: each is checked as it leaves

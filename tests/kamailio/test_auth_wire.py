@@ -41,8 +41,6 @@ def answering(uas: RawUas, user: str = "bob"):
         if request.method == "INVITE":
             answer = answer.replace("To", f"{request.get('To')};tag={user}1")
             answer = answer.add("Contact", f"<sip:{user}@127.0.0.1:{uas.port}>")
-            for route in request.get_all("Record-Route"):
-                answer = answer.add("Record-Route", route)
         return answer
     return respond
 

@@ -53,8 +53,6 @@ def bob_answers(bob, uas: RawUas, sdp: bytes = SDP_ANSWER) -> Callable[[SipMessa
         opened = bob.open(request).message
         reply = answer(opened, sdp, to_tag=secrets.token_hex(4))   # one per dialog, as phones do
         reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
-        for route in request.get_all("Record-Route"):
-            reply = reply.add("Record-Route", route)
         return bob.protect(reply).message
     return respond
 
@@ -195,8 +193,6 @@ def test_a_late_answer_in_the_ack_is_read_and_a_bare_ack_passes(proxy_factory, s
             return make_response(request, 200, "OK")
         offer = answer(bob.open(request).message, SDP_ANSWER)      # the offer rides the 200
         offer = offer.replace("Contact", f"<sip:bob@127.0.0.1:{raw_uas.port}>")
-        for route in request.get_all("Record-Route"):
-            offer = offer.add("Record-Route", route)
         return bob.protect(offer).message
     raw_uas.responder = respond
 

@@ -29,8 +29,6 @@ SDP_VIEW = ("INVITE:application/sdp",)
 def _bare_200(delivered: SipMessage, bob: RawUas, to_tag: str) -> SipMessage:
     ok = make_response(delivered, 200, "OK", [("Contact", f"<sip:bob@127.0.0.1:{bob.port}>")])
     ok = ok.replace("To", f"{delivered.get('To')};tag={to_tag}")
-    for route in delivered.get_all("Record-Route"):
-        ok = ok.add("Record-Route", route)
     return ok
 
 

@@ -235,7 +235,9 @@ _FLOOD = 60          # twice pike's 30 requests in 2 s
 def _stray_with_envelopes(port: int, sink: int, i: int, entity) -> bytes:
     from e2m_plugins.body import with_entity
     from e2m_plugins.sip import parse
-    head = (f"SIP/2.0 200 OK\r\n"
+    # a 183 (stop 34: a stray 2xx to an INVITE without our Record-Route entry is now
+    # dropped before it is read, so strays that are still read are provisional ones)
+    head = (f"SIP/2.0 183 Session Progress\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKr70stray{i}\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{sink};branch=z9hG4bKr70sink{i}\r\n"
             f"From: <sip:dave@other.example.net>;tag=r70f{i}\r\n"
@@ -256,7 +258,7 @@ def _envelopes(pki: TestPKI):
 
 
 def _read_strays(home, mark: int) -> int:
-    return home.log_since(mark).count("e2m: INVITE response 200")
+    return home.log_since(mark).count("e2m: INVITE response 183")
 
 
 def test_control_pike_holds_a_sources_requests_and_a_stray_is_read(home, pki):
@@ -270,7 +272,7 @@ def test_control_pike_holds_a_sources_requests_and_a_stray_is_read(home, pki):
         mark = home.log_mark()
         sender.sendto(_stray_with_envelopes(home.port, sink.getsockname()[1], 0,
                                             _envelopes(pki)), ("127.0.0.1", home.port))
-        assert home.wait_log("e2m: INVITE response 200", mark), home.log_since(mark)[-2000:]
+        assert home.wait_log("e2m: INVITE response 183", mark), home.log_since(mark)[-2000:]
         # pike: a burst of requests from one source is cut off after its 30 in 2 s
         flood = SipUa(home.port, user="dave", domain="other.example.net", source="127.0.0.93")
         try:

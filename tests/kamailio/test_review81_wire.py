@@ -337,6 +337,7 @@ def _callee_behind_hop(home, rewrite) -> RawUas:
         if request.method == "INVITE":
             answer = answer.replace("To", f"{request.get('To')};tag=bt81")
             answer = answer.add("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
+            answer = answer.remove("Record-Route")         # the hop's version instead
             for route in request.get_all("Record-Route"):
                 answer = answer.add("Record-Route", rewrite(route))
         return answer

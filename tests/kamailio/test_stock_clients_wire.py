@@ -32,8 +32,6 @@ def _answering(uas: RawUas):
         if request.method == "INVITE":
             answer = answer.replace("To", f"{request.get('To')};tag=s1")
             answer = answer.add("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
-            for route in request.get_all("Record-Route"):
-                answer = answer.add("Record-Route", route)
         return answer
     return respond
 

@@ -54,8 +54,6 @@ def bob_responder(pki, uas: RawUas):
         opened_offers.append(opened.body)
         reply = answer(opened, SDP_ANSWER, to_tag=secrets.token_hex(4))   # one per dialog
         reply = reply.replace("Contact", f"<sip:bob@127.0.0.1:{uas.port}>")
-        for route in request.get_all("Record-Route"):
-            reply = reply.add("Record-Route", route)
         return bob.protect(reply).message
     respond.offers = opened_offers          # type: ignore[attr-defined]
     return respond

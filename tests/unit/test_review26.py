@@ -90,13 +90,28 @@ class FakeKSR:
         self.tm = _Ns()
         self.tm.t_check_trans = lambda: 1     # the reply matched one of our NOTIFYs
         self.info = self.err = lambda text: None
+        # the cfg's tm:local-request: each NOTIFY's dialog under its Via branch (stop 34)
+        self.notify_dialogs: dict[str, str] = {}
+        self.htable = _Ns()
+        self.htable.sht_get = lambda table, key: self.notify_dialogs.get(key)
+
+    @staticmethod
+    def _ids(notify: dict[str, object]) -> tuple[str, str, str]:
+        headers = sip.parse(("NOTIFY %s SIP/2.0\r\n%s\r\n" % (notify["ruri"], notify["headers"]))
+                            .encode()).headers
+        found = dict((name.lower(), value) for name, value in headers)
+        return (found["call-id"], found["from"].partition(";tag=")[2].split(";")[0],
+                found["to"].partition(";tag=")[2].split(";")[0])
 
     def route(self, name: str) -> None:
         assert name == cert_route.SEND_ROUTE
-        self.sent.append({"ruri": self.vars["$var(e2m_ruri)"],
-                          "nexthop": self.vars["$var(e2m_nexthop)"],
-                          "headers": self.vars["$var(e2m_hdrs)"],
-                          "body": base64.b64decode(str(self.vars["$var(e2m_body)"]))})
+        notify = {"ruri": self.vars["$var(e2m_ruri)"],
+                  "nexthop": self.vars["$var(e2m_nexthop)"],
+                  "headers": self.vars["$var(e2m_hdrs)"],
+                  "body": base64.b64decode(str(self.vars["$var(e2m_body)"])),
+                  "branch": "z9hG4bKnotify%d" % len(self.sent)}
+        self.sent.append(notify)
+        self.notify_dialogs[str(notify["branch"])] = "|".join(self._ids(notify))
 
     def request(self, message: sip.SipMessage, source: str, port: int = 5060) -> None:
         via = message.get("Via") or ""
@@ -109,15 +124,11 @@ class FakeKSR:
                      "$ltt(t)": f"{self.TM_TAG}-{crc:04x}"}
 
     def reply_to_notify(self, notify: dict[str, object], status: int = 200) -> None:
-        """A reply to one NOTIFY we sent, as tm matched it (its ids: the NOTIFY's)."""
-        headers = sip.parse(("NOTIFY %s SIP/2.0\r\n%s\r\n" % (notify["ruri"], notify["headers"]))
-                            .encode()).headers
-        found = dict((name.lower(), value) for name, value in headers)
-        call_id = found["call-id"]
-        from_tag = found["from"].partition(";tag=")[2].split(";")[0]
-        to_tag = found["to"].partition(";tag=")[2].split(";")[0]
+        """A reply to one NOTIFY we sent, as tm matched it (its ids and its Via
+        branch: the NOTIFY's)."""
+        call_id, from_tag, to_tag = self._ids(notify)
         self.vars = {"$rm": "NOTIFY", "$rs": status, "$ci": call_id, "$ft": from_tag,
-                     "$tt": to_tag}
+                     "$tt": to_tag, "$(hdr(Via)[0]{param.value,branch})": notify["branch"]}
 
 
 @pytest.fixture
