@@ -31,14 +31,16 @@ _SDP = (b"v=0\r\no=- 1 1 IN IP4 192.0.2.9\r\ns=-\r\nc=IN IP4 192.0.2.9\r\nt=0 0\
 
 def stray_answer(node, *, to_uri: str, tag: str, from_uri: str = "sip:alice@example.com",
                  wait: float = 0.5) -> None:
-    """An off-path stranger's forged 200 to an INVITE (a plaintext SDP answer), Via the
+    """An off-path stranger's forged 183 to an INVITE (a plaintext SDP answer), Via the
     cluster's floating address, sent straight to ``node``: no request ever went out.
     Its Call-ID is ``r33-stray-<tag>@example.com``."""
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     sink.settimeout(wait)
     port = sink.getsockname()[1]
-    head = (f"SIP/2.0 200 OK\r\n"
+    # a 183 (stop 34): a stray 2xx to an INVITE without our Record-Route entry is now
+    # dropped before it is read; a provisional answer with SDP is still read and archived
+    head = (f"SIP/2.0 183 Session Progress\r\n"
             f"Via: SIP/2.0/UDP {ADVERTISE};branch=z9hG4bK-r33stray{tag}\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-r33orig{tag}\r\n"
             f"From: <{from_uri}>;tag=a{tag}\r\n"

@@ -112,12 +112,8 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.certclient import CertClient
@@ -125,6 +121,7 @@ from e2m_lab.kamailio_harness import ProxyHandle, SipUa, start_proxy
 from e2m_plugins.sip import SipMessage, make_response, parse
 from e2m_plugins.testpki import TestPKI, issue_user
 from kamailio_app.cert_route import UNANSWERED
+from tests.kamailio.test_certservice_attacks import large_certificate
 
 pytestmark = pytest.mark.kamailio
 
@@ -334,28 +331,6 @@ def test_control_alices_own_481_ends_her_subscription(home, made, pki):
 
 
 # -- hole 3: cross-confirmed large fetches make the proxy connect to forged addresses -----
-
-def large_certificate(pki: TestPKI, aor: str, size: int, pad: int = 80) -> bytes:
-    """A certificate of ``aor`` of about ``size`` octets (more SAN URIs)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.UniformResourceIdentifier(aor)] + [
-        x509.UniformResourceIdentifier(f"sip:alias{i:03d}-{'x' * pad}@example.com")
-        for i in range(size // (pad + 30))]
-    now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "big")]))
-            .issuer_name(pki.ca.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=9))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .sign(pki.ca.key, hashes.SHA256()))
-    return cert.public_bytes(Encoding.DER)
-
 
 def _large_fetches_then_answered(proxy_factory, pki, name: str,
                                  cross: bool) -> SipMessage | None:
