@@ -959,10 +959,10 @@ class kamailio:
     def record_routed_here(self):
         """This reply answers a request we record-routed (an initial INVITE or
         SUBSCRIBE; a front record-routes nothing), so its Record-Route must hold our
-        entry.  A stray one (no transaction: a hop changed our Via branch) is taken for
-        one of those: it cannot be told apart, and only the hop gains by it (a 2xx
-        retransmitted after tm's wait timer is lost with it: the caller's INVITE
-        retransmission gets another)."""
+        entry.  A stray one (no transaction: a hop changed our Via branch, or another
+        node of a cluster got it) is taken for one of those: without our entry it
+        cannot be told apart, and only the hop gains by it (a stray with our entry is
+        checked by its MAC, which needs no transaction)."""
         if self.app.config.dispatcher is not None or \
                 (KSR.pv.get("$rm") or "") not in ("INVITE", "SUBSCRIBE"):
             return False
