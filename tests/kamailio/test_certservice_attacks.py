@@ -88,6 +88,25 @@ def rows(home: ProxyHandle, sql: str, *args) -> list[tuple]:
         return conn.execute(sql, args).fetchall()
 
 
+def never_accepting(host: str, port: int) -> list[socket.socket]:
+    """A TCP listener at ``host:port`` whose accept queue is already full, so the
+    proxy's connect there never completes (a forged source that never answers); the
+    sockets, for the caller to close."""
+    hole = socket.socket()
+    hole.bind((host, port))
+    hole.listen(0)
+    out = [hole]
+    for _ in range(2):                        # fill its accept queue
+        filler = socket.socket()
+        out.append(filler)
+        filler.setblocking(False)
+        try:
+            filler.connect((host, port))
+        except BlockingIOError:
+            pass
+    return out
+
+
 def large_certificate(pki: TestPKI, aor: str, size: int, pad: int = 80) -> bytes:
     """A certificate of ``aor`` of about ``size`` octets (more SAN URIs, each ``pad``
     characters longer than an AoR; at most 100 SAN entries are taken)."""
@@ -501,18 +520,7 @@ def test_forged_large_fetches_do_not_take_the_proxys_tcp_connections(proxy_facto
         for _ in range(6):
             forged = SipUa(proxy.port, user="carol", source=source())
             things.append(forged)
-            hole = socket.socket()
-            things.append(hole)
-            hole.bind((forged.source, forged.local_port))
-            hole.listen(0)
-            for _ in range(2):                        # fill its accept queue
-                filler = socket.socket()
-                things.append(filler)
-                filler.setblocking(False)
-                try:
-                    filler.connect((forged.source, forged.local_port))
-                except BlockingIOError:
-                    pass
+            things += never_accepting(forged.source, forged.local_port)
             forged.sock.sendto(minimal_subscribe(forged), ("127.0.0.1", proxy.port))
         time.sleep(1.0)
         real = CertClient(proxy.port, "alice", source=source(), transport="tcp")
@@ -565,18 +573,7 @@ def test_a_record_route_asking_for_tcp_does_not_make_the_proxy_connect(proxy_fac
         for _ in range(6):
             forged = SipUa(proxy.port, user="carol", source=source())
             things.append(forged)
-            hole = socket.socket()
-            things.append(hole)
-            hole.bind((forged.source, forged.local_port))
-            hole.listen(0)
-            for _ in range(2):                        # fill its accept queue
-                filler = socket.socket()
-                things.append(filler)
-                filler.setblocking(False)
-                try:
-                    filler.connect((forged.source, forged.local_port))
-                except BlockingIOError:
-                    pass
+            things += never_accepting(forged.source, forged.local_port)
             request = forged.build("SUBSCRIBE", BOB, to=BOB, headers=[
                 ("Event", "certificate"), ("Contact", f"<sip:{forged.source}:{forged.local_port}>"),
                 ("Expires", "0"),

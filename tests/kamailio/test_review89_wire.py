@@ -121,7 +121,7 @@ from e2m_lab.kamailio_harness import ProxyHandle, SipUa, start_proxy
 from e2m_plugins.sip import SipMessage, make_response, parse
 from e2m_plugins.testpki import TestPKI, issue_user
 from kamailio_app.cert_route import UNANSWERED
-from tests.kamailio.test_certservice_attacks import large_certificate
+from tests.kamailio.test_certservice_attacks import large_certificate, never_accepting
 
 pytestmark = pytest.mark.kamailio
 
@@ -349,18 +349,7 @@ def _large_fetches_then_answered(proxy_factory, pki, name: str,
         for _ in range(6):
             forged = SipUa(proxy.port, user="carol", source=source())
             things.append(forged)
-            hole = socket.socket()
-            things.append(hole)
-            hole.bind((forged.source, forged.local_port))
-            hole.listen(0)
-            for _ in range(2):                        # fill its accept queue
-                filler = socket.socket()
-                things.append(filler)
-                filler.setblocking(False)
-                try:
-                    filler.connect((forged.source, forged.local_port))
-                except BlockingIOError:
-                    pass
+            things += never_accepting(forged.source, forged.local_port)
             request, local_tag = forge_fetch(proxy, forged)
             notify = own_notify(proxy, attacker)      # bodiless "pending": held for him too
             reply = answer_as(notify, 200, request.call_id, local_tag,
