@@ -292,19 +292,65 @@ class CertServer:
             return sum(self.hits.values())
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
-            ready, _, _ = select.select(self._listeners, [], [], 0.1)
-            for listener in ready:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                host = listener.getsockname()[0]
+        silent: dict[socket.socket, tuple[str, bytearray]] = {}
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select(self._listeners + list(silent), [], [], 0.1)
+                # A client ends one fetch (its FIN) before it opens the next; on loopback
+                # the FIN is queued before the new connection is.  Reading every silent
+                # connection's end again just before accepting keeps ``active`` the
+                # number of connections the client really holds, not one that lags it.
+                if silent:
+                    ended, _, _ = select.select(list(silent), [], [], 0)
+                    for conn in ended:
+                        self._read_silent(conn, silent)
+                for listener in (sock for sock in ready if sock in self._listeners):
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:
+                        continue
+                    host = listener.getsockname()[0]
+                    with self._lock:
+                        self.connections += 1
+                    if self.mode == "silent":
+                        conn.setblocking(False)
+                        silent[conn] = (host, bytearray())
+                        with self._lock:
+                            self.active += 1
+                            self.max_active = max(self.max_active, self.active)
+                        continue
+                    thread = threading.Thread(target=self._serve, args=(conn, host),
+                                              daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+        finally:
+            for conn in silent:
+                conn.close()
+
+    def _read_silent(self, conn: socket.socket,
+                     silent: dict[socket.socket, tuple[str, bytearray]]) -> None:
+        """Read what a silent connection sent; count its request once its header is
+        complete, and drop the connection when the client ends it."""
+        host, request = silent[conn]
+        complete = b"\r\n\r\n" in request
+        while True:            # to the end of what is queued: a request and its FIN
+            try:
+                chunk = conn.recv(4096)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                del silent[conn]
+                conn.close()
                 with self._lock:
-                    self.connections += 1
-                thread = threading.Thread(target=self._serve, args=(conn, host), daemon=True)
-                thread.start()
-                self._threads.append(thread)
+                    self.active -= 1
+                break
+            if len(request) < 65536:
+                request += chunk
+        if not complete and b"\r\n\r\n" in request:
+            with self._lock:
+                self.hits[host] = self.hits.get(host, 0) + 1
 
     def _serve(self, conn: socket.socket, host: str) -> None:
         with self._lock:
@@ -341,14 +387,6 @@ class CertServer:
                 if self._stop.wait(self.drip):
                     return
                 conn.sendall(bytes([byte]))
-        elif mode == "silent":          # until the client gives up (or we stop)
-            conn.settimeout(0.1)
-            while not self._stop.is_set():
-                try:
-                    if not conn.recv(4096):
-                        return
-                except (socket.timeout, TimeoutError):
-                    continue
         elif mode == "huge":
             size = 2 << 20
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/pkix-cert\r\n"

@@ -225,9 +225,9 @@ def test_row4_34_silent_cert_servers_are_fetched_a_few_at_a_time_off_the_loop(la
     bob, stranger = policy_phone(lab, vector, headers, hosts, fetch_timeout=2.0)
     took = keep_serving(bob, stranger, 6.0, "while 34 cert servers never answer")
     assert max(took) < SERVING
-    # 4 workers; the server may see a fifth connection before it notices the one a
-    # worker just gave up on (its thread and the accepting one race)
-    assert server.max_active <= 5, f"{server.max_active} fetches at once"
+    # 4 workers: the silent server reads a connection's end before it accepts the next
+    # one, so it counts exactly what the phone holds open (a lagging count once saw 6)
+    assert server.max_active <= 4, f"{server.max_active} fetches at once"
     assert server.connections <= 4 * (6 // 2 + 1), "more fetches than 4 workers can make"
     assert max(server.hits.values(), default=1) == 1, "a host was fetched again at once"
     if vector == "register":

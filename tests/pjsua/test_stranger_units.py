@@ -89,6 +89,32 @@ def test_one_deadline_for_everything_not_per_read(server):
     assert time.monotonic() - start < 1.2
 
 
+def test_a_silent_server_counts_the_connections_a_client_holds_not_more(server):
+    # the e2e test asserts the phone's 4 fetches at once with this count: a client that
+    # ends one connection and opens the next at once must not be seen holding both
+    silent = server("silent")
+    def fetch() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", silent.port))
+        sock.sendall(b"GET /cert.der HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return sock
+
+    held = [fetch() for _ in range(3)]
+    time.sleep(0.3)                 # the server has read the requests: it waits silently
+    for _ in range(40):
+        held.pop(0).close()
+        held.append(fetch())
+    deadline = time.monotonic() + 3
+    while silent.total_hits < 43 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (silent.connections, silent.max_active, silent.hits) == (43, 3, {"127.0.0.1": 43})
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 3
+    while silent.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert silent.active == 0
+
+
 def test_the_pool_runs_a_few_at_once_one_per_host_and_cools_down():
     running: dict[str, int] = {}
     most = [0]
