@@ -533,6 +533,18 @@ def _wait_stopped(child: subprocess.Popen) -> int:
                     pass
 
 
+# Secrets of the operator's own commands: never Kamailio's, whose every process parses
+# what strangers send (the owner account's password would undo what the nodes' account
+# is kept from, review 73).
+_NOT_FOR_KAMAILIO = ("E2M_OWNER_PASSWORD",)
+
+
+def kamailio_environment() -> dict[str, str]:
+    """This process's environment less what Kamailio must not hold."""
+    return {name: value for name, value in os.environ.items()
+            if name not in _NOT_FOR_KAMAILIO}
+
+
 def _run(command: list[str], env: dict[str, str]) -> int:
     # Own session: a terminal's Ctrl-C reaches only us, and we stop Kamailio in order.
     # Kamailio's log (stderr) goes through LogCutter on its way to ours.
@@ -634,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_cfg:
             sys.stdout.write(mask_passwords(cfg_path.read_text()))
             return 0
-        env = dict(os.environ)
+        env = kamailio_environment()
         extra = os.pathsep.join(python_path())
         env["PYTHONPATH"] = extra + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["E2M_PROXY_CONFIG"] = str(config.path)

@@ -265,3 +265,23 @@ def test_db_init_owner_url_must_name_the_nodes_database(tmp_path, pki: TestPKI, 
                     "postgres://owner:x@127.0.0.1:5999/other"])
     err = capsys.readouterr().err
     assert code == 1 and "the same host, port and database" in err and "x@" not in err
+
+
+@pytest.mark.kamailio
+def test_the_owner_password_is_not_handed_to_kamailio(proxy_factory, monkeypatch):
+    # An operator who ran `E2M_OWNER_PASSWORD=... e2m-proxy db init` in a shell that
+    # exported it, then `e2m-proxy run` there: every Kamailio process (each parses what
+    # strangers send) would hold the password of the account that owns the archive's
+    # tables, which the nodes' own account is kept from (review 73).
+    secret = "owner-secret-" + os.urandom(6).hex()
+    monkeypatch.setenv("E2M_OWNER_PASSWORD", secret)
+    proxy = proxy_factory("p", e2m=False)
+    from kamailio_app.launcher import _group_members
+    leader = proxy.launcher._kamailio_pid()
+    assert leader is not None
+    members = _group_members(leader)
+    assert len(members) > 2, members
+    for pid in members:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"E2M_PROXY_CONFIG=" in environ      # what it is given is readable
+        assert secret.encode() not in environ and b"E2M_OWNER_PASSWORD" not in environ, pid
