@@ -204,11 +204,11 @@ def test_a_schema_left_from_an_earlier_take_over_shadows_nothing(
     the planted schema there): the nodes and the archive tool name only ``public``
     (pgconn.SEARCH_PATH_OPTION), so the insider's own ``bodies`` takes no row and is
     never shown."""
-    import kamailio_app.db_cmd as db_cmd
+    import kamailio_app.db_owner as db_owner
     roles, config = _before_hardening(tmp_path, postgres, capsys, plant=True)
     nothing = "SELECT nspname FROM pg_namespace WHERE false AND %s::text IS NULL"
-    monkeypatch.setattr(db_cmd, "_NODE_SCHEMAS", nothing)     # stop 32 had neither check
-    monkeypatch.setattr(db_cmd, "_PLANTED", nothing)
+    monkeypatch.setattr(db_owner, "_NODE_SCHEMAS", nothing)   # stop 32 had neither check
+    monkeypatch.setattr(db_owner, "_PLANTED", nothing)
     _harden(roles, config, postgres, monkeypatch, capsys)
     shadow = [(statement.replace("TABLE bodies", f'TABLE "{roles["node"]}".bodies')
                .replace("TABLE media", f'TABLE "{roles["node"]}".media')
