@@ -5,6 +5,9 @@ file read) and refused when it is not a regular file, belongs to another user, o
 open to group or others, as OpenSSH refuses a key file: what anyone on the machine may
 read is no longer a secret (review 73: a 0644 proxy key opened every body sealed for
 the proxy, and the key cache's seal key and the digest nonce secret derive from it).
+A file root owns is also taken when only its group may read it besides root (mode 0640
+at most: ``root:kamailio``, how Debian hands daemons their keys), as PostgreSQL takes
+its server key.
 """
 
 from __future__ import annotations
@@ -25,11 +28,20 @@ class PrivateFileError(E2MError, ValueError):
 def _check(info: os.stat_result, where: str) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise PrivateFileError(f"{where} is not a regular file (a symlink?)")
-    if info.st_uid != os.geteuid():
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid == os.geteuid():
+        if mode & 0o077:
+            raise PrivateFileError(f"{where} may be read or written by others "
+                                   f"(mode {mode:04o}); chmod 600 it")
+    elif info.st_uid == 0:
+        # root's file that the daemon's group reads (root:kamailio 0640), as PostgreSQL
+        # takes its server key: only root may change it, and nobody else read it
+        if mode & 0o037:
+            raise PrivateFileError(f"{where} is root's and may be read or written by "
+                                   f"others than its group (mode {mode:04o}); chmod 0640 "
+                                   "it, or make it ours with mode 0600")
+    else:
         raise PrivateFileError(f"{where} belongs to another user (uid {info.st_uid})")
-    if info.st_mode & 0o077:
-        raise PrivateFileError(f"{where} may be read or written by others "
-                               f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
 
 
 def check_private_file(path: str | Path, what: str = "file") -> None:
