@@ -58,8 +58,42 @@ phone keys ``_plain``/``_reactions`` by the top Via branch too, and the engine o
 keys for a retry only when the retry is sent (``protect`` of the retried request by the
 stack, not inside ``react``).
 
-What held (tried, no test kept unless named): see the list at the end of this module's
-report in the branch's commit messages and below each control.
+Real processes: hole 1 through Kamailio (``tests/kamailio/test_review92_wire.py``: the
+key records go 2 -> 0 on the refused BYE, the next re-INVITE gets 496 from alice's own
+proxy), hole 2 on the real phone (``tests/pjsua/test_review92_phone.py``: hold, the stray,
+bob's 200, then the phone's unhold cannot be opened by bob).
+
+What held (tried, no test kept unless named):
+
+- moving a signed body between dialogs, CSeqs or methods (an old re-INVITE's body in a new
+  dialog or at another CSeq; a re-INVITE whose sealed body names another dialog; To/From
+  tags stripped or changed): the signed SipContext binds Call-ID, From tag, CSeq number
+  and method, both AoRs, the status and (``e2m-sip-to-tag``) the To tag: refused at the
+  phone and the proxy; the same body again in its own dialog is a replay (403);
+- a stray 481/200/491 naming a pending re-INVITE's CSeq: ``_settle`` asks ``_sent_for``
+  (review 38), nothing dropped or confirmed (the 493/496 path through ``react`` is hole 2);
+- glare (491 both ways): each side drops the key its crossing request offered
+  (``settle``/``answered``), the proxy only the failed re-INVITE's fresh names
+  (``end_attempt``); the next re-INVITE is read;
+- a CANCEL racing the 200: the 200 to the CANCEL settles nothing (whole CSeq), a bare
+  CANCEL ends nothing at the proxy (``end_unread``), the crossing 200 is read;
+- two 2xx from two forks, each with its own body: the first pins ``_confirmed``, our BYE to
+  the second ends only its slot; the proxy's later forks keep keys ``EARLY_DIALOG_TTL``;
+- an UPDATE, PRACK or re-INVITE with SDP sealed for bob alone past a proxy viewing INVITE
+  SDP: 496 (``Rule.covers``); an ACK or a response it cannot read is a known limit;
+- CEK reuse across a re-INVITE: reused only when every holder is a host alice would choose
+  (review 75); SRTP keys only under an exclusive key; a proxy's RecipientInfo beside a
+  kekri carries that message's CEK, never the dialog key;
+- a NOTIFY ahead of the SUBSCRIBE's 200 (certificate subscription): the first NOTIFY from
+  the proxy's address pins the notifier's tag, so a hop's forged one makes the service's
+  own NOTIFYs 481 until the renewal: the same as a hop dropping them (review 26's class of
+  denial), not reported; pjsua's SUBSCRIBE/NOTIFY dialogs add no parties entry (review 6);
+- a bare NOTIFY/INFO with a made-up To tag under a live Call-ID carrying a
+  ``Proxy-Body-Policy``: taught as a dialog policy, but only for a host ``accepts_proxy``
+  allows (the hop can put the same header on the real in-dialog messages: by design);
+- per-dialog state: 8 keys a slot, 6 slots per Call-ID and pair, 4,096 slots; the phone's
+  records per call, ``_update_reactions`` (16), ``_reactions`` (64), ``_sent`` (1,024):
+  a peer's endless re-INVITEs grow nothing past those.
 """
 
 from __future__ import annotations
