@@ -323,8 +323,7 @@ class ProxyEngine:
 
     def _inspect_request(self, request: SipMessage) -> Verdict:
         method = request.method
-        if method == "BYE":           # (a CANCEL ends nothing: end_unread says why)
-            self.end_dialog(request.call_id, request.from_tag, request.to_tag)
+        # (a BYE ends its dialog's keys only at its 2xx: ``end_answered``)
         kept: list[bytes] = []
         seen, media = self._view(request, method,
                                  keeper=lambda: _keeper(self._sender_of(request)), kept=kept)
@@ -395,11 +394,22 @@ class ProxyEngine:
         return Verdict("forward", remove_headers=self._policies_in_our_name(response),
                        seen=seen, media=media)
 
+    def end_answered(self, method: str, status: int, call_id: str, from_tag: str | None,
+                     to_tag: str | None) -> None:
+        """An answer to a request this proxy relayed, with that request's Call-ID and tags
+        (the host's transaction, never a stray answer: whoever learnt a dialog's ids
+        could write one): a BYE's 2xx ends the dialog's keys (``end_dialog``).  Not the
+        BYE itself: one the callee refuses (a stale CSeq, a third party's From) ends
+        nothing there, and the call's next answers must still be read (review 92)."""
+        if method == "BYE" and 200 <= status < 300:
+            self.end_dialog(call_id, from_tag, to_tag)
+
     def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
-        """A BYE ended the dialog (Call-ID and both tags): the keys kept for it go
-        (key-reuse-01).  Only that dialog's own scope: Call-ID and a tag name no party,
-        and whoever learnt them (a branch the INVITE reached, a call forwarded from
-        her) can write a BYE for a dialog that never was, so of the early scopes the
+        """A BYE ended the dialog (Call-ID and both tags; its 2xx: ``end_answered``): the
+        keys kept for it go (key-reuse-01).  Only that dialog's own scope: Call-ID and a
+        tag name no party, and whoever learnt them (a branch the INVITE reached, a call
+        forwarded from her) can write a BYE for a dialog that never was, so of the early
+        scopes the
         offer's keys wait in it takes only the names its own scope held (the copies of
         keys moved into it: ``KeyCache.drop_scope``); the rest go at
         ``EARLY_DIALOG_TTL``, or with the failure of the transaction that kept them
@@ -439,24 +449,15 @@ class ProxyEngine:
         return has_body or has_policy
 
     @staticmethod
-    def only_ends_dialog(method: str, *, has_body: bool, has_label: bool,
+    def needs_no_reading(method: str, *, has_body: bool, has_label: bool,
                          has_policy: bool) -> bool:
-        """True when ``inspect`` of this request would do no more than ``end_unread``: a
+        """True when ``inspect`` of this request would forward it and do nothing else: a
         BYE or CANCEL without a body, a Proxy-Required-Body or a Proxy-Body-Policy
-        header (which may name us: review 57) has nothing to view, announce or remove,
-        and its verdict is a plain forward.  A host that has already parsed Call-ID and
-        tags (Kamailio) may then call ``end_unread`` and skip reading the message."""
+        header (which may name us: review 57) has nothing to view, announce or remove
+        (a BYE's keys go at its 2xx, a CANCEL's with its INVITE's failure).  A host may
+        then relay it without reading the message."""
         return method in ("BYE", "CANCEL") and not has_body and not has_label \
             and not has_policy
-
-    def end_unread(self, method: str, call_id: str, from_tag: str | None,
-                   to_tag: str | None) -> None:
-        """What ``inspect`` does to the keys for a bare BYE or CANCEL (``only_ends_dialog``)
-        from ids the host parsed: a BYE ends its dialog (``end_dialog``).  A CANCEL ends
-        nothing: a 200 that crossed it still needs the offer's key, and when the INVITE
-        does fail (its 487) the host's failure route ends the attempt."""
-        if method == "BYE":
-            self.end_dialog(call_id, from_tag, to_tag)
 
     # -- viewing -----------------------------------------------------------
 

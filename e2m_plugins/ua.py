@@ -1262,7 +1262,10 @@ class UAEngine:
         re-protected request to send again (new CSeq and branch).
 
         A forged 496 (certificate for another host, untrusted, expired, or not
-        the announced one) gives ``fail`` and nothing is sent.
+        the announced one) gives ``fail`` and nothing is sent.  An answer to nothing
+        we sent (``_sent_for``: its Via branch too), or to another request than
+        ``request``, gives ``none``: a stray 493 the SIP stack drops must not retire
+        the dialog's keys nor offer a key for a retry never sent (review 92).
         """
         codes = self.config.codes
         status = response.status or 0
@@ -1271,6 +1274,8 @@ class UAEngine:
             count = self._retries.get(request.call_id, 0)
             if status not in (codes.proxy_indecipherable, codes.signature_required, 493):
                 return Reaction("none", f"{status} is not an E2M answer")
+            if self._sent_for(response) is None or not _answers(response, request):
+                return Reaction("none", f"{status} answers nothing we sent")
             if count >= MAX_RETRIES_PER_CALL:
                 return Reaction("fail", f"gave up after {count} E2M retries")
             try:
@@ -1344,6 +1349,16 @@ class UAEngine:
         with self._lock:
             self._note_from_wire(name, cert)
         return peer
+
+
+def _answers(response: SipMessage, request: SipMessage) -> bool:
+    """Whether ``response`` names ``request``'s transaction (Call-ID, CSeq, top Via
+    branch)."""
+    try:
+        return (response.call_id, response.cseq, response.via_branch()) == \
+            (request.call_id, request.cseq, request.via_branch())
+    except E2MError:
+        return False
 
 
 def _recipient(cert: x509.Certificate, legacy: bool) -> Recipient:

@@ -34,15 +34,21 @@ from e2m_plugins.grammar import split_header_list
 
 __all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds"]
 
-def dialog_ids(ksr) -> tuple[str, str | None, str | None]:
+_IDS = ("$ci", "$ft", "$tt")
+_REQUEST_IDS = ("$T_req($ci)", "$T_req($ft)", "$T_req($tt)")
+
+
+def dialog_ids(ksr, *, of_request: bool = False) -> tuple[str, str | None, str | None]:
     """Call-ID, From tag and To tag (None when absent) from Kamailio's parse, as the core
     reads them: blanks around a value stripped.  Kamailio keeps a Call-ID's trailing
     blank, the core does not; every place that names a dialog from Kamailio's ids (the
-    route token, a bare BYE's scope) must name the one the core kept keys under
-    (review 24)."""
-    call_id = (ksr.pv.get("$ci") or "").strip(" \t")
-    from_tag = (ksr.pv.get("$ft") or "").strip(" \t") or None
-    to_tag = (ksr.pv.get("$tt") or "").strip(" \t") or None
+    route token, the scope a BYE's 2xx ends) must name the one the core kept keys under
+    (review 24).  ``of_request``: in a reply route, those of the transaction's request
+    (what we relayed, not what the answer wrote)."""
+    names = _REQUEST_IDS if of_request else _IDS
+    call_id = (ksr.pv.get(names[0]) or "").strip(" \t")
+    from_tag = (ksr.pv.get(names[1]) or "").strip(" \t") or None
+    to_tag = (ksr.pv.get(names[2]) or "").strip(" \t") or None
     return call_id, from_tag, to_tag
 
 

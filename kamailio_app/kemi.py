@@ -857,7 +857,7 @@ class kamailio:
 
     def route_cancel(self):
         if KSR.tm.t_check_trans() > 0:
-            if not self.end_dialog_unread():
+            if not self.relayed_unread():
                 self.inspect_only()    # lets the engine drop keys of the cancelled dialog
             KSR.tm.t_relay()
 
@@ -897,7 +897,7 @@ class kamailio:
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
-                self.relay(inspect=not self.end_dialog_unread())
+                self.relay(inspect=not self.relayed_unread())
             return
         if KSR.is_ACK():
             if KSR.tm.t_check_trans() > 0:
@@ -1235,22 +1235,28 @@ class kamailio:
             self.drop_attempt_keys()
             KSR.sl.send_reply(500, "Cannot Relay")
 
-    def end_dialog_unread(self):
-        """A bare BYE (its dialog's keys go) or CANCEL (none go: ``end_unread``), using
-        Kamailio's own parse of Call-ID and tags, without reading the message (the
-        engine says when that is all inspecting it would do).  False when the message
-        must be read."""
+    def relayed_unread(self):
+        """A bare BYE or CANCEL, relayed without reading the message (the engine says
+        when forwarding it is all inspecting it would do; a BYE's keys go at its 2xx:
+        ``end_answered_dialog``).  False when the message must be read."""
         engine = self.app.engine
         if engine is None:
             return False
         method = KSR.pv.get("$rm") or ""
-        if not engine.only_ends_dialog(method, has_body=_has_body(),
+        if not engine.needs_no_reading(method, has_body=_has_body(),
                                        has_label=KSR.hdr.is_present(PROXY_REQUIRED_BODY) > 0,
                                        has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0):
             return False
-        engine.end_unread(method, *dialog_ids(KSR))
         _info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
         return True
+
+    def end_answered_dialog(self):
+        """A 2xx to a BYE we relayed ends the dialog's keys, named by the BYE's own ids
+        (the transaction's request): one the callee refused ended nothing (review 92)."""
+        engine = self.app.engine
+        if engine is None or KSR.pv.get("$rm") != "BYE":
+            return
+        engine.end_answered("BYE", KSR.pv.get("$rs") or 0, *dialog_ids(KSR, of_request=True))
 
     def inspect_request(self):
         """Ask the engine; apply its verdict.  False when the request was answered."""
@@ -1508,6 +1514,10 @@ class kamailio:
             self.drop_asserted_identity()
         except Exception as exc:  # noqa: BLE001 - the reply is still read below
             _log_exception("reply identity", exc)
+        try:
+            self.end_answered_dialog()
+        except Exception as exc:  # noqa: BLE001 - the keys go at their expiry instead
+            _log_exception("dialog end", exc)
         try:
             if self.app.config.dispatcher is not None and KSR.pv.get("$rm") == "REGISTER" \
                     and 200 <= (KSR.pv.get("$rs") or 0) < 300:

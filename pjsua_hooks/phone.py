@@ -321,6 +321,17 @@ def _key(msg: sip.SipMessage) -> tuple[str, int, str]:
     return (msg.call_id, number, method)
 
 
+def _tx_key(msg: sip.SipMessage) -> tuple[str, int, str, str]:
+    """A request we sent and the answers to it: its transaction (Call-ID, CSeq, top Via
+    branch).  Without the branch, a stray 493 naming the call and CSeq was taken for
+    the answer to our request (review 92)."""
+    try:
+        branch = msg.via_branch()
+    except E2MError:
+        branch = ""
+    return (*_key(msg), branch)
+
+
 def _rx_key(msg: sip.SipMessage, what: str) -> tuple[str, int, str, str, str]:
     """A received message's security record: its transaction (Call-ID, CSeq, top Via
     branch) and what it is ("MESSAGE", "200 INVITE")."""
@@ -390,7 +401,7 @@ class E2MPhone:
                        "handler_failures": 0, "output_failures": 0, "fetches": 0,
                        "endpoint_events_missed": 0}
         # state shared between the hook callbacks and the main loop (same thread)
-        self._plain: OrderedDict[tuple[str, int, str], sip.SipMessage] = OrderedDict()
+        self._plain: OrderedDict[tuple[str, int, str, str], sip.SipMessage] = OrderedDict()
         self._tx_info: OrderedDict[tuple[str, int, str, str], SecurityInfo] = OrderedDict()
         # security of what pjsua was handed: (digest of the octets, what) -> (when, info);
         # and the digest of the one content each received request's transaction
@@ -399,7 +410,7 @@ class E2MPhone:
         self._rx_tsx: OrderedDict[tuple[str, int, str, str, str], tuple[float, bytes]] = \
             OrderedDict()
         # E2M answers to our requests: (Call-ID, CSeq) -> (answer, plaintext, when)
-        self._reactions: OrderedDict[tuple[str, tuple[int, str]],
+        self._reactions: OrderedDict[tuple[str, int, str, str],
                                      tuple[sip.SipMessage, sip.SipMessage | None, float]] = \
             OrderedDict()
         # E2M answers to a re-INVITE of a confirmed call, handled after the pump
@@ -563,7 +574,7 @@ class E2MPhone:
                 return ours
         if msg.is_request:
             if msg.body:
-                _bounded_put(self._plain, _key(msg), msg)
+                _bounded_put(self._plain, _tx_key(msg), msg)
             if self._sending is not None and msg.method in ("MESSAGE", "INVITE") \
                     and msg.call_id not in self._by_call_id:
                 self._by_call_id[msg.call_id] = self._sending
@@ -702,15 +713,17 @@ class E2MPhone:
     def _keep_reaction(self, msg: sip.SipMessage) -> None:
         """A 496/495/493: kept for the main loop only if it answers a request of ours
         (a stranger's stray answers would otherwise pile up); bounded, oldest out."""
-        plain = self._plain.get(_key(msg))
+        plain = self._plain.get(_tx_key(msg))
         call = self._by_call_id.get(msg.call_id)
-        if plain is None and call is None:
+        if plain is None and (call is None or isinstance(call, E2MCall) and call.confirmed):
+            # nothing we sent on that branch (a confirmed call's requests all carry SDP
+            # or none to react for): pjsip drops it too
             self.counts["stray_e2m_answers"] += 1
             return
         if isinstance(call, E2MCall) and call.confirmed and msg.method == "INVITE":
             self._update_reactions.append((msg, plain))
             return
-        key = (msg.call_id, msg.cseq)
+        key = _tx_key(msg)
         self._reactions[key] = (msg, plain, time.monotonic())
         self._reactions.move_to_end(key)
         while len(self._reactions) > MAX_REACTIONS:
@@ -1034,7 +1047,7 @@ class E2MPhone:
     # -- 496 / 495 / 493 ------------------------------------------------------------------
     def _react(self, handle: OutgoingMessage | E2MCall, response: sip.SipMessage) -> bool:
         """Handle an E2M answer to ``handle``'s request; True when a retry went out."""
-        entry = self._reactions.pop((response.call_id, response.cseq), None)
+        entry = self._reactions.pop(_tx_key(response), None)
         if entry is None:
             return False
         answer, plain, _ = entry

@@ -125,7 +125,7 @@ def test_forged_496_is_a_local_refusal(world):
     plain = message(world)
     evil = issue_user(make_ca("Evil"), "sip:x@evil.example")
     from cryptography.hazmat.primitives.serialization import Encoding
-    forged = make_response(plain, 496, "Proxy Indecipherable",
+    forged = make_response(alice.protect(plain).message, 496, "Proxy Indecipherable",
                            [("Warning", f"380 {TRUSTED} \"Required to view 'text/plain'\"")],
                            evil.cert.public_bytes(Encoding.DER), "application/pkix-cert")
     assert alice.react(forged, plain).action == "fail"

@@ -168,7 +168,7 @@ def test_forged_496_is_refused_and_nothing_is_sent(world, forgery):
         cred = issue_proxy(world.ca, TRUSTED, not_before=past - timedelta(days=1),
                            not_after=past)
     from cryptography.hazmat.primitives.serialization import Encoding
-    forged = make_response(plain, 496, "Proxy Indecipherable",
+    forged = make_response(alice.protect(plain).message, 496, "Proxy Indecipherable",
                            [("Warning", f"380 {TRUSTED} \"Required to view 'text/plain'\"")],
                            cred.cert.public_bytes(Encoding.DER), "application/pkix-cert")
     reaction = alice.react(forged, plain)
@@ -211,6 +211,8 @@ def test_flow_c_cek_reuse_lets_the_proxy_read_the_answer_and_reinvite(world):
     path.request(alice.protect(bye).message)
     bob.open(bye)
     bob.protect(make_response(bye, 200, "OK"))     # bob's stack accepts it: his keys go
+    assert len(trusted.cache) != 0                 # (the proxy's wait for that 200)
+    trusted.end_answered("BYE", 200, bye.call_id, bye.from_tag, bye.to_tag)
     assert len(trusted.cache) == 0
     assert len(alice.dialog_keys) == 0 and len(bob.dialog_keys) == 0
 
@@ -228,29 +230,33 @@ def _kept_dialog(world, trusted, call_id):
 
 
 @pytest.mark.parametrize("method", ["BYE", "CANCEL"])
-def test_ending_a_dialog_from_its_ids_equals_inspecting_the_request(world, method):
-    """Kamailio hands a bodiless BYE or CANCEL to end_unread() with its own parse of
-    Call-ID and tags instead of reading the message: same keys dropped (a CANCEL drops
-    none: a 200 may have crossed it), and inspect() would have said nothing more than
-    forward."""
-    read, unread = (proxy_engine(world, TRUSTED, view=SDP_VIEW) for _ in range(2))
-    for engine in (read, unread):
-        _kept_dialog(world, engine, "end@x")
-        _kept_dialog(world, engine, "other@x")
+def test_a_bye_ends_its_dialogs_keys_at_its_2xx_and_nothing_ends_them_before(world, method):
+    """Kamailio relays a bodiless BYE or CANCEL unread (``needs_no_reading``: inspecting
+    it would only forward it) and hands the answers to its own transaction to
+    ``end_answered`` with the request's ids: a BYE's 2xx ends its dialog's keys and no
+    other's; the request itself, a refusal of it or a CANCEL's 200 end nothing (a BYE
+    the callee refuses leaves a live call: review 92)."""
+    engine = proxy_engine(world, TRUSTED, view=SDP_VIEW)
+    _kept_dialog(world, engine, "end@x")
+    _kept_dialog(world, engine, "other@x")
     to_tag = "b1" if method == "BYE" else None
     ending = invite(world, call_id="end@x", cseq=2 if method == "BYE" else 1, to_tag=to_tag,
                     method=method).with_body(b"")
-    assert ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False, has_policy=False)
-    verdict = read.inspect(ending)
+    assert ProxyEngine.needs_no_reading(method, has_body=False, has_label=False,
+                                        has_policy=False)
+    verdict = engine.inspect(ending)
     assert (verdict.action, verdict.add_headers, verdict.remove_headers, verdict.seen) == (
         "forward", (), (), ())
-    unread.end_unread(method, ending.call_id, ending.from_tag, ending.to_tag)
-    def scopes(engine):
-        return {scope for scope, _ in engine.cache._entries}
-    assert scopes(read) == scopes(unread)
-    left = {scope.call_id for scope in scopes(read)}
-    # a CANCEL cannot end a confirmed dialog; a BYE ends its own and no other
-    assert left == ({"other@x"} if method == "BYE" else {"end@x", "other@x"})
+
+    def left():
+        return {scope.call_id for scope, _ in engine.cache._entries}
+    ids = (ending.call_id, ending.from_tag, ending.to_tag)
+    for refused in (100, 403, 481, 500):
+        engine.end_answered(method, refused, *ids)
+    assert left() == {"end@x", "other@x"}
+    engine.end_answered(method, 200, *ids)
+    # a CANCEL cannot end a confirmed dialog; a BYE's 2xx ends its own and no other
+    assert left() == ({"other@x"} if method == "BYE" else {"end@x", "other@x"})
 
 
 @pytest.mark.parametrize("method, status", [("MESSAGE", 200), ("INVITE", 180), ("INVITE", 200),
@@ -280,14 +286,14 @@ def test_a_response_is_skipped_unread_only_when_inspecting_it_would_do_nothing(w
 
 
 def test_only_a_bare_bye_or_cancel_may_skip_the_read():
-    assert not ProxyEngine.only_ends_dialog("BYE", has_body=True, has_label=False,
+    assert not ProxyEngine.needs_no_reading("BYE", has_body=True, has_label=False,
                                             has_policy=False)
-    assert not ProxyEngine.only_ends_dialog("BYE", has_body=False, has_label=True,
+    assert not ProxyEngine.needs_no_reading("BYE", has_body=False, has_label=True,
                                             has_policy=False)
-    assert not ProxyEngine.only_ends_dialog("BYE", has_body=False, has_label=False,
+    assert not ProxyEngine.needs_no_reading("BYE", has_body=False, has_label=False,
                                             has_policy=True)
     for method in ("INVITE", "ACK", "MESSAGE", "UPDATE", "INFO"):
-        assert not ProxyEngine.only_ends_dialog(method, has_body=False, has_label=False,
+        assert not ProxyEngine.needs_no_reading(method, has_body=False, has_label=False,
                                                 has_policy=False)
 
 
@@ -460,6 +466,8 @@ def test_policies_and_496s_from_foreign_domains_are_ignored(world):
     reaction = alice.react(refusal, plain)
     assert reaction.action == "fail" and "not a proxy we accept" in reaction.reason
     listed = ua_engine(world, "alice", accept_proxies=(outsider,))
+    assert listed.react(refusal, plain).action == "none"     # it sent nothing (review 92)
+    listed.protect(plain)
     assert listed.react(refusal, plain).action == "retry"
 
 

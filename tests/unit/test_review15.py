@@ -186,11 +186,12 @@ def _mallorys_bare_bye(proxy) -> None:
     # (fwd@x, a1): a BYE naming that Call-ID and tag with any To tag is "routed here".
     token = ROUTES.token("fwd@x", "a1")
     assert ROUTES.admits("fwd@x", ("a1", "m-any"), [f"<sip:{TRUSTED};lr;e2m-rr={token}>"])
-    # kemi.py route_in_dialog: loose_route, dialog_routed_here, then end_dialog_unread
-    # (a bare BYE: no body, no label) -> engine.end_unread with Kamailio's $ci, $ft, $tt
-    assert proxy.only_ends_dialog("BYE", has_body=False, has_label=False,
-                                   has_policy=False)
-    proxy.end_unread("BYE", "fwd@x", "a1", "m-any")
+    # kemi.py route_in_dialog: loose_route, dialog_routed_here, then relayed_unread
+    # (a bare BYE: no body, no label); since review 92 its keys go at its 2xx
+    # (end_answered with the request's $ci, $ft, $tt): say mallory's side answered 200
+    assert proxy.needs_no_reading("BYE", has_body=False, has_label=False,
+                                  has_policy=False)
+    proxy.end_answered("BYE", 200, "fwd@x", "a1", "m-any")
 
 
 def _mallorys_failed_invite(proxy) -> None:
@@ -254,7 +255,7 @@ def test_hole_a_bare_bye_without_a_to_tag_drops_the_callers_offer_key(world):
     the early scope itself.  Found while fixing 2a (it failed on 809c731).  A BYE without
     both tags now ends nothing."""
     def bye_without_to_tag(proxy) -> None:
-        proxy.end_unread("BYE", "fwd@x", "a1", None)
+        proxy.end_answered("BYE", 200, "fwd@x", "a1", None)   # (answered 200: review 92)
     verdict, seen = _forwarded_call(world, bye_without_to_tag)
     assert seen.seen and seen.error is None, f"bob's 200 went unread: {seen.error}"
     assert verdict.action == "forward" and verdict.seen, f"{verdict.code} {verdict.error}"

@@ -51,7 +51,7 @@ def test_control_a_hops_bye_for_a_retagged_copy_leaves_the_real_dialogs_key(worl
     proxy, alice, ok, who, _ = _answered_call(world, clock)
     assert proxy.inspect(_with_to_tag(ok.message, "hop1"), caller=who).seen
     assert len(proxy.cache._by_scope.get(DialogScope(CALL, "a1", "hop1"), ())) == 1
-    proxy.end_unread("BYE", CALL, "a1", "hop1")
+    proxy.end_answered("BYE", 200, CALL, "a1", "hop1")   # its 2xx (review 92)
     assert not proxy.cache._by_scope.get(DialogScope(CALL, "a1"))   # the early copy went
     clock.now += EARLY_DIALOG_TTL + 1
     verdict = _reinvite(world, proxy, alice, "alice", "bob", CALL, "b1", cseq=3)
@@ -86,7 +86,7 @@ def test_control_a_bare_bye_with_both_tags_alices_own_tag_ends_nothing(world):
     alice = _ua(world, "alice", "bob")
     offer = alice.protect(_invite(world, "alice", "bob", CALL)).message
     first = proxy.inspect(offer)
-    proxy.end_unread("BYE", CALL, "a1", "a1")
+    proxy.end_answered("BYE", 200, CALL, "a1", "a1")   # its 2xx (review 92)
     bye = make_request("BYE", f"sip:alice@{world.domain}", from_uri=world.aor("mallory"),
                        to_uri=world.aor("alice"), call_id=CALL, cseq=9, from_tag="m9",
                        to_tag="a1", body=b"")

@@ -108,6 +108,8 @@ def _bye(call: _Call, to_tag: str = "b1") -> None:
                        to_uri=call.world.aor("bob"), call_id=call.call_id, cseq=5,
                        from_tag="a1", to_tag=to_tag)
     assert call.proxy.inspect(bye).action == "forward"
+    # bob's 200 through the proxy's transaction ends the dialog's keys (review 92)
+    call.proxy.end_answered("BYE", 200, bye.call_id, bye.from_tag, bye.to_tag)
 
 
 # --------------------------------------------------------------------------- hole 1

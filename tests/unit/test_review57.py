@@ -272,7 +272,7 @@ def test_hole_a_bare_bye_is_relayed_unread_with_a_policy_in_the_proxys_name(worl
     be made (or the host must be told of the header)."""
     proxy = proxy_engine(world, TRUSTED, view=VIEW)
     bye = _bye_from_bob(world, proxy, "bye-call-2@x")
-    unread = proxy.only_ends_dialog("BYE", has_body=False, has_label=False,
+    unread = proxy.needs_no_reading("BYE", has_body=False, has_label=False,
                                     has_policy=bool(bye.get_all(hdr.PROXY_BODY_POLICY)))
     verdict = proxy.inspect(bye)
     assert not (unread and verdict.remove_headers), verdict.remove_headers

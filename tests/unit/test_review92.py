@@ -94,6 +94,16 @@ What held (tried, no test kept unless named):
 - per-dialog state: 8 keys a slot, 6 slots per Call-ID and pair, 4,096 slots; the phone's
   records per call, ``_update_reactions`` (16), ``_reactions`` (64), ``_sent`` (1,024):
   a peer's endless re-INVITEs grow nothing past those.
+
+Fixed (stop 35): the proxy ends a dialog's keys at the BYE's 2xx, from its own
+transaction (``ProxyEngine.end_answered``, called by ``kemi.end_answered_dialog`` in the
+tm reply route with the ids of ``$T_req``), never at the request; a bare BYE is relayed
+unread (``needs_no_reading``) and ends nothing.  ``UAEngine.react`` follows an E2M answer
+only when it answers a request we sent, on its Via branch (``_sent_for`` and
+``_answers``); the phone keys its plaintext copies and kept answers by the branch too
+(``phone._tx_key``) and counts a stray one.  The core control of the call's own BYE now
+hands the proxy bob's 200 to it; the phone hole waits for the stray to be counted, as
+the phone no longer reacts to it.
 """
 
 from __future__ import annotations
@@ -197,9 +207,6 @@ def test_control_the_refused_bye_is_relayed_by_the_proxy(world):
         assert proxy.inspect(_bare_bye(world, "r92-fwd@x", how)).action == "forward"
 
 
-@pytest.mark.xfail(strict=True, reason="review 92: insider UA or hop, a BYE the callee "
-                   "refuses drops the live dialog's keys at the proxy: the re-INVITE's "
-                   "answer goes unread (archive and firewall miss it)")
 @pytest.mark.parametrize("how", ["stale-cseq", "third-party"])
 def test_hole_a_bye_the_callee_refuses_still_drops_the_live_calls_keys_at_the_proxy(world, how):
     seen, info, _, _ = _reinvite_answered(world, f"r92-{how}@x", how)
@@ -208,8 +215,6 @@ def test_hole_a_bye_the_callee_refuses_still_drops_the_live_calls_keys_at_the_pr
     assert [s.plaintext for s in seen.seen] == [BOBS_NEW_SDP]
 
 
-@pytest.mark.xfail(strict=True, reason="review 92: insider UA or hop, after a refused BYE "
-                   "the call's next re-INVITE is 496 at the proxy (keys lost)")
 @pytest.mark.parametrize("how", ["stale-cseq", "third-party"])
 def test_hole_after_a_refused_bye_the_next_reinvite_is_refused_by_the_proxy(world, how):
     call_id = f"r92-next-{how}@x"
@@ -223,13 +228,16 @@ def test_hole_after_a_refused_bye_the_next_reinvite_is_refused_by_the_proxy(worl
 
 def test_control_the_calls_own_bye_still_ends_its_keys_at_the_proxy(world):
     """What any fix must keep: the call's real BYE (alice's, CSeq above the last) leaves
-    nothing for the next request under the dialog key (today: at the request)."""
+    nothing for the next request under the dialog key (at its 2xx since stop 35: the
+    host's ``end_answered`` for an answer to its own transaction)."""
     call_id = "r92-end@x"
     proxy, alice, _ = _call_through_the_proxy(world, call_id)
     bye = make_request("BYE", "sip:bob@127.0.0.1:5062", from_uri=world.aor("alice"),
                        to_uri=world.aor("bob"), call_id=call_id, cseq=2, from_tag="a1",
                        to_tag="b1")
     proxy.inspect(bye)
+    assert len(proxy.cache) != 0          # fixed (stop 35): not at the request,
+    proxy.end_answered("BYE", 200, call_id, "a1", "b1")     # but at bob's 200 to it
     assert len(proxy.cache) == 0
 
 
@@ -292,9 +300,6 @@ def test_control_the_stray_is_no_answer_to_anything_alice_sent(world):
     assert alice.open(stray).info.content_type == "application/pkix-cert"
 
 
-@pytest.mark.xfail(strict=True, reason="review 92: untrusted hop, a stray 493 (pjsip drops "
-                   "it) makes the engine re-key: alice's next re-INVITE goes under a key bob "
-                   "never had (493)")
 def test_hole_a_stray_493_makes_alices_next_reinvite_go_under_a_key_bob_never_had(world):
     alice, bob, first, pending = _srtp_call(world, "s92-hole@x")
     try:
@@ -305,8 +310,6 @@ def test_hole_a_stray_493_makes_alices_next_reinvite_go_under_a_key_bob_never_ha
     assert b"a=crypto" in opened.message.body
 
 
-@pytest.mark.xfail(strict=True, reason="review 92: untrusted hop, a stray 493 to nothing "
-                   "alice sent is followed (react retires the dialog's keys)")
 def test_hole_react_follows_an_answer_to_nothing_we_sent(world):
     """The engine-level statement of hole 2: ``react`` of an answer ``_sent_for`` does not
     know should change nothing (``Reaction('none')``, no key retired)."""
