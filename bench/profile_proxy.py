@@ -93,7 +93,11 @@ def call_maker(cfg: pr.Config, workload: str) -> Callable[[int], list[bytes]]:
 def drive(engine: ProxyEngine, wires: list[list[bytes]], check: bool = False) -> None:
     for call in wires:
         for raw in call:
-            verdict = engine.inspect(parse(raw))
+            message = parse(raw)
+            verdict = engine.inspect(message)
+            if not message.is_request:   # Kamailio's tm reply route: a BYE's 2xx ends keys
+                engine.end_answered(message.cseq[1], message.status or 0, message.call_id,
+                                    message.from_tag, message.to_tag)
             if check:
                 assert verdict.action == "forward" and verdict.error is None, verdict
 
