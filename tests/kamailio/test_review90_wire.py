@@ -1,0 +1,250 @@
+"""A ninetieth attacker's review (December 2026) of ea4cf0c: the proxy's Record-Route
+MAC and reply filter (stop 34's newest code: ``RouteTokens.param``/
+``keeps_callers_side``/``via_key``, ``kemi.record_route``/``moved_route_entries``/
+``_via_below_ours``/``_top_via``) attacked on a real Kamailio 5.6 (review 88's set-up:
+alice over TLS, bob's UDP UAS behind a hop that rewrites his 200).  The core half:
+``tests/unit/test_review90.py``.
+
+Hole (``test_hole_a_case_variant_of_alices_via_mints_the_mac_the_hop_needs``):
+attackers: an **untrusted hop** on bob's leg with any account of ours (an **insider
+UA**, eve; on an open proxy, with no account: an **off-path sender** that the hop
+tells what to send).  Messages: alice's INVITE passes the hop, which reads her Call-ID,
+From tag and top Via (below ours: ``SIP/2.0/TLS 127.0.90.x:p;rport;branch=z9hG4bK-ua..``).
+eve sends the proxy her own INVITE to herself with that Call-ID, ``From:
+<sip:eve@example.com>;tag=<alice's tag>``, ``Record-Route: <sip:HOP;lr>`` and as top Via
+alice's Via with the *case* of its branch changed (``z9hG4bK-UA..``; after a 407, once
+more with another case).  tm matches a request's branch octet by octet (``memcmp``): a
+new transaction, not a retransmission of alice's; ``via_key`` folds the Via to one case:
+the MAC the proxy writes on eve's INVITE (``param(Call-ID, tag, [<sip:HOP;lr>],
+eve's Via)``) is the MAC of alice's Via.  In bob's 200 the hop puts that value in our
+entries and appends ``<sip:HOP;lr>``.  Effect: relayed; alice's route set starts at
+the hop over UDP (review 82/88's hole, back: her in-dialog requests and digest answers
+go to it first).  At fault: ``kamailio_app/dialog_route.py`` ``via_key`` line 161
+(``.lower()`` over the whole Via, branch included), against stop 34's premise that a
+MAC for alice's Via can only be obtained with a request tm absorbs.  Fix: keep the
+branch (and the sent-by) octet for octet in the key (lower-case only the protocol
+name and the parameter names), so the key is at least as strict as tm's match; better,
+bind what tm's match binds exactly (the branch, sent-by and transport as written).
+
+Controls: eve's case-variant INVITE is a new transaction to tm, record-routed with
+alice's token (the oracle is live); with alice's exact Via it is absorbed (review 88's
+premise, which holds for the Via octet for octet); a value minted with a Via that is
+not a case variant of alice's is dropped (the hop needs the case fold, nothing else).
+
+Tried and held: see ``tests/unit/test_review90.py``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from e2m_lab.kamailio_harness import RawUas, SipUa, parse_challenge, register_contact
+from e2m_plugins.sip import SipMessage, make_response
+
+pytestmark = [pytest.mark.kamailio, pytest.mark.openssl]
+
+from tests.kamailio.test_review88_wire import (  # noqa: E402
+    HOP_ENTRY, _Callee, _route_set, _starts_at_our_tls, _with_value)
+from tests.kamailio.test_review81_wire import _alice_tls  # noqa: E402
+
+USERS = {"alice": "alice-R90-Pass", "bob": "bob-R90-Pass", "eve": "eve-R90-Pass"}
+_VALUE = re.compile(r"e2m-rr=([0-9a-fA-F]{32})")
+_BRANCH = re.compile(r"(branch=z9hG4bK)([^;,\s]*)", re.IGNORECASE)
+
+
+def _variants(via: str) -> list[str]:
+    """alice's Via with the case of its branch (after the magic cookie) changed."""
+    match = _BRANCH.search(via)
+    assert match, via
+    tail = match.group(2)
+    out = [tail.swapcase()] + [tail[:i] + c.swapcase() + tail[i + 1:]
+                               for i, c in enumerate(tail) if c.isalpha()]
+    return [via[:match.start(2)] + changed + via[match.end(2):]
+            for changed in dict.fromkeys(out) if changed != tail]
+
+
+class _Oracle:
+    """eve and her UAS: ``mint(call_id, tag, vias)`` sends the proxy an INVITE to eve
+    with alice's Call-ID and From tag, ``Record-Route: <sip:HOP;lr>``, and each of
+    ``vias`` in turn as its top Via (a 407 answered with the next one); returns the
+    ``e2m-rr`` value of the entries the proxy wrote on it (None: it never reached eve)."""
+
+    def __init__(self, home, source: str, users: dict[str, str]) -> None:
+        self.uas = RawUas()
+        self.uas.responder = lambda request: make_response(request, 486, "Busy Here")
+        register_contact(home, "eve", self.uas.port, password=users["eve"], source=source)
+        self.ua = SipUa(home.port, user="eve", password=users["eve"], source=source)
+        self.minted: list[str] = []
+        self.answers: list[int] = []
+
+    def mint(self, call_id: str, tag: str, vias: list[str]) -> str | None:
+        invite = self.ua.build("INVITE", "sip:eve@example.com", to="sip:eve@example.com",
+                               call_id=call_id, from_tag=tag,
+                               headers=[("Record-Route", HOP_ENTRY)])
+        for via in vias:
+            request = invite.replace("Via", via)
+            creds = self.ua.credentials("INVITE", "sip:eve@example.com")
+            if creds is not None:
+                request = request.replace(*creds)
+            self.ua.send(request)
+            answer = self._final(call_id, request.cseq[0])
+            got = [m for m in self.uas.received
+                   if m.method == "INVITE" and m.get("Call-ID") == call_id]
+            if got:
+                values = {v.lower() for r in got[-1].get_all("Record-Route")
+                          for v in _VALUE.findall(r)}
+                assert len(values) == 1, values
+                self.minted.append(values.pop())
+                return self.minted[-1]
+            if answer is None or answer.status != 407:
+                return None
+            self.ua.challenge = ("Proxy-Authenticate",
+                                 parse_challenge(answer.get("Proxy-Authenticate") or ""))
+            self.ua.nc = 0
+            self.ua.cseq = request.cseq[0] + 1
+            invite = invite.replace("CSeq", f"{self.ua.cseq} INVITE")
+        return None
+
+    def _final(self, call_id: str, cseq: int) -> SipMessage | None:
+        while True:
+            message = self.ua.receive(3)
+            if message is None:
+                return None
+            if message.is_request or message.get("Call-ID") != call_id \
+                    or message.cseq[0] != cseq:
+                continue
+            if (message.status or 0) >= 200:
+                self.answers.append(message.status)
+                return message
+            if self.uas.wait_for(1, method="INVITE", timeout=0.5):
+                return message
+
+    def close(self) -> None:
+        self.ua.close()
+        self.uas.close()
+
+
+def _proxy(proxy_factory, name, e2m=False, auth=True):
+    if not auth:
+        return proxy_factory(name, e2m=e2m, tls=True, auth=False)
+    return proxy_factory(name, e2m=e2m, tls=True, auth=True, users=USERS)
+
+
+def _call(home, pki, bob_source, alice_source, rewrite):
+    bob = _Callee(rewrite)
+    register_contact(home, "bob", bob.uas.port, password=USERS["bob"], source=bob_source)
+    ua = _alice_tls(home, pki, alice_source)
+    ua.password = USERS["alice"]
+    try:
+        assert ua.register().status == 200
+        mark = home.log_mark()
+        ok = ua.request(ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com"),
+                        timeout=6)
+        return ok, home.log_since(mark), bob
+    finally:
+        ua.close()
+        bob.close()
+
+
+def _alices_via(invite: SipMessage) -> str:
+    """The Via below ours in the INVITE bob got: alice's as it reached us, with the
+    ``received`` and ``rport`` we added taken out again (as she wrote it)."""
+    vias = [v for value in invite.get_all("Via") for v in value.split(",")]
+    via = vias[1].strip()
+    via = re.sub(r";received=[^;,]*", "", via)
+    return re.sub(r";rport=\d+", ";rport", via)
+
+
+def test_control_the_case_variant_invite_is_a_new_transaction_with_alices_token(
+        proxy_factory, pki):
+    home = _proxy(proxy_factory, "r90-via-ok")
+    eve = _Oracle(home, "127.0.90.1", USERS)
+    seen: dict[str, object] = {}
+
+    def rewrite(invite, routes):
+        values = {v.lower() for r in routes for v in _VALUE.findall(r)}
+        seen["alice"] = values.pop()
+        seen["via"] = _alices_via(invite)
+        seen["variants"] = _variants(seen["via"])
+        seen["eve"] = eve.mint(invite.get("Call-ID") or "", invite.from_tag or "",
+                               seen["variants"]) or ""
+        return routes
+    try:
+        ok, _, _ = _call(home, pki, "127.0.90.2", "127.0.90.3", rewrite)
+    finally:
+        eve.close()
+    assert ok is not None and ok.status == 200, ok
+    assert len(seen["variants"]) >= 2, seen
+    assert seen["eve"], ("eve's INVITE was not relayed", eve.answers)
+    assert seen["eve"][:16] == seen["alice"][:16]          # the same dialog token
+    assert seen["eve"][16:] != seen["alice"][16:]          # another caller's side
+
+
+def test_control_alices_exact_via_is_absorbed_by_tm(proxy_factory, pki):
+    """Stop 34's premise, which holds for the Via as written: eve's INVITE with alice's
+    very Via is taken by tm as alice's transaction and never reaches eve's UAS."""
+    home = _proxy(proxy_factory, "r90-via-exact")
+    eve = _Oracle(home, "127.0.90.10", USERS)
+    seen: dict[str, object] = {}
+
+    def rewrite(invite, routes):
+        via = _alices_via(invite)
+        seen["eve"] = eve.mint(invite.get("Call-ID") or "", invite.from_tag or "", [via])
+        return routes
+    try:
+        ok, _, _ = _call(home, pki, "127.0.90.11", "127.0.90.12", rewrite)
+    finally:
+        eve.close()
+    assert ok is not None and ok.status == 200, ok
+    assert seen["eve"] is None and not eve.uas.received, eve.uas.received
+
+
+def test_control_the_minted_value_with_a_via_that_is_no_case_variant_is_dropped(
+        proxy_factory, pki):
+    """eve's INVITE with another branch (not a case variant of alice's) gets a MAC that
+    does not pass: the hop needs the case fold, nothing else."""
+    home = _proxy(proxy_factory, "r90-via-other")
+    eve = _Oracle(home, "127.0.90.4", USERS)
+
+    def rewrite(invite, routes):
+        via = _alices_via(invite)
+        others = [_BRANCH.sub(lambda m: m.group(1) + "-eve90a", via),
+                  _BRANCH.sub(lambda m: m.group(1) + "-eve90b", via)]
+        value = eve.mint(invite.get("Call-ID") or "", invite.from_tag or "", others)
+        assert value is not None
+        return _with_value(routes, value) + [HOP_ENTRY]
+    try:
+        ok, log, _ = _call(home, pki, "127.0.90.5", "127.0.90.6", rewrite)
+    finally:
+        eve.close()
+    assert eve.minted
+    assert ok is None or ok.status != 200, _route_set(ok)
+    assert "caller's side of ours), not ours: dropped" in log
+
+
+@pytest.mark.xfail(strict=True, reason="review 90: untrusted hop + any account (open "
+                   "proxy: anyone): an INVITE with alice's ids and her Via's branch in "
+                   "another case is a new transaction to tm but gets alice's caller's-side "
+                   "MAC (via_key lower-cases the branch): alice's route set starts at the hop")
+@pytest.mark.parametrize(("e2m", "auth"), [(False, True), (True, True), (False, False)],
+                         ids=["routing", "e2m", "open"])
+def test_hole_a_case_variant_of_alices_via_mints_the_mac_the_hop_needs(
+        proxy_factory, pki, e2m, auth):
+    home = _proxy(proxy_factory, "r90-via-hole", e2m, auth)
+    eve = _Oracle(home, "127.0.90.7", USERS)
+
+    def rewrite(invite, routes):
+        value = eve.mint(invite.get("Call-ID") or "", invite.from_tag or "",
+                         _variants(_alices_via(invite)))
+        assert value is not None
+        return _with_value(routes, value) + [HOP_ENTRY]
+    try:
+        ok, _, bob = _call(home, pki, "127.0.90.8", "127.0.90.9", rewrite)
+    finally:
+        eve.close()
+    assert not bob.uas.errors, bob.uas.errors
+    assert eve.minted, "eve's INVITE was not record-routed"
+    # secure: a 200 that reaches alice starts her route set at our TLS socket
+    assert _starts_at_our_tls(home, ok), _route_set(ok)
