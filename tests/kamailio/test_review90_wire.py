@@ -248,3 +248,60 @@ def test_hole_a_case_variant_of_alices_via_mints_the_mac_the_hop_needs(
     assert eve.minted, "eve's INVITE was not record-routed"
     # secure: a 200 that reaches alice starts her route set at our TLS socket
     assert _starts_at_our_tls(home, ok), _route_set(ok)
+
+
+# -- hole 2: ``maddr`` added to our own entry ---------------------------------------------
+
+_MADDR = re.compile(r";maddr=([^;>]*)", re.IGNORECASE)
+
+
+def _first_hop_is_our_tls(home, ok: SipMessage | None) -> bool:
+    """The secure outcome: no 200 reached alice, or the first entry of her route set
+    leads to our TLS socket: it names it, and no ``maddr`` sends her elsewhere (a SIP
+    stack sends to a URI's maddr: ``tests/pjsua/test_review90_phone.py``)."""
+    routes = _route_set(ok)
+    if routes is None:
+        return True
+    if not routes or f":{home.tls_port};transport=tls" not in routes[0]:
+        return False
+    return all(m in ("127.0.0.1", "") for m in _MADDR.findall(routes[0]))
+
+
+def _maddr_on_ours(address: str):
+    def rewrite(invite, routes):
+        return [r.replace(">", f";maddr={address}>") if _VALUE.search(r) else r
+                for r in routes]
+    return rewrite
+
+
+def _host_moved(invite, routes):          # review 81's rewrite: our host to the hop's
+    return [r.replace("127.0.0.1", "127.0.0.2") if "transport=tls" in r else r
+            for r in routes]
+
+
+def test_control_the_untouched_200_leads_alice_to_our_tls_socket(proxy_factory, pki):
+    home = _proxy(proxy_factory, "r90-maddr-ok")
+    ok, _, _ = _call(home, pki, "127.0.90.13", "127.0.90.14", lambda i, r: r)
+    assert ok is not None and ok.status == 200, ok
+    assert _first_hop_is_our_tls(home, ok), _route_set(ok)
+
+
+def test_control_our_entry_moved_to_the_hops_host_is_dropped(proxy_factory, pki):
+    home = _proxy(proxy_factory, "r90-maddr-moved")
+    ok, log, _ = _call(home, pki, "127.0.90.15", "127.0.90.16", _host_moved)
+    assert ok is None or ok.status != 200, _route_set(ok)
+    assert "not ours: dropped" in log
+
+
+@pytest.mark.xfail(strict=True, reason="review 90: untrusted hop on the callee's leg adds "
+                   ";maddr=<hop> to our own Record-Route entry: is_myself ignores maddr and "
+                   "the MAC covers only the entries below ours: relayed, alice's stack sends "
+                   "her in-dialog requests to the hop")
+@pytest.mark.parametrize("e2m", [False, True], ids=["routing", "e2m"])
+@pytest.mark.parametrize("address", ["127.0.0.2", "hop.example.net"], ids=["ip", "name"])
+def test_hole_a_maddr_added_to_our_entry_passes_the_filter(proxy_factory, pki, e2m, address):
+    home = _proxy(proxy_factory, "r90-maddr-hole", e2m)
+    ok, _, bob = _call(home, pki, "127.0.90.17", "127.0.90.18", _maddr_on_ours(address))
+    assert not bob.uas.errors, bob.uas.errors
+    # secure: a 200 that reaches alice leads her first to our TLS socket, nowhere else
+    assert _first_hop_is_our_tls(home, ok), _route_set(ok)
