@@ -37,6 +37,7 @@ Tried and held: see ``tests/unit/test_review90.py``.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -305,3 +306,100 @@ def test_hole_a_maddr_added_to_our_entry_passes_the_filter(proxy_factory, pki, e
     assert not bob.uas.errors, bob.uas.errors
     # secure: a 200 that reaches alice leads her first to our TLS socket, nowhere else
     assert _first_hop_is_our_tls(home, ok), _route_set(ok)
+
+
+# -- hole 3: a re-INVITE's 2xx that is a stray is dropped ----------------------------------
+
+class _Bob:
+    """bob's UAS (RFC 3261 12.1.1: Record-Route copied into the initial INVITE's 200 only,
+    by ``make_response``); keeps each 200 it sent so it can send it again, as a UAS
+    retransmits a 2xx until the ACK comes (RFC 3261 13.3.1.4)."""
+
+    def __init__(self) -> None:
+        self.uas = RawUas()
+        self.sent: dict[str, bytes] = {}       # "initial" / "reinvite" -> the 200's octets
+        self.uas.responder = self.respond
+
+    def respond(self, request: SipMessage):
+        answer = make_response(request, 200, "OK")
+        if request.method != "INVITE":
+            return answer
+        answer = answer.add("Contact", f"<sip:bob@127.0.0.1:{self.uas.port}>")
+        if request.to_tag is None:
+            answer = answer.replace("To", f"{request.get('To')};tag=bt90")
+            self.sent["initial"] = answer.serialize()
+        else:
+            self.sent["reinvite"] = answer.serialize()
+        return answer
+
+    def again(self, which: str, proxy_port: int) -> None:
+        self.uas.sock.sendto(self.sent[which], ("127.0.0.1", proxy_port))
+
+    def close(self) -> None:
+        self.uas.close()
+
+
+def _late_200(home, which: str, bob_source: str, alice_source: str):
+    """alice calls bob (UDP), ACKs, sends a re-INVITE (hold) and ACKs its 200; bob then
+    sends the ``which`` 200 once more after tm's transaction is over (wait timer: 5 s),
+    as a UAS does whose ACK was lost.  Returns (whether that late 200 reached alice,
+    the log)."""
+    bob = _Bob()
+    register_contact(home, "bob", bob.uas.port, password=USERS["bob"], source=bob_source)
+    ua = SipUa(home.port, user="alice", password=USERS["alice"], source=alice_source)
+    try:
+        assert ua.register().status == 200
+        invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com")
+        ok = ua.request(invite, timeout=5)
+        assert ok is not None and ok.status == 200, ok
+        sent = ua.sent[-1]
+        routes = list(reversed(ok.get_all("Record-Route")))
+        assert routes, "no Record-Route in the initial 200"
+        target = (ok.get("Contact") or "").strip("<>")
+        ids = dict(to="sip:bob@example.com", call_id=sent.get("Call-ID"),
+                   from_tag=sent.from_tag, to_tag=ok.to_tag, routes=routes)
+        ack = ua.build("ACK", target, cseq=sent.cseq[0], **ids)
+        ua.send(ack.replace("Via", ua.via()))
+        reinvite = ua.build("INVITE", target, **ids)
+        again = ua.request(reinvite, timeout=5)
+        assert again is not None and again.status == 200, again      # relayed in its transaction
+        assert "reinvite" in bob.sent
+        last = ua.sent[-1]
+        ack = ua.build("ACK", target, cseq=last.cseq[0], **ids)
+        ua.send(ack.replace("Via", ua.via()))
+        time.sleep(6.5)                     # tm's wait timer (5 s) is over: a stray now
+        mark = home.log_mark()
+        bob.again(which, home.port)
+        call_id = sent.get("Call-ID")
+        cseq = (sent if which == "initial" else last).cseq[0]
+        deadline = time.monotonic() + 2.0
+        got = False
+        while time.monotonic() < deadline and not got:
+            message = ua.receive(max(0.05, deadline - time.monotonic()))
+            if message is None:
+                break
+            got = (not message.is_request and message.status == 200
+                   and message.get("Call-ID") == call_id and message.cseq[0] == cseq)
+        return got, home.log_since(mark)
+    finally:
+        ua.close()
+        bob.close()
+
+
+def test_control_a_late_200_to_the_initial_invite_still_reaches_alice(proxy_factory, pki):
+    """The stray path is live: the initial INVITE's 200, sent again after the
+    transaction, carries our entry and its MAC and is relayed to alice."""
+    home = _proxy(proxy_factory, "r90-late-initial")
+    got, log = _late_200(home, "initial", "127.0.90.19", "127.0.90.20")
+    assert got, log
+
+
+@pytest.mark.xfail(strict=True, reason="review 90: nobody (honest flow; on a cluster any "
+                   "re-INVITE 2xx reaching the other node): a 2xx to a re-INVITE that matches "
+                   "no transaction carries no Record-Route by right and is dropped as "
+                   "'(no Record-Route)': the caller never gets it, the re-INVITE fails")
+def test_hole_a_late_200_to_a_reinvite_is_dropped(proxy_factory, pki):
+    home = _proxy(proxy_factory, "r90-late-reinvite")
+    got, log = _late_200(home, "reinvite", "127.0.90.21", "127.0.90.22")
+    # secure (as for the initial INVITE's): a 2xx retransmitted by bob reaches alice
+    assert got, [line for line in log.splitlines() if "dropped" in line]
