@@ -5,7 +5,7 @@ MAC and reply filter (stop 34's newest code: ``RouteTokens.param``/
 alice over TLS, bob's UDP UAS behind a hop that rewrites his 200).  The core half:
 ``tests/unit/test_review90.py``.
 
-Hole (``test_hole_a_case_variant_of_alices_via_mints_the_mac_the_hop_needs``):
+Hole 1 (``test_hole_a_case_variant_of_alices_via_mints_the_mac_the_hop_needs``):
 attackers: an **untrusted hop** on bob's leg with any account of ours (an **insider
 UA**, eve; on an open proxy, with no account: an **off-path sender** that the hop
 tells what to send).  Messages: alice's INVITE passes the hop, which reads her Call-ID,
@@ -26,10 +26,38 @@ branch (and the sent-by) octet for octet in the key (lower-case only the protoco
 name and the parameter names), so the key is at least as strict as tm's match; better,
 bind what tm's match binds exactly (the branch, sent-by and transport as written).
 
+Hole 2 (``test_hole_a_maddr_added_to_our_entry_passes_the_filter``): attacker: an
+**untrusted hop** on bob's leg.  Message: bob's 200 with ``;maddr=127.0.0.2`` (or
+``;maddr=hop.example.net``) added to both of our Record-Route entries, nothing else
+changed.  Effect: relayed (routing and e2m): ``KSR.is_myself`` reads host, port and
+transport only, and the MAC covers what lies below our entry, not the entry itself.
+alice's route set starts at ``sip:127.0.0.1:TLS;transport=tls;...;maddr=127.0.0.2``;
+pjsip sends to a route's maddr (``tests/pjsua/test_review90_phone.py``: her ACK reached
+127.0.0.2), so her ACK, BYE and re-INVITEs go to the hop's address and never reach us.
+At fault: ``kamailio_app/kemi.py`` line 944 (``is_myself`` the only test of our own
+entry).  Fix: an entry carrying our token carries no ``maddr`` (no parameter but those
+we write), or the entry's URI as written goes under the MAC.
+
+Hole 3 (``test_hole_a_late_200_to_a_reinvite_is_dropped``): **nobody** (an honest flow
+the filter breaks).  Messages: alice calls bob (UDP), both ACKed; alice's re-INVITE
+along the route set gets bob's 200 (no Record-Route, RFC 3261 12.1.1); bob sends that
+200 once more 6.5 s later (a UAS retransmits its 2xx until the ACK comes; here tm's
+transaction has ended: a stray, as on a cluster every answer reaching the node that
+did not forward the re-INVITE).  Effect: dropped, ``a 200 whose Record-Route names (no
+Record-Route), not ours: dropped``; the initial INVITE's late 200 (with our entry) is
+relayed (control).  Where the first 200s were lost, alice never gets it: the re-INVITE
+fails and bob, with no ACK, ends the call.  At fault: ``kemi.py`` lines 919-926 with
+``record_routed_here`` line 971 (a stray is taken for an answer to a request we
+record-routed).  Fix: see the unit module (a mark of ours in our own Via on the
+initial requests we record-route).
+
 Controls: eve's case-variant INVITE is a new transaction to tm, record-routed with
 alice's token (the oracle is live); with alice's exact Via it is absorbed (review 88's
 premise, which holds for the Via octet for octet); a value minted with a Via that is
-not a case variant of alice's is dropped (the hop needs the case fold, nothing else).
+not a case variant of alice's is dropped (the hop needs the case fold, nothing else);
+the untouched 200 leads alice to our TLS socket; our entry moved to the hop's host is
+dropped (the filter is live in this set-up); the initial INVITE's 200 sent again after
+the transaction reaches alice (the stray path is live).
 
 Tried and held: see ``tests/unit/test_review90.py``.
 """
