@@ -51,13 +51,22 @@ fails and bob, with no ACK, ends the call.  At fault: ``kemi.py`` lines 919-926 
 record-routed).  Fix: see the unit module (a mark of ours in our own Via on the
 initial requests we record-route).
 
+Hole 4 (``test_hole_a_183_with_every_record_route_taken_out_leads_the_early_dialog_past_us``):
+attacker: an **untrusted hop** on bob's leg.  Message: bob's 183 with a To tag (an
+early dialog) with every Record-Route taken out, its Contact the hop's; then bob's
+untouched 200.  Effect: the 183 reaches alice (routing and e2m) with no Record-Route:
+her early-dialog requests (PRACK, UPDATE) go to the hop's Contact over UDP, never
+through our TLS socket, until the 200's route set replaces it.  At fault: ``kemi.py``
+line 924 (only a 2xx is held to carry our entry).  Fix: a 1xx with a To tag too.
+
 Controls: eve's case-variant INVITE is a new transaction to tm, record-routed with
 alice's token (the oracle is live); with alice's exact Via it is absorbed (review 88's
 premise, which holds for the Via octet for octet); a value minted with a Via that is
 not a case variant of alice's is dropped (the hop needs the case fold, nothing else);
 the untouched 200 leads alice to our TLS socket; our entry moved to the hop's host is
 dropped (the filter is live in this set-up); the initial INVITE's 200 sent again after
-the transaction reaches alice (the stray path is live).
+the transaction reaches alice (the stray path is live); the untouched 183 starts
+alice's early route set at our TLS socket.
 
 Tried and held: see ``tests/unit/test_review90.py``.
 """
@@ -75,7 +84,7 @@ from e2m_plugins.sip import SipMessage, make_response
 pytestmark = [pytest.mark.kamailio, pytest.mark.openssl]
 
 from tests.kamailio.test_review88_wire import (  # noqa: E402
-    HOP_ENTRY, _Callee, _route_set, _starts_at_our_tls, _with_value)
+    HOP, HOP_ENTRY, _Callee, _route_set, _starts_at_our_tls, _with_value)
 from tests.kamailio.test_review81_wire import _alice_tls  # noqa: E402
 
 USERS = {"alice": "alice-R90-Pass", "bob": "bob-R90-Pass", "eve": "eve-R90-Pass"}
@@ -431,3 +440,82 @@ def test_hole_a_late_200_to_a_reinvite_is_dropped(proxy_factory, pki):
     got, log = _late_200(home, "reinvite", "127.0.90.21", "127.0.90.22")
     # secure (as for the initial INVITE's): a 2xx retransmitted by bob reaches alice
     assert got, [line for line in log.splitlines() if "dropped" in line]
+
+
+# -- hole 4: an early dialog's 1xx with every Record-Route taken out ----------------------
+
+class _EarlyCallee:
+    """bob's UAS behind the hop: a 183 with a To tag (an early dialog, RFC 3261 12.1)
+    sent first, then the 200; the hop takes every Record-Route out of the 183 and puts
+    its own address in its Contact (review 88's hole 1, on a 1xx)."""
+
+    def __init__(self, strip: bool) -> None:
+        self.uas = RawUas()
+        self.strip = strip
+        self.uas.responder = self.respond
+
+    def respond(self, request: SipMessage):
+        answer = make_response(request, 200, "OK")
+        if request.method != "INVITE":
+            return answer
+        to = f"{request.get('To')};tag=bt90e"
+        early = make_response(request, 183, "Session Progress").replace("To", to)
+        early = early.add("Contact", f"<sip:bob@{HOP}>" if self.strip
+                          else f"<sip:bob@127.0.0.1:{self.uas.port}>")
+        if self.strip:
+            early = early.remove("Record-Route")
+        proxy = request.get("Via").split()[1].split(";")[0].rsplit(":", 1)
+        self.uas.sock.sendto(early.serialize(), (proxy[0], int(proxy[1])))
+        time.sleep(0.3)
+        answer = answer.replace("To", to).add("Contact", f"<sip:bob@127.0.0.1:{self.uas.port}>")
+        return answer
+
+    def close(self) -> None:
+        self.uas.close()
+
+
+def _early(home, pki, strip: bool, bob_source: str, alice_source: str):
+    """The 183 alice got (None: none) and her early route set from it."""
+    bob = _EarlyCallee(strip)
+    register_contact(home, "bob", bob.uas.port, password=USERS["bob"], source=bob_source)
+    ua = _alice_tls(home, pki, alice_source)
+    ua.password = USERS["alice"]
+    try:
+        assert ua.register().status == 200
+        ua.request(ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com"),
+                   timeout=6)
+        early = [m for m in ua.received if not m.is_request and m.status == 183]
+        assert not bob.uas.errors, bob.uas.errors
+        return (early[0] if early else None)
+    finally:
+        ua.close()
+        bob.close()
+
+
+def _early_route_starts_at_our_tls(home, early: SipMessage | None) -> bool:
+    if early is None:
+        return True
+    entries = [e for value in early.get_all("Record-Route") for e in value.split(",")]
+    return bool(entries) and f":{home.tls_port};transport=tls" in entries[-1]
+
+
+def test_control_the_untouched_183_leads_alices_early_dialog_to_our_tls_socket(
+        proxy_factory, pki):
+    home = _proxy(proxy_factory, "r90-early-ok")
+    early = _early(home, pki, False, "127.0.90.23", "127.0.90.24")
+    assert early is not None and early.to_tag, early
+    assert _early_route_starts_at_our_tls(home, early), early.get_all("Record-Route")
+
+
+@pytest.mark.xfail(strict=True, reason="review 90: untrusted hop on the callee's leg takes "
+                   "every Record-Route out of a 1xx with a To tag: only a 2xx without one is "
+                   "dropped: alice's early dialog (PRACK, UPDATE) goes to the hop's Contact")
+@pytest.mark.parametrize("e2m", [False, True], ids=["routing", "e2m"])
+def test_hole_a_183_with_every_record_route_taken_out_leads_the_early_dialog_past_us(
+        proxy_factory, pki, e2m):
+    home = _proxy(proxy_factory, "r90-early-none", e2m)
+    early = _early(home, pki, True, "127.0.90.25", "127.0.90.26")
+    # secure: a 1xx creating an early dialog that reaches alice starts her route set at
+    # our TLS socket (or is dropped)
+    assert _early_route_starts_at_our_tls(home, early), (early.get_all("Record-Route"),
+                                                         early.get("Contact"))

@@ -60,11 +60,25 @@ our branch) on the initial INVITEs and SUBSCRIBEs we record-route, which every a
 brings back in our Via; drop a Record-Route-less 2xx only when it carries that mark or
 our branch was changed (the MAC fails: review 86's hop).
 
+Hole 4 (``test_hole_an_early_dialogs_1xx_without_record_route_passes``): attacker: an
+**untrusted hop** on the callee's leg.  Message: bob's 183 (a To tag: an early dialog,
+RFC 3261 12.1) with every Record-Route taken out and its Contact rewritten to the hop.
+Effect: relayed (routing and e2m, wire: ``test_hole_a_183_with_every_record_route_
+taken_out_leads_the_early_dialog_past_us``); alice's early route set is empty, so her
+requests inside the early dialog (PRACK for 100rel, UPDATE with a new offer, RFC 3262
+and 3311) go to the hop's Contact, past our TLS socket and the SDP inspection a chosen
+proxy does; the 2xx then replaces that route set (RFC 3261 13.2.2.4).  Review 88 named
+"a 1xx with a To tag" in its fix; stop 34 held only a 2xx to it.  At fault:
+``kamailio_app/kemi.py`` line 924 (``if 200 <= status < 300 and
+self.record_routed_here()``).  Fix: the same for a 101-199 with a To tag
+(``$tt`` set).
+
 Controls: alice's own value passes and the hop's entry below it is refused; a Via
 whose branch differs in anything but case gets another MAC; tm's match (modelled)
 tells the case variant apart from alice's Via; our entry moved to the hop's host is
 refused; an honest 200 with our entry untouched passes the kemi check in and out of a
-transaction; a stray 2xx with our entry (the initial INVITE's) passes.
+transaction; a stray 2xx with our entry (the initial INVITE's) passes; a 1xx without
+a To tag (and a 100) with no Record-Route passes.
 
 Tried and held (read, or run where a control or the wire module says so):
 - ``via_key`` other folds: blanks (tm reads host and port parsed, so no new
@@ -199,10 +213,11 @@ def kemi_check(monkeypatch):
     monkeypatch.setattr(kemi, "KSR", fake)
 
     def check(method: str, status: int, routes: list[str], request_to_tag: str = "",
-              in_transaction: bool = True) -> list[str]:
+              in_transaction: bool = True, reply_to_tag: str = "bt90") -> list[str]:
         values: dict[str, object] = {"$hdrc(Record-Route)": len(routes), "$ci": CALL,
                                      "$ft": TAG, "$rm": method, "$rs": status,
                                      "$T_req($tt)": request_to_tag, "$hdrc(Via)": 2,
+                                     "$tt": reply_to_tag,
                                      "$(hdr(Via)[0])": "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKp",
                                      "$(hdr(Via)[1])": REPLY_VIA}
         for i, route in enumerate(routes):
@@ -236,3 +251,20 @@ def test_control_a_stray_2xx_with_our_entry_passes(kemi_check):
 def test_hole_a_stray_2xx_to_a_reinvite_is_dropped(kemi_check):
     # secure: an answer inside a dialog is relayed without Record-Route, stray or not
     assert kemi_check("INVITE", 200, [], in_transaction=False) == []
+
+
+# -- hole 4: a 1xx that creates an early dialog, with no Record-Route ----------------
+
+def test_control_a_ringing_without_to_tag_or_record_route_passes(kemi_check):
+    """A 1xx without a To tag creates no dialog: it needs no Record-Route (a fix must
+    keep it); nor does a 100."""
+    assert kemi_check("INVITE", 180, [], reply_to_tag="") == []
+    assert kemi_check("INVITE", 100, [], reply_to_tag="") == []
+
+
+@pytest.mark.xfail(strict=True, reason="review 90: untrusted hop on the callee's leg: a "
+                   "183 with a To tag and no Record-Route is relayed (only a 2xx is held to "
+                   "it): alice's early dialog (PRACK, UPDATE) goes to the hop's Contact")
+def test_hole_an_early_dialogs_1xx_without_record_route_passes(kemi_check):
+    # secure: a 1xx with a To tag to an INVITE we record-routed must carry our entry
+    assert kemi_check("INVITE", 183, []) != []
