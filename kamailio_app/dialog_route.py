@@ -32,7 +32,8 @@ from collections.abc import Iterable, Iterator
 from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import split_header_list
 
-__all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds"]
+__all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds",
+           "written_as_ours", "UNROUTED_MARK"]
 
 _IDS = ("$ci", "$ft", "$tt")
 _REQUEST_IDS = ("$T_req($ci)", "$T_req($ft)", "$T_req($tt)")
@@ -53,6 +54,7 @@ def dialog_ids(ksr, *, of_request: bool = False) -> tuple[str, str | None, str |
 
 
 PARAM = "e2m-rr"             # the Record-Route URI parameter
+UNROUTED_MARK = "e2mnr"      # our Via's parameter on a request we relay unrecorded
 MAX_ROUTE_ENTRIES = 16       # Route entries read per request (a real route set has a few)
 _MAX_ROUTE_TEXT = 4096       # characters of Route header read per request
 # The parameter's value: the dialog's token, then a MAC of the caller's side of the
@@ -113,6 +115,30 @@ class RouteTokens:
         return hmac.new(self._key, b"callers-side\x00" + data.encode("utf-8", "surrogateescape"),
                         hashlib.sha256).digest()[:_SIDE_BYTES].hex()
 
+    def unrouted_mark(self, call_id: str, via: str | None) -> str:
+        """The Via parameter value (``UNROUTED_MARK``) the proxy puts on its own Via of an
+        INVITE or SUBSCRIBE it relays without record-routing (in a dialog): a MAC of
+        the Call-ID and the request's top Via as it reached us.  A reply that matches
+        no transaction (tm's wait ended, or another node got it) carries it back, so a
+        re-INVITE's late 2xx, which has no Record-Route by right, is told from an
+        initial INVITE's stripped of ours (review 90); it cannot be moved to another
+        request's reply, whose Via below ours differs."""
+        data = json.dumps([call_id, via_key(via)], separators=(",", ":"))
+        return hmac.new(self._key, b"unrouted\x00" + data.encode("utf-8", "surrogateescape"),
+                        hashlib.sha256).digest()[:_SIDE_BYTES].hex()
+
+    def marks_unrouted(self, call_id: str, our_via: str | None, via: str | None) -> bool:
+        """Whether ``our_via`` (a reply's top Via) carries the mark ``unrouted_mark``
+        gives ``call_id`` and ``via`` (the Via below ours)."""
+        if not our_via:
+            return False
+        for param in our_via.split(";")[1:]:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == UNROUTED_MARK:
+                return hmac.compare_digest(value.strip().lower(),
+                                           self.unrouted_mark(call_id, via))
+        return False
+
     def admits(self, call_id: str, tags: Iterable[str | None], routes: Iterable[str]) -> bool:
         """Whether one of the Route header values ``routes`` carries the token of
         ``call_id`` with one of ``tags``.  Reads at most ``MAX_ROUTE_ENTRIES`` entries
@@ -159,14 +185,46 @@ class RouteTokens:
         return False
 
 
+_SENT_PROTOCOL = re.compile(r"\s*([^/\s]+\s*/\s*[^/\s]+\s*/\s*[^\s/;]+)\s*(.*)", re.S)
+
+
 def via_key(via: str | None) -> tuple[str, ...] | None:
-    """A Via entry as the MAC takes it: no blanks, one case, its parameters as a set
-    without ``received`` and ``rport`` (a proxy adds or fills them as it forwards)."""
+    """A Via entry as the MAC takes it: no blanks, its parameters as a set without
+    ``received`` and ``rport`` (a proxy adds or fills them as it forwards).  Only the
+    protocol and the parameter names are folded to one case: the sent-by and every
+    value (the branch first) stay as written, as Kamailio's transaction match compares
+    them, so a Via tm takes for another transaction never has alice's key (review 90:
+    her branch in other letters got her MAC)."""
     if via is None:
         return None
-    first, *params = "".join(via.split()).lower().split(";")
-    kept = sorted(p for p in params if p.partition("=")[0] not in ("received", "rport"))
-    return (first, *kept)
+    head, *params = via.split(";")
+    found = _SENT_PROTOCOL.fullmatch(head)
+    first = ("".join(found.group(1).split()).upper() + " " + "".join(found.group(2).split())
+             if found else "".join(head.split()))
+    kept = []
+    for param in params:
+        name, eq, value = param.partition("=")
+        name = name.strip().lower()
+        if name not in ("received", "rport"):
+            kept.append(name + eq + value.strip())
+    return (first, *sorted(kept))
+
+
+# What Kamailio's rr module writes in our entry (``record_route``, double-RR's ``r2``,
+# ``add_rr_param``'s token): any other parameter was put there by someone else.
+_OWN_PARAMS = frozenset({"lr", "r2", "transport", PARAM})
+
+
+def written_as_ours(uri: str) -> bool:
+    """Whether ``uri``, an entry carrying our token, is as the proxy wrote it: sip or
+    sips, no user part, no headers, no parameter but ``_OWN_PARAMS``.  ``is_myself``
+    reads host, port and transport only; a ``maddr`` added to our entry sends the
+    caller's in-dialog requests to the hop it names (pjsip follows it: review 90)."""
+    scheme, _, rest = uri.partition(":")
+    if scheme.strip().lower() not in ("sip", "sips") or "@" in rest or "?" in rest:
+        return False
+    _, *params = rest.split(";")
+    return all(p.partition("=")[0].strip().lower() in _OWN_PARAMS for p in params)
 
 
 def _entries(routes: Iterable[str]) -> list[str]:

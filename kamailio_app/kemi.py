@@ -65,8 +65,8 @@ from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
 from kamailio_app.config import (DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES,  # noqa: E402
                                  canonical_ip)
-from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, dialog_ids,  # noqa: E402
-                                       routes_within_bounds)
+from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, UNROUTED_MARK,  # noqa: E402
+                                       dialog_ids, routes_within_bounds, written_as_ours)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
                                     marked_lifetime, parse_tcp_list)
@@ -621,6 +621,17 @@ class kamailio:
             if KSR.hdr.is_present(name) > 0:
                 KSR.hdr.remove(name)
 
+    def mark_unrouted(self):
+        """An INVITE or SUBSCRIBE relayed in its dialog (not record-routed): our Via gets
+        ``dialog_route.UNROUTED_MARK`` (core ``xavp_via_params``, corex), so a late 2xx
+        to it is not taken for an initial INVITE's whose Record-Route was taken out."""
+        if (KSR.pv.get("$rm") or "") not in ("INVITE", "SUBSCRIBE"):
+            return
+        call_id, _, _ = dialog_ids(KSR)
+        KSR.pv.sets("$xavp(e2mvia=>" + UNROUTED_MARK + ")",
+                    self.app.routes.unrouted_mark(call_id, _top_via()))
+        KSR.corex.via_add_xavp_params(1)
+
     def record_route(self):
         """With the dialog's token (``dialog_route``): only requests that carry it back
         are routed inside the dialog.  A cluster node behind a front ([cluster] front)
@@ -897,6 +908,7 @@ class kamailio:
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
+                self.mark_unrouted()
                 self.relay(inspect=not self.relayed_unread())
             return
         if KSR.is_ACK():
@@ -918,10 +930,12 @@ class kamailio:
         and From tag but do not name one of our sockets (host, port and transport)."""
         count = int(KSR.pv.get("$hdrc(Record-Route)") or 0)
         if count == 0:
-            # every entry taken out of a 2xx we record-routed: the caller's route set
-            # would be empty, her in-dialog requests going past us (review 88)
+            # every entry taken out of a 2xx we record-routed, or of a 1xx making an
+            # early dialog (a To tag): the caller's route set would be empty, her
+            # in-dialog requests (PRACK, UPDATE) going past us (reviews 88, 90)
             status = KSR.pv.get("$rs") or 0
-            if 200 <= status < 300 and self.record_routed_here():
+            if (200 <= status < 300 or (101 <= status < 200 and KSR.pv.get("$tt"))) \
+                    and self.record_routed_here():
                 return ["(no Record-Route)"]
             return []
         try:
@@ -941,7 +955,8 @@ class kamailio:
         if not routes_within_bounds(routes):
             return ["(a Record-Route past the read bound)"]
         ours = self.app.routes.ours_in(call_id, from_tag, routes)
-        moved = [uri for uri in ours if KSR.is_myself(uri) <= 0]
+        # ours must still name us, and say no more than we wrote (a maddr: review 90)
+        moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0]
         if moved:
             return moved
         if ours:
@@ -968,7 +983,10 @@ class kamailio:
             return False
         if KSR.tm.t_check_trans() > 0:
             return not KSR.pv.get("$T_req($tt)")
-        return True
+        # a stray: one we relayed unrecorded carries our mark on our Via (a re-INVITE's
+        # late 2xx, review 90); any other is taken for one we record-routed
+        call_id = (KSR.pv.get("$ci") or "").strip(" \t")
+        return not self.app.routes.marks_unrouted(call_id, _top_via(), _via_below_ours())
 
     def dialog_routed_here(self):
         """One of the request's Route entries carries our token for its Call-ID and one
