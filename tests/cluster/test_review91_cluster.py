@@ -1,0 +1,278 @@
+"""A ninety-first attacker's review (December 2026) of ea4cf0c: the registrar's
+per-source count and its settling (stop 34: ``kemi.count_registration``,
+``settle_registration``, ``_bound_seconds``, ``_replied_seconds``, ``_UNSETTLED``,
+``ksr_onreply_route``), on two real Kamailio 5.6 nodes, a dispatcher front and the
+harness's PostgreSQL; the registrar open (no ``[auth]``), ``registrations_per_source`` 3.
+
+Hole 1 (``test_hole_a_register_whose_200_the_front_drops_is_never_counted``): attacker:
+an **insider UA** (or an **off-path sender**: he needs no answer, so S may be forged)
+binding more AoRs from one address S than the cap, through the front.  Messages: from S,
+REGISTERs for AoRs of his own, each carrying 17 ``Record-Route`` headers (any junk
+entries) and the contact ``<sip:u@h>;x='y;expires=0;z='`` with ``Expires: 3600``
+(review 85's spelling, which the front reads as a removal: its claim lives the 10 s
+slack; a plain contact gives a claim of 32 + 10 s, the same hole 32 s later).  The
+node's registrar binds each for the hour and answers 200, and Kamailio copies the
+request's Record-Route headers into a 2xx (``build_res_buf_from_sip_req``: RR for 180 to
+299); the front's core reply route (``ksr_reply_route`` -> ``moved_route_entries``:
+``count > len(_RECORD_ROUTE_SPECS)``, 16) drops that 200 as "a Record-Route past the
+read bound", so tm's onreply route never runs and ``settle_registration(in_reply=True)``
+never raises the claim to what the node bound.  Effect: the claim lapses after 10 s
+(42 s for a plain contact) while the binding lives an hour on both nodes: after it, S
+registers three more AoRs with plain REGISTERs (200 each), 6 live AoRs from one address
+against a cap of 3, and as many more every 10 s (the per-source bound on registrar
+state is gone; a non-UTF-8 octet in one Record-Route, or one past
+``routes_within_bounds``, drops the 200 the same way).  At fault:
+``kamailio_app/kemi.py`` ``count_registration`` (``lifetime = min(lifetime,
+_UNSETTLED)``) trusting that a node's 2xx always reaches ``ksr_onreply_route``, and
+``ksr_reply_route``'s ``moved_route_entries`` drop, which runs before it, for a reply
+that answers a REGISTER (no route set is made by one).  Fix: refuse at the front (400)
+a REGISTER carrying any Record-Route (meaningless in a REGISTER) and any request whose
+Record-Route the reply route would refuse (more than 16 entries, not UTF-8, past
+``routes_within_bounds``), so no reply the front drops can follow; and settle before any
+drop: call ``settle_registration`` from ``ksr_reply_route`` for a node's 2xx to a
+REGISTER (``t_check_trans``) before its checks, or keep an unsettled claim for what was
+asked (``_asked_lifetime``, failing closed to ``MAX_EXPIRES``) when the transaction
+ends without a reply the front took.
+
+Hole 2 (``test_hole_one_strangers_register_takes_every_node_out_of_the_front``):
+attacker: an **off-path sender** (no account, any address, sees nothing).  Messages: one
+REGISTER for any AoR with 17 ``Record-Route`` headers (parameter ``seventeen``), or with
+one ``Record-Route`` holding an octet that is not UTF-8 (``not_utf8``), through the
+front.  Effect: the
+node answers 200, the front drops it (as hole 1), so tm sees no reply on the branch:
+after ``_FRONT_FR_TIMER_MS`` (7 s) ``failover`` (``t_branch_timeout`` and not
+``t_branch_replied``) marks the node down (``ds_mark_dst``) and relays to the next,
+which answers, is dropped and is marked down in turn: 14 s after one datagram every
+caller of the domain gets ``503 No Node Available`` until a probe answers
+(``probe_interval``, 10 s by default; 600 here to keep the test steady): one datagram
+per probe interval keeps the whole domain down.  Review 18's wedge (fixed by waiting
+longer than a node's own 408) back through the front's own drop.  At fault:
+``kemi.py`` ``failover``: "the node did not answer at all" is read from tm, which never
+saw the reply the core reply route dropped; with ``ksr_reply_route``'s
+``moved_route_entries`` drop as above.  Fix: as hole 1 (refuse such requests at the
+door: 400 before relaying), and a reply from a node that the front drops must still
+count as the node's answer (note it on the transaction, e.g. ``t_check_trans`` then an
+AVP or flag read by ``failover``, or drop it in tm's onreply route after
+``t_branch_replied`` is set).
+
+Hole 3 (``test_hole_each_node_gives_one_address_its_own_cap``): attacker: an
+**insider UA** (or an off-path sender forging S) where clients reach the nodes of a
+cluster directly (review 74's set-up, no front).  Messages: from S, three REGISTERs for
+new AoRs to node A, three more to node B.  Effect: all six are 200 and live on both
+nodes (dmq_usrloc replicates the bindings): e2mregs is per node and not replicated, so
+a cluster of N nodes lets one address hold N times ``registrations_per_source`` AoRs,
+and a node restarted (usrloc synced from its peer, e2mregs empty) starts its count of
+every source at 0 while their AoRs live on.  At fault: the ``e2mregs`` htable in
+``kamailio_app/templates/kamailio.cfg.tmpl`` (no ``dmqreplicate``), with
+``count_registration`` claiming only the node's own slots.  Fix: claim a source's
+slots cluster-wide (the shared database's claims, as ``replay_claims`` does for fork
+slots), or replicate e2mregs over DMQ with ``dmq_init_sync`` (the cap then holds up to
+the replication delay), or say so in the docs and require a front for the cap.
+
+Controls: ``test_control_the_front_counts_quoted_registrations_it_sees_answered`` (the
+same REGISTERs without the Record-Routes: settled to the hour, the fourth AoR 403 well
+after the claim's 10 s), ``test_control_the_node_binds_and_copies_the_record_routes``
+(hole 1 and 2's set-up: the node binds such a REGISTER and its 200 carries the 17
+Record-Route headers), ``test_control_a_plain_register_leaves_the_nodes_up`` (without
+the Record-Routes the front relays the 200 and every node stays up),
+``test_control_a_node_refuses_the_fourth_aor`` (hole 3: one node's cap holds).
+
+Tried and held (wire probes or reading, ea4cf0c):
+- A To user part longer than Kamailio's 64 (``USERNAME_MAX_SIZE``) but under the
+  core's 256: the registrar refuses (500), ``reg_fetch_contacts`` returns -1 and the
+  slot is freed (no slot held for a refused save).
+- The front's CSeq method other than REGISTER (so ``$rm`` in the reply route would not
+  be REGISTER): 400 at the front (sanity).
+- ``Contact: *`` and ``Expires: 0`` at node A: the removal is replicated to node B
+  (dmq_usrloc), so no binding outlives its slot on another node; the slot is freed.
+- Several contacts, ``expires`` parameter against the header, q-values: the node
+  settles from usrloc (the longest binding), the front from the node's 2xx Contacts
+  (unreadable or more than 16: ``MAX_EXPIRES``, fail closed).
+- A REGISTER retransmitted: tm absorbs it before ``count_registration``; a copy racing
+  in two workers over-counts (review 76: fail closed).
+- A REGISTER that fails auth, 401 loops: the count applies only without ``[auth]``.
+- Freeing another source's slot: a slot is freed only by a settle of its own (source,
+  AoR) pair that finds nothing bound; an off-path sender forging S can de-register S's
+  AoRs (an open registrar's known limit), which frees the slot with them.
+- A slot settled to bindings another source made (S's REGISTER for an AoR T keeps
+  bound, a junk contact with ``expires=0``): S's slot lives as long as T's binding,
+  at most an hour per datagram, the cost of forging real bindings from S (known).
+- Tag collisions (28 bits of the AoR's digest): a pair is reached only through its
+  own pair item, which points only at a slot it claimed; no way found to make a pair
+  item point at another AoR's slot.
+- A 2xx forged towards the front from a node's address: the known limit "the front
+  trusts a node's UDP address" (review 72), and it needs the front's branch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from e2m_lab.cluster import contacts, wait_until
+from e2m_lab.kamailio_harness import build_request, udp_transaction
+from tests.cluster.test_review71_cluster import _limited_cluster
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
+
+LIMIT = 3
+QUOTED = "<sip:{u}@{s}:4444>;x='y;expires=0;z='"     # the front reads a removal: 10 s
+# 17 entries: one past what the front's reply route reads (_RECORD_ROUTE_SPECS, 16)
+RECORD_ROUTES = [("Record-Route", f"<sip:127.0.0.{n}:5060;lr>") for n in range(2, 19)]
+
+
+def _register(user: str, contact: str, expires: str = "3600", extra=()) -> bytes:
+    return build_request("REGISTER", "sip:example.com", from_user=user, to_user=user,
+                         headers=[("Contact", contact), ("Expires", expires), *extra])
+
+
+def _status(proxy, request: bytes, source: str, timeout: float = 3.0):
+    answer = udp_transaction(proxy.port, request, source=source, timeout=timeout)
+    return answer.status if answer is not None else None
+
+
+def _front(proxy_factory, nodes, probe_interval: int):
+    a, b = nodes.nodes
+    return proxy_factory("front", e2m=False, archive=False,
+                         limits={"registrations_per_source": LIMIT, "pike_requests": 0},
+                         extra={"dispatcher": {"destinations": [a.uri, b.uri],
+                                               "probe_interval": probe_interval}})
+
+
+def _nodes_up(front) -> int:
+    """Nodes the front would send to (dispatcher flags A: active)."""
+    return len(re.findall(r"FLAGS:\s*A", front.rpc("dispatcher.list")))
+
+
+@pytest.fixture
+def nodes(proxy_factory, pg_url):
+    return _limited_cluster(proxy_factory, pg_url, LIMIT)
+
+
+@pytest.fixture
+def front(proxy_factory, nodes):
+    """A front whose nodes come back 2 s after being taken out (hole 1 is about the
+    count, not the nodes)."""
+    return _front(proxy_factory, nodes, 2), nodes
+
+
+@pytest.fixture
+def steady_front(proxy_factory, nodes):
+    return _front(proxy_factory, nodes, 600), nodes
+
+
+def _live(nodes, users) -> list[str]:
+    a, b = nodes.nodes
+    return [u for u in users if contacts(a, u) or contacts(b, u)]
+
+
+# -- hole 1: a 200 the front drops leaves the AoR uncounted ----------------------------
+
+def test_control_the_node_binds_and_copies_the_record_routes(nodes):
+    a, _ = nodes.nodes
+    source = "127.0.0.150"
+    answer = udp_transaction(a.port, _register("r91n", QUOTED.format(u="r91n", s=source),
+                                               extra=RECORD_ROUTES), source=source)
+    assert answer is not None and answer.status == 200, answer
+    assert len(answer.get_all("Record-Route")) == len(RECORD_ROUTES)
+    assert [c.endswith(";expires=3600") for c in answer.get_all("Contact")] == [True]
+
+
+def test_control_the_front_counts_quoted_registrations_it_sees_answered(front):
+    proxy, nodes = front
+    source = "127.0.0.151"
+    users = [f"r91c{n}" for n in range(LIMIT)]
+    assert [_status(proxy, _register(u, QUOTED.format(u=u, s=source)), source)
+            for u in users] == [200] * LIMIT
+    time.sleep(12)                   # past the claim's own 10 s: settled to the hour
+    assert _status(proxy, _register("r91c9", f"<sip:r91c9@{source}:4444>"), source) == 403
+    assert _live(nodes, users + ["r91c9"]) == users
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "review 91: insider UA or off-path sender, REGISTERs with 17 Record-Routes: the "
+    "front drops the node's 200, never settles, 6 AoRs bound from one address "
+    "against a cap of 3"))
+def test_hole_a_register_whose_200_the_front_drops_is_never_counted(front):
+    proxy, nodes = front
+    source = "127.0.0.152"
+    hidden = [f"r91h{n}" for n in range(LIMIT)]
+    started = time.monotonic()
+    for user in hidden:              # no answer needed (the front answers 408 later)
+        udp_transaction(proxy.port, _register(user, QUOTED.format(u=user, s=source),
+                                              extra=RECORD_ROUTES), source=source, timeout=0.2)
+    wait_until(lambda: len(_live(nodes, hidden)) == LIMIT, 5, "the hidden AoRs bound")
+    time.sleep(max(0.0, started + 11 - time.monotonic()))
+    wait_until(lambda: _nodes_up(proxy) > 0, 10, "a node up at the front")
+    plain = [f"r91k{n}" for n in range(LIMIT)]
+    codes = [_status(proxy, _register(u, f"<sip:{u}@{source}:4444>"), source) for u in plain]
+    live = _live(nodes, hidden + plain)
+    print(f"\nplain REGISTERs from {source} after the hidden ones: {codes}; live: {live}")
+    assert len(_live(nodes, hidden)) == LIMIT            # the set-up: still bound
+    # secure: at most registrations_per_source AoRs bound from one address
+    assert len(live) <= LIMIT, f"{len(live)} live AoRs from {source}: {live} ({codes})"
+
+
+# -- hole 2: the same 200, dropped, takes the nodes out --------------------------------
+
+def test_control_a_plain_register_leaves_the_nodes_up(steady_front):
+    proxy, _ = steady_front
+    assert _status(proxy, _register("r91u", "<sip:r91u@127.0.0.153:4444>"),
+                   "127.0.0.153") == 200
+    time.sleep(15)
+    assert _nodes_up(proxy) == 2
+    assert _status(proxy, _register("r91alice", "<sip:r91alice@127.0.0.154:4444>"),
+                   "127.0.0.154") == 200
+
+
+def _strangers_register(shape: str) -> bytes:
+    if shape == "seventeen":
+        return _register("r91x", "<sip:r91x@127.0.0.9:4444>", extra=RECORD_ROUTES)
+    request = _register("r91y", "<sip:r91y@127.0.0.9:4444>",
+                        extra=[("Record-Route", "<sip:127.0.0.2:5060;lr>;x=MARK")])
+    return request.replace(b"x=MARK", b"x=\xff\xfe")        # one octet not UTF-8
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "review 91: off-path sender, one REGISTER with 17 Record-Routes (or one not "
+    "UTF-8): the front drops the nodes' 200s, marks both nodes down, every caller "
+    "503"))
+@pytest.mark.parametrize("shape", ["seventeen", "not_utf8"])
+def test_hole_one_strangers_register_takes_every_node_out_of_the_front(steady_front, shape):
+    proxy, _ = steady_front
+    udp_transaction(proxy.port, _strangers_register(shape), source="127.0.0.155", timeout=0.2)
+    time.sleep(15.5)                 # two branches of 7 s each (_FRONT_FR_TIMER_MS)
+    up = _nodes_up(proxy)
+    alice = _status(proxy, _register("r91al", "<sip:r91al@127.0.0.156:4444>"), "127.0.0.156")
+    print(f"\nnodes up at the front: {up}; alice's REGISTER: {alice}")
+    # secure: the nodes answered; a legitimate user's REGISTER is served
+    assert alice == 200, f"alice got {alice}; {up} node(s) up after one stranger's REGISTER"
+
+
+# -- hole 3: each node counts for itself ------------------------------------------------
+
+def test_control_a_node_refuses_the_fourth_aor(nodes):
+    a, _ = nodes.nodes
+    source = "127.0.0.157"
+    codes = [_status(a, _register(f"r91o{n}", f"<sip:r91o{n}@{source}:4444>"), source)
+             for n in range(LIMIT + 1)]
+    assert codes == [200] * LIMIT + [403], codes
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "review 91: insider UA sending to each node, e2mregs per node: one address "
+    "binds N times registrations_per_source AoRs"))
+def test_hole_each_node_gives_one_address_its_own_cap(nodes):
+    a, b = nodes.nodes
+    source = "127.0.0.158"
+    users = [f"r91m{n}" for n in range(2 * LIMIT)]
+    codes = [_status(node, _register(u, f"<sip:{u}@{source}:4444>"), source)
+             for node, u in zip([a] * LIMIT + [b] * LIMIT, users)]
+    wait_until(lambda: all(contacts(a, u) for u in users[:codes.count(200)]), 5,
+               "bindings replicated")
+    live = _live(nodes, users)
+    print(f"\nfrom {source}: {codes}; live on the cluster: {live}")
+    assert len(live) <= LIMIT, f"{len(live)} live AoRs from {source} on two nodes: {codes}"
