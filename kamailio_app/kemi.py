@@ -392,6 +392,15 @@ def _callers_side():
         return None
 
 
+def _record_route_unvouchable():
+    """A request whose Record-Route the reply checks cannot read whole: more headers
+    than they read, an octet that is not UTF-8, or past ``routes_within_bounds``."""
+    if KSR.hdr.is_present("Record-Route") <= 0:
+        return False
+    side = _callers_side()
+    return side is None or not routes_within_bounds(side)
+
+
 def _sent_to_sips():
     return (KSR.pv.get("$ou") or "")[:5].lower() == "sips:"
 
@@ -842,6 +851,14 @@ class kamailio:
             if not KSR.is_ACK():
                 KSR.sl.sl_send_reply(400, "Lines Must End In CRLF")
             return False
+        if _record_route_unvouchable():
+            # its answers would carry it back (a UAS copies it, Kamailio's own replies
+            # too) and be dropped by the reply checks: refused here, with an answer, not
+            # left to end in silence (at a front, a node's dropped 200 once marked the
+            # node down and left a REGISTER uncounted: review 91)
+            if not KSR.is_ACK():
+                KSR.sl.sl_send_reply(400, "Bad Record-Route")
+            return False
         method = KSR.pv.get("$rm") or ""
         if canonical_method(method) != method:
             # "invite": Kamailio and the phones take it as INVITE, while a policy rule or
@@ -927,7 +944,11 @@ class kamailio:
 
     def moved_route_entries(self):
         """The Record-Route entries of this reply that carry our token for its Call-ID
-        and From tag but do not name one of our sockets (host, port and transport)."""
+        and From tag but do not name one of our sockets (host, port and transport).
+        None at a front: it writes no entry and vouches for none (a node's reply it
+        dropped was taken for the node's silence: review 91)."""
+        if self.app.config.dispatcher is not None:
+            return []
         count = int(KSR.pv.get("$hdrc(Record-Route)") or 0)
         if count == 0:
             # every entry taken out of a 2xx we record-routed, or of a 1xx making an
