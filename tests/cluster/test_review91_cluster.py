@@ -299,3 +299,24 @@ def test_hole_each_node_gives_one_address_its_own_cap(nodes):
     live = _live(nodes, users)
     print(f"\nfrom {source}: {codes}; live on the cluster: {live}")
     assert len(live) <= LIMIT, f"{len(live)} live AoRs from {source} on two nodes: {codes}"
+
+
+# -- my variant (stop 35): the front's other reply checks -------------------------------
+
+@pytest.mark.parametrize("header", ["To", "From", "Call-ID"])
+def test_a_register_with_a_second_single_header_leaves_the_nodes_up(steady_front, header):
+    """The front drops a reply with a second From, To, Call-ID or CSeq (review 67's
+    framing checks), and a node's registrar copies what a request carried into its 200:
+    could one REGISTER with a second To take a node out as 17 Record-Routes did (hole
+    2)?  It held: Kamailio's own parse refuses the request at the front (no answer it
+    can build for a second From or To), and no node is marked down."""
+    proxy, _ = steady_front
+    second = {"To": "<sip:r91d@example.com>", "From": "<sip:r91d@example.com>;tag=x",
+              "Call-ID": "second@x"}[header]
+    request = _register("r91d", "<sip:r91d@127.0.0.9:4444>", extra=[(header, second)])
+    answer = udp_transaction(proxy.port, request, source="127.0.0.159", timeout=3)
+    time.sleep(15.5)                 # two branches of 7 s each (_FRONT_FR_TIMER_MS)
+    up = _nodes_up(proxy)
+    alice = _status(proxy, _register("r91al", "<sip:r91al@127.0.0.156:4444>"), "127.0.0.156")
+    assert answer is None or answer.status >= 400, answer.status
+    assert (up, alice) == (2, 200)
