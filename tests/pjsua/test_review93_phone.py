@@ -21,9 +21,9 @@ Hole 1 (``test_hole_a_copy_ahead_under_another_cseq_takes_alices_invite_security
   ``(2, digest(copy))`` and ``_taken_by_call`` hides only received INVITE records of
   CSeq 2, so her record under CSeq 1 is shown as the call's.  Review 83's INVITE hole
   back with one digit changed.
-- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` (line 323, used by
+- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` (line 324, used by
   ``_one_content_per_transaction`` line 661) is not pjsip's transaction key, and
-  ``E2MPhone._taken_by_call`` (line 1343: ``record["cseq"] != cseq or ...``) lets every
+  ``E2MPhone._taken_by_call`` (line 1342: ``record["cseq"] != cseq or ...``) lets every
   received INVITE record of another CSeq through;
 - fix: key ``_rx_tsx`` as pjsip does (top Via branch, plus the method unless INVITE or
   ACK; the sent-by too to be safe), so any other octets on a taken branch are 482; and
@@ -33,8 +33,9 @@ Hole 1 (``test_hole_a_copy_ahead_under_another_cseq_takes_alices_invite_security
 
 Hole 2 (``test_hole_a_copy_ahead_under_another_cseq_swallows_alices_message``): the same
 with alice's MESSAGE (the copy bodiless, ``CSeq`` one more).  Effect: the copy is shown
-(empty, plaintext), alice's real MESSAGE gets the copy's 200 and is never shown, and bob
-is not told (no ``duplicate_refused``): the silent swallow under a 200 that stop 34's
+(empty, plaintext), alice's real MESSAGE is answered with the copy's 200 (pjsip's
+retransmission of it, the copy's CSeq or Call-ID, on her branch) and is never shown, and
+bob is not told (no ``duplicate_refused``): the silent swallow under a 200 that stop 34's
 482 was to end (review 83's "Fixed" paragraph promises "her real one refused 482 and bob
 told").  A Call-ID changed instead of the CSeq does the same (the copy then a message of
 its own).  At fault and fix: as hole 1 (``_rx_key``).
@@ -53,7 +54,7 @@ Hole 3 (``test_hole_a_second_dialog_under_alices_call_id_shows_her_offer``):
   Call-ID, and ``_taken_by_call`` shows every received INVITE record whose CSeq is not
   the new call's;
 - at fault: ``pjsua_hooks/phone.py`` ``_note_call_security`` (records keyed by Call-ID
-  alone, line 780) and ``_taken_by_call`` (line 1343);
+  alone, line 780) and ``_taken_by_call`` (line 1342);
 - fix: keep a call's records per dialog (Call-ID, From tag, To tag of the received
   request), and show a received INVITE record as an incoming call's only if it is the
   INVITE pjsua took or in that call's dialog.
@@ -63,18 +64,29 @@ on her branch under her CSeq is refused 482 and shows nothing of hers (stop 34's
 for that exact form holds); the bodiless second-dialog INVITE with a Call-ID of its own
 rings as a call with no signed or encrypted record (the Call-ID is what lends alice's).
 
-Tried and held (read, or run beside these):
+Hole 3 needs no timing: ``_call_security`` keeps a Call-ID's records with no age (512
+Call-IDs, oldest out), so the same INVITE long after alice's call ended rings a call
+shown with her offer.  Hole 1's copy may equally come over TCP while hers comes over
+UDP: pjsip's key has no transport.
 
-- ``_ev_message`` looks a MESSAGE's record up by the digest of pjsua's ``whole_msg``:
-  whichever copy pjsip delivers is shown with its own record only (holes 2's copy is
-  shown plaintext; a record is never lent to a message by CSeq);
-- the certificate service's NOTIFY branch (``e2mnotify``, review 89's fix): Kamailio's
-  local branch is ``z9hG4bK<hash>.<32 random bits>...0``: one's own fetch's NOTIFY
-  tells nothing of the next one's (four NOTIFYs from one attacker, two with the same
-  Call-ID, all unrelated), so a forged subscription's NOTIFY branch cannot be
-  predicted from one's own; a reply after the transaction (2.5 s) fails
-  ``t_check_trans`` whatever the htable holds; tm's own 408 never reaches the reply
-  route.
+Tried and held:
+
+- (run) a retransmission of alice's own request is never refused: the engine opens the
+  same signed, sealed MESSAGE or INVITE to the same octets every time (three opens,
+  one digest), so ``_one_content_per_transaction`` finds the same digest;
+- (read) ``_ev_message`` looks a MESSAGE's record up by the digest of pjsua's
+  ``whole_msg``: whichever copy pjsip delivers is shown with its own record only (hole
+  2's copy is shown empty and "plaintext", never with alice's security);
+- (read) an ACK or a CANCEL on alice's INVITE branch ahead of her INVITE: an ACK with
+  no transaction makes none in pjsip, a CANCEL's key has its own method; her INVITE is
+  then taken normally; a copy with another method on her MESSAGE's branch is another
+  transaction to pjsip too (the method is in its key);
+- (read) ``whole_msg`` against the handed octets: the hook's output is what pjsip
+  parses (a plaintext body as the core read it, ``as_read``), pjsip adds ``received``
+  and ``rport`` to its parsed Via, not to the buffer; review 83's controls show the
+  digests meet;
+- the certificate service's Via branch prediction and late replies: see
+  ``tests/kamailio/test_review93_wire.py``.
 """
 
 from __future__ import annotations
