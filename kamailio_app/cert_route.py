@@ -348,7 +348,11 @@ class CertService:
         # NOTIFY transaction to answer with any dialog's ids (review 89).  The dialog is
         # the one that transaction's NOTIFY was sent in (the cfg's tm:local-request).
         sent_in = ksr.htable.sht_get(NOTIFY_TABLE, ksr.pv.get(_REPLY_BRANCH) or "")
-        if sent_in != "%s|%s|%s" % (call_id, dialog[1], dialog[2]):
+        # kept as "Call-ID|From tag|To tag": ids holding a bar (no RFC 3261 word or
+        # token does) could join to another dialog's string; without one, equal strings
+        # are equal ids, whatever the NOTIFY's held (review 93)
+        if any("|" in part for part in dialog) or \
+                sent_in != "%s|%s|%s" % (call_id, dialog[1], dialog[2]):
             return
         if status != 481:
             self.subscriptions.confirm(*dialog, now=time.time())

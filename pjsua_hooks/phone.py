@@ -299,9 +299,9 @@ class E2MCall:
     was_media_active: bool = False
     update: str | None = None                # the last re-INVITE asked for: "hold" or "unhold"
     update_attempts: int = 0
-    # an incoming call's INVITE as pjsua took it: (CSeq, digest of its octets), so the
-    # call never shows another INVITE's offer under the same CSeq (review 83)
-    initial: tuple[int, bytes] | None = None
+    # an incoming call's INVITE as pjsua took it: (CSeq, digest of its octets, the
+    # caller's tag), so the call never shows another INVITE's offer (reviews 83, 93)
+    initial: tuple[int, bytes, str] | None = None
 
     @property
     def sip_call_id(self) -> str | None:
@@ -314,6 +314,9 @@ class E2MCall:
     @property
     def confirmed(self) -> bool:
         return bool(self.current is not None and self.current.confirmed)
+
+
+_RFC3261_BRANCH = "z9hG4bK"   # pjsip's PJSIP_RFC3261_BRANCH_ID
 
 
 def _key(msg: sip.SipMessage) -> tuple[str, int, str]:
@@ -332,14 +335,19 @@ def _tx_key(msg: sip.SipMessage) -> tuple[str, int, str, str]:
     return (*_key(msg), branch)
 
 
-def _rx_key(msg: sip.SipMessage, what: str) -> tuple[str, int, str, str, str]:
-    """A received message's security record: its transaction (Call-ID, CSeq, top Via
-    branch) and what it is ("MESSAGE", "200 INVITE")."""
+def _rx_key(msg: sip.SipMessage, what: str) -> tuple[str, ...]:
+    """A received request's transaction as pjsip keys it: an RFC 3261 branch (the magic
+    cookie) and the method, an ACK under its INVITE's; else (an RFC 2543 peer) Call-ID,
+    CSeq, what it is and the branch.  Keyed by Call-ID and CSeq as well, a copy on
+    alice's branch under another CSeq or Call-ID was a new transaction here and hers
+    to pjsip, which took the copy and absorbed her request (review 93)."""
     try:
         branch = msg.via_branch()
     except E2MError:
         branch = ""          # pjsip refuses such a request before pjsua sees it
-    return (*_key(msg), what, branch)
+    if branch.startswith(_RFC3261_BRANCH):
+        return ("3261", "INVITE" if msg.method in ("INVITE", "ACK") else msg.method, branch)
+    return ("2543", *_key(msg), what, branch)
 
 
 def handed_digest(octets: bytes) -> bytes:
@@ -407,7 +415,7 @@ class E2MPhone:
         # and the digest of the one content each received request's transaction
         # (``_rx_key``) was handed on with: (when, digest) (review 83)
         self._rx_info: OrderedDict[tuple[bytes, str], tuple[float, SecurityInfo]] = OrderedDict()
-        self._rx_tsx: OrderedDict[tuple[str, int, str, str, str], tuple[float, bytes]] = \
+        self._rx_tsx: OrderedDict[tuple[str, ...], tuple[float, bytes]] = \
             OrderedDict()
         # E2M answers to our requests: (Call-ID, CSeq) -> (answer, plaintext, when)
         self._reactions: OrderedDict[tuple[str, int, str, str],
@@ -633,11 +641,15 @@ class E2MPhone:
         handed = handed_digest(data if out is None else out)
         what = msg.method if msg.is_request else f"{msg.status} {msg.method}"
         now = time.monotonic()
-        if msg.is_request:
+        if msg.is_request and msg.method != "ACK":
+            # (an ACK is no transaction of its own to pjsip: a non-2xx one rides its
+            # INVITE's branch, and it is never answered)
             self._one_content_per_transaction(msg, what, handed, now)
             self._only_once(msg, opened)
             # remembered only once nothing here refused it: pjsip takes it now
             _bounded_put_aged(self._rx_tsx, _rx_key(msg, what), handed, now)
+        elif msg.is_request:
+            self._only_once(msg, opened)
         if msg.body or msg.is_request:
             # every request pjsua is handed gets its own record, a bodiless one an empty
             # one (review 25)
@@ -794,7 +806,8 @@ class E2MPhone:
         # handed: the digest of the octets pjsip got (received messages), so a call shows
         # only the INVITE pjsua took (review 83)
         records.append({"direction": direction, "what": what, "cseq": msg.cseq[0],
-                        "info": info, "bytes": size, "handed": handed})
+                        "info": info, "bytes": size, "handed": handed,
+                        "tags": (msg.from_tag or "", msg.to_tag or "")})
         if len(records) > _RECORDS_PER_CALL:
             # the call's first offer and answer stay, then the latest: a peer's endless
             # re-INVITEs in one call no longer grow the phone's memory
@@ -956,7 +969,8 @@ class E2MPhone:
         call = E2MCall(remote=ev["remote_uri"], outgoing=False, current=phone_call, attempts=1)
         call.call_ids.append(ev["call_id"])
         try:
-            call.initial = (sip.parse(ev["whole_msg"]).cseq[0], handed_digest(ev["whole_msg"]))
+            taken = sip.parse(ev["whole_msg"])
+            call.initial = (taken.cseq[0], handed_digest(ev["whole_msg"]), taken.from_tag or "")
         except (E2MError, KeyError):
             # unreadable: no received offer of this CSeq is shown as the call's
             call.initial = None
@@ -1343,16 +1357,22 @@ class E2MPhone:
 
     @staticmethod
     def _taken_by_call(call: E2MCall, record: dict[str, Any]) -> bool:
-        """Whether a security record may be shown as ``call``'s: a received INVITE under
-        the CSeq of the one that began an incoming call only if it is that INVITE's very
-        octets (review 83: a bodiless copy on alice's branch is what pjsua answered,
-        her offer only a "retransmission" to pjsip)."""
+        """Whether a security record may be shown as ``call``'s.  A received INVITE of
+        an incoming call: the one pjsua took, its very octets (review 83: a bodiless
+        copy on alice's branch is what pjsua answered, her offer only a
+        "retransmission" to pjsip), or a re-INVITE inside that call's dialog (a To tag,
+        from the caller's tag).  Records are kept per Call-ID: another initial INVITE
+        (another CSeq, a second dialog under the Call-ID) is not this call's (review
+        93)."""
         if call.outgoing or record["direction"] != "rx" or record["what"] != "INVITE":
             return True
         if call.initial is None:
             return False
-        cseq, handed = call.initial
-        return record["cseq"] != cseq or record.get("handed") == handed
+        _, handed, caller_tag = call.initial
+        from_tag, to_tag = record.get("tags", ("", ""))
+        if not to_tag:
+            return record.get("handed") == handed
+        return bool(caller_tag) and from_tag == caller_tag
 
     def message_security(self, handle: OutgoingMessage) -> SecurityInfo | None:
         return handle.security

@@ -87,6 +87,16 @@ Tried and held:
   digests meet;
 - the certificate service's Via branch prediction and late replies: see
   ``tests/kamailio/test_review93_wire.py``.
+
+Fixed (stop 35): the phone keys a received request's transaction as pjsip does
+(``phone._rx_key``: an RFC 3261 branch and the method, an ACK under its INVITE's; an
+ACK is never refused 482), so a copy on alice's branch under another CSeq or Call-ID is
+refused 482 and reported; a call's security records carry their dialog's tags, and an
+incoming call shows only the INVITE pjsua took or a re-INVITE of its own dialog
+(``_taken_by_call``; the core model's ``_incoming`` keeps the caller's tag as
+``_ev_incoming_call`` now does).  The certificate service counts a NOTIFY reply only
+when none of its ids holds a ``|`` (``cert_route.on_reply``): without one, the reply's
+joined ids equal the stored string only when each id is equal.
 """
 
 from __future__ import annotations
@@ -170,9 +180,6 @@ def _invite_copy_ahead(pki: TestPKI, bob: PhoneProcess, *, copy_cseq: int | None
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 93: untrusted hop, a bodiless copy of "
-                   "alice's INVITE on her branch under another CSeq: the call pjsua took "
-                   "shows her offer as encrypted and signed by her")
 def test_hole_a_copy_ahead_under_another_cseq_takes_alices_invite_security(pki, bob):
     events, finals, refused = _invite_copy_ahead(pki, bob, copy_cseq=2)
     print(f"\nfinals on alice's branch: {finals}; refused: {refused}; marks: "
@@ -220,9 +227,6 @@ def _message_copy_ahead(pki: TestPKI, bob: PhoneProcess, *, copy_cseq: int | Non
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 93: untrusted hop, a bodiless copy of "
-                   "alice's MESSAGE on her branch under another CSeq: her real one is "
-                   "swallowed under the copy's 200, bob never told (no 482)")
 def test_hole_a_copy_ahead_under_another_cseq_swallows_alices_message(pki, bob):
     shown, status, finals, refused, raw = _message_copy_ahead(pki, bob, copy_cseq=2)
     print(f"\nshown: {[(e['text'], (e['security'] or {}).get('summary')) for e in shown]};"
@@ -230,9 +234,6 @@ def test_hole_a_copy_ahead_under_another_cseq_swallows_alices_message(pki, bob):
     _copy_ahead_is_never_shown_as_alices(shown, status, finals, refused)
 
 
-@pytest.mark.xfail(strict=True, reason="review 93: untrusted hop, a bodiless copy of "
-                   "alice's MESSAGE on her branch under another Call-ID: her real one is "
-                   "swallowed under the copy's 200, bob never told (no 482)")
 def test_hole_a_copy_ahead_under_another_call_id_swallows_alices_message(pki, bob):
     shown, status, finals, refused, raw = _message_copy_ahead(pki, bob, copy_cseq=None,
                                                               new_call_id=True)
@@ -280,9 +281,6 @@ def _second_dialog(pki: TestPKI, bob: PhoneProcess, *, same_call_id: bool
         other.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 93: untrusted hop (or anyone with the "
-                   "Call-ID), a bodiless INVITE of its own under alice's Call-ID: the "
-                   "second call is shown with alice's offer as encrypted and signed")
 def test_hole_a_second_dialog_under_alices_call_id_shows_her_offer(pki, bob):
     first, second, theirs = _second_dialog(pki, bob, same_call_id=True)
     print(f"\nthe attacker's call (no body, no signature) shown with: "

@@ -49,9 +49,13 @@ def test_the_copy_delivered_never_shows_the_real_ones_record():
 
 
 def test_an_incoming_call_shows_only_the_invite_pjsua_took():
-    offer = {"direction": "rx", "what": "INVITE", "cseq": 1, "info": None, "bytes": 1}
-    call = E2MCall(remote="sip:alice@example.com", outgoing=False, initial=(1, b"copy"))
+    offer = {"direction": "rx", "what": "INVITE", "cseq": 1, "info": None, "bytes": 1,
+             "tags": ("a1", "")}
+    call = E2MCall(remote="sip:alice@example.com", outgoing=False, initial=(1, b"copy", "a1"))
     assert not E2MPhone._taken_by_call(call, {**offer, "handed": b"real"})
     assert E2MPhone._taken_by_call(call, {**offer, "handed": b"copy"})
-    assert E2MPhone._taken_by_call(call, {**offer, "cseq": 2, "handed": b"reinvite"})
+    # a re-INVITE: inside the call's dialog (stop 35, review 93: the tags, not the CSeq)
+    assert E2MPhone._taken_by_call(call, {**offer, "cseq": 2, "handed": b"reinvite",
+                                          "tags": ("a1", "b1")})
+    assert not E2MPhone._taken_by_call(call, {**offer, "cseq": 2, "handed": b"other"})
     assert E2MPhone._taken_by_call(call, {**offer, "direction": "tx", "handed": None})
