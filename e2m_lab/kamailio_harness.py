@@ -54,18 +54,22 @@ _counter = itertools.count(1)
 
 
 def udp_transaction(port: int, request: bytes | SipMessage, timeout: float = 3.0,
-                    final_only: bool = True, source: str = "127.0.0.1") -> SipMessage | None:
+                    final_only: bool = True, source: str = "127.0.0.1",
+                    keep_branch: bool = False) -> SipMessage | None:
     """Send one request to 127.0.0.1:port from a fresh socket on ``source`` (any loopback
     address: a stranger other than the proxy's own address); the (final) response, or
     None on timeout.  A ``SipMessage`` gets a top Via naming that socket (rport), so the
-    answer comes back to it; bytes are sent as they are."""
+    answer comes back to it, with a fresh branch unless ``keep_branch`` (a UA engine
+    that made the request follows only answers to its own branch); bytes are sent as
+    they are."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((source, 0))
     sock.settimeout(timeout)
     try:
         if isinstance(request, SipMessage):
-            via = (f"SIP/2.0/UDP {source}:{sock.getsockname()[1]};rport;"
-                   f"branch=z9hG4bK-u{next(_counter)}x{os.getpid()}")
+            branch = request.via_branch() if keep_branch \
+                else f"z9hG4bK-u{next(_counter)}x{os.getpid()}"
+            via = f"SIP/2.0/UDP {source}:{sock.getsockname()[1]};rport;branch={branch}"
             request = request.replace("Via", via).serialize()
         sock.sendto(request, ("127.0.0.1", port))
         deadline = time.monotonic() + timeout
@@ -607,10 +611,11 @@ def _ok(request: SipMessage) -> SipMessage:
     return make_response(request, 200, "OK")
 
 
-def udp_send(port: int, message: SipMessage, timeout: float = 5.0) -> SipMessage | None:
+def udp_send(port: int, message: SipMessage, timeout: float = 5.0, *,
+             keep_branch: bool = False) -> SipMessage | None:
     """Send ``message`` from a fresh socket (its top Via points there, rport) and return
     the final response, byte-exact (496 bodies are DER)."""
-    return udp_transaction(port, message, timeout=timeout)
+    return udp_transaction(port, message, timeout=timeout, keep_branch=keep_branch)
 
 
 # --------------------------------------------------------------------------- a UA with digest

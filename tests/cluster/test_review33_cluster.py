@@ -38,13 +38,14 @@ def stray_answer(node, *, to_uri: str, tag: str, from_uri: str = "sip:alice@exam
     sink.bind(("127.0.0.1", 0))
     sink.settimeout(wait)
     port = sink.getsockname()[1]
-    # a 183 (stop 34): a stray 2xx to an INVITE without our Record-Route entry is now
-    # dropped before it is read; a provisional answer with SDP is still read and archived
+    # a 183 without a To tag (stop 34): a stray 2xx to an INVITE without our Record-Route
+    # entry is dropped before it is read, and since stop 35 a 1xx with a To tag (an early
+    # dialog) too; a provisional answer that makes no dialog is still read and archived
     head = (f"SIP/2.0 183 Session Progress\r\n"
             f"Via: SIP/2.0/UDP {ADVERTISE};branch=z9hG4bK-r33stray{tag}\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-r33orig{tag}\r\n"
             f"From: <{from_uri}>;tag=a{tag}\r\n"
-            f"To: <{to_uri}>;tag=e{tag}\r\n"
+            f"To: <{to_uri}>\r\n"
             f"Call-ID: r33-stray-{tag}@example.com\r\n"
             f"CSeq: 1 INVITE\r\n"
             f"Contact: <sip:x@192.0.2.9>\r\n"

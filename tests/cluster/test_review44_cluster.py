@@ -34,11 +34,14 @@ def _stray(node_port: int, sink_port: int, n: int, status: str = "200 OK") -> by
     node, the next one a port where nothing listens (where the node forwards it)."""
     sdp = (b"v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
            b"m=audio 3456 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+    # a 1xx with a To tag and no Record-Route of ours is dropped unread (stop 35): the
+    # provisional strays make no dialog, so they are still read
+    to_tag = "" if status.startswith("1") else f";tag=t{n}"
     head = (f"SIP/2.0 {status}\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{node_port};branch=z9hG4bK-r44-{n}\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{sink_port};branch=z9hG4bK-r44s-{n}\r\n"
             f"From: <sip:alice@example.com>;tag=s{n}\r\n"
-            f"To: <sip:bob@example.com>;tag=t{n}\r\n"
+            f"To: <sip:bob@example.com>{to_tag}\r\n"
             f"Call-ID: stray-{n}@attacker.example\r\n"
             f"CSeq: 1 INVITE\r\n"
             f"Contact: <sip:bob@127.0.0.1:{sink_port}>\r\n"

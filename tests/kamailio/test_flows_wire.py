@@ -97,7 +97,8 @@ def test_flow_b_496_with_certificate_and_warning_then_retry(proxy_factory, sipp,
     first = alice.protect(plain)
     assert first.info.readable_by == ()
 
-    refusal = udp_send(world.visited.port, first.message)
+    # on alice's own branch: her engine follows answers to what it sent (review 92)
+    refusal = udp_send(world.visited.port, first.message, keep_branch=True)
     assert refusal is not None and refusal.status == 496
     assert refusal.get("Content-Type") == "application/pkix-cert"
     assert refusal.body == pki.proxy(TRUSTED).cert.public_bytes(Encoding.DER)
@@ -275,7 +276,7 @@ def test_flow_e_495_then_signed_retry(proxy_factory, sipp, raw_uas, pki, tmp_pat
     plain = message(pki, TEXT)
     unsigned = alice.protect(plain)
     assert not unsigned.info.signed
-    refusal = udp_send(world.visited.port, unsigned.message)
+    refusal = udp_send(world.visited.port, unsigned.message, keep_branch=True)
     assert refusal is not None and refusal.status == 495 and refusal.body == b""
 
     retry = alice.react(refusal, plain)

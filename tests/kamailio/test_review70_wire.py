@@ -235,13 +235,14 @@ _FLOOD = 60          # twice pike's 30 requests in 2 s
 def _stray_with_envelopes(port: int, sink: int, i: int, entity) -> bytes:
     from e2m_plugins.body import with_entity
     from e2m_plugins.sip import parse
-    # a 183 (stop 34: a stray 2xx to an INVITE without our Record-Route entry is now
-    # dropped before it is read, so strays that are still read are provisional ones)
+    # a 183 without a To tag (stop 34: a stray 2xx to an INVITE without our Record-Route
+    # entry is dropped before it is read, and since stop 35 a 1xx with a To tag too, so
+    # strays that are still read are provisional ones that make no dialog)
     head = (f"SIP/2.0 183 Session Progress\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKr70stray{i}\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{sink};branch=z9hG4bKr70sink{i}\r\n"
             f"From: <sip:dave@other.example.net>;tag=r70f{i}\r\n"
-            f"To: <sip:bob@example.com>;tag=r70t{i}\r\n"
+            f"To: <sip:bob@example.com>\r\n"
             f"Call-ID: r70-stray-{i}@other.example.net\r\n"
             f"CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode()
     return with_entity(parse(head), entity).serialize()
