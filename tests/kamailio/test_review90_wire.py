@@ -70,17 +70,7 @@ alice's early route set at our TLS socket.
 
 Tried and held: see ``tests/unit/test_review90.py``.
 
-Fixed (stop 35): (1) ``dialog_route.via_key`` folds only blanks, the protocol's and
-the parameter names' case: the sent-by and every value (the branch) stay as written,
-as tm compares them; (2) an entry carrying our token with anything we do not write
-(a ``maddr``, any parameter but ``lr``, ``r2``, ``transport`` and ours, a user part,
-URI headers) is taken as moved (``written_as_ours``); (3) the proxy marks its own Via
-on an INVITE or SUBSCRIBE it relays in a dialog (``;e2mnr=``, a MAC of the Call-ID and
-the Via below ours: ``kemi.mark_unrouted`` through core ``xavp_via_params`` and corex),
-and a stray 2xx without Record-Route passes only with that mark; (4) a 1xx with a To
-tag to a request we record-routed must carry our entry too.  The core models of
-``moved_route_entries`` here follow the fixed check (``written_as_ours``; the stray
-re-INVITE 2xx carries the mark, and without it is dropped).
+Fixed (stop 35): as ``tests/unit/test_review90.py``'s docstring says.
 """
 
 from __future__ import annotations

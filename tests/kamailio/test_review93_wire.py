@@ -55,15 +55,7 @@ Tried and held:
   one entry per NOTIFY for 64 s, at pike's rate per source (a rate bound, as review
   77's known limit).
 
-Fixed (stop 35): the phone keys a received request's transaction as pjsip does
-(``phone._rx_key``: an RFC 3261 branch and the method, an ACK under its INVITE's; an
-ACK is never refused 482), so a copy on alice's branch under another CSeq or Call-ID is
-refused 482 and reported; a call's security records carry their dialog's tags, and an
-incoming call shows only the INVITE pjsua took or a re-INVITE of its own dialog
-(``_taken_by_call``; the core model's ``_incoming`` keeps the caller's tag as
-``_ev_incoming_call`` now does).  The certificate service counts a NOTIFY reply only
-when none of its ids holds a ``|`` (``cert_route.on_reply``): without one, the reply's
-joined ids equal the stored string only when each id is equal.
+Fixed (stop 35): as ``tests/unit/test_review93.py``'s docstring says.
 """
 
 from __future__ import annotations

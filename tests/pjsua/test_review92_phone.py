@@ -21,15 +21,7 @@ the call's next request refused.
 Control (``test_control_without_the_stray_the_unhold_opens_at_bob``): the same call and
 hold without the stray: the unhold opens at bob.
 
-Fixed (stop 35): the proxy ends a dialog's keys at the BYE's 2xx, from its own
-transaction (``ProxyEngine.end_answered``, called by ``kemi.end_answered_dialog`` in the
-tm reply route with the ids of ``$T_req``), never at the request; a bare BYE is relayed
-unread (``needs_no_reading``) and ends nothing.  ``UAEngine.react`` follows an E2M answer
-only when it answers a request we sent, on its Via branch (``_sent_for`` and
-``_answers``); the phone keys its plaintext copies and kept answers by the branch too
-(``phone._tx_key``) and counts a stray one.  The core control of the call's own BYE now
-hands the proxy bob's 200 to it; the phone hole waits for the stray to be counted, as
-the phone no longer reacts to it.
+Fixed (stop 35): as ``tests/unit/test_review92.py``'s docstring says.
 """
 
 from __future__ import annotations
