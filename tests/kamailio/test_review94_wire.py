@@ -195,3 +195,157 @@ def test_hole_a_bye_routed_to_the_attackers_own_uas_ends_the_live_calls_keys(
     assert byes == 1 and after_answer >= 1
     assert after_bye == after_answer, f"{after_answer} key records before the BYE, {after_bye} after"
     assert status == 200, f"alice's re-INVITE got {status} from her own proxy"
+
+
+# -- hole 2: the unrouted mark minted for alice's own Via ------------------------------------
+
+from tests.kamailio.test_review81_wire import _alice_tls  # noqa: E402
+from tests.kamailio.test_review88_wire import HOP, _route_set, _starts_at_our_tls  # noqa: E402
+
+USERS = {"alice": "alice-R94-Pass", "bob": "bob-R94-Pass"}
+_MARK = re.compile(r";e2mnr=([0-9a-fA-F]+)", re.IGNORECASE)
+_BRANCH = re.compile(r"(branch=z9hG4bK)([^;,\s]*)", re.IGNORECASE)
+
+
+def _vias(message: SipMessage) -> list[str]:
+    return [v.strip() for value in message.get_all("Via") for v in value.split(",")]
+
+
+def _alices_via(invite: SipMessage) -> str:
+    """The Via below ours in the INVITE bob got, without the received/rport we added."""
+    via = _vias(invite)[1]
+    via = re.sub(r";received=[^;,]*", "", via)
+    return re.sub(r";rport=\d+", ";rport", via)
+
+
+class _MintingHop:
+    """bob's UAS behind the hop.  On alice's INVITE the hop (``mode``):
+
+    - "mint": sends the proxy an in-dialog INVITE of its own with alice's Call-ID, alice's
+      From tag as its To tag, our entries as Route, alice's Via as its top Via and another
+      CSeq, to the hop's own UAS; it reads ``;e2mnr=`` off our Via there;
+    - "mint-other": the same with a Via of its own (a mark for another Via);
+    - "none": mints nothing.
+
+    Then bob's 200 goes on with every Record-Route out, the hop's Contact, our Via's
+    branch changed (a stray) and the minted mark (if any) on our Via; "honest" sends
+    bob's 200 untouched."""
+
+    def __init__(self, home, mode: str) -> None:
+        self.home, self.mode = home, mode
+        self.uas = RawUas()
+        self.uas.responder = self.respond
+        self.hop_uas = RawUas(lambda request: None)      # the hop's own UAS: silent
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.minted: str | None = None
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._answer: SipMessage | None = None
+
+    def _mint(self, request: SipMessage) -> str | None:
+        via = _alices_via(request) if self.mode == "mint" else (
+            f"SIP/2.0/UDP 127.0.0.1:{self.sock.getsockname()[1]};rport;branch=z9hG4bK-hop94")
+        forged = make_request(
+            "INVITE", f"sip:hop@127.0.0.1:{self.hop_uas.port}",
+            from_uri="sip:hop@hop.example.net", to_uri="sip:alice@example.com",
+            call_id=request.get("Call-ID"), cseq=request.cseq[0] + 50, from_tag="hop94",
+            to_tag=request.from_tag or "",
+            extra_headers=[("Contact", f"<sip:hop@127.0.0.1:{self.hop_uas.port}>")])
+        forged = forged.replace("Via", via)
+        for route in [e.strip() for value in request.get_all("Record-Route")
+                      for e in value.split(",") if "e2m-rr=" in e]:
+            forged = forged.add("Route", route)
+        self.sock.sendto(forged.serialize(), ("127.0.0.1", self.home.port))
+        got = self.hop_uas.wait_for(1, method="INVITE", timeout=3)
+        if not got:
+            return None
+        found = _MARK.search(_vias(got[0])[0])
+        return found.group(1) if found else None
+
+    def respond(self, request: SipMessage):
+        answer = make_response(request, 200, "OK")
+        if request.method != "INVITE":
+            return answer
+        with self._lock:             # retransmissions get the same answer
+            if self._answer is not None:
+                return self._answer
+            try:
+                answer = answer.replace("To", f"{request.get('To')};tag=bt94")
+                if self.mode == "honest":
+                    answer = answer.add("Contact", f"<sip:bob@127.0.0.1:{self.uas.port}>")
+                    self._answer = answer
+                    return answer
+                if self.mode in ("mint", "mint-other"):
+                    self.minted = self._mint(request)
+                answer = answer.remove("Record-Route").add("Contact", f"<sip:bob@{HOP}>")
+                vias = _vias(answer)
+                ours = _BRANCH.sub(lambda m: m.group(1) + m.group(2)[:-1]
+                                   + ("x" if m.group(2)[-1:] != "x" else "y"), vias[0])
+                if self.minted:
+                    ours += f";e2mnr={self.minted}"
+                answer = answer.remove("Via")
+                for via in [ours] + vias[1:]:
+                    answer = answer.add("Via", via)
+                self._answer = answer
+            except Exception as exc:  # noqa: BLE001 - the test reads it
+                self.errors.append(repr(exc))
+            return self._answer
+
+    def close(self) -> None:
+        self.uas.close()
+        self.hop_uas.close()
+        self.sock.close()
+
+
+def _stripped_call(proxy_factory, pki, name: str, mode: str, e2m: bool, sources):
+    home = proxy_factory(name, e2m=e2m, tls=True, auth=True, users=USERS)
+    bob = _MintingHop(home, mode)
+    register_contact(home, "bob", bob.uas.port, password=USERS["bob"], source=sources[0])
+    ua = _alice_tls(home, pki, sources[1])
+    ua.password = USERS["alice"]
+    try:
+        assert ua.register().status == 200
+        mark = home.log_mark()
+        ok = ua.request(ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com"),
+                        timeout=6)
+        return home, ok, home.log_since(mark), bob
+    finally:
+        ua.close()
+        bob.close()
+
+
+def test_control_the_untouched_200_starts_alices_route_set_at_our_tls(proxy_factory, pki):
+    home, ok, _, bob = _stripped_call(proxy_factory, pki, "r94-mark-ok", "honest", False,
+                                      ("127.0.94.1", "127.0.94.2"))
+    assert not bob.errors, bob.errors
+    assert ok is not None and ok.status == 200, ok
+    assert _route_set(ok) and _starts_at_our_tls(home, ok), _route_set(ok)
+
+
+@pytest.mark.parametrize("mode", ["none", "mint-other"])
+def test_control_a_stripped_stray_200_without_alices_mark_is_dropped(proxy_factory, pki, mode):
+    """Review 90's fix holds where the hop has no mark for alice's Via: with none, or with
+    one it minted for a Via of its own (the relay of its in-dialog INVITE is live)."""
+    home, ok, log, bob = _stripped_call(proxy_factory, pki, f"r94-mark-{mode}", mode, False,
+                                        ("127.0.94.3", "127.0.94.4") if mode == "none"
+                                        else ("127.0.94.5", "127.0.94.6"))
+    assert not bob.errors, bob.errors
+    if mode == "mint-other":
+        assert bob.minted, "the hop's in-dialog INVITE was not relayed with a mark"
+    assert ok is None or ok.status != 200, _route_set(ok)
+    assert "(no Record-Route), not ours: dropped" in log, log
+
+
+@pytest.mark.xfail(strict=True, reason="review 94: untrusted hop mints ;e2mnr= for alice's "
+                   "own Via with an in-dialog INVITE under another CSeq; her 200 stripped of "
+                   "Record-Route then passes, her dialog goes past the proxy")
+@pytest.mark.parametrize("e2m", [False, True], ids=["routing", "e2m"])
+def test_hole_a_mark_minted_for_alices_via_lets_a_stripped_200_pass(proxy_factory, pki, e2m):
+    home, ok, log, bob = _stripped_call(proxy_factory, pki, f"r94-mark-hole-{int(e2m)}", "mint",
+                                        e2m, ("127.0.94.7", "127.0.94.8") if e2m
+                                        else ("127.0.94.9", "127.0.94.10"))
+    assert not bob.errors, bob.errors
+    assert bob.minted, "the hop's in-dialog INVITE was not relayed with a mark"
+    # secure: a 200 that reaches alice starts her route set at our TLS socket
+    assert _starts_at_our_tls(home, ok), (_route_set(ok), ok.get("Contact") if ok else None)
