@@ -58,7 +58,8 @@ and the dialog's two tags (the stray 2xx brings back all of them), and refuse to
 (tm ``t_lookup`` on the Via alone); best, make the mark from our own branch (a MAC of
 the branch we wrote), so a reply can carry a mark only for our own Via as we sent it.
 
-What held (tried, no test kept unless named):
+What held (the named controls run here; the rest checked against the code and the
+existing review 88/90/92 tests, no test kept):
 
 - a BYE the callee (or the attacker's UAS) refuses ends nothing: only a 2xx does
   (``test_control_a_bye_to_the_attackers_uas_refused_ends_nothing``); a stray 200 to a
@@ -83,7 +84,8 @@ What held (tried, no test kept unless named):
   Record-Route, the double Record-Route on the TLS/UDP boundary, and the untouched 200
   (``test_control_the_untouched_200_starts_alices_route_set_at_our_tls``) pass;
 - the door (``route_sanity``, "Bad Record-Route") applies only past the read bound (16
-  headers, 4 KiB) or to octets that are not UTF-8, which no honest route set reaches.
+  headers, 4 KiB), to an entry not in ``<...>`` (RFC 3261 wants a name-addr) or to
+  octets that are not UTF-8, which no honest route set reaches.
 """
 
 from __future__ import annotations
