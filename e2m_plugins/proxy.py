@@ -398,12 +398,10 @@ class ProxyEngine:
                      to_tag: str | None) -> None:
         """An answer to a request this proxy relayed, with that request's Call-ID and tags
         (the host's transaction, never a stray answer: whoever learnt a dialog's ids
-        could write one): a BYE's 2xx ends the dialog's keys (``end_dialog``), and so
-        does its 481: the callee holds no dialog of those ids, and the caller takes the
-        dialog as ended (RFC 3261 §15.1.1).  Not the BYE itself: one the callee refuses
-        (a stale CSeq, a third party's From) ends nothing there, and the call's next
-        answers must still be read (review 92)."""
-        if method == "BYE" and (200 <= status < 300 or status == 481):
+        could write one): a BYE's 2xx ends the dialog's keys (``end_dialog``).  Not the
+        BYE itself: one the callee refuses (a stale CSeq, a third party's From) ends
+        nothing there, and the call's next answers must still be read (review 92)."""
+        if method == "BYE" and 200 <= status < 300:
             self.end_dialog(call_id, from_tag, to_tag)
 
     def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
