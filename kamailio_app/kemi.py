@@ -392,6 +392,70 @@ def _callers_side():
         return None
 
 
+_TARGETS = "e2mtargets"
+
+
+def _digest(text):
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _dialog_name(call_id, tag, other):
+    """A dialog's name in e2mtargets, the same from either side."""
+    first, second = sorted((tag, other))
+    return _digest("\n".join((call_id, first, second)))
+
+
+def _target(value, *, contact=True):
+    """A remote target as a BYE's Request-URI must name it: the first Contact's URI
+    (``contact``), else a Request-URI, by scheme, user, host and port, as a digest; None
+    when it cannot be read."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        text = value.strip()
+        if contact:
+            entry = split_header_list(text)[0].strip()
+            # name-addr, else addr-spec whose ;params are the header's (RFC 3261 20.10)
+            text = entry[entry.index("<") + 1:entry.index(">")] if "<" in entry \
+                else entry.split(";", 1)[0]
+        uri = parse_uri(text)
+    except (E2MError, ValueError, IndexError):
+        return None
+    return _digest("%s:%s@%s:%s" % (uri.scheme.lower(), uri.user or "", host_key(uri.host),
+                                    uri.port or ""))
+
+
+_BRANCHES = "e2mbranch"
+_RFC3261_BRANCH = "z9hG4bK"
+
+
+def _branch_taken():
+    """Whether another request (Call-ID, CSeq or method) came with this request's top
+    Via branch in the last 64 s (htable e2mbranch; else it is noted now).  Only RFC 3261
+    branches: an RFC 2543 peer's need not be unique.  A branch in other letters is the
+    same one, as a UA's stack takes it.  Keys and values are digests, so a long branch
+    costs no more."""
+    via = _top_via()
+    if via is None:
+        return False
+    branch = next((value.strip() for name, _, value in
+                   (param.partition("=") for param in via.split(";")[1:])
+                   if name.strip().lower() == "branch"), "")
+    # as pjsip matches a branch: the cookie and the rest in any case (review 95)
+    branch = branch.lower()
+    if not branch.startswith(_RFC3261_BRANCH.lower()):
+        return False
+    key = hashlib.sha256(branch.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    request = "\n".join((KSR.pv.get("$ci") or "", str(KSR.pv.get("$cs") or ""),
+                         KSR.pv.get("$rm") or ""))
+    value = hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    held = KSR.htable.sht_get(_BRANCHES, key)
+    if held is None:
+        KSR.htable.sht_sets(_BRANCHES, key, value)
+        return False
+    return held != value
+
+
 def _record_route_unvouchable():
     """A request whose Record-Route the reply checks cannot read whole: more headers
     than they read, an octet that is not UTF-8, or past ``routes_within_bounds``."""
@@ -881,6 +945,14 @@ class kamailio:
             return False
         if KSR.tm.t_check_trans() == 0:
             return False
+        if _branch_taken():
+            # RFC 3261 §8.2.2.2's merged request: a branch is one transaction's.  tm
+            # files a request under its CSeq too, so another request with alice's very
+            # Via would be a transaction of its own whose answers her stack takes for
+            # her INVITE's (a hop's 2xx with no Record-Route, or a Via mark minted for
+            # her Via: review 94)
+            KSR.sl.sl_send_reply(482, "Loop Detected")
+            return False
         return True
 
     def route_cancel(self):
@@ -1289,13 +1361,50 @@ class kamailio:
         _info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
         return True
 
+    def note_dialog_targets(self):
+        """At the 2xx of an initial INVITE we relayed: the dialog's two remote targets
+        (the INVITE's Contact, the 2xx's), kept with the caller's tag for the dialog's
+        life (htable e2mtargets), so that a BYE's 2xx ends the dialog's keys only when
+        the BYE went to the other party (``end_answered_dialog``)."""
+        status = KSR.pv.get("$rs") or 0
+        if self.app.engine is None or KSR.pv.get("$rm") != "INVITE" \
+                or not 200 <= status < 300 or KSR.pv.get("$T_req($tt)"):
+            return
+        call_id, caller, callee = dialog_ids(KSR)
+        targets = (_target(KSR.pv.get("$T_req($hdr(Contact))")),
+                   _target(KSR.pv.get("$hdr(Contact)")))
+        if not (call_id and caller and callee) or None in targets:
+            return        # no target to hold a BYE to: its keys go at their expiry
+        KSR.htable.sht_sets(_TARGETS, _dialog_name(call_id, caller, callee),
+                            "|".join((_digest(caller), *targets)))
+
     def end_answered_dialog(self):
         """A 2xx to a BYE we relayed ends the dialog's keys, named by the BYE's own ids
-        (the transaction's request): one the callee refused ended nothing (review 92)."""
+        (the transaction's request), when the BYE went to the dialog's other party: its
+        Request-URI the remote target the other party gave at the dialog's start
+        (``note_dialog_targets``).  One the callee refused ended nothing (review 92);
+        one routed to the sender's own UAS, answered 200 there, neither (review 94)."""
         engine = self.app.engine
         if engine is None or KSR.pv.get("$rm") != "BYE":
             return
-        engine.end_answered("BYE", KSR.pv.get("$rs") or 0, *dialog_ids(KSR, of_request=True))
+        status = KSR.pv.get("$rs") or 0
+        if not 200 <= status < 300:
+            return
+        call_id, from_tag, to_tag = dialog_ids(KSR, of_request=True)
+        if not (call_id and from_tag and to_tag):
+            return
+        held = KSR.htable.sht_get(_TARGETS, _dialog_name(call_id, from_tag, to_tag))
+        parts = held.split("|") if isinstance(held, str) else []
+        if len(parts) != 3:
+            return
+        caller, caller_target, callee_target = parts
+        peer = callee_target if _digest(from_tag) == caller else caller_target
+        if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer:
+            _info("e2m: a BYE's %d from elsewhere than the dialog's other party: its keys "
+                  "stay to their expiry\n" % status)
+            return
+        engine.end_answered("BYE", status, call_id, from_tag, to_tag)
+        KSR.htable.sht_rm(_TARGETS, _dialog_name(call_id, from_tag, to_tag))
 
     def inspect_request(self):
         """Ask the engine; apply its verdict.  False when the request was answered."""
@@ -1554,6 +1663,7 @@ class kamailio:
         except Exception as exc:  # noqa: BLE001 - the reply is still read below
             _log_exception("reply identity", exc)
         try:
+            self.note_dialog_targets()
             self.end_answered_dialog()
         except Exception as exc:  # noqa: BLE001 - the keys go at their expiry instead
             _log_exception("dialog end", exc)

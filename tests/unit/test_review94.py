@@ -35,6 +35,17 @@ sender wrote, and ``via_key`` drops ``received``/``rport``.  Fix: make the mark 
 only we wrote and the stray brings back unchanged: our own Via's branch (a MAC of the
 branch we generated, plus CSeq number and method), so no request of anyone else's can
 make a mark that fits alice's transaction.
+
+Fixed (stop 35): (1) a BYE's 2xx ends the dialog's keys only when the BYE went to the
+dialog's other party: the proxy notes each dialog's two remote targets at its initial
+INVITE's 2xx (the INVITE's Contact and the 2xx's, htable ``e2mtargets``:
+``kemi.note_dialog_targets``), and ``end_answered_dialog`` compares the BYE's
+Request-URI as received (``$T_req($ou)``) with the target of the party it was not
+from; (2) a request under an RFC 3261 branch (compared in any case, as pjsip does)
+that another live request holds (another Call-ID, CSeq or method within 64 s, htable
+``e2mbranch``: ``kemi._branch_taken``) is refused 482 at the door, so the hop's
+in-dialog INVITE under alice's branch is never relayed nor marked.  The core models
+here follow: the dialog's targets are noted first, and the mark holes assert the door.
 """
 
 from __future__ import annotations
@@ -79,14 +90,34 @@ def fake_ksr(monkeypatch):
 
 # -- hole 1: a BYE's 2xx from whoever the BYE was routed to ---------------------------------
 
+def _fake_htable(fake) -> dict:
+    table: dict = {}
+    fake.htable = types.SimpleNamespace(
+        sht_get=lambda name, key: table.get((name, key)),
+        sht_sets=lambda name, key, value: table.__setitem__((name, key), value),
+        sht_rm=lambda name, key: table.pop((name, key), None))
+    fake.info = lambda text: None
+    return table
+
+
 def _end_answered(fake, kemi, proxy, status: int, ruri: str, tags=("a1", "b1")) -> None:
     """``kemi.end_answered_dialog`` in tm's reply route, for a 2xx/other to a BYE we
-    relayed to ``ruri`` (the BYE's ids, ``$T_req``)."""
+    relayed to ``ruri`` (the BYE's ids, ``$T_req``).  Since stop 35 the dialog's targets
+    are noted at the INVITE's 2xx first (``note_dialog_targets``): alice's Contact
+    ``sip:alice@127.0.0.1:5061``, bob's ``sip:bob@127.0.0.1:5062``."""
+    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy))
+    if not getattr(fake, "htable", None):
+        _fake_htable(fake)
+        invite_2xx = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r94-bye@x",
+                      "$ft": "a1", "$tt": "b1",
+                      "$T_req($hdr(Contact))": "<sip:alice@127.0.0.1:5061>",
+                      "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>"}
+        fake.pv = types.SimpleNamespace(get=invite_2xx.get)
+        kemi.kamailio.note_dialog_targets(node)
     values = {"$rm": "BYE", "$rs": status, "$T_req($ci)": "r94-bye@x",
-              "$T_req($ft)": tags[0], "$T_req($tt)": tags[1], "$T_req($ru)": ruri,
+              "$T_req($ft)": tags[0], "$T_req($tt)": tags[1], "$T_req($ou)": ruri,
               "$ru": ruri}
     fake.pv = types.SimpleNamespace(get=values.get)
-    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy))
     kemi.kamailio.end_answered_dialog(node)
 
 
@@ -103,14 +134,16 @@ def test_control_the_calls_own_bye_ends_its_keys(world, fake_ksr):
     """What a fix must keep: the BYE to bob's own contact, answered 200, ends the keys
     (from either side: the tags in either order)."""
     fake, kemi = fake_ksr
-    for tags in (("a1", "b1"), ("b1", "a1")):
+    # alice's BYE goes to bob's contact, bob's to alice's (fixed in stop 35: the target
+    # of the other party, as the dialog's start named it)
+    for tags, target in ((("a1", "b1"), "sip:bob@127.0.0.1:5062"),
+                         (("b1", "a1"), "sip:alice@127.0.0.1:5061")):
+        fake.htable = None
         proxy, _, _ = _call_through_the_proxy(world, "r94-bye@x")
-        _end_answered(fake, kemi, proxy, 200, "sip:bob@127.0.0.1:5062", tags)
+        _end_answered(fake, kemi, proxy, 200, target, tags)
         assert len(proxy.cache) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review 94: insider UA or hop routes the call's BYE "
-                   "to its own UAS; that UAS's 200 ends the live call's keys at the proxy")
 @pytest.mark.parametrize("tags", [("a1", "b1"), ("b1", "a1")], ids=["insider", "hop"])
 def test_hole_a_bye_answered_by_whoever_it_was_routed_to_ends_the_dialog(
         world, fake_ksr, tags):
@@ -168,19 +201,26 @@ def test_control_the_hops_request_is_another_transaction_to_tm():
     assert via_key(forged) != via_key(ALICES_VIA)
 
 
-@pytest.mark.xfail(strict=True, reason="review 94: untrusted hop's in-dialog INVITE with "
-                   "alice's Via under another CSeq mints the ;e2mnr= mark her stripped "
-                   "stray 200 needs")
+def _door_refuses(fake, kemi, via: str, cseq: int) -> bool:
+    """``kemi._branch_taken`` in ``route_new_transaction`` (stop 35): alice's INVITE
+    (CSeq 1, her Via) noted first, then a request with ``via`` and ``cseq``."""
+    _fake_htable(fake)
+    for value in ((ALICES_VIA, 1), (via, cseq)):
+        values = {"$ci": CALL, "$cs": value[1], "$rm": "INVITE", "$(hdr(Via)[0])": value[0]}
+        fake.pv = types.SimpleNamespace(get=values.get)
+        taken = kemi._branch_taken()
+    return taken
+
+
 def test_hole_a_mark_minted_by_another_transaction_vouches_for_alices_200(fake_ksr):
     fake, kemi = fake_ksr
-    minted = _mint(fake, kemi, ALICES_VIA)       # the hop's INVITE, CSeq 51, her Via
-    # secure: a mark made for another request vouches for nothing in alice's 200
-    assert _stray_2xx_dropped(fake, kemi, minted)
+    # fixed (stop 35): the hop's INVITE with her Via under CSeq 51 is refused 482 at the
+    # door, never relayed, so no mark is made for her Via; nor in other letters
+    assert _door_refuses(fake, kemi, ALICES_VIA, 51)
+    assert _door_refuses(fake, kemi, ALICES_VIA.replace("ua94x1", "UA94X1"), 51)
+    assert not _door_refuses(fake, kemi, ALICES_VIA, 1)      # her own retransmission
 
 
-@pytest.mark.xfail(strict=True, reason="review 94: ;e2mnr= ignores received/rport, so a "
-                   "hop's own Via carrying alice's address mints a mark whose stray reply "
-                   "Kamailio sends to her")
 def test_hole_a_mark_minted_for_the_hops_via_steers_a_stray_to_alices_address(fake_ksr):
     """The Via below ours in the stray names the hop's sent-by with alice's address in
     ``received`` and ``rport``: Kamailio sends a reply to ``received``/``rport`` (RFC 3581),
@@ -197,6 +237,6 @@ def test_hole_a_mark_minted_for_the_hops_via_steers_a_stray_to_alices_address(fa
     fake.tm = types.SimpleNamespace(t_check_trans=lambda: -1)
     node = types.SimpleNamespace(app=types.SimpleNamespace(
         routes=ROUTES, config=types.SimpleNamespace(dispatcher=None)))
-    # secure: a mark whose Via the reply is sent by (received, rport) is not what the
-    # marked request reached us with vouches for nothing
-    assert kemi.kamailio.record_routed_here(node)
+    # fixed (stop 35) at the door: the hop's request carries alice's branch (what her
+    # stack matches the 200 by), which her INVITE holds: refused 482, never marked
+    assert _door_refuses(fake, kemi, request_via, 51)
