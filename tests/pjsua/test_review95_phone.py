@@ -1,0 +1,139 @@
+"""A fifty-...th attacker's review (December 2026) of 13d9573 (the ninety-fifth): this
+stop's phone fixes (``phone._rx_key``: a received request keyed "as pjsip does"), on a
+real ``e2m-phone listen`` (pjsua2) with plain UDP sockets on loopback, no Kamailio;
+alice's MESSAGE is made with her real UA engine (signed and sealed for bob), as it
+would cross an untrusted hop on the leg to bob's UDP phone.  The core model, the
+other holes and what held: ``tests/unit/test_review95.py``.
+
+Hole 1 (``test_hole_a_copy_in_other_letters_swallows_alices_message``):
+
+- attacker: an **untrusted hop** on the leg to bob's phone (review 83's seat);
+- messages: a bodiless copy of alice's MESSAGE whose Via branch is hers with every
+  letter after the cookie in the other case, then her real one, back to back;
+- effect: pjsip finds its server transactions with ``pj_hash_get_lower`` (the key's
+  case folded): the copy is delivered (empty, plaintext) and alice's real MESSAGE is
+  absorbed as its retransmission - she gets a 200, bob never sees her text and is not
+  told (no 482, no ``duplicate_refused``): review 93's swallow is back;
+- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` (line 348) keeps the branch as
+  written; fix: fold its case (and read the cookie case-insensitively, hole 2).
+
+Hole 2 (``test_hole_a_copy_with_the_cookie_in_other_case_swallows_alices_message``):
+the same with the cookie written ``Z9HG4BK``: pjsip reads it with ``pj_strnicmp`` (an
+RFC 3261 branch, the same transaction as alice's); ``_rx_key`` files it under its RFC
+2543 key.
+
+Run: in holes 1 and 2 alice's branch got two 200s, both on the copy's spelling of the
+branch (pjsip resent the copy's 200 when hers came), bob was shown one empty plaintext
+message, no ``duplicate_refused``.
+
+Controls: the copy on alice's branch as written is refused 482 and bob told (stop 35's
+fix); a copy on a branch of its own (one letter more) is another transaction to pjsip,
+which answers alice's real MESSAGE 482 itself (merged request): only the case-folded
+spelling is pjsip's same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2m_lab.phones import PhoneProcess
+from e2m_lab.pytest_fixtures import answering_phone
+from e2m_lab.stranger import UdpStranger
+from e2m_plugins import sip
+from e2m_plugins.testpki import TestPKI, init_test_pki
+from tests.pjsua.test_review83_phone import (ALICES_TEXT, _alices_message, _bodiless_copy,
+                                             _copy_ahead_is_never_shown_as_alices)
+
+pytestmark = [pytest.mark.pjsua2]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return init_test_pki(tmp_path_factory.mktemp("review95-pki"),
+                         users=("alice", "bob"), key_type="ec")
+
+
+@pytest.fixture
+def bob(tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest
+        ) -> Iterator[PhoneProcess]:
+    yield from answering_phone(tmp_path, pki, request)
+
+
+def _on_branch(msg: sip.SipMessage, branch: str) -> sip.SipMessage:
+    via = msg.get("Via")
+    assert via is not None
+    return msg.replace("Via", via.replace(msg.via_branch(), branch))
+
+
+def _message_copy_ahead(pki: TestPKI, bob: PhoneProcess, spell):
+    """The hop's bodiless copy of alice's MESSAGE on ``spell(her branch)``, then hers.
+    bob's message_in events, the first final answer on her branch (in any case), every
+    final status, bob's duplicate_refused events, the raw finals."""
+    peer = UdpStranger(bob.port)
+    try:
+        real = _alices_message(pki, bob, peer)
+        branch = real.via_branch()
+        copy = _on_branch(_bodiless_copy(real), spell(branch))
+        mark = bob.mark()
+        peer.send(copy.serialize())
+        peer.send(real.serialize())
+        time.sleep(1.5)
+        answers = [sip.parse(d) for d in peer.drain(0.5)]
+        finals = [(a.status, a.cseq[0], a.via_branch()) for a in answers
+                  if not a.is_request and a.via_branch().lower() == branch.lower()
+                  and a.status >= 200]
+        return bob.of("message_in", since=mark), finals[0][0] if finals else None, \
+            [f[0] for f in finals], bob.of("duplicate_refused", since=mark), finals
+    finally:
+        peer.close()
+
+
+def _other_letters(branch: str) -> str:
+    other = branch[:7] + branch[7:].swapcase()
+    assert other != branch, branch
+    return other
+
+
+def _report(shown, raw, refused) -> None:
+    print(f"\nshown: {[(e['text'], (e['security'] or {}).get('summary')) for e in shown]};"
+          f" finals on alice's branch: {raw}; refused: {refused}")
+
+
+@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, a bodiless copy on "
+                   "alice's branch in other letters: pjsip absorbs her MESSAGE under the "
+                   "copy's 200, no 482, bob not told")
+def test_hole_a_copy_in_other_letters_swallows_alices_message(pki, bob):
+    shown, status, finals, refused, raw = _message_copy_ahead(pki, bob, _other_letters)
+    _report(shown, raw, refused)
+    _copy_ahead_is_never_shown_as_alices(shown, status, finals, refused)
+
+
+@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, a bodiless copy with "
+                   "the cookie written Z9HG4BK: pjsip absorbs alice's MESSAGE, no 482")
+def test_hole_a_copy_with_the_cookie_in_other_case_swallows_alices_message(pki, bob):
+    shown, status, finals, refused, raw = _message_copy_ahead(
+        pki, bob, lambda b: "Z9HG4BK" + b[7:])
+    _report(shown, raw, refused)
+    _copy_ahead_is_never_shown_as_alices(shown, status, finals, refused)
+
+
+def test_control_the_copy_on_alices_branch_as_written_is_refused_482(pki, bob):
+    shown, status, finals, refused, _ = _message_copy_ahead(pki, bob, lambda b: b)
+    _copy_ahead_is_never_shown_as_alices(shown, status, finals, refused)
+    assert 482 in finals and [r["code"] for r in refused] == [482]
+
+
+def test_control_a_copy_on_a_branch_of_its_own_is_another_pjsip_transaction(pki, bob):
+    """One letter more after the cookie: another transaction to pjsip, which answers
+    alice's real MESSAGE 482 itself (a merged request: its Call-ID, From tag and CSeq
+    taken) - not the copy's 200 again, as it does when only the letters' case differs
+    (holes 1, 2): there pjsip found the copy's own transaction."""
+    shown, status, finals, refused, raw = _message_copy_ahead(
+        pki, bob, lambda b: _other_letters(b) + "x")
+    print(f"\nfinals: {raw} refused: {refused}")
+    assert finals == [482], raw
+    assert [e["text"] for e in shown] == [""]
