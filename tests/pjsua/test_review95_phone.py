@@ -22,6 +22,14 @@ the same with the cookie written ``Z9HG4BK``: pjsip reads it with ``pj_strnicmp`
 RFC 3261 branch, the same transaction as alice's); ``_rx_key`` files it under its RFC
 2543 key.
 
+Hole 3 (``test_hole_a_2543_copy_on_another_branch_swallows_alices_message``): alice an
+RFC 2543 peer (her branch ``r2543-alice``, no cookie), the hop's bodiless copy on
+``r2543-hop`` (the same Call-ID, From tag, CSeq and sent-by): pjsip's 2543 key
+(``create_tsx_key_2543``) has no branch, the phone's has one.  Run: two 200s, both on
+``r2543-hop`` (the copy's answer resent for hers), the empty copy shown, no 482.  At
+fault: ``_rx_key``'s 2543 key (line 349); fix: key it as pjsip (CSeq method with INVITE
+and ACK together, CSeq number, From tag, Call-ID, Via sent-by).
+
 Run: in holes 1 and 2 alice's branch got two 200s, both on the copy's spelling of the
 branch (pjsip resent the copy's 200 when hers came), bob was shown one empty plaintext
 message, no ``duplicate_refused``.
@@ -29,7 +37,8 @@ message, no ``duplicate_refused``.
 Controls: the copy on alice's branch as written is refused 482 and bob told (stop 35's
 fix); a copy on a branch of its own (one letter more) is another transaction to pjsip,
 which answers alice's real MESSAGE 482 itself (merged request): only the case-folded
-spelling is pjsip's same transaction.
+spelling is pjsip's same transaction; an RFC 2543 peer's MESSAGE alone is shown with her
+security.
 """
 
 from __future__ import annotations
@@ -69,23 +78,25 @@ def _on_branch(msg: sip.SipMessage, branch: str) -> sip.SipMessage:
     return msg.replace("Via", via.replace(msg.via_branch(), branch))
 
 
-def _message_copy_ahead(pki: TestPKI, bob: PhoneProcess, spell):
+def _message_copy_ahead(pki: TestPKI, bob: PhoneProcess, spell, hers: str | None = None):
     """The hop's bodiless copy of alice's MESSAGE on ``spell(her branch)``, then hers.
     bob's message_in events, the first final answer on her branch (in any case), every
     final status, bob's duplicate_refused events, the raw finals."""
     peer = UdpStranger(bob.port)
     try:
         real = _alices_message(pki, bob, peer)
+        if hers is not None:             # an RFC 2543 peer: a branch without the cookie
+            real = _on_branch(real, hers)
         branch = real.via_branch()
-        copy = _on_branch(_bodiless_copy(real), spell(branch))
         mark = bob.mark()
-        peer.send(copy.serialize())
+        if spell is not None:            # None: alice's alone
+            peer.send(_on_branch(_bodiless_copy(real), spell(branch)).serialize())
         peer.send(real.serialize())
         time.sleep(1.5)
         answers = [sip.parse(d) for d in peer.drain(0.5)]
         finals = [(a.status, a.cseq[0], a.via_branch()) for a in answers
-                  if not a.is_request and a.via_branch().lower() == branch.lower()
-                  and a.status >= 200]
+                  if not a.is_request and a.status >= 200 and (
+                      a.via_branch().lower() == branch.lower() or hers is not None)]
         return bob.of("message_in", since=mark), finals[0][0] if finals else None, \
             [f[0] for f in finals], bob.of("duplicate_refused", since=mark), finals
     finally:
@@ -137,3 +148,23 @@ def test_control_a_copy_on_a_branch_of_its_own_is_another_pjsip_transaction(pki,
     print(f"\nfinals: {raw} refused: {refused}")
     assert finals == [482], raw
     assert [e["text"] for e in shown] == [""]
+
+
+@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, an RFC 2543 peer's "
+                   "MESSAGE: a bodiless copy on another branch is pjsip's same transaction "
+                   "(no branch in its 2543 key): hers absorbed, no 482")
+def test_hole_a_2543_copy_on_another_branch_swallows_alices_message(pki, bob):
+    shown, status, finals, refused, raw = _message_copy_ahead(
+        pki, bob, lambda b: "r2543-hop", hers="r2543-alice")
+    _report(shown, raw, refused)
+    _copy_ahead_is_never_shown_as_alices(shown, status, finals, refused)
+
+
+def test_control_an_rfc_2543_peers_message_alone_is_shown(pki, bob):
+    """The set-up is sound: alice's MESSAGE on a branch without the cookie, alone (the
+    "copy" is the message itself), is taken and shown with her security."""
+    shown, status, finals, refused, raw = _message_copy_ahead(pki, bob, None,
+                                                              hers="r2543-alice")
+    assert finals == [200], raw
+    assert [e["text"] for e in shown] == [ALICES_TEXT.decode()]
+    assert shown[0]["security"]["signed"] and shown[0]["security"]["encrypted"]
