@@ -50,15 +50,47 @@ Hole 4 (``test_hole_a_root_key_another_user_reads_through_an_acl_is_taken``):
 - fix: refuse a file with an extended ACL (``system.posix_acl_access`` holding more
   than the three base entries), as the owner's own 0600 case refuses any mask bit.
 
+Hole 5 (``test_hole_a_second_copy_of_an_answer_on_alices_branch_leaves_a_phantom_key``),
+the answer to the brief's "a 496 on alice's real branch from a hop: what may it teach?":
+
+- attacker: an **untrusted hop** on alice's leg (it sees her branch); no forging
+  beyond bob's public certificate - or nobody: bob's (or a proxy's 496) retransmitted
+  final answer when alice's ACK is lost;
+- messages: while alice's hold re-INVITE (CSeq 2) waits, a 493 on her very branch
+  with bob's certificate; the phone reacts, pjsua sends the retry (CSeq 3); then the
+  same 493 again (a copy), then bob's real 200 to CSeq 3;
+- effect: ``phone._keep_reaction`` queues every copy (``_update_reactions``, line
+  736, no transaction check: pjsip absorbs the copy as a retransmission) and
+  ``_react_in_dialog`` calls ``UAEngine.react`` for each; each passes ``_sent_for`` and
+  ``_answers`` (the answer is truly to CSeq 2), and ``react`` protects a "retry" CSeq 3
+  that is never sent (line 1292), offering a fresh key after the one pjsua's CSeq 3
+  really carried; bob's 200 to CSeq 3 confirms the phantom, alice's next re-INVITE
+  (CSeq 4: unhold) goes under a key bob never had: ``NoMatchingRecipientError`` at bob
+  (493), a live call's next request refused and an E2M retry spent - review 92's hole
+  2 back with the real branch;
+- at fault: ``e2m_plugins/ua.py`` ``react`` (``retry = self.protect(next_attempt(
+  request))``: state kept for a message the caller may not send; a second answer to a
+  transaction already reacted to is followed again) and ``pjsua_hooks/phone.py``
+  ``_keep_reaction`` (no once-per-transaction);
+- fix: follow one E2M answer per transaction (mark ``_sent`` answered, as pjsip does),
+  and let ``protect`` of the request the stack really sends offer the retry's key (the
+  engine offers nothing inside ``react``: review 92's suggested fix).
+
 Controls: a copy on alice's branch as written is refused 482; the same octets again,
 a CANCEL and an ACK on her INVITE's branch, a new branch, a re-INVITE, a request
 after a 401 with a new branch and CSeq, a peer writing the cookie ``Z9HG4BK`` (its own
 retransmission), an RFC 2543 peer's retransmission: all taken.  The root key without
-an ACL is taken, with 0644 refused, and the ACL truly lets the named user read.
+an ACL is taken, with 0644 refused, and the ACL truly lets the named user read (run as
+her uid).  One 493 on alice's branch, reacted to once, and the retry work: her next
+re-INVITE opens at bob.
 
-Tried and held (read, and the controls):
+Tried and held (read, run, and the controls):
 
-- ``UAEngine.react`` on a forged answer on alice's real branch (the hop holds it): a
+- (run, the phone) a copy with the method in lower case (``message``, ``Message``) on
+  alice's branch: pjsip answers nothing and makes no transaction, hers is shown;
+- (run, the phone) a copy on a branch of its own: pjsip answers her real one 482 itself
+  (a merged request), so only the case-folded spellings are holes;
+- ``UAEngine.react`` on a single forged answer on alice's real branch: a
   496 teaches only a proxy ``accepts_proxy`` already accepts, with a certificate
   chained to our anchors for that host and not the pinned one replaced; a 495 only
   makes us sign; a 493 only a certificate of the To's AoR that is not older than the
@@ -312,3 +344,65 @@ def test_control_our_own_key_with_the_same_acl_is_refused(root_key, monkeypatch)
     _as_daemon(monkeypatch)
     with pytest.raises(PrivateFileError):
         read_private_file(root_key, "proxy key")
+
+
+# ----------------------------------------- hole 5: one answer on alice's branch, twice
+
+def _reinvite_answered_493(world, call_id: str, copies: int):
+    """alice and bob in an SRTP call (alice's key reused by bob's 200); alice's
+    re-INVITE CSeq 2 is answered 493 on her own branch (bob's public certificate) and
+    the phone reacts (``_keep_reaction`` -> ``_react_in_dialog`` -> ``react``); pjsua
+    sends the retry as CSeq 3 (``_on_tx`` -> ``protect``); then ``copies - 1`` more
+    copies of the same 493 reach the hook (a retransmission for a lost ACK, or the hop's
+    replay) and are reacted to as well; bob answers CSeq 3 with 200 under its key, then
+    alice's CSeq 4 re-INVITE: what bob's engine makes of it."""
+    from cryptography.hazmat.primitives import serialization
+
+    from e2m_lab.flows import SRTP_ANSWER, SRTP_OFFER, answer, invite, reinvite, ua_engine
+    from e2m_plugins.sip import make_response
+    alice = ua_engine(world, "alice", peers=("bob",))
+    bob = ua_engine(world, "bob", peers=("alice",))
+    first = invite(world, call_id=call_id, sdp=SRTP_OFFER)
+    alice.open(bob.protect(answer(bob.open(alice.protect(first).message).message,
+                                  SRTP_ANSWER)).message)
+    plain2 = reinvite(world, "alice", "bob", call_id, 2, "a1", "b1", sdp=SRTP_OFFER)
+    sent2 = alice.protect(plain2).message
+    cert = world.user("bob").cert.public_bytes(serialization.Encoding.DER)
+    r493 = make_response(sent2, 493, "Undecipherable", [], cert, "application/pkix-cert")
+    assert r493.via_branch() == sent2.via_branch() and alice._sent_for(r493) is not None
+    alice.open(r493)
+    assert alice.react(r493, plain2).action == "retry"
+    sent3 = alice.protect(reinvite(world, "alice", "bob", call_id, 3, "a1", "b1",
+                                   sdp=SRTP_OFFER)).message
+    for _ in range(copies - 1):
+        alice.open(r493)
+        alice.react(r493, plain2)
+    ok3 = bob.protect(answer(bob.open(sent3).message, SRTP_ANSWER))
+    assert ok3.info.key_reuse
+    alice.open(ok3.message)
+    sent4 = alice.protect(reinvite(world, "alice", "bob", call_id, 4, "a1", "b1",
+                                   sdp=SRTP_OFFER)).message
+    return bob.open(sent4)
+
+
+@pytest.fixture(scope="module")
+def world():
+    from e2m_plugins.testpki import init_test_pki
+    return init_test_pki(None, users=("alice", "bob"), key_type="ec")
+
+
+def test_control_one_493_on_alices_branch_and_the_retry_work(world):
+    opened = _reinvite_answered_493(world, "r95-one@x", copies=1)
+    assert opened.info.encrypted and b"a=crypto" in opened.message.body
+
+
+@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop (or a lost ACK), a second "
+                   "copy of the 493 on alice's real branch: react offers a phantom key as "
+                   "CSeq 3, bob's 200 confirms it, alice's next re-INVITE refused by bob")
+def test_hole_a_second_copy_of_an_answer_on_alices_branch_leaves_a_phantom_key(world):
+    from e2m_plugins.errors import E2MError
+    try:
+        opened = _reinvite_answered_493(world, "r95-two@x", copies=2)
+    except E2MError as exc:
+        pytest.fail(f"bob refused alice's next re-INVITE: {type(exc).__name__}: {exc}")
+    assert b"a=crypto" in opened.message.body
