@@ -14,7 +14,7 @@ Hole 1 (``test_hole_a_copy_in_other_letters_swallows_alices_message``):
   case folded): the copy is delivered (empty, plaintext) and alice's real MESSAGE is
   absorbed as its retransmission - she gets a 200, bob never sees her text and is not
   told (no 482, no ``duplicate_refused``): review 93's swallow is back;
-- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` (line 348) keeps the branch as
+- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` (lines 348-349) keeps the branch as
   written; fix: fold its case (and read the cookie case-insensitively, hole 2).
 
 Hole 2 (``test_hole_a_copy_with_the_cookie_in_other_case_swallows_alices_message``):
@@ -27,7 +27,7 @@ RFC 2543 peer (her branch ``r2543-alice``, no cookie), the hop's bodiless copy o
 ``r2543-hop`` (the same Call-ID, From tag, CSeq and sent-by): pjsip's 2543 key
 (``create_tsx_key_2543``) has no branch, the phone's has one.  Run: two 200s, both on
 ``r2543-hop`` (the copy's answer resent for hers), the empty copy shown, no 482.  At
-fault: ``_rx_key``'s 2543 key (line 349); fix: key it as pjsip (CSeq method with INVITE
+fault: ``_rx_key``'s 2543 key (line 350); fix: key it as pjsip (CSeq method with INVITE
 and ACK together, CSeq number, From tag, Call-ID, Via sent-by).
 
 Run: in holes 1 and 2 alice's branch got two 200s, both on the copy's spelling of the

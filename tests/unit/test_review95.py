@@ -16,7 +16,7 @@ Hole 1 (``test_hole_a_copy_on_alices_branch_in_other_letters_is_not_refused``):
   is absorbed as its retransmission (she gets the copy's 200).  ``phone._rx_key``
   keys by the branch as written, so ``_one_content_per_transaction`` sees two
   transactions and refuses nothing: review 93's swallow is back (no 482, bob not told);
-- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` (line 348, the 3261 key holds
+- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` (lines 348-349, the 3261 key holds
   ``branch`` as written);
 - fix: fold the branch's case in the key (``branch.lower()``), as pjsip's hash does.
 
@@ -24,7 +24,7 @@ Hole 2 (``test_hole_a_copy_with_the_cookie_in_other_case_is_not_refused``): the 
 with the cookie itself in other case (``Z9HG4BK`` + alice's rest).  pjsip reads the
 cookie with ``pj_strnicmp`` (RFC 3261 transaction, its key the branch, case folded):
 the same transaction as alice's.  ``_rx_key`` tests ``branch.startswith("z9hG4bK")``
-(case-sensitive, line 347) and files the copy as an RFC 2543 one (Call-ID, CSeq, what,
+(case-sensitive, line 348) and files the copy as an RFC 2543 one (Call-ID, CSeq, what,
 branch): no 482.  Fix: test the cookie case-insensitively, and key on the folded
 branch.
 
@@ -45,7 +45,7 @@ Hole 4 (``test_hole_a_root_key_another_user_reads_through_an_acl_is_taken``):
   ``user:<eve>:r--``: ``st_mode`` shows the ACL mask in the group bits, still
   ``0640``;
 - effect: ``read_private_file`` takes the key, and eve reads it (run as her uid);
-- at fault: ``e2m_plugins/privatefiles.py`` ``_check`` (the root branch reads only
+- at fault: ``e2m_plugins/privatefiles.py`` ``_check`` (lines 36-39: the root branch reads only
   ``st_mode``; with an ACL the group bits are the mask, not the owning group's);
 - fix: refuse a file with an extended ACL (``system.posix_acl_access`` holding more
   than the three base entries), as the owner's own 0600 case refuses any mask bit.
@@ -63,7 +63,7 @@ the answer to the brief's "a 496 on alice's real branch from a hop: what may it 
   736, no transaction check: pjsip absorbs the copy as a retransmission) and
   ``_react_in_dialog`` calls ``UAEngine.react`` for each; each passes ``_sent_for`` and
   ``_answers`` (the answer is truly to CSeq 2), and ``react`` protects a "retry" CSeq 3
-  that is never sent (line 1292), offering a fresh key after the one pjsua's CSeq 3
+  that is never sent (line 1294), offering a fresh key after the one pjsua's CSeq 3
   really carried; bob's 200 to CSeq 3 confirms the phantom, alice's next re-INVITE
   (CSeq 4: unhold) goes under a key bob never had: ``NoMatchingRecipientError`` at bob
   (493), a live call's next request refused and an E2M retry spent - review 92's hole
