@@ -30,6 +30,17 @@ RFC 2543 peer (her branch ``r2543-alice``, no cookie), the hop's bodiless copy o
 fault: ``_rx_key``'s 2543 key (line 350); fix: key it as pjsip (CSeq method with INVITE
 and ACK together, CSeq number, From tag, Call-ID, Via sent-by).
 
+Hole 4 (``test_hole_a_second_copy_of_the_493_makes_the_unhold_unreadable_for_bob``):
+alice's phone in a call (review 92's ``call`` fixture: her outbound proxy is bob's
+socket, the hop's seat).  Her hold re-INVITE (CSeq 2) is answered 493 on her very
+branch with bob's public certificate; the phone retries the hold (CSeq 3); the same 493
+comes again (the hop's replay, or bob's retransmission for a lost ACK): the phone
+reacts again (``e2m_answer`` twice, both ``retry``: ``_keep_reaction`` line 736 queues
+every copy, ``UAEngine.react`` follows each, protecting a "retry" CSeq 3 never sent).
+bob answers CSeq 3 with 200 under its key; alice's unhold then goes under the phantom
+key: bob cannot open it (``NoMatchingRecipientError``).  The core model, the code at
+fault and the fix: ``tests/unit/test_review95.py`` hole 5.
+
 Run: in holes 1 and 2 alice's branch got two 200s, both on the copy's spelling of the
 branch (pjsip resent the copy's 200 when hers came), bob was shown one empty plaintext
 message, no ``duplicate_refused``.
@@ -38,7 +49,7 @@ Controls: the copy on alice's branch as written is refused 482 and bob told (sto
 fix); a copy on a branch of its own (one letter more) is another transaction to pjsip,
 which answers alice's real MESSAGE 482 itself (merged request): only the case-folded
 spelling is pjsip's same transaction; an RFC 2543 peer's MESSAGE alone is shown with her
-security.
+security; one 493 on alice's hold branch, followed once, and the unhold opens at bob.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import UdpStranger
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI, init_test_pki
+from tests.pjsua.test_review92_phone import call  # noqa: F401 - alice's phone in a call
 from tests.pjsua.test_review83_phone import (ALICES_TEXT, _alices_message, _bodiless_copy,
                                              _copy_ahead_is_never_shown_as_alices)
 
@@ -168,3 +180,57 @@ def test_control_an_rfc_2543_peers_message_alone_is_shown(pki, bob):
     assert finals == [200], raw
     assert [e["text"] for e in shown] == [ALICES_TEXT.decode()]
     assert shown[0]["security"]["signed"] and shown[0]["security"]["encrypted"]
+
+
+# ------------------------------------- hole 4: one answer on alice's branch, twice (phone)
+
+def _hold_answered_493(alice: PhoneProcess, bob, invite: sip.SipMessage, copies: int):
+    """hold; bob's side answers it 493 on alice's own branch (his public certificate),
+    the phone retries it (CSeq 3); ``copies - 1`` more copies of the same 493 (a
+    retransmission, or the hop's replay); bob answers the retry 200; then unhold: what
+    bob's engine makes of it (raises when it cannot open it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from e2m_plugins.sip import make_response
+    from tests.pjsua.test_review92_phone import TAG
+    mark = alice.mark()
+    alice.send("hold")
+    held = bob.receive(lambda m: m.is_request and m.method == "INVITE" and m.to_tag == TAG)
+    cert = bob.pki.user("bob").cert.public_bytes(serialization.Encoding.DER)
+    r493 = make_response(held, 493, "Undecipherable", [], cert, "application/pkix-cert")
+    assert r493.via_branch() == held.via_branch()
+    bob.send(r493)
+    retry = bob.receive(lambda m: m.is_request and m.method == "INVITE"
+                        and m.cseq[0] > held.cseq[0])
+    for _ in range(copies - 1):
+        bob.send(r493)
+    deadline = time.monotonic() + 5
+    while len(alice.of("e2m_answer", since=mark)) < copies:
+        assert time.monotonic() < deadline, alice.of("e2m_answer", since=mark)
+        time.sleep(0.1)
+    print(f"\ne2m_answer events: {[(e['code'], e['action']) for e in alice.of('e2m_answer', since=mark)]}")
+    bob.answer(retry)
+    time.sleep(0.3)
+    alice.send("unhold")
+    unhold = bob.receive(lambda m: m.is_request and m.method == "INVITE"
+                         and m.cseq[0] > retry.cseq[0])
+    return bob.engine.open(unhold).message
+
+
+def test_control_one_493_on_alices_branch_then_the_unhold_opens_at_bob(call):
+    alice, bob, invite = call
+    opened = _hold_answered_493(alice, bob, invite, copies=1)
+    assert opened.body and b"m=audio" in opened.body
+
+
+@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop (or a lost ACK), a second "
+                   "copy of a 493 on alice's hold branch: the phone reacts again, a phantom "
+                   "key confirmed by bob's 200, her unhold unreadable for bob")
+def test_hole_a_second_copy_of_the_493_makes_the_unhold_unreadable_for_bob(call):
+    from e2m_plugins.errors import E2MError
+    alice, bob, invite = call
+    try:
+        opened = _hold_answered_493(alice, bob, invite, copies=2)
+    except E2MError as exc:
+        pytest.fail(f"bob cannot open alice's unhold: {type(exc).__name__}: {exc}")
+    assert opened.body and b"m=audio" in opened.body
