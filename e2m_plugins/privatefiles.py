@@ -25,7 +25,24 @@ class PrivateFileError(E2MError, ValueError):
     """A file that must be its owner's alone is not (or cannot be read)."""
 
 
-def _check(info: os.stat_result, where: str) -> None:
+_ACL = "system.posix_acl_access"
+
+
+def _has_acl(target: int | str | Path) -> bool:
+    """Whether the file carries a POSIX access ACL: with one, the group bits of its mode
+    are only the ACL's mask, and users the mode never names may read it.  A file system
+    without extended attributes holds none."""
+    try:
+        if isinstance(target, int):
+            os.getxattr(target, _ACL)
+        else:
+            os.getxattr(target, _ACL, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def _check(info: os.stat_result, where: str, target: int | str | Path) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise PrivateFileError(f"{where} is not a regular file (a symlink?)")
     mode = stat.S_IMODE(info.st_mode)
@@ -40,6 +57,10 @@ def _check(info: os.stat_result, where: str) -> None:
             raise PrivateFileError(f"{where} is root's and may be read or written by "
                                    f"others than its group (mode {mode:04o}); chmod 0640 "
                                    "it, or make it ours with mode 0600")
+        if _has_acl(target):
+            # 0640 on paper, while the ACL names other readers (review 95)
+            raise PrivateFileError(f"{where} is root's and carries an access ACL; remove "
+                                   "it (setfacl -b) and chmod 0640 it")
     else:
         raise PrivateFileError(f"{where} belongs to another user (uid {info.st_uid})")
 
@@ -51,7 +72,7 @@ def check_private_file(path: str | Path, what: str = "file") -> None:
         info = os.lstat(path)
     except OSError as exc:
         raise PrivateFileError(f"{where} cannot be read: {exc.strerror}") from None
-    _check(info, where)
+    _check(info, where, path)
 
 
 def read_private_file(path: str | Path, what: str = "file", max_size: int = 1 << 20) -> bytes:
@@ -66,7 +87,7 @@ def read_private_file(path: str | Path, what: str = "file", max_size: int = 1 <<
         raise PrivateFileError(f"{where} cannot be opened: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
-        _check(info, where)
+        _check(info, where, fd)
         if info.st_size > max_size:
             raise PrivateFileError(f"{where} is larger than {max_size} bytes")
         chunks, left = [], max_size + 1

@@ -1276,6 +1276,9 @@ class UAEngine:
                 return Reaction("none", f"{status} is not an E2M answer")
             if self._sent_for(response) is None or not _answers(response, request):
                 return Reaction("none", f"{status} answers nothing we sent")
+            # one E2M answer per request: a second copy (a hop's replay, a retransmission
+            # for a lost ACK) must not offer a key for another retry (review 95)
+            self._sent.pop(self._sent_key(response), None)
             if count >= MAX_RETRIES_PER_CALL:
                 return Reaction("fail", f"gave up after {count} E2M retries")
             try:

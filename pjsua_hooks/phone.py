@@ -53,6 +53,7 @@ from e2m_plugins import sip
 from e2m_plugins.body import as_read
 from e2m_plugins.uri import aor_of, identity_of, parse_uri
 from e2m_plugins.errors import E2MError
+from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
 from e2m_plugins.sip_errors import answer_for
 from e2m_plugins.ua import MissingPeerCertificateError, SecurityInfo, UAEngine
@@ -335,19 +336,28 @@ def _tx_key(msg: sip.SipMessage) -> tuple[str, int, str, str]:
     return (*_key(msg), branch)
 
 
-def _rx_key(msg: sip.SipMessage, what: str) -> tuple[str, ...]:
+def _rx_key(msg: sip.SipMessage) -> tuple[object, ...]:
     """A received request's transaction as pjsip keys it: an RFC 3261 branch (the magic
     cookie) and the method, an ACK under its INVITE's; else (an RFC 2543 peer) Call-ID,
     CSeq, what it is and the branch.  Keyed by Call-ID and CSeq as well, a copy on
     alice's branch under another CSeq or Call-ID was a new transaction here and hers
     to pjsip, which took the copy and absorbed her request (review 93)."""
+    method = "INVITE" if msg.method in ("INVITE", "ACK") else msg.method
     try:
         branch = msg.via_branch()
     except E2MError:
         branch = ""          # pjsip refuses such a request before pjsua sees it
-    if branch.startswith(_RFC3261_BRANCH):
-        return ("3261", "INVITE" if msg.method in ("INVITE", "ACK") else msg.method, branch)
-    return ("2543", *_key(msg), what, branch)
+    if branch.lower().startswith(_RFC3261_BRANCH.lower()):
+        # pjsip compares the cookie and the branch in any case (review 95)
+        return ("3261", method, branch.lower())
+    # pjsip's RFC 2543 key (create_tsx_key_2543): no branch, but the method, the CSeq
+    # number, the From tag, the Call-ID and the top Via's sent-by (review 95)
+    try:
+        via = split_header_list(msg.get_all("Via")[0])[0]
+        sent_by = via.partition(";")[0].split(None, 1)[-1].strip().lower()
+    except (E2MError, IndexError):
+        sent_by = ""
+    return ("2543", method, msg.cseq[0], msg.from_tag or "", msg.call_id, sent_by)
 
 
 def handed_digest(octets: bytes) -> bytes:
@@ -415,7 +425,7 @@ class E2MPhone:
         # and the digest of the one content each received request's transaction
         # (``_rx_key``) was handed on with: (when, digest) (review 83)
         self._rx_info: OrderedDict[tuple[bytes, str], tuple[float, SecurityInfo]] = OrderedDict()
-        self._rx_tsx: OrderedDict[tuple[str, ...], tuple[float, bytes]] = \
+        self._rx_tsx: OrderedDict[tuple[object, ...], tuple[float, bytes]] = \
             OrderedDict()
         # E2M answers to our requests: (Call-ID, CSeq) -> (answer, plaintext, when)
         self._reactions: OrderedDict[tuple[str, int, str, str],
@@ -647,7 +657,7 @@ class E2MPhone:
             self._one_content_per_transaction(msg, what, handed, now)
             self._only_once(msg, opened)
             # remembered only once nothing here refused it: pjsip takes it now
-            _bounded_put_aged(self._rx_tsx, _rx_key(msg, what), handed, now)
+            _bounded_put_aged(self._rx_tsx, _rx_key(msg), handed, now)
         elif msg.is_request:
             self._only_once(msg, opened)
         if msg.body or msg.is_request:
@@ -681,7 +691,7 @@ class E2MPhone:
         sender hears it failed instead of a 200 for what pjsip delivered (review 83: a
         hop's bodiless copy ahead of alice's MESSAGE or INVITE on her branch).  The same
         octets again are a retransmission: pjsip's to absorb."""
-        key = _rx_key(msg, what)
+        key = _rx_key(msg)
         first = self._rx_tsx.get(key)
         if first is not None and now - first[0] <= _RX_MAX_AGE:
             if first[1] == handed:

@@ -50,6 +50,8 @@ fix); a copy on a branch of its own (one letter more) is another transaction to 
 which answers alice's real MESSAGE 482 itself (merged request): only the case-folded
 spelling is pjsip's same transaction; an RFC 2543 peer's MESSAGE alone is shown with her
 security; one 493 on alice's hold branch, followed once, and the unhold opens at bob.
+
+Fixed (stop 35): as ``tests/unit/test_review95.py``'s docstring says.
 """
 
 from __future__ import annotations
@@ -126,17 +128,12 @@ def _report(shown, raw, refused) -> None:
           f" finals on alice's branch: {raw}; refused: {refused}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, a bodiless copy on "
-                   "alice's branch in other letters: pjsip absorbs her MESSAGE under the "
-                   "copy's 200, no 482, bob not told")
 def test_hole_a_copy_in_other_letters_swallows_alices_message(pki, bob):
     shown, status, finals, refused, raw = _message_copy_ahead(pki, bob, _other_letters)
     _report(shown, raw, refused)
     _copy_ahead_is_never_shown_as_alices(shown, status, finals, refused)
 
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, a bodiless copy with "
-                   "the cookie written Z9HG4BK: pjsip absorbs alice's MESSAGE, no 482")
 def test_hole_a_copy_with_the_cookie_in_other_case_swallows_alices_message(pki, bob):
     shown, status, finals, refused, raw = _message_copy_ahead(
         pki, bob, lambda b: "Z9HG4BK" + b[7:])
@@ -162,9 +159,6 @@ def test_control_a_copy_on_a_branch_of_its_own_is_another_pjsip_transaction(pki,
     assert [e["text"] for e in shown] == [""]
 
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, an RFC 2543 peer's "
-                   "MESSAGE: a bodiless copy on another branch is pjsip's same transaction "
-                   "(no branch in its 2543 key): hers absorbed, no 482")
 def test_hole_a_2543_copy_on_another_branch_swallows_alices_message(pki, bob):
     shown, status, finals, refused, raw = _message_copy_ahead(
         pki, bob, lambda b: "r2543-hop", hers="r2543-alice")
@@ -223,9 +217,6 @@ def test_control_one_493_on_alices_branch_then_the_unhold_opens_at_bob(call):
     assert opened.body and b"m=audio" in opened.body
 
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop (or a lost ACK), a second "
-                   "copy of a 493 on alice's hold branch: the phone reacts again, a phantom "
-                   "key confirmed by bob's 200, her unhold unreadable for bob")
 def test_hole_a_second_copy_of_the_493_makes_the_unhold_unreadable_for_bob(call):
     from e2m_plugins.errors import E2MError
     alice, bob, invite = call

@@ -63,7 +63,7 @@ def _taken(phone: E2MPhone, msg: sip.SipMessage, now: float = 0.0) -> None:
     from pjsua_hooks.phone import _bounded_put_aged, _rx_key
     handed = handed_digest(msg.serialize())
     phone._one_content_per_transaction(msg, msg.method, handed, now)
-    _bounded_put_aged(phone._rx_tsx, _rx_key(msg, msg.method), handed, now)
+    _bounded_put_aged(phone._rx_tsx, _rx_key(msg), handed, now)
 
 
 def _alices(method: str = "MESSAGE") -> sip.SipMessage:

@@ -109,6 +109,13 @@ Tried and held (read, run, and the controls):
 - a symlink or a hard link to the key: ``read_private_file`` opens ``O_NOFOLLOW``
   and checks the opened inode (``fstat``); a hard link is the same inode with the same
   mode, owner and ACL (``fs.protected_hardlinks`` keeps a user from linking root's).
+
+Fixed (stop 35): the phone keys a received transaction exactly as pjsip does
+(``phone._rx_key``: an RFC 3261 branch with its cookie in any case, lower-cased, and
+the method; an RFC 2543 one by method, CSeq number, From tag, Call-ID and sent-by); a
+root-owned key with a POSIX access ACL is refused (``privatefiles._has_acl``); and
+``UAEngine.react`` follows one E2M answer per request (the request's record is spent
+by the first).
 """
 
 from __future__ import annotations
@@ -147,7 +154,7 @@ def _taken(phone: E2MPhone, msg: sip.SipMessage, now: float = 0.0) -> None:
         return
     handed = handed_digest(msg.serialize())
     phone._one_content_per_transaction(msg, msg.method, handed, now)
-    _bounded_put_aged(phone._rx_tsx, _rx_key(msg, msg.method), handed, now)
+    _bounded_put_aged(phone._rx_tsx, _rx_key(msg), handed, now)
 
 
 def _refused_482(phone: E2MPhone, msg: sip.SipMessage) -> bool:
@@ -188,9 +195,6 @@ def _other_letters(branch: str) -> str:
 
 # -------------------------------------------------------- hole 1: the branch in other letters
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, a bodiless copy on "
-                   "alice's branch in other letters is one pjsip transaction with hers: "
-                   "her request swallowed under the copy's 200, no 482")
 @pytest.mark.parametrize("method", ["MESSAGE", "INVITE"])
 def test_hole_a_copy_on_alices_branch_in_other_letters_is_not_refused(method):
     phone, real = _phone(), _alices(method, branch="z9hG4bKr95cafe.abc1")
@@ -198,9 +202,6 @@ def test_hole_a_copy_on_alices_branch_in_other_letters_is_not_refused(method):
     assert _refused_482(phone, real)
 
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, a bodiless copy with the "
-                   "cookie written Z9HG4BK is alice's pjsip transaction but a 2543 key to "
-                   "the phone: her request swallowed, no 482")
 @pytest.mark.parametrize("method", ["MESSAGE", "INVITE"])
 def test_hole_a_copy_with_the_cookie_in_other_case_is_not_refused(method):
     phone, real = _phone(), _alices(method)
@@ -247,9 +248,6 @@ def test_control_legitimate_requests_on_and_beside_a_taken_branch_are_taken():
 
 # ------------------------------------------------------------ hole 3: an RFC 2543 peer
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop, an RFC 2543 peer's "
-                   "request: a bodiless copy on another branch is one pjsip transaction "
-                   "(no branch in its key) but two to the phone: swallowed, no 482")
 def test_hole_a_2543_copy_on_another_branch_is_not_refused():
     phone, real = _phone(), _alices("MESSAGE", branch="r2543-1")
     _taken(phone, _copy(real, "r2543-2"))
@@ -314,9 +312,6 @@ def _eve_reads(key: Path) -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review 95: a local user named in an ACL of a "
-                   "root:group 0640 key reads it; the mode shows only the mask and the "
-                   "key is taken")
 def test_hole_a_root_key_another_user_reads_through_an_acl_is_taken(root_key, monkeypatch):
     _with_eve_acl(root_key)
     assert _eve_reads(root_key)                    # the effect: eve reads the key
@@ -396,9 +391,6 @@ def test_control_one_493_on_alices_branch_and_the_retry_work(world):
     assert opened.info.encrypted and b"a=crypto" in opened.message.body
 
 
-@pytest.mark.xfail(strict=True, reason="review 95: untrusted hop (or a lost ACK), a second "
-                   "copy of the 493 on alice's real branch: react offers a phantom key as "
-                   "CSeq 3, bob's 200 confirms it, alice's next re-INVITE refused by bob")
 def test_hole_a_second_copy_of_an_answer_on_alices_branch_leaves_a_phantom_key(world):
     from e2m_plugins.errors import E2MError
     try:
