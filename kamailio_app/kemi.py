@@ -399,10 +399,18 @@ def _digest(text):
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
+_UNANSWERED_TARGET = 64     # s: an INVITE's life (fr_inv_timer 30 s) and its wait
+_DIALOG_TARGET = 43200      # s: a dialog's keys live no longer (keycache.MAX_TTL)
+
+
 def _dialog_name(call_id, tag, other):
     """A dialog's name in e2mtargets, the same from either side."""
     first, second = sorted((tag, other))
-    return _digest("\n".join((call_id, first, second)))
+    return "d" + _digest("\n".join((call_id, first, second)))
+
+
+def _caller_name(call_id, caller):
+    return "c" + _digest("\n".join((call_id, caller)))
 
 
 def _target(value, *, contact=True):
@@ -713,6 +721,10 @@ class kamailio:
         call_id, from_tag, _ = dialog_ids(KSR)
         KSR.rr.add_rr_param(self.app.routes.param(call_id, from_tag or "", _callers_side(),
                                                   _top_via()))
+        try:
+            self.note_caller_target()
+        except Exception as exc:  # noqa: BLE001 - the keys then go at their expiry
+            _log_exception("caller target", exc)
         front = self.app.front
         if front:
             KSR.rr.record_route_advertised_address(front)
@@ -1361,29 +1373,50 @@ class kamailio:
         _info("e2m: %s request %s unread\n" % (method, _summary(_PLAIN_FORWARD)))
         return True
 
-    def note_dialog_targets(self):
-        """At the 2xx of an initial INVITE we relayed: the dialog's two remote targets
-        (the INVITE's Contact, the 2xx's), kept with the caller's tag for the dialog's
-        life (htable e2mtargets), so that a BYE's 2xx ends the dialog's keys only when
-        the BYE went to the other party (``end_answered_dialog``)."""
+    def note_caller_target(self):
+        """At an initial INVITE we record-route: the caller's remote target (its
+        Contact) under the Call-ID and the caller's tag, for the transaction's life
+        (htable e2mtargets; its 2xx keeps it for the dialog's: ``note_dialog_targets``).
+        The first one noted stays."""
+        if self.app.engine is None or KSR.pv.get("$rm") != "INVITE":
+            return
+        call_id, caller, _ = dialog_ids(KSR)
+        target = _target(KSR.pv.get("$hdr(Contact)"))
+        if call_id and caller and target is not None:
+            name = _caller_name(call_id, caller)
+            if KSR.htable.sht_get(_TARGETS, name) is None:
+                KSR.htable.sht_setxs(_TARGETS, name, target, _UNANSWERED_TARGET)
+
+    def note_dialog_targets(self, stray=False):
+        """At a 2xx to an initial INVITE (``stray``: one matching no transaction, read
+        where it arrived, which the first one to name the dialog is taken for): the
+        callee's tag and remote target (its Contact) under the dialog's name, and the
+        caller's target kept as long, so that a BYE's 2xx ends the dialog's keys only
+        when the BYE went to the other party (``end_answered_dialog``).  The first
+        noted stays: a later copy, forged or not, changes nothing."""
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or KSR.pv.get("$rm") != "INVITE" \
-                or not 200 <= status < 300 or KSR.pv.get("$T_req($tt)"):
+                or not 200 <= status < 300 or (not stray and KSR.pv.get("$T_req($tt)")):
             return
         call_id, caller, callee = dialog_ids(KSR)
-        targets = (_target(KSR.pv.get("$T_req($hdr(Contact))")),
-                   _target(KSR.pv.get("$hdr(Contact)")))
-        if not (call_id and caller and callee) or None in targets:
+        target = _target(KSR.pv.get("$hdr(Contact)"))
+        if not (call_id and caller and callee) or target is None:
             return        # no target to hold a BYE to: its keys go at their expiry
-        KSR.htable.sht_sets(_TARGETS, _dialog_name(call_id, caller, callee),
-                            "|".join((_digest(caller), *targets)))
+        name = _dialog_name(call_id, caller, callee)
+        if KSR.htable.sht_get(_TARGETS, name) is not None:
+            return
+        KSR.htable.sht_setxs(_TARGETS, name, _digest(callee) + "|" + target, _DIALOG_TARGET)
+        held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
+        if isinstance(held, str):
+            KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller), held, _DIALOG_TARGET)
 
     def end_answered_dialog(self):
         """A 2xx to a BYE we relayed ends the dialog's keys, named by the BYE's own ids
         (the transaction's request), when the BYE went to the dialog's other party: its
-        Request-URI the remote target the other party gave at the dialog's start
-        (``note_dialog_targets``).  One the callee refused ended nothing (review 92);
-        one routed to the sender's own UAS, answered 200 there, neither (review 94)."""
+        Request-URI the remote target that party gave at the dialog's start (the
+        callee's 2xx, the caller's INVITE).  One the callee refused ended nothing
+        (review 92); one routed to the sender's own UAS, answered 200 there, neither
+        (review 94)."""
         engine = self.app.engine
         if engine is None or KSR.pv.get("$rm") != "BYE":
             return
@@ -1393,18 +1426,23 @@ class kamailio:
         call_id, from_tag, to_tag = dialog_ids(KSR, of_request=True)
         if not (call_id and from_tag and to_tag):
             return
-        held = KSR.htable.sht_get(_TARGETS, _dialog_name(call_id, from_tag, to_tag))
+        name = _dialog_name(call_id, from_tag, to_tag)
+        held = KSR.htable.sht_get(_TARGETS, name)
         parts = held.split("|") if isinstance(held, str) else []
-        if len(parts) != 3:
+        if len(parts) != 2:
             return
-        caller, caller_target, callee_target = parts
-        peer = callee_target if _digest(from_tag) == caller else caller_target
+        callee, callee_target = parts
+        from_callee = _digest(from_tag) == callee
+        caller = to_tag if from_callee else from_tag
+        peer = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller)) if from_callee \
+            else callee_target
         if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer:
             _info("e2m: a BYE's %d from elsewhere than the dialog's other party: its keys "
                   "stay to their expiry\n" % status)
             return
         engine.end_answered("BYE", status, call_id, from_tag, to_tag)
-        KSR.htable.sht_rm(_TARGETS, _dialog_name(call_id, from_tag, to_tag))
+        KSR.htable.sht_rm(_TARGETS, name)
+        KSR.htable.sht_rm(_TARGETS, _caller_name(call_id, caller))
 
     def inspect_request(self):
         """Ask the engine; apply its verdict.  False when the request was answered."""
@@ -1624,6 +1662,10 @@ class kamailio:
         caller unread and unarchived (review 69)."""
         if KSR.tm.t_check_trans() > 0:
             return            # ours: ksr_onreply_route reads it
+        try:
+            self.note_dialog_targets(stray=True)
+        except Exception as exc:  # noqa: BLE001 - the keys then go at their expiry
+            _log_exception("dialog targets", exc)
         self.route_reply(stray=True)
 
     # -- htable events ([cluster]): an expired key cache record (a scope's keys) counts

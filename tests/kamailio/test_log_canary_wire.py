@@ -21,9 +21,11 @@ from e2m_lab.kamailio_harness import ProxyHandle
 pytestmark = pytest.mark.kamailio
 
 
-def _request(canary: str, *, via: str = "SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK-c1",
+def _request(canary: str, *, via: str | None = None,
              cseq: str = "1 MESSAGE", from_: str = "<sip:alice@example.com>;tag=c1",
              start: str = "MESSAGE sip:bob@example.com SIP/2.0") -> bytes:
+    # a branch of its own per request, as a UA makes it (one a live request holds is 482)
+    via = via or f"SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK-c{secrets.token_hex(4)}"
     body = f"the secret text {canary}\r\n".encode()
     return (f"{start}\r\nVia: {via}\r\nFrom: {from_}\r\nTo: <sip:bob@example.com>\r\n"
             f"Call-ID: canary-{secrets.token_hex(4)}@x\r\nCSeq: {cseq}\r\nMax-Forwards: 70\r\n"

@@ -303,20 +303,23 @@ def test_hole_a_sources_stray_replies_are_read_without_limit(home, pki):
     try:
         mark = home.log_mark()
         started = time.monotonic()
-        for i in range(1, _FLOOD + 1):
+        strays = 90
+        for i in range(1, strays + 1):
             sender.sendto(_stray_with_envelopes(home.port, sink.getsockname()[1], i, entity),
                           ("127.0.0.1", home.port))
         deadline = time.monotonic() + 8
         read = 0
         while time.monotonic() < deadline:
             read = _read_strays(home, mark)
-            if read > 40:
+            if read > 65:
                 break
             time.sleep(0.2)
         took = time.monotonic() - started
-        # pike lets a source's 30 requests in 2 s through; replies matching no
-        # transaction should be held to no more
-        assert read <= 40, (f"{read} of {_FLOOD} stray replies from one source read in "
+        # pike lets a source's 30 requests in 2 s through, and replies matching no
+        # transaction should be held to no more.  Its 2-s units follow its own timer, not
+        # the burst: a burst across a unit's end gets 30 in each (a CI run read 50 of
+        # 60), so 90 are sent and at most two units' worth, with some slack, may be read
+        assert read <= 65, (f"{read} of {strays} stray replies from one source read in "
                             f"{took:.1f} s, {_PARTS} key operations each")
     finally:
         sink.close()

@@ -64,7 +64,8 @@ def in_dialog(request: SipMessage, ok: SipMessage, method: str, cseq: int,
     """A request inside the dialog ``ok`` (the 200 to ``request``) set up: R-URI the
     remote target, Route the record-route set, the To tag."""
     target = parse_address(ok.get("Contact") or "").uri
-    headers = [("Via", "SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKplaceholder"),
+    # a branch of its own, as a UA makes one (one a live request holds is 482)
+    headers = [("Via", f"SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK-f{secrets.token_hex(6)}"),
                ("From", request.get("From")), ("To", ok.get("To")),
                ("Call-ID", request.call_id), ("CSeq", f"{cseq} {method}"),
                ("Max-Forwards", "70")]
@@ -151,7 +152,11 @@ def test_proxy_restart_mid_dialog_gives_496_then_the_ua_rekeys_and_the_dialog_go
         bye = alice.protect(in_dialog(first, ok, "BYE", 4)).message
         done = send(proxy.port, bye, exchange, "BYE")
         assert done is not None and done.status == 200
-        assert proxy.htable_items() == 0
+        # since stop 35 a BYE's 2xx ends a dialog's keys only when the BYE went to the
+        # other party's remote target as the dialog's start named it (review 94); the
+        # restart lost those, so the re-keyed CEK stays to its expiry (a known limit)
+        assert proxy.htable_items() == 1
+        assert "from elsewhere than the dialog's other party" not in proxy.log_since(0)
         log = proxy.log_since(0)
         assert "Traceback" not in log and "m=audio" not in log
 

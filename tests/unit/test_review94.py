@@ -39,7 +39,8 @@ make a mark that fits alice's transaction.
 Fixed (stop 35): (1) a BYE's 2xx ends the dialog's keys only when the BYE went to the
 dialog's other party: the proxy notes each dialog's two remote targets at its initial
 INVITE's 2xx (the INVITE's Contact and the 2xx's, htable ``e2mtargets``:
-``kemi.note_dialog_targets``), and ``end_answered_dialog`` compares the BYE's
+``kemi.note_caller_target`` at the INVITE, ``note_dialog_targets`` at its 2xx, a
+stray one too), and ``end_answered_dialog`` compares the BYE's
 Request-URI as received (``$T_req($ou)``) with the target of the party it was not
 from; (2) a request under an RFC 3261 branch (compared in any case, as pjsip does)
 that another live request holds (another Call-ID, CSeq or method within 64 s, htable
@@ -95,6 +96,7 @@ def _fake_htable(fake) -> dict:
     fake.htable = types.SimpleNamespace(
         sht_get=lambda name, key: table.get((name, key)),
         sht_sets=lambda name, key, value: table.__setitem__((name, key), value),
+        sht_setxs=lambda name, key, value, ttl: table.__setitem__((name, key), value),
         sht_rm=lambda name, key: table.pop((name, key), None))
     fake.info = lambda text: None
     return table
@@ -108,10 +110,12 @@ def _end_answered(fake, kemi, proxy, status: int, ruri: str, tags=("a1", "b1")) 
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy))
     if not getattr(fake, "htable", None):
         _fake_htable(fake)
+        invite = {"$rm": "INVITE", "$ci": "r94-bye@x", "$ft": "a1",
+                  "$hdr(Contact)": "<sip:alice@127.0.0.1:5061>"}
+        fake.pv = types.SimpleNamespace(get=invite.get)
+        kemi.kamailio.note_caller_target(node)
         invite_2xx = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r94-bye@x",
-                      "$ft": "a1", "$tt": "b1",
-                      "$T_req($hdr(Contact))": "<sip:alice@127.0.0.1:5061>",
-                      "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>"}
+                      "$ft": "a1", "$tt": "b1", "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>"}
         fake.pv = types.SimpleNamespace(get=invite_2xx.get)
         kemi.kamailio.note_dialog_targets(node)
     values = {"$rm": "BYE", "$rs": status, "$T_req($ci)": "r94-bye@x",
