@@ -162,9 +162,10 @@ def test_forged_496_with_a_duplicate_extension_certificate_fails_cleanly(kit):
     cert = _der(kit.pki.proxy(flows.TRUSTED).cert).replace(AKI_OID, SKI_OID, 1)
     plain = flows.message(kit.pki)
     warning = f"380 {flows.TRUSTED} \"Required to view 'text/plain'\""
-    forged = sip.make_response(plain, 496, "Proxy Indecipherable", [("Warning", warning)],
-                               cert, "application/pkix-cert")
     alice = flows.ua_engine(kit.pki, "alice")
+    # an answer to what alice sent (her engine follows no other: review 92)
+    forged = sip.make_response(alice.protect(plain).message, 496, "Proxy Indecipherable",
+                               [("Warning", warning)], cert, "application/pkix-cert")
     assert alice.react(forged, plain).action == "fail"
 
 
@@ -180,6 +181,7 @@ def test_493_with_an_unreadable_public_key_fails_cleanly(kit):
     assert cert.count(rsa_encryption) == 1
     cert = cert.replace(rsa_encryption, bytes.fromhex("06092a864886f70d010109"))   # 1.2.840.113549.1.1.9
     plain = flows.message(kit.pki)
-    refusal = sip.make_response(plain, 493, "Undecipherable", [], cert, "application/pkix-cert")
     alice = flows.ua_engine(kit.pki, "alice")
+    refusal = sip.make_response(alice.protect(plain).message, 493, "Undecipherable", [], cert,
+                                "application/pkix-cert")
     assert alice.react(refusal, plain).action == "fail"

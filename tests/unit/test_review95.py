@@ -306,7 +306,8 @@ def _eve_reads(key: Path) -> bool:
         if parent == Path("/tmp") or parent == Path("/"):
             break
         os.chmod(parent, os.stat(parent).st_mode | 0o005)
-    done = subprocess.run([sys.executable, "-c", f"open({str(key)!r}, 'rb').read()"],
+    # the system's interpreter: a clone's venv may sit in a dir eve cannot enter
+    done = subprocess.run(["/usr/bin/python3", "-c", f"open({str(key)!r}, 'rb').read()"],
                           user=EVE, group=EVE, extra_groups=[], capture_output=True,
                           timeout=10)
     return done.returncode == 0
