@@ -1402,13 +1402,17 @@ class kamailio:
         target = _target(KSR.pv.get("$hdr(Contact)"))
         if not (call_id and caller and callee) or target is None:
             return        # no target to hold a BYE to: its keys go at their expiry
-        name = _dialog_name(call_id, caller, callee)
-        if KSR.htable.sht_get(_TARGETS, name) is not None:
-            return
-        KSR.htable.sht_setxs(_TARGETS, name, _digest(callee) + "|" + target, _DIALOG_TARGET)
+        # one dialog per INVITE we relayed, the first 2xx's: a caller's target not
+        # noted (no INVITE of ours), or already bound to a dialog (another fork, a
+        # forged stray with a made-up To tag), notes nothing, so what is kept for 12 h
+        # grows only with the INVITEs the proxy relayed (a later fork's keys expire)
         held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
-        if isinstance(held, str):
-            KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller), held, _DIALOG_TARGET)
+        if not isinstance(held, str) or "|" in held:
+            return
+        KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller),
+                             held + "|" + _digest(callee), _DIALOG_TARGET)
+        KSR.htable.sht_setxs(_TARGETS, _dialog_name(call_id, caller, callee),
+                             _digest(callee) + "|" + target, _DIALOG_TARGET)
 
     def end_answered_dialog(self):
         """A 2xx to a BYE we relayed ends the dialog's keys, named by the BYE's own ids
@@ -1434,8 +1438,9 @@ class kamailio:
         callee, callee_target = parts
         from_callee = _digest(from_tag) == callee
         caller = to_tag if from_callee else from_tag
-        peer = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller)) if from_callee \
-            else callee_target
+        held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
+        caller_target = held.split("|")[0] if isinstance(held, str) else None
+        peer = caller_target if from_callee else callee_target
         if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer:
             _info("e2m: a BYE's %d from elsewhere than the dialog's other party: its keys "
                   "stay to their expiry\n" % status)

@@ -244,3 +244,29 @@ def test_hole_a_mark_minted_for_the_hops_via_steers_a_stray_to_alices_address(fa
     # fixed (stop 35) at the door: the hop's request carries alice's branch (what her
     # stack matches the 200 by), which her INVITE holds: refused 482, never marked
     assert _door_refuses(fake, kemi, request_via, 51)
+
+
+def test_what_the_targets_keep_grows_only_with_the_invites_relayed(fake_ksr):
+    """My own (stop 35): every forged stray 2xx to one's own record-routed INVITE, each
+    with a made-up To tag, passes the Record-Route checks (the MAC binds no To tag); had
+    each noted a dialog's targets for 12 h, one INVITE would keep as many as strays sent.
+    Only the first 2xx of an INVITE the proxy relayed binds its dialog."""
+    fake, kemi = fake_ksr
+    table = _fake_htable(fake)
+    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=object()))
+    invite = {"$rm": "INVITE", "$ci": "r94-grow@x", "$ft": "a1",
+              "$hdr(Contact)": "<sip:alice@127.0.0.1:5061>"}
+    fake.pv = types.SimpleNamespace(get=invite.get)
+    kemi.kamailio.note_caller_target(node)
+    for n in range(20):
+        answer = {"$rm": "INVITE", "$rs": 200, "$ci": "r94-grow@x", "$ft": "a1",
+                  "$tt": f"fork{n}", "$hdr(Contact)": f"<sip:x{n}@203.0.113.66:5999>"}
+        fake.pv = types.SimpleNamespace(get=answer.get)
+        kemi.kamailio.note_dialog_targets(node, stray=True)
+    assert len(table) == 2                 # the caller's target and one dialog
+    # a stray 2xx for a dialog whose INVITE the proxy never relayed notes nothing
+    stranger = {"$rm": "INVITE", "$rs": 200, "$ci": "elsewhere@x", "$ft": "z1",
+                "$tt": "z2", "$hdr(Contact)": "<sip:z@203.0.113.66:5999>"}
+    fake.pv = types.SimpleNamespace(get=stranger.get)
+    kemi.kamailio.note_dialog_targets(node, stray=True)
+    assert len(table) == 2
