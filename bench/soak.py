@@ -360,11 +360,16 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
                     and samples[-1].get("shm_real_used") == samples[-2].get("shm_real_used"):
                 break
         # What outlives the traffic by design: the replay window's records and fork slots
-        # (e2mseen, each living window + 33 s), one or more per call, so their memory
-        # grows with the rate the ladder chose.  Counted, then let go, so that what is
-        # left to compare with "before" is what nothing should hold.
+        # (e2mseen, each living window + 33 s), one or more per call, and the branch each
+        # request came with (e2mbranch, 64 s: review 94's 482), so their memory grows
+        # with the rate the ladder chose.  Counted, then let go, so that what is left to
+        # compare with "before" is what nothing should hold.  A dialog's targets
+        # (e2mtargets) go with its BYE's 2xx: what is left of them is counted too.
         seen_after_drain = _items(world.proxy, "e2mseen")
-        world.proxy.rpc("htable.flush", "e2mseen")
+        branches_after_drain = _items(world.proxy, "e2mbranch")
+        targets_after_drain = _items(world.proxy, "e2mtargets")
+        for table in ("e2mseen", "e2mbranch"):
+            world.proxy.rpc("htable.flush", table)
         time.sleep(0.5)
         sample("after")
         workloads = {}
@@ -408,6 +413,8 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
                                             "rss_anon_sum", "keycache_entries")}
         analysis["drained"]["pkg_moved_by_process"] = pkg_moved(before, after)
         analysis["drained"]["replay_records_let_go"] = seen_after_drain
+        analysis["drained"]["branches_let_go"] = branches_after_drain
+        analysis["drained"]["dialog_targets_left"] = targets_after_drain
         tracebacks = kamailio_log.count("Traceback")
         errors_logged = len(re.findall(r"\bERROR:", kamailio_log))
         ok = failed_total == 0 and analysis["flat"] and tracebacks == 0 and not timed_out
