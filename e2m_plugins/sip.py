@@ -117,6 +117,18 @@ STANDARD_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGI
                               "REFER", "MESSAGE"})
 
 
+RFC3261_BRANCH_COOKIE = "z9hG4bK"    # RFC 3261 §8.1.1.7's magic cookie
+
+
+def rfc3261_branch(branch: str | None) -> str | None:
+    """``branch`` as pjsip and Kamailio's tm match a transaction by it: lower-cased, when
+    it starts with the magic cookie in any case (pjsip compares both without case);
+    None for an RFC 2543 branch (no cookie), which keys no transaction on its own."""
+    if not branch or branch[:7].lower() != RFC3261_BRANCH_COOKIE.lower():
+        return None
+    return branch.lower()
+
+
 def canonical_method(method: str) -> str:
     """``method`` as the stacks downstream will take it: a standard method in any case
     is that method (``invite`` reaches pjsua as an INVITE); any other stays as written."""
@@ -374,6 +386,11 @@ class SipMessage:
         if not branch:
             raise MalformedError("Via without a branch")
         return branch
+
+    def transaction_branch(self) -> str | None:
+        """The top Via's branch as a transaction layer matches it (``rfc3261_branch``);
+        None for an RFC 2543 branch.  ``MalformedError`` as ``via_branch``."""
+        return rfc3261_branch(self.via_branch())
 
     def dialog_id(self, *, as_uas: bool = False) -> DialogId:
         """(Call-ID, local tag, remote tag); the UAC's local tag is the From tag."""

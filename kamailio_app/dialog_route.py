@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 from e2m_plugins.errors import E2MError
-from e2m_plugins.grammar import split_header_list
+from e2m_plugins.grammar import parse_params, split_header_list
 
 __all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds",
            "written_as_ours", "UNROUTED_MARK"]
@@ -132,12 +132,12 @@ class RouteTokens:
         gives ``call_id`` and ``via`` (the Via below ours)."""
         if not our_via:
             return False
-        for param in our_via.split(";")[1:]:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == UNROUTED_MARK:
-                return hmac.compare_digest(value.strip().lower(),
-                                           self.unrouted_mark(call_id, via))
-        return False
+        try:
+            value = parse_params(our_via.partition(";")[2]).get(UNROUTED_MARK)
+        except E2MError:        # a parameter given twice, or unreadable: no mark
+            return False
+        return value is not None and hmac.compare_digest(value.lower(),
+                                                         self.unrouted_mark(call_id, via))
 
     def admits(self, call_id: str, tags: Iterable[str | None], routes: Iterable[str]) -> bool:
         """Whether one of the Route header values ``routes`` carries the token of

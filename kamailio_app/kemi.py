@@ -58,7 +58,7 @@ from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: 
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import (canonical_method, canonical_name, crlf_head, parse,  # noqa: E402
-                             parse_address)
+                             parse_address, rfc3261_branch)
 from e2m_plugins.uri import host_key, identity_of, parse_uri  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import (  # noqa: E402
@@ -434,24 +434,17 @@ def _target(value, *, contact=True):
 
 
 _BRANCHES = "e2mbranch"
-_RFC3261_BRANCH = "z9hG4bK"
 
 
 def _branch_taken():
     """Whether another request (Call-ID, CSeq or method) came with this request's top
     Via branch in the last 64 s (htable e2mbranch; else it is noted now).  Only RFC 3261
-    branches: an RFC 2543 peer's need not be unique.  A branch in other letters is the
-    same one, as a UA's stack takes it.  Keys and values are digests, so a long branch
-    costs no more."""
-    via = _top_via()
-    if via is None:
-        return False
-    branch = next((value.strip() for name, _, value in
-                   (param.partition("=") for param in via.split(";")[1:])
-                   if name.strip().lower() == "branch"), "")
-    # as pjsip matches a branch: the cookie and the rest in any case (review 95)
-    branch = branch.lower()
-    if not branch.startswith(_RFC3261_BRANCH.lower()):
+    branches: an RFC 2543 peer's need not be unique.  The branch is the one tm files the
+    request under (``$via0(branch)``: a Via's last ``branch`` parameter, which pjsip
+    takes too), compared as a UA's stack compares it (``rfc3261_branch``).  Keys and
+    values are digests, so a long branch costs no more."""
+    branch = rfc3261_branch(KSR.pv.get("$via0(branch)"))
+    if branch is None:
         return False
     key = hashlib.sha256(branch.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     request = "\n".join((KSR.pv.get("$ci") or "", str(KSR.pv.get("$cs") or ""),

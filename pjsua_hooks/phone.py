@@ -317,9 +317,6 @@ class E2MCall:
         return bool(self.current is not None and self.current.confirmed)
 
 
-_RFC3261_BRANCH = "z9hG4bK"   # pjsip's PJSIP_RFC3261_BRANCH_ID
-
-
 def _key(msg: sip.SipMessage) -> tuple[str, int, str]:
     number, method = msg.cseq
     return (msg.call_id, number, method)
@@ -341,22 +338,17 @@ def _rx_key(msg: sip.SipMessage) -> tuple[object, ...]:
     cookie) and the method, an ACK under its INVITE's; else (an RFC 2543 peer) Call-ID,
     CSeq, what it is and the branch.  Keyed by Call-ID and CSeq as well, a copy on
     alice's branch under another CSeq or Call-ID was a new transaction here and hers
-    to pjsip, which took the copy and absorbed her request (review 93)."""
+    to pjsip, which took the copy and absorbed her request (review 93).  The branch is
+    readable: ``_on_rx`` refuses a request whose top Via has none, or several."""
     method = "INVITE" if msg.method in ("INVITE", "ACK") else msg.method
-    try:
-        branch = msg.via_branch()
-    except E2MError:
-        branch = ""          # pjsip refuses such a request before pjsua sees it
-    if branch.lower().startswith(_RFC3261_BRANCH.lower()):
+    branch = msg.transaction_branch()
+    if branch is not None:
         # pjsip compares the cookie and the branch in any case (review 95)
-        return ("3261", method, branch.lower())
+        return ("3261", method, branch)
     # pjsip's RFC 2543 key (create_tsx_key_2543): no branch, but the method, the CSeq
     # number, the From tag, the Call-ID and the top Via's sent-by (review 95)
-    try:
-        via = split_header_list(msg.get_all("Via")[0])[0]
-        sent_by = via.partition(";")[0].split(None, 1)[-1].strip().lower()
-    except (E2MError, IndexError):
-        sent_by = ""
+    via = split_header_list(msg.get_all("Via")[0])[0]
+    sent_by = via.partition(";")[0].split(None, 1)[-1].strip().lower()
     return ("2543", method, msg.cseq[0], msg.from_tag or "", msg.call_id, sent_by)
 
 
@@ -626,6 +618,11 @@ class E2MPhone:
             # or tag the core refuses is a bad request here, not an error further on
             in_dialog = msg.to_tag is not None
             _ids = (msg.call_id, msg.from_tag)
+            if msg.is_request:
+                # one branch pjsip files the transaction under: the core refuses a
+                # Via with none or with several, where pjsip would key the last one
+                # and this hook another (stop 36)
+                msg.via_branch()
         except E2MError as exc:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
         answerable = self._answerable_challenges(msg)

@@ -242,6 +242,34 @@ def test_control_alices_exact_via_is_absorbed_by_tm(proxy_factory, pki):
     assert seen["eve"] is None and not eve.uas.received, eve.uas.received
 
 
+def test_a_doubled_branch_whose_last_is_alices_is_refused_482(proxy_factory, pki):
+    """Stop 36: eve's INVITE under alice's Via with a fresh ``branch`` put before hers.
+    Kamailio's tm and pjsip both key a transaction by a Via's *last* branch parameter,
+    so the request is filed under alice's branch; the door read the first one and let
+    it through (tm filed it under its own CSeq, and its answers went to alice's stack
+    as her INVITE's: review 94's in-transaction form).  The door reads the branch tm
+    reads (``$via0(branch)``)."""
+    home = _proxy(proxy_factory, "r90-via-doubled")
+    eve = _Oracle(home, "127.0.90.13", USERS)
+    seen: dict[str, object] = {}
+
+    def rewrite(invite, routes):
+        via = _alices_via(invite)
+        # one per attempt (the first is challenged 407): each a branch of its own first
+        doubled = [_BRANCH.sub(lambda m: f"branch=z9hG4bK-eve36{n};" + m.group(0), via,
+                               count=1) for n in "ab"]
+        assert via not in doubled
+        seen["eve"] = eve.mint(invite.get("Call-ID") or "", invite.from_tag or "", doubled)
+        return routes
+    try:
+        ok, _, _ = _call(home, pki, "127.0.90.14", "127.0.90.15", rewrite)
+    finally:
+        eve.close()
+    assert ok is not None and ok.status == 200, ok
+    assert seen["eve"] is None and not eve.uas.received, eve.uas.received
+    assert 482 in eve.answers, eve.answers
+
+
 def test_control_the_minted_value_with_a_via_that_is_no_case_variant_is_dropped(
         proxy_factory, pki):
     """eve's INVITE with another branch (not a case variant of alice's) gets a MAC that

@@ -52,6 +52,7 @@ here follow: the dialog's targets are noted first, and the mark holes assert the
 from __future__ import annotations
 
 import sys
+import re
 import types
 
 import pytest
@@ -205,12 +206,19 @@ def test_control_the_hops_request_is_another_transaction_to_tm():
     assert via_key(forged) != via_key(ALICES_VIA)
 
 
+def _via0_branch(via: str) -> str | None:
+    """Kamailio's ``$via0(branch)``: its Via parser keeps the last ``branch`` parameter."""
+    found = re.findall(r";\s*branch\s*=\s*([^;,\s]*)", via, re.IGNORECASE)
+    return found[-1] if found else None
+
+
 def _door_refuses(fake, kemi, via: str, cseq: int) -> bool:
     """``kemi._branch_taken`` in ``route_new_transaction`` (stop 35): alice's INVITE
     (CSeq 1, her Via) noted first, then a request with ``via`` and ``cseq``."""
     _fake_htable(fake)
     for value in ((ALICES_VIA, 1), (via, cseq)):
-        values = {"$ci": CALL, "$cs": value[1], "$rm": "INVITE", "$(hdr(Via)[0])": value[0]}
+        values = {"$ci": CALL, "$cs": value[1], "$rm": "INVITE", "$(hdr(Via)[0])": value[0],
+                  "$via0(branch)": _via0_branch(value[0])}
         fake.pv = types.SimpleNamespace(get=values.get)
         taken = kemi._branch_taken()
     return taken
@@ -223,6 +231,9 @@ def test_hole_a_mark_minted_by_another_transaction_vouches_for_alices_200(fake_k
     assert _door_refuses(fake, kemi, ALICES_VIA, 51)
     assert _door_refuses(fake, kemi, ALICES_VIA.replace("ua94x1", "UA94X1"), 51)
     assert not _door_refuses(fake, kemi, ALICES_VIA, 1)      # her own retransmission
+    # stop 36: her branch last behind one of the hop's is hers to tm and pjsip
+    doubled = ALICES_VIA.replace("branch=", "branch=z9hG4bK-hop36;branch=")
+    assert _door_refuses(fake, kemi, doubled, 51)
 
 
 def test_hole_a_mark_minted_for_the_hops_via_steers_a_stray_to_alices_address(fake_ksr):
