@@ -27,7 +27,7 @@ it up with ``pj_hash_get_lower``: case folded.  Each hole:
   signed and sealed MESSAGE is absorbed by pjsip as the copy's retransmission: she gets
   the copy's 200 again, bob never sees her text and is not told (no 482, no
   ``duplicate_refused``) - review 93/95's swallow back for a 2543 peer;
-- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` lines 351-360 (the 2543 key: Call-ID
+- at fault: ``pjsua_hooks/phone.py`` ``_rx_key`` lines 350-360 (the 2543 key: Call-ID
   and From tag kept as written, the sent-by as a string, the branch read unquoted by the
   core's ``via_branch`` where pjsip keeps the quotes);
 - fix: fold the case of the whole key (``str.lower`` of every field, as
@@ -37,10 +37,30 @@ it up with ``pj_hash_get_lower``: case folded.  Each hole:
   whose top Via branch is quoted or has no cookie when its 2543 key is already taken with
   other octets, with every field compared case-insensitively.
 
+Hole 5 (``test_hole_a_copy_with_a_via_the_core_cannot_read_swallows_alices_reinvite``),
+RFC 3261 (every deployment: the top Via at bob is Kamailio's, with the cookie):
+
+- attacker: an **untrusted hop** on the leg to bob's UDP phone;
+- messages: alice (scripted with her real engine) calls bob's phone, 200, ACK; her hold
+  re-INVITE (CSeq 2, signed, SDP sealed for bob, ``a=sendonly``) is held by the hop,
+  which first sends a bodiless copy of it on her very branch with ``;rport;rport`` in
+  the top Via, then hers;
+- effect (run): finals ``[200, 200, 200]`` on her branch, no 482, no
+  ``duplicate_refused``; bob's 200 (sealed for alice) offers ``a=sendrecv``: pjsua took
+  the bodiless copy and absorbed her hold as its retransmission (her phone holds, bob's
+  media never did); and bob's phone files her signed, sealed hold as the call's record
+  ("encrypted by alice ... signed by alice (trusted)"), which pjsua never took;
+- at fault: ``_rx_key`` lines 346-349: ``via_branch`` raises on the repeated parameter
+  and the copy is keyed as an RFC 2543 request with branch "" ("pjsip refuses such a
+  request": it does not - it reads the Via, last value of a repeated parameter wins);
+- fix: refuse (400) in ``_on_rx`` a request whose top Via the core cannot read.
+
 Controls: alice's 2543 MESSAGE alone is shown with her security; the copy with every
 field as alice wrote it (review 95's fix) is refused 482 and bob told; a copy whose
 Call-ID differs by one character is another transaction to pjsip too (alice's
-real one is then shown or refused by pjsip, never absorbed as the copy's).
+real one is then shown or refused by pjsip, never absorbed as the copy's).  Her hold
+alone is answered ``a=recvonly`` and filed with her security; the hold's copy with a
+readable Via is refused 482 and her refused hold is not filed.
 """
 
 from __future__ import annotations
