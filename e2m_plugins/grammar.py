@@ -177,13 +177,15 @@ def split_header_list(value: str) -> list[str]:
 
 # -- parameters ------------------------------------------------------------
 
-def parse_param_list(text: str, dialect: Dialect = SIP) -> list[tuple[str, str | None]]:
+def parse_param_list(text: str, dialect: Dialect = SIP, *, keep_quotes: bool = False
+                     ) -> list[tuple[str, str | None]]:
     """``;a=b;c;d="x;y"`` -> [("a","b"), ("c",None), ("d","x;y")], in order.
 
-    Names are lower-cased; quoted values are unescaped, other values are kept
-    verbatim; a bare name gets None.  A leading ``;`` and empty segments are
-    skipped.  Repeats are kept: use :func:`parse_params` unless the grammar of
-    the header allows a name more than once.
+    Names are lower-cased; quoted values are unescaped (kept as written, quotes
+    and all, with ``keep_quotes``: for a value whose grammar is a token), other
+    values are kept verbatim; a bare name gets None.  A leading ``;`` and empty
+    segments are skipped.  Repeats are kept: use :func:`parse_params` unless the
+    grammar of the header allows a name more than once.
     """
     out: list[tuple[str, str | None]] = []
     pos, end = _skip_blanks(text, 0), len(text)
@@ -199,7 +201,7 @@ def parse_param_list(text: str, dialect: Dialect = SIP) -> list[tuple[str, str |
         raw = match.group(2)
         if raw is None:
             value = None
-        elif raw[0] == '"':
+        elif raw[0] == '"' and not keep_quotes:
             value = _ESCAPED.sub(r"\1", raw[1:-1])
         else:
             value = raw
@@ -215,14 +217,15 @@ def _skip_blanks(text: str, pos: int) -> int:
     return pos
 
 
-def parse_params(text: str, dialect: Dialect = SIP) -> dict[str, str | None]:
+def parse_params(text: str, dialect: Dialect = SIP, *, keep_quotes: bool = False
+                 ) -> dict[str, str | None]:
     """:func:`parse_param_list` as a dict, in order; a name given twice is malformed.
 
     In the MIME dialect ``name`` next to ``name*`` or ``name*N`` counts as
     given twice (RFC 2231: they are one parameter to a decoding parser).
     """
     out: dict[str, str | None] = {}
-    for name, value in parse_param_list(text, dialect):
+    for name, value in parse_param_list(text, dialect, keep_quotes=keep_quotes):
         if name in out:
             raise MalformedError(f"header parameter {name} given twice")
         out[name] = value

@@ -376,15 +376,20 @@ class SipMessage:
     def via_branch(self, *, bottom: bool = False) -> str:
         """The branch of the top Via (the last hop's transaction), or of the bottom one
         (the originating UAC's: the same in a request and its responses, at every
-        hop).  ``MalformedError`` without a Via or a branch."""
+        hop).  ``MalformedError`` without a Via or a branch, with a parameter given
+        twice (pjsip and tm keep the last, others the first), or a branch that is not a
+        token (RFC 3261 §25.1: a quoted one is read with its quotes by pjsip)."""
         # only the header line that holds the wanted Via is split, not every one
         values = self.get_all("Via")
         vias = split_header_list(values[-1 if bottom else 0]) if values else []
         if not vias:
             raise MalformedError("message without Via")
-        branch = parse_params(vias[-1 if bottom else 0].partition(";")[2]).get("branch")
+        branch = parse_params(vias[-1 if bottom else 0].partition(";")[2],
+                              keep_quotes=True).get("branch")
         if not branch:
             raise MalformedError("Via without a branch")
+        if not _TOKEN.fullmatch(branch):
+            raise MalformedError("Via branch is not a token")
         return branch
 
     def transaction_branch(self) -> str | None:

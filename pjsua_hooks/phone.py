@@ -51,7 +51,7 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
-from e2m_plugins.uri import aor_of, identity_of, parse_uri
+from e2m_plugins.uri import aor_of, identity_of, parse_uri, split_hostport
 from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
@@ -334,22 +334,22 @@ def _tx_key(msg: sip.SipMessage) -> tuple[str, int, str, str]:
 
 
 def _rx_key(msg: sip.SipMessage) -> tuple[object, ...]:
-    """A received request's transaction as pjsip keys it: an RFC 3261 branch (the magic
-    cookie) and the method, an ACK under its INVITE's; else (an RFC 2543 peer) Call-ID,
-    CSeq, what it is and the branch.  Keyed by Call-ID and CSeq as well, a copy on
-    alice's branch under another CSeq or Call-ID was a new transaction here and hers
-    to pjsip, which took the copy and absorbed her request (review 93).  The branch is
-    readable: ``_on_rx`` refuses a request whose top Via has none, or several."""
-    method = "INVITE" if msg.method in ("INVITE", "ACK") else msg.method
+    """A received request's transaction as pjsip keys it (``create_tsx_key_3261`` and
+    ``_2543``, looked up with every letter's case folded): the method, but none for
+    INVITE and ACK (an ACK rides its INVITE's), then an RFC 3261 branch; else (an RFC
+    2543 peer) the CSeq number, From tag, Call-ID and the top Via's host and port as a
+    number.  Keyed otherwise, a copy pjsip takes for alice's request was another
+    transaction here: pjsip took the copy and absorbed her request (reviews 93, 95,
+    97).  The branch is readable: ``_on_rx`` refuses a request whose top Via has none,
+    several, or one that is not a token."""
+    method = "" if msg.method.upper() in ("INVITE", "ACK") else msg.method.lower()
     branch = msg.transaction_branch()
     if branch is not None:
-        # pjsip compares the cookie and the branch in any case (review 95)
         return ("3261", method, branch)
-    # pjsip's RFC 2543 key (create_tsx_key_2543): no branch, but the method, the CSeq
-    # number, the From tag, the Call-ID and the top Via's sent-by (review 95)
     via = split_header_list(msg.get_all("Via")[0])[0]
-    sent_by = via.partition(";")[0].split(None, 1)[-1].strip().lower()
-    return ("2543", method, msg.cseq[0], msg.from_tag or "", msg.call_id, sent_by)
+    host, port = split_hostport(via.partition(";")[0].split(None, 1)[-1].strip())
+    return ("2543", method, msg.cseq[0], (msg.from_tag or "").lower(), msg.call_id.lower(),
+            host.lower(), port or 0)
 
 
 def handed_digest(octets: bytes) -> bytes:
@@ -618,11 +618,10 @@ class E2MPhone:
             # or tag the core refuses is a bad request here, not an error further on
             in_dialog = msg.to_tag is not None
             _ids = (msg.call_id, msg.from_tag)
-            if msg.is_request:
-                # one branch pjsip files the transaction under: the core refuses a
-                # Via with none or with several, where pjsip would key the last one
-                # and this hook another (stop 36)
-                msg.via_branch()
+            # the transaction pjsip files a request under, read as it reads it; a top
+            # Via with no branch, several, or one that is no token is refused here:
+            # pjsip would key the last one, or keep the quotes (stop 36, review 97)
+            rx_key = _rx_key(msg) if msg.is_request else None
         except E2MError as exc:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
         answerable = self._answerable_challenges(msg)
@@ -651,10 +650,10 @@ class E2MPhone:
         if msg.is_request and msg.method != "ACK":
             # (an ACK is no transaction of its own to pjsip: a non-2xx one rides its
             # INVITE's branch, and it is never answered)
-            self._one_content_per_transaction(msg, what, handed, now)
+            self._one_content_per_transaction(msg, rx_key, what, handed, now)
             self._only_once(msg, opened)
             # remembered only once nothing here refused it: pjsip takes it now
-            _bounded_put_aged(self._rx_tsx, _rx_key(msg), handed, now)
+            _bounded_put_aged(self._rx_tsx, rx_key, handed, now)
         elif msg.is_request:
             self._only_once(msg, opened)
         if msg.body or msg.is_request:
@@ -680,15 +679,14 @@ class E2MPhone:
             return None
         return opened.message.serialize()
 
-    def _one_content_per_transaction(self, msg: sip.SipMessage, what: str, handed: bytes,
-                                     now: float) -> None:
+    def _one_content_per_transaction(self, msg: sip.SipMessage, key: tuple[object, ...],
+                                     what: str, handed: bytes, now: float) -> None:
         """482 for a request whose transaction (Call-ID, CSeq, method, top Via branch)
         pjsip already took with other octets: pjsip would absorb it as a retransmission
         and deliver nothing, so it is refused here, before it leaves any record, and its
         sender hears it failed instead of a 200 for what pjsip delivered (review 83: a
         hop's bodiless copy ahead of alice's MESSAGE or INVITE on her branch).  The same
-        octets again are a retransmission: pjsip's to absorb."""
-        key = _rx_key(msg)
+        octets again are a retransmission: pjsip's to absorb.  ``key``: ``_rx_key``."""
         first = self._rx_tsx.get(key)
         if first is not None and now - first[0] <= _RX_MAX_AGE:
             if first[1] == handed:

@@ -62,7 +62,7 @@ def _taken(phone: E2MPhone, msg: sip.SipMessage, now: float = 0.0) -> None:
     """What ``_on_rx`` does with a request it hands on unchanged."""
     from pjsua_hooks.phone import _bounded_put_aged, _rx_key
     handed = handed_digest(msg.serialize())
-    phone._one_content_per_transaction(msg, msg.method, handed, now)
+    phone._one_content_per_transaction(msg, _rx_key(msg), msg.method, handed, now)
     _bounded_put_aged(phone._rx_tsx, _rx_key(msg), handed, now)
 
 

@@ -86,6 +86,17 @@ Tried and held (read, run, and the controls):
   bit, the root branch any ACL).  Lead, not a hole: the root branch takes ``root:<any
   group> 0640`` - every member of that group (Debian's ``ssl-cert``: postgres and
   others) reads the key; the operator's choice, as PostgreSQL's.
+
+Fixed (stop 36): ``_rx_key`` is pjsip's key as pjsip looks it up (every letter's case
+folded): the method, none for INVITE and ACK, then an RFC 3261 branch; for an RFC 2543
+peer the CSeq number, From tag, Call-ID, and the top Via's host and port read as a
+number.  ``SipMessage.via_branch`` refuses a branch that is no token (a quoted one) as
+well as a parameter given twice, and ``_on_rx`` reads the key first, so a request whose
+top Via the core cannot read is refused 400 before pjsip sees it or anything is noted
+(hole 5, and a quoted branch of hole 4; a port pjsip reads as a number of six digits
+too).  The model's ``_swallowed`` counts a copy refused 400 as never taken; the phone
+module's ``_alices_never_swallowed`` accepts the 400 outcome (alice's MESSAGE shown),
+and the control on the four spellings asserts pjsip's key (or the 400) now.
 """
 
 from __future__ import annotations
@@ -133,7 +144,12 @@ def _dup_rport(copy: sip.SipMessage) -> sip.SipMessage:
 def _swallowed(real: sip.SipMessage, mutate) -> bool:
     """Whether ``real`` passes after the hop's ``mutate``d copy was taken (no 482)."""
     phone = _phone()
-    _taken(phone, mutate(_copy(real, real.via_branch())))
+    copy = mutate(_copy(real, real.via_branch()))
+    try:
+        _rx_key(copy)
+    except E2MError:
+        return False        # fixed: ``_on_rx`` refuses it 400, pjsip never sees it
+    _taken(phone, copy)
     return not _refused_482(phone, real)
 
 
@@ -160,38 +176,35 @@ def test_control_a_2543_retransmission_and_another_transaction_are_taken():
 
 def test_control_what_pjsip_reads_the_same_is_the_same_to_pjsip():
     """The four spellings are pjsip's own key for alice's (folded case, the port a
-    number, a quoted branch no cookie); ``_rx_key`` says otherwise for each."""
+    number, a quoted branch no cookie).  Fixed (stop 36): ``_rx_key`` gives pjsip's
+    key for the first three, and refuses the quoted branch (no token)."""
     real = _alices("MESSAGE", branch=HERS)
     for name, mutate in _2543.items():
         copy = mutate(_copy(real, HERS))
-        assert _rx_key(copy) != _rx_key(real), name
+        if name == "quoted_cookie_branch":
+            with pytest.raises(E2MError):
+                _rx_key(copy)
+        else:
+            assert _rx_key(copy) == _rx_key(real), name
         assert (copy.cseq, copy.call_id.lower(), (copy.from_tag or "").lower()) == \
             (real.cseq, real.call_id.lower(), (real.from_tag or "").lower()), name
 
 
-@pytest.mark.xfail(strict=True, reason="review 97: untrusted hop, a 2543 copy with the "
-                   "Call-ID in other letters is not refused 482 (alice's request swallowed)")
 @pytest.mark.parametrize("method", ["MESSAGE", "INVITE"])
 def test_hole_a_2543_copy_with_the_call_id_in_other_letters_is_not_refused(method):
     assert not _swallowed(_alices(method, branch=HERS), _other_call_id)
 
 
-@pytest.mark.xfail(strict=True, reason="review 97: untrusted hop, a 2543 copy with the "
-                   "From tag in other letters is not refused 482 (alice's request swallowed)")
 @pytest.mark.parametrize("method", ["MESSAGE", "INVITE"])
 def test_hole_a_2543_copy_with_the_from_tag_in_other_letters_is_not_refused(method):
     assert not _swallowed(_alices(method, branch=HERS), _other_from_tag)
 
 
-@pytest.mark.xfail(strict=True, reason="review 97: untrusted hop, a 2543 copy whose Via "
-                   "port has a leading zero is not refused 482 (alice's request swallowed)")
 @pytest.mark.parametrize("method", ["MESSAGE", "INVITE"])
 def test_hole_a_2543_copy_with_a_leading_zero_in_the_port_is_not_refused(method):
     assert not _swallowed(_alices(method, branch=HERS), _zero_port)
 
 
-@pytest.mark.xfail(strict=True, reason="review 97: untrusted hop, a 2543 copy on a quoted "
-                   "\"z9hG4bK\" branch is not refused 482 (alice's request swallowed)")
 @pytest.mark.parametrize("method", ["MESSAGE", "INVITE"])
 def test_hole_a_2543_copy_on_a_quoted_cookie_branch_is_not_refused(method):
     assert not _swallowed(_alices(method, branch=HERS), _quoted_cookie)
@@ -212,7 +225,5 @@ def test_control_a_readable_via_with_rport_keys_as_rfc_3261():
         _dup_rport(real).via_branch()            # the core cannot read it; pjsip can
 
 
-@pytest.mark.xfail(strict=True, reason="review 97: untrusted hop, a copy of alice's "
-                   "re-INVITE with ;rport twice in its Via is keyed 2543: no 482, her hold swallowed")
 def test_hole_a_copy_with_a_via_the_core_cannot_read_is_not_refused():
     assert not _swallowed(_alices_reinvite(), _dup_rport)
