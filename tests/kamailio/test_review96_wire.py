@@ -1,0 +1,147 @@
+"""A ninety-sixth attacker's review (December 2026) of d91b4b5: stop 35's newest proxy
+fixes (reviews 94, 95) on a real Kamailio - a BYE's 2xx ends a dialog's keys only when
+the BYE's Request-URI is the remote target of the party it did not come from
+(``e2mtargets``, ``kemi.end_answered_dialog``); the door's 482 for a branch another
+live request holds (``e2mbranch``); the ``;e2mnr=`` mark.  The core half (the kemi
+calls with a stand-in ``KSR``) is ``tests/unit/test_review96.py``; its docstring has
+the whole report (attacker, messages, effect, code at fault, fix, and what held).
+
+``test_hole_*`` xfail strictly on d91b4b5 (their assertion is the secure behaviour);
+``test_control_*`` pass and show the set-up is sound.
+
+Hole 1 (``test_hole_a_bye_to_the_peers_target_routed_past_us_ends_the_live_calls_keys``):
+attacker: an **untrusted hop** on either leg (it read the INVITE's Contact and
+Record-Route and the 200's To tag), no credentials even with ``[auth]`` (a From not
+ours, in a dialog, passes ``route_auth``); or an **insider UA**.  Messages: in alice's
+live call with bob (bob's 200 read by the proxy under her offer key), a bare ``BYE``
+"from bob's side" (bob's tag as From tag, a From URI of anyone's, alice's tag as To tag)
+whose Request-URI is alice's own Contact - exactly the target review 94's fix wants -
+and whose Route is the dialog's (our entry with its token) followed by one more entry,
+``<sip:x@<hop>;lr>``.  ``loose_route`` takes ours off and sends the BYE to the next
+Route entry, the hop's UAS, which answers ``200``; alice never sees the BYE.  Effect:
+``end_answered_dialog`` compares only the Request-URI as received (``$T_req($ou)``)
+with the noted target - equal - and ends the dialog's keys (records 2 -> 0); alice's
+next re-INVITE under the dialog key is answered 496 by her own proxy (bob's answers
+go unread: no archive row, no media line): review 94's hole 1 back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from e2m_lab.flows import TRUSTED, invite, known_proxy, ua_engine
+from e2m_lab.kamailio_harness import (RawUas, SipUa, answer_under_offer_key,
+                                      register_contact, udp_transaction)
+from e2m_plugins.sip import SipMessage, make_request, make_response
+from tests.kamailio.test_review94_wire import ALICES_NEW_SDP, SDP_VIEW, _bobs_phone
+
+pytestmark = pytest.mark.kamailio
+
+ALICES_CONTACT = "sip:alice@127.0.0.1:5061"        # e2m_lab.flows.invite's Contact
+
+
+def _bye_past_us_then_records(proxy_factory, pki, name: str, *, ruri: str | None,
+                              past_us: bool, answer: int = 200):
+    """alice's call with bob read by the proxy; then (``ruri`` not None) the hop's BYE
+    "from bob's side" to ``ruri`` with the dialog's Route plus, when ``past_us``, an
+    entry of the hop's UAS after ours.  Returns (records after bob's 200, records after
+    the BYE, BYEs the hop's UAS got, status of alice's re-INVITE under the dialog key)."""
+    proxy = proxy_factory(name, e2m=True, view=SDP_VIEW)
+    bob_engine = ua_engine(pki, "bob")
+    bob = RawUas(_bobs_phone)
+    hop = RawUas(lambda request: make_response(request, answer, "OK" if answer == 200
+                                               else "Call Does Not Exist"))
+    alice_ua = SipUa(proxy.port, user="alice", timeout=5)
+    try:
+        register_contact(proxy, "bob", bob.port)
+        alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+        call_id = f"review96-{time.monotonic_ns()}@x"
+        offer = alice.protect(invite(pki, call_id=call_id).replace("Via", alice_ua.via()))
+        assert offer.message.get("Contact") == f"<{ALICES_CONTACT}>"
+        alice_ua.send(offer.message)
+        (delivered,) = bob.wait_for(1, method="INVITE")
+        answer_under_offer_key(proxy, bob_engine, bob, delivered)
+        deadline, got = time.monotonic() + 5, None
+        while time.monotonic() < deadline:
+            got = alice_ua.receive(timeout=1)
+            if got is not None and not got.is_request and got.status == 200:
+                break
+        assert got is not None and got.status == 200, "bob's 200 did not reach alice"
+        alice.open(got)
+        time.sleep(0.3)
+        after_answer = proxy.htable_items()
+        if ruri is not None:
+            bye = make_request("BYE", ruri, from_uri="sip:anyone@hop.example.net",
+                               to_uri=pki.aor("alice"), call_id=call_id, cseq=7,
+                               from_tag=got.to_tag or "", to_tag=got.from_tag or "",
+                               body=b"")
+            for route in got.get_all("Record-Route"):     # bob's side: in order
+                bye = bye.add("Route", route)
+            if past_us:
+                bye = bye.add("Route", f"<sip:x@127.0.0.1:{hop.port};lr>")
+            reply = udp_transaction(proxy.port, bye, timeout=5)
+            assert reply is not None and reply.status == answer, reply
+            time.sleep(0.3)
+        after_bye = proxy.htable_items()
+        byes = hop.wait_for(1, timeout=0.2, method="BYE")
+        assert not [m for m in bob.received if m.method == "BYE"], "bob got the BYE"
+        if byes:
+            # the hop's UAS got a BYE whose Request-URI is alice's own target
+            assert byes[0].request_uri == ALICES_CONTACT, byes[0].request_uri
+        plain = make_request("INVITE", f"sip:bob@127.0.0.1:{bob.port}",
+                             from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+                             call_id=call_id, cseq=2, from_tag="a1",
+                             to_tag=got.to_tag or "b1", body=ALICES_NEW_SDP,
+                             content_type="application/sdp",
+                             extra_headers=[("Contact",
+                                             f"<sip:alice@127.0.0.1:{alice_ua.local_port}>")])
+        again = alice.protect(plain)
+        assert again.info.key_reuse          # sealed for the proxy under the dialog key
+        again = again.message
+        for route in reversed(got.get_all("Record-Route")):
+            again = again.add("Route", route)
+        reply = alice_ua.transact(again.replace("Via", alice_ua.via()))
+        return after_answer, after_bye, len(byes), (reply.status if reply is not None else 0)
+    finally:
+        alice_ua.close()
+        bob.close()
+        hop.close()
+
+
+def test_control_the_hops_bye_past_us_refused_there_ends_nothing(proxy_factory, pki):
+    """The BYE with alice's target and a Route past ours is relayed to the hop's UAS (not
+    to alice, not to bob): a 481 there ends nothing, her re-INVITE is read (200)."""
+    after_answer, after_bye, byes, status = _bye_past_us_then_records(
+        proxy_factory, pki, "r96-past-481", ruri=ALICES_CONTACT, past_us=True, answer=481)
+    assert byes == 1
+    assert after_answer >= 1 and after_bye == after_answer
+    assert status == 200, f"alice's re-INVITE got {status}"
+
+
+def test_control_review_94s_form_ends_nothing(proxy_factory, pki):
+    """Review 94's fix holds for its own form: the hop's UAS as the Request-URI (no
+    Route past ours), answered 200 there, ends nothing."""
+    after_answer, after_bye, byes, status = _r94_form(proxy_factory, pki)
+    assert byes == 1
+    assert after_answer >= 1 and after_bye == after_answer
+    assert status == 200, f"alice's re-INVITE got {status}"
+
+
+def _r94_form(proxy_factory, pki):
+    from tests.kamailio.test_review94_wire import _bye_elsewhere_then_records
+    return _bye_elsewhere_then_records(proxy_factory, pki, "hop")
+
+
+@pytest.mark.xfail(strict=True, reason="review 96: untrusted hop (no credentials): a BYE to "
+                   "alice's own target with one Route entry past ours reaches the hop's UAS, "
+                   "whose 200 ends the live call's keys; her re-INVITE gets 496")
+def test_hole_a_bye_to_the_peers_target_routed_past_us_ends_the_live_calls_keys(
+        proxy_factory, pki):
+    after_answer, after_bye, byes, status = _bye_past_us_then_records(
+        proxy_factory, pki, "r96-past-200", ruri=ALICES_CONTACT, past_us=True)
+    assert byes == 1 and after_answer >= 1
+    assert status == 200 and after_bye == after_answer, (
+        f"alice's re-INVITE got {status} from her own proxy; {after_answer} key records "
+        f"before the BYE, {after_bye} after")
