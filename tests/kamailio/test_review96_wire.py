@@ -27,6 +27,8 @@ go unread: no archive row, no media line): review 94's hole 1 back.
 
 from __future__ import annotations
 
+import re
+import socket
 import time
 
 import pytest
@@ -43,7 +45,7 @@ ALICES_CONTACT = "sip:alice@127.0.0.1:5061"        # e2m_lab.flows.invite's Cont
 
 
 def _bye_past_us_then_records(proxy_factory, pki, name: str, *, ruri, past_us: bool,
-                              answer: int = 200, contact=None):
+                              answer: int = 200, contact=None, hop_at=None):
     """alice's call with bob read by the proxy; then (``ruri`` not None) the hop's BYE
     "from bob's side" to ``ruri`` with the dialog's Route plus, when ``past_us``, an
     entry of the hop's UAS after ours.  Returns (records after bob's 200, records after
@@ -53,6 +55,13 @@ def _bye_past_us_then_records(proxy_factory, pki, name: str, *, ruri, past_us: b
     bob = RawUas(_bobs_phone)
     hop = RawUas(lambda request: make_response(request, answer, "OK" if answer == 200
                                                else "Call Does Not Exist"))
+    if hop_at is not None:              # the hop's UAS on an address of its choosing
+        moved = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        moved.bind(hop_at)
+        moved.settimeout(0.2)
+        hop.sock, old = moved, hop.sock
+        time.sleep(0.3)
+        old.close()
     alice_ua = SipUa(proxy.port, user="alice", timeout=5)
     try:
         register_contact(proxy, "bob", bob.port)
@@ -182,3 +191,135 @@ def test_hole_a_display_name_holding_a_uri_is_noted_as_the_target(proxy_factory,
     assert status == 200 and after_bye == after_answer, (
         f"alice's re-INVITE got {status} from her own proxy; {after_answer} key records "
         f"before the BYE, {after_bye} after")
+
+
+# -- hole 3: the door reads a Via's first branch, Kamailio and pjsip its last -----------------
+
+from tests.kamailio.test_review88_wire import HOP, _route_set, _starts_at_our_tls  # noqa: E402
+from tests.kamailio.test_review94_wire import (_BRANCH, USERS, _alices_via,  # noqa: E402
+                                               _MintingHop, _vias)
+from tests.kamailio.test_review81_wire import _alice_tls  # noqa: E402
+
+DECOY = "z9hG4bK-decoy96"
+
+
+def _doubled(via: str) -> str:
+    """The Via with a branch of the hop's own put before the one it carries: the door
+    (``_branch_taken``) reads the first ``branch``, pjsip's parser keeps the last one
+    (``int_parse_via_param`` overwrites ``branch_param``)."""
+    return re.sub(r";branch=", f";branch={DECOY};branch=", via, count=1, flags=re.IGNORECASE)
+
+
+class _DoubleBranchHop(_MintingHop):
+    """Review 94's minting hop, with alice's Via carrying the hop's decoy branch first:
+    on its own in-dialog INVITE (to get the mark) and as the Via below ours in bob's
+    stripped, stray 200 (so the mark fits it, and alice's stack still reads her own
+    branch last).  ``double`` False: review 94's form (her Via as it is)."""
+
+    def __init__(self, home, double: bool) -> None:
+        super().__init__(home, "mint")
+        self.double = double
+
+    def _mint(self, request: SipMessage) -> str | None:
+        via = _alices_via(request)
+        if self.double:
+            via = _doubled(via)
+        forged = make_request(
+            "INVITE", f"sip:hop@127.0.0.1:{self.hop_uas.port}",
+            from_uri="sip:hop@hop.example.net", to_uri="sip:alice@example.com",
+            call_id=request.get("Call-ID"), cseq=request.cseq[0] + 50, from_tag="hop96",
+            to_tag=request.from_tag or "",
+            extra_headers=[("Contact", f"<sip:hop@127.0.0.1:{self.hop_uas.port}>")])
+        forged = forged.replace("Via", via)
+        for route in [e.strip() for value in request.get_all("Record-Route")
+                      for e in value.split(",") if "e2m-rr=" in e]:
+            forged = forged.add("Route", route)
+        self.sock.sendto(forged.serialize(), ("127.0.0.1", self.home.port))
+        got = self.hop_uas.wait_for(1, method="INVITE", timeout=3)
+        if not got:
+            self.sock.settimeout(1.0)
+            try:
+                self.refused_with = int(self.sock.recv(65535).split(b" ", 2)[1])
+            except (OSError, ValueError, IndexError):
+                pass
+            return None
+        found = re.search(r";e2mnr=([0-9a-fA-F]+)", _vias(got[0])[0], re.IGNORECASE)
+        return found.group(1) if found else None
+
+    def respond(self, request: SipMessage):
+        answer = make_response(request, 200, "OK")
+        if request.method != "INVITE":
+            return answer
+        with self._lock:
+            if self._answer is not None:
+                return self._answer
+            try:
+                answer = answer.replace("To", f"{request.get('To')};tag=bt96")
+                self.minted = self._mint(request)
+                answer = answer.remove("Record-Route").add("Contact", f"<sip:bob@{HOP}>")
+                vias = _vias(answer)
+                ours = _BRANCH.sub(lambda m: m.group(1) + m.group(2)[:-1]
+                                   + ("x" if m.group(2)[-1:] != "x" else "y"), vias[0])
+                if self.minted:
+                    ours += f";e2mnr={self.minted}"
+                below = _doubled(vias[1]) if self.double else vias[1]
+                answer = answer.remove("Via")
+                for via in [ours, below] + vias[2:]:
+                    answer = answer.add("Via", via)
+                self._answer = answer
+            except Exception as exc:  # noqa: BLE001 - the test reads it
+                self.errors.append(repr(exc))
+            return self._answer
+
+
+def _double_branch_call(proxy_factory, pki, name: str, double: bool, sources):
+    home = proxy_factory(name, e2m=False, tls=True, auth=True, users=USERS)
+    bob = _DoubleBranchHop(home, double)
+    register_contact(home, "bob", bob.uas.port, password=USERS["bob"], source=sources[0])
+    ua = _alice_tls(home, pki, sources[1])
+    ua.password = USERS["alice"]
+    try:
+        assert ua.register().status == 200
+        mark = home.log_mark()
+        ok = ua.request(ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com"),
+                        timeout=6)
+        return home, ok, home.log_since(mark), bob
+    finally:
+        ua.close()
+        bob.close()
+
+
+def test_control_alices_branch_as_written_is_refused_482(proxy_factory, pki):
+    """Stop 35's fix for its own form: the hop's INVITE under alice's very Via is 482 at
+    the door, no mark is made, the stripped stray 200 is dropped."""
+    home, ok, log, bob = _double_branch_call(proxy_factory, pki, "r96-branch-ctl", False,
+                                             ("127.0.96.1", "127.0.96.2"))
+    assert not bob.errors, bob.errors
+    assert (bob.minted, bob.refused_with) == (None, 482)
+    assert "(no Record-Route), not ours: dropped" in log, log
+    assert ok is None or ok.status != 200
+
+
+def test_control_the_doubled_via_is_one_branch_to_pjsip():
+    """What alice's stack reads: pjsip's Via parser keeps the last ``branch`` it meets
+    (``int_parse_via_param``: ``hdr->branch_param = pvalue`` for each one), so the
+    doubled Via below ours names her INVITE's branch; the door reads the first."""
+    alices = "SIP/2.0/TLS 127.0.96.2:40000;rport;branch=z9hG4bK-ua96"
+    doubled = _doubled(alices)
+    branches = re.findall(r";branch=([^;,\s]+)", doubled)
+    assert branches == [DECOY, "z9hG4bK-ua96"]     # pjsip: the last; the door: the first
+
+
+@pytest.mark.xfail(strict=True, reason="review 96: untrusted hop on bob's leg: alice's Via with "
+                   "a decoy branch put first passes the 482 door (first branch read), the mark "
+                   "minted for it lets bob's stripped stray 200 reach alice: route set empty")
+def test_hole_a_decoy_branch_first_gets_a_mark_for_alices_transaction(proxy_factory, pki):
+    home, ok, log, bob = _double_branch_call(proxy_factory, pki, "r96-branch-hole", True,
+                                             ("127.0.96.3", "127.0.96.4"))
+    assert not bob.errors, bob.errors
+    # secure: the hop's INVITE naming alice's branch (where her stack reads it) is
+    # refused as stop 35's door refuses it as written, and no stray 200 without our
+    # Record-Route reaches alice
+    assert ok is None or _starts_at_our_tls(home, ok), (bob.minted, bob.refused_with,
+                                                        _route_set(ok), ok.get("Contact"))
+    assert (bob.minted, bob.refused_with) == (None, 482)
