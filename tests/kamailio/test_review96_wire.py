@@ -203,11 +203,17 @@ from tests.kamailio.test_review81_wire import _alice_tls  # noqa: E402
 DECOY = "z9hG4bK-decoy96"
 
 
-def _doubled(via: str) -> str:
-    """The Via with a branch of the hop's own put before the one it carries: the door
-    (``_branch_taken``) reads the first ``branch``, pjsip's parser keeps the last one
+_DECOYS = {"decoy-first": f";branch={DECOY};branch=",
+           "quoted-param": f';x="a;branch={DECOY}";branch=',
+           "empty-first": ";branch=;branch="}
+
+
+def _doubled(via: str, variant: str = "decoy-first") -> str:
+    """The Via with a branch of the hop's own put before the one it carries (or a quoted
+    parameter holding one, or an empty one): the door (``_branch_taken``) reads the first
+    ``branch`` it splits out, pjsip's parser keeps the last non-empty one
     (``int_parse_via_param`` overwrites ``branch_param``)."""
-    return re.sub(r";branch=", f";branch={DECOY};branch=", via, count=1, flags=re.IGNORECASE)
+    return re.sub(r";branch=", _DECOYS[variant], via, count=1, flags=re.IGNORECASE)
 
 
 class _DoubleBranchHop(_MintingHop):
@@ -216,14 +222,14 @@ class _DoubleBranchHop(_MintingHop):
     stripped, stray 200 (so the mark fits it, and alice's stack still reads her own
     branch last).  ``double`` False: review 94's form (her Via as it is)."""
 
-    def __init__(self, home, double: bool) -> None:
+    def __init__(self, home, double: bool, variant: str = "decoy-first") -> None:
         super().__init__(home, "mint")
-        self.double = double
+        self.double, self.variant = double, variant
 
     def _mint(self, request: SipMessage) -> str | None:
         via = _alices_via(request)
         if self.double:
-            via = _doubled(via)
+            via = _doubled(via, self.variant)
         forged = make_request(
             "INVITE", f"sip:hop@127.0.0.1:{self.hop_uas.port}",
             from_uri="sip:hop@hop.example.net", to_uri="sip:alice@example.com",
@@ -262,7 +268,7 @@ class _DoubleBranchHop(_MintingHop):
                                    + ("x" if m.group(2)[-1:] != "x" else "y"), vias[0])
                 if self.minted:
                     ours += f";e2mnr={self.minted}"
-                below = _doubled(vias[1]) if self.double else vias[1]
+                below = _doubled(vias[1], self.variant) if self.double else vias[1]
                 answer = answer.remove("Via")
                 for via in [ours, below] + vias[2:]:
                     answer = answer.add("Via", via)
@@ -272,9 +278,10 @@ class _DoubleBranchHop(_MintingHop):
             return self._answer
 
 
-def _double_branch_call(proxy_factory, pki, name: str, double: bool, sources):
+def _double_branch_call(proxy_factory, pki, name: str, double: bool, sources,
+                        variant: str = "decoy-first"):
     home = proxy_factory(name, e2m=False, tls=True, auth=True, users=USERS)
-    bob = _DoubleBranchHop(home, double)
+    bob = _DoubleBranchHop(home, double, variant)
     register_contact(home, "bob", bob.uas.port, password=USERS["bob"], source=sources[0])
     ua = _alice_tls(home, pki, sources[1])
     ua.password = USERS["alice"]
@@ -313,9 +320,13 @@ def test_control_the_doubled_via_is_one_branch_to_pjsip():
 @pytest.mark.xfail(strict=True, reason="review 96: untrusted hop on bob's leg: alice's Via with "
                    "a decoy branch put first passes the 482 door (first branch read), the mark "
                    "minted for it lets bob's stripped stray 200 reach alice: route set empty")
-def test_hole_a_decoy_branch_first_gets_a_mark_for_alices_transaction(proxy_factory, pki):
-    home, ok, log, bob = _double_branch_call(proxy_factory, pki, "r96-branch-hole", True,
-                                             ("127.0.96.3", "127.0.96.4"))
+@pytest.mark.parametrize("variant", sorted(_DECOYS))
+def test_hole_a_decoy_branch_first_gets_a_mark_for_alices_transaction(proxy_factory, pki,
+                                                                     variant):
+    n = sorted(_DECOYS).index(variant)
+    home, ok, log, bob = _double_branch_call(proxy_factory, pki, f"r96-branch-hole{n}", True,
+                                             (f"127.0.96.{3 + 2 * n}", f"127.0.96.{4 + 2 * n}"),
+                                             variant)
     assert not bob.errors, bob.errors
     # secure: the hop's INVITE naming alice's branch (where her stack reads it) is
     # refused as stop 35's door refuses it as written, and no stray 200 without our

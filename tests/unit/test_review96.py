@@ -1,0 +1,268 @@
+"""A ninety-sixth attacker's review (December 2026) of d91b4b5: stop 35's newest proxy
+fixes (reviews 94, 95) - a BYE's 2xx ends a dialog's keys only when its Request-URI is
+the other party's remote target (htable ``e2mtargets``: ``kemi.note_caller_target``,
+``note_dialog_targets``, ``end_answered_dialog``); a request under an RFC 3261 branch
+another live request holds is refused 482 (``kemi._branch_taken``, htable
+``e2mbranch``); the ``;e2mnr=`` Via mark; the door's 400 Bad Record-Route - fresh eyes,
+modelled here on ``kamailio_app.kemi`` with a stand-in ``KSR`` (as
+``tests/unit/test_review94.py`` does).  The same holes on a real Kamailio 5.6:
+``tests/kamailio/test_review96_wire.py``.
+
+``test_hole_*`` xfail strictly on d91b4b5 (their assertion is the secure behaviour);
+``test_control_*`` pass and show the set-up is sound.
+
+Hole 1 (``test_hole_a_bye_to_the_target_sent_elsewhere_ends_the_dialog``; wire:
+``test_hole_a_bye_to_the_peers_target_routed_past_us_ends_the_live_calls_keys``).
+Attacker: an **untrusted hop** on either leg (it read alice's INVITE - her Contact, our
+Record-Route entry with its token - and the 200's To tag); no credentials, even with
+``[auth]``: the BYE's From is a URI not ours, in a dialog (``route_auth``).  Also an
+**insider UA** (alice herself, hiding bob's later answers from the archive).
+Messages: in alice's live call with bob (bob's 200 read under her offer key, the
+dialog's keys held: 2 records), a bare ``BYE sip:alice@127.0.0.1:5061`` (alice's own
+Contact: the very target review 94's fix wants for a BYE from bob's side) with From
+``sip:anyone@hop.example.net;tag=<bob's tag>``, To alice's tag, ``Route: <our entry>,
+<sip:x@hop;lr>``.  ``loose_route`` takes ours off and relays the BYE to the next Route
+entry, the hop's UAS, which answers 200; alice and bob never see it.  Effect:
+``end_answered_dialog`` compares the Request-URI as received (``$T_req($ou)``) with the
+noted target, equal, and ends the dialog's keys (2 -> 0); alice's next re-INVITE under
+the dialog key gets 496 from her own proxy, bob's answers go unread (no archive row, no
+media line) - review 94's hole 1 back.  At fault: ``kamailio_app/kemi.py`` line 1446
+(``if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer``): the Request-URI is
+where a BYE says it goes, not where it went; ``route_in_dialog`` (line 992) relays an
+in-dialog request along any Route past ours.  Fix: end the keys only when the BYE went
+where the target names: its destination as relayed (``$T_req($du)`` empty, or the
+next Route entry being one the dialog's route set had - note the route set beyond us
+on each side at the 2xx with the targets, and compare the BYE's remaining Route with
+the other side's), else nothing.
+
+Hole 2 (``test_hole_a_display_name_holding_a_uri_is_read_as_the_target``; wire:
+``test_hole_a_display_name_holding_a_uri_is_noted_as_the_target``).  Attacker: an
+**insider UA** (alice, the caller; or bob, the callee, with his 2xx's Contact), or an
+untrusted hop on her leg.  Messages: alice's INVITE with ``Contact: "<sip:x@hop>"
+<sip:alice@127.0.0.1:5061>`` (a quoted display name may hold ``<`` and ``>``, RFC 3261
+25.1); every SIP stack (Kamailio, pjsip, bob's phone) takes ``sip:alice@...:5061`` as
+her target, but ``_target`` cuts at the first ``<``, inside the quotes, and notes
+``sip:x@hop``.  Then the hop form's BYE (From bob's tag, a URI not ours) with
+``Request-URI sip:x@hop`` and only our Route entry: relayed to the hop's UAS, 200 there.
+Effect: the noted target matches, the live call's keys go (2 -> 0), alice's re-INVITE
+gets 496; and bob's own honest BYE (to her real Contact) would end nothing, so the keys
+outlive the call by 12 h.  At fault: ``kemi._target`` line 429 (``entry.index("<")``
+ignores quoted strings).  Fix: parse the Contact as a name-addr with the core's
+parser (``e2m_plugins`` ``parse_address``, which skips the quoted display name), or
+take the target as Kamailio reads it (``$(ct{tobody.uri})``/``$ct`` parsed by
+``parse_contact``).
+
+Hole 3 (``test_hole_a_decoy_branch_first_hides_alices_branch_from_the_door``; wire:
+``test_hole_a_decoy_branch_first_gets_a_mark_for_alices_transaction``).  Attacker: an
+**untrusted hop** on bob's leg (it sees alice's INVITE as we relay it: her Via below
+ours, our Record-Route entry with the token and her From tag).  Messages: review 94's
+hole 2 with one change: the hop's in-dialog INVITE (alice's Call-ID, her From tag as To
+tag, our entry as Route, CSeq 51) carries alice's Via with a branch of its own put
+before hers - ``...;rport;branch=z9hG4bK-decoy96;branch=<alice's>``.  The door reads the
+first ``branch`` (a new one: noted, not refused), the proxy relays the INVITE and writes
+``;e2mnr=MAC(Call-ID, that Via)`` on its own Via; then bob's 200 stripped of
+Record-Route, our branch changed (a stray), the mark added and the same doubled Via as
+the Via below ours.  pjsip's parser keeps the *last* ``branch`` of a Via
+(``int_parse_via_param`` sets ``branch_param`` for each), so alice's stack reads her own
+INVITE's branch.  Effect: ``record_routed_here`` takes the stray for a re-INVITE's late
+2xx and relays it: alice's route set is empty, her dialog goes to the hop's Contact
+past the proxy (review 88's hole back; seen on the wire with bob's 200 reaching her).
+Variants the door reads the same way: a quoted generic parameter holding
+``;branch=z9hG4bK...`` before hers (the door splits on every ``;``), and an empty
+``branch=`` first (the door sees no RFC 3261 branch, pjsip skips an empty one).  At
+fault: ``kemi._branch_taken`` lines 449-451 (the first ``branch``, a naive split on
+``;``).  Fix: refuse (400) a Via entry with more than one ``branch`` parameter, or an
+empty one, at the door (RFC 3261 allows one), and read the parameters with the core's
+quoted-string aware parser; the mark should name our own branch (review 94's advice).
+
+What held (run here or on the wire, or read):
+
+- review 94's own forms: a BYE to the attacker's UAS as Request-URI ends nothing (wire
+  ``test_control_review_94s_form_ends_nothing``), a non-2xx there neither; alice's
+  very Via under another CSeq is 482 (``test_control_alices_branch_as_written_is_refused_482``);
+- a BYE whose Request-URI carries ``;maddr=<hop>`` (same user, host and port as the
+  target: ``_target`` ignores parameters): Kamailio 5.6 sent it to the host, not to
+  maddr (408, nothing at the hop); ``;transport=tcp`` reaches the same host and port;
+- sipsak (``-T``, ``-F``, OPTIONS, REGISTER with digest) and SIPp's stock scenarios make
+  a new branch per CSeq: no honest 482 (``test_stock_clients_wire.py`` passes); SIPp's
+  ``[branch]`` is predictable (pid, call number, message index), but an off-path
+  sender must still beat the client's request to the door and learn nothing of a real
+  phone's (pjsip: random GUIDs);
+- ``e2mbranch`` grows per request, not per call, but each entry goes in 64 s, within
+  pike's rate (as tm's transactions do: a known limit); ``e2mtargets``: an INVITE's
+  caller target lasts 64 s unless its first 2xx comes; a stray 2xx can make it 12 h only
+  with our Record-Route entry, whose MAC the caller gets only when the INVITE was
+  relayed (a 1xx or final answer copying it) - within the stated bound ("grows with the
+  INVITEs relayed");
+- ``_target``'s compare folds scheme and host case (``host_key``) and drops URI
+  parameters, so a Contact in odd case or with ``;ob``/``;transport`` matches the
+  BYE that pjsip sends to it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+
+import pytest
+
+from e2m_plugins.testpki import init_test_pki
+from e2m_lab.flows import TRUSTED
+
+from tests.unit.test_review92 import _call_through_the_proxy
+from tests.unit.test_review94 import _fake_htable
+
+ALICES_TARGET = "sip:alice@127.0.0.1:5061"
+BOBS_TARGET = "sip:bob@127.0.0.1:5062"
+HOP_UAS = "sip:x@203.0.113.66:5999"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob", "carol"),
+                         key_type="ec")
+
+
+@pytest.fixture
+def fake_ksr(monkeypatch):
+    fake = types.ModuleType("KSR")
+    fake.kx = types.SimpleNamespace(get_def=lambda name: None)
+    monkeypatch.setitem(sys.modules, "KSR", fake)
+    sys.modules.pop("kamailio_app.kemi", None)
+    import kamailio_app.kemi as kemi
+    monkeypatch.setattr(kemi, "KSR", fake)
+    yield fake, kemi
+    sys.modules.pop("kamailio_app.kemi", None)
+
+
+# -- hole 1: a BYE with the right Request-URI, relayed elsewhere ------------------------------
+
+def _bye_answered(fake, kemi, proxy, *, ruri: str, dst: str, caller_contact: str
+                  = f"<{ALICES_TARGET}>", tags=("b1", "a1")) -> None:
+    """The dialog's targets noted (alice's INVITE, bob's 2xx), then a 200 to a BYE we
+    relayed with Request-URI ``ruri`` to ``dst`` ($du: the next Route entry after ours;
+    "" when it followed its Request-URI).  ``tags``: (From, To) of the BYE."""
+    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy))
+    _fake_htable(fake)
+    invite = {"$rm": "INVITE", "$ci": "r96-bye@x", "$ft": "a1",
+              "$hdr(Contact)": caller_contact}
+    fake.pv = types.SimpleNamespace(get=invite.get)
+    kemi.kamailio.note_caller_target(node)
+    ok = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-bye@x", "$ft": "a1",
+          "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>"}
+    fake.pv = types.SimpleNamespace(get=ok.get)
+    kemi.kamailio.note_dialog_targets(node)
+    bye = {"$rm": "BYE", "$rs": 200, "$T_req($ci)": "r96-bye@x", "$T_req($ft)": tags[0],
+           "$T_req($tt)": tags[1], "$T_req($ou)": ruri, "$T_req($ru)": ruri,
+           "$T_req($du)": dst, "$ru": ruri, "$du": dst}
+    fake.pv = types.SimpleNamespace(get=bye.get)
+    kemi.kamailio.end_answered_dialog(node)
+
+
+def test_control_bobs_bye_to_alices_target_ends_the_keys(world, fake_ksr):
+    """The honest BYE from bob's side goes where alice's target names (no Route past
+    ours) and its 200 ends the dialog's keys: what a fix must keep."""
+    fake, kemi = fake_ksr
+    proxy, _, _ = _call_through_the_proxy(world, "r96-bye@x")
+    assert len(proxy.cache)
+    _bye_answered(fake, kemi, proxy, ruri=ALICES_TARGET, dst="")
+    assert len(proxy.cache) == 0
+
+
+def test_control_a_bye_to_the_hops_uas_as_request_uri_ends_nothing(world, fake_ksr):
+    fake, kemi = fake_ksr
+    proxy, _, _ = _call_through_the_proxy(world, "r96-bye@x")
+    before = len(proxy.cache)
+    _bye_answered(fake, kemi, proxy, ruri=HOP_UAS, dst="")
+    assert len(proxy.cache) == before
+
+
+@pytest.mark.xfail(strict=True, reason="review 96: untrusted hop: a BYE with alice's own target "
+                   "as Request-URI but a Route entry past ours goes to the hop's UAS, whose 200 "
+                   "ends the live call's keys")
+def test_hole_a_bye_to_the_target_sent_elsewhere_ends_the_dialog(world, fake_ksr):
+    fake, kemi = fake_ksr
+    proxy, _, _ = _call_through_the_proxy(world, "r96-bye@x")
+    before = len(proxy.cache)
+    _bye_answered(fake, kemi, proxy, ruri=ALICES_TARGET, dst="sip:x@203.0.113.66:5999;lr")
+    assert len(proxy.cache) == before, "the live call's keys went at the hop's 200"
+
+
+# -- hole 2: a display name holding a URI ------------------------------------------------
+
+def test_control_display_names_keep_the_target(fake_ksr):
+    """A plain display name, one with a comma or an escaped quote, and a bare addr-spec
+    with parameters all name alice's target, as every stack reads them."""
+    _, kemi = fake_ksr
+    want = kemi._target(f"<{ALICES_TARGET}>")
+    assert want == kemi._target(ALICES_TARGET, contact=False)
+    for contact in (f'"alice" <{ALICES_TARGET}>', f'"Smith, Alice" <{ALICES_TARGET};ob>',
+                    f'"a \\"b\\" c" <{ALICES_TARGET}>', f"{ALICES_TARGET};expires=60",
+                    f"<SIP:alice@127.0.0.1:5061;transport=udp>"):
+        assert kemi._target(contact) == want, contact
+
+
+@pytest.mark.xfail(strict=True, reason="review 96: insider UA: a quoted display name holding "
+                   "'<sip:x@hop>' is read as the Contact's URI, so a BYE to the hop's UAS "
+                   "ends the live call's keys")
+def test_hole_a_display_name_holding_a_uri_is_read_as_the_target(world, fake_ksr):
+    fake, kemi = fake_ksr
+    odd = f'"<{HOP_UAS}>" <{ALICES_TARGET}>'
+    proxy, _, _ = _call_through_the_proxy(world, "r96-bye@x")
+    before = len(proxy.cache)
+    _bye_answered(fake, kemi, proxy, ruri=HOP_UAS, dst="", caller_contact=odd)
+    assert kemi._target(odd) == kemi._target(f"<{ALICES_TARGET}>"), "another target noted"
+    assert len(proxy.cache) == before, "the live call's keys went at the hop's 200"
+
+
+# -- hole 3: the door reads the first branch, the stacks the last ----------------------------
+
+CALL = "c96@example.com"
+ALICES_VIA = "SIP/2.0/TLS 192.0.2.10:5061;rport;branch=z9hG4bK-ua96x1"
+
+
+def _door_refuses(fake, kemi, via: str, cseq: int) -> bool:
+    """``kemi._branch_taken``: alice's INVITE (CSeq 1, her Via) noted first, then the
+    hop's INVITE with ``via`` and ``cseq``."""
+    _fake_htable(fake)
+    taken = False
+    for value in ((ALICES_VIA, 1), (via, cseq)):
+        values = {"$ci": CALL, "$cs": value[1], "$rm": "INVITE", "$(hdr(Via)[0])": value[0]}
+        fake.pv = types.SimpleNamespace(get=values.get)
+        taken = kemi._branch_taken()
+    return taken
+
+
+def _stack_branch(via: str) -> str:
+    """The branch a Via names to pjsip (and Kamailio's own parser): the last non-empty
+    ``branch`` parameter, quoted strings skipped."""
+    params = re.sub(r'"(?:[^"\\]|\\.)*"', '""', via).split(";")[1:]
+    found = [v.strip() for n, _, v in (p.partition("=") for p in params)
+             if n.strip().lower() == "branch" and v.strip()]
+    return found[-1]
+
+
+VARIANTS = {
+    "decoy-first": ALICES_VIA.replace(";branch=", ";branch=z9hG4bK-decoy96;branch="),
+    "quoted-param": ALICES_VIA.replace(";branch=", ';x="a;branch=z9hG4bK-decoy96";branch='),
+    "empty-first": ALICES_VIA.replace(";branch=", ";branch=;branch="),
+}
+
+
+def test_control_alices_via_as_written_is_refused(fake_ksr):
+    fake, kemi = fake_ksr
+    assert _door_refuses(fake, kemi, ALICES_VIA, 51)
+    assert _door_refuses(fake, kemi, ALICES_VIA.replace("ua96x1", "UA96X1"), 51)
+    assert not _door_refuses(fake, kemi, ALICES_VIA, 1)      # her own retransmission
+    for via in VARIANTS.values():                           # each names her branch
+        assert _stack_branch(via) == "z9hG4bK-ua96x1", via
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.xfail(strict=True, reason="review 96: untrusted hop: alice's branch behind a decoy, "
+                   "quoted or empty branch parameter passes the 482 door, which reads the first")
+def test_hole_a_decoy_branch_first_hides_alices_branch_from_the_door(fake_ksr, variant):
+    fake, kemi = fake_ksr
+    assert _door_refuses(fake, kemi, VARIANTS[variant], 51), \
+        "the hop's INVITE naming alice's branch to her stack passes the door"
