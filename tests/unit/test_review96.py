@@ -26,12 +26,13 @@ entry, the hop's UAS, which answers 200; alice and bob never see it.  Effect:
 ``end_answered_dialog`` compares the Request-URI as received (``$T_req($ou)``) with the
 noted target, equal, and ends the dialog's keys (2 -> 0); alice's next re-INVITE under
 the dialog key gets 496 from her own proxy, bob's answers go unread (no archive row, no
-media line) - review 94's hole 1 back.  At fault: ``kamailio_app/kemi.py`` line 1446
+media line) - review 94's hole 1 back.  At fault: ``kamailio_app/kemi.py`` line 1444
 (``if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer``): the Request-URI is
-where a BYE says it goes, not where it went; ``route_in_dialog`` (line 992) relays an
-in-dialog request along any Route past ours.  Fix: end the keys only when the BYE went
-where the target names: its destination as relayed (``$T_req($du)`` empty, or the
-next Route entry being one the dialog's route set had - note the route set beyond us
+where a BYE says it goes, not where it went; ``route_in_dialog`` (``loose_route`` line
+991, relayed line 1013) relays an in-dialog request along any Route past ours.  Fix:
+end the keys only when the BYE went where the target names: its destination as
+relayed (``$T_req($du)`` empty, or the next Route entry being one the dialog's route
+set had - note the route set beyond us
 on each side at the 2xx with the targets, and compare the BYE's remaining Route with
 the other side's), else nothing.
 
@@ -46,7 +47,7 @@ her target, but ``_target`` cuts at the first ``<``, inside the quotes, and note
 ``Request-URI sip:x@hop`` and only our Route entry: relayed to the hop's UAS, 200 there.
 Effect: the noted target matches, the live call's keys go (2 -> 0), alice's re-INVITE
 gets 496; and bob's own honest BYE (to her real Contact) would end nothing, so the keys
-outlive the call by 12 h.  At fault: ``kemi._target`` line 429 (``entry.index("<")``
+outlive the call by 12 h.  At fault: ``kemi._target`` line 427 (``entry.index("<")``
 ignores quoted strings).  Fix: parse the Contact as a name-addr with the core's
 parser (``e2m_plugins`` ``parse_address``, which skips the quoted display name), or
 take the target as Kamailio reads it (``$(ct{tobody.uri})``/``$ct`` parsed by
