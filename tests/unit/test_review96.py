@@ -32,9 +32,8 @@ where a BYE says it goes, not where it went; ``route_in_dialog`` (``loose_route`
 991, relayed line 1013) relays an in-dialog request along any Route past ours.  Fix:
 end the keys only when the BYE went where the target names: its destination as
 relayed (``$T_req($du)`` empty, or the next Route entry being one the dialog's route
-set had - note the route set beyond us
-on each side at the 2xx with the targets, and compare the BYE's remaining Route with
-the other side's), else nothing.
+set had - note the route set beyond us on each side at the 2xx with the targets, and
+compare the BYE's remaining Route with the other side's), else nothing.
 
 Hole 2 (``test_hole_a_display_name_holding_a_uri_is_read_as_the_target``; wire:
 ``test_hole_a_display_name_holding_a_uri_is_noted_as_the_target``).  Attacker: an
@@ -95,6 +94,9 @@ What held (run here or on the wire, or read):
   with our Record-Route entry, whose MAC the caller gets only when the INVITE was
   relayed (a 1xx or final answer copying it) - within the stated bound ("grows with the
   INVITEs relayed");
+- on a cluster (``tests/cluster/test_review96_cluster.py``, run): the targets noted at
+  node A are on node B within moments (DMQ), and the call's own BYE through B ends the
+  keys and the targets on both nodes;
 - ``_target``'s compare folds scheme and host case (``host_key``) and drops URI
   parameters, so a Contact in odd case or with ``;ob``/``;transport`` matches the
   BYE that pjsip sends to it.
