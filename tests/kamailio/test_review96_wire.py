@@ -23,6 +23,25 @@ Route entry, the hop's UAS, which answers ``200``; alice never sees the BYE.  Ef
 with the noted target - equal - and ends the dialog's keys (records 2 -> 0); alice's
 next re-INVITE under the dialog key is answered 496 by her own proxy (bob's answers
 go unread: no archive row, no media line): review 94's hole 1 back.
+
+Hole 2 (``test_hole_a_display_name_holding_a_uri_is_noted_as_the_target``): alice's
+Contact ``"<sip:x@hop>" <sip:alice@127.0.0.1:5061>``; ``_target`` cuts at the first
+``<`` (inside the quotes) and notes ``sip:x@hop``; the hop form's BYE to ``sip:x@hop``,
+answered 200 there, ends the live call's keys (2 -> 0, her re-INVITE 496).
+
+Hole 3 (``test_hole_a_decoy_branch_first_gets_a_mark_for_alices_transaction``, three
+variants): review 94's minting hop with alice's Via carrying a decoy branch first (or a
+quoted parameter holding one, or an empty ``branch=``): the door reads the first, so
+the hop's in-dialog INVITE is relayed and marked; bob's stripped stray 200 with that
+Via below ours reaches alice with an empty route set (Contact the hop's).
+
+Hole 4 (``test_hole_every_keyless_call_keeps_two_targets_for_12_hours``): 20 plain
+calls from one address to the sender's own UAS, answered 200, hold no key, yet leave 40
+``e2mtargets`` entries (12 h each, no per-user bound).
+
+Controls: ``test_control_*`` below (a 481 at the hop ends nothing; review 94's form
+holds; a plain display name; alice's Via as written is 482; keyless calls are answered
+and hold no key).
 """
 
 from __future__ import annotations
@@ -334,3 +353,72 @@ def test_hole_a_decoy_branch_first_gets_a_mark_for_alices_transaction(proxy_fact
     assert ok is None or _starts_at_our_tls(home, ok), (bob.minted, bob.refused_with,
                                                         _route_set(ok), ok.get("Contact"))
     assert (bob.minted, bob.refused_with) == (None, 482)
+
+
+# -- hole 4: 12 h of targets for every answered call, keys or none --------------------------
+
+def _sink(request: SipMessage) -> SipMessage:
+    """The insider's own UAS: a 200 with a To tag and a Contact to every INVITE (the
+    Record-Route copied back, as a UAS does)."""
+    answer = make_response(request, 200, "OK")
+    if request.method != "INVITE":
+        return answer
+    answer = answer.replace("To", f"{request.get('To')};tag=s{request.get('CSeq')[:1]}x")
+    return answer.add("Contact", "<sip:sink@127.0.0.1:9>")
+
+
+def _keyless_calls(proxy_factory, name: str, calls: int) -> tuple[int, int, int]:
+    """``calls`` plain-SDP calls from one source to the insider's own UAS (no [auth]:
+    any sender; with it, any user of ours), answered 200, never ended; returns (200s,
+    key-cache records, e2mtargets entries)."""
+    from e2m_lab.flows import SDP_OFFER
+    from e2m_plugins.sip import parse
+    proxy = proxy_factory(name, e2m=True, view=SDP_VIEW)
+    sink = RawUas(_sink)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(3)
+    port = sock.getsockname()[1]
+    answered = 0
+    try:
+        for n in range(calls):         # under pike's default rate (30 per 2 s)
+            request = make_request(
+                "INVITE", f"sip:sink@127.0.0.1:{sink.port}", from_uri="sip:eve@example.com",
+                to_uri="sip:sink@example.net", call_id=f"r96-grow-{n}-{time.monotonic_ns()}@x",
+                cseq=1, from_tag=f"e{n}", body=SDP_OFFER, content_type="application/sdp",
+                extra_headers=[("Contact", f"<sip:eve@127.0.0.1:{port}>")])
+            request = request.replace("Via", f"SIP/2.0/UDP 127.0.0.1:{port};rport;"
+                                             f"branch=z9hG4bK-r96g{n}x{time.monotonic_ns()}")
+            sock.sendto(request.serialize(), ("127.0.0.1", proxy.port))
+            while True:
+                reply = parse(sock.recvfrom(65535)[0])
+                if (reply.status or 0) >= 200:
+                    answered += reply.status == 200
+                    break
+            time.sleep(0.08)
+        time.sleep(0.3)
+        return answered, proxy.htable_items(), proxy.htable_items("e2mtargets")
+    finally:
+        sock.close()
+        sink.close()
+
+
+CALLS = 20
+
+
+def test_control_keyless_calls_are_answered_and_hold_no_keys(proxy_factory):
+    """The set-up: each plain call is relayed and answered 200; the proxy holds no key
+    for any of them (nothing a BYE would ever have to end)."""
+    answered, keys, _ = _keyless_calls(proxy_factory, "r96-grow-ctl", CALLS)
+    assert (answered, keys) == (CALLS, 0)
+
+
+@pytest.mark.xfail(strict=True, reason="review 96: insider UA (or anyone without [auth]): every "
+                   "call answered by his own UAS leaves two e2mtargets entries for 12 h, keys "
+                   "or none, with no per-user bound: shared memory fills at pike's rate")
+def test_hole_every_keyless_call_keeps_two_targets_for_12_hours(proxy_factory):
+    answered, keys, targets = _keyless_calls(proxy_factory, "r96-grow-hole", CALLS)
+    assert (answered, keys) == (CALLS, 0)
+    # secure: a dialog whose keys the proxy does not hold keeps nothing for 12 h (its
+    # targets only gate the end of keys), or what one user keeps is bounded
+    assert targets == 0, f"{targets} e2mtargets entries for {CALLS} calls holding no key"

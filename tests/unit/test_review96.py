@@ -75,6 +75,30 @@ fault: ``kemi._branch_taken`` lines 449-451 (the first ``branch``, a naive split
 empty one, at the door (RFC 3261 allows one), and read the parameters with the core's
 quoted-string aware parser; the mark should name our own branch (review 94's advice).
 
+Hole 4 (``test_hole_a_keyless_call_keeps_its_targets_12_hours``; wire:
+``test_hole_every_keyless_call_keeps_two_targets_for_12_hours``).  Attacker: an
+**insider UA** (any user of ours, digest proved), or anyone at all when the proxy runs
+without ``[auth]``.  Messages: plain-SDP INVITEs from one address, one per second or
+faster (pike's default allows 30 requests per 2 s), each with a new Call-ID and From
+tag, to the attacker's own UAS, which answers each 200 (Record-Route copied back); no
+ACK, no BYE.  Effect: every such call holds no key at the proxy (nothing a BYE would
+ever end), yet leaves two ``e2mtargets`` entries for 12 h (``note_caller_target`` then
+``note_dialog_targets``: ``_DIALOG_TARGET`` 43200 s), with no per-user or per-source
+bound (the key cache's quotas do not cover this table): 20 calls, 40 entries, on the
+wire.  Measured on the wire (300 such calls, pike off, after tm's transactions ended):
+about 0.2 KiB of shared memory per entry, about 0.45 KiB per call; at pike's default
+rate (15 INVITEs/s from one address) the table holds 648,000 calls after 12 h, some
+290 MB: past the default ``[kamailio] shm_mb`` 256 from a single address (two
+addresses: half the time), after which tm cannot open a transaction and every call
+through the proxy fails.  At fault: ``kamailio_app/kemi.py`` ``note_dialog_targets``
+lines 1412-1415 (``sht_setxs(..., _DIALOG_TARGET)`` for every first 2xx) and
+``note_caller_target`` line 1388; the cfg's ``e2mtargets`` has no size bound.  Fix:
+keep a dialog's targets with its keys, not beside them - in the key cache's dialog
+record (its TTL and its keeper's quota), or note them only when the engine holds keys
+for the dialog (and again when a re-INVITE puts keys there), so a keyless call keeps
+only the 64 s caller entry; and cap what one caller (digest user, else source
+address) may hold in ``e2mtargets``, as ``e2mregs`` caps registrations.
+
 What held (run here or on the wire, or read):
 
 - review 94's own forms: a BYE to the attacker's UAS as Request-URI ends nothing (wire
@@ -89,11 +113,17 @@ What held (run here or on the wire, or read):
   sender must still beat the client's request to the door and learn nothing of a real
   phone's (pjsip: random GUIDs);
 - ``e2mbranch`` grows per request, not per call, but each entry goes in 64 s, within
-  pike's rate (as tm's transactions do: a known limit); ``e2mtargets``: an INVITE's
-  caller target lasts 64 s unless its first 2xx comes; a stray 2xx can make it 12 h only
-  with our Record-Route entry, whose MAC the caller gets only when the INVITE was
-  relayed (a 1xx or final answer copying it) - within the stated bound ("grows with the
-  INVITEs relayed");
+  pike's rate (as tm's transactions do: a known limit); an unanswered INVITE's caller
+  target lasts 64 s; a stray 2xx can make it 12 h only with our Record-Route entry,
+  whose MAC the caller gets only when the INVITE was relayed (hole 4 is the cheaper
+  way to the same);
+- a hop racing a forged first 2xx (another To tag) binds the INVITE's one dialog, so
+  the real dialog's BYE ends nothing and its keys go at their expiry: the stated "a
+  later fork's keys expire" limit, not reported again;
+- not testable as a fix of hole 1 and noted for the fixers: a hop on the leg *towards*
+  the target can answer the BYE itself (200) and never pass it on; no Request-URI or
+  Route check tells that 2xx from the target's own.  Only an answer the proxy can
+  attribute (over the target's own TLS connection, or signed) would;
 - on a cluster (``tests/cluster/test_review96_cluster.py``, run): the targets noted at
   node A are on node B within moments (DMQ), and the call's own BYE through B ends the
   keys and the targets on both nodes;
@@ -269,3 +299,42 @@ def test_hole_a_decoy_branch_first_hides_alices_branch_from_the_door(fake_ksr, v
     fake, kemi = fake_ksr
     assert _door_refuses(fake, kemi, VARIANTS[variant], 51), \
         "the hop's INVITE naming alice's branch to her stack passes the door"
+
+
+# -- hole 4: 12 h of targets for a call that holds no key ----------------------------------
+
+def _ttls(fake, kemi, answered: bool) -> dict:
+    """The e2mtargets entries and their lifetimes after a plain INVITE we record-routed
+    (and, ``answered``, its first 2xx), with an engine whose key cache holds nothing."""
+    ttls: dict = {}
+    table: dict = {}
+    fake.htable = types.SimpleNamespace(
+        sht_get=lambda name, key: table.get((name, key)),
+        sht_setxs=lambda name, key, value, ttl: (table.__setitem__((name, key), value),
+                                                 ttls.__setitem__(key, ttl)))
+    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=object()))
+    invite = {"$rm": "INVITE", "$ci": "r96-grow@x", "$ft": "e1",
+              "$hdr(Contact)": "<sip:eve@203.0.113.7:5060>"}
+    fake.pv = types.SimpleNamespace(get=invite.get)
+    kemi.kamailio.note_caller_target(node)
+    if answered:
+        ok = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-grow@x",
+              "$ft": "e1", "$tt": "s1", "$hdr(Contact)": "<sip:sink@203.0.113.7:5999>"}
+        fake.pv = types.SimpleNamespace(get=ok.get)
+        kemi.kamailio.note_dialog_targets(node)
+    return ttls
+
+
+def test_control_an_unanswered_invite_keeps_its_target_64_seconds(fake_ksr):
+    fake, kemi = fake_ksr
+    assert sorted(_ttls(fake, kemi, answered=False).values()) == [64]
+
+
+@pytest.mark.xfail(strict=True, reason="review 96: insider UA: a call with no key (nothing a BYE "
+                   "would end) keeps two e2mtargets entries 12 h each, no per-user bound")
+def test_hole_a_keyless_call_keeps_its_targets_12_hours(fake_ksr):
+    fake, kemi = fake_ksr
+    ttls = _ttls(fake, kemi, answered=True)
+    assert len(ttls) == 2                                # the caller's and the dialog's
+    assert max(ttls.values()) <= 64, f"targets kept {max(ttls.values())} s for a dialog " \
+                                     "holding no key"
