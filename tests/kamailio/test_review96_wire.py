@@ -42,6 +42,14 @@ calls from one address to the sender's own UAS, answered 200, hold no key, yet l
 Controls: ``test_control_*`` below (a 481 at the hop ends nothing; review 94's form
 holds; a plain display name; alice's Via as written is 482; keyless calls are answered
 and hold no key).
+
+What held on this Kamailio (run, no test kept unless named): a BYE to alice's target
+with ``;maddr=<hop>`` in its Request-URI went to the target's host, not to maddr (408,
+nothing at the hop); sipsak's ``-T``, ``-F``, OPTIONS and digest REGISTER/MESSAGE make a
+new branch per CSeq, so the 482 door refuses none of them
+(``test_stock_clients_wire.py`` passes); on a cluster, the call's BYE through the other
+node ends its keys and targets on both (``tests/cluster/test_review96_cluster.py``).
+The rest of what held is in ``tests/unit/test_review96.py``'s docstring.
 """
 
 from __future__ import annotations
