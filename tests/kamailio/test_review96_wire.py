@@ -344,9 +344,6 @@ def test_control_the_doubled_via_is_one_branch_to_pjsip():
     assert branches == [DECOY, "z9hG4bK-ua96"]     # pjsip: the last; the door: the first
 
 
-@pytest.mark.xfail(strict=True, reason="review 96: untrusted hop on bob's leg: alice's Via with "
-                   "a decoy branch put first passes the 482 door (first branch read), the mark "
-                   "minted for it lets bob's stripped stray 200 reach alice: route set empty")
 @pytest.mark.parametrize("variant", sorted(_DECOYS))
 def test_hole_a_decoy_branch_first_gets_a_mark_for_alices_transaction(proxy_factory, pki,
                                                                      variant):
