@@ -1,0 +1,240 @@
+"""A ninety-eighth attacker's review (December 2026) of d91b4b5: admitting only real users
+(digest auth, registrar, identity), fresh eyes, on a real Kamailio with ``[auth]``.
+
+Hole 1 (``test_hole_an_in_dialog_ack_from_alice_is_archived_as_hers``): **insider UA**
+(mallory, a user with her own password) or **off-path sender** (eve, no account).  Digest
+holds every request whose From is one of our users to that user's credentials, but an
+ACK is never challenged (RFC 3261 §22.1: ``route_auth`` returns at once for ACK and
+CANCEL), and the route token an in-dialog request must carry binds only the Call-ID and
+the caller's *tag*, not who the parties are.  So the attacker calls bob (mallory with her
+own credentials; eve unchallenged, as any stranger calling one of our users: bob's
+phone answers, or only rings, and the reply hands back the Record-Route with the token),
+then sends the dialog's ACK with ``From: <sip:alice@example.com>;tag=<her own tag>``
+and a body: an SDP (the home proxy's ``INVITE:application/sdp`` rule covers ACK) or a
+text part.  The proxy routes it (token fits), never asks for alice's credentials,
+reads the body and archives it with ``from_uri = sip:alice@example.com``; bob's stack
+takes it into the dialog (pjsip matches in-dialog requests by Call-ID and tags).  The
+archive says alice sent what mallory or a stranger wrote.  At fault:
+``kamailio_app/kemi.py`` ``route_auth`` (``if auth is None or KSR.is_ACK() or
+KSR.is_CANCEL(): return True``) together with ``route_in_dialog``'s ACK branch
+(``self.inspect_only()`` then ``t_relay``) and ``dialog_route.RouteTokens`` (the MAC
+names Call-ID and caller tag only).  Fix: bind the dialog's two AoRs into the token
+(the caller's From AoR and the callee's To AoR of the initial request, as the core reads
+them; RFC 3261 §12.2.1.1 keeps them for the dialog's life), so an in-dialog request
+(an ACK above all, which cannot be challenged) naming another party is ``403 Not
+Routed Here`` or dropped; or, at the least, archive an ACK's or CANCEL's body under
+no sender unless its From is the party that authenticated the dialog's INVITE.
+
+Hole 2 (``test_hole_a_from_the_core_cannot_read_is_archived_as_alices``): **off-path
+sender**, no account.  ``from_ours`` asks Kamailio's ``is_myself_furi`` and then the
+core's ``identity_of``; a From URI that neither can take apart is "not ours", so it is
+never challenged.  ``From: "Alice" <sip:alice@example.com;x="y">`` is such a URI (a
+quoted URI parameter: Kamailio's ``parse_addr_spec`` and the core's ``parse_uri`` both
+refuse it), yet pjsip takes it as a valid URI of user ``alice`` at ``example.com``
+(``Endpoint.utilVerifySipUri`` says 0), the AoR RFC 3261 §19.1.4 compares equal to
+alice's.  The proxy reads the stranger's MESSAGE, archives it under ``from_uri =
+sip:alice@example.com;x="y"`` (signature none, as alice's own plaintext is), and only
+then tm fails to relay it (the From it cannot parse: 408).  A row of a message alice
+never sent, which reached nobody, made with no credentials at all.  At fault:
+``kamailio_app/kemi.py`` ``from_ours`` (an unreadable From is taken for a stranger's)
+and ``route_sanity`` (``sanity_check_defaults`` checks no URI: 999 leaves out 1024).
+Fix: refuse at the door (400) a request whose From or To URI Kamailio or the core
+cannot read (``KSR.sanity.sanity_check(1024, 6)``, and ``identity_of`` for a sip/sips
+From), before anything is archived; fail closed, as review 30 did for ids.
+
+Controls: the legitimate flows run on the same proxy (mallory's own ACK archived under
+mallory; the attacker's in-dialog MESSAGE or BYE "From alice" is challenged, so the gate
+exists for every other method; a stranger writing his own From reaches bob and is
+archived under it; the same alice URI with an unquoted parameter is challenged).
+
+Tried and held (on this proxy; see also ``tests/unit/test_review98.py``):
+- a MESSAGE with alice's From and mallory's credentials: 403 (``auth_check`` flag 1);
+- REGISTER for alice's AoR with mallory's credentials, ``To`` alice ``From`` mallory,
+  and the To written ``sip:%61lice@...`` (the registrar unescapes, digest compares raw:
+  no account ``%61lice`` exists, so 407/403): nothing bound;
+- 26 other From spellings from a stranger: every one the core reads as alice's AoR is
+  challenged (407); the ones neither reads (``:99999``, ``#x``, ``/x``, ``..``) are
+  delivered under a URI pjsip refuses or reads as another host;
+- methods in lower case (400), a To tag plus a Route naming us with no token (403),
+  OPTIONS to the proxy itself (answered, relays nothing).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from e2m_lab.kamailio_harness import (SipUa, parse_address_uri, registered_uas, start_proxy,
+                                      wait_delivered)
+from e2m_plugins.testpki import TestPKI
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "mallory": "mallory-Secret-3",
+         "dan": "dan-Secret-4"}
+SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.9\r\ns=-\r\nc=IN IP4 127.0.0.9\r\nt=0 0\r\n"
+       b"m=audio 40404 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+ALICE = "sip:alice@example.com"
+
+
+@pytest.fixture(scope="module")
+def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
+    proxy = start_proxy(tmp_path_factory.mktemp("review98-home"), pki=pki, e2m=True,
+                        auth=True, users=USERS)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def bob(home):
+    """bob's one contact for the module (a raw UAS answering 200, Record-Route copied)."""
+    with registered_uas(home, "bob", USERS["bob"], "127.0.0.50") as uas:
+        yield uas
+
+
+def _rows(home, call_id: str, method: str):
+    return [row for row in home.archive_rows() if row.call_id == call_id and row.method == method]
+
+
+def _dialog_with_bob(home, bob, attacker: str, source: str):
+    """The attacker's own call to bob, answered (bob: a raw UAS that answers 200 with the
+    Record-Route copied back).  Returns (ua, invite as sent, 200, route set, target)."""
+    if attacker == "mallory":
+        ua = SipUa(home.port, user="mallory", password=USERS["mallory"], source=source)
+    else:
+        ua = SipUa(home.port, user="eve", domain="other.example.net", source=source)
+    invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com")
+    ok = ua.request(invite, timeout=6)
+    assert ok is not None and ok.status == 200, ok
+    sent = ua.sent[-1]
+    routes = list(reversed(ok.get_all("Record-Route")))
+    assert routes and "e2m-rr=" in routes[0], routes
+    # the raw UAS writes no Contact: its registered contact is the dialog's target
+    target = parse_address_uri(ok.get("Contact") or "") or f"sip:bob@127.0.0.1:{bob.port}"
+    return ua, sent, ok, routes, target
+
+
+def _acked(bob, call_id: str, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m.method == "ACK" and m.get("Call-ID") == call_id for m in bob.received):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _in_dialog(ua, method, sent, ok, routes, target, *, from_uri, body, content_type,
+               cseq=None):
+    request = ua.build(method, target, to="sip:bob@example.com", call_id=sent.get("Call-ID"),
+                       from_tag=sent.from_tag, cseq=cseq if cseq is not None else sent.cseq[0],
+                       to_tag=ok.to_tag, routes=routes, body=body, content_type=content_type)
+    return request.replace("From", f"<{from_uri}>;tag={sent.from_tag}")
+
+
+# -- hole 1: an ACK, never challenged, written as alice's --------------------------------
+
+@pytest.mark.parametrize("attacker,source", [("mallory", "127.0.0.51"), ("eve", "127.0.0.52")])
+@pytest.mark.parametrize("content_type,body", [("application/sdp", SDP),
+                                               ("text/plain", b"alice: I approve the transfer")])
+def test_control_the_attackers_own_ack_is_archived_under_the_attacker(home, bob, attacker, source,
+                                                                      content_type, body):
+    """The set-up: the attacker's dialog is routed, its ACK (From as in the INVITE) is
+    read and archived under the attacker's From."""
+    ua, sent, ok, routes, target = _dialog_with_bob(home, bob, attacker, source)
+    try:
+        own = str(ua.aor)
+        ack = _in_dialog(ua, "ACK", sent, ok, routes, target, from_uri=own, body=body,
+                         content_type=content_type)
+        ua.send(ack.replace("Via", ua.via()))
+        assert _acked(bob, sent.get("Call-ID"))
+        time.sleep(0.3)
+        rows = _rows(home, sent.get("Call-ID"), "ACK")
+        assert rows and all(row.from_uri == own for row in rows), \
+            [r.summary() for r in rows]
+    finally:
+        ua.close()
+
+
+@pytest.mark.parametrize("attacker,source", [("mallory", "127.0.0.53"), ("eve", "127.0.0.54")])
+def test_control_any_other_in_dialog_request_from_alice_is_challenged(home, bob, attacker,
+                                                                         source):
+    """The gate exists: in the attacker's own dialog, a MESSAGE or BYE written "From
+    alice" needs alice's credentials (407; mallory's own are refused 403)."""
+    ua, sent, ok, routes, target = _dialog_with_bob(home, bob, attacker, source)
+    try:
+        for cseq, method in ((sent.cseq[0] + 1, "MESSAGE"), (sent.cseq[0] + 2, "BYE")):
+            body = b"alice: in-dialog, unproved" if method == "MESSAGE" else b""
+            request = _in_dialog(ua, method, sent, ok, routes, target, from_uri=ALICE,
+                                 body=body, content_type="text/plain" if body else None,
+                                 cseq=cseq)
+            answer = ua.request(request)
+            assert answer is not None and answer.status in (403, 407), answer
+        assert not [m for m in bob.received if m.method in ("MESSAGE", "BYE")
+                    and m.get("Call-ID") == sent.get("Call-ID")]
+    finally:
+        ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 98: insider or stranger, an in-dialog ACK "
+                   "written From alice is never challenged and is archived as alice's")
+@pytest.mark.parametrize("attacker,source", [("mallory", "127.0.0.55"), ("eve", "127.0.0.56")])
+@pytest.mark.parametrize("content_type,body", [("application/sdp", SDP),
+                                               ("text/plain", b"alice: I approve the transfer")])
+def test_hole_an_in_dialog_ack_from_alice_is_archived_as_hers(home, bob, attacker, source,
+                                                             content_type, body):
+    ua, sent, ok, routes, target = _dialog_with_bob(home, bob, attacker, source)
+    try:
+        ack = _in_dialog(ua, "ACK", sent, ok, routes, target, from_uri=ALICE, body=body,
+                         content_type=content_type)
+        ua.send(ack.replace("Via", ua.via()))
+        _acked(bob, sent.get("Call-ID"))
+        time.sleep(0.3)
+        rows = _rows(home, sent.get("Call-ID"), "ACK")
+        as_alice = [row.summary() for row in rows if (row.from_uri or "").startswith(ALICE)]
+        assert not as_alice, f"archived as alice's, no credentials asked: {as_alice}"
+    finally:
+        ua.close()
+
+
+# -- hole 2: a From neither Kamailio nor the core can read -------------------------------
+
+def _strangers_message(home, source: str, from_value: str, text: bytes):
+    eve = SipUa(home.port, user="eve", domain="other.example.net", source=source)
+    try:
+        request = eve.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                            body=text, content_type="text/plain")
+        if from_value:
+            request = request.replace("From", from_value)
+        return eve.transact(request, timeout=1.5), request.get("Call-ID")
+    finally:
+        eve.close()
+
+
+def test_control_a_stranger_writing_his_own_from_reaches_bob(home, bob):
+    answer, call_id = _strangers_message(home, "127.0.0.58", "", b"control: eve's own")
+    assert answer is not None and answer.status == 200
+    assert wait_delivered(bob, b"control: eve's own")
+    rows = _rows(home, call_id, "MESSAGE")
+    assert [row.from_uri for row in rows] == ["sip:eve@other.example.net"]
+
+
+def test_control_alices_uri_with_an_unquoted_parameter_is_challenged(home):
+    """Review 2's fix holds where Kamailio or the core can read the From: 407, no row."""
+    answer, call_id = _strangers_message(home, "127.0.0.59",
+                                         '"Alice" <sip:alice@example.com;x=y>;tag=q0',
+                                         b"control: as alice, readable")
+    assert answer is not None and answer.status == 407, answer
+    assert not _rows(home, call_id, "MESSAGE")
+
+
+@pytest.mark.xfail(strict=True, reason="review 98: off-path sender, a From with a quoted URI "
+                   "parameter is never challenged and is archived as alice's")
+def test_hole_a_from_the_core_cannot_read_is_archived_as_alices(home, bob):
+    answer, call_id = _strangers_message(home, "127.0.0.61",
+                                         '"Alice" <sip:alice@example.com;x="y">;tag=q1',
+                                         b"hole: alice never wrote this")
+    time.sleep(0.3)
+    rows = [row.summary() for row in _rows(home, call_id, "MESSAGE")]
+    assert not rows, (f"archived with no credentials (answer "
+                      f"{answer.status if answer else None}): {rows}")
