@@ -238,3 +238,74 @@ def test_hole_a_from_the_core_cannot_read_is_archived_as_alices(home, bob):
     rows = [row.summary() for row in _rows(home, call_id, "MESSAGE")]
     assert not rows, (f"archived with no credentials (answer "
                       f"{answer.status if answer else None}): {rows}")
+
+
+# -- held: REGISTER for alice with mallory's credentials, skipping auth ----------------
+
+def _register(home, ua, to_uri: str, from_uri: str, contact: str, *, username: str | None = None):
+    """One REGISTER answered with ``ua``'s password (its digest username ``username``,
+    default its own), To and From as given."""
+    reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
+    reg = reg.replace("To", f"<{to_uri}>").replace("From", f"<{from_uri}>;tag=r{time.monotonic_ns()}")
+    reg = reg.replace("Contact", contact)
+    if username is None:
+        return ua.request(reg)
+    own = ua.user
+    ua.user = username          # a digest username of the attacker's choosing
+    try:
+        return ua.request(reg)
+    finally:
+        ua.user = own
+
+
+def test_control_register_for_alice_with_mallorys_credentials_binds_nothing(home):
+    """Held: mallory's password never binds a contact to alice's AoR (To alice From
+    mallory, To and From alice: 403; To ``sip:%61lice@...``, which the registrar would
+    unescape to alice while digest compares the raw user: no such account, challenged
+    again), and alice's calls still reach alice."""
+    with registered_uas(home, "alice", USERS["alice"], "127.0.0.62") as alice:
+        mallory = SipUa(home.port, user="mallory", password=USERS["mallory"], source="127.0.0.63")
+        thief = f"<sip:alice@127.0.0.63:{mallory.local_port}>"
+        try:
+            for to_uri, from_uri, username, wanted in (
+                    (ALICE, "sip:mallory@example.com", None, (403,)),
+                    (ALICE, ALICE, None, (403,)),
+                    ("sip:%61lice@example.com", "sip:%61lice@example.com", None, (403,)),
+                    ("sip:%61lice@example.com", "sip:%61lice@example.com", "%61lice",
+                     (401, 403))):
+                answer = _register(home, mallory, to_uri, from_uri, thief, username=username)
+                assert answer is not None and answer.status in wanted, (to_uri, username, answer)
+            dan = SipUa(home.port, user="dan", password=USERS["dan"], source="127.0.0.64")
+            try:
+                answer = dan.message("alice", b"control: dan to alice")
+                assert answer is not None and answer.status == 200
+                assert wait_delivered(alice, b"control: dan to alice")
+            finally:
+                dan.close()
+            stolen = mallory.receive(0.5)
+            assert stolen is None or not stolen.is_request, stolen
+        finally:
+            mallory.close()
+
+
+def test_control_requests_that_skip_auth_get_no_service(home, bob):
+    """Held: a method in lower case is 400 at the door; a request with a To tag and a
+    Route naming the proxy but no token of ours is 403; neither reaches bob."""
+    eve = SipUa(home.port, user="eve", domain="other.example.net", source="127.0.0.65")
+    try:
+        lower = eve.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
+                          body=b"held: lower case", content_type="text/plain")
+        data = lower.replace("Via", eve.via()).serialize().replace(b"MESSAGE sip:", b"message sip:", 1)
+        eve.send(data)
+        answer = eve.receive(2.0)
+        assert answer is not None and answer.status == 400, answer
+        forged = eve.build("MESSAGE", f"sip:bob@127.0.0.1:{bob.port}", to="sip:bob@example.com",
+                           to_tag="made-up", routes=[f"<sip:127.0.0.1:{home.port};lr>"],
+                           from_tag="ft", body=b"held: no token", content_type="text/plain")
+        forged = forged.replace("From", "<sip:alice@example.com>;tag=ft")
+        answer = eve.transact(forged)
+        assert answer is not None and answer.status == 403, answer
+        assert not wait_delivered(bob, b"held: lower case", 0.3)
+        assert not wait_delivered(bob, b"held: no token", 0.3)
+    finally:
+        eve.close()
