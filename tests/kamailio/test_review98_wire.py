@@ -8,17 +8,18 @@ ACK is never challenged (RFC 3261 §22.1: ``route_auth`` returns at once for ACK
 CANCEL), and the route token an in-dialog request must carry binds only the Call-ID and
 the caller's *tag*, not who the parties are.  So the attacker calls bob (mallory with her
 own credentials; eve unchallenged, as any stranger calling one of our users: bob's
-phone answers, or only rings, and the reply hands back the Record-Route with the token),
+phone answers, and its reply hands back the Record-Route with the token),
 then sends the dialog's ACK with ``From: <sip:alice@example.com>;tag=<her own tag>``
 and a body: an SDP (the home proxy's ``INVITE:application/sdp`` rule covers ACK) or a
 text part.  The proxy routes it (token fits), never asks for alice's credentials,
 reads the body and archives it with ``from_uri = sip:alice@example.com``; bob's stack
-takes it into the dialog (pjsip matches in-dialog requests by Call-ID and tags).  The
-archive says alice sent what mallory or a stranger wrote.  At fault:
-``kamailio_app/kemi.py`` ``route_auth`` (``if auth is None or KSR.is_ACK() or
-KSR.is_CANCEL(): return True``) together with ``route_in_dialog``'s ACK branch
-(``self.inspect_only()`` then ``t_relay``) and ``dialog_route.RouteTokens`` (the MAC
-names Call-ID and caller tag only).  Fix: bind the dialog's two AoRs into the token
+gets it in the dialog (a stack matches in-dialog requests by Call-ID and tags; the
+threat model's "pjsip matches in-dialog requests by tags alone").  The archive says
+alice sent what mallory or a stranger wrote.  At fault: ``kamailio_app/kemi.py:838``
+``route_auth`` (``if auth is None or KSR.is_ACK() or KSR.is_CANCEL(): return True``)
+with ``route_in_dialog``'s ACK branch (kemi.py:1004-1010, ``self.inspect_only()`` then
+``t_relay``), and ``kamailio_app/dialog_route.py:85-89`` (``RouteTokens.token``: the MAC names
+the Call-ID and the caller's tag only).  Fix: bind the dialog's two AoRs into the token
 (the caller's From AoR and the callee's To AoR of the initial request, as the core reads
 them; RFC 3261 §12.2.1.1 keeps them for the dialog's life), so an in-dialog request
 (an ACK above all, which cannot be challenged) naming another party is ``403 Not
@@ -36,27 +37,43 @@ alice's.  The proxy reads the stranger's MESSAGE, archives it under ``from_uri =
 sip:alice@example.com;x="y"`` (signature none, as alice's own plaintext is), and only
 then tm fails to relay it (the From it cannot parse: 408).  A row of a message alice
 never sent, which reached nobody, made with no credentials at all.  At fault:
-``kamailio_app/kemi.py`` ``from_ours`` (an unreadable From is taken for a stranger's)
-and ``route_sanity`` (``sanity_check_defaults`` checks no URI: 999 leaves out 1024).
+``kamailio_app/kemi.py:904`` ``from_ours`` (an unreadable From is taken for a
+stranger's, and ``route_auth`` at kemi.py:844-846 lets it through) and kemi.py:924
+``route_sanity`` (``sanity_check_defaults`` checks no URI: 999 leaves out 1024).
 Fix: refuse at the door (400) a request whose From or To URI Kamailio or the core
 cannot read (``KSR.sanity.sanity_check(1024, 6)``, and ``identity_of`` for a sip/sips
 From), before anything is archived; fail closed, as review 30 did for ids.
 
-Controls: the legitimate flows run on the same proxy (mallory's own ACK archived under
-mallory; the attacker's in-dialog MESSAGE or BYE "From alice" is challenged, so the gate
-exists for every other method; a stranger writing his own From reaches bob and is
-archived under it; the same alice URI with an unquoted parameter is challenged).
+Controls: the set-up is sound on the same proxy: mallory's and eve's own ACKs (their
+own From) are routed, read and archived under their own From; in the same dialog a
+MESSAGE or BYE written "From alice" is challenged (407, and 403 with mallory's own
+credentials), so the gate holds for every method but ACK and CANCEL; a stranger writing
+his own From reaches bob and is archived under it; alice's URI with an unquoted
+parameter (which Kamailio reads) is challenged and leaves no row.
 
-Tried and held (on this proxy; see also ``tests/unit/test_review98.py``):
-- a MESSAGE with alice's From and mallory's credentials: 403 (``auth_check`` flag 1);
-- REGISTER for alice's AoR with mallory's credentials, ``To`` alice ``From`` mallory,
-  and the To written ``sip:%61lice@...`` (the registrar unescapes, digest compares raw:
-  no account ``%61lice`` exists, so 407/403): nothing bound;
-- 26 other From spellings from a stranger: every one the core reads as alice's AoR is
-  challenged (407); the ones neither reads (``:99999``, ``#x``, ``/x``, ``..``) are
-  delivered under a URI pjsip refuses or reads as another host;
-- methods in lower case (400), a To tag plus a Route naming us with no token (403),
-  OPTIONS to the proxy itself (answered, relays nothing).
+Tried and held:
+- REGISTER for alice's AoR with mallory's password: To alice From mallory, To and From
+  alice (403, ``auth_check`` flag 1); To ``sip:%61lice@example.com`` (the registrar
+  unescapes the user to ``alice``, digest compares it raw: with mallory's username 403,
+  with the username ``%61lice`` no such account, challenged): nothing bound, a MESSAGE
+  to alice reaches alice's contact only
+  (``test_control_register_for_alice_with_mallorys_credentials_binds_nothing``);
+- a method in lower case (400), a To tag and a Route naming us with no token of ours
+  (403) (``test_control_requests_that_skip_auth_get_no_service``);
+- by hand, 26 From spellings from a stranger with no account: every one the core or
+  Kamailio reads as alice's AoR (a port, ``SIP:``, ``sips:``, ``;maddr=``, a password,
+  a parameter twice, ``;lr=``) is challenged (407); of those neither reads, the ones
+  Kamailio still relays (``:99999``, ``#x``, ``/x``, ``:5060:5060``, ``%00``, an escaped
+  host) are URIs pjsip refuses (``utilVerifySipUri``), and ``example.com..``,
+  ``.example.com``, ``example.com--`` name another host to pjsip;
+- PUBLISH of a certificate: Kamailio's ``auth_check`` holds To, From and the
+  Request-URI user to the credentials (raw), and ``cert_route`` names the owner from
+  them and ``$rd``; nothing to gain from an escape without an account so named.
+
+Not tried: CANCEL (also never challenged, matched by tm on the INVITE's branch, not its
+From) carrying a body labelled for the proxy: the same root cause as hole 1; a front
+with ``[auth]``; the SHA-256 challenge (Kamailio 5.6 here offers MD5 only, a known
+limit: password guessing at pike's rate).
 """
 
 from __future__ import annotations
@@ -246,7 +263,8 @@ def _register(home, ua, to_uri: str, from_uri: str, contact: str, *, username: s
     """One REGISTER answered with ``ua``'s password (its digest username ``username``,
     default its own), To and From as given."""
     reg = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
-    reg = reg.replace("To", f"<{to_uri}>").replace("From", f"<{from_uri}>;tag=r{time.monotonic_ns()}")
+    reg = reg.replace("To", f"<{to_uri}>")
+    reg = reg.replace("From", f"<{from_uri}>;tag=r{time.monotonic_ns()}")
     reg = reg.replace("Contact", contact)
     if username is None:
         return ua.request(reg)
@@ -295,7 +313,8 @@ def test_control_requests_that_skip_auth_get_no_service(home, bob):
     try:
         lower = eve.build("MESSAGE", "sip:bob@example.com", to="sip:bob@example.com",
                           body=b"held: lower case", content_type="text/plain")
-        data = lower.replace("Via", eve.via()).serialize().replace(b"MESSAGE sip:", b"message sip:", 1)
+        data = lower.replace("Via", eve.via()).serialize()
+        data = data.replace(b"MESSAGE sip:", b"message sip:", 1)
         eve.send(data)
         answer = eve.receive(2.0)
         assert answer is not None and answer.status == 400, answer
