@@ -8,7 +8,8 @@ ACK is never challenged (RFC 3261 §22.1: ``route_auth`` returns at once for ACK
 CANCEL), and the route token an in-dialog request must carry binds only the Call-ID and
 the caller's *tag*, not who the parties are.  So the attacker calls bob (mallory with her
 own credentials; eve unchallenged, as any stranger calling one of our users: bob's
-phone answers, and its reply hands back the Record-Route with the token),
+phone answers, or only rings: a 180 hands back the Record-Route with the token too,
+``test_hole_a_strangers_ack_while_the_phone_rings_is_archived_as_alices``),
 then sends the dialog's ACK with ``From: <sip:alice@example.com>;tag=<her own tag>``
 and a body: an SDP (the home proxy's ``INVITE:application/sdp`` rule covers ACK) or a
 text part.  The proxy routes it (token fits), never asks for alice's credentials,
@@ -212,6 +213,67 @@ def test_hole_an_in_dialog_ack_from_alice_is_archived_as_hers(home, bob, attacke
         assert not as_alice, f"archived as alice's, no credentials asked: {as_alice}"
     finally:
         ua.close()
+
+
+def _ring(request):
+    """dan's phone rings and never answers an INVITE (180 with the Record-Route)."""
+    from e2m_plugins.sip import make_response
+    return make_response(request, 180 if request.method == "INVITE" else 200,
+                         "Ringing" if request.method == "INVITE" else "OK")
+
+
+@pytest.fixture(scope="module")
+def dan(home):
+    with registered_uas(home, "dan", USERS["dan"], "127.0.0.66", responder=_ring) as uas:
+        yield uas
+
+
+def _ringing_dialog(home, dan, source: str):
+    """eve (no account) calls dan, whose phone only rings: the 180 gives her a To tag
+    and the Record-Route with the token.  Returns (ua, invite, 180, route set)."""
+    eve = SipUa(home.port, user="eve", domain="other.example.net", source=source)
+    invite = eve.build("INVITE", "sip:dan@example.com", to="sip:dan@example.com")
+    invite = invite.replace("Via", eve.via())
+    eve.send(invite)
+    ringing = eve.receive(3)
+    while ringing is not None and (ringing.status or 0) < 180:
+        ringing = eve.receive(3)
+    assert ringing is not None and ringing.status == 180, ringing
+    routes = list(reversed(ringing.get_all("Record-Route")))
+    assert routes and "e2m-rr=" in routes[0], routes
+    return eve, invite, ringing, routes
+
+
+def _ack_while_ringing(home, dan, source: str, from_uri: str, text: bytes):
+    eve, invite, ringing, routes = _ringing_dialog(home, dan, source)
+    try:
+        ack = eve.build("ACK", f"sip:dan@127.0.0.1:{dan.port}", to="sip:dan@example.com",
+                        call_id=invite.get("Call-ID"), from_tag=invite.from_tag,
+                        cseq=invite.cseq[0], to_tag=ringing.to_tag, routes=routes, body=text,
+                        content_type="text/plain")
+        eve.send(ack.replace("From", f"<{from_uri}>;tag={invite.from_tag}")
+                 .replace("Via", eve.via()))
+        _acked(dan, invite.get("Call-ID"))
+        time.sleep(0.3)
+        return _rows(home, invite.get("Call-ID"), "ACK")
+    finally:
+        eve.close()
+
+
+def test_control_a_strangers_own_ack_while_the_phone_rings_is_archived_as_his(home, dan):
+    rows = _ack_while_ringing(home, dan, "127.0.0.67", "sip:eve@other.example.net",
+                              b"control: eve, ringing")
+    assert [row.from_uri for row in rows] == ["sip:eve@other.example.net"]
+
+
+@pytest.mark.xfail(strict=True, reason="review 98: off-path sender, a phone that only rang "
+                   "is enough: the ACK written From alice is archived as alice's")
+def test_hole_a_strangers_ack_while_the_phone_rings_is_archived_as_alices(home, dan):
+    """Hole 1 with no answer at all: dan's phone only rings (180); eve, with no account,
+    sends an ACK in that early dialog written From alice, with a text body."""
+    rows = _ack_while_ringing(home, dan, "127.0.0.68", ALICE, b"alice: ring only")
+    as_alice = [row.summary() for row in rows if (row.from_uri or "").startswith(ALICE)]
+    assert not as_alice, f"archived as alice's: {as_alice}"
 
 
 # -- hole 2: a From neither Kamailio nor the core can read -------------------------------
