@@ -422,10 +422,8 @@ def _target(value, *, contact=True):
     try:
         text = value.strip()
         if contact:
-            entry = split_header_list(text)[0].strip()
-            # name-addr, else addr-spec whose ;params are the header's (RFC 3261 20.10)
-            text = entry[entry.index("<") + 1:entry.index(">")] if "<" in entry \
-                else entry.split(";", 1)[0]
+            # as a stack reads it: a quoted display name may hold "<" and ">" (review 96)
+            text = parse_address(split_header_list(text)[0]).uri
         uri = parse_uri(text)
     except (E2MError, ValueError, IndexError):
         return None
@@ -464,6 +462,19 @@ def _record_route_unvouchable():
         return False
     side = _callers_side()
     return side is None or not routes_within_bounds(side)
+
+
+def _ends_readable():
+    """From and To as the core reads them: a sip: or sips: URI it takes apart (any other
+    scheme is Kamailio's to parse, and names none of our users)."""
+    for spec in ("$hdr(From)", "$hdr(To)"):
+        try:
+            uri = parse_address(KSR.pv.get(spec) or "").uri
+            if uri.partition(":")[0].lower() in ("sip", "sips"):
+                parse_uri(uri)
+        except (E2MError, ValueError):
+            return False
+    return True
 
 
 def _sent_to_sips():
@@ -927,6 +938,15 @@ class kamailio:
             # node down and left a REGISTER uncounted: review 91)
             if not KSR.is_ACK():
                 KSR.sl.sl_send_reply(400, "Bad Record-Route")
+            return False
+        if KSR.sanity.sanity_check(1024, 6) < 0:
+            return False  # a From or To URI Kamailio cannot parse: sanity has replied 400
+        if not _ends_readable():
+            # the engine, the archive and the signer checks read From and To with the
+            # core: one it cannot take apart was never challenged (not "ours"), yet read
+            # and archived under a URI a phone takes for alice's (review 98)
+            if not KSR.is_ACK():
+                KSR.sl.sl_send_reply(400, "Bad From or To")
             return False
         method = KSR.pv.get("$rm") or ""
         if canonical_method(method) != method:

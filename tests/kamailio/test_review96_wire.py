@@ -207,9 +207,6 @@ def test_control_a_plain_display_name_keeps_alices_target(proxy_factory, pki):
     assert status == 200, f"alice's re-INVITE got {status}"
 
 
-@pytest.mark.xfail(strict=True, reason="review 96: insider UA (or a hop on her leg): a quoted "
-                   "display name holding '<sip:...>' in alice's Contact is noted as her target; "
-                   "a BYE there answered 200 ends the live call's keys")
 def test_hole_a_display_name_holding_a_uri_is_noted_as_the_target(proxy_factory, pki):
     after_answer, after_bye, byes, status = _bye_past_us_then_records(
         proxy_factory, pki, "r96-display-hole", ruri=_hops_target, past_us=False,

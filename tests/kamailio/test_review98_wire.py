@@ -307,8 +307,6 @@ def test_control_alices_uri_with_an_unquoted_parameter_is_challenged(home):
     assert not _rows(home, call_id, "MESSAGE")
 
 
-@pytest.mark.xfail(strict=True, reason="review 98: off-path sender, a From with a quoted URI "
-                   "parameter is never challenged and is archived as alice's")
 def test_hole_a_from_the_core_cannot_read_is_archived_as_alices(home, bob):
     answer, call_id = _strangers_message(home, "127.0.0.61",
                                          '"Alice" <sip:alice@example.com;x="y">;tag=q1',
@@ -317,6 +315,8 @@ def test_hole_a_from_the_core_cannot_read_is_archived_as_alices(home, bob):
     rows = [row.summary() for row in _rows(home, call_id, "MESSAGE")]
     assert not rows, (f"archived with no credentials (answer "
                       f"{answer.status if answer else None}): {rows}")
+    # fixed (stop 36): refused at the door, with an answer
+    assert answer is not None and answer.status == 400, answer
 
 
 # -- held: REGISTER for alice with mallory's credentials, skipping auth ----------------

@@ -236,9 +236,6 @@ def test_control_display_names_keep_the_target(fake_ksr):
         assert kemi._target(contact) == want, contact
 
 
-@pytest.mark.xfail(strict=True, reason="review 96: insider UA: a quoted display name holding "
-                   "'<sip:x@hop>' is read as the Contact's URI, so a BYE to the hop's UAS "
-                   "ends the live call's keys")
 def test_hole_a_display_name_holding_a_uri_is_read_as_the_target(world, fake_ksr):
     fake, kemi = fake_ksr
     odd = f'"<{HOP_UAS}>" <{ALICES_TARGET}>'
