@@ -490,6 +490,13 @@ class MemoryKeyCache:
                 for ref in [ref for ref in names if ref in held]:
                     self._remove((s, ref))
 
+    def holds_scope(self, scope: Scope) -> bool:
+        """Whether a live key is kept in ``scope`` (none counted as used)."""
+        now = self._clock()
+        with self._lock:
+            return any(now < self._entries[(scope, ref)].expires
+                       for ref in self._by_scope.get(scope, ()) if (scope, ref) in self._entries)
+
     def purge_expired(self) -> int:
         """Drop every expired entry (O(n)); returns how many went."""
         with self._lock:

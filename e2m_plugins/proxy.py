@@ -404,6 +404,15 @@ class ProxyEngine:
         if method == "BYE" and 200 <= status < 300:
             self.end_dialog(call_id, from_tag, to_tag)
 
+    def holds_dialog_keys(self, call_id: str, tag: str | None, other_tag: str | None) -> bool:
+        """Whether the cache holds keys for the confirmed dialog (Call-ID and both tags):
+        what a BYE's 2xx would end (``end_dialog``).  A cache that cannot tell
+        (no ``holds_scope``) is taken to hold some."""
+        if not call_id or not tag or not other_tag:
+            return False
+        holds = getattr(self.cache, "holds_scope", None)
+        return True if holds is None else bool(holds(DialogScope(call_id, tag, other_tag)))
+
     def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
         """A BYE ended the dialog (Call-ID and both tags; its 2xx: ``end_answered``): the
         keys kept for it go (key-reuse-01).  Only that dialog's own scope: Call-ID and a

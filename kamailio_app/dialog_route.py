@@ -33,7 +33,8 @@ from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import parse_params, split_header_list
 
 __all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds",
-           "written_as_ours", "UNROUTED_MARK"]
+           "written_as_ours", "UNROUTED_MARK", "route_entries", "route_set_digest",
+           "UNREAD_ROUTE_SET", "same_route_uri", "double_rr_entry"]
 
 _IDS = ("$ci", "$ft", "$tt")
 _REQUEST_IDS = ("$T_req($ci)", "$T_req($ft)", "$T_req($tt)")
@@ -255,6 +256,55 @@ def routes_within_bounds(routes: Iterable[str]) -> bool:
     except E2MError:
         return False
     return len(items) <= MAX_ROUTE_ENTRIES and all(_plain_entry(item) for item in items)
+
+
+# A route set the checks could not read: never equal to any ``route_set_digest``.
+UNREAD_ROUTE_SET = "-"
+
+
+def route_entries(values: Iterable[str]) -> list[str] | None:
+    """The entries of Route or Record-Route header values ``values``, in order; None
+    when they are not read whole (``routes_within_bounds``)."""
+    values = list(values)
+    if not routes_within_bounds(values):
+        return None
+    try:
+        return _entries(values)
+    except E2MError:
+        return None
+
+
+def route_set_digest(entries: Iterable[str] | None) -> str:
+    """A part of a dialog's route set (entries in the order a request's Route carries
+    them) as a digest: each URI as written, blanks out and case folded (its parameters
+    as a set, ``lr=on`` as ``lr``, as ``_comparable`` reads them, so a UA reprinting
+    our entry with ``lr`` first still matches).  ``UNREAD_ROUTE_SET`` for None."""
+    if entries is None:
+        return UNREAD_ROUTE_SET
+    try:
+        text = json.dumps([_comparable(entry) for entry in entries], separators=(",", ":"))
+    except (E2MError, ValueError):
+        return UNREAD_ROUTE_SET
+    return hashlib.sha256(b"e2m route set\x00" + text.encode("utf-8", "surrogateescape")
+                          ).hexdigest()[:32]
+
+
+def same_route_uri(entry: str, uri: str | None) -> bool:
+    """Whether the Route entry ``entry`` names ``uri`` (a destination URI as
+    ``loose_route`` set it from an entry), compared as ``route_set_digest`` compares."""
+    if not uri:
+        return False
+    return _comparable(entry) == _comparable("<" + uri.strip() + ">")
+
+
+def double_rr_entry(entry: str) -> bool:
+    """Whether ``loose_route`` takes the entry after ``entry`` off too: our first entry
+    of a double Record-Route carries ``r2`` (rr module's ``is_2rr``: ``r2`` or
+    ``r2=on``; any other value is read here as ``r2`` too, which can only make the
+    remaining Route differ from the route set, never match it by mistake: the
+    destination check compares what ``loose_route`` chose)."""
+    _, params = _comparable(entry)
+    return any(p == "r2" or p.startswith("r2=") for p in params)
 
 
 def _plain_entry(item: str) -> bool:

@@ -65,8 +65,10 @@ from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
 from kamailio_app.config import (DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES,  # noqa: E402
                                  canonical_ip)
-from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, UNROUTED_MARK,  # noqa: E402
-                                       dialog_ids, routes_within_bounds, written_as_ours)
+from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, UNREAD_ROUTE_SET,  # noqa: E402
+                                       UNROUTED_MARK, dialog_ids, double_rr_entry,
+                                       route_entries, route_set_digest, routes_within_bounds,
+                                       same_route_uri, written_as_ours)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
                                     marked_lifetime, parse_tcp_list)
@@ -107,6 +109,11 @@ _SENT_TO_AVP = "$avp(e2m_sent_to)"
 # Set by tm's reply route on a 401/407 from downstream that names our own realm: the
 # failure route answers 502 instead of relaying it (``own_realm_challenge``).
 _OWN_CHALLENGE_AVP = "$avp(e2m_own_challenge)"
+# Set in the request route on a BYE that goes the dialog's way (``note_bye_way``): the
+# rest of its Route the other party's side of the dialog's route set, its next hop
+# what loose_route chose.  tm brings it to the reply route, where a 2xx ends the
+# dialog's keys only with it (``end_answered_dialog``; review 96).
+_BYE_WAY_AVP = "$avp(e2m_bye_way)"
 # A front's fr_timer: the nodes' (5 s, templates/kamailio.cfg.tmpl) and a margin, so that
 # a node that is up always answers first, if only with its own 408 (``failover``).
 _FRONT_FR_TIMER_MS = 7000
@@ -413,6 +420,25 @@ def _caller_name(call_id, caller):
     return "c" + _digest("\n".join((call_id, caller)))
 
 
+def _target_and_side(text):
+    """(remote target, route-set side) of an e2mtargets value part ``target:side``;
+    the side ``UNREAD_ROUTE_SET`` when none was noted."""
+    target, _, side = (text or "").partition(":")
+    return target, side or UNREAD_ROUTE_SET
+
+
+def _header_entries(name, specs):
+    """The entries of every ``name`` header of the message, in order; None when they
+    are more than ``specs`` reads, not UTF-8, or past ``routes_within_bounds``."""
+    try:
+        count = int(KSR.pv.get("$hdrc(%s)" % name) or 0)
+        if count > len(specs):
+            return None
+        return route_entries([KSR.pv.get(specs[i]) or "" for i in range(count)])
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def _target(value, *, contact=True):
     """A remote target as a BYE's Request-URI must name it: the first Contact's URI
     (``contact``), else a Request-URI, by scheme, user, host and port, as a digest; None
@@ -429,6 +455,30 @@ def _target(value, *, contact=True):
         return None
     return _digest("%s:%s@%s:%s" % (uri.scheme.lower(), uri.user or "", host_key(uri.host),
                                     uri.port or ""))
+
+
+def _holds_keys(engine, call_id, tag, other):
+    """Whether the engine holds keys for the dialog (``ProxyEngine.holds_dialog_keys``);
+    an engine that cannot tell is taken to hold some (its targets noted, as before)."""
+    holds = getattr(engine, "holds_dialog_keys", None)
+    return True if holds is None else bool(holds(call_id, tag, other))
+
+
+def _dialog_peer(call_id, from_tag, to_tag):
+    """(dialog name, caller's tag, the remote target and route-set side of the
+    party a request with these tags goes to) as e2mtargets holds them; None when
+    the dialog's targets were not noted."""
+    name = _dialog_name(call_id, from_tag, to_tag)
+    held = KSR.htable.sht_get(_TARGETS, name)
+    parts = held.split("|") if isinstance(held, str) else []
+    if len(parts) != 2:
+        return None
+    callee, callee_part = parts
+    from_callee = _digest(from_tag) == callee
+    caller = to_tag if from_callee else from_tag
+    held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
+    caller_part = held.split("|")[0] if isinstance(held, str) else None
+    return name, caller, _target_and_side(caller_part if from_callee else callee_part)
 
 
 _BRANCHES = "e2mbranch"
@@ -1023,6 +1073,10 @@ class kamailio:
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
                 self.mark_unrouted()
+                try:
+                    self.note_bye_way()
+                except Exception as exc:  # noqa: BLE001 - then its 2xx ends no key
+                    _log_exception("BYE route", exc)
                 self.relay(inspect=not self.relayed_unread())
             return
         if KSR.is_ACK():
@@ -1389,8 +1443,10 @@ class kamailio:
     def note_caller_target(self):
         """At an initial INVITE we record-route: the caller's remote target (its
         Contact) under the Call-ID and the caller's tag, for the transaction's life
-        (htable e2mtargets; its 2xx keeps it for the dialog's: ``note_dialog_targets``).
-        The first one noted stays."""
+        (htable e2mtargets; its 2xx keeps it for the dialog's: ``note_dialog_targets``),
+        with a digest of the Record-Route the INVITE reached us with: the caller's side
+        of the route set, the rest of the Route a BYE to the caller carries past ours
+        (``note_bye_way``).  The first one noted stays."""
         if self.app.engine is None or KSR.pv.get("$rm") != "INVITE":
             return
         call_id, caller, _ = dialog_ids(KSR)
@@ -1398,15 +1454,20 @@ class kamailio:
         if call_id and caller and target is not None:
             name = _caller_name(call_id, caller)
             if KSR.htable.sht_get(_TARGETS, name) is None:
-                KSR.htable.sht_setxs(_TARGETS, name, target, _UNANSWERED_TARGET)
+                side = route_set_digest(_header_entries("Record-Route", _RECORD_ROUTE_SPECS))
+                KSR.htable.sht_setxs(_TARGETS, name, target + ":" + side, _UNANSWERED_TARGET)
 
     def note_dialog_targets(self, stray=False):
         """At a 2xx to an initial INVITE (``stray``: one matching no transaction, read
         where it arrived, which the first one to name the dialog is taken for): the
         callee's tag and remote target (its Contact) under the dialog's name, and the
         caller's target kept as long, so that a BYE's 2xx ends the dialog's keys only
-        when the BYE went to the other party (``end_answered_dialog``).  The first
-        noted stays: a later copy, forged or not, changes nothing."""
+        when the BYE went to the other party (``end_answered_dialog``); with the
+        callee's side of the route set (this 2xx's Record-Route entries above ours,
+        reversed: the rest of the Route a BYE to the callee carries past ours).  The
+        first noted stays: a later copy, forged or not, changes nothing.  Kept 12 h
+        only when the engine holds keys for the dialog (called once the 2xx was
+        read): a keyless call's entry goes now, nothing for a BYE to end (review 96)."""
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or KSR.pv.get("$rm") != "INVITE" \
                 or not 200 <= status < 300 or (not stray and KSR.pv.get("$T_req($tt)")):
@@ -1422,10 +1483,48 @@ class kamailio:
         held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
         if not isinstance(held, str) or "|" in held:
             return
+        if not _holds_keys(self.app.engine, call_id, caller, callee):
+            # a call holding no key keeps nothing for 12 h (review 96 hole 4: one
+            # sender's plain calls filled shared memory); its INVITE is answered
+            KSR.htable.sht_rm(_TARGETS, _caller_name(call_id, caller))
+            return
+        side = UNREAD_ROUTE_SET
+        entries = _header_entries("Record-Route", _RECORD_ROUTE_SPECS)
+        if entries is not None:
+            ours = [i for i, entry in enumerate(entries)
+                    if self.app.routes.ours_in(call_id, caller, [entry])]
+            if ours:
+                side = route_set_digest(list(reversed(entries[:ours[0]])))
         KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller),
                              held + "|" + _digest(callee), _DIALOG_TARGET)
         KSR.htable.sht_setxs(_TARGETS, _dialog_name(call_id, caller, callee),
-                             _digest(callee) + "|" + target, _DIALOG_TARGET)
+                             _digest(callee) + "|" + target + ":" + side, _DIALOG_TARGET)
+
+    def note_bye_way(self):
+        """In the request route, after ``loose_route``: a BYE goes the dialog's way when
+        the Route it carries past ours (the one or two entries ``loose_route`` takes
+        off: our token, a double Record-Route's ``r2``) is the other party's side of
+        the route set as the dialog's start gave it (``note_caller_target``,
+        ``note_dialog_targets``), and its next hop the first of those (``$du``), or
+        none and no destination set.  Noted with the transaction (``_BYE_WAY_AVP``) for
+        ``end_answered_dialog``: a Route entry past ours to a hop's own UAS, whose 200
+        ended a live call's keys, goes elsewhere (review 96).  What cannot be read is
+        not the dialog's way (the keys go at their expiry)."""
+        if self.app.engine is None or KSR.pv.get("$rm") != "BYE":
+            return
+        call_id, from_tag, to_tag = dialog_ids(KSR)
+        if not (call_id and from_tag and to_tag):
+            return
+        peer = _dialog_peer(call_id, from_tag, to_tag)
+        entries = _header_entries("Route", _ROUTE_SPECS)
+        if peer is None or not entries or peer[2][1] == UNREAD_ROUTE_SET \
+                or not self.app.routes.admits(call_id, (from_tag, to_tag), entries[:1]):
+            return
+        rest = entries[2:] if double_rr_entry(entries[0]) else entries[1:]
+        destination = KSR.pv.get("$du") or ""
+        if (same_route_uri(rest[0], destination) if rest else not destination) \
+                and route_set_digest(rest) == peer[2][1]:
+            KSR.pv.seti(_BYE_WAY_AVP, 1)
 
     def end_answered_dialog(self):
         """A 2xx to a BYE we relayed ends the dialog's keys, named by the BYE's own ids
@@ -1433,7 +1532,8 @@ class kamailio:
         Request-URI the remote target that party gave at the dialog's start (the
         callee's 2xx, the caller's INVITE).  One the callee refused ended nothing
         (review 92); one routed to the sender's own UAS, answered 200 there, neither
-        (review 94)."""
+        (review 94), nor one that went there along a Route past ours: the request
+        route noted whether it went the dialog's way (``note_bye_way``; review 96)."""
         engine = self.app.engine
         if engine is None or KSR.pv.get("$rm") != "BYE":
             return
@@ -1443,18 +1543,12 @@ class kamailio:
         call_id, from_tag, to_tag = dialog_ids(KSR, of_request=True)
         if not (call_id and from_tag and to_tag):
             return
-        name = _dialog_name(call_id, from_tag, to_tag)
-        held = KSR.htable.sht_get(_TARGETS, name)
-        parts = held.split("|") if isinstance(held, str) else []
-        if len(parts) != 2:
+        found = _dialog_peer(call_id, from_tag, to_tag)
+        if found is None:
             return
-        callee, callee_target = parts
-        from_callee = _digest(from_tag) == callee
-        caller = to_tag if from_callee else from_tag
-        held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
-        caller_target = held.split("|")[0] if isinstance(held, str) else None
-        peer = caller_target if from_callee else callee_target
-        if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer:
+        name, caller, (peer, _) = found
+        if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer \
+                or not KSR.pv.get(_BYE_WAY_AVP):
             _info("e2m: a BYE's %d from elsewhere than the dialog's other party: its keys "
                   "stay to their expiry\n" % status)
             return
@@ -1681,10 +1775,12 @@ class kamailio:
         if KSR.tm.t_check_trans() > 0:
             return            # ours: ksr_onreply_route reads it
         try:
-            self.note_dialog_targets(stray=True)
-        except Exception as exc:  # noqa: BLE001 - the keys then go at their expiry
-            _log_exception("dialog targets", exc)
-        self.route_reply(stray=True)
+            self.route_reply(stray=True)
+        finally:
+            try:
+                self.note_dialog_targets(stray=True)   # once read: are keys kept
+            except Exception as exc:  # noqa: BLE001 - the keys then go at their expiry
+                _log_exception("dialog targets", exc)
 
     # -- htable events ([cluster]): an expired key cache record (a scope's keys) counts
     def ksr_htable_event(self, *args):
@@ -1723,7 +1819,6 @@ class kamailio:
         except Exception as exc:  # noqa: BLE001 - the reply is still read below
             _log_exception("reply identity", exc)
         try:
-            self.note_dialog_targets()
             self.end_answered_dialog()
         except Exception as exc:  # noqa: BLE001 - the keys go at their expiry instead
             _log_exception("dialog end", exc)
@@ -1741,6 +1836,10 @@ class kamailio:
             self.route_reply()
         except Exception as exc:  # noqa: BLE001 - the response goes on unchanged
             _log_exception("reply route", exc)
+        try:
+            self.note_dialog_targets()     # once read: whether it left the dialog keys
+        except Exception as exc:  # noqa: BLE001 - the keys go at their expiry instead
+            _log_exception("dialog targets", exc)
         return 1
 
     def read_reply(self):

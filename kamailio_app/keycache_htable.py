@@ -296,6 +296,11 @@ class HtableKeyCache:
         finally:
             self._backend.unlock(name)
 
+    def holds_scope(self, scope: Scope) -> bool:
+        """Whether ``scope``'s record is there (it lives as long as its latest key:
+        ``_write``); not unsealed, so cheap in a reply route."""
+        return self._backend.get(scope_key(scope)) is not None
+
     def drop_scope(self, scope: Scope) -> None:
         """Every key of ``scope``, its record removed by name under its slot lock (a put
         in another worker that read the record first would otherwise write it all

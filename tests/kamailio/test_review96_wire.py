@@ -173,9 +173,6 @@ def _r94_form(proxy_factory, pki):
     return _bye_elsewhere_then_records(proxy_factory, pki, "hop")
 
 
-@pytest.mark.xfail(strict=True, reason="review 96: untrusted hop (no credentials): a BYE to "
-                   "alice's own target with one Route entry past ours reaches the hop's UAS, "
-                   "whose 200 ends the live call's keys; her re-INVITE gets 496")
 def test_hole_a_bye_to_the_peers_target_routed_past_us_ends_the_live_calls_keys(
         proxy_factory, pki):
     after_answer, after_bye, byes, status = _bye_past_us_then_records(
@@ -415,9 +412,6 @@ def test_control_keyless_calls_are_answered_and_hold_no_keys(proxy_factory):
     assert (answered, keys) == (CALLS, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="review 96: insider UA (or anyone without [auth]): every "
-                   "call answered by his own UAS leaves two e2mtargets entries for 12 h, keys "
-                   "or none, with no per-user bound: shared memory fills at pike's rate")
 def test_hole_every_keyless_call_keeps_two_targets_for_12_hours(proxy_factory):
     answered, keys, targets = _keyless_calls(proxy_factory, "r96-grow-hole", CALLS)
     assert (answered, keys) == (CALLS, 0)

@@ -103,12 +103,36 @@ def _fake_htable(fake) -> dict:
     return table
 
 
+def _our_entry(call_id: str) -> str:
+    """Our Record-Route entry of alice's INVITE (tag ``a1``), as the 2xx brings it back
+    and the dialog's Route carries it (review 96: the route set is noted beside the
+    targets)."""
+    return f"<sip:127.0.0.1:5060;lr{ROUTES.param(call_id, 'a1')}>"
+
+
+def _bye_request(fake, kemi, node, call_id: str, tags, dst: str = "") -> dict:
+    """``kemi.note_bye_way`` in the request route after ``loose_route``, for a BYE with
+    ``tags`` (From, To) whose Route is our entry (the token of alice's tag ``a1``) and,
+    when ``dst``, one entry more, which ``loose_route`` made the destination ($du).
+    Returns the AVPs it set (tm brings them to the reply route).  Since review 96 a
+    BYE's 2xx ends keys only when this found the BYE going the dialog's way."""
+    routes = [_our_entry(call_id)] + ([f"<{dst}>"] if dst else [])
+    values = {"$rm": "BYE", "$ci": call_id, "$ft": tags[0], "$tt": tags[1], "$du": dst,
+              "$hdrc(Route)": len(routes),
+              **{f"$(hdr(Route)[{i}])": route for i, route in enumerate(routes)}}
+    avps: dict = {}
+    fake.pv = types.SimpleNamespace(get=values.get, seti=avps.__setitem__,
+                                    sets=avps.__setitem__)
+    kemi.kamailio.note_bye_way(node)
+    return avps
+
+
 def _end_answered(fake, kemi, proxy, status: int, ruri: str, tags=("a1", "b1")) -> None:
     """``kemi.end_answered_dialog`` in tm's reply route, for a 2xx/other to a BYE we
     relayed to ``ruri`` (the BYE's ids, ``$T_req``).  Since stop 35 the dialog's targets
     are noted at the INVITE's 2xx first (``note_dialog_targets``): alice's Contact
     ``sip:alice@127.0.0.1:5061``, bob's ``sip:bob@127.0.0.1:5062``."""
-    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy))
+    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy, routes=ROUTES))
     if not getattr(fake, "htable", None):
         _fake_htable(fake)
         invite = {"$rm": "INVITE", "$ci": "r94-bye@x", "$ft": "a1",
@@ -116,12 +140,15 @@ def _end_answered(fake, kemi, proxy, status: int, ruri: str, tags=("a1", "b1")) 
         fake.pv = types.SimpleNamespace(get=invite.get)
         kemi.kamailio.note_caller_target(node)
         invite_2xx = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r94-bye@x",
-                      "$ft": "a1", "$tt": "b1", "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>"}
+                      "$ft": "a1", "$tt": "b1", "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>",
+                      "$hdrc(Record-Route)": 1,
+                      "$(hdr(Record-Route)[0])": _our_entry("r94-bye@x")}
         fake.pv = types.SimpleNamespace(get=invite_2xx.get)
         kemi.kamailio.note_dialog_targets(node)
+    avps = _bye_request(fake, kemi, node, "r94-bye@x", tags)
     values = {"$rm": "BYE", "$rs": status, "$T_req($ci)": "r94-bye@x",
               "$T_req($ft)": tags[0], "$T_req($tt)": tags[1], "$T_req($ou)": ruri,
-              "$ru": ruri}
+              "$ru": ruri, **avps}
     fake.pv = types.SimpleNamespace(get=values.get)
     kemi.kamailio.end_answered_dialog(node)
 
