@@ -50,6 +50,10 @@ new branch per CSeq, so the 482 door refuses none of them
 (``test_stock_clients_wire.py`` passes); on a cluster, the call's BYE through the other
 node ends its keys and targets on both (``tests/cluster/test_review96_cluster.py``).
 The rest of what held is in ``tests/unit/test_review96.py``'s docstring.
+
+Fixed (stop 36): holes 1 and 4, as ``tests/unit/test_review96.py``'s docstring says (the
+BYE's Route past ours must be the other side's part of the dialog's route set; a keyless
+call's targets go at its 2xx); their markers are off.
 """
 
 from __future__ import annotations

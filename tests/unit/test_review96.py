@@ -130,6 +130,25 @@ What held (run here or on the wire, or read):
 - ``_target``'s compare folds scheme and host case (``host_key``) and drops URI
   parameters, so a Contact in odd case or with ``;ob``/``;transport`` matches the
   BYE that pjsip sends to it.
+
+Fixed (stop 36): hole 1.  Beside the targets (the same ``e2mtargets`` records, the same
+lifetimes, replicated over DMQ as before) the proxy notes each side of the dialog's route
+set as a digest of its URIs as written, case folded: the caller's, the Record-Route the
+INVITE reached us with (``note_caller_target``), the callee's, the 2xx's entries above
+ours, reversed (``note_dialog_targets``).  In the request route, after ``loose_route``,
+``kemi.note_bye_way`` marks a BYE as going the dialog's way (``$avp(e2m_bye_way)``, which
+tm keeps for the reply route) only when the Route past the one or two entries
+``loose_route`` took off (ours, with our token; a double Record-Route's ``r2``) is the
+other party's side and its next hop (``$du``) is the first of those, or there are none
+and no destination is set; ``end_answered_dialog`` ends keys only with that mark and
+the Request-URI check as before.  An entry the checks cannot read is not the dialog's
+way (keys left to their expiry).  The hop's BYE here carries a Route entry past ours
+that alice's side never had: its 200 ends nothing.  The unit model now runs the BYE's
+request route (``test_review94._bye_request``) and gives the 2xx our Record-Route
+entry.  (Hole 4 is fixed too: a dialog's targets are kept 12 h only when the engine
+holds keys for it, ``ProxyEngine.holds_dialog_keys``, asked once the 2xx was read; a
+keyless call's 64 s caller entry goes at its 2xx.)  Not fixed: a hop on the leg toward
+the target answering the BYE itself (above).
 """
 
 from __future__ import annotations
@@ -220,6 +239,86 @@ def test_hole_a_bye_to_the_target_sent_elsewhere_ends_the_dialog(world, fake_ksr
     before = len(proxy.cache)
     _bye_answered(fake, kemi, proxy, ruri=ALICES_TARGET, dst="sip:x@203.0.113.66:5999;lr")
     assert len(proxy.cache) == before, "the live call's keys went at the hop's 200"
+
+
+def _goes_the_dialogs_way(fake, kemi, *, invite_rr=(), ok_rr=(), bye_tags=("b1", "a1"),
+                          route=(), du="") -> bool:
+    """Stop 36: the route set noted at alice's INVITE (``invite_rr``: the Record-Route it
+    reached us with) and bob's 2xx (``ok_rr``, ours in it), then ``kemi.note_bye_way``
+    for a BYE with ``bye_tags`` whose Route is ``route`` and whose destination after
+    ``loose_route`` is ``du``: whether it is marked as going the dialog's way."""
+    _fake_htable(fake)
+    engine = types.SimpleNamespace(holds_dialog_keys=lambda *ids: True)
+    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=engine, routes=ROUTES))
+
+    def headers(name, values):
+        return {f"$hdrc({name})": len(values),
+                **{f"$(hdr({name})[{i}])": v for i, v in enumerate(values)}}
+    invite = {"$rm": "INVITE", "$ci": "r96-way@x", "$ft": "a1",
+              "$hdr(Contact)": f"<{ALICES_TARGET}>", **headers("Record-Route", list(invite_rr))}
+    fake.pv = types.SimpleNamespace(get=invite.get)
+    kemi.kamailio.note_caller_target(node)
+    ok = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-way@x", "$ft": "a1",
+          "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", **headers("Record-Route", list(ok_rr))}
+    fake.pv = types.SimpleNamespace(get=ok.get)
+    kemi.kamailio.note_dialog_targets(node)
+    bye = {"$rm": "BYE", "$ci": "r96-way@x", "$ft": bye_tags[0], "$tt": bye_tags[1], "$du": du,
+           **headers("Route", list(route))}
+    avps: dict = {}
+    fake.pv = types.SimpleNamespace(get=bye.get, seti=avps.__setitem__)
+    kemi.kamailio.note_bye_way(node)
+    return bool(avps)
+
+
+OURS = _our_entry("r96-way@x")
+P0 = "<sip:p0.example.net;lr>"          # a proxy on alice's side (her outbound proxy)
+P2 = "<sip:p2.example.net;lr>"          # a proxy on bob's side (his domain's)
+
+
+def test_control_honest_byes_go_the_dialogs_way(fake_ksr):
+    """Stop 36: what the fix must keep: the plain call either way; a proxy before ours on
+    alice's side and one after ours on bob's (a chain), in the order each side's route
+    set has them, the URIs as a UA may reprint them; a double Record-Route (ours twice,
+    ``r2``), which ``loose_route`` takes off whole."""
+    fake, kemi = fake_ksr
+    assert _goes_the_dialogs_way(fake, kemi, ok_rr=[OURS], route=[OURS])
+    assert _goes_the_dialogs_way(fake, kemi, ok_rr=[OURS], bye_tags=("a1", "b1"), route=[OURS])
+    chain = dict(invite_rr=[P0], ok_rr=[f"{P2}, {OURS}", P0])
+    assert _goes_the_dialogs_way(fake, kemi, **chain, route=[OURS, P0],
+                                 du="sip:p0.example.net;lr")                  # bob's BYE
+    assert _goes_the_dialogs_way(fake, kemi, **chain, bye_tags=("a1", "b1"),
+                                 route=[f"{OURS}, <SIP:P2.example.net;LR>"],
+                                 du="SIP:P2.example.net;LR")                  # alice's
+    first, second = (OURS.replace(";lr", f";{t};r2=on;lr") for t in ("transport=tcp", "x=1"))
+    double = dict(ok_rr=[second, first])
+    assert _goes_the_dialogs_way(fake, kemi, **double, bye_tags=("a1", "b1"),
+                                 route=[first, second])
+
+
+def test_control_byes_past_the_route_set_go_nowhere_marked(fake_ksr):
+    """Stop 36: a Route entry past ours the dialog's side never had, one left out, the
+    sides swapped, or a destination other than the next entry: not the dialog's way."""
+    fake, kemi = fake_ksr
+    hop = f"<{HOP_UAS};lr>"
+    chain = dict(invite_rr=[P0], ok_rr=[P2, OURS, P0])
+    assert not _goes_the_dialogs_way(fake, kemi, ok_rr=[OURS], route=[OURS, hop],
+                                     du=HOP_UAS + ";lr")
+    assert not _goes_the_dialogs_way(fake, kemi, **chain, route=[OURS, P0, hop],
+                                     du="sip:p0.example.net;lr")
+    assert not _goes_the_dialogs_way(fake, kemi, **chain, route=[OURS])
+    assert not _goes_the_dialogs_way(fake, kemi, **chain, route=[OURS, P2],
+                                     du="sip:p2.example.net;lr")        # bob's BYE to bob's side
+    assert not _goes_the_dialogs_way(fake, kemi, **chain, route=[OURS, P0], du=HOP_UAS)
+    assert not _goes_the_dialogs_way(fake, kemi, ok_rr=[OURS], route=[OURS], du=HOP_UAS)
+    # our entry with r2 put on by the sender: loose_route takes the next entry off too;
+    # marked only when nothing is left and no destination set (it goes to the target)
+    r2 = OURS.replace(";lr", ";r2=on;lr")
+    assert _goes_the_dialogs_way(fake, kemi, ok_rr=[OURS], route=[r2, hop])
+    assert not _goes_the_dialogs_way(fake, kemi, ok_rr=[OURS], route=[r2, hop],
+                                     du=HOP_UAS + ";lr")
+    # a 2xx without our entry: the callee's side unread, alice's BYE ends nothing
+    assert not _goes_the_dialogs_way(fake, kemi, ok_rr=[P2], bye_tags=("a1", "b1"),
+                                     route=[OURS, P2], du="sip:p2.example.net;lr")
 
 
 # -- hole 2: a display name holding a URI ------------------------------------------------
