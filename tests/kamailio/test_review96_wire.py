@@ -187,6 +187,19 @@ def test_hole_a_bye_to_the_peers_target_routed_past_us_ends_the_live_calls_keys(
         f"before the BYE, {after_bye} after")
 
 
+def test_control_a_bye_along_the_route_set_to_the_target_ends_the_keys(proxy_factory, pki):
+    """Stop 36: what the fix keeps.  The same BYE "from bob's side" with the dialog's
+    Route only (nothing past ours: alice's side of the route set is empty) goes to
+    alice's Contact, where a UAS stands in for her phone; its 200 ends the keys (so
+    her next re-INVITE under them gets 496, as after any BYE)."""
+    after_answer, after_bye, byes, status = _bye_past_us_then_records(
+        proxy_factory, pki, "r96-along-200", ruri=ALICES_CONTACT, past_us=False,
+        hop_at=("127.0.0.1", 5061))
+    assert byes == 1 and after_answer >= 1
+    assert after_bye == 0, f"{after_bye} key records after the dialog's own BYE"
+    assert status == 496
+
+
 # -- hole 2: a quoted display name with '<' in it names another target ---------------------
 
 def _hops_target(port: int) -> str:
