@@ -154,7 +154,6 @@ the target answering the BYE itself (above).
 from __future__ import annotations
 
 import re
-import sys
 import types
 
 import pytest
@@ -163,8 +162,8 @@ from e2m_plugins.testpki import init_test_pki
 from e2m_lab.flows import TRUSTED
 
 from tests.unit.test_review92 import _call_through_the_proxy
-from tests.unit.test_review94 import (ROUTES, _bye_request, _fake_htable, _our_entry,
-                                      _via0_branch)
+from tests.unit.test_review94 import (ROUTES, _bye_request, _fake_htable, _our_entry,  # noqa: F401
+                                      _via0_branch, fake_ksr)  # fake_ksr: a fixture
 
 ALICES_TARGET = "sip:alice@127.0.0.1:5061"
 BOBS_TARGET = "sip:bob@127.0.0.1:5062"
@@ -177,16 +176,6 @@ def world():
                          key_type="ec")
 
 
-@pytest.fixture
-def fake_ksr(monkeypatch):
-    fake = types.ModuleType("KSR")
-    fake.kx = types.SimpleNamespace(get_def=lambda name: None)
-    monkeypatch.setitem(sys.modules, "KSR", fake)
-    sys.modules.pop("kamailio_app.kemi", None)
-    import kamailio_app.kemi as kemi
-    monkeypatch.setattr(kemi, "KSR", fake)
-    yield fake, kemi
-    sys.modules.pop("kamailio_app.kemi", None)
 
 
 # -- hole 1: a BYE with the right Request-URI, relayed elsewhere ------------------------------
