@@ -5,10 +5,15 @@ dialog the proxy record-routed, and Kamailio's ``loose_route`` relays it to its
 Request-URI.  Nothing in it says the proxy ever saw that dialog, so without a check
 anyone could relay any request (ACKs and BYEs included, which are never challenged)
 through the proxy to any address.  So the proxy puts a parameter in the Record-Route
-it adds to a dialog-creating request: an HMAC of the dialog's Call-ID and the
-caller's tag under a key of its own.  An in-dialog request is routed only when one of
-its Route entries carries the token for its Call-ID and one of its tags (the callee's
-requests carry the caller's tag in To).
+it adds to a dialog-creating request: an HMAC of the dialog's Call-ID, the
+caller's tag and the dialog's two parties (the From and To AoRs of that request, as the
+core reads them, sorted) under a key of its own.  An in-dialog request is routed only
+when one of its Route entries carries the token for its Call-ID, one of its tags (the
+callee's requests carry the caller's tag in To) and its own From and To AoRs (the
+callee's requests swap them: the sorted pair is the same).  RFC 3261 §12.2.1.1 keeps a
+dialog's From and To URIs for its life, so a request of the dialog written "From
+alice" by someone else is not routed: an ACK above all, which is never challenged
+(review 98).  A From or To the core cannot read gets no token.
 
 The key: every node of a cluster derives the same one from the proxy's private key
 (as for the key-cache seal, with its own label), so a dialog outlives its node and
@@ -31,10 +36,12 @@ from collections.abc import Iterable, Iterator
 
 from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import parse_params, split_header_list
+from e2m_plugins.uri import identity_of
 
 __all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds",
            "written_as_ours", "UNROUTED_MARK", "route_entries", "route_set_digest",
-           "UNREAD_ROUTE_SET", "same_route_uri", "double_rr_entry"]
+           "UNREAD_ROUTE_SET", "same_route_uri", "double_rr_entry", "Parties",
+           "dialog_parties", "carries_a_token"]
 
 _IDS = ("$ci", "$ft", "$tt")
 _REQUEST_IDS = ("$T_req($ci)", "$T_req($ft)", "$T_req($tt)")
@@ -54,6 +61,26 @@ def dialog_ids(ksr, *, of_request: bool = False) -> tuple[str, str | None, str |
     return call_id, from_tag, to_tag
 
 
+# A dialog's two parties: the From and To AoRs of its initial request, as the core
+# reads them (``identity_of``), each as JSON ``[user, host]``, sorted.
+Parties = tuple[str, str]
+
+
+def dialog_parties(from_uri: str | None, to_uri: str | None) -> Parties | None:
+    """The parties a token binds (``Parties``) of a request whose From URI is
+    ``from_uri`` and To URI ``to_uri``; None when the core cannot read either (no
+    token is made or admitted for it: fail closed).  Sorted, so the caller's requests
+    and the callee's (From and To swapped) name the same pair."""
+    named = []
+    for uri in (from_uri, to_uri):
+        identity = identity_of(uri) if uri else None
+        if identity is None:
+            return None
+        named.append(json.dumps([identity.user, identity.host], separators=(",", ":")))
+    first, second = sorted(named)
+    return first, second
+
+
 PARAM = "e2m-rr"             # the Record-Route URI parameter
 UNROUTED_MARK = "e2mnr"      # our Via's parameter on a request we relay unrecorded
 MAX_ROUTE_ENTRIES = 16       # Route entries read per request (a real route set has a few)
@@ -61,8 +88,10 @@ _MAX_ROUTE_TEXT = 4096       # characters of Route header read per request
 # The parameter's value: the dialog's token, then a MAC of the caller's side of the
 # route set, 64 bits of HMAC-SHA256 each (32 hex digits on the wire, as the 128-bit
 # token alone was: an INVITE through two proxies reaches bob close to pjsip's 4,000
-# octets).  A guess at either is one online try per call.  An entry written before
-# the MAC (the old token's first half is the token) still routes its dialog.
+# octets).  A guess at either is one online try per call.  The token binds the
+# dialog's parties since review 98: a dialog record-routed before that (its token made
+# of the Call-ID and tag alone) is no longer routed in (its in-dialog requests are
+# refused 403, its ACKs dropped) and must be set up again.
 _TOKEN_BYTES = 8
 _SIDE_BYTES = 8
 _ENTRY = re.compile(r"<([^<>]*)>")
@@ -83,16 +112,20 @@ class RouteTokens:
         """For a proxy without an identity: a key of its own, made at start."""
         return cls(os.urandom(32))
 
-    def token(self, call_id: str, tag: str) -> str:
-        """The token of the dialog ``call_id`` opened by the UA whose tag is ``tag``."""
-        data = b"\x00".join((call_id.encode("utf-8", "surrogateescape"),
-                             tag.encode("utf-8", "surrogateescape")))
-        return hmac.new(self._key, data, hashlib.sha256).digest()[:_TOKEN_BYTES].hex()
+    def token(self, call_id: str, tag: str, *, parties: Parties | None) -> str | None:
+        """The token of the dialog ``call_id`` opened by the UA whose tag is ``tag``
+        between ``parties`` (``dialog_parties``); None when those are unread (None)."""
+        if parties is None:
+            return None
+        data = json.dumps([call_id, tag, list(parties)], separators=(",", ":"))
+        return hmac.new(self._key, b"dialog\x00" + data.encode("utf-8", "surrogateescape"),
+                        hashlib.sha256).digest()[:_TOKEN_BYTES].hex()
 
     def param(self, call_id: str, tag: str, callers_side: Iterable[str] | None = (),
-              via: str | None = None) -> str:
-        """The parameter to add to the Record-Route (``rr.add_rr_param``): the dialog's
-        token and a MAC of the Record-Route the request reached us with
+              via: str | None = None, *, parties: Parties | None) -> str | None:
+        """The parameter to add to the Record-Route (``rr.add_rr_param``), None when
+        ``parties`` are unread (the request must then not be record-routed): the dialog's
+        token (``token``) and a MAC of the Record-Route the request reached us with
         (``callers_side``: the caller's side of the route set; None when it cannot be
         read, and then no reply vouches for it: ``keeps_callers_side``) and of the top
         ``via`` the request reached us with (the reply brings it back below ours, at
@@ -106,8 +139,11 @@ class RouteTokens:
                 below = [_comparable(entry) for entry in _entries(callers_side)]
             except E2MError:
                 below = None
+        token = self.token(call_id, tag, parties=parties)
+        if token is None:
+            return None
         side = self._side(call_id, tag, below, via_key(via))
-        return f";{PARAM}={self.token(call_id, tag)}{side}"
+        return f";{PARAM}={token}{side}"
 
     def _side(self, call_id: str, tag: str, below: list[tuple[str, tuple[str, ...]]] | None,
               via: tuple[str, ...] | None) -> str:
@@ -140,30 +176,35 @@ class RouteTokens:
         return value is not None and hmac.compare_digest(value.lower(),
                                                          self.unrouted_mark(call_id, via))
 
-    def admits(self, call_id: str, tags: Iterable[str | None], routes: Iterable[str]) -> bool:
+    def admits(self, call_id: str, tags: Iterable[str | None], routes: Iterable[str], *,
+               parties: Parties | None) -> bool:
         """Whether one of the Route header values ``routes`` carries the token of
-        ``call_id`` with one of ``tags``.  Reads at most ``MAX_ROUTE_ENTRIES`` entries
+        ``call_id`` with one of ``tags`` and ``parties`` (the request's own From and To,
+        ``dialog_parties``; None: never).  Reads at most ``MAX_ROUTE_ENTRIES`` entries
         and ``_MAX_ROUTE_TEXT`` characters: a stranger's long Route costs no more."""
-        wanted = {self.token(call_id, tag) for tag in tags if tag}
+        if parties is None:
+            return False
+        wanted = {self.token(call_id, tag, parties=parties) for tag in tags if tag}
         if not call_id or not wanted:
             return False
         return any(any(hmac.compare_digest(token, t) for t in wanted)
                    for _, token in _carried(routes))
 
-    def ours_in(self, call_id: str, tag: str, routes: Iterable[str]) -> list[str]:
+    def ours_in(self, call_id: str, tag: str, routes: Iterable[str], *,
+                parties: Parties | None) -> list[str]:
         """The URIs of the Record-Route/Route entries ``routes`` that carry our token of
-        ``call_id`` and ``tag``: entries this proxy wrote, whatever they now say (read
-        as ``admits`` reads, as boundedly)."""
-        if not call_id or not tag:
+        ``call_id``, ``tag`` and ``parties``: entries this proxy wrote, whatever they now
+        say (read as ``admits`` reads, as boundedly)."""
+        wanted = self.token(call_id, tag, parties=parties)
+        if not call_id or not tag or wanted is None:
             return []
-        wanted = self.token(call_id, tag)
         return [uri for uri, token in _carried(routes) if hmac.compare_digest(token, wanted)]
 
 
     def keeps_callers_side(self, call_id: str, tag: str, reply_routes: Iterable[str],
-                           via: str | None = None) -> bool:
-        """Whether an entry of the reply's Record-Route carrying our token of ``call_id``
-        and ``tag`` is followed by exactly the entries its request reached us with: the
+                           via: str | None = None, *, parties: Parties | None) -> bool:
+        """Whether an entry of the reply's Record-Route carrying our token of ``call_id``,
+        ``tag`` and ``parties`` is followed by exactly the entries its request reached us with: the
         MAC after the token in its value (``param``) must be that of the entries below
         and of the ``via`` below ours in the reply (the request's top Via as it reached
         us; ``received`` and ``rport`` left out, which we add).
@@ -173,7 +214,9 @@ class RouteTokens:
         is checked the same (review 86).  Any such
         entry will do (a double Record-Route, a cluster's nodes sharing the key, a
         spiral).  Call it on routes ``routes_within_bounds`` has passed."""
-        wanted = self.token(call_id, tag)
+        wanted = self.token(call_id, tag, parties=parties)
+        if wanted is None:
+            return False
         entries = _entries(reply_routes)
         for i, entry in enumerate(entries):
             inside = _ENTRY.search(entry)
@@ -314,6 +357,12 @@ def _plain_entry(item: str) -> bool:
     item = item.strip()
     return item.startswith("<") and item.count("<") == 1 and item.count(">") == 1 \
         and '"' not in item
+
+
+def carries_a_token(routes: Iterable[str]) -> bool:
+    """Whether an entry of the Route header values ``routes`` carries a route token of
+    ours at all, whichever dialog's (read as ``admits`` reads)."""
+    return any(True for _ in _carried(routes))
 
 
 def _carried(routes: Iterable[str]) -> Iterator[tuple[str, str]]:

@@ -66,8 +66,9 @@ from kamailio_app.bootstrap import (  # noqa: E402
 from kamailio_app.config import (DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES,  # noqa: E402
                                  canonical_ip)
 from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, UNREAD_ROUTE_SET,  # noqa: E402
-                                       UNROUTED_MARK, dialog_ids, double_rr_entry,
-                                       route_entries, route_set_digest, routes_within_bounds,
+                                       UNROUTED_MARK, carries_a_token, dialog_ids,
+                                       dialog_parties, double_rr_entry, route_entries,
+                                       route_set_digest, routes_within_bounds,
                                        same_route_uri, written_as_ours)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
@@ -385,6 +386,15 @@ def _via_below_ours():
     except (E2MError, UnicodeDecodeError):
         return None
     return None
+
+
+def _dialog_parties():
+    """The From and To AoRs of this message as a route token binds them
+    (``dialog_route.dialog_parties``); None when unreadable (no token fits)."""
+    try:
+        return dialog_parties(KSR.pv.get("$fu"), KSR.pv.get("$tu"))
+    except UnicodeDecodeError:
+        return None
 
 
 def _callers_side():
@@ -738,7 +748,8 @@ class kamailio:
             # INVITE, SUBSCRIBE: stay on the path of the dialog, once it is known the
             # request goes on (a refused one is given no route token).  A front stays off
             # it: its nodes record-route the front's address.
-            self.record_route()
+            if not self.record_route():
+                return
         self.relay(inspect=True)
 
     def drop_asserted_identity(self):
@@ -771,10 +782,19 @@ class kamailio:
         """With the dialog's token (``dialog_route``): only requests that carry it back
         are routed inside the dialog.  A cluster node behind a front ([cluster] front)
         names the front, so the dialog's next requests go back through it to whichever
-        node is alive."""
+        node is alive.  The token binds the dialog's two parties (its From and To AoRs,
+        ``dialog_parties``); a request whose From or To the core cannot read gets none
+        and is refused (400, False): none of its dialog's requests could be routed, and
+        an ACK, never challenged, could be written as anyone's (review 98)."""
         call_id, from_tag, _ = dialog_ids(KSR)
-        KSR.rr.add_rr_param(self.app.routes.param(call_id, from_tag or "", _callers_side(),
-                                                  _top_via()))
+        param = self.app.routes.param(call_id, from_tag or "", _callers_side(), _top_via(),
+                                      parties=_dialog_parties())
+        if param is None:
+            _info("e2m: %s from %s with a From or To the core cannot read: refused\n" % (
+                KSR.pv.get("$rm"), KSR.pv.get("$si")))
+            KSR.sl.send_reply(400, "Unreadable From Or To")
+            return False
+        KSR.rr.add_rr_param(param)
         try:
             self.note_caller_target()
         except Exception as exc:  # noqa: BLE001 - the keys then go at their expiry
@@ -784,6 +804,7 @@ class kamailio:
             KSR.rr.record_route_advertised_address(front)
         else:
             KSR.rr.record_route()
+        return True
 
     # -- flood limits ([limits]) ----------------------------------------------------
     def exempt_source(self):
@@ -1054,9 +1075,16 @@ class kamailio:
         if KSR.rr.loose_route() > 0:
             if not self.dialog_routed_here():
                 # A Route naming us, but no token of a dialog we record-routed: a
-                # stranger's "in-dialog" request to relay anywhere.  A non-2xx ACK
-                # (it repeats the INVITE's preloaded Route) is tm's to match.
+                # stranger's "in-dialog" request to relay anywhere, or one of our
+                # dialog's written with another From or To (review 98).  A non-2xx ACK
+                # (it repeats the INVITE's preloaded Route) is tm's to match; an ACK
+                # with a token of ours that is not its own is dropped (tm would take
+                # it for the INVITE's 2xx ACK and relay it).
                 if KSR.is_ACK():
+                    if self.carries_a_route_token():
+                        _info("e2m: ACK from %s with a route token not its own: "
+                              "dropped\n" % KSR.pv.get("$si"))
+                        return
                     if KSR.tm.t_check_trans() > 0:
                         KSR.tm.t_relay()
                     return
@@ -1115,6 +1143,10 @@ class kamailio:
             from_tag = (KSR.pv.get("$ft") or "").strip(" \t")
         except UnicodeDecodeError:
             return []       # ids we never made a token for (the core refuses them)
+        # the parties as the reply names them (a UAS copies From and To): another
+        # pair finds no entry of ours, and a reply to a request we record-routed is
+        # then dropped below (review 98)
+        parties = _dialog_parties()
         if count > len(_RECORD_ROUTE_SPECS):
             # past what we read, our entry could be anywhere: a hop put 16 of its
             # own above the one it moved (review 82)
@@ -1126,7 +1158,7 @@ class kamailio:
             return ["(a Record-Route that is not UTF-8)"]
         if not routes_within_bounds(routes):
             return ["(a Record-Route past the read bound)"]
-        ours = self.app.routes.ours_in(call_id, from_tag, routes)
+        ours = self.app.routes.ours_in(call_id, from_tag, routes, parties=parties)
         # ours must still name us, and say no more than we wrote (a maddr: review 90)
         moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0]
         if moved:
@@ -1137,7 +1169,7 @@ class kamailio:
             # The MAC names the request's top Via, so one made for another request
             # with the dialog's ids vouches for nothing here (review 88)
             if not self.app.routes.keeps_callers_side(call_id, from_tag, routes,
-                                                      _via_below_ours()):
+                                                      _via_below_ours(), parties=parties):
                 return ["(an entry added or changed on the caller's side of ours)"]
         elif self.record_routed_here():
             return ["(no entry of ours)"]      # ours taken out: the same, or worse
@@ -1161,12 +1193,25 @@ class kamailio:
         return not self.app.routes.marks_unrouted(call_id, _top_via(), _via_below_ours())
 
     def dialog_routed_here(self):
-        """One of the request's Route entries carries our token for its Call-ID and one
-        of its tags (``dialog_route``)."""
-        count = min(int(KSR.pv.get("$hdrc(Route)") or 0), len(_ROUTE_SPECS))
-        routes = [KSR.pv.get(_ROUTE_SPECS[i]) or "" for i in range(count)]
+        """One of the request's Route entries carries our token for its Call-ID, one of
+        its tags and its From and To AoRs (``dialog_route``): the dialog's parties, so
+        an ACK (never challenged) written as another user's is not routed (review 98)."""
         call_id, from_tag, to_tag = dialog_ids(KSR)
-        return self.app.routes.admits(call_id, (from_tag, to_tag), routes)
+        return self.app.routes.admits(call_id, (from_tag, to_tag), self.route_values(),
+                                      parties=_dialog_parties())
+
+    def route_values(self):
+        """The request's Route header values (as many as ``admits`` reads)."""
+        count = min(int(KSR.pv.get("$hdrc(Route)") or 0), len(_ROUTE_SPECS))
+        return [KSR.pv.get(_ROUTE_SPECS[i]) or "" for i in range(count)]
+
+    def carries_a_route_token(self):
+        """One of the request's Route entries carries a route token of ours, whichever
+        dialog's (``dialog_route.carries_a_token``); False when unreadable."""
+        try:
+            return carries_a_token(self.route_values())
+        except UnicodeDecodeError:
+            return False
 
     def route_register(self):
         """Save the contact (registrar: at most max_contacts per AoR), the source's AoRs

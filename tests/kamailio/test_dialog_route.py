@@ -16,7 +16,9 @@ from e2m_lab.sipp import register
 from e2m_plugins.sip import RequestLine, SipMessage, make_response
 
 from kamailio_app.bootstrap import identity_key, route_tokens
-from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, PARAM, RouteTokens
+from kamailio_app.dialog_route import MAX_ROUTE_ENTRIES, PARAM, RouteTokens, dialog_parties
+
+PARTIES = dialog_parties("sip:alice@example.com", "sip:bob@example.com")   # the dialog's From and To
 
 
 def _tokens() -> RouteTokens:
@@ -25,27 +27,27 @@ def _tokens() -> RouteTokens:
 
 def test_the_token_binds_call_id_and_tag_and_either_tag_admits():
     tokens = _tokens()
-    route = f"<sip:127.0.0.1:5060;lr{tokens.param('c1@x', 'alice-tag')}>"
-    assert tokens.admits("c1@x", ("alice-tag", "bob-tag"), [route])     # alice's requests
-    assert tokens.admits("c1@x", ("bob-tag", "alice-tag"), [route])     # bob's: her tag in To
-    assert not tokens.admits("c2@x", ("alice-tag", "bob-tag"), [route])
-    assert not tokens.admits("c1@x", ("other", "bob-tag"), [route])
-    assert not tokens.admits("c1@x", (None, None), [route])
-    assert not tokens.admits("", ("alice-tag",), [route])
-    assert not RouteTokens(b"j" * 32).admits("c1@x", ("alice-tag",), [route])   # another key
+    route = f"<sip:127.0.0.1:5060;lr{tokens.param('c1@x', 'alice-tag', parties=PARTIES)}>"
+    assert tokens.admits("c1@x", ("alice-tag", "bob-tag"), [route], parties=PARTIES)     # alice's requests
+    assert tokens.admits("c1@x", ("bob-tag", "alice-tag"), [route], parties=PARTIES)     # bob's: her tag in To
+    assert not tokens.admits("c2@x", ("alice-tag", "bob-tag"), [route], parties=PARTIES)
+    assert not tokens.admits("c1@x", ("other", "bob-tag"), [route], parties=PARTIES)
+    assert not tokens.admits("c1@x", (None, None), [route], parties=PARTIES)
+    assert not tokens.admits("", ("alice-tag",), [route], parties=PARTIES)
+    assert not RouteTokens(b"j" * 32).admits("c1@x", ("alice-tag",), [route], parties=PARTIES)   # another key
 
 
 def test_forged_and_odd_routes_are_refused_and_reading_is_bounded():
     tokens = _tokens()
-    good = tokens.token("c1@x", "t1")
-    assert not tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;{PARAM}={'0' * 32}>"])
-    assert not tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;{PARAM}={good[:-1]}>"])
-    assert not tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;x{PARAM}={good}>"])
-    assert not tokens.admits("c1@x", ("t1",), [f"sip:p;lr;{PARAM}={good}"])   # not name-addr
-    assert tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;{PARAM.upper()}={good.upper()}>"])
-    assert tokens.admits("c1@x", ("t1",), ["<sip:a;lr>, <sip:b;lr>", f"<sip:p;{PARAM}={good};lr>"])
+    good = tokens.token("c1@x", "t1", parties=PARTIES)
+    assert not tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;{PARAM}={'0' * 32}>"], parties=PARTIES)
+    assert not tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;{PARAM}={good[:-1]}>"], parties=PARTIES)
+    assert not tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;x{PARAM}={good}>"], parties=PARTIES)
+    assert not tokens.admits("c1@x", ("t1",), [f"sip:p;lr;{PARAM}={good}"], parties=PARTIES)   # not name-addr
+    assert tokens.admits("c1@x", ("t1",), [f"<sip:p;lr;{PARAM.upper()}={good.upper()}>"], parties=PARTIES)
+    assert tokens.admits("c1@x", ("t1",), ["<sip:a;lr>, <sip:b;lr>", f"<sip:p;{PARAM}={good};lr>"], parties=PARTIES)
     padding = ", ".join(["<sip:x;lr>"] * MAX_ROUTE_ENTRIES)
-    assert not tokens.admits("c1@x", ("t1",), [padding, f"<sip:p;lr;{PARAM}={good}>"])
+    assert not tokens.admits("c1@x", ("t1",), [padding, f"<sip:p;lr;{PARAM}={good}>"], parties=PARTIES)
     with pytest.raises(ValueError):
         RouteTokens(b"short")
 
@@ -71,9 +73,9 @@ def test_every_node_derives_the_same_key_and_a_plain_proxy_its_own(pki, tmp_path
     from e2m_plugins.config import load_proxy_config
     config = load_proxy_config(write_proxy_config(tmp_path / "a", 5999, pki=pki, e2m=True))
     again = load_proxy_config(write_proxy_config(tmp_path / "b", 5998, pki=pki, e2m=True))
-    assert route_tokens(config).token("c", "t") == route_tokens(again).token("c", "t")
+    assert route_tokens(config).token("c", "t", parties=PARTIES) == route_tokens(again).token("c", "t", parties=PARTIES)
     assert identity_key(config, b"e2m record-route v1 ") != identity_key(config, b"e2m key cache seal v1 ")
-    assert route_tokens(None).token("c", "t") != route_tokens(None).token("c", "t")
+    assert route_tokens(None).token("c", "t", parties=PARTIES) != route_tokens(None).token("c", "t", parties=PARTIES)
 
 
 @pytest.mark.kamailio

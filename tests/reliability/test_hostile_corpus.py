@@ -37,7 +37,7 @@ from e2m_plugins.testpki import TestPKI
 from e2m_plugins.sip import RequestLine, SipMessage, parse
 from e2m_plugins.config import load_proxy_config
 from kamailio_app.bootstrap import route_tokens
-from kamailio_app.dialog_route import RouteTokens
+from kamailio_app.dialog_route import RouteTokens, dialog_parties
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.sipp]
 
@@ -194,10 +194,12 @@ def _header_cases() -> list[Case]:
         opened = bob.open(first).message
         alice.open(bob.protect(answer(opened)).message)
         again = invite(m.pki, call_id=call, cseq=2, to_tag="b1")
+        parties = dialog_parties(first.address("From").uri, first.address("To").uri)
         sent = alice.protect(again).message
         return (sent.with_start_line(RequestLine("INVITE", f"sip:bob@127.0.0.1:{m.bob_port}"))
                 .insert("Route", f"<sip:127.0.0.1:{m.proxy_port};lr"
-                                 f"{m.routes.param(call, first.from_tag or '')}>", 1))
+                                 f"{m.routes.param(call, first.from_tag or '', parties=parties)}>",
+                        1))
 
     def many_parts(m: Maker) -> SipMessage:
         mixed = mime.multipart_mixed([mime.MimePart((("Content-Type", "text/plain"),), b"x")] * 300)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from kamailio_app.dialog_route import RouteTokens, routes_within_bounds
+from kamailio_app.dialog_route import RouteTokens, dialog_parties, routes_within_bounds
 
 ROUTES = RouteTokens(b"r" * 32)
+PARTIES = dialog_parties("sip:alice@example.com", "sip:bob@example.com")   # the dialog's From and To
 CALL, TAG = "c1@example.com", "at1"
 CALLERS = "<sip:192.0.2.7:5061;transport=tls;lr>"
 CALLEES = "<sip:198.51.100.9;lr>"
@@ -24,15 +25,15 @@ HOP = "<sip:203.0.113.66;lr>"
 def ours_tls(below: list[str]) -> str:
     """Our TLS entry as ``record_route`` writes it for a request that reached us with
     Record-Route ``below``."""
-    return f"<sip:10.0.0.1:5061;transport=tls;lr{ROUTES.param(CALL, TAG, below)}>"
+    return f"<sip:10.0.0.1:5061;transport=tls;lr{ROUTES.param(CALL, TAG, below, parties=PARTIES)}>"
 
 
 def ours_udp(below: list[str]) -> str:
-    return f"<sip:10.0.0.1:5060;lr{ROUTES.param(CALL, TAG, below)}>"
+    return f"<sip:10.0.0.1:5060;lr{ROUTES.param(CALL, TAG, below, parties=PARTIES)}>"
 
 
 def kept(reply: list[str]) -> bool:
-    return routes_within_bounds(reply) and ROUTES.keeps_callers_side(CALL, TAG, reply)
+    return routes_within_bounds(reply) and ROUTES.keeps_callers_side(CALL, TAG, reply, parties=PARTIES)
 
 
 @pytest.mark.parametrize("reply", [
@@ -62,8 +63,8 @@ def test_a_spiral_is_kept_at_either_of_our_entries():
     [ours_tls([CALLERS]), HOP],                              # hers rewritten to the hop
     [ours_tls([CALLERS])],                                   # hers removed
     [HOP, CALLERS],                                          # ours gone: nothing vouches
-    [ours_tls([CALLERS]).replace(ROUTES.token(CALL, TAG), "0" * 32), CALLERS],
-    [f"<sip:10.0.0.1:5061;transport=tls;lr;e2m-rr={ROUTES.token(CALL, TAG)}>", CALLERS],
+    [ours_tls([CALLERS]).replace(ROUTES.token(CALL, TAG, parties=PARTIES), "0" * 32), CALLERS],
+    [f"<sip:10.0.0.1:5061;transport=tls;lr;e2m-rr={ROUTES.token(CALL, TAG, parties=PARTIES)}>", CALLERS],
     # (the MAC taken out: the token alone, as an entry written before the MAC was)
     # review 86: our entry kept whole inside a quoted display name, the hop's URI outside
     [f'"{ours_tls([])[:-1]}>" <sip:127.0.0.1:5999;lr>'],
@@ -74,7 +75,7 @@ def test_a_reply_whose_callers_side_differs_is_not_kept(reply):
 
 
 def test_another_dialogs_token_does_not_vouch():
-    other = RouteTokens(b"r" * 32).param("c2@example.com", TAG, [CALLERS])
+    other = RouteTokens(b"r" * 32).param("c2@example.com", TAG, [CALLERS], parties=PARTIES)
     assert not kept([f"<sip:10.0.0.1;lr{other}>", CALLERS])
 
 
@@ -87,15 +88,17 @@ def test_a_uas_reprinting_the_parameters_in_another_order_is_kept():
 
 
 def test_an_unreadable_callers_side_vouches_for_nothing():
-    assert not kept([f"<sip:10.0.0.1;lr{ROUTES.param(CALL, TAG, None)}>"])
+    assert not kept([f"<sip:10.0.0.1;lr{ROUTES.param(CALL, TAG, None, parties=PARTIES)}>"])
 
 
-def test_an_entry_written_before_the_mac_still_routes_its_dialog():
-    """The old 128-bit token's first half is the token: a dialog record-routed before
-    the upgrade is still admitted (the MAC only matters to the replies that made it)."""
+def test_an_entry_written_before_review98_no_longer_routes_its_dialog():
+    """The token binds the dialog's parties since review 98: an entry written before
+    (the token of the Call-ID and tag alone, as the old 128-bit token's first half or
+    with the MAC after it) no longer routes its dialog; the parameter keeps its size."""
     import hashlib
     import hmac
     old = hmac.new(b"r" * 32, b"\x00".join((CALL.encode(), TAG.encode())),
                    hashlib.sha256).digest()[:16].hex()
-    assert ROUTES.admits(CALL, (TAG,), [f"<sip:10.0.0.1;lr;e2m-rr={old}>"])
-    assert len(ROUTES.param(CALL, TAG, [])) == len(";e2m-rr=") + 32    # the same size
+    assert not ROUTES.admits(CALL, (TAG,), [f"<sip:10.0.0.1;lr;e2m-rr={old}>"],
+                             parties=PARTIES)
+    assert len(ROUTES.param(CALL, TAG, [], parties=PARTIES)) == len(";e2m-rr=") + 32    # the same size

@@ -38,7 +38,7 @@ from e2m_plugins.keycache import DialogScope, MemoryKeyCache
 from e2m_plugins.proxy import EARLY_DIALOG_TTL, LATER_FORK_KEEPER, message_scope
 from e2m_plugins.sip import SipMessage, make_request, make_response
 from e2m_plugins.testpki import init_test_pki
-from kamailio_app.dialog_route import RouteTokens
+from kamailio_app.dialog_route import RouteTokens, dialog_parties
 from tests.unit.test_review12 import NEW_SDP, SDP_VIEW, _invite, _ua
 from tests.unit.test_review13 import _Clock, _reinvite, _reinvite_once_early_copies_are_gone
 
@@ -146,6 +146,7 @@ def test_hole_case_changed_copies_of_the_200_use_up_the_live_dialogs_key(world):
 # -- 2. a third party with the call's Call-ID and tag drops the caller's offer key ----------
 
 ROUTES = RouteTokens(b"k" * 32)          # the proxy's route key (kemi's Record-Route token)
+PARTIES = dialog_parties("sip:alice@example.com", "sip:bob@example.com")   # the dialog's From and To
 
 
 def _forwarded_call(world, attack):
@@ -184,8 +185,8 @@ def test_control_alices_forwarded_call_keeps_its_key(world):
 def _mallorys_bare_bye(proxy) -> None:
     # The INVITE alice sent mallory carried the proxy's Record-Route with the token of
     # (fwd@x, a1): a BYE naming that Call-ID and tag with any To tag is "routed here".
-    token = ROUTES.token("fwd@x", "a1")
-    assert ROUTES.admits("fwd@x", ("a1", "m-any"), [f"<sip:{TRUSTED};lr;e2m-rr={token}>"])
+    token = ROUTES.token("fwd@x", "a1", parties=PARTIES)
+    assert ROUTES.admits("fwd@x", ("a1", "m-any"), [f"<sip:{TRUSTED};lr;e2m-rr={token}>"], parties=PARTIES)
     # kemi.py route_in_dialog: loose_route, dialog_routed_here, then relayed_unread
     # (a bare BYE: no body, no label); since review 92 its keys go at its 2xx
     # (end_answered with the request's $ci, $ft, $tt): say mallory's side answered 200

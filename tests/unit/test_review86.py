@@ -93,17 +93,18 @@ import pytest
 
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.sip import parse_address
-from kamailio_app.dialog_route import RouteTokens, routes_within_bounds
+from kamailio_app.dialog_route import RouteTokens, dialog_parties, routes_within_bounds
 
 ROUTES = RouteTokens(b"r" * 32)
+PARTIES = dialog_parties("sip:alice@example.com", "sip:bob@example.com")   # the dialog's From and To
 CALL, TAG = "c86@example.com", "at86"
-TOKEN = ROUTES.token(CALL, TAG)
+TOKEN = ROUTES.token(CALL, TAG, parties=PARTIES)
 CALLERS = "<sip:192.0.2.7:5061;transport=tls;lr>"
 # stop 34: our entries carry, beside the token, a MAC of the Record-Route the request
 # reached us with (here none: alice came straight to us), as record_route writes them
-OURS_TLS_URI = f"sip:10.0.0.1:5061;transport=tls;lr{ROUTES.param(CALL, TAG, [])}"
+OURS_TLS_URI = f"sip:10.0.0.1:5061;transport=tls;lr{ROUTES.param(CALL, TAG, [], parties=PARTIES)}"
 OURS_TLS = f"<{OURS_TLS_URI}>"
-OURS_UDP = f"<sip:10.0.0.1:5060;lr{ROUTES.param(CALL, TAG, [])}>"
+OURS_UDP = f"<sip:10.0.0.1:5060;lr{ROUTES.param(CALL, TAG, [], parties=PARTIES)}>"
 HOP_URI = "sip:203.0.113.66:5999;lr"
 
 
@@ -117,9 +118,9 @@ def _relayed(reply: list[str]) -> bool:
     side is kept (stop 34: ``routes_within_bounds`` and the MAC, no request needed)."""
     if not routes_within_bounds(reply):
         return False
-    ours = ROUTES.ours_in(CALL, TAG, reply)
+    ours = ROUTES.ours_in(CALL, TAG, reply, parties=PARTIES)
     moved = [uri for uri in ours if not _is_myself(uri)]
-    return not moved and (not ours or ROUTES.keeps_callers_side(CALL, TAG, reply))
+    return not moved and (not ours or ROUTES.keeps_callers_side(CALL, TAG, reply, parties=PARTIES))
 
 
 def _callers_first_hop(reply: list[str]) -> str:
@@ -155,7 +156,7 @@ def test_hole_a_quoted_display_name_holding_our_entry_vouches_for_the_hops_uri()
 
 
 def test_hole_a_quoted_display_name_rewrites_the_callers_own_proxy():
-    ours = f"<sip:10.0.0.1:5061;transport=tls;lr{ROUTES.param(CALL, TAG, [CALLERS])}>"
+    ours = f"<sip:10.0.0.1:5061;transport=tls;lr{ROUTES.param(CALL, TAG, [CALLERS], parties=PARTIES)}>"
     reply = [OURS_UDP, ours, f'"{CALLERS}" <{HOP_URI}>']
     assert _callers_first_hop(reply) == HOP_URI
     assert not _relayed(reply)

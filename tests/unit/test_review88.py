@@ -78,11 +78,12 @@ import types
 
 import pytest
 
-from kamailio_app.dialog_route import RouteTokens, routes_within_bounds
+from kamailio_app.dialog_route import RouteTokens, dialog_parties, routes_within_bounds
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.sip import parse_address
 
 ROUTES = RouteTokens(b"r" * 32)
+PARTIES = dialog_parties("sip:alice@example.com", "sip:bob@example.com")   # the dialog's From and To
 CALL, TAG = "c88@example.com", "at88"
 HOP = "<sip:203.0.113.66:5999;lr>"
 
@@ -96,8 +97,8 @@ def _ours(value: str, tls: bool = True) -> str:
 # brings it back below ours, with the received and rport we added)
 ALICES_VIA = "SIP/2.0/TLS 192.0.2.10:5061;branch=z9hG4bK-a88;rport"
 EVES_VIA = "SIP/2.0/UDP 198.51.100.5:5060;branch=z9hG4bK-e88"
-ALICES = ROUTES.param(CALL, TAG, [], ALICES_VIA)             # alice straight to us, TLS
-EVES = ROUTES.param(CALL, TAG, [HOP], EVES_VIA)              # eve's INVITE: alice's ids
+ALICES = ROUTES.param(CALL, TAG, [], ALICES_VIA, parties=PARTIES)             # alice straight to us, TLS
+EVES = ROUTES.param(CALL, TAG, [HOP], EVES_VIA, parties=PARTIES)              # eve's INVITE: alice's ids
 
 
 def _is_myself(uri: str) -> bool:
@@ -108,10 +109,10 @@ def _relayed(reply: list[str]) -> bool:
     """``kemi.moved_route_entries`` as it decides for a reply carrying our entries."""
     if not routes_within_bounds(reply):
         return False
-    ours = ROUTES.ours_in(CALL, TAG, reply)
+    ours = ROUTES.ours_in(CALL, TAG, reply, parties=PARTIES)
     return not [u for u in ours if not _is_myself(u)] and \
         (not ours or ROUTES.keeps_callers_side(
-            CALL, TAG, reply, ALICES_VIA.replace(";rport", ";rport=40001;received=192.0.2.9")))
+            CALL, TAG, reply, ALICES_VIA.replace(";rport", ";rport=40001;received=192.0.2.9"), parties=PARTIES))
 
 
 def _first_hop(reply: list[str]) -> str:
@@ -156,6 +157,8 @@ def kemi_check(monkeypatch):
               in_transaction: bool = True) -> list[str]:
         values: dict[str, object] = {"$hdrc(Record-Route)": len(routes), "$ci": CALL,
                                      "$ft": TAG, "$rm": method, "$rs": status,
+                                     "$fu": "sip:alice@example.com",
+                                     "$tu": "sip:bob@example.com",
                                      "$T_req($tt)": request_to_tag, "$hdrc(Via)": 2,
                                      "$(hdr(Via)[0])": "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKp",
                                      "$(hdr(Via)[1])": ALICES_VIA + "=40001"}

@@ -124,17 +124,18 @@ import types
 
 import pytest
 
-from kamailio_app.dialog_route import (UNROUTED_MARK, RouteTokens, routes_within_bounds,  # noqa: E501
+from kamailio_app.dialog_route import (UNROUTED_MARK, RouteTokens, dialog_parties, routes_within_bounds,  # noqa: E501
                                        via_key, written_as_ours)
 
 ROUTES = RouteTokens(b"q" * 32)
+PARTIES = dialog_parties("sip:alice@example.com", "sip:bob@example.com")   # the dialog's From and To
 CALL, TAG = "c90@example.com", "at90"
 HOP = "<sip:203.0.113.66:5999;lr>"
 ALICES_VIA = "SIP/2.0/TLS 192.0.2.10:5061;rport;branch=z9hG4bK-ua16x2273"
 EVES_VIA = "SIP/2.0/TLS 192.0.2.10:5061;rport;branch=z9hG4bK-UA16X2273"   # case only
 OTHER_VIA = "SIP/2.0/TLS 192.0.2.10:5061;rport;branch=z9hG4bK-ua16x2274"  # one digit
 REPLY_VIA = ALICES_VIA.replace(";rport", ";rport=40001;received=192.0.2.9")
-ALICES = ROUTES.param(CALL, TAG, [], ALICES_VIA)
+ALICES = ROUTES.param(CALL, TAG, [], ALICES_VIA, parties=PARTIES)
 
 
 def _ours(value: str, tls: bool = True, extra: str = "") -> str:
@@ -151,9 +152,9 @@ def _relayed(reply: list[str], via: str = REPLY_VIA) -> bool:
     """``kemi.moved_route_entries`` as it decides for a reply carrying our entries."""
     if not routes_within_bounds(reply):
         return False
-    ours = ROUTES.ours_in(CALL, TAG, reply)
+    ours = ROUTES.ours_in(CALL, TAG, reply, parties=PARTIES)
     return not [u for u in ours if not written_as_ours(u) or not _is_myself(u)] and \
-        (not ours or ROUTES.keeps_callers_side(CALL, TAG, reply, via))
+        (not ours or ROUTES.keeps_callers_side(CALL, TAG, reply, via, parties=PARTIES))
 
 
 _SENT_BY = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*(\w+)\s+([^;:\s]+)(?::(\d+))?", re.I)
@@ -177,7 +178,7 @@ def test_control_alices_own_value_passes_and_the_hops_entry_below_it_does_not():
 
 
 def test_control_another_branch_gets_another_mac():
-    minted = ROUTES.param(CALL, TAG, [HOP], OTHER_VIA)
+    minted = ROUTES.param(CALL, TAG, [HOP], OTHER_VIA, parties=PARTIES)
     assert not _relayed([_ours(minted, tls=False), _ours(minted), HOP])
 
 
@@ -190,7 +191,7 @@ def test_control_tm_takes_the_case_variant_for_another_transaction():
 
 
 def test_hole_a_case_variant_of_alices_via_gets_her_mac():
-    minted = ROUTES.param(CALL, TAG, [HOP], EVES_VIA)
+    minted = ROUTES.param(CALL, TAG, [HOP], EVES_VIA, parties=PARTIES)
     # secure: a MAC made for another transaction vouches for nothing in alice's 200
     assert not _relayed([_ours(minted, tls=False), _ours(minted), HOP])
 
@@ -225,6 +226,8 @@ def kemi_check(monkeypatch):
               our_via: str = "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKp") -> list[str]:
         values: dict[str, object] = {"$hdrc(Record-Route)": len(routes), "$ci": CALL,
                                      "$ft": TAG, "$rm": method, "$rs": status,
+                                     "$fu": "sip:alice@example.com",
+                                     "$tu": "sip:bob@example.com",
                                      "$T_req($tt)": request_to_tag, "$hdrc(Via)": 2,
                                      "$tt": reply_to_tag,
                                      "$(hdr(Via)[0])": our_via,
