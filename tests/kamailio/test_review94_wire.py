@@ -101,9 +101,10 @@ import time
 import pytest
 
 from e2m_lab.flows import SDP_ANSWER, TRUSTED, invite, known_proxy, ua_engine
-from e2m_lab.kamailio_harness import (RawUas, SipUa, answer_under_offer_key,
-                                      register_contact, udp_transaction)
-from e2m_plugins.sip import SipMessage, make_request, make_response
+from e2m_lab.kamailio_harness import (RawUas, SipUa, answer_under_offer_key, digest_credentials,
+                                      parse_challenge, register_contact, udp_transaction)
+from e2m_plugins.errors import E2MError
+from e2m_plugins.sip import SipMessage, make_request, make_response, parse
 
 pytestmark = pytest.mark.kamailio
 
@@ -268,9 +269,13 @@ class _MintingHop:
     def _mint(self, request: SipMessage) -> str | None:
         via = _alices_via(request) if self.mode == "mint" else (
             f"SIP/2.0/UDP 127.0.0.1:{self.sock.getsockname()[1]};rport;branch=z9hG4bK-hop94")
+        # from bob's side: From bob, To alice (the dialog's parties: since review 98 the
+        # route token binds them), answering the proxy's 407 with bob's password (the
+        # hop is bob's registered contact)
+        target = f"sip:hop@127.0.0.1:{self.hop_uas.port}"
         forged = make_request(
-            "INVITE", f"sip:hop@127.0.0.1:{self.hop_uas.port}",
-            from_uri="sip:hop@hop.example.net", to_uri="sip:alice@example.com",
+            "INVITE", target,
+            from_uri="sip:bob@example.com", to_uri="sip:alice@example.com",
             call_id=request.get("Call-ID"), cseq=request.cseq[0] + 50, from_tag="hop94",
             to_tag=request.from_tag or "",
             extra_headers=[("Contact", f"<sip:hop@127.0.0.1:{self.hop_uas.port}>")])
@@ -279,14 +284,32 @@ class _MintingHop:
                       for e in value.split(",") if "e2m-rr=" in e]:
             forged = forged.add("Route", route)
         self.sock.sendto(forged.serialize(), ("127.0.0.1", self.home.port))
-        got = self.hop_uas.wait_for(1, method="INVITE", timeout=3)
+        got = self.hop_uas.wait_for(1, method="INVITE", timeout=1.5)
         if not got:
             self.sock.settimeout(1.0)
             try:        # the proxy's own answer to the hop's INVITE (stop 35: 482)
-                self.refused_with = int(self.sock.recv(65535).split(b" ", 2)[1])
-            except (OSError, ValueError, IndexError):
-                pass
-            return None
+                answer = parse(self.sock.recv(65535))
+                self.refused_with = answer.status
+            except (OSError, E2MError):
+                return None
+            if answer.status != 407:
+                return None
+            credentials = digest_credentials(
+                parse_challenge(answer.get("Proxy-Authenticate") or ""), "INVITE", target,
+                "bob", USERS["bob"])
+            self.refused_with = None
+            retry = forged.replace("CSeq", f"{request.cseq[0] + 51} INVITE")
+            retry = retry.replace("Via", _BRANCH.sub(lambda m: m.group(1) + m.group(2) + "r",
+                                                     via, count=1))
+            self.sock.sendto(retry.add("Proxy-Authorization", credentials).serialize(),
+                             ("127.0.0.1", self.home.port))
+            got = self.hop_uas.wait_for(1, method="INVITE", timeout=3)
+            if not got:
+                try:
+                    self.refused_with = parse(self.sock.recv(65535)).status
+                except (OSError, E2MError):
+                    pass
+                return None
         found = _MARK.search(_vias(got[0])[0])
         return found.group(1) if found else None
 

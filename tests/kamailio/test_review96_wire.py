@@ -117,7 +117,8 @@ def _bye_past_us_then_records(proxy_factory, pki, name: str, *, ruri, past_us: b
         after_answer = proxy.htable_items()
         if ruri is not None:
             ruri = ruri(hop.port) if callable(ruri) else ruri
-            bye = make_request("BYE", ruri, from_uri="sip:anyone@hop.example.net",
+            # from bob's side: From bob, To alice (the dialog's parties, review 98)
+            bye = make_request("BYE", ruri, from_uri=pki.aor("bob"),
                                to_uri=pki.aor("alice"), call_id=call_id, cseq=7,
                                from_tag=got.to_tag or "", to_tag=got.from_tag or "",
                                body=b"")
@@ -270,7 +271,7 @@ class _DoubleBranchHop(_MintingHop):
             via = _doubled(via, self.variant)
         forged = make_request(
             "INVITE", f"sip:hop@127.0.0.1:{self.hop_uas.port}",
-            from_uri="sip:hop@hop.example.net", to_uri="sip:alice@example.com",
+            from_uri="sip:bob@example.com", to_uri="sip:alice@example.com",
             call_id=request.get("Call-ID"), cseq=request.cseq[0] + 50, from_tag="hop96",
             to_tag=request.from_tag or "",
             extra_headers=[("Contact", f"<sip:hop@127.0.0.1:{self.hop_uas.port}>")])
