@@ -778,7 +778,7 @@ class kamailio:
                     self.app.routes.unrouted_mark(call_id, _top_via()))
         KSR.corex.via_add_xavp_params(1)
 
-    def record_route(self):
+    def record_route(self) -> bool:
         """With the dialog's token (``dialog_route``): only requests that carry it back
         are routed inside the dialog.  A cluster node behind a front ([cluster] front)
         names the front, so the dialog's next requests go back through it to whichever
@@ -1192,7 +1192,7 @@ class kamailio:
         call_id = (KSR.pv.get("$ci") or "").strip(" \t")
         return not self.app.routes.marks_unrouted(call_id, _top_via(), _via_below_ours())
 
-    def dialog_routed_here(self):
+    def dialog_routed_here(self) -> bool:
         """One of the request's Route entries carries our token for its Call-ID, one of
         its tags and its From and To AoRs (``dialog_route``): the dialog's parties, so
         an ACK (never challenged) written as another user's is not routed (review 98)."""
@@ -1200,12 +1200,12 @@ class kamailio:
         return self.app.routes.admits(call_id, (from_tag, to_tag), self.route_values(),
                                       parties=_dialog_parties())
 
-    def route_values(self):
+    def route_values(self) -> list[str]:
         """The request's Route header values (as many as ``admits`` reads)."""
         count = min(int(KSR.pv.get("$hdrc(Route)") or 0), len(_ROUTE_SPECS))
         return [KSR.pv.get(_ROUTE_SPECS[i]) or "" for i in range(count)]
 
-    def carries_a_route_token(self):
+    def carries_a_route_token(self) -> bool:
         """One of the request's Route entries carries a route token of ours, whichever
         dialog's (``dialog_route.carries_a_token``); False when unreadable."""
         try:
