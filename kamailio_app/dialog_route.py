@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 
 from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import parse_params, split_header_list
+from e2m_plugins.sip import parse_address
 from e2m_plugins.uri import identity_of
 
 __all__ = ["RouteTokens", "PARAM", "via_key", "MAX_ROUTE_ENTRIES", "dialog_ids", "routes_within_bounds",
@@ -68,11 +69,22 @@ Parties = tuple[str, str]
 
 def dialog_parties(from_uri: str | None, to_uri: str | None) -> Parties | None:
     """The parties a token binds (``Parties``) of a request whose From URI is
-    ``from_uri`` and To URI ``to_uri``; None when the core cannot read either (no
-    token is made or admitted for it: fail closed).  Sorted, so the caller's requests
-    and the callee's (From and To swapped) name the same pair."""
+    ``from_uri`` and To URI ``to_uri``: a sip:/sips: URI by its AoR as the core reads it,
+    a URI of another scheme (``tel:``, a call to a number) as written, case folded (RFC
+    3261 §12.2.1.1 keeps a dialog's From and To URIs; it names none of our users).
+    None when the core cannot read a sip:/sips: one, or there is none (no token is
+    made or admitted for it: fail closed).  Sorted, so the caller's requests and the
+    callee's (From and To swapped) name the same pair."""
     named = []
     for uri in (from_uri, to_uri):
+        try:
+            bare = parse_address(uri).uri if uri else ""
+        except E2MError:
+            return None
+        scheme = bare.partition(":")[0].lower()
+        if scheme and scheme not in ("sip", "sips"):
+            named.append(json.dumps([bare.lower()], separators=(",", ":")))
+            continue
         identity = identity_of(uri) if uri else None
         if identity is None:
             return None

@@ -792,7 +792,7 @@ class kamailio:
         if param is None:
             _info("e2m: %s from %s with a From or To the core cannot read: refused\n" % (
                 KSR.pv.get("$rm"), KSR.pv.get("$si")))
-            KSR.sl.send_reply(400, "Unreadable From Or To")
+            KSR.sl.send_reply(400, "Bad From or To")
             return False
         KSR.rr.add_rr_param(param)
         try:
@@ -1535,9 +1535,11 @@ class kamailio:
             return
         side = UNREAD_ROUTE_SET
         entries = _header_entries("Record-Route", _RECORD_ROUTE_SPECS)
+        parties = _dialog_parties()
         if entries is not None:
             ours = [i for i, entry in enumerate(entries)
-                    if self.app.routes.ours_in(call_id, caller, [entry])]
+                    if self.app.routes.ours_in(call_id, caller, [entry],
+                                               parties=parties)]
             if ours:
                 side = route_set_digest(list(reversed(entries[:ours[0]])))
         KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller),
@@ -1563,7 +1565,8 @@ class kamailio:
         peer = _dialog_peer(call_id, from_tag, to_tag)
         entries = _header_entries("Route", _ROUTE_SPECS)
         if peer is None or not entries or peer[2][1] == UNREAD_ROUTE_SET \
-                or not self.app.routes.admits(call_id, (from_tag, to_tag), entries[:1]):
+                or not self.app.routes.admits(call_id, (from_tag, to_tag), entries[:1],
+                                              parties=_dialog_parties()):
             return
         rest = entries[2:] if double_rr_entry(entries[0]) else entries[1:]
         destination = KSR.pv.get("$du") or ""

@@ -59,7 +59,7 @@ import pytest
 
 from e2m_lab.flows import TRUSTED
 from e2m_plugins.testpki import init_test_pki
-from kamailio_app.dialog_route import UNROUTED_MARK, RouteTokens, via_key
+from kamailio_app.dialog_route import UNROUTED_MARK, RouteTokens, dialog_parties, via_key
 
 from tests.unit.test_review90 import _tm_same_transaction
 from tests.unit.test_review92 import _call_through_the_proxy
@@ -107,7 +107,8 @@ def _our_entry(call_id: str) -> str:
     """Our Record-Route entry of alice's INVITE (tag ``a1``), as the 2xx brings it back
     and the dialog's Route carries it (review 96: the route set is noted beside the
     targets)."""
-    return f"<sip:127.0.0.1:5060;lr{ROUTES.param(call_id, 'a1')}>"
+    parties = dialog_parties("sip:alice@example.com", "sip:bob@example.com")
+    return f"<sip:127.0.0.1:5060;lr{ROUTES.param(call_id, 'a1', parties=parties)}>"
 
 
 def _bye_request(fake, kemi, node, call_id: str, tags, dst: str = "") -> dict:
@@ -117,7 +118,7 @@ def _bye_request(fake, kemi, node, call_id: str, tags, dst: str = "") -> dict:
     Returns the AVPs it set (tm brings them to the reply route).  Since review 96 a
     BYE's 2xx ends keys only when this found the BYE going the dialog's way."""
     routes = [_our_entry(call_id)] + ([f"<{dst}>"] if dst else [])
-    values = {"$rm": "BYE", "$ci": call_id, "$ft": tags[0], "$tt": tags[1], "$du": dst,
+    values = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$ci": call_id, "$ft": tags[0], "$tt": tags[1], "$du": dst,
               "$hdrc(Route)": len(routes),
               **{f"$(hdr(Route)[{i}])": route for i, route in enumerate(routes)}}
     avps: dict = {}
@@ -135,18 +136,18 @@ def _end_answered(fake, kemi, proxy, status: int, ruri: str, tags=("a1", "b1")) 
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy, routes=ROUTES))
     if not getattr(fake, "htable", None):
         _fake_htable(fake)
-        invite = {"$rm": "INVITE", "$ci": "r94-bye@x", "$ft": "a1",
+        invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r94-bye@x", "$ft": "a1",
                   "$hdr(Contact)": "<sip:alice@127.0.0.1:5061>"}
         fake.pv = types.SimpleNamespace(get=invite.get)
         kemi.kamailio.note_caller_target(node)
-        invite_2xx = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r94-bye@x",
+        invite_2xx = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r94-bye@x",
                       "$ft": "a1", "$tt": "b1", "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>",
                       "$hdrc(Record-Route)": 1,
                       "$(hdr(Record-Route)[0])": _our_entry("r94-bye@x")}
         fake.pv = types.SimpleNamespace(get=invite_2xx.get)
         kemi.kamailio.note_dialog_targets(node)
     avps = _bye_request(fake, kemi, node, "r94-bye@x", tags)
-    values = {"$rm": "BYE", "$rs": status, "$T_req($ci)": "r94-bye@x",
+    values = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$rs": status, "$T_req($ci)": "r94-bye@x",
               "$T_req($ft)": tags[0], "$T_req($tt)": tags[1], "$T_req($ou)": ruri,
               "$ru": ruri, **avps}
     fake.pv = types.SimpleNamespace(get=values.get)
@@ -292,18 +293,18 @@ def test_what_the_targets_keep_grows_only_with_the_invites_relayed(fake_ksr):
     fake, kemi = fake_ksr
     table = _fake_htable(fake)
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=object()))
-    invite = {"$rm": "INVITE", "$ci": "r94-grow@x", "$ft": "a1",
+    invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r94-grow@x", "$ft": "a1",
               "$hdr(Contact)": "<sip:alice@127.0.0.1:5061>"}
     fake.pv = types.SimpleNamespace(get=invite.get)
     kemi.kamailio.note_caller_target(node)
     for n in range(20):
-        answer = {"$rm": "INVITE", "$rs": 200, "$ci": "r94-grow@x", "$ft": "a1",
+        answer = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$ci": "r94-grow@x", "$ft": "a1",
                   "$tt": f"fork{n}", "$hdr(Contact)": f"<sip:x{n}@203.0.113.66:5999>"}
         fake.pv = types.SimpleNamespace(get=answer.get)
         kemi.kamailio.note_dialog_targets(node, stray=True)
     assert len(table) == 2                 # the caller's target and one dialog
     # a stray 2xx for a dialog whose INVITE the proxy never relayed notes nothing
-    stranger = {"$rm": "INVITE", "$rs": 200, "$ci": "elsewhere@x", "$ft": "z1",
+    stranger = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$ci": "elsewhere@x", "$ft": "z1",
                 "$tt": "z2", "$hdr(Contact)": "<sip:z@203.0.113.66:5999>"}
     fake.pv = types.SimpleNamespace(get=stranger.get)
     kemi.kamailio.note_dialog_targets(node, stray=True)

@@ -187,17 +187,17 @@ def _bye_answered(fake, kemi, proxy, *, ruri: str, dst: str, caller_contact: str
     "" when it followed its Request-URI).  ``tags``: (From, To) of the BYE."""
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=proxy, routes=ROUTES))
     _fake_htable(fake)
-    invite = {"$rm": "INVITE", "$ci": "r96-bye@x", "$ft": "a1",
+    invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r96-bye@x", "$ft": "a1",
               "$hdr(Contact)": caller_contact}
     fake.pv = types.SimpleNamespace(get=invite.get)
     kemi.kamailio.note_caller_target(node)
-    ok = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-bye@x", "$ft": "a1",
+    ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-bye@x", "$ft": "a1",
           "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", "$hdrc(Record-Route)": 1,
           "$(hdr(Record-Route)[0])": _our_entry("r96-bye@x")}
     fake.pv = types.SimpleNamespace(get=ok.get)
     kemi.kamailio.note_dialog_targets(node)
     avps = _bye_request(fake, kemi, node, "r96-bye@x", tags, dst)    # the request route
-    bye = {"$rm": "BYE", "$rs": 200, "$T_req($ci)": "r96-bye@x", "$T_req($ft)": tags[0],
+    bye = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$rs": 200, "$T_req($ci)": "r96-bye@x", "$T_req($ft)": tags[0],
            "$T_req($tt)": tags[1], "$T_req($ou)": ruri, "$T_req($ru)": ruri,
            "$T_req($du)": dst, "$ru": ruri, "$du": dst, **avps}
     fake.pv = types.SimpleNamespace(get=bye.get)
@@ -243,15 +243,15 @@ def _goes_the_dialogs_way(fake, kemi, *, invite_rr=(), ok_rr=(), bye_tags=("b1",
     def headers(name, values):
         return {f"$hdrc({name})": len(values),
                 **{f"$(hdr({name})[{i}])": v for i, v in enumerate(values)}}
-    invite = {"$rm": "INVITE", "$ci": "r96-way@x", "$ft": "a1",
+    invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r96-way@x", "$ft": "a1",
               "$hdr(Contact)": f"<{ALICES_TARGET}>", **headers("Record-Route", list(invite_rr))}
     fake.pv = types.SimpleNamespace(get=invite.get)
     kemi.kamailio.note_caller_target(node)
-    ok = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-way@x", "$ft": "a1",
+    ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-way@x", "$ft": "a1",
           "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", **headers("Record-Route", list(ok_rr))}
     fake.pv = types.SimpleNamespace(get=ok.get)
     kemi.kamailio.note_dialog_targets(node)
-    bye = {"$rm": "BYE", "$ci": "r96-way@x", "$ft": bye_tags[0], "$tt": bye_tags[1], "$du": du,
+    bye = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$ci": "r96-way@x", "$ft": bye_tags[0], "$tt": bye_tags[1], "$du": du,
            **headers("Route", list(route))}
     avps: dict = {}
     fake.pv = types.SimpleNamespace(get=bye.get, seti=avps.__setitem__)
@@ -400,12 +400,12 @@ def _ttls(fake, kemi, answered: bool) -> dict:
     # stop 36: the engine says whether it holds the dialog's keys (here: none)
     engine = types.SimpleNamespace(holds_dialog_keys=lambda call_id, tag, other: False)
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=engine))
-    invite = {"$rm": "INVITE", "$ci": "r96-grow@x", "$ft": "e1",
+    invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r96-grow@x", "$ft": "e1",
               "$hdr(Contact)": "<sip:eve@203.0.113.7:5060>"}
     fake.pv = types.SimpleNamespace(get=invite.get)
     kemi.kamailio.note_caller_target(node)
     if answered:
-        ok = {"$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-grow@x",
+        ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-grow@x",
               "$ft": "e1", "$tt": "s1", "$hdr(Contact)": "<sip:sink@203.0.113.7:5999>"}
         fake.pv = types.SimpleNamespace(get=ok.get)
         kemi.kamailio.note_dialog_targets(node)

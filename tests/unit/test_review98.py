@@ -61,7 +61,7 @@ def test_another_pair_of_aors_is_refused() -> None:
 
 def test_an_unreadable_from_or_to_is_refused() -> None:
     for from_uri, to_uri in ((f'{ALICE};x="y"', BOB), (MALLORY, ""), (None, BOB),
-                             ("tel:+15551234", BOB), ("sip:alice:pw@example.com", BOB),
+                             ("sip:alice:pw@example.com", BOB),
                              (MALLORY, "sip:bob@example.com;x=1;x=2")):
         parties = dialog_parties(from_uri, to_uri)
         assert parties is None, (from_uri, to_uri)
@@ -70,3 +70,19 @@ def test_an_unreadable_from_or_to_is_refused() -> None:
         assert not ROUTES.admits(CALL, (ALICE_TAG, BOB_TAG), [ROUTE], parties=parties)
         assert not ROUTES.ours_in(CALL, ALICE_TAG, [ROUTE], parties=parties)
         assert not ROUTES.keeps_callers_side(CALL, ALICE_TAG, [ROUTE], parties=parties)
+
+
+def test_a_call_to_a_number_is_routed_and_bound_to_it() -> None:
+    """A To of another scheme (``tel:``, a call to a number) names its party as written
+    (case folded): the call is record-routed and its in-dialog requests from either side
+    are admitted, another number's are not (stop 36)."""
+    number = "tel:+15551234"
+    route = _route(dialog_parties(MALLORY, number))
+    assert ROUTES.admits(CALL, (ALICE_TAG, BOB_TAG), [route],
+                         parties=dialog_parties(MALLORY, "TEL:+15551234"))
+    assert ROUTES.admits(CALL, (BOB_TAG, ALICE_TAG), [route],
+                         parties=dialog_parties(number, MALLORY))
+    assert not ROUTES.admits(CALL, (ALICE_TAG, BOB_TAG), [route],
+                             parties=dialog_parties(MALLORY, "tel:+15559999"))
+    assert not ROUTES.admits(CALL, (ALICE_TAG, BOB_TAG), [route],
+                             parties=dialog_parties(ALICE, number))
