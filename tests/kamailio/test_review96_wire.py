@@ -53,7 +53,8 @@ The rest of what held is in ``tests/unit/test_review96.py``'s docstring.
 
 Fixed (stop 36): holes 1 and 4, as ``tests/unit/test_review96.py``'s docstring says (the
 BYE's Route past ours must be the other side's part of the dialog's route set; a keyless
-call's targets go at its 2xx); their markers are off.
+call's targets go at its 2xx); their markers are off.  Holes 2 and 3 too (the Contact
+read as a name-addr; the branch tm reads): the same docstring.
 """
 
 from __future__ import annotations

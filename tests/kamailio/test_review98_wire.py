@@ -87,8 +87,13 @@ own From and To, so an in-dialog request written "From alice" in another's dialo
 ``403 Not Routed Here`` and such an ACK is dropped (a token of ours not its own: it is
 not handed to tm, which would relay it as the 2xx's ACK); ``moved_route_entries``
 reads the reply's From and To.  Both hole 1 tests pass with their markers off (the
-forged ACK no longer reaches bob or dan either); the controls still pass.  Hole 2
-stays an xfail; CANCEL is still not held to its INVITE's From.
+forged ACK no longer reaches bob or dan either); the controls still pass.  A From or To
+of another scheme (``tel:``) names its party as written, case folded: a call to a number
+is still record-routed.  Hole 2: the door answers ``400 Bad From or To`` to a request
+whose From or To URI Kamailio (``sanity_check(1024, 6)``) or, for sip/sips, the core
+cannot read, before anything is read or archived; its test now also asserts that 400.
+CANCEL is still not held to its INVITE's From (a CANCEL's body is the review's "not
+tried").
 """
 
 from __future__ import annotations

@@ -149,6 +149,14 @@ entry.  (Hole 4 is fixed too: a dialog's targets are kept 12 h only when the eng
 holds keys for it, ``ProxyEngine.holds_dialog_keys``, asked once the 2xx was read; a
 keyless call's 64 s caller entry goes at its 2xx.)  Not fixed: a hop on the leg toward
 the target answering the BYE itself (above).
+
+Fixed (stop 36): hole 2, ``kemi._target`` reads the Contact with the core's name-addr
+parser (``parse_address``), which skips a quoted display name; hole 3, the door reads
+the branch tm reads (``$via0(branch)``, a Via's last ``branch`` parameter, as pjsip
+reads it), so the decoy, quoted and empty forms are all refused 482 (the unit model's
+stand-in Kamailio answers ``$via0(branch)`` as Kamailio's Via parser does).  Since
+review 98's fix the hop's in-dialog requests are written From bob (the token binds the
+dialog's parties).
 """
 
 from __future__ import annotations
