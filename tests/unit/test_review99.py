@@ -1,0 +1,90 @@
+"""A ninety-ninth attacker's review (December 2026) of af54be7: stop 36's proxy fixes
+(reviews 96 and 98), fresh eyes: the core half.  The wire half, with the effects on a
+real Kamailio (archive rows in another user's name), the messages and the lists of what
+held: ``tests/kamailio/test_review99_wire.py``.
+
+Hole 1, the token half (``test_hole_the_callers_tag_admits_the_parties_swapped``):
+**off-path sender** or **insider UA**.  ``dialog_parties`` sorts the From and To AoRs
+(dialog_route.py:92, ``first, second = sorted(named)``) so that the callee's requests
+(From and To swapped, and its tags with them) carry the caller's token; and ``admits``
+(dialog_route.py:191-203) takes the token of *any* of the request's tags with that
+sorted pair.  So a request of the caller's (the caller's tag in From) written "From
+bob, To eve" fits the token eve's INVITE to bob was given: the dialog's ACK, never
+challenged, is read and archived under bob's From.  Fix: bind the order to the tag: the
+token over (caller's AoR, callee's AoR); a request whose From tag is the caller's tag
+is admitted only as From caller / To callee, one whose To tag is it only as From callee
+/ To caller.  (The wire form with the tags swapped too, an ACK "from bob's side" when
+bob sent no re-INVITE, needs the ACK tied to an INVITE the proxy relayed: see the wire
+module.)
+
+Controls: the honest forms are admitted (the caller's requests; the callee's, tags and
+URIs swapped; AoR spellings the core reads alike); review 98's "From alice" is refused.
+
+Tried and held: ``%61``-escaped users, host case, ports, ``user=phone``, ``sips:``,
+display names and URI parameters all read by ``identity_of`` as the engine and the
+archive read them (one party); ``tel:`` with parameters in other case (one party);
+``tel:`` vs ``sip:...;user=phone`` (two parties: refused, as the stacks keep From and To
+as written, an honest UA never switches); the BYE-way helpers: ``;r2`` added by a hop to
+our entry leaves a Route past it that matches only if ``loose_route`` chose its first
+entry (``same_route_uri``), a destination elsewhere is not the dialog's way.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kamailio_app.dialog_route import (RouteTokens, dialog_parties, double_rr_entry,
+                                       route_set_digest, same_route_uri)
+
+ROUTES = RouteTokens(b"r" * 32)
+CALL, EVE_TAG, BOB_TAG = "c99@example.com", "et99", "bt99"
+EVE, BOB, ALICE = "sip:eve@other.example.net", "sip:bob@example.com", "sip:alice@example.com"
+ROUTE = f"<sip:10.0.0.1:5060;lr{ROUTES.param(CALL, EVE_TAG, [], parties=dialog_parties(EVE, BOB))}>"
+
+
+def _admits(from_uri: str, to_uri: str, from_tag: str, to_tag: str) -> bool:
+    """Whether the proxy routes an in-dialog request so written (``kemi.dialog_routed_here``
+    passes the request's own From and To and both its tags)."""
+    return ROUTES.admits(CALL, (from_tag, to_tag), [ROUTE], parties=dialog_parties(from_uri, to_uri))
+
+
+def test_control_the_honest_forms_are_admitted_and_review_98_holds() -> None:
+    assert _admits(EVE, BOB, EVE_TAG, BOB_TAG)                 # eve's ACK, re-INVITE
+    assert _admits(BOB, EVE, BOB_TAG, EVE_TAG)                 # bob's BYE, re-INVITE
+    assert _admits(f"<{EVE}:5060;transport=udp>", "sip:b%6Fb@EXAMPLE.com;user=phone",
+                   EVE_TAG, BOB_TAG)                           # spellings the core reads alike
+    assert _admits("sips:bob@example.com", EVE, BOB_TAG, EVE_TAG)
+    assert not _admits(ALICE, BOB, EVE_TAG, BOB_TAG)           # review 98's fix
+    assert not _admits(EVE, ALICE, EVE_TAG, BOB_TAG)
+    assert not _admits(BOB, ALICE, BOB_TAG, EVE_TAG)
+
+
+@pytest.mark.xfail(strict=True, reason="review 99: off-path sender or insider: with the "
+                   "caller's tag in From, a request written From bob To eve fits eve's "
+                   "token (the parties are sorted, not bound to the tags)")
+def test_hole_the_callers_tag_admits_the_parties_swapped() -> None:
+    # eve's own ACK (her tag in From, bob's in To) with only the URIs swapped
+    assert not _admits(BOB, EVE, EVE_TAG, BOB_TAG)
+
+
+def test_control_tel_parties() -> None:
+    """A call to a number: the number in other case or with its parameters so spelled is
+    one party; a sip: URI with user=phone is another (refused, as written)."""
+    route = f"<sip:10.0.0.1;lr{ROUTES.param(CALL, EVE_TAG, [], parties=dialog_parties(EVE, 'tel:+1555;phone-context=Example.com'))}>"
+    assert ROUTES.admits(CALL, (BOB_TAG, EVE_TAG), [route],
+                         parties=dialog_parties("TEL:+1555;Phone-Context=example.COM", EVE))
+    assert not ROUTES.admits(CALL, (BOB_TAG, EVE_TAG), [route],
+                             parties=dialog_parties("sip:+1555@example.com;user=phone", EVE))
+
+
+def test_control_bye_way_helpers_follow_what_loose_route_chose() -> None:
+    """``;r2`` a hop adds to our entry: the rest past both entries is compared, and its
+    first must be the destination loose_route set; a destination elsewhere is not the
+    dialog's way; digests of the same entries written in other case are equal."""
+    ours = ROUTE[:-1] + ";r2>"
+    assert double_rr_entry(ours) and not double_rr_entry(ROUTE)
+    side = route_set_digest(["<sip:p2.example.net;lr>"])
+    assert route_set_digest(["<SIP:P2.example.net;LR>"]) == side
+    assert same_route_uri("<sip:p2.example.net;lr>", "sip:p2.example.net;lr")
+    assert not same_route_uri("<sip:p2.example.net;lr>", "sip:hop.example.net;lr")
+    assert not same_route_uri("<sip:p2.example.net;lr>", "")
