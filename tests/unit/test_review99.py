@@ -17,8 +17,30 @@ is admitted only as From caller / To callee, one whose To tag is it only as From
 bob sent no re-INVITE, needs the ACK tied to an INVITE the proxy relayed: see the wire
 module.)
 
+Hole 2 (``test_hole_targets_outlive_the_keys_that_justified_them``): **insider UA**
+(mallory, her own password and certificate).  Review 96 hole 4's fix notes a dialog's
+targets in ``e2mtargets`` for 12 h only when the engine holds keys for the dialog at
+its 2xx (``kemi.note_dialog_targets``, kemi.py:1531-1548: ``_holds_keys`` then
+``sht_setxs(..., _DIALOG_TARGET)``), but nothing ties the entries to those keys after
+that: the keys live under mallory's keeper quota (``MemoryKeyCache``/``HtableKeyCache``:
+past it her oldest key goes) or a lifetime she asks for, the targets 12 h whatever
+becomes of them.  Messages: INVITEs from mallory (digest proved) to her own UAS, each
+body a signed envelope for the proxy offering a CEK to keep (RFC 3185 reuse; her own
+certificate), each answered 200; no ACK, no BYE.  Effect: each call's key pushes her
+oldest out (the cache holds 4 of 40 in the model; the product's quota on the wire),
+yet every call keeps its two ``e2mtargets`` entries 12 h: the table grows with the
+calls again (review 96 measured 0.45 KiB a call, past ``shm_mb`` 256 at pike's rate
+from one address in 12 h), exactly the state hole 4 was to bound.  Fix: keep a
+dialog's targets in its key-cache record (its TTL, its keeper's quota: an evicted or
+expired key takes them along, as review 96 proposed first), or give the entry the
+dialog key's own remaining lifetime and drop it in the cache's eviction; and cap
+``e2mtargets`` per caller (digest user, else source address).
+
 Controls: the honest forms are admitted (the caller's requests; the callee's, tags and
 URIs swapped; AoR spellings the core reads alike); review 98's "From alice" is refused.
+
+Control of hole 2: calls within the quota keep their targets (a BYE can end them);
+keyless calls keep none (review 96 hole 4's fix holds as far as it goes).
 
 Tried and held: ``%61``-escaped users, host case, ports, ``user=phone``, ``sips:``,
 display names and URI parameters all read by ``identity_of`` as the engine and the
@@ -31,10 +53,16 @@ entry (``same_route_uri``), a destination elsewhere is not the dialog's way.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
+from e2m_plugins.keycache import DialogScope, MemoryKeyCache
+from e2m_plugins.proxy import ProxyEngine
 from kamailio_app.dialog_route import (RouteTokens, dialog_parties, double_rr_entry,
                                        route_set_digest, same_route_uri)
+
+from tests.unit.test_review94 import fake_ksr  # noqa: F401  (a fixture)
 
 ROUTES = RouteTokens(b"r" * 32)
 CALL, EVE_TAG, BOB_TAG = "c99@example.com", "et99", "bt99"
@@ -88,3 +116,70 @@ def test_control_bye_way_helpers_follow_what_loose_route_chose() -> None:
     assert same_route_uri("<sip:p2.example.net;lr>", "sip:p2.example.net;lr")
     assert not same_route_uri("<sip:p2.example.net;lr>", "sip:hop.example.net;lr")
     assert not same_route_uri("<sip:p2.example.net;lr>", "")
+
+
+# -- hole 2: a dialog's 12 h targets outlive the keys that justified them ------------------
+
+MALLORY = "sip:mallory@example.com"
+_DIALOG_TARGET = 43200
+
+
+def _keyed_calls(fake, kemi, cache, calls: int, *, keep: bool = True) -> dict:
+    """``calls`` calls record-routed and answered 200, each keeping one key in its
+    dialog's scope under mallory's quota (as her keyed INVITE's offer, moved into the
+    dialog at the 2xx, does), through ``note_caller_target`` and ``note_dialog_targets``
+    with an engine that asks ``cache`` (``ProxyEngine.holds_dialog_keys``).  Returns
+    {e2mtargets key: TTL} as last set."""
+    ttls: dict = {}
+    table: dict = {}
+    fake.htable = types.SimpleNamespace(
+        sht_get=lambda name, key: table.get((name, key)),
+        sht_setxs=lambda name, key, value, ttl: (table.__setitem__((name, key), value),
+                                                 ttls.__setitem__(key, ttl)),
+        sht_rm=lambda name, key: (table.pop((name, key), None), ttls.pop(key, None)))
+    holder = types.SimpleNamespace(cache=cache)
+    engine = types.SimpleNamespace(
+        holds_dialog_keys=lambda c, t, o: ProxyEngine.holds_dialog_keys(holder, c, t, o))
+    node = types.SimpleNamespace(app=types.SimpleNamespace(engine=engine))
+    for i in range(calls):
+        call_id, tag, other = f"r99-{i}@x", f"m{i}", f"u{i}"
+        invite = {"$fu": MALLORY, "$tu": "sip:mallory2@example.com", "$rm": "INVITE",
+                  "$ci": call_id, "$ft": tag, "$hdr(Contact)": "<sip:m@203.0.113.9:5060>"}
+        fake.pv = types.SimpleNamespace(get=invite.get)
+        kemi.kamailio.note_caller_target(node)
+        if keep:
+            cache.put(DialogScope(call_id, tag, other), b"ref-%d" % i, b"k" * 16,
+                      keeper=MALLORY)
+        ok = {**invite, "$rs": 200, "$T_req($tt)": "", "$tt": other,
+              "$hdr(Contact)": "<sip:sink@203.0.113.9:5999>"}
+        fake.pv = types.SimpleNamespace(get=ok.get)
+        kemi.kamailio.note_dialog_targets(node)
+    return ttls
+
+
+def _twelve_hours(ttls: dict) -> int:
+    return sum(1 for key, ttl in ttls.items() if key.startswith("d") and ttl == _DIALOG_TARGET)
+
+
+def test_control_keyed_calls_within_the_quota_keep_their_targets(fake_ksr):
+    """The set-up: a call whose keys the proxy holds keeps its targets 12 h (a BYE can
+    end them); a keyless one none (review 96 hole 4's fix)."""
+    fake, kemi = fake_ksr
+    cache = MemoryKeyCache(max_per_keeper=4)
+    assert _twelve_hours(_keyed_calls(fake, kemi, cache, 4)) == 4
+    assert _twelve_hours(_keyed_calls(fake, kemi, MemoryKeyCache(max_per_keeper=4), 4,
+                                      keep=False)) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="review 99: insider UA: keying each call makes its "
+                   "targets 12 h; the keys go at her quota, the targets stay: e2mtargets "
+                   "grows with calls again (review 96 hole 4's bound bypassed)")
+def test_hole_targets_outlive_the_keys_that_justified_them(fake_ksr):
+    fake, kemi = fake_ksr
+    cache = MemoryKeyCache(max_per_keeper=4)
+    ttls = _keyed_calls(fake, kemi, cache, 40)
+    held = sum(1 for i in range(40) if cache.holds_scope(DialogScope(f"r99-{i}@x", f"m{i}",
+                                                                     f"u{i}")))
+    assert held == 4                      # the key cache kept its bound
+    assert _twelve_hours(ttls) <= held, \
+        f"{_twelve_hours(ttls)} dialogs keep 12 h targets, {held} hold a key"
