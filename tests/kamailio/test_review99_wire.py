@@ -45,6 +45,21 @@ challenged).  Fix: a CANCEL's From must be its INVITE's (``$T_req($fu)`` once
 unread (or drop it), archiving nothing; simpler still, archive no CANCEL body (a CANCEL
 carries no offer or answer, RFC 3261 §9.1).
 
+Finding 3 (``test_hole_a_gateways_number_portability_flag_is_refused_400``): no
+attacker, an **honest flow broken** (the brief's "PSTN" and "the door's 400" items;
+availability, not one of the four attackers' gains).  A PSTN gateway's INVITE to bob
+with ``From: <sip:+15551234;npdi@gw.example.net;user=phone>`` (RFC 4694's number
+portability flag in the user part, legal per RFC 3261 §19.1.1) passes the door (the
+core reads the From header as a name-addr and the URI whole) but is answered ``400 Bad
+From or To`` by ``record_route``: ``kemi._dialog_parties`` passes Kamailio's ``$fu``, the
+URI without brackets, and ``dialog_parties`` (``kamailio_app/dialog_route.py:81``,
+``bare = parse_address(uri).uri``) parses that bare addr-spec as a name-addr, where the
+first ``;`` starts header parameters and ``npdi@gw.example.net`` is a malformed one:
+no parties, no token, refused.  The same call with ``sip:+15551234@gw...;user=phone``
+is record-routed (control).  Fix: take the scheme from the URI text itself
+(``uri.partition(":")[0]``), or wrap ``$fu``/``$tu`` in ``<...>`` before
+``parse_address``; the identity is already read from the whole URI (``identity_of``).
+
 Controls: the attacker's own ACK (From and To as in her INVITE) is archived under her
 own From; review 98's fix holds: in the same dialog an ACK "From alice" leaves no row;
 eve's own CANCEL with the same label and body is read and archived under eve's From and
@@ -268,3 +283,32 @@ def test_hole_a_cancel_written_from_alice_is_archived_as_hers(home, dan):
                                                b"alice: cancel the order")
     as_alice = [row.summary() for row in rows if (row.from_uri or "").startswith(ALICE)]
     assert not as_alice, f"archived as alice's (answer {answer and answer.status}): {as_alice}"
+
+
+# -- finding 3: an honest gateway's call refused 400 (number portability in the user) -------
+
+def _gateway_call(home, bob, source: str, from_uri: str):
+    """A PSTN gateway (no account here: a stranger's call to one of our users) calls bob
+    with ``from_uri`` as its From; the INVITE's final answer."""
+    gw = SipUa(home.port, user="gw", domain="gw.example.net", source=source)
+    try:
+        invite = gw.build("INVITE", BOB, to=BOB)
+        invite = invite.replace("From", f"<{from_uri}>;tag={invite.from_tag}")
+        return gw.transact(invite, timeout=4)
+    finally:
+        gw.close()
+
+
+def test_control_a_gateways_number_with_user_phone_is_record_routed(home, bob):
+    answer = _gateway_call(home, bob, "127.0.0.171", "sip:+15551234@gw.example.net;user=phone")
+    assert answer is not None and answer.status == 200, answer
+    assert any("e2m-rr=" in rr for rr in answer.get_all("Record-Route"))
+
+
+@pytest.mark.xfail(strict=True, reason="review 99: honest flow broken (no attacker): a From "
+                   "with RFC 4694 npdi in the user part passes the door but is refused 400 "
+                   "at record_route ($fu read as a name-addr)")
+def test_hole_a_gateways_number_portability_flag_is_refused_400(home, bob):
+    answer = _gateway_call(home, bob, "127.0.0.172",
+                           "sip:+15551234;npdi@gw.example.net;user=phone")
+    assert answer is not None and answer.status == 200, answer

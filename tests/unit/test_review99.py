@@ -36,6 +36,14 @@ expired key takes them along, as review 96 proposed first), or give the entry th
 dialog key's own remaining lifetime and drop it in the cache's eviction; and cap
 ``e2mtargets`` per caller (digest user, else source address).
 
+Finding 3 (``test_hole_dialog_parties_refuses_a_bare_uri_with_a_user_flag``): an
+honest flow broken, no attacker: ``dialog_parties`` (dialog_route.py:81) reads the bare
+URI Kamailio's ``$fu``/``$tu`` give with ``parse_address``, as a name-addr, so a user
+part holding ``;npdi`` (RFC 4694) is a malformed header parameter: None, and the
+gateway's INVITE is 400 at ``record_route`` though the door and the core read it (wire:
+``test_hole_a_gateways_number_portability_flag_is_refused_400``).  Fix: the scheme from
+the URI text, or ``parse_address("<" + uri + ">")``.
+
 Controls: the honest forms are admitted (the caller's requests; the callee's, tags and
 URIs swapped; AoR spellings the core reads alike); review 98's "From alice" is refused.
 
@@ -183,3 +191,25 @@ def test_hole_targets_outlive_the_keys_that_justified_them(fake_ksr):
     assert held == 4                      # the key cache kept its bound
     assert _twelve_hours(ttls) <= held, \
         f"{_twelve_hours(ttls)} dialogs keep 12 h targets, {held} hold a key"
+
+
+# -- finding 3: a gateway's number-portability flag refused (honest flow) ------------------
+
+NPDI = "sip:+15551234;npdi@gw.example.net;user=phone"      # RFC 4694 in the user part
+
+
+def test_control_the_door_and_the_core_read_a_user_part_with_npdi():
+    """The door (``_ends_readable``: the From header as a name-addr) and the core read it:
+    one AoR, user ``+15551234;npdi``; the bracketed form names the parties."""
+    from e2m_plugins.sip import parse_address
+    from e2m_plugins.uri import identity_of
+    assert identity_of(parse_address(f"<{NPDI}>;tag=g1").uri) is not None
+    assert dialog_parties(f"<{NPDI}>", BOB) is not None
+
+
+@pytest.mark.xfail(strict=True, reason="review 99: honest flow broken: dialog_parties reads "
+                   "Kamailio's $fu (a bare URI) as a name-addr, so ';npdi@' is a bad header "
+                   "parameter: no token, the gateway's INVITE 400")
+def test_hole_dialog_parties_refuses_a_bare_uri_with_a_user_flag():
+    # what kemi._dialog_parties passes: $fu / $tu, the URI without brackets
+    assert dialog_parties(NPDI, BOB) is not None
