@@ -62,35 +62,40 @@ def dialog_ids(ksr, *, of_request: bool = False) -> tuple[str, str | None, str |
     return call_id, from_tag, to_tag
 
 
-# A dialog's two parties: the From and To AoRs of its initial request, as the core
-# reads them (``identity_of``), each as JSON ``[user, host]``, sorted.
+# A dialog's two parties as a request names them: its From and To AoRs, in that order
+# (``identity_of``), each as JSON.  A token binds them as (caller, callee): the order of
+# the initial request, and of any request whose From tag is the caller's.
 Parties = tuple[str, str]
 
 
 def dialog_parties(from_uri: str | None, to_uri: str | None) -> Parties | None:
-    """The parties a token binds (``Parties``) of a request whose From URI is
-    ``from_uri`` and To URI ``to_uri``: a sip:/sips: URI by its AoR as the core reads it,
-    a URI of another scheme (``tel:``, a call to a number) as written, case folded (RFC
-    3261 §12.2.1.1 keeps a dialog's From and To URIs; it names none of our users).
-    None when the core cannot read a sip:/sips: one, or there is none (no token is
-    made or admitted for it: fail closed).  Sorted, so the caller's requests and the
-    callee's (From and To swapped) name the same pair."""
+    """The parties (``Parties``) of a request whose From URI is ``from_uri`` and To URI
+    ``to_uri`` (bare, as Kamailio's ``$fu``/``$tu``, or a name-addr): a sip:/sips: URI by
+    its AoR as the core reads it, a URI of another scheme (``tel:``, a call to a number)
+    as written, case folded (RFC 3261 §12.2.1.1 keeps a dialog's From and To URIs).  None
+    when the core cannot read a sip:/sips: one, or there is none (no token is made or
+    admitted for it: fail closed).  In the request's order, From first: which of them
+    is the caller follows from which tag the token was made with (``admits``)."""
     named = []
     for uri in (from_uri, to_uri):
-        try:
-            bare = parse_address(uri).uri if uri else ""
-        except E2MError:
-            return None
+        text = (uri or "").strip()
+        # a bare URI's own ;params and user part are the URI's, never a header's
+        # (review 99: "sip:+1555;npdi@gw" read as a name-addr was refused)
+        bare = text[1:text.index(">")] if text.startswith("<") and ">" in text else text
+        if "<" in text and not text.startswith("<"):
+            try:
+                bare = parse_address(text).uri
+            except E2MError:
+                return None
         scheme = bare.partition(":")[0].lower()
         if scheme and scheme not in ("sip", "sips"):
             named.append(json.dumps([bare.lower()], separators=(",", ":")))
             continue
-        identity = identity_of(uri) if uri else None
+        identity = identity_of(bare) if bare else None
         if identity is None:
             return None
         named.append(json.dumps([identity.user, identity.host], separators=(",", ":")))
-    first, second = sorted(named)
-    return first, second
+    return named[0], named[1]
 
 
 PARAM = "e2m-rr"             # the Record-Route URI parameter
@@ -194,13 +199,23 @@ class RouteTokens:
         ``call_id`` with one of ``tags`` and ``parties`` (the request's own From and To,
         ``dialog_parties``; None: never).  Reads at most ``MAX_ROUTE_ENTRIES`` entries
         and ``_MAX_ROUTE_TEXT`` characters: a stranger's long Route costs no more."""
-        if parties is None:
-            return False
-        wanted = {self.token(call_id, tag, parties=parties) for tag in tags if tag}
-        if not call_id or not wanted:
-            return False
-        return any(any(hmac.compare_digest(token, t) for t in wanted)
-                   for _, token in _carried(routes))
+        return self.side(call_id, tags, routes, parties=parties) is not None
+
+    def side(self, call_id: str, tags: Iterable[str | None], routes: Iterable[str], *,
+             parties: Parties | None) -> int | None:
+        """As ``admits``, which side the request comes from: 0 the caller's (the token's
+        tag in From, ``parties`` as they are: From the caller), 1 the callee's (its tag
+        in To, ``parties`` the other way round); None when no token fits.  A request with
+        the caller's tag in From written From the callee fits none (review 99)."""
+        if parties is None or not call_id:
+            return None
+        wanted = [(self.token(call_id, tag, parties=parties if i == 0 else parties[::-1]), i)
+                  for i, tag in enumerate(tags) if tag]
+        carried = [token for _, token in _carried(routes)]
+        for token, index in wanted:
+            if token is not None and any(hmac.compare_digest(token, t) for t in carried):
+                return index
+        return None
 
     def ours_in(self, call_id: str, tag: str, routes: Iterable[str], *,
                 parties: Parties | None) -> list[str]:

@@ -1054,7 +1054,11 @@ class kamailio:
     def route_cancel(self):
         if KSR.tm.t_check_trans() > 0:
             if not self.relayed_unread():
-                self.inspect_only()    # lets the engine drop keys of the cancelled dialog
+                # lets the engine drop keys of the cancelled dialog; a CANCEL is never
+                # challenged and tm matches it to its INVITE whatever its From says, so
+                # what it carries is not archived (review 99: one written "From alice"
+                # was archived as hers); a CANCEL has no offer or answer to record
+                self.inspect_only(archive=False)
             KSR.tm.t_relay()
 
     def route_in_dialog(self):
@@ -1094,9 +1098,15 @@ class kamailio:
                 return
             if KSR.is_ACK():
                 # a late answer rides in the ACK; a policy header may name us (review 58:
-                # a forged one teaches the callee to drop our certificate); else nothing
+                # a forged one teaches the callee to drop our certificate); else nothing.
+                # An ACK is never challenged: only the caller's, whose From the token
+                # binds to the dialog's INVITE (challenged when it names one of our
+                # users), is archived under its From.  The callee's (it follows a
+                # re-INVITE of the callee's, none the proxy can tie it to) is read but
+                # not archived: one written "From bob" with the tags swapped was
+                # archived as bob's (review 99)
                 if _has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0:
-                    self.inspect_only()
+                    self.inspect_only(archive=self.routed_side() == 0)
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
@@ -1196,9 +1206,15 @@ class kamailio:
         """One of the request's Route entries carries our token for its Call-ID, one of
         its tags and its From and To AoRs (``dialog_route``): the dialog's parties, so
         an ACK (never challenged) written as another user's is not routed (review 98)."""
+        return self.routed_side() is not None
+
+    def routed_side(self):
+        """Which side of the dialog this in-dialog request comes from, as our token in
+        its Route says (``RouteTokens.side``): 0 the caller's, 1 the callee's, None
+        when no token of ours fits its Call-ID, tags and From and To."""
         call_id, from_tag, to_tag = dialog_ids(KSR)
-        return self.app.routes.admits(call_id, (from_tag, to_tag), self.route_values(),
-                                      parties=_dialog_parties())
+        return self.app.routes.side(call_id, (from_tag, to_tag), self.route_values(),
+                                    parties=_dialog_parties())
 
     def route_values(self) -> list[str]:
         """The request's Route header values (as many as ``admits`` reads)."""
@@ -1665,16 +1681,17 @@ class kamailio:
         domain = config.kamailio.domains[0] if config.kamailio.domains else config.auth.realm
         return "sip:%s@%s" % (self.authenticated, domain)
 
-    def inspect_only(self):
-        """For ACK and CANCEL: they cannot be refused, but what they carry is recorded,
-        and a policy in our name goes as from any request (review 58)."""
+    def inspect_only(self, archive=True):
+        """For ACK and CANCEL: they cannot be refused, but what they carry is recorded
+        (not with ``archive`` false), and a policy in our name goes as from any request
+        (review 58)."""
         if self.app.engine is None:
             return
         try:
             message = _read_message()
             verdict = self.app.engine.inspect(message)
             _remove_headers(verdict.remove_headers)
-            if verdict.seen or verdict.media:
+            if archive and (verdict.seen or verdict.media):
                 self.observe(message, verdict, self.app.engine.answer_caller(
                     message, verdict, digest_user=self.digest_aor()))
         except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL

@@ -52,7 +52,7 @@ from typing import Any
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
 from e2m_plugins.uri import aor_of, identity_of, parse_uri, split_hostport
-from e2m_plugins.errors import E2MError
+from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
 from e2m_plugins.sip_errors import answer_for
@@ -347,7 +347,10 @@ def _rx_key(msg: sip.SipMessage) -> tuple[object, ...]:
     if branch is not None:
         return ("3261", method, branch)
     via = split_header_list(msg.get_all("Via")[0])[0]
-    host, port = split_hostport(via.partition(";")[0].split(None, 1)[-1].strip())
+    protocol_and_sent_by = via.partition(";")[0].split(None, 1)
+    if len(protocol_and_sent_by) != 2:       # review 100: "Via: ;branch=x" was a 500
+        raise MalformedError("Via without a sent-by")
+    host, port = split_hostport(protocol_and_sent_by[1].strip())
     return ("2543", method, msg.cseq[0], (msg.from_tag or "").lower(), msg.call_id.lower(),
             host.lower(), port or 0)
 

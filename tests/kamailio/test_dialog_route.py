@@ -29,7 +29,12 @@ def test_the_token_binds_call_id_and_tag_and_either_tag_admits():
     tokens = _tokens()
     route = f"<sip:127.0.0.1:5060;lr{tokens.param('c1@x', 'alice-tag', parties=PARTIES)}>"
     assert tokens.admits("c1@x", ("alice-tag", "bob-tag"), [route], parties=PARTIES)     # alice's requests
-    assert tokens.admits("c1@x", ("bob-tag", "alice-tag"), [route], parties=PARTIES)     # bob's: her tag in To
+    # bob's: her tag in To, his From and her To (the parties in the request's order)
+    assert tokens.admits("c1@x", ("bob-tag", "alice-tag"), [route], parties=PARTIES[::-1])
+    # her tag in From but written From bob (review 99): no token fits
+    assert not tokens.admits("c1@x", ("alice-tag", "bob-tag"), [route], parties=PARTIES[::-1])
+    assert tokens.side("c1@x", ("alice-tag", "bob-tag"), [route], parties=PARTIES) == 0
+    assert tokens.side("c1@x", ("bob-tag", "alice-tag"), [route], parties=PARTIES[::-1]) == 1
     assert not tokens.admits("c2@x", ("alice-tag", "bob-tag"), [route], parties=PARTIES)
     assert not tokens.admits("c1@x", ("other", "bob-tag"), [route], parties=PARTIES)
     assert not tokens.admits("c1@x", (None, None), [route], parties=PARTIES)

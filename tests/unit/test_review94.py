@@ -103,6 +103,14 @@ def _fake_htable(fake) -> dict:
     return table
 
 
+def _ends(tags) -> dict:
+    """$fu and $tu of an in-dialog request with ``tags`` (From, To) in alice's call with
+    bob (her tag ``a1``): From bob when it comes from his side (the token binds the
+    parties in the caller's order: review 99)."""
+    alice, bob = "sip:alice@example.com", "sip:bob@example.com"
+    return {"$fu": alice, "$tu": bob} if tags[0] == "a1" else {"$fu": bob, "$tu": alice}
+
+
 def _our_entry(call_id: str) -> str:
     """Our Record-Route entry of alice's INVITE (tag ``a1``), as the 2xx brings it back
     and the dialog's Route carries it (review 96: the route set is noted beside the
@@ -118,7 +126,7 @@ def _bye_request(fake, kemi, node, call_id: str, tags, dst: str = "") -> dict:
     Returns the AVPs it set (tm brings them to the reply route).  Since review 96 a
     BYE's 2xx ends keys only when this found the BYE going the dialog's way."""
     routes = [_our_entry(call_id)] + ([f"<{dst}>"] if dst else [])
-    values = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$ci": call_id, "$ft": tags[0], "$tt": tags[1], "$du": dst,
+    values = {**_ends(tags), "$rm": "BYE", "$ci": call_id, "$ft": tags[0], "$tt": tags[1], "$du": dst,
               "$hdrc(Route)": len(routes),
               **{f"$(hdr(Route)[{i}])": route for i, route in enumerate(routes)}}
     avps: dict = {}

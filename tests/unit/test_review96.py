@@ -171,7 +171,7 @@ from e2m_lab.flows import TRUSTED
 
 from tests.unit.test_review92 import _call_through_the_proxy
 from tests.unit.test_review94 import (ROUTES, _bye_request, _fake_htable, _our_entry,  # noqa: F401
-                                      _via0_branch, fake_ksr)  # fake_ksr: a fixture
+                                      _via0_branch, _ends, fake_ksr)  # fake_ksr: a fixture
 
 ALICES_TARGET = "sip:alice@127.0.0.1:5061"
 BOBS_TARGET = "sip:bob@127.0.0.1:5062"
@@ -259,7 +259,7 @@ def _goes_the_dialogs_way(fake, kemi, *, invite_rr=(), ok_rr=(), bye_tags=("b1",
           "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", **headers("Record-Route", list(ok_rr))}
     fake.pv = types.SimpleNamespace(get=ok.get)
     kemi.kamailio.note_dialog_targets(node)
-    bye = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$ci": "r96-way@x", "$ft": bye_tags[0], "$tt": bye_tags[1], "$du": du,
+    bye = {**_ends(bye_tags), "$rm": "BYE", "$ci": "r96-way@x", "$ft": bye_tags[0], "$tt": bye_tags[1], "$du": du,
            **headers("Route", list(route))}
     avps: dict = {}
     fake.pv = types.SimpleNamespace(get=bye.get, seti=avps.__setitem__)

@@ -32,7 +32,9 @@ def test_the_same_dialog_from_either_side_is_admitted() -> None:
     assert ROUTES.admits(CALL, (ALICE_TAG, BOB_TAG), [ROUTE],
                          parties=dialog_parties("<sip:mallory@EXAMPLE.com:5061;transport=tls>",
                                                 "sip:bob@example.com;user=phone"))
-    assert ROUTES.ours_in(CALL, ALICE_TAG, [ROUTE], parties=dialog_parties(BOB, MALLORY))
+    # the caller's tag names the parties in the caller's order (review 99)
+    assert ROUTES.ours_in(CALL, ALICE_TAG, [ROUTE], parties=dialog_parties(MALLORY, BOB))
+    assert not ROUTES.ours_in(CALL, ALICE_TAG, [ROUTE], parties=dialog_parties(BOB, MALLORY))
     # the parameter keeps its size on the wire
     assert len(ROUTES.param(CALL, ALICE_TAG, [], parties=dialog_parties(MALLORY, BOB))) \
         == len(f";{PARAM}=") + 32

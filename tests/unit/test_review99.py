@@ -95,9 +95,6 @@ def test_control_the_honest_forms_are_admitted_and_review_98_holds() -> None:
     assert not _admits(BOB, ALICE, BOB_TAG, EVE_TAG)
 
 
-@pytest.mark.xfail(strict=True, reason="review 99: off-path sender or insider: with the "
-                   "caller's tag in From, a request written From bob To eve fits eve's "
-                   "token (the parties are sorted, not bound to the tags)")
 def test_hole_the_callers_tag_admits_the_parties_swapped() -> None:
     # eve's own ACK (her tag in From, bob's in To) with only the URIs swapped
     assert not _admits(BOB, EVE, EVE_TAG, BOB_TAG)
@@ -207,9 +204,6 @@ def test_control_the_door_and_the_core_read_a_user_part_with_npdi():
     assert dialog_parties(f"<{NPDI}>", BOB) is not None
 
 
-@pytest.mark.xfail(strict=True, reason="review 99: honest flow broken: dialog_parties reads "
-                   "Kamailio's $fu (a bare URI) as a name-addr, so ';npdi@' is a bad header "
-                   "parameter: no token, the gateway's INVITE 400")
 def test_hole_dialog_parties_refuses_a_bare_uri_with_a_user_flag():
     # what kemi._dialog_parties passes: $fu / $tu, the URI without brackets
     assert dialog_parties(NPDI, BOB) is not None
