@@ -15,7 +15,9 @@ parameter as written, like the phone, so the copy is another transaction to both
 takes the copy (200, shown as the plaintext it is) and refuses alice's real MESSAGE
 itself as a merged request (482): she hears it failed, nothing is absorbed, nothing is
 shown as hers.  The same for an RFC 2543 peer's copy with a %-escaped From tag (pjsip
-delivers her MESSAGE too).  The copy as alice wrote it: 482 from the phone
+delivers her MESSAGE too).  A copy on her branch with the method written ``Message``
+draws no final answer and leaves nothing taken: hers is shown.  The copy as alice wrote
+it: 482 from the phone
 (``duplicate_refused``).
 """
 
@@ -186,3 +188,21 @@ def test_control_a_via_without_a_sent_by_gets_no_answer_and_the_phone_serves_on(
     assert _answer_to(bob, ";branch=r100-stranger") == []
     assert _answer_to(bob, "SIP/2.0/UDP ;branch=r100-stranger") == []
     assert _answer_to(bob, "SIP/2.0/UDP 127.0.0.1:9;branch=r100-stranger;rport") == [488]
+
+
+# ----------------------------------------------- the method in other letters (held)
+
+def _method_in_other_letters(copy: sip.SipMessage) -> sip.SipMessage:
+    raw = copy.serialize().replace(b"MESSAGE sip:", b"Message sip:", 1)
+    return sip.parse(raw.replace(b"CSeq: 1 MESSAGE", b"CSeq: 1 Message", 1))
+
+
+def test_control_a_copy_with_the_method_in_other_letters_does_not_touch_alices(pki, bob):
+    """A hop's bodiless copy on alice's branch written ``Message`` (one key with hers in
+    pjsip's folded table and in ``_rx_key``): it draws no final answer and leaves no
+    taken transaction behind; alice's MESSAGE right after is answered 200 and shown with
+    her security."""
+    shown, status, finals, refused = _copy_ahead(pki, bob, _method_in_other_letters)
+    assert finals == [200] and not refused, (finals, refused)
+    assert [e["text"] for e in shown] == [ALICES_TEXT.decode()]
+    assert shown[0]["security"]["signed"] and shown[0]["security"]["encrypted"]
