@@ -126,6 +126,10 @@ def test_control_a_via_without_sent_by_is_read_by_the_core():
     with pytest.raises(E2MError):                 # a Via with a sent-protocol but no host
         _rx_key(sip.parse(_alices("MESSAGE", branch=HERS).replace(
             "Via", f"SIP/2.0/UDP ;branch={HERS}").serialize(), exact=True))
+    # fixed (stop 36): no sent-by at all is a MalformedError too, so ``_on_rx`` answers
+    # 400 (it was an IndexError: the hook's catch-all 500)
+    with pytest.raises(E2MError):
+        _rx_key(bare)
 
 
 # ------------------------------------------------------------------ what held
