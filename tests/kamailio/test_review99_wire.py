@@ -82,6 +82,9 @@ Tried and held (code read or run through the unit models, ``tests/unit/test_revi
 Not tried: a Request-URI naming alice's host and port with another ``;transport=``
 (``kemi._target`` compares scheme, user, host and port only): a listener on alice's
 address is needed, i.e. a hop on her host; a front with ``[auth]``.
+
+Fixed (stop 36): as ``tests/unit/test_review99.py``'s docstring says; the CANCEL control
+now asserts eve's own CANCEL is relayed (200, reaches dan) and archived under no one.
 """
 
 from __future__ import annotations
