@@ -81,12 +81,10 @@ def dialog_parties(from_uri: str | None, to_uri: str | None) -> Parties | None:
         text = (uri or "").strip()
         # a bare URI's own ;params and user part are the URI's, never a header's
         # (review 99: "sip:+1555;npdi@gw" read as a name-addr was refused)
-        bare = text[1:text.index(">")] if text.startswith("<") and ">" in text else text
-        if "<" in text and not text.startswith("<"):
-            try:
-                bare = parse_address(text).uri
-            except E2MError:
-                return None
+        try:
+            bare = parse_address(text if "<" in text else f"<{text}>").uri if text else ""
+        except E2MError:
+            return None
         scheme = bare.partition(":")[0].lower()
         if scheme and scheme not in ("sip", "sips"):
             named.append(json.dumps([bare.lower()], separators=(",", ":")))
