@@ -28,6 +28,7 @@ from .archive_store import open_archive, open_shared
 from .replay_claims import ClaimedReplayCache, KsrAwayFlag, replay_claims
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
 from .config import AppConfig, canonical_ip, load_app_config
+from . import dialog_targets
 from .dialog_route import RouteTokens
 from .keycache_htable import HtableKeyCache, KsrHtable
 
@@ -276,7 +277,8 @@ class ProxyApp:
                 origin=str(cluster.dmq_address) if cluster else "",
                 count=ksr.statistics.update_stat,
                 refused=lambda key: ksr.warn(f"e2m: key cache entry {key[:80]} does not "
-                                             "open (forged, or sealed elsewhere): refused\n"))
+                                             "open (forged, or sealed elsewhere): refused\n"),
+                gone=dialog_targets.forgetter(ksr))
             replay = HtableReplayCache(KsrHtable(ksr, REPLAY_TABLE),
                                        window=proxy_config.replay_window)
         else:

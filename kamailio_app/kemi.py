@@ -70,6 +70,12 @@ from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, UNREAD_ROUTE_SET,  # n
                                        dialog_parties, double_rr_entry, route_entries,
                                        route_set_digest, routes_within_bounds,
                                        same_route_uri, written_as_ours)
+from kamailio_app.dialog_targets import (DIALOG as _DIALOG_TARGET,  # noqa: E402
+                                         TABLE as _TARGETS, UNANSWERED as _UNANSWERED_TARGET,
+                                         caller_name as _caller_name, callers_tag,
+                                         dialog_name as _dialog_name, digest as _digest,
+                                         forget as _forget_targets, tag_digest,
+                                         target_and_side as _target_and_side)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
                                     marked_lifetime, parse_tcp_list)
@@ -409,34 +415,6 @@ def _callers_side():
         return None
 
 
-_TARGETS = "e2mtargets"
-
-
-def _digest(text):
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
-_UNANSWERED_TARGET = 64     # s: an INVITE's life (fr_inv_timer 30 s) and its wait
-_DIALOG_TARGET = 43200      # s: a dialog's keys live no longer (keycache.MAX_TTL)
-
-
-def _dialog_name(call_id, tag, other):
-    """A dialog's name in e2mtargets, the same from either side."""
-    first, second = sorted((tag, other))
-    return "d" + _digest("\n".join((call_id, first, second)))
-
-
-def _caller_name(call_id, caller):
-    return "c" + _digest("\n".join((call_id, caller)))
-
-
-def _target_and_side(text):
-    """(remote target, route-set side) of an e2mtargets value part ``target:side``;
-    the side ``UNREAD_ROUTE_SET`` when none was noted."""
-    target, _, side = (text or "").partition(":")
-    return target, side or UNREAD_ROUTE_SET
-
-
 def _header_entries(name, specs):
     """The entries of every ``name`` header of the message, in order; None when they
     are more than ``specs`` reads, not UTF-8, or past ``routes_within_bounds``."""
@@ -474,6 +452,16 @@ def _holds_keys(engine, call_id, tag, other):
     return True if holds is None else bool(holds(call_id, tag, other))
 
 
+def _targets_life(app):
+    """How long a keyed dialog's targets are kept: no longer than its keys can live
+    (``[kamailio] keycache_expire``, the key cache's ``max_ttl``); the key cache's
+    ``gone`` takes them sooner when the keys go sooner (dialog_targets.py)."""
+    config = getattr(app, "config", None)
+    if config is None:
+        return _DIALOG_TARGET
+    return min(_DIALOG_TARGET, int(config.kamailio.keycache_expire))
+
+
 def _dialog_peer(call_id, from_tag, to_tag):
     """(dialog name, caller's tag, the remote target and route-set side of the
     party a request with these tags goes to) as e2mtargets holds them; None when
@@ -483,9 +471,9 @@ def _dialog_peer(call_id, from_tag, to_tag):
     parts = held.split("|") if isinstance(held, str) else []
     if len(parts) != 2:
         return None
-    callee, callee_part = parts
-    from_callee = _digest(from_tag) == callee
-    caller = to_tag if from_callee else from_tag
+    callee_part = parts[1]
+    caller = callers_tag(held, from_tag, to_tag)
+    from_callee = caller == to_tag
     held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
     caller_part = held.split("|")[0] if isinstance(held, str) else None
     return name, caller, _target_and_side(caller_part if from_callee else callee_part)
@@ -1526,9 +1514,11 @@ class kamailio:
         when the BYE went to the other party (``end_answered_dialog``); with the
         callee's side of the route set (this 2xx's Record-Route entries above ours,
         reversed: the rest of the Route a BYE to the callee carries past ours).  The
-        first noted stays: a later copy, forged or not, changes nothing.  Kept 12 h
-        only when the engine holds keys for the dialog (called once the 2xx was
-        read): a keyless call's entry goes now, nothing for a BYE to end (review 96)."""
+        first noted stays: a later copy, forged or not, changes nothing.  Kept only
+        when the engine holds keys for the dialog (called once the 2xx was read): a
+        keyless call's entry goes now, nothing for a BYE to end (review 96); and no
+        longer than those keys: their longest life (``_targets_life``), and gone with
+        the dialog's key-cache record (``dialog_targets.forgetter``; review 99)."""
         status = KSR.pv.get("$rs") or 0
         if self.app.engine is None or KSR.pv.get("$rm") != "INVITE" \
                 or not 200 <= status < 300 or (not stray and KSR.pv.get("$T_req($tt)")):
@@ -1558,10 +1548,11 @@ class kamailio:
                                                parties=parties)]
             if ours:
                 side = route_set_digest(list(reversed(entries[:ours[0]])))
+        life = _targets_life(self.app)
         KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller),
-                             held + "|" + _digest(callee), _DIALOG_TARGET)
+                             held + "|" + tag_digest(callee), life)
         KSR.htable.sht_setxs(_TARGETS, _dialog_name(call_id, caller, callee),
-                             _digest(callee) + "|" + target + ":" + side, _DIALOG_TARGET)
+                             tag_digest(callee) + "|" + target + ":" + side, life)
 
     def note_bye_way(self):
         """In the request route, after ``loose_route``: a BYE goes the dialog's way when
@@ -1610,15 +1601,14 @@ class kamailio:
         found = _dialog_peer(call_id, from_tag, to_tag)
         if found is None:
             return
-        name, caller, (peer, _) = found
+        peer = found[2][0]
         if _target(KSR.pv.get("$T_req($ou)"), contact=False) != peer \
                 or not KSR.pv.get(_BYE_WAY_AVP):
             _info("e2m: a BYE's %d from elsewhere than the dialog's other party: its keys "
                   "stay to their expiry\n" % status)
             return
         engine.end_answered("BYE", status, call_id, from_tag, to_tag)
-        KSR.htable.sht_rm(_TARGETS, name)
-        KSR.htable.sht_rm(_TARGETS, _caller_name(call_id, caller))
+        _forget_targets(KSR, call_id, from_tag, to_tag)    # the key cache's gone() too
 
     def inspect_request(self):
         """Ask the engine; apply its verdict.  False when the request was answered."""

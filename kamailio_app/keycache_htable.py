@@ -126,7 +126,8 @@ class HtableKeyCache:
                  clock: Callable[[], float] = time.time,
                  seal_key: bytes | None = None, origin: str = "",
                  count: Callable[[str, int], None] | None = None,
-                 refused: Callable[[str], None] | None = None) -> None:
+                 refused: Callable[[str], None] | None = None,
+                 gone: Callable[[Scope], None] | None = None) -> None:
         self._limits = CacheLimits(max_entries, default_ttl, transaction_ttl, max_ttl,
                                    max_decrypts_cap, max_per_keeper)
         self._backend = backend
@@ -148,6 +149,10 @@ class HtableKeyCache:
         self._origin = origin
         self._count = count or (lambda _name, _n: None)
         self._refused = refused or (lambda _key: None)
+        # told of each scope whose record went (what a dialog kept beside its keys
+        # goes with them: kamailio_app/dialog_targets.py); it may be called with this
+        # table's slot lock held, so it must not lock anything in this table
+        self._gone = gone or (lambda _scope: None)
         # The records opened last (name -> value, keys): a lookup and the use counted
         # after it read the same value, which then opens once, and a message's many
         # kekri looked up in its scope and the early ones open each record once.  The
@@ -203,11 +208,13 @@ class HtableKeyCache:
             self._count("e2m_ceks_expired", len(kept) - len(live))
         return live
 
-    def _write(self, name: str, kept: Kept, now: float) -> None:
+    def _write(self, name: str, kept: Kept, now: float, scope: Scope | None = None) -> None:
         """Store ``kept`` as the record ``name`` (lock held), living as long as its
-        latest key; no key left: the record goes."""
+        latest key; no key left: the record of ``scope`` goes (``gone``)."""
         if not kept:
             self._backend.remove(name)
+            if scope is not None:
+                self._gone(scope)
             return
         life = max(entry.expires for entry, _ in kept) - now
         self._backend.set(name, self._seal(name, kept), max(1, math.ceil(life)))
@@ -249,20 +256,20 @@ class HtableKeyCache:
             found = next((row for row in live if row[0].reference == reference), None)
             if found is None:
                 if expired:
-                    self._write(name, live, now)
+                    self._write(name, live, now, scope)
                 return None
             entry, origin = found
             if origin != self._origin:
                 self._count("e2m_ceks_replicated", 1)
             if entry.max_decrypts is None:
                 if expired:
-                    self._write(name, live, now)
+                    self._write(name, live, now, scope)
                 return entry
             left = entry.max_decrypts - 1
             rest = [row for row in live if row is not found]
             if left > 0:                    # else this is the last permitted use
                 rest.append((replace(entry, max_decrypts=left), origin))  # still the keeper's
-            self._write(name, rest, now)
+            self._write(name, rest, now, scope)
             return replace(entry, max_decrypts=left)
         finally:
             self._backend.unlock(name)
@@ -292,7 +299,7 @@ class HtableKeyCache:
             kept = self._live_keys(name, scope, now)
             rest = [row for row in kept if row[0].reference not in references]
             if len(rest) != len(kept) or not kept:
-                self._write(name, rest, now)
+                self._write(name, rest, now, scope)
         finally:
             self._backend.unlock(name)
 
@@ -316,6 +323,7 @@ class HtableKeyCache:
             self._backend.remove(name)
         finally:
             self._backend.unlock(name)
+        self._gone(scope)
         for early in (scope.early_scopes() if isinstance(scope, DialogScope) else ()):
             if held and self._backend.get(scope_key(early)) is not None:
                 self._drop_references(early, held)
@@ -427,7 +435,7 @@ class HtableKeyCache:
                 return 0
             rest = [row for row in kept if name + row[0].reference.hex() not in labels
                     and now < row[0].expires]
-            self._write(name, rest, now)
+            self._write(name, rest, now, kept[0][0].scope if kept else None)
             return len(kept) - len(rest)
         finally:
             self._backend.unlock(name)

@@ -65,11 +65,17 @@ one with it in To From the callee), so form ``uris`` fits no token; a callee-sid
 cannot tie to a challenged request) is read but archived under no one, and so is any
 CANCEL (hole 2: tm matches a CANCEL to its INVITE whatever its From says; it is never
 challenged and carries no offer or answer).  Finding 3: ``dialog_parties`` reads a bare
-URI (``$fu``) as a URI, its ``;npdi`` user part included.  Hole 3 is a known limit,
-left as a strict xfail: a keyed call's targets live 12 h though the keeper's quota
-evicts its keys; the growth needs a certificate and credentials (an insider the archive
-names), one INVITE per call at pike's rate; the fix (targets in the dialog's key-cache
-record, gone with its keys) was not made this stop.
+URI (``$fu``) as a URI, its ``;npdi`` user part included.  Hole 3 was left a known
+limit that stop (a strict xfail).
+
+Fixed (stop 37): hole 3 (here "hole 2"), a keyed dialog's targets go with its keys: the
+shared key cache tells ``dialog_targets.forgetter`` of each scope whose record it
+removed (``HtableKeyCache(gone=...)``: its last key spent or expired at a sweep, the
+keeper's quota, the cache's bound, a BYE), which removes that dialog's two entries; and
+they are kept no longer than ``[kamailio] keycache_expire`` (``kemi._targets_life``).
+The model now runs the shared cache as ``bootstrap`` builds it (it ran
+``MemoryKeyCache``, which no Kamailio uses); with ``gone`` left out the hole test fails
+as before (checked).
 """
 
 from __future__ import annotations
@@ -78,10 +84,13 @@ import types
 
 import pytest
 
-from e2m_plugins.keycache import DialogScope, MemoryKeyCache
+from e2m_lab.memory_htable import MemoryHtable
+from e2m_plugins.keycache import DialogScope
 from e2m_plugins.proxy import ProxyEngine
 from kamailio_app.dialog_route import (RouteTokens, dialog_parties, double_rr_entry,
                                        route_set_digest, same_route_uri)
+from kamailio_app.dialog_targets import forgetter
+from kamailio_app.keycache_htable import HtableKeyCache
 
 from tests.unit.test_review94 import fake_ksr  # noqa: F401  (a fixture)
 
@@ -142,12 +151,16 @@ MALLORY = "sip:mallory@example.com"
 _DIALOG_TARGET = 43200
 
 
-def _keyed_calls(fake, kemi, cache, calls: int, *, keep: bool = True) -> dict:
+def _keyed_calls(fake, kemi, calls: int, *, keep: bool = True):
     """``calls`` calls record-routed and answered 200, each keeping one key in its
-    dialog's scope under mallory's quota (as her keyed INVITE's offer, moved into the
-    dialog at the 2xx, does), through ``note_caller_target`` and ``note_dialog_targets``
-    with an engine that asks ``cache`` (``ProxyEngine.holds_dialog_keys``).  Returns
-    {e2mtargets key: TTL} as last set."""
+    dialog's scope under mallory's quota of 4 (as her keyed INVITE's offer, moved into
+    the dialog at the 2xx, does), through ``note_caller_target`` and
+    ``note_dialog_targets`` with an engine that asks the key cache
+    (``ProxyEngine.holds_dialog_keys``): the shared one, built as ``bootstrap`` builds
+    it (``gone``: ``dialog_targets.forgetter``), sweeping at every put.  Returns
+    ({e2mtargets key: TTL} as last set, the key cache)."""
+    cache = HtableKeyCache(MemoryHtable(), max_per_keeper=4, sweep_every=1,
+                           gone=forgetter(fake))
     ttls: dict = {}
     table: dict = {}
     fake.htable = types.SimpleNamespace(
@@ -172,7 +185,8 @@ def _keyed_calls(fake, kemi, cache, calls: int, *, keep: bool = True) -> dict:
               "$hdr(Contact)": "<sip:sink@203.0.113.9:5999>"}
         fake.pv = types.SimpleNamespace(get=ok.get)
         kemi.kamailio.note_dialog_targets(node)
-    return ttls
+    cache.sweep()
+    return ttls, cache
 
 
 def _twelve_hours(ttls: dict) -> int:
@@ -183,19 +197,13 @@ def test_control_keyed_calls_within_the_quota_keep_their_targets(fake_ksr):
     """The set-up: a call whose keys the proxy holds keeps its targets 12 h (a BYE can
     end them); a keyless one none (review 96 hole 4's fix)."""
     fake, kemi = fake_ksr
-    cache = MemoryKeyCache(max_per_keeper=4)
-    assert _twelve_hours(_keyed_calls(fake, kemi, cache, 4)) == 4
-    assert _twelve_hours(_keyed_calls(fake, kemi, MemoryKeyCache(max_per_keeper=4), 4,
-                                      keep=False)) == 0
+    assert _twelve_hours(_keyed_calls(fake, kemi, 4)[0]) == 4
+    assert _twelve_hours(_keyed_calls(fake, kemi, 4, keep=False)[0]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review 99, known limit (stop 36): insider UA: keying "
-                   "each call makes its targets 12 h; the keys go at her quota, the targets "
-                   "stay: e2mtargets grows with keyed calls (pike's rate, 12 h)")
 def test_hole_targets_outlive_the_keys_that_justified_them(fake_ksr):
     fake, kemi = fake_ksr
-    cache = MemoryKeyCache(max_per_keeper=4)
-    ttls = _keyed_calls(fake, kemi, cache, 40)
+    ttls, cache = _keyed_calls(fake, kemi, 40)
     held = sum(1 for i in range(40) if cache.holds_scope(DialogScope(f"r99-{i}@x", f"m{i}",
                                                                      f"u{i}")))
     assert held == 4                      # the key cache kept its bound
