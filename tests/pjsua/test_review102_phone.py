@@ -31,13 +31,12 @@ Hole: **a MESSAGE sent straight to bob's phone is shown and never archived.**
 Control: the very same MESSAGE sent to the proxy (Request-URI ``sip:bob@example.com``)
 is read, archived as carol's (the text as bob shows it) and shown by bob.
 
-Tried, held (no hole; see also ``tests/unit/test_review102.py``): a MESSAGE whose
-encrypted text is ``multipart/mixed`` (the archive holds the whole inner entity, bob
-shows the same octets); a text with a BOM, NUL, bare CR and a ``charset`` parameter
-(archive and phone hold the same octets); a body part marked ``handling=optional`` for
-the proxy beside the text for bob (the proxy opens every part of a method it views, a
-closed one is 496); a nested ``multipart/mixed`` around the S/MIME part (the phone hands
-pjsua the ciphertext as it is: nothing readable shown).
+Tried, held (``tests/unit/test_review102.py``): a text with a BOM, NUL, bare CR, or
+UTF-16 under a ``charset`` parameter (the archive row holds the very octets bob's engine
+hands pjsua); a ``multipart/mixed`` MESSAGE of two text parts (496 at the proxy).  Read,
+not run: a part marked ``handling=optional`` for the proxy beside a text for bob alone
+(the proxy opens every part of a method it views: 496); a nested ``multipart/mixed``
+around the S/MIME part (the phone hands pjsua the ciphertext as is: nothing readable).
 """
 
 from __future__ import annotations
