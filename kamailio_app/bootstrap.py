@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from e2m_plugins.errors import E2MError
-from e2m_plugins.sip import SipMessage, parse_address
+from e2m_plugins.sip import SipMessage, canonical_method, parse_address
 from e2m_plugins.keycache import TRANSACTION_TTL
 
 from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord, content_uid
@@ -87,11 +87,16 @@ def body_records(message: SipMessage, seen: Any, *, responder: str | None = None
     the Request-URI as received, or the next hop of a Route set it followed), never
     a To, which whoever writes the message chooses (reviews 32, 33).  Without one (a
     cluster's stray reply) only a body the response's To signed names that To; else
-    nobody.  ``to_uri`` is the other party.  ``request_uri`` is where the request
-    went (``sent_to``; for a request, by default its Request-URI)."""
+    nobody.  An ACK is never challenged, and either party of the dialog can write the
+    other's (the route token binds what both know; reviews 99, 101): only a body its
+    From signed for this very ACK (``SeenBody.bound``) names it; else nobody.
+    ``to_uri`` is the other party.  ``request_uri`` is where the request went
+    (``sent_to``; for a request, by default its Request-URI)."""
     if message.is_request:
         target = sent_to or message.request_uri
-        senders = [_uri(message, "From")] * len(seen)
+        sender = _uri(message, "From")
+        senders = [sender if canonical_method(message.method) != "ACK" or item.bound else None
+                   for item in seen]
     else:
         target = sent_to
         senders = [responder or (_uri(message, "To") if item.bound else None)

@@ -1087,14 +1087,11 @@ class kamailio:
             if KSR.is_ACK():
                 # a late answer rides in the ACK; a policy header may name us (review 58:
                 # a forged one teaches the callee to drop our certificate); else nothing.
-                # An ACK is never challenged: only the caller's, whose From the token
-                # binds to the dialog's INVITE (challenged when it names one of our
-                # users), is archived under its From.  The callee's (it follows a
-                # re-INVITE of the callee's, none the proxy can tie it to) is read but
-                # not archived: one written "From bob" with the tags swapped was
-                # archived as bob's (review 99)
+                # An ACK is never challenged and either party can write the other's
+                # (reviews 99, 101): its bodies are archived, naming its From only
+                # where a body is signed by it for this very ACK (``body_records``)
                 if _has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0:
-                    self.inspect_only(archive=self.routed_side() == 0)
+                    self.inspect_only()
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):

@@ -35,6 +35,14 @@ archived under no one (review 99's fix holds:
 ``test_control_the_callees_own_ack_is_archived_under_no_one``).
 
 Tried and held (read, or run through the unit models): see ``tests/unit/test_review101.py``.
+
+Fixed (stop 37): an ACK's bodies are archived from either side (nothing it carries is
+lost), and an archive row names the ACK's From only for a body that From signed for this
+very ACK (``SeenBody.bound``: a signed SIP context checked against it); any other names
+no one (``bootstrap.body_records``).  The token's sides stay what they are (no longer an
+archive decision).  The hole tests failed on the product code before (checked) and pass;
+the controls now assert an unsigned ACK body archived naming no one, and alice's signed
+one named hers.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import time
 
 import pytest
 
+from e2m_lab.flows import TRUSTED, known_proxy, ua_engine
 from e2m_lab.kamailio_harness import SipUa, registered_uas, start_proxy
 from e2m_plugins.testpki import TestPKI
 
@@ -113,15 +122,37 @@ def _ack(ua: SipUa, delivered, ok, *, from_uri: str, to_uri: str, swap_tags: boo
     return ack.replace("Via", ua.via())
 
 
-@pytest.mark.parametrize("content_type,body", BODIES)
-def test_control_the_callers_own_ack_is_archived_as_hers(home, mallory, content_type, body):
+def test_control_the_callers_own_signed_ack_is_archived_as_hers(home, mallory, pki):
+    """Fixed (stop 37): an ACK's body names its From in the archive only when its From
+    signed it for this very ACK (``SeenBody.bound``): alice's engine signs and seals her
+    ACK's SDP for mallory and the home proxy, which reads it and names her."""
     alice, sent, ok, delivered = _alice_calls_mallory(home, mallory, "127.0.0.202")
+    try:
+        target = f"sip:mallory@127.0.0.1:{mallory.port}"
+        ack = _ack(alice, delivered, ok, from_uri=ALICE, to_uri=MALLORY, swap_tags=False,
+                   target=target, body=SDP, content_type="application/sdp")
+        engine = ua_engine(pki, "alice", peers=("mallory",),
+                           proxies=(known_proxy(pki, TRUSTED, ("ACK:application/sdp",)),))
+        alice.send(engine.protect(ack).message)
+        rows = _wait_rows(home, sent.get("Call-ID"), "ACK")
+        assert rows and all(row.from_uri == ALICE and row.signature == "valid"
+                            for row in rows), [r.summary() for r in rows]
+    finally:
+        alice.close()
+
+
+@pytest.mark.parametrize("content_type,body", BODIES)
+def test_control_the_callers_own_unsigned_ack_is_archived_naming_no_one(home, mallory,
+                                                                        content_type, body):
+    """Fixed (stop 37): alice's own unsigned ACK body is archived (nothing is lost), but
+    names no sender: the callee could have written the very same ACK (the hole below)."""
+    alice, sent, ok, delivered = _alice_calls_mallory(home, mallory, "127.0.0.207")
     try:
         target = f"sip:mallory@127.0.0.1:{mallory.port}"
         alice.send(_ack(alice, delivered, ok, from_uri=ALICE, to_uri=MALLORY, swap_tags=False,
                         target=target, body=body, content_type=content_type))
         rows = _wait_rows(home, sent.get("Call-ID"), "ACK")
-        assert rows and all((row.from_uri or "").startswith(ALICE) for row in rows), \
+        assert rows and all(row.from_uri is None and row.plaintext == body for row in rows), \
             [r.summary() for r in rows]
     finally:
         alice.close()
@@ -130,8 +161,8 @@ def test_control_the_callers_own_ack_is_archived_as_hers(home, mallory, content_
 @pytest.mark.parametrize("content_type,body", BODIES)
 def test_control_the_callees_own_ack_is_archived_under_no_one(home, mallory, content_type,
                                                                body):
-    """Review 99's fix as it stands: mallory's ACK in the callee's form (From her, the
-    tags swapped) reaches her target but leaves no row."""
+    """mallory's ACK in the callee's form (From her, the tags swapped) reaches her target;
+    since stop 37 its body is archived naming no one (review 99's fix left no row)."""
     alice, sent, ok, delivered = _alice_calls_mallory(home, mallory, "127.0.0.203")
     evil = SipUa(home.port, user="mallory", source="127.0.0.204")
     try:
@@ -142,15 +173,13 @@ def test_control_the_callees_own_ack_is_archived_under_no_one(home, mallory, con
         relayed = [m for m in mallory.wait_for(before + 1, timeout=3)[before:]
                    if m.method == "ACK"]
         assert relayed, "the callee-side ACK was not routed"
-        time.sleep(0.5)
-        assert not _rows(home, sent.get("Call-ID"), "ACK")
+        rows = _wait_rows(home, sent.get("Call-ID"), "ACK")
+        assert rows and all(row.from_uri is None for row in rows), [r.summary() for r in rows]
     finally:
         evil.close()
         alice.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 101: insider UA (the callee) writes the "
-                   "caller's ACK From alice with her tag and a body; archived as alice's")
 @pytest.mark.parametrize("content_type,body", BODIES)
 def test_hole_the_callee_writes_the_callers_ack_and_it_is_archived_as_hers(
         home, mallory, content_type, body):

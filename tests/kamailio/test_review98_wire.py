@@ -174,10 +174,11 @@ def _in_dialog(ua, method, sent, ok, routes, target, *, from_uri, body, content_
 @pytest.mark.parametrize("attacker,source", [("mallory", "127.0.0.51"), ("eve", "127.0.0.52")])
 @pytest.mark.parametrize("content_type,body", [("application/sdp", SDP),
                                                ("text/plain", b"alice: I approve the transfer")])
-def test_control_the_attackers_own_ack_is_archived_under_the_attacker(home, bob, attacker, source,
-                                                                      content_type, body):
+def test_control_the_attackers_own_ack_is_archived_naming_no_one(home, bob, attacker, source,
+                                                                  content_type, body):
     """The set-up: the attacker's dialog is routed, its ACK (From as in the INVITE) is
-    read and archived under the attacker's From."""
+    read and archived.  Since stop 37 (review 101) an unsigned ACK body names no sender
+    (the dialog's other party can write the same ACK); one its From signed for it does."""
     ua, sent, ok, routes, target = _dialog_with_bob(home, bob, attacker, source)
     try:
         own = str(ua.aor)
@@ -187,7 +188,7 @@ def test_control_the_attackers_own_ack_is_archived_under_the_attacker(home, bob,
         assert _acked(bob, sent.get("Call-ID"))
         time.sleep(0.3)
         rows = _rows(home, sent.get("Call-ID"), "ACK")
-        assert rows and all(row.from_uri == own for row in rows), \
+        assert rows and all(row.from_uri is None and row.plaintext == body for row in rows), \
             [r.summary() for r in rows]
     finally:
         ua.close()
@@ -277,10 +278,13 @@ def _ack_while_ringing(home, dan, source: str, from_uri: str, text: bytes):
         eve.close()
 
 
-def test_control_a_strangers_own_ack_while_the_phone_rings_is_archived_as_his(home, dan):
+def test_control_a_strangers_own_ack_while_the_phone_rings_is_archived_naming_no_one(home,
+                                                                                      dan):
+    """eve's own ACK is read and its body archived; unsigned, it names no sender (stop 37,
+    review 101: an ACK is never challenged)."""
     rows = _ack_while_ringing(home, dan, "127.0.0.67", "sip:eve@other.example.net",
                               b"control: eve, ringing")
-    assert [row.from_uri for row in rows] == ["sip:eve@other.example.net"]
+    assert [(row.from_uri, row.plaintext) for row in rows] == [(None, b"control: eve, ringing")]
 
 
 def test_hole_a_strangers_ack_while_the_phone_rings_is_archived_as_alices(home, dan):
