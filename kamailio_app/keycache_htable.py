@@ -392,12 +392,15 @@ class HtableKeyCache:
         live: list[tuple[bool, float, str]] = []   # (kept long, created, record + key)
         keepers: list[tuple[str | None, bool, float, str]] = []
         gone: dict[str, set[str]] = {}          # record -> its keys to drop (b64 refs)
+        scopes: dict[str, Scope] = {}           # record -> the scope it said it held
         dead = 0
         for name, raw, kept in self._records(now):
             if kept is None:                 # not ours, an old format, or forged
                 dead += self._refuse_if_unchanged(name, raw)
                 continue
             long_lived = not short_lived_key(name)
+            if kept:
+                scopes[name] = kept[0][0].scope
             for entry, _ in kept:
                 label = name + entry.reference.hex()
                 if now >= entry.expires:
@@ -418,16 +421,20 @@ class HtableKeyCache:
         for label in excess:
             gone.setdefault(label[:label.rindex("/") + 1], set()).add(label)
         for name, labels in gone.items():
-            dead += self._drop_labels(name, labels, now)
+            dead += self._drop_labels(name, labels, now, scopes.get(name))
         return dead
 
-    def _drop_labels(self, name: str, labels: set[str], now: float) -> int:
-        """Remove the keys ``labels`` names from record ``name``, re-read under its lock
-        (a worker may have changed it since the sweep read it)."""
+    def _drop_labels(self, name: str, labels: set[str], now: float,
+                     scope: Scope | None) -> int:
+        """Remove the keys ``labels`` names from record ``name`` (of ``scope``, as the
+        sweep read it), re-read under its lock (a worker may have changed it since the
+        sweep read it; the table's own expiry may have taken it: ``gone`` all the same)."""
         self._backend.lock(name)
         try:
             raw = self._backend.get(name)
             if raw is None:
+                if scope is not None:
+                    self._gone(scope)
                 return 0
             try:
                 kept = self._unseal(name, raw)

@@ -220,3 +220,37 @@ def test_refuses_material_out_of_bounds(cache):
 def test_repr_holds_no_key(cache):
     cache.put(DIALOG, b"r", CEK)
     assert CEK.hex() not in repr(cache)
+
+
+def test_gone_is_told_of_each_scope_whose_record_left_and_of_no_other(table, clock):
+    """``gone`` (what a dialog keeps beside its keys goes with them: dialog_targets.py):
+    a record emptied by a use, a drop, a BYE's ``drop_scope`` or a sweep (expiry, a
+    keeper's quota) names its scope; a record that still holds a key, or one that does
+    not open (no scope to name), does not."""
+    told: list = []
+    cache = HtableKeyCache(table, clock=clock, max_entries=1000, max_per_keeper=2,
+                           sweep_every=10**6, gone=told.append)
+    used = DialogScope("c-used", "a", "b")
+    cache.put(used, b"r", CEK, max_decrypts=1)
+    cache.put(DIALOG, b"one", CEK)
+    cache.put(DIALOG, b"two", CEK)
+    assert cache.get(used, b"r") is not None and told == [used]       # its last use
+    cache.drop(DIALOG, b"one")
+    assert told == [used]                                             # "two" is left
+    cache.drop(DIALOG, b"two")
+    assert told == [used, DIALOG]
+    bye = DialogScope("c-bye", "a", "b")
+    cache.put(bye, b"r", CEK)
+    cache.drop_scope(bye)
+    assert told[-1] == bye
+    told.clear()
+    scopes = [DialogScope(f"c-q{n}", "a", "b") for n in range(4)]
+    for n, scope in enumerate(scopes):
+        clock.now += 1
+        cache.put(scope, b"r", CEK, keeper="sip:mallory@example.com")
+    expiring = DialogScope("c-exp", "a", "b")
+    cache.put(expiring, b"r", CEK, ttl=5)
+    table.data["forged/"] = ("not a record", clock.now + 100)
+    clock.now += 10
+    cache.sweep()
+    assert set(told) == {scopes[0], scopes[1], expiring}, told        # quota 2, expiry
