@@ -53,6 +53,7 @@ from e2m_plugins import sip
 from e2m_plugins.errors import E2MError
 from e2m_plugins.uri import aor_of, identity_of
 
+from .proxysource import ProxySource
 from .rawhook import RxReject
 
 __all__ = ["CertServiceClient", "Subscription", "NotifyAnswer", "MARKER", "CONTENT_TYPE",
@@ -129,14 +130,16 @@ class CertServiceClient:
     UA.toml names).  ``send_subscribe(aor, headers)``: send an out-of-dialog SUBSCRIBE to
     ``aor`` with these extra headers (on the loop).  ``contact()``: our Contact URI.
     ``proxy_address``: (host, port) NOTIFYs must come from (our outbound proxy; the
-    port only over UDP, ``udp``), or None.  ``publish_expires`` /
+    port only over UDP, ``udp``), or None; or ``proxy_source``, that place as the phone
+    already holds it (``proxysource.ProxySource``, which both of them ask: one answer to
+    "is this our proxy").  ``publish_expires`` /
     ``subscribe_expires``: what we ask for.
     """
 
     def __init__(self, engine: Any, own_certificate: x509.Certificate, *,
                  send_subscribe: Callable[[str, list[tuple[str, str]]], None],
                  contact: Callable[[], str], proxy_address: tuple[str, int] | None = None,
-                 udp: bool = True,
+                 udp: bool = True, proxy_source: ProxySource | None = None,
                  publish_expires: int = 3600, subscribe_expires: int = 3600,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
@@ -148,6 +151,9 @@ class CertServiceClient:
         self.contact = contact
         self.proxy_address = proxy_address
         self.udp = udp
+        if proxy_source is None and proxy_address is not None:
+            proxy_source = ProxySource([proxy_address], udp=udp)
+        self.proxy_source = proxy_source
         self.publish_expires = publish_expires
         self.subscribe_expires = subscribe_expires
         self._clock = clock
@@ -401,7 +407,7 @@ class CertServiceClient:
                                                    and notify.from_tag != sub.to_tag):
             return self._refuse_notify(481, "Subscription Does Not Exist",
                                        "a certificate NOTIFY in no subscription of ours")
-        if self.proxy_address is not None and source is not None \
+        if self.proxy_source is not None and source is not None \
                 and not self._from_proxy(source):
             return self._refuse_notify(481, "Subscription Does Not Exist",
                                        f"a certificate NOTIFY from {source[0]}:{source[1]}, "
@@ -469,11 +475,12 @@ class CertServiceClient:
         return NotifyAnswer(200, "OK")
 
     def _from_proxy(self, source: tuple[str, int]) -> bool:
-        """Whether ``source`` is our proxy: its address, and over UDP its port (over
-        TCP/TLS a connection the proxy opened comes from a port of its choosing)."""
-        assert self.proxy_address is not None
-        host, port = self.proxy_address
-        return source[0] == host and (not self.udp or source[1] == port)
+        """Whether ``source`` is our proxy: its address (in one spelling; a host name
+        resolved when the client was built), and over UDP its port (over TCP/TLS a
+        connection the proxy opened comes from a port of its choosing).  The phone's
+        request rule asks the same helper (``ProxySource.matches``, review 102)."""
+        assert self.proxy_source is not None
+        return self.proxy_source.matches(source)
 
     def _retire_others(self, sub: Subscription) -> None:
         """A renewed subscription took over: the older ones for that AoR go (their
