@@ -20,7 +20,10 @@ pjsua keeps working on plaintext; :class:`E2MPhone` installs the hook so that
 - an initial INVITE whose answer could not be protected (E2M required, no
   certificate of the caller, no key to reuse) is refused at once with the
   error table's answer and a ``call_refused`` event, before pjsua gives it a
-  call slot.
+  call slot;
+- a phone with an outbound proxy takes requests only from that proxy (or its
+  registrar): anything else never crossed the home's policy (what it archives) and
+  is answered 403 before anything is noted (``_through_home``, review 102).
 
 Nothing a stranger sends ends the loop: every handler runs behind a boundary
 that turns an exception into an ``error`` event (class name, no body), and
@@ -51,7 +54,7 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
-from e2m_plugins.uri import aor_of, identity_of, parse_uri, split_hostport
+from e2m_plugins.uri import aor_of, identity_of, split_hostport
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
@@ -64,6 +67,7 @@ from .certservice_client import CertServiceClient
 from .challenges import RefusedChallenge, keep_answerable
 from .fetcher import CertificateFetcher
 from .firstcopy import Duplicate, FirstCopy
+from .proxysource import ProxySource
 from .rawhook import RawSipHook, RxReject
 
 __all__ = ["PhoneSettings", "load_phone_config", "E2MPhone", "OutgoingMessage", "E2MCall",
@@ -412,6 +416,7 @@ class E2MPhone:
         self.counts = {"events": 0, "errors": 0, "stray_e2m_answers": 0, "calls_refused": 0,
                        "challenges_refused": 0,
                        "handler_failures": 0, "output_failures": 0, "fetches": 0,
+                       "requests_not_via_proxy": 0,
                        "endpoint_events_missed": 0}
         # state shared between the hook callbacks and the main loop (same thread)
         self._plain: OrderedDict[tuple[str, int, str, str], sip.SipMessage] = OrderedDict()
@@ -442,6 +447,9 @@ class E2MPhone:
         self._cert_waits: deque[tuple[OutgoingMessage | E2MCall, str, str, float]] = \
             deque(maxlen=64)
         self.certservice: CertServiceClient | None = None
+        # where requests may come from once we have an outbound proxy (set at start():
+        # the proxy and the registrar; None: peer to peer, from anyone) (review 102)
+        self._home_source: ProxySource | None = None
         self._cert_tick = 0.0
         self._blocked_statuses: OrderedDict[int, int] = OrderedDict()   # id(handle) -> n
         self._cert_published = False
@@ -514,6 +522,12 @@ class E2MPhone:
             register_via_proxies=s.register_via_proxy, srtp_suites=s.srtp_suites,
             auth=auth, publish=bool(s.certificate_service and registrar and auth and proxies))
         self.account.answer_failure = self._answer_failure
+        if proxies:
+            # every request comes through the home (review 102): the outbound proxy, or
+            # the registrar routing to our contact; names are looked up here, once
+            self._home_source = ProxySource.of_uris(
+                (proxies[0], registrar), tls=self.transport.kind == "tls",
+                udp=self.transport.kind == "udp")
         if s.certificate_service and proxies:
             # the service is our home proxy's: without one, a SUBSCRIBE to a peer's
             # domain would need a name lookup on the loop
@@ -633,6 +647,9 @@ class E2MPhone:
             # an answer to our PUBLISH / SUBSCRIBE (a NOTIFY raises): pjsip gets it as
             # the challenge filter left it (review 29)
             return msg.serialize() if stripped else None
+        # (a certificate NOTIFY was answered just above, from its own rule: 481 when not
+        # from the proxy; nothing else is noted there for a request)
+        self._through_home(msg)
         try:
             opened = self.engine.open(msg)
         except E2MError as err:
@@ -667,6 +684,34 @@ class E2MPhone:
             self._note_call_security("rx", msg, what, opened.info, size=len(data),
                                      handed=handed)
         return out
+
+    def _through_home(self, msg: sip.SipMessage) -> None:
+        """403 for a request that did not come from our outbound proxy or registrar,
+        when we have one (review 102).  The home's policy, learnt at REGISTER, says what
+        it views and archives; a MESSAGE or INVITE sent straight to our contact never
+        crossed it (an insider hiding from the archive), so it is refused, whatever
+        its method, in a dialog or not: the home proxy record-routes every dialog it
+        forwards, so the peer's in-dialog requests come through it too.  Over UDP the
+        address and port are compared, over TCP/TLS the address (a registered TCP/TLS
+        phone takes only its own connection anyway).  Nothing is noted and pjsua never
+        sees it; an ACK (to this 403) is dropped unanswered.  Known limit: a UDP source
+        can be forged by an off-path sender, who sees no answer; TLS closes that."""
+        home = self._home_source
+        if home is None or not msg.is_request:
+            return
+        source = self.hook.rx_source
+        if home.matches(source):
+            return
+        self.counts["requests_not_via_proxy"] += 1
+        where = f"{source[0]}:{source[1]}" if source else "?"
+        self._pending_errors.append({
+            "kind": "request_refused", "call_id": msg.call_id, "method": msg.method,
+            "code": 403, "source": where,
+            "reason": "did not come through the home proxy"})
+        agent = f"{self.transport.host}:{self.transport.port}" if self.transport else "localhost"
+        raise RxReject(403, "Forbidden", headers=[
+            ("Warning", f'399 {agent} "Request did not come through the home proxy"')],
+            detail="NotViaProxy")
 
     def _handed_on(self, msg: sip.SipMessage, opened: Any, stripped: bool) -> bytes | None:
         """The octets pjsip is handed in place of the datagram (None: the datagram)."""
@@ -1204,21 +1249,14 @@ class E2MPhone:
 
     # -- the certificate service (RFC 6072; certservice_client.py) ----------------------
     def _certificate_service(self, proxies: list[str]) -> CertServiceClient:
-        """The client, told where NOTIFYs must come from: our outbound proxy."""
-        proxy_address = None
-        if proxies:
-            try:
-                uri = parse_uri(proxies[0])
-                default = 5061 if uri.scheme == "sips" or self.transport.kind == "tls" \
-                    else 5060
-                proxy_address = (uri.host.strip("[]"), uri.port or default)
-            except E2MError:
-                proxy_address = None
+        """The client, told where NOTIFYs must come from: our outbound proxy (the
+        same ``ProxySource`` reading as the phone's own request rule)."""
+        udp = self.transport.kind == "udp"
+        source = ProxySource.of_uris(proxies[:1], tls=self.transport.kind == "tls", udp=udp)
         s = self.settings
         return CertServiceClient(
             self.engine, self.config.certificate, send_subscribe=self._send_subscribe,
-            contact=lambda: self.transport.uri(self.user), proxy_address=proxy_address,
-            udp=self.transport.kind == "udp",
+            contact=lambda: self.transport.uri(self.user), proxy_source=source, udp=udp,
             publish_expires=s.cert_publish_expires, subscribe_expires=s.cert_subscribe_expires)
 
     def _send_subscribe(self, aor: str, headers: list[tuple[str, str]]) -> None:
