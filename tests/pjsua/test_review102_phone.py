@@ -146,8 +146,6 @@ def test_control_carols_message_through_the_proxy_is_archived_and_shown(pki, pro
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 102: insider UA sends her MESSAGE straight "
-                                       "to bob's UDP phone: shown, never archived")
 def test_hole_a_message_sent_straight_to_the_phone_is_shown_and_never_archived(pki, proxy,
                                                                                bob):
     """Attacker: insider UA carol, straight to bob's phone (his contact address, from any
@@ -168,5 +166,34 @@ def test_hole_a_message_sent_straight_to_the_phone_is_shown_and_never_archived(p
         archived = _rows_with(proxy, text)
         print("status", status, "security", [e["security"] for e in shown], "archived", len(archived))
         assert archived or not shown, (status, [redact(e) for e in shown])
+    finally:
+        peer.close()
+
+
+def test_fixed_a_request_straight_to_the_phone_is_403_and_shown_as_nothing(pki, proxy, bob):
+    """Stop 37: the straight MESSAGE gets 403 with a Warning saying it did not come
+    through the home proxy, bob shows nothing but a ``request_refused`` event naming the
+    source; a plain INVITE sent straight rings no call (same 403)."""
+    text = b"review 102 fixed: the invoice goes to IBAN XX00 3333"
+    peer = UdpStranger(bob.port)
+    try:
+        wire = _carols_message(pki, f"sip:bob@{HOST}:{bob.port}", peer.local_port, text)
+        mark = bob.mark()
+        peer.send(wire.serialize())
+        answer = peer.answered(wire.call_id, timeout=8)
+        assert answer is not None
+        response = sip.parse(answer)
+        assert response.status == 403, answer[:200]
+        assert "did not come through the home proxy" in (response.get("Warning") or "")
+        _, invite_id = peer.request("INVITE")
+        assert peer.final(invite_id, timeout=8) == 403
+        refused = bob.wait("request_refused", lambda e: e["method"] == "INVITE", since=mark,
+                           timeout=5)
+        assert refused["code"] == 403 and refused["source"] == f"{HOST}:{peer.local_port}"
+        assert [e["method"] for e in bob.of("request_refused", since=mark)] == \
+            ["MESSAGE", "INVITE"]
+        assert not _shown(bob, mark, text, timeout=0.5)
+        assert not bob.of("call_incoming", since=mark)
+        assert not _rows_with(proxy, text)
     finally:
         peer.close()

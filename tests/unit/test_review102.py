@@ -82,3 +82,147 @@ def test_control_a_multipart_message_never_passes_unread(pki):
              b"--b1\r\nContent-Type: text/plain\r\n\r\nreal text XX00 5555\r\n--b1--\r\n")
     verdict, rows, _handed = _through(pki, "multipart/mixed;boundary=b1", inner)
     assert (verdict.action, verdict.code, rows) == ("reply", 496, [])
+
+
+# ------------------------------------------------------------------ fixed (stop 37)
+# The phone's one answer to "is this our proxy" (``pjsua_hooks/proxysource.py``), asked by
+# ``E2MPhone._through_home`` (requests) and ``CertServiceClient._from_proxy`` (NOTIFYs).
+
+from collections import deque  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from pjsua_hooks.proxysource import ProxySource, canonical_ip, proxy_address  # noqa: E402
+
+
+def _names(table: dict[str, list[str]]):
+    looked: list[str] = []
+
+    def resolve(name: str) -> list[str]:
+        looked.append(name)
+        return table.get(name, [])
+    return resolve, looked
+
+
+@pytest.mark.parametrize("spelling, canonical", [
+    ("127.0.0.1", "127.0.0.1"), ("[::1]", "::1"), ("0:0:0:0:0:0:0:1", "::1"),
+    ("2001:DB8:0:0::7", "2001:db8::7"), ("[2001:0db8::0007]", "2001:db8::7"),
+    ("::ffff:127.0.0.1", "127.0.0.1"), ("[::FFFF:7f00:1]", "127.0.0.1"),
+    ("proxy.example.com", None), ("", None), ("127.1", None)])
+def test_fixed_addresses_are_compared_in_one_spelling(spelling, canonical):
+    assert canonical_ip(spelling) == canonical
+
+
+def test_fixed_proxy_address_reads_the_uri_and_its_default_port():
+    assert proxy_address("sip:127.0.0.1:5070;lr") == ("127.0.0.1", 5070)
+    assert proxy_address("sip:[2001:db8::7];lr") == ("2001:db8::7", 5060)
+    assert proxy_address("sips:proxy.example.com;lr") == ("proxy.example.com", 5061)
+    assert proxy_address("sip:proxy.example.com;transport=tls;lr", tls=True) == \
+        ("proxy.example.com", 5061)
+    assert proxy_address("not a uri") is None
+
+
+def test_fixed_ipv4_source_must_be_the_proxy_address_and_port_over_udp():
+    home = ProxySource.of_uris(["sip:127.0.0.1:5070;lr"], udp=True)
+    assert home is not None
+    assert home.matches(("127.0.0.1", 5070))
+    assert home.matches(("::ffff:127.0.0.1", 5070))          # a dual-stack socket's form
+    assert not home.matches(("127.0.0.1", 5071))               # wrong port: carol's socket
+    assert not home.matches(("127.0.0.2", 5070))
+    assert not home.matches(None) and not home.matches(("garbage", 5070))
+
+
+def test_fixed_ipv6_in_other_spellings():
+    home = ProxySource([("2001:DB8:0:0:0:0:0:7", 5070)], udp=True)
+    for spelling in ("2001:db8::7", "[2001:db8::7]", "2001:0db8:0000::0007"):
+        assert home.matches((spelling, 5070)), spelling
+    assert not home.matches(("2001:db8::8", 5070))
+    assert not home.matches(("2001:db8::7", 5060))
+
+
+def test_fixed_over_tcp_and_tls_the_port_is_not_compared():
+    home = ProxySource([("127.0.0.1", 5061)], udp=False)
+    assert home.matches(("127.0.0.1", 40123))          # a connection the proxy opened
+    assert not home.matches(("127.0.0.9", 5061))
+
+
+def test_fixed_a_host_name_proxy_is_resolved_once_when_built():
+    resolve, looked = _names({"proxy.example.com": ["192.0.2.10", "2001:db8::10"]})
+    home = ProxySource.of_uris(["sip:proxy.example.com:5070;lr", "sip:proxy.example.com:5070"],
+                               udp=True, resolve=resolve)
+    assert home is not None
+    assert looked == ["proxy.example.com", "proxy.example.com"]
+    assert home.matches(("192.0.2.10", 5070)) and home.matches(("[2001:DB8::10]", 5070))
+    assert not home.matches(("192.0.2.10", 5060))
+    assert not home.matches(("proxy.example.com", 5070))      # a source is an address
+    assert looked == ["proxy.example.com", "proxy.example.com"]   # never in the hook
+
+
+def test_fixed_a_name_that_does_not_resolve_matches_nothing():
+    resolve, _ = _names({})
+    home = ProxySource.of_uris(["sip:nowhere.invalid;lr"], resolve=resolve)
+    assert home is not None and not home.addresses
+    assert not home.matches(("127.0.0.1", 5060))
+
+
+def test_fixed_proxy_and_registrar_are_both_the_home():
+    home = ProxySource.of_uris(["sip:127.0.0.1:5071;lr", "sip:127.0.0.1:5070"], udp=True)
+    assert home is not None
+    assert home.matches(("127.0.0.1", 5071)) and home.matches(("127.0.0.1", 5070))
+    assert not home.matches(("127.0.0.1", 5072))
+
+
+def test_fixed_the_certificate_client_asks_the_same_helper(pki):
+    from pjsua_hooks.certservice_client import CertServiceClient
+
+    engine = ua_engine(pki, "bob")
+    resolve, _ = _names({"proxy.example.com": ["::1"]})
+    source = ProxySource([("proxy.example.com", 5070)], udp=True, resolve=resolve)
+    client = CertServiceClient(engine, engine.config.certificate, send_subscribe=lambda *a: None,
+                               contact=lambda: "sip:bob@127.0.0.1:5080", proxy_source=source)
+    assert client._from_proxy(("0:0::1", 5070)) and not client._from_proxy(("::1", 5071))
+    legacy = CertServiceClient(engine, engine.config.certificate,
+                               send_subscribe=lambda *a: None,
+                               contact=lambda: "sip:bob@127.0.0.1:5080",
+                               proxy_address=("127.0.0.1", 5070), udp=True)
+    assert legacy._from_proxy(("::ffff:127.0.0.1", 5070))
+    assert not legacy._from_proxy(("127.0.0.1", 5071))
+
+
+def _bare_phone(home: ProxySource | None, source: tuple[str, int] | None):
+    from pjsua_hooks.phone import E2MPhone
+
+    phone = E2MPhone.__new__(E2MPhone)          # the rule only, no pjsua
+    phone._home_source = home
+    phone.hook = SimpleNamespace(rx_source=source)
+    phone.transport = None
+    phone.counts = {"requests_not_via_proxy": 0}
+    phone._pending_errors = deque()
+    return phone
+
+
+def _carols(pki: TestPKI) -> sip.SipMessage:
+    return sip.make_request("MESSAGE", "sip:bob@127.0.0.1:5080", from_uri=pki.aor("carol"),
+                            to_uri=pki.aor("bob"), body=b"hi", content_type="text/plain")
+
+
+def test_fixed_the_phone_refuses_a_request_not_from_its_proxy_403(pki):
+    from pjsua_hooks.rawhook import RxReject
+
+    home = ProxySource([("127.0.0.1", 5070)], udp=True)
+    phone = _bare_phone(home, ("127.0.0.1", 40000))
+    with pytest.raises(RxReject) as refused:
+        phone._through_home(_carols(pki))
+    assert refused.value.code == 403
+    assert "home proxy" in dict(refused.value.headers)["Warning"]
+    assert phone.counts["requests_not_via_proxy"] == 1
+    (event,) = phone._pending_errors
+    assert event["kind"] == "request_refused" and event["source"] == "127.0.0.1:40000"
+    # from the proxy: taken on; a response: never this rule's
+    _bare_phone(home, ("127.0.0.1", 5070))._through_home(_carols(pki))
+    answer = sip.make_response(_carols(pki), 200, "OK")
+    _bare_phone(home, ("127.0.0.1", 40000))._through_home(answer)
+    # no outbound proxy (peer to peer): unchanged, from anyone
+    _bare_phone(None, ("127.0.0.1", 40000))._through_home(_carols(pki))
+    # no source known: refused (fail closed)
+    with pytest.raises(RxReject):
+        _bare_phone(home, None)._through_home(_carols(pki))
