@@ -11,6 +11,7 @@ first-six rule, and the test now shows the defined behaviour (see its docstring)
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,30 +70,58 @@ def ringing(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, _Hop]]
         hop.close()
 
 
+def _final_at(sock, call_id: str, timeout: float) -> int | None:
+    """The status of the first final response to ``call_id`` on ``sock`` (None: none)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data, _ = sock.recvfrom(65535)
+        except (socket.timeout, TimeoutError):
+            break
+        try:
+            msg = sip.parse(data)
+        except Exception:  # noqa: BLE001 - keep-alives
+            continue
+        if not msg.is_request and (msg.status or 0) >= 200 and msg.call_id == call_id:
+            return msg.status
+    return None
+
+
 def _bare_invite_with_bobs_early_tag(alice: PhoneProcess, pki: TestPKI, strays: int,  # noqa: F811
-                                     hop: _Hop) -> int | None:
+                                     hop: _Hop) -> tuple[int | None, int | None]:
     """alice calls bob; the hop rings with ``strays`` stray tags, then bob's 183; a
-    stranger's socket sends alice a bodiless INVITE under the call's Call-ID From
-    bob;tag=BOB_TAG.  Returns its final status at alice's phone (None: none in 3 s)."""
+    bodiless INVITE under the call's Call-ID From bob;tag=BOB_TAG is sent to alice's
+    phone, first from a stranger's socket, then from the hop's own (her outbound proxy:
+    since review 102 a phone with one takes requests only from it).  Returns both final
+    statuses at alice's phone (None: none in 3 s)."""
     alice.send(f"call {BOB}")
     wire, source = hop.invite(timeout=10)
     hop.ring(wire, source, strays)
     time.sleep(0.5)
-    thief = UdpStranger(alice.port)
-    try:
-        thief.send(make_request(
+
+    def invite(port: int) -> bytes:
+        return make_request(
             "INVITE", f"sip:alice@{HOST}:{alice.port}", from_uri=pki.aor("bob"),
             to_uri=pki.aor("alice"), call_id=wire.call_id, cseq=1, from_tag=BOB_TAG,
-            via_host=f"{HOST}:{thief.local_port}",
-            extra_headers=[("Contact", f"<sip:bob@{HOST}:{thief.local_port}>")]).serialize())
-        return thief.final(wire.call_id, timeout=3)
+            via_host=f"{HOST}:{port}",
+            extra_headers=[("Contact", f"<sip:bob@{HOST}:{port}>")]).serialize()
+
+    thief = UdpStranger(alice.port)
+    try:
+        thief.send(invite(thief.local_port))
+        stranger = thief.final(wire.call_id, timeout=3)
     finally:
         thief.sock.close()
+    hop.sock.sendto(invite(hop.port), (HOST, alice.port))
+    return stranger, _final_at(hop.sock, wire.call_id, timeout=3)
 
 
 def test_control_a_new_dialog_with_bobs_early_tag_is_a_second_call(ringing, pki):  # noqa: F811
     """Attacker: the untrusted hop alice's INVITE passes (it sees its branch); the
-    second INVITE may come from anyone who read the 183's To tag.
+    second INVITE may come from anyone who read the 183's To tag, but since review 102
+    (stop 37) alice's phone takes it only from her outbound proxy's seat, the hop:
+    a stranger's copy is 403.
 
     Messages: alice's phone calls bob; the hop sends six bodiless 180s in the INVITE's
     transaction (To tags r56stray0..5), then bob's protected 183 (tag r56phone), sealed
@@ -107,4 +136,6 @@ def test_control_a_new_dialog_with_bobs_early_tag_is_a_second_call(ringing, pki)
     keys, which is what matters (``tests/unit/test_review55.py``, ``test_review56.py``:
     a keyed early tag is refused 482, and a dialog's end never takes another's slots)."""
     alice, hop = ringing
-    assert _bare_invite_with_bobs_early_tag(alice, pki, 6, hop) == 200
+    # review 102: from anyone but her proxy it is refused before anything is noted;
+    # from the hop (her proxy's seat, which saw the 183) it is the second call
+    assert _bare_invite_with_bobs_early_tag(alice, pki, 6, hop) == (403, 200)
