@@ -296,7 +296,11 @@ def test_the_challenged_first_attempt_sent_to_the_peer_is_not_delivered_again(
         tmp_path, pki, home, phones):
     """Attack: a MESSAGE's first attempt (protected, then refused with 407) is a valid
     body bound to its own CSeq.  Someone who saw it sends it straight to bob after the
-    authenticated retry was delivered: bob must not show the message a second time."""
+    authenticated retry was delivered: bob must not show the message a second time.
+    Since review 102 (stop 37) bob's phone takes requests only from its proxy: the
+    straight copy is 403 at the door (``FirstCopy``'s 482 still guards a phone without
+    one, or a forged UDP source: ``tests/pjsua/test_review2_phone.py``); sent through
+    the home proxy it is challenged again (407) and never reaches bob."""
     import socket
 
     wire = wire_capture(tmp_path, home)
@@ -312,33 +316,37 @@ def test_the_challenged_first_attempt_sent_to_the_peer_is_not_delivered_again(
            and p.count(b"\nVia:") + p.count(b"\nv:") == 1]
     assert raw, "the capture has no challenged first attempt"
     mark = bob.mark()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(3)
-        sock.sendto(raw[0], ("127.0.0.1", bob.port))
+    answers = {}
+    for where, port in (("straight", bob.port), ("home", home.port)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            answer = sip.parse(sock.recv(65535))
-        except (TimeoutError, socket.timeout):
-            answer = None
-    finally:
-        sock.close()
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(3)
+            sock.sendto(raw[0], ("127.0.0.1", port))
+            try:
+                answers[where] = sip.parse(sock.recv(65535)).status
+            except (TimeoutError, socket.timeout):
+                answers[where] = None
+        finally:
+            sock.close()
     alice_mark = alice.mark()
     alice.send("status")
     alice.wait("status", since=alice_mark)
     bob.send("status")
     bob.wait("status", since=mark)
-    assert not bob.of("message_in", since=mark), \
-        f"bob showed the message again (answer: {answer.status if answer else None})"
-    assert answer is not None and answer.status == 482
-    assert bob.wait("duplicate_refused", since=mark)["method"] == "MESSAGE"
+    assert not bob.of("message_in", since=mark), f"bob showed the message again ({answers})"
+    assert answers == {"straight": 403, "home": 407}
+    assert [e["method"] for e in bob.of("request_refused", since=mark)] == ["MESSAGE"]
 
 
 @pytest.mark.tcpdump
 def test_the_challenged_first_invite_sent_to_the_peer_rings_no_second_call(
         tmp_path, pki, home, phones):
     """Attack: the 407-refused first INVITE, sent straight to bob while the real call
-    (the authenticated retry) is up, must not start a second call at bob."""
+    (the authenticated retry) is up, must not start a second call at bob.  Since review
+    102 (stop 37) it is 403 at the door of bob's phone (it did not come through the
+    home proxy; ``FirstCopy``'s 482 still guards a phone without a proxy:
+    ``tests/pjsua/test_review2_phone.py``); through the home it is challenged again."""
     import socket
 
     wire = wire_capture(tmp_path, home)
@@ -353,26 +361,29 @@ def test_the_challenged_first_invite_sent_to_the_peer_rings_no_second_call(
            and p.count(b"\nVia:") + p.count(b"\nv:") == 1]
     assert raw, "the capture has no challenged first INVITE"
     mark = bob.mark()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(3)
-        sock.sendto(raw[0], ("127.0.0.1", bob.port))
-        answers = []
+    finals = {}
+    for where, port in (("straight", bob.port), ("home", home.port)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            while True:
-                answers.append(sip.parse(sock.recv(65535)))
-                if answers[-1].status >= 200:
-                    break
-        except (TimeoutError, socket.timeout):
-            pass
-    finally:
-        sock.close()
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(3)
+            sock.sendto(raw[0], ("127.0.0.1", port))
+            answers = []
+            try:
+                while True:
+                    answers.append(sip.parse(sock.recv(65535)))
+                    if answers[-1].status >= 200:
+                        break
+            except (TimeoutError, socket.timeout):
+                pass
+            finals[where] = [a.status for a in answers if a.status >= 200]
+        finally:
+            sock.close()
     bob.send("status")
     bob.wait("status", since=mark)
-    assert not bob.of("call_incoming", since=mark), \
-        f"a second call rang at bob (answers: {[a.status for a in answers]})"
-    assert [a.status for a in answers if a.status >= 200] == [482]
+    assert not bob.of("call_incoming", since=mark), f"a second call rang at bob ({finals})"
+    assert finals == {"straight": [403], "home": [407]}
+    assert [e["method"] for e in bob.of("request_refused", since=mark)] == ["INVITE"]
     mark_a = alice.mark()
     alice.send("hangup")
     alice.wait("call_ended", since=mark_a)

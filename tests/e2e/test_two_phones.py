@@ -94,24 +94,48 @@ def test_message_both_ways_is_archived_in_plaintext_at_home_only(ua_config, phon
     assert not [p for p in packets if to_bob.encode() in p or to_alice.encode() in p]
 
 
-def test_plaintext_message_to_a_phone_requiring_e2m_is_refused_488(ua_config, phones):
+def test_plaintext_message_to_a_phone_requiring_e2m_is_refused_488(ua_config, phones,
+                                                                    proxies):
+    """A plaintext MESSAGE to bob, who requires E2M, through the home proxy (which
+    forwards it): bob's phone answers 488 and shows nothing.  Sent straight to bob's
+    contact it never reaches that rule: 403 at the door, it did not come through the
+    home proxy (review 102, stop 37)."""
+    import time
+
+    home, _ = proxies
     bob = phones.start("bob", ua_config("bob", peer="alice"))
     host, port = bob.events[0]["local"].rsplit(":", 1)
-    request = sip.make_request("MESSAGE", f"sip:bob@{host}:{port}", from_uri=ALICE, to_uri=BOB,
-                               body=b"plain words", content_type="text/plain")
     forger = UdpResponder(lambda data: None)
+
+    def finals() -> dict[str, int]:
+        out = {}
+        for data in list(forger.received):
+            answer = sip.parse(data)
+            if not answer.is_request and (answer.status or 0) >= 200:
+                out[answer.call_id] = answer
+        return out
+
     try:
-        via = f"SIP/2.0/UDP 127.0.0.1:{forger.port};rport;branch=z9hG4bK{secrets.token_hex(6)}"
-        forger.sock.sendto(request.replace("Via", via).serialize(), (host, int(port)))
+        sent = {}
+        for where, uri, to in (("straight", f"sip:bob@{host}:{port}", (host, int(port))),
+                               ("home", BOB, ("127.0.0.1", home.port))):
+            request = sip.make_request("MESSAGE", uri, from_uri=ALICE, to_uri=BOB,
+                                       body=b"plain words", content_type="text/plain")
+            via = (f"SIP/2.0/UDP 127.0.0.1:{forger.port};rport;"
+                   f"branch=z9hG4bK{secrets.token_hex(6)}")
+            forger.sock.sendto(request.replace("Via", via).serialize(), to)
+            sent[where] = request.call_id
+        bob.wait("request_refused", timeout=5)
         bob.wait("error", lambda e: e["error"] == "DowngradeError", timeout=5)
-        import time
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not forger.received:
+        while time.monotonic() < deadline and len(finals()) < 2:
             time.sleep(0.05)
     finally:
         forger.close()
-    (answer,) = [sip.parse(d) for d in forger.received]
-    assert answer.status == 488 and "E2M protection required" in (answer.get("Warning") or "")
+    answers = finals()
+    straight, through = answers[sent["straight"]], answers[sent["home"]]
+    assert straight.status == 403 and "home proxy" in (straight.get("Warning") or "")
+    assert through.status == 488 and "E2M protection required" in (through.get("Warning") or "")
     assert not [e for e in bob.events if e["kind"] == "message_in"]
 
 
