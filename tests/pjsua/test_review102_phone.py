@@ -37,6 +37,21 @@ hands pjsua); a ``multipart/mixed`` MESSAGE of two text parts (496 at the proxy)
 not run: a part marked ``handling=optional`` for the proxy beside a text for bob alone
 (the proxy opens every part of a method it views: 496); a nested ``multipart/mixed``
 around the S/MIME part (the phone hands pjsua the ciphertext as is: nothing readable).
+
+Fixed (stop 37): a phone with an outbound proxy takes requests only from that proxy or
+its registrar (``E2MPhone._through_home`` at the top of ``_on_rx``, asking
+``pjsua_hooks/proxysource.py``'s ``ProxySource``, which the certificate client's
+``_from_proxy`` now asks too: addresses in one spelling, over UDP the port as well, a
+host name resolved once at start).  carol's straight MESSAGE is answered ``403
+Forbidden`` with a Warning "Request did not come through the home proxy", bob shows
+only a ``request_refused`` event, pjsua never sees it; in-dialog requests too (the
+home proxy record-routes its dialogs; no phone test had one from elsewhere).
+``test_hole_a_message_sent_straight_to_the_phone_is_shown_and_never_archived`` turned
+from XFAIL to pass (its strict xfail is gone); the control still passes;
+``test_fixed_a_request_straight_to_the_phone_is_403_and_shown_as_nothing`` checks the
+403, its Warning and that a straight INVITE rings nothing.  Known limit: over UDP the
+source can be forged by an off-path sender; TLS to the proxy is the answer
+(docs/threat-model.md, "Known limits").
 """
 
 from __future__ import annotations

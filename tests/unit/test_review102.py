@@ -27,6 +27,10 @@ digits (``sdp._MEDIA``), so no value overflows an INTEGER column (PostgreSQL wou
 the row for good: lost); INFO, NOTIFY and other methods the policy does not name are
 forwarded unread, but pjsua shows no body of theirs; a response the proxy cannot open is
 forwarded unread by design (protocol.md §7), an ACK likewise (threat model "Still open").
+
+Fixed (stop 37): the phone's rule and its helper are tested at the end of this module
+(``test_fixed_*``: ``ProxySource`` with IPv4, IPv6 in other spellings, a wrong port,
+TCP/TLS without the port, host-name proxies; ``E2MPhone._through_home``'s 403).
 """
 
 from __future__ import annotations
