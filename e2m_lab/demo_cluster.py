@@ -89,7 +89,8 @@ class Demo:
                             extra={"dispatcher": {"destinations": [a.uri, b.uri],
                                                   "probe_interval": 1}})
             print(f"node A {a.uri}, node B {b.uri}, front {front.uri}; DMQ peers up")
-            alice, bob = (self.phone(pki, name, front, passwords[name], phones)
+            alice, bob = (self.phone(pki, name, front, passwords[name], phones,
+                                     nodes=[node.uri for node in cluster.nodes])
                           for name in ("alice", "bob"))
             self.call(cluster, front, alice, bob)
         finally:
@@ -102,8 +103,9 @@ class Demo:
         return self.passed
 
     def phone(self, pki: Any, name: str, front: ProxyHandle, password: str,
-              started: list[PhoneProcess]) -> PhoneProcess:
-        """``e2m-phone`` for ``name``: the front is its registrar and outbound proxy;
+              started: list[PhoneProcess], nodes: list[str]) -> PhoneProcess:
+        """``e2m-phone`` for ``name``: the front is its registrar and outbound proxy,
+        and the nodes (which relay to it from their own addresses) its ``home_sources``;
         the peer's certificate is a [peers] entry (the certificate service answers a
         fetch with a NOTIFY to where the SUBSCRIBE came from: behind a front, the
         front)."""
@@ -120,6 +122,7 @@ class Demo:
             "peers": {pki.aor(peer): str(files / f"{peer}.crt")},
             "e2m": {"cert_url_hosts": ["127.0.0.1"]},
             "phone": {"registrar": front.uri, "proxy": front.uri, "srtp": True,
+                      "home_sources": nodes,
                       "password_file": str(secret), "certificate_service": False}})
         phone = PhoneProcess(config, name)
         started.append(phone)

@@ -129,6 +129,11 @@ class PhoneSettings:
     "TCP"); ``tcp_idle_timeout`` seconds an accepted connection may stay silent
     (one that never sent a whole message: at most 10 s).
 
+    ``home_sources``: SIP URIs of the other places the home's requests come from, when
+    a ``proxy`` is set (a phone with one takes requests only from it and the
+    ``registrar``: review 102): the nodes of a cluster behind a dispatcher front, which
+    relay to the phone from their own addresses (``sip:10.0.0.11:5060``, one per node).
+
     ``certificate_service``: publish our certificate at the home proxy's RFC 6072
     certificate service once registered (with digest credentials) and fetch a peer's
     there before the first protected message to it (``certservice_client.py``);
@@ -155,6 +160,7 @@ class PhoneSettings:
     fetch_timeout: float = 2.0
     fetch_max_bytes: int = 65536
     cert_url_hosts: tuple[str, ...] = ()
+    home_sources: tuple[str, ...] = ()   # cluster nodes behind a front (see above)
     max_retries: int = 2
     log_level: int = 0
     # one codec by default: each more is an m= format and an a=rtpmap line in an
@@ -190,7 +196,8 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         "registrar": (str,), "proxy": (str,), "register_via_proxy": (bool,),
         "transport": (str,), "host": (str,), "port": (int,), "srtp": (bool,),
         "auto_answer": (bool,), "fetch_certificates": (bool,), "fetch_timeout": (int, float),
-        "fetch_max_bytes": (int,), "cert_url_hosts": (list,), "max_retries": (int,),
+        "fetch_max_bytes": (int,), "cert_url_hosts": (list,), "home_sources": (list,),
+        "max_retries": (int,),
         "log_level": (int,), "codecs": (list,), "srtp_suites": (list,),
         "tcp_accept": (bool,), "tcp_max_connections": (int,), "tcp_idle_timeout": (int, float),
         "password_file": (str,), "auth_user": (str,), "auth_realm": (str,),
@@ -238,6 +245,11 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
                 problems.append(f"[phone].{key} must list names")
             else:
                 values[key] = tuple(values[key])
+    sources = values.get("home_sources", [])
+    if not all(isinstance(u, str) and u.lower().startswith(("sip:", "sips:")) for u in sources):
+        problems.append("[phone].home_sources must list SIP URIs")
+    else:
+        values["home_sources"] = tuple(sources)
     hosts = values.get("cert_url_hosts", [])
     if not all(isinstance(h, str) and h for h in hosts):
         problems.append("[phone].cert_url_hosts must list host names")
@@ -525,8 +537,9 @@ class E2MPhone:
         if proxies:
             # every request comes through the home (review 102): the outbound proxy, or
             # the registrar routing to our contact; names are looked up here, once
+            # (and a cluster's nodes behind a front: home_sources)
             self._home_source = ProxySource.of_uris(
-                (proxies[0], registrar), tls=self.transport.kind == "tls",
+                (proxies[0], registrar, *s.home_sources), tls=self.transport.kind == "tls",
                 udp=self.transport.kind == "udp")
         if s.certificate_service and proxies:
             # the service is our home proxy's: without one, a SUBSCRIBE to a peer's
