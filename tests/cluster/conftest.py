@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from e2m_lab.cluster import Alice, Bob, Cluster, start_cluster
+from e2m_lab.kamailio_harness import ProxyStarter
 from e2m_lab.postgres import PostgresServer
 from e2m_lab.pytest_fixtures import failed
 
@@ -50,6 +51,28 @@ def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator
     yield url
     if failed(request):
         _print_tail(postgres)
+
+
+@pytest.fixture(scope="module")
+def module_pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A new, empty database for a whole module: for proxies its tests share (module
+    scope, ``module_proxy_factory``) when each test leaves them in a state the next
+    does not depend on.  Dropped when the next database is made (after the module's
+    proxies are stopped); a ``pg_url`` made meanwhile does not drop it."""
+    name = f"t{next(_names)}"
+    url = postgres.create_database(name)
+    yield url
+    _last_database.append(name)
+
+
+@pytest.fixture(scope="module")
+def module_proxy_factory(pki, tmp_path_factory: pytest.TempPathFactory
+                         ) -> Iterator[ProxyStarter]:
+    """``proxy_factory`` for proxies a module's tests share: each stopped after the
+    module's last test (also when one failed)."""
+    starter = ProxyStarter(pki, tmp_path_factory.mktemp("module-proxies"))
+    yield starter
+    starter.stop_all()
 
 
 @pytest.fixture
