@@ -109,8 +109,9 @@ def test_hole_a_frozen_database_holds_every_signed_request_for_its_timeout(own_p
     assert len(waited) <= 1, f"{len(waited)} requests waited {waited} s"
 
 
-def test_control_a_database_that_answers_delays_no_request(own_postgres):
-    url = PgUrl.parse(own_postgres.url)
+def test_control_a_database_that_answers_delays_no_request(pg_url):
+    # the session's server (a database of its own): this test never pauses or kills it
+    url = PgUrl.parse(pg_url)
     PostgresArchive(url).migrate()
     node, events = _worker(url)
     took = _timed_requests(node, 20, 0.05)
@@ -156,7 +157,7 @@ def _run(url: PgUrl, rate: int, ticks: int) -> list[int]:
     return left
 
 
-def test_hole_claims_faster_than_the_sweep_grow_the_table_without_bound(own_postgres):
+def test_hole_claims_faster_than_the_sweep_grow_the_table_without_bound(pg_url):
     """Attacker: an insider UA (signed MESSAGEs to anyone: each passes the signature
     checks and is claimed) from enough addresses to pass pike (30 per 2 s per address:
     about 25 addresses a node), or nobody (a busy cluster's own peak).
@@ -175,7 +176,7 @@ def test_hole_claims_faster_than_the_sweep_grow_the_table_without_bound(own_post
     statement, stopping when a batch deletes fewer), or size the limit to the rate
     (delete everything expired, with an index on ``expires`` that is cheap); and count
     the claims table's rows as a statistic."""
-    url = PgUrl.parse(own_postgres.url)
+    url = PgUrl.parse(pg_url)      # a database of its own on the session's server
     PostgresArchive(url).migrate()
     rate = 400
     left = _run(url, rate, 60)
@@ -184,8 +185,8 @@ def test_hole_claims_faster_than_the_sweep_grow_the_table_without_bound(own_post
     assert left[-1] <= steady, f"{left[-1]} rows left, {steady} live at most"
 
 
-def test_control_claims_slower_than_the_sweep_keep_a_steady_table(own_postgres):
-    url = PgUrl.parse(own_postgres.url)
+def test_control_claims_slower_than_the_sweep_keep_a_steady_table(pg_url):
+    url = PgUrl.parse(pg_url)      # a database of its own on the session's server
     PostgresArchive(url).migrate()
     rate = 300
     left = _run(url, rate, 60)
@@ -244,7 +245,8 @@ def test_hole_a_frozen_database_holds_every_call_at_a_cluster_node(proxy_factory
 
 @pytest.mark.kamailio
 def test_control_calls_at_a_cluster_node_whose_database_answers(proxy_factory, pki, bob,
-                                                                 own_postgres):
-    node = _node_a_with_bob(proxy_factory, pki, bob, own_postgres.url)
+                                                                 pg_url):
+    # never frozen: the session's server, a database of its own
+    node = _node_a_with_bob(proxy_factory, pki, bob, pg_url)
     calls = _calls(pki, node, 4, spacing=1.5)
     assert all(status == 200 and took < 1.0 for status, took in calls), calls
