@@ -87,7 +87,13 @@ def _spool_then_alice(proxy_factory, pki, pg_url: str, strangers_call_id: str,
     texts = [f"t-{tag}-{n}".encode() for n in range(4)]
     for text in texts:
         assert alice.message(text) == 200
-    time.sleep(4.0)                      # the replay runs every second
+    # the replay runs every second: up to 4 s for alice's four in the archive and the
+    # spool empty (nothing left to replay, so nothing more can be written); the tests
+    # assert on what is there then, as after a fixed 4 s
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline and not (
+            set(texts) <= set(_stored(proxy)) and _spool(proxy).pending() == 0):
+        time.sleep(0.2)
     return proxy, uas, texts
 
 
