@@ -230,3 +230,26 @@ def test_fixed_the_phone_refuses_a_request_not_from_its_proxy_403(pki):
     # no source known: refused (fail closed)
     with pytest.raises(RxReject):
         _bare_phone(home, None)._through_home(_carols(pki))
+
+
+def test_fixed_a_clusters_nodes_are_home_sources_when_configured(pki, tmp_path):
+    """Behind a cluster's front the nodes relay to the phone from their own addresses:
+    ``[phone] home_sources`` (SIP URIs) adds them to the proxy and registrar; anything
+    but a list of SIP URIs is a config error (make demo-cluster's phones use it)."""
+    import pytest as _pytest
+    from e2m_lab.phones import write_ua
+    from e2m_plugins.config import ConfigError
+    from pjsua_hooks.phone import load_phone_config
+    nodes = ["sip:127.0.0.1:5081", "sip:127.0.0.1:5082"]
+    path = write_ua(tmp_path, "alice", pki.directory, peer=None, phone={
+        "registrar": "sip:127.0.0.1:5080", "proxy": "sip:127.0.0.1:5080",
+        "home_sources": nodes})
+    _, settings = load_phone_config(path)
+    assert settings.home_sources == tuple(nodes)
+    home = ProxySource.of_uris(["sip:127.0.0.1:5080", *settings.home_sources], udp=True)
+    assert home.matches(("127.0.0.1", 5082)) and not home.matches(("127.0.0.1", 5083))
+    (tmp_path / "bad").mkdir()
+    bad = write_ua(tmp_path / "bad", "alice", pki.directory, peer=None, phone={
+        "registrar": "sip:127.0.0.1:5080", "home_sources": ["127.0.0.1:5081"]})
+    with _pytest.raises(ConfigError, match="home_sources"):
+        load_phone_config(bad)
