@@ -172,13 +172,21 @@ def _log_exception(where, exc):
     _err("e2m: %s failed: %s%s at %s\n" % (where, type(exc).__name__, detail, _where(exc)))
 
 
-# Kamailio's transformations work in one 64 KiB buffer, so base64 of the whole
-# message fails past ~48 KiB.  Larger messages are read in slices whose base64
-# fits; offset and length are $var()s, so the PV spec string is always the same
-# (each distinct spec string would stay in Kamailio's PV cache for good).
+# Kamailio's transformations work in one 64 KiB buffer: base64 of the whole message
+# fits up to 49,149 octets (65,532 characters).  A longer one is read in slices whose
+# base64 fits; offset and length are $var()s, so the PV spec string is always the same
+# (each distinct spec string would stay in Kamailio's PV cache for good).  {s.substr}
+# copies its slice with strncpy, so every octet after a NUL comes back as zero: what
+# the slices give is compared with Kamailio's own SHA-256 of the message ({s.sha256}
+# hashes its length, NULs and all), and a message that does not match is refused, never
+# read as something else (review 103: the engine archived a decoy and zeros while bob
+# got the real text).  So a message past 49,149 octets with a NUL in it (a binary
+# body) cannot be read at all.
+_WHOLE_MAX = 49149
 _SLICE = 32 * 1024
 _WHOLE = "$(mb{s.encode.base64})"
 _PIECE = "$(mb{s.substr,$var(e2m_off),$var(e2m_len)}{s.encode.base64})"
+_MESSAGE_SHA256 = "$(mb{s.sha256})"
 
 
 def _read_message():
@@ -186,23 +194,37 @@ def _read_message():
     Octets past the Content-Length body are refused, not dropped: tm relays a reply's
     datagram whole, and a stock UA takes them for the body the archive never saw
     (review 69; a request's are answered 400 by the sanity check before this)."""
-    total = int(KSR.pv.get("$ml") or 0)
-    if total <= _SLICE:
-        return parse(base64.b64decode(KSR.pv.get(_WHOLE) or ""), exact=True)
-    return parse(_read_octets(total), exact=True)
+    return parse(_message_octets(), exact=True)
 
 
-def _read_octets(length):
-    """The message's first ``length`` octets, byte-exact, in slices a transformation's
-    buffer holds (one of 60 KB came back empty); MalformedError if not all came."""
-    pieces = []
-    for offset in range(0, length, _SLICE):
-        KSR.pv.seti("$var(e2m_off)", offset)
-        KSR.pv.seti("$var(e2m_len)", min(_SLICE, length - offset))
-        pieces.append(base64.b64decode(KSR.pv.get(_PIECE) or ""))
-    raw = b"".join(pieces)
-    if len(raw) != length:
+# The last message read whole in this process: (its id and length, its octets).  The
+# door's framing check and the engine read the same message; it is read once.
+_LAST_READ = [None, b""]
+
+
+def _message_octets():
+    """The whole message, byte-exact; MalformedError when it cannot be read so (not all
+    of it came, or not as Kamailio holds it: a NUL in a long one, see above)."""
+    mark = (KSR.pv.get("$mi"), KSR.pv.get("$ml"))
+    if mark[0] is not None and _LAST_READ[0] == mark:
+        return _LAST_READ[1]
+    total = int(mark[1] or 0)
+    if total <= _WHOLE_MAX:
+        raw = base64.b64decode(KSR.pv.get(_WHOLE) or "")
+    else:
+        pieces = []
+        for offset in range(0, total, _SLICE):
+            KSR.pv.seti("$var(e2m_off)", offset)
+            KSR.pv.seti("$var(e2m_len)", min(_SLICE, total - offset))
+            pieces.append(base64.b64decode(KSR.pv.get(_PIECE) or ""))
+        raw = b"".join(pieces)
+        held = (KSR.pv.get(_MESSAGE_SHA256) or "").lower()
+        if not held or hashlib.sha256(raw).hexdigest() != held:
+            raise MalformedError("message could not be read as received "
+                                 "(a NUL in a long message)")
+    if len(raw) != total:
         raise MalformedError("message could not be read whole")
+    _LAST_READ[:] = [mark, raw]
     return raw
 
 
@@ -543,19 +565,24 @@ def _sips_leaves_tls():
     return uri.scheme != "sips" and (uri.params.get("transport") or "").lower() != "tls"
 
 
-def _bare_line_ends():
-    """True when a line of the message's head ends in anything but CRLF (``crlf_head``).
-    Kamailio and the core take a bare LF, or a bare CR as the blank line, but pjsip
-    finds a message's end on a stream only by CRLF: relayed down a phone's TCP
-    connection, such a message swallowed the requests after it (reviews 79, 80).  Only
-    the head is read: a body may hold any octets."""
+_BARE_LINE_ENDS = "Lines Must End In CRLF"
+
+
+def _framing_problem():
+    """Why the message's framing cannot be vouched for, or None: a line of its head that
+    ends in anything but CRLF (``crlf_head``; Kamailio and the core take a bare LF, or a
+    bare CR as the blank line, but pjsip finds a message's end on a stream only by CRLF:
+    relayed down a phone's TCP connection, such a message swallowed the requests after
+    it, reviews 79, 80), or a message that cannot be read byte-exact (review 103).  Only
+    the head is checked: a body may hold any octets."""
     head = int(KSR.pv.get("$ml") or 0) - int(KSR.pv.get("$bs") or 0)
     if head <= 0:
-        return False
+        return None
     try:
-        return not crlf_head(_read_octets(head))
+        octets = _message_octets()
     except MalformedError:
-        return True           # a head that cannot be read cannot be vouched for
+        return "Message Cannot Be Read"
+    return None if crlf_head(octets[:head]) else _BARE_LINE_ENDS
 
 
 def _remove_by_name(wanted):
@@ -986,9 +1013,10 @@ class kamailio:
             return False
         if KSR.sanity.sanity_check_defaults() < 0:
             return False  # sanity has replied (400 and the like)
-        if _bare_line_ends():
+        problem = _framing_problem()
+        if problem is not None:
             if not KSR.is_ACK():
-                KSR.sl.sl_send_reply(400, "Lines Must End In CRLF")
+                KSR.sl.sl_send_reply(400, problem)
             return False
         if _record_route_unvouchable():
             # its answers would carry it back (a UAS copies it, Kamailio's own replies
@@ -1738,9 +1766,11 @@ class kamailio:
                       % KSR.pv.get("$rs"))
                 KSR.set_drop()
                 return 0
-            if _bare_line_ends():
-                _warn("e2m: a %s whose lines do not end in CRLF: dropped\n"
-                      % KSR.pv.get("$rs"))
+            problem = _framing_problem()
+            if problem is not None:
+                _warn("e2m: a %s %s: dropped\n" % (
+                    KSR.pv.get("$rs"), "whose lines do not end in CRLF"
+                    if problem == _BARE_LINE_ENDS else "that cannot be read as received"))
                 KSR.set_drop()
                 return 0
         except Exception as exc:  # noqa: BLE001 - the checks below still run

@@ -38,6 +38,15 @@ it differed from the md5 of the mangled read in this review, and matched for a s
 message) with the md5 of the bytes the engine got, and refuse (500) on a mismatch; then
 find a NUL-safe way to read slices (or raise the whole-read size) so that big protected
 requests are read at all.
+
+Fixed (stop 37), hole 3: ``kemi._message_octets`` reads a message whole through base64
+up to 49,149 octets (what the 64 KiB transformation buffer holds as base64), so a NUL no
+longer meets ``{s.substr}``'s strncpy; a longer one is read in slices and compared with
+Kamailio's own ``$(mb{s.sha256})``, and refused 400 ``Message Cannot Be Read`` when they
+differ (``test_fixed_a_long_message_with_a_nul_is_refused_not_misread``; without a NUL it
+is read in slices: ``test_control_a_long_message_without_a_nul_is_read_in_slices``).
+The door's framing check reads the head from the same octets (read once per message).
+Both hole 3 tests failed on the code before (checked) and pass.
 """
 
 from __future__ import annotations
@@ -290,9 +299,6 @@ def test_control_a_short_text_with_a_nul_is_archived_as_bob_gets_it(home, pki, r
     assert rows[-1] == text
 
 
-@pytest.mark.xfail(strict=True, reason="review 103: insider UA, a plaintext MESSAGE over 32 KiB "
-                   "with a NUL octet: the engine reads (and archives) zeros after it, bob gets "
-                   "the real text")
 def test_hole_the_engine_reads_zeros_after_a_nul_in_a_message_over_32_kib(home, pki,
                                                                           raw_uas) -> None:
     register_contact(home, "bob", raw_uas.port)
@@ -305,3 +311,34 @@ def test_hole_the_engine_reads_zeros_after_a_nul_in_a_message_over_32_kib(home, 
     rows = [r.plaintext for r in home.archive_rows() if r.plaintext.startswith(DECOY)
             and len(r.plaintext) == len(text)]
     assert rows and rows[-1] == text, rows[-1][:40] if rows else rows
+
+
+WHOLE_MAX = 49149           # kemi._WHOLE_MAX: read whole (base64) up to here, then slices
+
+
+def test_fixed_a_long_message_with_a_nul_is_refused_not_misread(home, pki, raw_uas) -> None:
+    """Fixed (stop 37): past what base64 of the whole message fits, the slices are
+    checked against Kamailio's SHA-256 of the message; a NUL makes them differ, so the
+    message is refused 400 (Message Cannot Be Read), relayed nowhere, archived nowhere."""
+    register_contact(home, "bob", raw_uas.port)
+    text = DECOY + b"the real plan " * 3800         # 53 KB: past the whole read
+    wire = _plain(pki, text)
+    assert WHOLE_MAX < len(wire.serialize()) < 65000
+    before = len(raw_uas.received)
+    answer = udp_transaction(home.port, wire, timeout=5, source=HONEST)
+    assert answer is not None and answer.status == 400, answer
+    assert "Cannot Be Read" in (answer.reason or ""), answer.reason
+    time.sleep(0.5)
+    assert not [m for m in raw_uas.received[before:] if m.get("Call-ID") == wire.call_id]
+    assert not [r for r in home.archive_rows() if r.call_id == wire.call_id]
+
+
+def test_control_a_long_message_without_a_nul_is_read_in_slices(home, pki, raw_uas) -> None:
+    register_contact(home, "bob", raw_uas.port)
+    text = b"the real plan, all of it " * 2100          # 53 KB, no NUL
+    wire = _plain(pki, text)
+    assert len(wire.serialize()) > WHOLE_MAX
+    answer = udp_transaction(home.port, wire, timeout=5, source=HONEST)
+    assert answer is not None and answer.status == 200, answer
+    rows = [r.plaintext for r in home.archive_rows() if r.call_id == wire.call_id]
+    assert rows == [text]

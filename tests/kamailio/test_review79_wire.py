@@ -287,3 +287,19 @@ def test_a_bare_lf_bye_is_refused(home_proxy, callee):
     answer = _over_tcp(home_proxy.port, data)
     assert answer.startswith(b"SIP/2.0 400"), answer
     assert not [m for m in bob.wait_for(1, timeout=1.0) if m.get("Call-ID") == call_id]
+
+
+def test_a_bare_lf_behind_a_nul_in_the_head_is_refused(home_proxy, callee):
+    """Stop 37 (tried while fixing review 103's hole 3): the check read the head with
+    {s.substr}, which copies up to a NUL and pads with zeros, so a NUL in a header could
+    hide a bare LF after it (relayed to a TCP phone, such a message swallows the next
+    ones: reviews 79, 80).  It held by luck (the zeros took the head's closing CRLF as
+    well, so it was refused all the same); the head is now read byte-exact (base64 of
+    the whole message, or slices checked against Kamailio's SHA-256 of it)."""
+    user, bob = callee
+    data, call_id = _message(b"ODD-FRAMED", user, [b"Subject: hi\x00there", b"X-After: 1"])
+    data = data.replace(b"X-After: 1\r\n", b"X-After: 1\n")
+    assert b"\x00" in data and b"1\nContent-Type" not in data and b"X-After: 1\n" in data
+    answer = _over_tcp(home_proxy.port, data)
+    relayed = [m for m in bob.wait_for(1, timeout=1.5) if m.get("Call-ID") == call_id]
+    assert answer.startswith(b"SIP/2.0 400") and not relayed, (answer[:80], len(relayed))
