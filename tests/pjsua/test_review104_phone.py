@@ -1,0 +1,175 @@
+"""A fifty-...th attacker's review (December 2026) of 3724e89: stop 37's fixes, fresh eyes:
+the phone half (the core half and the list of what held in the core:
+``tests/unit/test_review104.py``).  A real ``e2m-phone listen`` (pjsua2): alice, whose
+outbound proxy is a UDP socket of the test (the home proxy's seat, review 92's ``Bob``
+answering as bob's E2M UA), so that since review 102 (stop 37) her phone takes requests
+only from that socket.
+
+Hole 2 (``test_hole_the_callees_answer_sent_straight_to_the_phone_sets_up_the_call``):
+**insider UA**, the callee (bob, his own certificate; no credentials needed).  Review
+102's rule (``E2MPhone._through_home``) asks where a *request* came from; a response is
+taken from anyone (``if home is None or not msg.is_request: return``).  The callee
+learns the caller's address from the INVITE the home proxy relayed to him (her Via,
+with ``received``/``rport`` as the proxy wrote them) and her branch beneath the proxy's.
+
+- Messages: alice calls bob through her home proxy (here its seat).  bob's signed and
+  sealed 200 (SDP answer, sealed for alice; under her offer's key, which the home proxy
+  also holds), To tag his, no Record-Route, Contact his own address, is sent over UDP
+  from bob's own socket straight to alice's phone (to the Via's address and port, with
+  her Via and branch), never through the proxy.
+- Effect (seen on 3724e89): the phone hands it to pjsua, which matches it to her INVITE
+  by its branch: the call is CONFIRMED with bob's answer, and alice's ACK goes straight
+  to bob's Contact (no Record-Route: the home proxy is out of the dialog).  The home
+  proxy never saw the answer: no archive or media row of it, no firewall pinhole
+  decided on it, exactly what review 71 refused at a cluster's front (the callee's 200
+  sent straight past the node) and review 102 at the phone for requests.  Since the
+  dialog's route set is now empty, every later in-dialog request of alice's (re-INVITE,
+  BYE, MESSAGE in the dialog) also goes straight to bob, past the home's policy.
+- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone._through_home`` (phone.py:711-712,
+  ``if home is None or not msg.is_request: return``): responses are not held to the
+  home source.
+- Fix: a phone with an outbound proxy drops (never hands pjsua) a response that did not
+  come from its home source (``ProxySource.matches``), as it answers such a request 403
+  (a response is not answered: dropped and counted, ``responses_not_via_proxy``); the
+  certificate client's responses are the proxy's already.
+
+Control (``test_control_the_callees_answer_through_the_home_sets_up_the_call``): the
+same 200 from the proxy's seat confirms the call.
+
+Tried and held (the phone, read or run here): a request from bob's straight socket in
+that call (a re-INVITE/BYE "from bob") is 403 with the Warning and a ``request_refused``
+event (``test_control_a_request_from_the_callees_own_socket_is_still_403``); an ACK from
+elsewhere is dropped unanswered (``RxReject`` on an ACK sends nothing: rawhook); a
+CANCEL from elsewhere is 403 before pjsua (its INVITE rings on); the 403 carries only
+the phone's own address in its Warning (already the Via's), no body, one answer per
+request (no amplification past the request's size: ~300 octets for any request); an
+IPv4-mapped IPv6 spelling of the proxy's address compares equal (``canonical_ip``); a
+host name in ``proxy`` resolves once, at start, to every address (a stranger at another
+address of the name is refused only if it is not one of them).  Honest flows read: a
+proxy URI with ``;maddr=`` is compared by its host, not its maddr (pjsip sends to the
+maddr: requests from a proxy there are refused; an honest break, not a security hole);
+a home proxy with several UDP listeners relays from the socket the REGISTER came in on
+(usrloc's received socket), so the registrar's address matches.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2m_lab.flows import SDP_ANSWER
+from e2m_lab.phones import PhoneProcess, write_ua
+from e2m_lab.stranger import HOST, UdpStranger
+from e2m_plugins import sip
+from e2m_plugins.sip import make_request, make_response
+from tests.pjsua.test_review92_phone import Bob, pki  # noqa: F401  (pki: a fixture)
+
+pytestmark = [pytest.mark.pjsua2]
+
+BOB = "sip:bob@example.com"
+TAG = "r104b"
+
+
+@pytest.fixture
+def ringing(tmp_path: Path, pki) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMessage]]:  # noqa: F811
+    """alice's phone (outbound proxy: the seat ``home``) has sent its INVITE to bob."""
+    home = Bob(pki)
+    assert pki.directory is not None
+    config = write_ua(tmp_path, "alice", pki.directory, peer="bob",
+                      phone={"proxy": f"sip:{HOST}:{home.port}"})
+    alice = PhoneProcess(config, "alice")
+    try:
+        alice.wait("started", timeout=15)
+        alice.send(f"call {BOB}")
+        invite = home.receive(lambda m: m.is_request and m.method == "INVITE")
+        yield alice, home, invite
+    finally:
+        alice.stop()
+        home.close()
+
+
+def _bobs_answer(home: Bob, invite: sip.SipMessage, port: int) -> bytes:
+    """bob's 200 to alice's INVITE as his E2M UA protects it: SDP answer, his tag, his
+    own Contact (``port``), no Record-Route."""
+    delivered = home.engine.open(invite).message
+    ok = make_response(delivered, 200, "OK", [("Contact", f"<sip:bob@{HOST}:{port}>")],
+                       SDP_ANSWER, "application/sdp")
+    ok = ok.replace("To", f"{delivered.get('To')};tag={TAG}")
+    return home.engine.protect(ok).message.serialize()
+
+
+def _confirmed(alice: PhoneProcess, mark: int, timeout: float) -> bool:
+    try:
+        alice.wait("call_state", where=lambda e: str(e.get("state", "")).upper()
+                   .endswith("CONFIRMED"), since=mark, timeout=timeout)
+    except Exception:  # noqa: BLE001 - the wait's timeout
+        return False
+    return True
+
+
+def _ack_at(sock: socket.socket, timeout: float) -> sip.SipMessage | None:
+    sock.settimeout(timeout)
+    try:
+        while True:
+            data, _ = sock.recvfrom(65535)
+            msg = sip.parse(data)
+            if msg.is_request and msg.method == "ACK":
+                return msg
+    except (socket.timeout, TimeoutError):
+        return None
+
+
+def test_control_the_callees_answer_through_the_home_sets_up_the_call(ringing):
+    alice, home, invite = ringing
+    mark = alice.mark()
+    home.sock.sendto(_bobs_answer(home, invite, home.port), home.source)
+    assert _confirmed(alice, mark, timeout=8)
+
+
+@pytest.mark.xfail(strict=True, reason="review 104: insider callee, his 200 sent straight "
+                   "to the caller's phone sets up the call past the home proxy (no archive)")
+def test_hole_the_callees_answer_sent_straight_to_the_phone_sets_up_the_call(ringing):
+    alice, home, invite = ringing
+    straight = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    straight.bind((HOST, 0))
+    try:
+        mark = alice.mark()
+        straight.sendto(_bobs_answer(home, invite, straight.getsockname()[1]), home.source)
+        confirmed = _confirmed(alice, mark, timeout=5)
+        ack = _ack_at(straight, 1.0) if confirmed else None
+        print("confirmed", confirmed, "ACK straight to bob", ack is not None,
+              "requests_not_via_proxy", alice.status()["counts"].get("requests_not_via_proxy"))
+        assert not confirmed, "the call was set up by an answer the home proxy never saw"
+    finally:
+        straight.close()
+
+
+def test_control_a_request_from_the_callees_own_socket_is_still_403(ringing, pki):  # noqa: F811
+    """Held: once the call is up (through the home), a BYE "from bob" sent from bob's own
+    socket is refused 403 with the Warning; the call stays up."""
+    alice, home, invite = ringing
+    mark = alice.mark()
+    home.sock.sendto(_bobs_answer(home, invite, home.port), home.source)
+    assert _confirmed(alice, mark, timeout=8)
+    thief = UdpStranger(alice.port)
+    try:
+        bye = make_request("BYE", f"sip:alice@{HOST}:{alice.port}", from_uri=pki.aor("bob"),
+                           to_uri=pki.aor("alice"), call_id=invite.call_id, cseq=7,
+                           from_tag=TAG, to_tag=invite.from_tag,
+                           via_host=f"{HOST}:{thief.local_port}")
+        thief.send(bye.serialize())
+        answer = thief.answered(invite.call_id, timeout=5)
+        assert answer is not None
+        response = sip.parse(answer)
+        assert response.status == 403
+        assert "did not come through the home proxy" in (response.get("Warning") or "")
+        assert len(answer) < 600, len(answer)
+        refused = alice.wait("request_refused", lambda e: e["method"] == "BYE", since=mark,
+                             timeout=5)
+        assert refused["source"] == f"{HOST}:{thief.local_port}"
+        assert not alice.of("call_ended", since=mark)
+    finally:
+        thief.close()
