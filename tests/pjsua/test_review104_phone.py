@@ -25,7 +25,7 @@ with ``received``/``rport`` as the proxy wrote them) and her branch beneath the 
   sent straight past the node) and review 102 at the phone for requests.  Since the
   dialog's route set is now empty, every later in-dialog request of alice's (re-INVITE,
   BYE, MESSAGE in the dialog) also goes straight to bob, past the home's policy.
-- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone._through_home`` (phone.py:711-712,
+- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone._through_home`` (phone.py:713,
   ``if home is None or not msg.is_request: return``): responses are not held to the
   home source.
 - Fix: a phone with an outbound proxy drops (never hands pjsua) a response that did not

@@ -36,7 +36,7 @@ for 12 h: the state review 99 bounded grows again with keyed calls (0.45 KiB a c
 rate).  With no key left, the BYE that would end them ends nothing either.
 
 At fault: ``kamailio_app/kemi.py`` ``note_dialog_targets`` (``life =
-_targets_life(self.app)``, kemi.py:1551-1555): the entries' lifetime is the longest a
+_targets_life(self.app)``, kemi.py:1548-1552): the entries' lifetime is the longest a
 key can live, not what the dialog's record holds; and ``keycache_htable.HtableKeyCache``
 (``_write``/``sweep``) cannot see an expiry the htable performs itself.  Fix: give the
 targets the record's own remaining life (the latest ``expires`` of the dialog's keys,
