@@ -38,11 +38,12 @@ same 200 from the proxy's seat confirms the call.
 
 Tried and held (the phone, read or run here): a request from bob's straight socket in
 that call (a re-INVITE/BYE "from bob") is 403 with the Warning and a ``request_refused``
-event (``test_control_a_request_from_the_callees_own_socket_is_still_403``); an ACK from
-elsewhere is dropped unanswered (``RxReject`` on an ACK sends nothing: rawhook); a
-CANCEL from elsewhere is 403 before pjsua (its INVITE rings on); the 403 carries only
-the phone's own address in its Warning (already the Via's), no body, one answer per
-request (no amplification past the request's size: ~300 octets for any request); an
+event, the call stays up, and the 403 is one small answer per request (under 600
+octets, no body; its Warning names only the phone's own address: no amplification worth
+the name) (``test_control_a_request_from_the_callees_own_socket_is_still_403``).  Read,
+not run: an ACK from elsewhere is dropped unanswered (rawhook.py:393: an ACK is never
+answered); a CANCEL from elsewhere is 403 before pjsua (``_through_home`` runs for every
+request, after only the parse, the challenge filter and the certificate NOTIFY rule); an
 IPv4-mapped IPv6 spelling of the proxy's address compares equal (``canonical_ip``); a
 host name in ``proxy`` resolves once, at start, to every address (a stranger at another
 address of the name is refused only if it is not one of them).  Honest flows read: a
