@@ -48,15 +48,21 @@ Control (``test_control_a_first_dialogs_targets_live_with_its_keys``): the same 
 under a fresh Call-ID is slot 0: its key and its targets both live (12 h), and call 1's
 BYE took its own targets (``gone`` from ``drop_scope``).
 
-Tried and held (core): ``forgetter`` names dialogs with the tags case-folded as
-``DialogScope`` does (a BYE in other letters forgets the right entries, one of another
-dialog under the same Call-ID and caller's tag forgets nothing: the ``d`` name binds both
-tags); ``gone`` of an early scope (one tag) forgets nothing; ``drop`` of a reference the
-record never held writes nothing (``len(rest) == len(kept)``); ``_drop_labels`` with a
-record the table already took calls ``gone`` with the scope the sweep read; the ACK's
-``bound`` is ``signed and context`` checked against the ACK itself, whose context binds
-the method and CSeq number (a body signed for the INVITE, a re-INVITE or another
-dialog's ACK fails ``check_message``: 4xx, not an unbound row).
+Tried and held (core; ``test_control_gone_forgets_only_its_own_dialog``): ``forgetter``
+names dialogs with the tags case-folded as ``DialogScope`` does (its own scope in other
+letters forgets the call's entries; another fork's record under the same Call-ID and
+caller's tag forgets nothing: the ``d`` name binds both tags); ``gone`` of an early scope
+(one tag) forgets nothing; ``drop`` of a reference the record never held writes nothing
+(``len(rest) == len(kept)``) and calls no ``gone``.  Read, not run: ``_drop_labels`` with
+a record the table already took calls ``gone`` with the scope the sweep read; the ACK's
+``bound`` is ``signed and context`` checked against the ACK itself, whose signed context
+binds the method and CSeq number (a body signed for the INVITE, a re-INVITE or another
+dialog's ACK fails ``check_message``: ``inspect_only`` logs it, no row), and
+``check_signed_by`` holds the signer to the From; two different unbound ACK bodies under
+one dialog's ids are two rows (``content_uid`` takes each body's digest and from_uri);
+a CANCEL is still ``inspect_only(archive=False)``; an in-dialog PRACK/UPDATE "From" one
+of our users is challenged for that user (``auth_check`` flag 1), a foreign From is as
+unproven as out of a dialog (threat-model row of review 61's kind: known).
 """
 
 from __future__ import annotations
@@ -201,3 +207,22 @@ def test_hole_a_later_forks_targets_outlive_its_200_s_keys(node):
     assert not node.holds("r104-same@x", "t1")    # the key cache kept its bound
     assert node.targets_ttl("r104-same@x", "t1") is None, \
         "the dialog holds no key, yet its e2mtargets entries stay 12 h"
+
+
+def test_control_gone_forgets_only_its_own_dialog(node):
+    """Held: ``gone`` names the dialog as the key cache does (tags case-folded), so a
+    record of another fork under the same Call-ID and caller's tag, or an early scope,
+    forgets nothing of the call's; ``drop`` of a reference the record never held
+    writes nothing and calls no ``gone``."""
+    assert node.call("r104-Case@x", 1, "T0")
+    gone = forgetter(node.fake)
+    gone(DialogScope("r104-Case@x", "a1", "t9"))           # another fork's record
+    gone(DialogScope("r104-Case@x", "a1"))                 # the early scope's
+    assert node.targets_ttl("r104-Case@x", "T0") == DIALOG_TARGET
+    sets = node.htable.sets
+    node.cache.drop(DialogScope("r104-Case@x", "A1", "t0"), b"\x00" * 20)
+    assert node.htable.sets == sets and node.holds("r104-Case@x", "t0")
+    assert node.targets_ttl("r104-Case@x", "T0") == DIALOG_TARGET
+    gone(DialogScope("r104-Case@x", "A1", "t0"))           # its own, in other letters
+    assert node.targets_ttl("r104-Case@x", "T0") is None
+    assert not any(key[1].startswith("c") for key in node.table)
