@@ -62,7 +62,8 @@ dialog's ACK fails ``check_message``: ``inspect_only`` logs it, no row), and
 one dialog's ids are two rows (``content_uid`` takes each body's digest and from_uri);
 a CANCEL is still ``inspect_only(archive=False)``; an in-dialog PRACK/UPDATE "From" one
 of our users is challenged for that user (``auth_check`` flag 1), a foreign From is as
-unproven as out of a dialog (threat-model row of review 61's kind: known).
+unproven as out of a dialog (docs/threat-model.md: "a foreign From reaches our users
+without digest": known).
 """
 
 from __future__ import annotations
