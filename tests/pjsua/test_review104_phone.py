@@ -1,9 +1,10 @@
 """A fifty-...th attacker's review (December 2026) of 3724e89: stop 37's fixes, fresh eyes:
 the phone half (the core half and the list of what held in the core:
-``tests/unit/test_review104.py``).  A real ``e2m-phone listen`` (pjsua2): alice, whose
-outbound proxy is a UDP socket of the test (the home proxy's seat, review 92's ``Bob``
-answering as bob's E2M UA), so that since review 102 (stop 37) her phone takes requests
-only from that socket.
+``tests/unit/test_review104.py``).  A real ``e2m-phone listen`` (pjsua2).  Hole 2's
+tests: alice, whose outbound proxy is a UDP socket of the test (the home proxy's seat,
+review 92's ``Bob`` answering as bob's E2M UA), so that since review 102 (stop 37) her
+phone takes requests only from that socket.  Hole 3's: bob registered at a real
+Kamailio 5.6 with E2M on (review 102's set-up).
 
 Hole 2 (``test_hole_the_callees_answer_sent_straight_to_the_phone_sets_up_the_call``):
 **insider UA**, the callee (bob, his own certificate; no credentials needed).  Review
@@ -35,6 +36,30 @@ with ``received``/``rport`` as the proxy wrote them) and her branch beneath the 
 
 Control (``test_control_the_callees_answer_through_the_home_sets_up_the_call``): the
 same 200 from the proxy's seat confirms the call.
+
+Hole 3 (``test_hole_a_registered_phone_without_a_proxy_shows_a_straight_message``):
+**insider UA** (carol), review 102's very message, against bob's phone configured with a
+``registrar`` (the real home Kamailio, E2M on, ``view`` MESSAGE text and INVITE SDP, the
+SQLite archive) and no ``proxy``: the ordinary SIP set-up where a UA's requests go where
+their Request-URI's domain says (RFC 3263), i.e. to the same home.  bob's phone learnt the
+home's policy at REGISTER (its ``registered`` event lists ``MESSAGE:text/plain``), exactly
+the premise of review 102's fix, yet ``_home_source`` is built only ``if proxies:``
+(phone.py:537-544), so this phone takes requests from anyone.
+
+- Messages: carol's signed MESSAGE, sealed for bob and ``proxy.example.com``, labelled
+  for it, sent over UDP straight to bob's contact (his port), never through the home.
+- Effect (seen on 3724e89): 200; bob shows it as carol's, ``readable_by``
+  ``["proxy.example.com"]``; no archive row.  Review 102's hole, unchanged for a phone
+  that registers without an outbound proxy (the docs call a phone without a proxy "peer
+  to peer"; one with a registrar has a home and its policy).
+- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone.start`` (phone.py:537, ``if proxies:``).
+- Fix: build ``_home_source`` when a ``proxy`` *or* a ``registrar`` is set (the
+  registrar's address, ``home_sources`` for a domain whose requests come from other
+  hosts); only a phone with neither is peer to peer.
+
+Control (``test_control_carols_message_through_the_registrar_is_archived_and_shown``):
+the same MESSAGE sent to the home (Request-URI bob's AoR) is archived as carol's and
+shown.
 
 Tried and held (the phone, read or run here): a request from bob's straight socket in
 that call (a re-INVITE/BYE "from bob") is 403 with the Warning and a ``request_refused``
@@ -68,7 +93,7 @@ from e2m_plugins import sip
 from e2m_plugins.sip import make_request, make_response
 from tests.pjsua.test_review92_phone import Bob, pki  # noqa: F401  (pki: a fixture)
 
-pytestmark = [pytest.mark.pjsua2]
+pytestmark = [pytest.mark.pjsua2, pytest.mark.kamailio]
 
 BOB = "sip:bob@example.com"
 TAG = "r104b"
@@ -174,3 +199,85 @@ def test_control_a_request_from_the_callees_own_socket_is_still_403(ringing, pki
         assert not alice.of("call_ended", since=mark)
     finally:
         thief.close()
+
+
+# -- hole 3: a phone with a registrar and no outbound proxy takes requests from anyone ---
+
+VIEW = ("MESSAGE:text/plain", "INVITE:application/sdp")
+
+
+@pytest.fixture
+def home(pki102, tmp_path_factory: pytest.TempPathFactory):
+    from e2m_lab.kamailio_harness import start_proxy
+    handle = start_proxy(tmp_path_factory.mktemp("review104-home"), pki=pki102, e2m=True,
+                         view=VIEW)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def pki102(tmp_path_factory: pytest.TempPathFactory):
+    from e2m_plugins.testpki import init_test_pki
+    return init_test_pki(tmp_path_factory.mktemp("review104-pki"),
+                         users=("alice", "bob", "carol"), key_type="ec")
+
+
+@pytest.fixture
+def bob_registered(tmp_path: Path, pki102, home) -> Iterator[PhoneProcess]:
+    """bob's phone over UDP registered at the home proxy, no outbound proxy (its requests
+    go where their Request-URI says, RFC 3263): it learnt the home's policy at REGISTER."""
+    directory = tmp_path / "bob"
+    directory.mkdir()
+    config = write_ua(directory, "bob", pki102.directory, peer="alice",
+                      phone={"registrar": home.uri, "srtp": True, "transport": "udp"},
+                      e2m={"cert_url_hosts": ["127.0.0.1"]})
+    phone = PhoneProcess(config, "bob")
+    try:
+        registered = phone.wait("registered", timeout=15)
+        views = [rule for p in registered.get("policies", ()) for rule in p["view"]]
+        assert "MESSAGE:text/plain" in views, registered   # bob knows the proxy archives IM
+        yield phone
+    finally:
+        phone.stop()
+
+
+def test_control_carols_message_through_the_registrar_is_archived_and_shown(pki102, home,
+                                                                             bob_registered):
+    from tests.pjsua.test_review102_phone import _carols_message, _rows_with, _shown
+    text = b"review 104 control: the invoice goes to IBAN XX00 4444"
+    peer = UdpStranger(home.port)
+    try:
+        wire = _carols_message(pki102, pki102.aor("bob"), peer.local_port, text)
+        mark = bob_registered.mark()
+        peer.send(wire.serialize())
+        assert peer.final(wire.call_id, timeout=8) == 200
+        assert _shown(bob_registered, mark, text)
+        rows = _rows_with(home, text)
+        assert len(rows) == 1 and rows[0].from_uri == pki102.aor("carol"), rows
+    finally:
+        peer.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 104: insider UA, a MESSAGE straight to a "
+                   "phone with a registrar and no outbound proxy is shown, never archived")
+def test_hole_a_registered_phone_without_a_proxy_shows_a_straight_message(pki102, home,
+                                                                         bob_registered):
+    from tests.pjsua.test_review102_phone import _carols_message, _rows_with, _shown
+    text = b"review 104 hole: the invoice goes to IBAN XX00 5555"
+    bob = bob_registered
+    peer = UdpStranger(bob.port)
+    try:
+        wire = _carols_message(pki102, f"sip:bob@{HOST}:{bob.port}", peer.local_port, text)
+        mark = bob.mark()
+        peer.send(wire.serialize())
+        status = peer.final(wire.call_id, timeout=8)
+        shown = _shown(bob, mark, text, timeout=3.0)
+        archived = _rows_with(home, text)
+        print("status", status, "shown", len(shown),
+              "readable_by", [e["security"].get("readable_by") for e in shown],
+              "archived", len(archived))
+        assert archived or not shown, (status, len(shown))
+    finally:
+        peer.close()
