@@ -32,8 +32,11 @@ its key is kept in dialog (X, a1, t1) for 200 s as a later fork's, which is enou
 Effect: 200 s later the record is gone (the htable's expiry: here the stand-in's
 ``get``, as Kamailio's timer does), no ``gone`` was called, and the two entries stay
 for 12 h: the state review 99 bounded grows again with keyed calls (0.45 KiB a call;
-3 such dialogs per Call-ID and tag: ``MAX_FORKS`` 4; any number of Call-IDs at pike's
-rate).  With no key left, the BYE that would end them ends nothing either.
+one such dialog per Call-ID and tag, since its own caller entry then blocks the next;
+any number of Call-IDs at pike's rate).  With no key left, the BYE that would end them
+ends nothing either.  (Read, not run: call 1 need not be ended if its 2xx is signed
+but keeps no key: it still claims slot 0 in ``_view`` and its caller entry goes at once,
+``holds_dialog_keys`` being false.)
 
 At fault: ``kamailio_app/kemi.py`` ``note_dialog_targets`` (``life =
 _targets_life(self.app)``, kemi.py:1548-1552): the entries' lifetime is the longest a
