@@ -71,11 +71,12 @@ answered); a CANCEL from elsewhere is 403 before pjsua (``_through_home`` runs f
 request, after only the parse, the challenge filter and the certificate NOTIFY rule); an
 IPv4-mapped IPv6 spelling of the proxy's address compares equal (``canonical_ip``); a
 host name in ``proxy`` resolves once, at start, to every address (a stranger at another
-address of the name is refused only if it is not one of them).  Honest flows read: a
-proxy URI with ``;maddr=`` is compared by its host, not its maddr (pjsip sends to the
-maddr: requests from a proxy there are refused; an honest break, not a security hole);
-a home proxy with several UDP listeners relays from the socket the REGISTER came in on
-(usrloc's received socket), so the registrar's address matches.
+address of the name is taken only if it is one of them).  Honest flows, read, not run:
+a proxy URI with ``;maddr=`` is compared by its host, not its maddr (pjsip sends to the
+maddr: requests from a proxy there would be refused; an honest break, not a security
+hole); a home proxy with several UDP listeners should relay from the socket the REGISTER
+came in on (usrloc keeps the received socket), so the registrar's address matches; a
+proxy whose name changes address after start is refused until a restart (resolved once).
 """
 
 from __future__ import annotations
