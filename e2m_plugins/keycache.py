@@ -492,10 +492,16 @@ class MemoryKeyCache:
 
     def holds_scope(self, scope: Scope) -> bool:
         """Whether a live key is kept in ``scope`` (none counted as used)."""
+        return self.scope_life(scope) is not None
+
+    def scope_life(self, scope: Scope) -> float | None:
+        """Seconds until the last live key kept in ``scope`` expires; None when none is."""
         now = self._clock()
         with self._lock:
-            return any(now < self._entries[(scope, ref)].expires
-                       for ref in self._by_scope.get(scope, ()) if (scope, ref) in self._entries)
+            ends = [self._entries[(scope, ref)].expires for ref in self._by_scope.get(scope, ())
+                    if (scope, ref) in self._entries]
+        latest = max((end for end in ends if now < end), default=None)
+        return None if latest is None else latest - now
 
     def purge_expired(self) -> int:
         """Drop every expired entry (O(n)); returns how many went."""

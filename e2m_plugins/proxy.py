@@ -17,6 +17,7 @@ with the error recorded in the verdict.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -406,12 +407,18 @@ class ProxyEngine:
 
     def holds_dialog_keys(self, call_id: str, tag: str | None, other_tag: str | None) -> bool:
         """Whether the cache holds keys for the confirmed dialog (Call-ID and both tags):
-        what a BYE's 2xx would end (``end_dialog``).  A cache that cannot tell
-        (no ``holds_scope``) is taken to hold some."""
+        what a BYE's 2xx would end (``end_dialog``)."""
+        return self.dialog_keys_life(call_id, tag, other_tag) is not None
+
+    def dialog_keys_life(self, call_id: str, tag: str | None,
+                         other_tag: str | None) -> float | None:
+        """Seconds until the last key the cache holds for the confirmed dialog expires
+        (a later fork's keep only ``EARLY_DIALOG_TTL``), None when it holds none.  A
+        cache that cannot tell (no ``scope_life``) is taken to hold some for ever."""
         if not call_id or not tag or not other_tag:
-            return False
-        holds = getattr(self.cache, "holds_scope", None)
-        return True if holds is None else bool(holds(DialogScope(call_id, tag, other_tag)))
+            return None
+        life = getattr(self.cache, "scope_life", None)
+        return math.inf if life is None else life(DialogScope(call_id, tag, other_tag))
 
     def end_dialog(self, call_id: str, from_tag: str | None, to_tag: str | None) -> None:
         """A BYE ended the dialog (Call-ID and both tags; its 2xx: ``end_answered``): the

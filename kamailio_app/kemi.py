@@ -21,6 +21,7 @@ import base64
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import sys
@@ -467,21 +468,26 @@ def _target(value, *, contact=True):
                                     uri.port or ""))
 
 
-def _holds_keys(engine, call_id, tag, other):
-    """Whether the engine holds keys for the dialog (``ProxyEngine.holds_dialog_keys``);
-    an engine that cannot tell is taken to hold some (its targets noted, as before)."""
-    holds = getattr(engine, "holds_dialog_keys", None)
-    return True if holds is None else bool(holds(call_id, tag, other))
-
-
-def _targets_life(app):
-    """How long a keyed dialog's targets are kept: no longer than its keys can live
-    (``[kamailio] keycache_expire``, the key cache's ``max_ttl``); the key cache's
-    ``gone`` takes them sooner when the keys go sooner (dialog_targets.py)."""
+def _targets_life(app, call_id, caller, callee):
+    """Seconds a dialog's targets are kept: as long as the keys the engine holds for it
+    (``ProxyEngine.dialog_keys_life``: a later fork's keys live 200 s, and the table's
+    own expiry of their record tells the key cache nothing, review 104), never past
+    ``[kamailio] keycache_expire`` or 12 h; None when it holds none (nothing for a BYE to
+    end).  The key cache's ``gone`` takes them sooner when the keys go sooner
+    (dialog_targets.py).  An engine that cannot tell is taken to hold some for ever."""
+    engine = app.engine
+    life = getattr(engine, "dialog_keys_life", None)
+    if life is not None:
+        left = life(call_id, caller, callee)
+    else:
+        holds = getattr(engine, "holds_dialog_keys", None)
+        left = math.inf if holds is None or holds(call_id, caller, callee) else None
+    if left is None:
+        return None
     config = getattr(app, "config", None)
-    if config is None:
-        return _DIALOG_TARGET
-    return min(_DIALOG_TARGET, int(config.kamailio.keycache_expire))
+    most = _DIALOG_TARGET if config is None else \
+        min(_DIALOG_TARGET, int(config.kamailio.keycache_expire))
+    return max(1, math.ceil(min(most, left)))
 
 
 def _dialog_peer(call_id, from_tag, to_tag):
@@ -1559,7 +1565,8 @@ class kamailio:
         held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
         if not isinstance(held, str) or "|" in held:
             return
-        if not _holds_keys(self.app.engine, call_id, caller, callee):
+        life = _targets_life(self.app, call_id, caller, callee)
+        if life is None:
             # a call holding no key keeps nothing for 12 h (review 96 hole 4: one
             # sender's plain calls filled shared memory); its INVITE is answered
             KSR.htable.sht_rm(_TARGETS, _caller_name(call_id, caller))
@@ -1573,7 +1580,6 @@ class kamailio:
                                                parties=parties)]
             if ours:
                 side = route_set_digest(list(reversed(entries[:ours[0]])))
-        life = _targets_life(self.app)
         KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller),
                              held + "|" + tag_digest(callee), life)
         KSR.htable.sht_setxs(_TARGETS, _dialog_name(call_id, caller, callee),

@@ -308,6 +308,22 @@ class HtableKeyCache:
         ``_write``); not unsealed, so cheap in a reply route."""
         return self._backend.get(scope_key(scope)) is not None
 
+    def scope_life(self, scope: Scope) -> float | None:
+        """Seconds until the last live key of ``scope``'s record expires (when the table
+        itself takes the record, telling no ``gone``); None when none is kept.  What is
+        kept beside a dialog's keys lives no longer (dialog_targets.py, review 104)."""
+        name = scope_key(scope)
+        raw = self._backend.get(name)
+        if raw is None:
+            return None
+        try:
+            kept = self._unseal(name, raw, scope)
+        except MalformedError:
+            return None
+        now = self._clock()
+        latest = max((entry.expires for entry, _ in kept if now < entry.expires), default=None)
+        return None if latest is None else latest - now
+
     def drop_scope(self, scope: Scope) -> None:
         """Every key of ``scope``, its record removed by name under its slot lock (a put
         in another worker that read the record first would otherwise write it all

@@ -140,6 +140,8 @@ def _text(e: dict[str, Any]) -> str | None:
         return f"a second copy of a {e['method']} refused with {e['code']} (already delivered)"
     if kind == "request_refused":
         return f"a {e['method']} from {e['source']} refused with {e['code']}: {e['reason']}"
+    if kind == "response_dropped":
+        return f"a {e['status']} to {e['method']} from {e['source']} dropped: {e['reason']}"
     if kind == "warning":
         return f"warning ({e['direction']} {e['message']}): {e['detail']}"
     if kind == "error":

@@ -428,7 +428,7 @@ class E2MPhone:
         self.counts = {"events": 0, "errors": 0, "stray_e2m_answers": 0, "calls_refused": 0,
                        "challenges_refused": 0,
                        "handler_failures": 0, "output_failures": 0, "fetches": 0,
-                       "requests_not_via_proxy": 0,
+                       "requests_not_via_proxy": 0, "responses_not_via_proxy": 0,
                        "endpoint_events_missed": 0}
         # state shared between the hook callbacks and the main loop (same thread)
         self._plain: OrderedDict[tuple[str, int, str, str], sip.SipMessage] = OrderedDict()
@@ -462,6 +462,7 @@ class E2MPhone:
         # where requests may come from once we have an outbound proxy (set at start():
         # the proxy and the registrar; None: peer to peer, from anyone) (review 102)
         self._home_source: ProxySource | None = None
+        self._answers_from_home = False
         self._cert_tick = 0.0
         self._blocked_statuses: OrderedDict[int, int] = OrderedDict()   # id(handle) -> n
         self._cert_published = False
@@ -534,13 +535,18 @@ class E2MPhone:
             register_via_proxies=s.register_via_proxy, srtp_suites=s.srtp_suites,
             auth=auth, publish=bool(s.certificate_service and registrar and auth and proxies))
         self.account.answer_failure = self._answer_failure
-        if proxies:
-            # every request comes through the home (review 102): the outbound proxy, or
-            # the registrar routing to our contact; names are looked up here, once
-            # (and a cluster's nodes behind a front: home_sources)
+        if proxies or registrar:
+            # a phone with a home takes every request from it (review 102; one with a
+            # registrar and no outbound proxy too, review 104): the outbound proxy, the
+            # registrar routing to our contact, a cluster's nodes behind a front
+            # (home_sources); names are looked up here, once
             self._home_source = ProxySource.of_uris(
-                (proxies[0], registrar, *s.home_sources), tls=self.transport.kind == "tls",
-                udp=self.transport.kind == "udp")
+                (proxies[0] if proxies else None, registrar, *s.home_sources),
+                tls=self.transport.kind == "tls", udp=self.transport.kind == "udp")
+            # every request we send goes through the outbound proxy, so every answer
+            # comes back from it (review 104: the callee's 200 sent straight to us set up
+            # a call the home never saw); without one, answers come from where we sent
+            self._answers_from_home = bool(proxies)
         if s.certificate_service and proxies:
             # the service is our home proxy's: without one, a SUBSCRIBE to a peer's
             # domain would need a name lookup on the loop
@@ -654,6 +660,8 @@ class E2MPhone:
             rx_key = _rx_key(msg) if msg.is_request else None
         except E2MError as exc:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
+        if not msg.is_request:
+            self._answer_from_home(msg)    # before anything reads it (review 104)
         answerable = self._answerable_challenges(msg)
         stripped, msg = answerable is not msg, answerable
         if self.certservice is not None and self.certservice.on_rx(msg, self.hook.rx_source):
@@ -700,7 +708,7 @@ class E2MPhone:
 
     def _through_home(self, msg: sip.SipMessage) -> None:
         """403 for a request that did not come from our outbound proxy or registrar,
-        when we have one (review 102).  The home's policy, learnt at REGISTER, says what
+        when we have either (reviews 102, 104).  The home's policy, learnt at REGISTER, says what
         it views and archives; a MESSAGE or INVITE sent straight to our contact never
         crossed it (an insider hiding from the archive), so it is refused, whatever
         its method, in a dialog or not: the home proxy record-routes every dialog it
@@ -725,6 +733,26 @@ class E2MPhone:
         raise RxReject(403, "Forbidden", headers=[
             ("Warning", f'399 {agent} "Request did not come through the home proxy"')],
             detail="NotViaProxy")
+
+    def _answer_from_home(self, msg: sip.SipMessage) -> None:
+        """Drop a response that did not come from our home, when every request we send
+        goes through our outbound proxy (review 104): the callee's 200 sent straight to
+        us would set up a call whose answer the home never saw (its archive, its media
+        rule), and our ACK and later requests would follow its Contact past the home.
+        Dropped unanswered and counted, with a ``response_dropped`` event."""
+        home = self._home_source
+        if home is None or not self._answers_from_home:
+            return
+        source = self.hook.rx_source
+        if home.matches(source):
+            return
+        self.counts["responses_not_via_proxy"] += 1
+        self._pending_errors.append({
+            "kind": "response_dropped", "call_id": msg.call_id,
+            "method": msg.method, "status": msg.status,
+            "source": f"{source[0]}:{source[1]}" if source else "?",
+            "reason": "did not come through the home proxy"})
+        raise RxReject(None, detail="NotViaProxy")
 
     def _handed_on(self, msg: sip.SipMessage, opened: Any, stripped: bool) -> bytes | None:
         """The octets pjsip is handed in place of the datagram (None: the datagram)."""

@@ -156,8 +156,6 @@ def test_control_the_callees_answer_through_the_home_sets_up_the_call(ringing):
     assert _confirmed(alice, mark, timeout=8)
 
 
-@pytest.mark.xfail(strict=True, reason="review 104: insider callee, his 200 sent straight "
-                   "to the caller's phone sets up the call past the home proxy (no archive)")
 def test_hole_the_callees_answer_sent_straight_to_the_phone_sets_up_the_call(ringing):
     alice, home, invite = ringing
     straight = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -261,8 +259,6 @@ def test_control_carols_message_through_the_registrar_is_archived_and_shown(pki1
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 104: insider UA, a MESSAGE straight to a "
-                   "phone with a registrar and no outbound proxy is shown, never archived")
 def test_hole_a_registered_phone_without_a_proxy_shows_a_straight_message(pki102, home,
                                                                          bob_registered):
     from tests.pjsua.test_review102_phone import _carols_message, _rows_with, _shown

@@ -170,7 +170,7 @@ def _keyed_calls(fake, kemi, calls: int, *, keep: bool = True):
         sht_rm=lambda name, key: (table.pop((name, key), None), ttls.pop(key, None)))
     holder = types.SimpleNamespace(cache=cache)
     engine = types.SimpleNamespace(
-        holds_dialog_keys=lambda c, t, o: ProxyEngine.holds_dialog_keys(holder, c, t, o))
+        dialog_keys_life=lambda c, t, o: ProxyEngine.dialog_keys_life(holder, c, t, o))
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=engine))
     for i in range(calls):
         call_id, tag, other = f"r99-{i}@x", f"m{i}", f"u{i}"
