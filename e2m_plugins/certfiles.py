@@ -8,20 +8,25 @@ the checks rely on (it parses some lazily).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from .errors import MalformedError, UnsupportedAlgorithmError
+from .errors import E2MError, LimitExceededError, MalformedError, UnsupportedAlgorithmError
 from .privatefiles import read_private_file
+
+if TYPE_CHECKING:
+    from .cms.limits import Limits
 
 __all__ = ["PathOrData", "load_certificate", "load_certificates", "load_crls",
            "load_private_key", "load_private_key_file", "readable_certificate",
-           "fully_readable"]
+           "fully_readable", "CertificateCounts", "certificate_counts",
+           "check_certificate_counts", "known_counts"]
 
 
 PathOrData = Union[bytes, bytearray, memoryview, str, os.PathLike]
@@ -129,29 +134,143 @@ def fully_readable(cert: x509.Certificate) -> bool:
     return True
 
 
+# What a certificate holds, counted with the project's DER reader before cryptography
+# reads it: cryptography builds a Python object for every name attribute and every
+# extension entry (a subject of 670 RDNs cost 1.7 ms to read, and again on every
+# ``cert.subject``; review 103), so a stranger's 16 KiB certificate is refused by what it
+# holds, not only by its size.  See ``certificate_counts``.
+_SAN_OID = "2.5.29.17"
+
+
+@dataclass(frozen=True)
+class CertificateCounts:
+    """What one certificate holds, as counted by ``certificate_counts``."""
+
+    elements: int           # DER elements, the contents of extensions included
+    name_attributes: int    # attributes of its subject or issuer, whichever has more
+    san_entries: int        # subjectAltName entries (0 without the extension)
+
+
+def certificate_counts(der_bytes: bytes, max_elements: int) -> CertificateCounts:
+    """Count a DER certificate's elements (extension values read as DER where they
+    are), the attributes of its subject and of its issuer, and its SAN entries, reading
+    at most ``max_elements`` elements: ``LimitExceededError`` past that, whatever the
+    certificate holds (the work is bounded before it is done); ``MalformedError`` if
+    the structure is not a certificate the reader can read."""
+    from .cms import der   # cms.signed imports this module
+
+    data = bytes(der_bytes)
+    count = der.Count(max_elements)
+
+    def read(buf: bytes) -> der.TLV:
+        return der.read_all(buf, count=count)
+
+    def walk(top: der.TLV) -> None:
+        # Every element below ``top``, read once; ``count`` counts them.
+        stack = [top]
+        while stack:
+            tlv = stack.pop()
+            if tlv.constructed:
+                stack.extend(der.items(tlv))
+
+    try:
+        top = read(data)
+        fields = der.items(top.expect(der.SEQUENCE, "Certificate"), 3, "Certificate")
+        tbs = der.items(fields[0].expect(der.SEQUENCE, "tbsCertificate"), 6, "tbsCertificate")
+        at = 1 if tbs[0].tag == der.context(0) else 0
+        if len(tbs) < at + 6:
+            raise MalformedError("tbsCertificate: too few fields")
+        widest = 0
+        for name in (tbs[at + 2], tbs[at + 4]):            # issuer, subject
+            rdns = der.items(name.expect(der.SEQUENCE, "Name"))
+            widest = max(widest, sum(len(der.items(rdn.expect(der.SET, "RDN")))
+                                     for rdn in rdns))
+        walk(top)
+        san = 0
+        for wrapper in (t for t in tbs[at + 6:] if t.tag == der.context(3)):
+            for ext in der.items(der.items(wrapper, 1, "extensions")[0]):
+                parts = der.items(ext.expect(der.SEQUENCE, "Extension"), 2, "Extension")
+                value = parts[-1]
+                if value.tag != der.OCTET_STRING:
+                    raise MalformedError("Extension: extnValue is not an OCTET STRING")
+                try:
+                    inner = read(value.value)   # what it reads is counted, read or not
+                    walk(inner)
+                except MalformedError:
+                    continue   # opaque to us; cryptography refuses it if it must read it
+                if der.oid(parts[0]) == _SAN_OID and inner.tag == der.SEQUENCE:
+                    san = max(san, len(der.items(inner)))
+    except LimitExceededError:
+        raise LimitExceededError(f"certificate of more than {max_elements} DER elements "
+                                 "(extension contents included)") from None
+    except E2MError as exc:
+        raise MalformedError(f"not a readable certificate: {exc}") from None
+    return CertificateCounts(max_elements - count.left, widest, san)
+
+
+def check_certificate_counts(counts: CertificateCounts, limits: Limits) -> None:
+    """``LimitExceededError`` if a name or the SAN of a counted certificate is over
+    ``limits`` (its elements are bounded while they are counted)."""
+    if counts.name_attributes > limits.max_name_attributes:
+        raise LimitExceededError(
+            f"a certificate name of {counts.name_attributes} attributes exceeds the limit "
+            f"of {limits.max_name_attributes}")
+    if counts.san_entries > limits.max_san_entries:
+        raise LimitExceededError(f"{counts.san_entries} subjectAltName entries exceed the "
+                                 f"limit of {limits.max_san_entries}")
+
+
 # Certificates read from messages, by their DER: a sender puts the same certificate in
 # every message, and a certificate object keeps what it has parsed (extensions), so the
-# checks after reading are cheaper too.  x509.Certificate is immutable.  Bounded (256
+# checks after reading are cheaper too.  x509.Certificate is immutable.  Each entry keeps
+# the certificate's counts too (None when unreadable), so a certificate seen again is
+# checked against the limits of the call without being counted again.  Bounded (256
 # certificates, each at most limits.max_certificate_bytes when read from a message);
 # emptied when full.
-_READ_MEMO: dict[bytes, x509.Certificate | None] = {}
+_READ_MEMO: dict[bytes, tuple[x509.Certificate | None, CertificateCounts | None]] = {}
 _READ_MEMO_MAX = 256
-_UNREAD = object()
+_UNREAD = (None, None)
 
 
-def readable_certificate(der: bytes) -> x509.Certificate | None:
-    """The certificate if cryptography can read every field we use, else None."""
+def known_counts(der_bytes: bytes) -> CertificateCounts | None:
+    """The counts of a certificate ``readable_certificate`` has read, if it still
+    remembers them."""
+    return _READ_MEMO.get(bytes(der_bytes), _UNREAD)[1]
+
+
+def readable_certificate(der: bytes, limits: Limits | None = None) -> x509.Certificate | None:
+    """The certificate if cryptography can read every field we use, else None.
+
+    Before cryptography reads anything, the certificate is counted
+    (``certificate_counts``): more than ``limits.max_certificate_elements`` DER
+    elements, a subject or issuer of more than ``limits.max_name_attributes``
+    attributes or more than ``limits.max_san_entries`` SAN entries is
+    ``LimitExceededError``; a structure the DER reader cannot read is unreadable (None).
+    """
+    if limits is None:
+        from .cms.limits import DEFAULT_LIMITS   # cms.signed imports this module
+        limits = DEFAULT_LIMITS
     der = bytes(der)
-    known = _READ_MEMO.get(der, _UNREAD)
-    if known is not _UNREAD:
-        return known   # type: ignore[return-value]
+    known = _READ_MEMO.get(der)
+    if known is not None:
+        cert, counts = known
+        if counts is not None:
+            check_certificate_counts(counts, limits)
+        return cert
     try:
-        cert: x509.Certificate | None = x509.load_der_x509_certificate(der)
-    except (ValueError, x509.InvalidVersion):
-        cert = None
-    if cert is not None and not fully_readable(cert):
-        cert = None
+        counts: CertificateCounts | None = certificate_counts(der, limits.max_certificate_elements)
+    except MalformedError:
+        counts = None
+    cert: x509.Certificate | None = None
+    if counts is not None:
+        check_certificate_counts(counts, limits)   # refused: never read, never kept
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except (ValueError, x509.InvalidVersion):
+            cert = None
+        if cert is not None and not fully_readable(cert):
+            cert = None
     if len(_READ_MEMO) >= _READ_MEMO_MAX:
         _READ_MEMO.clear()
-    _READ_MEMO[der] = cert
+    _READ_MEMO[der] = (cert, counts)
     return cert

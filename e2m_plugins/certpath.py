@@ -10,8 +10,13 @@ since the intermediates usually come from the message being checked:
   differs last.  A path never holds one subject and key twice (look-alike CAs),
   a certificate's signature is checked at most once per issuer key, and each check
   is counted against the message's public-key budget (``cms.budget``) *before* it
-  runs.  Trying more than ``limits.max_path_checks`` candidate issuers, or a
-  certificate over ``limits.max_certificate_bytes``, is ``LimitExceededError``.
+  runs.  Visiting more than ``limits.max_path_checks`` candidate issuers (every
+  visit counts, refused or tried), or a certificate over
+  ``limits.max_certificate_bytes`` or over the counts of
+  ``certfiles.certificate_counts`` (DER elements, name attributes, SAN entries), is
+  ``LimitExceededError``.  A node's issuer and time problems are decided once; the
+  reasons a path fails are kept as data and only the one reported is rendered, from
+  at most the first 8 RDNs of a name.
 * **Keys and algorithms, before use.**  ``check_public_key``: RSA and DSA moduli of
   ``min_rsa_bits``..``max_rsa_bits``, RSA exponents odd in 3..2^32, EC on P-256,
   P-384 or P-521, Ed25519/Ed448, DSA only with ``accept_legacy_algorithms``.
@@ -56,7 +61,12 @@ from cryptography.hazmat.primitives.asymmetric import (
 )
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from .certfiles import fully_readable
+from .certfiles import (
+    certificate_counts,
+    check_certificate_counts,
+    fully_readable,
+    known_counts,
+)
 from .errors import (
     E2MError,
     LimitExceededError,
@@ -212,13 +222,26 @@ def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
 
 def check_certificate_size(cert: x509.Certificate, limits: Limits | None = None,
                            der: bytes | None = None) -> None:
-    """``LimitExceededError`` if the certificate's DER or its SAN is over the limits."""
+    """``LimitExceededError`` if the certificate's DER, its element count, a name or its
+    SAN is over the limits (``certfiles.certificate_counts``; the counts of a
+    certificate read from a message are remembered)."""
     limits = _limits(limits)
     if der is None:
         der = cert.public_bytes(serialization.Encoding.DER)
     if len(der) > limits.max_certificate_bytes:
         raise LimitExceededError(f"certificate of {len(der)} bytes exceeds the limit of "
                                  f"{limits.max_certificate_bytes}")
+    counts = known_counts(der)
+    if counts is None:
+        try:
+            counts = certificate_counts(der, limits.max_certificate_elements)
+        except MalformedError:
+            counts = None   # cryptography read it: what it holds is checked below
+    elif counts.elements > limits.max_certificate_elements:
+        raise LimitExceededError(f"certificate of more than {limits.max_certificate_elements} "
+                                 "DER elements (extension contents included)")
+    if counts is not None:
+        check_certificate_counts(counts, limits)
     san = _san(cert)
     if san is not None and len(san) > limits.max_san_entries:
         raise LimitExceededError(f"{len(san)} subjectAltName entries exceed the limit of "
@@ -269,13 +292,56 @@ def _read_identities(cert: x509.Certificate, limits: Limits) -> Identities:
                       is_ca=_is_ca(cert))
 
 
+# RDNs of a name rendered in a description: RFC 4514 writes the last RDN first, so these
+# are the last ones; the text is then cut to 120 characters.
+_DESCRIBED_RDNS = 8
+
+
 def _describe(cert: x509.Certificate) -> str:
     try:
-        text = cert.subject.rfc4514_string() or f"serial {cert.serial_number:#x}"
+        text = _name_text(cert.subject) or f"serial {cert.serial_number:#x}"
     except ValueError:
         text = f"serial {cert.serial_number:#x}"
-    # Names come from the attacker as often as not: keep log lines short.
+    return text
+
+
+def _name_text(name: x509.Name) -> str:
+    """At most the 8 RDNs an RFC 4514 string begins with, cut to 120 characters: names
+    come from the attacker as often as not, so a description costs a bounded prefix
+    and log lines stay short."""
+    rdns = name.rdns
+    shown = rdns if len(rdns) <= _DESCRIBED_RDNS else rdns[-_DESCRIBED_RDNS:]
+    text = x509.Name(shown).rfc4514_string()
+    if len(shown) < len(rdns) and len(text) <= 117:
+        text += ",..."
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+class _Later:
+    """A reason a path fails, kept as data: the certificates' names are rendered only
+    when the reason is reported.  A path search may meet a reason on every candidate
+    it visits; it reports one (review 103: 160 names of 680 RDNs rendered per
+    message).  ``str()`` and f-strings render it (once)."""
+
+    __slots__ = ("_render", "_text")
+
+    def __init__(self, render) -> None:
+        self._render, self._text = render, None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = self._render()
+        return self._text
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return f"_Later({str(self)!r})"
+
+
+def _later(render) -> _Later:
+    return _Later(render)
 
 
 # --------------------------------------------------------------------------
@@ -333,11 +399,11 @@ def _key_problem(cert: x509.Certificate, limits: Limits, signing: bool) -> str |
     try:
         public = cert.public_key()
     except (ValueError, UnsupportedAlgorithm):
-        return f"{_describe(cert)} has a public key that cannot be read"
+        return _later(lambda: f"{_describe(cert)} has a public key that cannot be read")
     try:
         check_public_key(public, limits, signing=signing)
     except E2MError as exc:
-        return f"{_describe(cert)}: {exc}"
+        return _later(lambda message=str(exc): f"{_describe(cert)}: {message}")
     return None
 
 
@@ -356,9 +422,9 @@ def _signature_problem(cert: x509.Certificate, limits: Limits) -> str | None:
     try:
         algorithm = cert.signature_hash_algorithm
     except UnsupportedAlgorithm:
-        return f"{_describe(cert)} is signed with an unsupported algorithm"
+        return _later(lambda: f"{_describe(cert)} is signed with an unsupported algorithm")
     problem = _hash_problem(algorithm.name if algorithm is not None else None, limits)
-    return f"{_describe(cert)} is signed with {problem}" if problem else None
+    return _later(lambda: f"{_describe(cert)} is signed with {problem}") if problem else None
 
 
 def signer_usage_problem(cert: x509.Certificate) -> str | None:
@@ -490,39 +556,40 @@ def _can_issue(issuer: x509.Certificate, is_anchor: bool) -> str | None:
     try:
         bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
         if not bc.ca:
-            return f"{_describe(issuer)} is not a CA"
+            return _later(lambda: f"{_describe(issuer)} is not a CA")
     except x509.ExtensionNotFound:
         # Trust anchors are trusted by configuration (v1 roots have no
         # extensions); intermediates must prove they are CAs.
         if not is_anchor:
-            return f"{_describe(issuer)} has no CA basicConstraints"
+            return _later(lambda: f"{_describe(issuer)} has no CA basicConstraints")
     except ValueError:
-        return f"{_describe(issuer)} has unreadable extensions"
+        return _later(lambda: f"{_describe(issuer)} has unreadable extensions")
     try:
         ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
         if not ku.key_cert_sign:
-            return f"{_describe(issuer)} may not sign certificates (keyUsage)"
+            return _later(lambda: f"{_describe(issuer)} may not sign certificates (keyUsage)")
     except x509.ExtensionNotFound:
         pass
     except ValueError:
-        return f"{_describe(issuer)} has unreadable extensions"
+        return _later(lambda: f"{_describe(issuer)} has unreadable extensions")
     return None
 
 
 def _critical_problem(cert: x509.Certificate) -> str | None:
     for ext in cert.extensions:
         if ext.critical and ext.oid not in _UNDERSTOOD:
-            return f"{_describe(cert)} has an unknown critical extension {ext.oid.dotted_string}"
+            return _later(lambda: f"{_describe(cert)} has an unknown critical extension "
+                                  f"{ext.oid.dotted_string}")
     return None
 
 
 def _time_problem(cert: x509.Certificate, at: datetime) -> str | None:
     if at < cert.not_valid_before_utc:
-        return (f"certificate {_describe(cert)} is not yet valid "
-                f"(valid from {cert.not_valid_before_utc.isoformat()})")
+        return _later(lambda: f"certificate {_describe(cert)} is not yet valid "
+                      f"(valid from {cert.not_valid_before_utc.isoformat()})")
     if at > cert.not_valid_after_utc:
-        return (f"certificate {_describe(cert)} has expired "
-                f"(valid until {cert.not_valid_after_utc.isoformat()})")
+        return _later(lambda: f"certificate {_describe(cert)} has expired "
+                      f"(valid until {cert.not_valid_after_utc.isoformat()})")
     return None
 
 
@@ -637,14 +704,14 @@ def _constraints_problem(ca: x509.Certificate, nc: x509.NameConstraints,
         within = _MATCHERS[kind]
         for value in values:
             if value is None:  # a URI without a host: nothing to compare, fail closed
-                return (f"name constraints of {_describe(ca)}: {_describe(cert)} has a "
-                        "URI without a host")
+                return _later(lambda: f"name constraints of {_describe(ca)}: "
+                                      f"{_describe(cert)} has a URI without a host")
             if permitted and not any(within(value, c) for c in permitted):
-                return (f"name constraints of {_describe(ca)} do not permit "
-                        f"{_short(value)} in {_describe(cert)}")
+                return _later(lambda value=value: f"name constraints of {_describe(ca)} do not "
+                              f"permit {_short(value)} in {_describe(cert)}")
             if any(within(value, c) for c in excluded):
-                return (f"name constraints of {_describe(ca)} exclude "
-                        f"{_short(value)} in {_describe(cert)}")
+                return _later(lambda value=value: f"name constraints of {_describe(ca)} exclude "
+                              f"{_short(value)} in {_describe(cert)}")
     return None
 
 
@@ -659,12 +726,12 @@ def _constraints_static_problem(cert: x509.Certificate, limits: Limits) -> str |
         return None
     subtrees = list(nc.permitted_subtrees or ()) + list(nc.excluded_subtrees or ())
     if len(subtrees) > limits.max_san_entries:
-        return (f"name constraints of {_describe(cert)}: {len(subtrees)} subtrees exceed the "
-                f"limit of {limits.max_san_entries}")
+        return _later(lambda: f"name constraints of {_describe(cert)}: {len(subtrees)} subtrees "
+                              f"exceed the limit of {limits.max_san_entries}")
     odd = sorted({type(s).__name__ for s in subtrees if not isinstance(s, _NAME_TYPES)})
     if odd:
-        return (f"name constraints of {_describe(cert)} use {', '.join(odd)}, "
-                "which are not evaluated here")
+        return _later(lambda: f"name constraints of {_describe(cert)} use {', '.join(odd)}, "
+                              "which are not evaluated here")
     return None
 
 
@@ -677,9 +744,20 @@ class _Node:
 
     def __init__(self, cert: x509.Certificate, der: bytes, anchor: bool) -> None:
         self.cert, self.der, self.anchor = cert, der, anchor
-        self.issuer_problem: str | None = None   # computed once, when first needed
+        self.issuer_problem: _Later | None = None   # computed once, when first needed
         self.issuer_checked = False
+        self.time_problem: _Later | None = None     # the same for its validity
+        self.time_checked = False
         self.memo: dict = {}
+
+    # cryptography builds a new Name (an object per attribute) on every access.
+    @cached_property
+    def subject(self) -> x509.Name:
+        return self.cert.subject
+
+    @cached_property
+    def issuer(self) -> x509.Name:
+        return self.cert.issuer
 
     @cached_property
     def spki(self) -> bytes:
@@ -692,7 +770,7 @@ class _Node:
     @cached_property
     def loop_key(self) -> tuple[bytes, bytes]:
         # A path holds one subject with one key at most (RFC 4158 loop detection).
-        return (self.cert.subject.public_bytes(), self.spki)
+        return (self.subject.public_bytes(), self.spki)
 
     @cached_property
     def ski(self) -> bytes | None:
@@ -789,7 +867,8 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
         raise MalformedError("certificate has unreadable fields")
     leaf_der = cert.public_bytes(serialization.Encoding.DER)
     check_certificate_size(cert, limits, leaf_der)
-    problems: list[str] = []
+    # Reasons met, as data (``_Later``): only the first is rendered, when reported.
+    problems: list[_Later | str] = []
 
     def fail() -> UntrustedSignerError:
         if problems:
@@ -799,40 +878,48 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
             f"no trusted path for {_describe(cert)}: issuer {_describe_name(cert.issuer)} "
             "is neither a trust anchor nor among the supplied certificates")
 
-    def time_ok(c: x509.Certificate) -> bool:
+    def time_ok(node: _Node) -> bool:
+        # Decided once per node (a node may be visited on many paths), like its
+        # issuer problem below.
         if not check_time:
             return True
-        problem = _time_problem(c, when)
-        if problem:
-            problems.append(problem)
+        if not node.time_checked:
+            node.time_checked = True
+            node.time_problem = _time_problem(node.cert, when)
+        if node.time_problem:
+            problems.append(node.time_problem)
             return False
         return True
 
     # Candidates: anchors first (a shorter path to a trusted certificate wins), then
-    # the intermediates; one node per DER, unreadable or oversized ones skipped.
+    # the intermediates; one node per DER, oversized (counted before they are read
+    # further) or unreadable ones skipped.
     nodes: list[_Node] = []
     seen: set[bytes] = set()
     for candidate, is_anchor in [(a, True) for a in anchors] + [(c, False) for c in intermediates]:
         der = candidate.public_bytes(serialization.Encoding.DER)
-        if der in seen or not fully_readable(candidate):
+        if der in seen:
             continue
         seen.add(der)
         if not is_anchor:
             try:
                 check_certificate_size(candidate, limits, der)
             except E2MError as exc:
-                problems.append(f"{_describe(candidate)}: {exc}")
+                problems.append(_later(lambda c=candidate, message=str(exc):
+                                       f"{_describe(c)}: {message}"))
                 continue
+        if not fully_readable(candidate):
+            continue
         nodes.append(_Node(candidate, der, is_anchor))
     by_subject: dict[x509.Name, list[_Node]] = {}
     for node in nodes:
-        by_subject.setdefault(node.cert.subject, []).append(node)
+        by_subject.setdefault(node.subject, []).append(node)
 
-    if not time_ok(cert):
+    leaf = _Node(cert, leaf_der, False)
+    if not time_ok(leaf):
         raise fail()
     if leaf_der in {n.der for n in nodes if n.anchor}:
         return [cert]
-    leaf = _Node(cert, leaf_der, False)
     for problem in (_critical_problem(cert), _key_problem(cert, limits, signing=False),
                     _signature_problem(cert, limits)):
         if problem:
@@ -840,9 +927,9 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
             raise fail()
 
     signatures: dict[tuple[bytes, bytes], bool] = {}
-    tried = 0
+    visits = 0     # candidate issuers visited, whatever became of them
 
-    def issuer_problem(node: _Node) -> str | None:
+    def issuer_problem(node: _Node) -> _Later | None:
         if not node.issuer_checked:
             node.issuer_checked = True
             node.issuer_problem = (
@@ -862,7 +949,7 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
         return signatures[key]
 
     def candidates(child: _Node) -> list[_Node]:
-        found = by_subject.get(child.cert.issuer, [])
+        found = by_subject.get(child.issuer, [])
         # Issuers whose SKI is the child's AKI first, then those that do not say, then
         # those whose SKI differs (tried last, as a mismatched AKI proves nothing).
         def rank(n: _Node) -> int:
@@ -872,7 +959,7 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
         return sorted(found, key=rank)
 
     def extend(path: list[_Node], loop_keys: frozenset) -> list[_Node] | None:
-        nonlocal tried
+        nonlocal visits
         current = path[-1]
         if current.anchor:
             problem = _path_problem(path, limits, crls, when, check_time, spend)
@@ -884,21 +971,24 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
             problems.append(f"path longer than {MAX_PATH_LENGTH} certificates")
             return None
         for issuer in candidates(current):
+            # Every visit counts, refused or tried: 2^5 look-alike paths to five expired
+            # CAs were 62 signature checks but 222 visits (review 103).
+            visits += 1
+            if visits > limits.max_path_checks:
+                raise LimitExceededError(f"more than {limits.max_path_checks} candidate "
+                                         f"issuers visited for {_describe(cert)}")
             if issuer is current or issuer.loop_key in loop_keys:
                 continue
             reason = issuer_problem(issuer)
             if reason:
                 problems.append(reason)
                 continue
-            if not time_ok(issuer.cert):
+            if not time_ok(issuer):
                 continue
-            tried += 1
-            if tried > limits.max_path_checks:
-                raise LimitExceededError(f"more than {limits.max_path_checks} candidate "
-                                         f"issuers tried for {_describe(cert)}")
             if not signed_by(current, issuer):
-                problems.append(f"bad signature on {_describe(current.cert)} "
-                                f"for issuer {_describe(issuer.cert)}")
+                problems.append(_later(lambda c=current.cert, i=issuer.cert:
+                                       f"bad signature on {_describe(c)} "
+                                       f"for issuer {_describe(i)}"))
                 continue
             found = extend(path + [issuer], loop_keys | {issuer.loop_key})
             if found:
@@ -913,17 +1003,16 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
 
 def _describe_name(name: x509.Name) -> str:
     try:
-        text = name.rfc4514_string()
+        return _name_text(name)
     except ValueError:
-        text = "(unreadable)"
-    return text if len(text) <= 120 else text[:117] + "..."
+        return "(unreadable)"
 
 
 def _san_problem(cert: x509.Certificate, limits: Limits) -> str | None:
     try:
         check_certificate_size(cert, limits)
     except E2MError as exc:
-        return f"{_describe(cert)}: {exc}"
+        return _later(lambda message=str(exc): f"{_describe(cert)}: {message}")
     return None
 
 
@@ -939,8 +1028,9 @@ def _path_problem(path: list[_Node], limits: Limits,
         if bc is not None and bc.path_length is not None:
             below = sum(1 for c in certs[1:i] if not _self_issued(c))
             if below > bc.path_length:
-                return (f"pathLenConstraint {bc.path_length} of {_describe(ca)} allows "
-                        f"fewer CA certificates below it than the {below} on this path")
+                return _later(lambda ca=ca, bc=bc, below=below:
+                              f"pathLenConstraint {bc.path_length} of {_describe(ca)} allows "
+                              f"fewer CA certificates below it than the {below} on this path")
         nc = _extension(ca, x509.NameConstraints)
         if nc is not None:
             for j in range(i):
@@ -985,9 +1075,9 @@ def _revocation_problem(child: _Node, issuer: _Node, limits: Limits,
             else:
                 usable.append(crl)
         if not usable:
-            result = (f"no usable CRL for {_describe(issuer.cert)} ({why[0]}); "
-                      "its certificates are refused until a current CRL is configured")
+            result = _later(lambda: f"no usable CRL for {_describe(issuer.cert)} ({why[0]}); "
+                            "its certificates are refused until a current CRL is configured")
         elif any(_is_revoked(crl, child.cert.serial_number) for crl in usable):
-            result = f"certificate {_describe(child.cert)} is revoked"
+            result = _later(lambda: f"certificate {_describe(child.cert)} is revoked")
     issuer.memo[key] = result
     return result

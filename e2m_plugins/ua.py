@@ -46,8 +46,8 @@ from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
 from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeError, E2MError,
                      MalformedError, MergedRequestError, NoMatchingRecipientError,
-                     DecryptionError, PolicyError, SignatureRequiredError, UndecipherableError,
-                     UntrustedSignerError)
+                     DecryptionError, LimitExceededError, PolicyError, SignatureRequiredError,
+                     UndecipherableError, UntrustedSignerError)
 from .certfiles import readable_certificate
 from .config import LegacyPeer, UAConfig
 from .dialog_keys import MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, dialog_parties
@@ -1395,7 +1395,10 @@ def next_attempt(request: SipMessage) -> SipMessage:
 
 
 def _certificate_from(data: bytes) -> x509.Certificate:
-    cert = readable_certificate(data) if not data.lstrip().startswith(b"-----") else None
+    try:
+        cert = readable_certificate(data) if not data.lstrip().startswith(b"-----") else None
+    except LimitExceededError as exc:     # counted before it is read (names, SAN, elements)
+        raise CertificateRejectedError(f"certificate refused: {exc}") from None
     if cert is None:
         try:
             cert = x509.load_pem_x509_certificate(data)

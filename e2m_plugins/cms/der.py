@@ -184,14 +184,24 @@ def _read(buf: bytes, pos: int, limit: int, depth: int, parse: _Parse) -> TLV:
     return TLV(buf, tag, pos, pos_len, end, end, depth, parse)
 
 
-def read_all(data: bytes | memoryview, *, max_elements: int | None = None) -> TLV:
+class Count(_Parse):
+    """A bound on the elements several parses may read together (``read_all(...,
+    count=)``): what one has read is no longer left to the others, whether it
+    succeeded or not.  ``left`` is what is left."""
+
+    __slots__ = ()
+
+
+def read_all(data: bytes | memoryview, *, max_elements: int | None = None,
+             count: Count | None = None) -> TLV:
     """Decode one element that must span ``data`` exactly.
 
     ``max_elements`` bounds the elements this parse may read, now and through
-    later ``items``/``children`` calls on what it returns.
+    later ``items``/``children`` calls on what it returns; ``count`` instead shares
+    one bound between this parse and others.
     """
     buf = data if isinstance(data, bytes) else bytes(data)
-    tlv = _read(buf, 0, len(buf), 0, _Parse(max_elements))
+    tlv = _read(buf, 0, len(buf), 0, count if count is not None else _Parse(max_elements))
     if tlv.next != len(buf):
         raise MalformedError("trailing bytes after the DER element")
     return tlv

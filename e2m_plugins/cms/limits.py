@@ -41,7 +41,16 @@ class Limits:
     max_rsa_bits: int = 8192
     max_certificate_bytes: int = 16 * 1024   # one DER certificate
     max_san_entries: int = 100               # subjectAltName entries, nameConstraints subtrees
-    max_path_checks: int = 64                # candidate issuers tried while building one path
+    max_path_checks: int = 64                # candidate issuers visited while building one path
+    # A certificate is counted with cms.der before cryptography reads it, which builds a
+    # Python object per name attribute and extension entry (certfiles.certificate_counts).
+    # Real names have fewer than 15 attributes (a CA's: C, O, OU, CN; a user's a few more);
+    # 32 leaves room for the longest seen and none for a stranger's 670 (review 103).
+    max_name_attributes: int = 32            # per subject or issuer Name
+    # Every element of one certificate, extension contents included: a user certificate
+    # of ours is ~100, one with 100 SAN URIs ~260.  Bounds what SAN directoryNames,
+    # CRL distribution points, policies or unknown extensions can make cryptography build.
+    max_certificate_elements: int = 512
 
     def check_size(self, length: int) -> None:
         if length > self.max_body_bytes:

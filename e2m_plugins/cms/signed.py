@@ -404,7 +404,9 @@ def _certificates(tlv: der.TLV, limits: Limits) -> list[_Cert]:
             raise LimitExceededError(
                 f"certificate of {len(encoded)} bytes exceeds the limit of "
                 f"{limits.max_certificate_bytes}")
-        certs.append(_Cert(der=encoded, cert=readable_certificate(encoded)))
+        # Counted before cryptography reads it (names, SAN, elements): over a limit is
+        # LimitExceededError for the message, as a certificate over the size limit is.
+        certs.append(_Cert(der=encoded, cert=readable_certificate(encoded, limits)))
     return certs
 
 
