@@ -161,21 +161,9 @@ def certificate_counts(der_bytes: bytes, max_elements: int) -> CertificateCounts
 
     data = bytes(der_bytes)
     count = der.Count(max_elements)
-
-    def read(buf: bytes) -> der.TLV:
-        return der.read_all(buf, count=count)
-
-    def walk(top: der.TLV) -> None:
-        # Every element below ``top``, read once; ``count`` counts them.
-        stack = [top]
-        while stack:
-            tlv = stack.pop()
-            if tlv.constructed:
-                stack.extend(der.items(tlv))
-
     try:
-        top = read(data)
-        fields = der.items(top.expect(der.SEQUENCE, "Certificate"), 3, "Certificate")
+        der.scan(data, count)                  # every element, headers only: bounded first
+        fields = der.items(der.read_all(data), 3, "Certificate")
         tbs = der.items(fields[0].expect(der.SEQUENCE, "tbsCertificate"), 6, "tbsCertificate")
         at = 1 if tbs[0].tag == der.context(0) else 0
         if len(tbs) < at + 6:
@@ -185,7 +173,6 @@ def certificate_counts(der_bytes: bytes, max_elements: int) -> CertificateCounts
             rdns = der.items(name.expect(der.SEQUENCE, "Name"))
             widest = max(widest, sum(len(der.items(rdn.expect(der.SET, "RDN")))
                                      for rdn in rdns))
-        walk(top)
         san = 0
         for wrapper in (t for t in tbs[at + 6:] if t.tag == der.context(3)):
             for ext in der.items(der.items(wrapper, 1, "extensions")[0]):
@@ -194,12 +181,11 @@ def certificate_counts(der_bytes: bytes, max_elements: int) -> CertificateCounts
                 if value.tag != der.OCTET_STRING:
                     raise MalformedError("Extension: extnValue is not an OCTET STRING")
                 try:
-                    inner = read(value.value)   # what it reads is counted, read or not
-                    walk(inner)
+                    der.scan(value.value, count)   # what it reads is counted, read or not
                 except MalformedError:
                     continue   # opaque to us; cryptography refuses it if it must read it
-                if der.oid(parts[0]) == _SAN_OID and inner.tag == der.SEQUENCE:
-                    san = max(san, len(der.items(inner)))
+                if der.oid(parts[0]) == _SAN_OID and value.value[:1] == b"\x30":
+                    san = max(san, len(der.items(der.read_all(value.value))))
     except LimitExceededError:
         raise LimitExceededError(f"certificate of more than {max_elements} DER elements "
                                  "(extension contents included)") from None
