@@ -76,6 +76,22 @@ shape                          what it is (and where the work goes)
 ``combining-mark-issuer``      the SignerInfo names an issuer "a" + combining marks, and
                                16 certificates carry the matching serial (issue 12: RFC
                                4518 preparation, quadratic, 16 times).
+``lookalike-paths-expired``    review 103, hole 1: signed by the stranger's own leaf (a
+                               valid signature); 5 levels of 2 CA certificates sharing a
+                               P-256 key per level (2^5 paths), the last issued by a name
+                               Y of n RDNs, and 5 expired CA certificates whose subject is
+                               Y: every path visits every expired look-alike.  Refused
+                               when read (Y over 32 attributes, the certificates over 512
+                               DER elements: 413) since stop 37.
+``lookalike-paths-at-bound``   the same with Y of 32 RDNs, the most a name may have: read,
+                               then the path walk stops at the 65th candidate visited
+                               (``max_path_checks``), each expired look-alike's problem
+                               decided once and none rendered but the one reported.
+``long-named-certificates``    review 103, hole 2: 15 certificates whose subject and issuer
+                               have n RDNs each (at most 16 KiB a certificate), and a
+                               SignerInfo naming none of them.  Refused when read (413).
+``long-names-at-bound``        the same with names of 32 RDNs (read, then 403: the signer
+                               is not there).
 ``many-signers``               insider: carol (a user of our CA) signs 8 SignerInfos,
                                each verified with its path, then she is not the sender.
 ``many-labels``                Proxy-Required-Body headers naming other hosts fill the
@@ -555,6 +571,57 @@ def _combining_mark_issuer(s: _Stranger, transport: str, n: int) -> sip.SipMessa
     return _labelled(s, _request(s, transport), _smime(data, "signed-data"))
 
 
+def _long_name(rdns: int) -> x509.Name:
+    return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                                         "a")])
+                      for _ in range(rdns)])
+
+
+def _ca_certificate(subject: x509.Name, issuer: x509.Name, public_key, signer_key, *,
+                    expired: bool = False) -> x509.Certificate:
+    start, end = ((_NOW - timedelta(days=60), _NOW - timedelta(days=30)) if expired
+                  else (_NOW - timedelta(days=1), _NOW + timedelta(days=30)))
+    usage = dict(digital_signature=True, content_commitment=False, key_encipherment=False,
+                 data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                 crl_sign=True, encipher_only=False, decipher_only=False)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+            .public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(**usage), critical=True)
+            .sign(signer_key, hashes.SHA256()))
+
+
+def _lookalike_paths(s: _Stranger, transport: str, n: int) -> sip.SipMessage:
+    levels, width, expired = 5, 2, 5
+    keys = [_ec() for _ in range(levels + 1)]
+    names = [_name(f"level {i}") for i in range(levels)]
+    long_name = _long_name(n)
+    certs = []
+    for i in range(levels):
+        issuer = names[i + 1] if i + 1 < levels else long_name
+        certs += [_ca_certificate(names[i], issuer, keys[i].public_key(), keys[i + 1])
+                  for _ in range(width)]
+    old = _ec()
+    certs += [_ca_certificate(long_name, _name("old"), old.public_key(), old, expired=True)
+              for _ in range(expired)]
+    leaf_key = _ec()
+    leaf = _certificate(_name("alice"), leaf_key.public_key(), keys[0], names[0],
+                        san=[x509.UniformResourceIdentifier(s.pki.aor("alice"))])
+    data = sign(_INNER, leaf, leaf_key, extra_certs=certs)   # a valid signature, its own
+    return _labelled(s, _request(s, transport), _smime(data, "signed-data"))
+
+
+def _long_named_certificates(s: _Stranger, transport: str, n: int) -> sip.SipMessage:
+    key = _ec()
+    certs = b"".join(_der_of(_ca_certificate(_long_name(n), _long_name(n), key.public_key(),
+                                             key))
+                     for _ in range(DEFAULT_LIMITS.max_certificates - 1))
+    info = _signer_info(s.cert.issuer.public_bytes(), s.cert.serial_number, _wrong_digest_attrs())
+    data = _signed_data(info, certificates=certs, content=_INNER)
+    return _labelled(s, _request(s, transport), _smime(data, "signed-data"))
+
+
 def _many_signers(s: _Stranger, transport: str, n: int) -> sip.SipMessage:
     carol = s.carol
     one = der.items(der.read_all(sign(_INNER, carol.cert, carol.key)))
@@ -632,6 +699,14 @@ SHAPES: dict[str, tuple[_Builder, str, tuple[str, ...], str]] = {
     "combining-mark-issuer": (_combining_mark_issuer, "stranger", TRANSPORTS,
                               "issuer 'a' + n combining-mark pairs, 16 certificates "
                               "with its serial"),
+    "lookalike-paths-expired": (_lookalike_paths, "stranger", TRANSPORTS,
+                                "2^5 look-alike CA paths to 5 expired CAs named by n RDNs"),
+    "lookalike-paths-at-bound": (_lookalike_paths, "stranger", ("udp",),
+                                 "the same with names of 32 RDNs (max_name_attributes)"),
+    "long-named-certificates": (_long_named_certificates, "stranger", TRANSPORTS,
+                                "15 certificates whose subject and issuer have n RDNs each"),
+    "long-names-at-bound": (_long_named_certificates, "stranger", ("udp",),
+                            "the same with names of 32 RDNs (max_name_attributes)"),
     "many-signers": (_many_signers, "insider", ("udp",),
                      "carol signs 8 SignerInfos, each with its path"),
     "many-labels": (_many_labels, "stranger", TRANSPORTS,
@@ -644,9 +719,14 @@ SHAPES: dict[str, tuple[_Builder, str, tuple[str, ...], str]] = {
 }
 
 # Shapes whose size is set by a limit, not by the message size: one count, no search.
-_FIXED = {"lookalike-cas": 15, "rsa-8192-signer": 1, "many-signers": 8}
+_FIXED = {"lookalike-cas": 15, "rsa-8192-signer": 1, "many-signers": 8,
+          "lookalike-paths-at-bound": DEFAULT_LIMITS.max_name_attributes,
+          "long-names-at-bound": DEFAULT_LIMITS.max_name_attributes}
 # Counts past which a shape is refused outright (cheaply): the fill stops there.
-_CAPS = {"recipients-parts-layers": MAX_RECIPIENTS,
+# long-named-certificates: 670 RDNs make a certificate of 16,344 octets (16 KiB at most);
+# lookalike-paths-expired: 1,330 RDNs keep each expired look-alike under 16 KiB too.
+_CAPS = {"recipients-parts-layers": MAX_RECIPIENTS, "long-named-certificates": 670,
+         "lookalike-paths-expired": 1330,
          "envelope-ber-parts": DEFAULT_LIMITS.max_der_elements - 64}
 
 
