@@ -87,7 +87,6 @@ STRANGERS = ("127.0.0.7", "127.0.0.8", "127.0.0.9")
 HONEST = "127.0.0.3"
 COUNT = 28                  # in 2.1 s: under pike's 30 requests in 2 s
 GAP = 0.075
-HOLE_MS = 20.0              # the honest control's CPU line (the hole's check is functional)
 HONEST_TIMEOUT = 5.0        # generous: an answer, not a speed, is what is asserted
 WHOLE_READ = 32 * 1024      # kemi._SLICE: larger messages are read in slices (hole 3)
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -229,8 +228,8 @@ def test_control_honest_messages_cost_the_workers_little(home, pki, raw_uas) -> 
         sock.close()
     assert statuses == [200] * COUNT, statuses
     per_message_ms = spent / COUNT * 1e3
+    # a figure to read beside the hole's, not a target (speed targets live in bench/)
     print(f"honest: {per_message_ms:.1f} ms of Kamailio CPU per MESSAGE")
-    assert per_message_ms < HOLE_MS
 
 
 def test_hole_a_stranger_at_pikes_rate_holds_the_workers(home, pki, raw_uas) -> None:
