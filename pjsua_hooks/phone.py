@@ -21,9 +21,11 @@ pjsua keeps working on plaintext; :class:`E2MPhone` installs the hook so that
   certificate of the caller, no key to reuse) is refused at once with the
   error table's answer and a ``call_refused`` event, before pjsua gives it a
   call slot;
-- a phone with an outbound proxy takes requests only from that proxy (or its
-  registrar): anything else never crossed the home's policy (what it archives) and
-  is answered 403 before anything is noted (``_through_home``, review 102).
+- a phone with an outbound proxy or a registrar takes requests only from its home
+  (those and ``home_sources``): anything else never crossed the home's policy (what it
+  archives) and is answered 403 before anything is noted (``_through_home``, reviews
+  102, 104); with an outbound proxy, a response from elsewhere is dropped
+  (``_answer_from_home``, review 104).
 
 Nothing a stranger sends ends the loop: every handler runs behind a boundary
 that turns an exception into an ``error`` event (class name, no body), and
