@@ -53,7 +53,7 @@ _bootstrap_path()
 
 from e2m_plugins.challenge import (  # noqa: E402
     CHALLENGE_HEADERS, credentials_fit_request, names_realm)
-from e2m_plugins.errors import E2MError, MalformedError  # noqa: E402
+from e2m_plugins.errors import E2MError, LimitExceededError, MalformedError  # noqa: E402
 from e2m_plugins.grammar import split_header_list  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
@@ -182,7 +182,7 @@ def _log_exception(where, exc):
 # hashes its length, NULs and all), and a message that does not match is refused, never
 # read as something else (review 103: the engine archived a decoy and zeros while bob
 # got the real text).  So a message past 49,149 octets with a NUL in it (a binary
-# body) cannot be read at all.
+# body) cannot be read at all: 413 Request Entity Too Large.
 _WHOLE_MAX = 49149
 _SLICE = 32 * 1024
 _WHOLE = "$(mb{s.encode.base64})"
@@ -221,8 +221,9 @@ def _message_octets():
         raw = b"".join(pieces)
         held = (KSR.pv.get(_MESSAGE_SHA256) or "").lower()
         if not held or hashlib.sha256(raw).hexdigest() != held:
-            raise MalformedError("message could not be read as received "
-                                 "(a NUL in a long message)")
+            # too large for what can be read byte-exact: 413, as the core's own bounds
+            raise LimitExceededError("message past %d octets with a NUL in it cannot be "
+                                     "read as received" % _WHOLE_MAX)
     if len(raw) != total:
         raise MalformedError("message could not be read whole")
     _LAST_READ[:] = [mark, raw]
@@ -571,7 +572,7 @@ def _sips_leaves_tls():
     return uri.scheme != "sips" and (uri.params.get("transport") or "").lower() != "tls"
 
 
-_BARE_LINE_ENDS = "Lines Must End In CRLF"
+_BARE_LINE_ENDS = (400, "Lines Must End In CRLF")
 
 
 def _framing_problem():
@@ -579,15 +580,18 @@ def _framing_problem():
     ends in anything but CRLF (``crlf_head``; Kamailio and the core take a bare LF, or a
     bare CR as the blank line, but pjsip finds a message's end on a stream only by CRLF:
     relayed down a phone's TCP connection, such a message swallowed the requests after
-    it, reviews 79, 80), or a message that cannot be read byte-exact (review 103).  Only
-    the head is checked: a body may hold any octets."""
+    it, reviews 79, 80), or a message that cannot be read byte-exact (review 103: past
+    what is read whole, with a NUL in it, 413).  As (status, reason).  Only the head is
+    checked: a body may hold any octets."""
     head = int(KSR.pv.get("$ml") or 0) - int(KSR.pv.get("$bs") or 0)
     if head <= 0:
         return None
     try:
         octets = _message_octets()
+    except LimitExceededError:
+        return 413, "Request Entity Too Large"
     except MalformedError:
-        return "Message Cannot Be Read"
+        return 400, "Message Cannot Be Read"
     return None if crlf_head(octets[:head]) else _BARE_LINE_ENDS
 
 
@@ -1022,7 +1026,7 @@ class kamailio:
         problem = _framing_problem()
         if problem is not None:
             if not KSR.is_ACK():
-                KSR.sl.sl_send_reply(400, problem)
+                KSR.sl.sl_send_reply(*problem)
             return False
         if _record_route_unvouchable():
             # its answers would carry it back (a UAS copies it, Kamailio's own replies

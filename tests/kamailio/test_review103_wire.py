@@ -51,7 +51,7 @@ honest MESSAGE's wait are printed, not asserted.
 Fixed (stop 37), hole 3: ``kemi._message_octets`` reads a message whole through base64
 up to 49,149 octets (what the 64 KiB transformation buffer holds as base64), so a NUL no
 longer meets ``{s.substr}``'s strncpy; a longer one is read in slices and compared with
-Kamailio's own ``$(mb{s.sha256})``, and refused 400 ``Message Cannot Be Read`` when they
+Kamailio's own ``$(mb{s.sha256})``, and refused 413 (too large to be read byte-exact) when they
 differ (``test_fixed_a_long_message_with_a_nul_is_refused_not_misread``; without a NUL it
 is read in slices: ``test_control_a_long_message_without_a_nul_is_read_in_slices``).
 The door's framing check reads the head from the same octets (read once per message).
@@ -329,15 +329,15 @@ WHOLE_MAX = 49149           # kemi._WHOLE_MAX: read whole (base64) up to here, t
 def test_fixed_a_long_message_with_a_nul_is_refused_not_misread(home, pki, raw_uas) -> None:
     """Fixed (stop 37): past what base64 of the whole message fits, the slices are
     checked against Kamailio's SHA-256 of the message; a NUL makes them differ, so the
-    message is refused 400 (Message Cannot Be Read), relayed nowhere, archived nowhere."""
+    message is refused 413 (too large to be read byte-exact), relayed nowhere, archived
+    nowhere."""
     register_contact(home, "bob", raw_uas.port)
     text = DECOY + b"the real plan " * 3800         # 53 KB: past the whole read
     wire = _plain(pki, text)
     assert WHOLE_MAX < len(wire.serialize()) < 65000
     before = len(raw_uas.received)
     answer = udp_transaction(home.port, wire, timeout=5, source=HONEST)
-    assert answer is not None and answer.status == 400, answer
-    assert "Cannot Be Read" in (answer.reason or ""), answer.reason
+    assert answer is not None and answer.status == 413, answer
     time.sleep(0.5)
     assert not [m for m in raw_uas.received[before:] if m.get("Call-ID") == wire.call_id]
     assert not [r for r in home.archive_rows() if r.call_id == wire.call_id]

@@ -279,10 +279,10 @@ def unload_kemi():
 
 def test_control_bare_line_ends_catches_a_bare_lf(monkeypatch, unload_kemi):
     wire = _bodiless()[:-2] + b"\n"
-    assert _kemi_with(monkeypatch, wire, 0)._framing_problem() == "Lines Must End In CRLF"
+    assert _kemi_with(monkeypatch, wire, 0)._framing_problem() == (400, "Lines Must End In CRLF")
     assert _kemi_with(monkeypatch, _bodiless(), 0)._framing_problem() is None
 
 
 def test_hole_bare_line_ends_misses_a_blank_line_that_is_a_bare_cr(monkeypatch, unload_kemi):
     wire = _bodiless()[:-1]            # Kamailio: head ends at the CR line, $bs = 0
-    assert _kemi_with(monkeypatch, wire, 0)._framing_problem() == "Lines Must End In CRLF"
+    assert _kemi_with(monkeypatch, wire, 0)._framing_problem() == (400, "Lines Must End In CRLF")
