@@ -1,0 +1,210 @@
+"""A fifty-...th attacker's review (December 2026) of 0951fe9: stop 37's later fixes
+(reviews 103 and 104), fresh eyes: the core half (certificates counted before
+cryptography reads them).  The phone half is ``tests/pjsua/test_review105_phone.py``.
+
+Hole 1 (``test_hole_a_san_behind_an_opaque_first_entry_is_read_uncounted``): **off-path
+sender** (no account, no certificate of ours; also an **untrusted hop**, who can put the
+same body in any request it forwards).  Stop 37 counts a certificate with
+``cms.der.scan`` before cryptography reads it (``certfiles.certificate_counts``: 512 DER
+elements with extension contents, 32 attributes a name, 100 SAN entries).  An
+extension's value is scanned as DER, but a value the scan cannot read is skipped as
+"opaque to us; cryptography refuses it if it must read it" (certfiles.py:185-186,
+``except MalformedError: continue``): its elements stay uncounted and its SAN entries
+are not counted at all (the ``san = max(...)`` line after the ``try`` is skipped).  The
+scan refuses more than cryptography does: it nests at most 64 levels (``_MAX_DEPTH``)
+and takes no high-numbered tag, while cryptography reads an ``otherName``'s value as one
+opaque TLV whatever it holds.
+
+- Messages: a MESSAGE "from alice" to bob over TCP, labelled for the proxy, whose body
+  is a SignedData of 15 certificates of at most 16 KiB (the size bound) made by the
+  stranger, each with a subjectAltName whose *first* entry is an ``otherName`` whose
+  value nests 70 SEQUENCEs (133 octets), followed by ~5,300 ``dNSName`` "a" entries
+  (3 octets each); a SignerInfo naming none of them (review 103 hole 2's shape).
+- Effect (seen on 0951fe9): ``certificate_counts`` gives each certificate ~20 elements,
+  0 SAN entries, within every bound; ``readable_certificate`` hands it to cryptography,
+  whose ``fully_readable`` (``cert.extensions``) builds a Python ``DNSName`` for each of
+  the ~80,000 entries of the message, before the signer is looked for (then 403
+  ``UntrustedSignerError``, the SAN bound being checked only on a path).  The same
+  certificates without the opaque first entry are refused while counted (413), nothing
+  built.  CPU figures are printed (not asserted): review 103 hole 2's 64 ms at the proxy
+  is the order of magnitude this shape brings back; the assertion is on what is built.
+- At fault: ``e2m_plugins/certfiles.py`` ``certificate_counts``, lines 183-188
+  (``der.scan(value.value, count)`` / ``except MalformedError: continue``): an
+  extension the scan cannot read is taken as counted while cryptography reads it anyway.
+- Fix: an extension value the scan cannot read makes the certificate unreadable (None),
+  at least for the extensions cryptography parses (SAN, IAN, CRL distribution points,
+  policies, name constraints, AKI, AIA/SIA, SCTs: anything not in a short list of
+  opaque OIDs); or count a SAN's entries with a header-only walk of its top level
+  (``der.items`` of the SEQUENCE, which reads each GeneralName's header only) before the
+  deep scan, and refuse any SAN whose entry cannot be scanned.
+
+Controls: ``test_control_the_same_san_without_the_opaque_entry_is_refused_when_counted``
+(5,300 entries, refused at count, nothing built: the bound works for the plain shape);
+``test_control_a_certificate_with_the_opaque_other_name_is_read_by_cryptography`` (the
+otherName alone with two dNSNames: well formed, cryptography reads it, what the
+attacker relies on).
+
+Tried and held (read or run here): BER indefinite lengths in a certificate (the scan
+takes them, cryptography refuses the certificate: unreadable, nothing built); a name's
+attributes hidden in a multi-valued RDN (counted per attribute across RDNs); the
+issuer/subject fields located by position with an optional [0] version (the same as
+cryptography's); a long UTF8String attribute (one element, cryptography builds one
+``str``; ``_describe`` renders at most 8 RDNs then cuts); an extension value with
+trailing octets (the scan refuses it, cryptography refuses it too for SAN: unreadable);
+the memo (keyed by the full DER, emptied at 256: a stranger forces misses, but each
+miss is bounded by the count, as review 103 said).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ObjectIdentifier
+
+from e2m_lab import costly
+from e2m_plugins import certfiles, sip
+from e2m_plugins.cms.limits import DEFAULT_LIMITS
+from e2m_plugins.errors import LimitExceededError
+from tests.unit.test_review103 import World, _cert, _cold, _der, _ec, _short
+
+SAN_BOUND = DEFAULT_LIMITS.max_san_entries
+CERT_BYTES = DEFAULT_LIMITS.max_certificate_bytes
+TCP_BODY = costly.BODY_LIMIT - 512
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World()
+
+
+def _len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _deep(levels: int = 70) -> bytes:
+    """One TLV nesting ``levels`` SEQUENCEs around a NULL: past ``cms.der``'s 64 levels,
+    one opaque value to cryptography."""
+    value = b"\x05\x00"
+    for _ in range(levels):
+        value = b"\x30" + _len(len(value)) + value
+    return value
+
+
+OPAQUE = x509.OtherName(ObjectIdentifier("1.3.6.1.4.1.99999.1"), _deep())
+
+
+def _san_certificate(entries: int, *, opaque: bool) -> bytes:
+    key = _ec()
+    names: list[x509.GeneralName] = [OPAQUE] if opaque else []
+    names += [x509.DNSName("a")] * entries
+    return _der(_cert(_short("many"), _short("many"), key.public_key(), key, san=names))
+
+
+def _largest(opaque: bool) -> bytes:
+    """The certificate with the most dNSName entries under the 16 KiB bound."""
+    small = _san_certificate(100, opaque=opaque)
+    entries = 100 + (CERT_BYTES - len(small) - 64) // 3
+    der = _san_certificate(entries, opaque=opaque)
+    assert len(der) <= CERT_BYTES, len(der)
+    return der
+
+
+def _message(w: World, certs: list[bytes]) -> tuple[bytes, bytes]:
+    s = w.stranger
+    info = costly._signer_info(s.cert.issuer.public_bytes(), s.cert.serial_number,
+                               costly._wrong_digest_attrs())
+    data = costly._signed_data(info, certificates=b"".join(certs), content=costly._INNER)
+    msg = costly._labelled(s, costly._request(s, "tcp"), costly._smime(data, "signed-data"))
+    return data, msg.serialize()
+
+
+class _Built:
+    """GeneralNames cryptography builds (``DNSName`` objects) and certificates it loads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.dns = self.loaded = 0
+        made = x509.DNSName._init_without_validation.__func__
+        load = x509.load_der_x509_certificate
+
+        def counted_made(cls, value):
+            self.dns += 1
+            return made(cls, value)
+
+        def counted_load(data, *args, **kwargs):
+            self.loaded += 1
+            return load(data, *args, **kwargs)
+
+        monkeypatch.setattr(x509.DNSName, "_init_without_validation", classmethod(counted_made))
+        monkeypatch.setattr(x509, "load_der_x509_certificate", counted_load)
+
+    def of(self, fn):
+        _cold()
+        self.dns = self.loaded = 0
+        start = time.process_time()
+        result = fn()
+        self.ms = (time.process_time() - start) * 1000
+        return result
+
+    def __repr__(self) -> str:
+        return f"{self.loaded} certificates loaded, {self.dns} DNSName built, {self.ms:.1f} ms"
+
+
+def _run(w: World, role: str, raw: bytes):
+    result = w.run(role, raw)
+    return (result.error, result.code) if role == "proxy" else (type(result).__name__, None)
+
+
+# ------------------------------------------------------------------ controls
+
+def test_control_a_certificate_with_the_opaque_other_name_is_read_by_cryptography(
+        monkeypatch) -> None:
+    der = _san_certificate(2, opaque=True)
+    counts = certfiles.certificate_counts(der, DEFAULT_LIMITS.max_certificate_elements)
+    assert counts.name_attributes == 1
+    built = _Built(monkeypatch)
+    cert = built.of(lambda: certfiles.readable_certificate(der))
+    assert cert is not None and built.loaded == 1
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert len(san) == 3 and isinstance(san[0], x509.OtherName)
+
+
+@pytest.mark.parametrize("role", ["proxy", "ua"])
+def test_control_the_same_san_without_the_opaque_entry_is_refused_when_counted(
+        world: World, role: str, monkeypatch) -> None:
+    der = _largest(opaque=False)
+    with pytest.raises(LimitExceededError):
+        certfiles.certificate_counts(der, DEFAULT_LIMITS.max_certificate_elements)
+    # 15 different certificates (the memo reads each DER once)
+    _, raw = _message(world, [der] + [_largest(opaque=False) for _ in range(14)])
+    assert len(sip.parse(raw).body) <= TCP_BODY and len(raw) <= costly.TCP_MESSAGE
+    built = _Built(monkeypatch)
+    outcome = built.of(lambda: _run(world, role, raw))
+    print(role, outcome, built)
+    assert outcome[0] == "LimitExceededError" and outcome[1] in (413, None), outcome
+    assert built.loaded == 0 and built.dns == 0, built
+
+
+# ------------------------------------------------------------------ holes
+
+@pytest.mark.xfail(strict=True, reason="review 105: off-path sender, a SAN whose first entry "
+                   "the DER scan cannot read goes uncounted; cryptography builds ~80k names")
+@pytest.mark.parametrize("role", ["proxy", "ua"])
+def test_hole_a_san_behind_an_opaque_first_entry_is_read_uncounted(world: World, role: str,
+                                                                   monkeypatch) -> None:
+    der = _largest(opaque=True)
+    counts = certfiles.certificate_counts(der, DEFAULT_LIMITS.max_certificate_elements)
+    print("counted", counts, "octets", len(der))
+    # 15 different certificates (the memo reads each DER once)
+    _, raw = _message(world, [der] + [_largest(opaque=True) for _ in range(14)])
+    assert len(sip.parse(raw).body) <= TCP_BODY and len(raw) <= costly.TCP_MESSAGE
+    built = _Built(monkeypatch)
+    outcome = built.of(lambda: _run(world, role, raw))
+    print(role, outcome, built)
+    # secure: refused like the plain shape, before cryptography builds a SAN over the bound
+    assert built.dns <= 15 * SAN_BOUND, built
+    assert outcome[0] == "LimitExceededError", outcome
