@@ -82,8 +82,8 @@ def _write_alice(directory: Path, pki_dir: Path, phone: dict) -> Path:
 
 @pytest.fixture
 def ringing(tmp_path: Path, pki) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMessage]]:
-    """alice's phone (registrar: the seat ``home``, no outbound proxy) has sent its INVITE
-    to bob at the home."""
+    """alice's phone (registrar: the seat ``home``, no outbound proxy), registered there
+    (200, no policy), has sent its INVITE to bob at the home."""
     home = Bob(pki)
     assert pki.directory is not None
     config = _write_alice(tmp_path, pki.directory,
@@ -91,6 +91,11 @@ def ringing(tmp_path: Path, pki) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMes
     alice = PhoneProcess(config, "alice")
     try:
         alice.wait("started", timeout=15)
+        register = home.receive(lambda m: m.is_request and m.method == "REGISTER")
+        ok = make_response(register, 200, "OK",
+                           [("Contact", f"{register.get('Contact')};expires=3600")], b"", None)
+        home.send(ok.replace("To", f"{register.get('To')};tag=reg105"))
+        alice.wait("registered", timeout=8)
         alice.send(f"call sip:bob@{HOST}:{home.port}")
         invite = home.receive(lambda m: m.is_request and m.method == "INVITE")
         yield alice, home, invite
