@@ -19,7 +19,8 @@ phone.  Review 104's hole 2, unchanged for the set-up review 104's hole 3 calls 
   socket straight to alice's phone (to her Via's address and port, with her branch),
   never through the home.
 - Effect (seen on 0951fe9): the phone hands it to pjsua, the call is CONFIRMED on bob's
-  answer and alice's ACK goes straight to bob's Contact: the home never saw the answer
+  answer (``responses_not_via_proxy`` 0, no ``response_dropped``) and alice's ACK goes
+  straight to bob's Contact: the home never saw the answer
   (no archive or media row, no pinhole decided on it) and the dialog's route set is
   empty, so her later requests in it go past the home too.
 - At fault: ``pjsua_hooks/phone.py`` ``E2MPhone.start``, line 549

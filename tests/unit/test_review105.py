@@ -20,14 +20,23 @@ opaque TLV whatever it holds.
   stranger, each with a subjectAltName whose *first* entry is an ``otherName`` whose
   value nests 70 SEQUENCEs (133 octets), followed by ~5,300 ``dNSName`` "a" entries
   (3 octets each); a SignerInfo naming none of them (review 103 hole 2's shape).
-- Effect (seen on 0951fe9): ``certificate_counts`` gives each certificate ~20 elements,
-  0 SAN entries, within every bound; ``readable_certificate`` hands it to cryptography,
-  whose ``fully_readable`` (``cert.extensions``) builds a Python ``DNSName`` for each of
-  the ~80,000 entries of the message, before the signer is looked for (then 403
-  ``UntrustedSignerError``, the SAN bound being checked only on a path).  The same
-  certificates without the opaque first entry are refused while counted (413), nothing
-  built.  CPU figures are printed (not asserted): review 103 hole 2's 64 ms at the proxy
-  is the order of magnitude this shape brings back; the assertion is on what is built.
+- Effect (seen on 0951fe9): ``certificate_counts`` gives each certificate 110
+  elements, 1 name attribute, 0 SAN entries, within every bound;
+  ``readable_certificate`` hands all 15 to cryptography, whose ``fully_readable``
+  (``cert.extensions``) builds a Python ``DNSName`` for each of the **79,000** entries
+  of the message (245 KB), before the signer is looked for; then 403
+  ``UntrustedSignerError`` (the SAN bound is checked only on a path).  CPU on this
+  machine (``process_time``, cold memos, no spy): **36-53 ms at the proxy or bob's UA
+  engine** per message, where the same certificates without the opaque entry are
+  refused while counted in **0.3 ms** (413, nothing built) and an honest MESSAGE costs
+  3.6 ms: review 103 hole 2's 64 ms, back under the new counts.  Three such certificates
+  (49.7 KB, one UDP datagram) cost ~10-28 ms.  On Kamailio (read, not run): a binary
+  body over 49,149 octets is refused (a NUL in a long message), but the core takes a
+  ``Content-Transfer-Encoding: base64`` S/MIME body (``mime.py``), which has no NUL: ~11
+  such certificates over TCP.  The phone reads 4,000 octets at most: out of reach.
+  Related (read and run in a script, not a test): a certificate in PEM
+  (``ua._certificate_from``, a 493/496 body or a fetched cert-url) is not counted at
+  all: 5,323 DNSName built for one, 2.7 ms, bounded by one certificate per answer.
 - At fault: ``e2m_plugins/certfiles.py`` ``certificate_counts``, lines 183-188
   (``der.scan(value.value, count)`` / ``except MalformedError: continue``): an
   extension the scan cannot read is taken as counted while cryptography reads it anyway.
