@@ -62,6 +62,18 @@ cryptography's); a long UTF8String attribute (one element, cryptography builds o
 trailing octets (the scan refuses it, cryptography refuses it too for SAN: unreadable);
 the memo (keyed by the full DER, emptied at 256: a stranger forces misses, but each
 miss is bounded by the count, as review 103 said).
+
+Read, not run (Kamailio): ``_message_octets``'s cache keyed by ``($mi, $ml)``: tm's
+faked request takes the id of its request less one (another worker's numbering), so in
+the failure route a worker or the timer process can meet a stale entry of the same
+length; the only reader there is ``drop_attempt_keys`` (``end_attempt`` on the read
+message's scope), so a stale hit leaves an attempt's keys to their own expiry (bounded)
+and, when the stale message is the INVITE's own reply, reads the same early-dialog
+scope: no hole found.  ``$bs`` vs the core's head: a bare-LF blank line Kamailio takes
+as the head's end is inside the octets ``crlf_head`` checks: 400.  Targets' life: keys
+extended by a later re-INVITE whose targets expired leave a BYE ending nothing; the keys
+go at their expiry (bounded by ``keycache_expire``), the known limit for keys a
+re-INVITE adds.
 """
 
 from __future__ import annotations
