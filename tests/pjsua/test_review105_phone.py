@@ -7,7 +7,7 @@ UA**, the callee (bob, his own certificate).  Review 104 extended the home rule 
 *requests* to a phone with a registrar and no outbound proxy (its requests go where
 their Request-URI's domain says, RFC 3263: to the same home), but the rule for
 *responses* stays with an outbound proxy only: ``self._answers_from_home =
-bool(proxies)`` (phone.py:549), so ``_answer_from_home`` returns at once for such a
+bool(proxies)`` (phone.py:551), so ``_answer_from_home`` returns at once for such a
 phone.  Review 104's hole 2, unchanged for the set-up review 104's hole 3 calls a home.
 
 - Set-up: alice's phone registered at her home (here a UDP socket of the test in the
@@ -23,7 +23,7 @@ phone.  Review 104's hole 2, unchanged for the set-up review 104's hole 3 calls 
   straight to bob's Contact: the home never saw the answer
   (no archive or media row, no pinhole decided on it) and the dialog's route set is
   empty, so her later requests in it go past the home too.
-- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone.start``, line 549
+- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone.start``, line 551
   (``self._answers_from_home = bool(proxies)``).
 - Fix: a phone with a home holds responses to it as it holds requests: for a phone with
   a registrar and no outbound proxy, drop a response to a request that was sent to the
