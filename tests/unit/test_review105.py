@@ -37,8 +37,8 @@ opaque TLV whatever it holds.
   Related (read and run in a script, not a test): a certificate in PEM
   (``ua._certificate_from``, a 493/496 body or a fetched cert-url) is not counted at
   all: 5,323 DNSName built for one, 2.7 ms, bounded by one certificate per answer.
-- At fault: ``e2m_plugins/certfiles.py`` ``certificate_counts``, lines 183-188 (184: ``der.scan(value.value, count)``, 186: ``continue``)
-  (``der.scan(value.value, count)`` / ``except MalformedError: continue``): an
+- At fault: ``e2m_plugins/certfiles.py`` ``certificate_counts``, lines 183-188
+  (184: ``der.scan(value.value, count)``, 186: ``except MalformedError: continue``): an
   extension the scan cannot read is taken as counted while cryptography reads it anyway.
 - Fix: an extension value the scan cannot read makes the certificate unreadable (None),
   at least for the extensions cryptography parses (SAN, IAN, CRL distribution points,
