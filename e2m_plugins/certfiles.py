@@ -151,6 +151,16 @@ class CertificateCounts:
     san_entries: int        # subjectAltName entries (0 without the extension)
 
 
+# Extensions cryptography parses into objects (the rest it keeps as opaque bytes): an
+# extension value our reader cannot count must not be one of these.
+_PARSED_EXTENSIONS = frozenset(oid.dotted_string for oid in vars(x509.ExtensionOID).values()
+                               if isinstance(oid, x509.ObjectIdentifier))
+
+
+class _Uncountable(LimitExceededError):
+    """An extension cryptography parses whose value our reader cannot count."""
+
+
 def certificate_counts(der_bytes: bytes, max_elements: int) -> CertificateCounts:
     """Count a DER certificate's elements (extension values read as DER where they
     are), the attributes of its subject and of its issuer, and its SAN entries, reading
@@ -183,9 +193,18 @@ def certificate_counts(der_bytes: bytes, max_elements: int) -> CertificateCounts
                 try:
                     der.scan(value.value, count)   # what it reads is counted, read or not
                 except MalformedError:
-                    continue   # opaque to us; cryptography refuses it if it must read it
+                    if der.oid(parts[0]) in _PARSED_EXTENSIONS:
+                        # cryptography would build what we could not count (review 105: a
+                        # SAN whose first entry nests past our depth hid 5,300 entries):
+                        # beyond what we bound, so refused as such
+                        raise _Uncountable(f"extension {der.oid(parts[0])} cannot be "
+                                           "counted") from None
+                    continue   # kept as opaque bytes by cryptography: nothing built
+
                 if der.oid(parts[0]) == _SAN_OID and value.value[:1] == b"\x30":
                     san = max(san, len(der.items(der.read_all(value.value))))
+    except _Uncountable as exc:        # refused as beyond our bounds, by the usual type
+        raise LimitExceededError(str(exc)) from None
     except LimitExceededError:
         raise LimitExceededError(f"certificate of more than {max_elements} DER elements "
                                  "(extension contents included)") from None

@@ -21,7 +21,10 @@ Who may read what, the rule every method here follows:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -1395,16 +1398,33 @@ def next_attempt(request: SipMessage) -> SipMessage:
 
 
 def _certificate_from(data: bytes) -> x509.Certificate:
+    """A certificate given as DER or PEM (a 493/496 body, a fetched cert-url), counted
+    before cryptography reads it either way (``readable_certificate``; review 105: a PEM
+    one was read uncounted)."""
+    if data.lstrip().startswith(b"-----"):
+        data = _pem_certificate_der(data)
     try:
-        cert = readable_certificate(data) if not data.lstrip().startswith(b"-----") else None
+        cert = readable_certificate(data)
     except LimitExceededError as exc:     # counted before it is read (names, SAN, elements)
         raise CertificateRejectedError(f"certificate refused: {exc}") from None
     if cert is None:
-        try:
-            cert = x509.load_pem_x509_certificate(data)
-        except ValueError:
-            raise CertificateRejectedError("not a readable certificate") from None
+        raise CertificateRejectedError("not a readable certificate")
     return cert
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*?)"
+                              rb"-----END CERTIFICATE-----")
+
+
+def _pem_certificate_der(data: bytes) -> bytes:
+    """The DER of the first certificate in a PEM text."""
+    found = _PEM_CERTIFICATE.search(data)
+    if found is None:
+        raise CertificateRejectedError("not a readable certificate")
+    try:
+        return base64.b64decode(b"".join(found.group(1).split()), validate=True)
+    except (ValueError, binascii.Error):
+        raise CertificateRejectedError("not a readable certificate") from None
 
 
 def _agent_host(agent: str) -> str:

@@ -184,14 +184,19 @@ def _run(w: World, role: str, raw: bytes):
 
 def test_control_a_certificate_with_the_opaque_other_name_is_read_by_cryptography(
         monkeypatch) -> None:
+    """The opaque entry is well formed: cryptography reads the certificate and its SAN.
+    Since stop 37 ours refuses to count it (a SAN cryptography would build, which our
+    reader cannot count), so nothing is built."""
     der = _san_certificate(2, opaque=True)
-    counts = certfiles.certificate_counts(der, DEFAULT_LIMITS.max_certificate_elements)
-    assert counts.name_attributes == 1
-    built = _Built(monkeypatch)
-    cert = built.of(lambda: certfiles.readable_certificate(der))
-    assert cert is not None and built.loaded == 1
+    cert = x509.load_der_x509_certificate(der)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert len(san) == 3 and isinstance(san[0], x509.OtherName)
+    with pytest.raises(LimitExceededError, match="cannot be counted"):
+        certfiles.certificate_counts(der, DEFAULT_LIMITS.max_certificate_elements)
+    built = _Built(monkeypatch)
+    with pytest.raises(LimitExceededError):
+        built.of(lambda: certfiles.readable_certificate(der))
+    assert built.loaded == 0
 
 
 @pytest.mark.parametrize("role", ["proxy", "ua"])
@@ -212,13 +217,14 @@ def test_control_the_same_san_without_the_opaque_entry_is_refused_when_counted(
 
 # ------------------------------------------------------------------ holes
 
-@pytest.mark.xfail(strict=True, reason="review 105: off-path sender, a SAN whose first entry "
-                   "the DER scan cannot read goes uncounted; cryptography builds ~80k names")
 @pytest.mark.parametrize("role", ["proxy", "ua"])
 def test_hole_a_san_behind_an_opaque_first_entry_is_read_uncounted(world: World, role: str,
                                                                    monkeypatch) -> None:
     der = _largest(opaque=True)
-    counts = certfiles.certificate_counts(der, DEFAULT_LIMITS.max_certificate_elements)
+    try:
+        counts: object = certfiles.certificate_counts(der, DEFAULT_LIMITS.max_certificate_elements)
+    except LimitExceededError as exc:        # stop 37: a SAN it cannot count is refused
+        counts = exc
     print("counted", counts, "octets", len(der))
     # 15 different certificates (the memo reads each DER once)
     _, raw = _message(world, [der] + [_largest(opaque=True) for _ in range(14)])
