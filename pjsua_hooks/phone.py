@@ -56,7 +56,7 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
-from e2m_plugins.uri import aor_of, identity_of, split_hostport
+from e2m_plugins.uri import aor_of, identity_of, parse_uri, split_hostport
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
@@ -737,13 +737,15 @@ class E2MPhone:
             detail="NotViaProxy")
 
     def _answer_from_home(self, msg: sip.SipMessage) -> None:
-        """Drop a response that did not come from our home, when every request we send
-        goes through our outbound proxy (review 104): the callee's 200 sent straight to
-        us would set up a call whose answer the home never saw (its archive, its media
-        rule), and our ACK and later requests would follow its Contact past the home.
-        Dropped unanswered and counted, with a ``response_dropped`` event."""
+        """Drop a response that did not come from our home, when its request went there:
+        every request, with an outbound proxy (review 104), else one to a user of our own
+        domain or of a home's host (review 105: a phone with only a registrar).  The
+        callee's 200 sent straight to us would set up a call whose answer the home never
+        saw (its archive, its media rule), and our ACK and later requests would follow
+        its Contact past the home.  Dropped unanswered and counted, with a
+        ``response_dropped`` event."""
         home = self._home_source
-        if home is None or not self._answers_from_home:
+        if home is None or not (self._answers_from_home or self._sent_home(msg)):
             return
         source = self.hook.rx_source
         if home.matches(source):
@@ -755,6 +757,18 @@ class E2MPhone:
             "source": f"{source[0]}:{source[1]}" if source else "?",
             "reason": "did not come through the home proxy"})
         raise RxReject(None, detail="NotViaProxy")
+
+    def _sent_home(self, msg: sip.SipMessage) -> bool:
+        """Whether the request ``msg`` answers went to our home: its To names a user of
+        our own domain (RFC 3263 finds our home for it) or a home's host.  A To that
+        cannot be read is taken as such (fail closed)."""
+        try:
+            host = parse_uri(msg.address("To").uri).host
+        except E2MError:
+            return True
+        home = self._home_source
+        return host.strip("[]").lower() == self.domain.strip("[]").lower() \
+            or (home is not None and home.names(host))
 
     def _handed_on(self, msg: sip.SipMessage, opened: Any, stripped: bool) -> bytes | None:
         """The octets pjsip is handed in place of the datagram (None: the datagram)."""

@@ -110,5 +110,13 @@ class ProxySource:
             return (ip, source[1]) in self.addresses
         return any(ip == address for address, _ in self.addresses)
 
+    def names(self, host: str) -> bool:
+        """Whether ``host`` (a URI's host: a name or an address in any spelling) is one
+        of our proxy's places, whatever the port."""
+        ip = canonical_ip(host)
+        if ip is not None:
+            return any(ip == address for address, _ in self.addresses)
+        return host.strip().lower().rstrip(".") in {h.lower().rstrip(".") for h, _ in self.places}
+
     def __repr__(self) -> str:
         return f"ProxySource({sorted(self.addresses)!r}, udp={self.udp})"

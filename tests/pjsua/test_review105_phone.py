@@ -130,8 +130,6 @@ def test_control_the_callees_answer_through_the_home_sets_up_the_call(ringing):
     assert _confirmed(alice, mark, timeout=8)
 
 
-@pytest.mark.xfail(strict=True, reason="review 105: insider callee, a registrar-only phone "
-                   "takes his 200 sent straight past the home: call set up unseen")
 def test_hole_a_registered_phone_takes_the_callees_straight_answer(ringing):
     alice, home, invite = ringing
     straight = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
