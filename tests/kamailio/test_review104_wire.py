@@ -22,6 +22,11 @@ record is gone and nothing removed the entries.  Run once on 3724e89 (222.8 s, f
 the secure assertion, so XFAIL under its marker): ``{'keys_call1': 2, 'targets_call1': 2,
 'targets_after_bye': 0, 'keys_call2': 2, 'targets_call2': 2, 'keys_later': 0,
 'targets_later': 2}``: the key cache empty, call 2's two entries still there (for 12 h).
+
+Fixed (stop 37): call 2's entries expire with its 200 s key; the hole test reads the
+entry's expiry from ``htable.get`` (199 s left, not 12 h) instead of waiting 215 s, and
+``E2M_REVIEW104_SLOW=1`` still waits it out and counts what is left.  It failed on the
+code before (checked) and passes.
 """
 
 from __future__ import annotations

@@ -77,6 +77,10 @@ maddr: requests from a proxy there would be refused; an honest break, not a secu
 hole); a home proxy with several UDP listeners should relay from the socket the REGISTER
 came in on (usrloc keeps the received socket), so the registrar's address matches; a
 proxy whose name changes address after start is refused until a restart (resolved once).
+
+Fixed (stop 37): hole 2, a phone with an outbound proxy drops a response from elsewhere
+(``E2MPhone._answer_from_home``); hole 3, a phone with a registrar and no outbound proxy
+takes requests only from its home too.  Both hole tests pass.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ Tried and held (read, not run): a request from elsewhere to this phone is 403 (r
 104's fix, ``_through_home`` for a registrar); an IPv4-mapped source compares equal
 (``canonical_ip``); over TCP/TLS only the address is compared (a registered TCP phone
 accepts no stranger's connection: ``tcp_accept`` off with a registrar).
+
+Fixed (stop 37), hole 2: ``E2MPhone._answer_from_home`` drops a response from elsewhere
+also for a phone with only a registrar, when its request went home (``_sent_home``: the
+To names a user of our own domain or a home's host); the hole test passes.
 """
 
 from __future__ import annotations

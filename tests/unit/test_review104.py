@@ -67,6 +67,12 @@ a CANCEL is still ``inspect_only(archive=False)``; an in-dialog PRACK/UPDATE "Fr
 of our users is challenged for that user (``auth_check`` flag 1), a foreign From is as
 unproven as out of a dialog (docs/threat-model.md: "a foreign From reaches our users
 without digest": known).
+
+Fixed (stop 37), hole 1: a dialog's ``e2mtargets`` entries live as long as the keys the
+cache holds for it (``ProxyEngine.dialog_keys_life``, ``scope_life`` on both key caches,
+``kemi._targets_life``), never past ``keycache_expire``: a later fork's 200 s.  The model's
+fake htable now honours each entry's TTL, as Kamailio's does; the hole test failed on the
+code before (checked) and passes.
 """
 
 from __future__ import annotations

@@ -74,6 +74,13 @@ as the head's end is inside the octets ``crlf_head`` checks: 400.  Targets' life
 extended by a later re-INVITE whose targets expired leave a BYE ending nothing; the keys
 go at their expiry (bounded by ``keycache_expire``), the known limit for keys a
 re-INVITE adds.
+
+Fixed (stop 37), hole 1: ``certfiles.certificate_counts`` refuses (``LimitExceededError``,
+413) a certificate with an extension cryptography parses (``x509.ExtensionOID``) whose
+value the DER scan cannot count, before cryptography reads it; one it keeps as opaque
+bytes stays uncounted (nothing is built for it).  ``ua._certificate_from`` counts a PEM
+certificate as a DER one.  The hole tests failed on the code before (checked) and pass;
+the opaque entry's control now shows cryptography reading it and our count refusing it.
 """
 
 from __future__ import annotations
