@@ -198,15 +198,20 @@ def _read_message():
     return parse(_message_octets(), exact=True)
 
 
-# The last message read whole in this process: (its id and length, its octets).  The
-# door's framing check and the engine read the same message; it is read once.
+# The last message read whole in this process: (its id, length and Call-ID, its
+# octets).  The door's framing check and the engine read the same message; it is read
+# once.  The Call-ID too: tm's faked request in a failure route takes an id of its own
+# choosing (review 105), which must not serve another message's octets.
 _LAST_READ = [None, b""]
 
 
 def _message_octets():
     """The whole message, byte-exact; MalformedError when it cannot be read so (not all
     of it came, or not as Kamailio holds it: a NUL in a long one, see above)."""
-    mark = (KSR.pv.get("$mi"), KSR.pv.get("$ml"))
+    try:
+        mark = (KSR.pv.get("$mi"), KSR.pv.get("$ml"), KSR.pv.get("$ci"))
+    except UnicodeDecodeError:            # a Call-ID that is not UTF-8: read, not kept
+        mark = (None, KSR.pv.get("$ml"), None)
     if mark[0] is not None and _LAST_READ[0] == mark:
         return _LAST_READ[1]
     total = int(mark[1] or 0)
