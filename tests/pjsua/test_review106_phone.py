@@ -5,7 +5,7 @@ A real ``e2m-phone listen`` (pjsua2).
 Hole 1 (``test_hole_the_callee_respells_the_to_and_his_straight_answer_is_taken``):
 **insider UA**, the callee (bob, his own certificate).  Review 105's fix decides whether
 a response must come from the home by reading the *response's* To (``_sent_home``,
-phone.py:767-771): the callee writes that header, and pjsip matches a response to its
+phone.py:766-771): the callee writes that header, and pjsip matches a response to its
 INVITE by the Via branch alone.  bob writes his own AoR in another spelling, with a
 trailing dot (``sip:bob@127.0.0.1.``): the same AoR for the core (``host_key`` drops the
 dot, so ``_check_parties`` and the signer check pass), but ``_sent_home`` compares the
@@ -25,7 +25,7 @@ host as written with our domain (no dot) and, for the home's places, only host *
   The same 200 with the To as alice wrote it is dropped (control 2): the rule is live,
   the spelling alone passes it.  In a real domain the same: ``sip:bob@example.com.``
   against a phone whose registrar is ``sip:sip.example.com``.
-- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone._sent_home`` (phone.py:767-771): the
+- At fault: ``pjsua_hooks/phone.py`` ``E2MPhone._sent_home`` (phone.py:766-771): the
   decision reads a header of the response (the answerer's), compared as written.
 - Fix: decide from what *we* sent, not from the answer: keep, per client transaction
   (the top Via branch of each request the phone sends, bounded like ``_rx_tsx``),

@@ -10,7 +10,7 @@ output (``Bag Attributes`` / ``subject=`` / ``issuer=`` lines) or ``openssl x509
 output; also the ``X509 CERTIFICATE`` label cryptography reads.  Stop 37 (review 105)
 made ``_certificate_from`` read PEM itself: only data that *starts* (after white space)
 with ``-----`` is taken as PEM (ua.py:1404), anything else as DER, and only the label
-``CERTIFICATE`` (``_PEM_CERTIFICATE``, ua.py:1416).
+``CERTIFICATE`` (``_PEM_CERTIFICATE``, ua.py:1415).
 
 - Messages: ``UAEngine.add_proxy_certificate(host, pem)`` (a fetched cert-url, a 496
   body) and ``add_peer_certificate`` with such a text.
@@ -19,7 +19,7 @@ with ``-----`` is taken as PEM (ua.py:1404), anything else as DER, and only the 
   this is a regression: a phone can no longer learn that proxy's certificate (no body
   can be sealed for it, its 496 loops) nor that peer's.
 - At fault: ``e2m_plugins/ua.py`` ``_certificate_from``, line 1404 (``if
-  data.lstrip().startswith(b"-----")``) and ``_PEM_CERTIFICATE`` (line 1416).
+  data.lstrip().startswith(b"-----")``) and ``_PEM_CERTIFICATE`` (line 1415).
 - Fix: take PEM wherever ``-----BEGIN`` appears (``search``, not ``startswith``; the
   text before a block is ignored as RFC 7468 §2 says), and accept the label ``X509
   CERTIFICATE`` as cryptography does (RFC 7468 §5.1 notes it); the DER is counted as
