@@ -28,8 +28,9 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from .certfiles import readable_certificate
 from .certstore import check_not_a_ca, check_user_certificate
-from .errors import CertificateRejectedError, E2MError
+from .errors import CertificateRejectedError, E2MError, LimitExceededError
 from .grammar import parse_params
 from .sip import SipMessage
 from .uri import aor_of
@@ -165,9 +166,13 @@ def check_published_certificate(der: bytes, aor: str, anchors: Sequence[x509.Cer
     if len(der) > MAX_CERTIFICATE_BYTES:
         raise CertificateRejectedError(f"certificate of {len(der)} bytes is too large")
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        raise CertificateRejectedError("not a DER certificate") from None
+        # counted before cryptography reads it, as every certificate from the wire is
+        # (review 106: a SAN of 5,324 names was built before its bound refused it)
+        cert = readable_certificate(der)
+    except LimitExceededError as exc:
+        raise CertificateRejectedError(f"certificate refused: {exc}") from None
+    if cert is None:
+        raise CertificateRejectedError("not a DER certificate")
     check_not_a_ca(cert)
     check_user_certificate(cert, aor, anchors, at)
     return cert

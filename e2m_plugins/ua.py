@@ -1401,7 +1401,7 @@ def _certificate_from(data: bytes) -> x509.Certificate:
     """A certificate given as DER or PEM (a 493/496 body, a fetched cert-url), counted
     before cryptography reads it either way (``readable_certificate``; review 105: a PEM
     one was read uncounted)."""
-    if data.lstrip().startswith(b"-----"):
+    if b"-----BEGIN" in data:      # PEM, text before the block allowed (RFC 7468 §2)
         data = _pem_certificate_der(data)
     try:
         cert = readable_certificate(data)
@@ -1412,8 +1412,8 @@ def _certificate_from(data: bytes) -> x509.Certificate:
     return cert
 
 
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*?)"
-                              rb"-----END CERTIFICATE-----")
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (X509 )?CERTIFICATE-----([A-Za-z0-9+/=\s]*?)"
+                              rb"-----END \1?CERTIFICATE-----")
 
 
 def _pem_certificate_der(data: bytes) -> bytes:
@@ -1422,7 +1422,7 @@ def _pem_certificate_der(data: bytes) -> bytes:
     if found is None:
         raise CertificateRejectedError("not a readable certificate")
     try:
-        return base64.b64decode(b"".join(found.group(1).split()), validate=True)
+        return base64.b64decode(b"".join(found.group(2).split()), validate=True)
     except (ValueError, binascii.Error):
         raise CertificateRejectedError("not a readable certificate") from None
 

@@ -56,7 +56,7 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
-from e2m_plugins.uri import aor_of, identity_of, parse_uri, split_hostport
+from e2m_plugins.uri import aor_of, host_key, identity_of, parse_uri, split_hostport
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
@@ -465,6 +465,7 @@ class E2MPhone:
         # the proxy and the registrar; None: peer to peer, from anyone) (review 102)
         self._home_source: ProxySource | None = None
         self._answers_from_home = False
+        self._sent_home: OrderedDict[str, bool] = OrderedDict()   # our branch -> went home
         self._cert_tick = 0.0
         self._blocked_statuses: OrderedDict[int, int] = OrderedDict()   # id(handle) -> n
         self._cert_published = False
@@ -621,6 +622,7 @@ class E2MPhone:
             if ours is not None:
                 return ours
         if msg.is_request:
+            self._note_sent(msg)
             if msg.body:
                 _bounded_put(self._plain, _tx_key(msg), msg)
             if self._sending is not None and msg.method in ("MESSAGE", "INVITE") \
@@ -738,15 +740,24 @@ class E2MPhone:
 
     def _answer_from_home(self, msg: sip.SipMessage) -> None:
         """Drop a response that did not come from our home, when its request went there:
-        every request, with an outbound proxy (review 104), else one to a user of our own
-        domain or of a home's host (review 105: a phone with only a registrar).  The
-        callee's 200 sent straight to us would set up a call whose answer the home never
-        saw (its archive, its media rule), and our ACK and later requests would follow
-        its Contact past the home.  Dropped unanswered and counted, with a
+        every request, with an outbound proxy (review 104), else one we sent toward our
+        own domain or a home's host, as we noted when we sent it (``_note_sent``; review
+        105: a phone with only a registrar; review 106: never as the answer's own To
+        says).  A response to no request we noted is held to the home too.  The callee's
+        200 sent straight to us would set up a call whose answer the home never saw (its
+        archive, its media rule), and our ACK and later requests would follow its
+        Contact past the home.  Dropped unanswered and counted, with a
         ``response_dropped`` event."""
         home = self._home_source
-        if home is None or not (self._answers_from_home or self._sent_home(msg)):
+        if home is None:
             return
+        if not self._answers_from_home:
+            try:
+                went_home = self._sent_home.get(msg.via_branch(), True)
+            except E2MError:
+                went_home = True
+            if not went_home:
+                return
         source = self.hook.rx_source
         if home.matches(source):
             return
@@ -758,17 +769,23 @@ class E2MPhone:
             "reason": "did not come through the home proxy"})
         raise RxReject(None, detail="NotViaProxy")
 
-    def _sent_home(self, msg: sip.SipMessage) -> bool:
-        """Whether the request ``msg`` answers went to our home: its To names a user of
-        our own domain (RFC 3263 finds our home for it) or a home's host.  A To that
-        cannot be read is taken as such (fail closed)."""
+    def _note_sent(self, msg: sip.SipMessage) -> None:
+        """For a phone with only a registrar: note, by its branch, whether a request we
+        send goes toward our home (its first Route, else its Request-URI, names our own
+        domain, which RFC 3263 resolves to the home, or a home's host), so that its
+        answers are held to the home (``_answer_from_home``).  Bounded as the other
+        records; what cannot be read is taken as going home."""
+        if self._home_source is None or self._answers_from_home:
+            return
         try:
-            host = parse_uri(msg.address("To").uri).host
-        except E2MError:
-            return True
-        home = self._home_source
-        return host.strip("[]").lower() == self.domain.strip("[]").lower() \
-            or (home is not None and home.names(host))
+            routes = msg.get_all("Route")
+            target = sip.parse_address(split_header_list(routes[0])[0]).uri if routes \
+                else msg.request_uri
+            host = host_key(parse_uri(target).host)
+            home = host == host_key(self.domain) or self._home_source.names(host)
+            _bounded_put(self._sent_home, msg.via_branch(), home)
+        except (E2MError, IndexError):
+            pass
 
     def _handed_on(self, msg: sip.SipMessage, opened: Any, stripped: bool) -> bytes | None:
         """The octets pjsip is handed in place of the datagram (None: the datagram)."""

@@ -29,7 +29,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from e2m_plugins.errors import E2MError
-from e2m_plugins.uri import parse_uri
+from e2m_plugins.uri import host_key, parse_uri
 
 __all__ = ["ProxySource", "proxy_address", "canonical_ip"]
 
@@ -116,7 +116,7 @@ class ProxySource:
         ip = canonical_ip(host)
         if ip is not None:
             return any(ip == address for address, _ in self.addresses)
-        return host.strip().lower().rstrip(".") in {h.lower().rstrip(".") for h, _ in self.places}
+        return host_key(host) in {host_key(h) for h, _ in self.places}
 
     def __repr__(self) -> str:
         return f"ProxySource({sorted(self.addresses)!r}, udp={self.udp})"
