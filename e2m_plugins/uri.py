@@ -75,6 +75,22 @@ def validate_host(host: str) -> str:
     return host
 
 
+def canonical_ip(host: str) -> str | None:
+    """``host`` as one spelling of an IP address (None: not an address).  Brackets and
+    an IPv4-mapped IPv6 form are taken off: ``[::FFFF:127.0.0.1]`` is ``127.0.0.1``,
+    ``[2001:DB8:0::1]`` is ``2001:db8::1``."""
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 @lru_cache(maxsize=256)
 def host_key(host: str) -> str:
     """Comparison key: case-insensitive, no trailing dot, canonical IPv6."""

@@ -132,8 +132,8 @@ class PhoneSettings:
     (one that never sent a whole message: at most 10 s).
 
     ``home_sources``: SIP URIs of the other places the home's requests come from, when
-    a ``proxy`` is set (a phone with one takes requests only from it and the
-    ``registrar``: review 102): the nodes of a cluster behind a dispatcher front, which
+    a ``proxy`` or a ``registrar`` is set (such a phone takes requests only from its
+    home: reviews 102, 104): the nodes of a cluster behind a dispatcher front, which
     relay to the phone from their own addresses (``sip:10.0.0.11:5060``, one per node).
 
     ``certificate_service``: publish our certificate at the home proxy's RFC 6072
@@ -461,8 +461,9 @@ class E2MPhone:
         self._cert_waits: deque[tuple[OutgoingMessage | E2MCall, str, str, float]] = \
             deque(maxlen=64)
         self.certservice: CertServiceClient | None = None
-        # where requests may come from once we have an outbound proxy (set at start():
-        # the proxy and the registrar; None: peer to peer, from anyone) (review 102)
+        # where requests (and answers) may come from once we have a home (set at
+        # start(): the proxy, the registrar, home_sources; None: peer to peer, from
+        # anyone; reviews 102, 104-106)
         self._home_source: ProxySource | None = None
         self._answers_from_home = False
         self._sent_home: OrderedDict[str, bool] = OrderedDict()   # our branch -> went home

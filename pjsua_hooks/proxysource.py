@@ -24,32 +24,15 @@ can forge it (it sees no answer).  TLS to the proxy is the answer to that.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 
 from e2m_plugins.errors import E2MError
-from e2m_plugins.uri import host_key, parse_uri
+from e2m_plugins.uri import canonical_ip, host_key, parse_uri
 
 __all__ = ["ProxySource", "proxy_address", "canonical_ip"]
 
 Resolver = Callable[[str], Iterable[str]]
-
-
-def canonical_ip(host: str) -> str | None:
-    """``host`` as one spelling of an IP address (None: not an address).  Brackets and
-    an IPv4-mapped IPv6 form are taken off: ``[::FFFF:127.0.0.1]`` is ``127.0.0.1``,
-    ``[2001:DB8:0::1]`` is ``2001:db8::1``."""
-    text = host.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 def proxy_address(uri: str, tls: bool = False) -> tuple[str, int] | None:
