@@ -56,7 +56,7 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
-from e2m_plugins.uri import aor_of, host_key, identity_of, parse_uri, split_hostport
+from e2m_plugins.uri import aor_of, identity_of, split_hostport
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
@@ -741,10 +741,11 @@ class E2MPhone:
 
     def _answer_from_home(self, msg: sip.SipMessage) -> None:
         """Drop a response that did not come from our home, when its request went there:
-        every request, with an outbound proxy (review 104), else one we sent toward our
-        own domain or a home's host, as we noted when we sent it (``_note_sent``; review
-        105: a phone with only a registrar; review 106: never as the answer's own To
-        says).  A response to no request we noted is held to the home too.  The callee's
+        every request, with an outbound proxy (review 104), else one pjsip sent to a
+        home address, as we noted when we sent it (``_note_sent``; review 105: a phone
+        with only a registrar; review 106: never as the answer's own To says; review
+        108: never as our own headers spell the next hop).  A response to no request we
+        noted is held to the home too.  The callee's
         200 sent straight to us would set up a call whose answer the home never saw (its
         archive, its media rule), and our ACK and later requests would follow its
         Contact past the home.  Dropped unanswered and counted, with a
@@ -772,20 +773,20 @@ class E2MPhone:
 
     def _note_sent(self, msg: sip.SipMessage) -> None:
         """For a phone with only a registrar: note, by its branch, whether a request we
-        send goes toward our home (its first Route, else its Request-URI, names our own
-        domain, which RFC 3263 resolves to the home, or a home's host), so that its
-        answers are held to the home (``_answer_from_home``).  Bounded as the other
-        records; what cannot be read is taken as going home."""
+        send goes to our home, so that its answers are held to the home
+        (``_answer_from_home``).  Decided by where pjsip really sends it (the hook's
+        ``tx_destination``) against the home's addresses: a route set naming the home
+        by another name, or a strict route, goes home all the same (review 108: read
+        from the headers, such a re-INVITE was noted as not going home and the callee's
+        straight answer was taken).  A destination that cannot be read counts as going
+        home.  Bounded as the other records."""
         if self._home_source is None or self._answers_from_home:
             return
         try:
-            routes = msg.get_all("Route")
-            target = sip.parse_address(split_header_list(routes[0])[0]).uri if routes \
-                else msg.request_uri
-            host = host_key(parse_uri(target).host)
-            home = host == host_key(self.domain) or self._home_source.names(host)
+            destination = self.hook.tx_destination
+            home = destination is None or self._home_source.matches(destination)
             _bounded_put(self._sent_home, msg.via_branch(), home)
-        except (E2MError, IndexError):
+        except E2MError:
             pass
 
     def _handed_on(self, msg: sip.SipMessage, opened: Any, stripped: bool) -> bytes | None:

@@ -52,6 +52,14 @@ TX_OBJ_NAME = 24
 TX_MSG = 392
 TX_BUF_START, TX_BUF_CUR, TX_BUF_END = 408, 416, 424
 
+# ... then ref_cnt, is_pending, token, cb (432..463), dest_info{name, addr{count,
+# entry[PJSIP_MAX_RESOLVED_ADDRESSES] of 44 bytes}, cur_addr}, then tp_info{transport,
+# dst_addr(pj_sockaddr, 28), dst_addr_len, dst_name[46], dst_port}: valid only while a
+# module's on_tx_request/on_tx_response runs.  The table holds 32 entries in a build
+# with IPv6 and 16 without, so both layouts are tried and one must agree with itself
+# (the binary address, its text and its port): (dst_addr, dst_name, dst_port).
+TX_DESTINATION_LAYOUTS = ((1904, 1936, 1984), (1200, 1232, 1280))
+
 # pjsip_rx_data: tp_info{pool, transport, tp_data, op_key(34+1 pointers)} = 304,
 # pkt_info{timestamp(16), packet[4000], zero, len, src_addr(28), src_addr_len,
 # src_name[46], src_port}, msg_info{msg_buf, len, msg, info, 12 header
@@ -212,6 +220,33 @@ def tx_bytes(tdata: int) -> bytes:
         if _int(msg) != expect:
             raise AbiError("tx: pjsip_msg type does not match the start line")
     return data
+
+
+def _sockaddr_text(addr: int) -> tuple[str, int] | None:
+    """(address, port) of the pj_sockaddr at ``addr``; None for another family."""
+    family = C.c_uint16.from_address(addr).value
+    port = struct.unpack("!H", C.string_at(addr + 2, 2))[0]
+    if family == _AF_INET:
+        return socket.inet_ntop(socket.AF_INET, C.string_at(addr + 4, 4)), port
+    if family == _AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, C.string_at(addr + 8, 16)), port
+    return None
+
+
+def tx_destination(tdata: int) -> tuple[str, int] | None:
+    """Where pjsip is sending this message: (address, port) from ``tp_info``, read
+    during on_tx only.  None when neither known layout agrees with itself (the binary
+    destination, its text and its port must say the same, as ``rx_view`` checks)."""
+    if not tdata:
+        return None
+    for addr, name, port in TX_DESTINATION_LAYOUTS:
+        binary = _sockaddr_text(tdata + addr)
+        if binary is None:
+            continue
+        text = C.string_at(tdata + name, RX_SRC_NAME_SIZE).split(b"\0", 1)[0]
+        if 0 < binary[1] == _int(tdata + port) and text == binary[0].encode("ascii"):
+            return binary
+    return None
 
 
 def tx_replace(tdata: int, data: bytes) -> None:

@@ -28,7 +28,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from e2m_plugins.errors import E2MError
-from e2m_plugins.uri import canonical_ip, host_key, parse_uri
+from e2m_plugins.uri import canonical_ip, parse_uri
 
 __all__ = ["ProxySource", "proxy_address", "canonical_ip"]
 
@@ -92,14 +92,6 @@ class ProxySource:
         if self.udp:
             return (ip, source[1]) in self.addresses
         return any(ip == address for address, _ in self.addresses)
-
-    def names(self, host: str) -> bool:
-        """Whether ``host`` (a URI's host: a name or an address in any spelling) is one
-        of our proxy's places, whatever the port."""
-        ip = canonical_ip(host)
-        if ip is not None:
-            return any(ip == address for address, _ in self.addresses)
-        return host_key(host) in {host_key(h) for h, _ in self.places}
 
     def __repr__(self) -> str:
         return f"ProxySource({sorted(self.addresses)!r}, udp={self.udp})"

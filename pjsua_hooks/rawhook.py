@@ -163,7 +163,8 @@ class RawSipHook:
     unchanged.  Results must keep the start line and carry a matching
     Content-Length; an incoming rewrite may not be longer than the original
     (it is written in place).  During ``on_rx`` :attr:`rx_source` is the
-    (host, port) the message came from.
+    (host, port) the message came from; during ``on_tx``, :attr:`tx_destination` the
+    (host, port) pjsip sends it to (None when it cannot be read).
     """
 
     def __init__(self, on_tx: TxCallback | None = None, on_rx: RxCallback | None = None, *,
@@ -177,6 +178,7 @@ class RawSipHook:
         self.counts = {"tx": 0, "rx": 0, "tx_rewritten": 0, "rx_rewritten": 0,
                        "tx_blocked": 0, "rx_dropped": 0, "tx_retransmitted": 0}
         self.rx_source: tuple[str, int] | None = None
+        self.tx_destination: tuple[str, int] | None = None
         # Told the pjsip_transport* of every message that arrives whole (before
         # on_rx; the endpoint's TCP guard counts activity per connection).
         self.on_rx_transport: Callable[[int], None] | None = None
@@ -306,12 +308,15 @@ class RawSipHook:
         if on_tx is None:
             return abi.PJ_SUCCESS
         try:
+            self.tx_destination = abi.tx_destination(tdata)
             new = on_tx(data)
         except Exception as exc:
             self.counts["tx_blocked"] += 1
             self._record("tx", "callback", data, f"{type(exc).__name__}: {exc}", True, exc)
             code = getattr(exc, "code", None)
             return abi.error_status(code if isinstance(code, int) and 400 <= code <= 699 else 500)
+        finally:
+            self.tx_destination = None
         if new is None or new == data:
             return abi.PJ_SUCCESS
         problem = _framing_problem(new, data)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import secrets
 from typing import Any, Protocol
 
+from e2m_plugins.uri import canonical_ip
+
 from .gate import GateResult, gate_result
 from .pjsip_abi import PINNED_PJPROJECT
 
@@ -40,7 +42,9 @@ class _SelfTest:
 
     PAD_NAME = b"X-E2M-Selftest-Pad"
 
-    def __init__(self, previous: tuple[Any, Any]) -> None:
+    def __init__(self, previous: tuple[Any, Any], hook: Any = None) -> None:
+        self.hook = hook
+        self.destinations: list[tuple[str, int] | None] = []
         self.nonce = secrets.token_hex(8)
         self.marker = f"X-E2M-Selftest: {self.nonce}".encode()
         self.pad_line = self.PAD_NAME + b": " + secrets.token_hex(24).encode()
@@ -66,6 +70,8 @@ class _SelfTest:
         if not self._ours(data):
             return self.previous_tx(data) if self.previous_tx else None
         self.seen["tx_resp" if data.startswith(b"SIP/2.0 ") else "tx_req"] += 1
+        if self.hook is not None and not data.startswith(b"SIP/2.0 "):
+            self.destinations.append(self.hook.tx_destination)
         first, sep, rest = data.partition(b"\r\n")
         return first + sep + self.pad_line + b"\r\n" + rest
 
@@ -100,7 +106,7 @@ def self_test(endpoint: SelfTestHost, *, timeout: float = 5.0) -> GateResult:
     checks.append(("position", True, f"hook sits between {prev} and {nxt}"))
 
     errors_before = hook.error_total
-    test = _SelfTest((hook.on_tx, hook.on_rx))
+    test = _SelfTest((hook.on_tx, hook.on_rx), hook)
     transport = endpoint.add_transport("udp", 0)
     acc = endpoint.probe_account(f"sip:e2m-selftest@{transport.host}:{transport.port}", transport)
     status: dict[str, Any] = {}
@@ -149,6 +155,15 @@ def self_test(endpoint: SelfTestHost, *, timeout: float = 5.0) -> GateResult:
         clean = test.pad_line not in status.get("whole", b"")
         checks.append(("reparse", clean, "pjsua acted on the rewritten incoming bytes" if clean
                        else "pjsua saw the incoming message before the hook rewrote it"))
+    # the phone holds answers to where pjsip really sent a request (review 108): the
+    # destination read from the tx data must be the address the OPTIONS went to
+    where = (transport.host, transport.port)
+    told = bool(test.destinations) and all(
+        d is not None and canonical_ip(d[0]) == canonical_ip(where[0]) and d[1] == where[1]
+        for d in test.destinations)
+    checks.append(("destination", told or not sent,
+                   f"the hook read the destination {where[0]}:{where[1]}" if told else
+                   f"the hook read the destination as {test.destinations}, not {where}"))
     for problem in test.problems:
         checks.append(("wire", False, problem))
     new_errors = list(hook.errors)[-(hook.error_total - errors_before):] \

@@ -78,3 +78,15 @@ def test_self_test_catches_a_wrong_rx_offset(monkeypatch: pytest.MonkeyPatch) ->
         ep.start()
     assert "src_addr disagrees" in info.value.result.reason
     assert not ep.started
+
+
+def test_self_test_catches_a_wrong_destination_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # review 108: the phone notes where pjsip sends each request; a layout that reads
+    # no destination would hold every answer to the home, so the gate says so at start
+    monkeypatch.setattr(pjsip_abi, "TX_DESTINATION_LAYOUTS",
+                        tuple((a + 8, n, p) for a, n, p in pjsip_abi.TX_DESTINATION_LAYOUTS))
+    ep = SipEndpoint(require_e2m=True, self_test_timeout=1.0)
+    with pytest.raises(GateError) as info:
+        ep.start()
+    assert "the hook read the destination as [None" in info.value.result.reason
+    assert not ep.started
