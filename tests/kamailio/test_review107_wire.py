@@ -1,10 +1,52 @@
-"""Review 107 (wire half): REGISTER and the registrar on a real Kamailio 5.6.
+"""Review 107 (December 2026) of adf7317, wire half: REGISTER and the registrar on a
+real Kamailio 5.6.3.  The phone's half (hole K2), the controls of both and the list of
+what was tried and held are in ``tests/unit/test_review107.py``.
 
-See ``tests/unit/test_review107.py`` for the module docstring of the whole review
-(holes, controls, what held).  This module holds hole K1:
+Hole K1 - a contact naming the proxy itself turns one stranger's datagram into 70
+transactions past pike, and a burst of them empties Kamailio's shared memory
+(``test_hole_a_contact_naming_the_proxy_turns_one_datagram_into_seventy_transactions``,
+``test_hole_strangers_through_the_loop_exhaust_shared_memory``).
 
-Hole K1 - a contact naming the proxy itself: one stranger's datagram becomes 70
-transactions, and a hundred of them empty Kamailio's shared memory.
+  Attacker: an insider UA with a password (alice, for her own AoR) - or, where the
+  registrar is open (no ``[auth]``), any off-path sender alone - sets the trap once;
+  then any off-path sender (no account, requests to our users are never challenged)
+  springs it as often as it likes.
+  Set-up: alice REGISTERs ``Contact: <sip:alice@127.0.0.1:PORT>``, PORT being the
+  proxy's own SIP port (``;transport=tcp`` works alike).  The registrar binds it: 200.
+  Messages: a stranger's plain ``MESSAGE sip:alice@example.com`` (From a foreign
+  domain, Max-Forwards 70).
+  Effect (seen): ``lookup`` rewrites the Request-URI to the contact, tm relays the
+  MESSAGE to the proxy itself, which takes it as a new request from its own address,
+  looks alice up again, and so on until Max-Forwards is spent: tm's ``created``
+  counter grows by 70 for one datagram, the stranger gets 483 (an INVITE stops at 17
+  passes on the Record-Route bound, 400; a stranger's ``Max-Forwards: 255`` is capped
+  to 70 by maxfwd).  Every pass after the first comes from the proxy's own address,
+  which ``exempt_source`` exempts from pike, so pike counts one request where the
+  proxy works 70; each pass adds a Via, and each transaction is kept in tm's wait
+  state for seconds.  Measured on this machine: 100 such MESSAGEs cost the proxy
+  1.8-2.2 s of CPU (100 MESSAGEs to a real contact: 0.02 s) and 22 s to answer one
+  by one; a burst of 100-150 sent at once from 20 loopback addresses (5-8 each, far
+  under pike's 30 in 2 s) made Kamailio log "could not allocate shared memory from shm
+  pool" / "new_t(): out of mem" 208-2457 times (``core.shmmem`` max_used 67,393,608 of
+  67,108,784), and 28 of 30 (38 of 40 in a second run) honest MESSAGEs to bob sent
+  during the next 3-4 s were answered 500.
+  Code at fault: ``kamailio_app/kemi.py:1260-1272`` (``route_register`` saves any
+  Contact; nothing refuses one naming our own sockets) with ``kemi.py:840-843``
+  (``exempt_source``: a request from our own address - here our own relay - is
+  never limited), and the relay of a looked-up target that is ourselves
+  (``route_target``, kemi.py:1436, and ``relay``, 1485: no check that the next hop is
+  not one of our own sockets).
+  Suggested fix: refuse at REGISTER (403) a Contact whose host and port name one of
+  our listen sockets or aliases (``KSR.is_myself`` on the contact URI, every contact
+  of the request), and, as a second line, refuse to relay (482 Loop Detected) a
+  request whose destination after ``lookup`` is ourselves; do not let a request that
+  merely comes from our own address escape pike while the proxy relays to itself.
+
+Controls: ``test_control_the_same_burst_at_a_real_contact_costs_one_transaction_each``
+(the same stranger's MESSAGE to bob's real contact is one transaction and 200; the same
+burst aimed at bob leaves all 30 of bob's later MESSAGEs 200 and no shm failure: the harm
+is the loop's), ``test_control_the_loop_ends_in_483_and_max_forwards_above_70_is_capped``
+(what the loop is, and that Max-Forwards bounds it at 70 passes).
 """
 
 from __future__ import annotations

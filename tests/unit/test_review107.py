@@ -1,4 +1,105 @@
-"""Review 107 - DOCSTRING PLACEHOLDER (filled in below, at the end of the review)."""
+"""Review 107 (December 2026) of adf7317: the RFC 6072 certificate service on both
+sides, TLS, digest and REGISTER.  This module holds hole K2 (the phone's side) and the
+review's "tried and held"; hole K1 (the registrar, on a real Kamailio) is in
+``tests/kamailio/test_review107_wire.py``.
+
+Hole K1 (see the wire module) - **insider UA** (or anyone, registrar open) registers a
+contact naming the proxy itself; every **off-path** MESSAGE to that AoR then loops 70
+times through the proxy past pike, and a burst of 150 from 20 addresses exhausted
+Kamailio's shared memory (28 of 30 honest MESSAGEs to bob: 500).
+
+Hole K2 - a peer certificate taught by a signature is never followed: a replacement
+(or withdrawal) at the certificate service never reaches the phone, which keeps
+sealing for the withdrawn key
+(``test_hole_a_certificate_learnt_from_a_signature_outlives_its_withdrawal``).
+
+  Attacker: the thief of bob's old private key, on the path of alice's messages (an
+  untrusted hop, or anyone who gets a copy of them) - exactly the case withdrawal is
+  for.  No message of the attacker's own is needed.
+  Set-up: bob wrote alice a signed MESSAGE while his certificate B_old was current;
+  alice's phone kept B_old as bob's encryption certificate from the signature
+  (``UAEngine._learn_signer``).  Then bob's key is stolen: he gets B_new issued and
+  PUBLISHes it over B_old at his home's certificate service (modelled with the
+  service's own decisions, ``certservice.publish``/``served_certificate`` on a memory
+  store, and alice's real ``CertServiceClient`` and ``UAEngine``).
+  Messages: alice keeps writing to bob for three hours (three times
+  ``cert_subscribe_expires``): each minute the phone's ``touch(bob)`` and ``tick()``
+  run as ``send_message`` and the loop run them; bob then writes to alice again,
+  signed with B_new (accepted).
+  Effect (seen): the client sent 0 SUBSCRIBEs in the three hours (it subscribes only
+  for a peer the engine lists as wanted, i.e. one with no certificate held); bob's
+  B_new signature did not replace B_old either (``_learn_signer`` returns at once when
+  a certificate is held); alice's next MESSAGE was sealed for B_old and the thief's
+  engine opened it: b"the new door code is 4711"; bob's new key could not
+  (NoMatchingRecipientError).  A certificate kept from a signature has no lifetime but
+  its notAfter (``certs.add_user`` with no ``_service_peers`` entry), so this lasts
+  until the phone restarts or B_old expires (825 days for the test CA).  The same
+  holds, by reading, for a certificate taken from a 493 (``_learn_493`` calls
+  ``add_peer_certificate`` without ``expires_in``: kept for ever, never followed) -
+  not run.  The withdrawal reaches only phones that learnt bob's certificate from the
+  service.
+  Code at fault: ``e2m_plugins/ua.py:1172`` (``if self.certs.user(peer) is not None:
+  return``) and ``:1178`` (``self.certs.add_user(peer, cert)``: no expiry, not a
+  service peer), ``ua.py:1351`` (the 493 path alike), and
+  ``pjsua_hooks/certservice_client.py:227`` (``tick`` subscribes only for
+  ``peer_certificates_wanted()``) with ``:201`` (``want``), which
+  ``pjsua_hooks/phone.py:1377`` calls only after a send failed for want of a
+  certificate.
+  Suggested fix: keep a certificate learnt from a signature or a 493 like one from the
+  service: for a bounded time (``_service_peers``, e.g. ``cert_subscribe_expires``),
+  and have the phone follow the certificate of every peer it talks to (subscribe when
+  the peer is used and no subscription answers for it, whatever taught the key), so a
+  replacement or an empty NOTIFY reaches it; and let a newer certificate from an
+  accepted signature replace an older one held (``_refuse_older``'s order already
+  says which is newer).
+
+Controls (pass): ``test_control_a_certificate_from_the_service_follows_the_replacement``
+(the same timeline with B_old fetched from the service: the replacement NOTIFY carries
+B_new, alice's MESSAGE opens for bob's new key and not for the thief),
+``test_control_a_removal_on_the_service_path_stops_the_sends`` (a withdrawal without
+replacement: the empty NOTIFY drops B_old, alice's next MESSAGE is refused, not sealed),
+``test_control_the_signature_path_itself_is_sound`` (bob's current signature teaches
+his current certificate and he opens alice's answer).  K1's controls are in the wire
+module.
+
+Tried and held (adf7317):
+
+- Insider PUBLISH for another AoR, by reading and the existing tests
+  (``test_certservice_wire.py``, ``test_certservice_rules_attacks.py``): the owner is
+  ``sip:<digest user>@$rd`` compared with the Request-URI's AoR after both are reduced
+  by ``aor_of``; spellings, To, ``SIP-If-Match`` of another AoR: 403/412 (re-run here:
+  ``test_certservice_rules_attacks.py``, 38 passed; the wire file's publish-for-another,
+  not-the-AoR's-own, needs-auth and entity-tag tests, 8 passed).  An AoR under
+  the proxy's IP (``sip:alice@127.0.0.1``) is another AoR whose certificate nobody
+  holds (the SAN check).  Withdrawal by an insider needs the AoR's own digest.
+- Subscriptions and publications keyed alike: ``notifier.open_dialog`` and
+  ``certservice._target`` both store ``str(aor_of(Request-URI))``, so a follower with
+  an odd spelling (``sip:bob@EXAMPLE.com``) is still told of a change.
+- The phone's store: the client's tables are bounded (64 subscriptions, 16 pending, 128
+  failures, 8 publish Call-IDs), ``_service_peers`` and ``_newest_from_wire`` at 256;
+  certificates from signatures are unbounded in number but each needs a CA-issued
+  certificate for a distinct AoR (no stranger has many).  NOTIFYs from another address,
+  in no dialog of ours, with an older CSeq, older certificate or CA certificate:
+  refused (reviews 4, 26, 65); ``rx_source`` is always set in ``on_rx``, so the
+  proxy-address check is never skipped.  A hop's ``Subscription-State: active;
+  expires=1`` only shortens what is kept (a denial the hop has anyway).
+- TLS at the proxy (``openssl s_client`` on a ``tls:`` listener): TLS 1.3 and 1.2
+  with ECDHE-ECDSA-AES256-GCM; TLS 1.0 refused (protocol version alert); 3DES, aNULL
+  and AES128-SHA (CBC, SHA-1) refused even at ``@SECLEVEL=0`` (handshake failure);
+  compression none.  The client profile verifies the chain only (known limit, review
+  67).  The phone's TLS (name and chain, 1.2 only) is covered by review 81's tests.
+- K1's variants: the same loop with ``;transport=tcp`` contacts and on an open
+  registrar (a stranger registers ``sip:zed@<proxy>`` himself: 70 transactions); on an
+  E2M proxy the stranger's MESSAGE loops 70 times too, an INVITE 17 (400 Bad
+  Record-Route).
+
+Not tried (time): client-initiated TLS renegotiation as a CPU cost (``openssl
+s_client`` ``R`` in ``-quiet`` mode sent it as data; inconclusive), the cluster nodes'
+TLS and a front's behaviour with a self-pointing contact (the front's own address is
+an alias of every node), a self-pointing contact of a TLS phone, K2 with real pjsua
+phones and a real Kamailio service, a nonce reused across realms on a proxy with
+several domains, PostgreSQL's ``cert_table_pg``.
+"""
 
 from __future__ import annotations
 
