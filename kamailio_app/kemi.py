@@ -318,6 +318,52 @@ _CONTACT_SPECS = ["$(hdr(Contact)[%d])" % i for i in range(_MAX_CONTACTS_READ)]
 _EMPTY_EXPIRES = re.compile(r";[ \t]*expires[ \t]*=[ \t]*(?=;|$)", re.IGNORECASE)
 
 
+def _register_contacts():
+    """The REGISTER's Contact entries as written (``*`` among them when sent); None
+    when there are none or more than ``_MAX_CONTACTS_READ``.  Raises E2MError."""
+    count = KSR.pv.get("$hdrc(Contact)") or 0
+    if count == 0 or count > _MAX_CONTACTS_READ:
+        return None
+    contacts = [item for i in range(count)
+                for item in split_header_list(KSR.pv.get(_CONTACT_SPECS[i]) or "")]
+    if not contacts or len(contacts) > _MAX_CONTACTS_READ:
+        return None
+    return contacts
+
+
+def _names_us(host, port):
+    """Whether ``host``:``port`` (an address or a name, as written) is one of this
+    proxy's sockets or aliases (Kamailio's own ``check_self``, any transport).  The
+    port is always given: without one, ``check_self`` takes any port."""
+    if ":" in host and not host.startswith("["):
+        host = "[%s]" % host
+    return KSR.is_myself("sip:%s:%d" % (host, port)) > 0
+
+
+def _contact_naming_us():
+    """The first Contact of this REGISTER that names this proxy (its address, an alias,
+    the front: ``_names_us``; port 5060, or 5061 for sips or TLS, when it gives none),
+    or None.  Such a binding relays every request for the AoR back to us, Max-Forwards
+    times, each pass from our own address, which pike does not count (review 107).
+    Entries the core cannot read are left to the registrar; the cfg's onsend_route
+    stops a loop whatever the spelling (a request to our own sockets is never sent)."""
+    try:
+        contacts = _register_contacts() or []
+    except E2MError:
+        return None
+    for item in contacts:
+        if item == "*":
+            continue
+        try:
+            uri = parse_uri(parse_address(item).uri)
+        except E2MError:
+            continue
+        tls = uri.scheme == "sips" or (uri.params.get("transport") or "").lower() == "tls"
+        if _names_us(uri.host, uri.port or (5061 if tls else 5060)):
+            return item
+    return None
+
+
 def _asked_lifetime():
     """Seconds the registrar will keep what this REGISTER binds, read as it reads them:
     0 for no Contact (a query), a ``*`` (a removal of all, or a request it refuses) or
@@ -328,16 +374,13 @@ def _asked_lifetime():
     count = KSR.pv.get("$hdrc(Contact)") or 0
     if count == 0:
         return 0
-    if count > _MAX_CONTACTS_READ:
-        return MAX_EXPIRES
     header = (KSR.pv.get("$hdr(Expires)") or "").strip() or str(DEFAULT_EXPIRES)
     try:
-        contacts = [item for i in range(count)
-                    for item in split_header_list(KSR.pv.get(_CONTACT_SPECS[i]) or "")]
+        contacts = _register_contacts()
+        if contacts is None:
+            return MAX_EXPIRES
         if "*" in contacts:
             return 0
-        if not contacts or len(contacts) > _MAX_CONTACTS_READ:
-            return MAX_EXPIRES
         # an empty ``expires=`` is no expiry to Kamailio (the header's then); the core
         # would refuse the parameter (review 82)
         asked = [parse_address(_EMPTY_EXPIRES.sub("", item)).params.get("expires") or header
@@ -1259,7 +1302,13 @@ class kamailio:
 
     def route_register(self):
         """Save the contact (registrar: at most max_contacts per AoR), the source's AoRs
-        counted while the registrar is open (``count_registration``)."""
+        counted while the registrar is open (``count_registration``).  A Contact that
+        names this proxy is refused first (403, review 107)."""
+        if _contact_naming_us() is not None:
+            _info("e2m: REGISTER from %s with a Contact naming this proxy: refused\n"
+                  % KSR.pv.get("$si"))
+            KSR.sl.send_reply(403, "Contact Names This Proxy")
+            return
         if not self.count_registration():
             return
         self.announce_policy_in_reply()

@@ -114,6 +114,8 @@ def render_cfg(config: AppConfig, runtime_dir: Path, template: Path = TEMPLATE) 
         "FEATURE_DEFINES": "\n".join(defines),
         "LOG_LEVEL": str(k.log_level),
         "LISTEN_LINES": "\n".join(_listen_lines(config)),
+        "OWN_SIP_PORTS_TEST": " || ".join(f"to_port=={port}" for port in
+                                          sorted({item.port for item in config.kamailio.listen})),
         # the domains and the [identity] host: a request for either is for us; in a
         # cluster the domain's advertised address or its front too (in Route, any
         # node takes it as its own)

@@ -161,6 +161,7 @@ def front(monkeypatch):
     fake.htable = _Htable(clock, MAX_EXPIRES)
     fake.sl = types.SimpleNamespace(send_reply=lambda code, reason: replies.append(code))
     fake.is_myself_srcip = lambda: False
+    fake.is_myself = lambda uri: False     # no Contact names the proxy
     limits = types.SimpleNamespace(registrations_per_source=3, trusted=())
     monkeypatch.setattr(kemi, "APP", types.SimpleNamespace(
         config=types.SimpleNamespace(limits=limits, auth=None, dispatcher=object())))

@@ -154,6 +154,7 @@ def _proxy(monkeypatch, *, front: bool):
     fake.registrar = _Location(clock, vars_, MAX_EXPIRES)
     fake.sl = types.SimpleNamespace(send_reply=lambda code, reason: replies.append(code))
     fake.is_myself_srcip = lambda: False
+    fake.is_myself = lambda uri: False     # no Contact names the proxy
     limits = types.SimpleNamespace(registrations_per_source=3, trusted=())
     monkeypatch.setattr(kemi, "APP", types.SimpleNamespace(
         config=types.SimpleNamespace(limits=limits, auth=None,
