@@ -214,6 +214,9 @@ class UAEngine:
         self._service_peers: OrderedDict[str, float] = OrderedDict()
         # AoR -> the newest notBefore a certificate from the wire had (``_refuse_older``)
         self._newest_from_wire: OrderedDict[str, datetime] = OrderedDict()
+        # AoR -> the notBefore of the certificate its service withdrew (an empty
+        # NOTIFY): that one and older ones are refused from the wire (review 107)
+        self._withdrawn: OrderedDict[str, datetime] = OrderedDict()
         self._peers_wanted: OrderedDict[str, float] = OrderedDict()
         self._configured_peers = {str(aor_of(aor)) for aor in config.peers}
         # Our tag in each INVITE dialog we are in -> (Call-ID, its two parties' AoRs),
@@ -609,6 +612,11 @@ class UAEngine:
             if known is not None and cert.not_valid_before_utc < known:
                 raise CertificateRejectedError(
                     f"{name}: the service gave a certificate issued before one it gave")
+        withdrawn = self._withdrawn.get(name)
+        if withdrawn is not None and cert.not_valid_before_utc <= withdrawn:
+            # a thief of the withdrawn key still signs with it: its signature must not
+            # teach it back (review 107)
+            raise CertificateRejectedError(f"{name}: a certificate its service withdrew")
 
     def _note_from_wire(self, name: str, cert: x509.Certificate) -> None:
         """The newest issue time the wire gave for ``name``: kept when the certificate
@@ -627,7 +635,22 @@ class UAEngine:
             if name in self._configured_peers:
                 return False
             self._service_peers.pop(name, None)
+            held = self.certs.user(name)
+            if held is not None:
+                issued = held.not_valid_before_utc
+                known = self._withdrawn.pop(name, None)
+                self._withdrawn[name] = issued if known is None else max(known, issued)
+                while len(self._withdrawn) > MAX_SERVICE_PEERS:
+                    self._withdrawn.popitem(last=False)
             return self.certs.remove_user(name)
+
+    def is_configured_peer(self, aor: str) -> bool:
+        """Whether ``aor``'s certificate is a ``[peers]`` entry (nothing on the wire
+        replaces it, so there is nothing to follow)."""
+        try:
+            return str(aor_of(aor)) in self._configured_peers
+        except E2MError:
+            return False
 
     def peer_certificates_wanted(self) -> list[str]:
         """AoRs a protected message could not be encrypted to for want of their
@@ -1165,11 +1188,17 @@ class UAEngine:
         without a 493 round trip: only from a message accepted (a refused replay must
         not plant one), and checked as every certificate from the wire is (not a CA,
         not issued before one held or given for that peer: a hop's copy of an old
-        signed message must not bring a replaced key back, review 65)."""
+        signed message must not bring a replaced key back, review 65).  A newer
+        certificate of the peer's own replaces one held from the wire (review 107: bob
+        signs with his new key after the old one was stolen); one its service withdrew
+        is never learnt again."""
         if peer is None or not opened.signed:
             return
         with self._lock:
-            if self.certs.user(peer) is not None:
+            held = self.certs.user(peer)
+            if held is not None and (str(aor_of(peer)) in self._configured_peers or not any(
+                    c.not_valid_before_utc > held.not_valid_before_utc
+                    for c in opened.signer_certificates)):
                 return
             for cert in opened.signer_certificates:
                 try:

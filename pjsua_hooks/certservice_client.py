@@ -228,6 +228,7 @@ class CertServiceClient:
             sub = self._sub_of(aor)
             if sub is None and self.failure(aor) is None:
                 self._subscribe(self._name(aor))
+        self._follow_peers_in_use(now)
         for aor, token in list(self._current.items()):
             sub = self._subs.get(token)
             if sub is None or sub.expires_at is None or not sub.notified:
@@ -240,6 +241,22 @@ class CertServiceClient:
             if not renewing and (due or sub.restart):
                 sub.restart = False
                 self._subscribe(aor, renew=True)
+
+    def _follow_peers_in_use(self, now: float) -> None:
+        """Follow the certificate of every peer we talk to, whatever taught it (a
+        signature, a 493, the service): only a subscription hears of a replacement or a
+        withdrawal, and a phone that learnt bob's key from his signature kept sealing
+        for it after bob replaced it at his service (review 107).  A peer in
+        ``[peers]``, one followed already and one whose service failed lately are
+        skipped; never more fetches at once than ``MAX_PENDING``."""
+        window = max(float(self.subscribe_expires), 60.0)
+        for aor, used in list(self._used.items()):
+            if self._pending_count() >= MAX_PENDING:
+                return
+            if now - used > window or self._sub_of(aor) is not None \
+                    or self.failure(aor) is not None or self.engine.is_configured_peer(aor):
+                continue
+            self._subscribe(aor)
 
     def _subscribe(self, aor: str, renew: bool = False) -> bool:
         if self._pending_count() >= MAX_PENDING:

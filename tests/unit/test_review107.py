@@ -99,6 +99,15 @@ TLS and a front's behaviour with a self-pointing contact (the front's own addres
 an alias of every node), a self-pointing contact of a TLS phone, K2 with real pjsua
 phones and a real Kamailio service, a nonce reused across realms on a proxy with
 several domains, PostgreSQL's ``cert_table_pg``.
+
+Fixed (stop 38): the phone follows every peer it sends to (``CertServiceClient.
+_follow_peers_in_use``: a subscription for each peer used lately and followed by none,
+not a ``[peers]`` one, within ``MAX_PENDING``), so bob's replacement or withdrawal
+reaches it however it learnt his certificate; a newer certificate in an accepted
+signature replaces an older one held (``UAEngine._learn_signer``); a certificate its
+service withdrew is never learnt back (``_withdrawn``, checked in ``_refuse_older``).
+The hole test and stop 38's three variants failed on the code before (checked) and
+pass.
 """
 
 from __future__ import annotations
@@ -224,9 +233,6 @@ def _old_and_new(pki):
 
 # -- hole K2: a certificate taught by a signature is never followed -------------------
 
-@pytest.mark.xfail(strict=True, reason="review 107 hole K2: a peer certificate learnt from "
-                                       "a signature is never followed; a replacement or "
-                                       "withdrawal at the service never reaches the phone")
 def test_hole_a_certificate_learnt_from_a_signature_outlives_its_withdrawal(pki):
     made = subscriber(pki)
     service = Service(pki, made)
@@ -250,6 +256,58 @@ def test_hole_a_certificate_learnt_from_a_signature_outlives_its_withdrawal(pki)
         opened = None
     assert opened is None, (f"the thief of bob's withdrawn key read {opened!r}; alice sent "
                             f"{subscribes} SUBSCRIBE(s) in three hours")
+
+
+def test_hole_variant_the_replacement_reaches_a_signature_taught_phone_unasked(pki):
+    """Stop 38's variant of K2: bob never writes again after replacing his
+    certificate; following the peers she talks to must bring alice the new one."""
+    made = subscriber(pki)
+    service = Service(pki, made)
+    compromised, current = _old_and_new(pki)
+    service.publish(compromised.cert)
+    assert made.engine.open(_signed_by(_bob(pki, compromised), b"lunch?")).info.trusted
+    service.publish(current.cert)
+    assert _keep_talking(made, service, hours=0.1) >= 1
+    assert _der(made.engine.certs.user(BOB)) == _der(current.cert)
+    with pytest.raises(E2MError):
+        _bob(pki, compromised).open(_alice_to_bob(made.engine))
+
+
+def test_hole_variant_a_withdrawn_key_is_not_taught_back_by_its_thief(pki):
+    """Stop 38's variant of K2: bob withdraws his stolen certificate (no new one yet);
+    the follow's empty NOTIFY drops it, and the thief's message signed with the old
+    key (a valid signature: no revocation) must not teach it back."""
+    made = subscriber(pki)
+    service = Service(pki, made)
+    compromised, _ = _old_and_new(pki)
+    service.publish(compromised.cert)
+    thief = _bob(pki, compromised)
+    assert made.engine.open(_signed_by(thief, b"lunch?")).info.trusted
+    made.client.touch(BOB)
+    made.client.tick()
+    assert service.serve() == 1
+    service.store.remove(BOB)
+    sub, cseq = service.dialogs[0]
+    assert service._notify(sub, cseq + 1) == 200
+    assert made.engine.certs.user(BOB) is None
+    made.engine.open(_signed_by(thief, b"it is me, bob"))
+    assert made.engine.certs.user(BOB) is None
+    with pytest.raises(E2MError):
+        _alice_to_bob(made.engine)
+
+
+def test_hole_variant_bobs_new_signature_replaces_the_old_certificate(pki):
+    """Stop 38's variant of K2 with no certificate service at all: bob's message
+    signed with his new certificate replaces the older one alice learnt, so she
+    seals for his new key."""
+    made = subscriber(pki)
+    compromised, current = _old_and_new(pki)
+    assert made.engine.open(_signed_by(_bob(pki, compromised), b"lunch?")).info.trusted
+    assert made.engine.open(_signed_by(_bob(pki, current), b"new phone")).info.trusted
+    assert _der(made.engine.certs.user(BOB)) == _der(current.cert)
+    # and an old signed message (a hop's copy) does not bring the old one back
+    made.engine.open(_signed_by(_bob(pki, compromised), b"an old copy"))
+    assert _der(made.engine.certs.user(BOB)) == _der(current.cert)
 
 
 # -- controls -----------------------------------------------------------------------------
