@@ -21,13 +21,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import SipMessage, canonical_method, parse_address
 from e2m_plugins.keycache import TRANSACTION_TTL
+from e2m_plugins.uri import canonical_ip
 
 from .archive import ArchiveError, ArchiveStore, BodyRecord, MediaRecord, content_uid
 from .archive_spool import ArchiveEvents, answer_share
 from .archive_store import open_archive, open_shared
 from .replay_claims import ClaimedReplayCache, KsrAwayFlag, replay_claims
 from .replay_htable import REPLAY_TABLE, HtableReplayCache
-from .config import AppConfig, canonical_ip, load_app_config
+from .config import AppConfig, load_app_config
 from . import dialog_targets
 from .dialog_route import RouteTokens
 from .keycache_htable import HtableKeyCache, KsrHtable

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from e2m_plugins.config import ConfigError
 from e2m_plugins.errors import MalformedError
+from e2m_plugins.uri import canonical_ip
 from e2m_plugins.privatefiles import PrivateFileError, check_private_file
 from e2m_plugins.uri import parse_uri
 
@@ -944,16 +945,6 @@ def _identity_host(data: dict[str, Any]) -> str | None:
 
 
 _WILDCARDS = ("0.0.0.0", "::", "*")
-
-
-def canonical_ip(text: str) -> str:
-    """One spelling per address (IPv6 compressed, lower case, no brackets), so Kamailio's
-    ``$si``, a resolved peer and a configured address compare equal; "" when ``text``
-    is not an address."""
-    try:
-        return ipaddress.ip_address(text.strip("[]")).compressed
-    except ValueError:
-        return ""
 
 
 def _dmq_socket_of_its_own(kamailio: KamailioSettings, cluster: ClusterSettings,

@@ -60,12 +60,11 @@ from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import (canonical_method, canonical_name, crlf_head, parse,  # noqa: E402
                              parse_address, rfc3261_branch)
-from e2m_plugins.uri import host_key, identity_of, parse_uri  # noqa: E402
+from e2m_plugins.uri import canonical_ip, host_key, identity_of, parse_uri  # noqa: E402
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
-from kamailio_app.config import (DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES,  # noqa: E402
-                                 canonical_ip)
+from kamailio_app.config import DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES  # noqa: E402
 from kamailio_app.dialog_route import (MAX_ROUTE_ENTRIES, UNREAD_ROUTE_SET,  # noqa: E402
                                        UNROUTED_MARK, carries_a_token, dialog_ids,
                                        dialog_parties, double_rr_entry, route_entries,
