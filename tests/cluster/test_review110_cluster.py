@@ -118,3 +118,23 @@ def test_hole_after_a_database_restart_the_nodes_skip_the_replay_claims(
           f"requests decided without the claims (A, B) {skipped}")
     assert skipped == (0, 0)           # every claim asked of the database that is up
     assert after == []
+
+
+@pytest.mark.xfail(strict=True, reason="review 110 hole K1: after a routine PostgreSQL "
+                   "restart, a node without a spool loses each worker's next message "
+                   "although the database is up")
+def test_hole_a_node_without_spool_loses_messages_after_the_database_restarted(
+        proxy_factory, pki, own_postgres):
+    proxy, uas = _home(proxy_factory, own_postgres.url, workers=1,
+                       extra={"archive": {"spool_max": 0}})
+    alice = Alice(pki, proxy)
+    tag = secrets.token_hex(4)
+    texts = [f"t-{tag}-{n}".encode() for n in range(3)]
+    assert alice.message(texts[0]) == 200
+    _restart(own_postgres)
+    assert [alice.message(t) for t in texts[1:]] == [200, 200]
+    stored = [r.plaintext for r in proxy.archive_rows()]
+    lost = _stat(proxy, "e2m_archive_lost")
+    print(f"\nno spool, database restarted and answering: stored {len(stored)} of 3, "
+          f"e2m_archive_lost {lost}")
+    assert stored == texts and lost == 0
