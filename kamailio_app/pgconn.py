@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import select
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -163,6 +164,17 @@ def connect(url: PgUrl, *, connect_timeout: int = 2, statement_timeout_ms: int =
         application_name=application_name))
 
 
+def _server_has_spoken(conn: Any) -> bool:
+    """Whether an idle connection has something to read: an idle autocommit session is
+    never spoken to unasked but when the server ends it (its FATAL, then the close).
+    One poll of the socket, no wait; a socket that cannot be polled counts as ended."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class ProcessConnection:
     """One connection per process to ``url``, autocommit (callers open transactions):
     made on first use, so a connection inherited across Kamailio's fork is never used,
@@ -179,7 +191,13 @@ class ProcessConnection:
 
     def get(self) -> Any:
         if self._conn is not None and self._pid == os.getpid() and not self._conn.closed:
-            return self._conn
+            if not _server_has_spoken(self._conn):
+                return self._conn
+            # the server said something unasked: a restart or an administrator's
+            # termination (its FATAL, then its close).  Taken for an outage, the first
+            # query after a routine restart failed an honest request, lost its archive
+            # row or skipped the cluster's replay claims (review 110): connect anew.
+            self.drop()
         self._conn = None
         self._conn = connect(self.url, connect_timeout=self.connect_timeout,
                              statement_timeout_ms=self.statement_timeout_ms, autocommit=True,
