@@ -1,0 +1,159 @@
+"""(draft)"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2m_lab.flows import SDP_ANSWER
+from e2m_lab.stranger import HOST
+from e2m_plugins import sip
+from e2m_plugins.sip import make_response
+from tests.pjsua.test_review108_phone import BOB_HOST, Call, pki  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.pjsua2, pytest.mark.kamailio]
+
+
+class TwoSocketHome:
+    """The home's second UDP socket on the same address (another listen port of the
+    proxy: a second UDP listener, a cluster node's DMQ socket)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.source: tuple | None = None
+
+    def receive(self, want, timeout: float = 8.0) -> sip.SipMessage:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                data, source = self.sock.recvfrom(65535)
+            except (socket.timeout, TimeoutError):
+                break
+            try:
+                msg = sip.parse(data)
+            except Exception:  # noqa: BLE001
+                continue
+            if want(msg):
+                self.source = source
+                return msg
+        raise AssertionError("nothing of the kind on the home's second socket")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class OtherSocketCall(Call):
+    """review 108's call, the home's Record-Route entry naming its second socket."""
+
+    def __init__(self, tmp_path: Path, pki, second: bool) -> None:
+        self.second = TwoSocketHome()
+        entry = f"<sip:{HOST}:{self.second.port};lr;e2m-rr=00>" if second \
+            else "<sip:" + HOST + ":{port};lr;e2m-rr=00>"
+        super().__init__(tmp_path, pki, entry)
+        self.target = self.second if second else self.home
+
+    def up(self) -> sip.SipMessage:
+        """review 108's ``Call.up``, alice's ACK taken where her route set sends it."""
+        home, alice = self.home, self.alice
+        alice.wait("started", timeout=15)
+        register = home.receive(lambda m: m.is_request and m.method == "REGISTER")
+        ok = make_response(register, 200, "OK",
+                           [("Contact", f"{register.get('Contact')};expires=3600")], b"", None)
+        home.send(ok.replace("To", f"{register.get('To')};tag=reg109"))
+        alice.wait("registered", timeout=8)
+        mark = alice.mark()
+        alice.send(f"call sip:bob@{HOST}:{home.port}")
+        invite = home.receive(lambda m: m.is_request and m.method == "INVITE")
+        delivered = home.engine.open(invite).message
+        ok = make_response(delivered, 200, "OK",
+                           [("Record-Route", self.route_entry),
+                            ("Contact", f"<sip:bob@{BOB_HOST}:{self.bob_port}>")],
+                           SDP_ANSWER, "application/sdp")
+        ok = ok.replace("To", f"{delivered.get('To')};tag=r109")
+        home.send(home.engine.protect(ok).message)
+        alice.wait("call_state", where=lambda e: str(e.get("state", "")).upper()
+                   .endswith("CONFIRMED"), since=mark, timeout=8)
+        ack = self.target.receive(lambda m: m.is_request and m.method == "ACK")
+        home.engine.open(ack)
+        return invite
+
+    def reinvite(self) -> sip.SipMessage:
+        self.alice.send("hold")
+        return self.target.receive(lambda m: m.is_request and m.method == "INVITE"
+                                   and m.to_tag is not None)
+
+    def straight_answer(self, reinvite: sip.SipMessage) -> None:
+        delivered = self.home.engine.open(reinvite).message
+        ok = make_response(delivered, 200, "OK",
+                           [("Contact", f"<sip:bob@{BOB_HOST}:{self.bob_port}>")],
+                           SDP_ANSWER, "application/sdp")
+        wire = self.home.engine.protect(ok).message.serialize()
+        assert self.target.source is not None
+        self.bob.sendto(wire, self.target.source)
+
+    def acked(self, cseq: int, timeout: float = 4.0) -> bool:
+        try:
+            self.target.receive(lambda m: m.is_request and m.method == "ACK"
+                                and m.cseq[0] == cseq, timeout=timeout)
+        except AssertionError:
+            return False
+        return True
+
+    def close(self) -> None:
+        super().close()
+        self.second.close()
+
+
+@pytest.fixture
+def call_factory(tmp_path: Path, pki) -> Iterator:
+    made: list[OtherSocketCall] = []
+
+    def make(second: bool) -> OtherSocketCall:
+        directory = tmp_path / str(len(made))
+        directory.mkdir()
+        call = OtherSocketCall(directory, pki, second)
+        made.append(call)
+        return call
+
+    yield make
+    for call in made:
+        call.close()
+
+
+def _run(call):
+    call.up()
+    reinvite = call.reinvite()
+    call.straight_answer(reinvite)
+    acked = call.acked(reinvite.cseq[0])
+    counts = call.alice.status()["counts"]
+    print("re-INVITE", reinvite.request_uri, reinvite.get_all("Route"), "acked", acked,
+          "counts", counts)
+    return reinvite, acked, counts
+
+
+@pytest.mark.xfail(strict=True, reason="review 109 hole K1: a route set naming the home's "
+                   "other UDP port is noted as not going home; the callee's straight answer is taken")
+def test_hole_k1_a_route_to_the_homes_other_port_lets_the_callee_answer_the_reinvite_straight(
+        call_factory):
+    call = call_factory(True)
+    reinvite, acked, counts = _run(call)
+    # the re-INVITE went to the home: its other socket got it, under the home's entry
+    assert reinvite.get_all("Route")[0].startswith(f"<sip:{HOST}:{call.second.port};lr")
+    assert not acked, "alice took a re-INVITE answer the home never saw"
+    assert counts.get("responses_not_via_proxy", 0) >= 1
+
+
+def test_control_k1_the_homes_registrar_port_holds_the_reinvite_answer_to_the_home(
+        call_factory):
+    call = call_factory(False)
+    reinvite, acked, counts = _run(call)
+    assert reinvite.get_all("Route")[0].startswith(f"<sip:{HOST}:{call.home.port};lr")
+    assert not acked
+    assert counts.get("responses_not_via_proxy", 0) >= 1
