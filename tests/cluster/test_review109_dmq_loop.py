@@ -1,4 +1,51 @@
-"""(draft)"""
+"""Review 109 (an attacker's review of e180fd3): hole K2, review 107's self-relay loop
+through a cluster node's DMQ socket, which stop 38's send check does not cover.  Two
+real Kamailio 5.6.3 nodes on DMQ and PostgreSQL (``e2m_lab.cluster.start_cluster``: A
+and B on 127.0.0.1, each with its own UDP DMQ socket, registrar open as in that
+fixture), review 107's stranger MESSAGE and burst.
+
+Hole K2 (``test_hole_k2_a_binding_naming_a_nodes_dmq_socket_loops_seventy_times``,
+``test_hole_k2_strangers_through_the_dmq_loop_exhaust_shared_memory``):
+
+- Attacker: an insider UA (alice, for her own AoR; with [auth] her password) - or,
+  with the registrar open, any off-path sender - sets the trap once; then any off-path
+  sender springs it (requests to our users are never challenged).
+- Set-up: alice REGISTERs at node B ``Contact: <sip:alice@127.0.0.1:<A's DMQ port>>``.
+  B's ``_contact_naming_us`` asks B's ``is_myself``: A's DMQ socket is not B's, so 200;
+  dmq_usrloc replicates the binding to A.  (In exploration, also seen: at A itself
+  ``<sip:dave@127.1:<A's DMQ port>>``, a spelling ``is_myself`` does not read as ours,
+  is bound 200 and loops the same way.)
+- Messages: a stranger's plain ``MESSAGE sip:alice@example.com`` to A (or to B).
+- Effect (seen): A looks alice up and relays to its own DMQ socket: ``onsend_route``
+  lets it go, because ``OWN_SIP_PORTS_TEST`` lists only ``[kamailio] listen`` ports
+  (the DMQ socket is a ``listen=`` line of its own, ``launcher._listen_lines``).  The
+  DMQ socket takes any method (only KDMQ goes to ``route_dmq``; a MESSAGE goes to
+  ``route_request``), from A's own address (``exempt_source``: pike never counts it):
+  70 transactions for one datagram entered at A, 70 entered at B (69 at A + 1 at B),
+  the stranger answered 408.  Burst (review 107's: 150 MESSAGEs from 20 addresses, under
+  pike's rate, then 30 MESSAGEs to bob one by one): 2,863 transactions on A,
+  "could not allocate shared memory" logged 775 times (331 in the test run), 20 of 30
+  (19 of 30) of bob's MESSAGEs answered 500; about 1.9 s of Kamailio CPU for the burst
+  (measured once from /proc, not asserted).
+- At fault: ``kamailio_app/launcher.py:117-118`` (``OWN_SIP_PORTS_TEST`` from
+  ``config.kamailio.listen`` only) with ``kamailio_app/templates/kamailio.cfg.tmpl:349``;
+  and ``kamailio_app/kemi.py:739-744`` (``ksr_request_route``: a request that is not
+  KDMQ arriving on the DMQ socket is routed as any other).
+- Fix: put the DMQ port in the send check (every ``listen=`` line the cfg gets, or
+  ``to_ip==myself && to_port`` of any socket: ``is_myself("sip:$sndto(ip):$sndto(port)")``);
+  refuse at the DMQ socket anything but KDMQ (``$Rp`` is the DMQ port: 403/drop before
+  ``route_request``); and at REGISTER, refuse a Contact naming any node's socket
+  ([cluster] peers and dmq addresses), not only this node's.
+
+Control (passes unmarked):
+``test_control_k2_the_node_refuses_its_own_dmq_socket_and_a_real_contact_is_one_pass``:
+A answers 403 "Contact Names This Proxy" to a Contact naming its own DMQ socket; a
+binding registered at B naming A's SIP socket makes at most 2 transactions (stop 38's
+send check on A's SIP port is live); a stranger's MESSAGE to bob's real contact is one
+transaction and 200.
+
+Tried and held: see ``tests/unit/test_review109.py``.
+"""
 
 from __future__ import annotations
 

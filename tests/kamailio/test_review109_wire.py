@@ -1,4 +1,34 @@
-"""(draft)"""
+"""Review 109 (an attacker's review of e180fd3), wire half of hole K1: what the real
+Kamailio 5.6.3 does with a callee's 200 whose Record-Route entry of ours names another
+of the proxy's own UDP sockets.  The phone's half (it then takes the callee's straight
+answer), the hole's full write-up and its fix are in
+``tests/pjsua/test_review109_phone.py``.
+
+Set-up: a plain routing proxy (no [auth], no E2M) listening on
+``udp:127.0.0.1:P``, ``tcp:127.0.0.1:P`` and a second ``udp:127.0.0.1:P2`` (a
+multi-homed or multi-port proxy; in a cluster, each node's DMQ socket is such a second
+UDP socket of its own, see ``tests/cluster/test_review109_dmq_loop.py``).  bob (a raw
+UAS) registered; alice (``SipUa`` over UDP) INVITEs him through P.  **Insider UA**, the
+callee: bob's 200 copies the Record-Route with our entry's port changed to P2, the
+token untouched.
+
+Effect (seen on e180fd3, ``test_hole_k1_our_entry_moved_to_our_other_udp_socket_is_relayed_and_routed``):
+the 200 reaches alice with ``Record-Route: <sip:127.0.0.1:P2;lr;e2m-rr=..>``; her ACK
+and her re-INVITE sent to P2 along that route set are routed to bob (he got INVITE,
+ACK, INVITE; the re-INVITE answered 200).  So a UDP phone's in-dialog requests go to
+a home port its registrar does not name, which stop 38's phone rule notes as "not
+home" (the phone half).  At fault: ``kamailio_app/kemi.py:1244``
+(``moved_route_entries``: ``KSR.is_myself(uri)`` accepts any socket of ours, the
+token covers neither host nor port).
+
+Controls (pass unmarked): ``test_control_k1_the_untouched_200_leads_alice_to_the_socket_she_called``
+(untouched, alice's route set names P, the re-INVITE is routed and answered 200);
+``test_control_k1_our_entry_moved_to_a_port_not_ours_is_dropped`` (the same rewrite to
+a port where the proxy does not listen: dropped, "not ours: dropped" logged: the filter
+is live; only another of our own sockets passes).
+
+Tried and held: see the phone module and ``tests/unit/test_review109.py``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,55 @@
-"""(draft)"""
+"""Review 109 (an attacker's review of e180fd3), phone half of hole K1: the registrar-only
+phone's send-time home rule as stop 38 left it (``tx_destination``).  A real
+``e2m-phone listen`` (pjsua2); the home is review 92's ``Bob`` socket plus a second UDP
+socket on the same address (``TwoSocketHome``), bob's phone a UDP socket on 127.0.0.2
+(review 108's ``Call``, reused).  The proxy's half (it relays and routes what this
+needs) is ``tests/kamailio/test_review109_wire.py``.
+
+Hole K1 (``test_hole_k1_a_route_to_the_homes_other_port_lets_the_callee_answer_the_reinvite_straight``):
+**insider UA**, the callee (bob, his own certificate), against a phone with only a
+registrar over UDP.
+
+- Set-up: alice's phone, ``registrar = "sip:127.0.0.1:<home port>"``, UDP, no outbound
+  proxy, registered; she calls bob through the home.  bob's 200 carries one
+  Record-Route entry, the home's, but naming the home's *other* UDP port:
+  ``<sip:127.0.0.1:<second port>;lr;e2m-rr=..>`` (bob wrote it so; the wire half shows
+  the real proxy relays such a 200 when the port is one of its own sockets: a second
+  UDP listener, or in a cluster every node's DMQ socket).
+- Messages: her ACK and, on ``hold``, her re-INVITE go to the home's second socket
+  (seen there, Route ``<sip:127.0.0.1:<second>;lr;..>``); bob answers the re-INVITE with
+  his sealed 200 (SDP) from 127.0.0.2 straight to alice's Via address.
+- Effect (seen on e180fd3): alice takes it: her ACK for the re-INVITE's CSeq reaches
+  the home's second socket, ``responses_not_via_proxy`` 0, no ``response_dropped``.
+  The home relayed the re-INVITE but never saw its answer (its archive row, its media
+  rule), as in reviews 106 and 108.  This is a regression of stop 38's fix: review
+  108's header rule (``ProxySource.names``) took any port of a home host as home; the
+  destination rule compares address *and* port over UDP.
+- At fault: ``pjsua_hooks/phone.py:787`` (``_note_sent``: ``home = destination is None
+  or self._home_source.matches(destination)``) with ``pjsua_hooks/proxysource.py:93``
+  (``matches`` over UDP: the (address, port) must be one the config named: the
+  registrar's port only).  Also the proxy's ``moved_route_entries``
+  (``kamailio_app/kemi.py:1244``): ``KSR.is_myself`` takes any of our sockets, so the
+  callee may move our entry to another of them (the token binds neither host nor port).
+- Fix: on the send side, a request whose destination is any address of the home counts
+  as going home whatever the port (the port matters only for what is *received* over
+  UDP); and/or the proxy drops a 2xx whose entry of ours names another socket than the
+  one it wrote (compare with ``$Rn``/the socket the request came in on, or put the
+  entry's host:port under the token's MAC).
+
+Control (passes unmarked):
+``test_control_k1_the_homes_registrar_port_holds_the_reinvite_answer_to_the_home``: the
+same call and the same straight 200, the home's entry naming the registrar's port: no
+ACK for it, ``responses_not_via_proxy`` 1 (the rule is live; only the port differs).
+
+Tried and held (read unless said run): the initial INVITE and its ACK to the
+registrar's port (run: the control); a retransmission leaves the hook by the
+emitted-bytes shortcut without ``_note_sent``, but keeps its branch, so the first
+note stands; a CANCEL shares the INVITE's branch and destination (same note); a
+destination the hook cannot read counts as home (fail safe); a TCP/TLS phone's
+``ProxySource`` compares the address only (``udp=False``), so K1 needs a UDP phone; a
+route to the home's TLS-only port is unreachable for a UDP phone (pjsip has no TLS
+transport there: the re-INVITE fails, no bypass).
+"""
 
 from __future__ import annotations
 
