@@ -341,8 +341,8 @@ def _names_us(host, port):
 
 def _contact_naming_us():
     """The first Contact of this REGISTER that names this proxy (its address, an alias,
-    the front: ``_names_us``; port 5060, or 5061 for sips or TLS, when it gives none),
-    or None.  Such a binding relays every request for the AoR back to us, Max-Forwards
+    the front: ``_names_us``; port 5060, or 5061 for sips or TLS, when it gives none)
+    or a node's DMQ socket, or None.  Such a binding relays every request for the AoR back to us, Max-Forwards
     times, each pass from our own address, which pike does not count (review 107).
     Entries the core cannot read are left to the registrar; the cfg's onsend_route
     stops a loop whatever the spelling (a request to our own sockets is never sent)."""
@@ -358,9 +358,44 @@ def _contact_naming_us():
         except E2MError:
             continue
         tls = uri.scheme == "sips" or (uri.params.get("transport") or "").lower() == "tls"
-        if _names_us(uri.host, uri.port or (5061 if tls else 5060)):
+        port = uri.port or (5061 if tls else 5060)
+        if _names_us(uri.host, port) or (canonical_ip(uri.host), port) in _dmq_places():
             return item
     return None
+
+
+def _dmq_places():
+    """Every node's DMQ socket, ours and the peers': no SIP request goes there, so no
+    binding may name one (review 109: a binding at one node naming another's DMQ socket
+    looped there)."""
+    if not APP.replicates:
+        return frozenset()
+    return APP.dmq_socket() | APP.dmq_sources()
+
+
+def _names_the_transactions_socket(uri):
+    """Whether our entry ``uri`` (our token, ``is_myself``) names the socket we wrote it
+    for: the one the request came in on or the one the reply did (our two entries when
+    they differ), when it names an address.  ``is_myself`` takes any of our sockets, so
+    the callee moved the caller's route set to another of them (a second listener, a
+    DMQ socket) and her in-dialog requests went in there while her phone took his
+    answers straight (review 109).  A name (the front, the advertised address, a
+    domain) stands for every node and is left to ``is_myself``; so is a stray reply (no
+    transaction to say which socket: a known limit)."""
+    try:
+        parsed = parse_uri(uri)
+    except E2MError:
+        return False
+    host = canonical_ip(parsed.host)
+    if host is None:
+        return True
+    if KSR.tm.t_check_trans() <= 0:
+        return True
+    tls = parsed.scheme == "sips" or (parsed.params.get("transport") or "").lower() == "tls"
+    port = parsed.port or (5061 if tls else 5060)
+    sockets = {(canonical_ip(KSR.pv.get("$T_req($Ri)") or ""), KSR.pv.get("$T_req($Rp)")),
+               (canonical_ip(KSR.pv.get("$Ri") or ""), KSR.pv.get("$Rp"))}
+    return (host, port) in sockets
 
 
 def _asked_lifetime():
@@ -738,6 +773,10 @@ class kamailio:
             if self.app.replicates and KSR.pv.get("$rm") == "KDMQ":
                 self.route_dmq()
                 return 1
+            if self.app.replicates and self.on_dmq_socket():
+                # the DMQ socket takes KDMQ alone: a SIP request there (a binding or a
+                # route set naming it, review 109) is dropped unanswered, unrouted
+                return 1
             if SYNC_GATE is not None and SYNC_GATE.refuses():
                 return 1      # 503: still catching up with the peers (DMQ sync)
             self.route_request()
@@ -751,6 +790,11 @@ class kamailio:
             _log_exception("request route", exc)
             _answer_anyway(500, "Server Internal Error")
         return 1
+
+    def on_dmq_socket(self):
+        """This request came in on the node's DMQ socket."""
+        local = (canonical_ip(KSR.pv.get("$Ri") or ""), int(KSR.pv.get("$Rp") or 0))
+        return local in self.app.dmq_socket()
 
     def route_dmq(self):
         """[cluster] replication (KDMQ), before anything else: from a configured peer's
@@ -1240,7 +1284,8 @@ class kamailio:
             return ["(a Record-Route past the read bound)"]
         ours = self.app.routes.ours_in(call_id, from_tag, routes, parties=parties)
         # ours must still name us, and say no more than we wrote (a maddr: review 90)
-        moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0]
+        moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0
+                 or not _names_the_transactions_socket(uri)]
         if moved:
             return moved
         if ours:

@@ -248,10 +248,13 @@ class CertServiceClient:
         withdrawal, and a phone that learnt bob's key from his signature kept sealing
         for it after bob replaced it at his service (review 107).  A peer in
         ``[peers]``, one followed already and one whose service failed lately are
-        skipped; never more fetches at once than ``MAX_PENDING``."""
+        skipped; never more fetches at once than ``MAX_PENDING``, and a follow never
+        pushes another subscription out: past ``MAX_FOLLOWED`` the most recent peers
+        are followed, the rest not (review 109: 65 peers in use evicted each other and
+        were subscribed again at every turn, 7,800 SUBSCRIBEs a minute)."""
         window = max(float(self.subscribe_expires), 60.0)
-        for aor, used in list(self._used.items()):
-            if self._pending_count() >= MAX_PENDING:
+        for aor, used in reversed(list(self._used.items())):      # the latest first
+            if self._pending_count() >= MAX_PENDING or len(self._subs) >= MAX_FOLLOWED:
                 return
             if now - used > window or self._sub_of(aor) is not None \
                     or self.failure(aor) is not None or self.engine.is_configured_peer(aor):

@@ -778,13 +778,15 @@ class E2MPhone:
         ``tx_destination``) against the home's addresses: a route set naming the home
         by another name, or a strict route, goes home all the same (review 108: read
         from the headers, such a re-INVITE was noted as not going home and the callee's
-        straight answer was taken).  A destination that cannot be read counts as going
-        home.  Bounded as the other records."""
+        straight answer was taken).  Any port of a home address is the home (review
+        109: the callee moved the route set to the home's other UDP socket).  A
+        destination that cannot be read counts as going home.  Bounded as the other
+        records."""
         if self._home_source is None or self._answers_from_home:
             return
         try:
             destination = self.hook.tx_destination
-            home = destination is None or self._home_source.matches(destination)
+            home = destination is None or self._home_source.holds_address(destination[0])
             _bounded_put(self._sent_home, msg.via_branch(), home)
         except E2MError:
             pass

@@ -93,5 +93,12 @@ class ProxySource:
             return (ip, source[1]) in self.addresses
         return any(ip == address for address, _ in self.addresses)
 
+    def holds_address(self, host: str) -> bool:
+        """Whether ``host`` (an address in any spelling) is one of our proxy's addresses,
+        whatever the port: where a request we send goes (a proxy may listen on several
+        ports; review 109: a route set moved to its other UDP port)."""
+        ip = canonical_ip(host)
+        return ip is not None and any(ip == address for address, _ in self.addresses)
+
     def __repr__(self) -> str:
         return f"ProxySource({sorted(self.addresses)!r}, udp={self.udp})"

@@ -164,7 +164,8 @@ def front(monkeypatch):
     fake.is_myself = lambda uri: False     # no Contact names the proxy
     limits = types.SimpleNamespace(registrations_per_source=3, trusted=())
     monkeypatch.setattr(kemi, "APP", types.SimpleNamespace(
-        config=types.SimpleNamespace(limits=limits, auth=None, dispatcher=object())))
+        config=types.SimpleNamespace(limits=limits, auth=None, dispatcher=object()),
+        replicates=False))
     proxy = kemi.kamailio()
 
     def register(source: str, to_uri: str):

@@ -159,7 +159,7 @@ def _proxy(monkeypatch, *, front: bool):
     monkeypatch.setattr(kemi, "APP", types.SimpleNamespace(
         config=types.SimpleNamespace(limits=limits, auth=None,
                                      dispatcher=object() if front else None),
-        engine=None))
+        engine=None, replicates=False))
     proxy = kemi.kamailio()
 
     def register(source: str, to_uri: str):

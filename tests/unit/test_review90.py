@@ -229,6 +229,10 @@ def kemi_check(monkeypatch):
                                      "$fu": "sip:alice@example.com",
                                      "$tu": "sip:bob@example.com",
                                      "$T_req($tt)": request_to_tag, "$hdrc(Via)": 2,
+                                     # the honest INVITE came in over TLS, left over UDP
+                                     # (our two entries; stop 38 holds ours to them)
+                                     "$T_req($Ri)": "10.0.0.1", "$T_req($Rp)": 5061,
+                                     "$Ri": "10.0.0.1", "$Rp": 5060,
                                      "$tt": reply_to_tag,
                                      "$(hdr(Via)[0])": our_via,
                                      "$(hdr(Via)[1])": REPLY_VIA}
