@@ -60,7 +60,8 @@ from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import (canonical_method, canonical_name, crlf_head, parse,  # noqa: E402
                              parse_address, rfc3261_branch)
-from e2m_plugins.uri import canonical_ip, host_key, identity_of, parse_uri  # noqa: E402
+from e2m_plugins.uri import (canonical_ip, host_key, identity_of, parse_uri,  # noqa: E402
+                             split_hostport)
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
@@ -373,7 +374,7 @@ def _dmq_places():
     return APP.dmq_socket() | APP.dmq_sources()
 
 
-def _names_the_transactions_socket(uri):
+def _names_the_transactions_socket(uri, config):
     """Whether our entry ``uri`` (our token, ``is_myself``) names the socket we wrote it
     for: the one the request came in on or the one the reply did (our two entries when
     they differ), when it names an address.  ``is_myself`` takes any of our sockets, so
@@ -389,13 +390,34 @@ def _names_the_transactions_socket(uri):
     host = canonical_ip(parsed.host)
     if host is None:
         return True
-    if KSR.tm.t_check_trans() <= 0:
-        return True
     tls = parsed.scheme == "sips" or (parsed.params.get("transport") or "").lower() == "tls"
     port = parsed.port or (5061 if tls else 5060)
+    if any(host == shared and (shared_port is None or port == shared_port)
+           for shared, shared_port in _cluster_places(config)):
+        return True
+    if KSR.tm.t_check_trans() <= 0:
+        return True
     sockets = {(canonical_ip(KSR.pv.get("$T_req($Ri)") or ""), KSR.pv.get("$T_req($Rp)")),
                (canonical_ip(KSR.pv.get("$Ri") or ""), KSR.pv.get("$Rp"))}
     return (host, port) in sockets
+
+
+def _cluster_places(config):
+    """The cluster's shared address as our entries name it: ``[cluster] front`` or
+    ``advertise`` (canonical address, port or None for any), when an address."""
+    cluster = getattr(config, "cluster", None)
+    places = []
+    for value in (getattr(cluster, "front", None), getattr(cluster, "advertise", None)):
+        if not value:
+            continue
+        try:
+            host, port = split_hostport(value)
+        except E2MError:
+            continue
+        ip = canonical_ip(host)
+        if ip is not None:
+            places.append((ip, port))
+    return places
 
 
 def _asked_lifetime():
@@ -1285,7 +1307,7 @@ class kamailio:
         ours = self.app.routes.ours_in(call_id, from_tag, routes, parties=parties)
         # ours must still name us, and say no more than we wrote (a maddr: review 90)
         moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0
-                 or not _names_the_transactions_socket(uri)]
+                 or not _names_the_transactions_socket(uri, self.app.config)]
         if moved:
             return moved
         if ours:
