@@ -380,8 +380,8 @@ def _names_the_transactions_socket(uri, config):
     they differ), when it names an address.  ``is_myself`` takes any of our sockets, so
     the callee moved the caller's route set to another of them (a second listener, a
     DMQ socket) and her in-dialog requests went in there while her phone took his
-    answers straight (review 109).  A name (the front, the advertised address, a
-    domain) stands for every node and is left to ``is_myself``; so is a stray reply (no
+    answers straight (review 109).  The front, the advertised address and any name (a
+    domain) stand for every node and are left to ``is_myself``; so is a stray reply (no
     transaction to say which socket: a known limit)."""
     try:
         parsed = parse_uri(uri)
