@@ -343,10 +343,11 @@ def _names_us(host, port):
 def _contact_naming_us():
     """The first Contact of this REGISTER that names this proxy (its address, an alias,
     the front: ``_names_us``; port 5060, or 5061 for sips or TLS, when it gives none)
-    or a node's DMQ socket, or None.  Such a binding relays every request for the AoR back to us, Max-Forwards
-    times, each pass from our own address, which pike does not count (review 107).
-    Entries the core cannot read are left to the registrar; the cfg's onsend_route
-    stops a loop whatever the spelling (a request to our own sockets is never sent)."""
+    or a node's DMQ socket, or None.  Such a binding relays every request for the AoR
+    back to us, Max-Forwards times, each pass from our own address, which pike does not
+    count (reviews 107, 109).  Entries the core cannot read are left to the registrar;
+    the cfg's onsend_route stops a loop whatever the spelling (a request to our own
+    SIP sockets is never sent)."""
     try:
         contacts = _register_contacts() or []
     except E2MError:

@@ -211,6 +211,7 @@ def test_hole_a_binding_the_register_check_never_saw_loops_no_more(proxy):
     created = _created(proxy) - before
     assert created <= 2, f"one MESSAGE made {created} transactions, answered {reply and reply.status}"
     assert "a request to this proxy's own socket" in proxy.log_path.read_text(errors="replace")
+    assert reply is not None and reply.status == 500      # the relay failed at once
 
 
 # -- controls -----------------------------------------------------------------------------
