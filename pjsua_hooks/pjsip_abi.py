@@ -307,15 +307,10 @@ def rx_view(rdata: int) -> RxView:
     src_name = C.string_at(rdata + RX_SRC_NAME).decode("ascii", "replace")
     src_port = _int(rdata + RX_SRC_PORT)
     # The binary source address must say the same as src_name/src_port.
-    family = C.c_uint16.from_address(rdata + RX_SRC_ADDR).value
-    port_be = C.string_at(rdata + RX_SRC_ADDR + 2, 2)
-    if family == _AF_INET:
-        addr = socket.inet_ntop(socket.AF_INET, C.string_at(rdata + RX_SRC_ADDR + 4, 4))
-    elif family == _AF_INET6:
-        addr = socket.inet_ntop(socket.AF_INET6, C.string_at(rdata + RX_SRC_ADDR + 8, 16))
-    else:
+    binary = _sockaddr_text(rdata + RX_SRC_ADDR)
+    if binary is None:
         raise AbiError("rx: unknown source address family")
-    if addr != src_name or struct.unpack("!H", port_be)[0] != src_port:
+    if binary != (src_name, src_port):
         raise AbiError("rx: src_addr disagrees with src_name/src_port")
     msg = _ptr(rdata + RX_MSG)
     if not msg:
