@@ -1,4 +1,38 @@
-"""Review 111 (PostgreSQL sessions): docstring to be completed."""
+"""Review 111 (an attacker's review of afb1199), PostgreSQL sessions: stop 38's
+``pgconn._server_has_spoken`` (review 110's fix), with a real PostgreSQL.
+
+Hole K3 (``test_hole_k3_a_session_on_a_high_descriptor_is_made_anew_for_every_query``):
+cost per query.  ``_server_has_spoken`` polls the kept session's socket with
+``select.select``, which refuses a descriptor of 1024 or more (``ValueError:
+filedescriptor out of range in select()``); the code counts that as "ended"
+(``kamailio_app/pgconn.py:172-174``), so ``ProcessConnection.get`` drops and remakes
+the session at every use.  Set-up: a process with 1,100 descriptors open (of
+/dev/null; the soft limit here is 20,000), then a ``ProcessConnection`` to the test
+database and 20 queries.  Effect (seen): socket fd 1101, 20 sessions (20 backend pids)
+for 20 queries, 16.1 ms a query, against 1 session and 0.8 ms a query at fd 5 (the
+control): a full connection (TCP, start-up, password authentication) per query, and a
+server backend started and ended per query.  Reach through Kamailio NOT shown: a
+Kamailio process gets such descriptors when it holds many sockets (a TCP reader holds
+the connections it serves; Kamailio raises its open files limit for
+``tcp_max_connections``), and the session made after that (first use, or after a
+restart or error) would sit past 1023; I did not drive a worker there in the time.
+psycopg's own waits use ``selectors`` (epoll) and have no such limit: this is new in
+stop 38.  Fix: poll with ``select.poll()`` (or ``selectors.DefaultSelector``), which
+take any descriptor; or read psycopg's ``conn.pgconn`` state.
+
+Controls (pass unmarked): ``test_control_k3_a_session_on_a_low_descriptor_is_kept``
+(one session for 20 queries); ``test_control_k3_a_session_the_server_ended_is_replaced_before_use``
+(``pg_terminate_backend`` on the kept session: the next query runs on a new one).
+
+Tried and held (read): a server speaking unasked on an idle autocommit session: a
+NOTICE/ParameterStatus after a reload or a promotion is sent when the next command is
+read (PostgresMain processes SIGHUP after ReadCommand), so it is read with that
+command's answer; NOTIFY needs a LISTEN, which nothing issues; FATAL (terminate,
+idle_session_timeout, shutdown) is the case the rule is for.  Even a spurious
+"spoken" only costs one reconnect, not a failure.  A session ended mid-transaction:
+callers take ``get()`` once per operation (``SqlArchive``, ``replay_claims`` are single
+statements in autocommit), so no half transaction moves to a new session (read).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,68 @@
-"""Review 111 (wire): the reply's Record-Route socket check (docstring to be completed)."""
+"""Review 111 (an attacker's review of afb1199), wire: the reply's Record-Route socket
+check of stop 38 (``kemi._names_the_transactions_socket``), on a real Kamailio 5.6.3.
+
+Hole K1 (``test_hole_k1_200_sent_to_our_other_socket_carries_our_entry_moved_there``):
+**insider UA**, the callee (or an untrusted hop on his leg).  Review 109's set-up: a
+plain proxy on ``udp:127.0.0.1:P``, ``tcp:127.0.0.1:P`` and a second
+``udp:127.0.0.1:P2``; bob (raw UAS) registered; alice (UDP) INVITEs him through P.
+bob's 200 carries our entry moved to P2 (token untouched), exactly as in review 109,
+but bob sends the 200 to P2 instead of back to P (a reply is matched by its branch on
+any socket).  Effect (seen): the 200 reaches alice with
+``Record-Route: <sip:127.0.0.1:P2;lr;e2m-rr=..>``, nothing is logged as dropped, her ACK
+and re-INVITE sent to P2 reach bob (bob got INVITE, INVITE with To tag, ACK; the
+re-INVITE answered 200): review 109's fix is bypassed by choosing the socket the reply
+comes in on.  At fault: ``kamailio_app/kemi.py:400-402``: the allowed sockets include
+the one the *reply* came in on (``$Ri``/``$Rp``), which the sender of the reply picks.
+Fix: take the socket the branch was *sent* from (tm's branch send socket, e.g.
+``$T_branch``/the request's ``$fs`` as relayed; on r2 the outgoing socket we wrote),
+not the reply's receiving socket; or put host:port:transport of each entry under the
+token's MAC when writing it.
+
+Hole K2 (``test_hole_k2_callers_tls_entry_moved_to_our_udp_socket_is_relayed``):
+**untrusted hop** on the callee's UDP leg (or the callee).  Proxy with ``[auth]`` and a
+``tls:`` listener; alice over TLS (digest), bob registered over UDP: the proxy
+record-routes twice (``r2=on``): ``sip:127.0.0.1:P;r2=on;lr;e2m-rr=T`` facing bob and
+``sip:127.0.0.1:TLS;transport=tls;r2=on;lr;e2m-rr=T`` facing alice.  The hop rewrites
+alice's entry to ``sip:127.0.0.1:P;r2=on;lr;e2m-rr=T`` (our own UDP socket, token kept)
+and the 200 comes back to P as usual.  Effect (seen): alice's 200 carries both entries
+naming UDP P, nothing dropped; her BYE along that route set, sent over UDP to P, is
+answered 407 by the proxy, and her second BYE carries her MD5 digest response
+(``Digest username="alice", realm="example.com", ... response=...``) over UDP in the
+clear; bob got the BYE.  Her in-dialog leg is moved off TLS (review 81's hole 3
+again, with our own UDP socket in place of the hop's address): a passive listener on
+her access network reads her requests and gets a digest response to guess her
+password against.  At fault: ``kamailio_app/kemi.py:400-402`` again: the check compares
+(address, port) only, never the transport, and both of our entries' sockets are
+allowed for either entry.  Fix: hold each entry of ours to the socket it was written
+for, with its transport: the entry facing the caller (the lower of the r2 pair) to
+the request's receiving socket and proto (``$T_req($Ri)``, ``$T_req($Rp)``,
+``$T_req($pr)``), the one facing the callee to the branch's send socket; or MAC host,
+port and transport in the token.
+
+Controls (pass unmarked): ``test_control_k1_the_same_200_sent_back_where_the_invite_came_from_is_dropped``
+(review 109's fix live: the moved entry in a 200 sent back to P is dropped, "not ours:
+dropped" logged, no in-dialog request reaches bob);
+``test_control_k1_an_untouched_200_on_the_other_socket_is_relayed`` (an untouched 200
+sent to P2 is relayed and the call works: only the moved entry matters);
+``test_control_k2_the_untouched_double_record_route_keeps_alice_on_tls`` (the honest
+200 names the TLS socket for alice); ``test_control_k2_tls_entry_moved_to_a_udp_port_not_ours_is_dropped``
+(the same rewrite to a UDP port where the proxy does not listen is dropped).
+
+Tried and held:
+
+- (honest flow) a 200 coming back over a TLS connection the proxy itself opened to a
+  TLS next hop (UDP caller, double Record-Route UDP/TLS):
+  ``test_control_h2_the_answer_of_a_tls_next_hop_reaches_alice`` passes, as does the
+  UDP next hop control.  I expected ``$Rp`` to be the connection's ephemeral port and
+  the 200 to be dropped; it was not (run).
+- A stray reply (no transaction) is held to any socket of ours: a documented known
+  limit, not counted.  The front, the advertised address and host names stand for
+  every node: documented, not counted.
+- IPv6 spellings and IPv4-mapped forms: both sides go through
+  ``e2m_plugins.uri.canonical_ip`` (read only).
+- A 1xx making an early dialog is checked by the same code (read): K1/K2 apply to it
+  the same way; a re-INVITE's 2xx does not change a route set (RFC 3261 12.2.1.2).
+"""
 
 from __future__ import annotations
 
