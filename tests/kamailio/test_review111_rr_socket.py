@@ -62,6 +62,11 @@ Tried and held:
   ``e2m_plugins.uri.canonical_ip`` (read only).
 - A 1xx making an early dialog is checked by the same code (read): K1/K2 apply to it
   the same way; a re-INVITE's 2xx does not change a route set (RFC 3261 12.2.1.2).
+- The DMQ socket (read): ``on_dmq_socket`` drops every request but KDMQ there before
+  routing; a peer's KDMQ is taken first (``route_dmq``), so an honest KDMQ is not
+  refused.  Replies are not held to it: K1's trick works with a node's DMQ socket as
+  P2 (read, not run), but the caller's in-dialog requests sent there are then
+  dropped, which only ends the callee's own call.
 """
 
 from __future__ import annotations

@@ -32,6 +32,15 @@ so H1's peer must share the home's address, which is the case the brief asked ab
 An attacker gains nothing from H1 that he could not by not answering: it is a refusal
 of honest answers, not an acceptance of dishonest ones.  A TCP/TLS phone compares the
 address only (``udp=False``) and is not affected (read).
+
+Following peers (``certservice_client._follow_peers_in_use``, read): ``touch`` is called
+only for the user's own sends (``send_message``, ``call``), so no stranger adds peers to
+follow; ``_used`` is capped at 128, ``_subs`` at 64, and a follow returns once 64 are
+held (no eviction, so no review 109 churn).  Left: ``_subscribe`` (a renewal, or a
+certificate the engine wants for a send) still evicts the oldest subscription when 64
+are held, and the evicted peer is followed again at the next slot: bounded (one more
+SUBSCRIBE per renewal), not unbounded; and "the most recent are followed" is not quite
+what happens (the first 64 keep their slots until they lapse, newer peers wait).
 """
 
 from __future__ import annotations
