@@ -375,15 +375,17 @@ def _dmq_places():
     return APP.dmq_socket() | APP.dmq_sources()
 
 
-def _names_the_transactions_socket(uri, config):
-    """Whether our entry ``uri`` (our token, ``is_myself``) names the socket we wrote it
-    for: the one the request came in on or the one the reply did (our two entries when
-    they differ), when it names an address.  ``is_myself`` takes any of our sockets, so
-    the callee moved the caller's route set to another of them (a second listener, a
-    DMQ socket) and her in-dialog requests went in there while her phone took his
-    answers straight (review 109).  The front, the advertised address and any name (a
-    domain) stand for every node and are left to ``is_myself``; so is a stray reply (no
-    transaction to say which socket: a known limit)."""
+def _faces_the_caller(uri, config):
+    """Whether ``uri``, our entry nearest the caller (the lowest of ours: with double
+    Record-Route the other one faces the callee), names the socket the request came in
+    on, transport included: the caller's in-dialog requests go where it says.
+    ``is_myself`` takes any of our sockets, so the callee moved it to another one (a
+    second listener, a DMQ socket, review 109), and the reply's own socket, which an
+    earlier check also took, is his to choose; a hop on his leg moved a TLS caller's
+    entry to our UDP socket, her digest then crossed in clear (review 111).  The front,
+    the advertised address and any name (a domain) stand for every node and are left
+    to ``is_myself``; so is a stray reply (no transaction to say which socket: a known
+    limit)."""
     try:
         parsed = parse_uri(uri)
     except E2MError:
@@ -391,16 +393,18 @@ def _names_the_transactions_socket(uri, config):
     host = canonical_ip(parsed.host)
     if host is None:
         return True
-    tls = parsed.scheme == "sips" or (parsed.params.get("transport") or "").lower() == "tls"
-    port = parsed.port or (5061 if tls else 5060)
+    transport = (parsed.params.get("transport") or "udp").lower()
+    if parsed.scheme == "sips":
+        transport = "tls"
+    port = parsed.port or (5061 if transport == "tls" else 5060)
     if any(host == shared and (shared_port is None or port == shared_port)
            for shared, shared_port in _cluster_places(config)):
         return True
     if KSR.tm.t_check_trans() <= 0:
         return True
-    sockets = {(canonical_ip(KSR.pv.get("$T_req($Ri)") or ""), KSR.pv.get("$T_req($Rp)")),
-               (canonical_ip(KSR.pv.get("$Ri") or ""), KSR.pv.get("$Rp"))}
-    return (host, port) in sockets
+    came_in = (canonical_ip(KSR.pv.get("$T_req($Ri)") or ""), KSR.pv.get("$T_req($Rp)"),
+               (KSR.pv.get("$T_req($pr)") or "").lower())
+    return (host, port, transport) == came_in
 
 
 def _cluster_places(config):
@@ -1307,8 +1311,9 @@ class kamailio:
             return ["(a Record-Route past the read bound)"]
         ours = self.app.routes.ours_in(call_id, from_tag, routes, parties=parties)
         # ours must still name us, and say no more than we wrote (a maddr: review 90)
-        moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0
-                 or not _names_the_transactions_socket(uri, self.app.config)]
+        moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0]
+        if not moved and ours and not _faces_the_caller(ours[-1], self.app.config):
+            moved = [ours[-1]]
         if moved:
             return moved
         if ours:

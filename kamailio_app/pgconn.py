@@ -167,12 +167,16 @@ def connect(url: PgUrl, *, connect_timeout: int = 2, statement_timeout_ms: int =
 def _server_has_spoken(conn: Any) -> bool:
     """Whether an idle connection has something to read: an idle autocommit session is
     never spoken to unasked but when the server ends it (its FATAL, then the close).
-    One poll of the socket, no wait; a socket that cannot be polled counts as ended."""
+    One poll of the socket, no wait (``poll``, not ``select``: a worker holding many
+    TCP connections has descriptors past 1023, which ``select`` refuses, and every
+    query then made a session anew: review 111); a socket that cannot be polled counts
+    as ended."""
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 class ProcessConnection:

@@ -56,7 +56,7 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
-from e2m_plugins.uri import aor_of, identity_of, split_hostport
+from e2m_plugins.uri import aor_of, canonical_ip, identity_of, split_hostport
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
@@ -391,6 +391,18 @@ def _bounded_put_aged(store: OrderedDict, key: Any, value: Any, now: float) -> N
     _bounded_put(store, key, (now, value))
 
 
+_UNNOTED = object()      # a branch _note_sent did not note: its answer is held to the home
+
+
+def _same_place(source: tuple[str, int] | None, went: tuple[str, int], udp: bool) -> bool:
+    """Whether a response's ``source`` is where its request ``went`` (the address, and
+    over UDP the port: a TCP peer may answer on a connection of its own)."""
+    if source is None:
+        return False
+    ip, to = canonical_ip(source[0]), canonical_ip(went[0])
+    return ip is not None and ip == to and (not udp or source[1] == went[1])
+
+
 def _bounded_put(store: OrderedDict, key: Any, value: Any) -> None:
     store[key] = value
     store.move_to_end(key)
@@ -466,7 +478,8 @@ class E2MPhone:
         # anyone; reviews 102, 104-106)
         self._home_source: ProxySource | None = None
         self._answers_from_home = False
-        self._sent_home: OrderedDict[str, bool] = OrderedDict()   # our branch -> went home
+        # our branch -> where pjsip sent it, when that was a home address (None: not)
+        self._sent_home: OrderedDict[str, tuple[str, int] | None] = OrderedDict()
         self._cert_tick = 0.0
         self._blocked_statuses: OrderedDict[int, int] = OrderedDict()   # id(handle) -> n
         self._cert_published = False
@@ -753,14 +766,16 @@ class E2MPhone:
         home = self._home_source
         if home is None:
             return
+        source = self.hook.rx_source
         if not self._answers_from_home:
             try:
-                went_home = self._sent_home.get(msg.via_branch(), True)
+                went = self._sent_home.get(msg.via_branch(), _UNNOTED)
             except E2MError:
-                went_home = True
-            if not went_home:
+                went = _UNNOTED
+            if went is None:
                 return
-        source = self.hook.rx_source
+            if went is not _UNNOTED and _same_place(source, went, home.udp):
+                return     # from where it went: a home socket, or a peer at its address
         if home.matches(source):
             return
         self.counts["responses_not_via_proxy"] += 1
@@ -779,15 +794,19 @@ class E2MPhone:
         by another name, or a strict route, goes home all the same (review 108: read
         from the headers, such a re-INVITE was noted as not going home and the callee's
         straight answer was taken).  Any port of a home address is the home (review
-        109: the callee moved the route set to the home's other UDP socket).  A
+        109: the callee moved the route set to the home's other UDP socket), and its
+        answers must come from where it went or from the home (review 111: a peer at
+        the home's address, called directly, answers from his own port).  A
         destination that cannot be read counts as going home.  Bounded as the other
         records."""
         if self._home_source is None or self._answers_from_home:
             return
         try:
             destination = self.hook.tx_destination
-            home = destination is None or self._home_source.holds_address(destination[0])
-            _bounded_put(self._sent_home, msg.via_branch(), home)
+            if destination is None:
+                return           # unknown: held to the home (no note)
+            home = self._home_source.holds_address(destination[0])
+            _bounded_put(self._sent_home, msg.via_branch(), destination if home else None)
         except E2MError:
             pass
 

@@ -29,7 +29,7 @@ is live; only another of our own sockets passes).
 
 Tried and held: see the phone module and ``tests/unit/test_review109.py``.
 
-Fixed (stop 38): ``kemi._names_the_transactions_socket``: an entry of ours that names
+Fixed (stop 38; tightened after review 111 as ``kemi._faces_the_caller``): ``kemi._names_the_transactions_socket``: an entry of ours that names
 an address must name the socket the request came in on (``$T_req($Ri)``/``$Rp``) or
 the one the reply did (our two entries when they differ); the moved 200 is dropped
 like one moved to a port not ours.  The hole test's first assertion (the 200 reached

@@ -67,6 +67,11 @@ Tried and held:
   refused.  Replies are not held to it: K1's trick works with a node's DMQ socket as
   P2 (read, not run), but the caller's in-dialog requests sent there are then
   dropped, which only ends the callee's own call.
+
+Fixed (stop 38): ``kemi._faces_the_caller`` replaces the socket check: our entry
+nearest the caller (the lowest of ours) must name the socket the request came in on
+(``$T_req($Ri)``, ``$T_req($Rp)``, ``$T_req($pr)``), transport included; the reply's own
+socket no longer counts.  Both hole tests failed on the code before (checked) and pass.
 """
 
 from __future__ import annotations
@@ -162,8 +167,6 @@ def _dialog(home, bob, source):
         ua.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 111 hole K1: the callee sends his 200 to "
-                   "the proxy's other socket and our entry moved there passes the socket check")
 def test_hole_k1_200_sent_to_our_other_socket_carries_our_entry_moved_there(home):
     bob = _Callee(_moved_to(home.second), reply_port=home.second)
     mark = home.log_mark()
@@ -263,8 +266,6 @@ def _bye_over_udp(home, invite, ok, source):
 
 
 @pytest.mark.openssl
-@pytest.mark.xfail(strict=True, reason="review 111 hole K2: a hop on the callee's UDP leg "
-                   "moves the caller's TLS entry to our UDP socket; the socket check takes it")
 def test_hole_k2_callers_tls_entry_moved_to_our_udp_socket_is_relayed(proxy_factory, pki):
     home = _tls_home(proxy_factory, "r111-tls-udp")
 

@@ -163,7 +163,7 @@ def kemi_check(monkeypatch):
                                      # the honest INVITE came in over TLS, left over UDP
                                      # (our two entries; stop 38 holds ours to them)
                                      "$T_req($Ri)": "10.0.0.1", "$T_req($Rp)": 5061,
-                                     "$Ri": "10.0.0.1", "$Rp": 5060,
+                                     "$T_req($pr)": "tls",
                                      "$(hdr(Via)[0])": "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKp",
                                      "$(hdr(Via)[1])": ALICES_VIA + "=40001"}
         for i, route in enumerate(routes):

@@ -232,7 +232,7 @@ def kemi_check(monkeypatch):
                                      # the honest INVITE came in over TLS, left over UDP
                                      # (our two entries; stop 38 holds ours to them)
                                      "$T_req($Ri)": "10.0.0.1", "$T_req($Rp)": 5061,
-                                     "$Ri": "10.0.0.1", "$Rp": 5060,
+                                     "$T_req($pr)": "tls",
                                      "$tt": reply_to_tag,
                                      "$(hdr(Via)[0])": our_via,
                                      "$(hdr(Via)[1])": REPLY_VIA}
