@@ -250,8 +250,9 @@ class CertServiceClient:
         ``[peers]``, one followed already and one whose service failed lately are
         skipped; never more fetches at once than ``MAX_PENDING``, and a follow never
         pushes another subscription out: past ``MAX_FOLLOWED`` a slot that frees up
-        goes to the most recently used peer not followed (review 109: 65 peers in use evicted each other and
-        were subscribed again at every turn, 7,800 SUBSCRIBEs a minute)."""
+        goes to the most recently used peer not followed (review 109: 65 peers in use
+        evicted each other and were subscribed again at every turn, 7,800 SUBSCRIBEs a
+        minute)."""
         window = max(float(self.subscribe_expires), 60.0)
         for aor, used in reversed(list(self._used.items())):      # the latest first
             if self._pending_count() >= MAX_PENDING or len(self._subs) >= MAX_FOLLOWED:
