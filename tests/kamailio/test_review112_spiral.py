@@ -1,0 +1,111 @@
+"""Review 112 (an attacker's review of d038d44), wire: stop 38's
+``kemi._faces_the_caller`` on a spiral, on real Kamailio 5.6.3 proxies.
+
+Honest break H1 (``test_honest_break_h1_a_spiral_from_a_tcp_caller_is_dropped_at_the_second_pass``):
+nobody attacks.  Set-up: two plain proxies (``e2m=False``): the home H (domain
+example.com, ``udp`` and ``tcp`` on 127.0.0.1:H, ``next_hop`` the visited proxy V) and V
+(domain example.net).  carol (raw UAS) is registered at H; bob@example.net is
+registered at V with ``Contact: <sip:carol@127.0.0.1:H>`` (he forwards his calls to
+carol, an honest binding: it names H, not V).  alice, over TCP, sends
+``INVITE sip:bob@example.net`` to H.  The INVITE spirals H -> V -> H -> carol: H
+record-routes twice on its first pass (TCP in, UDP out: ``r2=on``), V once, H once more
+on its second pass.  carol's 200 carries ``Record-Route: <sip:127.0.0.1:H;lr;e2m-rr=T2>,
+<sip:127.0.0.1:V;lr;..>, <sip:127.0.0.1:H;r2=on;lr;e2m-rr=T1>,
+<sip:127.0.0.1:H;transport=tcp;r2=on;lr;e2m-rr=T1>`` (the token's first half is the
+same on both passes: same Call-ID, From tag, From and To AoRs).  Effect (seen): H logs
+``e2m: a 200 whose Record-Route names 1 address(es), not ours: dropped`` on every
+retransmission of carol's 200 and alice gets 408 instead of 200: the call never sets
+up.  At fault: ``kamailio_app/kemi.py:1315`` (with ``_faces_the_caller``,
+``kemi.py:378-407``): "our entry nearest the caller" is taken as the lowest entry
+carrying our token (``ours[-1]``), whichever pass wrote it; at the second pass's
+transaction that is the first pass's TCP entry facing alice, compared with the socket
+the *second* pass's request came in on (UDP from V): transport differs, dropped.  The
+check before stop 38 compared address and port only, so this call worked (read: both
+passes used 127.0.0.1:H).  Fix: hold to ``$T_req`` only the entry this transaction
+wrote: the lowest of ours whose MAC (``keeps_callers_side``) matches this
+transaction's top Via below ours, or the entry whose r2 pair sits directly above
+the entries the request came with; the other passes' entries only to ``is_myself``.
+
+Controls (pass unmarked): ``test_control_h1_the_same_spiral_from_a_udp_caller_sets_up``
+(alice over UDP: every entry names UDP H, the 200 reaches her with the four
+entries, so the set-up and carol work); ``test_control_h1_a_tcp_caller_calling_carol_directly_sets_up``
+(alice over TCP calls carol@example.com at H without the spiral: the double
+Record-Route TCP/UDP is relayed, so TCP itself is not the trouble).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from e2m_lab.kamailio_harness import RawUas, SipUa, register_contact
+from e2m_lab.ports import free_port
+
+pytestmark = [pytest.mark.kamailio]
+
+
+def _proxies(proxy_factory, name):
+    """(home H, visited V, carol): carol registered at H, bob@example.net at V with a
+    binding naming H (he forwards to carol)."""
+    v_port = free_port()
+    visited = proxy_factory(name + "-v", e2m=False, port=v_port, domains=("example.net",))
+    home = proxy_factory(name + "-h", e2m=False, next_hop=f"sip:127.0.0.1:{v_port}")
+    carol = RawUas()
+    register_contact(home, "carol", carol.port, source="127.0.0.191")
+    reg = SipUa(visited.port, user="bob", domain="example.net", source="127.0.0.192")
+    try:
+        request = reg.build("REGISTER", "sip:example.net", headers=[("Expires", "600")])
+        answer = reg.request(request.replace("Contact", f"<sip:carol@127.0.0.1:{home.port}>"))
+        assert answer is not None and answer.status == 200, answer
+    finally:
+        reg.close()
+    return home, visited, carol
+
+
+def _call(home, target, transport, source):
+    ua = SipUa(home.port, transport=transport, user="alice", source=source)
+    try:
+        return ua.request(ua.build("INVITE", target, to=target), timeout=6)
+    finally:
+        ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 112 honest break H1: a spiral H->V->H from "
+                   "a TCP caller: the second pass holds the first pass's TCP entry to its "
+                   "own UDP socket and drops the 200")
+def test_honest_break_h1_a_spiral_from_a_tcp_caller_is_dropped_at_the_second_pass(
+        proxy_factory):
+    home, _, carol = _proxies(proxy_factory, "r112-sp-tcp")
+    mark = home.log_mark()
+    try:
+        ok = _call(home, "sip:bob@example.net", "tcp", "127.0.0.193")
+        time.sleep(0.3)
+        log = [ln for ln in home.log_since(mark).splitlines() if "dropped" in ln]
+        print("alice got", ok and ok.status, "carol got",
+              [(m.method, m.get_all("Record-Route")) for m in carol.received][:1], "log", log)
+    finally:
+        carol.close()
+    assert [m.method for m in carol.received][:1] == ["INVITE"]     # the spiral reached her
+    assert ok is not None and ok.status == 200, log
+
+
+def test_control_h1_the_same_spiral_from_a_udp_caller_sets_up(proxy_factory):
+    home, _, carol = _proxies(proxy_factory, "r112-sp-udp")
+    try:
+        ok = _call(home, "sip:bob@example.net", "udp", "127.0.0.194")
+    finally:
+        carol.close()
+    assert ok is not None and ok.status == 200
+    routes = ok.get_all("Record-Route")
+    assert len([r for r in routes if f"127.0.0.1:{home.port};" in r]) == 2, routes
+
+
+def test_control_h1_a_tcp_caller_calling_carol_directly_sets_up(proxy_factory):
+    home, _, carol = _proxies(proxy_factory, "r112-sp-direct")
+    try:
+        ok = _call(home, "sip:carol@example.com", "tcp", "127.0.0.195")
+    finally:
+        carol.close()
+    assert ok is not None and ok.status == 200
+    assert any(";transport=tcp;" in r for r in ok.get_all("Record-Route"))
