@@ -30,7 +30,55 @@ Controls (pass unmarked): ``test_control_h1_the_same_spiral_from_a_udp_caller_se
 (alice over UDP: every entry names UDP H, the 200 reaches her with the four
 entries, so the set-up and carol work); ``test_control_h1_a_tcp_caller_calling_carol_directly_sets_up``
 (alice over TCP calls carol@example.com at H without the spiral: the double
-Record-Route TCP/UDP is relayed, so TCP itself is not the trouble).
+Record-Route TCP/UDP is relayed, so TCP itself is not the trouble).  Checked on the
+code before stop 38 (``1be0d30``, an extracted copy, this module run against it): the
+hole test XPASSes there, so the break is new in stop 38.
+
+Other holes of this review: ``tests/kamailio/test_review112_pingpong.py`` (K2: two
+proxies whose bindings name each other loop a stranger's MESSAGE 70 times) and
+``tests/cluster/test_review112_pingpong.py`` (K1: the same between a cluster's nodes,
+and the burst that exhausts their shared memory).
+
+Tried and held (for the whole review):
+
+- ``_faces_the_caller`` against other spellings of our address (run, review 111's
+  K1 set-up: the caller's entry moved to our second UDP socket written as
+  ``127.0.0.01``, ``127.000.000.001``, ``127.0.0.1.``, ``127.0.0.257``): ``canonical_ip``
+  takes each for a name and ``_faces_the_caller`` would let it by, but Kamailio's
+  ``is_myself`` does not take any of them for ours (it compares the listen address as
+  text), so each 200 was dropped as "not ours" and no in-dialog request reached bob.
+  An IPv4-mapped form is not ours to ``is_myself`` either (read).
+- An entry spelled by a name: only our aliases (the domains, the identity host, the
+  front, the advertised address; ``auto_aliases=no``) pass ``is_myself``, and those
+  stand for every node: the documented known limit, not counted (a TLS caller's
+  entry moved to ``sip:example.com:P`` would take her off TLS where the domain resolves
+  to the proxy: the class of that limit; not run).
+- A Record-Route repeating our entry: a moved copy above the real one leaves the real
+  one lowest (checked against ``$T_req``) and alice's first hop; a copy below it breaks
+  the MAC of the entries below ours (``keeps_callers_side``) and is dropped (read).
+- Early 1xx with Record-Route, replies to CANCEL/PRACK/UPDATE: the same code path, and
+  in-dialog requests are not record-routed (read, not run); a stray reply is held to
+  any socket of ours: documented.
+- A REGISTER naming our SIP socket by a spelling ``is_myself`` does not read
+  (``127.0.0.01``, ``localhost``, ``127.1``; run): each bound 200, but a stranger's
+  MESSAGE to it made one transaction and got 500: ``onsend_route`` compares the
+  resolved address (``to_ip``).  (A documentation nit: the 403 rule does not catch
+  these spellings; the send check does.)  ``Path`` is not stored (no path module,
+  read); ``maddr`` on a contact: the relay resolves to our socket, stopped by
+  ``onsend_route`` again (read); a 3xx naming us: tm does not follow redirects here
+  (no ``uac_redirect``; read).
+- A binding naming a node's DMQ socket by a name or ``127.1`` (run, cluster): bound, but
+  the DMQ socket drops it, one transaction (see ``tests/cluster/test_review112_pingpong.py``).
+- The phone's home rule (read): a response to a branch not noted (destination
+  unreadable) is held to the home; a note is only made from pjsip's real destination;
+  over TCP/TLS only the address is compared (a party sharing the home's address is
+  needed, out of scope); the certificate service (whose PUBLISH/SUBSCRIBE are not
+  noted) exists only with an outbound proxy, where every answer is held to it.
+- ``pgconn.ProcessConnection.get`` (read): a dropped session is closed before a new one
+  is made (no descriptor growth over restarts; a session inherited over fork is
+  forgotten unclosed, once per process); an idle session is not spoken to unasked
+  (review 111's reading of PostgresMain); a half-open connection is bounded by
+  ``tcp_user_timeout``/keepalives and psycopg's bounded wait.
 """
 
 from __future__ import annotations
