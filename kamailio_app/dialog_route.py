@@ -228,7 +228,14 @@ class RouteTokens:
 
     def keeps_callers_side(self, call_id: str, tag: str, reply_routes: Iterable[str],
                            via: str | None = None, *, parties: Parties | None) -> bool:
-        """Whether an entry of the reply's Record-Route carrying our token of ``call_id``,
+        """Whether ``callers_side_entry`` finds the entry (below)."""
+        return self.callers_side_entry(call_id, tag, reply_routes, via,
+                                       parties=parties) is not None
+
+    def callers_side_entry(self, call_id: str, tag: str, reply_routes: Iterable[str],
+                           via: str | None = None, *, parties: Parties | None) -> str | None:
+        """The URI of the entry this transaction wrote nearest the caller, or None.
+        Whether an entry of the reply's Record-Route carrying our token of ``call_id``,
         ``tag`` and ``parties`` is followed by exactly the entries its request reached us with: the
         MAC after the token in its value (``param``) must be that of the entries below
         and of the ``via`` below ours in the reply (the request's top Via as it reached
@@ -238,10 +245,13 @@ class RouteTokens:
         stray reply (a hop changed our Via branch, or another node of a cluster got it)
         is checked the same (review 86).  Any such
         entry will do (a double Record-Route, a cluster's nodes sharing the key, a
-        spiral).  Call it on routes ``routes_within_bounds`` has passed."""
+        spiral).  Only one fits: in a double Record-Route the upper entry has the
+        lower one below it, and in a spiral the other pass's entry has another Via
+        below it (review 112: which of our entries faces the caller is this one, not
+        the lowest).  Call it on routes ``routes_within_bounds`` has passed."""
         wanted = self.token(call_id, tag, parties=parties)
         if wanted is None:
-            return False
+            return None
         entries = _entries(reply_routes)
         for i, entry in enumerate(entries):
             inside = _ENTRY.search(entry)
@@ -250,8 +260,8 @@ class RouteTokens:
                     and hmac.compare_digest(found.group(2).lower(), self._side(
                         call_id, tag, [_comparable(e) for e in entries[i + 1:]],
                         via_key(via))):
-                return True
-        return False
+                return inside.group(1)
+        return None
 
 
 _SENT_PROTOCOL = re.compile(r"\s*([^/\s]+\s*/\s*[^/\s]+\s*/\s*[^\s/;]+)\s*(.*)", re.S)

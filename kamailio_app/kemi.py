@@ -376,8 +376,9 @@ def _dmq_places():
 
 
 def _faces_the_caller(uri, config):
-    """Whether ``uri``, our entry nearest the caller (the lowest of ours: with double
-    Record-Route the other one faces the callee), names the socket the request came in
+    """Whether ``uri``, the entry this transaction wrote nearest the caller (with
+    double Record-Route the other one faces the callee; in a spiral another pass wrote
+    the lower ones: ``callers_side_entry``), names the socket the request came in
     on, transport included: the caller's in-dialog requests go where it says.
     ``is_myself`` takes any of our sockets, so the callee moved it to another one (a
     second listener, a DMQ socket, review 109), and the reply's own socket, which an
@@ -639,6 +640,34 @@ def _branch_taken():
         KSR.htable.sht_sets(_BRANCHES, key, value)
         return False
     return held != value
+
+
+_RELAYED = "e2mloop"
+
+
+def _came_back():
+    """Whether this very request (its Request-URI as received, From and To tags,
+    Call-ID, CSeq, method and Route) was relayed by this proxy in the last 32 s; else
+    it is noted now.  Such a request has gone round and come back: a loop (RFC 3261
+    16.3 step 4), not a spiral, which comes back with another Request-URI or Route.
+    Two registrars whose bindings name each other (two proxies, or a cluster's nodes)
+    sent one stranger's MESSAGE round Max-Forwards times (review 112); now the first
+    repeat is refused 482.  tm absorbs a retransmission before this is asked, so what
+    is left is a copy that came back or a merged request (RFC 3261 8.2.2.2: 482
+    too).  The Via is not in the key: each pass comes with another hop's on top."""
+    try:
+        routes = _header_entries("Route", _ROUTE_SPECS)
+        fields = (KSR.pv.get("$ou") or "", KSR.pv.get("$ft") or "",
+                  KSR.pv.get("$tt") or "", KSR.pv.get("$ci") or "",
+                  str(KSR.pv.get("$cs") or ""), KSR.pv.get("$rm") or "")
+    except UnicodeDecodeError:
+        return False    # refused by the door's checks before a relay; not keyed
+    request = "\n".join(fields + ("\x00",) + tuple(routes if routes is not None else ("?",)))
+    key = hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    if KSR.htable.sht_get(_RELAYED, key) is not None:
+        return True
+    KSR.htable.sht_seti(_RELAYED, key, 1)
+    return False
 
 
 def _record_route_unvouchable():
@@ -1312,8 +1341,6 @@ class kamailio:
         ours = self.app.routes.ours_in(call_id, from_tag, routes, parties=parties)
         # ours must still name us, and say no more than we wrote (a maddr: review 90)
         moved = [uri for uri in ours if not written_as_ours(uri) or KSR.is_myself(uri) <= 0]
-        if not moved and ours and not _faces_the_caller(ours[-1], self.app.config):
-            moved = [ours[-1]]
         if moved:
             return moved
         if ours:
@@ -1321,9 +1348,14 @@ class kamailio:
             # token): a hop's entry there is the caller's first hop (reviews 82, 86).
             # The MAC names the request's top Via, so one made for another request
             # with the dialog's ids vouches for nothing here (review 88)
-            if not self.app.routes.keeps_callers_side(call_id, from_tag, routes,
-                                                      _via_below_ours(), parties=parties):
+            mine = self.app.routes.callers_side_entry(call_id, from_tag, routes,
+                                                      _via_below_ours(), parties=parties)
+            if mine is None:
                 return ["(an entry added or changed on the caller's side of ours)"]
+            # that entry, not our lowest: in a spiral the lowest is the first pass's,
+            # facing another socket (review 112)
+            if not _faces_the_caller(mine, self.app.config):
+                return [mine]
         elif self.record_routed_here():
             return ["(no entry of ours)"]      # ours taken out: the same, or worse
         return []
@@ -1604,6 +1636,12 @@ class kamailio:
         return 1
 
     def relay(self, inspect):
+        if _came_back():
+            # before any reading: a loop's later passes cost no CMS work either
+            _info("e2m: %s from %s came back to us unchanged (a loop): refused\n" % (
+                KSR.pv.get("$rm"), KSR.pv.get("$si")))
+            KSR.sl.send_reply(482, "Loop Detected")
+            return
         if _sips_leaves_tls():
             # RFC 5630 3.1.3: a sips: request goes over TLS on every hop, or not at all;
             # a contact or next hop over UDP or TCP would carry it in clear (review 81)

@@ -36,7 +36,7 @@ hole test XPASSes there, so the break is new in stop 38.
 
 Other holes of this review: ``tests/kamailio/test_review112_pingpong.py`` (K2: two
 proxies whose bindings name each other loop a stranger's MESSAGE 70 times) and
-``tests/cluster/test_review112_pingpong.py`` (K1: the same between a cluster's nodes,
+``tests/cluster/test_review112_cluster_loop.py`` (K1: the same between a cluster's nodes,
 and the burst that exhausts their shared memory).
 
 Tried and held (for the whole review):
@@ -68,7 +68,7 @@ Tried and held (for the whole review):
   ``onsend_route`` again (read); a 3xx naming us: tm does not follow redirects here
   (no ``uac_redirect``; read).
 - A binding naming a node's DMQ socket by a name or ``127.1`` (run, cluster): bound, but
-  the DMQ socket drops it, one transaction (see ``tests/cluster/test_review112_pingpong.py``).
+  the DMQ socket drops it, one transaction (see ``tests/cluster/test_review112_cluster_loop.py``).
 - The phone's home rule (read): a response to a branch not noted (destination
   unreadable) is held to the home; a note is only made from pjsip's real destination;
   over TCP/TLS only the address is compared (a party sharing the home's address is
@@ -79,6 +79,12 @@ Tried and held (for the whole review):
   forgotten unclosed, once per process); an idle session is not spoken to unasked
   (review 111's reading of PostgresMain); a half-open connection is bounded by
   ``tcp_user_timeout``/keepalives and psycopg's bounded wait.
+
+Fixed (stop 39): each transaction checks the Record-Route entry it wrote itself, the one
+whose MAC fits the entries and the Via below it (``RouteTokens.callers_side_entry``),
+against the socket its request came in on; the first pass's entry is no longer read as
+the second's.  The test failed on the code before the fix and passes with it (marker
+removed).
 """
 
 from __future__ import annotations
@@ -119,9 +125,6 @@ def _call(home, target, transport, source):
         ua.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 112 honest break H1: a spiral H->V->H from "
-                   "a TCP caller: the second pass holds the first pass's TCP entry to its "
-                   "own UDP socket and drops the 200")
 def test_honest_break_h1_a_spiral_from_a_tcp_caller_is_dropped_at_the_second_pass(
         proxy_factory):
     home, _, carol = _proxies(proxy_factory, "r112-sp-tcp")

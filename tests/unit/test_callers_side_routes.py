@@ -102,3 +102,22 @@ def test_an_entry_written_before_review98_no_longer_routes_its_dialog():
     assert not ROUTES.admits(CALL, (TAG,), [f"<sip:10.0.0.1;lr;e2m-rr={old}>"],
                              parties=PARTIES)
     assert len(ROUTES.param(CALL, TAG, [], parties=PARTIES)) == len(";e2m-rr=") + 32    # the same size
+
+
+def test_the_entry_found_is_the_one_this_transaction_wrote():
+    """Review 112 (stop 39): the reply check holds the entry this transaction wrote to
+    the socket its request came in on.  In a spiral our lowest entry is the first
+    pass's; the entry whose MAC fits the Via below ours is this pass's own, and with
+    double Record-Route the lower of the two (the one facing the caller)."""
+    alices_via, hops_via = "SIP/2.0/TCP 192.0.2.7:5061;branch=z9hG4bKa1", \
+        "SIP/2.0/UDP 203.0.113.66;branch=z9hG4bKh1"
+    first = f"<sip:10.0.0.1:5060;transport=tcp;lr{ROUTES.param(CALL, TAG, [], alices_via, parties=PARTIES)}>"
+    second = f"<sip:10.0.0.1:5060;lr{ROUTES.param(CALL, TAG, [HOP, first], hops_via, parties=PARTIES)}>"
+    reply = [second, HOP, first]
+    assert ROUTES.callers_side_entry(CALL, TAG, reply, hops_via, parties=PARTIES) == second[1:-1]
+    assert ROUTES.callers_side_entry(CALL, TAG, reply, alices_via, parties=PARTIES) == first[1:-1]
+    assert ROUTES.callers_side_entry(CALL, TAG, reply, "SIP/2.0/UDP 198.51.100.1;branch=z9hG4bKx",
+                                     parties=PARTIES) is None
+    upper, lower = ours_udp([CALLERS]), ours_tls([CALLERS])
+    assert ROUTES.callers_side_entry(CALL, TAG, [f"{CALLEES}, {upper}", lower, CALLERS],
+                                     parties=PARTIES) == lower[1:-1]
