@@ -1,0 +1,218 @@
+"""Review 113 (attacker's review of d038d44): one header the proxy cannot hand to
+Python as text keeps a ``Proxy-Body-Policy`` in the proxy's name on what it relays
+(review 57's and 58's holes back), on a real Kamailio 5.6.3.
+
+Hole K1 -- a forged policy in the home proxy's name reaches the caller on an answer.
+  Attacker: the insider callee (bob, registered with his password), or an untrusted hop
+  past the home proxy on his side.
+  Set-up: review 57's (``tests/kamailio/test_review57_wire.py``): the home proxy with
+  ``[auth]`` and ``view = ["MESSAGE:*"]``; alice's UA engine has learnt the proxy's
+  policy from its own announcement and holds its certificate; bob and carol are raw
+  UASes registered there.
+  Messages: alice's OPTIONS to bob; bob's 200 carries, in this order,
+  ``Subject: caf\\xe9 au lait`` (one Latin-1 octet, 0xE9: not UTF-8), a
+  ``Proxy-Body-Policy`` for a host of no concern (``fw.elsewhere.example.net``), and
+  review 57's forged ``Proxy-Body-Policy: proxy.example.com;view="MESSAGE:*";cert-fp=
+  "sha256:<another certificate's>"``.  Variant: the junk Subject and five copies of
+  the forged policy (no other host needed).  Then alice's MESSAGE to carol.
+  Effect (seen every run): the engine reads the 200 (the core takes the octet,
+  surrogate-escaped) and asks for the forged policy's removal; the removal cannot be
+  done by name (an instance that is not ours, or more than ``_BY_NAME_MAX`` = 4), so
+  it walks every header with textopsx's iterator, and ``hf_iterator_hbody`` of the
+  Subject raises ``UnicodeDecodeError`` (app_python3 cannot make a str of it): log
+  ``e2m: reply route failed: UnicodeDecodeError at kemi.py:744 _remove_headers <-
+  kemi.py:2107 route_reply <- kemi.py:2054 ksr_onreply_route``, and the reply "goes on
+  unchanged".  alice gets 1 (variant: 5) forged policies in her proxy's name, her
+  engine drops the proxy's certificate, and her next MESSAGE carries no envelope for
+  it: her own proxy answers 496, carol gets nothing, nothing is archived -- exactly
+  review 57 hole 1, whose fix this undoes with one octet.
+  Tests: ``test_hole_a_policy_in_the_proxys_name_reaches_the_caller_past_an_unreadable_header``
+  (both shapes).
+
+Hole K2 -- the same on an ACK (review 58's case).
+  Attacker: the insider caller (bob calls alice) or an untrusted hop before the proxy
+  on his side; no credentials (an ACK is never challenged).
+  Set-up: review 57's ``in_dialog_with_policy``: bob's call to alice (a raw UAS), 200.
+  Messages: bob's ACK, routed through the proxy by its Record-Route, carrying the same
+  three headers.
+  Effect: ``inspect_only`` reads it, ``_remove_headers`` raises (log ``e2m: inspect ACK
+  failed: UnicodeDecodeError at kemi.py:744 _remove_headers <- kemi.py:1844
+  inspect_only``), and the ACK is relayed as it came: alice's UAS gets the forged policy
+  in the home proxy's name on a request of her dialog, which her engine learns from
+  (review 58: it drops the proxy's certificate, her next MESSAGE is 496).
+  Test: ``test_hole_an_ack_carries_a_policy_in_the_proxys_name_past_an_unreadable_header``.
+
+Code at fault: ``kamailio_app/kemi.py:732-749`` (``_remove_headers``: the iterator reads
+every header's name and body as str, and one that is not UTF-8 raises in the middle of
+the walk; ``_remove_by_name`` at 707-729 falls back to it whenever an instance is not
+ours or there are more than four), ``kemi.py:2052-2056`` (``ksr_onreply_route``: any
+exception of ``route_reply`` lets the response go on unchanged; here the engine had
+read it and asked for a removal) and ``kemi.py:1836-1849`` (``inspect_only``: the ACK is
+relayed whatever failed).  The request route fails closed on the same headers (an
+in-dialog INFO carrying them is answered 400, control below), the reply and ACK paths
+fail open.
+Suggested fix: walk the headers without needing them as text (skip an instance whose
+name or body cannot be read when its name, read through a PV transformation such as
+``$(hdr(...){s.encode.base64})``, or the count by name, says it is not one we remove);
+and fail closed where the removal could not be done: a reply whose removal failed is
+dropped (decide and remove in the core reply route, where ``set_drop`` works, or
+``t_drop_replies`` in tm's), an ACK dropped (it cannot be answered; a 2xx's ACK is
+retransmitted by its sender with the 2xx).
+
+Controls (pass unmarked):
+  ``test_control_the_forged_policy_goes_when_every_header_is_text`` -- the same 200
+  with the other host's policy but no junk Subject, and with the junk Subject alone:
+  the forged policy is gone (by the iterator, by name), alice keeps her proxy's
+  certificate, her MESSAGE is 200 and archived.  And five copies without junk: gone.
+  ``test_control_an_ack_without_the_junk_loses_the_forged_policy``: review 58's fix live.
+  ``test_control_an_in_dialog_info_with_the_junk_is_refused_not_relayed``: the request
+  route answers 400 and alice's UAS gets nothing.
+
+Tried and held (see also ``test_review113_wire.py`` and
+``tests/cluster/test_review113_pg_restart.py``):
+  - Other log lines that could carry a surrogate into ``KSR.info`` before the removal
+    (``_summary``: content type, signature; media lines): read only from what the core
+    parsed strictly (the SDP is decoded as strict UTF-8, a content type is a token), so
+    no UnicodeEncodeError was reachable that way (read, not driven).
+  - A reply whose CSeq method is not UTF-8: tm matches no transaction (the method must
+    equal the request's), the caller's stack none either.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from e2m_lab.flows import TRUSTED
+from e2m_lab.kamailio_harness import SipUa, registered_uas
+from e2m_plugins import headers as hdr
+from e2m_plugins.sip import make_response
+from tests.kamailio.test_review57_wire import (USERS, VIEW, _alice_with_her_proxy, _final,
+                                               _forged_policy, _prepared)
+
+pytestmark = pytest.mark.kamailio
+
+JUNK = ("Subject", "caf\udce9 au lait")   # serialised with surrogateescape: octet 0xE9
+OTHER = (hdr.PROXY_BODY_POLICY, 'fw.elsewhere.example.net;view="MESSAGE:*"')
+
+
+def _headers(shape: str, forged: str) -> list[tuple[str, str]]:
+    mine = (hdr.PROXY_BODY_POLICY, forged)
+    return {"junk+other": [JUNK, OTHER, mine], "junk+five": [JUNK] + [mine] * 5,
+            "other": [OTHER, mine], "junk": [JUNK, mine], "five": [mine] * 5}[shape]
+
+
+def _answer_flow(proxy_factory, pki, shape: str):
+    """Review 57's flow: bob answers alice's OPTIONS with the headers of ``shape``, then
+    alice (her engine having opened that answer) sends a MESSAGE to carol.  Returns bob's
+    200 as alice got it, her engine, the MESSAGE's final answer, whether carol got it,
+    the archive's texts, the text, the proxy's log and the forged value."""
+    proxy = proxy_factory("r113p", e2m=True, view=VIEW, auth=True, users=USERS)
+    forged = _forged_policy(proxy)
+    headers = _headers(shape, forged)
+
+    def responder(request):
+        return make_response(request, 200, "OK", headers if request.method == "OPTIONS" else [])
+    with registered_uas(proxy, "bob", USERS["bob"], "127.0.0.40", responder=responder), \
+            registered_uas(proxy, "carol", USERS["carol"], "127.0.0.41") as carol_uas:
+        ua = SipUa(proxy.port, user="alice", password=USERS["alice"], source="127.0.0.42")
+        alice = _alice_with_her_proxy(pki, proxy)
+        try:
+            first = ua.request(ua.build("OPTIONS", "sip:bob@example.com", to="sip:bob@example.com"))
+            assert first is not None and first.status == 200, first   # credentials cached
+            options = alice.protect(_prepared(ua, ua.build(
+                "OPTIONS", "sip:bob@example.com", to="sip:bob@example.com"))).message
+            got = _final(ua, options)
+            assert got is not None and got.status == 200, got
+            alice.open(got)
+            text = b"alice to carol, for the archive (" + shape.encode() + b")"
+            msg = alice.protect(_prepared(ua, ua.build(
+                "MESSAGE", "sip:carol@example.com", to="sip:carol@example.com",
+                body=text, content_type="text/plain"))).message
+            final = _final(ua, msg)
+            time.sleep(0.3)
+            delivered = any(m.method == "MESSAGE" for m in carol_uas.received)
+            rows = [r.plaintext for r in proxy.archive_rows()]
+            return got, alice, final, delivered, rows, text, proxy.log_since(0), forged
+        finally:
+            ua.close()
+
+
+def _assert_secure(proxy_factory, pki, shape: str) -> str:
+    got, alice, final, delivered, rows, text, log, forged = _answer_flow(proxy_factory, pki,
+                                                                         shape)
+    assert forged not in got.get_all(hdr.PROXY_BODY_POLICY), \
+        f"{got.get_all(hdr.PROXY_BODY_POLICY).count(forged)} forged policies reached alice"
+    assert alice.certs.proxy(TRUSTED) is not None
+    assert final is not None and final.status == 200, final
+    assert delivered and text in rows          # read and archived by her proxy
+    return log
+
+
+@pytest.mark.xfail(strict=True, reason="review 113 hole K1: a non-UTF-8 header makes "
+                   "_remove_headers raise and the reply goes on with a policy in our name")
+@pytest.mark.parametrize("shape", ["junk+other", "junk+five"])
+def test_hole_a_policy_in_the_proxys_name_reaches_the_caller_past_an_unreadable_header(
+        proxy_factory, pki, shape):
+    _assert_secure(proxy_factory, pki, shape)
+
+
+@pytest.mark.parametrize("shape", ["other", "junk", "five"])
+def test_control_the_forged_policy_goes_when_every_header_is_text(proxy_factory, pki, shape):
+    log = _assert_secure(proxy_factory, pki, shape)
+    assert "reply route failed" not in log
+
+
+def _in_dialog(proxy_factory, method: str, shape: str):
+    """Review 57's ``in_dialog_with_policy`` with the headers of ``shape``: bob calls
+    alice (a raw UAS) through the proxy, then his ``method`` in the dialog (the ACK
+    itself for "ACK") carries them.  What alice's UAS got for ``method``, the forged
+    value, the final answer (not for an ACK) and the proxy's log."""
+    proxy = proxy_factory("r113b", e2m=True, view=VIEW)
+    forged = _forged_policy(proxy)
+    headers = _headers(shape, forged)
+    with registered_uas(proxy, "alice", None, "127.0.0.70") as alice_uas:
+        ua = SipUa(proxy.port, user="bob", source="127.0.0.71")
+        try:
+            ok = ua.request(ua.build("INVITE", "sip:alice@example.com", to="sip:alice@example.com"))
+            assert ok is not None and ok.status == 200, ok
+            (delivered,) = alice_uas.wait_for(1, method="INVITE")
+            routes = delivered.get_all("Record-Route")
+            assert routes and "e2m-rr=" in routes[0]
+            target = f"sip:alice@127.0.0.1:{alice_uas.port}"
+            sent = ua.sent[-1]
+            ack = ua.build("ACK", target, to="sip:alice@example.com", call_id=sent.get("Call-ID"),
+                           from_tag=sent.from_tag, cseq=sent.cseq[0], to_tag=ok.to_tag,
+                           routes=routes, headers=headers if method == "ACK" else [])
+            ua.send(ack.replace("Via", ua.via()))
+            final = None
+            if method != "ACK":
+                final = ua.request(ua.build(method, target, to="sip:alice@example.com",
+                                            call_id=sent.get("Call-ID"), from_tag=sent.from_tag,
+                                            to_tag=ok.to_tag, routes=routes, headers=headers))
+            got = alice_uas.wait_for(1, method=method, timeout=2)
+            return got, forged, final, proxy.log_since(0)
+        finally:
+            ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 113 hole K2: an ACK with a non-UTF-8 header "
+                   "is relayed with a policy in our name (inspect_only fails open)")
+def test_hole_an_ack_carries_a_policy_in_the_proxys_name_past_an_unreadable_header(
+        proxy_factory):
+    got, forged, _, _ = _in_dialog(proxy_factory, "ACK", "junk+other")
+    assert len(got) == 1                      # the ACK itself is relayed either way
+    assert forged not in got[0].get_all(hdr.PROXY_BODY_POLICY)
+
+
+def test_control_an_ack_without_the_junk_loses_the_forged_policy(proxy_factory):
+    got, forged, _, log = _in_dialog(proxy_factory, "ACK", "other")
+    assert len(got) == 1 and forged not in got[0].get_all(hdr.PROXY_BODY_POLICY)
+    assert "inspect ACK failed" not in log
+
+
+def test_control_an_in_dialog_info_with_the_junk_is_refused_not_relayed(proxy_factory):
+    got, _, final, _ = _in_dialog(proxy_factory, "INFO", "junk+other")
+    assert final is not None and final.status == 400, final
+    assert got == []
