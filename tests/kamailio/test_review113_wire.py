@@ -42,6 +42,17 @@ OPTIONS after it gets no answer; the garbage and the plaintext get the connectio
 closed (``wrong version number``) with no answer; an OPTIONS to the proxy right after
 is answered.
 
+``test_control_verify_client_takes_only_a_current_client_certificate_of_our_ca``.
+Attacker: a stranger on the TLS listener of a proxy with ``[tls] verify_client``.
+Messages: ``openssl s_client -tls1_2 -cert ... -key ...`` with, in turn, a TLS
+certificate of our CA (serverAuth + clientAuth), the same expired, alice's S/MIME user
+certificate of our CA (emailProtection only), the proxy's S/MIME certificate
+(emailProtection + serverAuth) and a TLS certificate of another CA.  Observed: only
+the first is taken; the others end in the handshake (``alert unsupported
+certificate``, ``alert certificate expired``, ``unknown ca``); the proxy serves on.
+(Any clientAuth certificate of ``[tls] ca`` is taken, whatever its name: review 67's
+documented limit, the other direction.)
+
 ``test_control_a_reply_whose_content_length_lies_reaches_a_tcp_caller_framed``.
 Attacker: the insider callee (or a hop on his side), who answers alice's MESSAGE over
 UDP while alice is on TCP.  Messages: bob's 200 with ``Content-Length: 80`` and no body
@@ -65,18 +76,19 @@ Tried and held (not kept as tests, or kept above)
   every digest REGISTER 200, every wrong password 401 (nothing fails open).  Under
   ``cert_table_pg``: the next read after the restart returns the published certificate
   (review 110's ``ProcessConnection.get`` poll covers it).
-- TLS 1.2 client-initiated renegotiation: the connection is cut (above).  Garbage and
-  plaintext SIP on the TLS port: cut, no answer, the listener serves on.
+- TLS 1.2 client-initiated renegotiation: the connection is cut (above).  Client
+  certificates under ``verify_client``: only a current clientAuth one of our CA.
+  Garbage and plaintext SIP on the TLS port: cut, no answer, the listener serves on.
 - IPv6: honest MESSAGE and call; mapped spellings of our socket as a binding (above).
 
 Untried (time): 32-64 KB replies over TCP/TLS through tm's reply route (past
 ``_WHOLE_MAX`` = 49,149 octets a reply with a NUL is dropped by the core reply route's
 framing check, a documented limit for requests); many big replies in flight against
-shared memory; PRACK and UPDATE on a 100rel early dialog (route token, fork slots, keys
-kept by an early UPDATE's 2xx) on the wire; a TLS handshake flood from one address
+shared memory; E2M bodies on a 100rel early dialog on the wire (fork slots, keys kept
+by an early UPDATE's 2xx: the routing is in ``test_review113_early_wire.py``, the key
+rules in the unit tests of reviews 43-50); a TLS handshake flood from one address
 (pike counts SIP messages, not handshakes; ``tcp_connections_per_source`` and the
-sweep bound the slots, not the CPU); client certificates with ``verify_client`` from
-another CA, expired, or with a serverAuth-only EKU; a forged certificate NOTIFY through
+sweep bound the slots, not the CPU); a forged certificate NOTIFY through
 a cluster front; SUBSCRIBE floods against the certificate service's per-source bounds.
 """
 
@@ -328,3 +340,53 @@ def test_control_a_reply_whose_content_length_lies_reaches_a_tcp_caller_framed(
         return
     assert stream.startswith(b"SIP/2.0 200"), stream[:200]
     assert frame_length(stream) == len(stream), stream
+
+
+# --------------------------------------------------------------------------- client certs
+
+def _client_cert(pki, tmp_path, kind: str) -> tuple[str, str]:
+    from datetime import datetime, timedelta, timezone
+
+    from e2m_plugins.testpki import (issue_proxy, issue_tls_server, issue_user, make_ca,
+                                     write_credential)
+    now = datetime.now(timezone.utc)
+    if kind == "tls":
+        cred = issue_tls_server(pki.ca, "client.example.com")
+    elif kind == "expired-tls":
+        cred = issue_tls_server(pki.ca, "client.example.com", not_before=now - timedelta(days=30),
+                                not_after=now - timedelta(days=1))
+    elif kind == "user":
+        cred = issue_user(pki.ca, "sip:alice@example.com", "ec")
+    elif kind == "smime-proxy":
+        cred = issue_proxy(pki.ca, "proxy.example.com", "ec")
+    else:
+        cred = issue_tls_server(make_ca("Another CA"), "client.example.com")
+    written = write_credential(cred, tmp_path, f"client-{kind}")
+    return str(written.cert_path), str(written.key_path)
+
+
+def _handshake_with(port: int, ca: str, cert: str, key: str) -> str:
+    done = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2",
+                           "-CAfile", ca, "-cert", cert, "-key", key, "-brief"],
+                          input="OPTIONS sip:127.0.0.1 SIP/2.0\r\nContent-Length: 0\r\n\r\n",
+                          capture_output=True, text=True, timeout=20)
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def strict_tls(pki, tmp_path_factory):
+    from e2m_lab.kamailio_harness import start_proxy
+    handle = start_proxy(tmp_path_factory.mktemp("r113-strict"), pki=pki, e2m=False,
+                         tls={"verify_client": True})
+    yield handle
+    handle.stop()
+
+
+@pytest.mark.parametrize("kind,taken", [("tls", True), ("expired-tls", False), ("user", False),
+                                        ("smime-proxy", False), ("other-ca", False)])
+def test_control_verify_client_takes_only_a_current_client_certificate_of_our_ca(
+        strict_tls, pki, tmp_path, kind, taken):
+    cert, key = _client_cert(pki, tmp_path, kind)
+    out = _handshake_with(strict_tls.tls_port, str(pki.directory / "ca.crt"), cert, key)
+    assert ("CONNECTION ESTABLISHED" in out and "alert" not in out.lower()) is taken, out[-600:]
+    assert strict_tls.options() is not None
