@@ -1,6 +1,6 @@
 """Review 113 (attacker's review of d038d44): one header the proxy cannot hand to
 Python as text keeps a ``Proxy-Body-Policy`` in the proxy's name on what it relays
-(review 57's and 58's holes back), on a real Kamailio 5.6.3.
+(review 57's and 58's holes back) and an ACK's body unarchived, on a real Kamailio 5.6.3.
 
 Hole K1 -- a forged policy in the home proxy's name reaches the caller on an answer.
   Attacker: the insider callee (bob, registered with his password), or an untrusted hop
@@ -42,13 +42,29 @@ Hole K2 -- the same on an ACK (review 58's case).
   (review 58: it drops the proxy's certificate, her next MESSAGE is 496).
   Test: ``test_hole_an_ack_carries_a_policy_in_the_proxys_name_past_an_unreadable_header``.
 
+Hole K3 -- the same ACK's body is relayed unarchived, its media never recorded.
+  Attacker: the insider caller (the one who writes the ACK: a late-offer call's answer,
+  or any body), or an untrusted hop before the proxy on his side; no credentials.
+  Set-up: K2's, the proxy viewing ``INVITE:application/sdp`` too (a rule for INVITE
+  covers the session's ACK, review 2).
+  Messages: bob's ACK carrying a plaintext SDP (``s=late answer``, ``m=audio 40713``)
+  and K2's three headers.
+  Effect: ``inspect_only`` calls ``_remove_headers`` before ``observe``: the exception
+  skips the archive and the media record.  alice's UAS gets the ACK with the SDP; the
+  archive holds no row of it and the log no ``e2m media: ACK`` line (with the other
+  host's policy alone, or no policy: archived, media line logged -- control).  The
+  firewall and archive the operator runs the proxy for never see the session's answer,
+  though the proxy read it.
+  Test: ``test_hole_an_acks_sdp_is_relayed_unarchived_past_an_unreadable_header``.
+
 Code at fault: ``kamailio_app/kemi.py:732-749`` (``_remove_headers``: the iterator reads
 every header's name and body as str, and one that is not UTF-8 raises in the middle of
 the walk; ``_remove_by_name`` at 707-729 falls back to it whenever an instance is not
 ours or there are more than four), ``kemi.py:2052-2056`` (``ksr_onreply_route``: any
 exception of ``route_reply`` lets the response go on unchanged; here the engine had
 read it and asked for a removal) and ``kemi.py:1836-1849`` (``inspect_only``: the ACK is
-relayed whatever failed).  The request route fails closed on the same headers (an
+relayed whatever failed, and ``_remove_headers`` runs before ``observe`` there, so the
+failure also skips the archive).  The request route fails closed on the same headers (an
 in-dialog INFO carrying them is answered 400, control below), the reply and ACK paths
 fail open.
 Suggested fix: walk the headers without needing them as text (skip an instance whose
@@ -65,6 +81,8 @@ Controls (pass unmarked):
   the forged policy is gone (by the iterator, by name), alice keeps her proxy's
   certificate, her MESSAGE is 200 and archived.  And five copies without junk: gone.
   ``test_control_an_ack_without_the_junk_loses_the_forged_policy``: review 58's fix live.
+  ``test_control_an_acks_sdp_is_archived_with_its_media_line``: K3's ACK without the
+  junk Subject (the other host's policy and ours kept): archived, media line logged.
   ``test_control_an_in_dialog_info_with_the_junk_is_refused_not_relayed``: the request
   route answers 400 and alice's UAS gets nothing.
 
@@ -216,3 +234,49 @@ def test_control_an_in_dialog_info_with_the_junk_is_refused_not_relayed(proxy_fa
     got, _, final, _ = _in_dialog(proxy_factory, "INFO", "junk+other")
     assert final is not None and final.status == 400, final
     assert got == []
+
+
+SDP_ANSWER = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.71\r\ns=late answer\r\nc=IN IP4 127.0.0.71\r\n"
+              b"t=0 0\r\nm=audio 40713 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+def _ack_with_sdp(proxy_factory, shape: str):
+    """bob calls alice through a proxy viewing INVITE SDP; his ACK carries SDP_ANSWER and
+    the headers of ``shape``.  (ACKs alice's UAS got, whether the SDP is archived,
+    whether its media line was logged.)"""
+    proxy = proxy_factory("r113a", e2m=True, view=("MESSAGE:*", "INVITE:application/sdp"))
+    headers = _headers(shape, _forged_policy(proxy))
+    with registered_uas(proxy, "alice", None, "127.0.0.70") as alice_uas:
+        ua = SipUa(proxy.port, user="bob", source="127.0.0.71")
+        try:
+            ok = ua.request(ua.build("INVITE", "sip:alice@example.com", to="sip:alice@example.com"))
+            assert ok is not None and ok.status == 200, ok
+            (delivered,) = alice_uas.wait_for(1, method="INVITE")
+            sent = ua.sent[-1]
+            mark = proxy.log_mark()
+            ack = ua.build("ACK", f"sip:alice@127.0.0.1:{alice_uas.port}",
+                           to="sip:alice@example.com", call_id=sent.get("Call-ID"),
+                           from_tag=sent.from_tag, cseq=sent.cseq[0], to_tag=ok.to_tag,
+                           routes=delivered.get_all("Record-Route"), headers=headers,
+                           body=SDP_ANSWER, content_type="application/sdp")
+            ua.send(ack.replace("Via", ua.via()))
+            got = alice_uas.wait_for(1, method="ACK", timeout=2)
+            time.sleep(0.3)
+            archived = any(b"late answer" in row.plaintext for row in proxy.archive_rows())
+            return got, archived, "e2m media: ACK" in proxy.log_since(mark)
+        finally:
+            ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 113 hole K3: an ACK with a non-UTF-8 header "
+                   "and a policy in our name is relayed with its SDP unarchived")
+def test_hole_an_acks_sdp_is_relayed_unarchived_past_an_unreadable_header(proxy_factory):
+    got, archived, media = _ack_with_sdp(proxy_factory, "junk+other")
+    assert len(got) == 1 and got[0].body == SDP_ANSWER      # relayed either way
+    assert archived and media
+
+
+def test_control_an_acks_sdp_is_archived_with_its_media_line(proxy_factory):
+    got, archived, media = _ack_with_sdp(proxy_factory, "other")
+    assert len(got) == 1 and got[0].body == SDP_ANSWER
+    assert archived and media
