@@ -57,7 +57,28 @@ Hole K3 -- the same ACK's body is relayed unarchived, its media never recorded.
   though the proxy read it.
   Test: ``test_hole_an_acks_sdp_is_relayed_unarchived_past_an_unreadable_header``.
 
-Code at fault: ``kamailio_app/kemi.py:732-749`` (``_remove_headers``: the iterator reads
+Hole K4 -- an ACK the core cannot parse is relayed with its body unarchived.
+  Attacker: as K3 (the insider caller, or a hop before the proxy on his side).
+  Set-up: K3's.
+  Messages: bob's ACK with the SDP answer and one header the core refuses while
+  Kamailio (and a stock UA) take it: ``Subject: late\x01answer`` (a control octet; DEL
+  alike), or ``Content-Disposition: session&x=1`` (an ``&`` in a header pjsip parses by
+  type, review 62).  No policy header needed.
+  Effect: ``inspect_only``'s ``_read_message`` raises ``MalformedError: control
+  character in header section`` (or ``an '&' outside quotes in content-disposition``),
+  the handler logs ``e2m: inspect ACK failed`` and relays it: alice's UAS gets the ACK
+  and its SDP; no archive row, no ``e2m media: ACK`` line.  A request of any other
+  method with the same header is answered 400 (``inspect_request``), a reply dropped
+  in the core reply route (``check_readable``, review 66): the ACK alone goes on unread.
+  Code at fault: ``kemi.py:1836-1849`` (``inspect_only``: "never block an ACK or
+  CANCEL" covers a message the engine could not read at all, not only parts it could
+  not open; the docs say an ACK's unopenable parts are recorded, protocol.md §3.1).
+  Fix: drop an ACK that carries a body or a policy header and that the core refuses
+  (as Kamailio drops an ACK it cannot parse; the sender's stack retransmits nothing
+  the callee needs from a well-formed one), or record it as unread.
+  Test: ``test_hole_an_ack_the_core_cannot_parse_is_relayed_unarchived`` (both headers).
+
+Code at fault (K1-K3): ``kamailio_app/kemi.py:732-749`` (``_remove_headers``: the iterator reads
 every header's name and body as str, and one that is not UTF-8 raises in the middle of
 the walk; ``_remove_by_name`` at 707-729 falls back to it whenever an instance is not
 ours or there are more than four), ``kemi.py:2052-2056`` (``ksr_onreply_route``: any
@@ -83,6 +104,9 @@ Controls (pass unmarked):
   ``test_control_an_ack_without_the_junk_loses_the_forged_policy``: review 58's fix live.
   ``test_control_an_acks_sdp_is_archived_with_its_media_line``: K3's ACK without the
   junk Subject (the other host's policy and ours kept): archived, media line logged.
+  ``test_control_a_well_formed_ack_is_archived``: K4's ACK without the refused header
+  is archived with its media line; ``test_control_an_ack_with_a_second_cseq_is_dropped``:
+  with a second CSeq (Kamailio refuses it itself) it never reaches alice.
   ``test_control_an_in_dialog_info_with_the_junk_is_refused_not_relayed``: the request
   route answers 400 and alice's UAS gets nothing.
 
@@ -280,3 +304,52 @@ def test_control_an_acks_sdp_is_archived_with_its_media_line(proxy_factory):
     got, archived, media = _ack_with_sdp(proxy_factory, "other")
     assert len(got) == 1 and got[0].body == SDP_ANSWER
     assert archived and media
+
+
+def _raw_ack(proxy_factory, extra: bytes):
+    """K3's call; bob's ACK with SDP_ANSWER and ``extra`` header lines (bytes, each
+    ending in CRLF) put before its Content-Type.  (ACKs alice's UAS got, archived,
+    media line logged.)"""
+    proxy = proxy_factory("r113k", e2m=True, view=("MESSAGE:*", "INVITE:application/sdp"))
+    with registered_uas(proxy, "alice", None, "127.0.0.70") as alice_uas:
+        ua = SipUa(proxy.port, user="bob", source="127.0.0.71")
+        try:
+            ok = ua.request(ua.build("INVITE", "sip:alice@example.com", to="sip:alice@example.com"))
+            assert ok is not None and ok.status == 200, ok
+            (delivered,) = alice_uas.wait_for(1, method="INVITE")
+            sent = ua.sent[-1]
+            mark = proxy.log_mark()
+            ack = ua.build("ACK", f"sip:alice@127.0.0.1:{alice_uas.port}",
+                           to="sip:alice@example.com", call_id=sent.get("Call-ID"),
+                           from_tag=sent.from_tag, cseq=sent.cseq[0], to_tag=ok.to_tag,
+                           routes=delivered.get_all("Record-Route"),
+                           body=SDP_ANSWER, content_type="application/sdp")
+            data = ack.replace("Via", ua.via()).serialize()
+            data = data.replace(b"\r\nContent-Type", b"\r\n" + extra + b"Content-Type", 1)
+            ua.sock.sendto(data, ("127.0.0.1", proxy.port))
+            time.sleep(1.0)
+            got = [raw for raw in alice_uas.raw if raw.startswith(b"ACK ")]
+            archived = any(b"late answer" in row.plaintext for row in proxy.archive_rows())
+            return got, archived, "e2m media: ACK" in proxy.log_since(mark)
+        finally:
+            ua.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 113 hole K4: an ACK the core cannot parse is "
+                   "relayed with its SDP unarchived (inspect_only swallows the error)")
+@pytest.mark.parametrize("extra", [b"Subject: late\x01answer\r\n",
+                                   b"Content-Disposition: session&x=1\r\n"],
+                         ids=["control-octet", "ampersand"])
+def test_hole_an_ack_the_core_cannot_parse_is_relayed_unarchived(proxy_factory, extra):
+    got, archived, media = _raw_ack(proxy_factory, extra)
+    assert got == [] or (archived and media), "relayed to alice, neither archived nor recorded"
+
+
+def test_control_a_well_formed_ack_is_archived(proxy_factory):
+    got, archived, media = _raw_ack(proxy_factory, b"")
+    assert len(got) == 1 and archived and media
+
+
+def test_control_an_ack_with_a_second_cseq_is_dropped(proxy_factory):
+    got, _, _ = _raw_ack(proxy_factory, b"CSeq: 1 ACK\r\n")
+    assert got == []
