@@ -65,6 +65,12 @@ the reply it relays: what reaches the stream is exactly one framed message); the
 with a short body is dropped by the core reply route (``MalformedError:
 Content-Length exceeds the data``).
 
+``test_control_a_big_receipt_is_read_whole_or_dropped``: bob's 200 to alice's MESSAGE
+with a text/plain receipt of 40,000 or 62,000 octets (UDP to the proxy; alice on UDP or
+TCP): read (whole, or in 32 KiB slices past 49,149 octets), archived, relayed intact;
+with a NUL, read whole at 40,000, dropped at 56,000 (cannot be read byte-exact; the
+documented limit of review 103, replies alike): nothing reaches alice unread.
+
 Also in ``tests/cluster/test_review113_pg_restart.py``: Kamailio's own db_postgres
 (auth_db) and the certificate service's tables across a PostgreSQL restart.
 
@@ -81,9 +87,8 @@ Tried and held (not kept as tests, or kept above)
   Garbage and plaintext SIP on the TLS port: cut, no answer, the listener serves on.
 - IPv6: honest MESSAGE and call; mapped spellings of our socket as a binding (above).
 
-Untried (time): 32-64 KB replies over TCP/TLS through tm's reply route (past
-``_WHOLE_MAX`` = 49,149 octets a reply with a NUL is dropped by the core reply route's
-framing check, a documented limit for requests); many big replies in flight against
+Untried (time): big replies over TLS and from a TCP callee (tried: a UDP callee, the
+caller on UDP or TCP); many big replies in flight against
 shared memory; E2M bodies on a 100rel early dialog on the wire (fork slots, keys kept
 by an early UPDATE's 2xx: the routing is in ``test_review113_early_wire.py``, the key
 rules in the unit tests of reviews 43-50); a TLS handshake flood from one address
@@ -102,9 +107,10 @@ import time
 
 import pytest
 
-from e2m_lab.kamailio_harness import SipUa, build_request, udp_transaction
+from e2m_lab.kamailio_harness import (RawUas, SipUa, build_request, register_contact,
+                                     udp_transaction)
 from e2m_lab.ports import free_port
-from e2m_plugins.sip import frame_length, parse
+from e2m_plugins.sip import frame_length, make_response, parse
 from tests.kamailio.test_review79_wire import (_stream, alice_over_tcp,  # noqa: F401
                                                callee)
 
@@ -390,3 +396,39 @@ def test_control_verify_client_takes_only_a_current_client_certificate_of_our_ca
     out = _handshake_with(strict_tls.tls_port, str(pki.directory / "ca.crt"), cert, key)
     assert ("CONNECTION ESTABLISHED" in out and "alert" not in out.lower()) is taken, out[-600:]
     assert strict_tls.options() is not None
+
+
+# --------------------------------------------------------------------------- big replies
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize("size,nul", [(40000, False), (62000, False), (40000, True),
+                                      (56000, True)])
+def test_control_a_big_receipt_is_read_whole_or_dropped(home_proxy, transport, size, nul):
+    """bob's 200 to alice's MESSAGE carries a text/plain receipt of ``size`` octets (the
+    proxy views ``MESSAGE:text/plain``, replies too).  Up to 49,149 octets it is read
+    whole (base64 of ``$mb``), past that in 32 KiB slices checked against Kamailio's
+    SHA-256; a NUL past 49,149 cannot be read byte-exact, and the reply is dropped."""
+    tag = os.urandom(4).hex().encode()
+    head = b"receipt-" + tag + b" "
+    filler = b"x" * (size - len(head) - 1)
+    body = head + (b"\x00" if nul else b"y") + filler
+    bob = RawUas(responder=lambda req: make_response(req, 200, "OK", body=body,
+                                                     content_type="text/plain"))
+    user = f"r113big{transport}{size}{int(nul)}"
+    register_contact(home_proxy, user, bob.port)
+    alice = SipUa(home_proxy.port, user="r113a" + transport, transport=transport)
+    try:
+        answer = alice.request(alice.build("MESSAGE", f"sip:{user}@example.com",
+                                           to=f"sip:{user}@example.com", body=b"hi",
+                                           content_type="text/plain"), timeout=4)
+        time.sleep(0.3)
+        archived = any(row.plaintext.startswith(head) for row in home_proxy.archive_rows())
+    finally:
+        alice.close()
+        bob.close()
+    if nul and size > 49149:
+        assert answer is None or answer.status != 200       # dropped: tm's 408 at most
+        assert not archived
+    else:
+        assert answer is not None and answer.status == 200 and answer.body == body
+        assert archived
