@@ -1,6 +1,7 @@
 """Review 113 (attacker's review of d038d44): one header the proxy cannot hand to
 Python as text keeps a ``Proxy-Body-Policy`` in the proxy's name on what it relays
-(review 57's and 58's holes back) and an ACK's body unarchived, on a real Kamailio 5.6.3.
+(review 57's and 58's holes back); and an ACK body the proxy cannot read is counted
+nowhere, though the threat model says so; on a real Kamailio 5.6.3.
 
 Hole K1 -- a forged policy in the home proxy's name reaches the caller on an answer.
   Attacker: the insider callee (bob, registered with his password), or an untrusted hop
@@ -42,43 +43,43 @@ Hole K2 -- the same on an ACK (review 58's case).
   (review 58: it drops the proxy's certificate, her next MESSAGE is 496).
   Test: ``test_hole_an_ack_carries_a_policy_in_the_proxys_name_past_an_unreadable_header``.
 
-Hole K3 -- the same ACK's body is relayed unarchived, its media never recorded.
-  Attacker: the insider caller (the one who writes the ACK: a late-offer call's answer,
-  or any body), or an untrusted hop before the proxy on his side; no credentials.
-  Set-up: K2's, the proxy viewing ``INVITE:application/sdp`` too (a rule for INVITE
-  covers the session's ACK, review 2).
-  Messages: bob's ACK carrying a plaintext SDP (``s=late answer``, ``m=audio 40713``)
-  and K2's three headers.
-  Effect: ``inspect_only`` calls ``_remove_headers`` before ``observe``: the exception
-  skips the archive and the media record.  alice's UAS gets the ACK with the SDP; the
-  archive holds no row of it and the log no ``e2m media: ACK`` line (with the other
-  host's policy alone, or no policy: archived, media line logged -- control).  The
-  firewall and archive the operator runs the proxy for never see the session's answer,
-  though the proxy read it.
-  Test: ``test_hole_an_acks_sdp_is_relayed_unarchived_past_an_unreadable_header``.
+  A second effect of the same ACK
+  (``test_hole_an_acks_sdp_is_relayed_unarchived_past_an_unreadable_header``, the proxy
+  viewing ``INVITE:application/sdp`` too, which covers the session's ACK):
+  ``inspect_only`` calls ``_remove_headers`` before ``observe``, so an SDP answer in that
+  ACK (``s=late answer``, ``m=audio 40713``), which the proxy read, is relayed with no
+  archive row and no ``e2m media: ACK`` line.  Alone this gives the insider nothing new
+  (the documented limit: he may send an ACK SDP the proxy cannot open at all,
+  threat-model "Still open"); it goes with K2's fix.
 
-Hole K4 -- an ACK the core cannot parse is relayed with its body unarchived.
-  Attacker: as K3 (the insider caller, or a hop before the proxy on his side).
-  Set-up: K3's.
-  Messages: bob's ACK with the SDP answer and one header the core refuses while
-  Kamailio (and a stock UA) take it: ``Subject: late\x01answer`` (a control octet; DEL
-  alike), or ``Content-Disposition: session&x=1`` (an ``&`` in a header pjsip parses by
-  type, review 62).  No policy header needed.
-  Effect: ``inspect_only``'s ``_read_message`` raises ``MalformedError: control
-  character in header section`` (or ``an '&' outside quotes in content-disposition``),
-  the handler logs ``e2m: inspect ACK failed`` and relays it: alice's UAS gets the ACK
-  and its SDP; no archive row, no ``e2m media: ACK`` line.  A request of any other
-  method with the same header is answered 400 (``inspect_request``), a reply dropped
-  in the core reply route (``check_readable``, review 66): the ACK alone goes on unread.
-  Code at fault: ``kemi.py:1836-1849`` (``inspect_only``: "never block an ACK or
-  CANCEL" covers a message the engine could not read at all, not only parts it could
-  not open; the docs say an ACK's unopenable parts are recorded, protocol.md §3.1).
-  Fix: drop an ACK that carries a body or a policy header and that the core refuses
-  (as Kamailio drops an ACK it cannot parse; the sender's stack retransmits nothing
-  the callee needs from a well-formed one), or record it as unread.
-  Test: ``test_hole_an_ack_the_core_cannot_parse_is_relayed_unarchived`` (both headers).
+Hole K3 -- the documented mitigation of the ACK limit is not there: an ACK body the
+proxy must view and cannot read is counted nowhere, and mostly logged nowhere.
+  docs/threat-model.md:634 ("Still open"): "An ACK whose SDP the proxy cannot open is
+  forwarded (an ACK cannot be refused; the failure is logged and counted)."
+  Attacker: the insider caller (or a hop before the proxy on his side), no credentials.
+  Set-up: the proxy viewing ``INVITE:application/sdp``; bob's call to alice, 200.
+  Messages: bob's ACK carrying (a) ``Content-Type: application/pkcs7-mime;
+  smime-type=enveloped-data`` and 5 octets of DER that open for nobody (any envelope
+  not for the proxy alike); (b) the plaintext SDP answer with one header the core
+  refuses and Kamailio and a stock UA take (``Subject: late\\x01answer``; DEL alike; or
+  ``Content-Disposition: session&x=1``, review 62's ``&``).
+  Effect: both reach alice's UAS.  (a) The engine's verdict (a 496 that cannot be sent)
+  is dropped by ``inspect_only`` without a word: no log line, no statistic changed
+  (every ``e2m_*`` value read over RPC before and after is the same).  (b) Logged only
+  as a script failure (``e2m: inspect ACK failed: MalformedError: control character in
+  header section``), counted nowhere; no archive row, no media line.  A monitoring that
+  relies on the documented counter sees nothing, whatever the insider hides this way.
+  Code at fault: ``kemi.py:1836-1849`` (``inspect_only``: the verdict is never looked
+  at -- no ``_summary`` log line as ``inspect_request`` writes, no
+  ``e2m_refused_<code>``; its exception handler counts nothing).
+  Fix: log and count an ACK whose verdict is not "forward" or whose reading failed
+  (e.g. ``e2m_ack_unread``), as the threat model says; better, drop an ACK the core
+  cannot parse at all (a request of any other method is 400, a reply dropped in the
+  core reply route, review 66).
+  Test: ``test_hole_an_ack_body_the_proxy_cannot_read_is_counted_nowhere`` (three
+  shapes).
 
-Code at fault (K1-K3): ``kamailio_app/kemi.py:732-749`` (``_remove_headers``: the iterator reads
+Code at fault (K1, K2): ``kamailio_app/kemi.py:732-749`` (``_remove_headers``: the iterator reads
 every header's name and body as str, and one that is not UTF-8 raises in the middle of
 the walk; ``_remove_by_name`` at 707-729 falls back to it whenever an instance is not
 ours or there are more than four), ``kemi.py:2052-2056`` (``ksr_onreply_route``: any
@@ -102,11 +103,13 @@ Controls (pass unmarked):
   the forged policy is gone (by the iterator, by name), alice keeps her proxy's
   certificate, her MESSAGE is 200 and archived.  And five copies without junk: gone.
   ``test_control_an_ack_without_the_junk_loses_the_forged_policy``: review 58's fix live.
-  ``test_control_an_acks_sdp_is_archived_with_its_media_line``: K3's ACK without the
+  ``test_control_an_acks_sdp_is_archived_with_its_media_line``: K2's SDP ACK without the
   junk Subject (the other host's policy and ours kept): archived, media line logged.
-  ``test_control_a_well_formed_ack_is_archived``: K4's ACK without the refused header
-  is archived with its media line; ``test_control_an_ack_with_a_second_cseq_is_dropped``:
-  with a second CSeq (Kamailio refuses it itself) it never reaches alice.
+  ``test_control_a_well_formed_ack_is_archived_and_counted``: K3's ACK without the
+  refused header is archived with its media line and counted (``e2m_bodies_opened``
+  +1: the statistics are live on this set-up);
+  ``test_control_an_ack_with_a_second_cseq_is_dropped``: with a second CSeq (Kamailio
+  refuses it itself) it never reaches alice.
   ``test_control_an_in_dialog_info_with_the_junk_is_refused_not_relayed``: the request
   route answers 400 and alice's UAS gets nothing.
 
@@ -122,6 +125,7 @@ Tried and held (see also ``test_review113_wire.py`` and
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -292,8 +296,8 @@ def _ack_with_sdp(proxy_factory, shape: str):
             ua.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 113 hole K3: an ACK with a non-UTF-8 header "
-                   "and a policy in our name is relayed with its SDP unarchived")
+@pytest.mark.xfail(strict=True, reason="review 113 hole K2 (its body): an ACK with a non-UTF-8 "
+                   "header and a policy in our name is relayed with its SDP unarchived")
 def test_hole_an_acks_sdp_is_relayed_unarchived_past_an_unreadable_header(proxy_factory):
     got, archived, media = _ack_with_sdp(proxy_factory, "junk+other")
     assert len(got) == 1 and got[0].body == SDP_ANSWER      # relayed either way
@@ -306,10 +310,20 @@ def test_control_an_acks_sdp_is_archived_with_its_media_line(proxy_factory):
     assert archived and media
 
 
-def _raw_ack(proxy_factory, extra: bytes):
-    """K3's call; bob's ACK with SDP_ANSWER and ``extra`` header lines (bytes, each
-    ending in CRLF) put before its Content-Type.  (ACKs alice's UAS got, archived,
-    media line logged.)"""
+def _e2m_stats(proxy) -> dict[str, int]:
+    text = proxy.rpc("stats.get_statistics", "all")
+    return {name: int(value) for name, value in re.findall(r"(e2m_\w+) = (\d+)", text)}
+
+
+UNOPENABLE = ("application/pkcs7-mime; smime-type=enveloped-data", b"\x30\x03\x02\x01\x00")
+
+
+def _raw_ack(proxy_factory, extra: bytes, body: tuple[str, bytes] | None = None):
+    """K2's call; bob's ACK with ``body`` (content type, octets; the SDP answer when
+    None) and ``extra`` header lines (bytes, each ending in CRLF) put before its
+    Content-Type.  (ACKs alice's UAS got, archived, media line logged, the e2m_*
+    statistics that changed, the proxy's e2m log lines.)"""
+    ctype, octets = body or ("application/sdp", SDP_ANSWER)
     proxy = proxy_factory("r113k", e2m=True, view=("MESSAGE:*", "INVITE:application/sdp"))
     with registered_uas(proxy, "alice", None, "127.0.0.70") as alice_uas:
         ua = SipUa(proxy.port, user="bob", source="127.0.0.71")
@@ -318,38 +332,46 @@ def _raw_ack(proxy_factory, extra: bytes):
             assert ok is not None and ok.status == 200, ok
             (delivered,) = alice_uas.wait_for(1, method="INVITE")
             sent = ua.sent[-1]
-            mark = proxy.log_mark()
+            time.sleep(0.2)
+            mark, before = proxy.log_mark(), _e2m_stats(proxy)
             ack = ua.build("ACK", f"sip:alice@127.0.0.1:{alice_uas.port}",
                            to="sip:alice@example.com", call_id=sent.get("Call-ID"),
                            from_tag=sent.from_tag, cseq=sent.cseq[0], to_tag=ok.to_tag,
                            routes=delivered.get_all("Record-Route"),
-                           body=SDP_ANSWER, content_type="application/sdp")
+                           body=octets, content_type=ctype)
             data = ack.replace("Via", ua.via()).serialize()
             data = data.replace(b"\r\nContent-Type", b"\r\n" + extra + b"Content-Type", 1)
             ua.sock.sendto(data, ("127.0.0.1", proxy.port))
             time.sleep(1.0)
             got = [raw for raw in alice_uas.raw if raw.startswith(b"ACK ")]
             archived = any(b"late answer" in row.plaintext for row in proxy.archive_rows())
-            return got, archived, "e2m media: ACK" in proxy.log_since(mark)
+            log = proxy.log_since(mark)
+            after = _e2m_stats(proxy)
+            changed = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+            lines = [line[line.find("e2m"):] for line in log.splitlines() if "e2m" in line]
+            return got, archived, "e2m media: ACK" in log, changed, lines
         finally:
             ua.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 113 hole K4: an ACK the core cannot parse is "
-                   "relayed with its SDP unarchived (inspect_only swallows the error)")
-@pytest.mark.parametrize("extra", [b"Subject: late\x01answer\r\n",
-                                   b"Content-Disposition: session&x=1\r\n"],
-                         ids=["control-octet", "ampersand"])
-def test_hole_an_ack_the_core_cannot_parse_is_relayed_unarchived(proxy_factory, extra):
-    got, archived, media = _raw_ack(proxy_factory, extra)
-    assert got == [] or (archived and media), "relayed to alice, neither archived nor recorded"
+@pytest.mark.xfail(strict=True, reason="review 113 hole K3: an ACK body the proxy must view "
+                   "and cannot read is counted nowhere (the threat model says counted)")
+@pytest.mark.parametrize("extra,body", [(b"", UNOPENABLE),
+                                        (b"Subject: late\x01answer\r\n", None),
+                                        (b"Content-Disposition: session&x=1\r\n", None)],
+                         ids=["unopenable", "control-octet", "ampersand"])
+def test_hole_an_ack_body_the_proxy_cannot_read_is_counted_nowhere(proxy_factory, extra, body):
+    got, archived, media, changed, lines = _raw_ack(proxy_factory, extra, body)
+    assert len(got) == 1 and not archived and not media      # forwarded unread (the limit)
+    assert changed, f"no e2m statistic counted it; log: {lines}"
 
 
-def test_control_a_well_formed_ack_is_archived(proxy_factory):
-    got, archived, media = _raw_ack(proxy_factory, b"")
+def test_control_a_well_formed_ack_is_archived_and_counted(proxy_factory):
+    got, archived, media, changed, _ = _raw_ack(proxy_factory, b"")
     assert len(got) == 1 and archived and media
+    assert changed.get("e2m_bodies_opened") == 1, changed
 
 
 def test_control_an_ack_with_a_second_cseq_is_dropped(proxy_factory):
-    got, _, _ = _raw_ack(proxy_factory, b"CSeq: 1 ACK\r\n")
+    got, _, _, _, _ = _raw_ack(proxy_factory, b"CSeq: 1 ACK\r\n")
     assert got == []
