@@ -109,7 +109,8 @@ def test_control_a_strangers_prack_in_the_early_dialog_is_refused(home_proxy):
     try:
         assert early is not None
         prack = stranger.build("PRACK", f"sip:127.0.0.1:{bob.port}",
-                               to=parse_address(sent.get("To")).uri, call_id=sent.get("Call-ID"), from_tag=sent.from_tag,
+                               to=parse_address(sent.get("To")).uri,
+                               call_id=sent.get("Call-ID"), from_tag=sent.from_tag,
                                to_tag=early.to_tag, routes=got.get_all("Record-Route"),
                                headers=[("RAck", f"1 {sent.cseq[0]} INVITE")])
         answer = stranger.request(prack)
