@@ -14,13 +14,18 @@ Hole K1 -- a forged policy in the home proxy's name reaches the caller on an ans
   ``Subject: caf\\xe9 au lait`` (one Latin-1 octet, 0xE9: not UTF-8), a
   ``Proxy-Body-Policy`` for a host of no concern (``fw.elsewhere.example.net``), and
   review 57's forged ``Proxy-Body-Policy: proxy.example.com;view="MESSAGE:*";cert-fp=
-  "sha256:<another certificate's>"``.  Variant: the junk Subject and five copies of
-  the forged policy (no other host needed).  Then alice's MESSAGE to carol.
+  "sha256:<another certificate's>"``.  Variants: the junk Subject and five copies of
+  the forged policy (no other host needed); or the forged policy alone with one more
+  parameter holding the octet (``;x="caf\\xe9"``): a single header, which
+  ``_remove_by_name`` cannot read (``KSR.pv.get`` of ``$(hdr(Proxy-Body-Policy)[0])``
+  raises) and alice's engine reads as her proxy's policy all the same.  Then alice's
+  MESSAGE to carol.
   Effect (seen every run): the engine reads the 200 (the core takes the octet,
   surrogate-escaped) and asks for the forged policy's removal; the removal cannot be
   done by name (an instance that is not ours, or more than ``_BY_NAME_MAX`` = 4), so
   it walks every header with textopsx's iterator, and ``hf_iterator_hbody`` of the
-  Subject raises ``UnicodeDecodeError`` (app_python3 cannot make a str of it): log
+  Subject raises ``UnicodeDecodeError`` (app_python3 cannot make a str of it; in the
+  single-header variant the read by name raises first, kemi.py:723): log
   ``e2m: reply route failed: UnicodeDecodeError at kemi.py:744 _remove_headers <-
   kemi.py:2107 route_reply <- kemi.py:2054 ksr_onreply_route``, and the reply "goes on
   unchanged".  alice gets 1 (variant: 5) forged policies in her proxy's name, her
@@ -28,7 +33,7 @@ Hole K1 -- a forged policy in the home proxy's name reaches the caller on an ans
   it: her own proxy answers 496, carol gets nothing, nothing is archived -- exactly
   review 57 hole 1, whose fix this undoes with one octet.
   Tests: ``test_hole_a_policy_in_the_proxys_name_reaches_the_caller_past_an_unreadable_header``
-  (both shapes).
+  (three shapes).
 
 Hole K2 -- the same on an ACK (review 58's case).
   Attacker: the insider caller (bob calls alice) or an untrusted hop before the proxy
@@ -82,7 +87,8 @@ proxy must view and cannot read is counted nowhere, and mostly logged nowhere.
 Code at fault (K1, K2): ``kamailio_app/kemi.py:732-749`` (``_remove_headers``: the iterator reads
 every header's name and body as str, and one that is not UTF-8 raises in the middle of
 the walk; ``_remove_by_name`` at 707-729 falls back to it whenever an instance is not
-ours or there are more than four), ``kemi.py:2052-2056`` (``ksr_onreply_route``: any
+ours or there are more than four, and raises itself at 723 when an instance of the name
+is not UTF-8), ``kemi.py:2052-2056`` (``ksr_onreply_route``: any
 exception of ``route_reply`` lets the response go on unchanged; here the engine had
 read it and asked for a removal) and ``kemi.py:1836-1849`` (``inspect_only``: the ACK is
 relayed whatever failed, and ``_remove_headers`` runs before ``observe`` there, so the
@@ -146,6 +152,7 @@ OTHER = (hdr.PROXY_BODY_POLICY, 'fw.elsewhere.example.net;view="MESSAGE:*"')
 def _headers(shape: str, forged: str) -> list[tuple[str, str]]:
     mine = (hdr.PROXY_BODY_POLICY, forged)
     return {"junk+other": [JUNK, OTHER, mine], "junk+five": [JUNK] + [mine] * 5,
+            "octet-in-policy": [(hdr.PROXY_BODY_POLICY, forged + ';x="caf\udce9"')],
             "other": [OTHER, mine], "junk": [JUNK, mine], "five": [mine] * 5}[shape]
 
 
@@ -188,8 +195,8 @@ def _answer_flow(proxy_factory, pki, shape: str):
 def _assert_secure(proxy_factory, pki, shape: str) -> str:
     got, alice, final, delivered, rows, text, log, forged = _answer_flow(proxy_factory, pki,
                                                                          shape)
-    assert forged not in got.get_all(hdr.PROXY_BODY_POLICY), \
-        f"{got.get_all(hdr.PROXY_BODY_POLICY).count(forged)} forged policies reached alice"
+    in_our_name = [value for value in got.get_all(hdr.PROXY_BODY_POLICY) if TRUSTED in value]
+    assert not in_our_name, f"{len(in_our_name)} forged policies reached alice"
     assert alice.certs.proxy(TRUSTED) is not None
     assert final is not None and final.status == 200, final
     assert delivered and text in rows          # read and archived by her proxy
@@ -198,7 +205,7 @@ def _assert_secure(proxy_factory, pki, shape: str) -> str:
 
 @pytest.mark.xfail(strict=True, reason="review 113 hole K1: a non-UTF-8 header makes "
                    "_remove_headers raise and the reply goes on with a policy in our name")
-@pytest.mark.parametrize("shape", ["junk+other", "junk+five"])
+@pytest.mark.parametrize("shape", ["junk+other", "junk+five", "octet-in-policy"])
 def test_hole_a_policy_in_the_proxys_name_reaches_the_caller_past_an_unreadable_header(
         proxy_factory, pki, shape):
     _assert_secure(proxy_factory, pki, shape)
