@@ -33,6 +33,11 @@ gets one 500, one transaction, and the proxy serves on.  (A host whose IPv6 sock
 bound to ``::`` without V6ONLY might deliver it: not tried; the cfg's onsend_route
 compares ``to_ip`` with ``myself``, which would not match a mapped address either.)
 
+``test_control_a_binding_to_our_ipv6_socket_in_any_spelling_is_403``: the same
+proxy; a REGISTER binding ``[::1]:P``, ``[0:0:0:0:0:0:0:1]:P``, ``[0::1]:P`` or
+``[::0001]:P``: 403 each (``_contact_naming_us`` asks Kamailio's ``is_myself``, which
+compares addresses, not text).
+
 ``test_control_tls_renegotiation_and_garbage_close_only_that_connection``.  Attacker:
 an off-path stranger on the TLS listener.  Messages: ``openssl s_client -tls1_2`` with
 ``R`` (a client-initiated renegotiation) then an OPTIONS on the same connection; 70,000
@@ -267,6 +272,21 @@ def test_control_a_binding_to_a_mapped_spelling_of_our_socket_loops_nowhere(
     log = proxy.log_since(mark)
     assert "Network is unreachable" in log or "could not resolve" in log, log[-1500:]
     assert proxy.options() is not None
+
+
+@pytest.mark.parametrize("spelling", ["[::1]", "[0:0:0:0:0:0:0:1]", "[0::1]", "[::0001]"])
+def test_control_a_binding_to_our_ipv6_socket_in_any_spelling_is_403(proxy_factory, spelling):
+    """Review 107's rule on an IPv6 listener: a REGISTER whose Contact names our
+    ``udp:[::1]:P`` socket, however the address is written, is refused 403."""
+    proxy = _dual_stack(proxy_factory, "r113-v6self", e2m=False)
+    ua = SipUa(proxy.port, user="r113self")
+    try:
+        register = ua.build("REGISTER", "sip:example.com", headers=[("Expires", "600")])
+        answer = ua.request(register.replace("Contact",
+                                             f"<sip:r113self@{spelling}:{proxy.port}>"))
+    finally:
+        ua.close()
+    assert answer is not None and answer.status == 403
 
 
 # --------------------------------------------------------------------------- TLS
