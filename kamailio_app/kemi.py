@@ -643,30 +643,65 @@ def _branch_taken():
 
 
 _RELAYED = "e2mloop"
+_VIA_LINE_SPECS = ["$(hdr(Via)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
+_SENT_BY = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z]+)\s+([^;\s]+)")
 
 
-def _came_back():
-    """Whether this very request (its Request-URI as received, From and To tags,
-    Call-ID, CSeq, method and Route) was relayed by this proxy in the last 32 s; else
-    it is noted now.  Such a request has gone round and come back: a loop (RFC 3261
-    16.3 step 4), not a spiral, which comes back with another Request-URI or Route.
-    Two registrars whose bindings name each other (two proxies, or a cluster's nodes)
-    sent one stranger's MESSAGE round Max-Forwards times (review 112); now the first
-    repeat is refused 482.  tm absorbs a retransmission before this is asked, so what
-    is left is a copy that came back or a merged request (RFC 3261 8.2.2.2: 482
-    too).  The Via is not in the key: each pass comes with another hop's on top."""
+def _relay_key():
+    """What makes this request the same request if it comes back: a digest of its
+    Request-URI as received, From and To tags, Call-ID, CSeq, method and Route (RFC
+    3261 16.6 step 8 without the Via, which each pass brings another of on top; a
+    spiral comes back with another Request-URI or Route).  None when unreadable (the
+    door's checks refused such a request before any relay)."""
     try:
         routes = _header_entries("Route", _ROUTE_SPECS)
         fields = (KSR.pv.get("$ou") or "", KSR.pv.get("$ft") or "",
                   KSR.pv.get("$tt") or "", KSR.pv.get("$ci") or "",
                   str(KSR.pv.get("$cs") or ""), KSR.pv.get("$rm") or "")
     except UnicodeDecodeError:
-        return False    # refused by the door's checks before a relay; not keyed
+        return None
     request = "\n".join(fields + ("\x00",) + tuple(routes if routes is not None else ("?",)))
-    key = hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    if KSR.htable.sht_get(_RELAYED, key) is not None:
-        return True
+    return hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _came_back(key):
+    """Whether the request of ``key`` has gone round and come back: this proxy relayed
+    it in the last 32 s (htable e2mloop, ``_note_relayed``) and it carries a Via of
+    ours (RFC 3261 16.3 step 4).  Two registrars whose bindings name each other (two
+    proxies, or a cluster's nodes) sent one stranger's MESSAGE round Max-Forwards
+    times (review 112).  A copy sent again from outside (a replay) carries no Via of
+    ours: the engine's replay check answers it, as before."""
+    return KSR.htable.sht_get(_RELAYED, key) is not None and _carries_our_via()
+
+
+def _note_relayed(key):
     KSR.htable.sht_seti(_RELAYED, key, 1)
+
+
+def _carries_our_via():
+    """One of the request's first ``MAX_ROUTE_ENTRIES`` Via entries names one of our
+    sockets or aliases (a proxy adds its Via on top: in a loop through fewer proxies
+    than that, ours is among them)."""
+    try:
+        count = min(int(KSR.pv.get("$hdrc(Via)") or 0), len(_VIA_LINE_SPECS))
+        entries = []
+        for spec in _VIA_LINE_SPECS[:count]:
+            entries += split_header_list(KSR.pv.get(spec) or "")
+            if len(entries) >= MAX_ROUTE_ENTRIES:
+                break
+    except (E2MError, UnicodeDecodeError, ValueError):
+        return False
+    for entry in entries[:MAX_ROUTE_ENTRIES]:
+        found = _SENT_BY.match(entry)
+        if not found:
+            continue
+        try:
+            host, port = split_hostport(found.group(2))
+        except E2MError:
+            continue
+        tls = found.group(1).upper() == "TLS"
+        if _names_us(host, port or (5061 if tls else 5060)):
+            return True
     return False
 
 
@@ -749,7 +784,10 @@ def _remove_by_name(wanted):
         if not isinstance(count, int) or not 0 < count <= _BY_NAME_MAX:
             return False
         for spec in value_specs[:count]:
-            value = KSR.pv.get(spec)
+            try:
+                value = KSR.pv.get(spec)
+            except UnicodeDecodeError:      # the iterator removes it (review 113)
+                return False
             if not isinstance(value, str) or (key, _normal(value)) not in wanted:
                 return False
         plan.append(name)
@@ -759,19 +797,34 @@ def _remove_by_name(wanted):
 
 
 def _remove_headers(pairs):
-    """Remove exactly the header instances named (name and value), keep the rest."""
+    """Remove exactly the header instances named (name and value), keep the rest; and
+    any instance of a name named whose value is not UTF-8, which cannot be compared
+    (fail closed: the engine read it, surrogate-escaped, perhaps as a policy in our
+    name).  Only the bodies of headers so named are read: one octet that is not UTF-8
+    in any other header (a Subject) made the walk raise half-way, and a policy in our
+    name went on to the caller (review 113)."""
     if not pairs:
         return
     wanted = {(canonical_name(n), _normal(v)) for n, v in pairs}
     if _remove_by_name(wanted):
         return
+    names = {name for name, _ in wanted}
     tx = KSR.textopsx
     tx.hf_iterator_start(_ITERATOR)
     try:
         while tx.hf_iterator_next(_ITERATOR) > 0:
-            name = tx.hf_iterator_hname(_ITERATOR) or ""
-            body = tx.hf_iterator_hbody(_ITERATOR) or ""
-            if (canonical_name(name), _normal(body)) in wanted:
+            try:
+                name = canonical_name(tx.hf_iterator_hname(_ITERATOR) or "")
+            except UnicodeDecodeError:
+                continue                    # not a name of ours, which are ASCII
+            if name not in names:
+                continue
+            try:
+                body = tx.hf_iterator_hbody(_ITERATOR) or ""
+            except UnicodeDecodeError:
+                tx.hf_iterator_rm(_ITERATOR)
+                continue
+            if (name, _normal(body)) in wanted:
                 tx.hf_iterator_rm(_ITERATOR)
     finally:
         tx.hf_iterator_end(_ITERATOR)
@@ -1275,8 +1328,9 @@ class kamailio:
                 # An ACK is never challenged and either party can write the other's
                 # (reviews 99, 101): its bodies are archived, naming its From only
                 # where a body is signed by it for this very ACK (``body_records``)
-                if _has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0:
-                    self.inspect_only()
+                if (_has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0) \
+                        and not self.inspect_only():
+                    return
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
@@ -1636,7 +1690,8 @@ class kamailio:
         return 1
 
     def relay(self, inspect):
-        if _came_back():
+        loop_key = _relay_key()
+        if loop_key is not None and _came_back(loop_key):
             # before any reading: a loop's later passes cost no CMS work either
             _info("e2m: %s from %s came back to us unchanged (a loop): refused\n" % (
                 KSR.pv.get("$rm"), KSR.pv.get("$si")))
@@ -1669,6 +1724,8 @@ class kamailio:
         if self.app.engine is not None or self.app.config.dispatcher is not None \
                 or self.app.config.auth is not None:
             KSR.tm.t_on_failure("ksr_failure_route")
+        if loop_key is not None:
+            _note_relayed(loop_key)          # only what leaves: a refused one never did
         if KSR.tm.t_relay() < 0:
             self.drop_attempt_keys()
             KSR.sl.send_reply(500, "Cannot Relay")
@@ -1873,18 +1930,38 @@ class kamailio:
     def inspect_only(self, archive=True):
         """For ACK and CANCEL: they cannot be refused, but what they carry is recorded
         (not with ``archive`` false), and a policy in our name goes as from any request
-        (review 58)."""
+        (review 58).  An ACK the engine would refuse, or cannot read, goes on all the
+        same, logged and counted (``e2m_acks_unread``; review 113: it was neither; a
+        CANCEL's body goes nowhere, tm sends a CANCEL of its own).  False when it must not
+        go on: a policy in our name could not be taken out."""
         if self.app.engine is None:
-            return
+            return True
+        method = KSR.pv.get("$rm")
         try:
             message = _read_message()
             verdict = self.app.engine.inspect(message)
-            _remove_headers(verdict.remove_headers)
+        except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL for it
+            _log_exception("inspect %s" % method, exc)
+            if method == "ACK":
+                KSR.statistics.update_stat("e2m_acks_unread", 1)
+            return True
+        _info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
+        if verdict.action != "forward" and method == "ACK":
+            KSR.statistics.update_stat("e2m_acks_unread", 1)
+        try:
             if archive and (verdict.seen or verdict.media):
                 self.observe(message, verdict, self.app.engine.answer_caller(
                     message, verdict, digest_user=self.digest_aor()))
-        except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL
-            _log_exception("inspect %s" % KSR.pv.get("$rm"), exc)
+        except Exception as exc:  # noqa: BLE001 - the header check below still runs
+            _log_exception("record %s" % method, exc)
+        try:
+            _remove_headers(verdict.remove_headers)
+        except Exception as exc:  # noqa: BLE001 - fail closed: ours would go on
+            _log_exception("inspect %s" % method, exc)
+            _warn("e2m: a %s whose header in our name could not be removed: dropped\n"
+                  % method)
+            return False
+        return True
 
     def observe(self, message, verdict, caller, stray=False):
         """Archive and log what was seen, a spooled message charged to ``caller`` (None:
