@@ -1,9 +1,10 @@
 """Review 115 (attacker's review of 3bc1fa2), hole 1: the certificate service's per-AoR
-bound, filled by a stranger, denies a real ``e2m-phone`` a peer's certificate for good.
+bound, filled by a stranger, denies a real ``e2m-phone`` a peer's certificate while
+he holds the places.
 
 Real Kamailio (``[auth]`` with alice, bob, carol; the certificate service; per-AoR bound
-4 and per-source bound 2 instead of the defaults 100 and 20, so that 2 addresses do
-what 5 addresses do by default) and real ``e2m-phone`` processes (pjsua2).
+4 and per-source bound 2 instead of the defaults 100 and 20: a few addresses do
+here what 5 do with the defaults) and real ``e2m-phone`` processes (pjsua2).
 
 **Hole 1.  Attacker: an off-path stranger with a few real addresses** (SUBSCRIBE needs
 no credentials, RFC 6072 §6.6; he answers the NOTIFYs, so his subscriptions are

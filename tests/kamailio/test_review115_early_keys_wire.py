@@ -2,8 +2,8 @@
 two forks, and big replies through tm's reply routes, on a real Kamailio 5.6
 (``proxy_factory``: E2M on, ``view = INVITE:application/sdp``, open registrar), raw UAs
 on both sides, the UA engines of alice and of two devices of bob (same certificate).
-No hole was seen in the time given (about 60 minutes); these are controls, each showing
-a rule live on the wire.
+No hole was seen in these areas; these are controls, each showing a rule live on the
+wire.  Hole 1 of this review is in ``tests/e2e/test_review115_cert_fill.py``.
 
 Set-up of the fork tests (``_fork_call``): alice's signed INVITE (``Supported: 100rel``)
 offers a CEK for reuse (kept by the proxy in the early scope, Call-ID + tag a1: 1 htable
@@ -54,12 +54,13 @@ Tried and held (no test beyond the controls above, unless named):
   sources were 127.0.0.1, which pike never limits): from one outside address ~15
   transactions/s, ~2.6 MB at most in flight; exhausting the default 256 MB shm would
   take ~500 source addresses.  Not claimed as a hole.
-- The phone's certificate client (read, not run for lack of time): a certificate
-  NOTIFY is matched on Call-ID and our From tag (random, never seen off-path) and on
-  the proxy's address; one naming another AoR or a certificate for another AoR is
-  refused by ``UAEngine.accept_certificate_notify`` / ``add_peer_certificate``; an
-  empty one from the NOTIFY's source (an untrusted outbound hop) drops the peer's
-  certificate, a known limit (reviews 26, 65).
+- The phone's certificate client against forged NOTIFYs (read): a certificate NOTIFY
+  is matched on Call-ID and our From tag (random, never seen off-path) and on the
+  proxy's address; one naming another AoR or carrying another AoR's certificate is
+  refused by ``UAEngine.accept_certificate_notify`` / ``add_peer_certificate``; an empty
+  one from the NOTIFY's source (an untrusted outbound hop) drops the peer's
+  certificate, a known limit (reviews 26, 65).  What did not hold is in
+  ``tests/e2e/test_review115_cert_fill.py`` (hole 1: the per-AoR follower bound).
 
 Untried (time): big replies from a TCP and a TLS callee (32-64 KB) and one relayed to a
 TLS caller; a forged NOTIFY on a cluster front; SUBSCRIBE floods and NOTIFY fan-out;
