@@ -22,7 +22,9 @@ the SIP of it for the phone; the decisions stay in the core:
   certificate as a ``[peers]`` entry (chain, SAN URI equal to the AoR, validity, key
   usage) and keeps it for the subscription's time, or drops it when the body is empty.
   The subscription is renewed (a new one, the old one lapses) while we keep talking to
-  that peer.
+  that peer.  A follow the service refuses (its places for that AoR taken) is replaced
+  by one fetch (``Expires: 0``), and for ``OUTCOME_MAX_AGE`` s that peer is fetched
+  when wanted rather than followed (review 115).
 - **What nobody asked for.**  A certificate NOTIFY in no dialog of ours, or from another
   address than the proxy we subscribed through, is answered 481 and never looked at; a
   NOTIFY whose From or certificate names another AoR is answered 200 (the dialog is
@@ -101,6 +103,7 @@ class Subscription:
     fingerprint: str | None = None     # of the certificate it gave (None: none)
     notify_cseq: int | None = None     # the highest NOTIFY CSeq taken in its dialog
     restart: bool = False              # an out-of-order NOTIFY came: start a fresh one
+    fetch_next: bool = False           # the follow was refused: a fetch takes its place
 
 
 def _fingerprint(der: bytes) -> str:
@@ -161,10 +164,12 @@ class CertServiceClient:
         self._subs: OrderedDict[str, Subscription] = OrderedDict()     # token -> sub
         self._current: dict[str, str] = {}                              # aor -> token
         self._failures: OrderedDict[str, tuple[str, float]] = OrderedDict()  # aor -> why
+        self._follow_refused: OrderedDict[str, float] = OrderedDict()     # aor -> when
         self._used: OrderedDict[str, float] = OrderedDict()             # aor -> last use
         self._publish_calls: OrderedDict[str, str] = OrderedDict()      # Call-ID -> action
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
-        self.counts = {"published": 0, "publish_failed": 0, "subscribed": 0, "notifies": 0,
+        self.counts = {"published": 0, "publish_failed": 0, "subscribed": 0, "fetched": 0,
+                       "notifies": 0,
                        "notifies_refused": 0, "certificates_kept": 0, "certificates_refused": 0,
                        "certificates_dropped": 0, "fetches_timed_out": 0, "events_dropped": 0}
 
@@ -179,9 +184,10 @@ class CertServiceClient:
         return sum(1 for s in self._subs.values() if not s.notified and s.state != "ended")
 
     def pending(self, aor: str) -> bool:
-        """Whether a fetch for ``aor`` is waiting for its first NOTIFY."""
+        """Whether a fetch for ``aor`` is waiting for its first NOTIFY (or, its follow
+        refused, for the fetch that takes its place)."""
         sub = self._sub_of(aor)
-        return sub is not None and not sub.notified and sub.state != "ended"
+        return sub is not None and not sub.notified and (sub.state != "ended" or sub.fetch_next)
 
     def failure(self, aor: str) -> str | None:
         """Why ``aor``'s certificate could not be had from its service (recent), or None."""
@@ -204,9 +210,9 @@ class CertServiceClient:
         name = self._name(aor)
         self.touch(name)
         sub = self._sub_of(name)
-        if sub is not None and sub.state != "ended":
+        if sub is not None and (sub.state != "ended" or sub.fetch_next):
             return not sub.notified
-        return self._subscribe(name)
+        return self._subscribe(name, fetch=self._follow_was_refused(name))
 
     # -- the loop -----------------------------------------------------------------------
     def tick(self) -> None:
@@ -214,7 +220,10 @@ class CertServiceClient:
         the subscriptions of peers still in use, forget what lapsed."""
         now = self._clock()
         for token, sub in list(self._subs.items()):
-            if sub.state == "ended" or (sub.expires_at is not None and now > sub.expires_at):
+            if sub.fetch_next:
+                self._forget(token)
+                self._subscribe(sub.aor, fetch=True)
+            elif sub.state == "ended" or (sub.expires_at is not None and now > sub.expires_at):
                 self._forget(token)
             elif not sub.notified and now - sub.started > FETCH_TIMEOUT:
                 self.counts["fetches_timed_out"] += 1
@@ -224,10 +233,13 @@ class CertServiceClient:
                 self._forget(token)
         for name in [a for a, (_, t) in self._failures.items() if now - t > OUTCOME_MAX_AGE]:
             del self._failures[name]
+        for name in [a for a, t in self._follow_refused.items() if now - t > OUTCOME_MAX_AGE]:
+            del self._follow_refused[name]
         for aor in self.engine.peer_certificates_wanted():
             sub = self._sub_of(aor)
             if sub is None and self.failure(aor) is None:
-                self._subscribe(self._name(aor))
+                name = self._name(aor)
+                self._subscribe(name, fetch=self._follow_was_refused(name))
         self._follow_peers_in_use(now)
         for aor, token in list(self._current.items()):
             sub = self._subs.get(token)
@@ -258,11 +270,14 @@ class CertServiceClient:
             if self._pending_count() >= MAX_PENDING or len(self._subs) >= MAX_FOLLOWED:
                 return
             if now - used > window or self._sub_of(aor) is not None \
-                    or self.failure(aor) is not None or self.engine.is_configured_peer(aor):
+                    or self.failure(aor) is not None or self._follow_was_refused(aor) \
+                    or self.engine.is_configured_peer(aor):
                 continue
             self._subscribe(aor)
 
-    def _subscribe(self, aor: str, renew: bool = False) -> bool:
+    def _subscribe(self, aor: str, renew: bool = False, fetch: bool = False) -> bool:
+        """Follow ``aor``'s certificate (a subscription for ``subscribe_expires``), or
+        with ``fetch`` have it once (``Expires: 0``, RFC 6665 4.4.3: one NOTIFY)."""
         if self._pending_count() >= MAX_PENDING:
             self._fail(aor, f"too many certificate fetches at once ({MAX_PENDING})")
             return False
@@ -270,12 +285,12 @@ class CertServiceClient:
             self._forget(next(iter(self._subs)))
         token = secrets.token_hex(8)
         sub = Subscription(aor=aor, token=token, started=self._clock(),
-                           requested=self.subscribe_expires)
+                           requested=0 if fetch else self.subscribe_expires)
         self._subs[token] = sub
         if not renew:
             self._current[aor] = token
         self._failures.pop(aor, None)
-        self.counts["subscribed"] += 1
+        self.counts["fetched" if fetch else "subscribed"] += 1
         try:
             self.send_subscribe(aor, [("Event", "certificate"), ("Expires",
                                                                    str(sub.requested)),
@@ -286,6 +301,12 @@ class CertServiceClient:
             return False
         self._emit("cert_subscribe", aor=aor, renew=renew)
         return True
+
+    def _follow_was_refused(self, aor: str) -> bool:
+        """The service refused to let us follow ``aor`` lately (``OUTCOME_MAX_AGE``):
+        its certificate is fetched when wanted, the follow tried again after that."""
+        when = self._follow_refused.get(aor)
+        return when is not None and self._clock() - when <= OUTCOME_MAX_AGE
 
     def _forget(self, token: str) -> None:
         sub = self._subs.pop(token, None)
@@ -402,9 +423,21 @@ class CertServiceClient:
             return
         if status >= 300:
             sub.state = "ended"
+            if sub.requested > 0 and self._current.get(sub.aor) == sub.token:
+                # A follow refused (e.g. 403 Too Many Subscriptions: a stranger's
+                # subscriptions hold the AoR's places, review 115): the service still
+                # answers a fetch.  The next tick sends it; the send waits meanwhile.
+                sub.fetch_next = True
+                self._follow_refused[sub.aor] = self._clock()
+                self._follow_refused.move_to_end(sub.aor)
+                while len(self._follow_refused) > MAX_OUTCOMES:
+                    self._follow_refused.popitem(last=False)
+                return
             self._fail(sub.aor, f"the certificate service answered {status} "
                                 f"{(msg.reason or '')[:60]}")
             return
+        if sub.requested == 0:
+            return      # a fetch: it lives until its one NOTIFY (or FETCH_TIMEOUT)
         granted = (msg.get("Expires") or "").strip()
         seconds = int(granted) if granted.isdigit() else sub.requested
         sub.expires_at = sub.started + min(seconds, sub.requested)
@@ -453,11 +486,11 @@ class CertServiceClient:
             # fetch or a renewal waits for the NOTIFY that carries it (review 65)
             return NotifyAnswer(200, "OK")
         now = self._clock()
-        if state == "active":
+        if state == "active" and sub.requested > 0:
             if left is not None:
                 sub.expires_at = now + min(left, sub.requested)
             keep = (sub.expires_at or now + sub.requested) - now
-        else:
+        else:       # a fetch, or the subscription's end: kept a little while
             keep = TERMINATED_CACHE
         first = not sub.notified
         sub.notified = True
@@ -488,7 +521,7 @@ class CertServiceClient:
                                source="certificate service of "
                                       f"{identity.host if identity else '?'}",
                                expires_in=int(keep))
-        if state == "terminated":
+        if state == "terminated" or sub.requested == 0:
             sub.state = "ended"
         else:
             sub.state = "active"

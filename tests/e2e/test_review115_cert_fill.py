@@ -43,6 +43,12 @@ Controls (unmarked):
 - ``test_control_without_the_fill_alice_sends_bob_an_encrypted_message``: the same
   phones, no fill (carol's AoR, which nobody filled): alice's MESSAGE to carol goes
   encrypted, her certificate fetched from the service.
+
+Fixed (stop 39): the phone replaces a refused follow with one fetch (``Expires: 0``),
+keeps what it brings ``TERMINATED_CACHE`` s, and for ``OUTCOME_MAX_AGE`` s fetches that
+peer rather than following it (``CertServiceClient._subscribe_answer``, ``tick``); the
+send waits for the fetch.  The hole test failed on the code before the fix and passes
+with it (marker removed).
 """
 
 from __future__ import annotations
@@ -164,9 +170,6 @@ def test_control_without_the_fill_alice_sends_bob_an_encrypted_message(tmp_path,
         "encrypted"]
 
 
-@pytest.mark.xfail(strict=True, reason="review 115 hole 1: a stranger's confirmed "
-                   "subscriptions fill bob's per-AoR bound; the phone's follow gets 403 "
-                   "and it never falls back to a fetch, so no MESSAGE to bob can be sealed")
 def test_hole_a_stranger_filling_bobs_followers_denies_alices_phone_his_certificate(
         tmp_path, pki, home, group):
     bob, alice = _phones(tmp_path, pki, home, group, BOB)

@@ -8,6 +8,8 @@ and age; our PUBLISH leaves as a certificate PUBLISH no longer than notAfter.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -245,3 +247,60 @@ def issue_other_bob(pki) -> bytes:
     from e2m_plugins.testpki import issue_user
 
     return issue_user(pki.ca, BOB, "ec").cert.public_bytes(Encoding.DER)
+
+
+def _refuse_follow(engine, client, sent):
+    follow = subscribe_to_bob(engine, client, sent)
+    full = sip.make_response(follow, 403, "Too Many Subscriptions")
+    assert client.on_rx(full, PROXY) is True
+    return follow
+
+
+@pytest.mark.parametrize("state", ["terminated;reason=timeout", "active;expires=0"])
+def test_a_refused_follow_is_fetched_instead_and_not_tried_again_at_once(pki, setup, state):
+    """Review 115 (stop 39): a stranger's subscriptions held bob's places at his service,
+    so alice's follow got 403 and her send failed, though the service answers a fetch.
+    The refused follow is replaced by a fetch (Expires: 0) at the next tick, the send
+    waiting meanwhile; the fetched certificate is kept ``TERMINATED_CACHE`` s, and no
+    follow is tried again for ``OUTCOME_MAX_AGE`` s (a fetch when the engine wants it)."""
+    engine, client, clock, sent = setup
+    _refuse_follow(engine, client, sent)
+    assert client.pending(BOB) and client.failure(BOB) is None
+    client.tick()
+    assert len(sent) == 2 and dict(sent[-1][1])["Expires"] == "0"
+    fetch = go_out(client, BOB, sent[-1][1])
+    assert client.on_rx(sip.make_response(fetch, 200, "OK", extra_headers=[("Expires", "0")]),
+                        PROXY) is True
+    client.tick()                            # the fetch waits for its NOTIFY
+    assert client.pending(BOB)
+    assert answer(client, notify_for(fetch, der(pki, "bob"), state=state)) == 200
+    assert engine.certs.user(BOB) is not None and not client.pending(BOB)
+    client.touch(BOB)
+    for _ in range(3):
+        clock.now += 1
+        client.tick()
+    assert len(sent) == 2, "no follow storm: the refusal is remembered"
+    clock.now += csc.TERMINATED_CACHE + 1
+    later = time.time() + csc.TERMINATED_CACHE + 1
+    engine._clock = lambda: later          # the engine keeps it by its own clock
+    want(engine, BOB)                      # lapsed: wanted again
+    client.tick()
+    assert len(sent) == 3 and dict(sent[-1][1])["Expires"] == "0"     # fetched again
+    again = go_out(client, BOB, sent[-1][1])
+    assert answer(client, notify_for(again, der(pki, "bob"), state=state, to_tag="srv2")) == 200
+    clock.now += csc.OUTCOME_MAX_AGE
+    client.tick()
+    client.touch(BOB)
+    client.tick()
+    assert dict(sent[-1][1])["Expires"] == "3600"                    # followed again later
+
+
+def test_a_refused_fetch_fails_the_send(pki, setup):
+    engine, client, clock, sent = setup
+    _refuse_follow(engine, client, sent)
+    client.tick()
+    fetch = go_out(client, BOB, sent[-1][1])
+    assert client.on_rx(sip.make_response(fetch, 403, "Forbidden"), PROXY) is True
+    assert not client.pending(BOB) and "403" in client.failure(BOB)
+    client.tick()
+    assert len(sent) == 2
