@@ -667,15 +667,37 @@ def _relay_key():
 def _came_back(key):
     """Whether the request of ``key`` has gone round and come back: this proxy relayed
     it in the last 32 s (htable e2mloop, ``_note_relayed``) and it carries a Via of
-    ours (RFC 3261 16.3 step 4).  Two registrars whose bindings name each other (two
-    proxies, or a cluster's nodes) sent one stranger's MESSAGE round Max-Forwards
-    times (review 112).  A copy sent again from outside (a replay) carries no Via of
-    ours: the engine's replay check answers it, as before."""
-    return KSR.htable.sht_get(_RELAYED, key) is not None and _carries_our_via()
+    ours (RFC 3261 16.3 step 4) or a lower Max-Forwards than it came with then (a hop
+    that hides the Via stack, as topology hiding does, still counts it down: review
+    114).  Two registrars whose bindings name each other (two proxies, or a cluster's
+    nodes) sent one stranger's MESSAGE round Max-Forwards times (review 112).  A copy
+    sent again from outside (a replay) has neither: the engine's replay check answers
+    it, as before."""
+    held = KSR.htable.sht_get(_RELAYED, key)
+    if held is None:
+        return False
+    now = _max_forwards()
+    return (now is not None and isinstance(held, int) and now < held) or _carries_our_via()
 
 
 def _note_relayed(key):
-    KSR.htable.sht_seti(_RELAYED, key, 1)
+    """Note the request of ``key`` as relayed, with the Max-Forwards it came with
+    (``_NO_MAX_FORWARDS`` without one: any that comes back is lower)."""
+    now = _max_forwards()
+    KSR.htable.sht_seti(_RELAYED, key, _NO_MAX_FORWARDS if now is None else now)
+
+
+_NO_MAX_FORWARDS = 256       # above the 70 at most that maxfwd lets a request leave with
+
+
+def _max_forwards():
+    """The request's Max-Forwards as it came (the maxfwd module's decrement is a lump,
+    not read back), or None without a readable one."""
+    try:
+        value = (KSR.pv.get("$hdr(Max-Forwards)") or "").strip()
+    except UnicodeDecodeError:
+        return None
+    return int(value) if value.isdigit() and len(value) <= 3 else None
 
 
 def _carries_our_via():
@@ -1376,7 +1398,9 @@ class kamailio:
             call_id = (KSR.pv.get("$ci") or "").strip(" \t")
             from_tag = (KSR.pv.get("$ft") or "").strip(" \t")
         except UnicodeDecodeError:
-            return []       # ids we never made a token for (the core refuses them)
+            # ids no request of ours had (the door refuses them), so the callee's or a
+            # hop's: they hid a moved entry from the check (review 114)
+            return ["(a Call-ID or From tag that is not UTF-8)"]
         # the parties as the reply names them (a UAS copies From and To): another
         # pair finds no entry of ours, and a reply to a request we record-routed is
         # then dropped below (review 98)
