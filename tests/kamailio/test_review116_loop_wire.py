@@ -82,8 +82,10 @@ Tried and held (this review; run unless said read):
 Untried: the K1 shape on a SUBSCRIBE 200 (``subscribe``) and on an early 183 with a To
 tag; K2 with E2M on and on a cluster; the e2mloop memory per relayed request under a
 flood (one entry of a 32-hex key and an int per relayed request for 32 s, like
-``e2mbranch``: not measured); a 401/407 to the phone's follow SUBSCRIBE (taken as a
-refusal before pjsua's own retry with credentials answers).
+``e2mbranch``: not measured); whether a 401/407 to the phone's follow SUBSCRIBE (from a
+proxy that challenges it) is taken by ``_subscribe_answer`` as a refusal while pjsua
+retries with credentials (``_publish_answer`` skips 401/407, ``_subscribe_answer`` does
+not: read only).
 """
 
 from __future__ import annotations
