@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 
 from e2m_lab.flows import SDP_ANSWER
-from e2m_lab.kamailio_harness import RawUas, SipUa, register_contact
+from e2m_lab.kamailio_harness import RawUas, register_contact
 from e2m_plugins.sip import SipMessage, make_response
 from tests.kamailio.test_review114_reply_ids_wire import _CALLER
 
