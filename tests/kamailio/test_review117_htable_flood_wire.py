@@ -1,5 +1,65 @@
-"""Review 117 (an attacker's review of 4587037), wire: the per-request htables under a
-flood from many source addresses, each within the pike limits.  PLACEHOLDER."""
+"""Review 117 (an attacker's review of 4587037), wire: the per-request htables
+(``e2mbranch``, ``e2mloop``, ``e2mseen``) under a flood from many source addresses, each
+address within the pike limits, on a real Kamailio 5.6.3 E2M proxy.
+
+Hole K1 (``test_hole_k1_branch_notes_from_many_addresses_take_the_shm``): an **off-path
+sender** (a stranger: no account, sees nothing but its own answers) with many source
+addresses makes the proxy exhaust its shared memory; honest requests then get 500.
+
+- Set-up: one E2M proxy (``proxy_factory``, open registrar, [limits] defaults: pike 30
+  requests per 2 s per address), carol registered (a RawUas answering 200), alice a
+  ``SipUa`` on her own address.  alice's MESSAGE to carol is delivered (200) first.
+- Messages: 600 addresses (127.1.0.1 ...) each send 14 ``OPTIONS sip:nobody@example.com``
+  a second (under pike's rate: no address is ever banned, ``e2mban`` stays empty), each
+  request with a new RFC 3261 branch, until ``e2mbranch`` stops growing.
+- Effect (seen, this 2-core box, the flooder on the same box): the proxy answered about
+  6,600 requests a second; every one left an ``e2mbranch`` item of about 206 bytes of shm
+  (measured: 7,725 items, +1.59 MB) for 64 s.  With ``shm_mb = 32`` (the smallest the
+  config takes) shm was full after about 22 s at 165,127 items (real_used 36.2 MB of
+  33.5 MB, "ht_cell_new(): no more shm"); with ``shm_mb = 64`` (the test harness's) after
+  about 50 s at 347,489 items (real_used 72.7 MB of 67.1 MB).  In both, alice's MESSAGE
+  after the flood got ``500 Server Internal Error`` (``t_newtran(): new_t failed``,
+  kemi.py:1150 ``new_transaction``), and the proxy stays so until the items expire
+  (64 s after their write, plus htable's timer).  The product default (256 MB) was not
+  reached here: it needs about 1.3 million items in 64 s, some 20,000 requests a second,
+  three times what this box made; a proxy with more cores (workers) goes faster.
+- At fault: ``kamailio_app/kemi.py:624-643`` (``_branch_taken``: ``sht_sets`` of every
+  new request's branch, called from ``route_new_transaction`` at ``kemi.py:1292``, before
+  authentication and before any verdict, so a request that is answered 404/407/403 at
+  once still costs 64 s of shm) and ``kamailio_app/templates/kamailio.cfg.tmpl:167``
+  (``e2mbranch=>size=12;autoexpire=64``: an age bound, no count bound; htable has no
+  item cap).  pike bounds each address, not their number: the count is bounded only by
+  the proxy's throughput times 64 s.  README/threat model: "a stranger ... making a
+  proxy lose state / spend unbounded memory".
+- Fix (suggested): bound the table by count: keep a shared counter ($shv or a
+  ``sht_inc`` per time slot) and stop noting branches past a cap (a share of shm, like
+  ``tcp_max_connections``), falling back to tm's own match; or note the branch only for
+  a request that is relayed (after ``route_auth`` and the verdict: a stranger's
+  challenged or refused request then costs nothing), as ``e2mloop`` does
+  (``_note_relayed``, ``kemi.py:1752``); and/or a total request rate (pike on the whole
+  proxy, or ``pipelimit``) ahead of every table.
+
+Controls (pass):
+
+- ``test_control_k1_the_same_flood_from_one_address_is_banned``: one address sending as
+  fast (over 1,000 OPTIONS in 5 s) is banned by pike after its 30 ("banned for 300 s"),
+  ``e2mbranch`` holds at most what pike let in (<= 60), and alice's MESSAGE is delivered.
+- The hole test's own first step: alice's MESSAGE before the flood is delivered (200).
+
+Tried and held (this review, run):
+
+- ``e2mban`` under the many-address flood: no address was banned (0 items), so the ban
+  table itself cannot be grown by addresses under the rate; a banned one costs one
+  item for ban_time (seen in the control).
+- ``e2mloop`` under the same flood: 0 items (a stranger's OPTIONS to an unknown user is
+  answered, never relayed; the table is written only in ``ksr_branch_route_sips`` as a
+  request leaves: ``_note_relayed``).  Filling it needs relayed requests, each also a
+  transaction: the same shm, bounded the same way as K1 by throughput, not tried further.
+- ``e2mseen``: written only after a body's signature and time checks pass
+  (``replay_htable.check_and_record``), so a stranger without a certificate of the CA
+  cannot add items; an insider's are bounded by the window (``entry``: the later of now
+  and the body's time, plus the window and 32 s), not tried on the wire.
+"""
 
 from __future__ import annotations
 
