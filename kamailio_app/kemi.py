@@ -505,6 +505,14 @@ def _within_expires(seconds):
     return min(max(seconds, 0), MAX_EXPIRES)
 
 
+def _cseq_method():
+    """A reply's CSeq method as tm and a UA's stack match it, in any case: one written
+    ``invite`` answers the INVITE all the same, and a check for "INVITE" alone skipped
+    the Record-Route check of such a 2xx (review 116).  (A request's method is in
+    capitals: the door refuses any other.)"""
+    return (KSR.pv.get("$rm") or "").upper()
+
+
 def _top_via():
     """The request's top Via entry as it reached us (None: unreadable)."""
     try:
@@ -619,27 +627,41 @@ def _dialog_peer(call_id, from_tag, to_tag):
 
 
 _BRANCHES = "e2mbranch"
+_UNREAD = object()
 
 
-def _branch_taken():
-    """Whether another request (Call-ID, CSeq or method) came with this request's top
-    Via branch in the last 64 s (htable e2mbranch; else it is noted now).  Only RFC 3261
-    branches: an RFC 2543 peer's need not be unique.  The branch is the one tm files the
-    request under (``$via0(branch)``: a Via's last ``branch`` parameter, which pjsip
-    takes too), compared as a UA's stack compares it (``rfc3261_branch``).  Keys and
-    values are digests, so a long branch costs no more."""
+def _branch_note():
+    """This request's note in htable e2mbranch: (a digest of its top Via branch, one of
+    its Call-ID, CSeq and method), or None for a branch that is not RFC 3261's (an RFC
+    2543 peer's need not be unique).  The branch is the one tm files the request under
+    (``$via0(branch)``: a Via's last ``branch`` parameter, which pjsip takes too),
+    compared as a UA's stack compares it (``rfc3261_branch``).  Digests, so a long
+    branch costs no more."""
     branch = rfc3261_branch(KSR.pv.get("$via0(branch)"))
     if branch is None:
-        return False
+        return None
     key = hashlib.sha256(branch.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     request = "\n".join((KSR.pv.get("$ci") or "", str(KSR.pv.get("$cs") or ""),
                          KSR.pv.get("$rm") or ""))
-    value = hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    held = KSR.htable.sht_get(_BRANCHES, key)
-    if held is None:
-        KSR.htable.sht_sets(_BRANCHES, key, value)
+    return key, hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _branch_taken(note):
+    """Whether another request (Call-ID, CSeq or method) that this proxy relayed in the
+    last 64 s came with this request's top Via branch (``note``: ``_branch_note``)."""
+    if note is None:
         return False
-    return held != value
+    held = KSR.htable.sht_get(_BRANCHES, note[0])
+    return held is not None and held != note[1]
+
+
+def _note_branch(note):
+    """Note a request's branch as it is relayed: only then, so a request answered here
+    (a 404, a challenge) keeps nothing for 64 s.  Noted at the door, every stranger's
+    request did, and many addresses each under pike's rate filled shared memory: an
+    honest MESSAGE then got 500 (review 117)."""
+    if note is not None:
+        KSR.htable.sht_sets(_BRANCHES, note[0], note[1])
 
 
 _RELAYED = "e2mloop"
@@ -664,29 +686,37 @@ def _relay_key():
     return hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def _came_back(key):
-    """Whether the request of ``key`` has gone round and come back: this proxy relayed
-    it in the last 32 s (htable e2mloop, ``_note_relayed``) and it carries a Via of
-    ours (RFC 3261 16.3 step 4) or a lower Max-Forwards than it came with then (a hop
-    that hides the Via stack, as topology hiding does, still counts it down: review
-    114).  Two registrars whose bindings name each other (two proxies, or a cluster's
-    nodes) sent one stranger's MESSAGE round Max-Forwards times (review 112).  A copy
-    sent again from outside (a replay) has neither: the engine's replay check answers
-    it, as before."""
-    held = KSR.htable.sht_get(_RELAYED, key)
-    if held is None:
-        return False
+def _came_back(held):
+    """Whether a request this proxy relayed in the last 32 s (``held``: its e2mloop
+    note, ``_note_relayed``) has gone round and come back: it carries a Via of ours
+    (RFC 3261 16.3 step 4), or a lower Max-Forwards than it first came with (a hop that
+    hides the Via stack, as topology hiding does, still counts it down: review 114),
+    or it was relayed ``_MAX_PASSES`` times already (a hop that also writes
+    Max-Forwards afresh looped it until shared memory ran out: review 116).  Two
+    registrars whose bindings name each other (two proxies, or a cluster's nodes)
+    sent one stranger's MESSAGE round Max-Forwards times (review 112).  A copy sent
+    again from outside (a replay) has neither Via nor lower count: the engine's replay
+    check answers it, as before."""
+    if not isinstance(held, int):
+        return _carries_our_via()
+    first, passes = held % _PASS, held // _PASS + 1
     now = _max_forwards()
-    return (now is not None and isinstance(held, int) and now < held) or _carries_our_via()
+    return passes >= _MAX_PASSES or (now is not None and now < first) or _carries_our_via()
 
 
-def _note_relayed(key):
-    """Note the request of ``key`` as relayed, with the Max-Forwards it came with
-    (``_NO_MAX_FORWARDS`` without one: any that comes back is lower)."""
-    now = _max_forwards()
-    KSR.htable.sht_seti(_RELAYED, key, _NO_MAX_FORWARDS if now is None else now)
+def _note_relayed(key, held):
+    """Note the request of ``key`` as relayed once more: the Max-Forwards it first came
+    with (``_NO_MAX_FORWARDS`` without one: any that comes back is lower), plus
+    ``_PASS`` for each time it was relayed again."""
+    if isinstance(held, int):
+        KSR.htable.sht_seti(_RELAYED, key, held + _PASS)
+    else:
+        now = _max_forwards()
+        KSR.htable.sht_seti(_RELAYED, key, _NO_MAX_FORWARDS if now is None else now)
 
 
+_PASS = 1024                 # above any Max-Forwards noted (three digits at most)
+_MAX_PASSES = 2              # relayed twice already: its third coming is a loop
 _NO_MAX_FORWARDS = 256       # above the 70 at most that maxfwd lets a request leave with
 
 
@@ -900,6 +930,7 @@ class kamailio:
         self.transaction = False     # t_newtran done for this request
         self.authenticated = None    # the user digest authentication proved for it
         self.onward = None           # the next hop of a Route set past us it follows
+        self.branch_note = _UNREAD   # its e2mbranch note (route_new_transaction)
         try:
             if self.app.replicates and KSR.pv.get("$rm") == "KDMQ":
                 self.route_dmq()
@@ -1289,7 +1320,8 @@ class kamailio:
             return False
         if KSR.tm.t_check_trans() == 0:
             return False
-        if _branch_taken():
+        self.branch_note = _branch_note()
+        if _branch_taken(self.branch_note):
             # RFC 3261 §8.2.2.2's merged request: a branch is one transaction's.  tm
             # files a request under its CSeq too, so another request with alice's very
             # Via would be a transaction of its own whose answers her stack takes for
@@ -1446,7 +1478,7 @@ class kamailio:
         cannot be told apart, and only the hop gains by it (a stray with our entry is
         checked by its MAC, which needs no transaction)."""
         if self.app.config.dispatcher is not None or \
-                (KSR.pv.get("$rm") or "") not in ("INVITE", "SUBSCRIBE"):
+                _cseq_method() not in ("INVITE", "SUBSCRIBE"):
             return False
         if KSR.tm.t_check_trans() > 0:
             return not KSR.pv.get("$T_req($tt)")
@@ -1715,7 +1747,8 @@ class kamailio:
 
     def relay(self, inspect):
         loop_key = _relay_key()
-        if loop_key is not None and _came_back(loop_key):
+        held = None if loop_key is None else KSR.htable.sht_get(_RELAYED, loop_key)
+        if held is not None and _came_back(held):
             # before any reading: a loop's later passes cost no CMS work either
             _info("e2m: %s from %s came back to us unchanged (a loop): refused\n" % (
                 KSR.pv.get("$rm"), KSR.pv.get("$si")))
@@ -1749,7 +1782,8 @@ class kamailio:
                 or self.app.config.auth is not None:
             KSR.tm.t_on_failure("ksr_failure_route")
         if loop_key is not None:
-            _note_relayed(loop_key)          # only what leaves: a refused one never did
+            _note_relayed(loop_key, held)    # only what leaves: a refused one never did
+        _note_branch(_branch_note() if self.branch_note is _UNREAD else self.branch_note)
         if KSR.tm.t_relay() < 0:
             self.drop_attempt_keys()
             KSR.sl.send_reply(500, "Cannot Relay")
@@ -1800,7 +1834,7 @@ class kamailio:
         longer than those keys: their longest life (``_targets_life``), and gone with
         the dialog's key-cache record (``dialog_targets.forgetter``; review 99)."""
         status = KSR.pv.get("$rs") or 0
-        if self.app.engine is None or KSR.pv.get("$rm") != "INVITE" \
+        if self.app.engine is None or _cseq_method() != "INVITE" \
                 or not 200 <= status < 300 or (not stray and KSR.pv.get("$T_req($tt)")):
             return
         call_id, caller, callee = dialog_ids(KSR)
@@ -1870,7 +1904,7 @@ class kamailio:
         (review 94), nor one that went there along a Route past ours: the request
         route noted whether it went the dialog's way (``note_bye_way``; review 96)."""
         engine = self.app.engine
-        if engine is None or KSR.pv.get("$rm") != "BYE":
+        if engine is None or _cseq_method() != "BYE":
             return
         status = KSR.pv.get("$rs") or 0
         if not 200 <= status < 300:
@@ -2180,7 +2214,7 @@ class kamailio:
         except Exception as exc:  # noqa: BLE001 - the keys go at their expiry instead
             _log_exception("dialog end", exc)
         try:
-            if self.app.config.dispatcher is not None and KSR.pv.get("$rm") == "REGISTER" \
+            if self.app.config.dispatcher is not None and _cseq_method() == "REGISTER" \
                     and 200 <= (KSR.pv.get("$rs") or 0) < 300:
                 # a front counts for its nodes: what the node's registrar bound (review 85)
                 self.settle_registration(_replied_seconds(), in_reply=True)
@@ -2209,7 +2243,7 @@ class kamailio:
         status = KSR.pv.get("$rs") or 0
         engine = self.app.engine
         if engine is None or status < 101 or not engine.response_needs_reading(
-                KSR.pv.get("$rm") or "", status, has_body=_has_body(),
+                _cseq_method(), status, has_body=_has_body(),
                 has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0):
             self._reply = (mark, None)   # e.g. a 200 to MESSAGE: inspecting it does nothing
             return None

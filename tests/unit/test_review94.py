@@ -256,7 +256,9 @@ def _door_refuses(fake, kemi, via: str, cseq: int) -> bool:
         values = {"$ci": CALL, "$cs": value[1], "$rm": "INVITE", "$(hdr(Via)[0])": value[0],
                   "$via0(branch)": _via0_branch(value[0])}
         fake.pv = types.SimpleNamespace(get=values.get)
-        taken = kemi._branch_taken()
+        note = kemi._branch_note()
+        taken = kemi._branch_taken(note)
+        kemi._note_branch(note)          # relayed (stop 39: noted only then, review 117)
     return taken
 
 
