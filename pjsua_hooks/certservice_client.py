@@ -419,8 +419,8 @@ class CertServiceClient:
 
     def _subscribe_answer(self, sub: Subscription, msg: sip.SipMessage) -> None:
         status = msg.status or 0
-        if status < 200:
-            return
+        if status < 200 or status in (401, 407):
+            return      # pjsua answers a challenge itself, in the same dialog
         if status >= 300:
             sub.state = "ended"
             if sub.requested > 0 and self._current.get(sub.aor) == sub.token:

@@ -304,3 +304,19 @@ def test_a_refused_fetch_fails_the_send(pki, setup):
     assert not client.pending(BOB) and "403" in client.failure(BOB)
     client.tick()
     assert len(sent) == 2
+
+
+def test_a_challenge_to_a_follow_is_left_to_pjsua(pki, setup):
+    """pjsua answers a 401/407 with the account's credentials in the same dialog: the
+    challenge is not a refusal (it ended the subscription, and the NOTIFY after the
+    retry's 200 was then refused 481; review 116 read it)."""
+    engine, client, clock, sent = setup
+    follow = subscribe_to_bob(engine, client, sent)
+    assert client.on_rx(sip.make_response(follow, 407, "Proxy Authentication Required"),
+                        PROXY) is True
+    client.tick()
+    assert len(sent) == 1 and client.pending(BOB) and client.failure(BOB) is None
+    ok = sip.make_response(follow, 200, "OK", extra_headers=[("Expires", "3600")])
+    assert client.on_rx(ok, PROXY) is True
+    assert answer(client, notify_for(follow, der(pki, "bob"), to_tag=ok.to_tag)) == 200
+    assert engine.certs.user(BOB) is not None and not client.pending(BOB)
