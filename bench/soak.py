@@ -28,8 +28,9 @@ judged on the samples from minute 2 to the end (for runs shorter than 6 minutes:
 from the end of the first third): least-squares slope, growth over the window
 (slope x window) and max - min.  "Drained" compares a sample after the traffic with
 one before it, once the fork slots (the replay table ``e2mseen``, one per answered
-dialog, each living the replay window) are counted and flushed: they outlive the
-traffic by design, and their number follows the rate the ladder chose.
+dialog, each living the replay window), the branch notes (``e2mbranch``, 64 s) and the
+loop notes (``e2mloop``, 32 s: one per relayed request) are counted and flushed: they
+outlive the traffic by design, and their number follows the rate the ladder chose.
 
 Result: JSON in ``bench/results/soak-<UTC>.json`` (or ``--out``); exit 0 only with
 zero failed calls, memory flat and no Python traceback in the Kamailio log.
@@ -362,13 +363,15 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
         # What outlives the traffic by design: the replay window's records and fork slots
         # (e2mseen, each living window + 33 s), one or more per call, and the branch each
         # request came with (e2mbranch, 64 s: review 94's 482), so their memory grows
-        # with the rate the ladder chose.  Counted, then let go, so that what is left to
+        # with the rate the ladder chose, and each relayed request's loop note (e2mloop,
+        # 32 s: review 112's 482).  Counted, then let go, so that what is left to
         # compare with "before" is what nothing should hold.  A dialog's targets
         # (e2mtargets) go with its BYE's 2xx: what is left of them is counted too.
         seen_after_drain = _items(world.proxy, "e2mseen")
         branches_after_drain = _items(world.proxy, "e2mbranch")
+        loops_after_drain = _items(world.proxy, "e2mloop")
         targets_after_drain = _items(world.proxy, "e2mtargets")
-        for table in ("e2mseen", "e2mbranch"):
+        for table in ("e2mseen", "e2mbranch", "e2mloop"):
             world.proxy.rpc("htable.flush", table)
         time.sleep(0.5)
         sample("after")
@@ -414,6 +417,7 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
         analysis["drained"]["pkg_moved_by_process"] = pkg_moved(before, after)
         analysis["drained"]["replay_records_let_go"] = seen_after_drain
         analysis["drained"]["branches_let_go"] = branches_after_drain
+        analysis["drained"]["loop_notes_let_go"] = loops_after_drain
         analysis["drained"]["dialog_targets_left"] = targets_after_drain
         tracebacks = kamailio_log.count("Traceback")
         errors_logged = len(re.findall(r"\bERROR:", kamailio_log))
