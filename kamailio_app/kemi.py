@@ -627,12 +627,15 @@ def _dialog_peer(call_id, from_tag, to_tag):
 
 
 _BRANCHES = "e2mbranch"
+_INVITE_BRANCHES = "e2minvbranch"    # an INVITE's: it may ring up to max_inv_lifetime
 _UNREAD = object()
 
 
 def _branch_note():
-    """This request's note in htable e2mbranch: (a digest of its top Via branch, one of
-    its Call-ID, CSeq and method), or None for a branch that is not RFC 3261's (an RFC
+    """This request's branch note: (a digest of its top Via branch, one of its Call-ID,
+    CSeq and method, the htable: e2mbranch, or e2minvbranch for an INVITE, whose
+    transaction may ring up to tm's max_inv_lifetime and whose branch must be held
+    that long: review 118 found an INVITE ringing past the note's 64 s), or None for a branch that is not RFC 3261's (an RFC
     2543 peer's need not be unique).  The branch is the one tm files the request under
     (``$via0(branch)``: a Via's last ``branch`` parameter, which pjsip takes too),
     compared as a UA's stack compares it (``rfc3261_branch``).  Digests, so a long
@@ -641,9 +644,10 @@ def _branch_note():
     if branch is None:
         return None
     key = hashlib.sha256(branch.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    request = "\n".join((KSR.pv.get("$ci") or "", str(KSR.pv.get("$cs") or ""),
-                         KSR.pv.get("$rm") or ""))
-    return key, hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    method = KSR.pv.get("$rm") or ""
+    request = "\n".join((KSR.pv.get("$ci") or "", str(KSR.pv.get("$cs") or ""), method))
+    return key, hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32], \
+        _INVITE_BRANCHES if method == "INVITE" else _BRANCHES
 
 
 def _branch_taken(note):
@@ -651,8 +655,11 @@ def _branch_taken(note):
     last 64 s came with this request's top Via branch (``note``: ``_branch_note``)."""
     if note is None:
         return False
-    held = KSR.htable.sht_get(_BRANCHES, note[0])
-    return held is not None and held != note[1]
+    for table in (_BRANCHES, _INVITE_BRANCHES):
+        held = KSR.htable.sht_get(table, note[0])
+        if held is not None and held != note[1]:
+            return True
+    return False
 
 
 def _note_branch(note):
@@ -661,7 +668,7 @@ def _note_branch(note):
     request did, and many addresses each under pike's rate filled shared memory: an
     honest MESSAGE then got 500 (review 117)."""
     if note is not None:
-        KSR.htable.sht_sets(_BRANCHES, note[0], note[1])
+        KSR.htable.sht_sets(note[2], note[0], note[1])
 
 
 _RELAYED = "e2mloop"
