@@ -635,8 +635,8 @@ def _branch_note():
     """This request's branch note: (a digest of its top Via branch, one of its Call-ID,
     CSeq and method, the htable: e2mbranch, or e2minvbranch for an INVITE, whose
     transaction may ring up to tm's max_inv_lifetime and whose branch must be held
-    that long: review 118 found an INVITE ringing past the note's 64 s), or None for a branch that is not RFC 3261's (an RFC
-    2543 peer's need not be unique).  The branch is the one tm files the request under
+    that long: review 118 found an INVITE ringing past the note's 64 s), or None for
+    a branch that is not RFC 3261's (an RFC 2543 peer's need not be unique).  The branch is the one tm files the request under
     (``$via0(branch)``: a Via's last ``branch`` parameter, which pjsip takes too),
     compared as a UA's stack compares it (``rfc3261_branch``).  Digests, so a long
     branch costs no more."""
@@ -651,8 +651,9 @@ def _branch_note():
 
 
 def _branch_taken(note):
-    """Whether another request (Call-ID, CSeq or method) that this proxy relayed in the
-    last 64 s came with this request's top Via branch (``note``: ``_branch_note``)."""
+    """Whether another request (Call-ID, CSeq or method) that this proxy relayed lately
+    (64 s; an INVITE 222 s) came with this request's top Via branch (``note``:
+    ``_branch_note``)."""
     if note is None:
         return False
     for table in (_BRANCHES, _INVITE_BRANCHES):
@@ -664,7 +665,7 @@ def _branch_taken(note):
 
 def _note_branch(note):
     """Note a request's branch as it is relayed: only then, so a request answered here
-    (a 404, a challenge) keeps nothing for 64 s.  Noted at the door, every stranger's
+    (a 404, a challenge) keeps nothing.  Noted at the door, every stranger's
     request did, and many addresses each under pike's rate filled shared memory: an
     honest MESSAGE then got 500 (review 117)."""
     if note is not None:
