@@ -62,9 +62,9 @@ venv: $(STAMP)
 
 # Four test files at a time on two cores (pytest-xdist; most of a process test is
 # waiting on Kamailio, a phone or PostgreSQL: measured on 2 cores, 2 workers 1058 s,
-# 3 workers 785 s, all passing; at stop 39, with 3,270 tests, 3 workers took 1,077 s
-# and 4 897 s, all passing), then the tests marked serial alone (a soak's load and memory must
-# not share the cores).  Every test uses free ports and its own dirs.
+# 3 workers 785 s, all passing; at stop 39, with 3,270 tests, 3 workers 1,077 s and
+# 4 workers 897 s, all passing), then the tests marked serial alone (a soak's load and
+# memory must not share the cores).  Every test uses free ports and its own dirs.
 TEST_WORKERS ?= 4
 test: setup
 	@$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not serial" --durations=30; \
