@@ -36,12 +36,14 @@ from typing import Callable, Iterable, NamedTuple, Union
 from .errors import LimitExceededError, MalformedError
 from .grammar import (SIP_TOKEN, SIP_TOKEN_PATTERN, bare_ampersand, parse_params,
                       split_header_list, unquote_string)
+from .uri import split_hostport
 
 __all__ = [
     "STANDARD_METHODS", "canonical_method",
     "COMPACT_FORMS", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_LINE", "DEFAULT_MAX_SIZE",
     "Address", "DialogId", "RequestLine", "SipMessage", "StatusLine",
     "canonical_name", "frame_length", "make_request", "make_response", "parse", "parse_address",
+    "via_sent_by",
 ]
 
 DEFAULT_MAX_HEADERS = 256
@@ -127,6 +129,20 @@ def rfc3261_branch(branch: str | None) -> str | None:
     if not branch or branch[:7].lower() != RFC3261_BRANCH_COOKIE.lower():
         return None
     return branch.lower()
+
+
+_SENT_BY = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*([^\s/;]+)\s+([^;\s]+)", re.IGNORECASE)
+
+
+def via_sent_by(via: str) -> tuple[str, str, int | None]:
+    """(transport, upper-cased; host; port or None) of one Via entry: its sent-protocol,
+    blanks allowed around the slashes (RFC 3261 §20.42), then its sent-by.
+    MalformedError when it has neither (a Via of ``;branch=x`` alone: review 100)."""
+    found = _SENT_BY.match(via)
+    if not found:
+        raise MalformedError("Via without a sent-protocol and sent-by")
+    host, port = split_hostport(found.group(2))
+    return found.group(1).upper(), host, port
 
 
 def canonical_method(method: str) -> str:

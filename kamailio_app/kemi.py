@@ -59,7 +59,7 @@ from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: 
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import (canonical_method, canonical_name, crlf_head, parse,  # noqa: E402
-                             parse_address, rfc3261_branch)
+                             parse_address, rfc3261_branch, via_sent_by)
 from e2m_plugins.uri import (canonical_ip, host_key, identity_of, parse_uri,  # noqa: E402
                              split_hostport)
 from kamailio_app.archive import ArchiveError  # noqa: E402
@@ -674,7 +674,6 @@ def _note_branch(note):
 
 _RELAYED = "e2mloop"
 _VIA_LINE_SPECS = ["$(hdr(Via)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
-_SENT_BY = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z]+)\s+([^;\s]+)")
 
 
 def _relay_key():
@@ -752,15 +751,11 @@ def _carries_our_via():
     except (E2MError, UnicodeDecodeError, ValueError):
         return False
     for entry in entries[:MAX_ROUTE_ENTRIES]:
-        found = _SENT_BY.match(entry)
-        if not found:
-            continue
         try:
-            host, port = split_hostport(found.group(2))
+            transport, host, port = via_sent_by(entry)
         except E2MError:
             continue
-        tls = found.group(1).upper() == "TLS"
-        if _names_us(host, port or (5061 if tls else 5060)):
+        if _names_us(host, port or (5061 if transport == "TLS" else 5060)):
             return True
     return False
 

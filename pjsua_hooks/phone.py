@@ -56,8 +56,8 @@ from typing import Any
 
 from e2m_plugins import sip
 from e2m_plugins.body import as_read
-from e2m_plugins.uri import aor_of, canonical_ip, identity_of, split_hostport
-from e2m_plugins.errors import E2MError, MalformedError
+from e2m_plugins.uri import aor_of, canonical_ip, identity_of
+from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
 from e2m_plugins.sip_errors import answer_for
@@ -365,10 +365,7 @@ def _rx_key(msg: sip.SipMessage) -> tuple[object, ...]:
     if branch is not None:
         return ("3261", method, branch)
     via = split_header_list(msg.get_all("Via")[0])[0]
-    protocol_and_sent_by = via.partition(";")[0].split(None, 1)
-    if len(protocol_and_sent_by) != 2:       # review 100: "Via: ;branch=x" was a 500
-        raise MalformedError("Via without a sent-by")
-    host, port = split_hostport(protocol_and_sent_by[1].strip())
+    _, host, port = sip.via_sent_by(via)    # review 100: "Via: ;branch=x" was a 500
     return ("2543", method, msg.cseq[0], (msg.from_tag or "").lower(), msg.call_id.lower(),
             host.lower(), port or 0)
 

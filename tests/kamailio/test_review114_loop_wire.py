@@ -248,7 +248,7 @@ def test_held_k2_a_binding_with_an_octet_is_refused(proxy_factory, shape):
     home = proxy_factory("r114-k2-bind", e2m=False)
     port = home.port + 1
     contact = {"param": f"<sip:dave@127.0.0.1:{port};x=a".encode() + b"\xff>",
-               "user": f"<sip:dave".encode() + b"\xff" + f"@127.0.0.1:{port}>".encode(),
+               "user": b"<sip:dave" + b"\xff" + f"@127.0.0.1:{port}>".encode(),
                "header": f"<sip:dave@127.0.0.1:{port}?X=a".encode() + b"\xff>"}[shape]
     answers = _register_raw(home, "dave", "example.com", contact)
     assert answers and answers[-1].startswith(b"SIP/2.0 400"), answers

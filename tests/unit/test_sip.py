@@ -461,3 +461,20 @@ def test_plain_head_fast_path_takes_the_common_message_and_leaves_the_rest() -> 
     assert sip.parse(folded).get("Max-Forwards") == "70"
     with pytest.raises(MalformedError):
         sip.parse(MESSAGE.replace(b"To:", b"T o:"))
+
+
+@pytest.mark.parametrize("via,expected", [
+    ("SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1", ("UDP", "127.0.0.1", 5060)),
+    ("SIP / 2.0 / TLS [::1]:5061 ;rport", ("TLS", "[::1]", 5061)),
+    ("sip/2.0/tcp example.com", ("TCP", "example.com", None)),
+])
+def test_via_sent_by_reads_the_transport_and_sent_by(via, expected):
+    """One reading of a Via's sent-by for the proxy's loop check and the phone's RFC 2543
+    request key (stop 39: each had its own)."""
+    assert sip.via_sent_by(via) == expected
+
+
+@pytest.mark.parametrize("via", [";branch=x", "SIP/2.0/UDP", " ", "SIP/2.0/UDP [::1"])
+def test_via_sent_by_without_one_is_malformed(via):
+    with pytest.raises(MalformedError):
+        sip.via_sent_by(via)
