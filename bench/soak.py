@@ -24,13 +24,14 @@ rate: the two fractions add up to one half of what the proxy can do.
 Memory: every ``SOAK_SAMPLE_SECONDS`` (default 10) ``kamcmd core.shmmem`` (shared:
 used, real_used, fragments) and ``kamcmd pkg.stats`` (private memory of every
 process, summed and the largest), plus the key cache's entry count.  Flatness is
-judged on the samples from minute 2 to the end (for runs shorter than 6 minutes:
-from the end of the first third): least-squares slope, growth over the window
+judged on the samples from minute 4 to the end, once an INVITE's branch note (222 s)
+has filled its table (for runs shorter than 8 minutes: from the end of the first third): least-squares slope, growth over the window
 (slope x window) and max - min.  "Drained" compares a sample after the traffic with
 one before it, once the fork slots (the replay table ``e2mseen``, one per answered
-dialog, each living the replay window), the branch notes (``e2mbranch``, 64 s) and the
-loop notes (``e2mloop``, 32 s: one per relayed request) are counted and flushed: they
-outlive the traffic by design, and their number follows the rate the ladder chose.
+dialog, each living the replay window), the branch notes (``e2mbranch``, 64 s, and
+``e2minvbranch``, 222 s for an INVITE) and the loop notes (``e2mloop``, 32 s: one per
+relayed request) are counted and flushed: they outlive the traffic by design, and their
+number follows the rate the ladder chose.
 
 Result: JSON in ``bench/results/soak-<UTC>.json`` (or ``--out``); exit 0 only with
 zero failed calls, memory flat and no Python traceback in the Kamailio log.
@@ -259,7 +260,9 @@ FLAT_SHARE = 0.02
 def analyse(samples: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Flatness while traffic runs (samples marked ``phase == "load"``)."""
     loaded = [s for s in samples if s.get("phase") == "load"]
-    start = 120.0 if seconds >= 360 else seconds / 3
+    # after the longest-lived note has filled (an INVITE's branch note, 222 s): till
+    # then its table grows by design
+    start = 240.0 if seconds >= 480 else seconds / 3
     window = [s for s in loaded if s["t"] >= start]
     first = [s for s in loaded if s["t"] < seconds / 3]
     last = [s for s in loaded if s["t"] >= 2 * seconds / 3]
@@ -362,16 +365,17 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
                 break
         # What outlives the traffic by design: the replay window's records and fork slots
         # (e2mseen, each living window + 33 s), one or more per call, and the branch each
-        # request came with (e2mbranch, 64 s: review 94's 482), so their memory grows
+        # request came with (e2mbranch, 64 s, e2minvbranch, 222 s for an INVITE: review
+        # 94's 482; unflushed, an INVITE's read 1 MB at 82 dialogs/s), so their memory grows
         # with the rate the ladder chose, and each relayed request's loop note (e2mloop,
         # 32 s: review 112's 482).  Counted, then let go, so that what is left to
         # compare with "before" is what nothing should hold.  A dialog's targets
         # (e2mtargets) go with its BYE's 2xx: what is left of them is counted too.
         seen_after_drain = _items(world.proxy, "e2mseen")
-        branches_after_drain = _items(world.proxy, "e2mbranch")
+        branches_after_drain = _sum_items(world.proxy, ("e2mbranch", "e2minvbranch"))
         loops_after_drain = _items(world.proxy, "e2mloop")
         targets_after_drain = _items(world.proxy, "e2mtargets")
-        for table in ("e2mseen", "e2mbranch", "e2mloop"):
+        for table in ("e2mseen", "e2mbranch", "e2minvbranch", "e2mloop"):
             world.proxy.rpc("htable.flush", table)
         time.sleep(0.5)
         sample("after")
@@ -382,18 +386,19 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
             failed = counts.get("FailedCall(C)", 0)
             missing = calls[name] - counts.get("SuccessfulCall(C)", 0)
             failed_total += failed + max(0, missing)
-            error_lines = 0
             try:
-                error_lines = sum(1 for line in errors.read_text(errors="replace").splitlines()
-                                  if line.strip() and not line.startswith("-"))
+                error_text = errors.read_text(errors="replace")
             except OSError:
-                pass
+                error_text = ""
+            error_lines = sum(1 for line in error_text.splitlines()
+                              if line.strip() and not line.startswith("-"))
             workloads[name] = {"rate": rates[name], "planned_calls": calls[name],
                                "successful": counts.get("SuccessfulCall(C)", 0), "failed": failed,
                                "not_completed": max(0, missing),
                                "retransmissions": counts.get("Retransmissions(C)", 0),
                                "counters": counts, "sipp_rc": proc.returncode,
-                               "timed_out": name in timed_out, "sipp_error_lines": error_lines}
+                               "timed_out": name in timed_out, "sipp_error_lines": error_lines,
+                               "sipp_errors": sipp_error_kinds(error_text)}
         kamailio_log = world.proxy.log_since(0)
         verdict_errors: dict[str, int] = {}
         for match in re.finditer(r"e2m: (\w+ (?:request|response(?: \d+)?)) action=\w+ .*? error=(\w+)",
@@ -451,11 +456,36 @@ def run(seconds: float, sample_every: float, load: float, out: Path | None,
     return result
 
 
+_SIPP_ERROR_KINDS = ("Aborting call on unexpected message", "Dead call", "receive timeout",
+                     "Max retrans", "timeout")
+_SIPP_RECEIVED = re.compile(r"received 'SIP/2\.0 (\d{3})")
+_SIPP_ENTRY = re.compile(r"\n|(?=\d{4}-\d\d-\d\d\t\d\d:)")
+
+
+def sipp_error_kinds(text: str) -> dict[str, int]:
+    """SIPp's error log in counts by kind, with the status a call got instead of the one
+    it waited for, so that a failed soak says why without its workdir."""
+    kinds: dict[str, int] = {}
+    for line in _SIPP_ENTRY.split(text):    # SIPp runs some entries together on a line
+        kind = next((k for k in _SIPP_ERROR_KINDS if k.lower() in line.lower()), None)
+        if kind is None:
+            continue
+        status = _SIPP_RECEIVED.search(line)
+        kind += f" {status.group(1)}" if status else ""
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def _items(proxy: Any, table: str) -> int | None:
     try:
         return proxy.htable_items(table)
     except Exception:  # noqa: BLE001 - a missed count is recorded as None, not fatal
         return None
+
+
+def _sum_items(proxy: Any, tables: tuple[str, ...]) -> int | None:
+    counts = [_items(proxy, table) for table in tables]
+    return None if None in counts else sum(counts)
 
 
 def _commit() -> str | None:
@@ -477,6 +507,8 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"  {name:<8} {w['rate']}/s: {w['successful']}/{w['planned_calls']} ok, "
                      f"{w['failed']} failed, {w['not_completed']} not completed, "
                      f"{w['retransmissions']} retransmissions")
+        if w.get("sipp_errors"):
+            lines.append(f"           SIPp's errors: {w['sipp_errors']}")
     mem = result["memory"]
     for name in MEMORY_SERIES:
         m = mem[name]

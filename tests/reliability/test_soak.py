@@ -34,7 +34,8 @@ def test_soak_60_seconds_zero_failed_calls_memory_bounded(tmp_path):
     assert out.exists(), done.stderr[-3000:]
     result = json.loads(out.read_text())
     for name, workload in result["workloads"].items():
-        assert workload["failed"] == 0 and workload["not_completed"] == 0, (name, workload["counters"])
+        assert workload["failed"] == 0 and workload["not_completed"] == 0, \
+            (name, workload["counters"], workload["sipp_errors"], result["max_clean_rates"])
         assert workload["successful"] == workload["planned_calls"] > 0
     assert result["failed_calls"] == 0
     assert result["python_tracebacks"] == 0
