@@ -102,13 +102,14 @@ class PhoneProcess:
         return self.wait("status", since=mark, timeout=timeout)
 
     def wait(self, kind: str, where: Callable[[dict[str, Any]], bool] | None = None,
-             timeout: float = 15.0, since: int = 0) -> dict[str, Any]:
-        """The first event of ``kind`` (after index ``since``) that ``where`` accepts."""
+             timeout: float = 15.0, since: int = 0, any_kind: bool = False) -> dict[str, Any]:
+        """The first event of ``kind`` (of any kind with ``any_kind``) after index
+        ``since`` that ``where`` accepts."""
         deadline = time.monotonic() + timeout
         with self._new:
             while True:
                 for event in self.events[since:]:
-                    if event["kind"] == kind and (where is None or where(event)):
+                    if (any_kind or event["kind"] == kind) and (where is None or where(event)):
                         return event
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
