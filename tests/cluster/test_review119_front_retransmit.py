@@ -32,6 +32,12 @@ replies were lost for a few seconds (a NAT or radio outage).
   the single proxy, a coming under the very top Via (sent-by and branch) noted with the
   key is a retransmission, not a pass.
 
+Scope (read): as in the single-proxy module, a body the node's engine checks for replay
+is refused at its second coming by the proxy's replay check anyway
+(``e2m_plugins/proxy.py:694``, ``retransmissions=False``); the 482 here hits what the
+node relays without such a check (a plain MESSAGE, as sent here; any request when E2M is
+off).
+
 Controls (unmarked):
 
 - ``test_control_copies_within_the_fronts_transaction_are_absorbed``: the copies up to

@@ -53,6 +53,14 @@ set (dave's binding naming such an element, which sends the call on to
   MESSAGE bob got.  Narrow (the caller's replies must be lost for some 12 s), but it is a
   conforming UAC.  Through a cluster's front the same happens at the *second* coming
   (7.5 s: one lost period of 7 s), see the cluster module.
+- Scope (read, not run): this is about requests the proxy relays without a signed body
+  it checks for replay (plain requests, E2M off, or methods no policy covers).  For a
+  body the proxy's engine checks, the proxy's replay check is asked with
+  ``retransmissions=False`` (``e2m_plugins/proxy.py:694``, ``:703``), so such a late
+  retransmission is refused as a replay at its second coming already, before and
+  independently of the loop rule (the phone's own check, ``ua.py:1140``, lets a
+  retransmission under the same branch through for ``TRANSACTION_LIFETIME`` = 32 s: the
+  project means retransmissions to pass).  Not counted here.
 - Suggested fix: keep a digest of the first coming's top Via (sent-by and branch) in the
   note; a coming under that very top Via is a retransmission of the same transaction, not
   a pass (a loop always comes back under the last hop's Via, with another branch).
@@ -79,6 +87,17 @@ Tried and held (run unless said read):
 - The branch note (``_branch_taken``) against honest flows (read): CANCEL and non-2xx
   ACK share the INVITE's branch but are routed before ``route_new_transaction``; a
   retransmission has the same Call-ID, CSeq and method, so the same note.
+- Shared memory through relayed requests (run, probe not kept): 200 addresses (127.1.x.y)
+  sent 5 INVITEs a second each (1,000/s, under pike's rate) to carol, whose contact (a
+  raw UAS) answered 486, for 8 s, on an E2M proxy with ``shm_mb = 32``: 8,000 sent,
+  3,681 relayed, 4,128 answered 500 once shm was full; what filled it was tm's
+  transactions (the flood sent no ACK, so each 486 was kept and retransmitted), not the
+  notes: 10 s later 1.39 MB stayed in use for 3,681 ``e2minvbranch`` + 3,681 ``e2mloop``
+  items, about 190 bytes per item.  So an INVITE relayed for a stranger costs ~190 bytes
+  for 222 s and ~190 for 32 s after its transaction is gone; filling 32 MB with the
+  INVITE notes alone would take some 760 relayed INVITEs a second for 222 s, a rate at
+  which the transactions themselves fill it first.  Not a hole of the notes as seen
+  here (a flood that ACKs each 486 for 4 minutes was not run).
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ account (attacker, messages, figures, code at fault, fix).
 
 Summary.  Review 115's fix turns a refused *follow* into one fetch and remembers the
 refusal for ``OUTCOME_MAX_AGE`` s, but only for the subscription that is the AoR's
-current one (``_subscribe_answer``, ``certservice_client.py:411``: ``self._current.get
+current one (``_subscribe_answer``, ``certservice_client.py:426``: ``self._current.get
 (sub.aor) == sub.token``).  A renewal is never the current one until its first NOTIFY
-(``_subscribe(renew=True)`` does not set ``_current``), so its refusal takes the other
+(``_subscribe(renew=True)`` does not set ``_current``, ``:290``), so its refusal takes the other
 branch: ``_fail`` and ``state = "ended"``.  The next ``tick`` forgets the ended renewal
 (``:226``) and, since the current subscription is still due and no renewal is pending
-any more (``:246-251``), sends another renewal.  Nothing remembers the refusal for the
+any more (``:246-255``), sends another renewal.  Nothing remembers the refusal for the
 renewal path (``_follow_refused`` is not set; ``failure`` is not read there).
 
 Measured here: bob followed with ``Expires: 3600``, granted 3600; at 2,900 s (past the
