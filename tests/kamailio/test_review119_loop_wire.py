@@ -40,6 +40,10 @@ set (dave's binding naming such an element, which sends the call on to
   method), holding the highest Max-Forwards seen for 32 s: a request under that key with
   a Max-Forwards at least 2 lower than noted (one pass through us and one through the
   element) is refused 482.  Honest repeats come with the same Max-Forwards and pass.
+  For the variant that writes 70 afresh there is no RFC signal left; a bound is still
+  possible from what the proxy knows: a request for the AoR whose binding it relayed
+  to, arriving from that binding's address within a few seconds, counted per binding
+  (a few such returns in 32 s are a loop), or a per-binding relay rate.
 
 **Honest break HB1: an RFC 3261 retransmission after the proxy's transaction ended is
 482 "Loop Detected"** (no attacker: a caller whose replies were lost).
