@@ -108,7 +108,8 @@ Tried and held (run unless said read):
   which the transactions themselves fill it first.  A second run (80 addresses, 8
   INVITEs a second each, every 486 ACKed so tm frees the transaction) was cut short by
   pike: with the ACKs each address sent 16 requests a second, over the 15 allowed, and
-  all 80 were banned within seconds (1,814 relayed; ``e2minvbranch`` held 1,352 items
+  all 80 were banned within seconds (1,814 answers 486 counting tm's retransmissions;
+  ``e2minvbranch`` held 1,352 items, one per relayed INVITE,
   until they expired between 226 and 241 s, as designed; alice's MESSAGE after it:
   200).  Not a hole of the notes as seen here; a flood under pike's rate with ACKs,
   long enough to fill shm with notes alone, was not run (about 4 minutes of full load).
