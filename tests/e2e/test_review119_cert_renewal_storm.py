@@ -24,10 +24,10 @@ Messages: at 80 % of the granted time (24 s) alice's phone renews (a new SUBSCRI
 (``kamailio_app/cert_route.py``).  The phone answers that with another renewal at the next
 tick, and so on.
 
-Observed on bc215c1 (one run, 71 s for the module): 58 ``cert_subscribe`` events for
-bob, 57 of them renewals (``Expires: 30``), in the ~6 s between the renewal point and the
-subscription's end, i.e. a SUBSCRIBE every ~0.1 s, each answered 403 by the proxy
-(alice's ``peer_certificate_failed`` events name it).  With
+Observed on bc215c1 (three runs, the module takes about 70 s): 58 ``cert_subscribe``
+events for bob each time, 57 of them renewals (``Expires: 30``), in the ~6 s between the
+renewal point and the subscription's end, i.e. a SUBSCRIBE every ~0.1 s; 57
+``peer_certificate_failed`` events naming the proxy's 403, one per renewal.  With
 the default ``cert_subscribe_expires = 3600`` the same storm runs for the last 720 s of
 every followed peer's subscription: ~7,200 SUBSCRIBEs per phone per followed peer, and
 every phone of the domain that follows bob does it at once; the proxy pays a digest-free
@@ -61,8 +61,19 @@ carol exactly once (at most two SUBSCRIBEs) and still sends her an encrypted MES
 Tried and held (see also the loop and branch-note modules of this review):
 - the first follow refused: one fetch (``Expires: 0``), then silence for 300 s (review
   115's fix, unit control in the twin module);
-- a refused fetch fails the send with no storm (the fetch is not retried until the
-  failure ages out).
+- a refused fetch fails the send with no storm (read; the existing
+  ``tests/unit/test_certservice_client.py::test_a_refused_fetch_fails_the_send`` shows
+  it);
+- a 401/407 to a follow is left to pjsua and does not end it (read; the existing
+  ``test_a_challenge_to_a_follow_is_left_to_pjsua``);
+- after K1's storm the certificate is not lost for good: the subscription runs to its
+  end, and the next send's ``want`` follows again (refused: one fetch) although
+  ``failure`` is set (read: ``want`` does not ask ``failure``).
+
+Untried: with phones on their own addresses (not 127.0.0.1, which pike never counts), two
+followed peers storming at once send 20 SUBSCRIBEs a second, over pike's default 15 a
+second (30 per 2 s): the proxy would then ban the phone's own address for 300 s
+(computed, not run).
 """
 
 from __future__ import annotations
