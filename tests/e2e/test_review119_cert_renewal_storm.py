@@ -24,7 +24,7 @@ Messages: at 80 % of the granted time (24 s) alice's phone renews (a new SUBSCRI
 (``kamailio_app/cert_route.py``).  The phone answers that with another renewal at the next
 tick, and so on.
 
-Observed on bc215c1 (three runs, the module takes about 70 s): 58 ``cert_subscribe``
+Observed on bc215c1 (two runs printed, the module takes about 70 s): 58 ``cert_subscribe``
 events for bob each time, 57 of them renewals (``Expires: 30``), in the ~6 s between the
 renewal point and the subscription's end, i.e. a SUBSCRIBE every ~0.1 s; 57
 ``peer_certificate_failed`` events naming the proxy's 403, one per renewal.  With
