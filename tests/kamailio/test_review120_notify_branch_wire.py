@@ -1,4 +1,80 @@
-"""Review 120 (DOCSTRING PLACEHOLDER)"""
+"""Review 120 (December 2026) of bc215c1, on a real Kamailio 5.6 E2M proxy with its
+certificate service ([certs], [auth]): the NOTIFY bookkeeping reviews 89 and 93 rest on.
+
+The common fault (seen, not inferred): ``event_route[tm:local-request]``
+(``kamailio_app/templates/kamailio.cfg.tmpl:390``) notes each NOTIFY's dialog under
+``$(hdr(Via)[0]{param.value,branch})``, and ``CertService.on_reply`` looks a reply up
+under the same expression (``kamailio_app/cert_route.py:58`` ``_REPLY_BRANCH``, used at
+line 350).  ``{param.value,...}`` parses a ``name=value;...`` list; a whole Via value
+(``SIP/2.0/UDP 127.0.0.1:port;branch=z9hG4bK...``) is no such list: Kamailio logs
+``parse_param2(): Invalid character '1' - expected ';'`` (core/parser/parse_param.c:517)
+at every NOTIFY and the expression is the empty string.  So htable ``e2mnotify`` holds
+ONE item, name ``''`` (``htable.dump``, printed by K2: ``[[''], ['']]``), overwritten by
+every NOTIFY any process sends, and a reply that tm matched to any NOTIFY transaction
+of ours (``t_check_trans``, line 343) is checked against the dialog of the LAST NOTIFY
+sent, not its own.  Review 89's fix holds only when the attacker's NOTIFY happens to be
+the last one, which is the order review 89's tests use.
+
+Hole K2 (``test_hole_k2_own_fetch_first_then_forged_subscription_is_confirmed``):
+**off-path sender** with one real address (review 89's hole 1, steps reordered).
+Set-up: bob's certificate published; ``max_subscriptions_per_source = 2``.  Messages,
+twice: (1) a fetch of his own (``SUBSCRIBE``, ``Expires: 0``) from his address; its
+NOTIFY left unanswered (the transaction lives 2.5 s); (2) a SUBSCRIBE (``Expires:
+3600``) forged "from" the victim's address (127.0.120.x, never answers); its NOTIFY is
+now the last one; (3) a 200 to HIS NOTIFY (its Via and CSeq: tm matches it) carrying the
+forged dialog's Call-ID, tm's To tag (computable, review 89; read from the table here,
+as review 89's test does) and the forged From tag.  Observed: both forged subscriptions
+were confirmed and still there 7 s later (probation drops after 4 s); the real user
+behind the victim's address got ``403`` to her SUBSCRIBE.  They hold the places for
+the hour (``max_subscribe_expires``).
+Control ``test_control_k2_the_forger_answering_his_own_dialog_confirms_nothing``: the
+same steps, his 200 naming his own fetch: rows gone after 7 s, the real user 200.
+
+Hole K3 (``test_hole_k3_a_481_after_alices_notify_ends_her_subscription``): an
+**untrusted hop** on alice's path, or anyone who saw her SUBSCRIBE and its 200 (review
+89's hole 2).  Set-up: alice follows bob (confirmed).  Messages: the hop's own fetch
+(NOTIFY unanswered); alice refreshes (honest in-dialog SUBSCRIBE): the proxy's NOTIFY
+to her, which the hop sees go by, is now the last one; the hop answers HIS NOTIFY
+``481`` with alice's Call-ID and tags.  Observed: alice's row deleted (0 rows), and when
+bob then replaced his certificate alice got no NOTIFY (0): she keeps sealing for the
+old key until her renewal.  Control ``test_control_k3_the_same_481_before_alices_notify_is_ignored``
+(review 89's order): 1 row, alice told of bob's new certificate.
+
+Honest break K4 (``test_hole_k4_crossing_first_notifies_drop_an_honest_subscription``):
+nobody attacks.  alice subscribes; before her 200 to her first NOTIFY leaves (a round
+trip), dave subscribes and gets his NOTIFY; both answer 200.  Observed: alice's 200 was
+checked against dave's dialog: never confirmed, dropped by the probation sweep
+(``drop_unanswered``, cert_table.py:448) 4 s later, silently (no NOTIFY to her); bob's
+new certificate then reached dave (1) and not alice (0).  Any two first NOTIFYs within
+one round trip (a busy service, a phone farm starting, a large held certificate whose
+release waits for exactly that 2xx) lose all but the last.  Control
+``test_control_k4_one_after_the_other_both_stay``: the same two, one after the other:
+both rows stay, both told.
+
+Fix (suggested, not tried: product code is not to be changed here): key the note by the
+branch itself, ``$via0(branch)`` in the cfg's local-request route and in
+``_REPLY_BRANCH`` (kemi already reads ``$via0(branch)`` for e2mbranch), or
+``$(hdr(Via)[0]{s.select,...})``; and a unit or wire test that two NOTIFYs make two
+``e2mnotify`` items, so the lookup can never collapse again.
+
+Tried and held (this review):
+- a forged NOTIFY to an e2m-phone (``pjsua_hooks/certservice_client.py``), read, not run
+  on a phone: it must name a dialog the phone opened (Call-ID and our From tag, random),
+  the notifier's tag once known, come from the proxy's address (UDP: and port), carry a
+  CSeq not below the last; what it carries must chain to the anchors and name the AoR
+  and not be older than the newest issue time seen.  An off-path sender cannot match a
+  dialog; a hop can only deny (empty NOTIFY, known since review 26; a refused
+  certificate marks the peer failed for 300 s: the same as dropping).  pjsua2 here is
+  built with ``guid_simple.c`` (Call-IDs and tags from glibc ``rand()`` seeded with a
+  32-bit hash); whether an off-path sender who sees one of the phone's ids can predict
+  the SUBSCRIBE's was NOT tried.
+- SUBSCRIBE fetches from many addresses with long ids (an ``e2mnotify`` value is
+  ``Call-ID|tag|tag``): since every NOTIFY writes the same name, the table never grows
+  past one item (the hole above is what keeps it small); the fetches' NOTIFY
+  transactions themselves are transient: 48 addresses x 10 fetches/s filled a 32 MB
+  proxy's shm within 5 s (403/500 to many fetches) and it was back to 3.2 MB 6 s after
+  the flood stopped; not pursued (tm's cost, not a table's).
+"""
 
 from __future__ import annotations
 
