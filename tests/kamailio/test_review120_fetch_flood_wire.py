@@ -25,7 +25,7 @@ pike's rate; honest requests then get 500.
   seconds: a tm server transaction (``route_certs`` -> ``new_transaction``,
   ``kamailio_app/kemi.py:1667-1670``) kept for its wait time after the 200, and the
   NOTIFY's client transaction (``cert_route.CertService._notify`` -> ``t_uac_send``,
-  ``kamailio_app/cert_route.py:266-277``), retransmitted to an address that never
+  ``kamailio_app/cert_route.py:287-298``), retransmitted to an address that never
   answers until ``fr`` 2.5 s and then kept for its wait.  Nothing bounds the number of
   fetches in flight: a fetch is never stored, so ``max_subscriptions`` and the
   per-source and per-AoR bounds do not count it; pike bounds each address, not their

@@ -1,4 +1,60 @@
-"""Review 120 (DOCSTRING PLACEHOLDER)"""
+"""Review 120 (December 2026) of bc215c1, on a real Kamailio 5.6 E2M proxy: the notes
+each relayed request leaves (``e2mbranch`` / ``e2minvbranch``, ``e2mloop``,
+``e2mtargets``) under a flood of relayed INVITEs from many addresses, each under pike.
+
+Hole K1 (``test_hole_k1_relayed_invite_notes_fill_the_shm``): an **off-path sender** (a
+stranger: From in another domain, so no digest is asked, even with [auth]; or a
+registered insider) makes a proxy run out of shared memory with INVITEs it relays to a
+registered user; honest requests then get 500.
+
+- Set-up: one E2M proxy (``proxy_factory``, open registrar, ``shm_mb = 32``, the
+  smallest the config takes, as in review 117), carol registered behind a UAS that
+  answers every INVITE ``486`` at once (byte-level, to keep up), dave registered behind
+  a RawUas answering 200.
+- Messages: 48 addresses (127.2.0.1 ...) each send 5 INVITEs a second to
+  ``sip:carol@example.com`` (no body, a new Call-ID, tag and branch each) and ACK each
+  486: 10 requests a second per address, under pike's 30 per 2 s (7 INVITEs + 7 ACKs a
+  second per address was banned: tried).  240 relayed INVITEs a second.  Once the
+  flooder has had 100 ``500`` answers, alice sends dave 30 MESSAGEs (one every 0.5 s)
+  while the flood goes on.
+- Observed (first run, 20 honest MESSAGEs then; the figures of the 5 s trace): tm's
+  transactions reach their plateau within 5 s (``real_used`` 23.5 MB of 33.55 MB, from
+  3.26 MB at rest) and stay there; the notes then pile up: at 70 s ``e2minvbranch``
+  16,826 items (222 s each), ``e2mtargets`` 16,848 (the caller's target, 64 s, noted for
+  every relayed INVITE even when answered 486), ``e2mloop`` 10,442 (32 s);
+  ``real_used`` 31.8 MB and the first ``500`` (log: ``new_t(): out of mem``,
+  ``t_newtran(): new_t failed`` at ``kemi.py ... new_transaction <- relay``,
+  ``build_cell(): could not allocate shared memory``, ``fake_req(): failed to clone the
+  request``); 4 of alice's 20 MESSAGEs got ``500``.  A flood at 200/s for 170 s (probe)
+  filled it at 130 s.  Measured per relayed INVITE after tm let go (1,000 INVITEs, quiet
+  10 s): about 600 octets of notes (``e2minvbranch`` + ``e2mtargets`` + ``e2mloop``),
+  held 222/64/32 s: about 66 KB of shm per INVITE-a-second at steady state, against tm's
+  about 84 KB; so at this rate the notes, not tm, push the proxy over (tm alone: about
+  20 MB, which fits).  No address was banned.  At the product default (256 MB) about
+  1,700 relayed INVITEs a second would be needed (not reachable on this 2-core box).
+- At fault: ``kamailio_app/kemi.py:666-673`` (``_note_branch``, called in ``relay`` at
+  line 1789: an INVITE's note for 222 s, htable ``e2minvbranch=>...autoexpire=222``,
+  ``kamailio.cfg.tmpl:174``), ``kemi.py:1809-1823`` (``note_caller_target``: 64 s for
+  every record-routed INVITE, answered or not) and ``_note_relayed`` (``e2mloop``,
+  32 s); none has a count bound, and htable has none.  Review 117 moved the branch note
+  from the door to the relay; review 118 made the INVITE's 3.5 times longer-lived.  The
+  threat model (review 117/118 rows) states the per-note cost but not that it exceeds
+  tm's own at a sustained rate.
+- Fix (suggested): drop an INVITE's branch note and caller-target note when its
+  transaction ends with a final answer (``ksr_onreply_route`` / failure route on a
+  final non-2xx: the 222 s are needed only while it may still ring or take a late 2xx),
+  or keep them in one table with a count cap (a shared counter per time slot) past
+  which new INVITEs are answered 503 with Retry-After rather than left un-noted.
+
+Control ``test_control_k1_the_same_flood_for_20_s_leaves_honest_users_served`` (passes):
+the same flood, same proxy, for 20 s (tm at its plateau, the notes young: 4,848 items):
+no 500 to the flooder, every INVITE reached carol and was answered 486, 20 of 20 honest
+MESSAGEs delivered, nobody banned.
+
+Tried and held (this review): ``e2mtargets``' 12-hour ``d`` entries are written only at
+a 2xx for a dialog whose keys the cache holds (review 99), so a plain INVITE answered
+200 by a colluding callee leaves only the 64 s caller note (read, not run).
+"""
 
 from __future__ import annotations
 
