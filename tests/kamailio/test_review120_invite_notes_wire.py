@@ -55,6 +55,16 @@ MESSAGE delivered (20 of 20, then 30 of 30), nobody banned.
 Tried and held (this review): ``e2mtargets``' 12-hour ``d`` entries are written only at
 a 2xx for a dialog whose keys the cache holds (review 99), so a plain INVITE answered
 200 by a colluding callee leaves only the 64 s caller note (read, not run).
+
+Big, split and unfinished TCP replies from a callee (probe, run once, not kept as a
+test): bob registered over TCP; alice's MESSAGEs to him through the proxy.  A 40,712
+octet 200 (40 ``X-Pad`` headers of 1,000 octets) reached alice whole over UDP (200);
+a 200 written in 7-octet segments 10 ms apart reached her (200); a 200 of which bob
+sent only the first half and then nothing: alice got 408 at fr_timer, and a MESSAGE
+to dave sent meanwhile was delivered at once (no worker held by the stalled read).
+bob's next, complete 200 on the same connection was read as the rest of the half one
+(``parse_via(): parse error``, ``bad header field``) and lost: alice 408 -- harm to
+bob's own connection only, which a callee can always do to itself.
 """
 
 from __future__ import annotations
