@@ -55,8 +55,10 @@ UNANSWERED = 4.0
 HOLD = 32
 SEND_ROUTE = "E2M_SEND_REQUEST"  # native route in the cfg template
 NOTIFY_TABLE = "e2mnotify"       # branch -> "Call-ID|From tag|To tag" of each NOTIFY sent
-_REPLY_BRANCH = "$(hdr(Via)[0]{param.value,branch})"
+_REPLY_BRANCH = "$via0(branch)"  # as the cfg files it (review 120: one empty name for all)
 _CHANGES = ("published", "replaced", "removed")
+_NEW_SUBSCRIPTIONS = "e2mcertsubs"   # the pipelimit pipe of initial SUBSCRIBEs
+BUSY_RETRY_AFTER = 5                 # s, in the 503 past max_new_subscriptions_per_second
 
 
 def _header_text(headers: Iterable[tuple[str, str]]) -> str:
@@ -172,6 +174,21 @@ class CertService:
                                          f"{followers} follower(s) to tell")
 
     # -- SUBSCRIBE -----------------------------------------------------------------------
+    def admits_new_subscription(self) -> bool:
+        """Whether an initial SUBSCRIBE may be served now: at most
+        ``max_new_subscriptions_per_second`` in all (pipelimit, shared by the workers).
+        One more is answered 503 with Retry-After, statelessly, before any transaction:
+        each served one costs a server transaction and a NOTIFY's, and fetches keep
+        nothing to count them by (strangers from 48 addresses, each under pike's rate,
+        filled 32 MB of shared memory in 4 s: review 120)."""
+        limit = self.settings.max_new_subscriptions_per_second
+        if limit <= 0 or self.ksr.pipelimit.pl_check_limit(_NEW_SUBSCRIPTIONS, "TAILDROP",
+                                                           limit) > 0:
+            return True
+        self.ksr.statistics.update_stat("e2m_certs_busy", 1)
+        self._reply(503, "Service Unavailable", [("Retry-After", str(BUSY_RETRY_AFTER))])
+        return False
+
     def route_subscribe(self, message: SipMessage) -> None:
         """An initial SUBSCRIBE: a fetch (Expires: 0) or a new subscription."""
         now = time.time()
@@ -347,7 +364,8 @@ class CertService:
         # tm matched the reply by its Via branch alone: a fetch of one's own gets one a
         # NOTIFY transaction to answer with any dialog's ids (review 89).  The dialog is
         # the one that transaction's NOTIFY was sent in (the cfg's tm:local-request).
-        sent_in = ksr.htable.sht_get(NOTIFY_TABLE, ksr.pv.get(_REPLY_BRANCH) or "")
+        branch = ksr.pv.get(_REPLY_BRANCH) or ""
+        sent_in = ksr.htable.sht_get(NOTIFY_TABLE, branch) if branch else None
         # kept as "Call-ID|From tag|To tag": ids holding a bar (no RFC 3261 word or
         # token does) could join to another dialog's string; without one, equal strings
         # are equal ids, whatever the NOTIFY's held (review 93)

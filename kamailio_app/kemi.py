@@ -693,37 +693,88 @@ def _relay_key():
     return hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def _came_back(held):
-    """Whether a request this proxy relayed in the last 32 s (``held``: its e2mloop
-    note, ``_note_relayed``) has gone round and come back: it carries a Via of ours
-    (RFC 3261 16.3 step 4), or a lower Max-Forwards than it first came with (a hop that
-    hides the Via stack, as topology hiding does, still counts it down: review 114),
-    or it was relayed ``_MAX_PASSES`` times already (a hop that also writes
-    Max-Forwards afresh looped it until shared memory ran out: review 116).  Two
-    registrars whose bindings name each other (two proxies, or a cluster's nodes)
-    sent one stranger's MESSAGE round Max-Forwards times (review 112).  A copy sent
-    again from outside (a replay) has neither Via nor lower count: the engine's replay
-    check answers it, as before."""
-    if not isinstance(held, int):
+def _loop_note(held):
+    """An e2mloop note (``_note_relayed``) as (first Max-Forwards, times relayed again,
+    the first coming's Via shape or None); None for no note or one that is not ours."""
+    if not isinstance(held, str):
+        return None
+    parts = held.split(" ")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    return int(parts[0]), int(parts[1]), (None if parts[2] == "-" else parts[2])
+
+
+def _via_shape():
+    """How many Via entries the request carries and its bottom one (the sender's), as a
+    digest: what a retransmission of the first coming brings again, through a stateful
+    hop too (a hop's Via on top has another branch for each transaction, the count and
+    the bottom entry do not); a loop adds Vias, or, hiding them, brings its own bottom
+    entry.  None when the Vias cannot be read whole."""
+    try:
+        count = int(KSR.pv.get("$hdrc(Via)") or 0)
+        if not 0 < count <= len(_VIA_LINE_SPECS):
+            return None
+        entries = []
+        for spec in _VIA_LINE_SPECS[:count]:
+            entries += split_header_list(KSR.pv.get(spec) or "")
+    except (E2MError, UnicodeDecodeError, ValueError):
+        return None
+    if not entries:
+        return None
+    shape = "%d\n%s" % (len(entries), entries[-1].strip())
+    return hashlib.sha256(shape.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _resent(note):
+    """The request is its first coming sent again (an RFC 3261 retransmission that
+    came after tm's transaction for it ended, about 5 s after its answer): the same
+    Max-Forwards and the same Via shape, and no Via of ours below the top one (a
+    cluster's front, one of our names, adds its own on top).  Such a copy is no pass
+    round a loop: three comings of a caller whose answers were lost were taken for one
+    (review 119).  Copies forked round a loop have the shape of each other, but carry
+    our Via below the hop's (review 114's forks)."""
+    first, _, shape = note
+    return shape is not None and _max_forwards() == first and _via_shape() == shape \
+        and not _carries_our_via(below_top=True)
+
+
+def _came_back(note, resent):
+    """Whether a request this proxy relayed in the last 32 s (``note``: its e2mloop
+    note, ``_loop_note``; None when there is none readable) has gone round and come
+    back: it carries a Via of ours (RFC 3261 16.3 step 4), or a lower Max-Forwards than
+    it first came with (a hop that hides the Via stack, as topology hiding does, still
+    counts it down: review 114), or it was relayed ``_MAX_PASSES`` times already (a hop
+    that also writes Max-Forwards afresh looped it until shared memory ran out: review
+    116).  Two registrars whose bindings name each other (two proxies, or a cluster's
+    nodes) sent one stranger's MESSAGE round Max-Forwards times (review 112).  The
+    first coming sent again (``resent``) is none of these: through a cluster's front,
+    whose address is one of ours, its front's Via made the second such copy a loop
+    (review 119).  A copy sent again from outside (a replay) has neither Via nor lower
+    count: the engine's replay check answers it, as before."""
+    if note is None:
         return _carries_our_via()
-    first, passes = held % _PASS, held // _PASS + 1
+    if resent:
+        return False
+    first, passes, _ = note
     now = _max_forwards()
-    return passes >= _MAX_PASSES or (now is not None and now < first) or _carries_our_via()
+    return passes + 1 >= _MAX_PASSES or (now is not None and now < first) or _carries_our_via()
 
 
-def _note_relayed(key, held):
+def _note_relayed(key, note, resent):
     """Note the request of ``key`` as relayed once more: the Max-Forwards it first came
-    with (``_NO_MAX_FORWARDS`` without one: any that comes back is lower), plus
-    ``_PASS`` for each time it was relayed again."""
-    if isinstance(held, int):
-        KSR.htable.sht_seti(_RELAYED, key, held + _PASS)
-    else:
+    with (``_NO_MAX_FORWARDS`` without one: any that comes back is lower), the times it
+    was relayed again, and its Via shape; the first coming sent again changes nothing."""
+    if note is None:
         now = _max_forwards()
-        KSR.htable.sht_seti(_RELAYED, key, _NO_MAX_FORWARDS if now is None else now)
+        KSR.htable.sht_sets(_RELAYED, key, "%d 0 %s" % (
+            _NO_MAX_FORWARDS if now is None else now, _via_shape() or "-"))
+    elif not resent:
+        first, passes, shape = note
+        KSR.htable.sht_sets(_RELAYED, key, "%d %d %s" % (first, passes + 1, shape or "-"))
 
 
-_PASS = 1024                 # above any Max-Forwards noted (three digits at most)
 _MAX_PASSES = 2              # relayed twice already: its third coming is a loop
+_FAILED_INVITE_NOTE = 32     # s: a failed INVITE's branch note, for a late 2xx
 _NO_MAX_FORWARDS = 256       # above the 70 at most that maxfwd lets a request leave with
 
 
@@ -737,10 +788,10 @@ def _max_forwards():
     return int(value) if value.isdigit() and len(value) <= 3 else None
 
 
-def _carries_our_via():
-    """One of the request's first ``MAX_ROUTE_ENTRIES`` Via entries names one of our
-    sockets or aliases (a proxy adds its Via on top: in a loop through fewer proxies
-    than that, ours is among them)."""
+def _carries_our_via(below_top=False):
+    """One of the request's first ``MAX_ROUTE_ENTRIES`` Via entries (``below_top``: but
+    the top one) names one of our sockets or aliases (a proxy adds its Via on top: in a
+    loop through fewer proxies than that, ours is among them)."""
     try:
         count = min(int(KSR.pv.get("$hdrc(Via)") or 0), len(_VIA_LINE_SPECS))
         entries = []
@@ -750,7 +801,7 @@ def _carries_our_via():
                 break
     except (E2MError, UnicodeDecodeError, ValueError):
         return False
-    for entry in entries[:MAX_ROUTE_ENTRIES]:
+    for entry in entries[1 if below_top else 0:MAX_ROUTE_ENTRIES]:
         try:
             transport, host, port = via_sent_by(entry)
         except E2MError:
@@ -999,7 +1050,8 @@ class kamailio:
             return
         certs = self.app.certs is not None and self.app.certs.takes()
         if certs and KSR.is_SUBSCRIBE():   # a certificate is public: no credentials (RFC 6072)
-            self.route_certs(self.app.certs.route_subscribe)
+            if self.app.certs.admits_new_subscription():
+                self.route_certs(self.app.certs.route_subscribe)
             return
         if KSR.is_OPTIONS() and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
             # A keepalive to the proxy itself (a front's probe, a monitor) names no
@@ -1751,7 +1803,9 @@ class kamailio:
     def relay(self, inspect):
         loop_key = _relay_key()
         held = None if loop_key is None else KSR.htable.sht_get(_RELAYED, loop_key)
-        if held is not None and _came_back(held):
+        note = _loop_note(held)
+        resent = note is not None and _resent(note)
+        if held is not None and _came_back(note, resent):
             # before any reading: a loop's later passes cost no CMS work either
             _info("e2m: %s from %s came back to us unchanged (a loop): refused\n" % (
                 KSR.pv.get("$rm"), KSR.pv.get("$si")))
@@ -1782,10 +1836,10 @@ class kamailio:
                 KSR.pv.get("$fu") or "", None, digest_user=self.digest_aor()))
         KSR.tm.t_on_reply("ksr_onreply_route")
         if self.app.engine is not None or self.app.config.dispatcher is not None \
-                or self.app.config.auth is not None:
-            KSR.tm.t_on_failure("ksr_failure_route")
+                or self.app.config.auth is not None or KSR.is_INVITE():
+            KSR.tm.t_on_failure("ksr_failure_route")    # an INVITE's: its notes' end
         if loop_key is not None:
-            _note_relayed(loop_key, held)    # only what leaves: a refused one never did
+            _note_relayed(loop_key, note, resent)   # only what leaves: a refused one never did
         _note_branch(_branch_note() if self.branch_note is _UNREAD else self.branch_note)
         if KSR.tm.t_relay() < 0:
             self.drop_attempt_keys()
@@ -2325,9 +2379,29 @@ class kamailio:
             if self.app.config.dispatcher is not None and self.failover():
                 return 1
             self.drop_attempt_keys()
+            self.end_failed_invite_notes()
         except Exception as exc:  # noqa: BLE001 - tm sends the failure on regardless
             _log_exception("failure route", exc)
         return 1
+
+    def end_failed_invite_notes(self):
+        """An INVITE whose transaction failed (every branch answered 3xx-6xx, or timed
+        out) rings no more: its branch note is kept 32 s more (a late 2xx, RFC 3261's
+        Timer B), not ``max_inv_lifetime``'s 222 s, and its caller's target, noted for
+        a dialog that did not come, goes.  Strangers' INVITEs answered 486 at 240 a
+        second left 600 bytes of notes each, for 222, 64 and 32 s, more than tm's own
+        memory for them, and filled 32 MB (review 120)."""
+        if KSR.pv.get("$rm") != "INVITE":
+            return
+        note = _branch_note()
+        if note is not None and KSR.htable.sht_get(note[2], note[0]) is not None:
+            KSR.htable.sht_setex(note[2], note[0], _FAILED_INVITE_NOTE)
+        call_id, caller, _ = dialog_ids(KSR)
+        if call_id and caller and self.app.engine is not None:
+            name = _caller_name(call_id, caller)
+            held = KSR.htable.sht_get(_TARGETS, name)
+            if isinstance(held, str) and "|" not in held:     # not bound to a dialog
+                KSR.htable.sht_rm(_TARGETS, name)
 
     def failover(self):
         """[dispatcher] front: the node did not answer at all (the branch timed out with no

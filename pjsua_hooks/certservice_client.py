@@ -250,7 +250,7 @@ class CertServiceClient:
             renewing = any(o.aor == aor and not o.notified for o in self._subs.values())
             due = now - sub.started > granted * _RENEW_FRACTION \
                 and used is not None and now - used < max(granted, 60.0)
-            if not renewing and (due or sub.restart):
+            if not renewing and (due or sub.restart) and not self._follow_was_refused(aor):
                 sub.restart = False
                 self._subscribe(aor, renew=True)
 
@@ -423,11 +423,17 @@ class CertServiceClient:
             return      # pjsua answers a challenge itself, in the same dialog
         if status >= 300:
             sub.state = "ended"
-            if sub.requested > 0 and self._current.get(sub.aor) == sub.token:
+            if sub.requested > 0:
                 # A follow refused (e.g. 403 Too Many Subscriptions: a stranger's
                 # subscriptions hold the AoR's places, review 115): the service still
-                # answers a fetch.  The next tick sends it; the send waits meanwhile.
-                sub.fetch_next = True
+                # answers a fetch.  For a first follow the next tick sends it (the send
+                # waits meanwhile); a refused renewal leaves the subscription it renews
+                # to live out its term, and no renewal is sent while the refusal is
+                # remembered (each tick sent another: review 119).
+                renewal = self._current.get(sub.aor) != sub.token
+                if not renewal:
+                    sub.fetch_next = True
+                self._emit("cert_follow_refused", aor=sub.aor, code=status, renew=renewal)
                 self._follow_refused[sub.aor] = self._clock()
                 self._follow_refused.move_to_end(sub.aor)
                 while len(self._follow_refused) > MAX_OUTCOMES:

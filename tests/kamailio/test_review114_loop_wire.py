@@ -152,9 +152,10 @@ class _Hop:
     replaced by its own Via (topology hiding), else its Via goes on top.  The branch
     is derived from the incoming Via stack (a stateless element's rule)."""
 
-    def __init__(self, target_port, ruri, hide=True):
+    def __init__(self, target_port, ruri, hide=True, host="127.0.0.1"):
+        self.host = host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.target, self.ruri, self.hide = target_port, ruri, hide

@@ -27,6 +27,9 @@ subscription's end would be ~7,000.
 
 Control (unmarked): the first follow refused, as review 115 fixed it: one fetch, then
 no more SUBSCRIBEs over 100 ticks.
+
+Fixed (stop 40): see ``tests/e2e/test_review119_cert_renewal_storm.py``.  The hole test
+failed on the code before the fix (100 SUBSCRIBEs) and passes with it.
 """
 
 from __future__ import annotations
@@ -71,8 +74,6 @@ def _run_ticks(client, clock, sent, seen: int) -> int:
     return seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 119 hole K1: a refused certificate "
-                   "renewal is re-sent at every tick (10 SUBSCRIBEs/s until expiry)")
 def test_hole_a_refused_renewal_is_not_sent_again_at_every_tick(pki, setup):
     engine, client, clock, sent = setup
     follow = subscribe_to_bob(engine, client, sent)

@@ -128,7 +128,7 @@ class FakeKSR:
         branch: the NOTIFY's)."""
         call_id, from_tag, to_tag = self._ids(notify)
         self.vars = {"$rm": "NOTIFY", "$rs": status, "$ci": call_id, "$ft": from_tag,
-                     "$tt": to_tag, "$(hdr(Via)[0]{param.value,branch})": notify["branch"]}
+                     "$tt": to_tag, cert_route._REPLY_BRANCH: notify["branch"]}
 
 
 @pytest.fixture
