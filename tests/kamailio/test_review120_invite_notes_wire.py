@@ -71,7 +71,10 @@ every relayed INVITE) keeps its branch note 32 s more instead of 222 s, and its 
 target note, for a dialog that did not come, is removed
 (``kemi.kamailio.end_failed_invite_notes``); a 486'd INVITE now leaves the 32 s loop note
 and a 32 s branch note.  The hole test failed on the code before the fix and passes
-with it.
+with it.  It then ran its flood for 257 s (no 500 came to end it), so it now floods for
+60 s and also asserts the note tables' size then: ``e2minvbranch`` no larger than
+``e2mloop`` (32 s; htable lets both go at its 20 s sweeps) and ``e2mtargets`` no more than
+a second's INVITEs (before the fix: every INVITE of the last 222 and 64 s).
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ PER_SOURCE_RATE = 5     # INVITEs a second per address; with their ACKs 10 reque
                         # second, under pike's 30 per 2 s (an INVITE and ACK each at 7/s: banned)
 FLOOD_LIMIT = 240.0     # seconds at most
 HONEST = 30             # honest MESSAGEs sent once the flood has filled shm
+NOTES_AFTER = 60.0      # s of flood after which a failed INVITE's notes (32 s, swept by
+                        # htable's 20 s timer) have been let go at least once (stop 40)
 
 _TO = re.compile(rb"\r\n(?:To|t)\s*:[^\r]*", re.I)
 _CALL_ID = re.compile(rb"\r\n(?:Call-ID|i)\s*:\s*([^\r]*)", re.I)
@@ -267,17 +272,27 @@ def test_hole_k1_relayed_invite_notes_fill_the_shm(proxy_factory):
         assert _honest(proxy, dave, 1, "before") == [200]
 
         def full(seconds, stats):
-            return seconds > FLOOD_LIMIT or stats.get("500", 0) >= 100
+            # stop 40: the fixed notes plateau after 32 s, so 60 s tell (before the fix
+            # this ran until 100 answers 500, at about 70 s, or FLOOD_LIMIT: 257 s)
+            return seconds >= NOTES_AFTER or stats.get("500", 0) >= 100
 
         stats, trace, stop, flooder = _start_flood(proxy, full)
         try:
+            notes = _figures(proxy)
             statuses = _honest(proxy, dave, HONEST, "during")
         finally:
             _stop(stop, flooder)
         print(f"\nK1: flood {stats}, carol got {carol.invites} INVITEs, honest {statuses}, "
-              f"bans {proxy.htable_items('e2mban')}")
+              f"bans {proxy.htable_items('e2mban')}, notes at {NOTES_AFTER:.0f} s {notes}")
         assert proxy.htable_items("e2mban") == 0          # nobody over pike's rate
-        # secure: the stranger's flood at a rate the proxy relays leaves honest users served
+        # secure: a failed INVITE's branch note goes with its loop note (32 s, both swept
+        # by htable's timer: before the fix it stayed 222 s), and its caller's target,
+        # noted for no dialog, goes at once (before: 64 s)...
+        rate = SOURCES * PER_SOURCE_RATE
+        assert notes["e2minvbranch"] <= notes["e2mloop"] + 2 * rate, notes
+        assert notes["e2mtargets"] <= rate, notes
+        # ...and the stranger's flood at a rate the proxy relays leaves honest users served
+        assert stats.get("500", 0) == 0, stats
         assert statuses == [200] * HONEST
     finally:
         carol.close()
