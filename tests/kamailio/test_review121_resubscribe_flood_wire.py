@@ -1,0 +1,186 @@
+"""Review 121 (attacker's review of 2161459), wire: stop 40's cap on new certificate
+subscriptions (``[certs] max_new_subscriptions_per_second``, ``CertService.
+admits_new_subscription``, pipelimit before ``route_certs``) on a real Kamailio 5.6 E2M
+proxy, with review 120 K5's set-up (``test_review120_fetch_flood_wire``: 32 MB of shared
+memory, 48 addresses each under pike's rate, an honest MESSAGE every 4 s).
+
+DOCSTRING-PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import time
+
+import pytest
+
+from e2m_plugins import sip
+from e2m_lab.kamailio_harness import SipUa, make_response
+from tests.kamailio.test_review120_fetch_flood_wire import _fetch, _start
+
+pytestmark = [pytest.mark.kamailio]
+
+SOURCES = 48
+PER_SOURCE_RATE = 10      # a second per address: under pike's 30 per 2 s
+FLOOD_SECONDS = 20.0
+PROBE_EVERY = 4.0
+
+
+def _subscribe(host, port, n, *, call_id, tag, cseq=1, ruri="sip:bob@example.com",
+               to_tag=None, expires=600):
+    to = "<sip:bob@example.com>" + (f";tag={to_tag}" if to_tag else "")
+    return (f"SUBSCRIBE {ruri} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {host}:{port};rport;branch=z9hG4bK-r121-{os.getpid()}-{n}\r\n"
+            f"From: <sip:m@elsewhere.example>;tag={tag}\r\nTo: {to}\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: {cseq} SUBSCRIBE\r\nMax-Forwards: 70\r\n"
+            f"Event: certificate\r\nExpires: {expires}\r\nContact: <sip:{host}:{port}>\r\n"
+            f"Content-Length: 0\r\n\r\n").encode()
+
+
+def _drain(sock, stats, *, answer_notify):
+    """Read what came; answer NOTIFYs 200 when ``answer_notify``; the SUBSCRIBE 200s."""
+    oks = []
+    try:
+        while True:
+            data, peer = sock.recvfrom(65535)
+            if data.startswith(b"SIP/2.0"):
+                stats[data[:11].decode("ascii", "replace")] += 1
+                msg = sip.parse(data)
+                if msg.status == 200 and msg.cseq[1] == "SUBSCRIBE":
+                    oks.append(msg)
+                continue
+            stats["NOTIFY"] += 1
+            if answer_notify:
+                msg = sip.parse(data)
+                sock.sendto(make_response(msg, 200, "OK").serialize(), peer)
+    except OSError:
+        pass
+    return oks
+
+
+def _sockets(prefix):
+    socks = []
+    for i in range(SOURCES):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((f"{prefix}.{1 + i // 250}.{i % 250 + 1}", 0))
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def _follow_one_each(proxy, socks):
+    """Each address opens one subscription to bob's certificate (a stranger may: RFC
+    6072) and confirms it (answers its NOTIFY 200).  Returns the dialogs to refresh."""
+    stats = collections.Counter()
+    dialogs = {}
+    for i, sock in enumerate(socks):
+        host, port = sock.getsockname()
+        cid, tag = f"r121-{os.getpid()}-{i}", f"t{i}"
+        sock.sendto(_subscribe(host, port, f"s{i}", call_id=cid, tag=tag),
+                    ("127.0.0.1", proxy.port))
+        dialogs[i] = {"call_id": cid, "tag": tag}
+        time.sleep(0.03)                    # ~33 a second: under the 100 a second cap
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        for i, sock in enumerate(socks):
+            for ok in _drain(sock, stats, answer_notify=True):
+                dialogs[i]["to_tag"] = ok.to_tag
+                dialogs[i]["ruri"] = ok.get("Contact").strip().lstrip("<").split(">")[0]
+        time.sleep(0.05)
+    return {i: d for i, d in dialogs.items() if "to_tag" in d}, stats
+
+
+def _probe(proxy, honest, stats, started):
+    ua = SipUa(proxy.port, user="alice", source="127.0.0.72", timeout=2.0)
+    try:
+        answer = ua.message("dave", f"probe {len(honest)}".encode())
+    finally:
+        ua.close()
+    honest.append(None if answer is None else answer.status)
+    print(round(time.monotonic() - started), "shm", proxy.shm()["real_used"], dict(stats),
+          honest[-1], flush=True)
+
+
+def _flood(proxy, socks, make):
+    """Every address sends PER_SOURCE_RATE requests a second (``make(i, n, sock)``),
+    never answering the NOTIFYs; alice sends dave a MESSAGE every PROBE_EVERY s."""
+    stats: collections.Counter = collections.Counter()
+    honest: list = []
+    started = last = time.monotonic()
+    n = 0
+    while time.monotonic() - started < FLOOD_SECONDS:
+        tick = time.monotonic()
+        for i, sock in enumerate(socks):
+            n += 1
+            raw = make(i, n, sock)
+            if raw is None:
+                continue
+            sock.sendto(raw, ("127.0.0.1", proxy.port))
+            stats["sent"] += 1
+            _drain(sock, stats, answer_notify=False)
+        if time.monotonic() - last >= PROBE_EVERY:
+            last = time.monotonic()
+            _probe(proxy, honest, stats, started)
+        left = 1.0 / PER_SOURCE_RATE - (time.monotonic() - tick)
+        if left > 0:
+            time.sleep(left)
+    return stats, honest
+
+
+def _refresher(dialogs):
+    cseqs = collections.Counter()
+
+    def make(i, n, sock):
+        d = dialogs.get(i)
+        if d is None:
+            return None
+        cseqs[i] += 1
+        host, port = sock.getsockname()
+        return _subscribe(host, port, n, call_id=d["call_id"], tag=d["tag"],
+                          cseq=1 + cseqs[i], ruri=d["ruri"], to_tag=d["to_tag"])
+    return make
+
+
+@pytest.mark.xfail(strict=True, reason="review 121 hole K1: refreshes of a stranger's own "
+                   "certificate subscriptions bypass max_new_subscriptions_per_second and "
+                   "take the shm as review 120's fetches did")
+def test_hole_k1_refreshes_from_many_addresses_take_the_shm(proxy_factory):
+    proxy, dave = _start(proxy_factory, "r121-k1")
+    socks = _sockets("127.4")
+    try:
+        dialogs, setup = _follow_one_each(proxy, socks)
+        print("\nset-up:", len(dialogs), "subscriptions", dict(setup))
+        assert len(dialogs) >= SOURCES - 2, setup
+        stats, honest = _flood(proxy, socks, _refresher(dialogs))
+        print(f"K1: {dict(stats)}, honest {honest}, bans {proxy.htable_items('e2mban')}, "
+              f"shm {proxy.shm()}")
+        assert proxy.htable_items("e2mban") == 0          # nobody over pike's rate
+        assert stats["SIP/2.0 200"] > 1000                # the refreshes were served
+        # secure: honest users are still served during a stranger's refreshes
+        assert honest == [200] * len(honest)
+    finally:
+        for sock in socks:
+            sock.close()
+        dave.close()
+
+
+def test_control_k1_the_same_addresses_fetching_are_capped(proxy_factory):
+    """Control: the same addresses at the same rate with initial fetches (review 120's
+    flood): the cap answers most 503 and alice is served."""
+    proxy, dave = _start(proxy_factory, "r121-k1-ctl")
+    socks = _sockets("127.4")
+    try:
+        def make(i, n, sock):
+            host, port = sock.getsockname()
+            return _fetch(n, host, port)
+        stats, honest = _flood(proxy, socks, make)
+        print(f"\ncontrol: {dict(stats)}, honest {honest}, shm {proxy.shm()}")
+        assert proxy.htable_items("e2mban") == 0
+        assert stats["SIP/2.0 503"] > 1000
+        assert honest == [200] * len(honest) and len(honest) >= 4
+    finally:
+        for sock in socks:
+            sock.close()
+        dave.close()
