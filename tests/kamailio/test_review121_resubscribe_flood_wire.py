@@ -4,7 +4,77 @@ admits_new_subscription``, pipelimit before ``route_certs``) on a real Kamailio 
 proxy, with review 120 K5's set-up (``test_review120_fetch_flood_wire``: 32 MB of shared
 memory, 48 addresses each under pike's rate, an honest MESSAGE every 4 s).
 
-DOCSTRING-PLACEHOLDER
+**Hole K1: refreshes bypass the cap** (``test_hole_k1_refreshes_from_many_addresses_take_the_shm``).
+Attacker: an **off-path sender** (a stranger: no account; a certificate is public, RFC
+6072, so anyone may follow one) with many addresses, each under pike's rate.
+
+- Set-up: one E2M proxy (``shm_mb = 32``, [certs] on with the default
+  ``max_new_subscriptions_per_second = 100``), dave registered (review 120's ``_start``).
+- Messages: 48 addresses (127.4.1.1 ...) each open ONE follow (``SUBSCRIBE
+  sip:bob@example.com``, ``Event: certificate``, ``Expires: 600``; 33 a second, under the
+  cap) and answer its first NOTIFY 200 (confirmed).  Then each sends 10 in-dialog
+  SUBSCRIBEs a second (Request-URI the 200's Contact, its To tag, CSeq + 1 each,
+  ``Expires: 600``) for 20 s, 480 a second in all, never answering the NOTIFYs; alice
+  sends dave a MESSAGE every 4 s.
+- Observed (run): set-up 48 subscriptions; 4 s in, ``real_used`` 33.68 MB of 33.55 MB;
+  9,600 refreshes sent, 4,412 answered 200 (each with a NOTIFY: 8,356 NOTIFY datagrams
+  with retransmissions), 5,140 answered ``500``; **every one of alice's 4 MESSAGEs got
+  500**; no address banned (``e2mban`` 0).  The same figures as review 120's K5 before
+  its fix: the cap does not see these requests.
+- Code at fault: the cap is asked for initial SUBSCRIBEs only (``kamailio_app/kemi.py:1052-1054``);
+  an in-dialog SUBSCRIBE goes ``route_in_dialog`` -> ``route_certs(route_resubscribe)``
+  (``kemi.py:1399-1402``) with no count; ``CertService.route_resubscribe``
+  (``kamailio_app/cert_route.py:234-282``) makes a server transaction and, for every
+  accepted refresh, a NOTIFY with the certificate (``:261``, ``:277``; RFC 6665 wants a
+  NOTIFY after every accepted SUBSCRIBE), nothing limiting how often one dialog is
+  refreshed.  One subscription per address suffices (the per-source bound, 20, and the
+  per-AoR bound, 100, count subscriptions, not refreshes).
+- Suggested fix: count every SUBSCRIBE the service serves, refreshes included, in the
+  same pipe (or a second one) before ``route_certs``; and/or refuse a refresh of one
+  dialog sooner than ``min_expires``/2 after the last accepted one (423 or a 200 with no
+  new NOTIFY: RFC 6665 lets the notifier rate-limit), so one subscription cannot be
+  turned into 10 NOTIFYs a second.
+
+Control (unmarked): ``test_control_k1_the_same_addresses_fetching_are_capped``: the same
+48 addresses at the same rate sending initial fetches (review 120's flood): 9,600 sent,
+2,000 served (100 a second), 7,552 ``503``; ``real_used`` peaked at 17.5 MB; alice's 4
+MESSAGEs all 200.  So the rate and the addresses are what the cap holds; the refresh's
+path is the difference.
+
+Tried and held (this review):
+
+- The NOTIFY branch table (``e2mnotify`` under ``$via0(branch)``, read): an answer whose
+  branch differs only in letter case may still match tm's transaction (tm reads the
+  hash and label as hex; not run), but ``sht_get`` finds no item and ``on_reply`` returns
+  (``sent_in`` None): fail-closed, it confirms or deletes nothing.  A reply with two
+  ``branch`` parameters: tm and ``$via0(branch)`` read the same parsed field.
+- In-dialog SUBSCRIBEs to dialogs we do not have (read): 481 at once, a server
+  transaction and no NOTIFY; a refresh from another address than the subscription's:
+  403 (``route_resubscribe``'s source check), so K1 needs the subscriber's own address.
+- The cap itself (control above): 503 with ``Retry-After: 5``, stateless, counted in
+  ``e2m_certs_busy``; the fetches past it cost nothing held.
+- Phones on 503 (``tests/unit/test_review121_cert_busy.py``): no storm (two SUBSCRIBEs
+  per busy second, then none); but see that module's honest break.
+- The loop note's retransmission exemption (``kemi._resent``, ``_via_shape``, read, not
+  run): a coming is exempt only with the first coming's Max-Forwards, Via count and
+  whole bottom entry (branch included), and no Via of ours below the top one.  A hop
+  that keeps Vias adds at least its own and ours (count grows, ours below the top); a
+  Via-hiding hop (reviews 114/116) brings its own bottom entry with a branch derived
+  from the incoming stack, whose top is our per-transaction branch, so another shape.
+  An exempt loop needs a hiding hop that rewrites Max-Forwards afresh AND repeats one
+  Via byte for byte; then its pass is tm's retransmission of the live transaction
+  (absorbed) unless the hop waits past the transaction's end (tm's wait after the final
+  answer, longer without one): a slow pass at most, by a hop built for it.  Comma-joined Via
+  lines are split before counting; more than 16 lines give no shape (never exempt);
+  a cluster front's Via is admitted on top only.
+- ``end_failed_invite_notes`` (read, not run): it runs after ``failover`` (a front that
+  fails over returns first) and only for INVITE; the branch note is cut to 32 s, the
+  caller's target note removed only when not bound to a dialog ("|").  A late 2xx after
+  the failure finds no caller's target and notes no dialog targets: the dialog's keys
+  then go at their expiry rather than at its BYE (the designed fallback, no refusal).
+  A hop that makes alice's INVITE fail (486) to cut her branch note gains nothing:
+  her INVITE has ended, so a ``;e2mnr=`` mark minted for her Via afterwards answers no
+  live transaction of hers.
 """
 
 from __future__ import annotations

@@ -5,7 +5,51 @@ certificate subscriptions: the service's ``503`` with ``Retry-After: 5``
 SUBSCRIBEs pjsua would send written out (``e2m_lab.certservice_subscriber``), a manual
 clock (review 119's unit set-up).
 
-DOCSTRING-PLACEHOLDER
+**Honest break HB1: one busy second at the service fails alice's send and shuts bob's
+certificate out for 300 s** (``test_hb1_a_busy_second_is_retried_after_retry_after``).
+No attacker needed (any second past ``max_new_subscriptions_per_second``: phones
+re-registering together after a restart, each fetching its peers); a stranger keeping
+the pipe full (review 120's 100 fetches a second, from a handful of addresses under
+pike's rate) makes it happen to every phone at will.
+
+- Set-up: alice's client (real ``CertServiceClient`` over a real UA engine), the engine
+  wanting bob's certificate (a send was blocked for it).
+- Messages: the follow ``SUBSCRIBE`` (``Expires: 3600``) answered ``503 Service
+  Unavailable`` with ``Retry-After: 5`` (what ``admits_new_subscription`` sends,
+  ``kamailio_app/cert_route.py:177-190``); the fetch that takes its place at the next
+  tick (0.1 s later), the same 503.
+- Observed (run): after the second 503, ``failure(bob)`` = "the certificate service
+  answered 503 Service Unavailable", ``pending(bob)`` False; over the next 10 s of ticks
+  (100 ticks, the engine still wanting bob) **0 SUBSCRIBEs**; the next one goes at 300 s
+  (``OUTCOME_MAX_AGE``, control below).  In the phone, ``_await_peer_certificate``
+  (``pjsua_hooks/phone.py:1396-1407``) retries the blocked send once the fetch is no
+  longer pending and fails it: "not sent: no usable certificate for bob: the
+  certificate service answered 503 Service Unavailable" (read; the control asserts the
+  503 in that failure).  Only a new send by the user asks again (``want``
+  ignores ``failure``); the timer's own fetches and the follow are off for 300 s (the
+  refused follow is remembered as well).  The threat model's row for review 120 K5
+  says "honest subscribers past the rate wait 5 s ... their phones fetch again": they
+  do not wait, they fail.
+- Code at fault: ``_subscribe_answer`` (``pjsua_hooks/certservice_client.py:424-445``)
+  treats every status >= 300 alike: a follow's 503 is a refused follow (remembered 300
+  s, ``:437``), a fetch's 503 a failure of bob's service (``:442``, remembered 300 s,
+  read by ``tick`` at ``:240`` and ``_follow_peers_in_use`` at ``:273``); ``Retry-After``
+  is never read.
+- Suggested fix: a 503 (or 500/480/408 with ``Retry-After``) is "not now": keep the
+  send waiting and send the fetch again after ``Retry-After`` (bounded, e.g. at most 10
+  s and twice), without remembering a refused follow or a failure; only after that
+  fail the send.
+
+Controls (unmarked):
+
+- ``test_control_hb1_no_storm_on_503``: the same busy second brings two SUBSCRIBEs and
+  then none over 10 s of ticks (no storm on 503: the brief's "phones storming" held).
+- ``test_control_hb1_the_failure_is_remembered_for_outcome_max_age``: nothing more to
+  bob's service until 300 s, then one SUBSCRIBE (what HB1 costs, measured).
+
+Tried and held: the refused-renewal fix (stop 40, review 119 K1) with 503 instead of 403
+(read: same branch, no storm); a follow refused 403 then fetched 200 (review 115's path,
+the existing unit tests).
 """
 
 from __future__ import annotations
