@@ -57,8 +57,8 @@ SEND_ROUTE = "E2M_SEND_REQUEST"  # native route in the cfg template
 NOTIFY_TABLE = "e2mnotify"       # branch -> "Call-ID|From tag|To tag" of each NOTIFY sent
 _REPLY_BRANCH = "$via0(branch)"  # as the cfg files it (review 120: one empty name for all)
 _CHANGES = ("published", "replaced", "removed")
-_NEW_SUBSCRIPTIONS = "e2mcertsubs"   # the pipelimit pipe of initial SUBSCRIBEs
-BUSY_RETRY_AFTER = 5                 # s, in the 503 past max_new_subscriptions_per_second
+_SUBSCRIBES = "e2mcertsubs"          # the pipelimit pipe of SUBSCRIBEs served
+BUSY_RETRY_AFTER = 2                 # s, in the 503 past max_subscribes_per_second (a pipe counted per second)
 
 
 def _header_text(headers: Iterable[tuple[str, str]]) -> str:
@@ -174,15 +174,16 @@ class CertService:
                                          f"{followers} follower(s) to tell")
 
     # -- SUBSCRIBE -----------------------------------------------------------------------
-    def admits_new_subscription(self) -> bool:
-        """Whether an initial SUBSCRIBE may be served now: at most
-        ``max_new_subscriptions_per_second`` in all (pipelimit, shared by the workers).
+    def admits_subscribe(self) -> bool:
+        """Whether a SUBSCRIBE (a fetch, a follow or a renewal) may be served now: at
+        most ``max_subscribes_per_second`` in all (pipelimit, shared by the workers).
         One more is answered 503 with Retry-After, statelessly, before any transaction:
         each served one costs a server transaction and a NOTIFY's, and fetches keep
         nothing to count them by (strangers from 48 addresses, each under pike's rate,
-        filled 32 MB of shared memory in 4 s: review 120)."""
-        limit = self.settings.max_new_subscriptions_per_second
-        if limit <= 0 or self.ksr.pipelimit.pl_check_limit(_NEW_SUBSCRIPTIONS, "TAILDROP",
+        filled 32 MB of shared memory in 4 s with fetches: review 120, and with renewals
+        of their own subscriptions: review 121)."""
+        limit = self.settings.max_subscribes_per_second
+        if limit <= 0 or self.ksr.pipelimit.pl_check_limit(_SUBSCRIBES, "TAILDROP",
                                                            limit) > 0:
             return True
         self.ksr.statistics.update_stat("e2m_certs_busy", 1)

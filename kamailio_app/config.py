@@ -343,8 +343,8 @@ class CertSettings:
     §11).  Publications and subscriptions are kept in the SQLite file ``path``; the
     expiry bounds are seconds; a subscription gets at most one NOTIFY about changes
     per ``notify_interval``; subscriptions are bounded per AoR, per source address
-    and in all, and the initial SUBSCRIBEs (fetches and follows) served per second in
-    all (``max_new_subscriptions_per_second``, 0: unbounded)."""
+    and in all, and the SUBSCRIBEs (fetches, follows and renewals) served per second
+    in all (``max_subscribes_per_second``, 0: unbounded)."""
 
     path: Path
     min_expires: int = 60
@@ -358,8 +358,8 @@ class CertSettings:
     max_subscriptions: int = 10000
     # each costs a server transaction and a NOTIFY's, some 15 KB of shared memory for
     # about 5 s: strangers under pike's rate from 48 addresses filled 32 MB with
-    # fetches in 4 s (review 120)
-    max_new_subscriptions_per_second: int = 100
+    # fetches in 4 s (review 120), and with renewals of their own subscriptions (121)
+    max_subscribes_per_second: int = 100
 
 
 @dataclass(frozen=True)
@@ -899,7 +899,7 @@ def _limits(table: Any, kamailio: KamailioSettings | None, problems: list[str]) 
 _CERT_KEYS = ("enabled", "path", "min_expires", "default_publish_expires",
               "max_publish_expires", "default_subscribe_expires", "max_subscribe_expires",
               "notify_interval", "max_subscriptions_per_aor", "max_subscriptions_per_source",
-              "max_subscriptions", "max_new_subscriptions_per_second")
+              "max_subscriptions", "max_subscribes_per_second")
 
 
 def _certs(table: Any, e2m: E2MSettings, base: Path, problems: list[str]) -> CertSettings | None:
@@ -938,8 +938,8 @@ def _certs(table: Any, e2m: E2MSettings, base: Path, problems: list[str]) -> Cer
                                                    d.max_subscriptions_per_source, 1, 100_000),
         max_subscriptions=check.integer("max_subscriptions", d.max_subscriptions, 1,
                                         10_000_000),
-        max_new_subscriptions_per_second=check.integer(
-            "max_new_subscriptions_per_second", d.max_new_subscriptions_per_second, 0,
+        max_subscribes_per_second=check.integer(
+            "max_subscribes_per_second", d.max_subscribes_per_second, 0,
             1_000_000))
 
 

@@ -1050,7 +1050,7 @@ class kamailio:
             return
         certs = self.app.certs is not None and self.app.certs.takes()
         if certs and KSR.is_SUBSCRIBE():   # a certificate is public: no credentials (RFC 6072)
-            if self.app.certs.admits_new_subscription():
+            if self.app.certs.admits_subscribe():
                 self.route_certs(self.app.certs.route_subscribe)
             return
         if KSR.is_OPTIONS() and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
@@ -1398,7 +1398,7 @@ class kamailio:
 
     def route_in_dialog(self):
         if self.app.certs is not None and self.app.certs.takes_in_dialog():
-            if self.route_new_transaction():
+            if self.route_new_transaction() and self.app.certs.admits_subscribe():
                 self.route_certs(self.app.certs.route_resubscribe)
             return
         if self.app.config.dispatcher is not None:

@@ -71,6 +71,9 @@ OUTCOME_MAX_AGE = 300.0      # seconds such a failure is remembered
 MAX_EVENTS = 256             # events the phone has not taken yet
 TERMINATED_CACHE = 60.0      # seconds a certificate from an ended subscription is kept
 _RENEW_FRACTION = 0.8        # renew a subscription after this share of its time
+BUSY_RETRIES = 2             # a SUBSCRIBE answered "busy, try again" is sent again this often
+BUSY_WAIT_MAX = 4.0          # seconds at most before that (a blocked send waits 6 s)
+_BUSY = (480, 500, 503)      # the answers that say "not now" with a Retry-After
 
 
 class NotifyAnswer(RxReject):
@@ -104,6 +107,16 @@ class Subscription:
     notify_cseq: int | None = None     # the highest NOTIFY CSeq taken in its dialog
     restart: bool = False              # an out-of-order NOTIFY came: start a fresh one
     fetch_next: bool = False           # the follow was refused: a fetch takes its place
+    retry_at: float | None = None      # monotonic: the service was busy, send it again then
+    busy: int = 0                      # times this SUBSCRIBE was answered busy so far
+
+
+def _retry_after(msg: sip.SipMessage) -> float | None:
+    """The seconds of a Retry-After (RFC 3261 20.33: delta-seconds, then parameters or
+    a comment), at least 1; None without a readable one."""
+    value = (msg.get("Retry-After") or "").strip()
+    digits = value[:len(value) - len(value.lstrip("0123456789"))]
+    return max(1.0, float(int(digits[:6]))) if digits else None
 
 
 def _fingerprint(der: bytes) -> str:
@@ -187,7 +200,8 @@ class CertServiceClient:
         """Whether a fetch for ``aor`` is waiting for its first NOTIFY (or, its follow
         refused, for the fetch that takes its place)."""
         sub = self._sub_of(aor)
-        return sub is not None and not sub.notified and (sub.state != "ended" or sub.fetch_next)
+        return sub is not None and not sub.notified and (
+            sub.state != "ended" or sub.fetch_next or sub.retry_at is not None)
 
     def failure(self, aor: str) -> str | None:
         """Why ``aor``'s certificate could not be had from its service (recent), or None."""
@@ -210,7 +224,8 @@ class CertServiceClient:
         name = self._name(aor)
         self.touch(name)
         sub = self._sub_of(name)
-        if sub is not None and (sub.state != "ended" or sub.fetch_next):
+        if sub is not None and (sub.state != "ended" or sub.fetch_next
+                                or sub.retry_at is not None):
             return not sub.notified
         return self._subscribe(name, fetch=self._follow_was_refused(name))
 
@@ -220,7 +235,13 @@ class CertServiceClient:
         the subscriptions of peers still in use, forget what lapsed."""
         now = self._clock()
         for token, sub in list(self._subs.items()):
-            if sub.fetch_next:
+            if sub.retry_at is not None:
+                if now >= sub.retry_at:
+                    renewal = self._current.get(sub.aor) != token
+                    self._forget(token)
+                    self._subscribe(sub.aor, renew=renewal, fetch=sub.requested == 0,
+                                    busy=sub.busy)
+            elif sub.fetch_next:
                 self._forget(token)
                 self._subscribe(sub.aor, fetch=True)
             elif sub.state == "ended" or (sub.expires_at is not None and now > sub.expires_at):
@@ -275,7 +296,8 @@ class CertServiceClient:
                 continue
             self._subscribe(aor)
 
-    def _subscribe(self, aor: str, renew: bool = False, fetch: bool = False) -> bool:
+    def _subscribe(self, aor: str, renew: bool = False, fetch: bool = False,
+                   busy: int = 0) -> bool:
         """Follow ``aor``'s certificate (a subscription for ``subscribe_expires``), or
         with ``fetch`` have it once (``Expires: 0``, RFC 6665 4.4.3: one NOTIFY)."""
         if self._pending_count() >= MAX_PENDING:
@@ -285,7 +307,7 @@ class CertServiceClient:
             self._forget(next(iter(self._subs)))
         token = secrets.token_hex(8)
         sub = Subscription(aor=aor, token=token, started=self._clock(),
-                           requested=0 if fetch else self.subscribe_expires)
+                           requested=0 if fetch else self.subscribe_expires, busy=busy)
         self._subs[token] = sub
         if not renew:
             self._current[aor] = token
@@ -423,6 +445,15 @@ class CertServiceClient:
             return      # pjsua answers a challenge itself, in the same dialog
         if status >= 300:
             sub.state = "ended"
+            wait = _retry_after(msg) if status in _BUSY else None
+            if wait is not None and sub.busy < BUSY_RETRIES:
+                # "not now" (the service's cap on new subscriptions, review 121): the
+                # same SUBSCRIBE again after Retry-After (at most BUSY_WAIT_MAX, so a
+                # blocked send still gets it), neither a refusal nor a failure yet
+                sub.retry_at = self._clock() + min(wait, BUSY_WAIT_MAX)
+                sub.busy += 1
+                self._emit("cert_service_busy", aor=sub.aor, code=status, retry_in=wait)
+                return
             if sub.requested > 0:
                 # A follow refused (e.g. 403 Too Many Subscriptions: a stranger's
                 # subscriptions hold the AoR's places, review 115): the service still

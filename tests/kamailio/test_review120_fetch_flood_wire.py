@@ -49,7 +49,8 @@ characters): the ``e2mnotify`` table stays at one item whatever the flood (see
 empty name), and a NOTIFY past 1,300 octets makes the fetch a held subscription,
 counted against the per-source bound (20): ``403 Too Many Subscriptions`` to most.
 
-Fixed (stop 40): ``[certs] max_new_subscriptions_per_second`` (default 100): initial
+Fixed (stop 40): ``[certs] max_new_subscriptions_per_second`` (default 100; renamed
+``max_subscribes_per_second`` when review 121 had renewals counted too): initial
 SUBSCRIBEs, fetches and follows, served per second in all, counted by Kamailio's
 ``pipelimit`` (one pipe, TAILDROP, 1 s interval) before any transaction is made; past
 it, ``503`` with ``Retry-After: 5``, stateless, counted in ``e2m_certs_busy``

@@ -75,6 +75,11 @@ Tried and held (this review):
   A hop that makes alice's INVITE fail (486) to cut her branch note gains nothing:
   her INVITE has ended, so a ``;e2mnr=`` mark minted for her Via afterwards answers no
   live transaction of hers.
+
+Fixed (stop 40): renewals go through the same pipe as fetches and follows
+(``CertService.admits_subscribe``, called in ``route_in_dialog`` too; the setting is now
+``[certs] max_subscribes_per_second``).  The hole test failed on the code before the
+fix and passes with it.
 """
 
 from __future__ import annotations
@@ -213,9 +218,6 @@ def _refresher(dialogs):
     return make
 
 
-@pytest.mark.xfail(strict=True, reason="review 121 hole K1: refreshes of a stranger's own "
-                   "certificate subscriptions bypass max_new_subscriptions_per_second and "
-                   "take the shm as review 120's fetches did")
 def test_hole_k1_refreshes_from_many_addresses_take_the_shm(proxy_factory):
     proxy, dave = _start(proxy_factory, "r121-k1")
     socks = _sockets("127.4")
