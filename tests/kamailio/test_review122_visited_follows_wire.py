@@ -17,7 +17,7 @@ the visited proxy.
   ``kamailio_app/cert_table.py:361-364``): behind the visited proxy that is the
   visited proxy's, for every user it serves.  An e2m-phone follows every peer it talks
   to, up to 64 (``pjsua_hooks/certservice_client.py:66``, ``MAX_FOLLOWED``), so one
-  busy phone alone passes 20.  A refused follow falls back to fetches and is not tried
+  busy phone alone passes 20 (read; not run on a pjsua phone here).  A refused follow falls back to fetches and is not tried
   again for 300 s: for those peers the phone is not told when a certificate is
   replaced or withdrawn (review 107's reason to follow).  The same holds for the users
   behind one NAT address.  Neither README says so (``kamailio_app/README.md``,

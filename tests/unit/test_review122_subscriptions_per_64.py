@@ -18,8 +18,11 @@ any certificate.
 - Observed: all 200 are kept (20 per address, 10 addresses); then an honest phone at
   ``192.0.2.10`` following ``sip:bob@example.com`` is refused
   ``SubscriptionRefused: 200 subscriptions per proxy at most`` -- on the wire ``403 Too
-  Many Subscriptions``.  With the product's total (10,000) the same takes 500
-  addresses of the /64 and, at ``max_new_subscriptions_per_second`` (100), 100 s; the
+  Many Subscriptions``.  With the product's bounds unscaled (a script, same helpers:
+  500 addresses of the /64, 20 follows each, over 100 AoRs) the table took all 10,000
+  in 2.4 s of table time (0.18 ms an add at the end) and the honest follow was refused
+  ``10000 subscriptions per proxy at most``; on the wire the product's
+  ``max_new_subscriptions_per_second`` (100) makes that 100 s; the
   places are then held for the subscriptions' 24 h by answering one NOTIFY each.  Every
   honest phone's follow is refused: it falls back to a fetch per send and, while the
   refusal is remembered, hears nothing when a peer withdraws a stolen key (the reason
@@ -44,6 +47,11 @@ Controls (unmarked, pass):
   still follows: the per-source rule works for one address.
 - ``test_control_k1_an_honest_phone_follows_while_the_service_has_room``: the honest
   follow of the hole test is kept on the same table when the /64's flood is absent.
+
+Measured beside it (same script, 10,000 rows): ``changed`` for an AoR with 100 followers
+1.6 ms, the timer's ``claim_due`` of those 100 NOTIFYs 21 ms, ``drop_unanswered`` 2.5
+ms: the fan-out of a replaced certificate is bounded by the per-AoR bound and
+``BATCH`` and cheap per tick.
 
 Tried and held (this review): see ``tests/kamailio/test_review122_certservice_wire.py``.
 """
