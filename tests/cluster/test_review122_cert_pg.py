@@ -1,14 +1,18 @@
-"""Review 122 (attacker's review of 2161459), cluster: hole K1 on the PostgreSQL table a
-cluster's nodes share (``kamailio_app/cert_table_pg.py``).
+"""Review 122 (attacker's review of 2161459), cluster: hole K1 on the PostgreSQL back end
+of the certificate service's tables (``kamailio_app/cert_table_pg.py``).
 
 The reasoning, the figures on SQLite and on a real Kamailio, the code at fault and the
 fix are in ``tests/unit/test_review122_subscriptions_per_64.py`` and
 ``tests/kamailio/test_review122_certservice_wire.py``.  Here the same follows (twenty
-from each of ten addresses of ``2001:db8:122::/64``, each confirmed as a node's
-``on_reply`` confirms it) go into the table on a private PostgreSQL: all 200 are kept and
-an honest phone's follow is ``SubscriptionRefused`` (403 Too Many Subscriptions at
-every node, since the bound is the cluster's: one table).  The per-source bound is the
-product's (20), the total scaled to 200.
+from each of ten addresses of ``2001:db8:122::/64``, each confirmed as ``on_reply``
+confirms it) go into the tables on a private PostgreSQL: all 200 are kept and an honest
+phone's follow is ``SubscriptionRefused`` (403 Too Many Subscriptions).  The per-source
+bound is the product's (20), the total scaled to 200.
+
+Note (honest break HB2, ``test_review122_cert_split_cluster.py``): today a running
+node does not use these tables at all (each keeps its own SQLite file), so K1 hits
+each node's own table; once HB2 is fixed the bound is the cluster's, and this is the
+table that must count a /64 as one source.
 
 Control (unmarked): one IPv6 address gets its twenty places and no more on PostgreSQL,
 and the honest phone still follows.
