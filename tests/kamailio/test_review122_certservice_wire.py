@@ -56,9 +56,25 @@ Tried and held (this review)
 - NOTIFY fan-out (read, not measured here): a replaced certificate marks its followers
   (``changed``), bounded per AoR (100) and sent by the timer at most ``BATCH`` (100) a
   tick, one per subscription per ``notify_interval``; replacements in between coalesce.
-- The cluster front (read): a node's NOTIFY carries the node's own Via
-  (``[cluster] front``), so its 2xx/481 comes back to the node that sent it and tm
-  matches it there; behind a front the service is documented as unusable for phones
+- Guessing the branch of a NOTIFY sent to someone else (to confirm a forged
+  subscription from one's own address, which ``on_reply`` would take: it checks tm's
+  match and the ``e2mnotify`` note, not the reply's source).  Run: tm's local branch is
+  ``z9hG4bK<hash>.<label>000...0.0``; six fetches under one Call-ID (so one hash bucket)
+  got six unrelated 32-bit labels (``241beea2``, ``7c69c352``, ``cff59af7``, ...): no
+  sequence to follow.  Held.
+- A TLS connection that sent one whole OPTIONS (404) and then trickles a partial
+  MESSAGE, a byte every 2 s, with ``tcp_idle_timeout = 5``: still open after 25 s (Kamailio
+  5.6 has no per-message read timeout; any byte is traffic), and an honest TLS client
+  from another address was served meanwhile.  That is review 28's "spoke once, then
+  keep-alives" and is bounded the same way (``tcp_connections_per_source``, the table;
+  the read buffer is allocated per connection anyway): no new cost.  Stalled readers
+  on the proxy's writes (``tcp_wq_max``, Kamailio's send timeout) were read, not run.
+- A cluster's certificate service (run, see ``tests/cluster/test_review122_cert_split_cluster.py``
+  for the honest break found there).  Also seen: in an ``advertise`` cluster a node's
+  NOTIFY carries the advertised address as its only Via (``SIP/2.0/UDP
+  127.0.0.66:5066;branch=...``), so its 200 or 481 confirms or ends something only if it
+  comes back to that node (its tm transaction and ``e2mnotify`` note are its own).
+  Behind a front the service is documented as unusable for phones
   (``kamailio_app/README.md``, ``front``).
 """
 
