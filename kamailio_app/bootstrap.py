@@ -305,7 +305,13 @@ class ProxyApp:
         certs = None
         if config.certs is not None:
             from .cert_route import CertService
-            certs = CertService(config.certs, proxy_config.trust_anchors, ksr)
+            db = None
+            if config.cluster is not None:
+                # the nodes share one service: each its own SQLite file told others'
+                # followers that bob had no certificate (review 122)
+                from .cert_table_pg import PostgresCertDatabase
+                db = PostgresCertDatabase(config.cluster.db)
+            certs = CertService(config.certs, proxy_config.trust_anchors, ksr, db=db)
             certs.db.ensure_schema()     # an unusable file stops the start, not a request
             certs.db.close()             # each process connects on its own after the fork
         return cls(config, ProxyEngine(proxy_config, cache, replay=replay), archive, events,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import replace
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,6 +45,7 @@ from .cert_table import (FETCH, HELD, UNCONFIRMED, CertDatabase, CertTableError,
                          SubscriptionTable, SubscriptionTaken)
 from .config import CertSettings
 from .dialog_route import dialog_ids
+from .tcp_sweep import share_key
 
 __all__ = ["CertService", "BATCH", "SEND_ROUTE"]
 
@@ -190,9 +192,13 @@ class CertService:
         self._reply(503, "Service Unavailable", [("Retry-After", str(BUSY_RETRY_AFTER))])
         return False
 
-    def route_subscribe(self, message: SipMessage) -> None:
-        """An initial SUBSCRIBE: a fetch (Expires: 0) or a new subscription."""
+    def route_subscribe(self, message: SipMessage, exempt: bool = False) -> None:
+        """An initial SUBSCRIBE: a fetch (Expires: 0) or a new subscription.  ``exempt``:
+        from one of our own addresses or a ``[limits]`` trusted peer (a proxy whose
+        users all subscribe from its address): no per-source bound, as pike counts
+        none (the users behind a visited proxy shared 20 follows: review 122)."""
         now = time.time()
+        limits = replace(self.limits, per_source=self.limits.total) if exempt else self.limits
         try:
             answer = certservice.subscribe(message, store=self.publications, anchors=self.anchors,
                                            now=now, settings=self.rules)
@@ -206,7 +212,7 @@ class CertService:
             body = answer.body or b""
             held = self._plan(sub, 1, answer.expires or HOLD, body, confirmed=False)[4]
             flags = (HELD | (0 if answer.expires else FETCH)) if held else 0
-            cseq = self.subscriptions.add(sub, self.limits, now, flags) \
+            cseq = self.subscriptions.add(sub, limits, now, flags) \
                 if answer.expires or held else 1
         except SubscriptionTaken as exc:
             self._reply(403, "Forbidden")
@@ -244,7 +250,7 @@ class CertService:
                 self._reply(481, "Subscription Does Not Exist")
                 self._log("SUBSCRIBE", None, "refused 481: no such subscription")
                 return
-            if self._peer().ip != sub.source:
+            if share_key(self._peer().ip) != sub.source:     # kept as counted: a /64
                 # its NOTIFYs go to sub.source only: a refresh or an unsubscribe from
                 # elsewhere is someone who saw the dialog's identifiers
                 self._reply(403, "Forbidden")

@@ -1051,7 +1051,8 @@ class kamailio:
         certs = self.app.certs is not None and self.app.certs.takes()
         if certs and KSR.is_SUBSCRIBE():   # a certificate is public: no credentials (RFC 6072)
             if self.app.certs.admits_subscribe():
-                self.route_certs(self.app.certs.route_subscribe)
+                exempt = self.exempt_source()
+                self.route_certs(lambda message: self.app.certs.route_subscribe(message, exempt))
             return
         if KSR.is_OPTIONS() and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
             # A keepalive to the proxy itself (a front's probe, a monitor) names no

@@ -31,6 +31,12 @@ the visited proxy.
 
 Control (unmarked, passes): ``test_control_hb1_straight_to_the_home_each_follows_twelve``:
 the same 24 follows sent straight to the home from the two addresses: 24 of 24.
+
+Fixed (stop 40): the per-source bound does not apply to a SUBSCRIBE from one of our own
+addresses or a ``[limits]`` trusted peer (``CertService.route_subscribe(exempt=...)``,
+``kemi.exempt_source``, the rule pike follows): a proxy's users all subscribe from its
+address.  An operator lists a visited proxy elsewhere in ``[limits] trusted``.  The hole
+test failed on the code before the fix and passes with it.
 """
 
 from __future__ import annotations
@@ -76,8 +82,6 @@ def _follow(port: int, user: str, source: str, first: int) -> list[int | None]:
         client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 122 honest break HB1: the users behind a "
-                                       "visited proxy share one per-source bound of 20 follows")
 def test_hole_hb1_two_users_behind_the_visited_proxy_follow_twelve_each(proxies):
     _, visited = proxies
     alice = _follow(visited.port, "alice", "127.0.122.11", 0)
