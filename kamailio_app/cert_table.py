@@ -162,7 +162,9 @@ class CertDatabase:
             raise CertTableError(f"cannot open {self.path}: {exc}") from None
         return conn
 
-    def ensure_schema(self) -> None:
+    def ensure_schema(self, *, unreachable_ok: bool = False) -> None:
+        """The service's tables (``unreachable_ok`` is a shared database's: a file is
+        always reachable, and an unusable one stops the start)."""
         with self.write() as cursor:
             for statement in _SCHEMA.format(blob="BLOB").split(";"):
                 if statement.strip():

@@ -53,10 +53,18 @@ class PostgresCertDatabase(CertDatabase):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return CertTableError(f"{self.url.masked()}: {doing} failed: {first}")
 
-    def ensure_schema(self) -> None:
+    def ensure_schema(self, *, unreachable_ok: bool = False) -> None:
         """The service's tables and its ``schema_version`` row (``db init``).  Only
         read when they are there: the nodes' account may have no right to create
-        tables (the owner's do, ``db init --owner-url``; review 73)."""
+        tables (the owner's do, ``db init --owner-url``; review 73).  With
+        ``unreachable_ok`` (a node starting) a database that cannot be reached now is
+        not fatal, as for the archive: the service answers 500 with Retry-After until
+        it is back; ``db init`` still fails on it."""
+        if unreachable_ok:
+            try:
+                self._db.separate().close()
+            except self._errors:
+                return
         try:
             with self._db.separate() as conn:
                 present = conn.execute(
