@@ -122,6 +122,9 @@ _OWN_CHALLENGE_AVP = "$avp(e2m_own_challenge)"
 # what loose_route chose.  tm brings it to the reply route, where a 2xx ends the
 # dialog's keys only with it (``end_answered_dialog``; review 96).
 _BYE_WAY_AVP = "$avp(e2m_bye_way)"
+# An INVITE's transaction wrote its caller's target note: only then may its failure
+# remove it (another INVITE under the same Call-ID and tag must not take it; stop 41)
+_TARGET_MINE_AVP = "$avp(e2m_target_mine)"
 # A front's fr_timer: the nodes' (5 s, templates/kamailio.cfg.tmpl) and a margin, so that
 # a node that is up always answers first, if only with its own 408 (``failover``).
 _FRONT_FR_TIMER_MS = 7000
@@ -1877,6 +1880,7 @@ class kamailio:
             if KSR.htable.sht_get(_TARGETS, name) is None:
                 side = route_set_digest(_header_entries("Record-Route", _RECORD_ROUTE_SPECS))
                 KSR.htable.sht_setxs(_TARGETS, name, target + ":" + side, _UNANSWERED_TARGET)
+                KSR.pv.seti(_TARGET_MINE_AVP, 1)
 
     def note_dialog_targets(self, stray=False):
         """At a 2xx to an initial INVITE (``stray``: one matching no transaction, read
@@ -2389,7 +2393,9 @@ class kamailio:
         """An INVITE whose transaction failed (every branch answered 3xx-6xx, or timed
         out) rings no more: its branch note is kept 32 s more (a late 2xx, RFC 3261's
         Timer B), not ``max_inv_lifetime``'s 222 s, and its caller's target, noted for
-        a dialog that did not come, goes.  Strangers' INVITEs answered 486 at 240 a
+        a dialog that did not come, goes when this transaction wrote it (another
+        INVITE under alice's Call-ID and tag, failing while hers rings, must not take
+        hers; stop 41).  Strangers' INVITEs answered 486 at 240 a
         second left 600 bytes of notes each, for 222, 64 and 32 s, more than tm's own
         memory for them, and filled 32 MB (review 120)."""
         if KSR.pv.get("$rm") != "INVITE":
@@ -2398,7 +2404,8 @@ class kamailio:
         if note is not None and KSR.htable.sht_get(note[2], note[0]) is not None:
             KSR.htable.sht_setex(note[2], note[0], _FAILED_INVITE_NOTE)
         call_id, caller, _ = dialog_ids(KSR)
-        if call_id and caller and self.app.engine is not None:
+        if call_id and caller and self.app.engine is not None \
+                and KSR.pv.get(_TARGET_MINE_AVP):
             name = _caller_name(call_id, caller)
             held = KSR.htable.sht_get(_TARGETS, name)
             if isinstance(held, str) and "|" not in held:     # not bound to a dialog

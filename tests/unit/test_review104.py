@@ -143,7 +143,7 @@ class Node:
         self.alice = ua_engine(world, "alice", peers=("alice", "bob"), proxies=self.proxies)
 
     def _pv(self, values: dict) -> None:
-        self.fake.pv = types.SimpleNamespace(get=values.get)
+        self.fake.pv = types.SimpleNamespace(get=values.get, seti=values.__setitem__)
 
     def call(self, call_id: str, cseq: int, to_tag: str) -> bool:
         """mallory's keyed INVITE (tag a1) through the proxy and her UAS's 200 on

@@ -146,19 +146,19 @@ def _end_answered(fake, kemi, proxy, status: int, ruri: str, tags=("a1", "b1")) 
         _fake_htable(fake)
         invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r94-bye@x", "$ft": "a1",
                   "$hdr(Contact)": "<sip:alice@127.0.0.1:5061>"}
-        fake.pv = types.SimpleNamespace(get=invite.get)
+        fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
         kemi.kamailio.note_caller_target(node)
         invite_2xx = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r94-bye@x",
                       "$ft": "a1", "$tt": "b1", "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>",
                       "$hdrc(Record-Route)": 1,
                       "$(hdr(Record-Route)[0])": _our_entry("r94-bye@x")}
-        fake.pv = types.SimpleNamespace(get=invite_2xx.get)
+        fake.pv = types.SimpleNamespace(get=invite_2xx.get, seti=invite_2xx.__setitem__)
         kemi.kamailio.note_dialog_targets(node)
     avps = _bye_request(fake, kemi, node, "r94-bye@x", tags)
     values = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$rs": status, "$T_req($ci)": "r94-bye@x",
               "$T_req($ft)": tags[0], "$T_req($tt)": tags[1], "$T_req($ou)": ruri,
               "$ru": ruri, **avps}
-    fake.pv = types.SimpleNamespace(get=values.get)
+    fake.pv = types.SimpleNamespace(get=values.get, seti=values.__setitem__)
     kemi.kamailio.end_answered_dialog(node)
 
 
@@ -218,7 +218,7 @@ def _stray_2xx_dropped(fake, kemi, mark: str | None) -> bool:
     our_via = OUR_VIA.replace("p.0", "p.x") + (f";{UNROUTED_MARK}={mark}" if mark else "")
     values = {"$rm": "INVITE", "$rs": 200, "$ci": CALL, "$hdrc(Via)": 2,
               "$(hdr(Via)[0])": our_via, "$(hdr(Via)[1])": REPLY_VIA}
-    fake.pv = types.SimpleNamespace(get=values.get)
+    fake.pv = types.SimpleNamespace(get=values.get, seti=values.__setitem__)
     fake.tm = types.SimpleNamespace(t_check_trans=lambda: -1)
     node = types.SimpleNamespace(app=types.SimpleNamespace(
         routes=ROUTES, config=types.SimpleNamespace(dispatcher=None)))
@@ -255,7 +255,7 @@ def _door_refuses(fake, kemi, via: str, cseq: int) -> bool:
     for value in ((ALICES_VIA, 1), (via, cseq)):
         values = {"$ci": CALL, "$cs": value[1], "$rm": "INVITE", "$(hdr(Via)[0])": value[0],
                   "$via0(branch)": _via0_branch(value[0])}
-        fake.pv = types.SimpleNamespace(get=values.get)
+        fake.pv = types.SimpleNamespace(get=values.get, seti=values.__setitem__)
         note = kemi._branch_note()
         taken = kemi._branch_taken(note)
         kemi._note_branch(note)          # relayed (stop 39: noted only then, review 117)
@@ -286,7 +286,7 @@ def test_hole_a_mark_minted_for_the_hops_via_steers_a_stray_to_alices_address(fa
     our_via = OUR_VIA.replace("p.0", "p.x") + f";{UNROUTED_MARK}={minted}"
     values = {"$rm": "INVITE", "$rs": 200, "$ci": CALL, "$hdrc(Via)": 2,
               "$(hdr(Via)[0])": our_via, "$(hdr(Via)[1])": steered}
-    fake.pv = types.SimpleNamespace(get=values.get)
+    fake.pv = types.SimpleNamespace(get=values.get, seti=values.__setitem__)
     fake.tm = types.SimpleNamespace(t_check_trans=lambda: -1)
     node = types.SimpleNamespace(app=types.SimpleNamespace(
         routes=ROUTES, config=types.SimpleNamespace(dispatcher=None)))
@@ -305,17 +305,17 @@ def test_what_the_targets_keep_grows_only_with_the_invites_relayed(fake_ksr):
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=object()))
     invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r94-grow@x", "$ft": "a1",
               "$hdr(Contact)": "<sip:alice@127.0.0.1:5061>"}
-    fake.pv = types.SimpleNamespace(get=invite.get)
+    fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
     kemi.kamailio.note_caller_target(node)
     for n in range(20):
         answer = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$ci": "r94-grow@x", "$ft": "a1",
                   "$tt": f"fork{n}", "$hdr(Contact)": f"<sip:x{n}@203.0.113.66:5999>"}
-        fake.pv = types.SimpleNamespace(get=answer.get)
+        fake.pv = types.SimpleNamespace(get=answer.get, seti=answer.__setitem__)
         kemi.kamailio.note_dialog_targets(node, stray=True)
     assert len(table) == 2                 # the caller's target and one dialog
     # a stray 2xx for a dialog whose INVITE the proxy never relayed notes nothing
     stranger = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$ci": "elsewhere@x", "$ft": "z1",
                 "$tt": "z2", "$hdr(Contact)": "<sip:z@203.0.113.66:5999>"}
-    fake.pv = types.SimpleNamespace(get=stranger.get)
+    fake.pv = types.SimpleNamespace(get=stranger.get, seti=stranger.__setitem__)
     kemi.kamailio.note_dialog_targets(node, stray=True)
     assert len(table) == 2

@@ -197,18 +197,18 @@ def _bye_answered(fake, kemi, proxy, *, ruri: str, dst: str, caller_contact: str
     _fake_htable(fake)
     invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r96-bye@x", "$ft": "a1",
               "$hdr(Contact)": caller_contact}
-    fake.pv = types.SimpleNamespace(get=invite.get)
+    fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
     kemi.kamailio.note_caller_target(node)
     ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-bye@x", "$ft": "a1",
           "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", "$hdrc(Record-Route)": 1,
           "$(hdr(Record-Route)[0])": _our_entry("r96-bye@x")}
-    fake.pv = types.SimpleNamespace(get=ok.get)
+    fake.pv = types.SimpleNamespace(get=ok.get, seti=ok.__setitem__)
     kemi.kamailio.note_dialog_targets(node)
     avps = _bye_request(fake, kemi, node, "r96-bye@x", tags, dst)    # the request route
     bye = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "BYE", "$rs": 200, "$T_req($ci)": "r96-bye@x", "$T_req($ft)": tags[0],
            "$T_req($tt)": tags[1], "$T_req($ou)": ruri, "$T_req($ru)": ruri,
            "$T_req($du)": dst, "$ru": ruri, "$du": dst, **avps}
-    fake.pv = types.SimpleNamespace(get=bye.get)
+    fake.pv = types.SimpleNamespace(get=bye.get, seti=bye.__setitem__)
     kemi.kamailio.end_answered_dialog(node)
 
 
@@ -253,11 +253,11 @@ def _goes_the_dialogs_way(fake, kemi, *, invite_rr=(), ok_rr=(), bye_tags=("b1",
                 **{f"$(hdr({name})[{i}])": v for i, v in enumerate(values)}}
     invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r96-way@x", "$ft": "a1",
               "$hdr(Contact)": f"<{ALICES_TARGET}>", **headers("Record-Route", list(invite_rr))}
-    fake.pv = types.SimpleNamespace(get=invite.get)
+    fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
     kemi.kamailio.note_caller_target(node)
     ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-way@x", "$ft": "a1",
           "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", **headers("Record-Route", list(ok_rr))}
-    fake.pv = types.SimpleNamespace(get=ok.get)
+    fake.pv = types.SimpleNamespace(get=ok.get, seti=ok.__setitem__)
     kemi.kamailio.note_dialog_targets(node)
     bye = {**_ends(bye_tags), "$rm": "BYE", "$ci": "r96-way@x", "$ft": bye_tags[0], "$tt": bye_tags[1], "$du": du,
            **headers("Route", list(route))}
@@ -356,7 +356,7 @@ def _door_refuses(fake, kemi, via: str, cseq: int) -> bool:
     for value in ((ALICES_VIA, 1), (via, cseq)):
         values = {"$ci": CALL, "$cs": value[1], "$rm": "INVITE", "$(hdr(Via)[0])": value[0],
                   "$via0(branch)": _via0_branch(value[0])}
-        fake.pv = types.SimpleNamespace(get=values.get)
+        fake.pv = types.SimpleNamespace(get=values.get, seti=values.__setitem__)
         note = kemi._branch_note()
         taken = kemi._branch_taken(note)
         kemi._note_branch(note)          # relayed (stop 39: noted only then, review 117)
@@ -412,12 +412,12 @@ def _ttls(fake, kemi, answered: bool) -> dict:
     node = types.SimpleNamespace(app=types.SimpleNamespace(engine=engine))
     invite = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$ci": "r96-grow@x", "$ft": "e1",
               "$hdr(Contact)": "<sip:eve@203.0.113.7:5060>"}
-    fake.pv = types.SimpleNamespace(get=invite.get)
+    fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
     kemi.kamailio.note_caller_target(node)
     if answered:
         ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-grow@x",
               "$ft": "e1", "$tt": "s1", "$hdr(Contact)": "<sip:sink@203.0.113.7:5999>"}
-        fake.pv = types.SimpleNamespace(get=ok.get)
+        fake.pv = types.SimpleNamespace(get=ok.get, seti=ok.__setitem__)
         kemi.kamailio.note_dialog_targets(node)
     return ttls
 

@@ -176,14 +176,14 @@ def _keyed_calls(fake, kemi, calls: int, *, keep: bool = True):
         call_id, tag, other = f"r99-{i}@x", f"m{i}", f"u{i}"
         invite = {"$fu": MALLORY, "$tu": "sip:mallory2@example.com", "$rm": "INVITE",
                   "$ci": call_id, "$ft": tag, "$hdr(Contact)": "<sip:m@203.0.113.9:5060>"}
-        fake.pv = types.SimpleNamespace(get=invite.get)
+        fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
         kemi.kamailio.note_caller_target(node)
         if keep:
             cache.put(DialogScope(call_id, tag, other), b"ref-%d" % i, b"k" * 16,
                       keeper=MALLORY)
         ok = {**invite, "$rs": 200, "$T_req($tt)": "", "$tt": other,
               "$hdr(Contact)": "<sip:sink@203.0.113.9:5999>"}
-        fake.pv = types.SimpleNamespace(get=ok.get)
+        fake.pv = types.SimpleNamespace(get=ok.get, seti=ok.__setitem__)
         kemi.kamailio.note_dialog_targets(node)
     cache.sweep()
     return ttls, cache
