@@ -35,6 +35,7 @@ from .gate import GateError, GateResult, check_environment, gate_result
 from .pjsip_abi import PINNED_PLATFORM, PINNED_WHEEL
 from .rawhook import HookFailure, RawSipHook
 from .selftest import self_test
+from .strong_rand import RandomSourceError, install as install_strong_rand
 from .tcpguard import TcpGuard, find_listener
 
 
@@ -157,6 +158,10 @@ class SipEndpoint:
             from . import pjsip_abi
 
             pjsip_abi.silence_pjlib_log()   # no banner from libCreate
+            env = gate_result(list(env.checks) + [_random_source_check()])
+            if not env.ok and self.require_e2m:
+                self.gate_result = env
+                raise GateError(env)
         if _pj_endpoint_exists():
             # A second pj.Endpoint() aborts the process; refuse instead.
             raise EndpointError("an earlier pjsua2 Endpoint object is still alive (held by a "
@@ -486,6 +491,16 @@ def _verifying_tls(tls: Any, anchors: Sequence[Any] | None) -> None:
     tls.verifyClient = False
     tls.method = pj.PJSIP_TLSV1_2_METHOD
     tls.proto = pj.PJ_SSL_SOCK_PROTO_TLS1_2
+
+
+def _random_source_check() -> tuple[str, bool, str]:
+    """pjsip's Call-IDs, tags and branches from the OS random source, not glibc's
+    ``rand()`` (stop 41): a gate check, so an E2M phone does not start without it."""
+    try:
+        install_strong_rand()
+    except (RandomSourceError, OSError) as exc:
+        return ("random", False, f"pjsip's identifiers would come from glibc rand(): {exc}")
+    return ("random", True, "pjsip's rand() draws from the OS random source")
 
 
 class _Endpoint(pj.Endpoint):
@@ -849,7 +864,8 @@ def gate(endpoint: SipEndpoint | None = None, *, expected_version: str = PINNED_
         return env
     if endpoint is not None:
         result = self_test(endpoint, timeout=timeout)
-        return gate_result(list(env.checks) + list(result.checks), result.counts)
+        return gate_result(list(env.checks) + [_random_source_check()] + list(result.checks),
+                           result.counts)
     temp = SipEndpoint(self_test_timeout=timeout)
     try:
         temp.start()   # runs check_environment and self_test itself
