@@ -4,7 +4,6 @@ address changed.  Module docstring completed below (holes, controls, tried and h
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -12,47 +11,9 @@ import pytest
 from tests.cluster.test_review119_front_retransmit import FRONT_IP, TO_7_5, cluster  # noqa: F401
 from tests.kamailio.test_review114_loop_wire import _created, _message
 from tests.kamailio.test_review119_loop_wire import LOOP_LOG
+from tests.kamailio.test_review123_rebind_wire import REBIND_AT, retransmit_rebound
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio, pytest.mark.slow]
-
-REBIND_AT = 7.5          # the copy the caller sends from its new public port
-
-
-def retransmit_rebound(port, raw, schedule, *, source="127.0.0.64", rebind_at=REBIND_AT):
-    """Send the one request ``raw`` (``@@VIA@@`` filled once: one Via, one branch) at each
-    offset of ``schedule``; from ``rebind_at`` on, from another UDP port of the same
-    address (a NAT that gave the caller a new mapping, or a phone that moved), the
-    datagram unchanged.  [(offset, status lines read within 0.4 s)]."""
-    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    first.bind((source, 0))
-    later = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    later.bind((source, 0))
-    for sock in (first, later):
-        sock.settimeout(0.3)
-    # the Via the phone wrote (its private address and port) stays the same: rport asks
-    # for the answers to come to where the datagram came from
-    via = (f"SIP/2.0/UDP 10.11.12.13:5060;rport;"
-           f"branch=z9hG4bK-r123-{time.monotonic_ns()}")
-    raw = raw.replace(b"@@VIA@@", via.encode())
-    start, out = time.monotonic(), []
-    try:
-        for at in schedule:
-            sock = later if rebind_at is not None and at >= rebind_at else first
-            time.sleep(max(0.0, start + at - time.monotonic()))
-            sock.sendto(raw, ("127.0.0.1", port))
-            got = []
-            end = time.monotonic() + 0.4
-            while time.monotonic() < end:
-                try:
-                    got.append(sock.recvfrom(65535)[0].split(b"\r\n", 1)[0].decode())
-                except socket.timeout:
-                    break
-            out.append((at, got))
-    finally:
-        first.close()
-        later.close()
-    return out
-
 
 def _run(cluster, to, n, rebind_at=REBIND_AT):  # noqa: F811
     front, a, b, bob = cluster
