@@ -1,6 +1,35 @@
-"""Review 123 (attacker's review of 487265c), cluster: the loop rule's retransmission
-exemption (``kemi._resent``) at a node behind a dispatcher front, for a caller whose
-address changed.  Module docstring completed below (holes, controls, tried and held)."""
+"""Review 123 (attacker's review of 487265c), cluster: honest break HB1 at a node behind
+a dispatcher front, where it takes one lost period.  Two real Kamailio 5.6 nodes on DMQ
+and PostgreSQL with ``[cluster] front`` and a real dispatcher front (review 119's
+``cluster`` fixture, ``tests/cluster/test_review119_front_retransmit.py``); bob is
+``e2m_lab.cluster.Bob`` (200 to a MESSAGE), registered through the front.  The
+single-proxy account, the cause and the fix are in
+``tests/kamailio/test_review123_rebind_wire.py``.
+
+**Honest break HB1 (cluster): a caller's retransmission from a new NAT port, after the
+front's transaction ended, is 482 "Loop Detected" at the node** (stop 40 fixed review
+119's HB1 for a caller whose port stayed).
+
+- Messages: ``MESSAGE sip:bob@example.com`` (``Via: SIP/2.0/UDP
+  10.11.12.13:5060;rport;...``) to the front at 0, 0.5, 1.5 and 3.5 s from one UDP
+  port, then the same datagram at 7.5 s from another port of the same address.
+- Observed on 487265c: 200 to the first four (the front's transaction absorbs them),
+  **482 Loop Detected at 7.5 s** from node A ("came back to us unchanged (a loop):
+  refused"); tm ``created``: front 2, node A 1, node B 0.  One lost period of ~7 s and
+  a new mapping, and the caller is told "Loop Detected" for a MESSAGE bob got.
+- Why: the front writes ``rport=<new port>`` into the caller's Via, so the bottom entry
+  (``_via_shape``) differs and ``_resent`` is False; ``_came_back`` then asks
+  ``_carries_our_via()`` over every entry, and the front's Via on top is one of the
+  node's names (``kamailio_app/launcher.py:165-168``): refused at the second coming.
+
+Controls (unmarked, pass):
+
+- ``test_control_the_same_port_through_the_front_is_relayed``: the same five copies
+  from one port: 200 to all, node A made 2 transactions, no loop line (stop 40's fix
+  live).
+- ``test_control_a_new_port_straight_to_a_node_is_relayed``: the new port at 7.5 s sent
+  straight to node A: 200 to all.
+"""
 
 from __future__ import annotations
 

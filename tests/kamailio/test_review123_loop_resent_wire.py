@@ -1,6 +1,84 @@
 """Review 123 (attacker's review of 487265c), wire: the loop rule's retransmission
-exemption (``kemi._resent``: same Via shape, same Max-Forwards, no Via of ours below the
-top one).  Docstring completed below."""
+exemption (stop 40's fix of review 119 HB1: ``kemi._via_shape``, ``_resent``,
+``_came_back``, ``_note_relayed``) on a real Kamailio 5.6, with review 114's and 119's
+helpers (``_register``, ``_send_raw``, ``_created``, ``_message``, ``_B2bua``).  The
+honest breaks found around the same rule are in ``test_review123_rebind_wire.py``,
+``tests/cluster/test_review123_front_rebind.py`` and ``test_review123_signed_resend_wire.py``.
+
+**Hole K1: a hop that keeps the UA's Via loops one datagram without bound, past the
+pass count.**  Attacker: an off-path stranger (one datagram), springing a trap an insider
+UA set (dave's binding names the element, which sends everything for dave back to
+``sip:dave@H``), or anyone where the registrar is open.  The element is honest but
+unusual: it hides the proxies' Vias and keeps the originating UA's (the bottom one),
+puts its own on top with a fresh branch, keeps Call-ID and tags, and writes
+``Max-Forwards: 70`` afresh (``_KeepFirstVia`` below).
+
+- Set-up: plain proxy H (``e2m=False``), dave registered at H with ``Contact:
+  <sip:dave@127.0.0.1:HOP>``; the element at 127.0.0.1 (H's own address, as a
+  co-located SBC or B2BUA is; a ``[limits] trusted`` peer is the same to pike) answers
+  100 and sends each request to H as ``MESSAGE sip:dave@127.0.0.1:H`` with ``Via: its
+  own;branch=<random>`` over the bottom Via it got.  The test's element stops
+  forwarding after 2 s.
+- Messages: one stranger's ``MESSAGE sip:dave@example.com`` to H (or, second test,
+  sent to the element, which delivers the first coming itself).
+- Observed on 487265c (two runs each): **3,121 and 3,051 transactions at H (tm
+  ``created``) in the 2 s** for the one datagram sent to H, the element got 4,990-5,101
+  requests; **3,685 and 4,403** when the datagram went through the element; no "came
+  back to us unchanged" line, ever.  Left alone it runs until shared memory is gone
+  (review 116 saw that end).  On c1a303e (2161459's parent, before the exemption; the
+  same test file and helpers copied into an extracted tree): 3 and 2 transactions and
+  the loop line each time: stop 39's pass count stopped this element.
+- Why: H's first relay rewrites the Request-URI (``lookup``), so every copy from the
+  element is under one new key (``_relay_key``, ``kemi.py:679-693``) whose first coming
+  is the element's first copy: ``(2 Vias, the stranger's Via at the bottom)``,
+  Max-Forwards 70.  Every later copy has the same count, the same bottom entry (the
+  element keeps it), the same Max-Forwards (written afresh) and only the element's Via
+  above it, so ``_resent`` (``kemi.py:728-738``) says "the first coming sent again";
+  ``_came_back`` returns False for it at once (``:756``) and ``_note_relayed`` does not
+  count it (``:763-772``).  The pass count (``_MAX_PASSES``, ``:776``), which review
+  116's fix added for exactly this kind of element (Via-hiding, ids kept, Max-Forwards
+  afresh), is never reached.  tm does not absorb the copies: each has a new top branch.
+- Scope: unbounded only from an address pike does not count (our own, or ``[limits]
+  trusted``): at 127.0.123.9 pike bans the element after 37 transactions (control).  A
+  hop run by the attacker gains nothing (it sends every pass itself).  With
+  Max-Forwards counted down (RFC 7332) the lower-Max-Forwards rule refuses it at once
+  (control).  Same class as review 119 K2 (open: an element renewing Call-ID and tags),
+  but this element keeps the ids, the case the pass count exists for.
+- Suggested fix: count resent copies too, under their own bound sized by RFC 3261 (a
+  UAC sends one non-INVITE request at most 11 times within Timer F, an INVITE 7 times
+  within Timer B): e.g. ``_MAX_RESENT = 11`` per key per 32 s, refused 482 past it; and
+  never take a copy for "sent again" when it comes from the address this key was last
+  relayed to (note ``$du``/the destination with the key): a UA's retransmission comes
+  from the UA's side, a loop's from where we sent it.
+
+Controls (unmarked, pass):
+
+- ``test_control_k1_the_same_hop_counting_max_forwards_down_is_stopped``: the same
+  element decrementing Max-Forwards: 1 transaction, "came back to us unchanged".
+- ``test_control_k1_a_hop_hiding_every_via_is_stopped``: review 116's element (its own
+  Via only, branch a digest of what it sends, Max-Forwards afresh, ids kept): 2
+  transactions; its second copy has its first copy's very Via and tm absorbs it.
+- ``test_control_k1_the_same_hop_at_an_address_not_ours_is_banned_by_pike``: the
+  hole's element at 127.0.123.9: "127.0.123.9 banned", 37 transactions.
+
+Tried and held (run unless said read):
+
+- Review 116's Via-hiding element (all Vias replaced by its own) with the first coming
+  sent to it rather than to H (so the first coming has the element's shape): 2
+  transactions; a single-Via shape equal to the first coming means the first coming's
+  very top Via, which tm matches as a retransmission of the live transaction (run).
+- Odd spellings of our Via below a cluster front's Via (IPv6 brackets, case, port
+  omitted, ``received``/``rport``; read): ``_resent`` needs the same Via count as the
+  first coming, and a loop through Via-keeping hops adds at least our Via and the
+  hop's, so no spelling can make a loop copy "sent again"; at a node behind a front
+  every other coming carries the front's Via on top, which ``_came_back``'s full check
+  takes for ours (refused at the second coming); at a single proxy a missed spelling
+  costs one pass, then the pass count (as review 119 noted).
+- A Via-hiding element with deterministic branches chained with a stateful proxy (read):
+  the stateful proxy sees the stable Via as its top and absorbs the copy as a
+  retransmission; only an element that adds a fresh branch over a kept Via (above)
+  gets through.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,51 @@
-"""Review 123 (attacker's review of 487265c), wire: honest break HB1 of the loop rule's
-retransmission exemption at a home proxy behind another proxy.  Docstring completed below."""
+"""Review 123 (attacker's review of 487265c), wire: honest break HB1, the loop rule's
+retransmission exemption (``kemi._resent``, stop 40's fix of review 119 HB1) misses a
+caller whose public address changed, when another proxy is in front of ours.  The
+cluster side (where it takes one lost period, not two) is
+``tests/cluster/test_review123_front_rebind.py``.
+
+**Honest break HB1: a caller's retransmission from a new NAT port is taken for a loop
+pass; behind another proxy the third coming is 482 "Loop Detected".**  No attacker: a
+caller on UDP whose answers were lost for some seconds (a radio or NAT outage, review
+119's case) and whose NAT gave it a new public port meanwhile (a NAT whose mapping
+lapsed or was rebuilt, a phone moving between networks: the usual end of such an
+outage).
+
+- Set-up: plain home proxy H with bob registered (a raw UAS answering 200); a plain
+  visited/outbound proxy V (``next_hop`` H) where the caller sends.
+- Messages: one ``MESSAGE sip:bob@example.com`` with ``Via: SIP/2.0/UDP
+  10.11.12.13:5060;rport;branch=...`` (the caller's private address) sent on RFC 3261's
+  Timer E schedule (0, 0.5, 1.5, 3.5, 7.5, 11.5, 15.5 s), the datagram unchanged; from
+  7.5 s on it leaves from another UDP port of the caller's address.
+- Observed on 487265c: 200 to the copies up to 11.5 s, **482 Loop Detected at 15.5 s**
+  (the home logs "came back to us unchanged (a loop): refused"); tm ``created``: V 3,
+  H 2; bob got the MESSAGE twice (0 and 7.5 s).  The caller is told "Loop Detected" for
+  a MESSAGE bob got.
+- Why: ``_via_shape`` (``kamailio_app/kemi.py:707-725``) takes the bottom Via entry as
+  it arrives at H, and that entry carries the ``rport=<port>`` (and ``received=``) the
+  proxy before H wrote into it (RFC 3581; every stateful proxy does it for a Via with
+  ``rport``).  With the caller's new port the bottom entry differs, so the copy at 7.5
+  s is not "sent again" (``_resent``, ``:728-738``) and ``_note_relayed`` counts it as
+  a pass (``:763-772``); the copy at 15.5 s is neither (its shape is still not the
+  first coming's) and ``passes + 1 >= _MAX_PASSES`` (``:760``, ``_MAX_PASSES = 2`` at
+  ``:776``) refuses it.  Behind a cluster's front the second coming is refused already
+  (the front's Via is one of the node's names: cluster module).
+- Suggested fix: take the bottom entry's sent-by and branch only for the shape (the
+  UA's own words), not the parameters a previous hop adds to it (``received``,
+  ``rport``'s value); or count resent copies under their own RFC-sized bound (see
+  K1 in ``test_review123_loop_resent_wire.py``) rather than exempting by shape.
+
+Controls (unmarked, pass):
+
+- ``test_control_hb1_behind_a_proxy_the_same_port_is_relayed``: the same schedule
+  without the new port: 200 to all seven, bob got it three times, no loop line (stop
+  40's fix working behind a proxy).
+- ``test_control_hb1_a_new_port_straight_to_the_home_is_relayed``: the new port at 7.5
+  s, sent straight to H: 200 to all seven (the bottom Via is then the caller's own,
+  unchanged).
+
+Tried and held: see the K1 module (``test_review123_loop_resent_wire.py``).
+"""
 
 from __future__ import annotations
 
