@@ -1,5 +1,44 @@
-"""Review 123 (attacker's review of 487265c), wire: an E2M-protected MESSAGE's UDP
-retransmission after tm's transaction ended.  Docstring completed below."""
+"""Review 123 (attacker's review of 487265c), wire: honest break HB2, an E2M-protected
+request's UDP retransmission after tm's transaction ended is refused as a replay.  Stop
+40 fixed review 119 HB1 (such a copy taken for a loop pass, 482) for what the proxy
+relays unread; a body the proxy reads meets the replay check first, and that refuses
+the second coming outright.
+
+**Honest break HB2: a caller whose answers were lost for ~7 s is told 403 Forbidden for
+a signed, sealed MESSAGE bob got.**  No attacker: review 119's caller (a radio or NAT
+outage), now with E2M on.
+
+- Set-up: an E2M home proxy (``e2m=True``, ``view`` ``MESSAGE:*``), bob registered
+  with a raw UAS (200 to every MESSAGE), alice's UA engine (``ua_engine``, as the
+  phone's) with the home as a known proxy.
+- Messages: alice's one protected ``MESSAGE sip:bob@example.com`` (signed, sealed to
+  bob and the proxy, her Via in the signed context), its octets sent again unchanged on
+  RFC 3261's Timer E schedule: 0, 0.5, 1.5, 3.5 and 7.5 s (Timer F allows 32 s), as a
+  stack does when no answer reaches it (the e2m-phone hook keeps its output so that a
+  retransmission is the same octets).
+- Observed on 487265c (two runs): 200 to the copies up to 3.5 s (tm's transaction
+  absorbs them), **403 Forbidden at 7.5 s**, the home logging ``action=reply ...
+  code=403 error=ReplayError``; bob got the MESSAGE once.  With the path back after 7.5
+  s, alice's stack takes the 403 as the final answer: her phone reports a failed send
+  for a message bob has.
+- Why: tm keeps a non-INVITE transaction ~5 s after its final answer (wait timer); a
+  copy after that opens a new transaction and reaches the engine, whose check for a
+  request is ``check_and_record(..., retransmissions=False)``
+  (``e2m_plugins/proxy.py:694``).  ``e2m_plugins/replay.py:10-11`` states the
+  assumption behind it: "a proxy never sees a retransmission (Kamailio's tm absorbs
+  them before the script runs)", which holds only while tm's transaction lives, not
+  for Timer F's 32 s.  (Review 119 noted this scope, read, not run.)  Behind a cluster's
+  front it is the same at the node (read: the engine checks first).
+- Suggested fix: record the UA's own branch (the bottom Via's, which a front's or visited
+  proxy's new transaction does not change) with the request's replay entry and call the
+  check with ``retransmissions=True`` and that branch: a copy under the same UA branch
+  within ``TRANSACTION_LIFETIME`` is the transaction again and is relayed (the callee's
+  stack, and the phone's own replay check, ``ua.py:1140``, absorb it by branch); a
+  replay under another branch stays refused.
+
+Control (unmarked, pass): ``test_control_hb2_copies_within_the_transaction_are_absorbed``:
+the copies up to 3.5 s: four 200s, bob got it once, no replay refusal.
+"""
 
 from __future__ import annotations
 
