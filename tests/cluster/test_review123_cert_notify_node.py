@@ -1,0 +1,164 @@
+"""Review 123 (attacker's review of 487265c), cluster: which node tells a follower that a
+certificate changed, now that the nodes share the service's tables (stop 40's fix of
+review 122 HB2).  Docstring completed below."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from e2m_lab.certclient import CertClient
+from concurrent.futures import ThreadPoolExecutor
+
+from e2m_lab.cluster import Cluster, _node_settings, dmq_peer_active, wait_until
+from e2m_lab.ports import free_port
+from e2m_plugins.sip import make_response, parse
+from tests.kamailio.test_review89_wire import BOB, USERS, bob_der
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kamailio]
+
+FOLLOWERS = 6
+
+
+@pytest.fixture(scope="module")
+def pair(module_proxy_factory, module_pg_url, pki):
+    """Nodes A and B on one PostgreSQL (``e2m_lab.cluster.start_cluster``'s settings,
+    ``[auth]`` for bob's PUBLISH), ``[certs] notify_interval = 1`` so a change is told
+    within a second rather than a minute."""
+    first = free_port()
+    dmq = (first, free_port(avoid={first}))
+    settings = [_node_settings(module_pg_url, dmq[0], dmq[1], None),
+                _node_settings(module_pg_url, dmq[1], dmq[0], None)]
+    for one in settings:
+        one["extra"]["certs"] = {"notify_interval": 1}
+        one["auth"] = True
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started_a = pool.submit(module_proxy_factory, "node-a", users=USERS, **settings[0])
+        started_b = pool.submit(module_proxy_factory, "node-b", **settings[1])
+        a, b = started_a.result(), started_b.result()
+    wait_until(lambda: dmq_peer_active(a) and dmq_peer_active(b), 15, "DMQ peers up")
+    a.dmq_port, b.dmq_port = dmq
+    return Cluster(a, b)
+
+
+class _Follower:
+    """A follower of bob's certificate at one node, on UDP, answering NOTIFYs as an
+    e2m-phone does (``CertServiceClient._notify``): 200 from its proxy's address and
+    port, 481 from anywhere else.  Every NOTIFY's source is kept."""
+
+    def __init__(self, address: str, proxy_port: int):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 0))
+        self.address, self.port, self.proxy_port = address, self.sock.getsockname()[1], proxy_port
+        self.seen: list[tuple[int, int]] = []     # (source port, the answer we gave)
+
+    def follow(self, n: int) -> int | None:
+        call_id = f"r123n-{n}-{self.port}"
+        request = "\r\n".join([
+            f"SUBSCRIBE {BOB} SIP/2.0",
+            f"Via: SIP/2.0/UDP {self.address}:{self.port};rport;branch=z9hG4bKr123n{n}x{self.port}",
+            f"From: <sip:alice@example.com>;tag=t{n}", f"To: <{BOB}>", f"Call-ID: {call_id}",
+            "CSeq: 1 SUBSCRIBE", "Max-Forwards: 70", "Event: certificate",
+            "Accept: application/pkix-cert", "Expires: 3600",
+            f"Contact: <sip:alice@{self.address}:{self.port}>", "Content-Length: 0", "", ""])
+        self.sock.sendto(request.encode(), ("127.0.0.1", self.proxy_port))
+        status = None
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not (status and self.seen):
+            self.listen(0.2)
+            for data in self._final:
+                status = data
+            self._final = []
+        return status
+
+    _final: list = []
+
+    def listen(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.02, deadline - time.monotonic()))
+            try:
+                data, source = self.sock.recvfrom(65535)
+            except (socket.timeout, TimeoutError):
+                return
+            message = parse(data)
+            if message.is_request and message.method == "NOTIFY":
+                ours = source == ("127.0.0.1", self.proxy_port)
+                code = 200 if ours else 481
+                self.sock.sendto(make_response(message, code, "OK" if ours else
+                                               "Subscription Does Not Exist").serialize(), source)
+                self.seen.append((source[1], code))
+            elif not message.is_request and (message.status or 0) >= 200:
+                self._final = [*self._final, message.status]
+
+    def close(self):
+        self.sock.close()
+
+
+def _rows(url):
+    from kamailio_app.cert_table_pg import PostgresCertDatabase
+    from kamailio_app.pgconn import PgUrl
+    db = PostgresCertDatabase(PgUrl.parse(url))
+    try:
+        with db.read() as cursor:
+            return cursor.execute("SELECT count(*) FROM cert_subscriptions WHERE aor = %s",
+                                  (BOB,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def _publish(port, der):
+    bob = CertClient(port, "bob", password=USERS["bob"], source="127.0.123.90")
+    try:
+        answer = bob.publish(der)
+        return None if answer is None else answer.status
+    finally:
+        bob.close()
+
+
+def _changed(pair, pki, module_pg_url):
+    """Six followers of bob at node A (each NOTIFY answered as a phone does), then bob's
+    certificate replaced by a PUBLISH at A; (first NOTIFYs' sources, the change NOTIFYs'
+    sources with our answers, bob's rows before and after)."""
+    a, b = pair.a, pair.b
+    assert _publish(a.port, bob_der(pki)) == 200
+    followers = [_Follower(f"127.0.123.{100 + i}", a.port) for i in range(FOLLOWERS)]
+    try:
+        codes = [f.follow(i) for i, f in enumerate(followers)]
+        assert codes == [200] * FOLLOWERS, codes
+        before = _rows(module_pg_url)
+        assert _publish(a.port, bob_der(pki)) == 200       # bob's certificate replaced
+        for _ in range(40):                                 # ~12 s for the timers
+            for f in followers:
+                f.listen(0.05)
+        after = _rows(module_pg_url)
+        first = [f.seen[0] for f in followers]
+        changes = [s for f in followers for s in f.seen[1:]]
+    finally:
+        for f in followers:
+            f.close()
+    print(f"\nnode A SIP {a.port}, DMQ {a.dmq_port}; node B SIP {b.port}, DMQ {b.dmq_port}; "
+          f"first NOTIFYs {first}; change NOTIFYs (source port, answer) {changes}; "
+          f"bob's subscriptions {before} -> {after}")
+    return first, changes, before, after
+
+
+@pytest.fixture(scope="module")
+def changed(pair, pki, module_pg_url):
+    return _changed(pair, pki, module_pg_url), pair
+
+
+@pytest.mark.xfail(strict=True, reason="review 123 hole HB4: a cluster node's timer sends a "
+                   "certificate change NOTIFY from its DMQ socket; the phone's 481 ends the follow")
+def test_hole_hb4_a_change_is_told_from_the_port_the_follow_was_made_at(changed):
+    (first, changes, before, after), pair = changed
+    assert changes, "no change NOTIFY came"
+    assert {port for port, _ in changes} == {pair.a.port}, changes
+    assert after == before
+
+
+def test_control_hb4_the_first_notify_of_each_follow_comes_from_the_node(changed):
+    (first, changes, before, after), pair = changed
+    assert first == [(pair.a.port, 200)] * FOLLOWERS and before == FOLLOWERS
