@@ -1,6 +1,50 @@
-"""Review 123 (attacker's review of 487265c), cluster: which node tells a follower that a
-certificate changed, now that the nodes share the service's tables (stop 40's fix of
-review 122 HB2).  Docstring completed below."""
+"""Review 123 (attacker's review of 487265c), cluster: who tells a follower that a
+certificate changed, on two real Kamailio 5.6 nodes sharing the service's tables on
+PostgreSQL (stop 40's fix of review 122 HB2).  The phone's half (its answer to such a
+NOTIFY, with the real ``CertServiceClient``) is ``tests/unit/test_review123_notify_source.py``.
+
+**Honest break HB4: a certificate's change (replacement, withdrawal) is told from the
+node's DMQ socket; the phone answers 481 and the service forgets the follow.**  No
+attacker (bob replacing his certificate, as after a lost phone).
+
+- Set-up: nodes A and B (``e2m_lab.cluster``'s settings: DMQ on a socket of its own at
+  the node's address, as ``kamailio_app/examples/cluster-node-a.toml`` has it,
+  ``192.0.2.11:5090`` beside SIP's ``:5060``), ``[auth]``, ``[certs] notify_interval =
+  1`` (a change told within a second, not a minute).  bob publishes at A.  Six followers
+  at A on UDP (raw, answering NOTIFYs as an e2m-phone does: 200 from its proxy's address
+  and port, 481 from anywhere else, ``CertServiceClient._notify``).
+- Messages: six follows (``Expires: 3600``) at A, then bob's new certificate published
+  at A.
+- Observed on 487265c (four runs): every first NOTIFY came from A's SIP port (200);
+  **every change NOTIFY came from a DMQ port**, A's or B's (3/3, 3/3, 4/2 and 2/4 in
+  the four runs: both nodes' timers claim from the shared table), each answered 481, and
+  **bob's subscriptions in the shared table went 6 -> 0**.  The followers, to whom each
+  e2m-phone's state says "following bob", are told nothing more until their own
+  renewal (80 % of 24 h): a withdrawal of a stolen key (the reason follows exist,
+  review 107) never reaches them.  On 0aa8f85 (before stop 40; this file in an extracted
+  tree): the same from A's DMQ port, all six (the nodes then kept SQLite files, so only
+  A's timer sent them).  So the socket fault predates stop 40; the shared table adds
+  NOTIFYs from the other node.
+- Code at fault: the timer's NOTIFYs go by ``route[E2M_SEND_REQUEST]``
+  (``kamailio_app/templates/kamailio.cfg.tmpl:387-389``: ``t_uac_send(..., "", ...)``,
+  no socket) from ``CertService._notify`` (``kamailio_app/cert_route.py:311-322``) in
+  the rtimer process, where Kamailio picks a socket by destination: with DMQ's listener
+  at the same address, that one.  The first NOTIFY is sent from the SUBSCRIBE's own
+  route and leaves from its socket.  Then any node's timer may claim a due NOTIFY
+  (``SubscriptionTable.claim_due``, ``kamailio_app/cert_table.py:490-513``), and the
+  phone takes NOTIFYs only from its one proxy (``pjsua_hooks/phone.py:1345-1354``:
+  ``ProxySource.of_uris(proxies[:1])``, the port compared over UDP).
+- Suggested fix: keep the local socket a subscription was made on (its dialog's
+  Contact already names it) and pass it as ``t_uac_send``'s socket; in a cluster, let a
+  node claim only subscriptions made at its own sockets (a ``node`` column, or the
+  socket in the claim's WHERE), or have the phone take NOTIFYs from every node it lists
+  in ``[phone] home_sources``; and never let a 481 to a NOTIFY from a socket the
+  dialog was not made on end the subscription.
+
+Control (unmarked, pass): ``test_control_hb4_the_first_notify_of_each_follow_comes_from_the_node``:
+the six follows' first NOTIFYs came from A's SIP port and were answered 200, and the
+table held six rows (the followers' rule and the set-up work).
+"""
 
 from __future__ import annotations
 
