@@ -1,7 +1,33 @@
 """Review 123 (attacker's review of 487265c), cluster: the certificate service on the
-cluster's PostgreSQL when a node starts while the database is down
-(``bootstrap`` with ``PostgresCertDatabase``, ``ensure_schema(unreachable_ok=True)``).
-Docstring completed below."""
+cluster's PostgreSQL when a node starts while the database is down (commit 6a43fbe:
+``bootstrap`` with ``PostgresCertDatabase``, ``ensure_schema(unreachable_ok=True)``).
+No hole found here; these tests are the run that held (unmarked, pass).
+
+- ``test_started_while_the_database_is_down_serves_once_it_is_back``: a node (E2M on,
+  ``[certs]``, ``db_url`` a private PostgreSQL, no ``[auth]``) is stopped, the database
+  killed, the node started: it starts ("is not reachable now"); a fetch of bob's
+  certificate is answered **500** (the service's own answer while its tables are
+  away); the database is started again and bob's publication written into the shared
+  table (as another node that took his PUBLISH does); the next fetch is **200 and a
+  NOTIFY with bob's 475-byte certificate**, at the first try (two runs).  Each worker
+  connects on its own after the fork (``certs.db.close()`` in ``bootstrap``) and
+  ``PostgresCertDatabase._failure`` drops a broken connection, so nothing stale is
+  kept.
+- ``test_control_started_with_the_database_up_serves``: the same without the outage.
+- With ``[auth]`` a node cannot start while the database is down at all (the users'
+  table is there; the launcher says so and exits): run, not kept as a test.
+- Read, held: two nodes racing on one AoR's PUBLISH: ``PublicationTable.locked()`` is
+  ``write()``, a transaction that first takes ``pg_advisory_xact_lock(CERT_LOCK)``
+  (``kamailio_app/cert_table_pg.py:100-113``), and the nested writes inside it are
+  savepoints of that transaction (autocommit connections, so a read leaves none open):
+  the decision (read, entity-tag check, save) is serialised across nodes; the NOTIFYs
+  it causes are claimed row by row with ``UPDATE ... WHERE pending & CHANGED RETURNING``
+  (``cert_table.py:490-513``), so no NOTIFY is claimed twice.  Who sends them is honest
+  break HB4 (``test_review123_cert_notify_node.py``).
+- Read: ``ensure_schema(unreachable_ok=True)`` takes any connection error for
+  "unreachable", a wrong password too: such a node starts and answers 500 instead of
+  refusing to start; an operator's error, logged, not an attacker's.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +42,9 @@ from e2m_plugins.certservice import Publication
 from kamailio_app.cert_table import PublicationTable
 from kamailio_app.cert_table_pg import PostgresCertDatabase
 from kamailio_app.pgconn import PgUrl
-from tests.kamailio.test_review89_wire import BOB, USERS, bob_der
+from tests.kamailio.test_review89_wire import BOB, bob_der
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kamailio]
-
-
-def _publish(port, der, source):
-    bob = CertClient(port, "bob", password=USERS["bob"], source=source)
-    try:
-        answer = bob.publish(der)
-        return None if answer is None else answer.status
-    finally:
-        bob.close()
 
 
 def _fetch(port, source):

@@ -1,5 +1,31 @@
 """Review 123 (attacker's review of 487265c), cluster: the certificate service's
-per-source bound at nodes behind a dispatcher front.  Docstring completed below."""
+per-source bound at nodes behind a dispatcher front, with stop 40's exemption of our own
+addresses (``kemi.exempt_source``: ``is_myself_srcip``, which takes the front's address,
+a core alias of every node, for the node's own).  Tried and held (run); no strict xfail.
+
+- Set-up: two real Kamailio 5.6 nodes on DMQ and PostgreSQL with ``[cluster] front``
+  naming a front at its own address, 127.0.0.123 (the nodes listen on 127.0.0.1, so
+  only the alias makes it "ours"), and the product's dispatcher front there.
+- Attack: one stranger's address sends 30 follows of bob (each its own dialog) through
+  the front.  Observed: **30 of 30 kept** (``max_subscriptions_per_source`` is 20; the
+  node counts the front's address and exempts it, as review 71 saw for REGISTER),
+  spread over both nodes (the front dispatches by Call-ID), all with source
+  127.0.0.123.  But the node sends each NOTIFY to where the SUBSCRIBE came from, the
+  front, which dispatches it to a node, and none reaches the subscriber (0 NOTIFYs):
+  no follow is ever confirmed, and the service's probation (RFC 6665 4.2.2) drops
+  every one: 29 rows on probation right after, **0 eight seconds later** ("N
+  subscription(s) dropped: their NOTIFY was never answered").  At a full bound an
+  unconfirmed row older than 1 s also makes room for an honest follower.  So the
+  missing bound holds nothing: held.  (The README says phones behind a front take
+  peers' certificates from ``[peers]`` or signed messages: following through a front
+  does not work for anyone.)
+- Control (unmarked): ``test_control_k1_one_address_straight_to_a_node_gets_its_places``:
+  30 follows from one address straight to node A: 20 kept, 10 refused 403, 20 NOTIFYs.
+- Observation, not a hole: review 122's HB1 test (``test_review122_visited_follows_wire``)
+  passes on 487265c because its visited proxy sends from 127.0.0.1, the home's own
+  address (``is_myself_srcip``), not because of ``[limits] trusted``; a visited proxy
+  elsewhere must be listed there, as ``docs/threat-model.md`` says.
+"""
 
 from __future__ import annotations
 

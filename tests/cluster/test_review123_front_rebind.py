@@ -61,7 +61,8 @@ def _run(cluster, to, n, rebind_at=REBIND_AT):  # noqa: F811
 
 @pytest.mark.xfail(strict=True, reason="review 123 hole HB1: a caller's retransmission "
                    "from a new NAT port after the front's transaction ended is 482 at the node")
-def test_hole_hb1_a_retransmission_from_a_new_port_through_the_front_is_not_a_loop(cluster):  # noqa: F811
+def test_hole_hb1_a_retransmission_from_a_new_port_through_the_front_is_not_a_loop(
+        cluster):  # noqa: F811
     finals, logs = _run(cluster, "front", 11)
     assert None not in finals, finals
     # secure: the same request sent again is answered as such, not as a loop

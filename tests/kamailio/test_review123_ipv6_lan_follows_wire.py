@@ -25,7 +25,8 @@ address, no NAT) share one per-source bound of 20 follows.**  No attacker.
   shared address, the /64 rule makes one.
 - Code at fault: ``kamailio_app/cert_table.py:338`` (``sub = replace(sub,
   source=share_key(sub.source))``) and ``_check_bounds`` (``:366-372``), which
-  counts ``source = ?`` against ``max_subscriptions_per_source``; ``share_key`` is ``kamailio_app/tcp_sweep.py:52-63``.
+  counts ``source = ?`` against ``max_subscriptions_per_source``; ``share_key`` is
+  ``kamailio_app/tcp_sweep.py:52-63``.
 - Suggested fix: two tiers: the per-address bound as before (20 per exact address), and
   a per-/64 bound several times larger (e.g. ``max_subscriptions_per_source`` x 10 by
   default, its own key) that still stops review 122's stranger well below the total;
