@@ -97,6 +97,7 @@ class _Follower:
         self.sock.bind((address, 0))
         self.address, self.port, self.proxy_port = address, self.sock.getsockname()[1], proxy_port
         self.seen: list[tuple[int, int]] = []     # (source port, the answer we gave)
+        self.finals: list[int] = []               # final answers to our SUBSCRIBEs
 
     def follow(self, n: int) -> int | None:
         call_id = f"r123n-{n}-{self.port}"
@@ -112,12 +113,9 @@ class _Follower:
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and not (status and self.seen):
             self.listen(0.2)
-            for data in self._final:
-                status = data
-            self._final = []
+            if self.finals:
+                status = self.finals.pop()
         return status
-
-    _final: list = []
 
     def listen(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -135,7 +133,7 @@ class _Follower:
                                                "Subscription Does Not Exist").serialize(), source)
                 self.seen.append((source[1], code))
             elif not message.is_request and (message.status or 0) >= 200:
-                self._final = [*self._final, message.status]
+                self.finals.append(message.status)
 
     def close(self):
         self.sock.close()

@@ -1,8 +1,23 @@
 """Review 123 (attacker's review of 487265c), unit: the e2m-phone's certificate client
-(the real ``CertServiceClient``) when the service's "busy, try again in 2 s" reaches it
-as a visited proxy relays it: ``500`` without ``Retry-After``.  The wire half (what a
-real visited proxy makes of the service's 503) and the account of honest break HB5 are
-in ``tests/kamailio/test_review123_busy_via_visited_wire.py``."""
+(the real ``CertServiceClient``, review 121's manual-clock service ``_Service``) when
+the service's "busy, try again in 2 s" reaches it as a visited proxy relays it: ``500``
+without ``Retry-After``.  The wire half (what a real visited proxy makes of the
+service's 503) and the account of honest break HB5 are in
+``tests/kamailio/test_review123_busy_via_visited_wire.py``.
+
+- ``test_hole_hb5_a_busy_second_behind_a_visited_proxy_is_retried`` (strict xfail):
+  busy for 1 s, each busy answer a bare 500: observed 2 SUBSCRIBEs (the follow, then
+  the fetch in its place), failure "the certificate service answered 500 Server
+  Internal Error", bob's certificate not had: the blocked send fails.
+- ``test_control_hb5_the_same_second_answered_503_retry_after_is_retried``: the same
+  second answered 503 ``Retry-After: 2``: waited out, bob's certificate had.
+- ``test_held_a_huge_retry_after_is_waited_four_seconds_at_most`` (tried and held): a
+  hop's forged ``503`` with ``Retry-After: 99999999`` holds the SUBSCRIBE 4 s
+  (``BUSY_WAIT_MAX``), then it is sent again and served.  An off-path sender cannot
+  forge one at all: the phone drops responses not from its home
+  (``phone._answer_from_home``) and the client matches them by Call-ID and From tag
+  (the known pjsua2 Call-ID weakness aside, not reported here).
+"""
 
 from __future__ import annotations
 
@@ -56,3 +71,32 @@ def test_control_hb5_the_same_second_answered_503_retry_after_is_retried(pki, se
     engine, client, service = _start(pki, setup, 1.0, _Service)
     _ticks(service, engine, 5)
     assert engine.certs.user(BOB) is not None and client.failure(BOB) is None
+
+
+class _Huge(_Service):
+    """Busy answers with ``Retry-After: 99999999`` (a hop's forgery, or a confused
+    service): the phone must not hold its sends that long."""
+
+    def answer_new(self):
+        while self.seen < len(self.sent):
+            if self.clock.now < self.busy_until:
+                out = go_out(self.client, BOB, self.sent[self.seen][1])
+                self.seen += 1
+                self.busy_answers += 1
+                assert self.client.on_rx(sip.make_response(
+                    out, 503, "Service Unavailable",
+                    extra_headers=[("Retry-After", "99999999 (forged)")]), self.PROXY) is True
+                continue
+            super().answer_new()
+
+
+def test_held_a_huge_retry_after_is_waited_four_seconds_at_most(pki, setup):  # noqa: F811
+    """Tried and held: one 503 with a huge Retry-After, then the service answers: the
+    SUBSCRIBE is sent again after ``BUSY_WAIT_MAX`` (4 s) and bob's certificate is had
+    within the 6 s a blocked send waits."""
+    engine, client, service = _start(pki, setup, 0.5, _Huge)
+    _ticks(service, engine, 3.5)
+    assert engine.certs.user(BOB) is None and len(service.sent) == 1
+    _ticks(service, engine, 1.0)
+    assert engine.certs.user(BOB) is not None and client.failure(BOB) is None
+    assert service.busy_answers == 1 and len(service.sent) == 2
