@@ -24,7 +24,9 @@ outage).
 - Why: ``_via_shape`` (``kamailio_app/kemi.py:707-725``) takes the bottom Via entry as
   it arrives at H, and that entry carries the ``rport=<port>`` (and ``received=``) the
   proxy before H wrote into it (RFC 3581; every stateful proxy does it for a Via with
-  ``rport``).  With the caller's new port the bottom entry differs, so the copy at 7.5
+  ``rport``; checked with a raw sink behind the product's visited proxy: the two copies
+  left it with ``...;received=127.0.0.64;rport=33419;branch=...`` and ``...;rport=39190;
+  ...``).  With the caller's new port the bottom entry differs, so the copy at 7.5
   s is not "sent again" (``_resent``, ``:728-738``) and ``_note_relayed`` counts it as
   a pass (``:763-772``); the copy at 15.5 s is neither (its shape is still not the
   first coming's) and ``passes + 1 >= _MAX_PASSES`` (``:760``, ``_MAX_PASSES = 2`` at
