@@ -13,7 +13,8 @@ front's transaction ended, is 482 "Loop Detected" at the node** (stop 40 fixed r
 - Messages: ``MESSAGE sip:bob@example.com`` (``Via: SIP/2.0/UDP
   10.11.12.13:5060;rport;...``) to the front at 0, 0.5, 1.5 and 3.5 s from one UDP
   port, then the same datagram at 7.5 s from another port of the same address.
-- Observed on 487265c: 200 to the first four (the front's transaction absorbs them),
+- Observed on 487265c (figures of the first run; the strict xfail held in a second): 200
+  to the first four (the front's transaction absorbs them),
   **482 Loop Detected at 7.5 s** from node A ("came back to us unchanged (a loop):
   refused"); tm ``created``: front 2, node A 1, node B 0.  One lost period of ~7 s and
   a new mapping, and the caller is told "Loop Detected" for a MESSAGE bob got.
