@@ -134,10 +134,12 @@ def has_protection(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> bool
     return any(is_protected(p) for p in top_parts(part, limits))
 
 
-def plaintext_leaves(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> list[mime.MimePart]:
+def plaintext_leaves(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS,
+                     protected: list[mime.MimePart] | None = None) -> list[mime.MimePart]:
     """Every part of the body, at any depth, that carries content in the clear: not
     S/MIME and not a multipart.  A ``multipart/signed`` counts as one protected unit
-    (its first part is the signed content, not a separate plaintext)."""
+    (its first part is the signed content, not a separate plaintext); the S/MIME parts
+    met are added to ``protected`` when it is given."""
     leaves: list[mime.MimePart] = []
     mime_limits = mime.MimeLimits.from_limits(limits)
     seen = [0]
@@ -147,6 +149,8 @@ def plaintext_leaves(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> li
         if seen[0] > mime_limits.max_total_parts:
             raise LimitExceededError(f"more than {mime_limits.max_total_parts} body parts in all")
         if is_protected(node):
+            if protected is not None:
+                protected.append(node)
             return
         if not node.content_type.is_multipart:
             leaves.append(node)
@@ -197,6 +201,7 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
         inner = _inner_entity(opened.content, limits)
         if is_protected(inner):
             raise MalformedError("nested S/MIME entity beyond what was opened")
+        _refuse_hidden_parts(inner, limits)
     except E2MError:
         if not unauthenticated_plaintext(opened.layers):
             raise
@@ -207,6 +212,23 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
     return OpenedPart(part.content_id, part.handling, inner.content_type.mime_type,
                       inner.decoded(), inner, opened.envelopes, opened.signatures,
                       context, signed)
+
+
+def _refuse_hidden_parts(inner: mime.MimePart, limits: Limits) -> None:
+    """A multipart inside the envelope may hold neither an SDP nor S/MIME, at any
+    depth.  The proxy views a session's media from an inner ``application/sdp`` only,
+    and a UA hands the multipart to its stack, which finds the SDP in it: an insider
+    hid her call's media from the proxy that way (review 126).  A MESSAGE's multipart
+    of text and files stays readable; one with an SDP in it is no E2M use."""
+    if not inner.content_type.is_multipart:
+        return
+    nested: list[mime.MimePart] = []
+    leaves = plaintext_leaves(inner, limits, protected=nested)
+    if nested or any(leaf.content_type.mime_type == "application/sdp" for leaf in leaves):
+        raise UnsupportedMediaTypeError(
+            f"an SDP or S/MIME part inside a {inner.content_type.mime_type} inside the "
+            "envelope: send the SDP as the envelope's whole content",
+            content_type=inner.content_type.mime_type)
 
 
 def _context_of(envelopes: Sequence[OpenedEnvelope], signatures: Sequence[VerifyResult]

@@ -793,8 +793,11 @@ class UAEngine:
             # shared key (the proxy) could put its own keys in their place.
             raise PolicyError("an SDP with SRTP keys can pass a proxy only signed, and not "
                               "to a [[legacy]] peer (which cannot read sealed keys)")
-        seal = dict(message=message, peer=peer, ctype=ctype, signer=signer, reuse_ok=reuse_ok,
-                    cipher="aes-128-cbc" if legacy is not None else None)
+        # a multipart's boundary goes in with it (it was lost, and the whole entity
+        # became unreadable once its parts were looked into: review 126)
+        sealed_type = str(part.content_type) if part.content_type.is_multipart else ctype
+        seal = dict(message=message, peer=peer, ctype=sealed_type, signer=signer,
+                    reuse_ok=reuse_ok, cipher="aes-128-cbc" if legacy is not None else None)
         try:
             sealed_keys, keys_reused = None, False
             if split:
