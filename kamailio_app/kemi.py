@@ -699,13 +699,22 @@ def _relay_key():
 
 def _loop_note(held):
     """An e2mloop note (``_note_relayed``) as (first Max-Forwards, times relayed again,
-    the first coming's Via shape or None); None for no note or one that is not ours."""
+    the first coming's Via shape or None, times it came again as itself, when it last
+    came in ms); None for no note or one that is not ours (a note of stop 40, without
+    the last two, counts none and came long ago)."""
     if not isinstance(held, str):
         return None
     parts = held.split(" ")
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+    if len(parts) == 3:
+        parts += ["0", "0"]
+    if len(parts) != 5 or not all(parts[i].isdigit() for i in (0, 1, 3, 4)):
         return None
-    return int(parts[0]), int(parts[1]), (None if parts[2] == "-" else parts[2])
+    return (int(parts[0]), int(parts[1]), (None if parts[2] == "-" else parts[2]),
+            int(parts[3]), int(parts[4]))
+
+
+def _now_ms():
+    return int(time.time() * 1000)
 
 
 def _via_shape():
@@ -725,7 +734,11 @@ def _via_shape():
         return None
     if not entries:
         return None
-    shape = "%d\n%s" % (len(entries), entries[-1].strip())
+    # received and rport are what the first hop saw: a caller's NAT may give its
+    # retransmission another port (review 123), the sender's own words stay
+    bottom = ";".join(param for param in entries[-1].strip().split(";")
+                      if param.split("=", 1)[0].strip().lower() not in ("received", "rport"))
+    shape = "%d\n%s" % (len(entries), bottom)
     return hashlib.sha256(shape.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
@@ -736,10 +749,16 @@ def _resent(note):
     cluster's front, one of our names, adds its own on top).  Such a copy is no pass
     round a loop: three comings of a caller whose answers were lost were taken for one
     (review 119).  Copies forked round a loop have the shape of each other, but carry
-    our Via below the hop's (review 114's forks)."""
-    first, _, shape = note
-    return shape is not None and _max_forwards() == first and _via_shape() == shape \
-        and not _carries_our_via(below_top=True)
+    our Via below the hop's (review 114's forks).  A hop that keeps the caller's Via,
+    hides ours and writes Max-Forwards afresh makes every pass look so, and looped one
+    datagram without end (review 123): so a copy is taken for one sent again only
+    ``_RESEND_GAP_MS`` after the last coming (RFC 3261 retransmissions are T1, 500 ms,
+    apart at least; past tm's transaction, 4 s), and at most ``_MAX_RESENDS`` times (a
+    caller sends a handful in the note's 32 s)."""
+    first, _, shape, resends, last = note
+    return shape is not None and resends < _MAX_RESENDS \
+        and _now_ms() - last >= _RESEND_GAP_MS and _max_forwards() == first \
+        and _via_shape() == shape and not _carries_our_via(below_top=True)
 
 
 def _came_back(note, resent):
@@ -759,7 +778,7 @@ def _came_back(note, resent):
         return _carries_our_via()
     if resent:
         return False
-    first, passes, _ = note
+    first, passes = note[0], note[1]
     now = _max_forwards()
     return passes + 1 >= _MAX_PASSES or (now is not None and now < first) or _carries_our_via()
 
@@ -767,17 +786,24 @@ def _came_back(note, resent):
 def _note_relayed(key, note, resent):
     """Note the request of ``key`` as relayed once more: the Max-Forwards it first came
     with (``_NO_MAX_FORWARDS`` without one: any that comes back is lower), the times it
-    was relayed again, and its Via shape; the first coming sent again changes nothing."""
+    was relayed again, its Via shape, the times its first coming came again, and now."""
     if note is None:
         now = _max_forwards()
-        KSR.htable.sht_sets(_RELAYED, key, "%d 0 %s" % (
-            _NO_MAX_FORWARDS if now is None else now, _via_shape() or "-"))
-    elif not resent:
-        first, passes, shape = note
-        KSR.htable.sht_sets(_RELAYED, key, "%d %d %s" % (first, passes + 1, shape or "-"))
+        KSR.htable.sht_sets(_RELAYED, key, "%d 0 %s 0 %d" % (
+            _NO_MAX_FORWARDS if now is None else now, _via_shape() or "-", _now_ms()))
+        return
+    first, passes, shape, resends, _ = note
+    if resent:
+        resends += 1
+    else:
+        passes += 1
+    KSR.htable.sht_sets(_RELAYED, key, "%d %d %s %d %d" % (
+        first, passes, shape or "-", resends, _now_ms()))
 
 
 _MAX_PASSES = 2              # relayed twice already: its third coming is a loop
+_MAX_RESENDS = 8             # a first coming sent again at most this often in 32 s
+_RESEND_GAP_MS = 400         # below RFC 3261's T1: a copy sooner is no retransmission
 _FAILED_INVITE_NOTE = 32     # s: a failed INVITE's branch note, for a late 2xx
 _NO_MAX_FORWARDS = 256       # above the 70 at most that maxfwd lets a request leave with
 
