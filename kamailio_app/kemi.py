@@ -1881,9 +1881,8 @@ class kamailio:
             self.note_caller(self.app.engine.answer_caller(
                 KSR.pv.get("$fu") or "", None, digest_user=self.digest_aor()))
         KSR.tm.t_on_reply("ksr_onreply_route")
-        if self.app.engine is not None or self.app.config.dispatcher is not None \
-                or self.app.config.auth is not None or KSR.is_INVITE():
-            KSR.tm.t_on_failure("ksr_failure_route")    # an INVITE's: its notes' end
+        # always: an INVITE's notes end there, a 503's Retry-After is kept there
+        KSR.tm.t_on_failure("ksr_failure_route")
         if loop_key is not None:
             _note_relayed(loop_key, note, resent)   # only what leaves: a refused one never did
         _note_branch(_branch_note() if self.branch_note is _UNREAD else self.branch_note)
@@ -2427,9 +2426,25 @@ class kamailio:
                 return 1
             self.drop_attempt_keys()
             self.end_failed_invite_notes()
+            self.relay_retry_after()
         except Exception as exc:  # noqa: BLE001 - tm sends the failure on regardless
             _log_exception("failure route", exc)
         return 1
+
+    @staticmethod
+    def relay_retry_after():
+        """A downstream 503 with a Retry-After is answered 500 with that Retry-After.
+        tm sends no 503 on (RFC 3261 16.7 step 6) but builds its 500 from the request,
+        none of the reply's headers in it: the certificate service's "busy, try again
+        in 2 s" reached a phone behind a visited proxy as a bare failure (review 123).
+        Only delta-seconds are copied (at most six digits)."""
+        if KSR.pv.get("$T_reply_code") != 503:
+            return
+        value = (KSR.pv.get("$T_rpl($hdr(Retry-After))") or "").strip()
+        digits = value[:len(value) - len(value.lstrip("0123456789"))][:6]
+        if digits:
+            KSR.hdr.append_to_reply("Retry-After: %s\r\n" % digits)
+            KSR.tm.t_reply(500, "Server Internal Error")
 
     def end_failed_invite_notes(self):
         """An INVITE whose transaction failed (every branch answered 3xx-6xx, or timed

@@ -74,6 +74,9 @@ _RENEW_FRACTION = 0.8        # renew a subscription after this share of its time
 BUSY_RETRIES = 2             # a SUBSCRIBE answered "busy, try again" is sent again this often
 BUSY_WAIT_MAX = 4.0          # seconds at most before that (a blocked send waits 6 s)
 _BUSY = (480, 500, 503)      # the answers that say "not now" with a Retry-After
+_BUSY_BARE = (500, 503)      # ... or without one: a visited proxy's tm relays the
+                             # service's 503 as a bare 500 (RFC 3261 16.7; review 123)
+_BARE_BUSY_WAIT = 2.0        # seconds before sending one so answered again (the service's)
 
 
 class NotifyAnswer(RxReject):
@@ -446,6 +449,8 @@ class CertServiceClient:
         if status >= 300:
             sub.state = "ended"
             wait = _retry_after(msg) if status in _BUSY else None
+            if wait is None and status in _BUSY_BARE:
+                wait = _BARE_BUSY_WAIT
             if wait is not None and sub.busy < BUSY_RETRIES:
                 # "not now" (the service's cap on new subscriptions, review 121): the
                 # same SUBSCRIBE again after Retry-After (at most BUSY_WAIT_MAX, so a
