@@ -1,4 +1,125 @@
-"""Review 125 (attacker's review of 98296ba): PLACEHOLDER DOCSTRING, filled in below."""
+"""Review 125 (attacker's review of 98296ba): the per-/64 counting of stop 41 against
+other IPv6 prefix lengths, and an office's phones in one /64; on a real Kamailio 5.6 E2M
+proxy with its registrar open (no ``[auth]``, the harness's default) and the product's
+``[limits]`` defaults (``registrations_per_source`` 50, pike 30 requests in 2 s, a /64's
+pipelimit pipe 30 a second, ban 300 s).
+
+Set-up (as review 124's ``test_review124_registrations_per_64.py``, whose helpers this
+copies): the outer tests run the inner half in a fresh network namespace (``unshare -n``,
+root only; skipped elsewhere), where ``ip -6 route add local <prefix> dev lo table
+local`` gives the stranger the /48 ``2001:db8:125::/48`` and the 6to4 /48
+``2002:c000:221::/48`` (what IPv4 address 192.0.2.33 spells), an office the /64s
+``2001:db8:ace::/64`` and ``2001:db8:acf::/64``, and two honest phones
+``2001:db8:999::/64``.  One proxy listens on ``udp:127.0.0.1:P``, ``tcp:127.0.0.1:P`` and
+``udp:[::1]:P``; every message is a raw UDP datagram from a socket bound to one address.
+Figures are from two runs (``-s`` prints the inner half's JSON).
+
+Hole K1 (``test_hole_k1_one_56_binds_past_registrations_per_source``)
+----------------------------------------------------------------------
+
+- Attacker: an **off-path sender** who holds what an ISP gives a home line: a /56 (or a
+  /48: RIPE-690 recommends /48 or /56 per end site; tunnel brokers hand out /48s free).
+- Messages: ``REGISTER sip:example.com`` for new AoRs ``sip:u<n>@example.com``
+  (``Expires: 3600``, a Contact at the sending address), 51 from each of
+  ``2001:db8:125:100::1``, ``2001:db8:125:101::1`` and ``2001:db8:125:102::1`` (three /64s
+  of one /56), 0.08 s apart, then an honest REGISTER from ``2001:db8:999::11``.
+- Observed (both runs): per /64 50 x ``200`` then ``403``: **150 AoRs bound from one /56**
+  (``site_bound`` 150), none unanswered; the control's /64 (``2001:db8:125:1ff::/64``)
+  bound 50 more from the same /48.  A /56 has 256 /64s (12,800 AoRs), a /48 65,536
+  (3.3 million); at review 124's 1.3 KB of shm per AoR the product's shared memory is
+  full long before that, and each AoR lives up to 3,600 s, refreshed for free.
+- Code at fault: ``kamailio_app/tcp_sweep.py:52-63`` (``share_key``: an IPv6 source is
+  its /64, fixed) as used by ``kamailio_app/kemi.py:1681-1693`` (``_registration_pair``);
+  review 124 K1's fix moved the counting unit from the address to the /64, but a /64 is
+  not what one party holds: a home line holds 256 or 65,536 of them.
+- Suggested fix: count registrations (and the rate, K2) by a coarser prefix as well: a
+  per-/56 (or ``[limits] ipv6_site_prefix``, default 56) bound of its own, checked after
+  the per-/64 one, e.g. ``registrations_per_source`` per /64 and a small multiple of it
+  per /56 and per /48; or refuse the open registrar to IPv6 strangers.
+
+Hole K2 (``test_hole_k2_each_64_of_one_56_has_its_own_budget``,
+``test_hole_k2_6to4_one_ipv4_address_spells_many_64s``)
+--------------------------------------------------------------------------------------
+
+- Attacker: the same off-path sender; or anyone with one public IPv4 address, through
+  6to4 (``2002:AABB:CCDD::/48`` is his for the address ``A.B.C.D``: 65,536 /64s).
+- Messages: 40 ``OPTIONS sip:example.com`` back to back (each waited for at most 0.3 s)
+  from ``2001:db8:125:1a0::a0``, then from ``:1a1::a0``, ``:1a2::a0``, ``:1a3::a0`` (four
+  /64s of one /56); then 40 from each of ``2002:c000:221:1::1`` and ``2002:c000:221:2::1``.
+- Observed (both runs): 30, 30, 30, 30 answered (120 where one budget is 30-40), and
+  30, 30 through 6to4 (60); ``e2mban`` then held one item per /64 (six), the next /64
+  of the same /56 or 6to4 /48 served at once.  Every per-source figure of the threat
+  model (pike's rate, "open transactions per address are bounded by the rate times
+  tm's lifetimes", the ban) multiplies by the /64s a home line has.
+- Code at fault: ``kamailio_app/kemi.py:1166-1193`` (``source_banned``, the ban named by
+  ``share_key($si)``; ``_prefix_under_rate``, a pipe per /64 only).
+- Suggested fix: as K1: a second pipe and ban for the /56 (and 6to4's /48, which is one
+  IPv4 address: ``2002::/16`` counted as the IPv4 address it spells, as ``share_key``
+  already does for ``::ffff:0:0/96``), with a budget of a few /64s.
+
+Honest break HB1 (``test_honest_break_hb1_office_64_banned_as_its_phones_register``)
+------------------------------------------------------------------------------------
+
+- Who: nobody hostile: an office LAN is one /64 (SLAAC gives each phone its own address
+  there), and its phones come up together after a power cut or a switch reboot.
+- Messages: 35 phones (``2001:db8:ace::1`` to ``::23``) each send their REGISTER twice
+  (as a phone answering a 401 does), one phone after the other as fast as the answers
+  come (about 70 in well under a second; each phone's own rate is 2, far under pike's 30
+  in 2 s); then, 2 s later, one more phone (``::99``) registers.
+- Observed: 40 and 27 of the 70 REGISTERs unanswered (the runs differ in where
+  pipelimit's one-second window fell), and the next phone's REGISTER unanswered: the
+  whole office ``2001:db8:ace::/64`` is in ``e2mban`` for ``ban_time`` (300 s), and when
+  the phones retry together they trip it again.  Before stop 41 each phone had its own
+  pike budget and all 70 were answered.  (An IPv4 office behind one NAT address fares
+  the same under pike: that is the bargain the /64 rule copies; IPv6 had not had it.)
+  The same mechanism lets one stranger on a shared /64 (a hotel or café Wi-Fi, a VPS
+  provider's shared /64) ban every neighbour with 31 datagrams: the control's
+  ``one_64_burst`` shows the neighbour served 0 of 40 once one address went past the rate.
+- Code at fault: ``kamailio_app/kemi.py:1186-1193`` (``_prefix_under_rate``: a /64 gets
+  ``pike_requests`` a second, twice one address's rate) with ``:1172-1182`` (a /64 over
+  it is banned whole for ``ban_time``).
+- Suggested fix: give the /64 a budget of many addresses' worth (a ``[limits]``
+  setting, e.g. 10 x ``pike_requests`` a second), and past it drop the excess (TAILDROP
+  already does) rather than ban the /64 for 300 s; ban only the addresses pike bans.
+
+Controls (unmarked, pass)
+-------------------------
+
+- ``test_control_one_64_is_counted_as_one``: two addresses of ``2001:db8:125:1ff::/64``,
+  26 AoRs each: 50 x ``200`` and 2 x ``403`` (review 124 K1's fix live); ``:1fe::a0``'s
+  burst was cut at 30 of 40 and its neighbour ``:1fe::a1`` got 0 of 40 (K2's fix live).
+- ``test_control_per_64_bound_and_honest_register``: alice's REGISTER before and bob's
+  after are ``200``; each /64 of K1 alone stops at 50 (``403`` for the 51st).
+- ``test_control_small_office_all_answered``: 12 phones of ``2001:db8:acf::/64``, two
+  REGISTERs each (24): all answered, the next phone ``200``.
+- ``test_control_many_64s_pipes_are_bounded_per_message``: one OPTIONS from each of
+  1,500 /64s of the stranger's /48: all 1,500 answered; shm ``real_used`` grew 394,600
+  and 395,440 bytes (about 263 B per /64: its pipelimit pipe and pike's node) and was
+  back (-1,232 and -1,792 bytes) 14 s later (``clean_unused`` 10).
+
+Tried and held
+--------------
+
+- Pipe memory under many /64s (run ad hoc, not kept: a module for it would load the
+  shared machine): 20,000 OPTIONS from 20,000 /64s of one /48 at about 3,100 a second
+  (all 20,010 requests counted by ``core:rcv_requests``): shm ``real_used`` grew
+  3,985,560 bytes (of the harness's 64 MB), an honest REGISTER during it was answered at
+  once, and 15 s later the growth was 2,856 bytes.  The pipes are bounded by the rate
+  times ``clean_unused`` (10 s), about 200 B each: no hole at these figures (the e2mban
+  items a /48 can create, one per banned /64 for 300 s, were not measured: untried).
+- A stray reply from an IPv6 source (``SIP/2.0 200`` to an INVITE with the proxy's Via
+  and an unknown branch, engine on): ``pl_check_limit`` works in the core reply route,
+  one stray does not ban the /64, a neighbour's OPTIONS right after is ``200``.
+- IPv4-mapped spellings (read): ``share_key`` maps ``::ffff:a.b.c.d`` to ``a.b.c.d``, so
+  such a source is banned and counted as its IPv4 address.  A ``udp:[::]:P`` listener
+  (where Kamailio could show IPv4 clients as mapped) did not start in the harness, so
+  the mapped form was not seen on the wire.
+- Link-local sources (read): Kamailio's ``$si`` carries no zone id; ``fe80::/64`` is one
+  LAN's, counted as one like any /64.  Teredo (read): ``2001:0:<server IPv4>::/64`` is one
+  Teredo server's, all its clients share one budget (an HB1 of a dead protocol).
+- Registrations refreshed from another address of the /64: counted by the /64, the
+  refresh finds its slot (review 124's module covers it; not repeated).
+"""
 
 from __future__ import annotations
 
