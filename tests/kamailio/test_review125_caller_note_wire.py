@@ -39,8 +39,34 @@ Hole K3 (``test_hole_k3_a_strangers_answered_invite_takes_alices_ringing_note``,
   when ``$avp(e2m_target_mine)`` is set for the transaction the 2xx matched; a stray
   2xx (no transaction) should not remove a note that is not bound yet either.
 
+Honest break HB2 (``test_honest_break_hb2_a_late_2xx_calls_reinvite_is_refused``)
+------------------------------------------------------------------------------------
+
+- Who: nobody hostile.  RFC 3261 §16.7 has a proxy forward a 2xx that comes after its
+  final failure (a fork's late 2xx after a 486/6xx or a Timer C 408 downstream, or bob
+  picking up just as this proxy's own ``fr_inv_timer``, 30 s, answers 408 and CANCELs:
+  the 200 crosses the CANCEL).  The brief's "a 2xx after failure".
+- Messages (the keyed set-up above): alice's E2M INVITE reaches bob's side, which
+  answers ``486`` (To tag ``b9``: another fork's) and then ``200`` sealed under alice's
+  offer key (To tag ``b1``); alice gets the 486 and the 200; then her re-INVITE in the
+  dialog, sealed for the proxy under the dialog key (``key_reuse``), with the route set.
+- Observed: after the late 200 the proxy held **0 key records** (2 when the 200 comes
+  alone, the control), and alice's re-INVITE was answered **496** by her own proxy
+  (200 in the control): the established call can no longer be held, re-keyed or have
+  its media changed through the proxy.  The caller note question of the brief is moot
+  here: the failure route dropped the keys themselves first.
+- Code at fault: ``kamailio_app/kemi.py:2394-2407`` (``ksr_failure_route``) calls
+  ``drop_attempt_keys`` (``:2474-2484``) at the INVITE's failure, while the branch note
+  alone is kept 32 s for a late 2xx (``end_failed_invite_notes``); older than stop 41.
+- Suggested fix: keep an INVITE's attempt keys (and its caller note) for the same 32 s
+  after a failure (Timer B's late-2xx window, as the branch note), ending them then
+  unless a 2xx came; or re-adopt them when a 2xx to the transaction is read.
+
 Controls (unmarked, pass)
 -------------------------
+
+- ``test_control_hb2_the_same_call_answered_at_once_is_read``: the same keyed call
+  answered 200 at once: 2 key records, alice's re-INVITE 200.
 
 - ``test_control_k3_the_same_calls_bye_ends_its_keys``: the same keyed call and BYE
   with no forged INVITE: 2 key records after bob's 200, 0 after the BYE's 200.
@@ -177,13 +203,17 @@ def test_control_k3_a_strangers_own_answered_invites_leave_alices_note(proxy_fac
 ALICES_CONTACT = "sip:alice@127.0.0.1:5061"        # e2m_lab.flows.invite's Contact
 
 
-def _keyed_call_then_bye(proxy_factory, pki, name: str, *, forge: bool) -> tuple[int, int, int]:
+def _keyed_call_then_bye(proxy_factory, pki, name: str, *, forge: bool,
+                         refuse_first: bool = False, reinvite: bool = False
+                         ) -> tuple[int, int, int]:
     """alice's E2M call to bob, read by the proxy (review 96's set-up); while it rings,
     when ``forge``, mallory's INVITE under alice's Call-ID and tag to carol, answered 200
     by carol's UAS; then bob's 200 under alice's offer key, and the dialog's own BYE
     "from bob's side" to alice's Contact (a UAS on 127.0.0.1:5061 stands in for her
-    phone), answered 200.  Returns (key records after bob's 200, after the BYE, the
-    status mallory got or 0)."""
+    phone), answered 200.  ``refuse_first``: bob's side answers 486 (another fork's
+    To tag) before its 200.  ``reinvite``: instead of the BYE, alice's re-INVITE under
+    the dialog key.  Returns (key records after bob's 200, after the BYE or the
+    re-INVITE's status, the status mallory got or the 486 alice got, else 0)."""
     import socket
 
     from e2m_lab.flows import TRUSTED, invite, known_proxy, ua_engine
@@ -216,6 +246,18 @@ def _keyed_call_then_bye(proxy_factory, pki, name: str, *, forge: bool) -> tuple
             reply = udp_transaction(proxy.port, forged, timeout=5, source="127.0.0.93")
             mallory = reply.status if reply is not None else 0
             time.sleep(0.3)
+        if refuse_first:
+            # bob's side answers 486 first (another fork's, To tag b9), then his 200
+            busy = make_response(delivered, 486, "Busy Here")
+            busy = busy.replace("To", f"{delivered.get('To')};tag=b9")
+            bob.sock.sendto(busy.serialize(), ("127.0.0.1", proxy.port))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                refused = alice_ua.receive(timeout=1)
+                if refused is not None and not refused.is_request and refused.status == 486:
+                    mallory = 486
+                    break
+            time.sleep(0.3)
         answer_under_offer_key(proxy, bob_engine, bob, delivered)
         deadline, got = time.monotonic() + 5, None
         while time.monotonic() < deadline:
@@ -226,6 +268,20 @@ def _keyed_call_then_bye(proxy_factory, pki, name: str, *, forge: bool) -> tuple
         alice.open(got)
         time.sleep(0.3)
         after_answer = proxy.htable_items()
+        if reinvite:
+            from tests.kamailio.test_review94_wire import ALICES_NEW_SDP
+            plain = make_request("INVITE", f"sip:bob@127.0.0.1:{bob.port}",
+                                 from_uri=pki.aor("alice"), to_uri=pki.aor("bob"),
+                                 call_id=call_id, cseq=2, from_tag=request.from_tag or "",
+                                 to_tag=got.to_tag or "b1", body=ALICES_NEW_SDP,
+                                 content_type="application/sdp",
+                                 extra_headers=[("Contact", f"<{ALICES_CONTACT}>")])
+            again = alice.protect(plain)
+            again = again.message
+            for route in reversed(got.get_all("Record-Route")):
+                again = again.add("Route", route)
+            reply = alice_ua.transact(again.replace("Via", alice_ua.via()))
+            return after_answer, (reply.status if reply is not None else 0), mallory
         bye = make_request("BYE", ALICES_CONTACT, from_uri=pki.aor("bob"),
                            to_uri=pki.aor("alice"), call_id=call_id, cseq=7,
                            from_tag=got.to_tag or "", to_tag=got.from_tag or "", body=b"")
@@ -258,3 +314,19 @@ def test_control_k3_the_same_calls_bye_ends_its_keys(proxy_factory, pki):
                                                       forge=False)
     assert after_answer >= 1
     assert after_bye == 0, f"{after_bye} key records after the dialog's own BYE"
+
+
+@pytest.mark.xfail(strict=True, reason="review 125 honest break HB2: a 2xx after another "
+                   "fork's 486 makes a call whose keys the proxy dropped: re-INVITE 496")
+def test_honest_break_hb2_a_late_2xx_calls_reinvite_is_refused(proxy_factory, pki):
+    after_answer, status, refused = _keyed_call_then_bye(
+        proxy_factory, pki, "r125-hb2", forge=False, refuse_first=True, reinvite=True)
+    assert refused == 486
+    # secure: the call the late 2xx made is read like any: its keys kept, its re-INVITE 200
+    assert (after_answer, status) == (2, 200), (after_answer, status)
+
+
+def test_control_hb2_the_same_call_answered_at_once_is_read(proxy_factory, pki):
+    after_answer, status, _ = _keyed_call_then_bye(
+        proxy_factory, pki, "r125-hb2-c", forge=False, refuse_first=False, reinvite=True)
+    assert (after_answer, status) == (2, 200), (after_answer, status)
