@@ -32,10 +32,10 @@ Hole K1 (``test_hole_k1_one_56_binds_past_registrations_per_source``)
   its /64, fixed) as used by ``kamailio_app/kemi.py:1681-1693`` (``_registration_pair``);
   review 124 K1's fix moved the counting unit from the address to the /64, but a /64 is
   not what one party holds: a home line holds 256 or 65,536 of them.
-- Suggested fix: count registrations (and the rate, K2) by a coarser prefix as well: a
-  per-/56 (or ``[limits] ipv6_site_prefix``, default 56) bound of its own, checked after
-  the per-/64 one, e.g. ``registrations_per_source`` per /64 and a small multiple of it
-  per /56 and per /48; or refuse the open registrar to IPv6 strangers.
+- Suggested fix: count an IPv6 source by its end site, not its /64: one set of
+  ``registrations_per_source`` slots per /56 (a ``[limits] ipv6_site_prefix``, default
+  56, for operators whose users get /48s), which is what the test asserts; or refuse the
+  open registrar to IPv6 strangers.
 
 Hole K2 (``test_hole_k2_each_64_of_one_56_has_its_own_budget``,
 ``test_hole_k2_6to4_one_ipv4_address_spells_many_64s``)
@@ -53,9 +53,9 @@ Hole K2 (``test_hole_k2_each_64_of_one_56_has_its_own_budget``,
   tm's lifetimes", the ban) multiplies by the /64s a home line has.
 - Code at fault: ``kamailio_app/kemi.py:1166-1193`` (``source_banned``, the ban named by
   ``share_key($si)``; ``_prefix_under_rate``, a pipe per /64 only).
-- Suggested fix: as K1: a second pipe and ban for the /56 (and 6to4's /48, which is one
-  IPv4 address: ``2002::/16`` counted as the IPv4 address it spells, as ``share_key``
-  already does for ``::ffff:0:0/96``), with a budget of a few /64s.
+- Suggested fix: as K1: the pipe and the ban named by the site prefix (/56), and
+  6to4's ``2002::/16`` counted as the IPv4 address it spells, as ``share_key`` already
+  does for ``::ffff:0:0/96``; the tests assert one budget (at most 40 of the bursts).
 
 Honest break HB1 (``test_honest_break_hb1_office_64_banned_as_its_phones_register``)
 ------------------------------------------------------------------------------------
