@@ -53,9 +53,11 @@ Hole K2 (``test_hole_k2_each_64_of_one_56_has_its_own_budget``,
   tm's lifetimes", the ban) multiplies by the /64s a home line has.
 - Code at fault: ``kamailio_app/kemi.py:1166-1193`` (``source_banned``, the ban named by
   ``share_key($si)``; ``_prefix_under_rate``, a pipe per /64 only).
-- Suggested fix: as K1: the pipe and the ban named by the site prefix (/56), and
-  6to4's ``2002::/16`` counted as the IPv4 address it spells, as ``share_key`` already
-  does for ``::ffff:0:0/96``; the tests assert one budget (at most 40 of the bursts).
+- Suggested fix: name the ban by the site prefix (/56), and count 6to4's
+  ``2002::/16`` as the IPv4 address it spells (as ``share_key`` already does for
+  ``::ffff:0:0/96``): when pike bans one address, its whole site is banned, so the
+  next /64's burst gets nothing (the tests assert one budget: at most 40 of the
+  bursts).  See HB1 for the aggregate rate, which must not ban.
 
 Honest break HB1 (``test_honest_break_hb1_office_64_banned_as_its_phones_register``)
 ------------------------------------------------------------------------------------
@@ -80,9 +82,11 @@ Honest break HB1 (``test_honest_break_hb1_office_64_banned_as_its_phones_registe
 - Code at fault: ``kamailio_app/kemi.py:1186-1193`` (``_prefix_under_rate``: a /64 gets
   ``pike_requests`` a second, twice one address's rate) with ``:1172-1182`` (a /64 over
   it is banned whole for ``ban_time``).
-- Suggested fix: give the /64 a budget of many addresses' worth (a ``[limits]``
-  setting, e.g. 10 x ``pike_requests`` a second), and past it drop the excess (TAILDROP
-  already does) rather than ban the /64 for 300 s; ban only the addresses pike bans.
+- Suggested fix (consistent with K1/K2's): give the prefix's aggregate pipe a budget
+  of many addresses' worth (a ``[limits]`` setting, e.g. 10 x ``pike_requests`` a
+  second) and past it drop the excess only (TAILDROP does), with no ban; ban the
+  prefix (the site, K2) when pike bans one of its addresses, which K2's bursts of 40
+  from one address do and the office's phones, two messages each, never do.
 
 Controls (unmarked, pass)
 -------------------------
