@@ -113,6 +113,12 @@ in ``test_review125_prefix_lengths.py``)
   route (read).
 - Retransmissions of alice's INVITE, and a stranger's copy with her branch (read): tm
   takes them as retransmissions of her transaction; the note is written once.
+- An off-path stray 200 under alice's Call-ID and tag (run): with no Record-Route it is
+  dropped ("(no Record-Route), not ours"); with her INVITE's Record-Route but the
+  sender's own Via in place of alice's, dropped too ("an entry added or changed on the
+  caller's side of ours"): the stray form needs what a hop on the path reads.
+- A 2xx after the INVITE's failure (HB2's set-up) does not leave keys past the BYE: the
+  failure route had dropped them (0 records), so the caller note's removal is moot.
 - One stray reply from an IPv6 source does not ban its /64 (pipelimit works in the core
   reply route); see the other module.
 """
