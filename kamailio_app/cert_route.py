@@ -42,10 +42,10 @@ from e2m_plugins.sip import SipMessage
 
 from .cert_table import (FETCH, HELD, UNCONFIRMED, CertDatabase, CertTableError,
                          PublicationTable, SubscriptionLimits, SubscriptionRefused,
-                         SubscriptionTable, SubscriptionTaken)
+                         SubscriptionTable, SubscriptionTaken, source_site)
 from .config import CertSettings
 from .dialog_route import dialog_ids
-from .tcp_sweep import share_key
+from .sources import SITE_SHARES, site_of
 
 __all__ = ["CertService", "BATCH", "SEND_ROUTE"]
 
@@ -87,9 +87,11 @@ class CertService:
             max_publish_expires=settings.max_publish_expires,
             default_subscribe_expires=settings.default_subscribe_expires,
             max_subscribe_expires=settings.max_subscribe_expires)
-        self.limits = SubscriptionLimits(per_aor=settings.max_subscriptions_per_aor,
-                                         per_source=settings.max_subscriptions_per_source,
-                                         total=settings.max_subscriptions)
+        self.limits = SubscriptionLimits(
+            per_aor=settings.max_subscriptions_per_aor,
+            per_source=settings.max_subscriptions_per_source,
+            per_site=SITE_SHARES * settings.max_subscriptions_per_source,
+            total=settings.max_subscriptions)
 
     # -- which requests are ours ---------------------------------------------------------
     def takes(self) -> bool:
@@ -198,7 +200,8 @@ class CertService:
         users all subscribe from its address): no per-source bound, as pike counts
         none (the users behind a visited proxy shared 20 follows: review 122)."""
         now = time.time()
-        limits = replace(self.limits, per_source=self.limits.total) if exempt else self.limits
+        limits = replace(self.limits, per_source=self.limits.total,
+                         per_site=self.limits.total) if exempt else self.limits
         try:
             answer = certservice.subscribe(message, store=self.publications, anchors=self.anchors,
                                            now=now, settings=self.rules)
@@ -250,7 +253,7 @@ class CertService:
                 self._reply(481, "Subscription Does Not Exist")
                 self._log("SUBSCRIBE", None, "refused 481: no such subscription")
                 return
-            if share_key(self._peer().ip) != sub.source:     # kept as counted: a /64
+            if site_of(self._peer().ip) != source_site(sub.source):   # kept as counted
                 # its NOTIFYs go to sub.source only: a refresh or an unsubscribe from
                 # elsewhere is someone who saw the dialog's identifiers
                 self._reply(403, "Forbidden")

@@ -31,7 +31,7 @@ from typing import Any
 from e2m_plugins.certservice import Publication
 from e2m_plugins.notifier import Subscription
 
-from .tcp_sweep import share_key
+from .sources import site_of
 
 __all__ = ["CertDatabase", "CertTableError", "PublicationTable", "SubscriptionTable",
            "SubscriptionLimits", "SubscriptionRefused", "SubscriptionTaken", "Claim",
@@ -284,7 +284,20 @@ class SubscriptionLimits:
 
     per_aor: int = 100
     per_source: int = 20
+    per_site: int = 100        # an IPv6 site's addresses together (SITE_SHARES of them)
     total: int = 10000
+
+
+def subscription_source(address: str) -> str:
+    """What a subscription's source is kept as: an IPv4 address as it is, an IPv6 one
+    as ``"<its site> <itself>"`` (``sources.site_of``), counted by both."""
+    site = site_of(address)
+    return address if site == address else f"{site} {address}"
+
+
+def source_site(source: str) -> str:
+    """The site part of a kept source (``subscription_source``)."""
+    return source.split(" ", 1)[0]
 
 
 class Claim(tuple):
@@ -332,10 +345,11 @@ class SubscriptionTable:
         Event id in a dialog made from another source (review 26).
         ``SubscriptionRefused`` when it would pass a bound, and then nothing is kept.
         ``flags``: HELD (its first NOTIFY goes without the certificate), FETCH.
-        The source is kept as what it is counted by (``share_key``: an IPv6 address's
-        /64, which one line gets whole: three addresses of one /64 held 49 of 50
-        places, review 122)."""
-        sub = replace(sub, source=share_key(sub.source))
+        The source is kept as what it is counted by (``subscription_source``): an IPv6
+        address holds ``per_source`` places, and its site, which one line gets whole,
+        ``per_site`` (three addresses of one /64 held 49 of 50 places, review 122;
+        counted by the /64 alone, two phones on one LAN shared 20, review 123)."""
+        sub = replace(sub, source=subscription_source(sub.source))
         columns = (*_SUBSCRIPTION_COLUMNS, "cseq", "last_notify", "pending")
         renew = ", ".join(f"{c} = excluded.{c}" for c in _SUBSCRIPTION_COLUMNS[4:])
         with self.db.write() as cursor:
@@ -367,16 +381,20 @@ class SubscriptionTable:
         """At a full bound, the oldest subscription in its scope whose NOTIFY has gone
         unanswered for EVICTABLE_AFTER makes room (forged ones would otherwise hold
         the place until the timer drops them); else ``SubscriptionRefused``."""
-        for name, column, value, bound in (
-                ("source address", "source", sub.source, limits.per_source),
-                ("AoR", "aor", sub.aor, limits.per_aor),
-                ("proxy", None, None, limits.total)):
-            where, args = (f"WHERE {column} = ?", (value,)) if column else ("", ())
+        site = source_site(sub.source)
+        scopes = [("source address", "source = ?", (sub.source,), limits.per_source),
+                  ("AoR", "aor = ?", (sub.aor,), limits.per_aor),
+                  ("proxy", None, (), limits.total)]
+        if site != sub.source:      # an IPv6 source: its site too (and that site's own rows)
+            scopes.insert(1, ("site", "(source = ? OR source LIKE ?)",
+                              (site, site + " %"), limits.per_site))
+        for name, condition, args, bound in scopes:
+            where = f"WHERE {condition}" if condition else ""
             found = cursor.execute(self.db.sql(
                 f"SELECT count(*) FROM cert_subscriptions {where}"), args).fetchone()
             if found[0] < bound:
                 continue
-            scope = f"{column} = ? AND " if column else ""
+            scope = f"{condition} AND " if condition else ""
             cursor.execute(self.db.sql(
                 "DELETE FROM cert_subscriptions WHERE (call_id, local_tag, remote_tag, "
                 "event_id) IN (SELECT call_id, local_tag, remote_tag, event_id FROM "

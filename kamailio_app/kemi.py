@@ -78,15 +78,16 @@ from kamailio_app.dialog_targets import (DIALOG as _DIALOG_TARGET,  # noqa: E402
                                          forget as _forget_targets, tag_digest,
                                          target_and_side as _target_and_side)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
+from kamailio_app.sources import SITE_SHARES, site_of  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
-                                    marked_lifetime, parse_tcp_list, share_key)
+                                    marked_lifetime, parse_tcp_list)
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in mod_init
 _ITERATOR = "e2mhf"   # textopsx header iterator name
 _PLAIN_FORWARD = Verdict("forward")
 _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
-_PREFIX_PIPE = "e2mrate "    # pipelimit pipes: an IPv6 /64's messages per second
+_SITE_PIPE = "e2msite "     # pipelimit pipes: a site's messages per second (source_banned)
 _MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
 _SLOT_SLACK = 10      # seconds a slot outlives its binding (the registrar's timer, ours)
@@ -1192,31 +1193,32 @@ class kamailio:
     def source_banned(self):
         """The message's source is banned, or pike bans it now: every message counted
         this way (requests, and replies matching no transaction, which the engine reads
-        too: review 70) is one of its ``pike_requests`` per ``pike_window``."""
+        too: review 70) is one of its ``pike_requests`` per ``pike_window``.  The ban
+        is named by the source's site (``sources.site_of``: an IPv6 /56, or the IPv4
+        address it spells): each address of a line was banned alone, and the next one
+        served at once (reviews 124, 125).  A site of several addresses has a rate too,
+        ``SITE_SHARES`` times an address's, past which its messages are dropped and
+        nobody is banned: an office's phones register together (review 125)."""
         limits = self.app.config.limits
         source = KSR.pv.get("$si") or ""
-        # an IPv6 source is banned and counted by its /64: one line has a /64, and the
-        # next address of it was served at once when each one was banned alone (review 124)
-        banned_as = share_key(source)
-        if KSR.htable.sht_get(_BANS, banned_as) is not None:
+        site = site_of(source)
+        if KSR.htable.sht_get(_BANS, site) is not None:
             return True
-        if limits.pike_requests > 0 and (KSR.pike.pike_check_req() < 0 or (
-                banned_as != source and not self._prefix_under_rate(banned_as, limits))):
-            KSR.htable.sht_seti(_BANS, banned_as, 1)  # gone after ban_time (autoexpire)
+        if limits.pike_requests > 0 and KSR.pike.pike_check_req() < 0:
+            KSR.htable.sht_seti(_BANS, site, 1)     # gone after ban_time (autoexpire)
             _warn("e2m: %s banned for %d s: more than %d messages in %d s\n"
-                  % (banned_as, limits.ban_time, limits.pike_requests, limits.pike_window))
+                  % (site, limits.ban_time, limits.pike_requests, limits.pike_window))
             return True
-        return False
+        return site != source and limits.pike_requests > 0 \
+            and not self._site_under_rate(site, limits)
 
     @staticmethod
-    def _prefix_under_rate(prefix, limits):
-        """An IPv6 /64's messages, all its addresses together, are at most
-        ``pike_requests`` a second (Kamailio's pike counts each address alone): a
-        pipelimit pipe per /64, freed 10 s after its last use.  Pipelimit counts per
-        second for every pipe (the certificate service's too), so the /64 gets pike's
-        whole window's budget each second: bursts an address may send, not 2^64 times."""
-        return KSR.pipelimit.pl_check_limit(_PREFIX_PIPE + prefix, "TAILDROP",
-                                            limits.pike_requests) > 0
+    def _site_under_rate(site, limits):
+        """A site's messages, all its addresses together, are within ``SITE_SHARES``
+        times ``pike_requests`` a second (a pipelimit pipe per site, freed 10 s after
+        its last use; pipelimit counts per second, the certificate service's pipe too)."""
+        return KSR.pipelimit.pl_check_limit(_SITE_PIPE + site, "TAILDROP",
+                                            SITE_SHARES * limits.pike_requests) > 0
 
     @staticmethod
     def on_stream():
@@ -1712,8 +1714,8 @@ class kamailio:
         identity = identity_of(KSR.pv.get(to_uri) or "")
         if identity is None or identity.user is None or len(str(identity)) > _MAX_OPEN_AOR:
             return None
-        # an IPv6 source by its /64: one line has every address of it (review 124)
-        source = share_key(KSR.pv.get(source_ip) or "")
+        # by its site: one line has every address of an IPv6 /56 (reviews 124, 125)
+        source = site_of(KSR.pv.get(source_ip) or "")
         digest = hashlib.sha256(str(identity).encode()).hexdigest()
         tag = int(digest[32:39], 16) + 2        # never 0 (free) nor 1 (being claimed)
         return source, "%s|%s" % (source, digest[:32]), tag

@@ -15,8 +15,9 @@ the connections (``core.tcp_list``) and closes:
   nothing (an accepted connection is reachable only once it carried a request).  A
   later message may write a lower mark (the lifetime is one value), so the sweep keeps
   the highest it saw for the connection's life (review 31);
-* beyond ``[limits] tcp_connections_per_source`` accepted from one address (an IPv6
-  /64 counts as one; the proxy's own and ``trusted`` ones aside): authenticated ones
+* beyond ``[limits] tcp_connections_per_source`` accepted from one source (its site,
+  ``sources.site_of``: an IPv6 /56 counts as one; the proxy's own and ``trusted`` ones
+  aside): authenticated ones
   are kept first, then those that spoke, each oldest first (review 29: a stranger
   behind a user's NAT must not push the user's connection out).
 
@@ -27,14 +28,15 @@ mark per listed connection, dropped once the connection is gone: bounded by the 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .sources import site_of
+
 __all__ = ["AUTHENTICATED", "Connection", "SPOKE", "TcpSweeper", "marked_lifetime",
-           "parse_tcp_list", "share_key"]
+           "parse_tcp_list"]
 
 # states in which a connection is still a slot someone holds
 _LIVE = {"CONN_OK", "CONN_INIT", "CONN_ACCEPT", "CONN_CONNECT"}
@@ -47,20 +49,6 @@ SPOKE, AUTHENTICATED = 1, 2
 def marked_lifetime(idle_timeout: int, level: int = SPOKE) -> int:
     """The lifetime of a connection that carried a message of ``level``."""
     return idle_timeout + level
-
-
-def share_key(address: str) -> str:
-    """What one share of connections is counted by: the address, or for IPv6 its /64
-    (one line gets a /64 at least, and every address in it for free)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -119,7 +107,7 @@ class TcpSweeper:
             if self.level(conn) == 0 and now - seen[conn.id] >= self.first_message_timeout:
                 close[conn.id] = "no SIP message"
                 continue
-            by_source[share_key(conn.source)].append(conn)
+            by_source[site_of(conn.source)].append(conn)
         for conns in by_source.values():
             if len(conns) <= self.per_source:
                 continue

@@ -119,13 +119,15 @@ address for ``ban_time``, 300 s: an shm fill by bans alone, not measured); K1 th
 ``[dispatcher]`` front (the front counts the same way, ``settle_registration``
 ``in_reply``); the delayed Via-repeating hop on the wire.
 
-Fixed (stop 41): K1 - ``_registration_pair`` names the source by ``share_key($si)``, so
-one /64 shares one set of ``registrations_per_source`` slots (at the node and at a
-front); K2 - the ban is an ``e2mban`` item named by the /64, and an IPv6 source's /64
-is held to ``pike_requests`` a second as a whole through a pipelimit pipe per /64
-(``_prefix_under_rate``: TAILDROP, the pipe freed 10 s after its last use).  Both hole
-tests failed on the code before the fix (a ``git stash`` of ``kamailio_app``) and pass
-with it; the markers are off.
+Fixed (stop 41): K1 - ``_registration_pair`` names the source by its site, so one
+/64 shares one set of ``registrations_per_source`` slots (at the node and at a front);
+K2 - the ban is an ``e2mban`` item named by the site.  Both hole tests failed on the
+code before the fix (a ``git stash`` of ``kamailio_app``) and pass with it; the markers
+are off.  The first cut counted the /64 and held it to pike's rate with a pipe that
+banned; review 125 showed a /56 holds 256 /64s and an office /64 was banned as its
+phones registered together: the site is now ``sources.site_of`` (a /56, or the IPv4
+address a 6to4 or Teredo address spells), and a site's rate drops, never bans
+(``test_review125_prefix_lengths.py``).
 """
 
 from __future__ import annotations

@@ -126,8 +126,9 @@ def _honest_follows(subs: SubscriptionTable, limits: SubscriptionLimits) -> bool
 def test_hole_k1_one_ipv6_64_fills_the_services_subscriptions(subs):
     kept, refused = _stranger_fills(subs, 10, DEFAULT.per_source, SCALED)
     honest = _honest_follows(subs, SCALED)
-    # secure: the /64 is one source (20 places), and the honest phone still follows
-    assert (kept, honest) == (DEFAULT.per_source, True), \
+    # secure: the /64 is one site (since stop 41: each address 20 places, the site
+    # SITE_SHARES addresses' worth, 100; review 123 HB3), and the honest phone still follows
+    assert (kept, honest) == (SCALED.per_site, True), \
         f"the /64 kept {kept} follows ({refused} refused); honest follow kept: {honest}"
 
 

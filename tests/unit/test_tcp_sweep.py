@@ -92,18 +92,6 @@ def test_authenticated_connections_are_kept_before_those_that_only_spoke():
     assert s.to_close([*old, authed], 5.0) == {2: "too many from one address"}
 
 
-@pytest.mark.parametrize("address,key", [
-    ("198.51.100.7", "198.51.100.7"),
-    ("2001:db8:0:7::1", "2001:db8:0:7::/64"),
-    ("2001:db8:0:7:ffff::2", "2001:db8:0:7::/64"),
-    ("::ffff:198.51.100.7", "198.51.100.7"),
-    ("not an address", "not an address"),
-])
-def test_share_key(address, key):
-    from kamailio_app.tcp_sweep import share_key
-    assert share_key(address) == key
-
-
 def test_a_lower_mark_written_later_does_not_lower_what_the_sweep_saw():
     """The lifetime is one value: a later message may write a lower mark over an
     authenticated one (review 31); the sweep keeps the highest it saw."""
