@@ -1953,11 +1953,18 @@ class kamailio:
         held = KSR.htable.sht_get(_TARGETS, _caller_name(call_id, caller))
         if not isinstance(held, str) or "|" in held:
             return
+        if not stray and not KSR.pv.get(_TARGET_MINE_AVP):
+            # another INVITE's note under the same Call-ID and tag (a stranger's own
+            # INVITE, answered while alice's rang, took hers: review 125)
+            return
         life = _targets_life(self.app, call_id, caller, callee)
         if life is None:
             # a call holding no key keeps nothing for 12 h (review 96 hole 4: one
-            # sender's plain calls filled shared memory); its INVITE is answered
-            KSR.htable.sht_rm(_TARGETS, _caller_name(call_id, caller))
+            # sender's plain calls filled shared memory); its INVITE is answered.  A
+            # stray 2xx (no transaction to say whose note it is) ends nothing: one
+            # datagram from a hop took a ringing call's note (review 125)
+            if not stray:
+                KSR.htable.sht_rm(_TARGETS, _caller_name(call_id, caller))
             return
         side = UNREAD_ROUTE_SET
         entries = _header_entries("Record-Route", _RECORD_ROUTE_SPECS)

@@ -148,7 +148,7 @@ def _end_answered(fake, kemi, proxy, status: int, ruri: str, tags=("a1", "b1")) 
                   "$hdr(Contact)": "<sip:alice@127.0.0.1:5061>"}
         fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
         kemi.kamailio.note_caller_target(node)
-        invite_2xx = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r94-bye@x",
+        invite_2xx = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$avp(e2m_target_mine)": invite.get("$avp(e2m_target_mine)"), "$ci": "r94-bye@x",
                       "$ft": "a1", "$tt": "b1", "$hdr(Contact)": "<sip:bob@127.0.0.1:5062>",
                       "$hdrc(Record-Route)": 1,
                       "$(hdr(Record-Route)[0])": _our_entry("r94-bye@x")}

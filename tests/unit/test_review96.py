@@ -199,7 +199,7 @@ def _bye_answered(fake, kemi, proxy, *, ruri: str, dst: str, caller_contact: str
               "$hdr(Contact)": caller_contact}
     fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
     kemi.kamailio.note_caller_target(node)
-    ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-bye@x", "$ft": "a1",
+    ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$avp(e2m_target_mine)": invite.get("$avp(e2m_target_mine)"), "$ci": "r96-bye@x", "$ft": "a1",
           "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", "$hdrc(Record-Route)": 1,
           "$(hdr(Record-Route)[0])": _our_entry("r96-bye@x")}
     fake.pv = types.SimpleNamespace(get=ok.get, seti=ok.__setitem__)
@@ -255,7 +255,7 @@ def _goes_the_dialogs_way(fake, kemi, *, invite_rr=(), ok_rr=(), bye_tags=("b1",
               "$hdr(Contact)": f"<{ALICES_TARGET}>", **headers("Record-Route", list(invite_rr))}
     fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
     kemi.kamailio.note_caller_target(node)
-    ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-way@x", "$ft": "a1",
+    ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$avp(e2m_target_mine)": invite.get("$avp(e2m_target_mine)"), "$ci": "r96-way@x", "$ft": "a1",
           "$tt": "b1", "$hdr(Contact)": f"<{BOBS_TARGET}>", **headers("Record-Route", list(ok_rr))}
     fake.pv = types.SimpleNamespace(get=ok.get, seti=ok.__setitem__)
     kemi.kamailio.note_dialog_targets(node)
@@ -415,7 +415,7 @@ def _ttls(fake, kemi, answered: bool) -> dict:
     fake.pv = types.SimpleNamespace(get=invite.get, seti=invite.__setitem__)
     kemi.kamailio.note_caller_target(node)
     if answered:
-        ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$ci": "r96-grow@x",
+        ok = {"$fu": "sip:alice@example.com", "$tu": "sip:bob@example.com", "$rm": "INVITE", "$rs": 200, "$T_req($tt)": "", "$avp(e2m_target_mine)": invite.get("$avp(e2m_target_mine)"), "$ci": "r96-grow@x",
               "$ft": "e1", "$tt": "s1", "$hdr(Contact)": "<sip:sink@203.0.113.7:5999>"}
         fake.pv = types.SimpleNamespace(get=ok.get, seti=ok.__setitem__)
         kemi.kamailio.note_dialog_targets(node)
