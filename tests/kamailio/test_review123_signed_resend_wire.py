@@ -38,6 +38,12 @@ outage), now with E2M on.
 
 Control (unmarked, pass): ``test_control_hb2_copies_within_the_transaction_are_absorbed``:
 the copies up to 3.5 s: four 200s, bob got it once, no replay refusal.
+
+Left open (stop 41), HB2: the replay check still refuses a protected request's late
+retransmission (after tm's transaction ended) 403, although the first copy was
+delivered.  Telling it from a hop's replay needs the proxy to remember the first
+copy's answer per body (and then to answer, not relay); the strict xfail stays.  The
+caller's phone gets 403 for a message bob has; it is rare (the answer lost for 5 s).
 """
 
 from __future__ import annotations
