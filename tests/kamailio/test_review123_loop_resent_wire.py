@@ -83,8 +83,9 @@ Fixed (stop 41), K1: a copy counts as the first coming sent again only 400 ms af
 the note's last coming (RFC 3261 retransmissions are T1, 500 ms, apart at least; past
 tm's transaction 4 s) and at most 8 times in the note's 32 s (``_RESEND_GAP_MS``,
 ``_MAX_RESENDS``, the note's two new fields).  The hop's passes come within
-milliseconds: the third coming is 482 again (<= 3 transactions, at our address or
-elsewhere; the pike control now asserts that).  A hop that delays each pass past
+milliseconds: the third coming is 482 again (3 transactions, at our address or
+elsewhere; the pike control now asserts that; a loaded CI machine once delayed a pass
+past 400 ms, 4 transactions, so the tests assert the bound, ``RESENT_BOUND``, 11).  A hop that delays each pass past
 400 ms gets at most 1 + 8 + 2 transactions.  Both hole tests failed on the code before
 the fix (a ``git stash`` of ``kamailio_app``) and pass with it; the markers are off.
 """
@@ -140,6 +141,10 @@ class _KeepFirstVia(_B2bua):
             self.sock.sendto(out, ("127.0.0.1", self.target))
 
 
+# kamailio_app.kemi: the first coming, _MAX_RESENDS copies taken for it sent again, and
+# _MAX_PASSES passes (stop 41)
+RESENT_BOUND = 1 + 8 + 2
+
 def _loop(proxy_factory, name, hop_class, *, through_hop, reset, host="127.0.0.1"):
     home = proxy_factory(name, e2m=False)
     hop = hop_class(home.port, f"sip:dave@127.0.0.1:{home.port}", new_leg=False,
@@ -166,14 +171,16 @@ def _loop(proxy_factory, name, hop_class, *, through_hop, reset, host="127.0.0.1
 
 def test_hole_k1_a_hop_keeping_the_uas_via_loops_without_bound(proxy_factory):
     made, log = _loop(proxy_factory, "r123-k1", _KeepFirstVia, through_hop=False, reset=True)
-    # secure: refused at an early pass, as the pass count did before the exemption
-    assert made <= 3, made
+    # secure: refused at an early pass, as the pass count did before the exemption (3
+    # here; a pass that a loaded machine delays past 400 ms counts as sent again, so the
+    # bound is 1 + 8 + 2: 4 in one CI run)
+    assert made <= RESENT_BOUND and LOOP_LOG in log, made
 
 
 def test_hole_k1_the_same_through_the_hop(proxy_factory):
     made, log = _loop(proxy_factory, "r123-k1-through", _KeepFirstVia, through_hop=True,
                       reset=True)
-    assert made <= 3, made
+    assert made <= RESENT_BOUND and LOOP_LOG in log, made
 
 
 def test_control_k1_the_same_hop_counting_max_forwards_down_is_stopped(proxy_factory):
@@ -197,4 +204,4 @@ def test_control_k1_the_same_hop_at_an_address_not_ours_is_stopped(proxy_factory
     made, log = _loop(proxy_factory, "r123-k1-pike", _KeepFirstVia, through_hop=False,
                       reset=True, host="127.0.123.9")
     assert LOOP_LOG in log
-    assert made <= 3, made
+    assert made <= RESENT_BOUND, made
