@@ -140,6 +140,8 @@ the per-/64 control now shows the site refusing every /64 once its 50 are taken;
 memory control spreads its 1,500 /64s over 128 sites, under each site's rate.  Every
 hole test failed on the code before the fix (a ``git stash`` of ``kamailio_app``) and
 passes with it; the markers are off.
+A banned source's burst stops after 5 unanswered in a row, and the unasserted 14 s
+wait for the pipes' memory is gone: the module took 111 s in a loaded CI run, 42 s alone.
 """
 
 from __future__ import annotations
@@ -356,8 +358,17 @@ def _register_run(port: int, addresses: list[str], count: int, first: int) -> tu
 
 
 def _burst(port: int, address: str, count: int = 40) -> int:
+    """OPTIONS back to back, the answered ones counted; stopped after 5 unanswered in a
+    row (stop 41: the source is banned for 300 s, the rest would go unanswered too)."""
     peer = _Peer(address)
-    answered = sum(peer.options(port, i) is not None for i in range(count))
+    answered = silent = 0
+    for i in range(count):
+        if peer.options(port, i) is not None:
+            answered, silent = answered + 1, 0
+        else:
+            silent += 1
+            if silent == 5:
+                break
     peer.close()
     return answered
 
@@ -438,7 +449,5 @@ def test_inner_prefix_lengths(proxy_factory):
         peer.close()
     result["memory_answered"] = answered
     result["memory_growth"] = proxy.shm().get("real_used", 0) - shm_before
-    time.sleep(14)
-    result["memory_after_14s"] = proxy.shm().get("real_used", 0) - shm_before
     result["bans"] = " ".join(proxy.rpc("htable.dump", "e2mban").split())[:3000]
     Path(OUT).write_text(json.dumps(result))
