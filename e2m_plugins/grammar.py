@@ -48,6 +48,7 @@ __all__ = [
     "MIME", "MIME_TOKEN", "MIME_TOKEN_PATTERN", "SIP", "SIP_TOKEN", "SIP_TOKEN_PATTERN",
     "Dialect", "format_param", "parse_param_list", "parse_params", "quote_if_needed",
     "quote_string", "split_header_list", "unquote_string", "bare_ampersand",
+    "retry_after_seconds",
 ]
 
 # RFC 3261 §25.1 token.
@@ -248,3 +249,11 @@ def format_param(name: str, value: str | None, dialect: Dialect = SIP,
     if value is None:
         return name
     return f"{name}={quote_string(value) if force_quote else quote_if_needed(value, dialect)}"
+
+
+def retry_after_seconds(value: str | None) -> int | None:
+    """The delta-seconds a Retry-After value starts with (RFC 3261 20.33: a comment or
+    parameters may follow), six digits read at most; None when it starts with none."""
+    text = (value or "").strip()
+    digits = text[:len(text) - len(text.lstrip("0123456789"))]
+    return int(digits[:6]) if digits else None

@@ -54,7 +54,7 @@ _bootstrap_path()
 from e2m_plugins.challenge import (  # noqa: E402
     CHALLENGE_HEADERS, credentials_fit_request, names_realm)
 from e2m_plugins.errors import E2MError, LimitExceededError, MalformedError  # noqa: E402
-from e2m_plugins.grammar import split_header_list  # noqa: E402
+from e2m_plugins.grammar import retry_after_seconds, split_header_list  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
@@ -2449,10 +2449,9 @@ class kamailio:
         Only delta-seconds are copied (at most six digits)."""
         if KSR.pv.get("$T_reply_code") != 503:
             return
-        value = (KSR.pv.get("$T_rpl($hdr(Retry-After))") or "").strip()
-        digits = value[:len(value) - len(value.lstrip("0123456789"))][:6]
-        if digits:
-            KSR.hdr.append_to_reply("Retry-After: %s\r\n" % digits)
+        seconds = retry_after_seconds(KSR.pv.get("$T_rpl($hdr(Retry-After))"))
+        if seconds is not None:
+            KSR.hdr.append_to_reply("Retry-After: %d\r\n" % seconds)
             KSR.tm.t_reply(500, "Server Internal Error")
 
     def end_failed_invite_notes(self):

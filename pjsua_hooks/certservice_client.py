@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_plugins import sip
 from e2m_plugins.errors import E2MError
+from e2m_plugins.grammar import retry_after_seconds
 from e2m_plugins.uri import aor_of, identity_of
 
 from .proxysource import ProxySource
@@ -117,9 +118,8 @@ class Subscription:
 def _retry_after(msg: sip.SipMessage) -> float | None:
     """The seconds of a Retry-After (RFC 3261 20.33: delta-seconds, then parameters or
     a comment), at least 1; None without a readable one."""
-    value = (msg.get("Retry-After") or "").strip()
-    digits = value[:len(value) - len(value.lstrip("0123456789"))]
-    return max(1.0, float(int(digits[:6]))) if digits else None
+    seconds = retry_after_seconds(msg.get("Retry-After"))
+    return max(1.0, float(seconds)) if seconds is not None else None
 
 
 def _fingerprint(der: bytes) -> str:

@@ -188,3 +188,12 @@ def test_pathological_parameters_take_linear_time(text: str) -> None:
     except MalformedError:
         pass
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("value,seconds", [
+    ("2", 2), (" 120 (busy) ", 120), ("3600;duration=60", 3600),
+    ("99999999 (forged)", 999999), ("", None), (None, None), ("soon", None), ("-5", None),
+])
+def test_retry_after_seconds(value, seconds):
+    from e2m_plugins.grammar import retry_after_seconds
+    assert retry_after_seconds(value) == seconds
