@@ -252,7 +252,8 @@ class ProxyHandle:
         if self.launcher is None:
             self.launcher = ProxyProcess(self.config_path, self.runtime_dir, self.log_path)
         self.launcher.start()
-        return self.launcher.wait_ready(self.port, START_TIMEOUT)
+        stream_ports = (self.tls_port,) if self.tls_port else ()
+        return self.launcher.wait_ready(self.port, START_TIMEOUT, tcp_ports=stream_ports)
 
     def stop(self) -> None:
         if self.launcher is not None:

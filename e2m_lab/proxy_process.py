@@ -20,7 +20,7 @@ from pathlib import Path
 from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import make_request, parse
 
-__all__ = ["ProxyProcess", "answers_options"]
+__all__ = ["ProxyProcess", "accepts_tcp", "answers_options"]
 
 LAUNCHER_MODULE = "kamailio_app.launcher"
 _PROJECT = Path(__file__).resolve().parents[1]   # -m finds the launcher from here, installed or not
@@ -52,6 +52,16 @@ def answers_options(port: int, timeout: float = 0.3) -> bool:
         sock.close()
 
 
+def accepts_tcp(port: int, timeout: float = 0.3) -> bool:
+    """True when something accepts a TCP connection on 127.0.0.1:``port`` (a TLS
+    listener is only connected to, no handshake: that is the caller's test)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 class ProxyProcess:
     """One launcher process for ``config``, its output appended to ``log_path``."""
 
@@ -73,12 +83,19 @@ class ProxyProcess:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def wait_ready(self, port: int, timeout: float) -> bool:
-        """Wait until the proxy answers OPTIONS on ``port``; False if it died or timed out."""
+    def wait_ready(self, port: int, timeout: float, *, tcp_ports: tuple[int, ...] = ()) -> bool:
+        """Wait until the proxy answers OPTIONS on ``port`` and accepts connections on
+        each of ``tcp_ports`` (its TLS listener, say); False if it died or timed out.
+        The stream listeners are checked too because a test's first TLS connect once
+        met "connection refused" right after the OPTIONS was answered."""
         deadline = time.monotonic() + timeout
+        checks = [lambda: answers_options(port), *(lambda p=p: accepts_tcp(p) for p in tcp_ports)]
         while time.monotonic() < deadline and self.alive():
-            if answers_options(port):
-                return True
+            if checks[0]():
+                checks.pop(0)
+                if not checks:
+                    return True
+                continue
             time.sleep(0.05)
         return False
 
