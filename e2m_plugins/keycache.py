@@ -229,6 +229,12 @@ class KeyCache(Protocol):
         """Forget one key."""
         ...
 
+    def expire_within(self, scope: Scope, reference: bytes, seconds: float) -> None:
+        """Let one key live at most ``seconds`` more (never longer than it would have);
+        its uses and keeper stay.  A key that may still be needed for a short while
+        (a late 2xx after its INVITE failed) but no longer for its full life."""
+        ...
+
     def drop_scope(self, scope: Scope) -> None:
         """Forget every key of one scope (a BYE ends the dialog) and, of a confirmed
         dialog's early scopes, only the keys under the names it holds itself (the early
@@ -479,6 +485,15 @@ class MemoryKeyCache:
     def drop(self, scope: Scope, reference: bytes) -> None:
         with self._lock:
             self._remove((scope, bytes(reference)))
+
+    def expire_within(self, scope: Scope, reference: bytes, seconds: float) -> None:
+        key = (scope, bytes(reference))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            expires = min(entry.expires, self._clock() + max(0.0, seconds))
+            self._entries[key] = replace(entry, expires=expires)
 
     def drop_scope(self, scope: Scope) -> None:
         """Forget every key of ``scope``, and its names in its early scopes."""

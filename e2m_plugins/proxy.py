@@ -35,8 +35,8 @@ from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
 from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
                      ProxyCannotDecryptError, ReplayError, SignatureRequiredError)
-from .keycache import (DialogScope, KeyCache, Scope, TransactionScope, answer_keeper,
-                       bounded_keeper)
+from .keycache import (TRANSACTION_TTL, DialogScope, KeyCache, Scope, TransactionScope,
+                       answer_keeper, bounded_keeper)
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
 from .replay import MemoryReplayCache, ReplayCache
 from .sdp import MediaLine, media_summary
@@ -58,6 +58,9 @@ _UNREADABLE = (NoMatchingRecipientError, DecryptionError)
 # transaction may (Timer C, 3 min, plus margin) unless a 2xx confirms the dialog:
 # a far end that never answers leaves no key behind for 12 hours.
 EARLY_DIALOG_TTL = 200.0
+# After the INVITE failed, a 2xx may still come for as long as its callee retransmits
+# one (64*T1, RFC 6026's Timer L): its offer's keys are kept that long, no longer.
+LATE_ANSWER_TTL = TRANSACTION_TTL
 # Dialogs (To tags) one early dialog may grow kept keys under (``ProxyEngine._fork``):
 # forking (RFC 3261 §13.2.2.4) rarely confirms more than one, re-tagged copies any number
 MAX_FORKS = 4
@@ -434,14 +437,21 @@ class ProxyEngine:
             return
         self.cache.drop_scope(DialogScope(call_id, from_tag, to_tag))
 
-    def end_attempt(self, scope: Scope, kept: Iterable[bytes]) -> None:
+    def end_attempt(self, scope: Scope, kept: Iterable[bytes], *,
+                    answer_may_follow: bool = False) -> None:
         """A request's transaction ended without success (a failure answer, a timeout, a
         CANCEL's 487, a relay that failed): the keys that request kept (``Verdict.kept``
         and the request's ``message_scope``) go now, not at their expiry.  Only those:
         another request under the same Call-ID and From tag (a third party's, failing
-        on purpose) drops nothing of the caller's."""
+        on purpose) drops nothing of the caller's.  ``answer_may_follow`` (the request
+        went out and an answer ended it): an INVITE's keys live ``LATE_ANSWER_TTL``
+        more instead, for a 2xx that still comes (a forking proxy's other branch, or
+        the callee's after its own 486, passed on as a late 2xx: review 125)."""
         for name in kept:
-            self.cache.drop(scope, name)
+            if answer_may_follow and isinstance(scope, DialogScope):
+                self.cache.expire_within(scope, name, LATE_ANSWER_TTL)
+            else:
+                self.cache.drop(scope, name)
 
     @staticmethod
     def check_readable(message: SipMessage) -> None:

@@ -1889,7 +1889,7 @@ class kamailio:
             _note_relayed(loop_key, note, resent)   # only what leaves: a refused one never did
         _note_branch(_branch_note() if self.branch_note is _UNREAD else self.branch_note)
         if KSR.tm.t_relay() < 0:
-            self.drop_attempt_keys()
+            self.drop_attempt_keys(answer_may_follow=False)     # nothing went out
             KSR.sl.send_reply(500, "Cannot Relay")
 
     def relayed_unread(self):
@@ -2520,17 +2520,19 @@ class kamailio:
             _log_exception("archive replay", exc)
         return 1
 
-    def drop_attempt_keys(self):
+    def drop_attempt_keys(self, answer_may_follow=True):
         """Keys kept for a transaction that ended without success (a failure answer,
         tm's own 408, a CANCEL's 487, a relay that failed) go now, not at their expiry:
         only those its own request kept afresh (``$avp(e2m_kept)``), in that request's
         scope (an INVITE's early dialog, a MESSAGE's transaction).  A request inside a
-        dialog drops nothing: the dialog lives on."""
+        dialog drops nothing: the dialog lives on.  An INVITE that went out keeps them
+        for a late 2xx a while (``answer_may_follow``, ``ProxyEngine.end_attempt``)."""
         engine = self.app.engine
         names = _request_kept()
         if engine is None or not names or KSR.pv.get("$tt"):
             return
-        engine.end_attempt(message_scope(_read_message()), names)
+        engine.end_attempt(message_scope(_read_message()), names,
+                           answer_may_follow=answer_may_follow)
 
     # -- xhttp: the certificate at its URL -------------------------------------------
     def ksr_xhttp_event(self, msg, evname):

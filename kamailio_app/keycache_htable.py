@@ -291,6 +291,24 @@ class HtableKeyCache:
     def drop(self, scope: Scope, reference: bytes) -> None:
         self._drop_references(scope, [bytes(reference)])
 
+    def expire_within(self, scope: Scope, reference: bytes, seconds: float) -> None:
+        name = scope_key(scope)
+        reference = bytes(reference)
+        if self._backend.get(name) is None:
+            return
+        self._backend.lock(name)
+        try:
+            now = self._clock()
+            kept = self._live_keys(name, scope, now)
+            limit = now + max(0.0, seconds)
+            cut = [(replace(entry, expires=min(entry.expires, limit))
+                    if entry.reference == reference else entry, origin)
+                   for entry, origin in kept]
+            if cut != kept:
+                self._write(name, cut, now, scope)
+        finally:
+            self._backend.unlock(name)
+
     def _drop_references(self, scope: Scope, references: list[bytes]) -> None:
         name = scope_key(scope)
         self._backend.lock(name)

@@ -134,6 +134,12 @@ Left open (stop 41), HB2: the failure route still drops an INVITE's attempt keys
 once, so a 2xx that RFC 3261 16.7 forwards after a failure finds none.  The fix (keep
 them for the 32 s late-2xx window, as the branch note is kept, or adopt them again at
 the 2xx) needs a key-cache expiry the core does not have; the strict xfail stays.
+
+Fixed (stop 42), HB2: ``KeyCache.expire_within`` cuts a key's life; the failure route
+of an INVITE that went out keeps its offer's keys ``LATE_ANSWER_TTL`` (32 s) instead of
+dropping them (``ProxyEngine.end_attempt(answer_may_follow=True)``).  On the code
+before, the hole test got (0 records, 496); now (2, 200).  The caller-target note still
+goes at the failure, so such a call's BYE ends no key (they go at their expiry).
 """
 
 from __future__ import annotations
@@ -344,8 +350,6 @@ def test_control_k3_the_same_calls_bye_ends_its_keys(proxy_factory, pki):
     assert after_bye == 0, f"{after_bye} key records after the dialog's own BYE"
 
 
-@pytest.mark.xfail(strict=True, reason="review 125 honest break HB2: a 2xx after another "
-                   "fork's 486 makes a call whose keys the proxy dropped: re-INVITE 496")
 def test_honest_break_hb2_a_late_2xx_calls_reinvite_is_refused(proxy_factory, pki):
     after_answer, status, refused = _keyed_call_then_bye(
         proxy_factory, pki, "r125-hb2", forge=False, refuse_first=True, reinvite=True)
