@@ -311,7 +311,8 @@ class ProxyApp:
                 # followers that bob had no certificate (review 122)
                 from .cert_table_pg import PostgresCertDatabase
                 db = PostgresCertDatabase(config.cluster.db)
-            certs = CertService(config.certs, proxy_config.trust_anchors, ksr, db=db)
+            certs = CertService(config.certs, proxy_config.trust_anchors, ksr, db=db,
+                                listeners=config.kamailio.listen)
             # an unusable file stops the start, not a request; a cluster's database may be
             # down while a node starts (the archive's spool covers that; the service
             # answers 500 meanwhile): a node with [certs] did not start (stop 40's CI)

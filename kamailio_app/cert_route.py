@@ -43,7 +43,7 @@ from e2m_plugins.sip import SipMessage
 from .cert_table import (FETCH, HELD, UNCONFIRMED, CertDatabase, CertTableError,
                          PublicationTable, SubscriptionLimits, SubscriptionRefused,
                          SubscriptionTable, SubscriptionTaken, source_site)
-from .config import CertSettings
+from .config import CertSettings, Listener
 from .dialog_route import dialog_ids
 from .sources import SITE_SHARES, site_of
 
@@ -70,12 +70,28 @@ def _header_text(headers: Iterable[tuple[str, str]]) -> str:
     return "".join(lines)
 
 
+def contact_uri(proto: str, host: str, port: int | str) -> str:
+    """Our Contact at the socket ``proto:host:port`` (what a subscription keeps, and
+    how its NOTIFYs find that socket again)."""
+    host = f"[{host}]" if ":" in host else host
+    proto = proto.lower()
+    return f"sip:{host}:{port}" + ("" if proto == "udp" else f";transport={proto}")
+
+
 class CertService:
     """The service for one proxy; ``ksr`` is Kamailio's KSR module."""
 
     def __init__(self, settings: CertSettings, anchors: Any, ksr: Any,
-                 db: CertDatabase | None = None) -> None:
+                 db: CertDatabase | None = None,
+                 listeners: Iterable[Listener] | None = None) -> None:
         self.settings = settings
+        # our Contact at each of our sockets -> that socket: a NOTIFY leaves from the
+        # socket its subscription was made at, the one address its subscriber takes
+        # NOTIFYs from (a cluster node's DMQ socket, or another node, was answered 481
+        # and the follow forgotten: review 123 HB4); None: not known (any socket)
+        self._sockets = None if listeners is None else {
+            contact_uri(item.proto, item.host, item.port): item.kamailio()
+            for item in listeners}
         self.anchors = anchors
         self.ksr = ksr
         self.db = db if db is not None else CertDatabase(settings.path)
@@ -125,9 +141,8 @@ class CertService:
     def _contact(self) -> str:
         """Our Contact: the socket the request came in on."""
         ksr = self.ksr
-        ip, port, proto = ksr.pv.get("$Ri") or "", ksr.pv.get("$Rp"), (ksr.pv.get("$pr") or "")
-        host = f"[{ip}]" if ":" in ip else ip
-        return f"sip:{host}:{port}" + ("" if proto.lower() == "udp" else f";transport={proto}")
+        return contact_uri(ksr.pv.get("$pr") or "", ksr.pv.get("$Ri") or "",
+                           ksr.pv.get("$Rp") or 0)
 
     def _reply(self, code: int, reason: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         for name, value in headers:
@@ -319,6 +334,8 @@ class CertService:
         ksr.pv.sets("$var(e2m_method)", "NOTIFY")
         ksr.pv.sets("$var(e2m_ruri)", ruri)
         ksr.pv.sets("$var(e2m_nexthop)", hop)
+        # (a subscription made at no socket of ours, its node gone: tm picks one)
+        ksr.pv.sets("$var(e2m_socket)", (self._sockets or {}).get(sub.contact, ""))
         ksr.pv.sets("$var(e2m_hdrs)", headers)
         ksr.pv.sets("$var(e2m_body)", base64.b64encode(body).decode("ascii"))
         ksr.route(SEND_ROUTE)
@@ -346,11 +363,13 @@ class CertService:
                                   "to tell\n" % (aor, told))
         bodies: dict[str, bytes] = {}
         sent = 0
-        for claim in self.subscriptions.claim_lapsed(now, BATCH):
+        mine = None if self._sockets is None else set(self._sockets)
+        for claim in self.subscriptions.claim_lapsed(now, BATCH, mine):
             sub, cseq = claim
             self._notify(sub, cseq, 0, self._body(sub.aor, now, bodies), claim.confirmed)
             sent += 1
-        for claim in self.subscriptions.claim_due(now, self.settings.notify_interval, BATCH):
+        for claim in self.subscriptions.claim_due(now, self.settings.notify_interval, BATCH,
+                                                  mine):
             sub, cseq = claim
             if self._notify(sub, cseq, max(1, int(sub.expires - now)),
                             self._body(sub.aor, now, bodies), claim.confirmed):

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,6 +108,9 @@ class SubscriptionTaken(SubscriptionRefused):
 
 CHANGED, UNCONFIRMED, HELD, FETCH = 1, 2, 4, 8    # the bits of a subscription's ``pending``
 _KEPT = UNCONFIRMED | HELD | FETCH                # all but CHANGED: what a NOTIFY sent keeps
+# A subscription lapsed this long ago is removed by any node of a cluster, not only by
+# the one it was made at (which may be gone for good).
+ORPHAN_GRACE = 600.0
 EVICTABLE_AFTER = 1.0             # s: an unanswered NOTIFY this old frees its place
 
 
@@ -505,16 +508,20 @@ class SubscriptionTable:
                                        f"{CHANGED} WHERE aor = ?"), (aor,))
             return cursor.rowcount
 
-    def claim_due(self, now: float, interval: float,
-                  limit: int) -> list[tuple[Subscription, int]]:
+    def claim_due(self, now: float, interval: float, limit: int,
+                  contacts: Collection[str] | None = None) -> list[tuple[Subscription, int]]:
         """Up to ``limit`` subscriptions owed a NOTIFY whose last one is at least
-        ``interval`` old, each with the CSeq of the NOTIFY it gets now."""
+        ``interval`` old, each with the CSeq of the NOTIFY it gets now.  ``contacts``:
+        only those made at one of these Contacts (a cluster node's own sockets: a
+        subscriber takes NOTIFYs from where it subscribed, review 123 HB4); None: any."""
+        mine, mine_args = _made_at(contacts)
         with self.db.read() as cursor:
             keys = cursor.execute(self.db.sql(
                 "SELECT call_id, local_tag, remote_tag, event_id FROM cert_subscriptions "
                 f"WHERE (pending & {CHANGED}) = {CHANGED} AND last_notify <= ? AND expires > ? "
+                f"{mine} "
                 "ORDER BY last_notify LIMIT ?"),     # the longest waiting first: fair under a flood
-                (now - interval, now, int(limit))).fetchall()
+                (now - interval, now, *mine_args, int(limit))).fetchall()
         claimed = []
         for key in keys:
             with self.db.write() as cursor:
@@ -530,13 +537,21 @@ class SubscriptionTable:
                 claimed.append(Claim(_subscription(row[2:]), int(row[0]), int(row[1])))
         return claimed
 
-    def claim_lapsed(self, now: float, limit: int) -> list[tuple[Subscription, int]]:
+    def claim_lapsed(self, now: float, limit: int,
+                     contacts: Collection[str] | None = None) -> list[tuple[Subscription, int]]:
         """Remove up to ``limit`` subscriptions whose time is up; each with the CSeq of
-        its final NOTIFY."""
+        its final NOTIFY.  ``contacts`` as for ``claim_due``, but a subscription lapsed
+        ``ORPHAN_GRACE`` ago is anyone's (its node may be gone for good: the row goes,
+        and its final NOTIFY from elsewhere tells the subscriber what its clock did)."""
+        mine, mine_args = _made_at(contacts)
+        if mine:
+            mine = f"AND ({mine[4:]} OR expires <= ?)"
+            mine_args = (*mine_args, now - ORPHAN_GRACE)
         with self.db.read() as cursor:
             keys = cursor.execute(self.db.sql(
                 "SELECT call_id, local_tag, remote_tag, event_id FROM cert_subscriptions "
-                "WHERE expires <= ? ORDER BY expires LIMIT ?"), (now, int(limit))).fetchall()
+                f"WHERE expires <= ? {mine} ORDER BY expires LIMIT ?"),
+                (now, *mine_args, int(limit))).fetchall()
         claimed = []
         for key in keys:
             with self.db.write() as cursor:
@@ -553,6 +568,17 @@ class SubscriptionTable:
         with self.db.read() as cursor:
             return int(cursor.execute(self.db.sql(
                 f"SELECT count(*) FROM cert_subscriptions {where}"), args).fetchone()[0])
+
+
+def _made_at(contacts: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
+    """The WHERE clause (``AND contact IN (...)``) and its arguments for subscriptions
+    made at one of ``contacts``; nothing for None.  No contact at all matches nothing."""
+    if contacts is None:
+        return "", ()
+    chosen = tuple(sorted(contacts))
+    if not chosen:
+        return "AND 1 = 0", ()
+    return f"AND contact IN ({', '.join('?' * len(chosen))})", chosen
 
 
 def _key(sub: Subscription) -> tuple[str, str, str, str]:

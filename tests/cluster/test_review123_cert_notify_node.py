@@ -51,6 +51,14 @@ proxy's address and port, answers 481 and the service forgets the follow.  The f
 (send from the SIP socket the subscription came in on, and only from the node that
 holds it, or tell the phone every node's address) touches the timer's send and the
 shared table; the strict xfail stays.  Single nodes are not affected.
+
+Fixed (stop 42), HB4: ``CertService`` maps our Contact at each listener to that socket
+and sets ``$var(e2m_socket)`` (``t_uac_send``'s socket, ``route[E2M_SEND_REQUEST]``)
+from the subscription's Contact; ``claim_due`` and ``claim_lapsed`` take only rows made
+at one of the node's own Contacts (a lapsed row is anyone's after ``ORPHAN_GRACE``).
+On the code before, the change NOTIFYs came from both DMQ ports (6 of 6 answered 481,
+rows 6 -> 0); with the fix all six from A's SIP port, answered 200, rows 6 -> 6.  Unit
+half: ``tests/unit/test_notify_socket.py``.
 """
 
 from __future__ import annotations
@@ -199,8 +207,6 @@ def changed(pair, pki, module_pg_url):
     return _changed(pair, pki, module_pg_url), pair
 
 
-@pytest.mark.xfail(strict=True, reason="review 123 hole HB4: a cluster node's timer sends a "
-                   "certificate change NOTIFY from its DMQ socket; the phone's 481 ends the follow")
 def test_hole_hb4_a_change_is_told_from_the_port_the_follow_was_made_at(changed):
     (first, changes, before, after), pair = changed
     assert changes, "no change NOTIFY came"
