@@ -117,6 +117,10 @@ class Verdict:
     # scope: what ``end_attempt`` drops when its transaction fails (the host keeps them
     # with the transaction: Kamailio in a transaction AVP)
     kept: tuple[bytes, ...] = ()
+    # a request's replay key (``SipContext.replay_key``): recorded with this verdict
+    # (forwarded: the host may remember its answer), or the one its copy repeats (a
+    # ``ReplayError`` refusal: the host may give the remembered answer instead)
+    replay_key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -321,7 +325,8 @@ class ProxyEngine:
         body, ctype = (self._cert_der, PKIX_CERT) if answer.needs_certificate else (b"", None)
         name = type(error).__name__ if isinstance(error, E2MError) else "InternalError"
         return Verdict("reply", answer.code, answer.reason, tuple(add), body=body,
-                       content_type=ctype, error=name, detail=str(error))
+                       content_type=ctype, error=name, detail=str(error),
+                       replay_key=getattr(error, "replay_key", None))
 
     # -- requests ----------------------------------------------------------
 
@@ -329,11 +334,14 @@ class ProxyEngine:
         method = request.method
         # (a BYE ends its dialog's keys only at its 2xx: ``end_answered``)
         kept: list[bytes] = []
+        recorded: list[str] = []
         seen, media = self._view(request, method,
-                                 keeper=lambda: _keeper(self._sender_of(request)), kept=kept)
+                                 keeper=lambda: _keeper(self._sender_of(request)), kept=kept,
+                                 recorded=recorded)
         return Verdict("forward", add_headers=self._announce(request),
                        remove_headers=self._own_labels(request) + self._policies_in_our_name(request),
-                       seen=seen, media=media, kept=tuple(kept))
+                       seen=seen, media=media, kept=tuple(kept),
+                       replay_key=recorded[0] if recorded else None)
 
     def _announce(self, request: SipMessage) -> tuple[tuple[str, str], ...]:
         if not self.config.announce_policy or request.method in _NO_POLICY_ANNOUNCE:
@@ -615,11 +623,12 @@ class ProxyEngine:
         return UNSIGNED_KEEPER
 
     def _view(self, message: SipMessage, method: str, *, keeper: Callable[[], str],
-              kept: list[bytes]) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
+              kept: list[bytes], recorded: list[str] | None = None
+              ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
         """What the message shows us; ``keeper()`` says whose quota a key it offers
         counts against (a request's sender; a response's caller and responder together),
         asked only when it offers one.  The names of keys it kept afresh in its own
-        scope go in ``kept``."""
+        scope go in ``kept``; a request's replay key, once recorded, in ``recorded``."""
         label = self._labels(message)
         body = message_body(message)
         if body is None:
@@ -655,7 +664,7 @@ class ProxyEngine:
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
         if self._first_sighting(message, [c for c in contexts if c is not None],
-                                keeps=bool(looked_up) or offers):
+                                keeps=bool(looked_up) or offers, recorded=recorded):
             keyed = bool(looked_up) and self._signers_key_opened(opened, looked_up)
             if opened and self._invite_2xx(message) and (
                     looked_up or offers or any(c is not None for c in contexts)):
@@ -686,7 +695,7 @@ class ProxyEngine:
         return context
 
     def _first_sighting(self, message: SipMessage, contexts: list[SipContext], *,
-                        keeps: bool) -> bool:
+                        keeps: bool, recorded: list[str] | None = None) -> bool:
         """A request whose body was seen before is a replay (tm absorbed the real
         retransmissions before we were asked): refused.  A response must at least be
         recent; one that ``keeps`` (spends a kept key, or offers one) is recorded too,
@@ -701,8 +710,17 @@ class ProxyEngine:
         if message.is_request:
             # a new sender's To tag is bound (a copy under another fails check_context), so
             # it is part of the record: her requests in two forks may share a CSeq
-            self.replay.check_and_record(contexts[0], None, retransmissions=False,
-                                         to_tag=contexts[0].to_tag)
+            key = contexts[0].replay_key(contexts[0].to_tag)
+            try:
+                self.replay.check_and_record(contexts[0], None, retransmissions=False,
+                                             to_tag=contexts[0].to_tag)
+            except ReplayError as exc:
+                # which message it repeats: a host that remembers that one's answer gives
+                # it to a late retransmission (``Verdict.replay_key``; review 123 HB2)
+                exc.replay_key = key          # type: ignore[attr-defined]
+                raise
+            if recorded is not None:
+                recorded.append(key)
             return True
         contexts[0].check_time(self._now().timestamp(), self.config.replay_window)
         if not keeps:

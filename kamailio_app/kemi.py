@@ -77,6 +77,8 @@ from kamailio_app.dialog_targets import (DIALOG as _DIALOG_TARGET,  # noqa: E402
                                          dialog_name as _dialog_name, digest as _digest,
                                          forget as _forget_targets, tag_digest,
                                          target_and_side as _target_and_side)
+from kamailio_app.late_copies import (note_answer_key, remember_answer,  # noqa: E402
+                                     remembered_answer)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.sources import SITE_SHARES, site_of  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
@@ -2050,6 +2052,15 @@ class kamailio:
             KSR.sl.send_reply(400, "Bad Request")
             return False
         verdict = self.app.engine.inspect(message)
+        if verdict.error == "ReplayError":
+            late = remembered_answer(KSR, verdict.replay_key)
+            if late is not None:
+                # the same signed request again after tm let its transaction go: its
+                # sender lost the answer it got (review 123 HB2); nothing goes further
+                _info("e2m: %s request a late copy of one answered %d: answered so again\n"
+                      % (message.method, late[0]))
+                KSR.sl.send_reply(*late)
+                return False
         _info("e2m: %s request %s\n" % (message.method, _summary(verdict)))
         caller = self.app.engine.answer_caller(message, verdict, digest_user=self.digest_aor())
         if not self.observe(message, verdict, caller):
@@ -2066,6 +2077,7 @@ class kamailio:
         self.note_caller(caller)
         if verdict.kept:
             KSR.pv.sets(_KEPT_AVP, ",".join(name.hex() for name in verdict.kept))
+        note_answer_key(KSR, message.method, verdict.replay_key)
         return True
 
     def note_caller(self, caller):
@@ -2343,6 +2355,10 @@ class kamailio:
             self.note_dialog_targets()     # once read: whether it left the dialog keys
         except Exception as exc:  # noqa: BLE001 - the keys go at their expiry instead
             _log_exception("dialog targets", exc)
+        try:
+            remember_answer(KSR)           # for the request's late copies (late_copies.py)
+        except Exception as exc:  # noqa: BLE001 - a late copy is then refused as a replay
+            _log_exception("answer memory", exc)
         return 1
 
     def read_reply(self):

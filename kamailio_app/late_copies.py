@@ -1,0 +1,72 @@
+"""The answer a protected request got, kept 32 s for its late retransmissions.
+
+tm absorbs a request's retransmissions only while its transaction lives (its wait
+timer, 5 s after the final answer); a sender whose answer was lost keeps
+retransmitting for Timer F's 32 s.  A copy after tm let go reaches the engine, whose
+replay check refuses a body seen before: the sender was told 403 for a MESSAGE the
+callee had (review 123 HB2).
+
+So the 2xx a request the engine recorded (``Verdict.replay_key``) got is kept in the
+htable ``e2manswered`` under that key for ``TRANSACTION_LIFETIME``, and a copy the
+replay check refuses as that very message is given that answer here, statelessly,
+and goes no further: nothing is relayed, archived or spent a second time.  The key is
+the body's signed SIP context (``SipContext.replay_key``), so only the same signed
+request finds the answer; a hop replaying it within the 32 s gets a 200 and achieves
+nothing.  A failure answer is not kept: a late copy of a refused request is refused
+again (its answer may differ, it stays a failure).  Nothing here is a secret (a
+digest and a status line).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from e2m_plugins.replay import TRANSACTION_LIFETIME
+
+__all__ = ["ANSWERED_TABLE", "ANSWER_KEY_AVP", "note_answer_key", "remember_answer",
+           "remembered_answer"]
+
+ANSWERED_TABLE = "e2manswered"          # declared in the cfg template
+# The request's replay key, set in the request route; tm brings it to the reply route.
+ANSWER_KEY_AVP = "$avp(e2m_answer_key)"
+_KEY = re.compile(r"[0-9a-f]{32}")
+_REASON = re.compile(r"[ -~]{1,64}")     # printable ASCII, bounded: it goes in a reply
+# INVITE's 2xx is end to end (a proxy cannot make one up); ACK and CANCEL get no
+# answer of their own to keep.
+_NOT_KEPT = frozenset({"INVITE", "ACK", "CANCEL"})
+
+
+def note_answer_key(ksr: Any, method: str, replay_key: str | None) -> None:
+    """In the request route, for a request forwarded after the engine recorded it."""
+    if replay_key and method not in _NOT_KEPT and _KEY.fullmatch(replay_key):
+        ksr.pv.sets(ANSWER_KEY_AVP, replay_key)
+
+
+def remember_answer(ksr: Any) -> None:
+    """In tm's reply route: a 2xx to a request noted above is kept for its late copies."""
+    status = ksr.pv.get("$rs") or 0
+    if not 200 <= status < 300:
+        return
+    key = ksr.pv.get(ANSWER_KEY_AVP)
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        return
+    reason = ksr.pv.get("$rr")
+    if not isinstance(reason, str) or not _REASON.fullmatch(reason):
+        reason = "OK"
+    ksr.htable.sht_setxs(ANSWERED_TABLE, key, "%d %s" % (status, reason),
+                         int(TRANSACTION_LIFETIME))
+
+
+def remembered_answer(ksr: Any, replay_key: str | None) -> tuple[int, str] | None:
+    """The answer kept for the message a refused copy repeats; None when there is none
+    (never answered 2xx, or longer ago than a transaction's lifetime)."""
+    if not replay_key or not _KEY.fullmatch(replay_key):
+        return None
+    held = ksr.htable.sht_get(ANSWERED_TABLE, replay_key)
+    if not isinstance(held, str):
+        return None
+    code, _, reason = held.partition(" ")
+    if not code.isdigit() or not 200 <= int(code) < 300 or not _REASON.fullmatch(reason):
+        return None
+    return int(code), reason
