@@ -1,5 +1,74 @@
-"""Review 128: sources counted by site on a real dual-stack listener (placeholder text,
-replaced below once the figures are in)."""
+"""Review 128 (attacker's review of d2a6a56): sources counted by site on a real
+dual-stack listener.  The phone half of this review (hole K1, two ``c=`` lines) is
+``tests/pjsua/test_review128_two_connections_phone.py``.
+
+Set-up: as review 125's ``test_review125_prefix_lengths.py`` (whose netns pattern this
+copies): the outer tests run the inner half in ``unshare -n`` (root only, skipped
+elsewhere).  One E2M proxy listens on ``udp:127.0.0.1:P``, ``tcp:127.0.0.1:P`` and a
+dual-stack ``udp:[::]:D`` (Kamailio 5.6 leaves IPV6_V6ONLY off: IPv4 datagrams to port D
+reach it), with ``[limits] trusted = ["127.0.0.2"]`` (README: "a visited proxy carries
+all of its users' traffic from one address: list it in ``trusted`` at the home
+proxy") and the product's other ``[limits]`` defaults (pike 30 in 2 s, ban 300 s).
+Every message is an ``OPTIONS sip:example.com`` datagram from a socket bound to one
+address, back to back, each waited for 0.3 s, stopped after 5 unanswered in a row.
+
+Honest break HB1 (``test_honest_break_hb1_trusted_peer_banned_on_dual_stack_listener``)
+------------------------------------------------------------------------------------
+
+- Who: nobody hostile: the visited proxy ``127.0.0.2`` (IPv4), listed in ``trusted``,
+  relaying its users' requests to the home proxy's dual-stack listener.
+- Observed (two runs): Kamailio gives ``$si = ::ffff:127.0.0.2`` (pike's log: "BLOCKing
+  ip ::ffff:127.0.0.2"); ``permissions.allow_source_address`` does not match the IPv4
+  entry, ``exempt_source`` is false, and after 50 of 60 OPTIONS the peer is banned
+  ("e2m: 127.0.0.2 banned for 300 s"; ``e2mban`` holds ``127.0.0.2``): every user behind
+  the visited proxy loses the home proxy on that listener for 300 s, again each time
+  its traffic passes 30 in 2 s.  The same 60 to the IPv4 listener: all 60 answered.
+  (A probe with only ``udp:[::]``/``tcp:[::]`` listeners saw the same for the harness's
+  own client at ``::ffff:127.0.0.1``: "127.0.0.1 banned for 300 s"; not kept, that proxy
+  cannot relay to IPv4 next hops at all.)
+- Code at fault: ``kamailio_app/kemi.py:1175-1183`` (``exempt_source``:
+  ``is_myself_srcip`` and ``allow_source_address`` compare ``$si`` as Kamailio gives it,
+  the mapped form), while ``sources.site_of`` (``sources.py:27``) already maps
+  ``::ffff:a.b.c.d`` to ``a.b.c.d`` for the counts and the ban.  The TCP sweep's
+  ``exempt_address`` (``kemi.py:1263-1273``: an ``IPv6Address`` is never ``in`` an IPv4
+  network) has the same gap for a ``tcp:[::]`` listener (read, not run).
+- Suggested fix: decide exemption on the unmapped address (``ipaddress`` ``ipv4_mapped``)
+  against ``[limits] trusted`` and the proxy's own addresses in Python, or list each
+  trusted IPv4 address also as ``::ffff:a.b.c.d`` in the permissions file the launcher
+  writes; or have the launcher refuse a ``[::]`` listener (or set it V6ONLY) and say so.
+
+Controls (unmarked, pass)
+-------------------------
+
+- ``test_control_trusted_peer_exempt_on_ipv4_listener``: the trusted peer's 60 OPTIONS
+  to ``udp:127.0.0.1:P``: 60 answered, no ban.
+- ``test_control_dual_stack_listener_sees_ipv4_clients_as_mapped``: the mapped form is
+  in pike's log (the set-up is live).
+- ``test_control_mapped_stranger_banned_by_its_ipv4_address``: an IPv4 stranger
+  (``127.0.0.3``) bursting on ``udp:[::]``: 30 answered, banned as ``127.0.0.3`` (site_of
+  works for the mapped form), and then 0 of 5 on the IPv4 listener: one ban for both.
+
+Tried and held (or not a hole by the project's stated rules)
+------------------------------------------------------------
+
+- A /48 holder against the ban table and pipes: one address per message never trips
+  pike; a site's pipe drops past 5 x 30 a second with no ban, so a /56 sends 150 msg/s
+  unbanned and a /48 256 times that.  This is the documented bargain ("a /48 holder has
+  256 sites", review 125 HB1's no-ban pipe); memory per pipe and ban item is ~200 B and
+  expires (review 125's figures; not re-measured here).
+- An off-path sender getting an honest *site* banned: only by sharing its /56 (a mobile
+  carrier's or a VPS provider's /56 holds many parties' /64s: one burst of 31 from one
+  address bans them all 300 s, and address-rotation at the site rate throttles them
+  without ever being banned).  That is the design review 125 K2 asserted as secure (the
+  /56 is one party); listed here as a boundary, not a hole.  Without sharing the /56,
+  only by spoofing UDP (a known limit).  IPv4-mapped, 6to4 and Teredo spellings map to
+  the IPv4 address they spell, so a TCP attacker cannot reach another IPv4 site's ban
+  without receiving at that IPv4 address (6to4/Teredo return traffic goes there).
+- Inner multipart SDP (``body.open_part``/``_refuse_hidden_parts``) in UPDATE, PRACK,
+  re-INVITE and 183: read only: every method the INVITE rule covers (``Rule.covers``:
+  UPDATE, PRACK, ACK) and every response by its CSeq method goes through the one
+  ``open_part``, which refuses the multipart for all; not run on the wire this time.
+"""
 
 from __future__ import annotations
 
