@@ -358,15 +358,28 @@ def _media_line(section: list[SdpLine], session_c: tuple[str, str] | None,
         rtcp_address=(rtcp[1] if rtcp else None) or (conn[0] if rtcp and conn else None))
 
 
+def _one_connection(level: list[SdpLine], where: str) -> None:
+    """At most one ``c=`` per level: with two, the archive would name one address and a
+    stack might send to the other (pjmedia keeps the last: review 128).  RFC 4566 §5.7
+    allows more only for the layers of a multicast session, which no phone here makes."""
+    if sum(1 for line in level if line.kind == "c") > 1:
+        raise MalformedError(f"SDP: more than one c= line {where}")
+
+
 def media_summary(sdp: bytes, *, max_bytes: int = MAX_SDP_BYTES) -> list[MediaLine]:
-    """One ``MediaLine`` per ``m=`` section: addresses, ports, protocol and codecs, no keys."""
+    """One ``MediaLine`` per ``m=`` section: addresses, ports, protocol and codecs, no keys.
+    ``MalformedError`` for a level with two connection lines (which one a stack uses is
+    its own choice, so no summary could say where the media goes)."""
     lines = [line for line in parse_lines(sdp, max_bytes=max_bytes) if line.kind]
     session = [line for line in lines if line.media_index is None]
+    _one_connection(session, "at the session level")
     session_c = next((_connection(line.value) for line in session if line.kind == "c"), None)
     session_direction = _direction([line.value for line in session if line.kind == "a"])
     sections: dict[int, list[SdpLine]] = {}
     for line in lines:
         if line.media_index is not None:
             sections.setdefault(line.media_index, []).append(line)
+    for index, section in sections.items():
+        _one_connection(section, f"in media section {index}")
     return [_media_line(section, session_c, session_direction or "sendrecv")
             for _, section in sorted(sections.items())]

@@ -80,7 +80,7 @@ from kamailio_app.dialog_targets import (DIALOG as _DIALOG_TARGET,  # noqa: E402
 from kamailio_app.late_copies import (note_answer_key, remember_answer,  # noqa: E402
                                      remembered_answer)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
-from kamailio_app.sources import SITE_SHARES, site_of  # noqa: E402
+from kamailio_app.sources import SITE_SHARES, site_of, unmapped  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
                                     marked_lifetime, parse_tcp_list)
 
@@ -1180,9 +1180,15 @@ class kamailio:
         return KSR.is_myself_srcip() or self.trusted_peer()
 
     def trusted_peer(self):
-        """The source is a [limits] trusted peer."""
-        return bool(self.app.config.limits.trusted) and \
-            KSR.permissions.allow_source_address(1) > 0
+        """The source is a [limits] trusted peer (an IPv4 one on a dual-stack listener
+        too, where Kamailio gives its address IPv4-mapped: review 128)."""
+        if not self.app.config.limits.trusted:
+            return False
+        source = KSR.pv.get("$si") or ""
+        plain = unmapped(source)
+        if plain != source:
+            return KSR.permissions.allow_address(1, plain, KSR.pv.get("$sp") or 0) > 0
+        return KSR.permissions.allow_source_address(1) > 0
 
     def route_limits(self):
         """A banned source, or one over pike's rate, is dropped (no answer: an answer
@@ -1269,7 +1275,7 @@ class kamailio:
         if KSR.is_myself("sip:" + host) > 0:
             return True
         try:
-            ip = ipaddress.ip_address(address)
+            ip = ipaddress.ip_address(unmapped(address))
         except ValueError:           # not an address (never printed so): not trusted
             return False
         return any(ip in ipaddress.ip_network(net) for net in self.app.config.limits.trusted)

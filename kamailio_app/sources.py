@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["SITE_PREFIX", "SITE_SHARES", "site_of"]
+__all__ = ["SITE_PREFIX", "SITE_SHARES", "site_of", "unmapped"]
 
 SITE_PREFIX = 56     # the prefix of an IPv6 end site (RFC 6177: /48 to /64; /56 is common)
 SITE_SHARES = 5      # a site may hold this many addresses' worth where each is counted
@@ -38,3 +38,15 @@ def site_of(address: str) -> str:
             return str(embedded)
         return str(ipaddress.ip_network(f"{ip}/{SITE_PREFIX}", strict=False))
     return str(ip)
+
+
+def unmapped(address: str) -> str:
+    """The IPv4 address an IPv4-mapped IPv6 one (``::ffff:a.b.c.d``) is: what a
+    dual-stack ``[::]`` listener reports for an IPv4 sender, which a rule naming IPv4
+    peers (``[limits] trusted``) must still know (review 128); any other as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else address

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kamailio_app.sources import site_of
+from kamailio_app.sources import site_of, unmapped
 
 
 @pytest.mark.parametrize("address,site", [
@@ -23,3 +23,14 @@ from kamailio_app.sources import site_of
 ])
 def test_site_of(address, site):
     assert site_of(address) == site
+
+
+@pytest.mark.parametrize("address,plain", [
+    ("::ffff:127.0.0.2", "127.0.0.2"),      # what a dual-stack [::] listener gives (review 128)
+    ("127.0.0.2", "127.0.0.2"),
+    ("2002:c000:221:1::1", "2002:c000:221:1::1"),   # 6to4 is an IPv6 path: not the host
+    ("2001:db8::1", "2001:db8::1"),
+    ("not an address", "not an address"),
+])
+def test_unmapped(address, plain):
+    assert unmapped(address) == plain

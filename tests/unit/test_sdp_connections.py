@@ -1,0 +1,45 @@
+"""Two ``c=`` lines at one SDP level are refused (review 128 K1): a summary would name
+one address while a stack may send to the other (pjmedia keeps the last; the phone half
+is ``tests/pjsua/test_review128_two_connections_phone.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from e2m_lab.flows import SRTP_OFFER, TRUSTED, invite, known_proxy, proxy_engine, ua_engine
+from e2m_plugins.errors import MalformedError
+from e2m_plugins.sdp import media_summary
+from e2m_plugins.testpki import init_test_pki
+
+SDP_VIEW = ("INVITE:application/sdp",)
+MEDIA_TWICE = SRTP_OFFER.replace(b"a=rtpmap:0", b"c=IN IP4 127.0.0.1\r\nc=IN IP4 127.0.0.9\r\n"
+                                 b"a=rtpmap:0", 1)
+SESSION_TWICE = SRTP_OFFER.replace(b"t=0 0", b"c=IN IP4 127.0.0.9\r\nt=0 0", 1)
+
+
+def test_the_offers_used_here_have_one_connection_line_each_level():
+    assert media_summary(SRTP_OFFER)
+    assert MEDIA_TWICE != SRTP_OFFER and SESSION_TWICE != SRTP_OFFER
+
+
+@pytest.mark.parametrize("sdp, where", [(MEDIA_TWICE, "media section 0"),
+                                        (SESSION_TWICE, "session level")])
+def test_two_connection_lines_at_one_level_are_refused(sdp, where):
+    with pytest.raises(MalformedError, match=where):
+        media_summary(sdp)
+
+
+def test_one_at_the_session_level_and_one_in_a_section_is_fine():
+    both = SRTP_OFFER.replace(b"a=rtpmap:0", b"c=IN IP4 127.0.0.9\r\na=rtpmap:0", 1)
+    assert [m.address for m in media_summary(both)] == ["127.0.0.9"]
+
+
+def test_the_proxy_refuses_such_an_offer_before_anything_is_kept():
+    pki = init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob"), key_type="ec")
+    proxy = proxy_engine(pki, TRUSTED, view=SDP_VIEW)
+    alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    verdict = proxy.inspect(alice.protect(invite(pki).with_body(MEDIA_TWICE)).message)
+    assert (verdict.action, verdict.code, verdict.error) == ("reply", 400, "MalformedError")
+    assert verdict.kept == () and not verdict.media
+    honest = proxy.inspect(alice.protect(invite(pki, call_id="honest@x")).message)
+    assert honest.action == "forward" and honest.media
