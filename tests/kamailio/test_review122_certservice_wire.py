@@ -86,23 +86,22 @@ failed on the code before the fix and passes with it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from e2m_lab import netns
 
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import make_response, parse
 
 pytestmark = pytest.mark.kamailio
 
-INSIDE = os.environ.get("E2M_R122_NETNS") == "1"
-OUT = os.environ.get("E2M_R122_OUT", "")
+INSIDE = netns.inside("R122")
+OUT = netns.result_path("R122")
 STRANGER = "2001:db8:122::"
 HONEST = "2001:db8:999::"
 TOTAL = 200             # stop 41: above the stranger's site's 100 (5 addresses of 20);
@@ -112,32 +111,10 @@ IPV6_FREEBIND = 78      # linux/in6.h (the route below makes the /64 local anywa
 
 # ----------------------------------------------------------------------------- outer half
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="module")
 def netns_run(tmp_path_factory) -> dict:
-    if INSIDE:
-        pytest.skip("the inner half runs the attack")
-    if not _unshare_works():
-        pytest.skip("needs root and unshare -n (a network namespace of its own)")
-    out = tmp_path_factory.mktemp("r122") / "result.json"
-    env = dict(os.environ, E2M_R122_NETNS="1", E2M_R122_OUT=str(out))
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(root), f"{__file__}::test_inner_k1_flood_from_one_64"],
-        cwd=str(root), env=env, capture_output=True, text=True, timeout=300)
-    if not out.exists():
-        pytest.fail("the inner half wrote nothing:\n" + (done.stdout + done.stderr)[-4000:])
-    return json.loads(out.read_text())
+    return netns.run_inner(__file__, "test_inner_k1_flood_from_one_64", "R122", tmp_path_factory,
+                           timeout=300)
 
 
 def test_hole_k1_wire_one_64_fills_the_service_honest_follow_403(netns_run):

@@ -52,21 +52,21 @@ is off.  Review 122's tests now assert the per-site figure.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from e2m_lab import netns
+
 from e2m_lab.ports import free_port
-from tests.kamailio.test_review122_certservice_wire import _Peer, _unshare_works
+from tests.kamailio.test_review122_certservice_wire import _Peer
 
 pytestmark = pytest.mark.kamailio
 
-INSIDE = os.environ.get("E2M_R123_NETNS") == "1"
-OUT = os.environ.get("E2M_R123_OUT", "")
+INSIDE = netns.inside("R123")
+OUT = netns.result_path("R123")
 LAN = "2001:db8:123:1::"          # one office LAN: one /64, each phone its own address
 ELSEWHERE = "2001:db8:123:2::"    # another LAN
 PEERS = 12                        # peers each phone follows (an e2m-phone follows up to 64)
@@ -74,22 +74,8 @@ PEERS = 12                        # peers each phone follows (an e2m-phone follo
 
 @pytest.fixture(scope="module")
 def netns_run(tmp_path_factory) -> dict:
-    if INSIDE:
-        pytest.skip("the inner half runs the flows")
-    if not _unshare_works():
-        pytest.skip("needs root and unshare -n (a network namespace of its own)")
-    out = tmp_path_factory.mktemp("r123") / "result.json"
-    env = dict(os.environ, E2M_R123_NETNS="1", E2M_R123_OUT=str(out))
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(root), f"{__file__}::test_inner_phones_on_one_lan"],
-        cwd=str(root), env=env, capture_output=True, text=True, timeout=300)
-    if not out.exists():
-        pytest.fail("the inner half wrote nothing:\n" + (done.stdout + done.stderr)[-4000:])
-    result = json.loads(out.read_text())
-    print("\n", result)
-    return result
+    return netns.run_inner(__file__, "test_inner_phones_on_one_lan", "R123", tmp_path_factory,
+                           timeout=300)
 
 
 def test_hole_hb3_two_phones_on_one_ipv6_lan_follow_twelve_each(netns_run):

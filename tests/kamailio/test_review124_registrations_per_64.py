@@ -133,23 +133,22 @@ address a 6to4 or Teredo address spells), and a site's rate drops, never bans
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from e2m_lab import netns
 
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import parse
 
 pytestmark = pytest.mark.kamailio
 
-INSIDE = os.environ.get("E2M_R124_NETNS") == "1"
-OUT = os.environ.get("E2M_R124_OUT", "")
+INSIDE = netns.inside("R124")
+OUT = netns.result_path("R124")
 STRANGER = "2001:db8:124::"
 HONEST = "2001:db8:999::"
 LIMIT = 50                # the product's registrations_per_source
@@ -159,32 +158,10 @@ PACE = 0.08               # s between one address's REGISTERs: 12.5/s, under pik
 
 # ----------------------------------------------------------------------------- outer half
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="module")
 def netns_run(tmp_path_factory) -> dict:
-    if INSIDE:
-        pytest.skip("the inner half runs the attack")
-    if not _unshare_works():
-        pytest.skip("needs root and unshare -n (a network namespace of its own)")
-    out = tmp_path_factory.mktemp("r124") / "result.json"
-    env = dict(os.environ, E2M_R124_NETNS="1", E2M_R124_OUT=str(out))
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(root), f"{__file__}::test_inner_registrations_from_one_64"],
-        cwd=str(root), env=env, capture_output=True, text=True, timeout=300)
-    if not out.exists():
-        pytest.fail("the inner half wrote nothing:\n" + (done.stdout + done.stderr)[-4000:])
-    return json.loads(out.read_text())
+    return netns.run_inner(__file__, "test_inner_registrations_from_one_64", "R124", tmp_path_factory,
+                           timeout=300)
 
 
 def test_hole_k1_one_64_binds_past_registrations_per_source(netns_run):

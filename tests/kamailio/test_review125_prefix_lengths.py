@@ -147,23 +147,22 @@ wait for the pipes' memory is gone: the module took 111 s in a loaded CI run, 42
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from e2m_lab import netns
 
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import parse
 
 pytestmark = pytest.mark.kamailio
 
-INSIDE = os.environ.get("E2M_R125_NETNS") == "1"
-OUT = os.environ.get("E2M_R125_OUT", "")
+INSIDE = netns.inside("R125")
+OUT = netns.result_path("R125")
 SITE = "2001:db8:125"          # the stranger's /48 (a tunnel broker's free /48, say)
 OFFICE = "2001:db8:ace::"      # an honest office's /64 (SLAAC: one address per phone)
 SMALL_OFFICE = "2001:db8:acf::"
@@ -179,34 +178,10 @@ MEMORY_PREFIXES = 1500
 
 # ----------------------------------------------------------------------------- outer half
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="module")
 def netns_run(tmp_path_factory) -> dict:
-    if INSIDE:
-        pytest.skip("the inner half runs the attack")
-    if not _unshare_works():
-        pytest.skip("needs root and unshare -n (a network namespace of its own)")
-    out = tmp_path_factory.mktemp("r125") / "result.json"
-    env = dict(os.environ, E2M_R125_NETNS="1", E2M_R125_OUT=str(out))
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(root), f"{__file__}::test_inner_prefix_lengths"],
-        cwd=str(root), env=env, capture_output=True, text=True, timeout=400)
-    if not out.exists():
-        pytest.fail("the inner half wrote nothing:\n" + (done.stdout + done.stderr)[-4000:])
-    result = json.loads(out.read_text())
-    print(json.dumps(result, indent=1))
-    return result
+    return netns.run_inner(__file__, "test_inner_prefix_lengths", "R125", tmp_path_factory,
+                           timeout=400)
 
 
 def test_hole_k1_one_56_binds_past_registrations_per_source(netns_run):

@@ -82,23 +82,22 @@ later: 50 answered rather than 30, then banned as before).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from e2m_lab import netns
 
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import parse
 
 pytestmark = pytest.mark.kamailio
 
-INSIDE = os.environ.get("E2M_R128_NETNS") == "1"
-OUT = os.environ.get("E2M_R128_OUT", "")
+INSIDE = netns.inside("R128")
+OUT = netns.result_path("R128")
 VISITED = "127.0.0.2"          # an honest visited proxy, listed in [limits] trusted
 STRANGER = "127.0.0.3"         # an IPv4 stranger
 BURST = 60                     # OPTIONS back to back (pike: 30 in 2 s, then a 300 s ban)
@@ -107,34 +106,10 @@ NEIGHBOURS = "2001:db8:128"    # one /56's worth: 2001:db8:128:100::/56
 
 # ----------------------------------------------------------------------------- outer half
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="module")
 def netns_run(tmp_path_factory) -> dict:
-    if INSIDE:
-        pytest.skip("the inner half runs the attack")
-    if not _unshare_works():
-        pytest.skip("needs root and unshare -n (a network namespace of its own)")
-    out = tmp_path_factory.mktemp("r128") / "result.json"
-    env = dict(os.environ, E2M_R128_NETNS="1", E2M_R128_OUT=str(out))
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(root), f"{__file__}::test_inner_dual_stack"],
-        cwd=str(root), env=env, capture_output=True, text=True, timeout=400)
-    if not out.exists():
-        pytest.fail("the inner half wrote nothing:\n" + (done.stdout + done.stderr)[-4000:])
-    result = json.loads(out.read_text())
-    print(json.dumps(result, indent=1))
-    return result
+    return netns.run_inner(__file__, "test_inner_dual_stack", "R128", tmp_path_factory,
+                           timeout=400)
 
 
 def test_honest_break_hb1_trusted_peer_banned_on_dual_stack_listener(netns_run):
