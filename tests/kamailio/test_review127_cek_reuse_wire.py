@@ -5,7 +5,36 @@ forked 183s and 200s, a re-INVITE and an UPDATE, and stop 42's late-2xx window
 ``LATE_ANSWER_TTL``, 32 s, more) around CANCEL/200 races.  Never run on the wire by a
 review before.
 
-**No hole found here in the time given.**  Controls (unmarked, pass), each a real
+**Honest break HB1: the late 2xx stop 42 lets the proxy read is refused by the caller's
+own UA: the product's engine dropped her offer key at the INVITE's failure answer.**
+No attacker (review 125 HB2's flow, with alice's engine seeing what her phone sees).
+
+- Set-up: a real Kamailio 5.6 E2M proxy viewing INVITE SDP, bob registered; alice's
+  ``UAEngine`` (the one ``pjsua_hooks`` runs) offers a key in her INVITE (CEK reuse on,
+  the default); bob's device 1 and device 2 are ``UAEngine``s with bob's certificate.
+- Messages: alice's keyed INVITE; device 1 answers 486 (To tag f1), which tm relays to
+  alice as the INVITE's final answer; 0.5 s later device 2 answers 200 (To tag f2) under
+  her offer key (kekri), which tm relays as a late 2xx (RFC 3261 16.7).  alice's engine
+  opens each response as it arrives, as the e2m-phone's hook does for every message.
+- Observed: alice got 100, 180, 486, 200.  The proxy read and archived the 200 (an
+  ``INVITE response`` archive row: stop 42's window works), but **alice's engine raised
+  ``NoMatchingRecipientError`` on the 200**.  Without the 486 the same 200 opens
+  (control).  The e2m-phone drops a response it cannot open (``pjsua_hooks/phone.py:
+  689-692`` -> ``_refuse`` ``:934-943``, ``RxReject(None)``), so pjsip never sees the
+  200 and never ACKs it: bob's UA retransmits it for 32 s and then ends the call.  So
+  for the product's own phones the late-2xx call review 125 HB2 asked for still fails,
+  at the caller's end (the HB2 test passes only because its alice never opens the 486).
+- Code at fault: ``e2m_plugins/ua.py:931`` (``_open``: a failure answer that
+  ``_ends_dialog`` (``:1017``) says ends the INVITE attempt runs ``_end_dialog``
+  (``:1044``), which forgets the attempt's keys, her offered key included, for opening
+  as well as sending).
+- Suggested fix: at an INVITE's failure answer, retire the offer's keys for sending but
+  keep them for opening ``LATE_ANSWER_TTL`` (32 s) more, as the engine already does for
+  keys retired after a 496 ("still accepted for opening until they age out"); the
+  proxy and the caller then agree on the window.  (Untried: what pjsip does with the
+  late 2xx once it gets it, ACK and BYE or a call.)
+
+Controls (unmarked, pass), each a real
 ``UAEngine`` for alice and two for bob (two devices, one certificate), raw UDP sockets
 for the phones:
 
@@ -16,6 +45,8 @@ for the phones:
   answered 200 (device 2's answer under the key), and device 2's UPDATE under the key
   reaches alice's phone and opens.  The proxy read and archived every one of those
   SDP bodies (INVITE, 183, 183, 200, re-INVITE, its 200, UPDATE: 7 archive rows).
+- ``test_control_hb1_the_same_200_without_a_failure_opens``: the same flow without the
+  486: alice opens device 2's 200 under her key (the set-up is sound).
 - ``test_control_cancel_200_race``: alice CANCELs while device 1 rings with a 183
   under her key; device 2's 200 crosses the CANCEL (``before_487``), or comes after
   device 1's 487 (``after_487``, tm's late 2xx, RFC 3261 16.7).  Either way the 200 is
@@ -238,3 +269,59 @@ def test_control_cancel_200_race(proxy_factory, pki, order):
         assert ("re-INVITE", True) in call.reuse
     finally:
         call.close()
+
+
+# -- honest break HB1: the caller's own UA cannot open the late 2xx ---------------------
+
+def _late_answer(proxy_factory, pki, name: str, *, failure: int | None) -> tuple[list, str]:
+    """alice's keyed INVITE; bob's device 1 answers ``failure`` (tm relays it to alice as
+    the INVITE's final answer), then device 2's 200 under her offer key (tm's late 2xx).
+    alice's engine opens every response she gets, as the e2m-phone's hook does
+    (``pjsua_hooks/phone.py`` ``_on_rx``: ``engine.open`` on each message, a response
+    that fails dropped).  Returns (statuses alice got, what opening the 200 gave), after
+    checking the proxy read and archived the 200."""
+    call = _Call(proxy_factory, pki, name)
+    try:
+        if failure is not None:
+            call.answer("f1", failure)
+            time.sleep(0.5)
+        call.answer("f2", 200)
+        statuses, outcome = [], "no 200"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            message = call.alice_ua.receive(timeout=1)
+            if message is None or message.is_request or message.cseq[1] != "INVITE":
+                continue
+            statuses.append(message.status)
+            try:
+                opened = call.alice.open(message)
+            except Exception as exc:  # noqa: BLE001 - the outcome is the finding
+                if message.status == 200:
+                    outcome = type(exc).__name__
+                    break
+                raise
+            if message.status == 200:
+                outcome = "opened" if opened.message.body == SDP_ANSWER else "wrong body"
+                break
+        time.sleep(0.3)
+        archived = call.archived()
+        assert ("INVITE", "response") in archived, archived     # the proxy read the 200
+        return statuses, outcome
+    finally:
+        call.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review 127 honest break HB1: the caller's UA drops its "
+                   "offer key at the INVITE's failure answer, so the late 2xx the proxy now "
+                   "reads (stop 42) is NoMatchingRecipientError at her phone and dropped")
+def test_honest_break_hb1_the_caller_opens_a_late_2xx_under_her_offer_key(proxy_factory,
+                                                                          pki):
+    statuses, outcome = _late_answer(proxy_factory, pki, "r127-hb1", failure=486)
+    assert 486 in statuses and statuses[-1] == 200, statuses
+    assert outcome == "opened", outcome
+
+
+def test_control_hb1_the_same_200_without_a_failure_opens(proxy_factory, pki):
+    statuses, outcome = _late_answer(proxy_factory, pki, "r127-hb1-c", failure=None)
+    assert statuses[-1] == 200 and 486 not in statuses, statuses
+    assert outcome == "opened", outcome
