@@ -28,8 +28,8 @@ controls that pass (the set-up shown live):
   UDP port, and at another port): the subscription's socket is the UDP one, the 10 KiB
   certificate's NOTIFY must go over TCP (RFC 3261 18.1.1), so ``t_uac_send`` gets a UDP
   socket for a TCP destination.  Kamailio finds the TCP socket at that address (same
-  port, or another); the follower accepted the connection and read the 10,326-octet
-  NOTIFY both times; held.
+  port, or another); the follower accepted the connection and read the whole NOTIFY
+  with the 10 KiB certificate (10,326 and 10,327 octets) both times; held.
 
 Tried and held without a test of its own (reasoning on the code, or runs above):
 
