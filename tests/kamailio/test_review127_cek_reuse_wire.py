@@ -16,12 +16,14 @@ No attacker (review 125 HB2's flow, with alice's engine seeing what her phone se
   alice as the INVITE's final answer; 0.5 s later device 2 answers 200 (To tag f2) under
   her offer key (kekri), which tm relays as a late 2xx (RFC 3261 16.7).  alice's engine
   opens each response as it arrives, as the e2m-phone's hook does for every message.
-- Observed: alice got 100, 180, 486, 200.  The proxy read and archived the 200 (an
+- Observed: alice got 100, 180, 486, 486 (tm's retransmission: the raw UA sends no
+  ACK), 200.  The proxy read and archived the 200 (an
   ``INVITE response`` archive row: stop 42's window works), but **alice's engine raised
   ``NoMatchingRecipientError`` on the 200**.  Without the 486 the same 200 opens
   (control).  The e2m-phone drops a response it cannot open (``pjsua_hooks/phone.py:
   689-692`` -> ``_refuse`` ``:934-943``, ``RxReject(None)``), so pjsip never sees the
-  200 and never ACKs it: bob's UA retransmits it for 32 s and then ends the call.  So
+  200 and never ACKs it (a UAS whose 2xx gets no ACK within 64*T1 ends the dialog,
+  RFC 3261 13.3.1.4: not run here with a real pjsua).  So
   for the product's own phones the late-2xx call review 125 HB2 asked for still fails,
   at the caller's end (the HB2 test passes only because its alice never opens the 486).
   The same with the everyday trigger (``tm-408-crossing``): nobody answers for tm's
