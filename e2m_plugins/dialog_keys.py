@@ -102,6 +102,8 @@ class DialogKey:
     parties: frozenset[str] = frozenset()    # the dialog's From and To AoRs (dialog_parties)
     # the peer's request we have not answered: its CSeq and top Via branch (its transaction)
     received_in: tuple[int, str, str] | None = None
+    # the INVITE failed: retired, and it opens only until then (a late 2xx under it)
+    open_until: float | None = None
 
 
 class PendingUses:
@@ -224,7 +226,9 @@ class DialogKeys:
             for slot in self._slots_of(message):
                 bucket = self._slots.get(slot, [])
                 if not message.is_request and status >= 300:
-                    bucket[:] = [k for k in bucket if k.confirmed or k.offered_in != answers]
+                    # (a key kept to open a late 2xx, ``end_dialog(linger=...)``, stays)
+                    bucket[:] = [k for k in bucket if k.confirmed or k.offered_in != answers
+                                 or k.open_until is not None]
                 elif message.is_request or 200 <= status < 300:
                     for key in bucket:
                         if key.offered_in is None or key.offered_in == answers:
@@ -271,20 +275,29 @@ class DialogKeys:
                     key.retired = True
 
     def end_dialog(self, message: SipMessage, *, peer_tag: str | None = None,
-                   keep: frozenset[str] = frozenset()) -> None:
+                   keep: frozenset[str] = frozenset(), linger: float | None = None) -> None:
         """BYE (sent or received), or a failed INVITE: the call's keys go, every slot of
         its Call-ID between its two parties (another fork's early key too: review 47; a
         third who names the ids ends nothing) but those under a tag in ``keep``
         (lower-cased: another dialog's of ours under the Call-ID).  ``peer_tag``: only the
         keys under the peer's tag go, not the INVITE's own under ours, which every fork
         of it shares (a BYE to another fork than the one that answered, or one we got
-        and may refuse: review 45)."""
+        and may refuse: review 45).  ``linger`` (an INVITE's failure answer): they are
+        retired instead, never used to send again, and open only ``linger`` seconds more,
+        for a 2xx a proxy relays after the failure (review 127)."""
         parties = dialog_parties(message)
+        until = None if linger is None else self._clock() + linger
         with self._lock:
             for slot in list(self._calls.get(message.call_id, ())):
                 if slot[2] == parties and slot[1] not in keep \
                         and (peer_tag is None or slot[1] == peer_tag.lower()):
-                    self._drop(slot)
+                    if until is None:
+                        self._drop(slot)
+                        continue
+                    for key in self._slots.get(slot, []):
+                        key.retired = True
+                        key.open_until = until if key.open_until is None \
+                            else min(key.open_until, until)
 
     def forget_call(self, call_id: str) -> None:
         """Every key of ``call_id`` goes (the call ended without a message we saw)."""
@@ -370,7 +383,8 @@ class DialogKeys:
         found: list[DialogKey] = []
         for key in self._all(message):
             if key not in found and (key.confirmed or opening) \
-                    and now - key.created < self._max_age and key.uses < self._max_uses:
+                    and now - key.created < self._max_age and key.uses < self._max_uses \
+                    and (key.open_until is None or (opening and now < key.open_until)):
                 found.append(key)
         found.sort(key=lambda k: k.created)   # oldest first across both slots (stable)
         return found

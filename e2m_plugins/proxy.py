@@ -35,10 +35,10 @@ from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
 from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
                      ProxyCannotDecryptError, ReplayError, SignatureRequiredError)
-from .keycache import (TRANSACTION_TTL, DialogScope, KeyCache, Scope, TransactionScope,
-                       answer_keeper, bounded_keeper)
+from .keycache import (DialogScope, KeyCache, Scope, TransactionScope, answer_keeper,
+                       bounded_keeper)
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
-from .replay import MemoryReplayCache, ReplayCache
+from .replay import TRANSACTION_LIFETIME, MemoryReplayCache, ReplayCache
 from .sdp import MediaLine, media_summary
 from .sipcontext import SipContext, message_aors
 from .sip import SipMessage
@@ -59,8 +59,9 @@ _UNREADABLE = (NoMatchingRecipientError, DecryptionError)
 # a far end that never answers leaves no key behind for 12 hours.
 EARLY_DIALOG_TTL = 200.0
 # After the INVITE failed, a 2xx may still come for as long as its callee retransmits
-# one (64*T1, RFC 6026's Timer L): its offer's keys are kept that long, no longer.
-LATE_ANSWER_TTL = TRANSACTION_TTL
+# one (64*T1, RFC 6026's Timer L): its offer's keys are kept that long, no longer (the
+# caller's UA keeps them as long for opening: ``DialogKeys.end_dialog(linger=...)``).
+LATE_ANSWER_TTL = TRANSACTION_LIFETIME
 # Dialogs (To tags) one early dialog may grow kept keys under (``ProxyEngine._fork``):
 # forking (RFC 3261 §13.2.2.4) rarely confirms more than one, re-tagged copies any number
 MAX_FORKS = 4

@@ -55,7 +55,7 @@ from .certfiles import readable_certificate
 from .config import LegacyPeer, UAConfig
 from .dialog_keys import MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, dialog_parties
 from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
-from .replay import MemoryReplayCache
+from .replay import TRANSACTION_LIFETIME, MemoryReplayCache
 from .sdp import SdpKeys, has_keys, merge_keys, separate_keys
 from .sipcontext import SipContext
 from .grammar import split_header_list
@@ -929,7 +929,12 @@ class UAEngine:
         method = message.method
         self._check_parties(message)
         if not message.is_request and method == "INVITE" and self._ends_dialog(message):
-            self._end_dialog(message, sent=False)
+            # a dialog-creating INVITE's keys still open a 2xx relayed after its failure
+            # (RFC 3261 16.7) as long as the proxies keep theirs (review 127), and none
+            # is used to send again; a dialog the peer says is gone (408, 481) ends
+            sent = self._sent_for(message)
+            late = TRANSACTION_LIFETIME if sent is not None and not sent[2] else None
+            self._end_dialog(message, sent=False, linger=late)
             self._forget_parties(message, sent=False)
         part = message_body(message)
         if part is None:
@@ -1041,7 +1046,8 @@ class UAEngine:
         in_dialog = sent[2]
         return not in_dialog or status in (408, 481)
 
-    def _end_dialog(self, message: SipMessage, *, sent: bool) -> None:
+    def _end_dialog(self, message: SipMessage, *, sent: bool,
+                    linger: float | None = None) -> None:
         """The dialog (or the INVITE attempt) is over: its keys and its policies go.  A
         BYE ends here when we send it or our 2xx to it (never when it arrives: pjsip
         may refuse it, 481, and the call goes on: review 49).  It takes the keys under
@@ -1061,7 +1067,7 @@ class UAEngine:
             if (remote or "").lower() != confirmed and not (sent and confirmed is None):
                 self.dialog_keys.end_dialog(message, peer_tag=remote or "", keep=others)
                 return
-        self.dialog_keys.end_dialog(message, keep=others)
+        self.dialog_keys.end_dialog(message, keep=others, linger=linger)
         # the policies of this dialog's peer only (a third party's call under the same
         # Call-ID ends its own, review 51), and not while another dialog of ours with
         # that peer is under way: a policy's scope is the Call-ID and the peer (53)

@@ -78,6 +78,13 @@ Tried and held (reasoning on the code, with the runs above):
 - Honest UAs: the product's own UA drops its offered key on any failure answer
   (docs/protocol.md section 2) and keys a retry (digest, 422, 3xx, 49x) afresh, so a
   retry under the same Call-ID and tag never names a key the failure cut.
+
+Fixed (stop 42), HB1: at the failure answer to a dialog-creating INVITE, the UA's
+``_open`` ends the attempt with ``DialogKeys.end_dialog(linger=TRANSACTION_LIFETIME)``:
+its keys are retired (never reused to send) and open 32 s more (``open_until``); a 408
+or 481 inside a dialog still ends it at once.  On the code before both parametrisations
+raised ``NoMatchingRecipientError``; now alice opens the late 200.  Unit half:
+``tests/unit/test_late_answer_ua.py``.
 """
 
 from __future__ import annotations
@@ -321,9 +328,6 @@ def _late_answer(proxy_factory, pki, name: str, *, failure: int | None) -> tuple
         call.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 127 honest break HB1: the caller's UA drops its "
-                   "offer key at the INVITE's failure answer, so the late 2xx the proxy now "
-                   "reads (stop 42) is NoMatchingRecipientError at her phone and dropped")
 @pytest.mark.parametrize("failure", [486, 408], ids=["another-forks-486", "tm-408-crossing"])
 def test_honest_break_hb1_the_caller_opens_a_late_2xx_under_her_offer_key(proxy_factory,
                                                                           pki, failure):
