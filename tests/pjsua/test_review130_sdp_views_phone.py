@@ -1,7 +1,148 @@
-"""Review 130: where the home proxy's SDP view (``e2m_plugins/sdp.py`` ``media_summary``,
-the media rows and ``e2m media:`` lines made from it) and bob's real phone (pjsua2 /
-pjmedia 2.15.1) read the same offer differently.  Write-up: ``WRITEUP`` below (the
-module docstring is long, so it lives in one place)."""
+"""Review 130 (attacker's review of 4129b80): where the home proxy's view of an SDP and
+bob's real phone (pjsua2 / pjmedia 2.15.1) read the same offer differently, after review
+128 K1 (two ``c=`` lines, now refused).
+
+Set-up (every test): bob's real ``e2m-phone listen`` (SRTP, E2M required, answers by
+itself; review 126's ``answering_phone`` and ``_call``).  alice is an **insider UA**: her
+own ``UAEngine`` protects her INVITE exactly as her phone does (signed, sealed for bob,
+bound to the message) with the home proxy ``proxy.example.com`` as a reader of
+``INVITE:application/sdp``.  That very message is handed to the proxy's ``ProxyEngine``
+(``inspect``: the verdict's ``media`` is what ``kamailio_app`` archives through
+``bootstrap.media_records`` and logs through ``bootstrap.media_log_lines``, the line the
+README calls "what a firewall would open"), then sent from a plain UDP socket to bob's
+phone.  UDP sockets on loopback addresses (127.0.0.1, .9, .11) count the datagrams bob's
+phone sends to each place, so "where media goes" is what the phone did, not a reading
+of pjmedia's source.  The Kamailio process itself was not run: the rows are made by the
+app's own ``media_records`` from the engine's verdict, which is what the running proxy
+does.  The SDP is ``flows.SRTP_OFFER`` (session ``c=IN IP4 127.0.0.1``, ``m=audio P
+RTP/SAVP 0 8``) with a fresh even port P.  All figures: one run each of the final
+module, and the same in an earlier exploratory run.
+
+Hole K1: ``a=RTCP`` in any case is read by the view, pjmedia reads only ``a=rtcp``
+------------------------------------------------------------------------------------
+
+- Attacker: insider UA (alice) hiding where her call's RTCP goes.
+- Message: media section ends ``a=RTCP:P+1`` then ``a=rtcp:P+3 IN IP4 127.0.0.9``.
+- Observed: the proxy forwards; its media row is ``address 127.0.0.1, port P,
+  rtcp_port P+1`` (looks like the default pair); bob answers 200 and sends RTCP to
+  ``127.0.0.9:P+3`` (2 datagrams in the wait), 0 to ``127.0.0.1:P+1``.
+- Code at fault: ``e2m_plugins/sdp.py:349`` (``_media_line``: the first attribute whose
+  name ``.lower()`` is ``rtcp``); pjmedia (``stream_info.c:539``,
+  ``pjmedia_sdp_attr_find2`` -> ``sdp.c:156`` ``pj_strcmp``) takes the first attribute
+  named exactly ``rtcp``.  SDP attribute names are case-sensitive (RFC 8866 §5.13).
+- Test: ``test_hole_k1_upper_case_rtcp_attribute_rtcp_goes_elsewhere``.
+- Fix: compare attribute names as the peer's stack does (exactly), or refuse an SDP with
+  an attribute whose name differs from a known one only in case, or with more than one
+  ``rtcp`` attribute in a section.
+
+Hole K2: ``a=rtcp``'s address is summarised but neither archived nor logged
+----------------------------------------------------------------------------
+
+- Attacker: insider UA, same aim, with a fully ordinary SDP.
+- Message: media section ends ``a=rtcp:P+3 IN IP4 127.0.0.9`` (RFC 3605, lower case).
+- Observed: ``media_summary`` is right (``rtcp_address 127.0.0.9, rtcp_port P+3``), but
+  the media row is ``address 127.0.0.1 ... rtcp_port P+3`` (no RTCP address column) and
+  the log line ``e2m media: INVITE request audio 127.0.0.1:P RTP/SAVP sendrecv`` (no
+  RTCP at all); bob sends RTCP to ``127.0.0.9:P+3`` (2 datagrams).  Reading the archive,
+  the RTCP went to 127.0.0.1.
+- Code at fault: ``kamailio_app/bootstrap.py:125-133`` (``media_records`` drops
+  ``line.rtcp_address``), ``kamailio_app/archive_schema.py:59`` (no column for it),
+  ``bootstrap.py:136`` (the log line).
+- Test: ``test_hole_k2_rtcp_address_is_not_archived``.
+- Fix: archive and log ``rtcp_address`` (a column; the line as "rtcp a:p"), or refuse an
+  ``a=rtcp`` address other than the section's connection address.
+
+Hole K3: ``a=INACTIVE`` archived as inactive, pjmedia ignores it and media flows
+--------------------------------------------------------------------------------
+
+- Attacker: insider UA hiding that a call carried media ("it never connected").
+- Message: ``a=INACTIVE`` in the media section, or at the session level.
+- Observed: row ``flow inactive``, log line ``... RTP/SAVP inactive``; bob answers 200,
+  ``call_media`` active with ``remote_rtp 127.0.0.1:P``, and 31 RTP datagrams reach
+  ``127.0.0.1:P`` in 5 s (both levels), as for a plain sendrecv offer (31).
+- Code at fault: ``e2m_plugins/sdp.py:338`` (``_direction`` lower-cases) and ``:377``
+  (session level); pjmedia (``sdp_neg.c:698-723``, ``sdp.c:1363`` for the session
+  level) finds ``inactive``/``sendonly``/``recvonly`` by exact name.
+- Test: ``test_hole_k3_upper_case_inactive_media_flows[media|session]``.
+- Fix: exact-case direction names (an upper-case one is then no direction, as for
+  pjmedia), or refuse a direction attribute in the wrong case.
+
+Hole K4: several direction attributes: the view takes the first, pjmedia by precedence
+------------------------------------------------------------------------------------
+
+- Attacker: insider UA misstating which way media went.
+- Message: ``a=recvonly`` then ``a=sendonly`` in the media section.
+- Observed: row ``flow recvonly`` (alice only receives: bob would send); bob answers
+  200, his call has no active media (``remote_rtp`` empty) and 0 RTP reach
+  ``127.0.0.1:P``: pjmedia read ``sendonly`` (alice sends, bob only receives).
+- Code at fault: ``e2m_plugins/sdp.py:338`` (``next(...)``: the first); pjmedia
+  ``sdp_neg.c:698-723``: ``inactive``, else ``sendonly``, else ``recvonly``, whatever the
+  order.
+- Test: ``test_hole_k4_two_direction_attributes_flow_reversed``.
+- Fix: refuse more than one direction attribute per level (RFC 3264 §5.1: at most one).
+
+Hole K5: ``c=`` addresses in ``inet_aton`` forms are archived verbatim
+----------------------------------------------------------------------
+
+- Attacker: insider UA making the archive (and a firewall fed from the log line) name
+  another address, or none, than the one media goes to.
+- Message: session ``c=IN IP4 127.0.0.011`` (octal last byte), ``c=IN IP4 2130706441``
+  (one number), ``c=IN IP4 0x7f.0.0.9`` (hex), ``c=IN IP4 127.0.0.9<TAB>x``.
+- Observed (each): the row's address is the text as written (``127.0.0.011`` reads as
+  127.0.0.11 to anyone reading dotted decimal; Python's ``ipaddress`` refuses all four);
+  bob answers 200, ``remote_rtp 127.0.0.9:P``, 10 RTP datagrams at ``127.0.0.9:P``, 0 at
+  ``127.0.0.11:P`` and ``127.0.0.1:P``.  pjmedia's address is ``pj_sockaddr_init`` ->
+  ``pj_inet_aton`` (glibc ``inet_aton``: octal, hex, 1-3 part forms) with a
+  ``getaddrinfo`` fallback (so a DNS name would also be resolved by the phone at call
+  time, the archive keeping only the name: not run), and ends at a tab
+  (``sdp.c:1158``, ``"/ \t\r\n"``).
+- Code at fault: ``e2m_plugins/sdp.py:41`` (``_CONNECTION``: any non-space text) and
+  ``:296-300`` (``_connection`` keeps it as written).
+- Test: ``test_hole_k5_connection_address_forms[...]`` (4 cases).
+- Fix: for ``IN IP4``/``IN IP6`` accept only a canonical dotted quad / RFC 4291 text
+  (``ipaddress.ip_address`` and ``str(ip) == text``), refuse anything else (or a name)
+  in a viewed SDP; the same for ``a=rtcp``'s address.
+
+Controls (unmarked, pass)
+-------------------------
+
+- ``test_control_k1_k2_pjsua_style_rtcp_port_archived_and_used``: ``a=rtcp:P+3`` (port
+  only, lower case, as pjsua writes it): row ``127.0.0.1 ... rtcp_port P+3`` and the
+  phone's RTCP at ``127.0.0.1:P+3`` (none at P+1).
+- ``test_control_k3_k4_one_lower_case_direction_as_archived[...]``: none, ``sendrecv``,
+  ``recvonly`` -> row says bob may send and he sends (31 RTP); ``inactive``, ``sendonly``
+  -> row says he may not, and 0 RTP.
+- ``test_control_k5_dotted_quad_archived_and_used``: ``c=IN IP4 127.0.0.9``: row
+  ``127.0.0.9``, RTP there, none at 127.0.0.1.
+
+Tried and held
+--------------
+
+- Two ``a=rtcp`` (both lower case): both sides take the first (``sdp.py:349`` and
+  ``pjmedia_sdp_attr_find``), agree.  ``a=rtcp :N`` (space before the colon): the view
+  reads N; pjmedia's value is ``" :N"``, which ``pjmedia_sdp_attr_get_rtcp`` refuses, so
+  RTCP goes to P+1: read only, not run (a mismatch of the K1 kind, port only).
+- ``m=`` port: the view takes 1-5 digits and refuses > 65535 and a port count of 0;
+  pjmedia's token + ``pj_strtoul3`` give the same number for every such form; a
+  leading ``+``, a tab or a non-digit are refused by the view.  A tab inside the format
+  list (``RTP/SAVP 8<TAB>0``): the view lists 8 and 0, pjmedia 8 only; bob's phone
+  answered 488 (no PCMA): no call, nothing to hide (the reverse order would make the
+  archive list one codec too many; not run).
+- Upper-case type letters (``C=``), a leading or whitespace-only line, a bare CR or a
+  NUL inside a line: refused by ``parse_lines`` (``_LINE`` is ``[a-z]=``; ``_text``).
+  A blank line mid-SDP: the view keeps reading, pjmedia refuses the whole SDP (the call
+  fails: no media to hide).  ``c= IN ...``/double spaces: refused by ``_CONNECTION``.
+- ICE candidates: bob's phone has ICE off, so ``a=candidate`` lines are ignored by it
+  as by the view (not run with ICE on).
+- Static payload types: pjmedia takes PT < 96 by number, ignoring an ``a=rtpmap:0
+  PCMA/8000`` that the view archives as PCMA (read only; a codec column, not where
+  media goes).
+- Dual-stack ``[::]`` listener (second target): ``trusted_peer`` now unmaps
+  ``::ffff:a.b.c.d`` before ``allow_address``, ``exempt_address`` unmaps before the
+  network test; Linux drops IPv6 packets whose source is IPv4-mapped, so a stranger
+  cannot present a mapped trusted address.  Read only, not run (see the report's
+  untried list).
+"""
 
 from __future__ import annotations
 
