@@ -95,7 +95,7 @@ Hole K5: ``c=`` addresses in ``inet_aton`` forms are archived verbatim
   ``pj_inet_aton`` (glibc ``inet_aton``: octal, hex, 1-3 part forms) with a
   ``getaddrinfo`` fallback (so a DNS name would also be resolved by the phone at call
   time, the archive keeping only the name: not run), and ends at a tab
-  (``sdp.c:1158``, ``"/ \t\r\n"``).
+  (``sdp.c:1155``, ``"/ \t\r\n"``).
 - Code at fault: ``e2m_plugins/sdp.py:41`` (``_CONNECTION``: any non-space text) and
   ``:296-300`` (``_connection`` keeps it as written).
 - Test: ``test_hole_k5_connection_address_forms[...]`` (4 cases).
