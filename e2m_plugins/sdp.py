@@ -17,6 +17,7 @@ over the size limit ``LimitExceededError``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -304,6 +305,8 @@ def _rtcp(value: str) -> tuple[int, str | None]:
     match = _RTCP.fullmatch(value.strip())
     if not match or int(match.group(1)) > 65535:
         raise MalformedError("malformed a=rtcp line")
+    if match.group(3) is not None:
+        _canonical_address(match.group(2), match.group(3))
     return int(match.group(1)), match.group(3)
 
 
@@ -335,7 +338,8 @@ def _codecs(formats: tuple[str, ...], proto: str, attrs: list[str]) -> tuple[tup
 
 
 def _direction(attrs: list[str]) -> str | None:
-    return next((a.strip().lower() for a in attrs if a.strip().lower() in _DIRECTIONS), None)
+    # (spelled exactly: another spelling is refused, ``_one_reading``)
+    return next((a for a in attrs if a in _DIRECTIONS), None)
 
 
 def _media_line(section: list[SdpLine], session_c: tuple[str, str] | None,
@@ -346,7 +350,7 @@ def _media_line(section: list[SdpLine], session_c: tuple[str, str] | None,
     attrs = [line.value for line in section if line.kind == "a"]
     conn = next((_connection(line.value) for line in section if line.kind == "c"), session_c)
     rtcp = next((_rtcp(a.partition(":")[2]) for a in attrs
-                 if a.partition(":")[0].strip().lower() == "rtcp"), None)
+                 if a.partition(":")[0] == "rtcp"), None)
     return MediaLine(
         media=match.group(1), port=int(match.group(2)),
         port_count=int(match.group(3)) if match.group(3) else 1,
@@ -358,21 +362,59 @@ def _media_line(section: list[SdpLine], session_c: tuple[str, str] | None,
         rtcp_address=(rtcp[1] if rtcp else None) or (conn[0] if rtcp and conn else None))
 
 
-def _one_connection(level: list[SdpLine], where: str) -> None:
-    """At most one ``c=`` per level: with two, the archive would name one address and a
-    stack might send to the other (pjmedia keeps the last: review 128).  RFC 4566 §5.7
-    allows more only for the layers of a multicast session, which no phone here makes."""
+# The attributes the summary reads: each must be spelled as stacks match it (pjmedia
+# compares names byte for byte) and said once per level, else a stack may read the
+# media's way differently from the archive (review 130).
+_VIEWED_ATTRIBUTES = frozenset({"rtcp", *_DIRECTIONS})
+
+
+def _one_reading(level: list[SdpLine], where: str) -> None:
+    """``MalformedError`` for a level whose media the summary and a stack could read
+    differently: two ``c=`` lines (pjmedia keeps the last: review 128; RFC 4566 §5.7
+    allows more only for a multicast session's layers, which no phone here makes); a
+    viewed attribute spelled in another case or with white space (``a=RTCP``,
+    ``a=INACTIVE``, ``a=rtcp :N``: pjmedia ignores them); two direction attributes or
+    two ``a=rtcp`` (review 130: pjmedia ranks directions, the summary took the first);
+    a connection or RTCP address that is not a plain IP address (pjmedia reads
+    ``127.0.0.011``, ``2130706441`` and ``0x7f.0.0.9`` as ``inet_aton`` does, and would
+    resolve a name)."""
     if sum(1 for line in level if line.kind == "c") > 1:
         raise MalformedError(f"SDP: more than one c= line {where}")
+    for line in level:
+        if line.kind == "c":
+            _canonical_address(*_connection(line.value)[::-1])
+    names = [line.value.partition(":")[0] for line in level if line.kind == "a"]
+    for name in names:
+        if name not in _VIEWED_ATTRIBUTES and name.strip().lower() in _VIEWED_ATTRIBUTES:
+            raise MalformedError(f"SDP: a=%s spelled as stacks do not read it {where}"
+                                 % name.strip().lower())
+    if sum(1 for name in names if name in _DIRECTIONS) > 1:
+        raise MalformedError(f"SDP: more than one direction attribute {where}")
+    if names.count("rtcp") > 1:
+        raise MalformedError(f"SDP: more than one a=rtcp {where}")
+
+
+def _canonical_address(address_type: str, address: str) -> None:
+    """The address of a ``c=`` line, as the summary names it: an IP literal of its
+    address type, an IPv4 one as four decimal numbers without leading zeros (what every
+    stack reads alike; ``inet_aton`` forms are not), an IPv6 one without a zone."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    version = {"IP4": 4, "IP6": 6}.get(address_type.upper())
+    if ip is None or ip.version != version or "%" in address \
+            or (version == 4 and str(ip) != address):
+        raise MalformedError("SDP: a connection address that is not a plain IP address")
 
 
 def media_summary(sdp: bytes, *, max_bytes: int = MAX_SDP_BYTES) -> list[MediaLine]:
     """One ``MediaLine`` per ``m=`` section: addresses, ports, protocol and codecs, no keys.
-    ``MalformedError`` for a level with two connection lines (which one a stack uses is
-    its own choice, so no summary could say where the media goes)."""
+    ``MalformedError`` for an SDP a stack could read another way than this summary
+    (``_one_reading``): no summary could then say where the media goes."""
     lines = [line for line in parse_lines(sdp, max_bytes=max_bytes) if line.kind]
     session = [line for line in lines if line.media_index is None]
-    _one_connection(session, "at the session level")
+    _one_reading(session, "at the session level")
     session_c = next((_connection(line.value) for line in session if line.kind == "c"), None)
     session_direction = _direction([line.value for line in session if line.kind == "a"])
     sections: dict[int, list[SdpLine]] = {}
@@ -380,6 +422,6 @@ def media_summary(sdp: bytes, *, max_bytes: int = MAX_SDP_BYTES) -> list[MediaLi
         if line.media_index is not None:
             sections.setdefault(line.media_index, []).append(line)
     for index, section in sections.items():
-        _one_connection(section, f"in media section {index}")
+        _one_reading(section, f"in media section {index}")
     return [_media_line(section, session_c, session_direction or "sendrecv")
             for _, section in sorted(sections.items())]

@@ -96,8 +96,10 @@ def content_uid(identity: Sequence[str | int | None], bodies: Sequence["BodyReco
                 b.cid, b.request_uri if b.status is None else None]
                for b in bodies]
     fields.append("media")
+    # (the RTCP address only when there is one: a message's id stays what it was before)
     fields += [[m.call_id, m.method, m.direction, m.media, m.address, m.port, m.port_count,
-                m.proto, m.codecs, m.flow, m.rtcp_port] for m in media]
+                m.proto, m.codecs, m.flow, m.rtcp_port]
+               + ([m.rtcp_address] if m.rtcp_address is not None else []) for m in media]
     digest.update(json.dumps(fields, separators=(",", ":")).encode("utf-8"))
     return "c" + digest.hexdigest()[:40]
 
@@ -140,6 +142,7 @@ class MediaRecord:
     flow: str | None = None     # sendrecv / sendonly / recvonly / inactive
     rtcp_port: int | None = None
     time: float | None = None
+    rtcp_address: str | None = None     # a=rtcp's address (RFC 3605), else the stream's
 
 
 @dataclass(frozen=True, repr=False)
@@ -181,7 +184,7 @@ _BODY_COLUMNS = ("id", "time", "call_id", "from_uri", "to_uri", "method", "direc
                  "status", "content_type", "plaintext", "sha256", "signature", "signer", "cid",
                  "message_uid", "request_uri")
 MEDIA_COLUMNS = ("id", "time", "call_id", "method", "direction", "media", "address", "port",
-                 "port_count", "proto", "codecs", "flow", "rtcp_port")
+                 "port_count", "proto", "codecs", "flow", "rtcp_port", "rtcp_address")
 # A copy of a message already stored adds nothing, except what the stored row lacks:
 # an answer's sender and Request-URI, which a copy read without the request's
 # transaction (at another node: a hop's, sent there first) could not name (review 66).
@@ -193,8 +196,8 @@ _INSERT_BODY = ("INSERT INTO bodies (time, call_id, from_uri, to_uri, method, di
                 "from_uri = COALESCE(bodies.from_uri, excluded.from_uri), "
                 "request_uri = COALESCE(bodies.request_uri, excluded.request_uri)")
 _INSERT_MEDIA = ("INSERT INTO media (time, call_id, method, direction, media, address, port, "
-                 "port_count, proto, codecs, flow, rtcp_port, message_uid, part) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                 "port_count, proto, codecs, flow, rtcp_port, rtcp_address, message_uid, part) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                  "ON CONFLICT (message_uid, part) DO NOTHING")
 
 
@@ -289,8 +292,8 @@ class SqlArchive:
         if media:
             cursor.executemany(self._sql(_INSERT_MEDIA), [
                 (m.time or now, m.call_id, m.method, m.direction, m.media, m.address, m.port,
-                 m.port_count, m.proto, m.codecs, m.flow, m.rtcp_port, uid, part)
-                for part, m in enumerate(media)])
+                 m.port_count, m.proto, m.codecs, m.flow, m.rtcp_port, m.rtcp_address, uid,
+                 part) for part, m in enumerate(media)])
 
     # -- reading -------------------------------------------------------------
     def _query(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
@@ -332,15 +335,16 @@ class SqlArchive:
                              "status, content_type, plaintext, sha256, signature, signer, cid, "
                              "request_uri FROM bodies WHERE message_uid = ? ORDER BY part", [uid])
         media = self._query("SELECT time, call_id, method, direction, media, address, port, "
-                            "port_count, proto, codecs, flow, rtcp_port FROM media "
-                            "WHERE message_uid = ? ORDER BY part", [uid])
+                            "port_count, proto, codecs, flow, rtcp_port, rtcp_address "
+                            "FROM media WHERE message_uid = ? ORDER BY part", [uid])
         return ([BodyRecord(call_id=r[1], from_uri=r[2], to_uri=r[3], method=r[4],
                             direction=r[5], status=r[6], content_type=r[7],
                             plaintext=bytes(r[8]), sha256=r[9], signature=r[10], signer=r[11],
                             cid=r[12], time=r[0], request_uri=r[13]) for r in bodies],
                 [MediaRecord(call_id=r[1], method=r[2], direction=r[3], media=r[4],
                              address=r[5], port=r[6], port_count=r[7], proto=r[8], codecs=r[9],
-                             flow=r[10], rtcp_port=r[11], time=r[0]) for r in media])
+                             flow=r[10], rtcp_port=r[11], time=r[0], rtcp_address=r[12])
+                 for r in media])
 
     def forget(self, uid: str) -> None:
         """Remove one message's rows (one transaction)."""

@@ -6,6 +6,8 @@ and ``media``, no ``schema_version``): a file from then reads as version 1 and i
 upgraded in place.  Version 2 gives every archived message an id (``message_uid``)
 shared by its body and media rows, and each row its place in it (``part``): a unique
 pair, so replaying a message the database already took stores nothing twice.
+Version 3 keeps a request's Request-URI, 4 adds the cluster's replay claims, and 5 a
+stream's RTCP address.
 
 A migration runs its steps and the version bump in one transaction (both databases
 have transactional DDL); on PostgreSQL an advisory lock keeps two nodes from
@@ -22,7 +24,7 @@ __all__ = ["ARCHIVE_VERSION", "COMPONENT", "SchemaError", "read_version", "migra
            "STEPS", "MIGRATION_LOCK"]
 
 COMPONENT = "archive"
-ARCHIVE_VERSION = 4
+ARCHIVE_VERSION = 5
 MIGRATION_LOCK = 0x6532_6D61   # pg_advisory_xact_lock key of every migration of ours
 
 _V1_SQLITE = """
@@ -90,6 +92,12 @@ CREATE TABLE replay_claims (name TEXT PRIMARY KEY, expires DOUBLE PRECISION NOT 
 CREATE INDEX replay_claims_expires ON replay_claims (expires);
 """
 
+# Where a stream's RTCP goes when its a=rtcp names an address (RFC 3605): a stack sends
+# there, so the archive says it too (review 130).
+_V5 = """
+ALTER TABLE media ADD COLUMN rtcp_address TEXT;
+"""
+
 _VERSION_TABLE = {
     "sqlite": "CREATE TABLE IF NOT EXISTS schema_version (component TEXT PRIMARY KEY, "
               "version INTEGER NOT NULL, updated REAL NOT NULL)",
@@ -103,6 +111,7 @@ STEPS: dict[int, dict[str, str]] = {
     2: {"sqlite": _V2, "postgres": _V2},
     3: {"sqlite": _V3, "postgres": _V3},
     4: {"sqlite": _V4, "postgres": _V4},
+    5: {"sqlite": _V5, "postgres": _V5},
 }
 
 

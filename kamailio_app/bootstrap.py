@@ -129,7 +129,8 @@ def media_records(message: SipMessage, media: Any) -> list[MediaRecord]:
                         address=as_utf8(line.address), port=line.port,
                         port_count=line.port_count, proto=as_utf8(line.proto) or "",
                         codecs=as_utf8(_codecs(line)) or "",
-                        flow=as_utf8(line.direction), rtcp_port=line.rtcp_port)
+                        flow=as_utf8(line.direction), rtcp_port=line.rtcp_port,
+                        rtcp_address=as_utf8(line.rtcp_address))
             for line in media]
 
 
@@ -140,7 +141,9 @@ def media_log_lines(message: SipMessage, media: Any) -> list[str]:
         where += f" {message.status}"
     return [f"e2m media: {where} {line.media} {line.address or '-'}:{line.port}"
             f"{'/' + str(line.port_count) if line.port_count > 1 else ''} {line.proto} "
-            f"{line.direction}" for line in media]
+            f"{line.direction}"
+            + (f" rtcp {line.rtcp_address or '-'}:{line.rtcp_port}"
+               if line.rtcp_port is not None else "") for line in media]
 
 
 def identity_key(proxy_config: Any, label: bytes) -> bytes:

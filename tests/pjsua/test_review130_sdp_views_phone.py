@@ -262,8 +262,6 @@ def _answered(answer: bytes | None) -> bool:
 
 # -- K1: a=RTCP (any case) read by the view, only a=rtcp by pjmedia ----------------------
 
-@pytest.mark.xfail(strict=True, reason="review 130 hole K1: the view reads a=RTCP (any case), "
-                   "pjmedia only a=rtcp; RTCP goes where the archive does not say")
 def test_hole_k1_upper_case_rtcp_attribute_rtcp_goes_elsewhere(pki, bob):
     rtp = _even_port()
     decoy, hidden = (HOST, rtp + 1), (HIDDEN, rtp + 3)
@@ -284,8 +282,6 @@ def test_hole_k1_upper_case_rtcp_attribute_rtcp_goes_elsewhere(pki, bob):
 
 # -- K2: the rtcp address is in the summary, not in the archive row or log line ---------
 
-@pytest.mark.xfail(strict=True, reason="review 130 hole K2: a=rtcp's address reaches neither "
-                   "the archive's media row nor the e2m media: line; RTCP goes there")
 def test_hole_k2_rtcp_address_is_not_archived(pki, bob):
     rtp = _even_port()
     hidden = (HIDDEN, rtp + 3)
@@ -340,8 +336,6 @@ def _bob_sends(pki, bob, sdp, rtp):
 BOB_MAY_SEND = {"sendrecv": True, "recvonly": True, "sendonly": False, "inactive": False}
 
 
-@pytest.mark.xfail(strict=True, reason="review 130 hole K3: the view reads a=INACTIVE (any "
-                   "case), pjmedia ignores it; archive says inactive, media flows")
 @pytest.mark.parametrize("level", ["media", "session"])
 def test_hole_k3_upper_case_inactive_media_flows(pki, bob, level):
     rtp = _even_port()
@@ -352,8 +346,6 @@ def test_hole_k3_upper_case_inactive_media_flows(pki, bob, level):
     assert verdict.action == "reply" or all(BOB_MAY_SEND[r["flow"]] for r in rows), rows
 
 
-@pytest.mark.xfail(strict=True, reason="review 130 hole K4: the view takes the first of several "
-                   "direction attributes, pjmedia inactive>sendonly>recvonly; flow reversed")
 def test_hole_k4_two_direction_attributes_flow_reversed(pki, bob):
     rtp = _even_port()
     verdict, rows, answer, sent = _bob_sends(pki, bob, _sdp(rtp, "a=recvonly\r\na=sendonly\r\n"),
@@ -376,8 +368,6 @@ def test_control_k3_k4_one_lower_case_direction_as_archived(pki, bob, attr, may_
 
 # -- K5: c= addresses that are not dotted quads ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 130 hole K5: c= in inet_aton forms (octal, hex, "
-                   "one number, trailing tab) is archived verbatim; pjmedia sends elsewhere")
 @pytest.mark.parametrize("written", ["127.0.0.011", "2130706441", "0x7f.0.0.9", "127.0.0.9\tx"])
 def test_hole_k5_connection_address_forms(pki, bob, written):
     rtp = _even_port()

@@ -43,3 +43,37 @@ def test_the_proxy_refuses_such_an_offer_before_anything_is_kept():
     assert verdict.kept == () and not verdict.media
     honest = proxy.inspect(alice.protect(invite(pki, call_id="honest@x")).message)
     assert honest.action == "forward" and honest.media
+
+
+# -- review 130: what else a stack could read otherwise ------------------------------
+
+def _with(extra: bytes, where: bytes = b"a=rtpmap:0") -> bytes:
+    return SRTP_OFFER.replace(where, extra + where, 1)
+
+
+@pytest.mark.parametrize("sdp, why", [
+    (_with(b"a=RTCP:5003\r\n"), "a=rtcp spelled"),                  # pjmedia ignores it
+    (_with(b"a=rtcp :5003\r\n"), "a=rtcp spelled"),
+    (_with(b"a=INACTIVE\r\n"), "a=inactive spelled"),
+    (SRTP_OFFER.replace(b"t=0 0", b"t=0 0\r\na=Sendonly", 1), "a=sendonly spelled"),
+    (_with(b"a=recvonly\r\na=sendonly\r\n"), "more than one direction"),
+    (_with(b"a=rtcp:5003\r\na=rtcp:5005\r\n"), "more than one a=rtcp"),
+    (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 127.0.0.011", 1), "plain IP"),
+    (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 2130706441", 1), "plain IP"),
+    (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 0x7f.0.0.1", 1), "plain IP"),
+    (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 pbx.example.com", 1), "plain IP"),
+    (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP6 127.0.0.1", 1), "plain IP"),
+    (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP6 fe80::1%eth0", 1), "plain IP"),
+    (_with(b"a=rtcp:5003 IN IP4 0x7f.0.0.9\r\n"), "plain IP"),
+])
+def test_an_sdp_a_stack_could_read_otherwise_is_refused(sdp, why):
+    with pytest.raises(MalformedError, match=why):
+        media_summary(sdp)
+
+
+def test_the_plain_forms_are_read_and_the_rtcp_address_named():
+    both = _with(b"a=rtcp:5003 IN IP4 127.0.0.9\r\na=sendonly\r\n")
+    (line,) = media_summary(both)
+    assert (line.direction, line.rtcp_port, line.rtcp_address) == ("sendonly", 5003, "127.0.0.9")
+    v6 = SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP6 2001:DB8:0:0::9", 1)
+    assert [m.address for m in media_summary(v6)] == ["2001:DB8:0:0::9"]
