@@ -1,8 +1,74 @@
 """Review 129 (attacker's review of 4129b80), wire: stop 42's answer memory for late
-copies (``kamailio_app/late_copies.py``, htable ``e2manswered``) on a real Kamailio 5.6.
+copies (``kamailio_app/late_copies.py``, htable ``e2manswered``, ``Verdict.replay_key``)
+on a real Kamailio 5.6 E2M proxy viewing INVITE SDP and MESSAGE bodies.
 
-(Full write-up, holes, controls and what held: see the end of this docstring; it is
-filled in below as the runs were made.)
+**Hole K1 (honest break turned silent loss): an older sender's request in a second
+forked dialog is answered 200 by the proxy and never delivered.**  Attacker: nobody
+(an honest caller whose UA predates ``e2m-sip-to-tag``, which the product still reads:
+docs/protocol.md section 2, ``tests/conftest.py`` ``older_senders``).
+
+- Set-up: a real Kamailio 5.6 E2M proxy (view ``INVITE:application/sdp``,
+  ``MESSAGE:*``); bob registered, his two devices (f1, f2) are ``UAEngine``s behind one
+  raw UDP socket; alice is a ``UAEngine`` signing as an older sender (no To tag bound),
+  talking over a raw UDP socket (review 127's ``_Call``).
+- Messages: alice's keyed INVITE; device f1 answers 200 (To tag f1), then device f2
+  answers 200 (To tag f2): two dialogs (forking, RFC 3261 13.2.2.4; tm relays both
+  2xx).  alice then sends one signed, sealed MESSAGE in each dialog, each with the
+  dialog's route set, both ``CSeq: 2 MESSAGE`` (pjsip's forked dialogs both start
+  from the INVITE's CSeq), different texts.
+- Observed: f1's MESSAGE 200, delivered once; **f2's MESSAGE answered ``200 OK`` by the
+  proxy itself, delivered 0 times** (``{'f1': (200, 1), 'f2': (200, 0)}``; the log says
+  "a late copy of one answered 200").  On the code before the memory (``fa39dc1~1``,
+  the same test run there) f2's MESSAGE got ``403`` and 0 deliveries: a known, visible
+  failure for older senders (review 20: "none for an older sender's: as before") that
+  the memory now turns into a silent loss: alice's phone shows the message delivered.
+- Code at fault: an older sender's body binds no To tag, so the request's replay key
+  (``e2m_plugins/proxy.py:714``, ``SipContext.replay_key`` ``sipcontext.py:159-170``)
+  is the same for both dialogs; the second is refused as a replay, and
+  ``kamailio_app/kemi.py:2061-2069`` gives any ``ReplayError`` whose key is in
+  ``e2manswered`` the remembered 2xx (``late_copies.remembered_answer``), though this
+  "copy" is another message.
+- Suggested fix: answer from memory only a copy that is the same message on the wire,
+  not just the same replay key: keep with the answer what the sender cannot change
+  between its retransmissions but does between dialogs (the To tag, lower-cased, and
+  the Request-URI; or a digest of the whole signed body) and compare it; or give the
+  memory only to bodies that bind a To tag (a new sender's).  Either way a second
+  fork's request then gets the 403 it got before (or, better, its record includes the
+  message's own To tag when the body binds none, as a response's does).
+
+Controls (unmarked, pass):
+
+- ``test_control_k1_new_senders_messages_in_both_forks_are_delivered``: the same flow
+  with a new sender (To tag bound): both MESSAGEs 200 and delivered once each, no
+  late-copy answer logged.
+- ``test_control_k1_older_senders_message_in_the_second_fork_alone_is_delivered``: the
+  older sender's MESSAGE in dialog f2 alone: 200, delivered (the set-up is sound: it is
+  the shared replay key that loses it).
+- ``tests/cluster/test_review129_late_copies_cluster.py``: the memory on a two-node
+  cluster (DMQ-replicated ``e2manswered``, replay claims in PostgreSQL).
+
+Tried and held (wire runs or the code):
+
+- An untrusted hop replaying alice's signed MESSAGE (own Via, own address, another
+  Request-URI) within the 32 s: answered 200 by the proxy, relayed nowhere (review
+  123's module shows it; the key binds Call-ID, From tag, CSeq, method, both AoRs and,
+  for a new sender, the To tag, all under alice's signature, ``check_context``).
+- Another user's message: the key is only reached through a body signed by its From
+  (``check_signed_by``) that passes the replay check as that very message; an insider
+  cannot write a context naming alice's ids.  An off-path sender holds no copy.
+- Two new-sender messages sharing a key: To tag bound (control above), CSeq and
+  method in the key; ACK, CANCEL and INVITE never noted (``late_copies._NOT_KEPT``).
+  A request with several signed parts: each part's context must match the message
+  (``check_context``) and every signer be the From, so only the To-tag binding could
+  differ between parts, which only the sender can make (and gains nothing).
+- A refused request's late copy is refused again (review 123's module); a failure is
+  never remembered (``remember_answer`` keeps 2xx only); the reason phrase is bounded
+  printable ASCII (64), the key 32 hex digits.
+- Shared memory: an entry needs a recorded request that got a 2xx; it lives 32 s,
+  less than the same request's ``e2mseen`` record (window + 32 s): the new table adds
+  at most a fraction of what the replay table already holds.
+- Reflection: the stateless 200 goes to the copy's Via, smaller than the signed
+  request that asks for it (no amplification); pike's limits come first.
 """
 
 from __future__ import annotations
