@@ -49,9 +49,10 @@ Controls (unmarked, pass):
 
 Tried and held (wire runs or the code):
 
-- An untrusted hop replaying alice's signed MESSAGE (own Via, own address, another
-  Request-URI) within the 32 s: answered 200 by the proxy, relayed nowhere (review
-  123's module shows it; the key binds Call-ID, From tag, CSeq, method, both AoRs and,
+- An untrusted hop replaying alice's signed MESSAGE (own Via, own address) within the
+  32 s: answered 200 by the proxy, relayed nowhere (``test_late_copies_wire``, run;
+  another Request-URI by reading the code: the check comes before any routing).  The
+  key binds Call-ID, From tag, CSeq, method, both AoRs and,
   for a new sender, the To tag, all under alice's signature, ``check_context``).
 - Another user's message: the key is only reached through a body signed by its From
   (``check_signed_by``) that passes the replay check as that very message; an insider
