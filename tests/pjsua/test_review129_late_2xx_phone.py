@@ -1,7 +1,62 @@
-"""Review 129, the real phone: what alice's pjsua2 phone does with a 2xx relayed after
-her INVITE's failure, now that her engine opens it (stop 42, review 127 HB1).
+"""Review 129 (attacker's review of 4129b80), the real phone: what alice's pjsua2
+phone (``e2m-phone listen``, default settings) does with a 2xx relayed after her
+INVITE's failure, now that her engine opens it (stop 42, review 127 HB1:
+``DialogKeys.end_dialog(linger=...)``, ``UAEngine._open``).  Review 127 left this
+untried ("what pjsip does with the late 2xx once opened was not run").
 
-(Write-up below, filled in as the runs were made.)
+**Honest break HB1: the phone still has no late-2xx call; pjsip swallows the 200.**
+No attacker.
+
+- Set-up: alice's real phone calls bob through a UDP socket (her outbound proxy in
+  the test) that answers as bob's two devices would: each device its own
+  ``UAEngine`` with bob's credentials (``peers`` alice).
+- Messages: alice's keyed INVITE; device f1's 180; then either device f1's 486
+  (``486``) or alice hangs up (``hangup``: her CANCEL, its 200, device f1's 487)
+  (``cancel``); pjsip ACKs the failure (To tag f1).  0.5 s later device f2's 200 (To
+  tag f2) sealed under alice's offer key (kekri: ``key_reuse`` True), as tm relays a
+  late 2xx (RFC 3261 16.7).
+- Observed (both variants): the phone's hook opens the 200 (no ``error`` event; on
+  ``fea146e``, before the UA half of the fix, the same run shows an ``rx`` error
+  event: the hook dropped it) and hands it to pjsip, which answers it with **a second
+  ACK with To tag f1** (its INVITE client transaction, Completed after the failure,
+  takes the 200 for a retransmitted final answer): **no ACK to f2, no BYE, call state
+  stays DISCONNECTED**.  Messages bob's socket got: ``INVITE, ACK(f1), ACK(f1)``
+  (``486``) and ``INVITE, CANCEL, ACK(f1), ACK(f1)`` (``cancel``).  So the call the
+  stop meant to let through (review 125 HB2, review 127 HB1) still fails at the
+  caller's phone, and device f2, which answered, gets no ACK: it retransmits its 200
+  and ends the dialog after 64*T1 (RFC 3261 13.3.1.4; not waited for here); in the
+  ``cancel`` case RFC 3261 (9.1, 13.2.2.4) wants the 2xx ACKed and BYEd.
+- Code at fault: not the engine (it opens the 200 as meant, ``e2m_plugins/ua.py:931-
+  938``) but the phone: ``pjsua_hooks/phone.py`` hands pjsip a late 2xx its
+  transaction layer will not pass up (pjsip's INVITE client transaction in Completed
+  state re-sends the ACK for any response).
+- Suggested fix: in the hook, a 2xx to an INVITE whose failure the engine has seen
+  (the engine knows: ``_sent`` has the first final status) is answered by the phone
+  itself: ACK (a 2xx ACK, new branch, to its Contact, through its Record-Route) and
+  then BYE, both protected by the engine (the call is over at the caller), so the
+  callee's device stops retransmitting and the proxies drop the dialog's keys; or
+  document that the phone ends such a call by silence (and the proxy's 32 s window
+  then serves nothing for the product's own phones).
+
+Controls (unmarked, pass):
+
+- ``test_control_no_call_is_pushed_onto_the_phone_after_its_failure[486|cancel]``:
+  the attacker's angle (an insider callee device, or anyone holding the offer's CEK,
+  answering after the failure or after alice hung up): the phone takes no call, no
+  CONFIRMED state, no media: the linger window opens no door on the real phone.
+- ``test_control_the_same_200_without_a_failure_is_acked_and_the_call_confirmed``: the
+  same 200 from device f2 with no failure first: ACKed (To tag f2) and CONFIRMED (the
+  set-up is sound).
+
+Tried and held:
+
+- Sending under a retired key: ``DialogKeys._reusable`` skips retired keys (review
+  127's unit test; alice's next INVITE in that Call-ID is keyed afresh).
+- Opening past the window, and the window's extension by a second failure
+  (``min``): ``tests/unit/test_review129_linger_bound.py`` (controls).
+- A stray failure answer to make a confirmed call's keys linger (and die in 32 s):
+  ``_ends_dialog`` ends nothing once the INVITE's first final status was a 2xx, and
+  nothing for an answer to no request of ours (``_sent_for``).
 """
 
 from __future__ import annotations
