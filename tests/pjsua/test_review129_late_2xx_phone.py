@@ -25,11 +25,12 @@ No attacker.
   stop meant to let through (review 125 HB2, review 127 HB1) still fails at the
   caller's phone, and device f2, which answered, gets no ACK: it retransmits its 200
   and ends the dialog after 64*T1 (RFC 3261 13.3.1.4; not waited for here); in the
-  ``cancel`` case RFC 3261 (9.1, 13.2.2.4) wants the 2xx ACKed and BYEd.
+  ``cancel`` case too the 2xx is owed an ACK (RFC 3261 13.2.2.4: each 2xx), and the
+  call the user hung up a BYE.
 - Code at fault: not the engine (it opens the 200 as meant, ``e2m_plugins/ua.py:931-
   938``) but the phone: ``pjsua_hooks/phone.py`` hands pjsip a late 2xx its
-  transaction layer will not pass up (pjsip's INVITE client transaction in Completed
-  state re-sends the ACK for any response).
+  transaction layer does not pass up (as observed: pjsip's INVITE client transaction,
+  Completed after the failure, answers the 200 with the failure's ACK again).
 - Suggested fix: in the hook, a 2xx to an INVITE whose failure the engine has seen
   (the engine knows: ``_sent`` has the first final status) is answered by the phone
   itself: ACK (a 2xx ACK, new branch, to its Contact, through its Record-Route) and
