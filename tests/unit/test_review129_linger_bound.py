@@ -1,7 +1,48 @@
-"""Review 129, the caller's UA engine: how long a failed INVITE's keys are kept since
-stop 42 (``DialogKeys.end_dialog(linger=...)``, 4129b80).
+"""Review 129 (attacker's review of 4129b80), the caller's UA engine: how long a failed
+INVITE's keys are kept since stop 42 (``DialogKeys.end_dialog(linger=...)``).
 
-(Write-up below, filled in as the runs were made.)
+**Hole K2: the bound is kept for opening, not for keeping: a failed INVITE's CEK stays
+in the caller's engine until ``cek_max_age`` (3600 s), not 32 s.**  Who gains: whoever
+later reads the phone's memory (a crash dump, a compromised phone) with a capture of
+the INVITE: the offer's CEK opens its SDP (its SRTP keys when it carried them) for an
+hour after the failure, where before stop 42 the failure answer dropped it at once
+(``end_dialog`` without ``linger``, ``_drop``).  No wire attacker; the docs' claim
+(docs/protocol.md section 2: a dialog key lives until "a failure final response to
+the INVITE (after which the caller's UA ... still opens a 2xx under it for 32 s)")
+is the bound broken.
+
+- Set-up: alice's ``UAEngine`` on a test clock, bob's device 1 a ``UAEngine``.
+- Messages: alice's keyed INVITE (CEK reuse on, the default), device 1's 486 (To tag
+  f1), opened by alice's engine (``_open`` -> ``_end_dialog(linger=32)``).
+- Observed: right after, 1 key under the Call-ID (retired, ``open_until`` = now + 32).
+  At +33 s and then +633 s, each time after more than ``_SWEEP_EVERY`` (256) other keys
+  were kept (so the sweep ran): still 1 key, its CEK (16+ bytes) held.  Gone only at
+  the first sweep past +3600 s (``test_control_k2_measured_...``).  It opens nothing
+  after +32 s (control): the window itself holds.
+- Code at fault: ``e2m_plugins/dialog_keys.py:296-300`` (``end_dialog`` with ``linger``
+  retires the keys and sets ``open_until`` but leaves them in their slot) and
+  ``:419-423`` (the sweep drops a slot only when every key in it is older than
+  ``max_age``; ``open_until`` is never looked at), and ``settle`` (``:230-231``) keeps
+  lingering keys on the failure too.  A side effect, by reading only: the slot
+  counts against ``MAX_DIALOGS`` (4096) for the hour, where a failed attempt freed it.
+- Suggested fix: treat ``open_until`` as an expiry: drop a key (and an emptied slot)
+  whose ``open_until`` has passed, in ``_usable``/``_all`` when met and in the sweep
+  (``all(now - k.created >= max_age or (k.open_until is not None and now >=
+  k.open_until) ...)``), so the CEK is gone within the sweep after 32 s.
+
+Controls (unmarked, pass):
+
+- ``test_control_k2_the_lingering_key_stops_opening_after_the_window``: device 2's 200
+  under the offer key opens at +30 s; another fork's 200 under it at +33 s raises
+  ``NoMatchingRecipientError``.
+- ``test_control_k2_measured_the_key_goes_only_at_cek_max_age``: the figures above.
+- ``test_control_k2_a_dialog_the_peer_ends_drops_its_keys_at_once``: a 481 to alice's
+  re-INVITE inside a confirmed call still drops every key of the call at once (no
+  linger where none is meant).
+
+Tried and held: a second failure cannot lengthen the window (``min``); a retired key
+is never reused to send (``_reusable``); a stray failure answer to an INVITE already
+answered 2xx, or to nothing alice sent, lingers nothing (``_ends_dialog``).
 """
 
 from __future__ import annotations
