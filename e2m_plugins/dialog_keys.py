@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -161,6 +162,10 @@ class DialogKeys:
         self._slots: dict[Slot, list[DialogKey]] = {}
         self._calls: dict[str, dict[Slot, None]] = {}   # Call-ID -> its slots, in order
         self._keeps = 0
+        # (open until, slot) of keys a failed INVITE left to open a late 2xx, in order:
+        # they go once that passes, at the next use of the table (review 129), not at
+        # their age's end (a failed call's CEK is not kept an hour)
+        self._lingering: deque[tuple[float, Slot]] = deque()
 
     def __repr__(self) -> str:
         return f"DialogKeys({len(self)} of {self._max_dialogs} slots)"
@@ -298,6 +303,7 @@ class DialogKeys:
                         key.retired = True
                         key.open_until = until if key.open_until is None \
                             else min(key.open_until, until)
+                    self._lingering.append((until, slot))
 
     def forget_call(self, call_id: str) -> None:
         """Every key of ``call_id`` goes (the call ended without a message we saw)."""
@@ -321,6 +327,7 @@ class DialogKeys:
     def for_call(self, call_id: str) -> list[DialogKey]:
         """Every key kept under ``call_id``, whatever its state."""
         with self._lock:
+            self._end_lingering()
             return [k for s in self._calls.get(call_id, ()) for k in self._slots.get(s, [])]
 
     def usable(self, message: SipMessage) -> list[DialogKey]:
@@ -374,8 +381,21 @@ class DialogKeys:
         tags = [t for t in (message.from_tag, message.to_tag) if t]
         return [(message.call_id, t.lower(), parties) for t in tags]
 
+    def _end_lingering(self) -> None:
+        """Keys past their ``open_until`` go (and their slot, when that empties it)."""
+        now = self._clock()
+        while self._lingering and self._lingering[0][0] <= now:
+            _, slot = self._lingering.popleft()
+            bucket = self._slots.get(slot)
+            if bucket is None:
+                continue
+            bucket[:] = [k for k in bucket if k.open_until is None or now < k.open_until]
+            if not bucket:
+                self._drop(slot)
+
     def _all(self, message: SipMessage) -> list[DialogKey]:
         """The keys of ``message``'s dialog: its slots (its two parties')."""
+        self._end_lingering()
         return [k for slot in self._slots_of(message) for k in self._slots.get(slot, [])]
 
     def _usable(self, message: SipMessage, opening: bool = False) -> list[DialogKey]:

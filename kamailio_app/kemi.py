@@ -2059,7 +2059,7 @@ class kamailio:
             return False
         verdict = self.app.engine.inspect(message)
         if verdict.error == "ReplayError":
-            late = remembered_answer(KSR, verdict.replay_key)
+            late = remembered_answer(KSR, message, verdict.replay_key)
             if late is not None:
                 # the same signed request again after tm let its transaction go: its
                 # sender lost the answer it got (review 123 HB2); nothing goes further
@@ -2083,7 +2083,7 @@ class kamailio:
         self.note_caller(caller)
         if verdict.kept:
             KSR.pv.sets(_KEPT_AVP, ",".join(name.hex() for name in verdict.kept))
-        note_answer_key(KSR, message.method, verdict.replay_key)
+        note_answer_key(KSR, message, verdict.replay_key)
         return True
 
     def note_caller(self, caller):

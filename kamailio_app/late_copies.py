@@ -10,8 +10,8 @@ So the 2xx a request the engine recorded (``Verdict.replay_key``) got is kept in
 htable ``e2manswered`` under that key for ``TRANSACTION_LIFETIME``, and a copy the
 replay check refuses as that very message is given that answer here, statelessly,
 and goes no further: nothing is relayed, archived or spent a second time.  The key is
-the body's signed SIP context (``SipContext.replay_key``), so only the same signed
-request finds the answer; a hop replaying it within the 32 s gets a 200 and achieves
+the body's signed SIP context (``SipContext.replay_key``) with the request's To tag and
+Request-URI (``answer_key``), so only the same signed request finds the answer; a hop replaying it within the 32 s gets a 200 and achieves
 nothing.  A failure answer is not kept: a late copy of a refused request is refused
 again (its answer may differ, it stays a failure).  Nothing here is a secret (a
 digest and a status line).
@@ -19,13 +19,15 @@ digest and a status line).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
 from e2m_plugins.replay import TRANSACTION_LIFETIME
+from e2m_plugins.sip import SipMessage
 
-__all__ = ["ANSWERED_TABLE", "ANSWER_KEY_AVP", "note_answer_key", "remember_answer",
-           "remembered_answer"]
+__all__ = ["ANSWERED_TABLE", "ANSWER_KEY_AVP", "answer_key", "note_answer_key",
+           "remember_answer", "remembered_answer"]
 
 ANSWERED_TABLE = "e2manswered"          # declared in the cfg template
 # The request's replay key, set in the request route; tm brings it to the reply route.
@@ -37,10 +39,23 @@ _REASON = re.compile(r"[ -~]{1,64}")     # printable ASCII, bounded: it goes in 
 _NOT_KEPT = frozenset({"INVITE", "ACK", "CANCEL"})
 
 
-def note_answer_key(ksr: Any, method: str, replay_key: str | None) -> None:
+def answer_key(replay_key: str | None, request: SipMessage) -> str | None:
+    """What an answer is kept under: the replay key with the request's To tag and
+    Request-URI as received.  A body from a sender before ``e2m-sip-to-tag`` binds no To
+    tag, so her MESSAGEs in two forks of one call (the same CSeq) share a replay key;
+    the second is a replay to the check (403), never a late copy of the first, which
+    would answer it 200 and deliver nothing (review 129)."""
+    if not replay_key or not _KEY.fullmatch(replay_key):
+        return None
+    bound = "\x00".join((replay_key, request.to_tag or "", request.request_uri or ""))
+    return hashlib.sha256(bound.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def note_answer_key(ksr: Any, request: SipMessage, replay_key: str | None) -> None:
     """In the request route, for a request forwarded after the engine recorded it."""
-    if replay_key and method not in _NOT_KEPT and _KEY.fullmatch(replay_key):
-        ksr.pv.sets(ANSWER_KEY_AVP, replay_key)
+    key = answer_key(replay_key, request)
+    if key is not None and request.method not in _NOT_KEPT:
+        ksr.pv.sets(ANSWER_KEY_AVP, key)
 
 
 def remember_answer(ksr: Any) -> None:
@@ -58,12 +73,14 @@ def remember_answer(ksr: Any) -> None:
                          int(TRANSACTION_LIFETIME))
 
 
-def remembered_answer(ksr: Any, replay_key: str | None) -> tuple[int, str] | None:
+def remembered_answer(ksr: Any, request: SipMessage,
+                      replay_key: str | None) -> tuple[int, str] | None:
     """The answer kept for the message a refused copy repeats; None when there is none
     (never answered 2xx, or longer ago than a transaction's lifetime)."""
-    if not replay_key or not _KEY.fullmatch(replay_key):
+    key = answer_key(replay_key, request)
+    if key is None:
         return None
-    held = ksr.htable.sht_get(ANSWERED_TABLE, replay_key)
+    held = ksr.htable.sht_get(ANSWERED_TABLE, key)
     if not isinstance(held, str):
         return None
     code, _, reason = held.partition(" ")

@@ -70,6 +70,11 @@ Tried and held (wire runs or the code):
   at most a fraction of what the replay table already holds.
 - Reflection: the stateless 200 goes to the copy's Via, smaller than the signed
   request that asks for it (no amplification); pike's limits come first.
+
+Fixed (stop 42), K1: the answer is kept under ``late_copies.answer_key``, the replay key
+with the request's To tag and Request-URI as received, so the second fork's MESSAGE
+(another To tag) is not a late copy of the first: it is refused 403 by the replay
+check, as before the memory.  On the code before the fix: f2 answered 200, delivered 0.
 """
 
 from __future__ import annotations
@@ -177,9 +182,6 @@ def _forked_messages(proxy_factory, pki, name: str, tags=("f1", "f2")):
 
 # -- honest break: an older sender's request in a second fork, answered and lost ---------
 
-@pytest.mark.xfail(strict=True, reason="review 129 hole K1: an older sender's MESSAGE in "
-                   "a second forked dialog (same CSeq) is answered 200 by the proxy from "
-                   "e2manswered and never delivered")
 def test_hole_k1_older_senders_message_in_second_fork_is_answered_200_and_lost(
         proxy_factory, pki, older_senders):
     outcome, late = _forked_messages(proxy_factory, pki, "r129-k1")

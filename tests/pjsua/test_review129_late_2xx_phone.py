@@ -58,6 +58,12 @@ Tried and held:
 - A stray failure answer to make a confirmed call's keys linger (and die in 32 s):
   ``_ends_dialog`` ends nothing once the INVITE's first final status was a 2xx, and
   nothing for an answer to no request of ours (``_sent_for``).
+
+Left open (stop 42), HB1: pjsip ends the INVITE's client transaction at the failure
+answer and ignores the late 2xx the engine now opens: no ACK, no BYE, the call stays
+DISCONNECTED, and bob's device retransmits its 200 unacknowledged until 64*T1.  The
+engine half (the proxy reads the late 2xx, the UA can open it) is fixed; the phone would
+need to ACK and BYE such a 2xx itself (RFC 3261 13.2.2.4).  The strict xfail stays.
 """
 
 from __future__ import annotations

@@ -142,6 +142,15 @@ Tried and held
   network test; Linux drops IPv6 packets whose source is IPv4-mapped, so a stranger
   cannot present a mapped trusted address.  Read only, not run (see the report's
   untried list).
+
+Fixed (stop 42), K1-K5: ``sdp.media_summary`` refuses (``MalformedError``, 400 at a
+viewing proxy) an SDP whose media a stack could read otherwise: a viewed attribute
+(``rtcp`` and the four directions) spelled in another case or with white space, two
+direction attributes or two ``a=rtcp`` at one level, and a ``c=`` or ``a=rtcp``
+address that is not a plain IP literal of its type (IPv4 as four decimal numbers
+without leading zeros, IPv6 without a zone; no names).  An ``a=rtcp`` address is now
+archived (schema 5, ``media.rtcp_address``) and named in the ``e2m media:`` line.  On
+the code before the fix all nine hole tests failed; now they pass.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ import pytest
 
 from e2m_lab.flows import TRUSTED, known_proxy, message, proxy_engine, ua_engine
 from e2m_plugins.testpki import init_test_pki
-from kamailio_app.late_copies import (ANSWER_KEY_AVP, ANSWERED_TABLE, note_answer_key,
-                                      remember_answer, remembered_answer)
+from e2m_plugins.sip import make_request
+from kamailio_app.late_copies import (ANSWER_KEY_AVP, ANSWERED_TABLE, answer_key,
+                                      note_answer_key, remember_answer, remembered_answer)
 
 KEY = "0123456789abcdef0123456789abcdef"
 
@@ -33,6 +34,12 @@ class FakeKSR:
         self.htable.sht_get = lambda t, k: (self.table.get((t, k)) or (None,))[0]
 
 
+def _request(method: str = "MESSAGE", to_tag: str | None = None,
+             uri: str = "sip:bob@example.com"):
+    return make_request(method, uri, from_uri="sip:alice@example.com",
+                        to_uri="sip:bob@example.com", call_id="c@x", to_tag=to_tag)
+
+
 @pytest.mark.parametrize("method, key, noted", [
     ("MESSAGE", KEY, True),
     ("INVITE", KEY, False),          # its 2xx is end to end: never made up here
@@ -42,32 +49,44 @@ class FakeKSR:
 ])
 def test_only_a_recorded_non_invite_request_is_noted(method, key, noted):
     ksr = FakeKSR()
-    note_answer_key(ksr, method, key)
+    note_answer_key(ksr, _request(method), key)
     assert (ANSWER_KEY_AVP in ksr.vars) is noted
 
 
+def test_the_answer_is_bound_to_the_to_tag_and_request_uri():
+    """One replay key in two forks (a sender before e2m-sip-to-tag: review 129 K1) or
+    to two Request-URIs names two answers."""
+    first = answer_key(KEY, _request(to_tag="f1"))
+    assert first == answer_key(KEY, _request(to_tag="f1"))          # the same request
+    assert first != answer_key(KEY, _request(to_tag="f2"))
+    assert first != answer_key(KEY, _request(to_tag="f1", uri="sip:bob@192.0.2.9"))
+
+
 def test_a_2xx_is_kept_for_a_transactions_lifetime_a_failure_is_not():
-    ksr = FakeKSR(**{ANSWER_KEY_AVP: KEY, "$rs": 486, "$rr": "Busy Here"})
+    request = _request()
+    ksr = FakeKSR(**{"$rs": 486, "$rr": "Busy Here"})
+    note_answer_key(ksr, request, KEY)
     remember_answer(ksr)
     assert ksr.table == {}
     ksr.vars.update({"$rs": 202, "$rr": "Accepted"})
     remember_answer(ksr)
-    assert ksr.table == {(ANSWERED_TABLE, KEY): ("202 Accepted", 32)}
-    assert remembered_answer(ksr, KEY) == (202, "Accepted")
-    assert remembered_answer(ksr, "f" * 32) is None
+    assert ksr.table == {(ANSWERED_TABLE, answer_key(KEY, request)): ("202 Accepted", 32)}
+    assert remembered_answer(ksr, request, KEY) == (202, "Accepted")
+    assert remembered_answer(ksr, request, "f" * 32) is None
 
 
 def test_a_reason_phrase_that_could_carry_anything_is_not_kept():
-    ksr = FakeKSR(**{ANSWER_KEY_AVP: KEY, "$rs": 200, "$rr": "OK\r\nX-Evil: 1"})
+    ksr = FakeKSR(**{"$rs": 200, "$rr": "OK\r\nX-Evil: 1"})
+    note_answer_key(ksr, _request(), KEY)
     remember_answer(ksr)
-    assert remembered_answer(ksr, KEY) == (200, "OK")
+    assert remembered_answer(ksr, _request(), KEY) == (200, "OK")
 
 
 @pytest.mark.parametrize("held", ["486 Busy Here", "200", "abc OK", "200 \x00"])
 def test_a_held_value_that_is_not_a_2xx_line_answers_nothing(held):
     ksr = FakeKSR()
-    ksr.table[(ANSWERED_TABLE, KEY)] = (held, 32)
-    assert remembered_answer(ksr, KEY) is None
+    ksr.table[(ANSWERED_TABLE, answer_key(KEY, _request()))] = (held, 32)
+    assert remembered_answer(ksr, _request(), KEY) is None
 
 
 def test_the_engine_names_the_message_a_copy_repeats():
