@@ -92,7 +92,10 @@ from tests.kamailio.test_review127_cek_reuse_wire import _Call
 pytestmark = pytest.mark.kamailio
 
 VIEW = ("INVITE:application/sdp", "MESSAGE:*")
-ALICES_CONTACT = "sip:alice@127.0.0.1:5061"
+# alice's phone at an address of this module's own: modules that bind 5061 on
+# 127.0.0.1 run side by side in the suite (e2m_lab.flows.invite's Contact, moved here)
+ALICES_PHONE = ("127.0.129.61", 5061)
+ALICES_CONTACT = f"sip:alice@{ALICES_PHONE[0]}:{ALICES_PHONE[1]}"
 
 
 class _ForkedCall(_Call):
@@ -108,7 +111,7 @@ class _ForkedCall(_Call):
         self.bob = RawUas(self._bobs_phone)
         self.phone = RawUas(lambda request: make_response(request, 200, "OK"))
         moved = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        moved.bind(("127.0.0.1", 5061))           # alice's phone, where her Contact says
+        moved.bind(ALICES_PHONE)           # alice's phone, where her Contact says
         moved.settimeout(0.2)
         self.phone.sock, old = moved, self.phone.sock
         time.sleep(0.3)
@@ -117,7 +120,8 @@ class _ForkedCall(_Call):
         register_contact(self.proxy, "bob", self.bob.port)
         self.alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, VIEW),))
         self.call_id = f"r129-{name}-{time.monotonic_ns()}@x"
-        self.request = invite(pki, call_id=self.call_id).replace("Via", self.alice_ua.via())
+        self.request = invite(pki, call_id=self.call_id).replace(
+            "Via", self.alice_ua.via()).replace("Contact", f"<{ALICES_CONTACT}>")
         self.alice_ua.send(self.alice.protect(self.request).message)
         (self.delivered,) = self.bob.wait_for(1, method="INVITE")
 
