@@ -74,7 +74,8 @@ Tried and held (engines, read or run here):
   lower-cases the proto, so a row made at one of the node's sockets is claimed by it;
   a node restarted without the row's listener leaves it to ``ORPHAN_GRACE`` (600 s
   after its lapse), by design (the Contact the subscriber refreshes at is gone too).
-  Read, not run on the wire.
+  Read, not run on the wire.  What did break there, a NOTIFY that must go over TCP to a
+  real UDP phone, is HB2 in ``tests/e2e/test_review132_large_cert_notify.py``.
 """
 
 from __future__ import annotations
