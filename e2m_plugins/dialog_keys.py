@@ -238,6 +238,11 @@ class DialogKeys:
                     for key in bucket:
                         if key.offered_in is None or key.offered_in == answers:
                             key.confirmed = True
+                            if not message.is_request and key.open_until is not None:
+                                # a late 2xx made the call after all: its key opens for
+                                # the call's life, as the peer's and the proxy's do, and
+                                # still seals nothing of ours (review 132)
+                                key.open_until = None
 
     def answered(self, response: SipMessage) -> None:
         """Our final ``response`` to a request of the peer's: a failure drops the keys

@@ -41,6 +41,12 @@ Controls (unmarked, pass): ``test_..._reaches_a_udp_follower[ec]``: the same flo
 an EC replacement; alice is told the new fingerprint.
 
 Tried and held: see ``tests/unit/test_review132_late_call_keys.py``.
+
+Left open (stop 42), HB2: older than this stop (the size rule of ``next_hop_for_size``).
+The phone would have to listen on TCP at its UDP port, with its TCP guard and a
+``ProxySource`` that takes a TCP NOTIFY from the proxy's address at any port, or the
+service would send such a certificate as a bodiless NOTIFY with a ``cert-url``.  Not
+attempted this stop; the strict xfail stays, and the threat-model row says so.
 """
 
 from __future__ import annotations

@@ -123,21 +123,19 @@ def test_hole_k2_a_failed_invites_key_is_gone_after_the_window(pki):
 
 
 def test_control_k2_the_lingering_key_stops_opening_after_the_window(pki):
-    """The opening half of the bound holds: device 2's 200 under the offer key opens
-    within the window and is refused after it."""
+    """The opening half of the bound holds: device 2's 200 under the offer key, coming
+    after the window, is refused (within it, it opens: ``test_late_answer_ua``)."""
     clock = Clock()
     alice, sent, _ = _failed_call(pki, clock, "r129-k2-open@x")
     device2 = ua_engine(pki, "bob")
     got = device2.open(sent).message
     late = device2.protect(answer(got, to_tag="f2"))
     assert late.info.key_reuse
-    clock.now += TRANSACTION_LIFETIME - 2
-    assert alice.open(late.message).info.key_reuse       # within the window: opens
-    clock.now += 3
-    later = device2.protect(answer(got, to_tag="f3"))     # another fork's, past it
-    assert later.info.key_reuse
+    # (a 2xx opened within the window makes the call, whose key then lives on: review
+    # 132; so the window is shown with nothing answered inside it)
+    clock.now += TRANSACTION_LIFETIME + 1
     with pytest.raises(NoMatchingRecipientError):
-        alice.open(later.message)
+        alice.open(late.message)
 
 
 def test_control_k2_the_key_is_kept_for_the_window_then_goes_unswept(pki):

@@ -76,6 +76,12 @@ Tried and held (engines, read or run here):
   after its lapse), by design (the Contact the subscriber refreshes at is gone too).
   Read, not run on the wire.  What did break there, a NOTIFY that must go over TCP to a
   real UDP phone, is HB2 in ``tests/e2e/test_review132_large_cert_notify.py``.
+
+Fixed (stop 42), HB1: an accepted 2xx that confirms a lingering key (``settle``) clears
+its ``open_until``: the late call keeps it for its life at alice too, retired (it seals
+nothing of hers).  On the code before: bob's re-INVITE at +41 s refused 493 (and the
+figures control saw alice's key gone at +40 s); now it opens.  The recovery control was
+replaced: alice's own re-INVITE in the late call is keyed afresh.
 """
 
 from __future__ import annotations
@@ -88,7 +94,6 @@ import pytest
 from e2m_lab.flows import (SDP_VIEW, TRUSTED, answer, apply_forward, invite, known_proxy,
                            proxy_engine, reinvite)
 from e2m_plugins.config import UAConfig
-from e2m_plugins.errors import NoMatchingRecipientError
 from e2m_plugins.keycache import DIALOG_TTL, DialogScope, MemoryKeyCache
 from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import init_test_pki
@@ -160,9 +165,6 @@ class Call:
         return sealed, self.proxy.inspect(sealed.message)
 
 
-@pytest.mark.xfail(strict=True, reason="review 132 hole HB1: in a late-2xx call the caller "
-                   "drops K at +32 s while callee and proxy keep it; the callee's re-INVITE "
-                   "under K is refused 493")
 def test_hole_hb1_the_callees_reinvite_after_the_window_opens(pki):
     call = Call(pki, "r132-hb1@x")
     call.start(fail_first=True)
@@ -202,31 +204,26 @@ def test_control_the_proxy_keeps_k_for_the_late_call(pki):
     assert lives[DialogScope(call.call_id, "a1")] <= 32         # the cut early copy
     bobs = call.bob.dialog_keys.for_call(call.call_id)
     assert [(k.retired, k.confirmed) for k in bobs] == [(False, True)]
+    # (stop 42: the late 2xx confirmed K at alice too: kept for the call, still retired,
+    # no longer lingering; on the code before it was gone at +40 s)
     alices = call.alice.dialog_keys.for_call(call.call_id)
-    assert [(k.retired, k.open_until is not None) for k in alices] == [(True, True)]
+    assert [(k.retired, k.open_until is not None) for k in alices] == [(True, False)]
     call.clock.now += 40
-    assert call.alice.dialog_keys.for_call(call.call_id) == []   # gone at alice
+    assert len(call.alice.dialog_keys.for_call(call.call_id)) == 1   # kept at alice
     assert call.proxy.cache.get(confirmed, next(iter(
         r for (s, r) in call.cache._entries if s == confirmed)), count=False) is not None
     assert len(call.bob.dialog_keys.for_call(call.call_id)) == 1  # kept at bob
 
 
-def test_control_bob_recovers_through_react(pki):
+def test_control_alice_still_seals_nothing_under_the_retired_key(pki):
+    """On the code before, bob's re-INVITE under K at +40 s got 493 and he recovered
+    through ``react`` (one round trip lost).  Now it opens; and alice's own re-INVITE
+    in the late call is keyed afresh, never sealed under the retired K."""
     call = Call(pki, "r132-hb1-react@x")
     call.start(fail_first=True)
     call.clock.now += 40
     call.cseq += 1
-    plain = reinvite(pki, "bob", "alice", call.call_id, call.cseq, "b1", "a1")
-    sealed = call.bob.protect(plain)
-    verdict = call.proxy.inspect(sealed.message)
-    relayed = apply_forward(sealed.message, verdict)
-    with pytest.raises(NoMatchingRecipientError) as refused:
-        call.alice.open(relayed)
-    answer_493 = call.alice.refusal(relayed, refused.value)
-    assert answer_493 is not None and answer_493.status == 493
-    reaction = call.bob.react(answer_493, plain)
-    assert reaction.action == "retry" and reaction.request is not None
-    again = call.proxy.inspect(reaction.request)
-    assert again.action == "forward"
-    opened = call.alice.open(apply_forward(reaction.request, again))
-    assert not opened.info.key_reuse              # keyed afresh: one round trip lost
+    plain = reinvite(pki, "alice", "bob", call.call_id, call.cseq, "a1", "b1")
+    assert not call.alice.protect(plain).info.key_reuse
+
+
