@@ -35,9 +35,17 @@ Finding K3 (archive duplication in a mixed cluster, small)
   archives, and restart every node right after ``db upgrade``.
 - Test: ``test_finding_k3_one_message_two_nodes_two_uids_after_schema5``.
 
+Controls: ``test_control_k3_without_rtcp_one_message_one_row`` (Asterisk's SDP: one
+uid, one row; the old node writes into the schema 5 table after the upgrade).
+
 Tried and held: the old node keeps writing after the upgrade (its INSERT names its
-columns; ``rtcp_address`` is NULL for its rows) and the new node refuses nothing; the
-new code reads the old node's rows (``media()``, ``rtcp_address`` None).
+columns; ``rtcp_address`` is NULL for its rows) and the new code reads its rows
+(``media()``, ``rtcp_address`` None).  The spool: a new node writing to a database
+still at schema 4 (started while it was unreachable, so ``ensure_schema`` could not
+refuse) gets ``UndefinedColumn: column "rtcp_address" ... does not exist``; the message
+is spooled (``e2m_archive_spooled`` 1, nothing lost), and after ``migrate`` to 5 the
+replay writes both media rows, the RTCP address kept (``127.0.0.9:4003``) and the other
+NULL (``test_control_spool_replay_keeps_the_rtcp_address_after_db_upgrade``).
 """
 
 from __future__ import annotations
@@ -144,3 +152,42 @@ def test_control_k3_without_rtcp_one_message_one_row(pg_url, old_tree, tmp_path)
     old_uid, new_uid, rows = _two_nodes(pg_url, old_tree, tmp_path, ASTERISK_OFFER, "r131-c3")
     assert old_uid == new_uid and len(rows) == 1, (old_uid, new_uid, rows)
     assert rows[0]["rtcp_address"] is None and rows[0]["port"] == 17014
+
+
+# -- the spool and a database still at schema 4 -------------------------------------------
+
+def test_control_spool_replay_keeps_the_rtcp_address_after_db_upgrade(tmp_path, pg_url):
+    """A new node writing to a database still at schema 4 (it started while the database
+    was unreachable, so ``ensure_schema`` could not refuse; then the operator ran ``db
+    upgrade`` late): the INSERT naming ``rtcp_address`` fails, the message waits in the
+    spool, nothing is counted lost; after the upgrade the replay writes it with its RTCP
+    address (held)."""
+    from dataclasses import replace
+
+    from kamailio_app.archive import BodyRecord, MediaRecord
+    from kamailio_app.archive_spool import ArchiveEvents, SpooledArchive, SpoolFile
+    url = PgUrl.parse(pg_url)
+    with connect(url) as conn:
+        assert migrate(conn, "postgres", target=4) == (0, 4)
+    lines: list[tuple[str, str]] = []
+    spooled = SpooledArchive(PostgresArchive(url), SpoolFile(tmp_path / "spool.sqlite"),
+                             events=ArchiveEvents(log=lambda level, line: lines.append((level, line))))
+    body = BodyRecord(call_id="r131-spool", from_uri="sip:alice@example.com",
+                      to_uri="sip:bob@example.com", method="INVITE", direction="request",
+                      content_type="application/sdp", plaintext=b"v=0", sha256="0" * 64,
+                      signature="valid", signer="sip:alice@example.com")
+    media = MediaRecord(call_id="r131-spool", method="INVITE", direction="request",
+                        media="audio", address="127.0.0.1", port=4000, port_count=1,
+                        proto="RTP/SAVP", codecs="0 PCMU/8000", flow="sendrecv",
+                        rtcp_port=4003, rtcp_address="127.0.0.9")
+    uid = spooled.record([body], [media, replace(media, media="video", port=4010,
+                                                 rtcp_port=None, rtcp_address=None)])
+    print(spooled.pending(), dict(spooled.events.counts), lines)
+    assert spooled.pending() == 1 and "e2m_archive_lost" not in spooled.events.counts
+    with connect(url) as conn:
+        assert migrate(conn, "postgres") == (4, 5)
+    assert spooled.replay() == 1 and spooled.pending() == 0
+    rows = PostgresArchive(url).media(call_id="r131-spool")
+    assert [(r["media"], r["rtcp_address"], r["rtcp_port"]) for r in rows] == [
+        ("audio", "127.0.0.9", 4003), ("video", None, None)]
+    assert {r for r in PostgresArchive(url).bodies() if r.message_uid == uid}
