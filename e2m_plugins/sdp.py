@@ -301,13 +301,14 @@ def _connection(value: str) -> tuple[str, str]:
     return match.group(3).split("/", 1)[0], match.group(2)
 
 
-def _rtcp(value: str) -> tuple[int, str | None]:
+def _rtcp(value: str) -> tuple[int, str | None, str]:
+    """(port, address or None, address type) of an ``a=rtcp`` value."""
     match = _RTCP.fullmatch(value.strip())
     if not match or int(match.group(1)) > 65535:
         raise MalformedError("malformed a=rtcp line")
     if match.group(3) is not None:
         _canonical_address(match.group(2), match.group(3))
-    return int(match.group(1)), match.group(3)
+    return int(match.group(1)), match.group(3), match.group(2) or ""
 
 
 # An rtpmap's encoding name/clock rate/channels as stacks write them ("opus/48000/2");
@@ -351,6 +352,11 @@ def _media_line(section: list[SdpLine], session_c: tuple[str, str] | None,
     conn = next((_connection(line.value) for line in section if line.kind == "c"), session_c)
     rtcp = next((_rtcp(a.partition(":")[2]) for a in attrs
                  if a.partition(":")[0] == "rtcp"), None)
+    if rtcp is not None and rtcp[1] is not None and (
+            conn is None or rtcp[2].upper() != conn[1].upper()):
+        # pjmedia reads it in the stream's family (review 131: IP6 ::ffff:127.0.0.9 on
+        # an IPv4 stream went to 127.0.0.9)
+        raise MalformedError("SDP: an a=rtcp address of another type than its stream's")
     return MediaLine(
         media=match.group(1), port=int(match.group(2)),
         port_count=int(match.group(3)) if match.group(3) else 1,
@@ -366,6 +372,7 @@ def _media_line(section: list[SdpLine], session_c: tuple[str, str] | None,
 # compares names byte for byte) and said once per level, else a stack may read the
 # media's way differently from the archive (review 130).
 _VIEWED_ATTRIBUTES = frozenset({"rtcp", *_DIRECTIONS})
+_ATTRIBUTE_NAME = re.compile(rf"(?:{_TOKEN})?")
 
 
 def _one_reading(level: list[SdpLine], where: str) -> None:
@@ -383,11 +390,18 @@ def _one_reading(level: list[SdpLine], where: str) -> None:
     for line in level:
         if line.kind == "c":
             _canonical_address(*_connection(line.value)[::-1])
-    names = [line.value.partition(":")[0] for line in level if line.kind == "a"]
-    for name in names:
-        if name not in _VIEWED_ATTRIBUTES and name.strip().lower() in _VIEWED_ATTRIBUTES:
+    values = [line.value for line in level if line.kind == "a"]
+    # the name as pjmedia takes it: the leading run of token characters, which ends at
+    # ":", white space, ";" or "/" alike (review 131: "a=sendonly:x" is sendonly there)
+    names = [_ATTRIBUTE_NAME.match(value).group(0) for value in values]
+    for name, value in zip(names, values):
+        if name.lower() not in _VIEWED_ATTRIBUTES and value.strip().lower() not in \
+                _VIEWED_ATTRIBUTES and value.partition(":")[0].strip().lower() != "rtcp":
+            continue
+        exact = value == name if name in _DIRECTIONS else value.startswith("rtcp:")
+        if name not in _VIEWED_ATTRIBUTES or not exact:
             raise MalformedError(f"SDP: a=%s spelled as stacks do not read it {where}"
-                                 % name.strip().lower())
+                                 % (name.lower() or value.strip().lower()))
     if sum(1 for name in names if name in _DIRECTIONS) > 1:
         raise MalformedError(f"SDP: more than one direction attribute {where}")
     if names.count("rtcp") > 1:

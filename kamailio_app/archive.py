@@ -96,10 +96,10 @@ def content_uid(identity: Sequence[str | int | None], bodies: Sequence["BodyReco
                 b.cid, b.request_uri if b.status is None else None]
                for b in bodies]
     fields.append("media")
-    # (the RTCP address only when there is one: a message's id stays what it was before)
+    # (not the RTCP address: the body's digest covers it, and a node before schema 5
+    # must give the same message the same id, review 131)
     fields += [[m.call_id, m.method, m.direction, m.media, m.address, m.port, m.port_count,
-                m.proto, m.codecs, m.flow, m.rtcp_port]
-               + ([m.rtcp_address] if m.rtcp_address is not None else []) for m in media]
+                m.proto, m.codecs, m.flow, m.rtcp_port] for m in media]
     digest.update(json.dumps(fields, separators=(",", ":")).encode("utf-8"))
     return "c" + digest.hexdigest()[:40]
 

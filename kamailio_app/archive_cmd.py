@@ -102,9 +102,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for key, value in info.items():
         print(printable(f"{key:13} {value if value is not None else '-'}"))
     for item in media:
+        rtcp = "" if item.get("rtcp_port") is None else \
+            f" rtcp {item.get('rtcp_address') or item['address'] or '-'}:{item['rtcp_port']}"
         print(printable(f"media         {item['method']} {item['direction']} {item['media']} "
                         f"{item['address'] or '-'}:{item['port']} {item['proto']} "
-                        f"{item['codecs']} {item['flow'] or ''}".rstrip()))
+                        f"{item['codecs']} {item['flow'] or ''}".rstrip() + rtcp))
     if not args.out:
         print("(plaintext not shown; use --out FILE or --out - to read it)")
     return 0

@@ -20,6 +20,9 @@ archive, ``e2m archive show ID`` without ``--json``, prints one line per media r
 - Fix: print ``rtcp <address>:<port>`` on the media line when ``rtcp_port`` is set, as
   ``media_log_lines`` does.
 - Test: ``test_finding_k4_archive_show_names_where_rtcp_goes``.
+
+Fixed (stop 42), K4: ``e2m archive show`` prints ``rtcp ADDRESS:PORT`` after a stream
+that has one.
 """
 
 from __future__ import annotations
@@ -60,8 +63,6 @@ def _show(db, capsys, *extra: str) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="review 131 hole K4: e2m archive show prints no RTCP "
-                                       "address or port (a=rtcp:4003 IN IP4 127.0.0.9)")
 def test_finding_k4_archive_show_names_where_rtcp_goes(archived, capsys):
     db, _ = archived
     shown = _show(db, capsys)

@@ -65,6 +65,13 @@ def _with(extra: bytes, where: bytes = b"a=rtpmap:0") -> bytes:
     (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP6 127.0.0.1", 1), "plain IP"),
     (SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP6 fe80::1%eth0", 1), "plain IP"),
     (_with(b"a=rtcp:5003 IN IP4 0x7f.0.0.9\r\n"), "plain IP"),
+    # review 131: the name ends where pjmedia ends it (":", white space, ";", "/")
+    (_with(b"a=sendonly:x\r\n"), "a=sendonly spelled"),
+    (_with(b"a=inactive x\r\n"), "a=inactive spelled"),
+    (_with(b"a=sendonly;x\r\n"), "a=sendonly spelled"),
+    (_with(b"a=rtcp 5003 IN IP4 127.0.0.9\r\n"), "a=rtcp spelled"),
+    (_with(b"a=rtcp\t5003\r\n"), "a=rtcp spelled"),
+    (_with(b"a=rtcp:5003 IN IP6 ::ffff:127.0.0.9\r\n"), "another type"),
 ])
 def test_an_sdp_a_stack_could_read_otherwise_is_refused(sdp, why):
     with pytest.raises(MalformedError, match=why):
@@ -77,3 +84,9 @@ def test_the_plain_forms_are_read_and_the_rtcp_address_named():
     assert (line.direction, line.rtcp_port, line.rtcp_address) == ("sendonly", 5003, "127.0.0.9")
     v6 = SRTP_OFFER.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP6 2001:DB8:0:0::9", 1)
     assert [m.address for m in media_summary(v6)] == ["2001:DB8:0:0::9"]
+
+
+@pytest.mark.parametrize("attribute", [b"a=rtcp-mux", b"a=rtcp-fb:* nack", b"a=extmap:1/sendonly x",
+                                       b"a=sendrecv"])
+def test_attributes_that_only_look_alike_are_read_as_before(attribute):
+    assert media_summary(_with(attribute + b"\r\n"))
