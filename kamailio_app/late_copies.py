@@ -6,7 +6,7 @@ retransmitting for Timer F's 32 s.  A copy after tm let go reaches the engine, w
 replay check refuses a body seen before: the sender was told 403 for a MESSAGE the
 callee had (review 123 HB2).
 
-So the 2xx a request the engine recorded (``Verdict.replay_key``) got is kept in the
+So the bodiless 2xx a request the engine recorded (``Verdict.replay_key``) got is kept in the
 htable ``e2manswered`` under that key for ``TRANSACTION_LIFETIME``, and a copy the
 replay check refuses as that very message is given that answer here, statelessly,
 and goes no further: nothing is relayed, archived or spent a second time.  The key is
@@ -59,9 +59,11 @@ def note_answer_key(ksr: Any, request: SipMessage, replay_key: str | None) -> No
 
 
 def remember_answer(ksr: Any) -> None:
-    """In tm's reply route: a 2xx to a request noted above is kept for its late copies."""
+    """In tm's reply route: a bodiless 2xx to a request noted above is kept for its late
+    copies.  One with a body (an UPDATE's or PRACK's SDP answer) is not: a status line
+    made up here would drop its answer, so its late copy is refused as before."""
     status = ksr.pv.get("$rs") or 0
-    if not 200 <= status < 300:
+    if not 200 <= status < 300 or int(ksr.pv.get("$bs") or 0) != 0:
         return
     key = ksr.pv.get(ANSWER_KEY_AVP)
     if not isinstance(key, str) or not _KEY.fullmatch(key):

@@ -101,3 +101,16 @@ def test_the_engine_names_the_message_a_copy_repeats():
     assert again.replay_key == first.replay_key
     other = proxy.inspect(alice.protect(message(pki, b"another")).message)
     assert other.replay_key not in (None, first.replay_key)
+
+
+def test_a_2xx_with_a_body_is_not_kept():
+    """An UPDATE's 200 carries the SDP answer (review 129's untried): a status line made
+    up from memory would lose it, so such an answer is not kept."""
+    request = _request("UPDATE")
+    ksr = FakeKSR(**{"$rs": 200, "$rr": "OK", "$bs": 312})
+    note_answer_key(ksr, request, KEY)
+    remember_answer(ksr)
+    assert ksr.table == {}
+    ksr.vars["$bs"] = 0
+    remember_answer(ksr)
+    assert remembered_answer(ksr, request, KEY) == (200, "OK")
