@@ -205,22 +205,22 @@ class ProxyHandle:
             raise AssertionError(f"no stats for {table}: {text[:300]}")
         return int(match.group(1))
 
-    def htable_lives(self, table: str = "e2mkeys") -> list[float]:
-        """Seconds each item of ``table`` has left (htable.dump for the names, then
-        htable.get for each one's expiry, a local time to the second); an item
+    def htable_lives(self, table: str = "e2mkeys") -> dict[str, float]:
+        """Seconds each item of ``table`` has left, by name (htable.dump for the names,
+        then htable.get for each one's expiry, a local time to the second); an item
         without its own expiry counts as ``math.inf``.  Values are read and dropped:
         the key cache's are sealed."""
         import math
         names = re.findall(r"^\s*name:\s*(\S+)", self.rpc("htable.dump", table), re.M)
-        lives = []
+        lives: dict[str, float] = {}
         for name in names:
             found = re.search(r"expire:\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)",
                               self.rpc("htable.get", table, name))
             if found is None:
-                lives.append(math.inf)
+                lives[name] = math.inf
                 continue
             at = time.mktime(time.strptime(found.group(1), "%Y-%m-%d %H:%M:%S"))
-            lives.append(at - time.time())
+            lives[name] = at - time.time()
         return lives
 
     def archive(self) -> Any:

@@ -43,7 +43,7 @@ def _items_expire_within(proxy, seconds: float, timeout: float) -> bool:
     seconds); checked until ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        lives = proxy.htable_lives()
+        lives = list(proxy.htable_lives().values())
         # (the offer's record is still there: a dump that read no name proves nothing)
         if lives and all(life <= seconds + 1 for life in lives):
             return True

@@ -31,8 +31,12 @@ def test_a_replayed_message_is_refused_by_every_worker_and_archived_once(proxy_f
     assert first is not None and first.status == 200
     for _ in range(8):                       # spread over the workers
         again = udp_send(home.port, sent)
-        assert again is not None and again.status == 403, again
-        assert "Replayed" in (again.get("Warning") or "")
+        # the replay check refuses each copy in every worker; since stop 42 a copy of a
+        # request answered 2xx within 32 s gets that answer back (it may be the sender's
+        # late retransmission: kamailio_app/late_copies.py), and still goes nowhere
+        assert again is not None and again.status == 200, again
+        assert "Replayed" not in (again.get("Warning") or "")
+    assert home.wait_log("a late copy of one answered 200", timeout=2)
     assert len(raw_uas.wait_for(2, timeout=0.5, method="MESSAGE")) == 1
     assert [r.plaintext for r in home.archive_rows()] == [TEXT]
 
