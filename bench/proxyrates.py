@@ -490,9 +490,20 @@ class Instance:
     bodies: dict[str, Path]
     kamailio_pid: int
     pids: list[int]
+    uas_args: list[str] = field(default_factory=list)
+    uas_dir: Path | None = None
 
     def cpu(self) -> CpuSample:
         return cpu_sample(self.pids)
+
+    def restart_uas(self) -> None:
+        """A fresh UAS on the same SIP port (the proxy's next hop): the old one's calls,
+        and the 2xx it would retransmit for 32 s for each call whose ACK never came, go
+        with it."""
+        stop_process(self.uas)
+        assert self.uas_dir is not None
+        self.uas, _ = start_sipp(self.uas_args, cwd=self.uas_dir,
+                                 output=self.uas_dir / "uas.out", sip_port=self.uas_port)
 
     def stop(self) -> None:
         stop_process(self.uas)
@@ -531,11 +542,10 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
                                                base / "uac_message.xml")
 
     # every port SIPp binds is a fresh one; a start that loses a port is retried
-    uas, uas_ports = start_sipp(
-        ["sipp", "-sf", str(scenarios["uas"]), "-i", "127.0.0.1",
-         "-nostdin", "-key", "answerfile", str(bodies["answer"]),
-         "-trace_err", "-error_file", str(base / "uas-errors.log")],
-        cwd=base, output=base / "uas.out")
+    uas_args = ["sipp", "-sf", str(scenarios["uas"]), "-i", "127.0.0.1",
+                "-nostdin", "-key", "answerfile", str(bodies["answer"]),
+                "-trace_err", "-error_file", str(base / "uas-errors.log")]
+    uas, uas_ports = start_sipp(uas_args, cwd=base, output=base / "uas.out")
     uas_port = uas_ports.sip
     try:
         extra: dict[str, dict[str, Any]] = {}
@@ -574,7 +584,8 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     main_pid = int(pid_file.read_text())
-    return Instance(cfg, proxy, uas, uas_port, scenarios, bodies, main_pid, kamailio_pids(main_pid))
+    return Instance(cfg, proxy, uas, uas_port, scenarios, bodies, main_pid, kamailio_pids(main_pid),
+                    uas_args, base)
 
 
 # ------------------------------------------------------------------ one SIPp run
@@ -671,6 +682,29 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
 
 # ------------------------------------------------------------------ the phases
 
+QUIET_SHARE = 0.02      # of one core: Kamailio idles at about 0.1 % here (idle_cpu_us_per_second)
+QUIET_MOST_S = 15.0
+
+
+def settle(inst: Instance) -> float:
+    """After a run that was not clean, what it left behind stops before the next run
+    on ``inst``: the UAS is restarted (SIPp retransmits each unACKed 200 for 32 s, and
+    every copy is read again by the proxy: the next rung would measure that tail, not
+    its own rate), then Kamailio's CPU is watched until one second uses under
+    ``QUIET_SHARE`` of a core, at most ``QUIET_MOST_S``.  Returns the seconds waited.
+    The proxy's tables keep what the failed calls left (keys of calls never ended),
+    as a proxy in service would."""
+    started = time.monotonic()
+    inst.restart_uas()
+    before = inst.cpu()
+    while time.monotonic() - started < QUIET_MOST_S:
+        time.sleep(1.0)
+        after = inst.cpu()
+        if (after.ns - before.ns) / 1e9 < QUIET_SHARE:
+            break
+        before = after
+    return time.monotonic() - started
+
 
 def _rotated(items: list[Any], by: int) -> list[Any]:
     by %= len(items)
@@ -703,7 +737,9 @@ def rate_phase(instances: list[Instance], plan: Plan, workdir: Path, cpu_runs: l
                log: Callable[[str], None]) -> dict[str, Any]:
     """Step the rate up the ladder; at each rung every configuration still clean runs once
     (order rotating), the floors included.  A failed step is repeated once before it
-    counts (a neighbour's burst on a shared machine should not end the search).  The CPU
+    counts (a neighbour's burst on a shared machine should not end the search); after
+    each failed run the instance settles first (``settle``), so no run measures the
+    previous one's retransmissions.  The CPU
     phase's fixed rate is the first rung: a configuration whose CPU runs were all clean
     starts above it, one with an unclean CPU run is reported below it and not stepped.
     Each configuration climbs until it fails or the ladder ends (its ceiling); then
@@ -721,9 +757,10 @@ def rate_phase(instances: list[Instance], plan: Plan, workdir: Path, cpu_runs: l
                 f" {run.successful}/{run.calls} ok, {run.failed} failed,"
                 f" {run.retransmissions} retrans, {run.achieved_rate:.0f}/s achieved"
                 f" -> {'clean' if run.clean else 'NOT clean'}")
-            time.sleep(0.3 if run.clean else 1.5)
             if run.clean:
+                time.sleep(0.3)
                 return True
+            log(f"  {inst.config.key}: settled in {settle(inst):.1f} s (fresh UAS, Kamailio quiet)")
         return False
 
     for workload in WORKLOADS:
