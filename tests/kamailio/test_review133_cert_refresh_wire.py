@@ -1,0 +1,158 @@
+"""Review 133, area 3: a follower of the certificate service whose TCP connection was
+replaced refreshes its subscription; real Kamailio on loopback (``start_proxy``), the
+subscribers ``CertClient``s over TCP from a loopback address of their own.
+
+(The module docstring with the findings is written at the end of the review.)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from e2m_lab.certclient import CertClient, Dialog
+from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
+from e2m_plugins.testpki import TestPKI, issue_user
+
+pytestmark = pytest.mark.kamailio
+
+USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "carol": "carol-Secret-3"}
+BOB = "sip:bob@example.com"
+INTERVAL = 2
+_sources = iter(range(2, 250))
+
+
+def source() -> str:
+    """A fresh loopback address (127.0.133.x: apart from the other certificate tests')."""
+    return f"127.0.133.{next(_sources)}"
+
+
+def der_of(cred) -> bytes:
+    return cred.cert.public_bytes(Encoding.DER)
+
+
+@pytest.fixture(scope="module")
+def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
+    proxy = start_proxy(tmp_path_factory.mktemp("certs-review133"), pki=pki, e2m=True,
+                        auth=True, users=USERS,
+                        extra={"certs": {"notify_interval": INTERVAL, "min_expires": 2}})
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def made(home: ProxyHandle) -> Iterator[list]:
+    things: list = []
+    yield things
+    for thing in things:
+        thing.close()
+    db = home.directory / "certs.sqlite"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM cert_publications")
+            conn.execute("DELETE FROM cert_subscriptions")
+
+
+def client(home: ProxyHandle, made: list, user: str, *, password: bool = False,
+           src: str | None = None, transport: str = "udp") -> CertClient:
+    one = CertClient(home.port, user, password=USERS[user] if password else None,
+                     source=src or source(), transport=transport)
+    made.append(one)
+    return one
+
+
+def publish(home: ProxyHandle, made: list, body: bytes, etag: str | None = None) -> str:
+    answer = client(home, made, "bob", password=True).publish(body, etag=etag)
+    assert answer is not None and answer.status == 200, answer
+    return answer.get("SIP-ETag") or ""
+
+
+def next_hop(home: ProxyHandle, call_id: str) -> list[tuple]:
+    with sqlite3.connect(home.directory / "certs.sqlite") as conn:
+        return conn.execute("SELECT next_hop, source FROM cert_subscriptions WHERE call_id = ?",
+                            (call_id,)).fetchall()
+
+
+def refresh(subscriber: CertClient, dialog: Dialog, cseq: int, expires: int = 600):
+    """An in-dialog refresh (RFC 6665 §4.1.2.1) sent by ``subscriber``'s UA."""
+    request = subscriber.ua.build("SUBSCRIBE", dialog.target, to=BOB, call_id=dialog.call_id,
+                                  from_tag=dialog.from_tag, to_tag=dialog.to_tag, cseq=cseq,
+                                  headers=[("Event", "certificate"), ("Expires", str(expires)),
+                                           ("Contact", subscriber.ua.contact),
+                                           ("Accept", "application/pkix-cert")])
+    answer = subscriber.ua.request(request)
+    subscriber._answer_notifies()
+    return answer
+
+
+def follow_over_tcp(home, made, pki):
+    """bob's certificate published; carol follows it over TCP and answers its first
+    NOTIFY (the subscription is confirmed)."""
+    publish(home, made, der_of(pki.user("bob", "ec")))
+    src = source()
+    first = client(home, made, "carol", src=src, transport="tcp")
+    answer, dialog = first.subscribe(BOB, 600)
+    assert answer is not None and answer.status == 200 and dialog is not None, answer
+    assert len(first.wait_notifies(1)) == 1
+    time.sleep(0.3)                                   # its 200 confirms the subscription
+    return src, first, dialog
+
+
+@pytest.mark.xfail(strict=True, reason="review 133 hole K1: a TCP follower's refresh over a "
+                                       "new connection is 200 but its NOTIFYs go to the "
+                                       "closed one's port")
+def test_a_refresh_over_a_new_tcp_connection_keeps_the_notifies_coming(home, made, pki):
+    """carol's first connection is gone (closed by her, by the proxy's idle timeout or
+    by a NAT); she refreshes in the dialog over a new connection from the same address
+    (a new port: what any TCP client does).  Secure: the refresh is answered 200 only
+    if its NOTIFY, and the NOTIFY of a later certificate change, reach her; or it is
+    refused, so that she subscribes anew."""
+    src, first, dialog = follow_over_tcp(home, made, pki)
+    [(hop_before, _)] = next_hop(home, dialog.call_id)
+    mark = home.log_mark()
+    first.close()
+    time.sleep(0.3)
+    second = client(home, made, "carol", src=src, transport="tcp")
+    answer = refresh(second, dialog, cseq=first.subscribes[-1].cseq[0] + 1)
+    assert answer is not None
+    [(hop_after, _)] = next_hop(home, dialog.call_id)
+    print(f"\nrefresh from {src}:{second.ua.local_port} answered {answer.status}; "
+          f"next hop before {hop_before}, after {hop_after}")
+    if answer.status != 200:
+        return                                   # refused: she knows to subscribe anew
+    got = second.wait_notifies(1, timeout=3.0)
+    # and bob replaces his certificate: a follower must hear of it
+    publish(home, made, der_of(issue_user(pki.ca, BOB, "ec")))
+    got = second.wait_notifies(2, timeout=INTERVAL + 3.0)
+    log = home.log_since(mark)
+    print(f"NOTIFYs on the new connection: {len(got)}; subscriptions kept: "
+          f"{len(next_hop(home, dialog.call_id))}; log lines on connect: "
+          f"{sum(1 for line in log.splitlines() if 'connect' in line.lower())}")
+    print("\n".join(line for line in log.splitlines() if "connect" in line.lower())[:1500])
+    assert len(got) == 2
+
+
+def test_control_a_refresh_over_the_same_tcp_connection_gets_its_notifies(home, made, pki):
+    """Control: the same follow refreshed over the connection it was made on: 200, its
+    NOTIFY, then the change's NOTIFY, all on that connection."""
+    _, first, dialog = follow_over_tcp(home, made, pki)
+    answer = refresh(first, dialog, cseq=first.subscribes[-1].cseq[0] + 1)
+    assert answer is not None and answer.status == 200, answer
+    assert len(first.wait_notifies(2, timeout=3.0)) == 2
+    publish(home, made, der_of(issue_user(pki.ca, BOB, "ec")))
+    assert len(first.wait_notifies(3, timeout=INTERVAL + 3.0)) == 3
+
+
+def test_control_a_refresh_from_another_address_is_still_refused(home, made, pki):
+    """Control (the rule a fix must keep): the same refresh over TCP from another
+    address is 403 and the subscription's next hop does not move."""
+    _, first, dialog = follow_over_tcp(home, made, pki)
+    [(hop_before, _)] = next_hop(home, dialog.call_id)
+    other = client(home, made, "carol", transport="tcp")
+    answer = refresh(other, dialog, cseq=first.subscribes[-1].cseq[0] + 1)
+    assert answer is not None and answer.status == 403, answer
+    assert next_hop(home, dialog.call_id) == [(hop_before, first.ua.source)]
