@@ -1,8 +1,58 @@
-"""Review 133, area 3: a follower of the certificate service whose TCP connection was
-replaced refreshes its subscription; real Kamailio on loopback (``start_proxy``), the
-subscribers ``CertClient``s over TCP from a loopback address of their own.
+"""Review 133 (attacker's review of 55c3915), area 3: a follower of the RFC 6072
+certificate service refreshes its subscription over another connection.  Real
+Kamailio on loopback (``start_proxy``, ``[certs] notify_interval = 2``); the
+subscribers are ``CertClient``s over TCP, each from a loopback address of its own.
 
-(The module docstring with the findings is written at the end of the review.)
+Hole K1 (an honest break): a TCP follower's refresh over a new connection
+--------------------------------------------------------------------------------
+
+- Who: nobody (an honest RFC 6665 subscriber over TCP or TLS).  A TCP client opens
+  each connection from a new ephemeral port; a connection goes when the client closes
+  it, when the proxy's ``tcp_idle_timeout`` (120 s by default) passes with nothing on
+  it, or when a NAT forgets it.  The subscriber then refreshes inside its dialog
+  (RFC 6665 §4.1.2.1), over a new connection, from the same address.
+- Set-up: bob's certificate published; carol follows it over TCP (``Expires: 600``)
+  and answers its first NOTIFY 200 (the subscription is confirmed); she closes that
+  connection and sends the in-dialog refresh (same Call-ID and tags, CSeq + 1) over
+  a new TCP connection from the same address; then bob PUBLISHes a new certificate.
+- Observed: the refresh is answered ``200 OK`` (with its Contact); the subscription's
+  ``next_hop`` stays ``sip:127.0.133.3:<old port>;transport=tcp``; Kamailio logs
+  ``tcpconn_1st_send(): connect 127.0.133.3:<old port> failed (RST) Connection refused``
+  twice (the refresh's NOTIFY, then the change's NOTIFY); carol gets **0 NOTIFYs** on
+  her new connection in 3 s + 5 s, and the subscription stays in the table (1 row):
+  it is confirmed, so nothing drops it; every NOTIFY of it, the certificate's
+  replacement or removal included, goes to a port nobody listens on until it
+  lapses, while each refresh tells carol all is well.  (A failed connect is no 481,
+  so ``on_reply`` never ends it either.)
+- Code at fault: ``kamailio_app/cert_route.py:271-286`` (``route_resubscribe``: the
+  refresh is taken from the same site, ``site_of``, whatever its port or transport,
+  and ``notifier.refresh_dialog``, ``e2m_plugins/notifier.py:171-178``, keeps
+  ``next_hop``; ``cert_table.refreshed`` writes only ``expires`` and
+  ``remote_target``).  ``docs/protocol.md`` §11.2 says "a refresh may move the remote
+  target but not the first hop" and "a subscriber that changes address (NAT
+  rebinding) subscribes anew", but this subscriber did not change address, and it
+  is told 200, not told to subscribe anew.
+- Fix (either): a refresh that came over TCP or TLS (the handshake proves its
+  source, so nothing is forged) from the subscription's site moves ``next_hop`` to
+  the new connection's source (``Peer.uri()``, or the top Record-Route as
+  ``_next_hop`` checks it) and keeps the route set; or a refresh whose source
+  address, port and transport are not the subscription's ``next_hop`` is refused
+  (481, so RFC 6665 §4.1.2.2 has the subscriber subscribe anew), keeping the 403
+  for another site.
+- Test: ``test_a_refresh_over_a_new_tcp_connection_keeps_the_notifies_coming``
+  (strict xfail; it also passes if the refresh is refused).
+
+Controls (unmarked, pass):
+
+- ``test_control_a_refresh_over_the_same_tcp_connection_gets_its_notifies``: the
+  same follow refreshed over its own connection gets the refresh's NOTIFY and the
+  change's NOTIFY (3 in all).
+- ``test_control_a_refresh_from_another_address_is_still_refused``: the refresh over
+  TCP from another address is 403 and ``next_hop`` does not move (the rule a fix must
+  keep: a hop or a stranger who knows the dialog's ids cannot move its NOTIFYs).
+
+Tried and held (area 3): see the module ``tests/kamailio/test_review133_late_copies_wire.py``
+docstring for the review's full list.
 """
 
 from __future__ import annotations
