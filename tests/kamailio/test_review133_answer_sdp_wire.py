@@ -1,4 +1,72 @@
-"""Review 133 area 2 (placeholder docstring, completed at the end of the review)."""
+"""Review 133 (attacker's review of 55c3915), area 2: the SDP spellings reviews 128-131
+found in an INVITE offer, placed instead in the callee's answer.  Real Kamailio
+(``proxy_factory``, E2M on, ``view = INVITE:application/sdp``), a stock pjsua2 2.15.1
+caller (review 69's script: no E2M hook, through the proxy) and bob a ``RawUas``
+registered at the proxy.
+
+Hole K3: an answer SDP the view refuses is relayed, unrecorded, and the caller uses it
+----------------------------------------------------------------------------------------
+
+- Attacker: an **insider UA** callee (bob, registered behind the home proxy) hiding
+  where his call's media goes from the archive and the firewall view; the same from an
+  **untrusted hop** between bob and the proxy.  (Review 69's hole 1 and 2, by another
+  door.)
+- Messages: the stock caller's INVITE (plaintext SDP, recorded: 1 offer row); bob's
+  200 with a true Content-Length and a plaintext SDP answer, ``m=audio 40404 RTP/AVP 0``
+  with session ``c=IN IP4 127.0.0.1`` plus one of: a media-level ``c=IN IP4 127.0.0.1``
+  then ``c=IN IP4 127.0.0.9`` (review 128's two ``c=``); session ``c=IN IP4
+  127.0.0.011`` (review 130's inet_aton form); ``a=sendonly:x`` (review 131 K1);
+  ``a=rtcp 40409 IN IP4 127.0.0.9`` (review 131 K2).
+- Observed (each of the 4): the proxy logs ``e2m: INVITE response 200 action=forward
+  seen=- media=0 error=MalformedError`` and relays the 200; **0 media rows** for the
+  answer; the stock caller's call is ``CONFIRMED`` with remote RTP
+  **127.0.0.9:40404** (two ``c=``, inet_aton form: the address only pjmedia's reading
+  names) or 127.0.0.1:40404 (the other two: the direction and RTCP pjmedia takes are
+  recorded nowhere).  The same SDP in the INVITE offer is answered 400 and reaches
+  nobody (control).
+- Code at fault: ``e2m_plugins/proxy.py:283-286`` (``inspect``: any ``E2MError`` on a
+  response, the SDP summary's ``MalformedError`` from ``sdp.py:378-425`` included,
+  becomes ``forward`` with an ``error``); ``kamailio_app/kemi.py:2370-2390``
+  (``read_reply``, the core reply route's check, the only place a final reply can be
+  dropped) asks only ``ProxyEngine.check_readable`` (``proxy.py:466-475``: headers,
+  ids, MIME framing), so a reply the view will refuse passes it; ``route_reply``
+  (``kemi.py:2392-2416``, tm's onreply route) then reads it and records nothing.
+  ``docs/threat-model.md`` accepts answers "forwarded unread" because "the callee could
+  always send answers we cannot read", which holds for an E2M caller (he can seal the
+  answer for her alone), not for a stock caller, who reads only plaintext: there the
+  only way to hide is a spelling only the stack reads, which review 69 fixed for a
+  Content-Length and a stray branch by dropping the reply in the core reply route.
+- Fix: make the core reply route's check cover the view's plaintext checks: in
+  ``check_readable`` (or a ``check_viewable`` beside it), for a response whose CSeq
+  method a ``view``/``verify`` rule covers, run ``media_summary`` on each plaintext
+  ``application/sdp`` part (and the rest of what ``_view`` refuses without a key), so
+  ``ksr_reply_route`` drops it as it drops review 64's and 69's; for a sealed answer
+  the same refusal needs the opened part, i.e. the engine's reading moved to the core
+  reply route (``read_reply`` already parses it there).
+- Test: ``test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded[...]`` (4, strict
+  xfail): secure means a relayed answer's media is a recorded row's.
+- Not run, the same code path (every response goes through ``route_reply``): a 183
+  with such SDP (early media), the 2xx to a re-INVITE or an UPDATE.  An ACK carrying
+  such an answer (late offer) is forwarded by design, counted in ``e2m_acks_unread``
+  (the documented limit of review 113).
+
+Controls (unmarked, pass):
+
+- ``test_control_a_clean_answer_is_recorded_as_the_caller_takes_it``: the same call
+  with a clean answer: CONFIRMED, remote RTP 127.0.0.1:40404, answer row
+  ``(127.0.0.1, 40404)`` (the set-up is live).
+- ``test_control_the_same_sdp_in_an_offer_is_refused[...]`` (4): each SDP in a
+  plaintext INVITE to registered bob: 400, bob gets nothing.
+
+Tried and held, area 2 (read in the code): the view is one function for every
+message (``_view`` -> ``media_summary``), so a re-INVITE, an UPDATE and a PRACK with
+these spellings are refused 400 as the INVITE is (``Rule.covers`` takes UPDATE, PRACK
+and ACK under ``INVITE:``); session-level directions are applied to media without one
+as pjmedia's ``apply_media_direction`` does; ``a= sendonly`` (blank after ``a=``, which
+pjmedia skips) is refused (the token name is empty); ``rtcp-mux``/``rtcp-fb`` are not
+taken for ``rtcp``; a MIME type in capitals is lower-cased before ``application/sdp``
+is compared.
+"""
 
 from __future__ import annotations
 
