@@ -61,8 +61,7 @@ Controls (unmarked, pass):
 Tried and held, area 2 (read in the code): the view is one function for every
 message (``_view`` -> ``media_summary``), so a re-INVITE, an UPDATE and a PRACK with
 these spellings are refused 400 as the INVITE is (``Rule.covers`` takes UPDATE, PRACK
-and ACK under ``INVITE:``); session-level directions are applied to media without one
-as pjmedia's ``apply_media_direction`` does; ``a= sendonly`` (blank after ``a=``, which
+and ACK under ``INVITE:``); ``a= sendonly`` (blank after ``a=``, which
 pjmedia skips) is refused (the token name is empty); ``rtcp-mux``/``rtcp-fb`` are not
 taken for ``rtcp``; a MIME type in capitals is lower-cased before ``application/sdp``
 is compared.
