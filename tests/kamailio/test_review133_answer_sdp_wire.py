@@ -45,8 +45,15 @@ Hole K3: an answer SDP the view refuses is relayed, unrecorded, and the caller u
   reply route (``read_reply`` already parses it there).
 - Test: ``test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded[...]`` (4, strict
   xfail): secure means a relayed answer's media is a recorded row's.
-- Not run, the same code path (every response goes through ``route_reply``): a 183
-  with such SDP (early media), the 2xx to a re-INVITE or an UPDATE.  An ACK carrying
+- Run, held for the media the call ends with: an unreliable 183 with the two-``c=``
+  answer, then a 200 with the clean one (same ``o=`` version): the 183 is relayed
+  unrecorded (``INVITE response 183 ... media=0 error=MalformedError``), the 200
+  recorded (``127.0.0.1``, 40404), and the stock caller's stream names
+  127.0.0.1:40404 both at its first media state and once CONFIRMED (whether pjsip
+  used the 183's SDP for early media at all was not examined):
+  ``test_held_an_early_answer_the_view_refuses_is_superseded_by_the_recorded_200``.
+  Not run, the same code path (every response goes through ``route_reply``): the 2xx
+  to a re-INVITE or an UPDATE, a reliable 183 (its SDP is the answer for good).  An ACK carrying
   such an answer (late offer) is forwarded by design, counted in ``e2m_acks_unread``
   (the documented limit of review 113).
 
@@ -97,14 +104,24 @@ HIDDEN = {
 }
 
 
-def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, provisional: bool = False):
+# review 69's stock caller, which also reads the stream once the call is CONFIRMED
+_STOCK_CALLER_FINAL = _STOCK_CALLER.replace(
+    'try:\n    result["state"] = call.getInfo().stateText',
+    'while time.time() < deadline + 2 and call.getInfo().stateText != "CONFIRMED":\n'
+    '    ep.libHandleEvents(50)\n'
+    'try:\n    result["final_rtp"] = call.getStreamInfo(0).remoteRtpAddress\n'
+    'except Exception as exc:\n    result["final_error"] = repr(exc)\n'
+    'try:\n    result["state"] = call.getInfo().stateText')
+
+
+def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, early: bytes | None = None):
     """A stock pjsua2 caller (review 69's script, no E2M hook) calls bob (a RawUas)
     through a proxy viewing INVITE SDP; bob answers 200 with ``sdp`` (plaintext, a true
     Content-Length).  Returns (what pjsip negotiated, the proxy's media rows for
     responses, the log)."""
     pytest.importorskip("pjsua2")
     script = tmp_path / "stock_caller.py"
-    script.write_text(_STOCK_CALLER)
+    script.write_text(_STOCK_CALLER_FINAL)
     proxy = proxy_factory(name, e2m=True, view=SDP_VIEW)
     mark = proxy.log_mark()
     state: dict = {}
@@ -114,10 +131,15 @@ def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, provisional: boo
             return make_response(request, 200, "OK")
         extra = [("Record-Route", rr) for rr in request.get_all("Record-Route")]
         extra.append(("Contact", f"<sip:bob@127.0.0.1:{state['port']}>"))
+        if early is not None:     # an unreliable 183 with early media first
+            ringing = make_response(request, 183, "Session Progress", extra, body=early,
+                                    content_type="application/sdp")
+            state["uas"].sock.sendto(ringing.serialize(), ("127.0.0.1", proxy.port))
+            time.sleep(0.5)
         return make_response(request, 200, "OK", extra, body=sdp,
                              content_type="application/sdp")
     with registered_uas(proxy, "bob", None, "127.0.0.133", responder=responder) as bob:
-        state["port"] = bob.port
+        state["port"], state["uas"] = bob.port, bob
         out = subprocess.run([sys.executable, str(script), str(proxy.port)],
                              capture_output=True, timeout=20)
         lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
@@ -145,6 +167,23 @@ def test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded(proxy_factory, tm
     relayed = got.get("state") == "CONFIRMED"
     assert not relayed or any(f"{row['address']}:{row['port']}" == taken for row in answers), \
         (got, answers)
+
+
+def test_held_an_early_answer_the_view_refuses_is_superseded_by_the_recorded_200(
+        proxy_factory, tmp_path):
+    """Tried and held: the same with early media: bob's unreliable 183 carries the
+    two-``c=`` answer (pjmedia would take 127.0.0.9), his 200 the clean one (127.0.0.1),
+    same ``o=`` version.  The 183 is relayed unrecorded (K3's door), but the stock caller
+    ends CONFIRMED with the 200's address, which the proxy recorded."""
+    got, answers, _, log = _stock_call(proxy_factory, tmp_path, CLEAN, "r133e",
+                                       early=HIDDEN["two c= in the media section"])
+    seen = [ln[ln.index("e2m: INVITE response"):] for ln in log.splitlines()
+            if "e2m: INVITE response" in ln]
+    print(f"\nearly: caller {got}; answer rows {[(r['address'], r['port']) for r in answers]}; "
+          f"log {seen}")
+    taken = got.get("final_rtp") or got.get("remote_rtp")
+    assert got.get("state") != "CONFIRMED" or \
+        any(f"{row['address']}:{row['port']}" == taken for row in answers), (got, answers)
 
 
 def test_control_a_clean_answer_is_recorded_as_the_caller_takes_it(proxy_factory, tmp_path):
