@@ -43,8 +43,9 @@ Hole K3: an answer SDP the view refuses is relayed, unrecorded, and the caller u
   ``ksr_reply_route`` drops it as it drops review 64's and 69's; for a sealed answer
   the same refusal needs the opened part, i.e. the engine's reading moved to the core
   reply route (``read_reply`` already parses it there).
-- Test: ``test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded[...]`` (4, strict
-  xfail): secure means a relayed answer's media is a recorded row's.
+- Tests: ``test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded[...]`` (4, strict
+  xfail) and the re-INVITE one below: secure means a relayed answer's media is a
+  recorded row's.
 - Run, held for the media the call ends with: an unreliable 183 with the two-``c=``
   answer, then a 200 with the clean one (same ``o=`` version): the 183 is relayed
   unrecorded (``INVITE response 183 ... media=0 error=MalformedError``), the 200
@@ -52,8 +53,16 @@ Hole K3: an answer SDP the view refuses is relayed, unrecorded, and the caller u
   127.0.0.1:40404 both at its first media state and once CONFIRMED (whether pjsip
   used the 183's SDP for early media at all was not examined):
   ``test_held_an_early_answer_the_view_refuses_is_superseded_by_the_recorded_200``.
-  Not run, the same code path (every response goes through ``route_reply``): the 2xx
-  to a re-INVITE or an UPDATE, a reliable 183 (its SDP is the answer for good).  An ACK carrying
+- Mid-dialog (run): the stock caller, CONFIRMED with bob's clean answer (row
+  ``127.0.0.1:40404``), re-INVITEs him; bob's 200 (``o=`` version 2) carries the
+  two-``c=`` answer: logged ``INVITE response 200 ... media=0 error=MalformedError``,
+  relayed; the caller's second media state names **127.0.0.9:40404** and the call stays
+  CONFIRMED, while the archive's only answer row still says 127.0.0.1:40404: the
+  archive now names an address the media left
+  (``test_reinvite_answer_the_view_refuses_moves_the_media_unrecorded``, strict xfail;
+  control ``test_control_a_clean_reinvite_answer_is_recorded``: the clean re-answer on
+  port 40406 is recorded and taken).  Not run, the same code path (every response
+  goes through ``route_reply``): the 2xx to an UPDATE, a reliable 183.  An ACK carrying
   such an answer (late offer) is forwarded by design, counted in ``e2m_acks_unread``
   (the documented limit of review 113).
 
@@ -219,3 +228,115 @@ def test_control_the_same_sdp_in_an_offer_is_refused(proxy_factory, case):
             assert not bob.wait_for(1, timeout=0.5, method="INVITE")
         finally:
             sock.close()
+
+
+# -- the 2xx to a re-INVITE ------------------------------------------------------------
+
+_REINVITING_CALLER = r'''
+"""A stock pjsua2 caller: calls bob through the proxy, then (CONFIRMED) re-INVITEs him
+and prints the remote RTP address before and after the re-INVITE's answer."""
+import json, os, sys, time
+import pjsua2 as pj
+ep = pj.Endpoint()
+ep.libCreate()
+cfg = pj.EpConfig()
+cfg.uaConfig.threadCnt = 0
+cfg.uaConfig.mainThreadOnly = True
+cfg.logConfig.level = 0
+cfg.logConfig.consoleLevel = 0
+ep.libInit(cfg)
+tcfg = pj.TransportConfig()
+tcfg.port = 0
+tcfg.boundAddress = "127.0.0.1"
+ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+ep.libStart()
+ep.audDevManager().setNullDev()
+acfg = pj.AccountConfig()
+acfg.idUri = "sip:alice@example.com"
+acfg.sipConfig.proxies.append("sip:127.0.0.1:%s;lr" % sys.argv[1])
+acc = pj.Account()
+acc.create(acfg)
+result = {"media_states": 0}
+class Call(pj.Call):
+    def onCallMediaState(self, prm):
+        result["media_states"] += 1
+        try:
+            result["rtp_%d" % result["media_states"]] = self.getStreamInfo(0).remoteRtpAddress
+        except Exception as exc:
+            result["error"] = repr(exc)
+call = Call(acc)
+call.makeCall("sip:bob@example.com", pj.CallOpParam(True))
+deadline = time.time() + 4
+while time.time() < deadline and call.getInfo().stateText != "CONFIRMED":
+    ep.libHandleEvents(50)
+result["first_state"] = call.getInfo().stateText
+if result["first_state"] == "CONFIRMED":
+    ep.libHandleEvents(200)
+    call.reinvite(pj.CallOpParam(True))
+    deadline = time.time() + 4
+    while time.time() < deadline and result["media_states"] < 2:
+        ep.libHandleEvents(50)
+    ep.libHandleEvents(300)
+    try:
+        result["after_reinvite"] = call.getStreamInfo(0).remoteRtpAddress
+        result["state"] = call.getInfo().stateText
+    except Exception as exc:
+        result["error2"] = repr(exc)
+print("RESULT " + json.dumps(result), flush=True)
+os._exit(0)
+'''
+
+
+def _reinvited_call(proxy_factory, tmp_path, reanswer: bytes, name: str):
+    pytest.importorskip("pjsua2")
+    script = tmp_path / "reinviting_caller.py"
+    script.write_text(_REINVITING_CALLER)
+    proxy = proxy_factory(name, e2m=True, view=SDP_VIEW)
+    mark = proxy.log_mark()
+    state: dict = {}
+
+    def responder(request):
+        if request.method != "INVITE":
+            return make_response(request, 200, "OK")
+        contact = [("Contact", f"<sip:bob@127.0.0.1:{state['port']}>")]
+        if request.to_tag is None:
+            return make_response(request, 200, "OK", contact, body=CLEAN,
+                                 content_type="application/sdp")
+        return make_response(request, 200, "OK", contact,
+                             body=reanswer.replace(b"o=bob 1 1", b"o=bob 1 2"),
+                             content_type="application/sdp")
+    with registered_uas(proxy, "bob", None, "127.0.0.135", responder=responder) as bob:
+        state["port"] = bob.port
+        out = subprocess.run([sys.executable, str(script), str(proxy.port)],
+                             capture_output=True, timeout=25)
+        lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
+                 if ln.startswith("RESULT ")]
+        assert lines, out.stdout[-400:] + out.stderr[-400:]
+        invites = bob.wait_for(2, method="INVITE")
+        time.sleep(0.3)
+        answers = [row for row in proxy.media_rows() if row["direction"] != "request"]
+        log = proxy.log_since(mark)
+        seen = [ln[ln.index("e2m: INVITE"):] for ln in log.splitlines() if "e2m: INVITE" in ln]
+        return json.loads(lines[-1][len("RESULT "):]), answers, len(invites), seen
+
+
+@pytest.mark.xfail(strict=True, reason="review 133 hole K3: a re-INVITE's 2xx SDP the view "
+                                       "refuses is relayed unrecorded; the caller moves its media")
+def test_reinvite_answer_the_view_refuses_moves_the_media_unrecorded(proxy_factory, tmp_path):
+    """Mid-dialog: the stock caller re-INVITEs bob; bob's 200 carries the two-``c=``
+    answer.  Secure: the address the caller sends to after it is one the proxy
+    recorded (or the answer is not relayed)."""
+    got, answers, invites, seen = _reinvited_call(
+        proxy_factory, tmp_path, HIDDEN["two c= in the media section"], "r133r")
+    print(f"\nre-INVITE: caller {got}; INVITEs at bob {invites}; answer rows "
+          f"{[(r['address'], r['port']) for r in answers]}; log {seen}")
+    assert invites == 2 and got.get("first_state") == "CONFIRMED", got
+    taken = got.get("after_reinvite")
+    assert any(f"{row['address']}:{row['port']}" == taken for row in answers), (got, answers)
+
+
+def test_control_a_clean_reinvite_answer_is_recorded(proxy_factory, tmp_path):
+    got, answers, invites, _ = _reinvited_call(proxy_factory, tmp_path,
+                                               CLEAN.replace(b"40404", b"40406"), "r133rc")
+    assert invites == 2 and got.get("after_reinvite") == "127.0.0.1:40406", got
+    assert ("127.0.0.1", 40406) in [(row["address"], row["port"]) for row in answers]
