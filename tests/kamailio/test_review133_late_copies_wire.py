@@ -27,8 +27,8 @@ message is delivered twice
   archive holds it twice.  So stop 42's memory (review 123 HB2) works only on a proxy
   without ``[auth]``; with it the late copy is neither refused as a replay nor answered
   from memory, but delivered again.
-- Code at fault: ``kamailio_app/kemi.py:1295-1356`` (``route_auth``, via
-  ``route_request`` at ``:1098``) runs before ``inspect_request`` (``:2050-2071``, where
+- Code at fault: ``kamailio_app/kemi.py:1295-1349`` (``route_auth``, via
+  ``route_request`` at ``:1098``) runs before ``inspect_request`` (``:2047-2086``, where
   ``remembered_answer`` is asked), and ``late_copies.remembered_answer`` is keyed by
   what only the engine's reading gives.
 - Fix: answer a late copy before the challenge: keep the 2xx also under the request's
