@@ -46,6 +46,14 @@ Hole K3: an answer SDP the view refuses is relayed, unrecorded, and the caller u
 - Tests: ``test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded[...]`` (4, strict
   xfail) and the re-INVITE one below: secure means a relayed answer's media is a
   recorded row's.
+- No spelling needed (run): bob's 200 as ``multipart/mixed`` of a plain SDP naming
+  ``c=IN IP4 127.0.0.9`` and an ``optional`` ``application/pkcs7-mime`` part of five
+  junk octets: ``INVITE response 200 ... media=0 error=MalformedError``, 0 answer rows,
+  the stock caller (pjsip finds the SDP part of a multipart body) CONFIRMED on
+  **127.0.0.9:40404**
+  (``test_plain_answer_sdp_beside_an_unopenable_part_is_not_relayed_unrecorded``,
+  strict xfail).  So the door is any ``E2MError`` in an answer's reading, not the SDP
+  summary alone.
 - Run, held for the media the call ends with: an unreliable 183 with the two-``c=``
   answer, then a 200 with the clean one (same ``o=`` version): the 183 is relayed
   unrecorded (``INVITE response 183 ... media=0 error=MalformedError``), the 200
@@ -126,7 +134,8 @@ _STOCK_CALLER_FINAL = _STOCK_CALLER.replace(
     'try:\n    result["state"] = call.getInfo().stateText')
 
 
-def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, early: bytes | None = None):
+def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, early: bytes | None = None,
+                content_type: str = "application/sdp"):
     """A stock pjsua2 caller (review 69's script, no E2M hook) calls bob (a RawUas)
     through a proxy viewing INVITE SDP; bob answers 200 with ``sdp`` (plaintext, a true
     Content-Length).  Returns (what pjsip negotiated, the proxy's media rows for
@@ -148,8 +157,7 @@ def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, early: bytes | N
                                     content_type="application/sdp")
             state["uas"].sock.sendto(ringing.serialize(), ("127.0.0.1", proxy.port))
             time.sleep(0.5)
-        return make_response(request, 200, "OK", extra, body=sdp,
-                             content_type="application/sdp")
+        return make_response(request, 200, "OK", extra, body=sdp, content_type=content_type)
     with registered_uas(proxy, "bob", None, "127.0.0.133", responder=responder) as bob:
         state["port"], state["uas"] = bob.port, bob
         out = subprocess.run([sys.executable, str(script), str(proxy.port)],
@@ -179,6 +187,32 @@ def test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded(proxy_factory, tm
     relayed = got.get("state") == "CONFIRMED"
     assert not relayed or any(f"{row['address']}:{row['port']}" == taken for row in answers), \
         (got, answers)
+
+
+# bob's clean SDP (on 127.0.0.9) beside a part the proxy cannot open, in multipart/mixed
+_BOUNDARY = "r133b"
+MIXED = (f"--{_BOUNDARY}\r\nContent-Type: application/sdp\r\n\r\n".encode()
+         + CLEAN.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 127.0.0.9")
+         + f"\r\n--{_BOUNDARY}\r\nContent-Type: application/pkcs7-mime; "
+           f"smime-type=enveloped-data\r\nContent-Disposition: attachment;handling=optional"
+           f"\r\n\r\n".encode() + b"\x30\x03\x02\x01\x00" + f"\r\n--{_BOUNDARY}--\r\n".encode())
+
+
+@pytest.mark.xfail(strict=True, reason="review 133 hole K3: a plain SDP beside a part the "
+                                       "proxy cannot open is relayed unrecorded")
+def test_plain_answer_sdp_beside_an_unopenable_part_is_not_relayed_unrecorded(
+        proxy_factory, tmp_path):
+    """No odd spelling at all: bob's 200 is multipart/mixed, a plain SDP on 127.0.0.9
+    and an ``optional`` S/MIME part of five octets of junk.  Secure as above."""
+    got, answers, _, log = _stock_call(proxy_factory, tmp_path, MIXED, "r133mx",
+                                       content_type=f"multipart/mixed;boundary={_BOUNDARY}")
+    seen = [ln[ln.index("e2m: INVITE response"):] for ln in log.splitlines()
+            if "e2m: INVITE response" in ln]
+    print(f"\nmixed: caller {got}; answer rows {[(r['address'], r['port']) for r in answers]}; "
+          f"log {seen}")
+    taken = got.get("final_rtp") or got.get("remote_rtp")
+    assert got.get("state") != "CONFIRMED" or \
+        any(f"{row['address']}:{row['port']}" == taken for row in answers), (got, answers)
 
 
 def test_held_an_early_answer_the_view_refuses_is_superseded_by_the_recorded_200(
