@@ -41,8 +41,10 @@ Hole K3: an answer SDP the view refuses is relayed, unrecorded, and the caller u
   method a ``view``/``verify`` rule covers, run ``media_summary`` on each plaintext
   ``application/sdp`` part (and the rest of what ``_view`` refuses without a key), so
   ``ksr_reply_route`` drops it as it drops review 64's and 69's; for a sealed answer
-  the same refusal needs the opened part, i.e. the engine's reading moved to the core
-  reply route (``read_reply`` already parses it there).
+  (and for the multipart case below, whose junk part fails only when opened) the same
+  refusal needs the engine's reading itself in the core reply route (``read_reply``
+  already parses the reply there), dropping any answer whose reading raises, as a
+  request's is answered 400/496.
 - Tests: ``test_answer_sdp_the_view_refuses_is_not_relayed_unrecorded[...]`` (4, strict
   xfail) and the re-INVITE one below: secure means a relayed answer's media is a
   recorded row's.

@@ -39,6 +39,9 @@ Hole K1 (an honest break): a TCP follower's refresh over a new connection
   address, port and transport are not the subscription's ``next_hop`` is refused
   (481, so RFC 6665 §4.1.2.2 has the subscriber subscribe anew), keeping the 403
   for another site.
+- The same rule meets a UDP follower whose NAT gave it a new port (same address): its
+  refresh is 200 and its NOTIFYs go to the old port (read, not run; the docs ask such
+  a subscriber to subscribe anew, but nothing tells it to).
 - Test: ``test_a_refresh_over_a_new_tcp_connection_keeps_the_notifies_coming``
   (strict xfail; it also passes if the refresh is refused).
 
