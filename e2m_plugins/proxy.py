@@ -33,8 +33,9 @@ from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .cms.budget import message_budget
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
-from .errors import (DecryptionError, E2MError, MalformedError, NoMatchingRecipientError,
-                     ProxyCannotDecryptError, ReplayError, SignatureRequiredError)
+from .errors import (DecryptionError, E2MError, LimitExceededError, MalformedError,
+                     NoMatchingRecipientError, ProxyCannotDecryptError, ReplayError,
+                     SignatureRequiredError)
 from .keycache import (DialogScope, KeyCache, Scope, TransactionScope, answer_keeper,
                        bounded_keeper)
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
@@ -97,6 +98,33 @@ class SeenBody:
         return {"cid": self.cid, "content_type": self.content_type, "length": len(self.plaintext),
                 "sha256": self.sha256, "encrypted": self.encrypted,
                 "signature": self.signature, "signer": self.signer}
+
+
+@dataclass(frozen=True)
+class BodyReading:
+    """What reading a message's body showed, before anything was kept, spent or
+    recorded (``ProxyEngine.read_response``): a host that must decide on a response
+    before the route that applies its verdict (Kamailio drops a final reply only in
+    its core reply route, where tm's transaction AVPs are not at hand) reads it once
+    there and hands this to ``inspect``.  It holds the plaintext: never logged."""
+
+    skipped: bool                       # no body, or none of our rules covers it
+    opened: tuple[OpenedPart, ...] = field(default=(), repr=False)
+    contexts: tuple[SipContext | None, ...] = field(default=(), repr=False)
+    looked_up: tuple[tuple[Scope, bytes, bytes, Scope], ...] = field(default=(), repr=False)
+    seen: tuple[SeenBody, ...] = field(default=(), repr=False)
+    media: tuple[MediaLine, ...] = ()
+    offers: bool = False                # a part offers a key (CEK reuse)
+    error: E2MError | None = field(default=None, repr=False)   # why the reading failed
+
+
+_SKIPPED = BodyReading(True)
+
+# A response whose body the proxy cannot take apart or summarise (the SDP view's
+# refusals, a part that does not parse, one past the limits) is dropped, not relayed
+# unread: a stock caller would act on what the archive never recorded (review 133).
+# A body sealed for others, or a signature the caller judges, is relayed as before.
+REFUSED_RESPONSE_ERRORS = (MalformedError, LimitExceededError)
 
 
 @dataclass(frozen=True)
@@ -259,12 +287,32 @@ class ProxyEngine:
         """This proxy's ``Proxy-Body-Policy`` header (name, value)."""
         return hdr.PROXY_BODY_POLICY, self._policy_value
 
+    def read_response(self, response: SipMessage) -> BodyReading:
+        """Read a response's body as ``inspect`` would, keeping, spending and recording
+        nothing; never raises ``E2MError`` (a failure is the reading's ``error``).  The
+        host drops the response when ``response_refused`` says so, else passes the
+        reading to ``inspect``, which then does not read the body again."""
+        try:
+            response.check_unambiguous()
+            with message_budget(DEFAULT_LIMITS.max_public_key_ops):
+                return self._read_body(response, response.cseq[1])
+        except E2MError as exc:
+            return BodyReading(True, error=exc)
+
+    @staticmethod
+    def response_refused(reading: BodyReading) -> bool:
+        """Whether a response so read must not be relayed (``REFUSED_RESPONSE_ERRORS``)."""
+        return isinstance(reading.error, REFUSED_RESPONSE_ERRORS)
+
     def inspect(self, message: SipMessage, *,
-                caller: str | Callable[[], str | None] | None = None) -> Verdict:
+                caller: str | Callable[[], str | None] | None = None,
+                reading: BodyReading | None = None) -> Verdict:
         """The verdict for one request or response (never raises ``E2MError``).
 
-        A response is always forwarded: it cannot be answered, and dropping it would
-        only make the UAS retransmit.  What could not be read is in ``error``.
+        A response is forwarded: it cannot be answered.  What could not be read is in
+        ``error``; a host that can still drop it asks ``read_response`` first (a body
+        the view refuses must not reach the caller unrecorded, review 133) and passes
+        that ``reading`` here.
         ``caller``: for a response, what ``answer_caller`` said for the request it
         answers (the host keeps it with the transaction: Kamailio in a transaction
         AVP; the response's own From is the callee's to write).  A key an answer
@@ -274,12 +322,14 @@ class ProxyEngine:
         responder (its signer) alone.  ``caller`` may be a function giving it, asked
         only when the answer offers a key."""
         try:
+            if reading is not None and reading.error is not None:
+                raise reading.error
             message.check_unambiguous()
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
                 if message.is_request:
                     return self._inspect_request(message)
-                return self._inspect_response(message, caller)
+                return self._inspect_response(message, caller, reading)
         except E2MError as exc:
             if message.is_request:
                 return self.refuse(message, exc)
@@ -385,7 +435,8 @@ class ProxyEngine:
     # -- responses ---------------------------------------------------------
 
     def _inspect_response(self, response: SipMessage,
-                          caller: str | Callable[[], str | None] | None = None) -> Verdict:
+                          caller: str | Callable[[], str | None] | None = None,
+                          reading: BodyReading | None = None) -> Verdict:
         # A failure answer drops no key: one branch's 486 (bob's other device, or a
         # hop's forgery) leaves the offer's key to the branches still ringing, a 491 to
         # a re-INVITE or a late 487 of the answered branch leaves the dialog's keys.
@@ -403,7 +454,7 @@ class ProxyEngine:
             if not who or who == UNAUTHENTICATED_CALLER:
                 return answer_keeper(UNAUTHENTICATED_CALLER, responder)
             return answer_keeper(_keeper(who), responder)
-        seen, media = self._view(response, method, keeper=keeper, kept=[])
+        seen, media = self._view(response, method, keeper=keeper, kept=[], reading=reading)
         return Verdict("forward", remove_headers=self._policies_in_our_name(response),
                        seen=seen, media=media)
 
@@ -624,20 +675,52 @@ class ProxyEngine:
         return UNSIGNED_KEEPER
 
     def _view(self, message: SipMessage, method: str, *, keeper: Callable[[], str],
-              kept: list[bytes], recorded: list[str] | None = None
+              kept: list[bytes], recorded: list[str] | None = None,
+              reading: BodyReading | None = None
               ) -> tuple[tuple[SeenBody, ...], tuple[MediaLine, ...]]:
         """What the message shows us; ``keeper()`` says whose quota a key it offers
         counts against (a request's sender; a response's caller and responder together),
         asked only when it offers one.  The names of keys it kept afresh in its own
-        scope go in ``kept``; a request's replay key, once recorded, in ``recorded``."""
+        scope go in ``kept``; a request's replay key, once recorded, in ``recorded``.
+        ``reading``: the message's ``_read_body``, when the host had it done already
+        (``read_response``)."""
+        if reading is None:
+            reading = self._read_body(message, method)
+        if reading.skipped:
+            return (), ()
+        opened, contexts = list(reading.opened), list(reading.contexts)
+        looked_up, offers = list(reading.looked_up), reading.offers
+        seen, media = reading.seen, reading.media
+        if self._first_sighting(message, [c for c in contexts if c is not None],
+                                keeps=bool(looked_up) or offers, recorded=recorded):
+            keyed = bool(looked_up) and self._signers_key_opened(opened, looked_up)
+            if opened and self._invite_2xx(message) and (
+                    looked_up or offers or any(c is not None for c in contexts)):
+                # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
+                # moves and keeps nothing: the caller's own requests then move her key.
+                # Not a 2xx nothing vouches for and no key touches (a plaintext or bare
+                # one, anyone's: review 48): it would take slot 0 from the real answer,
+                # and on a cluster each slot is a shared claim (reviews 44, 46).  Such a
+                # dialog takes its slot from the caller's own re-INVITE (``_spend``).
+                self._fork(message, contexts, message.from_tag, message.to_tag or "",
+                           keyed=keyed)
+            self._spend(message, opened, contexts, looked_up, keeper)
+            kept.extend(self._keep_keys(message, opened, contexts, keeper, keyed=keyed))
+        return seen, media
+
+    def _read_body(self, message: SipMessage, method: str) -> BodyReading:
+        """All ``_view`` checks before it keeps, spends or records anything: the body
+        opened, its contexts, the policy, the signers and the SDP summary.  Read before
+        anything is kept or spent: a message it refuses (``E2MError``) must leave no key
+        behind (review 28), and a response it refuses is dropped (review 133)."""
         label = self._labels(message)
         body = message_body(message)
         if body is None:
             if label is not None and label.cids:
                 raise MalformedError("Proxy-Required-Body names a part but there is no body")
-            return (), ()
+            return _SKIPPED
         if label is None and not self._rules_apply(method):
-            return (), ()  # not for us: forward untouched, unread
+            return _SKIPPED  # not for us: forward untouched, unread
         parts = top_parts(body)
         targets = self._targets(parts, label, method)
         sender = self._sender_of(message)
@@ -658,28 +741,11 @@ class ProxyEngine:
         for part in opened:
             if part.signed:   # a signature must be the sender's: From, or the responder (To)
                 check_signed_by(part, sender)
-        offers = any(part.cek_references for part in opened)
-        # read before anything is kept or spent: SDP the proxy cannot summarise refuses
-        # the message, which must then leave no key behind (review 28)
         seen = tuple(self._seen(p, c) for p, c in zip(opened, contexts))
         media = tuple(m for p in opened if p.content_type == "application/sdp"
                       for m in media_summary(p.content))
-        if self._first_sighting(message, [c for c in contexts if c is not None],
-                                keeps=bool(looked_up) or offers, recorded=recorded):
-            keyed = bool(looked_up) and self._signers_key_opened(opened, looked_up)
-            if opened and self._invite_2xx(message) and (
-                    looked_up or offers or any(c is not None for c in contexts)):
-                # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
-                # moves and keeps nothing: the caller's own requests then move her key.
-                # Not a 2xx nothing vouches for and no key touches (a plaintext or bare
-                # one, anyone's: review 48): it would take slot 0 from the real answer,
-                # and on a cluster each slot is a shared claim (reviews 44, 46).  Such a
-                # dialog takes its slot from the caller's own re-INVITE (``_spend``).
-                self._fork(message, contexts, message.from_tag, message.to_tag or "",
-                           keyed=keyed)
-            self._spend(message, opened, contexts, looked_up, keeper)
-            kept.extend(self._keep_keys(message, opened, contexts, keeper, keyed=keyed))
-        return seen, media
+        return BodyReading(False, tuple(opened), tuple(contexts), tuple(looked_up), seen,
+                           media, any(part.cek_references for part in opened))
 
     def _context(self, part: OpenedPart, message: SipMessage, legacy: bool) -> SipContext | None:
         """The part's SIP context, checked against the message; a *signed* one is required

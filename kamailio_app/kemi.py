@@ -2379,14 +2379,20 @@ class kamailio:
         if engine is None or status < 101 or not engine.response_needs_reading(
                 _cseq_method(), status, has_body=_has_body(),
                 has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0):
-            self._reply = (mark, None)   # e.g. a 200 to MESSAGE: inspecting it does nothing
+            self._reply = (mark, None, None)   # e.g. a 200 to MESSAGE: nothing to inspect
             return None
         try:
             message = _read_message()
             engine.check_readable(message)
         except E2MError as exc:
             return "%s: %s" % (type(exc).__name__, exc)
-        self._reply = (mark, message)
+        # the body read here, once: what the view refuses (SDP spelt so that only the
+        # caller's stack reads it, a part that does not parse) is dropped now, as tm's
+        # route could not; tm's route applies the rest with the transaction's caller
+        reading = engine.read_response(message)
+        if engine.response_refused(reading):
+            return "%s: %s" % (type(reading.error).__name__, reading.error)
+        self._reply = (mark, message, reading)
         return None
 
     def route_reply(self, stray=False):
@@ -2396,7 +2402,7 @@ class kamailio:
         if self._reply is None or self._reply[0] != KSR.pv.get("$mi"):
             if self.read_reply() is not None:
                 return   # not this route's to drop: the core reply route did, or will
-        message = self._reply[1]
+        _, message, reading = self._reply
         self._reply = None
         if message is None:
             return
@@ -2405,7 +2411,7 @@ class kamailio:
         def caller():
             asked.append(_caller())
             return asked[-1]
-        verdict = self.app.engine.inspect(message, caller=caller)
+        verdict = self.app.engine.inspect(message, caller=caller, reading=reading)
         # who paid for a key the answer offered (asked only then)
         charged = " caller=%s" % _loggable(asked[0]) if asked else ""
         _info("e2m: %s response %s %s%s\n" % (message.method, message.status,

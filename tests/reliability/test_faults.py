@@ -443,7 +443,10 @@ FAR_ENDS = {
                  "a 200 without Via and CSeq cannot be matched: dropped, then 408"),
     "junk-sdp": (lambda d: _response_bytes(d, 200, "OK", body=b"\x30\x80garbage",
                                            ctype="application/pkcs7-mime; smime-type=enveloped-data"),
-                 200, "a response cannot be refused: forwarded, the engine's error logged"),
+                 408, "a 200 whose body does not parse: dropped in the core reply route "
+                      "(review 133: relayed, a caller could act on what nobody read), then 408"),
+    "bare-200": (lambda d: _response_bytes(d, 200, "OK"), 200,
+                 "a 200 without a body: nothing to read, forwarded"),
     "server-error": (lambda d: _response_bytes(d, 500, "Server Internal Error"), 500,
                      "forwarded as it is"),
     "unavailable": (lambda d: _response_bytes(d, 503, "Service Unavailable"), 500,
@@ -526,7 +529,7 @@ def test_far_end_silent_or_garbage_standard_codes_and_no_stale_keys(proxy_factor
         assert proxy.options(timeout=2).status == 200
         log = proxy.log_since(0)
         assert "Traceback" not in log
-        assert "INVITE response 200 action=forward seen=- media=0 error=MalformedError" in log
+        assert "e2m: a INVITE 200 that must be read and cannot be (MalformedError" in log
     finally:
         for end in ends.values():
             end.close()
