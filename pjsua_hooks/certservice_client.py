@@ -409,13 +409,15 @@ class CertServiceClient:
         return out.serialize()
 
     # -- the hook, incoming -------------------------------------------------------------
-    def on_rx(self, msg: sip.SipMessage, source: tuple[str, int] | None) -> bool:
+    def on_rx(self, msg: sip.SipMessage, source: tuple[str, int] | None, *,
+              tcp: bool = False) -> bool:
         """True when ``msg`` is ours and was taken in (a response to our SUBSCRIBE or
         PUBLISH: pjsua still needs it); raises ``NotifyAnswer`` for a certificate
-        NOTIFY (ours or not); False for anything else."""
+        NOTIFY (ours or not); False for anything else.  ``tcp``: it came over a TCP
+        connection (a NOTIFY above 1300 octets to a UDP phone, RFC 3261 18.1.1)."""
         if msg.is_request:
             if msg.method == "NOTIFY" and _event(msg) == "certificate":
-                raise self._notify(msg, source)
+                raise self._notify(msg, source, tcp)
             return False
         method = msg.cseq[1]
         if method == "PUBLISH" and msg.call_id in self._publish_calls:
@@ -494,7 +496,8 @@ class CertServiceClient:
                 return sub
         return None
 
-    def _notify(self, notify: sip.SipMessage, source: tuple[str, int] | None) -> NotifyAnswer:
+    def _notify(self, notify: sip.SipMessage, source: tuple[str, int] | None,
+                tcp: bool = False) -> NotifyAnswer:
         self.counts["notifies"] += 1
         if not notify.from_tag:    # RFC 3261 §8.1.1.3; the notifier's tag is how we match it
             return self._refuse_notify(400, "Bad Request", "a certificate NOTIFY without a From tag")
@@ -504,7 +507,7 @@ class CertServiceClient:
             return self._refuse_notify(481, "Subscription Does Not Exist",
                                        "a certificate NOTIFY in no subscription of ours")
         if self.proxy_source is not None and source is not None \
-                and not self._from_proxy(source):
+                and not self._from_proxy(source, tcp):
             return self._refuse_notify(481, "Subscription Does Not Exist",
                                        f"a certificate NOTIFY from {source[0]}:{source[1]}, "
                                        "not from the proxy we subscribed through")
@@ -570,13 +573,14 @@ class CertServiceClient:
             self._retire_others(sub)
         return NotifyAnswer(200, "OK")
 
-    def _from_proxy(self, source: tuple[str, int]) -> bool:
+    def _from_proxy(self, source: tuple[str, int], tcp: bool = False) -> bool:
         """Whether ``source`` is our proxy: its address (in one spelling; a host name
         resolved when the client was built), and over UDP its port (over TCP/TLS a
-        connection the proxy opened comes from a port of its choosing).  The phone's
-        request rule asks the same helper (``ProxySource.matches``, review 102)."""
+        connection the proxy opened comes from a port of its choosing; so does the one
+        it opens to a UDP phone's TCP listener for a large NOTIFY, ``tcp``).  The
+        phone's request rule asks the same helper (``ProxySource.matches``, review 102)."""
         assert self.proxy_source is not None
-        return self.proxy_source.matches(source)
+        return self.proxy_source.matches(source, tcp=tcp)
 
     def _retire_others(self, sub: Subscription) -> None:
         """A renewed subscription took over: the older ones for that AoR go (their

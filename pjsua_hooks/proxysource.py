@@ -17,6 +17,10 @@ question: ``E2MPhone._on_rx`` (requests) and ``CertServiceClient._from_proxy``
 - :meth:`ProxySource.matches` compares a received message's ``(host, port)``: its
   address, and over UDP its port too (over TCP/TLS the proxy may open a connection from
   a port of its choosing; a registered TCP phone only takes its own connection anyway).
+  A UDP phone also listens on TCP at its UDP port (RFC 3261 18.2.1: the proxy sends a
+  request above 1300 octets there, 18.1.1): a message that came over such a connection
+  (``tcp=True``) is compared by address alone, as on a TCP phone.  Its datagrams keep
+  the port rule.
 
 Known limit: over UDP the source address is what the datagram says; an off-path sender
 can forge it (it sees no answer).  TLS to the proxy is the answer to that.
@@ -82,14 +86,17 @@ class ProxySource:
         places = [p for p in (proxy_address(u, tls) for u in uris if u) if p is not None]
         return cls(places, udp=udp, resolve=resolve) if places else None
 
-    def matches(self, source: tuple[str, int] | None) -> bool:
-        """Whether ``source`` (a received message's host and port) is our proxy."""
+    def matches(self, source: tuple[str, int] | None, *, tcp: bool = False) -> bool:
+        """Whether ``source`` (a received message's host and port) is our proxy.
+
+        ``tcp``: the message came over a TCP connection (a UDP phone's TCP listener):
+        the proxy opened it from a port of its choosing, so only the address counts."""
         if source is None:
             return False
         ip = canonical_ip(source[0])
         if ip is None:
             return False
-        if self.udp:
+        if self.udp and not tcp:
             return (ip, source[1]) in self.addresses
         return any(ip == address for address, _ in self.addresses)
 

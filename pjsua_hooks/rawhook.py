@@ -163,7 +163,8 @@ class RawSipHook:
     unchanged.  Results must keep the start line and carry a matching
     Content-Length; an incoming rewrite may not be longer than the original
     (it is written in place).  During ``on_rx`` :attr:`rx_source` is the
-    (host, port) the message came from; during ``on_tx``, :attr:`tx_destination` the
+    (host, port) the message came from and :attr:`rx_over_tcp` whether it came over
+    a TCP connection; during ``on_tx``, :attr:`tx_destination` the
     (host, port) pjsip sends it to (None when it cannot be read).
     """
 
@@ -178,6 +179,9 @@ class RawSipHook:
         self.counts = {"tx": 0, "rx": 0, "tx_rewritten": 0, "rx_rewritten": 0,
                        "tx_blocked": 0, "rx_dropped": 0, "tx_retransmitted": 0}
         self.rx_source: tuple[str, int] | None = None
+        # During on_rx: whether the message came over a TCP connection (a UDP phone
+        # takes its proxy's large requests on a TCP listener, RFC 3261 18.2.1)
+        self.rx_over_tcp = False
         self.tx_destination: tuple[str, int] | None = None
         # Told the pjsip_transport* of every message that arrives whole (before
         # on_rx; the endpoint's TCP guard counts activity per connection).
@@ -353,12 +357,14 @@ class RawSipHook:
             return abi.PJ_TRUE
         finally:
             self.rx_source = None
+            self.rx_over_tcp = False
 
     def _rx(self, rdata: int, view: abi.RxView) -> int:
         on_rx = self._callbacks()[1]
         if on_rx is None:
             return abi.PJ_FALSE
         self.rx_source = (view.src_host, view.src_port)
+        self.rx_over_tcp = abi.tcp_direction(view.transport) is not None
         data = view.data
         try:
             new = on_rx(data)
