@@ -28,7 +28,9 @@ transaction on the ACK of a 2xx, and soon after the ACK of a failure), so the sa
 bytes after the ACK are someone's copy that pjsua would take as a new call: 482.
 Over a reliable transport (a TCP or TLS phone: its one listener) nothing is ever
 retransmitted, and pjsip ends a MESSAGE's transaction the moment it answers (Timer J
-is 0): any repeat of a MESSAGE is a copy there.
+is 0): any repeat of a MESSAGE is a copy there.  A UDP phone also takes requests on a
+TCP listener at its UDP port (RFC 3261 18.2.1): a MESSAGE that came that way
+(``check(..., reliable=True)``) is held to the same rule, whichever way its copy comes.
 
 Bounded: ``limit`` entries (the oldest go first) of at most ``max_age`` seconds, and
 at most ``per_sender`` (``limit`` / 8) for one From URI, whose own oldest go first: one
@@ -76,7 +78,8 @@ class FirstCopy:
         self.per_sender = per_sender or (limit // 8 if limit >= 64 else limit)
         self._senders: dict[str, int] = {}           # From AoR -> entries kept
         # (method, Call-ID, From tag[, content digest]) -> (when, CSeq, top Via branch,
-        # whether the INVITE was ACKed, From AoR)
+        # whether its transaction is over: the INVITE was ACKed or the MESSAGE came
+        # over a stream, From AoR)
         self._seen: OrderedDict[tuple[str, ...], tuple[float, int, str, bool, str]] = \
             OrderedDict()
         self.absorbed = 0
@@ -84,11 +87,13 @@ class FirstCopy:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def check(self, request: sip.SipMessage, plain: sip.SipMessage, protected: bool) -> None:
+    def check(self, request: sip.SipMessage, plain: sip.SipMessage, protected: bool, *,
+              reliable: bool | None = None) -> None:
         """Raise Duplicate if ``request`` (as received; ``plain`` as opened) copies a
         request already taken; otherwise remember it when its body was ``protected``
         (encrypted or signed: only such a body is worth copying, and a stranger's
-        plaintext requests must not push the real entries out)."""
+        plaintext requests must not push the real entries out).  ``reliable``: it came
+        over TCP or TLS (None: as the phone's transport, the constructor's)."""
         method = request.method
         if method == "ACK":
             self._acked(request)
@@ -107,8 +112,7 @@ class FirstCopy:
         cseq, branch = request.cseq[0], request.via_branch()
         first = self._seen.get(key)
         if first is not None:
-            if (first[1], first[2]) == (cseq, branch) and not first[3] \
-                    and not (self.reliable and method == "MESSAGE"):
+            if (first[1], first[2]) == (cseq, branch) and not first[3]:
                 return               # a retransmission: pjsip's transaction has it
             self.absorbed += 1
             raise Duplicate(482, "Loop Detected", method)
@@ -117,7 +121,10 @@ class FirstCopy:
         sender = _sender(request)
         if self._senders.get(sender, 0) >= self.per_sender:
             self._drop(next(k for k, v in self._seen.items() if v[4] == sender))
-        self._seen[key] = (now, cseq, branch, False, sender)
+        # a MESSAGE taken over a stream: pjsip's transaction ends with its answer, so
+        # nothing is left to absorb a repeat (same flag as an INVITE's ACK)
+        over = (self.reliable if reliable is None else reliable) and method == "MESSAGE"
+        self._seen[key] = (now, cseq, branch, over, sender)
         self._senders[sender] = self._senders.get(sender, 0) + 1
         while len(self._seen) > self.limit:
             self._drop(next(iter(self._seen)))
