@@ -367,6 +367,27 @@ class SipEndpoint:
                 log.warning("TLS listener socket not found: strangers may connect to it")
         return info
 
+    def add_udp_with_tcp(self, port: int = 0, *, tries: int = 8
+                         ) -> tuple[TransportInfo, TransportInfo]:
+        """A UDP transport and a TCP listener at the same address and port.
+
+        RFC 3261 18.2.1: a UA that listens for UDP on a port listens for TCP there too,
+        because a proxy sends a request above 1300 octets over TCP to that port
+        (18.1.1; review 132 HB2: the certificate service's large NOTIFY).  The TCP
+        listener gets the TCP guard of a TCP phone (``tcp`` settings).  Accounts stay
+        bound to the UDP transport (their Via and Contact say UDP, and pjsip's own
+        switch to TCP for large requests is skipped for a bound account).  Port 0: a
+        free UDP port, tried again when that port is taken for TCP."""
+        for attempt in range(tries):
+            udp = self.add_transport("udp", port)
+            try:
+                return udp, self.add_transport("tcp", udp.port)
+            except Exception:  # noqa: BLE001 - pj.Error: the port is taken for TCP
+                self.close_transport(udp)
+                if port or attempt == tries - 1:
+                    raise
+        raise ValueError("tries must be at least 1")
+
     def _guard_tcp(self, info: TransportInfo) -> None:
         """Bound the TCP connections (``tcpguard.TcpGuard``); without the hook there is
         no per-message activity to see, so only the count limits apply then."""

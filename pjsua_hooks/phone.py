@@ -131,6 +131,13 @@ class PhoneSettings:
     "TCP"); ``tcp_idle_timeout`` seconds an accepted connection may stay silent
     (one that never sent a whole message: at most 10 s).
 
+    ``udp_tcp_listener`` (default on): a UDP phone also listens on TCP at its UDP
+    address and port (RFC 3261 18.2.1), where its proxy sends a request above 1300
+    octets (18.1.1: a certificate NOTIFY carrying a large certificate, review 132 HB2).
+    The ``tcp_*`` settings and the TCP guard apply to it; ``tcp_accept`` defaults to
+    true on a UDP phone (its proxy connects to it); requests on it are held to the home
+    by address (``proxysource.py``).  Off: UDP only, as before stop 43.
+
     ``home_sources``: SIP URIs of the other places the home's requests come from, when
     a ``proxy`` or a ``registrar`` is set (such a phone takes requests only from its
     home: reviews 102, 104): the nodes of a cluster behind a dispatcher front, which
@@ -172,6 +179,7 @@ class PhoneSettings:
     tcp_accept: bool | None = None
     tcp_max_connections: int = 32
     tcp_idle_timeout: float = 120.0
+    udp_tcp_listener: bool = True        # a UDP phone listens on TCP at its port (18.2.1)
     password_file: str | None = None     # resolved against the UA.toml's directory
     auth_user: str | None = None         # digest user name (default: the AoR's user)
     auth_realm: str | None = None        # the only realm answered (default: the AoR's domain)
@@ -181,8 +189,16 @@ class PhoneSettings:
 
     @property
     def accepts_tcp(self) -> bool:
-        """Whether a TCP listener takes connections from anyone (see the class doc)."""
-        return self.tcp_accept if self.tcp_accept is not None else self.registrar is None
+        """Whether a TCP listener takes connections from anyone (see the class doc): a
+        UDP phone's listener exists for its proxy to connect to (RFC 3261 18.2.1)."""
+        if self.tcp_accept is not None:
+            return self.tcp_accept
+        return self.registrar is None or self.transport == "udp"
+
+    @property
+    def tcp_beside_udp(self) -> bool:
+        """Whether the phone opens a TCP listener at its UDP transport's port."""
+        return self.transport == "udp" and self.udp_tcp_listener
 
 
 _PHONE_KEYS = {f for f in PhoneSettings.__dataclass_fields__}
@@ -202,6 +218,7 @@ def _phone_settings(raw: dict[str, Any], path: Path) -> PhoneSettings:
         "max_retries": (int,),
         "log_level": (int,), "codecs": (list,), "srtp_suites": (list,),
         "tcp_accept": (bool,), "tcp_max_connections": (int,), "tcp_idle_timeout": (int, float),
+        "udp_tcp_listener": (bool,),
         "password_file": (str,), "auth_user": (str,), "auth_realm": (str,),
         "certificate_service": (bool,),
         "cert_publish_expires": (int,), "cert_subscribe_expires": (int,)}
@@ -433,6 +450,7 @@ class E2MPhone:
         self._auth_realm: str | None = None     # set at start() when we have a password
         self.account: Any = None
         self.transport: Any = None
+        self.tcp_listener: Any = None     # a UDP phone's TCP listener at its port
         self.messages: list[OutgoingMessage] = []
         self.calls: list[E2MCall] = []
         self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
@@ -538,7 +556,12 @@ class E2MPhone:
                 ep.codecSetPriority(codec.codecId, 255 - wanted.index(next(
                     w for w in wanted if name.startswith(w))) if keep else 0)
         tls_ca = self.config.trust_anchors if s.transport == "tls" else None
-        self.transport = self.endpoint.add_transport(s.transport, s.port, tls_ca=tls_ca)
+        if s.tcp_beside_udp:
+            # RFC 3261 18.2.1: the proxy sends a request above 1300 octets over TCP to
+            # our UDP port (review 132 HB2); the account stays on UDP
+            self.transport, self.tcp_listener = self.endpoint.add_udp_with_tcp(s.port)
+        else:
+            self.transport = self.endpoint.add_transport(s.transport, s.port, tls_ca=tls_ca)
         proxies = []
         if s.proxy:
             proxies.append(s.proxy if ";lr" in s.proxy else s.proxy + ";lr")
@@ -566,7 +589,8 @@ class E2MPhone:
             # domain would need a name lookup on the loop
             self.certservice = self._certificate_service(proxies)
         self._emit("started", local=f"{self.transport.host}:{self.transport.port}",
-                   transport=self.transport.kind, hook_active=self.endpoint.hook_active,
+                   transport=self.transport.kind, tcp_listener=self.tcp_listener is not None,
+                   hook_active=self.endpoint.hook_active,
                    gate=self.endpoint.gate_result.reason if self.endpoint.gate_result else None)
         return self
 
@@ -590,6 +614,7 @@ class E2MPhone:
             finally:
                 self.endpoint = None
                 self.account = None
+                self.tcp_listener = None
                 for call in self.calls:
                     call.current = None
 
@@ -679,7 +704,8 @@ class E2MPhone:
             self._answer_from_home(msg)    # before anything reads it (review 104)
         answerable = self._answerable_challenges(msg)
         stripped, msg = answerable is not msg, answerable
-        if self.certservice is not None and self.certservice.on_rx(msg, self.hook.rx_source):
+        if self.certservice is not None and self.certservice.on_rx(
+                msg, self.hook.rx_source, tcp=self.hook.rx_over_tcp):
             # an answer to our PUBLISH / SUBSCRIBE (a NOTIFY raises): pjsip gets it as
             # the challenge filter left it (review 29)
             return msg.serialize() if stripped else None
@@ -729,14 +755,15 @@ class E2MPhone:
         its method, in a dialog or not: the home proxy record-routes every dialog it
         forwards, so the peer's in-dialog requests come through it too.  Over UDP the
         address and port are compared, over TCP/TLS the address (a registered TCP/TLS
-        phone takes only its own connection anyway).  Nothing is noted and pjsua never
+        phone takes only its own connection anyway; a UDP phone's TCP listener takes
+        its proxy's connections from any port, RFC 3261 18.2.1).  Nothing is noted and pjsua never
         sees it; an ACK (to this 403) is dropped unanswered.  Known limit: a UDP source
         can be forged by an off-path sender, who sees no answer; TLS closes that."""
         home = self._home_source
         if home is None or not msg.is_request:
             return
         source = self.hook.rx_source
-        if home.matches(source):
+        if home.matches(source, tcp=self.hook.rx_over_tcp):
             return
         self.counts["requests_not_via_proxy"] += 1
         where = f"{source[0]}:{source[1]}" if source else "?"
@@ -862,7 +889,10 @@ class E2MPhone:
         first attempt sent to us straight): answered, not delivered (``firstcopy.py``)."""
         info = opened.info
         try:
-            self.first_copies.check(msg, opened.message, info.encrypted or info.signed)
+            # a UDP phone's request over its TCP listener: pjsip ends a MESSAGE's
+            # transaction with the answer there, as on a TCP phone
+            self.first_copies.check(msg, opened.message, info.encrypted or info.signed,
+                                    reliable=True if self.hook.rx_over_tcp else None)
         except Duplicate as dup:
             self._pending_errors.append({
                 "kind": "duplicate_refused", "call_id": msg.call_id, "method": dup.method,
