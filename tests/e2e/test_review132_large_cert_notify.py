@@ -42,11 +42,22 @@ an EC replacement; alice is told the new fingerprint.
 
 Tried and held: see ``tests/unit/test_review132_late_call_keys.py``.
 
-Left open (stop 42), HB2: older than this stop (the size rule of ``next_hop_for_size``).
-The phone would have to listen on TCP at its UDP port, with its TCP guard and a
-``ProxySource`` that takes a TCP NOTIFY from the proxy's address at any port, or the
-service would send such a certificate as a bodiless NOTIFY with a ``cert-url``.  Not
-attempted this stop; the strict xfail stays, and the threat-model row says so.
+Fixed (stop 43), HB2: a UDP phone also listens on TCP at its UDP address and port
+(RFC 3261 18.2.1; ``SipEndpoint.add_udp_with_tcp``, ``[phone] udp_tcp_listener``,
+default on).  The TCP guard of a TCP phone bounds that listener (connections, idle and
+half-sent ones, the SYN gate); ``tcp_accept`` defaults to true on a UDP phone, since the
+listener exists for the proxy to connect to.  The hook says whether a message came over
+TCP (``RawSipHook.rx_over_tcp``), and ``ProxySource.matches(source, tcp=True)`` then
+compares the proxy's address alone, as for a TCP phone: the certificate client takes
+the large NOTIFY from the proxy's address at any source port, a request over TCP from
+another address is still a stranger's (403).  A MESSAGE taken over that listener is
+held to the TCP rule of ``FirstCopy`` (pjsip ends its transaction with the answer).
+The account stays bound to UDP: Via and Contact say UDP, and pjsip's own switch to TCP
+for a large request is skipped.  Measured (one run): the RSA-4096 replacement (934
+octets of DER) reached alice within about 0.8 s of bob's publication, over a TCP
+connection her phone accepted (``accepted`` 1); the EC control still comes over UDP
+(``accepted`` 0).  The strict xfail is gone; the listener's own attacks are in
+``tests/e2e/test_udp_phone_tcp_listener.py``.
 """
 
 from __future__ import annotations
@@ -80,8 +91,9 @@ def _replace_bob(tmp_path: Path, pki: TestPKI, group, home: ProxyHandle, bob, ki
     return cred
 
 
-def _flow(tmp_path, pki, home, group, kind: str) -> tuple[int, bool]:
-    """(the new certificate's DER size, whether alice's phone was told it)."""
+def _flow(tmp_path, pki, home, group, kind: str) -> tuple[int, bool, int]:
+    """(the new certificate's DER size, whether alice's phone was told it, TCP connections
+    alice's phone accepted: the NOTIFY's way in when it is above 1300 octets)."""
     bob = group.start("bob", ua(tmp_path, "bob", pki.directory, home))
     bob.wait("certificate_published", timeout=10)
     alice = group.start("alice", ua(tmp_path, "alice", pki.directory, home))
@@ -97,19 +109,19 @@ def _flow(tmp_path, pki, home, group, kind: str) -> tuple[int, bool]:
         told = True
     except AssertionError:
         told = False
-    return len(cred.cert.public_bytes(Encoding.DER)), told
+    tcp = alice.status()["tcp"]
+    return len(cred.cert.public_bytes(Encoding.DER)), told, tcp["accepted"] if tcp else 0
 
 
 def test_control_a_replaced_certificate_reaches_a_udp_follower_ec(tmp_path, pki, home, group):
-    size, told = _flow(tmp_path, pki, home, group, "ec")
+    size, told, accepted = _flow(tmp_path, pki, home, group, "ec")
     assert size < 600 and told
+    assert accepted == 0        # every NOTIFY fits UDP
 
 
-@pytest.mark.xfail(strict=True, reason="review 132 hole HB2: a certificate above the UDP "
-                   "NOTIFY limit goes over TCP to a UDP phone's port, where pjsua2 does "
-                   "not listen: the follower is never told")
 def test_hole_hb2_a_large_replaced_certificate_reaches_a_udp_follower(tmp_path, pki, home,
                                                                       group):
-    size, told = _flow(tmp_path, pki, home, group, "rsa4096")
+    size, told, accepted = _flow(tmp_path, pki, home, group, "rsa4096")
     assert size > 900
     assert told
+    assert accepted >= 1        # the large NOTIFY came in over the phone's TCP listener
