@@ -192,12 +192,13 @@ def test_fixed_the_certificate_client_asks_the_same_helper(pki):
     assert not legacy._from_proxy(("127.0.0.1", 5071))
 
 
-def _bare_phone(home: ProxySource | None, source: tuple[str, int] | None):
+def _bare_phone(home: ProxySource | None, source: tuple[str, int] | None, *,
+                tcp: bool = False):
     from pjsua_hooks.phone import E2MPhone
 
     phone = E2MPhone.__new__(E2MPhone)          # the rule only, no pjsua
     phone._home_source = home
-    phone.hook = SimpleNamespace(rx_source=source)
+    phone.hook = SimpleNamespace(rx_source=source, rx_over_tcp=tcp)
     phone.transport = None
     phone.counts = {"requests_not_via_proxy": 0}
     phone._pending_errors = deque()

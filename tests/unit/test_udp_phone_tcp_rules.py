@@ -27,14 +27,16 @@ from pjsua_hooks.firstcopy import Duplicate, FirstCopy
 from pjsua_hooks.phone import PhoneSettings, load_phone_config
 from pjsua_hooks.proxysource import ProxySource
 from tests.unit.test_certservice_client import BOB, answer, der, notify_for, subscribe_to_bob
+from tests.unit.test_review102 import _bare_phone, _carols
 
 PROXY_CONNECTION = (PROXY[0], 40123)     # the proxy's address, a port it chose
 STRANGER = ("127.0.0.2", PROXY[1])       # another address, even at the proxy's port
 
 
 @pytest.fixture(scope="module")
-def pki():
-    return init_test_pki(None, users=("alice", "bob"), key_type="ec")
+def pki(tmp_path_factory):
+    return init_test_pki(tmp_path_factory.mktemp("udp-tcp-pki"), users=("alice", "bob", "carol"),
+                         key_type="ec")
 
 
 # --------------------------------------------------------------------------- ProxySource
@@ -48,6 +50,21 @@ def test_over_tcp_a_udp_phone_compares_the_proxys_address_alone():
     assert not home.matches(("127.0.0.2", 5070), tcp=True)
     assert not home.matches(None, tcp=True)
     assert not home.matches(("not-an-address", 5070), tcp=True)
+
+
+def test_a_request_over_tcp_is_the_homes_from_its_address_at_any_port(pki):
+    """``E2MPhone._through_home`` on a UDP phone, as review 102's units drive it."""
+    from pjsua_hooks.rawhook import RxReject
+
+    home = ProxySource([("127.0.0.1", 5070)], udp=True)
+    _bare_phone(home, ("127.0.0.1", 40123), tcp=True)._through_home(_carols(pki))
+    for source, tcp in ((("127.0.0.2", 40123), True), (("127.0.0.2", 5070), True),
+                        (("127.0.0.1", 40123), False)):
+        phone = _bare_phone(home, source, tcp=tcp)
+        with pytest.raises(RxReject) as refused:
+            phone._through_home(_carols(pki))
+        assert refused.value.code == 403, (source, tcp)
+        assert phone.counts["requests_not_via_proxy"] == 1
 
 
 # --------------------------------------------------------------------------- certificate NOTIFYs
