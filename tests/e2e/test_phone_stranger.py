@@ -321,12 +321,14 @@ def test_extra_idle_and_half_sent_tcp_connections_are_closed(lab):
 
 
 def test_extra_a_tcp_phone_that_does_not_accept_lets_no_stranger_connect(lab):
-    """``tcp_accept = false`` (the default when a registrar is set): the listener exists,
-    no connection to it completes; the phone's own outgoing connections still work."""
+    """``tcp_accept = false`` (a TCP phone's default when a registrar is set): the
+    listener exists, no connection to it completes; the phone's own outgoing connections
+    still work.  (A UDP phone's TCP listener accepts by default, registered or not: its
+    proxy connects to it, stop 43, ``tests/e2e/test_udp_phone_tcp_listener.py``.)"""
     from pjsua_hooks.phone import PhoneSettings
 
-    assert PhoneSettings(registrar="sip:127.0.0.1:5070").accepts_tcp is False
-    assert PhoneSettings().accepts_tcp is True
+    assert PhoneSettings(registrar="sip:127.0.0.1:5070", transport="tcp").accepts_tcp is False
+    assert PhoneSettings(transport="tcp").accepts_tcp is True
     alice = lab.phone("alice", peer="bob", phone={"transport": "tcp"})
     bob = lab.phone(phone={"transport": "tcp", "tcp_accept": False,
                            "proxy": f"sip:127.0.0.1:{alice.port};transport=tcp"})
