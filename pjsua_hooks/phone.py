@@ -756,9 +756,10 @@ class E2MPhone:
         forwards, so the peer's in-dialog requests come through it too.  Over UDP the
         address and port are compared, over TCP/TLS the address (a registered TCP/TLS
         phone takes only its own connection anyway; a UDP phone's TCP listener takes
-        its proxy's connections from any port, RFC 3261 18.2.1).  Nothing is noted and pjsua never
-        sees it; an ACK (to this 403) is dropped unanswered.  Known limit: a UDP source
-        can be forged by an off-path sender, who sees no answer; TLS closes that."""
+        its proxy's connections from any port, RFC 3261 18.2.1).  Nothing is noted and
+        pjsua never sees it; an ACK (to this 403) is dropped unanswered.  Known limit: a
+        UDP source can be forged by an off-path sender, who sees no answer; TLS closes
+        that."""
         home = self._home_source
         if home is None or not msg.is_request:
             return

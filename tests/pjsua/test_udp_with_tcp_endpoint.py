@@ -16,6 +16,8 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -27,7 +29,7 @@ from pjsua_hooks.endpoint import SipEndpoint  # noqa: E402
 from pjsua_hooks.rawhook import RawSipHook  # noqa: E402
 
 
-def _pump_until(ep: SipEndpoint, done, seconds: float = 3.0) -> bool:  # type: ignore[no-untyped-def]
+def _pump_until(ep: SipEndpoint, done: Callable[[], bool], seconds: float = 3.0) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         ep.pump(10)
@@ -41,7 +43,7 @@ def _options(port: int, via: str) -> bytes:
                        call_id=uuid.uuid4().hex)
 
 
-def test_udp_and_tcp_share_one_port_and_the_guard_holds_the_listener(make_endpoint) -> None:  # type: ignore[no-untyped-def]
+def test_udp_and_tcp_share_one_port_and_the_guard_holds_the_listener(make_endpoint: Any) -> None:
     seen: list[tuple[bool, tuple[str, int] | None]] = []
     hook = RawSipHook()
     ep: SipEndpoint = make_endpoint(hook=hook, tcp={"limit": 4})
@@ -76,7 +78,7 @@ def test_udp_and_tcp_share_one_port_and_the_guard_holds_the_listener(make_endpoi
         stream.close()
 
 
-def test_an_explicit_port_taken_for_tcp_fails_and_leaves_no_udp_behind(make_endpoint) -> None:  # type: ignore[no-untyped-def]
+def test_an_explicit_port_taken_for_tcp_fails_and_leaves_no_udp_behind(make_endpoint: Any) -> None:
     ep: SipEndpoint = make_endpoint()
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
@@ -93,12 +95,12 @@ def test_an_explicit_port_taken_for_tcp_fails_and_leaves_no_udp_behind(make_endp
     assert udp.port == tcp.port == port
 
 
-def test_port_0_tries_another_port_when_tcp_is_taken(make_endpoint) -> None:  # type: ignore[no-untyped-def]
+def test_port_0_tries_another_port_when_tcp_is_taken(make_endpoint: Any) -> None:
     ep: SipEndpoint = make_endpoint()
     real = ep.add_transport
     failed: list[int] = []
 
-    def add_transport(kind: str = "udp", port: int = 0, **kwargs):  # type: ignore[no-untyped-def]
+    def add_transport(kind: str = "udp", port: int = 0, **kwargs: Any) -> Any:
         if kind == "tcp" and not failed:
             failed.append(port)
             raise RuntimeError("taken")              # as pjsua's bind error would
