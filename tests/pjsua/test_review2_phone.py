@@ -127,7 +127,21 @@ def test_hole_a_message_over_tcp_sent_again_with_its_branch_is_shown_twice(pki, 
     sent again are a new request to pjsua; the replay check took them for a
     retransmission (same branch, within 32 s) and ``FirstCopy`` too: the message was
     shown twice."""
+    _message_sent_twice_over_tcp(pki, tcp_bob)
+
+
+def test_stop43_a_message_over_a_udp_phones_tcp_listener_sent_again_is_shown_once(pki, bob):
+    """The same on a UDP phone, over the TCP listener it opens at its UDP port since
+    stop 43 (RFC 3261 18.2.1; a phone without a home takes requests from anyone):
+    ``FirstCopy`` holds a MESSAGE that came over TCP to the stream rule."""
+    _message_sent_twice_over_tcp(pki, bob)
+
+
+def _message_sent_twice_over_tcp(pki: TestPKI, phone: PhoneProcess) -> None:
+    """alice's signed, sealed MESSAGE over one TCP connection to ``phone``, then the same
+    bytes again: shown once, the copy not answered 200."""
     alice = ua_engine(pki, "alice", peers=("bob",))
+    tcp_bob = phone
     port = tcp_bob.port
     sock = socket.create_connection((HOST, port), timeout=5)
     try:
