@@ -28,6 +28,7 @@ from .sip import SipMessage, parse_address
 from .uri import aor_of, parse_uri
 
 __all__ = ["Peer", "Subscription", "NotifyRequest", "open_dialog", "refresh_dialog",
+           "SubscriberMovedError",
            "notify_request", "next_hop_for_size", "UDP_LIMIT"]
 
 _TRANSPORTS = ("udp", "tcp", "tls")
@@ -168,12 +169,31 @@ def _check_size(sub: Subscription) -> None:
                              "of dialog state")
 
 
-def refresh_dialog(subscription: Subscription, message: SipMessage,
-                   expires: float) -> Subscription:
+class SubscriberMovedError(PolicyError):
+    """A refresh from where the subscription's NOTIFYs cannot follow it: the host
+    answers 481, and the subscriber subscribes anew (RFC 6665 §4.1.2.2)."""
+
+
+def refresh_dialog(subscription: Subscription, message: SipMessage, expires: float,
+                   peer: Peer | None = None) -> Subscription:
     """The subscription after a refreshing SUBSCRIBE in its dialog: a new expiry, and
-    a new remote target when it carries a Contact (a target refresh, RFC 6665 §4.1.2.1)."""
+    a new remote target when it carries a Contact (a target refresh, RFC 6665 §4.1.2.1).
+
+    ``peer``, where the refresh came from (the host checked it is the subscription's
+    address): a subscription reached directly (no route set) follows a refresh over a
+    new TCP or TLS connection, whose source a handshake proved (a client's connection
+    closes, a NAT or the idle timeout drops it, and its next one has a new port: the
+    old hop would take no NOTIFY again, review 133).  A datagram from another port, or
+    from another transport to UDP, may be forged: ``SubscriberMovedError``.  Through a
+    route set, the first hop stays what the SUBSCRIBE's Record-Route named."""
     target = _contact(message) if message.has("Contact") else subscription.remote_target
-    refreshed = replace(subscription, remote_target=target, expires=expires)
+    hop = subscription.next_hop
+    if peer is not None and not subscription.route_set and peer.uri() != hop:
+        if peer.transport == "udp" or not _same_address(parse_uri(hop).host, peer.ip):
+            raise SubscriberMovedError("a refresh from another port or transport than "
+                                       "the one the NOTIFYs go to")
+        hop = peer.uri()
+    refreshed = replace(subscription, remote_target=target, expires=expires, next_hop=hop)
     _check_size(refreshed)
     return refreshed
 

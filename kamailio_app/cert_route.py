@@ -282,10 +282,16 @@ class CertService:
                 return
             flags = self.subscriptions.flags(sub) or 0
             if answer.expires:
-                sub = notifier.refresh_dialog(sub, message, now + answer.expires)
+                sub = notifier.refresh_dialog(sub, message, now + answer.expires,
+                                              self._peer())
                 cseq = self.subscriptions.refreshed(sub, now)
             else:
                 cseq = self.subscriptions.remove(sub)
+        except notifier.SubscriberMovedError as exc:
+            # the row stays (a forged datagram must not end it): it lapses at its expiry
+            self._reply(481, "Subscription Does Not Exist")
+            self._log("SUBSCRIBE", sub.aor, f"refused 481: {exc}; subscribe anew")
+            return
         except E2MError as exc:
             self._reply(400, "Bad Request")
             self._log("SUBSCRIBE", None, f"refused 400: {exc}")

@@ -416,17 +416,18 @@ class SubscriptionTable:
         return _subscription(row) if row is not None else None
 
     def refreshed(self, sub: Subscription, now: float) -> int | None:
-        """Store ``sub``'s new expiry and target, and claim its next NOTIFY (sent now:
+        """Store ``sub``'s new expiry, target and next hop (a refresh over a new
+        connection: ``notifier.refresh_dialog``), and claim its next NOTIFY (sent now:
         RFC 6665 wants one after every accepted SUBSCRIBE); its CSeq, or None when the
         subscription is gone.  A refresh confirms nothing: only an answered NOTIFY does
         (whoever forged the SUBSCRIBE can forge its refresh)."""
         with self.db.write() as cursor:
             row = cursor.execute(self.db.sql(
-                "UPDATE cert_subscriptions SET expires = ?, remote_target = ?, "
+                "UPDATE cert_subscriptions SET expires = ?, remote_target = ?, next_hop = ?, "
                 f"cseq = cseq + 1, last_notify = CASE WHEN (pending & {UNCONFIRMED}) = "
                 f"{UNCONFIRMED} THEN last_notify ELSE ? END, pending = pending & {_KEPT} "
                 f"WHERE {_KEY} RETURNING cseq"),
-                (sub.expires, sub.remote_target, now, *_key(sub))).fetchone()
+                (sub.expires, sub.remote_target, sub.next_hop, now, *_key(sub))).fetchone()
         return int(row[0]) if row is not None else None
 
     def remove(self, sub: Subscription) -> int | None:

@@ -56,6 +56,18 @@ Controls (unmarked, pass):
 
 Tried and held (area 3): see the module ``tests/kamailio/test_review133_late_copies_wire.py``
 docstring for the review's full list.
+
+Fixed (stop 43), K1: ``notifier.refresh_dialog`` now takes the refresh's source
+(``cert_route.route_resubscribe`` passes it).  For a subscription reached directly (no
+route set), a refresh over TCP or TLS from the subscription's address moves
+``next_hop`` to that connection (a handshake proved its source), and
+``cert_table.refreshed`` stores it.  A datagram from another port, or a refresh over
+UDP of a TCP or TLS subscription, may be forged: it is answered 481 (the subscriber
+subscribes anew, RFC 6665 §4.1.2.2), and the row stays until its expiry.  Through a
+route set, the first hop stays the Record-Route's.  On the code before, the hole test
+failed (0 NOTIFYs on the new connection); now it passes, and
+``tests/unit/test_notifier.py`` has the rule's cases.  The UDP subscriber whose NAT
+moved it now gets 481 instead of a silent 200.
 """
 
 from __future__ import annotations
@@ -155,9 +167,6 @@ def follow_over_tcp(home, made, pki):
     return src, first, dialog
 
 
-@pytest.mark.xfail(strict=True, reason="review 133 hole K1: a TCP follower's refresh over a "
-                                       "new connection is 200 but its NOTIFYs go to the "
-                                       "closed one's port")
 def test_a_refresh_over_a_new_tcp_connection_keeps_the_notifies_coming(home, made, pki):
     """carol's first connection is gone (closed by her, by the proxy's idle timeout or
     by a NAT); she refreshes in the dialog over a new connection from the same address

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from e2m_plugins.errors import MalformedError, PolicyError
-from e2m_plugins.notifier import Peer, notify_request, open_dialog, refresh_dialog
+from e2m_plugins.notifier import (Peer, SubscriberMovedError, notify_request, open_dialog,
+                                 refresh_dialog)
 from e2m_plugins.sip import make_request
 
 PEER = Peer("192.0.2.7", 40123, "udp")
@@ -113,3 +114,50 @@ def test_what_a_subscription_may_make_us_keep_is_bounded():
     with pytest.raises(MalformedError, match="token"):
         open_dialog(_subscribe(), local_tag="t", peer=PEER, contact=CONTACT,
                     event_id="a b", expires=1.0)
+
+
+# -- a refresh from another connection (review 133 K1) ------------------------------
+
+TCP_PEER = Peer("192.0.2.7", 40123, "tcp")
+
+
+def test_a_refresh_over_a_new_tcp_connection_moves_the_next_hop():
+    """A TCP client's next connection has a new port: the NOTIFYs follow it (a TLS one
+    too), and a refresh over the same connection changes nothing."""
+    sub = open_dialog(_subscribe(), local_tag="t", peer=TCP_PEER, contact=CONTACT,
+                      event_id=None, expires=1.0)
+    assert sub.next_hop == "sip:192.0.2.7:40123;transport=tcp"
+    same = refresh_dialog(sub, _subscribe(contact=None), 2.0, TCP_PEER)
+    assert same.next_hop == sub.next_hop
+    moved = refresh_dialog(sub, _subscribe(contact=None), 2.0, Peer("192.0.2.7", 50999, "tcp"))
+    assert moved.next_hop == "sip:192.0.2.7:50999;transport=tcp"
+    tls = refresh_dialog(sub, _subscribe(contact=None), 2.0, Peer("192.0.2.7", 50998, "tls"))
+    assert tls.next_hop == "sip:192.0.2.7:50998;transport=tls"
+
+
+@pytest.mark.parametrize("peer", [Peer("192.0.2.7", 40999, "udp"),     # a NAT's new port
+                                  Peer("192.0.2.7", 40123, "udp"),     # TCP to UDP
+                                  Peer("192.0.2.8", 50999, "tcp")])    # another address
+def test_a_refresh_the_notifies_cannot_follow_is_refused(peer):
+    """A datagram's source may be forged (it would steer NOTIFYs to another port of the
+    subscriber's address), and another address is not the subscriber's:
+    ``SubscriberMovedError`` (the host answers 481: subscribe anew)."""
+    sub = open_dialog(_subscribe(), local_tag="t", peer=TCP_PEER, contact=CONTACT,
+                      event_id=None, expires=1.0)
+    udp = open_dialog(_subscribe(), local_tag="t", peer=PEER, contact=CONTACT,
+                      event_id=None, expires=1.0)
+    for held in (sub, udp):
+        if peer.uri() == held.next_hop:
+            continue
+        with pytest.raises(SubscriberMovedError):
+            refresh_dialog(held, _subscribe(contact=None), 2.0, peer)
+
+
+def test_a_refresh_through_a_route_set_keeps_its_first_hop():
+    """Through a proxy in front (Record-Route), the first hop stays the route set's,
+    whatever connection the proxy's refresh came over."""
+    route = "<sip:192.0.2.7:5060;transport=tcp;lr>"
+    sub = open_dialog(_subscribe(routes=(route,)), local_tag="t", peer=TCP_PEER,
+                      contact=CONTACT, event_id=None, expires=1.0)
+    again = refresh_dialog(sub, _subscribe(contact=None), 2.0, Peer("192.0.2.7", 50999, "tcp"))
+    assert again.next_hop == sub.next_hop
