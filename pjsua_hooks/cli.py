@@ -181,6 +181,18 @@ class _Stop:
         self.requested = True
 
 
+def _why(exc: BaseException) -> str:
+    """An error in words: a pjsua2 ``Error`` has no ``str`` (review 133 K2), its
+    ``info()`` names the call, the status and the reason."""
+    info = getattr(exc, "info", None)
+    if callable(info):
+        try:
+            return str(info()).strip() or type(exc).__name__
+        except Exception:  # noqa: BLE001 - fall back to the name
+            pass
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     printer = Printer(args.json)
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             phone.start()
         except Exception as exc:  # GateError, pjsua errors
-            print(f"e2m-phone: cannot start: {exc}", file=sys.stderr)
+            print(f"e2m-phone: cannot start: {_why(exc)}", file=sys.stderr)
             return EXIT_FAIL
         if phone.settings.registrar and not phone.register(timeout=8.0):
             print("e2m-phone: registration failed", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import ipaddress
 import itertools
 import logging
 import re
@@ -44,6 +45,19 @@ __all__ = ["SipEndpoint", "PhoneAccount", "PhoneCall", "TransportInfo",
 
 log = logging.getLogger("pjsua_hooks")
 
+
+
+def _hostport(host: str, port: int) -> str:
+    """``host:port`` as a SIP URI writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if _is_ipv6(host) and not host.startswith("[") else f"{host}:{port}"
+
+
+def _is_ipv6(host: str) -> bool:
+    """Whether ``host`` (an address the phone binds) is an IPv6 literal."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).version == 6
+    except ValueError:
+        return False
 
 class EndpointError(RuntimeError):
     """Misuse of the endpoint (wrong thread, second endpoint, not started)."""
@@ -75,7 +89,7 @@ class TransportInfo:
     def uri(self, user: str) -> str:
         """A direct SIP URI for ``user`` on this transport."""
         suffix = f";transport={self.kind}" if self.kind in ("tcp", "tls") else ""
-        return f"sip:{user}@{self.host}:{self.port}{suffix}"
+        return f"sip:{user}@{_hostport(self.host, self.port)}{suffix}"
 
 
 def _pj_endpoint_exists() -> bool:
@@ -341,8 +355,11 @@ class SipEndpoint:
         we dial (DNS or IP SAN); TLS 1.2 only (the pinned wheel has nothing newer).
         """
         self._check()
-        types = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP,
-                 "tls": pj.PJSIP_TRANSPORT_TLS}
+        # pjsip's IPv4 types do not take an IPv6 address (PJ_ERESOLVE; review 133 K2)
+        types = ({"udp": pj.PJSIP_TRANSPORT_UDP6, "tcp": pj.PJSIP_TRANSPORT_TCP6,
+                  "tls": pj.PJSIP_TRANSPORT_TLS6} if _is_ipv6(self.host) else
+                 {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP,
+                  "tls": pj.PJSIP_TRANSPORT_TLS})
         if kind not in types:
             raise ValueError("kind must be 'udp', 'tcp' or 'tls'")
         tc = pj.TransportConfig()
@@ -451,7 +468,7 @@ class SipEndpoint:
         """
         self._check()
         if domain is None:
-            domain = f"{transport.host}:{transport.port}"
+            domain = _hostport(transport.host, transport.port)
         ac = pj.AccountConfig()
         ac.idUri = f"sip:{user}@{domain}"
         ac.sipConfig.transportId = transport.id

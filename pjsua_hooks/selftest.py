@@ -108,7 +108,7 @@ def self_test(endpoint: SelfTestHost, *, timeout: float = 5.0) -> GateResult:
     errors_before = hook.error_total
     test = _SelfTest((hook.on_tx, hook.on_rx), hook)
     transport = endpoint.add_transport("udp", 0)
-    acc = endpoint.probe_account(f"sip:e2m-selftest@{transport.host}:{transport.port}", transport)
+    acc = endpoint.probe_account(transport.uri("e2m-selftest"), transport)
     status: dict[str, Any] = {}
     mark = endpoint.events.mark()
 

@@ -34,10 +34,22 @@ through the same proxy: rc 0, ``registered``).
 
 Not tried (follows from K2): an IPv6 call or MESSAGE between two phones through the
 proxy, and the proxy's per-/56 source rules as a real phone meets them.
+
+Fixed (stop 43), K2: ``SipEndpoint.add_transport`` takes pjsip's IPv6 transport types
+for an IPv6 ``host``, and the URIs the phone builds from its own address (its direct
+identity, ``TransportInfo.uri``, the self-test's probe) put an IPv6 address in
+brackets; ``e2m-phone`` prints a pjsua2 error's ``info()`` when a start fails.  On the
+code before, the hole test failed (``cannot start:`` and nothing); now the phone on
+``::1`` registers (the proxy's ``registrar:accepted_regs`` counts it; the log line the
+test first looked for is not written for an open registrar).  Not shown: a call or
+media over IPv6.  The pinned pjsua2 wheel is built without ``PJ_HAS_IPV6``
+(``pjsua_acc_add`` asserts on ``ipv6_media_use``), so media stays on pjmedia's IPv4
+default and an IPv6-only call is untested.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,9 +78,6 @@ def _ua(directory: Path, pki: TestPKI, host: str, registrar: str) -> Path:
                     e2m={"cert_url_hosts": ["127.0.0.1", "::1"]})
 
 
-@pytest.mark.xfail(strict=True, reason="review 133 hole K2: e2m-phone with [phone] host = "
-                                       "\"::1\" cannot start (pjsua2 Error from an IPv4 "
-                                       "transport type)")
 def test_a_phone_on_ipv6_loopback_registers(tmp_path, pki, proxy_factory):
     home = _home(proxy_factory)
     mark = home.log_mark()
@@ -77,7 +86,10 @@ def test_a_phone_on_ipv6_loopback_registers(tmp_path, pki, proxy_factory):
     print(f"\nrc={result.rc} events={[e['kind'] for e in result.events]}\n"
           f"stderr tail: {result.stderr[-600:]}")
     assert result.rc == 0 and result.of("registered"), result.stderr[-800:]
-    assert "REGISTER" in home.log_since(mark)
+    # the proxy's registrar took it (the log names no REGISTER of an open registrar,
+    # and the phone removes its binding as it exits: the counter is what shows)
+    stats = home.rpc("stats.get_statistics", "registrar:")
+    assert re.search(r"accepted_regs = [1-9]", stats), (stats, home.log_since(mark)[-800:])
 
 
 def test_control_the_same_phone_on_ipv4_loopback_registers(tmp_path, pki, proxy_factory):
