@@ -224,6 +224,13 @@ UNAUTHENTICATED_CALLER = "unauthenticated:"
 LATER_FORK_KEEPER = "fork:"
 
 
+def _request_replay_key(contexts: Sequence[SipContext]) -> str:
+    """What a request is recorded under: its first signed context with its To tag (a
+    new sender's To tag is bound, a copy under another fails ``check_context``, so it
+    is part of the record: her requests in two forks may share a CSeq)."""
+    return contexts[0].replay_key(contexts[0].to_tag)
+
+
 def _made(contexts: Sequence[SipContext | None]) -> float | None:
     """When the message's body says it was made (its first SIP context), if it says."""
     return next((float(c.time) for c in contexts if c is not None), None)
@@ -298,6 +305,21 @@ class ProxyEngine:
                 return self._read_body(response, response.cseq[1])
         except E2MError as exc:
             return BodyReading(True, error=exc)
+
+    def replay_key_of(self, request: SipMessage) -> str | None:
+        """The replay key ``inspect`` would record ``request`` under (``Verdict.replay_key``),
+        read without recording, keeping or spending anything; None when its body binds
+        no signed context or cannot be read.  For a host that must recognise a late copy
+        of an answered request before it would inspect it (its credentials no longer
+        pass: a nonce used once, review 133 K4)."""
+        try:
+            request.check_unambiguous()
+            with message_budget(DEFAULT_LIMITS.max_public_key_ops):
+                reading = self._read_body(request, request.method)
+        except E2MError:
+            return None
+        contexts = [c for c in reading.contexts if c is not None]
+        return _request_replay_key(contexts) if contexts else None
 
     @staticmethod
     def response_refused(reading: BodyReading) -> bool:
@@ -775,9 +797,7 @@ class ProxyEngine:
         if not contexts:
             return True
         if message.is_request:
-            # a new sender's To tag is bound (a copy under another fails check_context), so
-            # it is part of the record: her requests in two forks may share a CSeq
-            key = contexts[0].replay_key(contexts[0].to_tag)
+            key = _request_replay_key(contexts)
             try:
                 self.replay.check_and_record(contexts[0], None, retransmissions=False,
                                              to_tag=contexts[0].to_tag)

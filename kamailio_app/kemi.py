@@ -1345,8 +1345,33 @@ class kamailio:
             KSR.hdr.append_to_reply("Retry-After: %d\r\n" % _AUTH_RETRY_AFTER)
             KSR.sl.send_reply(500, "Server Internal Error")
             return False
+        if rc in _AUTH_STALE and self.answer_late_copy():
+            return False
         KSR.auth.auth_challenge(auth.realm, _QOP_AUTH | (_STALE if rc in _AUTH_STALE else 0))
         return False
+
+    def answer_late_copy(self):
+        """A request whose nonce was used before may be the very datagram that passed
+        (a late retransmission after tm let its transaction go, its sender having lost
+        the 2xx): when the engine names it (``replay_key_of``, nothing recorded) and its
+        answer is remembered, that answer goes back and nothing goes further.  Else
+        the caller challenges again, and a UA's retry would deliver it twice (review
+        133 K4).  True when it was answered."""
+        engine = self.app.engine
+        if engine is None or KSR.pv.get("$rm") in ("INVITE", "ACK", "CANCEL") \
+                or not _has_body():
+            return False
+        try:
+            message = _read_message()
+        except E2MError:
+            return False
+        late = remembered_answer(KSR, message, engine.replay_key_of(message))
+        if late is None:
+            return False
+        _info("e2m: %s request a late copy of one answered %d (its nonce used): answered "
+              "so again\n" % (message.method, late[0]))
+        KSR.sl.send_reply(*late)
+        return True
 
     def credentials_fit_request(self, register, realm):
         """Every credentials header of our realm names this Request-URI (as received)
