@@ -209,6 +209,10 @@ class UAEngine:
         # (Request-URI, when sent, sent inside a dialog, its first final status or 0)
         self._sent: OrderedDict[tuple[str, int, str, str], tuple[str, float, bool, int]] = \
             OrderedDict()
+        # Dialog-creating INVITEs of ours that failed (the key of ``_sent``) -> when the
+        # failure came: a 2xx relayed after it (RFC 3261 16.7) is owed an ACK and a BYE
+        # for TRANSACTION_LIFETIME (``late_answer_to_failed_invite``).  Bounded as _sent.
+        self._failed_at: OrderedDict[tuple[str, int, str, str], float] = OrderedDict()
         # Peer certificates from a certificate service (RFC 6072): AoR -> when the
         # subscription that gave it lapses.  [peers] entries are never in here.
         self._service_peers: OrderedDict[str, float] = OrderedDict()
@@ -1044,7 +1048,36 @@ class UAEngine:
         if status < 300 or 200 <= first < 300:
             return False
         in_dialog = sent[2]
+        if not first and not in_dialog:
+            now = self._clock()
+            self._failed_at[key] = now
+            while self._failed_at and (len(self._failed_at) > _MAX_SENT or now - next(
+                    iter(self._failed_at.values())) > TRANSACTION_LIFETIME):
+                self._failed_at.popitem(last=False)
         return not in_dialog or status in (408, 481)
+
+    def late_answer_to_failed_invite(self, response: SipMessage) -> int | None:
+        """The first final status (a failure) of the dialog-creating INVITE of ours that
+        the 2xx ``response`` answers, when that failure came at most TRANSACTION_LIFETIME
+        ago; else None (no 2xx, an answer to nothing we sent, to a re-INVITE, to an
+        INVITE whose first final answer was a 2xx or that has none yet).  Such a 2xx is
+        owed an ACK and then a BYE (RFC 3261 13.2.2.4): the caller no longer has the
+        call.  Call it on a response ``open`` accepted: it says whose answer it is by
+        Call-ID, CSeq and our Via branch only, which a hop on the path also knows."""
+        if response.is_request or response.method != "INVITE" \
+                or not 200 <= (response.status or 0) < 300:
+            return None
+        with self._lock:
+            sent = self._sent_for(response)
+            if sent is None or sent[2] or not 300 <= sent[3]:
+                return None
+            try:
+                failed = self._failed_at.get(self._sent_key(response))
+            except E2MError:
+                return None
+            if failed is None or self._clock() - failed > TRANSACTION_LIFETIME:
+                return None
+            return sent[3]
 
     def _end_dialog(self, message: SipMessage, *, sent: bool,
                     linger: float | None = None) -> None:
