@@ -142,6 +142,9 @@ def _text(e: dict[str, Any]) -> str | None:
         return f"a {e['method']} from {e['source']} refused with {e['code']}: {e['reason']}"
     if kind == "response_dropped":
         return f"a {e['status']} to {e['method']} from {e['source']} dropped: {e['reason']}"
+    if kind == "late_answer":
+        sent = " and ".join(e.get("sent") or ()) or "nothing"
+        return f"a {e['status']} after the call failed ({e['failure']}): sent {sent}"
     if kind == "warning":
         return f"warning ({e['direction']} {e['message']}): {e['detail']}"
     if kind == "error":

@@ -25,7 +25,11 @@ pjsua keeps working on plaintext; :class:`E2MPhone` installs the hook so that
   (those and ``home_sources``): anything else never crossed the home's policy (what it
   archives) and is answered 403 before anything is noted (``_through_home``, reviews
   102, 104); with an outbound proxy, a response from elsewhere is dropped
-  (``_answer_from_home``, review 104).
+  (``_answer_from_home``, review 104);
+- a 2xx relayed after our INVITE failed (a late fork's answer, RFC 3261 16.7), once the
+  engine accepted it, is ACKed and then BYEd by the phone itself and never reaches
+  pjsip, whose completed INVITE transaction would re-send the failure's ACK instead
+  (``late_2xx.py``, review 129 HB1).
 
 Nothing a stranger sends ends the loop: every handler runs behind a boundary
 that turns an exception into an ``error`` event (class name, no body), and
@@ -69,6 +73,8 @@ from .certservice_client import CertServiceClient
 from .challenges import RefusedChallenge, keep_answerable
 from .fetcher import CertificateFetcher
 from .firstcopy import Duplicate, FirstCopy
+from .late_2xx import LateAnswers, Outgoing
+from . import pjsip_abi
 from .proxysource import ProxySource
 from .rawhook import RawSipHook, RxReject
 
@@ -508,6 +514,10 @@ class E2MPhone:
         # new MESSAGEs / initial INVITEs taken, for the replay window and T1*64
         self.first_copies = FirstCopy(max_age=config.replay_window + 32.0,
                                       reliable=s.transport != "udp")
+        # late 2xx answered by the phone (review 129 HB1), and the ACKs/BYEs they owe,
+        # sent from the loop, outside pjsip's receive callback
+        self.late_answers = LateAnswers()
+        self._late_out: deque[Outgoing] = deque(maxlen=64)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> E2MPhone:
@@ -640,6 +650,7 @@ class E2MPhone:
             "tcp": guard.stats() if guard is not None else None,
             "certservice": self.certservice.stats() if self.certservice else None,
             "cert_waits": len(self._cert_waits),
+            "late_2xx": len(self.late_answers), "late_2xx_counts": dict(self.late_answers.counts),
             "counts": dict(self.counts),
             "limits": {"events": MAX_EVENTS, "errors": MAX_ERRORS, "reactions": MAX_REACTIONS,
                        "done": MAX_DONE, "memo": _MEMO, "endpoint_events": _EVENT_LIMIT}}
@@ -702,6 +713,7 @@ class E2MPhone:
             raise RxReject(400, "Bad Request", detail=f"{type(exc).__name__}: {exc}") from None
         if not msg.is_request:
             self._answer_from_home(msg)    # before anything reads it (review 104)
+            self._late_retransmission(msg, data)
         answerable = self._answerable_challenges(msg)
         stripped, msg = answerable is not msg, answerable
         if self.certservice is not None and self.certservice.on_rx(
@@ -716,6 +728,7 @@ class E2MPhone:
             opened = self.engine.open(msg)
         except E2MError as err:
             return self._refuse(msg, err)
+        self._late_answer(msg, data, opened)
         codes = self.config.codes
         if not msg.is_request and msg.status in (codes.proxy_indecipherable,
                                                  codes.signature_required, 493):
@@ -746,6 +759,58 @@ class E2MPhone:
             self._note_call_security("rx", msg, what, opened.info, size=len(data),
                                      handed=handed)
         return out
+
+    def _late_retransmission(self, msg: sip.SipMessage, data: bytes) -> None:
+        """The very octets of a late 2xx we answered, again (the callee did not get our
+        ACK): the same ACK again, no BYE, and pjsip never sees it (RFC 3261 13.2.2.4).
+        By the octets, not the ids: our BYE has ended the keys that opened it."""
+        if not self.late_answers or msg.method != "INVITE" or not 200 <= (msg.status or 0) < 300:
+            return
+        again = self.late_answers.retransmission(data)
+        if again is False:
+            return
+        if again is not None:
+            self._late_out.append(again)
+        raise RxReject(None, detail="LateAnswer")
+
+    def _late_answer(self, msg: sip.SipMessage, data: bytes, opened: Any) -> None:
+        """A 2xx the engine accepted as the answer to an INVITE of ours that had already
+        failed (a fork answering after another's 486, or after our CANCEL; RFC 3261
+        16.7): ACKed and then BYEd from the loop (``late_2xx.py``), and dropped here:
+        pjsip's completed INVITE transaction would answer it with the failure's ACK
+        (review 129 HB1).  Only with our From tag, our INVITE's plaintext at hand and,
+        where E2M is required, a body the engine opened protected; anything else is
+        dropped with nothing sent and nothing kept."""
+        if msg.is_request or msg.method != "INVITE" or not 200 <= (msg.status or 0) < 300:
+            return
+        failure = self.engine.late_answer_to_failed_invite(msg)
+        if failure is None:
+            return
+        invite = self._plain.get(_tx_key(msg))
+        info = opened.info
+        sends: list[Outgoing] = []
+        if invite is not None and (info.encrypted or info.signed or not self.config.require_e2m):
+            via = f"{self.transport.host}:{self.transport.port}" if self.transport \
+                else "127.0.0.1:5060"
+            sends = self.late_answers.answer(msg, data, invite.from_tag, via)
+        else:
+            self.late_answers.counts["refused"] += 1
+        self._late_out.extend(sends)
+        self._pending_errors.append({
+            "kind": "late_answer", "call_id": msg.call_id, "status": msg.status,
+            "failure": failure, "sent": [o.method for o in sends],
+            "reason": "a 2xx after the INVITE failed: ACKed and ended" if sends else
+                      "a 2xx after the INVITE failed: dropped, nothing sent"})
+        raise RxReject(None, detail="LateAnswer")
+
+    def _send_late(self, out: Outgoing) -> None:
+        """Hand one ACK/BYE for a late 2xx to pjsip (on the loop, outside its callbacks);
+        it goes through the hook and the engine like any request of ours."""
+        status = pjsip_abi.send_request(out.data, stateful=out.stateful)
+        if status != pjsip_abi.PJ_SUCCESS:
+            self._emit("error", direction="tx", message=out.method, error="SendFailed",
+                       detail=f"late 2xx: pjsip could not send the {out.method} "
+                              f"(status {status})")
 
     def _through_home(self, msg: sip.SipMessage) -> None:
         """403 for a request that did not come from our outbound proxy or registrar,
@@ -1021,6 +1086,8 @@ class E2MPhone:
             self._guarded("event", self._emit, err.pop("kind", "error"), **err)
         while self._update_reactions:
             self._guarded("reaction", self._react_in_dialog, *self._update_reactions.popleft())
+        while self._late_out:
+            self._guarded("late_2xx", self._send_late, self._late_out.popleft())
         found = self.endpoint.events.find(since=self._mark)
         if found and self._mark and found[0].seq > self._mark + 1:
             self.counts["endpoint_events_missed"] += found[0].seq - self._mark - 1

@@ -151,6 +151,21 @@ def lib() -> C.CDLL:
         handle.pjsip_endpt_respond_stateless.restype = C.c_int
         handle.pjsip_endpt_respond_stateless.argtypes = [
             C.c_void_p, C.c_void_p, C.c_int, C.c_void_p, C.c_void_p, C.c_void_p]
+        # building and sending a request of our own (late_2xx.py)
+        handle.pjsip_endpt_create_tdata.restype = C.c_int
+        handle.pjsip_endpt_create_tdata.argtypes = [C.c_void_p, C.POINTER(C.c_void_p)]
+        handle.pjsip_tx_data_add_ref.restype = None
+        handle.pjsip_tx_data_add_ref.argtypes = [C.c_void_p]
+        handle.pjsip_tx_data_dec_ref.restype = C.c_int
+        handle.pjsip_tx_data_dec_ref.argtypes = [C.c_void_p]
+        handle.pjsip_parse_msg.restype = C.c_void_p
+        handle.pjsip_parse_msg.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t, C.c_void_p]
+        handle.pjsip_endpt_send_request_stateless.restype = C.c_int
+        handle.pjsip_endpt_send_request_stateless.argtypes = [
+            C.c_void_p, C.c_void_p, C.c_void_p, C.c_void_p]
+        handle.pjsip_endpt_send_request.restype = C.c_int
+        handle.pjsip_endpt_send_request.argtypes = [
+            C.c_void_p, C.c_void_p, C.c_int32, C.c_void_p, C.c_void_p]
         handle.pj_log_set_level.restype = None
         handle.pj_log_set_level.argtypes = [C.c_int]
         _LIB = handle
@@ -383,6 +398,66 @@ def respond_stateless(rdata: int, code: int, reason: bytes | None) -> int:
     return handle.pjsip_endpt_respond_stateless(
         handle.pjsua_get_pjsip_endpt(), rdata, code,
         C.byref(text) if text is not None else None, None, None)
+
+
+def send_request(data: bytes, *, stateful: bool) -> int:
+    """Have pjsip send the whole request ``data`` (start line, headers, body) as if it
+    had built it: a new tdata whose message pjsip's own parser makes from ``data``, then
+    ``pjsip_endpt_send_request`` (``stateful``: a client transaction, retransmitted over
+    UDP, whose final answer it absorbs) or ``pjsip_endpt_send_request_stateless``.
+    Either way pjsip picks the destination from the Route set and Request-URI, resolves
+    it, fills in the top Via's transport and sent-by (keeping its branch), prints the
+    message and passes it through every module's ``on_tx_request``, the hook's too.
+    Call on a pjlib-registered thread, outside pjsip's callbacks.  Returns the
+    pj_status_t; raises :class:`AbiError` when ``data`` does not parse cleanly (a header
+    pjsip's parser skipped would be lost silently)."""
+    if not _REQUEST_LINE.match(data):
+        raise AbiError("send: not a request")
+    handle = lib()
+    endpt = handle.pjsua_get_pjsip_endpt()
+    tdata = C.c_void_p()
+    status = handle.pjsip_endpt_create_tdata(endpt, C.byref(tdata))
+    if status != PJ_SUCCESS or not tdata.value:
+        return status or -1
+    addr = tdata.value
+    handle.pjsip_tx_data_add_ref(addr)     # created at 0: the send takes this reference
+    sent = False
+    try:
+        if C.string_at(addr + TX_OBJ_NAME, 4) != b"tdta":
+            raise AbiError("send: obj_name is not 'tdta...'")
+        pool = _ptr(addr + TX_POOL)
+        if not pool or _ptr(addr + TX_MSG):
+            raise AbiError("send: a new tdata without a pool, or with a message")
+        # the text lives in the tdata's pool (the parsed headers point into it), with the
+        # NUL the scanner wants after it
+        buf = handle.pj_pool_alloc(pool, len(data) + 1)
+        if not buf:
+            raise MemoryError("pj_pool_alloc failed")
+        C.memmove(buf, data, len(data))
+        C.memset(buf + len(data), 0, 1)
+        errors = handle.pj_pool_alloc(pool, 64)     # pjsip_parser_err_report list head
+        if not errors:
+            raise MemoryError("pj_pool_alloc failed")
+        _set_ptr(errors, errors)
+        _set_ptr(errors + 8, errors)
+        msg = handle.pjsip_parse_msg(pool, buf, len(data), errors)
+        if not msg or not _list_empty(errors):
+            raise AbiError("send: pjsip could not parse the request cleanly")
+        if _int(msg) != MSG_REQUEST:
+            raise AbiError("send: pjsip parsed something else than a request")
+        _set_ptr(addr + TX_MSG, msg)
+        sent = True
+        if stateful:
+            # takes the reference whatever happens (sip_util_statefull.c)
+            return handle.pjsip_endpt_send_request(endpt, addr, -1, None, None)
+        status = handle.pjsip_endpt_send_request_stateless(endpt, addr, None, None)
+        if status != PJ_SUCCESS:
+            # failed before its resolver callback, which would have let it go
+            handle.pjsip_tx_data_dec_ref(addr)
+        return status
+    finally:
+        if not sent:
+            handle.pjsip_tx_data_dec_ref(addr)
 
 
 def tcp_direction(transport: int) -> str | None:

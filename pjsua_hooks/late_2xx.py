@@ -1,0 +1,244 @@
+"""The phone's own answer to a 2xx that comes after its INVITE failed (review 129 HB1).
+
+A proxy relays a 2xx that comes after the INVITE's failure (RFC 3261 16.7: a second
+fork answered after the first one's 486, or after the caller's CANCEL), and the UA
+engine opens it (``UAEngine.late_answer_to_failed_invite``).  pjsip does not: its
+INVITE client transaction, Completed after the failure, takes the 2xx for a
+retransmitted final answer and sends the failure's ACK again (To tag of the failure),
+sends no BYE, and the callee's device retransmits its 2xx for 64*T1.  RFC 3261 13.2.2.4
+wants each 2xx ACKed and, since the caller no longer wants the call, a BYE after the
+ACK.  So the phone answers such a 2xx itself and never hands it to pjsip:
+
+- an ACK for the 2xx: a new branch, the 2xx's To (its tag), the INVITE's From, Call-ID
+  and CSeq number, Request-URI the 2xx's Contact, Route set the 2xx's Record-Route
+  reversed: what pjsip's dialog does with a 2xx it takes (``dlg_update_routeset``: the
+  route set of a confirmed dialog is the Record-Route set alone, so the request goes
+  through the home proxy because the home record-routes, as every in-dialog request of
+  the phone does);
+- then a BYE in that dialog (CSeq one above the INVITE's), sent in a client
+  transaction: retransmitted over UDP until answered, its final answer absorbed there;
+- the 2xx again, byte for byte (the callee's retransmission, relayed by the proxies): the
+  same ACK again, no second BYE (13.2.2.4).
+
+How they are sent: the request is written here as text with the project's SIP model,
+and pjsip's own parser turns it into the message of a fresh ``pjsip_tx_data``
+(``pjsip_abi.send_request``), which ``pjsip_endpt_send_request`` (BYE) or
+``pjsip_endpt_send_request_stateless`` (ACK) send.  Chosen over
+``pjsip_endpt_create_request_from_hdr`` because that needs pjsip header objects built
+and linked through more struct offsets (list heads inside ``pjsip_msg``), where this
+needs only the one offset the hook already checks (``tdata->msg``), and a header pjsip's
+parser would skip is refused rather than lost.  Either way pjsip routes, resolves, fills
+in the Via's sent-by and passes the request through every module, the E2M hook included:
+the engine sees the ACK and the BYE like any request of ours (bodiless: no CMS; the BYE
+ends what is left of the dialog's keys).  Sent from the phone's loop (``_after_pump``),
+never from inside pjsip's receive callback.
+
+Who can make the phone do this, and how much:
+
+- Only a 2xx the engine accepted (decrypted and verified where it carries a protected
+  body; a plaintext one only where E2M is not required) that answers an INVITE of ours
+  by Call-ID, CSeq and our Via branch, whose first final answer was a failure at most
+  32 s (64*T1) ago, with our From tag, a To tag and one sip/sips Contact.  Our branch and
+  the Call-ID are on the wire: a hop on the INVITE's path (or the callee's devices) can
+  forge such a 2xx; an off-path stranger would have to guess the branch (``strong_rand``)
+  and, with an outbound proxy, send from its address.  A forger of it can anyway answer
+  the INVITE itself; what it gains here is at most one ACK and one BYE per To tag toward
+  the Contact and Record-Route of its choosing (``MAX_PER_INVITE`` To tags per INVITE,
+  ``MAX_ACKS`` ACKs per 2xx, ``MAX_LATE`` 2xx kept, each for ``MAX_AGE`` seconds).
+- A retransmission is recognised by the very octets that came the first time (the
+  engine no longer opens it once our BYE ended the dialog's keys), never by its ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from e2m_plugins import sip
+from e2m_plugins.errors import E2MError, MalformedError
+from e2m_plugins.grammar import split_header_list
+from e2m_plugins.replay import TRANSACTION_LIFETIME
+from e2m_plugins.uri import parse_uri
+
+__all__ = ["LateAnswers", "LateTwoXX", "Outgoing", "build_ack", "build_bye",
+           "MAX_LATE", "MAX_PER_INVITE", "MAX_ACKS", "MAX_AGE"]
+
+MAX_LATE = 32              # late 2xx remembered at once (oldest out)
+MAX_PER_INVITE = 6         # To tags answered per failed INVITE (forks; MAX_SLOTS_PER_CALL)
+MAX_ACKS = 16              # ACKs per late 2xx: its retransmissions in 64*T1 are about 11
+MAX_AGE = TRANSACTION_LIFETIME     # 64*T1: the callee retransmits its 2xx this long
+MAX_ROUTES = 8             # Record-Route entries taken over (a longer set is refused)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A request for pjsip to send: whole text, and whether in a client transaction."""
+
+    data: bytes
+    stateful: bool
+    method: str
+
+
+@dataclass
+class LateTwoXX:
+    """One late 2xx answered: its ACK (sent again for a retransmission), how often."""
+
+    invite: tuple[str, int, str]        # Call-ID, CSeq number, our Via branch
+    to_tag: str
+    ack: bytes
+    first_seen: float
+    acks: int = 1
+    digests: set[bytes] = field(default_factory=set)
+
+
+def _one_uri(value: str) -> str:
+    """The URI of a name-addr or addr-spec, checked: sip/sips, no URI headers."""
+    uri = sip.parse_address(value).uri
+    parsed = parse_uri(uri)
+    if parsed.headers:
+        raise MalformedError("a URI with headers")
+    return uri
+
+
+def route_set(response: sip.SipMessage) -> list[str]:
+    """The 2xx's Record-Route entries reversed, as Route values (RFC 3261 12.1.2)."""
+    entries: list[str] = []
+    for value in response.get_all("Record-Route"):
+        entries.extend(split_header_list(value))
+    if len(entries) > MAX_ROUTES:
+        raise MalformedError("too many Record-Route entries")
+    for entry in entries:
+        _one_uri(entry)
+    return [entry.strip() for entry in reversed(entries)]
+
+
+def _target(response: sip.SipMessage) -> str:
+    contacts = [c for v in response.get_all("Contact") for c in split_header_list(v)]
+    if len(contacts) != 1:
+        raise MalformedError("a 2xx to an INVITE needs exactly one Contact")
+    return _one_uri(contacts[0])
+
+
+def _request(method: str, response: sip.SipMessage, number: int, via: str,
+             branch: str) -> bytes:
+    headers: list[tuple[str, str]] = [("Via", f"SIP/2.0/UDP {via};rport;branch={branch}"),
+                                      ("Max-Forwards", "70")]
+    headers.extend(("Route", r) for r in route_set(response))
+    for name in ("From", "To", "Call-ID"):
+        value = response.get(name)
+        if value is None:
+            raise MalformedError(f"a 2xx without {name}")
+        headers.append((name, value))
+    headers.append(("CSeq", f"{number} {method}"))
+    headers.append(("Content-Length", "0"))
+    return sip.SipMessage(sip.RequestLine(method, _target(response)), tuple(headers),
+                          b"").serialize()
+
+
+def _branch() -> str:
+    return sip.RFC3261_BRANCH_COOKIE + secrets.token_hex(12)
+
+
+def build_ack(response: sip.SipMessage, via: str) -> bytes:
+    """The ACK for a 2xx to our INVITE (RFC 3261 13.2.2.4): a new branch, the INVITE's
+    CSeq number, the 2xx's Contact as Request-URI, its Record-Route reversed as Route.
+    ``via``: our sent-by (pjsip writes its transport's own over it)."""
+    return _request("ACK", response, response.cseq[0], via, _branch())
+
+
+def build_bye(response: sip.SipMessage, via: str) -> bytes:
+    """A BYE in the dialog the 2xx made, CSeq one above the INVITE's (RFC 3261 15)."""
+    return _request("BYE", response, response.cseq[0] + 1, via, _branch())
+
+
+def raw_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class LateAnswers:
+    """The late 2xx the phone answered, bounded in count and age.
+
+    ``retransmission(data)``: the ACK to send again for octets already answered (None:
+    not one of ours, or its ACKs used up).  ``answer(response, data, our_from_tag, via)``:
+    what to send for a new late 2xx the engine accepted (ACK, then BYE; only an ACK for
+    another copy of a 2xx already answered; nothing past the bounds).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic,
+                 max_entries: int = MAX_LATE, max_age: float = MAX_AGE,
+                 max_acks: int = MAX_ACKS, max_per_invite: int = MAX_PER_INVITE) -> None:
+        self._clock = clock
+        self.max_entries, self.max_age = max_entries, max_age
+        self.max_acks, self.max_per_invite = max_acks, max_per_invite
+        # (Call-ID, CSeq number, branch, To tag lower-cased) -> entry
+        self._entries: OrderedDict[tuple[str, int, str, str], LateTwoXX] = OrderedDict()
+        self.counts = {"answered": 0, "acks_again": 0, "refused": 0, "over_bounds": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _sweep(self, now: float) -> None:
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if now - oldest.first_seen <= self.max_age:
+                break
+            self._entries.popitem(last=False)
+
+    def _again(self, entry: LateTwoXX) -> Outgoing | None:
+        if entry.acks >= self.max_acks:
+            self.counts["over_bounds"] += 1
+            return None
+        entry.acks += 1
+        self.counts["acks_again"] += 1
+        return Outgoing(entry.ack, False, "ACK")
+
+    def retransmission(self, data: bytes) -> Outgoing | None | bool:
+        """For octets already answered: the ACK again (or None past ``max_acks``);
+        False when these octets are not a late 2xx we answered."""
+        self._sweep(self._clock())
+        digest = raw_digest(data)
+        for entry in self._entries.values():
+            if digest in entry.digests:
+                return self._again(entry)
+        return False
+
+    def answer(self, response: sip.SipMessage, data: bytes, our_from_tag: str | None,
+               via: str) -> list[Outgoing]:
+        """What to send for a late 2xx the engine accepted as the answer to our failed
+        INVITE (``UAEngine.late_answer_to_failed_invite``); empty: nothing (a forged
+        one, a malformed one, past the bounds).  ``data``: its octets as received."""
+        now = self._clock()
+        self._sweep(now)
+        try:
+            number, _ = response.cseq
+            invite = (response.call_id, number, response.via_branch())
+            from_tag, to_tag = response.from_tag, response.to_tag
+            if not from_tag or not our_from_tag or from_tag.lower() != our_from_tag.lower() \
+                    or not to_tag:
+                raise MalformedError("not our dialog's tags")
+            key = (*invite, to_tag.lower())
+            entry = self._entries.get(key)
+            if entry is not None:
+                # another copy of a 2xx already answered (other octets): an ACK, no BYE
+                if len(entry.digests) < self.max_acks:
+                    entry.digests.add(raw_digest(data))
+                again = self._again(entry)
+                return [again] if again is not None else []
+            if sum(1 for e in self._entries.values() if e.invite == invite) \
+                    >= self.max_per_invite:
+                self.counts["over_bounds"] += 1
+                return []
+            ack, bye = build_ack(response, via), build_bye(response, via)
+        except E2MError:
+            self.counts["refused"] += 1
+            return []
+        self._entries[key] = LateTwoXX(invite, to_tag.lower(), ack, now,
+                                       digests={raw_digest(data)})
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        self.counts["answered"] += 1
+        return [Outgoing(ack, False, "ACK"), Outgoing(bye, True, "BYE")]
