@@ -134,9 +134,13 @@ def _request(method: str, response: sip.SipMessage, number: int, via: str,
             raise MalformedError(f"a 2xx without {name}")
         headers.append((name, value))
     headers.append(("CSeq", f"{number} {method}"))
-    headers.append(("Content-Length", "0"))
-    return sip.SipMessage(sip.RequestLine(method, _target(response)), tuple(headers),
-                          b"").serialize()
+    # no Content-Length: pjsip keeps a parsed one among the headers and prints its own
+    # after them, and Kamailio refuses a request with two (seen on the wire)
+    start = sip.RequestLine(method, _target(response))
+    lines = [str(start), *(f"{name}: {value}" for name, value in headers)]
+    text = "\r\n".join(lines) + "\r\n\r\n"
+    sip.parse(text.encode("utf-8", "surrogateescape"))     # what we write must read back
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _branch() -> str:

@@ -107,6 +107,8 @@ def test_the_ack_and_bye_follow_rfc_3261_13_2_2_4(world):
     branches = {got.via_branch(), ack.via_branch(), bye.via_branch()}
     assert len(branches) == 3 and all(b.startswith("z9hG4bK") for b in branches)
     assert not ack.body and not bye.body
+    # pjsip prints its own Content-Length: one in the text would make two (Kamailio: 400)
+    assert not ack.has("Content-Length") and not bye.has("Content-Length")
 
 
 @pytest.mark.parametrize("change", ["no_contact", "two_contacts", "uri_headers", "tel"])
