@@ -1056,6 +1056,18 @@ class UAEngine:
                 self._failed_at.popitem(last=False)
         return not in_dialog or status in (408, 481)
 
+    def _ends_a_late_answer(self, bye: SipMessage) -> bool:
+        """Whether our BYE ends a dialog a 2xx made after its INVITE had failed: the
+        INVITE one CSeq below it in that Call-ID failed within TRANSACTION_LIFETIME."""
+        try:
+            number = bye.cseq[0] - 1
+        except E2MError:
+            return False
+        now = self._clock()
+        return any(key[0] == bye.call_id and key[1] == number
+                   and now - failed <= TRANSACTION_LIFETIME
+                   for key, failed in self._failed_at.items())
+
     def late_answer_to_failed_invite(self, response: SipMessage) -> int | None:
         """The first final status (a failure) of the dialog-creating INVITE of ours that
         the 2xx ``response`` answers, when that failure came at most TRANSACTION_LIFETIME
@@ -1097,7 +1109,10 @@ class UAEngine:
         others = self._tags_of_other_dialogs(message, local, remote)
         if message.method == "BYE":
             confirmed = self._confirmed.get(local) if local else None
-            if (remote or "").lower() != confirmed and not (sent and confirmed is None):
+            if (remote or "").lower() != confirmed and not (sent and confirmed is None) \
+                    or sent and confirmed is None and self._ends_a_late_answer(message):
+                # (our BYE to a 2xx after the INVITE failed: the INVITE's retired keys
+                # still open another fork's late 2xx until their open_until, review 129)
                 self.dialog_keys.end_dialog(message, peer_tag=remote or "", keep=others)
                 return
         self.dialog_keys.end_dialog(message, keep=others, linger=linger)

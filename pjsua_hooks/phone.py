@@ -73,7 +73,7 @@ from .certservice_client import CertServiceClient
 from .challenges import RefusedChallenge, keep_answerable
 from .fetcher import CertificateFetcher
 from .firstcopy import Duplicate, FirstCopy
-from .late_2xx import LateAnswers, Outgoing
+from .late_2xx import MAX_LATE, LateAnswers, Outgoing
 from . import pjsip_abi
 from .proxysource import ProxySource
 from .rawhook import RawSipHook, RxReject
@@ -653,7 +653,8 @@ class E2MPhone:
             "late_2xx": len(self.late_answers), "late_2xx_counts": dict(self.late_answers.counts),
             "counts": dict(self.counts),
             "limits": {"events": MAX_EVENTS, "errors": MAX_ERRORS, "reactions": MAX_REACTIONS,
-                       "done": MAX_DONE, "memo": _MEMO, "endpoint_events": _EVENT_LIMIT}}
+                       "done": MAX_DONE, "memo": _MEMO, "endpoint_events": _EVENT_LIMIT,
+                       "late_2xx": MAX_LATE}}
 
     def __enter__(self) -> E2MPhone:
         return self.start()

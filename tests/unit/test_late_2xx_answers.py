@@ -182,3 +182,19 @@ def test_to_tags_per_invite_entries_and_age_are_bounded(world):
     clock.now += TRANSACTION_LIFETIME + 1
     assert table.retransmission(late.serialize()) is False
     assert len(table) == 0
+
+
+def test_our_bye_to_one_late_fork_leaves_the_next_forks_2xx_openable(world):
+    """Two devices answer after the failure: the BYE to the first ends only its slot;
+    the INVITE's retired keys still open the second's 2xx (until their own end)."""
+    alice, bob, got = _failed_call(world, "late-m@x")
+    first = _late(bob, got, to_tag="f2")
+    bye = sip.parse(build_bye(alice.open(first).message, VIA))
+    alice.protect(bye)
+    second = _late(bob, got, to_tag="f3")
+    assert alice.open(second).info.key_reuse
+    assert alice.late_answer_to_failed_invite(second) == 486
+    # the retired keys never seal anything again
+    again = alice.protect(invite(world, call_id="late-m@x", cseq=got.cseq[0] + 2,
+                                 to_tag="f3"))
+    assert not again.info.key_reuse
