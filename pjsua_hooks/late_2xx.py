@@ -30,7 +30,8 @@ needs only the one offset the hook already checks (``tdata->msg``), and a header
 parser would skip is refused rather than lost.  Either way pjsip routes, resolves, fills
 in the Via's sent-by and passes the request through every module, the E2M hook included:
 the engine sees the ACK and the BYE like any request of ours (bodiless: no CMS; the BYE
-ends what is left of the dialog's keys).  Sent from the phone's loop (``_after_pump``),
+ends that fork's keys, the INVITE's retired ones open another fork's late 2xx until
+their own end).  Sent from the phone's loop (``_after_pump``),
 never from inside pjsip's receive callback.
 
 Who can make the phone do this, and how much:

@@ -86,7 +86,13 @@ failure ACK(f1) once more, as before this stop, and nothing else.  Through a rea
 Kamailio home proxy (``tests/e2e/test_late_2xx_phone_wire.py``) the ACK and BYE follow
 the 200's Record-Route to bob's contact; a first cut wrote a Content-Length into the
 text pjsip parses, pjsip printed its own as well, and Kamailio's sanity check refused
-both requests (two Content-Length headers): the text now carries none.
+both requests (two Content-Length headers): the text now carries none.  Two devices
+answering after the failure (f2, then f3) each get an ACK and a BYE
+(``test_two_devices_answering_after_the_failure_each_get_an_ack_and_a_bye``); at first
+the BYE to f2 ended every key of the INVITE, the retired offer key too, and f3's 200
+could not be opened (bob's socket got no BYE for f3): the engine's BYE to a late 2xx
+now ends only that fork's slot (``UAEngine._ends_a_late_answer``), the retired keys
+living to their own ``open_until``.
 """
 
 from __future__ import annotations
@@ -126,7 +132,8 @@ class Bob:
         self.sock.bind((HOST, 0))
         self.port = self.sock.getsockname()[1]
         self.devices = {"f1": ua_engine(pki, "bob", peers=("alice",)),
-                        "f2": ua_engine(pki, "bob", peers=("alice",))}
+                        "f2": ua_engine(pki, "bob", peers=("alice",)),
+                        "f3": ua_engine(pki, "bob", peers=("alice",))}
         self.source: tuple | None = None
         self.log: list[sip.SipMessage] = []
         self.sent: dict[str, bytes] = {}     # device tag -> the last response's octets
@@ -284,6 +291,23 @@ def test_a_retransmitted_late_2xx_gets_an_ack_each_and_one_bye(ringing):
     status = alice.status()
     assert status["late_2xx"] == 1, status
     assert status["late_2xx_counts"]["acks_again"] == 2, status
+
+
+def test_two_devices_answering_after_the_failure_each_get_an_ack_and_a_bye(ringing):
+    """Devices f2 and f3 both answer after f1's 486: the BYE to f2 must not take the
+    offer key f3's 200 is sealed under (it did at first: f3's 200 could not be opened,
+    so it got no ACK)."""
+    alice, bob, invite = ringing
+    bob.answer_byes = True
+    seen = _after_late_200(alice, bob, invite, how="486")
+    assert seen["ack"] and seen["bye"], seen
+    bob.reply(invite, "f3", 200, "OK")
+    assert bob.receive(lambda m: m.is_request and m.method == "BYE" and m.to_tag == "f3",
+                       timeout=5) is not None, [(m.method, m.to_tag) for m in bob.log]
+    assert [len(_requests(bob, "ACK", t)) for t in ("f1", "f2", "f3")] == [1, 1, 1]
+    assert [m.to_tag for m in _requests(bob, "BYE")] == ["f2", "f3"]
+    assert [e["sent"] for e in alice.of("late_answer")] == [["ACK", "BYE"]] * 2
+    assert not alice.of("error"), alice.of("error")
 
 
 @pytest.mark.parametrize("forgery", ["plaintext", "other_call_id"])
