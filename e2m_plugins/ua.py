@@ -1068,6 +1068,20 @@ class UAEngine:
                    and now - failed <= TRANSACTION_LIFETIME
                    for key, failed in self._failed_at.items())
 
+    def names_a_failed_invites_branch(self, response: SipMessage) -> bool:
+        """Whether ``response`` carries the Via branch of a dialog-creating INVITE of ours
+        that failed at most TRANSACTION_LIFETIME ago, whatever its Call-ID and CSeq say.
+        pjsip's transaction layer matches a response by that branch alone: its
+        completed INVITE transaction answers any such 2xx with the failure's ACK."""
+        try:
+            branch = response.via_branch()
+        except E2MError:
+            return False
+        now = self._clock()
+        with self._lock:
+            return any(key[3] == branch and now - failed <= TRANSACTION_LIFETIME
+                       for key, failed in self._failed_at.items())
+
     def late_answer_to_failed_invite(self, response: SipMessage) -> int | None:
         """The first final status (a failure) of the dialog-creating INVITE of ours that
         the 2xx ``response`` answers, when that failure came at most TRANSACTION_LIFETIME

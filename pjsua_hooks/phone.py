@@ -786,6 +786,11 @@ class E2MPhone:
             return
         failure = self.engine.late_answer_to_failed_invite(msg)
         if failure is None:
+            if self.engine.names_a_failed_invites_branch(msg):
+                # our failed INVITE's branch under other ids (a forgery): pjsip would
+                # match it by the branch alone and ACK it with the failure's ACK
+                self.late_answers.counts["refused"] += 1
+                raise RxReject(None, detail="LateAnswerForged")
             return
         invite = self._plain.get(_tx_key(msg))
         info = opened.info

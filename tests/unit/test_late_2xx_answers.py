@@ -76,6 +76,9 @@ def test_a_2xx_to_nothing_we_sent_or_another_branch_is_not_late(world):
     other_call = late.replace("Call-ID", "someone-else@x")
     assert alice.late_answer_to_failed_invite(other_branch) is None
     assert alice.late_answer_to_failed_invite(other_call) is None
+    # pjsip matches by the branch alone: the phone drops the one with our branch
+    assert alice.names_a_failed_invites_branch(other_call)
+    assert not alice.names_a_failed_invites_branch(other_branch)
     # a failure answer is no 2xx
     assert alice.late_answer_to_failed_invite(
         make_response(got, 486, "Busy Here").replace("To", f"{got.get('To')};tag=f1")) is None
