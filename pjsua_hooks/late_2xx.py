@@ -46,8 +46,20 @@ Who can make the phone do this, and how much:
   the INVITE itself; what it gains here is at most one ACK and one BYE per To tag toward
   the Contact and Record-Route of its choosing (``MAX_PER_INVITE`` To tags per INVITE,
   ``MAX_ACKS`` ACKs per 2xx, ``MAX_LATE`` 2xx kept, each for ``MAX_AGE`` seconds).
-- A retransmission is recognised by the very octets that came the first time (the
-  engine no longer opens it once our BYE ended the dialog's keys), never by its ids.
+- A retransmission is recognised by the very octets that came the first time, never by
+  its ids (a copy the engine would no longer open must still get its ACK).
+- A 2xx that carries a failed INVITE's branch under other ids is dropped by the phone
+  (``UAEngine.names_a_failed_invites_branch``): pjsip's transaction layer matches by the
+  branch alone and would ACK it with the failure's ACK.
+
+Limits: the route is pjsip's for a confirmed dialog, the Record-Route set alone; a 2xx
+without Record-Route sends the ACK and BYE straight to its Contact (the home proxy
+record-routes every dialog, so this does not arise through it; elsewhere the BYE's
+answer, not from the home, is dropped and pjsip retransmits the BYE until Timer F).  A
+host name in the first hop is resolved by pjsip as for any in-dialog request.  Tested
+over UDP only (``tests/pjsua/test_review129_late_2xx_phone.py``, through Kamailio
+``tests/e2e/test_late_2xx_phone_wire.py``); over TCP/TLS pjsip writes its own
+transport into the Via as for any request, not run.
 """
 
 from __future__ import annotations
