@@ -145,6 +145,8 @@ def _text(e: dict[str, Any]) -> str | None:
     if kind == "late_answer":
         sent = " and ".join(e.get("sent") or ()) or "nothing"
         return f"a {e['status']} after the call failed ({e['failure']}): sent {sent}"
+    if kind == "late_answer_bye":
+        return f"the BYE ending that late call got {e['status']} {e['reason']}"
     if kind == "warning":
         return f"warning ({e['direction']} {e['message']}): {e['detail']}"
     if kind == "error":

@@ -730,6 +730,14 @@ class E2MPhone:
         except E2MError as err:
             return self._refuse(msg, err)
         self._late_answer(msg, data, opened)
+        if not msg.is_request and self.late_answers:
+            ended = self.late_answers.bye_answered(msg)
+            if ended is not None:
+                # what became of the BYE to a late 2xx (pjsip's transaction absorbs it;
+                # a 407 from a home with [auth] is not answered: nothing ends bob's side)
+                self._pending_errors.append({
+                    "kind": "late_answer_bye", "call_id": msg.call_id,
+                    "status": msg.status, "reason": msg.reason or ""})
         codes = self.config.codes
         if not msg.is_request and msg.status in (codes.proxy_indecipherable,
                                                  codes.signature_required, 493):

@@ -152,6 +152,11 @@ def test_one_bye_per_late_2xx_and_the_same_ack_for_each_copy(world):
     assert [o.method for o in table.answer(other, other.serialize(), got.from_tag, VIA)] \
         == ["ACK"]
     assert table.retransmission(b"SIP/2.0 200 OK\r\n\r\n") is False
+    # the BYE's final answer is told once (its retransmission is not)
+    bye = sip.parse(first[1].data)
+    ok = make_response(bye, 200, "OK")
+    assert table.bye_answered(ok) is not None and table.bye_answered(ok) is None
+    assert table.bye_answered(make_response(bye, 100, "Trying")) is None
 
 
 def test_acks_per_late_2xx_are_bounded(world):
