@@ -83,8 +83,8 @@ Call-ID) makes the phone send nothing and keep nothing
 (``test_a_forged_late_2xx_makes_the_phone_send_nothing_and_keep_nothing``): the one
 under another Call-ID, which the engine opens (sealed to alice's certificate) but which
 answers nothing of hers, is dropped too, else pjsip's completed transaction (matching
-by our branch alone) re-sent its failure ACK(f1) for it (seen in this test's first run).  Through a real
-Kamailio home proxy (``tests/e2e/test_late_2xx_phone_wire.py``) the ACK and BYE follow
+by our branch alone) re-sent its failure ACK(f1) for it (seen in this test's first
+run).  Through a real Kamailio home proxy (``tests/e2e/test_late_2xx_phone_wire.py``) the ACK and BYE follow
 the 200's Record-Route to bob's contact; a first cut wrote a Content-Length into the
 text pjsip parses, pjsip printed its own as well, and Kamailio's sanity check refused
 both requests (two Content-Length headers): the text now carries none.  Two devices
