@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
@@ -116,6 +116,7 @@ class BodyReading:
     media: tuple[MediaLine, ...] = ()
     offers: bool = False                # a part offers a key (CEK reuse)
     error: E2MError | None = field(default=None, repr=False)   # why the reading failed
+    of: SipMessage | None = field(default=None, repr=False, compare=False)  # the message read
 
 
 _SKIPPED = BodyReading(True)
@@ -302,9 +303,9 @@ class ProxyEngine:
         try:
             response.check_unambiguous()
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
-                return self._read_body(response, response.cseq[1])
+                return replace(self._read_body(response, response.cseq[1]), of=response)
         except E2MError as exc:
-            return BodyReading(True, error=exc)
+            return BodyReading(True, error=exc, of=response)
 
     def replay_key_of(self, request: SipMessage) -> str | None:
         """The replay key ``inspect`` would record ``request`` under (``Verdict.replay_key``),
@@ -343,6 +344,8 @@ class ProxyEngine:
         Without ``caller`` (an answer to nothing we relayed) it counts against the
         responder (its signer) alone.  ``caller`` may be a function giving it, asked
         only when the answer offers a key."""
+        if reading is not None and reading.of is not message:
+            reading = None          # another message's reading: this one is read afresh
         try:
             if reading is not None and reading.error is not None:
                 raise reading.error
