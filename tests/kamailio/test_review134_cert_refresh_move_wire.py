@@ -1,0 +1,77 @@
+"""Review 134, area 3 (docstring completed in the area-1 module's write-up)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from e2m_plugins.testpki import issue_user
+from tests.kamailio.test_review133_cert_refresh_wire import (  # noqa: F401 - fixtures
+    BOB, INTERVAL, client, der_of, home, made, next_hop, publish, refresh, source)
+
+pytestmark = pytest.mark.kamailio
+
+
+def follow_over_udp(home, made, pki):
+    """bob's certificate published; carol follows it over UDP from her own address and
+    answers its first NOTIFY (confirmed)."""
+    publish(home, made, der_of(pki.user("bob", "ec")))
+    src = source()
+    carol = client(home, made, "carol", src=src, transport="udp")
+    answer, dialog = carol.subscribe(BOB, 600)
+    assert answer is not None and answer.status == 200 and dialog is not None, answer
+    assert len(carol.wait_notifies(1)) == 1
+    time.sleep(0.3)
+    return src, carol, dialog
+
+
+def got_none(who, before: int) -> bool:
+    return len(who.notifies) == before
+
+
+def _move_attempt(home, made, pki, *, same_address: bool):
+    src, carol, dialog = follow_over_udp(home, made, pki)
+    [(hop_before, _)] = next_hop(home, dialog.call_id)
+    # mallory: the dialog's ids read off carol's UDP SUBSCRIBE (a hop on her path), a
+    # TCP connection from carol's address (her NAT's: another user behind it, or the
+    # NAT box itself) or from another one
+    mallory = client(home, made, "alice", src=src if same_address else None,
+                     transport="tcp")
+    answer = refresh(mallory, dialog, cseq=carol.subscribes[-1].cseq[0] + 1)
+    [(hop_after, _)] = next_hop(home, dialog.call_id)
+    mallory.wait_notifies(1, timeout=1.0)       # the refresh's own NOTIFY, if it moved
+    at_refresh = len(mallory.notifies)
+    before = len(carol.notifies)
+    publish(home, made, der_of(issue_user(pki.ca, BOB, "ec")))   # bob's new certificate
+    carol.wait_notifies(before + 1, timeout=INTERVAL + 3.0)
+    mallory.wait_notifies(at_refresh + 1, timeout=1.0 if got_none(carol, before) else 0.5)
+    got_carol = len(carol.notifies) - before
+    got_mallory = len(mallory.notifies)
+    bodies = [len(m.body or b"") for m in mallory.notifies]
+    print(f"\nrefresh over TCP from {'carol' if same_address else 'another'} address: "
+          f"{answer.status if answer else None}; next hop {hop_before} -> {hop_after}; "
+          f"NOTIFYs: mallory at the refresh {at_refresh}; after bob's change: carol {got_carol}, "
+          f"mallory {got_mallory - at_refresh} (bodies {bodies})")
+    return answer, hop_before, hop_after, got_carol, got_mallory
+
+
+@pytest.mark.xfail(strict=True, reason="review 134 hole K2: a TCP refresh from a UDP "
+                   "follower's address moves her NOTIFYs to whoever opened it")
+def test_a_tcp_refresh_from_a_udp_followers_address_does_not_take_her_notifies(
+        home, made, pki):
+    """Secure: a UDP subscription's NOTIFYs keep going to the UDP port they were
+    confirmed at (a TCP connection from the same address proves the address, not the
+    subscriber): carol hears of bob's new certificate, mallory hears nothing."""
+    _, hop_before, hop_after, got_carol, got_mallory = _move_attempt(
+        home, made, pki, same_address=True)
+    assert got_mallory == 0 and got_carol >= 1 and hop_after == hop_before
+
+
+def test_control_the_same_refresh_from_another_address_is_403(home, made, pki):
+    """Control: mallory's refresh from another address: 403, the hop stays, carol is
+    told of bob's new certificate and mallory gets nothing."""
+    answer, hop_before, hop_after, got_carol, got_mallory = _move_attempt(
+        home, made, pki, same_address=False)
+    assert answer is not None and answer.status == 403
+    assert hop_after == hop_before and got_carol >= 1 and got_mallory == 0
