@@ -49,6 +49,10 @@ def _move_attempt(home, made, pki, *, same_address: bool):
     got_carol = len(carol.notifies) - before
     got_mallory = len(mallory.notifies)
     bodies = [len(m.body or b"") for m in mallory.notifies]
+    # carol's own next refresh, over UDP from her port
+    again = refresh(carol, dialog, cseq=carol.subscribes[-1].cseq[0] + 5)
+    print(f"carol's own refresh afterwards: {again.status if again else None}; rows "
+          f"{next_hop(home, dialog.call_id)}")
     print(f"\nrefresh over TCP from {'carol' if same_address else 'another'} address: "
           f"{answer.status if answer else None}; next hop {hop_before} -> {hop_after}; "
           f"NOTIFYs: mallory at the refresh {at_refresh}; after bob's change: carol {got_carol}, "
