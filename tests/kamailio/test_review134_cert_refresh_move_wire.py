@@ -79,3 +79,50 @@ def test_control_the_same_refresh_from_another_address_is_403(home, made, pki):
         home, made, pki, same_address=False)
     assert answer is not None and answer.status == 403
     assert hop_after == hop_before and got_carol >= 1 and got_mallory == 0
+
+
+def _unsubscribe_attempt(home, made, pki, *, same_address: bool):
+    """carol follows over UDP; mallory sends the in-dialog unsubscribe (``Expires: 0``)
+    as one datagram from carol's address at another port (what an off-path sender who
+    once read the ids forges, or a hop sends) or from another address."""
+    src, carol, dialog = follow_over_udp(home, made, pki)
+    rows_before = next_hop(home, dialog.call_id)
+    mallory = client(home, made, "alice", src=src if same_address else None,
+                     transport="udp")
+    answer = refresh(mallory, dialog, cseq=carol.subscribes[-1].cseq[0] + 1, expires=0)
+    rows_after = next_hop(home, dialog.call_id)
+    before = len(carol.notifies)
+    got = carol.wait_notifies(before + 1, timeout=1.5)[before:]
+    states = [n.get("Subscription-State") for n in got]
+    print(f"\nunsubscribe from {'carol' if same_address else 'another'} address, port "
+          f"{mallory.ua.local_port} (carol's {carol.ua.local_port}): "
+          f"{answer.status if answer else None}; rows {rows_before} -> {rows_after}; "
+          f"carol then got {states}")
+    return answer, rows_before, rows_after
+
+
+@pytest.mark.xfail(strict=True, reason="review 134 hole K3: an unsubscribe datagram from "
+                   "the follower's address at another port ends her subscription")
+def test_an_unsubscribe_datagram_from_another_port_does_not_end_the_follow(home, made, pki):
+    """Secure, as stop 43 says of a refresh (a datagram from another port than the
+    subscription's may be forged: 481, the row stays): the same datagram with
+    ``Expires: 0`` leaves the subscription in place."""
+    _, rows_before, rows_after = _unsubscribe_attempt(home, made, pki, same_address=True)
+    assert rows_after == rows_before
+
+
+def test_control_a_refresh_datagram_from_another_port_is_481(home, made, pki):
+    """Control (stop 43's rule): the same datagram with ``Expires: 600`` is 481 and
+    the row stays."""
+    src, carol, dialog = follow_over_udp(home, made, pki)
+    rows_before = next_hop(home, dialog.call_id)
+    mallory = client(home, made, "alice", src=src, transport="udp")
+    answer = refresh(mallory, dialog, cseq=carol.subscribes[-1].cseq[0] + 1)
+    assert answer is not None and answer.status == 481
+    assert next_hop(home, dialog.call_id) == rows_before
+
+
+def test_control_an_unsubscribe_from_another_address_is_403(home, made, pki):
+    answer, rows_before, rows_after = _unsubscribe_attempt(home, made, pki,
+                                                           same_address=False)
+    assert answer is not None and answer.status == 403 and rows_after == rows_before
