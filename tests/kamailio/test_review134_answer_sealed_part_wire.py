@@ -1,5 +1,90 @@
 """Review 134 (attacker's review of 9952d84), area 1: answers dropped in the core reply
-route (review 133 K3's fix).  Docstring filled in below as the review goes."""
+route (review 133 K3's fix, ``ProxyEngine.read_response``, ``kemi.read_reply``).  Real
+Kamailio (``proxy_factory``, E2M on, ``view = INVITE:application/sdp``), review 69's
+stock pjsua2 2.15.1 caller (no E2M hook) through it, bob a ``RawUas`` registered there
+(review 133's ``_stock_call``).  This module also holds the review's overall "tried and
+held" list; the other holes are in ``test_review134_cert_refresh_move_wire.py``.
+
+Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed unrecorded
+-------------------------------------------------------------------------------------------
+
+- Attacker: an **insider UA** callee (bob, registered behind alice's home proxy), or an
+  **untrusted hop** between bob and the proxy, hiding where the call's media goes from
+  the archive of a stock (non-E2M) caller.  Review 133's multipart variant, with a
+  well-formed envelope instead of junk.
+- Messages: the stock caller's plaintext INVITE; bob's 200 is ``multipart/mixed`` of
+  (1) a plain ``application/sdp`` with ``c=IN IP4 127.0.0.9``, ``m=audio 40404`` and
+  (2) an ``application/pkcs7-mime; smime-type=enveloped-data`` part
+  (``handling=optional``) that is a valid CMS envelope (263 octets, one kari) sealed
+  for a P-256 certificate nobody involved holds.
+- Observed: the proxy logs ``e2m: INVITE response 200 action=forward seen=- media=0
+  error=ProxyCannotDecryptError`` and relays the 200; **0 answer media rows**; the
+  stock caller (pjsip takes the SDP part of a multipart body) is ``CONFIRMED`` with
+  remote RTP **127.0.0.9:40404**.  With five junk octets as part (2) the same 200 is
+  dropped (``MalformedError``, review 133's fix): only the kind of error differs.
+- Code at fault: ``e2m_plugins/proxy.py:127`` (``REFUSED_RESPONSE_ERRORS`` leaves out
+  ``ProxyCannotDecryptError``) and ``:762``/``:767`` (``_read_body`` raises in
+  ``_check_policy`` before the media of the parts that *did* open is summarised), so
+  ``kamailio_app/kemi.py:2417-2418`` (``read_reply``) lets it go and tm's route records
+  nothing.  ``docs/threat-model.md`` (review 133 K3 row) keeps relaying "a body sealed
+  for others" because "the callee can always hide from the proxy behind a body the
+  caller alone opens": true for an E2M caller, not here, where the caller opens only
+  the plain SDP, which the proxy could read too.
+- Fix: in ``_read_body`` summarise the opened parts' SDP before the policy check and,
+  for a response, treat ``ProxyCannotDecryptError`` (and ``SignatureRequiredError``)
+  as refused when an opened plaintext ``application/sdp`` part sits beside the closed
+  one (drop it in the core reply route), or record that media with the error before
+  relaying.  Either keeps "an answer sealed for the caller alone is relayed".
+- Test: ``test_plain_answer_sdp_beside_a_part_sealed_for_others_is_not_relayed_unrecorded``
+  (strict xfail).
+
+Control (unmarked, passes): ``test_control_a_junk_part_beside_the_plain_sdp_is_dropped``:
+the same answer with a junk part is dropped in the core reply route (4 retransmissions
+logged ``a INVITE 200 that must be read and cannot be (MalformedError ...): dropped``),
+the caller is never CONFIRMED, no answer row.
+
+Tried and held (all areas of the brief)
+---------------------------------------
+
+- Area 1, the ``$mi`` mark (read): Kamailio numbers each message a process receives
+  (``msg->id``), the core reply route and tm's onreply route see the same ``sip_msg``;
+  ``route_reply`` re-reads whenever the kept mark differs, so a reading cannot pass to
+  another reply in the same process; a reply the core route drops never reaches tm's
+  route; a stray reply is read once (``route_stray_reply`` uses the core route's
+  reading).  No cross-process state is involved.
+- Area 1, CPU (read): the body is read in the core route now also for a reply later
+  dropped there (an own-realm 407 with a body), but a stray reply was already read
+  (review 69) and every read is under ``message_budget``: no new unbounded cost.
+- Area 1, honest answers dropped (run, unit): an E2M UA's 493 with its certificate
+  (``UAEngine.refusal``) read by a viewing proxy: no error, not refused.  Callee DoS:
+  a callee (or a hop on his leg) can only drop his own answers; other forks' answers
+  are read on their own.
+- Area 1, key accounting (read): the reading keeps ``looked_up`` from the core route
+  and tm's route spends with the transaction's caller (``keeper`` asked only when the
+  answer offers a key), as before; ``_inspect_response`` and ``read_response`` take
+  the method from the same ``cseq``.
+- Area 2, late copies (read): ``replay_key_of`` records, keeps and spends nothing; the
+  remembered answer is keyed by the signed context, To tag and Request-URI
+  (``late_copies.answer_key``), so only a copy of the signed request gets it, and it
+  holds a status line only.  A stranger's stale or reused nonce does buy the body's
+  reading before the challenge, bounded by ``message_budget`` and pike, the same cost
+  as any stranger's request to a local user (unchallenged anyway): documented.
+- Area 3, IPv6 spellings (read): ``_same_address`` compares ``ipaddress`` values, so
+  ``[::1]``/``0:0::1`` agree and an IPv4-mapped spelling differs (481, fail closed); a
+  refresh from another address is still 403 (control in the K2 module).  Cluster
+  (read, as review 127): a phone sends in-dialog requests to the Contact it was given,
+  its node's, and only that node claims the row's NOTIFYs.
+- Area 4, late 2xx (read): state is bounded (``MAX_LATE`` 32, 6 per INVITE, 16 ACKs,
+  ``_late_out`` deque of 64, ``_failed_at`` under ``_MAX_SENT``); the text handed to
+  pjsip is re-parsed by the project's parser and pjsip's, and a parse error is an
+  ``AbiError`` caught by ``_guarded``; the ACK/BYE destination is the forged 2xx's
+  Record-Route/Contact, as for any answered call (documented bound).  A forged 2xx
+  with a live call's Call-ID ends only the forged tag's slot (``_end_dialog`` with
+  ``peer_tag``).
+- Area 6, IPv6 phone (run): two e2m-phones on ``::1`` through a home listening on
+  ``udp:[::1]`` exchange a MESSAGE: 200 at the first attempt, delivered, archived in
+  plaintext (``tests/e2e/test_review134_ipv6_message.py``, with its IPv4 control).
+"""
 
 from __future__ import annotations
 
