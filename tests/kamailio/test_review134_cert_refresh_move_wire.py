@@ -1,4 +1,76 @@
-"""Review 134, area 3 (docstring completed in the area-1 module's write-up)."""
+"""Review 134 (attacker's review of 9952d84), area 3: the certificate service's refresh
+over a new connection (review 133 K1's fix: ``notifier.refresh_dialog(peer=)``,
+``cert_route.route_resubscribe``, ``cert_table.refreshed``).  Real Kamailio on loopback
+with ``[certs] notify_interval = 2`` (review 133's module fixture ``home``); carol
+follows bob's certificate over **UDP** from a loopback address of her own
+(``CertClient``, answering each NOTIFY 200); "mallory" is a second ``CertClient``.  On
+loopback "from carol's address" stands for another user behind the same NAT as carol
+(or her NAT box itself) for TCP, and for a forged source address for UDP.  The
+dialog's ids are what any hop on carol's UDP path reads from her SUBSCRIBE.
+
+Hole K2: a TCP refresh from a UDP follower's address takes her NOTIFYs
+-----------------------------------------------------------------------
+
+- Attacker: an **untrusted hop** that read carol's UDP SUBSCRIBE (Call-ID, tags, CSeq),
+  with a TCP connection from carol's address: another user behind carol's NAT, the NAT
+  box, or a hop that can finish a TCP handshake for that address (it is on the path).
+- Messages: carol's follow over UDP (``Expires: 600``), confirmed; then mallory's
+  in-dialog refresh (same ids, CSeq + 1, ``Expires: 600``, her own Contact) over a new
+  TCP connection from carol's address; then bob PUBLISHes a new certificate.
+- Observed: the refresh is ``200``; ``next_hop`` moves from
+  ``sip:127.0.133.3:<carol's UDP port>`` to ``sip:127.0.133.3:<mallory's port>;transport=tcp``;
+  mallory gets the refresh's NOTIFY **and the change's NOTIFY** (475 octets each, bob's
+  certificates); **carol gets 0** NOTIFYs.  Carol's own next refresh (UDP, her port) is
+  then ``481`` (the row, now mallory's, stays until its expiry): until that refresh
+  (her renewal interval) she is not told that bob's certificate changed or went, and
+  mallory can keep the row alive with further refreshes.  Before stop 43 a TCP refresh
+  from the same address left ``next_hop`` where it was.
+- Code at fault: ``e2m_plugins/notifier.py:191-195`` moves the hop of any directly
+  reached subscription to a TCP/TLS peer at the same IP address, including a UDP one
+  (the handshake proves the address, not the subscriber: carol's UDP port is what her
+  confirmed NOTIFY proved) and, by the same lines (read, not run), a TLS one to plain
+  TCP.
+- Fix: move the hop only between connections of the subscription's own transport (TCP
+  to TCP, TLS to TLS); a refresh over another transport than the hop's, a UDP
+  subscription's included, is 481 (subscribe anew), as a UDP refresh of a TCP one is.
+- Test: ``test_a_tcp_refresh_from_a_udp_followers_address_does_not_take_her_notifies``
+  (strict xfail).
+
+Hole K3: an unsubscribe datagram from another port ends the follow
+-------------------------------------------------------------------
+
+- Attacker: an **off-path sender** that once read the dialog's ids (or a hop), sending
+  one UDP datagram with carol's source address and any other port.
+- Messages: carol's confirmed UDP follow; one in-dialog SUBSCRIBE with ``Expires: 0``
+  (CSeq + 1) from carol's address at another port.
+- Observed: ``200``; the subscription's row goes (1 -> 0); carol gets a final NOTIFY
+  ``Subscription-State: terminated;reason=timeout``.  The same datagram with
+  ``Expires: 600`` is ``481`` and the row stays (stop 43's rule: "a datagram from
+  another port ... may be forged", "a forged datagram must not end it").  What the
+  e2m-phone then does was read, not run: ``CertServiceClient`` marks the follow
+  ``ended`` and forgets it at its next tick, and follows again only when its engine
+  next wants bob's certificate.  (This predates stop 43, which added the rule for the
+  refresh only.)
+- Code at fault: ``kamailio_app/cert_route.py:284-289``: the port and transport check
+  lives in ``notifier.refresh_dialog``, called only when ``answer.expires``; an
+  unsubscribe goes to ``subscriptions.remove`` after the address-only site check
+  (``:271``).
+- Fix: check the refresh's source against the hop before either branch (a datagram
+  from another port or transport than the hop's: 481, row kept), for ``Expires: 0``
+  too.
+- Test: ``test_an_unsubscribe_datagram_from_another_port_does_not_end_the_follow``
+  (strict xfail).
+
+Controls (unmarked, pass):
+
+- ``test_control_the_same_refresh_from_another_address_is_403``: K2's refresh over TCP
+  from another address: 403, hop unchanged, carol gets the change's NOTIFY, mallory
+  none.
+- ``test_control_a_refresh_datagram_from_another_port_is_481``: K3's datagram with
+  ``Expires: 600``: 481, row unchanged.
+- ``test_control_an_unsubscribe_from_another_address_is_403``: K3's unsubscribe from
+  another address: 403, row unchanged, no NOTIFY to carol.
+"""
 
 from __future__ import annotations
 
