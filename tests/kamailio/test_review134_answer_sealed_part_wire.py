@@ -22,21 +22,31 @@ Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed un
   stock caller (pjsip takes the SDP part of a multipart body) is ``CONFIRMED`` with
   remote RTP **127.0.0.9:40404**.  With five junk octets as part (2) the same 200 is
   dropped (``MalformedError``, review 133's fix): only the kind of error differs.
+- Variant, nothing closed to the proxy: part (2) is text sealed for **the proxy's own
+  certificate** and signed by a self-signed P-256 key (``protect_content``, whole MIME
+  part): logged ``... media=0 error=UntrustedSignerError``, relayed, 0 answer rows, the
+  stock caller ``CONFIRMED`` on **127.0.0.9:40404**.  In a unit probe
+  (``ProxyEngine.read_response``, same body) a part signed by alice (trusted, not the
+  responder) gives ``SignatureRequiredError`` and one bound to another message
+  ``BindingMismatchError``: none is refused (``response_refused`` False), so any
+  E2M error but ``MalformedError``/``LimitExceededError`` in one part lets a plain SDP
+  beside it through unrecorded.
 - Code at fault: ``e2m_plugins/proxy.py:127`` (``REFUSED_RESPONSE_ERRORS`` leaves out
   ``ProxyCannotDecryptError``) and ``:762``/``:767`` (``_read_body`` raises in
   ``_check_policy`` before the media of the parts that *did* open is summarised), so
   ``kamailio_app/kemi.py:2417-2418`` (``read_reply``) lets it go and tm's route records
-  nothing.  ``docs/threat-model.md`` (review 133 K3 row) keeps relaying "a body sealed
+  nothing (the same for the ``E2MError`` of ``check_signed_by``/``_context`` at
+  ``:761-765``).  ``docs/threat-model.md`` (review 133 K3 row) keeps relaying "a body sealed
   for others" because "the callee can always hide from the proxy behind a body the
   caller alone opens": true for an E2M caller, not here, where the caller opens only
   the plain SDP, which the proxy could read too.
 - Fix: in ``_read_body`` summarise the opened parts' SDP before the policy check and,
-  for a response, treat ``ProxyCannotDecryptError`` (and ``SignatureRequiredError``)
-  as refused when an opened plaintext ``application/sdp`` part sits beside the closed
-  one (drop it in the core reply route), or record that media with the error before
-  relaying.  Either keeps "an answer sealed for the caller alone is relayed".
-- Test: ``test_plain_answer_sdp_beside_a_part_sealed_for_others_is_not_relayed_unrecorded``
-  (strict xfail).
+  for a response, treat any reading error as refused when an opened plaintext
+  ``application/sdp`` part sits beside the failing one (drop it in the core reply
+  route), or record that media with the error before relaying.  Either keeps "an answer sealed for the caller alone is relayed".
+- Tests: ``test_plain_answer_sdp_beside_a_part_sealed_for_others_is_not_relayed_unrecorded``
+  and ``test_plain_answer_sdp_beside_a_badly_signed_part_for_the_proxy_is_not_relayed_unrecorded``
+  (strict xfails).
 
 Control (unmarked, passes): ``test_control_a_junk_part_beside_the_plain_sdp_is_dropped``:
 the same answer with a junk part is dropped in the core reply route (4 retransmissions
@@ -96,6 +106,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from e2m_lab.kamailio_harness import PROXY_HOST
+from e2m_plugins import mime
+from e2m_plugins.body import protect_content
 from e2m_plugins.cms.envelope import seal
 from e2m_plugins.cms.recipients import recipient_for_certificate
 from tests.kamailio.test_review133_answer_sdp_wire import CLEAN, _stock_call
@@ -105,9 +118,7 @@ pytestmark = pytest.mark.kamailio
 _BOUNDARY = "r134b"
 
 
-def _stranger_envelope() -> bytes:
-    """A well-formed CMS envelope sealed for a certificate nobody here holds (the
-    caller's stack would not open it either: a stock caller has no S/MIME)."""
+def _self_signed():
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "somebody else")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -115,17 +126,34 @@ def _stranger_envelope() -> bytes:
             .public_key(key.public_key()).serial_number(134)
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))
-    return seal(b"nothing", [recipient_for_certificate(cert)]).der
+    return cert, key
 
 
-def _mixed(second: bytes) -> bytes:
-    """bob's plain SDP on 127.0.0.9 beside an ``optional`` S/MIME part ``second``."""
+def _stranger_envelope() -> bytes:
+    """A well-formed CMS envelope sealed for a certificate nobody here holds (the
+    caller's stack would not open it either: a stock caller has no S/MIME)."""
+    return seal(b"nothing", [recipient_for_certificate(_self_signed()[0])]).der
+
+
+def _part_for_the_proxy_badly_signed(pki) -> bytes:
+    """A whole MIME part (headers and body) the proxy itself opens: text sealed for its
+    certificate, signed by a self-signed key no anchor vouches for."""
+    entity, _ = protect_content("text/plain", b"nothing", [
+        recipient_for_certificate(pki.proxy(PROXY_HOST).cert)], signer=_self_signed(),
+        handling="optional")
+    return mime.encode_part(entity)
+
+
+def _mixed(second: bytes, *, whole_part: bool = False) -> bytes:
+    """bob's plain SDP on 127.0.0.9 beside an ``optional`` S/MIME part: ``second`` as
+    its body, or (``whole_part``) as the whole part."""
+    head = b"" if whole_part else (
+        "Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name=smime.p7m"
+        "\r\nContent-Transfer-Encoding: binary\r\n"
+        "Content-Disposition: attachment;handling=optional\r\n\r\n").encode()
     return (f"--{_BOUNDARY}\r\nContent-Type: application/sdp\r\n\r\n".encode()
             + CLEAN.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 127.0.0.9")
-            + f"\r\n--{_BOUNDARY}\r\nContent-Type: application/pkcs7-mime; "
-              f"smime-type=enveloped-data; name=smime.p7m\r\n"
-              f"Content-Transfer-Encoding: binary\r\n"
-              f"Content-Disposition: attachment;handling=optional\r\n\r\n".encode()
+            + f"\r\n--{_BOUNDARY}\r\n".encode() + head
             + second + f"\r\n--{_BOUNDARY}--\r\n".encode())
 
 
@@ -146,6 +174,20 @@ def test_plain_answer_sdp_beside_a_part_sealed_for_others_is_not_relayed_unrecor
     """Secure: the media a stock caller takes from a relayed answer is media the proxy
     recorded for it (or the answer is not relayed)."""
     got, answers, _ = _call(proxy_factory, tmp_path, _mixed(_stranger_envelope()), "r134s")
+    taken = got.get("final_rtp") or got.get("remote_rtp")
+    assert got.get("state") != "CONFIRMED" or \
+        any(f"{row['address']}:{row['port']}" == taken for row in answers), (got, answers)
+
+
+@pytest.mark.xfail(strict=True, reason="review 134 hole K1: a plain answer SDP beside a part "
+                   "the proxy opens but whose signer is untrusted is relayed unrecorded")
+def test_plain_answer_sdp_beside_a_badly_signed_part_for_the_proxy_is_not_relayed_unrecorded(
+        proxy_factory, tmp_path, pki):
+    """The same door with a part sealed for the proxy itself (nothing is closed to it),
+    signed by a self-signed key: secure as above."""
+    got, answers, _ = _call(proxy_factory, tmp_path,
+                            _mixed(_part_for_the_proxy_badly_signed(pki), whole_part=True),
+                            "r134u")
     taken = got.get("final_rtp") or got.get("remote_rtp")
     assert got.get("state") != "CONFIRMED" or \
         any(f"{row['address']}:{row['port']}" == taken for row in answers), (got, answers)
