@@ -35,8 +35,8 @@ Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed un
   ``ProxyCannotDecryptError``) and ``:762``/``:767`` (``_read_body`` raises in
   ``_check_policy`` before the media of the parts that *did* open is summarised), so
   ``kamailio_app/kemi.py:2417-2418`` (``read_reply``) lets it go and tm's route records
-  nothing (the same for the ``E2MError`` of ``check_signed_by``/``_context`` at
-  ``:761-765``).  ``docs/threat-model.md`` (review 133 K3 row) keeps relaying "a body sealed
+  nothing (the same for the ``E2MError`` of ``open_part`` (an untrusted signer), ``_context`` and ``check_signed_by`` at
+  ``:755-765``).  ``docs/threat-model.md`` (review 133 K3 row) keeps relaying "a body sealed
   for others" because "the callee can always hide from the proxy behind a body the
   caller alone opens": true for an E2M caller, not here, where the caller opens only
   the plain SDP, which the proxy could read too.
