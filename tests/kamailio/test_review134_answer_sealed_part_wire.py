@@ -35,15 +35,16 @@ Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed un
   ``ProxyCannotDecryptError``) and ``:762``/``:767`` (``_read_body`` raises in
   ``_check_policy`` before the media of the parts that *did* open is summarised), so
   ``kamailio_app/kemi.py:2417-2418`` (``read_reply``) lets it go and tm's route records
-  nothing (the same for the ``E2MError`` of ``open_part`` (an untrusted signer), ``_context`` and ``check_signed_by`` at
-  ``:755-765``).  ``docs/threat-model.md`` (review 133 K3 row) keeps relaying "a body sealed
-  for others" because "the callee can always hide from the proxy behind a body the
+  nothing (the same for an ``E2MError`` from ``open_part``, an untrusted signer,
+  ``_context`` or ``check_signed_by`` at ``:755-765``).  ``docs/threat-model.md``
+  (review 133 K3 row) keeps relaying "a body sealed for others" because "the callee can always hide from the proxy behind a body the
   caller alone opens": true for an E2M caller, not here, where the caller opens only
   the plain SDP, which the proxy could read too.
 - Fix: in ``_read_body`` summarise the opened parts' SDP before the policy check and,
   for a response, treat any reading error as refused when an opened plaintext
   ``application/sdp`` part sits beside the failing one (drop it in the core reply
-  route), or record that media with the error before relaying.  Either keeps "an answer sealed for the caller alone is relayed".
+  route), or record that media with the error before relaying.  Either keeps "an
+  answer sealed for the caller alone is relayed".
 - Tests: ``test_plain_answer_sdp_beside_a_part_sealed_for_others_is_not_relayed_unrecorded``
   and ``test_plain_answer_sdp_beside_a_badly_signed_part_for_the_proxy_is_not_relayed_unrecorded``
   (strict xfails).
