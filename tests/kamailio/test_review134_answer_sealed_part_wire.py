@@ -37,8 +37,8 @@ Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed un
   ``kamailio_app/kemi.py:2417-2418`` (``read_reply``) lets it go and tm's route records
   nothing (the same for an ``E2MError`` from ``open_part``, an untrusted signer,
   ``_context`` or ``check_signed_by`` at ``:755-765``).  ``docs/threat-model.md``
-  (review 133 K3 row) keeps relaying "a body sealed for others" because "the callee can always hide from the proxy behind a body the
-  caller alone opens": true for an E2M caller, not here, where the caller opens only
+  (review 133 K3 row) keeps relaying "a body sealed for others" because "the callee
+  can always hide from the proxy behind a body the caller alone opens": true for an E2M caller, not here, where the caller opens only
   the plain SDP, which the proxy could read too.
 - Fix: in ``_read_body`` summarise the opened parts' SDP before the policy check and,
   for a response, treat any reading error as refused when an opened plaintext
