@@ -38,8 +38,9 @@ Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed un
   nothing (the same for an ``E2MError`` from ``open_part``, an untrusted signer,
   ``_context`` or ``check_signed_by`` at ``:755-765``).  ``docs/threat-model.md``
   (review 133 K3 row) keeps relaying "a body sealed for others" because "the callee
-  can always hide from the proxy behind a body the caller alone opens": true for an E2M caller, not here, where the caller opens only
-  the plain SDP, which the proxy could read too.
+  can always hide from the proxy behind a body the caller alone opens": true for an
+  E2M caller, not here, where the caller opens only the plain SDP, which the proxy
+  could read too.
 - Fix: in ``_read_body`` summarise the opened parts' SDP before the policy check and,
   for a response, treat any reading error as refused when an opened plaintext
   ``application/sdp`` part sits beside the failing one (drop it in the core reply
