@@ -22,7 +22,8 @@ Hole K2: a TCP refresh from a UDP follower's address takes her NOTIFYs
   mallory gets the refresh's NOTIFY **and the change's NOTIFY** (475 octets each, bob's
   certificates); **carol gets 0** NOTIFYs.  Carol's own next refresh (UDP, her port) is
   then ``481`` (the row, now mallory's, stays until its expiry): until that refresh
-  (her renewal interval) she is not told that bob's certificate changed or went, and
+  (her renewal; read, not run: the e2m-phone asks ``Expires: 3600`` and renews at 80 %
+  of it, ``certservice_client._RENEW_FRACTION``, so up to 48 minutes) she is not told that bob's certificate changed or went, and
   mallory can keep the row alive with further refreshes.  Before stop 43 a TCP refresh
   from the same address left ``next_hop`` where it was.
 - Code at fault: ``e2m_plugins/notifier.py:191-195`` moves the hop of any directly
@@ -48,9 +49,11 @@ Hole K3: an unsubscribe datagram from another port ends the follow
   ``Expires: 600`` is ``481`` and the row stays (stop 43's rule: "a datagram from
   another port ... may be forged", "a forged datagram must not end it").  What the
   e2m-phone then does was read, not run: ``CertServiceClient`` marks the follow
-  ``ended`` and forgets it at its next tick, and follows again only when its engine
-  next wants bob's certificate.  (This predates stop 43, which added the rule for the
-  refresh only.)
+  ``ended``, forgets it at its next tick, and ``_follow_peers_in_use`` follows bob
+  again at that tick if he is a peer in use: for the e2m-phone the gap is likely a
+  tick and a round trip, and the attacker needs the new dialog's ids to do it again.
+  Low impact, but against the rule stop 43 states.  (It predates stop 43, which added
+  the rule for the refresh only.)
 - Code at fault: ``kamailio_app/cert_route.py:284-289``: the port and transport check
   lives in ``notifier.refresh_dialog``, called only when ``answer.expires``; an
   unsubscribe goes to ``subscriptions.remove`` after the address-only site check
