@@ -23,8 +23,9 @@ Hole K2: a TCP refresh from a UDP follower's address takes her NOTIFYs
   certificates); **carol gets 0** NOTIFYs.  Carol's own next refresh (UDP, her port) is
   then ``481`` (the row, now mallory's, stays until its expiry): until that refresh
   (her renewal; read, not run: the e2m-phone asks ``Expires: 3600`` and renews at 80 %
-  of it, ``certservice_client._RENEW_FRACTION``, so up to 48 minutes) she is not told that bob's certificate changed or went, and
-  mallory can keep the row alive with further refreshes.  Before stop 43 a TCP refresh
+  of it, ``certservice_client._RENEW_FRACTION``, so up to 48 minutes) she is not told
+  that bob's certificate changed or went, and mallory can keep the row alive with
+  further refreshes.  Before stop 43 a TCP refresh
   from the same address left ``next_hop`` where it was.
 - Code at fault: ``e2m_plugins/notifier.py:191-195`` moves the hop of any directly
   reached subscription to a TCP/TLS peer at the same IP address, including a UDP one
