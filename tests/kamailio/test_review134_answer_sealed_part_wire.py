@@ -93,9 +93,26 @@ Tried and held (all areas of the brief)
   Record-Route/Contact, as for any answered call (documented bound).  A forged 2xx
   with a live call's Call-ID ends only the forged tag's slot (``_end_dialog`` with
   ``peer_tag``).
+- Area 3, more (read): a TCP subscription moved by a TCP refresh from the same address
+  is stop 43's intent (an honest reconnect looks the same); a TLS one moved to plain
+  TCP needs the dialog's ids, which TLS hides from hops; on IPv6 the 403 rule is per
+  /56 (``sources.site_of``), so a refresh from another address in the subscriber's
+  /56 reaches ``refresh_dialog`` and is 481 (exact address compared), while an
+  unsubscribe from there ends the follow (K3's class).
+- Area 5, the listener under a stranger's churn below ~200 connections a second (run):
+  the proxy's TCP connect got in and alice was told (K4 module); requests over the
+  listener from another address are 403 (stop 43's own tests).
 - Area 6, IPv6 phone (run): two e2m-phones on ``::1`` through a home listening on
   ``udp:[::1]`` exchange a MESSAGE: 200 at the first attempt, delivered, archived in
   plaintext (``tests/e2e/test_review134_ipv6_message.py``, with its IPv4 control).
+
+Not tried (ideas left): the K1 door in a re-INVITE's, UPDATE's or reliable 183's answer
+(same ``_read_body``, so expected alike); the late-2xx ACK/BYE built with the forged
+2xx's From URI (``late_2xx._request`` copies the 2xx's From, whose tag alone is
+checked) and what a home without ``[auth]`` does with it; K2 against the real
+e2m-phone (its 481 handling and renewal timing were read, not run); a stale-nonce
+stranger's cost measured on the wire; K4 with the proxy's large MESSAGE or INVITE
+instead of the NOTIFY, and over IPv6.
 """
 
 from __future__ import annotations
