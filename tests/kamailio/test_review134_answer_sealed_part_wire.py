@@ -3,7 +3,8 @@ route (review 133 K3's fix, ``ProxyEngine.read_response``, ``kemi.read_reply``).
 Kamailio (``proxy_factory``, E2M on, ``view = INVITE:application/sdp``), review 69's
 stock pjsua2 2.15.1 caller (no E2M hook) through it, bob a ``RawUas`` registered there
 (review 133's ``_stock_call``).  This module also holds the review's overall "tried and
-held" list; the other holes are in ``test_review134_cert_refresh_move_wire.py``.
+held" list; the other holes are in ``test_review134_cert_refresh_move_wire.py`` (K2,
+K3) and ``tests/e2e/test_review134_tcp_listener_churn.py`` (K4).
 
 Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed unrecorded
 -------------------------------------------------------------------------------------------
@@ -25,8 +26,8 @@ Hole K1: a plain answer SDP beside a part sealed for somebody else is relayed un
 - Variant, nothing closed to the proxy: part (2) is text sealed for **the proxy's own
   certificate** and signed by a self-signed P-256 key (``protect_content``, whole MIME
   part): logged ``... media=0 error=UntrustedSignerError``, relayed, 0 answer rows, the
-  stock caller ``CONFIRMED`` on **127.0.0.9:40404**.  In a unit probe
-  (``ProxyEngine.read_response``, same body) a part signed by alice (trusted, not the
+  stock caller ``CONFIRMED`` on **127.0.0.9:40404**.  In a one-off script (not kept;
+  ``ProxyEngine.read_response`` on the same body) a part signed by alice (trusted, not the
   responder) gives ``SignatureRequiredError`` and one bound to another message
   ``BindingMismatchError``: none is refused (``response_refused`` False), so any
   E2M error but ``MalformedError``/``LimitExceededError`` in one part lets a plain SDP
@@ -67,7 +68,7 @@ Tried and held (all areas of the brief)
 - Area 1, CPU (read): the body is read in the core route now also for a reply later
   dropped there (an own-realm 407 with a body), but a stray reply was already read
   (review 69) and every read is under ``message_budget``: no new unbounded cost.
-- Area 1, honest answers dropped (run, unit): an E2M UA's 493 with its certificate
+- Area 1, honest answers dropped (run once as a script, not kept): an E2M UA's 493 with its certificate
   (``UAEngine.refusal``) read by a viewing proxy: no error, not refused.  Callee DoS:
   a callee (or a hop on his leg) can only drop his own answers; other forks' answers
   are read on their own.
