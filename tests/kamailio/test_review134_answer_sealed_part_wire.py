@@ -68,8 +68,9 @@ Tried and held (all areas of the brief)
 - Area 1, CPU (read): the body is read in the core route now also for a reply later
   dropped there (an own-realm 407 with a body), but a stray reply was already read
   (review 69) and every read is under ``message_budget``: no new unbounded cost.
-- Area 1, honest answers dropped (run once as a script, not kept): an E2M UA's 493 with its certificate
-  (``UAEngine.refusal``) read by a viewing proxy: no error, not refused.  Callee DoS:
+- Area 1, honest answers dropped (run once as a script, not kept): an E2M UA's 493
+  with its certificate (``UAEngine.refusal``) read by a viewing proxy: no error, not
+  refused.  Callee DoS:
   a callee (or a hop on his leg) can only drop his own answers; other forks' answers
   are read on their own.
 - Area 1, key accounting (read): the reading keeps ``looked_up`` from the core route
