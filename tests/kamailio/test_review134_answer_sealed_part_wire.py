@@ -116,9 +116,9 @@ Tried and held (all areas of the brief)
   plaintext (``tests/e2e/test_review134_ipv6_message.py``, with its IPv4 control).
 
 Not tried (ideas left): the K1 door in an UPDATE's or reliable 183's answer (same
-``_read_body`` as the re-INVITE's, run, so expected alike); the late-2xx ACK/BYE built with the forged
-2xx's From URI (``late_2xx._request`` copies the 2xx's From, whose tag alone is
-checked) and what a home without ``[auth]`` does with it; K2 against the real
+``_read_body`` as the re-INVITE's, run, so expected alike); the late-2xx ACK/BYE
+built with the forged 2xx's From URI (``late_2xx._request`` copies the 2xx's From,
+whose tag alone is checked) and what a home without ``[auth]`` does with it; K2 against the real
 e2m-phone (its 481 handling and renewal timing were read, not run); a stale-nonce
 stranger's cost measured on the wire; K4 with the proxy's large MESSAGE or INVITE
 instead of the NOTIFY, and over IPv6.
