@@ -28,7 +28,7 @@ from .sip import SipMessage, parse_address
 from .uri import aor_of, parse_uri
 
 __all__ = ["Peer", "Subscription", "NotifyRequest", "open_dialog", "refresh_dialog",
-           "SubscriberMovedError",
+           "SubscriberMovedError", "in_dialog_hop",
            "notify_request", "next_hop_for_size", "UDP_LIMIT"]
 
 _TRANSPORTS = ("udp", "tcp", "tls")
@@ -187,15 +187,29 @@ def refresh_dialog(subscription: Subscription, message: SipMessage, expires: flo
     from another transport to UDP, may be forged: ``SubscriberMovedError``.  Through a
     route set, the first hop stays what the SUBSCRIBE's Record-Route named."""
     target = _contact(message) if message.has("Contact") else subscription.remote_target
-    hop = subscription.next_hop
-    if peer is not None and not subscription.route_set and peer.uri() != hop:
-        if peer.transport == "udp" or not _same_address(parse_uri(hop).host, peer.ip):
-            raise SubscriberMovedError("a refresh from another port or transport than "
-                                       "the one the NOTIFYs go to")
-        hop = peer.uri()
+    hop = subscription.next_hop if peer is None else in_dialog_hop(subscription, peer)
     refreshed = replace(subscription, remote_target=target, expires=expires, next_hop=hop)
     _check_size(refreshed)
     return refreshed
+
+
+def in_dialog_hop(subscription: Subscription, peer: Peer) -> str:
+    """Where the subscription's NOTIFYs go after a request in its dialog (a refresh or
+    an unsubscribe) from ``peer`` (the host checked it is the subscription's address):
+    the same hop, or for a subscription reached directly over TCP or TLS, the new
+    connection of that same transport (a stream's next connection has a new port; a
+    handshake proved its source).  ``SubscriberMovedError`` for anything else: a
+    datagram from another port may be forged, and another transport from that
+    address may be anyone behind the same NAT (a UDP follower's NOTIFYs would go to
+    a hop's TCP connection, a TLS one's to plain TCP: review 134 K2)."""
+    hop = subscription.next_hop
+    if subscription.route_set or peer.uri() == hop:
+        return hop
+    if peer.transport == "udp" or peer.transport != _transport(hop) \
+            or not _same_address(parse_uri(hop).host, peer.ip):
+        raise SubscriberMovedError("a request in the subscription from another port or "
+                                   "transport than the one its NOTIFYs go to")
+    return peer.uri()
 
 
 def notify_request(subscription: Subscription, cseq: int) -> NotifyRequest:

@@ -286,6 +286,9 @@ class CertService:
                                               self._peer())
                 cseq = self.subscriptions.refreshed(sub, now)
             else:
+                # an unsubscribe too: a datagram from another port must not end it
+                # (review 134 K3)
+                notifier.in_dialog_hop(sub, self._peer())
                 cseq = self.subscriptions.remove(sub)
         except notifier.SubscriberMovedError as exc:
             # the row stays (a forged datagram must not end it): it lapses at its expiry

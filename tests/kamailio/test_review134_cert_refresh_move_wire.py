@@ -74,6 +74,14 @@ Controls (unmarked, pass):
   ``Expires: 600``: 481, row unchanged.
 - ``test_control_an_unsubscribe_from_another_address_is_403``: K3's unsubscribe from
   another address: 403, row unchanged, no NOTIFY to carol.
+
+Fixed (stop 43), K2 and K3: ``notifier.in_dialog_hop`` decides where a subscription's
+NOTIFYs go after any request in its dialog, a refresh (``refresh_dialog``) or an
+unsubscribe (``cert_route.route_resubscribe``): the same hop, or a new connection of
+the same stream transport (TCP to TCP, TLS to TLS) from the subscription's address;
+anything else (another UDP port, another transport, UDP to TCP as in K2, TLS down to
+TCP) is 481 and the row stays.  On the code before (stop 43's first K1 fix), both hole
+tests failed; now both pass, and ``tests/unit/test_notifier.py`` holds each case.
 """
 
 from __future__ import annotations
@@ -136,8 +144,6 @@ def _move_attempt(home, made, pki, *, same_address: bool):
     return answer, hop_before, hop_after, got_carol, got_mallory
 
 
-@pytest.mark.xfail(strict=True, reason="review 134 hole K2: a TCP refresh from a UDP "
-                   "follower's address moves her NOTIFYs to whoever opened it")
 def test_a_tcp_refresh_from_a_udp_followers_address_does_not_take_her_notifies(
         home, made, pki):
     """Secure: a UDP subscription's NOTIFYs keep going to the UDP port they were
@@ -177,8 +183,6 @@ def _unsubscribe_attempt(home, made, pki, *, same_address: bool):
     return answer, rows_before, rows_after
 
 
-@pytest.mark.xfail(strict=True, reason="review 134 hole K3: an unsubscribe datagram from "
-                   "the follower's address at another port ends her subscription")
 def test_an_unsubscribe_datagram_from_another_port_does_not_end_the_follow(home, made, pki):
     """Secure, as stop 43 says of a refresh (a datagram from another port than the
     subscription's may be forged: 481, the row stays): the same datagram with

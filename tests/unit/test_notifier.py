@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from e2m_plugins.errors import MalformedError, PolicyError
-from e2m_plugins.notifier import (Peer, SubscriberMovedError, notify_request, open_dialog,
-                                 refresh_dialog)
+from e2m_plugins.notifier import (Peer, SubscriberMovedError, in_dialog_hop, notify_request,
+                                 open_dialog, refresh_dialog)
 from e2m_plugins.sip import make_request
 
 PEER = Peer("192.0.2.7", 40123, "udp")
@@ -131,26 +131,30 @@ def test_a_refresh_over_a_new_tcp_connection_moves_the_next_hop():
     assert same.next_hop == sub.next_hop
     moved = refresh_dialog(sub, _subscribe(contact=None), 2.0, Peer("192.0.2.7", 50999, "tcp"))
     assert moved.next_hop == "sip:192.0.2.7:50999;transport=tcp"
-    tls = refresh_dialog(sub, _subscribe(contact=None), 2.0, Peer("192.0.2.7", 50998, "tls"))
+    over_tls = open_dialog(_subscribe(), local_tag="t", peer=Peer("192.0.2.7", 40123, "tls"),
+                           contact=CONTACT, event_id=None, expires=1.0)
+    tls = refresh_dialog(over_tls, _subscribe(contact=None), 2.0, Peer("192.0.2.7", 50998, "tls"))
     assert tls.next_hop == "sip:192.0.2.7:50998;transport=tls"
 
 
-@pytest.mark.parametrize("peer", [Peer("192.0.2.7", 40999, "udp"),     # a NAT's new port
-                                  Peer("192.0.2.7", 40123, "udp"),     # TCP to UDP
-                                  Peer("192.0.2.8", 50999, "tcp")])    # another address
-def test_a_refresh_the_notifies_cannot_follow_is_refused(peer):
+@pytest.mark.parametrize("held, peer", [
+    ("udp", Peer("192.0.2.7", 40999, "udp")),     # a NAT's new port (or a forged one)
+    ("udp", Peer("192.0.2.7", 50999, "tcp")),     # UDP to TCP: anyone behind her NAT (review 134 K2)
+    ("tcp", Peer("192.0.2.7", 40123, "udp")),     # TCP to UDP
+    ("tcp", Peer("192.0.2.7", 50998, "tls")),     # another transport
+    ("tls", Peer("192.0.2.7", 50997, "tcp")),     # TLS down to plain TCP
+    ("tcp", Peer("192.0.2.8", 50999, "tcp"))])    # another address
+def test_a_refresh_the_notifies_cannot_follow_is_refused(held, peer):
     """A datagram's source may be forged (it would steer NOTIFYs to another port of the
-    subscriber's address), and another address is not the subscriber's:
-    ``SubscriberMovedError`` (the host answers 481: subscribe anew)."""
-    sub = open_dialog(_subscribe(), local_tag="t", peer=TCP_PEER, contact=CONTACT,
-                      event_id=None, expires=1.0)
-    udp = open_dialog(_subscribe(), local_tag="t", peer=PEER, contact=CONTACT,
-                      event_id=None, expires=1.0)
-    for held in (sub, udp):
-        if peer.uri() == held.next_hop:
-            continue
-        with pytest.raises(SubscriberMovedError):
-            refresh_dialog(held, _subscribe(contact=None), 2.0, peer)
+    subscriber's address), another transport from her address may be anyone behind
+    her NAT, and another address is not the subscriber's: ``SubscriberMovedError``
+    (the host answers 481: subscribe anew), for a refresh and an unsubscribe alike."""
+    sub = open_dialog(_subscribe(), local_tag="t", peer=Peer("192.0.2.7", 40123, held),
+                      contact=CONTACT, event_id=None, expires=1.0)
+    with pytest.raises(SubscriberMovedError):
+        refresh_dialog(sub, _subscribe(contact=None), 2.0, peer)
+    with pytest.raises(SubscriberMovedError):
+        in_dialog_hop(sub, peer)
 
 
 def test_a_refresh_through_a_route_set_keeps_its_first_hop():
