@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import OpenedPart, check_context, check_signed_by, message_body, open_part, top_parts
+from .body import (OpenedPart, check_context, check_signed_by, is_encrypted, message_body,
+                   open_part, plaintext_leaves, top_parts)
 from .certstore import fingerprint_sha256
 from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .cms.budget import message_budget
@@ -124,8 +125,26 @@ _SKIPPED = BodyReading(True)
 # A response whose body the proxy cannot take apart or summarise (the SDP view's
 # refusals, a part that does not parse, one past the limits) is dropped, not relayed
 # unread: a stock caller would act on what the archive never recorded (review 133).
-# A body sealed for others, or a signature the caller judges, is relayed as before.
+# So is one whose reading failed in any other way when some part of it is readable
+# without a key (``_keyless_content``): a plain SDP beside a part sealed for others
+# or badly signed (review 134 K1).  Only a body sealed whole is relayed with its error:
+# nobody but its recipients acts on it.
 REFUSED_RESPONSE_ERRORS = (MalformedError, LimitExceededError)
+
+
+def _keyless_content(message: SipMessage) -> bool:
+    """Whether any part of ``message``'s body can be read without a key: plaintext, or
+    signed and not sealed.  True too for a body that cannot be walked."""
+    try:
+        body = message_body(message)
+        if body is None:
+            return False
+        protected: list[mime.MimePart] = []
+        if plaintext_leaves(body, protected=protected):
+            return True
+        return any(not is_encrypted(part) for part in protected)
+    except E2MError:
+        return True
 
 
 @dataclass(frozen=True)
@@ -324,8 +343,14 @@ class ProxyEngine:
 
     @staticmethod
     def response_refused(reading: BodyReading) -> bool:
-        """Whether a response so read must not be relayed (``REFUSED_RESPONSE_ERRORS``)."""
-        return isinstance(reading.error, REFUSED_RESPONSE_ERRORS)
+        """Whether a response so read must not be relayed: its reading failed, and the
+        failure is one of ``REFUSED_RESPONSE_ERRORS`` or some part of the body can be
+        read without a key (``_keyless_content``)."""
+        if reading.error is None:
+            return False
+        if isinstance(reading.error, REFUSED_RESPONSE_ERRORS):
+            return True
+        return reading.of is not None and _keyless_content(reading.of)
 
     def inspect(self, message: SipMessage, *,
                 caller: str | Callable[[], str | None] | None = None,

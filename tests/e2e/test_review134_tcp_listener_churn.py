@@ -43,6 +43,11 @@ Hole K4: a stranger's TCP churn keeps the listener's gate shut against the proxy
 
 Control (unmarked, passes): ``test_control_without_churn``: the same flow with no
 stranger: told, the NOTIFY over a TCP connection the phone accepted (``accepted`` 1).
+
+Left open (stop 43), K4: the TCP guard's SYN gate (``pjsua_hooks/tcpguard.py``) shuts
+for every source alike, the proxy's too; a fix would let the home proxy's address
+through the gate (or keep one accept slot for it).  Not attempted this stop; the strict
+xfail stays and the threat-model row says so.  A TCP phone has the same limit.
 """
 
 from __future__ import annotations

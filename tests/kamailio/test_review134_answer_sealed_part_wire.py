@@ -122,6 +122,15 @@ whose tag alone is checked) and what a home without ``[auth]`` does with it; K2 
 e2m-phone (its 481 handling and renewal timing were read, not run); a stale-nonce
 stranger's cost measured on the wire; K4 with the proxy's large MESSAGE or INVITE
 instead of the NOTIFY, and over IPv6.
+
+Fixed (stop 43), K1: a response whose reading fails in any way is dropped in the core
+reply route when some part of its body is readable without a key
+(``proxy._keyless_content``: a plaintext leaf, or a signed part not sealed); only a
+body sealed whole is relayed with its error (nobody but its recipients acts on it), as
+documented.  ``MalformedError`` and ``LimitExceededError`` are dropped whatever the
+body.  On the code before (stop 43's first K3 fix), the 3 hole tests failed; now the
+three 200s are dropped and the stock caller is not CONFIRMED on 127.0.0.9 (nor moved to
+it by the re-INVITE).
 """
 
 from __future__ import annotations
@@ -200,8 +209,6 @@ def _call(proxy_factory, tmp_path, body: bytes, name: str):
     return got, answers, seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 134 hole K1: a plain answer SDP beside a part "
-                   "sealed for others is relayed unrecorded and a stock caller takes it")
 def test_plain_answer_sdp_beside_a_part_sealed_for_others_is_not_relayed_unrecorded(
         proxy_factory, tmp_path):
     """Secure: the media a stock caller takes from a relayed answer is media the proxy
@@ -212,8 +219,6 @@ def test_plain_answer_sdp_beside_a_part_sealed_for_others_is_not_relayed_unrecor
         any(f"{row['address']}:{row['port']}" == taken for row in answers), (got, answers)
 
 
-@pytest.mark.xfail(strict=True, reason="review 134 hole K1: a plain answer SDP beside a part "
-                   "the proxy opens but whose signer is untrusted is relayed unrecorded")
 def test_plain_answer_sdp_beside_a_badly_signed_part_for_the_proxy_is_not_relayed_unrecorded(
         proxy_factory, tmp_path, pki):
     """The same door with a part sealed for the proxy itself (nothing is closed to it),
@@ -278,8 +283,6 @@ def _reinvited(proxy_factory, tmp_path, reanswer: bytes, name: str):
     return got, answers
 
 
-@pytest.mark.xfail(strict=True, reason="review 134 hole K1: a re-INVITE's plain answer SDP "
-                   "beside a part sealed for others moves the media unrecorded")
 def test_reinvite_answer_beside_a_part_sealed_for_others_does_not_move_media_unrecorded(
         proxy_factory, tmp_path):
     """Mid-dialog: secure, the address the stock caller sends to after the re-INVITE
