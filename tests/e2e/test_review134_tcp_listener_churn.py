@@ -45,8 +45,11 @@ Control (unmarked, passes): ``test_control_without_churn``: the same flow with n
 stranger: told, the NOTIFY over a TCP connection the phone accepted (``accepted`` 1).
 
 Left open (stop 43), K4: the TCP guard's SYN gate (``pjsua_hooks/tcpguard.py``) shuts
-for every source alike, the proxy's too; a fix would let the home proxy's address
-through the gate (or keep one accept slot for it).  Not attempted this stop; the strict
+for every source alike, the proxy's too.  Tried and reverted: a gate whose BPF program
+passes SYNs from the home proxy's IPv4 addresses (``ProxySource``).  On a bare socket
+it let 127.0.0.2 in and kept 127.0.0.3 out, but here, at 6,780 connection attempts in
+the window, alice was still not told (gate shut, 48 of 48 slots): something past the
+SYN (pjlib's accept path or its 64 handles) still shuts the proxy out.  The strict
 xfail stays and the threat-model row says so.  A TCP phone has the same limit.
 """
 
