@@ -27,7 +27,9 @@ Hole K2
   a method the view covers, any multipart other than ``multipart/mixed`` and
   ``multipart/signed`` (MalformedError: dropped in the core reply route, 415/400 for a
   request), or summarise every ``application/sdp`` leaf ``plaintext_leaves`` finds.
-  The same rule is worth checking for an offer (a request): not run here.
+  The offer side, engine only (a script, not kept): ``ProxyEngine.inspect`` of an INVITE
+  whose body is the same ``multipart/alternative`` gives ``forward``, no error, no
+  media; a stock callee reading it on the wire was not run.
 - Test: ``test_sdp_in_multipart_alternative_is_not_relayed_unrecorded`` (strict xfail).
 
 Controls (unmarked, pass): ``test_control_sdp_in_multipart_mixed_is_recorded`` (the same
