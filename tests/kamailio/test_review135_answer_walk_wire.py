@@ -64,6 +64,21 @@ Tried and held
   through a verifying proxy fails.  Reported as an observation, not a hole: a verify
   rule names bodies that "must be signed" (docs/protocol.md §5.1), so this may be the
   intended enforcement for answers; the docs do not say so for responses.
+- (a) a plain SDP answer under other spellings (engine, ``read_response``, run as a
+  script): ``application/sdp;charset=utf-8``, ``Application/SDP``, a ``Content-Encoding:
+  gzip`` header, ``Content-Disposition`` ``render``/``early-session``/``session;
+  handling=optional``, and inside ``multipart/mixed`` a part with ``early-session``,
+  ``Content-Transfer-Encoding: 8bit``, ``charset`` or a spaced parameter: every one is
+  summarised (media 127.0.0.9:40404 recorded).  ``multipart/alternative`` and
+  ``multipart/related`` are not (K2, ``test_review135_alternative_wire.py``; pjsip takes
+  the SDP from the first, not from the second).
+- Area 2, ``notifier.in_dialog_hop`` (read, not run): a UDP refresh or unsubscribe must
+  come from the recorded hop exactly (``peer.uri() == hop``), a stream one from the same
+  address and transport; the row stays on a refused unsubscribe (481) and lapses at its
+  expiry; the 403 site check runs first.  A subscription with a route set returns its
+  hop for any in-dialog request from the site of its source (``route_set`` short-cut),
+  so there the port/transport rule does not apply: needs the dialog's ids and the
+  first route's address (the proxy it came through): not a door I could run.
 """
 
 from __future__ import annotations
