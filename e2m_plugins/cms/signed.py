@@ -58,6 +58,7 @@ from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "sign",
+    "signed_content",
     "verify",
     "extract_certificates",
     "describe_signed",
@@ -371,6 +372,13 @@ def _parse(data: bytes, limits: Limits) -> _Parsed:
     signers = [_parse_signer(si, limits) for si in signer_infos]
     return _Parsed(content=content, content_type_oid=content_type_oid, certs=tuple(certs),
                    signers=tuple(signers))
+
+
+def signed_content(data: bytes, limits: Limits = DEFAULT_LIMITS) -> bytes | None:
+    """The content a SignedData carries (None when detached), read, NOT verified: for
+    a caller that only asks what it wraps (``proxy._keyless_content``: is a signed
+    answer an envelope inside?).  ``MalformedError`` or ``LimitExceededError``."""
+    return _parse(data, limits).content
 
 
 def _encapsulated(tlv: der.TLV) -> tuple[str, bytes | None]:

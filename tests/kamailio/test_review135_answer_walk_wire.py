@@ -79,6 +79,13 @@ Tried and held
   hop for any in-dialog request from the site of its source (``route_set`` short-cut),
   so there the port/transport rule does not apply: needs the dialog's ids and the
   first route's address (the proxy it came through): not a door I could run.
+
+Fixed (stop 43), K1: ``proxy._keyless_content`` looks through a signature: a
+``signed-data`` is judged by the entity it carries (``cms.signed.signed_content``, read
+and not verified), a ``multipart/signed`` by its first part, so an answer signed over
+an envelope is sealed and is relayed with its error as documented.  On the code before,
+the 3 hole tests failed; now they pass, and review 134's controls still drop a plain SDP
+beside a stranger's envelope.
 """
 
 from __future__ import annotations
@@ -125,8 +132,6 @@ def _answer(proxy_factory, tmp_path, body: bytes, content_type: str, name: str):
     return got, seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 135 hole K1: an honest encrypt-then-sign "
-                   "answer sealed for the caller alone is dropped, not relayed")
 def test_encrypt_then_sign_answer_for_the_caller_alone_is_relayed(proxy_factory, tmp_path,
                                                                   pki):
     """Secure (and documented for a body sealed whole): relayed with its error, as the
