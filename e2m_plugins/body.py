@@ -27,7 +27,7 @@ from .cms import ciphers, oids
 from .cms.envelope import Attribute, OpenedEnvelope, Sealed, content_info_type, open_envelope, seal
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import OpeningKey, Recipient
-from .cms.signed import VerifyResult, sign
+from .cms.signed import VerifyResult, sign, signed_content
 from .errors import (BindingMismatchError, DecryptionError, DowngradeError, E2MError, LimitExceededError,
                      InconsistentSplitError, MalformedError, UnsupportedMediaTypeError)
 from .sdp import SdpKeys
@@ -166,6 +166,38 @@ def plaintext_leaves(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS,
 
 def is_encrypted(part: mime.MimePart) -> bool:
     return mime.smime_type_of(part) in ("enveloped-data", "authEnveloped-data")
+
+
+def readable_without_key(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> bool:
+    """Whether any of ``part`` can be read without a key: a plaintext leaf, or a
+    signature over something that can (a signature is looked through, its content
+    read and not verified: signed over an envelope, RFC 3261 §23.2's encrypt-then-sign,
+    is sealed; review 135 K1).  Unlike ``plaintext_leaves``, a signed part is not one
+    protected unit here.  ``LimitExceededError`` past the MIME limits."""
+    mime_limits = mime.MimeLimits.from_limits(limits)
+    seen = [0]
+
+    def visit(node: mime.MimePart, depth: int) -> bool:
+        seen[0] += 1
+        if depth > mime_limits.max_depth or seen[0] > mime_limits.max_total_parts:
+            raise LimitExceededError("signatures and multiparts past the MIME limits")
+        if is_encrypted(node):
+            return False
+        if mime.smime_type_of(node) == "signed-data":
+            content = signed_content(node.body, limits)
+            if content is None:
+                return True     # detached, its content not here: nothing sealed to see
+            return visit(mime.parse_entity(content, mime_limits), depth + 1)
+        if mime.is_cms(node):
+            return True         # another CMS type: not sealed
+        if node.content_type.mime_type == "multipart/signed":
+            return visit(mime.parse_multipart(node, mime_limits)[0], depth + 1)
+        if node.content_type.is_multipart:
+            return any(visit(child, depth + 1)
+                       for child in mime.parse_multipart(node, mime_limits))
+        return True             # a plaintext leaf
+
+    return visit(part, 0)
 
 
 def _inner_entity(content: bytes, limits: Limits) -> mime.MimePart:

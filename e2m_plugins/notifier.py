@@ -180,12 +180,9 @@ def refresh_dialog(subscription: Subscription, message: SipMessage, expires: flo
     a new remote target when it carries a Contact (a target refresh, RFC 6665 §4.1.2.1).
 
     ``peer``, where the refresh came from (the host checked it is the subscription's
-    address): a subscription reached directly (no route set) follows a refresh over a
-    new TCP or TLS connection, whose source a handshake proved (a client's connection
-    closes, a NAT or the idle timeout drops it, and its next one has a new port: the
-    old hop would take no NOTIFY again, review 133).  A datagram from another port, or
-    from another transport to UDP, may be forged: ``SubscriberMovedError``.  Through a
-    route set, the first hop stays what the SUBSCRIBE's Record-Route named."""
+    address): the next hop follows it as ``in_dialog_hop`` says (a new connection of
+    the subscription's own stream transport, review 133 K1), else
+    ``SubscriberMovedError``."""
     target = _contact(message) if message.has("Contact") else subscription.remote_target
     hop = subscription.next_hop if peer is None else in_dialog_hop(subscription, peer)
     refreshed = replace(subscription, remote_target=target, expires=expires, next_hop=hop)

@@ -27,12 +27,11 @@ from cryptography.hazmat.primitives import serialization
 
 from . import headers as hdr
 from . import mime
-from .body import (OpenedPart, check_context, check_signed_by, is_encrypted, message_body,
-                   open_part, top_parts)
+from .body import (OpenedPart, check_context, check_signed_by, message_body, open_part,
+                   readable_without_key, top_parts)
 from .certstore import fingerprint_sha256
 from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .cms.budget import message_budget
-from .cms.signed import signed_content
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .config import peer_matches
 from .errors import (DecryptionError, E2MError, LimitExceededError, MalformedError,
@@ -140,33 +139,11 @@ def _keyless_content(message: SipMessage) -> bool:
     for a body that cannot be walked, or past the MIME limits."""
     try:
         body = message_body(message)
-        return body is not None and _keyless_part(body, 0, [0])
+        return body is not None and readable_without_key(body)
     except E2MError:
         return True
 
 
-_MIME_LIMITS = mime.MimeLimits.from_limits(DEFAULT_LIMITS)
-
-
-def _keyless_part(part: mime.MimePart, depth: int, seen: list[int]) -> bool:
-    seen[0] += 1
-    if depth > _MIME_LIMITS.max_depth or seen[0] > _MIME_LIMITS.max_total_parts:
-        raise LimitExceededError("signatures and multiparts past the MIME limits")
-    if is_encrypted(part):
-        return False
-    if mime.smime_type_of(part) == "signed-data":
-        content = signed_content(part.body)
-        if content is None:
-            return True       # detached, its content not here: nothing sealed to look at
-        return _keyless_part(mime.parse_entity(content, _MIME_LIMITS), depth + 1, seen)
-    if mime.is_cms(part):
-        return True           # another CMS type: not sealed
-    if part.content_type.mime_type == "multipart/signed":
-        return _keyless_part(mime.parse_multipart(part, _MIME_LIMITS)[0], depth + 1, seen)
-    if part.content_type.is_multipart:
-        return any(_keyless_part(child, depth + 1, seen)
-                   for child in mime.parse_multipart(part, _MIME_LIMITS))
-    return True               # a plaintext leaf
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import base64
 import time
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from e2m_plugins import certservice, notifier
@@ -287,8 +287,8 @@ class CertService:
                 cseq = self.subscriptions.refreshed(sub, now)
             else:
                 # an unsubscribe too: a datagram from another port must not end it
-                # (review 134 K3)
-                notifier.in_dialog_hop(sub, self._peer())
+                # (review 134 K3); its final NOTIFY goes where the request came from
+                sub = replace(sub, next_hop=notifier.in_dialog_hop(sub, self._peer()))
                 cseq = self.subscriptions.remove(sub)
         except notifier.SubscriberMovedError as exc:
             # the row stays (a forged datagram must not end it): it lapses at its expiry
