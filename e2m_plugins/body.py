@@ -38,7 +38,7 @@ from .layers import open_message, unauthenticated_plaintext
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection",
            "open_part", "check_signed_by", "check_context", "protect_content", "new_reference",
-           "with_entity", "plaintext_leaves", "as_read"]
+           "with_entity", "plaintext_leaves", "refuse_hidden_parts", "as_read"]
 
 # What an E2M body may be; certs-only, compressed-data and bare signatures are not.
 _OPENABLE = frozenset({"enveloped-data", "authEnveloped-data", "signed-data"})
@@ -233,7 +233,7 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
         inner = _inner_entity(opened.content, limits)
         if is_protected(inner):
             raise MalformedError("nested S/MIME entity beyond what was opened")
-        _refuse_hidden_parts(inner, limits)
+        refuse_hidden_parts(inner, limits)
     except E2MError:
         if not unauthenticated_plaintext(opened.layers):
             raise
@@ -246,21 +246,24 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
                       context, signed)
 
 
-def _refuse_hidden_parts(inner: mime.MimePart, limits: Limits) -> None:
-    """A multipart inside the envelope may hold neither an SDP nor S/MIME, at any
-    depth.  The proxy views a session's media from an inner ``application/sdp`` only,
-    and a UA hands the multipart to its stack, which finds the SDP in it: an insider
-    hid her call's media from the proxy that way (review 126).  A MESSAGE's multipart
-    of text and files stays readable; one with an SDP in it is no E2M use."""
-    if not inner.content_type.is_multipart:
+def refuse_hidden_parts(entity: mime.MimePart, limits: Limits = DEFAULT_LIMITS, *,
+                        where: str = "inside the envelope") -> None:
+    """A multipart the audience split does not take apart (one inside an envelope, or
+    an ``alternative``, ``related`` or nested ``mixed`` in the clear) may hold neither
+    an SDP nor S/MIME, at any depth.  The proxy views a session's media from an SDP
+    part only, and a UA hands the multipart to its stack, which finds the SDP in it:
+    an insider hid her call's media from the proxy that way (review 126 in an envelope,
+    review 135 K2 in the clear).  A MESSAGE's multipart of text and files stays
+    readable; one with an SDP in it is no E2M use."""
+    if not entity.content_type.is_multipart:
         return
     nested: list[mime.MimePart] = []
-    leaves = plaintext_leaves(inner, limits, protected=nested)
+    leaves = plaintext_leaves(entity, limits, protected=nested)
     if nested or any(leaf.content_type.mime_type == "application/sdp" for leaf in leaves):
         raise UnsupportedMediaTypeError(
-            f"an SDP or S/MIME part inside a {inner.content_type.mime_type} inside the "
-            "envelope: send the SDP as the envelope's whole content",
-            content_type=inner.content_type.mime_type)
+            f"an SDP or S/MIME part inside a {entity.content_type.mime_type} {where}: "
+            "send the SDP as a body part of its own",
+            content_type=entity.content_type.mime_type)
 
 
 def _context_of(envelopes: Sequence[OpenedEnvelope], signatures: Sequence[VerifyResult]

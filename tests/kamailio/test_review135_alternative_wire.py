@@ -36,12 +36,16 @@ Controls (unmarked, pass): ``test_control_sdp_in_multipart_mixed_is_recorded`` (
 SDP in ``multipart/mixed``: CONFIRMED on 127.0.0.9:40404 and that row recorded), and
 ``test_held_sdp_in_multipart_related_is_not_taken`` (``multipart/related`` with the
 same part: relayed unrecorded too, ``media=0``, but the stock caller takes no SDP from
-it: pjsua2 ``final_error``, not CONFIRMED; tried and held for a stock caller).
+it: pjsua2 ``final_error``, not CONFIRMED; tried and held for a stock caller; since the
+fix the proxy drops it as well, and the test asserts that).
 
-Left open (stop 43), K2: found at the end of the stop.  The fix would have the view
-refuse an SDP leaf it does not read (one inside ``multipart/alternative`` or another
-nesting ``top_parts`` does not split), in requests and responses alike.  The strict
-xfail stays and the threat-model row says so.
+Fixed (stop 44), K2: the view refuses an SDP or S/MIME part nested in the clear in a
+multipart the audience split does not take apart (``alternative``, ``related``, a
+``mixed`` inside the top ``mixed``), for every method its rules cover: a request gets
+415, a response is dropped in the core reply route (``body.refuse_hidden_parts``, the
+rule review 126 set inside an envelope).  The hole test was a strict xfail on the code
+before; the engine-level tests (``tests/unit/test_nested_sdp_view.py``) failed there
+too (10 of 11) and pass now.
 """
 
 from __future__ import annotations
@@ -71,8 +75,6 @@ def _run(proxy_factory, tmp_path, subtype: str, name: str):
     return got, answers, seen
 
 
-@pytest.mark.xfail(strict=True, reason="review 135 hole K2: an answer SDP in "
-                   "multipart/alternative reaches a stock caller unrecorded")
 def test_sdp_in_multipart_alternative_is_not_relayed_unrecorded(proxy_factory, tmp_path):
     """Secure: the media a stock caller takes from a relayed answer is media the proxy
     recorded for it (or the answer is not relayed)."""
@@ -92,4 +94,5 @@ def test_control_sdp_in_multipart_mixed_is_recorded(proxy_factory, tmp_path):
 def test_held_sdp_in_multipart_related_is_not_taken(proxy_factory, tmp_path):
     got, answers, seen = _run(proxy_factory, tmp_path, "related", "r135rel")
     assert got.get("state") != "CONFIRMED", got
-    assert answers == [] and any("media=0" in ln for ln in seen), seen
+    assert answers == [] and any("UnsupportedMediaTypeError" in ln and "dropped" in ln
+                                 for ln in seen), seen
