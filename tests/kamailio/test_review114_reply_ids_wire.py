@@ -116,6 +116,7 @@ import pytest
 
 from e2m_lab.flows import SDP_ANSWER
 from e2m_lab.kamailio_harness import RawUas, SipUa, register_contact
+from e2m_lab.stock_caller import PRELUDE
 from e2m_plugins.sip import SipMessage, make_response
 
 pytestmark = [pytest.mark.kamailio]
@@ -124,27 +125,7 @@ _VALUE = re.compile(r"e2m-rr=")
 
 # A stock pjsua2 caller (no E2M hooks): INVITE sip:bob@example.com through the proxy as
 # its outbound proxy, the call held 4 s, then hung up; prints each call state.
-_CALLER = r'''
-import sys, time
-import pjsua2 as pj
-
-ep = pj.Endpoint(); ep.libCreate()
-cfg = pj.EpConfig()
-cfg.logConfig.level = 3; cfg.logConfig.consoleLevel = 3
-cfg.uaConfig.threadCnt = 0; cfg.uaConfig.mainThreadOnly = True
-ep.libInit(cfg)
-ep.audDevManager().setNullDev()
-tc = pj.TransportConfig(); tc.port = 0; tc.boundAddress = "127.0.0.1"
-tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tc)
-ep.libStart()
-ac = pj.AccountConfig()
-ac.idUri = "sip:alice@example.com"
-ac.sipConfig.transportId = tid
-ac.sipConfig.proxies.append("sip:127.0.0.1:%s;lr" % sys.argv[1])
-ac.mediaConfig.transportConfig.port = 0
-ac.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
-acc = pj.Account(); acc.create(ac)
-
+_CALLER = PRELUDE + r'''
 class C(pj.Call):
     def onCallState(self, prm):
         ci = self.getInfo()

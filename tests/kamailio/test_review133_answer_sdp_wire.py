@@ -120,6 +120,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import build_request, registered_uas
+from e2m_lab.stock_caller import PRELUDE
 from e2m_plugins.sip import make_response, parse
 from tests.kamailio.test_review69_wire import _STOCK_CALLER
 
@@ -284,30 +285,9 @@ def test_control_the_same_sdp_in_an_offer_is_refused(proxy_factory, case):
 
 # -- the 2xx to a re-INVITE ------------------------------------------------------------
 
-_REINVITING_CALLER = r'''
-"""A stock pjsua2 caller: calls bob through the proxy, then (CONFIRMED) re-INVITEs him
-and prints the remote RTP address before and after the re-INVITE's answer."""
-import json, os, sys, time
-import pjsua2 as pj
-ep = pj.Endpoint()
-ep.libCreate()
-cfg = pj.EpConfig()
-cfg.uaConfig.threadCnt = 0
-cfg.uaConfig.mainThreadOnly = True
-cfg.logConfig.level = 0
-cfg.logConfig.consoleLevel = 0
-ep.libInit(cfg)
-tcfg = pj.TransportConfig()
-tcfg.port = 0
-tcfg.boundAddress = "127.0.0.1"
-ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-ep.libStart()
-ep.audDevManager().setNullDev()
-acfg = pj.AccountConfig()
-acfg.idUri = "sip:alice@example.com"
-acfg.sipConfig.proxies.append("sip:127.0.0.1:%s;lr" % sys.argv[1])
-acc = pj.Account()
-acc.create(acfg)
+# A stock pjsua2 caller: calls bob through the proxy, then (CONFIRMED) re-INVITEs him
+# and prints the remote RTP address before and after the re-INVITE's answer.
+_REINVITING_CALLER = PRELUDE + r'''
 result = {"media_states": 0}
 class Call(pj.Call):
     def onCallMediaState(self, prm):

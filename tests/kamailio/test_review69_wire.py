@@ -98,6 +98,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import registered_uas
+from e2m_lab.stock_caller import PRELUDE
 from e2m_plugins.sip import make_request, make_response, parse
 from tests.kamailio.test_review57_wire import receipt_exchange
 
@@ -165,30 +166,9 @@ def test_control_a_request_past_its_content_length_is_refused(proxy_factory):
 
 # -- an INVITE's answer to a stock pjsip caller -----------------------------------------
 
-_STOCK_CALLER = r'''
-"""A stock pjsua2 caller (no E2M hook): calls sip:bob@example.com through the proxy
-and prints the remote RTP address pjsip negotiated from the answer it read."""
-import json, os, sys, time
-import pjsua2 as pj
-ep = pj.Endpoint()
-ep.libCreate()
-cfg = pj.EpConfig()
-cfg.uaConfig.threadCnt = 0
-cfg.uaConfig.mainThreadOnly = True
-cfg.logConfig.level = 0
-cfg.logConfig.consoleLevel = 0
-ep.libInit(cfg)
-tcfg = pj.TransportConfig()
-tcfg.port = 0
-tcfg.boundAddress = "127.0.0.1"
-ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-ep.libStart()
-ep.audDevManager().setNullDev()
-acfg = pj.AccountConfig()
-acfg.idUri = "sip:alice@example.com"
-acfg.sipConfig.proxies.append("sip:127.0.0.1:%s;lr" % sys.argv[1])
-acc = pj.Account()
-acc.create(acfg)
+# A stock pjsua2 caller: calls sip:bob@example.com through the proxy and prints the
+# remote RTP address pjsip negotiated from the answer it read.
+_STOCK_CALLER = PRELUDE + r'''
 result = {}
 class Call(pj.Call):
     def onCallMediaState(self, prm):

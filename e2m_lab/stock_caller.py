@@ -1,0 +1,37 @@
+"""A stock pjsua2 caller for wire tests: pjsua2 with none of our hooks, as an operator's
+other customers run it, so a test sees what such a phone takes from what the proxy
+relays.  ``PRELUDE`` is the start of a script run as ``python script PROXY_PORT ...``:
+one endpoint on the owner thread alone, a UDP transport and media on 127.0.0.1, no
+sound device, and ``acc`` as alice@example.com with the proxy at 127.0.0.1:PROXY_PORT as
+her outbound proxy.  A test adds its own call and what it prints."""
+
+from __future__ import annotations
+
+__all__ = ["PRELUDE"]
+
+PRELUDE = r'''
+import json, os, sys, time
+import pjsua2 as pj
+ep = pj.Endpoint()
+ep.libCreate()
+cfg = pj.EpConfig()
+cfg.uaConfig.threadCnt = 0
+cfg.uaConfig.mainThreadOnly = True
+cfg.logConfig.level = 0
+cfg.logConfig.consoleLevel = 0
+ep.libInit(cfg)
+tcfg = pj.TransportConfig()
+tcfg.port = 0
+tcfg.boundAddress = "127.0.0.1"
+transport_id = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+ep.libStart()
+ep.audDevManager().setNullDev()
+acfg = pj.AccountConfig()
+acfg.idUri = "sip:alice@example.com"
+acfg.sipConfig.transportId = transport_id
+acfg.sipConfig.proxies.append("sip:127.0.0.1:%s;lr" % sys.argv[1])
+acfg.mediaConfig.transportConfig.port = 0
+acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
+acc = pj.Account()
+acc.create(acfg)
+'''
