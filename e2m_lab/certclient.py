@@ -8,7 +8,10 @@ send is in docs/protocol.md §11; this is the same SIP, written out by hand.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +19,8 @@ from e2m_plugins.sip import SipMessage, make_response
 
 from .kamailio_harness import SipUa, parse_address_uri
 
-__all__ = ["CertClient", "Dialog", "CONTENT_TYPE"]
+__all__ = ["CertClient", "Dialog", "CONTENT_TYPE", "cert_rows", "forget_certificates",
+           "closed_and_forgotten"]
 
 CONTENT_TYPE = "application/pkix-cert"
 
@@ -133,3 +137,33 @@ class CertClient:
                 self.notify_times.append(time.monotonic())
             self.ua.send(make_response(message, self.notify_answer, "OK"
                                        if self.notify_answer == 200 else "Gone"))
+
+
+# -- a test's certificate tables (a single proxy's SQLite file) ---------------------------
+
+def cert_rows(home: Any, sql: str, *args: Any) -> list[tuple]:
+    """The rows ``sql`` reads from ``home``'s certificate tables (a ``ProxyHandle``)."""
+    with sqlite3.connect(home.directory / "certs.sqlite") as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def forget_certificates(home: Any) -> None:
+    """Empty ``home``'s publications and subscriptions, so the next test starts bare."""
+    db = home.directory / "certs.sqlite"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM cert_publications")
+            conn.execute("DELETE FROM cert_subscriptions")
+
+
+@contextmanager
+def closed_and_forgotten(home: Any) -> Iterator[list]:
+    """A list a test puts its clients and sockets in: each is closed after it, even on
+    failure, and ``home``'s certificate tables are emptied."""
+    things: list = []
+    try:
+        yield things
+    finally:
+        for thing in things:
+            thing.close()
+        forget_certificates(home)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from e2m_lab.certclient import CertClient
+from e2m_lab.certclient import CertClient, cert_rows, closed_and_forgotten
 from e2m_lab.kamailio_harness import ProxyHandle, SipUa, start_proxy
 from kamailio_app.cert_route import UNANSWERED
 from kamailio_app.cert_table import EVICTABLE_AFTER
@@ -58,15 +58,8 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
 def made(home: ProxyHandle) -> Iterator[list]:
     """Everything a test opens (clients, sockets) is closed after it; the tables are
     emptied."""
-    things: list = []
-    yield things
-    for thing in things:
-        thing.close()
-    db = home.directory / "certs.sqlite"
-    if db.exists():
-        with sqlite3.connect(db) as conn:
-            conn.execute("DELETE FROM cert_publications")
-            conn.execute("DELETE FROM cert_subscriptions")
+    with closed_and_forgotten(home) as things:
+        yield things
 
 
 def client(home: ProxyHandle, made: list, user: str, password: bool = False,
@@ -83,9 +76,7 @@ def publish(home: ProxyHandle, made: list, body: bytes) -> str:
     return answer.get("SIP-ETag") or ""
 
 
-def rows(home: ProxyHandle, sql: str, *args) -> list[tuple]:
-    with sqlite3.connect(home.directory / "certs.sqlite") as conn:
-        return conn.execute(sql, args).fetchall()
+rows = cert_rows
 
 
 def never_accepting(host: str, port: int) -> list[socket.socket]:

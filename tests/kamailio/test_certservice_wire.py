@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.capture import Capture
-from e2m_lab.certclient import CertClient
+from e2m_lab.certclient import CertClient, forget_certificates
 from e2m_lab.kamailio_harness import ProxyHandle, RawUas, start_proxy
 from e2m_plugins.sip import parse, parse_address
 from e2m_plugins.testpki import TestPKI, issue_user
@@ -82,10 +82,7 @@ def clients(home: ProxyHandle) -> Iterator[dict[str, CertClient]]:
 def _nothing_for_bob(home: ProxyHandle) -> Iterator[None]:
     """Every test leaves no certificate for bob and no followers behind."""
     yield
-    if _db(home).exists():
-        with sqlite3.connect(_db(home)) as db:
-            db.execute("DELETE FROM cert_publications")
-            db.execute("DELETE FROM cert_subscriptions")
+    forget_certificates(home)
 
 
 def _db(proxy: ProxyHandle) -> Path:

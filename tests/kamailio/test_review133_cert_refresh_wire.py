@@ -79,7 +79,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from e2m_lab.certclient import CertClient, Dialog
+from e2m_lab.certclient import CertClient, Dialog, closed_and_forgotten
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
 from e2m_plugins.testpki import TestPKI, issue_user
 
@@ -111,15 +111,8 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
 
 @pytest.fixture
 def made(home: ProxyHandle) -> Iterator[list]:
-    things: list = []
-    yield things
-    for thing in things:
-        thing.close()
-    db = home.directory / "certs.sqlite"
-    if db.exists():
-        with sqlite3.connect(db) as conn:
-            conn.execute("DELETE FROM cert_publications")
-            conn.execute("DELETE FROM cert_subscriptions")
+    with closed_and_forgotten(home) as things:
+        yield things
 
 
 def client(home: ProxyHandle, made: list, user: str, *, password: bool = False,

@@ -109,14 +109,13 @@ are gone.
 from __future__ import annotations
 
 import socket
-import sqlite3
 import time
 from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from e2m_lab.certclient import CertClient
+from e2m_lab.certclient import CertClient, cert_rows, closed_and_forgotten
 from e2m_lab.kamailio_harness import ProxyHandle, SipUa, start_proxy
 from e2m_plugins.sip import SipMessage, make_response, parse
 from e2m_plugins.testpki import TestPKI, issue_user
@@ -148,20 +147,11 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
 
 @pytest.fixture
 def made(home: ProxyHandle) -> Iterator[list]:
-    things: list = []
-    yield things
-    for thing in things:
-        thing.close()
-    db = home.directory / "certs.sqlite"
-    if db.exists():
-        with sqlite3.connect(db) as conn:
-            conn.execute("DELETE FROM cert_publications")
-            conn.execute("DELETE FROM cert_subscriptions")
+    with closed_and_forgotten(home) as things:
+        yield things
 
 
-def rows(home: ProxyHandle, sql: str, *args) -> list[tuple]:
-    with sqlite3.connect(home.directory / "certs.sqlite") as conn:
-        return conn.execute(sql, args).fetchall()
+rows = cert_rows
 
 
 def publish(home: ProxyHandle, made: list, der: bytes) -> None:

@@ -67,7 +67,7 @@ from itertools import count
 
 import pytest
 
-from e2m_lab.certclient import CertClient
+from e2m_lab.certclient import CertClient, closed_and_forgotten
 from e2m_lab.kamailio_harness import ProxyHandle, SipUa, start_proxy
 from e2m_plugins.sip import SipMessage, make_response
 from e2m_plugins.testpki import TestPKI
@@ -99,14 +99,8 @@ def certproxy(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def made(certproxy: ProxyHandle) -> Iterator[list]:
-    import sqlite3
-    things: list = []
-    yield things
-    for thing in things:
-        thing.close()
-    with sqlite3.connect(certproxy.directory / "certs.sqlite") as conn:
-        conn.execute("DELETE FROM cert_publications")
-        conn.execute("DELETE FROM cert_subscriptions")
+    with closed_and_forgotten(certproxy) as things:
+        yield things
 
 
 def _via(host: str, port: int, branch: str) -> str:
