@@ -94,11 +94,11 @@ def _moved_to(port):
     return rewrite
 
 
-def _dialog(home, bob, source):
+def _dialog(home, bob, source, *, bob_source="127.0.0.71"):
     """alice's INVITE to bob through the home; her ACK and a re-INVITE along the route
     set her 200 gave, sent to the port its first entry names.  (200, re-INVITE answer,
     what bob got)."""
-    register_contact(home, "bob", bob.uas.port, source="127.0.0.71")
+    register_contact(home, "bob", bob.uas.port, source=bob_source)
     ua = SipUa(home.port, user="alice", source=source)
     try:
         invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com")

@@ -84,6 +84,7 @@ import pytest
 from e2m_lab.kamailio_harness import RawUas, SipUa, parse_address_uri, register_contact
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import SipMessage, make_response
+from tests.kamailio.test_review109_wire import _dialog as _dialog109, _moved_to, home  # noqa: F401
 
 pytestmark = [pytest.mark.kamailio]
 
@@ -122,49 +123,10 @@ class _Callee:
         self.uas.close()
 
 
-@pytest.fixture
-def home(proxy_factory):
-    port = free_port()
-    second = free_port(avoid={port})
-    handle = proxy_factory("r111-2udp", e2m=False, port=port, extra={"kamailio": {"listen": [
-        f"udp:127.0.0.1:{port}", f"tcp:127.0.0.1:{port}", f"udp:127.0.0.1:{second}"]}})
-    handle.second = second
-    return handle
-
-
-def _moved_to(port):
-    def rewrite(routes):
-        return [re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", r) if _VALUE.search(r) else r
-                for r in routes]
-    return rewrite
-
-
 def _dialog(home, bob, source):
-    """alice's INVITE to bob through the home; her ACK and a re-INVITE along the route
-    set her 200 gave, sent to the port its first entry names.  (200, re-INVITE answer,
-    what bob got)."""
-    register_contact(home, "bob", bob.uas.port, source="127.0.0.171")
-    ua = SipUa(home.port, user="alice", source=source)
-    try:
-        invite = ua.build("INVITE", "sip:bob@example.com", to="sip:bob@example.com")
-        ok = ua.request(invite, timeout=5)
-        if ok is None or ok.status != 200:
-            return ok, None, list(bob.uas.received)
-        routes = [r.strip() for v in reversed(ok.get_all("Record-Route")) for r in v.split(",")]
-        first = re.search(r"127\.0\.0\.1:(\d+)", routes[0])
-        ua.port = int(first.group(1))
-        target = f"sip:bob@127.0.0.1:{bob.uas.port}"
-        to = ok.get("To")
-        ids = dict(call_id=invite.get("Call-ID"), from_tag=invite.get("From").split("tag=")[1])
-        ack = ua.build("ACK", target, to=to, cseq=invite.cseq[0], routes=routes, **ids)
-        ack = ack.replace("To", to)
-        ua.send(ack.replace("Via", ua.via()))
-        again = ua.build("INVITE", target, to=to, routes=routes, **ids).replace("To", to)
-        answer = ua.transact(again, timeout=5)
-        time.sleep(0.3)
-        return ok, answer, list(bob.uas.received)
-    finally:
-        ua.close()
+    """Review 109's call (INVITE, ACK and re-INVITE along the 200's route set), bob
+    registered from 127.0.0.171."""
+    return _dialog109(home, bob, source, bob_source="127.0.0.171")
 
 
 def test_hole_k1_200_sent_to_our_other_socket_carries_our_entry_moved_there(home):
