@@ -98,7 +98,6 @@ turned XPASS; the markers are gone.
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 from pathlib import Path
@@ -107,49 +106,9 @@ import pytest
 
 from e2m_plugins.config import ConfigError, load_proxy_config, load_ua_config
 from e2m_plugins.testpki import TestPKI
+from tests.unit.test_config import PROXY_TOML, UA
 
 PROXY = "proxy.example.com"
-
-UA = """
-[identity]
-aor = "sip:alice@example.com"
-cert = "alice.crt"
-key = "alice.key"
-
-[trust]
-ca = ["ca.crt"]
-
-[peers]
-"sip:bob@example.com" = "bob.crt"
-
-[[proxies]]
-host = "proxy.example.com"
-cert = "proxy-proxy.example.com.crt"
-view = ["MESSAGE:*", "INVITE:application/sdp"]
-
-[e2m]
-sign = true
-accept_proxies = [".example.com"]
-"""
-
-PROXY_TOML = """
-[identity]
-host = "proxy.example.com"
-cert = "proxy-proxy.example.com.crt"
-key = "proxy-proxy.example.com.key"
-
-[trust]
-ca = ["ca.crt"]
-
-[policy]
-view = ["MESSAGE:*", "INVITE:application/sdp"]
-verify = []
-cert_url = "http://127.0.0.1:5070/e2m/cert.der"
-
-[kamailio]
-listen = ["udp:127.0.0.1:5070"]
-"""
-
 
 @pytest.fixture
 def confdir(pki: TestPKI, tmp_path: Path) -> Path:
