@@ -14,7 +14,8 @@ from collections.abc import Callable
 from .errors import MalformedError
 from .grammar import split_header_list, unquote_string
 
-__all__ = ["CHALLENGE_HEADERS", "challenge_realm", "names_realm", "credentials_fit_request"]
+__all__ = ["CHALLENGE_HEADERS", "challenge_realm", "digest_params", "names_realm",
+           "credentials_fit_request"]
 
 # the header each status carries its challenges in (pjsip answers either in either)
 CHALLENGE_HEADERS = {401: "WWW-Authenticate", 407: "Proxy-Authenticate"}
@@ -40,6 +41,29 @@ def _digest_param(value: str, name: str) -> str | None:
         return unquote_string(found[0]) if found[0].startswith('"') else found[0]
     except MalformedError:
         return None
+
+
+def digest_params(value: str) -> dict[str, str] | None:
+    """Every parameter of one Digest challenge header value, names lower-cased and
+    quoted values unquoted; None when it is not Digest, or any item is not a
+    ``name=value`` pair, or a name comes twice (a client answering it must read it as
+    the sender meant, with no second reading left to a laxer parser)."""
+    scheme = _SCHEME.match(value)
+    if scheme is None:
+        return None
+    params: dict[str, str] = {}
+    try:
+        for item in split_header_list(value[scheme.end():]):
+            found = _PARAM.fullmatch(item.strip())
+            if found is None:
+                return None
+            name, raw = found.group(1).lower(), found.group(2)
+            if name in params:
+                return None
+            params[name] = unquote_string(raw) if raw.startswith('"') else raw
+    except MalformedError:
+        return None
+    return params
 
 
 def challenge_realm(value: str) -> str | None:
