@@ -58,14 +58,44 @@ record-routes every dialog, so this does not arise through it; elsewhere the BYE
 answer, not from the home, is dropped and pjsip retransmits the BYE until Timer F).  A
 host name in the first hop is resolved by pjsip as for any in-dialog request.  Run over
 UDP (``tests/pjsua/test_review129_late_2xx_phone.py``, through Kamailio) and over TLS to
-a Kamailio home (``tests/e2e/test_late_2xx_phone_wire.py``); TCP not run.  **Not
-working yet**: a home with ``[auth]`` challenges its users' in-dialog requests, and the
-BYE, sent outside pjsua's dialogs and its authentication, is not sent again with
-credentials: it ends with 407 (event ``late_answer_bye``), the ACK still goes through
-(never challenged), so the callee's device stops retransmitting but is left in a call
-until its user hangs up (strict xfail in the e2e module).  Answering the challenge
-would need the account's credentials outside pjsua (``pjsip_auth_clt_*`` with the
-password, which today goes to pjsua and nowhere else).
+a Kamailio home (``tests/e2e/test_late_2xx_phone_wire.py``); TCP not run.
+
+A home with ``[auth]`` (stop 44).  It challenges its users' in-dialog requests too, and
+the BYE, sent outside pjsua's dialogs, is answered 407.  The phone then sends it once
+more with the account's credentials, as pjsip does for its own requests (RFC 3261 22.2,
+RFC 7616): the same request with CSeq + 1, a new branch and a Proxy-Authorization
+computed from the challenge (qop=auth with nc 1 and a fresh cnonce when offered, else
+the RFC 2069 form; MD5, SHA-256 or SHA-512-256, pjsip 2.15.1's set) over the BYE's
+method and Request-URI (``LateAnswers.retry_bye``, ``digest_authorization``).  Why
+here, in Python, and not through pjsip's client auth session (``pjsip_auth_clt_init``,
+``_set_credentials``, ``_reinit_req``): that needs a session struct allocated and kept
+per request, a ``pjsip_cred_info`` array laid out by hand, the BYE's tdata kept alive
+past its transaction, and the 407's rdata read inside pjsip's callback: more offsets
+to get wrong, each a crash or a write to the wrong place, against a few lines of
+hashing the RFC fixes (checked against RFC 7616 3.9.1's vectors).  The password is read
+again from the phone's own settings (its file or ``E2M_PHONE_PASSWORD``) only once a
+challenge passed every check below, used for the one hash and dropped; neither it nor
+HA1 is kept, logged or put in an event.
+
+Which challenges are answered (the attacker's angle: a forged 407 must neither make the
+phone send without bound nor hand a digest of its password, which its sender could test
+guesses against, to anyone but the home):
+
+- only a 407 that came from the home proxy (the phone's home source, as for
+  ``_answer_from_home``; a phone without a home answers none), to the BYE in flight of
+  a late 2xx still held, its first final answer;
+- only its Proxy-Authenticate of the home realm (``auth_realm``, the one realm pjsua
+  answers, ``challenges.py``), read strictly (a parameter twice, an item that is no
+  pair: refused); a 401 to a BYE is the callee's and is never answered;
+- at most ``MAX_AUTH_TRIES`` BYEs with credentials per late 2xx: the first challenge
+  is answered, a second only when it says ``stale=true`` (a nonce that ran out), a third
+  never.  One BYE per late 2xx is in flight at a time (the next one is made only from
+  the final answer of the last), and the entries are capped (``MAX_LATE``, ``MAX_AGE``).
+
+Another limit: the digest's ``uri`` is the Request-URI as we wrote it; pjsip prints the
+Request-URI from its parse, the same text for any Contact seen so far, but a Contact it
+would print otherwise (parameter case, escapes) would make the home refuse the BYE
+(400, credentials for another URI) rather than relay it.
 """
 
 from __future__ import annotations
@@ -78,19 +108,31 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from e2m_plugins import sip
+from e2m_plugins.challenge import digest_params
 from e2m_plugins.errors import E2MError, MalformedError
-from e2m_plugins.grammar import split_header_list
+from e2m_plugins.grammar import quote_string, split_header_list
 from e2m_plugins.replay import TRANSACTION_LIFETIME
 from e2m_plugins.uri import parse_uri
 
 __all__ = ["LateAnswers", "LateTwoXX", "Outgoing", "build_ack", "build_bye",
-           "MAX_LATE", "MAX_PER_INVITE", "MAX_ACKS", "MAX_AGE"]
+           "digest_authorization", "Credentials", "MAX_LATE", "MAX_PER_INVITE", "MAX_ACKS",
+           "MAX_AGE", "MAX_AUTH_TRIES"]
 
 MAX_LATE = 32              # late 2xx remembered at once (oldest out)
 MAX_PER_INVITE = 6         # To tags answered per failed INVITE (forks; MAX_SLOTS_PER_CALL)
 MAX_ACKS = 16              # ACKs per late 2xx: its retransmissions in 64*T1 are about 11
 MAX_AGE = TRANSACTION_LIFETIME     # 64*T1: the callee retransmits its 2xx this long
 MAX_ROUTES = 8             # Record-Route entries taken over (a longer set is refused)
+MAX_AUTH_TRIES = 2         # BYEs with credentials per late 2xx: one, and one more if stale
+MAX_CHALLENGE_PARAM = 512  # characters of a nonce or opaque echoed back (Kamailio's: ~40)
+
+# (user, password, realm): the phone's digest credentials, read when a challenge is
+# answered and dropped after (``E2MPhone._credentials``)
+Credentials = tuple[str, str, str]
+
+# RFC 7616 3.3 / RFC 8760: the algorithms pjsip 2.15.1 answers too (sip_auth_client.c's
+# table; no -sess variants, no AKA), by their IANA names, upper-cased
+_DIGESTS = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
 
 
 @dataclass(frozen=True)
@@ -114,6 +156,9 @@ class LateTwoXX:
     digests: set[bytes] = field(default_factory=set)
     bye_branch: str = ""                # to tell the BYE's final answer (``bye_answered``)
     bye_status: int = 0
+    bye: bytes = b""                    # the BYE last sent (its retry is made from it)
+    auth_tries: int = 0                 # BYEs sent again with credentials
+    key: tuple[str, int, str, str] = ("", 0, "", "")
 
 
 def _one_uri(value: str) -> str:
@@ -144,6 +189,15 @@ def _target(response: sip.SipMessage) -> str:
     return _one_uri(contacts[0])
 
 
+def _compose(start: sip.StartLine, headers: list[tuple[str, str]]) -> bytes:
+    # no Content-Length: pjsip keeps a parsed one among the headers and prints its own
+    # after them, and Kamailio refuses a request with two (seen on the wire)
+    lines = [str(start), *(f"{name}: {value}" for name, value in headers)]
+    text = "\r\n".join(lines) + "\r\n\r\n"
+    sip.parse(text.encode("utf-8", "surrogateescape"))     # what we write must read back
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _request(method: str, response: sip.SipMessage, number: int, via: str,
              branch: str) -> bytes:
     headers: list[tuple[str, str]] = [("Via", f"SIP/2.0/UDP {via};rport;branch={branch}"),
@@ -155,13 +209,7 @@ def _request(method: str, response: sip.SipMessage, number: int, via: str,
             raise MalformedError(f"a 2xx without {name}")
         headers.append((name, value))
     headers.append(("CSeq", f"{number} {method}"))
-    # no Content-Length: pjsip keeps a parsed one among the headers and prints its own
-    # after them, and Kamailio refuses a request with two (seen on the wire)
-    start = sip.RequestLine(method, _target(response))
-    lines = [str(start), *(f"{name}: {value}" for name, value in headers)]
-    text = "\r\n".join(lines) + "\r\n\r\n"
-    sip.parse(text.encode("utf-8", "surrogateescape"))     # what we write must read back
-    return text.encode("utf-8", "surrogateescape")
+    return _compose(sip.RequestLine(method, _target(response)), headers)
 
 
 def _branch() -> str:
@@ -178,6 +226,70 @@ def build_ack(response: sip.SipMessage, via: str) -> bytes:
 def build_bye(response: sip.SipMessage, via: str) -> bytes:
     """A BYE in the dialog the 2xx made, CSeq one above the INVITE's (RFC 3261 15)."""
     return _request("BYE", response, response.cseq[0] + 1, via, _branch())
+
+
+def _home_challenge(response: sip.SipMessage, home_realm: str
+                    ) -> tuple[dict[str, str] | None, str]:
+    """The challenge of a 407 to our BYE that we may answer, or (None, why not).
+
+    Only a 407's Proxy-Authenticate of the home realm: the home challenges its users'
+    requests with 407 (``kamailio_app``), a 401 to a BYE is the callee's (as
+    ``challenges.py`` rules for pjsua), and another realm's answer would hand its
+    sender a digest of our password to test guesses against.  The topmost one of the
+    home realm with an algorithm and qop we can answer is taken (RFC 8760 2.4)."""
+    if response.status != 407:
+        return None, f"a {response.status} (only the home proxy's 407 is answered)"
+    why = "no Digest challenge of the home realm"
+    for value in response.get_all("Proxy-Authenticate"):
+        params = digest_params(value)
+        if params is None or params.get("realm", "").lower() != home_realm.lower():
+            continue
+        nonce = params.get("nonce")
+        algorithm = params.get("algorithm", "MD5").upper()
+        qops = [q.strip().lower() for q in params.get("qop", "").split(",") if q.strip()]
+        if not nonce or any(len(params.get(p, "")) > MAX_CHALLENGE_PARAM
+                            for p in ("nonce", "opaque")):
+            why = "a home challenge without a usable nonce"
+        elif algorithm not in _DIGESTS:
+            why = f"a home challenge with algorithm {algorithm[:32]!r}"
+        elif qops and "auth" not in qops:
+            why = "a home challenge offering no qop=auth"
+        else:
+            return params, ""
+    return None, why
+
+
+def digest_authorization(challenge: dict[str, str], credentials: Credentials,
+                         method: str, uri: str, *, cnonce: str | None = None) -> str:
+    """The Digest credentials answering ``challenge`` for ``method`` ``uri`` (RFC 7616
+    3.4 / RFC 2617: qop=auth with nc 1 and a fresh cnonce when offered, else the
+    RFC 2069 form), as a Proxy-Authorization value.  The password and HA1 live only in
+    this call."""
+    user, password, _ = credentials
+    realm, nonce = challenge["realm"], challenge["nonce"]
+    algorithm = challenge.get("algorithm", "MD5").upper()
+    name = _DIGESTS[algorithm]
+
+    def h(text: str) -> str:
+        return hashlib.new(name, text.encode("utf-8")).hexdigest()
+
+    ha2 = h(f"{method}:{uri}")
+    fields = [f"username={quote_string(user)}", f"realm={quote_string(realm)}",
+              f"nonce={quote_string(nonce)}", f"uri={quote_string(uri)}"]
+    offered = [q.strip().lower() for q in challenge.get("qop", "").split(",") if q.strip()]
+    ha1 = h(f"{user}:{realm}:{password}")
+    if offered:
+        cnonce = cnonce or secrets.token_hex(8)
+        # a new nonce is answered with count 1; a retry always follows a new challenge
+        response = h(f"{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}")
+        fields += [f"response={quote_string(response)}", f"algorithm={algorithm}",
+                   f"cnonce={quote_string(cnonce)}", "qop=auth", "nc=00000001"]
+    else:
+        response = h(f"{ha1}:{nonce}:{ha2}")
+        fields += [f"response={quote_string(response)}", f"algorithm={algorithm}"]
+    if "opaque" in challenge:
+        fields.append(f"opaque={quote_string(challenge['opaque'])}")
+    return "Digest " + ", ".join(fields)
 
 
 def raw_digest(data: bytes) -> bytes:
@@ -201,7 +313,8 @@ class LateAnswers:
         self.max_acks, self.max_per_invite = max_acks, max_per_invite
         # (Call-ID, CSeq number, branch, To tag lower-cased) -> entry
         self._entries: OrderedDict[tuple[str, int, str, str], LateTwoXX] = OrderedDict()
-        self.counts = {"answered": 0, "acks_again": 0, "refused": 0, "over_bounds": 0}
+        self.counts = {"answered": 0, "acks_again": 0, "refused": 0, "over_bounds": 0,
+                       "bye_auth_retries": 0, "bye_challenges_refused": 0}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -278,8 +391,63 @@ class LateAnswers:
             return []
         self._entries[key] = LateTwoXX(invite, to_tag.lower(), ack, now,
                                        digests={raw_digest(data)},
-                                       bye_branch=sip.parse(bye).via_branch())
+                                       bye_branch=sip.parse(bye).via_branch(), bye=bye,
+                                       key=key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         self.counts["answered"] += 1
         return [Outgoing(ack, False, "ACK"), Outgoing(bye, True, "BYE")]
+
+    def retry_bye(self, entry: LateTwoXX, response: sip.SipMessage, home_realm: str | None,
+                  credentials: Callable[[], Credentials | None]
+                  ) -> tuple[Outgoing | None, str]:
+        """The BYE of ``entry`` again with credentials, answering the 407 ``response``
+        that ``bye_answered`` just gave it (RFC 3261 22.2: same Call-ID, CSeq + 1, a new
+        branch), or (None, why not).  At most ``MAX_AUTH_TRIES`` per late 2xx: the first
+        challenge is answered, a second one only when it says ``stale=true`` (the nonce
+        ran out, not the password), as pjsip does for its own requests; one BYE of an
+        entry is in flight at a time, since only its final answer brings us here.
+        ``credentials`` is called only once the challenge passed every check, so the
+        password is read for the home realm's challenge alone and dropped after."""
+        if self._entries.get(entry.key) is not entry:
+            return None, "the late 2xx is no longer held"
+        why = ""
+        challenge: dict[str, str] | None = None
+        if home_realm is None:
+            why = "no digest credentials configured"
+        elif entry.bye_status != response.status:
+            why = "not the final answer to this BYE"
+        elif entry.auth_tries >= MAX_AUTH_TRIES:
+            why = "challenged again after a stale retry"
+        else:
+            challenge, why = _home_challenge(response, home_realm)
+            if challenge is not None and entry.auth_tries \
+                    and challenge.get("stale", "").lower() != "true":
+                # our credentials were refused with a fresh nonce: the same password would
+                # be refused again (a wrong password, or a forger wanting more digests)
+                challenge, why = None, "challenged again without stale=true"
+        creds = credentials() if challenge is not None else None
+        if challenge is None or creds is None:
+            self.counts["bye_challenges_refused"] += 1
+            return None, why or "no digest credentials configured"
+        try:
+            bye = sip.parse(entry.bye)
+            number = bye.cseq[0] + 1
+            old_via = bye.get("Via") or ""
+            via = old_via.rsplit(";branch=", 1)[0] + f";branch={_branch()}"
+            uri = bye.request_uri
+            if uri is None:
+                raise MalformedError("our BYE has no Request-URI")
+            authorization = digest_authorization(challenge, creds, "BYE", uri)
+            kept = [(n, v) for n, v in bye.headers
+                    if n.lower() not in ("via", "cseq", "proxy-authorization")]
+            text = _compose(bye.start_line, [("Via", via), *kept, ("CSeq", f"{number} BYE"),
+                                             ("Proxy-Authorization", authorization)])
+        except (E2MError, ValueError):
+            self.counts["bye_challenges_refused"] += 1
+            return None, "the challenge cannot be answered in a well-formed BYE"
+        entry.bye, entry.bye_status = text, 0
+        entry.bye_branch = sip.parse(text).via_branch()
+        entry.auth_tries += 1
+        self.counts["bye_auth_retries"] += 1
+        return Outgoing(text, True, "BYE"), ""
