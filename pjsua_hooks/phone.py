@@ -29,7 +29,8 @@ pjsua keeps working on plaintext; :class:`E2MPhone` installs the hook so that
 - a 2xx relayed after our INVITE failed (a late fork's answer, RFC 3261 16.7), once the
   engine accepted it, is ACKed and then BYEd by the phone itself and never reaches
   pjsip, whose completed INVITE transaction would re-send the failure's ACK instead
-  (``late_2xx.py``, review 129 HB1).
+  (``late_2xx.py``, review 129 HB1); the home's 407 to that BYE is answered once with
+  the account's credentials (stop 44, ``_late_challenge``).
 
 Nothing a stranger sends ends the loop: every handler runs behind a boundary
 that turns an exception into an ``error`` event (class name, no body), and
@@ -73,7 +74,7 @@ from .certservice_client import CertServiceClient
 from .challenges import RefusedChallenge, keep_answerable
 from .fetcher import CertificateFetcher
 from .firstcopy import Duplicate, FirstCopy
-from .late_2xx import MAX_LATE, LateAnswers, Outgoing
+from .late_2xx import MAX_LATE, Credentials, LateAnswers, LateTwoXX, Outgoing
 from . import pjsip_abi
 from .proxysource import ProxySource
 from .rawhook import RawSipHook, RxReject
@@ -518,6 +519,9 @@ class E2MPhone:
         # sent from the loop, outside pjsip's receive callback
         self.late_answers = LateAnswers()
         self._late_out: deque[Outgoing] = deque(maxlen=64)
+        # their BYEs' 401/407 (entry, answer, from the home), answered from the loop
+        self._late_challenges: deque[tuple[LateTwoXX, sip.SipMessage, bool]] = \
+            deque(maxlen=MAX_LATE)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> E2MPhone:
@@ -733,11 +737,17 @@ class E2MPhone:
         if not msg.is_request and self.late_answers:
             ended = self.late_answers.bye_answered(msg)
             if ended is not None:
-                # what became of the BYE to a late 2xx (pjsip's transaction absorbs it;
-                # a 407 from a home with [auth] is not answered: nothing ends bob's side)
+                # what became of the BYE to a late 2xx (pjsip's transaction absorbs it)
                 self._pending_errors.append({
                     "kind": "late_answer_bye", "call_id": msg.call_id,
                     "status": msg.status, "reason": msg.reason or ""})
+                if msg.status in (401, 407):
+                    # a home with [auth] challenges it: answered from the loop, only
+                    # when it came from the home itself (``_late_challenge``)
+                    self._late_challenges.append(
+                        (ended, msg, self._home_source is not None
+                         and self._home_source.matches(self.hook.rx_source,
+                                                       tcp=self.hook.rx_over_tcp)))
         codes = self.config.codes
         if not msg.is_request and msg.status in (codes.proxy_indecipherable,
                                                  codes.signature_required, 493):
@@ -816,6 +826,35 @@ class E2MPhone:
             "reason": "a 2xx after the INVITE failed: ACKed and ended" if sends else
                       "a 2xx after the INVITE failed: dropped, nothing sent"})
         raise RxReject(None, detail="LateAnswer")
+
+    def _late_challenge(self, entry: LateTwoXX, answer: sip.SipMessage,
+                        from_home: bool) -> None:
+        """A 401/407 to the BYE of a late 2xx: the BYE again with the account's
+        credentials, as pjsip would for a request of its own, but only for the home
+        proxy's 407 of the home realm, once (twice with stale=true; ``late_2xx.
+        LateAnswers.retry_bye``).  Not from the home (a Record-Route that led elsewhere,
+        a forger): not answered, whatever realm it names, so nobody else gets a digest
+        of our password.  A ``late_answer_bye_auth`` event says what was done (never
+        the password, HA1 or nonce)."""
+        if from_home:
+            out, why = self.late_answers.retry_bye(entry, answer, self._auth_realm,
+                                                   self._late_credentials)
+        else:
+            out, why = None, "the challenge did not come from the home proxy"
+            self.late_answers.counts["bye_challenges_refused"] += 1
+        self._emit("late_answer_bye_auth", call_id=answer.call_id, status=answer.status,
+                   retried=out is not None, tries=entry.auth_tries, reason=why or
+                   "sent again with the account's credentials")
+        if out is not None:
+            self._send_late(out)
+
+    def _late_credentials(self) -> Credentials | None:
+        """The account's credentials, read again now (the password is kept by pjsua
+        alone between challenges); None when they cannot be read any more."""
+        try:
+            return self._credentials()
+        except PhoneError:
+            return None
 
     def _send_late(self, out: Outgoing) -> None:
         """Hand one ACK/BYE for a late 2xx to pjsip (on the loop, outside its callbacks);
@@ -1100,6 +1139,9 @@ class E2MPhone:
             self._guarded("event", self._emit, err.pop("kind", "error"), **err)
         while self._update_reactions:
             self._guarded("reaction", self._react_in_dialog, *self._update_reactions.popleft())
+        while self._late_challenges:
+            self._guarded("late_2xx", self._late_challenge,
+                          *self._late_challenges.popleft())
         while self._late_out:
             self._guarded("late_2xx", self._send_late, self._late_out.popleft())
         found = self.endpoint.events.find(since=self._mark)

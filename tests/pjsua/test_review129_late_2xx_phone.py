@@ -94,30 +94,45 @@ the BYE to f2 ended every key of the INVITE, the retired offer key too, and f3's
 could not be opened (bob's socket got no BYE for f3): the engine's BYE to a late 2xx
 now ends only that fork's slot (``UAEngine._ends_a_late_answer``), the retired keys
 living to their own ``open_until``.  Over TLS to a Kamailio home the same holds (the
-e2e module); **not fixed**: at a home with ``[auth]`` the BYE is answered 407 (the
-phone's ``late_answer_bye`` event) and not sent again with credentials, so bob's device,
-ACKed, stays in the call until its user hangs up (strict xfail there).
+e2e module); at a home with ``[auth]`` the BYE is answered 407 (the phone's
+``late_answer_bye`` event) and was not sent again with credentials, so bob's device,
+ACKed, stayed in the call until its user hung up (strict xfail there until stop 44).
+
+Fixed (stop 44): the phone answers its home's 407 to that BYE once with the account's
+credentials (``LateAnswers.retry_bye``).  Here, with the socket in front playing a home
+with ``[auth]`` (``ringing_with_password``): the home realm's 407 gets one BYE more, CSeq
++ 1, new branch, a digest over alice's password the test recomputes, and a second 407
+(no ``stale=true``) nothing more
+(``test_the_bye_answers_the_homes_407_once_with_credentials``); a 407 naming another
+realm is stripped (``challenge_refused``) and gets no BYE with credentials
+(``test_a_forged_realms_407_to_the_bye_gets_no_credentials``); a 407 of the home realm
+from another socket is dropped (``response_dropped``) and answered by nothing
+(``test_a_strangers_407_to_the_bye_gets_no_credentials``).
 """
 
 from __future__ import annotations
 
+import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from e2m_lab.flows import SDP_ANSWER, ua_engine
+from e2m_lab.kamailio_harness import digest_credentials, parse_challenge
 from e2m_lab.phones import PhoneProcess, write_ua
 from e2m_lab.stranger import HOST
 from e2m_plugins import sip
+from e2m_plugins.challenge import digest_params
 from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import TestPKI, init_test_pki
 
 pytestmark = [pytest.mark.pjsua2]
 
 BOB = "sip:bob@example.com"
+PASSWORD = "al-" + secrets.token_urlsafe(12)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +157,8 @@ class Bob:
         self.log: list[sip.SipMessage] = []
         self.sent: dict[str, bytes] = {}     # device tag -> the last response's octets
         self.answer_byes = False             # answer alice's BYEs 200
+        # or answer each BYE with what this returns (None: no answer)
+        self.bye_answer: Callable[[sip.SipMessage], sip.SipMessage | None] | None = None
 
     def receive(self, want, timeout: float = 10.0) -> sip.SipMessage | None:
         deadline = time.monotonic() + timeout
@@ -158,7 +175,11 @@ class Bob:
             self.log.append(msg)
             if msg.is_request and msg.method == "CANCEL":
                 self.sock.sendto(make_response(msg, 200, "OK").serialize(), source)
-            if msg.is_request and msg.method == "BYE" and self.answer_byes:
+            if msg.is_request and msg.method == "BYE" and self.bye_answer is not None:
+                reply = self.bye_answer(msg)
+                if reply is not None:
+                    self.sock.sendto(reply.serialize(), source)
+            elif msg.is_request and msg.method == "BYE" and self.answer_byes:
                 self.sock.sendto(make_response(msg, 200, "OK").serialize(), source)
             if want(msg):
                 self.source = source
@@ -192,10 +213,26 @@ class Bob:
 
 @pytest.fixture
 def ringing(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMessage]]:
+    yield from _ring(tmp_path, pki)
+
+
+@pytest.fixture
+def ringing_with_password(tmp_path: Path, pki: TestPKI
+                          ) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMessage]]:
+    """The same, alice's phone holding digest credentials for realm example.com (the
+    AoR's domain): the socket in front plays a home with ``[auth]``."""
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    yield from _ring(tmp_path, pki, password_file="password")
+
+
+def _ring(tmp_path: Path, pki: TestPKI, **phone: str
+          ) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMessage]]:
     bob = Bob(pki)
     assert pki.directory is not None
     config = write_ua(tmp_path, "alice", pki.directory, peer="bob",
-                      phone={"proxy": f"sip:{HOST}:{bob.port}"})
+                      phone={"proxy": f"sip:{HOST}:{bob.port}", **phone})
     alice = PhoneProcess(config, "alice")
     try:
         alice.wait("started", timeout=15)
@@ -364,3 +401,99 @@ def test_control_the_same_200_without_a_failure_is_acked_and_the_call_confirmed(
                .endswith("CONFIRMED"), since=mark, timeout=10)
     # no failure first: pjsip's own call, the phone does not step in
     assert not alice.of("late_answer") and not _requests(bob, "BYE")
+
+
+# -- stop 44: the BYE answers its home's digest challenge ------------------------------
+
+def _challenge(realm: str, nonce: str) -> Callable[[sip.SipMessage], sip.SipMessage]:
+    value = f'Digest realm="{realm}", nonce="{nonce}", qop="auth"'
+    return lambda bye: make_response(bye, 407, "Proxy Authentication Required") \
+        .add("Proxy-Authenticate", value)
+
+
+def _with_credentials(bye: sip.SipMessage) -> bool:
+    return bool(bye.get_all("Proxy-Authorization") or bye.get_all("Authorization"))
+
+
+def test_the_bye_answers_the_homes_407_once_with_credentials(ringing_with_password):
+    """The socket in front (alice's outbound proxy, her home) challenges the BYE with
+    the home realm: the phone sends it again once, CSeq + 1, with a digest over
+    alice's password that the home can check; a second 407 gets nothing more."""
+    alice, bob, invite = ringing_with_password
+    challenges: list[sip.SipMessage] = []
+
+    def answer_bye(bye: sip.SipMessage) -> sip.SipMessage | None:
+        if not _with_credentials(bye):
+            challenges.append(bye)
+            return _challenge("example.com", "home-nonce-1")(bye)
+        return _challenge("example.com", "home-nonce-2")(bye)     # no stale: refused
+
+    bob.bye_answer = answer_bye
+    seen = _after_late_200(alice, bob, invite, how="486")
+    assert seen["ack"] and seen["bye"], seen
+    retry = bob.receive(lambda m: m.is_request and m.method == "BYE"
+                        and _with_credentials(m), timeout=5)
+    assert retry is not None, [(m.method, m.cseq) for m in bob.log]
+    bob.receive(lambda m: False, timeout=2.0)
+    byes = _requests(bob, "BYE")
+    first = [m for m in byes if not _with_credentials(m)]
+    again = [m for m in byes if _with_credentials(m)]
+    # the first BYE (and any retransmission of it before the 407), then one retry
+    assert len({m.via_branch() for m in first}) == 1 and len(again) == 1, \
+        [(m.cseq, m.via_branch()) for m in byes]
+    assert retry.cseq == (invite.cseq[0] + 2, "BYE")
+    assert retry.via_branch() != first[0].via_branch()
+    assert retry.request_uri == first[0].request_uri and retry.to_tag == "f2"
+    (value,) = retry.get_all("Proxy-Authorization")
+    params = digest_params(value)
+    assert params is not None and params["realm"] == "example.com"
+    expected = digest_credentials(parse_challenge(
+        'Digest realm="example.com", nonce="home-nonce-1", qop="auth"'), "BYE",
+        retry.request_uri or "", "alice", PASSWORD, cnonce=params["cnonce"])
+    assert digest_params(expected)["response"] == params["response"]   # type: ignore
+    events = [(e["status"], e["retried"]) for e in alice.of("late_answer_bye_auth")]
+    assert events == [(407, True), (407, False)], alice.events[-10:]
+    assert PASSWORD not in repr(list(alice.events))
+    assert alice.status()["late_2xx_counts"]["bye_auth_retries"] == 1
+
+
+def test_a_forged_realms_407_to_the_bye_gets_no_credentials(ringing_with_password):
+    """A 407 naming a realm alice does not use (a hop phishing for a digest of her
+    password): the BYE is not sent again, with or without credentials."""
+    alice, bob, invite = ringing_with_password
+    bob.bye_answer = _challenge("evil.example", "evil-nonce")
+    seen = _after_late_200(alice, bob, invite, how="486")
+    assert seen["bye"], seen
+    bob.receive(lambda m: False, timeout=2.0)
+    byes = _requests(bob, "BYE")
+    assert not [m for m in byes if _with_credentials(m)]
+    assert len({m.via_branch() for m in byes}) == 1, \
+        [(m.cseq, m.via_branch()) for m in byes]
+    assert [e["retried"] for e in alice.of("late_answer_bye_auth")] == [False]
+    assert alice.of("challenge_refused"), alice.events[-10:]
+
+
+def test_a_strangers_407_to_the_bye_gets_no_credentials(ringing_with_password):
+    """A 407 of the home realm, but from a socket that is not alice's home (an
+    off-path forger who learnt the BYE's branch): dropped, never answered."""
+    alice, bob, invite = ringing_with_password
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind((HOST, 0))
+
+    def forge(bye: sip.SipMessage) -> None:
+        assert bob.source is not None
+        stranger.sendto(_challenge("example.com", "forged")(bye).serialize(), bob.source)
+        return None      # the home itself does not answer (yet)
+
+    try:
+        bob.bye_answer = forge
+        seen = _after_late_200(alice, bob, invite, how="486")
+        assert seen["bye"], seen
+        bob.receive(lambda m: False, timeout=1.5)
+        byes = _requests(bob, "BYE")
+        assert byes and not [m for m in byes if _with_credentials(m)]
+        assert len({m.via_branch() for m in byes}) == 1
+        assert not alice.of("late_answer_bye_auth")
+        assert alice.of("response_dropped"), alice.events[-10:]
+    finally:
+        stranger.close()
