@@ -6,9 +6,24 @@ as a late 2xx (RFC 3261 16.7).  alice's phone ACKs that 2xx and BYEs the call it
 (``pjsua_hooks/late_2xx.py``): both reach bob through the home proxy (its Record-Route
 taken as route set), and the proxy lets them through (bodiless in-dialog requests).
 Over TLS too (``open``), and at a home that challenges its users (``digest``), where the
-BYE is answered 407 and not sent again with credentials: not fixed (strict xfail).
+BYE is answered 407 and sent again with the account's credentials (fixed at stop 44).
 The same set-up with a socket in place of Kamailio: ``tests/pjsua/
 test_review129_late_2xx_phone.py``.
+
+Fixed (stop 44), the BYE at a home with ``[auth]``: before, the home answered the
+phone's BYE 407 (the phone's ``late_answer_bye`` event: 407), the phone, sending it
+outside pjsua's dialogs and their authentication, had no credentials to answer with,
+and bob's socket got ``INVITE, ACK(f1), ACK(f2)`` and no BYE: his device 2, ACKed,
+stayed in the call until its user hung up (strict xfail).  Now the phone sends the BYE
+once more with a Proxy-Authorization of the home realm computed from the 407
+(``pjsua_hooks/late_2xx.py``, ``LateAnswers.retry_bye``): CSeq one above the first BYE
+(the INVITE's + 2), a new branch; the home checks it, takes the credentials off and
+relays it, and bob's socket gets ``INVITE, ACK(f1), ACK(f2), BYE(f2)``, the BYE with
+CSeq INVITE + 2 and no credentials left in it; alice's events say ``late_answer_bye``
+407 then 200 and ``late_answer_bye_auth`` retried once.  A second 407 gets no further
+BYE, a challenge of another realm or from a stranger no credentials
+(``tests/unit/test_late_2xx_bye_auth.py``, ``tests/pjsua/
+test_review129_late_2xx_phone.py``).
 """
 
 from __future__ import annotations
@@ -79,14 +94,10 @@ def test_over_tls_the_ack_and_bye_go_on_the_phones_tls_connection(request, tmp_p
     """alice's phone reaches its home over TLS; bob's side is UDP.  Her ACK and BYE
     follow the TLS Record-Route: pjsip writes TLS into their Via.  With a home that
     challenges its users (``digest``) the BYE is answered 407 (the phone's
-    ``late_answer_bye`` event: 407 Proxy Authentication Required), and the phone, which
-    sends it outside pjsua's dialogs, has no credentials to answer with: bob gets the
-    ACK but no BYE (not fixed: strict xfail)."""
+    ``late_answer_bye`` event: 407 Proxy Authentication Required) and the phone sends
+    it once more with its account's credentials (stop 44): bob gets the ACK and that
+    BYE."""
     home = tls_home
-    if home.digest:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "review 129 HB1, not fixed: at a home with [auth] the late 2xx's BYE is "
-            "challenged 407 and the phone does not answer the challenge")))
     bob = RawUas(_bobs_phone)
     try:
         register_contact(home, "bob", bob.port,
@@ -107,7 +118,7 @@ def test_over_tls_the_ack_and_bye_go_on_the_phones_tls_connection(request, tmp_p
         assert alice.wait("started")["transport"] == "tls"
         alice.wait("registered", timeout=10)
         mark = home.log_mark()
-        _late_2xx_flow(home, alice, bob, e2e_pki, transport="TLS")
+        _late_2xx_flow(home, alice, bob, e2e_pki, transport="TLS", digest=home.digest)
         log = home.log_since(mark)
         assert "sanity" not in log, log[-2000:]
     finally:
@@ -115,9 +126,11 @@ def test_over_tls_the_ack_and_bye_go_on_the_phones_tls_connection(request, tmp_p
 
 
 def _late_2xx_flow(home: ProxyHandle, alice, bob: RawUas, pki: TestPKI,
-                   transport: str = "UDP") -> None:
+                   transport: str = "UDP", digest: bool = False) -> None:
     """alice calls bob; device f1 rings and answers 486; device f2's 200 comes after it
-    under alice's offer key: her phone's ACK and BYE must reach bob through ``home``."""
+    under alice's offer key: her phone's ACK and BYE must reach bob through ``home``.
+    ``digest``: the home challenges the BYE (407) and the phone sends it again, once,
+    with credentials (CSeq one higher)."""
     devices = {"f1": ua_engine(pki, "bob", peers=("alice",)),
                "f2": ua_engine(pki, "bob", peers=("alice",))}
     alice.send(f"call {BOB}")
@@ -134,13 +147,18 @@ def _late_2xx_flow(home: ProxyHandle, alice, bob: RawUas, pki: TestPKI,
     time.sleep(0.5)
     mark = alice.mark()
     answer_under_offer_key(home, devices["f2"], bob, delivered, to_tag="f2")
-    acks = [m for m in bob.wait_for(1, method="ACK", timeout=5) if m.to_tag == "f2"]
     byes = bob.wait_for(1, method="BYE", timeout=5)
     time.sleep(2.0)                  # no retransmission once bob answered 200
+    # read after the waits: ACK(f1) came before the 200, so waiting for "an ACK" could
+    # return before ACK(f2) arrived (seen under load)
+    acks = [m for m in bob.wait_for(2, method="ACK", timeout=5) if m.to_tag == "f2"]
     late = alice.of("late_answer", since=mark)
     assert [e["sent"] for e in late] == [["ACK", "BYE"]], alice.events[-10:]
-    assert [e["status"] for e in alice.of("late_answer_bye", since=mark)] == [200], \
-        alice.events[-10:]
+    assert [e["status"] for e in alice.of("late_answer_bye", since=mark)] == \
+        ([407, 200] if digest else [200]), alice.events[-10:]
+    assert [(e["status"], e["retried"], e["tries"])
+            for e in alice.of("late_answer_bye_auth", since=mark)] == \
+        ([(407, True, 1)] if digest else []), alice.events[-10:]
     assert len(acks) == 1 and len(bob.wait_for(2, method="BYE", timeout=0.1)) == 1, \
         [(m.method, m.to_tag) for m in bob.received]
     (ack,), (bye,) = acks, byes
@@ -152,7 +170,10 @@ def _late_2xx_flow(home: ProxyHandle, alice, bob: RawUas, pki: TestPKI,
         assert request.request_uri == f"sip:bob@127.0.0.1:{bob.port}"
         assert request.to_tag == "f2" and request.from_tag == delivered.from_tag
     assert ack.cseq == (delivered.cseq[0], "ACK")
-    assert bye.cseq == (delivered.cseq[0] + 1, "BYE")
+    # the retry with credentials is a new request: CSeq + 1 (RFC 3261 22.2); the home
+    # took its credentials off before relaying (consume_credentials)
+    assert bye.cseq == (delivered.cseq[0] + (2 if digest else 1), "BYE")
+    assert not bye.get_all("Proxy-Authorization") and not bye.get_all("Authorization")
     assert not alice.of("error", since=mark), alice.of("error")
     assert not [e for e in alice.of("call_state", since=mark)
                 if str(e.get("state", "")).upper().endswith("CONFIRMED")]
