@@ -48,6 +48,22 @@ route), so it only keeps the row alive.  Not tried: a front or cluster (the fron
 as the source: a direct subscription to the front's port), a TLS peer with another
 certificate (``in_dialog_hop`` compares address and transport only, as review 134
 accepted for TCP).
+
+Areas 4 and 5 (not filed).  Area 4, run at the unit level (``late_2xx.LateAnswers.answer``
+on a 2xx whose From is ``"Carol" <sip:carol@example.com>;tag=ours`` while the phone's tag
+is ``OURS``): the ACK and the BYE carry that From, URI and display name, and the tag as
+the 2xx wrote it (matched without case), not "the INVITE's From" that
+``pjsua_hooks/late_2xx.py``'s docstring (lines 12-13) describes; the forger of a late 2xx
+already picks their Request-URI and route (the documented bound), and no further effect
+of the From was found (a bodiless ACK is relayed unread; the BYE is challenged under
+``[auth]``).  The bounds read hold per INVITE (6 To tags, 16 ACKs each, matched by the
+exact Call-ID, CSeq and branch); not run: whether evicting entries past ``MAX_LATE``
+(32, which takes six failed INVITEs within 32 s) lets a copy of an evicted 2xx draw a
+second BYE.  Area 5, read only: a request over the UDP phone's TCP listener passes
+``_through_home`` from any port of the proxy's address (``ProxySource.matches(tcp=True)``)
+and is refused 403 from any other address; a response over it must come from the
+proxy's own address and port (``_answer_from_home`` matches without ``tcp``), so a TCP
+connection from another port cannot answer; review 134 K4 (the churn) is open.
 """
 
 from __future__ import annotations

@@ -68,7 +68,18 @@ headers for pjsip (text/plain), which only hides SDP from pjsip; a boundary stri
 mid-line (pjsip's ``pj_strstr``) is refused by the count check; base64 cannot carry an
 SDP pjmedia parses (``=`` only as padding).  Run at the engine (the unit module):
 ``Content-Encoding: gzip`` is undone by neither side (the raw 127.0.0.9 is recorded);
-the QP header on an SDP whose decoding changes nothing reads as before.
+the QP header on an SDP whose decoding changes nothing reads as before; two
+Content-Type headers (``c`` and long form) are 400; ``Content-Transfer-Encoding: x-foo``
+is 415 and ``base64`` on an SDP 400; a top-level ``text/plain`` SDP is forwarded with no
+media, and pjsip takes no SDP from it.
+
+Area 2, read in the code, not run: the core reply route drops an answer only for an
+error in reading its own body (``read_response``); the request enters that reading only
+through the keys the proxy kept, and a lost or evicted key makes a sealed answer
+``ProxyCannotDecryptError`` with no keyless part: relayed with its error, not dropped.
+A hop on the answer's path can drop it anyway; none was found that makes the proxy
+drop an honest answer it does not carry.  K1 is the answer that gets through
+unrecorded.
 """
 
 from __future__ import annotations
