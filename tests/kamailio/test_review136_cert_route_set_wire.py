@@ -44,8 +44,9 @@ Controls (unmarked, pass): ``test_control_without_a_route_set_the_same_datagram_
 
 Read, not run: the refresh variant (``Expires: 600`` from another port) leaves a routed
 subscription's hop where it was (``in_dialog_hop`` returns it: NOTIFYs still go to the
-route), so it only keeps the row alive.  Not tried: a front or cluster (the front does not record-route, so a node sees the front
-as the source: a direct subscription to the front's port), a TLS peer with another
+route), so it only keeps the row alive.  Not tried: a front or cluster (the front does
+not record-route, so a node sees the front as the source: a direct subscription to the
+front's port), a TLS peer with another
 certificate (``in_dialog_hop`` compares address and transport only, as review 134
 accepted for TCP).
 

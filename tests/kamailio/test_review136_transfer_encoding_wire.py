@@ -66,12 +66,12 @@ header parser (``parse_multipart_part``), whose ``c:`` our MIME reader expands t
 whose last Content-Type wins where ours refuses two; a part with no blank line has no
 headers for pjsip (text/plain), which only hides SDP from pjsip; a boundary string
 mid-line (pjsip's ``pj_strstr``) is refused by the count check; base64 cannot carry an
-SDP pjmedia parses (``=`` only as padding).  Run at the engine (the unit module):
-``Content-Encoding: gzip`` is undone by neither side (the raw 127.0.0.9 is recorded);
-the QP header on an SDP whose decoding changes nothing reads as before; two
-Content-Type headers (``c`` and long form) are 400; ``Content-Transfer-Encoding: x-foo``
-is 415 and ``base64`` on an SDP 400; a top-level ``text/plain`` SDP is forwarded with no
-media, and pjsip takes no SDP from it.
+SDP pjmedia parses (``=`` only as padding).  Run at the engine: in the unit module,
+``Content-Encoding: gzip`` is undone by neither side (the raw 127.0.0.9 is recorded) and
+the QP header on an SDP whose decoding changes nothing reads as before; in a scratch
+script (not kept), two Content-Type headers (``c`` and long form) are 400,
+``Content-Transfer-Encoding: x-foo`` is 415 and ``base64`` on an SDP 400, and a
+top-level ``text/plain`` SDP is forwarded with no media (pjsip takes none from it).
 
 Area 2, read in the code, not run: the core reply route drops an answer only for an
 error in reading its own body (``read_response``); the request enters that reading only
