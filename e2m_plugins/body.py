@@ -38,7 +38,8 @@ from .layers import open_message, unauthenticated_plaintext
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection",
            "open_part", "check_signed_by", "check_context", "protect_content", "new_reference",
-           "with_entity", "plaintext_leaves", "refuse_hidden_parts", "as_read"]
+           "with_entity", "plaintext_leaves", "refuse_hidden_parts",
+           "refuse_encoded_plaintext", "as_read"]
 
 # What an E2M body may be; certs-only, compressed-data and bare signatures are not.
 _OPENABLE = frozenset({"enveloped-data", "authEnveloped-data", "signed-data"})
@@ -264,6 +265,23 @@ def refuse_hidden_parts(entity: mime.MimePart, limits: Limits = DEFAULT_LIMITS, 
             f"an SDP or S/MIME part inside a {entity.content_type.mime_type} {where}: "
             "send the SDP as a body part of its own",
             content_type=entity.content_type.mime_type)
+
+
+def refuse_encoded_plaintext(entity: mime.MimePart, limits: Limits = DEFAULT_LIMITS) -> None:
+    """``UnsupportedMediaTypeError`` for a part in the clear, or any leaf of it, whose
+    Content-Transfer-Encoding changes its octets (a quoted-printable soft line break or
+    ``=XX``, base64): a SIP stack reads an SDP or a text as sent (pjsip does not know
+    the header), while ``decoded`` undoes it, so the view would summarise other media
+    than the phone takes (a soft line break joins a ``c=`` line to the attribute before
+    it: review 136 K1).  A header whose decoding changes nothing reads the same on both
+    sides and passes.  Inside an envelope both sides decode: only the clear is held."""
+    for leaf in plaintext_leaves(entity, limits):
+        if leaf.transfer_encoding not in ("7bit", "8bit", "binary") \
+                and leaf.decoded() != leaf.body:
+            raise UnsupportedMediaTypeError(
+                f"a {leaf.content_type.mime_type} in the clear with Content-Transfer-Encoding "
+                f"{leaf.transfer_encoding}: a SIP stack reads its octets as sent",
+                content_type=leaf.content_type.mime_type)
 
 
 def _context_of(envelopes: Sequence[OpenedEnvelope], signatures: Sequence[VerifyResult]

@@ -192,21 +192,36 @@ def refresh_dialog(subscription: Subscription, message: SipMessage, expires: flo
 
 def in_dialog_hop(subscription: Subscription, peer: Peer) -> str:
     """Where the subscription's NOTIFYs go after a request in its dialog (a refresh or
-    an unsubscribe) from ``peer`` (the host checked it is the subscription's address):
-    the same hop, or for a subscription reached directly over TCP or TLS, the new
-    connection of that same transport (a stream's next connection has a new port; a
-    handshake proved its source).  ``SubscriberMovedError`` for anything else: a
-    datagram from another port may be forged, and another transport from that
-    address may be anyone behind the same NAT (a UDP follower's NOTIFYs would go to
-    a hop's TCP connection, a TLS one's to plain TCP: review 134 K2)."""
+    an unsubscribe) from ``peer`` (the host checked it is the subscription's address).
+
+    - Reached directly: the same hop, or over TCP or TLS the new connection of that
+      same transport (a stream's next connection has a new port; a handshake proved
+      its source).
+    - Through a route set: its first hop stays, and the request must come from it as
+      NOTIFYs reach it: over UDP from the port its Record-Route names (a proxy sends
+      from the socket it record-routes), over a stream from its address on that
+      transport (review 136 K2: any port of the hop's address could end the follow).
+
+    ``SubscriberMovedError`` for anything else: a datagram from another port may be
+    forged, and another transport from that address may be anyone behind the same
+    NAT (a UDP follower's NOTIFYs would go to a hop's TCP connection, a TLS one's to
+    plain TCP: review 134 K2)."""
     hop = subscription.next_hop
-    if subscription.route_set or peer.uri() == hop:
+    if peer.uri() == hop:
         return hop
-    if peer.transport == "udp" or peer.transport != _transport(hop) \
-            or not _same_address(parse_uri(hop).host, peer.ip):
-        raise SubscriberMovedError("a request in the subscription from another port or "
-                                   "transport than the one its NOTIFYs go to")
-    return peer.uri()
+    target = parse_uri(hop)
+    transport = _transport(hop)
+    same_stream = peer.transport == transport != "udp" and _same_address(target.host, peer.ip)
+    if subscription.route_set:
+        default_port = 5061 if transport == "tls" else 5060
+        same_socket = peer.transport == transport == "udp" and \
+            _same_address(target.host, peer.ip) and peer.port == (target.port or default_port)
+        if same_socket or same_stream:
+            return hop
+    elif same_stream:
+        return peer.uri()
+    raise SubscriberMovedError("a request in the subscription from another port or "
+                               "transport than the one its NOTIFYs go to")
 
 
 def notify_request(subscription: Subscription, cseq: int) -> NotifyRequest:

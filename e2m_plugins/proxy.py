@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from . import headers as hdr
 from . import mime
 from .body import (OpenedPart, check_context, check_signed_by, message_body, open_part,
-                   readable_without_key, refuse_hidden_parts, top_parts)
+                   readable_without_key, refuse_encoded_plaintext, refuse_hidden_parts,
+                   top_parts)
 from .certstore import fingerprint_sha256
 from .cms.recipients import CertificateKey, KekLookup, OpeningKey
 from .cms.budget import message_budget
@@ -791,6 +792,7 @@ class ProxyEngine:
             for part in opened:
                 if not (part.encrypted or part.signed):   # open_part checked the others
                     refuse_hidden_parts(part.entity, limits, where="in the clear")
+                    refuse_encoded_plaintext(part.entity, limits)
         for part in opened:
             if part.signed:   # a signature must be the sender's: From, or the responder (To)
                 check_signed_by(part, sender)

@@ -65,6 +65,12 @@ second BYE.  Area 5, read only: a request over the UDP phone's TCP listener pass
 and is refused 403 from any other address; a response over it must come from the
 proxy's own address and port (``_answer_from_home`` matches without ``tcp``), so a TCP
 connection from another port cannot answer; review 134 K4 (the churn) is open.
+
+Fixed (stop 44), K2: ``notifier.in_dialog_hop`` holds a routed subscription's requests
+to its first hop as NOTIFYs reach it: over UDP from the address and port its
+Record-Route names, over TCP or TLS from that address on that transport; anything
+else is 481 and the row stays.  Both hole tests failed on the code before (200, row
+gone) and pass now; the controls still pass.
 """
 
 from __future__ import annotations
@@ -112,8 +118,6 @@ def _unsubscribe(home, made, pki, *, route_set: bool, same_address: bool = True,
     return answer, rows_before, rows_after
 
 
-@pytest.mark.xfail(strict=True, reason="review 136 hole K2: a routed subscription is ended "
-                   "by an unsubscribe from any port or transport of its hop's address")
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_an_unsubscribe_from_another_port_does_not_end_a_routed_follow(
         home, made, pki, transport):
