@@ -436,12 +436,12 @@ class Stats:
 
 
 def run_one(target: Target, k: Kit, data: bytes, stats: Stats | None = None, *,
-            tolerate_known: bool = True) -> float:
+            tolerate_known: bool = True, timed: bool = True) -> float:
     """Run ``target`` on ``data``; return the seconds it took.
 
     An ``E2MError`` is swallowed (counted); so is a KNOWN_BUGS exception
-    unless ``tolerate_known`` is False.  Anything else propagates, and a
-    :class:`PropertyViolation` is raised for an input under ``BOUNDED_SIZE``
+    unless ``tolerate_known`` is False.  Anything else propagates, and (``timed``)
+    a :class:`PropertyViolation` is raised for an input under ``BOUNDED_SIZE``
     that took longer than ``PER_INPUT_BOUND``.
     """
     start = time.perf_counter()
@@ -466,7 +466,7 @@ def run_one(target: Target, k: Kit, data: bytes, stats: Stats | None = None, *,
             stats.errors[name] = stats.errors.get(name, 0) + 1
         if elapsed > stats.max_seconds:
             stats.max_seconds, stats.max_size = elapsed, len(data)
-    if len(data) < BOUNDED_SIZE and elapsed > PER_INPUT_BOUND:
+    if timed and len(data) < BOUNDED_SIZE and elapsed > PER_INPUT_BOUND:
         raise PropertyViolation(f"{target.name}: {len(data)}-byte input took {elapsed:.2f} s "
                                 f"(bound {PER_INPUT_BOUND} s)")
     return elapsed
