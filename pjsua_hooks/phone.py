@@ -598,6 +598,12 @@ class E2MPhone:
             # comes back from it (review 104: the callee's 200 sent straight to us set up
             # a call the home never saw); without one, answers come from where we sent
             self._answers_from_home = bool(proxies)
+            guard = self.endpoint.tcp_guard if self.endpoint is not None else None
+            if guard is not None and self._home_source is not None:
+                # requests from anyone else are refused anyway: their connections are
+                # not even completed, so a stranger's churn cannot shut the home out
+                # (review 134 K4)
+                guard.admit_only(address for address, _ in self._home_source.addresses)
         if s.certificate_service and proxies:
             # the service is our home proxy's: without one, a SUBSCRIBE to a peer's
             # domain would need a name lookup on the loop

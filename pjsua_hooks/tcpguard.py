@@ -23,7 +23,13 @@ synchronously on the owner thread when pjsip accepts a connection) and:
   ``first_message_timeout`` or nothing for ``idle_timeout`` (pjsip itself keeps an
   idle accepted connection for ever);
 - with ``accept=False`` keeps the gate closed for good: the phone's own outgoing
-  connections (to its proxy) work, no stranger connects to it.
+  connections (to its proxy) work, no stranger connects to it;
+- once told its home's addresses (``admit_only``: a phone with a home takes requests
+  from nobody else), lets the kernel complete connections from those alone while the
+  gate is not shut (a classic BPF filter comparing the IPv4 or IPv6 source).  A
+  stranger's SYNs are then never answered, so they cannot fill the accept queue
+  (pjsip's backlog of 5) or the slots, and the home gets in however fast strangers
+  connect (review 134 K4: at some 500 a second the proxy's SYNs met a full queue).
 
 It never calls pjsua itself: what to close is returned (``on_state`` for the
 connection being accepted, which pjsip allows inside the callback; ``due`` for the
@@ -33,23 +39,76 @@ others, which the endpoint shuts down after the pump).
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TcpGuard", "PJ_IOQUEUE_MAX_HANDLES", "find_listener"]
+__all__ = ["TcpGuard", "PJ_IOQUEUE_MAX_HANDLES", "find_listener", "admit_program"]
 
 PJ_IOQUEUE_MAX_HANDLES = 64    # the pinned wheel: 62 connections + listener + one more
 CLOSING_FOR = 1.5              # seconds a destroyed connection's slot is counted as taken
 TP_CONNECTED, TP_DISCONNECTED, TP_SHUTDOWN, TP_DESTROY = 0, 1, 2, 3
 
 _SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27     # Linux <asm-generic/socket.h>
+# classic BPF (<linux/filter.h>): opcodes, and the offset at which a socket filter
+# reads the network header (a TCP socket's filter sees the TCP header at 0)
 _BPF_RET_K = 0x06                                  # BPF_RET | BPF_K
+_BPF_LD_W_ABS, _BPF_LD_B_ABS = 0x20, 0x30          # BPF_LD | BPF_W or BPF_B | BPF_ABS
+_BPF_RSH_K = 0x74                                  # BPF_ALU | BPF_RSH | BPF_K
+_BPF_JEQ_K = 0x15                                  # BPF_JMP | BPF_JEQ | BPF_K
+_SKF_NET_OFF = -0x100000
+MAX_ADMITTED = 8       # addresses a filter compares (every jump must stay under 256)
+_GATE_OPEN, _GATE_ADMITTING, _GATE_SHUT = "open", "admitting", "shut"
+
+
+def _insn(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k & 0xffffffff)
+
+
+def _net(offset: int) -> int:
+    return _SKF_NET_OFF + offset
+
+
+def admit_program(addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bytes:
+    """A classic BPF socket filter that passes packets whose IP source is one of
+    ``addresses`` (IPv4 or IPv6; an IPv4-mapped one counts as IPv4) and drops the rest.
+    An empty list drops everything."""
+    v4 = [int(a) for a in addresses if a.version == 4]
+    v6 = [struct.unpack("!4I", a.packed) for a in addresses if a.version == 6]
+    # (code, k, jump-if-true label, jump-if-false label); a label is an index, resolved
+    # into an offset below; None: the next instruction
+    code: list[tuple[int, int, str | None, str | None]] = []
+    labels: dict[str, int] = {}
+    code += [(_BPF_LD_B_ABS, _net(0), None, None), (_BPF_RSH_K, 4, None, None),
+             (_BPF_JEQ_K, 4, None, "v6"), (_BPF_LD_W_ABS, _net(12), None, None)]
+    code += [(_BPF_JEQ_K, ip, "pass", None) for ip in v4]
+    code.append((_BPF_RET_K, 0, None, None))
+    labels["v6"] = len(code)                         # the accumulator: the version
+    code.append((_BPF_JEQ_K, 6, None, "drop"))
+    for n, words in enumerate(v6):
+        for i, word in enumerate(words):
+            code += [(_BPF_LD_W_ABS, _net(8 + 4 * i), None, None),
+                     (_BPF_JEQ_K, word, "pass" if i == 3 else None, f"next{n}")]
+        labels[f"next{n}"] = len(code)
+    labels["drop"] = len(code)
+    code.append((_BPF_RET_K, 0, None, None))
+    labels["pass"] = len(code)
+    code.append((_BPF_RET_K, 0xffffffff, None, None))
+
+    def offset(pc: int, label: str | None) -> int:
+        jump = 0 if label is None else labels[label] - pc - 1
+        if not 0 <= jump <= 255:
+            raise ValueError("too many addresses for one filter")
+        return jump
+
+    return b"".join(_insn(op, k, offset(pc, jt), offset(pc, jf))
+                    for pc, (op, k, jt, jf) in enumerate(code))
 
 
 @dataclass
@@ -116,6 +175,8 @@ class TcpGuard:
         self._evict: list[int] = []
         self._listener: socket.socket | None = None
         self._filter_buf: Any = None
+        self._gate = _GATE_OPEN
+        self._admitted: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
         self.gate_closed = False
         self.counts = {"accepted": 0, "evicted": 0, "idle_closed": 0, "gate_closings": 0}
 
@@ -134,25 +195,47 @@ class TcpGuard:
             finally:
                 self._listener = None
 
-    def _set_gate(self, closed: bool) -> None:
-        if closed == self.gate_closed or self._listener is None:
+    def admit_only(self, addresses: Iterable[str]) -> None:
+        """From now on let the kernel complete connections from ``addresses`` alone (the
+        home proxy's), while the gate is not shut.  At most ``MAX_ADMITTED``; none that
+        reads as an IP address leaves the gate as it was."""
+        found = []
+        for text in addresses:
+            try:
+                ip = ipaddress.ip_address(text.strip("[]"))
+            except ValueError:
+                continue
+            mapped = getattr(ip, "ipv4_mapped", None)
+            found.append(mapped or ip)
+        self._admitted = tuple(dict.fromkeys(found))[:MAX_ADMITTED]
+        self._update_gate(again=True)      # a new list: the filter is made again
+
+    def _set_gate(self, state: str, again: bool = False) -> None:
+        if (state == self._gate and not again) or self._listener is None:
             return
         try:
-            if closed:
-                insn = (ctypes.c_uint8 * 8).from_buffer_copy(
-                    struct.pack("HBBI", _BPF_RET_K, 0, 0, 0))    # "ret 0": drop it
-                self._filter_buf = insn
-                prog = struct.pack("HxxxxxxP", 1, ctypes.addressof(insn))
-                self._listener.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, prog)
-                self.counts["gate_closings"] += 1
+            if state == _GATE_OPEN:
+                if self._gate != _GATE_OPEN:
+                    self._listener.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
             else:
-                self._listener.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+                program = admit_program(self._admitted if state == _GATE_ADMITTING else ())
+                insn = (ctypes.c_uint8 * len(program)).from_buffer_copy(program)
+                self._filter_buf = insn
+                prog = struct.pack("HxxxxxxP", len(program) // 8, ctypes.addressof(insn))
+                self._listener.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, prog)
+                if state == _GATE_SHUT and self._gate != _GATE_SHUT:
+                    self.counts["gate_closings"] += 1
         except OSError:
             return
-        self.gate_closed = closed
+        self._gate = state
+        self.gate_closed = state == _GATE_SHUT
 
-    def _update_gate(self) -> None:
-        self._set_gate(not self.accept or self.in_use() >= self.budget)
+    def _update_gate(self, again: bool = False) -> None:
+        if not self.accept or self.in_use() >= self.budget:
+            state = _GATE_SHUT
+        else:
+            state = _GATE_ADMITTING if self._admitted else _GATE_OPEN
+        self._set_gate(state, again)
 
     # -- counting ------------------------------------------------------------------------
     def _sweep_closed(self, now: float) -> None:
@@ -255,4 +338,5 @@ class TcpGuard:
                 "outgoing": len([c for c in live if c.direction == "out" and not c.closing]),
                 "slots_in_use": self.in_use(), "limit": self.limit, "budget": self.budget,
                 "accepting": self.accept, "gate_closed": self.gate_closed,
+                "admitted_sources": len(self._admitted),
                 "listener_found": self._listener is not None, **self.counts}
