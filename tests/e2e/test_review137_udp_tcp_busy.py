@@ -1,5 +1,62 @@
-"""Review 137 (attacker's review of 9e484f3), area 4: a UDP phone's TCP listener.
-Docstring completed below.
+"""Review 137 (attacker's review of 9e484f3), area 4: a UDP phone's TCP listener
+(``SipEndpoint.add_udp_with_tcp``, ``TcpGuard``, ``ProxySource.matches(tcp=True)``).
+Set-up: review 132's stranger lab (``tests/e2e/test_phone_stranger.py``, no Kamailio):
+bob is a real ``e2m-phone`` over UDP registered at a registrar/proxy on 127.0.0.1 (his
+home), with its TCP listener at the UDP port (the default); the stranger is at
+127.0.0.2.
+
+Hole K2: a stranger's busy connections keep the home out of the listener
+-------------------------------------------------------------------------
+
+- Attacker: an **off-path sender** at any address (no spoofing: TCP), against a phone
+  or the large requests its home sends it (RFC 3261 18.1.1: above 1300 octets, over TCP
+  to the UDP port, e.g. the certificate service's NOTIFY of a large certificate, stop
+  43).
+- Messages: ``tcp_max_connections`` TCP connections from 127.0.0.2, each sending an
+  OPTIONS every 0.25 s (0.5 s with the default 32), read and answered 403 by the phone
+  ("did not come through the home proxy").  Then the home opens a new connection from
+  127.0.0.1, as a proxy does for a large request, and sends an OPTIONS: three tries,
+  0.5 s apart.
+- Observed: none of the home's three connections gets an answer: each is closed as
+  soon as it is accepted (``accepted`` 7 = 4 + 3, ``evicted`` 0, the stranger's 4 all
+  ``incoming``); the stranger got 24 answers (403) of 28 requests.  With the default
+  ``tcp_max_connections`` = 32 (scratch run of this module, not kept): 32 connections,
+  an OPTIONS every 0.5 s on each (64 requests/s), the same: ``[None, None, None]``,
+  ``incoming`` 32, 192 requests sent and 160 answered 403 in the run.  The same
+  connections idle (one request each, then silence): the home's connection evicts the
+  stalest and is answered 200 (control).  So as long as a stranger keeps every
+  accepted slot busy (a request per slot per second), no connection of the home
+  reaches the phone: a large certificate NOTIFY (a peer's renewed or withdrawn
+  certificate, review 107) never arrives, and Kamailio's send fails.
+- Code at fault: ``pjsua_hooks/tcpguard.py:202-214`` (``_make_room``: when every other
+  accepted connection carried a message within the last second, the new one is closed,
+  whoever it comes from) with ``pjsua_hooks/endpoint.py:416-421`` (the UDP phone's
+  listener has the guard of a TCP phone, whose accepted connections are all strangers'
+  when ``tcp_accept`` is on; here the one legitimate peer, the home, competes with them
+  on equal terms).  A stranger's messages count as activity although every one of them
+  is refused (``pjsua_hooks/rawhook.py:346-348`` tells ``on_message`` of each whole
+  message before the phone's ``_through_home`` refuses it).
+- Suggested fix: on the UDP phone's listener, never close a connection from the home's
+  address to make room (and evict a stranger's instead, busy or not), or do not count a
+  request refused as not via the home as activity; simplest, accept connections from the
+  home's addresses only (the SYN gate's BPF can filter on the source address), since
+  nothing else may send the phone a request over it.
+- Test: ``test_busy_strangers_do_not_keep_the_home_out_of_the_tcp_listener`` (strict
+  xfail; ``tcp_max_connections`` = 4 to keep the load small).
+
+Controls (unmarked, pass): ``test_control_idle_strangers_make_room_for_the_home`` (the
+same 4 connections idle: the home's request 200, ``evicted`` >= 1) and
+``test_control_the_homes_request_over_tcp_is_answered`` (no stranger: 200).
+
+Tried and held (area 4, read in the code): a stranger's request over the listener from
+any address but the home's is 403 and never reaches pjsua (review 132's tests); a
+response over TCP is held to the home's address and port (``_answer_from_home`` calls
+``matches`` without ``tcp``), so a stranger at another port of the home's host cannot
+answer over it; the late BYE's 407 taken over TCP is held the same way (it must first
+pass ``_answer_from_home``); a MESSAGE taken over TCP is held to ``FirstCopy``'s
+stream rule (``reliable=True``: any repeat is a copy, 482).  Not run: a duplicate of a
+UDP request sent again over the listener by the home (the home relays over UDP what
+came over UDP; only a large request goes over TCP, and then only over TCP).
 """
 
 from __future__ import annotations

@@ -1,10 +1,81 @@
-"""Review 137 (attacker's review of 9e484f3), area 1: the late 2xx's ACK/BYE on the real
-phone (``e2m-phone listen``), past ``MAX_LATE``.  Docstring completed below.
+"""Review 137 (attacker's review of 9e484f3), area 1: the late 2xx's ACK and BYE on the
+real phone (``e2m-phone listen``, default settings), past ``MAX_LATE``.  Set-up as
+review 129's module (``tests/pjsua/test_review129_late_2xx_phone.py``, its ``Bob``): a
+UDP socket is alice's outbound proxy and answers as bob's devices, each a ``UAEngine``
+with bob's credentials (f1 fails the INVITEs, g1..g6 answer late, under alice's offer
+key: kekri, signed by bob).
+
+Hole K1: a copy of an evicted late 2xx draws another ACK and BYE
+-------------------------------------------------------------------
+
+- Attacker: the **callee** (an insider UA's devices, or anyone holding the offer's
+  CEK and bob's signature, i.e. bob) or, where the phone does not require E2M, an
+  **untrusted hop** on the INVITE's path (it may forge the plaintext 2xx).  It needs
+  ``MAX_LATE // MAX_PER_INVITE + 1`` = 6 failed INVITEs of alice within 32 s (at a
+  home with ``[auth]`` each call's first INVITE fails 407; here f1 answers 486).
+- Messages: alice calls bob 6 times, f1 answers each 486 (ACKed); then g1..g6 each
+  answer each INVITE 200 (36 late 2xx, each sealed and signed as a real one); the
+  phone sends ACK + BYE for each (36 BYEs).  Then the same 36 200s again, byte for
+  byte, in the same order (what the devices' 2xx retransmissions are).
+- Observed: every copy draws a **new ACK (new branch) and a new BYE (new branch)**:
+  72 BYEs in all, the phone's ``late_2xx_counts`` ``{'answered': 72, 'acks_again': 0}``
+  (secure: 36 BYEs, ``acks_again`` 36, as the control with 6 late 2xx shows).  In a
+  scratch run (not kept) sending the 36 copies round after round: 71, 107, 143, ... 575
+  BYEs after 15 rounds (about 2 s of the test's clock), then it stopped at 584: not by
+  any bound of ``late_2xx.py`` but because the ACKs and BYEs (about 1,170 requests)
+  pushed the INVITEs out of the engine's ``_sent`` table (``_MAX_SENT`` = 1024,
+  ``e2m_plugins/ua.py:71``), so that every other request alice had in flight was
+  forgotten too (its answers become "answers to nothing we sent").  So a forger gets
+  about 16 times the documented "one ACK and one BYE per To tag" toward the Contact and
+  Record-Route of its choosing (each BYE a client transaction pjsip retransmits over
+  UDP until answered, up to 11 sends by Timer F), and each new entry starts with
+  ``auth_tries`` 0 at a home with ``[auth]`` (read, not run).
+- Code at fault: ``pjsua_hooks/late_2xx.py:396-397`` (``answer`` evicts the oldest entry
+  past ``max_entries``, and with it the only record that its 2xx was answered) with
+  ``:337-346`` (``retransmission`` knows octets of held entries only) and ``:377``
+  (``answer`` treats a 2xx whose key is not held as new); the engine still names the copy
+  late (``e2m_plugins/ua.py:1085``, ``late_answer_to_failed_invite``: the INVITE's
+  failure is kept 32 s, the retired offer key still opens it).
+- Suggested fix: refuse a new late 2xx while the table is full (count it
+  ``over_bounds``, send nothing) rather than evicting a live entry: entries leave only
+  by age (``MAX_AGE``, the same 32 s the engine keeps the failure); or keep a bounded
+  set of the (Call-ID, CSeq, branch, To tag) keys answered for 32 s and never BYE one
+  twice.
+- Test: ``test_a_copy_of_an_evicted_late_2xx_draws_no_second_bye`` (strict xfail).
+
+Control (unmarked, passes): ``test_control_copies_of_late_2xx_held_draw_acks_only``:
+one failed INVITE, 6 late 200s (within ``MAX_LATE``), each sent again: 6 ACKs again on
+their first branches, no second BYE, ``answered`` 6 and ``acks_again`` 6.
+
+Tried and held (area 1, the digest retry):
+
+- Who gets a digest: only a 407 whose source matches the home (``_late_challenge``,
+  ``ProxySource.matches``; with an outbound proxy ``_answer_from_home`` drops any other
+  response first), of the home realm (case-insensitive), strictly read
+  (``digest_params``: a parameter twice is refused), with MD5/SHA-256/SHA-512-256 and
+  qop auth or none (``MD5-sess``, ``auth-int`` only: refused); run at the unit level on
+  odd challenges: a nonce or opaque with CR/LF makes ``quote_string`` raise and the
+  retry is refused (no header injection), an escaped quote is re-quoted.  Review
+  129's real-phone tests cover another realm's 407, a stranger's 407 and a second 407
+  without ``stale``.  Compared with pjsua: pjsua answers a 407 of the home realm to its
+  own requests from any source (``challenges.py`` filters by realm only), so the late
+  BYE is stricter than the phone's own requests; a callee who rewrites the Record-Route
+  to send the BYE to itself gets no 407 answered (not from the home), and the retry
+  goes where the first BYE went (built from ``entry.bye``; nothing of the 407 but its
+  challenge parameters is used).  Residual (read, not run): with the route through a
+  callee's host first, that host can relay the BYE to the home with a spoofed UDP
+  source of alice's, so that the home's 407 reaches alice from the home and her retry
+  (with the digest) goes through the callee's host: the documented UDP-spoofing limit,
+  closed by TLS to the home.
+- Unbounded requests from 407s: one BYE of an entry is in flight at a time, at most
+  ``MAX_AUTH_TRIES`` (2) retries, the second only for ``stale=true``; an entry evicted
+  between the BYE and its 407 gets no retry (``retry_bye``'s first check).  K1 above
+  is the way round these bounds.
+- The BYE sent elsewhere by the 407: no (above).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
