@@ -1,5 +1,60 @@
-"""Review 137 (attacker's review of 9e484f3), area 3 at the core.  Docstring completed
-below.
+"""Review 137 (attacker's review of 9e484f3), area 3 at the core: ``notifier.in_dialog_hop``
+after review 136 K2 (a routed subscription's in-dialog requests held to its first hop:
+over UDP from the port its Record-Route names, over a stream from its address on that
+transport).  ``open_dialog`` / ``refresh_dialog`` called as ``kamailio_app/cert_route.py``
+calls them (its ``_peer`` is ``$si``, ``$sp``, ``$pr``), no processes.
+
+Honest break HB2: the source that opened a routed subscription cannot refresh it
+---------------------------------------------------------------------------------
+
+- Who: **nobody**; a hop whose SUBSCRIBE comes from another UDP port than its
+  Record-Route names: one behind a port-translating NAT with ``advertise`` (the RR names
+  the advertised port, the datagrams come from the NAT's mapping), or any proxy that
+  record-routes a fixed address (``record_route_preset``, ``enable_double_rr = 0`` with
+  two sockets).  A Kamailio hop with its defaults double-record-routes when the sockets
+  differ and so names its sending port (``rr`` + core ``COND_IF_DIFF_REALMS``, read):
+  not affected; no such hop was run.
+- Observed: ``open_dialog`` accepts the SUBSCRIBE from ``192.0.2.7:40000`` with
+  ``Record-Route: <sip:192.0.2.7:5060;lr>`` (``_next_hop`` compares the address only);
+  its refresh (or unsubscribe) from the very same ``192.0.2.7:40000`` is
+  ``SubscriberMovedError`` (the host's 481), every time: the subscriber subscribes anew
+  at each refresh and cannot end it.  Before 9e484f3 the refresh was taken.
+- Code at fault: ``e2m_plugins/notifier.py:214-220`` (the new port rule) against
+  ``:115-124`` (``_next_hop``, the address only).
+- Suggested fix: one rule at both ends: keep the SUBSCRIBE's own source (address, port,
+  transport) in the subscription and hold in-dialog requests to it, or refuse at
+  ``open_dialog`` what ``in_dialog_hop`` will refuse.
+
+Honest break HB3: a TLS hop in RFC 5630's spelling
+---------------------------------------------------
+
+- Who: **nobody**; a hop reached over TLS that record-routes
+  ``<sips:HOST:5061;transport=tcp;lr>`` (RFC 5630 3.1.3: ``transport=tls`` is
+  deprecated, TLS over TCP is ``sips`` with ``transport=tcp``).  Kamailio writes
+  ``transport=tls`` (control); no such hop was run.
+- Observed: ``open_dialog`` accepts its SUBSCRIBE over TLS (``_transport`` reads
+  ``tcp`` from the parameter, and only a UDP source is checked against it); every
+  refresh over TLS from the same hop is ``SubscriberMovedError`` (481): ``peer.transport``
+  ``tls`` != ``tcp``.
+- Code at fault: ``e2m_plugins/notifier.py:109-112`` (``_transport``: the parameter
+  wins over the ``sips`` scheme) used at ``:214``.
+- Suggested fix: read ``sips`` with ``transport=tcp`` as TLS (as tm sends to it).
+
+Tests: ``test_the_source_that_opened_a_routed_subscription_may_refresh_it`` and
+``test_a_sips_transport_tcp_hop_refreshes_over_tls`` (strict xfails).  Controls
+(unmarked): the hop sending from its record-routed port refreshes; review 136 K2's rule
+still refuses another port than the SUBSCRIBE's; a TLS hop in Kamailio's spellings
+(``sips:...;lr``, ``sip:...;transport=tls;lr``) refreshes over a new TLS connection.
+
+Tried and held (area 3, run at the core in a scratch script): IPv6 hops
+(``sip:[::1]:5080;lr``, ``sip:[::1];lr`` with the default port, ``[0:0::1]`` against
+``::1``) refresh; ``transport=UDP`` upper case and a port written ``05080`` refresh;
+another port or TCP from the hop's address is 481; a direct (unrouted) TCP subscriber
+moves to its new connection, TLS from it is 481; ``transport=sctp`` over UDP is refused
+at ``open_dialog``.  A ``maddr`` in the hop's Record-Route
+(``sip:HOP:5080;maddr=VICTIM;lr``) is kept in the next hop, but this Kamailio is built
+without ``HONOR_MADDR`` (review 99), so ``t_uac_send`` sends to the host: held, by the
+build.  Not run: a real hop over TLS or behind NAT.
 """
 
 from __future__ import annotations
