@@ -273,10 +273,15 @@ def refuse_encoded_plaintext(entity: mime.MimePart, limits: Limits = DEFAULT_LIM
     ``=XX``, base64): a SIP stack reads an SDP or a text as sent (pjsip does not know
     the header), while ``decoded`` undoes it, so the view would summarise other media
     than the phone takes (a soft line break joins a ``c=`` line to the attribute before
-    it: review 136 K1).  A header whose decoding changes nothing reads the same on both
-    sides and passes.  Inside an envelope both sides decode: only the clear is held."""
+    it: review 136 K1).  Held to it: an SDP and ``text/*``, what a stack reads as text
+    (a phone shows a MESSAGE's text raw, the archive would keep it decoded); a file's
+    base64 is decoded by whoever saves it (review 137 HB1).  A header whose decoding
+    changes nothing reads the same on both sides and passes.  Inside an envelope both
+    sides decode: only the clear is held."""
     for leaf in plaintext_leaves(entity, limits):
-        if leaf.transfer_encoding not in ("7bit", "8bit", "binary") \
+        read_as_text = leaf.content_type.mime_type == "application/sdp" \
+            or leaf.content_type.mime_type.startswith("text/")
+        if read_as_text and leaf.transfer_encoding not in ("7bit", "8bit", "binary") \
                 and leaf.decoded() != leaf.body:
             raise UnsupportedMediaTypeError(
                 f"a {leaf.content_type.mime_type} in the clear with Content-Transfer-Encoding "

@@ -107,9 +107,14 @@ def _same_address(host: str, ip: str) -> bool:
 
 
 def _transport(uri: str) -> str:
+    """The transport a URI asks for; a ``sips`` URI's ``transport=tcp`` is TLS over TCP
+    (RFC 5630 §3.1.2; review 137 HB3: a TLS hop's refresh was taken for another
+    transport)."""
     parsed = parse_uri(uri)
-    default = "tls" if parsed.scheme == "sips" else "udp"
-    return (parsed.params.get("transport") or default).lower()
+    transport = (parsed.params.get("transport") or "").lower()
+    if parsed.scheme == "sips" and transport in ("", "tcp"):
+        return "tls"
+    return transport or "udp"
 
 
 def _next_hop(route_set: Sequence[str], peer: Peer) -> str:

@@ -118,7 +118,7 @@ __all__ = ["LateAnswers", "LateTwoXX", "Outgoing", "build_ack", "build_bye",
            "digest_authorization", "Credentials", "MAX_LATE", "MAX_PER_INVITE", "MAX_ACKS",
            "MAX_AGE", "MAX_AUTH_TRIES"]
 
-MAX_LATE = 32              # late 2xx remembered at once (oldest out)
+MAX_LATE = 32              # late 2xx remembered at once (a new one past it: not answered)
 MAX_PER_INVITE = 6         # To tags answered per failed INVITE (forks; MAX_SLOTS_PER_CALL)
 MAX_ACKS = 16              # ACKs per late 2xx: its retransmissions in 64*T1 are about 11
 MAX_AGE = TRANSACTION_LIFETIME     # 64*T1: the callee retransmits its 2xx this long
@@ -382,7 +382,10 @@ class LateAnswers:
                 again = self._again(entry)
                 return [again] if again is not None else []
             if sum(1 for e in self._entries.values() if e.invite == invite) \
-                    >= self.max_per_invite:
+                    >= self.max_per_invite or len(self._entries) >= self.max_entries:
+                # full: nothing new until entries age out.  Evicting one instead would
+                # forget it, and a copy of its 2xx would then draw another ACK and BYE
+                # (review 137 K1: 72 BYEs for 36 late 2xx sent twice, 584 in rounds)
                 self.counts["over_bounds"] += 1
                 return []
             ack, bye = build_ack(response, via), build_bye(response, via)
@@ -393,8 +396,6 @@ class LateAnswers:
                                        digests={raw_digest(data)},
                                        bye_branch=sip.parse(bye).via_branch(), bye=bye,
                                        key=key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
         self.counts["answered"] += 1
         return [Outgoing(ack, False, "ACK"), Outgoing(bye, True, "BYE")]
 

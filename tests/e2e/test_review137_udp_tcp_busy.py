@@ -57,6 +57,14 @@ pass ``_answer_from_home``); a MESSAGE taken over TCP is held to ``FirstCopy``'s
 stream rule (``reliable=True``: any repeat is a copy, 482).  Not run: a duplicate of a
 UDP request sent again over the listener by the home (the home relays over UDP what
 came over UDP; only a large request goes over TCP, and then only over TCP).
+
+Fixed (stop 44), K2, by review 134 K4's fix (``TcpGuard.admit_only``): a phone with a
+home completes TCP connections from the home's addresses alone, so a stranger at
+another address gets no connection to keep busy.  The hole test failed on the code
+before (the home's three tries unanswered) and passes now; the idle control now runs
+its connections from the home's address, the only one admitted.  Left as it was: the
+guard still counts a refused (403) request as activity, which matters only for a
+stranger that can connect from the home's own address (the proxy's host).
 """
 
 from __future__ import annotations
@@ -83,15 +91,22 @@ class BusyStranger:
     each sending an OPTIONS every ``every`` seconds (``busy``) or one and then nothing
     (idle); the phone's answers (403) are read and counted."""
 
-    def __init__(self, port: int, count: int, *, busy: bool, every: float = EVERY) -> None:
-        self.port, self.busy, self.every = port, busy, every
+    def __init__(self, port: int, count: int, *, busy: bool, every: float = EVERY,
+                 source: str = OTHER_HOST) -> None:
+        self.port, self.busy, self.every, self.source = port, busy, every, source
         self.socks: list[socket.socket] = []
-        self.sent = self.answers = 0
+        self.sent = self.answers = self.not_connected = 0
         self.stop = threading.Event()
         for _ in range(count):
             sock = socket.socket()
-            sock.bind((OTHER_HOST, 0))
-            sock.connect((HOST, port))
+            sock.settimeout(2)
+            sock.bind((source, 0))
+            try:
+                sock.connect((HOST, port))
+            except OSError:          # stop 44: only the home's addresses connect
+                self.not_connected += 1
+                sock.close()
+                continue
             self._send(sock)
             sock.setblocking(False)
             self.socks.append(sock)
@@ -102,7 +117,7 @@ class BusyStranger:
     def _send(self, sock: socket.socket) -> None:
         local = sock.getsockname()[1]
         sock.sendall(sip_request("OPTIONS", f"sip:bob@{HOST}:{self.port};transport=tcp",
-                                 via=f"SIP/2.0/TCP {OTHER_HOST}:{local}",
+                                 via=f"SIP/2.0/TCP {self.source}:{local}",
                                  call_id=uuid.uuid4().hex))
         self.sent += 1
 
@@ -151,8 +166,6 @@ def bob(lab):
     return phone
 
 
-@pytest.mark.xfail(strict=True, reason="review 137 hole K2: a stranger's busy TCP "
-                   "connections keep the home's connection out of a UDP phone's listener")
 def test_busy_strangers_do_not_keep_the_home_out_of_the_tcp_listener(bob):
     stranger = BusyStranger(bob.port, LIMIT, busy=True)
     try:
@@ -161,16 +174,18 @@ def test_busy_strangers_do_not_keep_the_home_out_of_the_tcp_listener(bob):
         tcp = bob.status()["tcp"]
     finally:
         stranger.close()
-    assert stranger.answers > 0            # the phone kept answering the stranger: 403s
     # secure: the home's request over TCP is answered (the home's own connection is
-    # never the one the guard closes for a stranger's)
+    # never the one the guard closes for a stranger's); since stop 44 the stranger's
+    # connections are not even completed (before: 4 of 4 connected, 403s answered)
     assert 200 in statuses, (statuses, tcp, stranger.sent, stranger.answers)
+    assert stranger.not_connected == LIMIT and stranger.answers == 0, tcp
 
 
 def test_control_idle_strangers_make_room_for_the_home(bob):
-    """The same connections, each silent after its first request: the home's new
+    """The same connections, each silent after its first request, from the home's own
+    address (the only one the listener admits since stop 44): the home's new
     connection closes the stalest and is answered 200."""
-    stranger = BusyStranger(bob.port, LIMIT, busy=False)
+    stranger = BusyStranger(bob.port, LIMIT, busy=False, source=HOST)
     try:
         time.sleep(1.5)
         statuses = _homes_requests(bob.port, tries=1)
