@@ -155,16 +155,18 @@ class PhoneProcess:
 
 
 def write_ua(directory: Path, name: str, pki_dir: Path, *, peer: str | None,
-             phone: dict[str, Any], e2m: dict[str, Any] | None = None) -> Path:
-    """UA.toml for ``name`` (credentials ``<name>.crt/.key`` of the test PKI)."""
+             phone: dict[str, Any], e2m: dict[str, Any] | None = None,
+             domain: str = "example.com") -> Path:
+    """UA.toml for ``name`` (credentials ``<name>.crt/.key`` of the test PKI), whose
+    AoRs (its own and ``peer``'s) are in ``domain``."""
     value = toml_value
 
-    lines = ["[identity]", f'aor = "sip:{name}@example.com"',
+    lines = ["[identity]", f'aor = "sip:{name}@{domain}"',
              f"cert = {value(pki_dir / (name + '.crt'))}",
              f"key = {value(pki_dir / (name + '.key'))}",
              "[trust]", f"ca = [{value(pki_dir / 'ca.crt')}]"]
     if peer:
-        lines += ["[peers]", f'"sip:{peer}@example.com" = {value(pki_dir / (peer + ".crt"))}']
+        lines += ["[peers]", f'"sip:{peer}@{domain}" = {value(pki_dir / (peer + ".crt"))}']
     if e2m:
         lines += ["[e2m]"] + [f"{k} = {value(v)}" for k, v in e2m.items()]
     lines += ["[phone]"] + [f"{k} = {value(v)}" for k, v in phone.items()]

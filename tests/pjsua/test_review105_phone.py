@@ -54,9 +54,8 @@ from pathlib import Path
 import pytest
 
 from e2m_lab.flows import SDP_ANSWER
-from e2m_lab.phones import PhoneProcess
+from e2m_lab.phones import PhoneProcess, write_ua
 from e2m_lab.stranger import HOST
-from e2m_lab.tomlfile import toml_value
 from e2m_plugins import sip
 from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import TestPKI, init_test_pki
@@ -74,15 +73,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 
 
 def _write_alice(directory: Path, pki_dir: Path, phone: dict) -> Path:
-    value = toml_value
-    lines = ["[identity]", f'aor = "sip:alice@{HOST}"',
-             f"cert = {value(pki_dir / 'alice.crt')}", f"key = {value(pki_dir / 'alice.key')}",
-             "[trust]", f"ca = [{value(pki_dir / 'ca.crt')}]",
-             "[peers]", f'"sip:bob@{HOST}" = {value(pki_dir / "bob.crt")}',
-             "[phone]"] + [f"{k} = {value(v)}" for k, v in phone.items()]
-    path = directory / "alice.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_ua(directory, "alice", pki_dir, peer="bob", phone=phone, domain=HOST)
 
 
 @pytest.fixture
