@@ -1,6 +1,60 @@
-"""Review 138 (attacker's review of d24d457), area 2: the late-2xx table that refuses
-new entries when full (``LateAnswers.answer``).  (Docstring: see the end of the
-review; written after the runs.)
+"""Review 138 (attacker's review of d24d457), area 2: the late-2xx table that refuses new
+entries when full (``LateAnswers.answer``, review 137 K1's fix).  Set-up as review 137's
+module (``tests/pjsua/test_review137_late_2xx_eviction.py``, its helpers): alice's real
+phone (``e2m-phone listen``, default settings), a UDP socket as her outbound proxy that
+answers as bob's devices, each a ``UAEngine`` with bob's credentials: f1 fails the
+INVITEs (486), g1..g6 are the attacker's devices answering late, h1 is an honest fork
+answering late (all under alice's offer key, signed by bob).
+
+Hole K2: a callee's late 2xx fill the table; an honest late 2xx is then not answered
+-------------------------------------------------------------------------------------
+
+- Attacker: the **callee** (an insider UA's devices: anyone alice calls who can make
+  the calls fail and then answer them) or, where the phone does not require E2M, an
+  **untrusted hop** on the INVITE's path (it may forge the plaintext 2xx).  It needs
+  ``ceil(MAX_LATE / MAX_PER_INVITE)`` = 6 failed INVITEs of alice within 32 s.
+- Messages: alice calls bob 6 times, f1 answers each 486 (ACKed); g1..g6 each answer
+  each INVITE 200 after the failure (36 late 200s): the first 32 get their ACK and BYE,
+  the table is full (``late_2xx`` 32), the last 4 get nothing.  Then alice calls once
+  more, f1 answers 486, and device h1 (a fork that answered after the failure, RFC
+  3261 16.7: the honest case the late-2xx answers exist for) sends its 200.
+- Observed: **no ACK and no BYE** for h1's 200 (3 s waited; the phone's table stays at
+  32, ``{'ack': False, 'bye': False, 'byes': 0, 'table': 32}``): the hook drops it and
+  nothing is sent.  With the attacker's devices answering one failed call only (6
+  entries), the same h1 200 gets its ACK and one BYE (control).
+- Cost (read, not timed: ``MAX_AGE`` = 64*T1): for 32 s after the attacker's entries
+  were made, every late 2xx to any of alice's failed INVITEs, from anyone, is left
+  unanswered: its device retransmits the 200 and keeps a call up for 64*T1 with nobody
+  there, then ends it itself (RFC 3261 13.3.1.4), as before stop 43; the proxies keep
+  that dialog's keys until then.  The attacker renews it with 6 more failed INVITEs
+  per 32 s.  Alice sees nothing (her call had failed anyway); the cost falls on the
+  people she called.  The table is one for all peers: nothing in
+  ``LateAnswers.answer`` looks at who answered (in this harness both the attacker's and
+  the honest devices are bob's, the only peer ``write_ua`` writes; the code does not
+  compare the peer, so another callee's fork is treated the same).
+- Code at fault: ``pjsua_hooks/late_2xx.py:385`` (``len(self._entries) >=
+  self.max_entries``: one table of 32 for every peer and INVITE) with
+  ``pjsua_hooks/phone.py:825-834`` (an empty answer: the 2xx is dropped, nothing sent).
+- Suggested fix: keep the "never a second BYE" record apart from the full entries: a
+  bounded set of the keys answered (Call-ID, CSeq, branch, To tag; a few dozen octets
+  each, 32 s, e.g. 1024 of them) so a late 2xx past ``MAX_LATE`` still gets its one ACK
+  and BYE (its copies an ACK rebuilt from the copy, never a BYE); or bound entries per
+  peer (the failed INVITE's To AoR) so one callee cannot take every place.
+- Test: ``test_k2_an_honest_late_200_is_acked_and_ended_while_a_callee_filled_the_table``
+  (strict xfail).
+
+Control (unmarked, passes):
+``test_control_k2_an_honest_late_200_is_acked_and_ended_beside_one_callees_forks``: the
+attacker's 6 devices answer one failed call (6 entries); h1's late 200 to the next
+failed call gets an ACK and one BYE, the table holds 7.
+
+Tried and held (area 2): review 137 K1's test (36 late 200s sent twice: 32 answered
+once, no copy draws a second BYE) passes on this commit (run as a neighbour); a copy of
+a held entry's 2xx draws an ACK only (review 137's control).  Not run: whether a 493
+answered to alice's INVITE makes her phone retry it as a new call (up to
+``max_retries``), which would give the attacker 3 failed INVITEs per user call; a hop at
+a home with ``[auth]`` forging late 2xx to the first, 407-refused INVITE of each call
+(where E2M is not required).
 """
 
 from __future__ import annotations
@@ -68,7 +122,7 @@ def _honest_late_200(alice: PhoneProcess, bob: Bob) -> dict:
 
 @pytest.mark.xfail(strict=True, reason="review 138 hole K2: a callee's 32 late 200s over 6 "
                    "failed calls fill the late-2xx table: another fork's honest late 200 "
-                   "then gets no ACK and no BYE for 32 s")
+                   "then gets no ACK and no BYE while they are held")
 def test_k2_an_honest_late_200_is_acked_and_ended_while_a_callee_filled_the_table(
         alice_and_bob):
     alice, bob = alice_and_bob

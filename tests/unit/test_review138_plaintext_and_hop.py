@@ -18,6 +18,12 @@ whose soft line break hides a media-level ``c=IN IP4 127.0.0.9`` from the view
 - ``application/x-sdp``: forwarded, no media recorded: pjsip does not take it as an SDP
   either (``pjsip_rdata_get_sdp_info`` compares the subtype with ``sdp``), so no stock
   phone sets up media from it;
+- ``multipart/mixed`` bodies (scratch run at the engine, not kept): two SDP parts are
+  both recorded (127.0.0.9 and 127.0.0.1; pjsip takes the first, which is among them);
+  two Content-Type headers in a part 400 either order; a part with LF line ends, a
+  folded or padded Content-Type, or a ``l:`` (Content-Length) header is read as an SDP
+  and recorded; a part whose SDP holds a line ``--k`` (the boundary) 400; the same
+  bodies as ``multipart/alternative`` 415 (``refuse_hidden_parts``);
 - transfer-encoding spellings: ``Quoted-Printable`` 415, ``x-qp`` refused (an encoding
   the view cannot undo), ``7bit `` (trailing space) and ``8BIT`` forwarded with the raw
   127.0.0.9 recorded (no decoding on either side), ``base64`` refused.
