@@ -24,6 +24,10 @@ whose soft line break hides a media-level ``c=IN IP4 127.0.0.9`` from the view
   folded or padded Content-Type, or a ``l:`` (Content-Length) header is read as an SDP
   and recorded; a part whose SDP holds a line ``--k`` (the boundary) 400; the same
   bodies as ``multipart/alternative`` 415 (``refuse_hidden_parts``);
+- SIP-level Content-Type: two of them (``text/plain`` then compact ``c:
+  application/sdp``, or the other order) 400; an empty one 400; none at all:
+  forwarded, no media recorded (pjsip parses no body without a Content-Type either:
+  read, not run);
 - transfer-encoding spellings: ``Quoted-Printable`` 415, ``x-qp`` refused (an encoding
   the view cannot undo), ``7bit `` (trailing space) and ``8BIT`` forwarded with the raw
   127.0.0.9 recorded (no decoding on either side), ``base64`` refused.
