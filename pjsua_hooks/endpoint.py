@@ -372,6 +372,17 @@ class SipEndpoint:
         host, _, port_text = name.rpartition(":")
         info = TransportInfo(tid, kind, host.strip("[]"), int(port_text))
         self.transports[tid] = info
+        try:
+            self._gate_listener(kind, info)
+        except EndpointError:
+            self.transports.pop(tid, None)
+            self._ep.transportClose(tid)
+            raise
+        return info
+
+    def _gate_listener(self, kind: str, info: TransportInfo) -> None:
+        """The guard of a new TCP or TLS listener (``EndpointError`` when its socket
+        cannot be gated)."""
         if kind == "tcp" and self.tcp_guard is None:
             self._guard_tcp(info)
         if kind == "tls" and self.tls_gate is None:
@@ -379,10 +390,13 @@ class SipEndpoint:
             # with it, yet each connection takes one of pjlib's 64 ioqueue slots (see
             # tcpguard.py): the kernel completes none; the proxy reaches us on the
             # connection we opened.
-            self.tls_gate = TcpGuard(lambda handle: None, accept=False)
-            if not self.tls_gate.attach_listener(find_listener(info.host, info.port)):
-                log.warning("TLS listener socket not found: strangers may connect to it")
-        return info
+            gate = TcpGuard(lambda handle: None, accept=False)
+            if not gate.attach_listener(find_listener(self.host, info.port)):
+                # ungated, a stranger's connections would take pjlib's 64 slots and
+                # abort the process (review 138 K1): no phone rather than that one
+                raise EndpointError("the TLS listener's socket was not found: it cannot "
+                                    "be kept from strangers")
+            self.tls_gate = gate
 
     def add_udp_with_tcp(self, port: int = 0, *, tries: int = 8
                          ) -> tuple[TransportInfo, TransportInfo]:
@@ -399,6 +413,9 @@ class SipEndpoint:
             udp = self.add_transport("udp", port)
             try:
                 return udp, self.add_transport("tcp", udp.port)
+            except EndpointError:          # it cannot be gated: no other port helps
+                self.close_transport(udp)
+                raise
             except Exception:  # noqa: BLE001 - pj.Error: the port is taken for TCP
                 self.close_transport(udp)
                 if port or attempt == tries - 1:
@@ -414,9 +431,11 @@ class SipEndpoint:
         if not self.hook_active:
             settings["idle_timeout"] = settings["first_message_timeout"] = float("inf")
         guard = TcpGuard(pjsip_abi.tcp_direction, **settings)
-        guard.attach_listener(find_listener(info.host, info.port))
-        if guard.accept and not guard.stats()["listener_found"]:
-            log.warning("TCP listener socket not found: connection limits without the gate")
+        if not guard.attach_listener(find_listener(self.host, info.port)):
+            # without its gate a stranger's churn takes pjlib's 64 slots and aborts the
+            # process (review 138 K1: a phone bound to 0.0.0.0 was never gated)
+            raise EndpointError("the TCP listener's socket was not found: its connections "
+                                "cannot be bounded")
         self.tcp_guard = guard
         self.hook.on_rx_transport = guard.on_message
 

@@ -45,7 +45,10 @@ Who can make the phone do this, and how much:
   and, with an outbound proxy, send from its address.  A forger of it can anyway answer
   the INVITE itself; what it gains here is at most one ACK and one BYE per To tag toward
   the Contact and Record-Route of its choosing (``MAX_PER_INVITE`` To tags per INVITE,
-  ``MAX_ACKS`` ACKs per 2xx, ``MAX_LATE`` 2xx kept, each for ``MAX_AGE`` seconds).
+  ``MAX_ACKS`` ACKs per 2xx, the ACKs of ``MAX_LATE`` 2xx kept for their copies, and
+  ``MAX_ANSWERED`` 2xx known as answered, each for ``MAX_AGE`` seconds: an entry
+  evicted for room is still known, so no 2xx draws a second BYE, reviews 137 K1 and
+  138 K2).
 - A retransmission is recognised by the very octets that came the first time, never by
   its ids (a copy the engine would no longer open must still get its ACK).
 - A 2xx that carries a failed INVITE's branch under other ids is dropped by the phone
@@ -115,10 +118,11 @@ from e2m_plugins.replay import TRANSACTION_LIFETIME
 from e2m_plugins.uri import parse_uri
 
 __all__ = ["LateAnswers", "LateTwoXX", "Outgoing", "build_ack", "build_bye",
-           "digest_authorization", "Credentials", "MAX_LATE", "MAX_PER_INVITE", "MAX_ACKS",
-           "MAX_AGE", "MAX_AUTH_TRIES"]
+           "digest_authorization", "Credentials", "MAX_LATE", "MAX_ANSWERED", "MAX_PER_INVITE",
+           "MAX_ACKS", "MAX_AGE", "MAX_AUTH_TRIES"]
 
-MAX_LATE = 32              # late 2xx remembered at once (a new one past it: not answered)
+MAX_LATE = 32              # late 2xx whose ACK is held for their copies (oldest out)
+MAX_ANSWERED = 1024        # late 2xx known as answered, each MAX_AGE: never a second BYE
 MAX_PER_INVITE = 6         # To tags answered per failed INVITE (forks; MAX_SLOTS_PER_CALL)
 MAX_ACKS = 16              # ACKs per late 2xx: its retransmissions in 64*T1 are about 11
 MAX_AGE = TRANSACTION_LIFETIME     # 64*T1: the callee retransmits its 2xx this long
@@ -313,6 +317,10 @@ class LateAnswers:
         self.max_acks, self.max_per_invite = max_acks, max_per_invite
         # (Call-ID, CSeq number, branch, To tag lower-cased) -> entry
         self._entries: OrderedDict[tuple[str, int, str, str], LateTwoXX] = OrderedDict()
+        # every key answered within max_age -> when: an entry evicted for room is still
+        # known, so a copy of its 2xx draws no second BYE (review 137 K1), and a full
+        # entry table never keeps an honest late 2xx from its ACK and BYE (review 138 K2)
+        self._answered: OrderedDict[tuple[str, int, str, str], float] = OrderedDict()
         self.counts = {"answered": 0, "acks_again": 0, "refused": 0, "over_bounds": 0,
                        "bye_auth_retries": 0, "bye_challenges_refused": 0}
 
@@ -325,6 +333,8 @@ class LateAnswers:
             if now - oldest.first_seen <= self.max_age:
                 break
             self._entries.popitem(last=False)
+        while self._answered and now - next(iter(self._answered.values())) > self.max_age:
+            self._answered.popitem(last=False)
 
     def _again(self, entry: LateTwoXX) -> Outgoing | None:
         if entry.acks >= self.max_acks:
@@ -381,11 +391,10 @@ class LateAnswers:
                     entry.digests.add(raw_digest(data))
                 again = self._again(entry)
                 return [again] if again is not None else []
-            if sum(1 for e in self._entries.values() if e.invite == invite) \
-                    >= self.max_per_invite or len(self._entries) >= self.max_entries:
-                # full: nothing new until entries age out.  Evicting one instead would
-                # forget it, and a copy of its 2xx would then draw another ACK and BYE
-                # (review 137 K1: 72 BYEs for 36 late 2xx sent twice, 584 in rounds)
+            if key in self._answered or len(self._answered) >= MAX_ANSWERED \
+                    or sum(1 for k in self._answered if k[:3] == invite) >= self.max_per_invite:
+                # a copy of a 2xx whose entry made room for newer ones (its ACK is gone:
+                # nothing, and above all no second BYE), or past the bounds
                 self.counts["over_bounds"] += 1
                 return []
             ack, bye = build_ack(response, via), build_bye(response, via)
@@ -396,6 +405,9 @@ class LateAnswers:
                                        digests={raw_digest(data)},
                                        bye_branch=sip.parse(bye).via_branch(), bye=bye,
                                        key=key)
+        self._answered[key] = now
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
         self.counts["answered"] += 1
         return [Outgoing(ack, False, "ACK"), Outgoing(bye, True, "BYE")]
 

@@ -603,7 +603,10 @@ class E2MPhone:
                 # requests from anyone else are refused anyway: their connections are
                 # not even completed, so a stranger's churn cannot shut the home out
                 # (review 134 K4)
-                guard.admit_only(address for address, _ in self._home_source.addresses)
+                try:
+                    guard.admit_only(address for address, _ in self._home_source.addresses)
+                except ValueError as exc:
+                    raise PhoneError(f"home_sources: {exc}") from None
         if s.certificate_service and proxies:
             # the service is our home proxy's: without one, a SUBSCRIBE to a peer's
             # domain would need a name lookup on the loop

@@ -62,8 +62,12 @@ _BPF_RET_K = 0x06                                  # BPF_RET | BPF_K
 _BPF_LD_W_ABS, _BPF_LD_B_ABS = 0x20, 0x30          # BPF_LD | BPF_W or BPF_B | BPF_ABS
 _BPF_RSH_K = 0x74                                  # BPF_ALU | BPF_RSH | BPF_K
 _BPF_JEQ_K = 0x15                                  # BPF_JMP | BPF_JEQ | BPF_K
+_BPF_JA = 0x05                                     # BPF_JMP | BPF_JA (32-bit offset)
 _SKF_NET_OFF = -0x100000
-MAX_ADMITTED = 8       # addresses a filter compares (every jump must stay under 256)
+_PASS = 0xffffffff
+# addresses one filter compares: a cluster's front and nodes fit many times over; a
+# home of more is refused when the phone starts (``admit_only``), never cut short
+MAX_ADMITTED = 64
 _GATE_OPEN, _GATE_ADMITTING, _GATE_SHUT = "open", "admitting", "shut"
 
 
@@ -77,38 +81,30 @@ def _net(offset: int) -> int:
 
 def admit_program(addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bytes:
     """A classic BPF socket filter that passes packets whose IP source is one of
-    ``addresses`` (IPv4 or IPv6; an IPv4-mapped one counts as IPv4) and drops the rest.
-    An empty list drops everything."""
+    ``addresses`` (IPv4 or IPv6; give an IPv4-mapped one as IPv4) and drops the rest;
+    an empty list drops everything.  Each comparison is followed by its own ``ret``,
+    so no conditional jump reaches further than 7 instructions, and the one long jump
+    (to the IPv4 block) is a ``ja``: any number of addresses fits."""
     v4 = [int(a) for a in addresses if a.version == 4]
     v6 = [struct.unpack("!4I", a.packed) for a in addresses if a.version == 6]
-    # (code, k, jump-if-true label, jump-if-false label); a label is an index, resolved
-    # into an offset below; None: the next instruction
-    code: list[tuple[int, int, str | None, str | None]] = []
-    labels: dict[str, int] = {}
-    code += [(_BPF_LD_B_ABS, _net(0), None, None), (_BPF_RSH_K, 4, None, None),
-             (_BPF_JEQ_K, 4, None, "v6"), (_BPF_LD_W_ABS, _net(12), None, None)]
-    code += [(_BPF_JEQ_K, ip, "pass", None) for ip in v4]
-    code.append((_BPF_RET_K, 0, None, None))
-    labels["v6"] = len(code)                         # the accumulator: the version
-    code.append((_BPF_JEQ_K, 6, None, "drop"))
-    for n, words in enumerate(v6):
+    v6_block: list[bytes] = []
+    for words in v6:
         for i, word in enumerate(words):
-            code += [(_BPF_LD_W_ABS, _net(8 + 4 * i), None, None),
-                     (_BPF_JEQ_K, word, "pass" if i == 3 else None, f"next{n}")]
-        labels[f"next{n}"] = len(code)
-    labels["drop"] = len(code)
-    code.append((_BPF_RET_K, 0, None, None))
-    labels["pass"] = len(code)
-    code.append((_BPF_RET_K, 0xffffffff, None, None))
-
-    def offset(pc: int, label: str | None) -> int:
-        jump = 0 if label is None else labels[label] - pc - 1
-        if not 0 <= jump <= 255:
-            raise ValueError("too many addresses for one filter")
-        return jump
-
-    return b"".join(_insn(op, k, offset(pc, jt), offset(pc, jf))
-                    for pc, (op, k, jt, jf) in enumerate(code))
+            # on a mismatch skip the rest of this address (2 per word left, and its ret)
+            v6_block += [_insn(_BPF_LD_W_ABS, _net(8 + 4 * i)),
+                         _insn(_BPF_JEQ_K, word, 0, 2 * (3 - i) + 1)]
+        v6_block.append(_insn(_BPF_RET_K, _PASS))
+    v6_block.append(_insn(_BPF_RET_K, 0))
+    head = [_insn(_BPF_LD_B_ABS, _net(0)), _insn(_BPF_RSH_K, 4),
+            _insn(_BPF_JEQ_K, 4, 0, 1),                     # IPv4: on to the long jump
+            _insn(_BPF_JA, 2 + len(v6_block)),             # over the IPv6 part
+            _insn(_BPF_JEQ_K, 6, 1, 0),                     # IPv6: into its block
+            _insn(_BPF_RET_K, 0)]
+    v4_block = [_insn(_BPF_LD_W_ABS, _net(12))]
+    for ip in v4:
+        v4_block += [_insn(_BPF_JEQ_K, ip, 0, 1), _insn(_BPF_RET_K, _PASS)]
+    v4_block.append(_insn(_BPF_RET_K, 0))
+    return b"".join(head + v6_block + v4_block)
 
 
 @dataclass
@@ -122,9 +118,20 @@ class _Conn:
     closing_since: float = 0.0
 
 
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a == b
+
+
 def find_listener(host: str, port: int) -> socket.socket | None:
-    """A duplicate of the process's listening TCP socket on (host, port), found in
-    /proc/self/fd (pjsua2 does not expose it).  Setting a socket filter on the
+    """A duplicate of the process's listening TCP socket bound to (host, port), found in
+    /proc/self/fd (pjsua2 does not expose it).  ``host`` is the address the socket was
+    bound to (``0.0.0.0`` or ``::`` for a wildcard), not the one pjsip publishes: a
+    wildcard-bound phone's listener was never found, so it had no gate at all and a
+    stranger's churn aborted it (review 138 K1).  Setting a socket filter on the
     duplicate sets it on the listener; close the duplicate before pjsip closes its
     own, or the port stays open.  None when it cannot be found."""
     try:
@@ -142,7 +149,8 @@ def find_listener(host: str, port: int) -> socket.socket | None:
         try:
             if (dup.type == socket.SOCK_STREAM
                     and dup.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    and dup.getsockname()[:2] == (host, port)):
+                    and dup.getsockname()[1] == port
+                    and _same_host(dup.getsockname()[0], host)):
                 return dup
         except OSError:
             pass
@@ -197,8 +205,8 @@ class TcpGuard:
 
     def admit_only(self, addresses: Iterable[str]) -> None:
         """From now on let the kernel complete connections from ``addresses`` alone (the
-        home proxy's), while the gate is not shut.  At most ``MAX_ADMITTED``; none that
-        reads as an IP address leaves the gate as it was."""
+        home proxy's), while the gate is not shut.  ``ValueError`` past ``MAX_ADMITTED``;
+        none that reads as an IP address leaves the gate as it was."""
         found = []
         for text in addresses:
             try:
@@ -207,7 +215,13 @@ class TcpGuard:
                 continue
             mapped = getattr(ip, "ipv4_mapped", None)
             found.append(mapped or ip)
-        self._admitted = tuple(dict.fromkeys(found))[:MAX_ADMITTED]
+        admitted = tuple(dict.fromkeys(found))
+        if len(admitted) > MAX_ADMITTED:
+            # cut short, the addresses left out would change from start to start
+            # (review 138 HB1): refused whole instead
+            raise ValueError(f"a home of {len(admitted)} addresses: at most "
+                             f"{MAX_ADMITTED} can be admitted")
+        self._admitted = admitted
         self._update_gate(again=True)      # a new list: the filter is made again
 
     def _set_gate(self, state: str, again: bool = False) -> None:

@@ -73,12 +73,14 @@ Tried and held (area 1, the digest retry):
   is the way round these bounds.
 - The BYE sent elsewhere by the 407: no (above).
 
-Fixed (stop 44), K1: ``LateAnswers.answer`` no longer evicts a held entry; while
-``MAX_LATE`` entries are held a new late 2xx is not answered (``over_bounds``), and
-entries leave only by age (``MAX_AGE``).  On the code before, the hole test failed
-(72 BYEs for 36 late 200s sent twice); now 32 are answered once each, the 4 past the
-bound get nothing either time, and no copy draws a second BYE.  Such a 2xx's device
-keeps retransmitting it until its own timer ends, as before the late-2xx answers.
+Fixed (stop 44), K1: ``LateAnswers`` keeps every late 2xx it answered as a key for
+``MAX_AGE`` (``MAX_ANSWERED`` of them), apart from the ``MAX_LATE`` entries that hold
+ACKs for copies; an entry evicted for room is still known, so a copy of its 2xx gets
+nothing.  (A first fix refused new late 2xx while the table was full; review 138 K2
+showed a callee could then fill it against another fork's honest 200.)  On the code
+before, the hole test failed (72 BYEs for 36 late 200s sent twice); now each of the
+36 is answered once, the 32 held get their ACK again, the 4 evicted get nothing, and
+no copy draws a second BYE.
 """
 
 from __future__ import annotations
@@ -169,10 +171,9 @@ def _late_round(alice: PhoneProcess, bob: Bob, calls: int) -> tuple[list[tuple[s
     mark = len(bob.log)
     for call_id, tag, data in sent:
         bob.send(data)
-        ack = bob.receive(lambda m, c=call_id, t=tag: m.is_request and m.method == "ACK"
-                          and m.call_id == c and m.to_tag == t,
-                          timeout=5 if answered[(call_id, tag)] else 0.5)
-        assert (ack is not None) == answered[(call_id, tag)], (call_id, tag)
+        # an ACK again only while the phone holds the 2xx's entry (the newest MAX_LATE)
+        bob.receive(lambda m, c=call_id, t=tag: m.is_request and m.method == "ACK"
+                    and m.call_id == c and m.to_tag == t, timeout=1.5)
     bob.receive(lambda m: False, timeout=1.5)
     after = {(c, t): len(_byes(bob, c, t)) for c, t, _ in sent}
     acks = sum(1 for m in bob.log[mark:] if m.is_request and m.method == "ACK")
@@ -187,12 +188,13 @@ def test_a_copy_of_an_evicted_late_2xx_draws_no_second_bye(alice_and_bob):
     alice, bob = alice_and_bob
     sent, seen = _late_round(alice, bob, CALLS)
     assert len(sent) > MAX_LATE
-    # since stop 44: the first MAX_LATE are answered, the rest not at all while the
-    # table is full (before: an evicted one's copy drew a second ACK and BYE)
-    assert sorted(seen["before"].values()) == [0] * (len(sent) - MAX_LATE) + [1] * MAX_LATE
+    # since stop 44 every late 200 is answered once; a copy of one whose entry made
+    # room (the oldest) gets nothing, and none draws a second BYE (before: 72 BYEs)
+    assert set(seen["before"].values()) == {1}, seen["before"]
     assert seen["after"] == seen["before"], (sum(seen["after"].values()), seen["counts"])
-    assert seen["counts"]["answered"] == MAX_LATE, seen["counts"]
-    assert seen["counts"]["over_bounds"] >= 2 * (len(sent) - MAX_LATE), seen["counts"]
+    assert seen["counts"]["answered"] == len(sent), seen["counts"]
+    assert seen["acks"] == MAX_LATE, seen["acks"]
+    assert seen["counts"]["over_bounds"] == len(sent) - MAX_LATE, seen["counts"]
 
 
 def test_control_copies_of_late_2xx_held_draw_acks_only(alice_and_bob):
