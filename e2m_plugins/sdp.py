@@ -21,6 +21,8 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
 
 from .cms.limits import DEFAULT_LIMITS
 from .errors import InconsistentSplitError, LimitExceededError, MalformedError
@@ -48,9 +50,10 @@ _STATIC_PT = {"0": "PCMU/8000", "3": "GSM/8000", "4": "G723/8000", "8": "PCMA/80
               "31": "H261/90000", "34": "H263/90000"}
 
 
-@dataclass(frozen=True)
-class SdpLine:
-    """One line: its type letter, value, the raw bytes (line end included), its media section."""
+class SdpLine(NamedTuple):
+    """One line: its type letter, value, the raw bytes (line end included), its media
+    section.  A named tuple: an SDP makes one per line, and a frozen dataclass costs
+    several times as much to build (proxy capacity, issue 17)."""
 
     kind: str
     value: str
@@ -154,14 +157,10 @@ def _has_control(text: str) -> bool:
     return any(ord(c) < 0x20 and c != "\t" or c == "\x7f" for c in text)
 
 
-def _text(raw: bytes) -> str:
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    body = body[:-1] if body.endswith(b"\r") else body
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedError("SDP is not UTF-8") from None
-    if any(c in text for c in "\r\0"):
+def _text(line: str) -> str:
+    """One line of the decoded SDP without its line end (LF, or CRLF)."""
+    text = line[:-1] if line.endswith("\r") else line
+    if "\r" in text or "\0" in text:
         raise MalformedError("control character in an SDP line")
     return text
 
@@ -184,11 +183,17 @@ def parse_lines(sdp: bytes, *, max_bytes: int = MAX_SDP_BYTES) -> list[SdpLine]:
     sdp = bytes(sdp)
     if len(sdp) > max_bytes:
         raise LimitExceededError(f"SDP of {len(sdp)} bytes exceeds the limit of {max_bytes}")
+    try:
+        # decoded whole: an LF is never inside a UTF-8 sequence, so the lines split the
+        # same way in bytes and in text, and a line fails to decode alone iff the whole does
+        decoded = sdp.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedError("SDP is not UTF-8") from None
     result: list[SdpLine] = []
     media: int | None = None
     started = False
-    for raw in _raw_lines(sdp):
-        text = _text(raw)
+    for raw, line in zip(_raw_lines(sdp), decoded.split("\n")):
+        text = _text(line)
         if not text.strip():  # tolerated, e.g. a second CRLF at the end
             result.append(SdpLine("", "", raw, media))
             continue
@@ -408,6 +413,7 @@ def _one_reading(level: list[SdpLine], where: str) -> None:
         raise MalformedError(f"SDP: more than one a=rtcp {where}")
 
 
+@lru_cache(maxsize=256)      # pure; a proxy sees the same few addresses again and again
 def _canonical_address(address_type: str, address: str) -> None:
     """The address of a ``c=`` line, as the summary names it: an IP literal of its
     address type, an IPv4 one as four decimal numbers without leading zeros (what every
