@@ -1,15 +1,16 @@
 """A stock pjsua2 caller for wire tests: pjsua2 with none of our hooks, as an operator's
 other customers run it, so a test sees what such a phone takes from what the proxy
-relays.  ``PRELUDE`` is the start of a script run as ``python script PROXY_PORT ...``:
-one endpoint on the owner thread alone, a UDP transport and media on 127.0.0.1, no
-sound device, and ``acc`` as alice@example.com with the proxy at 127.0.0.1:PROXY_PORT as
-her outbound proxy.  A test adds its own call and what it prints."""
+relays.  ``ENDPOINT`` starts a script: one endpoint on the owner thread alone, a UDP
+transport on 127.0.0.1 (``transport_id``), no sound device.  ``PRELUDE`` adds, for a
+script run as ``python script PROXY_PORT ...``, ``acc`` as alice@example.com with the
+proxy at 127.0.0.1:PROXY_PORT as her outbound proxy and her media on 127.0.0.1.  A test
+adds its own account or call and what it prints."""
 
 from __future__ import annotations
 
-__all__ = ["PRELUDE"]
+__all__ = ["ENDPOINT", "PRELUDE"]
 
-PRELUDE = r'''
+ENDPOINT = r'''
 import json, os, sys, time
 import pjsua2 as pj
 ep = pj.Endpoint()
@@ -26,6 +27,9 @@ tcfg.boundAddress = "127.0.0.1"
 transport_id = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
 ep.libStart()
 ep.audDevManager().setNullDev()
+'''
+
+PRELUDE = ENDPOINT + r'''
 acfg = pj.AccountConfig()
 acfg.idUri = "sip:alice@example.com"
 acfg.sipConfig.transportId = transport_id

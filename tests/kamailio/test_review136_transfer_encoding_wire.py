@@ -98,6 +98,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import registered_uas
+from e2m_lab.stock_caller import ENDPOINT
 from e2m_plugins.sip import make_response
 from tests.kamailio.test_review133_answer_sdp_wire import _STOCK_CALLER_FINAL
 
@@ -173,28 +174,14 @@ def test_control_the_same_answer_without_the_header_is_recorded(proxy_factory, t
 
 # -- the offer side: a stock pjsua2 callee -------------------------------------------
 
-_STOCK_CALLEE = r'''
-"""A stock pjsua2 callee (no E2M hook): prints its SIP port, answers the first call
-200 and prints the remote RTP address pjsip took from the offer."""
-import json, os, sys, time
-import pjsua2 as pj
-ep = pj.Endpoint()
-ep.libCreate()
-cfg = pj.EpConfig()
-cfg.uaConfig.threadCnt = 0
-cfg.uaConfig.mainThreadOnly = True
-cfg.logConfig.level = 0
-cfg.logConfig.consoleLevel = 0
-ep.libInit(cfg)
-tcfg = pj.TransportConfig()
-tcfg.port = 0
-tcfg.boundAddress = "127.0.0.1"
-tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-ep.libStart()
-ep.audDevManager().setNullDev()
-print("PORT " + ep.transportGetInfo(tid).localName.rsplit(":", 1)[1], flush=True)
+# A stock pjsua2 callee (no E2M hook): prints its SIP port, answers the first call 200
+# and prints the remote RTP address pjsip took from the offer.
+_STOCK_CALLEE = ENDPOINT + r'''
+print("PORT " + ep.transportGetInfo(transport_id).localName.rsplit(":", 1)[1], flush=True)
 acfg = pj.AccountConfig()
 acfg.idUri = "sip:bob@example.com"
+acfg.sipConfig.transportId = transport_id
+acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
 result = {}
 calls = []
 class Call(pj.Call):

@@ -86,6 +86,7 @@ no copy draws a second BYE.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -105,10 +106,13 @@ FORKS = [f"g{i}" for i in range(1, MAX_PER_INVITE + 1)]
 CALLS = MAX_LATE // MAX_PER_INVITE + 1
 
 
-@pytest.fixture
-def alice_and_bob(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Bob]]:
+@contextmanager
+def alice_calling(tmp_path: Path, pki: TestPKI, tags: list[str]
+                  ) -> Iterator[tuple[PhoneProcess, Bob]]:
+    """alice's real phone, whose outbound proxy is ``Bob``'s socket, and one bob device
+    per tag; both stopped after."""
     bob = Bob(pki)
-    for tag in FORKS:
+    for tag in tags:
         bob.devices[tag] = ua_engine(pki, "bob", peers=("alice",))
     bob.answer_byes = True
     assert pki.directory is not None
@@ -121,6 +125,12 @@ def alice_and_bob(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, 
     finally:
         alice.stop()
         bob.close()
+
+
+@pytest.fixture
+def alice_and_bob(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Bob]]:
+    with alice_calling(tmp_path, pki, FORKS) as pair:
+        yield pair
 
 
 def _failed_invites(alice: PhoneProcess, bob: Bob, count: int) -> list[sip.SipMessage]:

@@ -70,13 +70,12 @@ from pathlib import Path
 
 import pytest
 
-from e2m_lab.flows import ua_engine
-from e2m_lab.phones import PhoneProcess, write_ua
-from e2m_lab.stranger import HOST
+from e2m_lab.phones import PhoneProcess
 from e2m_plugins.testpki import TestPKI
 from pjsua_hooks.late_2xx import MAX_LATE, MAX_PER_INVITE
 from tests.pjsua.test_review129_late_2xx_phone import Bob, pki  # noqa: F401 (fixture)
-from tests.pjsua.test_review137_late_2xx_eviction import _byes, _failed_invites, _late_200
+from tests.pjsua.test_review137_late_2xx_eviction import (_byes, _failed_invites, _late_200,
+                                                          alice_calling)
 
 pytestmark = [pytest.mark.pjsua2]
 
@@ -87,20 +86,8 @@ CALLS = -(-MAX_LATE // MAX_PER_INVITE)                      # 6 failed INVITEs f
 
 @pytest.fixture
 def alice_and_bob(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Bob]]:
-    bob = Bob(pki)
-    for tag in [*FORKS, HONEST]:
-        bob.devices[tag] = ua_engine(pki, "bob", peers=("alice",))
-    bob.answer_byes = True
-    assert pki.directory is not None
-    config = write_ua(tmp_path, "alice", pki.directory, peer="bob",
-                      phone={"proxy": f"sip:{HOST}:{bob.port}"})
-    alice = PhoneProcess(config, "alice")
-    try:
-        alice.wait("started", timeout=15)
-        yield alice, bob
-    finally:
-        alice.stop()
-        bob.close()
+    with alice_calling(tmp_path, pki, [*FORKS, HONEST]) as pair:
+        yield pair
 
 
 def _flood_table(alice: PhoneProcess, bob: Bob, calls: int) -> int:
