@@ -155,11 +155,12 @@ _STOCK_CALLER_FINAL = _STOCK_CALLER.replace(
 
 
 def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, early: bytes | None = None,
-                content_type: str = "application/sdp"):
+                content_type: str = "application/sdp",
+                headers: tuple[tuple[str, str], ...] = ()):
     """A stock pjsua2 caller (review 69's script, no E2M hook) calls bob (a RawUas)
     through a proxy viewing INVITE SDP; bob answers 200 with ``sdp`` (plaintext, a true
-    Content-Length).  Returns (what pjsip negotiated, the proxy's media rows for
-    responses, the log)."""
+    Content-Length) and ``headers``.  Returns (what pjsip negotiated, the proxy's media
+    rows for responses, its rows for requests, the log)."""
     pytest.importorskip("pjsua2")
     script = tmp_path / "stock_caller.py"
     script.write_text(_STOCK_CALLER_FINAL)
@@ -177,6 +178,7 @@ def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, early: bytes | N
                                     content_type="application/sdp")
             state["uas"].sock.sendto(ringing.serialize(), ("127.0.0.1", proxy.port))
             time.sleep(0.5)
+        extra.extend(headers)
         return make_response(request, 200, "OK", extra, body=sdp, content_type=content_type)
     with registered_uas(proxy, "bob", None, "127.0.0.133", responder=responder) as bob:
         state["port"], state["uas"] = bob.port, bob

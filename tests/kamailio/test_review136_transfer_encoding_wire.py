@@ -97,10 +97,8 @@ import time
 
 import pytest
 
-from e2m_lab.kamailio_harness import registered_uas
 from e2m_lab.stock_caller import ENDPOINT
-from e2m_plugins.sip import make_response
-from tests.kamailio.test_review133_answer_sdp_wire import _STOCK_CALLER_FINAL
+from tests.kamailio.test_review133_answer_sdp_wire import _stock_call as _stock_call133
 
 pytestmark = pytest.mark.kamailio
 
@@ -117,37 +115,15 @@ def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, *,
                 content_type: str = "application/sdp",
                 headers: tuple[tuple[str, str], ...] = ()):
     """Review 133's stock call (a stock pjsua2 caller, bob a RawUas answering 200 with
-    ``sdp``), with ``headers`` added to bob's 200."""
-    pytest.importorskip("pjsua2")
-    script = tmp_path / "stock_caller.py"
-    script.write_text(_STOCK_CALLER_FINAL)
-    proxy = proxy_factory(name, e2m=True, view=SDP_VIEW)
-    mark = proxy.log_mark()
-    state: dict = {}
-
-    def responder(request):
-        if request.method != "INVITE":
-            return make_response(request, 200, "OK")
-        extra = [("Record-Route", rr) for rr in request.get_all("Record-Route")]
-        extra.append(("Contact", f"<sip:bob@127.0.0.1:{state['port']}>"))
-        extra.extend(headers)
-        return make_response(request, 200, "OK", extra, body=sdp, content_type=content_type)
-    with registered_uas(proxy, "bob", None, "127.0.0.136", responder=responder) as bob:
-        state["port"], state["uas"] = bob.port, bob
-        out = subprocess.run([sys.executable, str(script), str(proxy.port)],
-                             capture_output=True, timeout=20)
-        lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
-                 if ln.startswith("RESULT ")]
-        assert lines, out.stdout[-400:] + out.stderr[-400:]
-        assert bob.wait_for(1, method="INVITE")
-        time.sleep(0.3)
-        answers = [row for row in proxy.media_rows() if row["direction"] != "request"]
-        seen = [ln[ln.index("e2m: "):] for ln in proxy.log_since(mark).splitlines()
-                if "e2m: INVITE response" in ln or "INVITE 200 that must be read" in ln]
-        got = json.loads(lines[-1][len("RESULT "):])
-        print(f"\n{name}: caller {got}; answer rows "
-              f"{[(r['address'], r['port']) for r in answers]}; log {seen}")
-        return got, answers, seen
+    ``sdp``), with ``headers`` added to bob's 200: (what the caller took, the answer
+    rows, the proxy's lines about the 200)."""
+    got, answers, _, log = _stock_call133(proxy_factory, tmp_path, sdp, name,
+                                          content_type=content_type, headers=headers)
+    seen = [ln[ln.index("e2m: "):] for ln in log.splitlines()
+            if "e2m: INVITE response" in ln or "INVITE 200 that must be read" in ln]
+    print(f"\n{name}: caller {got}; answer rows "
+          f"{[(r['address'], r['port']) for r in answers]}; log {seen}")
+    return got, answers, seen
 
 
 def _recorded_as_taken(got, answers) -> bool:
