@@ -81,7 +81,7 @@ Area 2, ``pjsua_hooks/late_2xx.py`` (read; the unit controls are in
 - Keeping an honest late 2xx unanswered: ``_answered`` at 1024 needs 171 failed INVITEs
   of the victim within 32 s (6 To tags each); the 6-per-INVITE bound is the one
   pre-existing since review 129 (a callee that answers the same INVITE with 6 tags first
-  takes its places, as before).  Control: after 36 entries (4 evicted) a new INVITE's
+  takes its places, as before).  Control: after 40 entries (8 evicted) a new INVITE's
   late 200 still gets its ACK and BYE.
 - State: ``_entries`` at most 32, ``_answered`` at most 1024 keys, each aged out.
 - An evicted entry's BYE answered 407 is not retried (``bye_answered`` looks in
