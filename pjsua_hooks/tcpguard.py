@@ -119,11 +119,25 @@ class _Conn:
 
 
 
-def _same_host(a: str, b: str) -> bool:
+def _addresses_of(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """What ``host`` binds to: itself when it is an address, else what the name (or an
+    ``inet_aton`` form such as ``127.1``) resolves to, as pjsip resolved it at bind
+    time (review 139 HB1: a phone bound by name lost its listener)."""
     try:
-        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+        return {ipaddress.ip_address(host.strip("[]"))}
     except ValueError:
-        return a == b
+        pass
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return set()
+    found = set()
+    for info in infos:
+        try:
+            found.add(ipaddress.ip_address(str(info[4][0]).split("%")[0]))
+        except ValueError:
+            continue
+    return found
 
 
 def find_listener(host: str, port: int) -> socket.socket | None:
@@ -133,11 +147,13 @@ def find_listener(host: str, port: int) -> socket.socket | None:
     wildcard-bound phone's listener was never found, so it had no gate at all and a
     stranger's churn aborted it (review 138 K1).  Setting a socket filter on the
     duplicate sets it on the listener; close the duplicate before pjsip closes its
-    own, or the port stays open.  None when it cannot be found."""
+    own, or the port stays open.  A host name is matched by what it resolves to.  None
+    when it cannot be found."""
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
         return None
+    wanted = _addresses_of(host)
     for name in fds:
         try:
             fd = int(name)
@@ -150,9 +166,9 @@ def find_listener(host: str, port: int) -> socket.socket | None:
             if (dup.type == socket.SOCK_STREAM
                     and dup.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
                     and dup.getsockname()[1] == port
-                    and _same_host(dup.getsockname()[0], host)):
+                    and ipaddress.ip_address(dup.getsockname()[0].split("%")[0]) in wanted):
                 return dup
-        except OSError:
+        except (OSError, ValueError):     # not an IP socket, or gone meanwhile
             pass
         dup.close()
     return None
