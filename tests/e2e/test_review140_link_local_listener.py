@@ -28,7 +28,7 @@ Honest break HB1: a phone bound to a scoped IPv6 link-local address no longer st
   the phone away from that configuration.
 - Code at fault: ``pjsua_hooks/tcpguard.py:127`` (``_addresses_of``:
   ``ipaddress.ip_address(host.strip("[]"))`` keeps the scope, giving
-  ``IPv6Address('fe80::fc:ff:fe00:1%eth0')``) against ``:164`` (``find_listener``
+  ``IPv6Address('fe80::fc:ff:fe00:1%eth0')``) against ``:169`` (``find_listener``
   strips ``%...`` from the socket's side, and ``getsockname`` gives no scope text
   anyway: ``('fe80::fc:ff:fe00:1', port, 0, 4)``).  Since Python 3.9 an IPv6 address
   with a scope id is not equal to (nor hashes as) the same address without one, so the
