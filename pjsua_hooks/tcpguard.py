@@ -124,7 +124,8 @@ def _addresses_of(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Addres
     ``inet_aton`` form such as ``127.1``) resolves to, as pjsip resolved it at bind
     time (review 139 HB1: a phone bound by name lost its listener)."""
     try:
-        return {ipaddress.ip_address(host.strip("[]"))}
+        # without its zone: the socket's name carries none (review 140 HB1)
+        return {ipaddress.ip_address(host.strip("[]").split("%")[0])}
     except ValueError:
         pass
     try:
