@@ -31,8 +31,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from e2m_plugins.sip import SipMessage, parse
+
 __all__ = ["sip_request", "sip_response", "UdpStranger", "tcp_probe", "tcp_flood", "CertServer",
-           "FakeRegistrar", "rss_kib", "HOST"]
+           "FakeRegistrar", "rss_kib", "HOST", "final_answer_over"]
 
 HOST = "127.0.0.1"
 _counter = iter(range(1, 1 << 62))
@@ -187,6 +189,26 @@ class UdpStranger:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def final_answer_over(sock: socket.socket, timeout: float) -> SipMessage | None:
+    """The first final answer that arrives on the connected stream ``sock`` within
+    ``timeout`` (provisionals skipped, each answer's body by its Content-Length); None
+    when the peer closes or nothing final comes."""
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+        while b"\r\n\r\n" in buffer:
+            head, _, rest = buffer.partition(b"\r\n\r\n")
+            answer = parse(head + b"\r\n\r\n")
+            buffer = rest[int(answer.get("Content-Length") or 0):]
+            if (answer.status or 0) >= 200:
+                return answer
+    return None
 
 
 def tcp_probe(port: int, timeout: float = 3.0) -> float | None:

@@ -105,12 +105,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
 import uuid
 
 import pytest
 
-from e2m_lab.stranger import sip_request
+from e2m_lab.stranger import final_answer_over, sip_request
 from e2m_plugins import sip
 from pjsua_hooks.tcpguard import _addresses_of
 from tests.e2e.test_phone_stranger import lab, pki  # noqa: F401 (fixtures)
@@ -160,20 +159,7 @@ def _options(target: str, port: int, *, source: str, scope_id: int = 0,
         sock.sendall(sip_request("OPTIONS", f"sip:bob@[{target}]:{port};transport=tcp",
                                  via=f"SIP/2.0/TCP [{source}]:{local}",
                                  call_id=uuid.uuid4().hex))
-        buffer = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return None
-            buffer += chunk
-            while b"\r\n\r\n" in buffer:
-                head, _, rest = buffer.partition(b"\r\n\r\n")
-                answer = sip.parse(head + b"\r\n\r\n")
-                buffer = rest[int(answer.get("Content-Length") or 0):]
-                if (answer.status or 0) >= 200:
-                    return answer
-        return None
+        return final_answer_over(sock, timeout)
     except OSError:
         return None
     finally:

@@ -24,7 +24,8 @@ import uuid
 
 import pytest
 
-from e2m_lab.stranger import HOST, UdpStranger, sip_request, tcp_flood, tcp_probe
+from e2m_lab.stranger import (HOST, UdpStranger, final_answer_over, sip_request, tcp_flood,
+                              tcp_probe)
 from e2m_plugins import sip
 from tests.e2e.test_phone_stranger import ALICE, assert_serving, lab, pki  # noqa: F401
 
@@ -48,21 +49,7 @@ def _tcp_request(port: int, method: str, *, source: str = HOST,
                                  via=f"SIP/2.0/TCP {source}:{local}", call_id=call_id,
                                  body=b"hello" if method == "MESSAGE" else b"",
                                  content_type="text/plain" if method == "MESSAGE" else None))
-        buffer = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return None
-            buffer += chunk
-            while b"\r\n\r\n" in buffer:
-                head, _, rest = buffer.partition(b"\r\n\r\n")
-                answer = sip.parse(head + b"\r\n\r\n")
-                length = int(answer.get("Content-Length") or 0)
-                buffer = rest[length:]
-                if answer.status >= 200:
-                    return answer
-        return None
+        return final_answer_over(sock, timeout)
     except OSError:
         return None
     finally:
