@@ -1,4 +1,5 @@
-"""Digest challenges (RFC 3261 §22.4, RFC 7616): the realm a challenge names.
+"""Digest challenges (RFC 3261 §22.4, RFC 7616): the realm a challenge names, and the
+answer to one (``digest_authorization``, for a phone's own requests).
 
 Whoever sends a 401 or 407 chooses its realm and nonce, and a UA's answer over them
 lets the sender test password guesses offline.  So a phone answers only its home
@@ -8,14 +9,16 @@ downstream that names its own realm, which only it may send (``kamailio_app``).
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 from collections.abc import Callable
 
 from .errors import MalformedError
-from .grammar import split_header_list, unquote_string
+from .grammar import quote_string, split_header_list, unquote_string
 
 __all__ = ["CHALLENGE_HEADERS", "challenge_realm", "digest_params", "names_realm",
-           "credentials_fit_request"]
+           "credentials_fit_request", "digest_authorization", "DIGEST_ALGORITHMS", "Credentials"]
 
 # the header each status carries its challenges in (pjsip answers either in either)
 CHALLENGE_HEADERS = {401: "WWW-Authenticate", 407: "Proxy-Authenticate"}
@@ -94,3 +97,45 @@ def names_realm(value: str, realm: str) -> bool:
     as in pjsip): it names that realm, or none a client could read for sure."""
     found = challenge_realm(value)
     return found is None or found.lower() == realm.lower()
+
+
+# (user, password, realm): the phone's digest credentials, read when a challenge is
+# answered and dropped after (a phone's ``E2MPhone._credentials``)
+Credentials = tuple[str, str, str]
+
+# RFC 7616 3.3 / RFC 8760: the algorithms pjsip 2.15.1 answers too (sip_auth_client.c's
+# table; no -sess variants, no AKA), by their IANA names, upper-cased
+DIGEST_ALGORITHMS = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
+
+
+def digest_authorization(challenge: dict[str, str], credentials: Credentials,
+                         method: str, uri: str, *, cnonce: str | None = None) -> str:
+    """The Digest credentials answering ``challenge`` for ``method`` ``uri`` (RFC 7616
+    3.4 / RFC 2617: qop=auth with nc 1 and a fresh cnonce when offered, else the
+    RFC 2069 form), as a Proxy-Authorization value.  The password and HA1 live only in
+    this call."""
+    user, password, _ = credentials
+    realm, nonce = challenge["realm"], challenge["nonce"]
+    algorithm = challenge.get("algorithm", "MD5").upper()
+    name = DIGEST_ALGORITHMS[algorithm]
+
+    def h(text: str) -> str:
+        return hashlib.new(name, text.encode("utf-8")).hexdigest()
+
+    ha2 = h(f"{method}:{uri}")
+    fields = [f"username={quote_string(user)}", f"realm={quote_string(realm)}",
+              f"nonce={quote_string(nonce)}", f"uri={quote_string(uri)}"]
+    offered = [q.strip().lower() for q in challenge.get("qop", "").split(",") if q.strip()]
+    ha1 = h(f"{user}:{realm}:{password}")
+    if offered:
+        cnonce = cnonce or secrets.token_hex(8)
+        # a new nonce is answered with count 1; a retry always follows a new challenge
+        response = h(f"{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}")
+        fields += [f"response={quote_string(response)}", f"algorithm={algorithm}",
+                   f"cnonce={quote_string(cnonce)}", "qop=auth", "nc=00000001"]
+    else:
+        response = h(f"{ha1}:{nonce}:{ha2}")
+        fields += [f"response={quote_string(response)}", f"algorithm={algorithm}"]
+    if "opaque" in challenge:
+        fields.append(f"opaque={quote_string(challenge['opaque'])}")
+    return "Digest " + ", ".join(fields)

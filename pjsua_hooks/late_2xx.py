@@ -69,7 +69,7 @@ more with the account's credentials, as pjsip does for its own requests (RFC 326
 RFC 7616): the same request with CSeq + 1, a new branch and a Proxy-Authorization
 computed from the challenge (qop=auth with nc 1 and a fresh cnonce when offered, else
 the RFC 2069 form; MD5, SHA-256 or SHA-512-256, pjsip 2.15.1's set) over the BYE's
-method and Request-URI (``LateAnswers.retry_bye``, ``digest_authorization``).  Why
+method and Request-URI (``LateAnswers.retry_bye``; the digest itself: ``e2m_plugins.challenge.digest_authorization``).  Why
 here, in Python, and not through pjsip's client auth session (``pjsip_auth_clt_init``,
 ``_set_credentials``, ``_reinit_req``): that needs a session struct allocated and kept
 per request, a ``pjsip_cred_info`` array laid out by hand, the BYE's tdata kept alive
@@ -111,14 +111,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from e2m_plugins import sip
-from e2m_plugins.challenge import digest_params
+from e2m_plugins.challenge import (DIGEST_ALGORITHMS, Credentials, digest_authorization,
+                                   digest_params)
 from e2m_plugins.errors import E2MError, MalformedError
-from e2m_plugins.grammar import quote_string, split_header_list
+from e2m_plugins.grammar import split_header_list
 from e2m_plugins.replay import TRANSACTION_LIFETIME
 from e2m_plugins.uri import parse_uri
 
 __all__ = ["LateAnswers", "LateTwoXX", "Outgoing", "build_ack", "build_bye",
-           "digest_authorization", "Credentials", "MAX_LATE", "MAX_ANSWERED", "MAX_PER_INVITE",
+           "MAX_LATE", "MAX_ANSWERED", "MAX_PER_INVITE",
            "MAX_ACKS", "MAX_AGE", "MAX_AUTH_TRIES"]
 
 MAX_LATE = 32              # late 2xx whose ACK is held for their copies (oldest out)
@@ -129,15 +130,6 @@ MAX_AGE = TRANSACTION_LIFETIME     # 64*T1: the callee retransmits its 2xx this 
 MAX_ROUTES = 8             # Record-Route entries taken over (a longer set is refused)
 MAX_AUTH_TRIES = 2         # BYEs with credentials per late 2xx: one, and one more if stale
 MAX_CHALLENGE_PARAM = 512  # characters of a nonce or opaque echoed back (Kamailio's: ~40)
-
-# (user, password, realm): the phone's digest credentials, read when a challenge is
-# answered and dropped after (``E2MPhone._credentials``)
-Credentials = tuple[str, str, str]
-
-# RFC 7616 3.3 / RFC 8760: the algorithms pjsip 2.15.1 answers too (sip_auth_client.c's
-# table; no -sess variants, no AKA), by their IANA names, upper-cased
-_DIGESTS = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
-
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -254,46 +246,13 @@ def _home_challenge(response: sip.SipMessage, home_realm: str
         if not nonce or any(len(params.get(p, "")) > MAX_CHALLENGE_PARAM
                             for p in ("nonce", "opaque")):
             why = "a home challenge without a usable nonce"
-        elif algorithm not in _DIGESTS:
+        elif algorithm not in DIGEST_ALGORITHMS:
             why = f"a home challenge with algorithm {algorithm[:32]!r}"
         elif qops and "auth" not in qops:
             why = "a home challenge offering no qop=auth"
         else:
             return params, ""
     return None, why
-
-
-def digest_authorization(challenge: dict[str, str], credentials: Credentials,
-                         method: str, uri: str, *, cnonce: str | None = None) -> str:
-    """The Digest credentials answering ``challenge`` for ``method`` ``uri`` (RFC 7616
-    3.4 / RFC 2617: qop=auth with nc 1 and a fresh cnonce when offered, else the
-    RFC 2069 form), as a Proxy-Authorization value.  The password and HA1 live only in
-    this call."""
-    user, password, _ = credentials
-    realm, nonce = challenge["realm"], challenge["nonce"]
-    algorithm = challenge.get("algorithm", "MD5").upper()
-    name = _DIGESTS[algorithm]
-
-    def h(text: str) -> str:
-        return hashlib.new(name, text.encode("utf-8")).hexdigest()
-
-    ha2 = h(f"{method}:{uri}")
-    fields = [f"username={quote_string(user)}", f"realm={quote_string(realm)}",
-              f"nonce={quote_string(nonce)}", f"uri={quote_string(uri)}"]
-    offered = [q.strip().lower() for q in challenge.get("qop", "").split(",") if q.strip()]
-    ha1 = h(f"{user}:{realm}:{password}")
-    if offered:
-        cnonce = cnonce or secrets.token_hex(8)
-        # a new nonce is answered with count 1; a retry always follows a new challenge
-        response = h(f"{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}")
-        fields += [f"response={quote_string(response)}", f"algorithm={algorithm}",
-                   f"cnonce={quote_string(cnonce)}", "qop=auth", "nc=00000001"]
-    else:
-        response = h(f"{ha1}:{nonce}:{ha2}")
-        fields += [f"response={quote_string(response)}", f"algorithm={algorithm}"]
-    if "opaque" in challenge:
-        fields.append(f"opaque={quote_string(challenge['opaque'])}")
-    return "Digest " + ", ".join(fields)
 
 
 def raw_digest(data: bytes) -> bytes:

@@ -65,6 +65,7 @@ from e2m_plugins.uri import aor_of, canonical_ip, identity_of
 from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import split_header_list
 from e2m_plugins.config import ConfigError, UAConfig, load_ua_config
+from e2m_plugins.challenge import Credentials
 from e2m_plugins.sip_errors import answer_for
 from e2m_plugins.ua import MissingPeerCertificateError, SecurityInfo, UAEngine
 
@@ -74,7 +75,7 @@ from .certservice_client import CertServiceClient
 from .challenges import RefusedChallenge, keep_answerable
 from .fetcher import CertificateFetcher
 from .firstcopy import Duplicate, FirstCopy
-from .late_2xx import MAX_LATE, Credentials, LateAnswers, LateTwoXX, Outgoing
+from .late_2xx import MAX_LATE, LateAnswers, LateTwoXX, Outgoing
 from . import pjsip_abi
 from .proxysource import ProxySource
 from .rawhook import RawSipHook, RxReject

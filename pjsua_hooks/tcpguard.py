@@ -118,7 +118,6 @@ class _Conn:
     closing_since: float = 0.0
 
 
-
 def _addresses_of(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """What ``host`` binds to: itself when it is an address, else what the name (or an
     ``inet_aton`` form such as ``127.1``) resolves to, as pjsip resolved it at bind

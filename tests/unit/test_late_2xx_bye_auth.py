@@ -20,7 +20,8 @@ from e2m_plugins import sip
 from e2m_plugins.challenge import digest_params
 from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import init_test_pki
-from pjsua_hooks.late_2xx import MAX_AUTH_TRIES, LateAnswers, digest_authorization
+from e2m_plugins.challenge import digest_authorization
+from pjsua_hooks.late_2xx import MAX_AUTH_TRIES, LateAnswers
 
 VIA = "127.0.0.1:5099"
 REALM = "example.com"
