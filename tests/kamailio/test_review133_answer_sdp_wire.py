@@ -325,7 +325,7 @@ os._exit(0)
 
 
 def _reinvited_call(proxy_factory, tmp_path, reanswer: bytes, name: str,
-                    method: str = "INVITE"):
+                    method: str = "INVITE", content_type: str = "application/sdp"):
     pytest.importorskip("pjsua2")
     script = tmp_path / "reinviting_caller.py"
     script.write_text(_REINVITING_CALLER)
@@ -342,7 +342,7 @@ def _reinvited_call(proxy_factory, tmp_path, reanswer: bytes, name: str,
                                  content_type="application/sdp")
         return make_response(request, 200, "OK", contact,
                              body=reanswer.replace(b"o=bob 1 1", b"o=bob 1 2"),
-                             content_type="application/sdp")
+                             content_type=content_type)
     with registered_uas(proxy, "bob", None, "127.0.0.135", responder=responder) as bob:
         state["port"] = bob.port
         out = subprocess.run([sys.executable, str(script), str(proxy.port),

@@ -136,10 +136,6 @@ it by the re-INVITE).
 from __future__ import annotations
 
 import datetime
-import json
-import subprocess
-import sys
-import time
 
 import pytest
 from cryptography import x509
@@ -147,13 +143,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from e2m_lab.kamailio_harness import PROXY_HOST, registered_uas
+from e2m_lab.kamailio_harness import PROXY_HOST
 from e2m_plugins import mime
 from e2m_plugins.body import protect_content
 from e2m_plugins.cms.envelope import seal
 from e2m_plugins.cms.recipients import recipient_for_certificate
-from e2m_plugins.sip import make_response
-from tests.kamailio.test_review133_answer_sdp_wire import CLEAN, _stock_call
+from tests.kamailio.test_review133_answer_sdp_wire import CLEAN, _reinvited_call, _stock_call
 
 pytestmark = pytest.mark.kamailio
 
@@ -247,38 +242,10 @@ def test_control_a_junk_part_beside_the_plain_sdp_is_dropped(proxy_factory, tmp_
 def _reinvited(proxy_factory, tmp_path, reanswer: bytes, name: str):
     """Review 133's re-INVITING stock caller: bob answers the first INVITE with the
     clean SDP (127.0.0.1:40404) and the re-INVITE with ``reanswer`` (multipart)."""
-    pytest.importorskip("pjsua2")
-    from tests.kamailio.test_review133_answer_sdp_wire import _REINVITING_CALLER, SDP_VIEW
-    script = tmp_path / "reinviting_caller.py"
-    script.write_text(_REINVITING_CALLER)
-    proxy = proxy_factory(name, e2m=True, view=SDP_VIEW)
-    mark = proxy.log_mark()
-    state: dict = {}
-
-    def responder(request):
-        if request.method != "INVITE":
-            return make_response(request, 200, "OK")
-        contact = [("Contact", f"<sip:bob@127.0.0.1:{state['port']}>")]
-        if request.to_tag is None:
-            return make_response(request, 200, "OK", contact, body=CLEAN,
-                                 content_type="application/sdp")
-        return make_response(request, 200, "OK", contact,
-                             body=reanswer.replace(b"o=bob 1 1", b"o=bob 1 2"),
-                             content_type=f"multipart/mixed;boundary={_BOUNDARY}")
-    with registered_uas(proxy, "bob", None, "127.0.0.136", responder=responder) as bob:
-        state["port"] = bob.port
-        out = subprocess.run([sys.executable, str(script), str(proxy.port), "invite"],
-                             capture_output=True, timeout=25)
-        lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
-                 if ln.startswith("RESULT ")]
-        assert lines, out.stdout[-400:] + out.stderr[-400:]
-        invites = bob.wait_for(2, method="INVITE")
-        time.sleep(0.3)
-        answers = [row for row in proxy.media_rows() if row["direction"] != "request"]
-        seen = [ln[ln.index("e2m: "):] for ln in proxy.log_since(mark).splitlines()
-                if "e2m: INVITE response" in ln]
-    got = json.loads(lines[-1][len("RESULT "):])
-    print(f"\nre-INVITE: caller {got}; INVITEs at bob {len(invites)}; answer rows "
+    got, answers, invites, seen = _reinvited_call(
+        proxy_factory, tmp_path, reanswer, name,
+        content_type=f"multipart/mixed;boundary={_BOUNDARY}")
+    print(f"\nre-INVITE: caller {got}; INVITEs at bob {invites}; answer rows "
           f"{[(r['address'], r['port']) for r in answers]}; log {seen}")
     return got, answers
 
