@@ -49,7 +49,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import cached_property
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -63,6 +62,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 
 from .certfiles import (
     certificate_counts,
+    certificate_key,
     check_certificate_counts,
     fully_readable,
     known_counts,
@@ -75,6 +75,7 @@ from .errors import (
     UntrustedSignerError,
 )
 from .uri import parse_uri
+from .lazy import lazy_property
 
 if TYPE_CHECKING:
     from .cms.limits import Limits
@@ -227,7 +228,7 @@ def check_certificate_size(cert: x509.Certificate, limits: Limits | None = None,
     certificate read from a message are remembered)."""
     limits = _limits(limits)
     if der is None:
-        der = cert.public_bytes(serialization.Encoding.DER)
+        der = certificate_key(cert)
     if len(der) > limits.max_certificate_bytes:
         raise LimitExceededError(f"certificate of {len(der)} bytes exceeds the limit of "
                                  f"{limits.max_certificate_bytes}")
@@ -248,10 +249,9 @@ def check_certificate_size(cert: x509.Certificate, limits: Limits | None = None,
                                  f"{limits.max_san_entries}")
 
 
-# certificate_identities by (certificate, limits): a proxy asks it twice per body of
-# the same sender (the signature check, then the From check).  A certificate hashes
-# and compares by its DER.  Bounded like the signature memo above.
-_IDENTITIES: dict[tuple[x509.Certificate, Limits], Identities] = {}
+# certificate_identities by (certificate_key, limits): a proxy asks it twice per body
+# of the same sender (the signature check, then the From check).  Bounded like the signature memo above.
+_IDENTITIES: dict[tuple[bytes, Limits], Identities] = {}
 _IDENTITIES_MAX = 256
 
 
@@ -261,7 +261,7 @@ def certificate_identities(cert: x509.Certificate,
 
     More than ``limits.max_san_entries`` SAN entries is ``LimitExceededError``.
     """
-    key = (cert, _limits(limits))
+    key = (certificate_key(cert), _limits(limits))
     known = _IDENTITIES.get(key)
     if known is None:
         known = _read_identities(cert, key[1])
@@ -439,11 +439,11 @@ def signer_usage_problem(cert: x509.Certificate) -> str | None:
     return None if usage.digital_signature else "keyUsage does not allow digitalSignature"
 
 
-# signing_key by (certificate, limits): every message of a sender carries the same
+# signing_key by (certificate_key, limits): every message of a sender carries the same
 # certificate, and loading and checking its key cost a proxy more than the signature it
 # then verifies.  Only keys that passed are kept (a refusal is worked out again);
 # bounded and emptied when full, like the memos above.
-_SIGNING_KEYS: dict[tuple[x509.Certificate, Limits], object] = {}
+_SIGNING_KEYS: dict[tuple[bytes, Limits], object] = {}
 _SIGNING_KEYS_MAX = 256
 
 
@@ -454,7 +454,7 @@ def signing_key(cert: x509.Certificate, limits: Limits | None = None,
     checked: ``LimitExceededError``, ``UnsupportedAlgorithmError`` or
     ``UntrustedSignerError`` otherwise.  The certificate's path is not checked here."""
     limits = _limits(limits)
-    key = (cert, limits)
+    key = (certificate_key(cert), limits)
     known = _SIGNING_KEYS.get(key)
     if known is not None:
         return known
@@ -751,15 +751,15 @@ class _Node:
         self.memo: dict = {}
 
     # cryptography builds a new Name (an object per attribute) on every access.
-    @cached_property
+    @lazy_property
     def subject(self) -> x509.Name:
         return self.cert.subject
 
-    @cached_property
+    @lazy_property
     def issuer(self) -> x509.Name:
         return self.cert.issuer
 
-    @cached_property
+    @lazy_property
     def spki(self) -> bytes:
         try:
             return self.cert.public_key().public_bytes(
@@ -767,17 +767,17 @@ class _Node:
         except (ValueError, UnsupportedAlgorithm):
             return b"unreadable:" + self.der  # never verifies anything; unique to it
 
-    @cached_property
+    @lazy_property
     def loop_key(self) -> tuple[bytes, bytes]:
         # A path holds one subject with one key at most (RFC 4158 loop detection).
         return (self.subject.public_bytes(), self.spki)
 
-    @cached_property
+    @lazy_property
     def ski(self) -> bytes | None:
         value = _extension(self.cert, x509.SubjectKeyIdentifier)
         return value.digest if value is not None else None
 
-    @cached_property
+    @lazy_property
     def aki(self) -> bytes | None:
         value = _extension(self.cert, x509.AuthorityKeyIdentifier)
         return value.key_identifier if value is not None else None
@@ -840,8 +840,7 @@ def verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
             return _verify_chain(cert, anchors, intermediates, at, check_time, limits,
                                  tuple(crls))
         when = as_utc(at) if at is not None else datetime.now(timezone.utc)
-        key = (cert.public_bytes(serialization.Encoding.DER),
-               tuple(c.public_bytes(serialization.Encoding.DER) for c in intermediates),
+        key = (certificate_key(cert), tuple(certificate_key(c) for c in intermediates),
                check_time, limits)
         known = memo.get(key)
         if known is not None and (not check_time or known.holds_at(when)):
@@ -865,7 +864,7 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
     when = as_utc(at) if at is not None else datetime.now(timezone.utc)
     if not fully_readable(cert):
         raise MalformedError("certificate has unreadable fields")
-    leaf_der = cert.public_bytes(serialization.Encoding.DER)
+    leaf_der = certificate_key(cert)
     check_certificate_size(cert, limits, leaf_der)
     # Reasons met, as data (``_Later``): only the first is rendered, when reported.
     problems: list[_Later | str] = []
@@ -897,7 +896,7 @@ def _verify_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
     nodes: list[_Node] = []
     seen: set[bytes] = set()
     for candidate, is_anchor in [(a, True) for a in anchors] + [(c, False) for c in intermediates]:
-        der = candidate.public_bytes(serialization.Encoding.DER)
+        der = certificate_key(candidate)
         if der in seen:
             continue
         seen.add(der)

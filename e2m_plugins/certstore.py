@@ -54,6 +54,7 @@ from .certpath import (
     signer_usage_problem,
     verify_chain,
 )
+from .certfiles import certificate_key
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .uri import SipIdentity, aor_of, host_key, identity_of
 
@@ -181,17 +182,17 @@ def _check_chain(cert: x509.Certificate, anchors: Sequence[x509.Certificate],
         raise CertificateRejectedError(f"certificate of {who} rejected: {exc}") from None
 
 
-# Certificates whose usage passed, by (certificate, use, limits): a proxy checks the
+# Certificates whose usage passed, by (certificate_key, use, limits): a proxy checks the
 # same sender's certificate for every message.  Refusals are worked out again; bounded
 # and emptied when full.
-_USAGE_OK: set[tuple[x509.Certificate, bool, Limits]] = set()
+_USAGE_OK: set[tuple[bytes, bool, Limits]] = set()
 _USAGE_OK_MAX = 256
 
 
 def _check_usage(cert: x509.Certificate, who: str, for_encryption: bool,
                  limits: Limits | None) -> None:
     limits = limits or DEFAULT_LIMITS
-    key = (cert, for_encryption, limits)
+    key = (certificate_key(cert), for_encryption, limits)
     if key in _USAGE_OK:
         return
     problem = _eku_problem(cert)

@@ -51,7 +51,7 @@ from ..certpath import (
     signing_key,
     verify_chain,
 )
-from ..certfiles import readable_certificate
+from ..certfiles import certificate_key, readable_certificate
 from . import der, oids
 from .budget import budget_scope, spend
 from .limits import DEFAULT_LIMITS, Limits
@@ -779,7 +779,7 @@ def _pool(parsed: _Parsed, extra_certs: Sequence[x509.Certificate]) -> list[_Cer
     pool = list(parsed.certs)
     seen = {c.der for c in pool}
     for cert in extra_certs:
-        encoded = cert.public_bytes(serialization.Encoding.DER)
+        encoded = certificate_key(cert)
         if encoded not in seen:
             seen.add(encoded)
             pool.append(_Cert(der=encoded, cert=cert))

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from e2m_plugins import certpath, certstore
 from e2m_plugins.cms.budget import _CURRENT, budget_scope, message_budget, spend
 from e2m_plugins.cms.limits import DEFAULT_LIMITS
+from e2m_plugins.certfiles import certificate_key
 from e2m_plugins.errors import CertificateRejectedError, E2MError, LimitExceededError
 from tests.unit.test_verify_memo import _cert, _with_other_signature, pki  # noqa: F401
 
@@ -35,7 +36,7 @@ def test_control_a_remembered_signing_key_does_not_answer_for_stricter_limits(pk
     _, root_key, _, _ = pki
     cert = _rsa_user(root_key)
     certpath.signing_key(cert)                                    # remembered (defaults)
-    assert (cert, DEFAULT_LIMITS) in certpath._SIGNING_KEYS
+    assert (certificate_key(cert), DEFAULT_LIMITS) in certpath._SIGNING_KEYS
     with pytest.raises(E2MError):
         certpath.signing_key(cert, replace(DEFAULT_LIMITS, min_rsa_bits=3072))
     with pytest.raises(LimitExceededError):
@@ -57,9 +58,10 @@ def test_control_a_remembered_usage_does_not_answer_for_stricter_limits(pki) -> 
 def test_control_a_one_byte_twin_is_another_memo_entry(pki) -> None:  # noqa: F811
     _, _, leaf, _ = pki
     twin = _with_other_signature(leaf)
-    assert twin != leaf and hash(twin) != hash(leaf)
+    assert twin != leaf and certificate_key(twin) != certificate_key(leaf)
     certpath.signing_key(leaf)
-    assert (twin, DEFAULT_LIMITS) not in certpath._SIGNING_KEYS
+    assert (certificate_key(twin), DEFAULT_LIMITS) not in certpath._SIGNING_KEYS
+    assert (certificate_key(leaf), DEFAULT_LIMITS) in certpath._SIGNING_KEYS
 
 
 def test_control_nested_scopes_share_and_keep_the_outer_budget() -> None:

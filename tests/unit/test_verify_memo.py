@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from e2m_plugins import certfiles, certpath
+from e2m_plugins.certfiles import certificate_key
 from e2m_plugins.certpath import verify_chain
 from e2m_plugins.cms.budget import message_budget
 from e2m_plugins.errors import LimitExceededError, UntrustedSignerError
@@ -272,7 +273,8 @@ def test_a_remembered_signing_key_is_its_own_certificates_and_a_refusal_is_never
     for _ in range(2):
         with pytest.raises(UntrustedSignerError, match="digitalSignature"):
             certpath.signing_key(bad)
-    assert (bad, certpath._limits(None)) not in certpath._SIGNING_KEYS
+    assert (certificate_key(bad), certpath._limits(None)) not in certpath._SIGNING_KEYS
+    assert (certificate_key(good), certpath._limits(None)) in certpath._SIGNING_KEYS
     assert certpath.signing_key(good).public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == \
         good.public_key().public_bytes(serialization.Encoding.DER,
