@@ -28,7 +28,7 @@ Decisions (see also ``docs/protocol.md`` §5):
 from __future__ import annotations
 
 import re
-from functools import cached_property, lru_cache
+from functools import lru_cache
 import secrets
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Union
@@ -37,6 +37,7 @@ from .errors import LimitExceededError, MalformedError
 from .grammar import (SIP_TOKEN, SIP_TOKEN_PATTERN, bare_ampersand, parse_params,
                       split_header_list, unquote_string)
 from .uri import split_hostport
+from .lazy import lazy_property
 
 __all__ = [
     "STANDARD_METHODS", "canonical_method",
@@ -251,10 +252,10 @@ class SipMessage:
         object.__setattr__(msg, "start_line", start_line)
         object.__setattr__(msg, "headers", headers)
         object.__setattr__(msg, "body", body)
-        msg.__dict__["_index"] = index      # what the cached_property would build
+        msg.__dict__["_index"] = index      # what the lazy_property would build
         return msg
 
-    @cached_property
+    @lazy_property
     def _index(self) -> dict[str, list[str]]:
         # Built on the first lookup; the message is immutable, so it never goes
         # stale.  Private: get() and get_all() never hand these lists out.
@@ -373,7 +374,7 @@ class SipMessage:
             parsed = self._addresses[key] = parse_address(value)
         return parsed
 
-    @cached_property
+    @lazy_property
     def _addresses(self) -> dict[str, Address]:
         return {}
 
@@ -482,8 +483,11 @@ def _parse_header_line(line: str) -> tuple[str, str]:
 # The common head: CRLF line ends, no folding, no control characters.  Anything
 # else (or any doubt) goes to the line-by-line parser, which gives the errors.
 _CTL_BUT_LINE_ENDS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-# Whole lines only (^ and \r$): a line that does not match is simply not counted.
-_HEADER_LINES = re.compile(rf"^({SIP_TOKEN_PATTERN})[ \t]*:[ \t]*(.*?)[ \t]*\r$", re.M)
+# Whole lines only (^ and \r$): a line that does not match is simply not counted.  The
+# value is greedy up to its last character that is not white space: a lazy one is tried
+# again at every character (twice the cost of the whole parse of a small head).
+_HEADER_LINES = re.compile(
+    rf"^({SIP_TOKEN_PATTERN})[ \t]*:[ \t]*((?:[^\r\n]*[^\r\n \t])?)[ \t]*\r$", re.M)
 
 
 def _parse_plain_head(data: bytes, max_headers: int, max_line: int) -> _Head | None:
