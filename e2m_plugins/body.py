@@ -15,7 +15,6 @@ import os
 import time as _time
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import cached_property
 from typing import Sequence
 
 from cryptography import x509
@@ -35,6 +34,7 @@ from .sip import SipMessage, canonical_name
 from .sipcontext import SipContext, context_for, decode_to_tag, encode_to_tag
 from .uri import host_key
 from .layers import open_message, unauthenticated_plaintext
+from .lazy import lazy_property
 
 __all__ = ["OpenedPart", "message_body", "top_parts", "is_protected", "has_protection",
            "open_part", "check_signed_by", "check_context", "protect_content", "new_reference",
@@ -72,7 +72,7 @@ class OpenedPart:
     def signed(self) -> bool:
         return bool(self.signatures)
 
-    @cached_property
+    @lazy_property
     def sha256(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 

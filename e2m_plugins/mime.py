@@ -42,7 +42,7 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 from .cms import oids
 from .cms.envelope import content_info_type
@@ -50,6 +50,7 @@ from .cms.limits import DEFAULT_LIMITS, Limits
 from .errors import LimitExceededError, MalformedError, UnsupportedAlgorithmError
 from .grammar import MIME, MIME_TOKEN, MIME_TOKEN_PATTERN, bare_ampersand, format_param
 from .grammar import parse_params as _parse_params
+from .lazy import lazy_property
 
 __all__ = [
     "MimeLimits", "DEFAULT_MIME_LIMITS", "ContentType", "Disposition", "MimePart",
@@ -267,7 +268,7 @@ class MimePart:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = field(default=b"", repr=False)  # may be a plaintext SDP or IM
 
-    @cached_property
+    @lazy_property
     def _index(self) -> dict[str, list[str]]:
         index: dict[str, list[str]] = {}
         for key, value in self.headers:
@@ -287,14 +288,14 @@ class MimePart:
             raise MalformedError("a body part repeats a Content-* header")
         return values[0]
 
-    @cached_property
+    @lazy_property
     def content_type(self) -> ContentType:
         value = self.header("content-type")
         if value is None:  # RFC 2045 §5.2 default
             return ContentType("text/plain", (("charset", "us-ascii"),))
         return parse_content_type(value)
 
-    @cached_property
+    @lazy_property
     def disposition(self) -> Disposition | None:
         value = self.header("content-disposition")
         return None if value is None else parse_disposition(value)
@@ -304,13 +305,13 @@ class MimePart:
         """``required`` or ``optional`` (or an extension); missing means required."""
         return "required" if self.disposition is None else self.disposition.handling
 
-    @cached_property
+    @lazy_property
     def content_id(self) -> str | None:
         """The Content-ID without brackets, or None."""
         value = self.header("content-id")
         return None if value is None else normalize_cid(value) or None
 
-    @cached_property
+    @lazy_property
     def transfer_encoding(self) -> str:
         value = self.header("content-transfer-encoding")
         return (value or "7bit").strip().lower()
