@@ -1,0 +1,222 @@
+"""Review 141 (attacker's review of 3ccf964): DOCSTRING FILLED IN BELOW."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from e2m_lab.kamailio_harness import build_request, register_contact, parse_address_uri
+from e2m_lab.stock_caller import ENDPOINT
+from e2m_plugins.sip import RequestLine, SipMessage, parse
+
+pytestmark = pytest.mark.kamailio
+
+SDP_VIEW = ("INVITE:application/sdp",)
+_HEAD = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+_M = b"m=audio 40408 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+CLEAN = _HEAD + _M
+# the answer on 127.0.0.9, written plainly: the view reads it, pjmedia takes it
+MOVED = CLEAN.replace(b"c=IN IP4 127.0.0.1", b"c=IN IP4 127.0.0.9")
+# review 128's two media-level c= lines: the view refuses it, pjmedia keeps the last
+TWO_C = CLEAN + b"c=IN IP4 127.0.0.1\r\nc=IN IP4 127.0.0.9\r\n"
+# review 136 K1's soft line break under Content-Transfer-Encoding: quoted-printable
+QP_SOFT_BREAK = CLEAN + b"a=label:x=\r\nc=IN IP4 127.0.0.9\r\n"
+# review 135 K2: the SDP inside a multipart/alternative (pjsip finds it there)
+_ALT = "r141alt"
+ALTERNATIVE = (f"--{_ALT}\r\nContent-Type: application/sdp\r\n\r\n".encode() + MOVED
+               + f"--{_ALT}--\r\n".encode())
+
+# A stock pjsua2 callee (no E2M hook): prints its SIP port, answers the first call 200
+# (to an INVITE without SDP: pjsip offers in the 200 and takes the answer from the ACK),
+# and prints every remote RTP address its stream names, one per media state, until
+# the deadline.
+_STOCK_CALLEE = ENDPOINT + r'''
+print("PORT " + ep.transportGetInfo(transport_id).localName.rsplit(":", 1)[1], flush=True)
+acfg = pj.AccountConfig()
+acfg.idUri = "sip:bob@example.com"
+acfg.sipConfig.transportId = transport_id
+acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
+result = {"rtp": []}
+calls = []
+class Call(pj.Call):
+    def onCallMediaState(self, prm):
+        try:
+            result["rtp"].append(self.getStreamInfo(0).remoteRtpAddress)
+        except Exception as exc:
+            result["error"] = repr(exc)
+    def onCallState(self, prm):
+        try:
+            result["state"] = self.getInfo().stateText
+        except Exception:
+            pass
+class Account(pj.Account):
+    def onIncomingCall(self, prm):
+        call = Call(self, prm.callId)
+        calls.append(call)
+        result["incoming"] = result.get("incoming", 0) + 1
+        op = pj.CallOpParam()
+        op.statusCode = 200
+        try:
+            call.answer(op)
+        except Exception as exc:
+            result["answer_error"] = repr(exc)
+acc = Account()
+acc.create(acfg)
+deadline = time.time() + float(sys.argv[1])
+while time.time() < deadline:
+    ep.libHandleEvents(50)
+print("RESULT " + json.dumps(result), flush=True)
+os._exit(0)
+'''
+
+
+class _Caller:
+    """An insider caller on a raw UDP socket (no E2M, plaintext), talking to the proxy."""
+
+    def __init__(self, proxy_port: int) -> None:
+        self.proxy_port = proxy_port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.3)
+        self.port = self.sock.getsockname()[1]
+        self.n = 0
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, ("127.0.0.1", self.proxy_port))
+
+    def final(self, cseq: str, timeout: float = 5.0) -> SipMessage | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                message = parse(self.sock.recvfrom(65535)[0])
+            except (socket.timeout, Exception):   # noqa: BLE001 - keep listening
+                continue
+            if message.is_request:
+                continue
+            if " ".join(map(str, message.cseq)) == cseq and (message.status or 0) >= 200:
+                return message
+        return None
+
+    def in_dialog(self, method: str, ok: SipMessage, invite: SipMessage, cseq: int, *,
+                  body: bytes = b"", content_type: str | None = None,
+                  headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+        """``method`` in the dialog the INVITE's 200 ``ok`` made: Request-URI its
+        Contact, Route its Record-Route reversed (RFC 3261 12.2.1.1)."""
+        self.n += 1
+        hs = [("Via", f"SIP/2.0/UDP 127.0.0.1:{self.port};rport;"
+                      f"branch=z9hG4bK-r141-{method.lower()}{self.n}-{cseq}"),
+              ("From", invite.get("From") or ""), ("To", ok.get("To") or ""),
+              ("Call-ID", invite.get("Call-ID") or ""), ("CSeq", f"{cseq} {method}"),
+              ("Max-Forwards", "70")]
+        hs += [("Route", r) for r in reversed(ok.get_all("Record-Route"))]
+        if method != "ACK":
+            hs.append(("Contact", f"<sip:alice@127.0.0.1:{self.port}>"))
+        hs += list(headers)
+        if content_type:
+            hs.append(("Content-Type", content_type))
+        target = parse_address_uri(ok.get("Contact") or "")
+        return SipMessage(RequestLine(method, target), tuple(hs), body).serialize()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _late_offer_call(proxy_factory, tmp_path, name: str, ack_body: bytes, *,
+                     ack_type: str = "application/sdp",
+                     ack_headers: tuple[tuple[str, str], ...] = (),
+                     update: bytes | None = None, verify: tuple[str, ...] = ()):
+    """The insider caller INVITEs bob (a stock pjsua2 callee registered at a proxy
+    viewing INVITE SDP) with no SDP; bob's 200 offers; the caller's ACK carries
+    ``ack_body``; then, with ``update``, an UPDATE offering that SDP in the confirmed
+    dialog.  Returns (what bob's pjsip took, the proxy's media rows, its log lines,
+    the UPDATE's final status)."""
+    pytest.importorskip("pjsua2")
+    script = tmp_path / "stock_callee.py"
+    script.write_text(_STOCK_CALLEE)
+    proxy = proxy_factory(name, e2m=True, view=SDP_VIEW, verify=verify)
+    mark = proxy.log_mark()
+    callee = subprocess.Popen([sys.executable, str(script), "7" if update else "5"],
+                              stdout=subprocess.PIPE)
+    caller = _Caller(proxy.port)
+    update_status = None
+    try:
+        first = ""
+        while not first.startswith("PORT "):
+            first = callee.stdout.readline().decode()
+            assert first, "the stock callee ended before it printed its port"
+        register_contact(proxy, "bob", int(first.split()[1]), source="127.0.0.141")
+        raw = build_request("INVITE", "sip:bob@example.com",
+                            headers=[("Contact", f"<sip:alice@127.0.0.1:{caller.port}>")],
+                            local_port=caller.port)
+        invite = parse(raw)
+        caller.send(raw)
+        ok = caller.final("1 INVITE")
+        assert ok is not None and ok.status == 200, ok
+        assert b"m=audio" in ok.body, "the stock callee offers in its 200"
+        caller.send(caller.in_dialog("ACK", ok, invite, 1, body=ack_body,
+                                     content_type=ack_type, headers=ack_headers))
+        if update is not None:
+            time.sleep(1.0)
+            caller.send(caller.in_dialog("UPDATE", ok, invite, 2, body=update,
+                                         content_type="application/sdp"))
+            answer = caller.final("2 UPDATE")
+            update_status = answer.status if answer is not None else None
+        out, _ = callee.communicate(timeout=20)
+    finally:
+        caller.close()
+        if callee.poll() is None:
+            callee.kill()
+            callee.wait()
+    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("RESULT ")]
+    assert lines, out[-400:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    time.sleep(0.3)
+    rows = [(r["method"], r["address"], r["port"]) for r in proxy.media_rows()]
+    log = [ln[ln.index("e2m"):] for ln in proxy.log_since(mark).splitlines()
+           if re.search(r"e2m( media)?: (ACK|UPDATE|INVITE)", ln)]
+    print(f"\n{name}: callee {got}; media rows {rows}; update {update_status}; log {log}")
+    return got, rows, log, update_status
+
+
+def _taken_is_recorded(got, rows) -> bool:
+    """Every address the callee's stream took is one the proxy recorded (or none)."""
+    recorded = {f"{address}:{port}" for _, address, port in rows}
+    return all(rtp in recorded for rtp in got.get("rtp", []))
+
+
+HIDDEN_ACKS = {
+    "two c= lines": dict(ack_body=TWO_C),
+    "quoted-printable": dict(ack_body=QP_SOFT_BREAK,
+                             ack_headers=(("Content-Transfer-Encoding", "quoted-printable"),)),
+    "multipart/alternative": dict(ack_body=ALTERNATIVE,
+                                  ack_type=f"multipart/alternative;boundary={_ALT}"),
+}
+
+
+@pytest.mark.parametrize("case", list(HIDDEN_ACKS))
+def test_hole_late_offer_ack_answer_the_view_refuses(proxy_factory, tmp_path, case):
+    got, rows, log, _ = _late_offer_call(proxy_factory, tmp_path,
+                                         f"r141a{list(HIDDEN_ACKS).index(case)}",
+                                         **HIDDEN_ACKS[case])
+    assert got.get("rtp"), got
+    assert _taken_is_recorded(got, rows), (got, rows, log)
+
+
+def test_control_a_clean_late_offer_ack_is_recorded_as_taken(proxy_factory, tmp_path):
+    got, rows, log, _ = _late_offer_call(proxy_factory, tmp_path, "r141ac", MOVED)
+    assert got.get("rtp") == ["127.0.0.9:40408"], got
+    assert ("ACK", "127.0.0.9", 40408) in rows, rows
+
+
+def test_control_the_same_sdp_in_an_update_is_refused(proxy_factory, tmp_path):
+    got, rows, log, status = _late_offer_call(
+        proxy_factory, tmp_path, "r141au", CLEAN,
+        update=TWO_C.replace(b"o=alice 1 1", b"o=alice 1 2").replace(b"40408", b"40410"))
+    assert status == 400, (status, log)
+    assert got.get("rtp") == ["127.0.0.1:40408"], got
