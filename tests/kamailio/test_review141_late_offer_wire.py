@@ -1,4 +1,116 @@
-"""Review 141 (attacker's review of 3ccf964): DOCSTRING FILLED IN BELOW."""
+"""Review 141 (attacker's review of 3ccf964): the view's rules on the wire in the
+offer/answer flows no review had run: reliable provisional responses and PRACK (RFC
+3262), UPDATE in early and confirmed dialogs (RFC 3311), and the late offer (an INVITE
+or re-INVITE without SDP: the offer in the 200, the answer in the ACK).  Real Kamailio
+(``proxy_factory``, E2M on, ``view = INVITE:application/sdp``, SQLite archive), a stock
+pjsua2 2.15.1 callee (no E2M hook, registered at the proxy) and, for the honest flows,
+a stock pjsua2 caller (review 133's set-up, ``PJSUA_CALL_NO_SDP_OFFER`` for a late
+offer, ``PJSUA_100REL_MANDATORY`` for 100rel).  The insider is a raw UDP caller.
+
+Hole K1: a late offer's ACK answer that the view refuses reaches a stock callee, and its media is not recorded
+----------------------------------------------------------------------------------------------------------------
+
+- Attacker: an **insider UA** caller (any user who can call through the home proxy;
+  no credentials are asked of an ACK) hiding where the call's media goes from the
+  archive and the firewall view.  The same works for an **untrusted hop** on the
+  caller's side of the proxy (it rewrites the ACK's body), and for an insider callee
+  against a stock caller when he sends the re-INVITE without SDP (the ACK is then
+  his).
+- Set-up: alice (raw) INVITEs bob (stock pjsua2) through the proxy **without SDP**; bob's
+  pjsip offers in its 200 (``127.0.0.1:4000``, read and recorded: 1 ``INVITE`` response
+  row); alice's ACK goes along the Record-Route (with the proxy's route token) and
+  carries the answer, ``m=audio 40408``, written so that only the stock stack reads it
+  as sent, as in reviews 128, 135 and 136:
+  (a) two media-level ``c=`` lines, ``127.0.0.1`` then ``127.0.0.9`` (pjmedia keeps the
+  last); (b) ``Content-Transfer-Encoding: quoted-printable`` with ``a=label:x=`` before a
+  media-level ``c=IN IP4 127.0.0.9`` (pjsip ignores the header); (c) the SDP on
+  ``127.0.0.9`` inside a ``multipart/alternative`` (pjsip finds it there); and (d)
+  the same as (a) in the ACK of a re-INVITE without SDP in the confirmed call (the first
+  ACK answered plainly on ``127.0.0.1:40408``, recorded).
+- Observed (each case, run several times): the proxy logs ``e2m: ACK request
+  action=reply seen=- media=0 code=400 error=MalformedError`` ((a), (d)) or ``code=415
+  error=UnsupportedMediaTypeError`` ((b), (c)), counts it (``e2m_acks_unread`` +1), and
+  **relays the ACK** (``inspect_only`` ignores the verdict); no ``ACK`` media row and no
+  ``e2m media: ACK`` line.  The stock callee is ``CONFIRMED`` with its stream's remote
+  RTP **127.0.0.9:40408**; the archive's only rows are bob's own offer
+  (``127.0.0.1:4000``) and, in (d), the first answer ``127.0.0.1:40408``: the archive
+  names an address the media left.  The same SDP in an UPDATE in that call is answered
+  400 and bob's stream stays on ``127.0.0.1:40408`` (control), so the ACK is the one
+  door left for an answer the view refuses: responses are dropped since review 133 K3,
+  requests refused.
+- Code at fault: ``kamailio_app/kemi.py:1514-1524`` (``route_in_dialog``: an ACK is
+  relayed unless ``inspect_only`` returns False) and ``kemi.py:2143-2176``
+  (``inspect_only``: a verdict that is not ``forward`` is counted at 2162-2163 and the
+  ACK goes on; nothing is archived at 2165 because a refused verdict has no ``seen``).
+  ``docs/threat-model.md:705`` and ``docs/protocol.md:509`` accept this as "an ACK
+  cannot be refused" for a body the proxy "cannot open", and review 133 called the late
+  offer's case "forwarded by design"; but these ACKs are not sealed: they are plaintext
+  the proxy opened and refused, which is review 133 K3's argument for responses (a
+  stock peer reads only plaintext, so the only way to hide from the view is a spelling
+  only the stack reads; the sealed case stays the documented limit).
+- Suggested fix: drop (do not relay) an in-dialog ACK whose reading is refused the way
+  a response is: ``MalformedError``/``LimitExceededError``, or any refusal while some
+  part is readable without a key (``ProxyEngine.response_refused`` applied to the ACK's
+  reading, ``_keyless_content``), still counted and logged.  An ACK cannot be answered
+  but it can be dropped: the UAS retransmits its 2xx, the caller's stack repeats the
+  same ACK, and the call ends at the UAS's timer (64*T1) with a BYE, exactly as when
+  the core reply route drops a refused 2xx.  Keep relaying a body sealed whole for
+  others (the documented limit), and update the two doc passages.
+- Test: ``test_hole_late_offer_ack_answer_the_view_refuses[...]`` (4, strict xfail):
+  secure means every address the stock callee's stream takes is a recorded row's (or
+  the ACK never reached it); it also asserts the documented counter (+1) is live.
+
+Controls (unmarked, pass)
+-------------------------
+
+- ``test_control_a_clean_late_offer_ack_is_recorded_as_taken``: the same ACK with a
+  plain answer on ``127.0.0.9:40408``: the callee takes it, the archive has the row
+  ``(ACK, 127.0.0.9, 40408)``, ``e2m_acks_unread`` +0 (the ACK path and the counter are
+  live).
+- ``test_control_the_same_sdp_in_an_update_is_refused``: after a plain ACK, an UPDATE
+  (RFC 3311, confirmed dialog) offering (a)'s SDP: 400, bob's stream stays on the
+  recorded ``127.0.0.1:40408``.
+- ``test_control_honest_stock_flows_are_recorded_as_taken[late-plain|early-100rel]``:
+  stock pjsua2 to stock pjsua2 through the proxy: a late offer (200 offer, ACK answer:
+  rows ``INVITE`` response and ``ACK`` request), and an early offer answered in a
+  reliable 183 (``Require: 100rel``, PRACK, 200): both CONFIRMED, every remote RTP
+  address either side took is a recorded row (no honest break found there).
+
+Tried and held (run on the wire with raw UAs and the real proxy, scratch scripts not
+kept unless named above)
+--------------------------------------------------------------------------------------
+
+- Reliable 183 (``Require: 100rel``, ``RSeq: 1``) carrying the two-``c=`` answer to an
+  INVITE offer: dropped in the core reply route (``a INVITE 183 that must be read and
+  cannot be (MalformedError ...): dropped``, each retransmission), the caller gets only
+  the 100; a clean one is read and recorded (``INVITE response 183`` row).
+- Late offer with 100rel: INVITE without SDP, clean offer in a reliable 183 (recorded),
+  PRACK carrying the two-``c=`` answer: 400, bob never gets the PRACK.
+- The 200 to a PRACK carrying the two-``c=`` SDP: dropped in the core reply route (4
+  retransmissions, 4 drops); the PRACK itself (no body) relayed.
+- Early UPDATE (in the early dialog of a reliable 183) offering the two-``c=`` SDP: 400,
+  not relayed.
+- The ACK past the proxy's checks: (1) no Route header at all (Request-URI bob's
+  Contact, within tm's wait after the 200: ``route_in_dialog``'s last branch asks
+  ``t_check_trans``), (2) a Route naming the proxy without the route token, (3) the
+  body after ``Content-Length: 0`` in the datagram: none reached the callee (it stayed
+  ``CONNECTING``, its 200 retransmitted and re-read).  So the routed ACK is the only
+  door, and it is read.
+- An honest stock late-offer call and a 100rel early-offer call (the controls).
+- Read in the code: ``Rule.covers`` takes UPDATE, PRACK and ACK under ``INVITE:``
+  (``headers.py:316-323``); every response with a body is read in the core reply route
+  (``read_reply``, ``response_needs_reading``: any body), whatever its status or CSeq
+  method; a request is refused before it is relayed.  (Not run: a reply re-labelled
+  with another CSeq method; review 113 noted tm matches only the request's method.)
+
+Seen, not isolated: a stock pjsua2 2.15.1 caller placing a late-offer call with
+``PJSUA_100REL_MANDATORY`` to a stock pjsua2 callee that answers 183 first aborts on
+``pjmedia/endpoint.c:939 pjmedia_endpt_create_base_sdp: Assertion "Invalid address
+family"`` when the reliable 183's offer arrives.  Its cause (pjsip's own, or something
+in the relayed 183) was not determined (a direct run without the proxy could not be
+set up in the time: ``makeCall`` without an outbound proxy raised); the raw run of the
+same flow above held, and the case is left out of the honest controls.
+"""
 
 from __future__ import annotations
 
