@@ -2,7 +2,113 @@
 when it is routed (a Record-Route set, review 136 K2's ``in_dialog_hop``) over TCP, TLS and
 IPv6, on real Kamailio 5.6.
 
-DOCSTRING-PLACEHOLDER
+Set-up (all tests): a real home proxy (``start_proxy``: E2M, ``[auth]``, ``[certs]
+notify_interval = 2``) listening on 127.0.0.1 and [::1] over UDP, TCP and TLS, and a real
+visited proxy (``e2m = false``, the product's own routing: ``KSR.rr.record_route`` with
+its ``e2m-rr`` token) whose ``next_hop`` is the home over TCP on 127.0.0.1 (``[tcp]``) or
+over TLS on [::1] (``[tls-ipv6]``).  bob publishes his certificate; carol
+(``CertClient`` at 127.0.142.x, UDP to the visited proxy) follows it; the visited proxy
+double-record-routes (UDP in, TCP/TLS out), so the home keeps the route set
+``<sip:127.0.0.1:V;transport=tcp;r2=on;lr;e2m-rr=...>, <sip:127.0.0.1:V;r2=on;lr;...>``
+(or ``<sip:[::1]:VT;transport=tls;...>`` first) and its first entry as ``next_hop``;
+carol answers the first NOTIFY, so the follow is confirmed (``pending`` 0).
+
+Hole K1: an initial SUBSCRIBE whose tm To tag collides with a follow's renews that follow
+------------------------------------------------------------------------------------------
+
+- Attacker: an **off-path sender** who knows the follow's dialog ids (Call-ID, From
+  tag, the service's To tag: the attacker of review 134 K3 and 136 K2) and sends one UDP
+  datagram with the first hop's source address, from any port.  Nothing else: tm's To
+  tag for a SUBSCRIBE without one is a per-instance MD5 (the same in every answer) and
+  two CRC-16s, one over the top Via's host, port and branch, one over its port, host and
+  the Call-ID (Kamailio 5.6 ``calc_crc_suffix``).  Both are forged offline in well under a
+  second by choosing the Via host and branch (``colliding_via`` below; checked against
+  this Kamailio by ``test_control_the_collision_is_worked_out_right``).
+- Messages: ``SUBSCRIBE sip:bob@example.com`` with carol's Call-ID and From (tag), no To
+  tag, ``Via: SIP/2.0/UDP h<4 chars>.invalid:5060;rport;branch=z9hG4bK<3-4 chars>``,
+  ``Record-Route: <sip:HOP:ANYPORT;lr>`` (the hop's address, the forger's port),
+  ``Expires: 600``, over UDP from HOP:ANYPORT to the home.
+- Observed, both chains: ``200`` with carol's very To tag (the 200 went to the forger,
+  and so did the NOTIFY, twice with tm's retransmission); the row goes from
+  ``next_hop sip:127.0.0.1:56159;transport=tcp;r2=on;lr;e2m-rr=...`` (2 routes) to
+  ``sip:127.0.0.1:43207;lr`` (1 route, the forger's) and stays confirmed (``pending`` 0,
+  so probation never drops it); on IPv6 ``sip:[::1]:53187;transport=tls;...`` to
+  ``sip:[::1]:52477;lr``.  bob then replaces his certificate: carol is told **0** times in
+  5 s (the NOTIFY goes to the forger's port); her next honest refresh through the
+  visited proxy is ``481`` (``in_dialog_hop``: a TCP/TLS request for a UDP hop), so her
+  follow is gone until she subscribes anew, and for that whole refresh interval (600 s
+  here; an e2m-phone follows for ``subscribe_expires``) a replaced or withdrawn
+  certificate is not told.  The same datagram carrying the dialog's To tag (a refresh) is
+  481 and changes nothing (control): the forgery goes round review 134 K3 / 136 K2's
+  port and transport rules through the initial-SUBSCRIBE path.
+- Second effect (same datagram, other headers): Request-URI ``sip:alice@example.com``
+  (To still bob), and as its one Record-Route the visited proxy's own UDP entry copied
+  from carol's route set (``<sip:127.0.0.1:V;r2=on;lr;e2m-rr=...>``, on [::1] for the
+  IPv6 chain).  The row's ``aor`` becomes ``sip:alice@example.com`` and its next hop the
+  visited proxy's UDP socket; carol, in her follow of **bob** (NOTIFY ``From:
+  <sip:bob@example.com>;tag=<the dialog's>``), is delivered **alice's certificate** through
+  the visited proxy (1 NOTIFY), and is told 0 times of bob's own replacement.  An
+  e2m-phone refuses a certificate whose SAN URI is not the AoR
+  (``pjsua_hooks/certservice_client.py``, read, not run on a phone here): bob's
+  certificate is then "refused" there, a denial of the follow.
+- Code at fault: ``kamailio_app/cert_route.py:226-233`` (``route_subscribe`` takes tm's
+  To tag, ``$ltt(t)``, a function of the Via an initial SUBSCRIBE's sender chooses, as
+  the new subscription's local tag) with ``kamailio_app/cert_table.py:357`` and ``:373``
+  (``SubscriptionTable.add``: ``ON CONFLICT ... DO UPDATE`` renews the existing row's
+  ``aor``, ``local_uri``, ``remote_uri``, ``remote_target``, ``route_set``, ``next_hop``,
+  ``contact`` and ``expires`` from the new request, keeping its confirmed bits); the only
+  check is ``:365``, the same source **address** (docs/protocol.md §11, the table's
+  "initial SUBSCRIBE naming an existing subscription ... only from there too"), and
+  ``notifier.open_dialog`` checks only that the Record-Route names that address.
+- Suggested fix: an initial SUBSCRIBE never updates a row it collides with: answer it
+  as ``SubscriptionTaken`` (403) or with a fresh random local tag (a To tag the service
+  draws itself, not tm's CRC, e.g. ``t_reply`` with a tag from ``strong random``), and
+  let only in-dialog requests refresh, through ``in_dialog_hop``; at the very least the
+  renewal must pass ``in_dialog_hop`` for the peer and keep ``aor``, the URIs and the
+  route set.  (The PostgreSQL table, ``cert_table_pg.py``, shares ``add``: same fix.)
+- Tests: ``test_a_forged_initial_subscribe_does_not_move_a_routed_follow[tcp|tls-ipv6]``
+  and ``test_a_forged_initial_subscribe_does_not_swap_what_a_follow_follows[tcp|tls-ipv6]``
+  (strict xfails).
+
+Controls (unmarked, pass, both chains)
+--------------------------------------
+
+- ``test_control_the_same_datagram_inside_the_dialog_is_481``: the forger's refresh
+  (with the dialog's To tag) from the hop's address over UDP: 481, row unchanged, carol
+  told of bob's change once.
+- ``test_control_honest_refresh_and_unsubscribe_through_the_hop``: carol's refresh
+  through the record-routing visited proxy (TCP on 127.0.0.1, TLS on [::1] to the home):
+  200 and its NOTIFY; bob's change told once; her unsubscribe 200, the row gone, a final
+  ``terminated`` NOTIFY.
+- ``test_control_a_forged_initial_subscribe_without_the_collision_is_another_dialog``:
+  the same forged SUBSCRIBE with an ordinary Via: another To tag, a new subscription of
+  its own; carol's row untouched.
+- ``test_control_the_collision_is_worked_out_right``: a fetch with a Via forged for a
+  chosen tag (prefix from one answer, suffix ``c0ffee42``) draws exactly that tag.
+
+Tried and held
+--------------
+
+- Honest breaks, run (scratch, four chains through a real record-routing Kamailio: TCP and
+  TLS on 127.0.0.1, TCP and TLS on [::1]): follow, refresh (200, NOTIFY) and unsubscribe
+  (200, final NOTIFY, row gone) all work; the home keeps the TCP/TLS entry of Kamailio's
+  double Record-Route as the next hop and takes the refreshes over the visited proxy's
+  (new or reused) connections from its address.  No 481/403 seen for honest followers.
+- Off-path in-dialog requests over UDP against a TCP/TLS routed follow: 481, row kept
+  (control above); the stream rule needs a connection from the hop's address.
+- A forged initial SUBSCRIBE with a Via that does not collide: a separate, unconfirmed
+  dialog (control above), dropped on probation if never answered.
+- ``maddr`` in a Record-Route: this Kamailio is built without ``HONOR_MADDR``
+  (``kamailio -V`` flags), so ``t_uac_send`` goes to the host (review 137's result; not
+  re-run).
+
+Not tried (time): the SUBSCRIBE flood over TCP/TLS against the per-source (20),
+per-site (100, IPv6 /56) and total (10,000) bounds on the wire (read: a TCP stranger
+answers its own NOTIFYs and so holds its 20 per address confirmed for up to
+``max_subscribe_expires``; bounded by count and age); a Record-Route without ``lr``
+(strict routing) through a real hop; two record-routing hops in a row; ``sips:`` hops on
+the wire; the K1 forgery against a direct (unrouted) UDP or TCP follow (read: the same
+``add`` path, so the same effect is expected, not run) and against the PostgreSQL table.
 """
 
 from __future__ import annotations
@@ -267,6 +373,44 @@ def test_a_forged_initial_subscribe_does_not_move_a_routed_follow(chain, made, p
           f"her refresh: {answer.status if answer else None}")
     assert after == before
     assert told == 1 and answer is not None and answer.status == 200
+
+
+@pytest.mark.xfail(strict=True, reason="review 142 hole K1: the colliding initial SUBSCRIBE "
+                   "also swaps the AoR a follow follows, its NOTIFYs still reaching the follower")
+def test_a_forged_initial_subscribe_does_not_swap_what_a_follow_follows(
+        chain, made, pki, stranger):
+    """The same forgery naming another AoR in its Request-URI (alice's, To still bob's) and,
+    as its one Record-Route, the visited proxy's own UDP entry from carol's route set
+    (on [::1] for the IPv6 chain): the row now follows alice, and its NOTIFYs, still in
+    carol's dialog with bob (From bob), reach her through the visited proxy."""
+    carol, dialog = follow(chain, made, pki)
+    alice = CertClient(chain.home.port, "alice", password=USERS["alice"],
+                       source=f"127.0.142.{next(_sources)}")
+    made.append(alice)
+    alice_der = der_of(pki.user("alice", "ec"))
+    answer = alice.publish(alice_der)
+    assert answer is not None and answer.status == 200, answer
+    before = rows(chain, dialog.call_id)
+    udp_entry = dialog.routes[0].strip("<>")          # the visited proxy's UDP side
+    if ":" in chain.hop_ip:
+        udp_entry = udp_entry.replace("127.0.0.1", "[::1]")
+    host, branch = colliding_via(dialog.to_tag, dialog.call_id)
+    status = stranger.send("\r\n".join([
+        "SUBSCRIBE sip:alice@example.com SIP/2.0",
+        f"Via: SIP/2.0/UDP {host}:5060;rport;branch={branch}", "Max-Forwards: 70",
+        f"From: {carol.subscribes[0].get('From')}", f"To: <{BOB}>",
+        f"Call-ID: {dialog.call_id}", "CSeq: 77 SUBSCRIBE", f"Record-Route: <{udp_entry}>",
+        "Event: certificate", "Expires: 600", "Accept: application/pkix-cert",
+        f"Contact: {carol.ua.contact}", "Content-Length: 0", "", ""]))
+    after = rows(chain, dialog.call_id)
+    got = carol.quiet(3.0)
+    alices = [n for n in got if n.body == alice_der]
+    told = _after_change(chain, made, pki, carol)
+    print(f"\n{chain.name}: forged SUBSCRIBE for alice in carol's dialog: {status}; row "
+          f"{before} -> {after}; NOTIFYs to carol with alice's certificate: {len(alices)} "
+          f"(From {alices[0].get('From') if alices else '-'}); told of bob's change: {told}")
+    assert after == before
+    assert not alices and told == 1
 
 
 # -- controls ------------------------------------------------------------------------------
