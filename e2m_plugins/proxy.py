@@ -318,7 +318,8 @@ class ProxyEngine:
         """Read a response's body as ``inspect`` would, keeping, spending and recording
         nothing; never raises ``E2MError`` (a failure is the reading's ``error``).  The
         host drops the response when ``response_refused`` says so, else passes the
-        reading to ``inspect``, which then does not read the body again."""
+        reading to ``inspect``, which then does not read the body again.  An ACK is
+        read so too: it cannot be answered either, only dropped (review 141)."""
         try:
             response.check_unambiguous()
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):

@@ -2145,13 +2145,19 @@ class kamailio:
         (not with ``archive`` false), and a policy in our name goes as from any request
         (review 58).  An ACK the engine would refuse, or cannot read, goes on all the
         same, logged and counted (``e2m_acks_unread``; review 113: it was neither; a
-        CANCEL's body goes nowhere, tm sends a CANCEL of its own).  False when it must not
-        go on: a policy in our name could not be taken out."""
+        CANCEL's body goes nowhere, tm sends a CANCEL of its own), unless it is refused
+        as a response would be (``readable_ack``: plaintext the view refuses, a late
+        offer's answer spelt so that only the callee's stack reads it, or a message the
+        core cannot take apart; review 141): such an ACK is dropped, the callee's 2xx is
+        repeated, and its ACKs are dropped until it ends the call.  False when it must not go on: that, or a policy in our name
+        that could not be taken out."""
         if self.app.engine is None:
             return True
         method = KSR.pv.get("$rm")
         try:
-            message = _read_message()
+            message = self.readable_ack() if method == "ACK" else _read_message()
+            if message is None:
+                return False
             verdict = self.app.engine.inspect(message)
         except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL for it
             _log_exception("inspect %s" % method, exc)
@@ -2175,6 +2181,27 @@ class kamailio:
                   % method)
             return False
         return True
+
+    def readable_ack(self):
+        """This ACK (it carries a body or a policy header), read; None when it is
+        dropped, logged and counted: read as ``read_reply`` reads a response, it is one
+        the core could not take apart or whose body is refused (``response_refused``).
+        A body sealed for others still goes on (an ACK cannot be answered 496)."""
+        engine = self.app.engine
+        try:
+            ack = _read_message()
+            engine.check_readable(ack)
+        except E2MError as exc:
+            why = type(exc).__name__
+        else:
+            reading = engine.read_response(ack)
+            if not engine.response_refused(reading):
+                return ack
+            why = type(reading.error).__name__
+        KSR.statistics.update_stat("e2m_acks_unread", 1)
+        _warn("e2m: ACK from %s with a body the view refuses (%s): dropped\n"
+              % (KSR.pv.get("$si"), why))
+        return None
 
     def observe(self, message, verdict, caller, stray=False):
         """Archive and log what was seen, a spooled message charged to ``caller`` (None:

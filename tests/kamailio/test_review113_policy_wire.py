@@ -138,6 +138,13 @@ it reads gets the info line, and one the engine would refuse or could not read i
 counted in ``e2m_acks_unread`` (K3).  Every hole test failed on the code before the
 fix and passes with it (markers removed).  The INFO control changed: such a request is
 no longer 400, it goes on with the policy in our name taken out.
+
+Changed (stop 45, review 141): K3's ACKs are now dropped, not relayed, as the hole
+text's "better" fix said: an ACK the core cannot take apart, or whose body the view
+refuses as it would a response's, never reaches the callee (review 141 K1 hid a late
+offer's answer that way).  Still counted in ``e2m_acks_unread``.  A well-formed
+envelope for someone else still goes on
+(``test_control_an_ack_body_sealed_for_someone_else_goes_on_counted``).
 """
 
 from __future__ import annotations
@@ -151,6 +158,7 @@ from e2m_lab.flows import TRUSTED
 from e2m_lab.kamailio_harness import SipUa, registered_uas
 from e2m_plugins import headers as hdr
 from e2m_plugins.sip import make_response
+from tests.kamailio.test_review134_answer_sealed_part_wire import _stranger_envelope
 from tests.kamailio.test_review57_wire import (USERS, VIEW, _alice_with_her_proxy, _final,
                                                _forged_policy, _prepared)
 
@@ -376,8 +384,19 @@ def _raw_ack(proxy_factory, extra: bytes, body: tuple[str, bytes] | None = None)
                          ids=["unopenable", "control-octet", "ampersand"])
 def test_hole_an_ack_body_the_proxy_cannot_read_is_counted_nowhere(proxy_factory, extra, body):
     got, archived, media, changed, lines = _raw_ack(proxy_factory, extra, body)
-    assert len(got) == 1 and not archived and not media      # forwarded unread (the limit)
-    assert changed, f"no e2m statistic counted it; log: {lines}"
+    # dropped since review 141: what the core cannot take apart never reaches the callee
+    assert got == [] and not archived and not media, lines
+    assert changed.get("e2m_acks_unread") == 1, f"not counted: {changed}; log: {lines}"
+    assert any("dropped" in line for line in lines), lines
+
+
+def test_control_an_ack_body_sealed_for_someone_else_goes_on_counted(proxy_factory):
+    """The limit that stays: a well-formed envelope for another recipient is relayed
+    (an ACK cannot be answered 496), unread and counted."""
+    sealed = ("application/pkcs7-mime; smime-type=enveloped-data", _stranger_envelope())
+    got, archived, media, changed, lines = _raw_ack(proxy_factory, b"", sealed)
+    assert len(got) == 1 and not archived and not media, lines
+    assert changed.get("e2m_acks_unread") == 1, f"not counted: {changed}; log: {lines}"
 
 
 def test_control_a_well_formed_ack_is_archived_and_counted(proxy_factory):
