@@ -341,11 +341,13 @@ class SubscriptionTable:
             flags: int = 0) -> int:
         """Keep ``sub``; the CSeq of the NOTIFY it gets now (its first one counts as
         sent now).  A SUBSCRIBE outside a dialog that names a subscription we have
-        (the same Call-ID and tags) from the same source address renews it and goes
-        on with its CSeqs; from another source it is ``SubscriptionTaken`` (tm's To
-        tag is a function of the Via: a SUBSCRIBE replayed from elsewhere names the
-        same dialog, and would move its NOTIFYs to the replayer), and so is a new
-        Event id in a dialog made from another source (review 26).
+        (the same Call-ID and tags) renews it and goes on with its CSeqs only when it
+        is a copy of the one that made it (the same source address, AoR, URIs, route
+        set and next hop: a retransmission whose 200 was lost); anything else is
+        ``SubscriptionTaken`` (sl's To tag is a function of the Via and Call-ID: a
+        SUBSCRIBE replayed from elsewhere, or written with a Via chosen to collide,
+        names the same dialog, and would move its NOTIFYs or swap its AoR; reviews 26,
+        142), and so is a new Event id in a dialog made from another source.
         ``SubscriptionRefused`` when it would pass a bound, and then nothing is kept.
         ``flags``: HELD (its first NOTIFY goes without the certificate), FETCH.
         The source is kept as what it is counted by (``subscription_source``): an IPv6
@@ -360,13 +362,21 @@ class SubscriptionTable:
             # who made a dialog from his own address and answers its NOTIFYs must not add
             # rows to it from someone else's (his answer confirms the whole dialog)
             known = cursor.execute(self.db.sql(
-                "SELECT source, event_id FROM cert_subscriptions WHERE call_id = ? AND "
-                "local_tag = ? AND remote_tag = ?"), _key(sub)[:3]).fetchall()
-            if any(source != sub.source for source, _ in known):
+                f"SELECT {', '.join(_SUBSCRIPTION_COLUMNS[3:12])} FROM cert_subscriptions "
+                "WHERE call_id = ? AND local_tag = ? AND remote_tag = ?"),
+                _key(sub)[:3]).fetchall()
+            if any(row[7] != sub.source for row in known):
                 raise SubscriptionTaken("that dialog's subscription was made from another "
                                         "address")
-            if not any(event_id == sub.event_id for _, event_id in known):
+            same = [tuple(row[1:]) for row in known if row[0] == sub.event_id]
+            if not same:
                 self._check_bounds(cursor, sub, limits, now)
+            elif same[0] != self._values(sub)[4:12]:
+                # only a copy of the SUBSCRIBE that made it renews it: the To tag is
+                # sl's checksum of the Via and Call-ID, which a forger who knows the
+                # dialog's ids can make collide with a Via of his own (review 142)
+                raise SubscriptionTaken("a first SUBSCRIBE naming a subscription we hold "
+                                        "is not a copy of the one that made it")
             row = cursor.execute(self.db.sql(
                 f"INSERT INTO cert_subscriptions ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))}) "

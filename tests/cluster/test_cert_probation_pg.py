@@ -11,6 +11,7 @@ from e2m_plugins.sip import make_request
 from kamailio_app.cert_table import SubscriptionLimits, SubscriptionTable, SubscriptionTaken
 from kamailio_app.cert_table_pg import PostgresCertDatabase
 from kamailio_app.pgconn import PgUrl
+from tests.unit.test_cert_table_copies import check_copies
 
 pytestmark = pytest.mark.postgres
 
@@ -52,4 +53,18 @@ def test_probation_and_taken_dialogs_on_postgres(pg_url):
     finally:
         with db.write() as cursor:
             cursor.execute("DELETE FROM cert_subscriptions WHERE call_id LIKE 'probation-%'")
+        db.close()
+
+
+def test_a_first_subscribe_renews_only_as_a_copy_on_postgres(pg_url):
+    """Review 142 K1's rule (``tests/unit/test_cert_table_copies.py``) on PostgreSQL."""
+    db = PostgresCertDatabase(PgUrl.parse(pg_url))
+    db.ensure_schema()
+    try:
+        with db.write() as cursor:
+            cursor.execute("DELETE FROM cert_subscriptions WHERE call_id = 'copy-c'")
+        check_copies(SubscriptionTable(db))
+    finally:
+        with db.write() as cursor:
+            cursor.execute("DELETE FROM cert_subscriptions WHERE call_id = 'copy-c'")
         db.close()

@@ -109,6 +109,15 @@ answers its own NOTIFYs and so holds its 20 per address confirmed for up to
 (strict routing) through a real hop; two record-routing hops in a row; ``sips:`` hops on
 the wire; the K1 forgery against a direct (unrouted) UDP or TCP follow (read: the same
 ``add`` path, so the same effect is expected, not run) and against the PostgreSQL table.
+
+Fixed (stop 45): ``SubscriptionTable.add`` renews a subscription named by a first
+SUBSCRIBE only when that SUBSCRIBE is a copy of the one that made it (the same source
+address, AoR, URIs, Contact, route set and next hop: a retransmission whose 200 was
+lost); anything else is ``SubscriptionTaken``, 403, and the row stays.  The four hole
+tests failed on the code before (the follow moved, the AoR swapped) and pass with it.
+The same rule on both back ends, and for a direct follow (another port is another next
+hop): ``tests/unit/test_cert_table_copies.py``,
+``tests/cluster/test_cert_probation_pg.py``.
 """
 
 from __future__ import annotations
@@ -355,8 +364,6 @@ def _after_change(chain: Chain, made: list, pki: TestPKI, carol: CertClient) -> 
 
 # -- hole K1 -------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 142 hole K1: an initial SUBSCRIBE whose tm To "
-                   "tag collides with a follow's renews it with the forger's route set")
 def test_a_forged_initial_subscribe_does_not_move_a_routed_follow(chain, made, pki, stranger):
     carol, dialog = follow(chain, made, pki)
     before = rows(chain, dialog.call_id)
@@ -375,8 +382,6 @@ def test_a_forged_initial_subscribe_does_not_move_a_routed_follow(chain, made, p
     assert told == 1 and answer is not None and answer.status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="review 142 hole K1: the colliding initial SUBSCRIBE "
-                   "also swaps the AoR a follow follows, its NOTIFYs still reaching the follower")
 def test_a_forged_initial_subscribe_does_not_swap_what_a_follow_follows(
         chain, made, pki, stranger):
     """The same forgery naming another AoR in its Request-URI (alice's, To still bob's) and,
