@@ -115,8 +115,11 @@ class MimeLimits:
 
     @classmethod
     def from_limits(cls, limits: Limits) -> MimeLimits:
-        """MIME limits that agree with a CMS ``Limits`` on size and depth."""
-        return cls(max_bytes=limits.max_body_bytes, max_depth=limits.max_nesting_depth)
+        """MIME limits that agree with a CMS ``Limits`` on size and depth (made once per
+        pair: a message asks for them several times, and they are immutable)."""
+        if cls is not MimeLimits:
+            return cls(max_bytes=limits.max_body_bytes, max_depth=limits.max_nesting_depth)
+        return _mime_limits(limits.max_body_bytes, limits.max_nesting_depth)
 
     def check_size(self, length: int) -> None:
         if length > self.max_bytes:
@@ -125,6 +128,11 @@ class MimeLimits:
 
 
 DEFAULT_MIME_LIMITS = MimeLimits()
+
+
+@lru_cache(maxsize=16)
+def _mime_limits(max_bytes: int, max_depth: int) -> MimeLimits:
+    return MimeLimits(max_bytes=max_bytes, max_depth=max_depth)
 
 Params = tuple[tuple[str, str | None], ...]  # a bare parameter has the value None
 
