@@ -37,7 +37,7 @@ from .errors import MalformedError
 
 __all__ = [
     "SipIdentity", "SipUri", "aor_of", "check_http_url", "host_key", "http_url_host",
-    "identity_of", "parse_uri", "same_aor", "split_hostport", "validate_host",
+    "identity_of", "is_sip_uri", "parse_uri", "same_aor", "split_hostport", "validate_host",
 ]
 
 _MAX_HOST = 255
@@ -229,6 +229,25 @@ def _identity_of(uri: str) -> SipIdentity | None:
 
 
 _cached_identity_of = lru_cache(maxsize=1024)(_identity_of)   # SipIdentity is immutable
+
+
+def is_sip_uri(uri: str) -> bool:
+    """Whether ``parse_uri`` takes ``uri`` (remembered as ``identity_of`` is: a proxy
+    checks the same From and To URIs in every request of a call)."""
+    if len(uri) > _CACHED_URI_CHARS:
+        return _is_sip_uri(uri)
+    return _cached_is_sip_uri(uri)
+
+
+def _is_sip_uri(uri: str) -> bool:
+    try:
+        parse_uri(uri)
+    except (MalformedError, ValueError):
+        return False
+    return True
+
+
+_cached_is_sip_uri = lru_cache(maxsize=1024)(_is_sip_uri)
 identity_of.cache_clear = _cached_identity_of.cache_clear      # type: ignore[attr-defined]
 identity_of.cache_info = _cached_identity_of.cache_info        # type: ignore[attr-defined]
 

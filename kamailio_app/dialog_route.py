@@ -33,6 +33,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 
 from e2m_plugins.errors import E2MError
 from e2m_plugins.grammar import parse_params, split_header_list
@@ -75,7 +76,14 @@ def dialog_parties(from_uri: str | None, to_uri: str | None) -> Parties | None:
     as written, case folded (RFC 3261 §12.2.1.1 keeps a dialog's From and To URIs).  None
     when the core cannot read a sip:/sips: one, or there is none (no token is made or
     admitted for it: fail closed).  In the request's order, From first: which of them
-    is the caller follows from which tag the token was made with (``admits``)."""
+    is the caller follows from which tag the token was made with (``admits``).
+    Remembered for short URIs (a call's requests and replies ask it some ten times)."""
+    if len(from_uri or "") + len(to_uri or "") > _CACHED_PARTIES_CHARS:
+        return _dialog_parties(from_uri, to_uri)
+    return _cached_dialog_parties(from_uri, to_uri)
+
+
+def _dialog_parties(from_uri: str | None, to_uri: str | None) -> Parties | None:
     named = []
     for uri in (from_uri, to_uri):
         text = (uri or "").strip()
@@ -94,6 +102,12 @@ def dialog_parties(from_uri: str | None, to_uri: str | None) -> Parties | None:
             return None
         named.append(json.dumps([identity.user, identity.host], separators=(",", ":")))
     return named[0], named[1]
+
+
+# bounded in count and in size, as uri.identity_of's cache (review 77): a longer pair is
+# worked out each time
+_CACHED_PARTIES_CHARS = 512
+_cached_dialog_parties = lru_cache(maxsize=1024)(_dialog_parties)
 
 
 PARAM = "e2m-rr"             # the Record-Route URI parameter

@@ -60,8 +60,8 @@ from e2m_plugins.keycache import bounded_keeper  # noqa: E402
 from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import (canonical_method, canonical_name, crlf_head, parse,  # noqa: E402
                              parse_address, rfc3261_branch, via_sent_by)
-from e2m_plugins.uri import (canonical_ip, host_key, identity_of, parse_uri,  # noqa: E402
-                             split_hostport)
+from e2m_plugins.uri import (canonical_ip, host_key, identity_of, is_sip_uri,  # noqa: E402
+                             parse_uri, split_hostport)
 from kamailio_app.archive import ArchiveError  # noqa: E402
 from kamailio_app.bootstrap import (  # noqa: E402
     ProxyApp, as_utf8, public_dmq_warning, tls_next_hop_warning)
@@ -859,9 +859,9 @@ def _ends_readable():
     for spec in ("$hdr(From)", "$hdr(To)"):
         try:
             uri = parse_address(KSR.pv.get(spec) or "").uri
-            if uri.partition(":")[0].lower() in ("sip", "sips"):
-                parse_uri(uri)
         except (E2MError, ValueError):
+            return False
+        if uri.partition(":")[0].lower() in ("sip", "sips") and not is_sip_uri(uri):
             return False
     return True
 
