@@ -441,8 +441,7 @@ class SipMessage:
 
 # -- parsing ---------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Head:
+class _Head(NamedTuple):       # a tuple: made for every message read, a frozen dataclass costs more
     start_line: StartLine | None  # None only for an incomplete stream buffer
     headers: tuple[tuple[str, str], ...]
     body_start: int
