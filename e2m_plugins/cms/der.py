@@ -308,6 +308,16 @@ def items(tlv: TLV, minimum: int = 0, what: str = "structure") -> list[TLV]:
             raise MalformedError("DER nested too deeply")
         kids = []
         while pos < end:
+            # most elements have a short definite length: read here, as ``_read`` would,
+            # without a call each (anything else, or any doubt, goes to ``_read``)
+            if parse.left > 0 and pos + 2 <= end:
+                tag, first = buf[pos], buf[pos + 1]
+                nxt = pos + 2 + first
+                if first < 0x80 and tag & 0x1F != 0x1F and nxt <= end:
+                    parse.left -= 1
+                    kids.append(TLV(buf, tag, pos, pos + 2, nxt, nxt, depth, parse))
+                    pos = nxt
+                    continue
             child = _read(buf, pos, end, depth, parse)
             kids.append(child)
             pos = child.next
