@@ -265,12 +265,12 @@ class HtableKeyCache:
                 if expired:
                     self._write(name, live, now, scope)
                 return entry
-            left = entry.max_decrypts - 1
+            spent = replace(entry, max_decrypts=entry.max_decrypts - 1)
             rest = [row for row in live if row is not found]
-            if left > 0:                    # else this is the last permitted use
-                rest.append((replace(entry, max_decrypts=left), origin))  # still the keeper's
+            if spent.max_decrypts > 0:      # else this is the last permitted use
+                rest.append((spent, origin))                     # still the keeper's
             self._write(name, rest, now, scope)
-            return replace(entry, max_decrypts=left)
+            return spent
         finally:
             self._backend.unlock(name)
 
