@@ -39,6 +39,11 @@ nothing new is gained; but here the proxy had the plaintext in hand.  Suggested
 hardening: in ``readable_ack`` (and ``read_reply``) record the media of parts that
 opened before the policy or signature check failed, or drop an ACK whose failure is
 anything but ``ProxyCannotDecryptError``.
+
+Left as it is (stop 45): dropping every ACK or response whose body the proxy opened
+and then refused for its signature would also drop a callee's honest answer whenever
+the proxy lacks the signer's anchor; the insider gains nothing he does not have by
+sealing for the callee alone.  Noted in the stop's report.
 """
 
 from __future__ import annotations
