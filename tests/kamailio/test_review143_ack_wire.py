@@ -79,7 +79,18 @@ Tried and held
    certificate, make it a fetch that ends once answered): but it must come from the
    subscription's own next hop (address, port, transport, route set), from where an
    in-dialog refresh or unsubscribe (whose To tag is in every NOTIFY) already does as
-   much (``test_review143_subscription_copies.py`` shows both ends); a fetch
+   much (``test_review143_subscription_copies.py`` shows both ends).  One nuance, seen
+   at the table and not made a hole: for a follow with a route set the copy rule
+   compares the source *address* and the Record-Route's next hop, not the source port,
+   while an in-dialog request of a UDP routed follow must come from the port its
+   Record-Route names (review 136 K2).  A copy (carol's own route set, e2m-rr token
+   and Contact) sent from port 41000 of the hop's address, with ``Expires`` 160, was
+   taken (CSeq 1 then 2, ``expires`` 160.0, ``next_hop`` still
+   ``sip:192.0.2.77:5070;lr``).  The sender must know the whole SUBSCRIBE (the hop's
+   token included), and what it gains is an earlier end: at the lapse the final NOTIFY
+   goes through the hop to carol, whose phone forgets the follow and follows again at
+   its next tick (``CertServiceClient.tick``, ``_follow_peers_in_use``), so no
+   replacement goes untold for longer than that; not run on the wire.  A fetch
    (``Expires: 0``, not held) naming the follow is never written to the table and its
    one NOTIFY follows its own next hop, i.e. the sender's.  A race of two first
    SUBSCRIBEs on PostgreSQL (both SELECT empty, the second's upsert wins) needs the
