@@ -104,6 +104,12 @@ Tried and held
 Untried: an E2M late offer on the wire through a cluster (front and node, DMQ lag for a
 reused CEK); the ``rtcp``/direction summary rules inside a late-offer ACK on the wire;
 TLS ACKs above 49,149 octets (``_message_octets`` slices).
+
+Left as it is (stop 45): the copy rule holds a routed follow to its source address, not
+its port (the port a subscription was opened from is not stored: review 137 HB2's
+column).  An exact copy, route token included, from another port of the hop's address
+can only set the follow's expiry, so at worst end it early; its subscriber is told
+(the final NOTIFY goes through the hop) and subscribes again.
 """
 
 from __future__ import annotations
