@@ -4,11 +4,15 @@ relays.  ``ENDPOINT`` starts a script: one endpoint on the owner thread alone, a
 transport on 127.0.0.1 (``transport_id``), no sound device.  ``PRELUDE`` adds, for a
 script run as ``python script PROXY_PORT ...``, ``acc`` as alice@example.com with the
 proxy at 127.0.0.1:PROXY_PORT as her outbound proxy and her media on 127.0.0.1.  A test
-adds its own account or call and what it prints."""
+adds its own account or call and what it prints: ``RTP_CALL`` is a ``pj.Call`` that
+notes every remote RTP address its stream names (``result["rtp"]``), and a script ends
+by printing ``RESULT <json>``, which ``script_result`` reads back."""
 
 from __future__ import annotations
 
-__all__ = ["ENDPOINT", "PRELUDE"]
+import json
+
+__all__ = ["ENDPOINT", "PRELUDE", "RTP_CALL", "script_result"]
 
 ENDPOINT = r'''
 import json, os, sys, time
@@ -39,3 +43,22 @@ acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
 acc = pj.Account()
 acc.create(acfg)
 '''
+
+RTP_CALL = r'''
+result = {"rtp": []}
+class RtpCall(pj.Call):
+    def onCallMediaState(self, prm):
+        try:
+            result["rtp"].append(self.getStreamInfo(0).remoteRtpAddress)
+        except Exception as exc:
+            result["error"] = repr(exc)
+'''
+
+
+def script_result(stdout: bytes, stderr: bytes = b"") -> dict:
+    """What a script printed last as ``RESULT <json>``; AssertionError with the ends of
+    its output when it printed none (it died first)."""
+    lines = [ln for ln in stdout.decode(errors="replace").splitlines()
+             if ln.startswith("RESULT ")]
+    assert lines, (stdout[-400:], stderr[-800:])
+    return json.loads(lines[-1][len("RESULT "):])

@@ -111,7 +111,6 @@ script now tolerates a call that is gone (``getInfo`` raises once the INVITE fai
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -120,7 +119,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import build_request, registered_uas
-from e2m_lab.stock_caller import PRELUDE
+from e2m_lab.stock_caller import PRELUDE, script_result
 from e2m_plugins.sip import make_response, parse
 from tests.kamailio.test_review69_wire import _STOCK_CALLER
 
@@ -184,14 +183,12 @@ def _stock_call(proxy_factory, tmp_path, sdp: bytes, name: str, early: bytes | N
         state["port"], state["uas"] = bob.port, bob
         out = subprocess.run([sys.executable, str(script), str(proxy.port)],
                              capture_output=True, timeout=20)
-        lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
-                 if ln.startswith("RESULT ")]
-        assert lines, out.stdout[-400:] + out.stderr[-400:]
+        got = script_result(out.stdout, out.stderr)
         assert bob.wait_for(1, method="INVITE")
         time.sleep(0.3)
         answers = [row for row in proxy.media_rows() if row["direction"] != "request"]
         requests = [row for row in proxy.media_rows() if row["direction"] == "request"]
-        return json.loads(lines[-1][len("RESULT "):]), answers, requests, proxy.log_since(mark)
+        return got, answers, requests, proxy.log_since(mark)
 
 
 @pytest.mark.parametrize("case", list(HIDDEN))
@@ -347,9 +344,7 @@ def _reinvited_call(proxy_factory, tmp_path, reanswer: bytes, name: str,
         state["port"] = bob.port
         out = subprocess.run([sys.executable, str(script), str(proxy.port),
                               method.lower()], capture_output=True, timeout=25)
-        lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
-                 if ln.startswith("RESULT ")]
-        assert lines, out.stdout[-400:] + out.stderr[-400:]
+        got = script_result(out.stdout, out.stderr)
         invites = bob.wait_for(1, method="INVITE") + bob.wait_for(1, method=method) \
             if method != "INVITE" else bob.wait_for(2, method="INVITE")
         time.sleep(0.3)
@@ -357,7 +352,7 @@ def _reinvited_call(proxy_factory, tmp_path, reanswer: bytes, name: str,
         log = proxy.log_since(mark)
         seen = [ln[ln.index("e2m: "):] for ln in log.splitlines()
                 if "e2m: INVITE" in ln or "e2m: UPDATE" in ln]
-        return json.loads(lines[-1][len("RESULT "):]), answers, len(invites), seen
+        return got, answers, len(invites), seen
 
 
 def test_reinvite_answer_the_view_refuses_moves_the_media_unrecorded(proxy_factory, tmp_path):

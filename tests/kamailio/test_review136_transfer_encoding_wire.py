@@ -90,14 +90,13 @@ control).  The hole tests failed on the code before and pass now.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 
 import pytest
 
-from e2m_lab.stock_caller import ENDPOINT
+from e2m_lab.stock_caller import ENDPOINT, script_result
 from tests.kamailio.test_review133_answer_sdp_wire import _stock_call as _stock_call133
 
 pytestmark = pytest.mark.kamailio
@@ -232,9 +231,7 @@ def _call_stock_callee(proxy_factory, tmp_path, sdp: bytes, name: str, *,
         if callee.poll() is None:
             callee.kill()
             callee.wait()
-    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("RESULT ")]
-    assert lines, out[-400:]
-    got = json.loads(lines[-1][len("RESULT "):])
+    got = script_result(out)
     offers = [row for row in proxy.media_rows() if row["direction"] == "request"]
     print(f"\n{name}: callee {got}; offer rows {[(r['address'], r['port']) for r in offers]}; "
           f"caller status {status}")

@@ -126,7 +126,6 @@ cannot parse are dropped by the same rule (that module's tests changed with it).
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -136,7 +135,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import build_request, register_contact, parse_address_uri
-from e2m_lab.stock_caller import ENDPOINT
+from e2m_lab.stock_caller import ENDPOINT, RTP_CALL, script_result
 from e2m_plugins.sip import RequestLine, SipMessage, parse
 from tests.kamailio.test_review113_policy_wire import _e2m_stats
 
@@ -170,14 +169,9 @@ acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
 early = len(sys.argv) > 2 and sys.argv[2] == "100rel"
 if early:
     acfg.callConfig.prackUse = pj.PJSUA_100REL_MANDATORY
-result = {"rtp": []}
+''' + RTP_CALL + r'''
 calls = []
-class Call(pj.Call):
-    def onCallMediaState(self, prm):
-        try:
-            result["rtp"].append(self.getStreamInfo(0).remoteRtpAddress)
-        except Exception as exc:
-            result["error"] = repr(exc)
+class Call(RtpCall):
     def onCallState(self, prm):
         try:
             result["state"] = self.getInfo().stateText
@@ -325,9 +319,7 @@ def _late_offer_call(proxy_factory, tmp_path, name: str, ack_body: bytes, *,
         if callee.poll() is None:
             callee.kill()
             callee.wait()
-    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("RESULT ")]
-    assert lines, out[-400:]
-    got = json.loads(lines[-1][len("RESULT "):])
+    got = script_result(out)
     time.sleep(0.3)
     rows = [(r["method"], r["address"], r["port"]) for r in proxy.media_rows()]
     log = [ln[ln.index("e2m"):] for ln in proxy.log_since(mark).splitlines()
@@ -404,14 +396,8 @@ if sys.argv[3] == "100rel":
     acfg.callConfig.prackUse = pj.PJSUA_100REL_MANDATORY
 acc = pj.Account()
 acc.create(acfg)
-result = {"rtp": []}
-class Call(pj.Call):
-    def onCallMediaState(self, prm):
-        try:
-            result["rtp"].append(self.getStreamInfo(0).remoteRtpAddress)
-        except Exception as exc:
-            result["error"] = repr(exc)
-call = Call(acc)
+""" + RTP_CALL + r"""
+call = RtpCall(acc)
 op = pj.CallOpParam(True)
 if sys.argv[2] == "late":
     op.opt.flag |= pj.PJSUA_CALL_NO_SDP_OFFER
@@ -452,12 +438,7 @@ def _stock_to_stock(proxy_factory, tmp_path, name: str, offer: str, prack: str):
         if callee.poll() is None:
             callee.kill()
             callee.wait()
-    results = []
-    for text in (out.stdout, back):
-        lines = [ln for ln in text.decode(errors="replace").splitlines()
-                 if ln.startswith("RESULT ")]
-        assert lines, (text[-400:], out.stderr[-600:])
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+    results = [script_result(text, out.stderr) for text in (out.stdout, back)]
     time.sleep(0.3)
     rows = [(r["method"], r["address"], r["port"]) for r in proxy.media_rows()]
     log = [ln[ln.index("e2m"):] for ln in proxy.log_since(mark).splitlines()

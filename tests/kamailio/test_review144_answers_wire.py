@@ -86,7 +86,6 @@ class the docs already name, not measured here.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -95,7 +94,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import RawUas, parse_address_uri, register_contact
-from e2m_lab.stock_caller import PRELUDE
+from e2m_lab.stock_caller import PRELUDE, RTP_CALL, script_result
 from e2m_plugins.sip import RequestLine, SipMessage, make_response, parse
 
 pytestmark = pytest.mark.kamailio
@@ -117,15 +116,8 @@ MOVED = sdp("127.0.0.9", 40512, 3)
 _CALLER = PRELUDE.replace(
     "acc = pj.Account()",
     'acfg.callConfig.prackUse = pj.PJSUA_100REL_MANDATORY if sys.argv[2] == "100rel" '
-    'else pj.PJSUA_100REL_NOT_USED\nacc = pj.Account()') + r'''
-result = {"rtp": []}
-class Call(pj.Call):
-    def onCallMediaState(self, prm):
-        try:
-            result["rtp"].append(self.getStreamInfo(0).remoteRtpAddress)
-        except Exception as exc:
-            result["error"] = repr(exc)
-call = Call(acc)
+    'else pj.PJSUA_100REL_NOT_USED\nacc = pj.Account()') + RTP_CALL + r'''
+call = RtpCall(acc)
 call.makeCall("sip:bob@example.com", pj.CallOpParam(True))
 deadline = time.time() + float(sys.argv[3])
 def _state():
@@ -199,10 +191,7 @@ def _call(proxy_factory, tmp_path, name: str, plan, *, prack: str = "plain",
         register_contact(proxy, "bob", bob.port, source="127.0.0.144")
         out = subprocess.run([sys.executable, str(tmp_path / "caller.py"), str(proxy.port),
                               prack, str(seconds)], capture_output=True, timeout=40)
-        lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
-                 if ln.startswith("RESULT ")]
-        assert lines, out.stdout[-400:] + out.stderr[-800:]
-        got = json.loads(lines[-1][len("RESULT "):])
+        got = script_result(out.stdout, out.stderr)
         time.sleep(0.3)
         rows = [(r["method"], r["direction"], r["address"], r["port"])
                 for r in proxy.media_rows()]

@@ -89,7 +89,6 @@ markers are gone.
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -98,7 +97,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import registered_uas
-from e2m_lab.stock_caller import PRELUDE
+from e2m_lab.stock_caller import PRELUDE, script_result
 from e2m_plugins.sip import make_request, make_response, parse
 from tests.kamailio.test_review57_wire import receipt_exchange
 
@@ -219,13 +218,11 @@ def _stock_call(proxy_factory, tmp_path, *, smuggled: bool, name: str, stray: bo
         state["port"] = bob.port
         out = subprocess.run([sys.executable, str(script), str(proxy.port)],
                              capture_output=True, timeout=20)
-        lines = [ln for ln in out.stdout.decode(errors="replace").splitlines()
-                 if ln.startswith("RESULT ")]
-        assert lines, out.stdout[-400:] + out.stderr[-400:]
+        got = script_result(out.stdout, out.stderr)
         assert bob.wait_for(1, method="INVITE")
         time.sleep(0.3)
         answers = [row for row in proxy.media_rows() if row["direction"] != "request"]
-        return json.loads(lines[-1][len("RESULT "):]), answers, proxy.log_since(mark)
+        return got, answers, proxy.log_since(mark)
 
 
 def test_control_an_answer_sdp_within_its_content_length_is_recorded(proxy_factory, tmp_path):
