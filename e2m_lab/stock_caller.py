@@ -6,13 +6,16 @@ script run as ``python script PROXY_PORT ...``, ``acc`` as alice@example.com wit
 proxy at 127.0.0.1:PROXY_PORT as her outbound proxy and her media on 127.0.0.1.  A test
 adds its own account or call and what it prints: ``RTP_CALL`` is a ``pj.Call`` that
 notes every remote RTP address its stream names (``result["rtp"]``), and a script ends
-by printing ``RESULT <json>``, which ``script_result`` reads back."""
+by printing ``RESULT <json>``, which ``script_result`` reads back; a callee script
+first prints ``PORT <its SIP port>`` (``announced_port``)."""
 
 from __future__ import annotations
 
 import json
 
-__all__ = ["ENDPOINT", "PRELUDE", "RTP_CALL", "script_result"]
+import subprocess
+
+__all__ = ["ENDPOINT", "PRELUDE", "RTP_CALL", "announced_port", "script_result"]
 
 ENDPOINT = r'''
 import json, os, sys, time
@@ -62,3 +65,13 @@ def script_result(stdout: bytes, stderr: bytes = b"") -> dict:
              if ln.startswith("RESULT ")]
     assert lines, (stdout[-400:], stderr[-800:])
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def announced_port(script: subprocess.Popen) -> int:
+    """The SIP port a callee script (started with ``stdout=PIPE``) printed as ``PORT n``
+    before anything else it says."""
+    line = ""
+    while not line.startswith("PORT "):
+        line = script.stdout.readline().decode()
+        assert line, "the stock callee ended before it printed its port"
+    return int(line.split()[1])

@@ -96,7 +96,7 @@ import time
 
 import pytest
 
-from e2m_lab.stock_caller import ENDPOINT, script_result
+from e2m_lab.stock_caller import ENDPOINT, announced_port, script_result
 from tests.kamailio.test_review133_answer_sdp_wire import _stock_call as _stock_call133
 
 pytestmark = pytest.mark.kamailio
@@ -205,11 +205,7 @@ def _call_stock_callee(proxy_factory, tmp_path, sdp: bytes, name: str, *,
     sock.settimeout(0.5)
     status = None
     try:
-        first = ""
-        while not first.startswith("PORT "):
-            first = callee.stdout.readline().decode()
-            assert first, "the stock callee ended before it printed its port"
-        register_contact(proxy, "bob", int(first.split()[1]), source="127.0.0.137")
+        register_contact(proxy, "bob", announced_port(callee), source="127.0.0.137")
         raw = build_request("INVITE", "sip:bob@example.com", body=sdp, content_type=content_type,
                             headers=[("Contact", f"<sip:alice@127.0.0.1:{sock.getsockname()[1]}>"),
                                      *headers],

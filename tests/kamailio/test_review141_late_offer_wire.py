@@ -135,7 +135,7 @@ import time
 import pytest
 
 from e2m_lab.kamailio_harness import build_request, register_contact, parse_address_uri
-from e2m_lab.stock_caller import ENDPOINT, RTP_CALL, script_result
+from e2m_lab.stock_caller import ENDPOINT, PRELUDE, RTP_CALL, announced_port, script_result
 from e2m_plugins.sip import RequestLine, SipMessage, parse
 from tests.kamailio.test_review113_policy_wire import _e2m_stats
 
@@ -281,11 +281,7 @@ def _late_offer_call(proxy_factory, tmp_path, name: str, ack_body: bytes, *,
     caller = _Caller(proxy.port)
     update_status = None
     try:
-        first = ""
-        while not first.startswith("PORT "):
-            first = callee.stdout.readline().decode()
-            assert first, "the stock callee ended before it printed its port"
-        register_contact(proxy, "bob", int(first.split()[1]), source="127.0.0.141")
+        register_contact(proxy, "bob", announced_port(callee), source="127.0.0.141")
         raw = build_request("INVITE", "sip:bob@example.com",
                             headers=[("Contact", f"<sip:alice@127.0.0.1:{caller.port}>")],
                             local_port=caller.port)
@@ -385,18 +381,10 @@ def test_control_the_same_sdp_in_an_update_is_refused(proxy_factory, tmp_path):
 # A stock pjsua2 caller (review 133's set-up: alice through the proxy as her outbound
 # proxy); argv: PROXY_PORT, "late" (no SDP in the INVITE: PJSUA_CALL_NO_SDP_OFFER) or
 # "early", "100rel" or "plain"; prints every remote RTP address its stream names.
-_STOCK_CALLER = ENDPOINT + r"""
-acfg = pj.AccountConfig()
-acfg.idUri = "sip:alice@example.com"
-acfg.sipConfig.transportId = transport_id
-acfg.sipConfig.proxies.append("sip:127.0.0.1:%s;lr" % sys.argv[1])
-acfg.mediaConfig.transportConfig.port = 0
-acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
-if sys.argv[3] == "100rel":
-    acfg.callConfig.prackUse = pj.PJSUA_100REL_MANDATORY
-acc = pj.Account()
-acc.create(acfg)
-""" + RTP_CALL + r"""
+_STOCK_CALLER = PRELUDE.replace(
+    "acc = pj.Account()",
+    'if sys.argv[3] == "100rel":\n    acfg.callConfig.prackUse = pj.PJSUA_100REL_MANDATORY\n'
+    'acc = pj.Account()') + RTP_CALL + r"""
 call = RtpCall(acc)
 op = pj.CallOpParam(True)
 if sys.argv[2] == "late":
@@ -426,11 +414,7 @@ def _stock_to_stock(proxy_factory, tmp_path, name: str, offer: str, prack: str):
     callee = subprocess.Popen([sys.executable, str(tmp_path / "callee.py"), "7", prack],
                               stdout=subprocess.PIPE)
     try:
-        first = ""
-        while not first.startswith("PORT "):
-            first = callee.stdout.readline().decode()
-            assert first, "the stock callee ended before it printed its port"
-        register_contact(proxy, "bob", int(first.split()[1]), source="127.0.0.141")
+        register_contact(proxy, "bob", announced_port(callee), source="127.0.0.141")
         out = subprocess.run([sys.executable, str(tmp_path / "caller.py"), str(proxy.port),
                               offer, prack], capture_output=True, timeout=20)
         back, _ = callee.communicate(timeout=20)
