@@ -137,6 +137,7 @@ from e2m_lab.ports import free_port
 from e2m_plugins.sip import SipMessage, parse
 from e2m_plugins.testpki import TestPKI, issue_user
 from tests.kamailio.test_review133_cert_refresh_wire import BOB, USERS, der_of
+from tests.kamailio.test_review93_wire import _CCITT
 
 pytestmark = pytest.mark.kamailio
 
@@ -150,17 +151,7 @@ INTERVAL = 2                      # [certs] notify_interval of the home
 # and branch, one over its port, host and the Call-ID.  Checked against a live Kamailio
 # (five fetches, all eight digits equal).
 
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x8408 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_T = _crc_table()
+_T = _CCITT                   # review 93's table: reflected CRC-16/CCITT (0x8408)
 _ROW_OF_TOP = {t >> 8: i for i, t in enumerate(_T)}
 _ALPHABET = b"0123456789abcdefghijklmnopqrstuvwxyz"
 
