@@ -29,7 +29,8 @@ from .uri import aor_of, parse_uri
 
 __all__ = ["Peer", "Subscription", "NotifyRequest", "open_dialog", "refresh_dialog",
            "SubscriberMovedError", "in_dialog_hop",
-           "notify_request", "next_hop_for_size", "UDP_LIMIT"]
+           "notify_request", "next_hop_for_size", "stream_destination", "own_connection",
+           "UDP_LIMIT"]
 
 _TRANSPORTS = ("udp", "tcp", "tls")
 _MAX_ROUTES = 16            # Record-Route entries kept per dialog; more is refused
@@ -244,6 +245,25 @@ def notify_request(subscription: Subscription, cseq: int) -> NotifyRequest:
                ("Contact", f"<{sub.contact}>")]
     headers += [("Route", f"<{route}>") for route in routes]
     return NotifyRequest(request_uri, sub.next_hop, tuple(headers))
+
+
+def stream_destination(next_hop: str) -> tuple[str, int] | None:
+    """The (host, port) a NOTIFY to ``next_hop`` connects to when it goes over TCP or
+    TLS (the host as the URI writes it: an IPv6 address in brackets, its port or the
+    transport's default), None over UDP."""
+    transport = _transport(next_hop)
+    if transport == "udp":
+        return None
+    uri = parse_uri(next_hop)
+    return uri.host, uri.port or (5061 if transport == "tls" else 5060)
+
+
+def own_connection(subscription: Subscription, next_hop: str) -> bool:
+    """Whether ``next_hop`` is the subscriber's own source over the stream it subscribed
+    on (a follow reached directly over TCP or TLS): that port is its connection's, not
+    one anybody listens on, so a NOTIFY goes there only while the connection is open."""
+    return not subscription.route_set and next_hop == subscription.next_hop \
+        and stream_destination(next_hop) is not None
 
 
 def next_hop_for_size(next_hop: str, size: int) -> str:

@@ -60,6 +60,13 @@ NOTIFY_TABLE = "e2mnotify"       # branch -> "Call-ID|From tag|To tag" of each N
 _REPLY_BRANCH = "$via0(branch)"  # as the cfg files it (review 120: one empty name for all)
 _CHANGES = ("published", "replaced", "removed")
 _SUBSCRIBES = "e2mcertsubs"          # the pipelimit pipe of SUBSCRIBEs served
+# Connections the service may open per destination address (an IPv6 site) within
+# Kamailio's connect timeout (10 s; the cfg's table keeps a count 12 s): a connect to a
+# port that never answers holds one of the proxy's TCP/TLS connections that long, and
+# the destinations are the subscribers' to choose (review 145).
+CONNECTS_TABLE = "e2mconnects"
+MAX_CONNECTS = 2
+STREAM_ROUTE = "E2M_STREAM_OPEN"     # native: $var(e2m_conid) of an open connection, or 0
 BUSY_RETRY_AFTER = 2                 # s, in the 503 past max_subscribes_per_second (a pipe counted per second)
 
 
@@ -335,10 +342,44 @@ class CertService:
         return (request.request_uri, request.next_hop,
                 _header_text([*request.headers, *state]), b"", True)
 
+    def _may_send(self, sub: notifier.Subscription, hop: str) -> bool:
+        """Whether a NOTIFY may go to ``hop`` now: over UDP, or over a TCP or TLS
+        connection that is open; else only where the proxy may open one: never to a
+        subscriber's own source port (``notifier.own_connection``: its connection is
+        gone, and nobody listens there), elsewhere (a route set's first hop, a UDP
+        subscriber's address for a certificate too large for UDP) at most
+        ``MAX_CONNECTS`` times per address within the connect timeout.  A connect to a
+        port that never answers holds a connection of the proxy's for that timeout:
+        strangers' follows and fetches aimed at their own silent ports filled the
+        proxy's whole connection table (review 145).  A NOTIFY not sent is counted
+        (``e2m_certs_unsent``); its subscriber hears of the certificate at its next
+        refresh."""
+        destination = notifier.stream_destination(hop)
+        if destination is None:
+            return True
+        host, port = destination
+        ksr = self.ksr
+        ksr.pv.sets("$var(e2m_hostport)", f"{host}:{port}")
+        ksr.route(STREAM_ROUTE)
+        if (ksr.pv.get("$var(e2m_conid)") or 0) > 0:
+            return True
+        if not notifier.own_connection(sub, hop) and \
+                (ksr.htable.sht_inc(CONNECTS_TABLE, site_of(host.strip("[]"))) or 0) \
+                <= MAX_CONNECTS:
+            return True
+        ksr.statistics.update_stat("e2m_certs_unsent", 1)
+        self._log("NOTIFY", sub.aor, f"not sent: no connection to {host}:{port}"
+                  + ("" if notifier.own_connection(sub, hop) else
+                     f", and {MAX_CONNECTS} opened toward that address already"))
+        return False
+
     def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
                 body: bytes, confirmed: bool = True) -> bool:
-        """Send one NOTIFY; whether its certificate was held back."""
+        """Send one NOTIFY (if it may go: ``_may_send``); whether its certificate was
+        held back."""
         ruri, hop, headers, body, held = self._plan(sub, cseq, expires_left, body, confirmed)
+        if not self._may_send(sub, hop):
+            return held
         ksr = self.ksr
         ksr.pv.sets("$var(e2m_method)", "NOTIFY")
         ksr.pv.sets("$var(e2m_ruri)", ruri)
