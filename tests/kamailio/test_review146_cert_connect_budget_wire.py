@@ -1,0 +1,321 @@
+"""Review 146 (attacker's review of b3d6775): review 145's fix, the certificate service's
+budget of connections it may open (``cert_route._may_send``: at most ``MAX_CONNECTS`` = 2
+per destination address or IPv6 site in 12 s, htable ``e2mconnects``; a NOTIFY to a
+direct stream follow only over an open connection, ``tcp_get_conid``), on a real
+Kamailio 5.6.3.
+
+Set-up: review 145's module-scoped proxy (``home``: ``[auth]``, TLS listener, the
+certificate service, ``tcp_max_connections = tls_max_connections = 16``,
+``tcp_connections_per_source = 4``, ``min_expires = 2``, ``notify_interval = 2``) and its
+helpers (``udp_fetch``, ``Silent``, ``honest_options``, ``large_certificate``: bob's
+certificate with an RSA-4096 key, 935 octets of DER, its NOTIFY above 1300 octets).
+
+Hole K1: the 2-per-12-s budget is open to every connect once its 12 s have passed
+---------------------------------------------------------------------------------------
+
+- Attacker: off-path stranger with one real address (review 145 K2's, no account).
+- Messages: bob has a large certificate.  From one address, UDP fetches
+  (``Expires: 0``) of it, 4 every 0.6 s or so with an honest probe in between, for
+  40 s, each from a UDP port of its own whose TCP twin is silent (``Silent``); each
+  ``pending`` NOTIFY answered 200 over UDP, which releases the certificate over TCP
+  to that port (review 145 K2's set-up, kept up longer than 12 s).
+- Effect observed: the first 12 s behave as the rule says (2 connects, the rest
+  ``not sent``).  After that, for a stretch of 0-10 s each cycle, every release
+  connects: 264 fetches gave 18 ``connect ... failed (timeout)`` plus 58 NOTIFYs whose
+  connect the proxy could not even start (``tcp_send``: "maximum number of connections
+  exceeded"), i.e. 76 connect attempts toward one address in about 42 s, where the
+  rule allows 2 per 12 s (at most 8).  The table (16) was full twice: an honest
+  client's OPTIONS over a new TCP connection from another address was refused 24 times
+  of 66 (two runs of 14 and 10 in a row, ~10 s each).  With closed ports (RST, scratch
+  run, 1 s bins) the pattern is plain: 2 connects in the first 12 s, then 8, 7, 8, 7,
+  8, 9 per second (one a release) for ~5 s, none for ~10 s, then 8, 7, 8, 7 again: 79
+  connects in 30 s.
+- Code at fault: ``kamailio_app/templates/kamailio.cfg.tmpl:288`` (``e2mconnects``:
+  ``autoexpire=12;updateexpire=0;initval=0``) with ``kamailio_app/cert_route.py:367``
+  (``sht_inc``).  In Kamailio 5.6's ``ht_cell_value_add`` (``htable/ht_api.c``) an item
+  found expired is reset to ``initval`` and incremented, but its ``expire`` is written
+  only when ``updateexpire`` is set: the item stays expired, so every later
+  ``sht_inc`` resets it again and answers 1 (<= 2), until the htable timer
+  (``timer_interval`` 10, cfg line 345) deletes it.  Each 12 s window is followed by
+  an open stretch of up to 10 s.
+- Suggested fix: do not rely on ``sht_inc`` over an expired item: keep the window's
+  start in the value (or a second item) and compare it yourself, or
+  ``sht_get``/``sht_sets`` with an explicit per-item expiry (``$shtex``/
+  ``sht_setxi``); or count pending connects (``tcp_conid_state`` 3 = S_CONN_CONNECT)
+  per destination site instead of connects started.
+- Test: ``test_hole_k1_the_connect_budget_holds_past_its_first_12_seconds`` (strict
+  xfail: asserts at most 2 connects per 12 s and every honest probe served).
+
+Honest break HB1: UDP subscribers behind one address, a certificate too large for UDP
+---------------------------------------------------------------------------------------
+
+- Who: honest UDP phones behind one address (an office or carrier NAT; all the phones
+  of an IPv6 /56 count as one), each following bob, each listening on TCP at its UDP
+  port (the e2m-phone does since review 132).  No attacker.
+- Messages: bob publishes a large certificate; 4 followers from 127.0.146.10 (each
+  its own port) subscribe (``Expires: 60``) 0.3 s apart; each ``pending`` NOTIFY
+  answered 200 over UDP; then bob replaces his certificate 6 s later, and again 16 s
+  after that.
+- Effect observed: 2 of 4 followers got the certificate over TCP within 5 s; the other
+  2 got only the ``pending`` NOTIFY (2 ``not sent``).  bob's first replacement reached
+  the same 2 (over their open connections) and not the other 2 (2 more ``not sent``);
+  only the second replacement, 22 s in (after the budget's window), reached all 4.
+  Unsent NOTIFYs are not retried (``_notify`` returns "not held" and the claim is
+  spent, ``cert_route.py:381``, ``:426``): those followers have no certificate of
+  bob's until his next change or their next refresh (for a phone, about half its
+  Expires: many minutes), so they cannot seal to him.  Every third and later UDP
+  phone behind one NAT is hit this way whenever its large NOTIFY needs a new
+  connection (follow, change, refresh) within 12 s of two others.
+- Code at fault: ``kamailio_app/cert_route.py:345-376`` (the budget counts every
+  connect started toward the address, including those that completed: a connect
+  that was answered proves a listener and holds nothing).
+- Suggested fix: count only connects still pending (or failed) toward a site, not
+  those that completed; or give a confirmed UDP subscriber's release one retry at
+  the next tick instead of dropping it.
+- Test: ``test_hole_hb1_every_udp_follower_behind_one_address_gets_a_large_certificate``
+  (strict xfail).
+
+Controls (unmarked, pass)
+-------------------------
+
+- ``test_control_k1_the_budget_holds_within_its_first_12_seconds``: the same wave for
+  8 s from a fresh address: exactly ``MAX_CONNECTS`` connects (2 timeouts), every other
+  release ``not sent``, every honest probe 200 (14 of 14).
+- ``test_control_hb1_two_udp_followers_behind_one_address_are_told``: 2 followers from
+  one address: both get the large certificate over TCP, and bob's replacement.
+
+Tried and held
+--------------
+
+- IPv6 on ``::1`` (review 142's ``tls-ipv6`` chain): a direct TCP follow from
+  ``[::1]`` is told of bob's change over its open connection (``tcp_get_conid`` parses
+  ``[::1]:port``; 0 ``not sent``).  Scratch, not kept.
+- 5 followers behind a record-routing visited proxy (review 142's chain, TCP on
+  127.0.0.1 and TLS on ``[::1]``): bob's change made no ``not sent``: the first NOTIFY
+  opens one connection to the hop's Record-Route port and tm's pending connection is
+  found by the next lookups (``_tcpconn_find`` skips only ``S_CONN_BAD``).  Scratch.
+- Pending connects found by the lookup: a second NOTIFY toward a destination whose
+  connect is still pending queues on that connection (read: ``tcp_send`` uses
+  ``tcpconn_get`` the same way): no second slot.
+- Names in a Record-Route: refused before (``notifier._same_address``: a name is never
+  the source address), so no lookup or connect for them.  Read.
+- TLS vs TCP: ``tcp_get_conid`` and ``tcp_send`` match by address and port, not by
+  protocol; a stranger who holds a TCP connection from the port of his lapsed TLS
+  follow gets the TLS NOTIFY over it in clear (his own public certificate): no
+  connect, nothing learned.  Read, not run.
+- Starving a visited proxy's address from elsewhere: the budget is keyed by the
+  destination's site, and a destination is a TCP/TLS source (unforgeable), or the
+  source of a UDP fetch whose ``pending`` NOTIFY must be answered.  A stranger needs
+  the victim's address or /56 (same NAT, same host, same IPv6 site) to burn it:
+  not run here (HB1 shows what an exhausted budget costs honest followers).
+
+Untried (time): forging the 2xx that releases a held certificate toward a victim
+address (tm branches of local requests may be predictable per hash bucket: a
+stranger could then burn any address's budget); the cluster case (a NOTIFY from a node
+without the follower's connection: the timer sends only its own sockets' rows, read);
+a TCP/TLS phone whose NAT mapping dropped (its NOTIFYs are ``not sent`` until it
+refreshes: documented); K1 on TLS and on an IPv6 /56 in a netns.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import socket
+import time
+import uuid
+
+import pytest
+
+from e2m_lab.certclient import CertClient, forget_certificates
+from e2m_plugins.sip import SipMessage, make_response, parse
+from kamailio_app.cert_route import MAX_CONNECTS
+from tests.kamailio.test_review145_cert_follow_connects_wire import (  # noqa: F401
+    BOB, USERS, address, drain, home, honest_options, large_certificate, udp_fetch)
+
+pytestmark = [pytest.mark.kamailio, pytest.mark.slow]
+
+WINDOW = 12          # s: the cfg's e2mconnects autoexpire
+
+
+# -- K1: a stranger's UDP fetches kept up past the budget's 12 s ---------------------------
+
+def fetch_wave(home, pki, seconds: float) -> dict:
+    """bob publishes a large certificate; a stranger fetches it over UDP from one address
+    for ``seconds``, 4 fetches (each from a port whose TCP twin is silent, its pending
+    NOTIFY answered) then one honest OPTIONS over a new TCP connection, and again."""
+    stranger, honest = address(), address()
+    publisher = CertClient(home.port, "bob", password=USERS["bob"], source=address())
+    things: list = [publisher]
+    try:
+        answer = publisher.publish(large_certificate(pki))
+        assert answer is not None and answer.status == 200, answer
+        mark = home.log_mark()
+        start = time.monotonic()
+        fetches, answers = [], []
+        while time.monotonic() - start < seconds:
+            for _ in range(4):
+                got, made = udp_fetch(home, stranger, silent=True)
+                things += made
+                fetches.append(got)
+                time.sleep(0.15)
+            answers.append(honest_options(home, pki, honest))
+        elapsed = time.monotonic() - start
+        # the timer's next tick sends the last ones; each connect toward a silent port
+        # is logged when Kamailio's tcp_connect_timeout (10 s) ends it
+        time.sleep(11.5)
+        log = home.log_since(mark)
+        timeouts = len(re.findall(r"connect \S+ failed \(timeout\)", log))
+        refused = len(re.findall(r"connect \S+ failed \(RST\)", log))
+        not_started = len(re.findall(r"tcp_send.*maximum number of connections", log))
+        return {"fetches": fetches, "honest": answers, "elapsed": elapsed,
+                "connects": timeouts + refused + not_started, "timeouts": timeouts,
+                "unsent": log.count("not sent: no connection")}
+    finally:
+        drain(home, pki)
+        for thing in things:
+            thing.close()
+        forget_certificates(home)
+
+
+@pytest.mark.xfail(strict=True, reason="review 146 hole K1: past its first 12 s the "
+                   "e2mconnects item stays expired (updateexpire=0) and every sht_inc "
+                   "answers 1: unlimited connects toward one address until the htable "
+                   "timer, honest TCP clients refused")
+def test_hole_k1_the_connect_budget_holds_past_its_first_12_seconds(home, pki):
+    result = fetch_wave(home, pki, 40)
+    # live: every fetch got 200 and the pending NOTIFY, answered (so released over TCP)
+    assert all(seen == [200, "pending"] for seen in result["fetches"]), result
+    windows = int(result["elapsed"] // WINDOW) + 2
+    assert result["connects"] <= MAX_CONNECTS * windows, result
+    assert result["honest"] == [200] * len(result["honest"]), result
+
+
+def test_control_k1_the_budget_holds_within_its_first_12_seconds(home, pki):
+    result = fetch_wave(home, pki, 8)
+    assert all(seen == [200, "pending"] for seen in result["fetches"]), result
+    assert result["connects"] == result["timeouts"] == MAX_CONNECTS, result
+    assert result["unsent"] == len(result["fetches"]) - MAX_CONNECTS, result
+    assert result["honest"] == [200] * len(result["honest"]), result
+
+
+# -- HB1: honest UDP followers behind one address -----------------------------------------
+
+class UdpFollower:
+    """An honest UDP subscriber that also listens on TCP at its UDP port (RFC 3261
+    18.2.1, as the e2m-phone does): it follows bob and answers every NOTIFY 200 on the
+    transport it came by."""
+
+    def __init__(self, home, source: str) -> None:
+        self.home = home
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((source, 0))
+        self.source, self.port = source, self.udp.getsockname()[1]
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((source, self.port))
+        self.listener.listen(8)
+        self.streams: dict[socket.socket, bytes] = {}
+        self.certificates: list[bytes] = []      # NOTIFY bodies, in order
+
+    def subscribe(self, expires: int = 60) -> None:
+        call_id = uuid.uuid4().hex
+        source, port = self.source, self.port
+        self.udp.sendto((
+            f"SUBSCRIBE {BOB} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {source}:{port};rport;branch=z9hG4bK{call_id[:12]}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag={call_id[:8]}\r\n"
+            f"To: <{BOB}>\r\nCall-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\n"
+            f"Contact: <sip:alice@{source}:{port}>\r\nEvent: certificate\r\n"
+            f"Accept: application/pkix-cert\r\nExpires: {expires}\r\n"
+            "Content-Length: 0\r\n\r\n").encode(), ("127.0.0.1", self.home.port))
+
+    def poll(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.udp, self.listener, *self.streams], [], [], timeout)
+        for sock in ready:
+            if sock is self.listener:
+                conn, _ = sock.accept()
+                self.streams[conn] = b""
+            elif sock is self.udp:
+                self._take(parse(sock.recv(65535)), None)
+            else:
+                data = sock.recv(65535)
+                if not data:
+                    del self.streams[sock]
+                    sock.close()
+                    continue
+                buffer = self.streams[sock] + data
+                while True:
+                    head, sep, rest = buffer.partition(b"\r\n\r\n")
+                    match = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
+                    length = int(match.group(1)) if match else 0
+                    if not sep or len(rest) < length:
+                        break
+                    self._take(parse(head + sep + rest[:length]), sock)
+                    buffer = rest[length:]
+                self.streams[sock] = buffer
+
+    def _take(self, message: SipMessage, stream: socket.socket | None) -> None:
+        if not message.is_request or message.method != "NOTIFY":
+            return
+        if message.body:
+            self.certificates.append(bytes(message.body))
+        answer = make_response(message, 200, "OK").serialize()
+        if stream is None:
+            self.udp.sendto(answer, ("127.0.0.1", self.home.port))
+        else:
+            stream.sendall(answer)
+
+    def close(self) -> None:
+        for sock in [self.udp, self.listener, *self.streams]:
+            sock.close()
+
+
+def pump(followers: list[UdpFollower], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for follower in followers:
+            follower.poll(0.02)
+
+
+def followers_told(home, pki, count: int, source: str) -> dict:
+    """bob publishes a large certificate; ``count`` followers from ``source`` subscribe;
+    then bob replaces it.  Which certificates each follower was told."""
+    publisher = CertClient(home.port, "bob", password=USERS["bob"], source=address())
+    followers = [UdpFollower(home, source) for _ in range(count)]
+    try:
+        first = large_certificate(pki)
+        assert publisher.publish(first).status == 200
+        mark = home.log_mark()
+        for follower in followers:
+            follower.subscribe()
+            pump(followers, 0.3)
+        pump(followers, 5)
+        initial = [first in follower.certificates for follower in followers]
+        second = large_certificate(pki)
+        assert publisher.publish(second).status == 200
+        pump(followers, 5)
+        changed = [second in follower.certificates for follower in followers]
+        return {"initial": initial, "changed": changed,
+                "unsent": home.log_since(mark).count("not sent: no connection")}
+    finally:
+        for follower in followers:
+            follower.close()
+        publisher.close()
+        forget_certificates(home)
+
+
+@pytest.mark.xfail(strict=True, reason="review 146 honest break HB1: 4 honest UDP "
+                   "followers behind one address: the large certificate and its "
+                   "replacement reach only 2, the others wait for a refresh")
+def test_hole_hb1_every_udp_follower_behind_one_address_gets_a_large_certificate(home, pki):
+    result = followers_told(home, pki, 4, "127.0.146.10")
+    assert result["initial"] == [True] * 4, result
+    assert result["changed"] == [True] * 4, result
+
+
+def test_control_hb1_two_udp_followers_behind_one_address_are_told(home, pki):
+    result = followers_told(home, pki, MAX_CONNECTS, "127.0.146.11")
+    assert result["initial"] == [True] * MAX_CONNECTS, result
+    assert result["changed"] == [True] * MAX_CONNECTS, result
+    assert result["unsent"] == 0, result
