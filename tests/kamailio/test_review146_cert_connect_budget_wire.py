@@ -46,6 +46,33 @@ Hole K1: the 2-per-12-s budget is open to every connect once its 12 s have passe
 - Test: ``test_hole_k1_the_connect_budget_holds_past_its_first_12_seconds`` (strict
   xfail: asserts at most 2 connects per 12 s and every honest probe served).
 
+Hole K2: a stranger behind the same address spends its budget for the followers there
+---------------------------------------------------------------------------------------
+
+- Attacker: off-path stranger behind the same address as honest UDP subscribers (the
+  same NAT, or anywhere in the same IPv6 /56: ``sources.site_of``), no account.
+- Messages: 2 fetches (``Expires: 0``) of any user of ours over TCP, each with
+  ``Record-Route: <sip:ADDRESS:9;transport=tcp;lr>`` (his own address, so the rule
+  against third parties holds; port 9 closed: each connect is refused at once, no
+  slot held); then, within 12 s, an honest UDP follower of bob's large certificate
+  behind that address subscribes and answers its ``pending`` NOTIFY.
+- Effect observed: the fetches drew 200 each, their NOTIFYs 2 connects (RST); the
+  follower's release was ``not sent`` (1) and it was told nothing in 5 s: it has no
+  certificate of bob's until its refresh (then starved again if the stranger repeats,
+  2 fetches per 12 s: under pike, no subscription kept, no bound applies).  A failed
+  connect counts like one that holds a slot; followers behind a record-routing
+  visited proxy in the stranger's /56 lose their NOTIFYs the same way whenever the
+  proxy's connection to the hop has to be reopened (read, not run: no second IPv6
+  site on loopback).
+- Code at fault: ``kamailio_app/cert_route.py:366-368`` (any connect started toward a
+  site spends that site's budget, whoever asked for it and whatever came of it) with
+  ``:381`` (a NOTIFY past the budget is dropped, not deferred).
+- Suggested fix: count only connects still pending toward the site (a refused one
+  frees its place at once); keep an unsent NOTIFY owed (``pending``) so the timer
+  tries again when the budget allows, instead of spending the claim.
+- Test: ``test_hole_k2_a_strangers_two_fetches_do_not_starve_a_follower_behind_his_address``
+  (strict xfail).
+
 Honest break HB1: UDP subscribers behind one address, a certificate too large for UDP
 ---------------------------------------------------------------------------------------
 
@@ -82,7 +109,11 @@ Controls (unmarked, pass)
   8 s from a fresh address: exactly ``MAX_CONNECTS`` connects (2 timeouts), every other
   release ``not sent``, every honest probe 200 (14 of 14).
 - ``test_control_hb1_two_udp_followers_behind_one_address_are_told``: 2 followers from
-  one address: both get the large certificate over TCP, and bob's replacement.
+  one address: both get the large certificate over TCP, and bob's replacement; 0
+  ``not sent``.
+- ``test_control_k2_the_same_fetches_over_their_own_connection_spend_nothing``: the
+  stranger's 2 TCP fetches without the Record-Route: 200 and NOTIFY down their own
+  connections, no connect, 0 ``not sent``; the follower behind that address told.
 
 Tried and held
 --------------
@@ -105,9 +136,9 @@ Tried and held
   connect, nothing learned.  Read, not run.
 - Starving a visited proxy's address from elsewhere: the budget is keyed by the
   destination's site, and a destination is a TCP/TLS source (unforgeable), or the
-  source of a UDP fetch whose ``pending`` NOTIFY must be answered.  A stranger needs
-  the victim's address or /56 (same NAT, same host, same IPv6 site) to burn it:
-  not run here (HB1 shows what an exhausted budget costs honest followers).
+  source of a UDP fetch whose ``pending`` NOTIFY must be answered, or a UDP SUBSCRIBE
+  whose Record-Route asks for TCP (403, ``notifier._next_hop``).  A stranger needs
+  the victim's address or /56 to burn it (K2).  Read.
 
 Untried (time): forging the 2xx that releases a held certificate toward a victim
 address (tm branches of local requests may be predictable per hash bucket: a
@@ -319,3 +350,88 @@ def test_control_hb1_two_udp_followers_behind_one_address_are_told(home, pki):
     assert result["initial"] == [True] * MAX_CONNECTS, result
     assert result["changed"] == [True] * MAX_CONNECTS, result
     assert result["unsent"] == 0, result
+
+
+# -- K2: a stranger behind the same address spends its budget -----------------------------
+
+def routed_fetch(home, source: str, record_route: bool) -> list:
+    """A fetch (``Expires: 0``) of any user over a TCP connection from ``source``; with
+    ``record_route``, its Record-Route names ``source`` itself at port 9 (nobody
+    listens: the connect is refused at once), so the NOTIFY needs a connection of the
+    proxy's own.  What came back on the connection (codes, NOTIFY states)."""
+    sock = socket.create_connection(("127.0.0.1", home.port), timeout=3,
+                                    source_address=(source, 0))
+    try:
+        port = sock.getsockname()[1]
+        call_id = uuid.uuid4().hex
+        sock.sendall((
+            f"SUBSCRIBE sip:peer@example.com SIP/2.0\r\n"
+            f"Via: SIP/2.0/TCP {source}:{port};rport;branch=z9hG4bK{call_id[:12]}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:stranger@{source}>;tag={call_id[:8]}\r\n"
+            f"To: <sip:peer@example.com>\r\nCall-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\n"
+            + (f"Record-Route: <sip:{source}:9;transport=tcp;lr>\r\n" if record_route else "")
+            + f"Contact: <sip:stranger@{source}:{port};transport=tcp>\r\n"
+            "Event: certificate\r\nAccept: application/pkix-cert\r\nExpires: 0\r\n"
+            "Content-Length: 0\r\n\r\n").encode())
+        seen: list = []
+        sock.settimeout(1.0)
+        buffer = b""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65535)
+            except (socket.timeout, OSError):
+                break
+            if not data:
+                break
+            buffer += data
+        for part in re.split(rb"(?=SIP/2\.0 \d{3}|NOTIFY )", buffer):
+            if part.startswith(b"SIP/2.0"):
+                seen.append(int(part[8:11]))
+            elif part.startswith(b"NOTIFY"):
+                seen.append("NOTIFY")
+        return seen
+    finally:
+        sock.close()
+
+
+def starved(home, pki, source: str, record_route: bool) -> dict:
+    """A stranger at ``source`` makes 2 fetches over TCP; then an honest UDP follower
+    behind the same address follows bob's large certificate."""
+    publisher = CertClient(home.port, "bob", password=USERS["bob"], source=address())
+    follower = UdpFollower(home, source)
+    try:
+        der = large_certificate(pki)
+        assert publisher.publish(der).status == 200
+        mark = home.log_mark()
+        stranger = [routed_fetch(home, source, record_route) for _ in range(MAX_CONNECTS)]
+        log = home.log_since(mark)
+        follower.subscribe()
+        pump([follower], 5)
+        return {"stranger": stranger, "told": der in follower.certificates,
+                "stranger_connects": len(re.findall(r"connect \S+ failed \(RST\)", log)),
+                "unsent": home.log_since(mark).count("not sent: no connection")}
+    finally:
+        follower.close()
+        publisher.close()
+        forget_certificates(home)
+
+
+@pytest.mark.xfail(strict=True, reason="review 146 hole K2: a stranger behind the same "
+                   "address spends its 2 connects with 2 TCP fetches whose Record-Route "
+                   "names a closed port: an honest UDP follower there is never told")
+def test_hole_k2_a_strangers_two_fetches_do_not_starve_a_follower_behind_his_address(
+        home, pki):
+    result = starved(home, pki, "127.0.146.20", record_route=True)
+    # live: both fetches served (200, NOTIFY toward port 9: connect refused at once)
+    assert result["stranger"] == [[200]] * MAX_CONNECTS, result
+    assert result["stranger_connects"] == MAX_CONNECTS, result
+    assert result["told"], result
+
+
+def test_control_k2_the_same_fetches_over_their_own_connection_spend_nothing(home, pki):
+    result = starved(home, pki, "127.0.146.21", record_route=False)
+    # the NOTIFYs go down the fetches' own connections: no connect, the follower told
+    assert all(seen[:2] == [200, "NOTIFY"] for seen in result["stranger"]), result
+    assert result["stranger_connects"] == 0 and result["unsent"] == 0, result
+    assert result["told"], result
