@@ -24,12 +24,14 @@ Hole K1: the 2-per-12-s budget is open to every connect once its 12 s have passe
   connects: 264 fetches gave 18 ``connect ... failed (timeout)`` plus 58 NOTIFYs whose
   connect the proxy could not even start (``tcp_send``: "maximum number of connections
   exceeded"), i.e. 76 connect attempts toward one address in about 42 s, where the
-  rule allows 2 per 12 s (at most 8).  The table (16) was full twice: an honest
-  client's OPTIONS over a new TCP connection from another address was refused 24 times
-  of 66 (two runs of 14 and 10 in a row, ~10 s each).  With closed ports (RST, scratch
-  run, 1 s bins) the pattern is plain: 2 connects in the first 12 s, then 8, 7, 8, 7,
-  8, 9 per second (one a release) for ~5 s, none for ~10 s, then 8, 7, 8, 7 again: 79
-  connects in 30 s.
+  rule allows 2 per 12 s (at most 8; the test's own run with the marker off: 93
+  connect attempts in 40 s against its bound of 10).  The table (16) was full twice:
+  an honest client's OPTIONS over a new TCP connection from another address was
+  refused 24 times of 66 (runs of 14 and 10 in a row, ~10 s each).  With closed ports
+  (RST, scratch run, 9 fetches a second, 1 s bins) the pattern is plain: 2 connects in
+  the first 12 s, then every release connects (8, 7, 8, 7, 8, 9 a second) for ~6 s
+  until the htable timer removes the item, the next window's 2, none for ~10 s, then
+  8, 7, 8, 7 again: 79 connects in 30 s.
 - Code at fault: ``kamailio_app/templates/kamailio.cfg.tmpl:288`` (``e2mconnects``:
   ``autoexpire=12;updateexpire=0;initval=0``) with ``kamailio_app/cert_route.py:367``
   (``sht_inc``).  In Kamailio 5.6's ``ht_cell_value_add`` (``htable/ht_api.c``) an item
@@ -44,7 +46,9 @@ Hole K1: the 2-per-12-s budget is open to every connect once its 12 s have passe
   ``sht_setxi``); or count pending connects (``tcp_conid_state`` 3 = S_CONN_CONNECT)
   per destination site instead of connects started.
 - Test: ``test_hole_k1_the_connect_budget_holds_past_its_first_12_seconds`` (strict
-  xfail: asserts at most 2 connects per 12 s and every honest probe served).
+  xfail: asserts at most 2 connects per 12 s and every honest probe served).  The open
+  stretch lasts 0-10 s by the timer's phase; a 40 s wave crosses two or three of them
+  (3 runs of 3: 76, 93 and the module run all far above the bound).
 
 Hole K2: a stranger behind the same address spends its budget for the followers there
 ---------------------------------------------------------------------------------------
