@@ -48,7 +48,7 @@ Hole K1: the 2-per-12-s budget is open to every connect once its 12 s have passe
 - Test: ``test_hole_k1_the_connect_budget_holds_past_its_first_12_seconds`` (strict
   xfail: asserts at most 2 connects per 12 s and every honest probe served).  The open
   stretch lasts 0-10 s by the timer's phase; a 40 s wave crosses two or three of them
-  (3 runs of 3: 76, 93 and the module run all far above the bound).
+  (two runs with figures: 76 and 93 connect attempts; every run so far failed it).
 
 Hole K2: a stranger behind the same address spends its budget for the followers there
 ---------------------------------------------------------------------------------------
