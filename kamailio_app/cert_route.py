@@ -33,7 +33,7 @@ import base64
 import time
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from e2m_plugins import certservice, notifier
 from e2m_plugins.certservice import Answer, ServiceSettings
@@ -60,14 +60,26 @@ NOTIFY_TABLE = "e2mnotify"       # branch -> "Call-ID|From tag|To tag" of each N
 _REPLY_BRANCH = "$via0(branch)"  # as the cfg files it (review 120: one empty name for all)
 _CHANGES = ("published", "replaced", "removed")
 _SUBSCRIBES = "e2mcertsubs"          # the pipelimit pipe of SUBSCRIBEs served
-# Connections the service may open per destination address (an IPv6 site) within
-# Kamailio's connect timeout (10 s; the cfg's table keeps a count 12 s): a connect to a
-# port that never answers holds one of the proxy's TCP/TLS connections that long, and
-# the destinations are the subscribers' to choose (review 145).
+# Connections the service opened that may be alive at once per destination address
+# (an IPv6 site): a connect to a port that never answers holds one of the proxy's
+# TCP/TLS connections for the connect timeout (10 s), one that is accepted and never
+# spoken on for its idle life, and the destinations are the subscribers' to choose
+# (reviews 145, 146).  The table keeps, per address, the host:port each was opened to.
 CONNECTS_TABLE = "e2mconnects"
+CONNECTS_KEPT = 30                   # s: longer than any of those connections lives
 MAX_CONNECTS = 2
+CONNECT_LIFETIME = 4                 # s: idle life of a connection the service opened
+RETRY_UNSENT = 2                     # s: a NOTIFY owed but not sent is tried again after
 STREAM_ROUTE = "E2M_STREAM_OPEN"     # native: $var(e2m_conid) of an open connection, or 0
 BUSY_RETRY_AFTER = 2                 # s, in the 503 past max_subscribes_per_second (a pipe counted per second)
+
+
+class Notified(NamedTuple):
+    """What ``CertService._notify`` did: whether the NOTIFY went, and whether its
+    certificate was held back (too large for UDP before the subscriber answered)."""
+
+    sent: bool
+    held: bool
 
 
 def _header_text(headers: Iterable[tuple[str, str]]) -> str:
@@ -315,9 +327,11 @@ class CertService:
             return
         self._reply(200, "OK", [*answer.headers, ("Contact", f"<{sub.contact}>")])
         confirmed = not flags & UNCONFIRMED
-        if self._notify(sub, cseq, answer.expires, answer.body or b"", confirmed) \
-                and answer.expires:
+        notified = self._notify(sub, cseq, answer.expires, answer.body or b"", confirmed)
+        if notified.held and answer.expires:
             self.subscriptions.hold(sub)
+        elif answer.expires and confirmed:
+            self._owe(sub, notified, time.time())
         self._log("SUBSCRIBE", sub.aor, f"200 {'refresh' if answer.expires else 'unsubscribe'}"
                                         f" {answer.expires}")
 
@@ -342,44 +356,79 @@ class CertService:
         return (request.request_uri, request.next_hop,
                 _header_text([*request.headers, *state]), b"", True)
 
-    def _may_send(self, sub: notifier.Subscription, hop: str) -> bool:
-        """Whether a NOTIFY may go to ``hop`` now: over UDP, or over a TCP or TLS
-        connection that is open; else only where the proxy may open one: never to a
-        subscriber's own source port (``notifier.own_connection``: its connection is
-        gone, and nobody listens there), elsewhere (a route set's first hop, a UDP
-        subscriber's address for a certificate too large for UDP) at most
-        ``MAX_CONNECTS`` times per address within the connect timeout.  A connect to a
-        port that never answers holds a connection of the proxy's for that timeout:
-        strangers' follows and fetches aimed at their own silent ports filled the
-        proxy's whole connection table (review 145).  A NOTIFY not sent is counted
-        (``e2m_certs_unsent``); its subscriber hears of the certificate at its next
-        refresh."""
+    def _conid(self, hostport: str) -> int:
+        """The id of an open TCP or TLS connection to ``hostport``, 0 for none."""
+        self.ksr.pv.sets("$var(e2m_hostport)", hostport)
+        self.ksr.route(STREAM_ROUTE)
+        return self.ksr.pv.get("$var(e2m_conid)") or 0
+
+    def _may_connect(self, host: str, hostport: str) -> bool:
+        """Whether the service may open a connection to ``hostport``: fewer than
+        ``MAX_CONNECTS`` of those it opened toward that address (IPv6: site) are still
+        there (connecting, or open for their short life).  A refused or finished one
+        frees its place at once (review 146: a count per window starved honest
+        followers behind one address, and restarted too soon)."""
+        site = site_of(host.strip("[]"))
+        ksr = self.ksr
+        held = str(ksr.htable.sht_get(CONNECTS_TABLE, site) or "").split()
+        live = [target for target in held if self._conid(target)]
+        if len(live) >= MAX_CONNECTS:
+            if live != held:
+                ksr.htable.sht_setxs(CONNECTS_TABLE, site, " ".join(live), CONNECTS_KEPT)
+            return False
+        ksr.htable.sht_setxs(CONNECTS_TABLE, site, " ".join([*live, hostport]), CONNECTS_KEPT)
+        return True
+
+    def _close_opened(self) -> None:
+        """The answer to one of our NOTIFYs came over a connection the service opened
+        for it (``_may_connect``): closed now, so its place is free for the next
+        subscriber behind that address (review 146 HB1: four UDP followers of a large
+        certificate behind one address waited on two connections left open)."""
+        ksr = self.ksr
+        if (ksr.pv.get("$proto") or "").lower() not in ("tcp", "tls"):
+            return
+        source = ksr.pv.get("$si") or ""
+        hostport = "%s:%s" % (f"[{source}]" if ":" in source else source, ksr.pv.get("$sp"))
+        site = site_of(source)
+        held = str(ksr.htable.sht_get(CONNECTS_TABLE, site) or "").split()
+        if hostport in held:
+            ksr.tcpops.tcp_close_connection()
+            ksr.htable.sht_setxs(CONNECTS_TABLE, site,
+                                 " ".join(t for t in held if t != hostport), CONNECTS_KEPT)
+
+    def _may_send(self, sub: notifier.Subscription, hop: str) -> str | None:
+        """Whether a NOTIFY may go to ``hop`` now: None when it may (over UDP, over a
+        TCP or TLS connection that is open), "open" when it may and opens a connection,
+        "no" when it may not: never to a subscriber's own source port
+        (``notifier.own_connection``: its connection is gone, and nobody listens
+        there), elsewhere (a route set's first hop, a UDP subscriber's address for a
+        certificate too large for UDP) not past ``_may_connect``.  Strangers' follows
+        and fetches aimed at their own silent ports filled the proxy's whole connection
+        table (review 145).  A NOTIFY not sent is counted (``e2m_certs_unsent``)."""
         destination = notifier.stream_destination(hop)
         if destination is None:
-            return True
+            return None
         host, port = destination
-        ksr = self.ksr
-        ksr.pv.sets("$var(e2m_hostport)", f"{host}:{port}")
-        ksr.route(STREAM_ROUTE)
-        if (ksr.pv.get("$var(e2m_conid)") or 0) > 0:
-            return True
-        if not notifier.own_connection(sub, hop) and \
-                (ksr.htable.sht_inc(CONNECTS_TABLE, site_of(host.strip("[]"))) or 0) \
-                <= MAX_CONNECTS:
-            return True
-        ksr.statistics.update_stat("e2m_certs_unsent", 1)
-        self._log("NOTIFY", sub.aor, f"not sent: no connection to {host}:{port}"
-                  + ("" if notifier.own_connection(sub, hop) else
-                     f", and {MAX_CONNECTS} opened toward that address already"))
-        return False
+        hostport = f"{host}:{port}"
+        if self._conid(hostport):
+            return None
+        own = notifier.own_connection(sub, hop)
+        if not own and self._may_connect(host, hostport):
+            return "open"
+        self.ksr.statistics.update_stat("e2m_certs_unsent", 1)
+        self._log("NOTIFY", sub.aor, f"not sent: no connection to {hostport}"
+                  + ("" if own else f", and {MAX_CONNECTS} of ours toward that address"))
+        return "no"
 
     def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
-                body: bytes, confirmed: bool = True) -> bool:
-        """Send one NOTIFY (if it may go: ``_may_send``); whether its certificate was
+                body: bytes, confirmed: bool = True) -> Notified:
+        """Send one NOTIFY, if it may go (``_may_send``); a connection it opened lives
+        ``CONNECT_LIFETIME`` idle.  Whether it went, and whether its certificate was
         held back."""
         ruri, hop, headers, body, held = self._plan(sub, cseq, expires_left, body, confirmed)
-        if not self._may_send(sub, hop):
-            return held
+        verdict = self._may_send(sub, hop)
+        if verdict == "no":
+            return Notified(False, held)
         ksr = self.ksr
         ksr.pv.sets("$var(e2m_method)", "NOTIFY")
         ksr.pv.sets("$var(e2m_ruri)", ruri)
@@ -389,7 +438,19 @@ class CertService:
         ksr.pv.sets("$var(e2m_hdrs)", headers)
         ksr.pv.sets("$var(e2m_body)", base64.b64encode(body).decode("ascii"))
         ksr.route(SEND_ROUTE)
-        return held
+        if verdict == "open":
+            destination = notifier.stream_destination(hop)
+            conid = self._conid("%s:%d" % destination) if destination else 0
+            if conid:
+                ksr.tcpops.tcp_set_connection_lifetime_cid(conid, CONNECT_LIFETIME)
+        return Notified(True, held)
+
+    def _owe(self, sub: notifier.Subscription, notified: Notified, now: float) -> None:
+        """A confirmed subscription's NOTIFY that did not go is owed again, due
+        ``RETRY_UNSENT`` s later (review 146 HB1: it was lost until a refresh)."""
+        if not notified.sent:
+            self.subscriptions.owe(sub, due_at=now + RETRY_UNSENT,
+                                   interval=self.settings.notify_interval)
 
     def _body(self, aor: str, now: float, cache: dict[str, bytes]) -> bytes:
         if aor not in cache:
@@ -416,15 +477,18 @@ class CertService:
         mine = None if self._sockets is None else set(self._sockets)
         for claim in self.subscriptions.claim_lapsed(now, BATCH, mine):
             sub, cseq = claim
-            self._notify(sub, cseq, 0, self._body(sub.aor, now, bodies), claim.confirmed)
-            sent += 1
+            sent += self._notify(sub, cseq, 0, self._body(sub.aor, now, bodies),
+                                 claim.confirmed).sent
         for claim in self.subscriptions.claim_due(now, self.settings.notify_interval, BATCH,
                                                   mine):
             sub, cseq = claim
-            if self._notify(sub, cseq, max(1, int(sub.expires - now)),
-                            self._body(sub.aor, now, bodies), claim.confirmed):
+            notified = self._notify(sub, cseq, max(1, int(sub.expires - now)),
+                                    self._body(sub.aor, now, bodies), claim.confirmed)
+            if notified.held:
                 self.subscriptions.hold(sub)
-            sent += 1
+            elif claim.confirmed:
+                self._owe(sub, notified, now)
+            sent += notified.sent
         return sent
 
     def on_reply(self) -> None:
@@ -451,6 +515,7 @@ class CertService:
         if any("|" in part for part in dialog) or \
                 sent_in != "%s|%s|%s" % (call_id, dialog[1], dialog[2]):
             return
+        self._close_opened()
         if status != 481:
             self.subscriptions.confirm(*dialog, now=time.time())
             return

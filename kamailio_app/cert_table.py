@@ -471,6 +471,16 @@ class SubscriptionTable:
                 f"WHERE {where} AND (pending & {UNCONFIRMED + HELD}) != 0"), (now, *args))
             return cursor.rowcount
 
+    def owe(self, sub: Subscription, *, due_at: float, interval: float) -> None:
+        """``sub``'s NOTIFY could not go: owed again (CHANGED), due from ``due_at`` under
+        ``claim_due``'s ``interval`` (its place among the others kept by that time).
+        Only a confirmed subscription's: one on probation is timed by its first NOTIFY."""
+        with self.db.write() as cursor:
+            cursor.execute(self.db.sql(
+                f"UPDATE cert_subscriptions SET pending = pending | {CHANGED}, "
+                f"last_notify = ? WHERE {_KEY} AND (pending & {UNCONFIRMED}) = 0"),
+                (due_at - interval, *_key(sub)))
+
     def hold(self, sub: Subscription) -> None:
         """``sub``'s last NOTIFY went without its certificate (too large for UDP before
         the subscriber answered): send it when the subscriber answers."""
