@@ -80,6 +80,7 @@ class Notified(NamedTuple):
 
     sent: bool
     held: bool
+    retry: bool         # not sent now, owed again (a place toward its address may free)
 
 
 def _header_text(headers: Iterable[tuple[str, str]]) -> str:
@@ -399,7 +400,9 @@ class CertService:
     def _may_send(self, sub: notifier.Subscription, hop: str) -> str | None:
         """Whether a NOTIFY may go to ``hop`` now: None when it may (over UDP, over a
         TCP or TLS connection that is open), "open" when it may and opens a connection,
-        "no" when it may not: never to a subscriber's own source port
+        "gone" when it never will (its follow's own connection is gone: its subscriber
+        hears at its next refresh, over a new one), "no" when not now: never to a
+        subscriber's own source port
         (``notifier.own_connection``: its connection is gone, and nobody listens
         there), elsewhere (a route set's first hop, a UDP subscriber's address for a
         certificate too large for UDP) not past ``_may_connect``.  Strangers' follows
@@ -418,7 +421,7 @@ class CertService:
         self.ksr.statistics.update_stat("e2m_certs_unsent", 1)
         self._log("NOTIFY", sub.aor, f"not sent: no connection to {hostport}"
                   + ("" if own else f", and {MAX_CONNECTS} of ours toward that address"))
-        return "no"
+        return "gone" if own else "no"
 
     def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
                 body: bytes, confirmed: bool = True) -> Notified:
@@ -427,8 +430,10 @@ class CertService:
         held back."""
         ruri, hop, headers, body, held = self._plan(sub, cseq, expires_left, body, confirmed)
         verdict = self._may_send(sub, hop)
-        if verdict == "no":
-            return Notified(False, held)
+        if verdict in ("no", "gone"):
+            # owed again only when a place may free up (review 147 K2: a follow whose
+            # connection is gone was retried every 2 s for its whole life)
+            return Notified(False, held, retry=verdict == "no")
         ksr = self.ksr
         ksr.pv.sets("$var(e2m_method)", "NOTIFY")
         ksr.pv.sets("$var(e2m_ruri)", ruri)
@@ -443,12 +448,12 @@ class CertService:
             conid = self._conid("%s:%d" % destination) if destination else 0
             if conid:
                 ksr.tcpops.tcp_set_connection_lifetime_cid(conid, CONNECT_LIFETIME)
-        return Notified(True, held)
+        return Notified(True, held, retry=False)
 
     def _owe(self, sub: notifier.Subscription, notified: Notified, now: float) -> None:
         """A confirmed subscription's NOTIFY that did not go is owed again, due
         ``RETRY_UNSENT`` s later (review 146 HB1: it was lost until a refresh)."""
-        if not notified.sent:
+        if notified.retry:
             self.subscriptions.owe(sub, due_at=now + RETRY_UNSENT,
                                    interval=self.settings.notify_interval)
 

@@ -122,6 +122,12 @@ Tried and held
   must start there), so only his own twin (K3's mechanism) or, behind one NAT, a
   neighbour's flow from exactly that port while the entry is listed and its own
   connection gone (needs the neighbour's NAT port: not tried).
+
+Left open (stop 45), K1 and K3: found at the end of the stop, both strict xfails with
+threat-model rows.  The planned fix keeps each connection the service opened by its id
+and open time (not its host:port), counts places with ``tcp_conid_state``, closes one
+past its short life with ``tcp_close_connection_id`` when the address is next counted,
+and closes on an answer only the connection whose ``$conid`` is the one kept.
 """
 
 from __future__ import annotations
