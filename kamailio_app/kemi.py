@@ -81,6 +81,7 @@ from kamailio_app.late_copies import (note_answer_key, remember_answer,  # noqa:
                                      remembered_answer)
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.sources import SITE_SHARES, site_of, unmapped  # noqa: E402
+from kamailio_app.htable_items import put_expiring  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
                                     marked_lifetime, parse_tcp_list)
 
@@ -1955,7 +1956,7 @@ class kamailio:
             name = _caller_name(call_id, caller)
             if KSR.htable.sht_get(_TARGETS, name) is None:
                 side = route_set_digest(_header_entries("Record-Route", _RECORD_ROUTE_SPECS))
-                KSR.htable.sht_setxs(_TARGETS, name, target + ":" + side, _UNANSWERED_TARGET)
+                put_expiring(KSR, _TARGETS, name, target + ":" + side, _UNANSWERED_TARGET)
                 KSR.pv.seti(_TARGET_MINE_AVP, 1)
 
     def note_dialog_targets(self, stray=False):
@@ -2008,10 +2009,11 @@ class kamailio:
                                                parties=parties)]
             if ours:
                 side = route_set_digest(list(reversed(entries[:ours[0]])))
-        KSR.htable.sht_setxs(_TARGETS, _caller_name(call_id, caller),
-                             held + "|" + tag_digest(callee), life)
-        KSR.htable.sht_setxs(_TARGETS, _dialog_name(call_id, caller, callee),
-                             tag_digest(callee) + "|" + target + ":" + side, life)
+        # (the caller's note grows here: put_expiring keeps its life, stop 46)
+        put_expiring(KSR, _TARGETS, _caller_name(call_id, caller),
+                     held + "|" + tag_digest(callee), life)
+        put_expiring(KSR, _TARGETS, _dialog_name(call_id, caller, callee),
+                     tag_digest(callee) + "|" + target + ":" + side, life)
 
     def note_bye_way(self):
         """In the request route, after ``loose_route``: a BYE goes the dialog's way when

@@ -51,6 +51,8 @@ from e2m_plugins.keycache import (DIALOG_TTL, MAX_DECRYPTS_CAP, MAX_TTL, TRANSAC
                                   decode_scope_keys, encode_scope_keys, over_quota, scope_key,
                                   scope_victim, short_lived_key)
 
+from .htable_items import put_expiring
+
 __all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache"]
 
 Kept = list[tuple[CachedKey, str]]    # one record's keys, each with the node that kept it
@@ -78,8 +80,10 @@ class KsrHtable:
         self.table = table
 
     def set(self, key: str, value: str, ttl: int) -> None:
-        # sht_setxs: the item gets its own expiry, shorter than the table's autoexpire.
-        if self._ksr.htable.sht_setxs(self.table, key, value, int(ttl)) < 0:
+        # the item gets its own expiry, shorter than the table's autoexpire; written
+        # under the record's lock, so the value read first is the one written over
+        previous = self._ksr.htable.sht_get(self.table, key)
+        if put_expiring(self._ksr, self.table, key, value, int(ttl), previous) < 0:
             raise LimitExceededError("key cache: htable write failed (shared memory full?)")
 
     def get(self, key: str) -> str | None:

@@ -26,6 +26,8 @@ from typing import Any
 from e2m_plugins.replay import TRANSACTION_LIFETIME
 from e2m_plugins.sip import SipMessage
 
+from .htable_items import put_expiring
+
 __all__ = ["ANSWERED_TABLE", "ANSWER_KEY_AVP", "answer_key", "note_answer_key",
            "remember_answer", "remembered_answer"]
 
@@ -71,8 +73,8 @@ def remember_answer(ksr: Any) -> None:
     reason = ksr.pv.get("$rr")
     if not isinstance(reason, str) or not _REASON.fullmatch(reason):
         reason = "OK"
-    ksr.htable.sht_setxs(ANSWERED_TABLE, key, "%d %s" % (status, reason),
-                         int(TRANSACTION_LIFETIME))
+    put_expiring(ksr, ANSWERED_TABLE, key, "%d %s" % (status, reason),
+                 int(TRANSACTION_LIFETIME))
 
 
 def remembered_answer(ksr: Any, request: SipMessage,

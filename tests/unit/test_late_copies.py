@@ -30,8 +30,13 @@ class FakeKSR:
         self.pv.get = self.vars.get
         self.pv.sets = self.vars.__setitem__
         self.htable = _Ns()
-        self.htable.sht_setxs = lambda t, k, v, ttl: self.table.__setitem__((t, k), (v, ttl))
+        self.htable.sht_setxs = self._setxs
+        self.htable.sht_setex = lambda t, k, ttl: self._setxs(t, k, self.table[(t, k)][0], ttl)
         self.htable.sht_get = lambda t, k: (self.table.get((t, k)) or (None,))[0]
+
+    def _setxs(self, table: str, key: str, value: str, ttl: int) -> int:
+        self.table[(table, key)] = (value, ttl)
+        return 1
 
 
 def _request(method: str = "MESSAGE", to_tag: str | None = None,

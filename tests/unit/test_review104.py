@@ -131,7 +131,11 @@ class Node:
             sht_get=get,
             sht_setxs=lambda name, key, value, ttl: (self.table.__setitem__((name, key), value),
                                                      self.ttls.__setitem__(key, ttl),
-                                                     self.ends.__setitem__(key, self.clock() + ttl)),
+                                                     self.ends.__setitem__(key, self.clock() + ttl),
+                                                     1)[-1],
+            sht_setex=lambda name, key, ttl: (self.ttls.__setitem__(key, ttl),
+                                              self.ends.__setitem__(key, self.clock() + ttl),
+                                              1)[-1],
             sht_rm=lambda name, key: (self.table.pop((name, key), None),
                                       self.ttls.pop(key, None)))
         fake.info = lambda text: None

@@ -97,7 +97,8 @@ def _fake_htable(fake) -> dict:
     fake.htable = types.SimpleNamespace(
         sht_get=lambda name, key: table.get((name, key)),
         sht_sets=lambda name, key, value: table.__setitem__((name, key), value),
-        sht_setxs=lambda name, key, value, ttl: table.__setitem__((name, key), value),
+        sht_setxs=lambda name, key, value, ttl: table.__setitem__((name, key), value) or 1,
+        sht_setex=lambda name, key, ttl: 1,
         sht_rm=lambda name, key: table.pop((name, key), None))
     fake.info = lambda text: None
     return table

@@ -405,7 +405,8 @@ def _ttls(fake, kemi, answered: bool) -> dict:
     fake.htable = types.SimpleNamespace(
         sht_get=lambda name, key: table.get((name, key)),
         sht_setxs=lambda name, key, value, ttl: (table.__setitem__((name, key), value),
-                                                 ttls.__setitem__(key, ttl)),
+                                                 ttls.__setitem__(key, ttl), 1)[-1],
+        sht_setex=lambda name, key, ttl: (ttls.__setitem__(key, ttl), 1)[-1],
         sht_rm=lambda name, key: table.pop((name, key), None))
     # stop 36: the engine says whether it holds the dialog's keys (here: none)
     engine = types.SimpleNamespace(holds_dialog_keys=lambda call_id, tag, other: False)

@@ -166,7 +166,8 @@ def _keyed_calls(fake, kemi, calls: int, *, keep: bool = True):
     fake.htable = types.SimpleNamespace(
         sht_get=lambda name, key: table.get((name, key)),
         sht_setxs=lambda name, key, value, ttl: (table.__setitem__((name, key), value),
-                                                 ttls.__setitem__(key, ttl)),
+                                                 ttls.__setitem__(key, ttl), 1)[-1],
+        sht_setex=lambda name, key, ttl: (ttls.__setitem__(key, ttl), 1)[-1],
         sht_rm=lambda name, key: (table.pop((name, key), None), ttls.pop(key, None)))
     holder = types.SimpleNamespace(cache=cache)
     engine = types.SimpleNamespace(

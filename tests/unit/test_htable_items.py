@@ -1,0 +1,82 @@
+"""``put_expiring`` against a model of Kamailio 5.6.3's ``ht_set_cell_ex`` (stop 46):
+a string written with its own expiry over a shorter string (or a number) lands in a
+new cell without one; a write in place keeps it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from kamailio_app.htable_items import put_expiring
+from kamailio_app.keycache_htable import KsrHtable
+
+NEVER = 0
+
+
+class BuggyHtable:
+    """Items as (value, expires at); ``now`` stands still."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str], tuple[object, int]] = {}
+        self.calls: list[str] = []
+        self.now = 1000
+
+    def sht_setxs(self, table: str, key: str, value: str, seconds: int) -> int:
+        self.calls.append("setxs")
+        old = self.items.get((table, key))
+        if old is not None and not (isinstance(old[0], str) and len(old[0]) >= len(value)):
+            self.items[(table, key)] = (value, NEVER)    # the new cell; the old got the expiry
+        else:
+            self.items[(table, key)] = (value, self.now + seconds)
+        return 1
+
+    def sht_setex(self, table: str, key: str, seconds: int) -> int:
+        self.calls.append("setex")
+        value, _ = self.items[(table, key)]
+        self.items[(table, key)] = (value, self.now + seconds)
+        return 1
+
+    def sht_get(self, table: str, key: str):
+        item = self.items.get((table, key))
+        return None if item is None else item[0]
+
+
+def _ksr(htable: BuggyHtable):
+    return SimpleNamespace(htable=htable)
+
+
+def test_the_model_loses_the_expiry_of_a_longer_rewrite():
+    table = BuggyHtable()
+    table.sht_setxs("t", "k", "short", 60)
+    table.sht_setxs("t", "k", "a longer value", 60)
+    assert table.items[("t", "k")][1] == NEVER       # what review 147 saw
+
+
+def test_a_longer_rewrite_keeps_its_expiry():
+    table = BuggyHtable()
+    put_expiring(_ksr(table), "t", "k", "short", 60)
+    put_expiring(_ksr(table), "t", "k", "a longer value", 30, previous="short")
+    assert table.items[("t", "k")] == ("a longer value", table.now + 30)
+
+
+def test_an_unread_previous_value_is_treated_as_maybe_shorter():
+    table = BuggyHtable()
+    table.items[("t", "k")] = (7, table.now + 5)          # a number there, expired or not
+    put_expiring(_ksr(table), "t", "k", "text", 30)
+    assert table.items[("t", "k")] == ("text", table.now + 30)
+
+
+def test_a_write_in_place_sets_the_expiry_once():
+    table = BuggyHtable()
+    table.items[("t", "k")] = ("a longer value", table.now + 5)
+    put_expiring(_ksr(table), "t", "k", "short", 30, previous="a longer value")
+    assert table.items[("t", "k")] == ("short", table.now + 30)
+    assert table.calls == ["setxs"]                     # no second replicated action
+
+
+def test_the_key_cache_backend_keeps_a_growing_records_expiry():
+    table = BuggyHtable()
+    backend = KsrHtable(_ksr(table), "e2mkeys")
+    backend.set("record", "one key", 200)
+    backend.set("record", "one key, and the answer's", 43200)
+    assert table.items[("e2mkeys", "record")] == ("one key, and the answer's",
+                                                   table.now + 43200)
