@@ -40,6 +40,7 @@ from e2m_plugins.certservice import Answer, ServiceSettings
 from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.sip import SipMessage
 
+from .cert_connects import MAX_CONNECTS, OpenedConnections
 from .cert_table import (FETCH, HELD, UNCONFIRMED, CertDatabase, CertTableError,
                          PublicationTable, SubscriptionLimits, SubscriptionRefused,
                          SubscriptionTable, SubscriptionTaken, source_site)
@@ -60,17 +61,7 @@ NOTIFY_TABLE = "e2mnotify"       # branch -> "Call-ID|From tag|To tag" of each N
 _REPLY_BRANCH = "$via0(branch)"  # as the cfg files it (review 120: one empty name for all)
 _CHANGES = ("published", "replaced", "removed")
 _SUBSCRIBES = "e2mcertsubs"          # the pipelimit pipe of SUBSCRIBEs served
-# Connections the service opened that may be alive at once per destination address
-# (an IPv6 site): a connect to a port that never answers holds one of the proxy's
-# TCP/TLS connections for the connect timeout (10 s), one that is accepted and never
-# spoken on for its idle life, and the destinations are the subscribers' to choose
-# (reviews 145, 146).  The table keeps, per address, the host:port each was opened to.
-CONNECTS_TABLE = "e2mconnects"
-CONNECTS_KEPT = 30                   # s: longer than any of those connections lives
-MAX_CONNECTS = 2
-CONNECT_LIFETIME = 4                 # s: idle life of a connection the service opened
 RETRY_UNSENT = 2                     # s: a NOTIFY owed but not sent is tried again after
-STREAM_ROUTE = "E2M_STREAM_OPEN"     # native: $var(e2m_conid) of an open connection, or 0
 BUSY_RETRY_AFTER = 2                 # s, in the 503 past max_subscribes_per_second (a pipe counted per second)
 
 
@@ -109,11 +100,14 @@ class CertService:
         # socket its subscription was made at, the one address its subscriber takes
         # NOTIFYs from (a cluster node's DMQ socket, or another node, was answered 481
         # and the follow forgotten: review 123 HB4); None: not known (any socket)
+        listeners = None if listeners is None else list(listeners)
         self._sockets = None if listeners is None else {
             contact_uri(item.proto, item.host, item.port): item.kamailio()
             for item in listeners}
         self.anchors = anchors
         self.ksr = ksr
+        self.connects = OpenedConnections(ksr, (item.port for item in listeners or ()
+                                                if item.proto in ("tcp", "tls")))
         self.db = db if db is not None else CertDatabase(settings.path)
         self.publications = PublicationTable(self.db)
         self.subscriptions = SubscriptionTable(self.db)
@@ -357,83 +351,40 @@ class CertService:
         return (request.request_uri, request.next_hop,
                 _header_text([*request.headers, *state]), b"", True)
 
-    def _conid(self, hostport: str) -> int:
-        """The id of an open TCP or TLS connection to ``hostport``, 0 for none."""
-        self.ksr.pv.sets("$var(e2m_hostport)", hostport)
-        self.ksr.route(STREAM_ROUTE)
-        return self.ksr.pv.get("$var(e2m_conid)") or 0
-
-    def _may_connect(self, host: str, hostport: str) -> bool:
-        """Whether the service may open a connection to ``hostport``: fewer than
-        ``MAX_CONNECTS`` of those it opened toward that address (IPv6: site) are still
-        there (connecting, or open for their short life).  A refused or finished one
-        frees its place at once (review 146: a count per window starved honest
-        followers behind one address, and restarted too soon)."""
-        site = site_of(host.strip("[]"))
-        ksr = self.ksr
-        held = str(ksr.htable.sht_get(CONNECTS_TABLE, site) or "").split()
-        live = [target for target in held if self._conid(target)]
-        if len(live) >= MAX_CONNECTS:
-            if live != held:
-                ksr.htable.sht_setxs(CONNECTS_TABLE, site, " ".join(live), CONNECTS_KEPT)
-            return False
-        ksr.htable.sht_setxs(CONNECTS_TABLE, site, " ".join([*live, hostport]), CONNECTS_KEPT)
-        return True
-
-    def _close_opened(self) -> None:
-        """The answer to one of our NOTIFYs came over a connection the service opened
-        for it (``_may_connect``): closed now, so its place is free for the next
-        subscriber behind that address (review 146 HB1: four UDP followers of a large
-        certificate behind one address waited on two connections left open)."""
-        ksr = self.ksr
-        if (ksr.pv.get("$proto") or "").lower() not in ("tcp", "tls"):
-            return
-        source = ksr.pv.get("$si") or ""
-        hostport = "%s:%s" % (f"[{source}]" if ":" in source else source, ksr.pv.get("$sp"))
-        site = site_of(source)
-        held = str(ksr.htable.sht_get(CONNECTS_TABLE, site) or "").split()
-        if hostport in held:
-            ksr.tcpops.tcp_close_connection()
-            ksr.htable.sht_setxs(CONNECTS_TABLE, site,
-                                 " ".join(t for t in held if t != hostport), CONNECTS_KEPT)
-
     def _may_send(self, sub: notifier.Subscription, hop: str) -> str | None:
         """Whether a NOTIFY may go to ``hop`` now: None when it may (over UDP, over a
-        TCP or TLS connection that is open), "open" when it may and opens a connection,
-        "gone" when it never will (its follow's own connection is gone: its subscriber
-        hears at its next refresh, over a new one), "no" when not now: never to a
-        subscriber's own source port
-        (``notifier.own_connection``: its connection is gone, and nobody listens
-        there), elsewhere (a route set's first hop, a UDP subscriber's address for a
-        certificate too large for UDP) not past ``_may_connect``.  Strangers' follows
-        and fetches aimed at their own silent ports filled the proxy's whole connection
-        table (review 145).  A NOTIFY not sent is counted (``e2m_certs_unsent``)."""
+        TCP or TLS connection that is open), "open" when it would open a connection
+        (``cert_connects``: at most ``MAX_CONNECTS`` per address, each for a short
+        life), "gone" when it never will: never to a subscriber's own source port
+        (``notifier.own_connection``: its connection is gone, nobody listens there,
+        and its subscriber hears at its next refresh, over a new one).  Strangers'
+        follows and fetches aimed at their own silent ports filled the proxy's whole
+        connection table (review 145)."""
         destination = notifier.stream_destination(hop)
         if destination is None:
             return None
-        host, port = destination
-        hostport = f"{host}:{port}"
-        if self._conid(hostport):
+        if self.connects.conid_to("%s:%s" % destination):
             return None
-        own = notifier.own_connection(sub, hop)
-        if not own and self._may_connect(host, hostport):
-            return "open"
+        return "gone" if notifier.own_connection(sub, hop) else "open"
+
+    def _unsent(self, sub: notifier.Subscription, hop: str, own: bool) -> None:
+        """A NOTIFY that did not go: counted (``e2m_certs_unsent``) and logged."""
+        host, port = notifier.stream_destination(hop) or ("", 0)
         self.ksr.statistics.update_stat("e2m_certs_unsent", 1)
-        self._log("NOTIFY", sub.aor, f"not sent: no connection to {hostport}"
+        self._log("NOTIFY", sub.aor, f"not sent: no connection to {host}:{port}"
                   + ("" if own else f", and {MAX_CONNECTS} of ours toward that address"))
-        return "gone" if own else "no"
 
     def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
                 body: bytes, confirmed: bool = True) -> Notified:
-        """Send one NOTIFY, if it may go (``_may_send``); a connection it opened lives
-        ``CONNECT_LIFETIME`` idle.  Whether it went, and whether its certificate was
-        held back."""
+        """Send one NOTIFY, if it may go (``_may_send``, ``OpenedConnections``).
+        Whether it went, and whether its certificate was held back."""
         ruri, hop, headers, body, held = self._plan(sub, cseq, expires_left, body, confirmed)
         verdict = self._may_send(sub, hop)
-        if verdict in ("no", "gone"):
-            # owed again only when a place may free up (review 147 K2: a follow whose
-            # connection is gone was retried every 2 s for its whole life)
-            return Notified(False, held, retry=verdict == "no")
+        if verdict == "gone":
+            # not owed again (review 147 K2: a follow whose connection is gone was
+            # retried every 2 s for its whole life)
+            self._unsent(sub, hop, own=True)
+            return Notified(False, held, retry=False)
         ksr = self.ksr
         ksr.pv.sets("$var(e2m_method)", "NOTIFY")
         ksr.pv.sets("$var(e2m_ruri)", ruri)
@@ -442,12 +393,14 @@ class CertService:
         ksr.pv.sets("$var(e2m_socket)", (self._sockets or {}).get(sub.contact, ""))
         ksr.pv.sets("$var(e2m_hdrs)", headers)
         ksr.pv.sets("$var(e2m_body)", base64.b64encode(body).decode("ascii"))
-        ksr.route(SEND_ROUTE)
         if verdict == "open":
-            destination = notifier.stream_destination(hop)
-            conid = self._conid("%s:%d" % destination) if destination else 0
-            if conid:
-                ksr.tcpops.tcp_set_connection_lifetime_cid(conid, CONNECT_LIFETIME)
+            host, port = notifier.stream_destination(hop) or ("", 0)
+            if not self.connects.open_with(host, port, lambda: ksr.route(SEND_ROUTE)):
+                # owed again: a place toward that address frees within CONNECT_LIFETIME
+                self._unsent(sub, hop, own=False)
+                return Notified(False, held, retry=True)
+        else:
+            ksr.route(SEND_ROUTE)
         return Notified(True, held, retry=False)
 
     def _owe(self, sub: notifier.Subscription, notified: Notified, now: float) -> None:
@@ -465,8 +418,15 @@ class CertService:
     def on_timer(self) -> int:
         """One tick of the timer process: lapsed publications are removed (their
         followers owed a NOTIFY), lapsed subscriptions get their final NOTIFY, due
-        ones theirs.  How many NOTIFYs it sent."""
+        ones theirs; the connections the service opened are held to their bounds
+        (``OpenedConnections.sweep``).  How many NOTIFYs it sent."""
         now = time.time()
+        try:
+            self.connects.sweep()
+        except ValueError as exc:
+            # no listing: no place is freed (no connection is opened past the bound),
+            # and the NOTIFYs that need none still go
+            self.ksr.err("e2m certs: connections not listed: %s\n" % exc)
         dropped = self.subscriptions.drop_unanswered(now - UNANSWERED, BATCH)
         if dropped:
             self.ksr.info("e2m certs: %d subscription(s) dropped: their NOTIFY was never "
@@ -520,7 +480,7 @@ class CertService:
         if any("|" in part for part in dialog) or \
                 sent_in != "%s|%s|%s" % (call_id, dialog[1], dialog[2]):
             return
-        self._close_opened()
+        self.connects.close_answered()
         if status != 481:
             self.subscriptions.confirm(*dialog, now=time.time())
             return

@@ -83,7 +83,7 @@ from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.sources import SITE_SHARES, site_of, unmapped  # noqa: E402
 from kamailio_app.htable_items import put_expiring  # noqa: E402
 from kamailio_app.tcp_sweep import (AUTHENTICATED, SPOKE, TcpSweeper,  # noqa: E402
-                                    marked_lifetime, parse_tcp_list)
+                                    list_connections, marked_lifetime)
 
 APP = None            # ProxyApp, loaded in mod_init (main process, before fork)
 SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in mod_init
@@ -1259,12 +1259,10 @@ class kamailio:
                 per_source=limits.tcp_connections_per_source, exempt=self.exempt_address)
         if not self.tcp_sweeper.listen_ports:
             return
-        KSR.jsonrpcs.exec('{"jsonrpc": "2.0", "method": "core.tcp_list", "id": 1}')
-        body = KSR.pv.get("$jsonrpl(body)")
-        if not body:
+        connections = list_connections(KSR)
+        if connections is None:
             return
-        for conid, why in self.tcp_sweeper.to_close(parse_tcp_list(body),
-                                                     time.monotonic()).items():
+        for conid, why in self.tcp_sweeper.to_close(connections, time.monotonic()).items():
             if KSR.tcpops.tcp_close_connection_id(conid) > 0:
                 KSR.statistics.update_stat("e2m_tcp_closed", 1)
                 _info("e2m: tcp connection %d closed: %s\n" % (conid, why))

@@ -22,7 +22,7 @@ the connections (``core.tcp_list``) and closes:
   behind a user's NAT must not push the user's connection out).
 
 Connections we opened (to a next hop, to a phone's contact) are on no listener port:
-neither rule touches them.  What is kept here is one first-seen time and one highest
+neither rule touches them (the certificate service bounds its own: ``cert_connects``).  What is kept here is one first-seen time and one highest
 mark per listed connection, dropped once the connection is gone: bounded by the table.
 """
 
@@ -32,14 +32,15 @@ import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .sources import site_of
 
-__all__ = ["AUTHENTICATED", "Connection", "SPOKE", "TcpSweeper", "marked_lifetime",
-           "parse_tcp_list"]
+__all__ = ["AUTHENTICATED", "Connection", "LIVE_STATES", "SPOKE", "TcpSweeper",
+           "list_connections", "marked_lifetime", "parse_tcp_list"]
 
 # states in which a connection is still a slot someone holds
-_LIVE = {"CONN_OK", "CONN_INIT", "CONN_ACCEPT", "CONN_CONNECT"}
+LIVE_STATES = {"CONN_OK", "CONN_INIT", "CONN_ACCEPT", "CONN_CONNECT"}
 
 
 # what a connection's lifetime says it carried (seconds over the idle timeout)
@@ -60,6 +61,15 @@ class Connection:
     local_port: int      # ours: a listener's port for an accepted connection
     lifetime: int
     state: str
+    source_port: int = 0  # the remote port
+
+
+def list_connections(ksr: Any) -> list[Connection] | None:
+    """The proxy's TCP and TLS connections now (``core.tcp_list`` run in this process
+    through jsonrpcs), None when the answer is empty."""
+    ksr.jsonrpcs.exec('{"jsonrpc": "2.0", "method": "core.tcp_list", "id": 1}')
+    body = ksr.pv.get("$jsonrpl(body)")
+    return parse_tcp_list(body) if body else None
 
 
 def parse_tcp_list(body: str) -> list[Connection]:
@@ -73,7 +83,8 @@ def parse_tcp_list(body: str) -> list[Connection]:
     for row in rows:
         try:
             out.append(Connection(int(row["id"]), str(row["src_ip"]), int(row["dst_port"]),
-                                  int(row["lifetime"]), str(row["state"])))
+                                  int(row["lifetime"]), str(row["state"]),
+                                  int(row.get("src_port", 0))))
         except (KeyError, TypeError, ValueError):
             continue
     return out
@@ -95,7 +106,7 @@ class TcpSweeper:
 
     def to_close(self, connections: Iterable[Connection], now: float) -> dict[int, str]:
         """{connection id: why} for the ones to close now."""
-        live = [c for c in connections if c.state in _LIVE]
+        live = [c for c in connections if c.state in LIVE_STATES]
         seen = {c.id: self._first_seen.get(c.id, now) for c in live}
         self._first_seen = seen                  # the gone ones are forgotten
         self._best = {c.id: max(self._best.get(c.id, 0), self._mark(c)) for c in live}

@@ -124,10 +124,23 @@ Tried and held
   connection gone (needs the neighbour's NAT port: not tried).
 
 Left open (stop 45), K1 and K3: found at the end of the stop, both strict xfails with
-threat-model rows.  The planned fix keeps each connection the service opened by its id
-and open time (not its host:port), counts places with ``tcp_conid_state``, closes one
-past its short life with ``tcp_close_connection_id`` when the address is next counted,
-and closes on an answer only the connection whose ``$conid`` is the one kept.
+threat-model rows.
+
+Fixed (stop 46), K1 and K3 (``kamailio_app/cert_connects.py``).  Both hole tests failed
+on ``44c4004`` (K1: the 2 connections still open 10 s later; K3: 15 open) and pass.  The
+planned fix (keep the connection id found right after ``t_uac_send``) did not hold: a
+twin connection takes the address in Kamailio's table from the proxy's own (aliases are
+replaced), so a lookup by address right after the send found the twin 7 times of 15,
+and once the twin closed, found nothing while the proxy's connection lived on.  So a
+place is now the far end's address and port, freed only when a listing
+(``core.tcp_list``, each second from the service's timer while any place is held)
+shows no connection the proxy opened there (its local port is no listener's); the
+connections of a place are closed 4 s after it was taken, answered or not, pinged or
+not, and on an answer over them.  Changed with it: ``outbound_to`` counts only the
+proxy's own connections (the twins are the stranger's, to our listeners), and the K3
+control no longer expects its two connections to be alive when counted (they are closed
+at 4 s).  The ``expire: NEVER`` seen above was a Kamailio 5.6.3 bug that also left
+call notes in shared memory for good: ``tests/kamailio/test_stop46_htable_lives_wire.py``.
 """
 
 from __future__ import annotations
@@ -141,7 +154,7 @@ import uuid
 import pytest
 
 from e2m_plugins.sip import make_response, parse
-from kamailio_app.cert_route import CONNECT_LIFETIME, CONNECTS_KEPT, MAX_CONNECTS
+from kamailio_app.cert_connects import CONNECT_LIFETIME, ITEM_KEPT as CONNECTS_KEPT, MAX_CONNECTS
 from tests.kamailio.test_review145_cert_follow_connects_wire import (  # noqa: F401
     drain, home, honest_options)
 
@@ -307,12 +320,16 @@ def options(source: str, port: int, home_port: int) -> bytes:
 
 def outbound_to(home, source: str, ports: list[int]) -> int:
     """The proxy's own view (``core.tcp_list``): its connections whose far end is one of
-    ``source``'s listeners at ``ports``, i.e. those it opened toward the stranger."""
+    ``source``'s listeners at ``ports`` and whose local port is none of the proxy's
+    listeners, i.e. those it opened toward the stranger (not his twins, which he
+    opened to the proxy's listeners from those ports)."""
     count = 0
     for block in home.rpc("core.tcp_list").split("}"):
         ip = re.search(r"src_ip:\s*(\S+)", block)
         port = re.search(r"src_port:\s*(\d+)", block)
-        if ip and port and ip.group(1) == source and int(port.group(1)) in ports:
+        local = re.search(r"dst_port:\s*(\d+)", block)
+        if ip and port and ip.group(1) == source and int(port.group(1)) in ports \
+                and not (local and int(local.group(1)) in (home.port, home.tls_port)):
             count += 1
     return count
 
@@ -377,8 +394,6 @@ def idle_life(home, seconds: float) -> dict:
         keeper.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review 147 hole K1: a connection the service opened "
-                   "lives tcp_idle_timeout (120 s) idle, not CONNECT_LIFETIME (4 s)")
 def test_hole_k1_an_unanswered_connection_closes_at_its_short_life(home, pki):
     result = idle_life(home, CONNECT_LIFETIME + 6)
     assert result["codes"] == [200] * MAX_CONNECTS, result
@@ -420,8 +435,6 @@ def twin_wave(home, pki, fetches: int, twin: bool = True) -> dict:
         drain(home, pki)
 
 
-@pytest.mark.xfail(strict=True, reason="review 147 hole K3: a NOTIFY answered from a twin "
-                   "of the connection the service opened frees its place; that one lives on")
 def test_hole_k3_an_answer_from_a_twin_connection_does_not_free_a_place(home, pki):
     result = twin_wave(home, pki, 15)
     assert result["codes"] == [200] * 15, result
@@ -434,7 +447,9 @@ def test_hole_k3_an_answer_from_a_twin_connection_does_not_free_a_place(home, pk
 def test_control_k3_unanswered_notifies_hold_the_stranger_to_two(home, pki):
     result = twin_wave(home, pki, 6, twin=False)
     assert result["codes"] == [200] * 6, result
-    assert result["live"] == result["accepted"] == MAX_CONNECTS, result
+    # (stop 46: the two are closed CONNECT_LIFETIME s after their opening, so by the
+    # time they are counted they may be gone)
+    assert result["accepted"] == MAX_CONNECTS and result["live"] <= MAX_CONNECTS, result
     assert result["unsent"] == 6 - MAX_CONNECTS, result
     assert result["honest"] == [200] * 4, result
 

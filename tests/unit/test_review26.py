@@ -94,6 +94,7 @@ class FakeKSR:
         self.notify_dialogs: dict[str, str] = {}
         self.htable = _Ns()
         self.htable.sht_get = lambda table, key: self.notify_dialogs.get(key)
+        self.htable.sht_iterator_start = lambda name, table: -1   # no places (cert_connects)
 
     @staticmethod
     def _ids(notify: dict[str, object]) -> tuple[str, str, str]:

@@ -30,7 +30,7 @@ def test_parse_tcp_list_reads_the_rpc_answer_and_skips_odd_rows():
          "ref_count": 1, "src_ip": "198.51.100.7", "src_port": 40000,
          "dst_ip": "192.0.2.1", "dst_port": 5060},
         {"id": "x"}, "not a row"]})
-    assert parse_tcp_list(body) == [Connection(7, "198.51.100.7", 5060, 121, "CONN_OK")]
+    assert parse_tcp_list(body) == [Connection(7, "198.51.100.7", 5060, 121, "CONN_OK", 40000)]
     with pytest.raises(ValueError):
         parse_tcp_list(json.dumps({"error": {"code": 500}}))
 

@@ -1,0 +1,210 @@
+"""The TCP and TLS connections the certificate service opens itself, and their bounds.
+
+The service sends NOTIFYs from its timer, and Kamailio opens a connection when none is
+open to the destination, which the subscriber chooses (a route set's first hop, the
+TCP twin of a UDP subscriber's address for a certificate too large for UDP).  A connect
+to a port that never answers holds one of the proxy's connections for the connect
+timeout, one that is accepted and never answered for the idle timeout (120 s), and a
+far end that pings keeps it longer (reviews 145 to 147).  So, per destination address
+(an IPv6 site), the service holds at most ``MAX_CONNECTS`` *places*:
+
+- a place is the far end's address and port, taken when the service opens a connection
+  there (``open_with``: only when none is open to it), and held while a connection the
+  proxy opened to that address and port exists;
+- such a connection is closed ``CONNECT_LIFETIME`` s after the place was taken,
+  answered or not, pinged or not, or when the NOTIFY's answer comes over it
+  (``close_answered``);
+- the connections are read from a listing (``core.tcp_list``), each second while any
+  place is held (``sweep``, from the service's timer): the proxy opened a connection
+  when its local port is none of our listeners'.  A place with no such connection
+  left is freed (a refused connect's, at the next tick).
+
+Neither Kamailio's per-connection lifetime nor a lookup by address can do this.  tcp_main
+arms a connection's timer with the global idle timeout when the connection reaches it,
+so a shorter lifetime set later is not acted on (review 147 K1).  And the far end can
+open a twin connection to us from the very address and port the proxy connected to
+(``SO_REUSEPORT``): Kamailio then gives the address to the twin alone, so a lookup by
+address finds the twin, even right after the connect, and once the twin is closed it
+finds nothing while the proxy's connection lives on.  Freeing a place on the twin's
+answer left the proxy's connections open without bound (review 147 K3).  The listing
+tells the two apart by their local port.
+
+State: htable ``e2mconnects`` (this node's only; the cfg's ``autoexpire`` drops an
+item ``ITEM_KEPT`` s after its last write), one item per site, its value the
+``"<host:port>@<taken, ms>"`` of each place, read and written under the item's lock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .sources import site_of
+from .tcp_sweep import LIVE_STATES, Connection, list_connections
+
+__all__ = ["OpenedConnections", "MAX_CONNECTS", "CONNECT_LIFETIME", "ITEM_KEPT", "far_end"]
+
+TABLE = "e2mconnects"
+MAX_CONNECTS = 2                 # places per destination address (IPv6: site)
+CONNECT_LIFETIME = 4             # s after the place was taken: its NOTIFY's transaction is over
+ITEM_KEPT = 30                   # s: the cfg's autoexpire of e2mconnects
+STREAM_ROUTE = "E2M_STREAM_OPEN"  # native: $var(e2m_conid) of an open connection, or 0
+_ITERATOR = "e2mconnects"
+_SWEEP_MAX = 1000                # sites looked at per sweep
+
+
+def far_end(host: str, port: int | str) -> str:
+    """``host:port`` spelt one way whatever the URI or the listing wrote (an IPv6
+    address in brackets, compressed), so a place is found again."""
+    bare = host.strip("[]")
+    try:
+        bare = str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    return (f"[{bare}]" if ":" in bare else bare) + f":{int(port)}"
+
+
+def _places(value: Any) -> list[tuple[str, int]]:
+    """The ``(host:port, taken ms)`` an item holds; anything else in it is dropped."""
+    places = []
+    for word in str(value or "").split():
+        hostport, _, taken = word.rpartition("@")
+        if hostport and taken.isdigit():
+            places.append((hostport, int(taken)))
+    return places
+
+
+def _spelt(places: list[tuple[str, int]]) -> str:
+    return " ".join(f"{hostport}@{taken}" for hostport, taken in places)
+
+
+class OpenedConnections:
+    """The service's own connections on this node; ``ksr`` is Kamailio's KSR module,
+    ``listen_ports`` our TCP and TLS listeners' (a connection on none of them is one the
+    proxy opened)."""
+
+    def __init__(self, ksr: Any, listen_ports: Iterable[int],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.ksr = ksr
+        self.listen_ports = frozenset(listen_ports)
+        self.clock = clock
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def conid_to(self, hostport: str) -> int:
+        """The id of an open TCP or TLS connection to ``hostport``, 0 for none."""
+        self.ksr.pv.sets("$var(e2m_hostport)", hostport)
+        self.ksr.route(STREAM_ROUTE)
+        return self.ksr.pv.get("$var(e2m_conid)") or 0
+
+    def _store(self, site: str, before: list[tuple[str, int]],
+               after: list[tuple[str, int]]) -> None:
+        if after == before:
+            return
+        if after:
+            # sht_sets with the table's autoexpire, not sht_setxs: in Kamailio 5.6 a
+            # longer value written with an expiry of its own lands in a new cell that
+            # never expires (review 147)
+            self.ksr.htable.sht_sets(TABLE, site, _spelt(after))
+        else:
+            self.ksr.htable.sht_rm(TABLE, site)
+
+    def open_with(self, host: str, port: int | str, send: Callable[[], None]) -> bool:
+        """Call ``send`` (which opens a connection to ``host:port``, none being open)
+        if fewer than ``MAX_CONNECTS`` places toward ``host``'s site are held, and take
+        one; whether it was called.  Counted and taken under the item's lock, so
+        workers racing toward one site cannot all take the last place."""
+        site = site_of(host.strip("[]"))
+        ksr = self.ksr
+        ksr.htable.sht_lock(TABLE, site)
+        try:
+            held = _places(ksr.htable.sht_get(TABLE, site))
+            if len(held) >= MAX_CONNECTS:
+                return False
+            send()
+            # taken after the send: a listing made before it cannot drop the place
+            # for want of a connection that did not exist yet (``sweep``)
+            self._store(site, held, [*held, (far_end(host, port), self.now_ms())])
+            return True
+        finally:
+            ksr.htable.sht_unlock(TABLE, site)
+
+    def close_answered(self) -> None:
+        """The answer to one of our NOTIFYs, from the address and port of a place, over
+        a connection the proxy opened (its local port is no listener's): that
+        connection is closed now (review 146 HB1: UDP followers of a large certificate
+        behind one address waited on connections left open), and its place is freed
+        by the next sweep, which sees it gone.  One over a twin of the far end's, to
+        one of our listeners, closes nothing (review 147 K3)."""
+        ksr = self.ksr
+        if (ksr.pv.get("$proto") or "").lower() not in ("tcp", "tls") \
+                or (ksr.pv.get("$Rp") or 0) in self.listen_ports:
+            return
+        source = ksr.pv.get("$si") or ""
+        hostport = far_end(source, ksr.pv.get("$sp") or 0)
+        if any(place == hostport for place, _ in
+               _places(ksr.htable.sht_get(TABLE, site_of(source)))):
+            ksr.tcpops.tcp_close_connection()
+
+    def sweep(self) -> list[int]:
+        """When any place is held: list the connections, close those the proxy opened
+        to a place taken ``CONNECT_LIFETIME`` s ago or more, and free the places with
+        none left; the ids it asked to close."""
+        sites = self._sites()
+        if not sites:
+            return []
+        listed_ms = self.now_ms()
+        connections = list_connections(self.ksr)
+        return [] if connections is None else self.settle(sites, connections, listed_ms)
+
+    def settle(self, sites: list[str], connections: Iterable[Connection],
+               listed_ms: int) -> list[int]:
+        """The places of ``sites`` against ``connections`` as listed at ``listed_ms``: a
+        place taken before the listing with no connection the proxy opened there is
+        freed; the connections of one taken ``CONNECT_LIFETIME`` s before are closed."""
+        opened: dict[str, list[int]] = defaultdict(list)
+        for conn in connections:
+            if conn.state in LIVE_STATES and conn.local_port not in self.listen_ports:
+                opened[far_end(conn.source, conn.source_port)].append(conn.id)
+        closed: list[int] = []
+        for site in sites:
+            self.ksr.htable.sht_lock(TABLE, site)
+            try:
+                before = _places(self.ksr.htable.sht_get(TABLE, site))
+                after = []
+                for hostport, taken in before:
+                    ids = opened.get(hostport, [])
+                    if not ids and taken < listed_ms:
+                        continue        # refused, closed, timed out: free
+                    if ids and listed_ms - taken >= CONNECT_LIFETIME * 1000:
+                        for conid in ids:
+                            self.ksr.tcpops.tcp_close_connection_id(conid)
+                        closed.extend(ids)
+                        self.ksr.info("e2m certs: %d connection(s) the service opened to "
+                                      "%s closed: %d ms old\n"
+                                      % (len(ids), hostport, listed_ms - taken))
+                    after.append((hostport, taken))
+                self._store(site, before, after)
+            finally:
+                self.ksr.htable.sht_unlock(TABLE, site)
+        return closed
+
+    def _sites(self) -> list[str]:
+        """The sites the table holds places for (read first: an item is not written
+        while the iterator holds its slot)."""
+        ksr = self.ksr
+        sites: list[str] = []
+        if ksr.htable.sht_iterator_start(_ITERATOR, TABLE) < 0:
+            return sites
+        try:
+            while len(sites) < _SWEEP_MAX and ksr.htable.sht_iterator_next(_ITERATOR) > 0:
+                site = ksr.pv.get(f"$shtitkey({_ITERATOR})")
+                if isinstance(site, str):
+                    sites.append(site)
+        finally:
+            ksr.htable.sht_iterator_end(_ITERATOR)
+        return sites

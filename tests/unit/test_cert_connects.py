@@ -1,0 +1,145 @@
+"""The certificate service's places toward one address (``kamailio_app.cert_connects``),
+against a listing of connections, with a stand-in for Kamailio's KSR (stop 46)."""
+
+from __future__ import annotations
+
+from kamailio_app.cert_connects import CONNECT_LIFETIME, MAX_CONNECTS, OpenedConnections, far_end
+from kamailio_app.tcp_sweep import Connection
+
+LISTENER = 5060
+STRANGER = "192.0.2.7"
+
+
+class FakeKsr:
+    def __init__(self) -> None:
+        self.items: dict[str, str] = {}
+        self.closed: list[int] = []
+        self.locked: list[str] = []
+        self.htable = self
+        self.tcpops = self
+        self.pv = self
+        self.vars: dict[str, object] = {}
+
+    # htable
+    def sht_get(self, table, key):
+        return self.items.get(key)
+
+    def sht_sets(self, table, key, value):
+        self.items[key] = value
+
+    def sht_rm(self, table, key):
+        self.items.pop(key, None)
+
+    def sht_lock(self, table, key):
+        self.locked.append(key)
+
+    def sht_unlock(self, table, key):
+        assert self.locked.pop() == key
+
+    def sht_iterator_start(self, name, table):
+        self._keys = list(self.items)
+        return 0
+
+    def sht_iterator_next(self, name):
+        if not self._keys:
+            return -1
+        self.vars[f"$shtitkey({name})"] = self._keys.pop(0)
+        return 1
+
+    def sht_iterator_end(self, name):
+        return 0
+
+    # tcpops, pv, core
+    def tcp_close_connection_id(self, conid):
+        self.closed.append(conid)
+        return 1
+
+    def tcp_close_connection(self):
+        self.closed.append(self.vars["$conid"])
+
+    def get(self, name):
+        return self.vars.get(name)
+
+    def sets(self, name, value):
+        self.vars[name] = value
+
+    def info(self, text):
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _service():
+    ksr, clock = FakeKsr(), Clock()
+    return ksr, clock, OpenedConnections(ksr, [LISTENER], clock=clock)
+
+
+def _outbound(conid: int, port: int, local: int = 40000 + 1) -> Connection:
+    return Connection(conid, STRANGER, local, 120, "CONN_OK", port)
+
+
+def test_far_end_is_spelt_one_way():
+    assert far_end("[0:0:0:0:0:0:0:1]", "5060") == far_end("::1", 5060) == "[::1]:5060"
+    assert far_end("192.0.2.7", 9) == "192.0.2.7:9"
+
+
+def test_no_more_than_two_places_per_address():
+    ksr, clock, service = _service()
+    sent = []
+    for port in (1001, 1002, 1003):
+        assert service.open_with(STRANGER, port, lambda: sent.append(port)) is (port != 1003)
+    assert sent == [1001, 1002] and MAX_CONNECTS == 2
+    assert ksr.locked == []                            # every lock given back
+
+
+def test_a_place_frees_only_when_the_listing_shows_none_of_ours_there():
+    ksr, clock, service = _service()
+    service.open_with(STRANGER, 1001, lambda: None)
+    service.open_with(STRANGER, 1002, lambda: None)
+    clock.now += 1
+    listed = service.now_ms()
+    twin = Connection(9, STRANGER, LISTENER, 120, "CONN_OK", 1001)   # his, to our listener
+    service.settle([STRANGER], [twin, _outbound(4, 1002)], listed)
+    # 1001: only his twin is left there, the proxy's own is gone: free; 1002 held
+    assert service.open_with(STRANGER, 1003, lambda: None)
+    assert not service.open_with(STRANGER, 1004, lambda: None)
+
+
+def test_a_place_taken_after_the_listing_is_kept():
+    ksr, clock, service = _service()
+    listed = service.now_ms() - 5
+    service.open_with(STRANGER, 1001, lambda: None)
+    service.settle([STRANGER], [], listed)
+    assert STRANGER in ksr.items
+
+
+def test_the_proxys_connections_are_closed_at_their_short_life_answered_or_not():
+    ksr, clock, service = _service()
+    service.open_with(STRANGER, 1001, lambda: None)
+    clock.now += CONNECT_LIFETIME - 0.5
+    assert service.settle([STRANGER], [_outbound(4, 1001)], service.now_ms()) == []
+    clock.now += 0.5
+    assert service.settle([STRANGER], [_outbound(4, 1001)], service.now_ms()) == [4]
+    assert ksr.closed == [4]
+    clock.now += 1
+    service.settle([STRANGER], [], service.now_ms())  # gone now: the place is free
+    assert ksr.items == {}                           # and the emptied item removed
+
+
+def test_an_answer_closes_the_proxys_connection_not_a_twin():
+    ksr, clock, service = _service()
+    service.open_with(STRANGER, 1001, lambda: None)
+    ksr.vars.update({"$proto": "tcp", "$si": STRANGER, "$sp": 1001, "$conid": 9,
+                     "$Rp": LISTENER})
+    service.close_answered()                          # over his twin, to our listener
+    assert ksr.closed == []
+    ksr.vars.update({"$conid": 4, "$Rp": 40001})      # over the proxy's own
+    service.close_answered()
+    assert ksr.closed == [4]
+    assert STRANGER in ksr.items                      # freed by the next listing only
