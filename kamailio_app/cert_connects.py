@@ -8,30 +8,39 @@ timeout, one that is accepted and never answered for the idle timeout (120 s), a
 far end that pings keeps it longer (reviews 145 to 147).  So, per destination address
 (an IPv6 site), the service holds at most ``MAX_CONNECTS`` *places*:
 
-- a place is the far end's address and port, taken when the service opens a connection
-  there (``open_with``: only when none is open to it), and held while a connection the
-  proxy opened to that address and port exists;
-- such a connection is closed ``CONNECT_LIFETIME`` s after the place was taken,
-  answered or not, pinged or not, or when the NOTIFY's answer comes over it
-  (``close_answered``);
+- every NOTIFY to a TCP or TLS destination other than a follow's own connection takes
+  a place (``open_with``), whether or not Kamailio will reuse a connection: a place is
+  the far end's address and port, shared by the NOTIFYs to it while it is held, and
+  remembers the newest connection id there before its first send (its *floor*);
+- the place's connections are those the proxy opened to that address and port (local
+  port none of our listeners') with an id above the floor: Kamailio numbers
+  connections in order, so one that was there before (a connection the proxy relays
+  calls over to that hop) is not the place's;
+- they are closed ``CONNECT_LIFETIME`` s after the place was taken, answered or not,
+  pinged or not, or when the NOTIFY's answer comes over them (``close_answered``);
 - the connections are read from a listing (``core.tcp_list``), each second while any
-  place is held (``sweep``, from the service's timer): the proxy opened a connection
-  when its local port is none of our listeners'.  A place with no such connection
-  left is freed (a refused connect's, at the next tick).
+  place is held (``sweep``, from the service's timer).  A place with none left is
+  freed (a refused connect's, or one whose NOTIFY reused a connection, at the next
+  tick); one is never held past ``PLACE_KEPT`` s, so that a hop the proxy also relays
+  to has its new connections closed for a few seconds at most.
 
-Neither Kamailio's per-connection lifetime nor a lookup by address can do this.  tcp_main
+Neither Kamailio's per-connection lifetime nor a lookup by address can decide this.  tcp_main
 arms a connection's timer with the global idle timeout when the connection reaches it,
 so a shorter lifetime set later is not acted on (review 147 K1).  And the far end can
 open a twin connection to us from the very address and port the proxy connected to
 (``SO_REUSEPORT``): Kamailio then gives the address to the twin alone, so a lookup by
 address finds the twin, even right after the connect, and once the twin is closed it
 finds nothing while the proxy's connection lives on.  Freeing a place on the twin's
-answer left the proxy's connections open without bound (review 147 K3).  The listing
-tells the two apart by their local port.
+answer left the proxy's connections open without bound (review 147 K3).  And the
+lookup (``tcp_get_conid``) asks for any local address while a send from a given socket
+asks for that socket's: a twin to the proxy's other address was found by the one and
+not the other, and the NOTIFY, taken to need no place, opened a connection nobody
+counted (review 148 K1).  The listing tells them all apart by their local port.
 
 State: htable ``e2mconnects`` (this node's only; the cfg's ``autoexpire`` drops an
 item ``ITEM_KEPT`` s after its last write), one item per site, its value the
-``"<host:port>@<taken, ms>"`` of each place, read and written under the item's lock.
+``"<host:port>@<taken, ms>@<floor>"`` of each place, read and written under the item's
+lock.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ __all__ = ["OpenedConnections", "MAX_CONNECTS", "CONNECT_LIFETIME", "ITEM_KEPT",
 TABLE = "e2mconnects"
 MAX_CONNECTS = 2                 # places per destination address (IPv6: site)
 CONNECT_LIFETIME = 4             # s after the place was taken: its NOTIFY's transaction is over
+PLACE_KEPT = 2 * CONNECT_LIFETIME  # s: a place is not held past this
 ITEM_KEPT = 30                   # s: the cfg's autoexpire of e2mconnects
 STREAM_ROUTE = "E2M_STREAM_OPEN"  # native: $var(e2m_conid) of an open connection, or 0
 _ITERATOR = "e2mconnects"
@@ -67,18 +77,21 @@ def far_end(host: str, port: int | str) -> str:
     return (f"[{bare}]" if ":" in bare else bare) + f":{int(port)}"
 
 
-def _places(value: Any) -> list[tuple[str, int]]:
-    """The ``(host:port, taken ms)`` an item holds; anything else in it is dropped."""
+Place = tuple[str, int, int]      # host:port, taken (ms), floor (a connection id)
+
+
+def _places(value: Any) -> list[Place]:
+    """The places an item holds; anything else in it is dropped."""
     places = []
     for word in str(value or "").split():
-        hostport, _, taken = word.rpartition("@")
-        if hostport and taken.isdigit():
-            places.append((hostport, int(taken)))
+        hostport, taken, floor = (word.split("@") + ["", ""])[:3]
+        if hostport and taken.isdigit() and floor.isdigit():
+            places.append((hostport, int(taken), int(floor)))
     return places
 
 
-def _spelt(places: list[tuple[str, int]]) -> str:
-    return " ".join(f"{hostport}@{taken}" for hostport, taken in places)
+def _spelt(places: list[Place]) -> str:
+    return " ".join(f"{hostport}@{taken}@{floor}" for hostport, taken, floor in places)
 
 
 class OpenedConnections:
@@ -101,8 +114,7 @@ class OpenedConnections:
         self.ksr.route(STREAM_ROUTE)
         return self.ksr.pv.get("$var(e2m_conid)") or 0
 
-    def _store(self, site: str, before: list[tuple[str, int]],
-               after: list[tuple[str, int]]) -> None:
+    def _store(self, site: str, before: list[Place], after: list[Place]) -> None:
         if after == before:
             return
         if after:
@@ -114,24 +126,50 @@ class OpenedConnections:
             self.ksr.htable.sht_rm(TABLE, site)
 
     def open_with(self, host: str, port: int | str, send: Callable[[], None]) -> bool:
-        """Call ``send`` (which opens a connection to ``host:port``, none being open)
-        if fewer than ``MAX_CONNECTS`` places toward ``host``'s site are held, and take
-        one; whether it was called.  Counted and taken under the item's lock, so
+        """Call ``send`` (which may open a connection to ``host:port``) if a place there
+        is held, or fewer than ``MAX_CONNECTS`` toward ``host``'s site are and one is
+        taken; whether it was called.  Counted and taken under the item's lock, so
         workers racing toward one site cannot all take the last place."""
         site = site_of(host.strip("[]"))
+        hostport = far_end(host, port)
         ksr = self.ksr
         ksr.htable.sht_lock(TABLE, site)
         try:
             held = _places(ksr.htable.sht_get(TABLE, site))
+            if any(place[0] == hostport for place in held):
+                send()
+                return True
             if len(held) >= MAX_CONNECTS:
                 return False
+            # the newest connection there now (any local address: Kamailio gives the
+            # address to the newest): whatever the send opens is numbered above it
+            floor = self.conid_to(hostport)
             send()
             # taken after the send: a listing made before it cannot drop the place
             # for want of a connection that did not exist yet (``sweep``)
-            self._store(site, held, [*held, (far_end(host, port), self.now_ms())])
+            self._store(site, held, [*held, (hostport, self.now_ms(), floor)])
             return True
         finally:
             ksr.htable.sht_unlock(TABLE, site)
+
+    def send_over(self, host: str, port: int | str, found: int,
+                  send: Callable[[], None]) -> None:
+        """Call ``send`` over a follow's own connection, ``found`` there just before.
+        Should that connection close in between, tm opens another to the follow's
+        port: one newer than ``found`` is then kept as a place (over the bound if need
+        be: it exists already), so it is closed at its short life like the others."""
+        send()
+        hostport = far_end(host, port)
+        if self.conid_to(hostport) <= found:
+            return
+        site = site_of(host.strip("[]"))
+        self.ksr.htable.sht_lock(TABLE, site)
+        try:
+            held = _places(self.ksr.htable.sht_get(TABLE, site))
+            if not any(place[0] == hostport for place in held):
+                self._store(site, held, [*held, (hostport, self.now_ms(), found)])
+        finally:
+            self.ksr.htable.sht_unlock(TABLE, site)
 
     def close_answered(self) -> None:
         """The answer to one of our NOTIFYs, from the address and port of a place, over
@@ -146,7 +184,8 @@ class OpenedConnections:
             return
         source = ksr.pv.get("$si") or ""
         hostport = far_end(source, ksr.pv.get("$sp") or 0)
-        if any(place == hostport for place, _ in
+        conid = ksr.pv.get("$conid") or 0
+        if any(place == hostport and conid > floor for place, _, floor in
                _places(ksr.htable.sht_get(TABLE, site_of(source)))):
             ksr.tcpops.tcp_close_connection()
 
@@ -164,8 +203,9 @@ class OpenedConnections:
     def settle(self, sites: list[str], connections: Iterable[Connection],
                listed_ms: int) -> list[int]:
         """The places of ``sites`` against ``connections`` as listed at ``listed_ms``: a
-        place taken before the listing with no connection the proxy opened there is
-        freed; the connections of one taken ``CONNECT_LIFETIME`` s before are closed."""
+        place taken before the listing with no connection of its own (the proxy opened
+        it, its id above the floor) is freed, and so is one ``PLACE_KEPT`` s old; the
+        connections of one taken ``CONNECT_LIFETIME`` s before are closed."""
         opened: dict[str, list[int]] = defaultdict(list)
         for conn in connections:
             if conn.state in LIVE_STATES and conn.local_port not in self.listen_ports:
@@ -176,10 +216,10 @@ class OpenedConnections:
             try:
                 before = _places(self.ksr.htable.sht_get(TABLE, site))
                 after = []
-                for hostport, taken in before:
-                    ids = opened.get(hostport, [])
+                for hostport, taken, floor in before:
+                    ids = [conid for conid in opened.get(hostport, []) if conid > floor]
                     if not ids and taken < listed_ms:
-                        continue        # refused, closed, timed out: free
+                        continue        # refused, closed, timed out, none opened: free
                     if ids and listed_ms - taken >= CONNECT_LIFETIME * 1000:
                         for conid in ids:
                             self.ksr.tcpops.tcp_close_connection_id(conid)
@@ -187,7 +227,8 @@ class OpenedConnections:
                         self.ksr.info("e2m certs: %d connection(s) the service opened to "
                                       "%s closed: %d ms old\n"
                                       % (len(ids), hostport, listed_ms - taken))
-                    after.append((hostport, taken))
+                    if listed_ms - taken < PLACE_KEPT * 1000:
+                        after.append((hostport, taken, floor))
                 self._store(site, before, after)
             finally:
                 self.ksr.htable.sht_unlock(TABLE, site)

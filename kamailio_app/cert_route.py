@@ -351,21 +351,23 @@ class CertService:
         return (request.request_uri, request.next_hop,
                 _header_text([*request.headers, *state]), b"", True)
 
-    def _may_send(self, sub: notifier.Subscription, hop: str) -> str | None:
-        """Whether a NOTIFY may go to ``hop`` now: None when it may (over UDP, over a
-        TCP or TLS connection that is open), "open" when it would open a connection
-        (``cert_connects``: at most ``MAX_CONNECTS`` per address, each for a short
-        life), "gone" when it never will: never to a subscriber's own source port
-        (``notifier.own_connection``: its connection is gone, nobody listens there,
-        and its subscriber hears at its next refresh, over a new one).  Strangers'
-        follows and fetches aimed at their own silent ports filled the proxy's whole
-        connection table (review 145)."""
+    def _may_send(self, sub: notifier.Subscription, hop: str) -> tuple[str | None, int]:
+        """How a NOTIFY goes to ``hop``, and the connection found there (0: none looked
+        up or found): None over UDP; "own" over a follow's own TCP or TLS connection
+        (``notifier.own_connection``), which is open; "gone" never, that
+        connection being gone (nobody listens at its port, and its subscriber hears at
+        its next refresh, over a new one); "open" to any other stream destination, which
+        takes a place (``cert_connects``: at most ``MAX_CONNECTS`` per address, each
+        for a short life).  Strangers' follows and fetches aimed at their own silent
+        ports filled the proxy's whole connection table (review 145); a lookup is not
+        trusted to say that no connection will be opened (review 148 K1)."""
         destination = notifier.stream_destination(hop)
         if destination is None:
-            return None
-        if self.connects.conid_to("%s:%s" % destination):
-            return None
-        return "gone" if notifier.own_connection(sub, hop) else "open"
+            return None, 0
+        if not notifier.own_connection(sub, hop):
+            return "open", 0
+        found = self.connects.conid_to("%s:%s" % destination)
+        return ("own" if found else "gone"), found
 
     def _unsent(self, sub: notifier.Subscription, hop: str, own: bool) -> None:
         """A NOTIFY that did not go: counted (``e2m_certs_unsent``) and logged."""
@@ -379,7 +381,7 @@ class CertService:
         """Send one NOTIFY, if it may go (``_may_send``, ``OpenedConnections``).
         Whether it went, and whether its certificate was held back."""
         ruri, hop, headers, body, held = self._plan(sub, cseq, expires_left, body, confirmed)
-        verdict = self._may_send(sub, hop)
+        verdict, found = self._may_send(sub, hop)
         if verdict == "gone":
             # not owed again (review 147 K2: a follow whose connection is gone was
             # retried every 2 s for its whole life)
@@ -389,16 +391,22 @@ class CertService:
         ksr.pv.sets("$var(e2m_method)", "NOTIFY")
         ksr.pv.sets("$var(e2m_ruri)", ruri)
         ksr.pv.sets("$var(e2m_nexthop)", hop)
-        # (a subscription made at no socket of ours, its node gone: tm picks one)
-        ksr.pv.sets("$var(e2m_socket)", (self._sockets or {}).get(sub.contact, ""))
+        # (a subscription made at no socket of ours, its node gone: tm picks one).  Over
+        # a follow's own connection the socket is not forced: tm then takes the
+        # connection the lookup above found, whichever local address it has (forced,
+        # it asks for that socket's, and would open a new one: review 148 K1)
+        ksr.pv.sets("$var(e2m_socket)", "" if verdict == "own" else
+                    (self._sockets or {}).get(sub.contact, ""))
         ksr.pv.sets("$var(e2m_hdrs)", headers)
         ksr.pv.sets("$var(e2m_body)", base64.b64encode(body).decode("ascii"))
+        host, port = notifier.stream_destination(hop) or ("", 0)
         if verdict == "open":
-            host, port = notifier.stream_destination(hop) or ("", 0)
             if not self.connects.open_with(host, port, lambda: ksr.route(SEND_ROUTE)):
                 # owed again: a place toward that address frees within CONNECT_LIFETIME
                 self._unsent(sub, hop, own=False)
                 return Notified(False, held, retry=True)
+        elif verdict == "own":
+            self.connects.send_over(host, port, found, lambda: ksr.route(SEND_ROUTE))
         else:
             ksr.route(SEND_ROUTE)
         return Notified(True, held, retry=False)

@@ -3,7 +3,8 @@ against a listing of connections, with a stand-in for Kamailio's KSR (stop 46)."
 
 from __future__ import annotations
 
-from kamailio_app.cert_connects import CONNECT_LIFETIME, MAX_CONNECTS, OpenedConnections, far_end
+from kamailio_app.cert_connects import (CONNECT_LIFETIME, MAX_CONNECTS, PLACE_KEPT,
+                                        OpenedConnections, far_end)
 from kamailio_app.tcp_sweep import Connection
 
 LISTENER = 5060
@@ -19,6 +20,7 @@ class FakeKsr:
         self.tcpops = self
         self.pv = self
         self.vars: dict[str, object] = {}
+        self.found: dict[str, int] = {}      # host:port -> the connection a lookup finds
 
     # htable
     def sht_get(self, table, key):
@@ -66,6 +68,10 @@ class FakeKsr:
     def info(self, text):
         pass
 
+    def route(self, name):
+        assert name == "E2M_STREAM_OPEN"
+        self.vars["$var(e2m_conid)"] = self.found.get(self.vars["$var(e2m_hostport)"], 0)
+
 
 class Clock:
     def __init__(self) -> None:
@@ -96,6 +102,36 @@ def test_no_more_than_two_places_per_address():
         assert service.open_with(STRANGER, port, lambda: sent.append(port)) is (port != 1003)
     assert sent == [1001, 1002] and MAX_CONNECTS == 2
     assert ksr.locked == []                            # every lock given back
+
+
+def test_notifies_to_a_held_place_share_it():
+    ksr, clock, service = _service()
+    sent = []
+    for port in (1001, 1001, 1002, 1001, 1003):
+        service.open_with(STRANGER, port, lambda: sent.append(port))
+    assert sent == [1001, 1001, 1002, 1001]
+    assert ksr.items[STRANGER].count("@") == 2 * 2     # two places, three fields each
+
+
+def test_a_connection_there_before_the_place_is_not_its_own():
+    """(a connection the proxy relays calls over to a hop, opened before the NOTIFY)"""
+    ksr, clock, service = _service()
+    ksr.found[f"{STRANGER}:1001"] = 7                  # the newest there: the floor
+    service.open_with(STRANGER, 1001, lambda: None)
+    clock.now += CONNECT_LIFETIME + 1
+    relay, ours = _outbound(6, 1001), _outbound(8, 1001)
+    assert service.settle([STRANGER], [relay, ours], service.now_ms()) == [8]
+    clock.now += 1
+    service.settle([STRANGER], [relay], service.now_ms())
+    assert ksr.items == {}                           # freed: only the older one is left
+
+
+def test_no_place_is_held_past_its_time():
+    ksr, clock, service = _service()
+    service.open_with(STRANGER, 1001, lambda: None)
+    clock.now += PLACE_KEPT
+    assert service.settle([STRANGER], [_outbound(4, 1001)], service.now_ms()) == [4]
+    assert ksr.items == {}
 
 
 def test_a_place_frees_only_when_the_listing_shows_none_of_ours_there():
@@ -143,3 +179,14 @@ def test_an_answer_closes_the_proxys_connection_not_a_twin():
     service.close_answered()
     assert ksr.closed == [4]
     assert STRANGER in ksr.items                      # freed by the next listing only
+
+
+def test_a_follows_own_connection_gone_at_the_send_is_kept_as_a_place():
+    ksr, clock, service = _service()
+    hostport = f"{STRANGER}:1001"
+    ksr.found[hostport] = 5
+    service.send_over(STRANGER, 1001, 5, lambda: None)          # sent over it: nothing kept
+    assert ksr.items == {}
+    service.send_over(STRANGER, 1001, 5, lambda: ksr.found.__setitem__(hostport, 9))
+    clock.now += CONNECT_LIFETIME + 1                           # tm opened 9 in between
+    assert service.settle([STRANGER], [_outbound(9, 1001)], service.now_ms()) == [9]
