@@ -385,6 +385,26 @@ def lapse_wave(home: ProxyHandle, pki: TestPKI, transport: str, silent: bool,
     return result
 
 
+def send_fetch(sock: socket.socket, source: str, route_port: int | None = None,
+               transport: str = "tcp") -> None:
+    """A fetch (``Expires: 0``) of any user over ``sock``, a TCP connection from
+    ``source``; with ``route_port``, its Record-Route names ``source`` itself at that
+    port (his own address: the rule against third parties holds), so its NOTIFY needs
+    a connection of the proxy's own (reviews 146 to 148)."""
+    port = sock.getsockname()[1]
+    call_id = uuid.uuid4().hex
+    route = "" if route_port is None else \
+        f"Record-Route: <sip:{source}:{route_port};transport={transport};lr>\r\n"
+    sock.sendall((
+        f"SUBSCRIBE sip:peer@example.com SIP/2.0\r\n"
+        f"Via: SIP/2.0/TCP {source}:{port};rport;branch=z9hG4bK{call_id[:12]}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:stranger@{source}>;tag={call_id[:8]}\r\n"
+        f"To: <sip:peer@example.com>\r\nCall-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\n"
+        f"{route}Contact: <sip:stranger@{source}:{port};transport=tcp>\r\n"
+        "Event: certificate\r\nAccept: application/pkix-cert\r\nExpires: 0\r\n"
+        "Content-Length: 0\r\n\r\n").encode())
+
+
 def large_certificate(pki: TestPKI) -> bytes:
     """bob's certificate with an RSA-4096 key: 935 octets, its NOTIFY above 1300."""
     key = rsa.generate_private_key(65537, 4096)

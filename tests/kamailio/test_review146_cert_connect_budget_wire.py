@@ -176,7 +176,8 @@ from e2m_lab.certclient import CertClient, forget_certificates
 from e2m_plugins.sip import SipMessage, make_response, parse
 from kamailio_app.cert_connects import CONNECT_LIFETIME, MAX_CONNECTS
 from tests.kamailio.test_review145_cert_follow_connects_wire import (  # noqa: F401
-    BOB, USERS, address, drain, home, honest_options, large_certificate, udp_fetch)
+    BOB, USERS, address, drain, home, honest_options, large_certificate, send_fetch,
+    udp_fetch)
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.slow]
 
@@ -384,17 +385,7 @@ def routed_fetch(home, source: str, record_route: bool) -> list:
     sock = socket.create_connection(("127.0.0.1", home.port), timeout=3,
                                     source_address=(source, 0))
     try:
-        port = sock.getsockname()[1]
-        call_id = uuid.uuid4().hex
-        sock.sendall((
-            f"SUBSCRIBE sip:peer@example.com SIP/2.0\r\n"
-            f"Via: SIP/2.0/TCP {source}:{port};rport;branch=z9hG4bK{call_id[:12]}\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:stranger@{source}>;tag={call_id[:8]}\r\n"
-            f"To: <sip:peer@example.com>\r\nCall-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\n"
-            + (f"Record-Route: <sip:{source}:9;transport=tcp;lr>\r\n" if record_route else "")
-            + f"Contact: <sip:stranger@{source}:{port};transport=tcp>\r\n"
-            "Event: certificate\r\nAccept: application/pkix-cert\r\nExpires: 0\r\n"
-            "Content-Length: 0\r\n\r\n").encode())
+        send_fetch(sock, source, 9 if record_route else None)
         seen: list = []
         sock.settimeout(1.0)
         buffer = b""

@@ -156,7 +156,7 @@ import pytest
 from e2m_plugins.sip import make_response, parse
 from kamailio_app.cert_connects import CONNECT_LIFETIME, ITEM_KEPT as CONNECTS_KEPT, MAX_CONNECTS
 from tests.kamailio.test_review145_cert_follow_connects_wire import (  # noqa: F401
-    drain, home, honest_options)
+    drain, home, honest_options, send_fetch)
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.slow]
 
@@ -283,17 +283,7 @@ def routed_fetch(home, source: str, port: int, transport: str = "tcp") -> int:
     sock = socket.create_connection(("127.0.0.1", home.port), timeout=3,
                                     source_address=(source, 0))
     try:
-        local = sock.getsockname()[1]
-        call_id = uuid.uuid4().hex
-        sock.sendall((
-            f"SUBSCRIBE sip:peer@example.com SIP/2.0\r\n"
-            f"Via: SIP/2.0/TCP {source}:{local};rport;branch=z9hG4bK{call_id[:12]}\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:stranger@{source}>;tag={call_id[:8]}\r\n"
-            f"To: <sip:peer@example.com>\r\nCall-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\n"
-            f"Record-Route: <sip:{source}:{port};transport={transport};lr>\r\n"
-            f"Contact: <sip:stranger@{source}:{local};transport=tcp>\r\n"
-            "Event: certificate\r\nAccept: application/pkix-cert\r\nExpires: 0\r\n"
-            "Content-Length: 0\r\n\r\n").encode())
+        send_fetch(sock, source, port, transport)
         sock.settimeout(2)
         data = b""
         while b"\r\n\r\n" not in data:

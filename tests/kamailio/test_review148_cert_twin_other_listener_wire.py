@@ -104,7 +104,6 @@ place (``send_over``) and closed at 4 s.
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -117,6 +116,7 @@ from e2m_plugins.testpki import TestPKI
 from kamailio_app.cert_connects import CONNECT_LIFETIME, MAX_CONNECTS
 from tests.kamailio.test_review145_cert_follow_connects_wire import SLOTS, USERS
 from tests.kamailio.test_review147_cert_connect_keepalive_wire import (Keeper, options,
+                                                                       outbound_to,
                                                                        routed_fetch)
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.slow]
@@ -143,20 +143,6 @@ def multi(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
                                "certs": {"min_expires": 2, "notify_interval": 2}})
     yield proxy
     proxy.stop()
-
-
-def outbound(home: ProxyHandle, source: str, ports: list[int]) -> int:
-    """``core.tcp_list``: the proxy's connections to ``source`` at one of ``ports``
-    whose local port is not the listeners' (those it opened, not the stranger's twins)."""
-    count = 0
-    for block in home.rpc("core.tcp_list").split("}"):
-        ip = re.search(r"src_ip:\s*(\S+)", block)
-        port = re.search(r"src_port:\s*(\d+)", block)
-        local = re.search(r"dst_port:\s*(\d+)", block)
-        if ip and port and ip.group(1) == source and int(port.group(1)) in ports \
-                and not (local and int(local.group(1)) == home.port):
-            count += 1
-    return count
 
 
 def twin(source: str, port: int, to: tuple[str, int]) -> socket.socket:
@@ -193,7 +179,7 @@ def wave(home: ProxyHandle, twin_to: str | None) -> dict:
                 held.close()
         time.sleep(CONNECT_LIFETIME + 3)
         return {"codes": codes, "accepted": keeper.accepted, "live": keeper.live(),
-                "outbound": outbound(home, stranger, keeper.ports),
+                "outbound": outbound_to(home, stranger, keeper.ports),
                 "unsent": home.log_since(mark).count("not sent: no connection")}
     finally:
         keeper.close()
