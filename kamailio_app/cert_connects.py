@@ -173,11 +173,11 @@ class OpenedConnections:
 
     def close_answered(self) -> None:
         """The answer to one of our NOTIFYs, from the address and port of a place, over
-        a connection the proxy opened (its local port is no listener's): that
-        connection is closed now (review 146 HB1: UDP followers of a large certificate
-        behind one address waited on connections left open), and its place is freed
-        by the next sweep, which sees it gone.  One over a twin of the far end's, to
-        one of our listeners, closes nothing (review 147 K3)."""
+        a connection the proxy opened there for it (its local port is no listener's,
+        its id above the place's floor): that connection is closed and the place freed
+        now (review 146 HB1: UDP followers of a large certificate behind one address
+        waited on connections left open).  One over a twin of the far end's, to one of
+        our listeners, closes and frees nothing (review 147 K3)."""
         ksr = self.ksr
         if (ksr.pv.get("$proto") or "").lower() not in ("tcp", "tls") \
                 or (ksr.pv.get("$Rp") or 0) in self.listen_ports:
@@ -185,9 +185,16 @@ class OpenedConnections:
         source = ksr.pv.get("$si") or ""
         hostport = far_end(source, ksr.pv.get("$sp") or 0)
         conid = ksr.pv.get("$conid") or 0
-        if any(place == hostport and conid > floor for place, _, floor in
-               _places(ksr.htable.sht_get(TABLE, site_of(source)))):
-            ksr.tcpops.tcp_close_connection()
+        site = site_of(source)
+        ksr.htable.sht_lock(TABLE, site)
+        try:
+            held = _places(ksr.htable.sht_get(TABLE, site))
+            mine = [place for place in held if place[0] == hostport and conid > place[2]]
+            if mine:
+                ksr.tcpops.tcp_close_connection()
+                self._store(site, held, [place for place in held if place not in mine])
+        finally:
+            ksr.htable.sht_unlock(TABLE, site)
 
     def sweep(self) -> list[int]:
         """When any place is held: list the connections, close those the proxy opened

@@ -178,7 +178,7 @@ def test_an_answer_closes_the_proxys_connection_not_a_twin():
     ksr.vars.update({"$conid": 4, "$Rp": 40001})      # over the proxy's own
     service.close_answered()
     assert ksr.closed == [4]
-    assert STRANGER in ksr.items                      # freed by the next listing only
+    assert ksr.items == {}                            # its place freed at once
 
 
 def test_a_follows_own_connection_gone_at_the_send_is_kept_as_a_place():
