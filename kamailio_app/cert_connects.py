@@ -173,28 +173,46 @@ class OpenedConnections:
 
     def close_answered(self) -> None:
         """The answer to one of our NOTIFYs, from the address and port of a place, over
-        a connection the proxy opened there for it (its local port is no listener's,
-        its id above the place's floor): that connection is closed and the place freed
-        now (review 146 HB1: UDP followers of a large certificate behind one address
-        waited on connections left open).  One over a twin of the far end's, to one of
-        our listeners, closes and frees nothing (review 147 K3)."""
+        a connection the proxy opened there for it (its id above the place's floor, its
+        local port no listener's): that connection is closed and the place freed now
+        (review 146 HB1: UDP followers of a large certificate behind one address waited
+        on connections left open).  One over a twin of the far end's, to one of our
+        listeners, closes and frees nothing (review 147 K3).  The local port is read
+        from the listing: ``$Rp`` is the port of the socket a connection is bound to, a
+        listener's for the proxy's own connections too (stop 47)."""
         ksr = self.ksr
-        if (ksr.pv.get("$proto") or "").lower() not in ("tcp", "tls") \
-                or (ksr.pv.get("$Rp") or 0) in self.listen_ports:
+        if (ksr.pv.get("$proto") or "").lower() not in ("tcp", "tls"):
             return
         source = ksr.pv.get("$si") or ""
         hostport = far_end(source, ksr.pv.get("$sp") or 0)
         conid = ksr.pv.get("$conid") or 0
         site = site_of(source)
+
+        def mine(held: list[Place]) -> list[Place]:
+            return [place for place in held if place[0] == hostport and conid > place[2]]
+
+        # most answers come from no place: the listing is made only for one that does,
+        # and outside the item's lock (the workers sending toward that site wait on it)
+        if not mine(_places(ksr.htable.sht_get(TABLE, site))) \
+                or not self._opened_by_us(conid):
+            return
+        ksr.tcpops.tcp_close_connection()
         ksr.htable.sht_lock(TABLE, site)
         try:
             held = _places(ksr.htable.sht_get(TABLE, site))
-            mine = [place for place in held if place[0] == hostport and conid > place[2]]
-            if mine:
-                ksr.tcpops.tcp_close_connection()
-                self._store(site, held, [place for place in held if place not in mine])
+            self._store(site, held, [place for place in held if place not in mine(held)])
         finally:
             ksr.htable.sht_unlock(TABLE, site)
+
+    def _opened_by_us(self, conid: int) -> bool:
+        """Whether connection ``conid`` is open and one the proxy opened (its local port
+        is none of our listeners')."""
+        try:
+            connections = list_connections(self.ksr) or []
+        except ValueError:
+            return False
+        return any(conn.id == conid and conn.state in LIVE_STATES
+                   and conn.local_port not in self.listen_ports for conn in connections)
 
     def sweep(self) -> list[int]:
         """When any place is held: list the connections, close those the proxy opened

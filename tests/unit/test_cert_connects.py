@@ -3,6 +3,8 @@ against a listing of connections, with a stand-in for Kamailio's KSR (stop 46)."
 
 from __future__ import annotations
 
+import json
+
 from kamailio_app.cert_connects import (CONNECT_LIFETIME, MAX_CONNECTS, PLACE_KEPT,
                                         OpenedConnections, far_end)
 from kamailio_app.tcp_sweep import Connection
@@ -21,6 +23,9 @@ class FakeKsr:
         self.pv = self
         self.vars: dict[str, object] = {}
         self.found: dict[str, int] = {}      # host:port -> the connection a lookup finds
+        self.jsonrpcs = self
+        self.listing: list[Connection] = []  # what core.tcp_list answers
+        self.listings = 0
 
     # htable
     def sht_get(self, table, key):
@@ -58,6 +63,14 @@ class FakeKsr:
 
     def tcp_close_connection(self):
         self.closed.append(self.vars["$conid"])
+
+    def exec(self, command):
+        assert json.loads(command)["method"] == "core.tcp_list"
+        self.listings += 1
+        self.vars["$jsonrpl(body)"] = json.dumps({"result": [
+            {"id": c.id, "src_ip": c.source, "src_port": c.source_port,
+             "dst_port": c.local_port, "lifetime": c.lifetime, "state": c.state}
+            for c in self.listing]})
 
     def get(self, name):
         return self.vars.get(name)
@@ -171,14 +184,29 @@ def test_the_proxys_connections_are_closed_at_their_short_life_answered_or_not()
 def test_an_answer_closes_the_proxys_connection_not_a_twin():
     ksr, clock, service = _service()
     service.open_with(STRANGER, 1001, lambda: None)
+    twin = Connection(9, STRANGER, LISTENER, 120, "CONN_OK", 1001)
+    ksr.listing = [_outbound(4, 1001), twin]
+    # $Rp names the listener for both (the socket a connection is bound to): it must
+    # not decide (stop 47); the listing's local port does
     ksr.vars.update({"$proto": "tcp", "$si": STRANGER, "$sp": 1001, "$conid": 9,
                      "$Rp": LISTENER})
     service.close_answered()                          # over his twin, to our listener
-    assert ksr.closed == []
-    ksr.vars.update({"$conid": 4, "$Rp": 40001})      # over the proxy's own
+    assert ksr.closed == [] and STRANGER in ksr.items
+    ksr.vars.update({"$conid": 4})                    # over the proxy's own
     service.close_answered()
     assert ksr.closed == [4]
     assert ksr.items == {}                            # its place freed at once
+
+
+def test_an_answer_from_no_place_lists_nothing():
+    ksr, clock, service = _service()
+    service.open_with(STRANGER, 1001, lambda: None)
+    ksr.listing = [_outbound(4, 1002)]
+    ksr.vars.update({"$proto": "tcp", "$si": STRANGER, "$sp": 1002, "$conid": 4})
+    service.close_answered()                          # another port: no place there
+    ksr.vars.update({"$proto": "udp", "$sp": 1001, "$conid": None})
+    service.close_answered()                          # over UDP
+    assert ksr.listings == 0 and ksr.closed == [] and STRANGER in ksr.items
 
 
 def test_a_follows_own_connection_gone_at_the_send_is_kept_as_a_place():
