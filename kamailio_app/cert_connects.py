@@ -10,8 +10,11 @@ far end that pings keeps it longer (reviews 145 to 147).  So, per destination ad
 
 - every NOTIFY to a TCP or TLS destination other than a follow's own connection takes
   a place (``open_with``), whether or not Kamailio will reuse a connection: a place is
-  the far end's address and port, shared by the NOTIFYs to it while it is held, and
-  remembers the newest connection id there before its first send (its *floor*);
+  the far end's address and port, and remembers the newest connection id there before
+  its first send (its *floor*).  It is shared by the NOTIFYs to it while a lookup by
+  address finds a connection there above the floor; when none is found, a listing
+  decides: the place's connection still open (a twin took its address, review 149 K1)
+  means the NOTIFY is not sent, none open means the place is taken anew;
 - the place's connections are those the proxy opened to that address and port (local
   port none of our listeners') with an id above the floor: Kamailio numbers
   connections in order, so one that was there before (a connection the proxy relays
@@ -136,9 +139,18 @@ class OpenedConnections:
         ksr.htable.sht_lock(TABLE, site)
         try:
             held = _places(ksr.htable.sht_get(TABLE, site))
-            if any(place[0] == hostport for place in held):
-                send()
-                return True
+            place = next((place for place in held if place[0] == hostport), None)
+            if place is not None:
+                # shared only while a send there finds a connection the place's
+                # first NOTIFY did not: a twin of the far end's can take the address
+                # from the place's connection, and once the twin is reset a send would
+                # open one more each time (review 149 K1)
+                if self.conid_to(hostport) > place[2]:
+                    send()
+                    return True
+                if self._own_alive(hostport, place[2]):
+                    return False        # its connection lives, its address taken: owed
+                held.remove(place)      # its connection is gone: the place is taken anew
             if len(held) >= MAX_CONNECTS:
                 return False
             # the newest connection there now (any local address: Kamailio gives the
@@ -205,14 +217,34 @@ class OpenedConnections:
             ksr.htable.sht_unlock(TABLE, site)
 
     def _opened_by_us(self, conid: int) -> bool:
-        """Whether connection ``conid`` is open and one the proxy opened (its local port
-        is none of our listeners')."""
+        """Whether connection ``conid`` is open and one the proxy opened."""
         try:
-            connections = list_connections(self.ksr) or []
+            return any(conn.id == conid for conn in self._listed_own())
         except ValueError:
             return False
-        return any(conn.id == conid and conn.state in LIVE_STATES
-                   and conn.local_port not in self.listen_ports for conn in connections)
+
+    def _own_alive(self, hostport: str, floor: int) -> bool:
+        """Whether a connection the proxy opened to ``hostport`` after ``floor`` is open
+        (no listing: taken as open, so that nothing is opened past the bound)."""
+        try:
+            return any(far_end(conn.source, conn.source_port) == hostport and conn.id > floor
+                       for conn in self._listed_own())
+        except ValueError:
+            return True
+
+    def _listed_own(self) -> list[Connection]:
+        """The open connections the proxy opened, from a listing made now; raises
+        ``ValueError`` when there is none."""
+        connections = list_connections(self.ksr)
+        if connections is None:
+            raise ValueError("core.tcp_list gave nothing")
+        return self._own(connections)
+
+    def _own(self, connections: Iterable[Connection]) -> list[Connection]:
+        """Those of ``connections`` open and opened by the proxy (local port none of our
+        listeners')."""
+        return [conn for conn in connections
+                if conn.state in LIVE_STATES and conn.local_port not in self.listen_ports]
 
     def sweep(self) -> list[int]:
         """When any place is held: list the connections, close those the proxy opened
@@ -232,9 +264,8 @@ class OpenedConnections:
         it, its id above the floor) is freed, and so is one ``PLACE_KEPT`` s old; the
         connections of one taken ``CONNECT_LIFETIME`` s before are closed."""
         opened: dict[str, list[int]] = defaultdict(list)
-        for conn in connections:
-            if conn.state in LIVE_STATES and conn.local_port not in self.listen_ports:
-                opened[far_end(conn.source, conn.source_port)].append(conn.id)
+        for conn in self._own(connections):
+            opened[far_end(conn.source, conn.source_port)].append(conn.id)
         closed: list[int] = []
         for site in sites:
             self.ksr.htable.sht_lock(TABLE, site)

@@ -374,7 +374,8 @@ class CertService:
         host, port = notifier.stream_destination(hop) or ("", 0)
         self.ksr.statistics.update_stat("e2m_certs_unsent", 1)
         self._log("NOTIFY", sub.aor, f"not sent: no connection to {host}:{port}"
-                  + ("" if own else f", and {MAX_CONNECTS} of ours toward that address"))
+                  + ("" if own else f", and no place of ours free toward that address "
+                                      f"(at most {MAX_CONNECTS})"))
 
     def _notify(self, sub: notifier.Subscription, cseq: int, expires_left: int,
                 body: bytes, confirmed: bool = True) -> Notified:

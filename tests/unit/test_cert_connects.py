@@ -117,13 +117,57 @@ def test_no_more_than_two_places_per_address():
     assert ksr.locked == []                            # every lock given back
 
 
-def test_notifies_to_a_held_place_share_it():
+def _opens(ksr: FakeKsr, port: int, conid: int):
+    """A send to ``port`` that opens connection ``conid`` (found there from now on)."""
+    def send() -> None:
+        ksr.found[f"{STRANGER}:{port}"] = conid
+        ksr.listing.append(_outbound(conid, port))
+    return send
+
+
+def test_notifies_to_a_held_place_share_its_connection():
     ksr, clock, service = _service()
     sent = []
-    for port in (1001, 1001, 1002, 1001, 1003):
-        service.open_with(STRANGER, port, lambda: sent.append(port))
+    for conid, port in enumerate((1001, 1001, 1002, 1001, 1003), start=1):
+        opens = _opens(ksr, port, conid)
+        service.open_with(STRANGER, port, lambda: (sent.append(port), opens()))
     assert sent == [1001, 1001, 1002, 1001]
     assert ksr.items[STRANGER].count("@") == 2 * 2     # two places, three fields each
+    assert ksr.listings == 0                           # each found its place's connection
+
+
+def test_a_place_whose_address_a_twin_took_is_not_shared():
+    """Review 149 K1: the place's connection lives, but a lookup by address no longer
+    finds it (a twin took the address and was reset): a send would open another."""
+    ksr, clock, service = _service()
+    sent = []
+    service.open_with(STRANGER, 1001, _opens(ksr, 1001, 4))
+    del ksr.found[f"{STRANGER}:1001"]                  # the alias gone with the twin
+    assert service.open_with(STRANGER, 1001, lambda: sent.append(1)) is False
+    assert sent == [] and ksr.listings == 1
+    ksr.found[f"{STRANGER}:1001"] = 9                  # a live twin: the send goes over it
+    assert service.open_with(STRANGER, 1001, lambda: sent.append(2)) is True
+    assert sent == [2]
+
+
+def test_a_place_whose_connection_is_gone_is_taken_anew():
+    """(closed at its short life, the place not yet freed by a listing): the NOTIFY
+    goes now, over a new connection, and the place is counted from now."""
+    ksr, clock, service = _service()
+    service.open_with(STRANGER, 1001, _opens(ksr, 1001, 4))
+    ksr.listing.clear()
+    del ksr.found[f"{STRANGER}:1001"]
+    clock.now += CONNECT_LIFETIME + 0.5
+    assert service.open_with(STRANGER, 1001, _opens(ksr, 1001, 5)) is True
+    assert ksr.items[STRANGER] == f"{STRANGER}:1001@{service.now_ms()}@0"
+
+
+def test_without_a_listing_a_stolen_place_opens_nothing():
+    ksr, clock, service = _service()
+    service.open_with(STRANGER, 1001, _opens(ksr, 1001, 4))
+    del ksr.found[f"{STRANGER}:1001"]
+    ksr.exec = lambda command: ksr.vars.__setitem__("$jsonrpl(body)", "")
+    assert service.open_with(STRANGER, 1001, lambda: None) is False
 
 
 def test_a_connection_there_before_the_place_is_not_its_own():
