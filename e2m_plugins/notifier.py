@@ -70,6 +70,7 @@ class Subscription:
     source: str                # the subscriber's address (the per-source bound)
     contact: str               # our Contact URI
     expires: float             # epoch seconds
+    source_port: int = 0       # the port the opening SUBSCRIBE came from (0: not known)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def open_dialog(message: SipMessage, *, local_tag: str, peer: Peer, contact: str
                        event_id=event_id or "", aor=aor, local_uri=local_uri,
                        remote_uri=remote_uri, remote_target=_contact(message),
                        route_set=route_set, next_hop=_next_hop(route_set, peer),
-                       source=peer.ip, contact=contact, expires=expires)
+                       source=peer.ip, contact=contact, expires=expires,
+                       source_port=peer.port)
     _check_size(sub)
     return sub
 
@@ -205,8 +207,10 @@ def in_dialog_hop(subscription: Subscription, peer: Peer) -> str:
       its source).
     - Through a route set: its first hop stays, and the request must come from it as
       NOTIFYs reach it: over UDP from the port its Record-Route names (a proxy sends
-      from the socket it record-routes), over a stream from its address on that
-      transport (review 136 K2: any port of the hop's address could end the follow).
+      from the socket it record-routes) or from the port the subscription was opened
+      from (a hop behind a port-translating NAT, or one that record-routes a fixed
+      socket: review 137 HB2), over a stream from its address on that transport
+      (review 136 K2: any port of the hop's address could end the follow).
 
     ``SubscriberMovedError`` for anything else: a datagram from another port may be
     forged, and another transport from that address may be anyone behind the same
@@ -221,7 +225,8 @@ def in_dialog_hop(subscription: Subscription, peer: Peer) -> str:
     if subscription.route_set:
         default_port = 5061 if transport == "tls" else 5060
         same_socket = peer.transport == transport == "udp" and \
-            _same_address(target.host, peer.ip) and peer.port == (target.port or default_port)
+            _same_address(target.host, peer.ip) and \
+            peer.port in (target.port or default_port, subscription.source_port)
         if same_socket or same_stream:
             return hop
     elif same_stream:

@@ -37,7 +37,7 @@ __all__ = ["CertDatabase", "CertTableError", "PublicationTable", "SubscriptionTa
            "SubscriptionLimits", "SubscriptionRefused", "SubscriptionTaken", "Claim",
            "CHANGED", "UNCONFIRMED", "HELD", "FETCH", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: cert_subscriptions.source_port (review 137 HB2)
 _COMPONENT = "certs"
 
 _SCHEMA = """
@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS cert_subscriptions (
                                               -- 2 no NOTIFY of it answered 2xx yet,
                                               -- 4 its certificate held back until then,
                                               -- 8 a fetch kept only to deliver it
+    source_port   INTEGER NOT NULL DEFAULT 0, -- of the opening SUBSCRIBE (0: not known)
     PRIMARY KEY (call_id, local_tag, remote_tag, event_id)
 );
 CREATE INDEX IF NOT EXISTS cert_subscriptions_aor ON cert_subscriptions (aor);
@@ -90,8 +91,14 @@ _PUBLICATION_COLUMNS = ("aor", "der", "fingerprint", "not_before", "not_after", 
                         "expires", "published_by", "published_at")
 _SUBSCRIPTION_COLUMNS = ("call_id", "local_tag", "remote_tag", "event_id", "aor",
                          "local_uri", "remote_uri", "remote_target", "route_set", "next_hop",
-                         "source", "contact", "expires")
+                         "source", "contact", "expires", "source_port")
 _KEY = "call_id = ? AND local_tag = ? AND remote_tag = ? AND event_id = ?"
+# what each schema version adds to the one before (a file or database made by an older
+# e2m-proxy is brought up to date by ``upgrade_schema``)
+_UPGRADES = {   # version: (the column it adds, the statement)
+    2: ("source_port",
+        "ALTER TABLE cert_subscriptions ADD COLUMN source_port INTEGER NOT NULL DEFAULT 0"),
+}
 
 
 class CertTableError(Exception):
@@ -163,18 +170,24 @@ class CertDatabase:
         except (OSError, sqlite3.Error) as exc:
             self._conn = None
             raise CertTableError(f"cannot open {self.path}: {exc}") from None
+        except CertTableError:
+            self._conn = None            # not used until its schema is one we know
+            raise
         return conn
 
     def ensure_schema(self, *, unreachable_ok: bool = False) -> None:
-        """The service's tables (``unreachable_ok`` is a shared database's: a file is
-        always reachable, and an unusable one stops the start)."""
+        """The service's tables, brought up to ``SCHEMA_VERSION`` (``unreachable_ok`` is
+        a shared database's: a file is always reachable, and an unusable one stops the
+        start)."""
         with self.write() as cursor:
             for statement in _SCHEMA.format(blob="BLOB").split(";"):
                 if statement.strip():
                     cursor.execute(statement)
-            cursor.execute(self.sql("INSERT INTO schema_version (component, version, updated) "
-                                    "VALUES (?, ?, ?) ON CONFLICT (component) DO NOTHING"),
-                           (_COMPONENT, SCHEMA_VERSION, time.time()))
+            upgrade_schema(cursor, self.sql, self._columns(cursor))
+
+    @staticmethod
+    def _columns(cursor: Any) -> set[str]:
+        return {row[1] for row in cursor.execute("PRAGMA table_info(cert_subscriptions)")}
 
     @contextmanager
     def read(self) -> Iterator[Any]:
@@ -315,6 +328,29 @@ class Claim(tuple):
         return claim
 
 
+def upgrade_schema(cursor: Any, sql: Any, columns: set[str]) -> int:
+    """Inside the transaction that made the tables (``CREATE ... IF NOT EXISTS``, so a
+    table an older e2m-proxy made is left as it was): the steps of ``_UPGRADES`` its
+    ``schema_version`` row has not had, then the row at ``SCHEMA_VERSION``.
+    ``columns``: the subscriptions table's now (a freshly made table has every one).
+    The version found (0: none, the tables new)."""
+    row = cursor.execute(sql("SELECT version FROM schema_version WHERE component = ?"),
+                         (_COMPONENT,)).fetchone()
+    found = int(row[0]) if row is not None else 0
+    if found > SCHEMA_VERSION:
+        raise CertTableError(f"certificate tables at schema version {found}, newer than "
+                             f"this e2m-proxy knows ({SCHEMA_VERSION}): upgrade e2m-proxy")
+    if found == SCHEMA_VERSION:
+        return found
+    for version, (column, statement) in sorted(_UPGRADES.items()):
+        if found < version and column not in columns:
+            cursor.execute(statement)
+    cursor.execute(sql("DELETE FROM schema_version WHERE component = ?"), (_COMPONENT,))
+    cursor.execute(sql("INSERT INTO schema_version (component, version, updated) "
+                       "VALUES (?, ?, ?)"), (_COMPONENT, SCHEMA_VERSION, time.time()))
+    return found
+
+
 class SubscriptionTable:
     """The accepted subscriptions.  A row's ``pending`` has these bits: CHANGED, its
     AoR's certificate changed since its last NOTIFY (the timer claims due rows,
@@ -335,7 +371,7 @@ class SubscriptionTable:
     def _values(sub: Subscription) -> tuple[Any, ...]:
         return (sub.call_id, sub.local_tag, sub.remote_tag, sub.event_id, sub.aor,
                 sub.local_uri, sub.remote_uri, sub.remote_target, json.dumps(sub.route_set),
-                sub.next_hop, sub.source, sub.contact, sub.expires)
+                sub.next_hop, sub.source, sub.contact, sub.expires, sub.source_port)
 
     def add(self, sub: Subscription, limits: SubscriptionLimits, now: float,
             flags: int = 0) -> int:
@@ -362,8 +398,8 @@ class SubscriptionTable:
             # who made a dialog from his own address and answers its NOTIFYs must not add
             # rows to it from someone else's (his answer confirms the whole dialog)
             known = cursor.execute(self.db.sql(
-                f"SELECT {', '.join(_SUBSCRIPTION_COLUMNS[3:12])} FROM cert_subscriptions "
-                "WHERE call_id = ? AND local_tag = ? AND remote_tag = ?"),
+                f"SELECT {', '.join(_SUBSCRIPTION_COLUMNS[3:12])}, source_port FROM "
+                "cert_subscriptions WHERE call_id = ? AND local_tag = ? AND remote_tag = ?"),
                 _key(sub)[:3]).fetchall()
             if any(row[7] != sub.source for row in known):
                 raise SubscriptionTaken("that dialog's subscription was made from another "
@@ -371,7 +407,8 @@ class SubscriptionTable:
             same = [tuple(row[1:]) for row in known if row[0] == sub.event_id]
             if not same:
                 self._check_bounds(cursor, sub, limits, now)
-            elif same[0] != self._values(sub)[4:12]:
+            elif same[0][:-1] != self._values(sub)[4:12] or \
+                    same[0][-1] not in (0, sub.source_port):     # 0: a row from version 1
                 # only a copy of the SUBSCRIBE that made it renews it: the To tag is
                 # sl's checksum of the Via and Call-ID, which a forger who knows the
                 # dialog's ids can make collide with a Via of his own (review 142)

@@ -13,13 +13,13 @@ by ``e2m-proxy db init`` (``ensure_schema``), under the migration lock.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from .archive_schema import MIGRATION_LOCK
-from .cert_table import _COMPONENT, _SCHEMA, SCHEMA_VERSION, CertDatabase, CertTableError
+from .cert_table import (_COMPONENT, _SCHEMA, SCHEMA_VERSION, CertDatabase, CertTableError,
+                         upgrade_schema)
 from .pgconn import PgUrl, ProcessConnection
 
 __all__ = ["PostgresCertDatabase", "CERT_LOCK"]
@@ -54,9 +54,10 @@ class PostgresCertDatabase(CertDatabase):
         return CertTableError(f"{self.url.masked()}: {doing} failed: {first}")
 
     def ensure_schema(self, *, unreachable_ok: bool = False) -> None:
-        """The service's tables and its ``schema_version`` row (``db init``).  Only
-        read when they are there: the nodes' account may have no right to create
-        tables (the owner's do, ``db init --owner-url``; review 73).  With
+        """The service's tables and its ``schema_version`` row (``db init``), brought
+        up to ``SCHEMA_VERSION`` (``db upgrade``).  Only read when they are there and
+        current: the nodes' account may have no right to create or alter tables (the
+        owner's do, ``db init --owner-url``; review 73).  With
         ``unreachable_ok`` (a node starting) a database that cannot be reached now is
         not fatal, as for the archive: the service answers 500 with Retry-After until
         it is back; ``db init`` still fails on it."""
@@ -71,9 +72,10 @@ class PostgresCertDatabase(CertDatabase):
                     "SELECT to_regclass('cert_publications') IS NOT NULL AND "
                     "to_regclass('cert_subscriptions') IS NOT NULL AND "
                     "to_regclass('schema_version') IS NOT NULL").fetchone()[0]
-                if present and conn.execute(
-                        "SELECT 1 FROM schema_version WHERE component = %s",
-                        (_COMPONENT,)).fetchone():
+                found = conn.execute(
+                    "SELECT version FROM schema_version WHERE component = %s",
+                    (_COMPONENT,)).fetchone() if present else None
+                if found is not None and int(found[0]) == SCHEMA_VERSION:
                     return
         except self._errors as exc:
             raise self._failure(exc, "schema") from None
@@ -83,11 +85,15 @@ class PostgresCertDatabase(CertDatabase):
                 for statement in _SCHEMA.format(blob="BYTEA").split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (component, version, updated) "
-                             "VALUES (%s, %s, %s) ON CONFLICT (component) DO NOTHING",
-                             (_COMPONENT, SCHEMA_VERSION, time.time()))
+                columns = {row[0] for row in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = "
+                    "'cert_subscriptions' AND table_schema = current_schema()")}
+                upgrade_schema(conn.cursor(), self.sql, columns)
         except self._errors as exc:
-            raise self._failure(exc, "schema") from None
+            # an older version's tables, and this account may not alter them
+            doing = "schema" if found is None else \
+                f"schema upgrade from version {found[0]} (run e2m-proxy db upgrade)"
+            raise self._failure(exc, doing) from None
 
     @contextmanager
     def read(self) -> Iterator[Any]:

@@ -78,3 +78,68 @@ def test_the_certificate_tables_and_the_archive_share_schema_version(pg_url):
     _node(pg_url).ensure_schema()
     assert archive.version() == ARCHIVE_VERSION
     assert archive.migrate() == (ARCHIVE_VERSION, ARCHIVE_VERSION)
+
+
+def test_version_1_tables_gain_the_opening_port_and_keep_their_rows(pg_url):
+    """(stop 47, review 137 HB2) tables an older e2m-proxy made, brought up to date by
+    the next ``ensure_schema`` (a node's start, ``db upgrade``), once whatever the
+    number of nodes."""
+    import psycopg
+
+    from kamailio_app.cert_table import SCHEMA_VERSION
+    from tests.unit.test_cert_schema_upgrade import VERSION_1
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for statement in VERSION_1.split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+    nodes = [_node(pg_url) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda node: node.ensure_schema(), nodes))
+    kept = SubscriptionTable(nodes[0]).get("c1", "l1", "f1", "")
+    assert kept is not None and kept.source_port == 0 and kept.route_set
+    fresh = _subscription(7)
+    SubscriptionTable(nodes[1]).add(fresh, SubscriptionLimits(), 100.0)
+    assert SubscriptionTable(nodes[0]).get("c1", "l1", "f1", "") == kept
+    assert SubscriptionTable(nodes[0]).get(*_key_of(fresh)).source_port == 5062
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version WHERE component = 'certs'"
+                            ).fetchall() == [(SCHEMA_VERSION,)]
+    for node in nodes:
+        node.close()
+
+
+def _key_of(sub) -> tuple[str, str, str, str]:
+    return (sub.call_id, sub.local_tag, sub.remote_tag, sub.event_id)
+
+
+def test_owned_version_1_tables_wait_for_db_upgrade(tmp_path, postgres, monkeypatch):
+    """(stop 47) version 1 tables owned by the owner account (``db init --owner-url``),
+    the nodes' account granted rows only: it may not alter them, so a node's start
+    stops with what to run; ``ensure_schema`` as the owner (what ``db upgrade
+    --owner-url`` runs) brings them up, and the node then starts and writes the port."""
+    import os
+
+    import psycopg
+
+    from kamailio_app.cert_table import _SCHEMA, CertTableError
+    from tests.cluster.test_review73_cluster import _owned_database
+    from tests.unit.test_cert_schema_upgrade import VERSION_1
+    node_url, owner_url = _owned_database(postgres, monkeypatch)
+    owner_url = owner_url.replace("@", ":" + os.environ["E2M_OWNER_PASSWORD"] + "@", 1)
+    node_user = PgUrl.parse(node_url).user
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        for statement in VERSION_1.split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(_SCHEMA.format(blob="BYTEA").split(";")[0])   # cert_publications
+        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON cert_subscriptions, "
+                     f"cert_publications, schema_version TO {node_user}")
+    with pytest.raises(CertTableError, match="upgrade from version 1 .*db upgrade"):
+        _node(node_url).ensure_schema(unreachable_ok=True)
+    PostgresCertDatabase(PgUrl.parse(owner_url)).ensure_schema()
+    started = _node(node_url)
+    started.ensure_schema(unreachable_ok=True)
+    SubscriptionTable(started).add(_subscription(3), SubscriptionLimits(), 100.0)
+    assert SubscriptionTable(started).get("c3", "l3", "f3", "").source_port == 5062
+    assert SubscriptionTable(started).get("c1", "l1", "f1", "").source_port == 0
+    started.close()

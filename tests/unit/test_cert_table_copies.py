@@ -39,13 +39,17 @@ def check_copies(table: SubscriptionTable) -> None:
               subscription(record_route="sip:192.0.2.77:41000;lr"),
               subscription(),                            # no route: NOTIFYs to the sender
               subscription(record_route="sip:192.0.2.77:5070;lr",
-                           contact="sip:carol@192.0.2.77:41000")]
+                           contact="sip:carol@192.0.2.77:41000"),
+              # (stop 47) from another port: renewed, its refreshes would be taken
+              # from that port (review 137 HB2's rule)
+              subscription(record_route="sip:192.0.2.77:5070;lr", port=41001)]
     for other in forged:
         with pytest.raises(SubscriptionTaken, match="not a copy"):
             table.add(other, limits, 102.0)
     kept = table.get("copy-c", "l", "f", "")
     assert kept is not None and kept.aor == BOB and kept.next_hop == first.next_hop
     assert kept.remote_target == first.remote_target
+    assert kept.source_port == first.source_port == 5062
 
 
 def test_a_first_subscribe_renews_only_as_a_copy(tmp_path) -> None:

@@ -66,6 +66,15 @@ names gets 481 on each refresh, and its subscriber subscribes anew (RFC 6665
 §4.1.2.2): the follow keeps working, with one new subscription per refresh.
 Refusing such a subscription when it is opened would end the follow instead; storing
 the opening port needs a column in both subscription tables.  The strict xfail stays.
+
+Fixed (stop 47), HB2: a subscription keeps the port its opening SUBSCRIBE came from
+(``Subscription.source_port``; column ``source_port`` of ``cert_subscriptions``, schema
+version 2, added in place to a SQLite file or PostgreSQL tables of version 1 by the
+proxy's start or ``e2m-proxy db upgrade``), and a routed UDP subscription's refresh may
+come from that port as well as from the one its Record-Route names.  The strict xfail
+failed (XPASS) on the fix; a datagram from a third port of the hop's address is still
+481 (control).  A row made before the upgrade has port 0: such a subscription's hop
+keeps the old rule until it subscribes anew.
 """
 
 from __future__ import annotations
@@ -103,9 +112,6 @@ def _opened_then_refreshed(route: str, first: Peer, again: Peer):
 
 # -- HB2: the hop's own source, accepted for the SUBSCRIBE, refused for its refresh ---
 
-@pytest.mark.xfail(strict=True, reason="review 137 honest break HB2: a routed subscription "
-                   "opened from a UDP port its Record-Route does not name is 481 on every "
-                   "refresh from that very source")
 def test_the_source_that_opened_a_routed_subscription_may_refresh_it():
     source = Peer(HOP, 40000, "udp")        # the hop sends from 40000, record-routes 5060
     sub, again = _opened_then_refreshed(f"<sip:{HOP}:5060;lr>", source, source)
@@ -122,6 +128,14 @@ def test_control_k2_another_port_than_the_subscribes_is_still_refused():
     sub, again = _opened_then_refreshed(f"<sip:{HOP}:5060;lr>", Peer(HOP, 5060, "udp"),
                                         Peer(HOP, 40001, "udp"))
     assert again is None
+
+
+def test_control_hb2_a_third_port_of_the_hops_address_is_refused():
+    """(stop 47) opened from 40000, record-routing 5060: a datagram from 40001 of the
+    hop's address is neither, and may be forged"""
+    sub, again = _opened_then_refreshed(f"<sip:{HOP}:5060;lr>", Peer(HOP, 40000, "udp"),
+                                        Peer(HOP, 40001, "udp"))
+    assert sub.source_port == 40000 and again is None
 
 
 # -- HB3: RFC 5630's spelling of a TLS hop ----------------------------------------------
