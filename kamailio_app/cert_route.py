@@ -489,6 +489,10 @@ class CertService:
         if any("|" in part for part in dialog) or \
                 sent_in != "%s|%s|%s" % (call_id, dialog[1], dialog[2]):
             return
+        # the first answer to a NOTIFY is the one acted on: tm matches every copy of it
+        # for the transaction's life, and each would list the connection table again
+        # (review 150 K1: 1,500 copies over a twin held both cores)
+        ksr.htable.sht_rm(NOTIFY_TABLE, branch)
         self.connects.close_answered()
         if status != 481:
             self.subscriptions.confirm(*dialog, now=time.time())
