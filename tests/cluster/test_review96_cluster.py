@@ -18,7 +18,7 @@ from e2m_lab.kamailio_harness import (RawUas, SipUa, answer_under_offer_key,
 from e2m_plugins.sip import make_request
 from tests.kamailio.test_review94_wire import SDP_VIEW, _bobs_phone
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.kamailio, pytest.mark.postgres]
 
 
 def _wait(check, timeout: float = 3.0) -> bool:
