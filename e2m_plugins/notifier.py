@@ -70,7 +70,8 @@ class Subscription:
     source: str                # the subscriber's address (the per-source bound)
     contact: str               # our Contact URI
     expires: float             # epoch seconds
-    source_port: int = 0       # the port the opening SUBSCRIBE came from (0: not known)
+    source_port: int = 0       # the UDP port the opening SUBSCRIBE came from (0: not
+                               # known, or it came over TCP or TLS)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,9 @@ def open_dialog(message: SipMessage, *, local_tag: str, peer: Peer, contact: str
                        remote_uri=remote_uri, remote_target=_contact(message),
                        route_set=route_set, next_hop=_next_hop(route_set, peer),
                        source=peer.ip, contact=contact, expires=expires,
-                       source_port=peer.port)
+                       # a datagram's port is the hop's socket; a connection's is
+                       # not, and any UDP sender could take its number (review 151 K1)
+                       source_port=peer.port if peer.transport == "udp" else 0)
     _check_size(sub)
     return sub
 

@@ -392,7 +392,10 @@ class SubscriptionTable:
         counted by the /64 alone, two phones on one LAN shared 20, review 123)."""
         sub = replace(sub, source=subscription_source(sub.source))
         columns = (*_SUBSCRIPTION_COLUMNS, "cseq", "last_notify", "pending")
-        renew = ", ".join(f"{c} = excluded.{c}" for c in _SUBSCRIPTION_COLUMNS[4:])
+        # a copy renews what it repeats; never the opening port, which a version 1 row
+        # does not know and a copy from another port would then give away (review 151 K2)
+        renew = ", ".join(f"{c} = excluded.{c}" for c in _SUBSCRIPTION_COLUMNS[4:]
+                          if c != "source_port")
         with self.db.write() as cursor:
             # every subscription of one dialog (any Event id) is from one source: a forger
             # who made a dialog from his own address and answers its NOTIFYs must not add

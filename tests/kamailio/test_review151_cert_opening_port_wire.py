@@ -43,6 +43,12 @@ Tried and held (reviews 150's and stop 47's tests not repeated)
   database of a newer version is refused by the new code (an old node's code cannot
   refuse version 2: it inserts by column list, its rows get port 0, which is K2's
   wildcard).  Read, not run against PostgreSQL.
+
+Fixed (stop 47): K1 and HB1, the opening port is kept only for a subscription opened
+over UDP (``notifier.open_dialog``; 0 for TCP and TLS, so no datagram matches it and a
+stream copy over a new connection is still a copy); K2, a copy renews every field it
+repeats but never ``source_port`` (``SubscriptionTable.add``).  The strict xfails failed
+(XPASS) on the fix; the controls pass.
 """
 
 from __future__ import annotations
@@ -85,8 +91,6 @@ def udp_client_at(home, made, src: str, port: int):
     return mallory
 
 
-@pytest.mark.xfail(strict=True, reason="review 151 hole K1: a UDP datagram from a TCP "
-                                       "opening's port ends the routed follow")
 def test_a_udp_unsubscribe_from_the_port_of_a_tcp_opening_is_481(home, made, pki):
     src, route, _hop, carol, dialog = tcp_opened_follow(home, made, pki)
     mallory = udp_client_at(home, made, src, carol.ua.local_port)

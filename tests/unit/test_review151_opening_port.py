@@ -80,6 +80,12 @@ Controls
 - ``test_control_a_copy_of_a_version_2_follow_from_another_port_is_refused``.
 
 Tried and held: see the wire module's docstring.
+
+Fixed (stop 47): K1 and HB1, the opening port is kept only for a subscription opened
+over UDP (``notifier.open_dialog``; 0 for TCP and TLS, so no datagram matches it and a
+stream copy over a new connection is still a copy); K2, a copy renews every field it
+repeats but never ``source_port`` (``SubscriptionTable.add``).  The strict xfails failed
+(XPASS) on the fix; the controls pass.
 """
 
 from __future__ import annotations
@@ -119,8 +125,6 @@ def taken(sub, peer: Peer) -> bool:
 
 # -- K1 ---------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 151 hole K1: a TCP opening's port is taken "
-                                       "from a UDP datagram")
 def test_a_udp_datagram_from_the_port_of_a_tcp_opening_is_not_the_hop():
     for transport in ("tcp", "tls"):
         sub = opened(Peer(HOP, 45678, transport), f"sip:{HOP}:5060;lr")
@@ -165,8 +169,6 @@ def test_control_a_version_1_follow_refuses_another_port_before_any_copy(tmp_pat
     assert not taken(kept, Peer(HOP, 41000, "udp"))
 
 
-@pytest.mark.xfail(strict=True, reason="review 151 hole K2: a copy from another port "
-                                       "rewrites a version-1 row's source_port")
 def test_a_copy_of_a_version_1_follow_does_not_give_its_dialog_to_another_port(tmp_path):
     table, sub, _kept = version_1_follow(tmp_path)
     forged = opened(Peer(HOP, 41000, "udp"), f"sip:{HOP}:5060;lr")
@@ -191,8 +193,6 @@ def test_control_a_copy_of_a_version_2_follow_from_another_port_is_refused(tmp_p
 
 # -- HB1 --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 151 honest break HB1: a stream copy over a "
-                                       "new connection is 403")
 def test_a_routed_tcp_follow_retransmitted_over_a_new_connection_is_a_copy(tmp_path):
     table = SubscriptionTable(CertDatabase(tmp_path / "certs.sqlite"))
     for transport in ("tcp", "tls"):
