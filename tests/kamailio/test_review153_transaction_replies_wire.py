@@ -149,17 +149,6 @@ def _workers_cpu(home) -> float:
     return total / ticks
 
 
-def _options_latency(home, source: str) -> float | None:
-    """Seconds until an honest OPTIONS from ``source`` is answered (None: not in 30 s)."""
-    ua = SipUa(home.port, user="alice", source=source)
-    try:
-        started = time.monotonic()
-        answer = ua.transact(ua.build("OPTIONS", f"sip:127.0.0.1:{home.port}"), timeout=30)
-        return time.monotonic() - started if answer is not None else None
-    finally:
-        ua.close()
-
-
 def _register(home, user: str, source: str, contact: str) -> None:
     ua = SipUa(home.port, user=user, password=USERS[user], source=source)
     try:
