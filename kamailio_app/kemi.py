@@ -2243,14 +2243,17 @@ class kamailio:
         if self.app.config.dispatcher is not None and not self.from_a_node():
             return 0
         try:
-            if self.app.engine is not None and KSR.tm.t_check_trans() <= 0 \
-                    and not self.exempt_source() and self.source_banned():
-                # a stray the engine would read (private-key work for anyone's body):
-                # a source's strays are counted and banned as its requests are
+            if self.app.engine is not None and not self.exempt_source() \
+                    and (KSR.tm.t_check_trans() <= 0 or self.reply_needs_reading()) \
+                    and self.source_banned():
+                # a stray, or a reply the engine must read (private-key work for anyone's
+                # body): counted and banned as the source's requests are, whether or not
+                # it matches a transaction (review 153 K1: a callee's 183s on one ringing
+                # INVITE were read at any rate)
                 KSR.set_drop()
                 return 0
         except Exception as exc:  # noqa: BLE001 - unlimited then, never unread
-            _log_exception("stray reply limits", exc)
+            _log_exception("reply limits", exc)
         try:
             if _repeats_a_single_header():
                 _warn("e2m: a %s with a second From, To, Call-ID or CSeq: dropped\n"
@@ -2419,6 +2422,14 @@ class kamailio:
             _log_exception("answer memory", exc)
         return 1
 
+    def reply_needs_reading(self):
+        """Whether the engine must read this reply (a 1xx above 100 or a final one with a
+        body or a ``Proxy-Body-Policy``: ``ProxyEngine.response_needs_reading``)."""
+        status = KSR.pv.get("$rs") or 0
+        return status >= 101 and self.app.engine.response_needs_reading(
+            _cseq_method(), status, has_body=_has_body(),
+            has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0)
+
     def read_reply(self):
         """Read the reply now if the engine must read it (kept for ``route_reply``).
         None when it was read or needs no reading; else why it cannot be read: the core
@@ -2426,11 +2437,8 @@ class kamailio:
         the caller must not get what the proxy could not read."""
         self._reply = None       # an exception below leaves route_reply to read it
         mark = KSR.pv.get("$mi")
-        status = KSR.pv.get("$rs") or 0
         engine = self.app.engine
-        if engine is None or status < 101 or not engine.response_needs_reading(
-                _cseq_method(), status, has_body=_has_body(),
-                has_policy=KSR.hdr.is_present(PROXY_BODY_POLICY) > 0):
+        if engine is None or not self.reply_needs_reading():
             self._reply = (mark, None, None)   # e.g. a 200 to MESSAGE: nothing to inspect
             return None
         try:
