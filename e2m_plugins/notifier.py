@@ -196,9 +196,38 @@ def refresh_dialog(subscription: Subscription, message: SipMessage, expires: flo
     ``SubscriberMovedError``."""
     target = _contact(message) if message.has("Contact") else subscription.remote_target
     hop = subscription.next_hop if peer is None else in_dialog_hop(subscription, peer)
+    if peer is not None and target != subscription.remote_target \
+            and _through_opening_port(subscription, peer):
+        # the port a hop opened from may be one it has let go (a NAT mapping that
+        # lapsed, a socket per request): whoever holds it now may end the follow, as
+        # the hop's socket could, but not take its NOTIFYs (review 152 K1)
+        raise SubscriberMovedError("a target refresh from the port the subscription was "
+                                   "opened from, not the one its Record-Route names")
     refreshed = replace(subscription, remote_target=target, expires=expires, next_hop=hop)
     _check_size(refreshed)
     return refreshed
+
+
+def may_act_in(subscription: Subscription, peer: Peer) -> bool:
+    """Whether a request from ``peer`` may act in ``subscription``'s dialog
+    (``in_dialog_hop`` takes it)."""
+    try:
+        in_dialog_hop(subscription, peer)
+    except SubscriberMovedError:
+        return False
+    return True
+
+
+def _record_routed_port(hop: str) -> int:
+    target = parse_uri(hop)
+    return target.port or (5061 if _transport(hop) == "tls" else 5060)
+
+
+def _through_opening_port(subscription: Subscription, peer: Peer) -> bool:
+    """A routed UDP subscription's request taken only because it came from the port the
+    subscription was opened from (not the one its Record-Route names)."""
+    return bool(subscription.route_set) and peer.transport == "udp" \
+        and peer.port == subscription.source_port != _record_routed_port(subscription.next_hop)
 
 
 def in_dialog_hop(subscription: Subscription, peer: Peer) -> str:
@@ -226,10 +255,9 @@ def in_dialog_hop(subscription: Subscription, peer: Peer) -> str:
     transport = _transport(hop)
     same_stream = peer.transport == transport != "udp" and _same_address(target.host, peer.ip)
     if subscription.route_set:
-        default_port = 5061 if transport == "tls" else 5060
         same_socket = peer.transport == transport == "udp" and \
             _same_address(target.host, peer.ip) and \
-            peer.port in (target.port or default_port, subscription.source_port)
+            peer.port in (_record_routed_port(hop), subscription.source_port)
         if same_socket or same_stream:
             return hop
     elif same_stream:

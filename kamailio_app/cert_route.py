@@ -244,7 +244,7 @@ class CertService:
             body = answer.body or b""
             held = self._plan(sub, 1, answer.expires or HOLD, body, confirmed=False)[4]
             flags = (HELD | (0 if answer.expires else FETCH)) if held else 0
-            cseq = self.subscriptions.add(sub, limits, now, flags) \
+            cseq = self.subscriptions.add(sub, limits, now, flags, opened_by=self._peer()) \
                 if answer.expires or held else 1
         except SubscriptionTaken as exc:
             self._reply(403, "Forbidden")

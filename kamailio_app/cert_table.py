@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from e2m_plugins.certservice import Publication
-from e2m_plugins.notifier import Subscription
+from e2m_plugins.notifier import Peer, Subscription, may_act_in
 
 from .sources import site_of
 
@@ -374,7 +374,7 @@ class SubscriptionTable:
                 sub.next_hop, sub.source, sub.contact, sub.expires, sub.source_port)
 
     def add(self, sub: Subscription, limits: SubscriptionLimits, now: float,
-            flags: int = 0) -> int:
+            flags: int = 0, *, opened_by: Peer | None = None) -> int:
         """Keep ``sub``; the CSeq of the NOTIFY it gets now (its first one counts as
         sent now).  A SUBSCRIBE outside a dialog that names a subscription we have
         (the same Call-ID and tags) renews it and goes on with its CSeqs only when it
@@ -386,6 +386,11 @@ class SubscriptionTable:
         142), and so is a new Event id in a dialog made from another source.
         ``SubscriptionRefused`` when it would pass a bound, and then nothing is kept.
         ``flags``: HELD (its first NOTIFY goes without the certificate), FETCH.
+        ``opened_by``: where the SUBSCRIBE came from (the host always says): one that
+        names a dialog we hold (a copy, or a new Event id in it) is taken only from
+        where that dialog's requests may come (``notifier.may_act_in``; review 152 K2,
+        K3: a copy set the expiry, and a new Event id's 481 ended the dialog, from
+        ports whose unsubscribe was 481).
         The source is kept as what it is counted by (``subscription_source``): an IPv6
         address holds ``per_source`` places, and its site, which one line gets whole,
         ``per_site`` (three addresses of one /64 held 49 of 50 places, review 122;
@@ -400,18 +405,21 @@ class SubscriptionTable:
             # every subscription of one dialog (any Event id) is from one source: a forger
             # who made a dialog from his own address and answers its NOTIFYs must not add
             # rows to it from someone else's (his answer confirms the whole dialog)
-            known = cursor.execute(self.db.sql(
-                f"SELECT {', '.join(_SUBSCRIPTION_COLUMNS[3:12])}, source_port FROM "
-                "cert_subscriptions WHERE call_id = ? AND local_tag = ? AND remote_tag = ?"),
-                _key(sub)[:3]).fetchall()
-            if any(row[7] != sub.source for row in known):
+            known = [_subscription(row) for row in cursor.execute(self.db.sql(
+                f"SELECT {', '.join(_SUBSCRIPTION_COLUMNS)} FROM cert_subscriptions "
+                "WHERE call_id = ? AND local_tag = ? AND remote_tag = ?"),
+                _key(sub)[:3]).fetchall()]
+            if any(row.source != sub.source for row in known):
                 raise SubscriptionTaken("that dialog's subscription was made from another "
                                         "address")
-            same = [tuple(row[1:]) for row in known if row[0] == sub.event_id]
+            if opened_by is not None and not all(may_act_in(row, opened_by) for row in known):
+                raise SubscriptionTaken("that dialog's requests come from another port or "
+                                        "transport")
+            same = [row for row in known if row.event_id == sub.event_id]
             if not same:
                 self._check_bounds(cursor, sub, limits, now)
-            elif same[0][:-1] != self._values(sub)[4:12] or \
-                    same[0][-1] not in (0, sub.source_port):     # 0: a row from version 1
+            elif self._values(same[0])[4:12] != self._values(sub)[4:12] or \
+                    same[0].source_port not in (0, sub.source_port):  # 0: a row from version 1
                 # only a copy of the SUBSCRIBE that made it renews it: the To tag is
                 # sl's checksum of the Via and Call-ID, which a forger who knows the
                 # dialog's ids can make collide with a Via of his own (review 142)

@@ -75,6 +75,18 @@ Tried and held
   now consumes the note, and the later TCP answer no longer closes the service's
   connection: the answerer's own place only (held 4 s), nothing gained over not
   answering (read).
+
+Fixed (stop 47): K1, a target refresh (a new Contact) taken only because it came from
+the port a routed UDP subscription was opened from is 481 (``notifier.refresh_dialog``):
+whoever holds that port now may still end the follow (the subscriber is told
+``terminated``), as the hop's record-routed socket could, but not move its NOTIFYs.
+K2 and K3, an initial SUBSCRIBE naming a dialog we hold (a copy, or a new Event id in
+it) is taken only from where that dialog's in-dialog requests may come
+(``SubscriptionTable.add(..., opened_by=peer)`` with ``notifier.may_act_in``), else 403.
+The hole tests failed on the code before and pass now; K3's test took the forged
+SUBSCRIBE's 200 as given, and now accepts its 403 too (the secure outcome checked is
+unchanged: carol's row stays and she is told of the change); the unit controls pass
+the opening peer to ``add``.
 """
 
 from __future__ import annotations
@@ -137,12 +149,11 @@ def case_version_1(tmp_path):
 
 def case_tcp_opening(tmp_path):
     table = SubscriptionTable(CertDatabase(tmp_path / "certs.sqlite"))
-    assert table.add(opened(Peer(HOP, 45678, "tcp")), SubscriptionLimits(), 100.0) == 1
+    assert table.add(opened(Peer(HOP, 45678, "tcp")), SubscriptionLimits(), 100.0,
+                      opened_by=Peer(HOP, 45678, "tcp")) == 1
     return table, Peer(HOP, 45999, "tcp")
 
 
-@pytest.mark.xfail(strict=True, reason="review 152 hole K2: a copy from where the "
-                                       "unsubscribe is 481 sets the follow's expiry")
 @pytest.mark.parametrize("case", [case_version_1, case_tcp_opening],
                          ids=["version-1-row-udp", "tcp-opening-udp-route"])
 def test_a_copy_from_where_an_unsubscribe_is_481_does_not_set_the_expiry(tmp_path, case):
@@ -151,7 +162,8 @@ def test_a_copy_from_where_an_unsubscribe_is_481_does_not_set_the_expiry(tmp_pat
     assert before is not None and before.expires == 1e10
     assert not taken(before, forger)                     # his unsubscribe: 481
     try:
-        table.add(opened(forger, expires=200.0 + 60), SubscriptionLimits(), 200.0)
+        table.add(opened(forger, expires=200.0 + 60), SubscriptionLimits(), 200.0,
+                      opened_by=forger)
     except SubscriptionTaken:
         pass                                             # refused: secure
     after = table.get("c152", "l152", "f152", "")
@@ -160,16 +172,22 @@ def test_a_copy_from_where_an_unsubscribe_is_481_does_not_set_the_expiry(tmp_pat
 
 def test_control_the_hop_retransmits_a_version_1_follow(tmp_path):
     table, _forger = case_version_1(tmp_path)
-    assert table.add(opened(Peer(HOP, 5060, "udp")), SubscriptionLimits(), 200.0) == 2
+    assert table.add(opened(Peer(HOP, 5060, "udp")), SubscriptionLimits(), 200.0,
+                      opened_by=Peer(HOP, 5060, "udp")) == 2
 
 
 def test_control_a_udp_opening_is_renewed_from_its_own_port_only(tmp_path):
     table = SubscriptionTable(CertDatabase(tmp_path / "certs.sqlite"))
-    assert table.add(opened(Peer(HOP, 40000, "udp")), SubscriptionLimits(), 100.0) == 1
-    assert table.add(opened(Peer(HOP, 40000, "udp")), SubscriptionLimits(), 101.0) == 2
-    for port in (5060, 41000):
-        with pytest.raises(SubscriptionTaken, match="not a copy"):
-            table.add(opened(Peer(HOP, port, "udp")), SubscriptionLimits(), 102.0)
+    assert table.add(opened(Peer(HOP, 40000, "udp")), SubscriptionLimits(), 100.0,
+                      opened_by=Peer(HOP, 40000, "udp")) == 1
+    assert table.add(opened(Peer(HOP, 40000, "udp")), SubscriptionLimits(), 101.0,
+                      opened_by=Peer(HOP, 40000, "udp")) == 2
+    # (stop 47) from the hop's socket: not a copy (another port); from a third port:
+    # not where the dialog's requests may come from
+    for port, why in ((5060, "not a copy"), (41000, "another port")):
+        with pytest.raises(SubscriptionTaken, match=why):
+            table.add(opened(Peer(HOP, port, "udp")), SubscriptionLimits(), 102.0,
+                      opened_by=Peer(HOP, port, "udp"))
     kept = table.get("c152", "l152", "f152", "")
     assert kept is not None and kept.source_port == 40000
 
@@ -180,4 +198,5 @@ def test_control_a_tcp_route_takes_a_copy_over_a_new_connection(tmp_path):
     first = opened(Peer(HOP, 45678, "tcp"), route)
     assert table.add(first, SubscriptionLimits(), 100.0) == 1
     assert taken(first, Peer(HOP, 45679, "tcp"))
-    assert table.add(opened(Peer(HOP, 45679, "tcp"), route), SubscriptionLimits(), 101.0) == 2
+    assert table.add(opened(Peer(HOP, 45679, "tcp"), route), SubscriptionLimits(), 101.0,
+                      opened_by=Peer(HOP, 45679, "tcp")) == 2
