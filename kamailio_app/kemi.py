@@ -90,6 +90,10 @@ SYNC_GATE = None      # [cluster] sync gate (kamailio_app/sync_gate.py), made in
 _ITERATOR = "e2mhf"   # textopsx header iterator name
 _PLAIN_FORWARD = Verdict("forward")
 _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
+_REPLY_READS = "e2mreplyreads"  # htable: replies read per branch of our transactions
+# replies read per branch of a transaction: a 180, 183s and the 2xx with SDP, and the
+# 2xx's retransmissions until the ACK (UDP, every 0.5 to 4 s for 32 s)
+READS_PER_BRANCH = 16
 _SITE_PIPE = "e2msite "     # pipelimit pipes: a site's messages per second (source_banned)
 _MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
@@ -715,6 +719,24 @@ def _loop_note(held):
         return None
     return (int(parts[0]), int(parts[1]), (None if parts[2] == "-" else parts[2]),
             int(parts[3]), int(parts[4]))
+
+
+def _reading_left():
+    """This reply, one the engine must read in one of our transactions, is within
+    ``READS_PER_BRANCH`` of its branch (counted in e2mreplyreads by our Via branch,
+    which tm matched).  The first one past it is logged and every one counted
+    (``e2m_replies_unread``)."""
+    branch = KSR.pv.get("$via0(branch)") or ""
+    count = KSR.htable.sht_inc(_REPLY_READS, branch)
+    if 0 < count <= READS_PER_BRANCH:
+        return True
+    KSR.statistics.update_stat("e2m_replies_unread", 1)
+    if count == READS_PER_BRANCH + 1 or count < 0:
+        _warn("e2m: %s %s from %s: more than %d replies to read on one branch, or no count"
+              " (%d): dropped unread, and the rest of that branch's\n"
+              % (KSR.pv.get("$rs"), _cseq_method(), KSR.pv.get("$si"), READS_PER_BRANCH,
+                 count))
+    return False
 
 
 def _now_ms():
@@ -2243,15 +2265,21 @@ class kamailio:
         if self.app.config.dispatcher is not None and not self.from_a_node():
             return 0
         try:
-            if self.app.engine is not None and not self.exempt_source() \
-                    and (KSR.tm.t_check_trans() <= 0 or self.reply_needs_reading()) \
-                    and self.source_banned():
-                # a stray, or a reply the engine must read (private-key work for anyone's
-                # body): counted and banned as the source's requests are, whether or not
-                # it matches a transaction (review 153 K1: a callee's 183s on one ringing
-                # INVITE were read at any rate)
-                KSR.set_drop()
-                return 0
+            if self.app.engine is not None and not self.exempt_source():
+                if KSR.tm.t_check_trans() <= 0:
+                    if self.source_banned():
+                        # a stray the engine would read (private-key work for anyone's
+                        # body): counted and banned as the source's requests are (review 70)
+                        KSR.set_drop()
+                        return 0
+                elif self.reply_needs_reading() and not _reading_left():
+                    # one of ours: at most READS_PER_BRANCH read per branch, the rest
+                    # dropped unread (review 153 K1: a callee's 183s on one ringing
+                    # INVITE were read at any rate).  Nobody is banned: the caller decides
+                    # how many replies a callee sends (review 154 K1: a stranger's calls
+                    # got an honest callee banned, its own requests dropped)
+                    KSR.set_drop()
+                    return 0
         except Exception as exc:  # noqa: BLE001 - unlimited then, never unread
             _log_exception("reply limits", exc)
         try:

@@ -66,13 +66,16 @@ Tried and held
 - Read, not run: a reply from a ``[limits] trusted`` peer or from one of the proxy's
   own addresses (``exempt_source``) is not counted, as documented (pike's convention).
 
-Fixed (stop 47), K1: ``ksr_reply_route`` counts every reply the engine must read
-(``reply_needs_reading``: the test ``read_reply`` uses) against its source with pike, as
-it counted strays, and drops a banned source's unread; ``trusted`` peers and the
-proxy's own addresses stay exempt.  The strict xfail failed (XPASS) on the fix.  What
-it costs honest traffic: a callee's 183 and 200 with SDP count as two messages per
-call, so a gateway or peer proxy answering more than about 7 calls a second from one
-address must be ``trusted`` (as its requests already needed).
+Fixed (stop 47), K1: first by counting every reply the engine must read with pike,
+which review 154 K1 turned against honest callees (a stranger's calls got the callee's
+address banned, its own requests with it).  Now: at most ``READS_PER_BRANCH`` (16)
+replies that need reading are read per branch of one of our transactions (htable
+``e2mreplyreads``, by our Via branch: ``kemi._reading_left``), the rest dropped unread
+and counted (``e2m_replies_unread``, one warning per branch); strays stay under pike
+(review 70); ``trusted`` peers and our own addresses are exempt.  The strict xfail
+failed (XPASS) on both fixes.  A callee can still make the proxy read 16 bodies per
+branch of each transaction toward it; transactions are bounded by its callers' pike
+rates and tm's lifetimes.
 """
 
 from __future__ import annotations
