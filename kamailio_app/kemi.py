@@ -723,10 +723,14 @@ def _loop_note(held):
 
 def _reading_left():
     """This reply, one the engine must read in one of our transactions, is within
-    ``READS_PER_BRANCH`` of its branch (counted in e2mreplyreads by our Via branch,
-    which tm matched).  The first one past it is logged and every one counted
-    (``e2m_replies_unread``)."""
-    branch = KSR.pv.get("$via0(branch)") or ""
+    ``READS_PER_BRANCH`` of its branch (counted in e2mreplyreads).  The branch is named
+    by what tm matched (the transaction's hash index and label, set by t_check_trans,
+    and the branch's index), never by the Via as received: tm reads the branch's
+    numbers out of it, so many spellings match one branch, and each spelling was a
+    count of its own and an item holding the sender's string (review 155).  The first
+    one past the cap is logged and every one counted (``e2m_replies_unread``)."""
+    branch = "%s:%s:%s" % (KSR.pv.get("$T(id_index)"), KSR.pv.get("$T(id_label)"),
+                           KSR.pv.get("$T_branch_idx"))
     count = KSR.htable.sht_inc(_REPLY_READS, branch)
     if 0 < count <= READS_PER_BRANCH:
         return True

@@ -98,6 +98,13 @@ Tried and held
   branch ids), as documented.  I found no honest call passing 16 on one branch.
 - TCP/TLS: the same key (``$via0(branch)``) whatever the transport, so K1 and K2 hold
   there too (not run: UDP suffices).
+
+Fixed (stop 47), K1 and K2: ``kemi._reading_left`` names the branch by what tm
+matched, the transaction's ``$T(id_index)`` and ``$T(id_label)`` (set by the core
+route's ``t_check_trans``) and ``$T_branch_idx`` (its branch index, set by the same
+call), never by the Via as received: every spelling of one branch is one count, and
+each item's key is three numbers.  Both strict xfails failed (XPASS) on the fix; the
+control still reads 16 of 40.
 """
 
 from __future__ import annotations
@@ -258,8 +265,6 @@ def test_control_the_cap_holds_for_the_branch_as_written(home, pki):
     assert log.count(f"more than {_CAP} replies to read on one branch") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="review 155 hole K1: the cap counts the branch as "
-                   "spelt, tm matches it by value (trailing zeros: 40 of 40 read)")
 def test_hole_respelt_branches_lift_the_cap_on_reads(home, pki):
     items = home.htable_items("e2mreplyreads")
     read, relayed, log = _flood_183s(home, pki, ["0" * (n + 1) for n in range(_FLOOD)],
@@ -272,8 +277,6 @@ def test_hole_respelt_branches_lift_the_cap_on_reads(home, pki):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="review 155 hole K2: every respelt branch is an "
-                   "htable item of the attacker's size: shm exhausted, REGISTER 500")
 def test_hole_respelt_branches_fill_shared_memory(victim):
     # the fresh proxy serves bob: he registers, a stranger's call to him is answered
     bob = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
