@@ -57,7 +57,7 @@ from e2m_plugins.errors import E2MError, LimitExceededError, MalformedError  # n
 from e2m_plugins.grammar import retry_after_seconds, split_header_list  # noqa: E402
 from e2m_plugins.headers import PROXY_BODY_POLICY, PROXY_REQUIRED_BODY  # noqa: E402
 from e2m_plugins.keycache import bounded_keeper  # noqa: E402
-from e2m_plugins.proxy import Verdict, message_scope  # noqa: E402
+from e2m_plugins.proxy import MAX_FORKS, Verdict, message_scope  # noqa: E402
 from e2m_plugins.sip import (canonical_method, canonical_name, crlf_head, parse,  # noqa: E402
                              parse_address, rfc3261_branch, via_sent_by)
 from e2m_plugins.uri import (canonical_ip, host_key, identity_of, is_sip_uri,  # noqa: E402
@@ -94,6 +94,7 @@ _REPLY_READS = "e2mreplyreads"  # htable: replies read per branch of our transac
 # replies read per branch of a transaction: a 180, 183s and the 2xx with SDP, and the
 # 2xx's retransmissions until the ACK (UDP, every 0.5 to 4 s for 32 s)
 READS_PER_BRANCH = 16
+READS_PER_TRANSACTION = READS_PER_BRANCH * MAX_FORKS  # forks whose answers are kept
 _SITE_PIPE = "e2msite "     # pipelimit pipes: a site's messages per second (source_banned)
 _MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
@@ -723,23 +724,28 @@ def _loop_note(held):
 
 def _reading_left():
     """This reply, one the engine must read in one of our transactions, is within
-    ``READS_PER_BRANCH`` of its branch (counted in e2mreplyreads).  The branch is named
-    by what tm matched (the transaction's hash index and label, set by t_check_trans,
-    and the branch's index), never by the Via as received: tm reads the branch's
-    numbers out of it, so many spellings match one branch, and each spelling was a
-    count of its own and an item holding the sender's string (review 155).  The first
-    one past the cap is logged and every one counted (``e2m_replies_unread``)."""
-    branch = "%s:%s:%s" % (KSR.pv.get("$T(id_index)"), KSR.pv.get("$T(id_label)"),
-                           KSR.pv.get("$T_branch_idx"))
-    count = KSR.htable.sht_inc(_REPLY_READS, branch)
-    if 0 < count <= READS_PER_BRANCH:
+    ``READS_PER_BRANCH`` of its branch and ``READS_PER_TRANSACTION`` of its transaction
+    (counted in e2mreplyreads).  Both are named by what tm matched (the transaction's
+    hash index and label, set by t_check_trans, and the branch's index), never by the
+    Via as received: tm reads the branch's numbers out of it, so many spellings match
+    one branch, and each spelling was a count of its own and an item holding the
+    sender's string (review 155).  The transaction's count because the callee decides
+    how many branches there are: ten contacts made one INVITE ten branches of 16 reads
+    each (review 156).  The first one past a cap is logged and every one counted
+    (``e2m_replies_unread``)."""
+    transaction = "%s:%s" % (KSR.pv.get("$T(id_index)"), KSR.pv.get("$T(id_label)"))
+    counts = (KSR.htable.sht_inc(_REPLY_READS,
+                                 "%s:%s" % (transaction, KSR.pv.get("$T_branch_idx"))),
+              KSR.htable.sht_inc(_REPLY_READS, transaction))
+    caps = (READS_PER_BRANCH, READS_PER_TRANSACTION)
+    if all(0 < count <= cap for count, cap in zip(counts, caps)):
         return True
     KSR.statistics.update_stat("e2m_replies_unread", 1)
-    if count == READS_PER_BRANCH + 1 or count < 0:
-        _warn("e2m: %s %s from %s: more than %d replies to read on one branch, or no count"
-              " (%d): dropped unread, and the rest of that branch's\n"
+    if any(count == cap + 1 or count < 0 for count, cap in zip(counts, caps)):
+        _warn("e2m: %s %s from %s: more than %d replies to read on one branch, or %d on one"
+              " transaction, or no count (%d, %d): dropped unread, and the rest past the cap\n"
               % (KSR.pv.get("$rs"), _cseq_method(), KSR.pv.get("$si"), READS_PER_BRANCH,
-                 count))
+                 READS_PER_TRANSACTION, *counts))
     return False
 
 
