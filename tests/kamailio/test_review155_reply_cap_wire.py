@@ -115,16 +115,15 @@ import time
 
 import pytest
 
-from e2m_lab.kamailio_harness import PROXY_HOST, SipUa, start_proxy
+from e2m_lab.kamailio_harness import SipUa, start_proxy
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI
+from tests.kamailio.test_review153_transaction_replies_wire import _SDP, _envelopes, _wait_reads
 
 pytestmark = pytest.mark.kamailio
 
 USERS = {"mallory": "mallory-Secret-155", "bob": "bob-Secret-155"}
 
-_SDP = (b"v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-        b"m=audio 40000 RTP/AVP 0\r\n")
 _CAP = 16            # kemi.READS_PER_BRANCH on ad5fba6
 _FLOOD = 40
 _GAP = 1 / 30        # review 153's pace (the socket buffer keeps up)
@@ -148,15 +147,6 @@ def victim(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
     proxy.stop()
 
 
-def _envelopes(pki: TestPKI):
-    """Review 153's body: four envelopes sealed to the proxy."""
-    from e2m_plugins.body import protect_content
-    from e2m_plugins.cms.recipients import recipient_for_certificate
-    from e2m_plugins.mime import multipart_mixed
-    to_proxy = [recipient_for_certificate(pki.proxy(PROXY_HOST).cert)]
-    return multipart_mixed([protect_content("application/sdp", _SDP, to_proxy,
-                                            content_id=f"r155-{n}@x")[0]
-                            for n in range(_PARTS)])
 
 
 def _register(proxy, user: str, source: str, contact: str) -> sip.SipMessage | None:
@@ -195,20 +185,8 @@ def _reply_to(invite: sip.SipMessage, status: str, *, branch_tail: str = "", ent
     return (head + "Content-Length: 0\r\n\r\n").encode()
 
 
-def _reads(proxy, mark: int) -> int:
-    text = proxy.log_since(mark)
-    return text.count("e2m: INVITE response 183") + text.count("183 that must be read")
 
 
-def _wait_reads(proxy, mark: int, want: int, timeout: float, still: float = 3.0) -> int:
-    deadline = time.monotonic() + timeout
-    read, since = _reads(proxy, mark), time.monotonic()
-    while time.monotonic() < deadline and read < want and time.monotonic() - since < still:
-        time.sleep(0.2)
-        now = _reads(proxy, mark)
-        if now != read:
-            read, since = now, time.monotonic()
-    return read
 
 
 def _ring(proxy, callee: str, source: str, caller_source: str, tag: str):

@@ -89,16 +89,15 @@ import time
 
 import pytest
 
-from e2m_lab.kamailio_harness import PROXY_HOST, SipUa, start_proxy
+from e2m_lab.kamailio_harness import SipUa, start_proxy
 from e2m_plugins import sip
 from e2m_plugins.testpki import TestPKI
+from tests.kamailio.test_review153_transaction_replies_wire import _SDP, _envelopes, _wait_reads
 
 pytestmark = pytest.mark.kamailio
 
 USERS = {"mallory": "mallory-Secret-156"}
 
-_SDP = (b"v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-        b"m=audio 40000 RTP/AVP 0\r\n")
 _CAP = 16            # kemi.READS_PER_BRANCH
 _MAX_FORKS = 4       # e2m_plugins.proxy.MAX_FORKS
 _CONTACTS = 10       # [limits] max_contacts default
@@ -115,14 +114,6 @@ def home(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory):
     proxy.stop()
 
 
-def _envelopes(pki: TestPKI):
-    from e2m_plugins.body import protect_content
-    from e2m_plugins.cms.recipients import recipient_for_certificate
-    from e2m_plugins.mime import multipart_mixed
-    to_proxy = [recipient_for_certificate(pki.proxy(PROXY_HOST).cert)]
-    return multipart_mixed([protect_content("application/sdp", _SDP, to_proxy,
-                                            content_id=f"r156-{n}@x")[0]
-                            for n in range(_PARTS)])
 
 
 def _register(proxy, source: str, contacts: list[str],
@@ -154,20 +145,8 @@ def _reply_to(invite: sip.SipMessage, status: str, *, entity=None, tag: str,
     return (head + "Content-Length: 0\r\n\r\n").encode()
 
 
-def _reads(proxy, mark: int) -> int:
-    text = proxy.log_since(mark)
-    return text.count("e2m: INVITE response 183") + text.count("183 that must be read")
 
 
-def _wait_reads(proxy, mark: int, want: int, timeout: float, still: float = 4.0) -> int:
-    deadline = time.monotonic() + timeout
-    read, since = _reads(proxy, mark), time.monotonic()
-    while time.monotonic() < deadline and read < want and time.monotonic() - since < still:
-        time.sleep(0.2)
-        now = _reads(proxy, mark)
-        if now != read:
-            read, since = now, time.monotonic()
-    return read
 
 
 def _forked_flood(proxy, pki, contacts: int, source: str, caller: str, tag: str):
@@ -204,7 +183,7 @@ def _forked_flood(proxy, pki, contacts: int, source: str, caller: str, tag: str)
                 s.sendto(_reply_to(got, "183 Session Progress", entity=entity,
                                    tag=f"r156{tag}{n}", source=source), addr)
                 time.sleep(_GAP)
-        read = _wait_reads(proxy, mark, _PER_BRANCH * contacts, 90.0)
+        read = _wait_reads(proxy, mark, _PER_BRANCH * contacts, 90.0, still=4.0)
         took = time.monotonic() - started
         log = proxy.log_since(mark)
         for n, (s, got, addr) in enumerate(branches):
