@@ -55,17 +55,7 @@ Controls
 
 Tried and held: see ``tests/unit/test_review152_opening_port_rules.py``.
 
-Fixed (stop 47): K1, a target refresh (a new Contact) taken only because it came from
-the port a routed UDP subscription was opened from is 481 (``notifier.refresh_dialog``):
-whoever holds that port now may still end the follow (the subscriber is told
-``terminated``), as the hop's record-routed socket could, but not move its NOTIFYs.
-K2 and K3, an initial SUBSCRIBE naming a dialog we hold (a copy, or a new Event id in
-it) is taken only from where that dialog's in-dialog requests may come
-(``SubscriptionTable.add(..., opened_by=peer)`` with ``notifier.may_act_in``), else 403.
-The hole tests failed on the code before and pass now; K3's test took the forged
-SUBSCRIBE's 200 as given, and now accepts its 403 too (the secure outcome checked is
-unchanged: carol's row stays and she is told of the change); the unit controls pass
-the opening peer to ``add``.
+Fixed (stop 47): K1 to K3, see ``tests/unit/test_review152_opening_port_rules.py``.
 """
 
 from __future__ import annotations
