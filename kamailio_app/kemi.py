@@ -734,19 +734,25 @@ def _reading_left():
     each (review 156).  The first one past a cap is logged and every one counted
     (``e2m_replies_unread``)."""
     transaction = "%s:%s" % (KSR.pv.get("$T(id_index)"), KSR.pv.get("$T(id_label)"))
-    counts = (KSR.htable.sht_inc(_REPLY_READS,
-                                 "%s:%s" % (transaction, KSR.pv.get("$T_branch_idx"))),
-              KSR.htable.sht_inc(_REPLY_READS, transaction))
-    caps = (READS_PER_BRANCH, READS_PER_TRANSACTION)
-    if all(0 < count <= cap for count, cap in zip(counts, caps)):
-        return True
+    branch = "%s:%s" % (transaction, KSR.pv.get("$T_branch_idx"))
+    # the transaction counts only what its branch's cap let through: a branch's dropped
+    # replies spent the others' reads (review 157 K1)
+    for key, cap in ((branch, READS_PER_BRANCH), (transaction, READS_PER_TRANSACTION)):
+        count = KSR.htable.sht_inc(_REPLY_READS, key)
+        if not 0 < count <= cap:
+            _unread(count, cap, "one branch" if key is branch else "one transaction")
+            return False
+    return True
+
+
+def _unread(count, cap, where):
+    """A reply dropped unread past ``cap`` on ``where``: counted, and the first one past
+    the cap (or a count the htable could not give) logged."""
     KSR.statistics.update_stat("e2m_replies_unread", 1)
-    if any(count == cap + 1 or count < 0 for count, cap in zip(counts, caps)):
-        _warn("e2m: %s %s from %s: more than %d replies to read on one branch, or %d on one"
-              " transaction, or no count (%d, %d): dropped unread, and the rest past the cap\n"
-              % (KSR.pv.get("$rs"), _cseq_method(), KSR.pv.get("$si"), READS_PER_BRANCH,
-                 READS_PER_TRANSACTION, *counts))
-    return False
+    if count == cap + 1 or count < 0:
+        _warn("e2m: %s %s from %s: more than %d replies to read on %s, or no count (%d):"
+              " dropped unread, and the rest past the cap\n"
+              % (KSR.pv.get("$rs"), _cseq_method(), KSR.pv.get("$si"), cap, where, count))
 
 
 def _now_ms():
