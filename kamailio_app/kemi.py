@@ -2289,9 +2289,10 @@ class kamailio:
                         KSR.set_drop()
                         return 0
                 elif self.reply_needs_reading() and not _reading_left():
-                    # one of ours: at most READS_PER_BRANCH read per branch, the rest
-                    # dropped unread (review 153 K1: a callee's 183s on one ringing
-                    # INVITE were read at any rate).  Nobody is banned: the caller decides
+                    # one of ours: at most READS_PER_BRANCH read per branch and
+                    # READS_PER_TRANSACTION per transaction, the rest dropped unread
+                    # (review 153 K1: a callee's 183s on one ringing INVITE were read at
+                    # any rate).  Nobody is banned: the caller decides
                     # how many replies a callee sends (review 154 K1: a stranger's calls
                     # got an honest callee banned, its own requests dropped)
                     KSR.set_drop()
