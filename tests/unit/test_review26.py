@@ -94,6 +94,8 @@ class FakeKSR:
         self.notify_dialogs: dict[str, str] = {}
         self.htable = _Ns()
         self.htable.sht_get = lambda table, key: self.notify_dialogs.get(key)
+        # the first answer acted on consumes its NOTIFY's note (review 150 K1)
+        self.htable.sht_rm = lambda table, key: self.notify_dialogs.pop(key, None)
         self.htable.sht_iterator_start = lambda name, table: -1   # no places (cert_connects)
 
     @staticmethod
