@@ -32,10 +32,12 @@ from .uri import host_key
 from .config import DEFAULT_MAX_POLICY_EXPIRES, DEFAULT_POLICY_EXPIRES
 
 __all__ = ["LearnedPolicy", "LearnedPolicies", "MAX_POLICIES", "MAX_DIALOG_POLICIES",
+           "MAX_POLICIES_PER_DIALOG",
            "dialog_scope"]
 
 MAX_POLICIES = 256               # bound on entries for everything we send
-MAX_DIALOG_POLICIES = 256        # bound on entries scoped to one dialog (their own)
+MAX_DIALOG_POLICIES = 256        # bound on entries scoped to dialogs (all of them)
+MAX_POLICIES_PER_DIALOG = 16     # ... and to any one dialog (one message's worth)
 # the key beside a configured proxy's entry for what its 496s taught (no dialog's
 # scope, a Call-ID and a tag, can be spelt so)
 _TAUGHT_BY_496 = "\x00496"
@@ -75,9 +77,10 @@ class LearnedPolicies:
     """The proxy policies one UA holds: one ``LearnedPolicy`` per proxy host and scope.
 
     Bounds: at most ``max_entries`` (256) entries for everything we send, configured
-    ones included, and ``max_dialog_entries`` (256) scoped to a dialog: a new learnt
-    entry pushes out the learnt one of its own kind that expires first (an expired
-    entry counts until it is swept).  Learnt entries live at most ``max_expires`` seconds
+    ones included, and ``max_dialog_entries`` (256) scoped to dialogs, at most
+    ``max_per_dialog`` (16) to any one: a new learnt entry pushes out the learnt one of
+    its own kind that expires first, a dialog's from its own dialog or the one holding
+    the most (an expired entry counts until it is swept).  Learnt entries live at most ``max_expires`` seconds
     (default 86400, whatever ``expires`` says; ``default_expires``, 3600 s, when it
     says nothing).  Expired entries are swept whenever the policies in force are
     asked for; a dialog's entries go with it (``end_scope``).
@@ -90,10 +93,12 @@ class LearnedPolicies:
                  max_entries: int = MAX_POLICIES,
                  default_expires: float = DEFAULT_POLICY_EXPIRES,
                  max_expires: float = DEFAULT_MAX_POLICY_EXPIRES,
-                 max_dialog_entries: int = MAX_DIALOG_POLICIES) -> None:
+                 max_dialog_entries: int = MAX_DIALOG_POLICIES,
+                 max_per_dialog: int = MAX_POLICIES_PER_DIALOG) -> None:
         self._clock = clock
         self._max_entries = max_entries
         self._max_dialog_entries = max_dialog_entries
+        self._max_per_dialog = max_per_dialog
         self._default_expires = default_expires
         self._max_expires = max_expires
         self._lock = threading.Lock()
@@ -237,19 +242,50 @@ class LearnedPolicies:
         """Keep ``entry`` (under ``key``, by default its host and scope).  Dialog-scoped
         entries and the rest have bounds of their own (``max_dialog_entries`` and
         ``max_entries``), and a new entry pushes out only one of its own kind: a flood
-        of strangers' dialogs never evicts what our registrar told us."""
+        of strangers' dialogs never evicts what our registrar told us.  A dialog holds
+        at most ``max_per_dialog``, a new one pushing out its own; when the dialogs'
+        bound is reached, the dialog holding the most gives one up, so one peer's
+        dialog cannot push out another call's policy (review 159 K3)."""
         key = key or (host_key(entry.host), entry.scope)
         if key not in self._entries:
-            scoped = entry.scope is not None
-            same = [k for k, p in self._entries.items() if (p.scope is not None) == scoped]
-            bound = self._max_dialog_entries if scoped else self._max_entries
-            if len(same) >= bound:
-                learnt = [k for k in same if self._entries[k].expires_at is not None]
-                if not learnt:
-                    return entry   # all configured: nothing learnt is kept (and it is not used)
-                del self._entries[min(learnt, key=lambda k: self._entries[k].expires_at or 0.0)]
+            victim = self._dialog_victim(entry.scope) if entry.scope is not None \
+                else self._global_victim()
+            if victim is False:
+                return entry   # all configured: nothing learnt is kept (and it is not used)
+            if victim is not None:
+                del self._entries[victim]
         self._entries[key] = entry
         return entry
+
+    def _first_to_lapse(self, keys: list[tuple[str, str | None]]) -> tuple[str, str | None]:
+        return min(keys, key=lambda k: self._entries[k].expires_at or 0.0)
+
+    def _global_victim(self) -> tuple[str, str | None] | None | bool:
+        """The entry a new one for everything we send pushes out: None when there is
+        room, False when every entry is configured."""
+        same = [k for k, p in self._entries.items() if p.scope is None]
+        if len(same) < self._max_entries:
+            return None
+        learnt = [k for k in same if self._entries[k].expires_at is not None]
+        return self._first_to_lapse(learnt) if learnt else False
+
+    def _dialog_victim(self, scope: str) -> tuple[str, str | None] | None:
+        """The entry a new one in dialog ``scope`` pushes out, or None when there is room:
+        its own dialog's first to lapse when that dialog is full or the largest; else
+        the first to lapse of the dialog holding the most."""
+        by_scope: dict[str, list[tuple[str, str | None]]] = {}
+        for k, p in self._entries.items():
+            if p.scope is not None:
+                by_scope.setdefault(p.scope, []).append(k)
+        own = by_scope.get(scope, [])
+        if len(own) >= self._max_per_dialog:
+            return self._first_to_lapse(own)
+        if sum(len(keys) for keys in by_scope.values()) < self._max_dialog_entries:
+            return None
+        largest = max(by_scope.values(), key=len)
+        if own and len(own) + 1 >= len(largest):
+            return self._first_to_lapse(own)
+        return self._first_to_lapse(largest)
 
     def _current(self) -> list[LearnedPolicy]:
         now = self._clock()

@@ -52,7 +52,7 @@ from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeEr
                      DecryptionError, LimitExceededError, PolicyError, SignatureRequiredError,
                      UndecipherableError, UntrustedSignerError)
 from .certfiles import readable_certificate
-from .config import LegacyPeer, UAConfig
+from .config import DEFAULT_POLICY_EXPIRES, LegacyPeer, UAConfig
 from .dialog_keys import MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, dialog_parties
 from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
 from .replay import TRANSACTION_LIFETIME, MemoryReplayCache
@@ -76,6 +76,9 @@ _SENT_LIFETIME = 64.0            # ... a transaction's lifetime (64*T1)
 _INVITE_LIFETIME = 600.0
 MAX_SERVICE_PEERS = 256          # peer certificates kept from a certificate service
 MAX_PEERS_WANTED = 64            # peers we could not encrypt to, for the adapter to fetch
+MAX_SIGN_ASKS = 256              # (method, peer) pairs a 495 asked us to sign, kept at once
+MAX_WAITING_INVITES = 64         # initial INVITEs whose policies wait for our answer
+INVITE_POLICY_WAIT = 180.0       # ... at most this long (Timer C: a call rings 3 minutes)
 _WANTED_LIFETIME = 300.0
 
 
@@ -164,6 +167,13 @@ def _aor(value: str | None) -> str | None:
         return None
 
 
+def _peer_name(peer: str | None) -> str:
+    """A peer as the engine's tables name it (its identity, else the URI as written)."""
+    if peer is None:
+        return "-"
+    return str(identity_of(peer) or peer)
+
+
 def _top_branch(message: SipMessage) -> str | None:
     try:
         return message.via_branch()
@@ -202,7 +212,13 @@ class UAEngine:
         self.dialog_keys = DialogKeys(max_age=config.cek_max_age, max_uses=config.cek_max_uses,
                                       clock=self._clock)
         self._retries: OrderedDict[str, int] = OrderedDict()
-        self._sign_for: set[str] = set()      # "METHOD" that a 495 asked us to sign
+        # (method, peer) a 495 asked us to sign -> when the ask lapses (``_learn_495``)
+        self._sign_asks: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # (Call-ID, caller) of an initial INVITE -> (when, origin, its policies), until
+        # we ring, answer or refuse it (``_park_invite_policies``)
+        self._invite_policies: OrderedDict[
+            tuple[str, str], tuple[float, tuple[str, str | None, str | None],
+                                   list[hdr.PolicyHeader]]] = OrderedDict()
         self.replay = MemoryReplayCache(window=config.replay_window, clock=self._clock)
         # Requests we sent, so an answer can be told from a stranger's message:
         # (Call-ID, CSeq number, method, top Via branch) ->
@@ -271,21 +287,58 @@ class UAEngine:
                 announced = hdr.parse_policy_headers(values)
             except E2MError:
                 return []
-            source, scope, peer = origin
-            learned = []
-            for policy in announced:
-                if not self.accepts_proxy(policy.host, peer):
-                    continue  # a stranger's policy: never widen who reads on its word
-                policy = self._own_url_only(policy)
-                if self.policies.learn_header(policy, source=source, scope=scope) is None:
-                    continue  # configured, or withdrawn
-                cert = self.certs.proxy(policy.host)
-                if cert is not None and policy.cert_fingerprint is not None \
-                        and not matches_fingerprint(cert, policy.cert_fingerprint) \
-                        and not self.policies.is_configured(policy.host):
-                    self.certs.remove_proxy(policy.host)  # the proxy changed its key
-                learned.append(policy.host)
+            # a stranger's policy never widens who reads on its word
+            accepted = [self._own_url_only(policy) for policy in announced
+                        if self.accepts_proxy(policy.host, origin[2])]
+            if message.is_request and message.method == "INVITE" and not message.to_tag:
+                self._park_invite_policies(message.call_id, origin, accepted)
+                return []
+            return self._take_policies(origin, accepted)
+
+    def _take_policies(self, origin: tuple[str, str | None, str | None],
+                       policies: list[hdr.PolicyHeader]) -> list[str]:
+        """Keep ``policies`` (accepted from ``origin``); the hosts learnt (lock held)."""
+        source, scope, _ = origin
+        learned = []
+        for policy in policies:
+            if self.policies.learn_header(policy, source=source, scope=scope) is None:
+                continue  # configured, or withdrawn
+            cert = self.certs.proxy(policy.host)
+            if cert is not None and policy.cert_fingerprint is not None \
+                    and not matches_fingerprint(cert, policy.cert_fingerprint) \
+                    and not self.policies.is_configured(policy.host):
+                self.certs.remove_proxy(policy.host)  # the proxy changed its key
+            learned.append(policy.host)
         return learned
+
+    def _park_invite_policies(self, call_id: str, origin: tuple[str, str | None, str | None],
+                              policies: list[hdr.PolicyHeader]) -> None:
+        """An initial INVITE's policies wait for our answer (lock held): anyone may send
+        one, bodiless, unsigned, from a domain whose names point anywhere, and a kept
+        policy is a certificate the phone goes to fetch (review 159 K2: a refused
+        stranger's INVITE made the phone fetch from the URL it named).  Taken when we
+        ring or answer it (``_settle_invite_policies``), dropped when we refuse it."""
+        key = (call_id, _peer_name(origin[2]))
+        self._invite_policies.pop(key, None)
+        if policies:
+            self._invite_policies[key] = (self._clock(), origin, policies)
+            while len(self._invite_policies) > MAX_WAITING_INVITES:
+                self._invite_policies.popitem(last=False)
+
+    def _settle_invite_policies(self, response: SipMessage) -> None:
+        """Our response to an initial INVITE: a 1xx above 100 or a 2xx takes the
+        policies it carried (before the response is protected: its body is for their
+        proxies too); a failure drops them (lock held)."""
+        status = response.status or 0
+        if response.is_request or response.method != "INVITE" or status <= 100:
+            return
+        key = (response.call_id, _peer_name(_aor(response.get("From"))))
+        waiting = self._invite_policies.pop(key, None)
+        if waiting is None or status >= 300:
+            return
+        parked, origin, policies = waiting
+        if self._clock() - parked <= INVITE_POLICY_WAIT:
+            self._take_policies(origin, policies)
 
     def _policy_origin(self, message: SipMessage) -> tuple[str, str | None, str | None] | None:
         """(source, scope, peer) a policy on ``message`` may be learnt from, or None.
@@ -711,9 +764,19 @@ class UAEngine:
                                                    scope=dialog_scope(call_id, peer))
                   if self.certs.proxy(p.host) is not None
                   and (self.policies.is_configured(p.host) or self.accepts_proxy(p.host, peer))]
-        asked = method in self._sign_for or any(p.wants_signature(method, content_type)
-                                                for p in wanted)
+        asked = self._asked_to_sign(method, peer) or any(
+            p.wants_signature(method, content_type) for p in wanted)
         return wanted, asked
+
+    def _asked_to_sign(self, method: str, peer: str | None) -> bool:
+        """A 495 to a ``method`` of ours to ``peer`` asked for a signature, and the ask
+        has not lapsed (``_learn_495``)."""
+        key = (method, _peer_name(peer))
+        lapses = self._sign_asks.get(key)
+        if lapses is not None and self._clock() >= lapses:
+            del self._sign_asks[key]
+            return False
+        return lapses is not None
 
     def legacy_peer(self, aor: str | None) -> LegacyPeer | None:
         """The ``[[legacy]]`` entry for ``aor`` (an RFC 3261 stack), if any."""
@@ -725,6 +788,8 @@ class UAEngine:
         with self._lock:
             self.dialog_keys.forget_call(call_id)
             self.policies.end_call(call_id)
+            for key in [k for k in self._invite_policies if k[0] == call_id]:
+                del self._invite_policies[key]
             self._retries.pop(call_id, None)
             # The parties entries stay: another dialog of ours may share the Call-ID (a
             # stranger's second call reusing it), and an entry left behind only refuses.
@@ -741,6 +806,8 @@ class UAEngine:
         with self._lock:
             if message.is_request:
                 self._record_sent(message)
+            else:
+                self._settle_invite_policies(message)
             self._record_parties(message)
             ends_attempt = self._ends_our_answered_attempt(message)
             if ends_attempt or (not message.is_request and self._ends_by_our_word(message)):
@@ -1433,9 +1500,25 @@ class UAEngine:
         return host
 
     def _learn_495(self, response: SipMessage, request: SipMessage) -> str:
+        """A 495 asks a signature of what goes to this request's peer, for a while:
+        anyone on the transaction may send one (the peer's own UA, any hop), so what it
+        asks holds for that method to that peer only, and lapses as a policy without
+        ``expires`` does (review 159 K1: one 495 signed every MESSAGE to every peer for
+        good).  Never of a ``[[legacy]]`` peer set ``sign = false``: its stack cannot
+        take our signatures (the send fails instead)."""
+        peer = _aor(request.get("To"))
+        legacy = self.legacy_peer(peer)
+        if legacy is not None and not legacy.sign:
+            raise PolicyError(f"495 asks a signature of {peer}, a [[legacy]] peer set "
+                              "sign = false")
         self.learn(response)
-        self._sign_for.add(request.method)
-        return f"signature for {request.method}"
+        key = (request.method, _peer_name(peer))
+        self._sign_asks.pop(key, None)
+        self._sign_asks[key] = self._clock() + min(DEFAULT_POLICY_EXPIRES,
+                                                   self.config.max_policy_expires)
+        while len(self._sign_asks) > MAX_SIGN_ASKS:
+            self._sign_asks.popitem(last=False)
+        return f"signature for {request.method} to {peer}"
 
     def _learn_493(self, response: SipMessage, request: SipMessage) -> str:
         part = message_body(response)
