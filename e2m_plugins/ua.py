@@ -318,12 +318,13 @@ class UAEngine:
         policy is a certificate the phone goes to fetch (review 159 K2: a refused
         stranger's INVITE made the phone fetch from the URL it named).  Taken when we
         ring or answer it (``_settle_invite_policies``), dropped when we refuse it."""
+        if not policies:
+            return       # nothing of ours to wait for (and what waits stays)
         key = (call_id, _peer_name(origin[2]))
         self._invite_policies.pop(key, None)
-        if policies:
-            self._invite_policies[key] = (self._clock(), origin, policies)
-            while len(self._invite_policies) > MAX_WAITING_INVITES:
-                self._invite_policies.popitem(last=False)
+        self._invite_policies[key] = (self._clock(), origin, policies)
+        while len(self._invite_policies) > MAX_WAITING_INVITES:
+            self._invite_policies.popitem(last=False)
 
     def _settle_invite_policies(self, response: SipMessage) -> None:
         """Our response to an initial INVITE: a 1xx above 100 or a 2xx takes the
