@@ -276,13 +276,17 @@ class LearnedPolicies:
         by_scope: dict[str, list[tuple[str, str | None]]] = {}
         for k, p in self._entries.items():
             if p.scope is not None:
-                by_scope.setdefault(p.scope, []).append(k)
+                keys = by_scope.pop(p.scope, [])      # in order of each dialog's latest
+                keys.append(k)
+                by_scope[p.scope] = keys
         own = by_scope.get(scope, [])
         if len(own) >= self._max_per_dialog:
             return self._first_to_lapse(own)
         if sum(len(keys) for keys in by_scope.values()) < self._max_dialog_entries:
             return None
-        largest = max(by_scope.values(), key=len)
+        # of the dialogs holding the most, the one that learnt last: a flood of new
+        # dialogs pushes out its own, never an older call's (review 160 K2)
+        largest = max(reversed(by_scope.values()), key=len)
         if own and len(own) + 1 >= len(largest):
             return self._first_to_lapse(own)
         return self._first_to_lapse(largest)

@@ -361,16 +361,26 @@ class UAEngine:
                 return None
             if message.method in ("REGISTER", "OPTIONS"):
                 return f"{message.method} {sent[0]}", None, peer
-            scope = dialog_scope(message.call_id, peer)
+            scope = dialog_scope(message.call_id, _peer_name(peer))
             return f"dialog {scope}", scope, peer
-        if message.method == "INVITE" or message.to_tag:
+        if (message.method == "INVITE" and not message.to_tag) or self._in_our_dialog(message):
             # accepted by open (signed by its From, when it had a body): its dialog, with
             # that peer only, so a request of another sender in the same Call-ID plants
-            # nothing in this one
+            # nothing in this one (an initial INVITE's wait for our answer: learn).  The
+            # scope names the peer as the dialog's parties do, however its From is spelt
+            # (review 160 K3: six spellings of bob held six dialogs' worth)
             peer = _aor(message.get("From"))
-            scope = dialog_scope(message.call_id, peer)
+            scope = dialog_scope(message.call_id, _peer_name(peer))
             return f"dialog {scope}", scope, peer
         return None
+
+    def _in_our_dialog(self, request: SipMessage) -> bool:
+        """The request's To tag is ours in an INVITE dialog we are in, under its Call-ID
+        and between its parties (``_parties``, from what we sent).  A made-up tag names
+        no dialog (review 160 K1: any request with one taught its policies)."""
+        tag = request.to_tag.lower() if request.to_tag else None
+        known = self._parties.get(tag) if tag else None
+        return known is not None and known == (request.call_id, dialog_parties(request))
 
     def _own_url_only(self, policy: hdr.PolicyHeader) -> hdr.PolicyHeader:
         """The policy without a ``cert-url`` that points at another host than its own
@@ -762,7 +772,7 @@ class UAEngine:
         asked again whether it may read what goes to this peer: a proxy of the peer's
         domain learnt for one peer reads nothing we send to others."""
         wanted = [p for p in self.policies.wanting(method, content_type,
-                                                   scope=dialog_scope(call_id, peer))
+                                                   scope=dialog_scope(call_id, _peer_name(peer)))
                   if self.certs.proxy(p.host) is not None
                   and (self.policies.is_configured(p.host) or self.accepts_proxy(p.host, peer))]
         asked = self._asked_to_sign(method, peer) or any(
@@ -1203,7 +1213,7 @@ class UAEngine:
         # that peer is under way: a policy's scope is the Call-ID and the peer (53)
         peer = _aor(message.get("To") if outward else message.get("From"))
         if not self._another_dialog_with(message.call_id, peer, local):
-            self.policies.end_scope(dialog_scope(message.call_id, peer))
+            self.policies.end_scope(dialog_scope(message.call_id, _peer_name(peer)))
 
     def _tags_of_other_dialogs(self, message: SipMessage, local: str | None,
                                remote: str | None) -> frozenset[str]:

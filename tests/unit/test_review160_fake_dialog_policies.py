@@ -94,6 +94,19 @@ Tried and held:
   only with 171 failed INVITEs of alice's in 32 s;
 - ``pjsua_hooks/tcpguard.py`` (read): accepted connections capped (32), slots counted
   with their 1.5 s of closing, the listener gated by BPF at the budget.
+
+Fixed (stop 48), each hole test no longer marked (each failed on fa4a16f):
+- K1: ``_policy_origin`` takes an in-dialog request only when ``_in_our_dialog``: its To
+  tag is ours in an INVITE dialog we are in (``_parties``), with its Call-ID and parties.
+- K2: of the dialogs holding the most, the one that learnt last gives way
+  (``LearnedPolicies._dialog_victim``).  Since K1's fix a made-up dialog teaches nothing,
+  so ``_flood_single`` learns its 256 one-policy dialogs into the table directly, as
+  256 real dialogs would.
+- K3: a dialog's scope names the peer by identity (``ua._peer_name``) where policies are
+  learnt, looked up and ended.
+Left as review 160 found it: the phone answers 200 without a 180, so a first call's
+caller-side proxy certificate is not fetched before the 200 is protected (as before
+fa4a16f).
 """
 
 from __future__ import annotations
@@ -102,6 +115,7 @@ import time
 
 import pytest
 
+from e2m_plugins import headers as hdr
 from e2m_plugins.learned_policies import MAX_DIALOG_POLICIES, MAX_POLICIES_PER_DIALOG
 from e2m_plugins.sip import SipMessage, make_request
 from e2m_plugins.testpki import init_test_pki
@@ -127,8 +141,6 @@ METHODS = ["INFO", "BYE", "OPTIONS", "MESSAGE", "NOTIFY", "UPDATE", "INVITE"]
 
 # -- K1 --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 160 hole K1: a made-up To tag makes a "
-                                       "stranger's request teach policies")
 @pytest.mark.parametrize("method", METHODS)
 def test_hole_k1_a_request_with_a_made_up_to_tag_teaches_nothing(world, method):
     alice = ua_engine(world, "alice", peers=("bob",))
@@ -151,12 +163,15 @@ def _carols(alice, scope: str) -> list[str]:
 
 
 def _flood_single(world, alice, count: int) -> None:
+    # (review 160 flooded with fake-dialog INFOs; since K1's fix those teach nothing, so
+    # the dialogs are learnt into the table as ``count`` real dialogs would teach them:
+    # one policy each, each its own Call-ID)
     for n in range(count):
-        alice.open(_stranger(world, "INFO", n, to_tag="nosuchdialog", count=1))
+        alice.policies.learn_header(hdr.PolicyHeader(
+            f"h{n}x0.evil.test", view=(hdr.Rule("INVITE", "*"),), expires=86400),
+            source=f"dialog mallory-{n}", scope=f"mallory-{n} sip:mallory@evil.test")
 
 
-@pytest.mark.xfail(strict=True, reason="review 160 hole K2: 256 one-policy dialogs push "
-                                       "out the oldest call's policy")
 def test_hole_k2_single_policy_dialogs_do_not_push_out_the_oldest_call(world):
     alice, scope = _calls(world, 0)
     assert _carols(alice, scope) == ["pc.example.com"]
@@ -192,8 +207,6 @@ def _bob_spells(world, spellings: list[str]):
     return alice
 
 
-@pytest.mark.xfail(strict=True, reason="review 160 hole K3: spellings of one peer's From "
-                                       "make one dialog many, past the per-dialog bound")
 def test_hole_k3_spellings_of_one_peer_hold_at_most_one_dialogs_worth(world):
     alice = _bob_spells(world, SPELLINGS)
     bobs = [p for p in alice.policies.everywhere() if p.scope and p.scope.startswith("call-ba ")]
