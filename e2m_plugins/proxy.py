@@ -361,7 +361,8 @@ class ProxyEngine:
         A response is forwarded: it cannot be answered.  What could not be read is in
         ``error``; a host that can still drop it asks ``read_response`` first (a body
         the view refuses must not reach the caller unrecorded, review 133) and passes
-        that ``reading`` here.
+        that ``reading`` here; so does it for an ACK (read as a response is: review
+        141), whose body is then read once (review 158 K2: twice, two budgets).
         ``caller``: for a response, what ``answer_caller`` said for the request it
         answers (the host keeps it with the transaction: Kamailio in a transaction
         AVP; the response's own From is the callee's to write).  A key an answer
@@ -379,7 +380,7 @@ class ProxyEngine:
             # one budget of public-key operations for the whole message (cms/budget.py)
             with message_budget(DEFAULT_LIMITS.max_public_key_ops):
                 if message.is_request:
-                    return self._inspect_request(message)
+                    return self._inspect_request(message, reading)
                 return self._inspect_response(message, caller, reading)
         except E2MError as exc:
             if message.is_request:
@@ -432,14 +433,15 @@ class ProxyEngine:
 
     # -- requests ----------------------------------------------------------
 
-    def _inspect_request(self, request: SipMessage) -> Verdict:
+    def _inspect_request(self, request: SipMessage,
+                         reading: BodyReading | None = None) -> Verdict:
         method = request.method
         # (a BYE ends its dialog's keys only at its 2xx: ``end_answered``)
         kept: list[bytes] = []
         recorded: list[str] = []
         seen, media = self._view(request, method,
                                  keeper=lambda: _keeper(self._sender_of(request)), kept=kept,
-                                 recorded=recorded)
+                                 recorded=recorded, reading=reading)
         return Verdict("forward", add_headers=self._announce(request),
                        remove_headers=self._own_labels(request) + self._policies_in_our_name(request),
                        seen=seen, media=media, kept=tuple(kept),

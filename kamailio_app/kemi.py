@@ -706,6 +706,18 @@ def _relay_key():
     return hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
+def _loop_check():
+    """(key, note, resent, looped) for this request, as ``relay`` and an in-dialog ACK
+    ask them: its ``_relay_key``, the e2mloop note under it (``_loop_note``), whether it
+    is its first coming sent again (``_resent``), and whether it came back round a loop
+    (``_came_back``)."""
+    key = _relay_key()
+    held = None if key is None else KSR.htable.sht_get(_RELAYED, key)
+    note = _loop_note(held)
+    resent = note is not None and _resent(note)
+    return key, note, resent, held is not None and _came_back(note, resent)
+
+
 def _loop_note(held):
     """An e2mloop note (``_note_relayed``) as (first Max-Forwards, times relayed again,
     the first coming's Via shape or None, times it came again as itself, when it last
@@ -1549,6 +1561,14 @@ class kamailio:
                 KSR.sl.sl_send_reply(403, "Not Routed Here")
                 return
             if KSR.is_ACK():
+                # the loop rule every other request gets in ``relay``, before any reading:
+                # one stranger's ACK whose Route set named us again and again went round
+                # Max-Forwards times, its body read at every pass (review 158 K1)
+                loop_key, note, resent, looped = _loop_check()
+                if looped:
+                    _info("e2m: ACK from %s came back to us unchanged (a loop): dropped\n"
+                          % KSR.pv.get("$si"))
+                    return
                 # a late answer rides in the ACK; a policy header may name us (review 58:
                 # a forged one teaches the callee to drop our certificate); else nothing.
                 # An ACK is never challenged and either party can write the other's
@@ -1557,6 +1577,8 @@ class kamailio:
                 if (_has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0) \
                         and not self.inspect_only():
                     return
+                if loop_key is not None:
+                    _note_relayed(loop_key, note, resent)
                 KSR.tm.t_relay()
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
@@ -1919,11 +1941,8 @@ class kamailio:
         return 1
 
     def relay(self, inspect):
-        loop_key = _relay_key()
-        held = None if loop_key is None else KSR.htable.sht_get(_RELAYED, loop_key)
-        note = _loop_note(held)
-        resent = note is not None and _resent(note)
-        if held is not None and _came_back(note, resent):
+        loop_key, note, resent, looped = _loop_check()
+        if looped:
             # before any reading: a loop's later passes cost no CMS work either
             _info("e2m: %s from %s came back to us unchanged (a loop): refused\n" % (
                 KSR.pv.get("$rm"), KSR.pv.get("$si")))
@@ -2193,10 +2212,13 @@ class kamailio:
             return True
         method = KSR.pv.get("$rm")
         try:
-            message = self.readable_ack() if method == "ACK" else _read_message()
+            # an ACK's reading is the one ``readable_ack`` made: read twice, its body cost
+            # two budgets of public-key work (review 158 K2)
+            message, reading = self.readable_ack() if method == "ACK" \
+                else (_read_message(), None)
             if message is None:
                 return False
-            verdict = self.app.engine.inspect(message)
+            verdict = self.app.engine.inspect(message, reading=reading)
         except Exception as exc:  # noqa: BLE001 - never block an ACK or CANCEL for it
             _log_exception("inspect %s" % method, exc)
             if method == "ACK":
@@ -2221,10 +2243,11 @@ class kamailio:
         return True
 
     def readable_ack(self):
-        """This ACK (it carries a body or a policy header), read; None when it is
-        dropped, logged and counted: read as ``read_reply`` reads a response, it is one
-        the core could not take apart or whose body is refused (``response_refused``).
-        A body sealed for others still goes on (an ACK cannot be answered 496)."""
+        """This ACK (it carries a body or a policy header) and its body's reading, for
+        ``inspect``; (None, None) when it is dropped, logged and counted: read as
+        ``read_reply`` reads a response, it is one the core could not take apart or
+        whose body is refused (``response_refused``).  A body sealed for others still
+        goes on (an ACK cannot be answered 496)."""
         engine = self.app.engine
         try:
             ack = _read_message()
@@ -2234,12 +2257,12 @@ class kamailio:
         else:
             reading = engine.read_response(ack)
             if not engine.response_refused(reading):
-                return ack
+                return ack, reading
             why = type(reading.error).__name__
         KSR.statistics.update_stat("e2m_acks_unread", 1)
         _warn("e2m: ACK from %s with a body the view refuses (%s): dropped\n"
               % (KSR.pv.get("$si"), why))
-        return None
+        return None, None
 
     def observe(self, message, verdict, caller, stray=False):
         """Archive and log what was seen, a spooled message charged to ``caller`` (None:
