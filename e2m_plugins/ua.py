@@ -354,10 +354,11 @@ class UAEngine:
             if sent is None:
                 return None
             peer = _aor(message.get("To"))
-            if status in (self.config.codes.proxy_indecipherable,
-                          self.config.codes.signature_required):
-                return f"{status}", None, peer      # a proxy refused our request
             if not 200 <= status < 300:
+                # a 496 or 495 too: anyone on the transaction writes one, and its policy
+                # header was learnt for everything we send (review 162 K1: one 495 made
+                # alice sign to every peer again).  A 496's policy for the proxy whose
+                # certificate it carries is taken once that is checked (``_learn_496``)
                 return None
             if message.method in ("REGISTER", "OPTIONS"):
                 return f"{message.method} {sent[0]}", None, peer
@@ -1522,7 +1523,6 @@ class UAEngine:
         if legacy is not None and not legacy.sign:
             raise PolicyError(f"495 asks a signature of {peer}, a [[legacy]] peer set "
                               "sign = false")
-        self.learn(response)
         key = (request.method, _peer_name(peer))
         self._sign_asks.pop(key, None)
         self._sign_asks[key] = self._clock() + min(DEFAULT_POLICY_EXPIRES,
