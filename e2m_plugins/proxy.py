@@ -119,6 +119,7 @@ class BodyReading:
     offers: bool = False                # a part offers a key (CEK reuse)
     error: E2MError | None = field(default=None, repr=False)   # why the reading failed
     of: SipMessage | None = field(default=None, repr=False, compare=False)  # the message read
+    public_key_ops: int = 0             # spent reading it, refused or not (cms/budget.py)
 
 
 _SKIPPED = BodyReading(True)
@@ -314,18 +315,28 @@ class ProxyEngine:
         """This proxy's ``Proxy-Body-Policy`` header (name, value)."""
         return hdr.PROXY_BODY_POLICY, self._policy_value
 
-    def read_response(self, response: SipMessage) -> BodyReading:
+    def read_response(self, response: SipMessage, *,
+                      max_public_key_ops: int | None = None) -> BodyReading:
         """Read a response's body as ``inspect`` would, keeping, spending and recording
         nothing; never raises ``E2MError`` (a failure is the reading's ``error``).  The
         host drops the response when ``response_refused`` says so, else passes the
         reading to ``inspect``, which then does not read the body again.  An ACK is
-        read so too: it cannot be answered either, only dropped (review 141)."""
+        read so too: it cannot be answered either, only dropped (review 141).  The
+        reading says the public-key operations it spent, refused or not, so a host can
+        bound what the replies of one transaction spend (review 161 K2), and give a
+        smaller budget than a message's (``max_public_key_ops``): what they have left."""
+        limit = DEFAULT_LIMITS.max_public_key_ops
+        budget = message_budget(limit if max_public_key_ops is None
+                                else max(0, min(limit, max_public_key_ops)))
+        spent = None
         try:
             response.check_unambiguous()
-            with message_budget(DEFAULT_LIMITS.max_public_key_ops):
-                return replace(self._read_body(response, response.cseq[1]), of=response)
+            with budget as spent:
+                return replace(self._read_body(response, response.cseq[1]), of=response,
+                               public_key_ops=spent.spent)
         except E2MError as exc:
-            return BodyReading(True, error=exc, of=response)
+            return BodyReading(True, error=exc, of=response,
+                               public_key_ops=spent.spent if spent is not None else 0)
 
     def replay_key_of(self, request: SipMessage) -> str | None:
         """The replay key ``inspect`` would record ``request`` under (``Verdict.replay_key``),

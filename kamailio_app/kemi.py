@@ -51,6 +51,7 @@ def _bootstrap_path():
 
 _bootstrap_path()
 
+from e2m_plugins.cms.budget import DEFAULT_PUBLIC_KEY_OPS  # noqa: E402
 from e2m_plugins.challenge import (  # noqa: E402
     CHALLENGE_HEADERS, credentials_fit_request, names_realm)
 from e2m_plugins.errors import E2MError, LimitExceededError, MalformedError  # noqa: E402
@@ -91,10 +92,19 @@ _ITERATOR = "e2mhf"   # textopsx header iterator name
 _PLAIN_FORWARD = Verdict("forward")
 _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
 _REPLY_READS = "e2mreplyreads"  # htable: replies read per branch of our transactions
+_OPS = "o:"           # ... and, under this prefix, the public-key operations they spent
+_OPS_LOGGED = "w:"    # ... and whether a drop past those was logged
 # replies read per branch of a transaction: a 180, 183s and the 2xx with SDP, and the
 # 2xx's retransmissions until the ACK (UDP, every 0.5 to 4 s for 32 s)
 READS_PER_BRANCH = 16
 READS_PER_TRANSACTION = READS_PER_BRANCH * MAX_FORKS  # forks whose answers are kept
+# ... and the public-key operations those readings may spend: an honest reading spends
+# about 3 (a decryption, a signature, its chain), so 16 fit a branch's 64 with room;
+# each reading's budget is what is left of both (a message's 32 at most), so a
+# transaction's replies spend at most 128 however their bodies are built (review 161
+# K2: 64 readings of 32 each, 2,048 operations for one INVITE)
+OPS_PER_BRANCH = 2 * DEFAULT_PUBLIC_KEY_OPS
+OPS_PER_TRANSACTION = MAX_FORKS * DEFAULT_PUBLIC_KEY_OPS
 _SITE_PIPE = "e2msite "     # pipelimit pipes: a site's messages per second (source_banned)
 _MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
@@ -689,14 +699,16 @@ _RELAYED = "e2mloop"
 _VIA_LINE_SPECS = ["$(hdr(Via)[%d])" % i for i in range(MAX_ROUTE_ENTRIES)]
 
 
-def _relay_key():
+def _relay_key(with_route=True):
     """What makes this request the same request if it comes back: a digest of its
     Request-URI as received, From and To tags, Call-ID, CSeq, method and Route (RFC
     3261 16.6 step 8 without the Via, which each pass brings another of on top; a
-    spiral comes back with another Request-URI or Route).  None when unreadable (the
-    door's checks refused such a request before any relay)."""
+    spiral comes back with another Request-URI or Route).  Without ``with_route``: the
+    same but the Route, which each pass of a loose-routed request spells shorter (an
+    in-dialog ACK's).  None when unreadable (the door's checks refused such a request
+    before any relay)."""
     try:
-        routes = _header_entries("Route", _ROUTE_SPECS)
+        routes = _header_entries("Route", _ROUTE_SPECS) if with_route else ()
         fields = (KSR.pv.get("$ou") or "", KSR.pv.get("$ft") or "",
                   KSR.pv.get("$tt") or "", KSR.pv.get("$ci") or "",
                   str(KSR.pv.get("$cs") or ""), KSR.pv.get("$rm") or "")
@@ -706,12 +718,12 @@ def _relay_key():
     return hashlib.sha256(request.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def _loop_check():
+def _loop_check(with_route=True):
     """(key, note, resent, looped) for this request, as ``relay`` and an in-dialog ACK
     ask them: its ``_relay_key``, the e2mloop note under it (``_loop_note``), whether it
     is its first coming sent again (``_resent``), and whether it came back round a loop
     (``_came_back``)."""
-    key = _relay_key()
+    key = _relay_key(with_route)
     held = None if key is None else KSR.htable.sht_get(_RELAYED, key)
     note = _loop_note(held)
     resent = note is not None and _resent(note)
@@ -753,15 +765,48 @@ def _reading_left():
         count = KSR.htable.sht_inc(_REPLY_READS, key)
         if not 0 < count <= cap:
             _unread(count, cap, "one branch" if key is branch else "one transaction")
-            return False
-    return True
+            return None
+    # what they spent: this reading may spend what both have left, a message's at most
+    left = DEFAULT_PUBLIC_KEY_OPS
+    for key, cap in ((branch, OPS_PER_BRANCH), (transaction, OPS_PER_TRANSACTION)):
+        spent = KSR.htable.sht_get(_REPLY_READS, _OPS + key)
+        spent = spent if isinstance(spent, int) else 0
+        if spent >= cap:
+            # logged once per branch or transaction (the caps above bound the rest)
+            first = KSR.htable.sht_inc(_REPLY_READS, _OPS_LOGGED + key) == 1
+            _unread(spent, cap, "public-key operations of one %s"
+                    % ("branch" if key is branch else "transaction"), ops=first)
+            return None
+        left = min(left, cap - spent)
+    return (branch, transaction), left
 
 
-def _unread(count, cap, where):
+def _spend_reply_ops(keys, count):
+    """Add ``count`` public-key operations to what the replies of a branch and its
+    transaction (``keys``, from ``_reading_left``) spent (read, added and written under
+    the item's lock: two workers read replies of one transaction at once)."""
+    if not count:
+        return
+    for key in keys:
+        name = _OPS + key
+        KSR.htable.sht_lock(_REPLY_READS, name)
+        try:
+            spent = KSR.htable.sht_get(_REPLY_READS, name)
+            KSR.htable.sht_seti(_REPLY_READS, name,
+                                (spent if isinstance(spent, int) else 0) + int(count))
+        finally:
+            KSR.htable.sht_unlock(_REPLY_READS, name)
+
+
+def _unread(count, cap, where, ops=False):
     """A reply dropped unread past ``cap`` on ``where``: counted, and the first one past
-    the cap (or a count the htable could not give) logged."""
+    the cap (or a count the htable could not give) logged; past a cap of operations,
+    the first one (``ops``: the caller knows which)."""
     KSR.statistics.update_stat("e2m_replies_unread", 1)
-    if count == cap + 1 or count < 0:
+    if ops:
+        _warn("e2m: %s %s from %s: %d of %d %s spent: dropped unread, and the rest\n"
+              % (KSR.pv.get("$rs"), _cseq_method(), KSR.pv.get("$si"), count, cap, where))
+    elif count == cap + 1 or count < 0:
         _warn("e2m: %s %s from %s: more than %d replies to read on %s, or no count (%d):"
               " dropped unread, and the rest past the cap\n"
               % (KSR.pv.get("$rs"), _cseq_method(), KSR.pv.get("$si"), cap, where, count))
@@ -1059,6 +1104,7 @@ class kamailio:
         # the reply the core reply route read ($mi, message or None: not to be read),
         # for tm's reply route to use rather than read it again
         self._reply = None
+        self._reply_ops = None   # where the core reply route counts its reading's work
 
     def child_init(self, rank):
         return 0
@@ -1563,8 +1609,12 @@ class kamailio:
             if KSR.is_ACK():
                 # the loop rule every other request gets in ``relay``, before any reading:
                 # one stranger's ACK whose Route set named us again and again went round
-                # Max-Forwards times, its body read at every pass (review 158 K1)
-                loop_key, note, resent, looped = _loop_check()
+                # Max-Forwards times, its body read at every pass (review 158 K1).  Keyed
+                # without its Route: each pass takes an entry off, and a key of its own
+                # per pass let 16 entries go round 8 times (review 161 K1); an ACK is
+                # loose-routed, its Request-URI the same on every pass, and a copy sent
+                # again is still one (``_resent``)
+                loop_key, note, resent, looped = _loop_check(with_route=False)
                 if looped:
                     _info("e2m: ACK from %s came back to us unchanged (a loop): dropped\n"
                           % KSR.pv.get("$si"))
@@ -2303,6 +2353,8 @@ class kamailio:
     def ksr_reply_route(self, msg):
         if self.app.config.dispatcher is not None and not self.from_a_node():
             return 0
+        # (its $mi, the keys its public-key work counts under, what it may spend)
+        self._reply_ops = None
         try:
             if self.app.engine is not None and not self.exempt_source():
                 if KSR.tm.t_check_trans() <= 0:
@@ -2311,15 +2363,20 @@ class kamailio:
                         # body): counted and banned as the source's requests are (review 70)
                         KSR.set_drop()
                         return 0
-                elif self.reply_needs_reading() and not _reading_left():
+                elif self.reply_needs_reading():
                     # one of ours: at most READS_PER_BRANCH read per branch and
-                    # READS_PER_TRANSACTION per transaction, the rest dropped unread
-                    # (review 153 K1: a callee's 183s on one ringing INVITE were read at
-                    # any rate).  Nobody is banned: the caller decides
-                    # how many replies a callee sends (review 154 K1: a stranger's calls
-                    # got an honest callee banned, its own requests dropped)
-                    KSR.set_drop()
-                    return 0
+                    # READS_PER_TRANSACTION per transaction, and OPS_PER_BRANCH and
+                    # OPS_PER_TRANSACTION public-key operations spent reading them, the
+                    # rest dropped unread (review 153 K1: a callee's 183s on one ringing
+                    # INVITE were read at any rate; review 161 K2: 64 of them spent 2,048
+                    # operations).  Nobody is banned: the caller decides how many replies
+                    # a callee sends (review 154 K1: a stranger's calls got an honest
+                    # callee banned, its own requests dropped)
+                    left = _reading_left()
+                    if left is None:
+                        KSR.set_drop()
+                        return 0
+                    self._reply_ops = (KSR.pv.get("$mi"), *left)
         except Exception as exc:  # noqa: BLE001 - unlimited then, never unread
             _log_exception("reply limits", exc)
         try:
@@ -2517,7 +2574,11 @@ class kamailio:
         # the body read here, once: what the view refuses (SDP spelt so that only the
         # caller's stack reads it, a part that does not parse) is dropped now, as tm's
         # route could not; tm's route applies the rest with the transaction's caller
-        reading = engine.read_response(message)
+        counted = self._reply_ops if self._reply_ops and self._reply_ops[0] == mark else None
+        reading = engine.read_response(message, max_public_key_ops=counted[2]
+                                       if counted else None)
+        if counted:
+            _spend_reply_ops(counted[1], reading.public_key_ops)
         if engine.response_refused(reading):
             return "%s: %s" % (type(reading.error).__name__, reading.error)
         self._reply = (mark, message, reading)

@@ -97,7 +97,9 @@ def kemi_fake(monkeypatch):
         table[(name, key)] = table.get((name, key), 0) + 1
         return table[(name, key)]
 
-    fake.htable = types.SimpleNamespace(sht_inc=sht_inc)
+    # (sht_get: the public-key operations the branch and transaction spent, review 161)
+    fake.htable = types.SimpleNamespace(sht_inc=sht_inc,
+                                        sht_get=lambda name, key: table.get((name, key)))
     fake.pv = types.SimpleNamespace(get=lambda name: state.get(name))
     fake.statistics = types.SimpleNamespace(update_stat=lambda name, n: None)
     fake.warn = lambda text: None
