@@ -326,6 +326,25 @@ class UAEngine:
         while len(self._invite_policies) > MAX_WAITING_INVITES:
             self._invite_policies.popitem(last=False)
 
+    def certificates_to_answer(self, invite: SipMessage) -> list[str]:
+        """The proxies whose certificates the policies waiting on ``invite`` (an initial
+        INVITE we opened) name with a ``cert-url`` and we do not hold: an answer sent
+        now would leave them out, and a proxy that must read it drops it.  A host that
+        answers automatically rings first (the 1xx takes the policies, and the adapter
+        fetches) and answers once they are held (review 162 HB1)."""
+        with self._lock:
+            waiting = self._invite_policies.get(
+                (invite.call_id, _peer_name(_aor(invite.get("From")))))
+            if waiting is None:
+                return []
+            return [p.host for p in waiting[2]
+                    if p.cert_url and self.certs.proxy(p.host) is None]
+
+    def holds_proxy_certificate(self, host: str) -> bool:
+        """A certificate of ``host`` passed our checks and is kept."""
+        with self._lock:
+            return self.certs.proxy(host) is not None
+
     def _settle_invite_policies(self, response: SipMessage) -> None:
         """Our response to an initial INVITE: a 1xx above 100 or a 2xx takes the
         policies it carried (before the response is protected: its body is for their

@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pjsua2 as pj
 
@@ -154,6 +154,28 @@ class SipEndpoint:
         self._writer: Any = None
         self._owner: int | None = None
         self._started = False
+        # The automatic answer of an incoming call whose answer needs certificates the
+        # phone is fetching: given the INVITE, the hosts to wait for (none: answer at
+        # once); the phone sets it and answers the calls left ringing (``ringing``).
+        self.answer_waits: Callable[[bytes], list[str]] = lambda whole_msg: []
+        self.ringing: list[tuple[Any, str, list[str], float]] = []
+
+    def answer_ringing(self, held: Callable[[str], bool]) -> int:
+        """Answer each call left ringing for certificates (``answer_waits``) once every
+        one it waits for is ``held``, or its time is up (then without them: the proxy
+        may drop that answer, as it would have at once); one that ended is let go.
+        Returns how many were answered."""
+        now, answered, still = time.monotonic(), 0, []
+        for call, call_id, hosts, deadline in self.ringing:
+            if call.disconnected:
+                continue
+            if now < deadline and not all(held(host) for host in hosts):
+                still.append((call, call_id, hosts, deadline))
+                continue
+            call.account.answer_call(call, call_id, call.account.auto_answer)
+            answered += 1
+        self.ringing = still
+        return answered
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> SipEndpoint:
@@ -601,6 +623,8 @@ class _LogWriter(pj.LogWriter):
 # Each PhoneCall's own number, named by its events: two calls may share one SIP Call-ID
 # (a second dialog under a live call's), so the Call-ID cannot say whose event it is.
 _CALL_SERIALS = itertools.count(1)
+_MAX_RINGING = 32             # calls left ringing for certificates at once (more: answered)
+_RING_FOR_CERTIFICATES = 3.0  # s at most: the phone's fetch (2 s by default) and a tick
 
 _IM_TEXT = re.compile(r"(message ')(.*)('(?: delivered|:))", re.IGNORECASE | re.DOTALL)
 _KEY_VALUE = re.compile(r"\b(key|salt)=\S+", re.IGNORECASE)
@@ -681,14 +705,31 @@ class PhoneAccount(pj.Account):
         self.endpoint.events.add("incoming_call", self.uri, call_id=ci.callIdString,
                                  call=call.serial, remote_uri=ci.remoteUri,
                                  whole_msg=_bytes(prm.rdata.wholeMsg))
-        if self.auto_answer is not None:
-            guard = _SendGuard(self.endpoint)
-            op = pj.CallOpParam()
-            op.statusCode = self.auto_answer
-            try:
-                call.answer(op)
-            except Exception as exc:  # noqa: BLE001 - pj.Error; nothing may escape into pjsip
-                self._refuse_unanswered(call, ci.callIdString, guard.fail("answer", exc))
+        if self.auto_answer is None:
+            return
+        waits = self.endpoint.answer_waits(_bytes(prm.rdata.wholeMsg)) \
+            if 200 <= self.auto_answer < 300 else []
+        if waits and len(self.endpoint.ringing) < _MAX_RINGING:
+            # ring while the certificates its answer needs are fetched (the 180 takes
+            # the INVITE's policies): answered by ``answer_ringing`` (review 162 HB1)
+            if self.answer_call(call, ci.callIdString, 180):
+                self.endpoint.ringing.append((call, ci.callIdString, waits,
+                                              time.monotonic() + _RING_FOR_CERTIFICATES))
+            return
+        self.answer_call(call, ci.callIdString, self.auto_answer)
+
+    def answer_call(self, call: PhoneCall, call_id: str, status: int) -> bool:
+        """Answer ``call`` with ``status``; one the hook refuses is answered with
+        ``answer_failure``'s final error instead (False)."""
+        guard = _SendGuard(self.endpoint)
+        op = pj.CallOpParam()
+        op.statusCode = status
+        try:
+            call.answer(op)
+        except Exception as exc:  # noqa: BLE001 - pj.Error; nothing may escape into pjsip
+            self._refuse_unanswered(call, call_id, guard.fail("answer", exc))
+            return False
+        return True
 
     def _refuse_unanswered(self, call: PhoneCall, call_id: str, failure: SendError) -> None:
         """The automatic answer could not be sent (the hook refused it, e.g. it could

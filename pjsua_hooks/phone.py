@@ -562,6 +562,10 @@ class E2MPhone:
                                          "idle_timeout": s.tcp_idle_timeout,
                                          "first_message_timeout": min(10.0, s.tcp_idle_timeout)})
         self.endpoint.start()      # gate: wheel, platform, self-test; GateError if required
+        if s.fetch_certificates:
+            # a call whose answer needs a proxy certificate we are fetching rings first
+            # (review 162 HB1: the 200 went at once, without that proxy's part)
+            self.endpoint.answer_waits = self._answer_waits
         if s.codecs:
             ep = self.endpoint.pj_endpoint
             wanted = [c.lower() for c in s.codecs]
@@ -1164,6 +1168,9 @@ class E2MPhone:
                 self._guarded(event.kind, handler, event)
         for result in self.fetcher.results():
             self._guarded("fetch", self._fetched, result)
+        if self.endpoint.ringing:
+            self._guarded("answer", self.endpoint.answer_ringing,
+                          self.engine.holds_proxy_certificate)
         now = time.monotonic()
         if self._deferred:
             self._guarded("retry", self._run_deferred, now)
@@ -1466,6 +1473,14 @@ class E2MPhone:
                        attempts=handle.attempts)
 
     # -- certificates ------------------------------------------------------------------
+    def _answer_waits(self, whole_msg: bytes) -> list[str]:
+        """The proxies an incoming INVITE's answer needs certificates of that the phone
+        can fetch (``UAEngine.certificates_to_answer``); inside pjsip's callback."""
+        try:
+            return self.engine.certificates_to_answer(sip.parse(whole_msg))
+        except E2MError:
+            return []
+
     def fetch_certificates(self, force: bool = False) -> list[str]:
         """Start fetching the certificates of learned policies we do not hold (off the
         loop); returns the hosts queued now.  Results arrive in ``_fetched``."""

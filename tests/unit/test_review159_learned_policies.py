@@ -328,3 +328,17 @@ def test_stop48_k2_an_invite_we_refuse_teaches_nothing(world, status):
         assert [p.host for p in alice.policies.everywhere()] == ["pb.example.com"]
     else:
         assert len(alice.policies) == 0 and alice.certificates_wanted() == []
+
+
+def test_stop48_hb162_the_answer_waits_for_the_certificates_its_invite_names(world):
+    """Review 162 HB1's engine side: the policies waiting on an INVITE name the proxies
+    whose certificates an answer needs (with a cert-url, not held); once taken (the
+    180), the INVITE names none: the phone then waits on ``holds_proxy_certificate``."""
+    alice = ua_engine(world, "alice", peers=("bob",))
+    invite = _invite_with_policy(world, 162)
+    taken = alice.open(invite).message
+    assert alice.certificates_to_answer(taken) == ["pb.example.com"]
+    assert not alice.holds_proxy_certificate("pb.example.com")
+    alice.protect(make_response(taken, 180, "Ringing"))
+    assert alice.certificates_to_answer(taken) == []
+    assert [w.host for w in alice.certificates_wanted()] == ["pb.example.com"]
