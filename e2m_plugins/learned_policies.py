@@ -219,11 +219,15 @@ class LearnedPolicies:
                     and p.wants(method, content_type)]
 
     def fingerprint(self, host: str) -> bytes | None:
-        """The certificate fingerprint ``host`` announced (any scope), while an entry is
-        in force."""
+        """The certificate fingerprint ``host`` announced for everything we send (a
+        configured entry, a registrar's, a 496's), while such an entry is in force.  A
+        dialog's is that dialog's peer's word: it pins nothing for the other calls
+        (review 164 K2: one caller's fingerprint had the proxy's real certificate
+        refused for every call)."""
         with self._lock:
             for entry in self._current():
-                if host_key(entry.host) == host_key(host) and entry.fingerprint is not None:
+                if entry.scope is None and host_key(entry.host) == host_key(host) \
+                        and entry.fingerprint is not None:
                     return entry.fingerprint
             return None
 

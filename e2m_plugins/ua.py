@@ -304,10 +304,12 @@ class UAEngine:
             if self.policies.learn_header(policy, source=source, scope=scope) is None:
                 continue  # configured, or withdrawn
             cert = self.certs.proxy(policy.host)
-            if cert is not None and policy.cert_fingerprint is not None \
+            if scope is None and cert is not None and policy.cert_fingerprint is not None \
                     and not matches_fingerprint(cert, policy.cert_fingerprint) \
                     and not self.policies.is_configured(policy.host):
-                self.certs.remove_proxy(policy.host)  # the proxy changed its key
+                # the proxy changed its key (said for everything we send: a dialog's
+                # peer's word takes no certificate from the other calls, review 164 K2)
+                self.certs.remove_proxy(policy.host)
             learned.append(policy.host)
         return learned
 
@@ -326,19 +328,19 @@ class UAEngine:
         while len(self._invite_policies) > MAX_WAITING_INVITES:
             self._invite_policies.popitem(last=False)
 
-    def certificates_to_answer(self, invite: SipMessage) -> list[str]:
+    def certificates_to_answer(self, invite: SipMessage) -> list[CertificateWanted]:
         """The proxies whose certificates the policies waiting on ``invite`` (an initial
-        INVITE we opened) name with a ``cert-url`` and we do not hold: an answer sent
-        now would leave them out, and a proxy that must read it drops it.  A host that
-        answers automatically rings first (the 1xx takes the policies, and the adapter
-        fetches) and answers once they are held (review 162 HB1)."""
+        INVITE we opened) name with a ``cert-url`` and we do not hold, in the order it
+        names them: an answer sent now would leave them out, and a proxy that must read
+        it drops it.  A host that answers automatically rings first (the 1xx takes the
+        policies), fetches them and answers once they are held (review 162 HB1)."""
         with self._lock:
             waiting = self._invite_policies.get(
                 (invite.call_id, _peer_name(_aor(invite.get("From")))))
             if waiting is None:
                 return []
-            return [p.host for p in waiting[2]
-                    if p.cert_url and self.certs.proxy(p.host) is None]
+            return [CertificateWanted(p.host, p.cert_url, p.cert_fingerprint)
+                    for p in waiting[2] if p.cert_url and self.certs.proxy(p.host) is None]
 
     def holds_proxy_certificate(self, host: str) -> bool:
         """A certificate of ``host`` passed our checks and is kept."""

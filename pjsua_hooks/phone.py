@@ -104,6 +104,7 @@ _EVENT_LIMIT = 256            # the endpoint's callback log (whole messages in i
                               # a few dozen callbacks at most (missed ones are counted)
 _FETCH_PARALLEL = 4           # certificate fetches at once (one per host)
 _FETCH_COOL_DOWN = 30.0       # seconds before a host that failed is fetched again
+_RING_HOSTS = 2               # proxies one call's answer waits for (a caller's first ones)
 
 
 class PhoneError(RuntimeError):
@@ -1474,12 +1475,19 @@ class E2MPhone:
 
     # -- certificates ------------------------------------------------------------------
     def _answer_waits(self, whole_msg: bytes) -> list[str]:
-        """The proxies an incoming INVITE's answer needs certificates of that the phone
-        can fetch (``UAEngine.certificates_to_answer``); inside pjsip's callback."""
+        """The proxies an incoming INVITE's answer waits for the certificates of
+        (``UAEngine.certificates_to_answer``), their fetches queued before all others:
+        the first ``_RING_HOSTS`` it names (a caller's 16 silent hosts must not hold
+        another call's answer, review 164 K1).  Inside pjsip's callback."""
         try:
-            return self.engine.certificates_to_answer(sip.parse(whole_msg))
+            wanted = self.engine.certificates_to_answer(sip.parse(whole_msg))
         except E2MError:
             return []
+        hosts = []
+        for cert in wanted[:_RING_HOSTS]:
+            if cert.url and self.fetcher.submit(cert.host, cert.url, urgent=True) is None:
+                hosts.append(cert.host)
+        return hosts
 
     def fetch_certificates(self, force: bool = False) -> list[str]:
         """Start fetching the certificates of learned policies we do not hold (off the
@@ -1509,6 +1517,7 @@ class E2MPhone:
         try:
             self.engine.add_proxy_certificate(result.host, result.data)
         except (E2MError, ValueError) as exc:
+            self.fetcher.refused(result.host)     # cooled down as a failed fetch
             self._emit("error", direction="fetch", message=result.host,
                        error=type(exc).__name__, detail=str(exc)[:200])
             return

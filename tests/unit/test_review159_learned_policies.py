@@ -337,7 +337,8 @@ def test_stop48_hb162_the_answer_waits_for_the_certificates_its_invite_names(wor
     alice = ua_engine(world, "alice", peers=("bob",))
     invite = _invite_with_policy(world, 162)
     taken = alice.open(invite).message
-    assert alice.certificates_to_answer(taken) == ["pb.example.com"]
+    assert [(w.host, w.url) for w in alice.certificates_to_answer(taken)] == \
+        [("pb.example.com", "http://pb.example.com/c")]
     assert not alice.holds_proxy_certificate("pb.example.com")
     alice.protect(make_response(taken, 180, "Ringing"))
     assert alice.certificates_to_answer(taken) == []
