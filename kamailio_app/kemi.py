@@ -105,6 +105,10 @@ READS_PER_TRANSACTION = READS_PER_BRANCH * MAX_FORKS  # forks whose answers are 
 # K2: 64 readings of 32 each, 2,048 operations for one INVITE)
 OPS_PER_BRANCH = 2 * DEFAULT_PUBLIC_KEY_OPS
 OPS_PER_TRANSACTION = MAX_FORKS * DEFAULT_PUBLIC_KEY_OPS
+# ... and one reading at most (reserved before it runs): an answer's split SDP spends
+# about 8 (two decryptions, two signatures, two chains); four workers reading one branch
+# at once fit its 64
+REPLY_READING_OPS = OPS_PER_BRANCH // 4
 _SITE_PIPE = "e2msite "     # pipelimit pipes: a site's messages per second (source_banned)
 _MAX_OPEN_AOR = 256   # characters of an AoR an open registrar binds (real ones are short)
 _REGS = "e2mregs"     # htable: AoRs each source registered while the registrar is open
@@ -766,36 +770,63 @@ def _reading_left():
         if not 0 < count <= cap:
             _unread(count, cap, "one branch" if key is branch else "one transaction")
             return None
-    # what they spent: this reading may spend what both have left, a message's at most
-    left = DEFAULT_PUBLIC_KEY_OPS
-    for key, cap in ((branch, OPS_PER_BRANCH), (transaction, OPS_PER_TRANSACTION)):
-        spent = KSR.htable.sht_get(_REPLY_READS, _OPS + key)
+    # what they spent: this reading may spend what both have left, REPLY_READING_OPS at
+    # most, reserved before it runs (two workers reading at once each saw the budget
+    # unspent: review 163 K1) and what it did not spend given back after
+    granted = _reserve_ops(branch, OPS_PER_BRANCH, REPLY_READING_OPS)
+    if granted:
+        took = _reserve_ops(transaction, OPS_PER_TRANSACTION, granted)
+        if took < granted:
+            _add_ops(branch, took - granted)
+        granted = took
+        key, cap = transaction, OPS_PER_TRANSACTION
+    else:
+        key, cap = branch, OPS_PER_BRANCH
+    if not granted:
+        # logged once per branch or transaction (the caps above bound the rest)
+        first = KSR.htable.sht_inc(_REPLY_READS, _OPS_LOGGED + key) == 1
+        _unread(cap, cap, "public-key operations of one %s"
+                % ("branch" if key is branch else "transaction"), ops=first)
+        return None
+    return (branch, transaction), granted
+
+
+def _reserve_ops(key, cap, wanted):
+    """Take up to ``wanted`` of the public-key operations ``key`` has left under ``cap``
+    (read and written under the item's lock, one item at a time: two items locked at
+    once by two workers in the other order would wait on each other); how many."""
+    name = _OPS + key
+    KSR.htable.sht_lock(_REPLY_READS, name)
+    try:
+        spent = KSR.htable.sht_get(_REPLY_READS, name)
         spent = spent if isinstance(spent, int) else 0
-        if spent >= cap:
-            # logged once per branch or transaction (the caps above bound the rest)
-            first = KSR.htable.sht_inc(_REPLY_READS, _OPS_LOGGED + key) == 1
-            _unread(spent, cap, "public-key operations of one %s"
-                    % ("branch" if key is branch else "transaction"), ops=first)
-            return None
-        left = min(left, cap - spent)
-    return (branch, transaction), left
+        granted = max(0, min(wanted, cap - spent))
+        if granted:
+            KSR.htable.sht_seti(_REPLY_READS, name, spent + granted)
+        return granted
+    finally:
+        KSR.htable.sht_unlock(_REPLY_READS, name)
 
 
-def _spend_reply_ops(keys, count):
-    """Add ``count`` public-key operations to what the replies of a branch and its
-    transaction (``keys``, from ``_reading_left``) spent (read, added and written under
-    the item's lock: two workers read replies of one transaction at once)."""
+def _add_ops(key, count):
+    """Add ``count`` (negative: give back) to the operations ``key`` spent."""
     if not count:
         return
+    name = _OPS + key
+    KSR.htable.sht_lock(_REPLY_READS, name)
+    try:
+        spent = KSR.htable.sht_get(_REPLY_READS, name)
+        KSR.htable.sht_seti(_REPLY_READS, name,
+                            max(0, (spent if isinstance(spent, int) else 0) + int(count)))
+    finally:
+        KSR.htable.sht_unlock(_REPLY_READS, name)
+
+
+def _settle_reply_ops(keys, granted, spent):
+    """A reading reserved ``granted`` operations for a branch and its transaction
+    (``keys``) and spent ``spent``: the rest goes back to both."""
     for key in keys:
-        name = _OPS + key
-        KSR.htable.sht_lock(_REPLY_READS, name)
-        try:
-            spent = KSR.htable.sht_get(_REPLY_READS, name)
-            KSR.htable.sht_seti(_REPLY_READS, name,
-                                (spent if isinstance(spent, int) else 0) + int(count))
-        finally:
-            KSR.htable.sht_unlock(_REPLY_READS, name)
+        _add_ops(key, min(spent, granted) - granted)
 
 
 def _unread(count, cap, where, ops=False):
@@ -2351,14 +2382,24 @@ class kamailio:
     # missing callback method leaves an AttributeError pending in the interpreter, and
     # the next KSR call of the tm onreply route then raises SystemError.
     def ksr_reply_route(self, msg):
+        try:
+            return self.core_reply_route()
+        finally:
+            if self._reply_ops is not None:
+                # operations reserved for a reading that never came (the reply was
+                # dropped before it, or the reading failed): given back
+                _settle_reply_ops(self._reply_ops[1], self._reply_ops[2], 0)
+                self._reply_ops = None
+
+    def core_reply_route(self):
         if self.app.config.dispatcher is not None and not self.from_a_node():
             return 0
         # (its $mi, the keys its public-key work counts under, what it may spend)
         self._reply_ops = None
         try:
-            if self.app.engine is not None and not self.exempt_source():
+            if self.app.engine is not None:
                 if KSR.tm.t_check_trans() <= 0:
-                    if self.source_banned():
+                    if not self.exempt_source() and self.source_banned():
                         # a stray the engine would read (private-key work for anyone's
                         # body): counted and banned as the source's requests are (review 70)
                         KSR.set_drop()
@@ -2371,7 +2412,9 @@ class kamailio:
                     # INVITE were read at any rate; review 161 K2: 64 of them spent 2,048
                     # operations).  Nobody is banned: the caller decides how many replies
                     # a callee sends (review 154 K1: a stranger's calls got an honest
-                    # callee banned, its own requests dropped)
+                    # callee banned, its own requests dropped).  From anyone: a trusted
+                    # peer is spared pike's rates, not these (review 163 K2: its replies
+                    # were read without a budget)
                     left = _reading_left()
                     if left is None:
                         KSR.set_drop()
@@ -2575,10 +2618,15 @@ class kamailio:
         # caller's stack reads it, a part that does not parse) is dropped now, as tm's
         # route could not; tm's route applies the rest with the transaction's caller
         counted = self._reply_ops if self._reply_ops and self._reply_ops[0] == mark else None
-        reading = engine.read_response(message, max_public_key_ops=counted[2]
-                                       if counted else None)
-        if counted:
-            _spend_reply_ops(counted[1], reading.public_key_ops)
+        self._reply_ops = None          # settled once, below
+        spent = 0
+        try:
+            reading = engine.read_response(message, max_public_key_ops=counted[2]
+                                           if counted else None)
+            spent = reading.public_key_ops
+        finally:
+            if counted:
+                _settle_reply_ops(counted[1], counted[2], spent)
         if engine.response_refused(reading):
             return "%s: %s" % (type(reading.error).__name__, reading.error)
         self._reply = (mark, message, reading)

@@ -158,7 +158,9 @@ def test_hole_k2_one_invites_replies_cost_64_readings(home, pki):
         print(f"\none INVITE to bob's {contacts.invites} contacts: {reads} readings (the "
               f"INVITE's own included), {ops} public-key operations, {cpu:.2f} s CPU; "
               f"banned: {'banned' in log}")
-        assert contacts.invites == 4, contacts.invites
+        # (each contact got it: since review 163 the 32-operation 183s are refused unread,
+        # so tm sends the INVITE again to each, as it would to a callee that sent none)
+        assert contacts.invites >= 4, contacts.invites
         assert ops <= 4 * 32, (reads, ops, cpu)
     finally:
         contacts.close()
@@ -166,8 +168,8 @@ def test_hole_k2_one_invites_replies_cost_64_readings(home, pki):
 
 def test_control_k2_a_branch_reads_its_64_operations_and_drops_the_rest(home, pki):
     """(review 161's control read 16 of these 20 replies, 512 operations, before the
-    fix: the branch now spends its 64 operations on two and drops the other 18, the
-    first drop logged)"""
+    fix: the branch now spends its 64 operations on four readings of 16, refused, and
+    drops the other 16, the first drop logged)"""
     contacts = _Contacts(home, 1, 20, _layered_entity(pki))
     try:
         mark = home.log_mark()
@@ -181,9 +183,11 @@ def test_control_k2_a_branch_reads_its_64_operations_and_drops_the_rest(home, pk
         log = home.log_since(mark)
         reads, ops = _reads(log, "INVITE")
         print(f"\n20 replies on one branch: {reads} readings, {ops} operations")
-        assert contacts.invites == 1
-        # (the INVITE's own reading counts one, of 0 operations: it has no body)
-        assert (reads, ops) == (1 + 2, 2 * 32), (reads, ops)
+        assert contacts.invites >= 1, contacts.invites   # (again, as above)
+        # (the INVITE's own reading counts one, of 0 operations: it has no body; since
+        # review 163 a reply's reading may spend 16, so four readings are refused at
+        # 16 each and the branch's 64 are spent)
+        assert (reads, ops) == (1 + 4, 4 * 16), (reads, ops)
         assert log.count("64 of 64 public-key operations of one branch spent: dropped "
                          "unread") == 1, log[-3000:]
     finally:

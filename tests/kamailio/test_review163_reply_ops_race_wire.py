@@ -118,6 +118,19 @@ Tried and held
 - Spirals: ``relay`` refuses an initial request that carries our Via with no loop note
   (``_came_back(None, ...)`` is ``_carries_our_via()``), so no dialog passes home twice
   and no ACK of one can; ``make demo``'s visited -> home path passes home once (read).
+
+Fixed (stop 48), each hole test no longer marked (each failed on fe86571):
+- K1: a reading reserves what it may spend before it runs, one item at a time under
+  its lock (``kemi._reserve_ops``: the branch's, then the transaction's), at most
+  ``REPLY_READING_OPS`` (16), and gives back what it did not spend
+  (``_settle_reply_ops``; all of it when the reply was dropped before its reading,
+  from ``ksr_reply_route``'s ``finally``).  Bursts now stay at 64 a branch and 128 a
+  transaction.
+- K2: the per-transaction caps apply whatever the source; ``exempt_source`` spares a
+  reply only from pike's count of strays.
+The tests' ``contacts.invites`` checks became "at least": with the 183s refused unread,
+tm sends the INVITE again as to a callee that sent no provisional answer.  The K1
+control now reads four replies of 16 (refused) for the branch's 64.
 """
 
 from __future__ import annotations
@@ -254,8 +267,6 @@ _CALLS = 3     # INVITEs per hole test: the race must show in one (it did in eve
 
 @pytest.mark.slow   # ~15 s: three INVITEs
 @pytest.mark.serial  # a burst: run alone, as measured
-@pytest.mark.xfail(strict=True, reason="review 163 hole K1: two workers read one branch's "
-                   "replies at once, each with the budget the other has not yet spent")
 def test_hole_k1_a_burst_on_one_branch_spends_past_its_64_operations(home, pki):
     contacts = _BurstContacts(home, "127.0.1.63", 1, 16, _layered_entity(pki))
     try:
@@ -264,7 +275,8 @@ def test_hole_k1_a_burst_on_one_branch_spends_past_its_64_operations(home, pki):
         print(f"\n16 bodied 183s back to back on one branch, {_CALLS} INVITEs: "
               f"(readings, operations) {seen}; e2mreplyreads items added "
               f"{[c[3] for c in calls]}")
-        assert contacts.invites == _CALLS
+        # (at least: tm sends it again while the 183s are refused unread)
+        assert contacts.invites >= _CALLS, contacts.invites
         assert all(ops <= 64 for _, ops in seen), seen
     finally:
         contacts.close()
@@ -272,8 +284,6 @@ def test_hole_k1_a_burst_on_one_branch_spends_past_its_64_operations(home, pki):
 
 @pytest.mark.slow   # ~15 s: three INVITEs
 @pytest.mark.serial  # a burst: run alone, as measured
-@pytest.mark.xfail(strict=True, reason="review 163 hole K1: four branches' replies read at "
-                   "once spend past the transaction's 128 operations")
 def test_hole_k1_a_burst_on_four_branches_spends_past_the_transactions_128(home, pki):
     contacts = _BurstContacts(home, "127.0.1.65", 4, 16, _layered_entity(pki))
     try:
@@ -281,7 +291,8 @@ def test_hole_k1_a_burst_on_four_branches_spends_past_the_transactions_128(home,
         seen = [c[:2] for c in calls]
         print(f"\n4 x 16 bodied 183s back to back, {_CALLS} INVITEs: (readings, operations) "
               f"{seen}; e2mreplyreads items added {[c[3] for c in calls]}")
-        assert contacts.invites == 4 * _CALLS
+        # (at least: tm sends it again while the 183s are refused unread)
+        assert contacts.invites >= 4 * _CALLS, contacts.invites
         assert all(ops <= 128 for _, ops in seen), seen
     finally:
         contacts.close()
@@ -295,7 +306,8 @@ def test_control_k1_the_same_replies_60_ms_apart_spend_the_branchs_64(home, pki)
         reads, ops, log, items = _one_invite(home, "127.0.1.68", contacts)
         print(f"\n16 bodied 183s 60 ms apart: {reads} readings, {ops} operations; "
               f"e2mreplyreads items added {items}")
-        assert (reads, ops) == (2, 64), (reads, ops)
+        # (since the fix a reply's reading may spend 16: four readings, refused at 16)
+        assert (reads, ops) == (4, 64), (reads, ops)
         assert log.count("64 of 64 public-key operations of one branch spent: dropped "
                          "unread") == 1, log[-3000:]
     finally:
@@ -344,8 +356,6 @@ def peered(pki, tmp_path_factory):
     proxy.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="review 163 hole K2: replies relayed by a [limits] "
-                   "trusted peer skip the per-transaction reading and operation caps")
 def test_hole_k2_replies_through_a_trusted_peer_are_read_without_a_budget(peered, pki):
     contacts = _BurstContacts(peered, _PEER, 1, 40, _layered_entity(pki), gap=0.06)
     try:
@@ -353,7 +363,8 @@ def test_hole_k2_replies_through_a_trusted_peer_are_read_without_a_budget(peered
         print(f"\n40 bodied 183s 60 ms apart through the trusted peer {_PEER}: {reads} "
               f"readings, {ops} public-key operations; e2mreplyreads items added {items}; "
               f"drops logged {log.count('dropped unread')}")
-        assert contacts.invites == 1
+        # (at least: tm sends it again while the 183s are refused unread)
+        assert contacts.invites >= 1, contacts.invites
         assert reads <= 16 and ops <= 64, (reads, ops)
     finally:
         contacts.close()

@@ -97,9 +97,12 @@ def kemi_fake(monkeypatch):
         table[(name, key)] = table.get((name, key), 0) + 1
         return table[(name, key)]
 
-    # (sht_get: the public-key operations the branch and transaction spent, review 161)
-    fake.htable = types.SimpleNamespace(sht_inc=sht_inc,
-                                        sht_get=lambda name, key: table.get((name, key)))
+    # (the public-key operations the branch and transaction spent, reserved under the
+    # item's lock: reviews 161 and 163)
+    fake.htable = types.SimpleNamespace(
+        sht_inc=sht_inc, sht_get=lambda name, key: table.get((name, key)),
+        sht_seti=lambda name, key, value: table.__setitem__((name, key), value),
+        sht_lock=lambda name, key: None, sht_unlock=lambda name, key: None)
     fake.pv = types.SimpleNamespace(get=lambda name: state.get(name))
     fake.statistics = types.SimpleNamespace(update_stat=lambda name, n: None)
     fake.warn = lambda text: None
@@ -113,7 +116,15 @@ def _replies(kemi, state, branch: int, count: int, *, label: int | None = None) 
     state["$T_branch_idx"] = branch
     if label is not None:
         state["$T(id_label)"] = label
-    return sum(1 for _ in range(count) if kemi._reading_left())
+    read = 0
+    for _ in range(count):
+        left = kemi._reading_left()
+        if left:
+            read += 1
+            # a protected 200's reading spends 2 (review 163 measured 2 to 3): 64 of
+            # them fit a transaction's 128 operations, so the reading caps show here
+            kemi._settle_reply_ops(left[0], left[1], 2)
+    return read
 
 
 def test_hole_a_branch_past_its_cap_does_not_starve_the_others(kemi_fake):
@@ -144,3 +155,17 @@ def test_control_other_transactions_untouched(kemi_fake):
     # (stop 47) the chatty branch spent only its 16 of the 64: another branch reads
     assert _replies(kemi, state, 1, 1, label=5) == 1
     assert _replies(kemi, state, 1, 2, label=6) == 2      # another transaction
+
+
+def test_stop48_concurrent_readings_reserve_the_branch_budget(kemi_fake):
+    """Review 163 K1 at the unit level: readings let in before any settles (workers
+    reading at once) hold what they may spend, so a fifth is refused on the branch's
+    64 operations; what they did not spend comes back."""
+    kemi, state, table = kemi_fake
+    state["$T_branch_idx"], state["$T(id_label)"] = 0, 7
+    held = [kemi._reading_left() for _ in range(5)]
+    assert [h is not None for h in held] == [True] * 4 + [False]
+    assert all(h[1] == kemi.REPLY_READING_OPS for h in held[:4])
+    for keys, granted in held[:4]:
+        kemi._settle_reply_ops(keys, granted, 3)
+    assert kemi._reading_left() is not None           # 12 spent: room again
