@@ -774,7 +774,7 @@ class UAEngine:
     def _peer_certificate(self, aor: str) -> x509.Certificate | None:
         """The certificate to encrypt to ``aor``: configured, learnt from a signature, or
         from the service while its subscription lasts; None records it as wanted."""
-        name = str(identity_of(aor) or aor)
+        name = _peer_name(aor)
         lapses = self._service_peers.get(name)
         if lapses is not None and self._clock() > lapses:
             del self._service_peers[name]
