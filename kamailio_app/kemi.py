@@ -760,7 +760,9 @@ def _reading_left():
     sender's string (review 155).  The transaction's count because the callee decides
     how many branches there are: ten contacts made one INVITE ten branches of 16 reads
     each (review 156).  The first one past a cap is logged and every one counted
-    (``e2m_replies_unread``)."""
+    (``e2m_replies_unread``).  Returns the (branch, transaction) keys and the public-key
+    operations this reading may spend, reserved (``_settle_reply_ops`` gives back what
+    it does not), or None when the reply is dropped unread."""
     transaction = "%s:%s" % (KSR.pv.get("$T(id_index)"), KSR.pv.get("$T(id_label)"))
     branch = "%s:%s" % (transaction, KSR.pv.get("$T_branch_idx"))
     # the transaction counts only what its branch's cap let through: a branch's dropped
