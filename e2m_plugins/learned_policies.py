@@ -231,6 +231,13 @@ class LearnedPolicies:
                     return entry.fingerprint
             return None
 
+    def announced_fingerprints(self, host: str) -> list[bytes]:
+        """Every certificate fingerprint ``host`` announced in a policy in force, of any
+        scope: what may replace a certificate held for it."""
+        with self._lock:
+            return [entry.fingerprint for entry in self._current()
+                    if host_key(entry.host) == host_key(host) and entry.fingerprint]
+
     # -- with the lock held ----------------------------------------------------------
 
     def _configured(self, host: str) -> bool:

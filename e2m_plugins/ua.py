@@ -340,12 +340,14 @@ class UAEngine:
             if waiting is None:
                 return []
             return [CertificateWanted(p.host, p.cert_url, p.cert_fingerprint)
-                    for p in waiting[2] if p.cert_url and self.certs.proxy(p.host) is None]
+                    for p in waiting[2]
+                    if p.cert_url and self._needs_certificate(p.host, p.cert_fingerprint)]
 
-    def holds_proxy_certificate(self, host: str) -> bool:
-        """A certificate of ``host`` passed our checks and is kept."""
+    def holds_proxy_certificate(self, host: str, fingerprint: bytes | None = None) -> bool:
+        """A certificate of ``host`` passed our checks and is kept (the one
+        ``fingerprint`` names, when given)."""
         with self._lock:
-            return self.certs.proxy(host) is not None
+            return not self._needs_certificate(host, fingerprint)
 
     def _settle_invite_policies(self, response: SipMessage) -> None:
         """Our response to an initial INVITE: a 1xx above 100 or a 2xx takes the
@@ -623,9 +625,24 @@ class UAEngine:
         return any(name == a or (a.startswith(".") and name.endswith(a)) for a in allowed)
 
     def certificates_wanted(self) -> list[CertificateWanted]:
-        """Learned policies whose proxy certificate we do not hold yet."""
-        return [CertificateWanted(p.host, p.url, p.fingerprint) for p in self.policies.everywhere()
-                if self.certs.proxy(p.host) is None]
+        """Learned policies whose proxy certificate we do not hold yet, or whose held one
+        is not the one they announce (the proxy changed its key: review 166 HB1), each
+        host and URL once, those for everything we send first: a dialog's URL for a host
+        must not stand before the registrar's (review 166 K2)."""
+        with self._lock:
+            out: dict[tuple[str, str | None], CertificateWanted] = {}
+            for p in sorted(self.policies.everywhere(), key=lambda p: p.scope is not None):
+                if self._needs_certificate(p.host, p.fingerprint):
+                    out.setdefault((host_key(p.host), p.url),
+                                   CertificateWanted(p.host, p.url, p.fingerprint))
+            return list(out.values())
+
+    def _needs_certificate(self, host: str, fingerprint: bytes | None) -> bool:
+        """No certificate of ``host`` is held, or the one held is not the one
+        ``fingerprint`` (when given) names (lock held)."""
+        held = self.certs.proxy(host)
+        return held is None or (fingerprint is not None
+                                and not matches_fingerprint(held, fingerprint))
 
     def add_proxy_certificate(self, host: str, der_or_pem: bytes) -> x509.Certificate:
         """Check and keep a proxy certificate (fetched from a policy's URL, or a 496 body).
@@ -640,6 +657,15 @@ class UAEngine:
             if fingerprint is not None and not matches_fingerprint(cert, fingerprint):
                 raise CertificateRejectedError(
                     f"certificate for {host} does not match the fingerprint it announced")
+            held = self.certs.proxy(host)
+            if held is not None and not any(
+                    matches_fingerprint(cert, announced)
+                    for announced in self.policies.announced_fingerprints(host)):
+                # another key replaces the held one only where a policy in force names
+                # it (a dialog's too: a proxy that changed its key, review 166 HB1); a
+                # dialog's word alone never drops the held one (review 164 K2)
+                raise CertificateRejectedError(
+                    f"a certificate for {host} is held, and no policy names this one")
             self.certs.add_proxy(host, cert)  # chain, name and time checks
         return cert
 

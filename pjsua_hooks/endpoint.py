@@ -157,19 +157,19 @@ class SipEndpoint:
         # The automatic answer of an incoming call whose answer needs certificates the
         # phone is fetching: given the INVITE, the hosts to wait for (none: answer at
         # once); the phone sets it and answers the calls left ringing (``ringing``).
-        self.answer_waits: Callable[[bytes], list[str]] = lambda whole_msg: []
-        self.ringing: list[tuple[Any, str, list[str], float]] = []
+        self.answer_waits: Callable[[bytes], list[Any]] = lambda whole_msg: []
+        self.ringing: list[tuple[Any, str, list[Any], float]] = []
 
-    def answer_ringing(self, held: Callable[[str], bool]) -> int:
-        """Answer each call left ringing for certificates (``answer_waits``) once every
-        one it waits for is ``held``, or its time is up (then without them: the proxy
+    def answer_ringing(self, held: Callable[[Any], bool]) -> int:
+        """Answer each call left ringing for certificates (``answer_waits``: what it
+        names) once every one it waits for is ``held``, or its time is up (then without them: the proxy
         may drop that answer, as it would have at once); one that ended is let go.
         Returns how many were answered."""
         now, answered, still = time.monotonic(), 0, []
         for call, call_id, hosts, deadline in self.ringing:
             if call.disconnected:
                 continue
-            if now < deadline and not all(held(host) for host in hosts):
+            if now < deadline and not all(held(wanted) for wanted in hosts):
                 still.append((call, call_id, hosts, deadline))
                 continue
             call.account.answer_call(call, call_id, call.account.auto_answer)

@@ -314,7 +314,9 @@ class CertificateFetcher:
         self._order = itertools.count()
         self._done: queue.SimpleQueue[FetchResult] = queue.SimpleQueue()
         self._busy: set[str] = set()                     # hosts queued or being fetched
-        self._tried: OrderedDict[str, float] = OrderedDict()   # host -> last failure
+        # (host, URL) -> its last failure: per URL, so one caller's bad URL for a host
+        # does not keep another's good one for it out (review 166 K1)
+        self._tried: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -339,14 +341,9 @@ class CertificateFetcher:
         with self._lock:
             if self._closed or key in self._busy:
                 return None
-            last = self._tried.get(key)
-            if last is not None and now - last < (min(2.0, self.cool_down) if force
-                                                  else self.cool_down):
+            if self._cooling(key, url, now, force):
                 return None
-            self._tried[key] = now          # a success removes it again
-            self._tried.move_to_end(key)
-            while len(self._tried) > self._max_hosts:
-                self._tried.popitem(last=False)
+            self._note_failure((key, url), now)        # a success removes it again
         try:
             target = check_url(url, host, allowed_hosts=self.allowed_hosts,
                                own_ports=set(self.own_ports()))
@@ -362,15 +359,30 @@ class CertificateFetcher:
         self._jobs.put((0 if urgent else 1, next(self._order), (host, url, target)))
         return None
 
-    def refused(self, host: str) -> None:
-        """What was fetched for ``host`` was refused (not its certificate, not the
-        announced one): cool it down as a failed fetch, or the policy still wanting it
-        fetches again at once (review 164 K3: 48 GETs in 5 s)."""
+    def refused(self, host: str, url: str) -> None:
+        """What was fetched for ``host`` from ``url`` was refused (not its certificate,
+        not the announced one): cool that URL down as a failed fetch, or the policy
+        still wanting it fetches again at once (review 164 K3: 48 GETs in 5 s)."""
         with self._lock:
-            self._tried[host_key(host)] = time.monotonic()
-            self._tried.move_to_end(host_key(host))
-            while len(self._tried) > self._max_hosts:
-                self._tried.popitem(last=False)
+            self._note_failure((host_key(host), url), time.monotonic())
+
+    def would_fetch(self, host: str, url: str) -> bool:
+        """``submit`` would queue ``url`` for ``host`` now, or it is being fetched: not
+        cooling down after a failure (a call waits only for what can come)."""
+        with self._lock:
+            return not self._closed and (host_key(host) in self._busy or not self._cooling(
+                host_key(host), url, time.monotonic(), False))
+
+    def _cooling(self, key: str, url: str, now: float, force: bool) -> bool:
+        last = self._tried.get((key, url))
+        return last is not None and now - last < (min(2.0, self.cool_down) if force
+                                                  else self.cool_down)
+
+    def _note_failure(self, key: tuple[str, str], when: float) -> None:
+        self._tried[key] = when
+        self._tried.move_to_end(key)
+        while len(self._tried) > self._max_hosts:
+            self._tried.popitem(last=False)
 
     def _work(self) -> None:
         while True:
@@ -387,9 +399,9 @@ class CertificateFetcher:
             with self._lock:
                 self._busy.discard(host_key(host))
                 if result.data is not None:
-                    self._tried.pop(host_key(host), None)
+                    self._tried.pop((host_key(host), url), None)
                 else:
-                    self._tried[host_key(host)] = time.monotonic()
+                    self._note_failure((host_key(host), url), time.monotonic())
             self._done.put(result)
 
     def results(self) -> list[FetchResult]:

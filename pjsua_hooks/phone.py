@@ -1171,7 +1171,7 @@ class E2MPhone:
             self._guarded("fetch", self._fetched, result)
         if self.endpoint.ringing:
             self._guarded("answer", self.endpoint.answer_ringing,
-                          self.engine.holds_proxy_certificate)
+                          lambda wanted: self.engine.holds_proxy_certificate(*wanted))
         now = time.monotonic()
         if self._deferred:
             self._guarded("retry", self._run_deferred, now)
@@ -1474,7 +1474,7 @@ class E2MPhone:
                        attempts=handle.attempts)
 
     # -- certificates ------------------------------------------------------------------
-    def _answer_waits(self, whole_msg: bytes) -> list[str]:
+    def _answer_waits(self, whole_msg: bytes) -> list[tuple[str, bytes | None]]:
         """The proxies an incoming INVITE's answer waits for the certificates of
         (``UAEngine.certificates_to_answer``), their fetches queued before all others:
         the first ``_RING_HOSTS`` it names (a caller's 16 silent hosts must not hold
@@ -1485,8 +1485,11 @@ class E2MPhone:
             return []
         hosts = []
         for cert in wanted[:_RING_HOSTS]:
-            if cert.url and self.fetcher.submit(cert.host, cert.url, urgent=True) is None:
-                hosts.append(cert.host)
+            # only for what can come: a URL cooling down after a failure is not fetched
+            # (review 166 K1: the call rang 3 s for nothing)
+            if cert.url and self.fetcher.would_fetch(cert.host, cert.url) \
+                    and self.fetcher.submit(cert.host, cert.url, urgent=True) is None:
+                hosts.append((cert.host, cert.fingerprint))
         return hosts
 
     def fetch_certificates(self, force: bool = False) -> list[str]:
@@ -1517,7 +1520,7 @@ class E2MPhone:
         try:
             self.engine.add_proxy_certificate(result.host, result.data)
         except (E2MError, ValueError) as exc:
-            self.fetcher.refused(result.host)     # cooled down as a failed fetch
+            self.fetcher.refused(result.host, result.url)   # cooled down as a failed fetch
             self._emit("error", direction="fetch", message=result.host,
                        error=type(exc).__name__, detail=str(exc)[:200])
             return

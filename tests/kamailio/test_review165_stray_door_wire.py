@@ -91,6 +91,15 @@ Tried and held (read, not run, unless figures are given)
   at the proxy (``cms/budget.py``: "32 leaves room for intermediates and a CRL or
   two") could pass 16 for a split SDP; not measured (the test PKI issues no
   intermediates and the proxy takes no CRLs).
+
+Stop 48: accepted as a known limit, K1's test stays a strict xfail.  A `[limits]`
+trusted peer (and the proxy's own address) is exempt from pike by design, for requests
+as for stray replies: a request relayed through it with the costliest body is read at
+any rate too (32 operations each, the same per datagram as K1's strays).  A per-source
+budget for exempt strays would cap what a cluster's front relays for every node, and
+the reply caps of one transaction cannot reach a reply that names none.  An operator
+trusts a peer only where that peer limits its own side; ``kamailio_app/README.md``
+(``trusted``) says so.
 """
 
 from __future__ import annotations
@@ -216,7 +225,7 @@ def _one_invite(home, source: str, contact: _Contact) -> tuple[int, int, str, in
 
 
 @pytest.mark.slow   # ~10 s
-@pytest.mark.xfail(strict=True, reason="review 165 hole K1: a trusted peer's replies with "
+@pytest.mark.xfail(strict=True, reason="known limit (review 165 hole K1, accepted at stop 48: a [limits] trusted peer is unlimited for strays as for requests): a trusted peer's replies with "
                    "a bent Via branch are read as strays without any budget")
 def test_hole_k1_a_trusted_peers_replies_with_a_bent_branch_are_read_without_a_budget(
         peered, pki):

@@ -84,6 +84,19 @@ Tried and held (figures from runs on 4cb2854):
   8 at once (2 s each): the registrar's policy fetch waits at most ~4 s behind them
   (read, not run); close() with urgent jobs queued lets the daemon workers finish them
   within their deadlines (read).
+
+Fixed (stop 48), each test no longer marked (each failed on 4cb2854):
+- K1: the fetcher cools down a (host, URL) pair, not a host (``CertificateFetcher``
+  ``_tried``, ``refused(host, url)``), and a call waits only for what can come
+  (``would_fetch``): mallory's bad URL for px keeps alice's good one in.
+- K2: ``UAEngine.certificates_wanted`` gives each host and URL once, those of policies
+  for everything we send first: a dialog's URL no longer stands before the others.
+- HB1: a policy whose ``cert-fp`` names another key than the one held wants a
+  certificate again (``_needs_certificate``: in ``certificates_wanted`` and
+  ``certificates_to_answer``; the ringing call waits for the matching one); a fetched
+  certificate replaces a held one only when a policy in force, of any scope, names it
+  (``LearnedPolicies.announced_fingerprints``), so a dialog's word alone still drops
+  nothing (review 164 K2).
 """
 
 from __future__ import annotations
@@ -112,8 +125,6 @@ def _mallory_names_px(lab: Lab, bob, url: str, tag: str = "m166"):
     return eve, got
 
 
-@pytest.mark.xfail(strict=True, reason="review 166 hole K1: a stranger's cert-url for "
-                   "alice's proxy cools that host down; her next first call is unreadable")
 def test_hole_k1_a_callers_bad_cert_url_does_not_cool_down_another_callers_proxy(lab: Lab):
     good = _cert_server(lab)
     junk = lab.server("body", body=b"not a certificate")
@@ -144,8 +155,6 @@ def test_control_k1_a_bad_cert_url_for_another_host_leaves_alices_call(lab: Lab)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="review 166 hole K2: while the stranger's call "
-                   "lives her cert-url is fetched first after each cool-down, so px's never is")
 def test_hole_k2_the_cool_down_never_lets_the_proxys_real_certificate_in(lab: Lab):
     good = _cert_server(lab)
     junk = lab.server("body", body=b"not a certificate")
@@ -165,8 +174,6 @@ def _ski(cert: x509.Certificate) -> bytes:
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
 
 
-@pytest.mark.xfail(strict=True, reason="review 166 honest break HB1: a proxy that changes "
-                   "its key is still sealed for with the old one (a dialog's cert-fp drops nothing)")
 def test_honest_break_hb1_a_proxy_that_changes_its_key_gets_answers_for_the_new_one(lab: Lab):
     der = serialization.Encoding.DER
     old, new = issue_proxy(lab.pki.ca, PROXY, "ec"), issue_proxy(lab.pki.ca, PROXY, "ec")

@@ -343,3 +343,21 @@ def test_stop48_hb162_the_answer_waits_for_the_certificates_its_invite_names(wor
     alice.protect(make_response(taken, 180, "Ringing"))
     assert alice.certificates_to_answer(taken) == []
     assert [w.host for w in alice.certificates_wanted()] == ["pb.example.com"]
+
+
+def test_stop48_k166_each_url_once_those_for_everything_first(world):
+    """Review 166 K2's engine side: a host wanted under two URLs (a dialog's and the
+    registrar's) is asked for under each once, the registrar's first."""
+    alice = ua_engine(world, "alice", peers=("bob",))
+    rule = (hdr.Rule("INVITE", "*"),)
+    alice.policies.learn_header(hdr.PolicyHeader("px.example.com", view=rule,
+                                                 cert_url="http://evil.example.com/c"),
+                                source="dialog d", scope="call-1 sip:mallory@example.com")
+    alice.policies.learn_header(hdr.PolicyHeader("px.example.com", view=rule,
+                                                 cert_url="http://px.example.com/c"),
+                                source="REGISTER sip:example.com")
+    alice.policies.learn_header(hdr.PolicyHeader("px.example.com", view=rule,
+                                                 cert_url="http://px.example.com/c"),
+                                source="dialog e", scope="call-2 sip:bob@example.com")
+    assert [w.url for w in alice.certificates_wanted()] == \
+        ["http://px.example.com/c", "http://evil.example.com/c"]
