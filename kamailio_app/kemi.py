@@ -92,7 +92,9 @@ _ITERATOR = "e2mhf"   # textopsx header iterator name
 _PLAIN_FORWARD = Verdict("forward")
 _BANS = "e2mban"      # htable: banned source addresses (cfg template, [limits])
 _REPLY_READS = "e2mreplyreads"  # htable: replies read per branch of our transactions
-_OPS = "o:"           # ... and, under this prefix, the public-key operations they spent
+# ... and, in the same item, the public-key operations they spent, in units of this
+# (the item's value is operations * _OPS_UNIT + replies: no item of its own per branch)
+_OPS_UNIT = 1 << 12
 _OPS_LOGGED = "w:"    # ... and whether a drop past those was logged
 # replies read per branch of a transaction: a 180, 183s and the 2xx with SDP, and the
 # 2xx's retransmissions until the ACK (UDP, every 0.5 to 4 s for 32 s)
@@ -769,6 +771,7 @@ def _reading_left():
     # replies spent the others' reads (review 157 K1)
     for key, cap in ((branch, READS_PER_BRANCH), (transaction, READS_PER_TRANSACTION)):
         count = KSR.htable.sht_inc(_REPLY_READS, key)
+        count = count % _OPS_UNIT if count > 0 else count
         if not 0 < count <= cap:
             _unread(count, cap, "one branch" if key is branch else "one transaction")
             return None
@@ -795,33 +798,33 @@ def _reading_left():
 
 def _reserve_ops(key, cap, wanted):
     """Take up to ``wanted`` of the public-key operations ``key`` has left under ``cap``
-    (read and written under the item's lock, one item at a time: two items locked at
-    once by two workers in the other order would wait on each other); how many."""
-    name = _OPS + key
-    KSR.htable.sht_lock(_REPLY_READS, name)
+    (read and written under the item's lock, which holds off the other workers'
+    ``sht_inc`` of its count too; one item at a time: two items locked at once by two
+    workers in the other order would wait on each other); how many."""
+    KSR.htable.sht_lock(_REPLY_READS, key)
     try:
-        spent = KSR.htable.sht_get(_REPLY_READS, name)
-        spent = spent if isinstance(spent, int) else 0
-        granted = max(0, min(wanted, cap - spent))
+        value = KSR.htable.sht_get(_REPLY_READS, key)
+        value = value if isinstance(value, int) and value > 0 else 0
+        granted = max(0, min(wanted, cap - value // _OPS_UNIT))
         if granted:
-            KSR.htable.sht_seti(_REPLY_READS, name, spent + granted)
+            KSR.htable.sht_seti(_REPLY_READS, key, value + granted * _OPS_UNIT)
         return granted
     finally:
-        KSR.htable.sht_unlock(_REPLY_READS, name)
+        KSR.htable.sht_unlock(_REPLY_READS, key)
 
 
 def _add_ops(key, count):
     """Add ``count`` (negative: give back) to the operations ``key`` spent."""
     if not count:
         return
-    name = _OPS + key
-    KSR.htable.sht_lock(_REPLY_READS, name)
+    KSR.htable.sht_lock(_REPLY_READS, key)
     try:
-        spent = KSR.htable.sht_get(_REPLY_READS, name)
-        KSR.htable.sht_seti(_REPLY_READS, name,
-                            max(0, (spent if isinstance(spent, int) else 0) + int(count)))
+        value = KSR.htable.sht_get(_REPLY_READS, key)
+        value = value if isinstance(value, int) and value > 0 else 0
+        ops = max(0, value // _OPS_UNIT + int(count))
+        KSR.htable.sht_seti(_REPLY_READS, key, ops * _OPS_UNIT + value % _OPS_UNIT)
     finally:
-        KSR.htable.sht_unlock(_REPLY_READS, name)
+        KSR.htable.sht_unlock(_REPLY_READS, key)
 
 
 def _settle_reply_ops(keys, granted, spent):
@@ -1640,29 +1643,15 @@ class kamailio:
                 KSR.sl.sl_send_reply(403, "Not Routed Here")
                 return
             if KSR.is_ACK():
-                # the loop rule every other request gets in ``relay``, before any reading:
-                # one stranger's ACK whose Route set named us again and again went round
-                # Max-Forwards times, its body read at every pass (review 158 K1).  Keyed
-                # without its Route: each pass takes an entry off, and a key of its own
-                # per pass let 16 entries go round 8 times (review 161 K1); an ACK is
-                # loose-routed, its Request-URI the same on every pass, and a copy sent
-                # again is still one (``_resent``)
-                loop_key, note, resent, looped = _loop_check(with_route=False)
-                if looped:
-                    _info("e2m: ACK from %s came back to us unchanged (a loop): dropped\n"
-                          % KSR.pv.get("$si"))
-                    return
                 # a late answer rides in the ACK; a policy header may name us (review 58:
                 # a forged one teaches the callee to drop our certificate); else nothing.
                 # An ACK is never challenged and either party can write the other's
                 # (reviews 99, 101): its bodies are archived, naming its From only
                 # where a body is signed by it for this very ACK (``body_records``)
-                if (_has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0) \
-                        and not self.inspect_only():
-                    return
-                if loop_key is not None:
-                    _note_relayed(loop_key, note, resent)
-                KSR.tm.t_relay()
+                if _has_body() or KSR.hdr.is_present(PROXY_BODY_POLICY) > 0:
+                    self.relay_read_ack()
+                else:
+                    KSR.tm.t_relay()
                 return
             if self.route_new_transaction() and self.route_auth(register=False, in_dialog=True):
                 self.mark_unrouted()
@@ -1677,6 +1666,26 @@ class kamailio:
                 KSR.tm.t_relay()
             return
         KSR.sl.sl_send_reply(404, "Not Here")
+
+    def relay_read_ack(self):
+        """An in-dialog ACK the engine reads, relayed: first the loop rule every other
+        request gets in ``relay``, before any reading (one stranger's ACK whose Route
+        set named us again and again went round Max-Forwards times, its body read at
+        every pass: review 158 K1).  Keyed without its Route: each pass takes an entry
+        off, and a key of its own per pass let 16 entries go round 8 times (review 161
+        K1); an ACK is loose-routed, its Request-URI the same on every pass, and a copy
+        sent again is still one (``_resent``).  A bodiless ACK is read by nobody: it
+        keeps no note (Max-Forwards bounds its loop, as a bodiless request's)."""
+        loop_key, note, resent, looped = _loop_check(with_route=False)
+        if looped:
+            _info("e2m: ACK from %s came back to us unchanged (a loop): dropped\n"
+                  % KSR.pv.get("$si"))
+            return
+        if not self.inspect_only():
+            return
+        if loop_key is not None:
+            _note_relayed(loop_key, note, resent)
+        KSR.tm.t_relay()
 
     def may_route_onward(self):
         """Whether this request may follow a Route set past us: with [auth], only for one

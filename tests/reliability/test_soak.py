@@ -23,6 +23,13 @@ SECONDS = int(os.environ.get("SOAK_CI_SECONDS", 60))
 # once the records meant to outlive the traffic (the replay window's) are let go.
 THIRDS_BOUND = {"shm_real_used": 8 << 20, "pkg_real_used_sum": 1 << 20, "rss_anon_sum": 24 << 20}
 DRAINED_BOUND = {"shm_real_used": 1 << 20, "pkg_real_used_sum": 256 << 10}
+# The shared-memory bounds above were set for the rates the soak then ran at (a quarter
+# of each highest clean rate in the newest bench result: 196 MESSAGE/s and 69 dialogs/s,
+# 265 calls a second).  What a minute's tables hold (items living 32 to 40 s) and the
+# allocator's fragments after them grow with the rate, and the rates follow the newest
+# bench result (stop 47's raised them to 350 and 90.5): shared-memory bounds scale with
+# the calls offered per second, never below these.
+REFERENCE_CALLS_PER_SECOND = 196.5 + 68.75
 
 
 def test_soak_60_seconds_zero_failed_calls_memory_bounded(tmp_path):
@@ -45,12 +52,19 @@ def test_soak_60_seconds_zero_failed_calls_memory_bounded(tmp_path):
     assert viewed["invite_answers_viewed"] >= result["workloads"]["dialog"]["successful"], \
         "every answer under the reused CEK must be read by the proxy"
     memory = result["memory"]
+    offered = sum(w["rate"] for w in result["workloads"].values())
+    scale = max(1.0, offered / REFERENCE_CALLS_PER_SECOND)
+
+    def bound_of(name: str, bound: int) -> float:
+        return bound * scale if name.startswith("shm") else bound
     for name, bound in THIRDS_BOUND.items():
         growth = memory[name]["last_third_minus_first_third_bytes"]
-        assert growth is not None and growth <= bound, (name, growth, bound)
+        assert growth is not None and growth <= bound_of(name, bound), \
+            (name, growth, bound_of(name, bound), offered)
     for name, bound in DRAINED_BOUND.items():
-        assert memory["drained"][name] <= bound, (name, memory["drained"][name], bound,
-                                                  memory["drained"]["pkg_moved_by_process"])
+        assert memory["drained"][name] <= bound_of(name, bound), \
+            (name, memory["drained"][name], bound_of(name, bound),
+             memory["drained"]["pkg_moved_by_process"])
     assert memory["drained"]["keycache_entries"] == 0
     # what outlives the traffic by design, let go before "drained" is read: one fork
     # slot per answered dialog (the MESSAGEs' unbound bodies keep no replay record)
