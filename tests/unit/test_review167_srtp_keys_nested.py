@@ -14,7 +14,7 @@ Hole K1: an SDP nested in a MESSAGE's multipart/mixed or message/sipfrag goes wh
   top-level ``application/sdp`` MESSAGE is split (control).  For an INVITE the same
   multipart is refused (``PolicyError``), so only MESSAGE (``_protectable``'s "any
   MESSAGE body") is open.
-- Code at fault: e2m_plugins/ua.py:912 (``keyed`` is computed only when the whole body
+- Code at fault: e2m_plugins/ua.py:915 (``keyed`` is computed only when the whole body
   is ``application/sdp``); ua.py:956-965 (``_protectable`` takes any MESSAGE body whole).
 - Suggested fix: in ``_protect`` look for keying lines in every ``application/sdp``
   leaf (``plaintext_leaves``) and inside ``message/sipfrag`` bodies; if one holds keys
