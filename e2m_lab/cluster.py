@@ -100,9 +100,36 @@ def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
         a, b = started_a.result(), started_b.result()
     nodes = Cluster(a, b)
     # DMQ's own view (the e2m_dmq_peers_up counter follows it only every 5 s)
-    wait_until(lambda: all(dmq_peer_active(n) for n in nodes.nodes), DMQ_UP_WAIT,
-               "DMQ peers up on both nodes")
+    wait_dmq_up(nodes.nodes)
     return nodes
+
+
+def wait_dmq_up(nodes: tuple[ProxyHandle, ...], restart_after: float = 10.0) -> float:
+    """Wait (``DMQ_UP_WAIT``) until every node's DMQ lists another as active.
+
+    A node whose own start-up notification ended in a 408 (the peer, still starting
+    under load, answered too late) keeps that peer "pending" until DMQ's next ping, 60 s
+    later, even when the peer's notification reached it meanwhile (the 408 came after).
+    So after ``restart_after`` seconds, each node no other node lists as active is
+    started again: its new notification finds the others up.  On a timeout the
+    assertion shows each node's ``dmq.list_nodes``."""
+    def unseen() -> list[ProxyHandle]:
+        return [n for n in nodes
+                if not any(dmq_peer_lists(other, n) for other in nodes if other is not n)]
+
+    started = time.monotonic()
+    try:
+        wait_until(lambda: not unseen(), restart_after, "DMQ peers up on every node")
+    except AssertionError:
+        for node in unseen():
+            node.stop()
+            assert node.start(), f"{node.name} did not start again"
+        try:
+            wait_until(lambda: not unseen(), DMQ_UP_WAIT, "DMQ peers up on every node")
+        except AssertionError as missed:
+            views = "\n".join(f"{n.name}: {n.rpc('dmq.list_nodes')}" for n in nodes)
+            raise AssertionError(f"{missed} (after a restart)\n{views}") from None
+    return time.monotonic() - started
 
 
 def captured_kdmq(nodes: Cluster, pcap: Any) -> bytes:
@@ -147,6 +174,13 @@ def dmq_peer_active(node: ProxyHandle) -> bool:
     text = node.rpc("dmq.list_nodes")
     return any("status: active" in entry and "local: 0" in entry
                for entry in text.split("}"))
+
+
+def dmq_peer_lists(node: ProxyHandle, peer: ProxyHandle) -> bool:
+    """Whether ``node``'s DMQ lists ``peer`` (by its DMQ port) as active."""
+    port = f"port: {dmq_port(peer)}"
+    return any("status: active" in entry and "local: 0" in entry and port in entry
+               for entry in node.rpc("dmq.list_nodes").split("}"))
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str) -> float:

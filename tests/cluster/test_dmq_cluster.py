@@ -14,8 +14,8 @@ import time
 import pytest
 
 from e2m_lab.cluster import (REPLICATION, Alice, answers, captured_kdmq, contacts, counters,
-                             dmq_port, forged_kdmq, htable_dump, register_bob, start_cluster,
-                             stat, wait_until)
+                             dmq_port, forged_kdmq, htable_dump, register_bob,
+                             start_cluster, stat, wait_dmq_up, wait_until)
 from e2m_lab.flows import SDP_ANSWER, SDP_OFFER, invite, ua_engine
 from e2m_lab.kamailio_harness import SipUa
 from e2m_plugins.sip import parse
@@ -160,6 +160,23 @@ def test_kdmq_from_a_stranger_is_refused_and_changes_nothing(cluster, tmp_path):
     assert b.wait_log("not a [cluster] peer: refused", mark)
     time.sleep(0.5)
     assert "probe-strngr" not in htable_dump(b, "e2mseen")
+
+
+def test_the_harness_restarts_a_node_its_peer_does_not_list_as_active(cluster, monkeypatch):
+    """The cluster fixture's own guard (a loaded CI run once waited 30 s for DMQ): a
+    408 to B's start-up notification leaves A "pending" on B until the next ping, 60 s
+    on, and nothing the harness can ask of DMQ sets that state.  So B's view is made to
+    read so (the list B shows is faked as missing A until A starts again); the wait
+    restarts A, and the real lists of both nodes then hold each other."""
+    from e2m_lab import cluster as harness
+    a, b = cluster.nodes
+    real = harness.dmq_peer_lists
+    pid = a.launcher._kamailio_pid()
+    monkeypatch.setattr(harness, "dmq_peer_lists", lambda node, peer: real(node, peer) and not (
+        node is b and peer is a and a.launcher._kamailio_pid() == pid))
+    waited = wait_dmq_up(cluster.nodes, restart_after=1.0)
+    assert a.launcher._kamailio_pid() != pid and waited >= 1.0
+    assert real(b, a) and real(a, b)
 
 
 # --------------------------------------------------------------------------- a node dies

@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import DMQ_UP_WAIT, REPLICATION, VIEW, Bob, contacts, dmq_peer_active, \
+from e2m_lab.cluster import REPLICATION, VIEW, Bob, contacts, wait_dmq_up, \
     register_bob, wait_until
 from e2m_lab.ports import free_port
 from tests.kamailio.test_review114_loop_wire import _created, _message
@@ -88,7 +88,7 @@ def cluster(module_proxy_factory, module_pg_url, pki):
         started = [pool.submit(node, "node-a", dmq_a, dmq_b),
                    pool.submit(node, "node-b", dmq_b, dmq_a)]
         a, b = [one.result() for one in started]
-    wait_until(lambda: dmq_peer_active(a) and dmq_peer_active(b), DMQ_UP_WAIT, "DMQ peers up")
+    wait_dmq_up((a, b))
     front = module_proxy_factory(
         "front", e2m=False, archive=False, port=front_port,
         extra={"kamailio": {"listen": [f"udp:{FRONT_IP}:{front_port}"]},

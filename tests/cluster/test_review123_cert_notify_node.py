@@ -71,7 +71,7 @@ import pytest
 from e2m_lab.certclient import CertClient
 from concurrent.futures import ThreadPoolExecutor
 
-from e2m_lab.cluster import DMQ_UP_WAIT, Cluster, _node_settings, dmq_peer_active, wait_until
+from e2m_lab.cluster import Cluster, _node_settings, wait_dmq_up
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import make_response, parse
 from tests.kamailio.test_review89_wire import BOB, USERS, bob_der
@@ -97,7 +97,7 @@ def pair(module_proxy_factory, module_pg_url, pki):
         started_a = pool.submit(module_proxy_factory, "node-a", users=USERS, **settings[0])
         started_b = pool.submit(module_proxy_factory, "node-b", **settings[1])
         a, b = started_a.result(), started_b.result()
-    wait_until(lambda: dmq_peer_active(a) and dmq_peer_active(b), DMQ_UP_WAIT, "DMQ peers up")
+    wait_dmq_up((a, b))
     a.dmq_port, b.dmq_port = dmq
     return Cluster(a, b)
 

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from e2m_lab.certclient import CertClient
-from e2m_lab.cluster import DMQ_UP_WAIT, VIEW, dmq_peer_active, wait_until
+from e2m_lab.cluster import VIEW, wait_dmq_up
 from e2m_lab import proxy_process
 from e2m_lab.ports import free_port
 from e2m_plugins.errors import E2MError
@@ -69,7 +69,7 @@ def nodes(module_proxy_factory, module_pg_url):
         started = [pool.submit(node, "node-a", dmq_a, dmq_b),
                    pool.submit(node, "node-b", dmq_b, dmq_a)]
         a, b = [one.result() for one in started]
-    wait_until(lambda: dmq_peer_active(a) and dmq_peer_active(b), DMQ_UP_WAIT, "DMQ peers up")
+    wait_dmq_up((a, b))
     with pytest.MonkeyPatch.context() as patch:     # the harness probes 127.0.0.1
         patch.setattr(proxy_process, "answers_options", _answers_at_front)
         front = module_proxy_factory(

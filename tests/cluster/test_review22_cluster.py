@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import DMQ_UP_WAIT, ADVERTISE, VIEW, dmq_peer_active, wait_until
+from e2m_lab.cluster import ADVERTISE, VIEW, wait_dmq_up
 from e2m_lab.kamailio_harness import ProxyHandle, SipUa, wait_delivered
 from e2m_lab.ports import free_port
 from e2m_plugins.sip import SipMessage
@@ -76,8 +76,7 @@ def _behind_a_front(proxy_factory, pg_url: str, *, aliased: bool = True
                    pool.submit(node, "node-b", dmq_b, dmq_a)]
         nodes = [one.result() for one in started]
     a, b = nodes
-    wait_until(lambda: all(dmq_peer_active(n) for n in nodes), DMQ_UP_WAIT,
-               "DMQ peers up on both nodes")
+    wait_dmq_up(nodes)
     front = proxy_factory(
         "front", e2m=False, archive=False, port=front_port,
         extra={"kamailio": {"listen": [f"udp:{FRONT_IP}:{front_port}",

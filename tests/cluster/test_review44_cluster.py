@@ -123,7 +123,7 @@ def _start_v6_sharing(proxy_factory, db_url: str):
     (``sip:[0:0:0:0:0:0:0:1]:Q``), peers the same way."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from e2m_lab.cluster import Cluster, _node_settings, dmq_peer_active
+    from e2m_lab.cluster import Cluster, _node_settings, wait_dmq_up
     from e2m_lab.ports import free_port
     port_a = free_port()
     port_b = free_port(avoid={port_a})
@@ -144,8 +144,7 @@ def _start_v6_sharing(proxy_factory, db_url: str):
         started_b = pool.submit(proxy_factory, "node-b", port=port_b, **settings[1])
         a, b = started_a.result(), started_b.result()
     cluster = Cluster(a, b)
-    wait_until(lambda: all(dmq_peer_active(n) for n in cluster.nodes), 15,
-               "DMQ peers up on both nodes")
+    wait_dmq_up(cluster.nodes)
     return cluster, v6_a, v6_b
 
 

@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from e2m_lab.cluster import DMQ_UP_WAIT, Cluster, _node_settings, dmq_peer_active, wait_until
+from e2m_lab.cluster import Cluster, _node_settings, wait_dmq_up
 from e2m_lab.flows import SDP_ANSWER, answer
 from e2m_lab.kamailio_harness import PROXY_HOST
 from e2m_lab.ports import free_port
@@ -43,8 +43,7 @@ def _start(proxy_factory, db_url: str) -> Cluster:
         started_a = pool.submit(proxy_factory, "node-a", **settings[0])
         started_b = pool.submit(proxy_factory, "node-b", **settings[1])
         nodes = Cluster(started_a.result(), started_b.result())
-    wait_until(lambda: all(dmq_peer_active(n) for n in nodes.nodes), DMQ_UP_WAIT,
-               "DMQ peers up on both nodes")
+    wait_dmq_up(nodes.nodes)
     return nodes
 
 

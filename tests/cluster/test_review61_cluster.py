@@ -80,8 +80,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import (DMQ_UP_WAIT, REPLICATION, Bob, Cluster, _node_settings, answers,
-                             contacts, dmq_peer_active, register_bob, wait_until)
+from e2m_lab.cluster import (REPLICATION, Bob, Cluster, _node_settings, answers,
+                             contacts, wait_dmq_up, register_bob, wait_until)
 from kamailio_app.archive import SqliteArchive
 from e2m_lab.flows import SDP_ANSWER
 from tests.cluster.test_review33_cluster import _SDP, stray_answer
@@ -179,7 +179,7 @@ def _spooling_cluster(proxy_factory, db_url: str) -> Cluster:
         started_a = pool.submit(proxy_factory, "node-a", **settings[0])
         started_b = pool.submit(proxy_factory, "node-b", **settings[1])
         nodes = Cluster(started_a.result(), started_b.result())
-    wait_until(lambda: all(dmq_peer_active(n) for n in nodes.nodes), DMQ_UP_WAIT, "DMQ peers up")
+    wait_dmq_up(nodes.nodes)
     return nodes
 
 

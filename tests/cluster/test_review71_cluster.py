@@ -124,8 +124,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from e2m_lab.cluster import (DMQ_UP_WAIT, REPLICATION, Bob, Cluster, _node_settings, answers,
-                             contacts, dmq_peer_active, register_bob, wait_until)
+from e2m_lab.cluster import (REPLICATION, Bob, Cluster, _node_settings, answers,
+                             contacts, wait_dmq_up, register_bob, wait_until)
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from e2m_lab.flows import SDP_ANSWER, TRUSTED, ua_engine
@@ -160,7 +160,7 @@ def _limited_cluster(proxy_factory, pg_url: str, per_source: int) -> Cluster:
         started = [pool.submit(proxy_factory, f"node-{n}", **s)
                    for n, s in zip("ab", settings)]
         nodes = Cluster(*(s.result() for s in started))
-    wait_until(lambda: all(dmq_peer_active(n) for n in nodes.nodes), DMQ_UP_WAIT, "DMQ peers up")
+    wait_dmq_up(nodes.nodes)
     return nodes
 
 
