@@ -38,8 +38,9 @@ from cryptography.hazmat.primitives import serialization
 from . import headers as hdr
 from . import mime
 from .headers import SESSION_METHODS
-from .body import (OpenedPart, check_context, check_signed_by, has_protection, message_body,
-                   new_reference, open_part, open_sealed_keys, plaintext_leaves, protect_content,
+from .body import (OpenedPart, check_context, check_signed_by, has_protection, holds_keys,
+                   message_body, new_reference, open_part, open_sealed_keys, plaintext_leaves,
+                   protect_content,
                    seal_keys, top_parts, with_entity)
 from .certstore import CertStore, check_not_a_ca, check_proxy_certificate, matches_fingerprint
 from .cms.budget import message_budget
@@ -915,6 +916,14 @@ class UAEngine:
         # Whoever must read it, plus whoever already holds the dialog key we reuse.
         audience = frozenset(p.host for p in proxies) | (shared.readers if shared else frozenset())
         keyed = ctype == "application/sdp" and has_keys(content, self.config.keying_attributes)
+        if audience and not keyed and ctype != "application/sdp" \
+                and holds_keys(part, self.config.keying_attributes):
+            # only a whole SDP is split; keys inside anything else (an SDP in a MESSAGE's
+            # multipart, an INVITE in a sipfrag) would be sealed for the proxies too
+            # (review 167 K1)
+            raise PolicyError(f"SRTP keys inside a {ctype} body would reach "
+                              + ", ".join(sorted(audience))
+                              + ": send the SDP as the whole body, or without its keys")
         if keyed and audience and not self.config.split_sdp:
             # SRTP keys never go under a key a proxy could hold: split, or do not send.
             raise PolicyError("an SDP with SRTP keys would reach " + ", ".join(sorted(audience))
@@ -1320,6 +1329,12 @@ class UAEngine:
         at any depth (a multipart of SDP and a location object, a multipart beside an
         S/MIME part): we do not protect such bodies part by part, so with ``require`` on
         they are not sent at all (``PolicyError``), rather than their keys going out."""
+        if holds_keys(part, self.config.keying_attributes):
+            # SRTP keys never go out in the clear, whatever the method or status (a 488
+            # with the callee's keyed SDP was sent as written: review 167 K2) and whether
+            # or not E2M is required
+            raise PolicyError(f"a {part.content_type.mime_type} body with SRTP keys would go "
+                              "out in the clear: keys travel only in a protected offer or answer")
         if not self.config.require_e2m or (not message.is_request and (message.status or 0) >= 300):
             return
         for leaf in plaintext_leaves(part):

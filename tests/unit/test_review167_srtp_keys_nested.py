@@ -62,6 +62,12 @@ Tried and held
   raises.
 - Keying-line detection: case-insensitive names, ``k=`` too; a CR inside a line, a
   non-UTF-8 SDP or a line not ``<letter>=`` is ``MalformedError`` (fail closed).
+
+Fixed (stop 49): K1: ``UAEngine._protect`` refuses (``PolicyError``) a body other than a
+whole SDP that holds keys (``body.holds_keys``: a nested SDP with a keying line, or any
+other part with a line that looks like one, ``sdp.mentions_keys``) when any proxy would
+read it; only a whole SDP is split.  K2: ``_refuse_to_send_plaintext`` refuses any body
+passed on as it is that holds keys, whatever the method, the status or ``require``.
 """
 
 from __future__ import annotations
@@ -115,8 +121,6 @@ NESTED = {"multipart": (_multipart, "MESSAGE:multipart/mixed"),
           "sipfrag": (_sipfrag, "MESSAGE:message/sipfrag")}
 
 
-@pytest.mark.xfail(strict=True, reason="review 167 hole K1: SDP keys nested in a MESSAGE "
-                                       "body are sealed whole for the proxy")
 @pytest.mark.parametrize("view", ["star", "typed"])
 @pytest.mark.parametrize("nesting", sorted(NESTED))
 def test_k1_nested_sdp_keys_in_a_message_stay_from_the_proxy(world, nesting, view):
@@ -148,8 +152,6 @@ def _reply(got, code: int):
         "To", f"{got.get('To')};tag=b167")
 
 
-@pytest.mark.xfail(strict=True, reason="review 167 hole K2: a failure response's SDP "
-                                       "keys go out in the clear")
 @pytest.mark.parametrize("code", [300, 488, 606])
 def test_k2_failure_response_sdp_keys_never_in_the_clear(world, code):
     bob, got = _call(world)

@@ -1,0 +1,99 @@
+"""SRTP keys never reach a proxy, nor the wire in the clear, wherever in a body they sit
+(stop 49, after review 167: ``tests/unit/test_review167_srtp_keys_nested.py``).
+
+Review 167 found keys in an SDP nested in a MESSAGE sealed for the chosen proxy (K1) and
+a failure answer's keyed SDP sent as written (K2).  These are the same attack by other
+roads: an SDP part under base64, a CPIM wrapper, a text a user pasted an offer into, an
+INFO's SIP fragment, a multipart INVITE with E2M not required.  Each is refused
+(``PolicyError``), nothing is sent.  Controls: the same bodies with no proxy to read them
+go to the peer alone; a text line ``k=3`` is no key; a whole SDP MESSAGE is still split."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from e2m_lab.flows import SRTP_OFFER, TRUSTED, invite, known_proxy, message, ua_engine
+from e2m_plugins.errors import PolicyError
+from e2m_plugins.sip import make_request
+from e2m_plugins.testpki import init_test_pki
+
+_B = "k49"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob"))
+
+
+def _alice(world, view=("MESSAGE:*",), **settings):
+    proxies = (known_proxy(world, TRUSTED, view),) if view else ()
+    return ua_engine(world, "alice", proxies=proxies, **settings)
+
+
+def _base64_part() -> tuple[bytes, str]:
+    body = (f"--{_B}\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--{_B}\r\n"
+            "Content-Type: application/sdp\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            ).encode() + base64.encodebytes(SRTP_OFFER) + f"\r\n--{_B}--\r\n".encode()
+    return body, f"multipart/mixed;boundary={_B}"
+
+
+def _cpim() -> tuple[bytes, str]:
+    return (b"From: <sip:alice@example.com>\r\nTo: <sip:bob@example.com>\r\n\r\n"
+            b"Content-Type: application/sdp\r\n\r\n" + SRTP_OFFER, "message/cpim")
+
+
+def _pasted() -> tuple[bytes, str]:
+    return b"my offer, as asked:\n" + SRTP_OFFER.replace(b"a=crypto:", b"A = Crypto:"), \
+        "text/plain"
+
+
+def _mikey() -> tuple[bytes, str]:
+    return b"the old way:\r\nk=base64:c2VjcmV0\r\n", "text/plain"
+
+
+BODIES = {"base64-part": _base64_part, "cpim": _cpim, "pasted-text": _pasted,
+          "k-line": _mikey}
+
+
+@pytest.mark.parametrize("shape", sorted(BODIES))
+def test_keys_anywhere_in_a_message_for_a_proxy_are_refused(world, shape):
+    body, ctype = BODIES[shape]()
+    with pytest.raises(PolicyError, match="SRTP keys"):
+        _alice(world).protect(message(world, body, content_type=ctype))
+
+
+@pytest.mark.parametrize("shape", sorted(BODIES))
+def test_control_the_same_bodies_with_no_proxy_go_to_bob_alone(world, shape):
+    body, ctype = BODIES[shape]()
+    protected = _alice(world, view=()).protect(message(world, body, content_type=ctype))
+    assert protected.info.encrypted and protected.info.readable_by == ()
+    assert b"inline:" not in protected.message.body and b"c2VjcmV0" not in protected.message.body
+
+
+def test_an_infos_sip_fragment_with_keys_is_not_sent_in_the_clear(world):
+    fragment = (b"INVITE sip:bob@example.com SIP/2.0\r\nContent-Type: application/sdp\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(SRTP_OFFER)) + SRTP_OFFER
+    info = make_request("INFO", f"sip:bob@{world.domain}", from_uri=world.aor("alice"),
+                        to_uri=world.aor("bob"), body=fragment, content_type="message/sipfrag")
+    for require in (True, False):
+        with pytest.raises(PolicyError, match="SRTP keys"):
+            _alice(world, require_e2m=require).protect(info)
+
+
+def test_a_multipart_invite_with_keys_is_refused_with_e2m_not_required(world):
+    body, ctype = _base64_part()
+    with pytest.raises(PolicyError, match="SRTP keys"):
+        _alice(world, view=(), require_e2m=False).protect(
+            invite(world, call_id="k49-mp").with_body(body, ctype))
+
+
+def test_control_a_text_with_a_k_line_that_is_no_key_goes_to_the_proxy(world):
+    protected = _alice(world).protect(message(world, b"k=3, as agreed\r\na=b\r\n"))
+    assert protected.info.readable_by == (TRUSTED,)
+
+
+def test_control_a_whole_sdp_message_is_still_split(world):
+    protected = _alice(world).protect(message(world, SRTP_OFFER, content_type="application/sdp"))
+    assert protected.info.split and protected.info.readable_by == (TRUSTED,)
