@@ -1533,7 +1533,13 @@ class kamailio:
             return False
         if self._local_hosts is None:
             self._local_hosts = frozenset(host_key(n) for n in self.app.config.local_names)
-        return host_key(identity.host) in self._local_hosts
+        if host_key(identity.host) in self._local_hosts:
+            return True
+        # One of our addresses or aliases on any port (a bare host: Kamailio compares no
+        # port), an address in any spelling (IPv4-mapped too): the engine and the archive
+        # drop the port, so sip:alice@<our address>:1 is alice (review 168 K1)
+        host = canonical_ip(identity.host) or identity.host
+        return KSR.is_myself("[%s]" % host if ":" in host else host) > 0
 
     def route_sanity(self):
         """Max-Forwards and RFC 3261 sanity; answers the request itself when it fails."""

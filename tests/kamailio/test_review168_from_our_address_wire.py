@@ -59,6 +59,12 @@ Tried and held (probe on 184a0a2, carol's credentials where "creds")
 - Not reached in this review's time: CPIM From, two-signer multipart, captured signed
   body re-sent by carol, in-dialog requests, REGISTER for alice with carol's credentials
   (``tests/kamailio/test_auth_wire.py`` covers the last).
+
+Fixed (stop 49): ``from_ours`` (``kamailio_app/kemi.py``) also takes a From whose host is
+one of our addresses or aliases on any port (``KSR.is_myself`` on the bare host, which
+compares no port; an address in ``canonical_ip`` form, so the IPv4-mapped spellings are
+127.0.0.1): such a request needs its user's credentials.  Three more spellings (``sips:``,
+``;transport=``, the mapped form in hex) and carol's own credentials (403) are tested.
 """
 
 from __future__ import annotations
@@ -121,11 +127,14 @@ def _rows(home: ProxyHandle, text: bytes) -> list[tuple[str | None, str | None]]
     return [(r.from_uri, r.signer) for r in home.archive_rows() if r.plaintext == text]
 
 
-@pytest.mark.xfail(strict=True, reason="review 168 hole K1: a From of alice on the proxy's "
-                   "own address with a port passes without credentials and is archived")
 @pytest.mark.parametrize("from_value", ["<sip:alice@127.0.0.1:1>",
-                                        "<sip:alice@[::ffff:127.0.0.1]:{port}>"],
-                         ids=["another-port", "mapped-v6-our-port"])
+                                        "<sip:alice@[::ffff:127.0.0.1]:{port}>",
+                                        # stop 49: the same hole by other spellings
+                                        "<sips:alice@127.0.0.1:1>",
+                                        "<sip:alice@127.0.0.1:7;transport=tcp>",
+                                        "<sip:alice@[::FFFF:7f00:1]:1>"],
+                         ids=["another-port", "mapped-v6-our-port", "sips", "transport",
+                              "mapped-v6-hex"])
 def test_a_from_on_our_own_address_with_a_port_needs_alices_password(home, bob, from_value):
     text = b"review168 K1 " + from_value.encode()
     answer = _send_as(home, from_value.format(port=home.port), text, password=None)
@@ -134,6 +143,14 @@ def test_a_from_on_our_own_address_with_a_port_needs_alices_password(home, bob, 
     # secure: challenged (or refused), nothing relayed, nothing archived under alice
     assert answer.status in (401, 403, 407), (answer.status, delivered, rows)
     assert delivered == [] and rows == []
+
+
+def test_carol_as_alice_on_our_address_with_a_port_is_forbidden(home, bob):
+    """Stop 49: with the From now ours, carol's own credentials do not fit alice (403)."""
+    text = b"review168 carol as alice@127.0.0.1:1"
+    answer = _send_as(home, "<sip:alice@127.0.0.1:1>", text, password=USERS["carol"])
+    assert answer is not None and answer.status == 403
+    assert _delivered(bob, text, 0.5) == [] and _rows(home, text) == []
 
 
 def test_control_carol_as_alice_in_our_domain_is_forbidden(home, bob):
