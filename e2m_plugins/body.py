@@ -29,7 +29,7 @@ from .cms.recipients import OpeningKey, Recipient
 from .cms.signed import VerifyResult, sign, signed_content
 from .errors import (BindingMismatchError, DecryptionError, DowngradeError, E2MError, LimitExceededError,
                      InconsistentSplitError, MalformedError, UnsupportedMediaTypeError)
-from .sdp import KEYING_ATTRIBUTES, SdpKeys, has_keys, mentions_keys
+from .sdp import SdpKeys
 from .sip import SipMessage, canonical_name
 from .sipcontext import SipContext, context_for, decode_to_tag, encode_to_tag
 from .uri import host_key
@@ -163,27 +163,6 @@ def plaintext_leaves(part: mime.MimePart, limits: Limits = DEFAULT_LIMITS,
 
     visit(part, 0)
     return leaves
-
-
-def holds_keys(part: mime.MimePart, keying_attributes: Sequence[str] = KEYING_ATTRIBUTES,
-               limits: Limits = DEFAULT_LIMITS) -> bool:
-    """Whether any part of the body in the clear, at any depth, may carry SRTP keys: an
-    SDP with a keying line (or one that does not parse: fail closed), or any other part
-    with a line that looks like one (a SIP fragment or a text holding an offer:
-    ``mentions_keys``).  Keys encoded once more inside such a part (base64 in a
-    fragment's own multipart) are not looked for."""
-    for leaf in plaintext_leaves(part, limits):
-        content = leaf.decoded()
-        if leaf.content_type.mime_type != "application/sdp":
-            if mentions_keys(content, keying_attributes):
-                return True
-            continue
-        try:
-            if has_keys(content, keying_attributes):
-                return True
-        except (MalformedError, LimitExceededError):
-            return True
-    return False
 
 
 def is_encrypted(part: mime.MimePart) -> bool:

@@ -297,22 +297,23 @@ def has_keys(sdp: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES, *
     return any(_is_keying(line, keying) for line in parse_lines(sdp, max_bytes=max_bytes))
 
 
-# ``k=`` methods (RFC 4566 §5.12): a text line "k=3" is no key, "k=clear:..." is one
-_K_METHODS = r"(?:clear|base64|uri|prompt)\b"
+# ``k=`` methods (RFC 4566 §5.12): a text "k=3" is no key, "k=clear:..." is one
+_K_METHODS = rb"(?:clear|base64|uri|prompt)\b"
 
 
 @lru_cache(maxsize=16)
 def _keying_line_pattern(keying: frozenset[str]) -> re.Pattern[bytes]:
     names = b"|".join(re.escape(name.encode("ascii", "replace")) for name in sorted(keying))
-    return re.compile(rb"(?im)^[ \t]*(?:a[ \t]*=[ \t]*(?:" + names + rb")[ \t]*(?::|$)"
-                      rb"|k[ \t]*=[ \t]*" + _K_METHODS.encode() + rb")")
+    # anywhere, not only at a line's start: bare CR line ends, a line run into text
+    return re.compile(rb"(?i)(?<![a-z0-9_-])(?:a[ \t]*=[ \t]*(?:" + names
+                      + rb")(?![a-z0-9_-])|k[ \t]*=[ \t]*" + _K_METHODS + rb")")
 
 
 def mentions_keys(text: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES) -> bool:
-    """Whether any line of ``text``, which is not itself an SDP (a SIP fragment, a CPIM
-    wrapper, a text a user pasted an offer into), looks like a keying line: what may
-    carry SRTP keys inside something ``has_keys`` cannot parse.  Loose on purpose
-    (spaces, any case): a false alarm stops one message, a miss sends keys."""
+    """Whether ``text``, which need not be an SDP (a SIP fragment, a CPIM wrapper, a
+    text a user pasted an offer into), holds anything like a keying line, anywhere in a
+    line.  Loose on purpose (spaces, any case): a false alarm stops one message, a miss
+    sends keys."""
     return _keying_line_pattern(_keying_set(keying_attributes)).search(text) is not None
 
 

@@ -38,9 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from . import headers as hdr
 from . import mime
 from .headers import SESSION_METHODS
-from .body import (OpenedPart, check_context, check_signed_by, has_protection, holds_keys,
-                   message_body, new_reference, open_part, open_sealed_keys, plaintext_leaves,
-                   protect_content,
+from .body import (OpenedPart, check_context, check_signed_by, has_protection, message_body,
+                   new_reference, open_part, open_sealed_keys, plaintext_leaves, protect_content,
                    seal_keys, top_parts, with_entity)
 from .certstore import CertStore, check_not_a_ca, check_proxy_certificate, matches_fingerprint
 from .cms.budget import message_budget
@@ -57,6 +56,7 @@ from .config import DEFAULT_POLICY_EXPIRES, LegacyPeer, UAConfig
 from .dialog_keys import MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, dialog_parties
 from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
 from .replay import TRANSACTION_LIFETIME, MemoryReplayCache
+from .srtp_keys import holds_keys
 from .sdp import SdpKeys, has_keys, merge_keys, separate_keys
 from .sipcontext import SipContext
 from .grammar import split_header_list
@@ -1329,13 +1329,15 @@ class UAEngine:
         at any depth (a multipart of SDP and a location object, a multipart beside an
         S/MIME part): we do not protect such bodies part by part, so with ``require`` on
         they are not sent at all (``PolicyError``), rather than their keys going out."""
+        if not self.config.require_e2m:
+            return           # as it was, SDES keys too: what require = false chooses
         if holds_keys(part, self.config.keying_attributes):
             # SRTP keys never go out in the clear, whatever the method or status (a 488
-            # with the callee's keyed SDP was sent as written: review 167 K2) and whether
-            # or not E2M is required
+            # with the callee's keyed SDP was sent as written: review 167 K2), wherever
+            # they sit (a signature hides nothing: review 169)
             raise PolicyError(f"a {part.content_type.mime_type} body with SRTP keys would go "
                               "out in the clear: keys travel only in a protected offer or answer")
-        if not self.config.require_e2m or (not message.is_request and (message.status or 0) >= 300):
+        if not message.is_request and (message.status or 0) >= 300:
             return
         for leaf in plaintext_leaves(part):
             ctype = leaf.content_type.mime_type

@@ -150,6 +150,20 @@ Tried and held (figures from ``UAEngine.protect`` on e14655e):
   proxy view (PolicyError) and sealed for bob alone without one: the documented false
   alarm ("a false alarm stops one message"), not counted as a break.
 - Not tried: flows through the real pjsua2 phone (time).
+
+Fixed (stop 49): K1 to K7: the detection moved to ``e2m_plugins/srtp_keys.py``
+(``holds_keys``): it reads through signatures (a ``multipart/signed``'s content, a
+signed-data's eContent; only an envelope is not looked into), undoes each part's
+transfer encoding and content coding (gzip, deflate; an unknown coding counts as keys),
+reads the entity inside a SIP fragment or CPIM wrapper, scans every part's bytes,
+preamble and epilogue included, with NULs dropped (UTF-16, UTF-32), and finds a keying
+line anywhere in a line (``sdp.mentions_keys``, no longer anchored at an LF).
+K8 accepted: ``[e2m] require = false`` is the operator's choice to send what cannot be
+protected as it was; a whole SDP with SDES keys to a peer without a certificate is what
+SRTP with SDES does without E2M (keys to every hop, as over TLS hop by hop).  Stripping
+the keys would leave the media in the clear instead.  ``docs/protocol.md`` says so now;
+``_refuse_to_send_plaintext`` applies its key check only with ``require`` on, so the
+rule is the same for every shape of body.
 """
 
 from __future__ import annotations
@@ -208,7 +222,6 @@ def _signed_multipart() -> bytes:
 
 # -- K1 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K1: multipart/signed keyed SDP sent as is")
 @pytest.mark.parametrize("shape", ["invite", "message-proxy", "488", "invite-mixed"])
 def test_k1_signed_multipart_over_keyed_sdp_is_not_sent(world, shape):
     body = _signed_multipart()
@@ -229,7 +242,6 @@ def test_k1_signed_multipart_over_keyed_sdp_is_not_sent(world, shape):
 
 # -- K2 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K2: signed-data keyed SDP sent as is")
 @pytest.mark.parametrize("shape", ["invite", "message-proxy", "200"])
 def test_k2_signed_data_over_keyed_sdp_is_not_sent(world, shape):
     cred = world.user("alice")
@@ -249,7 +261,6 @@ def test_k2_signed_data_over_keyed_sdp_is_not_sent(world, shape):
 
 # -- K3 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K3: UTF-16 offer not seen")
 @pytest.mark.parametrize("shape", ["message-proxy", "488"])
 def test_k3_offer_in_utf16_text_is_refused(world, shape):
     text = "offer:\r\n" + SRTP_OFFER.decode()
@@ -264,7 +275,6 @@ def test_k3_offer_in_utf16_text_is_refused(world, shape):
 
 # -- K4 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K4: gzip Content-Encoding hides keys")
 @pytest.mark.parametrize("shape", ["message-proxy", "488"])
 def test_k4_gzip_content_encoding_hides_the_offer(world, shape):
     packed = gzip.compress(b"offer:\r\n" + SRTP_OFFER)
@@ -278,7 +288,6 @@ def test_k4_gzip_content_encoding_hides_the_offer(world, shape):
 
 # -- K5 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K5: keying line not after an LF")
 @pytest.mark.parametrize("shape", ["bare-cr", "mid-line"])
 def test_k5_keying_lines_not_after_lf_are_refused(world, shape):
     if shape == "bare-cr":
@@ -290,7 +299,6 @@ def test_k5_keying_lines_not_after_lf_are_refused(world, shape):
 
 # -- K6 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K6: keys in preamble/epilogue")
 @pytest.mark.parametrize("shape", ["message-proxy", "488"])
 def test_k6_keys_in_preamble_or_epilogue_are_refused(world, shape):
     line = b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + KEY + b"\r\n"
@@ -313,7 +321,6 @@ def _fragment() -> bytes:
             f"\r\nContent-Length: {len(inner)}\r\n\r\n").encode() + inner
 
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K7: base64 SDP inside a SIP fragment")
 @pytest.mark.parametrize("shape", ["info-sipfrag", "message-sip-proxy"])
 def test_k7_base64_sdp_inside_a_sip_fragment_is_refused(world, shape):
     if shape == "info-sipfrag":
@@ -328,7 +335,8 @@ def test_k7_base64_sdp_inside_a_sip_fragment_is_refused(world, shape):
 
 # -- K8 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 169 hole K8: require off, no cert: keys in clear")
+@pytest.mark.xfail(strict=True, reason="review 169 hole K8 (accepted, stop 49): [e2m] require = "
+                   "false sends a body for a peer without a certificate as it was, SDES keys too")
 @pytest.mark.parametrize("shape", ["invite", "message-sdp"])
 def test_k8_keyed_sdp_not_sent_in_clear_when_peer_has_no_certificate(world, shape):
     engine = ua_engine(world, "alice", peers=("alice",), require_e2m=False)

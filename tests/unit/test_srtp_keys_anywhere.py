@@ -4,7 +4,7 @@
 Review 167 found keys in an SDP nested in a MESSAGE sealed for the chosen proxy (K1) and
 a failure answer's keyed SDP sent as written (K2).  These are the same attack by other
 roads: an SDP part under base64, a CPIM wrapper, a text a user pasted an offer into, an
-INFO's SIP fragment, a multipart INVITE with E2M not required.  Each is refused
+INFO's SIP fragment, a multipart INVITE with a base64 SDP part.  Each is refused
 (``PolicyError``), nothing is sent.  Controls: the same bodies with no proxy to read them
 go to the peer alone; a text line ``k=3`` is no key; a whole SDP MESSAGE is still split."""
 
@@ -77,16 +77,23 @@ def test_an_infos_sip_fragment_with_keys_is_not_sent_in_the_clear(world):
                 b"Content-Length: %d\r\n\r\n" % len(SRTP_OFFER)) + SRTP_OFFER
     info = make_request("INFO", f"sip:bob@{world.domain}", from_uri=world.aor("alice"),
                         to_uri=world.aor("bob"), body=fragment, content_type="message/sipfrag")
-    for require in (True, False):
-        with pytest.raises(PolicyError, match="SRTP keys"):
-            _alice(world, require_e2m=require).protect(info)
+    with pytest.raises(PolicyError, match="SRTP keys"):
+        _alice(world).protect(info)
 
 
-def test_a_multipart_invite_with_keys_is_refused_with_e2m_not_required(world):
+def test_a_multipart_invite_with_keys_in_a_base64_part_is_refused(world):
     body, ctype = _base64_part()
     with pytest.raises(PolicyError, match="SRTP keys"):
-        _alice(world, view=(), require_e2m=False).protect(
-            invite(world, call_id="k49-mp").with_body(body, ctype))
+        _alice(world, view=()).protect(invite(world, call_id="k49-mp").with_body(body, ctype))
+
+
+def test_control_with_e2m_not_required_a_body_goes_as_it_was(world):
+    """``[e2m] require = false`` sends what it cannot protect as it was, SDES keys too
+    (review 169 K8, accepted): the interop an operator chose over E2M."""
+    body, ctype = _base64_part()
+    sent = _alice(world, view=(), require_e2m=False).protect(
+        invite(world, call_id="k49-mp2").with_body(body, ctype))
+    assert not sent.info.encrypted and sent.message.body == body
 
 
 def test_control_a_text_with_a_k_line_that_is_no_key_goes_to_the_proxy(world):
@@ -97,3 +104,29 @@ def test_control_a_text_with_a_k_line_that_is_no_key_goes_to_the_proxy(world):
 def test_control_a_whole_sdp_message_is_still_split(world):
     protected = _alice(world).protect(message(world, SRTP_OFFER, content_type="application/sdp"))
     assert protected.info.split and protected.info.readable_by == (TRUSTED,)
+
+
+def test_a_content_coding_the_engine_cannot_undo_counts_as_keys(world):
+    """Stop 49 (after review 169 K4): a coding other than gzip or deflate cannot be
+    looked into, so it is refused where a proxy would read it."""
+    msg = message(world, b"\x1b\x03compressed?").add("Content-Encoding", "br")
+    with pytest.raises(PolicyError, match="SRTP keys"):
+        _alice(world).protect(msg)
+
+
+def test_control_a_refer_notifys_status_fragment_is_sent(world):
+    """The sipfrag pjsip sends in a REFER's NOTIFY (a status line alone) holds no keys."""
+    notify = make_request("NOTIFY", f"sip:bob@{world.domain}", from_uri=world.aor("alice"),
+                          to_uri=world.aor("bob"), body=b"SIP/2.0 180 Ringing\r\n",
+                          content_type="message/sipfrag;version=2.0")
+    sent = _alice(world).protect(notify)
+    assert sent.message.body == b"SIP/2.0 180 Ringing\r\n"
+
+
+def test_control_a_chat_text_without_keys_in_any_coding_goes_to_the_proxy(world):
+    import gzip
+    text = "k=3; a=b; crypto is fun; inline: not a key".encode("utf-16")
+    msg = message(world, text, content_type="text/plain;charset=utf-16")
+    assert _alice(world).protect(msg).info.readable_by == (TRUSTED,)
+    zipped = message(world, gzip.compress(b"hello")).add("Content-Encoding", "gzip")
+    assert _alice(world).protect(zipped).info.readable_by == (TRUSTED,)
