@@ -304,9 +304,12 @@ _K_METHODS = rb"(?:clear|base64|uri|prompt)\b"
 @lru_cache(maxsize=16)
 def _keying_line_pattern(keying: frozenset[str]) -> re.Pattern[bytes]:
     names = b"|".join(re.escape(name.encode("ascii", "replace")) for name in sorted(keying))
-    # anywhere, not only at a line's start: bare CR line ends, a line run into text
-    return re.compile(rb"(?i)(?<![a-z0-9_-])(?:a[ \t]*=[ \t]*(?:" + names
-                      + rb")(?![a-z0-9_-])|k[ \t]*=[ \t]*" + _K_METHODS + rb")")
+    # ``a=<name>`` anywhere in a line (bare CR line ends, a line run into text) where it
+    # ends its word and a value or the line follows (a link's "?a=cryptography&" is
+    # none); ``k=<method>`` only at a line's start (a link's "?k=clear+..." is none)
+    return re.compile(rb"(?i)(?<![a-z0-9_-])a[ \t]*=[ \t]*(?:" + names
+                      + rb")(?=[ \t]*(?::|\r|\n|$))"
+                      + rb"|(?:^|[\r\n])[ \t]*k[ \t]*=[ \t]*" + _K_METHODS)
 
 
 def mentions_keys(text: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES) -> bool:

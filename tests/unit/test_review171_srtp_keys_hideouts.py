@@ -138,6 +138,18 @@ Tried and held (figures from 08352e1)
 - No untyped error met in any probe (all E2MError subclasses).
 - Not tried: the pjsua2 phone flows (time); the honest break is in the engine and
   reaches the phone only through a PUBLISH/MESSAGE carrying such a link.
+
+Fixed (stop 49): ``e2m_plugins/srtp_keys.py`` now fails closed on what it cannot read
+whole, and bounds its work per body.  K1: a content coding must end exactly where the
+part ends (``eof`` and no ``unused_data``), else the part counts as keys.  K2: a
+signed-data's joined eContent is scanned, and one that is not a MIME entity counts as
+keys.  K3: fragments and CPIM are read as a SIP parser would (leading blank lines, any
+headers, compact names, folded lines), not through the strict MIME parser; a header
+line that is not one counts as keys.  K4: a part's declared charset is decoded and its
+text scanned (an unknown charset, or bytes that are not text in it, count as keys).
+K5: all content codings of one body inflate to ``max_body_bytes`` together, past that
+``LimitExceededError``.  HB1: ``k=<method>`` counts only at a line's start, and
+``a=<name>`` only where a value or the line's end follows.
 """
 
 from __future__ import annotations
@@ -204,8 +216,6 @@ def _two_members() -> bytes:
     return body
 
 
-@pytest.mark.xfail(strict=True, reason="review 171 hole K1: bytes past the first compressed "
-                                       "stream are not read")
 @pytest.mark.parametrize("shape", ["info-two-members", "message-two-members-proxy",
                                    "info-gzip-then-plain", "info-deflate-then-plain"])
 def test_k1_bytes_past_the_first_compressed_stream_are_read(world, shape):
@@ -257,8 +267,6 @@ def _k2_body(shape: str) -> bytes:
     return _signed_data(der.octet_string(inner), _SIGNED)
 
 
-@pytest.mark.xfail(strict=True, reason="review 171 hole K2: segmented or nested signed-data "
-                                       "content not read")
 @pytest.mark.parametrize("shape", ["bare-sdp", "bare-sdp-indefinite", "odd-mime-header",
                                    "signed-in-signed", "message-proxy"])
 def test_k2_segmented_or_nested_signed_data_is_read(world, shape):
@@ -306,8 +314,6 @@ _CPIM = (b"From: <sip:alice@example.com>\r\nTo: <sip:bob@example.com>\r\n"
          b"Content-Transfer-Encoding: base64\r\n\r\n" + _B64)
 
 
-@pytest.mark.xfail(strict=True, reason="review 171 hole K3: a fragment the MIME parser "
-                                       "refuses is not looked into")
 @pytest.mark.parametrize("shape", ["info-33-vias", "info-ampersand", "info-leading-crlf",
                                    "info-ampersand-qp", "message-sip-proxy",
                                    "message-cpim-proxy"])
@@ -339,7 +345,6 @@ def test_control_the_same_fragment_without_the_odd_header_is_refused(world):
 _UTF7 = b"offer:\r\n" + SRTP_OFFER.replace(b"a=crypto", b"a+AD0-crypto")
 
 
-@pytest.mark.xfail(strict=True, reason="review 171 hole K4: '=' spelt +AD0- in UTF-7")
 @pytest.mark.parametrize("method", ["MESSAGE", "INFO"])
 def test_k4_utf7_offer_is_refused(world, method):
     assert "a=crypto" in _UTF7.decode("utf-7")
@@ -384,7 +389,6 @@ def _cpu_ms(engine, msg: SipMessage) -> float:
     return best
 
 
-@pytest.mark.xfail(strict=True, reason="review 171 hole K5: ~300 ms CPU for a 4 KB body")
 @pytest.mark.parametrize("method", ["INFO", "MESSAGE"])
 def test_k5_nested_gzip_parts_cost_a_few_ms_at_most(world, method):
     body = _bomb()
@@ -408,8 +412,6 @@ _PIDF = (b'<?xml version="1.0" encoding="UTF-8"?>\n<presence xmlns="urn:ietf:par
          b"<note>found it: " + _LINK + b"</note></tuple></presence>\n")
 
 
-@pytest.mark.xfail(strict=True, reason="review 171 honest break HB1: a URL's k=clear parameter "
-                                       "counts as an SRTP key")
 @pytest.mark.parametrize("shape", ["publish-pidf", "message-proxy"])
 def test_hb1_a_link_with_a_k_parameter_is_not_a_key(world, shape):
     if shape == "publish-pidf":

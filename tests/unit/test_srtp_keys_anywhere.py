@@ -130,3 +130,18 @@ def test_control_a_chat_text_without_keys_in_any_coding_goes_to_the_proxy(world)
     assert _alice(world).protect(msg).info.readable_by == (TRUSTED,)
     zipped = message(world, gzip.compress(b"hello")).add("Content-Encoding", "gzip")
     assert _alice(world).protect(zipped).info.readable_by == (TRUSTED,)
+
+
+def test_a_charset_the_engine_does_not_know_counts_as_keys(world):
+    """Stop 49 (after review 171 K4): a text's declared charset is decoded before the
+    scan; one Python does not know cannot be read, so it is refused toward a proxy."""
+    msg = message(world, b"hello", content_type="text/plain;charset=x-made-up")
+    with pytest.raises(PolicyError, match="SRTP keys"):
+        _alice(world).protect(msg)
+
+
+def test_control_latin1_and_utf8_texts_go_to_the_proxy(world):
+    for charset, text in (("iso-8859-1", "caf\u00e9 k=3".encode("latin-1")),
+                          ("utf-8", "caf\u00e9 a=b".encode())):
+        msg = message(world, text, content_type=f"text/plain;charset={charset}")
+        assert _alice(world).protect(msg).info.readable_by == (TRUSTED,)
