@@ -17,10 +17,10 @@ Hole K1: SDP capability negotiation (RFC 5939) carries SDES keys in ``a=acap`` l
   proxy's key opens it and reads the 40-character key.  The 488 goes out unencrypted
   with the key verbatim.  ``has_keys`` and ``mentions_keys`` both say no: the line is
   an ``acap`` attribute and "a=crypto" appears nowhere.
-- Code at fault: e2m_plugins/sdp.py:269-271 (``_is_keying``: only ``k=`` and
-  ``a=<name>`` with name in ``KEYING_ATTRIBUTES``), sdp.py:36 (``KEYING_ATTRIBUTES`` =
-  crypto, key-mgmt), sdp.py:304-312 (``mentions_keys``' pattern wants ``a=crypto``);
-  ua.py:916 (``keyed`` false, so the whole SDP is sealed for the audience).
+- Code at fault: e2m_plugins/sdp.py:218-220 (``_is_keying``: only ``k=`` and
+  ``a=<name>`` with name in ``KEYING_ATTRIBUTES``), sdp.py:34 (``KEYING_ATTRIBUTES`` =
+  crypto, key-mgmt), sdp.py:304-317 (``mentions_keys``' pattern wants ``a=crypto``);
+  ua.py:918 (``keyed`` false, so the whole SDP is sealed for the audience).
 - Suggested fix: count an ``a=acap`` whose value (after the capability number) names a
   keying attribute (``crypto``/``key-mgmt``) as a keying line, in ``_is_keying`` and in
   ``mentions_keys`` (``acap:<n> crypto:``); separate and merge it like ``a=crypto``
@@ -40,7 +40,7 @@ Hole K2: a declared charset names a bytes codec: ``charset=bz2`` inflates withou
   escapes ``protect`` (so it is refused, by accident).  ``charset=zlib`` likewise
   (4 KB -> 4 MB, 6 ms; ~1000:1), ``quopri`` the same AttributeError, ``rot13`` an
   untyped TypeError.
-- Code at fault: e2m_plugins/srtp_keys.py:122-131 (``codecs.decode`` with any codec
+- Code at fault: e2m_plugins/srtp_keys.py:117-131 (``codecs.decode`` with any codec
   name a peer-of-the-user wrote, bytes-to-bytes codecs included; only LookupError,
   UnicodeError and ValueError caught).
 - Suggested fix: accept only text encodings (``codecs.lookup(cs)._is_text_encoding``,
