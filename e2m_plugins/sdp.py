@@ -217,7 +217,20 @@ def parse_lines(sdp: bytes, *, max_bytes: int = MAX_SDP_BYTES) -> list[SdpLine]:
 
 def _is_keying(line: SdpLine, keying: frozenset[str]) -> bool:
     # Attribute names compared without case: removing too much is the safe side.
-    return line.kind == "k" or (line.kind == "a" and line.attribute in keying)
+    if line.kind == "k":
+        return True
+    if line.kind != "a":
+        return False
+    name = line.attribute
+    # RFC 5939 capability negotiation offers an attribute as "a=acap:<n> <attribute>":
+    # an SDES key offered so is a key all the same (review 172 K1)
+    return name in keying or (name == "acap" and _offered_attribute(line.value) in keying)
+
+
+def _offered_attribute(value: str) -> str | None:
+    """The attribute an ``a=acap`` line offers, lower-cased (None if it names none)."""
+    offered = value.partition(":")[2].strip().split(None, 1)
+    return offered[1].partition(":")[0].strip().lower() if len(offered) == 2 else None
 
 
 def _keying_set(keying_attributes: Iterable[str]) -> frozenset[str]:
@@ -307,8 +320,9 @@ def _keying_line_pattern(keying: frozenset[str]) -> re.Pattern[bytes]:
     # ``a=<name>`` anywhere in a line (bare CR line ends, a line run into text) where it
     # ends its word and a value or the line follows (a link's "?a=cryptography&" is
     # none); ``k=<method>`` only at a line's start (a link's "?k=clear+..." is none)
-    return re.compile(rb"(?i)(?<![a-z0-9_-])a[ \t]*=[ \t]*(?:" + names
-                      + rb")(?=[ \t]*(?::|\r|\n|$))"
+    # (an ``a=acap:<n> <name>`` offers one: review 172 K1)
+    return re.compile(rb"(?i)(?<![a-z0-9_-])a[ \t]*=[ \t]*(?:acap[ \t]*:[ \t]*[0-9]+[ \t]+)?(?:"
+                      + names + rb")(?=[ \t]*(?::|\r|\n|$))"
                       + rb"|(?:^|[\r\n])[ \t]*k[ \t]*=[ \t]*" + _K_METHODS)
 
 

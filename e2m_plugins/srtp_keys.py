@@ -45,6 +45,8 @@ _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
             "deflate": zlib.MAX_WBITS}
 # charsets whose bytes spell ASCII as ASCII: the byte scan already read them
 _ASCII_SPELLED = ("us-ascii", "ascii", "utf-8", "utf8")
+# text codecs whose decoding is not linear (punycode: review 172 K3); idna is built on it
+_SLOW_CODECS = ("punycode", "idna")
 # a SIP start line ahead of a fragment's headers (a request's or a status line)
 _START_LINE = re.compile(rb"(?:SIP/2\.0[ \t]+\d{3}[^\r\n]*|[!-~]+[ \t]+[^ \t\r\n]+[ \t]+SIP/2\.0)"
                          rb"[ \t]*\r?\n")
@@ -123,9 +125,17 @@ class _Reading:
         if not charset or charset in _ASCII_SPELLED:
             return False
         try:
-            text = codecs.decode(content, charset)
+            slow = codecs.lookup(charset).name in _SLOW_CODECS
         except LookupError:
             raise _Unreadable from None       # a charset we do not know
+        if slow:
+            raise _Unreadable                 # no text is sent so; its decoder is quadratic
+        try:
+            # bytes.decode takes text encodings only: a "charset" naming bz2 or zlib
+            # (a codec without bound) is a LookupError (review 172 K2)
+            text = content.decode(charset)
+        except LookupError:
+            raise _Unreadable from None
         except (UnicodeError, ValueError):
             raise _Unreadable from None       # not text in its own charset
         return mentions_keys(text.encode("utf-8", "surrogatepass"), self.keying)
