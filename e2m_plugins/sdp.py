@@ -221,16 +221,25 @@ def _is_keying(line: SdpLine, keying: frozenset[str]) -> bool:
         return True
     if line.kind != "a":
         return False
-    name = line.attribute
+    # The name as pjmedia reads it, the leading run of token characters: it takes
+    # "a=crypto 1 ... inline:" as a crypto line (review 173 K1); the text before ":"
+    # would not name one
+    name = _token_run(line.value)
     # RFC 5939 capability negotiation offers an attribute as "a=acap:<n> <attribute>":
     # an SDES key offered so is a key all the same (review 172 K1)
     return name in keying or (name == "acap" and _offered_attribute(line.value) in keying)
 
 
+def _token_run(text: str) -> str:
+    """The leading run of SDP token characters of ``text``, lower-cased."""
+    match = _ATTRIBUTE_NAME.match(text.lstrip(" \t"))
+    return match.group(0).lower() if match else ""
+
+
 def _offered_attribute(value: str) -> str | None:
     """The attribute an ``a=acap`` line offers, lower-cased (None if it names none)."""
     offered = value.partition(":")[2].strip().split(None, 1)
-    return offered[1].partition(":")[0].strip().lower() if len(offered) == 2 else None
+    return _token_run(offered[1]) if len(offered) == 2 else None
 
 
 def _keying_set(keying_attributes: Iterable[str]) -> frozenset[str]:
@@ -317,12 +326,13 @@ _K_METHODS = rb"(?:clear|base64|uri|prompt)\b"
 @lru_cache(maxsize=16)
 def _keying_line_pattern(keying: frozenset[str]) -> re.Pattern[bytes]:
     names = b"|".join(re.escape(name.encode("ascii", "replace")) for name in sorted(keying))
-    # ``a=<name>`` anywhere in a line (bare CR line ends, a line run into text) where it
-    # ends its word and a value or the line follows (a link's "?a=cryptography&" is
-    # none); ``k=<method>`` only at a line's start (a link's "?k=clear+..." is none)
+    # ``a=<name>`` anywhere in a line (bare CR line ends, a line run into text) where
+    # the name ends as pjmedia ends it (a link's "?a=crypto&x" names "crypto&x");
+    # ``k=<method>`` only at a line's start (a link's "?k=clear+..." is none)
     # (an ``a=acap:<n> <name>`` offers one: review 172 K1)
+    # the name ends where pjmedia ends it, at a character that is no token character
     return re.compile(rb"(?i)(?<![a-z0-9_-])a[ \t]*=[ \t]*(?:acap[ \t]*:[ \t]*[0-9]+[ \t]+)?(?:"
-                      + names + rb")(?=[ \t]*(?::|\r|\n|$))"
+                      + names + rb")(?![!#-'*+.0-9a-z^-~-])"
                       + rb"|(?:^|[\r\n])[ \t]*k[ \t]*=[ \t]*" + _K_METHODS)
 
 

@@ -145,3 +145,16 @@ def test_control_latin1_and_utf8_texts_go_to_the_proxy(world):
                           ("utf-8", "caf\u00e9 a=b".encode())):
         msg = message(world, text, content_type=f"text/plain;charset={charset}")
         assert _alice(world).protect(msg).info.readable_by == (TRUSTED,)
+
+
+def test_a_crypto_line_without_its_colon_is_split_and_bob_gets_it_back(world):
+    """Stop 49 (after review 173 K1): pjmedia reads ``a=crypto 1 ...`` as a crypto line;
+    so does the split now, and bob's engine puts it back where it stood."""
+    from e2m_lab.flows import SDP_VIEW
+    spaced = SRTP_OFFER.replace(b"a=crypto:1 ", b"a=crypto 1 ")
+    assert b"a=crypto 1 " in spaced
+    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    bob = ua_engine(world, "bob", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
+    protected = alice.protect(invite(world, spaced, call_id="k49-spaced"))
+    assert protected.info.split and b"inline:" not in protected.message.body
+    assert bob.open(protected.message).message.body == spaced
