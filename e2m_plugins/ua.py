@@ -659,14 +659,12 @@ class UAEngine:
                 raise CertificateRejectedError(
                     f"certificate for {host} does not match the fingerprint it announced")
             held = self.certs.proxy(host)
-            der = serialization.Encoding.DER
-            if held is not None and held.public_bytes(der) != cert.public_bytes(der) \
-                    and not any(matches_fingerprint(cert, announced)
-                                for announced in self.policies.announced_fingerprints(host)):
+            if held is not None and not any(
+                    matches_fingerprint(cert, announced)
+                    for announced in self.policies.announced_fingerprints(host)):
                 # another key replaces the held one only where a policy in force names
                 # it (a dialog's too: a proxy that changed its key, review 166 HB1); a
-                # dialog's word alone never drops the held one (review 164 K2).  The held
-                # one fetched again is no replacement: checked again below, kept.
+                # dialog's word alone never drops the held one (review 164 K2)
                 raise CertificateRejectedError(
                     f"a certificate for {host} is held, and no policy names this one")
             self.certs.add_proxy(host, cert)  # chain, name and time checks
