@@ -426,19 +426,28 @@ def seal_keys(keys: SdpKeys, recipient: Recipient, *,
     return seal(keys.encode(), [recipient], cek_reference=cek_reference)
 
 
-def open_sealed_keys(opened: OpenedPart, keys: Sequence[OpeningKey], *,
+def open_sealed_keys(opened: OpenedPart, keys: Sequence[OpeningKey], *, sender: str | None,
                      limits: Limits = DEFAULT_LIMITS) -> tuple[SdpKeys, OpenedEnvelope] | None:
     """The keying lines a signed SDP part carries for us (``seal_keys``), or None.
 
     Refused (``InconsistentSplitError``) when the part is not a signed SDP, more than one
-    signature carries keys, or they were sealed for anyone but one recipient: a key
-    others hold is no place for SRTP keys, ours in the answer included."""
-    found = [(result, values) for result in opened.signatures for signer in result.signers
+    signature carries keys, they were sealed for anyone but one recipient (a key others
+    hold is no place for SRTP keys, ours in the answer included), or the signer that
+    carries them is not ``sender``: a co-signer (a proxy that holds the body's key and
+    signs the sender's content too) must not choose the keys (review 174 K1)."""
+    found = [(signer, values) for result in opened.signatures for signer in result.signers
              for values in (signer.attributes.get(oids.SDP_KEYS),) if values]
     if not found:
         return None
     if len(found) != 1 or len(found[0][1]) != 1 or opened.content_type != "application/sdp":
         raise InconsistentSplitError("sealed SDP keys must come once, signed, with an SDP")
+    try:
+        if sender is None:
+            raise InconsistentSplitError("sealed SDP keys from a sender we cannot name")
+        check_user_names(found[0][0].certificate, sender, for_encryption=False)
+    except E2MError:
+        raise InconsistentSplitError("sealed SDP keys signed by someone other than the "
+                                     "sender") from None
     envelope = open_envelope(found[0][1][0], list(keys), want_cek=True, limits=limits)
     if envelope.recipient_count != 1 or envelope.content_type != "data":
         raise InconsistentSplitError("the SDP keys were sealed for more than the peer")

@@ -1115,7 +1115,7 @@ class UAEngine:
         if self.config.require_e2m and not chosen.encrypted and self._protectable(
                 message, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
-        content, sealed = self._with_sealed_keys(chosen, keys, limits)
+        content, sealed = self._with_sealed_keys(chosen, keys, limits, peer)
         self._check_replay(message, [c for c in contexts.values() if c is not None])
         # only now, the message accepted: a refused one (a replay, a downgrade) keeps
         # nothing and uses no dialog key up (review 63)
@@ -1137,11 +1137,12 @@ class UAEngine:
         plain = with_entity(message, mime.make_part(chosen.entity.content_type, content))
         return Opened(plain, info)
 
-    def _with_sealed_keys(self, chosen: OpenedPart, keys: list[OpeningKey],
-                          limits: Limits) -> tuple[bytes, OpenedEnvelope | None]:
+    def _with_sealed_keys(self, chosen: OpenedPart, keys: list[OpeningKey], limits: Limits,
+                          peer: str | None) -> tuple[bytes, OpenedEnvelope | None]:
         """The content with the SDP keys sealed for us put back (docs/protocol.md §6.1),
-        and the envelope they came in (None: there were none)."""
-        found = open_sealed_keys(chosen, keys, limits=limits)
+        and the envelope they came in (None: there were none); only the peer's own
+        signature may carry them."""
+        found = open_sealed_keys(chosen, keys, sender=peer, limits=limits)
         if found is None:
             return chosen.content, None
         keys, envelope = found

@@ -47,6 +47,10 @@ Tried and held
 - Not done in the time (about 20 minutes): CEK reuse after a proxy joins or leaves the
   readers, the proxy archive of unsplit legacy SDP, the real pjsua2 phone for K1 (the
   engine result is what the phone is handed: ``Opened.message``).
+
+Fixed (stop 49): ``body.open_sealed_keys`` takes sealed SDP keys only from a signer whose
+certificate names the sender (the peer the engine checked the part against); keys
+carried by any other signer refuse the part (``InconsistentSplitError``).
 """
 
 from __future__ import annotations
@@ -121,8 +125,6 @@ def _pair(world):
 
 # -- K1 --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 174 hole K1: the SDP-viewing proxy co-signs "
-                                       "and plants e2m-sdp-keys bob merges")
 def test_k1_proxy_cosigner_cannot_plant_sdp_keys(world):
     alice, bob = _pair(world)
     sent = alice.protect(invite(world, SDP_OFFER, call_id="r174-k1"))

@@ -58,7 +58,7 @@ def _keys_read_by(engine, call_id, message) -> bytes | None:
     for part in top_parts(message_body(message)):
         try:
             opened = open_part(part, keys, trust_anchors=engine.config.trust_anchors)
-            found = open_sealed_keys(opened, keys)
+            found = open_sealed_keys(opened, keys, sender=(opened.signers or (None,))[0])
         except E2MError:
             continue
         if found is not None:
