@@ -74,12 +74,11 @@ from __future__ import annotations
 
 import pytest
 
+from e2m_lab.key_checks import proxy_reads
+
 from e2m_lab.flows import (SDP_VIEW, SRTP_ANSWER, SRTP_OFFER, TRUSTED, invite, known_proxy,
                            message, ua_engine)
-from e2m_plugins.body import message_body, top_parts
-from e2m_plugins.cms.envelope import open_envelope
-from e2m_plugins.cms.recipients import CertificateKey
-from e2m_plugins.errors import E2MError, PolicyError
+from e2m_plugins.errors import PolicyError
 from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import init_test_pki
 
@@ -94,14 +93,7 @@ def world():
 
 
 def _proxy_opens(world, msg) -> list[bytes]:
-    cred = world.proxy(TRUSTED)
-    out = []
-    for part in top_parts(message_body(msg)):
-        try:
-            out.append(open_envelope(part.decoded(), [CertificateKey(cred.cert, cred.key)]).plaintext)
-        except E2MError:
-            continue
-    return out
+    return proxy_reads(world, msg)
 
 
 def _multipart() -> tuple[bytes, str]:

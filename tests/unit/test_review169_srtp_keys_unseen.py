@@ -173,6 +173,8 @@ import gzip
 
 import pytest
 
+from e2m_lab.key_checks import keys_kept_secret
+
 from e2m_lab.flows import SRTP_OFFER, TRUSTED, invite, known_proxy, message, ua_engine
 from e2m_plugins.cms.signed import sign
 from e2m_plugins.errors import E2MError
@@ -197,16 +199,7 @@ def _alice(world, view=("MESSAGE:*",), **settings):
 
 
 def _kept_secret(engine, msg: SipMessage) -> bool:
-    """True when the keys reach neither a proxy nor the wire: refused, or sealed for
-    the peer alone (or split, the proxy reading no key)."""
-    try:
-        protected = engine.protect(msg)
-    except E2MError:
-        return True
-    info = protected.info
-    if KEY in protected.message.body or not info.encrypted:
-        return False
-    return info.split or not info.readable_by
+    return keys_kept_secret(engine, msg, key=KEY)
 
 
 def _fail(world, body: bytes, ctype: str, call_id: str) -> SipMessage:

@@ -161,6 +161,8 @@ import zlib
 
 import pytest
 
+from e2m_lab.key_checks import keys_kept_secret
+
 from e2m_lab.flows import SRTP_OFFER, TRUSTED, invite, known_proxy, ua_engine
 from e2m_plugins.cms import der
 from e2m_plugins.cms.signed import signed_content
@@ -191,16 +193,7 @@ def _request(world, method: str, body: bytes, ctype: str, extra=()) -> SipMessag
 
 
 def _kept_secret(engine, msg: SipMessage) -> bool:
-    """True when the keys reach neither a proxy nor the wire: refused, or sealed for
-    the peer alone (or split, the proxy reading no key)."""
-    try:
-        protected = engine.protect(msg)
-    except E2MError:
-        return True
-    info = protected.info
-    if KEY in protected.message.body or not info.encrypted:
-        return False
-    return info.split or not info.readable_by
+    return keys_kept_secret(engine, msg, key=KEY)
 
 
 # -- K1: content codings ----------------------------------------------------------

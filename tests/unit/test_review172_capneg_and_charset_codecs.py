@@ -102,10 +102,9 @@ import time
 
 import pytest
 
+from e2m_lab.key_checks import proxy_reads
+
 from e2m_lab.flows import SDP_VIEW, SRTP_OFFER, TRUSTED, invite, known_proxy, ua_engine
-from e2m_plugins.body import message_body, top_parts
-from e2m_plugins.cms.envelope import open_envelope
-from e2m_plugins.cms.recipients import CertificateKey
 from e2m_plugins.errors import E2MError, PolicyError
 from e2m_plugins.sip import SipMessage, make_request, make_response
 from e2m_plugins.testpki import init_test_pki
@@ -118,15 +117,8 @@ def world():
     return init_test_pki(None, proxy_hosts=(TRUSTED,), users=("alice", "bob"))
 
 
-def _proxy_opens(world, msg: SipMessage) -> list[bytes]:
-    cred = world.proxy(TRUSTED)
-    out = []
-    for part in top_parts(message_body(msg)):
-        try:
-            out.append(open_envelope(part.decoded(), [CertificateKey(cred.cert, cred.key)]).plaintext)
-        except E2MError:
-            continue
-    return out
+def _proxy_opens(world, msg) -> list[bytes]:
+    return proxy_reads(world, msg)
 
 
 def _request(world, method: str, body: bytes, ctype: str) -> SipMessage:
