@@ -42,6 +42,7 @@ from .keycache import (DialogScope, KeyCache, Scope, TransactionScope, answer_ke
                        bounded_keeper)
 from .config import DEFAULT_POLICY_EXPIRES, ProxyConfig
 from .replay import TRANSACTION_LIFETIME, MemoryReplayCache, ReplayCache
+from .srtp_keys import without_keys
 from .sdp import MediaLine, media_summary
 from .sipcontext import SipContext, message_aors
 from .sip import SipMessage
@@ -1011,10 +1012,12 @@ class ProxyEngine:
                            ttl=EARLY_DIALOG_TTL if early else None, keeper=keeper)
         return fresh
 
-    @staticmethod
-    def _seen(part: OpenedPart, context: SipContext | None) -> SeenBody:
+    def _seen(self, part: OpenedPart, context: SipContext | None) -> SeenBody:
         signers = part.signers
-        return SeenBody(part.cid, part.content_type, part.content, part.encrypted,
+        # what the archive keeps: never SRTP keys, which a UA sending its SDP unsplit
+        # (a stock phone's SDES, a legacy peer) lets us read (review 175 K1)
+        kept = without_keys(part.entity, part.content, self.config.keying_attributes)
+        return SeenBody(part.cid, part.content_type, kept, part.encrypted,
                         "valid" if part.signed else "none", signers[0] if signers else None,
                         bound=part.signed and context is not None,
                         signed_at=context.time if part.signed and context is not None

@@ -28,7 +28,7 @@ from .cms.limits import DEFAULT_LIMITS
 from .errors import InconsistentSplitError, LimitExceededError, MalformedError
 from .grammar import MIME_TOKEN_PATTERN
 
-__all__ = ["SdpLine", "SdpKeys", "MediaLine", "KEYING_ATTRIBUTES", "parse_lines", "mentions_keys",
+__all__ = ["SdpLine", "SdpKeys", "MediaLine", "KEYING_ATTRIBUTES", "parse_lines", "mentions_keys", "keying_line_pattern",
            "separate_keys", "merge_keys", "media_summary", "has_keys"]
 
 KEYING_ATTRIBUTES: tuple[str, ...] = ("crypto", "key-mgmt")
@@ -334,6 +334,11 @@ def _keying_line_pattern(keying: frozenset[str]) -> re.Pattern[bytes]:
     return re.compile(rb"(?i)(?<![a-z0-9_-])a[ \t]*=[ \t]*(?:acap[ \t]*:[ \t]*[0-9]+[ \t]+)?(?:"
                       + names + rb")(?![!#-'*+.0-9a-z^-~-])"
                       + rb"|(?:^|[\r\n])[ \t]*k[ \t]*=[ \t]*" + _K_METHODS)
+
+
+def keying_line_pattern(keying_attributes: Iterable[str] = KEYING_ATTRIBUTES) -> re.Pattern[bytes]:
+    """The pattern ``mentions_keys`` searches with (a proxy cuts what it matches)."""
+    return _keying_line_pattern(_keying_set(keying_attributes))
 
 
 def mentions_keys(text: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES) -> bool:

@@ -63,6 +63,12 @@ Tried and held (engine, cce9e28)
   anchor in ``[trust]`` co-signing with keys (the withdrawn-key thief is accepted in
   docs/threat-model.md, review 107: signatures are checked by name, not pinned); the phone
   and the Kamailio archive path for K1 (the same ``body_records`` the KEMI app calls).
+
+Fixed (stop 49): what the proxy archives of a part (``SeenBody.plaintext``) is
+``srtp_keys.without_keys``: an SDP without its keying lines (the view a split gives),
+any other part with each keying line's value cut, or a "withheld" line when keys may
+remain (a coding or charset the cut cannot read through).  The media summary and
+everything the proxy forwards are unchanged.
 """
 
 from __future__ import annotations
@@ -112,8 +118,6 @@ def _proxy_opens(world, message: SipMessage) -> list[bytes]:
 
 # -- K1 --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 175 hole K1: the proxy archives the SRTP "
-                                       "keys of an SDP it reads in the clear")
 @pytest.mark.parametrize("which", ["stock-offer", "stock-answer"])
 def test_k1_the_archive_keeps_no_srtp_key(world, tmp_path, which):
     proxy = proxy_engine(world, TRUSTED, view=SDP_VIEW)
