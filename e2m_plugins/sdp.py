@@ -28,7 +28,7 @@ from .cms.limits import DEFAULT_LIMITS
 from .errors import InconsistentSplitError, LimitExceededError, MalformedError
 from .grammar import MIME_TOKEN_PATTERN
 
-__all__ = ["SdpLine", "SdpKeys", "MediaLine", "KEYING_ATTRIBUTES", "parse_lines", "mentions_keys", "keying_line_pattern",
+__all__ = ["SdpLine", "SdpKeys", "MediaLine", "KEYING_ATTRIBUTES", "parse_lines", "mentions_keys",
            "separate_keys", "merge_keys", "media_summary", "has_keys"]
 
 KEYING_ATTRIBUTES: tuple[str, ...] = ("crypto", "key-mgmt")
@@ -326,19 +326,16 @@ _K_METHODS = rb"(?:clear|base64|uri|prompt)\b"
 @lru_cache(maxsize=16)
 def _keying_line_pattern(keying: frozenset[str]) -> re.Pattern[bytes]:
     names = b"|".join(re.escape(name.encode("ascii", "replace")) for name in sorted(keying))
-    # ``a=<name>`` anywhere in a line (bare CR line ends, a line run into text) where
-    # the name ends as pjmedia ends it (a link's "?a=crypto&x" names "crypto&x");
-    # ``k=<method>`` only at a line's start (a link's "?k=clear+..." is none)
-    # (an ``a=acap:<n> <name>`` offers one: review 172 K1)
-    # the name ends where pjmedia ends it, at a character that is no token character
-    return re.compile(rb"(?i)(?<![a-z0-9_-])a[ \t]*=[ \t]*(?:acap[ \t]*:[ \t]*[0-9]+[ \t]+)?(?:"
+    # ``a=<name>`` anywhere in a line (bare CR line ends, a line run into text), "="
+    # right after the "a" as in any SDP line, the name ending where pjmedia ends it (a
+    # link's "?a=crypto&x" names "crypto&x", prose's "a = crypto," is none: review 176
+    # HB1); ``k=<method>`` only at a line's start (a link's "?k=clear+..." is none); and
+    # SDES key material itself, "inline:" and a base64 key and salt (30 octets and more
+    # for every RFC 4568 suite: 40 characters), however the line around it is written
+    return re.compile(rb"(?i)(?<![a-z0-9_-])a=[ \t]*(?:acap[ \t]*:[ \t]*[0-9]+[ \t]+)?(?:"
                       + names + rb")(?![!#-'*+.0-9a-z^-~-])"
-                      + rb"|(?:^|[\r\n])[ \t]*k[ \t]*=[ \t]*" + _K_METHODS)
-
-
-def keying_line_pattern(keying_attributes: Iterable[str] = KEYING_ATTRIBUTES) -> re.Pattern[bytes]:
-    """The pattern ``mentions_keys`` searches with (a proxy cuts what it matches)."""
-    return _keying_line_pattern(_keying_set(keying_attributes))
+                      + rb"|(?:^|[\r\n])[ \t]*k[ \t]*=[ \t]*" + _K_METHODS
+                      + rb"|inline:[a-z0-9+/]{40}")
 
 
 def mentions_keys(text: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES) -> bool:

@@ -34,7 +34,7 @@ from . import mime
 from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.signed import signed_content
 from .errors import E2MError, LimitExceededError, MalformedError
-from .sdp import KEYING_ATTRIBUTES, has_keys, keying_line_pattern, mentions_keys, separate_keys
+from .sdp import KEYING_ATTRIBUTES, has_keys, mentions_keys, separate_keys
 
 __all__ = ["holds_keys", "without_keys"]
 
@@ -65,48 +65,24 @@ WITHHELD = b"[withheld by the proxy: this part may hold SRTP keys]\r\n"
 def without_keys(part: mime.MimePart, content: bytes,
                  keying_attributes: Sequence[str] = KEYING_ATTRIBUTES) -> bytes:
     """What a proxy may keep of a part it read (``content``, its plaintext): an SDP
-    without its keying lines (the view a split would have given it), any other part
-    with each keying line's value cut, or ``WITHHELD`` when keys may remain in it
-    (a coding or charset the cut cannot read through).  A proxy reads the keys of an
+    without its keying lines (the view a split would have given it), any other part as
+    it is when it holds no keys, else ``WITHHELD`` whole.  A proxy reads the keys of an
     SDP a UA sent unsplit (a stock phone's SDES, a ``[[legacy]]`` peer, ``require =
-    false``); it must not keep them (review 175 K1)."""
+    false``); it must not keep them (review 175 K1).  A part is not cut line by line:
+    a key beside a cut line, or a cut marker larger than what it replaced, were what
+    cutting left (review 176)."""
     if part.content_type.mime_type == "application/sdp":
         try:
             view, _ = separate_keys(content, keying_attributes)
         except (MalformedError, LimitExceededError):
             return WITHHELD
         return view
-    if not holds_keys(part, keying_attributes):
-        return content
-    cut = _cut_keying_lines(content, keying_line_pattern(keying_attributes))
-    # the cut text under the part's own headers but its transfer encoding (``content``
-    # has none left): a content coding or charset the cut could not read through
-    # still shows keys, and the whole part is withheld
-    cut_part = mime.MimePart(tuple((n, v) for n, v in part.headers
-                                   if n.lower() != "content-transfer-encoding"), cut)
+    cleartext = mime.MimePart(tuple((n, v) for n, v in part.headers
+                                    if n.lower() != "content-transfer-encoding"), content)
     try:
-        return WITHHELD if holds_keys(cut_part, keying_attributes) else cut
+        return WITHHELD if holds_keys(cleartext, keying_attributes) else content
     except E2MError:
         return WITHHELD
-
-
-def _cut_keying_lines(content: bytes, pattern: re.Pattern[bytes]) -> bytes:
-    """``content`` with each keying line, from its attribute (or ``k=``) to the line's
-    end, replaced by ``[keying line withheld]``."""
-    out, pos = bytearray(), 0
-    for match in pattern.finditer(content):
-        if match.start() < pos:
-            continue
-        start = match.start() + (1 if content[match.start():match.start() + 1] in
-                                 (b"\r", b"\n") else 0)     # a k= match's line end
-        end = len(content)
-        for stop in (b"\r", b"\n"):
-            found = content.find(stop, match.end())
-            if found != -1:
-                end = min(end, found)
-        out += content[pos:start] + b"[keying line withheld]"
-        pos = end
-    return bytes(out + content[pos:])
 
 
 class _Unreadable(Exception):

@@ -5,9 +5,9 @@ line (a space where RFC 4568 has the colon) as its SDES key.  Two accounts with 
 mandatory on one endpoint; a raw hook rewrites every sent ``a=crypto:`` to
 ``a=crypto `` (offer and answer).  The call is confirmed and both sides' audio is
 active (under ``PJMEDIA_SRTP_MANDATORY`` a callee that found no usable key refuses the
-offer, 488), so the spaced line carried the key pjsua used; while
-``e2m_plugins.sdp.has_keys`` says that SDP holds no keys, the split leaves the key in
-the proxy's view (the xfail test in the unit module).
+offer, 488), so the spaced line carried the key pjsua used; ``e2m_plugins.sdp.has_keys``
+said that SDP held no keys, so the split left the key in the proxy's view (the unit
+module's K1).  Since stop 49 ``has_keys`` reads the name as pjmedia does and sees it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def test_control_pjsua_uses_a_crypto_key_whose_name_ends_with_a_space(make_endpo
     assert len(sdps) >= 2                               # offer and answer
     for body in sdps:
         assert b"a=crypto 1 " in body and b"a=crypto:" not in body and b"inline:" in body
-        assert not has_keys(body)                       # what K1 is: e2m sees no key
+        # what K1 was: e2m saw no key here; since its fix (stop 49) it sees one
+        assert has_keys(body)
     mark = ev.mark()
     call.end()
     ev.wait("call_state", source=alice.uri, since=mark,
