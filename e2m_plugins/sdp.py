@@ -340,9 +340,9 @@ def _keying_line_pattern(keying: frozenset[str]) -> re.Pattern[bytes]:
 
 def mentions_keys(text: bytes, keying_attributes: Iterable[str] = KEYING_ATTRIBUTES) -> bool:
     """Whether ``text``, which need not be an SDP (a SIP fragment, a CPIM wrapper, a
-    text a user pasted an offer into), holds anything like a keying line, anywhere in a
-    line.  Loose on purpose (spaces, any case): a false alarm stops one message, a miss
-    sends keys."""
+    text a user pasted an offer into), holds anything like a keying line anywhere in a
+    line, or SDES key material.  Loose on purpose (any case, spaces after "=", anywhere
+    in a line): a false alarm stops one message, a miss sends keys."""
     return _keying_line_pattern(_keying_set(keying_attributes)).search(text) is not None
 
 

@@ -72,6 +72,8 @@ def without_keys(part: mime.MimePart, content: bytes,
     a key beside a cut line, or a cut marker larger than what it replaced, were what
     cutting left (review 176)."""
     if part.content_type.mime_type == "application/sdp":
+        if not _may_name_keys(content, keying_attributes):
+            return content        # no keying name anywhere: no second parse per SDP
         try:
             view, _ = separate_keys(content, keying_attributes)
         except (MalformedError, LimitExceededError):
@@ -83,6 +85,14 @@ def without_keys(part: mime.MimePart, content: bytes,
         return WITHHELD if holds_keys(cleartext, keying_attributes) else content
     except E2MError:
         return WITHHELD
+
+
+def _may_name_keys(sdp: bytes, keying_attributes: Sequence[str]) -> bool:
+    """Whether ``sdp`` holds ``k=`` or a keying attribute's name anywhere (any case): a
+    superset of what ``separate_keys`` takes out, a few microseconds on an SDP."""
+    lowered = sdp.lower()
+    return b"k=" in lowered or any(name.strip().lower().encode("ascii", "replace") in lowered
+                                   for name in keying_attributes)
 
 
 class _Unreadable(Exception):
