@@ -71,6 +71,8 @@ import pytest
 from e2m_lab.kamailio_harness import (PROXY_HOST, ProxyHandle, RawUas, SipUa, registered_uas,
                                       start_proxy)
 from e2m_lab.ports import free_port
+from tests.kamailio.test_review168_from_our_address_wire import _delivered as delivered_to
+from tests.kamailio.test_review168_from_our_address_wire import _rows
 from e2m_plugins.testpki import TestPKI
 
 pytestmark = pytest.mark.kamailio
@@ -129,17 +131,7 @@ def _message(home: ProxyHandle, from_value: str, text: bytes, *, source: str | N
 
 
 def _delivered(bob: RawUas, text: bytes, timeout: float = 0.7) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = [m.get("From") or "" for m in bob.received if m.body == text]
-        if got:
-            return got
-        time.sleep(0.05)
-    return []
-
-
-def _rows(home: ProxyHandle, text: bytes) -> list[tuple[str | None, str | None]]:
-    return [(r.from_uri, r.signer) for r in home.archive_rows() if r.plaintext == text]
+    return delivered_to(bob, text, timeout)
 
 
 SPELLINGS = ["<sip:alice@127.0.0.1.:1>", "<sip:alice@127.0.0.1.>", "<sip:alice@127.0.0.1.:{port}>",
