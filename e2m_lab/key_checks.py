@@ -39,3 +39,19 @@ def keys_kept_secret(engine: Any, message: SipMessage, *, key: bytes) -> bool:
     if key in protected.message.body or not info.encrypted:
         return False
     return info.split or not info.readable_by
+
+
+def failure_answer_with(pki: Any, body: bytes, *, call_id: str, proxies: tuple,
+                        status: int = 488, tag: str = "b-fail") -> tuple[Any, SipMessage]:
+    """bob's engine and his ``status`` answer carrying ``body`` as its SDP, to alice's
+    SRTP INVITE (split for ``proxies``) that he opened: what a stack that answers a
+    refused offer with its capabilities would hand ``protect``."""
+    from e2m_plugins.sip import make_response
+
+    from .flows import SRTP_OFFER, invite, ua_engine
+    alice = ua_engine(pki, "alice", proxies=proxies)
+    bob = ua_engine(pki, "bob", proxies=proxies)
+    got = bob.open(alice.protect(invite(pki, SRTP_OFFER, call_id=call_id)).message).message
+    reply = make_response(got, status, "Not Acceptable Here",
+                          [("Contact", "<sip:bob@127.0.0.1:5062>")], body, "application/sdp")
+    return bob, reply.replace("To", f"{got.get('To')};tag={tag}")

@@ -71,17 +71,24 @@ def _proxy_reads(pki: TestPKI, msg: sip.SipMessage) -> list[bytes]:
     return out
 
 
+def _alices_srtp_invite(pki, bob, peer):
+    """alice's engine (bob's certificate, the home proxy viewing SDP) and her plain SRTP
+    INVITE to bob's phone from ``peer``'s socket, with its Via host and Contact."""
+    alice = ua_engine(pki, "alice", peers=("bob",),
+                      proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
+    via = f"{HOST}:{peer.local_port}"
+    contact = [("Contact", f"<sip:alice@{via}>")]
+    plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}",
+                             from_uri=pki.aor("alice"), to_uri=pki.aor("bob"), via_host=via,
+                             body=SRTP_OFFER, content_type="application/sdp",
+                             extra_headers=contact)
+    return alice, plain, via, contact
+
+
 def test_control_update_with_a_new_srtp_offer_is_answered_and_keys_stay_end_to_end(pki, bob):
     peer = UdpStranger(bob.port)
     try:
-        alice = ua_engine(pki, "alice", peers=("bob",),
-                          proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
-        via = f"{HOST}:{peer.local_port}"
-        contact = [("Contact", f"<sip:alice@{via}>")]
-        plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}",
-                                 from_uri=pki.aor("alice"), to_uri=pki.aor("bob"), via_host=via,
-                                 body=SRTP_OFFER, content_type="application/sdp",
-                                 extra_headers=contact)
+        alice, plain, via, contact = _alices_srtp_invite(pki, bob, peer)
         protected = alice.protect(plain)
         assert protected.info.split
         peer.send(protected.message.serialize())
@@ -135,14 +142,7 @@ def test_control_refer_is_accepted_and_its_notify_sipfrags_go_out(pki, bob):
     socket in 3 s), as ``require`` wants; 1 passed in 9.5 s."""
     peer, other = UdpStranger(bob.port), UdpStranger(bob.port)
     try:
-        alice = ua_engine(pki, "alice", peers=("bob",),
-                          proxies=(known_proxy(pki, TRUSTED, SDP_VIEW),))
-        via = f"{HOST}:{peer.local_port}"
-        contact = [("Contact", f"<sip:alice@{via}>")]
-        plain = sip.make_request("INVITE", f"sip:bob@{HOST}:{bob.port}",
-                                 from_uri=pki.aor("alice"), to_uri=pki.aor("bob"), via_host=via,
-                                 body=SRTP_OFFER, content_type="application/sdp",
-                                 extra_headers=contact)
+        alice, plain, via, contact = _alices_srtp_invite(pki, bob, peer)
         peer.send(alice.protect(plain).message.serialize())
         data = _answer_to(peer, plain.call_id, "INVITE", 10)
         assert data is not None and data.startswith(b"SIP/2.0 200"), data and data[:60]

@@ -102,11 +102,11 @@ import time
 
 import pytest
 
-from e2m_lab.key_checks import proxy_reads
+from e2m_lab.key_checks import failure_answer_with, proxy_reads
 
 from e2m_lab.flows import SDP_VIEW, SRTP_OFFER, TRUSTED, invite, known_proxy, ua_engine
 from e2m_plugins.errors import E2MError, PolicyError
-from e2m_plugins.sip import SipMessage, make_request, make_response
+from e2m_plugins.sip import SipMessage, make_request
 from e2m_plugins.testpki import init_test_pki
 
 KEY = b"WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz"   # flows.CRYPTO's inline key
@@ -155,12 +155,8 @@ def test_k1_capneg_acap_crypto_key_is_never_readable_by_the_proxy(world, shape):
         if shape == "invite-sdp-view":
             out = alice.protect(offer).message
         else:
-            bob = ua_engine(world, "bob", proxies=sdp_proxy)
-            got = bob.open(alice.protect(invite(world, SRTP_OFFER, call_id="r172-k1-488"))
-                           .message).message
-            reply = make_response(got, 488, "Not Acceptable Here",
-                                  [("Contact", "<sip:bob@127.0.0.1:5062>")], CAPNEG_OFFER,
-                                  "application/sdp").replace("To", f"{got.get('To')};tag=b172")
+            bob, reply = failure_answer_with(world, CAPNEG_OFFER, call_id="r172-k1-488", proxies=sdp_proxy,
+                                             tag="b172")
             out = bob.protect(reply).message
     except PolicyError:
         return                                  # refused: nothing sent (secure)

@@ -84,12 +84,11 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.key_checks import proxy_reads
+from e2m_lab.key_checks import failure_answer_with, proxy_reads
 
 from e2m_lab.flows import SDP_VIEW, SRTP_OFFER, TRUSTED, invite, known_proxy, ua_engine
 from e2m_plugins.errors import PolicyError
 from e2m_plugins.sdp import has_keys, mentions_keys
-from e2m_plugins.sip import make_response
 from e2m_plugins.testpki import init_test_pki
 
 KEY = b"WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz"   # flows.CRYPTO's inline key
@@ -146,12 +145,8 @@ def test_k1_crypto_name_ended_by_a_space_is_never_readable_by_the_proxy(world, s
         if shape != "488-in-the-clear":
             out = alice.protect(invite(world, body, call_id=f"r173-k1-{shape}")).message
         else:
-            bob = ua_engine(world, "bob", proxies=sdp_proxy)
-            got = bob.open(alice.protect(invite(world, SRTP_OFFER, call_id="r173-k1-488"))
-                           .message).message
-            reply = make_response(got, 488, "Not Acceptable Here",
-                                  [("Contact", "<sip:bob@127.0.0.1:5062>")], body,
-                                  "application/sdp").replace("To", f"{got.get('To')};tag=b173")
+            bob, reply = failure_answer_with(world, body, call_id="r173-k1-488", proxies=sdp_proxy,
+                                             tag="b173")
             out = bob.protect(reply).message
     except PolicyError:
         return                                  # refused: nothing sent (secure)
