@@ -48,9 +48,10 @@ from .cms.limits import DEFAULT_LIMITS, Limits
 from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
                              recipient_for_certificate, reuse_kek)
 from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeError, E2MError,
-                     MalformedError, MergedRequestError, NoMatchingRecipientError,
-                     DecryptionError, LimitExceededError, PolicyError, SignatureRequiredError,
-                     UndecipherableError, UntrustedSignerError)
+                     InconsistentSplitError, MalformedError, MergedRequestError,
+                     NoMatchingRecipientError, DecryptionError, LimitExceededError,
+                     PolicyError, SignatureRequiredError, UndecipherableError,
+                     UntrustedSignerError)
 from .certfiles import readable_certificate
 from .config import DEFAULT_POLICY_EXPIRES, LegacyPeer, UAConfig
 from .dialog_keys import MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, dialog_parties
@@ -1116,6 +1117,8 @@ class UAEngine:
                 message, chosen.entity):
             raise DowngradeError("signed but not encrypted where E2M protection is required")
         content, sealed = self._with_sealed_keys(chosen, keys, limits, peer)
+        if sealed is None:
+            self._refuse_keys_others_read(message, chosen, contexts, legacy)
         self._check_replay(message, [c for c in contexts.values() if c is not None])
         # only now, the message accepted: a refused one (a replay, a downgrade) keeps
         # nothing and uses no dialog key up (review 63)
@@ -1147,6 +1150,28 @@ class UAEngine:
             return chosen.content, None
         keys, envelope = found
         return merge_keys(chosen.content, keys, self.config.keying_attributes), envelope
+
+    def _refuse_keys_others_read(self, message: SipMessage, chosen: OpenedPart,
+                                 contexts: dict[int, SipContext | None],
+                                 legacy: LegacyPeer | None) -> None:
+        """SRTP keys in a whole SDP are used only when nobody but us could read them: no
+        reader in the sender's context or labels, and we are its envelope's one
+        recipient (a ``[[legacy]]`` peer may seal a copy for itself too).  A peer that
+        seals its keyed SDP for a proxy as well gives the proxy its media's key: what a
+        split is for, and what ``open_sealed_keys`` refuses for sealed keys (review 179
+        K1)."""
+        if chosen.content_type != "application/sdp" or not chosen.encrypted:
+            return       # in the clear: the require check above decides
+        try:
+            keyed = has_keys(chosen.content, self.config.keying_attributes)
+        except E2MError:
+            keyed = True     # pjmedia may read what we cannot: fail closed
+        if not keyed:
+            return
+        shared = legacy is None and any(e.recipient_count != 1 for e in chosen.envelopes)
+        if shared or self._readers_of(message, chosen, contexts):
+            raise InconsistentSplitError("SRTP keys in an SDP others may read: keys come only "
+                                         "sealed for us, or in an SDP nobody else reads")
 
     def _keep_sealed(self, message: SipMessage, envelope: OpenedEnvelope) -> None:
         """The sealed keys' CEK, sealed for us alone, may carry our own keys back: kept as

@@ -53,6 +53,13 @@ Tried and held:
 - Not done in the time (about 20 minutes): reliable 183 with PRACK, an early UPDATE, the
   phone as callee sending early media (the phone only answers 180/200: ``auto_answer``),
   and a Kamailio in the path; the late-2xx path (``late_2xx.py``) with keys was not rerun.
+
+Fixed (stop 50): a UA uses SRTP keys from a whole SDP only when nobody but itself could
+read them: a keyed SDP whose sender names any reader (signed context or labels), or
+sealed for more than one recipient (but from a ``[[legacy]]`` peer, which may keep a copy
+for itself), is refused ``InconsistentSplitError`` (``UAEngine._refuse_keys_others_read``;
+``tests/unit/test_stop50_received_keys.py`` covers a second recipient no context
+names).  Both hole tests failed on the code before the fix and pass with it.
 """
 
 from __future__ import annotations
@@ -235,7 +242,6 @@ def test_control_a_183_signed_by_carol_is_refused(pki, ringing):
     assert not _media(alice, mark)
 
 
-@pytest.mark.xfail(strict=True, reason="review 179 hole K1: keyed early SDP sealed to the proxy too is used")
 def test_k1_a_183_whose_keys_the_proxy_reads_is_not_used(pki, ringing):
     alice, bob, invite = ringing
     mark = alice.mark()
@@ -251,7 +257,6 @@ def test_k1_a_183_whose_keys_the_proxy_reads_is_not_used(pki, ringing):
         [e["kind"] for e in alice.events[mark:]]
 
 
-@pytest.mark.xfail(strict=True, reason="review 179 hole K1: keyed 200 sealed to the proxy too is used")
 def test_k1_a_200_whose_keys_the_proxy_reads_sets_up_no_call(pki, ringing):
     alice, bob, invite = ringing
     mark = alice.mark()
