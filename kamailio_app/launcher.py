@@ -397,19 +397,26 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
 
 # A Kamailio log record starts " N(pid) LEVEL: "; anything else continues the last one.
 _RECORD = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: ")
-# Records that quote a received message: the core's parser (parse_via quotes the rest
-# of the message, body included, at ERROR and whatever sip_parser_log says), the TCP
-# reader (a framing error, e.g. a bad Content-Length or a message over tcp_rd_buf_size,
-# is logged at ERROR with the whole buffer on the lines that follow) and the UDP
-# receiver (at DEBUG, the first 100 octets of every datagram).
+# Records that quote a received message on their first line: the core's parser
+# (parse_via quotes the rest of the message, body included, at ERROR and whatever
+# sip_parser_log says), the TCP reader (a framing error is logged at ERROR with the
+# whole buffer) and the UDP receiver (at DEBUG, the first 100 octets of every datagram).
 _QUOTING = (b"[core/parser/", b"message=<", b"[core/tcp_read.c", b"[core/udp_server.c")
 _CUT = b"... [cut by e2m-proxy: the rest may quote a message body]"
+# Lines after a record's first are a buffer it prints: at DEBUG the core prints every
+# relayed reply (msg_translator.c), every stateless forward (forward.c), every TCP
+# write (tcp_main.c), tm an INVITE it reparses (review 178 and stop 50); so they all go
+# but those of a Python traceback (code and exception text of ours, which never quotes
+# a body: the one place an operator learns why the script did not load).
+_KEPT_CONTINUATIONS = (b"Unhandled exception in the Python code:",)
+_DROPPED = b"    [the lines after this record cut by e2m-proxy: they may quote a message]\n"
 
 
 class LogCutter:
     """Passes Kamailio's stderr on, line by line, with every record of the core's parser
-    and readers (which may quote a message) cut at its first "<" or "[", and its
-    continuation lines dropped.
+    and readers (which may quote a message) cut at its first "<" or "[", and the
+    continuation lines of every record but a Python traceback dropped (one marker line
+    in their place).
 
     Kamailio 5.6 has no setting that keeps parse_via's error out of the log: it quotes
     from the broken Via to the end of the message at ERROR.  ``sip_parser_log_oneline``
@@ -419,8 +426,9 @@ class LogCutter:
     LIMIT = 65536
 
     def __init__(self) -> None:
-        self._in_cut_record = False   # continuation lines of a cut record are dropped
-        self._rest_of_line = None     # None: at a line start; else keep (True) or drop
+        self._keep_continuation = True   # lines before any record (Python's own, at start)
+        self._marked = False             # the current record's marker line is written
+        self._rest_of_line = None        # None: at a line start; else keep (True) or drop
 
     def process(self, chunk: bytes) -> bytes:
         """What to write for ``chunk`` (a line, or a piece of one, as readline gives)."""
@@ -430,14 +438,17 @@ class LogCutter:
             self._rest_of_line = None if ends else keep
             return chunk if keep else b""
         if _RECORD.match(chunk):
-            self._in_cut_record = any(mark in chunk for mark in _QUOTING)
-            out = self._cut(chunk) if self._in_cut_record else chunk
-            keep = not self._in_cut_record
-            if self._in_cut_record and not ends:     # cut before its end: the end goes
+            quoting = any(mark in chunk for mark in _QUOTING)
+            self._keep_continuation = any(mark in chunk for mark in _KEPT_CONTINUATIONS)
+            self._marked = False
+            out = self._cut(chunk) if quoting else chunk
+            keep = not quoting
+            if quoting and not ends:     # cut before its end: the end goes
                 out = out if out.endswith(b"\n") else out + b"\n"
         else:
-            keep = not self._in_cut_record
-            out = chunk if keep else b""
+            keep = self._keep_continuation
+            out = chunk if keep else (b"" if self._marked else _DROPPED)
+            self._marked = True
         self._rest_of_line = None if ends else keep
         return out
 
