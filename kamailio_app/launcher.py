@@ -397,26 +397,37 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
 
 # A Kamailio log record starts " N(pid) LEVEL: "; anything else continues the last one.
 _RECORD = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: ")
-# Records that quote a received message on their first line: the core's parser
-# (parse_via quotes the rest of the message, body included, at ERROR and whatever
-# sip_parser_log says), the TCP reader (a framing error is logged at ERROR with the
-# whole buffer) and the UDP receiver (at DEBUG, the first 100 octets of every datagram).
-_QUOTING = (b"[core/parser/", b"message=<", b"[core/tcp_read.c", b"[core/udp_server.c")
+# A record written while a message is handled has the cfg's log_prefix ("{$mt ...}")
+# right after its level.
+_IN_MESSAGE = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: \{")
+# Records that quote a message or a secret on their first line, cut at its first quote
+# or "=": the core's parser (parse_via quotes the rest of the message, body included,
+# at ERROR and whatever sip_parser_log says), the TCP reader (a framing error is logged
+# at ERROR with the whole buffer), the UDP receiver (at DEBUG, the first 100 octets of
+# every datagram), and auth's digest check (at DEBUG the response the user's password
+# gives for the sender's own nonce and cnonce: an offline guessing oracle, review 180;
+# the HA1 when it is computed).
+_QUOTING = (b"[core/parser/", b"message=<", b"[core/tcp_read.c", b"[core/udp_server.c",
+            b"auth_check_response(): ", b"HA1 string calculated")
 _CUT = b"... [cut by e2m-proxy: the rest may quote a message body]"
 # Lines after a record's first are a buffer it prints: at DEBUG the core prints every
 # relayed reply (msg_translator.c), every stateless forward (forward.c), every TCP
 # write (tcp_main.c), tm an INVITE it reparses (review 178 and stop 50); so they all go
-# but those of a Python traceback (code and exception text of ours, which never quotes
-# a body: the one place an operator learns why the script did not load).
-_KEPT_CONTINUATIONS = (b"Unhandled exception in the Python code:",)
+# but those of a Python traceback written at start-up (no message handled yet: why the
+# script did not load).  Later a traceback's lines go too: an exception's text may
+# quote a message, and a printed message can hold a line that looks like this record
+# (a folded header), which must not make the lines after it pass (review 180).
+_TRACEBACK = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: app_python3 \[python_support\.c:\d+\]: "
+                        rb"python_handle_exception\(\): (?:[^ ]+: )?"
+                        rb"Unhandled exception in the Python code:")
 _DROPPED = b"    [the lines after this record cut by e2m-proxy: they may quote a message]\n"
 
 
 class LogCutter:
-    """Passes Kamailio's stderr on, line by line, with every record of the core's parser
-    and readers (which may quote a message) cut at its first "<" or "[", and the
-    continuation lines of every record but a Python traceback dropped (one marker line
-    in their place).
+    """Passes Kamailio's stderr on, line by line, with every record that may quote a
+    message or a secret on its first line (``_QUOTING``) cut at its first quote, and the
+    continuation lines of every record dropped (one marker line in their place), but a
+    Python traceback's written before the first message.
 
     Kamailio 5.6 has no setting that keeps parse_via's error out of the log: it quotes
     from the broken Via to the end of the message at ERROR.  ``sip_parser_log_oneline``
@@ -427,6 +438,7 @@ class LogCutter:
 
     def __init__(self) -> None:
         self._keep_continuation = True   # lines before any record (Python's own, at start)
+        self._serving = False            # a record of a message's handling was seen
         self._marked = False             # the current record's marker line is written
         self._rest_of_line = None        # None: at a line start; else keep (True) or drop
 
@@ -438,8 +450,9 @@ class LogCutter:
             self._rest_of_line = None if ends else keep
             return chunk if keep else b""
         if _RECORD.match(chunk):
+            self._serving = self._serving or bool(_IN_MESSAGE.match(chunk))
             quoting = any(mark in chunk for mark in _QUOTING)
-            self._keep_continuation = any(mark in chunk for mark in _KEPT_CONTINUATIONS)
+            self._keep_continuation = not self._serving and bool(_TRACEBACK.match(chunk))
             self._marked = False
             out = self._cut(chunk) if quoting else chunk
             keep = not quoting
@@ -456,7 +469,7 @@ class LogCutter:
     def _cut(line: bytes) -> bytes:
         start = line.find(b"(): ")
         start = start + 4 if start >= 0 else 0
-        quoted = [i for i in (line.find(b"<", start), line.find(b"[", start)) if i >= 0]
+        quoted = [i for i in (line.find(mark, start) for mark in b"<['\"=") if i >= 0]
         text = line.rstrip(b"\n")
         end = min(quoted) + 1 if quoted else min(len(text), start + 200)
         return text + b"\n" if end >= len(text) else line[:end] + _CUT + b"\n"

@@ -2,8 +2,10 @@
 
 Review 178 and stop 50: Kamailio prints whole messages on the lines after a record's
 first one (at DEBUG: every relayed reply, stateless forward and TCP write), so those
-lines never pass; a Python traceback's do (it is how an operator learns why the script
-failed, and our code puts no body in an exception).
+lines never pass; a Python traceback's do only before the first message is handled (it
+is how an operator learns why the script did not load), since a printed message may
+hold a line written to look like one (review 180).  Review 180 K1: auth's digest check
+logs, at DEBUG, the response the user's password gives: cut at its "=".
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ TRACEBACK = (b" 2(11) ERROR: app_python3 [python_support.c:150]: python_handle_e
              b"  File \"kemi.py\", line 3, in ksr_request_route\n"
              b"ValueError: no such route\n")
 PLAIN = b" 1(10) INFO: <script>: e2m: MESSAGE request action=forward\n"
+IN_MESSAGE = b" 1(10) INFO: {1 MESSAGE c1@x} <script>: e2m: MESSAGE request action=forward\n"
+# a relayed reply whose folded To header alice wrote to look like a traceback record
+FOLDED = (b" 3(12) DEBUG: {1 MESSAGE c1@x} <core> [core/msg_translator.c:2357]: "
+          b"generate_res_buf_from_sip_res(): copied size: orig:1, new: 1, rest: 1 msg=\n"
+          b"SIP/2.0 200 OK\n"
+          b"To: <sip:bob@example.com>\n" + TRACEBACK.splitlines(keepends=True)[0] +
+          b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:SECRETKEY\n")
+DIGEST = (b" 3(12) DEBUG: {1 REGISTER c2@x} auth [api.c:292]: auth_check_response(): "
+          b"Our result = '0123456789abcdef0123456789abcdef'\n")
 
 
 def _cut(data: bytes, limit: int = LogCutter.LIMIT) -> bytes:
@@ -45,9 +56,24 @@ def test_a_long_printed_line_goes_in_every_piece():
     assert b"SECRETKEY" not in out and b"kkkk" not in out and out.endswith(PLAIN)
 
 
-def test_a_python_traceback_keeps_its_lines():
+def test_a_python_traceback_at_start_keeps_its_lines():
     out = _cut(TRACEBACK + REPLY)
     assert TRACEBACK in out and b"SECRETKEY" not in out
+
+
+def test_a_traceback_once_messages_are_handled_loses_its_lines():
+    out = _cut(IN_MESSAGE + TRACEBACK)
+    assert b"ValueError" not in out and b"Unhandled exception" in out
+
+
+def test_a_printed_line_shaped_as_a_traceback_record_lets_nothing_after_it_pass():
+    out = _cut(IN_MESSAGE + FOLDED)
+    assert b"SECRETKEY" not in out
+
+
+def test_the_digest_check_record_is_cut_before_the_response():
+    out = _cut(DIGEST)
+    assert b"0123456789abcdef" not in out and b"auth_check_response()" in out
 
 
 def test_a_line_after_a_traceback_record_and_a_new_record_is_judged_again():
