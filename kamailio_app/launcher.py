@@ -400,16 +400,21 @@ _RECORD = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: ")
 # A record written while a message is handled has the cfg's log_prefix ("{$mt ...}")
 # right after its level.
 _IN_MESSAGE = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: \{")
-# Records that quote a message or a secret on their first line, cut at its first quote
+# Records above DEBUG that quote a message on their first line, cut at its first quote
 # or "=": the core's parser (parse_via quotes the rest of the message, body included,
-# at ERROR and whatever sip_parser_log says), the TCP reader (a framing error is logged
-# at ERROR with the whole buffer), the UDP receiver (at DEBUG, the first 100 octets of
-# every datagram), and auth's digest check (at DEBUG the response the user's password
-# gives for the sender's own nonce and cnonce: an offline guessing oracle, review 180;
-# the HA1 when it is computed).
-_QUOTING = (b"[core/parser/", b"message=<", b"[core/tcp_read.c", b"[core/udp_server.c",
-            b"auth_check_response(): ", b"HA1 string calculated")
+# at ERROR and whatever sip_parser_log says) and the TCP reader (a framing error is
+# logged at ERROR with the whole buffer).
+_QUOTING = (b"[core/parser/", b"message=<", b"[core/tcp_read.c")
 _CUT = b"... [cut by e2m-proxy: the rest may quote a message body]"
+# A DEBUG record keeps its place and function only: at that level Kamailio writes what
+# it handles, and no list of the records that quote a secret stays whole (the first 100
+# octets of every datagram; auth's digest response, an offline guessing oracle, review
+# 180; the HA1 a database row held, review 182; every KSR call's arguments).  Our own
+# lines are INFO.
+# (anywhere in a line: Kamailio writes some records in two pieces, the first without
+# its newline, and another process's record can start right after it)
+_DEBUG = re.compile(rb"\d+\(\d+\) DEBUG: ")
+_DEBUG_CUT = b" [debug text cut by e2m-proxy]\n"
 # Lines after a record's first are a buffer it prints: at DEBUG the core prints every
 # relayed reply (msg_translator.c), every stateless forward (forward.c), every TCP
 # write (tcp_main.c), tm an INVITE it reparses (review 178 and stop 50); so they all go
@@ -424,10 +429,11 @@ _DROPPED = b"    [the lines after this record cut by e2m-proxy: they may quote a
 
 
 class LogCutter:
-    """Passes Kamailio's stderr on, line by line, with every record that may quote a
-    message or a secret on its first line (``_QUOTING``) cut at its first quote, and the
-    continuation lines of every record dropped (one marker line in their place), but a
-    Python traceback's written before the first message.
+    """Passes Kamailio's stderr on, line by line, with every DEBUG record cut after its
+    function's name, every other record that may quote a message on its first line
+    (``_QUOTING``) cut at its first quote, and the continuation lines of every record
+    dropped (one marker line in their place), but a Python traceback's written before
+    the first message.
 
     Kamailio 5.6 has no setting that keeps parse_via's error out of the log: it quotes
     from the broken Via to the end of the message at ERROR.  ``sip_parser_log_oneline``
@@ -451,10 +457,9 @@ class LogCutter:
             return chunk if keep else b""
         if _RECORD.match(chunk):
             self._serving = self._serving or bool(_IN_MESSAGE.match(chunk))
-            quoting = any(mark in chunk for mark in _QUOTING)
+            out, quoting = self._first_line(chunk)
             self._keep_continuation = not self._serving and bool(_TRACEBACK.match(chunk))
             self._marked = False
-            out = self._cut(chunk) if quoting else chunk
             keep = not quoting
             if quoting and not ends:     # cut before its end: the end goes
                 out = out if out.endswith(b"\n") else out + b"\n"
@@ -464,6 +469,28 @@ class LogCutter:
             self._marked = True
         self._rest_of_line = None if ends else keep
         return out
+
+    @classmethod
+    def _first_line(cls, line: bytes) -> tuple[bytes, bool]:
+        """What to write of a record's first line, and whether anything was cut."""
+        debug = _DEBUG.search(line)
+        head = line if debug is None else line[:debug.start()]
+        if any(mark in head for mark in _QUOTING):
+            return cls._cut(head), True            # a DEBUG record after it goes with it
+        if debug is None:
+            return line, False
+        return head + cls._debug_cut(line[debug.start():]), True
+
+    @staticmethod
+    def _debug_cut(line: bytes) -> bytes:
+        """A DEBUG record up to its function's name (``func():``), or its place
+        (``[file:line]:``); the log prefix before them names the message's method,
+        CSeq and Call-ID, which every level writes."""
+        end = line.find(b"(): ")
+        if end >= 0:
+            return line[:end + 3] + _DEBUG_CUT
+        end = line.find(b"]: ")
+        return (line[:end + 2] if end >= 0 else line[:_DEBUG.match(line).end() - 1]) + _DEBUG_CUT
 
     @staticmethod
     def _cut(line: bytes) -> bytes:

@@ -4,8 +4,9 @@ Review 178 and stop 50: Kamailio prints whole messages on the lines after a reco
 first one (at DEBUG: every relayed reply, stateless forward and TCP write), so those
 lines never pass; a Python traceback's do only before the first message is handled (it
 is how an operator learns why the script did not load), since a printed message may
-hold a line written to look like one (review 180).  Review 180 K1: auth's digest check
-logs, at DEBUG, the response the user's password gives: cut at its "=".
+hold a line written to look like one (review 180).  At DEBUG Kamailio writes what it
+handles on the first line too (auth's digest response, review 180 K1; a database row's
+HA1, review 182 K1): a DEBUG record keeps only its place and function name.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def _cut(data: bytes, limit: int = LogCutter.LIMIT) -> bytes:
 def test_a_records_printed_message_is_one_marker_line():
     out = _cut(PLAIN + REPLY + PLAIN)
     assert b"SECRETKEY" not in out and b"SIP/2.0 200" not in out
-    assert out.count(b"cut by e2m-proxy") == 1
+    assert out.count(b"the lines after this record cut") == 1
     assert out.startswith(PLAIN) and out.endswith(PLAIN)
-    assert b"copied size" in out           # the record itself stays
+    assert b"generate_res_buf_from_sip_res()" in out    # the record itself stays
 
 
 def test_a_long_printed_line_goes_in_every_piece():
@@ -79,3 +80,22 @@ def test_the_digest_check_record_is_cut_before_the_response():
 def test_a_line_after_a_traceback_record_and_a_new_record_is_judged_again():
     out = _cut(TRACEBACK + PLAIN + b"a=crypto:1 inline:LATE\n")
     assert b"ValueError" in out and b"LATE" not in out
+
+
+def test_a_debug_record_keeps_its_place_and_function_only():
+    row = (b" 4(13) DEBUG: {1 REGISTER c3@x} <core> [db_row.c:64]: db_free_row(): "
+           b"free VAL_STRING[0] '8c330dcc0123'\n")
+    bare = b" 4(13) DEBUG: <core> [core/receive.c:1]: HA1 8c330dcc0123\n"
+    out = _cut(row + bare + PLAIN)
+    assert b"8c330dcc" not in out and out.endswith(PLAIN)
+    assert b"[db_row.c:64]: db_free_row()" in out and b"[core/receive.c:1]:" in out
+
+
+def test_a_debug_record_written_on_another_records_line_is_cut_too():
+    # Kamailio writes some records in two pieces, the first without its newline: another
+    # process's record may start on the same line
+    line = (b"11(26357) INFO: <core> [core/tcp_main.c:1]: tcpconn_close(): closing ->"
+            b"12(26358) DEBUG: <core> [core/db_row.c:64]: db_free_row(): free VAL_STRING[0] "
+            b"'8c330dcc0123'\n")
+    out = _cut(line + PLAIN)
+    assert b"8c330dcc" not in out and b"closing ->12(26358) DEBUG" in out and out.endswith(PLAIN)
