@@ -91,9 +91,9 @@ class OpenedPart:
         return tuple(s.certificate for r in self.signatures for s in r.signers)
 
     @property
-    def cek_references(self) -> tuple[tuple[bytes, bytes, int], ...]:
-        """(reference, CEK, recipient count) of each envelope that offered reuse."""
-        return tuple((env.cek_reference, env.cek, env.recipient_count) for env in self.envelopes
+    def cek_references(self) -> tuple[tuple[bytes, bytes, OpenedEnvelope], ...]:
+        """(reference, CEK, envelope) of each envelope that offered reuse."""
+        return tuple((env.cek_reference, env.cek, env) for env in self.envelopes
                      if env.cek_reference is not None and env.cek is not None)
 
 

@@ -124,6 +124,12 @@ class PendingUses:
         self._found[reference] = key
         return key.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
 
+    def exclusive(self, reference: bytes) -> bool:
+        """Whether the key ``reference`` names, which a lookup found, is one no one but
+        the dialog's two UAs holds (no reader, none unknown)."""
+        key = self._found.get(reference)
+        return key is not None and key.exclusive and not key.readers
+
     def spend(self) -> None:
         """One use of each key a lookup found, however many parts it opened (a hop's
         copies of one part must not use a key up faster than the peer counts it,

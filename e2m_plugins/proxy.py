@@ -998,7 +998,7 @@ class ProxyEngine:
                 references = [(ref, LATER_FORK_KEEPER) for ref, _ in references]
         namer = kept_namer(message)
         fresh: list[bytes] = []
-        for (reference, cek, _count), keeper in references:
+        for (reference, cek, _envelope), keeper in references:
             max_decrypts = None
             for env in (e for p in opened for e in p.envelopes):
                 if env.cek_reference == reference:

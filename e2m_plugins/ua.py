@@ -45,7 +45,7 @@ from .certstore import CertStore, check_not_a_ca, check_proxy_certificate, match
 from .cms.budget import message_budget
 from .cms.envelope import OpenedEnvelope
 from .cms.limits import DEFAULT_LIMITS, Limits
-from .cms.recipients import (CertificateKey, OpeningKey, Recipient,
+from .cms.recipients import (CertificateKey, OpeningKey, Recipient, addressed_only_to,
                              recipient_for_certificate, reuse_kek)
 from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeError, E2MError,
                      InconsistentSplitError, MalformedError, MergedRequestError,
@@ -54,7 +54,8 @@ from .errors import (BindingMismatchError, CertificateRejectedError, DowngradeEr
                      UntrustedSignerError)
 from .certfiles import readable_certificate
 from .config import DEFAULT_POLICY_EXPIRES, LegacyPeer, UAConfig
-from .dialog_keys import MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, dialog_parties
+from .dialog_keys import (MAX_DIALOGS, MAX_SLOTS_PER_CALL, DialogKey, DialogKeys, PendingUses,
+                          dialog_parties)
 from .learned_policies import LearnedPolicies, LearnedPolicy, dialog_scope
 from .replay import TRANSACTION_LIFETIME, MemoryReplayCache
 from .srtp_keys import holds_keys
@@ -1118,7 +1119,10 @@ class UAEngine:
             raise DowngradeError("signed but not encrypted where E2M protection is required")
         content, sealed = self._with_sealed_keys(chosen, keys, limits, peer)
         if sealed is None:
-            self._refuse_keys_others_read(message, chosen, contexts, legacy)
+            self._refuse_keys_others_read(message, part, chosen, contexts, dialog_keys, peer,
+                                          legacy)
+        elif not self._for_us_alone(sealed, dialog_keys, peer, None):
+            raise InconsistentSplitError("the SDP keys were sealed under a key others hold")
         self._check_replay(message, [c for c in contexts.values() if c is not None])
         # only now, the message accepted: a refused one (a replay, a downgrade) keeps
         # nothing and uses no dialog key up (review 63)
@@ -1151,15 +1155,15 @@ class UAEngine:
         keys, envelope = found
         return merge_keys(chosen.content, keys, self.config.keying_attributes), envelope
 
-    def _refuse_keys_others_read(self, message: SipMessage, chosen: OpenedPart,
-                                 contexts: dict[int, SipContext | None],
+    def _refuse_keys_others_read(self, message: SipMessage, part: mime.MimePart,
+                                 chosen: OpenedPart, contexts: dict[int, SipContext | None],
+                                 found: PendingUses, peer: str | None,
                                  legacy: LegacyPeer | None) -> None:
-        """SRTP keys in a whole SDP are used only when nobody but us could read them: no
-        reader in the sender's context or labels, and we are its envelope's one
-        recipient (a ``[[legacy]]`` peer may seal a copy for itself too).  A peer that
-        seals its keyed SDP for a proxy as well gives the proxy its media's key: what a
-        split is for, and what ``open_sealed_keys`` refuses for sealed keys (review 179
-        K1)."""
+        """SRTP keys in a whole SDP are used only when nobody but us could read them: the
+        body's one top part, no reader in the sender's context or labels, and each of
+        its envelopes for us alone (``_for_us_alone``).  A peer that seals its keyed SDP
+        for a proxy as well, or beside a copy for one, hands that proxy its media's key:
+        what a split is for (reviews 179 K1, 183 K1, K3 to K5)."""
         if chosen.content_type != "application/sdp" or not chosen.encrypted:
             return       # in the clear: the require check above decides
         try:
@@ -1168,10 +1172,23 @@ class UAEngine:
             keyed = True     # pjmedia may read what we cannot: fail closed
         if not keyed:
             return
-        shared = legacy is None and any(e.recipient_count != 1 for e in chosen.envelopes)
-        if shared or self._readers_of(message, chosen, contexts):
+        if len(top_parts(part)) != 1 or self._readers_of(message, chosen, contexts) \
+                or not all(self._for_us_alone(e, found, peer, legacy) for e in chosen.envelopes):
             raise InconsistentSplitError("SRTP keys in an SDP others may read: keys come only "
                                          "sealed for us, or in an SDP nobody else reads")
+
+    def _for_us_alone(self, envelope: OpenedEnvelope, found: PendingUses, peer: str | None,
+                      legacy: LegacyPeer | None) -> bool:
+        """Whether only we (and the sender) can open ``envelope``: under a dialog key, one
+        no proxy holds (review 183 K1, K2); else one recipient key, ours (a ``[[legacy]]``
+        peer may add one for its own certificate: review 183 K3)."""
+        if envelope.recipient.kind == "kekri":
+            return found.exclusive(bytes.fromhex(envelope.recipient.identifier.split("=", 1)[1]))
+        if envelope.recipient_count == 1:
+            return True
+        own = self._peer_certificate(peer) if legacy is not None and peer else None
+        return own is not None and envelope.recipient_count == 2 and addressed_only_to(
+            envelope.recipient_infos, [self.config.certificate, own])
 
     def _keep_sealed(self, message: SipMessage, envelope: OpenedEnvelope) -> None:
         """The sealed keys' CEK, sealed for us alone, may carry our own keys back: kept as
@@ -1488,22 +1505,24 @@ class UAEngine:
 
         Without a signed context (only where ``_strict`` allows it: a legacy peer, or
         ``require_signature`` off) nothing vouches for the holders; the labels are the
-        best guess and any RecipientInfo beyond them an unknown holder, so such a key is
-        never taken for SRTP keys unless it had exactly one recipient, us."""
+        best guess.  Either way a recipient key beyond us and the named readers is an
+        unknown holder, so such a key is never taken for SRTP keys."""
         if not self.config.cek_reuse or message.method not in SESSION_METHODS:
             return
         if not message.is_request and self._sent_for(message) is None:
             return    # an answer to nothing we sent keeps nothing (review 47: a flood of them)
-        for reference, cek, count in opened.cek_references:
+        for reference, cek, envelope in opened.cek_references:
             readers: frozenset[str] | None
             if context is not None:
                 if context.cek_reference != reference:
                     continue
                 readers = frozenset(context.readers)
+                if envelope.recipient_count > 1 + len(readers):
+                    readers = None       # more holders than the sender named: unknown ones
             else:
                 labels = self._labels_by_cid(message)
                 named = frozenset(labels.get(opened.cid or "", set()) | labels.get("*", set()))
-                readers = named if count <= 1 + len(named) else None
+                readers = named if envelope.recipient_count <= 1 + len(named) else None
             self.dialog_keys.keep_received(message, reference, cek, readers=readers)
 
     def refusal(self, request: SipMessage, error: BaseException) -> SipMessage | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 from . import ciphers, der, oids
@@ -232,12 +233,19 @@ class OpenedEnvelope:
     content_algorithm: str               # e.g. "aes-128-gcm"
     recipient: RecipientSummary          # the RecipientInfo that matched
     matched_key: OpeningKey
-    recipient_count: int
+    recipient_infos: tuple[der.TLV, ...] = field(repr=False)
     unprotected_attributes: tuple[Attribute, ...]
     authenticated_attributes: tuple[Attribute, ...]
     cek_reference: bytes | None
     cek_max_decrypts: int | None
     cek: bytes | None = field(default=None)  # only when asked for
+
+    @cached_property
+    def recipient_count(self) -> int:
+        """How many recipients' keys the envelope carries: one kari RecipientInfo may
+        carry a key for each of several recipients, so RecipientInfos are not counted
+        (stop 50).  Worked out when first asked: the proxy never asks."""
+        return sum(len(summarize(ri)) for ri in self.recipient_infos)
 
     def __repr__(self) -> str:  # plaintext and keys never reach a log by accident
         return (f"OpenedEnvelope({self.envelope_type}, {self.content_algorithm}, "
@@ -312,7 +320,7 @@ def _open(data: bytes, keys: list[OpeningKey] | tuple[OpeningKey, ...], want_cek
         plaintext=plaintext, content_type=oids.name_of(parsed.content_type),
         envelope_type=oids.name_of(parsed.envelope_type), content_algorithm=cipher.name,
         recipient=unwrapped.summary, matched_key=unwrapped.key,
-        recipient_count=len(parsed.recipient_infos),
+        recipient_infos=tuple(parsed.recipient_infos),
         unprotected_attributes=parsed.unprotected, authenticated_attributes=parsed.auth_attributes,
         cek_reference=reference, cek_max_decrypts=max_decrypts,
         cek=unwrapped.cek if want_cek else None)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -346,6 +346,24 @@ def _parse_kekri(tlv: der.TLV) -> _KekriParsed:
 
 KIND_BY_TAG = {der.SEQUENCE: "ktri", der.context(1): "kari", der.context(2): "kekri",
                der.context(3): "pwri", der.context(4): "ori"}
+
+
+def addressed_only_to(recipient_infos: Sequence[der.TLV],
+                      certificates: Sequence[x509.Certificate]) -> bool:
+    """Whether every recipient key of ``recipient_infos`` names one of ``certificates``
+    (issuer and serial, or SKI); a kekri or any other kind names none of them."""
+    named = [CertificateKey(cert, None) for cert in certificates]
+    for tlv in recipient_infos:
+        kind = KIND_BY_TAG.get(tlv.tag)
+        if kind == "ktri":
+            rids = [_parse_ktri(tlv).rid]
+        elif kind == "kari":
+            rids = [rid for rid, _ in _parse_kari(tlv).keys]
+        else:
+            return False
+        if not all(any(key.matches(rid) for key in named) for rid in rids):
+            return False
+    return True
 
 
 def summarize(tlv: der.TLV) -> list[RecipientSummary]:

@@ -105,6 +105,16 @@ Tried and held
 - tests/e2e/test_two_phones.py on 9f1ec56: 9 passed in 12.4 s (the honest phone calls).
 - The strict-xfail tests were checked with ``--runxfail``: every hole test fails on its
   own assertion (the keys were used), none on a set-up error.
+
+Fixed (stop 50): ``UAEngine._refuse_keys_others_read`` uses keys in a whole SDP only
+when it is the body's one top part (K4, K5), no reader is named, and each envelope is
+for us alone (``_for_us_alone``): under a dialog key, one no proxy holds
+(``PendingUses.exclusive``: K1; the same check for the sealed keys' envelope: K2); else
+one recipient key, or for a ``[[legacy]]`` peer two, naming only our certificate and
+its own (``recipients.addressed_only_to``: K3).  While at it, ``recipient_count`` now
+counts recipient keys, not RecipientInfos (one kari may carry several), and a kept key
+whose envelope had more holders than the sender named is never exclusive.  Every hole
+test failed on the code before the fix and passes with it; the controls still pass.
 """
 
 from __future__ import annotations
@@ -199,13 +209,11 @@ def test_control_the_proxy_holds_the_invites_cek(pki):
     assert any(BOB_KEY.decode() in line for _, line in keys.lines)   # and the sealed keys
 
 
-@pytest.mark.xfail(strict=True, reason="review 183 hole K1: whole keyed SDP under a CEK the proxy holds is used")
 def test_k1_whole_keyed_answer_under_a_cek_the_proxy_holds_is_refused(pki):
     alice, msg, _ = _reused_key_answer(pki, "r183-k1", split=False)
     assert not _uses_keys(alice, msg)
 
 
-@pytest.mark.xfail(strict=True, reason="review 183 hole K2: sealed SDP keys under a CEK the proxy holds are used")
 def test_k2_sealed_keys_under_a_cek_the_proxy_holds_are_refused(pki):
     alice, msg, _ = _reused_key_answer(pki, "r183-k2", split=True)
     assert not _uses_keys(alice, msg)
@@ -249,7 +257,6 @@ def _legacy_uses(pki, msg) -> bool:
     return b"inline:WVNf" in (opened.message.body or b"")
 
 
-@pytest.mark.xfail(strict=True, reason="review 183 hole K3: a legacy peer's keyed SDP sealed for others is used")
 @pytest.mark.parametrize("recipients", [["alice", TRUSTED], ["alice", "carol"],
                                         ["alice", "bob", TRUSTED]])
 def test_k3_legacy_peer_sealing_its_keys_for_others_is_refused(rsa_pki, recipients):
@@ -300,7 +307,6 @@ def _two_part_answer(pki, call_id: str, parts, *, label_cids: bool = True):
     return alice, msg
 
 
-@pytest.mark.xfail(strict=True, reason="review 183 hole K4: the same keys in a second part alice opens, sealed for the proxy too")
 def test_k4_same_keys_in_a_second_part_the_proxy_reads_are_refused(pki):
     alice, msg = _two_part_answer(pki, "r183-k4", [
         (SRTP_ANSWER, ["alice"], "required", []),
@@ -308,7 +314,6 @@ def test_k4_same_keys_in_a_second_part_the_proxy_reads_are_refused(pki):
     assert not _uses_keys(alice, msg)
 
 
-@pytest.mark.xfail(strict=True, reason="review 183 hole K5: keyed SDP beside an optional part for the proxy")
 @pytest.mark.parametrize("labelled", [True, False])
 def test_k5_keys_beside_a_part_for_the_proxy_are_refused(pki, labelled):
     alice, msg = _two_part_answer(pki, f"r183-k5-{labelled}", [

@@ -85,3 +85,32 @@ def test_a_keyless_sdp_a_proxy_reads_is_taken(pki):
     alice, answer = _answer_to_alice(pki, keyless, ["alice", TRUSTED], [TRUSTED])
     opened = alice.open(answer)
     assert opened.message.body == keyless and opened.info.readable_by == (TRUSTED,)
+
+
+def test_one_kari_carrying_keys_for_two_recipients_counts_two(tmp_path):
+    """A KeyAgreeRecipientInfo may carry a RecipientEncryptedKey for each of several
+    recipients: counted as one RecipientInfo, an envelope for alice and the proxy in
+    one kari passed every "one recipient" rule (the sealed keys' too).  Failed on the
+    code before stop 50 (recipient_count 1)."""
+    from asn1crypto import cms as asn1_cms
+
+    from e2m_plugins.cms.envelope import open_envelope, seal
+    from e2m_plugins.cms.recipients import CertificateKey
+
+    ec_pki = init_test_pki(tmp_path / "ec", users=("alice",), proxy_hosts=(TRUSTED,),
+                           key_type="ec")
+    alice, proxy = ec_pki.user("alice"), ec_pki.proxy(TRUSTED)
+    sealed = seal(b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + b"A" * 40,
+                  [recipient_for_certificate(alice.cert), recipient_for_certificate(proxy.cert)])
+    info = asn1_cms.ContentInfo.load(sealed.der)
+    infos = info["content"]["recipient_infos"]
+    first, second = infos[0].chosen, infos[1].chosen
+    assert infos[0].name == "kari" and infos[1].name == "kari"
+    keys = first["recipient_encrypted_keys"]
+    keys.append(second["recipient_encrypted_keys"][0])
+    first["recipient_encrypted_keys"] = keys
+    del infos[1]
+    info["content"]["recipient_infos"] = infos
+    merged = info.dump(force=True)
+    opened = open_envelope(merged, [CertificateKey(alice.cert, alice.key)])
+    assert opened.recipient_count == 2
