@@ -16,7 +16,7 @@ Hole K1: a KDMQ body is logged whole, at ERROR, on the record's first line
 - Effect observed: htable's ``ht_dmq_handle_msg`` logs ``ERROR: htable [ht_dmq.c:289]:
   ht_dmq_handle_msg(): invalid json doc [[<the whole body>]]``; the body has no newline,
   so it is on the record's FIRST line, and ``_QUOTING`` does not name ``ht_dmq.c``:
-  LogCutter passes it whole (1 record per KDMQ, the 677-octet canary body in the log
+  LogCutter passes it whole (1 record per KDMQ, the 676-octet canary body in the log
   verbatim).  dmq_usrloc's ``usrloc_sync.c:507`` prints the same for a
   ``sip:usrloc@`` KDMQ.  A replicated htable or usrloc body is a peer's state (dialog
   targets, sealed key-cache records, contacts); the invariant is that no message body
