@@ -130,6 +130,14 @@ class PendingUses:
         key = self._found.get(reference)
         return key is not None and key.exclusive and not key.readers
 
+    def holders(self, reference: bytes) -> frozenset[str] | None:
+        """Who besides the two UAs holds the key ``reference`` names (a lookup found
+        it); None when unknown.  A key offered in a body under it is theirs too."""
+        key = self._found.get(reference)
+        if key is None or "?" in key.readers or (not key.exclusive and not key.readers):
+            return None
+        return key.readers
+
     def spend(self) -> None:
         """One use of each key a lookup found, however many parts it opened (a hop's
         copies of one part must not use a key up faster than the peer counts it,

@@ -161,6 +161,11 @@ class CertificateWanted:
     fingerprint: bytes | None
 
 
+def _kekri_id(envelope: OpenedEnvelope) -> bytes:
+    """The key identifier (a CEKReference, RFC 3185) of the kekri that opened ``envelope``."""
+    return bytes.fromhex(envelope.recipient.identifier.split("=", 1)[1])
+
+
 def _aor(value: str | None) -> str | None:
     if not value:
         return None
@@ -1128,7 +1133,7 @@ class UAEngine:
         # nothing and uses no dialog key up (review 63)
         dialog_keys.spend()
         for opened in offered:
-            self._keep_received(message, opened, contexts[id(opened)])
+            self._keep_received(message, opened, contexts[id(opened)], dialog_keys)
             self._learn_signer(peer, opened)
         if sealed is not None:
             self._keep_sealed(message, sealed)
@@ -1182,8 +1187,8 @@ class UAEngine:
         """Whether only we (and the sender) can open ``envelope``: under a dialog key, one
         no proxy holds (review 183 K1, K2); else one recipient key, ours (a ``[[legacy]]``
         peer may add one for its own certificate: review 183 K3)."""
-        if envelope.recipient.kind == "kekri":
-            return found.exclusive(bytes.fromhex(envelope.recipient.identifier.split("=", 1)[1]))
+        if envelope.recipient.kind == "kekri":   # and no one else's key beside it (review 184 K1)
+            return envelope.recipient_count == 1 and found.exclusive(_kekri_id(envelope))
         if envelope.recipient_count == 1:
             return True
         own = self._peer_certificate(peer) if legacy is not None and peer else None
@@ -1498,7 +1503,7 @@ class UAEngine:
         return out
 
     def _keep_received(self, message: SipMessage, opened: OpenedPart,
-                       context: SipContext | None) -> None:
+                       context: SipContext | None, found: PendingUses) -> None:
         """Keep the CEK the sender offered for reuse, with who else holds it: the readers
         of its signed SIP context, and only the reference that context names (one a
         co-recipient put in a re-made envelope is not the sender's offer).
@@ -1506,7 +1511,8 @@ class UAEngine:
         Without a signed context (only where ``_strict`` allows it: a legacy peer, or
         ``require_signature`` off) nothing vouches for the holders; the labels are the
         best guess.  Either way a recipient key beyond us and the named readers is an
-        unknown holder, so such a key is never taken for SRTP keys."""
+        unknown holder, so such a key is never taken for SRTP keys; and a key offered
+        under a dialog key is held by whoever holds that one too."""
         if not self.config.cek_reuse or message.method not in SESSION_METHODS:
             return
         if not message.is_request and self._sent_for(message) is None:
@@ -1523,6 +1529,10 @@ class UAEngine:
                 labels = self._labels_by_cid(message)
                 named = frozenset(labels.get(opened.cid or "", set()) | labels.get("*", set()))
                 readers = named if envelope.recipient_count <= 1 + len(named) else None
+            if readers is not None and envelope.recipient.kind == "kekri":
+                # whoever holds the key it came under can unwrap it too (review 184 K2)
+                holders = found.holders(_kekri_id(envelope))
+                readers = None if holders is None else readers | holders
             self.dialog_keys.keep_received(message, reference, cek, readers=readers)
 
     def refusal(self, request: SipMessage, error: BaseException) -> SipMessage | None:

@@ -104,12 +104,18 @@ def test_one_kari_carrying_keys_for_two_recipients_counts_two(tmp_path):
                   [recipient_for_certificate(alice.cert), recipient_for_certificate(proxy.cert)])
     info = asn1_cms.ContentInfo.load(sealed.der)
     infos = info["content"]["recipient_infos"]
-    first, second = infos[0].chosen, infos[1].chosen
-    assert infos[0].name == "kari" and infos[1].name == "kari"
+    assert [i.name for i in infos] == ["kari", "kari"]
+
+    # alice's kari (named by issuer and serial) keeps its ephemeral key and gets the
+    # proxy's wrapped key beside hers; the SET's order is not the order sealed (review 184)
+    serials = [i.chosen["recipient_encrypted_keys"][0]["rid"].chosen["serial_number"].native
+               for i in infos]
+    mine = serials.index(alice.cert.serial_number)
+    first, second = infos[mine].chosen, infos[1 - mine].chosen
     keys = first["recipient_encrypted_keys"]
     keys.append(second["recipient_encrypted_keys"][0])
     first["recipient_encrypted_keys"] = keys
-    del infos[1]
+    del infos[1 - mine]
     info["content"]["recipient_infos"] = infos
     merged = info.dump(force=True)
     opened = open_envelope(merged, [CertificateKey(alice.cert, alice.key)])
