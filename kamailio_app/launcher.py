@@ -403,7 +403,9 @@ _IN_MESSAGE = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: \{")
 # Records above DEBUG that quote a message on their first line, cut at its first quote
 # or "=": the core's parser (parse_via quotes the rest of the message, body included,
 # at ERROR and whatever sip_parser_log says) and the TCP reader (a framing error is
-# logged at ERROR with the whole buffer).
+# logged at ERROR with the whole buffer).  Any record that prints a buffer the way
+# Kamailio does, "[[...]]" (the translator, htable's and dmq_usrloc's KDMQ bodies that
+# are not JSON, jsonrpcs: review 185), is cut at its "[[".
 _QUOTING = (b"[core/parser/", b"message=<", b"[core/tcp_read.c")
 _CUT = b"... [cut by e2m-proxy: the rest may quote a message body]"
 # A DEBUG record keeps its place and function only: at that level Kamailio writes what
@@ -475,6 +477,9 @@ class LogCutter:
         """What to write of a record's first line, and whether anything was cut."""
         debug = _DEBUG.search(line)
         head = line if debug is None else line[:debug.start()]
+        dump = head.find(b"[[")
+        if dump >= 0:       # Kamailio's way to print a buffer: "[[...]]" (review 185)
+            return head[:dump + 2] + _CUT + b"\n", True
         if any(mark in head for mark in _QUOTING):
             return cls._cut(head), True            # a DEBUG record after it goes with it
         if debug is None:

@@ -99,3 +99,10 @@ def test_a_debug_record_written_on_another_records_line_is_cut_too():
             b"'8c330dcc0123'\n")
     out = _cut(line + PLAIN)
     assert b"8c330dcc" not in out and b"closing ->12(26358) DEBUG" in out and out.endswith(PLAIN)
+
+
+def test_a_buffer_printed_between_double_brackets_is_cut_at_any_level():
+    kdmq = (b" 5(14) ERROR: {1 KDMQ k1@x} htable [ht_dmq.c:289]: ht_dmq_handle_msg(): "
+            b"invalid json doc [[a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:SECRETKEY]]\n")
+    out = _cut(kdmq + PLAIN)
+    assert b"SECRETKEY" not in out and b"invalid json doc [[" in out and out.endswith(PLAIN)
