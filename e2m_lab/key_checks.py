@@ -1,5 +1,6 @@
 """What a proxy, or anyone on the wire, can read of a UA's SRTP keys (the tests of
-reviews 167 to 175 ask it of ``UAEngine.protect``'s output)."""
+reviews 167 to 175 ask it of ``UAEngine.protect``'s output, 179 and 181 of the phone's
+datagrams), and the unsplit keyed bodies an insider sends (reviews 179, 181)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ def proxy_reads(pki: Any, message: SipMessage, host: str = TRUSTED) -> list[byte
     """The plaintext of every top-level part of ``message`` that ``host``'s own
     certificate key opens."""
     cred = pki.proxy(host)
-    out = []
-    for part in top_parts(message_body(message)):
+    out: list[bytes] = []
+    body = message_body(message)
+    if body is None:
+        return out
+    for part in top_parts(body):
         try:
             out.append(open_envelope(part.decoded(), [CertificateKey(cred.cert, cred.key)]).plaintext)
         except E2MError:
@@ -55,3 +59,41 @@ def failure_answer_with(pki: Any, body: bytes, *, call_id: str, proxies: tuple,
     reply = make_response(got, status, "Not Acceptable Here",
                           [("Contact", "<sip:bob@127.0.0.1:5062>")], body, "application/sdp")
     return bob, reply.replace("To", f"{got.get('To')};tag={tag}")
+
+
+def sealed_whole(pki: Any, signer: str, message: SipMessage, readers: list[str],
+                 recipients: list) -> SipMessage:
+    """``message`` whose keyed SDP is sealed whole for ``recipients`` (no split), signed by
+    ``signer``, its signed context naming ``readers`` and labelled for them as a viewing
+    proxy relays it: what an insider sends to hand a proxy its media key."""
+    import time
+
+    from e2m_plugins import headers as hdr, mime
+    from e2m_plugins.body import protect_content, with_entity
+    cred = pki.user(signer)
+    entity, _ = protect_content("application/sdp", message.body, recipients,
+                                signer=(cred.cert, cred.key), bind_to=message,
+                                readers=readers, at=time.time(),
+                                content_id=mime.new_content_id("example.com"))
+    out = with_entity(message, entity)
+    for host in readers:
+        out = out.add(hdr.PROXY_REQUIRED_BODY,
+                      hdr.format_proxy_required_body(hdr.BodyLabel(host, ())))
+    return out
+
+
+def keys_shown(pki: Any, datagrams: list[bytes]) -> list[str]:
+    """Which of ``datagrams`` show an SRTP key on the wire or to the proxy's key."""
+    from e2m_plugins import sip
+    bad = []
+    for data in datagrams:
+        if b"inline:" in data or b"a=crypto" in data:
+            bad.append("wire: " + data[:60].decode(errors="replace"))
+            continue
+        try:
+            msg = sip.parse(data)
+        except Exception:  # noqa: BLE001 - not SIP: nothing a proxy reads
+            continue
+        if any(b"inline:" in p or b"a=crypto" in p for p in proxy_reads(pki, msg)):
+            bad.append("proxy: " + data[:60].decode(errors="replace"))
+    return bad

@@ -64,27 +64,22 @@ names).  Both hole tests failed on the code before the fix and pass with it.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from e2m_lab.flows import SRTP_ANSWER, TRUSTED, known_proxy, ua_engine
-from e2m_lab.phones import PhoneProcess, write_ua
-from e2m_lab.stranger import HOST
-from e2m_plugins import headers as hdr, mime, sip
-from e2m_plugins.body import message_body, protect_content, top_parts, with_entity
-from e2m_plugins.cms.envelope import open_envelope
-from e2m_plugins.cms.recipients import CertificateKey, recipient_for_certificate
-from e2m_plugins.errors import E2MError
-from e2m_plugins.sip import make_response
+from e2m_lab.flows import SRTP_ANSWER, TRUSTED
+from e2m_lab.key_checks import proxy_reads, sealed_whole
+from e2m_lab.phone_peer import Devices, ringing_phone
+from e2m_lab.phones import PhoneProcess
+from e2m_plugins import sip
+from e2m_plugins.cms.recipients import recipient_for_certificate
 from e2m_plugins.testpki import TestPKI, init_test_pki
 
 pytestmark = [pytest.mark.pjsua2]
 
-BOB = "sip:bob@example.com"
 SDP_VIEW = ("INVITE:application/sdp",)
 BOB_KEY = b"QUJDX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz"
 
@@ -95,107 +90,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
                          users=("alice", "bob", "carol"), key_type="ec")
 
 
-def _proxy_reads(pki: TestPKI, msg: sip.SipMessage) -> list[bytes]:
-    cred = pki.proxy(TRUSTED)
-    out = []
-    part = message_body(msg)
-    if part is None:
-        return out
-    for p in top_parts(part):
-        try:
-            out.append(open_envelope(p.decoded(), [CertificateKey(cred.cert, cred.key)]).plaintext)
-        except E2MError:
-            continue
-    return out
-
-
-class Bob:
-    """The socket alice's phone sends through, answering as bob's devices."""
-
-    def __init__(self, pki: TestPKI) -> None:
-        self.pki = pki
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        proxy = known_proxy(pki, TRUSTED, SDP_VIEW)
-        self.devices = {t: ua_engine(pki, "bob", peers=("alice",), proxies=(proxy,))
-                        for t in ("f1", "f2")}
-        self.source: tuple | None = None
-        self.log: list[bytes] = []
-        self.opened: dict[str, sip.SipMessage] = {}
-
-    def receive(self, want, timeout: float = 10.0) -> sip.SipMessage | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                data, source = self.sock.recvfrom(65535)
-            except (socket.timeout, TimeoutError):
-                break
-            try:
-                msg = sip.parse(data)
-            except Exception:  # noqa: BLE001 - keep-alives
-                continue
-            self.log.append(data)
-            if msg.is_request and msg.method in ("CANCEL", "BYE", "PRACK"):
-                self.sock.sendto(make_response(msg, 200, "OK").serialize(), source)
-            if want(msg):
-                self.source = source
-                return msg
-        return None
-
-    def send(self, msg: sip.SipMessage | bytes) -> None:
-        assert self.source is not None
-        self.sock.sendto(msg if isinstance(msg, bytes) else msg.serialize(), self.source)
-
-    def response(self, invite: sip.SipMessage, tag: str, status: int, reason: str,
-                 body: bytes = b"") -> sip.SipMessage:
-        if tag not in self.opened:
-            self.opened[tag] = self.devices[tag].open(invite).message
-        opened = self.opened[tag]
-        response = make_response(opened, status, reason,
-                                 [("Contact", f"<sip:bob@{HOST}:{self.port}>")],
-                                 body, "application/sdp" if body else None)
-        return response.replace("To", f"{opened.get('To')};tag={tag}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def ringing(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMessage]]:
-    bob = Bob(pki)
-    assert pki.directory is not None
-    config = write_ua(tmp_path, "alice", pki.directory, peer="bob",
-                      phone={"proxy": f"sip:{HOST}:{bob.port}", "srtp": True})
-    alice = PhoneProcess(config, "alice")
-    try:
-        alice.wait("started", timeout=15)
-        alice.send(f"call {BOB}")
-        invite = bob.receive(lambda m: m.is_request and m.method == "INVITE")
-        assert invite is not None
-        assert b"inline:" not in bob.log[-1]
-        yield alice, bob, invite
-    finally:
-        alice.stop()
-        bob.close()
-
-
-def _unsplit(pki: TestPKI, signer: str, response: sip.SipMessage, readers: list[str],
-             recipients: list) -> sip.SipMessage:
-    """``response`` whose keyed SDP is sealed whole (keys and all) for ``recipients``,
-    signed by ``signer``, its signed context naming ``readers``: what an insider sends
-    without the split."""
-    cred = pki.user(signer)
-    entity, _ = protect_content("application/sdp", response.body, recipients,
-                                signer=(cred.cert, cred.key), bind_to=response,
-                                readers=readers, at=time.time(),
-                                content_id=mime.new_content_id("example.com"))
-    out = with_entity(response, entity)
-    for host in readers:     # the label the viewing proxy relays it with
-        out = out.add(hdr.PROXY_REQUIRED_BODY,
-                      hdr.format_proxy_required_body(hdr.BodyLabel(host, ())))
-    return out
+def ringing(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Devices, sip.SipMessage]]:
+    with ringing_phone(tmp_path, pki, Devices(pki, SDP_VIEW)) as call:
+        yield call
 
 
 def _recipient(cert):
@@ -214,8 +112,8 @@ def test_control_a_split_183_gives_early_media_and_no_key_to_the_proxy(pki, ring
     assert ringing183.info.split
     data = ringing183.message.serialize()
     assert b"inline:" not in data
-    assert all(b"inline:" not in p for p in _proxy_reads(pki, ringing183.message))
-    assert _proxy_reads(pki, ringing183.message)            # the proxy read the view
+    assert all(b"inline:" not in p for p in proxy_reads(pki, ringing183.message))
+    assert proxy_reads(pki, ringing183.message)            # the proxy read the view
     bob.send(data)
     time.sleep(1.0)
     assert not alice.of("error", since=mark), alice.of("error", since=mark)
@@ -235,7 +133,7 @@ def test_control_a_183_signed_by_carol_is_refused(pki, ringing):
     alice, bob, invite = ringing
     mark = alice.mark()
     response = bob.response(invite, "f1", 183, "Session Progress", SRTP_ANSWER)
-    forged = _unsplit(pki, "carol", response, [], [_recipient(pki.user("alice").cert)])
+    forged = sealed_whole(pki, "carol", response, [], [_recipient(pki.user("alice").cert)])
     bob.send(forged)
     time.sleep(1.0)
     assert alice.of("error", since=mark)
@@ -246,9 +144,9 @@ def test_k1_a_183_whose_keys_the_proxy_reads_is_not_used(pki, ringing):
     alice, bob, invite = ringing
     mark = alice.mark()
     response = bob.response(invite, "f1", 183, "Session Progress", SRTP_ANSWER)
-    leaky = _unsplit(pki, "bob", response, [TRUSTED],
+    leaky = sealed_whole(pki, "bob", response, [TRUSTED],
                      [_recipient(pki.user("alice").cert), _recipient(pki.proxy(TRUSTED).cert)])
-    assert any(BOB_KEY in p for p in _proxy_reads(pki, leaky))     # the proxy reads bob's key
+    assert any(BOB_KEY in p for p in proxy_reads(pki, leaky))     # the proxy reads bob's key
     bob.send(leaky)
     time.sleep(1.0)
     # secure: keys under an envelope a proxy opens (its signed context names the proxy)
@@ -261,9 +159,9 @@ def test_k1_a_200_whose_keys_the_proxy_reads_sets_up_no_call(pki, ringing):
     alice, bob, invite = ringing
     mark = alice.mark()
     response = bob.response(invite, "f1", 200, "OK", SRTP_ANSWER)
-    leaky = _unsplit(pki, "bob", response, [TRUSTED],
+    leaky = sealed_whole(pki, "bob", response, [TRUSTED],
                      [_recipient(pki.user("alice").cert), _recipient(pki.proxy(TRUSTED).cert)])
-    assert any(BOB_KEY in p for p in _proxy_reads(pki, leaky))
+    assert any(BOB_KEY in p for p in proxy_reads(pki, leaky))
     bob.send(leaky)
     ack = bob.receive(lambda m: m.is_request and m.method == "ACK", timeout=3)
     time.sleep(0.5)
@@ -279,7 +177,7 @@ def test_control_two_forks_183_each_split_then_one_answers(pki, ringing):
         sdp = SRTP_ANSWER.replace(b"QUJD", b"RkYx" if tag == "f1" else b"RkYy")
         sent = bob.devices[tag].protect(bob.response(invite, tag, 183, "Session Progress", sdp))
         assert sent.info.split and b"inline:" not in sent.message.serialize()
-        assert all(b"inline:" not in p for p in _proxy_reads(pki, sent.message))
+        assert all(b"inline:" not in p for p in proxy_reads(pki, sent.message))
         bob.send(sent.message)
         time.sleep(0.5)
     ok = bob.devices["f2"].protect(bob.response(invite, "f2", 200, "OK",

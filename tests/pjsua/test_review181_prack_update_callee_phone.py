@@ -60,8 +60,6 @@ Tried and held (beyond the controls):
 
 from __future__ import annotations
 
-import re
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,20 +67,17 @@ from pathlib import Path
 import pytest
 
 from e2m_lab.flows import SRTP_ANSWER, SRTP_OFFER, TRUSTED, known_proxy, ua_engine
-from e2m_lab.phones import PhoneProcess, write_ua
+from e2m_lab.key_checks import keys_shown, proxy_reads, sealed_whole
+from e2m_lab.phone_peer import Devices, ringing_phone
+from e2m_lab.phones import PhoneProcess
 from e2m_lab.pytest_fixtures import answering_phone
 from e2m_lab.stranger import HOST, UdpStranger
-from e2m_plugins import headers as hdr, mime, sip
-from e2m_plugins.body import message_body, protect_content, top_parts, with_entity
-from e2m_plugins.cms.envelope import open_envelope
-from e2m_plugins.cms.recipients import CertificateKey, recipient_for_certificate
-from e2m_plugins.errors import E2MError
-from e2m_plugins.sip import make_response
+from e2m_plugins import sip
+from e2m_plugins.cms.recipients import recipient_for_certificate
 from e2m_plugins.testpki import TestPKI, init_test_pki
 
 pytestmark = [pytest.mark.pjsua2]
 
-BOB = "sip:bob@example.com"
 SDP_VIEW = ("INVITE:application/sdp", "UPDATE:application/sdp", "PRACK:application/sdp",
             "ACK:application/sdp")
 
@@ -93,143 +88,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
                          users=("alice", "bob", "carol"), key_type="ec")
 
 
-def _proxy_reads(pki: TestPKI, msg: sip.SipMessage) -> list[bytes]:
-    cred = pki.proxy(TRUSTED)
-    out: list[bytes] = []
-    part = message_body(msg)
-    if part is None:
-        return out
-    for p in top_parts(part):
-        try:
-            out.append(open_envelope(p.decoded(), [CertificateKey(cred.cert, cred.key)]).plaintext)
-        except E2MError:
-            continue
-    return out
-
-
 def _recipient(cert):
     return recipient_for_certificate(cert, use_ski=True)
 
 
-def _unsplit(pki: TestPKI, signer: str, msg: sip.SipMessage, readers: list[str],
-             recipients: list) -> sip.SipMessage:
-    """``msg`` whose keyed SDP is sealed whole for ``recipients``, signed by ``signer``,
-    its signed context naming ``readers`` (what an insider sends without the split)."""
-    cred = pki.user(signer)
-    entity, _ = protect_content("application/sdp", msg.body, recipients,
-                                signer=(cred.cert, cred.key), bind_to=msg,
-                                readers=readers, at=time.time(),
-                                content_id=mime.new_content_id("example.com"))
-    out = with_entity(msg, entity)
-    for host in readers:
-        out = out.add(hdr.PROXY_REQUIRED_BODY,
-                      hdr.format_proxy_required_body(hdr.BodyLabel(host, ())))
-    return out
-
-
-def _no_key_anywhere(pki: TestPKI, datagrams: list[bytes]) -> list[str]:
-    """What of ``datagrams`` shows a key on the wire or to the proxy's key."""
-    bad = []
-    for data in datagrams:
-        if b"inline:" in data or b"a=crypto" in data:
-            bad.append("wire: " + data[:60].decode(errors="replace"))
-            continue
-        try:
-            msg = sip.parse(data)
-        except Exception:  # noqa: BLE001
-            continue
-        if any(b"inline:" in p or b"a=crypto" in p for p in _proxy_reads(pki, msg)):
-            bad.append("proxy: " + data[:60].decode(errors="replace"))
-    return bad
-
-
 # -- the phone as caller: bob's devices answer on a socket -----------------------------
 
-class Bob:
-    """The socket alice's phone sends through, answering as bob's devices."""
-
-    def __init__(self, pki: TestPKI, auto_prack: bool = True) -> None:
-        self.pki = pki
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        proxy = known_proxy(pki, TRUSTED, SDP_VIEW)
-        self.devices = {t: ua_engine(pki, "bob", peers=("alice",), proxies=(proxy,))
-                        for t in ("f1", "f2")}
-        self.source: tuple | None = None
-        self.log: list[bytes] = []
-        self.opened: dict[str, sip.SipMessage] = {}
-        self.auto_prack = auto_prack
-        self.cseq = 10
-
-    def receive(self, want, timeout: float = 10.0) -> sip.SipMessage | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                data, source = self.sock.recvfrom(65535)
-            except (socket.timeout, TimeoutError):
-                break
-            try:
-                msg = sip.parse(data)
-            except Exception:  # noqa: BLE001 - keep-alives
-                continue
-            self.log.append(data)
-            self.source = self.source or source
-            methods = ("CANCEL", "BYE") + (("PRACK",) if self.auto_prack else ())
-            if msg.is_request and msg.method in methods:
-                self.sock.sendto(make_response(msg, 200, "OK").serialize(), source)
-            if want(msg):
-                self.source = source
-                return msg
-        return None
-
-    def send(self, msg: sip.SipMessage | bytes) -> None:
-        assert self.source is not None
-        self.sock.sendto(msg if isinstance(msg, bytes) else msg.serialize(), self.source)
-
-    def response(self, invite: sip.SipMessage, tag: str, status: int, reason: str,
-                 body: bytes = b"", extra: tuple = ()) -> sip.SipMessage:
-        if tag not in self.opened:
-            self.opened[tag] = self.devices[tag].open(invite).message
-        opened = self.opened[tag]
-        response = make_response(opened, status, reason,
-                                 [("Contact", f"<sip:bob@{HOST}:{self.port}>"), *extra],
-                                 body, "application/sdp" if body else None)
-        return response.replace("To", f"{opened.get('To')};tag={tag}")
-
-    def request(self, invite: sip.SipMessage, tag: str, method: str,
-                body: bytes = b"") -> sip.SipMessage:
-        """An in-dialog request of device ``tag`` to alice's phone."""
-        self.cseq += 1
-        target = re.sub(r"^.*<|>.*$", "", invite.get("Contact") or "")
-        return sip.make_request(method, target, from_uri=BOB, to_uri=self.pki.aor("alice"),
-                                call_id=invite.call_id, cseq=self.cseq, from_tag=tag,
-                                to_tag=invite.from_tag, via_host=f"{HOST}:{self.port}",
-                                extra_headers=[("Contact", f"<sip:bob@{HOST}:{self.port}>")],
-                                body=body, content_type="application/sdp" if body else None)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def ringing(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Bob, sip.SipMessage]]:
-    bob = Bob(pki)
-    assert pki.directory is not None
-    config = write_ua(tmp_path, "alice", pki.directory, peer="bob",
-                      phone={"proxy": f"sip:{HOST}:{bob.port}", "srtp": True})
-    alice = PhoneProcess(config, "alice")
-    try:
-        alice.wait("started", timeout=15)
-        alice.send(f"call {BOB}")
-        invite = bob.receive(lambda m: m.is_request and m.method == "INVITE")
-        assert invite is not None
-        assert b"inline:" not in bob.log[-1]
-        yield alice, bob, invite
-    finally:
-        alice.stop()
-        bob.close()
+def ringing(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[PhoneProcess, Devices, sip.SipMessage]]:
+    with ringing_phone(tmp_path, pki, Devices(pki, SDP_VIEW)) as call:
+        yield call
 
 
 def _media(alice: PhoneProcess, since: int) -> list:
@@ -246,13 +114,13 @@ RELIABLE = (("Require", "100rel"), ("RSeq", "1"))
 def _leaky(pki: TestPKI, msg: sip.SipMessage) -> sip.SipMessage:
     """bob's keyed SDP sealed whole for alice and the viewing proxy, its context naming
     the proxy (review 179 K1's form)."""
-    out = _unsplit(pki, "bob", msg, [TRUSTED],
+    out = sealed_whole(pki, "bob", msg, [TRUSTED],
                    [_recipient(pki.user("alice").cert), _recipient(pki.proxy(TRUSTED).cert)])
-    assert any(b"inline:" in p for p in _proxy_reads(pki, out))
+    assert any(b"inline:" in p for p in proxy_reads(pki, out))
     return out
 
 
-def _split_183(bob: Bob, invite: sip.SipMessage, tag: str = "f1",
+def _split_183(bob: Devices, invite: sip.SipMessage, tag: str = "f1",
                rseq: int = 1) -> sip.SipMessage:
     sent = bob.devices[tag].protect(bob.response(
         invite, tag, 183, "Session Progress", SRTP_ANSWER,
@@ -271,7 +139,7 @@ def test_control_reliable_split_183_is_pracked_without_keys(pki, ringing):
     time.sleep(0.7)
     assert not alice.of("error", since=mark), alice.of("error", since=mark)
     assert _media(alice, mark)
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
 def test_control_reliable_183_whose_keys_the_proxy_reads_is_refused_unpracked(pki, ringing):
@@ -288,7 +156,7 @@ def test_control_reliable_183_whose_keys_the_proxy_reads_is_refused_unpracked(pk
     bob.send(ok.message)
     ack = bob.receive(lambda m: m.is_request and m.method == "ACK", timeout=5)
     assert ack is not None, _kinds(alice, mark)
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
 def _early(pki, alice, bob, invite):
@@ -298,7 +166,7 @@ def _early(pki, alice, bob, invite):
     time.sleep(0.3)
 
 
-def _answer_to(bob: Bob, req: sip.SipMessage, timeout: float = 5.0) -> sip.SipMessage | None:
+def _answer_to(bob: Devices, req: sip.SipMessage, timeout: float = 5.0) -> sip.SipMessage | None:
     return bob.receive(lambda m: not m.is_request and m.call_id == req.call_id
                        and (m.status or 0) >= 200
                        and (m.get("CSeq") or "") == req.get("CSeq"), timeout=timeout)
@@ -316,7 +184,7 @@ def test_control_early_update_offer_split_is_answered_without_keys_to_the_proxy(
     assert answer is not None, _kinds(alice, mark)
     print("UPDATE answer", answer.status, answer.get("Content-Type"))
     assert answer.status == 200, answer.status
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
     opened = bob.devices["f1"].open(answer)
     print("UPDATE answer info", opened.info)
     assert b"inline:" in opened.message.body        # bob reads alice's new key
@@ -327,14 +195,13 @@ def test_control_early_update_offer_split_is_answered_without_keys_to_the_proxy(
 def test_control_early_update_whose_keys_the_proxy_reads_is_refused(pki, ringing):
     alice, bob, invite = ringing
     _early(pki, alice, bob, invite)
-    mark = alice.mark()
     update = _leaky(pki, bob.request(invite, "f1", "UPDATE",
                                      SRTP_ANSWER.replace(b"2890844527", b"2890844600")))
     bob.send(update)
     answer = _answer_to(bob, update, timeout=5)
     print("leaky UPDATE answer", answer and answer.status)
     assert answer is not None and answer.status >= 400, answer and answer.status
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
 def _up(pki, alice, bob, invite) -> None:
@@ -364,7 +231,7 @@ def test_control_reinvite_offer_from_the_peer_is_answered_without_keys_to_the_pr
         "CSeq", f"{reinvite.message.get('CSeq').split()[0]} ACK"))
     time.sleep(1.0)
     assert not alice.of("error", since=mark), alice.of("error", since=mark)
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
 def test_control_reinvite_whose_keys_the_proxy_reads_is_refused(pki, ringing):
@@ -377,7 +244,7 @@ def test_control_reinvite_whose_keys_the_proxy_reads_is_refused(pki, ringing):
     answer = _answer_to(bob, reinvite, timeout=5)
     print("leaky re-INVITE answer", answer and answer.status, _kinds(alice, mark))
     assert answer is not None and answer.status >= 400
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
 def test_control_second_forks_split_200_after_the_call_is_up_is_acked_and_ended(pki, ringing):
@@ -393,7 +260,7 @@ def test_control_second_forks_split_200_after_the_call_is_up_is_acked_and_ended(
                       timeout=5)
     print("fork2", ack is not None, bye is not None, _kinds(alice, mark))
     assert ack is not None and bye is not None
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
 def test_second_forks_200_whose_keys_the_proxy_reads_after_the_call_is_up(pki, ringing):
@@ -409,10 +276,10 @@ def test_second_forks_200_whose_keys_the_proxy_reads_after_the_call_is_up(pki, r
     print("leaky fork2", ack is not None, _kinds(alice, mark))
     assert alice.of("error", since=mark)
     assert len(_media(alice, mark)) == 0
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
-def test_late_200_after_failure_whose_keys_the_proxy_reads(pki, ringing):
+def test_late_200_after_failure_whose_keys_theproxy_reads(pki, ringing):
     alice, bob, invite = ringing
     mark = alice.mark()
     bob.send(bob.response(invite, "f1", 486, "Busy Here"))
@@ -425,7 +292,7 @@ def test_late_200_after_failure_whose_keys_the_proxy_reads(pki, ringing):
     time.sleep(0.5)
     print("late leaky", ack is not None, _kinds(alice, mark))
     assert ack is None and alice.of("error", since=mark)
-    assert not _no_key_anywhere(pki, bob.log)
+    assert not keys_shown(pki, bob.log)
 
 
 # -- the phone as callee: alice is an engine on a socket --------------------------------
@@ -464,15 +331,10 @@ def test_control_callee_refuses_an_offer_whose_keys_the_proxy_reads_and_leaks_no
     peer = UdpStranger(callee.port)
     try:
         plain = _alice_invite(pki, callee, peer)
-        cred = pki.user("alice")
-        entity, _ = protect_content(
-            "application/sdp", plain.body,
-            [_recipient(pki.user("bob").cert), _recipient(pki.proxy(TRUSTED).cert)],
-            signer=(cred.cert, cred.key), bind_to=plain, readers=[TRUSTED], at=time.time(),
-            content_id=mime.new_content_id("example.com"))
-        leaky = with_entity(plain, entity).add(
-            hdr.PROXY_REQUIRED_BODY, hdr.format_proxy_required_body(hdr.BodyLabel(TRUSTED, ())))
-        assert any(b"inline:" in p for p in _proxy_reads(pki, leaky))
+        leaky = sealed_whole(pki, "alice", plain, [TRUSTED],
+                             [_recipient(pki.user("bob").cert),
+                              _recipient(pki.proxy(TRUSTED).cert)])
+        assert any(b"inline:" in p for p in proxy_reads(pki, leaky))
         mark = callee.mark()
         started = time.monotonic()
         peer.send(leaky.serialize())
@@ -483,7 +345,7 @@ def test_control_callee_refuses_an_offer_whose_keys_the_proxy_reads_and_leaks_no
               _kinds(callee, mark))
         assert finals and 400 <= (finals[0].status or 0) < 700, [d[:30] for d in got]
         assert not _media(callee, mark)
-        assert not _no_key_anywhere(pki, got)
+        assert not keys_shown(pki, got)
     finally:
         peer.close()
 
@@ -501,7 +363,7 @@ def test_control_callee_answers_a_split_offer_via_a_viewing_proxy_without_keys(p
         oks = [d for d in got if d.startswith(b"SIP/2.0 200")]
         print("callee", [d[:24] for d in got])
         assert oks
-        assert not _no_key_anywhere(pki, got)
+        assert not keys_shown(pki, got)
         opened = alice.open(sip.parse(oks[0]))
         # split: the proxy reads the view, the keys are sealed for alice alone
         assert b"inline:" in opened.message.body and opened.info.split
@@ -528,6 +390,6 @@ def test_control_cancel_of_a_ringing_call_leaks_no_key(pki, silent_callee):
         statuses = [sip.parse(d).status for d in got if not sip.parse(d).is_request]
         print("cancel", statuses)
         assert 487 in statuses, statuses
-        assert not _no_key_anywhere(pki, got)
+        assert not keys_shown(pki, got)
     finally:
         peer.close()
