@@ -35,10 +35,10 @@ dialog key
   open it, with either its certificate or bob's real CEK for R (``DecryptionError``).
 - Code at fault: ``e2m_plugins/ua.py:1520-1536`` (``_keep_received`` keeps
   ``opened.cek_references``, one per envelope layer, outermost first. The first one whose
-  reference equals the signed ``context.cek_reference`` wins, and ``dialog_keys.py:390-394``
-  (``_keep``) never replaces a kept reference). With ``layers.py:128-145``
+  reference equals the signed ``context.cek_reference`` wins, and ``dialog_keys.py:466-470``
+  (``_keep``) never replaces a kept reference). With ``layers.py:112-135``
   (``_open_layers`` opens envelope inside envelope, up to ``max_nesting_depth`` 4) and
-  ``ua.py:1176-1178`` (``_refuse_keys_others_read`` only asks whether each envelope is for
+  ``ua.py:1180-1181`` (``_refuse_keys_others_read`` only asks whether each envelope is for
   us alone, which a hop's wrap for us is).
 - Suggested fix: keep a reference only from the envelope the sender made: the one whose
   plaintext is the SignedData that carries the context. A part with more than one
