@@ -229,6 +229,11 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
     opened = open_message(data, keys=keys, trust_anchors=trust_anchors,
                           want_cek=True, at=at, limits=limits)
     try:
+        if len(opened.envelopes) > 1:
+            # no E2M sender seals its own envelope again: a hop that wrapped the peer's
+            # body in one of its own, naming the peer's CEK reference, had its key kept
+            # as the dialog's (review 186)
+            raise MalformedError("a body part sealed more than once")
         if opened.content_type != "data":
             raise MalformedError(f"unexpected innermost CMS content type {opened.content_type}")
         inner = _inner_entity(opened.content, limits)

@@ -75,6 +75,11 @@ Tried and held
   answered 496. A fork's keys live under its own tag. None of these gives a proxy a key
   kept exclusive. Each K1 test fails on f5fd795 on its own assertion (checked with
   ``--runxfail``: the hop read the key or the view).
+
+Fixed (stop 50): a body part sealed more than once is refused (``body.open_part``,
+``MalformedError``): no E2M sender seals its own envelope again, so the hop's wrap never
+opens and nothing of it is kept.  Both hole tests failed on the code before the fix
+and pass with it; the premise control now checks the refusal.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ from e2m_plugins.body import message_body, with_entity
 from e2m_plugins.cms import oids
 from e2m_plugins.cms.envelope import open_envelope, seal
 from e2m_plugins.cms.recipients import KekLookup, recipient_for_certificate
-from e2m_plugins.errors import E2MError
+from e2m_plugins.errors import E2MError, MalformedError
 from e2m_plugins.sip import make_request, make_response
 from e2m_plugins.testpki import init_test_pki
 
@@ -146,17 +151,17 @@ def _hop_reads(message, look) -> bytes | None:
         return None
 
 
-def test_control_hop_wrap_is_accepted_and_the_hop_holds_r(pki):
-    """The premise: the wrapped INVITE opens at alice with bob's signature and keys, and what
-    alice keeps for R is the hop's CEK (not bob's).  Passes on f5fd795."""
+def test_control_hop_wrap_is_refused_and_keeps_nothing(pki):
+    """The premise, as it now ends: the wrapped INVITE (bob's envelope inside the hop's,
+    R in the clear) is refused at alice and keeps no key for R.  Before stop 50 it
+    opened with bob's signature and keys, and what alice kept for R was the hop's CEK."""
     alice = ua_engine(pki, "alice", peers=("bob",))
     _bob, sent, offered = _bobs_invite(pki, "r186-c1")
     assert offered.reference in message_body(sent).decoded()      # R is in the clear
-    wrapped, _look, hop_cek = _hop_wrap(pki, sent, offered.reference)
-    got = alice.open(wrapped)
-    assert BOB_KEY in got.message.body and got.info.trusted
-    [kept] = alice.dialog_keys.kept(wrapped)
-    assert kept.reference == offered.reference and kept.cek == hop_cek
+    wrapped, _look, _hop_cek = _hop_wrap(pki, sent, offered.reference)
+    with pytest.raises(MalformedError):
+        alice.open(wrapped)
+    assert not alice.dialog_keys.kept(wrapped)
 
 
 def test_control_unwrapped_offer_keys_an_answer_bob_opens(pki):
@@ -172,9 +177,6 @@ def test_control_unwrapped_offer_keys_an_answer_bob_opens(pki):
     assert _hop_reads(ok.message, other_look) is None
 
 
-@pytest.mark.xfail(strict=True, reason="review 186 hole K1: a hop's envelope around the "
-                   "peer's offer makes its CEK the exclusive dialog key alice's SRTP keys "
-                   "go under")
 def test_k1_hop_wrapped_offer_does_not_key_alices_answer(pki):
     alice = ua_engine(pki, "alice", peers=("bob",))
     _bob, sent, offered = _bobs_invite(pki, "r186-k1")
@@ -188,8 +190,6 @@ def test_k1_hop_wrapped_offer_does_not_key_alices_answer(pki):
     assert plain is None or ALICE_KEY not in plain, (ok.info, len(plain or b""))
 
 
-@pytest.mark.xfail(strict=True, reason="review 186 hole K1: a hop's envelope around the "
-                   "peer's split view makes alice's SDP view readable by the hop")
 def test_k1_hop_wrapped_split_offer_does_not_key_alices_view(pki):
     alice = ua_engine(pki, "alice", peers=("bob",))
     _bob, sent, offered = _bobs_invite(pki, "r186-k1s", bob_knows_proxy=True)
