@@ -19,12 +19,15 @@ import secrets
 import threading
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from types import FrameType
@@ -395,11 +398,12 @@ def _cleanup(runtime_dir: Path, created: bool) -> None:
             pass
 
 
-# A Kamailio log record starts " N(pid) LEVEL: "; anything else continues the last one.
-_RECORD = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: ")
+# A Kamailio log record starts "%2d(pid) LEVEL: " (process number, process id), with the
+# writer's own pid; anything else continues the last one.
+_RECORD = re.compile(rb"^ ?\d+\((\d+)\) [A-Z]+: ")
 # A record written while a message is handled has the cfg's log_prefix ("{$mt ...}")
 # right after its level.
-_IN_MESSAGE = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: \{")
+_IN_MESSAGE = re.compile(rb"^ ?\d+\(\d+\) [A-Z]+: \{")
 # Records above DEBUG that quote a message on their first line, cut at its first quote
 # or "=": the core's parser (parse_via quotes the rest of the message, body included,
 # at ERROR and whatever sip_parser_log says) and the TCP reader (a framing error is
@@ -424,7 +428,7 @@ _DEBUG_CUT = b" [debug text cut by e2m-proxy]\n"
 # script did not load).  Later a traceback's lines go too: an exception's text may
 # quote a message, and a printed message can hold a line that looks like this record
 # (a folded header), which must not make the lines after it pass (review 180).
-_TRACEBACK = re.compile(rb"^\s*\d+\(\d+\) [A-Z]+: app_python3 \[python_support\.c:\d+\]: "
+_TRACEBACK = re.compile(rb"^ ?\d+\(\d+\) [A-Z]+: app_python3 \[python_support\.c:\d+\]: "
                         rb"python_handle_exception\(\): (?:[^ ]+: )?"
                         rb"Unhandled exception in the Python code:")
 _DROPPED = b"    [the lines after this record cut by e2m-proxy: they may quote a message]\n"
@@ -444,9 +448,11 @@ class LogCutter:
 
     LIMIT = 65536
 
-    def __init__(self) -> None:
+    def __init__(self, *, pid: int | None = None, serving: list[bool] | None = None) -> None:
+        self._pid = pid                  # the writer's: its records name it (None: unknown)
         self._keep_continuation = True   # lines before any record (Python's own, at start)
-        self._serving = False            # a record of a message's handling was seen
+        # [a record of a message's handling was seen], shared by a proxy's cutters
+        self._serving = serving if serving is not None else [False]
         self._marked = False             # the current record's marker line is written
         self._rest_of_line = None        # None: at a line start; else keep (True) or drop
 
@@ -457,10 +463,12 @@ class LogCutter:
             keep = self._rest_of_line
             self._rest_of_line = None if ends else keep
             return chunk if keep else b""
-        if _RECORD.match(chunk):
-            self._serving = self._serving or bool(_IN_MESSAGE.match(chunk))
+        record = _RECORD.match(chunk)
+        if record and (self._pid is None or int(record.group(1)) == self._pid):
+            if _IN_MESSAGE.match(chunk):
+                self._serving[0] = True
             out, quoting = self._first_line(chunk)
-            self._keep_continuation = not self._serving and bool(_TRACEBACK.match(chunk))
+            self._keep_continuation = not self._serving[0] and bool(_TRACEBACK.match(chunk))
             self._marked = False
             keep = not quoting
             if quoting and not ends:     # cut before its end: the end goes
@@ -507,49 +515,129 @@ class LogCutter:
         return text + b"\n" if end >= len(text) else line[:end] + _CUT + b"\n"
 
 
-# Kamailio's log pipe is drained every LOG_POLL seconds instead of by a reader blocked
-# on it: every write to a pipe someone waits on wakes that reader on another core, and
-# that cost a worker about 30 µs of CPU per log line (bench/README.md, "Log lines").  A
-# pipe of PIPE_BYTES holds LOG_POLL s of any log rate a proxy can write.
+# Kamailio's log is drained every LOG_POLL seconds instead of by a reader blocked on
+# it: every write to a pipe or socket someone waits on wakes that reader on another
+# core, and that cost a worker about 30 µs of CPU per log line (bench/README.md, "Log
+# lines").  PIPE_BYTES hold LOG_POLL s of any log rate a proxy can write.
 LOG_POLL = 0.02
 PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031     # fcntl.F_SETPIPE_SZ (Linux); named in fcntl only from 3.10 on
+# Kamailio's processes share its stderr, and glibc writes a record longer than 8 KiB in
+# 8 KiB pieces: another process's record could land between two, and the next piece,
+# text a sender chose, start a line of its own (review 187).  So stderr is a Unix
+# socket whose reader learns each write's process (SO_PASSCRED; Linux delivers one
+# writer's bytes per read), and each process's bytes make lines of their own.
+MAX_WRITERS = 1024       # line states kept: Kamailio has tens of processes
+_UCRED = struct.Struct("3i")
 
 
-def _pump_log(stream, out) -> None:
-    fd = stream.fileno()
+class _Writer:
+    """One process's bytes on their way to the log: the line it is writing and its
+    ``LogCutter``."""
+
+    def __init__(self, pid: int | None, serving: list[bool]) -> None:
+        self.pending = b""
+        self.cutter = LogCutter(pid=pid, serving=serving)
+
+    def feed(self, data: bytes, final: bool = False) -> bytes:
+        """What to write for ``data``: the chunks readline(LIMIT) would give (whole
+        lines, or LIMIT-long pieces), cut by offset, one slice per chunk (a full pipe is
+        a thousand lines); with ``final``, the unfinished line too."""
+        self.pending += data
+        chunks, pos, pending = [], 0, self.pending
+        while pos < len(pending):
+            end = pending.find(b"\n", pos, pos + LogCutter.LIMIT)
+            if end < 0 and len(pending) - pos < LogCutter.LIMIT and not final:
+                break                      # the rest of this line is still coming
+            cut = end + 1 if end >= 0 else min(len(pending), pos + LogCutter.LIMIT)
+            chunks.append(pending[pos:cut])
+            pos = cut
+        self.pending = pending[pos:]
+        return b"".join(self.cutter.process(chunk) for chunk in chunks)
+
+
+def log_socket() -> tuple[socket.socket, socket.socket]:
+    """(reader, writer): the writer is Kamailio's stderr, the reader ``_pump_log``'s."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    for sock, option, forced in ((reader, socket.SO_RCVBUF, 33), (writer, socket.SO_SNDBUF, 32)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, PIPE_BYTES)    # SO_*BUFFORCE: root
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, option, PIPE_BYTES)    # capped by the kernel
+    reader.setblocking(False)
+    return reader, writer
+
+
+def _read_socket(sock: socket.socket) -> tuple[list[tuple[int | None, bytes]], bool]:
+    """What the writers have sent since the last call, each read with its process id,
+    and whether every writer is gone."""
+    got: list[tuple[int | None, bytes]] = []
+    space = socket.CMSG_SPACE(_UCRED.size)
+    while True:
+        try:
+            data, ancillary, _flags, _addr = sock.recvmsg(PIPE_BYTES, space)
+        except BlockingIOError:
+            return got, False
+        if not data:
+            return got, True
+        pid = None
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
+                    and len(value) >= _UCRED.size:
+                pid = _UCRED.unpack_from(value)[0]
+        got.append((pid, data))
+
+
+def _read_pipe(fd: int) -> tuple[list[tuple[int | None, bytes]], bool]:
+    """A pipe's bytes (one stream: no process ids), and whether it ended."""
     try:
-        import fcntl
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
-        os.set_blocking(fd, False)
-    except OSError:
-        pass      # 64 KiB would fill within a poll at a flood's rate: block on it instead
-    cutter = LogCutter()
-    pending = b""
+        data = os.read(fd, PIPE_BYTES)
+    except BlockingIOError:
+        return [], False
+    return ([(None, data)] if data else []), not data
+
+
+def _pump_log(source, out) -> None:
+    """Pass Kamailio's log from ``source`` (``log_socket``'s reader, or a pipe) to
+    ``out`` through a ``LogCutter`` per writing process, until every writer is gone."""
+    if isinstance(source, socket.socket):
+        def read() -> tuple[list[tuple[int | None, bytes]], bool]:
+            return _read_socket(source)
+    else:
+        fd = source.fileno()
+        try:
+            import fcntl
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
+            os.set_blocking(fd, False)
+        except OSError:
+            pass      # 64 KiB would fill within a poll at a flood's rate: block on it instead
+
+        def read() -> tuple[list[tuple[int | None, bytes]], bool]:
+            return _read_pipe(fd)
+    writers: OrderedDict[int | None, _Writer] = OrderedDict()
+    serving = [False]         # any process has handled a message (LogCutter)
     try:
         while True:
-            try:
-                data = os.read(fd, PIPE_BYTES)
-            except BlockingIOError:
+            got, ended = read()
+            if not got and not ended:
                 time.sleep(LOG_POLL)
                 continue
-            pending += data
-            # the chunks readline(LIMIT) would give: whole lines, or LIMIT-long pieces;
-            # cut by offset, one slice per chunk (a full pipe is a thousand lines)
-            chunks, pos = [], 0
-            while pos < len(pending):
-                end = pending.find(b"\n", pos, pos + LogCutter.LIMIT)
-                if end < 0 and len(pending) - pos < LogCutter.LIMIT and data:
-                    break                      # the rest of this line is still coming
-                cut = end + 1 if end >= 0 else min(len(pending), pos + LogCutter.LIMIT)
-                chunks.append(pending[pos:cut])
-                pos = cut
-            pending = pending[pos:]
-            written = b"".join(cutter.process(chunk) for chunk in chunks)
-            if written:
-                out.write(written)
+            written = []
+            for pid, data in got:
+                writer = writers.get(pid)
+                if writer is None:
+                    if len(writers) >= MAX_WRITERS:     # a gone process's unfinished line
+                        written.append(writers.popitem(last=False)[1].feed(b"", final=True))
+                    writer = writers[pid] = _Writer(pid, serving)
+                writers.move_to_end(pid)
+                written.append(writer.feed(data))
+            if ended:
+                written.extend(writer.feed(b"", final=True) for writer in writers.values())
+            if any(written):
+                out.write(b"".join(written))
                 out.flush()
-            if not data:
+            if ended:
                 return                          # Kamailio's end: what was left went too
     except (OSError, ValueError):
         return
@@ -606,9 +694,12 @@ def kamailio_environment() -> dict[str, str]:
 def _run(command: list[str], env: dict[str, str]) -> int:
     # Own session: a terminal's Ctrl-C reaches only us, and we stop Kamailio in order.
     # Kamailio's log (stderr) goes through LogCutter on its way to ours.
-    child = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.PIPE)
-    pump = threading.Thread(target=_pump_log, args=(child.stderr, sys.stderr.buffer),
-                            daemon=True)
+    reader, writer = log_socket()
+    try:
+        child = subprocess.Popen(command, env=env, start_new_session=True, stderr=writer)
+    finally:
+        writer.close()       # Kamailio's processes hold it: their end is the log's end
+    pump = threading.Thread(target=_pump_log, args=(reader, sys.stderr.buffer), daemon=True)
     pump.start()
     stopping = False
 

@@ -106,3 +106,43 @@ def test_a_buffer_printed_between_double_brackets_is_cut_at_any_level():
             b"invalid json doc [[a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:SECRETKEY]]\n")
     out = _cut(kdmq + PLAIN)
     assert b"SECRETKEY" not in out and b"invalid json doc [[" in out and out.endswith(PLAIN)
+
+
+def test_one_processs_pieces_stay_one_line_whatever_another_writes_between():
+    """Review 187 K1: a record over 8 KiB reaches stderr in 8 KiB pieces, and another
+    process's record can land between two.  Through one pipe the next piece starts a
+    line, and text the sender chose shaped exactly as a record start (" 1(pid) INFO: ")
+    passed whole.  Through ``log_socket`` each process's bytes make lines of their own,
+    and a record start must name its writer's pid."""
+    import os
+    import threading
+
+    from kamailio_app.launcher import _pump_log, log_socket
+
+    head = (b" 1(%d) ERROR: <core> [core/parser/parse_via.c:2706]: parse_via(): parsing via on: <"
+            % os.getpid())
+    forged = b" 1(%d) INFO: <script>: e2m: " % os.getpid()
+    body = b"x" * (8192 - len(head)) + forged + b"a=crypto:1 inline:SECRETKEY" + b"y" * 9000
+    record = head + body + b">\n"
+    pieces = [record[i:i + 8192] for i in range(0, len(record), 8192)]
+    assert pieces[1].startswith(forged)
+    reader, writer = log_socket()
+    out = io.BytesIO()
+    pump = threading.Thread(target=_pump_log, args=(reader, out))
+    pump.start()
+    writer.sendall(pieces[0])
+    child = os.fork()
+    if child == 0:                        # another Kamailio process's record, between
+        try:
+            writer.sendall(b" 2(%d) INFO: <script>: e2m: another line\n" % os.getpid())
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    for piece in pieces[1:]:
+        writer.sendall(piece)
+    writer.close()
+    pump.join(timeout=10)
+    assert not pump.is_alive()
+    got = out.getvalue()
+    assert b"SECRETKEY" not in got and b"another line" in got
+    assert got.count(b"parse_via(): parsing via on: <") == 1
