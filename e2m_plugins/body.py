@@ -92,9 +92,14 @@ class OpenedPart:
 
     @property
     def cek_references(self) -> tuple[tuple[bytes, bytes, OpenedEnvelope], ...]:
-        """(reference, CEK, envelope) of each envelope that offered reuse."""
-        return tuple((env.cek_reference, env.cek, env) for env in self.envelopes
-                     if env.cek_reference is not None and env.cek is not None)
+        """(reference, CEK, envelope) of the innermost envelope, when it offered reuse: the
+        sender's own.  A hop can only add envelopes outside it, and one that wrapped the
+        body in its own naming the sender's reference had its key kept for it, by the
+        receiver as the dialog's (review 186) or by a proxy."""
+        env = self.envelopes[-1] if self.envelopes else None
+        if env is None or env.cek_reference is None or env.cek is None:
+            return ()
+        return ((env.cek_reference, env.cek, env),)
 
 
 def message_body(message: SipMessage, limits: Limits = DEFAULT_LIMITS) -> mime.MimePart | None:
@@ -229,11 +234,6 @@ def open_part(part: mime.MimePart, keys: Sequence[OpeningKey], *,
     opened = open_message(data, keys=keys, trust_anchors=trust_anchors,
                           want_cek=True, at=at, limits=limits)
     try:
-        if len(opened.envelopes) > 1:
-            # no E2M sender seals its own envelope again: a hop that wrapped the peer's
-            # body in one of its own, naming the peer's CEK reference, had its key kept
-            # as the dialog's (review 186)
-            raise MalformedError("a body part sealed more than once")
         if opened.content_type != "data":
             raise MalformedError(f"unexpected innermost CMS content type {opened.content_type}")
         inner = _inner_entity(opened.content, limits)

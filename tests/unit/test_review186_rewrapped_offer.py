@@ -76,10 +76,12 @@ Tried and held
   kept exclusive. Each K1 test fails on f5fd795 on its own assertion (checked with
   ``--runxfail``: the hop read the key or the view).
 
-Fixed (stop 50): a body part sealed more than once is refused (``body.open_part``,
-``MalformedError``): no E2M sender seals its own envelope again, so the hop's wrap never
-opens and nothing of it is kept.  Both hole tests failed on the code before the fix
-and pass with it; the premise control now checks the refusal.
+Fixed (stop 50): a part's CEK reference is taken from its innermost envelope only, the
+sender's (``OpenedPart.cek_references``, for the UA and the proxy alike): a hop can only
+add envelopes outside it.  Both hole tests failed on the code before the fix and pass
+with it; the premise control now checks that bob's key is the one kept for R.  (A first
+fix refused every part sealed more than once; it changed the cost shape the budget
+tests of reviews 158 to 165 build on, four-deep envelopes, and was not needed.)
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ from e2m_plugins.body import message_body, with_entity
 from e2m_plugins.cms import oids
 from e2m_plugins.cms.envelope import open_envelope, seal
 from e2m_plugins.cms.recipients import KekLookup, recipient_for_certificate
-from e2m_plugins.errors import E2MError, MalformedError
+from e2m_plugins.errors import E2MError
 from e2m_plugins.sip import make_request, make_response
 from e2m_plugins.testpki import init_test_pki
 
@@ -151,17 +153,18 @@ def _hop_reads(message, look) -> bytes | None:
         return None
 
 
-def test_control_hop_wrap_is_refused_and_keeps_nothing(pki):
+def test_control_hop_wrap_opens_and_keeps_bobs_key_for_r(pki):
     """The premise, as it now ends: the wrapped INVITE (bob's envelope inside the hop's,
-    R in the clear) is refused at alice and keeps no key for R.  Before stop 50 it
-    opened with bob's signature and keys, and what alice kept for R was the hop's CEK."""
+    R in the clear) opens at alice with bob's signature and keys, and what she keeps
+    for R is bob's CEK, from the innermost envelope.  Before stop 50 it was the hop's."""
     alice = ua_engine(pki, "alice", peers=("bob",))
     _bob, sent, offered = _bobs_invite(pki, "r186-c1")
     assert offered.reference in message_body(sent).decoded()      # R is in the clear
-    wrapped, _look, _hop_cek = _hop_wrap(pki, sent, offered.reference)
-    with pytest.raises(MalformedError):
-        alice.open(wrapped)
-    assert not alice.dialog_keys.kept(wrapped)
+    wrapped, _look, hop_cek = _hop_wrap(pki, sent, offered.reference)
+    got = alice.open(wrapped)
+    assert BOB_KEY in got.message.body and got.info.trusted
+    [kept] = alice.dialog_keys.kept(wrapped)
+    assert kept.reference == offered.reference and kept.cek == offered.cek != hop_cek
 
 
 def test_control_unwrapped_offer_keys_an_answer_bob_opens(pki):
