@@ -156,6 +156,7 @@ and none left unsent.
 from __future__ import annotations
 
 import re
+import errno
 import socket
 import sqlite3
 import ssl
@@ -279,7 +280,11 @@ class Silent:
         self.sockets: list[socket.socket] = []
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((source, port))
+        try:
+            listener.bind((source, port))
+        except OSError:
+            listener.close()
+            raise
         listener.listen(0)
         self.sockets.append(listener)
         for _ in range(2):
@@ -416,12 +421,22 @@ def udp_fetch(home: ProxyHandle, source: str, silent: bool) -> tuple[list, socke
     whose TCP twin is made silent (or left closed) first; the pending NOTIFY (the
     certificate held: too large for UDP) answered 200 over UDP, which releases it
     over TCP.  What came back (answer codes and NOTIFY states) and the things to close."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((source, 0))
-    port = sock.getsockname()[1]
-    things: list = [sock]
-    if silent:
-        things.append(Silent(source, port))
+    for _ in range(20):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        port = sock.getsockname()[1]
+        things: list = [sock]
+        if not silent:
+            break
+        try:      # the UDP port's TCP twin may be another test's (a wildcard listener)
+            things.append(Silent(source, port))
+            break
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    else:
+        raise AssertionError("no UDP port whose TCP twin was free")
     call_id = uuid.uuid4().hex
     sock.sendto((
         f"SUBSCRIBE {BOB} SIP/2.0\r\n"
