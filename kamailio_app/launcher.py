@@ -434,6 +434,15 @@ _TRACEBACK = re.compile(rb"^ ?\d+\(\d+\) [A-Z]+: app_python3 \[python_support\.c
 _DROPPED = b"    [the lines after this record cut by e2m-proxy: they may quote a message]\n"
 
 
+class LogState:
+    """What one proxy's cutters share: whether any process has written a record yet,
+    and whether any has handled a message."""
+
+    def __init__(self) -> None:
+        self.recorded = False
+        self.serving = False
+
+
 class LogCutter:
     """Passes Kamailio's stderr on, line by line, with every DEBUG record cut after its
     function's name, every other record that may quote a message on its first line
@@ -448,11 +457,10 @@ class LogCutter:
 
     LIMIT = 65536
 
-    def __init__(self, *, pid: int | None = None, serving: list[bool] | None = None) -> None:
+    def __init__(self, *, pid: int | None = None, shared: LogState | None = None) -> None:
         self._pid = pid                  # the writer's: its records name it (None: unknown)
-        self._keep_continuation = True   # lines before any record (Python's own, at start)
-        # [a record of a message's handling was seen], shared by a proxy's cutters
-        self._serving = serving if serving is not None else [False]
+        self._shared = shared if shared is not None else LogState()
+        self._keep_continuation = None   # None: no record of ours yet (see ``process``)
         self._marked = False             # the current record's marker line is written
         self._rest_of_line = None        # None: at a line start; else keep (True) or drop
 
@@ -465,16 +473,23 @@ class LogCutter:
             return chunk if keep else b""
         record = _RECORD.match(chunk)
         if record and (self._pid is None or int(record.group(1)) == self._pid):
+            self._shared.recorded = True
             if _IN_MESSAGE.match(chunk):
-                self._serving[0] = True
+                self._shared.serving = True
             out, quoting = self._first_line(chunk)
-            self._keep_continuation = not self._serving[0] and bool(_TRACEBACK.match(chunk))
+            self._keep_continuation = not self._shared.serving and bool(_TRACEBACK.match(chunk))
             self._marked = False
             keep = not quoting
             if quoting and not ends:     # cut before its end: the end goes
                 out = out if out.endswith(b"\n") else out + b"\n"
         else:
-            keep = self._keep_continuation
+            # Lines before any record at all are Python's own at start (a warning);
+            # once any process wrote one, a line before this writer's first record is
+            # not one (a new process's records name pid 0 until the fork is done:
+            # review 188) and goes like a continuation.
+            # A line shaped as a record that names another pid is never one to keep.
+            keep = self._keep_continuation if self._keep_continuation is not None \
+                else not self._shared.recorded and record is None
             out = chunk if keep else (b"" if self._marked else _DROPPED)
             self._marked = True
         self._rest_of_line = None if ends else keep
@@ -535,9 +550,9 @@ class _Writer:
     """One process's bytes on their way to the log: the line it is writing and its
     ``LogCutter``."""
 
-    def __init__(self, pid: int | None, serving: list[bool]) -> None:
+    def __init__(self, pid: int | None, shared: LogState) -> None:
         self.pending = b""
-        self.cutter = LogCutter(pid=pid, serving=serving)
+        self.cutter = LogCutter(pid=pid, shared=shared)
 
     def feed(self, data: bytes, final: bool = False) -> bytes:
         """What to write for ``data``: the chunks readline(LIMIT) would give (whole
@@ -616,31 +631,36 @@ def _pump_log(source, out) -> None:
         def read() -> tuple[list[tuple[int | None, bytes]], bool]:
             return _read_pipe(fd)
     writers: OrderedDict[int | None, _Writer] = OrderedDict()
-    serving = [False]         # any process has handled a message (LogCutter)
-    try:
-        while True:
+    shared = LogState()
+    while True:
+        try:
             got, ended = read()
-            if not got and not ended:
-                time.sleep(LOG_POLL)
-                continue
-            written = []
-            for pid, data in got:
-                writer = writers.get(pid)
-                if writer is None:
-                    if len(writers) >= MAX_WRITERS:     # a gone process's unfinished line
-                        written.append(writers.popitem(last=False)[1].feed(b"", final=True))
-                    writer = writers[pid] = _Writer(pid, serving)
-                writers.move_to_end(pid)
-                written.append(writer.feed(data))
-            if ended:
-                written.extend(writer.feed(b"", final=True) for writer in writers.values())
-            if any(written):
+        except (OSError, ValueError):
+            return
+        if not got and not ended:
+            time.sleep(LOG_POLL)
+            continue
+        written = []
+        for pid, data in got:
+            writer = writers.get(pid)
+            if writer is None:
+                if len(writers) >= MAX_WRITERS:     # a gone process's unfinished line
+                    written.append(writers.popitem(last=False)[1].feed(b"", final=True))
+                writer = writers[pid] = _Writer(pid, shared)
+            writers.move_to_end(pid)
+            written.append(writer.feed(data))
+        if ended:
+            written.extend(writer.feed(b"", final=True) for writer in writers.values())
+        if out is not None and any(written):
+            try:
                 out.write(b"".join(written))
                 out.flush()
-            if ended:
-                return                          # Kamailio's end: what was left went too
-    except (OSError, ValueError):
-        return
+            except (OSError, ValueError):
+                # our stderr is gone: read on and let it go, or Kamailio's workers would
+                # block on a full log socket and stop serving (review 188 HB1)
+                out = None
+        if ended:
+            return                          # Kamailio's end: what was left went too
 
 
 def _group_members(group: int) -> list[int]:
