@@ -34,6 +34,13 @@ Tried and held
 - ``--json`` output: ``json.dumps`` escapes every control character (0 ESC).
 - ``e2m archive export``: there is no such subcommand at c0b7eaa (``list`` and
   ``show`` only), nothing to attack.
+
+Fixed (stop 50): K1, the spool's SQLite file runs with ``secure_delete`` (a removed
+message leaves no text in free pages), and once a replay empties it its write-ahead log
+is folded in and emptied (``SpoolFile.scrub``: ``wal_checkpoint(TRUNCATE)``).  K2, the
+CLI's ``--out -`` writes to a terminal each line through ``printable``
+(``cli.for_terminal``); a pipe or a file still gets the exact octets.  The hole tests
+failed on the code before the fix and pass with it.
 """
 
 from __future__ import annotations
@@ -107,8 +114,6 @@ def _on_a_terminal(argv: list[str]) -> bytes:
             os.close(follower)
 
 
-@pytest.mark.xfail(strict=True, reason="review 191 hole K2: show --out - writes a "
-                                       "message's escape sequences raw to a terminal")
 def test_show_out_dash_on_a_terminal_escapes_control_sequences(tmp_path):
     db = _archive(tmp_path)
     out = _on_a_terminal(_e2m("archive", "show", "1", "--db", str(db), "--out", "-"))
