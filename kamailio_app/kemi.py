@@ -80,6 +80,7 @@ from kamailio_app.dialog_targets import (DIALOG as _DIALOG_TARGET,  # noqa: E402
                                          target_and_side as _target_and_side)
 from kamailio_app.late_copies import (note_answer_key, remember_answer,  # noqa: E402
                                      remembered_answer)
+from kamailio_app.dmq_nodes import node_list_ok  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.sources import SITE_SHARES, site_of, unmapped  # noqa: E402
 from kamailio_app.htable_items import put_expiring  # noqa: E402
@@ -1187,6 +1188,13 @@ class kamailio:
         source = (KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0))
         local = (KSR.pv.get("$Ri") or "", int(KSR.pv.get("$Rp") or 0))
         if self.app.dmq_accepts(source, KSR.pv.get("$pr") or "", local):
+            if KSR.pv.get("$rU") == "notification_peer" and not node_list_ok(
+                    KSR.pv.get("$rb") or "", self.app.dmq_sources() | self.app.dmq_socket()):
+                # dmq would keep its node list locked for good, and log the line whole
+                _warn("e2m: KDMQ node list from %s:%d that is not one line per node of "
+                      "ours: refused\n" % source)
+                KSR.sl.sl_send_reply(400, "Bad Request")
+                return
             if SYNC_GATE is not None:
                 SYNC_GATE.observe("%s:%d" % (canonical_ip(source[0]), source[1]))
             KSR.dmq.handle_message()
