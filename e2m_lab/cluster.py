@@ -21,14 +21,16 @@ import secrets
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 from e2m_plugins.sip import SipMessage, make_request, make_response, parse
 
 from .flows import SDP_ANSWER, SDP_OFFER, TRUSTED, answer, invite, known_proxy, ua_engine
-from .kamailio_harness import ProxyHandle, RawUas, SipUa, parse_address_uri
+from .kamailio_harness import ProxyHandle, RawUas, SipUa, parse_address_uri, start_proxy
 from .ports import free_port
 
 __all__ = ["VIEW", "ADVERTISE", "REPLICATION", "Cluster", "start_cluster", "wait_until",
@@ -102,6 +104,30 @@ def start_cluster(proxy_factory: Callable[..., ProxyHandle], db_url: str,
     # DMQ's own view (the e2m_dmq_peers_up counter follows it only every 5 s)
     wait_dmq_up(nodes.nodes)
     return nodes
+
+
+@contextmanager
+def lone_node(pki: Any, where: Path, name: str) -> Iterator[ProxyHandle]:
+    """A [cluster] node (its own private PostgreSQL) whose one peer never runs: what a
+    KDMQ from a peer's address does to a node, with no peer to answer it.  The handle
+    gets ``dmq_port`` (the node's DMQ port) and ``peer_port`` (the peer's)."""
+    from .postgres import PostgresServer
+    server = PostgresServer().start()
+    try:
+        own = free_port()
+        peer = free_port(avoid={own})
+        node = start_proxy(where, pki=pki, e2m=True, db_url=server.create_database(name),
+                           extra={"cluster": {"dmq_address": f"sip:127.0.0.1:{own}",
+                                              "peers": [f"sip:127.0.0.1:{peer}"],
+                                              "sync_wait": 1, "sync_unreachable_after": 1}})
+        try:
+            node.dmq_port = own
+            node.peer_port = peer
+            yield node
+        finally:
+            node.stop()
+    finally:
+        server.stop()
 
 
 def wait_dmq_up(nodes: tuple[ProxyHandle, ...], restart_after: float = 10.0) -> float:

@@ -73,7 +73,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
+from e2m_lab.cluster import lone_node as cluster_lone_node
+from e2m_lab.kamailio_harness import ProxyHandle
 from e2m_plugins.testpki import TestPKI
 
 pytestmark = [pytest.mark.kamailio, pytest.mark.postgres]
@@ -81,26 +82,9 @@ pytestmark = [pytest.mark.kamailio, pytest.mark.postgres]
 
 @pytest.fixture(scope="module")
 def lone_node(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
-    """A [cluster] node (its own private PostgreSQL) whose one peer never runs."""
-    from e2m_lab.ports import free_port
-    from e2m_lab.postgres import PostgresServer
-    server = PostgresServer().start()
-    try:
-        own = free_port()
-        peer = free_port(avoid={own})
-        node = start_proxy(tmp_path_factory.mktemp("review185-node"), pki=pki, e2m=True,
-                           db_url=server.create_database("review185"),
-                           extra={"cluster": {"dmq_address": f"sip:127.0.0.1:{own}",
-                                              "peers": [f"sip:127.0.0.1:{peer}"],
-                                              "sync_wait": 1, "sync_unreachable_after": 1}})
-        try:
-            node.dmq_port = own
-            node.peer_port = peer
-            yield node
-        finally:
-            node.stop()
-    finally:
-        server.stop()
+    """A [cluster] node whose one peer never runs (``e2m_lab.cluster.lone_node``)."""
+    with cluster_lone_node(pki, tmp_path_factory.mktemp("review185-node"), "review185") as node:
+        yield node
 
 
 def _kdmq(node: ProxyHandle, source: tuple[str, int], canary: str) -> tuple[str, list[bytes]]:

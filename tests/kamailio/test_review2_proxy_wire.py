@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from e2m_lab.cluster import lone_node as cluster_lone_node
 from e2m_lab.kamailio_harness import (ProxyHandle, RawUas, SipUa, registered_uas, start_proxy,
                                       wait_delivered)
 from e2m_plugins.testpki import TestPKI
@@ -126,25 +127,9 @@ def test_hole_a_forged_in_dialog_request_is_relayed_anywhere(home):
 
 @pytest.fixture(scope="module")
 def lone_node(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandle]:
-    """A [cluster] node (its own private PostgreSQL) whose one peer never answers."""
-    from e2m_lab.ports import free_port
-    from e2m_lab.postgres import PostgresServer
-    server = PostgresServer().start()
-    try:
-        own = free_port()
-        peer = free_port(avoid={own})
-        node = start_proxy(tmp_path_factory.mktemp("review2-node"), pki=pki, e2m=True,
-                           db_url=server.create_database("review2"),
-                           extra={"cluster": {"dmq_address": f"sip:127.0.0.1:{own}",
-                                              "peers": [f"sip:127.0.0.1:{peer}"],
-                                              "sync_wait": 1, "sync_unreachable_after": 1}})
-        try:
-            node.dmq_port = own
-            yield node
-        finally:
-            node.stop()
-    finally:
-        server.stop()
+    """A [cluster] node whose one peer never runs (``e2m_lab.cluster.lone_node``)."""
+    with cluster_lone_node(pki, tmp_path_factory.mktemp("review2-node"), "review2") as node:
+        yield node
 
 
 BURST = 150
