@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from e2m_plugins.cli.terminal import guard_terminal
 from e2m_plugins.certpath import certificate_identities
 from e2m_plugins.errors import E2MError
 from e2m_plugins.uri import aor_of
@@ -100,6 +101,7 @@ def _remove(publications: PublicationTable, subscriptions: SubscriptionTable,
 
 
 def main(argv: list[str]) -> int:
+    guard_terminal()          # it may be run on its own: what it lists, senders wrote
     args = _parser().parse_args(argv)
     from .config import load_app_config      # late: the launcher imports this module
     try:

@@ -30,6 +30,8 @@ import sqlite3
 import sys
 from typing import Any
 
+from e2m_plugins.cli.terminal import guard_terminal
+
 from .archive import ArchiveError
 from .archive_schema import ARCHIVE_VERSION, SchemaError
 from .config import AppConfig, load_app_config
@@ -249,6 +251,7 @@ def _owner(config: AppConfig, url: str | None) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    guard_terminal()          # it may be run on its own: what it lists, senders wrote
     args = _parser().parse_args(argv)
     try:
         config = load_app_config(args.config)

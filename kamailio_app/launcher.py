@@ -33,6 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from e2m_plugins.cli.terminal import guard_terminal
+
 from .config import DEFAULT_EXPIRES, MAX_EXPIRES, MIN_EXPIRES  # the registrar's
 from .config import (AppConfig, AppConfigError, ClusterSettings, DispatcherSettings,
                      TlsSettings, load_app_config)
@@ -771,6 +773,7 @@ OPEN_REGISTRAR_WARNING = ("e2m-proxy: warning: PROXY.toml has no [auth] section:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_terminal()         # Kamailio's log and our listings quote what senders wrote
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["users"]:
         from .users import main as users_main

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from e2m_plugins.cli.terminal import guard_terminal
 from e2m_plugins.privatefiles import PrivateFileError, check_private_file
 
 from .pgconn import PgUrl, connect
@@ -228,6 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    guard_terminal()          # it may be run on its own: what it lists, senders wrote
     args = _parser().parse_args(argv)
     from .config import load_app_config      # late: the launcher imports this module
     try:

@@ -39,6 +39,7 @@ import time
 from typing import Any, TextIO
 
 from e2m_plugins.cli import printable
+from e2m_plugins.cli.terminal import guard_terminal
 from e2m_plugins.config import ConfigError
 
 __all__ = ["main"]
@@ -199,6 +200,7 @@ def _why(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_terminal()         # a peer's reason phrase, a display name: shown, never obeyed
     args = _parser().parse_args(argv)
     printer = Printer(args.json)
     try:
@@ -246,7 +248,7 @@ def _message(phone: Any, to: str, text: str, timeout: float, stop: _Stop) -> int
         print(f"e2m-phone: no final answer to the MESSAGE within {timeout:.0f} s", file=sys.stderr)
         return EXIT_FAIL
     if not handle.ok:
-        print(f"e2m-phone: message failed: {handle.reason}", file=sys.stderr)
+        print(f"e2m-phone: message failed: {printable(str(handle.reason))}", file=sys.stderr)
     return EXIT_OK if handle.ok else EXIT_FAIL
 
 
@@ -259,8 +261,8 @@ def _call(phone: Any, to: str, seconds: float, hold: bool, timeout: float, stop:
     if not up or call.done or not call.media_active:
         phone.hangup(call)
         phone.wait_until(lambda: call.done, 5)
-        print(f"e2m-phone: call failed: {call.reason or 'no media within the timeout'}",
-              file=sys.stderr)
+        why = printable(str(call.reason)) if call.reason else "no media within the timeout"
+        print(f"e2m-phone: call failed: {why}", file=sys.stderr)
         return EXIT_FAIL
     ok = True
     phone.run_for(seconds / 2 if hold else seconds)

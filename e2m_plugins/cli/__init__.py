@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 from ..errors import E2MError
 from ..config import ConfigError
+from .terminal import guard_terminal
 
 __all__ = ["printable", "Group", "UsageError", "CliFailure", "register_group", "build_parser", "main",
            "read_input", "write_output", "positive_int"]
@@ -124,6 +125,7 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``e2m`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    guard_terminal()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -206,28 +208,19 @@ def read_input(path: str, what: str = "input") -> bytes:
         raise CliFailure(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def for_terminal(data: bytes) -> bytes:
-    """``data`` as a terminal may show it: each line (LF or CRLF) through ``printable``,
-    so a sender's escape sequences (a window title, a clipboard write, a cleared
-    screen: review 191) are shown as text, not obeyed.  Only for a terminal: a pipe
-    or a file gets the exact octets."""
-    lines = data.decode("utf-8", "surrogateescape").split("\n")
-    return "\n".join(printable(line.removesuffix("\r")) for line in lines).encode(
-        "utf-8", "backslashreplace")
-
-
 def write_output(path: str, data: bytes, *, private: bool = False) -> None:
     """Write ``data`` to ``path`` (``-`` is stdout).
 
-    On a terminal, stdout gets ``for_terminal(data)``.  ``private`` writes a new file,
-    0600 from the start, and renames it over ``path``:
+    On a terminal guarded by ``terminal.guard_terminal``, stdout shows ``data``
+    escaped.  ``private`` writes a new file, 0600 from the start, and renames it over
+    ``path``:
     decrypted content must not become readable by others through a loose umask, nor
     through a file that already exists with a looser mode or someone's open
     descriptor on it (review 73).
     """
     if path == "-":
         out: BinaryIO = sys.stdout.buffer
-        out.write(for_terminal(data) if sys.stdout.isatty() else data)
+        out.write(data)       # a terminal's buffer escapes it (terminal.guard_terminal)
         out.flush()
         return
     try:

@@ -39,7 +39,8 @@ Fixed (stop 50): K1, the spool's SQLite file runs with ``secure_delete`` (a remo
 message leaves no text in free pages), and once a replay empties it its write-ahead log
 is folded in and emptied (``SpoolFile.scrub``: ``wal_checkpoint(TRUNCATE)``).  K2, the
 CLI's ``--out -`` writes to a terminal each line through ``printable``
-(``cli.for_terminal``); a pipe or a file still gets the exact octets.  The hole tests
+(``cli.for_terminal``, since review 193 every command's terminal: ``cli.terminal``); a
+pipe or a file still gets the exact octets.  The hole tests
 failed on the code before the fix and pass with it.
 """
 

@@ -127,6 +127,16 @@ Tried and held
   sender chose.
 - The phone's event lines (stdout): ``Printer`` escapes every event, text and JSON.
 - ``for_terminal`` on bytes that are not UTF-8: shown as ``\\xNN``, nothing raw.
+
+Fixed (stop 50): not one print at a time: every command's ``main`` (``e2m``,
+``e2m-proxy`` and its ``certs``, ``db``, ``users``, ``e2m-phone``) first calls
+``e2m_plugins.cli.terminal.guard_terminal``, which wraps stdout and stderr, where they
+are terminals, so that everything printed (listings, errors, Kamailio's log through
+the launcher) passes ``terminal_text``: C0 controls but tab and newline, DEL, C1
+controls, bidi embeddings/overrides/isolates and non-UTF-8 octets are written out;
+tabs, spaces of any script, joiners and marks stay (HB1, HB2).  The phone's two
+failure lines also pass ``printable`` where printed (K5 calls ``_message`` without
+``main``).  Every hole test failed on the code before the fix and passes with it.
 """
 
 from __future__ import annotations
@@ -147,7 +157,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from e2m_plugins.cli import for_terminal
+from e2m_plugins.cli.terminal import for_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = "\x1b]0;pwned\x07\x1b[2J"          # window title, clear screen
@@ -222,8 +232,6 @@ def hostile(tmp_path):
 
 # ------------------------------------------------------------------ K1
 
-@pytest.mark.xfail(strict=True, reason="review 193 hole K1: cms inspect prints certificate "
-                                       "names raw")
 def test_cms_inspect_escapes_certificate_names(hostile):
     rc, out = _terminal(_e2m("cms", "inspect", "--in", str(hostile["cms"])))
     print(f"\nrc {rc}; {_count(out)} (ESC, BEL) of {len(out)} octets")
@@ -239,8 +247,6 @@ def test_control_cms_inspect_json_escapes(hostile):
 
 # ------------------------------------------------------------------ K2
 
-@pytest.mark.xfail(strict=True, reason="review 193 hole K2: an error message quotes a "
-                                       "signer's subject raw")
 def test_verify_failure_message_escapes_the_signers_names(hostile, pki):
     rc, out = _terminal(_e2m("cms", "verify", "--in", str(hostile["cms"]),
                              "--ca", str(pki.directory / "ca.crt"), "--out",
@@ -267,8 +273,6 @@ def _bob_toml(pki, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="review 193 hole K2: an error message quotes a "
-                                       "Content-Type's C1 CSI and bidi override raw")
 def test_sip_open_failure_message_escapes_c1_and_bidi(pki, tmp_path):
     message = tmp_path / "m.sip"
     message.write_bytes(_message("application/pkcs7-mime; "
@@ -282,8 +286,6 @@ def test_sip_open_failure_message_escapes_c1_and_bidi(pki, tmp_path):
 
 # ------------------------------------------------------------------ K3
 
-@pytest.mark.xfail(strict=True, reason="review 193 hole K3: cms verify prints the "
-                                       "signer's names raw")
 def test_cms_verify_escapes_signer_names(hostile):
     rc, out = _terminal(_e2m("cms", "verify", "--in", str(hostile["cms"]),
                              "--ca", str(hostile["cert"]), "--out",
@@ -295,8 +297,6 @@ def test_cms_verify_escapes_signer_names(hostile):
 
 # ------------------------------------------------------------------ K4
 
-@pytest.mark.xfail(strict=True, reason="review 193 hole K4: certs show prints a published "
-                                       "certificate's subject raw")
 def test_certs_show_escapes_a_published_subject(pki, tmp_path):
     from e2m_plugins.certservice import Publication, check_published_certificate
     from e2m_plugins.testpki import _issue
@@ -349,8 +349,6 @@ sys.exit(cli._message(phone, "sip:bob@example.com", "hi", 5.0, cli._Stop()))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review 193 hole K5: e2m-phone prints a final "
-                                       "answer's reason phrase raw on stderr")
 def test_phone_message_failed_line_escapes_the_reason():
     rc, out = _terminal([sys.executable, "-c", _PHONE, SEQ, "line"])
     print(f"\nrc {rc}; {_count(out)} (ESC, BEL): {out!r}")
@@ -366,14 +364,10 @@ def test_control_phone_event_line_escapes_the_reason():
 
 # ------------------------------------------------------------------ for_terminal
 
-@pytest.mark.xfail(strict=True, reason="review 193 honest break HB1: for_terminal shows a "
-                                       "tab as \\x09")
 def test_for_terminal_keeps_tabs():
     assert for_terminal(b"name\tcount\nalice\t3\n") == b"name\tcount\nalice\t3\n"
 
 
-@pytest.mark.xfail(strict=True, reason="review 193 honest break HB2: for_terminal escapes "
-                                       "NBSP, ideographic space, ZWJ and RLM")
 def test_for_terminal_keeps_honest_unicode_spacing_and_joiners():
     honest = ["Bonjour\u00a0!", "中文\u3000文", "👨\u200d👩\u200d👧", "مرحبا\u200f"]
     mangled = [t for t in honest if for_terminal(t.encode()) != t.encode()]

@@ -1,0 +1,92 @@
+"""What the command-line tools write to a terminal: text an attacker chose (a name in a
+certificate, a reason phrase, an archived message, an error quoting input) shown as
+text, never obeyed as an escape sequence (reviews 191, 193).
+
+``guard_terminal`` wraps a process's stdout and stderr where they are terminals, so
+every line any command prints passes ``terminal_text``; a pipe or a file gets exactly
+what was written."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from typing import Any
+
+# C0 controls but tab and newline, DEL, C1 controls (CSI is U+009B), the bidi
+# embeddings, overrides and isolates (they reorder what follows), and the octets that
+# were not UTF-8 (surrogate escapes).  Spaces of any script, joiners and marks stay.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group(0))
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def terminal_text(text: str) -> str:
+    """``text`` with what a terminal would obey written out (``\\x1b``, ``\\u202e``)."""
+    return _UNSAFE.sub(_escaped, text.replace("\r\n", "\n"))
+
+
+def for_terminal(data: bytes) -> bytes:
+    """Octets meant for a terminal, through ``terminal_text`` (UTF-8; others as ``\\xNN``)."""
+    return terminal_text(data.decode("utf-8", "surrogateescape")).encode("utf-8")
+
+
+class _SafeBuffer:
+    """A terminal's binary stream that writes ``for_terminal`` of what it is given."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def write(self, data: bytes) -> int:
+        self._raw.write(for_terminal(bytes(data)))
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+class SafeTerminal(io.TextIOBase):
+    """A terminal's text stream that writes ``terminal_text`` of what it is given."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self._stream = stream
+        self.buffer = _SafeBuffer(stream.buffer) if hasattr(stream, "buffer") else None
+
+    def write(self, text: str) -> int:
+        self._stream.write(terminal_text(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def guard_terminal() -> None:
+    """Wrap this process's stdout and stderr, where they are terminals, in
+    ``SafeTerminal``; call it first in a command's ``main``."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, SafeTerminal) and _is_terminal(stream):
+            setattr(sys, name, SafeTerminal(stream))
