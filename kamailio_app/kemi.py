@@ -80,7 +80,7 @@ from kamailio_app.dialog_targets import (DIALOG as _DIALOG_TARGET,  # noqa: E402
                                          target_and_side as _target_and_side)
 from kamailio_app.late_copies import (note_answer_key, remember_answer,  # noqa: E402
                                      remembered_answer)
-from kamailio_app.dmq_nodes import node_list_ok  # noqa: E402
+from kamailio_app.dmq_bodies import htable_body_ok, node_list_ok, usrloc_body_ok  # noqa: E402
 from kamailio_app.sync_gate import for_cluster  # noqa: E402
 from kamailio_app.sources import SITE_SHARES, site_of, unmapped  # noqa: E402
 from kamailio_app.htable_items import put_expiring  # noqa: E402
@@ -155,6 +155,8 @@ _TARGET_MINE_AVP = "$avp(e2m_target_mine)"
 # A front's fr_timer: the nodes' (5 s, templates/kamailio.cfg.tmpl) and a margin, so that
 # a node that is up always answers first, if only with its own 408 (``failover``).
 _FRONT_FR_TIMER_MS = 7000
+# The DMQ peers the cfg loads: dmq's own, htable's, dmq_usrloc's (``kdmq_body_ok``)
+_DMQ_TARGETS = ("notification_peer", "htable", "usrloc")
 
 
 def mod_init():
@@ -1188,11 +1190,11 @@ class kamailio:
         source = (KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0))
         local = (KSR.pv.get("$Ri") or "", int(KSR.pv.get("$Rp") or 0))
         if self.app.dmq_accepts(source, KSR.pv.get("$pr") or "", local):
-            if KSR.pv.get("$rU") == "notification_peer" and not node_list_ok(
-                    KSR.pv.get("$rb") or "", self.app.dmq_sources() | self.app.dmq_socket()):
-                # dmq would keep its node list locked for good, and log the line whole
-                _warn("e2m: KDMQ node list from %s:%d that is not one line per node of "
-                      "ours: refused\n" % source)
+            if not self.kdmq_body_ok():
+                # Kamailio's dmq, htable or dmq_usrloc would stop on it (reviews 190, 192)
+                target = KSR.pv.get("$rU")
+                _warn("e2m: KDMQ to %s from %s:%d whose body is not of its peers' shape: "
+                      "refused\n" % ((target if target in _DMQ_TARGETS else "?",) + source))
                 KSR.sl.sl_send_reply(400, "Bad Request")
                 return
             if SYNC_GATE is not None:
@@ -1205,6 +1207,26 @@ class kamailio:
               "socket), not a [cluster] peer: refused\n"
               % (source + local + (KSR.pv.get("$pr") or "?",)))
         KSR.sl.sl_send_reply(403, "Forbidden")
+
+    def kdmq_body_ok(self) -> bool:
+        """Whether a peer's KDMQ goes to its module: a body exactly Content-Length long,
+        in the shape that module's own peers write (``dmq_bodies``)."""
+        try:
+            if int(KSR.pv.get("$cl") or 0) != int(KSR.pv.get("$bs") or 0):
+                return False
+            body = KSR.pv.get("$rb") or ""
+        except (TypeError, ValueError, UnicodeError):
+            return False
+        target = KSR.pv.get("$rU")
+        if target not in _DMQ_TARGETS:
+            return False
+        if target == "notification_peer":
+            return node_list_ok(body, self.app.dmq_sources() | self.app.dmq_socket())
+        if target == "htable":
+            return htable_body_ok(body)
+        if target == "usrloc":
+            return usrloc_body_ok(body)
+        return False
 
     def route_request(self):
         if not self.route_limits():

@@ -84,7 +84,7 @@ Tried and held
 
 Fixed (stop 50): ``route_dmq`` hands a KDMQ to ``notification_peer`` to dmq only when
 its body is one line per node of the cluster (a configured peer's DMQ address or ours,
-``;status=`` a known state, each once: ``kamailio_app/dmq_nodes.node_list_ok``); any
+``;status=`` a known state, each once: ``kamailio_app/dmq_bodies.node_list_ok``); any
 other is answered 400 with a warning that quotes nothing of it.  So dmq never refuses
 a line: its lock is not left held (K2) and it logs no value of the body (K1).  Both hole
 tests failed on the code before the fix and pass with it.
