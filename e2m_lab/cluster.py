@@ -130,6 +130,43 @@ def lone_node(pki: Any, where: Path, name: str) -> Iterator[ProxyHandle]:
         server.stop()
 
 
+def peer_kdmq(node: ProxyHandle, user: str, body: bytes, wait: float = 3.0,
+              content_length: int | None = None,
+              content_type: str = "text/plain") -> list[bytes]:
+    """One KDMQ to ``user``@ a ``lone_node``'s DMQ socket from its peer's DMQ address and
+    port (what a peer, or a forged source on the DMQ network, sends); the status lines
+    of the final answers within ``wait`` s (a KDMQ of the node's own is skipped)."""
+    length = len(body) if content_length is None else content_length
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", node.peer_port))
+    answers = []
+    try:
+        sock.sendto((f"KDMQ sip:{user}@127.0.0.1:{node.dmq_port} SIP/2.0\r\n"
+                     f"Via: SIP/2.0/UDP 127.0.0.1:{node.peer_port};"
+                     f"branch=z9hG4bK-peer{secrets.token_hex(6)}\r\n"
+                     f"From: <sip:127.0.0.1:{node.peer_port}>;tag=p{secrets.token_hex(3)}\r\n"
+                     f"To: <sip:{user}@127.0.0.1:{node.dmq_port}>\r\n"
+                     f"Call-ID: peer-{secrets.token_hex(8)}\r\nCSeq: 1 KDMQ\r\n"
+                     f"Max-Forwards: 1\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Length: {length}\r\n\r\n").encode() + body,
+                    ("127.0.0.1", node.dmq_port))
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                answer = sock.recv(65535)
+            except (socket.timeout, ConnectionRefusedError):
+                break
+            if not answer.startswith(b"SIP/2.0 ") or answer.startswith(b"SIP/2.0 1"):
+                continue
+            answers.append(answer.split(b"\r\n", 1)[0])
+            break
+    finally:
+        sock.close()
+    return answers
+
+
 def wait_dmq_up(nodes: tuple[ProxyHandle, ...], restart_after: float = 10.0) -> float:
     """Wait (``DMQ_UP_WAIT``) until every node's DMQ lists another as active.
 

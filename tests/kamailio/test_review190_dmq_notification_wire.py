@@ -93,13 +93,12 @@ tests failed on the code before the fix and pass with it.
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from e2m_lab.cluster import lone_node as cluster_lone_node
+from e2m_lab.cluster import lone_node as cluster_lone_node, peer_kdmq
 from e2m_lab.kamailio_harness import ProxyHandle
 from e2m_plugins.testpki import TestPKI
 
@@ -115,37 +114,9 @@ def lone_node(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def _notification(node: ProxyHandle, body: str, wait: float = 3.0) -> tuple[str, list[bytes]]:
     """One KDMQ to dmq's notification peer from the peer's DMQ address:port with
-    ``body``; (the log after it, the answers within ``wait`` s)."""
-    data = body.encode()
+    ``body``; (the log after it, the final answers' status lines within ``wait`` s)."""
     mark = node.log_mark()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", node.peer_port))
-    answers = []
-    try:
-        sock.sendto((f"KDMQ sip:notification_peer@127.0.0.1:{node.dmq_port} SIP/2.0\r\n"
-                     f"Via: SIP/2.0/UDP 127.0.0.1:{node.peer_port};"
-                     f"branch=z9hG4bK-r190{secrets.token_hex(6)}\r\n"
-                     f"From: <sip:127.0.0.1:{node.peer_port}>;tag=r190{secrets.token_hex(3)}\r\n"
-                     f"To: <sip:notification_peer@127.0.0.1:{node.dmq_port}>\r\n"
-                     f"Call-ID: r190-{secrets.token_hex(8)}\r\nCSeq: 1 KDMQ\r\n"
-                     f"Max-Forwards: 1\r\nContent-Type: text/plain\r\n"
-                     f"Content-Length: {len(data)}\r\n\r\n").encode() + data,
-                    ("127.0.0.1", node.dmq_port))
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                answer = sock.recv(65535)
-            except socket.timeout:
-                break
-            if not answer.startswith(b"SIP/2.0 "):
-                continue               # a KDMQ of the node's own (a sync it asks for)
-            answers.append(answer)
-            if not answer.startswith(b"SIP/2.0 1"):
-                break
-    finally:
-        sock.close()
+    answers = peer_kdmq(node, "notification_peer", body.encode(), wait=wait)
     time.sleep(0.3)
     return node.log_since(mark), answers
 

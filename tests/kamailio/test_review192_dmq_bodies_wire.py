@@ -116,12 +116,12 @@ hole tests failed on the code before the fix and pass with it.
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from e2m_lab.cluster import peer_kdmq
 from e2m_lab.kamailio_harness import ProxyHandle, start_proxy
 from e2m_plugins.testpki import TestPKI
 
@@ -157,50 +157,12 @@ def node(pg, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         handle.stop()
 
 
-def _kdmq(node: ProxyHandle, user: str, body: bytes, wait: float = 3.0,
-          content_length: int | None = None,
-          content_type: str = "text/plain") -> list[bytes]:
-    """One KDMQ to ``user``@ the node's DMQ socket from the peer's DMQ address:port;
-    the answers (final ones) within ``wait`` s."""
-    length = len(body) if content_length is None else content_length
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", node.peer_port))
-    answers = []
-    try:
-        sock.sendto((f"KDMQ sip:{user}@127.0.0.1:{node.dmq_port} SIP/2.0\r\n"
-                     f"Via: SIP/2.0/UDP 127.0.0.1:{node.peer_port};"
-                     f"branch=z9hG4bK-r192{secrets.token_hex(6)}\r\n"
-                     f"From: <sip:127.0.0.1:{node.peer_port}>;tag=r192{secrets.token_hex(3)}\r\n"
-                     f"To: <sip:{user}@127.0.0.1:{node.dmq_port}>\r\n"
-                     f"Call-ID: r192-{secrets.token_hex(8)}\r\nCSeq: 1 KDMQ\r\n"
-                     f"Max-Forwards: 1\r\nContent-Type: {content_type}\r\n"
-                     f"Content-Length: {length}\r\n\r\n").encode() + body,
-                    ("127.0.0.1", node.dmq_port))
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                answer = sock.recv(65535)
-            except (socket.timeout, ConnectionRefusedError):
-                break
-            if not answer.startswith(b"SIP/2.0 "):
-                continue               # a KDMQ of the node's own (a sync it asks for)
-            if answer.startswith(b"SIP/2.0 1"):
-                continue
-            answers.append(answer.split(b"\r\n", 1)[0])
-            break
-    finally:
-        sock.close()
-    return answers
-
-
 def _honest(node: ProxyHandle) -> bytes:
     return f"sip:127.0.0.1:{node.peer_port};status=active\r\n".encode()
 
 
 def _answers_honestly(node: ProxyHandle) -> list[bytes]:
-    return _kdmq(node, "notification_peer", _honest(node), wait=5.0)
+    return peer_kdmq(node, "notification_peer", _honest(node), wait=5.0)
 
 
 def test_control_an_honest_node_list_is_answered(node):
@@ -210,7 +172,7 @@ def test_control_an_honest_node_list_is_answered(node):
 
 def test_control_a_node_list_with_a_nul_is_refused(node):
     body = _honest(node) + b"\x00\nsip:127.0.0.1:1;status=bogus\r\n"
-    answers = _kdmq(node, "notification_peer", body, wait=2.0)
+    answers = peer_kdmq(node, "notification_peer", body, wait=2.0)
     assert answers and b" 400 " in answers[0], answers
     answers = _answers_honestly(node)
     assert any(b" 200 " in line for line in answers), answers
@@ -218,27 +180,27 @@ def test_control_a_node_list_with_a_nul_is_refused(node):
 
 def test_hole_a_node_list_without_its_last_newline_leaves_dmq_answering(node):
     body = _honest(node).rstrip(b"\r\n")
-    _kdmq(node, "notification_peer", body, wait=1.0)
+    peer_kdmq(node, "notification_peer", body, wait=1.0)
     answers = _answers_honestly(node)
     assert any(b" 200 " in line for line in answers), answers
 
 
 def test_hole_a_short_content_length_leaves_dmq_answering(node):
     body = _honest(node)             # its CRLF in the datagram, not in Content-Length
-    _kdmq(node, "notification_peer", body, wait=1.0, content_length=len(body) - 2)
+    peer_kdmq(node, "notification_peer", body, wait=1.0, content_length=len(body) - 2)
     answers = _answers_honestly(node)
     assert any(b" 200 " in line for line in answers), answers
 
 
 def test_hole_an_empty_htable_kdmq_leaves_the_node_up(node):
-    _kdmq(node, "htable", b"{}", wait=1.0, content_type="application/json")
+    peer_kdmq(node, "htable", b"{}", wait=1.0, content_type="application/json")
     time.sleep(1.0)
     answers = _answers_honestly(node)
     assert node.alive() and any(b" 200 " in line for line in answers), answers
 
 
 def test_hole_an_empty_usrloc_kdmq_leaves_the_node_up(node):
-    _kdmq(node, "usrloc", b"{}", wait=1.0, content_type="application/json")
+    peer_kdmq(node, "usrloc", b"{}", wait=1.0, content_type="application/json")
     time.sleep(1.0)
     answers = _answers_honestly(node)
     assert node.alive() and any(b" 200 " in line for line in answers), answers
