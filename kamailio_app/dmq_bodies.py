@@ -89,13 +89,15 @@ def _fields_ok(doc: dict[str, Any], strings: Collection[str], numbers: Collectio
 
 _HT_STRINGS = ("htname", "cname", "strval")
 _HT_SYNC, _HT_ACTIONS = 1, range(1, 7)      # ht_dmq.h: NONE, SYNC, SET_CELL, ... RM_CELL_SW
+_HT_REMOVALS = (5, 6)                        # RM_CELL_RE, RM_CELL_SW
 _AVP_VAL_STR = 2
 
 
 def htable_body_ok(body: str) -> bool:
     """An htable KDMQ: a sync request (``{"action":1}``), one action on a cell
-    (``action``, ``htname``, ``cname``, the value its ``type`` says), or a sync's
-    ``{"cells": [...]}`` of complete cells."""
+    (``action``, ``htname``, ``cname``, the value its ``type`` says), a removal by
+    regex or prefix (``htname``, a string ``strval``), or a sync's ``{"cells": [...]}``
+    of complete cells."""
     doc = _document(body)
     if doc is None:
         return False
@@ -110,7 +112,14 @@ def htable_body_ok(body: str) -> bool:
         return False
     if doc["action"] == _HT_SYNC:
         return len(doc) == 1           # a request for the tables ({"action":1})
-    return "htname" in doc and "cname" in doc and _value_ok(doc)
+    if "htname" not in doc:
+        return False
+    if doc["action"] in _HT_REMOVALS:
+        # a removal by regex or prefix: htable reads the value as that string, whatever
+        # the type says (a number there was an uninitialised string: review 194), and
+        # names no cell
+        return bool(doc.get("type", 0) & _AVP_VAL_STR) and bool(doc.get("strval"))
+    return "cname" in doc and _value_ok(doc)
 
 
 def _value_ok(cell: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ what was written."""
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 import sys
@@ -31,20 +32,35 @@ def terminal_text(text: str) -> str:
     return _UNSAFE.sub(_escaped, text.replace("\r\n", "\n"))
 
 
-def for_terminal(data: bytes) -> bytes:
-    """Octets meant for a terminal, through ``terminal_text`` (UTF-8; others as ``\\xNN``)."""
-    return terminal_text(data.decode("utf-8", "surrogateescape")).encode("utf-8")
+def for_terminal(data: bytes, encoding: str = "utf-8") -> bytes:
+    """Octets meant for a terminal of ``encoding``, through ``terminal_text`` (read as
+    UTF-8, other octets as ``\\xNN``); what the terminal cannot show is written out
+    too, so no octet of a UTF-8 character reaches an 8-bit terminal as a C1 control
+    (review 195: U+201B is E2 80 9B, and 9B is CSI)."""
+    return terminal_text(data.decode("utf-8", "surrogateescape")).encode(
+        encoding, "backslashreplace")
 
 
 class _SafeBuffer:
-    """A terminal's binary stream that writes ``for_terminal`` of what it is given."""
+    """A terminal's binary stream that writes ``for_terminal`` of what it is given; a
+    character split across two writes is decoded whole (review 195)."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, encoding: str) -> None:
         self._raw = raw
+        self._encoding = encoding
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
 
     def write(self, data: bytes) -> int:
-        self._raw.write(for_terminal(bytes(data)))
+        text = self._decoder.decode(bytes(data))
+        if text:
+            self._raw.write(terminal_text(text).encode(self._encoding, "backslashreplace"))
         return len(data)
+
+    def flush(self) -> None:
+        rest = self._decoder.decode(b"", final=True)
+        if rest:
+            self._raw.write(terminal_text(rest).encode(self._encoding, "backslashreplace"))
+        self._raw.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
@@ -56,7 +72,8 @@ class SafeTerminal(io.TextIOBase):
     def __init__(self, stream: Any) -> None:
         super().__init__()
         self._stream = stream
-        self.buffer = _SafeBuffer(stream.buffer) if hasattr(stream, "buffer") else None
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        self.buffer = _SafeBuffer(stream.buffer, encoding) if hasattr(stream, "buffer") else None
 
     def write(self, text: str) -> int:
         self._stream.write(terminal_text(text))

@@ -54,6 +54,8 @@ def test_a_last_line_without_its_newline_is_refused():
     '{"action":1}',
     '{"cells":[{"htname":"e2mkeys","cname":"k","type":2,"strval":"v","expire":9}]}',
     '{"cells":[]}',
+    '{"action":5,"htname":"e2mkeys","type":2,"strval":"^k.*$","mode":0}',   # review 194 HB1
+    '{"action":6,"htname":"e2mkeys","type":2,"strval":"k1","mode":1}',
 ])
 def test_an_htable_body_of_its_peers_shape_passes(body):
     assert htable_body_ok(body)
@@ -68,6 +70,8 @@ def test_an_htable_body_of_its_peers_shape_passes(body):
     '{"action":3,"action":3,"htname":"t","cname":"c"}', '{"action":NaN,"htname":"t"}',
     '{"cells":{}}', '{"cells":[{}]}', '{"cells":[{"htname":"t"}]}', '{"cells":[1]}',
     'not json', '{"action":true,"htname":"t","cname":"c"}',
+    '{"action":5,"htname":"e2mkeys","cname":"x","type":0,"intval":4096}',  # review 194 K1
+    '{"action":6,"htname":"t","type":2,"strval":""}', '{"action":5,"htname":"t"}',
 ])
 def test_any_other_htable_body_is_refused(body):
     assert not htable_body_ok(body)
