@@ -143,10 +143,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
-import pty
-import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -157,51 +153,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from e2m_lab.terminal_run import e2m_argv, on_a_terminal
 from e2m_plugins.cli.terminal import for_terminal
 
-ROOT = Path(__file__).resolve().parents[2]
 SEQ = "\x1b]0;pwned\x07\x1b[2J"          # window title, clear screen
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "PYTHONWARNINGS": "ignore"}
-
-
 def _terminal(argv: list[str], cwd: Path | None = None) -> tuple[int, bytes]:
-    """Run ``argv`` with stdout and stderr on one pty; (exit code, what it wrote)."""
-    import termios
-    leader, follower = pty.openpty()
-    try:
-        attrs = termios.tcgetattr(follower)
-        attrs[1] &= ~termios.OPOST            # octets as written
-        termios.tcsetattr(follower, termios.TCSANOW, attrs)
-        proc = subprocess.Popen(argv, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL,
-                                env=_env(), cwd=cwd)
-        os.close(follower)
-        follower = -1
-        out = b""
-        while True:
-            ready, _, _ = select.select([leader], [], [], 30)
-            if not ready:
-                break
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return proc.wait(timeout=30), out
-    finally:
-        os.close(leader)
-        if follower >= 0:
-            os.close(follower)
+    return on_a_terminal(argv, cwd=cwd)
 
 
-def _e2m(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from e2m_plugins.cli import main; "
-            "sys.exit(main(sys.argv[1:]))", *args]
+_e2m = e2m_argv
 
 
 def _count(out: bytes) -> tuple[int, int]:
