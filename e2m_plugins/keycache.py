@@ -639,6 +639,7 @@ def _encode_scope(scope: Scope) -> str:
     return json.dumps(scope.parts())
 
 
+@lru_cache(maxsize=1024)   # a record's scope text recurs each time it is read
 def _decode_scope(text: str) -> Scope:
     parts = json.loads(text)
     if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):

@@ -21,7 +21,7 @@ import math
 import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from cryptography.hazmat.primitives import serialization
 
@@ -103,6 +103,16 @@ class SeenBody:
                 "signature": self.signature, "signer": self.signer}
 
 
+class KeptLookup(NamedTuple):
+    """A kept key found by kekri identifier while a body was opened (no use counted)."""
+
+    candidate: Scope        # the scope it was found in (the message's, or an early one)
+    name: bytes             # its name there (``kept_namer``)
+    reference: bytes        # the kekri identifier that named it
+    scope: Scope            # the message's own scope
+    keeper: str | None      # whose key it is, as kept (``_signers_key_opened``)
+
+
 @dataclass(frozen=True)
 class BodyReading:
     """What reading a message's body showed, before anything was kept, spent or
@@ -114,7 +124,7 @@ class BodyReading:
     skipped: bool                       # no body, or none of our rules covers it
     opened: tuple[OpenedPart, ...] = field(default=(), repr=False)
     contexts: tuple[SipContext | None, ...] = field(default=(), repr=False)
-    looked_up: tuple[tuple[Scope, bytes, bytes, Scope], ...] = field(default=(), repr=False)
+    looked_up: tuple[KeptLookup, ...] = field(default=(), repr=False)
     seen: tuple[SeenBody, ...] = field(default=(), repr=False)
     media: tuple[MediaLine, ...] = ()
     offers: bool = False                # a part offers a key (CEK reuse)
@@ -649,13 +659,12 @@ class ProxyEngine:
                    for aor in parties)
 
     def _keys_for(self, message: SipMessage,
-                  looked_up: list[tuple[Scope, bytes, bytes, Scope]]) -> list[OpeningKey]:
+                  looked_up: list[KeptLookup]) -> list[OpeningKey]:
         """Our certificate key, and the CEKs we kept, found by kekri identifier
         while the envelope is opened (no second pass over the CMS).  A lookup spends
-        no use of the key: each kept key found is noted in ``looked_up`` (scope, name,
-        reference) and ``_spend`` counts it once the message passed every check, so
-        replayed or refused copies cannot use a dialog key up; the message's own scope
-        rides along (worked out once)."""
+        no use of the key: each kept key found is noted in ``looked_up`` (a
+        ``KeptLookup``) and ``_spend`` counts it once the message passed every check, so
+        replayed or refused copies cannot use a dialog key up."""
         worked_out: list[tuple[Scope, Callable[[bytes], bytes]]] = []
 
         def kept_kek(reference: bytes) -> bytes | None:
@@ -670,7 +679,7 @@ class ProxyEngine:
                 kept = self.cache.get(candidate, name, count=False)
                 if kept is None:
                     continue
-                looked_up.append((candidate, name, bytes(reference), scope))
+                looked_up.append(KeptLookup(candidate, name, bytes(reference), scope, kept.keeper))
                 return kept.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
             return None
 
@@ -678,7 +687,7 @@ class ProxyEngine:
 
     def _spend(self, message: SipMessage, opened: list[OpenedPart],
                contexts: list[SipContext | None],
-               looked_up: list[tuple[Scope, bytes, bytes, Scope]],
+               looked_up: list[KeptLookup],
                keeper: Callable[[], str]) -> None:
         """One use of each kept key that opened a part of this (accepted) message; a key
         found under the dialog's early scope by a message that confirms the dialog is
@@ -690,7 +699,7 @@ class ProxyEngine:
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
         spent: set[tuple[Scope, bytes]] = set()
-        for candidate, name, reference, scope in looked_up:
+        for candidate, name, reference, scope, _ in looked_up:
             if f"kekid={reference.hex()}" not in used or (candidate, name) in spent:
                 continue               # found, but not what opened a part; or counted
             spent.add((candidate, name))   # one use a message, however many parts
@@ -793,7 +802,7 @@ class ProxyEngine:
         limits = self._legacy_limits if legacy else DEFAULT_LIMITS
         opened: list[OpenedPart] = []
         unreadable: list[mime.MimePart] = []
-        looked_up: list[tuple[Scope, bytes, bytes, Scope]] = []
+        looked_up: list[KeptLookup] = []
         keys = self._keys_for(message, looked_up)
         for part in targets:
             try:
@@ -870,7 +879,7 @@ class ProxyEngine:
         return True
 
     def _signers_key_opened(self, opened: list[OpenedPart],
-                            looked_up: list[tuple[Scope, bytes, bytes, Scope]]) -> bool:
+                            looked_up: list[KeptLookup]) -> bool:
         """Whether a kept key that a signed body offered opened a part of this message:
         its sender holds a key someone signed for this dialog's two parties (kept names
         bind them).  A key found but not used (a kekri naming a reference read off the
@@ -878,13 +887,11 @@ class ProxyEngine:
         fork's does not count."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
-        for candidate, name, reference, _ in looked_up:
-            if f"kekid={reference.hex()}" in used:
-                kept = self.cache.get(candidate, name, count=False)
-                if kept is not None and kept.keeper not in (None, UNSIGNED_KEEPER,
-                                                            LATER_FORK_KEEPER):
-                    return True
-        return False
+        # the keeper as the lookup found it: a kept key's keeper never changes (a put
+        # never replaces a key), so a second read of the record would tell nothing new
+        return any(f"kekid={found.reference.hex()}" in used
+                   and found.keeper not in (None, UNSIGNED_KEEPER, LATER_FORK_KEEPER)
+                   for found in looked_up)
 
     def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,
               other: str, *, claim: bool = True, keyed: bool = False) -> int | None:

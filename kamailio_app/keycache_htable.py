@@ -55,6 +55,7 @@ from .htable_items import put_expiring
 
 __all__ = ["HtableBackend", "KsrHtable", "HtableKeyCache"]
 
+_UNREAD = object()     # KsrHtable: no value read under the lock yet
 Kept = list[tuple[CachedKey, str]]    # one record's keys, each with the node that kept it
 _OPENED_RECORDS = 4    # a dialog's scope and its early ones, and one more
 
@@ -78,20 +79,32 @@ class KsrHtable:
     def __init__(self, ksr: Any, table: str) -> None:
         self._ksr = ksr
         self.table = table
+        # names whose slot lock we hold -> what sht_get last gave for them under it
+        # (``_UNREAD``: nothing yet): a write needs the value it writes over, and the
+        # cache always read it under the lock just before (one KSR call saved a write)
+        self._held: dict[str, Any] = {}
 
     def set(self, key: str, value: str, ttl: int) -> None:
         # the item gets its own expiry, shorter than the table's autoexpire; written
         # under the record's lock, so the value read first is the one written over
-        previous = self._ksr.htable.sht_get(self.table, key)
+        previous = self._held.get(key, _UNREAD)
+        if previous is _UNREAD:
+            previous = self._ksr.htable.sht_get(self.table, key)
         if put_expiring(self._ksr, self.table, key, value, int(ttl), previous) < 0:
             raise LimitExceededError("key cache: htable write failed (shared memory full?)")
+        if key in self._held:
+            self._held[key] = value
 
     def get(self, key: str) -> str | None:
         value = self._ksr.htable.sht_get(self.table, key)
+        if key in self._held:
+            self._held[key] = value
         return value if isinstance(value, str) else None
 
     def remove(self, key: str) -> None:
         self._ksr.htable.sht_rm(self.table, key)
+        if key in self._held:
+            self._held[key] = None
 
     def items(self) -> list[tuple[str, str]]:
         # The iterator holds a slot lock: collect first, act after it ends.
@@ -111,8 +124,10 @@ class KsrHtable:
 
     def lock(self, key: str) -> None:
         self._ksr.htable.sht_lock(self.table, key)
+        self._held[key] = _UNREAD
 
     def unlock(self, key: str) -> None:
+        self._held.pop(key, None)
         self._ksr.htable.sht_unlock(self.table, key)
 
 
@@ -226,10 +241,10 @@ class HtableKeyCache:
     def get(self, scope: Scope, reference: bytes, *, count: bool = True) -> CachedKey | None:
         name = scope_key(scope)
         reference = bytes(reference)
-        raw = self._backend.get(name)
-        if raw is None:
-            return None   # nothing kept: a miss needs no lock (the kekri answer tries two scopes)
         if not count:
+            raw = self._backend.get(name)
+            if raw is None:
+                return None   # nothing kept: a miss needs no lock (the kekri answer tries two scopes)
             # Only a look (the proxy spends the use once the message passed its checks):
             # one read and no lock, nothing written.
             try:
@@ -241,6 +256,7 @@ class HtableKeyCache:
             return next((entry for entry, _ in kept
                          if entry.reference == reference and now < entry.expires), None)
         # Counting a use is read-modify-write: another worker may be doing the same.
+        # (The proxy counts a key its lookup just found: no unlocked look first.)
         self._backend.lock(name)
         try:
             raw = self._backend.get(name)

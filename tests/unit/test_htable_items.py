@@ -36,8 +36,22 @@ class BuggyHtable:
         return 1
 
     def sht_get(self, table: str, key: str):
+        self.calls.append("get")
         item = self.items.get((table, key))
         return None if item is None else item[0]
+
+    def sht_rm(self, table: str, key: str) -> int:
+        self.calls.append("rm")
+        self.items.pop((table, key), None)
+        return 1
+
+    def sht_lock(self, table: str, key: str) -> int:
+        self.calls.append("lock")
+        return 1
+
+    def sht_unlock(self, table: str, key: str) -> int:
+        self.calls.append("unlock")
+        return 1
 
 
 def _ksr(htable: BuggyHtable):
@@ -80,3 +94,57 @@ def test_the_key_cache_backend_keeps_a_growing_records_expiry():
     backend.set("record", "one key, and the answer's", 43200)
     assert table.items[("e2mkeys", "record")] == ("one key, and the answer's",
                                                    table.now + 43200)
+
+
+# -- stop 51: a write under the lock uses the value read there (one KSR call less) --
+
+def test_a_write_after_a_locked_read_reads_nothing_more_and_keeps_the_expiry():
+    table = BuggyHtable()
+    backend = KsrHtable(_ksr(table), "e2mkeys")
+    table.items[("e2mkeys", "record")] = ("one key", table.now + 5)
+    backend.lock("record")
+    assert backend.get("record") == "one key"
+    backend.set("record", "one key, and the answer's", 43200)
+    backend.unlock("record")
+    assert table.calls == ["lock", "get", "setxs", "setex", "unlock"]
+    assert table.items[("e2mkeys", "record")] == ("one key, and the answer's",
+                                                   table.now + 43200)
+
+
+def test_a_write_after_a_locked_remove_sets_the_expiry_again():
+    table = BuggyHtable()
+    backend = KsrHtable(_ksr(table), "e2mkeys")
+    table.items[("e2mkeys", "record")] = ("a much longer value than the next", table.now + 5)
+    backend.lock("record")
+    backend.get("record")
+    backend.remove("record")
+    backend.set("record", "short", 30)
+    backend.unlock("record")
+    assert table.items[("e2mkeys", "record")] == ("short", table.now + 30)
+
+
+def test_a_read_under_an_earlier_lock_is_never_taken_for_the_value_written_over():
+    # between two locks another worker may rewrite the record: the value read under the
+    # first must not stand for it under the second (it would skip a needed setex)
+    table = BuggyHtable()
+    backend = KsrHtable(_ksr(table), "e2mkeys")
+    table.items[("e2mkeys", "record")] = ("a long value read first", table.now + 5)
+    backend.lock("record")
+    backend.get("record")
+    backend.unlock("record")
+    table.items[("e2mkeys", "record")] = ("short", table.now + 5)     # another worker
+    backend.lock("record")
+    backend.set("record", "longer than short", 30)
+    backend.unlock("record")
+    assert table.items[("e2mkeys", "record")] == ("longer than short", table.now + 30)
+    assert table.calls[-5:] == ["lock", "get", "setxs", "setex", "unlock"]
+
+
+def test_an_unlocked_read_is_never_taken_for_the_value_written_over():
+    table = BuggyHtable()
+    backend = KsrHtable(_ksr(table), "e2mkeys")
+    table.items[("e2mkeys", "record")] = ("a long value read first", table.now + 5)
+    backend.get("record")
+    table.items[("e2mkeys", "record")] = ("short", table.now + 5)     # another worker
+    backend.set("record", "longer than short", 30)
+    assert table.items[("e2mkeys", "record")] == ("longer than short", table.now + 30)
