@@ -525,7 +525,10 @@ def _floor_mode(mode: str | None) -> Iterator[None]:
         del os.environ["E2M_BENCH_FLOOR"]
 
 
-def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Instance:
+def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan,
+                   kemi_script: Path | None = None) -> Instance:
+    """One proxy of ``cfg`` and SIPp's answering side; ``kemi_script``: another KEMI
+    script than the configuration's (``timed_kemi.py`` for ``profile_proxy --timed``)."""
     base = workdir / cfg.key
     base.mkdir(parents=True, exist_ok=True)
     t = cfg.traffic
@@ -560,6 +563,8 @@ def start_instance(cfg: Config, pki: TestPKI, workdir: Path, plan: Plan) -> Inst
         extra["policy"] = {"legacy_peers": [pki.aor("alice"), pki.aor("bob")]}
         if cfg.floor_of:
             extra["kamailio"]["kemi_script"] = str(FLOOR_SCRIPT)
+        elif kemi_script is not None:
+            extra["kamailio"]["kemi_script"] = str(kemi_script)
         if plan.keycache_size is not None:
             extra["kamailio"]["keycache_size"] = plan.keycache_size
         settings: dict[str, Any] = dict(next_hop=f"sip:127.0.0.1:{uas_port}", workers=plan.workers,
@@ -655,9 +660,11 @@ def run_sipp(inst: Instance, workload: str, rate: float, seconds: float, plan: P
         # a password made for this run, for a throwaway users.sqlite: on the command
         # line because that is how SIPp takes it
         # (the digest uri must be the Request-URI: SIPp's default, the proxy's address,
-        # fits only a request to the proxy itself)
-        args += ["-au", DIGEST_USER, "-ap", str(inst.config.password),
-                 "-auth_uri", "bob@example.com"]
+        # fits only a request to the proxy itself; one uri for every request of the
+        # run, so a dialog's INVITE names the UAS, as its BYE does: uac_dialog_auth)
+        target = "bob@example.com" if workload == "message" else f"bob@127.0.0.1:{inst.uas_port}"
+        args += ["-au", DIGEST_USER, "-ap", str(inst.config.password), "-auth_uri", target,
+                 "-key", "uas_port", str(inst.uas_port)]
     budget = seconds * 1.5 + plan.recv_timeout_ms / 1000 + 10
     before = inst.cpu()
     start = time.monotonic()
