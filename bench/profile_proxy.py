@@ -17,6 +17,12 @@ profiles a real Kamailio instead: one instance of CONFIG started as the rate ben
 starts it (pinned to one core, SIPp on the other), SIPp at R calls/s, and py-spy
 (``pip install py-spy`` in any venv) sampling every process of the instance for S
 seconds; prints the functions by own and by inclusive share of the samples.
+
+``--timed CONFIG,... [--workload W] [--rate R] [--seconds S] [--rounds N]`` runs each
+configuration N times, interleaved, with ``bench/timed_kemi.py`` as Kamailio's script,
+and prints the thread CPU time per call of the script's main functions side by side
+(the comparison behind issue 17's kekri figures: py-spy's shares mislead when two
+workers share one core).
 """
 
 from __future__ import annotations
@@ -228,6 +234,68 @@ def live(config_key: str, workload: str, rate: float, seconds: float, top: int,
             "pinned": pinning is not None, "run": run.to_json(), **result}
 
 
+TIMED_SCRIPT = Path(__file__).with_name("timed_kemi.py")
+REQUESTS_PER_CALL = {"message": 1, "dialog": 3}     # what SIPp's caller sends per call
+
+
+def timed(config_keys: list[str], workload: str, rate: float, seconds: float,
+          rounds: int) -> dict:
+    """Each configuration in turn, ``rounds`` times (interleaved, so drift in the
+    machine falls on all alike): one instance with ``timed_kemi.py`` as its script, SIPp
+    at ``rate`` for ``seconds``; the thread CPU time of each timed function per call
+    (``calls`` per call, ``us`` per call), from every process's last totals."""
+    import os
+    workdir = Path(tempfile.mkdtemp(prefix="e2m-proxy-timed-"))
+    pki = pr.init_test_pki(workdir / "pki", proxy_hosts=(pr.TRUSTED,), users=("alice", "bob"))
+    configs = {c.key: c for c in pr.make_configs(pki, pr.Plan().text)}
+    plan = pr.Plan()
+    pinning = pr.choose_pinning(plan)
+    own = os.sched_getaffinity(0)
+    totals: dict[str, dict[str, list[float]]] = {key: {} for key in config_keys}
+    runs: dict[str, list[dict]] = {key: [] for key in config_keys}
+    try:
+        if pinning:
+            os.sched_setaffinity(0, {pinning.sipp_core})
+        for round_ in range(rounds):
+            for key in config_keys:
+                out = workdir / f"timing-{key}-{round_}"
+                out.mkdir()
+                os.environ["E2M_TIMING_DIR"] = str(out)      # Kamailio inherits it
+                try:
+                    inst = pr.start_instance(configs[key], pki, workdir / f"{key}-{round_}", plan,
+                                             kemi_script=TIMED_SCRIPT)
+                finally:
+                    del os.environ["E2M_TIMING_DIR"]
+                try:
+                    inst.pids = pr.kamailio_pids(inst.kamailio_pid)
+                    if pinning:
+                        pr.pin_pids(inst.pids, pinning.kamailio_core)
+                    runs[key].append(pr.run_sipp(inst, workload, rate, seconds, plan, workdir).to_json())
+                finally:
+                    inst.stop()
+                for path in out.glob("timing-*.tsv"):
+                    for line in path.read_text().splitlines():
+                        label, calls, micros = line.split("\t")
+                        row = totals[key].setdefault(label, [0.0, 0.0])
+                        row[0] += int(calls)
+                        row[1] += float(micros)
+    finally:
+        os.sched_setaffinity(0, own)
+    result = {}
+    for key in config_keys:
+        requests = totals[key].get("kamailio.ksr_request_route", [0.0])[0]
+        calls = requests / REQUESTS_PER_CALL[workload] or 1.0
+        result[key] = {
+            "calls_timed": calls,
+            "cpu_us_per_call_instance": statistics.median(r["cpu_us_per_call"] for r in runs[key]),
+            "failed_calls": sum(r["failed"] for r in runs[key]),
+            "functions": {label: {"calls": n / calls, "us": us / calls}
+                          for label, (n, us) in sorted(totals[key].items(),
+                                                       key=lambda kv: -kv[1][1])}}
+    return {"configs": config_keys, "workload": workload, "rate": rate, "seconds": seconds,
+            "rounds": rounds, "pinned": pinning is not None, "timed": result}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=500)
@@ -240,7 +308,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy binary (any venv)")
     parser.add_argument("--by-function", action="store_true",
                         help="live: sum each function's lines (default: one row per line)")
+    parser.add_argument("--timed", metavar="CONFIG,...",
+                        help="live, Kamailio running bench/timed_kemi.py: thread CPU time of"
+                             " the script's main functions per call, configurations side by side")
+    parser.add_argument("--rounds", type=int, default=3, help="--timed: interleaved rounds")
     args = parser.parse_args(argv)
+    if args.timed:
+        keys = args.timed.split(",")
+        result = timed(keys, args.workload, args.rate, args.seconds, args.rounds)
+        print(f"== {args.workload} at {args.rate:g}/s, {args.rounds} rounds of {args.seconds:g} s"
+              f" ({'pinned' if result['pinned'] else 'not pinned'}): thread CPU µs per call")
+        labels = list(dict.fromkeys(label for key in keys
+                                    for label in result["timed"][key]["functions"]))
+        print(f"   {'function':<40}" + "".join(f"{key:>16}" for key in keys))
+        print(f"   {'(whole instance, median of rounds)':<40}" + "".join(
+            f"{result['timed'][key]['cpu_us_per_call_instance']:>16.0f}" for key in keys))
+        for label in labels:
+            cells = []
+            for key in keys:
+                row = result["timed"][key]["functions"].get(label)
+                cells.append(f"{row['us']:>9.0f} ×{row['calls']:<5.1f}" if row else f"{'-':>16}")
+            print(f"   {label:<40}" + "".join(cells))
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        pr.RESULTS_DIR.mkdir(exist_ok=True)
+        path = pr.RESULTS_DIR / f"proxy-profile-timed-{stamp}.json"
+        path.write_text(json.dumps({"benchmark": "proxy-profile-timed", "utc": stamp, **result},
+                                   indent=2) + "\n")
+        print(f"written: {path}")
+        return 0
     if args.live:
         result = live(args.live, args.workload, args.rate, args.seconds, args.top, args.py_spy,
                       args.by_function)
