@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from kamailio_app.htable_items import put_expiring
 from kamailio_app.keycache_htable import KsrHtable
 
@@ -98,53 +100,50 @@ def test_the_key_cache_backend_keeps_a_growing_records_expiry():
 
 # -- stop 51: a write under the lock uses the value read there (one KSR call less) --
 
-def test_a_write_after_a_locked_read_reads_nothing_more_and_keeps_the_expiry():
+def _record(value: str) -> tuple[BuggyHtable, KsrHtable]:
+    """A key-cache backend whose table holds ``value`` as item "record"."""
     table = BuggyHtable()
-    backend = KsrHtable(_ksr(table), "e2mkeys")
-    table.items[("e2mkeys", "record")] = ("one key", table.now + 5)
+    table.items[("e2mkeys", "record")] = (value, table.now + 5)
+    return table, KsrHtable(_ksr(table), "e2mkeys")
+
+
+def _life(table: BuggyHtable) -> tuple[object, int]:
+    return table.items[("e2mkeys", "record")]
+
+
+def test_a_write_after_a_locked_read_reads_nothing_more_and_keeps_the_expiry():
+    table, backend = _record("one key")
     backend.lock("record")
     assert backend.get("record") == "one key"
     backend.set("record", "one key, and the answer's", 43200)
     backend.unlock("record")
     assert table.calls == ["lock", "get", "setxs", "setex", "unlock"]
-    assert table.items[("e2mkeys", "record")] == ("one key, and the answer's",
-                                                   table.now + 43200)
+    assert _life(table) == ("one key, and the answer's", table.now + 43200)
 
 
 def test_a_write_after_a_locked_remove_sets_the_expiry_again():
-    table = BuggyHtable()
-    backend = KsrHtable(_ksr(table), "e2mkeys")
-    table.items[("e2mkeys", "record")] = ("a much longer value than the next", table.now + 5)
+    table, backend = _record("a much longer value than the next")
     backend.lock("record")
     backend.get("record")
     backend.remove("record")
     backend.set("record", "short", 30)
     backend.unlock("record")
-    assert table.items[("e2mkeys", "record")] == ("short", table.now + 30)
+    assert _life(table) == ("short", table.now + 30)
 
 
-def test_a_read_under_an_earlier_lock_is_never_taken_for_the_value_written_over():
-    # between two locks another worker may rewrite the record: the value read under the
-    # first must not stand for it under the second (it would skip a needed setex)
-    table = BuggyHtable()
-    backend = KsrHtable(_ksr(table), "e2mkeys")
-    table.items[("e2mkeys", "record")] = ("a long value read first", table.now + 5)
-    backend.lock("record")
+@pytest.mark.parametrize("locked_first", [True, False])
+def test_an_earlier_read_is_never_taken_for_the_value_written_over(locked_first):
+    # between the read and a later lock another worker may rewrite the record: what was
+    # read before must not stand for it (it would skip a needed setex)
+    table, backend = _record("a long value read first")
+    if locked_first:
+        backend.lock("record")
     backend.get("record")
-    backend.unlock("record")
+    if locked_first:
+        backend.unlock("record")
     table.items[("e2mkeys", "record")] = ("short", table.now + 5)     # another worker
     backend.lock("record")
     backend.set("record", "longer than short", 30)
     backend.unlock("record")
-    assert table.items[("e2mkeys", "record")] == ("longer than short", table.now + 30)
+    assert _life(table) == ("longer than short", table.now + 30)
     assert table.calls[-5:] == ["lock", "get", "setxs", "setex", "unlock"]
-
-
-def test_an_unlocked_read_is_never_taken_for_the_value_written_over():
-    table = BuggyHtable()
-    backend = KsrHtable(_ksr(table), "e2mkeys")
-    table.items[("e2mkeys", "record")] = ("a long value read first", table.now + 5)
-    backend.get("record")
-    table.items[("e2mkeys", "record")] = ("short", table.now + 5)     # another worker
-    backend.set("record", "longer than short", 30)
-    assert table.items[("e2mkeys", "record")] == ("longer than short", table.now + 30)
