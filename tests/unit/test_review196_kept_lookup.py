@@ -184,8 +184,10 @@ def test_control_held_value_longer_write_sets_expiry_again():
     scope = DialogScope("c196@x", "a1", "b1")
     for n in range(6):                          # each put rewrites the record longer
         cache.put(scope, bytes([n]) * 16, bytes(16), max_decrypts=5, keeper="sip:a@x")
+        assert not _never_expiring(ksr), f"put {n}: a record left with no expiry"
     for n in range(6):                          # counted uses: shorter and longer writes
         cache.get(scope, bytes([n]) * 16)
+        assert not _never_expiring(ksr), f"use {n}: a record left with no expiry"
     cache.expire_within(scope, bytes([1]) * 16, 5)
     cache.sweep()
     assert ksr.htable.cells and not _never_expiring(ksr)
