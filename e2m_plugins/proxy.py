@@ -767,7 +767,10 @@ class ProxyEngine:
         seen, media = reading.seen, reading.media
         if self._first_sighting(message, [c for c in contexts if c is not None],
                                 keeps=bool(looked_up) or offers, recorded=recorded):
-            keyed = bool(looked_up) and self._signers_key_opened(opened, looked_up)
+            # keyed matters only to a message with no signed context (``_fork``: a signed
+            # one's claim is shared anyway), so only then is it worked out (a cache read)
+            keyed = bool(looked_up) and all(c is None for c in contexts) \
+                and self._signers_key_opened(opened, looked_up)
             if opened and self._invite_2xx(message) and (
                     looked_up or offers or any(c is not None for c in contexts)):
                 # the dialog an INVITE's 2xx confirms takes its fork even when the 2xx
@@ -887,11 +890,18 @@ class ProxyEngine:
         fork's does not count."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
-        # the keeper as the lookup found it: a kept key's keeper never changes (a put
-        # never replaces a key), so a second read of the record would tell nothing new
-        return any(f"kekid={found.reference.hex()}" in used
-                   and found.keeper not in (None, UNSIGNED_KEEPER, LATER_FORK_KEEPER)
-                   for found in looked_up)
+        unsigned = (None, UNSIGNED_KEEPER, LATER_FORK_KEEPER)
+        for found in looked_up:
+            # a key the lookup found unsigned counts for nothing, with no second read (a
+            # put never replaces a kept key); one found signed is read again, for it may
+            # have gone since the reading (another worker's CANCEL or BYE): a key that is
+            # gone makes nothing keyed (review 196 HB1)
+            if f"kekid={found.reference.hex()}" not in used or found.keeper in unsigned:
+                continue
+            kept = self.cache.get(found.candidate, found.name, count=False)
+            if kept is not None and kept.keeper not in unsigned:
+                return True
+        return False
 
     def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,
               other: str, *, claim: bool = True, keyed: bool = False) -> int | None:

@@ -34,7 +34,7 @@ from ..cms.limits import DEFAULT_LIMITS
 from ..errors import E2MError, MalformedError
 from ..certpath import certificate_identities
 from ..certfiles import load_certificate, load_certificates, load_private_key
-from . import CliFailure, Group, UsageError, read_input, write_output
+from . import CliFailure, Group, UsageError, printable, read_input, write_output
 
 __all__ = ["GROUP", "describe_cms", "render_text"]
 
@@ -346,11 +346,14 @@ def render_text(value: Any, indent: int = 0) -> list[str]:
                 lines.append(f"{pad}  - {sub[0].lstrip()}")
                 lines.extend(sub[1:])
         elif isinstance(item, list):
-            lines.append(f"{pad}{label}: {', '.join(str(i) for i in item) if item else '(none)'}")
+            # names and values from the CMS are the sender's: what would not show as
+            # itself (a zero-width space in a CN reads "alice") is written out (review 197)
+            shown = ', '.join(printable(str(i)) for i in item) if item else '(none)'
+            lines.append(f"{pad}{label}: {shown}")
         elif isinstance(item, bool):
             lines.append(f"{pad}{label}: {'yes' if item else 'no'}")
         else:
-            lines.append(f"{pad}{label}: {item}")
+            lines.append(f"{pad}{label}: {printable(str(item))}")
     return lines
 
 

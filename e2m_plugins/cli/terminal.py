@@ -14,10 +14,13 @@ import re
 import sys
 from typing import Any
 
-# C0 controls but tab and newline, DEL, C1 controls (CSI is U+009B), the bidi
-# embeddings, overrides and isolates (they reorder what follows), and the octets that
-# were not UTF-8 (surrogate escapes).  Spaces of any script, joiners and marks stay.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
+# C0 controls but tab and newline, DEL, C1 controls (CSI is U+009B), the line and
+# paragraph separators (a line break no one sees as one), the bidi embeddings,
+# overrides and isolates (they reorder what follows), the interlinear annotation
+# marks (they hide what they enclose: review 197), and the octets that were not UTF-8
+# (surrogate escapes).  Spaces of any script, joiners and marks stay.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                     "\ufff9-\ufffb\udc80-\udcff]")
 
 
 def _escaped(match: re.Match[str]) -> str:
