@@ -110,7 +110,6 @@ class KeptLookup(NamedTuple):
     name: bytes             # its name there (``kept_namer``)
     reference: bytes        # the kekri identifier that named it
     scope: Scope            # the message's own scope
-    keeper: str | None      # whose key it is, as kept (``_signers_key_opened``)
 
 
 @dataclass(frozen=True)
@@ -679,7 +678,7 @@ class ProxyEngine:
                 kept = self.cache.get(candidate, name, count=False)
                 if kept is None:
                     continue
-                looked_up.append(KeptLookup(candidate, name, bytes(reference), scope, kept.keeper))
+                looked_up.append(KeptLookup(candidate, name, bytes(reference), scope))
                 return kept.cek[::-1]  # RFC 3185: the KEK is the CEK reversed
             return None
 
@@ -699,7 +698,7 @@ class ProxyEngine:
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
         spent: set[tuple[Scope, bytes]] = set()
-        for candidate, name, reference, scope, _ in looked_up:
+        for candidate, name, reference, scope in looked_up:
             if f"kekid={reference.hex()}" not in used or (candidate, name) in spent:
                 continue               # found, but not what opened a part; or counted
             spent.add((candidate, name))   # one use a message, however many parts
@@ -890,17 +889,15 @@ class ProxyEngine:
         fork's does not count."""
         used = {e.recipient.identifier for p in opened for e in p.envelopes
                 if e.recipient.kind == "kekri"}
-        unsigned = (None, UNSIGNED_KEEPER, LATER_FORK_KEEPER)
         for found in looked_up:
-            # a key the lookup found unsigned counts for nothing, with no second read (a
-            # put never replaces a kept key); one found signed is read again, for it may
-            # have gone since the reading (another worker's CANCEL or BYE): a key that is
-            # gone makes nothing keyed (review 196 HB1)
-            if f"kekid={found.reference.hex()}" not in used or found.keeper in unsigned:
-                continue
-            kept = self.cache.get(found.candidate, found.name, count=False)
-            if kept is not None and kept.keeper not in unsigned:
-                return True
+            # read again, not taken from the lookup: the record may have changed since
+            # the reading (another worker's drop, a put after it, a node's replicated
+            # record), and what counts is the key as it is now (reviews 196, 198)
+            if f"kekid={found.reference.hex()}" in used:
+                kept = self.cache.get(found.candidate, found.name, count=False)
+                if kept is not None and kept.keeper not in (None, UNSIGNED_KEEPER,
+                                                            LATER_FORK_KEEPER):
+                    return True
         return False
 
     def _fork(self, message: SipMessage, contexts: Sequence[SipContext | None], early: str,

@@ -225,7 +225,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     write_output(args.out, result.content)
     stream = sys.stderr if args.out == "-" else sys.stdout
     for line in _signer_lines(result):
-        print(line, file=stream)
+        print(printable(line), file=stream)     # a CN hides nothing (review 199)
     _note(f"verification successful: {len(result.signers)} signer(s), content type {result.content_type}")
     return 0
 

@@ -24,7 +24,7 @@ from ..proxy import ProxyEngine
 from ..sip import SipMessage, parse
 from ..sip_errors import answer_for
 from ..ua import UAEngine
-from . import Group, read_input, write_output
+from . import Group, printable, read_input, write_output
 
 __all__ = ["GROUP"]
 
@@ -37,7 +37,7 @@ def _cmd_protect(args: argparse.Namespace) -> int:
     engine = UAEngine(load_ua_config(args.ua))
     protected = engine.protect(_message(args.input))
     write_output(args.out, protected.message.serialize())
-    print(f"protected: {protected.info.describe()}", file=sys.stderr)
+    print(f"protected: {printable(protected.info.describe())}", file=sys.stderr)
     return 0
 
 
@@ -52,7 +52,7 @@ def _cmd_open(args: argparse.Namespace) -> int:
             raise type(exc)(f"{exc} (a UA answers {answer.code} {answer.reason})") from None
         raise
     write_output(args.out, opened.message.serialize(), private=True)
-    print(f"opened: {opened.info.describe()}", file=sys.stderr)
+    print(f"opened: {printable(opened.info.describe())}", file=sys.stderr)
     return 0
 
 

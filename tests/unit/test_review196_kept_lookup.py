@@ -57,9 +57,10 @@ Tried and held
   ``KsrHtable`` each, so no second object writes a held name in-process.
 
 Fixed (stop 51): ``keyed`` is worked out only for a message with no signed context
-(``_fork``: a signed one's claim is shared anyway); there a key the lookup found
-unsigned counts for nothing with no second read, and one found signed is read again,
-so a key gone since the reading makes nothing keyed.  HB1's test passes.
+(``_fork``: a signed one's claim is shared anyway), and there every lookup whose key
+opened a part is read again, as before c6d4dea (review 198 found the half-way fix,
+which re-read only keys found signed, wrong the other way), so a key gone since the
+reading makes nothing keyed.  HB1's test passes.
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@ The live profile of the rate benchmark's kekri dialog (``bench/profile_proxy.py`
 showed each answer looking its kept key up twice: once while the envelope was opened,
 and again to ask whose key it was (``_signers_key_opened``).  That answer decides only
 whether a message with no signed context claims its fork slot across the cluster (a
-signed one's claim is shared anyway), so it is asked only then; and a key the lookup
-found unsigned needs no second read (a put never replaces a kept key).  A signed one
-is read again: it may have gone since (review 196 HB1).  In Kamailio each read is an
-htable round trip and an unsealing.
+signed one's claim is shared anyway), so it is asked only then, and then from a second
+read (the record may have changed since the reading: reviews 196, 198).  In Kamailio
+each read is an htable round trip and an unsealing.
 """
 
 from __future__ import annotations
