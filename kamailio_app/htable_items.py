@@ -26,6 +26,11 @@ def put_expiring(ksr: Any, table: str, key: str, value: str, seconds: int,
     replicated over DMQ sends that expiry once more; its peers were right already
     (they apply a value, then its expiry, as two actions)."""
     written = ksr.htable.sht_setxs(table, key, value, seconds)
-    if written >= 0 and not (isinstance(previous, str) and len(previous) >= len(value)):
+    if written >= 0 and not (isinstance(previous, str) and _octets(previous) >= _octets(value)):
         ksr.htable.sht_setex(table, key, seconds)
     return written
+
+
+def _octets(text: str) -> int:
+    # Kamailio compares the strings' octets: "ééé" is 3 characters but 6 octets
+    return len(text.encode("utf-8", "surrogateescape"))

@@ -25,7 +25,8 @@ class BuggyHtable:
     def sht_setxs(self, table: str, key: str, value: str, seconds: int) -> int:
         self.calls.append("setxs")
         old = self.items.get((table, key))
-        if old is not None and not (isinstance(old[0], str) and len(old[0]) >= len(value)):
+        if old is not None and not (isinstance(old[0], str)
+                                    and len(old[0].encode()) >= len(value.encode())):
             self.items[(table, key)] = (value, NEVER)    # the new cell; the old got the expiry
         else:
             self.items[(table, key)] = (value, self.now + seconds)
@@ -96,6 +97,14 @@ def test_the_key_cache_backend_keeps_a_growing_records_expiry():
     backend.set("record", "one key, and the answer's", 43200)
     assert table.items[("e2mkeys", "record")] == ("one key, and the answer's",
                                                    table.now + 43200)
+
+
+def test_a_rewrite_longer_in_octets_but_not_in_characters_keeps_its_expiry():
+    # review 196's aside: Kamailio writes in place only over as many octets
+    table = BuggyHtable()
+    put_expiring(_ksr(table), "t", "k", "abcd", 60)
+    put_expiring(_ksr(table), "t", "k", "\u00e9\u00e9\u00e9", 30, previous="abcd")
+    assert table.items[("t", "k")] == ("\u00e9\u00e9\u00e9", table.now + 30)
 
 
 # -- stop 51: a write under the lock uses the value read there (one KSR call less) --
