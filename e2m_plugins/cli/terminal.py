@@ -12,27 +12,64 @@ import codecs
 import io
 import re
 import sys
+import unicodedata
 from typing import Any
 
+# What a terminal would obey, or shows as nothing so that one value reads as another:
 # C0 controls but tab and newline, DEL, C1 controls (CSI is U+009B), the line and
-# paragraph separators (a line break no one sees as one), the bidi embeddings,
-# overrides and isolates (they reorder what follows), the interlinear annotation
-# marks (they hide what they enclose: review 197), and the octets that were not UTF-8
-# (surrogate escapes).  Spaces of any script, joiners and marks stay.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-                     "\ufff9-\ufffb\udc80-\udcff]")
+# paragraph separators, the bidi marks, embeddings, overrides and isolates (they
+# reorder what follows), the interlinear annotation marks (review 197), the other
+# format characters (zero-width space, word joiner, BOM, soft hyphen, tags: review 201,
+# a Call-ID "ab<U+200B>c" in the log read "abc"), and the octets that were not UTF-8
+# (surrogate escapes).  The two joiners (U+200C, U+200D) and the three directional
+# marks (LRM, RLM, ALM: ``_MARKS``) stay beside a letter or symbol of another script,
+# where honest text needs them (Persian, Arabic, Indic, emoji sequences), and are
+# written out anywhere else (beside ASCII or each other), where they only hide.  Tags are written out even in
+# a flag's tag sequence: shown as code points, not as the region's flag.
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u06dd\u070f\u0890\u0891"
+    "\u08e2\u180e\u200b\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+    "\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\udc80-\udcff]")
+_MARKS = re.compile("[\u061c\u200c-\u200f]+")    # runs of joiners and directional marks
+_MARKS_WRITTEN_OUT = {code: f"\\u{code:04x}" for code in (0x061C, 0x200C, 0x200D, 0x200E, 0x200F)}
+
+
+def _honest_neighbour(ch: str) -> bool:
+    """A character a joiner or mark may honestly stand beside: a letter, mark, digit,
+    punctuation or symbol outside ASCII (Arabic, Persian, Indic, an emoji)."""
+    return ch > "\x7f" and unicodedata.category(ch)[0] in "LMNPS"
 
 
 def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group(0))
+    return _written_out(match.group(0))
+
+
+def _written_out(ch: str) -> str:
+    code = ord(ch)
     if 0xDC80 <= code <= 0xDCFF:
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def terminal_text(text: str) -> str:
     """``text`` with what a terminal would obey written out (``\\x1b``, ``\\u202e``)."""
-    return _UNSAFE.sub(_escaped, text.replace("\r\n", "\n"))
+    text = text.replace("\r\n", "\n")
+    if _MARKS.search(text):
+        def marks(match: re.Match[str]) -> str:
+            # inside a run each mark's neighbours are marks: only the first may stand
+            # beside an honest character before it, only the last beside one after it
+            start, end, run = match.start(), match.end(), match.group(0)
+            shown = run.translate(_MARKS_WRITTEN_OUT)      # six characters each
+            if end < len(text) and _honest_neighbour(text[end]):
+                shown = shown[:-6] + run[-1]
+            if start > 0 and _honest_neighbour(text[start - 1]):
+                shown = run[0] + shown[6:]
+            return shown
+        text = _MARKS.sub(marks, text)
+    return _UNSAFE.sub(_escaped, text)
 
 
 def for_terminal(data: bytes, encoding: str = "utf-8") -> bytes:
