@@ -15,30 +15,78 @@ import sys
 import unicodedata
 from typing import Any
 
-# What a terminal would obey, or shows as nothing so that one value reads as another:
-# C0 controls but tab and newline, DEL, C1 controls (CSI is U+009B), the line and
-# paragraph separators, the bidi marks, embeddings, overrides and isolates (they
+# What a terminal would obey, or shows as nothing so that one value reads as another,
+# is written out: C0 controls but tab and newline, DEL, C1 controls (CSI is U+009B), the
+# line and paragraph separators, the bidi embeddings, overrides and isolates (they
 # reorder what follows), the interlinear annotation marks (review 197), the other
 # format characters (zero-width space, word joiner, BOM, soft hyphen, tags: review 201,
-# a Call-ID "ab<U+200B>c" in the log read "abc"), and the octets that were not UTF-8
-# (surrogate escapes).  The two joiners (U+200C, U+200D) and the three directional
-# marks (LRM, RLM, ALM: ``_MARKS``) stay beside a letter or symbol of another script,
-# where honest text needs them (Persian, Arabic, Indic, emoji sequences), and are
-# written out anywhere else (beside ASCII or each other), where they only hide.  Tags are written out even in
-# a flag's tag sequence: shown as code points, not as the region's flag.
+# a Call-ID "ab<U+200B>c" in the log read "abc"), the fillers and the combining
+# grapheme joiner, every unassigned default-ignorable code point (review 202), and the
+# octets that were not UTF-8 (surrogate escapes).  Tags are written out even in a
+# flag's tag sequence (shown as code points, not as the region's flag).
 _UNSAFE = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u06dd\u070f\u0890\u0891"
-    "\u08e2\u180e\u200b\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
-    "\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
-    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\udc80-\udcff]")
-_MARKS = re.compile("[\u061c\u200c-\u200f]+")    # runs of joiners and directional marks
-_MARKS_WRITTEN_OUT = {code: f"\\u{code:04x}" for code in (0x061C, 0x200C, 0x200D, 0x200E, 0x200F)}
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u06dd\u070f\u0890\u0891"
+    "\u08e2\u115f\u1160\u17b4\u17b5\u180e\u200b\u2028-\u202e\u2060-\u206f\u3164"
+    "\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e00ff"
+    "\U000e01f0-\U000e0fff\udc80-\udcff]")
+# Kept only where honest text needs them (review 202), written out anywhere else:
+# variation selectors right after a visible character outside ASCII (an emoji's,
+# a CJK ideograph's, a Mongolian letter's), or U+FE0F in a keycap (``1`` FE0F 20E3);
+# the joiners (U+200C, U+200D) between two such characters of a script other than
+# Latin, Greek or Cyrillic (Persian, Indic, emoji sequences); the directional marks
+# (LRM, RLM, ALM) beside one, with no ASCII letter or digit beside them.  A neighbour
+# is the next visible character (up to four invisible ones skipped); two marks in a
+# row are written out.
+_SELECTORS = "\u180b\u180c\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef"
+_KEPT_IF_HONEST = re.compile(f"[\u061c\u200c-\u200f]{{2,}}|[\u061c\u200c-\u200f]|[{_SELECTORS}]+")
+_SELECTOR = re.compile(f"[{_SELECTORS}]")
+_JOINERS = "\u200c\u200d"
+_LOOK = 4          # invisible characters skipped in looking for a neighbour
 
 
-def _honest_neighbour(ch: str) -> bool:
-    """A character a joiner or mark may honestly stand beside: a letter, mark, digit,
-    punctuation or symbol outside ASCII (Arabic, Persian, Indic, an emoji)."""
-    return ch > "\x7f" and unicodedata.category(ch)[0] in "LMNPS"
+def _visible_outside_ascii(ch: str) -> bool:
+    """A letter, mark, digit, punctuation or symbol outside ASCII that shows (not a
+    selector, joiner or other ignorable: review 202 K1)."""
+    return ch > "\x7f" and unicodedata.category(ch)[0] in "LMNPS" \
+        and not _SELECTOR.match(ch) and ch not in "\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0"
+
+
+def _latin_greek_cyrillic(ch: str) -> bool:
+    return unicodedata.name(ch, "").startswith(("LATIN", "GREEK", "CYRILLIC"))
+
+
+def _neighbour(text: str, at: int, step: int) -> str:
+    """The first visible character from ``at`` in direction ``step`` ("" if none near)."""
+    for _ in range(_LOOK + 1):
+        if not 0 <= at < len(text):
+            return ""
+        ch = text[at]
+        if not (_SELECTOR.match(ch) or unicodedata.category(ch) == "Cf"):
+            return ch
+        at += step
+    return ""
+
+
+def _kept_if_honest(text: str, match: re.Match[str]) -> str:
+    run, start, end = match.group(0), match.start(), match.end()
+    before = text[start - 1] if start else ""
+    if _SELECTOR.match(run[0]):
+        honest = _visible_outside_ascii(before) or (
+            run == "\ufe0f" and before in "0123456789#*" and before != ""
+            and text[end:end + 1] == "\u20e3")
+        return run if honest else "".join(map(_written_out, run))
+    if len(run) > 1:
+        return "".join(map(_written_out, run))
+    left, right = _neighbour(text, start - 1, -1), _neighbour(text, end, 1)
+    if any(ch.isascii() and ch.isalnum() for ch in (left, right)):
+        return _written_out(run)
+    if run in _JOINERS:
+        honest = all(_visible_outside_ascii(ch) and not _latin_greek_cyrillic(ch)
+                     for ch in (left, right))
+    else:
+        honest = _visible_outside_ascii(left) or _visible_outside_ascii(right)
+    return run if honest else _written_out(run)
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -55,20 +103,11 @@ def _written_out(ch: str) -> str:
 
 
 def terminal_text(text: str) -> str:
-    """``text`` with what a terminal would obey written out (``\\x1b``, ``\\u202e``)."""
+    """``text`` with what a terminal would obey, or would show as nothing, written out
+    (``\\x1b``, ``\\u202e``, ``\\u200b``)."""
     text = text.replace("\r\n", "\n")
-    if _MARKS.search(text):
-        def marks(match: re.Match[str]) -> str:
-            # inside a run each mark's neighbours are marks: only the first may stand
-            # beside an honest character before it, only the last beside one after it
-            start, end, run = match.start(), match.end(), match.group(0)
-            shown = run.translate(_MARKS_WRITTEN_OUT)      # six characters each
-            if end < len(text) and _honest_neighbour(text[end]):
-                shown = shown[:-6] + run[-1]
-            if start > 0 and _honest_neighbour(text[start - 1]):
-                shown = run[0] + shown[6:]
-            return shown
-        text = _MARKS.sub(marks, text)
+    if _KEPT_IF_HONEST.search(text):
+        text = _KEPT_IF_HONEST.sub(lambda match: _kept_if_honest(text, match), text)
     return _UNSAFE.sub(_escaped, text)
 
 
@@ -81,25 +120,69 @@ def for_terminal(data: bytes, encoding: str = "utf-8") -> bytes:
         encoding, "backslashreplace")
 
 
+_HOLD_AT_MOST = 1 << 16     # characters held back waiting for a visible one
+
+
+def _ordinary(ch: str) -> bool:
+    """Not invisible (no format character, no selector) and not a CR (CR LF is one)."""
+    return ch != "\r" and not _SELECTOR.match(ch) and unicodedata.category(ch) != "Cf"
+
+
+class _Pieces:
+    """``terminal_text`` over a stream written in pieces, deciding as over the whole:
+    trailing invisible characters (and a CR) wait for the next piece, and the last
+    character written goes before the next piece as its context, so a mark or selector
+    is judged by the same neighbours however the stream was cut (review 202)."""
+
+    def __init__(self) -> None:
+        self._context = ""          # the last character written: ordinary
+        self._held = ""
+
+    def feed(self, text: str, final: bool = False) -> str:
+        new, text = text, self._held + text
+        cut = len(text)
+        if not final:
+            # what is held is all invisible: only the new text's tail needs a look
+            end = len(new)
+            while end and not _ordinary(new[end - 1]):
+                end -= 1
+            if end:
+                cut = len(self._held) + end
+            elif len(text) < _HOLD_AT_MOST:
+                cut = 0
+        if not cut:
+            self._held = text
+            return ""
+        piece, self._held = text[:cut], text[cut:]
+        shown = terminal_text(self._context + piece)
+        if self._context:
+            shown = shown[len(terminal_text(self._context)):]
+        last = piece[-1]
+        self._context = last if _ordinary(last) else ""
+        return shown
+
+
 class _SafeBuffer:
     """A terminal's binary stream that writes ``for_terminal`` of what it is given; a
-    character split across two writes is decoded whole (review 195)."""
+    character split across two writes is decoded whole (review 195), and judged as in
+    the whole stream (``_Pieces``)."""
 
     def __init__(self, raw: Any, encoding: str) -> None:
         self._raw = raw
         self._encoding = encoding
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self._pieces = _Pieces()
 
     def write(self, data: bytes) -> int:
-        text = self._decoder.decode(bytes(data))
-        if text:
-            self._raw.write(terminal_text(text).encode(self._encoding, "backslashreplace"))
+        shown = self._pieces.feed(self._decoder.decode(bytes(data)))
+        if shown:
+            self._raw.write(shown.encode(self._encoding, "backslashreplace"))
         return len(data)
 
     def flush(self) -> None:
-        rest = self._decoder.decode(b"", final=True)
-        if rest:
-            self._raw.write(terminal_text(rest).encode(self._encoding, "backslashreplace"))
+        shown = self._pieces.feed(self._decoder.decode(b"", final=True), final=True)
+        if shown:
+            self._raw.write(shown.encode(self._encoding, "backslashreplace"))
         self._raw.flush()
 
     def __getattr__(self, name: str) -> Any:
@@ -107,19 +190,26 @@ class _SafeBuffer:
 
 
 class SafeTerminal(io.TextIOBase):
-    """A terminal's text stream that writes ``terminal_text`` of what it is given."""
+    """A terminal's text stream that writes ``terminal_text`` of what it is given,
+    judged as in the whole stream (``_Pieces``)."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__()
         self._stream = stream
+        self._pieces = _Pieces()
         encoding = getattr(stream, "encoding", None) or "utf-8"
         self.buffer = _SafeBuffer(stream.buffer, encoding) if hasattr(stream, "buffer") else None
 
     def write(self, text: str) -> int:
-        self._stream.write(terminal_text(text))
+        shown = self._pieces.feed(text)
+        if shown:
+            self._stream.write(shown)
         return len(text)
 
     def flush(self) -> None:
+        shown = self._pieces.feed("", final=True)
+        if shown:
+            self._stream.write(shown)
         self._stream.flush()
 
     def isatty(self) -> bool:

@@ -102,6 +102,16 @@ Tried and held
   overrides written out.
 - LRM/RLM beside ASCII in honest RTL text (``טלפון: <LRM>+972-3-...``) is written out:
   a cost of the design, not counted as a break (the K4 fix keeps it so).
+
+Fixed (stop 51): a neighbour is the next visible character (selectors and format
+characters skipped, four at most); a directional mark beside an ASCII letter or digit is
+written out, and a joiner stays only between two visible characters outside ASCII and
+outside Latin, Greek and Cyrillic; a variation selector stays only after a visible
+character outside ASCII (or U+FE0F in a keycap); two marks in a row are written out; the
+fillers, the combining grapheme joiner and every unassigned default-ignorable are
+written out (K1 to K4).  The terminal streams judge each piece as in the whole stream
+(``_Pieces``: trailing invisibles wait for the next piece, the last character written
+is the next piece's context), which also fixes HB1.  HB2 stays, marked as a known limit.
 """
 from __future__ import annotations
 
@@ -129,7 +139,6 @@ class _Raw(io.BytesIO):
         return True
 
 
-@pytest.mark.xfail(strict=True, reason="review 202 hole K1: invisible honest neighbour")
 @pytest.mark.parametrize("text", ["ab\u200d\ufe0fc", "ab\u200e\u034fc", "ab\u200f\u180bc"])
 def test_k1_mark_beside_an_invisible_neighbour_between_ascii_is_written_out(text):
     shown = terminal_text(text)
@@ -141,7 +150,6 @@ DEFAULT_IGNORABLE_NOT_CF = [0x34F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180
                             *range(0xE0100, 0xE01F0)]
 
 
-@pytest.mark.xfail(strict=True, reason="review 202 hole K2: default-ignorables outside Cf")
 def test_k2_default_ignorable_between_ascii_letters_is_written_out():
     raw = [f"U+{c:04X}" for c in DEFAULT_IGNORABLE_NOT_CF if chr(c) in terminal_text(f"ab{chr(c)}c")]
     print(f"\n{len(raw)} of {len(DEFAULT_IGNORABLE_NOT_CF)} raw")
@@ -152,14 +160,12 @@ UNASSIGNED_IGNORABLE = [0x2065, *range(0xFFF0, 0xFFF9), 0xE0000, *range(0xE0002,
                         *range(0xE0080, 0xE0100), *range(0xE01F0, 0xE1000)]
 
 
-@pytest.mark.xfail(strict=True, reason="review 202 hole K3: unassigned default-ignorables")
 def test_k3_unassigned_default_ignorables_are_written_out():
     raw = [f"U+{c:04X}" for c in UNASSIGNED_IGNORABLE if chr(c) in terminal_text(f"ab{chr(c)}c")]
     print(f"\n{len(raw)} of {len(UNASSIGNED_IGNORABLE)} raw")
     assert raw == []
 
 
-@pytest.mark.xfail(strict=True, reason="review 202 hole K4: mark beside an ASCII letter kept")
 @pytest.mark.parametrize("text", ["sip:bob@evil.example\u200f\u0639", "p\u200d\u0430ypal",
                                   "caf\u200d\u00e9", "\u0639\u200e123"])
 def test_k4_mark_beside_an_ascii_letter_or_digit_is_written_out(text):
@@ -167,7 +173,6 @@ def test_k4_mark_beside_an_ascii_letter_or_digit_is_written_out(text):
     assert not any(m in shown for m in MARKS), ascii(shown)
 
 
-@pytest.mark.xfail(strict=True, reason="review 202 honest break HB1: mark alone in a write")
 def test_hb1_mark_alone_in_a_write_between_honest_neighbours_stays():
     raw = _Raw()
     term = SafeTerminal(io.TextIOWrapper(raw, encoding="utf-8"))
@@ -177,7 +182,7 @@ def test_hb1_mark_alone_in_a_write_between_honest_neighbours_stays():
     assert raw.getvalue() == (ARABIC + "\u200c" + ARABIC).encode(), raw.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason="review 202 honest break HB2: subdivision flags")
+@pytest.mark.xfail(strict=True, reason="known limit (stop 51): tags are written out, so a subdivision flag shows as code points (3 of about 3,700 emoji)")
 def test_hb2_subdivision_flag_stays():
     scotland = "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"
     assert terminal_text(scotland) == scotland
