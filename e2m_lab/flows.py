@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2m_plugins.keycache import MemoryKeyCache
+from e2m_plugins.keycache import KeyCache, MemoryKeyCache
 from e2m_plugins.testpki import TestPKI
 from e2m_plugins.config import KnownProxy, ProxyConfig, UAConfig
 from e2m_plugins.proxy import ProxyEngine, Verdict
@@ -158,6 +158,20 @@ def answered_call(pki: TestPKI, proxy: ProxyEngine, call_id: str) -> UAEngine:
     assert proxy.inspect(ok).seen
     alice.open(ok)
     return alice
+
+
+def kekri_answer(pki: TestPKI, view: tuple[str, ...], *,
+                 cache: KeyCache | None = None) -> tuple[ProxyEngine, SipMessage]:
+    """A proxy viewing ``view`` that read alice's INVITE (her offer's CEK kept), and
+    bob's answer under that CEK (kekri, RFC 3185), not yet shown to it."""
+    trusted = proxy_engine(pki, TRUSTED, view=view, cache=cache)
+    alice = ua_engine(pki, "alice", proxies=(known_proxy(pki, TRUSTED, view),))
+    bob = ua_engine(pki, "bob")
+    sent = alice.protect(invite(pki)).message
+    trusted.inspect(sent)
+    reply = bob.protect(answer(bob.open(sent).message))
+    assert reply.info.key_reuse
+    return trusted, reply.message
 
 
 def three_phones(pki: TestPKI) -> tuple[UAEngine, UAEngine, UAEngine]:

@@ -55,3 +55,35 @@ def on_a_terminal(argv: list[str], *, cwd: Path | None = None,
         os.close(leader)
         if follower >= 0:
             os.close(follower)
+
+
+def certs_show_on_a_terminal(pki, directory: Path, aor: str, der: bytes) -> tuple[int, bytes]:
+    """``e2m-proxy certs show aor`` on a pty, after the certificate service took ``der``
+    for ``aor`` (checked as it would be, then written to the table as it writes)
+    (reviews 193, 199)."""
+    import datetime
+    import hashlib
+    import time
+    from e2m_plugins.certservice import Publication, check_published_certificate
+    from kamailio_app.cert_table import CertDatabase, PublicationTable
+    check_published_certificate(der, aor, [pki.ca.cert],
+                                datetime.datetime.now(datetime.timezone.utc))
+    d = pki.directory
+    config = directory / "home.toml"
+    config.write_text(f'[kamailio]\nlisten = ["udp:127.0.0.1:5070"]\ndomains = ["example.com"]\n'
+                      f'[e2m]\nenabled = true\n[identity]\nhost = "proxy.example.com"\n'
+                      f'cert = "{d}/proxy-proxy.example.com.crt"\n'
+                      f'key = "{d}/proxy-proxy.example.com.key"\n[trust]\nca = ["{d}/ca.crt"]\n'
+                      f'[policy]\nview = ["MESSAGE:text/plain"]\nverify = []\n'
+                      f'[certs]\npath = "certs.sqlite"\n')
+    db = CertDatabase(directory / "certs.sqlite")
+    db.ensure_schema()
+    now = time.time()
+    PublicationTable(db).save(Publication(
+        aor=aor, der=der, fingerprint="sha256:" + hashlib.sha256(der).hexdigest(),
+        not_before=now - 10, not_after=now + 3000, etag="e1", expires=now + 600,
+        published_by="eve", published_at=now))
+    db.close()
+    return on_a_terminal([sys.executable, "-c", "import sys; from kamailio_app.certs_cmd "
+                          "import main; sys.exit(main(sys.argv[1:]))", "show", aor,
+                          "--config", str(config)], cwd=directory)

@@ -142,7 +142,6 @@ failure lines also pass ``printable`` where printed (K5 calls ``_message`` witho
 from __future__ import annotations
 
 import datetime
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -153,7 +152,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from e2m_lab.terminal_run import e2m_argv, on_a_terminal
+from e2m_lab.terminal_run import certs_show_on_a_terminal, e2m_argv, on_a_terminal
 from e2m_plugins.cli.terminal import for_terminal
 
 SEQ = "\x1b]0;pwned\x07\x1b[2J"          # window title, clear screen
@@ -260,35 +259,13 @@ def test_cms_verify_escapes_signer_names(hostile):
 # ------------------------------------------------------------------ K4
 
 def test_certs_show_escapes_a_published_subject(pki, tmp_path):
-    from e2m_plugins.certservice import Publication, check_published_certificate
     from e2m_plugins.testpki import _issue
-    from kamailio_app.cert_table import CertDatabase, PublicationTable
     aor = "sip:eve@example.com"
     cred = _issue(pki.ca, "eve" + SEQ, [x509.UniformResourceIdentifier(aor)], "ec",
                   [ExtendedKeyUsageOID.EMAIL_PROTECTION], None, None, 30, None)
-    der = cred.cert.public_bytes(serialization.Encoding.DER)
-    # the service would take it: SAN URI = AoR, chains to our CA, not a CA
-    check_published_certificate(der, aor, [pki.ca.cert],
-                                datetime.datetime.now(datetime.timezone.utc))
-    d = pki.directory
-    config = tmp_path / "home.toml"
-    config.write_text(f'[kamailio]\nlisten = ["udp:127.0.0.1:5070"]\ndomains = ["example.com"]\n'
-                      f'[e2m]\nenabled = true\n[identity]\nhost = "proxy.example.com"\n'
-                      f'cert = "{d}/proxy-proxy.example.com.crt"\n'
-                      f'key = "{d}/proxy-proxy.example.com.key"\n[trust]\nca = ["{d}/ca.crt"]\n'
-                      f'[policy]\nview = ["MESSAGE:text/plain"]\nverify = []\n'
-                      f'[certs]\npath = "certs.sqlite"\n')
-    db = CertDatabase(tmp_path / "certs.sqlite")
-    db.ensure_schema()
-    now = time.time()
-    PublicationTable(db).save(Publication(
-        aor=aor, der=der, fingerprint="sha256:" + hashlib.sha256(der).hexdigest(),
-        not_before=now - 10, not_after=now + 3000, etag="e1", expires=now + 600,
-        published_by="eve", published_at=now))
-    db.close()
-    rc, out = _terminal([sys.executable, "-c", "import sys; from kamailio_app.certs_cmd import "
-                         "main; sys.exit(main(sys.argv[1:]))", "show", aor,
-                         "--config", str(config)], cwd=tmp_path)
+    # the service takes it: SAN URI = AoR, chains to our CA, not a CA
+    rc, out = certs_show_on_a_terminal(pki, tmp_path, aor,
+                                       cred.cert.public_bytes(serialization.Encoding.DER))
     print(f"\nrc {rc}; {_count(out)} (ESC, BEL) of {len(out)} octets")
     assert rc == 0 and b"subject" in out
     assert _count(out) == (0, 0)

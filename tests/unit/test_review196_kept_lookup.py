@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.flows import TRUSTED, answer, invite, known_proxy, proxy_engine, ua_engine
+from e2m_lab.flows import TRUSTED, kekri_answer
 from e2m_plugins.keycache import DialogScope, _decode_scope, _encode_scope
 from e2m_plugins.testpki import init_test_pki
 from kamailio_app.keycache_htable import HtableKeyCache, KsrHtable
@@ -81,14 +81,8 @@ def world():
 
 
 def _answer_read(world):
-    trusted = proxy_engine(world, TRUSTED, view=SDP_VIEW)
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
-    bob = ua_engine(world, "bob")
-    sent = alice.protect(invite(world)).message
-    trusted.inspect(sent)
-    reply = bob.protect(answer(bob.open(sent).message))
-    assert reply.info.key_reuse
-    reading = trusted.read_response(reply.message)
+    trusted, reply = kekri_answer(world, SDP_VIEW)
+    reading = trusted.read_response(reply)
     assert reading.error is None and reading.looked_up
     return trusted, reading
 

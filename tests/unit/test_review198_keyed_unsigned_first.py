@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.flows import TRUSTED, answer, invite, known_proxy, proxy_engine, ua_engine
+from e2m_lab.flows import TRUSTED, kekri_answer
 from e2m_plugins.keycache import DialogScope
 from e2m_plugins.proxy import LATER_FORK_KEEPER, UNSIGNED_KEEPER
 from e2m_plugins.testpki import init_test_pki
@@ -135,14 +135,7 @@ def _old_keyed(cache, opened, looked_up):
 
 
 def _setup(world, cache=None):
-    trusted = proxy_engine(world, TRUSTED, view=SDP_VIEW, cache=cache)
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
-    bob = ua_engine(world, "bob")
-    sent = alice.protect(invite(world)).message
-    trusted.inspect(sent)
-    reply = bob.protect(answer(bob.open(sent).message))
-    assert reply.info.key_reuse
-    return trusted, reply.message
+    return kekri_answer(world, SDP_VIEW, cache=cache)
 
 
 def _only_found(trusted, reply):

@@ -68,18 +68,13 @@ exploitable there: guarded all the same).
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from e2m_lab.terminal_run import e2m_argv, on_a_terminal
+from e2m_lab.terminal_run import certs_show_on_a_terminal, e2m_argv, on_a_terminal
 
 ZW = "\u200b"
 SPOOF = "ali" + ZW + "ce"             # shows as "alice"
@@ -120,32 +115,10 @@ def signed_by_spoof(pki, tmp_path):
 # ------------------------------------------------------------------ K1
 
 def test_certs_show_writes_out_a_zero_width_subject(pki, tmp_path):
-    from e2m_plugins.certservice import Publication, check_published_certificate
-    from kamailio_app.cert_table import CertDatabase, PublicationTable
     aor = "sip:eve@example.com"
     cred = _cred(pki, SPOOF, [x509.UniformResourceIdentifier(aor)])
-    der = cred.cert.public_bytes(serialization.Encoding.DER)
-    check_published_certificate(der, aor, [pki.ca.cert],
-                                datetime.datetime.now(datetime.timezone.utc))
-    d = pki.directory
-    config = tmp_path / "home.toml"
-    config.write_text(f'[kamailio]\nlisten = ["udp:127.0.0.1:5070"]\ndomains = ["example.com"]\n'
-                      f'[e2m]\nenabled = true\n[identity]\nhost = "proxy.example.com"\n'
-                      f'cert = "{d}/proxy-proxy.example.com.crt"\n'
-                      f'key = "{d}/proxy-proxy.example.com.key"\n[trust]\nca = ["{d}/ca.crt"]\n'
-                      f'[policy]\nview = ["MESSAGE:text/plain"]\nverify = []\n'
-                      f'[certs]\npath = "certs.sqlite"\n')
-    db = CertDatabase(tmp_path / "certs.sqlite")
-    db.ensure_schema()
-    now = time.time()
-    PublicationTable(db).save(Publication(
-        aor=aor, der=der, fingerprint="sha256:" + hashlib.sha256(der).hexdigest(),
-        not_before=now - 10, not_after=now + 3000, etag="e1", expires=now + 600,
-        published_by="eve", published_at=now))
-    db.close()
-    rc, out = on_a_terminal([sys.executable, "-c", "import sys; from kamailio_app.certs_cmd "
-                             "import main; sys.exit(main(sys.argv[1:]))", "show", aor,
-                             "--config", str(config)], cwd=tmp_path)
+    rc, out = certs_show_on_a_terminal(pki, tmp_path, aor,
+                                       cred.cert.public_bytes(serialization.Encoding.DER))
     line = next((x for x in out.splitlines() if x.startswith(b"subject")), b"")
     print(f"\nrc {rc}; subject line {line!r}")
     assert rc == 0 and line

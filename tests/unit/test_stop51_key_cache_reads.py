@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2m_lab.flows import SDP_ANSWER, TRUSTED, answer, invite, known_proxy, proxy_engine, ua_engine
+from e2m_lab.flows import SDP_ANSWER, TRUSTED, kekri_answer
 from e2m_plugins.testpki import init_test_pki
 
 SDP_VIEW = ("INVITE:application/sdp",)
@@ -38,17 +38,9 @@ def _counting(engine):
 
 
 def test_a_kekri_answer_reads_its_kept_key_once_and_counts_one_use(world):
-    trusted = proxy_engine(world, TRUSTED, view=SDP_VIEW)
-    alice = ua_engine(world, "alice", proxies=(known_proxy(world, TRUSTED, SDP_VIEW),))
-    bob = ua_engine(world, "bob")
-    sent = alice.protect(invite(world)).message
-    trusted.inspect(sent)
-    delivered = bob.open(sent).message
-    reply = bob.protect(answer(delivered))
-    assert reply.info.key_reuse
-
+    trusted, reply = kekri_answer(world, SDP_VIEW)
     reads = _counting(trusted)
-    verdict = trusted.inspect(reply.message)
+    verdict = trusted.inspect(reply)
     assert [s.plaintext for s in verdict.seen] == [SDP_ANSWER]
     # the confirmed dialog's scope (nothing there yet), then the early one, where the
     # INVITE's key waits: one look each, then the one counted use
