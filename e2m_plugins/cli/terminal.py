@@ -30,63 +30,88 @@ _UNSAFE = re.compile(
     "\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e00ff"
     "\U000e01f0-\U000e0fff\udc80-\udcff]")
-# Kept only where honest text needs them (review 202), written out anywhere else:
-# variation selectors right after a visible character outside ASCII (an emoji's,
-# a CJK ideograph's, a Mongolian letter's), or U+FE0F in a keycap (``1`` FE0F 20E3);
-# the joiners (U+200C, U+200D) between two such characters of a script other than
-# Latin, Greek or Cyrillic (Persian, Indic, emoji sequences); the directional marks
-# (LRM, RLM, ALM) beside one, with no ASCII letter or digit beside them.  A neighbour
-# is the next visible character (up to four invisible ones skipped); two marks in a
-# row are written out.
+# Kept only where honest text needs them (reviews 202, 204), written out anywhere else:
+# a variation selector, alone, right after a character it varies (an emoji or symbol
+# outside Latin, Greek and Cyrillic; a CJK ideograph for the ideographic ones; a
+# Mongolian letter for the Mongolian ones), or U+FE0F in a keycap (``1`` FE0F 20E3);
+# a joiner (U+200C, U+200D) between two honest characters outside Latin, Greek and
+# Cyrillic (Persian, Indic, emoji sequences); a directional mark (LRM, RLM, ALM) beside
+# an honest character, with no ASCII letter or digit beside it.  A neighbour is the next
+# visible character (up to four invisible ones skipped); on the left, a combining mark
+# stands for its base (a virama for its consonant, an accent on "c" for "c"); an honest
+# character is a letter, digit, punctuation or symbol outside ASCII that shows (not a
+# combining mark on its own, not a blank such as U+2800).  Two marks in a row, or two
+# selectors, are written out.
 _SELECTORS = "\u180b\u180c\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef"
 _KEPT_IF_HONEST = re.compile(f"[\u061c\u200c-\u200f]{{2,}}|[\u061c\u200c-\u200f]|[{_SELECTORS}]+")
 _SELECTOR = re.compile(f"[{_SELECTORS}]")
 _JOINERS = "\u200c\u200d"
-_LOOK = 4          # invisible characters skipped in looking for a neighbour
+_BLANKS = "\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0"
+_LOOK = 4          # invisible characters (or combining marks) skipped to find a neighbour
 
 
-def _visible_outside_ascii(ch: str) -> bool:
-    """A letter, mark, digit, punctuation or symbol outside ASCII that shows (not a
-    selector, joiner or other ignorable: review 202 K1)."""
-    return ch > "\x7f" and unicodedata.category(ch)[0] in "LMNPS" \
-        and not _SELECTOR.match(ch) and ch not in "\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0"
+def _honest(ch: str) -> bool:
+    """A letter, digit, punctuation or symbol outside ASCII that shows."""
+    return ch > "\x7f" and unicodedata.category(ch)[0] in "LNPS" \
+        and not _SELECTOR.match(ch) and ch not in _BLANKS
+
+
+def _script(ch: str) -> str:
+    return unicodedata.name(ch, "").split(" ", 1)[0]
 
 
 def _latin_greek_cyrillic(ch: str) -> bool:
-    return unicodedata.name(ch, "").startswith(("LATIN", "GREEK", "CYRILLIC"))
+    return _script(ch) in ("LATIN", "GREEK", "CYRILLIC")
+
+
+def _invisible(ch: str) -> bool:
+    return bool(_SELECTOR.match(ch)) or unicodedata.category(ch) == "Cf"
 
 
 def _neighbour(text: str, at: int, step: int) -> str:
-    """The first visible character from ``at`` in direction ``step`` ("" if none near)."""
+    """The first visible character from ``at`` in direction ``step`` ("" if none near);
+    leftwards, a combining mark's base instead of the mark."""
     for _ in range(_LOOK + 1):
         if not 0 <= at < len(text):
             return ""
         ch = text[at]
-        if not (_SELECTOR.match(ch) or unicodedata.category(ch) == "Cf"):
-            return ch
+        if not _invisible(ch):
+            if step > 0 or unicodedata.category(ch)[0] != "M":
+                return ch
         at += step
     return ""
 
 
+def _selector_kept(text: str, run: str, start: int, end: int) -> bool:
+    if len(run) > 1 or not start:
+        return False
+    base = text[start - 1]
+    if run == "\ufe0f" and base in "0123456789#*" and text[end:end + 1] == "\u20e3":
+        return True                                            # a keycap
+    if not _honest(base):
+        return False
+    if run >= "\U000e0100":
+        return _script(base) == "CJK"
+    if run < "\ufe00":
+        return _script(base) == "MONGOLIAN"
+    return not _latin_greek_cyrillic(base)
+
+
 def _kept_if_honest(text: str, match: re.Match[str]) -> str:
     run, start, end = match.group(0), match.start(), match.end()
-    before = text[start - 1] if start else ""
     if _SELECTOR.match(run[0]):
-        honest = _visible_outside_ascii(before) or (
-            run == "\ufe0f" and before in "0123456789#*" and before != ""
-            and text[end:end + 1] == "\u20e3")
-        return run if honest else "".join(map(_written_out, run))
+        kept = _selector_kept(text, run, start, end)
+        return run if kept else "".join(map(_written_out, run))
     if len(run) > 1:
         return "".join(map(_written_out, run))
     left, right = _neighbour(text, start - 1, -1), _neighbour(text, end, 1)
     if any(ch.isascii() and ch.isalnum() for ch in (left, right)):
         return _written_out(run)
     if run in _JOINERS:
-        honest = all(_visible_outside_ascii(ch) and not _latin_greek_cyrillic(ch)
-                     for ch in (left, right))
+        kept = all(_honest(ch) and not _latin_greek_cyrillic(ch) for ch in (left, right))
     else:
-        honest = _visible_outside_ascii(left) or _visible_outside_ascii(right)
-    return run if honest else _written_out(run)
+        kept = _honest(left) or _honest(right)
+    return run if kept else _written_out(run)
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -140,25 +165,31 @@ class _Pieces:
 
     def feed(self, text: str, final: bool = False) -> str:
         new, text = text, self._held + text
-        cut = len(text)
-        if not final:
-            # what is held is all invisible: only the new text's tail needs a look
-            end = len(new)
-            while end and not _ordinary(new[end - 1]):
-                end -= 1
-            if end:
-                cut = len(self._held) + end
-            elif len(text) < _HOLD_AT_MOST:
-                cut = 0
-        if not cut:
-            self._held = text
+        # what is held is all invisible: only the new text's tail needs a look
+        end = len(new)
+        while end and not _ordinary(new[end - 1]):
+            end -= 1
+        ordinary_end = len(self._held) + end if end else 0
+        piece, tail = text[:ordinary_end], text[ordinary_end:]
+        if not final and len(tail) < _HOLD_AT_MOST:
+            self._held = tail
+            return self._shown(piece)
+        # a flush (or too much held): the trailing invisibles are written out whatever
+        # follows, and what follows sees an ASCII letter before it, as their written-out
+        # form ends in one (review 204 K4)
+        self._held = ""
+        shown = self._shown(piece) + terminal_text(tail)
+        if tail:
+            self._context = "x"
+        return shown
+
+    def _shown(self, piece: str) -> str:
+        if not piece:
             return ""
-        piece, self._held = text[:cut], text[cut:]
         shown = terminal_text(self._context + piece)
         if self._context:
             shown = shown[len(terminal_text(self._context)):]
-        last = piece[-1]
-        self._context = last if _ordinary(last) else ""
+        self._context = piece[-1]           # ordinary: the piece ends where one does
         return shown
 
 
