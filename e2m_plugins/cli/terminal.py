@@ -30,18 +30,14 @@ _UNSAFE = re.compile(
     "\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e00ff"
     "\U000e01f0-\U000e0fff\udc80-\udcff]")
-# Kept only where honest text needs them (reviews 202, 204), written out anywhere else:
-# a variation selector, alone, right after a character it varies (an emoji or symbol
-# outside Latin, Greek and Cyrillic; a CJK ideograph for the ideographic ones; a
-# Mongolian letter for the Mongolian ones), or U+FE0F in a keycap (``1`` FE0F 20E3);
-# a joiner (U+200C, U+200D) between two honest characters outside Latin, Greek and
-# Cyrillic (Persian, Indic, emoji sequences); a directional mark (LRM, RLM, ALM) beside
-# an honest character, with no ASCII letter or digit beside it.  A neighbour is the next
-# visible character (up to four invisible ones skipped); on the left, a combining mark
-# stands for its base (a virama for its consonant, an accent on "c" for "c"); an honest
-# character is a letter, digit, punctuation or symbol outside ASCII that shows (not a
-# combining mark on its own, not a blank such as U+2800).  Two marks in a row, or two
-# selectors, are written out.
+# Kept only where honest text needs them (reviews 202, 204, 206), written out anywhere
+# else: a variation selector, alone, right after what it varies (``_selector_kept``);
+# a joiner (U+200C, U+200D) between two characters of a joining script or two emoji
+# (``_joins``); a directional mark (LRM, RLM, ALM) beside a strong right-to-left
+# letter, with no ASCII letter or digit beside it.  A neighbour is the next visible
+# character (up to four invisible ones skipped); on the left, a combining mark stands
+# for its base (an accent on "c" for "c").  Two marks in a row, or two selectors, are
+# written out.
 _SELECTORS = "\u180b\u180c\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef"
 _KEPT_IF_HONEST = re.compile(f"[\u061c\u200c-\u200f]{{2,}}|[\u061c\u200c-\u200f]|[{_SELECTORS}]+")
 _SELECTOR = re.compile(f"[{_SELECTORS}]")
@@ -58,10 +54,6 @@ def _honest(ch: str) -> bool:
 
 def _script(ch: str) -> str:
     return unicodedata.name(ch, "").split(" ", 1)[0]
-
-
-def _latin_greek_cyrillic(ch: str) -> bool:
-    return _script(ch) in ("LATIN", "GREEK", "CYRILLIC")
 
 
 def _invisible(ch: str) -> bool:
@@ -82,7 +74,35 @@ def _neighbour(text: str, at: int, step: int) -> str:
     return ""
 
 
+# Scripts that honestly join with U+200C/U+200D (Arabic-script Persian and Urdu, the
+# Indic scripts, Syriac, Mongolian...); elsewhere (CJK, Hangul, Latin, fullwidth) a
+# joiner only hides (review 206 K3)
+_JOINING_SCRIPTS = frozenset((
+    "ARABIC", "SYRIAC", "NKO", "MANDAIC", "DEVANAGARI", "BENGALI", "GURMUKHI", "GUJARATI",
+    "ORIYA", "TAMIL", "TELUGU", "KANNADA", "MALAYALAM", "SINHALA", "MYANMAR", "KHMER",
+    "TIBETAN", "MONGOLIAN"))
+
+
+def _joins(ch: str) -> bool:
+    """A neighbour a joiner may honestly stand by: an emoji or symbol, or a letter or
+    combining mark (a virama: review 206 HB1) of a joining script."""
+    if ch <= "\x7f" or ch in _BLANKS or _SELECTOR.match(ch):
+        return False
+    category = unicodedata.category(ch)
+    return category in ("So", "Sk") or (category[0] in "LM" and _script(ch) in _JOINING_SCRIPTS)
+
+
+def _right_to_left(ch: str) -> bool:
+    """A strong right-to-left letter: what an RLM, LRM or ALM honestly stands by (beside
+    punctuation a mark reorders the digits past it: review 206 K1)."""
+    return ch > "\x7f" and unicodedata.bidirectional(ch) in ("R", "AL")
+
+
 def _selector_kept(text: str, run: str, start: int, end: int) -> bool:
+    """A variation selector, alone, after what it varies: U+FE0E/FE0F after an emoji or
+    symbol (or in a keycap), the others after a math symbol or a CJK ideograph, the
+    ideographic ones after a CJK ideograph, the Mongolian ones after a Mongolian letter
+    (review 206 K2: not after any character at all)."""
     if len(run) > 1 or not start:
         return False
     base = text[start - 1]
@@ -90,11 +110,14 @@ def _selector_kept(text: str, run: str, start: int, end: int) -> bool:
         return True                                            # a keycap
     if not _honest(base):
         return False
+    category, script = unicodedata.category(base), _script(base)
     if run >= "\U000e0100":
-        return _script(base) == "CJK"
+        return script == "CJK"
     if run < "\ufe00":
-        return _script(base) == "MONGOLIAN"
-    return not _latin_greek_cyrillic(base)
+        return script == "MONGOLIAN"
+    if run in "\ufe0e\ufe0f":
+        return category in ("So", "Sm", "Sk")
+    return category == "Sm" or script == "CJK"
 
 
 def _kept_if_honest(text: str, match: re.Match[str]) -> str:
@@ -108,9 +131,9 @@ def _kept_if_honest(text: str, match: re.Match[str]) -> str:
     if any(ch.isascii() and ch.isalnum() for ch in (left, right)):
         return _written_out(run)
     if run in _JOINERS:
-        kept = all(_honest(ch) and not _latin_greek_cyrillic(ch) for ch in (left, right))
+        kept = _joins(left) and _joins(right)
     else:
-        kept = _honest(left) or _honest(right)
+        kept = _right_to_left(left) or _right_to_left(right)
     return run if kept else _written_out(run)
 
 
@@ -198,13 +221,19 @@ class _SafeBuffer:
     character split across two writes is decoded whole (review 195), and judged as in
     the whole stream (``_Pieces``)."""
 
-    def __init__(self, raw: Any, encoding: str) -> None:
+    def __init__(self, raw: Any, encoding: str, pieces: _Pieces | None = None,
+                 text: Any = None) -> None:
         self._raw = raw
         self._encoding = encoding
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
-        self._pieces = _Pieces()
+        # one terminal, one stream: its text side's pieces and ours are judged together
+        # (review 206 K4), and its text goes out first
+        self._pieces = pieces if pieces is not None else _Pieces()
+        self._text = text
 
     def write(self, data: bytes) -> int:
+        if self._text is not None:
+            self._text.flush()
         shown = self._pieces.feed(self._decoder.decode(bytes(data)))
         if shown:
             self._raw.write(shown.encode(self._encoding, "backslashreplace"))
@@ -229,7 +258,8 @@ class SafeTerminal(io.TextIOBase):
         self._stream = stream
         self._pieces = _Pieces()
         encoding = getattr(stream, "encoding", None) or "utf-8"
-        self.buffer = _SafeBuffer(stream.buffer, encoding) if hasattr(stream, "buffer") else None
+        self.buffer = _SafeBuffer(stream.buffer, encoding, self._pieces, stream) \
+            if hasattr(stream, "buffer") else None
 
     def write(self, text: str) -> int:
         shown = self._pieces.feed(text)
