@@ -87,3 +87,33 @@ def certs_show_on_a_terminal(pki, directory: Path, aor: str, der: bytes) -> tupl
     return on_a_terminal([sys.executable, "-c", "import sys; from kamailio_app.certs_cmd "
                           "import main; sys.exit(main(sys.argv[1:]))", "show", aor,
                           "--config", str(config)], cwd=directory)
+
+
+def self_signed_message(directory: Path, content: bytes, cn: str, *,
+                        san_uri: str | None = None) -> tuple[Path, Path]:
+    """A self-signed P-256 signer named ``cn`` (with ``san_uri`` as its SAN URI, if
+    given) and a SignedData of ``content`` by it: (its PEM, the DER file), for
+    ``e2m cms verify --ca <pem>`` (reviews 195, 197)."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from e2m_plugins.cms.signed import sign
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=30)))
+    if san_uri is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san_uri)]), False)
+    cert = builder.sign(key, hashes.SHA256())
+    pem = directory / f"{cn.encode('unicode_escape').decode('ascii')[:40]}.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    p7 = pem.with_suffix(".p7")
+    p7.write_bytes(sign(content, cert, key, detached=False, include_certificate=True,
+                        extra_certs=[], rsa_pss=False, digest="sha256"))
+    return pem, p7

@@ -68,7 +68,6 @@ kept whole (HB1).  Both tests failed on the code before the fix and pass with it
 """
 from __future__ import annotations
 
-import datetime
 import io
 import os
 import subprocess
@@ -76,12 +75,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from e2m_lab.terminal_run import e2m_argv, on_a_terminal
+from e2m_lab.terminal_run import e2m_argv, on_a_terminal, self_signed_message
 from e2m_plugins.cli.terminal import SafeTerminal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,22 +103,7 @@ def _c1(out: bytes) -> int:
 @pytest.fixture
 def signed(tmp_path):
     """A self-signed (clean names) signer and a SignedData of CONTENT by it."""
-    from e2m_plugins.cms.signed import sign
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(7)
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier("sip:mallory@x")]), False)
-            .sign(key, hashes.SHA256()))
-    pem = tmp_path / "m.pem"
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    p7 = tmp_path / "m.p7"
-    p7.write_bytes(sign(CONTENT, cert, key, detached=False, include_certificate=True,
-                        extra_certs=[], rsa_pss=False, digest="sha256"))
+    pem, p7 = self_signed_message(tmp_path, CONTENT, "mallory", san_uri="sip:mallory@x")
     return ["cms", "verify", "--in", str(p7), "--ca", str(pem), "--out", "-"]
 
 
@@ -144,21 +124,8 @@ def test_control_out_dash_to_utf8_terminal(signed):
 
 
 def test_control_out_dash_to_pipe_is_byte_exact(tmp_path):
-    from e2m_plugins.cms.signed import sign
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "m")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(8)
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .sign(key, hashes.SHA256()))
     payload = bytes(range(256)) + b"\x1b]0;pwned\x07\x1b[2J\r\n" + CONTENT
-    pem = tmp_path / "c.pem"
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    p7 = tmp_path / "c.p7"
-    p7.write_bytes(sign(payload, cert, key, detached=False, include_certificate=True,
-                        extra_certs=[], rsa_pss=False, digest="sha256"))
+    pem, p7 = self_signed_message(tmp_path, payload, "m")
     done = subprocess.run(_e2m("cms", "verify", "--in", str(p7), "--ca", str(pem),
                                "--out", "-"), capture_output=True, env=_env(), timeout=60)
     assert done.returncode == 0, done.stderr

@@ -69,18 +69,12 @@ marks stay in the guard (honest scripts and emoji need them).
 """
 from __future__ import annotations
 
-import datetime
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from e2m_lab.terminal_run import child_env, e2m_argv, on_a_terminal
+from e2m_lab.terminal_run import child_env, e2m_argv, on_a_terminal, self_signed_message
 from e2m_plugins.cli.terminal import terminal_text
 
 INVISIBLE = ["\u200b", "\u2060", "\ufeff", "\u2028", "\u2029", "\ufff9", "\ufffa",
@@ -90,21 +84,7 @@ K2_CONTENT = "line1\u2028line2\u2029x\ufff9shown\ufffahidden\ufffb"
 
 
 def _signed(tmp_path: Path, cn: str, content: bytes = b"hello") -> tuple[Path, Path]:
-    from e2m_plugins.cms.signed import sign
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(11)
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .sign(key, hashes.SHA256()))
-    pem = tmp_path / "c.pem"
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    p7 = tmp_path / "c.p7"
-    p7.write_bytes(sign(content, cert, key, detached=False, include_certificate=True,
-                        extra_certs=[], rsa_pss=False, digest="sha256"))
-    return pem, p7
+    return self_signed_message(tmp_path, content, cn)
 
 
 def _raw(out: bytes, chars: list[str]) -> list[str]:
