@@ -41,6 +41,32 @@ TIMED = {
 }
 
 
+# ``E2M_TIMED_FINE=1``: also the steps inside ``_view`` (the engine's own and the
+# module functions it calls by name), to see where a body's time goes.
+FINE_METHODS = {
+    ProxyEngine: ("_read_body", "_first_sighting", "_labels", "_targets", "_sender_of",
+                  "_keys_for", "_context", "_check_policy", "_seen", "answer_caller"),
+    _kemi.kamailio: ("observe", "note_caller", "reply_with"),
+    __import__("e2m_plugins.cms.recipients", fromlist=["Match"]).Match: ("unwrap",),
+}
+FINE_FUNCTIONS = {
+    "e2m_plugins.proxy": ("open_part", "check_signed_by", "message_body", "top_parts",
+                          "media_summary", "check_context", "refuse_hidden_parts",
+                          "refuse_encoded_plaintext"),
+    "e2m_plugins.body": ("open_message", "_inner_entity", "_context_of"),
+    "e2m_plugins.layers": ("open_envelope", "verify_input", "load_cms_message",
+                           "nested_cms"),
+    "e2m_plugins.cmsinput": ("verify",),
+    "e2m_plugins.cms.envelope": ("_parse", "match"),
+    "e2m_plugins.cms.ciphers": ("decrypt_content",),
+    "e2m_plugins.cms.signed": ("_parse", "_pool", "_verify_signer", "_find_signer_cert",
+                               "signing_key", "_check_signature", "verify_chain",
+                               "certificate_identities", "_time"),
+    "kamailio_app.kemi": ("_read_message", "_remove_headers", "note_answer_key",
+                          "_summary", "_info"),
+}
+
+
 def _write() -> None:
     path = os.path.join(_DIR, f"timing-{os.getpid()}.tsv")
     with open(path + ".tmp", "w") as out:
@@ -49,11 +75,11 @@ def _write() -> None:
     os.replace(path + ".tmp", path)
 
 
-def _timed(cls: type, name: str) -> None:
+def _timed(cls, name: str, label: str | None = None) -> None:
     raw = cls.__dict__[name]
     static = isinstance(raw, staticmethod)
     inner = getattr(cls, name)
-    label = f"{cls.__name__}.{name}"
+    label = label or f"{cls.__name__}.{name}"
     counts_requests = cls is _kemi.kamailio and name == "ksr_request_route"
 
     def timed(*args, **kwargs):
@@ -72,8 +98,21 @@ def _timed(cls: type, name: str) -> None:
     setattr(cls, name, staticmethod(timed) if static else timed)
 
 
+def _timed_fine() -> None:
+    import importlib
+    for cls, names in FINE_METHODS.items():
+        for name in names:
+            _timed(cls, name)
+    for module_name, names in FINE_FUNCTIONS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            _timed(module, name, f"{module_name.rsplit('.', 1)[1]}.{name}")
+
+
 def mod_init():
     for cls, names in TIMED.items():
         for name in names:
             _timed(cls, name)
+    if os.environ.get("E2M_TIMED_FINE"):
+        _timed_fine()
     return _kemi.mod_init()
