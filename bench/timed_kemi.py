@@ -14,6 +14,7 @@ that was not.  Never for production.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from kamailio_app import kemi as _kemi
@@ -75,7 +76,7 @@ def _write() -> None:
     os.replace(path + ".tmp", path)
 
 
-def _timed(cls, name: str, label: str | None = None) -> None:
+def _timed(cls, name: str, label: str | None = None, by_caller: bool = False) -> None:
     raw = cls.__dict__[name]
     static = isinstance(raw, staticmethod)
     inner = getattr(cls, name)
@@ -87,7 +88,8 @@ def _timed(cls, name: str, label: str | None = None) -> None:
         try:
             return inner(*args, **kwargs)
         finally:
-            total = _TOTALS.setdefault(label, [0, 0.0])
+            total = _TOTALS.setdefault(
+                f"{label}<{sys._getframe(1).f_code.co_name}" if by_caller else label, [0, 0.0])
             total[0] += 1
             total[1] += time.thread_time() - start
             if counts_requests:
@@ -110,9 +112,11 @@ def _timed_fine() -> None:
 
 
 def mod_init():
+    fine = bool(os.environ.get("E2M_TIMED_FINE"))
     for cls, names in TIMED.items():
         for name in names:
-            _timed(cls, name)
-    if os.environ.get("E2M_TIMED_FINE"):
+            # fine: the key cache's calls apart by the function that made each
+            _timed(cls, name, by_caller=fine and cls is HtableKeyCache)
+    if fine:
         _timed_fine()
     return _kemi.mod_init()
