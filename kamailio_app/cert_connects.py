@@ -203,10 +203,17 @@ class OpenedConnections:
         def mine(held: list[Place]) -> list[Place]:
             return [place for place in held if place[0] == hostport and conid > place[2]]
 
-        # most answers come from no place: the listing is made only for one that does,
-        # and outside the item's lock (the workers sending toward that site wait on it)
-        if not mine(_places(ksr.htable.sht_get(TABLE, site))) \
-                or not self._opened_by_us(conid):
+        # read under the item's lock: ``open_with`` sends and then stores the place
+        # under it, and an answer read in another process can come in between; without
+        # the lock it found no place and closed nothing (stop 52).  Most answers come
+        # from no place: the listing is made only for one that does, and outside the
+        # lock (the workers sending toward that site wait on it)
+        ksr.htable.sht_lock(TABLE, site)
+        try:
+            ours = mine(_places(ksr.htable.sht_get(TABLE, site)))
+        finally:
+            ksr.htable.sht_unlock(TABLE, site)
+        if not ours or not self._opened_by_us(conid):
             return
         ksr.tcpops.tcp_close_connection()
         ksr.htable.sht_lock(TABLE, site)
