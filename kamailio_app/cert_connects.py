@@ -169,14 +169,16 @@ class OpenedConnections:
         """Call ``send`` over a follow's own connection, ``found`` there just before.
         Should that connection close in between, tm opens another to the follow's
         port: one newer than ``found`` is then kept as a place (over the bound if need
-        be: it exists already), so it is closed at its short life like the others."""
-        send()
+        be: it exists already), so it is closed at its short life like the others.
+        Sent and stored under the site's lock, as ``open_with`` does: the answer over
+        such a new connection waits for its place (``close_answered``; review 207 HB1)."""
         hostport = far_end(host, port)
-        if self.conid_to(hostport) <= found:
-            return
         site = site_of(host.strip("[]"))
         self.ksr.htable.sht_lock(TABLE, site)
         try:
+            send()
+            if self.conid_to(hostport) <= found:
+                return
             held = _places(self.ksr.htable.sht_get(TABLE, site))
             if not any(place[0] == hostport for place in held):
                 self._store(site, held, [*held, (hostport, self.now_ms(), found)])

@@ -67,14 +67,18 @@ Tried and held
   is not freed for want of a connection (and both run in the one timer process).
 - HB1's fix checked out of tree (``send_over`` holding the lock from before ``send()``
   to the store): the HB1 test then closes 41 and frees the place, controls still pass.
+
+Fixed (stop 52)
+---------------
+HB1: ``send_over`` now sends and stores under the site's lock, as ``open_with`` does, so
+an answer read in between waits for the place and closes its connection.  The strict
+xfail passed (XPASS) with the fix and its marker is gone.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-
-import pytest
 
 from kamailio_app.cert_connects import CONNECT_LIFETIME, OpenedConnections
 from tests.unit.test_cert_connects import LISTENER, STRANGER, Clock, _outbound
@@ -125,8 +129,6 @@ def test_figures_hb1_connection_lives_to_the_sweep():
     assert service.sweep() == [NEW]      # closed by the sweep at +4.0 s
 
 
-@pytest.mark.xfail(strict=True, reason="review 207 honest break HB1: send_over sends "
-                   "before it stores, outside the lock: an answer in between closes nothing")
 def test_hb1_an_answer_read_before_send_over_stored_the_place_closes_it():
     ksr, _clock, _service = _send_over_with_answer(wait=0.3)
     assert ksr.closed == [NEW], ksr.closed
