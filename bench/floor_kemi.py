@@ -19,7 +19,7 @@ signer's RSA-2048 PKCS#1 v1.5 SHA-256 signature over 200 bytes of signed attribu
 (the bench's test PKI: RSA-2048 users, a P-256 CA).  The signer's certificate is loaded
 and its CA's ECDSA signature checked once per process, as the proxy remembers them;
 until stop 52 the floor did that for every body too (about 70 µs of a 145 µs x25519
-body in one process), so it was lower than what a proxy must spend.
+body in one process): it spent more than a proxy must, and its capacity read low.
 
 No SIP, MIME or CMS parsing, no policy, no key cache, no log line: what it costs
 above the relay is a lower bound for any E2M proxy in Kamailio's Python.  The
